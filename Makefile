@@ -1,0 +1,32 @@
+# The README's two commands: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint install system-deps bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/loopwatch demo
+
+# Debian packages the integration tests start on loopback (skipped when already present).
+system-deps:
+	bash .ci/system-deps
+
+test: $(STAMP) system-deps
+	$(BIN)/ruff check proxy detectors tests dashboards
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP) system-deps
+	$(BIN)/python -m tests.benchmarks.run
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,79 @@
+"""Durations and sizes as configuration strings ("10s", "500ms", "16MiB").
+
+Pure parsing plus pydantic annotated types, so every settings model (the
+proxy's and the engine's) validates them the same way and reports the same
+message on a bad value.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, PlainSerializer
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 1000, "mb": 1000**2, "gb": 1000**3,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]i?b|b)?\s*$", re.IGNORECASE)
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from "250ms", "10s", "5m", "1h", "1d", or a plain number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f'expected a duration such as "10s" or "500ms", got {value!r}')
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"expected a non-negative duration, got {value!r}")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if m:
+            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    raise ValueError(f'expected a duration such as "10s" or "500ms", got {value!r}')
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest exact string for a duration, the inverse of parse_duration."""
+    if seconds == 0:
+        return "0s"
+    for unit in ("d", "h", "m", "s"):
+        n = seconds / _DURATION_UNITS[unit]
+        if n >= 1 and n == int(n):
+            return f"{int(n)}{unit}"
+    ms = seconds * 1000
+    if ms == int(ms):
+        return f"{int(ms)}ms"
+    return f"{seconds:g}s"
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from "16MiB", "64KiB", "1000", or a plain integer."""
+    if isinstance(value, bool):
+        raise ValueError(f'expected a size such as "64KiB" or "16MiB", got {value!r}')
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"expected a non-negative size, got {value!r}")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]
+    raise ValueError(f'expected a size such as "64KiB" or "16MiB", got {value!r}')
+
+
+def format_size(n: int) -> str:
+    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= factor and n % factor == 0:
+            return f"{n // factor}{unit}"
+    return str(n)
+
+
+# Seconds as float in code, "10s"-style strings in files and in dumped config.
+Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(format_duration)]
+# Bytes as int in code, "16MiB"-style strings in files and in dumped config.
+ByteSize = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size)]
