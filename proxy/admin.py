@@ -1,0 +1,58 @@
+"""The admin port: health, readiness and metrics (and, later, the API).
+
+A separate aiohttp listener, loopback by default, so operators' tooling never
+shares a port with client traffic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Info
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from proxy import __version__
+
+
+def build_registry() -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=True)
+    Info("loopwatch_build", "loopwatch build information.", registry=registry).info(
+        {"version": __version__}
+    )
+    return registry
+
+
+class AdminServer:
+    def __init__(self, registry: CollectorRegistry, *, ready: Callable[[], bool]):
+        self.registry = registry
+        self.ready = ready
+        self.app = web.Application()
+        self.app.router.add_get("/healthz", self.healthz)
+        self.app.router.add_get("/readyz", self.readyz)
+        self.app.router.add_get("/metrics", make_aiohttp_handler(registry))
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        if self.ready():
+            return web.json_response({"status": "ready"})
+        return web.json_response({"status": "not ready"}, status=503)
+
+    async def start(self, host: str, port: int) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        self._site = web.TCPSite(self._runner, host, port)
+        await self._site.start()
+
+    @property
+    def port(self) -> int:
+        assert self._site is not None and self._site._server is not None
+        return self._site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()

@@ -1,0 +1,83 @@
+"""The `loopwatch` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from proxy.config import ConfigError, check_config_main, load_settings
+from proxy.logs import setup_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loopwatch", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the proxy")
+    run.add_argument("--config", "-c", default=os.environ.get("LOOPWATCH_CONFIG"), help="YAML config file")
+    run.add_argument("--upstream", help="upstream URL, e.g. ws://127.0.0.1:8000")
+    run.add_argument("--listen", help="HOST:PORT of the proxy listener")
+    run.add_argument("--admin-listen", help="HOST:PORT of the admin listener")
+    run.add_argument("--log-format", choices=("json", "text"), help="log line format")
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+
+    check = sub.add_parser("check-config", help="validate a config file and print the effective config")
+    check.add_argument("file")
+
+    demo = sub.add_parser("demo", help="backend + loopwatch + clients on loopback, live")
+    demo.add_argument("--duration", type=float, default=30.0, help="seconds to run (default 30)")
+    demo.add_argument("--keep-running", action="store_true", help="keep running until Ctrl-C")
+
+    backend = sub.add_parser("demo-backend", help="the demo's token-checking echo backend")
+    backend.add_argument("--listen", default="127.0.0.1:8000")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "check-config":
+        return check_config_main(args.file)
+    if args.command == "run":
+        return cmd_run(args)
+    if args.command == "demo":
+        from proxy.demo import demo_main
+
+        return demo_main(duration=args.duration, keep_running=args.keep_running)
+    if args.command == "demo-backend":
+        from proxy.demo import backend_main
+
+        return backend_main(args.listen)
+    raise AssertionError(args.command)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    overrides = {
+        key: value
+        for key, value in {
+            "upstream": args.upstream,
+            "listen": args.listen,
+            "admin.listen": args.admin_listen,
+            "logging.format": args.log_format,
+            "logging.level": args.log_level,
+        }.items()
+        if value is not None
+    }
+    try:
+        settings = load_settings(args.config, env=os.environ, overrides=overrides)
+        settings.require_upstream()
+    except ConfigError as e:
+        print(f"loopwatch: invalid configuration:\n{e}", file=sys.stderr)
+        return 2
+    setup_logging(settings.logging.level, settings.logging.format)
+    from proxy.runtime import run_loop, serve
+
+    try:
+        return int(run_loop(lambda: serve(settings)))  # type: ignore[arg-type]
+    except OSError as e:
+        print(f"loopwatch: cannot start: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

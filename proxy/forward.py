@@ -1,0 +1,179 @@
+"""Plain HTTP requests (REST calls, token refresh) forwarded to the upstream.
+
+The request body streams from the client to aiohttp's client with
+backpressure (client reading pauses while a chunk is unconsumed), and the
+response streams back as it arrives: status, reason and end-to-end headers as
+the upstream sent them, the body unchanged (no decompression).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from proxy.http1 import RequestHead, end_to_end, simple_response
+
+if TYPE_CHECKING:
+    from proxy.routing import Route
+    from proxy.server import ClientHandshake
+
+log = logging.getLogger("loopwatch.forward")
+
+BODY_BUFFER = 64 * 1024  # bytes of request body held before the client is paused
+NO_BODY_STATUSES = frozenset({204, 304})
+
+
+class HttpExchange:
+    """One request/response pair, driven by the client connection's parser."""
+
+    def __init__(self, conn: ClientHandshake, head: RequestHead, route: Route):
+        self.conn = conn
+        self.head = head
+        self.route = route
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0
+        self.ended = False
+        self.gone = False
+        self.started = False  # the response head went out: a failure can only abort now
+        self.wakeup: asyncio.Event = asyncio.Event()
+        parser = conn.parser
+        parser.body_sink = self.body
+        parser.complete_sink = self.body_done
+        self.has_body = (
+            head.get(b"content-length") not in (None, b"0") or head.get(b"transfer-encoding") is not None
+        )
+        if parser.message_done:
+            self.ended = True
+        self.task = conn.server.loop.create_task(self.run())
+
+    # --- request body, fed by the parser -----------------------------------
+
+    def body(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+        self.buffered += len(chunk)
+        if self.buffered > BODY_BUFFER and self.conn.transport is not None:
+            self.conn.transport.pause_reading()
+        self.wakeup.set()
+
+    def body_done(self) -> None:
+        self.ended = True
+        self.wakeup.set()
+        if self.conn.transport is not None:
+            # Nothing more is read until the response is written (no pipelining).
+            self.conn.transport.pause_reading()
+
+    def client_gone(self) -> None:
+        self.gone = True
+        self.wakeup.set()
+        self.task.cancel()
+
+    async def body_stream(self) -> AsyncIterator[bytes]:
+        while True:
+            while self.chunks:
+                chunk = self.chunks.popleft()
+                self.buffered -= len(chunk)
+                if self.buffered <= BODY_BUFFER // 2 and self.conn.transport is not None:
+                    self.conn.transport.resume_reading()
+                yield chunk
+            if self.ended or self.gone:
+                return
+            self.wakeup.clear()
+            await self.wakeup.wait()
+
+    # --- the exchange --------------------------------------------------------
+
+    def upstream_headers(self) -> list[tuple[str, str]]:
+        head, conn = self.head, self.conn
+        headers = [
+            (n.decode("latin-1"), v.decode("latin-1"))
+            for n, v in end_to_end(head.headers)
+            if n.lower() not in (b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
+        ]
+        forwarded_for = head.get(b"x-forwarded-for")
+        xff = conn.peer if forwarded_for is None else f"{forwarded_for.decode('latin-1')}, {conn.peer}"
+        headers.append(("Host", self.route.upstream.authority.decode()))
+        headers.append(("X-Forwarded-For", xff))
+        headers.append(("X-Forwarded-Proto", "https" if conn.server.tls else "http"))
+        host = head.get(b"host")
+        if host is not None:
+            headers.append(("X-Forwarded-Host", host.decode("latin-1")))
+        if head.get(b"transfer-encoding") is not None:
+            headers.append(("Transfer-Encoding", "chunked"))
+        return headers
+
+    async def run(self) -> None:
+        import aiohttp
+        from multidict import CIMultiDict
+
+        conn, head = self.conn, self.head
+        server = conn.server
+        url = self.route.upstream.http_base + self.route.target(head.path, head.target).decode("latin-1")
+        keep_alive = conn.parser.keep_alive
+        try:
+            async with server.http_session().request(
+                head.method,
+                url,
+                headers=CIMultiDict(self.upstream_headers()),
+                data=self.body_stream() if self.has_body else None,
+                allow_redirects=False,
+                compress=None,
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=server.connect_timeout, sock_read=None
+                ),
+            ) as resp:
+                await self.respond(resp, keep_alive)
+        except asyncio.CancelledError:
+            raise
+        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, ConnectionError) as e:
+            log.info("upstream %s failed for %s %s: %s", self.route.upstream.url, head.method, head.path, e)
+            self.fail(502, "loopwatch: upstream unreachable")
+        except TimeoutError:
+            self.fail(504, "loopwatch: upstream timeout")
+        except aiohttp.ClientError as e:
+            log.info("upstream error for %s %s: %s", head.method, head.path, e)
+            self.fail(502, "loopwatch: upstream error")
+
+    def fail(self, status: int, message: str) -> None:
+        if self.gone:
+            return
+        if self.started:
+            self.conn.transport.abort()  # type: ignore[union-attr]  # mid-response: nothing honest to add
+            self.conn.finish()
+            return
+        self.conn.respond_and_close(simple_response(status, message))
+
+    async def respond(self, resp, keep_alive: bool) -> None:  # noqa: ANN001
+        conn = self.conn
+        transport = conn.transport
+        assert transport is not None
+        length = resp.headers.get("Content-Length")
+        bodiless = self.head.method == "HEAD" or resp.status in NO_BODY_STATUSES or resp.status < 200
+        chunked = not bodiless and length is None and self.head.version == "1.1"
+        if length is None and not bodiless and not chunked:
+            keep_alive = False  # an HTTP/1.0 client: the body ends with the connection
+        if not self.ended:
+            keep_alive = False  # the upstream answered before the request body ended
+        lines = [b"HTTP/1.1 %d %s\r\n" % (resp.status, (resp.reason or "").encode("latin-1"))]
+        for n, v in end_to_end(list(resp.raw_headers)):
+            lines.append(b"%s: %s\r\n" % (n, v))
+        if chunked:
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+        if not keep_alive:
+            lines.append(b"Connection: close\r\n")
+        lines.append(b"\r\n")
+        self.started = True
+        transport.write(b"".join(lines))
+        if not bodiless:
+            async for chunk in resp.content.iter_any():
+                if not chunk:
+                    continue
+                transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+                await conn.drain()
+                if self.gone:
+                    return
+            if chunked:
+                transport.write(b"0\r\n\r\n")
+        conn.http_done(keep_alive)

@@ -1,0 +1,376 @@
+"""HTTP/1.1 heads: parsing a client's request head, rebuilding it for the upstream,
+and the few responses loopwatch writes itself.
+
+Request heads are parsed with httptools (llhttp in strict mode, which already
+rejects Content-Length together with Transfer-Encoding, duplicate or
+non-numeric Content-Length, invalid header names, CR/LF/NUL in values and
+obsolete line folding). Everything here is pure: bytes in, bytes out.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+
+import httptools
+
+# Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus the
+# historic Proxy-Connection. The upgrade pair is re-added for WebSockets.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+class HttpError(Exception):
+    """A request loopwatch answers itself with `status` and a one-line body."""
+
+    def __init__(self, status: int, message: str, headers: tuple[tuple[str, str], ...] = ()):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers
+
+
+@dataclass(slots=True)
+class RequestHead:
+    method: str
+    target: bytes  # the raw request-target, path and query as sent
+    path: str
+    query: str
+    version: str
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # as sent: original case and order
+
+    def get(self, name: bytes) -> bytes | None:
+        """The value of header `name` (lower-case), duplicates joined with ", "."""
+        values = [v for n, v in self.headers if n.lower() == name]
+        if not values:
+            return None
+        return b", ".join(values)
+
+    def tokens(self, name: bytes) -> set[bytes]:
+        value = self.get(name)
+        if value is None:
+            return set()
+        return {t.strip().lower() for t in value.split(b",") if t.strip()}
+
+    def header_map(self) -> dict[str, str]:
+        """Lower-case names to str values (duplicates joined; Cookie with "; ")."""
+        out: dict[str, str] = {}
+        for n, v in self.headers:
+            name = n.decode("latin-1").lower()
+            value = v.decode("latin-1")
+            if name in out:
+                out[name] += ("; " if name == "cookie" else ", ") + value
+            else:
+                out[name] = value
+        return out
+
+    @property
+    def is_websocket_upgrade(self) -> bool:
+        return b"websocket" in self.tokens(b"upgrade") and b"upgrade" in self.tokens(b"connection")
+
+
+class HeadParser:
+    """Incremental request-head parser with a size limit.
+
+    feed() returns None until the head is complete, then the RequestHead. For an
+    upgrade, the bytes after the head are in `rest`. Body bytes of a plain request
+    go to `body_sink`, the end of the message sets `message_done` and calls
+    `complete_sink`.
+    """
+
+    __slots__ = (
+        "_parser", "_url", "_headers", "_size", "_tail", "_max", "head", "rest",
+        "upgrade", "headers_done", "message_done", "body_sink", "complete_sink", "pipelined",
+    )
+
+    def __init__(self, max_head_size: int):
+        self._parser = httptools.HttpRequestParser(self)
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._size = 0
+        self._tail = b""
+        self._max = max_head_size
+        self.head: RequestHead | None = None
+        self.rest = b""
+        self.upgrade = False
+        self.headers_done = False
+        self.message_done = False
+        self.body_sink: Callable[[bytes], None] | None = None
+        self.complete_sink: Callable[[], None] | None = None
+        # A next request arrived before this one was answered. loopwatch answers the
+        # first and then closes (clients retry), rather than queueing requests.
+        self.pipelined = False
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        if self.message_done:
+            self.pipelined = True
+
+    def on_url(self, url: bytes) -> None:
+        if not self.pipelined:
+            self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.pipelined:
+            self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if self.pipelined:
+            return
+        self.headers_done = True
+        p = self._parser
+        try:
+            url = httptools.parse_url(self._url)
+        except httptools.HttpParserInvalidURLError:
+            raise HttpError(400, "invalid request target") from None
+        path = (url.path or b"/").decode("latin-1")
+        if not path.startswith("/"):
+            raise HttpError(400, "request target must be an absolute path")
+        self.head = RequestHead(
+            method=p.get_method().decode("latin-1"),
+            target=self._url,
+            path=path,
+            query=(url.query or b"").decode("latin-1"),
+            version=p.get_http_version(),
+            headers=self._headers,
+        )
+
+    def on_body(self, body: bytes) -> None:
+        if self.body_sink is not None and not self.pipelined:
+            self.body_sink(body)
+
+    def on_message_complete(self) -> None:
+        if self.pipelined:
+            return
+        self.message_done = True
+        if self.complete_sink is not None:
+            self.complete_sink()
+
+    def _check_head_size(self, data: bytes) -> None:
+        # The limit is on the head alone: measure up to its blank line, which may
+        # straddle two reads, so the last three bytes of the previous read are kept.
+        window = self._tail + data
+        end = window.find(b"\r\n\r\n")
+        head_bytes = self._size + (end + 4 - len(self._tail) if end >= 0 else len(data))
+        if head_bytes > self._max:
+            raise HttpError(431, "request header fields too large")
+        self._size += len(data)
+        self._tail = window[-3:]
+
+    def feed(self, data: bytes) -> RequestHead | None:
+        if not self.headers_done:
+            self._check_head_size(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self.upgrade = True
+            self.rest = data[upgrade.args[0] :]
+            return self.head
+        except httptools.HttpParserError as e:
+            # An HttpError raised inside a callback surfaces wrapped by httptools.
+            cause = e.__context__
+            if isinstance(cause, HttpError):
+                raise cause from None
+            raise HttpError(400, f"malformed request: {e}") from None
+        return self.head if self.headers_done else None
+
+    @property
+    def keep_alive(self) -> bool:
+        return self._parser.should_keep_alive()
+
+
+def validate_websocket_upgrade(head: RequestHead) -> None:
+    """RFC 6455 §4.2.1 checks a server would make, answered before any upstream work."""
+    if head.method != "GET":
+        raise HttpError(400, "websocket upgrade must use GET")
+    if head.version != "1.1":
+        raise HttpError(400, "websocket upgrade requires HTTP/1.1")
+    key = head.get(b"sec-websocket-key")
+    if key is None:
+        raise HttpError(400, "missing Sec-WebSocket-Key")
+    try:
+        if len(base64.b64decode(key.strip(), validate=True)) != 16:
+            raise ValueError
+    except ValueError:
+        raise HttpError(400, "invalid Sec-WebSocket-Key") from None
+    if head.get(b"sec-websocket-version") != b"13":
+        raise HttpError(
+            426, "unsupported Sec-WebSocket-Version", (("Sec-WebSocket-Version", "13"),)
+        )
+    if head.get(b"host") is None:
+        raise HttpError(400, "missing Host")
+
+
+def accept_key(key: bytes) -> bytes:
+    return base64.b64encode(hashlib.sha1(key.strip() + WS_GUID).digest())
+
+
+def end_to_end(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Drop hop-by-hop headers and any header the Connection header names."""
+    named = set()
+    for n, v in headers:
+        if n.lower() == b"connection":
+            named.update(t.strip().lower() for t in v.split(b","))
+    return [(n, v) for n, v in headers if n.lower() not in HOP_BY_HOP and n.lower() not in named]
+
+
+def upstream_request_head(
+    head: RequestHead,
+    *,
+    target: bytes,
+    host: bytes,
+    peer: str,
+    scheme: str,
+    websocket: bool,
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> bytes:
+    """The request head sent to the upstream: end-to-end headers as the client sent
+    them (order and case kept), Host set to the upstream, X-Forwarded-* added."""
+    original_host = head.get(b"host")
+    forwarded_for = head.get(b"x-forwarded-for")
+    lines = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (head.method.encode(), target, host)]
+    for n, v in end_to_end(head.headers):
+        lower = n.lower()
+        if lower in (b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"):
+            continue
+        if extra and lower in {e[0].lower() for e in extra}:
+            continue
+        lines.append(b"%s: %s\r\n" % (n, v))
+    if websocket:
+        lines.append(b"Upgrade: websocket\r\nConnection: Upgrade\r\n")
+    xff = peer.encode() if forwarded_for is None else forwarded_for + b", " + peer.encode()
+    lines.append(b"X-Forwarded-For: %s\r\n" % xff)
+    lines.append(b"X-Forwarded-Proto: %s\r\n" % scheme.encode())
+    if original_host is not None:
+        lines.append(b"X-Forwarded-Host: %s\r\n" % original_host)
+    for n, v in extra or ():
+        lines.append(b"%s: %s\r\n" % (n, v))
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+def simple_response(
+    status: int,
+    message: str = "",
+    headers: tuple[tuple[str, str], ...] = (),
+    *,
+    close: bool = True,
+) -> bytes:
+    """A complete response with a one-line text body."""
+    reason = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Unknown"
+    body = (message or reason).encode("utf-8", "replace") + b"\n"
+    out = [f"HTTP/1.1 {status} {reason}\r\n".encode()]
+    for n, v in headers:
+        out.append(f"{n}: {v}\r\n".encode("latin-1"))
+    out.append(b"Content-Type: text/plain; charset=utf-8\r\n")
+    out.append(b"Content-Length: %d\r\n" % len(body))
+    if close:
+        out.append(b"Connection: close\r\n")
+    out.append(b"\r\n")
+    out.append(body)
+    return b"".join(out)
+
+
+class ResponseHeadParser:
+    """Reads the upstream's answer to an upgrade request: a 101 head (whose raw
+    bytes are forwarded untouched) or a refusal with a bounded body."""
+
+    __slots__ = (
+        "_parser", "_buf", "_max_head", "_max_body", "status", "reason", "headers",
+        "headers_done", "body", "body_truncated", "done", "upgrade", "head_bytes", "rest",
+    )
+
+    def __init__(self, max_head_size: int, max_body_size: int):
+        self._parser = httptools.HttpResponseParser(self)
+        self._buf = bytearray()
+        self._max_head = max_head_size
+        self._max_body = max_body_size
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers_done = False
+        self.body = bytearray()
+        self.body_truncated = False
+        self.done = False
+        self.upgrade = False
+        self.head_bytes = b""
+        self.rest = b""
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.headers_done = True
+        self.status = self._parser.get_status_code()
+
+    def on_body(self, body: bytes) -> None:
+        room = self._max_body - len(self.body)
+        if len(body) > room:
+            self.body_truncated = True
+            body = body[:room]
+        self.body += body
+        if self.body_truncated:
+            self.done = True
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+    def feed(self, data: bytes) -> None:
+        """Raises HttpError(502) on a malformed or oversized head."""
+        if not self.headers_done:
+            self._buf += data
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self.upgrade = True
+            consumed_before = len(self._buf) - len(data)
+            end = consumed_before + upgrade.args[0]
+            self.head_bytes = bytes(self._buf[:end])
+            self.rest = bytes(self._buf[end:])
+            self._buf = bytearray()
+            return
+        except httptools.HttpParserError as e:
+            raise HttpError(502, f"invalid response from upstream: {e}") from None
+        if not self.headers_done and len(self._buf) > self._max_head:
+            raise HttpError(502, "upstream response head too large")
+        if self.headers_done:
+            self._buf = bytearray()
+
+    def eof(self) -> None:
+        """The upstream closed: a close-delimited body ends here."""
+        if self.headers_done:
+            self.done = True
+
+    def refusal(self) -> bytes:
+        """The upstream's refusal as the client gets it: same status, reason and
+        end-to-end headers, the bounded body, then the connection closes."""
+        out = [b"HTTP/1.1 %d %s\r\n" % (self.status, self.reason)]
+        for n, v in end_to_end(self.headers):
+            if n.lower() == b"content-length":
+                continue
+            out.append(b"%s: %s\r\n" % (n, v))
+        out.append(b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(self.body))
+        out.append(bytes(self.body))
+        return b"".join(out)
+
+    def header(self, name: bytes) -> bytes | None:
+        values = [v for n, v in self.headers if n.lower() == name]
+        return b", ".join(values) if values else None

@@ -1,0 +1,490 @@
+"""The public listener: request heads, upgrades, refusals, and handing a
+WebSocket over to the splice relay.
+
+A plain `asyncio.Protocol` (on uvloop when installed) with httptools parsing
+the head: measured here, it costs a fraction of an aiohttp handler per request
+and per idle connection (docs/architecture.md). aiohttp stays for plain HTTP
+forwarding (proxy/forward.py) and the admin app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import time
+from typing import TYPE_CHECKING
+
+from proxy.forward import HttpExchange
+from proxy.frames import build_close_frame
+from proxy.gate import Attempt, Gate, Refusal, RelayStats
+from proxy.http1 import (
+    HeadParser,
+    HttpError,
+    RequestHead,
+    ResponseHeadParser,
+    accept_key,
+    simple_response,
+    upstream_request_head,
+    validate_websocket_upgrade,
+)
+from proxy.relay import Relay
+from proxy.routing import Route, Router, client_ssl_context, server_ssl_context
+
+if TYPE_CHECKING:
+    from proxy.config import Settings
+
+log = logging.getLogger("loopwatch.server")
+
+# Handshake states of a client connection.
+HEAD, UPSTREAM, HTTP, REFUSING, DONE = range(5)
+
+OVERLOADED = simple_response(503, "loopwatch: too many connections", (("Retry-After", "1"),))
+SHUTTING_DOWN = simple_response(503, "loopwatch: shutting down")
+REFUSAL_GRACE = 2.0  # how long a close-1013 refusal waits for the client's close reply
+
+
+class ClientHandshake(asyncio.Protocol):
+    """A client connection until its upgrade is answered (or its plain HTTP
+    requests are served); then the relay's Leg takes the transport over."""
+
+    def __init__(self, server: ProxyServer):
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.state = HEAD
+        self.parser = HeadParser(server.max_head_size)
+        self.timer: asyncio.TimerHandle | None = None
+        self.attempt: Attempt | None = None
+        self.route: Route | None = None
+        self.early = bytearray()
+        self.upstream: asyncio.Transport | None = None
+        self.exchange: HttpExchange | None = None
+        self._drain: asyncio.Future[None] | None = None
+        self._paused = False
+
+    # --- asyncio callbacks --------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        server = self.server
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else ""
+        if server.closing or server.active >= server.max_connections:
+            transport.write(SHUTTING_DOWN if server.closing else OVERLOADED)
+            transport.close()
+            self.state = DONE
+            return
+        server.active += 1
+        server.handshakes.add(self)
+        self.timer = server.loop.call_later(server.handshake_timeout, self.on_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        state = self.state
+        if state in (HEAD, HTTP):
+            try:
+                head = self.parser.feed(data)
+            except HttpError as e:
+                self.fail(e.status, e.message, e.headers)
+                return
+            if state == HEAD and head is not None:
+                if self.parser.upgrade:
+                    self.begin_upgrade(head, self.parser.rest)
+                else:
+                    self.begin_http(head)
+        elif state == UPSTREAM:
+            # A client may start sending frames before it sees the 101: keep a
+            # bounded amount, then stop reading until the relay starts.
+            self.early += data
+            if len(self.early) > self.server.early_data_size:
+                self.transport.pause_reading()  # type: ignore[union-attr]
+        elif state == REFUSING:
+            self.transport.close()  # type: ignore[union-attr]  # the client's close reply
+
+    def eof_received(self) -> bool:
+        # A client may half-close after its request; the response still flows.
+        return self.state == HTTP and self.exchange is not None
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+        self._drain = None
+
+    async def drain(self) -> None:
+        if self._paused and self.transport is not None and not self.transport.is_closing():
+            self._drain = self.server.loop.create_future()
+            await self._drain
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+        if self.state == DONE:
+            return
+        if self.state == UPSTREAM and self.attempt is not None:
+            self.server.gate.handshake_failed(self.attempt, time.monotonic(), None, "client_closed")
+        if self.exchange is not None:
+            self.exchange.client_gone()
+        self.finish()
+
+    # --- the head -----------------------------------------------------------
+
+    def begin_upgrade(self, head: RequestHead, rest: bytes) -> None:
+        server = self.server
+        try:
+            if not head.is_websocket_upgrade:
+                raise HttpError(400, "unsupported upgrade: only websocket is proxied")
+            validate_websocket_upgrade(head)
+            route = server.router.match(head.path)
+            if route is None:
+                raise HttpError(404, "no route for this path")
+        except HttpError as e:
+            self.fail(e.status, e.message, e.headers)
+            return
+        self.route = route
+        now = time.monotonic()
+        attempt, refusal = server.gate.attempt(head, self.peer, route.name, now)
+        self.attempt = attempt
+        if refusal is not None:
+            self.refuse(refusal)
+            return
+        self.state = UPSTREAM
+        self.early += rest
+        self.transport.pause_reading()  # type: ignore[union-attr]  # resumed by the relay
+        server.loop.create_task(self.connect(route, head, attempt))
+
+    def begin_http(self, head: RequestHead) -> None:
+        route = self.server.router.match(head.path)
+        if route is None:
+            self.fail(404, "no route for this path")
+            return
+        self.state = HTTP
+        self.route = route
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.exchange = HttpExchange(self, head, route)
+
+    def http_done(self, keep_alive: bool) -> None:
+        """The exchange wrote its whole response: wait for the next request or close."""
+        self.exchange = None
+        if keep_alive and not self.server.closing and not self.parser.pipelined:
+            self.state = HEAD
+            self.parser = HeadParser(self.server.max_head_size)
+            self.timer = self.server.loop.call_later(self.server.handshake_timeout, self.on_timeout)
+            self.transport.resume_reading()  # type: ignore[union-attr]
+        else:
+            self.transport.close()  # type: ignore[union-attr]
+            self.finish()
+
+    # --- the upstream handshake ---------------------------------------------
+
+    async def connect(self, route: Route, head: RequestHead, attempt: Attempt) -> None:
+        server = self.server
+        up = route.upstream
+        try:
+            transport, _ = await asyncio.wait_for(
+                server.loop.create_connection(
+                    lambda: UpstreamHandshake(self),
+                    up.host,
+                    up.port,
+                    ssl=server.upstream_ssl if up.tls else None,
+                    server_hostname=(server.upstream_server_name or up.host) if up.tls else None,
+                ),
+                server.connect_timeout,
+            )
+        except TimeoutError:
+            self.upstream_failed(504, "loopwatch: upstream connect timeout", None, "timeout")
+            return
+        except OSError as e:
+            log.debug("upstream %s unreachable: %s", up.url, e)
+            self.upstream_failed(502, "loopwatch: upstream unreachable", None, "connect")
+            return
+        if self.state != UPSTREAM:  # the client left or timed out meanwhile
+            transport.close()
+            return
+        self.upstream = transport  # type: ignore[assignment]
+        transport.write(
+            upstream_request_head(
+                head,
+                target=route.target(head.path, head.target),
+                host=up.authority,
+                peer=self.peer,
+                scheme="https" if server.tls else "http",
+                websocket=True,
+                extra=attempt.extra_headers,
+            )
+        )
+
+    def upstream_accepted(self, upstream: asyncio.Transport, response: ResponseHeadParser) -> None:
+        """A 101: pass its head on byte for byte and start the splice."""
+        server = self.server
+        if self.state != UPSTREAM:
+            upstream.close()
+            return
+        self.state = DONE
+        self.cancel_timer()
+        server.handshakes.discard(self)
+        extensions = (response.header(b"sec-websocket-extensions") or b"").lower()
+        if not extensions:
+            allowed_rsv = 0
+        elif extensions.strip().startswith(b"permessage-deflate") and b"," not in extensions:
+            allowed_rsv = 0b100
+        else:
+            allowed_rsv = 0b111  # an extension loopwatch does not know may use any RSV bit
+        attempt = self.attempt
+        assert attempt is not None and self.transport is not None
+        conn_id = next(server.ids)
+        attempt.conn_id = conn_id
+        relay = Relay(
+            conn_id,
+            self.transport,
+            upstream,
+            max_message_size=server.max_message_size,
+            allowed_rsv=allowed_rsv,
+            on_done=server.relay_done,
+            context=attempt,
+        )
+        server.relays[conn_id] = relay
+        self.transport.write(response.head_bytes)
+        server.gate.opened(attempt, time.monotonic())
+        relay.start(bytes(self.early), response.rest)
+        self.early = bytearray()
+
+    def upstream_refused(self, response: ResponseHeadParser) -> None:
+        """The upstream answered the upgrade with anything but 101: the client gets
+        that answer (status, headers, bounded body), never a 101 and a close."""
+        if self.state != UPSTREAM:
+            return
+        assert self.attempt is not None
+        self.server.gate.handshake_failed(self.attempt, time.monotonic(), response.status, None)
+        self.respond_and_close(response.refusal())
+
+    def upstream_failed(self, status: int, message: str, http_status: int | None, error: str) -> None:
+        if self.state != UPSTREAM:
+            return
+        assert self.attempt is not None
+        self.server.gate.handshake_failed(self.attempt, time.monotonic(), http_status, error)
+        self.respond_and_close(simple_response(status, message))
+
+    # --- refusals and failures ----------------------------------------------
+
+    def refuse(self, refusal: Refusal) -> None:
+        """Refuse an attempt without touching the upstream: HTTP status + Retry-After,
+        or accept the upgrade and close 1013 with a reason a browser can read."""
+        retry = str(max(1, math.ceil(refusal.retry_after)))
+        if refusal.how == "http":
+            self.respond_and_close(
+                simple_response(refusal.status, refusal.message, (("Retry-After", retry),))
+            )
+            return
+        head = self.attempt.head if self.attempt else None
+        key = head.get(b"sec-websocket-key") if head else None
+        assert key is not None and self.transport is not None
+        self.state = REFUSING
+        self.cancel_timer()
+        self.transport.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: %s\r\n\r\n" % accept_key(key)
+            + build_close_frame(1013, refusal.message, mask=False)
+        )
+        self.timer = self.server.loop.call_later(REFUSAL_GRACE, self.transport.close)
+
+    def fail(self, status: int, message: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
+        log.info("refused request from %s: %d %s", self.peer, status, message)
+        self.respond_and_close(simple_response(status, message, headers))
+
+    def respond_and_close(self, response: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(response)
+            self.transport.close()
+        self.finish()
+
+    def on_timeout(self) -> None:
+        self.timer = None
+        if self.state == HEAD:
+            self.fail(408, "loopwatch: request head timeout")
+        elif self.state == UPSTREAM:
+            self.upstream_failed(504, "loopwatch: upstream handshake timeout", None, "timeout")
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def finish(self) -> None:
+        """Release everything this handshake holds (idempotent)."""
+        if self.state == DONE:
+            return
+        self.state = DONE
+        self.cancel_timer()
+        if self.upstream is not None:
+            self.upstream.close()
+            self.upstream = None
+        if self in self.server.handshakes:
+            self.server.handshakes.discard(self)
+            self.server.active -= 1
+
+
+class UpstreamHandshake(asyncio.Protocol):
+    """Reads the upstream's answer to the forwarded upgrade request."""
+
+    def __init__(self, client: ClientHandshake):
+        self.client = client
+        server = client.server
+        self.response = ResponseHeadParser(server.max_head_size, server.error_body_size)
+        self.transport: asyncio.Transport | None = None
+        self.handed_over = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.handed_over:
+            return
+        response = self.response
+        try:
+            response.feed(data)
+        except HttpError as e:
+            self.handed_over = True
+            self.client.upstream_failed(502, f"loopwatch: {e.message}", None, "bad_response")
+            return
+        if response.upgrade and response.status == 101:
+            self.handed_over = True
+            self.client.upstream_accepted(self.transport, response)  # type: ignore[arg-type]
+        elif response.done or response.upgrade:
+            self.handed_over = True
+            self.client.upstream_refused(response)
+
+    def eof_received(self) -> bool:
+        self.response.eof()
+        if not self.handed_over and self.response.done:
+            self.handed_over = True
+            self.client.upstream_refused(self.response)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.handed_over:
+            self.handed_over = True
+            self.client.upstream_failed(
+                502, "loopwatch: upstream closed during the handshake", None, "closed"
+            )
+
+
+class ProxyServer:
+    """The listener, the live connections, and their orderly shutdown."""
+
+    def __init__(self, settings: Settings, gate: Gate | None = None):
+        self.settings = settings
+        self.gate = gate or Gate()
+        self.loop = asyncio.get_running_loop()
+        self.router = Router([(r.path_prefix, r.upstream) for r in settings.effective_routes()])
+        limits = settings.limits
+        self.max_head_size = limits.max_head_size
+        self.early_data_size = limits.early_data_size
+        self.error_body_size = limits.error_body_size
+        self.max_message_size = limits.max_message_size or None
+        self.handshake_timeout = limits.handshake_timeout
+        self.connect_timeout = limits.connect_timeout
+        self.idle_timeout = limits.idle_timeout
+        self.max_connections = limits.max_connections
+        self.shutdown_timeout = limits.shutdown_timeout
+        self.tls = settings.tls.cert_file is not None
+        self.upstream_ssl = client_ssl_context(settings.upstream_tls.verify, settings.upstream_tls.ca_file)
+        self.upstream_server_name = settings.upstream_tls.server_name
+        self.ids = itertools.count(1)
+        self.active = 0  # client connections, handshaking or relayed
+        self.handshakes: set[ClientHandshake] = set()
+        self.relays: dict[int, Relay] = {}
+        self.closing = False
+        self._server: asyncio.AbstractServer | None = None
+        self._idle_task: asyncio.Task[None] | None = None
+        self._all_closed: asyncio.Event | None = None
+        self._http_session = None
+
+    async def start(self, host: str, port: int) -> None:
+        ssl_ctx = None
+        if self.settings.tls.cert_file:
+            ssl_ctx = server_ssl_context(self.settings.tls.cert_file, self.settings.tls.key_file)
+        self._server = await self.loop.create_server(
+            lambda: ClientHandshake(self), host, port, ssl=ssl_ctx, backlog=1024, reuse_address=True
+        )
+        if self.idle_timeout:
+            self._idle_task = self.loop.create_task(self._sweep_idle())
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    def http_session(self):  # noqa: ANN201 - aiohttp imported lazily, only for plain HTTP
+        if self._http_session is None:
+            import aiohttp
+
+            self._http_session = aiohttp.ClientSession(
+                auto_decompress=False,
+                connector=aiohttp.TCPConnector(ssl=self.upstream_ssl, limit=0),
+                cookie_jar=aiohttp.DummyCookieJar(),
+                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            )
+        return self._http_session
+
+    def relay_done(self, relay: Relay) -> None:
+        self.relays.pop(relay.conn_id, None)
+        self.active -= 1
+        code, reason, initiator = relay.close_info()
+        c, u = relay.client.parser, relay.upstream.parser
+        stats = RelayStats(c.messages, u.messages, c.message_bytes, u.message_bytes)
+        attempt = relay.context
+        assert isinstance(attempt, Attempt)
+        self.gate.closed(attempt, time.monotonic(), code, reason, initiator, stats)
+        if self._all_closed is not None and not self.relays:
+            self._all_closed.set()
+
+    async def _sweep_idle(self) -> None:
+        """Close relays with no traffic either way for idle_timeout. One timer for
+        all connections; a relay's activity is read off its parsers' counters."""
+        assert self.idle_timeout
+        last: dict[int, tuple[int, float]] = {}  # conn id -> (activity, since when)
+        while True:
+            await asyncio.sleep(min(self.idle_timeout / 4, 1.0))
+            now = time.monotonic()
+            current: dict[int, tuple[int, float]] = {}
+            for conn_id, relay in list(self.relays.items()):
+                c, u = relay.client.parser, relay.upstream.parser
+                activity = c.frames + u.frames + c.message_bytes + u.message_bytes
+                previous = last.get(conn_id)
+                since = previous[1] if previous and previous[0] == activity else now
+                if previous is None:
+                    since = relay.opened_at if activity == 0 else now
+                current[conn_id] = (activity, since)
+                if now - since >= self.idle_timeout:
+                    relay.close(1001, "loopwatch: idle timeout")
+            last = current
+
+    async def shutdown(self) -> None:
+        """Stop accepting, close every WebSocket with 1001 on both legs, wait up to
+        shutdown_timeout, then drop what is left."""
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        if self._idle_task is not None:
+            self._idle_task.cancel()
+        for handshake in list(self.handshakes):
+            handshake.respond_and_close(SHUTTING_DOWN)
+        self._all_closed = asyncio.Event()
+        for relay in list(self.relays.values()):
+            relay.close(1001, "loopwatch: shutting down")
+        if self.relays:
+            try:
+                await asyncio.wait_for(self._all_closed.wait(), self.shutdown_timeout)
+            except TimeoutError:
+                for relay in list(self.relays.values()):
+                    relay.abort()
+        if self._http_session is not None:
+            await self._http_session.close()
