@@ -12,6 +12,7 @@ subject, so a demo or test can tell which attempts never reached it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from urllib.parse import parse_qs
@@ -122,8 +123,6 @@ def backend_main(listen: str) -> int:
         print(f"demo backend on http://{host}:{backend.port} (ws at /ws, tokens at /token?sub=NAME&ttl=SECONDS)")
         await asyncio.Event().wait()
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main())
-    except KeyboardInterrupt:
-        pass
     return 0
