@@ -35,6 +35,7 @@ class Attempt:
     t0: float  # monotonic seconds at arrival
     head: RequestHead
     conn_id: int = 0
+    opened_at: float = 0.0  # monotonic seconds of the 101, for the connection's duration
     extra_headers: list[tuple[bytes, bytes]] | None = None  # added to the upstream request
     state: object = None  # the gate's own per-attempt data (trace span, …)
 

@@ -1,0 +1,69 @@
+"""Observers: telemetry, logs, the recorder and the status page watch the
+connection lifecycle and the engine's output; none of them can break a relay.
+
+Each observer gets every step of every attempt (with the engine event that
+step produced) and every engine outcome. `Observers` calls them in order and
+contains failures the way mitmproxy's `safecall` does: an observer that raises
+is logged once per observer and counted, and the relay carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from detectors import events as ev
+    from detectors.engine import Admit, Outcome, Reject
+    from proxy.gate import Attempt, RelayStats
+
+log = logging.getLogger("loopwatch.observers")
+
+
+class Observer:
+    """Override what you need; every hook is called synchronously on the event loop
+    and must not block."""
+
+    name = "observer"
+
+    def on_attempt(self, conn: Attempt, event: ev.Attempt, decision: Admit | Reject) -> None:
+        """Before the upstream is contacted. May add `conn.extra_headers` (traceparent)."""
+
+    def on_rejected(self, conn: Attempt, event: ev.Rejected) -> None:
+        """loopwatch refused the attempt (after on_attempt)."""
+
+    def on_handshake_failed(self, conn: Attempt, event: ev.HandshakeFailed) -> None:
+        pass
+
+    def on_opened(self, conn: Attempt, event: ev.Opened) -> None:
+        pass
+
+    def on_closed(self, conn: Attempt, event: ev.Closed, stats: RelayStats) -> None:
+        pass
+
+    def on_outcome(self, outcome: Outcome, t: float) -> None:
+        """Findings raised/cleared and actions (cooldowns, breaker transitions …)."""
+
+
+class Observers:
+    """An explicit, ordered list of observers with failure containment."""
+
+    def __init__(self, observers: list[Observer] | None = None):
+        self.observers: list[Observer] = list(observers or [])
+        self.errors: Counter[str] = Counter()
+
+    def add(self, observer: Observer) -> None:
+        self.observers.append(observer)
+
+    def call(self, hook: str, *args: object) -> None:
+        for observer in self.observers:
+            try:
+                getattr(observer, hook)(*args)
+            except Exception:
+                name = observer.name
+                if not self.errors[name]:  # once per observer; later failures are only counted
+                    log.error(
+                        "observer_error", exc_info=True, extra={"fields": {"observer": name, "hook": hook}}
+                    )
+                self.errors[name] += 1
