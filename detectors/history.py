@@ -1,0 +1,81 @@
+"""A client's recent events, packed into one int64 each for the admin view.
+
+Keeping the event objects themselves would pin their strings (key, route,
+conn id, reason) for every tracked client; the admin view only needs what
+happened, when, and with which code. Layout of the packed value, low bits first:
+kind (3 bits) | detail index (4 bits) | code or status (16 bits) | duration in ms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from detectors.events import Attempt, Closed, Event, HandshakeFailed, Initiator, Opened, Rejected
+
+KINDS = ("attempt", "rejected", "handshake_failed", "opened", "closed")
+# Reasons the engine itself produces, then a catch-all for replayed oddities.
+REJECT_REASONS = ("cooldown", "min_interval", "max_concurrent", "deny", "circuit_open", "other")
+ERRORS = ("connect", "timeout", "tls", "reset", "dns", "protocol", "other")
+INITIATORS: tuple[Initiator, ...] = ("client", "upstream", "proxy")
+_KIND_OF: dict[type[Event], int] = {
+    Attempt: 0, Rejected: 1, HandshakeFailed: 2, Opened: 3, Closed: 4,
+}
+_NO_STATUS = 0xFFFF
+_MAX_DURATION_MS = (1 << 40) - 1
+
+
+def _index(options: tuple[str, ...], value: str | None) -> int:
+    try:
+        return options.index(value)  # type: ignore[arg-type]
+    except ValueError:
+        return len(options) - 1  # "other"
+
+
+def pack(event: Event) -> int:
+    kind = _KIND_OF[type(event)]
+    if isinstance(event, Rejected):
+        return kind | _index(REJECT_REASONS, event.reason) << 3
+    if isinstance(event, HandshakeFailed):
+        if event.status is None:
+            return kind | _index(ERRORS, event.error) << 3 | _NO_STATUS << 7
+        return kind | (event.status & 0xFFFF) << 7
+    if isinstance(event, Closed):
+        ms = min(max(int(event.duration * 1000), 0), _MAX_DURATION_MS)
+        return kind | INITIATORS.index(event.initiator) << 3 | (event.code & 0xFFFF) << 7 | ms << 23
+    return kind
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """One remembered event; fields that do not apply to its type are None."""
+
+    type: str
+    t: float
+    reason: str | None = None  # rejected
+    status: int | None = None  # handshake_failed
+    error: str | None = None  # handshake_failed without a status
+    code: int | None = None  # closed
+    initiator: str | None = None  # closed
+    duration: float | None = None  # closed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k in self.__slots__ if (v := getattr(self, k)) is not None}
+
+
+def unpack(t: float, value: int) -> HistoryEntry:
+    kind = value & 0b111
+    detail = value >> 3 & 0xF
+    code = value >> 7 & 0xFFFF
+    name = KINDS[kind]
+    if kind == 1:
+        return HistoryEntry(name, t, reason=REJECT_REASONS[detail])
+    if kind == 2:
+        if code == _NO_STATUS:
+            return HistoryEntry(name, t, error=ERRORS[detail])
+        return HistoryEntry(name, t, status=code)
+    if kind == 4:
+        return HistoryEntry(
+            name, t, code=code, initiator=INITIATORS[detail], duration=(value >> 23) / 1000
+        )
+    return HistoryEntry(name, t)

@@ -1,0 +1,309 @@
+"""Settings of the detection engine: the ``detection``, ``policy`` and ``breakers`` sections.
+
+Defaults are the design's table: they fit the incident this project was born
+from (loops at 10–50 attempts/s, sockets dying within 50 ms) and never flag a
+client that backs off 1 s, 2 s, 4 s … after a failure. Durations are
+``Duration`` values: "10s" strings in files, float seconds in code.
+
+Every model is frozen (settings are shared by reference with the engine) and
+forbids unknown keys (a typo is an error, not a silently ignored key).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated, Any, Literal, TypeAlias
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from detectors.units import Duration
+
+Mode: TypeAlias = Literal["enforce", "observe"]
+EnforceOn: TypeAlias = Literal["critical", "warning", "never"]
+PositiveInt = Annotated[int, Field(ge=1)]
+CloseCode = Annotated[int, Field(ge=1000, le=4999)]
+HttpStatus = Annotated[int, Field(ge=100, le=599)]
+# Windows and periods: zero would make a rate divide by zero or a rule meaningless.
+PositiveDuration = Annotated[Duration, Field(gt=0)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_empty(cls, data: Any) -> Any:
+        # A YAML section whose keys are all commented out is null: all defaults.
+        return {} if data is None else data
+
+
+def _check_thresholds(warning: int | None, critical: int | None) -> None:
+    if warning is not None and critical is not None and critical < warning:
+        raise ValueError(f"critical ({critical}) must not be below warning ({warning})")
+
+
+# --- rules -----------------------------------------------------------------
+
+
+class RuleSettings(_Model):
+    """What every rule has: a switch and how its findings are enforced."""
+
+    enabled: bool = Field(True, description="Evaluate this rule at all.")
+    mode: Mode | None = Field(
+        None, description="enforce | observe for this rule's findings; null inherits policy.mode."
+    )
+    enforce_on: EnforceOn = Field(
+        "critical",
+        description="Lowest severity that starts a cooldown: critical, warning, or never.",
+    )
+
+
+class AuthFailureLoopSettings(RuleSettings):
+    """Auth failures (closes with an auth code, handshakes answered 401/403) in a loop."""
+
+    consecutive: PositiveInt = Field(
+        3, description="Consecutive auth failures, each retried within retry_within: critical."
+    )
+    retry_within: PositiveDuration = Field(
+        "1s", description="A retry sooner than this after the previous attempt ended keeps the streak."
+    )
+    window: PositiveDuration = Field("60s", description="Window of the counting thresholds.")
+    warning: PositiveInt | None = Field(10, description="Auth failures in window: warning.")
+    critical: PositiveInt | None = Field(30, description="Auth failures in window: critical.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AuthFailureLoopSettings:
+        _check_thresholds(self.warning, self.critical)
+        return self
+
+
+class RapidReconnectSettings(RuleSettings):
+    """Many attempts that were refused, failed, or lived under ``lived_under``."""
+
+    window: PositiveDuration = Field("10s", description="Window the attempts are counted in.")
+    lived_under: PositiveDuration = Field("5s", description="A connection shorter than this counts.")
+    warning: PositiveInt | None = Field(10, description="Bad attempts in window: warning.")
+    critical: PositiveInt | None = Field(30, description="Bad attempts in window: critical.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RapidReconnectSettings:
+        _check_thresholds(self.warning, self.critical)
+        return self
+
+
+class ShortLivedSettings(RuleSettings):
+    """Connections that lived under ``lived_under`` and ended abnormally (not normal, not auth)."""
+
+    window: PositiveDuration = Field("60s", description="Window the connections are counted in.")
+    lived_under: PositiveDuration = Field("5s", description="A connection shorter than this counts.")
+    warning: PositiveInt | None = Field(5, description="Such connections in window: warning.")
+    critical: PositiveInt | None = Field(None, description="Such connections in window: critical.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ShortLivedSettings:
+        _check_thresholds(self.warning, self.critical)
+        return self
+
+
+class DuplicateConnectionsSettings(RuleSettings):
+    """More than ``max_connections`` concurrent connections of one key, held > ``held_for``."""
+
+    max_connections: PositiveInt = Field(3, description="Concurrent connections allowed per key.")
+    held_for: PositiveDuration = Field("5s", description="How long the extra connections must be held.")
+
+
+class NoBackoffSettings(RuleSettings):
+    """Retry intervals after failures that do not grow and are short on average."""
+
+    intervals: Annotated[int, Field(ge=2)] = Field(
+        4, description="How many of the latest retry intervals are judged."
+    )
+    growth: Annotated[float, Field(gt=1.0)] = Field(
+        1.5, description="An interval at least this many times the previous one is backing off."
+    )
+    max_average: PositiveDuration = Field("2s", description="Flag only when the intervals average below this.")
+    window: PositiveDuration = Field("60s", description="Only intervals this recent are judged.")
+
+
+class RulesSettings(_Model):
+    """One block per rule; see docs/detection.md."""
+
+    auth_failure_loop: AuthFailureLoopSettings = AuthFailureLoopSettings()
+    rapid_reconnect: RapidReconnectSettings = RapidReconnectSettings()
+    short_lived: ShortLivedSettings = ShortLivedSettings()
+    duplicate_connections: DuplicateConnectionsSettings = DuplicateConnectionsSettings()
+    no_backoff: NoBackoffSettings = NoBackoffSettings()
+
+
+# --- detection -------------------------------------------------------------
+
+
+class FleetSettings(_Model):
+    """The fleet-wide view: attempt rate and auth-failure ratio over all clients."""
+
+    window: PositiveDuration = Field("10s", description="Sliding window of the fleet rate and ratio.")
+    baseline: PositiveDuration = Field(
+        "5m", description="Time constant of the attempt-rate baseline a storm is measured against."
+    )
+    storm_factor: Annotated[float, Field(gt=1.0)] = Field(
+        5.0, description="A storm is an attempt rate this many times the baseline …"
+    )
+    storm_min_rate: Annotated[float, Field(ge=0.0)] = Field(
+        10.0, description="… and at least this many attempts per second."
+    )
+
+
+class DetectionSettings(_Model):
+    """How events are classified and how much per-client state is kept."""
+
+    auth_close_codes: tuple[CloseCode, ...] = Field(
+        (1008,), description="Close codes that mean an auth failure (add app codes such as 4001)."
+    )
+    auth_statuses: tuple[HttpStatus, ...] = Field(
+        (401, 403), description="Handshake statuses that mean an auth failure."
+    )
+    normal_close_codes: tuple[CloseCode, ...] = Field(
+        (1000, 1001), description="Close codes that mean a normal end."
+    )
+    healthy_after: PositiveDuration = Field(
+        "5s",
+        description="A connection that lived this long is healthy: it ends an auth streak and "
+        "counts as an auth success for the auth breaker.",
+    )
+    quiet_period: PositiveDuration = Field(
+        "30s", description="A finding clears after its rule has not matched for this long."
+    )
+    max_clients: PositiveInt = Field(
+        100_000, description="Most clients tracked; beyond it the least recently seen is evicted."
+    )
+    client_ttl: PositiveDuration = Field("10m", description="A client idle this long is forgotten.")
+    history_size: Annotated[int, Field(ge=0, le=256)] = Field(
+        16, description="Recent events kept per client for the admin view."
+    )
+    rate_window: PositiveDuration = Field(
+        "10s", description="Time constant of each client's attempts-per-second rate."
+    )
+    top_k: Annotated[int, Field(ge=0, le=1000)] = Field(
+        10, description="Top offenders reported in the snapshot."
+    )
+    fleet: FleetSettings = FleetSettings()
+    rules: RulesSettings = RulesSettings()
+
+
+# --- policy ----------------------------------------------------------------
+
+
+class CooldownSettings(_Model):
+    """Cooldown length: base × factor^(repeat−1), capped at max, with jitter."""
+
+    base: PositiveDuration = Field("5s", description="First cooldown.")
+    factor: Annotated[float, Field(ge=1.0)] = Field(2.0, description="Growth per repeat.")
+    max: PositiveDuration = Field("5m", description="Longest cooldown.")
+    memory: PositiveDuration = Field("1h", description="A cooldown within this of the last one is a repeat.")
+    jitter: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+        0.1, description="Cooldowns are spread ± this fraction so clients do not retry in step."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> CooldownSettings:
+        if self.max < self.base:
+            raise ValueError(f"max ({self.max}s) must not be below base ({self.base}s)")
+        return self
+
+
+ListEntry = Annotated[str, Field(min_length=1)]
+
+
+class PolicySettings(_Model):
+    """How findings become decisions."""
+
+    mode: Mode = Field("enforce", description="enforce, or observe (record, never reject).")
+    cooldown: CooldownSettings = CooldownSettings()
+    reject_with: Literal["close-1013", "http-429"] = Field(
+        "close-1013",
+        description="How the proxy refuses: accept then close 1013 (browsers can read it), or 429.",
+    )
+    min_interval: Duration | None = Field(
+        None, description="Least time between admitted attempts of one client; null = off."
+    )
+    max_concurrent: PositiveInt | None = Field(
+        None, description="Most open connections per client; null = off."
+    )
+    on_max_concurrent: Literal["reject-new", "close-oldest"] = Field(
+        "reject-new", description="What happens beyond max_concurrent."
+    )
+    rollout_percent: Annotated[float, Field(ge=0.0, le=100.0)] = Field(
+        100.0, description="Enforce for this stable, hash-chosen share of clients; observe the rest."
+    )
+    allow: tuple[ListEntry, ...] = Field(
+        (), description="Keys or CIDRs never enforced on (a CIDR matches the key's address)."
+    )
+    deny: tuple[ListEntry, ...] = Field((), description="Keys or CIDRs always refused.")
+
+    @field_validator("allow", "deny")
+    @classmethod
+    def _cidrs_parse(cls, entries: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in entries:
+            if "/" in entry:
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError:
+                    raise ValueError(f"expected a key or a CIDR such as 10.0.0.0/8, got {entry!r}") from None
+        return entries
+
+
+# --- breakers --------------------------------------------------------------
+
+
+class CircuitBreakerSettings(_Model):
+    """A Resilience4j-shaped breaker: failure ratio over a window, escalating open wait."""
+
+    enabled: bool = Field(True, description="Whether this breaker can open.")
+    failure_ratio: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        0.5, description="Open when failures / calls in window reach this …"
+    )
+    window: PositiveDuration = Field("30s", description="Sliding window of calls.")
+    min_calls: PositiveInt = Field(20, description="… with at least this many calls in window.")
+    open_wait: PositiveDuration = Field("5s", description="First time spent open before probing.")
+    open_wait_max: PositiveDuration = Field(
+        "1m", description="Repeated trips double the open wait up to this."
+    )
+    half_open_probes: PositiveInt = Field(
+        3, description="Attempts let through when half-open; all must succeed to close."
+    )
+    probe_timeout: PositiveDuration = Field(
+        "10s", description="A probe with no outcome after this counts as failed."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> CircuitBreakerSettings:
+        if self.open_wait_max < self.open_wait:
+            raise ValueError(
+                f"open_wait_max ({self.open_wait_max}s) must not be below open_wait ({self.open_wait}s)"
+            )
+        return self
+
+
+class UpstreamBreakerSettings(CircuitBreakerSettings):
+    """Fed with handshake outcomes: connect errors, timeouts and 5xx are failures."""
+
+
+class AuthBreakerSettings(CircuitBreakerSettings):
+    """Fed with auth outcomes fleet-wide, each client counted at most once per window."""
+
+    window: PositiveDuration = Field("60s", description="Sliding window of calls.")
+    open_wait: PositiveDuration = Field("10s", description="First time spent open before probing.")
+    open_wait_max: PositiveDuration = Field(
+        "2m", description="Repeated trips double the open wait up to this."
+    )
+    probe_timeout: PositiveDuration = Field(
+        "15s",
+        description="A probe with no outcome after this counts as failed (above healthy_after).",
+    )
+
+
+class BreakerSettings(_Model):
+    """The two circuit breakers."""
+
+    upstream: UpstreamBreakerSettings = UpstreamBreakerSettings()
+    auth: AuthBreakerSettings = AuthBreakerSettings()

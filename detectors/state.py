@@ -1,0 +1,256 @@
+"""Per-client state and the bounded store that holds it.
+
+A ``ClientState`` is small on purpose: scalars for the latest attempt and end,
+capped rings (``detectors.ring``) allocated only once a client has something to
+put in them, and a compact event history. The store bounds how many there
+are: an idle client is forgotten after ``client_ttl`` and beyond
+``max_clients`` the least recently seen one is evicted, so a flood of forged
+keys costs bounded memory — and shows up as ``evictions``.
+
+The engine only talks to the ``ClientStore`` protocol, so a shared store
+(Redis, in proxy/) can replace ``MemoryStore`` without touching detection.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Protocol
+
+from detectors.events import ConnId
+from detectors.findings import Flag
+
+INF = math.inf
+NEVER = -math.inf
+
+
+class ClientState:
+    """Everything the rules and the policy know about one client key."""
+
+    __slots__ = (
+        "key",
+        "first_seen",
+        "last_seen",
+        "touched",  # TTL/LRU anchor: last_seen, or when the store last chose to keep it
+        "attempts",
+        "rate",  # attempts per second, exponentially decayed (see tracker)
+        "rate_t",
+        "attempt_t",  # latest attempt
+        "admitted_t",  # latest admitted attempt (min_interval)
+        "end_t",  # latest end: close, refusal or failed handshake
+        "end_failed",  # whether that end was a failure (retry intervals are judged after failures)
+        "gap",  # retry interval of the latest attempt: attempt_t − previous end_t
+        "streak",  # consecutive auth failures retried quickly (auth_failure_loop)
+        "open",  # conn_id → open time
+        "auth_times",  # ring: auth failures
+        "bad_times",  # ring: attempts refused, failed or short-lived (rapid_reconnect)
+        "short_times",  # ring: short, abnormal closes (short_lived)
+        "intervals",  # ring: retry intervals after failures (no_backoff) …
+        "interval_times",  # … and when each was measured
+        "codes",  # close-code histogram
+        "history_t",  # ring: recent event times …
+        "history_v",  # … and the events, packed (detectors.history)
+        "flags",  # rule → Flag
+        "cool_until",  # cooldown end; 0 when there is no cooldown
+        "cool_start",
+        "cool_repeat",
+        "cool_rule",
+        "cool_enforced",  # False: an observe-mode cooldown (would_reject only)
+        "keep_until",  # the store keeps the client at least until then (cooldown memory)
+        "scheduled",  # when the engine's wake queue holds this client; INF when not queued
+        "probes",  # breaker names this client's attempt in flight probes for
+        "auth_fail_fed",  # last time this client fed the auth breaker a failure …
+        "auth_ok_fed",  # … and a success (one per window: clients are counted, not attempts)
+        "bucket",  # rollout bucket 0..9999, -1 until first needed
+    )
+
+    def __init__(self, key: str, t: float) -> None:
+        self.key = key
+        self.first_seen = t
+        self.last_seen = t
+        self.touched = t
+        self.attempts = 0
+        self.rate = 0.0
+        self.rate_t = t
+        self.attempt_t = NEVER
+        self.admitted_t = NEVER
+        self.end_t = NEVER
+        self.end_failed = False
+        self.gap = INF
+        self.streak = 0
+        self.open: dict[ConnId, float] | None = None
+        self.auth_times: array[float] | None = None
+        self.bad_times: array[float] | None = None
+        self.short_times: array[float] | None = None
+        self.intervals: array[float] | None = None
+        self.interval_times: array[float] | None = None
+        self.codes: dict[int, int] | None = None
+        self.history_t: array[float] | None = None
+        self.history_v: array[int] | None = None
+        self.flags: dict[str, Flag] | None = None
+        self.cool_until = 0.0
+        self.cool_start = NEVER
+        self.cool_repeat = 0
+        self.cool_rule: str | None = None
+        self.cool_enforced = False
+        self.keep_until = NEVER
+        self.scheduled = INF
+        self.probes: tuple[str, ...] = ()
+        self.auth_fail_fed = NEVER
+        self.auth_ok_fed = NEVER
+        self.bucket = -1
+
+    @property
+    def open_count(self) -> int:
+        return len(self.open) if self.open else 0
+
+    def in_cooldown(self, t: float) -> bool:
+        return self.cool_until > t
+
+    def rate_at(self, t: float, tau: float) -> float:
+        """Attempts per second at ``t``: the stored rate decayed since it was last updated."""
+        if self.rate == 0.0:
+            return 0.0
+        return self.rate * math.exp(-(max(t - self.rate_t, 0.0)) / tau)
+
+    def pinned(self, t: float) -> bool:
+        """Whether forgetting this client now would lose something that still matters."""
+        return bool(self.open) or self.cool_until > t or self.keep_until > t
+
+
+class ClientStore(Protocol):
+    """Where client states live; the engine needs nothing else from it."""
+
+    @property
+    def evictions(self) -> int:
+        """Clients dropped by the TTL or the size cap since start (not explicit removals)."""
+        ...
+
+    def get(self, key: str) -> ClientState | None:
+        """The client's state, without marking it used."""
+        ...
+
+    def touch(self, state: ClientState, t: float) -> None:
+        """Mark ``state`` used at ``t`` (most recently used; TTL restarts)."""
+        ...
+
+    def put(self, state: ClientState, t: float) -> list[ClientState]:
+        """Add a new client; returns the clients evicted to make room."""
+        ...
+
+    def evict(self, key: str) -> ClientState | None:
+        """Remove one client on purpose; returns it if it was there."""
+        ...
+
+    def expire(self, t: float) -> list[ClientState]:
+        """Drop clients idle for the TTL (keeping pinned ones); returns them."""
+        ...
+
+    def resize(self, max_clients: int, ttl: float) -> list[ClientState]:
+        """Change the bounds; returns clients evicted to fit the new cap."""
+        ...
+
+    def next_expiry(self) -> float | None:
+        """Earliest time ``expire`` may drop someone; None when empty."""
+        ...
+
+    def recent(self) -> Iterator[ClientState]:
+        """Clients, most recently used first."""
+        ...
+
+    def __iter__(self) -> Iterator[ClientState]: ...
+
+    def __len__(self) -> int: ...
+
+
+class MemoryStore:
+    """An in-process store: an OrderedDict in least-recently-used order."""
+
+    # How many of the least recently used clients a full store looks at to find
+    # one that is not pinned before evicting the oldest anyway (approximate LRU,
+    # as Redis does): a flood of new keys should push out idle clients before a
+    # client in cooldown, but memory stays bounded no matter what.
+    EVICTION_SAMPLE = 4
+
+    def __init__(self, max_clients: int, ttl: float) -> None:
+        self.max_clients = max_clients
+        self.ttl = ttl
+        self._clients: OrderedDict[str, ClientState] = OrderedDict()
+        self._evictions = 0
+
+    @property
+    def evictions(self) -> int:
+        return self._evictions
+
+    def get(self, key: str) -> ClientState | None:
+        return self._clients.get(key)
+
+    def touch(self, state: ClientState, t: float) -> None:
+        state.touched = t
+        self._clients.move_to_end(state.key)
+
+    def put(self, state: ClientState, t: float) -> list[ClientState]:
+        evicted = self._shrink(self.max_clients - 1, t) if len(self._clients) >= self.max_clients else []
+        state.touched = t
+        self._clients[state.key] = state
+        return evicted
+
+    def evict(self, key: str) -> ClientState | None:
+        return self._clients.pop(key, None)
+
+    def expire(self, t: float) -> list[ClientState]:
+        expired: list[ClientState] = []
+        clients = self._clients
+        horizon = t - self.ttl
+        for _ in range(len(clients)):
+            state = next(iter(clients.values()))
+            if state.touched > horizon:
+                break
+            if state.pinned(t):
+                # Still needed: restart its TTL so the scan does not meet it again at once.
+                self.touch(state, t)
+                continue
+            del clients[state.key]
+            expired.append(state)
+        self._evictions += len(expired)
+        return expired
+
+    def resize(self, max_clients: int, ttl: float) -> list[ClientState]:
+        self.max_clients = max_clients
+        self.ttl = ttl
+        return self._shrink(max_clients, None)
+
+    def next_expiry(self) -> float | None:
+        if not self._clients:
+            return None
+        return next(iter(self._clients.values())).touched + self.ttl
+
+    def recent(self) -> Iterator[ClientState]:
+        return reversed(self._clients.values())
+
+    def __iter__(self) -> Iterator[ClientState]:
+        return iter(self._clients.values())
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    def _shrink(self, size: int, t: float | None) -> list[ClientState]:
+        clients = self._clients
+        evicted: list[ClientState] = []
+        while len(clients) > size:
+            victim = None
+            if t is not None:
+                for i, state in enumerate(clients.values()):
+                    if i >= self.EVICTION_SAMPLE:
+                        break
+                    if not state.pinned(t):
+                        victim = state
+                        break
+            if victim is None:
+                victim = next(iter(clients.values()))
+            del clients[victim.key]
+            evicted.append(victim)
+        self._evictions += len(evicted)
+        return evicted

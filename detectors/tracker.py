@@ -1,0 +1,204 @@
+"""Folding events into a client's state, and what each event means.
+
+This is where an event is *classified* once — auth failure, failed end,
+short-lived, healthy — so the rules only read counters and rings. The
+classification is returned as bit flags the engine uses to feed the breakers
+and to decide whether the event may start a cooldown.
+
+Two definitions from the design live here:
+
+* A **retry interval** is the time from the end of one attempt (its close,
+  refusal or failed handshake) to the next attempt of the same key. It is
+  judged only after a failure, and only when the previous attempt had ended
+  (a second socket opened alongside the first is not a retry).
+* An **auth failure** is a close with a code in ``auth_close_codes`` that the
+  proxy did not initiate itself, or a handshake answered with a status in
+  ``auth_statuses``.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+
+from detectors import history, ring
+from detectors.events import Attempt, Closed, Event, HandshakeFailed, Opened, Rejected
+from detectors.settings import DetectionSettings
+from detectors.state import NEVER, ClientState
+
+# Bit flags describing an outcome.
+FAILED = 1  # the attempt failed: refused, handshake failed, or a short abnormal/auth close
+AUTH_FAILURE = 2
+AUTH_SUCCESS = 4  # closed normally before healthy_after (a longer life is credited separately)
+UPSTREAM_FAILURE = 8  # no answer, or a 5xx, at the handshake
+UPSTREAM_SUCCESS = 16  # any other handshake answer, including 401/403
+
+# Refusals the client cannot be blamed for: the breaker is about the upstream.
+NEUTRAL_REJECTIONS = frozenset({"circuit_open"})
+# Close-code histogram bound: codes are ints a backend chooses, keep the top few.
+MAX_CODES = 16
+_OTHER_CODE = -1
+
+
+def on_attempt(state: ClientState, event: Attempt, settings: DetectionSettings) -> None:
+    t = event.t
+    state.attempts += 1
+    tau = settings.rate_window
+    state.rate = state.rate_at(t, tau) + 1.0 / tau
+    state.rate_t = t
+    rules = settings.rules
+    if state.end_t == NEVER:
+        gap = math.inf
+    else:
+        gap = t - state.end_t
+        if gap >= rules.auth_failure_loop.retry_within:
+            state.streak = 0  # the client paused: whatever came before was not one loop
+        if state.end_failed:
+            if state.end_t >= state.attempt_t:  # a retry, not a socket opened alongside
+                cap = rules.no_backoff.intervals
+                state.intervals = ring.push(state.intervals, gap, cap)
+                state.interval_times = ring.push(state.interval_times, t, cap)
+        elif state.intervals is not None:
+            # A retry after a success starts a new backoff sequence.
+            state.intervals = state.interval_times = None
+    state.gap = gap
+    state.attempt_t = t
+    state.last_seen = t
+    _remember(state, event, settings)
+
+
+def on_rejected(state: ClientState, event: Rejected, settings: DetectionSettings) -> int:
+    t = event.t
+    state.end_t = t
+    state.last_seen = t
+    _remember(state, event, settings)
+    if event.reason in NEUTRAL_REJECTIONS:
+        state.end_failed = False
+        return 0
+    state.end_failed = True
+    state.bad_times = ring.push(state.bad_times, t, _rapid_cap(settings))
+    return FAILED
+
+
+def on_handshake_failed(
+    state: ClientState, event: HandshakeFailed, settings: DetectionSettings
+) -> int:
+    t = event.t
+    state.end_t = t
+    state.end_failed = True
+    state.last_seen = t
+    _remember(state, event, settings)
+    state.bad_times = ring.push(state.bad_times, t, _rapid_cap(settings))
+    status = event.status
+    if status is not None and status in settings.auth_statuses:
+        _auth_failure(state, t, settings)
+        return FAILED | AUTH_FAILURE | UPSTREAM_SUCCESS
+    state.streak = 0
+    if status is None or status >= 500:
+        return FAILED | UPSTREAM_FAILURE
+    return FAILED | UPSTREAM_SUCCESS
+
+
+def on_opened(state: ClientState, event: Opened, settings: DetectionSettings) -> int:
+    if state.open is None:
+        state.open = {}
+    state.open[event.conn_id] = event.t
+    state.last_seen = event.t
+    _remember(state, event, settings)
+    return UPSTREAM_SUCCESS
+
+
+def on_closed(state: ClientState, event: Closed, settings: DetectionSettings) -> int:
+    t = event.t
+    if state.open is not None:
+        state.open.pop(event.conn_id, None)
+        if not state.open:
+            state.open = None
+    state.end_t = t
+    state.last_seen = t
+    _remember(state, event, settings)
+    code = event.code
+    codes = state.codes
+    if codes is None:
+        codes = state.codes = {}
+    if code in codes or len(codes) < MAX_CODES:
+        codes[code] = codes.get(code, 0) + 1
+    else:
+        codes[_OTHER_CODE] = codes.get(_OTHER_CODE, 0) + 1
+    if event.initiator == "proxy":
+        # loopwatch does not judge a client by closes it caused itself
+        # (close-oldest uses 1008, shutdown 1001, size limits 1009).
+        state.end_failed = False
+        return 0
+    duration = event.duration
+    healthy = duration >= settings.healthy_after
+    normal = code in settings.normal_close_codes
+    auth = code in settings.auth_close_codes
+    rules = settings.rules
+    if duration < rules.rapid_reconnect.lived_under:
+        state.bad_times = ring.push(state.bad_times, t, _rapid_cap(settings))
+    if auth:
+        if healthy:
+            state.streak = 0  # e.g. a token that expired after an hour: not a loop
+            state.auth_times = ring.push(state.auth_times, t, _auth_cap(settings))
+            state.end_failed = False
+            return AUTH_FAILURE
+        _auth_failure(state, t, settings)
+        state.end_failed = True
+        return FAILED | AUTH_FAILURE
+    state.streak = 0
+    if duration < rules.short_lived.lived_under and not normal:
+        state.short_times = ring.push(state.short_times, t, _short_cap(settings))
+    failed = not healthy and not normal
+    state.end_failed = failed
+    if failed:
+        return FAILED
+    return 0 if healthy else AUTH_SUCCESS
+
+
+def apply(state: ClientState, event: Event, settings: DetectionSettings) -> int:
+    """Fold any event into ``state`` (replay and tests); returns its classification."""
+    if isinstance(event, Attempt):
+        on_attempt(state, event, settings)
+        return 0
+    if isinstance(event, Rejected):
+        return on_rejected(state, event, settings)
+    if isinstance(event, HandshakeFailed):
+        return on_handshake_failed(state, event, settings)
+    if isinstance(event, Opened):
+        return on_opened(state, event, settings)
+    return on_closed(state, event, settings)
+
+
+def _auth_failure(state: ClientState, t: float, settings: DetectionSettings) -> None:
+    state.streak += 1
+    state.auth_times = ring.push(state.auth_times, t, _auth_cap(settings))
+
+
+def _remember(state: ClientState, event: Event, settings: DetectionSettings) -> None:
+    size = settings.history_size
+    if size:
+        state.history_t = ring.push(state.history_t, event.t, size)
+        values = state.history_v
+        if values is None:
+            values = state.history_v = array("q")
+        values.append(history.pack(event))
+        if len(values) > size:
+            del values[: len(values) - size]
+
+
+# Ring capacities: a ring only needs to hold as many entries as the largest
+# threshold that counts it, since "≥ N in the window" only looks N back.
+def _auth_cap(settings: DetectionSettings) -> int:
+    s = settings.rules.auth_failure_loop
+    return max(s.warning or 1, s.critical or 1)
+
+
+def _rapid_cap(settings: DetectionSettings) -> int:
+    s = settings.rules.rapid_reconnect
+    return max(s.warning or 1, s.critical or 1)
+
+
+def _short_cap(settings: DetectionSettings) -> int:
+    s = settings.rules.short_lived
+    return max(s.warning or 1, s.critical or 1)

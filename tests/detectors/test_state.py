@@ -1,0 +1,127 @@
+"""Per-client state and its bounded store; the ring and window primitives."""
+
+from __future__ import annotations
+
+from array import array
+
+from detectors import ring
+from detectors.events import Attempt, Closed, HandshakeFailed, Rejected
+from detectors.history import pack, unpack
+from detectors.state import ClientState, MemoryStore
+from detectors.window import SlidingCounter
+
+
+def _fill(store: MemoryStore, keys: list[str], t: float) -> list[ClientState]:
+    evicted: list[ClientState] = []
+    for k in keys:
+        evicted += store.put(ClientState(k, t), t)
+    return evicted
+
+
+def test_ring_keeps_the_newest_values_and_counts_by_time() -> None:
+    r = None
+    for t in range(10):
+        r = ring.push(r, float(t), 4)
+    assert r is not None and list(r) == [6.0, 7.0, 8.0, 9.0]
+    assert ring.count_since(r, 7.5) == 2
+    assert ring.count_since(r, 0.0) == 4
+    assert ring.count_since(None, 0.0) == 0
+    assert ring.count_since(array("d"), 0.0) == 0
+
+
+def test_sliding_counter_forgets_buckets_older_than_the_window() -> None:
+    c = SlidingCounter(10.0, fields=2, buckets=10)
+    for t in range(20):
+        c.add(float(t), 0)
+        c.add(float(t), 1, 2)
+    assert c.total(19.5, 0) == 10  # seconds 10..19
+    assert c.total(19.5, 1) == 20
+    assert c.total(100.0, 0) == 0
+    c.clear()
+    assert c.total(19.5, 0) == 0
+
+
+def test_store_evicts_least_recently_used_beyond_the_cap() -> None:
+    store = MemoryStore(max_clients=3, ttl=60.0)
+    _fill(store, ["a", "b", "c"], 0.0)
+    a = store.get("a")
+    assert a is not None
+    store.touch(a, 1.0)  # a is now the most recently used
+    evicted = _fill(store, ["d"], 2.0)
+    assert [s.key for s in evicted] == ["b"]
+    assert sorted(s.key for s in store) == ["a", "c", "d"]
+    assert store.evictions == 1
+    assert [s.key for s in store.recent()] == ["d", "a", "c"]
+
+
+def test_a_full_store_prefers_evicting_a_client_that_is_not_pinned() -> None:
+    store = MemoryStore(max_clients=2, ttl=60.0)
+    _fill(store, ["offender", "idle"], 0.0)
+    offender = store.get("offender")
+    assert offender is not None
+    offender.cool_until = 100.0  # in cooldown: forgetting it would let it loop again
+    evicted = _fill(store, ["new"], 1.0)
+    assert [s.key for s in evicted] == ["idle"]
+    assert store.get("offender") is offender
+
+
+def test_memory_stays_bounded_even_if_every_client_is_pinned() -> None:
+    store = MemoryStore(max_clients=2, ttl=60.0)
+    _fill(store, ["a", "b"], 0.0)
+    for state in store:
+        state.open = {1: 0.0}
+    evicted = _fill(store, ["c"], 1.0)
+    assert [s.key for s in evicted] == ["a"]
+    assert len(store) == 2
+
+
+def test_ttl_forgets_idle_clients_but_keeps_pinned_ones() -> None:
+    store = MemoryStore(max_clients=10, ttl=600.0)
+    _fill(store, ["idle", "connected", "cooling", "remembered", "fresh"], 0.0)
+    store.get("connected").open = {7: 0.0}  # type: ignore[union-attr]
+    store.get("cooling").cool_until = 700.0  # type: ignore[union-attr]
+    store.get("remembered").keep_until = 3600.0  # type: ignore[union-attr]
+    fresh = store.get("fresh")
+    assert fresh is not None
+    store.touch(fresh, 500.0)
+    assert store.next_expiry() == 600.0
+    assert store.expire(599.0) == []
+    expired = store.expire(600.0)
+    assert [s.key for s in expired] == ["idle"]
+    assert store.evictions == 1
+    assert sorted(s.key for s in store) == ["connected", "cooling", "fresh", "remembered"]
+    # pinned clients had their TTL restarted, so the next expiry is the fresh one
+    assert store.next_expiry() == 1100.0
+
+
+def test_resize_evicts_down_to_the_new_cap() -> None:
+    store = MemoryStore(max_clients=10, ttl=60.0)
+    _fill(store, [str(i) for i in range(10)], 0.0)
+    evicted = store.resize(4, 60.0)
+    assert [s.key for s in evicted] == ["0", "1", "2", "3", "4", "5"]
+    assert len(store) == 4 and store.evictions == 6
+    assert store.evict("9") is not None and store.evict("9") is None
+    assert store.evictions == 6  # removing on purpose is not an eviction
+
+
+def test_client_state_is_slotted_and_its_rate_decays() -> None:
+    s = ClientState("k", 0.0)
+    assert not hasattr(s, "__dict__")
+    s.rate, s.rate_t = 10.0, 0.0
+    assert s.rate_at(0.0, 10.0) == 10.0
+    assert abs(s.rate_at(10.0, 10.0) - 10.0 / 2.718281828) < 1e-6
+
+
+def test_history_packs_what_the_admin_view_shows() -> None:
+    cases = [
+        (Attempt("k", "/", 1.0), {"type": "attempt", "t": 1.0}),
+        (Rejected("k", "/", 2.0, "min_interval"), {"type": "rejected", "t": 2.0, "reason": "min_interval"}),
+        (HandshakeFailed("k", "/", 3.0, 503), {"type": "handshake_failed", "t": 3.0, "status": 503}),
+        (HandshakeFailed("k", "/", 3.0, None, "timeout"), {"type": "handshake_failed", "t": 3.0, "error": "timeout"}),
+        (
+            Closed("k", "/", 4.0, 9, 4003, "bye", "upstream", 0.05),
+            {"type": "closed", "t": 4.0, "code": 4003, "initiator": "upstream", "duration": 0.05},
+        ),
+    ]
+    for event, expected in cases:
+        assert unpack(event.t, pack(event)).to_dict() == expected
