@@ -31,6 +31,7 @@ class ClientState:
 
     __slots__ = (
         "key",
+        "addr",  # peer address of the latest attempt (allow/deny CIDRs for keys without one)
         "first_seen",
         "last_seen",
         "touched",  # TTL/LRU anchor: last_seen, or when the store last chose to keep it
@@ -68,6 +69,7 @@ class ClientState:
 
     def __init__(self, key: str, t: float) -> None:
         self.key = key
+        self.addr = ""
         self.first_seen = t
         self.last_seen = t
         self.touched = t

@@ -63,6 +63,8 @@ def on_attempt(state: ClientState, event: Attempt, settings: DetectionSettings) 
             state.intervals = state.interval_times = None
     state.gap = gap
     state.attempt_t = t
+    if event.addr:
+        state.addr = event.addr
     state.last_seen = t
     _remember(state, event, settings)
 

@@ -1,0 +1,61 @@
+"""Allow and deny lists: exact client keys, or CIDRs matched against an address.
+
+A key is "sub@1.2.3.4" (identity bound to the address) or "1.2.3.4" (keyed by
+address); a CIDR entry matches the address part of the key, or the attempt's
+peer address. Parsing addresses costs a microsecond or two, so a list without
+CIDRs never parses anything.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def address_of(key: str) -> str:
+    """The address part of a key: after the last "@", without IPv6 brackets."""
+    address = key.rpartition("@")[2]
+    if address.startswith("[") and address.endswith("]"):
+        address = address[1:-1]
+    return address
+
+
+def _parse(text: str) -> Address | None:
+    if not text:
+        return None
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+class AccessList:
+    __slots__ = ("keys", "networks")
+
+    def __init__(self, entries: Iterable[str]) -> None:
+        keys: set[str] = set()
+        networks: list[Network] = []
+        for entry in entries:
+            if "/" in entry:
+                networks.append(ipaddress.ip_network(entry, strict=False))
+            else:
+                keys.add(entry)
+        self.keys = frozenset(keys)
+        self.networks = tuple(networks)
+
+    def __bool__(self) -> bool:
+        return bool(self.keys or self.networks)
+
+    def matches(self, key: str, addr: str = "") -> bool:
+        if key in self.keys:
+            return True
+        if not self.networks:
+            return False
+        for text in {address_of(key), addr}:
+            ip = _parse(text)
+            if ip is not None and any(ip in net for net in self.networks):
+                return True
+        return False

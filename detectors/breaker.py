@@ -1,0 +1,251 @@
+"""A Resilience4j-shaped circuit breaker, driven by an explicit transition table.
+
+* CLOSED: outcomes are counted over a sliding ``window``; once there are at
+  least ``min_calls`` and ``failures / calls >= failure_ratio`` it trips OPEN.
+* OPEN: everything is refused for the open wait; the wait doubles with each
+  consecutive trip up to ``open_wait_max`` (a backend that keeps failing is
+  probed less and less often), then it goes HALF_OPEN.
+* HALF_OPEN: ``half_open_probes`` attempts are let through. All succeed ⇒
+  CLOSED; one fails (or a probe has no outcome within ``probe_timeout``) ⇒
+  OPEN again, with a longer wait.
+* Any state ⇒ CLOSED by an operator's reset.
+
+Every change of state goes through ``_move``, which checks the table, so an
+illegal transition is a bug that raises instead of a state nobody designed.
+Time is an argument everywhere; the breaker never reads a clock.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import StrEnum
+
+from detectors.actions import BreakerTransition
+from detectors.settings import CircuitBreakerSettings
+from detectors.views import BreakerView
+from detectors.window import SlidingCounter
+
+
+class BreakerState(StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
+
+# (from, to) → why. Reset is separate: it may leave any state for CLOSED.
+TRANSITIONS: dict[tuple[BreakerState, BreakerState], str] = {
+    (CLOSED, OPEN): "failure ratio reached",
+    (OPEN, HALF_OPEN): "open wait elapsed",
+    (HALF_OPEN, CLOSED): "probes succeeded",
+    (HALF_OPEN, OPEN): "probe failed",
+}
+
+
+class IllegalTransition(Exception):
+    """A transition that is not in ``TRANSITIONS`` (and is not a reset)."""
+
+    def __init__(self, name: str, from_state: BreakerState, to_state: BreakerState) -> None:
+        super().__init__(f"breaker {name!r}: no transition {from_state} → {to_state}")
+        self.from_state = from_state
+        self.to_state = to_state
+
+
+# What ``permit`` answers.
+ALLOW, PROBE, REFUSE = 0, 1, 2
+_CALLS, _FAILURES = 0, 1
+_NO_TRANSITIONS: tuple[BreakerTransition, ...] = ()
+
+
+class CircuitBreaker:
+    __slots__ = (
+        "name",
+        "settings",
+        "state",
+        "_window",
+        "open_until",
+        "open_wait",
+        "trips",
+        "closed_at",
+        "probes_permitted",
+        "probes_succeeded",
+        "probes_in_flight",
+        "probe_deadline",
+        "transitions_total",
+    )
+
+    def __init__(self, name: str, settings: CircuitBreakerSettings) -> None:
+        self.name = name
+        self.settings = settings
+        self.state = CLOSED
+        self._window = SlidingCounter(settings.window, fields=2)
+        self.open_until = 0.0
+        self.open_wait = settings.open_wait
+        self.trips = 0  # consecutive trips, for the escalating wait
+        self.closed_at = -math.inf
+        self.probes_permitted = 0
+        self.probes_succeeded = 0
+        self.probes_in_flight = 0
+        self.probe_deadline = math.inf
+        self.transitions_total: dict[str, int] = {s.value: 0 for s in BreakerState}
+
+    # --- configuration -------------------------------------------------------
+
+    def configure(self, settings: CircuitBreakerSettings, t: float) -> tuple[BreakerTransition, ...]:
+        """Adopt new settings, keeping the state (a disabled breaker is reset closed)."""
+        if settings.window != self.settings.window:
+            self._window = SlidingCounter(settings.window, fields=2)
+        self.settings = settings
+        if not settings.enabled and self.state is not CLOSED:
+            transition = self.reset(t)
+            return (transition,) if transition else _NO_TRANSITIONS
+        return _NO_TRANSITIONS
+
+    # --- the table -----------------------------------------------------------
+
+    def _move(self, to: BreakerState, t: float) -> BreakerTransition:
+        if (self.state, to) not in TRANSITIONS:
+            raise IllegalTransition(self.name, self.state, to)
+        return self._enter(to, t)
+
+    def _enter(self, to: BreakerState, t: float) -> BreakerTransition:
+        transition = BreakerTransition(self.name, t, self.state.value, to.value)
+        self.state = to
+        self.transitions_total[to.value] += 1
+        if to is OPEN:
+            s = self.settings
+            self.open_wait = min(s.open_wait * 2 ** (self.trips - 1), s.open_wait_max)
+            self.open_until = t + self.open_wait
+            self._window.clear()
+        elif to is HALF_OPEN:
+            self.probes_permitted = self.probes_succeeded = self.probes_in_flight = 0
+            self.probe_deadline = math.inf
+        else:
+            self.closed_at = t
+            self._window.clear()
+        return transition
+
+    def transition(self, to: BreakerState, t: float) -> BreakerTransition:
+        """Force one table transition (tests and tools); raises IllegalTransition."""
+        if to is OPEN:
+            self.trips += 1
+        return self._move(to, t)
+
+    def reset(self, t: float) -> BreakerTransition | None:
+        """Operator reset: any state → CLOSED, escalation forgotten. None if already closed."""
+        self.trips = 0
+        self.open_wait = self.settings.open_wait
+        if self.state is CLOSED:
+            self._window.clear()
+            return None
+        return self._enter(CLOSED, t)
+
+    # --- time ----------------------------------------------------------------
+
+    def advance(self, t: float) -> tuple[BreakerTransition, ...]:
+        """Apply what time alone changes: open → half-open, a probe timing out."""
+        if self.state is CLOSED:
+            return _NO_TRANSITIONS
+        if self.state is OPEN:
+            if t < self.open_until:
+                return _NO_TRANSITIONS
+            return (self._move(HALF_OPEN, t),)
+        if self.probes_in_flight and t >= self.probe_deadline:
+            return (self._trip(t),)
+        return _NO_TRANSITIONS
+
+    @property
+    def next_wake(self) -> float | None:
+        if self.state is OPEN:
+            return self.open_until
+        if self.state is HALF_OPEN and self.probes_in_flight:
+            return self.probe_deadline
+        return None
+
+    # --- calls ---------------------------------------------------------------
+
+    def permit(self, t: float) -> int:
+        """ALLOW, PROBE or REFUSE for an attempt now (call ``advance`` first)."""
+        if self.state is CLOSED:
+            return ALLOW
+        if self.state is HALF_OPEN and self.probes_permitted < self.settings.half_open_probes:
+            return PROBE
+        return REFUSE
+
+    def take_probe(self, t: float) -> None:
+        """The attempt ``permit`` answered PROBE for was admitted."""
+        self.probes_permitted += 1
+        self.probes_in_flight += 1
+        self.probe_deadline = t + self.settings.probe_timeout
+
+    def release_probe(self) -> None:
+        """A probe ended without telling success from failure: let another one through."""
+        if self.state is HALF_OPEN and self.probes_in_flight:
+            self.probes_in_flight -= 1
+            self.probes_permitted -= 1
+
+    def retry_after(self, t: float) -> float:
+        if self.state is OPEN:
+            return max(self.open_until - t, 0.0)
+        if self.state is HALF_OPEN:
+            # probes are out: come back about when their outcome is due
+            return max(min(self.probe_deadline - t, self.settings.open_wait), 0.0)
+        return 0.0
+
+    def record(self, t: float, success: bool, probe: bool = False) -> tuple[BreakerTransition, ...]:
+        """Count one outcome. In HALF_OPEN only probes count; in OPEN nothing does."""
+        state = self.state
+        if state is CLOSED:
+            if not self.settings.enabled:
+                return _NO_TRANSITIONS
+            window = self._window
+            window.add(t, _CALLS)
+            if success:
+                return _NO_TRANSITIONS
+            window.add(t, _FAILURES)
+            calls = window.total(t, _CALLS)
+            if calls >= self.settings.min_calls and (
+                window.total(t, _FAILURES) / calls >= self.settings.failure_ratio
+            ):
+                return (self._trip(t),)
+            return _NO_TRANSITIONS
+        if state is HALF_OPEN and probe and self.probes_in_flight:
+            self.probes_in_flight -= 1
+            if not success:
+                return (self._trip(t),)
+            self.probes_succeeded += 1
+            if self.probes_succeeded >= self.settings.half_open_probes:
+                # trips is kept: tripping again within a window of closing escalates on.
+                return (self._move(CLOSED, t),)
+        return _NO_TRANSITIONS
+
+    def _trip(self, t: float) -> BreakerTransition:
+        # Re-opening soon after closing is the same trouble continuing: escalate.
+        if self.state is HALF_OPEN or t - self.closed_at < self.settings.window:
+            self.trips += 1
+        else:
+            self.trips = 1
+        return self._move(OPEN, t)
+
+    # --- views ---------------------------------------------------------------
+
+    def counts(self, t: float) -> tuple[int, int]:
+        return self._window.total(t, _CALLS), self._window.total(t, _FAILURES)
+
+    def view(self, t: float) -> BreakerView:
+        calls, failures = self.counts(t)
+        return BreakerView(
+            name=self.name,
+            enabled=self.settings.enabled,
+            state=self.state.value,
+            calls=calls,
+            failures=failures,
+            failure_ratio=failures / calls if calls else 0.0,
+            retry_after=self.retry_after(t) if self.state is OPEN else 0.0,
+            open_wait=self.open_wait,
+            trips=self.trips,
+            probes_permitted=self.probes_permitted,
+            probes_succeeded=self.probes_succeeded,
+            transitions_total=dict(self.transitions_total),
+        )
