@@ -33,7 +33,6 @@ import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
@@ -43,6 +42,7 @@ from pydantic import (
 )
 
 from detectors.units import ByteSize, Duration
+from proxy.sections import SECRET, FieldError, OptionalSecret, Section
 
 ENV_PREFIX = "LOOPWATCH_"
 # Names the file rather than a setting; the CLI reads it.
@@ -60,18 +60,6 @@ class ConfigError(Exception):
     def __init__(self, errors: str | Sequence[str]) -> None:
         self.errors: list[str] = [errors] if isinstance(errors, str) else list(errors)
         super().__init__("\n".join(self.errors))
-
-
-class FieldError(ValueError):
-    """Raise from a cross-field validator to report the error at a key inside the model.
-
-    A model validator's error otherwise points at the model itself ("tls: …");
-    this lets it point at the key the user has to change ("tls.key_file: …").
-    """
-
-    def __init__(self, loc: str | int | Loc, message: str) -> None:
-        super().__init__(message)
-        self.loc: Loc = loc if isinstance(loc, tuple) else (loc,)
 
 
 # --- value types -----------------------------------------------------------
@@ -129,19 +117,8 @@ def _lower(value: object) -> object:
     return value.lower() if isinstance(value, str) else value
 
 
-class _SecretMarker:
-    def __repr__(self) -> str:
-        return "SECRET"
-
-
-# Annotated metadata: dump_settings shows the field as "***" unless redact=False.
-SECRET = _SecretMarker()
-
 ListenAddress = Annotated[str, BeforeValidator(_check_listen)]
 UpstreamURL = Annotated[str, BeforeValidator(_check_upstream_url)]
-# An optional secret string: redacted in dumps, and left out of repr() so it
-# never reaches a log line by accident.
-OptionalSecret = Annotated[str | None, SECRET, Field(repr=False)]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["json", "text"]
 
@@ -150,18 +127,6 @@ MiB = 1024 * KiB
 
 
 # --- models ----------------------------------------------------------------
-
-
-class Section(BaseModel):
-    """Base of every settings model: immutable, no unknown keys, defaults validated too."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_empty(cls, data: Any) -> Any:
-        # A section whose keys are all commented out ("tls:") is YAML null: all defaults.
-        return {} if data is None else data
 
 
 class Route(Section):
