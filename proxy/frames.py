@@ -72,8 +72,8 @@ _CLOSE = 7
 # offset used to index the table (see _TABLES).  Only data classes use it.
 _IM_AFTER = (0, 0, 256, 0, 256)
 
-# Effectively "no limit" without a None check per frame: a message can never
-# sum to 2**80 bytes because each frame is < 2**63 and there is time to check.
+# "No limit" as an int, so the hot loop compares without a None check per
+# frame; no connection will ever carry 2**80 bytes.
 _NO_LIMIT = 1 << 80
 
 _RESERVED_CLOSE_CODES = frozenset({1004, 1005, 1006, 1015})
@@ -264,7 +264,7 @@ class FrameParser:
         self._hbuf = bytearray()  # start of a header split across chunks
         self._close_buf = bytearray()  # masked close payload split across chunks
         self._close_mask: bytes | None = None
-        self._frame_start = 0  # stream offset of the frame whose payload is pending
+        self._frame_start = 0  # stream offset of a close frame whose payload is pending
         self._offset = 0  # stream offset of the next chunk's first byte
         self._err_boundary = True
 
@@ -280,6 +280,16 @@ class FrameParser:
         if self.error is not None:
             return self._err_boundary
         return not self._skip and not self._hbuf
+
+    @property
+    def frame_remaining(self) -> int:
+        """Payload bytes of the frame in progress still to come.
+
+        0 at a frame boundary, and also while a header is incomplete (its
+        frame's length is not known yet); lets the relay forward exactly up to
+        the end of the current frame before writing a frame of its own.
+        """
+        return self._skip
 
     def feed(self, data: bytes | bytearray | memoryview) -> int:
         """Consume a chunk; return how many leading bytes are safe to forward.
@@ -449,7 +459,6 @@ class FrameParser:
                 message_bytes += n - pos - hs
                 self._skip = end - n
                 self._kind = cls
-                self._frame_start = base + pos
                 pos = n
                 break
 
@@ -501,7 +510,6 @@ class FrameParser:
                 continue
             self._skip = end - n
             self._kind = cls
-            self._frame_start = base + pos
             pos = n
             break
 
