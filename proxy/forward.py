@@ -97,7 +97,7 @@ class HttpExchange:
         headers.append(("Host", self.route.upstream.authority.decode()))
         headers.append(("X-Forwarded-For", xff))
         headers.append(("X-Forwarded-Proto", "https" if conn.server.tls else "http"))
-        host = head.get(b"host")
+        host = head.authority
         if host is not None:
             headers.append(("X-Forwarded-Host", host.decode("latin-1")))
         if head.get(b"transfer-encoding") is not None:

@@ -53,6 +53,8 @@ class RequestHead:
     query: str
     version: str
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # as sent: original case and order
+    # The host the client asked for: the absolute-form target's authority, else Host.
+    authority: bytes | None = None
 
     def get(self, name: bytes) -> bytes | None:
         """The value of header `name` (lower-case), duplicates joined with ", "."""
@@ -96,6 +98,7 @@ class HeadParser:
     __slots__ = (
         "_parser", "_url", "_headers", "_size", "_tail", "_max", "head", "rest",
         "upgrade", "headers_done", "message_done", "body_sink", "complete_sink", "pipelined",
+        "keep_alive",
     )
 
     def __init__(self, max_head_size: int):
@@ -115,6 +118,8 @@ class HeadParser:
         # A next request arrived before this one was answered. loopwatch answers the
         # first and then closes (clients retry), rather than queueing requests.
         self.pipelined = False
+        # Whether the client keeps the connection open after this exchange.
+        self.keep_alive = False
 
     # httptools callbacks
     def on_message_begin(self) -> None:
@@ -134,6 +139,13 @@ class HeadParser:
             return
         self.headers_done = True
         p = self._parser
+        version = p.get_http_version()
+        if version not in ("1.0", "1.1"):
+            if version[:1].isdigit() and int(version.split(".")[0]) >= 2:
+                raise HttpError(505, "HTTP version not supported: HTTP/1.1 only")
+            raise HttpError(400, "unsupported HTTP version")
+        # Read here: after the message completes, httptools forgets "Connection: close".
+        self.keep_alive = p.should_keep_alive()
         try:
             url = httptools.parse_url(self._url)
         except httptools.HttpParserInvalidURLError:
@@ -141,13 +153,31 @@ class HeadParser:
         path = (url.path or b"/").decode("latin-1")
         if not path.startswith("/"):
             raise HttpError(400, "request target must be an absolute path")
+        hosts = [v for n, v in self._headers if n.lower() == b"host"]
+        if len(hosts) > 1:
+            raise HttpError(400, "more than one Host header")
+        if not hosts and version == "1.1":
+            raise HttpError(400, "missing Host")
+        authority = hosts[0] if hosts else None
+        target = self._url
+        if url.schema:
+            # Absolute-form (RFC 9112 §3.2.2): the target's authority replaces Host,
+            # and the upstream gets the origin-form.
+            if url.schema.lower() not in (b"http", b"https", b"ws", b"wss") or not url.host:
+                raise HttpError(400, "invalid request target")
+            host = b"[%s]" % url.host if b":" in url.host else url.host
+            authority = host if url.port is None else b"%s:%d" % (host, url.port)
+            target = (url.path or b"/") + (b"?" + url.query if url.query is not None else b"")
+        if authority is not None and not _valid_authority(authority):
+            raise HttpError(400, "invalid Host")
         self.head = RequestHead(
             method=p.get_method().decode("latin-1"),
-            target=self._url,
+            target=target,
             path=path,
             query=(url.query or b"").decode("latin-1"),
-            version=p.get_http_version(),
+            version=version,
             headers=self._headers,
+            authority=authority,
         )
 
     def on_body(self, body: bytes) -> None:
@@ -189,9 +219,16 @@ class HeadParser:
             raise HttpError(400, f"malformed request: {e}") from None
         return self.head if self.headers_done else None
 
-    @property
-    def keep_alive(self) -> bool:
-        return self._parser.should_keep_alive()
+
+def _valid_authority(value: bytes) -> bool:
+    """host[:port] as RFC 3986 allows it (reg-name, IPv4, [IPv6]): nothing that could
+    smuggle a second value or a path into X-Forwarded-Host."""
+    return bool(value) and all(c in _AUTHORITY_CHARS for c in value)
+
+
+_AUTHORITY_CHARS = frozenset(
+    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+;=:[]%"
+)
 
 
 def validate_websocket_upgrade(head: RequestHead) -> None:
@@ -212,7 +249,7 @@ def validate_websocket_upgrade(head: RequestHead) -> None:
         raise HttpError(
             426, "unsupported Sec-WebSocket-Version", (("Sec-WebSocket-Version", "13"),)
         )
-    if head.get(b"host") is None:
+    if head.authority is None:
         raise HttpError(400, "missing Host")
 
 
@@ -241,7 +278,7 @@ def upstream_request_head(
 ) -> bytes:
     """The request head sent to the upstream: end-to-end headers as the client sent
     them (order and case kept), Host set to the upstream, X-Forwarded-* added."""
-    original_host = head.get(b"host")
+    original_host = head.authority
     forwarded_for = head.get(b"x-forwarded-for")
     lines = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (head.method.encode(), target, host)]
     for n, v in end_to_end(head.headers):

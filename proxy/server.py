@@ -403,6 +403,7 @@ class ProxyServer:
         self.relays: dict[int, Relay] = {}
         self.closing = False
         self._server: asyncio.AbstractServer | None = None
+        self._port = 0
         self._idle_task: asyncio.Task[None] | None = None
         self._all_closed: asyncio.Event | None = None
         self._http_session = None
@@ -414,13 +415,14 @@ class ProxyServer:
         self._server = await self.loop.create_server(
             lambda: ClientHandshake(self), host, port, ssl=ssl_ctx, backlog=1024, reuse_address=True
         )
+        self._port = self._server.sockets[0].getsockname()[1]
         if self.idle_timeout:
             self._idle_task = self.loop.create_task(self._sweep_idle())
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        return self._server.sockets[0].getsockname()[1]
+        """The bound port (still known after shutdown closed the listener)."""
+        return self._port
 
     def http_session(self):  # noqa: ANN201 - aiohttp imported lazily, only for plain HTTP
         if self._http_session is None:

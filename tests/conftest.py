@@ -89,3 +89,148 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.01)
+
+
+# --- raw HTTP on both sides: exact bytes in, exact bytes out ---------------
+
+
+def accept_for(head: bytes) -> bytes:
+    """Sec-WebSocket-Accept for the Sec-WebSocket-Key in a raw request head."""
+    import base64
+    import hashlib
+
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"sec-websocket-key":
+            digest = hashlib.sha1(value.strip() + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
+            return base64.b64encode(digest)
+    raise AssertionError(f"no Sec-WebSocket-Key in {head!r}")
+
+
+def switching_protocols(head: bytes, extra: bytes = b"") -> bytes:
+    """A minimal valid 101 answering the raw request `head`, plus `extra` header lines."""
+    return (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept_for(head) + b"\r\n" + extra + b"\r\n"
+    )
+
+
+class RawBackend:
+    """A plain TCP server that records every connection, the exact request head it
+    received and every byte after it, and answers each head with `answer(head)`
+    (raw bytes written as they are; None: never answer). The connection stays open
+    until the peer closes it, or is closed after the answer when `close_after`."""
+
+    def __init__(self, answer: Callable[[bytes], bytes | None], *, close_after: bool = False):
+        self.answer = answer
+        self.close_after = close_after
+        self.connections = 0
+        self.heads: list[bytes] = []
+        self.after: list[bytearray] = []  # bytes received after each head
+        self.url = ""
+        self.port = 0
+        self._server: asyncio.AbstractServer | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.add(writer)
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            self.heads.append(head)
+            rest = bytearray()
+            self.after.append(rest)
+            response = self.answer(head)
+            if response is not None:
+                writer.write(response)
+                await writer.drain()
+                if self.close_after:
+                    return
+            while chunk := await reader.read(65536):
+                rest += chunk
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    async def __aenter__(self) -> RawBackend:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, limit=1 << 20)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self.url = f"ws://127.0.0.1:{self.port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        await self._server.wait_closed()
+
+
+class RawResponse:
+    """A response read off a raw socket: status line, headers as sent, body."""
+
+    def __init__(self, head: bytes, body: bytes):
+        lines = head.split(b"\r\n")
+        self.head = head
+        self.status_line = lines[0]
+        self.status = int(lines[0].split(b" ")[1])
+        self.headers: list[tuple[bytes, bytes]] = []
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(b":")
+                self.headers.append((name, value.strip()))
+        self.body = body
+
+    def header(self, name: str) -> str | None:
+        values = [v.decode("latin-1") for n, v in self.headers if n.lower() == name.lower().encode()]
+        return ", ".join(values) if values else None
+
+
+async def read_response(reader: asyncio.StreamReader, *, head_only: bool = False) -> RawResponse:
+    """One response off a raw stream: the body by Content-Length, chunked, or to EOF."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    response = RawResponse(head, b"")
+    if head_only or response.status in (101, 204, 304) or 100 <= response.status < 200:
+        return response
+    length = response.header("content-length")
+    if length is not None:
+        response.body = await reader.readexactly(int(length))
+    elif (response.header("transfer-encoding") or "").lower() == "chunked":
+        body = bytearray()
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")
+                break
+            body += await reader.readexactly(size)
+            await reader.readexactly(2)
+        response.body = bytes(body)
+    else:
+        response.body = await reader.read()
+    return response
+
+
+async def raw_exchange(port: int, request: bytes, timeout: float = 10.0) -> tuple[RawResponse, bytes]:
+    """Send raw `request` bytes to 127.0.0.1:port; the response and whatever
+    followed it until the server closed the connection."""
+
+    async def go() -> tuple[RawResponse, bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(request)
+            response = await read_response(reader)
+            return response, await reader.read()
+        finally:
+            writer.close()
+
+    return await asyncio.wait_for(go(), timeout)
+
+
+def upgrade_request(path: str = "/", host: str = "example.test", extra: bytes = b"") -> bytes:
+    """A valid WebSocket upgrade request head, plus `extra` header lines."""
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    ).encode() + extra + b"\r\n"

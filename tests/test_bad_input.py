@@ -1,0 +1,347 @@
+"""Malformed, oversized, slow and excess requests: each is answered by loopwatch
+itself with the right status and a one-line body, the upstream never sees it,
+and a WebSocket relaying through the same loopwatch meanwhile never notices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+
+from proxy.runtime import Running
+from tests.conftest import (
+    RawBackend,
+    RawResponse,
+    echo,
+    loopwatch,
+    raw_exchange,
+    read_response,
+    switching_protocols,
+    upgrade_request,
+    wait_for,
+    websockets_backend,
+)
+
+
+@dataclass
+class Setup:
+    lw: Running
+    recorder: RawBackend  # the upstream of every path but /echo
+    echoed: list[int] = field(default_factory=list)
+
+
+def answer(head: bytes) -> bytes:
+    if b"sec-websocket-key" in head.lower():
+        return switching_protocols(head)
+    return b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n"
+
+
+@contextlib.asynccontextmanager
+async def under_attack(**overrides: Any) -> AsyncIterator[Setup]:
+    """loopwatch with two routes: /echo to a websockets echo backend, where a
+    client relays a message every few milliseconds for the whole test, and / to a
+    recording raw backend that must receive nothing. On exit, the echo client must
+    have seen no error."""
+    overrides.setdefault("limits.handshake_timeout", "1s")
+    async with (
+        websockets_backend(echo) as (echo_url, _),
+        RawBackend(answer) as recorder,
+    ):
+        routes = [
+            {"path_prefix": "/echo", "upstream": echo_url},
+            {"path_prefix": "/", "upstream": recorder.url},
+        ]
+        async with loopwatch(None, routes=routes, **overrides) as lw:  # type: ignore[arg-type]
+            setup = Setup(lw, recorder)
+            stop = asyncio.Event()
+            opened = asyncio.Event()
+
+            async def relay_forever() -> None:
+                url = f"ws://127.0.0.1:{lw.proxy_port}/echo"
+                async with connect(url, proxy=None, open_timeout=10) as ws:
+                    opened.set()
+                    i = 0
+                    while not stop.is_set():
+                        message = f"message {i} " + "x" * (i % 300)
+                        await ws.send(message)
+                        assert await asyncio.wait_for(ws.recv(), 10) == message
+                        setup.echoed.append(i)
+                        i += 1
+                        await asyncio.sleep(0.005)
+
+            task = asyncio.create_task(relay_forever())
+            try:
+                await asyncio.wait_for(opened.wait(), 10)
+                yield setup
+                # The relay still works after whatever the test did.
+                after = len(setup.echoed) + 3
+                await wait_for(lambda: len(setup.echoed) >= after or task.done(), 10)
+            finally:
+                stop.set()
+                await asyncio.wait_for(task, 15)  # re-raises the relay's error, if any
+
+
+def one_line(response: RawResponse) -> None:
+    assert response.body.endswith(b"\n") and response.body.count(b"\n") == 1, response.body
+    assert response.header("Content-Length") == str(len(response.body))
+
+
+BASE = b"Host: example.test\r\n"
+UPGRADE = (
+    b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+)
+
+BAD_REQUESTS = {
+    "content-length-and-transfer-encoding": (
+        b"POST /api HTTP/1.1\r\n" + BASE
+        + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+    ),
+    "transfer-encoding-and-content-length": (
+        b"POST /api HTTP/1.1\r\n" + BASE
+        + b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+        400,
+    ),
+    "duplicate-content-length": (
+        b"POST /api HTTP/1.1\r\n" + BASE + b"Content-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+        400,
+    ),
+    "non-numeric-content-length": (
+        b"POST /api HTTP/1.1\r\n" + BASE + b"Content-Length: five\r\n\r\nhello",
+        400,
+    ),
+    "negative-content-length": (
+        b"POST /api HTTP/1.1\r\n" + BASE + b"Content-Length: -5\r\n\r\nhello",
+        400,
+    ),
+    "unknown-transfer-encoding": (
+        b"POST /api HTTP/1.1\r\n" + BASE + b"Transfer-Encoding: gzip\r\n\r\nhello",
+        400,
+    ),
+    "invalid-header-name": (b"GET /ws HTTP/1.1\r\n" + BASE + UPGRADE + b"Bad Name: x\r\n\r\n", 400),
+    "space-before-colon": (b"GET /ws HTTP/1.1\r\n" + BASE + UPGRADE + b"X-A : x\r\n\r\n", 400),
+    "cr-in-value": (b"GET /ws HTTP/1.1\r\n" + BASE + UPGRADE + b"X-A: a\rb\r\n\r\n", 400),
+    "lf-in-value": (b"GET /ws HTTP/1.1\r\n" + BASE + UPGRADE + b"X-A: a\nX-B: b\r\n\r\n", 400),
+    "nul-in-value": (b"GET /ws HTTP/1.1\r\n" + BASE + UPGRADE + b"X-A: a\x00b\r\n\r\n", 400),
+    "obsolete-line-folding": (
+        b"GET /ws HTTP/1.1\r\n" + BASE + UPGRADE + b"X-A: a\r\n  folded\r\n\r\n",
+        400,
+    ),
+    "bare-lf-line-endings": (b"GET /ws HTTP/1.1\n" + BASE.replace(b"\r\n", b"\n") + b"\n", 400),
+    "upgrade-missing-key": (
+        b"GET /ws HTTP/1.1\r\n" + BASE
+        + b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        400,
+    ),
+    "upgrade-bad-key": (
+        b"GET /ws HTTP/1.1\r\n" + BASE + b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: not-base64!\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        400,
+    ),
+    "upgrade-short-key": (
+        b"GET /ws HTTP/1.1\r\n" + BASE + b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: c2hvcnQ=\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        400,
+    ),
+    "upgrade-not-websocket": (
+        b"GET /ws HTTP/1.1\r\n" + BASE + b"Upgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+        400,
+    ),
+    "upgrade-with-post": (b"POST /ws HTTP/1.1\r\n" + BASE + UPGRADE + b"\r\n", 400),
+    "upgrade-http-1.0": (b"GET /ws HTTP/1.0\r\n" + BASE + UPGRADE + b"\r\n", 400),
+    "upgrade-missing-host": (b"GET /ws HTTP/1.1\r\n" + UPGRADE + b"\r\n", 400),
+    "upgrade-duplicate-host": (b"GET /ws HTTP/1.1\r\n" + BASE + b"Host: other\r\n" + UPGRADE + b"\r\n", 400),
+    "upgrade-host-with-space": (b"GET /ws HTTP/1.1\r\nHost: a b\r\n" + UPGRADE + b"\r\n", 400),
+    "upgrade-host-with-comma": (b"GET /ws HTTP/1.1\r\nHost: a, b\r\n" + UPGRADE + b"\r\n", 400),
+    "upgrade-host-with-path": (b"GET /ws HTTP/1.1\r\nHost: a/b\r\n" + UPGRADE + b"\r\n", 400),
+    "http-1.1-missing-host": (b"GET /api HTTP/1.1\r\nAccept: */*\r\n\r\n", 400),
+    "http-1.1-duplicate-host": (b"GET /api HTTP/1.1\r\n" + BASE + b"Host: other\r\n\r\n", 400),
+    "http-0.9": (b"GET /api\r\n\r\n", 400),
+    "http-2.0-over-http1": (b"GET /api HTTP/2.0\r\n" + BASE + b"\r\n", 505),
+    "asterisk-form": (b"OPTIONS * HTTP/1.1\r\n" + BASE + b"\r\n", 400),
+    "connect": (b"CONNECT example.test:443 HTTP/1.1\r\n" + BASE + b"\r\n", 400),
+    "garbage": (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40, 400),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_REQUESTS))
+async def test_bad_request_refused_before_upstream(name):
+    request, status = BAD_REQUESTS[name]
+    async with under_attack() as s:
+        response, after = await raw_exchange(s.lw.proxy_port, request)
+        assert response.status == status, response.body
+        one_line(response)
+        assert response.header("Connection") == "close"
+        assert after == b""  # and then the connection is closed
+        await asyncio.sleep(0.05)
+        assert s.recorder.connections == 0
+        await wait_for(lambda: s.lw.proxy.active == 1)  # only the echo client is left
+
+
+async def test_wrong_websocket_version_is_426_with_supported_version():
+    request = (
+        b"GET /ws HTTP/1.1\r\n" + BASE + b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n"
+    )
+    async with under_attack() as s:
+        for req in (request, request.replace(b"Sec-WebSocket-Version: 8\r\n", b"")):
+            response, after = await raw_exchange(s.lw.proxy_port, req)
+            assert response.status == 426
+            assert response.header("Sec-WebSocket-Version") == "13"
+            one_line(response)
+            assert after == b""
+        assert s.recorder.connections == 0
+
+
+def head_of_size(size: int) -> bytes:
+    """An upgrade request head of exactly `size` bytes (its blank line included)."""
+    start = b"GET /ws HTTP/1.1\r\n" + BASE + UPGRADE + b"X-Pad: "
+    pad = size - len(start) - len(b"\r\n\r\n")
+    return start + b"p" * pad + b"\r\n\r\n"
+
+
+async def test_head_over_max_head_size_is_431():
+    async with under_attack() as s:
+        assert len(head_of_size(16 * 1024 + 1)) == 16 * 1024 + 1
+        response, after = await raw_exchange(s.lw.proxy_port, head_of_size(16 * 1024 + 1))
+        assert response.status == 431
+        one_line(response)
+        assert after == b""
+        # Many small headers add up the same way.
+        many = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 60) for i in range(400))
+        response, _ = await raw_exchange(
+            s.lw.proxy_port, b"GET /ws HTTP/1.1\r\n" + BASE + UPGRADE + many + b"\r\n"
+        )
+        assert response.status == 431
+        # Sent in small pieces while the response comes back, it is cut as soon as
+        # it passes the limit. (A plain socket: a failed send must not hide what
+        # was received before it, as it would on an asyncio stream.)
+        loop = asyncio.get_running_loop()
+        with socket.create_connection(("127.0.0.1", s.lw.proxy_port)) as sock:
+            sock.setblocking(False)
+            await loop.sock_sendall(sock, b"GET /ws HTTP/1.1\r\n" + BASE + b"X-Long: ")
+
+            async def keep_sending() -> None:
+                with contextlib.suppress(OSError):
+                    for _ in range(100):
+                        await loop.sock_sendall(sock, b"z" * 1000)
+                        await asyncio.sleep(0.002)
+
+            task = asyncio.create_task(keep_sending())
+            try:
+                received = b""
+                while chunk := await asyncio.wait_for(loop.sock_recv(sock, 65536), 10):
+                    received += chunk
+            except ConnectionResetError:
+                pass
+            finally:
+                task.cancel()
+            assert received.startswith(b"HTTP/1.1 431 "), received
+        assert s.recorder.connections == 0
+
+
+async def test_head_at_max_head_size_is_accepted():
+    async with under_attack() as s:
+        reader, writer = await asyncio.open_connection("127.0.0.1", s.lw.proxy_port)
+        try:
+            # The head exactly at the limit, with a frame in the same write (not counted).
+            frame = b"\x81\x85\x00\x00\x00\x00hello"
+            writer.write(head_of_size(16 * 1024) + frame)
+            response = await asyncio.wait_for(read_response(reader, head_only=True), 10)
+            assert response.status == 101
+            await wait_for(lambda: bytes(s.recorder.after[0]) == frame)
+        finally:
+            writer.close()
+        assert s.recorder.connections == 1
+
+
+async def test_configured_max_head_size():
+    async with under_attack(**{"limits.max_head_size": "1KiB"}) as s:
+        response, _ = await raw_exchange(s.lw.proxy_port, head_of_size(1025))
+        assert response.status == 431
+        reader, writer = await asyncio.open_connection("127.0.0.1", s.lw.proxy_port)
+        try:
+            writer.write(upgrade_request("/small"))
+            response = await asyncio.wait_for(read_response(reader, head_only=True), 10)
+            assert response.status == 101
+        finally:
+            writer.close()
+        assert s.recorder.connections == 1
+
+
+async def test_slowloris_cut_at_handshake_timeout_with_408():
+    async with under_attack(**{"limits.handshake_timeout": "1s"}) as s:
+        reader, writer = await asyncio.open_connection("127.0.0.1", s.lw.proxy_port)
+        request = upgrade_request("/slow")
+
+        async def dribble() -> None:
+            with contextlib.suppress(ConnectionError):
+                for byte in request:
+                    writer.write(bytes([byte]))
+                    await writer.drain()
+                    await asyncio.sleep(0.1)
+
+        started = time.monotonic()
+        task = asyncio.create_task(dribble())
+        try:
+            response = await asyncio.wait_for(read_response(reader), 10)
+            elapsed = time.monotonic() - started
+            assert response.status == 408
+            one_line(response)
+            assert 0.8 <= elapsed < 5
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            writer.close()
+        assert s.recorder.connections == 0
+        await wait_for(lambda: s.lw.proxy.active == 1)
+
+
+async def test_idle_connection_without_a_request_gets_408():
+    async with under_attack(**{"limits.handshake_timeout": "0.5s"}) as s:
+        response, after = await raw_exchange(s.lw.proxy_port, b"")
+        assert response.status == 408
+        assert after == b""
+        assert s.recorder.connections == 0
+
+
+async def test_max_connections_exceeded_is_503():
+    async with under_attack(**{"limits.max_connections": 3, "limits.handshake_timeout": "20s"}) as s:
+        # The echo client holds one; two idle connections take the rest.
+        idle = [await asyncio.open_connection("127.0.0.1", s.lw.proxy_port) for _ in range(2)]
+        try:
+            await wait_for(lambda: s.lw.proxy.active == 3)
+            for _ in range(3):
+                response, after = await raw_exchange(s.lw.proxy_port, upgrade_request("/more"))
+                assert response.status == 503
+                assert response.header("Retry-After") is not None
+                one_line(response)
+                assert after == b""
+            assert s.recorder.connections == 0
+            # A freed slot is usable again.
+            idle.pop()[1].close()
+            await wait_for(lambda: s.lw.proxy.active == 2)
+            reader, writer = await asyncio.open_connection("127.0.0.1", s.lw.proxy_port)
+            try:
+                writer.write(upgrade_request("/now"))
+                response = await asyncio.wait_for(read_response(reader, head_only=True), 10)
+                assert response.status == 101
+            finally:
+                writer.close()
+            assert s.recorder.connections == 1
+        finally:
+            for _, w in idle:
+                w.close()
+        await wait_for(lambda: s.lw.proxy.active == 1)
