@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import ValidationError
 
-from proxy.config import SECRET as SECRET_MARKER
 from proxy.identity import ClientKey, Identifier, IdentitySettings, JwtSettings
+from proxy.sections import SECRET as SECRET_MARKER
 
 SECRET = "s3cret-s3cret-s3cret-s3cret-s3cret!"  # ≥ 32 bytes, as HS256 wants
 PEER = "203.0.113.7"
