@@ -287,8 +287,11 @@ class FrameParser:
 
         0 at a frame boundary, and also while a header is incomplete (its
         frame's length is not known yet); lets the relay forward exactly up to
-        the end of the current frame before writing a frame of its own.
+        the end of the current frame before writing a frame of its own.  0
+        after an error: nothing more of this stream is to be forwarded.
         """
+        if self.error is not None:
+            return 0
         return self._skip
 
     def feed(self, data: bytes | bytearray | memoryview) -> int:

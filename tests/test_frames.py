@@ -211,6 +211,21 @@ def test_counters_partial_payload_and_fragmentation() -> None:
     assert p.at_boundary
 
 
+def test_frame_remaining_lets_a_caller_stop_at_the_frame_end() -> None:
+    # The relay's way to reach a boundary: header byte by byte, then the rest
+    # of the payload in one piece.
+    data = frame(0x2, bytes(1000), mask=KEY) + frame(0x9, b"", mask=KEY)
+    p = FrameParser(client_side=True)
+    assert p.feed(data[:3]) == 3
+    assert p.frame_remaining == 0 and not p.at_boundary  # inside the header
+    pos = 3
+    while not p.at_boundary:
+        take = p.frame_remaining or 1
+        assert p.feed(data[pos : pos + take]) == take
+        pos += take
+    assert pos == 8 + 1000 and p.messages == 1 and p.pings == 0
+
+
 def test_allowed_rsv_can_be_set_after_construction() -> None:
     data = frame(0x1, b"deflated", rsv=RSV1)
     p = FrameParser(client_side=False)
@@ -385,12 +400,26 @@ def test_split_anywhere_equals_one_piece(
     points = sorted(cuts) + [total]
     kind = data.draw(st.sampled_from([bytes, bytearray, memoryview]), label="chunk type")
 
+    # What frame_remaining must say at each offset: the payload still to
+    # come when the cut is past a frame's header, else 0.
+    payload_start = [
+        start + header_size(len(s.payload), k is not None)
+        for start, s, k in zip(starts, specs, keys, strict=False)
+    ]
+
+    def remaining_at(point: int) -> int:
+        for i in range(len(specs)):
+            if payload_start[i] <= point < starts[i + 1]:
+                return starts[i + 1] - point
+        return 0
+
     p2, seen2 = collecting(client_side=client_side, allowed_rsv=allowed_rsv)
     prev = 0
     for point in points:
         chunk = kind(whole[prev:point])
         assert p2.feed(chunk) == point - prev
         assert p2.at_boundary is (point in boundaries), point
+        assert p2.frame_remaining == remaining_at(point), point
         prev = point
     assert p2.error is None
     assert seen2 == want_headers
@@ -479,6 +508,7 @@ def _assert_failed(p: FrameParser, code: int) -> None:
     assert isinstance(p.error, ProtocolError)
     assert p.error.close_code == code
     assert isinstance(p.error.reason, str) and p.error.reason
+    assert p.frame_remaining == 0  # nothing more of this stream is to be forwarded
     with pytest.raises(ProtocolError) as info:
         p.feed(frame(0x9, b"", mask=KEY))
     assert info.value is p.error
