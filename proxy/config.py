@@ -41,7 +41,9 @@ from pydantic import (
     model_validator,
 )
 
+from detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
 from detectors.units import ByteSize, Duration
+from proxy.identity import IdentitySettings
 from proxy.sections import SECRET, FieldError, OptionalSecret, Section
 
 ENV_PREFIX = "LOOPWATCH_"
@@ -199,6 +201,10 @@ class Settings(Section):
     limits: Limits = Limits()
     admin: AdminSettings = AdminSettings()
     logging: LogSettings = LogSettings()
+    identity: IdentitySettings = IdentitySettings()
+    detection: DetectionSettings = DetectionSettings()
+    policy: PolicySettings = PolicySettings()
+    breakers: BreakerSettings = BreakerSettings()
 
     # A field validator rather than a model validator: it runs even when other
     # sections are invalid, so this error is reported together with theirs.

@@ -20,7 +20,7 @@ from urllib.parse import parse_qs
 import jwt
 from aiohttp import WSCloseCode, web
 
-DEMO_SECRET = "loopwatch-demo-secret"
+DEMO_SECRET = "loopwatch-demo-secret-not-for-production-use"
 ALGORITHM = "HS256"
 
 

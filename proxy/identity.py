@@ -50,20 +50,20 @@ _TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 class JwtSettings(Section):
     # Browsers cannot set headers on a WebSocket, so tokens also come in the URL.
-    query_params: list[str] = ["token", "access_token"]
+    query_params: tuple[str, ...] = ("token", "access_token")
     # Look for a token in Sec-WebSocket-Protocol (shapes in _subprotocol_token).
     subprotocol: bool = True
     verify: bool = False
-    algorithms: list[str] = ["HS256", "RS256", "ES256"]
+    algorithms: tuple[str, ...] = ("HS256", "RS256", "ES256")
     secret: OptionalSecret = None  # HS* key; redacted in dumps, kept out of repr()
     public_key_file: Path | None = None  # PEM public key or certificate for RS*/PS*/ES*/EdDSA
-    audience: str | list[str] | None = None  # None: "aud" is not checked
+    audience: str | tuple[str, ...] | None = None  # None: "aud" is not checked
     issuer: str | None = None  # None: "iss" is not checked
     leeway: Duration = 30.0  # clock skew allowed on exp/nbf/iat
 
     @field_validator("algorithms")
     @classmethod
-    def _known_algorithms(cls, value: list[str]) -> list[str]:
+    def _known_algorithms(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         if not value:
             raise ValueError("expected at least one algorithm")
         for i, alg in enumerate(value):
@@ -98,8 +98,8 @@ class JwtSettings(Section):
 
 class IdentitySettings(Section):
     # Ordered; the first source that yields a value is the key.
-    sources: list[str] = ["jwt:sub", "ip"]
-    trusted_proxies: list[str] = []  # CIDRs (or addresses) whose X-Forwarded-For is honoured
+    sources: tuple[str, ...] = ("jwt:sub", "ip")
+    trusted_proxies: tuple[str, ...] = ()  # CIDRs (or addresses) whose X-Forwarded-For is honoured
     bind_to_address: bool = True  # header/cookie/query/unverified-jwt keys become "value@address"
     bind_verified: bool = False  # also bind keys from a verified JWT (they cannot be forged)
     jwt: JwtSettings = Field(default_factory=JwtSettings)
@@ -107,7 +107,7 @@ class IdentitySettings(Section):
 
     @field_validator("sources")
     @classmethod
-    def _parse_sources(cls, value: list[str]) -> list[str]:
+    def _parse_sources(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         if not value:
             raise ValueError("expected at least one source, e.g. ip")
         out: list[str] = []
@@ -136,11 +136,11 @@ class IdentitySettings(Section):
                     raise FieldError(i, f"{raw!r}: {arg!r} is not a valid header name")
                 arg = arg.lower()  # the proxy hands over lower-cased header names
             out.append(f"{kind}:{arg}")
-        return out
+        return tuple(out)
 
     @field_validator("trusted_proxies")
     @classmethod
-    def _parse_networks(cls, value: list[str]) -> list[str]:
+    def _parse_networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for i, cidr in enumerate(value):
             try:
                 ipaddress.ip_network(cidr.strip(), strict=False)

@@ -382,7 +382,7 @@ def test_source_validation(sources: list[str], message: str) -> None:
 
 
 def test_sources_normalised() -> None:
-    assert IdentitySettings(sources=[" Header:X-Foo ", "IP"]).sources == ["header:x-foo", "ip"]
+    assert IdentitySettings(sources=[" Header:X-Foo ", "IP"]).sources == ("header:x-foo", "ip")
 
 
 def test_other_validation_errors() -> None:
@@ -418,11 +418,11 @@ def test_key_file_problems_are_reported_at_startup(tmp_path: Path) -> None:
 
 def test_defaults_and_redacted_secret() -> None:
     s = IdentitySettings(jwt={"secret": SECRET})
-    assert s.sources == ["jwt:sub", "ip"]
-    assert s.trusted_proxies == [] and s.bind_to_address and not s.bind_verified
+    assert s.sources == ("jwt:sub", "ip")
+    assert s.trusted_proxies == () and s.bind_to_address and not s.bind_verified
     assert s.max_key_length == 256
-    assert s.jwt.query_params == ["token", "access_token"] and s.jwt.subprotocol
-    assert not s.jwt.verify and s.jwt.algorithms == ["HS256", "RS256", "ES256"]
+    assert s.jwt.query_params == ("token", "access_token") and s.jwt.subprotocol
+    assert not s.jwt.verify and s.jwt.algorithms == ("HS256", "RS256", "ES256")
     assert s.jwt.leeway == 30.0
     assert s.model_dump(mode="json")["jwt"]["leeway"] == "30s"
     # Marked like every other secret setting, so proxy.config.dump_settings redacts it.
