@@ -1,0 +1,1 @@
+"""loopwatch's Grafana dashboard, Prometheus rules and the code that generates them."""
