@@ -718,6 +718,10 @@ def outputs() -> dict[Path, str]:
     return {DASHBOARD_FILE: dashboard_json(), PROMETHEUS_RULE_FILE: prometheus_rule_yaml()}
 
 
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dashboards.generate", description=__doc__.splitlines()[0]
@@ -734,11 +738,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
-            print(f"wrote {path.relative_to(ROOT)}")
+            print(f"wrote {_shown(path)}")
     for path in stale:
-        print(
-            f"{path.relative_to(ROOT)} is stale: run python -m dashboards.generate", file=sys.stderr
-        )
+        print(f"{_shown(path)} is stale: run python -m dashboards.generate", file=sys.stderr)
     return 1 if stale else 0
 
 
