@@ -1,0 +1,526 @@
+"""Proxy benchmarks: loopwatch vs nginx vs HAProxy vs the direct path (issue 8).
+
+    .venv/bin/python -m tests.benchmarks.run            # make bench: the full run
+    .venv/bin/python -m tests.benchmarks.run --quick    # shorter, one repetition
+    .venv/bin/python -m tests.benchmarks.run --smoke    # a handful of operations (the test suite)
+
+Starts one echo backend (tests/benchmarks/backend.py) and, in front of it on
+loopback ports, loopwatch (`loopwatch run` with its default config), nginx and
+HAProxy (one worker/thread each, configs generated into a temp dir,
+foreground), plus the direct path; runs every scenario against every target
+interleaved (A B C D, the order rotated each repetition), repeated, and reports
+medians. The load generator (tests/benchmarks/loadgen.py) is a separate lean
+process, the same for every target. Around each run the harness reads the
+target's CPU time from /proc (user+sys of every process of the target,
+children included; nginx = master + worker) and divides by the operations the
+generator completed.
+
+BENCH_LOOPWATCH_PYTHON overrides the interpreter command loopwatch runs under
+(default: this one), e.g. another venv, or "python -X importtime"; the JSON and
+the table record it.
+
+Writes tests/benchmarks/results/latest.json (every run, the medians, the
+machine) and the markdown table, which also replaces the part of
+docs/performance.md between its bench markers (unless --no-docs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from tests.benchmarks import report
+from tests.benchmarks.targets import (
+    HOST,
+    ROOT,
+    LoadGen,
+    Proc,
+    machine,
+    raise_nofile,
+    start_backend,
+    start_haproxy,
+    start_loopwatch,
+    start_nginx,
+    versions,
+)
+
+TARGETS = ("loopwatch", "nginx", "haproxy", "direct")
+RESULTS = ROOT / "tests" / "benchmarks" / "results"
+
+# Sizes of each scenario per mode. Every load loop is bounded in time and count.
+PROFILES: dict[str, dict] = {
+    "full": {
+        "reps": 3,
+        "latency": {"n": 5000, "max_s": 10},
+        "throughput": {"conns": 50, "msgs": 2000, "window": 64, "max_s": 20},
+        "large": {"n": 200, "size": 1 << 20, "max_s": 4},
+        "churn": {"workers": 20, "max_s": 5.0, "max_ops": 200_000},
+        "refusal": {"workers": 20, "max_s": 3.0, "max_ops": 500_000},
+        "storm": {"clients": 10, "interval": 0.01, "quiet_s": 3.0, "storm_s": 4.0, "loopers": 50},
+        "detect": {"rate": 20.0, "max_s": 3.0, "max_attempts": 60},
+        "memory": {"counts": [2000, 10000], "reps": 1, "settle_s": 1.0, "after_close_s": 2.0},
+    },
+    "quick": {
+        "reps": 1,
+        "latency": {"n": 5000, "max_s": 10},
+        "throughput": {"conns": 50, "msgs": 2000, "window": 64, "max_s": 20},
+        "large": {"n": 100, "size": 1 << 20, "max_s": 2},
+        "churn": {"workers": 20, "max_s": 2.0, "max_ops": 100_000},
+        "refusal": {"workers": 20, "max_s": 1.5, "max_ops": 200_000},
+        "storm": {"clients": 10, "interval": 0.01, "quiet_s": 1.5, "storm_s": 2.0, "loopers": 50},
+        "detect": {"rate": 20.0, "max_s": 2.0, "max_attempts": 40},
+        "memory": {"counts": [2000], "reps": 1, "settle_s": 1.0, "after_close_s": 2.0},
+    },
+    "smoke": {
+        "reps": 1,
+        "latency": {"n": 50, "max_s": 5},
+        "throughput": {"conns": 4, "msgs": 50, "window": 8, "max_s": 5},
+        "large": {"n": 3, "size": 1 << 20, "max_s": 5},
+        "churn": {"workers": 4, "max_s": 0.3, "max_ops": 200},
+        "refusal": {"workers": 4, "max_s": 0.3, "max_ops": 200},
+        "storm": {"clients": 2, "interval": 0.01, "quiet_s": 0.3, "storm_s": 0.5, "loopers": 5},
+        "detect": {"rate": 20.0, "max_s": 0.6, "max_attempts": 12},
+        "memory": {"counts": [50], "reps": 1, "settle_s": 0.2, "after_close_s": 0.5},
+    },
+}
+
+SCENARIOS = ("latency", "throughput", "large", "churn", "refusal", "detect", "storm", "memory")
+
+DENY_CONFIG = """\
+# tests/benchmarks: every loopback client is refused, as if in cooldown
+policy:
+  deny: ["127.0.0.1/32"]
+  reject_with: {how}
+"""
+
+
+def median(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(values) if values else None
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+        self.profile = json.loads(json.dumps(PROFILES[self.mode]))
+        if args.reps:
+            self.profile["reps"] = args.reps
+        self.tmp = Path(tempfile.mkdtemp(prefix="loopwatch-bench-"))
+        self.nofile = raise_nofile(65536)
+        self.procs: dict[str, Proc] = {}
+        self.backend: Proc | None = None
+        self.lg: LoadGen | None = None
+        self.aux: LoadGen | None = None
+        self.runs: list[dict] = []
+        self.notes: list[str] = []
+        self.features: dict[str, object] = {}
+        self.tag = 0
+
+    # --- processes ---------------------------------------------------------------
+
+    def log(self, msg: str) -> None:
+        if not self.args.silent:
+            print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    def start(self) -> None:
+        self.backend = start_backend(self.tmp)
+        self.log(f"backend on {self.backend.port}; temp dir {self.tmp}")
+        for name in TARGETS:
+            if name != "direct":
+                self.procs[name] = self.start_target(name)
+                self.log(f"{name} on {self.procs[name].port}")
+        self.procs["direct"] = self.backend
+        self.lg = LoadGen("loadgen", self.tmp)
+        self.aux = LoadGen("loadgen-aux", self.tmp)
+        self.features = self.probe_features()
+
+    def start_target(self, name: str) -> Proc:
+        assert self.backend is not None
+        if name == "loopwatch":
+            return start_loopwatch(self.tmp, self.backend.port)
+        if name == "nginx":
+            return start_nginx(self.tmp, self.backend.port, self.nofile)
+        if name == "haproxy":
+            return start_haproxy(self.tmp, self.backend.port, self.nofile)
+        if name.startswith("loopwatch-"):
+            how = name.split("-", 1)[1]
+            return start_loopwatch(self.tmp, self.backend.port, name, DENY_CONFIG.format(how=how))
+        raise ValueError(name)
+
+    def restart(self, name: str) -> None:
+        old = self.procs.get(name)
+        if old is not None and old is not self.backend:
+            old.stop()
+        self.procs[name] = self.start_target(name)
+
+    def stop(self) -> None:
+        for lg in (self.lg, self.aux):
+            if lg is not None:
+                lg.stop()
+        for proc in list(self.procs.values()):
+            if proc is not self.backend:
+                proc.stop()
+        if self.backend is not None:
+            self.backend.stop()
+
+    def probe_features(self) -> dict[str, object]:
+        """Which loopwatch features this checkout has: detection (the default config
+        dumps a `detection` section) and deny + reject_with (scenario 5)."""
+        features: dict[str, object] = {}
+        cmd = [*self.loopwatch_python(), "-m", "proxy.cli", "check-config"]
+        empty = self.tmp / "probe-empty.yaml"
+        empty.write_text("{}\n")
+        out = subprocess.run([*cmd, str(empty)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        dump = out.stdout
+        features["detection"] = out.returncode == 0 and "\ndetection:" in "\n" + dump
+        features["policy"] = out.returncode == 0 and "\npolicy:" in "\n" + dump
+        for how in ("http-429", "close-1013"):
+            path = self.tmp / f"probe-{how}.yaml"
+            path.write_text(DENY_CONFIG.format(how=how))
+            out = subprocess.run([*cmd, str(path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+            features[f"deny_{how}"] = out.returncode == 0
+            if out.returncode != 0:
+                features[f"deny_{how}_error"] = (out.stderr or out.stdout).strip().splitlines()[:3]
+        return features
+
+    @staticmethod
+    def loopwatch_python() -> list[str]:
+        return shlex.split(os.environ.get("BENCH_LOOPWATCH_PYTHON") or sys.executable)
+
+    def reset_loopwatch(self, name: str = "loopwatch") -> None:
+        """Close any circuit breaker a previous scenario opened (scenarios are measured
+        in isolation), through the admin API when it has the endpoint."""
+        proc = self.procs.get(name)
+        admin = proc.extra.get("admin") if proc else None
+        if not admin:
+            return
+        for breaker in ("upstream", "auth"):
+            try:
+                req = urllib.request.Request(f"http://{admin}/api/breakers/{breaker}/reset", method="POST", data=b"")
+                urllib.request.urlopen(req, timeout=2).read()
+            except Exception:  # noqa: BLE001 - best effort: older checkouts lack the endpoint
+                pass
+
+    # --- measuring -----------------------------------------------------------------
+
+    def measure(self, target: str, command: dict, timeout: float, lg: LoadGen | None = None) -> dict:
+        """Run one load-generator command against `target`; CPU of the target around it."""
+        proc = self.procs[target]
+        lg = lg or self.lg
+        assert lg is not None
+        if not proc.alive():
+            self.notes.append(f"{target} had exited ({proc.proc.returncode}); restarted")
+            self.restart(target)
+            proc = self.procs[target]
+        self.tag += 1
+        command = {**command, "host": HOST, "port": proc.port, "tag": self.tag}
+        c0, s0, b0 = proc.cpu(), proc.sched(), self.backend.cpu() if self.backend else 0.0
+        t0 = time.perf_counter()
+        result = lg.call(command, timeout)
+        wall = time.perf_counter() - t0
+        time.sleep(0.02)  # let the target finish the work the last replies started
+        c1, s1, b1 = proc.cpu(), proc.sched(), self.backend.cpu() if self.backend else 0.0
+        result["cpu_s"] = c1 - c0  # /proc/PID/stat utime+stime+cutime+cstime, 10 ms ticks
+        result["sched_s"] = s1 - s0  # /proc/PID/task/*/schedstat, ns resolution
+        result["backend_cpu_s"] = b1 - b0
+        result["wall_s"] = wall
+        return result
+
+    def cpu_per_op(self, r: dict, per: float, scale: float = 1e6) -> float | None:
+        """Target CPU per operation. The stat figure is in 10 ms ticks; when a run is
+        short the ns-resolution schedstat figure (same processes, live threads) is
+        used instead, plus whatever reaped children added."""
+        if not per or r.get("failed"):
+            return None
+        cpu = r["cpu_s"]
+        if cpu < 1.0 and r.get("sched_s") is not None and abs(r["sched_s"] - cpu) <= 0.02 + 0.05 * cpu:
+            cpu = r["sched_s"]
+        return cpu / per * scale
+
+    def record(self, scenario: str, target: str, rep: int, raw: dict, metrics: dict) -> None:
+        self.runs.append({"scenario": scenario, "target": target, "rep": rep, "metrics": metrics, "raw": raw})
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+        self.log(f"  {scenario:<10} {target:<15} rep {rep}: {shown}")
+
+    def order(self, rep: int, targets: tuple[str, ...] = TARGETS) -> list[str]:
+        k = rep % len(targets)
+        return list(targets[k:] + targets[:k])
+
+    # --- scenarios ---------------------------------------------------------------
+
+    def s_latency(self, rep: int) -> None:
+        p = self.profile["latency"]
+        for target in self.order(rep):
+            r = self.measure(target, {"op": "latency", "n": p["n"], "max_s": p["max_s"]}, p["max_s"] + 60)
+            self.record("latency", target, rep, r, {
+                "p50_us": r.get("p50_us"), "p99_us": r.get("p99_us"),
+                "cpu_us_per_rtt": self.cpu_per_op(r, r.get("ops", 0)),
+                "errors": r.get("errors", 1 if r.get("failed") else 0),
+            })
+
+    def s_throughput(self, rep: int) -> None:
+        p = self.profile["throughput"]
+        for target in self.order(rep):
+            r = self.measure(target, {"op": "throughput", **p}, p["max_s"] + 60)
+            self.record("throughput", target, rep, r, {
+                "msgs_per_s": r.get("rate"), "cpu_us_per_msg": self.cpu_per_op(r, r.get("ops", 0)),
+                "errors": r.get("errors", 1 if r.get("failed") else 0),
+            })
+
+    def s_large(self, rep: int) -> None:
+        p = self.profile["large"]
+        for target in self.order(rep):
+            r = self.measure(target, {"op": "large", **p}, p["max_s"] + 60)
+            self.record("large", target, rep, r, {
+                "mib_per_s": r.get("rate"), "cpu_ms_per_mib": self.cpu_per_op(r, r.get("mib", 0), 1e3),
+                "p50_ms": (r["p50_us"] / 1000) if r.get("p50_us") else None,
+                "errors": r.get("errors", 1 if r.get("failed") else 0),
+            })
+
+    def s_churn(self, rep: int) -> None:
+        p = self.profile["churn"]
+        for target in self.order(rep):
+            if target == "loopwatch":
+                self.reset_loopwatch()
+            r = self.measure(target, {"op": "churn", **p}, p["max_s"] + 60)
+            self.record("churn", target, rep, r, {
+                "cycles_per_s": r.get("rate"), "cpu_us_per_cycle": self.cpu_per_op(r, r.get("ops", 0)),
+                "cycle_p50_ms": (r["p50_us"] / 1000) if r.get("p50_us") else None,
+                "errors": r.get("errors", 1 if r.get("failed") else 0),
+            })
+
+    def refusal_targets(self) -> tuple[str, ...]:
+        names = []
+        for how in ("http-429", "close-1013"):
+            if self.features.get(f"deny_{how}"):
+                names.append(f"loopwatch-{how}")
+        return (*names, "nginx", "haproxy", "direct")
+
+    def s_refusal(self, rep: int) -> None:
+        p = self.profile["refusal"]
+        targets = self.refusal_targets()
+        for name in targets:
+            if name.startswith("loopwatch-") and name not in self.procs:
+                try:
+                    self.procs[name] = self.start_target(name)
+                except RuntimeError as e:
+                    self.features[f"deny_{name.split('-', 1)[1]}"] = False
+                    self.notes.append(f"{name} did not start: {e}")
+        targets = self.refusal_targets()
+        for target in self.order(rep, targets):
+            expect = "close" if target == "loopwatch-close-1013" else "http"
+            r = self.measure(target, {"op": "refusal", "expect": expect, "path": "/refuse", **p}, p["max_s"] + 60)
+            self.record("refusal", target, rep, r, {
+                "refusals_per_s": r.get("rate"), "cpu_us_per_refusal": self.cpu_per_op(r, r.get("ops", 0)),
+                "errors": r.get("errors", 1 if r.get("failed") else 0),
+            })
+
+    def s_detect(self, rep: int) -> None:
+        p = self.profile["detect"]
+        for target in self.order(rep):
+            if target == "loopwatch":
+                self.reset_loopwatch()
+            r = self.measure(target, {"op": "detect", **p}, p["max_s"] + 60)
+            self.record("detect", target, rep, r, {
+                "attempts": r.get("refused_at_attempt"), "seconds": r.get("refused_after_s"),
+                "tried": r.get("attempts"),
+            })
+
+    def s_storm(self, rep: int) -> None:
+        p = self.profile["storm"]
+        assert self.aux is not None and self.lg is not None and self.backend is not None
+        for target in self.order(rep):
+            if target == "loopwatch":
+                self.reset_loopwatch()
+            ping = {"op": "pings", "clients": p["clients"], "interval": p["interval"]}
+            quiet = self.measure(target, {**ping, "duration": p["quiet_s"]}, p["quiet_s"] + 60)
+            stats0 = self.backend_stats()
+            proc = self.procs[target]
+            c0 = proc.cpu()
+            self.tag += 1
+            self.aux.send({"op": "storm", "host": HOST, "port": proc.port, "tag": self.tag,
+                           "loopers": p["loopers"], "duration": p["storm_s"], "start_delay": 0.3})
+            stormy = self.measure(target, {**ping, "duration": p["storm_s"]}, p["storm_s"] + 60)
+            storm = self.aux.receive(p["storm_s"] + 60)
+            cpu = proc.cpu() - c0
+            stats1 = self.backend_stats()
+            reached_backend = stats1.get("loop", 0) - stats0.get("loop", 0)
+            q99, s99 = quiet.get("p99_us"), stormy.get("p99_us")
+            attempts = storm.get("attempts", 0)
+            self.record("storm", target, rep, {"quiet": quiet, "storm_pings": stormy, "storm": storm,
+                                                "storm_cpu_s": cpu, "backend_loop_upgrades": reached_backend}, {
+                "quiet_p99_us": q99, "storm_p99_us": s99,
+                "p99_ratio": (s99 / q99) if q99 and s99 else None,
+                "healthy_errors": quiet.get("errors", 0) + stormy.get("errors", 0) + (1 if stormy.get("failed") else 0),
+                "storm_attempts_per_s": storm.get("rate"),
+                "refused_pct": 100.0 * storm.get("refused", 0) / attempts if attempts else None,
+                "reached_backend": reached_backend,
+                "leaks": storm.get("leaks"),
+                "cpu_us_per_attempt": (cpu / attempts * 1e6) if attempts else None,
+            })
+        if "loopwatch" in self.procs:
+            self.reset_loopwatch()
+
+    def backend_stats(self) -> dict:
+        assert self.backend is not None
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{self.backend.port}/__stats", timeout=5) as f:
+                return json.loads(f.read())
+        except Exception:  # noqa: BLE001
+            return {}
+
+    def s_memory(self, rep: int) -> None:
+        """Scenario 8, once per target on a freshly started process: RSS with N idle
+        proxied connections, and after they close."""
+        p = self.profile["memory"]
+        assert self.lg is not None
+        for target in self.order(rep, ("loopwatch", "nginx", "haproxy")):
+            self.restart(target)
+            proc = self.procs[target]
+            # Warm up (first-use allocations are not per-connection cost), then settle.
+            self.measure(target, {"op": "hold", "n": 20, "concurrency": 20}, 60)
+            self.lg.call({"op": "release"}, 60)
+            time.sleep(p["settle_s"])
+            base = proc.rss()
+            metrics: dict[str, float | None] = {}
+            raw: dict[str, object] = {"base_rss": base}
+            held = 0
+            for count in p["counts"]:
+                r = self.measure(target, {"op": "hold", "n": count - held, "concurrency": 100, "max_s": 60}, 120)
+                held += r.get("ops", 0)
+                time.sleep(p["settle_s"])
+                rss = proc.rss()
+                raw[f"hold_{count}"] = {**r, "rss": rss, "held": held}
+                metrics[f"kib_per_conn_{count}"] = (rss - base) / held / 1024 if held else None
+                if r.get("errors"):
+                    self.notes.append(f"memory {target}: {r['errors']} of {count} connections failed to open")
+            peak = proc.rss()
+            rel = self.lg.call({"op": "release", "max_s": 60}, 120)
+            time.sleep(p["after_close_s"])
+            after = proc.rss()
+            raw.update(release=rel, rss_peak=peak, rss_after=after)
+            grown = peak - base
+            metrics["kib_retained_per_conn"] = (after - base) / held / 1024 if held else None
+            metrics["returned_pct"] = 100.0 * (peak - after) / grown if grown > 0 else None
+            metrics["held"] = held
+            self.record("memory", target, rep, raw, metrics)
+
+    # --- the whole run -----------------------------------------------------------------
+
+    def run(self) -> dict:
+        started = time.time()
+        t0 = time.perf_counter()
+        wanted = self.args.scenarios.split(",") if self.args.scenarios else list(SCENARIOS)
+        try:
+            self.start()
+            self.log(f"features: {self.features}")
+            self.warm_up()
+            for rep in range(self.profile["reps"]):
+                self.log(f"repetition {rep + 1}/{self.profile['reps']}")
+                for name in SCENARIOS:
+                    if name in wanted and name != "memory":
+                        getattr(self, f"s_{name}")(rep)
+            if "memory" in wanted:
+                for rep in range(self.profile["memory"]["reps"]):
+                    self.s_memory(rep)
+        finally:
+            self.stop()
+        result = {
+            "meta": {
+                "command": self.command(),
+                "mode": self.mode,
+                "profile": self.profile,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                "duration_s": round(time.perf_counter() - t0, 1),
+                "machine": machine(),
+                "versions": versions(),
+                "nofile": self.nofile,
+                "loopwatch_python": " ".join(self.loopwatch_python()),
+                "features": self.features,
+                "notes": self.notes,
+                "caveats": report.CAVEATS,
+            },
+            "runs": self.runs,
+        }
+        result["summary"] = summarize(self.runs)
+        result["rows"] = report.rows(result)
+        return result
+
+    def warm_up(self) -> None:
+        """A short untimed pass per target, so first-use costs land in no scenario."""
+        for target in TARGETS:
+            self.lg.call({"op": "latency", "n": 200, "host": HOST, "port": self.procs[target].port}, 60)  # type: ignore[union-attr]
+            self.lg.call({"op": "churn", "workers": 4, "max_s": 0.2, "host": HOST, "port": self.procs[target].port}, 60)  # type: ignore[union-attr]
+        self.reset_loopwatch()
+
+    def command(self) -> str:
+        args = " ".join(shlex.quote(a) for a in sys.argv[1:])
+        env = os.environ.get("BENCH_LOOPWATCH_PYTHON")
+        prefix = f"BENCH_LOOPWATCH_PYTHON={shlex.quote(env)} " if env else ""
+        return f"{prefix}.venv/bin/python -m tests.benchmarks.run {args}".strip()
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Medians over repetitions: summary[scenario][target][metric]."""
+    acc: dict[str, dict[str, dict[str, list]]] = {}
+    for run in runs:
+        bucket = acc.setdefault(run["scenario"], {}).setdefault(run["target"], {})
+        for key, value in run["metrics"].items():
+            bucket.setdefault(key, []).append(value)
+    out: dict[str, dict[str, dict[str, float | None]]] = {}
+    for scenario, targets in acc.items():
+        for target, metrics in targets.items():
+            for key, values in metrics.items():
+                if key in ("attempts", "seconds") and scenario == "detect" and any(v is None for v in values):
+                    # a repetition that was never refused makes the median "never"
+                    value = None if sum(v is None for v in values) * 2 >= len(values) else median(values)
+                elif key in ("healthy_errors", "leaks", "errors"):
+                    value = max((v for v in values if v is not None), default=None)  # worst, not median
+                else:
+                    value = median(values)
+                out.setdefault(scenario, {}).setdefault(target, {})[key] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.benchmarks.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="shorter runs, one repetition")
+    mode.add_argument("--smoke", action="store_true", help="a handful of operations per scenario (the test suite)")
+    parser.add_argument("--reps", type=int, help="repetitions (default: 3 full, 1 quick/smoke)")
+    parser.add_argument("--scenarios", help=f"comma-separated subset of {','.join(SCENARIOS)}")
+    parser.add_argument("--json", type=Path, help="where to write the JSON (default results/latest.json; smoke: results/smoke.json)")
+    parser.add_argument("--markdown", type=Path, help="also write the markdown table here")
+    parser.add_argument("--no-docs", action="store_true", help="do not update docs/performance.md")
+    parser.add_argument("--silent", action="store_true", help="no progress lines on stderr")
+    args = parser.parse_args(argv)
+    bench = Bench(args)
+    result = bench.run()
+    out = args.json or RESULTS / ("smoke.json" if args.smoke else "latest.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    md = report.markdown(result)
+    if args.markdown:
+        args.markdown.write_text(md)
+    if not args.no_docs and not args.smoke:
+        report.update_doc(ROOT / "docs" / "performance.md", md)
+    if not args.silent:
+        print(md)
+        print(f"wrote {out} in {result['meta']['duration_s']} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The proxy benchmark harness, run with tiny counts (`--smoke`): every scenario
+against every target once, and a complete, sane table out. No timing assertions:
+the numbers of a smoke run mean nothing; that they exist and are finite does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.benchmarks.report import COLUMNS
+from tests.benchmarks.run import SCENARIOS, TARGETS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(
+    not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists())
+    or not (shutil.which("haproxy") or Path("/usr/sbin/haproxy").exists()),
+    reason="nginx and haproxy are needed (make system-deps)",
+)
+
+# Figures that must be > 0 for every target that has them; every other figure
+# need only be a finite number (CPU of a handful of operations may round to 0).
+POSITIVE = {
+    "latency_p50", "latency_p99", "throughput_rate", "large_rate", "churn_rate",
+    "refusal_rate", "refusal_1013_rate", "storm_quiet_p99", "storm_p99", "storm_rate",
+}
+# Figures every target must have in a smoke run (the rest may be n/a for some).
+REQUIRED = {
+    "latency_p50", "latency_p99", "latency_cpu", "throughput_rate", "throughput_cpu",
+    "large_rate", "large_cpu", "churn_rate", "churn_cpu", "refusal_rate", "refusal_cpu",
+    "storm_quiet_p99", "storm_p99", "storm_errors", "storm_rate",
+}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    out = tmp_path_factory.mktemp("bench")
+    json_path, md_path = out / "smoke.json", out / "smoke.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.benchmarks.run", "--smoke", "--silent", "--no-docs",
+         "--json", str(json_path), "--markdown", str(md_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=150,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(json_path.read_text()), md_path.read_text()
+
+
+def test_every_scenario_ran_against_every_target(smoke: tuple[dict, str]) -> None:
+    result, _ = smoke
+    summary = result["summary"]
+    for scenario in SCENARIOS:
+        assert scenario in summary, scenario
+    for scenario in ("latency", "throughput", "large", "churn", "detect", "storm"):
+        assert set(summary[scenario]) == set(TARGETS), scenario
+    assert set(summary["memory"]) == {"loopwatch", "nginx", "haproxy"}
+    refusal = set(summary["refusal"])
+    assert {"nginx", "haproxy", "direct"} <= refusal
+    features = result["meta"]["features"]
+    for how in ("http-429", "close-1013"):
+        if features.get(f"deny_{how}"):
+            assert f"loopwatch-{how}" in refusal
+
+
+def test_numbers_are_sane(smoke: tuple[dict, str]) -> None:
+    result, _ = smoke
+    features = result["meta"]["features"]
+    by_id = {row["id"]: row for row in result["rows"]}
+    missing = REQUIRED - set(by_id)
+    assert not missing, missing
+    for row in result["rows"]:
+        for column in COLUMNS:
+            value = row["values"][column]
+            pending = column == "loopwatch" and row["id"].startswith("refusal") and not features.get("deny_http-429")
+            if row["id"] in REQUIRED and not pending:
+                assert value is not None, (row["id"], column, row["notes"])
+            if value is None:
+                continue
+            assert isinstance(value, (int, float)) and math.isfinite(value), (row["id"], column, value)
+            if row["id"] in POSITIVE:
+                assert value > 0, (row["id"], column, value)
+            elif row["unit"] in ("µs", "ms", "/s", "msg/s", "cycles/s", "MiB/s"):
+                assert value >= 0, (row["id"], column, value)
+
+
+def test_no_errors_on_the_happy_paths(smoke: tuple[dict, str]) -> None:
+    result, _ = smoke
+    for run in result["runs"]:
+        if run["scenario"] in ("latency", "throughput", "large", "churn", "refusal"):
+            assert not run["raw"].get("failed"), run
+            assert run["metrics"]["errors"] == 0, (run["scenario"], run["target"], run["raw"])
+        if run["scenario"] == "storm":
+            assert run["metrics"]["healthy_errors"] == 0, (run["target"], run["raw"])
+
+
+def test_detection_and_memory_figures(smoke: tuple[dict, str]) -> None:
+    result, _ = smoke
+    summary = result["summary"]
+    if result["meta"]["features"].get("detection"):
+        # refused at all within the bound (how soon is for the real run to say)
+        assert summary["detect"]["loopwatch"]["attempts"] is not None
+        assert summary["storm"]["loopwatch"]["leaks"] == 0
+    for target in ("nginx", "haproxy"):
+        assert summary["detect"][target]["attempts"] is None  # they never refuse
+    for target, values in summary["memory"].items():
+        assert values["held"] > 0, target
+        assert math.isfinite(values["kib_per_conn_50"]), target
+
+
+def test_markdown_table(smoke: tuple[dict, str]) -> None:
+    result, md = smoke
+    assert "| scenario / figure | unit | loopwatch | nginx | HAProxy | direct | loopwatch ÷ nginx |" in md
+    for row in result["rows"]:
+        assert f"| {row['label']} |" in md
+    meta = result["meta"]
+    assert meta["machine"]["nproc"] and meta["versions"]["nginx"] and meta["versions"]["haproxy"]
