@@ -1,0 +1,436 @@
+"""Deployment examples that cannot run here (no Docker daemon, no cluster): parsed and
+cross-checked, so every mounted file exists, every loopwatch command line and
+LOOPWATCH_* variable is one loopwatch accepts, ports agree between the pieces, and
+the Kubernetes PrometheusRule is exactly the rule files."""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import importlib.metadata
+import json
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from dashboards import generate
+from proxy.cli import build_parser
+from proxy.config import Settings, load_settings, parse_host_port
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "config" / "examples"
+COMPOSE = EXAMPLES / "docker-compose.yml"
+KUBERNETES = EXAMPLES / "kubernetes"
+
+
+# --- helpers -------------------------------------------------------------------
+
+
+def loopwatch_settings(
+    argv: list[str], env: dict[str, str]
+) -> tuple[argparse.Namespace, Settings | None]:
+    """Parse `loopwatch ARGV` with the real parser; for `run`, resolve settings as
+    `loopwatch run` does (defaults < env < flags), which rejects unknown keys."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse's way of saying no
+        raise AssertionError(f"loopwatch rejects {argv}") from exc
+    if args.command != "run":
+        return args, None
+    assert args.config is None, "examples configure loopwatch by flags and environment only"
+    overrides = {
+        "upstream": args.upstream,
+        "listen": args.listen,
+        "admin.listen": args.admin_listen,
+    }
+    settings = load_settings(None, env=env, overrides=overrides)
+    settings.require_upstream()
+    return args, settings
+
+
+def port_of(address: str) -> int:
+    return parse_host_port(address).port
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    result = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            result.append((keyword.upper(), rest.strip()))
+    return result
+
+
+def exec_form(value: str) -> list[str]:
+    return json.loads(value) if value.startswith("[") else shlex.split(value)
+
+
+def image_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    for keyword, rest in dockerfile_instructions():
+        if keyword == "ENV":
+            for item in shlex.split(rest):
+                key, _, value = item.partition("=")
+                env[key] = value
+    return env
+
+
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def bind_mounts(service: dict[str, Any]) -> dict[str, Path]:
+    """Container path to host path for a compose service's bind mounts."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        source, target, *_ = volume.split(":")
+        if source.startswith((".", "/")):
+            mounts[target] = (COMPOSE.parent / source).resolve()
+    return mounts
+
+
+def host_path(mounts: dict[str, Path], container_path: str) -> Path:
+    """Where a path inside the container comes from, through the longest mount."""
+    path = PurePosixPath(container_path)
+    for target in sorted(mounts, key=len, reverse=True):
+        if path == PurePosixPath(target) or PurePosixPath(target) in path.parents:
+            return mounts[target] / path.relative_to(target)
+    raise AssertionError(f"{container_path} is not mounted from the repository")
+
+
+def published(service: dict[str, Any]) -> set[int]:
+    """Container ports a compose service publishes."""
+    return {int(str(port).rsplit(":", 1)[-1].split("/")[0]) for port in service.get("ports", [])}
+
+
+def loopwatch_down_job_regex() -> str:
+    rules = {r.get("alert"): r for g in generate.rule_groups() for r in g["rules"]}
+    return re.search(r'up\{job=~"([^"]+)"\}', rules["LoopwatchDown"]["expr"]).group(1)
+
+
+def kubernetes_objects() -> dict[str, dict[str, Any]]:
+    objects = {}
+    for path in sorted(KUBERNETES.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and "kind" in doc and doc["kind"] != "Kustomization":
+                objects[doc["kind"]] = doc
+    return objects
+
+
+# --- Dockerfile ------------------------------------------------------------------
+
+
+def test_dockerfile_is_slim_and_non_root() -> None:
+    instructions = dockerfile_instructions()
+    images = [rest.split()[0] for keyword, rest in instructions if keyword == "FROM"]
+    assert images and all(
+        re.fullmatch(r"python:3\.1[1-9]-slim(-\w+)?", image) for image in images
+    ), images
+    users = [rest for keyword, rest in instructions if keyword == "USER"]
+    assert users, "no USER: the image would run as root"
+    user = users[-1].split(":")[0]
+    assert user not in ("root", "0")
+    # The last stage's USER comes after its last RUN (nothing later runs as root).
+    last_stage = instructions[max(i for i, (k, _) in enumerate(instructions) if k == "FROM") :]
+    kinds = [k for k, _ in last_stage]
+    assert max(i for i, k in enumerate(kinds) if k == "USER") > max(
+        i for i, k in enumerate(kinds) if k == "RUN"
+    )
+
+
+def test_dockerfile_entrypoint_command_environment_and_ports() -> None:
+    instructions = dict(dockerfile_instructions())  # last of each kind wins, as in Docker
+    assert exec_form(instructions["ENTRYPOINT"]) == ["loopwatch"]
+    env = image_env()
+    args, settings = loopwatch_settings(
+        exec_form(instructions["CMD"]), {**env, "LOOPWATCH_UPSTREAM": "ws://backend:8000"}
+    )
+    assert settings is not None
+    assert parse_host_port(settings.admin.listen).host == "0.0.0.0", (
+        "admin port unreachable from outside"
+    )
+    exposed = {int(p) for p in instructions["EXPOSE"].split()}
+    assert exposed == {port_of(settings.listen), port_of(settings.admin.listen)}
+
+
+def test_dockerfile_healthcheck_calls_healthz_on_the_admin_port() -> None:
+    instructions = dict(dockerfile_instructions())
+    check = instructions["HEALTHCHECK"]
+    assert "CMD" in check
+    _, settings = loopwatch_settings(["run", "--upstream", "ws://backend:8000"], image_env())
+    assert settings is not None
+    urls = re.findall(r"https?://[^'\" ]+", check)
+    assert urls == [f"http://127.0.0.1:{port_of(settings.admin.listen)}/healthz"]
+    # The command's program is in the slim image (no curl or wget there).
+    command = exec_form(check.split("CMD", 1)[1].strip())
+    assert command[0] == "python"
+
+
+def test_dockerfile_copies_only_what_exists_and_the_context_keeps() -> None:
+    ignore = [
+        line
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    assert ignore[0] == "*", "the context is an allow-list"
+    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    copies = [
+        rest.split()
+        for keyword, rest in dockerfile_instructions()
+        if keyword == "COPY" and "--from" not in rest
+    ]
+    assert copies
+    for *sources, _dest in copies:
+        for source in sources:
+            assert (ROOT / source).exists(), source
+            assert source.rstrip("/") in allowed, f"{source} is excluded by .dockerignore"
+    # Everything the package build needs is in the context.
+    for package in ("proxy", "detectors", "pyproject.toml", "README.md"):
+        assert package in allowed
+
+
+# --- docker compose ----------------------------------------------------------------
+
+
+def test_compose_wires_the_five_services() -> None:
+    services = compose()["services"]
+    assert set(services) == {"backend", "loopwatch", "prometheus", "alertmanager", "grafana"}
+
+
+def test_compose_mounts_and_build_context_exist() -> None:
+    for name, service in compose()["services"].items():
+        for target, source in bind_mounts(service).items():
+            assert source.exists(), f"{name}: {source} (mounted at {target}) does not exist"
+            assert source.is_relative_to(ROOT), source
+        if "build" in service:
+            context = (COMPOSE.parent / service["build"]["context"]).resolve()
+            assert (context / service["build"]["dockerfile"]).is_file()
+
+
+def test_compose_loopwatch_command_ports_and_upstream() -> None:
+    services = compose()["services"]
+    _, settings = loopwatch_settings(
+        services["loopwatch"]["command"],
+        {**image_env(), **services["loopwatch"].get("environment", {})},
+    )
+    assert settings is not None and settings.upstream is not None
+    assert published(services["loopwatch"]) == {
+        port_of(settings.listen),
+        port_of(settings.admin.listen),
+    }
+    # The upstream is the backend service, on the port the backend listens on.
+    upstream = urlsplit(settings.upstream)
+    assert upstream.hostname == "backend"
+    backend_args, _ = loopwatch_settings(services["backend"]["command"], {})
+    assert backend_args.command == "demo-backend"
+    assert port_of(backend_args.listen) == upstream.port
+
+
+def test_compose_prometheus_scrapes_loopwatch_loads_the_rules_and_alerts_alertmanager() -> None:
+    services = compose()["services"]
+    mounts = bind_mounts(services["prometheus"])
+    config_flag = next(
+        a for a in services["prometheus"]["command"] if a.startswith("--config.file=")
+    )
+    config_path = host_path(mounts, config_flag.split("=", 1)[1])
+    config = yaml.safe_load(config_path.read_text())
+
+    _, settings = loopwatch_settings(services["loopwatch"]["command"], image_env())
+    assert settings is not None
+    [job] = [j for j in config["scrape_configs"] if j["job_name"] == "loopwatch"]
+    assert re.fullmatch(loopwatch_down_job_regex(), job["job_name"])
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    targets = [t for sc in job["static_configs"] for t in sc["targets"]]
+    assert targets == [f"loopwatch:{port_of(settings.admin.listen)}"]
+
+    [alertmanager] = [
+        t
+        for am in config["alerting"]["alertmanagers"]
+        for sc in am["static_configs"]
+        for t in sc["targets"]
+    ]
+    host, port = alertmanager.split(":")
+    assert host in services and int(port) in published(services[host])
+
+    # The rule globs, seen from the host through the mounts, are exactly the rule files.
+    loaded = set()
+    for pattern in config["rule_files"]:
+        directory = host_path(mounts, str(PurePosixPath(pattern).parent))
+        loaded |= {
+            p for p in directory.iterdir() if fnmatch.fnmatch(p.name, PurePosixPath(pattern).name)
+        }
+    assert loaded == set(generate.rule_files())
+
+
+def test_compose_prometheus_config_passes_promtool(tmp_path: Path) -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool not found: run `make system-deps`"
+    services = compose()["services"]
+    mounts = bind_mounts(services["prometheus"])
+    config = yaml.safe_load((EXAMPLES / "prometheus.yml").read_text())
+    # Container paths to host paths, so promtool also loads and checks the rules.
+    config["rule_files"] = [
+        str(host_path(mounts, str(PurePosixPath(p).parent)) / PurePosixPath(p).name)
+        for p in config["rule_files"]
+    ]
+    rewritten = tmp_path / "prometheus.yml"
+    rewritten.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [promtool, "check", "config", str(rewritten)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(generate.rule_files())} rule files found" in result.stdout
+
+
+def test_compose_grafana_provisions_the_datasource_and_the_dashboard() -> None:
+    services = compose()["services"]
+    grafana = services["grafana"]
+    # The image matches the Grafana release the SDK generates for.
+    target = importlib.metadata.version("grafana-foundation-sdk").split("!")[-1]
+    tag = grafana["image"].split(":")[1]
+    assert tag.split(".")[:2] == target.split(".")[:2], (tag, target)
+
+    mounts = bind_mounts(grafana)
+    provisioning = host_path(mounts, "/etc/grafana/provisioning")
+    assert provisioning == ROOT / "dashboards" / "provisioning"
+
+    [datasource] = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())[
+        "datasources"
+    ]
+    assert datasource["type"] == "prometheus"
+    url = urlsplit(datasource["url"])
+    assert url.hostname in services and url.port in published(services[url.hostname])
+    assert url.hostname == "prometheus"
+
+    [provider] = yaml.safe_load((provisioning / "dashboards" / "loopwatch.yaml").read_text())[
+        "providers"
+    ]
+    assert provider["type"] == "file"
+    dashboards = [
+        t for t in mounts if t.startswith(provider["options"]["path"] + "/") and t.endswith(".json")
+    ]
+    assert [host_path(mounts, t) for t in dashboards] == [generate.DASHBOARD_FILE]
+
+
+def test_alertmanager_routes_every_severity_to_a_defined_receiver() -> None:
+    config = yaml.safe_load((EXAMPLES / "alertmanager.yml").read_text())
+    receivers = {r["name"] for r in config["receivers"]}
+    route = config["route"]
+    assert route["receiver"] in receivers
+    routed = {}
+    for child in route["routes"]:
+        assert child["receiver"] in receivers
+        for matcher in child["matchers"]:
+            m = re.fullmatch(r'severity="(\w+)"', matcher)
+            if m:
+                routed[m.group(1)] = child["receiver"]
+    severities = {
+        r["labels"]["severity"] for g in generate.rule_groups() for r in g["rules"] if "alert" in r
+    }
+    assert severities <= set(routed), severities - set(routed)
+    alerts = {r["alert"] for g in generate.rule_groups() for r in g["rules"] if "alert" in r}
+    for rule in config.get("inhibit_rules", []):
+        for matcher in rule["source_matchers"]:
+            m = re.fullmatch(r'alertname="(\w+)"', matcher)
+            if m:
+                assert m.group(1) in alerts
+
+
+# --- Kubernetes -----------------------------------------------------------------------
+
+
+def containers() -> dict[str, dict[str, Any]]:
+    spec = kubernetes_objects()["Deployment"]["spec"]["template"]["spec"]
+    return {c["name"]: c for c in spec["containers"]}
+
+
+def container_env(container: dict[str, Any]) -> dict[str, str]:
+    # Values from secrets are not here; a placeholder shows their key is accepted.
+    return {e["name"]: e.get("value", "placeholder-secret") for e in container.get("env", [])}
+
+
+def test_kubernetes_sidecar_command_environment_and_upstream() -> None:
+    sidecar, backend = containers()["loopwatch"], containers()["backend"]
+    _, settings = loopwatch_settings(sidecar["args"], {**image_env(), **container_env(sidecar)})
+    assert settings is not None and settings.upstream is not None
+    ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
+    assert ports == {"ws": port_of(settings.listen), "admin": port_of(settings.admin.listen)}
+    # Beside the backend: the upstream is the pod's loopback and the backend's port.
+    backend_args, _ = loopwatch_settings(backend["args"], {})
+    upstream = urlsplit(settings.upstream)
+    assert upstream.hostname == "127.0.0.1"
+    assert (parse_host_port(backend_args.listen).host, port_of(backend_args.listen)) == (
+        "127.0.0.1",
+        upstream.port,
+    )
+
+
+def test_kubernetes_probes_hit_health_and_readiness_on_the_admin_port() -> None:
+    sidecar = containers()["loopwatch"]
+    ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
+    _, settings = loopwatch_settings(sidecar["args"], {**image_env(), **container_env(sidecar)})
+    assert settings is not None
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        get = sidecar[probe]["httpGet"]
+        assert get["path"] == path
+        port = ports[get["port"]] if isinstance(get["port"], str) else get["port"]
+        assert port == port_of(settings.admin.listen)
+
+
+def test_kubernetes_service_and_servicemonitor_line_up() -> None:
+    objects = kubernetes_objects()
+    pod_labels = objects["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    service = objects["Service"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert objects["Deployment"]["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    container_ports = {p["name"] for p in containers()["loopwatch"]["ports"]}
+    service_ports = {p["name"]: p for p in service["spec"]["ports"]}
+    for port in service_ports.values():
+        assert port["targetPort"] in container_ports
+    # Nothing routes to the backend directly.
+    assert all(p["targetPort"] != 8000 for p in service_ports.values())
+
+    monitor = objects["ServiceMonitor"]
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    [endpoint] = monitor["spec"]["endpoints"]
+    assert (
+        endpoint["port"] in service_ports
+        and service_ports[endpoint["port"]]["targetPort"] == "admin"
+    )
+    assert endpoint["path"] == "/metrics"
+    # The job Prometheus will give these targets is one LoopwatchDown watches.
+    job = service["metadata"]["labels"][monitor["spec"]["jobLabel"]]
+    assert re.fullmatch(loopwatch_down_job_regex(), job), job
+
+
+def test_kubernetes_prometheusrule_is_the_rule_files() -> None:
+    rule = kubernetes_objects()["PrometheusRule"]
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["spec"]["groups"] == generate.rule_groups()
+    assert generate.PROMETHEUS_RULE_FILE.read_text() == generate.prometheus_rule_yaml(), (
+        "run python -m dashboards.generate"
+    )
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
+    manifests = {p.name for p in KUBERNETES.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == manifests
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "dashboards" / "provisioning").rglob("*.yaml")), ids=lambda p: p.name
+)
+def test_provisioning_files_are_grafana_v1(path: Path) -> None:
+    assert yaml.safe_load(path.read_text())["apiVersion"] == 1
