@@ -245,3 +245,11 @@ def test_thresholds_drawn_match_the_alerts() -> None:
         in alerts["LoopwatchUpstreamHandshakeErrors"]
     )
     assert alerts["LoopwatchClientsInCooldownHigh"].endswith(f"> {generate.COOLDOWN_THRESHOLD}")
+
+
+def test_docs_explain_every_row_and_panel(dashboard: dict[str, Any]) -> None:
+    doc = (ROOT / "docs" / "dashboards.md").read_text()
+    for row in ROWS:
+        assert f"\n### {row}\n" in doc, row
+    for panel in panels(dashboard):
+        assert f"**{panel['title']}**" in doc, panel["title"]
