@@ -42,6 +42,9 @@ class HttpExchange:
         parser = conn.parser
         parser.body_sink = self.body
         parser.complete_sink = self.body_done
+        for chunk in parser.early_body:  # body bytes that arrived with the head
+            self.body(chunk)
+        parser.early_body.clear()
         self.has_body = (
             head.get(b"content-length") not in (None, b"0") or head.get(b"transfer-encoding") is not None
         )
@@ -100,17 +103,23 @@ class HttpExchange:
         host = head.authority
         if host is not None:
             headers.append(("X-Forwarded-Host", host.decode("latin-1")))
-        if head.get(b"transfer-encoding") is not None:
-            headers.append(("Transfer-Encoding", "chunked"))
+        # A chunked request body goes on chunked: aiohttp frames a body of unknown
+        # size so itself (and refuses an explicit Transfer-Encoding with it).
         return headers
 
     async def run(self) -> None:
         import aiohttp
         from multidict import CIMultiDict
+        from yarl import URL
 
         conn, head = self.conn, self.head
         server = conn.server
-        url = self.route.upstream.http_base + self.route.target(head.path, head.target).decode("latin-1")
+        # encoded=True: the target goes upstream exactly as the client sent it (yarl
+        # would otherwise re-quote it: "%2F" in a query to "/", "/a/../b" to "/b").
+        url = URL(
+            self.route.upstream.http_base + self.route.target(head.path, head.target).decode("latin-1"),
+            encoded=True,
+        )
         keep_alive = conn.parser.keep_alive
         try:
             async with server.http_session().request(
@@ -134,6 +143,10 @@ class HttpExchange:
             self.fail(504, "loopwatch: upstream timeout")
         except aiohttp.ClientError as e:
             log.info("upstream error for %s %s: %s", head.method, head.path, e)
+            self.fail(502, "loopwatch: upstream error")
+        except Exception:
+            # Never leave the client waiting on a response that will not come.
+            log.exception("forwarding %s %s failed", head.method, head.path)
             self.fail(502, "loopwatch: upstream error")
 
     def fail(self, status: int, message: str) -> None:
@@ -161,8 +174,12 @@ class HttpExchange:
             lines.append(b"%s: %s\r\n" % (n, v))
         if chunked:
             lines.append(b"Transfer-Encoding: chunked\r\n")
+        if conn.parser.pipelined:
+            keep_alive = False  # loopwatch answers one request at a time, then closes
         if not keep_alive:
             lines.append(b"Connection: close\r\n")
+        elif self.head.version == "1.0":
+            lines.append(b"Connection: keep-alive\r\n")  # HTTP/1.0 closes unless told
         lines.append(b"\r\n")
         self.started = True
         transport.write(b"".join(lines))

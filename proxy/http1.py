@@ -98,7 +98,7 @@ class HeadParser:
     __slots__ = (
         "_parser", "_url", "_headers", "_size", "_tail", "_max", "head", "rest",
         "upgrade", "headers_done", "message_done", "body_sink", "complete_sink", "pipelined",
-        "keep_alive",
+        "keep_alive", "early_body",
     )
 
     def __init__(self, max_head_size: int):
@@ -114,6 +114,8 @@ class HeadParser:
         self.headers_done = False
         self.message_done = False
         self.body_sink: Callable[[bytes], None] | None = None
+        # Body bytes that came in the same read as the head, before a sink was set.
+        self.early_body: list[bytes] = []
         self.complete_sink: Callable[[], None] | None = None
         # A next request arrived before this one was answered. loopwatch answers the
         # first and then closes (clients retry), rather than queueing requests.
@@ -181,8 +183,12 @@ class HeadParser:
         )
 
     def on_body(self, body: bytes) -> None:
-        if self.body_sink is not None and not self.pipelined:
+        if self.pipelined:
+            return
+        if self.body_sink is not None:
             self.body_sink(body)
+        else:
+            self.early_body.append(body)
 
     def on_message_complete(self) -> None:
         if self.pipelined:
@@ -218,6 +224,11 @@ class HeadParser:
                 raise cause from None
             raise HttpError(400, f"malformed request: {e}") from None
         return self.head if self.headers_done else None
+
+    @property
+    def received(self) -> int:
+        """Bytes of the request head received so far."""
+        return self._size
 
 
 def _valid_authority(value: bytes) -> bool:

@@ -63,6 +63,7 @@ class ClientHandshake(asyncio.Protocol):
         self.exchange: HttpExchange | None = None
         self._drain: asyncio.Future[None] | None = None
         self._paused = False
+        self.idle_keep_alive = False  # waiting for a next request after a response
 
     # --- asyncio callbacks --------------------------------------------------
 
@@ -175,6 +176,7 @@ class ClientHandshake(asyncio.Protocol):
         self.exchange = None
         if keep_alive and not self.server.closing and not self.parser.pipelined:
             self.state = HEAD
+            self.idle_keep_alive = True
             self.parser = HeadParser(self.server.max_head_size)
             self.timer = self.server.loop.call_later(self.server.handshake_timeout, self.on_timeout)
             self.transport.resume_reading()  # type: ignore[union-attr]
@@ -308,6 +310,12 @@ class ClientHandshake(asyncio.Protocol):
     def on_timeout(self) -> None:
         self.timer = None
         if self.state == HEAD:
+            if self.idle_keep_alive and self.parser.received == 0:
+                # An idle keep-alive connection: close it quietly (RFC 9112 §9.8); an
+                # unsolicited 408 could race the client's next request on it.
+                self.transport.close()  # type: ignore[union-attr]
+                self.finish()
+                return
             self.fail(408, "loopwatch: request head timeout")
         elif self.state == UPSTREAM:
             self.upstream_failed(504, "loopwatch: upstream handshake timeout", None, "timeout")
