@@ -26,8 +26,10 @@ def evaluate(
     limit = settings.max_connections
     if conns is None or len(conns) <= limit:
         return None
-    horizon = t - settings.held_for
-    held = [(opened, cid) for cid, opened in conns.items() if opened <= horizon]
+    held_for = settings.held_for
+    # ``opened + held_for`` is the same arithmetic recheck_at uses, so a wake at
+    # exactly that time matches (t - held_for could round the other way).
+    held = [(opened, cid) for cid, opened in conns.items() if opened + held_for <= t]
     if len(held) <= limit:
         return None
     held.sort(key=lambda pair: pair[0])

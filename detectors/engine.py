@@ -1,0 +1,596 @@
+"""The facade the proxy calls: events in, decisions and findings out, no I/O.
+
+* ``admit(Attempt)`` decides at once whether an upgrade may go upstream. It
+  never starts a cooldown by itself, so the first attempt after a cooldown
+  always reaches the backend: one chance to show the client is fixed.
+* ``record(HandshakeFailed | Opened | Closed)`` folds an outcome in, feeds the
+  breakers, evaluates the rules; a *failed* outcome of an admitted attempt
+  that meets an enforceable finding starts a cooldown.
+* ``wake(t)`` applies what time alone changes (cooldowns ending, findings
+  clearing after the quiet period, breakers half-opening, idle clients
+  forgotten). ``next_wake`` says when it is next needed, so the proxy
+  schedules one timer instead of polling.
+
+Nothing here reads a clock, logs or awaits; the only randomness is jitter
+from a ``random.Random(seed)`` owned by the engine, so one event sequence
+always yields one sequence of decisions (``loopwatch replay`` relies on it).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from collections import deque
+
+from detectors import findings, policy, tracker
+from detectors.actions import Action, CloseConnection, CooldownEnded, WouldReject
+from detectors.breaker import CLOSED, PROBE, REFUSE, CircuitBreaker
+from detectors.decisions import ADMITTED, EMPTY, Admit, Outcome, Reject
+from detectors.events import Attempt, Closed, ConnId, HandshakeFailed, Opened, Rejected
+from detectors.findings import Finding
+from detectors.fleet import Fleet
+from detectors.inspect import breaker_states, client_view, rank, snapshot, top_offenders
+from detectors.rules import RULE_NAMES, RULES
+from detectors.settings import BreakerSettings, DetectionSettings, PolicySettings, RuleSettings
+from detectors.state import INF, NEVER, ClientState, ClientStore, MemoryStore
+from detectors.views import BreakerView, ClientView, EngineSnapshot
+
+# Which rules a call may enforce (start a cooldown for).
+_ENFORCE_NONE, _ENFORCE_ALL, _ENFORCE_TIMED = 0, 1, 2
+# Idle clients are swept in batches, not one timer each.
+_SWEEP_FRACTION = 0.05
+
+
+class Engine:
+    def __init__(
+        self,
+        detection: DetectionSettings,
+        policy: PolicySettings,
+        breakers: BreakerSettings,
+        *,
+        seed: int = 0,
+        store: ClientStore | None = None,
+    ) -> None:
+        self._rng = random.Random(seed)
+        self._store: ClientStore = store or MemoryStore(detection.max_clients, detection.client_ttl)
+        self._fleet = Fleet(detection.fleet)
+        self._upstream = CircuitBreaker("upstream", breakers.upstream)
+        self._auth = CircuitBreaker("auth", breakers.auth)
+        self._breakers = (self._upstream, self._auth)
+        # Wake queue: (due, seq, key); stale entries are skipped (state.scheduled says which is live).
+        self._queue: list[tuple[float, int, str]] = []
+        self._seq = itertools.count()
+        # Opened connections awaiting their auth-success credit: (due, key, conn_id), in time order.
+        self._credits: deque[tuple[float, str, ConnId]] = deque()
+        # Clients with a standing finding or a cooldown: few, so views and counts iterate them.
+        self._notable: dict[str, ClientState] = {}
+        self._flagged: dict[str, int] = dict.fromkeys(RULE_NAMES, 0)
+        self._next_sweep = NEVER
+        # What the current call produced; admin calls leave theirs for the next call.
+        self._raised: list[Finding] = []
+        self._cleared: list[Finding] = []
+        self._actions: list[Action] = []
+        self._pending_since: float | None = None
+        self._apply_settings(detection, policy, breakers)
+
+    # --- configuration -------------------------------------------------------
+
+    def _apply_settings(
+        self, detection: DetectionSettings, policy_: PolicySettings, breakers: BreakerSettings
+    ) -> None:
+        self._detection = detection
+        self._policy = policy.Policy(policy_)
+        self._breaker_settings = breakers
+        blocks = {rule.name: rule.settings(detection.rules) for rule in RULES}
+        self._rules = tuple(
+            (rule.name, rule.evaluate, blocks[rule.name], rule.recheck_at is not None)
+            for rule in RULES
+            if blocks[rule.name].enabled
+        )
+        self._rechecks = tuple(
+            (rule.recheck_at, blocks[rule.name])
+            for rule in RULES
+            if rule.recheck_at is not None and blocks[rule.name].enabled
+        )
+        self._quiet = detection.quiet_period
+        self._sweep_every = detection.client_ttl * _SWEEP_FRACTION
+
+    def reconfigure(
+        self, detection: DetectionSettings, policy: PolicySettings, breakers: BreakerSettings
+    ) -> None:
+        """New settings; per-client state and breaker state are kept."""
+        self._apply_settings(detection, policy, breakers)
+        self._fleet.configure(detection.fleet)
+        t = max((s.last_seen for s in self._notable.values()), default=0.0)
+        for state in self._store.resize(detection.max_clients, detection.client_ttl):
+            self._forget(state, t)
+        for breaker, block in ((self._upstream, breakers.upstream), (self._auth, breakers.auth)):
+            self._actions.extend(breaker.configure(block, t))
+        enabled = {name for name, *_ in self._rules}
+        for state in list(self._notable.values()):
+            if state.flags:
+                for rule in [r for r in state.flags if r not in enabled]:
+                    self._cleared.append(state.flags.pop(rule).raised)
+                    self._flagged[rule] -= 1
+                if not state.flags:
+                    state.flags = None
+            self._update_notable(state)
+        self._mark_pending(t)
+
+    # --- the hot path --------------------------------------------------------
+
+    def admit(self, attempt: Attempt) -> Admit | Reject:
+        """Record an attempt and decide at once. A Reject is recorded as Rejected too."""
+        t = attempt.t
+        if self._credits and self._credits[0][0] <= t:
+            self._drain_credits(t)
+        state = self._client(attempt.key, t)
+        tracker.on_attempt(state, attempt, self._detection)
+        self._fleet.attempt(t)
+
+        reject, would = self._client_policy(state, attempt, t)
+        probes: list[CircuitBreaker] | None = None
+        if reject is None:
+            for breaker in self._breakers:
+                if breaker.state is CLOSED:
+                    continue
+                self._actions.extend(breaker.advance(t))
+                verdict = breaker.permit(t)
+                if verdict == REFUSE:
+                    refusal = Reject(
+                        "circuit_open",
+                        breaker.retry_after(t),
+                        breaker=breaker.name,
+                        detail=f"{breaker.name} breaker {breaker.state.value}",
+                    )
+                    if self._policy.settings.mode == "enforce":
+                        reject = refusal
+                        break
+                    would = would or refusal
+                elif verdict == PROBE:
+                    probes = [*probes, breaker] if probes else [breaker]
+
+        if reject is not None:
+            rejected = Rejected(state.key, attempt.route, t, reject.reason)
+            tracker.on_rejected(state, rejected, self._detection)
+            self._evaluate(state, t, _ENFORCE_NONE)
+            self._reschedule(state, t)
+            outcome = self._take()
+            if outcome is EMPTY:
+                return reject
+            return Reject(reject.reason, reject.retry_after, reject.breaker, reject.detail, outcome)
+
+        state.admitted_t = t
+        names: tuple[str, ...] = ()
+        if probes:
+            for breaker in probes:
+                breaker.take_probe(t)
+            names = tuple(b.name for b in probes)
+            state.probes = tuple(dict.fromkeys(state.probes + names))
+        if would is not None:
+            self._actions.append(WouldReject(state.key, t, would.reason))
+        self._evaluate(state, t, _ENFORCE_NONE)
+        self._reschedule(state, t)
+        outcome = self._take()
+        if would is None and not names and outcome is EMPTY:
+            return ADMITTED
+        return Admit(would, names, outcome)
+
+    def _client_policy(
+        self, state: ClientState, attempt: Attempt, t: float
+    ) -> tuple[Reject | None, Reject | None]:
+        """Per-client refusals: (enforced, observed-only)."""
+        pol = self._policy
+        ps = pol.settings
+        key, addr = state.key, attempt.addr
+        if pol.deny and pol.denied(key, addr):
+            # An operator's explicit deny holds even in observe mode.
+            return Reject("deny", ps.cooldown.max, detail="on the deny list"), None
+        refusal: Reject | None = None
+        enforced = False
+        if state.cool_rule is not None:
+            if state.cool_until > t:
+                refusal = Reject(
+                    "cooldown",
+                    state.cool_until - t,
+                    detail=f"{state.cool_rule}, repeat {state.cool_repeat}",
+                )
+                enforced = state.cool_enforced and (
+                    state.cool_rule == "manual"
+                    or pol.enforcing(state, self._rule_mode(state.cool_rule), addr)
+                )
+            else:
+                self._end_cooldown(state, state.cool_until)
+        if refusal is None and ps.min_interval is not None and t - state.admitted_t < ps.min_interval:
+            refusal = Reject(
+                "min_interval",
+                state.admitted_t + ps.min_interval - t,
+                detail=f"at most one attempt every {ps.min_interval:g}s",
+            )
+            enforced = pol.enforcing(state, ps.mode, addr)
+        if refusal is None and ps.max_concurrent is not None and state.open_count >= ps.max_concurrent:
+            enforced = pol.enforcing(state, ps.mode, addr)
+            if ps.on_max_concurrent == "reject-new":
+                refusal = Reject(
+                    "max_concurrent",
+                    ps.cooldown.base,
+                    detail=f"{state.open_count} open, at most {ps.max_concurrent}",
+                )
+            else:
+                self._close_oldest(state, t, enforced)
+        if refusal is None:
+            return None, None
+        return (refusal, None) if enforced else (None, refusal)
+
+    def _close_oldest(self, state: ClientState, t: float, enforced: bool) -> None:
+        conns = state.open
+        assert conns  # open_count >= max_concurrent >= 1
+        oldest = min(conns, key=conns.__getitem__)
+        if not enforced:
+            self._actions.append(WouldReject(state.key, t, "max_concurrent"))
+            return
+        # Forget it now: a second attempt before its Closed arrives must pick the next one.
+        del conns[oldest]
+        limit = self._policy.settings.max_concurrent
+        self._actions.append(
+            CloseConnection(state.key, oldest, 1008, f"loopwatch: more than {limit} connections")
+        )
+
+    def record(self, event: HandshakeFailed | Opened | Closed) -> Outcome:
+        """Fold in an outcome of an admitted attempt."""
+        t = event.t
+        if self._credits and self._credits[0][0] <= t:
+            self._drain_credits(t)
+        state = self._client(event.key, t)
+        d = self._detection
+        enforce = _ENFORCE_NONE
+        if isinstance(event, Opened):
+            tracker.on_opened(state, event, d)
+            self._upstream_outcome(state, t, success=True)
+            if self._auth.settings.enabled:
+                self._credits.append((t + d.healthy_after, state.key, event.conn_id))
+        elif isinstance(event, Closed):
+            opened = state.open.get(event.conn_id) if state.open else None
+            credited = event.duration >= d.healthy_after or (
+                opened is not None and t - opened >= d.healthy_after
+            )
+            kind = tracker.on_closed(state, event, d)
+            if not credited:  # a longer life was already counted as an auth success
+                if kind & tracker.AUTH_FAILURE:
+                    self._auth_outcome(state, t, failed=True)
+                elif kind & tracker.AUTH_SUCCESS:
+                    self._auth_outcome(state, t, failed=False)
+                else:
+                    self._release_probe(state, self._auth)
+            if kind & tracker.FAILED:
+                enforce = self._blame(kind)
+        elif isinstance(event, HandshakeFailed):
+            kind = tracker.on_handshake_failed(state, event, d)
+            self._upstream_outcome(state, t, success=not kind & tracker.UPSTREAM_FAILURE)
+            if kind & tracker.AUTH_FAILURE:
+                self._auth_outcome(state, t, failed=True)
+            else:
+                self._release_probe(state, self._auth)
+            enforce = self._blame(kind)
+        else:
+            raise TypeError(f"record() takes HandshakeFailed, Opened or Closed, not {type(event).__name__}")
+        self._evaluate(state, t, enforce)
+        self._reschedule(state, t)
+        return self._take()
+
+    def _blame(self, kind: int) -> int:
+        # While a breaker is not closed the failing service is to blame, not the
+        # client: such failures raise findings but start no cooldown.
+        if kind & tracker.AUTH_FAILURE and self._auth.state is not CLOSED:
+            return _ENFORCE_NONE
+        if kind & tracker.UPSTREAM_FAILURE and self._upstream.state is not CLOSED:
+            return _ENFORCE_NONE
+        return _ENFORCE_ALL
+
+    # --- breakers' inputs ----------------------------------------------------
+
+    def _take_probe(self, state: ClientState, name: str) -> bool:
+        if name not in state.probes:
+            return False
+        state.probes = tuple(p for p in state.probes if p != name)
+        return True
+
+    def _release_probe(self, state: ClientState, breaker: CircuitBreaker) -> None:
+        if state.probes and self._take_probe(state, breaker.name):
+            breaker.release_probe()
+
+    def _upstream_outcome(self, state: ClientState, t: float, success: bool) -> None:
+        probe = bool(state.probes) and self._take_probe(state, "upstream")
+        self._actions.extend(self._upstream.record(t, success, probe))
+
+    def _auth_outcome(self, state: ClientState, t: float, failed: bool) -> None:
+        self._fleet.auth_outcome(t, failed)
+        breaker = self._auth
+        if state.probes and self._take_probe(state, "auth"):
+            self._actions.extend(breaker.record(t, not failed, probe=True))
+            return
+        if breaker.state is not CLOSED:
+            return
+        # Count clients, not attempts: one looping client must not trip a
+        # fleet-wide breaker (and so refuse everyone) by itself.
+        window = breaker.settings.window
+        if failed:
+            if t - state.auth_fail_fed < window:
+                return
+            state.auth_fail_fed = t
+        else:
+            if t - state.auth_ok_fed < window:
+                return
+            state.auth_ok_fed = t
+        self._actions.extend(breaker.record(t, not failed))
+
+    def _drain_credits(self, t: float) -> None:
+        """Connections that lived ``healthy_after`` are auth successes."""
+        credits = self._credits
+        while credits and credits[0][0] <= t:
+            due, key, conn_id = credits.popleft()
+            state = self._store.get(key)
+            if state is not None and state.open and conn_id in state.open:
+                self._auth_outcome(state, due, failed=False)
+
+    # --- rules, findings, cooldowns -------------------------------------------
+
+    def _evaluate(self, state: ClientState, t: float, enforce: int) -> None:
+        flags = state.flags
+        culprits: list[tuple[str, RuleSettings]] | None = None
+        for name, evaluate, block, timed in self._rules:
+            match = evaluate(state, block, t)
+            if match is None:
+                if flags is None or name not in flags:
+                    continue
+                _, cleared = findings.update(flags, name, None, t, self._quiet)
+                if cleared is not None:
+                    self._cleared.append(cleared)
+                    self._flagged[name] -= 1
+                continue
+            if flags is None:
+                flags = state.flags = {}
+            new = name not in flags
+            raised, _ = findings.update(flags, name, match, t, self._quiet)
+            if raised is not None:
+                self._raised.append(raised)
+                if new:
+                    self._flagged[name] += 1
+            if enforce and (enforce == _ENFORCE_ALL or timed) and policy.enforces(block, match.severity):
+                culprits = [*culprits, (name, block)] if culprits else [(name, block)]
+        if flags is not None and not flags:
+            state.flags = None
+        if culprits is not None:
+            self._cooldown(state, t, culprits)
+        self._update_notable(state)
+
+    def _cooldown(self, state: ClientState, t: float, culprits: list[tuple[str, RuleSettings]]) -> None:
+        # The first rule (in registry order) whose finding is enforced for this
+        # client wins; if none is, the first one starts an observed cooldown.
+        ps = self._policy.settings
+        rule, enforced = culprits[0][0], False
+        for name, block in culprits:
+            if self._policy.enforcing(state, policy.rule_mode(block, ps), state.addr):
+                rule, enforced = name, True
+                break
+        if state.cool_rule is not None and state.cool_until > t and (state.cool_enforced or not enforced):
+            return  # already cooling down (an observed cooldown is upgraded by an enforced one)
+        self._actions.append(
+            policy.start_cooldown(state, self._policy.settings.cooldown, t, rule, enforced, self._rng)
+        )
+
+    def _end_cooldown(self, state: ClientState, t: float) -> None:
+        state.cool_rule = None
+        self._actions.append(CooldownEnded(state.key, t))
+
+    def _rule_mode(self, rule: str) -> str:
+        for name, _, block, _ in self._rules:
+            if name == rule:
+                return policy.rule_mode(block, self._policy.settings)
+        return self._policy.settings.mode
+
+    # --- time ----------------------------------------------------------------
+
+    def wake(self, t: float) -> Outcome:
+        """Apply what time alone changes, up to ``t``."""
+        if self._credits and self._credits[0][0] <= t:
+            self._drain_credits(t)
+        for breaker in self._breakers:
+            self._actions.extend(breaker.advance(t))
+        queue = self._queue
+        while queue and queue[0][0] <= t:
+            due, _, key = heapq.heappop(queue)
+            state = self._store.get(key)
+            if state is None or state.scheduled != due:
+                continue  # forgotten, or rescheduled since
+            state.scheduled = INF
+            if state.cool_rule is not None and state.cool_until <= t:
+                self._end_cooldown(state, state.cool_until)
+            # Only time-driven rules may enforce here: a rate rule still matching
+            # at a cooldown's end must not deny the client its one attempt.
+            self._evaluate(state, t, _ENFORCE_TIMED)
+            self._reschedule(state, t)
+        if t >= self._next_sweep:
+            for state in self._store.expire(t):
+                self._forget(state, t)
+            self._next_sweep = t + self._sweep_every
+        return self._take()
+
+    @property
+    def next_wake(self) -> float | None:
+        """The earliest time ``wake`` has something to do; None when nothing is pending."""
+        due = INF
+        if self._pending_since is not None:
+            due = self._pending_since
+        if self._queue:
+            due = min(due, self._queue[0][0])
+        for breaker in self._breakers:
+            when = breaker.next_wake
+            if when is not None:
+                due = min(due, when)
+        if self._credits and self._auth.state is not CLOSED:
+            due = min(due, self._credits[0][0])  # a probe may be waiting for its credit
+        expiry = self._store.next_expiry()
+        if expiry is not None:
+            due = min(due, max(expiry, self._next_sweep))
+        return None if due == INF else due
+
+    def _reschedule(self, state: ClientState, t: float) -> None:
+        due = INF
+        if state.cool_rule is not None:
+            due = state.cool_until
+        if state.flags:
+            quiet = self._quiet
+            for flag in state.flags.values():
+                due = min(due, flag.last_match + quiet)
+        if state.open is not None:
+            for recheck_at, block in self._rechecks:
+                when = recheck_at(state, block, t)
+                if when is not None:
+                    due = min(due, when)
+        if due < state.scheduled:
+            state.scheduled = due
+            heapq.heappush(self._queue, (due, next(self._seq), state.key))
+
+    # --- client bookkeeping ----------------------------------------------------
+
+    def _client(self, key: str, t: float) -> ClientState:
+        store = self._store
+        state = store.get(key)
+        if state is None:
+            state = ClientState(key, t)
+            for evicted in store.put(state, t):
+                self._forget(evicted, t)
+        else:
+            store.touch(state, t)
+        return state
+
+    def _forget(self, state: ClientState, t: float) -> None:
+        """A client left the store: settle what it held, so counts and breakers stay true."""
+        if state.flags:
+            for rule, flag in state.flags.items():
+                self._cleared.append(flag.raised)
+                self._flagged[rule] -= 1
+            state.flags = None
+        if state.cool_rule is not None and state.cool_until > t:
+            self._actions.append(CooldownEnded(state.key, t))
+        state.cool_rule = None
+        for breaker in self._breakers:
+            self._release_probe(state, breaker)
+        self._notable.pop(state.key, None)
+
+    def _update_notable(self, state: ClientState) -> None:
+        if state.flags or state.cool_rule is not None:
+            self._notable[state.key] = state
+        elif state.key in self._notable:
+            del self._notable[state.key]
+
+    def _take(self) -> Outcome:
+        if not (self._raised or self._cleared or self._actions):
+            return EMPTY
+        outcome = Outcome(tuple(self._raised), tuple(self._cleared), tuple(self._actions))
+        self._raised.clear()
+        self._cleared.clear()
+        self._actions.clear()
+        self._pending_since = None
+        return outcome
+
+    def _mark_pending(self, t: float) -> None:
+        """Admin calls return no Outcome: theirs goes out with the next call (see next_wake)."""
+        if (self._raised or self._cleared or self._actions) and self._pending_since is None:
+            self._pending_since = t
+
+    # --- operators -------------------------------------------------------------
+
+    def release(self, key: str, t: float) -> bool:
+        """Forgive a client: end its cooldown, forget its repeats, findings and loop evidence."""
+        state = self._store.get(key)
+        if state is None:
+            return False
+        if state.cool_rule is not None:
+            self._end_cooldown(state, t)
+        state.cool_until = min(state.cool_until, t)
+        state.cool_repeat = 0
+        state.keep_until = NEVER
+        if state.flags:
+            for rule, flag in state.flags.items():
+                self._cleared.append(flag.raised)
+                self._flagged[rule] -= 1
+            state.flags = None
+        state.streak = 0
+        state.auth_times = state.bad_times = state.short_times = None
+        state.intervals = state.interval_times = None
+        self._update_notable(state)
+        self._mark_pending(t)
+        return True
+
+    def force_cooldown(self, key: str, duration: float, t: float) -> None:
+        """Refuse a client for exactly ``duration`` seconds, whatever the mode."""
+        state = self._client(key, t)
+        self._actions.append(
+            policy.force_cooldown(state, self._policy.settings.cooldown, t, duration)
+        )
+        self._update_notable(state)
+        self._reschedule(state, t)
+        self._mark_pending(t)
+
+    def reset_breaker(self, name: str, t: float) -> bool:
+        for breaker in self._breakers:
+            if breaker.name == name:
+                transition = breaker.reset(t)
+                if transition is not None:
+                    self._actions.append(transition)
+                    self._mark_pending(t)
+                return True
+        return False
+
+    # --- views -----------------------------------------------------------------
+
+    def breakers(self, t: float) -> list[BreakerView]:
+        self._advance_breakers(t)
+        return [b.view(t) for b in self._breakers]
+
+    def snapshot(self, t: float) -> EngineSnapshot:
+        self._advance_breakers(t)
+        d = self._detection
+        return snapshot(
+            t,
+            store=self._store,
+            notable=self._notable.values(),
+            flagged=self._flagged,
+            breakers=breaker_states(self._breakers),
+            fleet=self._fleet,
+            top=top_offenders(self._store.recent(), t, d.rate_window, d.top_k),
+        )
+
+    def clients(self, t: float, *, limit: int = 50, offset: int = 0) -> list[ClientView]:
+        """Tracked clients, worst first: cooldown > critical > warning > ok, then by rate."""
+        need = max(offset + limit, 0)
+        tau = self._detection.rate_window
+        notable = self._notable
+        candidates = list(notable.values())
+        candidates += heapq.nlargest(
+            need,
+            (s for s in self._store if s.key not in notable),
+            key=lambda s: s.rate_at(t, tau),
+        )
+        candidates.sort(key=lambda s: (rank(s, t), -s.rate_at(t, tau)))
+        return [
+            client_view(s, t, tau, self._quiet, history=False)
+            for s in candidates[offset : offset + limit]
+        ]
+
+    def client(self, key: str, t: float) -> ClientView | None:
+        state = self._store.get(key)
+        if state is None:
+            return None
+        return client_view(state, t, self._detection.rate_window, self._quiet, history=True)
+
+    def _advance_breakers(self, t: float) -> None:
+        for breaker in self._breakers:
+            self._actions.extend(breaker.advance(t))
+        self._mark_pending(t)
+
+
+__all__ = ["Engine"]

@@ -1,0 +1,129 @@
+"""Building the read-only views from engine state (metrics snapshot, admin API).
+
+Kept apart from the engine's hot path: these run at scrape time or on an
+operator's request and may iterate, sort and allocate.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Iterator, Mapping
+
+from detectors.breaker import CircuitBreaker
+from detectors.findings import SEVERITY_RANK
+from detectors.fleet import Fleet
+from detectors.history import unpack
+from detectors.rules.evidence import close_codes
+from detectors.state import ClientState, ClientStore
+from detectors.views import ClientView, EngineSnapshot, FindingView
+
+# A client idle for this many rate time-constants has a rate under 0.25 % of
+# its peak: the top-offenders scan stops there instead of visiting everyone.
+_RATE_HORIZON = 6.0
+_MIN_OFFENDER_RATE = 1e-3
+_STATUS_RANK = {"cooldown": 0, "critical": 1, "warning": 2, "ok": 3}
+
+
+def status(state: ClientState, t: float) -> str:
+    if state.cool_rule is not None and state.cool_until > t:
+        return "cooldown"
+    if state.flags:
+        worst = max(SEVERITY_RANK[f.severity] for f in state.flags.values())
+        return "critical" if worst == SEVERITY_RANK["critical"] else "warning"
+    return "ok"
+
+
+def rank(state: ClientState, t: float) -> int:
+    return _STATUS_RANK[status(state, t)]
+
+
+def client_view(state: ClientState, t: float, tau: float, quiet: float, *, history: bool) -> ClientView:
+    cooling = state.cool_rule is not None and state.cool_until > t
+    flags = state.flags or {}
+    entries = ()
+    if history and state.history_t is not None and state.history_v is not None:
+        entries = tuple(unpack(when, v) for when, v in zip(state.history_t, state.history_v, strict=True))
+    return ClientView(
+        key=state.key,
+        status=status(state, t),
+        attempts_total=state.attempts,
+        attempts_per_second=state.rate_at(t, tau),
+        open_connections=state.open_count,
+        first_seen=state.first_seen,
+        last_seen=state.last_seen,
+        consecutive_auth_failures=state.streak,
+        close_codes=close_codes(state),
+        cooldown_remaining=state.cool_until - t if cooling else 0.0,
+        cooldown_until=state.cool_until if cooling else None,
+        cooldown_rule=state.cool_rule if cooling else None,
+        cooldown_repeat=state.cool_repeat,
+        cooldown_enforced=state.cool_enforced if cooling else False,
+        findings=tuple(
+            FindingView(
+                rule=rule,
+                severity=flag.severity,
+                raised_at=flag.raised.t,
+                last_match=flag.last_match,
+                clears_at=flag.clears_at(quiet),
+                evidence=flag.latest.evidence,
+            )
+            for rule, flag in flags.items()
+        ),
+        history=entries,
+    )
+
+
+def top_offenders(recent: Iterator[ClientState], t: float, tau: float, k: int) -> tuple[tuple[str, float], ...]:
+    """The ``k`` clients with the highest attempt rate, scanning only recently active ones."""
+    if k <= 0:
+        return ()
+    horizon = t - _RATE_HORIZON * tau
+    heap: list[tuple[float, str]] = []
+    for state in recent:
+        if state.touched < horizon:
+            break  # most recently used first: everyone after this is idle longer
+        rate = state.rate_at(t, tau)
+        if rate < _MIN_OFFENDER_RATE:
+            continue
+        if len(heap) < k:
+            heapq.heappush(heap, (rate, state.key))
+        elif rate > heap[0][0]:
+            heapq.heapreplace(heap, (rate, state.key))
+    return tuple((key, rate) for rate, key in sorted(heap, key=lambda p: (-p[0], p[1])))
+
+
+def breaker_states(breakers: Iterable[CircuitBreaker]) -> dict[str, str]:
+    return {b.name: b.state.value for b in breakers}
+
+
+def snapshot(
+    t: float,
+    *,
+    store: ClientStore,
+    notable: Iterable[ClientState],
+    flagged: Mapping[str, int],
+    breakers: Mapping[str, str],
+    fleet: Fleet,
+    top: tuple[tuple[str, float], ...],
+) -> EngineSnapshot:
+    cooling = observed = 0
+    for state in notable:
+        if state.cool_rule is not None and state.cool_until > t:
+            if state.cool_enforced:
+                cooling += 1
+            else:
+                observed += 1
+    return EngineSnapshot(
+        t=t,
+        clients_tracked=len(store),
+        clients_in_cooldown=cooling,
+        clients_in_observed_cooldown=observed,
+        clients_flagged=dict(flagged),
+        breakers=dict(breakers),
+        evictions_total=store.evictions,
+        fleet_attempt_rate=fleet.rate(t),
+        fleet_baseline_rate=fleet.baseline_at(t),
+        fleet_auth_failure_ratio=fleet.auth_failure_ratio(t),
+        storm=fleet.storm(t),
+        top_offenders=top,
+    )

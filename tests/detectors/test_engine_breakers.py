@@ -1,0 +1,191 @@
+"""The breakers inside the engine: fed by outcomes, enforced by admit, probes handled."""
+
+from __future__ import annotations
+
+import pytest
+
+from detectors.actions import BreakerTransition, CooldownStarted
+from detectors.decisions import Admit, Reject
+from detectors.engine import Engine
+from detectors.events import Attempt, Closed, HandshakeFailed, Opened
+from detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
+from tests.detectors.sim import Client, Close, Sim, Stay, always, backoff, fixed
+
+UPSTREAM = {"min_calls": 10, "window": "30s", "open_wait": "5s", "open_wait_max": "20s", "half_open_probes": 2}
+
+
+def engine(policy: PolicySettings | None = None, **breakers: object) -> Engine:
+    b = BreakerSettings.model_validate({"upstream": UPSTREAM, **breakers})
+    return Engine(DetectionSettings(), policy or PolicySettings(), b)
+
+
+def transitions(outcomes: list) -> list[tuple[str, str, str]]:
+    return [
+        (a.name, a.from_state, a.to_state)
+        for o in outcomes
+        for a in o.actions
+        if isinstance(a, BreakerTransition)
+    ]
+
+
+def upstream_down(e: Engine, clients: int, t: float = 0.0) -> list:
+    """``clients`` different clients each fail once to connect upstream."""
+    out = []
+    for i in range(clients):
+        key = f"c{i}"
+        d = e.admit(Attempt(key, "/ws", t))
+        out.append(d.outcome)
+        if d.admitted:
+            out.append(e.record(HandshakeFailed(key, "/ws", t + 0.01, None, "connect")))
+        t += 0.01
+    return out
+
+
+def test_upstream_breaker_opens_when_the_upstream_is_down_and_admit_refuses_by_itself() -> None:
+    e = engine()
+    out = upstream_down(e, 10)
+    assert transitions(out) == [("upstream", "closed", "open")]
+    d = e.admit(Attempt("newcomer", "/ws", 0.2))
+    assert isinstance(d, Reject)
+    assert (d.reason, d.breaker) == ("circuit_open", "upstream")
+    assert d.retry_after == pytest.approx(5.0 - 0.1, abs=0.01)
+    assert e.breakers(0.2)[0].state == "open"
+    assert e.snapshot(0.2).breakers == {"upstream": "open", "auth": "closed"}
+
+
+def test_refusals_while_open_do_not_count_against_clients() -> None:
+    e = engine()
+    upstream_down(e, 10)
+    for i in range(100):  # a client hammering the open breaker
+        assert isinstance(e.admit(Attempt("eager", "/ws", 0.2 + i * 0.01)), Reject)
+    view = e.client("eager", 1.3)
+    assert view is not None and view.findings == () and view.status == "ok"
+
+
+def test_failures_while_the_breaker_is_open_start_no_cooldown() -> None:
+    """Attempts in flight when it opened still fail; the upstream is to blame, not the client."""
+    e = engine()
+    for i in range(35):  # one client's attempts all in flight at once
+        e.admit(Attempt("k", "/ws", i * 0.001))
+    out = [e.record(HandshakeFailed("k", "/ws", 1.0 + i * 0.001, 502)) for i in range(35)]
+    assert not any(isinstance(a, CooldownStarted) for o in out for a in o.actions)
+    assert transitions(out) == [("upstream", "closed", "open")]
+
+
+def test_half_open_probes_go_through_admit_and_close_the_breaker_on_success() -> None:
+    e = engine()
+    upstream_down(e, 10)
+    t = 5.1  # past the open wait: no wake() call needed, admit moves it on
+    first = e.admit(Attempt("p1", "/ws", t))
+    assert isinstance(first, Admit) and first.probes == ("upstream",) and first.probe
+    assert transitions([first.outcome]) == [("upstream", "open", "half_open")]
+    second = e.admit(Attempt("p2", "/ws", t))
+    assert isinstance(second, Admit) and second.probe
+    third = e.admit(Attempt("p3", "/ws", t))  # both probes are out
+    assert isinstance(third, Reject) and third.reason == "circuit_open"
+    e.record(Opened("p1", "/ws", t + 0.01, 1))
+    out = e.record(Opened("p2", "/ws", t + 0.02, 2))
+    assert transitions([out]) == [("upstream", "half_open", "closed")]
+    assert e.admit(Attempt("p3", "/ws", t + 0.1)).admitted
+
+
+def test_a_failed_probe_reopens_with_a_longer_wait() -> None:
+    e = engine()
+    upstream_down(e, 10)
+    d = e.admit(Attempt("p1", "/ws", 5.1))
+    assert d.admitted
+    out = e.record(HandshakeFailed("p1", "/ws", 5.2, 503))
+    assert transitions([out]) == [("upstream", "half_open", "open")]
+    assert e.breakers(5.2)[0].open_wait == 10.0
+    refused = e.admit(Attempt("p2", "/ws", 5.3))
+    assert isinstance(refused, Reject) and refused.retry_after == pytest.approx(9.9)
+
+
+def test_a_lost_probe_times_out_and_wake_reopens() -> None:
+    e = engine()
+    upstream_down(e, 10)
+    assert e.admit(Attempt("p1", "/ws", 5.1)).probe
+    deadline = e.next_wake
+    assert deadline == pytest.approx(5.1 + 10.0)  # probe_timeout
+    out = e.wake(deadline)  # type: ignore[arg-type]
+    assert transitions([out]) == [("upstream", "half_open", "open")]
+
+
+def test_reset_breaker_from_the_admin_api() -> None:
+    e = engine()
+    upstream_down(e, 10)
+    assert e.reset_breaker("upstream", 1.0) is True
+    assert e.reset_breaker("nonexistent", 1.0) is False
+    assert e.next_wake == 1.0  # the transition is news for observers: flushed by the next call
+    out = e.wake(1.0)
+    assert transitions([out]) == [("upstream", "open", "closed")]
+    assert e.admit(Attempt("k", "/ws", 1.1)).admitted
+
+
+def test_observe_mode_never_refuses_for_a_breaker() -> None:
+    e = engine(PolicySettings(mode="observe"))
+    upstream_down(e, 10)
+    d = e.admit(Attempt("k", "/ws", 1.0))
+    assert isinstance(d, Admit) and d.would_reject is not None
+    assert (d.would_reject.reason, d.would_reject.breaker) == ("circuit_open", "upstream")
+
+
+# --- the auth breaker ---------------------------------------------------------
+
+
+def test_a_fleet_wide_1008_storm_opens_the_auth_breaker_and_puts_no_client_in_cooldown() -> None:
+    """The auth service fails for everyone: clients are not to blame."""
+    e = engine()
+    sim = Sim(e, always(Close(0.01, 1008)))
+    for i in range(200):
+        sim.add(Client(f"user{i}@10.1.0.{i}", i * 0.005, fixed(0.2)))
+    sim.run(1.0)
+    assert e.snapshot(1.0).fleet_auth_failure_ratio == 1.0
+    log = sim.run(30.0)
+    assert ("auth", "closed", "open") in transitions(log.outcomes + [d.outcome for _, _, d in log.decisions])
+    assert log.cooldowns() == []
+    refused = [d for _, d in log.rejects()]
+    assert refused and {(d.reason, d.breaker) for d in refused} == {("circuit_open", "auth")}
+    assert e.snapshot(30.0).clients_in_cooldown == 0
+
+
+def test_one_looping_client_does_not_trip_the_fleet_wide_auth_breaker() -> None:
+    """Counted once per window, a client observed (not refused) cannot open it alone."""
+    e = engine(PolicySettings(mode="observe"))
+    sim = Sim(e, lambda key, n, t: Close(0.01, 1008) if key == "looper" else Stay())
+    sim.add(Client("looper", 0.0, fixed(0.05)))
+    for i in range(30):  # healthy neighbours, each connecting once
+        sim.add(Client(f"user{i}", i * 0.1, backoff([], None)))
+    sim.run(60.0)
+    assert e.breakers(60.0)[1].state == "closed"
+
+
+def test_the_auth_breaker_closes_after_probes_live_long_enough() -> None:
+    e = engine(auth={"min_calls": 5, "half_open_probes": 2})
+    for i in range(5):
+        key = f"u{i}"
+        e.admit(Attempt(key, "/ws", i * 0.01))
+        e.record(HandshakeFailed(key, "/ws", i * 0.01 + 0.005, 401))
+    assert e.breakers(0.1)[1].state == "open"
+    t = 10.1  # past the auth open wait
+    for i in range(2):
+        d = e.admit(Attempt(f"p{i}", "/ws", t))
+        assert d.probes == ("auth",)
+        e.record(Opened(f"p{i}", "/ws", t + 0.01, 100 + i))
+    assert e.breakers(t + 1.0)[1].state == "half_open"  # not yet: auth could still close them 1008
+    assert e.next_wake == pytest.approx(t + 0.01 + 5.0)  # healthy_after: the probes' credit
+    out = e.wake(t + 5.02)
+    assert ("auth", "half_open", "closed") in transitions([out])
+
+
+def test_an_auth_probe_closed_1008_reopens() -> None:
+    e = engine(auth={"min_calls": 5})
+    for i in range(5):
+        e.admit(Attempt(f"u{i}", "/ws", 0.0))
+        e.record(HandshakeFailed(f"u{i}", "/ws", 0.01, 403))
+    d = e.admit(Attempt("p", "/ws", 10.1))
+    assert d.probes == ("auth",)
+    e.record(Opened("p", "/ws", 10.11, 1))
+    out = e.record(Closed("p", "/ws", 10.12, 1, 1008, "", "upstream", 0.01))
+    assert ("auth", "half_open", "open") in transitions([out])
+    assert not any(isinstance(a, CooldownStarted) for a in out.actions)

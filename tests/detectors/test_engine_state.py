@@ -1,0 +1,286 @@
+"""Engine state: bounds (property-based), determinism, time, operators, views, reconfigure."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from detectors.actions import CooldownEnded, CooldownStarted
+from detectors.decisions import ADMITTED, EMPTY, Reject
+from detectors.engine import Engine
+from detectors.events import Attempt, Closed, Event, HandshakeFailed, Opened, from_dict, to_dict
+from detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
+from tests.detectors.sim import Client, Close, Sim, Stay, always, fixed, once
+
+K = "alice@10.0.0.5"
+
+
+def engine(detection: DetectionSettings | None = None, policy: PolicySettings | None = None, seed: int = 0) -> Engine:
+    return Engine(detection or DetectionSettings(), policy or PolicySettings(), BreakerSettings(), seed=seed)
+
+
+# --- random event streams ------------------------------------------------------
+
+steps = st.lists(
+    st.tuples(
+        st.integers(0, 40),  # which key
+        st.sampled_from(["attempt", "opened", "closed", "failed"]),
+        st.floats(0.0, 3.0, allow_nan=False),  # time step
+        st.sampled_from([1000, 1001, 1006, 1008, 1011, 4001]),
+        st.sampled_from([None, 401, 403, 500, 503]),
+    ),
+    max_size=400,
+)
+
+
+def play(e: Engine, script: list[tuple[int, str, float, int, int | None]]) -> list[object]:
+    """Feed a random script; returns every answer, JSON-encoded (for comparisons)."""
+    t = 0.0
+    answers: list[object] = []
+    conns: dict[str, list[int]] = {}
+    next_id = 0
+    for n, kind, dt, code, status in script:
+        t += dt
+        key = f"k{n}@10.0.0.{n}"
+        wake = e.next_wake
+        if wake is not None and wake <= t:
+            answers.append(e.wake(t).to_dict())
+        if kind == "attempt":
+            answers.append(e.admit(Attempt(key, "/ws", t)).to_dict())
+        elif kind == "opened":
+            next_id += 1
+            conns.setdefault(key, []).append(next_id)
+            answers.append(e.record(Opened(key, "/ws", t, next_id)).to_dict())
+        elif kind == "closed" and conns.get(key):
+            cid = conns[key].pop(0)
+            answers.append(e.record(Closed(key, "/ws", t, cid, code, "", "upstream", dt)).to_dict())
+        elif kind == "failed":
+            answers.append(e.record(HandshakeFailed(key, "/ws", t, status, "connect" if status is None else None)).to_dict())
+        answers.append(e.snapshot(t).to_dict())
+    return answers
+
+
+@settings(max_examples=60, deadline=None)
+@given(script=steps, cap=st.integers(1, 12))
+def test_tracked_clients_never_exceed_max_clients(script: list, cap: int) -> None:
+    e = engine(DetectionSettings(max_clients=cap, client_ttl="20s"))
+    seen: set[str] = set()
+    t = 0.0
+    for n, kind, dt, code, status in script:
+        t += dt
+        key = f"k{n}"
+        seen.add(key)
+        if kind == "attempt":
+            e.admit(Attempt(key, "/ws", t))
+        elif kind == "failed":
+            e.record(HandshakeFailed(key, "/ws", t, status))
+        elif kind == "closed":
+            e.record(Closed(key, "/ws", t, 1, code, "", "client", dt))
+        else:
+            e.record(Opened(key, "/ws", t, 1))
+        if e.next_wake is not None and e.next_wake <= t:
+            e.wake(t)
+        snap = e.snapshot(t)
+        assert snap.clients_tracked <= cap
+        assert snap.clients_in_cooldown + snap.clients_in_observed_cooldown <= snap.clients_tracked
+        assert all(0 <= n <= snap.clients_tracked for n in snap.clients_flagged.values())
+    snap = e.snapshot(t)
+    # every client ever seen is either still tracked or was evicted (and counted)
+    if len(seen) > cap:
+        assert snap.evictions_total >= len(seen) - cap
+
+
+@settings(max_examples=30, deadline=None)
+@given(script=steps, seed=st.integers(0, 2**32))
+def test_the_same_events_yield_the_same_decisions(script: list, seed: int) -> None:
+    first = play(engine(seed=seed), script)
+    again = play(engine(seed=seed), script)
+    assert first == again
+    json.dumps(first)  # and every answer is JSON-able
+
+
+def test_the_seed_only_moves_the_jitter() -> None:
+    def cooldowns(seed: int) -> list[CooldownStarted]:
+        sim = Sim(engine(seed=seed), always(Close(0.01, 1008)))
+        sim.add(Client(K, 0.0, fixed(0.05)))
+        log = sim.run(60.0)
+        return log.cooldowns()
+
+    a, b, c = cooldowns(1), cooldowns(1), cooldowns(2)
+    assert a == b
+    assert [x.repeat for x in a] == [x.repeat for x in c]
+    assert [x.until for x in a] != [x.until for x in c]
+
+
+def test_replay_from_jsonl_gives_the_same_findings_and_decisions() -> None:
+    live = engine()
+    sim = Sim(live, always(Close(0.01, 1008)))
+    sim.add(Client(K, 0.0, fixed(0.05)))
+    recorded: list[Event] = []
+    admit, record = live.admit, live.record
+    live.admit = lambda a: (recorded.append(a), admit(a))[1]  # type: ignore[method-assign]
+    live.record = lambda ev: (recorded.append(ev), record(ev))[1]  # type: ignore[method-assign]
+    log = sim.run(20.0)
+    lines = [json.dumps(to_dict(ev)) for ev in recorded]  # what `loopwatch replay` reads
+
+    replay = engine()
+    raised, decisions = [], []
+    for line in lines:
+        ev = from_dict(json.loads(line))
+        if replay.next_wake is not None and replay.next_wake <= ev.t:
+            raised += replay.wake(replay.next_wake).raised
+        if isinstance(ev, Attempt):
+            d = replay.admit(ev)
+            decisions.append(d.to_dict())
+            raised += d.outcome.raised
+        else:
+            raised += replay.record(ev).raised  # type: ignore[arg-type]
+    assert raised and raised == log.raised()
+    assert decisions == [d.to_dict() for _, _, d in log.decisions]
+
+
+# --- the hot path allocates nothing when nothing happens -------------------------
+
+
+def test_nothing_new_is_the_shared_empty_outcome() -> None:
+    e = engine()
+    assert e.admit(Attempt(K, "/ws", 0.0)) is ADMITTED
+    assert e.record(Opened(K, "/ws", 0.01, 1)) is EMPTY
+    assert e.record(Closed(K, "/ws", 60.0, 1, 1000, "", "client", 59.99)) is EMPTY
+    assert e.wake(61.0) is EMPTY
+
+
+def test_record_takes_only_outcomes() -> None:
+    import pytest
+
+    with pytest.raises(TypeError, match="record\\(\\) takes"):
+        engine().record(Attempt(K, "/ws", 0.0))  # type: ignore[arg-type]
+
+
+# --- time: next_wake and wake ------------------------------------------------------
+
+
+def test_idle_clients_are_forgotten_after_the_ttl() -> None:
+    e = engine(DetectionSettings(client_ttl="10m"))
+    e.admit(Attempt("idle", "/ws", 0.0))
+    e.admit(Attempt("connected", "/ws", 0.0))
+    e.record(Opened("connected", "/ws", 0.01, 1))
+    wake = e.next_wake
+    assert wake is not None and 600.0 <= wake <= 631.0
+    e.wake(650.0)
+    snap = e.snapshot(650.0)
+    assert snap.clients_tracked == 1 and snap.evictions_total == 1
+    assert e.client("idle", 650.0) is None
+    assert e.client("connected", 650.0) is not None  # an open connection keeps it
+
+
+def test_a_client_in_cooldown_memory_outlives_the_ttl_so_repeats_still_escalate() -> None:
+    e = engine(DetectionSettings(client_ttl="1m"))
+    e.force_cooldown(K, 5.0, 0.0)
+    e.wake(3000.0)
+    view = e.client(K, 3000.0)
+    assert view is not None and view.cooldown_repeat == 1
+
+
+def test_next_wake_is_none_when_nothing_is_pending() -> None:
+    assert engine().next_wake is None
+
+
+# --- operators ----------------------------------------------------------------------
+
+
+def test_release_ends_the_cooldown_and_forgives() -> None:
+    sim = Sim(engine(), always(Close(0.01, 1008)))
+    sim.add(Client(K, 0.0, fixed(0.05)))
+    sim.run(1.0)
+    e = sim.engine
+    assert e.client(K, 1.0).status == "cooldown"  # type: ignore[union-attr]
+    assert e.release(K, 1.0) is True
+    assert e.release("nobody", 1.0) is False
+    view = e.client(K, 1.0)
+    assert view is not None and view.status == "ok" and view.findings == ()
+    assert e.next_wake == 1.0  # the release is news: CooldownEnded and cleared findings
+    out = e.wake(1.0)
+    assert any(isinstance(a, CooldownEnded) for a in out.actions)
+    assert {f.rule for f in out.cleared} >= {"auth_failure_loop"}
+    assert e.admit(Attempt(K, "/ws", 1.01)).admitted
+    snap = e.snapshot(1.01)
+    assert snap.clients_in_cooldown == 0 and sum(snap.clients_flagged.values()) == 0
+
+
+def test_force_cooldown_refuses_for_exactly_that_long_even_in_observe_mode() -> None:
+    e = engine(policy=PolicySettings(mode="observe"))
+    e.force_cooldown(K, 30.0, 10.0)
+    d = e.admit(Attempt(K, "/ws", 20.0))
+    assert isinstance(d, Reject) and d.reason == "cooldown" and d.retry_after == 20.0
+    assert [type(a) for a in d.outcome.actions] == [CooldownStarted]  # flushed with the next call
+    assert d.outcome.actions[0].rule == "manual"  # type: ignore[union-attr]
+    assert e.admit(Attempt(K, "/ws", 40.0)).admitted
+
+
+# --- views ---------------------------------------------------------------------------
+
+
+def test_clients_are_listed_worst_first() -> None:
+    flag_only = {"enforce_on": "never"}  # critical findings, but no cooldowns
+    e = engine(DetectionSettings(rules={"auth_failure_loop": flag_only, "rapid_reconnect": flag_only}))  # type: ignore[arg-type]
+    sim = Sim(e, lambda key, n, t: Close(0.01, 1008) if key.startswith("loop") else (Close(1.0, 1006) if key == "flaky" else Close(1.0, 1000) if key == "busy" else Stay()))
+    sim.add(Client("loop", 0.0, fixed(0.05)))
+    sim.add(Client("flaky", 0.0, fixed(9.0)))
+    for i in range(20):
+        sim.add(Client(f"calm{i}", i * 0.1, once()))
+    sim.add(Client("busy", 0.0, fixed(0.5)))
+    sim.run(50.0)
+    e.force_cooldown("calm3", 60.0, 50.0)
+    views = e.clients(50.0, limit=5)
+    assert [v.key for v in views[:3]] == ["calm3", "loop", "flaky"]
+    assert [v.status for v in views[:3]] == ["cooldown", "critical", "warning"]
+    assert views[3].status == "ok" and views[3].key == "busy"  # then by rate
+    assert views[0].history == ()  # lists stay light; client() has the history
+    page2 = e.clients(50.0, limit=5, offset=5)
+    assert {v.key for v in page2}.isdisjoint(v.key for v in views)
+    assert len(e.clients(50.0, limit=100)) == 23
+    json.dumps([v.to_dict() for v in views])
+    json.dumps(e.snapshot(50.0).to_dict())
+    json.dumps([b.to_dict() for b in e.breakers(50.0)])
+
+
+def test_snapshot_top_offenders_are_the_fastest_clients() -> None:
+    e = engine(DetectionSettings(top_k=2), policy=PolicySettings(mode="observe"))
+    for i in range(100):
+        e.admit(Attempt("fast", "/ws", i * 0.05))
+        if i % 5 == 0:
+            e.admit(Attempt("medium", "/ws", i * 0.05))
+        if i % 50 == 0:
+            e.admit(Attempt("slow", "/ws", i * 0.05))
+    top = e.snapshot(5.0).top_offenders
+    assert [k for k, _ in top] == ["fast", "medium"]
+    assert top[0][1] > top[1][1] > 0
+
+
+# --- reconfigure --------------------------------------------------------------------
+
+
+def test_reconfigure_keeps_clients_cooldowns_and_breakers() -> None:
+    e = engine()
+    sim = Sim(e, always(Close(0.01, 1008)))
+    sim.add(Client(K, 0.0, fixed(0.05)))
+    sim.run(1.0)
+    e.reconfigure(DetectionSettings(rules={"no_backoff": {"enabled": False}}), PolicySettings(min_interval="1s"), BreakerSettings())  # type: ignore[arg-type]
+    view = e.client(K, 1.0)
+    assert view is not None and view.status == "cooldown"
+    assert "no_backoff" not in {f.rule for f in view.findings}
+    out = e.wake(1.0)
+    assert "no_backoff" in {f.rule for f in out.cleared}
+    assert e.snapshot(1.0).clients_flagged["no_backoff"] == 0
+
+
+def test_reconfigure_shrinking_max_clients_evicts_and_counts() -> None:
+    e = engine()
+    for i in range(50):
+        e.admit(Attempt(f"k{i}", "/ws", i * 0.01))
+    e.reconfigure(DetectionSettings(max_clients=10), PolicySettings(), BreakerSettings())
+    snap = e.snapshot(1.0)
+    assert snap.clients_tracked == 10 and snap.evictions_total == 40
