@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Info
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from proxy import __version__
+from proxy.admin_api import token_middleware
 
 
 def build_registry() -> CollectorRegistry:
@@ -24,10 +25,16 @@ def build_registry() -> CollectorRegistry:
 
 
 class AdminServer:
-    def __init__(self, registry: CollectorRegistry, *, ready: Callable[[], bool]):
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        ready: Callable[[], bool],
+        token: Callable[[], str | None] = lambda: None,
+    ):
         self.registry = registry
         self.ready = ready
-        self.app = web.Application()
+        self.app = web.Application(middlewares=[token_middleware(token)])
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/readyz", self.readyz)
         self.app.router.add_get("/metrics", make_aiohttp_handler(registry))

@@ -70,10 +70,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"loopwatch: invalid configuration:\n{e}", file=sys.stderr)
         return 2
     setup_logging(settings.logging.level, settings.logging.format)
-    from proxy.runtime import run_loop, serve
+    from proxy.runtime import ConfigSources, run_loop, serve
 
+    sources = ConfigSources(args.config, dict(os.environ), overrides)
     try:
-        return int(run_loop(lambda: serve(settings)))  # type: ignore[arg-type]
+        return int(run_loop(lambda: serve(settings, sources=sources)))  # type: ignore[arg-type]
     except OSError as e:
         print(f"loopwatch: cannot start: {e}", file=sys.stderr)
         return 1
