@@ -14,8 +14,8 @@ from websockets.asyncio.client import connect
 from proxy.config import load_settings
 from proxy.demo_backend import DemoBackend, issue_token
 from proxy.runtime import ConfigSources, Running, start
+from tests.clients import demo_backend, loop_until
 from tests.conftest import ws_url
-from tests.test_detection_proxy import demo_backend, loop_until
 
 TOKEN = "s3cret-admin-token"
 LOOPER = "tab-42@127.0.0.1"
