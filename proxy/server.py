@@ -68,8 +68,8 @@ class ClientHandshake(asyncio.Protocol):
     # --- asyncio callbacks --------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # No isinstance check: uvloop's transports do not subclass asyncio.Transport.
+        self.transport = transport  # type: ignore[assignment]
         server = self.server
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""

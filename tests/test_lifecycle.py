@@ -1,0 +1,323 @@
+"""loopwatch as a process: start, admin endpoints, signals and graceful shutdown,
+config checking, and the idle timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import pytest
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from tests.conftest import (
+    echo,
+    loopwatch,
+    read_response,
+    upgrade_request,
+    wait_for,
+    websockets_backend,
+    ws_url,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+SHUTDOWN_TIMEOUT = 3.0
+MARGIN = 5.0
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPWATCH_")}
+    env.update(extra)
+    return env
+
+
+async def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy.cli", *args,
+        cwd=ROOT, env=env or clean_env(),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@dataclass
+class Process:
+    proc: asyncio.subprocess.Process
+    proxy_port: int = 0
+    admin_port: int = 0
+    log: list[dict] = field(default_factory=list)
+    raw: list[str] = field(default_factory=list)
+
+    def events(self) -> list[str]:
+        return [line.get("event", "") for line in self.log]
+
+
+@contextlib.asynccontextmanager
+async def loopwatch_process(upstream: str, **env: str) -> AsyncIterator[Process]:
+    """`loopwatch run` as a subprocess on free ports; its JSON log collected."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy.cli", "run",
+        "--upstream", upstream, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+        cwd=ROOT, env=clean_env(**env),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    p = Process(proc)
+    listening = asyncio.get_running_loop().create_future()
+
+    async def read_log() -> None:
+        assert proc.stderr is not None
+        async for raw in proc.stderr:
+            text = raw.decode(errors="replace").rstrip("\n")
+            p.raw.append(text)
+            try:
+                line = json.loads(text)
+            except ValueError:
+                continue
+            p.log.append(line)
+            if line.get("event") == "listening" and not listening.done():
+                listening.set_result(line)
+        if not listening.done():
+            listening.set_exception(AssertionError("loopwatch exited:\n" + "\n".join(p.raw)))
+
+    reader = asyncio.create_task(read_log())
+    try:
+        line = await asyncio.wait_for(listening, 30)
+        p.proxy_port = int(line["proxy"].rsplit(":", 1)[1])
+        p.admin_port = int(line["admin"].rsplit(":", 1)[1])
+        yield p
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(reader, 10)
+
+
+class Recorder:
+    """A websockets echo backend that records how each connection ended."""
+
+    def __init__(self) -> None:
+        self.closes: list[tuple[int | None, str | None]] = []
+
+    async def handler(self, ws: ServerConnection) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await echo(ws)
+        await ws.wait_closed()
+        self.closes.append((ws.close_code, ws.close_reason))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_signal_closes_both_legs_with_1001_and_exits_0(sig):
+    recorder = Recorder()
+    async with (
+        websockets_backend(recorder.handler) as (url, _),
+        loopwatch_process(url, LOOPWATCH_LIMITS__SHUTDOWN_TIMEOUT=f"{SHUTDOWN_TIMEOUT}s") as p,
+    ):
+        clients = []
+        for i in range(3):
+            ws = await connect(f"ws://127.0.0.1:{p.proxy_port}/live/{i}", proxy=None)
+            clients.append(ws)
+            await ws.send(f"hello {i}")
+            assert await ws.recv() == f"hello {i}"
+
+        started = time.monotonic()
+        p.proc.send_signal(sig)
+        for ws in clients:
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 10)
+            assert closed.value.rcvd is not None
+            assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (
+                1001,
+                "loopwatch: shutting down",
+            )
+            await ws.close()
+        returncode = await asyncio.wait_for(p.proc.wait(), SHUTDOWN_TIMEOUT + MARGIN)
+        elapsed = time.monotonic() - started
+        assert returncode == 0, "\n".join(p.raw)
+        assert elapsed < SHUTDOWN_TIMEOUT + MARGIN
+        await wait_for(lambda: len(recorder.closes) == 3)
+        assert recorder.closes == [(1001, "loopwatch: shutting down")] * 3
+        events = p.events()
+        assert "shutting down" in events and "stopped" in events
+        assert not [line for line in p.log if line.get("level") in ("error", "critical")], p.raw
+        # The listener is gone.
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", p.proxy_port)
+
+
+async def test_sigterm_with_an_unresponsive_client_still_exits_in_time():
+    recorder = Recorder()
+    async with (
+        websockets_backend(recorder.handler) as (url, _),
+        loopwatch_process(url, LOOPWATCH_LIMITS__SHUTDOWN_TIMEOUT="1s") as p,
+    ):
+        # A raw client that completes the upgrade and then never reads or answers.
+        reader, writer = await asyncio.open_connection("127.0.0.1", p.proxy_port)
+        try:
+            writer.write(upgrade_request("/stuck"))
+            response = await asyncio.wait_for(read_response(reader, head_only=True), 10)
+            assert response.status == 101
+            await wait_for(lambda: True)
+            started = time.monotonic()
+            p.proc.send_signal(signal.SIGTERM)
+            returncode = await asyncio.wait_for(p.proc.wait(), 1 + MARGIN)
+            assert returncode == 0, "\n".join(p.raw)
+            assert time.monotonic() - started < 1 + MARGIN
+            # What the client got before the end: a 1001 close frame from loopwatch.
+            frame = await asyncio.wait_for(reader.read(4096), 5)
+            assert frame[:1] == b"\x88"
+            assert frame[2:4] == (1001).to_bytes(2, "big")
+        finally:
+            writer.close()
+        await wait_for(lambda: len(recorder.closes) == 1)
+        assert recorder.closes[0][0] == 1001
+
+
+async def test_admin_endpoints():
+    async with (
+        websockets_backend(echo) as (url, _),
+        loopwatch_process(url) as p,
+        aiohttp.ClientSession() as session,
+    ):
+        base = f"http://127.0.0.1:{p.admin_port}"
+        async with session.get(base + "/healthz") as resp:
+            assert resp.status == 200
+            assert (await resp.json())["status"] == "ok"
+        async with session.get(base + "/readyz") as resp:
+            assert resp.status == 200
+        async with session.get(base + "/metrics") as resp:
+            assert resp.status == 200
+            text = await resp.text()
+        assert 'loopwatch_build_info{version="' in text
+        # The admin port is not the proxy port, and the proxy does not serve them.
+        assert p.admin_port != p.proxy_port
+        p.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(p.proc.wait(), 10 + MARGIN) == 0
+
+
+async def test_readyz_turns_503_while_shutting_down():
+    async with websockets_backend(echo) as (url, _):
+        lw_cm = loopwatch(url, **{"limits.shutdown_timeout": "3s"})
+        lw = await lw_cm.__aenter__()
+        shutdown = None
+        reader = writer = None
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", lw.proxy_port)
+            writer.write(upgrade_request("/stuck"))  # and never answers the close
+            assert (await asyncio.wait_for(read_response(reader, head_only=True), 10)).status == 101
+            async with aiohttp.ClientSession() as session:
+                readyz = f"http://127.0.0.1:{lw.admin_port}/readyz"
+                async with session.get(readyz) as resp:
+                    assert resp.status == 200
+                shutdown = asyncio.create_task(lw.proxy.shutdown())
+                await asyncio.sleep(0.1)
+                assert not shutdown.done()
+                async with session.get(readyz) as resp:
+                    assert resp.status == 503
+        finally:
+            if writer is not None:
+                writer.close()
+            if shutdown is not None:
+                await asyncio.wait_for(shutdown, 10)
+            await lw_cm.__aexit__(None, None, None)
+
+
+async def test_check_config_good_and_bad(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text(
+        'upstream: "ws://127.0.0.1:9000"\nlisten: "127.0.0.1:8080"\n'
+        'limits:\n  handshake_timeout: "3s"\n  max_connections: 100\n'
+    )
+    code, out, err = await run_cli("check-config", str(good))
+    assert code == 0, err
+    assert "ws://127.0.0.1:9000" in out and "3s" in out
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text('upstream: "ftp://nope"\nlimits:\n  handshake_timeout: "soon"\n  max_connectons: 5\n')
+    code, out, err = await run_cli("check-config", str(bad))
+    assert code == 2
+    assert "upstream:" in err
+    assert "limits.handshake_timeout:" in err
+    assert "limits.max_connectons: unknown key; did you mean `max_connections`?" in err
+    assert out == ""
+
+    code, _, err = await run_cli("check-config", str(tmp_path / "missing.yaml"))
+    assert code == 2 and "missing.yaml" in err
+
+
+async def test_run_without_upstream_exits_2_with_a_clear_message():
+    code, out, err = await run_cli("run", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0")
+    assert code == 2
+    assert "upstream: required" in err
+    assert "--upstream" in err
+
+
+async def test_run_with_a_bad_config_file_exits_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text('upstream: "ws://127.0.0.1:1"\nlimits:\n  idle_timeout: "-1s"\n')
+    code, _, err = await run_cli("run", "--config", str(bad))
+    assert code == 2
+    assert "limits.idle_timeout" in err
+
+
+async def test_run_on_a_busy_port_exits_nonzero_with_a_message():
+    async with websockets_backend(echo) as (url, server):
+        busy = server.sockets[0].getsockname()[1]
+        code, _, err = await run_cli(
+            "run", "--upstream", url, "--listen", f"127.0.0.1:{busy}", "--admin-listen", "127.0.0.1:0"
+        )
+    assert code == 1
+    assert "cannot start" in err
+
+
+async def test_idle_timeout_closes_idle_connection_and_keeps_busy_one():
+    recorder = Recorder()
+    async with (
+        websockets_backend(recorder.handler) as (url, _),
+        loopwatch(url, **{"limits.idle_timeout": "0.5s"}) as lw,
+    ):
+        idle = await connect(ws_url(lw, "/idle"), proxy=None, ping_interval=None)
+        busy = await connect(ws_url(lw, "/busy"), proxy=None, ping_interval=None)
+        try:
+            started = time.monotonic()
+
+            async def keep_busy() -> int:
+                n = 0
+                while time.monotonic() - started < 2.5:
+                    await busy.send(f"tick {n}")
+                    assert await busy.recv() == f"tick {n}"
+                    n += 1
+                    await asyncio.sleep(0.1)
+                return n
+
+            ticks = asyncio.create_task(keep_busy())
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(idle.recv(), 10)
+            idle_for = time.monotonic() - started
+            assert closed.value.rcvd is not None
+            assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1001, "loopwatch: idle timeout")
+            assert 0.4 <= idle_for < 5
+            assert await ticks >= 10  # the busy one kept going past the idle timeout
+            assert busy.state.name == "OPEN"
+            await wait_for(lambda: len(recorder.closes) == 1)
+            assert recorder.closes == [(1001, "loopwatch: idle timeout")]
+        finally:
+            await idle.close()
+            await busy.close()
