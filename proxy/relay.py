@@ -48,17 +48,17 @@ class Leg(asyncio.Protocol):
         self.closed = False
 
     def data_received(self, data: bytes) -> None:
-        if self.forward:
+        if self.pending is None and self.forward:
             parser = self.parser
             n = parser.feed(data)
             if n == len(data):
                 self.out.write(data)
                 if parser.close_seen and self.relay.initiator is None:
                     self.relay.initiator = self.side
-                if self.pending is not None and parser.at_boundary:
-                    self.relay.flush_pending(self)
                 return
             self.relay.violation(self, data, n)
+        elif self.forward:
+            self.relay.finish_frame(self, data)
         else:
             self.relay.discard(self, data)
 
@@ -135,8 +135,11 @@ class Relay:
             self.upstream.data_received(upstream_early)
         if client_early and not self.upstream.closed:
             self.client.data_received(client_early)
-        self.client.resume()
-        self.upstream.resume()
+        for leg in (self.client, self.upstream):
+            # A leg whose output is already over its high-water mark stays paused:
+            # resume_writing resumes it once that output drains.
+            if leg.out.get_write_buffer_size() <= leg.out.get_write_buffer_limits()[1]:
+                leg.resume()
 
     def other(self, leg: Leg) -> Leg:
         return self.upstream if leg is self.client else self.client
@@ -146,6 +149,8 @@ class Relay:
         seen, the proxy's own close, or 1006 when a side vanished without one."""
         if self.initiator == CLIENT or self.initiator == UPSTREAM:
             parser = self.client.parser if self.initiator == CLIENT else self.upstream.parser
+            if not parser.close_seen:  # that side vanished without a close frame
+                return 1006, "", self.initiator
             code = parser.close_code if parser.close_code is not None else 1005
             return code, parser.close_reason, self.initiator
         if self.initiator == PROXY and self.proxy_code is not None:
@@ -154,10 +159,10 @@ class Relay:
 
     # --- the proxy's own close: off the hot path ------------------------------
 
-    def close(self, code: int, reason: str, *, cut: Leg | None = None) -> None:
+    def close(self, code: int, reason: str) -> None:
         """End the connection from the proxy: a close frame into each direction at a
-        frame boundary (`cut` is a direction already stopped at one), then the
-        transports close once each side answered, or after CLOSE_GRACE."""
+        frame boundary, then the transports close once each side answered, or
+        after CLOSE_GRACE."""
         if self.closing or self.done:
             return
         self.closing = True
@@ -166,41 +171,91 @@ class Relay:
         self.proxy_code, self.proxy_reason = code, reason
         self._timer = asyncio.get_running_loop().call_later(CLOSE_GRACE, self.abort)
         for leg in (self.client, self.upstream):
-            if self.other(leg).closed or leg.eof:
+            if self.other(leg).closed or leg.eof or not leg.forward:
                 leg.forward = False
                 continue
             leg.pending = build_close_frame(code, reason, mask=leg is self.client)
-            if leg is cut or leg.parser.at_boundary:
+            if leg.parser.at_boundary:
                 self.flush_pending(leg)
-            # else: the direction is mid-frame; Leg.data_received flushes at the boundary.
+            # else: the direction is mid-frame; finish_frame flushes at its end.
 
     def flush_pending(self, leg: Leg) -> None:
         frame, leg.pending = leg.pending, None
         leg.forward = False
         if frame is not None:
             leg.out.write(frame)
+        self.settle(self.other(leg))
+
+    def finish_frame(self, leg: Leg, data: bytes) -> None:
+        """A close frame of the proxy's waits for the frame in flight: forward up
+        to that frame's end, write the close frame, and only watch what follows."""
+        parser = leg.parser
+        pos, n = 0, len(data)
+        while pos < n and not parser.at_boundary:
+            # The rest of the payload at once; a header still incomplete byte by
+            # byte (at most 13 bytes), until its length is known.
+            take = min(parser.frame_remaining or 1, n - pos)
+            piece = data[pos : pos + take]
+            k = parser.feed(piece)
+            if k < take:
+                self.violation(leg, piece, k)
+                return
+            leg.out.write(piece)
+            pos += take
+        if parser.close_seen and self.initiator is None:
+            self.initiator = leg.side
+        if parser.at_boundary:
+            self.flush_pending(leg)
+            if pos < n:
+                self.discard(leg, data[pos:])
 
     def violation(self, leg: Leg, data: bytes, n: int) -> None:
         """A frame loopwatch must not forward (protocol error, message too big): pass
         what came before it, then close both sides with the error's code."""
-        leg.out.write(data[:n])
-        leg.forward = False
+        if n:
+            leg.out.write(data[:n])
         err = leg.parser.error
         if err is None:  # cannot happen: feed() stops short only on an error
             raise AssertionError("frame parser stopped without an error")
+        if not leg.parser.at_boundary:
+            # The offending frame started in an earlier chunk and its first bytes
+            # are out: a close frame now would land inside it. End that stream.
+            leg.forward = False
+            leg.pending = None
+            leg.out.close()
         if self.closing:
             if leg.pending is not None:
                 self.flush_pending(leg)
-            return
-        self.close(err.close_code, f"loopwatch: {err.reason}", cut=leg)
+        else:
+            self.close(err.close_code, f"loopwatch: {err.reason}")
+        leg.forward = False
+        self.settle(leg)
 
     def discard(self, leg: Leg, data: bytes) -> None:
         """Bytes after the proxy closed this direction: watch for the side's close reply."""
         parser = leg.parser
         if parser.error is None:
             parser.feed(data)
-        if self.closing and (parser.close_seen or parser.error is not None):
-            leg.transport.close()
+        self.settle(leg)
+
+    def settle(self, leg: Leg) -> None:
+        """While closing, end `leg`'s side once its close handshake is done: the
+        proxy's close frame is written to it and its own close frame arrived."""
+        if not self.closing or leg.closed or self.other(leg).pending is not None:
+            return
+        transport = leg.transport
+        if leg.parser.close_seen:
+            transport.close()
+        elif leg.parser.error is not None and not transport.is_closing():
+            # Its stream cannot be read any more, so its close reply would go
+            # unnoticed: send a FIN after the close frame and keep reading (and
+            # dropping) until the peer closes its side. Closing outright with
+            # unread bytes would reset the connection, and a reset can destroy
+            # the close frame before the peer reads it.
+            if transport.can_write_eof():
+                transport.write_eof()
+            else:
+                transport.close()
 
     def abort(self) -> None:
         for leg in (self.client, self.upstream):
@@ -212,8 +267,16 @@ class Relay:
     def half_close(self, leg: Leg) -> bool:
         """A side shut its writing half: pass the EOF on where the other transport
         can (TLS cannot half-close: then both close)."""
+        if self.closing:
+            # That side is done; the other ends with its own close reply (settle)
+            # or at the grace timeout.
+            return False
+        if not leg.parser.close_seen:
+            # A WebSocket ends with a close frame; an EOF before one means the side
+            # is gone: let the transport close, and lost() tell the other side.
+            return False
         other = self.other(leg)
-        if self.closing or other.closed or other.eof or not other.transport.can_write_eof():
+        if other.closed or other.eof or not other.transport.can_write_eof():
             # Both halves are shut (or cannot be shut one by one): close both.
             if not other.closed:
                 other.transport.close()
@@ -225,6 +288,8 @@ class Relay:
     def lost(self, leg: Leg) -> None:
         if self.done:
             return
+        if self.initiator is None:
+            self.initiator = leg.side  # it vanished first, without a close frame
         other = self.other(leg)
         if not other.closed:
             if self.closing:
@@ -232,13 +297,18 @@ class Relay:
             elif leg.parser.close_seen or leg.eof:
                 other.transport.close()  # an ordinary close handshake: flush, then close
             elif leg.parser.at_boundary and leg.parser.error is None:
-                # The side vanished without a close frame: tell the other one why.
+                # The side vanished without a close frame: tell the other one why,
+                # then wait (up to CLOSE_GRACE) for its close reply, as in close().
                 if leg is self.upstream:
                     code, reason = CODE_UPSTREAM_LOST, "loopwatch: upstream connection lost"
                 else:
                     code, reason = CODE_CLIENT_LOST, "loopwatch: client connection lost"
+                self.closing = True
+                self._timer = asyncio.get_running_loop().call_later(CLOSE_GRACE, self.abort)
+                leg.forward = other.forward = False
+                leg.pending = None
                 other.transport.write(build_close_frame(code, reason, mask=other is self.upstream))
-                other.transport.close()
+                self.settle(other)
             else:
                 other.transport.abort()  # mid-frame: a close frame now would corrupt the stream
             return
