@@ -234,3 +234,19 @@ def upgrade_request(path: str = "/", host: str = "example.test", extra: bytes = 
         f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
     ).encode() + extra + b"\r\n"
+
+
+# --- event loops ----------------------------------------------------------------
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """Async tests run on asyncio's default loop. A test module that sets
+    `RUN_ON_UVLOOP = True` runs each of its tests on uvloop as well: the loop
+    `loopwatch run` uses, whose transports behave differently in places (they are
+    not even asyncio.Transport instances)."""
+    factories: dict[str, Any] = {"asyncio": asyncio.new_event_loop}
+    if getattr(getattr(item, "module", None), "RUN_ON_UVLOOP", False):
+        import uvloop
+
+        factories["uvloop"] = uvloop.new_event_loop
+    return factories

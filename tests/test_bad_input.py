@@ -30,6 +30,8 @@ from tests.conftest import (
     websockets_backend,
 )
 
+RUN_ON_UVLOOP = True  # each test runs on asyncio's loop and on uvloop (tests/conftest.py)
+
 
 @dataclass
 class Setup:

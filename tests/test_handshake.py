@@ -35,6 +35,8 @@ from tests.conftest import (
     ws_url,
 )
 
+RUN_ON_UVLOOP = True  # each test runs on asyncio's loop and on uvloop (tests/conftest.py)
+
 
 def client(url: str, **kwargs):  # noqa: ANN201
     kwargs.setdefault("proxy", None)

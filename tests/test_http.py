@@ -15,6 +15,8 @@ from aiohttp import web
 
 from tests.conftest import free_port, loopwatch, raw_exchange, read_response, wait_for
 
+RUN_ON_UVLOOP = True  # each test runs on asyncio's loop and on uvloop (tests/conftest.py)
+
 FIRST_CHUNK_TIMEOUT = 10.0
 
 

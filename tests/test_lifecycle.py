@@ -30,6 +30,9 @@ from tests.conftest import (
     ws_url,
 )
 
+RUN_ON_UVLOOP = True  # in-process tests run on asyncio's loop and on uvloop (tests/conftest.py)
+# A test of loopwatch as a subprocess (which runs on uvloop) needs one client loop only.
+SUBPROCESS = pytest.mark.asyncio(loop_factories=["asyncio"])
 ROOT = Path(__file__).resolve().parent.parent
 SHUTDOWN_TIMEOUT = 3.0
 MARGIN = 5.0
@@ -123,6 +126,7 @@ class Recorder:
         self.closes.append((ws.close_code, ws.close_reason))
 
 
+@SUBPROCESS
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_signal_closes_both_legs_with_1001_and_exits_0(sig):
     recorder = Recorder()
@@ -162,6 +166,7 @@ async def test_signal_closes_both_legs_with_1001_and_exits_0(sig):
             await asyncio.open_connection("127.0.0.1", p.proxy_port)
 
 
+@SUBPROCESS
 async def test_sigterm_with_an_unresponsive_client_still_exits_in_time():
     recorder = Recorder()
     async with (
@@ -174,7 +179,6 @@ async def test_sigterm_with_an_unresponsive_client_still_exits_in_time():
             writer.write(upgrade_request("/stuck"))
             response = await asyncio.wait_for(read_response(reader, head_only=True), 10)
             assert response.status == 101
-            await wait_for(lambda: True)
             started = time.monotonic()
             p.proc.send_signal(signal.SIGTERM)
             returncode = await asyncio.wait_for(p.proc.wait(), 1 + MARGIN)
@@ -190,6 +194,7 @@ async def test_sigterm_with_an_unresponsive_client_still_exits_in_time():
         assert recorder.closes[0][0] == 1001
 
 
+@SUBPROCESS
 async def test_admin_endpoints():
     async with (
         websockets_backend(echo) as (url, _),
@@ -239,6 +244,7 @@ async def test_readyz_turns_503_while_shutting_down():
             await lw_cm.__aexit__(None, None, None)
 
 
+@SUBPROCESS
 async def test_check_config_good_and_bad(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text(
@@ -262,6 +268,7 @@ async def test_check_config_good_and_bad(tmp_path):
     assert code == 2 and "missing.yaml" in err
 
 
+@SUBPROCESS
 async def test_run_without_upstream_exits_2_with_a_clear_message():
     code, out, err = await run_cli("run", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0")
     assert code == 2
@@ -269,6 +276,7 @@ async def test_run_without_upstream_exits_2_with_a_clear_message():
     assert "--upstream" in err
 
 
+@SUBPROCESS
 async def test_run_with_a_bad_config_file_exits_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text('upstream: "ws://127.0.0.1:1"\nlimits:\n  idle_timeout: "-1s"\n')
@@ -277,6 +285,7 @@ async def test_run_with_a_bad_config_file_exits_2(tmp_path):
     assert "limits.idle_timeout" in err
 
 
+@SUBPROCESS
 async def test_run_on_a_busy_port_exits_nonzero_with_a_message():
     async with websockets_backend(echo) as (url, server):
         busy = server.sockets[0].getsockname()[1]
