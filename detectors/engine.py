@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import random
 from collections import deque
 
@@ -27,8 +28,8 @@ from detectors import findings, policy, tracker
 from detectors.actions import Action, CloseConnection, CooldownEnded, WouldReject
 from detectors.breaker import CLOSED, PROBE, REFUSE, CircuitBreaker
 from detectors.decisions import ADMITTED, EMPTY, Admit, Outcome, Reject
-from detectors.events import Attempt, Closed, ConnId, HandshakeFailed, Opened, Rejected
-from detectors.findings import Finding
+from detectors.events import Attempt, Closed, ConnId, HandshakeFailed, Opened
+from detectors.findings import Finding, Flag
 from detectors.fleet import Fleet
 from detectors.inspect import breaker_states, client_view, rank, snapshot, top_offenders
 from detectors.rules import RULE_NAMES, RULES
@@ -83,16 +84,15 @@ class Engine:
         self._policy = policy.Policy(policy_)
         self._breaker_settings = breakers
         blocks = {rule.name: rule.settings(detection.rules) for rule in RULES}
+        active = [rule for rule in RULES if blocks[rule.name].enabled]
         self._rules = tuple(
-            (rule.name, rule.evaluate, blocks[rule.name], rule.recheck_at is not None)
-            for rule in RULES
-            if blocks[rule.name].enabled
+            (rule.name, rule.check, rule.evidence, blocks[rule.name], rule.recheck_at is not None)
+            for rule in active
         )
         self._rechecks = tuple(
-            (rule.recheck_at, blocks[rule.name])
-            for rule in RULES
-            if rule.recheck_at is not None and blocks[rule.name].enabled
+            (rule.recheck_at, blocks[rule.name]) for rule in active if rule.recheck_at is not None
         )
+        self._views = {rule.name: (rule.check, rule.evidence, blocks[rule.name]) for rule in active}
         self._quiet = detection.quiet_period
         self._sweep_every = detection.client_ttl * _SWEEP_FRACTION
 
@@ -107,7 +107,7 @@ class Engine:
             self._forget(state, t)
         for breaker, block in ((self._upstream, breakers.upstream), (self._auth, breakers.auth)):
             self._actions.extend(breaker.configure(block, t))
-        enabled = {name for name, *_ in self._rules}
+        enabled = set(self._views)
         for state in list(self._notable.values()):
             if state.flags:
                 for rule in [r for r in state.flags if r not in enabled]:
@@ -152,8 +152,7 @@ class Engine:
                     probes = [*probes, breaker] if probes else [breaker]
 
         if reject is not None:
-            rejected = Rejected(state.key, attempt.route, t, reject.reason)
-            tracker.on_rejected(state, rejected, self._detection)
+            tracker.on_rejected(state, t, reject.reason, self._detection)
             self._evaluate(state, t, _ENFORCE_NONE)
             self._reschedule(state, t)
             outcome = self._take()
@@ -338,26 +337,33 @@ class Engine:
 
     def _evaluate(self, state: ClientState, t: float, enforce: int) -> None:
         flags = state.flags
+        quiet = self._quiet
         culprits: list[tuple[str, RuleSettings]] | None = None
-        for name, evaluate, block, timed in self._rules:
-            match = evaluate(state, block, t)
-            if match is None:
-                if flags is None or name not in flags:
-                    continue
-                _, cleared = findings.update(flags, name, None, t, self._quiet)
-                if cleared is not None:
-                    self._cleared.append(cleared)
-                    self._flagged[name] -= 1
+        for name, check, evidence, block, timed in self._rules:
+            severity = check(state, block, t)
+            if severity is None:
+                if flags is not None:
+                    flag = flags.get(name)
+                    if flag is not None and findings.expired(flag, t, quiet):
+                        del flags[name]
+                        self._cleared.append(flag.raised)
+                        self._flagged[name] -= 1
                 continue
             if flags is None:
                 flags = state.flags = {}
-            new = name not in flags
-            raised, _ = findings.update(flags, name, match, t, self._quiet)
-            if raised is not None:
-                self._raised.append(raised)
-                if new:
+            flag = flags.get(name)
+            if flag is not None:
+                flag.last_match = t
+            if findings.is_news(flag, severity):
+                # Evidence is built only for news; a refresh is a float store.
+                finding = Finding(state.key, name, severity, evidence(state, block, t), t)
+                if flag is None:
+                    flags[name] = Flag(finding)
                     self._flagged[name] += 1
-            if enforce and (enforce == _ENFORCE_ALL or timed) and policy.enforces(block, match.severity):
+                else:
+                    flag.raised = finding
+                self._raised.append(finding)
+            if enforce and (enforce == _ENFORCE_ALL or timed) and policy.enforces(block, severity):
                 culprits = [*culprits, (name, block)] if culprits else [(name, block)]
         if flags is not None and not flags:
             state.flags = None
@@ -385,10 +391,10 @@ class Engine:
         self._actions.append(CooldownEnded(state.key, t))
 
     def _rule_mode(self, rule: str) -> str:
-        for name, _, block, _ in self._rules:
-            if name == rule:
-                return policy.rule_mode(block, self._policy.settings)
-        return self._policy.settings.mode
+        view = self._views.get(rule)
+        if view is None:
+            return self._policy.settings.mode
+        return policy.rule_mode(view[2], self._policy.settings)
 
     # --- time ----------------------------------------------------------------
 
@@ -449,6 +455,10 @@ class Engine:
                 when = recheck_at(state, block, t)
                 if when is not None:
                     due = min(due, when)
+        if due <= t:
+            # Never schedule into the past: wake() would pop it again at once. The
+            # sources above are all after t; this only guards against a spin.
+            due = math.nextafter(t, INF)
         if due < state.scheduled:
             state.scheduled = due
             heapq.heappush(self._queue, (due, next(self._seq), state.key))
@@ -577,7 +587,7 @@ class Engine:
         )
         candidates.sort(key=lambda s: (rank(s, t), -s.rate_at(t, tau)))
         return [
-            client_view(s, t, tau, self._quiet, history=False)
+            client_view(s, t, tau, self._quiet, self._views, history=False)
             for s in candidates[offset : offset + limit]
         ]
 
@@ -585,7 +595,7 @@ class Engine:
         state = self._store.get(key)
         if state is None:
             return None
-        return client_view(state, t, self._detection.rate_window, self._quiet, history=True)
+        return client_view(state, t, self._detection.rate_window, self._quiet, self._views, history=True)
 
     def _advance_breakers(self, t: float) -> None:
         for breaker in self._breakers:

@@ -3,8 +3,9 @@
 A rule *matches* at an instant; a client is *flagged* from the first match
 until the rule has not matched for ``quiet_period``. Observers see a finding
 twice: when it is raised (first match, or escalation to a higher severity) and
-when it clears. Between the two, matches only refresh the flag, so a loop at
-50 attempts/s is one finding, not 50 a second.
+when it clears. Between the two, matches only refresh the flag — without
+building evidence — so a loop at 50 attempts/s is one finding, not 50 a
+second, and costs a few comparisons per event.
 """
 
 from __future__ import annotations
@@ -38,13 +39,12 @@ class Finding:
 
 
 class Flag:
-    """A raised finding while it lasts: what observers saw, and the latest evidence."""
+    """A raised finding while it lasts."""
 
-    __slots__ = ("raised", "latest", "last_match")
+    __slots__ = ("raised", "last_match")
 
     def __init__(self, finding: Finding) -> None:
-        self.raised = finding  # the Finding observers were given (highest severity so far)
-        self.latest = finding  # the most recent match, for fresh evidence in the admin view
+        self.raised = finding  # what observers were given (the highest severity so far)
         self.last_match = finding.t
 
     @property
@@ -55,24 +55,13 @@ class Flag:
         return self.last_match + quiet_period
 
 
-def update(
-    flags: dict[str, Flag], rule: str, match: Finding | None, t: float, quiet_period: float
-) -> tuple[Finding | None, Finding | None]:
-    """Apply one evaluation of ``rule`` at ``t``; returns (raised, cleared)."""
-    flag = flags.get(rule)
-    if match is not None:
-        if flag is None:
-            flags[rule] = Flag(match)
-            return match, None
-        flag.latest = match
-        flag.last_match = t
-        if SEVERITY_RANK[match.severity] > SEVERITY_RANK[flag.raised.severity]:
-            # Escalation is news (warning → critical); de-escalation is not: the
-            # flag keeps its worst severity until it clears as a whole.
-            flag.raised = match
-            return match, None
-        return None, None
-    if flag is not None and t - flag.last_match >= quiet_period:
-        del flags[rule]
-        return None, flag.raised
-    return None, None
+def is_news(flag: Flag | None, severity: Severity) -> bool:
+    """A first match, or an escalation (warning → critical). De-escalation is not
+    news: a flag keeps its worst severity until it clears as a whole."""
+    return flag is None or SEVERITY_RANK[severity] > SEVERITY_RANK[flag.raised.severity]
+
+
+def expired(flag: Flag, t: float, quiet_period: float) -> bool:
+    # The same arithmetic as clears_at, which is when the engine asks to be
+    # woken: ``t - last_match >= quiet`` can round the other way at that instant.
+    return t >= flag.last_match + quiet_period

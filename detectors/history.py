@@ -32,10 +32,14 @@ def _index(options: tuple[str, ...], value: str | None) -> int:
         return len(options) - 1  # "other"
 
 
+def pack_rejected(reason: str) -> int:
+    return _KIND_OF[Rejected] | _index(REJECT_REASONS, reason) << 3
+
+
 def pack(event: Event) -> int:
     kind = _KIND_OF[type(event)]
     if isinstance(event, Rejected):
-        return kind | _index(REJECT_REASONS, event.reason) << 3
+        return pack_rejected(event.reason)
     if isinstance(event, HandshakeFailed):
         if event.status is None:
             return kind | _index(ERRORS, event.error) << 3 | _NO_STATUS << 7

@@ -7,7 +7,8 @@ operator's request and may iterate, sort and allocate.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from detectors.breaker import CircuitBreaker
 from detectors.findings import SEVERITY_RANK
@@ -37,7 +38,22 @@ def rank(state: ClientState, t: float) -> int:
     return _STATUS_RANK[status(state, t)]
 
 
-def client_view(state: ClientState, t: float, tau: float, quiet: float, *, history: bool) -> ClientView:
+# rule name → (check, evidence, settings block), for evidence as of the view's time
+RuleViews = Mapping[str, tuple[Callable[[ClientState, Any, float], str | None], Callable[[ClientState, Any, float], dict[str, Any]], Any]]
+
+
+def _evidence(state: ClientState, rule: str, raised: Mapping[str, Any], t: float, rules: RuleViews) -> Mapping[str, Any]:
+    """Fresh evidence while the rule still matches; what was raised once it does not."""
+    view = rules.get(rule)
+    if view is None:
+        return raised
+    check, evidence, block = view
+    return evidence(state, block, t) if check(state, block, t) is not None else raised
+
+
+def client_view(
+    state: ClientState, t: float, tau: float, quiet: float, rules: RuleViews, *, history: bool
+) -> ClientView:
     cooling = state.cool_rule is not None and state.cool_until > t
     flags = state.flags or {}
     entries = ()
@@ -65,7 +81,7 @@ def client_view(state: ClientState, t: float, tau: float, quiet: float, *, histo
                 raised_at=flag.raised.t,
                 last_match=flag.last_match,
                 clears_at=flag.clears_at(quiet),
-                evidence=flag.latest.evidence,
+                evidence=_evidence(state, rule, flag.raised.evidence, t, rules),
             )
             for rule, flag in flags.items()
         ),

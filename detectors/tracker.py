@@ -69,12 +69,14 @@ def on_attempt(state: ClientState, event: Attempt, settings: DetectionSettings) 
     _remember(state, event, settings)
 
 
-def on_rejected(state: ClientState, event: Rejected, settings: DetectionSettings) -> int:
-    t = event.t
+def on_rejected(state: ClientState, t: float, reason: str, settings: DetectionSettings) -> int:
+    # Takes the fields, not a Rejected event: the engine records its own
+    # refusals on the hot path and need not build an event object for it.
     state.end_t = t
     state.last_seen = t
-    _remember(state, event, settings)
-    if event.reason in NEUTRAL_REJECTIONS:
+    if settings.history_size:
+        _remember_packed(state, t, history.pack_rejected(reason), settings.history_size)
+    if reason in NEUTRAL_REJECTIONS:
         state.end_failed = False
         return 0
     state.end_failed = True
@@ -164,7 +166,7 @@ def apply(state: ClientState, event: Event, settings: DetectionSettings) -> int:
         on_attempt(state, event, settings)
         return 0
     if isinstance(event, Rejected):
-        return on_rejected(state, event, settings)
+        return on_rejected(state, event.t, event.reason, settings)
     if isinstance(event, HandshakeFailed):
         return on_handshake_failed(state, event, settings)
     if isinstance(event, Opened):
@@ -180,13 +182,17 @@ def _auth_failure(state: ClientState, t: float, settings: DetectionSettings) -> 
 def _remember(state: ClientState, event: Event, settings: DetectionSettings) -> None:
     size = settings.history_size
     if size:
-        state.history_t = ring.push(state.history_t, event.t, size)
-        values = state.history_v
-        if values is None:
-            values = state.history_v = array("q")
-        values.append(history.pack(event))
-        if len(values) > size:
-            del values[: len(values) - size]
+        _remember_packed(state, event.t, history.pack(event), size)
+
+
+def _remember_packed(state: ClientState, t: float, packed: int, size: int) -> None:
+    state.history_t = ring.push(state.history_t, t, size)
+    values = state.history_v
+    if values is None:
+        values = state.history_v = array("q")
+    values.append(packed)
+    if len(values) > size:
+        del values[: len(values) - size]
 
 
 # Ring capacities: a ring only needs to hold as many entries as the largest

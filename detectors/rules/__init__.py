@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from detectors.findings import Finding
+from detectors.findings import Finding, Severity
 from detectors.rules import (
     auth_failure_loop,
     duplicate_connections,
@@ -23,23 +23,41 @@ from detectors.state import ClientState
 
 class Rule(NamedTuple):
     name: str
-    evaluate: Callable[[ClientState, Any, float], Finding | None]
+    check: Callable[[ClientState, Any, float], Severity | None]
+    evidence: Callable[[ClientState, Any, float], dict[str, Any]]
     settings: Callable[[RulesSettings], RuleSettings]
     # When the verdict may change with no new event (None: only events change it).
     recheck_at: Callable[[ClientState, Any, float], float | None] | None = None
 
+    def evaluate(self, state: ClientState, settings: Any, t: float) -> Finding | None:
+        level = self.check(state, settings, t)
+        if level is None:
+            return None
+        return Finding(state.key, self.name, level, self.evidence(state, settings, t), t)
+
 
 RULES: tuple[Rule, ...] = (
-    Rule(auth_failure_loop.NAME, auth_failure_loop.evaluate, lambda r: r.auth_failure_loop),
-    Rule(rapid_reconnect.NAME, rapid_reconnect.evaluate, lambda r: r.rapid_reconnect),
-    Rule(short_lived.NAME, short_lived.evaluate, lambda r: r.short_lived),
+    Rule(
+        auth_failure_loop.NAME,
+        auth_failure_loop.check,
+        auth_failure_loop.evidence,
+        lambda r: r.auth_failure_loop,
+    ),
+    Rule(
+        rapid_reconnect.NAME,
+        rapid_reconnect.check,
+        rapid_reconnect.evidence,
+        lambda r: r.rapid_reconnect,
+    ),
+    Rule(short_lived.NAME, short_lived.check, short_lived.evidence, lambda r: r.short_lived),
     Rule(
         duplicate_connections.NAME,
-        duplicate_connections.evaluate,
+        duplicate_connections.check,
+        duplicate_connections.evidence,
         lambda r: r.duplicate_connections,
         duplicate_connections.recheck_at,
     ),
-    Rule(no_backoff.NAME, no_backoff.evaluate, lambda r: r.no_backoff),
+    Rule(no_backoff.NAME, no_backoff.check, no_backoff.evidence, lambda r: r.no_backoff),
 )
 RULE_NAMES: tuple[str, ...] = tuple(rule.name for rule in RULES)
 

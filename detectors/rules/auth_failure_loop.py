@@ -14,40 +14,40 @@ its flag clears after the quiet period.
 
 from __future__ import annotations
 
+from typing import Any
+
 from detectors import ring
 from detectors.findings import Finding, Severity
-from detectors.rules.evidence import close_codes, severity, span
+from detectors.rules.evidence import close_codes, finding, severity, span
 from detectors.settings import AuthFailureLoopSettings
 from detectors.state import ClientState
 
 NAME = "auth_failure_loop"
 
 
-def evaluate(state: ClientState, settings: AuthFailureLoopSettings, t: float) -> Finding | None:
+def check(state: ClientState, settings: AuthFailureLoopSettings, t: float) -> Severity | None:
     times = state.auth_times
     if times is None:
         return None
-    last_activity = max(state.attempt_t, state.end_t)
-    looping = state.streak >= settings.consecutive and t - last_activity < settings.retry_within
+    if state.streak >= settings.consecutive and t - max(state.attempt_t, state.end_t) < settings.retry_within:
+        return "critical"
+    return severity(ring.count_since(times, t - settings.window), settings.warning, settings.critical)
+
+
+def evidence(state: ClientState, settings: AuthFailureLoopSettings, t: float) -> dict[str, Any]:
+    times = state.auth_times
     count = ring.count_since(times, t - settings.window)
-    level: Severity | None = "critical" if looping else severity(
-        count, settings.warning, settings.critical
-    )
-    if level is None:
-        return None
-    first, last = span(times, max(count, 1))
-    return Finding(
-        state.key,
-        NAME,
-        level,
-        {
-            "consecutive": state.streak,
-            "auth_failures": count,
-            "window": settings.window,
-            "rate": count / settings.window,
-            "close_codes": close_codes(state),
-            "first_seen": first,
-            "last_seen": last,
-        },
-        t,
-    )
+    first, last = span(times, count)
+    return {
+        "consecutive": state.streak,
+        "auth_failures": count,
+        "window": settings.window,
+        "rate": count / settings.window,
+        "close_codes": close_codes(state),
+        "first_seen": first,
+        "last_seen": last,
+    }
+
+
+def evaluate(state: ClientState, settings: AuthFailureLoopSettings, t: float) -> Finding | None:
+    return finding(NAME, check, evidence, state, settings, t)

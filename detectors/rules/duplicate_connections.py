@@ -1,8 +1,8 @@
 """duplicate_connections: one key holding more sockets than it should.
 
 A warning when more than ``max_connections`` (3) connections of one key have
-each been open longer than ``held_for`` (5 s) — the incident's two effects
-each opening a socket, multiplied. The ``held_for`` delay ignores the brief
+each been open at least ``held_for`` (5 s) — the incident's two effects each
+opening a socket, multiplied. The ``held_for`` delay ignores the brief
 overlap of a reconnect (new socket up before the old one is closed).
 
 It is the one rule whose verdict changes with time alone (the extra sockets
@@ -11,7 +11,11 @@ age into ``held_for``), so it tells the engine when to look again.
 
 from __future__ import annotations
 
-from detectors.findings import Finding
+from typing import Any
+
+from detectors.events import ConnId
+from detectors.findings import Finding, Severity
+from detectors.rules.evidence import finding
 from detectors.settings import DuplicateConnectionsSettings
 from detectors.state import ClientState
 
@@ -19,35 +23,36 @@ NAME = "duplicate_connections"
 _MAX_IDS = 10  # evidence lists a few conn ids, not thousands
 
 
-def evaluate(
-    state: ClientState, settings: DuplicateConnectionsSettings, t: float
-) -> Finding | None:
+def _held(state: ClientState, settings: DuplicateConnectionsSettings, t: float) -> list[tuple[float, ConnId]]:
+    conns = state.open or {}
+    held_for = settings.held_for
+    # ``opened + held_for`` is the same arithmetic recheck_at uses, so a wake at
+    # exactly that time matches (t - held_for could round the other way).
+    return [(opened, cid) for cid, opened in conns.items() if opened + held_for <= t]
+
+
+def check(state: ClientState, settings: DuplicateConnectionsSettings, t: float) -> Severity | None:
     conns = state.open
     limit = settings.max_connections
     if conns is None or len(conns) <= limit:
         return None
-    held_for = settings.held_for
-    # ``opened + held_for`` is the same arithmetic recheck_at uses, so a wake at
-    # exactly that time matches (t - held_for could round the other way).
-    held = [(opened, cid) for cid, opened in conns.items() if opened + held_for <= t]
-    if len(held) <= limit:
-        return None
-    held.sort(key=lambda pair: pair[0])
-    return Finding(
-        state.key,
-        NAME,
-        "warning",
-        {
-            "concurrent": len(conns),
-            "held": len(held),
-            "max_connections": limit,
-            "oldest_opened": held[0][0],
-            "conn_ids": [cid for _, cid in held[:_MAX_IDS]],
-            "first_seen": held[0][0],
-            "last_seen": held[-1][0],
-        },
-        t,
-    )
+    return "warning" if len(_held(state, settings, t)) > limit else None
+
+
+def evidence(state: ClientState, settings: DuplicateConnectionsSettings, t: float) -> dict[str, Any]:
+    held = sorted(_held(state, settings, t), key=lambda pair: pair[0])
+    return {
+        "concurrent": state.open_count,
+        "held": len(held),
+        "max_connections": settings.max_connections,
+        "conn_ids": [cid for _, cid in held[:_MAX_IDS]],
+        "first_seen": held[0][0] if held else None,
+        "last_seen": held[-1][0] if held else None,
+    }
+
+
+def evaluate(state: ClientState, settings: DuplicateConnectionsSettings, t: float) -> Finding | None:
+    return finding(NAME, check, evidence, state, settings, t)
 
 
 def recheck_at(state: ClientState, settings: DuplicateConnectionsSettings, t: float) -> float | None:

@@ -10,39 +10,47 @@ four intervals, so neither is flagged.
 
 from __future__ import annotations
 
-from detectors.findings import Finding
+from typing import Any
+
+from detectors.findings import Finding, Severity
+from detectors.rules.evidence import finding
 from detectors.settings import NoBackoffSettings
 from detectors.state import ClientState
 
 NAME = "no_backoff"
 
 
-def evaluate(state: ClientState, settings: NoBackoffSettings, t: float) -> Finding | None:
+def check(state: ClientState, settings: NoBackoffSettings, t: float) -> Severity | None:
     intervals = state.intervals
     n = settings.intervals
     if intervals is None or len(intervals) < n:
         return None
     when = state.interval_times
-    assert when is not None  # pushed together with intervals
-    if when[-n] < t - settings.window:
+    if when is None or when[-n] < t - settings.window:
         return None
-    recent = intervals[-n:]
     growth = settings.growth
-    for previous, current in zip(recent, recent[1:], strict=False):
+    start = len(intervals) - n
+    previous = total = intervals[start]
+    for i in range(start + 1, len(intervals)):  # indexes, not a slice: no allocation
+        current = intervals[i]
         if current >= growth * previous:
             return None  # it backs off at least once: not this rule's business
-    average = sum(recent) / n
-    if average >= settings.max_average:
-        return None
-    return Finding(
-        state.key,
-        NAME,
-        "warning",
-        {
-            "intervals": [round(x, 6) for x in recent],
-            "average": average,
-            "first_seen": when[-n],
-            "last_seen": when[-1],
-        },
-        t,
-    )
+        total += current
+        previous = current
+    return "warning" if total / n < settings.max_average else None
+
+
+def evidence(state: ClientState, settings: NoBackoffSettings, t: float) -> dict[str, Any]:
+    n = settings.intervals
+    recent = list(state.intervals or ())[-n:]
+    when = state.interval_times or ()
+    return {
+        "intervals": [round(x, 6) for x in recent],
+        "average": sum(recent) / len(recent) if recent else None,
+        "first_seen": when[-len(recent)] if recent else None,
+        "last_seen": when[-1] if recent else None,
+    }
+
+
+def evaluate(state: ClientState, settings: NoBackoffSettings, t: float) -> Finding | None:
+    return finding(NAME, check, evidence, state, settings, t)

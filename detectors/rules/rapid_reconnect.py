@@ -9,36 +9,37 @@ many healthy users behind one address are not a loop.
 
 from __future__ import annotations
 
+from typing import Any
+
 from detectors import ring
-from detectors.findings import Finding
-from detectors.rules.evidence import close_codes, severity, span
+from detectors.findings import Finding, Severity
+from detectors.rules.evidence import close_codes, finding, lowest, severity, span
 from detectors.settings import RapidReconnectSettings
 from detectors.state import ClientState
 
 NAME = "rapid_reconnect"
 
 
-def evaluate(state: ClientState, settings: RapidReconnectSettings, t: float) -> Finding | None:
+def check(state: ClientState, settings: RapidReconnectSettings, t: float) -> Severity | None:
     times = state.bad_times
-    lowest = settings.warning if settings.warning is not None else settings.critical
-    if times is None or lowest is None or len(times) < lowest:
+    if times is None or len(times) < lowest(settings.warning, settings.critical):
         return None  # fewer entries than any threshold: no need to look at times
+    return severity(ring.count_since(times, t - settings.window), settings.warning, settings.critical)
+
+
+def evidence(state: ClientState, settings: RapidReconnectSettings, t: float) -> dict[str, Any]:
+    times = state.bad_times
     count = ring.count_since(times, t - settings.window)
-    level = severity(count, settings.warning, settings.critical)
-    if level is None:
-        return None
     first, last = span(times, count)
-    return Finding(
-        state.key,
-        NAME,
-        level,
-        {
-            "attempts": count,
-            "window": settings.window,
-            "rate": count / settings.window,
-            "close_codes": close_codes(state),
-            "first_seen": first,
-            "last_seen": last,
-        },
-        t,
-    )
+    return {
+        "attempts": count,
+        "window": settings.window,
+        "rate": count / settings.window,
+        "close_codes": close_codes(state),
+        "first_seen": first,
+        "last_seen": last,
+    }
+
+
+def evaluate(state: ClientState, settings: RapidReconnectSettings, t: float) -> Finding | None:
+    return finding(NAME, check, evidence, state, settings, t)

@@ -8,37 +8,38 @@ first message and reconnects — a loop that is not about auth.
 
 from __future__ import annotations
 
+from typing import Any
+
 from detectors import ring
-from detectors.findings import Finding
-from detectors.rules.evidence import close_codes, severity, span
+from detectors.findings import Finding, Severity
+from detectors.rules.evidence import close_codes, finding, lowest, severity, span
 from detectors.settings import ShortLivedSettings
 from detectors.state import ClientState
 
 NAME = "short_lived"
 
 
-def evaluate(state: ClientState, settings: ShortLivedSettings, t: float) -> Finding | None:
+def check(state: ClientState, settings: ShortLivedSettings, t: float) -> Severity | None:
     times = state.short_times
-    lowest = settings.warning if settings.warning is not None else settings.critical
-    if times is None or lowest is None or len(times) < lowest:
+    if times is None or len(times) < lowest(settings.warning, settings.critical):
         return None
+    return severity(ring.count_since(times, t - settings.window), settings.warning, settings.critical)
+
+
+def evidence(state: ClientState, settings: ShortLivedSettings, t: float) -> dict[str, Any]:
+    times = state.short_times
     count = ring.count_since(times, t - settings.window)
-    level = severity(count, settings.warning, settings.critical)
-    if level is None:
-        return None
     first, last = span(times, count)
-    return Finding(
-        state.key,
-        NAME,
-        level,
-        {
-            "connections": count,
-            "window": settings.window,
-            "lived_under": settings.lived_under,
-            "rate": count / settings.window,
-            "close_codes": close_codes(state),
-            "first_seen": first,
-            "last_seen": last,
-        },
-        t,
-    )
+    return {
+        "connections": count,
+        "window": settings.window,
+        "lived_under": settings.lived_under,
+        "rate": count / settings.window,
+        "close_codes": close_codes(state),
+        "first_seen": first,
+        "last_seen": last,
+    }
+
+
+def evaluate(state: ClientState, settings: ShortLivedSettings, t: float) -> Finding | None:
+    return finding(NAME, check, evidence, state, settings, t)

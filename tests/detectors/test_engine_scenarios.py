@@ -9,6 +9,7 @@ import pytest
 from detectors.actions import CooldownEnded, CooldownStarted
 from detectors.decisions import Reject
 from detectors.engine import Engine
+from detectors.events import Attempt, Closed, Opened
 from detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
 from tests.detectors.sim import (
     Client,
@@ -259,3 +260,24 @@ def test_cooldown_started_actions_are_well_formed() -> None:
     assert isinstance(c, CooldownStarted)
     assert c.until == pytest.approx(c.t + c.duration)
     assert c.to_dict()["type"] == "cooldown_started"
+
+
+def test_a_flag_clears_exactly_one_quiet_period_after_its_last_match() -> None:
+    e = engine()
+    t = 0.0
+    for i in range(5):  # five short abnormal closes: short_lived warning at the 5th
+        e.admit(Attempt(K, "/ws", t))
+        e.record(Opened(K, "/ws", t + 0.005, i))
+        out = e.record(Closed(K, "/ws", t + 1.005, i, 1011, "", "upstream", 1.0))
+        t += 9.0
+    raised = out.raised
+    assert [f.rule for f in raised] == ["short_lived"]
+    last_match = t - 9.0 + 1.005
+    (flag,) = e.client(K, last_match).findings  # type: ignore[union-attr]
+    assert flag.clears_at == pytest.approx(last_match + 30.0)
+    assert e.next_wake == pytest.approx(last_match + 30.0)
+    assert e.wake(last_match + 29.999).cleared == ()
+    out = e.wake(last_match + 30.0)
+    assert [f.rule for f in out.cleared] == ["short_lived"]
+    assert out.cleared[0] is raised[0]
+    assert e.client(K, last_match + 30.0).status == "ok"  # type: ignore[union-attr]
