@@ -23,6 +23,10 @@ from proxy.runtime import Running
 from tests.conftest import loopwatch, wait_for, websockets_backend, ws_url
 from tests.wsraw import BINARY, CLOSE, RawClient, close_payload, frame, parse_frames, raw_backend
 
+# Every async test here runs on asyncio's loop and on uvloop, the loop `loopwatch run`
+# uses (tests/conftest.py, pytest_asyncio_loop_factories).
+RUN_ON_UVLOOP = True
+
 MESSAGE = 64 * 1024
 COUNT = 768  # 48 MiB offered in 64 KiB messages
 # What loopwatch may hold in one transport's write buffer: a few times asyncio's

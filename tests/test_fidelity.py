@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import uvloop
 from aiohttp import WSMsgType, web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -44,6 +45,10 @@ from tests.wsraw import (
     parse_frames,
     raw_backend,
 )
+
+# Every async test here runs on asyncio's loop and on uvloop, the loop `loopwatch run`
+# uses (tests/conftest.py, pytest_asyncio_loop_factories).
+RUN_ON_UVLOOP = True
 
 MiB = 1 << 20
 
@@ -409,8 +414,9 @@ message_strategy = st.one_of(
 )
 
 
-def test_any_message_sequence_arrives_identical_and_in_order() -> None:
-    loop = asyncio.new_event_loop()
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_any_message_sequence_arrives_identical_and_in_order(loop_kind: str) -> None:
+    loop = asyncio.new_event_loop() if loop_kind == "asyncio" else uvloop.new_event_loop()
     received: dict[str, list[str | bytes]] = {}
 
     async def recorder(ws: ServerConnection) -> None:
