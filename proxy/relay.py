@@ -292,8 +292,17 @@ class Relay:
             self.initiator = leg.side  # it vanished first, without a close frame
         other = self.other(leg)
         if not other.closed:
+            # Nothing reaches the side that is gone any more.
+            other.forward = False
+            other.pending = None
             if self.closing:
-                pass  # the other side closes on its close reply, or at the grace timeout
+                if leg.pending is not None:
+                    # The proxy's close frame for the other side was waiting for
+                    # the end of a frame this side will never finish.
+                    leg.pending = None
+                    other.transport.abort()
+                else:
+                    self.settle(other)  # closes on its close reply, or at the grace timeout
             elif leg.parser.close_seen or leg.eof:
                 other.transport.close()  # an ordinary close handshake: flush, then close
             elif leg.parser.at_boundary and leg.parser.error is None:
@@ -305,7 +314,7 @@ class Relay:
                     code, reason = CODE_CLIENT_LOST, "loopwatch: client connection lost"
                 self.closing = True
                 self._timer = asyncio.get_running_loop().call_later(CLOSE_GRACE, self.abort)
-                leg.forward = other.forward = False
+                leg.forward = False
                 leg.pending = None
                 other.transport.write(build_close_frame(code, reason, mask=other is self.upstream))
                 self.settle(other)

@@ -698,6 +698,30 @@ async def test_proxy_close_waits_for_the_frame_in_flight(cut: str) -> None:
         await wait_for(lambda: not running.proxy.relays)
 
 
+async def test_upstream_lost_while_a_proxy_close_waits_mid_frame() -> None:
+    """loopwatch is closing (1009) and waits for the end of the upstream's frame to
+    write its close to the client, when the upstream vanishes: that frame will
+    never end, so the client's connection is dropped at once, not after the
+    grace period, and without a close frame inside the cut frame."""
+    async with raw_backend() as backend, loopwatch(
+        backend.url, Gate(), **{"limits.max_message_size": "64KiB"}
+    ) as running:
+        raw = await RawClient.connect(running.proxy_port)
+        up = await backend.accept()
+        f1 = frame(BINARY, b"1" * 20_000)
+        await up.send(f1[:10_000])
+        assert await raw.read_bytes(10_000) == f1[:10_000]
+        await raw.send(frame(BINARY, b"x" * (LIMIT + 1), mask=key(1)))
+        frames, _ = parse_frames(await up.wait_bytes(8))
+        assert [f.close[0] for f in frames] == [1009]
+        t0 = asyncio.get_running_loop().time()
+        up.writer.transport.abort()
+        with contextlib.suppress(ConnectionError):
+            assert await raw.read_to_eof(timeout=1.5) == b""
+        assert asyncio.get_running_loop().time() - t0 < 1.0
+        await wait_for(lambda: not running.proxy.relays, timeout=1.0)
+
+
 # ---------------------------------------------------------------------------
 # 6. Protocol errors: 1002 (1007 for a close reason that is not UTF-8).
 
