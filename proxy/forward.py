@@ -50,6 +50,15 @@ class HttpExchange:
         )
         if parser.message_done:
             self.ended = True
+        # "Expect: 100-continue": loopwatch answers it once the upstream wants the
+        # body (aiohttp would wait for the upstream's own 100 and never pass it on).
+        self.expect_continue = (
+            self.has_body
+            and not self.ended
+            and not self.buffered
+            and head.version == "1.1"
+            and b"100-continue" in head.tokens(b"expect")
+        )
         self.task = conn.server.loop.create_task(self.run())
 
     # --- request body, fed by the parser -----------------------------------
@@ -74,6 +83,10 @@ class HttpExchange:
         self.task.cancel()
 
     async def body_stream(self) -> AsyncIterator[bytes]:
+        if self.expect_continue and not self.chunks and not self.ended and not self.gone:
+            transport = self.conn.transport
+            if transport is not None and not transport.is_closing():
+                transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         while True:
             while self.chunks:
                 chunk = self.chunks.popleft()
@@ -94,6 +107,7 @@ class HttpExchange:
             (n.decode("latin-1"), v.decode("latin-1"))
             for n, v in end_to_end(head.headers)
             if n.lower() not in (b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
+            and not (self.expect_continue and n.lower() == b"expect")
         ]
         forwarded_for = head.get(b"x-forwarded-for")
         xff = conn.peer if forwarded_for is None else f"{forwarded_for.decode('latin-1')}, {conn.peer}"
@@ -176,6 +190,8 @@ class HttpExchange:
             lines.append(b"Transfer-Encoding: chunked\r\n")
         if conn.parser.pipelined:
             keep_alive = False  # loopwatch answers one request at a time, then closes
+        if conn.server.closing:
+            keep_alive = False
         if not keep_alive:
             lines.append(b"Connection: close\r\n")
         elif self.head.version == "1.0":

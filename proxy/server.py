@@ -307,6 +307,27 @@ class ClientHandshake(asyncio.Protocol):
             self.transport.close()
         self.finish()
 
+    def shut_down(self) -> None:
+        """The server is shutting down: end this connection as fits its state."""
+        if self.state == HTTP and self.exchange is not None:
+            return  # the response in flight finishes, then http_done closes (server.closing)
+        if self.state == REFUSING:
+            self.transport.close()  # type: ignore[union-attr]  # its close frame is out already
+            return
+        if self.state == HEAD and self.idle_keep_alive and self.parser.received == 0:
+            self.transport.close()  # type: ignore[union-attr]  # idle between requests
+            self.finish()
+            return
+        self.respond_and_close(SHUTTING_DOWN)
+
+    def abort(self) -> None:
+        """Shutdown ran out of time: drop the connection."""
+        if self.exchange is not None:
+            self.exchange.client_gone()
+        if self.transport is not None:
+            self.transport.abort()
+        self.finish()
+
     def on_timeout(self) -> None:
         self.timer = None
         if self.state == HEAD:
@@ -337,6 +358,7 @@ class ClientHandshake(asyncio.Protocol):
         if self in self.server.handshakes:
             self.server.handshakes.discard(self)
             self.server.active -= 1
+            self.server.check_drained()
 
 
 class UpstreamHandshake(asyncio.Protocol):
@@ -453,7 +475,11 @@ class ProxyServer:
         attempt = relay.context
         assert isinstance(attempt, Attempt)
         self.gate.closed(attempt, time.monotonic(), code, reason, initiator, stats)
-        if self._all_closed is not None and not self.relays:
+        self.check_drained()
+
+    def check_drained(self) -> None:
+        """During shutdown: wake it once no connection is left."""
+        if self._all_closed is not None and not self.relays and not self.handshakes:
             self._all_closed.set()
 
     async def _sweep_idle(self) -> None:
@@ -478,23 +504,26 @@ class ProxyServer:
             last = current
 
     async def shutdown(self) -> None:
-        """Stop accepting, close every WebSocket with 1001 on both legs, wait up to
-        shutdown_timeout, then drop what is left."""
+        """Stop accepting, close every WebSocket with 1001 on both legs, let plain
+        HTTP responses in flight finish, wait up to shutdown_timeout for all that,
+        then drop what is left."""
         self.closing = True
         if self._server is not None:
             self._server.close()
         if self._idle_task is not None:
             self._idle_task.cancel()
-        for handshake in list(self.handshakes):
-            handshake.respond_and_close(SHUTTING_DOWN)
         self._all_closed = asyncio.Event()
+        for handshake in list(self.handshakes):
+            handshake.shut_down()
         for relay in list(self.relays.values()):
             relay.close(1001, "loopwatch: shutting down")
-        if self.relays:
+        if self.relays or self.handshakes:
             try:
                 await asyncio.wait_for(self._all_closed.wait(), self.shutdown_timeout)
             except TimeoutError:
                 for relay in list(self.relays.values()):
                     relay.abort()
+                for handshake in list(self.handshakes):
+                    handshake.abort()
         if self._http_session is not None:
             await self._http_session.close()

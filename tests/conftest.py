@@ -119,7 +119,8 @@ class RawBackend:
     """A plain TCP server that records every connection, the exact request head it
     received and every byte after it, and answers each head with `answer(head)`
     (raw bytes written as they are; None: never answer). The connection stays open
-    until the peer closes it, or is closed after the answer when `close_after`."""
+    until the peer closes it or sends a close frame (answered with the same code),
+    or is closed after the answer when `close_after`."""
 
     def __init__(self, answer: Callable[[bytes], bytes | None], *, close_after: bool = False):
         self.answer = answer
@@ -148,6 +149,14 @@ class RawBackend:
                     return
             while chunk := await reader.read(65536):
                 rest += chunk
+                if chunk[0] == 0x88 and len(chunk) >= 8 and chunk[1] & 0x80:
+                    # A (masked) close frame starting a read: answer it like a
+                    # WebSocket server, with the same code, and end the connection.
+                    mask, payload = chunk[2:6], chunk[6:8]
+                    code = bytes(b ^ mask[i] for i, b in enumerate(payload))
+                    writer.write(b"\x88\x02" + code)
+                    await writer.drain()
+                    return
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             pass
         finally:

@@ -618,3 +618,43 @@ async def test_tls_upstream_wrong_server_name_is_502(tls_files):
         async with loopwatch(wss, **overrides) as lw:
             err = await refused(ws_url(lw, "/up"))
     assert err.response.status_code == 502
+
+
+async def test_browser_style_connection_header_and_case():
+    # Firefox sends "Connection: keep-alive, Upgrade"; header names and tokens in any case.
+    async with RawBackend(switching_protocols) as backend, loopwatch(backend.url) as lw:
+        request = (
+            b"GET /ff HTTP/1.1\r\nhost: example.test\r\nconnection: keep-alive, Upgrade\r\n"
+            b"upgrade: WebSocket\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"sec-websocket-version: 13\r\n\r\n"
+        )
+        reader, writer = await asyncio.open_connection("127.0.0.1", lw.proxy_port)
+        try:
+            writer.write(request)
+            response = await asyncio.wait_for(read_response(reader, head_only=True), 10)
+            assert response.status == 101
+        finally:
+            writer.close()
+    assert b"X-Forwarded-Host: example.test" in backend.heads[0]
+
+
+async def test_upgrade_after_a_plain_request_on_the_same_connection():
+    def answer(head: bytes) -> bytes:
+        if b"sec-websocket-key" in head.lower():
+            return switching_protocols(head)
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n"
+
+    async with RawBackend(answer) as backend, loopwatch(backend.url) as lw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", lw.proxy_port)
+        try:
+            writer.write(b"GET /config HTTP/1.1\r\nHost: example.test\r\n\r\n")
+            response = await asyncio.wait_for(read_response(reader), 10)
+            assert (response.status, response.body) == (200, b"ok\n")
+            writer.write(upgrade_request("/ws"))
+            response = await asyncio.wait_for(read_response(reader, head_only=True), 10)
+            assert response.status == 101
+            frame = masked_frame(b"after http")
+            writer.write(frame)
+            await asyncio.wait_for(_until(lambda: len(backend.after) == 2 and bytes(backend.after[1]) == frame), 10)
+        finally:
+            writer.close()

@@ -446,3 +446,45 @@ async def test_client_leaving_mid_response_frees_the_connection(backend):
         writer.transport.abort()
         backend.first_chunk_read.set()
         await wait_for(lambda: lw.proxy.active == 0)
+
+
+async def test_expect_100_continue(backend, proxy_url):
+    body = b"b" * 5000
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(proxy_url))
+    try:
+        writer.write(
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nExpect: 100-continue\r\n\r\n"
+            % len(body)
+        )
+        # The client holds its body back until told to continue (curl waits 1 s, then
+        # sends anyway; a strict client waits for good).
+        interim = await asyncio.wait_for(read_response(reader, head_only=True), 5)
+        assert interim.status == 100
+        writer.write(body)
+        response = await asyncio.wait_for(read_response(reader), 10)
+        assert response.status == 200
+        assert json.loads(response.body)["sha256"] == hashlib.sha256(body).hexdigest()
+    finally:
+        writer.close()
+
+
+async def test_shutdown_lets_an_http_response_in_flight_finish(backend):
+    async with loopwatch(backend.url, **{"limits.shutdown_timeout": "5s"}) as lw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", lw.proxy_port)
+        try:
+            writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            response = await asyncio.wait_for(read_response(reader, head_only=True), 10)
+            assert response.status == 200
+            first = await asyncio.wait_for(reader.readuntil(b"first chunk\n"), 10)
+            shutdown = asyncio.create_task(lw.proxy.shutdown())
+            await asyncio.sleep(0.05)
+            backend.first_chunk_read.set()
+            rest = await asyncio.wait_for(reader.read(), 10)  # to EOF: then it closes
+            await asyncio.wait_for(shutdown, 10)
+        finally:
+            writer.close()
+    # The chunked body completes, uncorrupted by anything else.
+    body = first + rest
+    assert body.endswith(b"0\r\n\r\n")
+    assert b"HTTP/1.1 503" not in body
+    assert b"second chunk\n" in body and b"last chunk\n" in body
