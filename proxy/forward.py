@@ -143,6 +143,8 @@ class HttpExchange:
                 data=self.body_stream() if self.has_body else None,
                 allow_redirects=False,
                 compress=None,
+                # The name to verify the upstream's certificate against, as for WebSockets.
+                server_hostname=server.upstream_server_name if self.route.upstream.tls else None,
                 timeout=aiohttp.ClientTimeout(
                     total=None, sock_connect=server.connect_timeout, sock_read=None
                 ),

@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import ipaddress
-import os
 import socket
 import ssl
 import time
-from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
@@ -29,6 +25,8 @@ from tests.conftest import (
     loopwatch,
     raw_exchange,
     read_response,
+    self_signed_cert,
+    server_context,
     switching_protocols,
     upgrade_request,
     websockets_backend,
@@ -505,50 +503,7 @@ async def test_early_frames_echoed_by_a_real_backend():
 
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory) -> tuple[str, str]:  # noqa: ANN001
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    directory: Path = tmp_path_factory.mktemp("tls")
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "loopwatch test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file = directory / "cert.pem"
-    key_file = directory / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    os.chmod(key_file, 0o600)
-    return str(cert_file), str(key_file)
-
-
-def server_context(cert: str, key: str) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(cert, key)
-    return ctx
+    return self_signed_cert(tmp_path_factory.mktemp("tls"), ["localhost", "127.0.0.1"])
 
 
 async def test_tls_listener(tls_files):
@@ -658,3 +613,13 @@ async def test_upgrade_after_a_plain_request_on_the_same_connection():
             await asyncio.wait_for(_until(lambda: len(backend.after) == 2 and bytes(backend.after[1]) == frame), 10)
         finally:
             writer.close()
+
+
+async def test_tls_upstream_with_server_name(tmp_path):
+    cert, key = self_signed_cert(tmp_path, ["backend.internal"])
+    async with websockets_backend(echo, ssl=server_context(cert, key)) as (url, _):
+        wss = url.replace("ws://", "wss://")
+        tls = {"upstream_tls.ca_file": cert, "upstream_tls.server_name": "backend.internal"}
+        async with loopwatch(wss, **tls) as lw, client(ws_url(lw, "/sni")) as ws:
+            await ws.send("named")
+            assert await ws.recv() == "named"

@@ -7,13 +7,22 @@ import asyncio
 import gzip
 import hashlib
 import json
+import ssl
 from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import free_port, loopwatch, raw_exchange, read_response, wait_for
+from tests.conftest import (
+    free_port,
+    loopwatch,
+    raw_exchange,
+    read_response,
+    self_signed_cert,
+    server_context,
+    wait_for,
+)
 
 RUN_ON_UVLOOP = True  # each test runs on asyncio's loop and on uvloop (tests/conftest.py)
 
@@ -488,3 +497,47 @@ async def test_shutdown_lets_an_http_response_in_flight_finish(backend):
     assert body.endswith(b"0\r\n\r\n")
     assert b"HTTP/1.1 503" not in body
     assert b"second chunk\n" in body and b"last chunk\n" in body
+
+
+async def test_https_upstream_with_ca_file_and_server_name(tmp_path):
+    # The upstream is reached by IP, its certificate names only backend.internal.
+    cert, key = self_signed_cert(tmp_path, ["backend.internal"])
+    async with Backend() as b:
+        runner = web.AppRunner(b.app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_context(cert, key))
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        try:
+            tls = {"upstream_tls.ca_file": cert, "upstream_tls.server_name": "backend.internal"}
+            async with (
+                loopwatch(f"https://127.0.0.1:{port}", **tls) as lw,
+                aiohttp.ClientSession() as session,
+            ):
+                async with session.get(f"http://127.0.0.1:{lw.proxy_port}/echo/tls") as resp:
+                    assert resp.status == 200
+                    data = await resp.json()
+                assert data["path_qs"] == "/echo/tls"
+            async with (
+                loopwatch(f"https://127.0.0.1:{port}", **{"upstream_tls.ca_file": cert}) as lw,
+                aiohttp.ClientSession() as session,
+                session.get(f"http://127.0.0.1:{lw.proxy_port}/echo/tls") as resp,
+            ):
+                assert resp.status == 502  # the certificate does not name 127.0.0.1
+        finally:
+            await runner.cleanup()
+
+
+async def test_http_through_a_tls_listener(backend, tmp_path):
+    cert, key = self_signed_cert(tmp_path, ["127.0.0.1"])
+    async with (
+        loopwatch(backend.url, **{"tls.cert_file": cert, "tls.key_file": key}) as lw,
+        aiohttp.ClientSession() as session,
+    ):
+        ctx = ssl.create_default_context(cafile=cert)
+        async with session.get(f"https://127.0.0.1:{lw.proxy_port}/echo/s", ssl=ctx) as resp:
+            data = await resp.json()
+        assert dict(data["headers"])["X-Forwarded-Proto"] == "https"
+        body = b"z" * 300_000
+        async with session.post(f"https://127.0.0.1:{lw.proxy_port}/upload", data=body, ssl=ctx) as resp:
+            assert (await resp.json())["sha256"] == hashlib.sha256(body).hexdigest()
