@@ -1,0 +1,96 @@
+"""`loopwatch demo` as a user runs it: a subprocess, no terminal, real output."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def demo_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "proxy.cli", "demo", *args]
+
+
+def env() -> dict[str, str]:
+    # The demo ignores LOOPWATCH_* itself; keep the child's environment plain anyway.
+    return {k: v for k, v in os.environ.items() if not k.startswith("LOOPWATCH_")}
+
+
+def test_demo_catches_the_loop_and_leaves_healthy_clients_alone() -> None:
+    started = time.monotonic()
+    proc = subprocess.run(
+        demo_command("--duration", "20"), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=60
+    )
+    took = time.monotonic() - started
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert took < 25  # bounded by --duration (it ends sooner once the story is told)
+
+    # Caught, by the incident's rule, within a second of the first attempt.
+    caught = re.search(r"the loop was caught (\d+\.\d+)s after tab-bug's first attempt, by auth_failure_loop \(critical\)", out)
+    assert caught, out
+    assert float(caught.group(1)) < 1.0
+
+    # Most of its attempts never reached the backend, and the numbers add up.
+    counts = re.search(r"tab-bug: (\d+) attempts, (\d+) reached the backend, (\d+) never did", out)
+    assert counts, out
+    attempts, reached, never = map(int, counts.groups())
+    assert attempts == reached + never
+    assert 3 <= reached <= 5 and never > 2 * reached
+    assert "cooldown doubled" in out
+
+    # The healthy clients echoed all along and saw no error, refusal or flag.
+    healthy = re.search(r"healthy clients: 4 stayed connected, (\d+) messages echoed, (\d+) errors, (\d+) refused, none flagged — unharmed", out)
+    assert healthy, out
+    assert int(healthy.group(1)) > 0 and healthy.group(2) == "0" and healthy.group(3) == "0"
+    assert re.search(r"tab-fixed \(backoff\): .* not flagged", out)
+
+    # Where to look, on the admin port, and the live lines a non-terminal gets.
+    assert re.search(r"metrics:  http://127\.0\.0\.1:\d+/metrics", out)
+    assert re.search(r"clients:  http://127\.0\.0\.1:\d+/api/clients", out)
+    assert re.search(r"tab-bug +the incident's bug +cooldown", out)
+    assert "finding: tab-bug@127.0.0.1 auth_failure_loop (critical)" in out
+    assert "Traceback" not in proc.stderr
+
+
+def test_keep_running_serves_until_ctrl_c_then_stops_cleanly() -> None:
+    import json
+    import urllib.request
+
+    proc = subprocess.Popen(
+        demo_command("--keep-running"), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        admin = re.search(r"admin (http://127\.0\.0\.1:\d+)", first)
+        assert admin, first
+        # Past the point where the demo would have ended by itself, it still serves.
+        deadline = time.monotonic() + 15
+        view: dict[str, object] = {}
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(f"{admin.group(1)}/api/clients/tab-bug@127.0.0.1", timeout=5) as r:
+                view = json.load(r)
+            if int(view["cooldown"]["repeat"]) >= 2:  # type: ignore[index]
+                break
+            time.sleep(0.5)
+        assert view.get("status") == "cooldown", view
+        time.sleep(1.5)
+        with urllib.request.urlopen(f"{admin.group(1)}/metrics", timeout=5) as r:
+            assert b"loopwatch_build_info" in r.read()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "the loop was caught" in out and "unharmed" in out
+    assert "Traceback" not in err
