@@ -31,7 +31,8 @@ from detectors.decisions import ADMITTED, EMPTY, Admit, Outcome, Reject
 from detectors.events import Attempt, Closed, ConnId, HandshakeFailed, Opened
 from detectors.findings import Finding, Flag
 from detectors.fleet import Fleet
-from detectors.inspect import breaker_states, client_view, rank, snapshot, top_offenders
+from detectors.inspect import breaker_states, client_view, rank, snapshot
+from detectors.offenders import HOT_RATE, HotClients
 from detectors.rules import RULE_NAMES, RULES
 from detectors.settings import BreakerSettings, DetectionSettings, PolicySettings, RuleSettings
 from detectors.state import INF, NEVER, ClientState, ClientStore, MemoryStore
@@ -39,8 +40,10 @@ from detectors.views import BreakerView, ClientView, EngineSnapshot
 
 # Which rules a call may enforce (start a cooldown for).
 _ENFORCE_NONE, _ENFORCE_ALL, _ENFORCE_TIMED = 0, 1, 2
-# Idle clients are swept in batches, not one timer each.
+# Idle clients are swept in batches, not one timer each, and a batch is bounded
+# so one wake never holds the proxy's event loop for long (~6 ms).
 _SWEEP_FRACTION = 0.05
+_SWEEP_BATCH = 10_000
 
 
 class Engine:
@@ -67,6 +70,7 @@ class Engine:
         # Clients with a standing finding or a cooldown: few, so views and counts iterate them.
         self._notable: dict[str, ClientState] = {}
         self._flagged: dict[str, int] = dict.fromkeys(RULE_NAMES, 0)
+        self._hot = HotClients()  # top-offender candidates
         self._next_sweep = NEVER
         # What the current call produced; admin calls leave theirs for the next call.
         self._raised: list[Finding] = []
@@ -127,6 +131,8 @@ class Engine:
             self._drain_credits(t)
         state = self._client(attempt.key, t)
         tracker.on_attempt(state, attempt, self._detection)
+        if state.rate >= HOT_RATE:
+            self._hot.note(state, t, self._detection.rate_window)
         self._fleet.attempt(t)
 
         reject, would = self._client_policy(state, attempt, t)
@@ -418,9 +424,14 @@ class Engine:
             self._evaluate(state, t, _ENFORCE_TIMED)
             self._reschedule(state, t)
         if t >= self._next_sweep:
-            for state in self._store.expire(t):
+            store = self._store
+            for state in store.expire(t, _SWEEP_BATCH):
                 self._forget(state, t)
-            self._next_sweep = t + self._sweep_every
+            expiry = store.next_expiry()
+            if expiry is not None and expiry <= t:
+                self._next_sweep = math.nextafter(t, INF)  # more is due: next batch at once
+            else:
+                self._next_sweep = t + self._sweep_every
         return self._take()
 
     @property
@@ -489,6 +500,7 @@ class Engine:
         for breaker in self._breakers:
             self._release_probe(state, breaker)
         self._notable.pop(state.key, None)
+        self._hot.forget(state.key)
 
     def _update_notable(self, state: ClientState) -> None:
         if state.flags or state.cool_rule is not None:
@@ -571,7 +583,7 @@ class Engine:
             flagged=self._flagged,
             breakers=breaker_states(self._breakers),
             fleet=self._fleet,
-            top=top_offenders(self._store.recent(), t, d.rate_window, d.top_k),
+            top=self._hot.top(t, d.rate_window, d.top_k),
         )
 
     def clients(self, t: float, *, limit: int = 50, offset: int = 0) -> list[ClientView]:

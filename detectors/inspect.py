@@ -6,8 +6,7 @@ operator's request and may iterate, sort and allocate.
 
 from __future__ import annotations
 
-import heapq
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from detectors.breaker import CircuitBreaker
@@ -18,10 +17,6 @@ from detectors.rules.evidence import close_codes
 from detectors.state import ClientState, ClientStore
 from detectors.views import ClientView, EngineSnapshot, FindingView
 
-# A client idle for this many rate time-constants has a rate under 0.25 % of
-# its peak: the top-offenders scan stops there instead of visiting everyone.
-_RATE_HORIZON = 6.0
-_MIN_OFFENDER_RATE = 1e-3
 _STATUS_RANK = {"cooldown": 0, "critical": 1, "warning": 2, "ok": 3}
 
 
@@ -87,25 +82,6 @@ def client_view(
         ),
         history=entries,
     )
-
-
-def top_offenders(recent: Iterator[ClientState], t: float, tau: float, k: int) -> tuple[tuple[str, float], ...]:
-    """The ``k`` clients with the highest attempt rate, scanning only recently active ones."""
-    if k <= 0:
-        return ()
-    horizon = t - _RATE_HORIZON * tau
-    heap: list[tuple[float, str]] = []
-    for state in recent:
-        if state.touched < horizon:
-            break  # most recently used first: everyone after this is idle longer
-        rate = state.rate_at(t, tau)
-        if rate < _MIN_OFFENDER_RATE:
-            continue
-        if len(heap) < k:
-            heapq.heappush(heap, (rate, state.key))
-        elif rate > heap[0][0]:
-            heapq.heapreplace(heap, (rate, state.key))
-    return tuple((key, rate) for rate, key in sorted(heap, key=lambda p: (-p[0], p[1])))
 
 
 def breaker_states(breakers: Iterable[CircuitBreaker]) -> dict[str, str]:

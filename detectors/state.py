@@ -146,8 +146,12 @@ class ClientStore(Protocol):
         """Remove one client on purpose; returns it if it was there."""
         ...
 
-    def expire(self, t: float) -> list[ClientState]:
-        """Drop clients idle for the TTL (keeping pinned ones); returns them."""
+    def expire(self, t: float, limit: int | None = None) -> list[ClientState]:
+        """Drop clients idle for the TTL (keeping pinned ones); returns them.
+
+        ``limit`` bounds how many clients one call looks at, so a sweep never
+        holds the caller's event loop for long; ``next_expiry`` then says more is due.
+        """
         ...
 
     def resize(self, max_clients: int, ttl: float) -> list[ClientState]:
@@ -202,11 +206,11 @@ class MemoryStore:
     def evict(self, key: str) -> ClientState | None:
         return self._clients.pop(key, None)
 
-    def expire(self, t: float) -> list[ClientState]:
+    def expire(self, t: float, limit: int | None = None) -> list[ClientState]:
         expired: list[ClientState] = []
         clients = self._clients
         horizon = t - self.ttl
-        for _ in range(len(clients)):
+        for _ in range(len(clients) if limit is None else min(limit, len(clients))):
             state = next(iter(clients.values()))
             if state.touched > horizon:
                 break

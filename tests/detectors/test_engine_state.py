@@ -284,3 +284,35 @@ def test_reconfigure_shrinking_max_clients_evicts_and_counts() -> None:
     e.reconfigure(DetectionSettings(max_clients=10), PolicySettings(), BreakerSettings())
     snap = e.snapshot(1.0)
     assert snap.clients_tracked == 10 and snap.evictions_total == 40
+
+
+def test_top_offenders_come_from_a_bounded_set_of_hot_clients() -> None:
+    from detectors.offenders import CAP, HOT_RATE, HotClients
+
+    e = engine(DetectionSettings(top_k=3), policy=PolicySettings(mode="observe"))
+    for i in range(3000):  # 3000 clients, each one attempt: none is an offender
+        e.admit(Attempt(f"once{i}", "/ws", i * 0.001))
+    assert e.snapshot(3.0).top_offenders == ()
+    hot = HotClients()
+    for i in range(5000):  # many hot clients at once: the set stays bounded
+        state = e._store.get(f"once{i % 3000}") or e._store.get("once0")
+        assert state is not None
+        state.rate, state.rate_t = HOT_RATE * (1 + i), 3.0
+        hot.forget(state.key)
+        hot.note(state, 3.0, 10.0)
+        assert len(hot) <= CAP
+    assert [k for k, _ in hot.top(3.0, 10.0, 2)] == ["once1999", "once1998"]
+
+
+def test_a_large_idle_population_is_swept_in_bounded_batches() -> None:
+    e = engine(DetectionSettings(client_ttl="1m", max_clients=50_000))
+    for i in range(25_000):
+        e.admit(Attempt(f"k{i}", "/ws", 0.0))
+    e.wake(61.0)
+    assert e.snapshot(61.0).clients_tracked == 15_000  # one batch of 10 000
+    again = e.next_wake
+    assert again is not None and 61.0 < again < 61.001  # the next batch, at once
+    e.wake(again)
+    assert e.snapshot(again).clients_tracked == 5_000
+    e.wake(e.next_wake)  # type: ignore[arg-type]
+    assert e.snapshot(62.0).clients_tracked == 0 and e.snapshot(62.0).evictions_total == 25_000
