@@ -14,9 +14,8 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from detectors.engine import Admit, Outcome, Reject
-
     from detectors import events as ev
+    from detectors.engine import Admit, Outcome, Reject
     from proxy.gate import Attempt, RelayStats
 
 log = logging.getLogger("loopwatch.observers")
