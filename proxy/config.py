@@ -45,6 +45,7 @@ from detectors.settings import BreakerSettings, DetectionSettings, PolicySetting
 from detectors.units import ByteSize, Duration
 from proxy.identity import IdentitySettings
 from proxy.sections import SECRET, FieldError, OptionalSecret, Section
+from proxy.telemetry import TelemetrySettings
 
 ENV_PREFIX = "LOOPWATCH_"
 # Names the file rather than a setting; the CLI reads it.
@@ -205,6 +206,7 @@ class Settings(Section):
     detection: DetectionSettings = DetectionSettings()
     policy: PolicySettings = PolicySettings()
     breakers: BreakerSettings = BreakerSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
 
     # A field validator rather than a model validator: it runs even when other
     # sections are invalid, so this error is reported together with theirs.

@@ -77,37 +77,37 @@ class EngineGate(Gate):
         if isinstance(decision, Reject):
             refusal = refusal_for(decision, self.reject_with)
             self.observers.call("on_rejected", conn, ev.Rejected(client.key, route, t, decision.reason))
-        self._apply(decision.outcome, t)
+        self._apply(decision.outcome, t, conn)
         return conn, refusal
 
     def handshake_failed(self, conn: Attempt, t: float, status: int | None, error: str | None) -> None:
         event = ev.HandshakeFailed(conn.key, conn.route, t, status, error)
         self.observers.call("on_handshake_failed", conn, event)
-        self._apply(self.engine.record(event), t)
+        self._apply(self.engine.record(event), t, conn)
 
     def opened(self, conn: Attempt, t: float) -> None:
         conn.opened_at = t
         event = ev.Opened(conn.key, conn.route, t, conn.conn_id)
         self.observers.call("on_opened", conn, event)
-        self._apply(self.engine.record(event), t)
+        self._apply(self.engine.record(event), t, conn)
 
     def closed(
         self, conn: Attempt, t: float, code: int, reason: str, initiator: str, stats: RelayStats
     ) -> None:
         event = ev.Closed(conn.key, conn.route, t, conn.conn_id, code, reason, initiator, t - conn.opened_at)  # type: ignore[arg-type]
         self.observers.call("on_closed", conn, event, stats)
-        self._apply(self.engine.record(event), t)
+        self._apply(self.engine.record(event), t, conn)
 
     # --- engine output --------------------------------------------------------
 
-    def _apply(self, outcome: Outcome, t: float) -> None:
+    def _apply(self, outcome: Outcome, t: float, conn: Attempt | None = None) -> None:
         if outcome:
             for action in outcome.actions:
                 if isinstance(action, CloseConnection) and self.server is not None:
                     relay = self.server.relays.get(action.conn_id)  # type: ignore[arg-type]
                     if relay is not None:
                         relay.close(action.code, action.reason)
-            self.observers.call("on_outcome", outcome, t)
+            self.observers.call("on_outcome", outcome, t, conn)
         self._schedule()
 
     def _schedule(self) -> None:

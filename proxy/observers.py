@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from detectors import events as ev
     from detectors.engine import Admit, Outcome, Reject
+    from proxy.config import Settings
     from proxy.gate import Attempt, RelayStats
 
 log = logging.getLogger("loopwatch.observers")
@@ -42,8 +43,16 @@ class Observer:
     def on_closed(self, conn: Attempt, event: ev.Closed, stats: RelayStats) -> None:
         pass
 
-    def on_outcome(self, outcome: Outcome, t: float) -> None:
-        """Findings raised/cleared and actions (cooldowns, breaker transitions …)."""
+    def on_outcome(self, outcome: Outcome, t: float, conn: Attempt | None = None) -> None:
+        """Findings raised/cleared and actions (cooldowns, breaker transitions …).
+
+        `conn` is the attempt whose step produced the outcome (its span gets the
+        finding, its trace id the exemplar); None for wake-ups and operator calls."""
+
+    def on_config(self, settings: Settings, info: dict[str, object]) -> None:
+        """Settings were loaded at start or by a reload (`info`: reload, result
+        ok/error, source, errors, restart_required). After a failed reload
+        `settings` are the ones still running."""
 
 
 class Observers:

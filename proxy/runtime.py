@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from detectors.engine import Engine
 from proxy.admin import AdminServer, build_registry
@@ -18,6 +19,7 @@ from proxy.identity import Identifier
 from proxy.logs import event
 from proxy.observers import Observers
 from proxy.server import ProxyServer
+from proxy.telemetry import Telemetry
 
 log = logging.getLogger("loopwatch")
 
@@ -43,6 +45,10 @@ class Running:
     gate: Gate
     # Where the settings came from, so a reload reads the same sources again.
     sources: ConfigSources | None = None
+    telemetry: Telemetry | None = None
+    # Who hears about config loads: the gate's observers, or telemetry's own
+    # when the gate has none (detection off).
+    observers: Observers = field(default_factory=Observers)
 
     @property
     def engine(self) -> Engine:
@@ -63,13 +69,21 @@ class Running:
         the running settings when the new ones are invalid."""
         if self.sources is None:
             raise ConfigError("reload: this instance was not started from a config source")
-        new = load_settings(self.sources.path, env=self.sources.env, overrides=self.sources.overrides)
-        new.require_upstream()
+        source = self.sources.path
+        try:
+            new = load_settings(source, env=self.sources.env, overrides=self.sources.overrides)
+            new.require_upstream()
+        except ConfigError as e:
+            # Logged (config_loaded, result error) and counted by the observers.
+            info = {"reload": True, "result": "error", "source": source, "errors": e.errors}
+            self.observers.call("on_config", self.settings, info)
+            raise
         old, self.settings = self.settings, new
         if isinstance(self.gate, EngineGate):
             self.gate.reconfigure(new)
         restart = sorted(key for key in RESTART_KEYS if getattr(old, key) != getattr(new, key))
-        event(log, "config_reloaded", restart_required=restart)
+        info = {"reload": True, "result": "ok", "source": source, "restart_required": restart}
+        self.observers.call("on_config", new, info)
         return {"reloaded": True, "restart_required": restart}
 
     async def close(self) -> None:
@@ -77,6 +91,9 @@ class Running:
         await self.admin.stop()
         if isinstance(self.gate, EngineGate):
             self.gate.close()
+        if self.telemetry is not None:
+            # Flushing spans may wait on the network: not on the event loop.
+            await asyncio.get_running_loop().run_in_executor(None, self.telemetry.shutdown)
 
 
 def build_gate(settings: Settings, observers: Observers | None = None) -> EngineGate:
@@ -91,26 +108,35 @@ def build_gate(settings: Settings, observers: Observers | None = None) -> Engine
 
 
 async def start(
-    settings: Settings, gate: Gate | None = None, sources: ConfigSources | None = None
+    settings: Settings,
+    gate: Gate | None = None,
+    sources: ConfigSources | None = None,
+    telemetry: Telemetry | None = None,
 ) -> Running:
     """Start the listener and the admin port. Without a `gate`, detection runs
-    with the configured settings; pass `Gate()` to switch it off."""
+    with the configured settings and telemetry's observers; pass `Gate()` to
+    switch detection off. Without `telemetry`, traces are set up from the OTEL_*
+    variables."""
     settings.require_upstream()
+    if telemetry is None:
+        telemetry = Telemetry.from_env(settings, build_registry())
     if gate is None:
-        gate = build_gate(settings)
+        gate = build_gate(settings, Observers(telemetry.observers))
+    observers = gate.observers if isinstance(gate, EngineGate) else Observers(telemetry.observers)
     proxy = ProxyServer(settings, gate)
     if isinstance(gate, EngineGate):
         gate.server = proxy
+    telemetry.bind(proxy, gate.engine if isinstance(gate, EngineGate) else None, observers)
     host, port = parse_host_port(settings.listen)
     await proxy.start(host, port)
-    registry = build_registry()
+    registry = telemetry.registry
     holder: list[Running] = []
     admin = AdminServer(
         registry,
         ready=lambda: not proxy.closing,
         token=lambda: holder[0].settings.admin.token if holder else settings.admin.token,
     )
-    running = Running(settings, proxy, admin, asyncio.Event(), gate, sources)
+    running = Running(settings, proxy, admin, asyncio.Event(), gate, sources, telemetry, observers)
     holder.append(running)
     if isinstance(gate, EngineGate):
         admin.app.router.add_routes(AdminApi(running).routes())
@@ -125,6 +151,8 @@ async def start(
         proxy=f"{host}:{proxy.port}", admin=f"{admin_host}:{admin.port}",
         routes={r.path_prefix: r.upstream for r in settings.effective_routes()},
     )
+    source = sources.path if sources is not None else None
+    observers.call("on_config", settings, {"reload": False, "result": "ok", "source": source})
     return running
 
 
@@ -151,10 +179,8 @@ async def serve(
 
 
 def _reload_logged(running: Running) -> None:
-    try:
+    with contextlib.suppress(ConfigError):  # logged as config_loaded (result error)
         running.reload()
-    except ConfigError as e:
-        event(log, "config_reload_failed", level=logging.ERROR, errors=e.errors)
 
 
 def run_loop(main: Callable[[], object]) -> object:

@@ -1,0 +1,455 @@
+"""Prometheus metrics: an observer for what happens, a collector for what is.
+
+docs/metrics.md is the catalogue and the contract. Two sources feed it:
+
+* `MetricsObserver` counts lifecycle steps and engine outcomes on ordinary
+  prometheus_client counters and histograms, once per connection step (never
+  per frame), with the trace id as exemplar when the connection's span is
+  sampled.
+* `StateCollector` runs at scrape time: gauges of current state read from
+  `Engine.snapshot()`, and the message and byte counters, which add the live
+  relays' plain-int parser counters to the totals of closed connections. A
+  relay leaves `server.relays` and its counts are folded into those totals in
+  the same synchronous step (`ProxyServer.relay_done` → gate → observer), and
+  a scrape runs on the same event loop, so a message is counted exactly once.
+
+`Telemetry` bundles the registry, the three observers (traces, metrics, log
+lines) and the collector, and is what `proxy.runtime` wires in.
+"""
+
+from __future__ import annotations
+
+import time
+import typing
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from pydantic import BeforeValidator, Field
+
+from detectors.actions import CooldownStarted, WouldReject
+from detectors.breaker import BreakerState
+from detectors.decisions import RejectReason
+from detectors.events import INITIATORS
+from detectors.findings import SEVERITY_RANK
+from detectors.rules import RULE_NAMES
+from detectors.settings import BreakerSettings
+from proxy.eventlog import EventLogObserver
+from proxy.observers import Observer, Observers
+from proxy.sections import Section
+from proxy.tracing import TracingObserver, client_hash, exemplar_of, provider_from_env
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from detectors import events as ev
+    from detectors.decisions import Outcome
+    from detectors.engine import Engine
+    from proxy.config import Settings
+    from proxy.gate import Attempt, RelayStats
+    from proxy.server import ProxyServer
+
+
+# --- the telemetry: section ---------------------------------------------------
+
+
+def _off_is_a_string(value: object) -> object:
+    # YAML 1.1 reads an unquoted `off` as false; the user meant the mode "off".
+    return "off" if value is False else value
+
+
+AccessLog = Annotated[Literal["off", "sampled", "all"], BeforeValidator(_off_is_a_string)]
+
+
+class TelemetrySettings(Section):
+    expose_client_keys: bool = False
+    access_log: AccessLog = "off"
+    access_log_sample_rate: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
+
+
+# --- label values: every one from a fixed set ---------------------------------
+
+OUTCOMES = ("opened", "refused", "upstream_refused", "upstream_error", "client_gone")
+REASONS: tuple[str, ...] = typing.get_args(RejectReason)
+HANDSHAKE_ERRORS = ("connect", "timeout", "closed", "bad_response", "status_5xx")
+DIRECTIONS = ("client_to_upstream", "upstream_to_client")
+SEVERITIES = tuple(SEVERITY_RANK)
+COOLDOWN_RULES = (*RULE_NAMES, "manual")
+BREAKERS = tuple(BreakerSettings.model_fields)
+BREAKER_STATES = tuple(s.value for s in BreakerState)
+RELOAD_RESULTS = ("ok", "error")
+CODE_CLASSES = ("3xxx", "4xxx", "other")
+
+# Connection lifetimes span milliseconds (a loop) to hours (a healthy tab); the
+# edges at 1 s and 5 s are the detection defaults (retry_within, lived_under).
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0)
+HANDSHAKE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# Every counter is a `_total` series only: `_created` series would double the
+# series count for a timestamp Prometheus ignores unless told otherwise.
+disable_created_metrics()
+
+
+def code_label(code: int, exact: frozenset[int]) -> str:
+    """The close-code label: exact for 1000–1015 and the auth codes, else a class."""
+    if 1000 <= code <= 1015 or code in exact:
+        return str(code)
+    if 3000 <= code <= 3999:
+        return "3xxx"
+    if 4000 <= code <= 4999:
+        return "4xxx"
+    return "other"
+
+
+def code_labels(auth_codes: Iterable[int]) -> tuple[str, ...]:
+    """Every value the `code` label can take with these auth codes."""
+    exact = sorted(set(range(1000, 1016)) | set(auth_codes))
+    return (*(str(c) for c in exact), *CODE_CLASSES)
+
+
+def handshake_error(error: str | None) -> str:
+    # The listener reports exactly these; anything new is a failure to connect.
+    return error if error in HANDSHAKE_ERRORS else "connect"
+
+
+# --- the observer: counts per connection step ----------------------------------
+
+
+class MetricsObserver(Observer):
+    name = "metrics"
+
+    def __init__(self, registry: CollectorRegistry, settings: Settings, traces: TracingObserver | None):
+        self.traces = traces
+        self.routes = tuple(r.path_prefix for r in settings.effective_routes())
+        r = registry
+        self.attempts = Counter(
+            "loopwatch_connection_attempts", "WebSocket upgrade attempts by outcome.",
+            ["route", "outcome"], registry=r,
+        )
+        self.refusals = Counter(
+            "loopwatch_refusals", "Attempts loopwatch refused, by reason.", ["route", "reason"], registry=r
+        )
+        self.would_reject = Counter(
+            "loopwatch_would_reject",
+            "Attempts let through (observe mode, rollout, allow list) that enforcement would have refused.",
+            ["reason"], registry=r,
+        )
+        self.handshake_errors = Counter(
+            "loopwatch_upstream_handshake_errors", "Failed upstream handshakes, by error.",
+            ["route", "error"], registry=r,
+        )
+        self.auth_failures = Counter(
+            "loopwatch_auth_failures",
+            "Closes with an auth close code, and 401/403 answers to the upgrade.", ["route"], registry=r,
+        )
+        self.closes = Counter(
+            "loopwatch_connection_closes", "Ended WebSockets by close code and who closed first.",
+            ["route", "code", "initiator"], registry=r,
+        )
+        self.duration = Histogram(
+            "loopwatch_connection_duration_seconds", "Lifetime of relayed WebSockets, 101 to close.",
+            ["route"], buckets=DURATION_BUCKETS, registry=r,
+        )
+        self.handshake = Histogram(
+            "loopwatch_upstream_handshake_duration_seconds",
+            "From the client's upgrade request to the upstream's answer.",
+            ["route"], buckets=HANDSHAKE_BUCKETS, registry=r,
+        )
+        self.findings = Counter(
+            "loopwatch_findings", "Findings raised by the rules.", ["rule", "severity"], registry=r
+        )
+        self.cooldowns = Counter(
+            "loopwatch_cooldowns", "Enforced cooldowns started, by the rule that caused them.",
+            ["rule"], registry=r,
+        )
+        self.reloads = Counter(
+            "loopwatch_config_reloads", "Configuration reloads, by result.", ["result"], registry=r
+        )
+        # Closed connections' messages and bytes; live ones are added at scrape time.
+        self.closed_messages = {(route, d): 0 for route in self.routes for d in DIRECTIONS}
+        self.closed_bytes = dict(self.closed_messages)
+        self._precreate(settings)
+        self.reconfigure(settings)
+
+    def _precreate(self, settings: Settings) -> None:
+        for route in self.routes:
+            for outcome in OUTCOMES:
+                self.attempts.labels(route, outcome)
+            for reason in REASONS:
+                self.refusals.labels(route, reason)
+            for error in HANDSHAKE_ERRORS:
+                self.handshake_errors.labels(route, error)
+            self.auth_failures.labels(route)
+            self.duration.labels(route)
+            self.handshake.labels(route)
+        for reason in REASONS:
+            self.would_reject.labels(reason)
+        for rule in RULE_NAMES:
+            for severity in SEVERITIES:
+                self.findings.labels(rule, severity)
+        for rule in COOLDOWN_RULES:
+            self.cooldowns.labels(rule)
+        for result in RELOAD_RESULTS:
+            self.reloads.labels(result)
+
+    def reconfigure(self, settings: Settings) -> None:
+        """Settings that may change on reload: the auth codes and statuses."""
+        d = settings.detection
+        self.auth_codes = frozenset(d.auth_close_codes)
+        self.auth_statuses = frozenset(d.auth_statuses)
+        self.expose_client_keys = settings.telemetry.expose_client_keys
+        self.top_k = d.top_k
+        codes = code_labels(self.auth_codes)
+        for route in self.routes:
+            for code in codes:
+                for initiator in INITIATORS:
+                    self.closes.labels(route, code, initiator)
+
+    def _exemplar(self, conn: Attempt | None, key: str | None = None) -> dict[str, str] | None:
+        return exemplar_of(self.traces, conn, key)
+
+    # --- hooks ---------------------------------------------------------------
+
+    def on_rejected(self, conn: Attempt, event: ev.Rejected) -> None:
+        self.attempts.labels(conn.route, "refused").inc()
+        self.refusals.labels(conn.route, event.reason).inc()
+
+    def on_handshake_failed(self, conn: Attempt, event: ev.HandshakeFailed) -> None:
+        route, status = conn.route, event.status
+        if status is not None:
+            self.attempts.labels(route, "upstream_refused").inc()
+            self.handshake.labels(route).observe(event.t - conn.t0)
+            if status >= 500:
+                self.handshake_errors.labels(route, "status_5xx").inc()
+            if status in self.auth_statuses:
+                self.auth_failures.labels(route).inc()
+        elif event.error == "client_closed":
+            self.attempts.labels(route, "client_gone").inc()
+        else:
+            self.attempts.labels(route, "upstream_error").inc()
+            self.handshake_errors.labels(route, handshake_error(event.error)).inc()
+
+    def on_opened(self, conn: Attempt, event: ev.Opened) -> None:
+        self.attempts.labels(conn.route, "opened").inc()
+        self.handshake.labels(conn.route).observe(event.t - conn.t0)
+
+    def on_closed(self, conn: Attempt, event: ev.Closed, stats: RelayStats) -> None:
+        route = conn.route
+        self.closes.labels(route, code_label(event.code, self.auth_codes), event.initiator).inc()
+        self.duration.labels(route).observe(event.duration, self._exemplar(conn))
+        if event.code in self.auth_codes:
+            self.auth_failures.labels(route).inc()
+        up, down = (route, DIRECTIONS[0]), (route, DIRECTIONS[1])
+        messages, octets = self.closed_messages, self.closed_bytes
+        messages[up] = messages.get(up, 0) + stats.messages_in
+        messages[down] = messages.get(down, 0) + stats.messages_out
+        octets[up] = octets.get(up, 0) + stats.bytes_in
+        octets[down] = octets.get(down, 0) + stats.bytes_out
+
+    def on_outcome(self, outcome: Outcome, t: float, conn: Attempt | None = None) -> None:
+        for finding in outcome.raised:
+            self.findings.labels(finding.rule, finding.severity).inc(1, self._exemplar(conn, finding.key))
+        for action in outcome.actions:
+            if isinstance(action, CooldownStarted):
+                if action.enforced:
+                    self.cooldowns.labels(action.rule).inc()
+            elif isinstance(action, WouldReject):
+                self.would_reject.labels(action.reason).inc()
+
+    def on_config(self, settings: Settings, info: dict[str, Any]) -> None:
+        self.reconfigure(settings)
+        if info.get("reload"):
+            self.reloads.labels("ok" if info.get("result") == "ok" else "error").inc()
+
+
+# --- the collector: current state at scrape time -------------------------------
+
+
+class StateCollector(Collector):
+    """Gauges of current state and the live part of the message counters, read when
+    Prometheus scrapes, so nothing is copied on every event."""
+
+    def __init__(
+        self,
+        metrics: MetricsObserver,
+        *,
+        engine: Engine | None,
+        server: ProxyServer | None,
+        observers: Observers | None,
+    ):
+        self.metrics = metrics
+        self.engine = engine
+        self.server = server
+        self.observers = observers
+
+    def describe(self) -> Iterator[Metric]:
+        # Names only: the registry checks them for clashes without a scrape.
+        yield from self._families().values()
+
+    def collect(self) -> Iterator[Metric]:
+        families = self._families()
+        self._relays(families)
+        self._engine(families)
+        errors = families["observer_errors"]
+        if self.observers is not None:
+            counts = self.observers.errors
+            for name in dict.fromkeys(o.name for o in self.observers.observers):
+                errors.add_metric([name], counts.get(name, 0))
+        yield from families.values()
+
+    def _families(self) -> dict[str, Any]:
+        g, c = GaugeMetricFamily, CounterMetricFamily
+        return {
+            "active": g("loopwatch_connections_active", "WebSockets currently relayed.", labels=["route"]),
+            "messages": c(
+                "loopwatch_messages", "WebSocket data messages relayed.", labels=["route", "direction"]
+            ),
+            "bytes": c(
+                "loopwatch_message_bytes", "Payload bytes of relayed data messages.",
+                labels=["route", "direction"],
+            ),
+            "flagged": g(
+                "loopwatch_clients_flagged", "Clients with an active finding of the rule.", labels=["rule"]
+            ),
+            "cooldown": g("loopwatch_clients_in_cooldown", "Clients refused right now."),
+            "tracked": g("loopwatch_clients_tracked", "Clients the engine holds state for."),
+            "evicted": c(
+                "loopwatch_clients_evicted", "Clients dropped from state (LRU cap or idle TTL)."
+            ),
+            "fleet_rate": g(
+                "loopwatch_fleet_attempts_per_second", "Fleet-wide attempt rate over detection.fleet.window."
+            ),
+            "fleet_auth": g(
+                "loopwatch_fleet_auth_failure_ratio", "Fleet-wide share of attempts ending in an auth failure."
+            ),
+            "storm": g("loopwatch_reconnect_storm", "1 while the fleet attempt rate is far above its baseline."),
+            "circuit": g(
+                "loopwatch_circuit_state", "1 for the breaker's current state.", labels=["breaker", "state"]
+            ),
+            "transitions": c(
+                "loopwatch_circuit_transitions", "Circuit breaker state changes.", labels=["breaker", "to"]
+            ),
+            "top": g(
+                "loopwatch_top_offender_attempts_per_second",
+                "Attempt rate of the top-K clients (key hashed unless telemetry.expose_client_keys).",
+                labels=["client"],
+            ),
+            "observer_errors": c(
+                "loopwatch_observer_errors", "Exceptions raised by an observer.", labels=["observer"]
+            ),
+        }
+
+    def _relays(self, families: dict[str, Any]) -> None:
+        m = self.metrics
+        active = dict.fromkeys(m.routes, 0)
+        messages, octets = dict(m.closed_messages), dict(m.closed_bytes)
+        up, down = DIRECTIONS
+        if self.server is not None:
+            for relay in self.server.relays.values():
+                route = relay.context.route  # type: ignore[attr-defined]
+                c, u = relay.client.parser, relay.upstream.parser
+                active[route] = active.get(route, 0) + 1
+                messages[route, up] = messages.get((route, up), 0) + c.messages
+                messages[route, down] = messages.get((route, down), 0) + u.messages
+                octets[route, up] = octets.get((route, up), 0) + c.message_bytes
+                octets[route, down] = octets.get((route, down), 0) + u.message_bytes
+        for route, n in active.items():
+            families["active"].add_metric([route], n)
+        for (route, direction), n in messages.items():
+            families["messages"].add_metric([route, direction], n)
+        for (route, direction), n in octets.items():
+            families["bytes"].add_metric([route, direction], n)
+
+    def _engine(self, families: dict[str, Any]) -> None:
+        engine = self.engine
+        if engine is None:
+            return
+        t = time.monotonic()
+        snap = engine.snapshot(t)
+        for rule in RULE_NAMES:
+            families["flagged"].add_metric([rule], snap.clients_flagged.get(rule, 0))
+        families["cooldown"].add_metric([], snap.clients_in_cooldown)
+        families["tracked"].add_metric([], snap.clients_tracked)
+        families["evicted"].add_metric([], snap.evictions_total)
+        families["fleet_rate"].add_metric([], snap.fleet_attempt_rate)
+        families["fleet_auth"].add_metric([], snap.fleet_auth_failure_ratio)
+        families["storm"].add_metric([], 1.0 if snap.storm else 0.0)
+        for breaker in engine.breakers(t):
+            for state in BREAKER_STATES:
+                families["circuit"].add_metric([breaker.name, state], 1.0 if breaker.state == state else 0.0)
+                families["transitions"].add_metric(
+                    [breaker.name, state], breaker.transitions_total.get(state, 0)
+                )
+        expose = self.metrics.expose_client_keys
+        # The snapshot holds detection.top_k entries; the slice keeps the bound
+        # even if a caller asked the engine for more.
+        for key, rate in snap.top_offenders[: self.metrics.top_k]:
+            families["top"].add_metric([key if expose else client_hash(key)], rate)
+
+
+# --- the bundle the runtime wires in --------------------------------------------
+
+
+class Telemetry:
+    """The metrics registry and the telemetry observers, in the order they run:
+    traces first (they create the connection's span and trace id the others
+    quote), then metrics, then log lines."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: CollectorRegistry,
+        *,
+        tracer_provider: TracerProvider | None = None,
+        owns_provider: bool = False,
+    ):
+        self.settings = settings
+        self.registry = registry
+        self.provider = tracer_provider
+        self._owns_provider = owns_provider
+        self.tracing = TracingObserver(tracer_provider, settings) if tracer_provider is not None else None
+        self.metrics = MetricsObserver(registry, settings, self.tracing)
+        self.events = EventLogObserver(settings, self.tracing)
+        self.collector: StateCollector | None = None
+
+    @classmethod
+    def from_env(cls, settings: Settings, registry: CollectorRegistry) -> Telemetry:
+        """Tracing as the standard OTEL_* variables say (none by default)."""
+        provider = provider_from_env()
+        return cls(settings, registry, tracer_provider=provider, owns_provider=provider is not None)
+
+    @property
+    def observers(self) -> list[Observer]:
+        found: list[Observer | None] = [self.tracing, self.metrics, self.events]
+        return [o for o in found if o is not None]
+
+    def bind(self, server: ProxyServer | None, engine: Engine | None, observers: Observers) -> None:
+        """Register the scrape-time collector. The live relays' counts are read only
+        when this bundle's metrics observer sees their closes, or a closing
+        connection's messages would vanish from the counter."""
+        counting = self.metrics in observers.observers
+        self.collector = StateCollector(
+            self.metrics,
+            engine=engine,
+            server=server if counting else None,
+            observers=observers,
+        )
+        self.registry.register(self.collector)
+
+    def shutdown(self) -> None:
+        """Flush and stop the span exporter (blocking: run it off the event loop)."""
+        if self._owns_provider and self.provider is not None:
+            self.provider.shutdown()
+
+
+__all__ = [
+    "MetricsObserver",
+    "StateCollector",
+    "Telemetry",
+    "TelemetrySettings",
+    "client_hash",
+    "code_label",
+    "code_labels",
+]

@@ -1,0 +1,259 @@
+"""Log lines: a loop through the real proxy produces exactly the lines
+docs/logs.md documents, as valid JSON with the connection's trace id; breaker
+transitions, reloads, access-line sampling, and `--log-format text` from the
+command line."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from proxy.config import load_settings
+from proxy.demo_backend import issue_token
+from proxy.logs import JsonFormatter
+from proxy.runtime import ConfigSources
+from tests.conftest import free_port, wait_for
+from tests.test_telemetry import attempt, demo_backend, settings_with, telemetered
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMON = {"ts", "level", "event", "logger"}
+
+
+def documented() -> dict[str, set[str]]:
+    """docs/logs.md's event table: event → the fields its lines may carry."""
+    text = (ROOT / "docs" / "logs.md").read_text()
+    table = text.split("## The events", 1)[1].split("## ", 1)[0]
+    out = {}
+    for row in re.findall(r"^\| `(\w+)` \|[^|]*\| (.*) \|$", table, re.MULTILINE):
+        out[row[0]] = set(re.findall(r"`(\w+)`", row[1]))
+    assert len(out) == 6, out
+    return out
+
+
+class Lines(list[dict[str, Any]]):
+    """Lines written by the JSON formatter, parsed back (again on each refresh,
+    so a test can look while the proxy runs)."""
+
+    def __init__(self, stream: io.StringIO):
+        super().__init__()
+        self.stream = stream
+
+    def refresh(self) -> Lines:
+        self[:] = [json.loads(line) for line in self.stream.getvalue().splitlines()]
+        return self
+
+
+@contextlib.contextmanager
+def captured() -> Iterator[Lines]:
+    """The loopwatch.events lines, through the real JSON formatter."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("loopwatch.events")
+    old = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    lines = Lines(stream)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)
+        lines.refresh()
+
+
+def check_documented(lines: list[dict[str, Any]]) -> None:
+    fields = documented()
+    for line in lines:
+        assert line["logger"] == "loopwatch.events"
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["ts"])
+        assert set(line) - COMMON <= fields[line["event"]], line
+
+
+async def test_a_loop_writes_exactly_the_documented_lines() -> None:
+    exporter = InMemorySpanExporter()
+    async with demo_backend() as backend:
+        settings = settings_with(
+            upstream=f"ws://127.0.0.1:{backend.port}",
+            **{
+                "policy.cooldown.base": "1s",
+                "policy.cooldown.jitter": 0,
+                "detection.quiet_period": "1s",
+                "telemetry.access_log": "all",
+            },
+        )
+        with captured() as lines:
+            async with telemetered(settings, exporter=exporter) as lw:
+                url = f"ws://127.0.0.1:{lw.proxy_port}/ws?token={issue_token('tab-42', -60)}"
+                seen = [await attempt(url) for _ in range(4)]
+                await wait_for(lambda: len(lines.refresh()) >= 9, timeout=5)
+                await asyncio.sleep(0.2)  # nothing more comes
+    assert [c for c, _ in seen] == [1008, 1008, 1008, 1013]
+    spans = sorted(exporter.get_finished_spans(), key=lambda s: s.start_time or 0)
+    trace = [f"{s.context.trace_id:032x}" for s in spans]
+    assert len(trace) == 4
+    check_documented(lines)
+    key = "tab-42@127.0.0.1"
+    strip = [{k: v for k, v in line.items() if k not in ("ts", "logger")} for line in lines]
+    assert strip[0] == {"level": "info", "event": "config_loaded", "reload": False, "result": "ok", "source": None}
+    for i in range(3):
+        access = strip[1 + i]
+        assert 0 < access.pop("duration") < 1
+        assert access == {
+            "level": "info", "event": "access", "client": key, "route": "/", "outcome": "closed",
+            "status": 101, "conn_id": i + 1, "code": 1008, "reason": "token expired",
+            "initiator": "upstream", "messages_in": 0, "messages_out": 0, "bytes_in": 0,
+            "bytes_out": 0, "trace_id": trace[i],
+        }  # fmt: skip
+    raised = strip[4]
+    evidence = raised.pop("evidence")
+    assert evidence["consecutive"] == 3 and evidence["close_codes"] == {"1008": 3}
+    assert raised == {
+        "level": "warning", "event": "finding_raised", "client": key, "route": "/",
+        "rule": "auth_failure_loop", "severity": "critical", "trace_id": trace[2],
+    }  # fmt: skip
+    assert strip[5] == {
+        "level": "warning", "event": "enforcement", "client": key, "route": "/", "action": "cooldown",
+        "rule": "auth_failure_loop", "retry_after": 1.0, "repeat": 1, "enforced": True,
+        "trace_id": trace[2],
+    }  # fmt: skip
+    refused = strip[6]
+    assert 0 < refused.pop("retry_after") <= 1
+    assert refused == {
+        "level": "info", "event": "access", "client": key, "route": "/", "outcome": "refused",
+        "reason": "cooldown", "trace_id": trace[3],
+    }  # fmt: skip
+    # The engine's timer ends both, in one wake-up or two: either order.
+    tail = sorted(strip[7:], key=lambda line: line["event"])
+    assert tail == [
+        {"level": "info", "event": "enforcement", "client": key, "action": "cooldown_ended"},
+        {"level": "info", "event": "finding_cleared", "client": key, "rule": "auth_failure_loop",
+         "severity": "critical"},
+    ]  # fmt: skip
+
+
+async def test_breaker_transitions_are_logged() -> None:
+    settings = settings_with(
+        {"/down": f"ws://127.0.0.1:{free_port()}"},
+        **{"breakers.upstream.min_calls": 3, "breakers.upstream.open_wait": "300ms"},
+    )
+    with captured() as lines:
+        async with telemetered(settings) as lw:
+            url = f"ws://127.0.0.1:{lw.proxy_port}/down"
+            results = [await attempt(url) for _ in range(4)]
+            # Half-open after open_wait: a wake-up, no connection involved.
+            await wait_for(
+                lambda: any(x.get("to") == "half_open" for x in lines.refresh()),
+                timeout=5,
+            )
+    assert results[:3] == [(502, "")] * 3 and results[3][0] == 1013
+    check_documented(lines)
+    transitions = [
+        {k: line[k] for k in ("level", "breaker", "from", "to")} for line in lines if line["event"] == "breaker_transition"
+    ]
+    assert transitions == [
+        {"level": "warning", "breaker": "upstream", "from": "closed", "to": "open"},
+        {"level": "info", "breaker": "upstream", "from": "open", "to": "half_open"},
+    ]
+
+
+async def test_reloads_are_logged(tmp_path: Path) -> None:
+    config = tmp_path / "loopwatch.yaml"
+    config.write_text('upstream: "ws://127.0.0.1:9"\n')
+    overrides = {"listen": "127.0.0.1:0", "admin.listen": "127.0.0.1:0"}
+    settings = load_settings(config, env={}, overrides=overrides)
+    with captured() as lines:
+        async with telemetered(settings, sources=ConfigSources(str(config), {}, overrides)) as lw:
+            config.write_text('upstream: "ws://127.0.0.1:9"\nlimits: {max_connections: 5}\n')
+            lw.reload()
+            config.write_text('upstream: "ws://127.0.0.1:9"\npolicy: {mode: maybe}\n')
+            with pytest.raises(Exception, match="policy.mode"):
+                lw.reload()
+    check_documented(lines)
+    loads = [{k: v for k, v in x.items() if k not in ("ts", "logger")} for x in lines if x["event"] == "config_loaded"]
+    assert loads[0] == {"level": "info", "event": "config_loaded", "reload": False, "result": "ok", "source": str(config)}
+    assert loads[1] == {
+        "level": "info", "event": "config_loaded", "reload": True, "result": "ok", "source": str(config),
+        "restart_required": ["limits"],
+    }  # fmt: skip
+    assert loads[2]["level"] == "error" and loads[2]["result"] == "error"
+    assert len(loads[2]["errors"]) == 1 and loads[2]["errors"][0].startswith("policy.mode: expected one of")
+    assert len(loads) == 3
+
+
+@pytest.mark.parametrize("mode, rate, expected", [("off", 1.0, 0), ("sampled", 0.0, 0), ("sampled", 1.0, 3), ("all", 0.0, 3)])
+async def test_access_line_sampling(mode: str, rate: float, expected: int) -> None:
+    async with demo_backend() as backend:
+        settings = settings_with(
+            upstream=f"ws://127.0.0.1:{backend.port}",
+            **{"telemetry.access_log": mode, "telemetry.access_log_sample_rate": rate},
+        )
+        with captured() as lines:
+            async with telemetered(settings) as lw:
+                url = f"ws://127.0.0.1:{lw.proxy_port}/ws?token={issue_token('alice', 60)}"
+                for _ in range(3):
+                    assert await attempt(url, ["hi"]) == (1000, "")
+                await wait_for(lambda: not lw.proxy.relays)
+    access = [x for x in lines if x["event"] == "access"]
+    assert len(access) == expected
+    for x in access:
+        assert (x["messages_in"], x["bytes_in"], x["code"], x["initiator"]) == (1, 2, 1000, "client")
+        assert "trace_id" not in x  # tracing is off here
+
+
+def test_yaml_off_means_off() -> None:
+    # A bare YAML `off` is false; the setting takes it as the mode it spells.
+    settings = load_settings(None, env={"LOOPWATCH_TELEMETRY__ACCESS_LOG": "off"})
+    assert settings.telemetry.access_log == "off"
+
+
+# --- the command line -----------------------------------------------------------------
+
+
+async def _first_lines(log_format: str | None, want: str) -> list[str]:
+    """Run `loopwatch run` as a process until a stderr line contains `want`."""
+    args = [
+        sys.executable, "-m", "proxy.cli", "run", "--upstream", "ws://127.0.0.1:9",
+        "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+    ]  # fmt: skip
+    if log_format is not None:
+        args += ["--log-format", log_format]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOOPWATCH_", "OTEL_"))}
+    proc = await asyncio.create_subprocess_exec(*args, stderr=asyncio.subprocess.PIPE, env=env, cwd=ROOT)
+    lines: list[str] = []
+    try:
+        assert proc.stderr is not None
+        while not any(want in line for line in lines):
+            line = await asyncio.wait_for(proc.stderr.readline(), 20)
+            assert line, f"loopwatch exited: {lines}"
+            lines.append(line.decode().rstrip("\n"))
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(proc.wait(), 20)
+    return lines
+
+
+async def test_log_format_text_and_json_from_the_command_line() -> None:
+    text = await _first_lines("text", "config_loaded")
+    line = next(x for x in text if "config_loaded" in x)
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} info +config_loaded reload=False result=ok source=None", line
+    ), line
+    default = await _first_lines(None, "config_loaded")
+    parsed = [json.loads(x) for x in default]
+    assert parsed[-1]["event"] == "config_loaded" and parsed[-1]["logger"] == "loopwatch.events"
+    assert {x["event"] for x in parsed} >= {"listening", "config_loaded"}

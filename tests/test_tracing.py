@@ -1,0 +1,323 @@
+"""OpenTelemetry: a span per connection through the real proxy, traceparent to
+the backend, findings and enforcement as span events, refusals as short
+spans, the OTEL_* configuration, and the OTLP/HTTP export for real."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection
+
+from proxy.admin import build_registry
+from proxy.demo_backend import issue_token
+from proxy.runtime import start
+from proxy.telemetry import Telemetry, client_hash
+from proxy.tracing import TracingConfigError, provider_from_env
+from tests.conftest import free_port, wait_for, websockets_backend
+from tests.test_telemetry import (
+    OPENMETRICS,
+    attempt,
+    demo_backend,
+    scrape,
+    settings_with,
+    telemetered,
+)
+
+TRACEPARENT_OF_CLIENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+@contextlib.asynccontextmanager
+async def recording_echo() -> AsyncIterator[tuple[str, list[dict[str, str]]]]:
+    """An echo backend that records each upgrade request's headers."""
+    seen: list[dict[str, str]] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        assert ws.request is not None
+        seen.append({k.lower(): v for k, v in ws.request.headers.raw_items()})
+        async for message in ws:
+            if message == "bye":
+                await ws.close(4000, "bye now")
+                return
+            await ws.send(message)
+
+    async with websockets_backend(handler) as (url, _):
+        yield url, seen
+
+
+def spans_named(exporter: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
+    return [s for s in exporter.get_finished_spans() if s.name == name]
+
+
+def parse_traceparent(value: str) -> tuple[str, str, str]:
+    version, trace_id, span_id, flags = value.split("-")
+    assert version == "00" and len(trace_id) == 32 and len(span_id) == 16
+    return trace_id, span_id, flags
+
+
+async def test_one_span_per_connection_and_traceparent_upstream() -> None:
+    exporter = InMemorySpanExporter()
+    async with recording_echo() as (url, seen):
+        settings = settings_with(upstream=url)
+        async with telemetered(settings, exporter=exporter) as lw:
+            async with connect(
+                f"ws://127.0.0.1:{lw.proxy_port}/chat?token=secret", compression=None,
+                user_agent_header="tab/1.0",
+            ) as ws:
+                for m in ("a", "bb"):
+                    await ws.send(m)
+                    assert await ws.recv() == m
+                await ws.send("bye")
+                with contextlib.suppress(Exception):
+                    await ws.recv()
+            await wait_for(lambda: not lw.proxy.relays)
+            await wait_for(lambda: len(exporter.get_finished_spans()) == 1)
+    (span,) = exporter.get_finished_spans()
+    ctx = span.context
+    trace_id, parent_id, flags = parse_traceparent(seen[0]["traceparent"])
+    # The backend's trace joins the proxy's: same trace, the proxy's span as parent.
+    assert trace_id == f"{ctx.trace_id:032x}" and parent_id == f"{ctx.span_id:016x}"
+    assert int(flags, 16) & 1  # sampled (bit 2, W3C level 2's "random trace id", may be set too)
+    assert span.parent is None  # the client sent no trace context
+    assert span.name == "WebSocket /" and span.kind is SpanKind.SERVER
+    a = dict(span.attributes or {})
+    key = "127.0.0.1"
+    assert a == {
+        "http.request.method": "GET",
+        "url.path": "/chat",
+        "client.address": "127.0.0.1",
+        "server.address": "127.0.0.1",
+        "server.port": lw.proxy_port,
+        "user_agent.original": "tab/1.0",
+        "loopwatch.route": "/",
+        "loopwatch.client.key_hash": client_hash(key),
+        "http.response.status_code": 101,
+        "loopwatch.connection.id": 1,
+        "loopwatch.close.code": 4000,
+        "loopwatch.close.reason": "bye now",
+        "loopwatch.close.initiator": "upstream",
+        "loopwatch.connection.duration": pytest.approx(a["loopwatch.connection.duration"]),
+        "loopwatch.messages.client_to_upstream": 3,
+        "loopwatch.messages.upstream_to_client": 2,
+        "loopwatch.bytes.client_to_upstream": 6,
+        "loopwatch.bytes.upstream_to_client": 3,
+    }
+    assert 0 < a["loopwatch.connection.duration"] < 10
+    assert span.end_time is not None and span.start_time is not None
+    assert (span.end_time - span.start_time) / 1e9 >= a["loopwatch.connection.duration"]
+    assert span.status.status_code is StatusCode.UNSET
+    assert not span.events
+    assert "token" not in str(a)  # the query (a token) is never recorded
+
+
+async def test_client_trace_context_is_the_parent() -> None:
+    exporter = InMemorySpanExporter()
+    headers = {"traceparent": TRACEPARENT_OF_CLIENT, "tracestate": "vendor=abc"}
+    async with recording_echo() as (url, seen), telemetered(settings_with(upstream=url), exporter=exporter) as lw:
+        assert await attempt(f"ws://127.0.0.1:{lw.proxy_port}/", ["x"]) == (1000, "")
+        async with connect(f"ws://127.0.0.1:{lw.proxy_port}/", additional_headers=headers) as ws:
+            await ws.send("y")
+            await ws.recv()
+        await wait_for(lambda: len(exporter.get_finished_spans()) == 2)
+    first, second = sorted(exporter.get_finished_spans(), key=lambda s: s.start_time or 0)
+    assert second.parent is not None
+    assert f"{second.parent.span_id:016x}" == "00f067aa0ba902b7"
+    assert f"{second.context.trace_id:032x}" == "4bf92f3577b34da6a3ce929d0e0e4736"
+    # The backend sees exactly one traceparent: the proxy's span, in the client's trace.
+    trace_id, parent_id, _ = parse_traceparent(seen[1]["traceparent"])
+    assert (trace_id, parent_id) == ("4bf92f3577b34da6a3ce929d0e0e4736", f"{second.context.span_id:016x}")
+    assert seen[1]["tracestate"] == "vendor=abc"
+    assert list(seen[1]).count("traceparent") == 1
+    assert first.context.trace_id != second.context.trace_id
+
+
+async def test_loop_spans_carry_findings_and_enforcement() -> None:
+    exporter = InMemorySpanExporter()
+    async with demo_backend() as backend:
+        settings = settings_with(
+            upstream=f"ws://127.0.0.1:{backend.port}",
+            **{"policy.cooldown.base": "20s", "policy.cooldown.jitter": 0, "telemetry.expose_client_keys": True},
+        )
+        async with telemetered(settings, exporter=exporter) as lw:
+            url = f"ws://127.0.0.1:{lw.proxy_port}/ws?token={issue_token('tab-42', -60)}"
+            seen = [await attempt(url) for _ in range(4)]
+            await wait_for(lambda: len(exporter.get_finished_spans()) == 4)
+    assert [c for c, _ in seen] == [1008, 1008, 1008, 1013]
+    spans = sorted(exporter.get_finished_spans(), key=lambda s: s.start_time or 0)
+    key = "tab-42@127.0.0.1"
+    for span in spans:
+        assert span.attributes is not None
+        assert span.attributes["loopwatch.client.key"] == key
+        assert span.attributes["loopwatch.client.key_hash"] == client_hash(key)
+    for span in spans[:3]:
+        assert span.attributes["loopwatch.close.code"] == 1008  # type: ignore[index]
+        assert span.attributes["loopwatch.close.reason"] == "token expired"  # type: ignore[index]
+        assert span.attributes["loopwatch.close.initiator"] == "upstream"  # type: ignore[index]
+    assert not spans[0].events and not spans[1].events
+    # The third failure raised the finding and started the cooldown: on its span.
+    events = {e.name: dict(e.attributes or {}) for e in spans[2].events}
+    assert set(events) == {"loopwatch.finding", "loopwatch.cooldown"}
+    assert events["loopwatch.finding"]["loopwatch.rule"] == "auth_failure_loop"
+    assert events["loopwatch.finding"]["loopwatch.severity"] == "critical"
+    assert '"consecutive": 3' in events["loopwatch.finding"]["loopwatch.evidence"]
+    assert events["loopwatch.cooldown"] == {
+        "loopwatch.rule": "auth_failure_loop",
+        "loopwatch.cooldown.duration": 20.0,
+        "loopwatch.cooldown.repeat": 1,
+        "loopwatch.cooldown.enforced": True,
+    }
+    # The refused attempt: a short span with the reason, never sent upstream.
+    refused = spans[3]
+    a = dict(refused.attributes or {})
+    assert a["loopwatch.refusal.reason"] == "cooldown"
+    assert 19 < a["loopwatch.refusal.retry_after"] <= 20
+    assert a["http.response.status_code"] == 101 and a["loopwatch.close.code"] == 1013
+    assert a["loopwatch.close.reason"].startswith("loopwatch: cooldown, retry in")
+    assert "loopwatch.connection.id" not in a
+    assert (refused.end_time or 0) - (refused.start_time or 0) < 0.5e9
+    assert backend.upgrades["tab-42"] == 3
+
+
+async def test_http_refusal_and_failed_handshake_spans() -> None:
+    exporter = InMemorySpanExporter()
+    async with demo_backend() as backend:
+        routes = {"/ws": f"ws://127.0.0.1:{backend.port}", "/down": f"ws://127.0.0.1:{free_port()}"}
+        settings = settings_with(routes, **{"policy.reject_with": "http-429", "policy.deny": ["127.0.0.1"]})
+        async with telemetered(settings, exporter=exporter) as lw:
+            assert await attempt(f"ws://127.0.0.1:{lw.proxy_port}/ws") == (429, "")
+            await wait_for(lambda: len(exporter.get_finished_spans()) == 1)
+        (refused,) = exporter.get_finished_spans()
+        a = dict(refused.attributes or {})
+        assert a["http.response.status_code"] == 429 and a["loopwatch.refusal.reason"] == "deny"
+        assert "loopwatch.close.code" not in a
+
+        exporter = InMemorySpanExporter()  # the first one was shut down with its provider
+        async with telemetered(settings_with(routes), exporter=exporter) as lw:
+            assert await attempt(f"ws://127.0.0.1:{lw.proxy_port}/down") == (502, "")
+            await wait_for(lambda: len(exporter.get_finished_spans()) == 1)
+    (failed,) = exporter.get_finished_spans()
+    assert failed.name == "WebSocket /down"
+    assert failed.attributes is not None and failed.attributes["error.type"] == "connect"
+    assert "http.response.status_code" not in failed.attributes
+    assert failed.status.status_code is StatusCode.ERROR
+
+
+async def test_unsampled_spans_still_propagate_but_leave_no_exemplars(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    exporter = InMemorySpanExporter()
+    async with recording_echo() as (url, seen), telemetered(settings_with(upstream=url), exporter=exporter) as lw:
+        assert await attempt(f"ws://127.0.0.1:{lw.proxy_port}/", ["x"]) == (1000, "")
+        await wait_for(lambda: not lw.proxy.relays)
+        om, _ = await scrape(lw, OPENMETRICS)
+    assert exporter.get_finished_spans() == ()
+    _, _, flags = parse_traceparent(seen[0]["traceparent"])
+    assert not int(flags, 16) & 1  # not sampled: the backend should not sample either
+    assert "# {" not in om  # no exemplar points at a trace nobody kept
+
+
+# --- configuration from OTEL_* --------------------------------------------------------
+
+
+def test_provider_from_env() -> None:
+    assert provider_from_env({}) is None
+    assert provider_from_env({"OTEL_TRACES_EXPORTER": "none"}) is None
+    assert provider_from_env({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "true"}) is None
+    with pytest.raises(TracingConfigError, match="OTEL_TRACES_EXPORTER.*'zipkin'"):
+        provider_from_env({"OTEL_TRACES_EXPORTER": "zipkin"})
+    with pytest.raises(TracingConfigError, match="OTEL_EXPORTER_OTLP_PROTOCOL.*'grpc'"):
+        provider_from_env({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})
+    provider = provider_from_env({"OTEL_TRACES_EXPORTER": "console, otlp"})
+    assert provider is not None
+    try:
+        assert provider.resource.attributes["service.name"] == "loopwatch"
+        processors = provider._active_span_processor._span_processors  # type: ignore[attr-defined]
+        exporters = sorted(type(p.span_exporter).__name__ for p in processors)
+        assert exporters == ["ConsoleSpanExporter", "OTLPSpanExporter"]
+    finally:
+        provider.shutdown()
+
+
+class OtlpReceiver:
+    """A minimal OTLP/HTTP trace receiver: decodes each protobuf export request."""
+
+    def __init__(self) -> None:
+        self.requests: list[ExportTraceServiceRequest] = []
+        self.headers: list[dict[str, str]] = []
+        self.app = web.Application()
+        self.app.router.add_post("/v1/traces", self.traces)
+        self.runner = web.AppRunner(self.app, access_log=None)
+        self.port = 0
+
+    async def traces(self, request: web.Request) -> web.Response:
+        assert request.content_type == "application/x-protobuf"
+        self.headers.append(dict(request.headers))
+        self.requests.append(ExportTraceServiceRequest.FromString(await request.read()))
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    async def __aenter__(self) -> OtlpReceiver:
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.runner.cleanup()
+
+    def spans(self) -> list[tuple[dict[str, Any], Any]]:
+        """(resource attributes, span) for every exported span."""
+        out = []
+        for req in self.requests:
+            for rs in req.resource_spans:
+                resource = {kv.key: _any(kv.value) for kv in rs.resource.attributes}
+                for ss in rs.scope_spans:
+                    out.extend((resource, span) for span in ss.spans)
+        return out
+
+
+def _any(v: Any) -> Any:
+    return getattr(v, v.WhichOneof("value"))
+
+
+async def test_otlp_export_for_real(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with OtlpReceiver() as receiver, recording_echo() as (url, seen):
+        for name, val in {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",
+            "OTEL_EXPORTER_OTLP_HEADERS": "x-collector-token=s3cret",
+            "OTEL_SERVICE_NAME": "edge-proxy",
+            "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test,service.namespace=lw",
+            "OTEL_BSP_SCHEDULE_DELAY": "50",
+        }.items():
+            monkeypatch.setenv(name, val)
+        settings = settings_with(upstream=url)
+        telemetry = Telemetry.from_env(settings, build_registry())
+        assert telemetry.tracing is not None
+        running = await start(settings, telemetry=telemetry)
+        try:
+            assert await attempt(f"ws://127.0.0.1:{running.proxy_port}/room", ["hello"]) == (1000, "")
+            await wait_for(lambda: not running.proxy.relays)
+            await wait_for(lambda: bool(receiver.spans()), timeout=10)
+        finally:
+            await running.close()  # flushes and shuts the exporter down
+        await asyncio.sleep(0)
+    ((resource, span),) = receiver.spans()
+    assert resource["service.name"] == "edge-proxy"
+    assert resource["deployment.environment"] == "test" and resource["service.namespace"] == "lw"
+    assert resource["service.version"] == "0.1.0"
+    assert receiver.headers[0].get("x-collector-token") == "s3cret"
+    assert span.name == "WebSocket /"
+    attrs = {kv.key: _any(kv.value) for kv in span.attributes}
+    assert attrs["url.path"] == "/room" and attrs["loopwatch.close.code"] == 1000
+    assert attrs["loopwatch.messages.client_to_upstream"] == 1
+    trace_id, parent_id, _ = parse_traceparent(seen[0]["traceparent"])
+    assert span.trace_id.hex() == trace_id and span.span_id.hex() == parent_id
