@@ -4,10 +4,13 @@ stream both ways, and status, reason, headers and bodies pass unchanged."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
 import json
+import socket
 import ssl
+import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -541,3 +544,29 @@ async def test_http_through_a_tls_listener(backend, tmp_path):
         body = b"z" * 300_000
         async with session.post(f"https://127.0.0.1:{lw.proxy_port}/upload", data=body, ssl=ctx) as resp:
             assert (await resp.json())["sha256"] == hashlib.sha256(body).hexdigest()
+
+
+async def test_upstream_connect_timeout_is_504(session):
+    # A listener whose accept queue is full: SYNs are dropped, connect hangs.
+    sock = socket.socket()
+    fillers: list[socket.socket] = []
+    try:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(0)
+        port = sock.getsockname()[1]
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+            fillers.append(filler)
+        await asyncio.sleep(0.2)
+        async with loopwatch(f"http://127.0.0.1:{port}", **{"limits.connect_timeout": "0.5s"}) as lw:
+            started = time.monotonic()
+            async with session.get(f"http://127.0.0.1:{lw.proxy_port}/x") as resp:
+                assert resp.status == 504
+            assert 0.3 <= time.monotonic() - started < 5
+    finally:
+        for s in fillers:
+            s.close()
+        sock.close()

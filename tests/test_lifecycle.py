@@ -21,6 +21,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import (
+    RawBackend,
     echo,
     loopwatch,
     read_response,
@@ -330,3 +331,25 @@ async def test_idle_timeout_closes_idle_connection_and_keeps_busy_one():
         finally:
             await idle.close()
             await busy.close()
+
+
+async def test_shutdown_answers_an_upgrade_in_progress_with_503():
+    async with RawBackend(lambda head: None) as backend:  # never answers the upgrade
+        lw_cm = loopwatch(backend.url)
+        lw = await lw_cm.__aenter__()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", lw.proxy_port)
+            try:
+                writer.write(upgrade_request("/pending"))
+                await wait_for(lambda: len(backend.heads) == 1)
+                started = time.monotonic()
+                await asyncio.wait_for(lw.proxy.shutdown(), 10)
+                assert time.monotonic() - started < 2
+                response = await asyncio.wait_for(read_response(reader), 5)
+                assert response.status == 503
+                assert response.body == b"loopwatch: shutting down\n"
+            finally:
+                writer.close()
+            assert lw.proxy.active == 0
+        finally:
+            await lw_cm.__aexit__(None, None, None)
