@@ -4,9 +4,9 @@
 
 Two numbers against the design's targets:
 
-* the median engine cost per event (target ≤ 10 µs): events are timed in
-  batches of ``BATCH`` (a clock read per event would cost as much as the
-  event), for the shapes the proxy produces — healthy connects and closes of a
+* the median engine cost per event (target ≤ 10 µs), in CPU time: events are
+  timed in batches of ``BATCH`` (a clock read per event would cost as much as
+  the event), for the shapes the proxy produces — healthy connects and closes of a
   large known population, new clients arriving, a looping client refused in
   cooldown, and the incident's loop end to end;
 * memory per tracked client (target ≤ 2 KiB), with tracemalloc over 100 000
@@ -55,7 +55,9 @@ def timed_batches(engine: Engine, events: Sequence[Event]) -> list[float]:
     """Microseconds per event for each batch of BATCH events."""
     admit, record = engine.admit, engine.record
     per_event: list[float] = []
-    clock = time.perf_counter_ns
+    # CPU time of this process, not wall time: the number is the engine's cost,
+    # and stays meaningful on a machine busy with other work (CI, a laptop).
+    clock = time.process_time_ns
     for start in range(0, len(events) - BATCH + 1, BATCH):
         batch = events[start : start + BATCH]
         t0 = clock()
@@ -131,7 +133,11 @@ def looping_in_cooldown() -> list[float]:
 
 
 def incident_end_to_end() -> list[float]:
-    """The incident's loop with every event: attempts, opens, 1008 closes, refusals."""
+    """50 incident tabs looping at once, every event: attempts, opens, 1008 closes.
+
+    Fifty clients failing auth together is fleet-wide, so this also opens the
+    auth breaker part way through: refusals become circuit_open.
+    """
     engine = new_engine()
     events: list[Event] = []
     t = 0.0
@@ -221,7 +227,7 @@ def looping(i: int) -> list[Event]:
 
 
 def main() -> None:
-    print(f"engine cost per event (median over batches of {BATCH}; target ≤ {TARGET_US:g} µs)")
+    print(f"engine CPU time per event (median over batches of {BATCH}; target ≤ {TARGET_US:g} µs)")
     medians: dict[str, float] = {}
     all_batches: list[float] = []
     for name, run in WORKLOADS.items():
