@@ -31,6 +31,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     backend = sub.add_parser("demo-backend", help="the demo's token-checking echo backend")
     backend.add_argument("--listen", default="127.0.0.1:8000")
+
+    sim = sub.add_parser(
+        "simulate",
+        help="play a client behaviour against loopwatch and report what it made of it",
+        description="Scenarios: auth-loop, duplicate, backoff, refresh, herd, flaky, mixed. Without "
+        "--url, the demo backend and a loopwatch are started in this process.",
+    )
+    sim.add_argument("scenario", metavar="SCENARIO",
+                     choices=("auth-loop", "duplicate", "backoff", "refresh", "herd", "flaky", "mixed"))
+    sim.add_argument("--clients", type=int, help="clients in the scenario (default: per scenario)")
+    sim.add_argument("--rate", type=float, default=20.0, help="attempts/s of a looping client (default 20)")
+    sim.add_argument("--duration", type=float, help="seconds to run (default: per scenario, at most 600)")
+    sim.add_argument("--url", help="a running loopwatch, e.g. ws://127.0.0.1:8080/ws (loopback only)")
+    sim.add_argument("--admin", help="its admin URL, to ask which clients were flagged")
+    sim.add_argument("--config", "-c", help="config of the in-process loopwatch (without --url)")
+    sim.add_argument("--allow-remote", action="store_true", help="allow a --url that is not loopback")
+    sim.add_argument("--max-attempts", type=int, default=20_000, help="stop after this many attempts")
+    sim.add_argument("--seed", type=int, default=0, help="seed of the behaviours' randomness")
+    sim.add_argument("--json", action="store_true", help="print the report as JSON")
+    sim.add_argument("--check", action="store_true", help="exit 1 when an outcome is not the expected one")
     return parser
 
 
@@ -48,6 +68,16 @@ def main(argv: list[str] | None = None) -> int:
         from proxy.demo import backend_main
 
         return backend_main(args.listen)
+    if args.command == "simulate":
+        from proxy.simulate import SimulateOptions, simulate_main
+
+        return simulate_main(
+            SimulateOptions(
+                args.scenario, clients=args.clients, rate=args.rate, duration=args.duration,
+                url=args.url, admin=args.admin, config=args.config, allow_remote=args.allow_remote,
+                max_attempts=args.max_attempts, seed=args.seed, json=args.json, check=args.check,
+            )
+        )
     raise AssertionError(args.command)
 
 

@@ -930,9 +930,10 @@ class Display:
     """Progress while a run goes: a live table on a terminal, a line every few
     seconds otherwise (CI logs, pipes)."""
 
-    def __init__(self, live: bool, out: Any = None):
+    def __init__(self, live: bool, out: Any = None, quiet: bool = False):
         self.out = out or sys.stdout
         self.live = live
+        self.quiet = quiet  # --json: stdout is for the report alone
         self._live: Any = None
         self._last_line = 0.0
 
@@ -952,6 +953,8 @@ class Display:
     def update(self, renderable: Callable[[], Any], line: Callable[[], str], every: float = 2.0) -> None:
         if self._live is not None:
             self._live.update(renderable())
+            return
+        if self.quiet:
             return
         now = time.monotonic()
         if now - self._last_line >= every:
@@ -1032,14 +1035,15 @@ async def simulate(options: SimulateOptions, out: Any = None, live: bool | None 
         )
         run = launch(url, clients, knobs=knobs, secret=options.secret, seed=options.seed,
                      max_attempts=options.max_attempts)
-        flagged = _flag_source(stack, options.admin)
+        # Live flags come from the in-process engine; a remote admin API is asked once, at the end.
+        flagged = stack.log.rules_for if stack is not None else (lambda name: None)
         use_live = (out.isatty() if hasattr(out, "isatty") else False) if live is None else live
         deadline = run.started + duration
         restart_at = run.started + min(HERD_RESTART_AT, duration * 0.6)
         herd_clients = any(b == "herd" for _, b in clients)
         restarted = False
         try:
-            with Display(use_live and not options.json, out) as display:
+            with Display(use_live and not options.json, out, quiet=options.json) as display:
                 while not run.stop.is_set() and time.monotonic() < deadline:
                     if herd_clients and not restarted and time.monotonic() >= restart_at:
                         restarted = True
@@ -1060,7 +1064,7 @@ async def simulate(options: SimulateOptions, out: Any = None, live: bool | None 
         elapsed = time.monotonic() - run.started
         if run.budget.used >= run.budget.limit:
             say(f"stopped early: the attempt budget ({run.budget.limit}) is spent")
-        final = _final_flags(stack, options.admin, run)
+        final = await _final_flags(stack, options.admin)
         groups = summarize(run, final, stack.backend.upgrades if stack else None)
         findings = []
         if stack is not None:
@@ -1079,33 +1083,27 @@ async def simulate(options: SimulateOptions, out: Any = None, live: bool | None 
     return report
 
 
-def _flag_source(stack: Stack | None, admin: str | None) -> Callable[[str], set[str] | None]:
+async def _final_flags(stack: Stack | None, admin: str | None) -> Callable[[str], set[str] | None]:
     if stack is not None:
         return stack.log.rules_for
-    return lambda name: None  # the admin API is asked once, at the end
-
-
-def _final_flags(stack: Stack | None, admin: str | None, run: Run) -> Callable[[str], set[str] | None]:
-    if stack is not None:
-        return stack.log.rules_for
-    if admin is None:
-        return lambda name: None
-    standing = _admin_findings(admin)
+    standing = await _admin_findings(admin) if admin is not None else None
     if standing is None:
-        return lambda name: None
+        return lambda name: None  # no way to know: the report says so
     return lambda name: standing.get(name, set())
 
 
-def _admin_findings(admin: str) -> dict[str, set[str]] | None:
-    """Standing findings by client name from a running loopwatch's admin API."""
-    import urllib.request
+async def _admin_findings(admin: str) -> dict[str, set[str]] | None:
+    """Standing findings by client name, from a running loopwatch's admin API."""
+    import aiohttp
 
     try:
-        with urllib.request.urlopen(f"{admin.rstrip('/')}/api/clients?limit=500", timeout=5) as resp:  # noqa: S310 - the operator's own admin URL
-            data = json.load(resp)
-    except (OSError, ValueError):
+        url = f"{admin.rstrip('/')}/api/clients"
+        timeout = aiohttp.ClientTimeout(total=5)
+        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url, params={"limit": "500"}) as resp:
+            data = await resp.json()
+    except (aiohttp.ClientError, TimeoutError, ValueError):
         return None
-    clients = data.get("clients", data) if isinstance(data, dict) else data
+    clients = data.get("clients") if isinstance(data, dict) else None
     out: dict[str, set[str]] = {}
     for client in clients if isinstance(clients, list) else []:
         name = key_name(str(client.get("key", "")))
@@ -1117,30 +1115,34 @@ def print_summary(report: SimulateReport, out: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(file=out or sys.stdout, width=130)
+    out = out or sys.stdout
+    console = Console(file=out, width=None if getattr(out, "isatty", lambda: False)() else 150)
     data = report.to_dict()
     console.print(
-        f"\n[bold]{report.scenario}[/bold] against {report.target} for {report.duration:.1f}s: "
+        f"\n{report.scenario} against {report.target} for {report.duration:.1f}s: "
         f"{data['attempts']} attempts, {data['accepted']} accepted, "
-        f"refused {format_counts(data['refused'], 8)}; close codes seen {format_counts(data['close_codes'], 8)}"
+        f"refused {format_counts(data['refused'], 8)}; close codes seen {format_counts(data['close_codes'], 8)}",
+        markup=False, highlight=False, soft_wrap=True,
     )
     table = Table(title="per behaviour")
     for col in ("behaviour", "clients", "attempts", "accepted", "reached backend", "refused",
-                "failed", "close codes", "echoed", "errors", "outcome", "expected"):
-        table.add_column(col)
+                "failed", "close codes", "echoed", "errors", "outcome"):
+        table.add_column(col, overflow="fold")
     for g in report.groups:
-        verdict = {True: "as expected", False: "UNEXPECTED", None: "?"}[g.as_expected]
         table.add_row(
             g.behaviour, str(g.clients), str(g.attempts), str(g.accepted),
             "-" if g.reached_backend is None else str(g.reached_backend),
             format_counts(g.refused), format_counts(g.failed), format_counts(g.codes),
-            str(g.echoed), str(g.errors),
-            g.outcome + (f" ({', '.join(g.rules)})" if g.rules else ""),
-            f"{g.expected} — {verdict}",
+            str(g.echoed), str(g.errors), g.outcome,
         )
     console.print(table)
     for g in report.groups:
-        console.print(f"outcome {g.behaviour}: {g.outcome} (expected {g.expected})", markup=False)
+        verdict = {True: "as expected", False: "NOT as expected", None: "expected"}[g.as_expected]
+        rules = f" by {', '.join(g.rules)}" if g.rules else ""
+        console.print(
+            f"outcome {g.behaviour}: {g.outcome}{rules} ({verdict}: {g.expected})",
+            markup=False, highlight=False, soft_wrap=True,
+        )
 
 
 def simulate_main(options: SimulateOptions) -> int:

@@ -1,0 +1,178 @@
+"""`loopwatch simulate`: every scenario against a real loopwatch and the demo
+backend, with the outcome the default rules must give it."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import pytest
+
+from proxy.cli import main
+from proxy.simulate import (
+    SimulateOptions,
+    SimulateReport,
+    check_target,
+    population,
+    refusal_reason,
+    simulate,
+    start_stack,
+)
+
+
+async def run(scenario: str, **kwargs: Any) -> tuple[SimulateReport, str]:
+    out = io.StringIO()
+    report = await simulate(SimulateOptions(scenario, **kwargs), out=out, live=False)
+    return report, out.getvalue()
+
+
+def only_expected_codes(codes: dict[str, int], allowed: set[str]) -> bool:
+    return set(codes) <= allowed
+
+
+async def test_auth_loop_is_flagged_and_refused() -> None:
+    report, out = await run("auth-loop", duration=3.0, clients=2)
+    g = report.group("auth-loop")
+    assert g.outcome == "flagged and refused" and g.as_expected
+    assert "auth_failure_loop" in g.rules
+    # Three 1008s each reached the backend; everything after was refused 1013.
+    assert g.reached_backend == g.accepted == 6
+    assert g.codes["1008"] == 6 and g.codes["1013"] == g.refused["cooldown"]
+    assert g.attempts == g.accepted + g.refused_total
+    assert g.attempts > 60  # ~20/s per client for 3 s
+    assert any(f["rule"] == "auth_failure_loop" and f["severity"] == "critical" for f in report.findings)
+    assert "no --url given: started the demo backend" in out
+    assert "outcome auth-loop: flagged and refused" in out
+
+
+async def test_duplicate_sockets_are_flagged_over_the_limit_only() -> None:
+    # Three token changes, two sockets each, none closed: 6 sockets > 3, held 5 s.
+    report, _ = await run("duplicate")
+    g = report.group("duplicate")
+    assert (g.outcome, g.rules) == ("flagged", ["duplicate_connections"])
+    assert g.attempts == g.accepted == g.reached_backend == 6
+    assert g.refused_total == 0 and g.errors == 0 and g.echoed > 0
+
+    # The same six sockets within a limit of six are not a finding.
+    report, _ = await run(
+        "duplicate", overrides={"detection.rules.duplicate_connections.max_connections": 6}
+    )
+    g = report.group("duplicate")
+    assert g.outcome == "not flagged" and g.attempts == 6
+
+
+async def test_backoff_is_never_flagged() -> None:
+    report, _ = await run("backoff", clients=3)
+    g = report.group("backoff")
+    assert g.outcome == "not flagged" and g.refused_total == 0
+    # Each client failed auth while the token was stale, backed off, then connected.
+    assert g.codes["1008"] >= 3 and only_expected_codes(dict(g.codes), {"1008"})
+    assert g.echoed > 0 and g.errors == 0
+    assert all(t.attempts <= 4 for t in report.tallies)
+
+
+async def test_page_reloads_are_never_flagged() -> None:
+    report, _ = await run("refresh", clients=3)
+    g = report.group("refresh")
+    assert g.outcome == "not flagged" and g.refused_total == 0 and g.errors == 0
+    assert all(t.attempts >= 2 for t in report.tallies)  # every page reloaded at least once
+    assert g.codes == {}  # every close was the page's own 1001
+
+
+async def test_a_herd_after_a_backend_restart_is_never_flagged() -> None:
+    report, out = await run("herd", clients=20)
+    g = report.group("herd")
+    assert "backend restarted: 20 socket(s) closed 1012" in out
+    assert g.outcome == "not flagged" and g.refused_total == 0 and g.errors == 0
+    assert g.codes == {"1012": 20}
+    assert g.attempts == 40 and g.reached_backend == 40  # everyone came back, once
+
+
+async def test_a_flaky_network_is_never_flagged() -> None:
+    report, _ = await run("flaky", clients=3)
+    g = report.group("flaky")
+    assert g.outcome == "not flagged" and g.refused_total == 0 and g.errors == 0
+    assert all(t.attempts >= 2 for t in report.tallies)  # every socket dropped at least once
+
+
+async def test_mixed_population_flags_only_the_culprits() -> None:
+    report, _ = await run("mixed")
+    outcomes = {g.behaviour: g.outcome for g in report.groups}
+    assert outcomes == {
+        "auth-loop": "flagged and refused",
+        "duplicate": "flagged",
+        "healthy": "not flagged",
+        "refresh": "not flagged",
+        "backoff": "not flagged",
+        "flaky": "not flagged",
+    }
+    assert all(g.as_expected for g in report.groups)
+    assert report.group("healthy").errors == 0 and report.group("healthy").echoed > 0
+
+
+async def test_against_a_running_loopwatch_by_url_with_its_admin_api() -> None:
+    stack = await start_stack()
+    try:
+        report, out = await run("auth-loop", duration=2.0, url=stack.url, admin=stack.admin)
+        assert "no --url given" not in out and f"target: {stack.url}" in out
+        g = report.group("auth-loop")
+        assert g.outcome == "flagged and refused" and "auth_failure_loop" in g.rules
+        assert g.reached_backend is None  # not ours to count
+        # Its clients carry a run tag, so a loopwatch's memory of earlier runs does not mix in.
+        (tally,) = report.tallies
+        assert tally.name.endswith("-auth-loop-1") and tally.name != "auth-loop-1"
+        assert stack.backend.upgrades[tally.name] == 3
+
+        # Without the admin API nobody can say what was flagged, and the report says so.
+        report, _ = await run("backoff", duration=1.0, url=stack.url)
+        assert report.group("backoff").flagged is None
+        assert report.group("backoff").outcome == "not refused (flags unknown)"
+    finally:
+        await stack.close()
+
+
+async def test_attempt_budget_bounds_the_run() -> None:
+    report, out = await run("auth-loop", duration=10.0, max_attempts=15)
+    assert report.attempts == 15
+    assert report.duration < 5
+    assert "attempt budget (15) is spent" in out
+
+
+def test_json_report_on_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", "auth-loop", "--duration", "2", "--json", "--check"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["scenario"] == "auth-loop" and data["in_process"] is True
+    (behaviour,) = data["behaviours"]
+    assert behaviour["outcome"] == "flagged and refused" and behaviour["as_expected"] is True
+    assert data["refused"]["cooldown"] == data["close_codes"]["1013"]
+    assert data["attempts"] == data["accepted"] + data["refused"]["cooldown"]
+
+
+def test_refuses_remote_targets_and_unbounded_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", "auth-loop", "--url", "ws://192.0.2.7:8080/ws"]) == 2
+    assert "not a loopback address" in capsys.readouterr().err
+    assert main(["simulate", "auth-loop", "--duration", "3600"]) == 2
+    assert "--duration" in capsys.readouterr().err
+    assert main(["simulate", "herd", "--clients", "100000"]) == 2
+    assert main(["simulate", "auth-loop", "--rate", "1000"]) == 2
+    with pytest.raises(SystemExit):
+        main(["simulate", "no-such-scenario"])
+
+    assert check_target("ws://127.0.0.1:8080", False) == "ws://127.0.0.1:8080/ws"
+    assert check_target("ws://localhost:8080/chat", False) == "ws://localhost:8080/chat"
+    assert check_target("ws://[::1]:8080/ws", False) == "ws://[::1]:8080/ws"
+    assert check_target("wss://example.com/ws", True) == "wss://example.com/ws"
+    with pytest.raises(ValueError, match="--allow-remote"):
+        check_target("ws://example.com/ws", False)
+
+
+def test_populations_and_refusal_reasons() -> None:
+    assert population("herd", None) == ["herd"] * 20
+    mixed = population("mixed", 12)
+    assert mixed[:2] == ["auth-loop", "duplicate"] and mixed.count("healthy") == 4
+    assert refusal_reason("loopwatch: cooldown, retry in 5s") == "cooldown"
+    assert refusal_reason("loopwatch: too soon after the last attempt, retry in 1s") == (
+        "too soon after the last attempt"
+    )
+    assert refusal_reason("token expired") is None
