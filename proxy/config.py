@@ -44,6 +44,7 @@ from pydantic import (
 from detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
 from detectors.units import ByteSize, Duration
 from proxy.identity import IdentitySettings
+from proxy.recorder import RecordSettings
 from proxy.sections import SECRET, FieldError, OptionalSecret, Section
 from proxy.telemetry import TelemetrySettings
 
@@ -207,6 +208,7 @@ class Settings(Section):
     policy: PolicySettings = PolicySettings()
     breakers: BreakerSettings = BreakerSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
+    record: RecordSettings = RecordSettings()
 
     # A field validator rather than a model validator: it runs even when other
     # sections are invalid, so this error is reported together with theirs.

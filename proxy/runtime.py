@@ -18,13 +18,14 @@ from proxy.guard import EngineGate
 from proxy.identity import Identifier
 from proxy.logs import event
 from proxy.observers import Observers
+from proxy.recorder import Recorder, close_recorders
 from proxy.server import ProxyServer
 from proxy.telemetry import Telemetry
 
 log = logging.getLogger("loopwatch")
 
 # Settings a reload cannot change on a running process: listeners and relay limits.
-RESTART_KEYS = ("listen", "upstream", "routes", "tls", "upstream_tls", "limits", "admin")
+RESTART_KEYS = ("listen", "upstream", "routes", "tls", "upstream_tls", "limits", "admin", "record")
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class Running:
         await self.admin.stop()
         if isinstance(self.gate, EngineGate):
             self.gate.close()
+            await close_recorders(self.gate.observers)  # what is buffered reaches the file
         if self.telemetry is not None:
             # Flushing spans may wait on the network: not on the event loop.
             await asyncio.get_running_loop().run_in_executor(None, self.telemetry.shutdown)
@@ -99,12 +101,15 @@ class Running:
 def build_gate(settings: Settings, observers: Observers | None = None) -> EngineGate:
     """The detection engine behind the listener, with the given observers."""
     engine = Engine(settings.detection, settings.policy, settings.breakers)
-    return EngineGate(
+    gate = EngineGate(
         engine,
         Identifier(settings.identity),
         observers or Observers(),
         reject_with=settings.policy.reject_with,
     )
+    if settings.record.path is not None:  # every engine event, one JSON line each (loopwatch replay)
+        gate.observers.add(Recorder(settings.record))
+    return gate
 
 
 async def start(
