@@ -51,6 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=0, help="seed of the behaviours' randomness")
     sim.add_argument("--json", action="store_true", help="print the report as JSON")
     sim.add_argument("--check", action="store_true", help="exit 1 when an outcome is not the expected one")
+
+    rep = sub.add_parser(
+        "replay",
+        help="run recorded events through the engine: which clients would be flagged, and why",
+        description="EVENTS are files written by the record: section (oldest first: PATH.2 PATH.1 PATH).",
+    )
+    rep.add_argument("events", metavar="EVENTS.jsonl", nargs="+", help="recorded events (.jsonl or .jsonl.gz)")
+    rep.add_argument("--config", "-c", default=os.environ.get("LOOPWATCH_CONFIG"), help="YAML config to replay with")
+    rep.add_argument("--json", action="store_true", help="print the result as JSON")
+    rep.add_argument("--seed", type=int, default=0, help="seed of the cooldown jitter (the proxy uses 0)")
     return parser
 
 
@@ -78,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
                 max_attempts=args.max_attempts, seed=args.seed, json=args.json, check=args.check,
             )
         )
+    if args.command == "replay":
+        from proxy.replay import replay_main
+
+        return replay_main(args.events, args.config, args.json, args.seed)
     raise AssertionError(args.command)
 
 

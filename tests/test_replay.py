@@ -1,0 +1,387 @@
+"""Recording and replay: the live proxy writes what its engine saw, and the same
+engine run offline over that file decides what the live one decided — or, with
+another configuration, what that one would have."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from detectors.decisions import Admit, Reject
+from detectors.events import Attempt, Closed, Opened, Rejected, from_dict
+from proxy import recorder as recorder_module
+from proxy.cli import main
+from proxy.config import load_settings
+from proxy.observers import Observer
+from proxy.recorder import Recorder, RecordSettings
+from proxy.replay import replay
+from proxy.simulate import Knobs, Stack, launch, start_stack
+from tests.conftest import settings_for
+
+ROOT = Path(__file__).resolve().parent.parent
+OBSERVE_ONLY = ROOT / "config" / "examples" / "observe-only.yaml"
+
+
+class LiveLog(Observer):
+    """What the live engine decided and raised, step by step."""
+
+    name = "test-live-log"
+
+    def __init__(self) -> None:
+        self.decisions: list[tuple[Attempt, Admit | Reject]] = []
+        self.raised: list[tuple[Any, bool]] = []  # (Finding, raised by a wake-up)
+
+    def on_attempt(self, conn: Any, event: Attempt, decision: Admit | Reject) -> None:
+        self.decisions.append((event, decision))
+
+    def on_outcome(self, outcome: Any, t: float, conn: Any = None) -> None:
+        for finding in outcome.raised:
+            self.raised.append((finding, conn is None))
+
+
+@dataclass
+class Recording:
+    path: Path
+    live: LiveLog
+    upgrades: dict[str, int] = field(default_factory=dict)
+
+    def lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.path.read_text().splitlines()]
+
+
+# The population every recording here holds: the incident's loop, its fixed
+# version, a healthy tab and a tab whose sockets pile up.
+POPULATION = [("bug", "auth-loop"), ("fixed", "backoff"), ("alice", "healthy"), ("twotabs", "duplicate")]
+
+
+async def record(tmp_path: Path, seconds: float, config: str | None = None, **overrides: Any) -> Recording:
+    path = tmp_path / "events.jsonl"
+    stack: Stack = await start_stack(config, {"record.path": str(path), **overrides})
+    live = LiveLog()
+    stack.running.gate.observers.add(live)  # type: ignore[attr-defined]
+    run = launch(stack.url, POPULATION, knobs=Knobs(ready_after=2.5))
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        await run.finish()
+        await stack.close()  # flushes the recorder
+    return Recording(path, live, dict(stack.backend.upgrades))
+
+
+@pytest.fixture(scope="module")
+def enforce_recording(tmp_path_factory: pytest.TempPathFactory) -> Recording:
+    # One live run shared by the replays below: 8 s is enough for the loop to be
+    # caught, for its cooldown to end and double, and for duplicates to be held 5 s.
+    return asyncio.run(record(tmp_path_factory.mktemp("enforce"), 8.0))
+
+
+def defaults() -> Any:
+    return load_settings(None, env={})
+
+
+def with_(**overrides: Any) -> Any:
+    return load_settings(None, env={}, overrides=overrides)
+
+
+def finding_tuple(f: Any) -> tuple[Any, ...]:
+    return (f.key, f.rule, f.severity, json.dumps(dict(f.evidence), sort_keys=True), f.t)
+
+
+# --- the recording itself --------------------------------------------------------
+
+
+def test_the_recording_holds_every_engine_event_in_engine_order(enforce_recording: Recording) -> None:
+    lines = enforce_recording.lines()
+    events = [from_dict(line) for line in lines]
+    assert all(isinstance(line["wall"], float) for line in lines)
+    kinds = {type(e).__name__ for e in events}
+    assert kinds == {"Attempt", "Rejected", "Opened", "Closed"}
+    # Every refusal follows its attempt directly, at the same instant.
+    for i, event in enumerate(events):
+        if isinstance(event, Rejected):
+            before = events[i - 1]
+            assert isinstance(before, Attempt) and (before.key, before.t) == (event.key, event.t)
+    # One attempt line per decision the live engine made, in the same order.
+    attempts = [e for e in events if isinstance(e, Attempt)]
+    assert attempts == [a for a, _ in enforce_recording.live.decisions]
+    refused = [d for _, d in enforce_recording.live.decisions if isinstance(d, Reject)]
+    assert len([e for e in events if isinstance(e, Rejected)]) == len(refused) > 20
+
+
+# --- replay ------------------------------------------------------------------------
+
+
+def test_replay_with_the_same_config_raises_the_same_findings_and_decisions(enforce_recording: Recording) -> None:
+    report = replay([str(enforce_recording.path)], defaults(), keep_decisions=True)
+    live = enforce_recording.live
+    assert report.corrupt == [] and report.dropped_outcomes == 0 and report.assumed_outcomes == 0
+
+    # Decisions: the same answer to every attempt, down to the retry time.
+    assert [a for a, _ in report.decisions] == [a for a, _ in live.decisions]
+    assert [d.to_dict() for _, d in report.decisions] == [d.to_dict() for _, d in live.decisions]
+
+    # Findings raised by an event are identical, evidence and time included.
+    live_events = [finding_tuple(f) for f, woke in live.raised if not woke]
+    replayed_events = [finding_tuple(r.finding) for r in report.raised if r.source != "wake"]
+    assert replayed_events == live_events
+    assert {f[1] for f in live_events} >= {"auth_failure_loop"}
+    # Those raised by time alone (duplicates held long enough) too, but the live
+    # timer fires a little after the due time the replay wakes at exactly.
+    live_timed = [f for f, woke in live.raised if woke]
+    replayed_timed = [r.finding for r in report.raised if r.source == "wake"]
+    assert [(f.key, f.rule, f.severity) for f in replayed_timed] == [(f.key, f.rule, f.severity) for f in live_timed]
+    assert ("twotabs@127.0.0.1", "duplicate_connections", "warning") in [(f.key, f.rule, f.severity) for f in live_timed]
+    for a, b in zip(replayed_timed, live_timed, strict=True):
+        assert 0 <= b.t - a.t < 0.5
+
+    bug = report.clients["bug@127.0.0.1"]
+    assert bug.refused["cooldown"] == bug.live_refused["cooldown"] > 20
+    assert [c.duration for c in bug.cooldowns][:2] == pytest.approx([5.0, 10.0], rel=0.11)
+    assert not report.clients["alice@127.0.0.1"].flagged and not report.clients["fixed@127.0.0.1"].flagged
+
+
+def test_a_looser_config_flags_later_assuming_refused_attempts_would_have_failed_alike(enforce_recording: Recording) -> None:
+    looser = with_(**{
+        "detection.rules.auth_failure_loop.consecutive": 10,
+        "detection.rules.no_backoff.enabled": False,
+        "detection.rules.rapid_reconnect.enabled": False,
+    })
+    report = replay([str(enforce_recording.path)], looser)
+    bug = report.clients["bug@127.0.0.1"]
+    # Live, attempts 4+ were refused; here they go through and are assumed to fail
+    # like the third did (1008 "token expired" a few ms after the attempt).
+    assert report.assumed_outcomes > 0
+    (first, *_) = bug.findings
+    assert (first.rule, first.severity, first.evidence["consecutive"]) == ("auth_failure_loop", "critical", 10)
+    live_first = next(f for f, _ in enforce_recording.live.raised if f.key == "bug@127.0.0.1")
+    assert first.t - live_first.t > 0.3  # seven more failures at ~20/s
+    assert bug.cooldowns and bug.cooldowns[0].t == first.t
+
+    # Looser still: with those rules off nobody is flagged for the loop at all.
+    off = with_(**{
+        "detection.rules.auth_failure_loop.enabled": False,
+        "detection.rules.no_backoff.enabled": False,
+        "detection.rules.rapid_reconnect.enabled": False,
+    })
+    report = replay([str(enforce_recording.path)], off)
+    assert not report.clients["bug@127.0.0.1"].flagged
+    assert report.clients["bug@127.0.0.1"].refused == {}
+
+
+def test_a_stricter_config_flags_sooner_and_more_clients(enforce_recording: Recording) -> None:
+    stricter = with_(**{
+        "detection.rules.auth_failure_loop.consecutive": 2,
+        # The fixed client retries after 1 s then 2 s: within 3 s counts as a loop here.
+        "detection.rules.auth_failure_loop.retry_within": "3s",
+        "detection.rules.duplicate_connections.max_connections": 1,
+    })
+    report = replay([str(enforce_recording.path)], stricter)
+    bug = report.clients["bug@127.0.0.1"]
+    assert bug.findings[0].evidence["consecutive"] == 2
+    # The live third attempt reached the backend; here it is refused, so its
+    # recorded outcome is left out.
+    assert report.dropped_outcomes >= 1
+    assert bug.admitted < enforce_recording.upgrades["bug"]
+    fixed = report.clients["fixed@127.0.0.1"]
+    assert [f.rule for f in fixed.findings] == ["auth_failure_loop"]
+    dup = report.clients["twotabs@127.0.0.1"]
+    assert dup.findings[0].rule == "duplicate_connections" and dup.findings[0].evidence["max_connections"] == 1
+    assert not report.clients["alice@127.0.0.1"].flagged
+
+
+async def test_an_observe_mode_recording_replayed_in_enforce_mode(tmp_path: Path) -> None:
+    rec = await record(tmp_path, 4.0, str(OBSERVE_ONLY))
+    # Observe mode refused nothing: every attempt reached the backend.
+    assert not any(isinstance(from_dict(line), Rejected) for line in rec.lines())
+    attempts = sum(1 for a, _ in rec.live.decisions if a.key == "bug@127.0.0.1")
+    assert rec.upgrades["bug"] == attempts > 40
+
+    observed = replay([str(rec.path)], load_settings(OBSERVE_ONLY, env={}))
+    bug = observed.clients["bug@127.0.0.1"]
+    assert bug.refused == {} and bug.would_refuse["cooldown"] > 30
+    assert [c.enforced for c in bug.cooldowns] == [False] * len(bug.cooldowns) and bug.cooldowns
+    assert [finding_tuple(f) for f in observed.findings if f.key == "bug@127.0.0.1"] == [
+        finding_tuple(f) for f, _ in rec.live.raised if f.key == "bug@127.0.0.1"
+    ]
+
+    enforced = replay([str(rec.path)], defaults())
+    bug = enforced.clients["bug@127.0.0.1"]
+    assert bug.refused["cooldown"] > 30 and bug.admitted <= 4
+    assert enforced.dropped_outcomes == bug.refused["cooldown"]  # their outcomes never happen
+    assert not enforced.clients["alice@127.0.0.1"].flagged
+    assert not enforced.clients["fixed@127.0.0.1"].flagged
+
+
+# --- bad input ---------------------------------------------------------------------
+
+
+def test_corrupt_and_truncated_lines_are_reported_with_their_number_and_skipped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = [
+        {"type": "attempt", "key": "k", "route": "/", "t": 10.0 + i * 0.05, "addr": "127.0.0.1"}
+        for i in range(3)
+    ]
+    lines = []
+    for i, attempt in enumerate(good):
+        lines.append(json.dumps(attempt))
+        lines.append(json.dumps({"type": "opened", "key": "k", "route": "/", "t": attempt["t"] + 0.001, "conn_id": i}))
+        lines.append(json.dumps({
+            "type": "closed", "key": "k", "route": "/", "t": attempt["t"] + 0.002, "conn_id": i,
+            "code": 1008, "reason": "token expired", "initiator": "upstream", "duration": 0.001,
+        }))
+    lines.insert(3, "{not json")  # line 4
+    lines.insert(5, json.dumps({"type": "closed", "key": "k"}))  # line 6: a field missing
+    lines.insert(7, json.dumps({"type": "teleported", "key": "k", "t": 1}))  # line 8
+    lines.insert(9, "[1, 2]")  # line 10
+    path = tmp_path / "events.jsonl"
+    # The last line was cut by a crash mid-write.
+    path.write_text("\n".join(lines) + '\n{"type": "attempt", "key": "k", "ro')
+    report = replay([str(path)], defaults())
+    assert [(c.line, c.error.split(":")[0]) for c in report.corrupt] == [
+        (4, "invalid JSON"),
+        (6, "closed event without 'route'"),
+        (8, "unknown event type 'teleported', expected one of ['attempt', 'closed', 'handshake_failed', 'opened', 'rejected']"),
+        (10, "expected a JSON object, got list"),
+        (14, "truncated line (no newline at the end of the file)"),
+    ]
+    assert report.events == 9
+    # The valid lines around them still make the incident's finding.
+    assert [(f.rule, f.severity) for f in report.findings] == [("auth_failure_loop", "critical")]
+
+    assert main(["replay", str(path), "--json"]) == 0
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    assert [c["line"] for c in data["corrupt"]] == [4, 6, 8, 10, 14]
+    assert data["flagged_clients"][0]["key"] == "k"
+    assert data["findings"][0]["rule"] == "auth_failure_loop" and data["findings"][0]["at"] == pytest.approx(0.102)
+    assert f"{path}:4: skipped: invalid JSON" in captured.err
+
+    assert main(["replay", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{path}:14: skipped: truncated line" in out
+    assert "1 client(s) would be flagged" in out and "auth_failure_loop" in out and "consecutive=3" in out
+
+
+def test_replay_command_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["replay", str(tmp_path / "missing.jsonl")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("detection:\n  quiet_period: soon\n")
+    events = tmp_path / "e.jsonl"
+    events.write_text("")
+    assert main(["replay", str(events), "--config", str(bad)]) == 2
+    assert "detection.quiet_period" in capsys.readouterr().err
+    assert main(["replay", str(events)]) == 0
+    assert "no client would be flagged" in capsys.readouterr().out
+
+
+def test_rotated_files_replay_in_order_and_gzip_is_read(tmp_path: Path) -> None:
+    import gzip
+
+    def attempt(t: float) -> str:
+        return json.dumps({"type": "attempt", "key": "k", "route": "/", "t": t}) + "\n"
+
+    def fail(t: float) -> str:
+        return json.dumps({"type": "handshake_failed", "key": "k", "route": "/", "t": t, "status": 401}) + "\n"
+
+    older = tmp_path / "events.jsonl.1.gz"
+    with gzip.open(older, "wt") as fh:
+        fh.write(attempt(1.0) + fail(1.01) + attempt(1.1) + fail(1.11))
+    newer = tmp_path / "events.jsonl"
+    newer.write_text(attempt(1.2) + fail(1.21) + attempt(1.3))
+    report = replay([str(older), str(newer)], defaults())
+    assert report.events == 7
+    assert [(f.rule, f.evidence["consecutive"]) for f in report.findings] == [("auth_failure_loop", 3)]
+    assert report.clients["k"].refused == {"cooldown": 1}
+
+
+# --- the recorder ---------------------------------------------------------------------
+
+
+class FakeConn:
+    pass
+
+
+def closed_event(i: int) -> Closed:
+    return Closed("client-key", "/ws", float(i), i, 1000, "x" * 40, "client", 1.0)
+
+
+async def test_recorder_writes_off_the_event_loop_in_batches(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    rec = Recorder(RecordSettings(path=str(path)), flush_interval=0.05)
+    for i in range(100):
+        rec.on_opened(FakeConn(), Opened("client-key", "/ws", float(i), i))  # type: ignore[arg-type]
+    # The hooks only buffer: nothing is written until the writer's next turn.
+    assert path.read_bytes() == b""
+    await asyncio.sleep(0.3)
+    assert len(path.read_text().splitlines()) == 100
+    rec.on_closed(FakeConn(), closed_event(100), None)  # type: ignore[arg-type]
+    await rec.aclose()  # what is buffered is written at close
+    lines = path.read_text().splitlines()
+    assert len(lines) == 101 and json.loads(lines[-1])["type"] == "closed"
+    assert rec.stats()["recorded"] == 101
+    rec.on_closed(FakeConn(), closed_event(101), None)  # type: ignore[arg-type]
+    assert rec.stats()["recorded"] == 101  # closed: ignored, never an error
+
+
+async def test_recorder_rotates_and_stays_bounded(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    rec = Recorder(RecordSettings(path=str(path), max_bytes=4096, rotate=2), flush_interval=0.01)
+    for i in range(400):  # ~150 bytes each: ~60 KB through a 4 KB file
+        rec.on_closed(FakeConn(), closed_event(i), None)  # type: ignore[arg-type]
+        if i % 50 == 0:
+            await asyncio.sleep(0.02)
+    await rec.aclose()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["events.jsonl", "events.jsonl.1", "events.jsonl.2"]
+    assert all((tmp_path / f).stat().st_size <= 4096 for f in files)
+    assert rec.file.rotations > 10
+    # The kept files are the newest events, contiguous and in order, oldest file first.
+    kept = [json.loads(line)["conn_id"] for f in reversed(files) for line in (tmp_path / f).read_text().splitlines()]
+    assert kept == list(range(kept[0], 400))
+
+    single = tmp_path / "single" / "events.jsonl"
+    single.parent.mkdir()
+    rec = Recorder(RecordSettings(path=str(single), max_bytes=4096, rotate=0), flush_interval=0.01)
+    for i in range(100):
+        rec.on_closed(FakeConn(), closed_event(i), None)  # type: ignore[arg-type]
+    await rec.aclose()
+    assert os.listdir(single.parent) == ["events.jsonl"] and single.stat().st_size <= 4096
+
+
+async def test_recorder_drops_beyond_its_buffer_instead_of_growing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(recorder_module, "MAX_PENDING", 10)
+    rec = Recorder(RecordSettings(path=str(tmp_path / "e.jsonl")), flush_interval=60)
+    for i in range(25):
+        rec.on_closed(FakeConn(), closed_event(i), None)  # type: ignore[arg-type]
+    assert rec.stats()["dropped"] == 15 and rec.stats()["pending"] == 10
+    await rec.aclose()
+    assert len((tmp_path / "e.jsonl").read_text().splitlines()) == 10
+
+
+async def test_a_record_path_that_cannot_be_opened_stops_start_up(tmp_path: Path) -> None:
+    from proxy.runtime import start
+
+    settings = settings_for("ws://127.0.0.1:9", **{"record.path": str(tmp_path / "no" / "such" / "dir.jsonl")})
+    with pytest.raises(FileNotFoundError):
+        await start(settings)
+
+
+def test_record_settings_validate(tmp_path: Path) -> None:
+    from proxy.config import ConfigError
+
+    s = with_(**{"record.path": str(tmp_path / "e.jsonl"), "record.max_bytes": "1MiB", "record.rotate": 3})
+    assert (s.record.max_bytes, s.record.rotate) == (1024 * 1024, 3)
+    with pytest.raises(ConfigError, match="record.max_bytes"):
+        with_(**{"record.max_bytes": "1KiB"})
+    with pytest.raises(ConfigError, match="record.rotate"):
+        with_(**{"record.rotate": -1})
