@@ -50,6 +50,8 @@ from detectors.decisions import Admit, Outcome, Reject
 from detectors.engine import Engine
 from detectors.findings import Finding
 
+# Events of one process arrive in time order up to a few ms; more than this back is a clock reset.
+CLOCK_SLACK = 1.0
 # Replay wakes the engine at every due time; a wake that schedules itself again
 # at the same instant would spin, so the replay moves on after this many.
 _MAX_WAKES_PER_EVENT = 10_000
@@ -135,6 +137,7 @@ class ReplayReport:
     events: int = 0  # fed to the engine (recorded Rejected excluded)
     skipped_rejected: int = 0
     corrupt: list[Corrupt] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     first_t: float | None = None
     last_t: float | None = None
     first_wall: float | None = None
@@ -188,6 +191,7 @@ class ReplayReport:
             "events": self.events,
             "skipped_rejected": self.skipped_rejected,
             "corrupt": [c.to_dict() for c in self.corrupt],
+            "warnings": self.warnings,
             "span": {
                 "first_t": self.first_t,
                 "last_t": self.last_t,
@@ -214,13 +218,16 @@ def _counts(counter: Counter[str]) -> str:
 
 def read_events(paths: Sequence[str], report: ReplayReport) -> Iterator[tuple[ev.Event, float | None]]:
     """(event, wall) from each file in turn; bad lines go to `report.corrupt`."""
+    last = [float("-inf")]
     for path in paths:
         opener = gzip.open if path.endswith(".gz") else open
         with opener(path, "rb") as fh:  # type: ignore[operator]
-            yield from _read_lines(path, fh, report)
+            yield from _read_lines(path, fh, report, last)
 
 
-def _read_lines(path: str, fh: IO[bytes], report: ReplayReport) -> Iterator[tuple[ev.Event, float | None]]:
+def _read_lines(
+    path: str, fh: IO[bytes], report: ReplayReport, last: list[float]
+) -> Iterator[tuple[ev.Event, float | None]]:
     for number, raw in enumerate(fh, 1):
         report.lines += 1
         if not raw.strip():
@@ -243,6 +250,14 @@ def _read_lines(path: str, fh: IO[bytes], report: ReplayReport) -> Iterator[tupl
         except (ValueError, TypeError) as e:
             report.corrupt.append(Corrupt(path, number, str(e)))
             continue
+        if event.t < last[0] - CLOCK_SLACK:
+            # `t` is the proxy's monotonic clock, which restarts when the host does.
+            report.warnings.append(
+                f"{path}:{number}: event time went back {last[0] - event.t:.1f}s (files from before "
+                "and after a host reboot, or in the wrong order? replay each boot's files on their own, oldest first)"
+            )
+            last[0] = event.t  # once per jump: the new clock is the reference from here
+        last[0] = max(last[0], event.t)
         wall = data.get("wall")
         yield event, (float(wall) if isinstance(wall, int | float) and not isinstance(wall, bool) else None)
 
@@ -481,6 +496,8 @@ def print_report(report: ReplayReport, out: IO[str] | None = None) -> None:
     )
     for c in report.corrupt:
         say(f"{c.file}:{c.line}: skipped: {c.error}")
+    for warning in report.warnings:
+        say(f"warning: {warning}")
     if report.dropped_outcomes or report.assumed_outcomes or report.unknown_outcomes:
         say(
             f"this configuration decided differently from the live proxy: {report.dropped_outcomes} recorded "

@@ -760,6 +760,7 @@ class GroupOutcome:
     flagged: bool | None  # None: unknown (no engine or admin API to ask)
     rules: list[str]
     reached_backend: int | None
+    enforcing: bool = True  # False: loopwatch runs in observe mode and refuses nobody
 
     @property
     def refused_total(self) -> int:
@@ -777,7 +778,9 @@ class GroupOutcome:
 
     @property
     def expected(self) -> str:
-        return EXPECTED.get(self.behaviour, "")
+        expected = EXPECTED.get(self.behaviour, "")
+        # In observe mode a loop is flagged and recorded, never refused.
+        return expected.replace(" and refused", "") if not self.enforcing else expected
 
     @property
     def as_expected(self) -> bool | None:
@@ -809,6 +812,7 @@ def summarize(
     run: Run,
     flagged: Callable[[str], set[str] | None],
     upgrades: Mapping[str, int] | None = None,
+    enforcing: bool = True,
 ) -> list[GroupOutcome]:
     """Per behaviour: what its clients saw, and what loopwatch made of them.
     `flagged(name)` gives the rules that flagged a client (None: unknown)."""
@@ -836,6 +840,7 @@ def summarize(
                 bool(rules) if known else None,
                 sorted(rules),
                 None if upgrades is None else sum(upgrades.get(t.name, 0) for t in tallies),
+                enforcing,
             )
         )
     return out
@@ -1065,7 +1070,11 @@ async def simulate(options: SimulateOptions, out: Any = None, live: bool | None 
         if run.budget.used >= run.budget.limit:
             say(f"stopped early: the attempt budget ({run.budget.limit}) is spent")
         final = await _final_flags(stack, options.admin)
-        groups = summarize(run, final, stack.backend.upgrades if stack else None)
+        if stack is not None:
+            mode = stack.running.settings.policy.mode
+        else:
+            mode = await _admin_mode(options.admin) if options.admin else None
+        groups = summarize(run, final, stack.backend.upgrades if stack else None, mode != "observe")
         findings = []
         if stack is not None:
             findings = [
@@ -1092,20 +1101,33 @@ async def _final_flags(stack: Stack | None, admin: str | None) -> Callable[[str]
     return lambda name: standing.get(name, set())
 
 
-async def _admin_findings(admin: str) -> dict[str, set[str]] | None:
-    """Standing findings by client name, from a running loopwatch's admin API."""
+async def _admin_get(admin: str, path: str, params: Mapping[str, str] | None = None) -> Any:
+    """A JSON answer from a running loopwatch's admin API; None when it cannot be had."""
     import aiohttp
 
     try:
-        url = f"{admin.rstrip('/')}/api/clients"
         timeout = aiohttp.ClientTimeout(total=5)
-        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url, params={"limit": "500"}) as resp:
-            data = await resp.json()
+        url = f"{admin.rstrip('/')}{path}"
+        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url, params=params) as resp:
+            return await resp.json() if resp.status == 200 else None
     except (aiohttp.ClientError, TimeoutError, ValueError):
         return None
+
+
+async def _admin_mode(admin: str) -> str | None:
+    config = await _admin_get(admin, "/api/config")
+    policy = config.get("policy") if isinstance(config, dict) else None
+    return policy.get("mode") if isinstance(policy, dict) else None
+
+
+async def _admin_findings(admin: str) -> dict[str, set[str]] | None:
+    """Standing findings by client name, from a running loopwatch's admin API."""
+    data = await _admin_get(admin, "/api/clients", {"limit": "500"})
     clients = data.get("clients") if isinstance(data, dict) else None
+    if not isinstance(clients, list):
+        return None
     out: dict[str, set[str]] = {}
-    for client in clients if isinstance(clients, list) else []:
+    for client in clients:
         name = key_name(str(client.get("key", "")))
         out.setdefault(name, set()).update(f.get("rule", "?") for f in client.get("findings", []))
     return out

@@ -300,6 +300,15 @@ def test_rotated_files_replay_in_order_and_gzip_is_read(tmp_path: Path) -> None:
     assert report.events == 7
     assert [(f.rule, f.evidence["consecutive"]) for f in report.findings] == [("auth_failure_loop", 3)]
     assert report.clients["k"].refused == {"cooldown": 1}
+    assert report.warnings == []
+
+    # A file from after a host reboot (the monotonic clock restarted): said, not fatal.
+    rebooted = tmp_path / "after-reboot.jsonl"
+    rebooted.write_text(attempt(0.2) + fail(0.21))
+    report = replay([str(older), str(newer), str(rebooted)], defaults())
+    assert report.events == 9
+    (warning,) = report.warnings
+    assert warning.startswith(f"{rebooted}:1: event time went back 1.1s")
 
 
 # --- the recorder ---------------------------------------------------------------------

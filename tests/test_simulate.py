@@ -46,6 +46,13 @@ async def test_auth_loop_is_flagged_and_refused() -> None:
     assert "outcome auth-loop: flagged and refused" in out
 
 
+async def test_in_observe_mode_the_loop_is_flagged_and_never_refused() -> None:
+    report, out = await run("auth-loop", duration=2.0, overrides={"policy.mode": "observe"})
+    g = report.group("auth-loop")
+    assert (g.outcome, g.expected, g.as_expected) == ("flagged", "flagged", True)
+    assert g.refused_total == 0 and g.reached_backend == g.attempts == g.codes["1008"] > 20
+
+
 async def test_duplicate_sockets_are_flagged_over_the_limit_only() -> None:
     # Three token changes, two sockets each, none closed: 6 sockets > 3, held 5 s.
     report, _ = await run("duplicate")
