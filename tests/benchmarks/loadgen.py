@@ -666,6 +666,7 @@ async def op_hold(c: dict) -> dict:
     host, port, path = c["host"], c["port"], c.get("path", "/echo")
     sem = asyncio.Semaphore(c.get("concurrency", 100))
     errors = [0]
+    kinds: dict[str, int] = {}
     base = len(HELD)
     deadline = now() + c.get("max_s", 60)
 
@@ -676,13 +677,16 @@ async def op_hold(c: dict) -> dict:
                 return
             try:
                 HELD.append(await open_echo(host, port, path, f"idle-{RUN_ID}-{c.get('tag', 0)}-{base + i}"))
-            except (OSError, ConnectionError, TimeoutError):
+            except (OSError, ConnectionError, TimeoutError) as e:
                 errors[0] += 1
+                kind = f"{type(e).__name__}: {e}"[:80]
+                kinds[kind] = kinds.get(kind, 0) + 1
 
     t0 = now()
     await asyncio.gather(*(one(i) for i in range(c["n"])))
     alive = sum(1 for conn in HELD if conn.open)
-    return {"ops": len(HELD) - base, "held": alive, "errors": errors[0], "elapsed_s": now() - t0}
+    return {"ops": len(HELD) - base, "held": alive, "errors": errors[0], "error_kinds": kinds,
+            "elapsed_s": now() - t0}
 
 
 async def op_release(c: dict) -> dict:

@@ -174,8 +174,10 @@ def rows(result: dict) -> list[dict]:
                 continue
             values[column] = (scen.get(name) or {}).get(row.metric)
             if values[column] is None and column == "loopwatch":
-                deny = features.get(f"deny_{name.split('-', 1)[-1]}", True)
-                if (row.scenario == "refusal" and not deny) or (
+                how = name.split("-", 1)[-1]
+                if row.scenario == "refusal" and features.get(f"deny_{how}_start_error"):
+                    notes[column] = "did not start"
+                elif (row.scenario == "refusal" and not features.get(f"deny_{how}", True)) or (
                     row.scenario in ("detect", "storm") and not features.get("detection", True)
                 ):
                     notes[column] = "pending detection"

@@ -63,6 +63,19 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
+def cpu_split(pids: list[int]) -> tuple[float, float]:
+    """(user, system) seconds of the processes, children included."""
+    user = system = 0
+    for pid in pids:
+        try:
+            f = _stat_fields(pid)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        user += int(f[11]) + int(f[13])
+        system += int(f[12]) + int(f[14])
+    return user / CLK_TCK, system / CLK_TCK
+
+
 def sched_seconds(pids: list[int]) -> float:
     """On-CPU time of every live thread of the processes (ns resolution), a cross-check."""
     total = 0
@@ -122,6 +135,9 @@ class Proc:
 
     def cpu(self) -> float:
         return cpu_seconds(self.pids())
+
+    def split(self) -> tuple[float, float]:
+        return cpu_split(self.pids())
 
     def sched(self) -> float:
         return sched_seconds(self.pids())
