@@ -567,6 +567,22 @@ class Engine:
                 return True
         return False
 
+    def record_health(self, t: float, ok: bool) -> Outcome:
+        """An active health check's result (proxy/health.py): it feeds the upstream
+        breaker only, never a client. While the breaker is half-open a check is a
+        probe like any client's attempt, so a recovered upstream closes the breaker
+        without a client having to risk an attempt; while it is open and waiting, a
+        check does not count (the wait is the wait)."""
+        breaker = self._upstream
+        self._actions.extend(breaker.advance(t))
+        verdict = breaker.permit(t)
+        if verdict == PROBE:
+            breaker.take_probe(t)
+            self._actions.extend(breaker.record(t, ok, probe=True))
+        elif verdict != REFUSE:
+            self._actions.extend(breaker.record(t, ok))
+        return self._take()
+
     # --- views -----------------------------------------------------------------
 
     def breakers(self, t: float) -> list[BreakerView]:

@@ -1,0 +1,64 @@
+"""Active health checks feed the upstream breaker, and only it."""
+
+from __future__ import annotations
+
+from detectors.actions import BreakerTransition
+from detectors.engine import Engine
+from detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
+
+
+def engine(**upstream: object) -> Engine:
+    breakers = BreakerSettings(upstream={"min_calls": 3, "open_wait": "5s", **upstream})
+    return Engine(DetectionSettings(), PolicySettings(), breakers)
+
+
+def transitions(outcome) -> list[tuple[str, str, str]]:  # noqa: ANN001
+    return [
+        (a.name, a.from_state, a.to_state)
+        for a in outcome.actions
+        if isinstance(a, BreakerTransition)
+    ]
+
+
+def upstream_state(e: Engine, t: float) -> str:
+    return {b.name: b.state for b in e.breakers(t)}["upstream"]
+
+
+def test_failing_checks_open_the_breaker_and_track_no_client() -> None:
+    e = engine()
+    assert transitions(e.record_health(0.0, ok=False)) == []
+    assert transitions(e.record_health(1.0, ok=False)) == []
+    assert transitions(e.record_health(2.0, ok=False)) == [("upstream", "closed", "open")]
+    assert e.snapshot(2.0).clients_tracked == 0
+    assert upstream_state(e, 2.0) == "open"
+
+
+def test_checks_while_open_do_not_count_then_probe_closes_it() -> None:
+    e = engine(half_open_probes=1)
+    for t in (0.0, 1.0, 2.0):
+        e.record_health(t, ok=False)
+    # Still inside the open wait: a good check neither closes nor re-trips it.
+    assert transitions(e.record_health(4.0, ok=True)) == []
+    assert upstream_state(e, 4.0) == "open"
+    # After the wait, the next check is the half-open probe.
+    assert transitions(e.record_health(7.5, ok=True)) == [
+        ("upstream", "open", "half_open"),
+        ("upstream", "half_open", "closed"),
+    ]
+
+
+def test_failed_probe_reopens() -> None:
+    e = engine(half_open_probes=1)
+    for t in (0.0, 1.0, 2.0):
+        e.record_health(t, ok=False)
+    assert transitions(e.record_health(7.5, ok=False)) == [
+        ("upstream", "open", "half_open"),
+        ("upstream", "half_open", "open"),
+    ]
+
+
+def test_healthy_checks_keep_a_closed_breaker_closed() -> None:
+    e = engine()
+    for t in range(10):
+        assert transitions(e.record_health(float(t), ok=True)) == []
+    assert upstream_state(e, 10.0) == "closed"
