@@ -34,7 +34,10 @@ class AdminServer:
     ):
         self.registry = registry
         self.ready = ready
-        self.app = web.Application(middlewares=[token_middleware(token)])
+        # Other ways than the bearer header to pass the /api token check (the
+        # status page's single-use event-stream tickets); filled in before start.
+        self.authenticators: list[Callable[[web.Request], bool]] = []
+        self.app = web.Application(middlewares=[token_middleware(token, self.authenticators)])
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/readyz", self.readyz)
         self.app.router.add_get("/metrics", make_aiohttp_handler(registry))
@@ -50,7 +53,9 @@ class AdminServer:
         return web.json_response({"status": "not ready"}, status=503)
 
     async def start(self, host: str, port: int) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None)
+        # handler_cancellation: a long-lived handler (the status page's event
+        # stream) ends the moment its client goes, not at its next write.
+        self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, host, port)
         await self._site.start()

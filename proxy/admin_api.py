@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hmac
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -32,9 +32,13 @@ def error(status: int, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
 
 
-def token_middleware(token: Callable[[], str | None]) -> Callable[..., Awaitable[web.StreamResponse]]:
+def token_middleware(
+    token: Callable[[], str | None],
+    alternatives: Sequence[Callable[[web.Request], bool]] = (),
+) -> Callable[..., Awaitable[web.StreamResponse]]:
     """Bearer-token check for /api routes; `token` is read per request so a
-    reload can change it."""
+    reload can change it. `alternatives` may admit a request without the header
+    (consulted only when the header is missing or wrong)."""
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -42,7 +46,8 @@ def token_middleware(token: Callable[[], str | None]) -> Callable[..., Awaitable
         if expected and request.path.startswith("/api/"):
             given = request.headers.get("Authorization", "")
             scheme, _, value = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip(), expected):
+            bearer_ok = scheme.lower() == "bearer" and hmac.compare_digest(value.strip(), expected)
+            if not bearer_ok and not any(admit(request) for admit in alternatives):
                 return web.json_response(
                     {"error": "unauthorized: send Authorization: Bearer <admin token>"},
                     status=401,

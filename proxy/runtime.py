@@ -20,6 +20,7 @@ from proxy.logs import event
 from proxy.observers import Observers
 from proxy.recorder import Recorder, close_recorders
 from proxy.server import ProxyServer
+from proxy.status import install as install_status_page
 from proxy.telemetry import Telemetry
 
 log = logging.getLogger("loopwatch")
@@ -145,6 +146,7 @@ async def start(
     holder.append(running)
     if isinstance(gate, EngineGate):
         admin.app.router.add_routes(AdminApi(running).routes())
+        install_status_page(running)  # GET / and the /api/events stream
     admin_host, admin_port = parse_host_port(settings.admin.listen)
     try:
         await admin.start(admin_host, admin_port)
