@@ -35,7 +35,7 @@ POSITIVE = {
 REQUIRED = {
     "latency_p50", "latency_p99", "latency_cpu", "throughput_rate", "throughput_cpu",
     "large_rate", "large_cpu", "churn_rate", "churn_cpu", "refusal_rate", "refusal_cpu",
-    "storm_quiet_p99", "storm_p99", "storm_errors", "storm_rate",
+    "refusal_1013_rate", "refusal_1013_cpu", "storm_quiet_p99", "storm_p99", "storm_errors", "storm_rate",
 }
 
 
@@ -64,21 +64,23 @@ def test_every_scenario_ran_against_every_target(smoke: tuple[dict, str]) -> Non
     assert {"nginx", "haproxy", "direct"} <= refusal
     features = result["meta"]["features"]
     for how in ("http-429", "close-1013"):
-        if features.get(f"deny_{how}"):
-            assert f"loopwatch-{how}" in refusal
+        # Every refusal target must have started and run: a loopwatch instance that
+        # failed its deny config or its start would otherwise vanish from the table.
+        assert features.get(f"deny_{how}") is True, (how, features.get(f"deny_{how}_error"))
+        assert f"deny_{how}_start_error" not in features, features[f"deny_{how}_start_error"]
+        assert f"loopwatch-{how}" in refusal, how
+    assert not [n for n in result["meta"].get("notes", []) if "did not start" in n]
 
 
 def test_numbers_are_sane(smoke: tuple[dict, str]) -> None:
     result, _ = smoke
-    features = result["meta"]["features"]
     by_id = {row["id"]: row for row in result["rows"]}
     missing = REQUIRED - set(by_id)
     assert not missing, missing
     for row in result["rows"]:
         for column in COLUMNS:
             value = row["values"][column]
-            pending = column == "loopwatch" and row["id"].startswith("refusal") and not features.get("deny_http-429")
-            if row["id"] in REQUIRED and not pending:
+            if row["id"] in REQUIRED:
                 assert value is not None, (row["id"], column, row["notes"])
             if value is None:
                 continue
