@@ -28,13 +28,14 @@ from detectors import findings, policy, tracker
 from detectors.actions import Action, CloseConnection, CooldownEnded, WouldReject
 from detectors.breaker import CLOSED, PROBE, REFUSE, CircuitBreaker
 from detectors.decisions import ADMITTED, EMPTY, Admit, Outcome, Reject
-from detectors.events import Attempt, Closed, ConnId, HandshakeFailed, Opened
+from detectors.events import Attempt, Closed, ConnId, Event, HandshakeFailed, Opened
 from detectors.findings import Finding, Flag
 from detectors.fleet import Fleet
 from detectors.inspect import breaker_states, client_view, rank, snapshot
 from detectors.offenders import HOT_RATE, HotClients
 from detectors.rules import RULE_NAMES, RULES
 from detectors.settings import BreakerSettings, DetectionSettings, PolicySettings, RuleSettings
+from detectors.shared import SharedCooldown
 from detectors.state import INF, NEVER, ClientState, ClientStore, MemoryStore
 from detectors.views import BreakerView, ClientView, EngineSnapshot
 
@@ -566,6 +567,104 @@ class Engine:
                     self._mark_pending(t)
                 return True
         return False
+
+    # --- replicas (state.backend: redis) --------------------------------------
+
+    def observe(self, event: Event, *, admitted: bool = False, breakers: bool = False) -> Outcome:
+        """Fold in an event another replica saw, so the rules judge the client's
+        combined traffic (detectors/shared.py).
+
+        The replica that saw it has already decided, so nothing is decided here:
+        no refusal, and no cooldown (cooldowns travel as such, see
+        ``adopt_cooldown``); a finding it completes is raised all the same, and the
+        next failure this replica sees itself enforces it. The fleet view stays
+        this replica's own. The breakers hear it only with ``breakers``
+        (state.breakers: shared), and never as a probe: probes are local.
+        ``event`` must carry this engine's clock and, for Opened/Closed, a
+        connection id that cannot collide with a local one (shared.localize).
+        """
+        t = event.t
+        if self._credits and self._credits[0][0] <= t:
+            self._drain_credits(t)
+        state = self._client(event.key, t)
+        kind = tracker.apply(state, event, self._detection)
+        if isinstance(event, Attempt):
+            if admitted:
+                state.admitted_t = t
+        elif breakers:
+            self._observe_breakers(state, event, kind, t)
+        self._evaluate(state, t, _ENFORCE_NONE)
+        self._reschedule(state, t)
+        return self._take()
+
+    def _observe_breakers(self, state: ClientState, event: Event, kind: int, t: float) -> None:
+        if isinstance(event, Opened | HandshakeFailed):
+            success = not kind & tracker.UPSTREAM_FAILURE
+            self._actions.extend(self._upstream.record(t, success))
+        if isinstance(event, Closed) and event.duration >= self._detection.healthy_after:
+            failed: bool | None = False  # lived long enough: the auth service let it in
+        elif kind & tracker.AUTH_FAILURE:
+            failed = True
+        elif kind & tracker.AUTH_SUCCESS:
+            failed = False
+        else:
+            return
+        # As in _auth_outcome: clients are counted once per window, not attempts.
+        breaker = self._auth
+        if breaker.state is not CLOSED:
+            return
+        window = breaker.settings.window
+        if failed:
+            if t - state.auth_fail_fed < window:
+                return
+            state.auth_fail_fed = t
+        else:
+            if t - state.auth_ok_fed < window:
+                return
+            state.auth_ok_fed = t
+        self._actions.extend(breaker.record(t, not failed))
+
+    def adopt_cooldown(self, cooldown: SharedCooldown, t: float) -> bool:
+        """A cooldown another replica started (or the shared store remembered).
+
+        The longer cooldown wins and an enforced one beats an observed one, so
+        replicas converge whatever order they hear things in; an operator's
+        (``force``) replaces whatever is here. The repeat count is merged by
+        maximum either way, so the next offence escalates on every replica. No
+        CooldownStarted comes out: the replica that started it reported it, and
+        counting it once per replica would multiply it. True if adopted.
+        """
+        state = self._client(cooldown.key, t)
+        until = t + cooldown.remaining
+        memory = self._policy.settings.cooldown.memory
+        state.cool_repeat = max(state.cool_repeat, cooldown.repeat)
+        state.keep_until = max(state.keep_until, until + memory)
+        active = state.cool_rule is not None and state.cool_until > t
+        adopt = cooldown.remaining > 0 and (
+            cooldown.force
+            or not active
+            or (cooldown.enforced and not state.cool_enforced)
+            or (until > state.cool_until and (cooldown.enforced or not state.cool_enforced))
+        )
+        if adopt:
+            state.cool_start = t
+            state.cool_until = until
+            state.cool_rule = cooldown.rule
+            state.cool_enforced = cooldown.enforced
+        elif not active:
+            # Over already: only its end matters, for the next offence's repeat.
+            state.cool_until = max(state.cool_until, until)
+        self._update_notable(state)
+        self._reschedule(state, t)
+        return adopt
+
+    def cooldowns(self, t: float) -> list[SharedCooldown]:
+        """The cooldowns running now, as other replicas would adopt them."""
+        return [
+            SharedCooldown(s.key, s.cool_until - t, s.cool_rule, s.cool_repeat, s.cool_enforced)
+            for s in self._notable.values()
+            if s.cool_rule is not None and s.cool_until > t
+        ]
 
     def record_health(self, t: float, ok: bool) -> Outcome:
         """An active health check's result (proxy/health.py): it feeds the upstream
