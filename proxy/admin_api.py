@@ -122,7 +122,11 @@ class AdminApi:
 
     async def release(self, request: web.Request) -> web.Response:
         key = request.match_info["key"]
-        if not self.engine.release(key, time.monotonic()):
+        tracked = self.engine.release(key, time.monotonic())
+        # With a shared store, released on every replica: others may hold a
+        # cooldown for a client this one never saw.
+        self.running.gate.state_store.release(key)  # type: ignore[attr-defined]
+        if not tracked:
             return error(404, f"no tracked client {key!r}")
         self._changed()
         return web.json_response({"key": key, "released": True})

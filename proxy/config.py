@@ -45,6 +45,7 @@ from detectors.settings import BreakerSettings, DetectionSettings, PolicySetting
 from detectors.units import ByteSize, Duration
 from proxy.identity import IdentitySettings
 from proxy.recorder import RecordSettings
+from proxy.redis_store import StateSettings
 from proxy.sections import SECRET, FieldError, OptionalSecret, Section
 from proxy.telemetry import TelemetrySettings
 
@@ -207,6 +208,7 @@ class Settings(Section):
     detection: DetectionSettings = DetectionSettings()
     policy: PolicySettings = PolicySettings()
     breakers: BreakerSettings = BreakerSettings()
+    state: StateSettings = StateSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     record: RecordSettings = RecordSettings()
 

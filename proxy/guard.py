@@ -21,6 +21,7 @@ from proxy.gate import Attempt, Gate, Refusal, RelayStats
 from proxy.http1 import RequestHead
 from proxy.identity import Identifier
 from proxy.observers import Observers
+from proxy.redis_store import LocalState, StateStore
 
 if TYPE_CHECKING:
     from proxy.config import Settings
@@ -62,6 +63,9 @@ class EngineGate(Gate):
         self.observers = observers
         self.reject_with = reject_with
         self.server: ProxyServer | None = None  # set by the runtime, for engine actions
+        # Shares state with other replicas (state.backend: redis); LocalState
+        # when nothing is shared. Telemetry reads its `up` and `errors`.
+        self.state_store: StateStore = LocalState()
         self._wake: asyncio.TimerHandle | None = None
         self._wake_at: float | None = None
 
@@ -107,8 +111,15 @@ class EngineGate(Gate):
                     relay = self.server.relays.get(action.conn_id)  # type: ignore[arg-type]
                     if relay is not None:
                         relay.close(action.code, action.reason)
+                    else:  # close-oldest may pick a connection on another replica
+                        self.state_store.forward_close(action)
             self.observers.call("on_outcome", outcome, t, conn)
         self._schedule()
+
+    def apply(self, outcome: Outcome, t: float) -> None:
+        """Act on an engine outcome that no step of this gate produced (another
+        replica's events, applied by the state store), like any other."""
+        self._apply(outcome, t)
 
     def _schedule(self) -> None:
         """Keep one timer armed for the engine's next wake-up time."""

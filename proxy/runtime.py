@@ -19,6 +19,7 @@ from proxy.identity import Identifier
 from proxy.logs import event
 from proxy.observers import Observers
 from proxy.recorder import Recorder, close_recorders
+from proxy.redis_store import LocalState, attach_state_store
 from proxy.server import ProxyServer
 from proxy.status import install as install_status_page
 from proxy.telemetry import Telemetry
@@ -26,7 +27,8 @@ from proxy.telemetry import Telemetry
 log = logging.getLogger("loopwatch")
 
 # Settings a reload cannot change on a running process: listeners and relay limits.
-RESTART_KEYS = ("listen", "upstream", "routes", "tls", "upstream_tls", "limits", "admin", "record")
+# `state`: the shared store connects once, at start.
+RESTART_KEYS = ("listen", "upstream", "routes", "tls", "upstream_tls", "limits", "admin", "state", "record")
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ class Running:
         if isinstance(self.gate, EngineGate):
             self.gate.close()
             await close_recorders(self.gate.observers)  # what is buffered reaches the file
+            await self.gate.state_store.close()
         if self.telemetry is not None:
             # Flushing spans may wait on the network: not on the event loop.
             await asyncio.get_running_loop().run_in_executor(None, self.telemetry.shutdown)
@@ -110,6 +113,7 @@ def build_gate(settings: Settings, observers: Observers | None = None) -> Engine
     )
     if settings.record.path is not None:  # every engine event, one JSON line each (loopwatch replay)
         gate.observers.add(Recorder(settings.record))
+    attach_state_store(gate, settings)  # state.backend: redis shares it with other replicas
     return gate
 
 
@@ -137,9 +141,10 @@ async def start(
     await proxy.start(host, port)
     registry = telemetry.registry
     holder: list[Running] = []
+    store = gate.state_store if isinstance(gate, EngineGate) else LocalState()
     admin = AdminServer(
         registry,
-        ready=lambda: not proxy.closing,
+        ready=lambda: not proxy.closing and store.ready,
         token=lambda: holder[0].settings.admin.token if holder else settings.admin.token,
     )
     running = Running(settings, proxy, admin, asyncio.Event(), gate, sources, telemetry, observers)
@@ -153,6 +158,7 @@ async def start(
     except BaseException:
         await proxy.shutdown()
         raise
+    await store.start()  # connects in the background: admission never waits for Redis
     event(
         log, "listening",
         proxy=f"{host}:{proxy.port}", admin=f"{admin_host}:{admin.port}",

@@ -1,0 +1,382 @@
+"""Two loopwatch replicas sharing state through a real redis-server.
+
+Each test starts its own `redis-server` (Debian's) on a free loopback port,
+with no persistence and a temporary directory, and stops it by PID. The two
+replicas run in this process (`proxy.runtime.start`) in front of one demo
+backend, whose 1008 "token expired" closes are the incident's loop.
+
+Thresholds: only the counting threshold of `auth_failure_loop` is armed, at
+CRITICAL failures in a minute, so a client alternating between the replicas
+is flagged only from the combined count: each replica alone sees half of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+from websockets.asyncio.client import connect
+
+from proxy.demo_backend import DemoBackend, issue_token
+from proxy.redis_store import RedisStateStore
+from proxy.runtime import Running
+from tests.clients import attempt, demo_backend
+from tests.conftest import free_port, loopwatch, wait_for
+
+# `loopwatch run` uses uvloop: the store's connection handling runs on both loops.
+RUN_ON_UVLOOP = True
+CRITICAL = 6
+RULES = {
+    "auth_failure_loop": {"consecutive": 100, "warning": None, "critical": CRITICAL},
+    "rapid_reconnect": {"warning": None, "critical": 100},
+    "no_backoff": {"enabled": False},
+    "short_lived": {"enabled": False},
+}
+PAUSE = 0.05  # the looping client's pause between attempts (20/s)
+
+
+# --- redis-server -------------------------------------------------------------------
+
+
+class RedisServer:
+    """One redis-server process on a fixed loopback port; restartable on that port."""
+
+    def __init__(self, workdir: Path) -> None:
+        binary = shutil.which("redis-server")
+        assert binary is not None, "redis-server is required (.ci/system-deps installs it)"
+        self.binary = binary
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        assert self.proc is None
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", str(self.workdir),
+                "--logfile", str(self.workdir / "redis.log"),
+                "--enable-debug-command", "local",  # DEBUG SLEEP: a slow Redis
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while not self._pong():
+            assert self.proc.poll() is None, (self.workdir / "redis.log").read_text()
+            assert time.monotonic() < deadline, "redis-server did not answer PING"
+            time.sleep(0.02)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def _pong(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.asynccontextmanager
+async def redis_client(server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(server.url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+# --- replicas ------------------------------------------------------------------------
+
+
+def overrides(url: str, replica: str, prefix: str, backend: str = "redis", **extra: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "detection.rules": RULES,
+        "state.backend": backend,
+        "state.replica_id": replica,
+        "state.redis.url": url,
+        "state.redis.key_prefix": prefix,
+        "state.redis.timeout": "200ms",
+        "state.redis.connect_timeout": "500ms",
+        "state.redis.reconnect_min": "50ms",
+        "state.redis.reconnect_max": "300ms",
+        "state.redis.heartbeat": "200ms",
+    }
+    cfg.update(extra)
+    return cfg
+
+
+@contextlib.asynccontextmanager
+async def replicas(
+    url: str, prefix: str, *, backend: str = "redis", wait_up: bool = True, **extra: Any
+) -> AsyncIterator[tuple[DemoBackend, Running, Running]]:
+    async with demo_backend() as backend_app:
+        upstream = f"ws://127.0.0.1:{backend_app.port}"
+        async with (
+            loopwatch(upstream, **overrides(url, "a", prefix, backend, **extra)) as a,
+            loopwatch(upstream, **overrides(url, "b", prefix, backend, **extra)) as b,
+        ):
+            if backend == "redis" and wait_up:
+                await wait_for(lambda: store(a).up and store(b).up)
+            yield backend_app, a, b
+
+
+def store(running: Running) -> RedisStateStore:
+    s = running.gate.state_store  # type: ignore[attr-defined]
+    assert isinstance(s, RedisStateStore)
+    return s
+
+
+def ws(running: Running, sub: str, *, expired: bool = True) -> str:
+    token = issue_token(sub, -60 if expired else 300)
+    return f"ws://127.0.0.1:{running.proxy_port}/ws?token={token}"
+
+
+def key_of(sub: str) -> str:
+    return f"{sub}@127.0.0.1"  # identity: jwt:sub bound to the client's address
+
+
+def tracked(running: Running, key: str) -> Any:
+    return running.engine.client(key, time.monotonic())
+
+
+def in_cooldown(running: Running, key: str) -> bool:
+    view = tracked(running, key)
+    return view is not None and view.cooldown_remaining > 0
+
+
+def attempts_seen(running: Running, key: str) -> int:
+    view = tracked(running, key)
+    return 0 if view is None else view.attempts_total
+
+
+async def healthy(url: str) -> str:
+    """A well-behaved client: connect, one echo, close normally; what came back."""
+    async with connect(url, open_timeout=5, close_timeout=2) as conn:
+        await conn.send("hello")
+        return str(await asyncio.wait_for(conn.recv(), 5))
+
+
+async def round_robin(
+    replicas_: tuple[Running, Running], sub: str, n: int, *, replicated: bool = True
+) -> list[tuple[int | None, str]]:
+    """The looping client alternating between the replicas. With `replicated`,
+    each attempt waits until both replicas know of it, so which attempt meets
+    the cooldown does not depend on scheduling."""
+    seen = []
+    key = key_of(sub)
+    for i in range(n):
+        seen.append(await attempt(ws(replicas_[i % 2], sub)))
+        if replicated:
+            await wait_for(lambda i=i: all(attempts_seen(r, key) == i + 1 for r in replicas_))
+        await asyncio.sleep(PAUSE)
+    return seen
+
+
+async def release(running: Running, key: str) -> int:
+    url = f"http://127.0.0.1:{running.admin_port}/api/clients/{key}/release"
+    async with aiohttp.ClientSession() as session, session.post(url) as response:
+        return response.status
+
+
+async def keys(client: aioredis.Redis, prefix: str) -> list[bytes]:
+    return [k async for k in client.scan_iter(match=prefix + "*")]
+
+
+def codes(seen: list[tuple[int | None, str]]) -> list[int | None]:
+    return [code for code, _ in seen]
+
+
+# --- the tests ------------------------------------------------------------------------
+
+
+async def test_alone_neither_replica_flags_the_round_robin_loop(redis_server: RedisServer) -> None:
+    # The control: the same client and thresholds, nothing shared.
+    async with replicas(redis_server.url, "lw-control:", backend="memory") as (backend, a, b):
+        seen = await round_robin((a, b), "loop", CRITICAL + 2, replicated=False)
+        assert codes(seen) == [1008] * (CRITICAL + 2)  # every attempt reached the backend
+        assert backend.upgrades["loop"] == CRITICAL + 2
+        for r in (a, b):
+            assert attempts_seen(r, key_of("loop")) == (CRITICAL + 2) // 2 < CRITICAL
+            assert tracked(r, key_of("loop")).findings == ()
+
+
+async def test_the_combined_rate_is_flagged_and_both_replicas_refuse(redis_server: RedisServer) -> None:
+    prefix = "lw-combined:"
+    async with replicas(redis_server.url, prefix) as (backend, a, b), redis_client(redis_server) as rc:
+        key = key_of("loop")
+        seen = await round_robin((a, b), "loop", CRITICAL)
+        # Each replica let through only its half: CRITICAL // 2 < CRITICAL ...
+        assert codes(seen) == [1008] * CRITICAL
+        assert backend.upgrades["loop"] == CRITICAL
+        # ... and both judged the combined count: flagged critical on both.
+        for r in (a, b):
+            assert attempts_seen(r, key) == CRITICAL
+            view = tracked(r, key)
+            assert [(f.rule, f.severity) for f in view.findings] == [("auth_failure_loop", "critical")]
+        # The replica whose failure completed the count started the cooldown;
+        # the other adopted it. Both refuse, and the backend sees nothing more.
+        await wait_for(lambda: in_cooldown(a, key) and in_cooldown(b, key))
+        refused = [await attempt(ws(r, "loop")) for r in (a, b, a, b)]
+        assert codes(refused) == [1013] * 4
+        assert all("cooldown" in reason for _, reason in refused)
+        assert backend.upgrades["loop"] == CRITICAL
+        # Redis holds the cooldown, with a TTL, for a replica that starts later.
+        cool = await rc.pttl(f"{prefix}cool:{key}".encode())
+        assert cool > 0
+        # A replica that starts now learns it on connect and refuses at once.
+        upstream = f"ws://127.0.0.1:{backend.port}"
+        async with loopwatch(upstream, **overrides(redis_server.url, "c", prefix)) as c:
+            await wait_for(lambda: in_cooldown(c, key))
+            assert codes([await attempt(ws(c, "loop"))]) == [1013]
+        # Healthy clients on both replicas are untouched.
+        assert [await healthy(ws(r, "fine", expired=False)) for r in (a, b)] == ["hello", "hello"]
+
+
+async def test_a_release_through_one_replica_is_a_release_on_both(redis_server: RedisServer) -> None:
+    prefix = "lw-release:"
+    async with replicas(redis_server.url, prefix) as (backend, a, b), redis_client(redis_server) as rc:
+        key = key_of("loop")
+        await round_robin((a, b), "loop", CRITICAL)
+        await wait_for(lambda: in_cooldown(a, key) and in_cooldown(b, key))
+        assert await rc.exists(f"{prefix}cool:{key}") == 1
+
+        assert await release(b, key) == 200
+        await wait_for(lambda: not in_cooldown(a, key) and not in_cooldown(b, key))
+        await wait_for(lambda: tracked(a, key).findings == () and tracked(b, key).findings == ())
+        assert await rc.exists(f"{prefix}cool:{key}") == 0
+        # Both let it through again: the backend answers (1008), not loopwatch (1013).
+        before = backend.upgrades["loop"]
+        assert codes([await attempt(ws(r, "loop")) for r in (a, b)]) == [1008, 1008]
+        assert backend.upgrades["loop"] == before + 2
+
+
+async def test_redis_down_each_replica_goes_on_alone_then_sharing_resumes(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="loopwatch.state")
+    prefix = "lw-outage:"
+    async with replicas(redis_server.url, prefix) as (backend, a, b):
+        before = [store(r).errors for r in (a, b)]
+        redis_server.stop()
+        await wait_for(lambda: not store(a).up and not store(b).up)
+        assert [store(r).errors for r in (a, b)] > before and store(b).errors > before[1]
+
+        # Healthy clients: relayed on both, nothing visible to them.
+        assert [await healthy(ws(r, "fine", expired=False)) for r in (a, b)] == ["hello", "hello"]
+        # Detection goes on locally: a loop on replica a alone is caught by a.
+        key = key_of("solo")
+        seen = [await attempt(ws(a, "solo")) for _ in range(CRITICAL + 2)]
+        assert codes(seen)[:CRITICAL] == [1008] * CRITICAL
+        assert codes(seen)[CRITICAL:] == [1013, 1013]
+        assert tracked(b, key) is None  # nothing reached b
+        # The reconnect loop keeps trying, at a bounded pace (50 ms doubling
+        # to 300 ms, jittered): a few attempts a second, not a hot loop.
+        errors = store(a).errors
+        await asyncio.sleep(1.0)
+        assert 2 <= store(a).errors - errors <= 25
+
+        # Redis comes back (empty: no persistence). Both reconnect without a
+        # restart, and a writes back the cooldown it started during the outage.
+        redis_server.start()
+        await wait_for(lambda: store(a).up and store(b).up, timeout=10)
+        await wait_for(lambda: in_cooldown(b, key))
+        assert codes([await attempt(ws(b, "solo"))]) == [1013]
+        # Sharing resumes: a new round-robin loop is caught from the combined count.
+        seen = await round_robin((a, b), "again", CRITICAL)
+        assert codes(seen) == [1008] * CRITICAL
+        await wait_for(lambda: in_cooldown(a, key_of("again")) and in_cooldown(b, key_of("again")))
+    # Logged once per replica and outage, however many reconnects failed.
+    lines = [r.getMessage() for r in caplog.records if r.name == "loopwatch.state"]
+    assert lines.count("state_store_down") == 2
+    assert lines.count("state_store_up") == 2
+
+
+async def test_a_replica_started_while_redis_is_down_relays_and_joins_later(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)  # not started yet
+    try:
+        async with replicas(server.url, "lw-late:", wait_up=False) as (_, a, b):
+            assert not store(a).up
+            assert [await healthy(ws(r, "fine", expired=False)) for r in (a, b)] == ["hello", "hello"]
+            server.start()
+            await wait_for(lambda: store(a).up and store(b).up, timeout=10)
+            await round_robin((a, b), "loop", CRITICAL)
+            await wait_for(lambda: in_cooldown(a, key_of("loop")) and in_cooldown(b, key_of("loop")))
+    finally:
+        server.stop()
+
+
+async def test_a_slow_redis_never_slows_a_handshake(redis_server: RedisServer) -> None:
+    async with replicas(redis_server.url, "lw-slow:") as (_, a, b), redis_client(redis_server) as rc:
+        # DEBUG SLEEP blocks the whole server; its reply arrives after 1.5 s.
+        sleeper = asyncio.ensure_future(rc.execute_command("DEBUG", "SLEEP", "1.5"))
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        for _ in range(5):
+            assert await healthy(ws(a, "fine", expired=False)) == "hello"
+        assert time.monotonic() - started < 1.0  # five handshakes + echoes, Redis asleep throughout
+        # The replicas' publishes timed out (200 ms): counted, and they went on alone.
+        await wait_for(lambda: not store(a).up)
+        await sleeper
+        await wait_for(lambda: store(a).up and store(b).up, timeout=10)
+
+
+async def test_keys_expire_for_clients_that_went_quiet(redis_server: RedisServer) -> None:
+    prefix = "lw-ttl:"
+    short = {"policy.cooldown.base": "300ms", "policy.cooldown.max": "1s", "policy.cooldown.memory": "700ms"}
+    async with replicas(redis_server.url, prefix, **short) as (_, a, b), redis_client(redis_server) as rc:
+        await round_robin((a, b), "loop", CRITICAL)
+        await wait_for(lambda: in_cooldown(a, key_of("loop")) or in_cooldown(b, key_of("loop")))
+        present = await keys(rc, prefix)
+        assert present == [f"{prefix}cool:{key_of('loop')}".encode()]
+        for k in present:
+            ttl = await rc.pttl(k)
+            assert 0 < ttl <= 1000 + 700  # cooldown (≤ max) + the repeat memory
+        # Quiet from now on: after the TTLs Redis holds nothing for it.
+        deadline = time.monotonic() + 3
+        while await keys(rc, prefix):
+            assert time.monotonic() < deadline, "keys outlived their TTL"
+            await asyncio.sleep(0.1)
+        assert await rc.dbsize() == 0  # pub/sub stores nothing either
