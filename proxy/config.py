@@ -43,6 +43,7 @@ from pydantic import (
 
 from detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
 from detectors.units import ByteSize, Duration
+from proxy.health import HealthCheckSettings
 from proxy.identity import IdentitySettings
 from proxy.recorder import RecordSettings
 from proxy.redis_store import StateSettings
@@ -211,6 +212,7 @@ class Settings(Section):
     state: StateSettings = StateSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     record: RecordSettings = RecordSettings()
+    health_check: HealthCheckSettings = HealthCheckSettings()
 
     # A field validator rather than a model validator: it runs even when other
     # sections are invalid, so this error is reported together with theirs.

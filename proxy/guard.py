@@ -138,6 +138,10 @@ class EngineGate(Gate):
         now = time.monotonic()
         self._apply(self.engine.wake(now), now)
 
+    def health_result(self, t: float, ok: bool) -> None:
+        """An active health check's result (proxy/health.py) for the upstream breaker."""
+        self._apply(self.engine.record_health(t, ok), t)
+
     def kick(self) -> None:
         """Re-arm the wake-up timer after an operator changed the engine's state."""
         self._schedule()

@@ -89,7 +89,7 @@ class HealthChecker:
                 self.url,
                 headers=headers,
                 timeout=aiohttp.ClientWSTimeout(ws_close=self.settings.timeout),
-                ssl=self.ssl,  # type: ignore[arg-type]
+                ssl=self.ssl or True,  # type: ignore[arg-type]
                 autoping=False,
             ) as ws:
                 await ws.close()

@@ -15,6 +15,7 @@ from proxy.admin_api import AdminApi
 from proxy.config import ConfigError, Settings, load_settings, parse_host_port
 from proxy.gate import Gate
 from proxy.guard import EngineGate
+from proxy.health import HealthChecker
 from proxy.identity import Identifier
 from proxy.logs import event
 from proxy.observers import Observers
@@ -28,7 +29,10 @@ log = logging.getLogger("loopwatch")
 
 # Settings a reload cannot change on a running process: listeners and relay limits.
 # `state`: the shared store connects once, at start.
-RESTART_KEYS = ("listen", "upstream", "routes", "tls", "upstream_tls", "limits", "admin", "state", "record")
+RESTART_KEYS = (
+    "listen", "upstream", "routes", "tls", "upstream_tls", "limits", "admin", "state", "record",
+    "health_check",
+)
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class Running:
     # Who hears about config loads: the gate's observers, or telemetry's own
     # when the gate has none (detection off).
     observers: Observers = field(default_factory=Observers)
+    health: HealthChecker | None = None  # health_check.enabled: probes the upstream
 
     @property
     def engine(self) -> Engine:
@@ -91,6 +96,8 @@ class Running:
         return {"reloaded": True, "restart_required": restart}
 
     async def close(self) -> None:
+        if self.health is not None:
+            await self.health.stop()
         await self.proxy.shutdown()
         await self.admin.stop()
         if isinstance(self.gate, EngineGate):
@@ -144,7 +151,9 @@ async def start(
     store = gate.state_store if isinstance(gate, EngineGate) else LocalState()
     admin = AdminServer(
         registry,
-        ready=lambda: not proxy.closing and store.ready,
+        ready=lambda: not proxy.closing and store.ready and (
+            not holder or holder[0].health is None or holder[0].health.healthy
+        ),
         token=lambda: holder[0].settings.admin.token if holder else settings.admin.token,
     )
     running = Running(settings, proxy, admin, asyncio.Event(), gate, sources, telemetry, observers)
@@ -159,6 +168,8 @@ async def start(
         await proxy.shutdown()
         raise
     await store.start()  # connects in the background: admission never waits for Redis
+    if settings.health_check.enabled and isinstance(gate, EngineGate):
+        running.health = start_health_check(settings, proxy, gate)
     event(
         log, "listening",
         proxy=f"{host}:{proxy.port}", admin=f"{admin_host}:{admin.port}",
@@ -167,6 +178,18 @@ async def start(
     source = sources.path if sources is not None else None
     observers.call("on_config", settings, {"reload": False, "result": "ok", "source": source})
     return running
+
+
+def start_health_check(settings: Settings, proxy: ProxyServer, gate: EngineGate) -> HealthChecker:
+    check = settings.health_check
+    route = proxy.router.match(check.path.partition("?")[0])
+    if route is None:
+        raise ConfigError(f"health_check.path: no route matches {check.path!r}")
+    checker = HealthChecker(
+        check, route, gate.health_result, ssl=proxy.upstream_ssl if route.upstream.tls else None
+    )
+    checker.start()
+    return checker
 
 
 async def serve(
