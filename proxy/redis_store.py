@@ -448,8 +448,14 @@ class RedisStateStore(Observer):
                 # events costs replicas more CPU than a few ms of replication lag.
                 await asyncio.sleep(r.batch_delay)
             self._wakeup.clear()
-            while self._queue:
-                batch = [self._queue.popleft() for _ in range(min(len(self._queue), r.max_batch))]
+            # Only what is queued now: messages that arrive during the round
+            # trip wake the next cycle, which lingers again, instead of going
+            # out one by one right behind this batch.
+            pending = len(self._queue)
+            while pending > 0:
+                n = min(pending, r.max_batch)
+                pending -= n
+                batch = [self._queue.popleft() for _ in range(n)]
                 async with asyncio.timeout(r.timeout):
                     await self._publish(client, batch)
 
