@@ -115,10 +115,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     setup_logging(settings.logging.level, settings.logging.format)
     from proxy.runtime import ConfigSources, run_loop, serve
+    from proxy.tracing import TracingConfigError
 
     sources = ConfigSources(args.config, dict(os.environ), overrides)
     try:
         return int(run_loop(lambda: serve(settings, sources=sources)))  # type: ignore[arg-type]
+    except TracingConfigError as e:  # an OTEL_* variable loopwatch cannot honour
+        print(f"loopwatch: invalid configuration:\n{e}", file=sys.stderr)
+        return 2
     except OSError as e:
         print(f"loopwatch: cannot start: {e}", file=sys.stderr)
         return 1

@@ -143,7 +143,10 @@ async def start(
     proxy = ProxyServer(settings, gate)
     if isinstance(gate, EngineGate):
         gate.server = proxy
-    telemetry.bind(proxy, gate.engine if isinstance(gate, EngineGate) else None, observers)
+    if isinstance(gate, EngineGate):
+        telemetry.bind(proxy, gate.engine, observers, store=gate.state_store)
+    else:
+        telemetry.bind(proxy, None, observers)
     host, port = parse_host_port(settings.listen)
     await proxy.start(host, port)
     registry = telemetry.registry

@@ -39,11 +39,9 @@ from detectors.settings import BreakerSettings
 from proxy.eventlog import EventLogObserver
 from proxy.observers import Observer, Observers
 from proxy.sections import Section
-from proxy.tracing import TracingObserver, client_hash, exemplar_of, provider_from_env
+from proxy.tracing import SpanSink, TracingObserver, client_hash, exemplar_of, tracing_from_env
 
 if TYPE_CHECKING:
-    from opentelemetry.sdk.trace import TracerProvider
-
     from detectors import events as ev
     from detectors.decisions import Outcome
     from detectors.engine import Engine
@@ -117,56 +115,70 @@ def handshake_error(error: str | None) -> str:
 # --- the observer: counts per connection step ----------------------------------
 
 
+class Family:
+    """A labelled metric whose children are found in a dict: `labels()` validates
+    its arguments and takes a lock on every call, this does it once per series."""
+
+    __slots__ = ("metric", "children")
+
+    def __init__(self, metric: Counter | Histogram):
+        self.metric = metric
+        self.children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self.children.get(values)
+        if child is None:
+            child = self.children[values] = self.metric.labels(*values)
+        return child
+
+
 class MetricsObserver(Observer):
     name = "metrics"
 
     def __init__(self, registry: CollectorRegistry, settings: Settings, traces: TracingObserver | None):
         self.traces = traces
         self.routes = tuple(r.path_prefix for r in settings.effective_routes())
-        r = registry
-        self.attempts = Counter(
-            "loopwatch_connection_attempts", "WebSocket upgrade attempts by outcome.",
-            ["route", "outcome"], registry=r,
+        def counter(name: str, doc: str, *labels: str) -> Family:
+            return Family(Counter(name, doc, labels, registry=registry))
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Family:
+            return Family(Histogram(name, doc, ["route"], buckets=buckets, registry=registry))
+
+        self.attempts = counter(
+            "loopwatch_connection_attempts", "WebSocket upgrade attempts by outcome.", "route", "outcome"
         )
-        self.refusals = Counter(
-            "loopwatch_refusals", "Attempts loopwatch refused, by reason.", ["route", "reason"], registry=r
+        self.refusals = counter(
+            "loopwatch_refusals", "Attempts loopwatch refused, by reason.", "route", "reason"
         )
-        self.would_reject = Counter(
+        self.would_reject = counter(
             "loopwatch_would_reject",
             "Attempts let through (observe mode, rollout, allow list) that enforcement would have refused.",
-            ["reason"], registry=r,
+            "reason",
         )
-        self.handshake_errors = Counter(
-            "loopwatch_upstream_handshake_errors", "Failed upstream handshakes, by error.",
-            ["route", "error"], registry=r,
+        self.handshake_errors = counter(
+            "loopwatch_upstream_handshake_errors", "Failed upstream handshakes, by error.", "route", "error"
         )
-        self.auth_failures = Counter(
-            "loopwatch_auth_failures",
-            "Closes with an auth close code, and 401/403 answers to the upgrade.", ["route"], registry=r,
+        self.auth_failures = counter(
+            "loopwatch_auth_failures", "Closes with an auth close code, and 401/403 answers to the upgrade.",
+            "route",
         )
-        self.closes = Counter(
+        self.closes = counter(
             "loopwatch_connection_closes", "Ended WebSockets by close code and who closed first.",
-            ["route", "code", "initiator"], registry=r,
+            "route", "code", "initiator",
         )
-        self.duration = Histogram(
+        self.duration = histogram(
             "loopwatch_connection_duration_seconds", "Lifetime of relayed WebSockets, 101 to close.",
-            ["route"], buckets=DURATION_BUCKETS, registry=r,
+            DURATION_BUCKETS,
         )
-        self.handshake = Histogram(
+        self.handshake = histogram(
             "loopwatch_upstream_handshake_duration_seconds",
-            "From the client's upgrade request to the upstream's answer.",
-            ["route"], buckets=HANDSHAKE_BUCKETS, registry=r,
+            "From the client's upgrade request to the upstream's answer.", HANDSHAKE_BUCKETS,
         )
-        self.findings = Counter(
-            "loopwatch_findings", "Findings raised by the rules.", ["rule", "severity"], registry=r
+        self.findings = counter("loopwatch_findings", "Findings raised by the rules.", "rule", "severity")
+        self.cooldowns = counter(
+            "loopwatch_cooldowns", "Enforced cooldowns started, by the rule that caused them.", "rule"
         )
-        self.cooldowns = Counter(
-            "loopwatch_cooldowns", "Enforced cooldowns started, by the rule that caused them.",
-            ["rule"], registry=r,
-        )
-        self.reloads = Counter(
-            "loopwatch_config_reloads", "Configuration reloads, by result.", ["result"], registry=r
-        )
+        self.reloads = counter("loopwatch_config_reloads", "Configuration reloads, by result.", "result")
         # Closed connections' messages and bytes; live ones are added at scrape time.
         self.closed_messages = {(route, d): 0 for route in self.routes for d in DIRECTIONS}
         self.closed_bytes = dict(self.closed_messages)
@@ -176,23 +188,23 @@ class MetricsObserver(Observer):
     def _precreate(self, settings: Settings) -> None:
         for route in self.routes:
             for outcome in OUTCOMES:
-                self.attempts.labels(route, outcome)
+                self.attempts(route, outcome)
             for reason in REASONS:
-                self.refusals.labels(route, reason)
+                self.refusals(route, reason)
             for error in HANDSHAKE_ERRORS:
-                self.handshake_errors.labels(route, error)
-            self.auth_failures.labels(route)
-            self.duration.labels(route)
-            self.handshake.labels(route)
+                self.handshake_errors(route, error)
+            self.auth_failures(route)
+            self.duration(route)
+            self.handshake(route)
         for reason in REASONS:
-            self.would_reject.labels(reason)
+            self.would_reject(reason)
         for rule in RULE_NAMES:
             for severity in SEVERITIES:
-                self.findings.labels(rule, severity)
+                self.findings(rule, severity)
         for rule in COOLDOWN_RULES:
-            self.cooldowns.labels(rule)
+            self.cooldowns(rule)
         for result in RELOAD_RESULTS:
-            self.reloads.labels(result)
+            self.reloads(result)
 
     def reconfigure(self, settings: Settings) -> None:
         """Settings that may change on reload: the auth codes and statuses."""
@@ -205,7 +217,7 @@ class MetricsObserver(Observer):
         for route in self.routes:
             for code in codes:
                 for initiator in INITIATORS:
-                    self.closes.labels(route, code, initiator)
+                    self.closes(route, code, initiator)
 
     def _exemplar(self, conn: Attempt | None, key: str | None = None) -> dict[str, str] | None:
         return exemplar_of(self.traces, conn, key)
@@ -213,34 +225,34 @@ class MetricsObserver(Observer):
     # --- hooks ---------------------------------------------------------------
 
     def on_rejected(self, conn: Attempt, event: ev.Rejected) -> None:
-        self.attempts.labels(conn.route, "refused").inc()
-        self.refusals.labels(conn.route, event.reason).inc()
+        self.attempts(conn.route, "refused").inc()
+        self.refusals(conn.route, event.reason).inc()
 
     def on_handshake_failed(self, conn: Attempt, event: ev.HandshakeFailed) -> None:
         route, status = conn.route, event.status
         if status is not None:
-            self.attempts.labels(route, "upstream_refused").inc()
-            self.handshake.labels(route).observe(event.t - conn.t0)
+            self.attempts(route, "upstream_refused").inc()
+            self.handshake(route).observe(event.t - conn.t0)
             if status >= 500:
-                self.handshake_errors.labels(route, "status_5xx").inc()
+                self.handshake_errors(route, "status_5xx").inc()
             if status in self.auth_statuses:
-                self.auth_failures.labels(route).inc()
+                self.auth_failures(route).inc()
         elif event.error == "client_closed":
-            self.attempts.labels(route, "client_gone").inc()
+            self.attempts(route, "client_gone").inc()
         else:
-            self.attempts.labels(route, "upstream_error").inc()
-            self.handshake_errors.labels(route, handshake_error(event.error)).inc()
+            self.attempts(route, "upstream_error").inc()
+            self.handshake_errors(route, handshake_error(event.error)).inc()
 
     def on_opened(self, conn: Attempt, event: ev.Opened) -> None:
-        self.attempts.labels(conn.route, "opened").inc()
-        self.handshake.labels(conn.route).observe(event.t - conn.t0)
+        self.attempts(conn.route, "opened").inc()
+        self.handshake(conn.route).observe(event.t - conn.t0)
 
     def on_closed(self, conn: Attempt, event: ev.Closed, stats: RelayStats) -> None:
         route = conn.route
-        self.closes.labels(route, code_label(event.code, self.auth_codes), event.initiator).inc()
-        self.duration.labels(route).observe(event.duration, self._exemplar(conn))
+        self.closes(route, code_label(event.code, self.auth_codes), event.initiator).inc()
+        self.duration(route).observe(event.duration, self._exemplar(conn))
         if event.code in self.auth_codes:
-            self.auth_failures.labels(route).inc()
+            self.auth_failures(route).inc()
         up, down = (route, DIRECTIONS[0]), (route, DIRECTIONS[1])
         messages, octets = self.closed_messages, self.closed_bytes
         messages[up] = messages.get(up, 0) + stats.messages_in
@@ -250,18 +262,18 @@ class MetricsObserver(Observer):
 
     def on_outcome(self, outcome: Outcome, t: float, conn: Attempt | None = None) -> None:
         for finding in outcome.raised:
-            self.findings.labels(finding.rule, finding.severity).inc(1, self._exemplar(conn, finding.key))
+            self.findings(finding.rule, finding.severity).inc(1, self._exemplar(conn, finding.key))
         for action in outcome.actions:
             if isinstance(action, CooldownStarted):
                 if action.enforced:
-                    self.cooldowns.labels(action.rule).inc()
+                    self.cooldowns(action.rule).inc()
             elif isinstance(action, WouldReject):
-                self.would_reject.labels(action.reason).inc()
+                self.would_reject(action.reason).inc()
 
     def on_config(self, settings: Settings, info: dict[str, Any]) -> None:
         self.reconfigure(settings)
         if info.get("reload"):
-            self.reloads.labels("ok" if info.get("result") == "ok" else "error").inc()
+            self.reloads("ok" if info.get("result") == "ok" else "error").inc()
 
 
 # --- the collector: current state at scrape time -------------------------------
@@ -278,11 +290,15 @@ class StateCollector(Collector):
         engine: Engine | None,
         server: ProxyServer | None,
         observers: Observers | None,
+        live_counts: bool = True,
+        store: object = None,
     ):
         self.metrics = metrics
         self.engine = engine
         self.server = server
         self.observers = observers
+        self.live_counts = live_counts
+        self.store = store  # the shared state store: `up` and `errors` (proxy/redis_store.py)
 
     def describe(self) -> Iterator[Metric]:
         # Names only: the registry checks them for clashes without a scrape.
@@ -292,6 +308,9 @@ class StateCollector(Collector):
         families = self._families()
         self._relays(families)
         self._engine(families)
+        store = self.store
+        families["store_up"].add_metric([], 1.0 if getattr(store, "up", True) else 0.0)
+        families["store_errors"].add_metric([], getattr(store, "errors", 0))
         errors = families["observer_errors"]
         if self.observers is not None:
             counts = self.observers.errors
@@ -339,6 +358,12 @@ class StateCollector(Collector):
             "observer_errors": c(
                 "loopwatch_observer_errors", "Exceptions raised by an observer.", labels=["observer"]
             ),
+            "store_up": g(
+                "loopwatch_state_store_up", "1 while this replica shares state through the store."
+            ),
+            "store_errors": c(
+                "loopwatch_state_store_errors", "Failed round trips to the shared state store."
+            ),
         }
 
     def _relays(self, families: dict[str, Any]) -> None:
@@ -347,10 +372,13 @@ class StateCollector(Collector):
         messages, octets = dict(m.closed_messages), dict(m.closed_bytes)
         up, down = DIRECTIONS
         if self.server is not None:
+            live = self.live_counts
             for relay in self.server.relays.values():
                 route = relay.context.route  # type: ignore[attr-defined]
-                c, u = relay.client.parser, relay.upstream.parser
                 active[route] = active.get(route, 0) + 1
+                if not live:
+                    continue
+                c, u = relay.client.parser, relay.upstream.parser
                 messages[route, up] = messages.get((route, up), 0) + c.messages
                 messages[route, down] = messages.get((route, down), 0) + u.messages
                 octets[route, up] = octets.get((route, up), 0) + c.message_bytes
@@ -402,14 +430,14 @@ class Telemetry:
         settings: Settings,
         registry: CollectorRegistry,
         *,
-        tracer_provider: TracerProvider | None = None,
-        owns_provider: bool = False,
+        spans: SpanSink | None = None,
+        owns_spans: bool = False,
     ):
         self.settings = settings
         self.registry = registry
-        self.provider = tracer_provider
-        self._owns_provider = owns_provider
-        self.tracing = TracingObserver(tracer_provider, settings) if tracer_provider is not None else None
+        self.spans = spans
+        self._owns_spans = owns_spans
+        self.tracing = TracingObserver(spans, settings) if spans is not None else None
         self.metrics = MetricsObserver(registry, settings, self.tracing)
         self.events = EventLogObserver(settings, self.tracing)
         self.collector: StateCollector | None = None
@@ -417,31 +445,41 @@ class Telemetry:
     @classmethod
     def from_env(cls, settings: Settings, registry: CollectorRegistry) -> Telemetry:
         """Tracing as the standard OTEL_* variables say (none by default)."""
-        provider = provider_from_env()
-        return cls(settings, registry, tracer_provider=provider, owns_provider=provider is not None)
+        spans = tracing_from_env()
+        return cls(settings, registry, spans=spans, owns_spans=spans is not None)
 
     @property
     def observers(self) -> list[Observer]:
         found: list[Observer | None] = [self.tracing, self.metrics, self.events]
         return [o for o in found if o is not None]
 
-    def bind(self, server: ProxyServer | None, engine: Engine | None, observers: Observers) -> None:
-        """Register the scrape-time collector. The live relays' counts are read only
-        when this bundle's metrics observer sees their closes, or a closing
-        connection's messages would vanish from the counter."""
-        counting = self.metrics in observers.observers
+    def bind(
+        self,
+        server: ProxyServer | None,
+        engine: Engine | None,
+        observers: Observers,
+        store: object = None,
+    ) -> None:
+        """Register the scrape-time collector. `observers` are the ones the gate
+        calls when there is an `engine` (detection on). The live relays' message
+        counts are added only when this bundle's metrics observer is among them,
+        so that it folds them in at each close; otherwise a closing connection's
+        messages would vanish from the counter. `store`: the shared state store
+        (its `up` and `errors`); None is the in-memory default, always up."""
         self.collector = StateCollector(
             self.metrics,
             engine=engine,
-            server=server if counting else None,
+            server=server,
             observers=observers,
+            live_counts=engine is not None and self.metrics in observers.observers,
+            store=store,
         )
         self.registry.register(self.collector)
 
     def shutdown(self) -> None:
         """Flush and stop the span exporter (blocking: run it off the event loop)."""
-        if self._owns_provider and self.provider is not None:
-            self.provider.shutdown()
+        if self._owns_spans and self.spans is not None:
+            self.spans.shutdown()
 
 
 __all__ = [

@@ -1,18 +1,27 @@
 """OpenTelemetry traces: one span per WebSocket connection, upgrade to close.
 
-The tracer provider is configured by the standard variables, read by the SDK
-itself: `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER`
-(+ `_ARG`), `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT` / `_HEADERS` / `_TIMEOUT`,
-`OTEL_BSP_*`. `OTEL_TRACES_EXPORTER` picks the exporters (`none`, the
-default, `console`, `otlp` over HTTP/protobuf; comma-separated for several);
-with `none` there is no provider, no span and no cost.
+The pipeline is the OpenTelemetry SDK's, configured by the standard variables
+the SDK itself reads: `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
+`OTEL_TRACES_SAMPLER` (+ `_ARG`), `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT` /
+`_HEADERS` / `_TIMEOUT`, `OTEL_BSP_*`. `OTEL_TRACES_EXPORTER` picks the
+exporters (`none`, the default, `console`, `otlp` over HTTP/protobuf;
+comma-separated for several); with `none` there is no span and no cost.
 
-`TracingObserver` starts the span when the upgrade request arrives (as a child
-of the client's `traceparent` when it sent one), injects the span's own
-`traceparent` into the request forwarded upstream so the backend's trace
-joins it, adds span events for the engine's findings and enforcement, and
-ends the span at the close, the refusal or the failed handshake. docs/tracing.md
-lists every attribute and event.
+`TracingObserver` decides a connection's trace context when the upgrade
+request arrives (a child of the client's `traceparent` when it sent one, the
+SDK's sampler and id generator deciding), injects its own `traceparent` into
+the request forwarded upstream so the backend's trace joins it, collects
+attributes and span events (findings, enforcement) as the connection goes,
+and hands the finished span to the SDK's span processors at the end.
+
+Why not `Tracer.start_span`: a connection span is never made current, never
+has children in this process, and is fully known only at its close, so the
+SDK's live `Span` (a lock, bounded attribute maps validated per call, a copy
+into a ReadableSpan at the end) is pure overhead here. Measured in the
+proxy under handshake load it cost ~90 µs of CPU per connection, a quarter
+of a whole handshake; building the `ReadableSpan` once at the end costs a
+fraction of that (docs/performance.md, "Telemetry overhead"). Sampling, ids,
+resource, processors and exporters stay the SDK's own.
 """
 
 from __future__ import annotations
@@ -27,7 +36,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode, format_span_id, format_trace_id
+from opentelemetry.trace import (
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    get_current_span,
+)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from detectors.actions import BreakerTransition, CloseConnection, CooldownStarted, WouldReject
@@ -37,8 +53,9 @@ from proxy.guard import refusal_for
 from proxy.observers import Observer
 
 if TYPE_CHECKING:
-    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
     from opentelemetry.sdk.trace.export import SpanExporter
+    from opentelemetry.trace.span import TraceState
 
     from detectors import events as ev
     from detectors.decisions import Admit, Outcome
@@ -48,13 +65,16 @@ if TYPE_CHECKING:
 EXPORTERS = ("none", "console", "otlp")
 # Closes that mean something broke rather than that someone said goodbye.
 ERROR_CODES = frozenset({1006, 1011, 1014})
+_TRACE_HEADERS = (b"traceparent", b"tracestate")
+_ROOT = Context()  # what a span without a remote parent is sampled against
+_UNSET = Status(StatusCode.UNSET)
 
 
 class TracingConfigError(ValueError):
     """An OTEL_* variable loopwatch cannot honour; the message names it."""
 
 
-# --- the provider -----------------------------------------------------------------
+# --- the SDK pipeline -------------------------------------------------------------
 
 
 def exporters_from_env(env: Mapping[str, str]) -> list[SpanExporter]:
@@ -86,29 +106,55 @@ def exporters_from_env(env: Mapping[str, str]) -> list[SpanExporter]:
     return out
 
 
-def make_provider(exporters: list[SpanExporter], *, batch: bool = True) -> TracerProvider:
-    """A provider with loopwatch's resource and the env's sampler, exporting to each
-    exporter (through a BatchSpanProcessor: the event loop never waits on export)."""
-    from opentelemetry.sdk.resources import OTELResourceDetector, Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+class SpanSink:
+    """Where finished spans go, and what decides about new ones: the SDK's
+    resource, sampler and id generator (as a TracerProvider resolves them from
+    the environment) and its span processors, one per exporter (batching: the
+    event loop never waits on an export)."""
 
-    # service.name defaults to loopwatch; OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES win.
-    from_env = OTELResourceDetector().detect().attributes
-    resource = Resource.create({"service.name": "loopwatch", "service.version": __version__, **from_env})
-    provider = TracerProvider(resource=resource)  # sampler: OTEL_TRACES_SAMPLER, default parentbased_always_on
-    for exporter in exporters:
-        provider.add_span_processor(BatchSpanProcessor(exporter) if batch else SimpleSpanProcessor(exporter))
-    return provider
+    def __init__(self, exporters: list[SpanExporter], *, batch: bool = True):
+        from opentelemetry.sdk.resources import OTELResourceDetector, Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+        # service.name defaults to loopwatch; OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES win.
+        from_env = OTELResourceDetector().detect().attributes
+        resource = Resource.create({"service.name": "loopwatch", "service.version": __version__, **from_env})
+        # Only to resolve OTEL_TRACES_SAMPLER (default parentbased_always_on) and the
+        # id generator exactly as the SDK does; spans never go through its tracers.
+        provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+        self.resource = provider.resource
+        self.sampler = provider.sampler
+        self.ids = provider.id_generator
+        self.scope = InstrumentationScope("loopwatch", __version__)
+        self.processors: list[SpanProcessor] = [
+            BatchSpanProcessor(e) if batch else SimpleSpanProcessor(e) for e in exporters
+        ]
+
+    def emit(self, span: ReadableSpan) -> None:
+        for processor in self.processors:
+            processor.on_end(span)
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return all(p.force_flush(timeout_millis) for p in self.processors)
+
+    def shutdown(self) -> None:
+        for processor in self.processors:
+            processor.shutdown()
 
 
-def provider_from_env(env: Mapping[str, str] | None = None) -> TracerProvider | None:
-    """The provider the OTEL_* variables describe, or None when traces are off."""
+def make_tracing(exporters: list[SpanExporter], *, batch: bool = True) -> SpanSink:
+    return SpanSink(exporters, batch=batch)
+
+
+def tracing_from_env(env: Mapping[str, str] | None = None) -> SpanSink | None:
+    """The pipeline the OTEL_* variables describe, or None when traces are off."""
     env = os.environ if env is None else env
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return None
     exporters = exporters_from_env(env)
-    return make_provider(exporters) if exporters else None
+    return SpanSink(exporters) if exporters else None
 
 
 # --- per connection ---------------------------------------------------------------
@@ -116,14 +162,64 @@ def provider_from_env(env: Mapping[str, str] | None = None) -> TracerProvider | 
 
 @dataclass(slots=True)
 class ConnTrace:
-    """What the tracing observer keeps on `Attempt.state`."""
+    """A connection's span while it lasts (on `Attempt.state`). `attributes` is None
+    when the sampler does not record it: then only the trace context exists."""
 
-    span: Span
-    trace_id: str  # 32 hex digits
-    span_id: str  # 16 hex digits
-    sampled: bool
+    name: str
+    trace_id_int: int
+    span_id: int
+    flags: int
+    trace_state: TraceState | None
+    parent: SpanContext | None
+    start: int  # ns since the epoch
+    attributes: dict[str, Any] | None
+    events: list[Event] | None = None
+    status: Status = _UNSET
     conn_id: int = 0
     ended: bool = False
+
+    @property
+    def sampled(self) -> bool:
+        return bool(self.flags & TraceFlags.SAMPLED)
+
+    @property
+    def trace_id(self) -> str:
+        """32 hex digits, as in traceparent, logs and exemplars."""
+        return f"{self.trace_id_int:032x}"
+
+    def set(self, attributes: dict[str, Any]) -> None:
+        if self.attributes is not None:
+            self.attributes.update(attributes)
+
+    def add_event(self, name: str, attributes: dict[str, Any]) -> None:
+        if self.attributes is None:
+            return
+        from opentelemetry.sdk.trace import Event
+
+        if self.events is None:
+            self.events = []
+        self.events.append(Event(name, attributes))
+
+    def readable(self, end: int, sink: SpanSink) -> ReadableSpan:
+        from opentelemetry.sdk.trace import ReadableSpan
+
+        context = SpanContext(
+            self.trace_id_int, self.span_id, is_remote=False,
+            trace_flags=TraceFlags(self.flags), trace_state=self.trace_state,
+        )  # fmt: skip
+        return ReadableSpan(
+            name=self.name,
+            context=context,
+            parent=self.parent,
+            resource=sink.resource,
+            attributes=self.attributes,
+            events=tuple(self.events or ()),
+            kind=SpanKind.SERVER,
+            status=self.status,
+            start_time=self.start,
+            end_time=end,
+            instrumentation_scope=sink.scope,
+        )
 
 
 def trace_of(conn: Attempt | None) -> ConnTrace | None:
@@ -131,28 +227,26 @@ def trace_of(conn: Attempt | None) -> ConnTrace | None:
     return state if isinstance(state, ConnTrace) else None
 
 
-def _host_port(authority: bytes | None) -> tuple[str | None, int | None]:
+def _host(authority: bytes | None) -> str | None:
+    """The host of a Host header: `example.com:8080` → `example.com`, `[::1]:80` → `::1`."""
     if not authority:
-        return None, None
+        return None
     text = authority.decode("latin-1")
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    else:
-        host, _, port = text.partition(":")
-    return host or None, int(port) if port.isdigit() else None
+    host = text[1:].partition("]")[0] if text.startswith("[") else text.partition(":")[0]
+    return host or None
 
 
 class TracingObserver(Observer):
     name = "tracing"
 
-    def __init__(self, provider: TracerProvider, settings: Settings):
-        self.tracer = provider.get_tracer("loopwatch", __version__)
+    def __init__(self, sink: SpanSink, settings: Settings):
+        self.sink = sink
         self.propagator = TraceContextTextMapPropagator()
         # Open connections, for findings and actions that come without one
         # (wake-ups: a duplicate_connections finding, a close-oldest).
         self.by_id: dict[int, ConnTrace] = {}
         self.by_key: dict[str, dict[int, ConnTrace]] = {}
+        self._ending: list[tuple[ConnTrace, int]] = []  # (span, end time): see _end
         self.reconfigure(settings)
 
     def reconfigure(self, settings: Settings) -> None:
@@ -181,40 +275,58 @@ class TracingObserver(Observer):
 
     def on_attempt(self, conn: Attempt, event: ev.Attempt, decision: Admit | Reject) -> None:
         head = conn.head
-        parent = Context()  # a root span, unless the client sent a trace context
-        incoming = head.get(b"traceparent")
-        if incoming is not None:
-            carrier = {"traceparent": incoming.decode("latin-1")}
-            state = head.get(b"tracestate")
-            if state is not None:
-                carrier["tracestate"] = state.decode("latin-1")
-            parent = self.propagator.extract(carrier, context=parent)
-        host, port = _host_port(head.authority)
+        # One pass over the headers for the three this needs (RequestHead.get
+        # would scan them once per name).
+        carrier: dict[str, str] = {}
+        agent = None
+        for name, value in head.headers:
+            lower = name.lower()
+            if lower == b"user-agent":
+                agent = value
+            elif lower in _TRACE_HEADERS:
+                carrier[lower.decode()] = value.decode("latin-1")
+        context, parent = _ROOT, None  # a root span, unless the client sent a trace context
+        if "traceparent" in carrier:
+            context = self.propagator.extract(carrier, context=_ROOT)
+            remote = get_current_span(context).get_span_context()
+            if remote.is_valid:
+                parent = remote
         attributes: dict[str, Any] = {
-            "http.request.method": head.method,
             "url.path": head.path,  # not the query: it may carry a token
             "client.address": conn.peer,
             "loopwatch.route": conn.route,
             "loopwatch.client.key_hash": client_hash(conn.key),
         }
+        host = _host(head.authority)
         if host is not None:
             attributes["server.address"] = host
-        if port is not None:
-            attributes["server.port"] = port
-        agent = head.get(b"user-agent")
         if agent is not None:
             attributes["user_agent.original"] = agent.decode("latin-1")
         if self.expose_client_keys:
             attributes["loopwatch.client.key"] = conn.key
-        span = self.tracer.start_span(
-            f"WebSocket {conn.route}", context=parent, kind=SpanKind.SERVER, attributes=attributes
-        )
-        ctx = span.get_span_context()
-        trace = ConnTrace(span, format_trace_id(ctx.trace_id), format_span_id(ctx.span_id), ctx.trace_flags.sampled)
+
+        # What Tracer.start_span decides, in the same order and with the same parts.
+        sink = self.sink
+        name = f"WebSocket {conn.route}"
+        trace_id = parent.trace_id if parent is not None else sink.ids.generate_trace_id()
+        sampling = sink.sampler.should_sample(context, trace_id, name, SpanKind.SERVER, attributes)
+        flags = TraceFlags.SAMPLED if sampling.decision.is_sampled() else TraceFlags.DEFAULT
+        if parent.trace_flags.random_trace_id if parent is not None else sink.ids.is_trace_id_random():
+            flags |= TraceFlags.RANDOM_TRACE_ID
+        recorded: dict[str, Any] | None = None
+        if sampling.decision.is_recording():
+            # The SDK's samplers hand back a view of `attributes`; copy only when
+            # a sampler added its own.
+            given = sampling.attributes
+            recorded = attributes if len(given) == len(attributes) else dict(given)
+        trace = ConnTrace(
+            name, trace_id, sink.ids.generate_span_id(), flags, sampling.trace_state,
+            parent, time.time_ns(), recorded,
+        )  # fmt: skip
         conn.state = trace
         if isinstance(decision, Reject):
             refusal = refusal_for(decision, self.reject_with)
-            span.set_attributes(
+            trace.set(
                 {
                     "http.response.status_code": 101 if refusal.how == "close-1013" else refusal.status,
                     "loopwatch.refusal.reason": decision.reason,
@@ -222,15 +334,15 @@ class TracingObserver(Observer):
                 }
             )
             if refusal.how == "close-1013":
-                span.set_attributes({"loopwatch.close.code": 1013, "loopwatch.close.reason": refusal.message})
+                trace.set({"loopwatch.close.code": 1013, "loopwatch.close.reason": refusal.message})
             return
         headers = conn.extra_headers if conn.extra_headers is not None else []
-        headers.append((b"traceparent", f"00-{trace.trace_id}-{trace.span_id}-{int(ctx.trace_flags):02x}".encode()))
-        if ctx.trace_state:
-            headers.append((b"tracestate", ctx.trace_state.to_header().encode("latin-1")))
+        headers.append((b"traceparent", f"00-{trace_id:032x}-{trace.span_id:016x}-{flags:02x}".encode()))
+        if sampling.trace_state:
+            headers.append((b"tracestate", sampling.trace_state.to_header().encode("latin-1")))
         conn.extra_headers = headers
         if decision.would_reject is not None:
-            span.set_attribute("loopwatch.would_reject", decision.would_reject.reason)
+            trace.set({"loopwatch.would_reject": decision.would_reject.reason})
 
     def on_rejected(self, conn: Attempt, event: ev.Rejected) -> None:
         self._end(trace_of(conn))
@@ -239,15 +351,14 @@ class TracingObserver(Observer):
         trace = trace_of(conn)
         if trace is None:
             return
-        span = trace.span
         if event.status is not None:
-            span.set_attribute("http.response.status_code", event.status)
+            trace.set({"http.response.status_code": event.status})
             if event.status >= 500:
-                span.set_status(Status(StatusCode.ERROR, f"upstream answered {event.status}"))
+                trace.status = Status(StatusCode.ERROR, f"upstream answered {event.status}")
         else:
-            span.set_attribute("error.type", event.error or "unknown")
+            trace.set({"error.type": event.error or "unknown"})
             if event.error != "client_closed":
-                span.set_status(Status(StatusCode.ERROR, f"upstream handshake: {event.error}"))
+                trace.status = Status(StatusCode.ERROR, f"upstream handshake: {event.error}")
         self._end(trace)
 
     def on_opened(self, conn: Attempt, event: ev.Opened) -> None:
@@ -255,9 +366,6 @@ class TracingObserver(Observer):
         if trace is None:
             return
         trace.conn_id = conn.conn_id
-        trace.span.set_attributes(
-            {"http.response.status_code": 101, "loopwatch.connection.id": conn.conn_id}
-        )
         self.by_id[conn.conn_id] = trace
         self.by_key.setdefault(conn.key, {})[conn.conn_id] = trace
 
@@ -271,9 +379,10 @@ class TracingObserver(Observer):
             same_key.pop(conn.conn_id, None)
             if not same_key:
                 del self.by_key[conn.key]
-        span = trace.span
-        span.set_attributes(
+        trace.set(
             {
+                "http.response.status_code": 101,
+                "loopwatch.connection.id": conn.conn_id,
                 "loopwatch.close.code": event.code,
                 "loopwatch.close.reason": event.reason,
                 "loopwatch.close.initiator": event.initiator,
@@ -285,7 +394,7 @@ class TracingObserver(Observer):
             }
         )
         if event.code in ERROR_CODES:
-            span.set_status(Status(StatusCode.ERROR, f"closed {event.code} {event.reason}".rstrip()))
+            trace.status = Status(StatusCode.ERROR, f"closed {event.code} {event.reason}".rstrip())
         self._end(trace)
 
     def on_outcome(self, outcome: Outcome, t: float, conn: Attempt | None = None) -> None:
@@ -296,10 +405,10 @@ class TracingObserver(Observer):
                 "loopwatch.evidence": json.dumps(dict(finding.evidence), default=str, sort_keys=True),
             }
             for trace in self._spans(conn, finding.key):
-                trace.span.add_event("loopwatch.finding", attrs)
+                trace.add_event("loopwatch.finding", attrs)
         for finding in outcome.cleared:
             for trace in self._spans(conn, finding.key):
-                trace.span.add_event("loopwatch.finding_cleared", {"loopwatch.rule": finding.rule})
+                trace.add_event("loopwatch.finding_cleared", {"loopwatch.rule": finding.rule})
         for action in outcome.actions:
             if isinstance(action, CooldownStarted):
                 attrs = {
@@ -309,22 +418,22 @@ class TracingObserver(Observer):
                     "loopwatch.cooldown.enforced": action.enforced,
                 }
                 for trace in self._spans(conn, action.key):
-                    trace.span.add_event("loopwatch.cooldown", attrs)
+                    trace.add_event("loopwatch.cooldown", attrs)
             elif isinstance(action, CloseConnection):
                 target = self.by_id.get(action.conn_id)  # type: ignore[arg-type]
                 if target is not None:
-                    target.span.add_event(
+                    target.add_event(
                         "loopwatch.close_connection",
                         {"loopwatch.close.code": action.code, "loopwatch.close.reason": action.reason},
                     )
             elif isinstance(action, WouldReject):
                 trace = trace_of(conn)
                 if trace is not None and conn.key == action.key:  # type: ignore[union-attr]
-                    trace.span.add_event("loopwatch.would_reject", {"loopwatch.refusal.reason": action.reason})
+                    trace.add_event("loopwatch.would_reject", {"loopwatch.refusal.reason": action.reason})
             elif isinstance(action, BreakerTransition):
                 trace = trace_of(conn)
                 if trace is not None:  # the step whose outcome moved the breaker
-                    trace.span.add_event(
+                    trace.add_event(
                         "loopwatch.breaker_transition",
                         {
                             "loopwatch.breaker": action.name,
@@ -339,17 +448,29 @@ class TracingObserver(Observer):
     # --- ending ------------------------------------------------------------------
 
     def _end(self, trace: ConnTrace | None) -> None:
-        """End the span at this instant, but only once the current loop step is
-        over: the gate shows observers the engine's outcome of this very step
-        (a finding, a cooldown) right after, and its events belong on this span."""
+        """End the span at this instant, but hand it to the processors only once the
+        current loop step is over: the gate shows observers the engine's outcome
+        of this very step (a finding, a cooldown) right after, and its events
+        belong on this span. Spans ending in one loop iteration share one callback."""
         if trace is None or trace.ended:
             return
         trace.ended = True
+        if trace.attributes is None:  # not recorded: nothing to export
+            return
         end = time.time_ns()
-        try:
-            asyncio.get_running_loop().call_soon(trace.span.end, end)
-        except RuntimeError:  # no loop (replay, unit tests): nothing more will come
-            trace.span.end(end)
+        if not self._ending:
+            try:
+                asyncio.get_running_loop().call_soon(self._flush)
+            except RuntimeError:  # no loop (replay, unit tests): nothing more will come
+                self.sink.emit(trace.readable(end, self.sink))
+                return
+        self._ending.append((trace, end))
+
+    def _flush(self) -> None:
+        ending, self._ending = self._ending, []
+        sink = self.sink
+        for trace, end in ending:
+            sink.emit(trace.readable(end, sink))
 
 
 def client_hash(key: str) -> str:
@@ -383,12 +504,13 @@ def trace_id_of(tracing: TracingObserver | None, conn: Attempt | None, key: str 
 
 __all__ = [
     "ConnTrace",
-    "client_hash",
+    "SpanSink",
     "TracingConfigError",
     "TracingObserver",
+    "client_hash",
     "exemplar_of",
-    "make_provider",
-    "provider_from_env",
+    "make_tracing",
     "trace_id_of",
     "trace_of",
+    "tracing_from_env",
 ]

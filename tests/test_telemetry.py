@@ -33,7 +33,7 @@ from proxy.http1 import RequestHead
 from proxy.observers import Observer, Observers
 from proxy.runtime import ConfigSources, Running, build_gate, start
 from proxy.telemetry import Telemetry, client_hash, code_label, code_labels
-from proxy.tracing import make_provider
+from proxy.tracing import make_tracing
 from tests.conftest import RawBackend, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,8 +66,8 @@ async def telemetered(
     sources: ConfigSources | None = None,
 ) -> AsyncIterator[Running]:
     """A loopwatch with full telemetry; spans go to `exporter` (synchronously)."""
-    provider = make_provider([exporter], batch=False) if exporter is not None else None
-    telemetry = Telemetry(settings, build_registry(), tracer_provider=provider)
+    sink = make_tracing([exporter], batch=False) if exporter is not None else None
+    telemetry = Telemetry(settings, build_registry(), spans=sink)
     extra = list(extra)
     gate = build_gate(settings, Observers([*telemetry.observers, *extra])) if extra else None
     running = await start(settings, gate, sources=sources, telemetry=telemetry)
@@ -75,8 +75,8 @@ async def telemetered(
         yield running
     finally:
         await running.close()
-        if provider is not None:
-            provider.shutdown()
+        if sink is not None:
+            sink.shutdown()
 
 
 @contextlib.asynccontextmanager
@@ -331,6 +331,8 @@ async def test_scripted_session_metric_by_metric() -> None:
 
     for observer in ("tracing", "metrics", "eventlog"):
         assert v("loopwatch_observer_errors_total", observer=observer) == 0
+    assert v("loopwatch_state_store_up") == 1  # state.backend: memory
+    assert v("loopwatch_state_store_errors_total") == 0
     assert v("loopwatch_config_reloads_total", result="ok") == 0
     assert v("loopwatch_config_reloads_total", result="error") == 0
     assert v("loopwatch_build_info", version="0.1.0") == 1
@@ -430,7 +432,7 @@ async def _drive(settings: Settings, n: int, loopers: int) -> tuple[str, set[str
     """n distinct clients through the gate (no sockets): each connects once and
     lives a second; `loopers` of them, spread among the others (so the auth
     breaker sees a fleet that mostly succeeds), loop: 403s until refused."""
-    telemetry = Telemetry(settings, build_registry(), tracer_provider=make_provider([InMemorySpanExporter()]))
+    telemetry = Telemetry(settings, build_registry(), spans=make_tracing([InMemorySpanExporter()]))
     gate = build_gate(settings, Observers(telemetry.observers))
     telemetry.bind(None, gate.engine, gate.observers)
     from proxy.gate import RelayStats
@@ -459,7 +461,7 @@ async def _drive(settings: Settings, n: int, loopers: int) -> tuple[str, set[str
         gate.closed(conn, t + 1.0, 1000 if i % 3 else 4999, "", "client", stats)
     await asyncio.sleep(0)  # spans end on the next loop step
     gate.close()
-    telemetry.provider.shutdown()  # type: ignore[union-attr]
+    telemetry.spans.shutdown()  # type: ignore[union-attr]
     return generate_latest(telemetry.registry).decode(), keys, telemetry
 
 
@@ -598,3 +600,60 @@ async def test_a_raising_observer_is_counted_and_relaying_goes_on(caplog: pytest
     assert value(s, "loopwatch_connection_closes_total", route="/", code="1000", initiator="client") == 3
     errors = [r for r in caplog.records if r.name == "loopwatch.observers"]
     assert len(errors) == 1 and errors[0].fields == {"observer": "boom", "hook": "on_attempt"}  # type: ignore[attr-defined]
+
+
+async def test_detection_off_counts_never_go_backwards() -> None:
+    """With `Gate()` (detection off) no observer sees a close, so live message
+    counts are not added: a counter must never drop when a connection ends."""
+    from proxy.gate import Gate
+
+    async with demo_backend() as backend:
+        settings = settings_with(upstream=f"ws://127.0.0.1:{backend.port}")
+        telemetry = Telemetry(settings, build_registry())
+        lw = await start(settings, Gate(), telemetry=telemetry)
+        try:
+            url = f"ws://127.0.0.1:{lw.proxy_port}/ws?token={issue_token('alice', 60)}"
+            async with connect(url, compression=None) as ws:
+                await ws.send("hello")
+                assert await ws.recv() == "hello"
+                live = series((await scrape(lw))[0])
+            await wait_for(lambda: not lw.proxy.relays)
+            after = series((await scrape(lw))[0])
+        finally:
+            await lw.close()
+    assert value(live, "loopwatch_connections_active", route="/") == 1
+    assert value(after, "loopwatch_connections_active", route="/") == 0
+    for s in (live, after):
+        assert value(s, "loopwatch_messages_total", route="/", direction="client_to_upstream") == 0
+
+
+async def test_observe_mode_counts_would_reject_not_cooldowns() -> None:
+    async with demo_backend() as backend:
+        settings = settings_with(upstream=f"ws://127.0.0.1:{backend.port}", **{"policy.mode": "observe", **QUIET_RULES})
+        async with telemetered(settings) as lw:
+            url = f"ws://127.0.0.1:{lw.proxy_port}/ws?token={issue_token('tab-7', -60)}"
+            seen = [await attempt(url) for _ in range(5)]
+            s = series((await scrape(lw))[0])
+    assert seen == [(1008, "token expired")] * 5  # never refused
+    assert value(s, "loopwatch_findings_total", rule="auth_failure_loop", severity="critical") == 1
+    assert value(s, "loopwatch_would_reject_total", reason="cooldown") == 2  # the 4th and 5th attempts
+    assert value(s, "loopwatch_cooldowns_total", rule="auth_failure_loop") == 0
+    assert value(s, "loopwatch_clients_in_cooldown") == 0
+    assert value(s, "loopwatch_refusals_total", route="/", reason="cooldown") == 0
+    assert value(s, "loopwatch_connection_attempts_total", route="/", outcome="opened") == 5
+
+
+async def test_a_manual_cooldown_is_counted_as_manual() -> None:
+    async with demo_backend() as backend:
+        settings = settings_with(upstream=f"ws://127.0.0.1:{backend.port}")
+        async with telemetered(settings) as lw:
+            lw.engine.force_cooldown("mallory@127.0.0.1", 30.0, time.monotonic())
+            lw.gate.kick()  # type: ignore[attr-defined]  # what the admin API does after an operator's call
+            await wait_for(lambda: value(series(generate_latest(lw.telemetry.registry).decode()),  # type: ignore[union-attr]
+                                         "loopwatch_cooldowns_total", rule="manual") == 1)
+            url = f"ws://127.0.0.1:{lw.proxy_port}/ws?token={issue_token('mallory', 60)}"
+            assert (await attempt(url))[0] == 1013
+            s = series((await scrape(lw))[0])
+    assert value(s, "loopwatch_clients_in_cooldown") == 1
+    assert value(s, "loopwatch_refusals_total", route="/", reason="cooldown") == 1
+    assert sum(value(s, "loopwatch_cooldowns_total", rule=r) for r in RULE_NAMES) == 0

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,7 +25,7 @@ from proxy.admin import build_registry
 from proxy.demo_backend import issue_token
 from proxy.runtime import start
 from proxy.telemetry import Telemetry, client_hash
-from proxy.tracing import TracingConfigError, provider_from_env
+from proxy.tracing import TracingConfigError, tracing_from_env
 from tests.conftest import free_port, wait_for, websockets_backend
 from tests.test_telemetry import (
     OPENMETRICS,
@@ -92,11 +95,9 @@ async def test_one_span_per_connection_and_traceparent_upstream() -> None:
     a = dict(span.attributes or {})
     key = "127.0.0.1"
     assert a == {
-        "http.request.method": "GET",
         "url.path": "/chat",
         "client.address": "127.0.0.1",
         "server.address": "127.0.0.1",
-        "server.port": lw.proxy_port,
         "user_agent.original": "tab/1.0",
         "loopwatch.route": "/",
         "loopwatch.client.key_hash": client_hash(key),
@@ -200,7 +201,7 @@ async def test_http_refusal_and_failed_handshake_spans() -> None:
         assert a["http.response.status_code"] == 429 and a["loopwatch.refusal.reason"] == "deny"
         assert "loopwatch.close.code" not in a
 
-        exporter = InMemorySpanExporter()  # the first one was shut down with its provider
+        exporter = InMemorySpanExporter()  # the first one was shut down with its pipeline
         async with telemetered(settings_with(routes), exporter=exporter) as lw:
             assert await attempt(f"ws://127.0.0.1:{lw.proxy_port}/down") == (502, "")
             await wait_for(lambda: len(exporter.get_finished_spans()) == 1)
@@ -227,23 +228,23 @@ async def test_unsampled_spans_still_propagate_but_leave_no_exemplars(monkeypatc
 # --- configuration from OTEL_* --------------------------------------------------------
 
 
-def test_provider_from_env() -> None:
-    assert provider_from_env({}) is None
-    assert provider_from_env({"OTEL_TRACES_EXPORTER": "none"}) is None
-    assert provider_from_env({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "true"}) is None
+def test_tracing_from_env() -> None:
+    assert tracing_from_env({}) is None
+    assert tracing_from_env({"OTEL_TRACES_EXPORTER": "none"}) is None
+    assert tracing_from_env({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "true"}) is None
     with pytest.raises(TracingConfigError, match="OTEL_TRACES_EXPORTER.*'zipkin'"):
-        provider_from_env({"OTEL_TRACES_EXPORTER": "zipkin"})
+        tracing_from_env({"OTEL_TRACES_EXPORTER": "zipkin"})
     with pytest.raises(TracingConfigError, match="OTEL_EXPORTER_OTLP_PROTOCOL.*'grpc'"):
-        provider_from_env({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})
-    provider = provider_from_env({"OTEL_TRACES_EXPORTER": "console, otlp"})
-    assert provider is not None
+        tracing_from_env({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})
+    sink = tracing_from_env({"OTEL_TRACES_EXPORTER": "console, otlp"})
+    assert sink is not None
     try:
-        assert provider.resource.attributes["service.name"] == "loopwatch"
-        processors = provider._active_span_processor._span_processors  # type: ignore[attr-defined]
-        exporters = sorted(type(p.span_exporter).__name__ for p in processors)
+        assert sink.resource.attributes["service.name"] == "loopwatch"
+        exporters = sorted(type(p.span_exporter).__name__ for p in sink.processors)  # type: ignore[attr-defined]
         assert exporters == ["ConsoleSpanExporter", "OTLPSpanExporter"]
+        assert type(sink.sampler).__name__ == "ParentBased"  # OTEL_TRACES_SAMPLER's default
     finally:
-        provider.shutdown()
+        sink.shutdown()
 
 
 class OtlpReceiver:
@@ -321,3 +322,16 @@ async def test_otlp_export_for_real(monkeypatch: pytest.MonkeyPatch) -> None:
     assert attrs["loopwatch.messages.client_to_upstream"] == 1
     trace_id, parent_id, _ = parse_traceparent(seen[0]["traceparent"])
     assert span.trace_id.hex() == trace_id and span.span_id.hex() == parent_id
+
+
+def test_run_refuses_an_otel_setting_it_cannot_honour() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOOPWATCH_", "OTEL_"))}
+    env["OTEL_TRACES_EXPORTER"] = "otlp"
+    env["OTEL_EXPORTER_OTLP_PROTOCOL"] = "grpc"
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "run", "--upstream", "ws://127.0.0.1:9",
+         "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "OTEL_EXPORTER_OTLP_PROTOCOL: loopwatch exports OTLP over http/protobuf only, got 'grpc'" in done.stderr
