@@ -221,6 +221,19 @@ async def release(running: Running, key: str) -> int:
         return response.status
 
 
+async def scrape(running: Running) -> dict[str, float]:
+    """The unlabelled samples of /metrics, by name."""
+    url = f"http://127.0.0.1:{running.admin_port}/metrics"
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        text = await response.text()
+    samples = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if line and not line.startswith("#") and "{" not in name:
+            samples[name] = float(value.split()[0])
+    return samples
+
+
 async def keys(client: aioredis.Redis, prefix: str) -> list[bytes]:
     return [k async for k in client.scan_iter(match=prefix + "*")]
 
@@ -303,6 +316,9 @@ async def test_redis_down_each_replica_goes_on_alone_then_sharing_resumes(
         redis_server.stop()
         await wait_for(lambda: not store(a).up and not store(b).up)
         assert [store(r).errors for r in (a, b)] > before and store(b).errors > before[1]
+        metrics = await scrape(a)
+        assert metrics["loopwatch_state_store_up"] == 0
+        assert metrics["loopwatch_state_store_errors_total"] >= 1
 
         # Healthy clients: relayed on both, nothing visible to them.
         assert [await healthy(ws(r, "fine", expired=False)) for r in (a, b)] == ["hello", "hello"]
@@ -322,6 +338,7 @@ async def test_redis_down_each_replica_goes_on_alone_then_sharing_resumes(
         # restart, and a writes back the cooldown it started during the outage.
         redis_server.start()
         await wait_for(lambda: store(a).up and store(b).up, timeout=10)
+        assert (await scrape(a))["loopwatch_state_store_up"] == 1
         await wait_for(lambda: in_cooldown(b, key))
         assert codes([await attempt(ws(b, "solo"))]) == [1013]
         # Sharing resumes: a new round-robin loop is caught from the combined count.
