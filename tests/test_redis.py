@@ -397,3 +397,39 @@ async def test_keys_expire_for_clients_that_went_quiet(redis_server: RedisServer
             assert time.monotonic() < deadline, "keys outlived their TTL"
             await asyncio.sleep(0.1)
         assert await rc.dbsize() == 0  # pub/sub stores nothing either
+
+
+async def test_close_oldest_reaches_a_connection_on_the_other_replica(redis_server: RedisServer) -> None:
+    limits = {"policy.max_concurrent": 1, "policy.on_max_concurrent": "close-oldest"}
+    async with replicas(redis_server.url, "lw-oldest:", **limits) as (_, a, b):
+        key = key_of("tabs")
+        async with connect(ws(a, "tabs", expired=False), open_timeout=5, close_timeout=2) as first:
+            await wait_for(lambda: tracked(b, key) is not None and tracked(b, key).open_connections == 1)
+            # The second tab goes through b: b closes the oldest, which lives on a.
+            async with connect(ws(b, "tabs", expired=False), open_timeout=5, close_timeout=2) as second:
+                await asyncio.wait_for(first.wait_closed(), 5)
+                assert first.close_code == 1008
+                assert "more than 1 connections" in (first.close_reason or "")
+                await second.send("still here")
+                assert await asyncio.wait_for(second.recv(), 5) == "still here"
+
+
+async def test_fail_closed_readiness_follows_redis(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)  # not started yet
+
+    async def ready(running: Running) -> int:
+        url = f"http://127.0.0.1:{running.admin_port}/readyz"
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            return response.status
+
+    try:
+        async with replicas(server.url, "lw-ready:", wait_up=False, **{"state.redis.fail_open": False}) as (
+            _, a, _b,
+        ):
+            assert await ready(a) == 503  # asks the load balancer to drain it ...
+            assert await healthy(ws(a, "fine", expired=False)) == "hello"  # ... but refuses nobody
+            server.start()
+            await wait_for(lambda: store(a).up, timeout=10)
+            assert await ready(a) == 200
+    finally:
+        server.stop()
