@@ -275,6 +275,36 @@ async def test_status_json_matches_the_hello() -> None:
         assert {"version", "uptime", "mode", "upstream", "breakers", "counters", "series", "clients", "recent"} <= set(body)
 
 
+async def test_summaries_stay_a_small_share_of_the_event_loop() -> None:
+    async with looping_proxy() as (_, lw):
+        hub = hub_of(lw)
+        original = hub.summary
+        calls: list[float] = []
+
+        def costly(now: float) -> dict[str, Any]:
+            # As with very many tracked clients: the summary blocks the loop.
+            calls.append(time.monotonic())
+            time.sleep(0.03)
+            return original(now)
+
+        hub.summary = costly  # type: ignore[method-assign]
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                streams = [await stack.enter_async_context(stream(lw)) for _ in range(20)]
+                for events in streams:
+                    assert (await events.next())[0] == "hello"
+                assert len(calls) == 1  # twenty streams opening at once share one summary
+                stamps = []
+                for _ in range(3):
+                    _, summary = (await streams[0].until(lambda k, d: k == "summary", timeout=5))[-1]
+                    stamps.append(summary["now"])
+        finally:
+            del hub.summary  # type: ignore[method-assign]
+        gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+        # 30 ms each: at least 1.5 s apart (2 %), not every second.
+        assert hub.summary_cost >= 0.03 and all(g >= 1.4 for g in gaps), gaps
+
+
 # --- the token and tickets ------------------------------------------------------------
 
 
