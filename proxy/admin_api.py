@@ -15,6 +15,7 @@ import hmac
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -42,11 +43,18 @@ def token_middleware(
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.method not in SAFE_METHODS and request.path.startswith("/api/") and cross_site(request):
+            # Without a token, any web page open on an operator's machine could
+            # POST to a loopback admin port; a browser always says where it came from.
+            return error(403, "cross-site request refused: the admin API takes same-origin requests only")
         expected = token()
         if expected and request.path.startswith("/api/"):
             given = request.headers.get("Authorization", "")
             scheme, _, value = given.partition(" ")
-            bearer_ok = scheme.lower() == "bearer" and hmac.compare_digest(value.strip(), expected)
+            # Bytes, so a non-ASCII token is a mismatch (401), not a TypeError (500).
+            bearer_ok = scheme.lower() == "bearer" and hmac.compare_digest(
+                value.strip().encode("utf-8", "surrogateescape"), expected.encode("utf-8")
+            )
             if not bearer_ok and not any(admit(request) for admit in alternatives):
                 return web.json_response(
                     {"error": "unauthorized: send Authorization: Bearer <admin token>"},
@@ -56,6 +64,18 @@ def token_middleware(
         return await handler(request)
 
     return check
+
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def cross_site(request: web.Request) -> bool:
+    """A browser request from another origin: its Origin (or, failing that, the
+    Sec-Fetch-Site it sends) does not match the admin port's own."""
+    origin = request.headers.get("Origin")
+    if origin is not None:
+        return origin == "null" or urlsplit(origin).netloc.lower() != request.host.lower()
+    return request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none")
 
 
 def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import quote
@@ -15,7 +16,7 @@ from proxy.config import load_settings
 from proxy.demo_backend import DemoBackend, issue_token
 from proxy.runtime import ConfigSources, Running, start
 from tests.clients import demo_backend, loop_until
-from tests.conftest import ws_url
+from tests.conftest import loopwatch, ws_url
 
 TOKEN = "s3cret-admin-token"
 LOOPER = "tab-42@127.0.0.1"
@@ -160,3 +161,33 @@ async def test_reload_valid_and_invalid_while_connections_stay_open(tmp_path: Pa
                 body = await r.json()
             assert body["restart_required"] == ["listen"]
         await asyncio.sleep(0)
+
+
+async def test_cross_site_posts_are_refused_even_without_a_token() -> None:
+    async with demo_backend() as backend, loopwatch(f"ws://127.0.0.1:{backend.port}") as lw:
+        await loop_until(ws_url(lw, "/ws?token=" + issue_token("tab-42", -60)), 5)
+        key = quote(LOOPER, safe="")
+        async with admin_session(lw, None) as s:
+            for headers in ({"Origin": "https://evil.example"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"}):
+                async with s.post(f"/api/clients/{key}/release", headers=headers) as r:
+                    assert r.status == 403, headers
+                    assert "cross-site" in (await r.json())["error"]
+            view = lw.engine.client(LOOPER, time.monotonic())
+            assert view is not None and view.status == "cooldown"  # nothing was released
+            # The page itself (same origin) and tools without an Origin still work.
+            own = f"http://127.0.0.1:{lw.admin_port}"
+            async with s.post(f"/api/clients/{key}/release", headers={"Origin": own}) as r:
+                assert r.status == 200
+            async with s.get("/api/clients", headers={"Origin": "https://evil.example"}) as r:
+                assert r.status == 200  # reads are not state changes
+
+
+async def test_non_ascii_token_is_a_401_not_a_500(tmp_path: Path) -> None:
+    header = {"Authorization": "Bearer tökén".encode().decode("latin-1")}
+    async with (
+        demo_backend() as backend,
+        looped(backend, tmp_path) as lw,
+        aiohttp.ClientSession(f"http://127.0.0.1:{lw.admin_port}") as s,
+        s.get("/api/clients", headers=header) as r,
+    ):
+        assert r.status == 401
