@@ -8,13 +8,17 @@
 # Settings come from flags, a mounted file (--config) or LOOPWATCH_* variables.
 
 # Build a wheel and its dependencies' wheels, so the runtime stage needs no compiler
-# and carries no pip cache or build tools.
+# and carries no pip cache or build tools. The compiler builds proxy/_frames.c, the
+# relay's frame parser: the build fails if loopwatch's wheel came out pure Python.
 FROM python:3.11-slim AS build
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY proxy ./proxy
 COPY detectors ./detectors
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --wheel-dir /wheels . \
+    && ls /wheels/loopwatch-*-cp3*-linux_*.whl
 
 FROM python:3.11-slim
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \

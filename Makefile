@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint install system-deps bench clean
 
-$(STAMP): pyproject.toml
+# setup.py builds proxy/_frames.c (the compiled frame parser) into the source tree.
+$(STAMP): pyproject.toml setup.py proxy/_frames.c
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
@@ -29,4 +30,4 @@ bench: $(STAMP) system-deps
 	$(BIN)/python -m tests.benchmarks.run
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache proxy/*.so

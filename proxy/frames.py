@@ -24,6 +24,15 @@ Design notes (why the code looks the way it does):
 * Positions in errors are tracked as absolute stream offsets so that a frame
   whose header started in an earlier chunk can be told apart from one that
   starts in the current chunk (only the latter can still be withheld).
+* Two builds of the same parser: ``PyFrameParser`` below, the reference and
+  the fallback, and ``proxy._frames.FrameParser``, a C extension compiled at
+  install time (proxy/_frames.c) that runs the same loop without the
+  interpreter's per-byte cost.  ``FrameParser`` is the compiled one when it is
+  importable (unless ``LW_PURE_PYTHON_FRAMES=1``).  The C build calls back into
+  this module for what is rare and carries the rules' wording: the first-byte
+  tables, close payloads (``_parse_close``), error descriptions
+  (``_diagnose``) and ``FrameHeader`` objects.  tests/test_frames.py runs every
+  test against both builds and fuzzes one against the other.
 """
 
 from __future__ import annotations
@@ -33,10 +42,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = [
+    "COMPILED",
+    "CFrameParser",
     "FrameHeader",
     "FrameParser",
     "MessageTooBig",
     "ProtocolError",
+    "PyFrameParser",
     "build_close_frame",
 ]
 
@@ -197,11 +209,13 @@ def _parse_close(payload: bytes) -> tuple[int | None, str]:
     return code, reason
 
 
-class FrameParser:
+class PyFrameParser:
     """Watches one direction of a WebSocket stream, header by header.
 
     ``feed`` returns how many leading bytes of the chunk may be forwarded.
     See the module docstring for why the implementation is shaped this way.
+    The pure-Python build: the reference, and the fallback where the compiled
+    one (proxy/_frames.c) is not built.
     """
 
     __slots__ = (
@@ -567,48 +581,61 @@ class FrameParser:
         in_message: bool,
         msg_len: int,
     ) -> ProtocolError | None:
-        """The error in the (possibly incomplete) header at ``buf[pos:n]``.
+        return _diagnose(
+            buf, pos, n, in_message, msg_len, self.allowed_rsv, self.client_side, self.max_message_size
+        )
 
-        Slow and explicit on purpose: it only runs when the hot loop has
-        already decided something is wrong, or at the end of a chunk.
-        Returns None if the bytes available show no violation yet.
-        """
-        avail = n - pos
-        b0 = buf[pos]
-        problem = _first_byte_problem(b0, in_message, self.allowed_rsv)
-        if problem is not None:
-            return ProtocolError(problem)
-        if avail < 2:
-            return None
-        b1 = buf[pos + 1]
-        masked = bool(b1 & 0x80)
-        if masked != self.client_side:
-            return ProtocolError(
-                "unmasked client frame" if self.client_side else "masked server frame"
-            )
-        opcode = b0 & 0x0F
-        ln = b1 & 0x7F
-        if opcode >= 8:
-            if ln > MAX_CONTROL_PAYLOAD:
-                return ProtocolError("control frame payload longer than 125 bytes")
-            if opcode == OP_CLOSE and ln == 1:
-                return ProtocolError("close frame with a 1-byte payload")
-            return None
-        if ln == 126:
-            if avail < 4:
-                return None
-            ln = int.from_bytes(buf[pos + 2 : pos + 4], "big")
-        elif ln == 127:
-            if avail < 10:
-                return None
-            ln = int.from_bytes(buf[pos + 2 : pos + 10], "big")
-            if ln >> 63:
-                return ProtocolError("64-bit payload length with the most significant bit set")
-        total = msg_len + ln if opcode == OP_CONT else ln
-        limit = self.max_message_size
-        if limit is not None and total > limit:
-            return MessageTooBig(f"message larger than {limit} bytes")
+
+def _diagnose(
+    buf: bytes | bytearray | memoryview,
+    pos: int,
+    n: int,
+    in_message: bool,
+    msg_len: int,
+    allowed_rsv: int,
+    client_side: bool,
+    limit: int | None,
+) -> ProtocolError | None:
+    """The error in the (possibly incomplete) header at ``buf[pos:n]``.
+
+    Slow and explicit on purpose: it only runs when the hot loop has
+    already decided something is wrong, or at the end of a chunk.
+    Returns None if the bytes available show no violation yet. Both builds
+    of the parser describe their errors with it.
+    """
+    avail = n - pos
+    b0 = buf[pos]
+    problem = _first_byte_problem(b0, in_message, allowed_rsv)
+    if problem is not None:
+        return ProtocolError(problem)
+    if avail < 2:
         return None
+    b1 = buf[pos + 1]
+    masked = bool(b1 & 0x80)
+    if masked != client_side:
+        return ProtocolError("unmasked client frame" if client_side else "masked server frame")
+    opcode = b0 & 0x0F
+    ln = b1 & 0x7F
+    if opcode >= 8:
+        if ln > MAX_CONTROL_PAYLOAD:
+            return ProtocolError("control frame payload longer than 125 bytes")
+        if opcode == OP_CLOSE and ln == 1:
+            return ProtocolError("close frame with a 1-byte payload")
+        return None
+    if ln == 126:
+        if avail < 4:
+            return None
+        ln = int.from_bytes(buf[pos + 2 : pos + 4], "big")
+    elif ln == 127:
+        if avail < 10:
+            return None
+        ln = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+        if ln >> 63:
+            return ProtocolError("64-bit payload length with the most significant bit set")
+    total = msg_len + ln if opcode == OP_CONT else ln
+    if limit is not None and total > limit:
+        return MessageTooBig(f"message larger than {limit} bytes")
+    return None
 
 
 def build_close_frame(code: int, reason: str = "", *, mask: bool) -> bytes:
@@ -635,3 +662,33 @@ def build_close_frame(code: int, reason: str = "", *, mask: bool) -> bytes:
         key = os.urandom(4)
         return bytes((0x80 | OP_CLOSE, 0x80 | len(payload))) + key + _unmask(payload, key)
     return bytes((0x80 | OP_CLOSE, len(payload))) + payload
+
+
+def load_compiled() -> type:
+    """The C build (proxy/_frames.c), handed this module's tables and helpers.
+    Raises ImportError where it was not built."""
+    from proxy import _frames
+
+    _frames._setup(
+        tables=bytes(c for table in _TABLES for c in table),
+        protocol_error=ProtocolError,
+        diagnose=_diagnose,
+        parse_close=_parse_close,
+        frame_header=FrameHeader,
+    )
+    return _frames.FrameParser
+
+
+def _compiled() -> type | None:
+    """The C build, or None where it was not built or LW_PURE_PYTHON_FRAMES=1."""
+    if os.environ.get("LW_PURE_PYTHON_FRAMES", "") not in ("", "0"):
+        return None
+    try:
+        return load_compiled()
+    except ImportError:
+        return None
+
+
+CFrameParser: type | None = _compiled()
+COMPILED = CFrameParser is not None
+FrameParser: type = CFrameParser if CFrameParser is not None else PyFrameParser

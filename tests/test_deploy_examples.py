@@ -194,7 +194,7 @@ def test_dockerfile_copies_only_what_exists_and_the_context_keeps() -> None:
             assert (ROOT / source).exists(), source
             assert source.rstrip("/") in allowed, f"{source} is excluded by .dockerignore"
     # Everything the package build needs is in the context.
-    for package in ("proxy", "detectors", "pyproject.toml", "README.md"):
+    for package in ("proxy", "detectors", "pyproject.toml", "setup.py", "README.md"):
         assert package in allowed
 
 

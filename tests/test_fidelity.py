@@ -15,7 +15,7 @@ import os
 import socket
 import struct
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +49,30 @@ from tests.wsraw import (
 # Every async test here runs on asyncio's loop and on uvloop, the loop `loopwatch run`
 # uses (tests/conftest.py, pytest_asyncio_loop_factories).
 RUN_ON_UVLOOP = True
+
+
+@pytest.fixture(
+    autouse=True,
+    scope="module",
+    params=[
+        pytest.param("compiled", id="frames-compiled"),
+        pytest.param("python", id="frames-python"),
+    ],
+)
+def frame_parser_build(request: pytest.FixtureRequest) -> Iterator[type]:
+    """Every test here runs with each build of the frame parser behind the relay:
+    the compiled one (proxy/_frames.c) and the pure-Python fallback."""
+    import proxy.frames
+    import proxy.relay
+
+    saved = proxy.relay.FrameParser
+    if request.param == "compiled":
+        build = proxy.frames.CFrameParser or proxy.frames.load_compiled()  # ImportError: not built
+    else:
+        build = proxy.frames.PyFrameParser
+    proxy.relay.FrameParser = build
+    yield build
+    proxy.relay.FrameParser = saved
 
 MiB = 1 << 20
 

@@ -3,6 +3,12 @@
 Frames are serialized here by a small hand-written encoder (``frame``) that
 shares no code with the parser, and cross-checked against the `websockets`
 library's own encoder, so a bug symmetric to the parser's cannot hide.
+
+The parser has two builds, the pure-Python one (the reference and fallback)
+and the C extension proxy/_frames.c compiled at install time: every test in
+this module runs against both (the ``build`` fixture), a differential fuzz
+test feeds both the same valid and corrupted streams cut at the same places,
+and a missing compiled build fails the suite.
 """
 
 from __future__ import annotations
@@ -20,11 +26,44 @@ from proxy.frames import (
     FrameParser,
     MessageTooBig,
     ProtocolError,
+    PyFrameParser,
     build_close_frame,
 )
 
 RSV1, RSV2, RSV3 = 0b100, 0b010, 0b001
 KEY = b"\x37\xfa\x21\x3d"
+
+try:
+    CompiledParser: type | None = frames_module.load_compiled()
+except ImportError:
+    CompiledParser = None
+NOT_BUILT = "proxy._frames is not built (pip install -e . compiles proxy/_frames.c)"
+
+
+@pytest.fixture(
+    autouse=True,
+    scope="module",
+    params=[
+        pytest.param("python", id="python"),
+        pytest.param(
+            "compiled", id="compiled", marks=pytest.mark.skipif(CompiledParser is None, reason=NOT_BUILT)
+        ),
+    ],
+)
+def build(request: pytest.FixtureRequest) -> object:
+    """Every test of this module runs once per build of the parser: the module's
+    `FrameParser` is rebound to it for the tests of that round."""
+    global FrameParser
+    saved = FrameParser
+    FrameParser = PyFrameParser if request.param == "python" else CompiledParser
+    yield FrameParser
+    FrameParser = saved
+
+
+def test_compiled_build_is_installed() -> None:
+    # CI must not pass on the fallback alone: the relay is meant to run compiled.
+    assert CompiledParser is not None, NOT_BUILT
+    assert frames_module.COMPILED or frames_module.os.environ.get("LW_PURE_PYTHON_FRAMES")
 
 
 # --------------------------------------------------------------------------
@@ -806,3 +845,109 @@ def test_websockets_serialized_frames(frames: list[Frame], mask: bool) -> None:
     if closes:
         last = Close.parse(closes[-1].data)
         assert (p.close_code, p.close_reason) == (last.code, last.reason)
+
+
+# --------------------------------------------------------------------------
+# The two builds against each other: valid streams, corrupted streams, limits,
+# cut anywhere; after every feed the same answer, state and error.
+
+
+def observable(p: object) -> dict[str, object]:
+    err = p.error  # type: ignore[attr-defined]
+    return {
+        **counters(p),  # type: ignore[arg-type]
+        "at_boundary": p.at_boundary,  # type: ignore[attr-defined]
+        "frame_remaining": p.frame_remaining,  # type: ignore[attr-defined]
+        "error": None if err is None else (type(err), err.reason, err.close_code),
+    }
+
+
+def feed_result(p: object, chunk: bytes) -> object:
+    try:
+        return p.feed(chunk)  # type: ignore[attr-defined]
+    except ProtocolError as e:
+        return ("raised", type(e), e.reason, e.close_code)
+
+
+@st.composite
+def corrupted_streams(draw: st.DrawFn) -> tuple[bool, int, int | None, bytes, list[int]]:
+    client_side, allowed_rsv, specs, keys = draw(valid_streams())
+    whole = bytearray(
+        b"".join(
+            frame(s.opcode, s.payload, fin=s.fin, rsv=s.rsv, mask=k)
+            for s, k in zip(specs, keys, strict=True)
+        )
+    )
+    spots: list[int] = []  # where corruption went in: cuts around there matter most
+    for _ in range(draw(st.integers(0, 3))):
+        how = draw(st.sampled_from(["flip", "insert", "header", "truncate"]))
+        if how == "flip" and whole:
+            i = draw(st.integers(0, len(whole) - 1))
+            whole[i] = draw(st.integers(0, 255))
+        elif how == "insert":
+            i = draw(st.integers(0, len(whole)))
+            whole[i:i] = draw(st.binary(min_size=1, max_size=16))
+        elif how == "header":
+            # Any first two bytes (every opcode, RSV, mask and length form) with
+            # a short payload, at a frame boundary or anywhere.
+            i = draw(st.sampled_from([0, len(whole)]) | st.integers(0, len(whole)))
+            fin = draw(st.sampled_from([0x80, 0x80, 0x80, 0]))
+            rsv = draw(st.sampled_from([0, 0, 0, 0x40]) | st.integers(0, 7).map(lambda r: r << 4))
+            masked = 0x80 if client_side ^ draw(st.integers(0, 7).map(lambda x: x == 0)) else 0
+            length = draw(st.sampled_from([0, 1, 1, 2, 125, 126, 127]) | st.integers(0, 127))
+            b0 = fin | rsv | draw(st.sampled_from([0, 1, 2, 8, 8, 9, 10]) | st.integers(0, 15))
+            b1 = masked | length
+            ext = {126: 2, 127: 8}.get(b1 & 0x7F, 0)
+            whole[i:i] = bytes((b0, b1)) + draw(st.binary(min_size=ext, max_size=ext + 8))
+            spots.append(i)
+        elif how == "truncate" and whole:
+            del whole[draw(st.integers(0, len(whole) - 1)) :]
+    limit = draw(st.one_of(st.none(), st.integers(0, 70000)))
+    return client_side, draw(st.sampled_from([allowed_rsv, 0b111])), limit, bytes(whole), spots
+
+
+@pytest.mark.skipif(CompiledParser is None, reason=NOT_BUILT)
+@settings(
+    max_examples=400,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(stream=corrupted_streams(), data=st.data())
+def test_builds_agree(
+    stream: tuple[bool, int, int | None, bytes, list[int]], data: st.DataObject
+) -> None:
+    client_side, allowed_rsv, limit, whole, spots = stream
+    cuts: set[int] = set()
+    if len(whole) > 1:
+        cuts = data.draw(st.sets(st.integers(1, len(whole) - 1), max_size=20), label="cuts")
+        for spot in spots:  # inside an inserted header
+            cuts.add(spot + data.draw(st.integers(1, 10), label="into the header"))
+        cuts = {c for c in cuts if 0 < c < len(whole)}
+        # A run of 1-byte chunks somewhere: every split of the headers there.
+        start = data.draw(st.integers(0, len(whole) - 1), label="byte run")
+        cuts.update(range(max(start, 1), min(start + data.draw(st.integers(0, 24)), len(whole))))
+    points = [*sorted(cuts), len(whole)]
+    kind = data.draw(st.sampled_from([bytes, bytearray, memoryview]), label="chunk type")
+    seen_py: list[FrameHeader] = []
+    seen_c: list[FrameHeader] = []
+    kwargs = {"client_side": client_side, "allowed_rsv": allowed_rsv, "max_message_size": limit}
+    py = PyFrameParser(on_frame=seen_py.append, **kwargs)
+    c = CompiledParser(on_frame=seen_c.append, **kwargs)  # type: ignore[misc]
+    prev = 0
+    for point in points:
+        chunk = whole[prev:point]
+        assert feed_result(c, kind(chunk)) == feed_result(py, kind(chunk)), point
+        assert observable(c) == observable(py), point
+        assert seen_c == seen_py
+        prev = point
+
+
+def test_builds_share_settings_and_errors() -> None:
+    p = FrameParser(client_side=False, max_message_size=5)
+    assert p.client_side is False and p.max_message_size == 5 and p.allowed_rsv == 0
+    with pytest.raises(TypeError):
+        FrameParser()  # type: ignore[call-arg]
+    with pytest.raises(ValueError):
+        FrameParser(client_side=True, max_message_size=-1)
+    p.max_message_size = None
+    assert p.feed(frame(0x2, bytes(100))) == 102 and p.messages == 1
