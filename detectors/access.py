@@ -3,7 +3,9 @@
 A key is "sub@1.2.3.4" (identity bound to the address) or "1.2.3.4" (keyed by
 address); a CIDR entry matches the address part of the key, or the attempt's
 peer address. Parsing addresses costs a microsecond or two, so a list without
-CIDRs never parses anything.
+CIDRs never parses anything, and a list with CIDRs remembers its answer per
+address text (a bounded table: a looping client asks about the same address
+tens of times a second).
 """
 
 from __future__ import annotations
@@ -32,8 +34,13 @@ def _parse(text: str) -> Address | None:
         return None
 
 
+# Address texts whose CIDR answer is remembered; the table starts over when full,
+# so a flood of distinct addresses costs bounded memory and only re-parsing.
+_MEMO_SIZE = 4096
+
+
 class AccessList:
-    __slots__ = ("keys", "networks")
+    __slots__ = ("keys", "networks", "_memo")
 
     def __init__(self, entries: Iterable[str]) -> None:
         keys: set[str] = set()
@@ -45,6 +52,7 @@ class AccessList:
                 keys.add(entry)
         self.keys = frozenset(keys)
         self.networks = tuple(networks)
+        self._memo: dict[str, bool] = {}
 
     def __bool__(self) -> bool:
         return bool(self.keys or self.networks)
@@ -54,8 +62,15 @@ class AccessList:
             return True
         if not self.networks:
             return False
-        for text in {address_of(key), addr}:
+        return self._in_networks(address_of(key)) or (bool(addr) and self._in_networks(addr))
+
+    def _in_networks(self, text: str) -> bool:
+        hit = self._memo.get(text)
+        if hit is None:
             ip = _parse(text)
-            if ip is not None and any(ip in net for net in self.networks):
-                return True
-        return False
+            hit = ip is not None and any(ip in net for net in self.networks)
+            memo = self._memo
+            if len(memo) >= _MEMO_SIZE:
+                memo.clear()
+            memo[text] = hit
+        return hit

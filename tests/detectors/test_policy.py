@@ -116,7 +116,18 @@ def test_address_of_a_key(key: str, address: str) -> None:
     ],
 )
 def test_access_lists(entries: list[str], key: str, addr: str, matches: bool) -> None:
-    assert AccessList(entries).matches(key, addr) is matches
+    access = AccessList(entries)
+    assert access.matches(key, addr) is matches
+    assert access.matches(key, addr) is matches  # the remembered answer is the same
+
+
+def test_access_list_memo_is_bounded_and_right() -> None:
+    access = AccessList(["10.0.0.0/8"])
+    for i in range(10_000):
+        ip = f"10.{i % 256}.{i // 256}.1" if i % 2 else f"11.{i % 256}.{i // 256}.1"
+        assert access.matches(f"user{i}@{ip}") is bool(i % 2)
+        assert len(access._memo) <= 4096
+    assert access.matches("x@10.1.1.1") and not access.matches("x@11.1.1.1")
 
 
 def test_modes_rollout_and_allow_decide_enforcement() -> None:
