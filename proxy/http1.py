@@ -55,13 +55,16 @@ class RequestHead:
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # as sent: original case and order
     # The host the client asked for: the absolute-form target's authority, else Host.
     authority: bytes | None = None
+    # Lower-case name -> value (duplicates joined with ", "), built on first use:
+    # an upgrade asks for half a dozen headers, each would be a scan of them all.
+    index: dict[bytes, bytes] | None = field(default=None, repr=False, compare=False)
 
     def get(self, name: bytes) -> bytes | None:
         """The value of header `name` (lower-case), duplicates joined with ", "."""
-        values = [v for n, v in self.headers if n.lower() == name]
-        if not values:
-            return None
-        return b", ".join(values)
+        index = self.index
+        if index is None:
+            index = self.index = header_index(self.headers)
+        return index.get(name)
 
     def tokens(self, name: bytes) -> set[bytes]:
         value = self.get(name)
@@ -84,6 +87,16 @@ class RequestHead:
     @property
     def is_websocket_upgrade(self) -> bool:
         return b"websocket" in self.tokens(b"upgrade") and b"upgrade" in self.tokens(b"connection")
+
+
+def header_index(headers: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+    """Lower-case name -> value, duplicates joined with ", " in order."""
+    index: dict[bytes, bytes] = {}
+    for n, v in headers:
+        name = n.lower()
+        prev = index.get(name)
+        index[name] = v if prev is None else prev + b", " + v
+    return index
 
 
 class HeadParser:
@@ -155,12 +168,17 @@ class HeadParser:
         path = (url.path or b"/").decode("latin-1")
         if not path.startswith("/"):
             raise HttpError(400, "request target must be an absolute path")
-        hosts = [v for n, v in self._headers if n.lower() == b"host"]
-        if len(hosts) > 1:
+        index = header_index(self._headers)
+        authority = index.get(b"host")
+        # ", " in the value: joined duplicates, or one value that is no valid host.
+        if (
+            authority is not None
+            and b", " in authority
+            and sum(1 for n, _ in self._headers if n.lower() == b"host") > 1
+        ):
             raise HttpError(400, "more than one Host header")
-        if not hosts and version == "1.1":
+        if authority is None and version == "1.1":
             raise HttpError(400, "missing Host")
-        authority = hosts[0] if hosts else None
         target = self._url
         if url.schema:
             # Absolute-form (RFC 9112 §3.2.2): the target's authority replaces Host,
@@ -180,6 +198,7 @@ class HeadParser:
             version=version,
             headers=self._headers,
             authority=authority,
+            index=index,
         )
 
     def on_body(self, body: bytes) -> None:
