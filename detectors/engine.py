@@ -316,10 +316,14 @@ class Engine:
         if state.probes and self._take_probe(state, "auth"):
             self._actions.extend(breaker.record(t, not failed, probe=True))
             return
+        self._feed_auth_breaker(state, t, failed)
+
+    def _feed_auth_breaker(self, state: ClientState, t: float, failed: bool) -> None:
+        """Count clients, not attempts: one looping client must not trip a
+        fleet-wide breaker (and so refuse everyone) by itself."""
+        breaker = self._auth
         if breaker.state is not CLOSED:
             return
-        # Count clients, not attempts: one looping client must not trip a
-        # fleet-wide breaker (and so refuse everyone) by itself.
         window = breaker.settings.window
         if failed:
             if t - state.auth_fail_fed < window:
@@ -609,20 +613,7 @@ class Engine:
             failed = False
         else:
             return
-        # As in _auth_outcome: clients are counted once per window, not attempts.
-        breaker = self._auth
-        if breaker.state is not CLOSED:
-            return
-        window = breaker.settings.window
-        if failed:
-            if t - state.auth_fail_fed < window:
-                return
-            state.auth_fail_fed = t
-        else:
-            if t - state.auth_ok_fed < window:
-                return
-            state.auth_ok_fed = t
-        self._actions.extend(breaker.record(t, not failed))
+        self._feed_auth_breaker(state, t, failed)
 
     def adopt_cooldown(self, cooldown: SharedCooldown, t: float) -> bool:
         """A cooldown another replica started (or the shared store remembered).
