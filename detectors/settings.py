@@ -27,7 +27,11 @@ HttpStatus = Annotated[int, Field(ge=100, le=599)]
 PositiveDuration = Annotated[Duration, Field(gt=0)]
 
 
-class _Model(BaseModel):
+class SettingsModel(BaseModel):
+    """Base of every settings model, the engine's and the proxy's (proxy/sections.py):
+    immutable (shared by reference), no unknown keys (a typo is an error), defaults
+    validated too."""
+
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
 
     @model_validator(mode="before")
@@ -45,7 +49,7 @@ def _check_thresholds(warning: int | None, critical: int | None) -> None:
 # --- rules -----------------------------------------------------------------
 
 
-class RuleSettings(_Model):
+class RuleSettings(SettingsModel):
     """What every rule has: a switch and how its findings are enforced."""
 
     enabled: bool = Field(True, description="Evaluate this rule at all.")
@@ -125,7 +129,7 @@ class NoBackoffSettings(RuleSettings):
     window: PositiveDuration = Field("60s", description="Only intervals this recent are judged.")
 
 
-class RulesSettings(_Model):
+class RulesSettings(SettingsModel):
     """One block per rule; see docs/detection.md."""
 
     auth_failure_loop: AuthFailureLoopSettings = AuthFailureLoopSettings()
@@ -138,7 +142,7 @@ class RulesSettings(_Model):
 # --- detection -------------------------------------------------------------
 
 
-class FleetSettings(_Model):
+class FleetSettings(SettingsModel):
     """The fleet-wide view: attempt rate and auth-failure ratio over all clients."""
 
     window: PositiveDuration = Field("10s", description="Sliding window of the fleet rate and ratio.")
@@ -153,7 +157,7 @@ class FleetSettings(_Model):
     )
 
 
-class DetectionSettings(_Model):
+class DetectionSettings(SettingsModel):
     """How events are classified and how much per-client state is kept."""
 
     auth_close_codes: tuple[CloseCode, ...] = Field(
@@ -193,7 +197,7 @@ class DetectionSettings(_Model):
 # --- policy ----------------------------------------------------------------
 
 
-class CooldownSettings(_Model):
+class CooldownSettings(SettingsModel):
     """Cooldown length: base × factor^(repeat−1), capped at max, with jitter."""
 
     base: PositiveDuration = Field("5s", description="First cooldown.")
@@ -214,7 +218,7 @@ class CooldownSettings(_Model):
 ListEntry = Annotated[str, Field(min_length=1)]
 
 
-class PolicySettings(_Model):
+class PolicySettings(SettingsModel):
     """How findings become decisions."""
 
     mode: Mode = Field("enforce", description="enforce, or observe (record, never reject).")
@@ -255,7 +259,7 @@ class PolicySettings(_Model):
 # --- breakers --------------------------------------------------------------
 
 
-class CircuitBreakerSettings(_Model):
+class CircuitBreakerSettings(SettingsModel):
     """A Resilience4j-shaped breaker: failure ratio over a window, escalating open wait."""
 
     enabled: bool = Field(True, description="Whether this breaker can open.")
@@ -302,7 +306,7 @@ class AuthBreakerSettings(CircuitBreakerSettings):
     )
 
 
-class BreakerSettings(_Model):
+class BreakerSettings(SettingsModel):
     """The two circuit breakers."""
 
     upstream: UpstreamBreakerSettings = UpstreamBreakerSettings()

@@ -3,9 +3,11 @@ that own a config section (proxy/identity.py, …), so neither imports the other
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field
+
+from detectors.settings import SettingsModel
 
 Loc = tuple[str | int, ...]
 
@@ -34,13 +36,6 @@ SECRET = _SecretMarker()
 # never reaches a log line by accident.
 OptionalSecret = Annotated[str | None, SECRET, Field(repr=False)]
 
-class Section(BaseModel):
-    """Base of every settings model: immutable, no unknown keys, defaults validated too."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_empty(cls, data: Any) -> Any:
-        # A section whose keys are all commented out ("tls:") is YAML null: all defaults.
-        return {} if data is None else data
+class Section(SettingsModel):
+    """Base of the proxy's settings sections: the same rules as the engine's."""
