@@ -1,0 +1,592 @@
+"""Live end to end: a real Prometheus scrapes a real loopwatch while clients loop.
+
+Debian's `prometheus` (2.42) runs on a free loopback port with a temporary
+TSDB, 1 s scrape and evaluation intervals and the project's rule files,
+rewritten into a temp dir with every alert's `for:` cut to a few seconds.
+loopwatch runs in this process in front of the demo backend (which closes
+1008 on an expired token and echoes otherwise) and of a dead upstream, and a
+scripted session produces what every panel of the dashboard is there to show:
+
+* a healthy client holding one connection and exchanging messages;
+* the incident's client: an expired token, a reconnect every 50 ms — flagged,
+  then refused in cooldown;
+* the same loop from a client on `policy.allow`, so enforcement only records
+  what it would have refused (`loopwatch_would_reject_total`) and its auth
+  failures keep reaching the backend;
+* a reload of the configuration (POST /api/reload), with an observer that
+  raises on it (`loopwatch_observer_errors_total{observer="failing"}`);
+* a reconnect storm: many distinct clients connecting once each, more than
+  `detection.max_clients`, so the least recently seen are evicted;
+* an upstream outage: distinct clients on a route whose upstream refuses TCP,
+  until the upstream circuit breaker opens.
+
+Through Prometheus' HTTP API the test sees LoopwatchConnectionLoopDetected go
+pending, then firing; sees every PromQL expression of the dashboard (template
+variables substituted both as "All" and as an explicit selection) return
+series while the loop runs, each with a non-zero value at some point; checks
+that every rule evaluates without error; then stops the clients and sees the
+alert resolve. Prometheus is stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from websockets.asyncio.client import connect
+from websockets.exceptions import WebSocketException
+
+from dashboards import generate, promql
+from proxy.config import load_settings
+from proxy.demo_backend import issue_token
+from proxy.observers import Observer
+from proxy.runtime import ConfigSources, Running, start
+from tests.clients import attempt, demo_backend
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.slow
+
+ALERT = "LoopwatchConnectionLoopDetected"
+JOB = "loopwatch"
+SHORT_FOR = "3s"
+SCRAPE = "1s"
+# Grafana's $__rate_interval: max($__interval + scrape interval, 4 × scrape interval),
+# with the data source's scrape interval set to the 1 s Prometheus uses here.
+RATE_INTERVAL = "4s"
+INTERVAL = "1s"
+ALLOWED = "tolerated"  # the client on policy.allow: observed, never refused
+STORM_CLIENTS = 150
+MAX_CLIENTS = 50
+
+
+# --- Prometheus -----------------------------------------------------------------
+
+
+def short_rules(directory: Path) -> list[Path]:
+    """The project's rule files with every alert's `for:` cut to SHORT_FOR."""
+    written = []
+    for path in generate.rule_files():
+        doc = yaml.safe_load(path.read_text())
+        for rule in promql.rules(doc["groups"]):
+            if "alert" in rule:
+                rule["for"] = SHORT_FOR
+        target = directory / path.name
+        target.write_text(yaml.safe_dump(doc, sort_keys=False))
+        written.append(target)
+    return written
+
+
+@contextlib.contextmanager
+def prometheus(tmp_path: Path, target: str) -> Iterator[tuple[str, Path]]:
+    """Debian's prometheus on a free loopback port; yields (base URL, its log file)."""
+    binary = shutil.which("prometheus")
+    assert binary, "prometheus not found: run `make system-deps` (Debian package prometheus)"
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    config = {
+        "global": {
+            "scrape_interval": SCRAPE,
+            "scrape_timeout": SCRAPE,
+            "evaluation_interval": SCRAPE,
+        },
+        "rule_files": [str(p) for p in short_rules(rules_dir)],
+        "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [target]}]}],
+    }
+    config_file = tmp_path / "prometheus.yml"
+    config_file.write_text(yaml.safe_dump(config))
+    port = free_port()
+    log_path = tmp_path / "prometheus.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config_file}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--storage.tsdb.retention.time=1h",
+                "--log.level=warn",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        yield f"http://127.0.0.1:{port}", log_path
+    finally:
+        pid = process.pid
+        if process.poll() is None:
+            os.kill(pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.kill(pid, signal.SIGKILL)
+                process.wait(timeout=5)
+
+
+class PrometheusAPI:
+    def __init__(self, session: aiohttp.ClientSession, base: str, log: Path):
+        self.session, self.base, self.log = session, base, log
+
+    async def get(self, path: str, **params: str) -> Any:
+        async with self.session.get(self.base + path, params=params) as response:
+            body = await response.json()
+        assert body.get("status") == "success", f"GET {path} {params}: {body}"
+        return body["data"]
+
+    async def query(self, expr: str) -> list[dict[str, Any]]:
+        data = await self.get("/api/v1/query", query=expr)
+        assert data["resultType"] == "vector", f"{expr}: {data['resultType']}"
+        return data["result"]
+
+    async def alerts(self, name: str) -> list[dict[str, Any]]:
+        return [
+            a
+            for a in (await self.get("/api/v1/alerts"))["alerts"]
+            if a["labels"]["alertname"] == name
+        ]
+
+    async def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with self.session.get(self.base + "/-/ready") as response:
+                    if response.status == 200:
+                        return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"prometheus not ready after {timeout}s:\n{self.log_tail()}")
+            await asyncio.sleep(0.1)
+
+    def log_tail(self, lines: int = 20) -> str:
+        text = self.log.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:]) or "(prometheus log empty)"
+
+
+@contextlib.asynccontextmanager
+async def api(base: str, log: Path) -> AsyncIterator[PrometheusAPI]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        client = PrometheusAPI(session, base, log)
+        await client.wait_ready()
+        yield client
+
+
+async def poll(
+    predicate: Callable[[], Awaitable[bool]], timeout: float, what: Callable[[], str]
+) -> None:
+    """Await `predicate` every 0.2 s until it holds; fail with `what()` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"after {timeout:g}s: {what()}")
+        await asyncio.sleep(0.2)
+
+
+# --- the dashboard's queries --------------------------------------------------------
+
+
+def regex_escape(value: str) -> str:
+    """How Grafana escapes a multi-value variable's value for a Prometheus regex."""
+    return re.sub(r"([\\^$*+?.()|\[\]{}])", r"\\\\\1", value)
+
+
+def variable_sets(
+    dashboard: dict[str, Any], instance: str, routes: list[str]
+) -> dict[str, dict[str, str]]:
+    """The values Grafana substitutes: every variable on "All", and an explicit
+    selection of this job, this instance and every route."""
+    now, start_of_range = dashboard["time"]["to"], dashboard["time"]["from"]
+    assert now == "now" and start_of_range.startswith("now-"), dashboard["time"]
+    common = {
+        "datasource": "prometheus",
+        "__rate_interval": RATE_INTERVAL,
+        "__interval": INTERVAL,
+        "__range": start_of_range.removeprefix("now-"),
+    }
+    every = {
+        v["name"]: v["allValue"] for v in dashboard["templating"]["list"] if v.get("includeAll")
+    }
+    assert set(every) == {"job", "instance", "route"}, every
+    chosen = {
+        "job": regex_escape(JOB),
+        "instance": regex_escape(instance),
+        "route": "(" + "|".join(regex_escape(r) for r in routes) + ")",
+    }
+    return {"all": {**common, **every}, "selected": {**common, **chosen}}
+
+
+@dataclass
+class Query:
+    panel: str
+    template: str
+    exprs: dict[str, str]  # variable set -> substituted expression
+    nonzero: str | None = None  # a series seen with a finite non-zero value, as proof
+    nonzero_at: float = 0.0  # time.monotonic() of that round
+    empty: set[str] = field(default_factory=set)  # variable sets that returned nothing last round
+
+
+def dashboard_queries(dashboard: dict[str, Any], sets: dict[str, dict[str, str]]) -> list[Query]:
+    queries = []
+    for panel, target in promql.dashboard_targets(dashboard):
+        expr = target["expr"]
+        queries.append(
+            Query(
+                panel["title"],
+                expr,
+                {name: promql.substitute(expr, values) for name, values in sets.items()},
+            )
+        )
+    assert len(queries) >= 20, f"only {len(queries)} dashboard queries found"
+    return queries
+
+
+async def query_round(prom: PrometheusAPI, queries: list[Query]) -> None:
+    """Run every query once (each variable set), noting empties and non-zero values."""
+    jobs = [(q, name, expr) for q in queries for name, expr in q.exprs.items()]
+    results = await asyncio.gather(*(prom.query(expr) for _, _, expr in jobs))
+    for q in queries:
+        q.empty.clear()
+    for (q, name, _), series in zip(jobs, results, strict=True):
+        if not series:
+            q.empty.add(name)
+        for s in series:
+            value = float(s["value"][1])
+            if q.nonzero is None and math.isfinite(value) and value != 0:
+                q.nonzero, q.nonzero_at = f"{s['metric']} = {value:g}", time.monotonic()
+
+
+async def variable_values(
+    prom: PrometheusAPI, dashboard: dict[str, Any], values: dict[str, str]
+) -> dict[str, set[str]]:
+    """What each `label_values(selector, label)` query variable offers, as Grafana asks."""
+    offered = {}
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] != "query":
+            continue
+        text = (
+            variable["query"] if isinstance(variable["query"], str) else variable["query"]["query"]
+        )
+        match = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", text)
+        assert match, f"variable {variable['name']}: unexpected query {text!r}"
+        selector = promql.substitute(match.group(1), values)
+        data = await prom.get(f"/api/v1/label/{match.group(2)}/values", **{"match[]": selector})
+        offered[variable["name"]] = set(data)
+    return offered
+
+
+def describe(queries: list[Query], which: Callable[[Query], bool]) -> str:
+    """One line per query: its panel, the variable sets that came back empty, the query."""
+    return "\n".join(
+        f"  [{q.panel}] {'(empty: ' + ', '.join(sorted(q.empty)) + ') ' if q.empty else ''}"
+        f"{q.exprs['all']}"
+        for q in queries
+        if which(q)
+    )
+
+
+# --- loopwatch and its clients -------------------------------------------------------------
+
+
+class FailingObserver(Observer):
+    """An observer with a bug: it raises on every configuration load. loopwatch
+    logs it once, counts it and carries on."""
+
+    name = "failing"
+
+    def on_config(self, settings: Any, info: dict[str, object]) -> None:
+        raise RuntimeError("observer bug (on purpose)")
+
+
+def loopwatch_config(path: Path, backend_port: int, dead_port: int) -> Path:
+    config = {
+        "listen": "127.0.0.1:0",
+        "admin": {"listen": "127.0.0.1:0"},
+        "logging": {"level": "error"},
+        "routes": [
+            {"path_prefix": "/ws", "upstream": f"ws://127.0.0.1:{backend_port}"},
+            # Nothing listens there: every upgrade fails to connect.
+            {"path_prefix": "/dead", "upstream": f"ws://127.0.0.1:{dead_port}"},
+        ],
+        "detection": {
+            # Findings clear soon after the loop stops, so the alert resolves in seconds.
+            "quiet_period": "2s",
+            "rules": {
+                name: {"window": "5s"}
+                for name in ("auth_failure_loop", "rapid_reconnect", "short_lived", "no_backoff")
+            },
+            "max_clients": MAX_CLIENTS,
+        },
+        # Keys from an unverified JWT are bound to the client's address.
+        "policy": {"allow": [f"{ALLOWED}@127.0.0.1"]},
+        "breakers": {"upstream": {"window": "3s", "min_calls": 10}},
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@contextlib.asynccontextmanager
+async def running_loopwatch(config: Path) -> AsyncIterator[Running]:
+    settings = load_settings(config, env={})
+    running = await start(settings, sources=ConfigSources(str(config), {}, {}))
+    try:
+        yield running
+    finally:
+        await running.close()
+
+
+async def looping(url: str, stop: asyncio.Event) -> int:
+    """The incident's client: reconnect 50 ms after every close, never backing off."""
+    attempts = 0
+    while not stop.is_set():
+        attempts += 1
+        with contextlib.suppress(WebSocketException, OSError, asyncio.TimeoutError):
+            await attempt(url)
+        await asyncio.sleep(0.05)
+    return attempts
+
+
+async def healthy(url: str, stop: asyncio.Event) -> int:
+    """One long-lived connection exchanging a message every 100 ms."""
+    exchanged = 0
+    async with connect(url, open_timeout=5, close_timeout=2) as ws:
+        while not stop.is_set():
+            await ws.send(f"ping {exchanged}")
+            assert await asyncio.wait_for(ws.recv(), 5) == f"ping {exchanged}"
+            exchanged += 1
+            await asyncio.sleep(0.1)
+    return exchanged
+
+
+async def once_each(urls: list[str], concurrency: int = 20) -> int:
+    """Every URL connected to once (opened, then closed by the client at once)."""
+    gate = asyncio.Semaphore(concurrency)
+    opened = 0
+
+    async def one(url: str) -> None:
+        nonlocal opened
+        async with gate:
+            with contextlib.suppress(WebSocketException, OSError, asyncio.TimeoutError):
+                async with connect(url, open_timeout=5, close_timeout=2):
+                    opened += 1
+
+    await asyncio.gather(*(one(u) for u in urls))
+    return opened
+
+
+async def upstream_outage(running: Running, base: str, limit: int = 400) -> int:
+    """Distinct clients on the dead route until the upstream breaker opens."""
+
+    def breaker_state() -> str:
+        views = {b.name: b for b in running.engine.breakers(time.monotonic())}
+        return str(views["upstream"].state)
+
+    sent = 0
+    while breaker_state() == "closed":
+        assert sent < limit, (
+            f"upstream breaker still closed after {sent} failed upstream handshakes"
+        )
+        batch = [f"{base}/dead?token={issue_token(f'outage-{sent + i}', 60)}" for i in range(20)]
+        sent += len(batch)
+        await once_each(batch)
+    return sent
+
+
+# --- the test ----------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(150)
+async def test_loop_alert_and_every_dashboard_query_against_real_prometheus(tmp_path: Path) -> None:
+    began = time.monotonic()
+    dashboard = json.loads(generate.DASHBOARD_FILE.read_text())
+    dead_port = free_port()
+
+    async with (
+        demo_backend() as backend,
+        running_loopwatch(
+            loopwatch_config(tmp_path / "loopwatch.yaml", backend.port, dead_port)
+        ) as running,
+    ):
+        failing = FailingObserver()
+        running.observers.add(failing)
+        instance = f"127.0.0.1:{running.admin_port}"
+        base = f"ws://127.0.0.1:{running.proxy_port}"
+        routes = [r.path_prefix for r in running.settings.effective_routes()]
+        queries = dashboard_queries(dashboard, variable_sets(dashboard, instance, routes))
+
+        with prometheus(tmp_path, instance) as (prom_base, prom_log):
+            async with api(prom_base, prom_log) as prom:
+
+                async def scraped() -> bool:
+                    return bool(await prom.query(f'up{{job="{JOB}", instance="{instance}"}} == 1'))
+
+                await poll(
+                    scraped, 30, lambda: f"no successful scrape of {instance}:\n{prom.log_tail()}"
+                )
+                assert not await prom.alerts(ALERT), "the loop alert is active before any traffic"
+
+                stop = asyncio.Event()
+                clients = [
+                    asyncio.create_task(
+                        healthy(f"{base}/ws?token={issue_token('healthy', 600)}", stop)
+                    ),
+                    asyncio.create_task(
+                        looping(f"{base}/ws?token={issue_token('looper', -60)}", stop)
+                    ),
+                    asyncio.create_task(
+                        looping(f"{base}/ws?token={issue_token(ALLOWED, -60)}", stop)
+                    ),
+                ]
+                stop_queries = asyncio.Event()
+                rounds = 0
+
+                async def keep_querying() -> None:
+                    nonlocal rounds
+                    while not stop_queries.is_set():
+                        await query_round(prom, queries)
+                        rounds += 1
+                        await asyncio.sleep(0.3)
+
+                querying = asyncio.create_task(keep_querying())
+                try:
+                    # --- the loop alert: pending, then firing ---------------------------
+                    states: dict[str, list[str]] = {}  # rule label -> states in order seen
+                    firing: list[dict[str, Any]] = []
+
+                    async def loop_alert_firing() -> bool:
+                        for a in await prom.alerts(ALERT):
+                            rule = a["labels"]["rule"]
+                            seen = states.setdefault(rule, [])
+                            if not seen or seen[-1] != a["state"]:
+                                seen.append(a["state"])
+                            if rule == "auth_failure_loop" and a["state"] == "firing":
+                                firing.append(a)
+                        return bool(firing)
+
+                    await poll(
+                        loop_alert_firing,
+                        40,
+                        lambda: f"{ALERT} not firing for auth_failure_loop; seen {states}",
+                    )
+                    assert states["auth_failure_loop"] == ["pending", "firing"], states
+                    fired_after = time.monotonic() - began
+                    alert = firing[0]
+                    assert alert["labels"] == {
+                        "alertname": ALERT,
+                        "job": JOB,
+                        "instance": instance,
+                        "rule": "auth_failure_loop",
+                        "severity": "critical",
+                    }, alert["labels"]
+                    assert alert["annotations"]["runbook_url"].endswith(
+                        "docs/runbooks.md#loopwatchconnectionloopdetected"
+                    )
+                    assert (
+                        f"flagged by auth_failure_loop on {instance}"
+                        in alert["annotations"]["summary"]
+                    ), alert
+
+                    # --- the rest of the session: reload, storm, outage ------------------
+                    async with (
+                        aiohttp.ClientSession() as http,
+                        http.post(f"http://{instance}/api/reload") as response,
+                    ):
+                        assert response.status == 200, await response.text()
+                    assert running.observers.errors[failing.name] == 1
+                    storm = [
+                        f"{base}/ws?token={issue_token(f'storm-{i}', 60)}"
+                        for i in range(STORM_CLIENTS)
+                    ]
+                    opened = await once_each(storm)
+                    assert opened >= 0.9 * STORM_CLIENTS, (
+                        f"only {opened} of {STORM_CLIENTS} storm clients connected"
+                    )
+                    outage_attempts = await upstream_outage(running, base)
+
+                    # --- every dashboard query, while the loop still runs ------------------
+                    # A round that began after the session's last step must find a series for
+                    # every query; a non-zero value may have been seen at any point.
+                    first_round = rounds + 1
+
+                    async def every_query_answers() -> bool:
+                        if querying.done():
+                            querying.result()  # raises what stopped it
+                            raise AssertionError("the query task ended")
+                        fresh = rounds > first_round
+                        return fresh and all(q.nonzero and not q.empty for q in queries)
+
+                    await poll(
+                        every_query_answers,
+                        30,
+                        lambda: (
+                            "dashboard queries without a single series in the last round:\n"
+                            + (describe(queries, lambda q: bool(q.empty)) or "  (none)")
+                            + "\ndashboard queries never seen with a non-zero value:\n"
+                            + (describe(queries, lambda q: not q.nonzero) or "  (none)")
+                        ),
+                    )
+                    assert all(not task.done() for task in clients), (
+                        "a client stopped before the checks"
+                    )
+
+                    # The template variables offer this job, this instance and every route.
+                    offered = await variable_values(
+                        prom, dashboard, variable_sets(dashboard, instance, routes)["all"]
+                    )
+                    assert offered == {
+                        "job": {JOB},
+                        "instance": {instance},
+                        "route": set(routes),
+                    }, offered
+                finally:
+                    stop_queries.set()
+                    stop.set()
+                    await asyncio.gather(querying, return_exceptions=True)
+                    results = await asyncio.wait_for(
+                        asyncio.gather(*clients, return_exceptions=True), 30
+                    )
+                for result in results:
+                    if isinstance(result, BaseException):
+                        raise result
+                exchanged, loops, tolerated = results
+                assert exchanged > 10 and loops > 20 and tolerated > 20, results
+
+                # Every rule evaluated, none in error, the shortened `for:` in place.
+                groups = (await prom.get("/api/v1/rules"))["groups"]
+                rules = [r for g in groups for r in g["rules"]]
+                assert len(rules) == sum(1 for _ in promql.rules(generate.rule_groups())), rules
+                broken = [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
+                assert not broken, f"rules failing in Prometheus: {broken}"
+                long_for = [
+                    r["name"] for r in rules if r["type"] == "alerting" and r["duration"] != 3
+                ]
+                assert not long_for, f"alerts without the test's `for: {SHORT_FOR}`: {long_for}"
+
+                # --- the loop stopped: flags clear after the quiet period, the alert resolves
+                stopped = time.monotonic()
+
+                async def resolved() -> bool:
+                    return not await prom.alerts(ALERT)
+
+                await poll(resolved, 40, lambda: f"{ALERT} still active after the loop stopped")
+                resolved_after = time.monotonic() - stopped
+
+    print(
+        f"\nfiring after {fired_after:.1f}s, resolved {resolved_after:.1f}s after the loop stopped, "
+        f"{len(queries)} queries x {rounds} rounds, {outage_attempts} outage attempts, "
+        f"total {time.monotonic() - began:.1f}s"
+    )
+    for q in queries:
+        print(f"  {q.nonzero_at - began:5.1f}s [{q.panel}] {q.nonzero}")
