@@ -253,12 +253,11 @@ class HeadParser:
 def _valid_authority(value: bytes) -> bool:
     """host[:port] as RFC 3986 allows it (reg-name, IPv4, [IPv6]): nothing that could
     smuggle a second value or a path into X-Forwarded-Host."""
-    return bool(value) and all(c in _AUTHORITY_CHARS for c in value)
+    # Deleting every allowed byte leaves the disallowed ones (one C-level pass).
+    return bool(value) and not value.translate(None, _AUTHORITY_CHARS)
 
 
-_AUTHORITY_CHARS = frozenset(
-    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+;=:[]%"
-)
+_AUTHORITY_CHARS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+;=:[]%"
 
 
 def validate_websocket_upgrade(head: RequestHead) -> None:

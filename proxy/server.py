@@ -43,6 +43,28 @@ HEAD, UPSTREAM, HTTP, REFUSING, DONE = range(5)
 OVERLOADED = simple_response(503, "loopwatch: too many connections", (("Retry-After", "1"),))
 SHUTTING_DOWN = simple_response(503, "loopwatch: shutting down")
 REFUSAL_GRACE = 2.0  # how long a close-1013 refusal waits for the client's close reply
+SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+
+# Refusals as written, by (how, status, message, Retry-After): a looping client is
+# refused tens of times a second with the same answer, so it is serialised once.
+# Bounded (retry times and reasons vary): the table starts over when full.
+_REFUSALS: dict[tuple[str, int, str, str], bytes] = {}
+_REFUSALS_SIZE = 1024
+
+
+def refusal_bytes(refusal: Refusal, retry: str) -> bytes:
+    """The 429/503 response, or the close-1013 frame, for `refusal` (cached)."""
+    key = (refusal.how, refusal.status, refusal.message, retry)
+    out = _REFUSALS.get(key)
+    if out is None:
+        if refusal.how == "http":
+            out = simple_response(refusal.status, refusal.message, (("Retry-After", retry),))
+        else:
+            out = build_close_frame(1013, refusal.message, mask=False)
+        if len(_REFUSALS) >= _REFUSALS_SIZE:
+            _REFUSALS.clear()
+        _REFUSALS[key] = out
+    return out
 
 
 class ClientHandshake(asyncio.Protocol):
@@ -281,9 +303,7 @@ class ClientHandshake(asyncio.Protocol):
         or accept the upgrade and close 1013 with a reason a browser can read."""
         retry = str(max(1, math.ceil(refusal.retry_after)))
         if refusal.how == "http":
-            self.respond_and_close(
-                simple_response(refusal.status, refusal.message, (("Retry-After", retry),))
-            )
+            self.respond_and_close(refusal_bytes(refusal, retry))
             return
         head = self.attempt.head if self.attempt else None
         key = head.get(b"sec-websocket-key") if head else None
@@ -291,9 +311,8 @@ class ClientHandshake(asyncio.Protocol):
         self.state = REFUSING
         self.cancel_timer()
         self.transport.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: %s\r\n\r\n" % accept_key(key)
-            + build_close_frame(1013, refusal.message, mask=False)
+            SWITCHING + b"Sec-WebSocket-Accept: %s\r\n\r\n" % accept_key(key)
+            + refusal_bytes(refusal, retry)
         )
         self.timer = self.server.loop.call_later(REFUSAL_GRACE, self.transport.close)
 
