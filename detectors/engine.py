@@ -131,10 +131,13 @@ class Engine:
         if self._credits and self._credits[0][0] <= t:
             self._drain_credits(t)
         state = self._client(attempt.key, t)
+        # A storm is many clients reconnecting, not one client looping: the fleet
+        # counts a client once per window for it (and every attempt for the rate).
+        distinct = t - state.attempt_t >= self._fleet.settings.window
         tracker.on_attempt(state, attempt, self._detection)
         if state.rate >= HOT_RATE:
             self._hot.note(state, t, self._detection.rate_window)
-        self._fleet.attempt(t)
+        self._fleet.attempt(t, distinct)
 
         reject, would = self._client_policy(state, attempt, t)
         probes: list[CircuitBreaker] | None = None

@@ -3,9 +3,11 @@
 Per-client rules ask "is this client looping?"; this asks "is everyone
 reconnecting at once?". A backend restart closes every connection (1012) and
 every client reconnects once: each client looks healthy (one attempt), but the
-fleet's attempt rate jumps far above its baseline. That is a *reconnect
-storm*, not a loop: it is exposed as ``storm`` for metrics and alerts and
-never puts a client in cooldown.
+fleet's rate of *distinct clients* attempting jumps far above its baseline.
+That is a *reconnect storm*, not a loop: it is exposed as ``storm`` for metrics
+and alerts and never puts a client in cooldown. Clients are counted once per
+window for the storm — one client looping at 50/s is a loop, not a storm — while
+``rate`` counts every attempt.
 
 Memory is bounded at any rate: counts live in time buckets
 (``detectors.window``), and the baseline is an exponentially weighted average
@@ -19,7 +21,8 @@ import math
 from detectors.settings import FleetSettings
 from detectors.window import SlidingCounter
 
-_ATTEMPTS, _AUTH_FAILURES, _AUTH_OUTCOMES = 0, 1, 2
+_ATTEMPTS, _AUTH_FAILURES, _AUTH_OUTCOMES, _CLIENTS = 0, 1, 2, 3
+_FIELDS = 4
 _BUCKETS = 10
 
 
@@ -28,22 +31,25 @@ class Fleet:
 
     def __init__(self, settings: FleetSettings) -> None:
         self.settings = settings
-        self._window = SlidingCounter(settings.window, fields=3, buckets=_BUCKETS)
+        self._window = SlidingCounter(settings.window, fields=_FIELDS, buckets=_BUCKETS)
         self._bucket = -math.inf  # index of the bucket being filled, for the baseline
         self._bucket_count = 0
-        self.baseline = 0.0  # attempts per second
+        self.baseline = 0.0  # distinct clients attempting, per second
 
     def configure(self, settings: FleetSettings) -> None:
         if settings.window != self.settings.window:
-            self._window = SlidingCounter(settings.window, fields=3, buckets=_BUCKETS)
+            self._window = SlidingCounter(settings.window, fields=_FIELDS, buckets=_BUCKETS)
             self._bucket = -math.inf
             self._bucket_count = 0
         self.settings = settings
 
-    def attempt(self, t: float) -> None:
+    def attempt(self, t: float, distinct: bool = True) -> None:
+        """One attempt; `distinct` when its client had not attempted within the window."""
         self._roll(t)
-        self._bucket_count += 1
         self._window.add(t, _ATTEMPTS)
+        if distinct:
+            self._bucket_count += 1
+            self._window.add(t, _CLIENTS)
 
     def auth_outcome(self, t: float, failed: bool) -> None:
         self._window.add(t, _AUTH_OUTCOMES)
@@ -58,13 +64,17 @@ class Fleet:
         outcomes = self._window.total(t, _AUTH_OUTCOMES)
         return self._window.total(t, _AUTH_FAILURES) / outcomes if outcomes else 0.0
 
+    def client_rate(self, t: float) -> float:
+        """Distinct clients attempting per second over the window."""
+        return self._window.total(t, _CLIENTS) / self.settings.window
+
     def baseline_at(self, t: float) -> float:
         self._roll(t)
         return self.baseline
 
     def storm(self, t: float) -> bool:
-        """Attempt rate at least ``storm_factor`` × baseline and ``storm_min_rate``."""
-        rate = self.rate(t)
+        """Distinct-client rate at least ``storm_factor`` × baseline and ``storm_min_rate``."""
+        rate = self.client_rate(t)
         s = self.settings
         return rate >= s.storm_min_rate and rate >= s.storm_factor * self.baseline_at(t)
 

@@ -147,13 +147,13 @@ class FleetSettings(SettingsModel):
 
     window: PositiveDuration = Field("10s", description="Sliding window of the fleet rate and ratio.")
     baseline: PositiveDuration = Field(
-        "5m", description="Time constant of the attempt-rate baseline a storm is measured against."
+        "5m", description="Time constant of the baseline (distinct clients attempting per second) a storm is measured against."
     )
     storm_factor: Annotated[float, Field(gt=1.0)] = Field(
-        5.0, description="A storm is an attempt rate this many times the baseline …"
+        5.0, description="A storm is a rate of distinct clients attempting this many times the baseline …"
     )
     storm_min_rate: Annotated[float, Field(ge=0.0)] = Field(
-        10.0, description="… and at least this many attempts per second."
+        10.0, description="… and at least this many distinct clients per second."
     )
 
 
