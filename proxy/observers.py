@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from detectors import events as ev
@@ -56,19 +56,48 @@ class Observer:
 
 
 class Observers:
-    """An explicit, ordered list of observers with failure containment."""
+    """An explicit, ordered list of observers with failure containment.
+
+    `call` runs on every step of every connection, so each hook's bound methods
+    are looked up once (when first called after the list changed) and observers
+    that leave a hook as `Observer`'s no-op are not called for it at all.
+    """
 
     def __init__(self, observers: list[Observer] | None = None):
         self.observers: list[Observer] = list(observers or [])
         self.errors: Counter[str] = Counter()
+        # hook -> ((observer, bound method or None), …) for the observers that
+        # implement it; None: the attribute is missing, getattr raises at call time.
+        self._hooks: dict[str, tuple[tuple[Observer, Any], ...]] = {}
+        self._seen: list[Observer] = []  # the list the table was built for
 
     def add(self, observer: Observer) -> None:
         self.observers.append(observer)
+        self._hooks.clear()
+
+    def _bound(self, hook: str) -> tuple[tuple[Observer, Any], ...]:
+        if self._seen != self.observers:  # changed behind add()'s back
+            self._hooks.clear()
+            self._seen = list(self.observers)
+        noop = getattr(Observer, hook, None)
+        out = []
+        for observer in self.observers:
+            method = getattr(observer, hook, None)
+            if noop is not None and getattr(method, "__func__", None) is noop:
+                continue  # the base class's no-op
+            out.append((observer, method))
+        bound = self._hooks[hook] = tuple(out)
+        return bound
 
     def call(self, hook: str, *args: object) -> None:
-        for observer in self.observers:
+        bound = self._hooks.get(hook)
+        if bound is None or len(self._seen) != len(self.observers):
+            bound = self._bound(hook)
+        for observer, method in bound:
             try:
-                getattr(observer, hook)(*args)
+                if method is None:
+                    method = getattr(observer, hook)
+                method(*args)
             except Exception:
                 name = observer.name
                 if not self.errors[name]:  # once per observer; later failures are only counted
