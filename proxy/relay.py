@@ -136,10 +136,14 @@ class Relay:
         if client_early and not self.upstream.closed:
             self.client.data_received(client_early)
         for leg in (self.client, self.upstream):
-            # A leg whose output is already over its high-water mark stays paused:
-            # resume_writing resumes it once that output drains.
+            # A leg whose output is already over its high-water mark is paused (its
+            # pause_writing went to the handshake's protocol, not to the leg):
+            # resume_writing resumes it once that output drains. Otherwise it reads,
+            # which also resumes a client paused for sending too much too early.
             if leg.out.get_write_buffer_size() <= leg.out.get_write_buffer_limits()[1]:
                 leg.resume()
+            else:
+                leg.pause()
 
     def other(self, leg: Leg) -> Leg:
         return self.upstream if leg is self.client else self.client

@@ -82,10 +82,12 @@ class ClientHandshake(asyncio.Protocol):
         self.route: Route | None = None
         self.early = bytearray()
         self.upstream: asyncio.Transport | None = None
+        self.connecting: asyncio.Task | None = None  # the upstream connect, until it settles
         self.exchange: HttpExchange | None = None
         self._drain: asyncio.Future[None] | None = None
         self._paused = False
         self.idle_keep_alive = False  # waiting for a next request after a response
+        self.early_eof = False  # the client shut its writing half during the upstream handshake
 
     # --- asyncio callbacks --------------------------------------------------
 
@@ -127,6 +129,11 @@ class ClientHandshake(asyncio.Protocol):
             self.transport.close()  # type: ignore[union-attr]  # the client's close reply
 
     def eof_received(self) -> bool:
+        if self.state == UPSTREAM:
+            # Its frames so far (a close frame, say) are in `early`: the relay passes
+            # them and then the EOF on, as if it had read them itself.
+            self.early_eof = True
+            return True
         # A client may half-close after its request; the response still flows.
         return self.state == HTTP and self.exchange is not None
 
@@ -178,8 +185,10 @@ class ClientHandshake(asyncio.Protocol):
             return
         self.state = UPSTREAM
         self.early += rest
-        self.transport.pause_reading()  # type: ignore[union-attr]  # resumed by the relay
-        server.loop.create_task(self.connect(route, head, attempt))
+        # Reading goes on during the upstream handshake: what the client sends early
+        # is kept (bounded; data_received pauses beyond it), and a client that leaves
+        # is noticed at once. No pause/resume pair of epoll changes per connection.
+        self.connect(route, head, attempt)
 
     def begin_http(self, head: RequestHead) -> None:
         route = self.server.router.match(head.path)
@@ -208,38 +217,56 @@ class ClientHandshake(asyncio.Protocol):
 
     # --- the upstream handshake ---------------------------------------------
 
-    async def connect(self, route: Route, head: RequestHead, attempt: Attempt) -> None:
+    def connect(self, route: Route, head: RequestHead, attempt: Attempt) -> None:
+        """Open the upstream connection: one task for the loop's create_connection
+        and one timer that cancels it after connect_timeout (no wait_for, whose
+        second task, future and callbacks cost more than the rest of the connect
+        in Python). `connected` takes it from there."""
         server = self.server
         up = route.upstream
-        try:
-            transport, _ = await asyncio.wait_for(
-                server.loop.create_connection(
-                    lambda: UpstreamHandshake(self),
-                    up.host,
-                    up.port,
-                    ssl=server.upstream_ssl if up.tls else None,
-                    server_hostname=(server.upstream_server_name or up.host) if up.tls else None,
-                ),
-                server.connect_timeout,
+        task = server.loop.create_task(
+            server.loop.create_connection(
+                lambda: UpstreamHandshake(self),
+                up.host,
+                up.port,
+                ssl=server.upstream_ssl if up.tls else None,
+                server_hostname=(server.upstream_server_name or up.host) if up.tls else None,
             )
-        except TimeoutError:
+        )
+        timer = server.loop.call_later(server.connect_timeout, task.cancel)
+        self.connecting = task
+        task.add_done_callback(lambda t: self.connected(t, timer, route, head, attempt))
+
+    def connected(
+        self, task: asyncio.Task, timer: asyncio.TimerHandle, route: Route, head: RequestHead, attempt: Attempt
+    ) -> None:
+        timer.cancel()
+        self.connecting = None
+        if task.cancelled():
+            # The timer's cancel (a client that left is DONE and ignored below).
             self.upstream_failed(504, "loopwatch: upstream connect timeout", None, "timeout")
             return
-        except OSError as e:
-            log.debug("upstream %s unreachable: %s", up.url, e)
+        exc = task.exception()
+        if exc is not None:
+            if not isinstance(exc, OSError):
+                log.error("upstream connect failed", exc_info=exc)
+            up = route.upstream
+            log.debug("upstream %s unreachable: %s", up.url, exc)
             self.upstream_failed(502, "loopwatch: upstream unreachable", None, "connect")
             return
+        transport, _ = task.result()
         if self.state != UPSTREAM:  # the client left or timed out meanwhile
             transport.close()
             return
         self.upstream = transport  # type: ignore[assignment]
+        up = route.upstream
         transport.write(
             upstream_request_head(
                 head,
                 target=route.target(head.path, head.target),
                 host=up.authority,
                 peer=self.peer,
-                scheme="https" if server.tls else "http",
+                scheme="https" if self.server.tls else "http",
                 websocket=True,
                 extra=attempt.extra_headers,
             )
@@ -279,6 +306,8 @@ class ClientHandshake(asyncio.Protocol):
         server.gate.opened(attempt, time.monotonic())
         relay.start(bytes(self.early), response.rest)
         self.early = bytearray()
+        if self.early_eof and not relay.client.closed and not relay.half_close(relay.client):
+            relay.client.transport.close()  # what the transport does when eof_received says so
 
     def upstream_refused(self, response: ResponseHeadParser) -> None:
         """The upstream answered the upgrade with anything but 101: the client gets

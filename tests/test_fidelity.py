@@ -252,6 +252,23 @@ async def test_close_then_half_close_from_the_client() -> None:
         await wait_for(lambda: not running.proxy.relays)
 
 
+async def test_close_and_half_close_before_the_101_reach_the_backend() -> None:
+    """A client that sends its close frame and shuts its writing half in the same
+    breath as the upgrade request (before the backend answered): the backend
+    still gets the close frame and the EOF, the client the 101 and the reply."""
+    async with raw_backend(close_on_eof=False) as backend, loopwatch(backend.url, Gate()) as running:
+        close_up = frame(CLOSE, close_payload(1000, "early"), mask=key(5))
+        client = await RawClient.connect(running.proxy_port, early=close_up, eof=True)
+        up = await backend.accept()
+        assert await up.wait_eof() == close_up
+        close_down = frame(CLOSE, close_payload(1000, "early too"))
+        await up.send(close_down)
+        up.close()
+        assert await client.read_to_eof() == close_down
+        await client.close()
+        await wait_for(lambda: not running.proxy.relays)
+
+
 # ---------------------------------------------------------------------------
 # 2. The fidelity matrix: websockets client, websockets or aiohttp backend.
 

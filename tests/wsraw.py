@@ -166,8 +166,10 @@ class RawClient:
         extra: bytes = b"",
         rcvbuf: int | None = None,
         early: bytes = b"",
+        eof: bool = False,
     ) -> RawClient:
-        """Connect and upgrade; `early` goes out in the same write as the request."""
+        """Connect and upgrade; `early` goes out in the same write as the request,
+        then with `eof` the writing half is shut before the 101 is read."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf is not None:  # before connect, so the window is small from the start
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -176,6 +178,8 @@ class RawClient:
         reader, writer = await asyncio.open_connection(sock=sock)
         head, expected_accept = upgrade_head(port, path, extra)
         writer.write(head + early)
+        if eof:
+            writer.write_eof()
         response = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert response.startswith(b"HTTP/1.1 101 "), response
         assert b"Sec-WebSocket-Accept: " + expected_accept in response, response
