@@ -33,7 +33,10 @@ class Attempt:
     route: str
     peer: str
     t0: float  # monotonic seconds at arrival
-    head: RequestHead
+    # The request head, until the request went upstream: then None (with
+    # extra_headers), so that a live connection does not keep its head in memory.
+    # Observers read it in on_attempt.
+    head: RequestHead | None
     conn_id: int = 0
     opened_at: float = 0.0  # monotonic seconds of the 101, for the connection's duration
     extra_headers: list[tuple[bytes, bytes]] | None = None  # added to the upstream request

@@ -271,6 +271,10 @@ class ClientHandshake(asyncio.Protocol):
                 extra=attempt.extra_headers,
             )
         )
+        # Sent: a live connection keeps neither the head nor its parser (memory).
+        attempt.head = None
+        attempt.extra_headers = None
+        self.parser = None  # type: ignore[assignment]
 
     def upstream_accepted(self, upstream: asyncio.Transport, response: ResponseHeadParser) -> None:
         """A 101: pass its head on byte for byte and start the splice."""
@@ -298,7 +302,7 @@ class ClientHandshake(asyncio.Protocol):
             upstream,
             max_message_size=server.max_message_size,
             allowed_rsv=allowed_rsv,
-            on_done=server.relay_done,
+            on_done=server.on_relay_done,
             context=attempt,
         )
         server.relays[conn_id] = relay
@@ -479,6 +483,7 @@ class ProxyServer:
         self.active = 0  # client connections, handshaking or relayed
         self.handshakes: set[ClientHandshake] = set()
         self.relays: dict[int, Relay] = {}
+        self.on_relay_done = self.relay_done  # one bound method for every relay, not one each
         self.closing = False
         self._server: asyncio.AbstractServer | None = None
         self._port = 0
