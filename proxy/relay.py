@@ -328,4 +328,11 @@ class Relay:
         self.done = True
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None
         self._on_done(self)
+        # Both transports are gone and nothing calls a leg any more: break the
+        # cycles (relay <-> legs <-> transports, whose protocol is the leg) so the
+        # connection's memory goes back at once by reference counting, not at the
+        # collector's next full pass, which an idle proxy may not make for long.
+        for gone in (self.client, self.upstream):
+            gone.relay = gone.transport = gone.out = None  # type: ignore[assignment]

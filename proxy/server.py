@@ -10,6 +10,7 @@ forwarding (proxy/forward.py) and the admin app.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import itertools
 import logging
 import math
@@ -44,6 +45,19 @@ OVERLOADED = simple_response(503, "loopwatch: too many connections", (("Retry-Af
 SHUTTING_DOWN = simple_response(503, "loopwatch: shutting down")
 REFUSAL_GRACE = 2.0  # how long a close-1013 refusal waits for the client's close reply
 SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+
+# Memory of closed connections back to the system: most of an idle connection's
+# memory is the event loop's transports and handles, allocated with malloc;
+# glibc keeps freed memory in its heap until malloc_trim. Called when the number
+# of live connections fell by TRIM_DROP from its peak, TRIM_DELAY after (so a
+# burst of closes is trimmed once), never during steady churn. None off glibc.
+TRIM_DROP = 256
+TRIM_DELAY = 0.5
+try:
+    malloc_trim = ctypes.CDLL(None).malloc_trim
+    malloc_trim.argtypes = (ctypes.c_size_t,)
+except (OSError, AttributeError):  # pragma: no cover - not glibc
+    malloc_trim = None
 
 # Refusals as written, by (how, status, message, Retry-After): a looping client is
 # refused tens of times a second with the same answer, so it is serialised once.
@@ -306,6 +320,8 @@ class ClientHandshake(asyncio.Protocol):
             context=attempt,
         )
         server.relays[conn_id] = relay
+        if len(server.relays) > server.relays_peak:
+            server.relays_peak = len(server.relays)
         self.transport.write(response.head_bytes)
         server.gate.opened(attempt, time.monotonic())
         relay.start(bytes(self.early), response.rest)
@@ -484,6 +500,8 @@ class ProxyServer:
         self.handshakes: set[ClientHandshake] = set()
         self.relays: dict[int, Relay] = {}
         self.on_relay_done = self.relay_done  # one bound method for every relay, not one each
+        self.relays_peak = 0  # most live relays since the last trim
+        self._trim_timer: asyncio.TimerHandle | None = None
         self.closing = False
         self._server: asyncio.AbstractServer | None = None
         self._port = 0
@@ -528,7 +546,20 @@ class ProxyServer:
         attempt = relay.context
         assert isinstance(attempt, Attempt)
         self.gate.closed(attempt, time.monotonic(), code, reason, initiator, stats)
+        if (
+            self.relays_peak - len(self.relays) >= TRIM_DROP
+            and self._trim_timer is None
+            and malloc_trim is not None
+        ):
+            self._trim_timer = self.loop.call_later(TRIM_DELAY, self.trim)
         self.check_drained()
+
+    def trim(self) -> None:
+        """Give the memory of closed connections back (see TRIM_DROP)."""
+        self._trim_timer = None
+        self.relays_peak = len(self.relays)
+        if malloc_trim is not None:
+            malloc_trim(0)
 
     def check_drained(self) -> None:
         """During shutdown: wake it once no connection is left."""
@@ -561,6 +592,9 @@ class ProxyServer:
         HTTP responses in flight finish, wait up to shutdown_timeout for all that,
         then drop what is left."""
         self.closing = True
+        if self._trim_timer is not None:
+            self._trim_timer.cancel()
+            self._trim_timer = None
         if self._server is not None:
             self._server.close()
         if self._idle_task is not None:

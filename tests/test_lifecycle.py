@@ -353,3 +353,30 @@ async def test_shutdown_answers_an_upgrade_in_progress_with_503():
             assert lw.proxy.active == 0
         finally:
             await lw_cm.__aexit__(None, None, None)
+
+
+async def test_memory_of_closed_connections_is_trimmed_once_after_a_burst(monkeypatch):
+    """When the live connections fall by TRIM_DROP from their peak, malloc_trim runs
+    once, TRIM_DELAY later; steady traffic below that never trims."""
+    import proxy.server
+
+    calls: list[int] = []
+    monkeypatch.setattr(proxy.server, "TRIM_DROP", 3)
+    monkeypatch.setattr(proxy.server, "TRIM_DELAY", 0.05)
+    monkeypatch.setattr(proxy.server, "malloc_trim", calls.append)
+    async with websockets_backend(echo) as (backend, _), loopwatch(backend) as running:
+        server = running.proxy
+        one = await connect(ws_url(running))
+        await one.close()
+        await wait_for(lambda: not server.relays)
+        await asyncio.sleep(0.1)
+        assert calls == []  # a drop of 1: no trim
+        clients = [await connect(ws_url(running)) for _ in range(4)]
+        assert server.relays_peak == 4
+        for ws in clients:
+            await ws.close()
+        await wait_for(lambda: not server.relays)
+        await wait_for(lambda: calls == [0])
+        assert server.relays_peak == 0
+        await asyncio.sleep(0.1)
+        assert calls == [0]  # once for the burst
