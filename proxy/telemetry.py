@@ -2,10 +2,10 @@
 
 docs/metrics.md is the catalogue and the contract. Two sources feed it:
 
-* `MetricsObserver` counts lifecycle steps and engine outcomes on ordinary
-  prometheus_client counters and histograms, once per connection step (never
-  per frame), with the trace id as exemplar when the connection's span is
-  sampled.
+* `MetricsObserver` counts lifecycle steps and engine outcomes, once per
+  connection step (never per frame), as plain numbers turned into metric
+  families at scrape time (proxy/promstore.py), with the trace id as exemplar
+  when the connection's span is sampled.
 * `StateCollector` runs at scrape time: gauges of current state read from
   `Engine.snapshot()`, and the message and byte counters, which add the live
   relays' plain-int parser counters to the totals of closed connections. A
@@ -24,7 +24,7 @@ import typing
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from pydantic import BeforeValidator, Field
@@ -38,8 +38,16 @@ from detectors.rules import RULE_NAMES
 from detectors.settings import BreakerSettings
 from proxy.eventlog import EventLogObserver
 from proxy.observers import Observer, Observers
+from proxy.promstore import CounterStore, HistogramStore
 from proxy.sections import Section
-from proxy.tracing import SpanSink, TracingObserver, client_hash, exemplar_of, tracing_from_env
+from proxy.tracing import (
+    SAMPLED,
+    ConnTrace,
+    SpanSink,
+    TracingObserver,
+    client_hash,
+    tracing_from_env,
+)
 
 if TYPE_CHECKING:
     from detectors import events as ev
@@ -85,11 +93,6 @@ CODE_CLASSES = ("3xxx", "4xxx", "other")
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0)
 HANDSHAKE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-# Every counter is a `_total` series only: `_created` series would double the
-# series count for a timestamp Prometheus ignores unless told otherwise.
-disable_created_metrics()
-
-
 def code_label(code: int, exact: frozenset[int]) -> str:
     """The close-code label: exact for 1000–1015 and the auth codes, else a class."""
     if 1000 <= code <= 1015 or code in exact:
@@ -115,96 +118,81 @@ def handshake_error(error: str | None) -> str:
 # --- the observer: counts per connection step ----------------------------------
 
 
-class Family:
-    """A labelled metric whose children are found in a dict: `labels()` validates
-    its arguments and takes a lock on every call, this does it once per series."""
-
-    __slots__ = ("metric", "children")
-
-    def __init__(self, metric: Counter | Histogram):
-        self.metric = metric
-        self.children: dict[tuple[str, ...], Any] = {}
-
-    def __call__(self, *values: str) -> Any:
-        child = self.children.get(values)
-        if child is None:
-            child = self.children[values] = self.metric.labels(*values)
-        return child
-
-
 class MetricsObserver(Observer):
+    """Counts connection steps and engine outcomes as plain numbers (proxy/promstore.py);
+    `collect` turns them into metric families at scrape time."""
+
     name = "metrics"
 
     def __init__(self, registry: CollectorRegistry, settings: Settings, traces: TracingObserver | None):
         self.traces = traces
         self.routes = tuple(r.path_prefix for r in settings.effective_routes())
-        def counter(name: str, doc: str, *labels: str) -> Family:
-            return Family(Counter(name, doc, labels, registry=registry))
-
-        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Family:
-            return Family(Histogram(name, doc, ["route"], buckets=buckets, registry=registry))
-
-        self.attempts = counter(
+        self.attempts = CounterStore(
             "loopwatch_connection_attempts", "WebSocket upgrade attempts by outcome.", "route", "outcome"
         )
-        self.refusals = counter(
+        self.refusals = CounterStore(
             "loopwatch_refusals", "Attempts loopwatch refused, by reason.", "route", "reason"
         )
-        self.would_reject = counter(
+        self.would_reject = CounterStore(
             "loopwatch_would_reject",
             "Attempts let through (observe mode, rollout, allow list) that enforcement would have refused.",
             "reason",
         )
-        self.handshake_errors = counter(
+        self.handshake_errors = CounterStore(
             "loopwatch_upstream_handshake_errors", "Failed upstream handshakes, by error.", "route", "error"
         )
-        self.auth_failures = counter(
+        self.auth_failures = CounterStore(
             "loopwatch_auth_failures", "Closes with an auth close code, and 401/403 answers to the upgrade.",
             "route",
         )
-        self.closes = counter(
+        self.closes = CounterStore(
             "loopwatch_connection_closes", "Ended WebSockets by close code and who closed first.",
             "route", "code", "initiator",
         )
-        self.duration = histogram(
+        self.duration = HistogramStore(
             "loopwatch_connection_duration_seconds", "Lifetime of relayed WebSockets, 101 to close.",
             DURATION_BUCKETS,
         )
-        self.handshake = histogram(
+        self.handshake = HistogramStore(
             "loopwatch_upstream_handshake_duration_seconds",
             "From the client's upgrade request to the upstream's answer.", HANDSHAKE_BUCKETS,
         )
-        self.findings = counter("loopwatch_findings", "Findings raised by the rules.", "rule", "severity")
-        self.cooldowns = counter(
+        self.findings = CounterStore("loopwatch_findings", "Findings raised by the rules.", "rule", "severity")
+        self.cooldowns = CounterStore(
             "loopwatch_cooldowns", "Enforced cooldowns started, by the rule that caused them.", "rule"
         )
-        self.reloads = counter("loopwatch_config_reloads", "Configuration reloads, by result.", "result")
+        self.reloads = CounterStore("loopwatch_config_reloads", "Configuration reloads, by result.", "result")
+        self.stores = (
+            self.attempts, self.refusals, self.would_reject, self.handshake_errors, self.auth_failures,
+            self.closes, self.duration, self.handshake, self.findings, self.cooldowns, self.reloads,
+        )  # fmt: skip
         # Closed connections' messages and bytes; live ones are added at scrape time.
         self.closed_messages = {(route, d): 0 for route in self.routes for d in DIRECTIONS}
         self.closed_bytes = dict(self.closed_messages)
-        self._precreate(settings)
+        self._precreate()
         self.reconfigure(settings)
+        registry.register(_Families(self))
 
-    def _precreate(self, settings: Settings) -> None:
+    def _precreate(self) -> None:
         for route in self.routes:
             for outcome in OUTCOMES:
-                self.attempts(route, outcome)
+                self.attempts.create(route, outcome)
             for reason in REASONS:
-                self.refusals(route, reason)
+                self.refusals.create(route, reason)
             for error in HANDSHAKE_ERRORS:
-                self.handshake_errors(route, error)
-            self.auth_failures(route)
-            self.duration(route)
-            self.handshake(route)
+                self.handshake_errors.create(route, error)
+            self.auth_failures.create(route)
+        self.duration.create(self.routes)
+        self.handshake.create(self.routes)
         for reason in REASONS:
-            self.would_reject(reason)
+            self.would_reject.create(reason)
         for rule in RULE_NAMES:
             for severity in SEVERITIES:
-                self.findings(rule, severity)
+                self.findings.create(rule, severity)
         for rule in COOLDOWN_RULES:
-            self.cooldowns(rule)
+            self.cooldowns.create(rule)
         for result in RELOAD_RESULTS:
-            self.reloads(result)
+            self.reloads.create(result)
 
     def reconfigure(self, settings: Settings) -> None:
         """Settings that may change on reload: the auth codes and statuses."""
@@ -217,42 +205,49 @@ class MetricsObserver(Observer):
         for route in self.routes:
             for code in codes:
                 for initiator in INITIATORS:
-                    self.closes(route, code, initiator)
+                    self.closes.create(route, code, initiator)
 
-    def _exemplar(self, conn: Attempt | None, key: str | None = None) -> dict[str, str] | None:
-        return exemplar_of(self.traces, conn, key)
+    def _sampled(self, conn: Attempt | None, key: str | None = None) -> ConnTrace | None:
+        """The span an exemplar points at: the step's connection's, if sampled."""
+        if self.traces is None:
+            return None
+        trace = self.traces.trace_for(conn, key)
+        return trace if trace is not None and trace.sampled else None
 
-    # --- hooks ---------------------------------------------------------------
+    # --- hooks (plain dict arithmetic: this runs for every connection) --------
 
     def on_rejected(self, conn: Attempt, event: ev.Rejected) -> None:
-        self.attempts(conn.route, "refused").inc()
-        self.refusals(conn.route, event.reason).inc()
+        self.attempts.values[conn.route, "refused"] += 1
+        self.refusals.add((conn.route, event.reason))
 
     def on_handshake_failed(self, conn: Attempt, event: ev.HandshakeFailed) -> None:
         route, status = conn.route, event.status
         if status is not None:
-            self.attempts(route, "upstream_refused").inc()
-            self.handshake(route).observe(event.t - conn.t0)
+            self.attempts.values[route, "upstream_refused"] += 1
+            self.handshake.observe(route, event.t - conn.t0)
             if status >= 500:
-                self.handshake_errors(route, "status_5xx").inc()
+                self.handshake_errors.values[route, "status_5xx"] += 1
             if status in self.auth_statuses:
-                self.auth_failures(route).inc()
+                self.auth_failures.values[route,] += 1
         elif event.error == "client_closed":
-            self.attempts(route, "client_gone").inc()
+            self.attempts.values[route, "client_gone"] += 1
         else:
-            self.attempts(route, "upstream_error").inc()
-            self.handshake_errors(route, handshake_error(event.error)).inc()
+            self.attempts.values[route, "upstream_error"] += 1
+            self.handshake_errors.add((route, handshake_error(event.error)))
 
     def on_opened(self, conn: Attempt, event: ev.Opened) -> None:
-        self.attempts(conn.route, "opened").inc()
-        self.handshake(conn.route).observe(event.t - conn.t0)
+        self.attempts.values[conn.route, "opened"] += 1
+        self.handshake.observe(conn.route, event.t - conn.t0)
 
     def on_closed(self, conn: Attempt, event: ev.Closed, stats: RelayStats) -> None:
         route = conn.route
-        self.closes(route, code_label(event.code, self.auth_codes), event.initiator).inc()
-        self.duration(route).observe(event.duration, self._exemplar(conn))
+        self.closes.add((route, code_label(event.code, self.auth_codes), event.initiator))
+        state = conn.state
+        self.duration.observe(
+            route, event.duration, state if type(state) is ConnTrace and state.flags & SAMPLED else None
+        )
         if event.code in self.auth_codes:
-            self.auth_failures(route).inc()
+            self.auth_failures.values[route,] += 1
         up, down = (route, DIRECTIONS[0]), (route, DIRECTIONS[1])
         messages, octets = self.closed_messages, self.closed_bytes
         messages[up] = messages.get(up, 0) + stats.messages_in
@@ -262,18 +257,32 @@ class MetricsObserver(Observer):
 
     def on_outcome(self, outcome: Outcome, t: float, conn: Attempt | None = None) -> None:
         for finding in outcome.raised:
-            self.findings(finding.rule, finding.severity).inc(1, self._exemplar(conn, finding.key))
+            self.findings.add((finding.rule, finding.severity), 1, self._sampled(conn, finding.key))
         for action in outcome.actions:
             if isinstance(action, CooldownStarted):
                 if action.enforced:
-                    self.cooldowns(action.rule).inc()
+                    self.cooldowns.add((action.rule,))
             elif isinstance(action, WouldReject):
-                self.would_reject(action.reason).inc()
+                self.would_reject.add((action.reason,))
 
     def on_config(self, settings: Settings, info: dict[str, Any]) -> None:
         self.reconfigure(settings)
         if info.get("reload"):
-            self.reloads("ok" if info.get("result") == "ok" else "error").inc()
+            self.reloads.add(("ok" if info.get("result") == "ok" else "error",))
+
+
+class _Families(Collector):
+    """The metrics observer's numbers as metric families, built at scrape time."""
+
+    def __init__(self, metrics: MetricsObserver):
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        for store in self.metrics.stores:
+            yield store.family()
+
+    def describe(self) -> Iterator[Metric]:
+        return self.collect()
 
 
 # --- the collector: current state at scrape time -------------------------------
@@ -477,7 +486,10 @@ class Telemetry:
         self.registry.register(self.collector)
 
     def shutdown(self) -> None:
-        """Flush and stop the span exporter (blocking: run it off the event loop)."""
+        """Hand over the spans still waiting and stop the span exporters (blocking:
+        run it off the event loop, once the listener is closed)."""
+        if self.tracing is not None:
+            self.tracing.flush()
         if self._owns_spans and self.spans is not None:
             self.spans.shutdown()
 

@@ -27,6 +27,7 @@ resource, processors and exporters stay the SDK's own.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import os
@@ -68,6 +69,8 @@ ERROR_CODES = frozenset({1006, 1011, 1014})
 _TRACE_HEADERS = (b"traceparent", b"tracestate")
 _ROOT = Context()  # what a span without a remote parent is sampled against
 _UNSET = Status(StatusCode.UNSET)
+SAMPLED = int(TraceFlags.SAMPLED)  # the flag bit, for hot-path checks
+FLUSH_DELAY = 0.05  # seconds an ended span waits to be handed to the processors
 
 
 class TracingConfigError(ValueError):
@@ -127,6 +130,11 @@ class SpanSink:
         self.resource = provider.resource
         self.sampler = provider.sampler
         self.ids = provider.id_generator
+        # always_on and parentbased_always_on (the default) sample every root span
+        # with exactly the attributes given and no trace state: no call needed.
+        from opentelemetry.sdk.trace.sampling import ALWAYS_ON, DEFAULT_ON
+
+        self.roots_always_on = self.sampler is ALWAYS_ON or self.sampler is DEFAULT_ON
         self.scope = InstrumentationScope("loopwatch", __version__)
         self.processors: list[SpanProcessor] = [
             BatchSpanProcessor(e) if batch else SimpleSpanProcessor(e) for e in exporters
@@ -247,6 +255,7 @@ class TracingObserver(Observer):
         self.by_id: dict[int, ConnTrace] = {}
         self.by_key: dict[str, dict[int, ConnTrace]] = {}
         self._ending: list[tuple[ConnTrace, int]] = []  # (span, end time): see _end
+        self._armed = False
         self.reconfigure(settings)
 
     def reconfigure(self, settings: Settings) -> None:
@@ -308,21 +317,31 @@ class TracingObserver(Observer):
         # What Tracer.start_span decides, in the same order and with the same parts.
         sink = self.sink
         name = f"WebSocket {conn.route}"
-        trace_id = parent.trace_id if parent is not None else sink.ids.generate_trace_id()
-        sampling = sink.sampler.should_sample(context, trace_id, name, SpanKind.SERVER, attributes)
-        flags = TraceFlags.SAMPLED if sampling.decision.is_sampled() else TraceFlags.DEFAULT
-        if parent.trace_flags.random_trace_id if parent is not None else sink.ids.is_trace_id_random():
+        recorded: dict[str, Any] | None = attributes
+        trace_state = None
+        if parent is None:
+            trace_id = sink.ids.generate_trace_id()
+            random_id = sink.ids.is_trace_id_random()
+        else:
+            trace_id = parent.trace_id
+            random_id = parent.trace_flags.random_trace_id
+        if parent is None and sink.roots_always_on:
+            flags = TraceFlags.SAMPLED
+        else:
+            sampling = sink.sampler.should_sample(context, trace_id, name, SpanKind.SERVER, attributes)
+            flags = TraceFlags.SAMPLED if sampling.decision.is_sampled() else TraceFlags.DEFAULT
+            trace_state = sampling.trace_state
+            if not sampling.decision.is_recording():
+                recorded = None
+            elif len(sampling.attributes) != len(attributes):
+                # The SDK's samplers hand back a view of `attributes`; copy only
+                # when a sampler added its own.
+                recorded = dict(sampling.attributes)
+        if random_id:
             flags |= TraceFlags.RANDOM_TRACE_ID
-        recorded: dict[str, Any] | None = None
-        if sampling.decision.is_recording():
-            # The SDK's samplers hand back a view of `attributes`; copy only when
-            # a sampler added its own.
-            given = sampling.attributes
-            recorded = attributes if len(given) == len(attributes) else dict(given)
         trace = ConnTrace(
-            name, trace_id, sink.ids.generate_span_id(), flags, sampling.trace_state,
-            parent, time.time_ns(), recorded,
-        )  # fmt: skip
+            name, trace_id, sink.ids.generate_span_id(), flags, trace_state, parent, time.time_ns(), recorded
+        )
         conn.state = trace
         if isinstance(decision, Reject):
             refusal = refusal_for(decision, self.reject_with)
@@ -338,8 +357,8 @@ class TracingObserver(Observer):
             return
         headers = conn.extra_headers if conn.extra_headers is not None else []
         headers.append((b"traceparent", f"00-{trace_id:032x}-{trace.span_id:016x}-{flags:02x}".encode()))
-        if sampling.trace_state:
-            headers.append((b"tracestate", sampling.trace_state.to_header().encode("latin-1")))
+        if trace_state:
+            headers.append((b"tracestate", trace_state.to_header().encode("latin-1")))
         conn.extra_headers = headers
         if decision.would_reject is not None:
             trace.set({"loopwatch.would_reject": decision.would_reject.reason})
@@ -362,16 +381,16 @@ class TracingObserver(Observer):
         self._end(trace)
 
     def on_opened(self, conn: Attempt, event: ev.Opened) -> None:
-        trace = trace_of(conn)
-        if trace is None:
+        trace = conn.state
+        if type(trace) is not ConnTrace:
             return
         trace.conn_id = conn.conn_id
         self.by_id[conn.conn_id] = trace
         self.by_key.setdefault(conn.key, {})[conn.conn_id] = trace
 
     def on_closed(self, conn: Attempt, event: ev.Closed, stats: RelayStats) -> None:
-        trace = trace_of(conn)
-        if trace is None:
+        trace = conn.state
+        if type(trace) is not ConnTrace:
             return
         self.by_id.pop(conn.conn_id, None)
         same_key = self.by_key.get(conn.key)
@@ -379,20 +398,18 @@ class TracingObserver(Observer):
             same_key.pop(conn.conn_id, None)
             if not same_key:
                 del self.by_key[conn.key]
-        trace.set(
-            {
-                "http.response.status_code": 101,
-                "loopwatch.connection.id": conn.conn_id,
-                "loopwatch.close.code": event.code,
-                "loopwatch.close.reason": event.reason,
-                "loopwatch.close.initiator": event.initiator,
-                "loopwatch.connection.duration": event.duration,
-                "loopwatch.messages.client_to_upstream": stats.messages_in,
-                "loopwatch.messages.upstream_to_client": stats.messages_out,
-                "loopwatch.bytes.client_to_upstream": stats.bytes_in,
-                "loopwatch.bytes.upstream_to_client": stats.bytes_out,
-            }
-        )
+        attributes = trace.attributes
+        if attributes is not None:
+            attributes["http.response.status_code"] = 101
+            attributes["loopwatch.connection.id"] = conn.conn_id
+            attributes["loopwatch.close.code"] = event.code
+            attributes["loopwatch.close.reason"] = event.reason
+            attributes["loopwatch.close.initiator"] = event.initiator
+            attributes["loopwatch.connection.duration"] = event.duration
+            attributes["loopwatch.messages.client_to_upstream"] = stats.messages_in
+            attributes["loopwatch.messages.upstream_to_client"] = stats.messages_out
+            attributes["loopwatch.bytes.client_to_upstream"] = stats.bytes_in
+            attributes["loopwatch.bytes.upstream_to_client"] = stats.bytes_out
         if event.code in ERROR_CODES:
             trace.status = Status(StatusCode.ERROR, f"closed {event.code} {event.reason}".rstrip())
         self._end(trace)
@@ -448,49 +465,46 @@ class TracingObserver(Observer):
     # --- ending ------------------------------------------------------------------
 
     def _end(self, trace: ConnTrace | None) -> None:
-        """End the span at this instant, but hand it to the processors only once the
-        current loop step is over: the gate shows observers the engine's outcome
-        of this very step (a finding, a cooldown) right after, and its events
-        belong on this span. Spans ending in one loop iteration share one callback."""
+        """End the span at this instant; hand it to the processors a little later,
+        with the others that ended meanwhile. Later, because the gate shows
+        observers the engine's outcome of this very step (a finding, a cooldown)
+        right after, and its events belong on this span; in batches, because one
+        timer per FLUSH_DELAY costs less than a callback per connection."""
         if trace is None or trace.ended:
             return
         trace.ended = True
         if trace.attributes is None:  # not recorded: nothing to export
             return
-        end = time.time_ns()
-        if not self._ending:
+        self._ending.append((trace, time.time_ns()))
+        if not self._armed:
             try:
-                asyncio.get_running_loop().call_soon(self._flush)
+                asyncio.get_running_loop().call_later(FLUSH_DELAY, self._on_timer)
             except RuntimeError:  # no loop (replay, unit tests): nothing more will come
-                self.sink.emit(trace.readable(end, self.sink))
+                self.flush()
                 return
-        self._ending.append((trace, end))
+            self._armed = True
 
-    def _flush(self) -> None:
+    def _on_timer(self) -> None:
+        self._armed = False
+        self.flush()
+
+    def flush(self) -> None:
+        """Hand every ended span to the processors now (also at shutdown)."""
         ending, self._ending = self._ending, []
         sink = self.sink
+        processors = sink.processors
         for trace, end in ending:
-            sink.emit(trace.readable(end, sink))
+            span = trace.readable(end, sink)
+            for processor in processors:
+                processor.on_end(span)
 
 
+@functools.lru_cache(maxsize=8192)  # a looping client reconnects with the same key
 def client_hash(key: str) -> str:
     """A client key's pseudonym in metrics and traces: 16 hex digits of its SHA-256.
     Stable across replicas and restarts, so one client is one series everywhere.
     A pseudonym, not anonymity: an IP-address key can be found by trying addresses."""
     return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-def exemplar_of(
-    tracing: TracingObserver | None, conn: Attempt | None, key: str | None = None
-) -> dict[str, str] | None:
-    """The exemplar labels for a metric this step touched: the trace id, when the
-    connection's span is sampled (an unsampled trace id leads nowhere)."""
-    if tracing is None:
-        return None
-    trace = tracing.trace_for(conn, key)
-    if trace is None or not trace.sampled:
-        return None
-    return {"trace_id": trace.trace_id}
 
 
 def trace_id_of(tracing: TracingObserver | None, conn: Attempt | None, key: str | None = None) -> str | None:
@@ -503,12 +517,12 @@ def trace_id_of(tracing: TracingObserver | None, conn: Attempt | None, key: str 
 
 
 __all__ = [
+    "SAMPLED",
     "ConnTrace",
     "SpanSink",
     "TracingConfigError",
     "TracingObserver",
     "client_hash",
-    "exemplar_of",
     "make_tracing",
     "trace_id_of",
     "trace_of",

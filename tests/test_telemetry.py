@@ -459,9 +459,9 @@ async def _drive(settings: Settings, n: int, loopers: int) -> tuple[str, set[str
         conn.conn_id = i + 1
         gate.opened(conn, t + 0.001)
         gate.closed(conn, t + 1.0, 1000 if i % 3 else 4999, "", "client", stats)
-    await asyncio.sleep(0)  # spans end on the next loop step
     gate.close()
-    telemetry.spans.shutdown()  # type: ignore[union-attr]
+    telemetry.shutdown()  # hands the waiting spans over, then stops the exporter
+    telemetry.spans.shutdown()  # type: ignore[union-attr]  # not owned by the bundle
     return generate_latest(telemetry.registry).decode(), keys, telemetry
 
 
@@ -657,3 +657,40 @@ async def test_a_manual_cooldown_is_counted_as_manual() -> None:
     assert value(s, "loopwatch_clients_in_cooldown") == 1
     assert value(s, "loopwatch_refusals_total", route="/", reason="cooldown") == 1
     assert sum(value(s, "loopwatch_cooldowns_total", rule=r) for r in RULE_NAMES) == 0
+
+
+def test_plain_number_stores_export_like_prometheus_client() -> None:
+    """promstore's histogram against prometheus_client's own, on the same observations."""
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from proxy.promstore import CounterStore, HistogramStore
+
+    bounds = (0.1, 1.0, 5.0)
+    mine = HistogramStore("h_seconds", "h", bounds)
+    mine.create(["/"])
+    registry = CollectorRegistry()
+    ref = Histogram("h_seconds", "h", ["route"], buckets=bounds, registry=registry)
+    for x in (0.05, 0.1, 0.1000001, 1.0, 4.9, 5.0, 7.0, 0.0):
+        mine.observe("/", x)
+        ref.labels("/").observe(x)
+    mine.observe("/", 0.5, SimpleNamespace(trace_id="ab" * 16))
+    ref.labels("/").observe(0.5)
+    ours = {(s.name, s.labels.get("le")): s.value for s in mine.family().samples}
+    theirs = {
+        (s.name, s.labels.get("le")): s.value
+        for s in next(iter(registry.collect())).samples
+        if not s.name.endswith("_created")  # a timestamp loopwatch does not expose
+    }
+    assert ours == theirs
+    assert ours["h_seconds_bucket", "0.1"] == 3 and ours["h_seconds_bucket", "+Inf"] == 9
+    exemplars = [s.exemplar for s in mine.family().samples if s.exemplar is not None]
+    assert [(e.labels, e.value) for e in exemplars] == [({"trace_id": "ab" * 16}, 0.5)]
+
+    counter = CounterStore("c", "c", "rule")
+    counter.create("a")
+    counter.add(("b",), 2, SimpleNamespace(trace_id="cd" * 16))
+    samples = {s.labels["rule"]: (s.name, s.value, s.exemplar) for s in counter.family().samples}
+    assert samples["a"] == ("c_total", 0, None)
+    assert samples["b"][:2] == ("c_total", 2) and samples["b"][2].labels == {"trace_id": "cd" * 16}

@@ -1,11 +1,11 @@
 """Telemetry overhead: relay throughput and handshake rate with telemetry fully
 on against telemetry off, in the same run (issue 4; target ratio ≥ 0.90).
 
-    .venv/bin/python -m tests.benchmarks.bench_telemetry            # 5 rounds per mode
+    .venv/bin/python -m tests.benchmarks.bench_telemetry            # 7 rounds per mode
     .venv/bin/python -m tests.benchmarks.bench_telemetry --quick    # 2 shorter rounds
     .venv/bin/python -m tests.benchmarks.bench_telemetry --no-docs  # print only
 
-Two loopwatch processes in front of one echo backend (tests/benchmarks/backend.py),
+Three loopwatch processes in front of one echo backend (tests/benchmarks/backend.py),
 both with detection on and the default config:
 
 * **off**: no telemetry observer at all (the gate's observer list is empty).
@@ -13,6 +13,8 @@ both with detection on and the default config:
   drops them, so span creation, attributes, events and the export thread all
   run), Prometheus metrics, the event log, and `/metrics` scraped over HTTP
   every second during each measurement.
+* **sampled**: the same with `OTEL_TRACES_SAMPLER=parentbased_traceidratio`
+  at 0.1, what a busy deployment would run; the target applies to **on**.
 
 The load generator (tests/benchmarks/loadgen.py, a separate lean process)
 drives `throughput` (50 connections × 8000 echoed 32-byte messages, 64 in
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -55,9 +58,11 @@ from tests.benchmarks.targets import (
 
 DOC = ROOT / "docs" / "performance.md"
 HEADING = "## Telemetry overhead"
-MODES = ("off", "on")
+MODES = ("off", "on", "sampled")
+# "sampled": everything on, traces sampled at 10 % (what a busy deployment would set).
+SAMPLED_ENV = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
 PROFILES = {
-    "full": {"rounds": 5, "throughput": {"conns": 50, "msgs": 8000, "window": 64, "max_s": 30},
+    "full": {"rounds": 7, "throughput": {"conns": 50, "msgs": 8000, "window": 64, "max_s": 30},
              "churn": {"workers": 20, "max_s": 4.0, "max_ops": 200_000}},
     "quick": {"rounds": 2, "throughput": {"conns": 50, "msgs": 4000, "window": 64, "max_s": 30},
               "churn": {"workers": 20, "max_s": 2.0, "max_ops": 100_000}},
@@ -91,9 +96,9 @@ def serve(mode: str, backend_port: int) -> None:
     setup_logging(settings.logging.level, settings.logging.format)
 
     async def main() -> None:
-        sink = make_tracing([Drop()]) if mode == "on" else None
+        sink = make_tracing([Drop()]) if mode != "off" else None
         telemetry = Telemetry(settings, build_registry(), spans=sink, owns_spans=True)
-        observers = Observers(telemetry.observers if mode == "on" else [])
+        observers = Observers(telemetry.observers if mode != "off" else [])
         running = await start(settings, build_gate(settings, observers), telemetry=telemetry)
         print(json.dumps({"port": running.proxy_port, "admin": running.admin_port}), flush=True)
         stop = asyncio.Event()
@@ -111,7 +116,10 @@ def serve(mode: str, backend_port: int) -> None:
 def start_mode(tmp: Path, mode: str, backend_port: int) -> Proc:
     log = tmp / f"loopwatch-{mode}.log"
     cmd = [sys.executable, "-m", "tests.benchmarks.bench_telemetry", "--serve", mode, "--backend-port", str(backend_port)]
-    proc = _popen(cmd, log, cwd=ROOT, stdout=subprocess.PIPE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "LOOPWATCH_"))}
+    if mode == "sampled":
+        env.update(SAMPLED_ENV)
+    proc = _popen(cmd, log, cwd=ROOT, stdout=subprocess.PIPE, env=env)
     info = json.loads(_readline(proc, 30.0))
     return Proc(f"loopwatch-{mode}", proc, info["port"], log, extra={"admin": info["admin"]})
 
@@ -142,7 +150,7 @@ class Scraper:
 
 def measure(lg: LoadGen, target: Proc, mode: str, command: dict) -> dict:
     cpu0 = target.cpu()
-    if mode == "on":
+    if mode != "off":
         with Scraper(target.extra["admin"]) as scraper:
             result = lg.call({**command, "host": HOST, "port": target.port}, command.get("max_s", 30) + 60)
         result["scrapes"] = scraper.count
@@ -155,22 +163,28 @@ def measure(lg: LoadGen, target: Proc, mode: str, command: dict) -> dict:
 
 
 def run(profile: dict) -> dict:
+    """Each round starts a fresh loopwatch per mode: one process's own layout
+    (hash seed, allocator, CPU placement) moves its CPU per operation by several
+    per cent, so the medians are over processes, not just over runs of one."""
     results: dict[str, dict[str, list[dict]]] = {op: {m: [] for m in MODES} for op in ("throughput", "churn")}
     with tempfile.TemporaryDirectory(prefix="lw-bench-telemetry-") as tmp_name:
         tmp = Path(tmp_name)
         backend = start_backend(tmp)
-        procs = {m: start_mode(tmp, m, backend.port) for m in MODES}
         lg = LoadGen("loadgen", tmp)
+        procs: dict[str, Proc] = {}
         try:
-            for m in MODES:  # warm-up: imports, first connections, the JIT-less caches
-                lg.call({"op": "churn", "workers": 4, "max_s": 0.5, "host": HOST, "port": procs[m].port}, 60)
             for rnd in range(profile["rounds"]):
+                procs = {m: start_mode(tmp, m, backend.port) for m in MODES}
+                for m in MODES:  # warm-up: imports, first connections, caches
+                    lg.call({"op": "churn", "workers": 4, "max_s": 0.5, "host": HOST, "port": procs[m].port}, 60)
                 order = MODES if rnd % 2 == 0 else MODES[::-1]
                 for op in ("throughput", "churn"):
                     for m in order:
                         r = measure(lg, procs[m], m, {"op": op, "tag": f"{m}{rnd}", **profile[op]})
                         results[op][m].append(r)
-                        print(f"round {rnd + 1} {op:10} {m:3}: {r['rate']:10.0f}/s  cpu {r['cpu_s']:.2f}s", flush=True)
+                        print(f"round {rnd + 1} {op:10} {m:7}: {r['rate']:10.0f}/s  cpu {r['cpu_s']:.2f}s", flush=True)
+                for p in procs.values():
+                    p.stop()
         finally:
             lg.stop()
             for p in procs.values():
@@ -189,8 +203,9 @@ def summarize(results: dict[str, dict[str, list[dict]]]) -> dict:
                 "cpu_us_per_op": statistics.median(1e6 * r["cpu_s"] / r["ops"] for r in runs),
                 "runs": [round(r["rate"], 1) for r in runs],
             }
-        row["rate_ratio"] = row["on"]["rate"] / row["off"]["rate"]
-        row["cpu_ratio"] = row["off"]["cpu_us_per_op"] / row["on"]["cpu_us_per_op"]
+        for m in MODES[1:]:
+            row[f"{m}_rate_ratio"] = row[m]["rate"] / row["off"]["rate"]
+            row[f"{m}_cpu_ratio"] = row["off"]["cpu_us_per_op"] / row[m]["cpu_us_per_op"]
         out[op] = row
     return out
 
@@ -207,33 +222,63 @@ def section(summary: dict, profile_name: str, rounds: int) -> str:
         "What full telemetry costs (issue 4): metrics, one span per connection",
         "exported through a BatchSpanProcessor into an exporter that drops it, the",
         "event log, and a `/metrics` scrape every second — against no telemetry",
-        "observer at all, detection on in both, in the same run (two loopwatch",
-        "processes in front of one echo backend, driven in turn by the benchmarks'",
-        "load generator). Target: on/off ≥ 0.90 for both.",
+        "observer at all, detection on in all modes, in the same run (a loopwatch",
+        "process per mode, started afresh each round, in front of one echo backend,",
+        "driven in turn by the benchmarks' load generator, the order alternating each",
+        "round). Target:",
+        "fully on ÷ off ≥ 0.90 for both. A third mode samples traces at 10 %.",
         "",
         "```",
-        ".venv/bin/python -m tests.benchmarks.bench_telemetry          # 5 rounds per mode (this table)",
+        ".venv/bin/python -m tests.benchmarks.bench_telemetry          # 7 rounds per mode (this table)",
         ".venv/bin/python -m tests.benchmarks.bench_telemetry --quick  # 2 shorter rounds",
         "```",
         "",
         f"Latest ({profile_name}, {rounds} rounds, medians; {m['cpu']}, {m['nproc']} cores, "
         f"Python {sys.version.split()[0]}):",
         "",
-        "| scenario | off | on | on/off | loopwatch CPU per op, off → on | CPU ratio (off/on) |",
-        "|---|---|---|---|---|---|",
+        "| scenario | telemetry | rate | ÷ off | loopwatch CPU per op | CPU ratio (off ÷ this) |",
+        "|---|---|---:|---:|---:|---:|",
     ]
+    labels = {"off": "off", "on": "**fully on**", "sampled": "on, traces sampled 10 %"}
     for op in ("throughput", "churn"):
         r = summary[op]
-        lines.append(
-            f"| {names[op]} | {r['off']['rate']:,.0f} | {r['on']['rate']:,.0f} | **{r['rate_ratio']:.2f}** | "
-            f"{r['off']['cpu_us_per_op']:.1f} µs → {r['on']['cpu_us_per_op']:.1f} µs | {r['cpu_ratio']:.2f} |"
-        )
+        for m in MODES:
+            ratio = "—" if m == "off" else f"**{r[f'{m}_rate_ratio']:.2f}**"
+            cpu = "—" if m == "off" else f"{r[f'{m}_cpu_ratio']:.2f}"
+            lines.append(
+                f"| {names[op]} | {labels[m]} | {r[m]['rate']:,.0f} | {ratio} | "
+                f"{r[m]['cpu_us_per_op']:.2f} µs | {cpu} |"
+            )
+    verdict = {
+        op: "met" if summary[op]["on_rate_ratio"] >= 0.90 else "**not met**" for op in ("throughput", "churn")
+    }
     lines += [
         "",
-        "Why it is cheap: nothing touches a metric or a span per message — message and",
-        "byte counts are the relay parsers' plain integers, read at the close and at",
-        "scrape time — so telemetry costs per connection (a span, a few counter",
-        "increments) and per scrape, and the span export runs off the event loop.",
+        f"Target for relay throughput: {verdict['throughput']}; for the handshake rate: "
+        f"{verdict['churn']}. The machine is a 2-core VM shared with the load generator",
+        "and the backend (and, while developing, other work): rates move by ±10 % from",
+        "one run to the next, the CPU per operation much less.",
+        "",
+        "Relay throughput does not move because nothing per message touches telemetry:",
+        "message and byte counts are the relay parsers' plain integers, read at the",
+        "close and at scrape time. A handshake pays per connection: the span's trace",
+        "context and `traceparent`, its attributes, the SDK's span processor, a few",
+        "counters and histograms, the observers' hooks — about 30 Python-level calls.",
+        "Counted with callgrind (instructions, immune to the noise above) through the",
+        "real proxy: 643 k instructions per handshake without telemetry, 773 k with all",
+        "of it (+20 %) before the last trims below. Sampling traces at 10 % saves only",
+        "the export of the unsampled spans; the rest runs for every connection.",
+        "",
+        "What got it here: spans assembled by loopwatch and handed finished to the",
+        "SDK's processors instead of the SDK's live `Span` (which cost ~90 µs of CPU",
+        "per connection in the proxy, a quarter of a handshake: docs/tracing.md);",
+        "counters and histograms kept as plain numbers and built into metric families",
+        "at scrape time (proxy/promstore.py); one hook lookup per observer list change,",
+        "skipping observers' no-op hooks (proxy/observers.py); spans handed to the",
+        "processors in batches every 50 ms. What would close the rest: fewer observer",
+        "calls per connection (one telemetry observer instead of three), and a span",
+        "processor that takes a batch at once (the SDK's takes one span per call and",
+        "asks the kernel for the process id each time).",
         "",
     ]
     return "\n".join(lines)
@@ -271,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_docs:
         write_doc(text)
         print(f"wrote {DOC.relative_to(ROOT)} ({time.monotonic() - started:.0f}s)")
-    ok = all(summary[op]["rate_ratio"] >= 0.90 for op in summary)
+    ok = all(summary[op]["on_rate_ratio"] >= 0.90 for op in summary)
     return 0 if ok else 1
 
 
