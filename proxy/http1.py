@@ -249,6 +249,12 @@ class HeadParser:
         """Bytes of the request head received so far."""
         return self._size
 
+    def release(self) -> None:
+        """Done parsing: drop the httptools parser, which holds this object's
+        callbacks (a reference cycle the collector would otherwise have to find,
+        with the head in it). feed() must not be called afterwards."""
+        self._parser = None  # type: ignore[assignment]
+
 
 def _valid_authority(value: bytes) -> bool:
     """host[:port] as RFC 3986 allows it (reg-name, IPv4, [IPv6]): nothing that could
@@ -440,3 +446,7 @@ class ResponseHeadParser:
     def header(self, name: bytes) -> bytes | None:
         values = [v for n, v in self.headers if n.lower() == name]
         return b", ".join(values) if values else None
+
+    def release(self) -> None:
+        """Done parsing (see HeadParser.release); the fields read so far stay."""
+        self._parser = None  # type: ignore[assignment]

@@ -180,6 +180,7 @@ class ClientHandshake(asyncio.Protocol):
 
     def begin_upgrade(self, head: RequestHead, rest: bytes) -> None:
         server = self.server
+        self.parser.release()  # an upgrade's head is all this connection parses
         try:
             if not head.is_websocket_upgrade:
                 raise HttpError(400, "unsupported upgrade: only websocket is proxied")
@@ -222,6 +223,7 @@ class ClientHandshake(asyncio.Protocol):
         if keep_alive and not self.server.closing and not self.parser.pipelined:
             self.state = HEAD
             self.idle_keep_alive = True
+            self.parser.release()
             self.parser = HeadParser(self.server.max_head_size)
             self.timer = self.server.loop.call_later(self.server.handshake_timeout, self.on_timeout)
             self.transport.resume_reading()  # type: ignore[union-attr]
@@ -288,7 +290,6 @@ class ClientHandshake(asyncio.Protocol):
         # Sent: a live connection keeps neither the head nor its parser (memory).
         attempt.head = None
         attempt.extra_headers = None
-        self.parser = None  # type: ignore[assignment]
 
     def upstream_accepted(self, upstream: asyncio.Transport, response: ResponseHeadParser) -> None:
         """A 101: pass its head on byte for byte and start the splice."""
@@ -420,6 +421,7 @@ class ClientHandshake(asyncio.Protocol):
             return
         self.state = DONE
         self.cancel_timer()
+        self.parser.release()
         if self.upstream is not None:
             self.upstream.close()
             self.upstream = None
@@ -450,13 +452,16 @@ class UpstreamHandshake(asyncio.Protocol):
             response.feed(data)
         except HttpError as e:
             self.handed_over = True
+            response.release()
             self.client.upstream_failed(502, f"loopwatch: {e.message}", None, "bad_response")
             return
         if response.upgrade and response.status == 101:
             self.handed_over = True
+            response.release()
             self.client.upstream_accepted(self.transport, response)  # type: ignore[arg-type]
         elif response.done or response.upgrade:
             self.handed_over = True
+            response.release()
             self.client.upstream_refused(response)
 
     def eof_received(self) -> bool:
@@ -467,6 +472,7 @@ class UpstreamHandshake(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.response.release()
         if not self.handed_over:
             self.handed_over = True
             self.client.upstream_failed(

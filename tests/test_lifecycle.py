@@ -380,3 +380,44 @@ async def test_memory_of_closed_connections_is_trimmed_once_after_a_burst(monkey
         assert server.relays_peak == 0
         await asyncio.sleep(0.1)
         assert calls == [0]  # once for the burst
+
+
+async def test_connections_leave_no_reference_cycles():
+    """Relayed, refused and failed connections are freed by reference counting
+    alone: none of loopwatch's per-connection objects (handshakes, parsers, relays,
+    legs) waits for the cyclic collector."""
+    import gc
+
+    def proxy_garbage() -> list[str]:
+        return [
+            type(o).__name__
+            for o in gc.garbage
+            if type(o).__module__.startswith(("proxy.", "httptools"))
+        ]
+
+    async with websockets_backend(echo) as (backend, _), loopwatch(backend) as running:
+        async def one_round() -> None:
+            async with connect(ws_url(running, "/?token=x")) as ws:
+                await ws.send("hi")
+                assert await ws.recv() == "hi"
+            reader, writer = await asyncio.open_connection("127.0.0.1", running.proxy_port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+            assert (await read_response(reader)).status == 400
+            writer.close()
+
+        await one_round()  # first-use allocations
+        await wait_for(lambda: not running.proxy.relays and not running.proxy.handshakes)
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for _ in range(5):
+                await one_round()
+            await wait_for(lambda: not running.proxy.relays and not running.proxy.handshakes)
+            await asyncio.sleep(0.05)
+            gc.collect()
+            assert proxy_garbage() == []
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
