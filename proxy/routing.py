@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 DEFAULT_PORTS = {"ws": 80, "http": 80, "wss": 443, "https": 443}
@@ -16,12 +16,15 @@ class Upstream:
     host: str
     port: int
     base_path: str  # "" keeps the client's path as is (like nginx's proxy_pass without a URI)
+    # The Host the upstream gets, computed once (the idna codec is pure Python and
+    # this is read for every upgrade and request).
+    authority: bytes = field(init=False, compare=False)
 
-    @property
-    def authority(self) -> bytes:
+    def __post_init__(self) -> None:
         host = f"[{self.host}]" if ":" in self.host else self.host
         default = 443 if self.tls else 80
-        return (host if self.port == default else f"{host}:{self.port}").encode("idna")
+        value = (host if self.port == default else f"{host}:{self.port}").encode("idna")
+        object.__setattr__(self, "authority", value)
 
     @property
     def http_base(self) -> str:
