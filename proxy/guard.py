@@ -36,17 +36,30 @@ REASON_TEXT = {
 }
 
 
+# (reason, whole seconds, reject_with) -> (how, status, text): a looping client is
+# refused with the same words tens of times a second. Bounded; starts over when full.
+_WORDING: dict[tuple[str, int, str], tuple[str, int, str]] = {}
+_WORDING_SIZE = 1024
+
+
 def refusal_for(reject: Reject, reject_with: str) -> Refusal:
     """How a rejection reaches the client. A browser reports every refused
     handshake as 1006, so close-1013 (accept, then close with a reason it can
     read) is the default; http-429 is cheapest for other clients. An open
     breaker answers 503: the service, not the client, is the problem."""
     retry = max(1, math.ceil(reject.retry_after))
-    text = f"loopwatch: {REASON_TEXT.get(reject.reason, reject.reason)}, retry in {retry}s"
-    if reject_with == "http-429":
-        status = 503 if reject.reason == "circuit_open" else 429
-        return Refusal(reject.reason, reject.retry_after, "http", status, text)
-    return Refusal(reject.reason, reject.retry_after, "close-1013", 1013, text)
+    key = (reject.reason, retry, reject_with)
+    wording = _WORDING.get(key)
+    if wording is None:
+        text = f"loopwatch: {REASON_TEXT.get(reject.reason, reject.reason)}, retry in {retry}s"
+        if reject_with == "http-429":
+            wording = ("http", 503 if reject.reason == "circuit_open" else 429, text)
+        else:
+            wording = ("close-1013", 1013, text)
+        if len(_WORDING) >= _WORDING_SIZE:
+            _WORDING.clear()
+        _WORDING[key] = wording
+    return Refusal(reject.reason, reject.retry_after, *wording)
 
 
 class EngineGate(Gate):
