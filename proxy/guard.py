@@ -85,7 +85,7 @@ class EngineGate(Gate):
     # --- the Gate interface ---------------------------------------------------
 
     def attempt(self, head: RequestHead, peer: str, route: str, t: float) -> tuple[Attempt, Refusal | None]:
-        client = self.identifier.identify(head.header_map(), head.query, peer)
+        client = self.identifier.identify(head.text_headers(), head.query, peer)
         conn = Attempt(key=client.key, route=route, peer=client.address, t0=t, head=head)
         event = ev.Attempt(client.key, route, t, client.address)
         decision = self.engine.admit(event)

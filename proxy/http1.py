@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -84,9 +84,45 @@ class RequestHead:
                 out[name] = value
         return out
 
+    def text_headers(self) -> TextHeaders:
+        """`header_map`'s answers, decoded only for the names asked for: identity
+        asks for two or three headers of every upgrade, not for all of them."""
+        return TextHeaders(self)
+
     @property
     def is_websocket_upgrade(self) -> bool:
         return b"websocket" in self.tokens(b"upgrade") and b"upgrade" in self.tokens(b"connection")
+
+
+class TextHeaders(Mapping[str, str]):
+    """A read-only view of a head's headers with lower-case str names and latin-1
+    str values, equal to `RequestHead.header_map()` (duplicates joined with ", ",
+    Cookie with "; ") but decoding nothing until a name is looked up."""
+
+    __slots__ = ("_head",)
+
+    def __init__(self, head: RequestHead):
+        self._head = head
+
+    def __getitem__(self, name: str) -> str:
+        value = self.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        key = name.lower().encode("latin-1")
+        if key == b"cookie":
+            cookies = [v for n, v in self._head.headers if n.lower() == b"cookie"]
+            return b"; ".join(cookies).decode("latin-1") if cookies else default
+        value = self._head.get(key)
+        return default if value is None else value.decode("latin-1")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._head.header_map())
+
+    def __len__(self) -> int:
+        return len(self._head.header_map())
 
 
 def header_index(headers: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:

@@ -14,9 +14,12 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from proxy.identity import ClientKey, Identifier, IdentitySettings, JwtSettings
+from proxy.http1 import RequestHead
+from proxy.identity import ClientKey, Identifier, IdentitySettings, JwtSettings, _b64json
 from proxy.sections import SECRET as SECRET_MARKER
 
 SECRET = "s3cret-s3cret-s3cret-s3cret-s3cret!"  # ≥ 32 bytes, as HS256 wants
@@ -464,3 +467,43 @@ def test_errors_point_at_the_list_entry() -> None:
         IdentitySettings(sources=["jwt:sub", "bogus:x", "ip"])
     error = info.value.errors()[0]
     assert error["loc"] == ("sources",) and error["ctx"]["error"].loc == (1,)
+
+
+# --- the fast paths match the plain ones ---------------------------------------------
+
+header_names = st.sampled_from(
+    [b"Authorization", b"authorization", b"Cookie", b"cookie", b"X-Forwarded-For", b"X-User", b"x-user",
+     b"Sec-WebSocket-Protocol", b"Host"]
+)
+header_values = st.binary(max_size=20).map(lambda b: bytes(c for c in b if c not in b"\r\n\x00"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(headers=st.lists(st.tuples(header_names, header_values), max_size=8))
+def test_text_headers_answers_as_header_map_does(headers: list[tuple[bytes, bytes]]) -> None:
+    # identity reads the head through TextHeaders, which decodes only what it is asked for
+    head = RequestHead("GET", b"/", "/", "", "1.1", headers)
+    full = head.header_map()
+    view = head.text_headers()
+    for name in ["authorization", "cookie", "x-forwarded-for", "x-user", "sec-websocket-protocol", "host", "x-absent"]:
+        assert view.get(name) == full.get(name)
+        assert view.get(name.upper()) == full.get(name)
+    assert dict(view) == full
+
+
+@settings(max_examples=300, deadline=None)
+@given(segment=st.one_of(
+    st.binary(max_size=60).map(lambda b: base64.urlsafe_b64encode(b).decode().rstrip("=")),
+    st.dictionaries(st.text(max_size=5), st.one_of(st.text(max_size=8), st.integers()), max_size=4).map(
+        lambda d: base64.urlsafe_b64encode(json.dumps(d).encode()).decode().rstrip("=")
+    ),
+    st.text(alphabet="ABCxyz019-_=+/é", max_size=20),
+))
+def test_payload_decode_matches_urlsafe_b64decode_and_json_loads(segment: str) -> None:
+    try:
+        expected = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+        if not isinstance(expected, dict):
+            expected = None
+    except (ValueError, RecursionError):
+        expected = None
+    assert _b64json(segment) == expected
