@@ -78,6 +78,11 @@ class Engine:
         self._cleared: list[Finding] = []
         self._actions: list[Action] = []
         self._pending_since: float | None = None
+        # A lower bound of the earliest time wake() has something to do: lowered
+        # when something is scheduled, recomputed exactly when something rare
+        # happens (a breaker moves, a wake, an operator call). The proxy asks after
+        # every event; see next_wake.
+        self._floor = INF
         self._apply_settings(detection, policy, breakers)
 
     # --- configuration -------------------------------------------------------
@@ -112,6 +117,7 @@ class Engine:
             self._forget(state, t)
         for breaker, block in ((self._upstream, breakers.upstream), (self._auth, breakers.auth)):
             self._actions.extend(breaker.configure(block, t))
+        self._refloor()
         enabled = set(self._views)
         for state in list(self._notable.values()):
             if state.flags:
@@ -145,7 +151,7 @@ class Engine:
             for breaker in self._breakers:
                 if breaker.state is CLOSED:
                     continue
-                self._actions.extend(breaker.advance(t))
+                self._moved(breaker.advance(t))
                 verdict = breaker.permit(t)
                 if verdict == REFUSE:
                     refusal = Reject(
@@ -175,6 +181,7 @@ class Engine:
         if probes:
             for breaker in probes:
                 breaker.take_probe(t)
+            self._refloor()  # the probes' deadline
             names = tuple(b.name for b in probes)
             state.probes = tuple(dict.fromkeys(state.probes + names))
         if would is not None:
@@ -258,7 +265,10 @@ class Engine:
             tracker.on_opened(state, event, d)
             self._upstream_outcome(state, t, success=True)
             if self._auth.settings.enabled:
-                self._credits.append((t + d.healthy_after, state.key, event.conn_id))
+                due = t + d.healthy_after
+                self._credits.append((due, state.key, event.conn_id))
+                if due < self._floor and self._auth.state is not CLOSED:
+                    self._floor = due  # a probe may be waiting for its credit
         elif isinstance(event, Closed):
             opened = state.open.get(event.conn_id) if state.open else None
             credited = event.duration >= d.healthy_after or (
@@ -311,13 +321,13 @@ class Engine:
 
     def _upstream_outcome(self, state: ClientState, t: float, success: bool) -> None:
         probe = bool(state.probes) and self._take_probe(state, "upstream")
-        self._actions.extend(self._upstream.record(t, success, probe))
+        self._moved(self._upstream.record(t, success, probe))
 
     def _auth_outcome(self, state: ClientState, t: float, failed: bool) -> None:
         self._fleet.auth_outcome(t, failed)
         breaker = self._auth
         if state.probes and self._take_probe(state, "auth"):
-            self._actions.extend(breaker.record(t, not failed, probe=True))
+            self._moved(breaker.record(t, not failed, probe=True))
             return
         self._feed_auth_breaker(state, t, failed)
 
@@ -336,7 +346,7 @@ class Engine:
             if t - state.auth_ok_fed < window:
                 return
             state.auth_ok_fed = t
-        self._actions.extend(breaker.record(t, not failed))
+        self._moved(breaker.record(t, not failed))
 
     def _drain_credits(self, t: float) -> None:
         """Connections that lived ``healthy_after`` are auth successes."""
@@ -440,11 +450,28 @@ class Engine:
                 self._next_sweep = math.nextafter(t, INF)  # more is due: next batch at once
             else:
                 self._next_sweep = t + self._sweep_every
+        self._refloor()
         return self._take()
 
     @property
     def next_wake(self) -> float | None:
-        """The earliest time ``wake`` has something to do; None when nothing is pending."""
+        """When ``wake`` is next needed; None when nothing is pending. Never later
+        than the earliest time ``wake`` has something to do, sometimes earlier
+        (a wake that finds nothing due is harmless and makes it exact again):
+        kept as a bound so that asking after every event costs nothing."""
+        due = self._floor
+        return None if due == INF else due
+
+    def _moved(self, transitions: tuple[Action, ...]) -> None:
+        """A breaker's answer: its transitions are news, and may move its wake-up."""
+        if transitions:
+            self._actions.extend(transitions)
+            self._refloor()
+
+    def _refloor(self) -> None:
+        self._floor = self._exact_wake()
+
+    def _exact_wake(self) -> float:
         due = INF
         if self._pending_since is not None:
             due = self._pending_since
@@ -459,7 +486,7 @@ class Engine:
         expiry = self._store.next_expiry()
         if expiry is not None:
             due = min(due, max(expiry, self._next_sweep))
-        return None if due == INF else due
+        return due
 
     def _reschedule(self, state: ClientState, t: float) -> None:
         due = INF
@@ -481,6 +508,8 @@ class Engine:
         if due < state.scheduled:
             state.scheduled = due
             heapq.heappush(self._queue, (due, next(self._seq), state.key))
+            if due < self._floor:
+                self._floor = due
 
     # --- client bookkeeping ----------------------------------------------------
 
@@ -491,6 +520,8 @@ class Engine:
             state = ClientState(key, t)
             for evicted in store.put(state, t):
                 self._forget(evicted, t)
+            if len(store) == 1:  # the first client: the idle sweep has a time now
+                self._refloor()
         else:
             store.touch(state, t)
         return state
@@ -523,13 +554,17 @@ class Engine:
         self._raised.clear()
         self._cleared.clear()
         self._actions.clear()
-        self._pending_since = None
+        if self._pending_since is not None:
+            self._pending_since = None
+            self._refloor()
         return outcome
 
     def _mark_pending(self, t: float) -> None:
         """Admin calls return no Outcome: theirs goes out with the next call (see next_wake)."""
         if (self._raised or self._cleared or self._actions) and self._pending_since is None:
             self._pending_since = t
+            if t < self._floor:
+                self._floor = t
 
     # --- operators -------------------------------------------------------------
 
@@ -607,7 +642,7 @@ class Engine:
     def _observe_breakers(self, state: ClientState, event: Event, kind: int, t: float) -> None:
         if isinstance(event, Opened | HandshakeFailed):
             success = not kind & tracker.UPSTREAM_FAILURE
-            self._actions.extend(self._upstream.record(t, success))
+            self._moved(self._upstream.record(t, success))
         if isinstance(event, Closed) and event.duration >= self._detection.healthy_after:
             failed: bool | None = False  # lived long enough: the auth service let it in
         elif kind & tracker.AUTH_FAILURE:
@@ -674,6 +709,7 @@ class Engine:
             self._actions.extend(breaker.record(t, ok, probe=True))
         elif verdict != REFUSE:
             self._actions.extend(breaker.record(t, ok))
+        self._refloor()
         return self._take()
 
     # --- views -----------------------------------------------------------------
@@ -720,7 +756,7 @@ class Engine:
 
     def _advance_breakers(self, t: float) -> None:
         for breaker in self._breakers:
-            self._actions.extend(breaker.advance(t))
+            self._moved(breaker.advance(t))
         self._mark_pending(t)
 
 

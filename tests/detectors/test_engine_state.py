@@ -316,3 +316,60 @@ def test_a_large_idle_population_is_swept_in_bounded_batches() -> None:
     assert e.snapshot(again).clients_tracked == 5_000
     e.wake(e.next_wake)  # type: ignore[arg-type]
     assert e.snapshot(62.0).clients_tracked == 0 and e.snapshot(62.0).evictions_total == 25_000
+
+
+# --- next_wake is a bound, never late ---------------------------------------------
+
+operator_steps = st.lists(
+    st.tuples(
+        st.integers(0, 3),  # few keys and short steps, so loops form and cooldowns start
+        st.sampled_from(["attempt", "opened", "closed", "failed", "wake", "release", "cooldown", "reset"]),
+        st.floats(0.0, 0.5, allow_nan=False),
+        st.sampled_from([1000, 1006, 1008, 4001]),
+        st.sampled_from([None, 401, 500, 503]),
+    ),
+    max_size=300,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(script=operator_steps)
+def test_next_wake_is_never_later_than_the_work_it_stands_for(script: list) -> None:
+    # The proxy arms one timer at next_wake after every call (proxy/guard.py). It is
+    # kept as a cheap lower bound: earlier is a harmless empty wake, later would be
+    # a cooldown or a half-open breaker noticed late. Small breakers so they move.
+    fast = {"min_calls": 3, "window": "5s", "open_wait": "1s", "open_wait_max": "4s", "probe_timeout": "2s"}
+    e = Engine(
+        DetectionSettings(client_ttl="30s", healthy_after="1s"),
+        PolicySettings(),
+        BreakerSettings(upstream=fast, auth={**fast, "min_calls": 2}),
+    )
+    t = 0.0
+    conns: dict[str, list[int]] = {}
+    next_id = 0
+    for n, kind, dt, code, status in script:
+        t += dt
+        key = f"k{n}@10.0.0.{n}"
+        wake = e.next_wake
+        if wake is not None and wake <= t:
+            e.wake(t)
+        if kind == "attempt":
+            e.admit(Attempt(key, "/ws", t))
+        elif kind == "opened":
+            next_id += 1
+            conns.setdefault(key, []).append(next_id)
+            e.record(Opened(key, "/ws", t, next_id))
+        elif kind == "closed" and conns.get(key):
+            e.record(Closed(key, "/ws", t, conns[key].pop(0), code, "", "upstream", dt))
+        elif kind == "failed":
+            e.record(HandshakeFailed(key, "/ws", t, status, "connect" if status is None else None))
+        elif kind == "wake":
+            e.wake(t)
+        elif kind == "release":
+            e.release(key, t)
+        elif kind == "cooldown":
+            e.force_cooldown(key, 1.0 + dt, t)
+        elif kind == "reset":
+            e.reset_breaker("upstream" if n % 2 else "auth", t)
+        bound = e.next_wake
+        assert (float("inf") if bound is None else bound) <= e._exact_wake()
