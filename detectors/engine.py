@@ -23,6 +23,7 @@ import itertools
 import math
 import random
 from collections import deque
+from operator import attrgetter
 
 from detectors import findings, policy, tracker
 from detectors.actions import Action, CloseConnection, CooldownEnded, WouldReject
@@ -45,6 +46,10 @@ _ENFORCE_NONE, _ENFORCE_ALL, _ENFORCE_TIMED = 0, 1, 2
 # so one wake never holds the proxy's event loop for long (~6 ms).
 _SWEEP_FRACTION = 0.05
 _SWEEP_BATCH = 10_000
+
+
+def _always(state: ClientState) -> bool:
+    return True  # a rule with no `needs`: always checked
 
 
 class Engine:
@@ -96,9 +101,12 @@ class Engine:
         blocks = {rule.name: rule.settings(detection.rules) for rule in RULES}
         active = [rule for rule in RULES if blocks[rule.name].enabled]
         self._rules = tuple(
-            (rule.name, rule.check, rule.evidence, blocks[rule.name], rule.recheck_at is not None)
+            (
+                rule.name, rule.check, rule.evidence, blocks[rule.name], rule.recheck_at is not None,
+                attrgetter(rule.needs) if rule.needs else _always,
+            )
             for rule in active
-        )
+        )  # fmt: skip
         self._rechecks = tuple(
             (rule.recheck_at, blocks[rule.name]) for rule in active if rule.recheck_at is not None
         )
@@ -363,7 +371,9 @@ class Engine:
         flags = state.flags
         quiet = self._quiet
         culprits: list[tuple[str, RuleSettings]] | None = None
-        for name, check, evidence, block, timed in self._rules:
+        for name, check, evidence, block, timed, needs in self._rules:
+            if needs(state) is None and (flags is None or name not in flags):
+                continue  # nothing the rule counts, and no flag of its own to refresh or clear
             severity = check(state, block, t)
             if severity is None:
                 if flags is not None:

@@ -36,18 +36,31 @@ def pack_rejected(reason: str) -> int:
     return _KIND_OF[Rejected] | _index(REJECT_REASONS, reason) << 3
 
 
+# The tracker packs each kind of event with its own function (no type dispatch
+# on the hot path); pack() is the same for any event.
+ATTEMPT = _KIND_OF[Attempt]
+OPENED = _KIND_OF[Opened]
+
+
+def pack_failed(status: int | None, error: str | None) -> int:
+    if status is None:
+        return _KIND_OF[HandshakeFailed] | _index(ERRORS, error) << 3 | _NO_STATUS << 7
+    return _KIND_OF[HandshakeFailed] | (status & 0xFFFF) << 7
+
+
+def pack_closed(code: int, initiator: str, duration: float) -> int:
+    ms = min(max(int(duration * 1000), 0), _MAX_DURATION_MS)
+    return _KIND_OF[Closed] | INITIATORS.index(initiator) << 3 | (code & 0xFFFF) << 7 | ms << 23  # type: ignore[arg-type]
+
+
 def pack(event: Event) -> int:
-    kind = _KIND_OF[type(event)]
     if isinstance(event, Rejected):
         return pack_rejected(event.reason)
     if isinstance(event, HandshakeFailed):
-        if event.status is None:
-            return kind | _index(ERRORS, event.error) << 3 | _NO_STATUS << 7
-        return kind | (event.status & 0xFFFF) << 7
+        return pack_failed(event.status, event.error)
     if isinstance(event, Closed):
-        ms = min(max(int(event.duration * 1000), 0), _MAX_DURATION_MS)
-        return kind | INITIATORS.index(event.initiator) << 3 | (event.code & 0xFFFF) << 7 | ms << 23
-    return kind
+        return pack_closed(event.code, event.initiator, event.duration)
+    return _KIND_OF[type(event)]
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,7 +66,8 @@ def on_attempt(state: ClientState, event: Attempt, settings: DetectionSettings) 
     if event.addr:
         state.addr = event.addr
     state.last_seen = t
-    _remember(state, event, settings)
+    if settings.history_size:
+        _remember_packed(state, t, history.ATTEMPT, settings.history_size)
 
 
 def on_rejected(state: ClientState, t: float, reason: str, settings: DetectionSettings) -> int:
@@ -91,7 +92,8 @@ def on_handshake_failed(
     state.end_t = t
     state.end_failed = True
     state.last_seen = t
-    _remember(state, event, settings)
+    if settings.history_size:
+        _remember_packed(state, t, history.pack_failed(event.status, event.error), settings.history_size)
     state.bad_times = ring.push(state.bad_times, t, _rapid_cap(settings))
     status = event.status
     if status is not None and status in settings.auth_statuses:
@@ -108,7 +110,8 @@ def on_opened(state: ClientState, event: Opened, settings: DetectionSettings) ->
         state.open = {}
     state.open[event.conn_id] = event.t
     state.last_seen = event.t
-    _remember(state, event, settings)
+    if settings.history_size:
+        _remember_packed(state, event.t, history.OPENED, settings.history_size)
     return UPSTREAM_SUCCESS
 
 
@@ -120,8 +123,10 @@ def on_closed(state: ClientState, event: Closed, settings: DetectionSettings) ->
             state.open = None
     state.end_t = t
     state.last_seen = t
-    _remember(state, event, settings)
     code = event.code
+    if settings.history_size:
+        packed = history.pack_closed(code, event.initiator, event.duration)
+        _remember_packed(state, t, packed, settings.history_size)
     codes = state.codes
     if codes is None:
         codes = state.codes = {}
@@ -179,20 +184,17 @@ def _auth_failure(state: ClientState, t: float, settings: DetectionSettings) -> 
     state.auth_times = ring.push(state.auth_times, t, _auth_cap(settings))
 
 
-def _remember(state: ClientState, event: Event, settings: DetectionSettings) -> None:
-    size = settings.history_size
-    if size:
-        _remember_packed(state, event.t, history.pack(event), size)
-
-
 def _remember_packed(state: ClientState, t: float, packed: int, size: int) -> None:
-    state.history_t = ring.push(state.history_t, t, size)
-    values = state.history_v
-    if values is None:
+    times, values = state.history_t, state.history_v
+    if times is None or values is None:
+        times = state.history_t = array("d")
         values = state.history_v = array("q")
+    times.append(t)
     values.append(packed)
     if len(values) > size:
-        del values[: len(values) - size]
+        extra = len(values) - size
+        del times[:extra]
+        del values[:extra]
 
 
 # Ring capacities: a ring only needs to hold as many entries as the largest

@@ -28,6 +28,9 @@ class Rule(NamedTuple):
     settings: Callable[[RulesSettings], RuleSettings]
     # When the verdict may change with no new event (None: only events change it).
     recheck_at: Callable[[ClientState, Any, float], float | None] | None = None
+    # The ClientState field the rule counts: while it is None, ``check`` cannot
+    # match, so the engine skips the call for a client the rule has not flagged.
+    needs: str | None = None
 
     def evaluate(self, state: ClientState, settings: Any, t: float) -> Finding | None:
         level = self.check(state, settings, t)
@@ -42,22 +45,25 @@ RULES: tuple[Rule, ...] = (
         auth_failure_loop.check,
         auth_failure_loop.evidence,
         lambda r: r.auth_failure_loop,
+        needs="auth_times",
     ),
     Rule(
         rapid_reconnect.NAME,
         rapid_reconnect.check,
         rapid_reconnect.evidence,
         lambda r: r.rapid_reconnect,
+        needs="bad_times",
     ),
-    Rule(short_lived.NAME, short_lived.check, short_lived.evidence, lambda r: r.short_lived),
+    Rule(short_lived.NAME, short_lived.check, short_lived.evidence, lambda r: r.short_lived, needs="short_times"),
     Rule(
         duplicate_connections.NAME,
         duplicate_connections.check,
         duplicate_connections.evidence,
         lambda r: r.duplicate_connections,
         duplicate_connections.recheck_at,
+        needs="open",
     ),
-    Rule(no_backoff.NAME, no_backoff.check, no_backoff.evidence, lambda r: r.no_backoff),
+    Rule(no_backoff.NAME, no_backoff.check, no_backoff.evidence, lambda r: r.no_backoff, needs="intervals"),
 )
 RULE_NAMES: tuple[str, ...] = tuple(rule.name for rule in RULES)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from array import array
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -12,6 +13,7 @@ from detectors.decisions import ADMITTED, EMPTY, Reject
 from detectors.engine import Engine
 from detectors.events import Attempt, Closed, Event, HandshakeFailed, Opened, from_dict, to_dict
 from detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
+from detectors.state import ClientState
 from tests.detectors.sim import Client, Close, Sim, Stay, always, fixed, once
 
 K = "alice@10.0.0.5"
@@ -373,3 +375,38 @@ def test_next_wake_is_never_later_than_the_work_it_stands_for(script: list) -> N
             e.reset_breaker("upstream" if n % 2 else "auth", t)
         bound = e.next_wake
         assert (float("inf") if bound is None else bound) <= e._exact_wake()
+
+
+@settings(max_examples=60, deadline=None)
+@given(script=steps)
+def test_skipping_rules_with_nothing_to_count_changes_no_answer(script: list) -> None:
+    # The engine skips a rule's check while the ClientState field it counts
+    # (Rule.needs) is None and it has no flag to refresh: an optimisation that
+    # must not change a single answer against checking every rule every time.
+    from detectors import engine as engine_module
+
+    skipping = engine()
+    checking = engine()
+    checking._rules = tuple(rule[:5] + (engine_module._always,) for rule in checking._rules)
+    assert play(skipping, script) == play(checking, script)
+
+
+def test_a_rule_cannot_match_while_what_it_counts_is_absent() -> None:
+    from detectors.rules import RULES
+    from detectors.settings import RulesSettings
+
+    blocks = RulesSettings()
+    for rule in RULES:
+        assert rule.needs is not None, f"{rule.name}: say what it counts, or the engine checks it always"
+        for t in (1.0, 10.0, 100.0):
+            # everything else as bad as it gets: 50 failures of every kind just now,
+            # 50 sockets held for ages, retries that never back off
+            state = ClientState("k", 0.0)
+            recent = array("d", [t - 0.001 * i for i in range(50, 0, -1)])
+            state.auth_times, state.bad_times, state.short_times = array("d", recent), array("d", recent), array("d", recent)
+            state.intervals, state.interval_times = array("d", [0.01] * 50), array("d", recent)
+            state.open = {i: -1000.0 for i in range(50)}
+            state.streak, state.attempt_t, state.end_t = 99, t, t
+            assert any(r.check(state, r.settings(blocks), t) for r in RULES)
+            setattr(state, rule.needs, None)
+            assert rule.check(state, rule.settings(blocks), t) is None, rule.name
