@@ -66,7 +66,6 @@ if TYPE_CHECKING:
 EXPORTERS = ("none", "console", "otlp")
 # Closes that mean something broke rather than that someone said goodbye.
 ERROR_CODES = frozenset({1006, 1011, 1014})
-_TRACE_HEADERS = (b"traceparent", b"tracestate")
 _ROOT = Context()  # what a span without a remote parent is sampled against
 _UNSET = Status(StatusCode.UNSET)
 SAMPLED = int(TraceFlags.SAMPLED)  # the flag bit, for hot-path checks
@@ -235,6 +234,7 @@ def trace_of(conn: Attempt | None) -> ConnTrace | None:
     return state if isinstance(state, ConnTrace) else None
 
 
+@functools.lru_cache(maxsize=256)  # clients ask for the same few hosts
 def _host(authority: bytes | None) -> str | None:
     """The host of a Host header: `example.com:8080` → `example.com`, `[::1]:80` → `::1`."""
     if not authority:
@@ -284,18 +284,15 @@ class TracingObserver(Observer):
 
     def on_attempt(self, conn: Attempt, event: ev.Attempt, decision: Admit | Reject) -> None:
         head = conn.head
-        # One pass over the headers for the three this needs (RequestHead.get
-        # would scan them once per name).
-        carrier: dict[str, str] = {}
-        agent = None
-        for name, value in head.headers:
-            lower = name.lower()
-            if lower == b"user-agent":
-                agent = value
-            elif lower in _TRACE_HEADERS:
-                carrier[lower.decode()] = value.decode("latin-1")
+        # Lookups in the head's header index (duplicates joined with ", ", which
+        # is how W3C says to combine several tracestate headers).
         context, parent = _ROOT, None  # a root span, unless the client sent a trace context
-        if "traceparent" in carrier:
+        traceparent = head.get(b"traceparent")
+        if traceparent is not None:
+            carrier = {"traceparent": traceparent.decode("latin-1")}
+            tracestate = head.get(b"tracestate")
+            if tracestate is not None:
+                carrier["tracestate"] = tracestate.decode("latin-1")
             context = self.propagator.extract(carrier, context=_ROOT)
             remote = get_current_span(context).get_span_context()
             if remote.is_valid:
@@ -306,6 +303,7 @@ class TracingObserver(Observer):
             "loopwatch.route": conn.route,
             "loopwatch.client.key_hash": client_hash(conn.key),
         }
+        agent = head.get(b"user-agent")
         host = _host(head.authority)
         if host is not None:
             attributes["server.address"] = host
