@@ -49,8 +49,9 @@ OPS = {
 }
 
 
-def serve(mode: str, backend_port: int) -> None:
-    """Run loopwatch in this process, detection `mode` on or off; print its ports."""
+def serve(mode: str, backend_port: int, overrides: dict[str, object] | None = None) -> None:
+    """Run loopwatch in this process, detection `mode` on or off (no telemetry
+    observers), with any further settings `overrides`; print its port."""
     from proxy.admin import build_registry
     from proxy.config import load_settings
     from proxy.gate import Gate
@@ -67,6 +68,7 @@ def serve(mode: str, backend_port: int) -> None:
             "listen": f"{HOST}:0",
             "admin.listen": f"{HOST}:0",
             "logging.level": "warning",
+            **(overrides or {}),
         },
     )
     setup_logging(settings.logging.level, settings.logging.format)

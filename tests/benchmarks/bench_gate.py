@@ -30,7 +30,6 @@ import gc
 import json
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -163,14 +162,8 @@ def serve(variant: str, backend_port: int) -> None:
     """Run loopwatch in this process as `variant` (no telemetry observers); print its port."""
     from detectors.decisions import ADMITTED, EMPTY
     from detectors.engine import Engine
-    from proxy.admin import build_registry
-    from proxy.config import load_settings
-    from proxy.gate import Gate
     from proxy.identity import ClientKey, Identifier
-    from proxy.logs import setup_logging
-    from proxy.observers import Observers
-    from proxy.runtime import build_gate, run_loop, start
-    from proxy.telemetry import Telemetry
+    from tests.benchmarks import bench_admission
 
     if variant in ("identity stubbed", "both stubbed"):
         # as many distinct keys as the real identity, without reading the token
@@ -180,22 +173,7 @@ def serve(variant: str, backend_port: int) -> None:
     if variant in ("engine stubbed", "both stubbed"):
         Engine.admit = lambda self, event: ADMITTED  # type: ignore[method-assign,assignment]
         Engine.record = lambda self, event: EMPTY  # type: ignore[method-assign,assignment]
-    overrides = {"upstream": f"ws://{HOST}:{backend_port}", "listen": f"{HOST}:0", "admin.listen": f"{HOST}:0",
-                 "logging.level": "warning", **VARIANTS[variant]}  # fmt: skip
-    settings = load_settings(None, env={}, overrides=overrides)
-    setup_logging(settings.logging.level, settings.logging.format)
-
-    async def main() -> None:
-        telemetry = Telemetry(settings, build_registry(), spans=None, owns_spans=True)
-        gate = Gate() if variant == "off" else build_gate(settings, Observers())
-        running = await start(settings, gate, telemetry=telemetry)
-        print(json.dumps({"port": running.proxy_port}), flush=True)
-        stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        await stop.wait()
-        await running.close()
-
-    run_loop(main)
+    bench_admission.serve("off" if variant == "off" else "on", backend_port, VARIANTS[variant])
 
 
 def ablation(rounds: int) -> None:
