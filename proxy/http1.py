@@ -111,7 +111,10 @@ class TextHeaders(Mapping[str, str]):
         return value
 
     def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
-        key = name.lower().encode("latin-1")
+        try:
+            key = name.lower().encode("latin-1")
+        except UnicodeEncodeError:
+            return default  # no header of the head can have that name
         if key == b"cookie":
             cookies = [v for n, v in self._head.headers if n.lower() == b"cookie"]
             return b"; ".join(cookies).decode("latin-1") if cookies else default

@@ -489,6 +489,7 @@ def test_text_headers_answers_as_header_map_does(headers: list[tuple[bytes, byte
         assert view.get(name) == full.get(name)
         assert view.get(name.upper()) == full.get(name)
     assert dict(view) == full
+    assert view.get("x-\u0100") is None  # a name no head can carry
 
 
 @settings(max_examples=300, deadline=None)
