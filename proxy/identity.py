@@ -201,17 +201,23 @@ def _ip_str(ip: IPAddress) -> str:
 
 
 _URLSAFE = bytes.maketrans(b"-_", b"+/")
-_JSON = json.JSONDecoder()
+_JSON_SPACE = " \t\n\r"
+_scan_json = json.JSONDecoder().scan_once  # the C scanner json.loads ends up in
 
 
 def _b64json(segment: str) -> dict[str, Any] | None:
-    # base64.urlsafe_b64decode + json.loads, without their per-call Python layers
-    # (the same non-strict decode; half the time, on every upgrade with a token).
+    """What json.loads(base64.urlsafe_b64decode(segment)) gives, if a dict, else
+    None — without their Python layers (this runs for every upgrade with a token)."""
     try:
-        raw = binascii.a2b_base64((segment + "=" * (-len(segment) % 4)).encode("ascii").translate(_URLSAFE))
-        obj = _JSON.decode(raw.decode())
-    except (ValueError, RecursionError):  # binascii, JSON and Unicode errors are ValueErrors
+        text = binascii.a2b_base64((segment + "=" * (-len(segment) % 4)).encode("ascii").translate(_URLSAFE)).decode()
+        if text.startswith("\ufeff"):
+            text = text[1:]  # json.loads takes bytes with a UTF-8 BOM
+        start = len(text) - len(text.lstrip(_JSON_SPACE))
+        obj, end = _scan_json(text, start)
+    except (ValueError, RecursionError, StopIteration):  # binascii, Unicode, JSON
         return None
+    if end != len(text) and text[end:].strip(_JSON_SPACE):
+        return None  # extra data after the value
     return obj if isinstance(obj, dict) else None
 
 

@@ -19,7 +19,14 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from proxy.http1 import RequestHead
-from proxy.identity import ClientKey, Identifier, IdentitySettings, JwtSettings, _b64json
+from proxy.identity import (
+    ClientKey,
+    Identifier,
+    IdentitySettings,
+    JwtSettings,
+    _b64json,
+    _jwt_shaped,
+)
 from proxy.sections import SECRET as SECRET_MARKER
 
 SECRET = "s3cret-s3cret-s3cret-s3cret-s3cret!"  # ≥ 32 bytes, as HS256 wants
@@ -508,3 +515,4 @@ def test_payload_decode_matches_urlsafe_b64decode_and_json_loads(segment: str) -
     except (ValueError, RecursionError):
         expected = None
     assert _b64json(segment) == expected
+
