@@ -25,7 +25,6 @@ from proxy.identity import (
     IdentitySettings,
     JwtSettings,
     _b64json,
-    _jwt_shaped,
 )
 from proxy.sections import SECRET as SECRET_MARKER
 
