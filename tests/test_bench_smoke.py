@@ -122,3 +122,45 @@ def test_markdown_table(smoke: tuple[dict, str]) -> None:
         assert f"| {row['label']} |" in md
     meta = result["meta"]
     assert meta["machine"]["nproc"] and meta["versions"]["nginx"] and meta["versions"]["haproxy"]
+
+
+# --- tests/benchmarks/bench_gate.py: both tools run, tiny counts ------------------------
+
+
+def _table_rows(text: str) -> dict[str, list[float]]:
+    rows: dict[str, list[float]] = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 2 or not line.startswith("|") or set(cells[1]) <= set("-:"):
+            continue
+        try:
+            rows[cells[0]] = [float(c.split()[0].replace(",", "")) for c in cells[1:]]
+        except ValueError:
+            continue  # the header row
+    return rows
+
+
+def test_bench_gate_cycle_reports_every_gate() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.benchmarks.bench_gate", "cycle", "--cycles", "300"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = _table_rows(proc.stdout)
+    assert set(rows) == {"off", "on", "telemetry"}
+    assert all(math.isfinite(v[0]) and v[0] > 0 for v in rows.values()), rows
+
+
+def test_bench_gate_ablation_runs_every_variant_through_the_real_proxy() -> None:
+    from tests.benchmarks.bench_gate import VARIANTS
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.benchmarks.bench_gate", "ablation", "--rounds", "1", "--seconds", "0.3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=150,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = _table_rows(proc.stdout)
+    assert set(rows) == set(VARIANTS)
+    for variant, (user, system, total, p50) in rows.items():
+        assert user > 0 and system >= 0 and total == pytest.approx(user + system, abs=1.01), variant
+        assert p50 > 0, variant

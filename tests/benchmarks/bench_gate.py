@@ -142,13 +142,13 @@ def _instructions(mode: str) -> int:
     return (counts[3000] - counts[1000]) // 2000
 
 
-def cycle(callgrind: bool) -> None:
+def cycle(callgrind: bool, cycles: int = 10_000) -> None:
     import uvloop
 
-    print("| gate | CPU µs per cycle (best of 3 × 10 000) |" + (" instructions per cycle |" if callgrind else ""))
+    print(f"| gate | CPU µs per cycle (best of 3 × {cycles:,}) |" + (" instructions per cycle |" if callgrind else ""))
     print("|---|---:|" + ("---:|" if callgrind else ""))
     for mode in MODES:
-        cpu = uvloop.run(_cycles(mode, 10_000, 3))
+        cpu = uvloop.run(_cycles(mode, cycles, 3))
         row = f"| {mode} | {cpu:.1f} |"
         if callgrind:
             row += f" {_instructions(mode):,} |"
@@ -176,7 +176,7 @@ def serve(variant: str, backend_port: int) -> None:
     bench_admission.serve("off" if variant == "off" else "on", backend_port, VARIANTS[variant])
 
 
-def ablation(rounds: int) -> None:
+def ablation(rounds: int, seconds: float = 2.5) -> None:
     results: dict[str, dict[int, list[tuple[float, float, float]]]] = {v: {20: [], 1: []} for v in VARIANTS}
     with tempfile.TemporaryDirectory(prefix="lw-bench-gate-") as tmp_name:
         tmp = Path(tmp_name)
@@ -196,7 +196,7 @@ def ablation(rounds: int) -> None:
                     p = procs[variant]
                     for workers in (20, 1):
                         u0, s0 = cpu_split([p.proc.pid])
-                        r = lg.call({"op": "churn", "workers": workers, "max_s": 2.5, "max_ops": 200_000,
+                        r = lg.call({"op": "churn", "workers": workers, "max_s": seconds, "max_ops": 200_000,
                                      "host": HOST, "port": p.port}, 120)  # fmt: skip
                         u1, s1 = cpu_split([p.proc.pid])
                         n = r["ops"]
@@ -208,7 +208,7 @@ def ablation(rounds: int) -> None:
                 p.stop()
             backend.stop()
     med = statistics.median
-    print(f"Medians of {rounds} interleaved rounds (churn, 2.5 s each).\n")
+    print(f"Medians of {rounds} interleaved rounds (churn, {seconds:g} s each).\n")
     print("| loopwatch | user µs / cycle (20 workers) | system µs / cycle | user + system | p50 per cycle, one worker |")
     print("|---|---:|---:|---:|---:|")
     for variant, by in results.items():
@@ -222,23 +222,25 @@ def main() -> None:
     sub = parser.add_subparsers(dest="what", required=True)
     c = sub.add_parser("cycle")
     c.add_argument("--callgrind", action="store_true")
+    c.add_argument("--cycles", type=int, default=10_000)
     once = sub.add_parser("cycle-once")  # one run for callgrind to count
     once.add_argument("mode", choices=MODES)
     once.add_argument("n", type=int)
     a = sub.add_parser("ablation")
     a.add_argument("--rounds", type=int, default=3)
+    a.add_argument("--seconds", type=float, default=2.5, help="per churn measurement")
     s = sub.add_parser("serve")
     s.add_argument("variant", choices=list(VARIANTS))
     s.add_argument("backend_port", type=int)
     args = parser.parse_args()
     if args.what == "cycle":
-        cycle(args.callgrind)
+        cycle(args.callgrind, args.cycles)
     elif args.what == "cycle-once":
         import uvloop
 
         uvloop.run(_cycles(args.mode, args.n, 1, build=3000))
     elif args.what == "ablation":
-        ablation(args.rounds)
+        ablation(args.rounds, args.seconds)
     else:
         serve(args.variant, args.backend_port)
 
