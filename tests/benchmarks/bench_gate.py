@@ -1,4 +1,5 @@
-"""Where detection's per-connection cost goes (run on demand, not in the test suite).
+"""Where detection's per-connection cost goes (run on demand; `make test` runs
+both with tiny counts, tests/test_bench_smoke.py).
 
     .venv/bin/python -m tests.benchmarks.bench_gate cycle                # in-process gate cycle, CPU
     .venv/bin/python -m tests.benchmarks.bench_gate cycle --callgrind    # … and instructions (valgrind)
@@ -65,25 +66,19 @@ VARIANTS: dict[str, dict[str, object]] = {
 
 
 def _gate(mode: str):  # noqa: ANN202 - (gate, telemetry or None)
-    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
-
     from proxy.admin import build_registry
     from proxy.gate import Gate
     from proxy.observers import Observers
     from proxy.runtime import build_gate
     from proxy.telemetry import Telemetry
-    from proxy.tracing import make_tracing
+    from tests.benchmarks.bench_telemetry import dropping_spans
     from tests.conftest import settings_for
-
-    class Drop(SpanExporter):
-        def export(self, spans: object) -> SpanExportResult:  # type: ignore[override]
-            return SpanExportResult.SUCCESS
 
     if mode == "off":
         return Gate(), None
     settings = settings_for("ws://127.0.0.1:9")
     telemetry = Telemetry(
-        settings, build_registry(), spans=make_tracing([Drop()]) if mode == "telemetry" else None, owns_spans=True
+        settings, build_registry(), spans=dropping_spans() if mode == "telemetry" else None, owns_spans=True
     )
     observers = Observers(telemetry.observers if mode == "telemetry" else [])
     gate = build_gate(settings, observers)

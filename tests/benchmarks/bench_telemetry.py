@@ -44,6 +44,7 @@ import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tests.benchmarks.targets import (
     HOST,
@@ -55,6 +56,9 @@ from tests.benchmarks.targets import (
     machine,
     start_backend,
 )
+
+if TYPE_CHECKING:
+    from proxy.tracing import SpanSink
 
 DOC = ROOT / "docs" / "performance.md"
 HEADING = "## Telemetry overhead"
@@ -72,21 +76,28 @@ PROFILES = {
 # --- the loopwatch side: `--serve MODE` ---------------------------------------------
 
 
-def serve(mode: str, backend_port: int) -> None:
-    """Run loopwatch in this process with telemetry `mode`; print its ports."""
+def dropping_spans() -> SpanSink:
+    """The SDK's span pipeline (BatchSpanProcessor and its export thread) into an
+    exporter that drops every batch: all of tracing's work, none of the network."""
     from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
+    from proxy.tracing import make_tracing
+
+    class Drop(SpanExporter):
+        def export(self, spans: Sequence[object]) -> SpanExportResult:  # type: ignore[override]
+            return SpanExportResult.SUCCESS
+
+    return make_tracing([Drop()])
+
+
+def serve(mode: str, backend_port: int) -> None:
+    """Run loopwatch in this process with telemetry `mode`; print its ports."""
     from proxy.admin import build_registry
     from proxy.config import load_settings
     from proxy.logs import setup_logging
     from proxy.observers import Observers
     from proxy.runtime import build_gate, run_loop, start
     from proxy.telemetry import Telemetry
-    from proxy.tracing import make_tracing
-
-    class Drop(SpanExporter):
-        def export(self, spans: Sequence[object]) -> SpanExportResult:  # type: ignore[override]
-            return SpanExportResult.SUCCESS
 
     settings = load_settings(
         None,
@@ -96,7 +107,7 @@ def serve(mode: str, backend_port: int) -> None:
     setup_logging(settings.logging.level, settings.logging.format)
 
     async def main() -> None:
-        sink = make_tracing([Drop()]) if mode != "off" else None
+        sink = dropping_spans() if mode != "off" else None
         telemetry = Telemetry(settings, build_registry(), spans=sink, owns_spans=True)
         observers = Observers(telemetry.observers if mode != "off" else [])
         running = await start(settings, build_gate(settings, observers), telemetry=telemetry)
