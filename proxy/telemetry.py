@@ -43,6 +43,7 @@ from proxy.sections import Section
 from proxy.tracing import (
     SAMPLED,
     ConnTrace,
+    ProcessSpanSink,
     SpanSink,
     TracingObserver,
     client_hash,
@@ -301,8 +302,10 @@ class StateCollector(Collector):
         observers: Observers | None,
         live_counts: bool = True,
         store: object = None,
+        spans: SpanSink | ProcessSpanSink | None = None,
     ):
         self.metrics = metrics
+        self.spans = spans  # its `dropped`: spans lost on the way to the exporters
         self.engine = engine
         self.server = server
         self.observers = observers
@@ -320,6 +323,7 @@ class StateCollector(Collector):
         store = self.store
         families["store_up"].add_metric([], 1.0 if getattr(store, "up", True) else 0.0)
         families["store_errors"].add_metric([], getattr(store, "errors", 0))
+        families["spans_dropped"].add_metric([], self.spans.dropped if self.spans is not None else 0)
         errors = families["observer_errors"]
         if self.observers is not None:
             counts = self.observers.errors
@@ -372,6 +376,10 @@ class StateCollector(Collector):
             ),
             "store_errors": c(
                 "loopwatch_state_store_errors", "Failed round trips to the shared state store."
+            ),
+            "spans_dropped": c(
+                "loopwatch_spans_dropped",
+                "Finished spans lost before an exporter got them (queue full, exporter process gone).",
             ),
         }
 
@@ -439,7 +447,7 @@ class Telemetry:
         settings: Settings,
         registry: CollectorRegistry,
         *,
-        spans: SpanSink | None = None,
+        spans: SpanSink | ProcessSpanSink | None = None,
         owns_spans: bool = False,
     ):
         self.settings = settings
@@ -482,6 +490,7 @@ class Telemetry:
             observers=observers,
             live_counts=engine is not None and self.metrics in observers.observers,
             store=store,
+            spans=self.spans,
         )
         self.registry.register(self.collector)
 

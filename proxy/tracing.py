@@ -10,18 +10,21 @@ comma-separated for several); with `none` there is no span and no cost.
 `TracingObserver` decides a connection's trace context when the upgrade
 request arrives (a child of the client's `traceparent` when it sent one, the
 SDK's sampler and id generator deciding), injects its own `traceparent` into
-the request forwarded upstream so the backend's trace joins it, collects
-attributes and span events (findings, enforcement) as the connection goes,
-and hands the finished span to the SDK's span processors at the end.
+the request forwarded upstream so the backend's trace joins it, keeps the
+request's and the close's values and the span events (findings, enforcement)
+as the connection goes, and hands the finished span to the sink as a record:
+a tuple of plain values, which `readable_span` turns into the SDK's
+`ReadableSpan` where the exporters run (proxy/span_export.py: a child process
+when loopwatch runs, this process in tests).
 
 Why not `Tracer.start_span`: a connection span is never made current, never
 has children in this process, and is fully known only at its close, so the
 SDK's live `Span` (a lock, bounded attribute maps validated per call, a copy
 into a ReadableSpan at the end) is pure overhead here. Measured in the
 proxy under handshake load it cost ~90 µs of CPU per connection, a quarter
-of a whole handshake; building the `ReadableSpan` once at the end costs a
-fraction of that (docs/performance.md, "Telemetry overhead"). Sampling, ids,
-resource, processors and exporters stay the SDK's own.
+of a whole handshake; the record costs the event loop a small fraction of
+that (docs/performance.md, "Telemetry overhead"). Sampling, ids, resource,
+processors and exporters stay the SDK's own.
 """
 
 from __future__ import annotations
@@ -49,13 +52,23 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from detectors.actions import BreakerTransition, CloseConnection, CooldownStarted, WouldReject
 from detectors.decisions import Reject
-from proxy import __version__
 from proxy.guard import refusal_for
 from proxy.observers import Observer
+from proxy.span_export import (
+    EXPORTERS,
+    ProcessSpanSink,
+    Record,
+    SpanSink,
+    TracingConfigError,
+    exporter_names,
+    exporters_from_env,
+)
 
 if TYPE_CHECKING:
-    from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import ReadableSpan
     from opentelemetry.sdk.trace.export import SpanExporter
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
     from opentelemetry.trace.span import TraceState
 
     from detectors import events as ev
@@ -63,114 +76,42 @@ if TYPE_CHECKING:
     from proxy.config import Settings
     from proxy.gate import Attempt, RelayStats
 
-EXPORTERS = ("none", "console", "otlp")
 # Closes that mean something broke rather than that someone said goodbye.
 ERROR_CODES = frozenset({1006, 1011, 1014})
 _ROOT = Context()  # what a span without a remote parent is sampled against
 _UNSET = Status(StatusCode.UNSET)
 SAMPLED = int(TraceFlags.SAMPLED)  # the flag bit, for hot-path checks
-FLUSH_DELAY = 0.05  # seconds an ended span waits to be handed to the processors
+FLUSH_DELAY = 0.05  # seconds an ended span waits to be handed to the sink
 
-
-class TracingConfigError(ValueError):
-    """An OTEL_* variable loopwatch cannot honour; the message names it."""
-
-
-# --- the SDK pipeline -------------------------------------------------------------
-
-
-def exporters_from_env(env: Mapping[str, str]) -> list[SpanExporter]:
-    names = [n.strip().lower() for n in env.get("OTEL_TRACES_EXPORTER", "none").split(",") if n.strip()]
-    unknown = [n for n in names if n not in EXPORTERS]
-    if unknown:
-        raise TracingConfigError(
-            f"OTEL_TRACES_EXPORTER: expected none, console or otlp (comma-separated), got {unknown[0]!r}"
-        )
-    if "none" in names:
-        return []
-    out: list[SpanExporter] = []
-    if "otlp" in names:
-        for var in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
-            protocol = env.get(var)
-            if protocol is not None:
-                if protocol.strip().lower() != "http/protobuf":
-                    raise TracingConfigError(
-                        f"{var}: loopwatch exports OTLP over http/protobuf only, got {protocol!r}"
-                    )
-                break
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-        out.append(OTLPSpanExporter())  # endpoint, headers, timeout: OTEL_EXPORTER_OTLP_*
-    if "console" in names:
-        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
-
-        out.append(ConsoleSpanExporter())
-    return out
-
-
-class SpanSink:
-    """Where finished spans go, and what decides about new ones: the SDK's
-    resource, sampler and id generator (as a TracerProvider resolves them from
-    the environment) and its span processors, one per exporter (batching: the
-    event loop never waits on an export)."""
-
-    def __init__(self, exporters: list[SpanExporter], *, batch: bool = True):
-        from opentelemetry.sdk.resources import OTELResourceDetector, Resource
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
-        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-
-        # service.name defaults to loopwatch; OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES win.
-        from_env = OTELResourceDetector().detect().attributes
-        resource = Resource.create({"service.name": "loopwatch", "service.version": __version__, **from_env})
-        # Only to resolve OTEL_TRACES_SAMPLER (default parentbased_always_on) and the
-        # id generator exactly as the SDK does; spans never go through its tracers.
-        provider = TracerProvider(resource=resource, shutdown_on_exit=False)
-        self.resource = provider.resource
-        self.sampler = provider.sampler
-        self.ids = provider.id_generator
-        # always_on and parentbased_always_on (the default) sample every root span
-        # with exactly the attributes given and no trace state: no call needed.
-        from opentelemetry.sdk.trace.sampling import ALWAYS_ON, DEFAULT_ON
-
-        self.roots_always_on = self.sampler is ALWAYS_ON or self.sampler is DEFAULT_ON
-        self.scope = InstrumentationScope("loopwatch", __version__)
-        self.processors: list[SpanProcessor] = [
-            BatchSpanProcessor(e) if batch else SimpleSpanProcessor(e) for e in exporters
-        ]
-
-    def emit(self, span: ReadableSpan) -> None:
-        for processor in self.processors:
-            processor.on_end(span)
-
-    def force_flush(self, timeout_millis: int = 30_000) -> bool:
-        return all(p.force_flush(timeout_millis) for p in self.processors)
-
-    def shutdown(self) -> None:
-        for processor in self.processors:
-            processor.shutdown()
+Sink = SpanSink | ProcessSpanSink
 
 
 def make_tracing(exporters: list[SpanExporter], *, batch: bool = True) -> SpanSink:
-    return SpanSink(exporters, batch=batch)
+    """Spans into these exporters, through the SDK's processors in this process."""
+    return SpanSink(exporters, readable_span, batch=batch)
 
 
-def tracing_from_env(env: Mapping[str, str] | None = None) -> SpanSink | None:
-    """The pipeline the OTEL_* variables describe, or None when traces are off."""
+def tracing_from_env(env: Mapping[str, str] | None = None) -> ProcessSpanSink | None:
+    """The pipeline the OTEL_* variables describe (exported from a child process,
+    proxy/span_export.py), or None when traces are off."""
     env = os.environ if env is None else env
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return None
-    exporters = exporters_from_env(env)
-    return SpanSink(exporters) if exporters else None
+    return ProcessSpanSink(env=env) if exporter_names(env) else None
 
 
 # --- per connection ---------------------------------------------------------------
 
 
+Request = tuple  # (path, peer, route, key, Host header or None, User-Agent or None)
+Close = tuple  # (connection id, code, reason, initiator, duration, messages in/out, bytes in/out)
+
+
 @dataclass(slots=True)
 class ConnTrace:
-    """A connection's span while it lasts (on `Attempt.state`). `attributes` is None
-    when the sampler does not record it: then only the trace context exists."""
+    """A connection's span while it lasts (on `Attempt.state`): the values it is
+    made of, as they came; the attribute names are `readable_span`'s. Not
+    `recording` (the sampler said drop): only the trace context exists."""
 
     name: str
     trace_id_int: int
@@ -179,9 +120,12 @@ class ConnTrace:
     trace_state: TraceState | None
     parent: SpanContext | None
     start: int  # ns since the epoch
-    attributes: dict[str, Any] | None
-    events: list[Event] | None = None
-    status: Status = _UNSET
+    recording: bool
+    request: Request
+    extra: dict[str, Any] | None = None  # attributes of the rarer steps (refusal, failed handshake …)
+    close: Close | None = None
+    events: list[tuple[str, dict[str, Any], int]] | None = None  # (name, attributes, ns)
+    status: tuple[int, str | None] | None = None  # (StatusCode value, description); None: unset
     conn_id: int = 0
     ended: bool = False
 
@@ -195,38 +139,97 @@ class ConnTrace:
         return f"{self.trace_id_int:032x}"
 
     def set(self, attributes: dict[str, Any]) -> None:
-        if self.attributes is not None:
-            self.attributes.update(attributes)
+        if not self.recording:
+            return
+        if self.extra is None:
+            self.extra = {}
+        self.extra.update(attributes)
 
     def add_event(self, name: str, attributes: dict[str, Any]) -> None:
-        if self.attributes is None:
+        if not self.recording:
             return
-        from opentelemetry.sdk.trace import Event
-
         if self.events is None:
             self.events = []
-        self.events.append(Event(name, attributes))
+        self.events.append((name, attributes, time.time_ns()))
 
-    def readable(self, end: int, sink: SpanSink) -> ReadableSpan:
-        from opentelemetry.sdk.trace import ReadableSpan
+    def error(self, description: str) -> None:
+        self.status = (StatusCode.ERROR.value, description)
 
-        context = SpanContext(
-            self.trace_id_int, self.span_id, is_remote=False,
-            trace_flags=TraceFlags(self.flags), trace_state=self.trace_state,
+    def record(self, end: int) -> Record:
+        """The finished span as plain values (what `marshal` carries to the exporter)."""
+        parent = self.parent
+        if parent is not None:
+            parent_state = parent.trace_state.to_header() if parent.trace_state else None
+            parent = (parent.trace_id, parent.span_id, int(parent.trace_flags), parent.is_remote, parent_state)
+        state = self.trace_state.to_header() if self.trace_state else None
+        return (
+            self.name, self.trace_id_int, self.span_id, self.flags, state, parent, self.start, end,
+            self.request, self.extra, self.close, self.events, self.status,
         )  # fmt: skip
-        return ReadableSpan(
-            name=self.name,
-            context=context,
-            parent=self.parent,
-            resource=sink.resource,
-            attributes=self.attributes,
-            events=tuple(self.events or ()),
-            kind=SpanKind.SERVER,
-            status=self.status,
-            start_time=self.start,
-            end_time=end,
-            instrumentation_scope=sink.scope,
-        )
+
+
+def request_attributes(request: Request) -> dict[str, Any]:
+    """The span's attributes known when the upgrade request arrives."""
+    path, peer, route, key, authority, agent = request
+    attributes: dict[str, Any] = {
+        "url.path": path,  # not the query: it may carry a token
+        "client.address": peer,
+        "loopwatch.route": route,
+        "loopwatch.client.key_hash": client_hash(key),
+    }
+    host = _host(authority)
+    if host is not None:
+        attributes["server.address"] = host
+    if agent is not None:
+        attributes["user_agent.original"] = agent.decode("latin-1")
+    return attributes
+
+
+def readable_span(record: Record, resource: Resource, scope: InstrumentationScope) -> ReadableSpan:
+    """A record as the SDK's ReadableSpan, for its processors and exporters."""
+    from opentelemetry.sdk.trace import Event, ReadableSpan
+    from opentelemetry.trace.span import TraceState
+
+    name, trace_id, span_id, flags, state, parent, start, end, request, extra, close, events, status = record
+    attributes = request_attributes(request)
+    if extra:
+        attributes.update(extra)
+    if close is not None:
+        conn_id, code, reason, initiator, duration, messages_in, messages_out, bytes_in, bytes_out = close
+        attributes["http.response.status_code"] = 101
+        attributes["loopwatch.connection.id"] = conn_id
+        attributes["loopwatch.close.code"] = code
+        attributes["loopwatch.close.reason"] = reason
+        attributes["loopwatch.close.initiator"] = initiator
+        attributes["loopwatch.connection.duration"] = duration
+        attributes["loopwatch.messages.client_to_upstream"] = messages_in
+        attributes["loopwatch.messages.upstream_to_client"] = messages_out
+        attributes["loopwatch.bytes.client_to_upstream"] = bytes_in
+        attributes["loopwatch.bytes.upstream_to_client"] = bytes_out
+    parent_context = None
+    if parent is not None:
+        p_trace, p_span, p_flags, p_remote, p_state = parent
+        parent_context = SpanContext(
+            p_trace, p_span, is_remote=p_remote, trace_flags=TraceFlags(p_flags),
+            trace_state=TraceState.from_header([p_state]) if p_state else None,
+        )  # fmt: skip
+    context = SpanContext(
+        trace_id, span_id, is_remote=False, trace_flags=TraceFlags(flags),
+        trace_state=TraceState.from_header([state]) if state else None,
+    )  # fmt: skip
+    return ReadableSpan(
+        name=name,
+        context=context,
+        parent=parent_context,
+        resource=resource,
+        attributes=attributes,
+        events=tuple(Event(n, a, timestamp=t) for n, a, t in events or ()),
+        kind=SpanKind.SERVER,
+        status=_UNSET if status is None else Status(StatusCode(status[0]), status[1]),
+        start_time=start,
+        end_time=end,
+        instrumentation_scope=scope,
+    )
 
 
 def trace_of(conn: Attempt | None) -> ConnTrace | None:
@@ -247,7 +250,7 @@ def _host(authority: bytes | None) -> str | None:
 class TracingObserver(Observer):
     name = "tracing"
 
-    def __init__(self, sink: SpanSink, settings: Settings):
+    def __init__(self, sink: Sink, settings: Settings):
         self.sink = sink
         self.propagator = TraceContextTextMapPropagator()
         # Open connections, for findings and actions that come without one
@@ -297,26 +300,12 @@ class TracingObserver(Observer):
             remote = get_current_span(context).get_span_context()
             if remote.is_valid:
                 parent = remote
-        attributes: dict[str, Any] = {
-            "url.path": head.path,  # not the query: it may carry a token
-            "client.address": conn.peer,
-            "loopwatch.route": conn.route,
-            "loopwatch.client.key_hash": client_hash(conn.key),
-        }
-        agent = head.get(b"user-agent")
-        host = _host(head.authority)
-        if host is not None:
-            attributes["server.address"] = host
-        if agent is not None:
-            attributes["user_agent.original"] = agent.decode("latin-1")
-        if self.expose_client_keys:
-            attributes["loopwatch.client.key"] = conn.key
+        request = (head.path, conn.peer, conn.route, conn.key, head.authority, head.get(b"user-agent"))
 
         # What Tracer.start_span decides, in the same order and with the same parts.
         sink = self.sink
         name = f"WebSocket {conn.route}"
-        recorded: dict[str, Any] | None = attributes
-        trace_state = None
+        recording, extra, trace_state = True, None, None
         if parent is None:
             trace_id = sink.ids.generate_trace_id()
             random_id = sink.ids.is_trace_id_random()
@@ -326,21 +315,23 @@ class TracingObserver(Observer):
         if parent is None and sink.roots_always_on:
             flags = TraceFlags.SAMPLED
         else:
+            attributes = request_attributes(request) if sink.sampler_reads_attributes else {}
             sampling = sink.sampler.should_sample(context, trace_id, name, SpanKind.SERVER, attributes)
             flags = TraceFlags.SAMPLED if sampling.decision.is_sampled() else TraceFlags.DEFAULT
             trace_state = sampling.trace_state
-            if not sampling.decision.is_recording():
-                recorded = None
-            elif len(sampling.attributes) != len(attributes):
-                # The SDK's samplers hand back a view of `attributes`; copy only
-                # when a sampler added its own.
-                recorded = dict(sampling.attributes)
+            recording = sampling.decision.is_recording()
+            # The SDK's samplers hand back a view of `attributes`; keep what a sampler added.
+            added = {k: v for k, v in sampling.attributes.items() if k not in attributes or attributes[k] != v}
+            extra = added or None
         if random_id:
             flags |= TraceFlags.RANDOM_TRACE_ID
         trace = ConnTrace(
-            name, trace_id, sink.ids.generate_span_id(), flags, trace_state, parent, time.time_ns(), recorded
-        )
+            name, trace_id, sink.ids.generate_span_id(), flags, trace_state, parent, time.time_ns(),
+            recording, request, extra,
+        )  # fmt: skip
         conn.state = trace
+        if self.expose_client_keys:
+            trace.set({"loopwatch.client.key": conn.key})
         if isinstance(decision, Reject):
             refusal = refusal_for(decision, self.reject_with)
             trace.set(
@@ -371,11 +362,11 @@ class TracingObserver(Observer):
         if event.status is not None:
             trace.set({"http.response.status_code": event.status})
             if event.status >= 500:
-                trace.status = Status(StatusCode.ERROR, f"upstream answered {event.status}")
+                trace.error(f"upstream answered {event.status}")
         else:
             trace.set({"error.type": event.error or "unknown"})
             if event.error != "client_closed":
-                trace.status = Status(StatusCode.ERROR, f"upstream handshake: {event.error}")
+                trace.error(f"upstream handshake: {event.error}")
         self._end(trace)
 
     def on_opened(self, conn: Attempt, event: ev.Opened) -> None:
@@ -396,20 +387,13 @@ class TracingObserver(Observer):
             same_key.pop(conn.conn_id, None)
             if not same_key:
                 del self.by_key[conn.key]
-        attributes = trace.attributes
-        if attributes is not None:
-            attributes["http.response.status_code"] = 101
-            attributes["loopwatch.connection.id"] = conn.conn_id
-            attributes["loopwatch.close.code"] = event.code
-            attributes["loopwatch.close.reason"] = event.reason
-            attributes["loopwatch.close.initiator"] = event.initiator
-            attributes["loopwatch.connection.duration"] = event.duration
-            attributes["loopwatch.messages.client_to_upstream"] = stats.messages_in
-            attributes["loopwatch.messages.upstream_to_client"] = stats.messages_out
-            attributes["loopwatch.bytes.client_to_upstream"] = stats.bytes_in
-            attributes["loopwatch.bytes.upstream_to_client"] = stats.bytes_out
+        if trace.recording:
+            trace.close = (
+                conn.conn_id, event.code, event.reason, event.initiator, event.duration,
+                stats.messages_in, stats.messages_out, stats.bytes_in, stats.bytes_out,
+            )  # fmt: skip
         if event.code in ERROR_CODES:
-            trace.status = Status(StatusCode.ERROR, f"closed {event.code} {event.reason}".rstrip())
+            trace.error(f"closed {event.code} {event.reason}".rstrip())
         self._end(trace)
 
     def on_outcome(self, outcome: Outcome, t: float, conn: Attempt | None = None) -> None:
@@ -463,15 +447,15 @@ class TracingObserver(Observer):
     # --- ending ------------------------------------------------------------------
 
     def _end(self, trace: ConnTrace | None) -> None:
-        """End the span at this instant; hand it to the processors a little later,
-        with the others that ended meanwhile. Later, because the gate shows
-        observers the engine's outcome of this very step (a finding, a cooldown)
-        right after, and its events belong on this span; in batches, because one
-        timer per FLUSH_DELAY costs less than a callback per connection."""
+        """End the span at this instant; hand it to the sink a little later, with
+        the others that ended meanwhile. Later, because the gate shows observers
+        the engine's outcome of this very step (a finding, a cooldown) right
+        after, and its events belong on this span; in batches, because one timer
+        per FLUSH_DELAY costs less than a callback per connection."""
         if trace is None or trace.ended:
             return
         trace.ended = True
-        if trace.attributes is None:  # not recorded: nothing to export
+        if not trace.recording:  # nothing to export
             return
         self._ending.append((trace, time.time_ns()))
         if not self._armed:
@@ -487,14 +471,10 @@ class TracingObserver(Observer):
         self.flush()
 
     def flush(self) -> None:
-        """Hand every ended span to the processors now (also at shutdown)."""
+        """Hand every ended span to the sink now (also at shutdown)."""
         ending, self._ending = self._ending, []
-        sink = self.sink
-        processors = sink.processors
-        for trace, end in ending:
-            span = trace.readable(end, sink)
-            for processor in processors:
-                processor.on_end(span)
+        if ending:
+            self.sink.submit([trace.record(end) for trace, end in ending])
 
 
 @functools.lru_cache(maxsize=8192)  # a looping client reconnects with the same key
@@ -515,13 +495,19 @@ def trace_id_of(tracing: TracingObserver | None, conn: Attempt | None, key: str 
 
 
 __all__ = [
+    "EXPORTERS",
     "SAMPLED",
     "ConnTrace",
+    "ProcessSpanSink",
+    "Sink",
     "SpanSink",
     "TracingConfigError",
     "TracingObserver",
     "client_hash",
+    "exporters_from_env",
     "make_tracing",
+    "readable_span",
+    "request_attributes",
     "trace_id_of",
     "trace_of",
     "tracing_from_env",

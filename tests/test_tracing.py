@@ -17,6 +17,7 @@ from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import SpanKind, StatusCode
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection
@@ -25,7 +26,13 @@ from proxy.admin import build_registry
 from proxy.demo_backend import issue_token
 from proxy.runtime import start
 from proxy.telemetry import Telemetry, client_hash
-from proxy.tracing import TracingConfigError, tracing_from_env
+from proxy.tracing import (
+    ProcessSpanSink,
+    TracingConfigError,
+    exporters_from_env,
+    make_tracing,
+    tracing_from_env,
+)
 from tests.conftest import free_port, wait_for, websockets_backend
 from tests.test_telemetry import (
     OPENMETRICS,
@@ -236,15 +243,18 @@ def test_tracing_from_env() -> None:
         tracing_from_env({"OTEL_TRACES_EXPORTER": "zipkin"})
     with pytest.raises(TracingConfigError, match="OTEL_EXPORTER_OTLP_PROTOCOL.*'grpc'"):
         tracing_from_env({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})
-    sink = tracing_from_env({"OTEL_TRACES_EXPORTER": "console, otlp"})
-    assert sink is not None
+    env = {"OTEL_TRACES_EXPORTER": "console, otlp"}
+    exporters = sorted(type(e).__name__ for e in exporters_from_env(env))
+    assert exporters == ["ConsoleSpanExporter", "OTLPSpanExporter"]
+    sink = tracing_from_env(env)
+    assert isinstance(sink, ProcessSpanSink)  # the exporters run in a child process
     try:
         assert sink.resource.attributes["service.name"] == "loopwatch"
-        exporters = sorted(type(p.span_exporter).__name__ for p in sink.processors)  # type: ignore[attr-defined]
-        assert exporters == ["ConsoleSpanExporter", "OTLPSpanExporter"]
         assert type(sink.sampler).__name__ == "ParentBased"  # OTEL_TRACES_SAMPLER's default
+        assert sink.force_flush(10_000)  # the child is up and answers
     finally:
         sink.shutdown()
+    assert sink.child is None  # it exited at the end of its input
 
 
 class OtlpReceiver:
@@ -335,3 +345,54 @@ def test_run_refuses_an_otel_setting_it_cannot_honour() -> None:
     )  # fmt: skip
     assert done.returncode == 2
     assert "OTEL_EXPORTER_OTLP_PROTOCOL: loopwatch exports OTLP over http/protobuf only, got 'grpc'" in done.stderr
+
+
+class PathSampler(Sampler):
+    """A sampler of one's own that reads the span's attributes and adds one."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, Any]] = []
+
+    def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None, links=None,  # type: ignore[no-untyped-def]
+                      trace_state=None) -> SamplingResult:  # fmt: skip
+        self.seen.append(dict(attributes or {}))
+        keep = str((attributes or {}).get("url.path", "")).startswith("/keep")
+        decision = Decision.RECORD_AND_SAMPLE if keep else Decision.DROP
+        return SamplingResult(decision, {**(attributes or {}), "sampler.note": "kept"} if keep else None)
+
+    def get_description(self) -> str:
+        return "PathSampler"
+
+
+def test_only_samplers_of_ones_own_are_given_the_attributes() -> None:
+    from opentelemetry.sdk.trace import sampling
+
+    from proxy.span_export import _ignores_attributes
+
+    for sdk in (sampling.ALWAYS_ON, sampling.ALWAYS_OFF, sampling.DEFAULT_ON, sampling.TraceIdRatioBased(0.1),
+                sampling.ParentBasedTraceIdRatio(0.1), sampling.ParentBased(sampling.ALWAYS_OFF)):  # fmt: skip
+        assert _ignores_attributes(sdk), sdk
+    assert not _ignores_attributes(PathSampler())
+    assert not _ignores_attributes(sampling.ParentBased(PathSampler()))
+
+
+async def test_a_sampler_of_ones_own_sees_and_adds_attributes() -> None:
+    exporter = InMemorySpanExporter()
+    sink = make_tracing([exporter], batch=False)
+    sink.sampler = sampler = PathSampler()
+    sink.roots_always_on, sink.sampler_reads_attributes = False, True
+    async with recording_echo() as (url, seen):
+        telemetry = Telemetry(settings_with(upstream=url), build_registry(), spans=sink)
+        running = await start(settings_with(upstream=url), telemetry=telemetry)
+        try:
+            for path in ("/keep/a", "/drop/b"):
+                assert await attempt(f"ws://127.0.0.1:{running.proxy_port}{path}", ["x"]) == (1000, "")
+            await wait_for(lambda: not running.proxy.relays)
+        finally:
+            await running.close()
+    assert [s["url.path"] for s in sampler.seen] == ["/keep/a", "/drop/b"]
+    assert sampler.seen[0]["loopwatch.route"] == "/" and "client.address" in sampler.seen[0]
+    (span,) = exporter.get_finished_spans()
+    assert span.attributes["url.path"] == "/keep/a" and span.attributes["sampler.note"] == "kept"
+    flags = [int(parse_traceparent(h["traceparent"])[2], 16) & 1 for h in seen]
+    assert flags == [1, 0]

@@ -9,10 +9,12 @@ both with tiny counts, tests/test_bench_smoke.py).
   with no sockets: `attempt` (identity, `Engine.admit`, observers), `opened`,
   `closed`, each attempt a new client (its own JWT `sub`, as the load generator
   sends). Modes: `off` (the pass-through gate), `on` (detection, no telemetry),
-  `telemetry` (detection with the metrics, tracing into an exporter that drops,
-  and event-log observers). CPU µs per cycle, best of 3; with `--callgrind` also
-  the instructions per cycle (N = 3 000 minus N = 1 000 under callgrind), which
-  do not move with the machine's load.
+  `telemetry` (detection with the metrics, tracing into the span exporter
+  process with an exporter that drops, and event-log observers; what that
+  process does is not counted here: this is the event loop's share). CPU µs
+  per cycle, best of 3; with `--callgrind` also the instructions per cycle
+  (N = 3 000 minus N = 1 000 under callgrind), which do not move with the
+  machine's load.
 * **ablation**: the real proxy under the benchmarks' load generator (churn: connect,
   upgrade, one echo, close 1000; 20 workers, then one), one loopwatch process per
   variant in front of one echo backend, interleaved rounds: detection off, on,

@@ -1,0 +1,283 @@
+"""The span exporter process (proxy/span_export.py): a record crosses the pipe
+without losing anything, the child exports what it is given and what is still
+queued at shutdown, a child that dies is replaced and what was lost is counted,
+a stalled child costs spans rather than the event loop, and the child never
+outlives loopwatch."""
+
+from __future__ import annotations
+
+import json
+import logging
+import marshal
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.trace import SpanContext, StatusCode, TraceFlags
+from opentelemetry.trace.span import TraceState
+
+from proxy import span_export
+from proxy.span_export import ProcessSpanSink, SdkParts
+from proxy.tracing import ConnTrace, readable_span
+
+FACTORY = "tests.test_span_export:file_exporters"
+PARTS = SdkParts()
+
+
+class FileExporter(SpanExporter):
+    """One JSON line per exported span, in the file $LW_SPAN_FILE (the child's)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:  # type: ignore[override]
+        with open(self.path, "a") as f:
+            for span in spans:
+                f.write(json.dumps(summary(span)) + "\n")
+        return SpanExportResult.SUCCESS
+
+
+def file_exporters() -> list[SpanExporter]:
+    return [FileExporter(os.environ["LW_SPAN_FILE"])]
+
+
+def summary(span: ReadableSpan) -> dict[str, Any]:
+    """What an exporter sees of a span, as plain comparable data."""
+    parent = span.parent
+    return {
+        "name": span.name,
+        "context": [span.context.trace_id, span.context.span_id, int(span.context.trace_flags),
+                    span.context.trace_state.to_header() if span.context.trace_state else None],
+        "parent": None if parent is None else [parent.trace_id, parent.span_id, int(parent.trace_flags),
+                                              parent.is_remote, parent.trace_state.to_header()],
+        "attributes": {k: list(v) if isinstance(v, tuple) else v for k, v in (span.attributes or {}).items()},
+        "events": [[e.name, dict(e.attributes or {}), e.timestamp] for e in span.events],
+        "status": [span.status.status_code.value, span.status.description],
+        "times": [span.start_time, span.end_time],
+        "kind": span.kind.value,
+        "resource": dict(span.resource.attributes),
+    }  # fmt: skip
+
+
+def exported(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def trace(i: int, **extra: Any) -> ConnTrace:
+    t = ConnTrace(
+        "WebSocket /", 0x4BF92F3577B34DA6A3CE929D0E0E4736 + i, 0x00F067AA0BA902B7 + i, 3, None, None,
+        1_700_000_000_000_000_000 + i, True, ("/room", "127.0.0.1", "/", f"user-{i}@127.0.0.1", b"lw:8080", None),
+    )  # fmt: skip
+    t.close = (i, 1000, "", "client", 0.5, 1, 2, 30, 40)
+    for k, v in extra.items():
+        setattr(t, k, v)
+    return t
+
+
+def records(start: int, n: int) -> list[tuple]:
+    return [trace(i).record(2_000_000_000_000_000_000 + i) for i in range(start, start + n)]
+
+
+@pytest.fixture
+def sink(tmp_path: Path) -> Iterator[tuple[ProcessSpanSink, Path]]:
+    out = tmp_path / "spans.jsonl"
+    s = ProcessSpanSink(env={"LW_SPAN_FILE": str(out)}, exporter_factory=FACTORY)
+    try:
+        yield s, out
+    finally:
+        s.shutdown()
+
+
+# --- the record ------------------------------------------------------------------------------
+
+attr_values = st.one_of(
+    st.text(max_size=20), st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=False), st.booleans(),
+    st.lists(st.text(max_size=5), max_size=3).map(tuple),
+)  # fmt: skip
+attrs = st.dictionaries(st.text(min_size=1, max_size=12), attr_values, max_size=4)
+states = st.none() | st.dictionaries(
+    st.from_regex(r"[a-z][a-z0-9]{0,6}", fullmatch=True), st.from_regex(r"[a-z0-9]{1,6}", fullmatch=True),
+    min_size=1, max_size=3,
+).map(lambda d: TraceState(list(d.items())))  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    ids=st.tuples(st.integers(1, 2**128 - 1), st.integers(1, 2**64 - 1)),
+    flags=st.sampled_from([0, 1, 2, 3]),
+    state=states,
+    parent=st.none() | st.tuples(st.integers(1, 2**128 - 1), st.integers(1, 2**64 - 1), st.booleans(), states),
+    agent=st.none() | st.binary(max_size=20),
+    host=st.none() | st.sampled_from([b"", b"example.com:8080", b"[::1]:80", b"lw"]),
+    extra=st.none() | attrs,
+    closed=st.booleans(),
+    events=st.lists(st.tuples(st.text(min_size=1, max_size=10), attrs, st.integers(0, 2**63 - 1)), max_size=3),
+    status=st.none() | st.tuples(st.just(StatusCode.ERROR.value), st.none() | st.text(max_size=20)),
+)
+def test_a_record_crosses_the_pipe_unchanged(
+    ids: tuple[int, int], flags: int, state: TraceState | None, parent: Any, agent: bytes | None,
+    host: bytes | None, extra: dict[str, Any] | None, closed: bool, events: list[Any], status: Any,
+) -> None:  # fmt: skip
+    remote = None
+    if parent is not None:
+        remote = SpanContext(parent[0], parent[1], is_remote=parent[2], trace_flags=TraceFlags(1),
+                             trace_state=parent[3])  # fmt: skip
+    t = ConnTrace(
+        "WebSocket /x", ids[0], ids[1], flags, state, remote, 10, True,
+        ("/x", "10.0.0.1", "/x", "k@10.0.0.1", host, agent), extra,
+        (7, 1008, "no", "upstream", 0.01, 1, 2, 3, 4) if closed else None, events or None, status,
+    )  # fmt: skip
+    record = t.record(20)
+    direct = readable_span(record, PARTS.resource, PARTS.scope)
+    piped = readable_span(marshal.loads(marshal.dumps(record)), PARTS.resource, PARTS.scope)
+    assert summary(piped) == summary(direct)
+    assert piped.context.trace_id == ids[0] and piped.context.span_id == ids[1]
+    assert (piped.parent is None) == (parent is None)
+    header = piped.context.trace_state.to_header() if piped.context.trace_state else None
+    assert header == (state.to_header() if state else None)
+    if parent is not None:
+        assert piped.parent is not None and piped.parent.is_remote == parent[2]
+        assert piped.parent.trace_state.to_header() == (parent[3].to_header() if parent[3] else "")
+    assert piped.status.status_code.value == (status[0] if status else StatusCode.UNSET.value)
+    a = dict(piped.attributes or {})
+    assert a["url.path"] == "/x" and a["loopwatch.client.key_hash"] != "k@10.0.0.1"
+    if closed:
+        assert a["loopwatch.close.code"] == 1008 and a["http.response.status_code"] == 101
+    assert [e.name for e in piped.events] == [e[0] for e in events]
+
+
+# --- the child process -------------------------------------------------------------------------
+
+
+def test_the_child_exports_what_it_is_given_and_what_is_queued_at_shutdown(tmp_path: Path) -> None:
+    out = tmp_path / "spans.jsonl"
+    s = ProcessSpanSink(env={"LW_SPAN_FILE": str(out), "OTEL_SERVICE_NAME": "edge"}, exporter_factory=FACTORY)
+    child = s.child
+    assert child is not None
+    s.submit(records(0, 3))
+    assert s.force_flush(10_000)
+    got = exported(out)
+    want = [summary(readable_span(r, PARTS.resource, PARTS.scope)) for r in records(0, 3)]
+    for g, w in zip(got, want, strict=True):
+        assert g["resource"]["service.name"] == "edge"  # the child reads the environment itself
+        g.pop("resource"), w.pop("resource")
+        assert g == w
+    s.submit(records(3, 500))  # no flush: shutdown hands them over and the child exports them
+    s.shutdown()
+    assert child.returncode == 0
+    assert [e["context"][1] for e in exported(out)] == [r[2] for r in records(0, 503)]
+    assert s.dropped == 0
+
+
+def test_a_dead_child_is_replaced_and_the_lost_spans_counted(
+    sink: tuple[ProcessSpanSink, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    s, out = sink
+    monkeypatch.setattr(span_export, "RESPAWN_INTERVAL", 0.5)
+    first = s.child
+    assert first is not None
+    first.kill()
+    first.wait()
+    with caplog.at_level(logging.ERROR, logger="loopwatch.tracing"):
+        s._spawned_at = time.monotonic()  # it "just" started: the next batch finds it dead, too soon to restart
+        s.submit(records(0, 2))
+        wait_for_sync(lambda: s.dropped == 2)
+    assert [r.message for r in caplog.records] == ["span_exporter_exited"]
+    time.sleep(0.6)
+    s.submit(records(2, 2))
+    assert s.force_flush(10_000)
+    assert s.child is not None and s.child.pid != first.pid
+    assert [e["context"][1] for e in exported(out)] == [r[2] for r in records(2, 2)]
+    assert s.dropped == 2
+
+
+def test_a_stalled_child_costs_spans_not_the_event_loop(tmp_path: Path) -> None:
+    out = tmp_path / "spans.jsonl"
+    # The SDK's queue in the child holds all that arrives once it runs again.
+    env = {"LW_SPAN_FILE": str(out), "OTEL_BSP_MAX_QUEUE_SIZE": "100000"}
+    s = ProcessSpanSink(env=env, exporter_factory=FACTORY)
+    assert s.force_flush(10_000)  # the child is up
+    child = s.child
+    assert child is not None
+    os.kill(child.pid, signal.SIGSTOP)
+    try:
+        batch = records(0, 10)
+        slowest, submitted = 0.0, 0
+        for _ in range(span_export.QUEUE_BATCHES + 200):  # far more than the pipe and the queue hold
+            t0 = time.perf_counter()
+            s.submit(batch)
+            slowest = max(slowest, time.perf_counter() - t0)
+            submitted += len(batch)
+        assert slowest < 0.05  # never waits on the child
+        wait_for_sync(lambda: s.dropped > 0)
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+    try:
+        assert s.force_flush(30_000)
+        assert len(exported(out)) + s.dropped == submitted
+    finally:
+        s.shutdown()
+
+
+def test_a_value_marshal_cannot_carry_drops_that_span_only(sink: tuple[ProcessSpanSink, Path]) -> None:
+    s, out = sink
+    bad = trace(1, extra={"weird": object()}).record(5)
+    s.submit([records(0, 1)[0], bad, records(2, 1)[0]])
+    assert s.force_flush(10_000)
+    assert [e["context"][1] for e in exported(out)] == [records(0, 1)[0][2], records(2, 1)[0][2]]
+    assert s.dropped == 1
+
+
+def test_the_child_exits_when_loopwatch_is_killed(tmp_path: Path) -> None:
+    out = tmp_path / "spans.jsonl"
+    script = textwrap.dedent(f"""
+        import os, sys, time
+        from proxy.span_export import ProcessSpanSink
+        from tests.test_span_export import records
+        s = ProcessSpanSink(env={{"LW_SPAN_FILE": {str(out)!r}}}, exporter_factory={FACTORY!r})
+        s.submit(records(0, 5))
+        assert s.force_flush(10_000)
+        s.submit(records(5, 5))
+        print(s.child.pid, flush=True)
+        time.sleep(60)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        child_pid = int(parent.stdout.readline())
+        wait_for_sync(lambda: len(exported(out)) >= 5)
+        parent.kill()  # SIGKILL: no shutdown, no flush
+        parent.wait()
+        wait_for_sync(lambda: not Path(f"/proc/{child_pid}").exists() or _zombie(child_pid), timeout=15)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+    assert len(exported(out)) in (5, 10)  # what it had read, it exported before leaving
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def wait_for_sync(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.01)
+
