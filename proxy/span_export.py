@@ -117,6 +117,7 @@ class SdkParts:
         self.resource = provider.resource
         self.sampler = provider.sampler
         self.ids = provider.id_generator
+        self.random_trace_ids = self.ids.is_trace_id_random()  # a property of the generator
         # always_on and parentbased_always_on (the default) sample every root span
         # with exactly the attributes given and no trace state: no call needed.
         self.roots_always_on = self.sampler is ALWAYS_ON or self.sampler is DEFAULT_ON

@@ -308,7 +308,7 @@ class TracingObserver(Observer):
         recording, extra, trace_state = True, None, None
         if parent is None:
             trace_id = sink.ids.generate_trace_id()
-            random_id = sink.ids.is_trace_id_random()
+            random_id = sink.random_trace_ids
         else:
             trace_id = parent.trace_id
             random_id = parent.trace_flags.random_trace_id
@@ -345,7 +345,7 @@ class TracingObserver(Observer):
                 trace.set({"loopwatch.close.code": 1013, "loopwatch.close.reason": refusal.message})
             return
         headers = conn.extra_headers if conn.extra_headers is not None else []
-        headers.append((b"traceparent", f"00-{trace_id:032x}-{trace.span_id:016x}-{flags:02x}".encode()))
+        headers.append((b"traceparent", b"00-%032x-%016x-%02x" % (trace_id, trace.span_id, flags)))
         if trace_state:
             headers.append((b"tracestate", trace_state.to_header().encode("latin-1")))
         conn.extra_headers = headers
