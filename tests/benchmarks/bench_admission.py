@@ -57,7 +57,7 @@ def serve(mode: str, backend_port: int, overrides: dict[str, object] | None = No
     from proxy.gate import Gate
     from proxy.logs import setup_logging
     from proxy.observers import Observers
-    from proxy.runtime import build_gate, run_loop, start
+    from proxy.runtime import build_gate, run_loop, start, tune_gc
     from proxy.telemetry import Telemetry
 
     settings = load_settings(
@@ -77,6 +77,7 @@ def serve(mode: str, backend_port: int, overrides: dict[str, object] | None = No
         telemetry = Telemetry(settings, build_registry(), spans=None, owns_spans=True)
         gate = build_gate(settings, Observers()) if mode == "on" else Gate()
         running = await start(settings, gate, telemetry=telemetry)
+        tune_gc()  # the collector as `loopwatch run` sets it up
         print(json.dumps({"port": running.proxy_port}), flush=True)
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)

@@ -105,7 +105,7 @@ def serve(mode: str, backend_port: int) -> None:
     from proxy.config import load_settings
     from proxy.logs import setup_logging
     from proxy.observers import Observers
-    from proxy.runtime import build_gate, run_loop, start
+    from proxy.runtime import build_gate, run_loop, start, tune_gc
     from proxy.telemetry import Telemetry
 
     settings = load_settings(
@@ -120,6 +120,11 @@ def serve(mode: str, backend_port: int) -> None:
         telemetry = Telemetry(settings, build_registry(), spans=sink, owns_spans=True)
         observers = Observers(telemetry.observers if mode != "off" else [])
         running = await start(settings, build_gate(settings, observers), telemetry=telemetry)
+        tune_gc()  # the collector as `loopwatch run` sets it up
+        if sink is not None:
+            # Steady state only: the span exporter process has started (its imports
+            # take ~1 s of CPU here) before any measurement can begin.
+            sink.force_flush(30_000)
         print(json.dumps({"port": running.proxy_port, "admin": running.admin_port}), flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
