@@ -280,10 +280,12 @@ def section(summary: dict, profile_name: str, rounds: int) -> str:
     }
     lines += [
         "",
-        f"Target for relay throughput: {verdict['throughput']}; for the handshake rate: "
+        f"In this run, target for relay throughput: {verdict['throughput']}; for the handshake rate: "
         f"{verdict['churn']}. The machine is a 2-core VM shared with the load generator",
         "and the backend (and, while developing, other work): rates move by ±10 % from",
-        "one run to the next, the CPU per operation much less.",
+        "one run to the next, the CPU per operation less. One run does not settle a",
+        "target this close: \"What this means for the open targets\" below lists the",
+        "spread over runs.",
         "",
         "Relay throughput does not depend on telemetry: nothing per message touches",
         "it (message and byte counts are the relay parsers' plain integers, read at the",
