@@ -515,13 +515,23 @@ def itself() -> list[cogbuilder.Builder[Any]]:
         ),
     ).span(6)
     observer_errors = ts(
-        "Observer errors/s",
+        "Observer errors and lost spans/s",
         "Exceptions raised by an observer (telemetry, logs, recorder …). The relay carries on, "
         "but what that observer records is incomplete — metrics or logs may be missing. Any "
-        "non-zero value is a loopwatch bug: the JSON logs have the traceback; report it.",
-        query(
-            f"sum by (instance, observer) (rate(loopwatch_observer_errors_total{{{SEL}}}[$__rate_interval]))",
-            "{{observer}} {{instance}}",
+        "non-zero value is a loopwatch bug: the JSON logs have the traceback; report it. "
+        "Lost spans: finished spans dropped before an exporter got them, because the span "
+        "exporter process was slower than the traffic (its queue was full) or had died (it is "
+        "restarted within a second, the log says span_exporter_exited). Traces of those "
+        "connections are missing; the proxy is unaffected.",
+        *refs(
+            (
+                f"sum by (instance, observer) (rate(loopwatch_observer_errors_total{{{SEL}}}[$__rate_interval]))",
+                "{{observer}} {{instance}}",
+            ),
+            (
+                f"sum by (instance) (rate(loopwatch_spans_dropped_total{{{SEL}}}[$__rate_interval]))",
+                "spans lost {{instance}}",
+            ),
         ),
     ).span(6)
     build = (

@@ -203,6 +203,7 @@ def test_queries_name_only_catalogue_metrics_and_recording_rules(dashboard: dict
         "loopwatch_clients_tracked",
         "loopwatch_clients_evicted_total",
         "loopwatch_observer_errors_total",
+        "loopwatch_spans_dropped_total",
         "loopwatch_build_info",
     ):
         assert metric in seen, metric

@@ -18,7 +18,10 @@ scripted session produces what every panel of the dashboard is there to show:
 * a reconnect storm: many distinct clients connecting once each, more than
   `detection.max_clients`, so the least recently seen are evicted;
 * an upstream outage: distinct clients on a route whose upstream refuses TCP,
-  until the upstream circuit breaker opens.
+  until the upstream circuit breaker opens;
+* traces exported from the span exporter process, which is stopped (SIGSTOP)
+  from the reload to the end of the outage, so spans are lost and counted
+  (`loopwatch_spans_dropped_total`) while the proxy goes on serving.
 
 Through Prometheus' HTTP API the test sees LoopwatchConnectionLoopDetected go
 pending, then firing; sees every PromQL expression of the dashboard (template
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -52,10 +56,14 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import WebSocketException
 
 from dashboards import generate, promql
+from proxy import span_export
+from proxy.admin import build_registry
 from proxy.config import load_settings
 from proxy.demo_backend import issue_token
 from proxy.observers import Observer
 from proxy.runtime import ConfigSources, Running, start
+from proxy.span_export import ProcessSpanSink
+from proxy.telemetry import Telemetry
 from tests.clients import attempt, demo_backend
 from tests.conftest import free_port
 
@@ -338,9 +346,10 @@ def loopwatch_config(path: Path, backend_port: int, dead_port: int) -> Path:
 
 
 @contextlib.asynccontextmanager
-async def running_loopwatch(config: Path) -> AsyncIterator[Running]:
+async def running_loopwatch(config: Path, spans: ProcessSpanSink) -> AsyncIterator[Running]:
     settings = load_settings(config, env={})
-    running = await start(settings, sources=ConfigSources(str(config), {}, {}))
+    telemetry = Telemetry(settings, build_registry(), spans=spans, owns_spans=True)
+    running = await start(settings, sources=ConfigSources(str(config), {}, {}), telemetry=telemetry)
     try:
         yield running
     finally:
@@ -408,15 +417,25 @@ async def upstream_outage(running: Running, base: str, limit: int = 400) -> int:
 
 
 @pytest.mark.timeout(150)
-async def test_loop_alert_and_every_dashboard_query_against_real_prometheus(tmp_path: Path) -> None:
+async def test_loop_alert_and_every_dashboard_query_against_real_prometheus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     began = time.monotonic()
     dashboard = json.loads(generate.DASHBOARD_FILE.read_text())
     dead_port = free_port()
+    # Traces go to a span exporter process (dropping them) with a short queue, which
+    # the session stalls for a while: the lost spans panel has something to show, and
+    # the proxy goes on serving while its exporter is stuck.
+    monkeypatch.setattr(span_export, "QUEUE_BATCHES", 2)
+    spans = ProcessSpanSink(exporter_factory="tests.benchmarks.bench_telemetry:drop_exporters")
+    assert spans.force_flush(30_000) and spans.child is not None and spans.child.stdin is not None
+    fcntl.fcntl(spans.child.stdin.fileno(), fcntl.F_SETPIPE_SZ, 4096)  # the smallest pipe: a page
+    exporter_pid = spans.child.pid
 
     async with (
         demo_backend() as backend,
         running_loopwatch(
-            loopwatch_config(tmp_path / "loopwatch.yaml", backend.port, dead_port)
+            loopwatch_config(tmp_path / "loopwatch.yaml", backend.port, dead_port), spans
         ) as running,
     ):
         failing = FailingObserver()
@@ -499,6 +518,7 @@ async def test_loop_alert_and_every_dashboard_query_against_real_prometheus(tmp_
                     ), alert
 
                     # --- the rest of the session: reload, storm, outage ------------------
+                    os.kill(exporter_pid, signal.SIGSTOP)  # until after the outage
                     async with (
                         aiohttp.ClientSession() as http,
                         http.post(f"http://{instance}/api/reload") as response,
@@ -514,6 +534,8 @@ async def test_loop_alert_and_every_dashboard_query_against_real_prometheus(tmp_
                         f"only {opened} of {STORM_CLIENTS} storm clients connected"
                     )
                     outage_attempts = await upstream_outage(running, base)
+                    os.kill(exporter_pid, signal.SIGCONT)
+                    assert spans.dropped > 0, "the stalled span exporter cost no spans"
 
                     # --- every dashboard query, while the loop still runs ------------------
                     # A round that began after the session's last step must find a series for
@@ -551,6 +573,7 @@ async def test_loop_alert_and_every_dashboard_query_against_real_prometheus(tmp_
                         "route": set(routes),
                     }, offered
                 finally:
+                    os.kill(exporter_pid, signal.SIGCONT)
                     stop_queries.set()
                     stop.set()
                     await asyncio.gather(querying, return_exceptions=True)
