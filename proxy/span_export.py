@@ -273,9 +273,11 @@ class ProcessSpanSink(SdkParts):
     def _send(self, payload: bytes) -> bool:
         child = self.child
         assert child is not None and child.stdin is not None
+        frame = memoryview(_LENGTH.pack(len(payload)) + payload)
         try:
-            child.stdin.write(_LENGTH.pack(len(payload)) + payload)
-        except (BrokenPipeError, OSError):
+            while frame:  # a signal can cut a blocking write short
+                frame = frame[child.stdin.write(frame) or 0 :]
+        except OSError:  # BrokenPipeError: the child is gone
             return False
         return True
 
@@ -349,7 +351,10 @@ def child_main(argv: list[str] | None = None) -> None:
             if len(header) < _LENGTH.size:
                 break  # loopwatch closed the pipe (or is gone)
             (length,) = _LENGTH.unpack(header)
-            payload = marshal.loads(source.read(length))
+            body = source.read(length)
+            if len(body) < length:
+                break  # loopwatch died in the middle of a batch: export what came whole
+            payload = marshal.loads(body)
             if payload == FLUSH:
                 os.write(ack, b"\x01" if sink.force_flush() else b"\x00")
             else:
