@@ -123,7 +123,6 @@ class SdkParts:
         self.roots_always_on = self.sampler is ALWAYS_ON or self.sampler is DEFAULT_ON
         self.sampler_reads_attributes = not _ignores_attributes(self.sampler)
         self.scope = InstrumentationScope("loopwatch", __version__)
-        self.dropped = 0  # spans lost on the way to the exporters
 
 
 def _ignores_attributes(sampler: object) -> bool:
@@ -147,6 +146,8 @@ def _ignores_attributes(sampler: object) -> bool:
 class SpanSink(SdkParts):
     """Records become `ReadableSpan`s and go to the SDK's span processors here, one
     per exporter (batching: a caller never waits on an export)."""
+
+    dropped = 0  # nothing stands between the caller and the processors to lose spans
 
     def __init__(self, exporters: list[SpanExporter], convert: Convert, *, batch: bool = True):
         super().__init__()
@@ -196,6 +197,11 @@ class ProcessSpanSink(SdkParts):
         self.env = None if env is None or env is os.environ else {**os.environ, **env}
         self.exporter_factory = exporter_factory
         self.queue: queue.Queue[object] = queue.Queue(QUEUE_BATCHES)
+        # Spans lost, counted by the thread that lost them (a `+=` shared by two
+        # threads can lose an update): the queue was full (the event loop's), or
+        # the child was gone or a value could not be packed (the writer's).
+        self._refused = 0
+        self._lost = 0
         self.child: subprocess.Popen[bytes] | None = None
         self._ack = -1  # read end of the child's answers to FLUSH
         self._spawned_at = -RESPAWN_INTERVAL
@@ -205,11 +211,16 @@ class ProcessSpanSink(SdkParts):
 
     # --- the event loop's side ---------------------------------------------------------
 
+    @property
+    def dropped(self) -> int:
+        """Spans lost on the way to the exporters."""
+        return self._refused + self._lost
+
     def submit(self, records: Sequence[Record]) -> None:
         try:
             self.queue.put_nowait(records)
         except queue.Full:
-            self.dropped += len(records)
+            self._refused += len(records)
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         """Every span submitted so far exported (or dropped); blocks up to the timeout."""
@@ -291,9 +302,10 @@ class ProcessSpanSink(SdkParts):
                 item.done.set()
                 continue
             records: Sequence[Record] = item  # type: ignore[assignment]
-            payload = _pack(records, self)
-            if payload is None or not (self._alive() and self._send(payload)):
-                self.dropped += len(records)
+            payload, unpackable = _pack(records)
+            self._lost += unpackable
+            if payload is not None and not (self._alive() and self._send(payload)):
+                self._lost += len(records) - unpackable
         if self.child is not None:
             child = self.child
             self._close_child()  # end of input: the child exports what it holds and exits
@@ -308,20 +320,21 @@ class ProcessSpanSink(SdkParts):
         return bool(ready) and os.read(self._ack, 1) == b"\x01"
 
 
-def _pack(records: Sequence[Record], sink: SdkParts) -> bytes | None:
+def _pack(records: Sequence[Record]) -> tuple[bytes | None, int]:
+    """The batch as one frame's payload (None: nothing left to send), and how many
+    of its spans had to be left out."""
     try:
-        return marshal.dumps(list(records))
+        return marshal.dumps(list(records)), 0
     except ValueError:  # a value marshal cannot carry (a custom sampler's attribute): drop that span only
         kept = []
         for record in records:
             try:
                 marshal.dumps(record)
             except ValueError:
-                sink.dropped += 1
                 log.warning("span_dropped", extra={"fields": {"why": "attribute value not exportable"}})
             else:
                 kept.append(record)
-        return marshal.dumps(kept) if kept else None
+        return (marshal.dumps(kept) if kept else None), len(records) - len(kept)
 
 
 def child_main(argv: list[str] | None = None) -> None:

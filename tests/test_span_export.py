@@ -237,6 +237,9 @@ def test_a_value_marshal_cannot_carry_drops_that_span_only(sink: tuple[ProcessSp
     assert s.force_flush(10_000)
     assert [e["context"][1] for e in exported(out)] == [records(0, 1)[0][2], records(2, 1)[0][2]]
     assert s.dropped == 1
+    s.submit([bad])  # a batch of nothing else: that one span is counted once, not twice
+    assert s.force_flush(10_000)
+    assert s.dropped == 2 and len(exported(out)) == 2
 
 
 def test_the_child_exits_when_loopwatch_is_killed(tmp_path: Path) -> None:
