@@ -49,6 +49,7 @@ from opentelemetry.trace import (
     get_current_span,
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace.span import TraceState
 
 from detectors.actions import BreakerTransition, CloseConnection, CooldownStarted, WouldReject
 from detectors.decisions import Reject
@@ -66,10 +67,9 @@ from proxy.span_export import (
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.sdk.trace import Event, ReadableSpan
     from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-    from opentelemetry.trace.span import TraceState
 
     from detectors import events as ev
     from detectors.decisions import Admit, Outcome
@@ -185,11 +185,17 @@ def request_attributes(request: Request) -> dict[str, Any]:
     return attributes
 
 
+@functools.cache
+def _sdk_span_types() -> tuple[type[Event], type[ReadableSpan]]:
+    # The SDK is imported only where spans are built (the exporter process), once.
+    from opentelemetry.sdk.trace import Event, ReadableSpan
+
+    return Event, ReadableSpan
+
+
 def readable_span(record: Record, resource: Resource, scope: InstrumentationScope) -> ReadableSpan:
     """A record as the SDK's ReadableSpan, for its processors and exporters."""
-    from opentelemetry.sdk.trace import Event, ReadableSpan
-    from opentelemetry.trace.span import TraceState
-
+    Event, ReadableSpan = _sdk_span_types()  # noqa: N806 - the SDK's classes
     name, trace_id, span_id, flags, state, parent, start, end, request, extra, close, events, status = record
     attributes = request_attributes(request)
     if extra:
