@@ -43,8 +43,7 @@ from proxy.sections import Section
 from proxy.tracing import (
     SAMPLED,
     ConnTrace,
-    ProcessSpanSink,
-    SpanSink,
+    Sink,
     TracingObserver,
     client_hash,
     tracing_from_env,
@@ -302,7 +301,7 @@ class StateCollector(Collector):
         observers: Observers | None,
         live_counts: bool = True,
         store: object = None,
-        spans: SpanSink | ProcessSpanSink | None = None,
+        spans: Sink | None = None,
     ):
         self.metrics = metrics
         self.spans = spans  # its `dropped`: spans lost on the way to the exporters
@@ -447,7 +446,7 @@ class Telemetry:
         settings: Settings,
         registry: CollectorRegistry,
         *,
-        spans: SpanSink | ProcessSpanSink | None = None,
+        spans: Sink | None = None,
         owns_spans: bool = False,
     ):
         self.settings = settings

@@ -64,6 +64,7 @@ from proxy.observers import Observer
 from proxy.runtime import ConfigSources, Running, start
 from proxy.span_export import ProcessSpanSink
 from proxy.telemetry import Telemetry
+from tests.benchmarks.bench_telemetry import dropping_spans
 from tests.clients import attempt, demo_backend
 from tests.conftest import free_port
 
@@ -427,7 +428,7 @@ async def test_loop_alert_and_every_dashboard_query_against_real_prometheus(
     # the session stalls for a while: the lost spans panel has something to show, and
     # the proxy goes on serving while its exporter is stuck.
     monkeypatch.setattr(span_export, "QUEUE_BATCHES", 2)
-    spans = ProcessSpanSink(exporter_factory="tests.benchmarks.bench_telemetry:drop_exporters")
+    spans = dropping_spans()
     assert spans.force_flush(30_000) and spans.child is not None and spans.child.stdin is not None
     fcntl.fcntl(spans.child.stdin.fileno(), fcntl.F_SETPIPE_SZ, 4096)  # the smallest pipe: a page
     exporter_pid = spans.child.pid
