@@ -355,11 +355,12 @@ def upstream_request_head(
     original_host = head.authority
     forwarded_for = head.get(b"x-forwarded-for")
     lines = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (head.method.encode(), target, host)]
+    replaced = {n.lower() for n, _ in extra} if extra else ()  # the client's are dropped
     for n, v in end_to_end(head.headers):
         lower = n.lower()
         if lower in (b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"):
             continue
-        if extra and lower in {e[0].lower() for e in extra}:
+        if lower in replaced:
             continue
         lines.append(b"%s: %s\r\n" % (n, v))
     if websocket:

@@ -68,21 +68,23 @@ class CounterStore:
 class HistogramStore:
     """A histogram by route: per-bucket counts, a sum, the latest exemplar per bucket."""
 
-    __slots__ = ("name", "doc", "bounds", "les", "counts", "sums", "exemplars")
+    __slots__ = ("name", "doc", "bounds", "les", "counts", "exemplars")
 
     def __init__(self, name: str, doc: str, bounds: Sequence[float]):
         self.name = name
         self.doc = doc
         self.bounds = tuple(bounds)  # finite upper bounds, ascending; +Inf is implied
         self.les = (*(floatToGoString(b) for b in self.bounds), "+Inf")
-        self.counts: dict[str, list[int]] = {}
-        self.sums: dict[str, float] = {}
-        self.exemplars: dict[tuple[str, int], Pending] = {}
+        # route -> the count in each bucket (not cumulative), then the sum: one
+        # lookup per observation.
+        self.counts: dict[str, list[float]] = {}
+        self.exemplars: dict[str, list[Pending | None]] = {}  # route -> per bucket
 
     def create(self, routes: Iterable[str]) -> None:
         for route in routes:
-            self.counts.setdefault(route, [0] * len(self.les))
-            self.sums.setdefault(route, 0.0)
+            if route not in self.counts:
+                self.counts[route] = [0] * (len(self.les) + 1)
+                self.exemplars[route] = [None] * len(self.les)
 
     def observe(self, route: str, value: float, trace: Traced | None = None) -> None:
         counts = self.counts.get(route)
@@ -91,20 +93,20 @@ class HistogramStore:
             counts = self.counts[route]
         i = bisect.bisect_left(self.bounds, value)  # the first bound >= value: `le` is inclusive
         counts[i] += 1
-        self.sums[route] += value
+        counts[-1] += value
         if trace is not None:
-            self.exemplars[route, i] = (trace, value, time.time())
+            self.exemplars[route][i] = (trace, value, time.time())
 
     def family(self) -> HistogramMetricFamily:
         f = HistogramMetricFamily(self.name, self.doc, labels=["route"])
         for route, counts in self.counts.items():
             buckets: list[tuple[str, float] | tuple[str, float, Exemplar]] = []
             total = 0
-            for i, le in enumerate(self.les):
-                total += counts[i]
-                exemplar = _exemplar(self.exemplars.get((route, i)))
+            for le, n, pending in zip(self.les, counts[:-1], self.exemplars[route], strict=True):
+                total += n
+                exemplar = _exemplar(pending)
                 buckets.append((le, total) if exemplar is None else (le, total, exemplar))
-            f.add_metric([route], buckets, self.sums[route])
+            f.add_metric([route], buckets, counts[-1])
         return f
 
 

@@ -166,9 +166,9 @@ class MetricsObserver(Observer):
             self.attempts, self.refusals, self.would_reject, self.handshake_errors, self.auth_failures,
             self.closes, self.duration, self.handshake, self.findings, self.cooldowns, self.reloads,
         )  # fmt: skip
-        # Closed connections' messages and bytes; live ones are added at scrape time.
-        self.closed_messages = {(route, d): 0 for route in self.routes for d in DIRECTIONS}
-        self.closed_bytes = dict(self.closed_messages)
+        # Closed connections' messages and bytes, route -> [messages client to
+        # upstream, upstream to client, bytes the same]; live ones are added at scrape time.
+        self.closed_totals = {route: [0, 0, 0, 0] for route in self.routes}
         self._precreate()
         self.reconfigure(settings)
         registry.register(_Families(self))
@@ -202,6 +202,8 @@ class MetricsObserver(Observer):
         self.expose_client_keys = settings.telemetry.expose_client_keys
         self.top_k = d.top_k
         codes = code_labels(self.auth_codes)
+        # The exact codes' labels, made once (str(code) per close was a new string to hash).
+        self.exact_code_labels = {int(c): c for c in codes if c.isdigit()}
         for route in self.routes:
             for code in codes:
                 for initiator in INITIATORS:
@@ -240,20 +242,22 @@ class MetricsObserver(Observer):
         self.handshake.observe(conn.route, event.t - conn.t0)
 
     def on_closed(self, conn: Attempt, event: ev.Closed, stats: RelayStats) -> None:
-        route = conn.route
-        self.closes.add((route, code_label(event.code, self.auth_codes), event.initiator))
+        route, code = conn.route, event.code
+        label = self.exact_code_labels.get(code) or code_label(code, self.auth_codes)
+        self.closes.add((route, label, event.initiator))
         state = conn.state
         self.duration.observe(
             route, event.duration, state if type(state) is ConnTrace and state.flags & SAMPLED else None
         )
-        if event.code in self.auth_codes:
+        if code in self.auth_codes:
             self.auth_failures.values[route,] += 1
-        up, down = (route, DIRECTIONS[0]), (route, DIRECTIONS[1])
-        messages, octets = self.closed_messages, self.closed_bytes
-        messages[up] = messages.get(up, 0) + stats.messages_in
-        messages[down] = messages.get(down, 0) + stats.messages_out
-        octets[up] = octets.get(up, 0) + stats.bytes_in
-        octets[down] = octets.get(down, 0) + stats.bytes_out
+        totals = self.closed_totals.get(route)
+        if totals is None:
+            totals = self.closed_totals[route] = [0, 0, 0, 0]
+        totals[0] += stats.messages_in
+        totals[1] += stats.messages_out
+        totals[2] += stats.bytes_in
+        totals[3] += stats.bytes_out
 
     def on_outcome(self, outcome: Outcome, t: float, conn: Attempt | None = None) -> None:
         for finding in outcome.raised:
@@ -385,8 +389,7 @@ class StateCollector(Collector):
     def _relays(self, families: dict[str, Any]) -> None:
         m = self.metrics
         active = dict.fromkeys(m.routes, 0)
-        messages, octets = dict(m.closed_messages), dict(m.closed_bytes)
-        up, down = DIRECTIONS
+        totals = {route: list(t) for route, t in m.closed_totals.items()}
         if self.server is not None:
             live = self.live_counts
             for relay in self.server.relays.values():
@@ -395,16 +398,19 @@ class StateCollector(Collector):
                 if not live:
                     continue
                 c, u = relay.client.parser, relay.upstream.parser
-                messages[route, up] = messages.get((route, up), 0) + c.messages
-                messages[route, down] = messages.get((route, down), 0) + u.messages
-                octets[route, up] = octets.get((route, up), 0) + c.message_bytes
-                octets[route, down] = octets.get((route, down), 0) + u.message_bytes
+                t = totals.setdefault(route, [0, 0, 0, 0])
+                t[0] += c.messages
+                t[1] += u.messages
+                t[2] += c.message_bytes
+                t[3] += u.message_bytes
+        up, down = DIRECTIONS
         for route, n in active.items():
             families["active"].add_metric([route], n)
-        for (route, direction), n in messages.items():
-            families["messages"].add_metric([route, direction], n)
-        for (route, direction), n in octets.items():
-            families["bytes"].add_metric([route, direction], n)
+        for route, (messages_up, messages_down, bytes_up, bytes_down) in totals.items():
+            families["messages"].add_metric([route, up], messages_up)
+            families["messages"].add_metric([route, down], messages_down)
+            families["bytes"].add_metric([route, up], bytes_up)
+            families["bytes"].add_metric([route, down], bytes_down)
 
     def _engine(self, families: dict[str, Any]) -> None:
         engine = self.engine
