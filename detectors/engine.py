@@ -758,6 +758,12 @@ class Engine:
             for s in candidates[offset : offset + limit]
         ]
 
+    def open_connections(self, key: str) -> tuple[ConnId, ...]:
+        """The ids of the client's connections the engine counts as open (opened,
+        not closed, not picked by close-oldest), oldest first."""
+        state = self._store.get(key)
+        return tuple(state.open) if state is not None and state.open else ()
+
     def client(self, key: str, t: float) -> ClientView | None:
         state = self._store.get(key)
         if state is None:

@@ -73,7 +73,7 @@ class EventLogObserver(Observer):
             elif isinstance(a, CooldownEnded):
                 event(log, "enforcement", INFO, client=a.key, action="cooldown_ended")
             elif isinstance(a, CloseConnection):
-                trace = self.traces.by_id.get(a.conn_id) if self.traces else None  # type: ignore[call-overload]
+                trace = self.traces.trace_by_id(a.conn_id) if self.traces else None  # type: ignore[arg-type]
                 fields = {"client": a.key, "action": "close_connection", "conn_id": a.conn_id,
                           "code": a.code, "reason": a.reason}  # fmt: skip
                 if trace is not None:

@@ -27,6 +27,7 @@ import logging
 import marshal
 import os
 import queue
+import random
 import select
 import struct
 import subprocess
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
     from opentelemetry.sdk.trace.export import SpanExporter
+    from opentelemetry.sdk.trace.id_generator import IdGenerator
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 log = logging.getLogger("loopwatch.tracing")
@@ -118,11 +120,31 @@ class SdkParts:
         self.sampler = provider.sampler
         self.ids = provider.id_generator
         self.random_trace_ids = self.ids.is_trace_id_random()  # a property of the generator
+        self.new_ids = _id_pairs(self.ids)
         # always_on and parentbased_always_on (the default) sample every root span
         # with exactly the attributes given and no trace state: no call needed.
         self.roots_always_on = self.sampler is ALWAYS_ON or self.sampler is DEFAULT_ON
         self.sampler_reads_attributes = not _ignores_attributes(self.sampler)
         self.scope = InstrumentationScope("loopwatch", __version__)
+
+
+def _id_pairs(ids: IdGenerator) -> Callable[[], tuple[int, int]]:
+    """A new root span's (trace id, span id). With the SDK's RandomIdGenerator (the
+    default), both from one draw of the same `random` it uses: one call per
+    connection instead of two of its methods."""
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+
+    if type(ids) is not RandomIdGenerator:
+        return lambda: (ids.generate_trace_id(), ids.generate_span_id())
+
+    def pair(draw: Callable[[int], int] = random.getrandbits) -> tuple[int, int]:
+        bits = draw(192)
+        trace_id, span_id = bits >> 64, bits & 0xFFFF_FFFF_FFFF_FFFF
+        if trace_id and span_id:  # an all-zero id is invalid (p = 2^-64)
+            return trace_id, span_id
+        return ids.generate_trace_id(), ids.generate_span_id()
+
+    return pair
 
 
 def _ignores_attributes(sampler: object) -> bool:

@@ -488,6 +488,8 @@ class Telemetry:
         so that it folds them in at each close; otherwise a closing connection's
         messages would vanish from the counter. `store`: the shared state store
         (its `up` and `errors`); None is the in-memory default, always up."""
+        if self.tracing is not None:
+            self.tracing.bind(server, engine)
         self.collector = StateCollector(
             self.metrics,
             engine=engine,

@@ -73,8 +73,11 @@ if TYPE_CHECKING:
 
     from detectors import events as ev
     from detectors.decisions import Admit, Outcome
+    from detectors.engine import Engine
     from proxy.config import Settings
     from proxy.gate import Attempt, RelayStats
+    from proxy.relay import Relay
+    from proxy.server import ProxyServer
 
 # Closes that mean something broke rather than that someone said goodbye.
 ERROR_CODES = frozenset({1006, 1011, 1014})
@@ -113,7 +116,6 @@ class ConnTrace:
     made of, as they came; the attribute names are `readable_span`'s. Not
     `recording` (the sampler said drop): only the trace context exists."""
 
-    name: str
     trace_id_int: int
     span_id: int
     flags: int
@@ -126,8 +128,11 @@ class ConnTrace:
     close: Close | None = None
     events: list[tuple[str, dict[str, Any], int]] | None = None  # (name, attributes, ns)
     status: tuple[int, str | None] | None = None  # (StatusCode value, description); None: unset
-    conn_id: int = 0
     ended: bool = False
+
+    @property
+    def name(self) -> str:
+        return span_name(self.request[2])
 
     @property
     def sampled(self) -> bool:
@@ -163,9 +168,13 @@ class ConnTrace:
             parent = (parent.trace_id, parent.span_id, int(parent.trace_flags), parent.is_remote, parent_state)
         state = self.trace_state.to_header() if self.trace_state else None
         return (
-            self.name, self.trace_id_int, self.span_id, self.flags, state, parent, self.start, end,
+            self.trace_id_int, self.span_id, self.flags, state, parent, self.start, end,
             self.request, self.extra, self.close, self.events, self.status,
         )  # fmt: skip
+
+
+def span_name(route: str) -> str:
+    return f"WebSocket {route}"
 
 
 def request_attributes(request: Request) -> dict[str, Any]:
@@ -196,7 +205,7 @@ def _sdk_span_types() -> tuple[type[Event], type[ReadableSpan]]:
 def readable_span(record: Record, resource: Resource, scope: InstrumentationScope) -> ReadableSpan:
     """A record as the SDK's ReadableSpan, for its processors and exporters."""
     Event, ReadableSpan = _sdk_span_types()  # noqa: N806 - the SDK's classes
-    name, trace_id, span_id, flags, state, parent, start, end, request, extra, close, events, status = record
+    trace_id, span_id, flags, state, parent, start, end, request, extra, close, events, status = record
     attributes = request_attributes(request)
     if extra:
         attributes.update(extra)
@@ -224,7 +233,7 @@ def readable_span(record: Record, resource: Resource, scope: InstrumentationScop
         trace_state=TraceState.from_header([state]) if state else None,
     )  # fmt: skip
     return ReadableSpan(
-        name=name,
+        name=span_name(request[2]),
         context=context,
         parent=parent_context,
         resource=resource,
@@ -259,10 +268,12 @@ class TracingObserver(Observer):
     def __init__(self, sink: Sink, settings: Settings):
         self.sink = sink
         self.propagator = TraceContextTextMapPropagator()
-        # Open connections, for findings and actions that come without one
-        # (wake-ups: a duplicate_connections finding, a close-oldest).
-        self.by_id: dict[int, ConnTrace] = {}
-        self.by_key: dict[str, dict[int, ConnTrace]] = {}
+        # Where the open connections are, for findings and actions that come
+        # without one (wake-ups, a close-oldest): the listener's relays and the
+        # engine's open connections per client (`bind`). Looked up, not mirrored
+        # here: a second registry cost every connection two more dict entries.
+        self.relays: Mapping[int, Relay] = {}
+        self.engine: Engine | None = None
         self._ending: list[tuple[ConnTrace, int]] = []  # (span, end time): see _end
         self._armed = False
         self.reconfigure(settings)
@@ -271,7 +282,30 @@ class TracingObserver(Observer):
         self.expose_client_keys = settings.telemetry.expose_client_keys
         self.reject_with = settings.policy.reject_with
 
+    def bind(self, server: ProxyServer | None, engine: Engine | None) -> None:
+        """Where to find open connections (the runtime calls this once both exist)."""
+        self.relays = server.relays if server is not None else {}
+        self.engine = engine
+
     # --- lookups for the other observers ---------------------------------------
+
+    def trace_by_id(self, conn_id: int) -> ConnTrace | None:
+        """The span of the open connection with this id."""
+        relay = self.relays.get(conn_id)
+        return None if relay is None else trace_of(relay.context)  # type: ignore[arg-type]
+
+    def open_traces(self, key: str) -> list[ConnTrace]:
+        """The spans of the client's open connections, oldest first."""
+        if self.engine is None:
+            return []
+        found = []
+        for conn_id in self.engine.open_connections(key):
+            relay = self.relays.get(conn_id)  # type: ignore[arg-type]
+            conn = relay.context if relay is not None else None
+            trace = trace_of(conn)  # type: ignore[arg-type]
+            if trace is not None and conn.key == key:  # type: ignore[union-attr] # (ids are per replica)
+                found.append(trace)
+        return found
 
     def trace_for(self, conn: Attempt | None, key: str | None = None) -> ConnTrace | None:
         """The trace of the step's connection, or (without one, or when `key` is
@@ -281,13 +315,13 @@ class TracingObserver(Observer):
             return trace
         if key is None:
             return None
-        return next(iter(self.by_key.get(key, {}).values()), None)
+        return next(iter(self.open_traces(key)), None)
 
     def _spans(self, conn: Attempt | None, key: str) -> list[ConnTrace]:
         trace = trace_of(conn)
         if trace is not None and conn.key == key:  # type: ignore[union-attr]
             return [trace]
-        return list(self.by_key.get(key, {}).values())
+        return self.open_traces(key)
 
     # --- hooks -------------------------------------------------------------------
 
@@ -310,18 +344,18 @@ class TracingObserver(Observer):
 
         # What Tracer.start_span decides, in the same order and with the same parts.
         sink = self.sink
-        name = f"WebSocket {conn.route}"
         recording, extra, trace_state = True, None, None
         if parent is None:
-            trace_id = sink.ids.generate_trace_id()
+            trace_id, span_id = sink.new_ids()
             random_id = sink.random_trace_ids
         else:
-            trace_id = parent.trace_id
+            trace_id, span_id = parent.trace_id, sink.ids.generate_span_id()
             random_id = parent.trace_flags.random_trace_id
         if parent is None and sink.roots_always_on:
             flags = TraceFlags.SAMPLED
         else:
             attributes = request_attributes(request) if sink.sampler_reads_attributes else {}
+            name = span_name(conn.route)
             sampling = sink.sampler.should_sample(context, trace_id, name, SpanKind.SERVER, attributes)
             flags = TraceFlags.SAMPLED if sampling.decision.is_sampled() else TraceFlags.DEFAULT
             trace_state = sampling.trace_state
@@ -331,10 +365,7 @@ class TracingObserver(Observer):
             extra = added or None
         if random_id:
             flags |= TraceFlags.RANDOM_TRACE_ID
-        trace = ConnTrace(
-            name, trace_id, sink.ids.generate_span_id(), flags, trace_state, parent, time.time_ns(),
-            recording, request, extra,
-        )  # fmt: skip
+        trace = ConnTrace(trace_id, span_id, flags, trace_state, parent, time.time_ns(), recording, request, extra)
         conn.state = trace
         if self.expose_client_keys:
             trace.set({"loopwatch.client.key": conn.key})
@@ -351,7 +382,7 @@ class TracingObserver(Observer):
                 trace.set({"loopwatch.close.code": 1013, "loopwatch.close.reason": refusal.message})
             return
         headers = conn.extra_headers if conn.extra_headers is not None else []
-        headers.append((b"traceparent", b"00-%032x-%016x-%02x" % (trace_id, trace.span_id, flags)))
+        headers.append((b"traceparent", b"00-%032x-%016x-%02x" % (trace_id, span_id, flags)))
         if trace_state:
             headers.append((b"tracestate", trace_state.to_header().encode("latin-1")))
         conn.extra_headers = headers
@@ -375,24 +406,10 @@ class TracingObserver(Observer):
                 trace.error(f"upstream handshake: {event.error}")
         self._end(trace)
 
-    def on_opened(self, conn: Attempt, event: ev.Opened) -> None:
-        trace = conn.state
-        if type(trace) is not ConnTrace:
-            return
-        trace.conn_id = conn.conn_id
-        self.by_id[conn.conn_id] = trace
-        self.by_key.setdefault(conn.key, {})[conn.conn_id] = trace
-
     def on_closed(self, conn: Attempt, event: ev.Closed, stats: RelayStats) -> None:
         trace = conn.state
         if type(trace) is not ConnTrace:
             return
-        self.by_id.pop(conn.conn_id, None)
-        same_key = self.by_key.get(conn.key)
-        if same_key is not None:
-            same_key.pop(conn.conn_id, None)
-            if not same_key:
-                del self.by_key[conn.key]
         if trace.recording:
             trace.close = (
                 conn.conn_id, event.code, event.reason, event.initiator, event.duration,
@@ -425,7 +442,7 @@ class TracingObserver(Observer):
                 for trace in self._spans(conn, action.key):
                     trace.add_event("loopwatch.cooldown", attrs)
             elif isinstance(action, CloseConnection):
-                target = self.by_id.get(action.conn_id)  # type: ignore[arg-type]
+                target = self.trace_by_id(action.conn_id)  # type: ignore[arg-type]
                 if target is not None:
                     target.add_event(
                         "loopwatch.close_connection",

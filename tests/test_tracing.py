@@ -195,6 +195,47 @@ async def test_loop_spans_carry_findings_and_enforcement() -> None:
     assert backend.upgrades["tab-42"] == 3
 
 
+async def test_steps_without_a_connection_reach_the_open_spans() -> None:
+    """A wake-up's finding (duplicate_connections ages in with no step) and a
+    close-oldest (decided on another attempt) land on the spans of the client's
+    open connections, found through the listener and the engine; their log lines
+    carry those spans' trace ids."""
+    from tests.test_logs import captured
+
+    exporter = InMemorySpanExporter()
+    async with demo_backend() as backend:
+        settings = settings_with(
+            upstream=f"ws://127.0.0.1:{backend.port}",
+            **{"detection.rules.duplicate_connections.max_connections": 1,
+               "detection.rules.duplicate_connections.held_for": "0.2s",
+               "policy.max_concurrent": 2, "policy.on_max_concurrent": "close-oldest"},
+        )  # fmt: skip
+        with captured() as lines:
+            async with telemetered(settings, exporter=exporter) as lw:
+                url = f"ws://127.0.0.1:{lw.proxy_port}/ws?token={issue_token('tab-7', 600)}"
+                first = await connect(url, compression=None)
+                second = await connect(url, compression=None)
+                await wait_for(lambda: any(x["event"] == "finding_raised" for x in lines.refresh()))
+                third = await connect(url, compression=None)  # one too many: the first is closed
+                await wait_for(lambda: first.close_code is not None)
+                for ws in (second, third):
+                    await ws.close()
+                await wait_for(lambda: len(exporter.get_finished_spans()) == 3)
+    assert first.close_code == 1008
+    spans = sorted(exporter.get_finished_spans(), key=lambda s: s.start_time or 0)
+    events = [[e.name for e in span.events] for span in spans]
+    assert events[0] == ["loopwatch.finding", "loopwatch.close_connection"]
+    assert events[1] == ["loopwatch.finding"]
+    assert "loopwatch.finding" not in events[2]  # not open when the finding was raised
+    closing = dict(spans[0].events[1].attributes or {})
+    assert closing["loopwatch.close.code"] == 1008
+    trace_ids = [f"{span.context.trace_id:032x}" for span in spans]
+    (raised,) = [x for x in lines if x["event"] == "finding_raised"]
+    assert raised["rule"] == "duplicate_connections" and raised["trace_id"] == trace_ids[0]
+    (closed,) = [x for x in lines if x.get("action") == "close_connection"]
+    assert closed["trace_id"] == trace_ids[0]
+
+
 async def test_http_refusal_and_failed_handshake_spans() -> None:
     exporter = InMemorySpanExporter()
     async with demo_backend() as backend:
@@ -255,6 +296,37 @@ def test_tracing_from_env() -> None:
     finally:
         sink.shutdown()
     assert sink.child is None  # it exited at the end of its input
+
+
+def test_span_ids_come_from_the_sdks_generator() -> None:
+    from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
+
+    from proxy.span_export import _id_pairs
+
+    pair = _id_pairs(RandomIdGenerator())
+    ids = [pair() for _ in range(1000)]
+    assert all(0 < t < 2**128 and 0 < s < 2**64 for t, s in ids)
+    assert len({t for t, _ in ids}) == len({s for _, s in ids}) == 1000
+    # One draw of 192 bits split in two; an all-zero half falls back to the generator.
+    draws = iter([5 << 64, 7 << 64 | 9])
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr("random.getrandbits", lambda bits: next(draws) if bits == 192 else 11)
+        assert _id_pairs(RandomIdGenerator())() == (11, 11)  # span half was 0: the SDK's methods
+        assert _id_pairs(RandomIdGenerator())() == (7, 9)
+
+    class Counting(IdGenerator):  # an id generator of one's own: its methods, in the SDK's order
+        def __init__(self) -> None:
+            self.n = 0
+
+        def generate_trace_id(self) -> int:
+            self.n += 1
+            return 0x100 + self.n
+
+        def generate_span_id(self) -> int:
+            self.n += 1
+            return self.n
+
+    assert _id_pairs(Counting())() == (0x101, 2)
 
 
 class OtlpReceiver:

@@ -201,6 +201,8 @@ def test_max_concurrent_close_oldest_names_the_oldest_connection() -> None:
     closes = [a for d in decisions for a in d.outcome.actions if isinstance(a, CloseConnection)]
     assert [(c.conn_id, c.code) for c in closes] == [(0, 1008), (1, 1008)]
     assert "more than 2" in closes[0].reason
+    # The ones picked no longer count as open; the rest do, oldest first.
+    assert e.open_connections(K) == (2, 3) and e.open_connections("nobody") == ()
     # the proxy closes it (initiator proxy, 1008): that is not an auth failure
     out = e.record(Closed(K, "/ws", 0.5, 0, 1008, closes[0].reason, "proxy", 0.495))
     assert out.raised == ()
