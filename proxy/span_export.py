@@ -359,6 +359,24 @@ def _pack(records: Sequence[Record]) -> tuple[bytes | None, int]:
         return (marshal.dumps(kept) if kept else None), len(records) - len(kept)
 
 
+CHILD_NICENESS = 10  # added to loopwatch's own
+
+
+def yield_to_the_event_loop() -> None:
+    """Run this process as background work: SCHED_BATCH (its wake-ups do not
+    preempt whatever runs on that core, the event loop included) and a lower
+    priority. Measured under handshake load on 2 cores: at the default priority
+    the exporter's wake-ups, though ~3 % of a core, cost the event loop ~10 % of
+    its handshake rate (docs/performance.md, "Telemetry overhead"). Starved of CPU,
+    the exporter falls behind and spans are dropped and counted
+    (`loopwatch_spans_dropped_total`): telemetry gives way to traffic, not the
+    other way round."""
+    with contextlib.suppress(OSError, AttributeError):  # a sandbox may forbid it: run as is
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    with contextlib.suppress(OSError):
+        os.nice(CHILD_NICENESS)
+
+
 def child_main(argv: list[str] | None = None) -> None:
     """The child: frames from stdin into the SDK's processors, until end of input.
     argv: the ack pipe's fd, then optionally an exporter factory "module:callable"."""
@@ -370,6 +388,7 @@ def child_main(argv: list[str] | None = None) -> None:
     # Ctrl-C reaches the whole process group; the child ends at end of input
     # instead, once loopwatch has handed over its last spans.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    yield_to_the_event_loop()
 
     args = sys.argv[1:] if argv is None else argv
     ack = int(args[0])

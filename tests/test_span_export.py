@@ -28,7 +28,7 @@ from opentelemetry.trace import SpanContext, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
 
 from proxy import span_export
-from proxy.span_export import ProcessSpanSink, SdkParts
+from proxy.span_export import CHILD_NICENESS, ProcessSpanSink, SdkParts
 from proxy.tracing import ConnTrace, readable_span
 
 FACTORY = "tests.test_span_export:file_exporters"
@@ -168,6 +168,9 @@ def test_the_child_exports_what_it_is_given_and_what_is_queued_at_shutdown(tmp_p
     assert child is not None
     s.submit(records(0, 3))
     assert s.force_flush(10_000)
+    # Background work: batch scheduling, below loopwatch's priority.
+    assert os.sched_getscheduler(child.pid) == os.SCHED_BATCH
+    assert os.getpriority(os.PRIO_PROCESS, child.pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + CHILD_NICENESS)
     got = exported(out)
     want = [summary(readable_span(r, PARTS.resource, PARTS.scope)) for r in records(0, 3)]
     for g, w in zip(got, want, strict=True):
