@@ -351,8 +351,12 @@ class TracingObserver(Observer):
         else:
             trace_id, span_id = parent.trace_id, sink.ids.generate_span_id()
             random_id = parent.trace_flags.random_trace_id
-        if parent is None and sink.roots_always_on:
-            flags = TraceFlags.SAMPLED
+        root_bound = sink.root_bound if parent is None else None
+        if root_bound is not None:  # the SDK's sampler, decided as it would
+            if trace_id & 0xFFFF_FFFF_FFFF_FFFF < root_bound:
+                flags = TraceFlags.SAMPLED
+            else:
+                flags, recording = TraceFlags.DEFAULT, False
         else:
             attributes = request_attributes(request) if sink.sampler_reads_attributes else {}
             name = span_name(conn.route)

@@ -436,6 +436,30 @@ class PathSampler(Sampler):
         return "PathSampler"
 
 
+def test_root_spans_are_sampled_as_the_sdks_samplers_would() -> None:
+    import random
+
+    from opentelemetry.context import Context
+    from opentelemetry.sdk.trace import sampling
+
+    from proxy.span_export import _root_bound
+
+    rng = random.Random(4)
+    ids = [rng.getrandbits(128) or 1 for _ in range(3000)] + [1, 2**64 - 1, 2**128 - 1, 0x1234 << 64]
+    for sdk in (sampling.ALWAYS_ON, sampling.ALWAYS_OFF, sampling.DEFAULT_ON, sampling.DEFAULT_OFF,
+                sampling.TraceIdRatioBased(0.1), sampling.ParentBasedTraceIdRatio(0.25),
+                sampling.ParentBasedTraceIdRatio(1.0), sampling.TraceIdRatioBased(0.0)):  # fmt: skip
+        bound = _root_bound(sdk, sampling.ALWAYS_ON, sampling.DEFAULT_ON)
+        assert bound is not None, sdk
+        for trace_id in ids:
+            result = sdk.should_sample(Context(), trace_id, "WebSocket /", SpanKind.SERVER, {"a": 1})
+            ours = trace_id & 0xFFFF_FFFF_FFFF_FFFF < bound
+            assert ours == result.decision.is_sampled() == result.decision.is_recording(), (sdk, trace_id)
+            assert result.trace_state is None or not result.trace_state
+            assert (dict(result.attributes or {}) == {"a": 1}) == ours
+    assert _root_bound(PathSampler()) is None and _root_bound(sampling.ParentBased(PathSampler())) is None
+
+
 def test_only_samplers_of_ones_own_are_given_the_attributes() -> None:
     from opentelemetry.sdk.trace import sampling
 
@@ -452,7 +476,7 @@ async def test_a_sampler_of_ones_own_sees_and_adds_attributes() -> None:
     exporter = InMemorySpanExporter()
     sink = make_tracing([exporter], batch=False)
     sink.sampler = sampler = PathSampler()
-    sink.roots_always_on, sink.sampler_reads_attributes = False, True
+    sink.root_bound, sink.sampler_reads_attributes = None, True
     async with recording_echo() as (url, seen):
         telemetry = Telemetry(settings_with(upstream=url), build_registry(), spans=sink)
         running = await start(settings_with(upstream=url), telemetry=telemetry)

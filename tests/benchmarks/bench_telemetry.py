@@ -4,6 +4,7 @@ on against telemetry off, in the same run (issue 4; target ratio ≥ 0.90).
     .venv/bin/python -m tests.benchmarks.bench_telemetry            # 7 rounds per mode
     .venv/bin/python -m tests.benchmarks.bench_telemetry --quick    # 2 shorter rounds
     .venv/bin/python -m tests.benchmarks.bench_telemetry --no-docs  # print only
+    .venv/bin/python -m tests.benchmarks.bench_telemetry --callgrind [--cycles 2000]
 
 Three loopwatch processes in front of one echo backend (tests/benchmarks/backend.py),
 both with detection on and the default config:
@@ -25,6 +26,15 @@ every round, and the medians are compared. CPU per operation of the loopwatch
 process and of its span exporter child (from /proc) is reported beside the
 rates: on a 2-core machine shared by three processes it is the steadier figure.
 
+`--callgrind` counts instead of timing: each mode's loopwatch process runs under
+valgrind's callgrind with instrumentation switched on only while the load
+generator drives `--cycles` churn cycles through it (its threads, not the span
+exporter child), and prints instructions per cycle. They do not move with the
+machine's load, so they show what a change to the per-connection path is worth
+before the rates, which move ±10 % here, can. The span flush interval is
+stretched to keep batches as large as at full speed (callgrind runs ~20×
+slower).
+
 Writes the section "## Telemetry overhead" of docs/performance.md (only that
 section; the rest of the file belongs to the proxy benchmarks).
 """
@@ -35,6 +45,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -99,8 +110,10 @@ def dropping_spans() -> ProcessSpanSink:
     return ProcessSpanSink(exporter_factory="tests.benchmarks.bench_telemetry:drop_exporters")
 
 
-def serve(mode: str, backend_port: int) -> None:
-    """Run loopwatch in this process with telemetry `mode`; print its ports."""
+def serve(mode: str, backend_port: int, flush_delay: float | None = None) -> None:
+    """Run loopwatch in this process with telemetry `mode`; print its ports.
+    `flush_delay`: the span hand-over interval instead of tracing.FLUSH_DELAY."""
+    from proxy import tracing
     from proxy.admin import build_registry
     from proxy.config import load_settings
     from proxy.logs import setup_logging
@@ -114,6 +127,8 @@ def serve(mode: str, backend_port: int) -> None:
         overrides={"upstream": f"ws://{HOST}:{backend_port}", "listen": f"{HOST}:0", "admin.listen": f"{HOST}:0"},
     )
     setup_logging(settings.logging.level, settings.logging.format)
+    if flush_delay is not None:
+        tracing.FLUSH_DELAY = flush_delay
 
     async def main() -> None:
         sink = dropping_spans() if mode != "off" else None
@@ -138,14 +153,17 @@ def serve(mode: str, backend_port: int) -> None:
 # --- the driver ------------------------------------------------------------------------
 
 
-def start_mode(tmp: Path, mode: str, backend_port: int) -> Proc:
+def start_mode(tmp: Path, mode: str, backend_port: int, wrapper: Sequence[str] = (), flush_delay: float | None = None) -> Proc:
     log = tmp / f"loopwatch-{mode}.log"
-    cmd = [sys.executable, "-m", "tests.benchmarks.bench_telemetry", "--serve", mode, "--backend-port", str(backend_port)]
+    cmd = [*wrapper, sys.executable, "-m", "tests.benchmarks.bench_telemetry", "--serve", mode,
+           "--backend-port", str(backend_port)]  # fmt: skip
+    if flush_delay is not None:
+        cmd += ["--flush-delay", str(flush_delay)]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "LOOPWATCH_"))}
     if mode == "sampled":
         env.update(SAMPLED_ENV)
     proc = _popen(cmd, log, cwd=ROOT, stdout=subprocess.PIPE, env=env)
-    info = json.loads(_readline(proc, 30.0))
+    info = json.loads(_readline(proc, 600.0 if wrapper else 30.0))
     # family: the span exporter's child process counts as loopwatch's CPU too.
     return Proc(f"loopwatch-{mode}", proc, info["port"], log, family=True, extra={"admin": info["admin"]})
 
@@ -234,6 +252,47 @@ def summarize(results: dict[str, dict[str, list[dict]]]) -> dict:
             row[f"{m}_cpu_ratio"] = row["off"]["cpu_us_per_op"] / row[m]["cpu_us_per_op"]
         out[op] = row
     return out
+
+
+CALLGRIND_FLUSH_DELAY = 0.6  # s: ~70 spans a batch at callgrind's ~120 cycles/s, as at full speed
+
+
+def callgrind(cycles: int) -> dict[str, int]:
+    """Instructions per churn cycle of each mode's loopwatch process, counted by
+    callgrind only while `cycles` cycles run (after a warm-up)."""
+    counts = {}
+    with tempfile.TemporaryDirectory(prefix="lw-bench-telemetry-cg-") as tmp_name:
+        tmp = Path(tmp_name)
+        backend = start_backend(tmp)
+        lg = LoadGen("loadgen", tmp)
+        try:
+            for mode in MODES:
+                out = tmp / f"callgrind-{mode}.out"
+                wrapper = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
+                target = start_mode(tmp, mode, backend.port, wrapper, CALLGRIND_FLUSH_DELAY)
+                try:
+                    churn = {"op": "churn", "workers": 10, "host": HOST, "port": target.port}
+                    lg.call({**churn, "max_s": 5.0, "max_ops": 200}, 120)  # warm-up, not counted
+                    subprocess.run(["callgrind_control", "-i", "on", str(target.proc.pid)], check=True,
+                                   capture_output=True)  # fmt: skip
+                    result = lg.call({**churn, "max_s": 600.0, "max_ops": cycles}, 900)
+                    subprocess.run(["callgrind_control", "-i", "off", str(target.proc.pid)], check=True,
+                                   capture_output=True)  # fmt: skip
+                finally:
+                    target.stop()
+                    target.proc.wait(120)
+                if "failed" in result or result.get("errors"):
+                    raise RuntimeError(f"{mode} under callgrind: {result}")
+                text = "".join(p.read_text() for p in tmp.glob(f"callgrind-{mode}.out*"))
+                total = sum(int(n) for n in re.findall(r"^(?:summary|totals): (\d+)", text, re.M))
+                counts[mode] = round(total / result["ops"])
+                print(f"{mode:8} {counts[mode]:>9,} instructions per churn cycle", flush=True)
+        finally:
+            lg.stop()
+            backend.stop()
+    for mode in MODES[1:]:
+        print(f"{mode} ÷ off: {counts[mode] / counts['off']:.3f} (+{counts[mode] - counts['off']:,} per cycle)")
+    return counts
 
 
 # --- the report ----------------------------------------------------------------------------
@@ -343,9 +402,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-docs", action="store_true")
     parser.add_argument("--serve", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--backend-port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--flush-delay", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--callgrind", action="store_true", help="count instructions per cycle instead")
+    parser.add_argument("--cycles", type=int, default=2000, help="churn cycles counted with --callgrind")
     args = parser.parse_args(argv)
     if args.serve:
-        serve(args.serve, args.backend_port)
+        serve(args.serve, args.backend_port, args.flush_delay)
+        return 0
+    if args.callgrind:
+        callgrind(args.cycles)
         return 0
     name = "quick" if args.quick else "full"
     profile = PROFILES[name]
