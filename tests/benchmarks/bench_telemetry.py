@@ -316,6 +316,7 @@ def section(summary: dict, profile_name: str, rounds: int) -> str:
         "```",
         ".venv/bin/python -m tests.benchmarks.bench_telemetry          # 7 rounds per mode (this table)",
         ".venv/bin/python -m tests.benchmarks.bench_telemetry --quick  # 2 shorter rounds",
+        ".venv/bin/python -m tests.benchmarks.bench_telemetry --callgrind  # instructions per cycle (valgrind)",
         "```",
         "",
         f"Latest ({profile_name}, {rounds} rounds, medians; {m['cpu']}, {m['nproc']} cores, "
