@@ -153,9 +153,9 @@ def _root_bound(sampler: object, *always_on: object) -> int | None:
     sampled (with exactly the attributes given, no trace state) if the trace id's
     low 64 bits are below this bound, else dropped. always_on and
     parentbased_always_on (the default) sample every root; traceidratio and
-    parentbased_traceidratio compare with their `bound`. None: ask the sampler
-    (one of one's own, or ratio-based with an id generator whose ids are not
-    random). Skipping the call spares each connection ~20 k instructions."""
+    parentbased_traceidratio compare with their `bound`; always_off samples none.
+    None: ask the sampler (one of one's own). Skipping the call spares each
+    connection ~20 k instructions."""
     from opentelemetry.sdk.trace import sampling
 
     if any(sampler is s for s in always_on):
