@@ -109,7 +109,6 @@ class SdkParts:
     def __init__(self) -> None:
         from opentelemetry.sdk.resources import OTELResourceDetector, Resource
         from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.sampling import ALWAYS_ON, DEFAULT_ON
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
         # service.name defaults to loopwatch; OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES win.
@@ -121,7 +120,7 @@ class SdkParts:
         self.ids = provider.id_generator
         self.random_trace_ids = self.ids.is_trace_id_random()  # a property of the generator
         self.new_ids = _id_pairs(self.ids)
-        self.root_bound = _root_bound(self.sampler, ALWAYS_ON, DEFAULT_ON)
+        self.root_bound = _root_bound(self.sampler)
         self.sampler_reads_attributes = not _ignores_attributes(self.sampler)
         self.scope = InstrumentationScope("loopwatch", __version__)
 
@@ -148,7 +147,15 @@ def _id_pairs(ids: IdGenerator) -> Callable[[], tuple[int, int]]:
 ALL_ROOTS = 1 << 64  # a root_bound every trace id passes
 
 
-def _root_bound(sampler: object, *always_on: object) -> int | None:
+def _sdk_parent_based(sampler: object) -> bool:
+    """The SDK's own ParentBased (what the parentbased_* sampler names build),
+    whose delegates are the SDK's to look at."""
+    from opentelemetry.sdk.trace import sampling
+
+    return isinstance(sampler, sampling.ParentBased) and type(sampler).__module__ == sampling.__name__
+
+
+def _root_bound(sampler: object) -> int | None:
     """How the SDK's own samplers decide a root span, when that is all they do:
     sampled (with exactly the attributes given, no trace state) if the trace id's
     low 64 bits are below this bound, else dropped. always_on and
@@ -158,9 +165,7 @@ def _root_bound(sampler: object, *always_on: object) -> int | None:
     connection ~20 k instructions."""
     from opentelemetry.sdk.trace import sampling
 
-    if any(sampler is s for s in always_on):
-        return ALL_ROOTS
-    if isinstance(sampler, sampling.ParentBased) and type(sampler).__module__ == sampling.__name__:
+    if _sdk_parent_based(sampler):  # a root span goes to its root delegate
         sampler = getattr(sampler, "_root", None)
     if type(sampler) is sampling.TraceIdRatioBased:
         return sampler.bound
@@ -179,7 +184,7 @@ def _ignores_attributes(sampler: object) -> bool:
 
     if type(sampler) in (sampling.StaticSampler, sampling.TraceIdRatioBased):
         return True
-    if isinstance(sampler, sampling.ParentBased) and type(sampler).__module__ == sampling.__name__:
+    if _sdk_parent_based(sampler):
         delegates = ("_root", "_remote_parent_sampled", "_remote_parent_not_sampled",
                      "_local_parent_sampled", "_local_parent_not_sampled")  # fmt: skip
         return all(_ignores_attributes(getattr(sampler, d, None)) for d in delegates)

@@ -449,7 +449,7 @@ def test_root_spans_are_sampled_as_the_sdks_samplers_would() -> None:
     for sdk in (sampling.ALWAYS_ON, sampling.ALWAYS_OFF, sampling.DEFAULT_ON, sampling.DEFAULT_OFF,
                 sampling.TraceIdRatioBased(0.1), sampling.ParentBasedTraceIdRatio(0.25),
                 sampling.ParentBasedTraceIdRatio(1.0), sampling.TraceIdRatioBased(0.0)):  # fmt: skip
-        bound = _root_bound(sdk, sampling.ALWAYS_ON, sampling.DEFAULT_ON)
+        bound = _root_bound(sdk)
         assert bound is not None, sdk
         for trace_id in ids:
             result = sdk.should_sample(Context(), trace_id, "WebSocket /", SpanKind.SERVER, {"a": 1})
