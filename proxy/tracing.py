@@ -135,6 +135,10 @@ class ConnTrace:
         return span_name(self.request[2])
 
     @property
+    def key(self) -> str:
+        return self.request[3]
+
+    @property
     def sampled(self) -> bool:
         return bool(self.flags & TraceFlags.SAMPLED)
 
@@ -300,10 +304,8 @@ class TracingObserver(Observer):
             return []
         found = []
         for conn_id in self.engine.open_connections(key):
-            relay = self.relays.get(conn_id)  # type: ignore[arg-type]
-            conn = relay.context if relay is not None else None
-            trace = trace_of(conn)  # type: ignore[arg-type]
-            if trace is not None and conn.key == key:  # type: ignore[union-attr] # (ids are per replica)
+            trace = self.trace_by_id(conn_id)  # type: ignore[arg-type]
+            if trace is not None and trace.key == key:  # ids are per replica, the engine's state may not be
                 found.append(trace)
         return found
 
