@@ -32,7 +32,6 @@ import asyncio
 import gc
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from tests.benchmarks.targets import (
     Proc,
     _popen,
     _readline,
+    callgrind_instructions,
     cpu_split,
     start_backend,
 )
@@ -132,10 +132,10 @@ def _instructions(mode: str) -> int:
             procs[n] = (subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), out)
         for n, (proc, out) in procs.items():
             proc.wait()
-            match = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.M)
-            if proc.returncode != 0 or match is None:
+            total = callgrind_instructions(out)
+            if proc.returncode != 0 or total is None:
                 raise RuntimeError(f"callgrind run for {mode} N={n} failed")
-            counts[n] = int(match.group(1))
+            counts[n] = total
     return (counts[3000] - counts[1000]) // 2000
 
 

@@ -45,7 +45,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import signal
 import statistics
 import subprocess
@@ -65,6 +64,7 @@ from tests.benchmarks.targets import (
     Proc,
     _popen,
     _readline,
+    callgrind_instructions,
     machine,
     start_backend,
 )
@@ -283,8 +283,9 @@ def callgrind(cycles: int) -> dict[str, int]:
                     target.proc.wait(120)
                 if "failed" in result or result.get("errors"):
                     raise RuntimeError(f"{mode} under callgrind: {result}")
-                text = "".join(p.read_text() for p in tmp.glob(f"callgrind-{mode}.out*"))
-                total = sum(int(n) for n in re.findall(r"^(?:summary|totals): (\d+)", text, re.M))
+                total = callgrind_instructions(out)
+                if total is None:
+                    raise RuntimeError(f"{mode}: callgrind wrote no counts ({target.log})")
                 counts[mode] = round(total / result["ops"])
                 print(f"{mode:8} {counts[mode]:>9,} instructions per churn cycle", flush=True)
         finally:

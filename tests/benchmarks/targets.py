@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import select
 import shutil
@@ -97,6 +98,16 @@ def rss_bytes(pids: list[int]) -> int:
         except (FileNotFoundError, ProcessLookupError):
             continue
     return total
+
+
+def callgrind_instructions(out: Path) -> int | None:
+    """Instructions a callgrind run counted: the `totals:` of its output file and
+    of any further parts it dumped (`out.1`, …). Not `summary:` as well, which
+    repeats the total (or is 0 when instrumentation started switched off).
+    None: no output."""
+    totals = [int(m) for p in sorted(out.parent.glob(out.name + "*"))
+              for m in re.findall(r"^totals: (\d+)", p.read_text(), re.M)]  # fmt: skip
+    return sum(totals) if totals else None
 
 
 def children(pid: int) -> list[int]:
