@@ -12,15 +12,14 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Info
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from proxy import __version__
 from proxy.admin_api import token_middleware
+from proxy.selfmetrics import build_labels
 
 
 def build_registry() -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=True)
-    Info("loopwatch_build", "loopwatch build information.", registry=registry).info(
-        {"version": __version__}
-    )
+    # version, dataplane, frame_parser (proxy/selfmetrics.py)
+    Info("loopwatch_build", "loopwatch build information.", registry=registry).info(build_labels())
     return registry
 
 

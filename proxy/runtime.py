@@ -22,6 +22,7 @@ from proxy.logs import event
 from proxy.observers import Observers
 from proxy.recorder import Recorder, close_recorders
 from proxy.redis_store import LocalState, attach_state_store
+from proxy.selfmetrics import SelfMetrics
 from proxy.server import ProxyServer
 from proxy.status import install as install_status_page
 from proxy.telemetry import Telemetry
@@ -59,6 +60,7 @@ class Running:
     # when the gate has none (detection off).
     observers: Observers = field(default_factory=Observers)
     health: HealthChecker | None = None  # health_check.enabled: probes the upstream
+    self_metrics: SelfMetrics | None = None  # process_* and the event-loop lag on /metrics
 
     @property
     def engine(self) -> Engine:
@@ -101,6 +103,8 @@ class Running:
             await self.health.stop()
         await self.proxy.shutdown()
         await self.admin.stop()
+        if self.self_metrics is not None:
+            await self.self_metrics.stop()
         if isinstance(self.gate, EngineGate):
             self.gate.close()
             await close_recorders(self.gate.observers)  # what is buffered reaches the file
@@ -171,6 +175,8 @@ async def start(
     except BaseException:
         await proxy.shutdown()
         raise
+    running.self_metrics = SelfMetrics(registry)
+    running.self_metrics.start()
     await store.start()  # connects in the background: admission never waits for Redis
     if settings.health_check.enabled and isinstance(gate, EngineGate):
         running.health = start_health_check(settings, proxy, gate)

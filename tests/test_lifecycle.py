@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -211,7 +212,7 @@ async def test_admin_endpoints():
         async with session.get(base + "/metrics") as resp:
             assert resp.status == 200
             text = await resp.text()
-        assert 'loopwatch_build_info{version="' in text
+        assert re.search(r'^loopwatch_build_info\{[^}]*version="', text, re.MULTILINE)
         # The admin port is not the proxy port, and the proxy does not serve them.
         assert p.admin_port != p.proxy_port
         p.proc.send_signal(signal.SIGTERM)

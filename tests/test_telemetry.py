@@ -26,6 +26,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from dashboards import promql
 from detectors.rules import RULE_NAMES
+from proxy import frames
 from proxy.admin import build_registry
 from proxy.config import Settings, load_settings
 from proxy.demo_backend import DemoBackend, issue_token
@@ -336,7 +337,8 @@ async def test_scripted_session_metric_by_metric() -> None:
     assert v("loopwatch_spans_dropped_total") == 0  # every span reached the exporter
     assert v("loopwatch_config_reloads_total", result="ok") == 0
     assert v("loopwatch_config_reloads_total", result="error") == 0
-    assert v("loopwatch_build_info", version="0.1.0") == 1
+    frame_parser = "c" if frames.COMPILED else "python"  # the build the relays use
+    assert v("loopwatch_build_info", version="0.1.0", dataplane="python", frame_parser=frame_parser) == 1
 
     # The families exposed are exactly the catalogue's, with the same types.
     documented = documented_families()
