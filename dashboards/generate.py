@@ -538,15 +538,17 @@ def itself() -> list[cogbuilder.Builder[Any]]:
         table.Panel()
         .title("Build info")
         .description(
-            "The loopwatch version each instance runs, plus its configuration reloads in the "
-            "dashboard's time range. During a rollout two versions show; afterwards one should. "
+            "The loopwatch version each instance runs, its data plane and WebSocket frame parser "
+            "build (frame_parser 'python' instead of 'c' means the compiled parser is missing or "
+            "LW_PURE_PYTHON_FRAMES=1: slower relaying, reinstall), plus its configuration reloads "
+            "in the dashboard's time range. During a rollout two versions show; afterwards one should. "
             "Reloads with result 'error' mean a config change was rejected and the old "
             "config is still in force: run loopwatch check-config on the new file."
         )
         .datasource(DATASOURCE)
         .with_target(
             query(
-                f"max by (instance, version) (loopwatch_build_info{{{SEL}}})",
+                f"max by (instance, version, dataplane, frame_parser) (loopwatch_build_info{{{SEL}}})",
                 "",
                 ref="A",
                 instant=True,
@@ -574,7 +576,84 @@ def itself() -> list[cogbuilder.Builder[Any]]:
         .height(8)
         .span(6)
     )
-    return [tracked, evictions, observer_errors, build]
+    return [tracked, evictions, observer_errors, build, *health()]
+
+
+# process_* is the standard name any Python (or Go) exporter uses: keep only the
+# series of targets that are loopwatch, whatever else the job variable matches.
+LOOPWATCH_ONLY = f"and on (job, instance) loopwatch_build_info{{{SEL}}}"
+LAG_BUCKET = "loopwatch_event_loop_lag_seconds_bucket"
+
+
+def health() -> list[cogbuilder.Builder[Any]]:
+    """The process loopwatch runs in: CPU, memory, descriptors, its event loop."""
+    cpu = ts(
+        "CPU used (100 % = one core)",
+        "CPU time the loopwatch process spends, user and system, as a share of one core "
+        "(process_cpu_seconds_total; the span exporter child is not included). The data plane "
+        "runs on one event loop, so near 100 % loopwatch is saturated: handshakes queue, "
+        "Event-loop lag climbs and latency follows. Compare with Connection attempts/s: a "
+        "flood of attempts or refused requests (Requests refused before detection) explains "
+        "it; steady traffic with rising CPU is worth a profile (docs/performance.md). Add "
+        "replicas rather than waiting for it to settle.",
+        query(
+            f"sum by (instance) (rate(process_cpu_seconds_total{{{SEL}}}[$__rate_interval]) "
+            f"{LOOPWATCH_ONLY})",
+            "{{instance}}",
+        ),
+        unit="percentunit",
+    ).span(6)
+    memory = ts(
+        "Resident memory",
+        "Resident memory (RSS) of the loopwatch process. It grows with open connections "
+        "(buffers on both legs), tracked clients (bounded by detection.max_clients) and "
+        "status-page streams, and should come back down when they go. A climb that never "
+        "returns with flat Active connections and Tracked clients is a leak: note the version "
+        "(Build info), take the JSON logs and report it. Set the container's memory limit "
+        "well above the peak seen here under a reconnect storm.",
+        query(
+            f"sum by (instance) (process_resident_memory_bytes{{{SEL}}} {LOOPWATCH_ONLY})",
+            "{{instance}}",
+        ),
+        unit="bytes",
+    ).span(6)
+    fds = ts(
+        "Open file descriptors",
+        "Descriptors the loopwatch process holds: two per relayed WebSocket (client and "
+        "upstream legs), one per other client socket (handshakes in progress, slow or idle "
+        "HTTP) and per upstream HTTP connection, plus a few for listeners, logs and pipes. "
+        "It should track twice Active connections. Far above that means sockets are held "
+        "before the engine sees them (a slowloris, one address holding many heads: see "
+        "Requests refused before detection). At the limit (process_max_fds, ulimit -n) new "
+        "connections fail to be accepted: raise the limit or add replicas.",
+        query(
+            f"sum by (instance) (process_open_fds{{{SEL}}} {LOOPWATCH_ONLY})",
+            "{{instance}}",
+        ),
+    ).span(6)
+    lag = ts(
+        "Event-loop lag p50 / p99",
+        "How late loopwatch's event loop wakes a task that sleeps half a second "
+        "(loopwatch_event_loop_lag_seconds): every connection's next step waits that long on "
+        "top of its own work. Idle it is about 1 ms (uvloop's timer tick). A p99 above 10 ms "
+        "means the loop is busy or blocked: with CPU near one core, loopwatch is saturated "
+        "(add replicas); with low CPU, something blocks it (a slow DNS lookup, a disk write, a "
+        "long collector pause) — the JSON logs and a py-spy dump of the process show what.",
+        *refs(
+            (
+                f"histogram_quantile(0.5, sum by (instance, le) "
+                f"(rate({LAG_BUCKET}{{{SEL}}}[$__rate_interval])))",
+                "p50 {{instance}}",
+            ),
+            (
+                f"histogram_quantile(0.99, sum by (instance, le) "
+                f"(rate({LAG_BUCKET}{{{SEL}}}[$__rate_interval])))",
+                "p99 {{instance}}",
+            ),
+        ),
+        unit="s",
+    ).span(6)
+    return [cpu, memory, fds, lag]
 
 
 ROWS: list[tuple[str, Any]] = [

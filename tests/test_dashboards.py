@@ -205,8 +205,26 @@ def test_queries_name_only_catalogue_metrics_and_recording_rules(dashboard: dict
         "loopwatch_observer_errors_total",
         "loopwatch_spans_dropped_total",
         "loopwatch_build_info",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "loopwatch_event_loop_lag_seconds_bucket",
     ):
         assert metric in seen, metric
+
+
+def test_process_panels_show_only_loopwatch_targets(dashboard: dict[str, Any]) -> None:
+    # process_* is every Python and Go exporter's name: with Job on "All" (.*), a bare
+    # selector would draw other services' CPU and memory as loopwatch's.
+    guard = 'and on (job, instance) loopwatch_build_info{job=~"$job", instance=~"$instance"}'
+    guarded = 0
+    for panel, target in promql.dashboard_targets(dashboard):
+        foreign = {n for n in promql.metric_names(target["expr"]) if not n.startswith("loopwatch_")}
+        foreign -= {n for n in foreign if ":loopwatch_" in n}  # recording rules of our series
+        if foreign:
+            assert guard in target["expr"], (panel["title"], target["expr"])
+            guarded += 1
+    assert guarded >= 3
 
 
 def test_metric_name_extraction() -> None:
