@@ -593,7 +593,8 @@ class Engine:
                 self._cleared.append(flag.raised)
                 self._flagged[rule] -= 1
             state.flags = None
-        state.streak = 0
+        state.streak = state.steady = 0
+        state.steady_gaps = None
         state.auth_times = state.bad_times = state.short_times = None
         state.intervals = state.interval_times = None
         self._update_notable(state)

@@ -62,7 +62,7 @@ def client_view(
         open_connections=state.open_count,
         first_seen=state.first_seen,
         last_seen=state.last_seen,
-        consecutive_auth_failures=state.streak,
+        consecutive_auth_failures=max(state.streak, state.steady),  # the fast or the steady streak
         close_codes=close_codes(state),
         cooldown_remaining=state.cool_until - t if cooling else 0.0,
         cooldown_until=state.cool_until if cooling else None,

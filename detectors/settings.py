@@ -71,6 +71,21 @@ class AuthFailureLoopSettings(RuleSettings):
     retry_within: PositiveDuration = Field(
         "1s", description="A retry sooner than this after the previous attempt ended keeps the streak."
     )
+    steady: Annotated[int, Field(ge=3)] | None = Field(
+        8,
+        description="Consecutive auth failures, each retried within steady_within and never backing "
+        "off: critical, at any pace (never below consecutive; null: off).",
+    )
+    steady_within: PositiveDuration = Field(
+        "7s",
+        description="A retry sooner than this after the previous attempt ended keeps the steady "
+        "streak (7 s: a client retrying every 5 s ± 20 % is in it).",
+    )
+    steady_growth: Annotated[float, Field(gt=1.0)] = Field(
+        2.0,
+        description="A retry interval at least this many times an earlier one of the steady "
+        "streak is backing off (intervals under retry_within count as retry_within).",
+    )
     window: PositiveDuration = Field("60s", description="Window of the counting thresholds.")
     warning: PositiveInt | None = Field(10, description="Auth failures in window: warning.")
     critical: PositiveInt | None = Field(30, description="Auth failures in window: critical.")

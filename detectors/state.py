@@ -44,6 +44,8 @@ class ClientState:
         "end_failed",  # whether that end was a failure (retry intervals are judged after failures)
         "gap",  # retry interval of the latest attempt: attempt_t − previous end_t
         "streak",  # consecutive auth failures retried quickly (auth_failure_loop)
+        "steady",  # consecutive auth failures retried within steady_within (auth_failure_loop) …
+        "steady_gaps",  # ring: … and the retry intervals before them (is it backing off?)
         "open",  # conn_id → open time
         "auth_times",  # ring: auth failures
         "bad_times",  # ring: attempts refused, failed or short-lived (rapid_reconnect)
@@ -82,6 +84,8 @@ class ClientState:
         self.end_failed = False
         self.gap = INF
         self.streak = 0
+        self.steady = 0
+        self.steady_gaps: array[float] | None = None
         self.open: dict[ConnId, float] | None = None
         self.auth_times: array[float] | None = None
         self.bad_times: array[float] | None = None

@@ -51,8 +51,11 @@ def on_attempt(state: ClientState, event: Attempt, settings: DetectionSettings) 
         gap = math.inf
     else:
         gap = t - state.end_t
-        if gap >= rules.auth_failure_loop.retry_within:
-            state.streak = 0  # the client paused: whatever came before was not one loop
+        afl = rules.auth_failure_loop
+        if gap >= afl.retry_within:
+            state.streak = 0  # the client paused: whatever came before was not one fast loop …
+        if gap >= afl.steady_within:
+            _end_steady(state)  # … nor a steady one
         if state.end_failed:
             if state.end_t >= state.attempt_t:  # a retry, not a socket opened alongside
                 cap = rules.no_backoff.intervals
@@ -100,6 +103,7 @@ def on_handshake_failed(
         _auth_failure(state, t, settings)
         return FAILED | AUTH_FAILURE | UPSTREAM_SUCCESS
     state.streak = 0
+    _end_steady(state)
     if status is None or status >= 500:
         return FAILED | UPSTREAM_FAILURE
     return FAILED | UPSTREAM_SUCCESS
@@ -149,6 +153,7 @@ def on_closed(state: ClientState, event: Closed, settings: DetectionSettings) ->
     if auth:
         if healthy:
             state.streak = 0  # e.g. a token that expired after an hour: not a loop
+            _end_steady(state)
             state.auth_times = ring.push(state.auth_times, t, _auth_cap(settings))
             state.end_failed = False
             return AUTH_FAILURE
@@ -156,6 +161,7 @@ def on_closed(state: ClientState, event: Closed, settings: DetectionSettings) ->
         state.end_failed = True
         return FAILED | AUTH_FAILURE
     state.streak = 0
+    _end_steady(state)
     if duration < rules.short_lived.lived_under and not normal:
         state.short_times = ring.push(state.short_times, t, _short_cap(settings))
     failed = not healthy and not normal
@@ -182,6 +188,21 @@ def apply(state: ClientState, event: Event, settings: DetectionSettings) -> int:
 def _auth_failure(state: ClientState, t: float, settings: DetectionSettings) -> None:
     state.streak += 1
     state.auth_times = ring.push(state.auth_times, t, _auth_cap(settings))
+    s = settings.rules.auth_failure_loop
+    if s.steady is None:
+        return
+    # A pause of steady_within before an attempt ended the streak (on_attempt).
+    # The retry interval judged is the latest attempt's: this failure's own,
+    # unless sockets overlap; one opened after a pause adds none.
+    state.steady += 1
+    gap = state.gap
+    if state.steady > 1 and gap < s.steady_within:
+        state.steady_gaps = ring.push(state.steady_gaps, gap, s.steady - 1)
+
+
+def _end_steady(state: ClientState) -> None:
+    state.steady = 0
+    state.steady_gaps = None
 
 
 def _remember_packed(state: ClientState, t: float, packed: int, size: int) -> None:

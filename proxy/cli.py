@@ -6,8 +6,13 @@ import argparse
 import os
 import sys
 
-from proxy.config import ConfigError, check_config_main, load_settings
+from proxy.config import ConfigError, check_config_main, ignored_service_links, load_settings
 from proxy.logs import setup_logging
+
+SERVICE_LINKS_HINT = (
+    "Kubernetes service links (a Service named loopwatch or loopwatch-...), not settings; "
+    "set enableServiceLinks: false in the pod spec to drop them"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "check-config":
+        ignored = ignored_service_links(os.environ)
+        if ignored:
+            print(f"note: ignoring {', '.join(ignored)}: {SERVICE_LINKS_HINT}", file=sys.stderr)
         return check_config_main(args.file)
     if args.command == "run":
         return cmd_run(args)
@@ -114,6 +122,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"loopwatch: invalid configuration:\n{e}", file=sys.stderr)
         return 2
     setup_logging(settings.logging.level, settings.logging.format)
+    ignored = ignored_service_links(os.environ)
+    if ignored:  # one line for all of them, once per process (a reload reads the same environment)
+        import logging
+
+        from proxy.logs import event
+
+        event(logging.getLogger("loopwatch"), "service_links_ignored", logging.WARNING,
+              variables=ignored, why=SERVICE_LINKS_HINT)
     from proxy.runtime import ConfigSources, run_loop, serve
     from proxy.tracing import TracingConfigError
 

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import copy
 import difflib
+import ipaddress
 import os
+import re
 import sys
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 from urllib.parse import urlsplit
@@ -53,6 +55,8 @@ from proxy.telemetry import TelemetrySettings
 ENV_PREFIX = "LOOPWATCH_"
 # Names the file rather than a setting; the CLI reads it.
 ENV_CONFIG = "LOOPWATCH_CONFIG"
+# The admin API's URL for the operator commands (`loopwatch clients`, …), not a setting.
+ENV_ADMIN_URL = "LOOPWATCH_ADMIN_URL"
 ENV_SEPARATOR = "__"
 REDACTED = "***"
 UPSTREAM_SCHEMES = ("ws", "wss", "http", "https")
@@ -178,9 +182,34 @@ class Limits(Section):
     shutdown_timeout: Duration = 10.0
 
 
+class EventStreamSettings(Section):
+    """Bounds of the status page's event streams (GET /api/events)."""
+
+    max_streams: Annotated[int, Field(ge=1, le=100_000)] = 100
+    max_buffer: Annotated[ByteSize, Field(ge=16 * KiB)] = 256 * KiB
+    send_buffer: Annotated[ByteSize, Field(ge=4 * KiB, le=16 * MiB)] = 32 * KiB
+    write_timeout: Annotated[Duration, Field(gt=0)] = 30.0
+
+
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._")
+
+
+def _ipv6(value: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.IPv6Address(value)
+    except ValueError:
+        return False
+    return True
+
+
 class AdminSettings(Section):
     listen: ListenAddress = "127.0.0.1:9900"
     token: OptionalSecret = None
+    allowed_hosts: tuple[str, ...] = ()
+    insecure: bool = False
+    event_streams: EventStreamSettings = EventStreamSettings()
 
     @field_validator("token")
     @classmethod
@@ -189,6 +218,28 @@ class AdminSettings(Section):
         if value == "":
             raise ValueError("expected a non-empty token (or null for no token)")
         return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        """Names as a browser puts them in Host: lower case, no port, no scheme;
+        `*.example.com` for every subdomain, `*` for any Host (no check)."""
+        out = []
+        for entry in value:
+            written = entry.strip().lower()
+            name = written.removesuffix(".")
+            bare = name.removeprefix("[").removesuffix("]")
+            plain = name.removeprefix("*.")
+            ok = written == "*" or (
+                bool(plain) and set(plain) <= _HOST_CHARS and ".." not in plain and not plain.startswith(".")
+            ) or (":" in bare and _ipv6(bare))
+            if not ok:
+                raise ValueError(
+                    f'expected host names such as "loopwatch.internal" or "*.example.com" '
+                    f"(no scheme, no port: any port is accepted), got {entry!r}"
+                )
+            out.append(bare if ":" in bare else name)
+        return tuple(out)
 
 
 class LogSettings(Section):
@@ -286,9 +337,11 @@ Layer = list[tuple[tuple[str, ...], Any, str]]
 def _env_layer(env: Mapping[str, str], errors: list[str]) -> Layer:
     layer: Layer = []
     for name in sorted(env):
-        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG:
+        if not name.startswith(ENV_PREFIX) or name in (ENV_CONFIG, ENV_ADMIN_URL):
             continue
-        parts = tuple(name[len(ENV_PREFIX) :].lower().split(ENV_SEPARATOR))
+        if _is_service_link(name, env[name]):
+            continue  # Kubernetes put it there, not the operator (ignored_service_links)
+        parts = _env_parts(name)
         if not all(parts):
             errors.append(f"{name}: expected LOOPWATCH_<KEY> or LOOPWATCH_<SECTION>__<KEY>")
             continue
@@ -298,6 +351,91 @@ def _env_layer(env: Mapping[str, str], errors: list[str]) -> Layer:
         value = raw if _strip_optional(_type_at(parts)) in (str, SecretStr) else _yaml_scalar(raw)
         layer.append((parts, value, name))
     return layer
+
+
+def _env_parts(name: str) -> tuple[str, ...]:
+    """LOOPWATCH_LIMITS__MAX_CONNECTIONS -> ("limits", "max_connections")."""
+    return tuple(name[len(ENV_PREFIX) :].lower().split(ENV_SEPARATOR))
+
+
+# Kubernetes' service links. For every Service in the pod's namespace the kubelet
+# sets, with <SVC> the Service's name upper-cased and "-" turned into "_" (so a
+# Service named loopwatch or loopwatch-admin lands in our prefix):
+#   <SVC>_SERVICE_HOST=10.0.0.11            <SVC>_SERVICE_PORT=8080
+#   <SVC>_SERVICE_PORT_<PORT NAME>=8080     <SVC>_PORT=tcp://10.0.0.11:8080
+#   <SVC>_PORT_8080_TCP=tcp://10.0.0.11:8080
+#   <SVC>_PORT_8080_TCP_PROTO=tcp  <SVC>_PORT_8080_TCP_PORT=8080  <SVC>_PORT_8080_TCP_ADDR=10.0.0.11
+# A variable is taken for one only when its name AND its value have that shape
+# and it names no setting, so a typo such as LOOPWATCH_ADMIN_PORT=9900 stays an error.
+# Names are upper case with single underscores (a Service or port name has no
+# "--"), so nothing spelt with the loader's own "__" is ever taken for one.
+_NAME = r"[A-Z0-9]+(?:_[A-Z0-9]+)*"
+_SVC = r"LOOPWATCH(?:_" + _NAME + ")?"
+_LINK = r"(?P<proto>tcp|udp|sctp)://(?P<host>\[[0-9A-Fa-f:.]+\]|[0-9A-Fa-f:.]+):(?P<port>[0-9]{1,5})"
+_PORT_PROTO = r"_PORT_(?P<port>[0-9]{1,5})_(?P<proto>TCP|UDP|SCTP)"
+
+
+def _ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _port(value: str) -> bool:
+    return value.isascii() and value.isdigit() and 0 < int(value) <= 65535
+
+
+def _link(value: str, proto: str | None = None, port: str | None = None) -> bool:
+    m = re.fullmatch(_LINK, value)
+    return bool(
+        m
+        and _ip(m["host"])
+        and _port(m["port"])
+        and (proto is None or m["proto"] == proto.lower())
+        and (port is None or m["port"] == port)
+    )
+
+
+class ServiceLinkShape(NamedTuple):
+    name: re.Pattern[str]
+    value_fits: Callable[[re.Match[str], str], bool]
+
+
+SERVICE_LINK_SHAPES: tuple[ServiceLinkShape, ...] = (
+    ServiceLinkShape(re.compile(_SVC + r"_SERVICE_HOST"), lambda m, v: _ip(v)),
+    ServiceLinkShape(re.compile(_SVC + r"_SERVICE_PORT(?:_" + _NAME + ")?"), lambda m, v: _port(v)),
+    ServiceLinkShape(re.compile(_SVC + r"_PORT"), lambda m, v: _link(v)),
+    ServiceLinkShape(re.compile(_SVC + _PORT_PROTO), lambda m, v: _link(v, m["proto"], m["port"])),
+    ServiceLinkShape(re.compile(_SVC + _PORT_PROTO + "_PROTO"), lambda m, v: v == m["proto"].lower()),
+    ServiceLinkShape(re.compile(_SVC + _PORT_PROTO + "_PORT"), lambda m, v: v == m["port"]),
+    ServiceLinkShape(re.compile(_SVC + _PORT_PROTO + "_ADDR"), lambda m, v: _ip(v)),
+)
+
+
+def service_link_name(name: str) -> bool:
+    """Whether `name` has the shape of a Kubernetes service-link variable."""
+    return any(shape.name.fullmatch(name) for shape in SERVICE_LINK_SHAPES)
+
+
+def _is_service_link(name: str, value: str) -> bool:
+    parts = _env_parts(name)
+    if all(parts) and _type_at(parts) is not None:
+        return False  # a real setting is never swallowed, whatever its name looks like
+    for shape in SERVICE_LINK_SHAPES:
+        m = shape.name.fullmatch(name)
+        if m and shape.value_fits(m, value):
+            return True
+    return False
+
+
+def ignored_service_links(env: Mapping[str, str]) -> list[str]:
+    """The LOOPWATCH_* variables load_settings ignores because Kubernetes set them
+    (a Service named loopwatch or loopwatch-…), sorted; the callers warn once."""
+    return sorted(
+        name for name, value in env.items() if name.startswith(ENV_PREFIX) and _is_service_link(name, value)
+    )
 
 
 def _yaml_scalar(raw: str) -> Any:

@@ -1,19 +1,31 @@
-"""auth_failure_loop: a client failing auth again and again — the incident.
+"""auth_failure_loop: a client failing auth again and again — the incident, at any pace.
 
-Critical when ``consecutive`` (3) auth failures follow each other with every
-retry sooner than ``retry_within`` (1 s) after the previous attempt ended:
-this is a client that never waits before presenting the same bad credentials.
+Critical in either of two ways:
+
+* **fast**: ``consecutive`` (3) auth failures follow each other with every
+  retry sooner than ``retry_within`` (1 s) after the previous attempt ended —
+  a client that never waits before presenting the same bad credentials;
+* **steady**: ``steady`` (8, and never fewer than ``consecutive``) auth
+  failures follow each other with every retry sooner than ``steady_within``
+  (7 s) and no retry interval ``steady_growth`` (2×) as long as an earlier one
+  of the streak — a client that waits, but never longer: it does not back off
+  and never succeeds, so it loops at whatever pace it has (0.2/s … 50/s).
+
 Independently, ≥ ``warning`` (10) / ≥ ``critical`` (30) auth failures within
 ``window`` (60 s) however they are paced.
 
-The streak is maintained by the tracker (an auth failure extends it, any other
-end or a pause ≥ ``retry_within`` resets it); it matches only while the client
-is still active without a pause, so a client that stopped stops matching and
-its flag clears after the quiet period.
+The streaks are maintained by the tracker (an auth failure extends them, any
+other end or a pause of ``retry_within`` / ``steady_within`` resets them;
+loopwatch's own refusals do neither); each matches only while the client is
+still active without such a pause, so a client that stopped stops matching and
+its flag clears after the quiet period. Retry intervals shorter than
+``retry_within`` count as ``retry_within`` when judging growth: under a second,
+scheduling noise is not backoff (and the fast streak judges those retries).
 """
 
 from __future__ import annotations
 
+from array import array
 from typing import Any
 
 from detectors import ring
@@ -29,9 +41,38 @@ def check(state: ClientState, settings: AuthFailureLoopSettings, t: float) -> Se
     times = state.auth_times
     if times is None:
         return None
-    if state.streak >= settings.consecutive and t - max(state.attempt_t, state.end_t) < settings.retry_within:
+    idle = t - max(state.attempt_t, state.end_t)
+    if state.streak >= settings.consecutive and idle < settings.retry_within:
+        return "critical"
+    if idle < settings.steady_within and steady(state, settings):
         return "critical"
     return severity(ring.count_since(times, t - settings.window), settings.warning, settings.critical)
+
+
+def steady(state: ClientState, settings: AuthFailureLoopSettings) -> bool:
+    """Whether the steady streak is long enough and its retry intervals never grew."""
+    needed = settings.steady
+    if needed is None or state.steady < max(needed, settings.consecutive):
+        return False
+    gaps = state.steady_gaps
+    if gaps is None:
+        return False
+    return not backs_off(gaps, min(len(gaps), needed - 1), settings.steady_growth, settings.retry_within)
+
+
+def backs_off(gaps: array[float], n: int, growth: float, floor: float) -> bool:
+    """Whether one of the latest ``n`` intervals is ``growth`` times an earlier one
+    of them (intervals under ``floor`` count as ``floor``). Indexes, no slice: no
+    allocation on the hot path."""
+    start = len(gaps) - n
+    lowest = max(gaps[start], floor)
+    for i in range(start + 1, len(gaps)):
+        gap = max(gaps[i], floor)
+        if gap >= growth * lowest:
+            return True
+        if gap < lowest:
+            lowest = gap
+    return False
 
 
 def evidence(state: ClientState, settings: AuthFailureLoopSettings, t: float) -> dict[str, Any]:
@@ -40,6 +81,8 @@ def evidence(state: ClientState, settings: AuthFailureLoopSettings, t: float) ->
     first, last = span(times, count)
     return {
         "consecutive": state.streak,
+        "steady": state.steady,
+        "retry_intervals": [round(gap, 3) for gap in state.steady_gaps or ()],
         "auth_failures": count,
         "window": settings.window,
         "rate": count / settings.window,

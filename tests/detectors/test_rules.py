@@ -6,6 +6,7 @@ table into a ``ClientState`` (tracker) and evaluate the rule at a given time.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from itertools import chain
 from typing import Any
@@ -28,6 +29,7 @@ from tests.detectors.helpers import ROUTE, connection, end_of, fold, refused, sc
 
 K = "alice@10.0.0.5"
 D = DetectionSettings()
+COUNTING_ONLY = DetectionSettings(rules={"auth_failure_loop": {"steady": None}})  # type: ignore[arg-type]
 
 
 def run(rule: Any, events: list[Event], t: float | None = None, settings: DetectionSettings = D) -> Finding | None:
@@ -131,8 +133,10 @@ def test_auth_streak_survives_refusals_without_a_pause() -> None:
     ],
 )
 def test_auth_failures_counted_in_the_window(failures: int, every: float, expected: str | None) -> None:
+    # Only the counting thresholds: at a steady 2 s or 6 s the steady streak would
+    # be critical by the 8th failure (see the steady tests below).
     events = paced(lambda t: connection(K, t, lived=0.01, code=1008), failures, every)
-    finding = run(auth_failure_loop, events)
+    finding = run(auth_failure_loop, events, settings=COUNTING_ONLY)
     assert severity(finding) == expected
     if finding is not None:
         assert finding.evidence["consecutive"] == 1  # paced ≥ 1 s apart: never a streak
@@ -141,7 +145,7 @@ def test_auth_failures_counted_in_the_window(failures: int, every: float, expect
 
 def test_auth_failures_older_than_the_window_do_not_count() -> None:
     events = paced(lambda t: connection(K, t, lived=0.01, code=1008), 10, 6.0)
-    assert severity(run(auth_failure_loop, events, events[-1].t + 6.5)) is None  # first is 60.5 s old
+    assert severity(run(auth_failure_loop, events, events[-1].t + 6.5, COUNTING_ONLY)) is None  # first is 60.5 s old
 
 
 def test_app_auth_codes_count_when_configured() -> None:
@@ -149,6 +153,137 @@ def test_app_auth_codes_count_when_configured() -> None:
     events = list(schedule(K, 0.0, [0.05, 0.05], code=4003))
     assert run(auth_failure_loop, events) is None
     assert severity(run(auth_failure_loop, events, settings=custom)) == "critical"
+
+
+# --- auth_failure_loop: the steady streak ----------------------------------
+
+
+def steady_loop(gaps: list[float], start: float = 0.0) -> list[Event]:
+    """Quick 1008s, retried after each of ``gaps`` (from the close)."""
+    return list(schedule(K, start, gaps))
+
+
+@pytest.mark.parametrize(
+    ("failures", "gap", "expected"),
+    [
+        (7, 2.0, None),  # seven is not yet a loop
+        (8, 2.0, "critical"),  # every 2 s: the issue's slow loop, by its 8th failure
+        (8, 1.2, "critical"),
+        (8, 5.0, "critical"),  # 0.2/s
+        (8, 6.9, "critical"),
+        (8, 7.0, None),  # a 7 s pause ends the streak: slower clients are not judged by it
+        (40, 30.0, None),  # backoff capped at 30 s repeats steadily, but at 0.033/s
+    ],
+)
+def test_steady_streak(failures: int, gap: float, expected: str | None) -> None:
+    events = steady_loop([gap] * (failures - 1))
+    finding = run(auth_failure_loop, events)
+    assert severity(finding) == expected
+    if finding is not None:
+        assert finding.evidence["consecutive"] == 1  # every retry ≥ 1 s: never the fast streak
+        assert finding.evidence["steady"] == failures
+        assert finding.evidence["retry_intervals"] == pytest.approx([gap] * (failures - 1))
+        assert finding.evidence["auth_failures"] == failures < D.rules.auth_failure_loop.warning
+
+
+@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("every", [1.5, 2.0, 5.0])
+def test_steady_streak_with_jitter(every: float, seed: int) -> None:
+    """± 20 % around the pace: never twice an earlier interval, never past 7 s."""
+    rng = random.Random(seed)
+    gaps = [every * rng.uniform(0.8, 1.2) for _ in range(7)]
+    assert run(auth_failure_loop, steady_loop(gaps[:6])) is None
+    assert severity(run(auth_failure_loop, steady_loop(gaps))) == "critical"
+
+
+@pytest.mark.parametrize(
+    ("gaps", "expected"),
+    [
+        ([1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0], None),  # exponential backoff
+        ([1.0, 2.2, 4.2, 4.2, 4.2, 4.2, 4.2], None),  # backoff capped at 4.2 s: the growth is in view
+        ([1.0, 2.2, 4.2, 4.2, 4.2, 4.2, 4.2, 4.2], "critical"),  # … then it is not: a loop at 0.24/s
+        ([2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 4.1], None),  # it has started to back off
+        ([3.0, 3.3, 3.6, 3.9, 4.2, 4.5, 4.8], "critical"),  # growing, but never by 2×: not backing off
+        # The fixed client failing forever: ≥ 10 failures a minute, a warning, never critical.
+        ([1.0, 2.0, 4.0, 5.0, 1.0, 2.0, 4.0, 5.0, 1.0, 2.0, 4.0], "warning"),
+        # Under 1 s, scheduling noise is not backoff: 0.3 s counts as 1 s (the
+        # fast streak never reaches 3 here: every other retry waits 1.2 s).
+        ([0.3, 1.2, 0.3, 1.2, 0.3, 1.2, 0.3], "critical"),
+    ],
+)
+def test_steady_streak_judges_growth_within_the_streak(gaps: list[float], expected: str | None) -> None:
+    finding = run(auth_failure_loop, steady_loop(gaps))
+    assert severity(finding) == expected
+    if finding is not None:
+        assert finding.evidence["consecutive"] < 3
+
+
+@pytest.mark.parametrize(
+    ("breaker", "pause"),
+    [
+        (lambda t: connection(K, t, lived=0.01, code=1011), 2.0),  # a non-auth close
+        (lambda t: refused(K, t, 503), 2.0),  # a non-auth handshake failure
+        (lambda t: connection(K, t, lived=10.0, code=1000), 2.0),  # a success
+        (lambda t: connection(K, t, lived=0.5, code=1000), 2.0),  # a short one that ended normally
+        (lambda t: connection(K, t, lived=3600.0, code=1008), 2.0),  # healthy for an hour, then its token expired
+        (lambda t: [], 7.0),  # a pause
+    ],
+    ids=["1011", "503", "success", "short-success", "token-expiry", "pause"],
+)
+def test_steady_streak_is_broken_by_any_other_end_or_a_pause(
+    breaker: Callable[[float], list[Event]], pause: float
+) -> None:
+    first = steady_loop([2.0] * 3)  # four failures
+    middle = breaker(end_of(first) + 2.0)
+    rest = steady_loop([2.0] * 3, (end_of(middle) if middle else end_of(first)) + pause)  # four more
+    assert run(auth_failure_loop, first + middle + rest) is None
+    assert fold(first + middle + rest).steady == 4
+    unbroken = first + steady_loop([2.0] * 3, end_of(first) + 2.0)
+    assert severity(run(auth_failure_loop, unbroken)) == "critical"
+
+
+def test_steady_streak_survives_refusals_and_stops_matching_once_the_client_is_quiet() -> None:
+    looping = steady_loop([2.0] * 7)
+    t = end_of(looping)
+    assert severity(run(auth_failure_loop, looping, t + 6.9)) == "critical"
+    assert run(auth_failure_loop, looping, t + 7.0) is None
+    refusals: list[Event] = []
+    for _ in range(5):  # its cooldown: refused every 2 s
+        t += 2.0
+        refusals += [Attempt(K, ROUTE, t), Rejected(K, ROUTE, t, "cooldown")]
+    after = connection(K, t + 2.0, lived=0.01, code=1008)
+    finding = run(auth_failure_loop, looping + refusals + after)
+    assert finding is not None and finding.evidence["steady"] == 9
+    paused = connection(K, t + 7.5, lived=0.01, code=1008)
+    assert run(auth_failure_loop, looping + refusals + paused) is None
+
+
+def test_steady_streak_counts_sockets_opened_alongside_but_not_their_intervals() -> None:
+    """Two sockets per round (the incident's two effects), a round every 2 s."""
+    events: list[Event] = []
+    t = 0.0
+    for _ in range(4):
+        a = connection(K, t, lived=0.01, code=1008)
+        b = connection(K, t + 0.001, lived=0.01, code=1008)
+        events += sorted(a + b, key=lambda e: e.t)
+        t = end_of(b) + 2.0
+    finding = run(auth_failure_loop, events)
+    assert finding is not None and finding.severity == "critical"
+    assert finding.evidence["steady"] == 8
+    assert len(finding.evidence["retry_intervals"]) == 6  # the first round has no retry interval
+
+
+def test_steady_streak_needs_at_least_consecutive_failures_and_can_be_switched_off() -> None:
+    looser = DetectionSettings(rules={"auth_failure_loop": {"consecutive": 10}})  # type: ignore[arg-type]
+    assert run(auth_failure_loop, steady_loop([2.0] * 8), settings=looser) is None
+    assert severity(run(auth_failure_loop, steady_loop([2.0] * 9), settings=looser)) == "critical"
+    assert run(auth_failure_loop, steady_loop([0.05] * 8), settings=looser) is None  # the fast streak too
+    assert severity(run(auth_failure_loop, steady_loop([0.05] * 9), settings=looser)) == "critical"
+    stricter = DetectionSettings(rules={"auth_failure_loop": {"steady": 4, "steady_within": "20s"}})  # type: ignore[arg-type]
+    assert severity(run(auth_failure_loop, steady_loop([15.0] * 3), settings=stricter)) == "critical"
+    assert severity(run(auth_failure_loop, steady_loop([2.0] * 19))) == "critical"
+    # Off: only the counting thresholds are left (20 failures in 38 s: a warning).
+    assert severity(run(auth_failure_loop, steady_loop([2.0] * 19), settings=COUNTING_ONLY)) == "warning"
 
 
 # --- rapid_reconnect -------------------------------------------------------
