@@ -8,6 +8,9 @@ import sys
 
 from proxy.config import ConfigError, check_config_main, ignored_service_links, load_settings
 from proxy.logs import setup_logging
+from proxy.operator_cli import COMMANDS as OPERATOR_COMMANDS
+from proxy.operator_cli import add_commands as add_operator_commands
+from proxy.operator_cli import run_command as run_operator_command
 
 SERVICE_LINKS_HINT = (
     "Kubernetes service links (a Service named loopwatch or loopwatch-...), not settings; "
@@ -66,11 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--config", "-c", default=os.environ.get("LOOPWATCH_CONFIG"), help="YAML config to replay with")
     rep.add_argument("--json", action="store_true", help="print the result as JSON")
     rep.add_argument("--seed", type=int, default=0, help="seed of the cooldown jitter (the proxy uses 0)")
+
+    add_operator_commands(sub)  # clients, client, release, cooldown, breakers, breaker-reset, reload
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in OPERATOR_COMMANDS:
+        return run_operator_command(args, env=os.environ)
     if args.command == "check-config":
         ignored = ignored_service_links(os.environ)
         if ignored:
