@@ -1,0 +1,419 @@
+import assert from "node:assert/strict";
+import test from "node:test";
+
+import { pageRegistry, Registry, sharedConnection } from "../src/connection.js";
+import { FakeClock, fakeWebSocket, flush } from "../testing/fakes.js";
+
+const URL_A = "ws://app.test/ws";
+const URL_B = "ws://app.test/other";
+
+/**
+ * A registry on a fake clock and a fake WebSocket; `random` returns `r` (or
+ * walks a list) so delays are exact.
+ */
+function setup({ r = 0.5, ...options } = {}) {
+  const clock = new FakeClock(1_000_000);
+  const { WebSocket, sockets } = fakeWebSocket();
+  const registry = new Registry();
+  const values = Array.isArray(r) ? [...r] : null;
+  const random = () => (values ? values.shift() ?? 0.5 : r);
+  const base = { WebSocket, clock, random, ...options };
+  const connect = (url = URL_A, extra = {}) => registry.connect(url, { ...base, ...extra });
+  return { clock, sockets, registry, connect };
+}
+
+/** Every event of a connection, in order, as [name, payload]. */
+function record(conn) {
+  const seen = [];
+  for (const name of ["state", "attempt", "open", "close", "refused", "retry", "stable", "authfailed", "error"]) {
+    conn.on(name, (payload) => seen.push([name, payload]));
+  }
+  return seen;
+}
+
+const last = (sockets) => sockets[sockets.length - 1];
+
+test("two effects and a StrictMode remount share one socket", () => {
+  const { clock, sockets, connect } = setup();
+  const a = connect();
+  const b = connect();
+  // StrictMode: mount, unmount, mount again in the same task.
+  const c = connect();
+  c.release();
+  const d = connect();
+  clock.advance(0);
+  assert.equal(sockets.length, 1);
+  sockets[0].accept();
+  assert.equal(a.state, "open");
+  assert.equal(d.state, "open");
+  assert.equal(sockets[0].closedByClient, null);
+  // Messages reach every share; a send goes out once on the one socket.
+  const got = [];
+  a.on("message", (m) => got.push(["a", m]));
+  b.on("message", (m) => got.push(["b", m]));
+  sockets[0].receive("hello");
+  assert.deepEqual(got, [["a", "hello"], ["b", "hello"]]);
+  assert.equal(b.send("x"), true);
+  assert.deepEqual(sockets[0].sent, ["x"]);
+  clock.advance(60_000);
+  assert.equal(sockets.length, 1);
+});
+
+test("another URL is another socket; the same URL spelled alike is the same", () => {
+  const { clock, sockets, connect } = setup();
+  connect(URL_A);
+  connect(URL_B);
+  connect("ws://APP.test/ws#fragment");
+  clock.advance(0);
+  assert.deepEqual(sockets.map((s) => s.url), [URL_A, URL_B]);
+});
+
+test("the last release closes the socket and a later share waits the min interval", () => {
+  const { clock, sockets, connect, registry } = setup({ minInterval: 1000 });
+  const a = connect();
+  const b = connect();
+  clock.advance(0);
+  sockets[0].accept();
+  a.release();
+  clock.advance(0);
+  assert.equal(sockets[0].closedByClient, null); // b still holds it
+  b.release();
+  b.release(); // idempotent
+  clock.advance(0);
+  assert.deepEqual(sockets[0].closedByClient, { code: 1000, reason: undefined });
+  assert.equal(b.state, "closed");
+  assert.equal(registry.managers.size, 0);
+  // A new share right away does not open at once: the min interval holds across managers.
+  const c = connect();
+  clock.advance(999);
+  assert.equal(sockets.length, 1);
+  clock.advance(1);
+  assert.equal(sockets.length, 2);
+  assert.equal(c.state, "connecting");
+  assert.equal(a.send("late"), false);
+});
+
+test("an expired token: 4 attempts (3 auth retries), then auth-failed and silence", async () => {
+  const tokens = [];
+  const { clock, sockets, connect } = setup({
+    r: 0.999,
+    getToken: (request) => {
+      tokens.push(request.refresh);
+      return "expired-token";
+    },
+  });
+  const conn = connect();
+  const seen = record(conn);
+  for (let i = 0; i < 10; i++) {
+    clock.advance(clock.nextAt() === null ? 0 : clock.nextAt() - clock.now());
+    await flush();
+    const socket = last(sockets);
+    if (socket.readyState === 0) {
+      socket.accept(); // the backend accepts, reads the token, closes 1008 (the incident)
+      socket.serverClose(1008, "token expired");
+    }
+    if (conn.state === "auth-failed") break;
+  }
+  assert.equal(sockets.length, 4);
+  assert.equal(conn.state, "auth-failed");
+  assert.deepEqual(tokens, [false, true, true, true]); // refreshed before each reconnect
+  assert.ok(sockets.every((s) => new URL(s.url).searchParams.get("token") === "expired-token"));
+  const failed = seen.filter(([name]) => name === "authfailed");
+  assert.deepEqual(failed, [["authfailed", { authFailures: 4, code: 1008, reason: "token expired" }]]);
+  // Terminal: nothing pending, nothing more however long we wait.
+  assert.equal(clock.pending, 0);
+  clock.advance(600_000);
+  await flush();
+  assert.equal(sockets.length, 4);
+  // The waits between attempts backed off (r ≈ 1: the caps) and never went under min interval.
+  const retries = seen.filter(([name]) => name === "retry").map(([, p]) => Math.round(p.delay));
+  assert.deepEqual(retries, [1000, 1998, 3996]);
+  // The app can start over (a new login); the min interval still holds.
+  assert.equal(conn.retry(), true);
+  assert.equal(conn.retry(), false);
+  clock.advance(1000);
+  await flush();
+  assert.equal(sockets.length, 5);
+});
+
+test("waits never go under the min interval, whatever the jitter draws", () => {
+  const { clock, sockets, connect } = setup({ r: 0, minInterval: 1500 });
+  const conn = connect();
+  const seen = record(conn);
+  clock.advance(0);
+  for (let i = 0; i < 5; i++) {
+    last(sockets).fail();
+    const before = sockets.length;
+    clock.advance(1499);
+    assert.equal(sockets.length, before);
+    clock.advance(1);
+    assert.equal(sockets.length, before + 1);
+  }
+  assert.ok(seen.filter(([n]) => n === "retry").every(([, p]) => p.delay === 1500));
+});
+
+test("failures back off exponentially with full jitter, up to the max", () => {
+  const draws = [0.999, 0.25, 0.999, 0.5, 0.999, 0.999, 0.999, 0.999];
+  const { clock, sockets, connect } = setup({ r: draws, minInterval: 0 });
+  const conn = connect();
+  const seen = record(conn);
+  clock.advance(0);
+  for (let i = 0; i < draws.length; i++) {
+    last(sockets).fail();
+    clock.advance(clock.nextAt() - clock.now());
+  }
+  const delays = seen.filter(([n]) => n === "retry").map(([, p]) => Math.round(p.delay));
+  assert.deepEqual(delays, [999, 500, 3996, 4000, 15984, 29970, 29970, 29970]);
+  assert.ok(seen.filter(([n]) => n === "retry").every(([, p]) => p.cause === "abnormal"));
+});
+
+test("loopwatch's retry time is honoured, and a refusal is not an auth failure", async () => {
+  const { clock, sockets, connect } = setup({ r: 0.5, retrySpread: 1000 });
+  const conn = connect();
+  const seen = record(conn);
+  clock.advance(0);
+  last(sockets).refuse(7);
+  const refused = seen.filter(([n]) => n === "refused");
+  assert.deepEqual(refused, [["refused", { reason: "cooldown", phrase: "cooldown", retryAfter: 7, code: 1013 }]]);
+  clock.advance(7499);
+  assert.equal(sockets.length, 1);
+  clock.advance(1);
+  assert.equal(sockets.length, 2); // 7 s + half the spread
+  // auth, refused, auth, refused, auth: three auth failures are within the 3 retries.
+  for (const answer of ["auth", "refuse", "auth", "refuse", "auth"]) {
+    const socket = last(sockets);
+    if (answer === "auth") {
+      socket.accept();
+      socket.serverClose(1008, "token expired");
+    } else {
+      socket.refuse(2, "too soon after the last attempt");
+    }
+    clock.advance(clock.nextAt() - clock.now());
+    await flush();
+  }
+  assert.notEqual(conn.state, "auth-failed");
+  last(sockets).accept();
+  last(sockets).serverClose(4001, "");
+  assert.equal(conn.state, "auth-failed"); // the fourth auth failure
+});
+
+test("the backoff starts over only after the socket stayed open stableAfter", () => {
+  const { clock, sockets, connect } = setup({ r: 0.999, minInterval: 0, stableAfter: 10_000 });
+  const conn = connect();
+  const seen = record(conn);
+  clock.advance(0);
+  const cycle = (openFor) => {
+    const socket = last(sockets);
+    socket.accept();
+    clock.advance(openFor);
+    socket.serverClose(1011, "internal error");
+    clock.advance(clock.nextAt() - clock.now());
+  };
+  cycle(100); // opened, but not for long: counts as a failure
+  cycle(9_999);
+  cycle(0);
+  const delays = () => seen.filter(([n]) => n === "retry").map(([, p]) => Math.round(p.delay));
+  assert.deepEqual(delays(), [999, 1998, 3996]);
+  // A refusal opens too (101, then close 1013): it must not reset the backoff.
+  assert.equal(seen.filter(([n]) => n === "stable").length, 0);
+  cycle(10_000); // stable: the backoff starts over
+  assert.deepEqual(seen.filter(([n]) => n === "stable"), [["stable", { openFor: 10_000 }]]);
+  assert.deepEqual(delays().slice(-1), [999]);
+  assert.equal(conn.stats.failures, 1);
+});
+
+test("1012 waits a randomised 5-30 s; 1013 without a retry time waits at least 5 s", () => {
+  const { clock, sockets, connect } = setup({ r: 0, minInterval: 0 });
+  const conn = connect();
+  const seen = record(conn);
+  clock.advance(0);
+  last(sockets).accept();
+  last(sockets).serverClose(1012, "restarting");
+  clock.advance(clock.nextAt() - clock.now());
+  last(sockets).accept();
+  last(sockets).serverClose(1013, "overloaded");
+  clock.advance(clock.nextAt() - clock.now());
+  last(sockets).accept();
+  last(sockets).serverClose(1014, "loopwatch: upstream connection lost");
+  const retries = seen.filter(([n]) => n === "retry").map(([, p]) => [p.cause, p.delay]);
+  assert.deepEqual(retries, [["restart", 5000], ["overload", 5000], ["gateway", 0]]);
+  const high = setup({ r: 0.999999, minInterval: 0 });
+  const other = high.connect();
+  const log = record(other);
+  high.clock.advance(0);
+  last(high.sockets).serverClose(1012);
+  assert.ok(Math.abs(log.find(([n]) => n === "retry")[1].delay - 30000) < 1);
+});
+
+test("loopwatch's close-oldest 1008 does not count as an auth failure", () => {
+  const { clock, sockets, connect } = setup({ maxAuthRetries: 0 });
+  const conn = connect();
+  clock.advance(0);
+  last(sockets).accept();
+  last(sockets).serverClose(1008, "loopwatch: more than 1 connections");
+  assert.equal(conn.state, "waiting");
+  assert.equal(conn.stats.authFailures, 0);
+  clock.advance(clock.nextAt() - clock.now());
+  last(sockets).accept();
+  last(sockets).serverClose(1008, "token expired");
+  assert.equal(conn.state, "auth-failed"); // maxAuthRetries 0: the first real one is final
+});
+
+test("a socket that does not open within openTimeout is dropped and retried", () => {
+  const { clock, sockets, connect } = setup({ openTimeout: 5000, minInterval: 1000, r: 0 });
+  const conn = connect();
+  const seen = record(conn);
+  clock.advance(0);
+  clock.advance(4999);
+  assert.equal(conn.state, "connecting");
+  clock.advance(1);
+  assert.deepEqual(sockets[0].closedByClient, { code: undefined, reason: undefined });
+  assert.equal(conn.state, "waiting");
+  assert.equal(seen.find(([n]) => n === "close")[1].kind, "timeout");
+  sockets[0].accept(); // too late: ignored
+  assert.equal(conn.state, "waiting");
+  clock.advance(1000);
+  assert.equal(sockets.length, 2);
+});
+
+test("the token hook: async, in the URL, failing, timing out, or outlived by a release", async () => {
+  // Async, into the query (the token's value is kept out of the events).
+  let s = setup({ getToken: async () => "tok-1" });
+  let conn = s.connect("ws://app.test/ws?room=7");
+  let seen = record(conn);
+  s.clock.advance(0);
+  await flush();
+  assert.equal(s.sockets[0].url, "ws://app.test/ws?room=7&token=tok-1");
+  assert.equal(seen.find(([n]) => n === "attempt")[1].url, "ws://app.test/ws?room=7&token=%E2%80%A6");
+  // As a subprotocol instead of the query.
+  s = setup({ getToken: () => "tok-2", tokenParam: null, protocols: (t) => ["bearer", t] });
+  s.connect();
+  s.clock.advance(0);
+  await flush();
+  assert.equal(s.sockets[0].url, URL_A);
+  assert.deepEqual(s.sockets[0].protocols, ["bearer", "tok-2"]);
+  // Failing: an error event, no socket, a retry.
+  s = setup({ getToken: () => Promise.reject(new Error("auth service down")), r: 0 });
+  conn = s.connect();
+  seen = record(conn);
+  s.clock.advance(0);
+  await flush();
+  assert.equal(s.sockets.length, 0);
+  assert.equal(seen.find(([n]) => n === "error")[1].during, "token");
+  assert.deepEqual(seen.find(([n]) => n === "retry")[1], { attempt: 2, delay: 1000, cause: "token" });
+  // Never answering: cut at tokenTimeout; the late token is dropped.
+  let resolve;
+  s = setup({ getToken: () => new Promise((r) => (resolve = r)), tokenTimeout: 3000 });
+  conn = s.connect();
+  seen = record(conn);
+  s.clock.advance(0);
+  await flush();
+  s.clock.advance(2999);
+  assert.equal(conn.state, "connecting");
+  s.clock.advance(1);
+  assert.equal(conn.state, "waiting");
+  assert.equal(seen.find(([n]) => n === "close")[1].kind, "token");
+  resolve("late");
+  await flush();
+  assert.equal(s.sockets.length, 0);
+  // Released while the token is on its way: no socket ever opens.
+  s = setup({ getToken: () => new Promise((r) => (resolve = r)) });
+  conn = s.connect();
+  s.clock.advance(0);
+  await flush();
+  conn.release();
+  s.clock.advance(0);
+  resolve("tok");
+  await flush();
+  assert.equal(s.sockets.length, 0);
+  assert.equal(s.clock.pending, 0);
+});
+
+test("state events follow the table, and a throwing listener breaks nothing", () => {
+  const { clock, sockets, connect } = setup();
+  const conn = connect();
+  const states = [];
+  const errors = [];
+  const original = globalThis.reportError;
+  globalThis.reportError = (e) => errors.push(e);
+  try {
+    conn.on("state", () => {
+      throw new Error("app bug");
+    });
+    conn.on("state", ({ from, to, input }) => states.push(`${from} -${input}-> ${to}`));
+    clock.advance(0);
+    sockets[0].accept();
+    sockets[0].fail();
+    conn.release();
+    clock.advance(0);
+  } finally {
+    if (original === undefined) delete globalThis.reportError;
+    else globalThis.reportError = original;
+  }
+  assert.deepEqual(states, [
+    "waiting -due-> connecting",
+    "connecting -opened-> open",
+    "open -failed-> waiting",
+  ]);
+  assert.equal(errors.length, 3);
+  assert.equal(conn.state, "closed");
+});
+
+test("listeners end with their share; sends need an open socket", () => {
+  const { clock, sockets, connect } = setup();
+  const a = connect();
+  const b = connect();
+  const got = [];
+  a.on("message", (m) => got.push(m));
+  assert.equal(a.send("too early"), false);
+  clock.advance(0);
+  sockets[0].accept();
+  a.release();
+  sockets[0].receive("after a left");
+  assert.deepEqual(got, []);
+  assert.equal(a.on("message", () => {})(), undefined); // a released share listens to nothing
+  assert.equal(b.send("y"), true);
+});
+
+test("bad options are refused at the call", () => {
+  const { connect } = setup();
+  assert.throws(() => connect("ftp://app.test/"), /ws:, wss:, http: or https:/);
+  assert.throws(() => connect("not a url"), TypeError);
+  assert.throws(() => connect(URL_A, { minInterval: -1 }), /minInterval/);
+  assert.throws(() => connect(URL_A, { maxAuthRetries: 1.5 }), /maxAuthRetries/);
+  assert.throws(() => connect(URL_A, { authCloseCodes: [99] }), /authCloseCodes/);
+  assert.throws(() => connect(URL_A, { backoff: { initial: 0 } }), /backoff.initial/);
+  assert.throws(() => connect(URL_A, { stableAfter: 0 }), /stableAfter/);
+  assert.throws(() => connect(URL_A, { restartDelay: { min: 10, max: 5 } }), /restartDelay.max/);
+  assert.throws(() => connect(URL_A, { getToken: "token" }), /getToken/);
+  assert.throws(() => connect(URL_A, { WebSocket: null, clock: undefined }), TypeError);
+  assert.equal(connect("http://app.test/ws").manager.url.href, URL_A); // http: maps to ws:
+});
+
+test("the page registry is one per page, shared by every copy of the module", () => {
+  assert.equal(pageRegistry(), pageRegistry());
+  const clock = new FakeClock();
+  const { WebSocket, sockets } = fakeWebSocket();
+  const a = sharedConnection("wss://page.test/ws", { WebSocket, clock });
+  const b = sharedConnection("wss://page.test/ws", { WebSocket, clock });
+  clock.advance(0);
+  assert.equal(sockets.length, 1);
+  assert.equal(globalThis[Symbol.for("loopwatch.client.registry")], pageRegistry());
+  a.release();
+  b.release();
+  clock.advance(0);
+  assert.equal(pageRegistry().managers.size, 0);
+});
+
+test("the registry remembers a bounded number of ended connections", () => {
+  const { clock, sockets, connect, registry } = setup();
+  for (let i = 0; i < 100; i++) {
+    const conn = connect(`ws://app.test/${i}`);
+    clock.advance(0);
+    last(sockets).accept();
+    conn.release();
+    clock.advance(0);
+  }
+  assert.equal(registry.ends.size, 64);
+  assert.equal(registry.managers.size, 0);
+});
