@@ -20,6 +20,8 @@ def test_detection_defaults_are_the_design_table() -> None:
     r = d.rules
     assert (r.auth_failure_loop.consecutive, r.auth_failure_loop.retry_within) == (3, 1.0)
     assert (r.auth_failure_loop.warning, r.auth_failure_loop.critical, r.auth_failure_loop.window) == (10, 30, 60.0)
+    steady = r.auth_failure_loop
+    assert (steady.steady, steady.steady_within, steady.steady_growth) == (8, 7.0, 2.0)
     assert (r.rapid_reconnect.warning, r.rapid_reconnect.critical, r.rapid_reconnect.window) == (10, 30, 10.0)
     assert r.rapid_reconnect.lived_under == 5.0
     assert (r.short_lived.warning, r.short_lived.window, r.short_lived.lived_under) == (5, 60.0, 5.0)
@@ -79,6 +81,10 @@ def test_models_are_frozen() -> None:
         (DetectionSettings, {"rules": {"short_lived": {"mode": "sometimes"}}},
          ("rules", "short_lived", "mode"), "enforce"),
         (DetectionSettings, {"auth_close_codes": [99]}, ("auth_close_codes", 0), "greater than or equal to 1000"),
+        (DetectionSettings, {"rules": {"auth_failure_loop": {"steady": 2}}},
+         ("rules", "auth_failure_loop", "steady"), "greater than or equal to 3"),
+        (DetectionSettings, {"rules": {"auth_failure_loop": {"steady_growth": 1}}},
+         ("rules", "auth_failure_loop", "steady_growth"), "greater than 1"),
         (PolicySettings, {"deny": ["10.0.0.0/33"]}, ("deny",), "expected a key or a CIDR"),
         (PolicySettings, {"rollout_percent": 101}, ("rollout_percent",), "less than or equal to 100"),
         (PolicySettings, {"cooldown": {"base": "10m"}}, ("cooldown",), "max (300.0s) must not be below base"),
