@@ -28,9 +28,12 @@ import enum
 import io
 import json
 import math
+import os
+import signal
 import socket
 import ssl
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -186,13 +189,14 @@ class AdminClient:
         if self.target.token is not None:
             headers["Authorization"] = f"Bearer {self.target.token}"
         request = urllib.request.Request(url, data=data, headers=headers, method=method)
+        deadline = time.monotonic() + self.target.timeout  # the body as a whole; the socket bounds each step
         try:
             with self._opener.open(request, timeout=self.target.timeout) as response:
-                raw = _read_bounded(response)
+                raw = _read_bounded(response, deadline)
                 status = response.status
         except urllib.error.HTTPError as e:
             try:
-                raw = _read_bounded(e)
+                raw = _read_bounded(e, deadline)
             except (OperatorError, OSError):
                 raw = b""  # the status says enough
             finally:
@@ -255,10 +259,16 @@ class AdminClient:
         return OperatorError(ExitCode.FAILED, f"{message} ({status})", details)
 
 
-def _read_bounded(response: Any) -> bytes:
-    raw = response.read(MAX_ANSWER + 1)
-    if len(raw) > MAX_ANSWER:
-        raise OperatorError(ExitCode.FAILED, f"the answer is larger than {MAX_ANSWER} bytes; not reading it")
+def _read_bounded(response: Any, deadline: float) -> bytes:
+    """The body, at most MAX_ANSWER bytes, read by `deadline` (time.monotonic): the
+    socket timeout bounds each read, this the whole of a body that trickles in."""
+    raw = bytearray()
+    while chunk := response.read1(64 * 1024):  # what has arrived: read() would wait for all of it
+        raw += chunk
+        if len(raw) > MAX_ANSWER:
+            raise OperatorError(ExitCode.FAILED, f"the answer is larger than {MAX_ANSWER} bytes; not reading it")
+        if time.monotonic() > deadline:
+            raise TimeoutError("the answer did not arrive in time")
     return bytes(raw)
 
 
@@ -478,6 +488,18 @@ def run_command(
         for line in e.details:
             err.write(f"  {line}\n")
         return int(e.code)
+    except (KeyError, TypeError, AttributeError) as e:  # a field the tables need is missing or odd
+        err.write(
+            f"loopwatch {args.command}: unexpected answer from the admin API ({type(e).__name__}: {e}); "
+            "is it a loopwatch of another version? --json prints it as it came\n"
+        )
+        return int(ExitCode.FAILED)
+    except BrokenPipeError:  # `loopwatch clients --all | head`: the reader has what it wanted
+        if out is sys.stdout:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 128 + signal.SIGPIPE
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
 
 
 # --- the command line ------------------------------------------------------------------

@@ -310,6 +310,31 @@ async def test_an_unreachable_admin_port_is_a_clear_error() -> None:
     assert hung.err == f"loopwatch reload: cannot reach the admin API at {url}: no answer within 0.5s (--timeout)\n"
 
 
+async def test_an_answer_that_trickles_in_is_cut_at_the_timeout() -> None:
+    sent = 0
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(200):  # a byte every 50 ms: each read is quick, the whole never is
+                if reader.at_eof():
+                    break  # the command gave up
+                writer.write(b" ")
+                await writer.drain()
+                sent += 1
+                await asyncio.sleep(0.05)
+        writer.close()
+
+    server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+    async with server:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        result = await cli("breakers", "--admin", url, "--timeout", "0.5")
+    assert result.code == ExitCode.UNREACHABLE and "no answer within 0.5s (--timeout)" in result.err
+    assert 0 < sent < 200
+
+
 async def test_something_that_is_not_the_admin_api_is_named_as_such() -> None:
     async with live() as (_, lw):
         # The proxy port forwards plain HTTP to the backend, which knows no /api/clients.
