@@ -88,11 +88,11 @@ def resolve_target(args: argparse.Namespace, env: Mapping[str, str]) -> Target:
     if args.token_file is not None:
         token, token_source = _read_token_file(args.token_file), args.token_file
     if url is None or token_source is None:
-        listen, configured, source = _admin_settings(args.config or env.get("LOOPWATCH_CONFIG"), env)
+        configured = _admin_settings(args.config or env.get("LOOPWATCH_CONFIG"), env)
         if url is None:
-            url = _url_for_listen(listen)
-        if token_source is None and configured is not None:
-            token, token_source = configured, source
+            url = _url_for_listen(configured.listen)
+        if token_source is None and configured.token is not None:
+            token, token_source = configured.token, configured.token_source
     return Target(_check_url(url), token, token_source, args.timeout)
 
 
@@ -106,7 +106,13 @@ def _read_token_file(path: str) -> str:
     return token
 
 
-def _admin_settings(config: str | None, env: Mapping[str, str]) -> tuple[str, str | None, str]:
+class Configured(NamedTuple):
+    listen: str  # admin.listen
+    token: str | None  # admin.token
+    token_source: str  # the variable or file it would come from
+
+
+def _admin_settings(config: str | None, env: Mapping[str, str]) -> Configured:
     """admin.listen and admin.token as `loopwatch run` would read them here; the
     environment's other settings are not this command's business."""
     from proxy.config import ConfigError, load_settings
@@ -125,7 +131,7 @@ def _admin_settings(config: str | None, env: Mapping[str, str]) -> tuple[str, st
         source = "LOOPWATCH_ADMIN__TOKEN"
     else:
         source = f"admin.token in {config}" if config else "admin.token"
-    return settings.admin.listen, settings.admin.token, source
+    return Configured(settings.admin.listen, settings.admin.token, source)
 
 
 def _url_for_listen(listen: str) -> str:
