@@ -245,8 +245,11 @@ class PolicySettings(SettingsModel):
     min_interval: Duration | None = Field(
         None, description="Least time between admitted attempts of one client; null = off."
     )
+    # On by default at a count no browser reaches under one key (a browser holds at
+    # most ~255 WebSockets in all, Chrome; 200, Firefox): it bounds a client that
+    # leaks sockets without touching a user with many tabs (docs/detection.md).
     max_concurrent: PositiveInt | None = Field(
-        None, description="Most open connections per client; null = off."
+        1000, description="Most open connections per client; null = off."
     )
     on_max_concurrent: Literal["reject-new", "close-oldest"] = Field(
         "reject-new", description="What happens beyond max_concurrent."

@@ -170,6 +170,32 @@ class UpstreamTLS(Section):
     server_name: str | None = None
 
 
+def _check_address_cap(value: object) -> object:
+    """A per-address cap: a count (an integer >= 1), a share of
+    limits.max_connections ("50%"), or null for none."""
+    expected = f'expected an integer of at least 1, a share of max_connections such as "50%", or null, got {value!r}'
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ValueError(expected)
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isascii() and text.isdigit() and int(text) >= 1:
+            return int(text)
+        number = text[:-1].strip()
+        if text.endswith("%") and number.replace(".", "", 1).isdigit() and number.isascii():
+            share = float(number)
+            if 0 < share <= 100:
+                return f"{number}%"
+    raise ValueError(expected)
+
+
+AddressCap = Annotated[int | str | None, BeforeValidator(_check_address_cap)]
+ADDRESS_CAP_FLOOR = 16  # the least a share-of-max_connections cap comes to
+
+
 class Limits(Section):
     max_message_size: Annotated[ByteSize, Field(ge=1)] = 64 * MiB
     max_head_size: Annotated[ByteSize, Field(ge=1)] = 16 * KiB
@@ -177,9 +203,24 @@ class Limits(Section):
     error_body_size: ByteSize = 64 * KiB
     handshake_timeout: Annotated[Duration, Field(gt=0)] = 10.0
     connect_timeout: Annotated[Duration, Field(gt=0)] = 5.0
-    idle_timeout: Annotated[Duration, Field(gt=0)] | None = None
+    idle_timeout: Annotated[Duration, Field(gt=0)] | None = 3600.0
+    body_timeout: Annotated[Duration, Field(gt=0)] = 30.0
+    response_timeout: Annotated[Duration, Field(gt=0)] = 60.0
+    response_idle_timeout: Annotated[Duration, Field(gt=0)] = 60.0
     max_connections: Annotated[int, Field(ge=1)] = 10_000
+    max_connections_per_address: AddressCap = "50%"
+    max_heads_per_address: AddressCap = "10%"
     shutdown_timeout: Duration = 10.0
+
+    def address_cap(self, cap: int | str | None) -> int | None:
+        """A per-address cap as a number of connections; None for no cap. A share
+        is of max_connections, rounded down but never below ADDRESS_CAP_FLOOR (a
+        browser opens several connections at once to load a page) unless
+        max_connections itself is smaller."""
+        if cap is None or isinstance(cap, int):
+            return cap
+        share = int(self.max_connections * float(cap[:-1]) / 100)
+        return max(share, min(ADDRESS_CAP_FLOOR, self.max_connections))
 
 
 class EventStreamSettings(Section):

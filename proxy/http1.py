@@ -38,11 +38,18 @@ WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 class HttpError(Exception):
     """A request loopwatch answers itself with `status` and a one-line body."""
 
-    def __init__(self, status: int, message: str, headers: tuple[tuple[str, str], ...] = ()):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        headers: tuple[tuple[str, str], ...] = (),
+        reason: str = "bad_request",
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
         self.headers = headers
+        self.reason = reason  # its label on loopwatch_requests_rejected_total (proxy/gate.py)
 
 
 @dataclass(slots=True)
@@ -196,8 +203,8 @@ class HeadParser:
         version = p.get_http_version()
         if version not in ("1.0", "1.1"):
             if version[:1].isdigit() and int(version.split(".")[0]) >= 2:
-                raise HttpError(505, "HTTP version not supported: HTTP/1.1 only")
-            raise HttpError(400, "unsupported HTTP version")
+                raise HttpError(505, "HTTP version not supported: HTTP/1.1 only", reason="version")
+            raise HttpError(400, "unsupported HTTP version", reason="version")
         # Read here: after the message completes, httptools forgets "Connection: close".
         self.keep_alive = p.should_keep_alive()
         try:
@@ -229,6 +236,11 @@ class HeadParser:
             target = (url.path or b"/") + (b"?" + url.query if url.query is not None else b"")
         if authority is not None and not _valid_authority(authority):
             raise HttpError(400, "invalid Host")
+        if _has_body(index) and b"upgrade" in index and _has_token(index.get(b"connection"), b"upgrade"):
+            # llhttp hands an upgrade over at the end of its head whatever it
+            # announces, so the bytes of a body would be taken for frames (or
+            # for the next protocol) on one side and for a body on the other.
+            raise HttpError(400, "upgrade request with a body", reason="upgrade_with_body")
         self.head = RequestHead(
             method=p.get_method().decode("latin-1"),
             target=target,
@@ -262,7 +274,7 @@ class HeadParser:
         end = window.find(b"\r\n\r\n")
         head_bytes = self._size + (end + 4 - len(self._tail) if end >= 0 else len(data))
         if head_bytes > self._max:
-            raise HttpError(431, "request header fields too large")
+            raise HttpError(431, "request header fields too large", reason="head_too_large")
         self._size += len(data)
         self._tail = window[-3:]
 
@@ -295,6 +307,19 @@ class HeadParser:
         self._parser = None  # type: ignore[assignment]
 
 
+def _has_body(index: dict[bytes, bytes]) -> bool:
+    """Whether a request head announces a body: any Transfer-Encoding, or a
+    Content-Length other than 0 (llhttp has already refused a malformed one)."""
+    if b"transfer-encoding" in index:
+        return True
+    length = index.get(b"content-length")
+    return length is not None and length.strip().lstrip(b"0") != b""
+
+
+def _has_token(value: bytes | None, token: bytes) -> bool:
+    return value is not None and token in {t.strip().lower() for t in value.split(b",")}
+
+
 def _valid_authority(value: bytes) -> bool:
     """host[:port] as RFC 3986 allows it (reg-name, IPv4, [IPv6]): nothing that could
     smuggle a second value or a path into X-Forwarded-Host."""
@@ -321,7 +346,8 @@ def validate_websocket_upgrade(head: RequestHead) -> None:
         raise HttpError(400, "invalid Sec-WebSocket-Key") from None
     if head.get(b"sec-websocket-version") != b"13":
         raise HttpError(
-            426, "unsupported Sec-WebSocket-Version", (("Sec-WebSocket-Version", "13"),)
+            426, "unsupported Sec-WebSocket-Version", (("Sec-WebSocket-Version", "13"),),
+            reason="upgrade_required",
         )
     if head.authority is None:
         raise HttpError(400, "missing Host")

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
+import ipaddress
 import itertools
 import logging
 import math
+import sys
 import time
 from typing import TYPE_CHECKING
 
 from proxy.forward import HttpExchange
 from proxy.frames import build_close_frame
-from proxy.gate import Attempt, Gate, Refusal, RelayStats
+from proxy.gate import Attempt, Gate, Refusal, Rejections, RelayStats
 from proxy.http1 import (
     HeadParser,
     HttpError,
@@ -42,6 +45,9 @@ log = logging.getLogger("loopwatch.server")
 HEAD, UPSTREAM, HTTP, REFUSING, DONE = range(5)
 
 OVERLOADED = simple_response(503, "loopwatch: too many connections", (("Retry-After", "1"),))
+# One address holds its share of limits.max_connections (or of half-open heads):
+# the answer nginx's limit_conn gives, not a silent close (docs/relay.md says why).
+ADDRESS_LIMIT = simple_response(503, "loopwatch: too many connections from your address", (("Retry-After", "1"),))
 SHUTTING_DOWN = simple_response(503, "loopwatch: shutting down")
 REFUSAL_GRACE = 2.0  # how long a close-1013 refusal waits for the client's close reply
 SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -101,6 +107,7 @@ class ClientHandshake(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._paused = False
         self.idle_keep_alive = False  # waiting for a next request after a response
+        self.head_pending = False  # counted among its address's half-open heads
         self.early_eof = False  # the client shut its writing half during the upstream handshake
 
     # --- asyncio callbacks --------------------------------------------------
@@ -109,16 +116,38 @@ class ClientHandshake(asyncio.Protocol):
         # No isinstance check: uvloop's transports do not subclass asyncio.Transport.
         self.transport = transport  # type: ignore[assignment]
         server = self.server
-        peer = transport.get_extra_info("peername")
-        self.peer = peer[0] if peer else ""
+        peername = transport.get_extra_info("peername")
+        peer = self.peer = peername[0] if peername else ""
         if server.closing or server.active >= server.max_connections:
-            transport.write(SHUTTING_DOWN if server.closing else OVERLOADED)
-            transport.close()
-            self.state = DONE
+            if server.closing:
+                self.refuse_at_accept(SHUTTING_DOWN, 503, "loopwatch: shutting down", "shutting_down")
+            else:
+                self.refuse_at_accept(OVERLOADED, 503, "loopwatch: too many connections", "overload")
             return
+        # Per address: a dict counter each for its connections and its half-open
+        # heads, entries removed at zero (ProxyServer.release_address).
+        connections = server.address_connections.get(peer, 0)
+        heads = server.address_heads.get(peer, 0)
+        if (
+            connections >= server.max_connections_per_address or heads >= server.max_heads_per_address
+        ) and not server.cap_exempt(peer):
+            self.refuse_at_accept(
+                ADDRESS_LIMIT, 503, "loopwatch: too many connections from your address", "address_limit"
+            )
+            return
+        server.address_connections[peer] = connections + 1
+        server.address_heads[peer] = heads + 1
+        self.head_pending = True
         server.active += 1
         server.handshakes.add(self)
         self.timer = server.loop.call_later(server.handshake_timeout, self.on_timeout)
+
+    def refuse_at_accept(self, response: bytes, status: int, message: str, reason: str) -> None:
+        """Answer a connection loopwatch does not take on at all, and close it."""
+        self.state = DONE
+        self.transport.write(response)  # type: ignore[union-attr]
+        self.transport.close()  # type: ignore[union-attr]
+        self.server.rejected(reason, status, self.peer, message)
 
     def data_received(self, data: bytes) -> None:
         state = self.state
@@ -126,9 +155,11 @@ class ClientHandshake(asyncio.Protocol):
             try:
                 head = self.parser.feed(data)
             except HttpError as e:
-                self.fail(e.status, e.message, e.headers)
+                self.fail(e.status, e.message, e.headers, e.reason)
                 return
             if state == HEAD and head is not None:
+                if self.head_pending:
+                    self.head_done()
                 if self.parser.upgrade:
                     self.begin_upgrade(head, self.parser.rest)
                 else:
@@ -187,9 +218,9 @@ class ClientHandshake(asyncio.Protocol):
             validate_websocket_upgrade(head)
             route = server.router.match(head.path)
             if route is None:
-                raise HttpError(404, "no route for this path")
+                raise HttpError(404, "no route for this path", reason="no_route")
         except HttpError as e:
-            self.fail(e.status, e.message, e.headers)
+            self.fail(e.status, e.message, e.headers, e.reason)
             return
         self.route = route
         now = time.monotonic()
@@ -208,7 +239,7 @@ class ClientHandshake(asyncio.Protocol):
     def begin_http(self, head: RequestHead) -> None:
         route = self.server.router.match(head.path)
         if route is None:
-            self.fail(404, "no route for this path")
+            self.fail(404, "no route for this path", reason="no_route")
             return
         self.state = HTTP
         self.route = route
@@ -319,6 +350,7 @@ class ClientHandshake(asyncio.Protocol):
             allowed_rsv=allowed_rsv,
             on_done=server.on_relay_done,
             context=attempt,
+            peer=self.peer,
         )
         server.relays[conn_id] = relay
         if len(server.relays) > server.relays_peak:
@@ -366,8 +398,15 @@ class ClientHandshake(asyncio.Protocol):
         )
         self.timer = self.server.loop.call_later(REFUSAL_GRACE, self.transport.close)
 
-    def fail(self, status: int, message: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
-        log.info("refused request from %s: %d %s", self.peer, status, message)
+    def fail(
+        self,
+        status: int,
+        message: str,
+        headers: tuple[tuple[str, str], ...] = (),
+        reason: str = "bad_request",
+    ) -> None:
+        """Answer a request loopwatch refuses itself (counted and logged by reason)."""
+        self.server.rejected(reason, status, self.peer, message)
         self.respond_and_close(simple_response(status, message, headers))
 
     def respond_and_close(self, response: bytes) -> None:
@@ -387,6 +426,7 @@ class ClientHandshake(asyncio.Protocol):
             self.transport.close()  # type: ignore[union-attr]  # idle between requests
             self.finish()
             return
+        self.server.rejected("shutting_down", 503, self.peer, "loopwatch: shutting down")
         self.respond_and_close(SHUTTING_DOWN)
 
     def abort(self) -> None:
@@ -406,7 +446,7 @@ class ClientHandshake(asyncio.Protocol):
                 self.transport.close()  # type: ignore[union-attr]
                 self.finish()
                 return
-            self.fail(408, "loopwatch: request head timeout")
+            self.fail(408, "loopwatch: request head timeout", reason="head_timeout")
         elif self.state == UPSTREAM:
             self.upstream_failed(504, "loopwatch: upstream handshake timeout", None, "timeout")
 
@@ -415,6 +455,12 @@ class ClientHandshake(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
 
+    def head_done(self) -> None:
+        """The first request head is complete (or the connection ends before it):
+        one half-open head fewer for this address."""
+        self.head_pending = False
+        self.server.release_head(self.peer)
+
     def finish(self) -> None:
         """Release everything this handshake holds (idempotent)."""
         if self.state == DONE:
@@ -422,13 +468,29 @@ class ClientHandshake(asyncio.Protocol):
         self.state = DONE
         self.cancel_timer()
         self.parser.release()
+        if self.head_pending:
+            self.head_done()
         if self.upstream is not None:
             self.upstream.close()
             self.upstream = None
         if self in self.server.handshakes:
-            self.server.handshakes.discard(self)
-            self.server.active -= 1
-            self.server.check_drained()
+            server = self.server
+            server.handshakes.discard(self)
+            server.active -= 1
+            server.release_address(self.peer)
+            server.check_drained()
+
+
+def _in_networks(peer: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    return any(address in net for net in networks)
+
+
+def _never(peer: str) -> bool:
+    return False
 
 
 class UpstreamHandshake(asyncio.Protocol):
@@ -496,7 +558,25 @@ class ProxyServer:
         self.handshake_timeout = limits.handshake_timeout
         self.connect_timeout = limits.connect_timeout
         self.idle_timeout = limits.idle_timeout
+        self.body_timeout = limits.body_timeout
+        self.response_timeout = limits.response_timeout
+        self.response_idle_timeout = limits.response_idle_timeout
         self.max_connections = limits.max_connections
+        # Off (null) is a cap no count reaches: one comparison, no branch per connection.
+        self.max_connections_per_address = limits.address_cap(limits.max_connections_per_address) or sys.maxsize
+        self.max_heads_per_address = limits.address_cap(limits.max_heads_per_address) or sys.maxsize
+        # Address -> its client connections (any state) and its half-open heads
+        # (accepted, first request head not complete yet); an entry goes at zero.
+        self.address_connections: dict[str, int] = {}
+        self.address_heads: dict[str, int] = {}
+        # Proxies in identity.trusted_proxies carry many clients' connections: never capped.
+        trusted = tuple(
+            ipaddress.ip_network(c.strip(), strict=False) for c in settings.identity.trusted_proxies
+        )
+        self.cap_exempt = functools.lru_cache(maxsize=1024)(
+            lambda peer: _in_networks(peer, trusted)
+        ) if trusted else _never
+        self.rejections = Rejections()  # requests refused before the engine, by reason
         self.shutdown_timeout = limits.shutdown_timeout
         self.tls = settings.tls.cert_file is not None
         self.upstream_ssl = client_ssl_context(settings.upstream_tls.verify, settings.upstream_tls.ca_file)
@@ -543,9 +623,30 @@ class ProxyServer:
             )
         return self._http_session
 
+    def rejected(self, reason: str, status: int | None, peer: str, message: str) -> None:
+        """Count (and maybe log) a request loopwatch answered or cut itself."""
+        self.rejections.add(reason, status, peer, message, time.monotonic())
+
+    def release_head(self, peer: str) -> None:
+        heads = self.address_heads
+        n = heads[peer] - 1
+        if n:
+            heads[peer] = n
+        else:
+            del heads[peer]
+
+    def release_address(self, peer: str) -> None:
+        connections = self.address_connections
+        n = connections[peer] - 1
+        if n:
+            connections[peer] = n
+        else:
+            del connections[peer]
+
     def relay_done(self, relay: Relay) -> None:
         self.relays.pop(relay.conn_id, None)
         self.active -= 1
+        self.release_address(relay.peer)
         code, reason, initiator = relay.close_info()
         c, u = relay.client.parser, relay.upstream.parser
         stats = RelayStats(c.messages, u.messages, c.message_bytes, u.message_bytes)
@@ -576,9 +677,12 @@ class ProxyServer:
         """Close relays with no traffic either way for idle_timeout. One timer for
         all connections; a relay's activity is read off its parsers' counters."""
         assert self.idle_timeout
+        # A quarter of the timeout, at most a second or a sixtieth of it, whichever
+        # is longer: the default hour is swept each minute, a few ms for 10 000 relays.
+        interval = min(self.idle_timeout / 4, max(1.0, self.idle_timeout / 60))
         last: dict[int, tuple[int, float]] = {}  # conn id -> (activity, since when)
         while True:
-            await asyncio.sleep(min(self.idle_timeout / 4, 1.0))
+            await asyncio.sleep(interval)
             now = time.monotonic()
             current: dict[int, tuple[int, float]] = {}
             for conn_id, relay in list(self.relays.items()):

@@ -37,6 +37,7 @@ from detectors.findings import SEVERITY_RANK
 from detectors.rules import RULE_NAMES
 from detectors.settings import BreakerSettings
 from proxy.eventlog import EventLogObserver
+from proxy.gate import REJECTED_REASONS
 from proxy.observers import Observer, Observers
 from proxy.promstore import CounterStore, HistogramStore
 from proxy.sections import Section
@@ -327,6 +328,11 @@ class StateCollector(Collector):
         families["store_up"].add_metric([], 1.0 if getattr(store, "up", True) else 0.0)
         families["store_errors"].add_metric([], getattr(store, "errors", 0))
         families["spans_dropped"].add_metric([], self.spans.dropped if self.spans is not None else 0)
+        # The listener's own answers, before the engine: plain ints it keeps per reason.
+        counts = self.server.rejections.counts if self.server is not None else {}
+        rejected = families["rejected"]
+        for reason in REJECTED_REASONS:
+            rejected.add_metric([reason], counts.get(reason, 0))
         errors = families["observer_errors"]
         if self.observers is not None:
             counts = self.observers.errors
@@ -379,6 +385,11 @@ class StateCollector(Collector):
             ),
             "store_errors": c(
                 "loopwatch_state_store_errors", "Failed round trips to the shared state store."
+            ),
+            "rejected": c(
+                "loopwatch_requests_rejected",
+                "Requests loopwatch answered (or cut) itself before the engine saw them, by reason.",
+                labels=["reason"],
             ),
             "spans_dropped": c(
                 "loopwatch_spans_dropped",

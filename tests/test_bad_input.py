@@ -320,7 +320,14 @@ async def test_idle_connection_without_a_request_gets_408():
 
 
 async def test_max_connections_exceeded_is_503():
-    async with under_attack(**{"limits.max_connections": 3, "limits.handshake_timeout": "20s"}) as s:
+    limits = {
+        "limits.max_connections": 3,
+        "limits.handshake_timeout": "20s",
+        # Every connection here is from 127.0.0.1: the total limit, not the address's.
+        "limits.max_connections_per_address": "100%",
+        "limits.max_heads_per_address": "100%",
+    }
+    async with under_attack(**limits) as s:
         # The echo client holds one; two idle connections take the rest.
         idle = [await asyncio.open_connection("127.0.0.1", s.lw.proxy_port) for _ in range(2)]
         try:

@@ -74,7 +74,7 @@ def test_defaults() -> None:
     assert s.limits.max_head_size == 16 * 1024
     assert s.limits.handshake_timeout == 10.0
     assert s.limits.connect_timeout == 5.0
-    assert s.limits.idle_timeout is None
+    assert s.limits.idle_timeout == 3600.0
     assert s.limits.max_connections == 10_000
     assert s.admin.listen == "127.0.0.1:9900" and s.admin.token is None
     assert (s.logging.level, s.logging.format) == ("info", "json")

@@ -185,6 +185,15 @@ async def test_cooldown_refusal_carries_the_remaining_cooldown(mode: str) -> Non
         assert backend.upgrades["cool"] == 0
 
 
+async def test_an_operator_s_cooldown_is_sent_in_observe_mode_too() -> None:
+    async with guarded(**{"policy.mode": "observe"}) as (backend, lw):
+        await force_cooldown(lw, "watched@127.0.0.1", "30s")
+        got = await refused_by_close(lw.proxy_port, token_path("watched"))
+        check_contract(got, "close-1013", "cooldown")
+        assert 29 <= got.retry_secs <= 30
+        assert backend.upgrades["watched"] == 0
+
+
 async def test_a_client_that_waits_the_retry_time_is_let_in() -> None:
     async with guarded() as (backend, lw):
         await force_cooldown(lw, "patient@127.0.0.1", "1500ms")

@@ -37,7 +37,7 @@ def test_policy_defaults_are_the_design_table() -> None:
     c = p.cooldown
     assert (c.base, c.factor, c.max, c.memory, c.jitter) == (5.0, 2.0, 300.0, 3600.0, 0.1)
     assert p.reject_with == "close-1013"
-    assert p.min_interval is None and p.max_concurrent is None
+    assert p.min_interval is None and p.max_concurrent == 1000
     assert p.on_max_concurrent == "reject-new"
     assert p.rollout_percent == 100.0
     assert p.allow == () and p.deny == ()
