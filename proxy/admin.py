@@ -1,18 +1,23 @@
 """The admin port: health, readiness and metrics (and, later, the API).
 
 A separate aiohttp listener, loopback by default, so operators' tooling never
-shares a port with client traffic.
+shares a port with client traffic. Every request passes the guard in
+proxy/admin_api.py first (Host allowlist, cross-site check, token, exposure).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Info
 from prometheus_client.aiohttp import make_aiohttp_handler
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from proxy.admin_api import token_middleware
+from proxy.admin_api import AdminCounters, Exposure, guard_middleware, listen_host_of
+from proxy.config import AdminSettings
+from proxy.logs import event
 from proxy.selfmetrics import build_labels
 
 
@@ -23,20 +28,60 @@ def build_registry() -> CollectorRegistry:
     return registry
 
 
+log = logging.getLogger("loopwatch")
+
+
+class AdminCollector:
+    """The admin port's refusals and event streams, read at scrape time."""
+
+    def __init__(self, counters: AdminCounters):
+        self.counters = counters
+
+    def collect(self) -> Iterator[Metric]:
+        c = self.counters
+        rejected = CounterMetricFamily(
+            "loopwatch_admin_requests_rejected",
+            "Requests the admin port refused, by reason.",
+            labels=["reason"],
+        )
+        for reason, n in c.rejected.items():
+            rejected.add_metric([reason], n)
+        yield rejected
+        yield GaugeMetricFamily(
+            "loopwatch_admin_event_streams", "Status-page event streams open now.", value=c.streams_open
+        )
+        dropped = CounterMetricFamily(
+            "loopwatch_admin_event_streams_dropped",
+            "Event streams loopwatch closed because their client did not keep up, by reason.",
+            labels=["reason"],
+        )
+        for reason, n in c.streams_dropped.items():
+            dropped.add_metric([reason], n)
+        yield dropped
+
+
 class AdminServer:
     def __init__(
         self,
         registry: CollectorRegistry,
         *,
         ready: Callable[[], bool],
-        token: Callable[[], str | None] = lambda: None,
+        settings: Callable[[], AdminSettings] = AdminSettings,
     ):
         self.registry = registry
         self.ready = ready
+        # Read per request: a reload changes the token and the allowed hosts.
+        self.settings = settings
+        # The configured address, which the exposure rule judges; the socket is
+        # bound to it by start(). Fixed at start, as a reload cannot move the port.
+        self.listen_host = listen_host_of(settings())
+        self.counters = AdminCounters()
+        registry.register(AdminCollector(self.counters))
         # Other ways than the bearer header to pass the /api token check (the
         # status page's single-use event-stream tickets); filled in before start.
         self.authenticators: list[Callable[[web.Request], bool]] = []
-        self.app = web.Application(middlewares=[token_middleware(token, self.authenticators)])
+        guard = guard_middleware(settings, lambda: self.listen_host, self.counters, self.authenticators)
+        self.app = web.Application(middlewares=[guard])
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/readyz", self.readyz)
         self.app.router.add_get("/metrics", make_aiohttp_handler(registry))
@@ -58,6 +103,31 @@ class AdminServer:
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, host, port)
         await self._site.start()
+        self.log_exposure()
+
+    @property
+    def exposure(self) -> Exposure:
+        return Exposure.of(self.listen_host)
+
+    def log_exposure(self) -> None:
+        """One line at start when the admin port listens beyond loopback without
+        a token: a warning when admin.insecure lets anyone who reaches it change
+        things, an info line saying it takes no changes otherwise."""
+        admin = self.settings()
+        if self.exposure is Exposure.LOOPBACK or admin.token:
+            return
+        if admin.insecure:
+            event(
+                log, "admin_insecure", logging.WARNING, listen=admin.listen,
+                message="admin.insecure: the admin API takes changes (release, cooldown, reset, "
+                "reload) without a token from anyone who can reach this port; set admin.token",
+            )
+        else:
+            event(
+                log, "admin_read_only", logging.INFO, listen=admin.listen,
+                message="the admin port listens beyond loopback without admin.token: probes, "
+                "metrics and reads only; changes are refused (403) until a token is set",
+            )
 
     @property
     def port(self) -> int:

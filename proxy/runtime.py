@@ -162,7 +162,7 @@ async def start(
         ready=lambda: not proxy.closing and store.ready and (
             not holder or holder[0].health is None or holder[0].health.healthy
         ),
-        token=lambda: holder[0].settings.admin.token if holder else settings.admin.token,
+        settings=lambda: (holder[0].settings if holder else settings).admin,
     )
     running = Running(settings, proxy, admin, asyncio.Event(), gate, sources, telemetry, observers)
     holder.append(running)

@@ -10,10 +10,15 @@ worst clients) and a `heartbeat` now and then so idle intermediaries keep the
 stream open and the page can tell a dead stream from a quiet one.
 
 Fan-out is synchronous and bounded: each event is encoded once and appended to
-every subscriber's own buffer; a subscriber whose buffer passes
-`max_buffer_bytes` (a client that does not read) is dropped and its connection
-aborted, never buffered without bound. The summary ticker runs only while
-someone is subscribed.
+every subscriber's own buffer. What one stream may hold is bounded twice: in
+the kernel, by a small socket send buffer (SO_SNDBUF, `admin.event_streams.
+send_buffer`; without it Linux grows a stalled socket's buffer to megabytes),
+and in loopwatch, by `max_buffer_bytes` over its queued frames plus what its
+transport has not yet handed to the kernel. A subscriber that passes that
+budget (a client that does not read), or whose write waits longer than
+`write_timeout`, is dropped and its connection aborted, and counted. At most
+`max_subscribers` streams are open at once (503 beyond). The summary ticker
+runs only while someone is subscribed.
 
 Authentication. `EventSource` cannot send an Authorization header, and the
 admin token must never appear in a URL (URLs land in access logs, proxy logs
@@ -28,10 +33,12 @@ request that shows it, so a logged URL is worthless. Scripts can still call
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
 import secrets
+import socket
 import time
 from collections import deque
 from importlib import resources
@@ -49,6 +56,7 @@ from detectors.actions import (
 )
 from detectors.rules import RULE_NAMES
 from proxy import __version__
+from proxy.admin_api import AdminCounters
 from proxy.observers import Observer
 
 if TYPE_CHECKING:
@@ -169,7 +177,7 @@ class Subscriber:
 
     __slots__ = ("pending", "pending_bytes", "wakeup", "closed", "dropped", "transport", "limit")
 
-    def __init__(self, transport: asyncio.BaseTransport | None, limit: int):
+    def __init__(self, transport: asyncio.Transport | None, limit: int):
         self.pending: list[bytes] = []
         self.pending_bytes = 0
         self.wakeup = asyncio.Event()
@@ -178,9 +186,19 @@ class Subscriber:
         self.transport = transport
         self.limit = limit
 
+    def held(self) -> int:
+        """Bytes this stream holds in loopwatch: queued frames, and what its
+        transport has accepted but the kernel has not yet taken."""
+        transport = self.transport
+        in_transport = transport.get_write_buffer_size() if transport is not None else 0
+        return self.pending_bytes + in_transport
+
     def push(self, frame: bytes) -> bool:
-        """Queue a frame; False when the subscriber is over its limit and must go."""
-        if self.pending_bytes + len(frame) > self.limit:
+        """Queue a frame; False when the subscriber is over its limit and must go.
+        A stream that holds nothing takes any one frame (the first, the hello, may
+        be large)."""
+        held = self.held()
+        if held and held + len(frame) > self.limit:
             return False
         self.pending.append(frame)
         self.pending_bytes += len(frame)
@@ -223,23 +241,29 @@ class StatusHub(Observer):
         *,
         summary_interval: float = 1.0,
         heartbeat_interval: float = 15.0,
-        max_buffer_bytes: int = 1 << 20,
-        max_subscribers: int = 1024,
+        max_buffer_bytes: int = 256 << 10,
+        max_subscribers: int = 100,
+        send_buffer_bytes: int = 32 << 10,
+        write_timeout: float = 30.0,
         recent_size: int = 200,
         clients_in_summary: int = 50,
+        counters: AdminCounters | None = None,
     ):
         self.running = running
         self.summary_interval = summary_interval
         self.heartbeat_interval = heartbeat_interval
         self.max_buffer_bytes = max_buffer_bytes
         self.max_subscribers = max_subscribers
+        self.send_buffer_bytes = send_buffer_bytes
+        self.write_timeout = write_timeout
+        # The admin port's counters (metrics): refusals, open and dropped streams.
+        self.counters = counters if counters is not None else AdminCounters()
         self.clients_in_summary = clients_in_summary
         self.started = time.monotonic()
         self.counts = SecondCounts(5)
         self.recent: deque[dict[str, Any]] = deque(maxlen=recent_size)
         self.subscribers: set[Subscriber] = set()
         self.tickets = Tickets()
-        self.dropped_total = 0
         self._ticker: asyncio.Task[None] | None = None
         self._closing = False
         self._codes_for: Settings | None = None
@@ -327,12 +351,22 @@ class StatusHub(Observer):
     def _broadcast(self, frame: bytes) -> None:
         for sub in list(self.subscribers):
             if not sub.push(frame):
-                self._drop(sub)
+                self._drop(sub, "buffer_full")
 
-    def _drop(self, sub: Subscriber) -> None:
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.counters.streams_dropped.values())
+
+    def buffered_bytes(self) -> int:
+        """What all open streams hold in loopwatch (queued and in their transports)."""
+        return sum(sub.held() for sub in self.subscribers)
+
+    def _drop(self, sub: Subscriber, reason: str) -> None:
         """A subscriber that stopped reading: abort its connection so its writer
         (blocked on a full socket) ends, and forget what it had pending."""
-        self.dropped_total += 1
+        if sub.dropped:
+            return
+        self.counters.streams_dropped[reason] += 1
         sub.dropped = True
         sub.pending.clear()
         sub.pending_bytes = 0
@@ -341,8 +375,13 @@ class StatusHub(Observer):
             sub.transport.abort()
         sub.wakeup.set()
 
+    def _add(self, sub: Subscriber) -> None:
+        self.subscribers.add(sub)
+        self.counters.streams_open = len(self.subscribers)
+
     def _remove(self, sub: Subscriber) -> None:
         self.subscribers.discard(sub)
+        self.counters.streams_open = len(self.subscribers)
         if not self.subscribers and self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
@@ -531,11 +570,25 @@ class StatusHub(Observer):
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         if self._closing:
+            self.counters.reject("shutting_down", request)
             return web.json_response({"error": "shutting down"}, status=503)
         if len(self.subscribers) >= self.max_subscribers:
+            self.counters.reject("streams_full", request)
             return web.json_response(
-                {"error": "too many event streams"}, status=503, headers={"Retry-After": "10"}
+                {
+                    "error": f"too many event streams: {self.max_subscribers} are open "
+                    "(admin.event_streams.max_streams); try again later"
+                },
+                status=503,
+                headers={"Retry-After": "10"},
             )
+        transport = request.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is not None:
+            # The kernel's share of a stream that does not read: without this,
+            # Linux grows the socket's send buffer up to tcp_wmem's maximum (4 MiB).
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer_bytes)
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream; charset=utf-8",
@@ -544,17 +597,22 @@ class StatusHub(Observer):
             }
         )
         await response.prepare(request)
-        sub = Subscriber(request.transport, self.max_buffer_bytes)
+        sub = Subscriber(transport, self.max_buffer_bytes)  # type: ignore[arg-type]
         # retry: the browser's own reconnect is never used (the page closes the
         # EventSource on error and backs off itself), but make it slow regardless.
         sub.push(b"retry: 60000\n\n" + encode("hello", self.hello(time.monotonic())))
-        self.subscribers.add(sub)
+        self._add(sub)
         self._ensure_ticker()
         try:
             while not sub.dropped:
                 chunk = sub.take()
                 if chunk:
-                    await response.write(chunk)
+                    try:
+                        async with asyncio.timeout(self.write_timeout):
+                            await response.write(chunk)
+                    except TimeoutError:
+                        self._drop(sub, "write_timeout")
+                        break
                     continue
                 if sub.closed:
                     break
@@ -583,7 +641,15 @@ STATUS_HUB: web.AppKey[StatusHub] = web.AppKey("status_hub", StatusHub)
 
 def install(running: Running, **options: Any) -> StatusHub:
     """Serve the page and the stream on the admin app, and watch the gate."""
-    hub = StatusHub(running, **options)
+    streams = running.settings.admin.event_streams
+    configured: dict[str, Any] = {
+        "max_subscribers": streams.max_streams,
+        "max_buffer_bytes": streams.max_buffer,
+        "send_buffer_bytes": streams.send_buffer,
+        "write_timeout": streams.write_timeout,
+        "counters": running.admin.counters,
+    }
+    hub = StatusHub(running, **{**configured, **options})
     running.gate.observers.add(hub)  # type: ignore[attr-defined]
     app = running.admin.app
     app.router.add_routes(hub.routes())
