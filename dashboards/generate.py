@@ -56,6 +56,7 @@ HANDSHAKE_ERRORS_5M = "job_instance_route_error:loopwatch_upstream_handshake_err
 AUTH_FAILURE_RATIO_THRESHOLD = 0.2
 HANDSHAKE_ERROR_RATIO_THRESHOLD = 0.05
 COOLDOWN_THRESHOLD = 10
+REJECTED_RATE_THRESHOLD = 1  # requests/s refused before detection, per instance
 
 
 def query(
@@ -576,7 +577,40 @@ def itself() -> list[cogbuilder.Builder[Any]]:
         .height(8)
         .span(6)
     )
-    return [tracked, evictions, observer_errors, build, *health()]
+    return [tracked, evictions, observer_errors, build, *health(), early_refusals()]
+
+
+def early_refusals() -> timeseries.Panel:
+    panel = ts(
+        "Requests refused before detection, by reason",
+        "Requests loopwatch answered itself before the detection engine saw them, per second, "
+        "stacked by reason: bad_request (400: not valid HTTP/1.1, smuggling shapes), "
+        "head_too_large (431), head_timeout and body_timeout (408: a head or body too slow, "
+        "slowloris), upstream_timeout (504) and response_timeout (a stalled plain response), "
+        "version (505), upgrade_required (426), upgrade_with_body (400), no_route (404), "
+        "overload (503 at limits.max_connections), address_limit (503: one address holding "
+        "too many connections or heads), shutting_down (503 while draining). A few a minute "
+        "is internet background. Alert LoopwatchRequestsRejected fires when one instance's "
+        f"5-minute rate stays above {REJECTED_RATE_THRESHOLD}/s (dashed) for 10 minutes: pick "
+        "that instance to compare (this panel's rate follows the zoom; the alert averages 5 "
+        "minutes). overload and address_limit are refusals honest users feel; the JSON logs "
+        "(request_rejected) name the addresses (docs/runbooks.md#loopwatchrequestsrejected).",
+        query(
+            f"sum by (reason) (rate(loopwatch_requests_rejected_total{{{SEL}}}[$__rate_interval]))",
+            "{{reason}}",
+        ),
+        unit="reqps",
+    )
+    return (
+        panel.stacking(common_builders.StackingConfig().mode(common.StackingMode.NORMAL))
+        .thresholds(thresholds((None, "green"), (REJECTED_RATE_THRESHOLD, "red")))
+        .thresholds_style(
+            common_builders.GraphThresholdsStyleConfig().mode(
+                common.GraphThresholdsStyleMode.DASHED
+            )
+        )
+        .span(24)
+    )
 
 
 # process_* is the standard name any Python (or Go) exporter uses: keep only the

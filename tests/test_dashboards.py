@@ -209,6 +209,7 @@ def test_queries_name_only_catalogue_metrics_and_recording_rules(dashboard: dict
         "process_resident_memory_bytes",
         "process_open_fds",
         "loopwatch_event_loop_lag_seconds_bucket",
+        "loopwatch_requests_rejected_total",
     ):
         assert metric in seen, metric
 
@@ -265,6 +266,7 @@ def test_thresholds_drawn_match_the_alerts() -> None:
         in alerts["LoopwatchUpstreamHandshakeErrors"]
     )
     assert alerts["LoopwatchClientsInCooldownHigh"].endswith(f"> {generate.COOLDOWN_THRESHOLD}")
+    assert alerts["LoopwatchRequestsRejected"].endswith(f"> {generate.REJECTED_RATE_THRESHOLD}")
 
 
 def test_docs_explain_every_row_and_panel(dashboard: dict[str, Any]) -> None:

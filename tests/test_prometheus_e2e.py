@@ -21,7 +21,13 @@ scripted session produces what every panel of the dashboard is there to show:
   until the upstream circuit breaker opens;
 * traces exported from the span exporter process, which is stopped (SIGSTOP)
   from the reload to the end of the outage, so spans are lost and counted
-  (`loopwatch_spans_dropped_total`) while the proxy goes on serving.
+  (`loopwatch_spans_dropped_total`) while the proxy goes on serving;
+* requests refused before detection: request heads with two Content-Length
+  headers (a smuggling shape), answered 400 and counted in
+  `loopwatch_requests_rejected_total{reason="bad_request"}`.
+
+loopwatch's own health (`process_*`, `loopwatch_event_loop_lag_seconds`) needs
+no scripting: it is there from the first scrape.
 
 Through Prometheus' HTTP API the test sees LoopwatchConnectionLoopDetected go
 pending, then firing; sees every PromQL expression of the dashboard (template
@@ -66,7 +72,7 @@ from proxy.span_export import ProcessSpanSink
 from proxy.telemetry import Telemetry
 from tests.benchmarks.bench_telemetry import dropping_spans
 from tests.clients import attempt, demo_backend
-from tests.conftest import free_port
+from tests.conftest import free_port, raw_exchange
 
 pytestmark = pytest.mark.slow
 
@@ -81,6 +87,11 @@ INTERVAL = "1s"
 ALLOWED = "tolerated"  # the client on policy.allow: observed, never refused
 STORM_CLIENTS = 150
 MAX_CLIENTS = 50
+BAD_REQUESTS = 5
+# Two Content-Length headers: a request smuggling shape, refused with 400 before detection.
+SMUGGLING = (
+    b"POST /ws HTTP/1.1\r\nHost: lw.test\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab"
+)
 
 
 # --- Prometheus -----------------------------------------------------------------
@@ -396,6 +407,14 @@ async def once_each(urls: list[str], concurrency: int = 20) -> int:
     return opened
 
 
+async def bad_requests(port: int) -> None:
+    """BAD_REQUESTS smuggling-shaped heads, each answered 400 before detection."""
+    for _ in range(BAD_REQUESTS):
+        response, _ = await raw_exchange(port, SMUGGLING)
+        assert response.status == 400, response.status_line
+        await asyncio.sleep(0.2)  # spread over a second: seen by more than one scrape
+
+
 async def upstream_outage(running: Running, base: str, limit: int = 400) -> int:
     """Distinct clients on the dead route until the upstream breaker opens."""
 
@@ -534,6 +553,7 @@ async def test_loop_alert_and_every_dashboard_query_against_real_prometheus(
                     assert opened >= 0.9 * STORM_CLIENTS, (
                         f"only {opened} of {STORM_CLIENTS} storm clients connected"
                     )
+                    await bad_requests(running.proxy_port)
                     outage_attempts = await upstream_outage(running, base)
                     os.kill(exporter_pid, signal.SIGCONT)
                     assert spans.dropped > 0, "the stalled span exporter cost no spans"
@@ -563,6 +583,12 @@ async def test_loop_alert_and_every_dashboard_query_against_real_prometheus(
                     assert all(not task.done() for task in clients), (
                         "a client stopped before the checks"
                     )
+                    # Each bad request was counted once, as what it was.
+                    [rejected] = await prom.query(
+                        f'sum(loopwatch_requests_rejected_total{{instance="{instance}", '
+                        f'reason="bad_request"}})'
+                    )
+                    assert float(rejected["value"][1]) == BAD_REQUESTS, rejected
 
                     # The template variables offer this job, this instance and every route.
                     offered = await variable_values(

@@ -29,6 +29,7 @@ REQUIRED_ALERTS = {
     "LoopwatchCircuitBreakerOpen",
     "LoopwatchUpstreamHandshakeErrors",
     "LoopwatchDown",
+    "LoopwatchRequestsRejected",  # issue 17: refusals before detection
 }
 # level:metric:operations, e.g. job_route:loopwatch_connection_attempts:rate5m
 RECORD_NAME = re.compile(r"^[a-z]+(?:_[a-z]+)*:loopwatch_[a-z0-9_]+:[a-z0-9_]+$")
