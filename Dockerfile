@@ -2,7 +2,8 @@
 # loopwatch: a slim, non-root image.
 #
 #   docker build -t loopwatch .
-#   docker run -p 8080:8080 -p 127.0.0.1:9900:9900 loopwatch run --upstream ws://backend:8000
+#   docker run -p 8080:8080 -p 127.0.0.1:9900:9900 -e LOOPWATCH_ADMIN__TOKEN="$(openssl rand -hex 32)" \
+#       loopwatch run --upstream ws://backend:8000
 #   (or -e LOOPWATCH_UPSTREAM=ws://backend:8000 with the default command)
 #
 # Settings come from flags, a mounted file (--config) or LOOPWATCH_* variables.
@@ -27,6 +28,9 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
 
 # In a container the admin port (health, metrics, API) must be reachable from
 # outside the container, not on the loopback default; publish it only where needed.
+# Listening beyond loopback, it answers probes and scrapes by any name, but takes
+# no changes (403 on release, cooldown, reset, reload) until LOOPWATCH_ADMIN__TOKEN
+# is set, and says so in a warning at start (docs/admin-api.md, "Who may call it").
 ENV LOOPWATCH_LISTEN=0.0.0.0:8080 \
     LOOPWATCH_ADMIN__LISTEN=0.0.0.0:9900 \
     PYTHONUNBUFFERED=1

@@ -110,9 +110,9 @@ class AdminServer:
         return Exposure.of(self.listen_host)
 
     def log_exposure(self) -> None:
-        """One line at start when the admin port listens beyond loopback without
-        a token: a warning when admin.insecure lets anyone who reaches it change
-        things, an info line saying it takes no changes otherwise."""
+        """One warning at start when the admin port listens beyond loopback without
+        a token: that anyone who reaches it may change things (admin.insecure),
+        or read the API while changes are refused."""
         admin = self.settings()
         if self.exposure is Exposure.LOOPBACK or admin.token:
             return
@@ -124,9 +124,10 @@ class AdminServer:
             )
         else:
             event(
-                log, "admin_read_only", logging.INFO, listen=admin.listen,
-                message="the admin port listens beyond loopback without admin.token: probes, "
-                "metrics and reads only; changes are refused (403) until a token is set",
+                log, "admin_read_only", logging.WARNING, listen=admin.listen,
+                message="the admin port listens beyond loopback without admin.token: anyone who "
+                "can reach it reads the API (client keys); changes are refused (403) until "
+                "admin.token is set",
             )
 
     @property

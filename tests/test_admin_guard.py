@@ -266,7 +266,7 @@ async def test_on_loopback_no_token_is_needed_for_changes() -> None:
     ("admin", "logged"),
     [
         ({"listen": "0.0.0.0:9900", "insecure": True}, ("admin_insecure", logging.WARNING)),
-        ({"listen": "0.0.0.0:9900"}, ("admin_read_only", logging.INFO)),
+        ({"listen": "0.0.0.0:9900"}, ("admin_read_only", logging.WARNING)),
         ({"listen": "[::]:9900", "token": TOKEN}, None),
         ({"listen": "127.0.0.1:9900", "insecure": True}, None),
         ({"listen": "127.0.0.1:9900"}, None),

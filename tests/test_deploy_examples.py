@@ -1,11 +1,13 @@
 """Deployment examples that cannot run here (no Docker daemon, no cluster): parsed and
 cross-checked, so every mounted file exists, every loopwatch command line and
-LOOPWATCH_* variable is one loopwatch accepts, ports agree between the pieces, and
-the Kubernetes PrometheusRule is exactly the rule files."""
+LOOPWATCH_* variable is one loopwatch accepts, ports agree between the pieces, the
+Kubernetes PrometheusRule is exactly the rule files, and the probes and scrapes each
+example sets up pass the admin port's Host check as the orchestrator would send them."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import importlib.metadata
 import json
@@ -13,14 +15,19 @@ import re
 import shlex
 import shutil
 import subprocess
+from collections.abc import AsyncIterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
 
 from dashboards import generate
+from proxy.admin import AdminServer
+from proxy.admin_api import Exposure
 from proxy.cli import build_parser
 from proxy.config import Settings, load_settings, parse_host_port
 
@@ -86,6 +93,12 @@ def image_env() -> dict[str, str]:
 
 def compose() -> dict[str, Any]:
     return yaml.safe_load(COMPOSE.read_text())
+
+
+def compose_env(service: dict[str, Any]) -> dict[str, str]:
+    """A service's environment as the container sees it when the shell sets none
+    of it: a key without a value is taken from the shell, so it is unset here."""
+    return {k: str(v) for k, v in service.get("environment", {}).items() if v is not None}
 
 
 def bind_mounts(service: dict[str, Any]) -> dict[str, Path]:
@@ -220,7 +233,7 @@ def test_compose_loopwatch_command_ports_and_upstream() -> None:
     services = compose()["services"]
     _, settings = loopwatch_settings(
         services["loopwatch"]["command"],
-        {**image_env(), **services["loopwatch"].get("environment", {})},
+        {**image_env(), **compose_env(services["loopwatch"])},
     )
     assert settings is not None and settings.upstream is not None
     assert published(services["loopwatch"]) == {
@@ -412,6 +425,88 @@ def test_kubernetes_service_and_servicemonitor_line_up() -> None:
     # The job Prometheus will give these targets is one LoopwatchDown watches.
     job = service["metadata"]["labels"][monitor["spec"]["jobLabel"]]
     assert re.fullmatch(loopwatch_down_job_regex(), job), job
+
+
+def pod_spec() -> dict[str, Any]:
+    return kubernetes_objects()["Deployment"]["spec"]["template"]["spec"]
+
+
+def test_kubernetes_admin_token_is_required_and_service_links_are_off() -> None:
+    # Without the secret the pod must not start with an admin port anyone in the
+    # cluster can reach; service links would put LOOPWATCH_* variables in it.
+    assert pod_spec()["enableServiceLinks"] is False
+    [token] = [e for e in containers()["loopwatch"]["env"] if e["name"] == "LOOPWATCH_ADMIN__TOKEN"]
+    ref = token["valueFrom"]["secretKeyRef"]
+    assert ref["name"] and ref["key"] and ref.get("optional", False) is False
+
+
+def test_examples_beyond_loopback_say_how_to_set_the_token() -> None:
+    """Every example whose admin port listens beyond loopback has no token in the
+    file (it is a secret) and tells the reader to set LOOPWATCH_ADMIN__TOKEN."""
+    for path in sorted(EXAMPLES.glob("*.yaml")):
+        settings = load_settings(path, env={})
+        if Exposure.of(parse_host_port(settings.admin.listen).host) is Exposure.NETWORK:
+            assert settings.admin.token is None, path.name
+            assert not settings.admin.insecure, path.name
+            assert "LOOPWATCH_ADMIN__TOKEN" in path.read_text(), path.name
+
+
+@contextlib.asynccontextmanager
+async def admin_port_as_configured(settings: Settings) -> AsyncIterator[str]:
+    """The admin port with an example's admin settings, bound to loopback (the
+    exposure rules judge the configured address); yields its base URL."""
+    server = AdminServer(CollectorRegistry(), ready=lambda: True, settings=lambda: settings.admin)
+    await server.start("127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        await server.stop()
+
+
+async def status_of(base: str, method: str, path: str, host: str) -> int:
+    async with aiohttp.ClientSession() as s, s.request(method, base + path, headers={"Host": host}) as r:
+        return r.status
+
+
+async def test_probes_and_scrapes_of_every_example_pass_the_admin_guard() -> None:
+    """What the orchestrators send, with the Host they send it with, answered 200
+    by an admin port configured as each example configures it; a change without
+    the token refused."""
+    pod_ip = "10.42.0.17"  # the kubelet and a ServiceMonitor's Prometheus use the pod's address
+
+    # Docker: the image's HEALTHCHECK, on the container's loopback.
+    _, image = loopwatch_settings(["run", "--upstream", "ws://backend:8000"], image_env())
+    assert image is not None
+    admin = port_of(image.admin.listen)
+    async with admin_port_as_configured(image) as base:
+        assert await status_of(base, "GET", "/healthz", f"127.0.0.1:{admin}") == 200
+        assert await status_of(base, "POST", "/api/reload", f"127.0.0.1:{admin}") == 403  # no token
+
+    # docker compose: Prometheus scrapes the service by its name.
+    services = compose()["services"]
+    _, composed = loopwatch_settings(
+        services["loopwatch"]["command"], {**image_env(), **compose_env(services["loopwatch"])}
+    )
+    assert composed is not None
+    config = yaml.safe_load((EXAMPLES / "prometheus.yml").read_text())
+    [job] = [j for j in config["scrape_configs"] if j["job_name"] == "loopwatch"]
+    [target] = [t for sc in job["static_configs"] for t in sc["targets"]]
+    async with admin_port_as_configured(composed) as base:
+        assert await status_of(base, "GET", job.get("metrics_path", "/metrics"), target) == 200
+        assert await status_of(base, "GET", "/healthz", f"127.0.0.1:{admin}") == 200
+        assert await status_of(base, "POST", "/api/reload", f"localhost:{admin}") == 403  # no token
+
+    # Kubernetes: liveness and readiness probes, the ServiceMonitor's scrape.
+    sidecar = containers()["loopwatch"]
+    _, pod = loopwatch_settings(sidecar["args"], {**image_env(), **container_env(sidecar)})
+    assert pod is not None and pod.admin.token is not None
+    [endpoint] = kubernetes_objects()["ServiceMonitor"]["spec"]["endpoints"]
+    async with admin_port_as_configured(pod) as base:
+        host = f"{pod_ip}:{port_of(pod.admin.listen)}"
+        for probe in ("livenessProbe", "readinessProbe"):
+            assert await status_of(base, "GET", sidecar[probe]["httpGet"]["path"], host) == 200, probe
+        assert await status_of(base, "GET", endpoint["path"], host) == 200
+        assert await status_of(base, "POST", "/api/reload", host) == 401  # the token is set
 
 
 def test_kubernetes_prometheusrule_is_the_rule_files() -> None:
