@@ -1,0 +1,382 @@
+//! The connection events the data plane emits, and the bounded queue that
+//! carries them to the brain.
+//!
+//! The events mirror `detectors/events.py` (the engine's input): one per step
+//! of an upgrade attempt's life. They carry an [`Instant`]; the Python face
+//! turns it into the brain's `time.monotonic()` seconds with one reference pair
+//! taken at start (both are CLOCK_MONOTONIC on Linux).
+//!
+//! The queue never makes traffic wait: producers (tokio tasks) only
+//! `try_send`, and an event that finds the queue full is dropped and counted.
+//! The brain drains it in batches with [`EventReceiver::recv_batch`], from a
+//! thread of its own with the GIL released, and reads the drop count at scrape
+//! time (and logs once per burst of drops with [`EventSender::drops`]).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+
+/// Who ended a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Initiator {
+    Client,
+    Upstream,
+    Proxy,
+}
+
+impl Initiator {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Initiator::Client => "client",
+            Initiator::Upstream => "upstream",
+            Initiator::Proxy => "proxy",
+        }
+    }
+}
+
+/// Why the enforcement table refused an attempt (`RejectReason` in
+/// detectors/decisions.py).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RefuseReason {
+    Cooldown,
+    MinInterval,
+    MaxConcurrent,
+    Deny,
+    CircuitOpen,
+}
+
+impl RefuseReason {
+    pub const ALL: [RefuseReason; 5] = [
+        RefuseReason::Cooldown,
+        RefuseReason::MinInterval,
+        RefuseReason::MaxConcurrent,
+        RefuseReason::Deny,
+        RefuseReason::CircuitOpen,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefuseReason::Cooldown => "cooldown",
+            RefuseReason::MinInterval => "min_interval",
+            RefuseReason::MaxConcurrent => "max_concurrent",
+            RefuseReason::Deny => "deny",
+            RefuseReason::CircuitOpen => "circuit_open",
+        }
+    }
+}
+
+/// Why no HTTP answer came back from the upstream (`HandshakeFailed.error`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HandshakeError {
+    /// The connection was refused or the name did not resolve.
+    Connect,
+    /// Connect or answer slower than its timeout.
+    Timeout,
+    /// TLS to the upstream failed (verification, handshake).
+    Tls,
+    /// The upstream's answer was not a valid HTTP head.
+    BadResponse,
+    /// The upstream closed before answering.
+    Closed,
+    /// The client left before the upstream answered.
+    ClientClosed,
+}
+
+impl HandshakeError {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandshakeError::Connect => "connect",
+            HandshakeError::Timeout => "timeout",
+            HandshakeError::Tls => "tls",
+            HandshakeError::BadResponse => "bad_response",
+            HandshakeError::Closed => "closed",
+            HandshakeError::ClientClosed => "client_closed",
+        }
+    }
+}
+
+/// How the upstream handshake failed: its HTTP answer, or no answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    Status(u16),
+    Error(HandshakeError),
+}
+
+/// What crossed a relayed connection, per direction (`RelayStats`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Client to upstream.
+    pub messages_in: u64,
+    /// Upstream to client.
+    pub messages_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// One step of an upgrade attempt's life. `key` is the client key identity
+/// gave it, `route` the route's name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// An upgrade request arrived (before admission); `addr` is the peer.
+    Attempt {
+        key: Box<str>,
+        route: Arc<str>,
+        at: Instant,
+        addr: Box<str>,
+    },
+    /// The enforcement table refused it; it never reached the upstream.
+    Rejected {
+        key: Box<str>,
+        route: Arc<str>,
+        at: Instant,
+        reason: RefuseReason,
+    },
+    /// The upstream refused the upgrade or could not be reached.
+    HandshakeFailed {
+        key: Box<str>,
+        route: Arc<str>,
+        at: Instant,
+        failure: HandshakeFailure,
+    },
+    /// Both sides are open.
+    Opened {
+        key: Box<str>,
+        route: Arc<str>,
+        at: Instant,
+        conn_id: u64,
+    },
+    /// The connection ended. `code` is 1005 for a close frame without a code,
+    /// 1006 for no close frame; `duration` runs from Opened.
+    Closed {
+        key: Box<str>,
+        route: Arc<str>,
+        at: Instant,
+        conn_id: u64,
+        code: u16,
+        reason: Box<str>,
+        initiator: Initiator,
+        duration: Duration,
+        traffic: Traffic,
+    },
+}
+
+impl Event {
+    /// The `"type"` name of detectors/events.py.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Event::Attempt { .. } => "attempt",
+            Event::Rejected { .. } => "rejected",
+            Event::HandshakeFailed { .. } => "handshake_failed",
+            Event::Opened { .. } => "opened",
+            Event::Closed { .. } => "closed",
+        }
+    }
+
+    pub fn key(&self) -> &str {
+        match self {
+            Event::Attempt { key, .. }
+            | Event::Rejected { key, .. }
+            | Event::HandshakeFailed { key, .. }
+            | Event::Opened { key, .. }
+            | Event::Closed { key, .. } => key,
+        }
+    }
+
+    pub fn at(&self) -> Instant {
+        match self {
+            Event::Attempt { at, .. }
+            | Event::Rejected { at, .. }
+            | Event::HandshakeFailed { at, .. }
+            | Event::Opened { at, .. }
+            | Event::Closed { at, .. } => *at,
+        }
+    }
+}
+
+/// Events lost to a full queue: the total (a counter for /metrics) and the
+/// part not reported yet (so the brain logs once per burst, not per drop).
+#[derive(Debug, Default)]
+pub struct Drops {
+    total: AtomicU64,
+    reported: AtomicU64,
+}
+
+impl Drops {
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    /// Drops since the last call (0 when none): the brain logs one line per
+    /// burst with this number.
+    pub fn take_unreported(&self) -> u64 {
+        let total = self.total.load(Ordering::Relaxed);
+        let before = self.reported.swap(total, Ordering::Relaxed);
+        total.saturating_sub(before)
+    }
+}
+
+/// The producer side: cheap to clone, one per data-plane task.
+#[derive(Debug, Clone)]
+pub struct EventSender {
+    tx: Sender<Event>,
+    drops: Arc<Drops>,
+}
+
+impl EventSender {
+    /// Queue an event without ever waiting; false (and counted) when the
+    /// queue is full or the brain is gone.
+    pub fn send(&self, event: Event) -> bool {
+        match self.tx.try_send(event) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.drops.total.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    pub fn drops(&self) -> &Drops {
+        &self.drops
+    }
+}
+
+/// The consumer side, owned by the brain's draining thread.
+#[derive(Debug)]
+pub struct EventReceiver {
+    rx: Receiver<Event>,
+    drops: Arc<Drops>,
+}
+
+impl EventReceiver {
+    /// Up to `max` events: waits at most `timeout` for the first, then takes
+    /// what is already queued. Empty on timeout (so the caller can notice a
+    /// shutdown) and once every sender is gone and the queue is drained.
+    pub fn recv_batch(&self, max: usize, timeout: Duration) -> Vec<Event> {
+        if max == 0 {
+            return Vec::new();
+        }
+        let first = match self.rx.recv_timeout(timeout) {
+            Ok(event) => event,
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return Vec::new(),
+        };
+        let mut batch = Vec::with_capacity(max.min(self.rx.len() + 1));
+        batch.push(first);
+        batch.extend(self.rx.try_iter().take(max - 1));
+        batch
+    }
+
+    /// Events waiting now.
+    pub fn len(&self) -> usize {
+        self.rx.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+
+    pub fn drops(&self) -> &Drops {
+        &self.drops
+    }
+}
+
+/// A queue holding at most `capacity` events (at least 1).
+pub fn event_queue(capacity: usize) -> (EventSender, EventReceiver) {
+    let (tx, rx) = crossbeam_channel::bounded(capacity.max(1));
+    let drops = Arc::new(Drops::default());
+    (
+        EventSender {
+            tx,
+            drops: Arc::clone(&drops),
+        },
+        EventReceiver { rx, drops },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::thread;
+
+    fn attempt(i: usize) -> Event {
+        Event::Attempt {
+            key: format!("client-{i}").into(),
+            route: Arc::from("default"),
+            at: Instant::now(),
+            addr: "127.0.0.1".into(),
+        }
+    }
+
+    #[test]
+    fn full_queue_drops_and_counts_without_waiting() {
+        let (tx, rx) = event_queue(4);
+        let sent = (0..10).filter(|&i| tx.send(attempt(i))).count();
+        assert_eq!(sent, 4);
+        assert_eq!(tx.drops().total(), 6);
+        assert_eq!(rx.drops().take_unreported(), 6);
+        assert_eq!(rx.drops().take_unreported(), 0); // one report per burst
+        let batch = rx.recv_batch(100, Duration::from_millis(10));
+        let keys: Vec<_> = batch.iter().map(Event::key).collect();
+        assert_eq!(keys, ["client-0", "client-1", "client-2", "client-3"]);
+        assert!(tx.send(attempt(99)), "room again after the drain");
+    }
+
+    #[test]
+    fn batches_are_bounded_and_ordered() {
+        let (tx, rx) = event_queue(100);
+        for i in 0..25 {
+            assert!(tx.send(attempt(i)));
+        }
+        let sizes: Vec<usize> = (0..4)
+            .map(|_| rx.recv_batch(10, Duration::from_millis(10)).len())
+            .collect();
+        assert_eq!(sizes, [10, 10, 5, 0]);
+        assert_eq!(rx.recv_batch(0, Duration::ZERO).len(), 0);
+    }
+
+    #[test]
+    fn recv_batch_times_out_empty_and_sees_the_senders_leave() {
+        let (tx, rx) = event_queue(8);
+        assert!(rx.recv_batch(8, Duration::from_millis(5)).is_empty());
+        let producer = thread::spawn(move || {
+            for i in 0..3 {
+                assert!(tx.send(attempt(i)));
+            }
+        });
+        producer.join().unwrap();
+        let batch = rx.recv_batch(8, Duration::from_secs(5));
+        assert_eq!(batch.len(), 3);
+        // Every sender is gone and the queue is empty: no wait at all.
+        assert!(rx.recv_batch(8, Duration::from_secs(60)).is_empty());
+    }
+
+    #[test]
+    fn names_match_the_engine() {
+        let reasons: Vec<_> = RefuseReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(
+            reasons,
+            [
+                "cooldown",
+                "min_interval",
+                "max_concurrent",
+                "deny",
+                "circuit_open"
+            ]
+        );
+        let e = Event::Closed {
+            key: "k".into(),
+            route: Arc::from("r"),
+            at: Instant::now(),
+            conn_id: 1,
+            code: 1000,
+            reason: "".into(),
+            initiator: Initiator::Upstream,
+            duration: Duration::from_millis(3),
+            traffic: Traffic::default(),
+        };
+        assert_eq!((e.type_name(), e.key()), ("closed", "k"));
+        assert_eq!(Initiator::Upstream.as_str(), "upstream");
+        assert_eq!(HandshakeError::ClientClosed.as_str(), "client_closed");
+    }
+}

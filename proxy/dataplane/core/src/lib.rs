@@ -1,0 +1,22 @@
+//! The pure core of loopwatch's compiled data plane (issue 16).
+//!
+//! Everything here is sans-I/O over byte slices and values: no sockets, no
+//! runtime, no Python. The parts the PyO3 face and the tokio data plane will be
+//! built on, each tested on its own and against the Python data plane through
+//! the shared test vectors in `tests/vectors/`:
+//!
+//! * [`head`]: a client's request head, parsed with exactly the strictness of
+//!   the Python data plane (llhttp in strict mode plus loopwatch's own checks),
+//!   answered with a typed rejection when it is bad.
+//! * [`frames`]: the incremental RFC 6455 frame-header watcher of the splice
+//!   relay, which never copies or unmasks payload, and the close frames
+//!   loopwatch writes itself.
+//! * [`table`]: the enforcement table the brain writes and the data plane reads
+//!   at admission, lock-free.
+//! * [`events`]: the connection events the data plane emits and the bounded
+//!   queue that carries them to the brain without ever blocking traffic.
+
+pub mod events;
+pub mod frames;
+pub mod head;
+pub mod table;

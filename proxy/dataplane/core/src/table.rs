@@ -1,0 +1,685 @@
+//! The enforcement table: what the brain decided, in the form the data plane
+//! reads at admission without ever waiting.
+//!
+//! The data plane decides *how* to refuse, in microseconds, from this table;
+//! the brain (the Python engine in `detectors/`) decides *who*, a batch later.
+//! The table holds only restrictions:
+//!
+//! * per client key: a cooldown (until when, the rule that started it, the
+//!   hold of the refusal), a min-interval deadline (no attempt before), and
+//!   whether the key is at its max-concurrent limit (`reject-new`);
+//! * allow and deny lists (exact keys, or CIDRs matched against the key's
+//!   address part and the peer address);
+//! * the circuit breakers: closed, open until an instant, or half-open, each
+//!   with a probe budget the data plane takes from atomically.
+//!
+//! The decisions mirror the engine's `admit` (detectors/engine.py): deny first
+//! (it holds even in observe mode); then, unless the key is allow-listed, its
+//! cooldown, min-interval and max-concurrent; then every breaker that is not
+//! closed, in order (an open breaker refuses; after its open wait, or
+//! half-open, it lets through as many probes as its budget holds and refuses
+//! the rest). What is only *observed* (observe mode, outside the rollout)
+//! never enters the table: the brain writes enforced restrictions only, so
+//! the data plane never needs to know the mode (breakers carry `enforced`,
+//! because an observed breaker still takes probes, as the engine's does).
+//!
+//! # How the brain writes it
+//!
+//! Readers `load()` the current [`Snapshot`] lock-free (`arc-swap`) and copy
+//! out what they need; no guard is ever held across an await. The brain
+//! publishes a new snapshot after each drained event batch, engine wake-up,
+//! operator action or reload, with [`EnforcementTable::update`] (read-copy-
+//! update of the previous snapshot): cooldowns started become key entries
+//! (`until = now + remaining`, from durations, on the Rust side's clock);
+//! released or ended ones are removed; breaker transitions replace the
+//! breaker's entry (a half-open breaker gets a fresh [`ProbeBudget`]; a
+//! breaker whose state did not change keeps its `Arc`, so probes already
+//! taken stay taken); the min-interval deadline and the max-concurrent flag
+//! follow the engine's per-client state. Entries exist only for restricted
+//! keys (the clients in cooldown, not every client), so a copy per batch is
+//! small; [`Snapshot::prune`] drops the expired ones on the next publish, and
+//! lookups ignore them meanwhile. A batch is drained in well under a
+//! millisecond, so a restriction takes effect within one batch of the event
+//! that caused it (the incident's 4th attempt comes 150 ms after the 1st).
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+
+pub use crate::events::RefuseReason;
+
+/// A client in cooldown: refused until `until`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cooldown {
+    pub until: Instant,
+    /// The rule that started it ("auth_failure_loop", "manual", …).
+    pub rule: Arc<str>,
+    /// Hold a refused attempt this long before answering it (tarpit).
+    pub hold: Option<Duration>,
+}
+
+/// The restrictions on one client key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyEntry {
+    pub cooldown: Option<Cooldown>,
+    /// min-interval: no attempt before this instant.
+    pub not_before: Option<Instant>,
+    /// max-concurrent (`reject-new`): the key has its limit of open connections.
+    pub at_capacity: bool,
+}
+
+impl KeyEntry {
+    /// Whether anything in the entry still restricts at `now`.
+    pub fn is_live(&self, now: Instant) -> bool {
+        self.cooldown.as_ref().is_some_and(|c| c.until > now)
+            || self.not_before.is_some_and(|t| t > now)
+            || self.at_capacity
+    }
+}
+
+/// Probes a breaker lets through while half-open; taken atomically by every
+/// data-plane thread.
+#[derive(Debug, Default)]
+pub struct ProbeBudget {
+    remaining: AtomicU32,
+}
+
+impl ProbeBudget {
+    pub fn new(probes: u32) -> Arc<Self> {
+        Arc::new(ProbeBudget {
+            remaining: AtomicU32::new(probes),
+        })
+    }
+
+    pub fn remaining(&self) -> u32 {
+        self.remaining.load(Ordering::Acquire)
+    }
+
+    /// Take one probe; false when none is left.
+    pub fn take(&self) -> bool {
+        self.remaining
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(1))
+            .is_ok()
+    }
+
+    /// Give back a probe taken for an attempt that was refused after all.
+    pub fn give_back(&self) {
+        self.remaining.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// A breaker's state as the data plane needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    /// Refusing until `until`; half-open (probes) after it, even before the
+    /// brain has written the transition.
+    Open {
+        until: Instant,
+    },
+    /// Probes out; the rest is refused with `retry_after` (about when the
+    /// probes' outcome is due).
+    HalfOpen {
+        retry_after: Duration,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct BreakerEntry {
+    pub name: Arc<str>,
+    pub state: BreakerState,
+    /// The budget for the half-open phase (the next one, while open).
+    pub probes: Arc<ProbeBudget>,
+    /// Whether a refusal is enforced (policy mode `enforce`); an observed
+    /// breaker still takes probes.
+    pub enforced: bool,
+}
+
+/// An IPv4 or IPv6 network, `addr/prefix` (host bits ignored, as Python's
+/// `ip_network(strict=False)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl IpNet {
+    pub fn parse(text: &str) -> Result<IpNet, String> {
+        let bad = || format!("invalid network {text:?}: expected ADDRESS/PREFIX");
+        let (addr, prefix) = text.split_once('/').ok_or_else(bad)?;
+        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        if prefix > max {
+            return Err(bad());
+        }
+        Ok(IpNet { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        fn masked(bits: u128, prefix: u8, width: u8) -> u128 {
+            if prefix == 0 {
+                0
+            } else {
+                bits >> (width - prefix)
+            }
+        }
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                masked(u32::from(net).into(), self.prefix, 32)
+                    == masked(u32::from(ip).into(), self.prefix, 32)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                masked(net.into(), self.prefix, 128) == masked(ip.into(), self.prefix, 128)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Exact client keys and CIDRs (detectors/access.py).
+#[derive(Debug, Clone, Default)]
+pub struct AccessList {
+    keys: HashSet<Box<str>>,
+    networks: Vec<IpNet>,
+}
+
+impl AccessList {
+    /// Entries as in the config: a CIDR when it contains "/", else a key.
+    pub fn parse<'e>(entries: impl IntoIterator<Item = &'e str>) -> Result<AccessList, String> {
+        let mut list = AccessList::default();
+        for entry in entries {
+            if entry.contains('/') {
+                list.networks.push(IpNet::parse(entry)?);
+            } else {
+                list.keys.insert(entry.into());
+            }
+        }
+        Ok(list)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.networks.is_empty()
+    }
+
+    /// The key itself, or a network containing the key's address part or the
+    /// peer address.
+    pub fn matches(&self, key: &str, peer: Option<IpAddr>) -> bool {
+        if self.keys.contains(key) {
+            return true;
+        }
+        if self.networks.is_empty() {
+            return false;
+        }
+        let inside = |ip: IpAddr| self.networks.iter().any(|n| n.contains(ip));
+        address_of(key).parse().is_ok_and(inside) || peer.is_some_and(inside)
+    }
+}
+
+/// The address part of a key: after the last "@", without IPv6 brackets.
+pub fn address_of(key: &str) -> &str {
+    let address = key.rsplit('@').next().unwrap_or(key);
+    address
+        .strip_prefix('[')
+        .and_then(|a| a.strip_suffix(']'))
+        .unwrap_or(address)
+}
+
+/// How an attempt is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: RefuseReason,
+    /// For the close-1013 reason or Retry-After.
+    pub retry_after: Duration,
+    /// Hold the attempt this long before answering (None: answer at once).
+    pub hold: Option<Duration>,
+    /// The breaker that refused (circuit_open), or the cooldown's rule.
+    pub detail: Option<Arc<str>>,
+}
+
+/// The answer of [`EnforcementTable::lookup`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// Let it through; it is a probe for the breakers named.
+    Admit { probes: Vec<Arc<str>> },
+    /// Refuse it; it never reaches the upstream.
+    Refuse(Refusal),
+    /// On the allow list: per-client restrictions do not apply (breakers do).
+    AllowListed { probes: Vec<Arc<str>> },
+}
+
+/// What the brain decided, as of one publish. Immutable once published.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Incremented by every publish (for tests and the status page).
+    pub generation: u64,
+    pub keys: HashMap<Box<str>, KeyEntry>,
+    pub allow: AccessList,
+    pub deny: AccessList,
+    pub breakers: Vec<BreakerEntry>,
+    /// Retry time told to a denied client (the engine uses the cooldown max).
+    pub deny_retry_after: Duration,
+    /// Retry time told at max-concurrent (the engine uses the cooldown base).
+    pub max_concurrent_retry_after: Duration,
+    /// Hold of refusals other than cooldowns (a cooldown carries its own).
+    pub hold: Option<Duration>,
+}
+
+impl Default for Snapshot {
+    fn default() -> Self {
+        Snapshot {
+            generation: 0,
+            keys: HashMap::new(),
+            allow: AccessList::default(),
+            deny: AccessList::default(),
+            breakers: Vec::new(),
+            deny_retry_after: Duration::from_secs(300),
+            max_concurrent_retry_after: Duration::from_secs(5),
+            hold: None,
+        }
+    }
+}
+
+impl Snapshot {
+    /// The admission decision for `key` (peer address `peer`) at `now`.
+    pub fn admission(&self, key: &str, peer: Option<IpAddr>, now: Instant) -> Admission {
+        if !self.deny.is_empty() && self.deny.matches(key, peer) {
+            return Admission::Refuse(Refusal {
+                reason: RefuseReason::Deny,
+                retry_after: self.deny_retry_after,
+                hold: self.hold,
+                detail: None,
+            });
+        }
+        let allowed = !self.allow.is_empty() && self.allow.matches(key, peer);
+        if !allowed {
+            if let Some(refusal) = self.keys.get(key).and_then(|e| self.per_key(e, now)) {
+                return Admission::Refuse(refusal);
+            }
+        }
+        let mut probes: Vec<Arc<str>> = Vec::new();
+        let mut taken: Vec<&ProbeBudget> = Vec::new();
+        for breaker in &self.breakers {
+            let refusal = match breaker.state {
+                BreakerState::Closed => continue,
+                BreakerState::Open { until } if now < until => Some(until - now),
+                BreakerState::Open { .. } | BreakerState::HalfOpen { .. }
+                    if breaker.probes.take() =>
+                {
+                    taken.push(&breaker.probes);
+                    probes.push(Arc::clone(&breaker.name));
+                    None
+                }
+                BreakerState::Open { .. } => Some(Duration::ZERO),
+                BreakerState::HalfOpen { retry_after } => Some(retry_after),
+            };
+            if let (Some(retry_after), true) = (refusal, breaker.enforced) {
+                for budget in taken {
+                    budget.give_back();
+                }
+                return Admission::Refuse(Refusal {
+                    reason: RefuseReason::CircuitOpen,
+                    retry_after,
+                    hold: self.hold,
+                    detail: Some(Arc::clone(&breaker.name)),
+                });
+            }
+        }
+        if allowed {
+            Admission::AllowListed { probes }
+        } else {
+            Admission::Admit { probes }
+        }
+    }
+
+    fn per_key(&self, entry: &KeyEntry, now: Instant) -> Option<Refusal> {
+        if let Some(c) = entry.cooldown.as_ref().filter(|c| c.until > now) {
+            return Some(Refusal {
+                reason: RefuseReason::Cooldown,
+                retry_after: c.until - now,
+                hold: c.hold,
+                detail: Some(Arc::clone(&c.rule)),
+            });
+        }
+        if let Some(t) = entry.not_before.filter(|&t| t > now) {
+            return Some(Refusal {
+                reason: RefuseReason::MinInterval,
+                retry_after: t - now,
+                hold: self.hold,
+                detail: None,
+            });
+        }
+        if entry.at_capacity {
+            return Some(Refusal {
+                reason: RefuseReason::MaxConcurrent,
+                retry_after: self.max_concurrent_retry_after,
+                hold: self.hold,
+                detail: None,
+            });
+        }
+        None
+    }
+
+    /// Drop the key entries that no longer restrict anything at `now`.
+    pub fn prune(&mut self, now: Instant) {
+        self.keys.retain(|_, entry| entry.is_live(now));
+    }
+}
+
+/// The table: one current snapshot, swapped atomically.
+pub struct EnforcementTable {
+    current: ArcSwap<Snapshot>,
+}
+
+impl fmt::Debug for EnforcementTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.current.load();
+        f.debug_struct("EnforcementTable")
+            .field("generation", &s.generation)
+            .field("keys", &s.keys.len())
+            .field("breakers", &s.breakers.len())
+            .finish()
+    }
+}
+
+impl Default for EnforcementTable {
+    fn default() -> Self {
+        EnforcementTable::new(Snapshot::default())
+    }
+}
+
+impl EnforcementTable {
+    pub fn new(snapshot: Snapshot) -> Self {
+        EnforcementTable {
+            current: ArcSwap::from_pointee(snapshot),
+        }
+    }
+
+    /// The admission decision now; lock-free, never waits for the brain.
+    pub fn lookup(&self, key: &str, peer: Option<IpAddr>, now: Instant) -> Admission {
+        self.current.load().admission(key, peer, now)
+    }
+
+    /// The current snapshot (an owned reference: fine to keep, unlike a guard).
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Replace the whole table (its generation is set to follow the current one).
+    pub fn publish(&self, mut snapshot: Snapshot) {
+        self.current.rcu(|old| {
+            snapshot.generation = old.generation + 1;
+            snapshot.clone()
+        });
+    }
+
+    /// Publish `change` applied to a copy of the current snapshot (retried if
+    /// another writer published meanwhile). The brain's one write per batch.
+    pub fn update(&self, change: impl Fn(&mut Snapshot)) {
+        self.current.rcu(|old| {
+            let mut next = Snapshot::clone(old);
+            change(&mut next);
+            next.generation = old.generation + 1;
+            next
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    fn cooling(now: Instant, remaining: u64) -> KeyEntry {
+        KeyEntry {
+            cooldown: Some(Cooldown {
+                until: now + secs(remaining),
+                rule: Arc::from("auth_failure_loop"),
+                hold: Some(Duration::from_millis(1500)),
+            }),
+            ..KeyEntry::default()
+        }
+    }
+
+    fn refusal(a: Admission) -> Refusal {
+        match a {
+            Admission::Refuse(r) => r,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn cooldown_refuses_until_it_ends() {
+        let now = Instant::now();
+        let table = EnforcementTable::default();
+        table.update(|s| {
+            s.keys.insert("u@10.0.0.1".into(), cooling(now, 5));
+        });
+        let r = refusal(table.lookup("u@10.0.0.1", None, now + secs(1)));
+        assert_eq!(r.reason, RefuseReason::Cooldown);
+        assert_eq!(r.retry_after, secs(4));
+        assert_eq!(r.hold, Some(Duration::from_millis(1500)));
+        assert_eq!(r.detail.as_deref(), Some("auth_failure_loop"));
+        assert_eq!(
+            table.lookup("u@10.0.0.1", None, now + secs(5)),
+            Admission::Admit { probes: vec![] }
+        );
+        assert_eq!(
+            table.lookup("other", None, now),
+            Admission::Admit { probes: vec![] }
+        );
+    }
+
+    #[test]
+    fn min_interval_and_max_concurrent() {
+        let now = Instant::now();
+        let mut s = Snapshot::default();
+        s.keys.insert(
+            "a".into(),
+            KeyEntry {
+                not_before: Some(now + Duration::from_millis(700)),
+                ..KeyEntry::default()
+            },
+        );
+        s.keys.insert(
+            "b".into(),
+            KeyEntry {
+                at_capacity: true,
+                ..KeyEntry::default()
+            },
+        );
+        let r = refusal(s.admission("a", None, now));
+        assert_eq!(
+            (r.reason, r.retry_after),
+            (RefuseReason::MinInterval, Duration::from_millis(700))
+        );
+        assert!(matches!(
+            s.admission("a", None, now + secs(1)),
+            Admission::Admit { .. }
+        ));
+        let r = refusal(s.admission("b", None, now));
+        assert_eq!(
+            (r.reason, r.retry_after),
+            (RefuseReason::MaxConcurrent, secs(5))
+        );
+    }
+
+    #[test]
+    fn deny_beats_allow_and_allow_skips_per_key_restrictions() {
+        let now = Instant::now();
+        let mut s = Snapshot {
+            deny: AccessList::parse(["bad@10.0.0.9", "192.0.2.0/24"]).unwrap(),
+            allow: AccessList::parse(["10.1.0.0/16", "bad@10.0.0.9"]).unwrap(),
+            ..Snapshot::default()
+        };
+        s.keys.insert("vip@10.1.2.3".into(), cooling(now, 60));
+        assert_eq!(
+            refusal(s.admission("bad@10.0.0.9", None, now)).reason,
+            RefuseReason::Deny
+        );
+        // A CIDR matches the key's address part, or the peer address.
+        assert_eq!(
+            refusal(s.admission("sub@192.0.2.7", None, now)).reason,
+            RefuseReason::Deny
+        );
+        let peer = "192.0.2.200".parse().ok();
+        assert_eq!(
+            refusal(s.admission("sub", peer, now)).reason,
+            RefuseReason::Deny
+        );
+        assert_eq!(
+            s.admission("vip@10.1.2.3", None, now),
+            Admission::AllowListed { probes: vec![] }
+        );
+        assert_eq!(address_of("sub@[2001:db8::1]"), "2001:db8::1");
+    }
+
+    #[test]
+    fn open_breaker_refuses_then_probes_within_budget() {
+        let now = Instant::now();
+        let budget = ProbeBudget::new(2);
+        let s = Snapshot {
+            breakers: vec![BreakerEntry {
+                name: Arc::from("upstream"),
+                state: BreakerState::Open {
+                    until: now + secs(10),
+                },
+                probes: Arc::clone(&budget),
+                enforced: true,
+            }],
+            ..Snapshot::default()
+        };
+        let r = refusal(s.admission("k", None, now));
+        assert_eq!(
+            (r.reason, r.retry_after),
+            (RefuseReason::CircuitOpen, secs(10))
+        );
+        assert_eq!(r.detail.as_deref(), Some("upstream"));
+        let later = now + secs(10);
+        let names = vec![Arc::<str>::from("upstream")];
+        assert_eq!(
+            s.admission("k", None, later),
+            Admission::Admit {
+                probes: names.clone()
+            }
+        );
+        assert_eq!(
+            s.admission("k", None, later),
+            Admission::Admit { probes: names }
+        );
+        assert_eq!(
+            refusal(s.admission("k", None, later)).reason,
+            RefuseReason::CircuitOpen
+        );
+        assert_eq!(budget.remaining(), 0);
+    }
+
+    #[test]
+    fn a_refusing_breaker_gives_back_the_probes_of_earlier_ones() {
+        let now = Instant::now();
+        let first = ProbeBudget::new(1);
+        let s = Snapshot {
+            breakers: vec![
+                BreakerEntry {
+                    name: Arc::from("upstream"),
+                    state: BreakerState::HalfOpen {
+                        retry_after: secs(2),
+                    },
+                    probes: Arc::clone(&first),
+                    enforced: true,
+                },
+                BreakerEntry {
+                    name: Arc::from("auth"),
+                    state: BreakerState::Open {
+                        until: now + secs(3),
+                    },
+                    probes: ProbeBudget::new(1),
+                    enforced: true,
+                },
+            ],
+            ..Snapshot::default()
+        };
+        let r = refusal(s.admission("k", None, now));
+        assert_eq!(r.detail.as_deref(), Some("auth"));
+        assert_eq!(first.remaining(), 1);
+    }
+
+    #[test]
+    fn an_observed_breaker_takes_probes_but_never_refuses() {
+        let now = Instant::now();
+        let s = Snapshot {
+            breakers: vec![BreakerEntry {
+                name: Arc::from("auth"),
+                state: BreakerState::HalfOpen {
+                    retry_after: secs(1),
+                },
+                probes: ProbeBudget::new(1),
+                enforced: false,
+            }],
+            ..Snapshot::default()
+        };
+        assert_eq!(
+            s.admission("k", None, now),
+            Admission::Admit {
+                probes: vec![Arc::from("auth")]
+            }
+        );
+        assert_eq!(
+            s.admission("k", None, now),
+            Admission::Admit { probes: vec![] }
+        );
+    }
+
+    #[test]
+    fn updates_are_atomic_and_prune_expired_entries() {
+        let now = Instant::now();
+        let table = EnforcementTable::default();
+        let before = table.snapshot();
+        table.update(|s| {
+            s.keys.insert("a".into(), cooling(now, 1));
+            s.keys.insert("b".into(), cooling(now, 100));
+        });
+        assert_eq!(before.keys.len(), 0, "a published snapshot never changes");
+        table.update(|s| s.prune(now + secs(2)));
+        let after = table.snapshot();
+        assert_eq!(after.generation, 2);
+        assert_eq!(after.keys.keys().map(|k| &**k).collect::<Vec<_>>(), ["b"]);
+    }
+
+    #[test]
+    fn probe_budget_is_shared_by_threads_exactly() {
+        let budget = ProbeBudget::new(100);
+        let taken: u32 = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| scope.spawn(|| (0..1000).filter(|_| budget.take()).count() as u32))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(taken, 100);
+        assert_eq!(budget.remaining(), 0);
+    }
+
+    #[test]
+    fn networks() {
+        let net = IpNet::parse("10.1.2.3/8").unwrap();
+        assert!(net.contains("10.200.0.1".parse().unwrap()));
+        assert!(!net.contains("11.0.0.1".parse().unwrap()));
+        assert!(!net.contains("::ffff:10.0.0.1".parse().unwrap()));
+        assert!(IpNet::parse("0.0.0.0/0")
+            .unwrap()
+            .contains("8.8.8.8".parse().unwrap()));
+        assert!(IpNet::parse("2001:db8::/32")
+            .unwrap()
+            .contains("2001:db8:1::5".parse().unwrap()));
+        assert!(IpNet::parse("10.0.0.0/33").is_err());
+        assert!(IpNet::parse("nonsense/8").is_err());
+    }
+}
