@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -25,7 +26,7 @@ from proxy.admin import AdminServer
 from proxy.admin_api import Exposure, host_name
 from proxy.config import AdminSettings, load_settings
 from proxy.demo_backend import issue_token
-from proxy.runtime import Running
+from proxy.runtime import ConfigSources, Running, start
 from tests.clients import demo_backend, loop_until
 from tests.conftest import loopwatch, ws_url
 
@@ -295,3 +296,19 @@ def test_admin_settings_defaults() -> None:
     admin = AdminSettings()
     assert admin.allowed_hosts == () and admin.insecure is False
     assert admin.event_streams.max_streams == 100
+
+
+async def test_a_reload_applies_new_allowed_hosts_at_once(tmp_path: Path) -> None:
+    async with demo_backend() as backend:
+        config = tmp_path / "loopwatch.yaml"
+        base = f'upstream: "ws://127.0.0.1:{backend.port}"\nlisten: "127.0.0.1:0"\nadmin:\n  listen: "127.0.0.1:0"\n'
+        config.write_text(base)
+        lw = await start(load_settings(config, env={}), sources=ConfigSources(str(config), {}, {}))
+        try:
+            named = {"Host": "loopwatch.internal:9900"}
+            assert (await call(lw, "GET", "/api/clients", named))[0] == 421
+            config.write_text(base + '  allowed_hosts: ["loopwatch.internal"]\n')
+            assert (await call(lw, "POST", "/api/reload"))[0] == 200
+            assert (await call(lw, "GET", "/api/clients", named))[0] == 200
+        finally:
+            await lw.close()
