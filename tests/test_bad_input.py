@@ -160,6 +160,14 @@ BAD_REQUESTS = {
         400,
     ),
     "upgrade-with-post": (b"POST /ws HTTP/1.1\r\n" + BASE + UPGRADE + b"\r\n", 400),
+    "upgrade-with-content-length": (
+        b"GET /ws HTTP/1.1\r\n" + BASE + UPGRADE + b"Content-Length: 5\r\n\r\nhello",
+        400,
+    ),
+    "upgrade-with-transfer-encoding": (
+        b"GET /ws HTTP/1.1\r\n" + BASE + UPGRADE + b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+    ),
     "upgrade-http-1.0": (b"GET /ws HTTP/1.0\r\n" + BASE + UPGRADE + b"\r\n", 400),
     "upgrade-missing-host": (b"GET /ws HTTP/1.1\r\n" + UPGRADE + b"\r\n", 400),
     "upgrade-duplicate-host": (b"GET /ws HTTP/1.1\r\n" + BASE + b"Host: other\r\n" + UPGRADE + b"\r\n", 400),

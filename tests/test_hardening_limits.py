@@ -1,0 +1,301 @@
+"""What one address may hold, and every early refusal counted.
+
+- One address cannot take every slot of limits.max_connections, nor fill it
+  with half-open heads, while other addresses still connect; a trusted proxy's
+  address is not capped; per-address state empties as connections close.
+- Each answer loopwatch writes itself before the engine sees a request raises
+  its own reason of loopwatch_requests_rejected_total (and no other), and is
+  logged at most once per reason per interval, with the number left unlogged.
+- policy.max_concurrent is on by default, far above a user with many tabs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from detectors.engine import Engine
+from detectors.events import Attempt, Opened
+from detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
+from proxy.gate import REJECTED_REASONS, Rejections
+from tests.conftest import read_response, upgrade_request, wait_for
+from tests.hardening import (
+    ATTACKER,
+    HEALTHY,
+    OTHER,
+    Healthy,
+    Proxied,
+    open_from,
+    proxied,
+    read_all,
+    rejected,
+)
+
+RUN_ON_UVLOOP = True  # each test runs on asyncio's loop and on uvloop (tests/conftest.py)
+
+Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def status_of(port: int, address: str, request: bytes) -> tuple[int, Conn]:
+    """Send `request` from `address`; the response's status and the connection."""
+    reader, writer = await open_from(port, address)
+    writer.write(request)
+    response = await asyncio.wait_for(read_response(reader, head_only=True), 10)
+    return response.status, (reader, writer)
+
+
+async def refused_at_once(port: int, address: str) -> bool:
+    """Connect and send nothing: True if loopwatch answered 503 on its own."""
+    reader, writer = await open_from(port, address)
+    try:
+        response = await asyncio.wait_for(read_response(reader), 0.5)
+    except TimeoutError:
+        return False  # taken: it waits for a request head
+    finally:
+        writer.close()
+    assert response.status == 503
+    assert response.header("Retry-After") == "1"
+    assert response.header("Connection") == "close"
+    assert response.body == b"loopwatch: too many connections from your address\n"
+    return True
+
+
+# --- per-address caps ------------------------------------------------------------------
+
+
+async def test_one_address_cannot_exhaust_max_connections_while_others_still_connect():
+    # 40 slots: 20 for one address (50 %), 16 of them half-open heads (10 % is 4,
+    # below the floor of 16).
+    async with proxied(**{"limits.max_connections": 40}) as p, Healthy(p.port).running() as healthy:
+        held: list[Conn] = []
+        try:
+            # WebSockets from one address (each a half-open head only until its
+            # request is in), then a slowloris: 16 connections that never send a byte.
+            for i in range(4):
+                status, conn = await status_of(p.port, ATTACKER, upgrade_request(f"/echo/{i}"))
+                assert status == 101
+                held.append(conn)
+            for _ in range(16):
+                held.append(await open_from(p.port, ATTACKER))
+            await wait_for(lambda: p.lw.proxy.active == 2 + 20)
+            # Its 20 are all it gets: anything more is refused at once, with 503.
+            refused = [await refused_at_once(p.port, ATTACKER) for _ in range(5)]
+            assert refused == [True] * 5
+            assert p.lw.proxy.active == 2 + 20  # 18 slots still free for everyone else
+            # Another address is not touched by the first one's cap: 15 more connections.
+            for i in range(15):
+                status, conn = await status_of(p.port, OTHER, upgrade_request(f"/echo/other{i}"))
+                assert status == 101
+                held.append(conn)
+            assert healthy.errors == []
+            assert (await rejected(p.lw))["address_limit"] == 5
+        finally:
+            for _, writer in held:
+                writer.close()
+        # Entries go when their count drops to zero: only the healthy address is left.
+        await wait_for(lambda: p.lw.proxy.active == 2)
+        assert p.lw.proxy.address_connections == {HEALTHY: 2}
+        assert p.lw.proxy.address_heads == {}
+
+
+async def test_heads_cap_holds_a_slowloris_while_its_completed_requests_still_count():
+    limits = {"limits.max_heads_per_address": 3, "limits.max_connections_per_address": 5}
+    async with proxied(**limits) as p, Healthy(p.port).running():
+        idle = [await open_from(p.port, ATTACKER) for _ in range(3)]
+        await wait_for(lambda: p.lw.proxy.address_heads.get(ATTACKER) == 3)
+        assert await refused_at_once(p.port, ATTACKER)
+        # A completed head frees its place among the heads at once.
+        _, writer = idle.pop()
+        writer.write(b"GET /ok HTTP/1.1\r\nHost: example.test\r\n\r\n")
+        await wait_for(lambda: p.lw.proxy.address_heads.get(ATTACKER) == 2)
+        status, conn = await status_of(p.port, ATTACKER, b"GET /ok HTTP/1.1\r\nHost: example.test\r\n\r\n")
+        assert status == 200
+        idle.append(conn)
+        # Connections in any state count towards the other cap: 2 heads + 2 requests + 1 = 5.
+        status, conn = await status_of(p.port, ATTACKER, upgrade_request("/echo"))
+        assert status == 101
+        idle.append(conn)
+        assert p.lw.proxy.address_connections[ATTACKER] == 5
+        assert await refused_at_once(p.port, ATTACKER)
+        for _, w in [*idle, (None, writer)]:
+            w.close()
+        await wait_for(lambda: ATTACKER not in p.lw.proxy.address_connections)
+        assert ATTACKER not in p.lw.proxy.address_heads
+
+
+async def test_a_trusted_proxy_address_is_never_capped():
+    limits = {
+        "limits.max_heads_per_address": 2,
+        "identity.trusted_proxies": [f"{ATTACKER}/32"],
+    }
+    async with proxied(**limits) as p:
+        held = [await open_from(p.port, ATTACKER) for _ in range(6)]
+        await wait_for(lambda: p.lw.proxy.active == 6)
+        held += [await open_from(p.port, OTHER) for _ in range(2)]
+        assert await refused_at_once(p.port, OTHER)
+        for _, writer in held:
+            writer.close()
+        await wait_for(lambda: p.lw.proxy.active == 0)
+        assert p.lw.proxy.address_connections == {} and p.lw.proxy.address_heads == {}
+
+
+def test_address_caps_follow_max_connections():
+    from proxy.config import load_settings
+
+    def caps(**overrides: Any) -> tuple[int | None, int | None]:
+        limits = load_settings(None, env={}, overrides=overrides).limits
+        return (
+            limits.address_cap(limits.max_connections_per_address),
+            limits.address_cap(limits.max_heads_per_address),
+        )
+
+    assert caps() == (5000, 1000)
+    assert caps(**{"limits.max_connections": 40_000}) == (20_000, 4000)
+    assert caps(**{"limits.max_connections": 50}) == (25, 16)  # the floor: a page opens a few at once
+    assert caps(**{"limits.max_connections": 3}) == (3, 3)
+    assert caps(**{"limits.max_heads_per_address": 7, "limits.max_connections_per_address": "12.5%"}) == (1250, 7)
+
+
+# --- every early refusal counted -------------------------------------------------------
+
+
+async def send(p: Proxied, request: bytes, status: int | None) -> None:
+    """One request from the attacker's address; its status (None: a cut connection)."""
+    reader, writer = await open_from(p.port, ATTACKER)
+    writer.write(request)
+    if status is None:
+        received = await read_all(reader)
+        assert received.startswith(b"HTTP/1.1 200 "), received
+    else:
+        response = await asyncio.wait_for(read_response(reader), 10)
+        assert response.status == status, response.body
+    writer.close()
+
+
+async def overload(p: Proxied) -> None:
+    held = [await open_from(p.port, ATTACKER) for _ in range(2)]
+    await wait_for(lambda: p.lw.proxy.active == 2)
+    await send(p, b"", 503)
+    for _, writer in held:
+        writer.close()
+
+
+async def address_limit(p: Proxied) -> None:
+    _, writer = await open_from(p.port, ATTACKER)
+    await wait_for(lambda: p.lw.proxy.active == 1)
+    assert await refused_at_once(p.port, ATTACKER)
+    writer.close()
+
+
+async def shutting_down(p: Proxied) -> None:
+    reader, writer = await open_from(p.port, ATTACKER)
+    writer.write(b"GET /ok HTTP/1.1\r\nHost: ")  # half a head when the drain starts
+    await wait_for(lambda: p.lw.proxy.active == 1)
+    await p.lw.proxy.shutdown()
+    assert (await asyncio.wait_for(read_response(reader), 10)).status == 503
+    writer.close()
+
+
+H = b"Host: example.test\r\n"
+TRIGGERS: dict[str, tuple[dict[str, Any], Callable[[Proxied], Awaitable[None]]]] = {
+    "bad_request": ({}, lambda p: send(p, b"GET /ok HTTP/1.1\r\nBad Name: x\r\n" + H + b"\r\n", 400)),
+    "head_too_large": (
+        {"limits.max_head_size": "1KiB"},
+        lambda p: send(p, b"GET /ok HTTP/1.1\r\n" + H + b"X-Pad: " + b"p" * 1100 + b"\r\n\r\n", 431),
+    ),
+    "head_timeout": ({"limits.handshake_timeout": "0.5s"}, lambda p: send(p, b"GET /ok HTTP/1.1\r\n", 408)),
+    "body_timeout": (
+        {"limits.body_timeout": "0.5s"},
+        lambda p: send(p, b"POST /upload HTTP/1.1\r\n" + H + b"Content-Length: 10\r\n\r\nabc", 408),
+    ),
+    "upstream_timeout": (
+        {"limits.response_timeout": "0.5s"},
+        lambda p: send(p, b"GET /no-head HTTP/1.1\r\n" + H + b"\r\n", 504),
+    ),
+    "response_timeout": (
+        {"limits.response_idle_timeout": "0.5s"},
+        lambda p: send(p, b"GET /stall-body HTTP/1.1\r\n" + H + b"\r\n", None),
+    ),
+    "version": ({}, lambda p: send(p, b"GET /ok HTTP/2.0\r\n" + H + b"\r\n", 505)),
+    "upgrade_required": (
+        {}, lambda p: send(p, upgrade_request("/echo").replace(b"Version: 13", b"Version: 8"), 426)
+    ),
+    "upgrade_with_body": (
+        {}, lambda p: send(p, upgrade_request("/echo", extra=b"Content-Length: 2\r\n") + b"hi", 400)
+    ),
+    "no_route": ({"plain_prefix": "/api"}, lambda p: send(p, b"GET /nowhere HTTP/1.1\r\n" + H + b"\r\n", 404)),
+    "overload": (
+        {"limits.max_connections": 2, "limits.max_connections_per_address": "100%",
+         "limits.max_heads_per_address": "100%"},
+        overload,
+    ),
+    "address_limit": ({"limits.max_heads_per_address": 1}, address_limit),
+    "shutting_down": ({}, shutting_down),
+}  # fmt: skip
+
+
+def test_every_reason_has_a_trigger():
+    assert set(TRIGGERS) == set(REJECTED_REASONS)
+
+
+@pytest.mark.parametrize("reason", REJECTED_REASONS)
+async def test_each_early_refusal_raises_its_own_counter(reason: str):
+    overrides, trigger = TRIGGERS[reason]
+    async with proxied(**overrides) as p:
+        before = await rejected(p.lw)
+        assert set(before) == set(REJECTED_REASONS) and set(before.values()) == {0}  # pre-created
+        await trigger(p)
+        after = await rejected(p.lw)
+    assert after == {**before, reason: 1}
+
+
+async def test_a_flood_of_refusals_is_one_log_line_per_reason(caplog: pytest.LogCaptureFixture):
+    caplog.set_level(logging.INFO, logger="loopwatch.server")
+    async with proxied() as p:
+        for _ in range(20):
+            await send(p, b"GARBAGE\r\n\r\n", 400)
+        await send(p, b"GET /ok HTTP/2.0\r\n" + H + b"\r\n", 505)
+        assert (await rejected(p.lw))["bad_request"] == 20
+    lines = [r for r in caplog.records if r.getMessage() == "request_rejected"]
+    assert [(r.fields["reason"], r.fields["status"]) for r in lines] == [  # type: ignore[attr-defined]
+        ("bad_request", 400),
+        ("version", 505),
+    ]
+    assert lines[0].fields["peer"] == ATTACKER and lines[0].fields["suppressed"] == 0  # type: ignore[attr-defined]
+
+
+def test_rejection_log_lines_carry_how_many_were_left_out(caplog: pytest.LogCaptureFixture):
+    caplog.set_level(logging.INFO, logger="loopwatch.server")
+    r = Rejections(interval=10.0)
+    for i in range(5):
+        r.add("overload", 503, "10.0.0.1", "loopwatch: too many connections", now=100.0 + i)
+    r.add("bad_request", 400, "10.0.0.2", "malformed request", now=104.5)
+    r.add("overload", 503, "10.0.0.3", "loopwatch: too many connections", now=110.5)
+    fields = [(rec.fields["reason"], rec.fields["suppressed"], rec.levelname) for rec in caplog.records]  # type: ignore[attr-defined]
+    assert fields == [("overload", 0, "WARNING"), ("bad_request", 0, "INFO"), ("overload", 4, "WARNING")]
+    assert r.counts["overload"] == 6 and r.counts["bad_request"] == 1
+    assert sum(r.counts.values()) == 7
+
+
+# --- max_concurrent on by default ---------------------------------------------------------
+
+
+def test_max_concurrent_is_on_by_default_far_above_a_user_with_many_tabs():
+    policy = PolicySettings()
+    assert (policy.max_concurrent, policy.on_max_concurrent) == (1000, "reject-new")
+    engine = Engine(DetectionSettings(), policy, BreakerSettings())
+    key = "alice@10.0.0.5"
+    # All admitted up to the limit (a user with 30 tabs, each with the incident's
+    # duplicate socket, holds 60); the next one is refused.
+    t = 0.0
+    for i in range(1000):
+        t += 0.01
+        decision = engine.admit(Attempt(key, "/ws", t))
+        assert decision.admitted, (i, decision)
+        engine.record(Opened(key, "/ws", t + 0.001, f"c{i}"))
+    refused = engine.admit(Attempt(key, "/ws", t + 0.01))
+    assert not refused.admitted and refused.reason == "max_concurrent"
