@@ -16,12 +16,15 @@
 //!   one), a non-numeric or overflowing one, `Content-Length` together with
 //!   `Transfer-Encoding`, `chunked` that is not the final coding, and a
 //!   `Transfer-Encoding` without a final `chunked` are refused;
+//! * a head that asks for an upgrade (an `Upgrade` header and a `Connection`
+//!   token `upgrade`) may not announce a body (`Transfer-Encoding`, or a
+//!   `Content-Length` above 0): its next bytes would be a body to one reader
+//!   and frames to another;
 //! * an *upgrade* is what llhttp calls one (`Upgrade` with a value and a
 //!   `Connection`/`Proxy-Connection` token `upgrade`, or `CONNECT`); it must
 //!   then be a valid WebSocket upgrade (`websocket` among the Upgrade tokens,
 //!   `upgrade` among the Connection tokens, `GET`, HTTP/1.1, a
-//!   `Sec-WebSocket-Key` that is 16 bytes of base64, version 13, a Host) and
-//!   carry no body;
+//!   `Sec-WebSocket-Key` that is 16 bytes of base64, version 13, a Host);
 //! * the head, leading blank lines included, is at most
 //!   [`HeadLimits::max_head_size`] bytes up to its blank line (431 beyond), and
 //!   that is checked before anything else, as the Python data plane does on each
@@ -66,7 +69,7 @@ pub enum RejectReason {
     BadRequest,
     /// 431: the head is larger than `limits.max_head_size`.
     HeadTooLarge,
-    /// 505: an HTTP version above 1.1.
+    /// 505 for an HTTP version above 1.1, 400 for HTTP/0.9.
     Version,
     /// 426: a WebSocket version other than 13.
     UpgradeRequired,
@@ -93,41 +96,29 @@ impl RejectReason {
             RejectReason::UpgradeWithBody => "upgrade_with_body",
         }
     }
-
-    /// The HTTP status the client gets.
-    pub fn status(self) -> u16 {
-        match self {
-            RejectReason::BadRequest | RejectReason::UpgradeWithBody => 400,
-            RejectReason::HeadTooLarge => 431,
-            RejectReason::Version => 505,
-            RejectReason::UpgradeRequired => 426,
-        }
-    }
 }
 
 /// A head loopwatch answers itself: a status line, the extra headers, a
 /// one-line text body, then the connection closes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
+    pub status: u16,
     pub reason: RejectReason,
     /// The body line (without its newline).
     pub message: Cow<'static, str>,
 }
 
 impl Rejection {
-    fn new(reason: RejectReason, message: impl Into<Cow<'static, str>>) -> Self {
+    fn new(status: u16, reason: RejectReason, message: impl Into<Cow<'static, str>>) -> Self {
         Rejection {
+            status,
             reason,
             message: message.into(),
         }
     }
 
     fn bad(message: &'static str) -> Self {
-        Rejection::new(RejectReason::BadRequest, message)
-    }
-
-    pub fn status(&self) -> u16 {
-        self.reason.status()
+        Rejection::new(400, RejectReason::BadRequest, message)
     }
 
     /// Headers the answer carries besides the standard ones.
@@ -140,7 +131,7 @@ impl Rejection {
 
     /// The complete response, as `proxy.http1.simple_response` writes it.
     pub fn response(&self) -> Vec<u8> {
-        let status = self.status();
+        let status = self.status;
         let body = format!("{}\n", self.message);
         let mut out = format!("HTTP/1.1 {} {}\r\n", status, reason_phrase(status));
         for (name, value) in self.extra_headers() {
@@ -156,7 +147,7 @@ impl Rejection {
 
 impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}", self.status(), self.message)
+        write!(f, "{} {}", self.status, self.message)
     }
 }
 
@@ -314,6 +305,7 @@ pub fn parse_head<'a>(buf: &'a [u8], limits: &HeadLimits) -> HeadStatus<'a> {
     // each read before parsing it.
     if head_extent(buf) > limits.max_head_size {
         return HeadStatus::Rejected(Rejection::new(
+            431,
             RejectReason::HeadTooLarge,
             "request header fields too large",
         ));
@@ -323,6 +315,7 @@ pub fn parse_head<'a>(buf: &'a [u8], limits: &HeadLimits) -> HeadStatus<'a> {
         Err(Stop::Partial) => return HeadStatus::Partial,
         Err(Stop::Bad(why)) => {
             return HeadStatus::Rejected(Rejection::new(
+                400,
                 RejectReason::BadRequest,
                 format!("malformed request: {why}"),
             ))
@@ -988,11 +981,18 @@ fn finish<'a>(buf: &'a [u8], raw: RawHead<'a>) -> Result<RequestHead<'a>, Reject
         (1, 1) => Version::Http11,
         (major, _) if major >= 2 => {
             return Err(Rejection::new(
+                505,
                 RejectReason::Version,
                 "HTTP version not supported: HTTP/1.1 only",
             ))
         }
-        _ => return Err(Rejection::bad("unsupported HTTP version")),
+        _ => {
+            return Err(Rejection::new(
+                400,
+                RejectReason::Version,
+                "unsupported HTTP version",
+            ))
+        }
     };
     let flags = raw.flags;
     let keep_alive = match version {
@@ -1051,6 +1051,23 @@ fn finish<'a>(buf: &'a [u8], raw: RawHead<'a>) -> Result<RequestHead<'a>, Reject
             return Err(Rejection::bad("invalid Host"));
         }
     }
+    // A body announced by what asks to be an upgrade (an Upgrade header and a
+    // Connection token `upgrade`, whatever llhttp makes of them): the bytes
+    // after the head would be frames to one reader and a body to another.
+    let has_body = flags.transfer_encoding || flags.content_length.is_some_and(|n| n > 0);
+    if has_body
+        && raw
+            .headers
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case(b"upgrade"))
+        && has_token(&raw.headers, b"connection", b"upgrade")
+    {
+        return Err(Rejection::new(
+            400,
+            RejectReason::UpgradeWithBody,
+            "upgrade request with a body",
+        ));
+    }
     let upgrade = (flags.upgrade_header && flags.connection_upgrade) || raw.method == "CONNECT";
     let kind = if upgrade {
         check_websocket(&raw, version, authority.is_some())?;
@@ -1084,7 +1101,7 @@ fn finish<'a>(buf: &'a [u8], raw: RawHead<'a>) -> Result<RequestHead<'a>, Reject
     })
 }
 
-/// RFC 6455 §4.2.1, as `validate_websocket_upgrade` checks it, and no body.
+/// RFC 6455 §4.2.1, as `validate_websocket_upgrade` checks it.
 fn check_websocket(raw: &RawHead<'_>, version: Version, has_host: bool) -> Result<(), Rejection> {
     let headers = &raw.headers;
     if !has_token(headers, b"upgrade", b"websocket")
@@ -1108,19 +1125,13 @@ fn check_websocket(raw: &RawHead<'_>, version: Version, has_host: bool) -> Resul
     }
     if header_value(headers, b"sec-websocket-version").as_deref() != Some(&b"13"[..]) {
         return Err(Rejection::new(
+            426,
             RejectReason::UpgradeRequired,
             "unsupported Sec-WebSocket-Version",
         ));
     }
     if !has_host {
         return Err(Rejection::bad("missing Host"));
-    }
-    let flags = raw.flags;
-    if flags.transfer_encoding || flags.content_length.is_some_and(|n| n > 0) {
-        return Err(Rejection::new(
-            RejectReason::UpgradeWithBody,
-            "an upgrade request cannot carry a body",
-        ));
     }
     Ok(())
 }
@@ -1489,7 +1500,7 @@ Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSoc
             HeadStatus::Rejected(r) => r,
             other => panic!("{other:?}"),
         };
-        assert_eq!((r.status(), r.reason.label()), (431, "head_too_large"));
+        assert_eq!((r.status, r.reason.label()), (431, "head_too_large"));
         // Incomplete and already too long: refused without waiting for more.
         let limits = HeadLimits { max_head_size: 10 };
         assert!(matches!(
@@ -1510,7 +1521,7 @@ Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSoc
             b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n folded\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: a\r\nX : a\r\n\r\n",
         ] {
-            assert_eq!(rejected(head).status(), 400, "{}", String::from_utf8_lossy(head));
+            assert_eq!(rejected(head).status, 400, "{}", String::from_utf8_lossy(head));
         }
     }
 
@@ -1520,15 +1531,15 @@ Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSoc
             .unwrap()
             .replace("Version: 13", "Version: 8");
         let r = rejected(v8.as_bytes());
-        assert_eq!((r.status(), r.reason.label()), (426, "upgrade_required"));
+        assert_eq!((r.status, r.reason.label()), (426, "upgrade_required"));
         assert_eq!(r.extra_headers(), &[("Sec-WebSocket-Version", "13")]);
         let with_body = String::from_utf8(UPGRADE.to_vec())
             .unwrap()
             .replace("\r\n\r\n", "\r\nContent-Length: 3\r\n\r\n");
         let r = rejected(with_body.as_bytes());
-        assert_eq!((r.status(), r.reason.label()), (400, "upgrade_with_body"));
+        assert_eq!((r.status, r.reason.label()), (400, "upgrade_with_body"));
         let r = rejected(b"GET / HTTP/2.0\r\nHost: a\r\n\r\n");
-        assert_eq!((r.status(), r.reason.label()), (505, "version"));
+        assert_eq!((r.status, r.reason.label()), (505, "version"));
     }
 
     #[test]
