@@ -22,7 +22,14 @@ demo: $(STAMP)
 system-deps:
 	bash .ci/system-deps
 
-test: $(STAMP) system-deps
+# The compiled data plane's core (proxy/dataplane, issue 16): format, lints,
+# unit tests, the shared vectors and the fuzz properties at their default case
+# count (proxy/dataplane/README.md has the long fuzz run). Needs cargo.
+.PHONY: rust-check
+rust-check:
+	cd proxy/dataplane && cargo fmt --check && cargo clippy --all-targets -- -D warnings && cargo test
+
+test: rust-check $(STAMP) system-deps
 	$(BIN)/ruff check proxy detectors tests dashboards
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
