@@ -321,7 +321,7 @@ pub fn parse_head<'a>(buf: &'a [u8], limits: &HeadLimits) -> HeadStatus<'a> {
             ))
         }
     };
-    match finish(buf, raw) {
+    match finish(raw) {
         Ok(head) => HeadStatus::Complete(head),
         Err(rejection) => HeadStatus::Rejected(rejection),
     }
@@ -975,7 +975,7 @@ fn has_token(headers: &[Header<'_>], name: &[u8], token: &[u8]) -> bool {
 
 /// The checks the Python data plane makes once llhttp has the whole head
 /// (`HeadParser.on_headers_complete`, then `begin_upgrade` for an upgrade).
-fn finish<'a>(buf: &'a [u8], raw: RawHead<'a>) -> Result<RequestHead<'a>, Rejection> {
+fn finish(raw: RawHead<'_>) -> Result<RequestHead<'_>, Rejection> {
     let version = match (raw.major, raw.minor) {
         (1, 0) => Version::Http10,
         (1, 1) => Version::Http11,
@@ -1084,7 +1084,6 @@ fn finish<'a>(buf: &'a [u8], raw: RawHead<'a>) -> Result<RequestHead<'a>, Reject
             _ => RequestKind::Http(BodyFraming::None),
         }
     };
-    debug_assert!(raw.head_len <= buf.len());
     Ok(RequestHead {
         method: raw.method,
         raw_target: raw.raw_target,
