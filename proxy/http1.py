@@ -236,7 +236,12 @@ class HeadParser:
             target = (url.path or b"/") + (b"?" + url.query if url.query is not None else b"")
         if authority is not None and not _valid_authority(authority):
             raise HttpError(400, "invalid Host")
-        if _has_body(index) and b"upgrade" in index and _has_token(index.get(b"connection"), b"upgrade"):
+        if (
+            b"upgrade" in index
+            and (b"transfer-encoding" in index or b"content-length" in index)
+            and _has_body(index)
+            and _has_token(index.get(b"connection"), b"upgrade")
+        ):
             # llhttp hands an upgrade over at the end of its head whatever it
             # announces, so the bytes of a body would be taken for frames (or
             # for the next protocol) on one side and for a body on the other.

@@ -90,7 +90,7 @@ class Relay:
 
     __slots__ = (
         "conn_id", "client", "upstream", "opened_at", "initiator", "proxy_code",
-        "proxy_reason", "closing", "_timer", "_on_done", "done", "context", "peer",
+        "proxy_reason", "closing", "_timer", "_on_done", "done", "context", "address",
     )
 
     def __init__(
@@ -103,11 +103,11 @@ class Relay:
         allowed_rsv: int,
         on_done: Callable[[Relay], None],
         context: object = None,
-        peer: str = "",
+        address: object = None,
     ):
         self.conn_id = conn_id
         self.context = context
-        self.peer = peer  # the client's TCP address (its per-address count, proxy/server.py)
+        self.address = address  # the listener's count for the client's address (proxy/server.py)
         self.client = Leg(
             self, CLIENT,
             FrameParser(client_side=True, max_message_size=max_message_size, allowed_rsv=allowed_rsv),

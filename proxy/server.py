@@ -107,6 +107,7 @@ class ClientHandshake(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._paused = False
         self.idle_keep_alive = False  # waiting for a next request after a response
+        self.address: AddressLoad | None = None  # what its client address holds, this included
         self.head_pending = False  # counted among its address's half-open heads
         self.early_eof = False  # the client shut its writing half during the upstream handshake
 
@@ -124,19 +125,22 @@ class ClientHandshake(asyncio.Protocol):
             else:
                 self.refuse_at_accept(OVERLOADED, 503, "loopwatch: too many connections", "overload")
             return
-        # Per address: a dict counter each for its connections and its half-open
-        # heads, entries removed at zero (ProxyServer.release_address).
-        connections = server.address_connections.get(peer, 0)
-        heads = server.address_heads.get(peer, 0)
-        if (
-            connections >= server.max_connections_per_address or heads >= server.max_heads_per_address
+        # Per address: its connections and half-open heads, one entry per address
+        # with a connection (removed at zero: ProxyServer.release_address).
+        load = server.addresses.get(peer)
+        if load is None:
+            load = server.addresses[peer] = AddressLoad(peer)
+        elif (
+            load.connections >= server.max_connections_per_address
+            or load.heads >= server.max_heads_per_address
         ) and not server.cap_exempt(peer):
             self.refuse_at_accept(
                 ADDRESS_LIMIT, 503, "loopwatch: too many connections from your address", "address_limit"
             )
             return
-        server.address_connections[peer] = connections + 1
-        server.address_heads[peer] = heads + 1
+        load.connections += 1
+        load.heads += 1
+        self.address = load
         self.head_pending = True
         server.active += 1
         server.handshakes.add(self)
@@ -159,7 +163,7 @@ class ClientHandshake(asyncio.Protocol):
                 return
             if state == HEAD and head is not None:
                 if self.head_pending:
-                    self.head_done()
+                    self.head_done()  # (pending once per connection: its first head)
                 if self.parser.upgrade:
                     self.begin_upgrade(head, self.parser.rest)
                 else:
@@ -350,7 +354,7 @@ class ClientHandshake(asyncio.Protocol):
             allowed_rsv=allowed_rsv,
             on_done=server.on_relay_done,
             context=attempt,
-            peer=self.peer,
+            address=self.address,
         )
         server.relays[conn_id] = relay
         if len(server.relays) > server.relays_peak:
@@ -459,7 +463,7 @@ class ClientHandshake(asyncio.Protocol):
         """The first request head is complete (or the connection ends before it):
         one half-open head fewer for this address."""
         self.head_pending = False
-        self.server.release_head(self.peer)
+        self.address.heads -= 1  # type: ignore[union-attr]
 
     def finish(self) -> None:
         """Release everything this handshake holds (idempotent)."""
@@ -477,8 +481,24 @@ class ClientHandshake(asyncio.Protocol):
             server = self.server
             server.handshakes.discard(self)
             server.active -= 1
-            server.release_address(self.peer)
+            server.release_address(self.address)  # type: ignore[arg-type]
             server.check_drained()
+
+
+class AddressLoad:
+    """What one client address holds now: its connections (any state) and its
+    half-open heads, counted against limits.max_connections_per_address and
+    max_heads_per_address. Shared by its connections; dropped at zero."""
+
+    __slots__ = ("peer", "connections", "heads")
+
+    def __init__(self, peer: str):
+        self.peer = peer
+        self.connections = 0
+        self.heads = 0
+
+    def __repr__(self) -> str:
+        return f"AddressLoad({self.peer!r}, connections={self.connections}, heads={self.heads})"
 
 
 def _in_networks(peer: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
@@ -565,10 +585,9 @@ class ProxyServer:
         # Off (null) is a cap no count reaches: one comparison, no branch per connection.
         self.max_connections_per_address = limits.address_cap(limits.max_connections_per_address) or sys.maxsize
         self.max_heads_per_address = limits.address_cap(limits.max_heads_per_address) or sys.maxsize
-        # Address -> its client connections (any state) and its half-open heads
+        # Client address -> its connections (any state) and half-open heads
         # (accepted, first request head not complete yet); an entry goes at zero.
-        self.address_connections: dict[str, int] = {}
-        self.address_heads: dict[str, int] = {}
+        self.addresses: dict[str, AddressLoad] = {}
         # Proxies in identity.trusted_proxies carry many clients' connections: never capped.
         trusted = tuple(
             ipaddress.ip_network(c.strip(), strict=False) for c in settings.identity.trusted_proxies
@@ -627,26 +646,16 @@ class ProxyServer:
         """Count (and maybe log) a request loopwatch answered or cut itself."""
         self.rejections.add(reason, status, peer, message, time.monotonic())
 
-    def release_head(self, peer: str) -> None:
-        heads = self.address_heads
-        n = heads[peer] - 1
-        if n:
-            heads[peer] = n
-        else:
-            del heads[peer]
-
-    def release_address(self, peer: str) -> None:
-        connections = self.address_connections
-        n = connections[peer] - 1
-        if n:
-            connections[peer] = n
-        else:
-            del connections[peer]
+    def release_address(self, load: AddressLoad) -> None:
+        """A connection of that address ended."""
+        load.connections -= 1
+        if not load.connections:
+            del self.addresses[load.peer]
 
     def relay_done(self, relay: Relay) -> None:
         self.relays.pop(relay.conn_id, None)
         self.active -= 1
-        self.release_address(relay.peer)
+        self.release_address(relay.address)  # type: ignore[arg-type]
         code, reason, initiator = relay.close_info()
         c, u = relay.client.parser, relay.upstream.parser
         stats = RelayStats(c.messages, u.messages, c.message_bytes, u.message_bytes)

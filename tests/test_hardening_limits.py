@@ -48,6 +48,11 @@ async def status_of(port: int, address: str, request: bytes) -> tuple[int, Conn]
     return response.status, (reader, writer)
 
 
+def held_by(p: Proxied) -> dict[str, tuple[int, int]]:
+    """The listener's per-address state: address -> (connections, half-open heads)."""
+    return {peer: (load.connections, load.heads) for peer, load in p.lw.proxy.addresses.items()}
+
+
 async def refused_at_once(port: int, address: str) -> bool:
     """Connect and send nothing: True if loopwatch answered 503 on its own."""
     reader, writer = await open_from(port, address)
@@ -98,20 +103,19 @@ async def test_one_address_cannot_exhaust_max_connections_while_others_still_con
                 writer.close()
         # Entries go when their count drops to zero: only the healthy address is left.
         await wait_for(lambda: p.lw.proxy.active == 2)
-        assert p.lw.proxy.address_connections == {HEALTHY: 2}
-        assert p.lw.proxy.address_heads == {}
+        assert held_by(p) == {HEALTHY: (2, 0)}
 
 
 async def test_heads_cap_holds_a_slowloris_while_its_completed_requests_still_count():
     limits = {"limits.max_heads_per_address": 3, "limits.max_connections_per_address": 5}
     async with proxied(**limits) as p, Healthy(p.port).running():
         idle = [await open_from(p.port, ATTACKER) for _ in range(3)]
-        await wait_for(lambda: p.lw.proxy.address_heads.get(ATTACKER) == 3)
+        await wait_for(lambda: held_by(p).get(ATTACKER, (0, 0))[1] == 3)
         assert await refused_at_once(p.port, ATTACKER)
         # A completed head frees its place among the heads at once.
         _, writer = idle.pop()
         writer.write(b"GET /ok HTTP/1.1\r\nHost: example.test\r\n\r\n")
-        await wait_for(lambda: p.lw.proxy.address_heads.get(ATTACKER) == 2)
+        await wait_for(lambda: held_by(p)[ATTACKER][1] == 2)
         status, conn = await status_of(p.port, ATTACKER, b"GET /ok HTTP/1.1\r\nHost: example.test\r\n\r\n")
         assert status == 200
         idle.append(conn)
@@ -119,12 +123,11 @@ async def test_heads_cap_holds_a_slowloris_while_its_completed_requests_still_co
         status, conn = await status_of(p.port, ATTACKER, upgrade_request("/echo"))
         assert status == 101
         idle.append(conn)
-        assert p.lw.proxy.address_connections[ATTACKER] == 5
+        assert held_by(p)[ATTACKER] == (5, 2)
         assert await refused_at_once(p.port, ATTACKER)
         for _, w in [*idle, (None, writer)]:
             w.close()
-        await wait_for(lambda: ATTACKER not in p.lw.proxy.address_connections)
-        assert ATTACKER not in p.lw.proxy.address_heads
+        await wait_for(lambda: ATTACKER not in held_by(p))
 
 
 async def test_a_trusted_proxy_address_is_never_capped():
@@ -140,7 +143,7 @@ async def test_a_trusted_proxy_address_is_never_capped():
         for _, writer in held:
             writer.close()
         await wait_for(lambda: p.lw.proxy.active == 0)
-        assert p.lw.proxy.address_connections == {} and p.lw.proxy.address_heads == {}
+        assert held_by(p) == {}
 
 
 def test_address_caps_follow_max_connections():
