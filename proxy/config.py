@@ -173,7 +173,10 @@ class UpstreamTLS(Section):
 def _check_address_cap(value: object) -> object:
     """A per-address cap: a count (an integer >= 1), a share of
     limits.max_connections ("50%"), or null for none."""
-    expected = f'expected an integer of at least 1, a share of max_connections such as "50%", or null, got {value!r}'
+    expected = (
+        'expected an integer of at least 1, a share of max_connections such as "50%", '
+        f"or null, got {value!r}"
+    )
     if value is None:
         return None
     if isinstance(value, int) and not isinstance(value, bool):

@@ -67,7 +67,7 @@ class HttpExchange:
         self.wakeup: asyncio.Event = asyncio.Event()
         loop = conn.server.loop
         self.loop = loop
-        self.phase = Phase.BODY
+        self.phase = Phase.BODY  # where every exchange starts; enter() below moves on if it has no body
         self.last = loop.time()  # the latest progress of the current phase
         self.timer: asyncio.TimerHandle | None = None
         parser = conn.parser
@@ -257,7 +257,7 @@ class HttpExchange:
 
     def fail(self, status: int, message: str, reason: str | None = None) -> None:
         """The upstream failed (`reason`: count it among loopwatch's own answers)."""
-        if self.gone or self.phase is Phase.DONE:
+        if self.gone:
             return
         self.enter(Phase.DONE)
         if self.started:

@@ -47,7 +47,9 @@ HEAD, UPSTREAM, HTTP, REFUSING, DONE = range(5)
 OVERLOADED = simple_response(503, "loopwatch: too many connections", (("Retry-After", "1"),))
 # One address holds its share of limits.max_connections (or of half-open heads):
 # the answer nginx's limit_conn gives, not a silent close (docs/relay.md says why).
-ADDRESS_LIMIT = simple_response(503, "loopwatch: too many connections from your address", (("Retry-After", "1"),))
+ADDRESS_LIMIT = simple_response(
+    503, "loopwatch: too many connections from your address", (("Retry-After", "1"),)
+)
 SHUTTING_DOWN = simple_response(503, "loopwatch: shutting down")
 REFUSAL_GRACE = 2.0  # how long a close-1013 refusal waits for the client's close reply
 SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -583,8 +585,9 @@ class ProxyServer:
         self.response_idle_timeout = limits.response_idle_timeout
         self.max_connections = limits.max_connections
         # Off (null) is a cap no count reaches: one comparison, no branch per connection.
-        self.max_connections_per_address = limits.address_cap(limits.max_connections_per_address) or sys.maxsize
-        self.max_heads_per_address = limits.address_cap(limits.max_heads_per_address) or sys.maxsize
+        cap = limits.address_cap
+        self.max_connections_per_address = cap(limits.max_connections_per_address) or sys.maxsize
+        self.max_heads_per_address = cap(limits.max_heads_per_address) or sys.maxsize
         # Client address -> its connections (any state) and half-open heads
         # (accepted, first request head not complete yet); an entry goes at zero.
         self.addresses: dict[str, AddressLoad] = {}
@@ -592,9 +595,11 @@ class ProxyServer:
         trusted = tuple(
             ipaddress.ip_network(c.strip(), strict=False) for c in settings.identity.trusted_proxies
         )
-        self.cap_exempt = functools.lru_cache(maxsize=1024)(
-            lambda peer: _in_networks(peer, trusted)
-        ) if trusted else _never
+        self.cap_exempt = (
+            functools.lru_cache(maxsize=1024)(functools.partial(_in_networks, networks=trusted))
+            if trusted
+            else _never
+        )
         self.rejections = Rejections()  # requests refused before the engine, by reason
         self.shutdown_timeout = limits.shutdown_timeout
         self.tls = settings.tls.cert_file is not None
