@@ -9,15 +9,17 @@
 # Settings come from flags, a mounted file (--config) or LOOPWATCH_* variables.
 
 # Build a wheel and its dependencies' wheels, so the runtime stage needs no compiler
-# and carries no pip cache or build tools. The compiler builds proxy/_frames.c, the
+# and carries no pip cache or build tools. The compiler builds proxy/dataplane/_frames.c, the
 # relay's frame parser: the build fails if loopwatch's wheel came out pure Python.
 FROM python:3.11-slim AS build
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml setup.py README.md LICENSE ./
 COPY proxy ./proxy
 COPY detectors ./detectors
+COPY dashboards ./dashboards
+COPY loopwatch ./loopwatch
 RUN pip wheel --no-cache-dir --wheel-dir /wheels . \
     && ls /wheels/loopwatch-*-cp3*-linux_*.whl
 

@@ -6,8 +6,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint install system-deps bench clean
 
-# setup.py builds proxy/_frames.c (the compiled frame parser) into the source tree.
-$(STAMP): pyproject.toml setup.py proxy/_frames.c
+# setup.py builds proxy/dataplane/_frames.c (the compiled frame parser) into the source tree.
+$(STAMP): pyproject.toml setup.py proxy/dataplane/_frames.c
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
@@ -30,11 +30,11 @@ rust-check:
 	cd proxy/dataplane && cargo fmt --check && cargo clippy --all-targets -- -D warnings && cargo test
 
 test: rust-check $(STAMP) system-deps
-	$(BIN)/ruff check proxy detectors tests dashboards
+	$(BIN)/ruff check loopwatch proxy detectors tests dashboards
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP) system-deps
 	$(BIN)/python -m tests.benchmarks.run
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache proxy/*.so
+	rm -rf $(VENV) build *.egg-info .pytest_cache proxy/dataplane/*.so

@@ -6,7 +6,7 @@ package touches sockets, clocks, logs or telemetry libraries; a test walks
 the imports to keep it that way.
 """
 
-from detectors.actions import (
+from .actions import (
     Action,
     BreakerTransition,
     CloseConnection,
@@ -14,13 +14,13 @@ from detectors.actions import (
     CooldownStarted,
     WouldReject,
 )
-from detectors.breaker import BreakerState, CircuitBreaker, IllegalTransition
-from detectors.decisions import ADMITTED, EMPTY, Admit, Outcome, Reject
-from detectors.engine import Engine
-from detectors.events import Attempt, Closed, Event, HandshakeFailed, Opened, Rejected
-from detectors.findings import Finding
-from detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
-from detectors.views import BreakerView, ClientView, EngineSnapshot
+from .breaker import BreakerState, CircuitBreaker, IllegalTransition
+from .decisions import ADMITTED, EMPTY, Admit, Outcome, Reject
+from .engine import Engine
+from .events import Attempt, Closed, Event, HandshakeFailed, Opened, Rejected
+from .findings import Finding
+from .settings import BreakerSettings, DetectionSettings, PolicySettings
+from .views import BreakerView, ClientView, EngineSnapshot
 
 __all__ = [
     "ADMITTED",

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, TypeAlias
 
-from detectors.events import ConnId
+from .events import ConnId
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,10 +20,10 @@ from __future__ import annotations
 import math
 from enum import StrEnum
 
-from detectors.actions import BreakerTransition
-from detectors.settings import CircuitBreakerSettings
-from detectors.views import BreakerView
-from detectors.window import SlidingCounter
+from .actions import BreakerTransition
+from .settings import CircuitBreakerSettings
+from .views import BreakerView
+from .window import SlidingCounter
 
 
 class BreakerState(StrEnum):

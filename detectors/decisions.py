@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
-from detectors.actions import Action
-from detectors.findings import Finding
+from .actions import Action
+from .findings import Finding
 
 RejectReason: TypeAlias = Literal["cooldown", "min_interval", "max_concurrent", "deny", "circuit_open"]
 

@@ -25,20 +25,20 @@ import random
 from collections import deque
 from operator import attrgetter
 
-from detectors import findings, policy, tracker
-from detectors.actions import Action, CloseConnection, CooldownEnded, WouldReject
-from detectors.breaker import CLOSED, PROBE, REFUSE, CircuitBreaker
-from detectors.decisions import ADMITTED, EMPTY, Admit, Outcome, Reject
-from detectors.events import Attempt, Closed, ConnId, Event, HandshakeFailed, Opened
-from detectors.findings import Finding, Flag
-from detectors.fleet import Fleet
-from detectors.inspect import breaker_states, client_view, rank, snapshot
-from detectors.offenders import HOT_RATE, HotClients
-from detectors.rules import RULE_NAMES, RULES
-from detectors.settings import BreakerSettings, DetectionSettings, PolicySettings, RuleSettings
-from detectors.shared import SharedCooldown
-from detectors.state import INF, NEVER, ClientState, ClientStore, MemoryStore
-from detectors.views import BreakerView, ClientView, EngineSnapshot
+from . import findings, policy, tracker
+from .actions import Action, CloseConnection, CooldownEnded, WouldReject
+from .breaker import CLOSED, PROBE, REFUSE, CircuitBreaker
+from .decisions import ADMITTED, EMPTY, Admit, Outcome, Reject
+from .events import Attempt, Closed, ConnId, Event, HandshakeFailed, Opened
+from .findings import Finding, Flag
+from .fleet import Fleet
+from .inspection import breaker_states, client_view, rank, snapshot
+from .offenders import HOT_RATE, HotClients
+from .rules import RULE_NAMES, RULES
+from .settings import BreakerSettings, DetectionSettings, PolicySettings, RuleSettings
+from .shared import SharedCooldown
+from .state import INF, NEVER, ClientState, ClientStore, MemoryStore
+from .views import BreakerView, ClientView, EngineSnapshot
 
 # Which rules a call may enforce (start a cooldown for).
 _ENFORCE_NONE, _ENFORCE_ALL, _ENFORCE_TIMED = 0, 1, 2
@@ -707,7 +707,7 @@ class Engine:
         ]
 
     def record_health(self, t: float, ok: bool) -> Outcome:
-        """An active health check's result (proxy/health.py): it feeds the upstream
+        """An active health check's result (proxy/admin/upstream_health.py): it feeds the upstream
         breaker only, never a client. While the breaker is half-open a check is a
         probe like any client's attempt, so a recovered upstream closes the breaker
         without a client having to risk an attempt; while it is open and waiting, a

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import math
 
-from detectors.settings import FleetSettings
-from detectors.window import SlidingCounter
+from .settings import FleetSettings
+from .window import SlidingCounter
 
 _ATTEMPTS, _AUTH_FAILURES, _AUTH_OUTCOMES, _CLIENTS = 0, 1, 2, 3
 _FIELDS = 4

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from detectors.events import Attempt, Closed, Event, HandshakeFailed, Initiator, Opened, Rejected
+from .events import Attempt, Closed, Event, HandshakeFailed, Initiator, Opened, Rejected
 
 KINDS = ("attempt", "rejected", "handshake_failed", "opened", "closed")
 # Reasons the engine itself produces, then a catch-all for replayed oddities.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import heapq
 
-from detectors.state import ClientState
+from .state import ClientState
 
 # One attempt every 5 s, sustained: below it nobody is an offender.
 HOT_RATE = 0.2

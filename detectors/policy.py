@@ -17,11 +17,11 @@ from __future__ import annotations
 import hashlib
 import random
 
-from detectors.access import AccessList
-from detectors.actions import CooldownStarted
-from detectors.findings import SEVERITY_RANK
-from detectors.settings import CooldownSettings, Mode, PolicySettings, RuleSettings
-from detectors.state import ClientState
+from .access import AccessList
+from .actions import CooldownStarted
+from .findings import SEVERITY_RANK
+from .settings import CooldownSettings, Mode, PolicySettings, RuleSettings
+from .state import ClientState
 
 ROLLOUT_BUCKETS = 10_000
 _ENFORCE_RANK = {"warning": SEVERITY_RANK["warning"], "critical": SEVERITY_RANK["critical"], "never": 99}

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from detectors.units import Duration
+from .units import Duration
 
 Mode: TypeAlias = Literal["enforce", "observe"]
 EnforceOn: TypeAlias = Literal["critical", "warning", "never"]

@@ -8,7 +8,7 @@ proxy), and every replica folds in the events the others saw, so each
 engine's rules judge the client's combined traffic.
 
 This module holds the messages and their wire form and nothing that does I/O;
-``proxy/redis_store.py`` carries them over Redis, and the engine takes them
+``proxy/state/redis.py`` carries them over Redis, and the engine takes them
 through plain method calls (``Engine.observe``, ``Engine.adopt_cooldown``,
 ``Engine.release``).
 
@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any, TypeAlias
 
-from detectors.events import (
+from .events import (
     INITIATORS,
     Attempt,
     Closed,

@@ -19,8 +19,8 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Protocol
 
-from detectors.events import ConnId
-from detectors.findings import Flag
+from .events import ConnId
+from .findings import Flag
 
 INF = math.inf
 NEVER = -math.inf

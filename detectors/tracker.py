@@ -21,10 +21,10 @@ from __future__ import annotations
 import math
 from array import array
 
-from detectors import history, ring
-from detectors.events import Attempt, Closed, Event, HandshakeFailed, Opened, Rejected
-from detectors.settings import DetectionSettings
-from detectors.state import NEVER, ClientState
+from . import history, ring
+from .events import Attempt, Closed, Event, HandshakeFailed, Opened, Rejected
+from .settings import DetectionSettings
+from .state import NEVER, ClientState
 
 # Bit flags describing an outcome.
 FAILED = 1  # the attempt failed: refused, handshake failed, or a short abnormal/auth close

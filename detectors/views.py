@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from detectors.history import HistoryEntry
+from .history import HistoryEntry
 
 
 @dataclass(frozen=True, slots=True)

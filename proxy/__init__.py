@@ -1,3 +1,2 @@
-"""loopwatch: a WebSocket reverse proxy that catches client connection loops."""
-
-__version__ = "0.1.0"
+"""loopwatch.proxy: everything at the edge, by part (dataplane, brain, observe,
+state, admin, app, tools; docs/architecture.md)."""

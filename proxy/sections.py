@@ -1,5 +1,5 @@
-"""The base of every settings model, shared by proxy/config.py and the modules
-that own a config section (proxy/identity.py, …), so neither imports the other."""
+"""The base of every settings model, shared by proxy/app/settings.py and the modules
+that own a config section (proxy/dataplane/identity.py, …), so neither imports the other."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from detectors.settings import SettingsModel
+from ..detectors.settings import SettingsModel
 
 Loc = tuple[str | int, ...]
 

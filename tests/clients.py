@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from proxy.demo_backend import DemoBackend
+from loopwatch.proxy.tools.demo_backend import DemoBackend
 
 
 @contextlib.asynccontextmanager

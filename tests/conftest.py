@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
-from proxy.config import Settings, load_settings
-from proxy.gate import Gate
-from proxy.runtime import Running, start
+from loopwatch.proxy.app.runtime import Running, start
+from loopwatch.proxy.app.settings import Settings, load_settings
+from loopwatch.proxy.dataplane.boundary import Gate
 
 
 def free_port() -> int:

@@ -20,7 +20,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
-from proxy.runtime import Running
+from loopwatch.proxy.app.runtime import Running
 from tests.conftest import echo, loopwatch, websockets_backend
 
 ATTACKER = "127.0.0.1"

@@ -12,9 +12,9 @@ from urllib.parse import quote
 import aiohttp
 from websockets.asyncio.client import connect
 
-from proxy.config import load_settings
-from proxy.demo_backend import DemoBackend, issue_token
-from proxy.runtime import ConfigSources, Running, start
+from loopwatch.proxy.app.runtime import ConfigSources, Running, start
+from loopwatch.proxy.app.settings import load_settings
+from loopwatch.proxy.tools.demo_backend import DemoBackend, issue_token
 from tests.clients import demo_backend, loop_until
 from tests.conftest import loopwatch, ws_url
 

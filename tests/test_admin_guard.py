@@ -22,11 +22,11 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
-from proxy.admin import AdminServer
-from proxy.admin_api import Exposure, host_name
-from proxy.config import AdminSettings, load_settings
-from proxy.demo_backend import issue_token
-from proxy.runtime import ConfigSources, Running, start
+from loopwatch.proxy.admin.api import Exposure, host_name
+from loopwatch.proxy.admin.server import AdminServer
+from loopwatch.proxy.app.runtime import ConfigSources, Running, start
+from loopwatch.proxy.app.settings import AdminSettings, load_settings
+from loopwatch.proxy.tools.demo_backend import issue_token
 from tests.clients import demo_backend, loop_until
 from tests.conftest import loopwatch, ws_url
 

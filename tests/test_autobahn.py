@@ -175,7 +175,7 @@ def test_autobahn_results_through_loopwatch_equal_direct(tmp_path: Path) -> None
         proxy_port = start_listener(
             stack,
             lambda port: [
-                sys.executable, "-m", "proxy.cli", "run",
+                sys.executable, "-m", "loopwatch", "run",
                 "--upstream", f"ws://127.0.0.1:{echo_port}",
                 "--listen", f"127.0.0.1:{port}",
                 "--admin-listen", "127.0.0.1:0",

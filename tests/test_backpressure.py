@@ -17,9 +17,9 @@ import socket
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection
 
-from proxy.gate import Gate
-from proxy.relay import Relay
-from proxy.runtime import Running
+from loopwatch.proxy.app.runtime import Running
+from loopwatch.proxy.dataplane.boundary import Gate
+from loopwatch.proxy.dataplane.relay import Relay
 from tests.conftest import loopwatch, wait_for, websockets_backend, ws_url
 from tests.wsraw import BINARY, CLOSE, RawClient, close_payload, frame, parse_frames, raw_backend
 

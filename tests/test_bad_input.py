@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import connect
 
-from proxy.runtime import Running
+from loopwatch.proxy.app.runtime import Running
 from tests.conftest import (
     RawBackend,
     RawResponse,

@@ -12,7 +12,7 @@ from urllib.parse import quote
 from aiohttp import WSCloseCode, web
 from playwright.async_api import async_playwright
 
-from proxy.demo_backend import DemoBackend, issue_token
+from loopwatch.proxy.tools.demo_backend import DemoBackend, issue_token
 from tests.conftest import loopwatch, wait_for
 
 PAGE = Path(__file__).resolve().parent / "browser" / "incident.html"

@@ -25,8 +25,8 @@ import aiohttp
 from aiohttp import web
 from playwright.async_api import Page, async_playwright
 
-from proxy.demo_backend import DemoBackend, issue_token
-from proxy.runtime import Running
+from loopwatch.proxy.app.runtime import Running
+from loopwatch.proxy.tools.demo_backend import DemoBackend, issue_token
 from tests.conftest import loopwatch, wait_for
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from pydantic import BaseModel, SecretStr
 
-from proxy.config import (
+from loopwatch.proxy.app.settings import (
     ConfigError,
     HostPort,
     Route,

@@ -14,7 +14,7 @@ import jsonschema
 import pytest
 import yaml
 
-from dashboards import generate, promql
+from loopwatch.dashboards import generate, promql
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_DIR = ROOT / "dashboards" / "schema"

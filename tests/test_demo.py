@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def demo_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "proxy.cli", "demo", *args]
+    return [sys.executable, "-m", "loopwatch", "demo", *args]
 
 
 def env() -> dict[str, str]:

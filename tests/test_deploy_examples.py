@@ -25,11 +25,11 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from dashboards import generate
-from proxy.admin import AdminServer
-from proxy.admin_api import Exposure
-from proxy.cli import build_parser
-from proxy.config import Settings, load_settings, parse_host_port
+from loopwatch.dashboards import generate
+from loopwatch.proxy.admin.api import Exposure
+from loopwatch.proxy.admin.server import AdminServer
+from loopwatch.proxy.app.cli import build_parser
+from loopwatch.proxy.app.settings import Settings, load_settings, parse_host_port
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "config" / "examples"

@@ -11,7 +11,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from proxy.demo_backend import DemoBackend, issue_token
+from loopwatch.proxy.tools.demo_backend import DemoBackend, issue_token
 from tests.clients import attempt, demo_backend, loop_until
 from tests.conftest import free_port, loopwatch, wait_for, ws_url
 

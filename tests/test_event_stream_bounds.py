@@ -23,10 +23,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from detectors.decisions import Outcome
-from detectors.findings import Finding
-from proxy.runtime import Running
-from proxy.status import STATUS_HUB, StatusHub
+from loopwatch.detectors.decisions import Outcome
+from loopwatch.detectors.findings import Finding
+from loopwatch.proxy.admin.status import STATUS_HUB, StatusHub
+from loopwatch.proxy.app.runtime import Running
 from tests.clients import demo_backend
 from tests.conftest import loopwatch, wait_for
 from tests.test_status_api import Stream

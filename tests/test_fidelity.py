@@ -28,8 +28,8 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from proxy.gate import Attempt, Gate, RelayStats
-from proxy.runtime import Running, start
+from loopwatch.proxy.app.runtime import Running, start
+from loopwatch.proxy.dataplane.boundary import Attempt, Gate, RelayStats
 from tests.conftest import loopwatch, settings_for, wait_for, websockets_backend, ws_url
 from tests.wsraw import (
     BINARY,
@@ -61,18 +61,17 @@ RUN_ON_UVLOOP = True
 )
 def frame_parser_build(request: pytest.FixtureRequest) -> Iterator[type]:
     """Every test here runs with each build of the frame parser behind the relay:
-    the compiled one (proxy/_frames.c) and the pure-Python fallback."""
-    import proxy.frames
-    import proxy.relay
+    the compiled one (proxy/dataplane/_frames.c) and the pure-Python fallback."""
+    from loopwatch.proxy.dataplane import frames, relay
 
-    saved = proxy.relay.FrameParser
+    saved = relay.FrameParser
     if request.param == "compiled":
-        build = proxy.frames.CFrameParser or proxy.frames.load_compiled()  # ImportError: not built
+        build = frames.CFrameParser or frames.load_compiled()  # ImportError: not built
     else:
-        build = proxy.frames.PyFrameParser
-    proxy.relay.FrameParser = build
+        build = frames.PyFrameParser
+    relay.FrameParser = build
     yield build
-    proxy.relay.FrameParser = saved
+    relay.FrameParser = saved
 
 MiB = 1 << 20
 

@@ -5,7 +5,7 @@ shares no code with the parser, and cross-checked against the `websockets`
 library's own encoder, so a bug symmetric to the parser's cannot hide.
 
 The parser has two builds, the pure-Python one (the reference and fallback)
-and the C extension proxy/_frames.c compiled at install time: every test in
+and the C extension proxy/dataplane/_frames.c compiled at install time: every test in
 this module runs against both (the ``build`` fixture), a differential fuzz
 test feeds both the same valid and corrupted streams cut at the same places,
 and a missing compiled build fails the suite.
@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.frames import Close, Frame, Opcode
 
-import proxy.frames as frames_module
-from proxy.frames import (
+import loopwatch.proxy.dataplane.frames as frames_module
+from loopwatch.proxy.dataplane.frames import (
     FrameHeader,
     FrameParser,
     MessageTooBig,
@@ -37,7 +37,7 @@ try:
     CompiledParser: type | None = frames_module.load_compiled()
 except ImportError:
     CompiledParser = None
-NOT_BUILT = "proxy._frames is not built (pip install -e . compiles proxy/_frames.c)"
+NOT_BUILT = "proxy._frames is not built (pip install -e . compiles proxy/dataplane/_frames.c)"
 
 
 @pytest.fixture(

@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from detectors.engine import Engine
-from detectors.events import Attempt, Opened
-from detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
-from proxy.gate import REJECTED_REASONS, Rejections
+from loopwatch.detectors.engine import Engine
+from loopwatch.detectors.events import Attempt, Opened
+from loopwatch.detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
+from loopwatch.proxy.dataplane.boundary import REJECTED_REASONS, Rejections
 from tests.conftest import read_response, upgrade_request, wait_for
 from tests.hardening import (
     ATTACKER,
@@ -147,7 +147,7 @@ async def test_a_trusted_proxy_address_is_never_capped():
 
 
 def test_address_caps_follow_max_connections():
-    from proxy.config import load_settings
+    from loopwatch.proxy.app.settings import load_settings
 
     def caps(**overrides: Any) -> tuple[int | None, int | None]:
         limits = load_settings(None, env={}, overrides=overrides).limits

@@ -7,8 +7,8 @@ import time
 
 import aiohttp
 
-from proxy.demo_backend import DemoBackend
-from proxy.runtime import Running
+from loopwatch.proxy.app.runtime import Running
+from loopwatch.proxy.tools.demo_backend import DemoBackend
 from tests.conftest import free_port, loopwatch, wait_for
 
 

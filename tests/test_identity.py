@@ -1,4 +1,4 @@
-"""proxy/identity.py: sources, fallback, binding, trusted X-Forwarded-For, JWT."""
+"""proxy/dataplane/identity.py: sources, fallback, binding, trusted X-Forwarded-For, JWT."""
 
 from __future__ import annotations
 
@@ -18,15 +18,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from proxy.http1 import RequestHead
-from proxy.identity import (
+from loopwatch.proxy.dataplane.heads import RequestHead
+from loopwatch.proxy.dataplane.identity import (
     ClientKey,
     Identifier,
     IdentitySettings,
     JwtSettings,
     _b64json,
 )
-from proxy.sections import SECRET as SECRET_MARKER
+from loopwatch.proxy.sections import SECRET as SECRET_MARKER
 
 SECRET = "s3cret-s3cret-s3cret-s3cret-s3cret!"  # ≥ 32 bytes, as HS256 wants
 PEER = "203.0.113.7"

@@ -48,7 +48,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 async def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy.cli", *args,
+        sys.executable, "-m", "loopwatch", *args,
         cwd=ROOT, env=env or clean_env(),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
@@ -78,7 +78,7 @@ class Process:
 async def loopwatch_process(upstream: str, **env: str) -> AsyncIterator[Process]:
     """`loopwatch run` as a subprocess on free ports; its JSON log collected."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy.cli", "run",
+        sys.executable, "-m", "loopwatch", "run",
         "--upstream", upstream, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
         cwd=ROOT, env=clean_env(**env),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
@@ -359,12 +359,12 @@ async def test_shutdown_answers_an_upgrade_in_progress_with_503():
 async def test_memory_of_closed_connections_is_trimmed_once_after_a_burst(monkeypatch):
     """When the live connections fall by TRIM_DROP from their peak, malloc_trim runs
     once, TRIM_DELAY later; steady traffic below that never trims."""
-    import proxy.server
+    from loopwatch.proxy.dataplane import listener
 
     calls: list[int] = []
-    monkeypatch.setattr(proxy.server, "TRIM_DROP", 3)
-    monkeypatch.setattr(proxy.server, "TRIM_DELAY", 0.05)
-    monkeypatch.setattr(proxy.server, "malloc_trim", calls.append)
+    monkeypatch.setattr(listener, "TRIM_DROP", 3)
+    monkeypatch.setattr(listener, "TRIM_DELAY", 0.05)
+    monkeypatch.setattr(listener, "malloc_trim", calls.append)
     async with websockets_backend(echo) as (backend, _), loopwatch(backend) as running:
         server = running.proxy
         one = await connect(ws_url(running))
@@ -393,7 +393,7 @@ async def test_connections_leave_no_reference_cycles():
         return [
             type(o).__name__
             for o in gc.garbage
-            if type(o).__module__.startswith(("proxy.", "httptools"))
+            if type(o).__module__.startswith(("loopwatch.", "httptools"))
         ]
 
     async with websockets_backend(echo) as (backend, _), loopwatch(backend) as running:

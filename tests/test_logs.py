@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from proxy.config import load_settings
-from proxy.demo_backend import issue_token
-from proxy.logs import JsonFormatter
-from proxy.runtime import ConfigSources
+from loopwatch.proxy.app.runtime import ConfigSources
+from loopwatch.proxy.app.settings import load_settings
+from loopwatch.proxy.observe.logs import JsonFormatter
+from loopwatch.proxy.tools.demo_backend import issue_token
 from tests.conftest import free_port, wait_for
 from tests.test_telemetry import attempt, demo_backend, settings_with, telemetered
 
@@ -226,7 +226,7 @@ def test_yaml_off_means_off() -> None:
 async def _first_lines(log_format: str | None, want: str) -> list[str]:
     """Run `loopwatch run` as a process until a stderr line contains `want`."""
     args = [
-        sys.executable, "-m", "proxy.cli", "run", "--upstream", "ws://127.0.0.1:9",
+        sys.executable, "-m", "loopwatch", "run", "--upstream", "ws://127.0.0.1:9",
         "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
     ]  # fmt: skip
     if log_format is not None:

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from proxy.observers import Observer, Observers
+from loopwatch.proxy.observe.observers import Observer, Observers
 
 
 class Counting(Observer):

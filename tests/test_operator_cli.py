@@ -4,7 +4,7 @@ the tables and JSON they print, the token, and each failure's exit status.
 
 loopwatch runs in this process (tests/conftest.py); the commands run in a thread
 (they block on urllib) and talk to it over its real admin socket. The last tests
-run `python -m proxy.cli` as a process, as an operator would.
+run `python -m loopwatch` as a process, as an operator would.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from proxy.cli import build_parser
-from proxy.config import load_settings
-from proxy.demo_backend import DemoBackend, issue_token
-from proxy.operator_cli import ExitCode, run_command
-from proxy.runtime import ConfigSources, Running, start
+from loopwatch.proxy.admin.client import ExitCode, run_command
+from loopwatch.proxy.app.cli import build_parser
+from loopwatch.proxy.app.runtime import ConfigSources, Running, start
+from loopwatch.proxy.app.settings import load_settings
+from loopwatch.proxy.tools.demo_backend import DemoBackend, issue_token
 from tests.clients import demo_backend, loop_until
 from tests.conftest import loopwatch, ws_url
 
@@ -391,7 +391,7 @@ def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str
 async def run_loopwatch_cli(*argv: str, env: Mapping[str, str]) -> Result:
     base = {k: v for k, v in os.environ.items() if not k.startswith("LOOPWATCH_")}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy.cli", *argv, cwd=ROOT, env={**base, **env},
+        sys.executable, "-m", "loopwatch", *argv, cwd=ROOT, env={**base, **env},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     try:

@@ -61,15 +61,15 @@ import yaml
 from websockets.asyncio.client import connect
 from websockets.exceptions import WebSocketException
 
-from dashboards import generate, promql
-from proxy import span_export
-from proxy.admin import build_registry
-from proxy.config import load_settings
-from proxy.demo_backend import issue_token
-from proxy.observers import Observer
-from proxy.runtime import ConfigSources, Running, start
-from proxy.span_export import ProcessSpanSink
-from proxy.telemetry import Telemetry
+from loopwatch.dashboards import generate, promql
+from loopwatch.proxy.admin.server import build_registry
+from loopwatch.proxy.app.runtime import ConfigSources, Running, start
+from loopwatch.proxy.app.settings import load_settings
+from loopwatch.proxy.observe import span_export
+from loopwatch.proxy.observe.metrics import Telemetry
+from loopwatch.proxy.observe.observers import Observer
+from loopwatch.proxy.observe.span_export import ProcessSpanSink
+from loopwatch.proxy.tools.demo_backend import issue_token
 from tests.benchmarks.bench_telemetry import dropping_spans
 from tests.clients import attempt, demo_backend
 from tests.conftest import free_port, raw_exchange

@@ -28,9 +28,9 @@ import pytest
 import redis.asyncio as aioredis
 from websockets.asyncio.client import connect
 
-from proxy.demo_backend import DemoBackend, issue_token
-from proxy.redis_store import RedisStateStore
-from proxy.runtime import Running
+from loopwatch.proxy.app.runtime import Running
+from loopwatch.proxy.state.redis import RedisStateStore
+from loopwatch.proxy.tools.demo_backend import DemoBackend, issue_token
 from tests.clients import attempt, demo_backend
 from tests.conftest import free_port, loopwatch, wait_for
 

@@ -23,8 +23,8 @@ import aiohttp
 import pytest
 from websockets.asyncio.client import connect
 
-from proxy.demo_backend import DemoBackend, issue_token
-from proxy.runtime import Running
+from loopwatch.proxy.app.runtime import Running
+from loopwatch.proxy.tools.demo_backend import DemoBackend, issue_token
 from tests.clients import attempt, demo_backend
 from tests.conftest import free_port, loopwatch, raw_exchange, upgrade_request, ws_url
 from tests.wsraw import CLOSE, RawClient, close_payload, frame

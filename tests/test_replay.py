@@ -13,15 +13,15 @@ from typing import Any
 
 import pytest
 
-from detectors.decisions import Admit, Reject
-from detectors.events import Attempt, Closed, Opened, Rejected, from_dict
-from proxy import recorder as recorder_module
-from proxy.cli import main
-from proxy.config import load_settings
-from proxy.observers import Observer
-from proxy.recorder import Recorder, RecordSettings
-from proxy.replay import replay
-from proxy.simulate import Knobs, Stack, launch, start_stack
+from loopwatch.detectors.decisions import Admit, Reject
+from loopwatch.detectors.events import Attempt, Closed, Opened, Rejected, from_dict
+from loopwatch.proxy.app.cli import main
+from loopwatch.proxy.app.settings import load_settings
+from loopwatch.proxy.observe import recorder as recorder_module
+from loopwatch.proxy.observe.observers import Observer
+from loopwatch.proxy.observe.recorder import Recorder, RecordSettings
+from loopwatch.proxy.tools.replay import replay
+from loopwatch.proxy.tools.simulate import Knobs, Stack, launch, start_stack
 from tests.conftest import settings_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -378,7 +378,7 @@ async def test_recorder_drops_beyond_its_buffer_instead_of_growing(
 
 
 async def test_a_record_path_that_cannot_be_opened_stops_start_up(tmp_path: Path) -> None:
-    from proxy.runtime import start
+    from loopwatch.proxy.app.runtime import start
 
     settings = settings_for("ws://127.0.0.1:9", **{"record.path": str(tmp_path / "no" / "such" / "dir.jsonl")})
     with pytest.raises(FileNotFoundError):
@@ -386,7 +386,7 @@ async def test_a_record_path_that_cannot_be_opened_stops_start_up(tmp_path: Path
 
 
 def test_record_settings_validate(tmp_path: Path) -> None:
-    from proxy.config import ConfigError
+    from loopwatch.proxy.app.settings import ConfigError
 
     s = with_(**{"record.path": str(tmp_path / "e.jsonl"), "record.max_bytes": "1MiB", "record.rotate": 3})
     assert (s.record.max_bytes, s.record.rotate) == (1024 * 1024, 3)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from dashboards import promql
+from loopwatch.dashboards import promql
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES_DIR = ROOT / "dashboards" / "rules"

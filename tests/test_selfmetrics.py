@@ -1,4 +1,4 @@
-"""loopwatch's own health on /metrics (proxy/selfmetrics.py): the process
+"""loopwatch's own health on /metrics (proxy/observe/selfmetrics.py): the process
 collector, the event-loop lag histogram and the build_info labels, measured on
 a real loop and scraped from a real `loopwatch run`."""
 
@@ -21,8 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from websockets.asyncio.client import ClientConnection, connect
 
-from proxy import frames
-from proxy.selfmetrics import (
+from loopwatch.proxy.dataplane import frames
+from loopwatch.proxy.observe.selfmetrics import (
     LAG_BUCKETS,
     LagHistogram,
     LoopLagMonitor,

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from pydantic import BaseModel
 
-from proxy.config import (
+from loopwatch.proxy.app.settings import (
     ENV_PREFIX,
     ENV_SEPARATOR,
     ConfigError,
@@ -146,7 +146,7 @@ def process_env(extra: Mapping[str, str]) -> dict[str, str]:
 
 async def loopwatch_cli(*argv: str, env: Mapping[str, str]) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy.cli", *argv, cwd=ROOT, env=process_env(env),
+        sys.executable, "-m", "loopwatch", *argv, cwd=ROOT, env=process_env(env),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     try:
@@ -182,7 +182,7 @@ async def test_check_config_notes_them_once_and_still_refuses_a_typo(tmp_path: P
 async def test_run_starts_cleanly_with_them_and_warns_once() -> None:
     async with websockets_backend(echo) as (url, _):
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy.cli", "run", "--upstream", url,
+            sys.executable, "-m", "loopwatch", "run", "--upstream", url,
             "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
             cwd=ROOT, env=process_env(KUBELET_ENV),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,

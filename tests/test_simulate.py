@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from proxy.cli import main
-from proxy.simulate import (
+from loopwatch.proxy.app.cli import main
+from loopwatch.proxy.tools.simulate import (
     SimulateOptions,
     SimulateReport,
     check_target,

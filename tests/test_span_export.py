@@ -1,4 +1,4 @@
-"""The span exporter process (proxy/span_export.py): a record crosses the pipe
+"""The span exporter process (proxy/observe/span_export.py): a record crosses the pipe
 without losing anything, the child exports what it is given and what is still
 queued at shutdown, a child that dies is replaced and what was lost is counted,
 a stalled child costs spans rather than the event loop, and the child never
@@ -27,11 +27,14 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanContext, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
 
-from proxy import span_export
-from proxy.span_export import CHILD_NICENESS, ProcessSpanSink, SdkParts
-from proxy.tracing import ConnTrace, readable_span
+from loopwatch.proxy.observe import span_export
+from loopwatch.proxy.observe.span_export import CHILD_NICENESS, ProcessSpanSink, SdkParts
+from loopwatch.proxy.observe.tracing import ConnTrace, readable_span
 
 FACTORY = "tests.test_span_export:file_exporters"
+# The child runs with -P (the current directory is not on its path): the tests
+# package that holds FACTORY reaches it through PYTHONPATH.
+ON_PATH = {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 PARTS = SdkParts()
 
 
@@ -92,7 +95,7 @@ def records(start: int, n: int) -> list[tuple]:
 @pytest.fixture
 def sink(tmp_path: Path) -> Iterator[tuple[ProcessSpanSink, Path]]:
     out = tmp_path / "spans.jsonl"
-    s = ProcessSpanSink(env={"LW_SPAN_FILE": str(out)}, exporter_factory=FACTORY)
+    s = ProcessSpanSink(env={"LW_SPAN_FILE": str(out), **ON_PATH}, exporter_factory=FACTORY)
     try:
         yield s, out
     finally:
@@ -163,7 +166,7 @@ def test_a_record_crosses_the_pipe_unchanged(
 
 def test_the_child_exports_what_it_is_given_and_what_is_queued_at_shutdown(tmp_path: Path) -> None:
     out = tmp_path / "spans.jsonl"
-    s = ProcessSpanSink(env={"LW_SPAN_FILE": str(out), "OTEL_SERVICE_NAME": "edge"}, exporter_factory=FACTORY)
+    s = ProcessSpanSink(env={"LW_SPAN_FILE": str(out), "OTEL_SERVICE_NAME": "edge", **ON_PATH}, exporter_factory=FACTORY)
     child = s.child
     assert child is not None
     s.submit(records(0, 3))
@@ -209,7 +212,7 @@ def test_a_dead_child_is_replaced_and_the_lost_spans_counted(
 def test_a_stalled_child_costs_spans_not_the_event_loop(tmp_path: Path) -> None:
     out = tmp_path / "spans.jsonl"
     # The SDK's queue in the child holds all that arrives once it runs again.
-    env = {"LW_SPAN_FILE": str(out), "OTEL_BSP_MAX_QUEUE_SIZE": "100000"}
+    env = {"LW_SPAN_FILE": str(out), "OTEL_BSP_MAX_QUEUE_SIZE": "100000", **ON_PATH}
     s = ProcessSpanSink(env=env, exporter_factory=FACTORY)
     assert s.force_flush(10_000)  # the child is up
     child = s.child
@@ -250,9 +253,9 @@ def test_the_child_exits_when_loopwatch_is_killed(tmp_path: Path) -> None:
     out = tmp_path / "spans.jsonl"
     script = textwrap.dedent(f"""
         import os, sys, time
-        from proxy.span_export import ProcessSpanSink
+        from loopwatch.proxy.observe.span_export import ProcessSpanSink
         from tests.test_span_export import records
-        s = ProcessSpanSink(env={{"LW_SPAN_FILE": {str(out)!r}}}, exporter_factory={FACTORY!r})
+        s = ProcessSpanSink(env={{"LW_SPAN_FILE": {str(out)!r}, **{ON_PATH!r}}}, exporter_factory={FACTORY!r})
         s.submit(records(0, 5))
         assert s.force_flush(10_000)
         s.submit(records(5, 5))

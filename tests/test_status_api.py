@@ -21,11 +21,11 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 
-from detectors.decisions import Outcome
-from detectors.findings import Finding
-from proxy.demo_backend import issue_token
-from proxy.runtime import Running, start
-from proxy.status import STATUS_HUB, SecondCounts, StatusHub, Tickets
+from loopwatch.detectors.decisions import Outcome
+from loopwatch.detectors.findings import Finding
+from loopwatch.proxy.admin.status import STATUS_HUB, SecondCounts, StatusHub, Tickets
+from loopwatch.proxy.app.runtime import Running, start
+from loopwatch.proxy.tools.demo_backend import issue_token
 from tests.clients import attempt, demo_backend, loop_until
 from tests.conftest import free_port, loopwatch, settings_for, wait_for, ws_url
 
@@ -34,7 +34,7 @@ RUN_ON_UVLOOP = True
 
 TOKEN = "status-admin-token"
 LOOPER = "tab-42@127.0.0.1"
-STATIC = Path(__file__).resolve().parent.parent / "proxy" / "static"
+STATIC = Path(__file__).resolve().parent.parent / "proxy" / "admin" / "static"
 
 
 def hub_of(lw: Running) -> StatusHub:

@@ -19,8 +19,8 @@ import aiohttp
 from playwright.async_api import Browser, Page, async_playwright, expect
 from websockets.asyncio.client import connect
 
-from proxy.demo_backend import issue_token
-from proxy.runtime import Running
+from loopwatch.proxy.app.runtime import Running
+from loopwatch.proxy.tools.demo_backend import issue_token
 from tests.clients import demo_backend, loop_until
 from tests.conftest import loopwatch, ws_url
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS

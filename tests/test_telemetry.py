@@ -24,17 +24,17 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from dashboards import promql
-from detectors.rules import RULE_NAMES
-from proxy import frames
-from proxy.admin import build_registry
-from proxy.config import Settings, load_settings
-from proxy.demo_backend import DemoBackend, issue_token
-from proxy.http1 import RequestHead
-from proxy.observers import Observer, Observers
-from proxy.runtime import ConfigSources, Running, build_gate, start
-from proxy.telemetry import Telemetry, client_hash, code_label, code_labels
-from proxy.tracing import make_tracing
+from loopwatch.dashboards import promql
+from loopwatch.detectors.rules import RULE_NAMES
+from loopwatch.proxy.admin.server import build_registry
+from loopwatch.proxy.app.runtime import ConfigSources, Running, build_gate, start
+from loopwatch.proxy.app.settings import Settings, load_settings
+from loopwatch.proxy.dataplane import frames
+from loopwatch.proxy.dataplane.heads import RequestHead
+from loopwatch.proxy.observe.metrics import Telemetry, client_hash, code_label, code_labels
+from loopwatch.proxy.observe.observers import Observer, Observers
+from loopwatch.proxy.observe.tracing import make_tracing
+from loopwatch.proxy.tools.demo_backend import DemoBackend, issue_token
 from tests.conftest import RawBackend, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -438,7 +438,7 @@ async def _drive(settings: Settings, n: int, loopers: int) -> tuple[str, set[str
     telemetry = Telemetry(settings, build_registry(), spans=make_tracing([InMemorySpanExporter()]))
     gate = build_gate(settings, Observers(telemetry.observers))
     telemetry.bind(None, gate.engine, gate.observers)
-    from proxy.gate import RelayStats
+    from loopwatch.proxy.dataplane.boundary import RelayStats
 
     keys: set[str] = set()
     t = time.monotonic()
@@ -608,7 +608,7 @@ async def test_a_raising_observer_is_counted_and_relaying_goes_on(caplog: pytest
 async def test_detection_off_counts_never_go_backwards() -> None:
     """With `Gate()` (detection off) no observer sees a close, so live message
     counts are not added: a counter must never drop when a connection ends."""
-    from proxy.gate import Gate
+    from loopwatch.proxy.dataplane.boundary import Gate
 
     async with demo_backend() as backend:
         settings = settings_with(upstream=f"ws://127.0.0.1:{backend.port}")
@@ -668,7 +668,7 @@ def test_plain_number_stores_export_like_prometheus_client() -> None:
 
     from prometheus_client import CollectorRegistry, Histogram
 
-    from proxy.promstore import CounterStore, HistogramStore
+    from loopwatch.proxy.observe.promstore import CounterStore, HistogramStore
 
     bounds = (0.1, 1.0, 5.0)
     mine = HistogramStore("h_seconds", "h", bounds)

@@ -22,17 +22,17 @@ from opentelemetry.trace import SpanKind, StatusCode
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection
 
-from proxy.admin import build_registry
-from proxy.demo_backend import issue_token
-from proxy.runtime import start
-from proxy.telemetry import Telemetry, client_hash
-from proxy.tracing import (
+from loopwatch.proxy.admin.server import build_registry
+from loopwatch.proxy.app.runtime import start
+from loopwatch.proxy.observe.metrics import Telemetry, client_hash
+from loopwatch.proxy.observe.tracing import (
     ProcessSpanSink,
     TracingConfigError,
     exporters_from_env,
     make_tracing,
     tracing_from_env,
 )
+from loopwatch.proxy.tools.demo_backend import issue_token
 from tests.conftest import free_port, wait_for, websockets_backend
 from tests.test_telemetry import (
     OPENMETRICS,
@@ -301,7 +301,7 @@ def test_tracing_from_env() -> None:
 def test_span_ids_come_from_the_sdks_generator() -> None:
     from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 
-    from proxy.span_export import _id_pairs
+    from loopwatch.proxy.observe.span_export import _id_pairs
 
     pair = _id_pairs(RandomIdGenerator())
     ids = [pair() for _ in range(1000)]
@@ -411,7 +411,7 @@ def test_run_refuses_an_otel_setting_it_cannot_honour() -> None:
     env["OTEL_TRACES_EXPORTER"] = "otlp"
     env["OTEL_EXPORTER_OTLP_PROTOCOL"] = "grpc"
     done = subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "run", "--upstream", "ws://127.0.0.1:9",
+        [sys.executable, "-m", "loopwatch", "run", "--upstream", "ws://127.0.0.1:9",
          "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
         env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
@@ -442,7 +442,7 @@ def test_root_spans_are_sampled_as_the_sdks_samplers_would() -> None:
     from opentelemetry.context import Context
     from opentelemetry.sdk.trace import sampling
 
-    from proxy.span_export import _root_bound
+    from loopwatch.proxy.observe.span_export import _root_bound
 
     rng = random.Random(4)
     ids = [rng.getrandbits(128) or 1 for _ in range(3000)] + [1, 2**64 - 1, 2**128 - 1, 0x1234 << 64]
@@ -463,7 +463,7 @@ def test_root_spans_are_sampled_as_the_sdks_samplers_would() -> None:
 def test_only_samplers_of_ones_own_are_given_the_attributes() -> None:
     from opentelemetry.sdk.trace import sampling
 
-    from proxy.span_export import _ignores_attributes
+    from loopwatch.proxy.observe.span_export import _ignores_attributes
 
     for sdk in (sampling.ALWAYS_ON, sampling.ALWAYS_OFF, sampling.DEFAULT_ON, sampling.TraceIdRatioBased(0.1),
                 sampling.ParentBasedTraceIdRatio(0.1), sampling.ParentBased(sampling.ALWAYS_OFF)):  # fmt: skip

@@ -1,6 +1,6 @@
 """The shared test vectors (tests/vectors/) are the Python data plane's answers.
 
-tests/vectors/generate.py wrote them from proxy/http1.py and proxy/frames.py;
+tests/vectors/generate.py wrote them from proxy/dataplane/heads.py and proxy/dataplane/frames.py;
 the compiled data plane's core replays the same files in its cargo tests
 (proxy/dataplane/core/tests/vectors.rs), so the two data planes are held to one
 answer for every request head and every frame stream in them. Here:

@@ -1,6 +1,6 @@
 """WebSocket on raw sockets, for tests that must see every byte.
 
-A hand-written frame encoder and decoder (sharing no code with proxy/frames.py
+A hand-written frame encoder and decoder (sharing no code with proxy/dataplane/frames.py
 or any WebSocket library), a raw client that performs the upgrade through
 loopwatch and then reads and writes bytes, and a raw backend that answers the
 upgrade with a 101 computed by hand and records every byte it receives.

@@ -9,16 +9,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from detectors.findings import Finding, Severity
-from detectors.rules import (
+from ..findings import Finding, Severity
+from ..settings import RuleSettings, RulesSettings
+from ..state import ClientState
+from . import (
     auth_failure_loop,
     duplicate_connections,
     no_backoff,
     rapid_reconnect,
     short_lived,
 )
-from detectors.settings import RuleSettings, RulesSettings
-from detectors.state import ClientState
 
 
 class Rule(NamedTuple):

@@ -28,11 +28,11 @@ from __future__ import annotations
 from array import array
 from typing import Any
 
-from detectors import ring
-from detectors.findings import Finding, Severity
-from detectors.rules.evidence import close_codes, finding, severity, span
-from detectors.settings import AuthFailureLoopSettings
-from detectors.state import ClientState
+from .. import ring
+from ..findings import Finding, Severity
+from ..settings import AuthFailureLoopSettings
+from ..state import ClientState
+from .evidence import close_codes, finding, severity, span
 
 NAME = "auth_failure_loop"
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from detectors.events import ConnId
-from detectors.findings import Finding, Severity
-from detectors.rules.evidence import finding
-from detectors.settings import DuplicateConnectionsSettings
-from detectors.state import ClientState
+from ..events import ConnId
+from ..findings import Finding, Severity
+from ..settings import DuplicateConnectionsSettings
+from ..state import ClientState
+from .evidence import finding
 
 NAME = "duplicate_connections"
 _MAX_IDS = 10  # evidence lists a few conn ids, not thousands

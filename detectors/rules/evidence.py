@@ -12,8 +12,8 @@ from array import array
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from detectors.findings import Finding, Severity
-from detectors.state import ClientState
+from ..findings import Finding, Severity
+from ..state import ClientState
 
 S = TypeVar("S")
 

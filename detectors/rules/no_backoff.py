@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from detectors.findings import Finding, Severity
-from detectors.rules.evidence import finding
-from detectors.settings import NoBackoffSettings
-from detectors.state import ClientState
+from ..findings import Finding, Severity
+from ..settings import NoBackoffSettings
+from ..state import ClientState
+from .evidence import finding
 
 NAME = "no_backoff"
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from detectors import ring
-from detectors.findings import Finding, Severity
-from detectors.rules.evidence import close_codes, finding, lowest, severity, span
-from detectors.settings import RapidReconnectSettings
-from detectors.state import ClientState
+from .. import ring
+from ..findings import Finding, Severity
+from ..settings import RapidReconnectSettings
+from ..state import ClientState
+from .evidence import close_codes, finding, lowest, severity, span
 
 NAME = "rapid_reconnect"
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from detectors import ring
-from detectors.findings import Finding, Severity
-from detectors.rules.evidence import close_codes, finding, lowest, severity, span
-from detectors.settings import ShortLivedSettings
-from detectors.state import ClientState
+from .. import ring
+from ..findings import Finding, Severity
+from ..settings import ShortLivedSettings
+from ..state import ClientState
+from .evidence import close_codes, finding, lowest, severity, span
 
 NAME = "short_lived"
 

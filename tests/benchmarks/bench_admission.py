@@ -52,13 +52,13 @@ OPS = {
 def serve(mode: str, backend_port: int, overrides: dict[str, object] | None = None) -> None:
     """Run loopwatch in this process, detection `mode` on or off (no telemetry
     observers), with any further settings `overrides`; print its port."""
-    from proxy.admin import build_registry
-    from proxy.config import load_settings
-    from proxy.gate import Gate
-    from proxy.logs import setup_logging
-    from proxy.observers import Observers
-    from proxy.runtime import build_gate, run_loop, start, tune_gc
-    from proxy.telemetry import Telemetry
+    from loopwatch.proxy.admin.server import build_registry
+    from loopwatch.proxy.app.runtime import build_gate, run_loop, start, tune_gc
+    from loopwatch.proxy.app.settings import load_settings
+    from loopwatch.proxy.dataplane.boundary import Gate
+    from loopwatch.proxy.observe.logs import setup_logging
+    from loopwatch.proxy.observe.metrics import Telemetry
+    from loopwatch.proxy.observe.observers import Observers
 
     settings = load_settings(
         None,

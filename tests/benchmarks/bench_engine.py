@@ -23,10 +23,10 @@ import time
 import tracemalloc
 from collections.abc import Callable, Sequence
 
-from detectors.decisions import Reject
-from detectors.engine import Engine
-from detectors.events import Attempt, Closed, Event, HandshakeFailed, Opened
-from detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
+from loopwatch.detectors.decisions import Reject
+from loopwatch.detectors.engine import Engine
+from loopwatch.detectors.events import Attempt, Closed, Event, HandshakeFailed, Opened
+from loopwatch.detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
 
 CLIENTS = 100_000
 BATCH = 1_000

@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Callable
 
-from proxy.frames import FrameParser
+from loopwatch.proxy.dataplane.frames import FrameParser
 
 CHUNK = 64 * 1024
 

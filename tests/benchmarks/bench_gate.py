@@ -68,11 +68,11 @@ VARIANTS: dict[str, dict[str, object]] = {
 
 
 def _gate(mode: str):  # noqa: ANN202 - (gate, telemetry or None)
-    from proxy.admin import build_registry
-    from proxy.gate import Gate
-    from proxy.observers import Observers
-    from proxy.runtime import build_gate
-    from proxy.telemetry import Telemetry
+    from loopwatch.proxy.admin.server import build_registry
+    from loopwatch.proxy.app.runtime import build_gate
+    from loopwatch.proxy.dataplane.boundary import Gate
+    from loopwatch.proxy.observe.metrics import Telemetry
+    from loopwatch.proxy.observe.observers import Observers
     from tests.benchmarks.bench_telemetry import dropping_spans
     from tests.conftest import settings_for
 
@@ -92,8 +92,8 @@ async def _cycles(mode: str, n: int, reps: int, build: int = 0) -> float:
     """Best CPU µs per cycle over `reps` runs of `n` cycles. Each run parses
     max(n, build) request heads first (untimed): under callgrind the runs that are
     compared build the same number, so the difference is the cycles alone."""
-    from proxy.gate import RelayStats
-    from proxy.http1 import HeadParser
+    from loopwatch.proxy.dataplane.boundary import RelayStats
+    from loopwatch.proxy.dataplane.heads import HeadParser
     from tests.benchmarks.bench_paths import request
 
     gate, telemetry = _gate(mode)
@@ -157,9 +157,9 @@ def cycle(callgrind: bool, cycles: int = 10_000) -> None:
 
 def serve(variant: str, backend_port: int) -> None:
     """Run loopwatch in this process as `variant` (no telemetry observers); print its port."""
-    from detectors.decisions import ADMITTED, EMPTY
-    from detectors.engine import Engine
-    from proxy.identity import ClientKey, Identifier
+    from loopwatch.detectors.decisions import ADMITTED, EMPTY
+    from loopwatch.detectors.engine import Engine
+    from loopwatch.proxy.dataplane.identity import ClientKey, Identifier
     from tests.benchmarks import bench_admission
 
     if variant in ("identity stubbed", "both stubbed"):

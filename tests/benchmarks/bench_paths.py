@@ -28,8 +28,8 @@ import time
 
 import uvloop
 
-from proxy.runtime import start
-from proxy.server import ClientHandshake
+from loopwatch.proxy.app.runtime import start
+from loopwatch.proxy.dataplane.listener import ClientHandshake
 from tests.conftest import settings_for
 
 

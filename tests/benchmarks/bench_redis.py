@@ -118,7 +118,7 @@ def start_replica(stack: ExitStack, workdir: Path, name: str, backend_port: int,
     }
     path = workdir / f"{name}.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
-    args = [PY, "-m", "proxy.cli", "run", "--config", str(path)]
+    args = [PY, "-m", "loopwatch", "run", "--config", str(path)]
     profile = os.environ.get("BENCH_REDIS_PROFILE")  # a file: cProfile the first Redis replica
     if profile and name == "redis-a":
         args[1:2] = ["-m", "cProfile", "-o", profile, "-m"]

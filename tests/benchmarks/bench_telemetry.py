@@ -72,7 +72,7 @@ from tests.benchmarks.targets import (
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
 
-    from proxy.span_export import ProcessSpanSink
+    from loopwatch.proxy.observe.span_export import ProcessSpanSink
 
 DOC = ROOT / "docs" / "performance.md"
 HEADING = "## Telemetry overhead"
@@ -105,21 +105,23 @@ def dropping_spans() -> ProcessSpanSink:
     """loopwatch's span pipeline as `OTEL_TRACES_EXPORTER` sets it up (a child
     process running the SDK's BatchSpanProcessor and its export thread), into an
     exporter that drops every batch: all of tracing's work, none of the network."""
-    from proxy.span_export import ProcessSpanSink
+    from loopwatch.proxy.observe.span_export import ProcessSpanSink
 
-    return ProcessSpanSink(exporter_factory="tests.benchmarks.bench_telemetry:drop_exporters")
+    # The child runs with -P: the tests package reaches it through PYTHONPATH.
+    root = str(Path(__file__).resolve().parents[2])
+    return ProcessSpanSink(env={"PYTHONPATH": root}, exporter_factory="tests.benchmarks.bench_telemetry:drop_exporters")
 
 
 def serve(mode: str, backend_port: int, flush_delay: float | None = None) -> None:
     """Run loopwatch in this process with telemetry `mode`; print its ports.
     `flush_delay`: the span hand-over interval instead of tracing.FLUSH_DELAY."""
-    from proxy import tracing
-    from proxy.admin import build_registry
-    from proxy.config import load_settings
-    from proxy.logs import setup_logging
-    from proxy.observers import Observers
-    from proxy.runtime import build_gate, run_loop, start, tune_gc
-    from proxy.telemetry import Telemetry
+    from loopwatch.proxy.admin.server import build_registry
+    from loopwatch.proxy.app.runtime import build_gate, run_loop, start, tune_gc
+    from loopwatch.proxy.app.settings import load_settings
+    from loopwatch.proxy.observe import tracing
+    from loopwatch.proxy.observe.logs import setup_logging
+    from loopwatch.proxy.observe.metrics import Telemetry
+    from loopwatch.proxy.observe.observers import Observers
 
     settings = load_settings(
         None,
@@ -385,9 +387,9 @@ def section(summary: dict, profile_name: str, rounds: int) -> str:
         "of open connections in the tracing observer (the listener's relays and the",
         "engine's open connections are looked up instead); counters and histograms",
         "kept as plain numbers and built into metric families at scrape time",
-        "(proxy/promstore.py), a close counted without new strings or tuple keys; one",
+        "(proxy/observe/promstore.py), a close counted without new strings or tuple keys; one",
         "hook lookup per observer list change, skipping observers' no-op hooks",
-        "(proxy/observers.py); spans handed over in batches every 50 ms; trace headers",
+        "(proxy/observe/observers.py); spans handed over in batches every 50 ms; trace headers",
         "read from the head's header index; `traceparent` formatted as bytes directly.",
         "",
     ]

@@ -222,7 +222,7 @@ def markdown(result: dict) -> str:
         "",
     ]
     if meta.get("loopwatch_python", "").split()[1:]:
-        lines += [f"loopwatch ran as `{meta['loopwatch_python']} -m proxy.cli run` (BENCH_LOOPWATCH_PYTHON).", ""]
+        lines += [f"loopwatch ran as `{meta['loopwatch_python']} -m loopwatch run` (BENCH_LOOPWATCH_PYTHON).", ""]
     lines += [
         "| scenario / figure | unit | loopwatch | nginx | HAProxy | direct | loopwatch ÷ nginx | target | met? |",
         "|---|---|---:|---:|---:|---:|---:|---|---|",

@@ -194,7 +194,7 @@ class Bench:
         """Which loopwatch features this checkout has: detection (the default config
         dumps a `detection` section) and deny + reject_with (scenario 5)."""
         features: dict[str, object] = {}
-        cmd = [*self.loopwatch_python(), "-m", "proxy.cli", "check-config"]
+        cmd = [*self.loopwatch_python(), "-m", "loopwatch", "check-config"]
         empty = self.tmp / "probe-empty.yaml"
         empty.write_text("{}\n")
         out = subprocess.run([*cmd, str(empty)], cwd=ROOT, capture_output=True, text=True, timeout=60)

@@ -222,7 +222,7 @@ def _readline(proc: subprocess.Popen, timeout: float) -> str:
 def start_loopwatch(tmp: Path, backend_port: int, name: str = "loopwatch", config: str | None = None) -> Proc:
     log = tmp / f"{name}.log"
     cmd = [
-        *(os.environ.get("BENCH_LOOPWATCH_PYTHON") or sys.executable).split(), "-m", "proxy.cli", "run",
+        *(os.environ.get("BENCH_LOOPWATCH_PYTHON") or sys.executable).split(), "-m", "loopwatch", "run",
         "--upstream", f"ws://{HOST}:{backend_port}",
         "--listen", f"{HOST}:0", "--admin-listen", f"{HOST}:0",
     ]

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from itertools import count
 
-from detectors import tracker
-from detectors.events import Attempt, Closed, Event, HandshakeFailed, Initiator, Opened
-from detectors.settings import DetectionSettings
-from detectors.state import ClientState
+from loopwatch.detectors import tracker
+from loopwatch.detectors.events import Attempt, Closed, Event, HandshakeFailed, Initiator, Opened
+from loopwatch.detectors.settings import DetectionSettings
+from loopwatch.detectors.state import ClientState
 
 ROUTE = "/ws"
 HANDSHAKE = 0.005  # seconds from attempt to 101 in these tables

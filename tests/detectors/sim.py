@@ -14,11 +14,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
-from detectors.actions import Action, CloseConnection, CooldownStarted, WouldReject
-from detectors.decisions import Admit, Outcome, Reject
-from detectors.engine import Engine
-from detectors.events import Attempt, Closed, HandshakeFailed, Opened
-from detectors.findings import Finding
+from loopwatch.detectors.actions import Action, CloseConnection, CooldownStarted, WouldReject
+from loopwatch.detectors.decisions import Admit, Outcome, Reject
+from loopwatch.detectors.engine import Engine
+from loopwatch.detectors.events import Attempt, Closed, HandshakeFailed, Opened
+from loopwatch.detectors.findings import Finding
 
 HANDSHAKE = 0.005
 

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from detectors.breaker import (
+from loopwatch.detectors.breaker import (
     ALLOW,
     CLOSED,
     HALF_OPEN,
@@ -18,7 +18,7 @@ from detectors.breaker import (
     CircuitBreaker,
     IllegalTransition,
 )
-from detectors.settings import CircuitBreakerSettings
+from loopwatch.detectors.settings import CircuitBreakerSettings
 
 S = CircuitBreakerSettings(
     failure_ratio=0.5, window="10s", min_calls=4, open_wait="5s", open_wait_max="20s",

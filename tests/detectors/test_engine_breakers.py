@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from detectors.actions import BreakerTransition, CooldownStarted
-from detectors.decisions import Admit, Reject
-from detectors.engine import Engine
-from detectors.events import Attempt, Closed, HandshakeFailed, Opened
-from detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
+from loopwatch.detectors.actions import BreakerTransition, CooldownStarted
+from loopwatch.detectors.decisions import Admit, Reject
+from loopwatch.detectors.engine import Engine
+from loopwatch.detectors.events import Attempt, Closed, HandshakeFailed, Opened
+from loopwatch.detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
 from tests.detectors.sim import Client, Close, Sim, Stay, always, backoff, fixed
 
 UPSTREAM = {"min_calls": 10, "window": "30s", "open_wait": "5s", "open_wait_max": "20s", "half_open_probes": 2}

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from detectors.actions import BreakerTransition
-from detectors.engine import Engine
-from detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
+from loopwatch.detectors.actions import BreakerTransition
+from loopwatch.detectors.engine import Engine
+from loopwatch.detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
 
 
 def engine(**upstream: object) -> Engine:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from detectors.actions import CloseConnection, CooldownStarted, WouldReject
-from detectors.decisions import ADMITTED, Admit, Reject
-from detectors.engine import Engine
-from detectors.events import Attempt, Closed, Opened
-from detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
+from loopwatch.detectors.actions import CloseConnection, CooldownStarted, WouldReject
+from loopwatch.detectors.decisions import ADMITTED, Admit, Reject
+from loopwatch.detectors.engine import Engine
+from loopwatch.detectors.events import Attempt, Closed, Opened
+from loopwatch.detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
 from tests.detectors.sim import Client, Close, Sim, Stay, always, fixed, once
 
 K = "alice@10.0.0.5"

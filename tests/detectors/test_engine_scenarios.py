@@ -6,11 +6,11 @@ import itertools
 
 import pytest
 
-from detectors.actions import CooldownEnded, CooldownStarted
-from detectors.decisions import Reject
-from detectors.engine import Engine
-from detectors.events import Attempt, Closed, Opened
-from detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
+from loopwatch.detectors.actions import CooldownEnded, CooldownStarted
+from loopwatch.detectors.decisions import Reject
+from loopwatch.detectors.engine import Engine
+from loopwatch.detectors.events import Attempt, Closed, Opened
+from loopwatch.detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
 from tests.detectors.sim import (
     Client,
     Close,

@@ -1,7 +1,7 @@
 """Replicas sharing state through the engine's plain methods: observe, adopt_cooldown, release.
 
 Two engines stand for two replicas; what one sees is handed to the other the way
-proxy/redis_store.py does it (encode, then decode at the receiver's clock),
+proxy/state/redis.py does it (encode, then decode at the receiver's clock),
 so these tests cover the engine half of the Redis store without any I/O.
 """
 
@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import pytest
 
-from detectors import shared
-from detectors.actions import CloseConnection, CooldownStarted
-from detectors.decisions import Outcome, Reject
-from detectors.engine import Engine
-from detectors.events import Attempt, Closed, Event, HandshakeFailed, Opened, Rejected
-from detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
+from loopwatch.detectors import shared
+from loopwatch.detectors.actions import CloseConnection, CooldownStarted
+from loopwatch.detectors.decisions import Outcome, Reject
+from loopwatch.detectors.engine import Engine
+from loopwatch.detectors.events import Attempt, Closed, Event, HandshakeFailed, Opened, Rejected
+from loopwatch.detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
 
 K = "alice@10.0.0.5"
 CRITICAL = 6  # combined auth failures in a minute that are critical

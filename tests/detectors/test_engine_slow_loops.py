@@ -14,10 +14,10 @@ from collections.abc import Callable
 
 import pytest
 
-from detectors.actions import CooldownStarted
-from detectors.decisions import Reject
-from detectors.engine import Engine
-from detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
+from loopwatch.detectors.actions import CooldownStarted
+from loopwatch.detectors.decisions import Reject
+from loopwatch.detectors.engine import Engine
+from loopwatch.detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
 from tests.detectors.sim import HANDSHAKE, Client, Close, Log, Result, Sim, Stay, always
 
 K = "alice@10.0.0.5"

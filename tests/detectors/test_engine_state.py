@@ -9,12 +9,20 @@ from collections.abc import Callable
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from detectors.actions import CooldownEnded, CooldownStarted
-from detectors.decisions import ADMITTED, EMPTY, Reject
-from detectors.engine import Engine
-from detectors.events import Attempt, Closed, Event, HandshakeFailed, Opened, from_dict, to_dict
-from detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
-from detectors.state import ClientState
+from loopwatch.detectors.actions import CooldownEnded, CooldownStarted
+from loopwatch.detectors.decisions import ADMITTED, EMPTY, Reject
+from loopwatch.detectors.engine import Engine
+from loopwatch.detectors.events import (
+    Attempt,
+    Closed,
+    Event,
+    HandshakeFailed,
+    Opened,
+    from_dict,
+    to_dict,
+)
+from loopwatch.detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
+from loopwatch.detectors.state import ClientState
 from tests.detectors.sim import Client, Close, Sim, Stay, always, fixed, once
 
 K = "alice@10.0.0.5"
@@ -309,7 +317,7 @@ def test_reconfigure_shrinking_max_clients_evicts_and_counts() -> None:
 
 
 def test_top_offenders_come_from_a_bounded_set_of_hot_clients() -> None:
-    from detectors.offenders import CAP, HOT_RATE, HotClients
+    from loopwatch.detectors.offenders import CAP, HOT_RATE, HotClients
 
     e = engine(DetectionSettings(top_k=3), policy=PolicySettings(mode="observe"))
     for i in range(3000):  # 3000 clients, each one attempt: none is an offender
@@ -361,7 +369,7 @@ operator_steps = st.lists(
 @given(script=operator_steps, fast_breakers=st.booleans())
 @example(script=[(0, "attempt", 0.1, 1008, 401), (0, "failed", 0.1, 1008, 401)] * 6, fast_breakers=False)
 def test_next_wake_is_never_later_than_the_work_it_stands_for(script: list, fast_breakers: bool) -> None:
-    # The proxy arms one timer at next_wake after every call (proxy/guard.py). It is
+    # The proxy arms one timer at next_wake after every call (proxy/brain.py). It is
     # kept as a cheap lower bound: earlier is a harmless empty wake, later would be
     # a cooldown or a half-open breaker noticed late. Fast breakers so they move;
     # default ones so that cooldowns start (no cooldown while a breaker is open).
@@ -382,7 +390,7 @@ def test_skipping_rules_with_nothing_to_count_changes_no_answer(script: list) ->
     # The engine skips a rule's check while the ClientState field it counts
     # (Rule.needs) is None and it has no flag to refresh: an optimisation that
     # must not change a single answer against checking every rule every time.
-    from detectors import engine as engine_module
+    from loopwatch.detectors import engine as engine_module
 
     skipping = engine()
     checking = engine()
@@ -391,8 +399,8 @@ def test_skipping_rules_with_nothing_to_count_changes_no_answer(script: list) ->
 
 
 def test_a_rule_cannot_match_while_what_it_counts_is_absent() -> None:
-    from detectors.rules import RULES
-    from detectors.settings import RulesSettings
+    from loopwatch.detectors.rules import RULES
+    from loopwatch.detectors.settings import RulesSettings
 
     blocks = RulesSettings()
     for rule in RULES:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from detectors.engine import Engine
-from detectors.events import Attempt, Closed, Opened
-from detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
+from loopwatch.detectors.engine import Engine
+from loopwatch.detectors.events import Attempt, Closed, Opened
+from loopwatch.detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
 
 
 def engine() -> Engine:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from detectors.events import (
+from loopwatch.detectors.events import (
     Attempt,
     Closed,
     HandshakeFailed,

@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from detectors.access import AccessList, address_of
-from detectors.fleet import Fleet
-from detectors.policy import (
+from loopwatch.detectors.access import AccessList, address_of
+from loopwatch.detectors.fleet import Fleet
+from loopwatch.detectors.policy import (
     Policy,
     cooldown_length,
     enforces,
@@ -18,13 +18,13 @@ from detectors.policy import (
     rule_mode,
     start_cooldown,
 )
-from detectors.settings import (
+from loopwatch.detectors.settings import (
     CooldownSettings,
     FleetSettings,
     PolicySettings,
     RapidReconnectSettings,
 )
-from detectors.state import ClientState
+from loopwatch.detectors.state import ClientState
 
 C = CooldownSettings()
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import detectors
+from loopwatch import detectors
 
 FORBIDDEN = (
     "asyncio",
@@ -24,13 +24,14 @@ FORBIDDEN = (
     "aiohttp",
     "prometheus_client",
     "opentelemetry",
-    "proxy",
+    "loopwatch.proxy",
+    "loopwatch.dashboards",
 )
 
 
 def _modules() -> list[str]:
     names = [detectors.__name__]
-    for info in pkgutil.walk_packages(detectors.__path__, prefix="detectors."):
+    for info in pkgutil.walk_packages(detectors.__path__, prefix="loopwatch.detectors."):
         names.append(info.name)
     return names
 
@@ -50,7 +51,7 @@ def _imports(path: Path) -> list[tuple[int, str]]:
 
 def test_the_walk_finds_the_whole_package() -> None:
     names = _modules()
-    assert {"detectors.engine", "detectors.breaker", "detectors.rules.no_backoff"} <= set(names)
+    assert {"loopwatch.detectors.engine", "loopwatch.detectors.breaker", "loopwatch.detectors.rules.no_backoff"} <= set(names)
     assert len(names) >= 20
 
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from detectors.events import Attempt, Closed, Event, Opened, Rejected
-from detectors.findings import Finding
-from detectors.rules import (
+from loopwatch.detectors.events import Attempt, Closed, Event, Opened, Rejected
+from loopwatch.detectors.findings import Finding
+from loopwatch.detectors.rules import (
     RULES,
     auth_failure_loop,
     duplicate_connections,
@@ -23,8 +23,8 @@ from detectors.rules import (
     rapid_reconnect,
     short_lived,
 )
-from detectors.settings import DetectionSettings
-from detectors.state import ClientState
+from loopwatch.detectors.settings import DetectionSettings
+from loopwatch.detectors.state import ClientState
 from tests.detectors.helpers import ROUTE, connection, end_of, fold, refused, schedule
 
 K = "alice@10.0.0.5"

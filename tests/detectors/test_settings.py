@@ -5,7 +5,7 @@ from __future__ import annotations
 import pydantic
 import pytest
 
-from detectors.settings import (
+from loopwatch.detectors.settings import (
     BreakerSettings,
     DetectionSettings,
     PolicySettings,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from array import array
 
-from detectors import ring
-from detectors.events import Attempt, Closed, HandshakeFailed, Rejected
-from detectors.history import pack, unpack
-from detectors.state import ClientState, MemoryStore
-from detectors.window import SlidingCounter
+from loopwatch.detectors import ring
+from loopwatch.detectors.events import Attempt, Closed, HandshakeFailed, Rejected
+from loopwatch.detectors.history import pack, unpack
+from loopwatch.detectors.state import ClientState, MemoryStore
+from loopwatch.detectors.window import SlidingCounter
 
 
 def _fill(store: MemoryStore, keys: list[str], t: float) -> list[ClientState]:

@@ -5,10 +5,10 @@
 request_heads.json: request heads (named shapes from docs/relay.md and
 tests/test_bad_input.py, byte sweeps of every position of the grammar, every
 method, size limits, and seeded mutations of valid heads) with the answer of
-proxy/http1.py + the listener's upgrade checks. frames.json: WebSocket streams
+proxy/dataplane/heads.py + the listener's upgrade checks. frames.json: WebSocket streams
 (every violation, every length form, close payloads, fragmentation, size
 limits, seeded random streams) cut at chosen places, with what
-proxy/frames.py forwarded, counted and refused; and close frames built by
+proxy/dataplane/frames.py forwarded, counted and refused; and close frames built by
 build_close_frame. The Python parser is the reference: tests/test_vectors.py
 checks the files still hold its answers, the Rust core's tests replay them.
 
@@ -496,7 +496,7 @@ def head_vectors() -> dict[str, Any]:
     for name, data in mutations(1500).items():
         add(name, data)
     return {
-        "about": "Request heads and the Python data plane's answer (proxy/http1.py + the "
+        "about": "Request heads and the Python data plane's answer (proxy/dataplane/heads.py + the "
         "listener's upgrade checks), one read each. Bytes are latin-1 code points. "
         "Written by tests/vectors/generate.py; checked by tests/test_vectors.py and "
         "proxy/dataplane/core/tests/vectors.rs.",
@@ -790,7 +790,7 @@ def frame_vectors() -> dict[str, Any]:
                 }
             )
     return {
-        "about": "WebSocket streams and what proxy/frames.py (both builds) forwarded per chunk, "
+        "about": "WebSocket streams and what proxy/dataplane/frames.py (both builds) forwarded per chunk, "
         "counted and refused, fed whole and cut at each split (a split lists only what "
         'differs from the whole stream\'s answer; cuts are offsets, or "bytewise"); close frames from build_close_frame '
         "(masked ones shown unmasked). Written by tests/vectors/generate.py; checked by "

@@ -15,8 +15,13 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from proxy.frames import PyFrameParser, build_close_frame, load_compiled
-from proxy.http1 import HeadParser, HttpError, simple_response, validate_websocket_upgrade
+from loopwatch.proxy.dataplane.frames import PyFrameParser, build_close_frame, load_compiled
+from loopwatch.proxy.dataplane.heads import (
+    HeadParser,
+    HttpError,
+    simple_response,
+    validate_websocket_upgrade,
+)
 
 # No head is larger than this in the byte-by-byte pass that finds where a
 # head ends (the size limit is exercised by the single-read pass).
@@ -52,7 +57,7 @@ def _refusal(e: HttpError) -> dict[str, Any]:
 
 def _upgrade_checks(head: Any) -> None:
     """What the listener checks before admitting an upgrade (begin_upgrade in
-    proxy/server.py), in its order; the route lookup (404) is not the head's."""
+    proxy/dataplane/listener.py), in its order; the route lookup (404) is not the head's."""
     if not head.is_websocket_upgrade:
         raise HttpError(400, "unsupported upgrade: only websocket is proxied")
     validate_websocket_upgrade(head)

@@ -1,0 +1,121 @@
+"""Building the read-only views from engine state (metrics snapshot, admin API).
+
+Kept apart from the engine's hot path: these run at scrape time or on an
+operator's request and may iterate, sort and allocate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from .breaker import CircuitBreaker
+from .findings import SEVERITY_RANK
+from .fleet import Fleet
+from .history import unpack
+from .rules.evidence import close_codes
+from .state import ClientState, ClientStore
+from .views import ClientView, EngineSnapshot, FindingView
+
+_STATUS_RANK = {"cooldown": 0, "critical": 1, "warning": 2, "ok": 3}
+
+
+def status(state: ClientState, t: float) -> str:
+    if state.cool_rule is not None and state.cool_until > t:
+        return "cooldown"
+    if state.flags:
+        worst = max(SEVERITY_RANK[f.severity] for f in state.flags.values())
+        return "critical" if worst == SEVERITY_RANK["critical"] else "warning"
+    return "ok"
+
+
+def rank(state: ClientState, t: float) -> int:
+    return _STATUS_RANK[status(state, t)]
+
+
+# rule name → (check, evidence, settings block), for evidence as of the view's time
+RuleViews = Mapping[str, tuple[Callable[[ClientState, Any, float], str | None], Callable[[ClientState, Any, float], dict[str, Any]], Any]]
+
+
+def _evidence(state: ClientState, rule: str, raised: Mapping[str, Any], t: float, rules: RuleViews) -> Mapping[str, Any]:
+    """Fresh evidence while the rule still matches; what was raised once it does not."""
+    view = rules.get(rule)
+    if view is None:
+        return raised
+    check, evidence, block = view
+    return evidence(state, block, t) if check(state, block, t) is not None else raised
+
+
+def client_view(
+    state: ClientState, t: float, tau: float, quiet: float, rules: RuleViews, *, history: bool
+) -> ClientView:
+    cooling = state.cool_rule is not None and state.cool_until > t
+    flags = state.flags or {}
+    entries = ()
+    if history and state.history_t is not None and state.history_v is not None:
+        entries = tuple(unpack(when, v) for when, v in zip(state.history_t, state.history_v, strict=True))
+    return ClientView(
+        key=state.key,
+        status=status(state, t),
+        attempts_total=state.attempts,
+        attempts_per_second=state.rate_at(t, tau),
+        open_connections=state.open_count,
+        first_seen=state.first_seen,
+        last_seen=state.last_seen,
+        consecutive_auth_failures=max(state.streak, state.steady),  # the fast or the steady streak
+        close_codes=close_codes(state),
+        cooldown_remaining=state.cool_until - t if cooling else 0.0,
+        cooldown_until=state.cool_until if cooling else None,
+        cooldown_rule=state.cool_rule if cooling else None,
+        cooldown_repeat=state.cool_repeat,
+        cooldown_enforced=state.cool_enforced if cooling else False,
+        findings=tuple(
+            FindingView(
+                rule=rule,
+                severity=flag.severity,
+                raised_at=flag.raised.t,
+                last_match=flag.last_match,
+                clears_at=flag.clears_at(quiet),
+                evidence=_evidence(state, rule, flag.raised.evidence, t, rules),
+            )
+            for rule, flag in flags.items()
+        ),
+        history=entries,
+    )
+
+
+def breaker_states(breakers: Iterable[CircuitBreaker]) -> dict[str, str]:
+    return {b.name: b.state.value for b in breakers}
+
+
+def snapshot(
+    t: float,
+    *,
+    store: ClientStore,
+    notable: Iterable[ClientState],
+    flagged: Mapping[str, int],
+    breakers: Mapping[str, str],
+    fleet: Fleet,
+    top: tuple[tuple[str, float], ...],
+) -> EngineSnapshot:
+    cooling = observed = 0
+    for state in notable:
+        if state.cool_rule is not None and state.cool_until > t:
+            if state.cool_enforced:
+                cooling += 1
+            else:
+                observed += 1
+    return EngineSnapshot(
+        t=t,
+        clients_tracked=len(store),
+        clients_in_cooldown=cooling,
+        clients_in_observed_cooldown=observed,
+        clients_flagged=dict(flagged),
+        breakers=dict(breakers),
+        evictions_total=store.evictions,
+        fleet_attempt_rate=fleet.rate(t),
+        fleet_baseline_rate=fleet.baseline_at(t),
+        fleet_auth_failure_ratio=fleet.auth_failure_ratio(t),
+        storm=fleet.storm(t),
+        top_offenders=top,
+    )

@@ -1,0 +1,1 @@
+"""loopwatch.proxy.admin."""

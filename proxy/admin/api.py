@@ -1,0 +1,399 @@
+"""The admin API: what the engine knows about clients and breakers, and the
+operator's levers (release, force a cooldown, reset a breaker, reload).
+
+JSON in and out; errors are JSON objects with a message. Times are seconds on
+loopwatch's monotonic clock (the engine's event time); each answer carries
+`now` on the same clock, so `now - first_seen` is a client's age. Every change
+is a POST, so nothing changes on a GET.
+
+Every request to the admin port passes `guard_middleware` first, in this order
+(docs/admin-api.md, "Who may call it"):
+
+1. Host: a name a DNS-rebinding page could use (any name but loopback names,
+   IP addresses and `admin.allowed_hosts`) gets 421, unless the request carries
+   the admin token, or it is a probe or scrape (/healthz, /readyz, /metrics)
+   while the admin port listens beyond loopback.
+2. Cross-site: a state change from another browser origin gets 403.
+3. Token: with `admin.token` set, every /api route needs it (401).
+4. Exposure: a state change without a token while the admin port listens
+   beyond loopback gets 403, unless `admin.insecure` is true.
+
+Each refusal is counted (`loopwatch_admin_requests_rejected_total{reason}`) and
+logged at most once a minute per reason.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import ipaddress
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from ...detectors.units import parse_duration
+from ..app.settings import AdminSettings, ConfigError, dump_settings, parse_host_port
+from ..observe.logs import event
+
+if TYPE_CHECKING:
+    from ..app.runtime import Running
+
+log = logging.getLogger("loopwatch.admin")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+MAX_PAGE = 500
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Probes and scrapes: kubelets send `Host: <pod IP>:<port>`, Prometheus the
+# target's address, a compose network the service name.
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# POSTs under /api/ that change nothing an operator cares about: a ticket only
+# stands in for the token on the event stream (proxy/admin/status.py).
+NOT_STATE_CHANGES = frozenset({"/api/events/ticket"})
+
+# Why the admin port refused a request: the `reason` label of
+# loopwatch_admin_requests_rejected_total.
+REJECT_REASONS = ("host", "cross_site", "unauthorized", "no_token", "streams_full", "shutting_down")
+# Why an event stream was dropped: the `reason` label of
+# loopwatch_admin_event_streams_dropped_total.
+DROP_REASONS = ("buffer_full", "write_timeout")
+REFUSAL_LOG_INTERVAL = 60.0  # seconds between two log lines for one reason
+
+
+def error(status: int, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+class Exposure(enum.Enum):
+    """Who can reach the admin port, judged from the address it listens on."""
+
+    LOOPBACK = "loopback"  # 127.0.0.0/8, ::1, localhost: this machine only
+    NETWORK = "network"  # 0.0.0.0, ::, or any other address or name
+
+    @classmethod
+    def of(cls, listen_host: str) -> Exposure:
+        host = listen_host.strip("[]").lower()
+        if host == "localhost":
+            return cls.LOOPBACK
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False  # a name may resolve to anything
+        return cls.LOOPBACK if loopback else cls.NETWORK
+
+
+@dataclass
+class LogWindow:
+    """One refusal reason's log line: when it was last written, and how many
+    refusals of that reason came since."""
+
+    last: float = float("-inf")
+    since: int = 0
+
+
+@dataclass
+class AdminCounters:
+    """The admin port's own numbers, read by its collector at scrape time."""
+
+    rejected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REJECT_REASONS, 0))
+    streams_open: int = 0
+    streams_dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
+    logged: dict[str, LogWindow] = field(default_factory=dict, repr=False)
+
+    def reject(self, reason: str, request: web.Request | None = None) -> None:
+        """Count a refusal; log it, at most once a minute per reason, with how many
+        were refused since the last line."""
+        self.rejected[reason] += 1
+        now = time.monotonic()
+        window = self.logged.setdefault(reason, LogWindow())
+        window.since += 1
+        if now - window.last < REFUSAL_LOG_INTERVAL:
+            return
+        fields: dict[str, object] = {"reason": reason, "count": window.since}
+        window.last, window.since = now, 0
+        if request is not None:
+            fields["method"] = request.method
+            fields["path"] = request.path[:200]
+            fields["host"] = request.headers.get("Host", "")[:200]
+            if request.remote:
+                fields["peer"] = request.remote
+        event(log, "admin_request_rejected", logging.WARNING, **fields)
+
+
+# --- Host ----------------------------------------------------------------------------
+
+
+def host_name(value: str) -> str | None:
+    """The name in a Host header (lower case, no port, IPv6 without brackets);
+    None when it is not a well-formed `host[:port]`."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        name, sep, rest = value[1:].partition("]")
+        if not sep or (rest and not (rest[0] == ":" and rest[1:].isascii() and rest[1:].isdigit())):
+            return None
+        try:
+            ipaddress.IPv6Address(name)
+        except ValueError:
+            return None
+        return name
+    name, sep, port = value.rpartition(":")
+    if not sep:
+        name = value
+    elif not (port.isascii() and port.isdigit()):
+        return None
+    name = name.removesuffix(".")
+    if not name or not set(name) <= HOST_CHARS:
+        return None
+    return name
+
+
+HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._")
+
+
+def host_allowed(name: str, allowed: Sequence[str], listen_host: str) -> bool:
+    """Whether a Host name is one a DNS-rebinding page cannot have put there.
+
+    A rebinding page runs on the attacker's own name, which their DNS later
+    points at this machine; the browser keeps sending that name. So: an IP
+    address is safe (the browser connected to it directly, the page came from
+    it), `localhost` and `*.localhost` are safe (browsers resolve them to
+    loopback themselves), and so is any name the operator listed. Any port."""
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        pass
+    else:
+        return True
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    if name == listen_host.strip("[]").lower():
+        return True
+    for entry in allowed:
+        if entry == "*" or entry == name:
+            return True
+        if entry.startswith("*.") and name.endswith(entry[1:]):
+            return True
+    return False
+
+
+# --- the guard -----------------------------------------------------------------------
+
+
+def bearer_matches(request: web.Request, expected: str | None) -> bool:
+    if not expected:
+        return False
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    # Bytes, so a non-ASCII token is a mismatch (401), not a TypeError (500).
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        value.strip().encode("utf-8", "surrogateescape"), expected.encode("utf-8")
+    )
+
+
+def changes_state(request: web.Request) -> bool:
+    return (
+        request.method not in SAFE_METHODS
+        and request.path.startswith("/api/")
+        and request.path not in NOT_STATE_CHANGES
+    )
+
+
+def guard_middleware(
+    settings: Callable[[], AdminSettings],
+    listen_host: Callable[[], str],
+    counters: AdminCounters,
+    alternatives: Sequence[Callable[[web.Request], bool]] = (),
+) -> Middleware:
+    """Host allowlist, cross-site check, bearer token and the exposure rule, in
+    that order (see the module's docstring). `settings` is read per request, so
+    a reload changes the token and the allowed hosts; `listen_host` is the
+    address the admin port was started on. `alternatives` may stand in for the
+    bearer header on /api (the event stream's tickets); they are consulted only
+    when the header is missing or wrong."""
+
+    def refuse(reason: str, request: web.Request, response: web.Response) -> web.Response:
+        counters.reject(reason, request)
+        return response
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        admin = settings()
+        listen = listen_host()
+        exposure = Exposure.of(listen)
+        bearer_ok = bearer_matches(request, admin.token)
+
+        hosts = request.headers.getall("Host", [])
+        # No Host at all is not a browser (HTTP/1.0 health checkers send none).
+        if hosts and not bearer_ok and not (exposure is Exposure.NETWORK and request.path in PROBE_PATHS):
+            name = host_name(hosts[0]) if len(hosts) == 1 else None
+            if name is None or not host_allowed(name, admin.allowed_hosts, listen):
+                shown = hosts[0][:100] if hosts else ""
+                return refuse("host", request, error(
+                    421,
+                    f"misdirected request: Host {shown!r} is not a name this admin port answers to; "
+                    "loopback names and IP addresses always are, other names must be listed in "
+                    "admin.allowed_hosts (a guard against DNS rebinding)",
+                ))
+
+        state_change = changes_state(request)
+        if state_change and cross_site(request):
+            # A page on another origin could POST to a loopback admin port; a
+            # browser always says where it came from.
+            return refuse("cross_site", request, error(
+                403, "cross-site request refused: the admin API takes same-origin requests only"
+            ))
+
+        needs_token = admin.token and request.path.startswith("/api/") and not bearer_ok
+        if needs_token and not any(admit(request) for admit in alternatives):
+            counters.reject("unauthorized", request)
+            return web.json_response(
+                {"error": "unauthorized: send Authorization: Bearer <admin token>"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="loopwatch"'},
+            )
+
+        if state_change and not admin.token and exposure is Exposure.NETWORK and not admin.insecure:
+            return refuse("no_token", request, error(
+                403,
+                f"refused: the admin port listens on {listen}, beyond loopback, without "
+                "admin.token, so it takes no changes; set admin.token "
+                "(LOOPWATCH_ADMIN__TOKEN), or admin.insecure: true to accept them from anyone "
+                "who can reach the port",
+            ))
+        return await handler(request)
+
+    return guard
+
+
+def cross_site(request: web.Request) -> bool:
+    """A browser request from another origin: its Origin (or, failing that, the
+    Sec-Fetch-Site it sends) does not match the admin port's own."""
+    origin = request.headers.get("Origin")
+    if origin is not None:
+        return origin == "null" or urlsplit(origin).netloc.lower() != request.host.lower()
+    return request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none")
+
+
+def listen_host_of(admin: AdminSettings) -> str:
+    return parse_host_port(admin.listen).host
+
+
+def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise web.HTTPBadRequest(
+            text=f'{{"error": "{name}: expected an integer, got {raw!r}"}}',
+            content_type="application/json",
+        ) from None
+    return max(lo, min(hi, value))
+
+
+class AdminApi:
+    def __init__(self, running: Running):
+        self.running = running
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/api/clients", self.clients),
+            web.get("/api/clients/{key}", self.client),
+            web.post("/api/clients/{key}/release", self.release),
+            web.post("/api/clients/{key}/cooldown", self.cooldown),
+            web.get("/api/breakers", self.breakers),
+            web.post("/api/breakers/{name}/reset", self.reset_breaker),
+            web.get("/api/config", self.config),
+            web.post("/api/reload", self.reload),
+        ]
+
+    @property
+    def engine(self):  # noqa: ANN201
+        return self.running.engine
+
+    def _changed(self) -> None:
+        """Admin calls leave their outcome for the engine's next wake-up."""
+        self.running.gate.kick()  # type: ignore[attr-defined]
+
+    async def clients(self, request: web.Request) -> web.Response:
+        limit = _int_param(request, "limit", 50, 1, MAX_PAGE)
+        offset = _int_param(request, "offset", 0, 0, 10**9)
+        now = time.monotonic()
+        views = self.engine.clients(now, limit=limit, offset=offset)
+        total = self.engine.snapshot(now).clients_tracked
+        return web.json_response(
+            {
+                "now": now,
+                "clients": [v.to_dict() for v in views],
+                "total": total,
+                "limit": limit,
+                "offset": offset,
+            }
+        )
+
+    async def client(self, request: web.Request) -> web.Response:
+        key = request.match_info["key"]
+        now = time.monotonic()
+        view = self.engine.client(key, now)
+        if view is None:
+            return error(404, f"no tracked client {key!r}")
+        return web.json_response({"now": now, **view.to_dict()})
+
+    async def release(self, request: web.Request) -> web.Response:
+        key = request.match_info["key"]
+        tracked = self.engine.release(key, time.monotonic())
+        # With a shared store, released on every replica: others may hold a
+        # cooldown for a client this one never saw.
+        self.running.gate.state_store.release(key)  # type: ignore[attr-defined]
+        if not tracked:
+            return error(404, f"no tracked client {key!r}")
+        self._changed()
+        return web.json_response({"key": key, "released": True})
+
+    async def cooldown(self, request: web.Request) -> web.Response:
+        key = request.match_info["key"]
+        raw: Any = request.query.get("duration")
+        if raw is None and request.can_read_body:
+            try:
+                body = await request.json()
+            except ValueError:
+                return error(400, "expected a JSON body such as {\"duration\": \"30s\"}")
+            raw = body.get("duration") if isinstance(body, dict) else None
+        if raw is None:
+            return error(400, 'duration: required, e.g. {"duration": "30s"} or ?duration=30s')
+        try:
+            duration = parse_duration(raw)
+        except ValueError as e:
+            return error(400, f"duration: {e}")
+        if duration <= 0:
+            return error(400, "duration: expected more than 0s")
+        self.engine.force_cooldown(key, duration, time.monotonic())
+        self._changed()
+        return web.json_response({"key": key, "cooldown_seconds": duration})
+
+    async def breakers(self, request: web.Request) -> web.Response:
+        views = self.engine.breakers(time.monotonic())
+        return web.json_response({"breakers": [v.to_dict() for v in views]})
+
+    async def reset_breaker(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if not self.engine.reset_breaker(name, time.monotonic()):
+            return error(404, f"no breaker {name!r}; breakers are upstream and auth")
+        self._changed()
+        return web.json_response({"breaker": name, "reset": True})
+
+    async def config(self, request: web.Request) -> web.Response:
+        return web.json_response(dump_settings(self.running.settings, redact=True))
+
+    async def reload(self, request: web.Request) -> web.Response:
+        try:
+            result = self.running.reload()
+        except ConfigError as e:
+            return error(400, "invalid configuration; the running one is kept", errors=e.errors)
+        return web.json_response(result)

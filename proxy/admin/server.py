@@ -1,0 +1,140 @@
+"""The admin port: health, readiness and metrics (and, later, the API).
+
+A separate aiohttp listener, loopback by default, so operators' tooling never
+shares a port with client traffic. Every request passes the guard in
+proxy/admin/api.py first (Host allowlist, cross-site check, token, exposure).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Info
+from prometheus_client.aiohttp import make_aiohttp_handler
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from ..app.settings import AdminSettings
+from ..observe.logs import event
+from ..observe.selfmetrics import build_labels
+from .api import AdminCounters, Exposure, guard_middleware, listen_host_of
+
+
+def build_registry() -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=True)
+    # version, dataplane, frame_parser (proxy/observe/selfmetrics.py)
+    Info("loopwatch_build", "loopwatch build information.", registry=registry).info(build_labels())
+    return registry
+
+
+log = logging.getLogger("loopwatch")
+
+
+class AdminCollector:
+    """The admin port's refusals and event streams, read at scrape time."""
+
+    def __init__(self, counters: AdminCounters):
+        self.counters = counters
+
+    def collect(self) -> Iterator[Metric]:
+        c = self.counters
+        rejected = CounterMetricFamily(
+            "loopwatch_admin_requests_rejected",
+            "Requests the admin port refused, by reason.",
+            labels=["reason"],
+        )
+        for reason, n in c.rejected.items():
+            rejected.add_metric([reason], n)
+        yield rejected
+        yield GaugeMetricFamily(
+            "loopwatch_admin_event_streams", "Status-page event streams open now.", value=c.streams_open
+        )
+        dropped = CounterMetricFamily(
+            "loopwatch_admin_event_streams_dropped",
+            "Event streams loopwatch closed because their client did not keep up, by reason.",
+            labels=["reason"],
+        )
+        for reason, n in c.streams_dropped.items():
+            dropped.add_metric([reason], n)
+        yield dropped
+
+
+class AdminServer:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        ready: Callable[[], bool],
+        settings: Callable[[], AdminSettings] = AdminSettings,
+    ):
+        self.registry = registry
+        self.ready = ready
+        # Read per request: a reload changes the token and the allowed hosts.
+        self.settings = settings
+        # The configured address, which the exposure rule judges; the socket is
+        # bound to it by start(). Fixed at start, as a reload cannot move the port.
+        self.listen_host = listen_host_of(settings())
+        self.counters = AdminCounters()
+        registry.register(AdminCollector(self.counters))
+        # Other ways than the bearer header to pass the /api token check (the
+        # status page's single-use event-stream tickets); filled in before start.
+        self.authenticators: list[Callable[[web.Request], bool]] = []
+        guard = guard_middleware(settings, lambda: self.listen_host, self.counters, self.authenticators)
+        self.app = web.Application(middlewares=[guard])
+        self.app.router.add_get("/healthz", self.healthz)
+        self.app.router.add_get("/readyz", self.readyz)
+        self.app.router.add_get("/metrics", make_aiohttp_handler(registry))
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        if self.ready():
+            return web.json_response({"status": "ready"})
+        return web.json_response({"status": "not ready"}, status=503)
+
+    async def start(self, host: str, port: int) -> None:
+        # handler_cancellation: a long-lived handler (the status page's event
+        # stream) ends the moment its client goes, not at its next write.
+        self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        self._site = web.TCPSite(self._runner, host, port)
+        await self._site.start()
+        self.log_exposure()
+
+    @property
+    def exposure(self) -> Exposure:
+        return Exposure.of(self.listen_host)
+
+    def log_exposure(self) -> None:
+        """One warning at start when the admin port listens beyond loopback without
+        a token: that anyone who reaches it may change things (admin.insecure),
+        or read the API while changes are refused."""
+        admin = self.settings()
+        if self.exposure is Exposure.LOOPBACK or admin.token:
+            return
+        if admin.insecure:
+            event(
+                log, "admin_insecure", logging.WARNING, listen=admin.listen,
+                message="admin.insecure: the admin API takes changes (release, cooldown, reset, "
+                "reload) without a token from anyone who can reach this port; set admin.token",
+            )
+        else:
+            event(
+                log, "admin_read_only", logging.WARNING, listen=admin.listen,
+                message="the admin port listens beyond loopback without admin.token: anyone who "
+                "can reach it reads the API (client keys); changes are refused (403) until "
+                "admin.token is set",
+            )
+
+    @property
+    def port(self) -> int:
+        assert self._site is not None and self._site._server is not None
+        return self._site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()

@@ -1,0 +1,155 @@
+"""The `loopwatch` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..admin.client import COMMANDS as OPERATOR_COMMANDS
+from ..admin.client import add_commands as add_operator_commands
+from ..admin.client import run_command as run_operator_command
+from ..observe.logs import setup_logging
+from .settings import ConfigError, check_config_main, ignored_service_links, load_settings
+
+SERVICE_LINKS_HINT = (
+    "Kubernetes service links (a Service named loopwatch or loopwatch-...), not settings; "
+    "set enableServiceLinks: false in the pod spec to drop them"
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loopwatch", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the proxy")
+    run.add_argument("--config", "-c", default=os.environ.get("LOOPWATCH_CONFIG"), help="YAML config file")
+    run.add_argument("--upstream", help="upstream URL, e.g. ws://127.0.0.1:8000")
+    run.add_argument("--listen", help="HOST:PORT of the proxy listener")
+    run.add_argument("--admin-listen", help="HOST:PORT of the admin listener")
+    run.add_argument("--log-format", choices=("json", "text"), help="log line format")
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+
+    check = sub.add_parser("check-config", help="validate a config file and print the effective config")
+    check.add_argument("file")
+
+    demo = sub.add_parser("demo", help="backend + loopwatch + clients on loopback, live")
+    demo.add_argument("--duration", type=float, default=30.0, help="seconds to run (default 30)")
+    demo.add_argument("--keep-running", action="store_true", help="keep running until Ctrl-C")
+
+    backend = sub.add_parser("demo-backend", help="the demo's token-checking echo backend")
+    backend.add_argument("--listen", default="127.0.0.1:8000")
+
+    sim = sub.add_parser(
+        "simulate",
+        help="play a client behaviour against loopwatch and report what it made of it",
+        description="Scenarios: auth-loop, duplicate, backoff, refresh, herd, flaky, mixed. Without "
+        "--url, the demo backend and a loopwatch are started in this process.",
+    )
+    sim.add_argument("scenario", metavar="SCENARIO",
+                     choices=("auth-loop", "duplicate", "backoff", "refresh", "herd", "flaky", "mixed"))
+    sim.add_argument("--clients", type=int, help="clients in the scenario (default: per scenario)")
+    sim.add_argument("--rate", type=float, default=20.0, help="attempts/s of a looping client (default 20)")
+    sim.add_argument("--duration", type=float, help="seconds to run (default: per scenario, at most 600)")
+    sim.add_argument("--url", help="a running loopwatch, e.g. ws://127.0.0.1:8080/ws (loopback only)")
+    sim.add_argument("--admin", help="its admin URL, to ask which clients were flagged")
+    sim.add_argument("--config", "-c", help="config of the in-process loopwatch (without --url)")
+    sim.add_argument("--allow-remote", action="store_true", help="allow a --url that is not loopback")
+    sim.add_argument("--max-attempts", type=int, default=20_000, help="stop after this many attempts")
+    sim.add_argument("--seed", type=int, default=0, help="seed of the behaviours' randomness")
+    sim.add_argument("--json", action="store_true", help="print the report as JSON")
+    sim.add_argument("--check", action="store_true", help="exit 1 when an outcome is not the expected one")
+
+    rep = sub.add_parser(
+        "replay",
+        help="run recorded events through the engine: which clients would be flagged, and why",
+        description="EVENTS are files written by the record: section (oldest first: PATH.2 PATH.1 PATH).",
+    )
+    rep.add_argument("events", metavar="EVENTS.jsonl", nargs="+", help="recorded events (.jsonl or .jsonl.gz)")
+    rep.add_argument("--config", "-c", default=os.environ.get("LOOPWATCH_CONFIG"), help="YAML config to replay with")
+    rep.add_argument("--json", action="store_true", help="print the result as JSON")
+    rep.add_argument("--seed", type=int, default=0, help="seed of the cooldown jitter (the proxy uses 0)")
+
+    add_operator_commands(sub)  # clients, client, release, cooldown, breakers, breaker-reset, reload
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command in OPERATOR_COMMANDS:
+        return run_operator_command(args, env=os.environ)
+    if args.command == "check-config":
+        ignored = ignored_service_links(os.environ)
+        if ignored:
+            print(f"note: ignoring {', '.join(ignored)}: {SERVICE_LINKS_HINT}", file=sys.stderr)
+        return check_config_main(args.file)
+    if args.command == "run":
+        return cmd_run(args)
+    if args.command == "demo":
+        from ..tools.demo import demo_main
+
+        return demo_main(duration=args.duration, keep_running=args.keep_running)
+    if args.command == "demo-backend":
+        from ..tools.demo import backend_main
+
+        return backend_main(args.listen)
+    if args.command == "simulate":
+        from ..tools.simulate import SimulateOptions, simulate_main
+
+        return simulate_main(
+            SimulateOptions(
+                args.scenario, clients=args.clients, rate=args.rate, duration=args.duration,
+                url=args.url, admin=args.admin, config=args.config, allow_remote=args.allow_remote,
+                max_attempts=args.max_attempts, seed=args.seed, json=args.json, check=args.check,
+            )
+        )
+    if args.command == "replay":
+        from ..tools.replay import replay_main
+
+        return replay_main(args.events, args.config, args.json, args.seed)
+    raise AssertionError(args.command)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    overrides = {
+        key: value
+        for key, value in {
+            "upstream": args.upstream,
+            "listen": args.listen,
+            "admin.listen": args.admin_listen,
+            "logging.format": args.log_format,
+            "logging.level": args.log_level,
+        }.items()
+        if value is not None
+    }
+    try:
+        settings = load_settings(args.config, env=os.environ, overrides=overrides)
+        settings.require_upstream()
+    except ConfigError as e:
+        print(f"loopwatch: invalid configuration:\n{e}", file=sys.stderr)
+        return 2
+    setup_logging(settings.logging.level, settings.logging.format)
+    ignored = ignored_service_links(os.environ)
+    if ignored:  # one line for all of them, once per process (a reload reads the same environment)
+        import logging
+
+        from ..observe.logs import event
+
+        event(logging.getLogger("loopwatch"), "service_links_ignored", logging.WARNING,
+              variables=ignored, why=SERVICE_LINKS_HINT)
+    from ..observe.tracing import TracingConfigError
+    from .runtime import ConfigSources, run_loop, serve
+
+    sources = ConfigSources(args.config, dict(os.environ), overrides)
+    try:
+        return int(run_loop(lambda: serve(settings, sources=sources)))  # type: ignore[arg-type]
+    except TracingConfigError as e:  # an OTEL_* variable loopwatch cannot honour
+        print(f"loopwatch: invalid configuration:\n{e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"loopwatch: cannot start: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

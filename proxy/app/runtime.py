@@ -1,0 +1,257 @@
+"""`loopwatch run`: the proxy listener, the admin listener, signals, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import signal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from ...detectors.engine import Engine
+from ..admin.api import AdminApi
+from ..admin.server import AdminServer, build_registry
+from ..admin.status import install as install_status_page
+from ..admin.upstream_health import HealthChecker
+from ..brain import EngineGate
+from ..dataplane.boundary import Gate
+from ..dataplane.identity import Identifier
+from ..dataplane.listener import ProxyServer
+from ..observe.logs import event
+from ..observe.metrics import Telemetry
+from ..observe.observers import Observers
+from ..observe.recorder import Recorder, close_recorders
+from ..observe.selfmetrics import SelfMetrics
+from ..state.redis import LocalState, attach_state_store
+from .settings import ConfigError, Settings, load_settings, parse_host_port
+
+log = logging.getLogger("loopwatch")
+
+# Settings a reload cannot change on a running process: listeners and relay limits.
+# `state`: the shared store connects once, at start.
+RESTART_KEYS = (
+    "listen", "upstream", "routes", "tls", "upstream_tls", "limits", "admin", "state", "record",
+    "health_check",
+)
+
+
+@dataclass(frozen=True)
+class ConfigSources:
+    path: str | None
+    env: Mapping[str, str]
+    overrides: Mapping[str, object]
+
+
+@dataclass
+class Running:
+    """A started loopwatch: its listeners and how to stop it."""
+
+    settings: Settings
+    proxy: ProxyServer
+    admin: AdminServer
+    stop: asyncio.Event
+    gate: Gate
+    # Where the settings came from, so a reload reads the same sources again.
+    sources: ConfigSources | None = None
+    telemetry: Telemetry | None = None
+    # Who hears about config loads: the gate's observers, or telemetry's own
+    # when the gate has none (detection off).
+    observers: Observers = field(default_factory=Observers)
+    health: HealthChecker | None = None  # health_check.enabled: probes the upstream
+    self_metrics: SelfMetrics | None = None  # process_* and the event-loop lag on /metrics
+
+    @property
+    def engine(self) -> Engine:
+        assert isinstance(self.gate, EngineGate)
+        return self.gate.engine
+
+    @property
+    def proxy_port(self) -> int:
+        return self.proxy.port
+
+    @property
+    def admin_port(self) -> int:
+        return self.admin.port
+
+    def reload(self) -> dict[str, object]:
+        """Re-read the configuration and apply what can change live (detection,
+        policy, breakers, identity, the admin token). Raises ConfigError and keeps
+        the running settings when the new ones are invalid."""
+        if self.sources is None:
+            raise ConfigError("reload: this instance was not started from a config source")
+        source = self.sources.path
+        try:
+            new = load_settings(source, env=self.sources.env, overrides=self.sources.overrides)
+            new.require_upstream()
+        except ConfigError as e:
+            # Logged (config_loaded, result error) and counted by the observers.
+            info = {"reload": True, "result": "error", "source": source, "errors": e.errors}
+            self.observers.call("on_config", self.settings, info)
+            raise
+        old, self.settings = self.settings, new
+        if isinstance(self.gate, EngineGate):
+            self.gate.reconfigure(new)
+        restart = sorted(key for key in RESTART_KEYS if getattr(old, key) != getattr(new, key))
+        info = {"reload": True, "result": "ok", "source": source, "restart_required": restart}
+        self.observers.call("on_config", new, info)
+        return {"reloaded": True, "restart_required": restart}
+
+    async def close(self) -> None:
+        if self.health is not None:
+            await self.health.stop()
+        await self.proxy.shutdown()
+        await self.admin.stop()
+        if self.self_metrics is not None:
+            await self.self_metrics.stop()
+        if isinstance(self.gate, EngineGate):
+            self.gate.close()
+            await close_recorders(self.gate.observers)  # what is buffered reaches the file
+            await self.gate.state_store.close()
+        if self.telemetry is not None:
+            # Flushing spans may wait on the network: not on the event loop.
+            await asyncio.get_running_loop().run_in_executor(None, self.telemetry.shutdown)
+
+
+def build_gate(settings: Settings, observers: Observers | None = None) -> EngineGate:
+    """The detection engine behind the listener, with the given observers."""
+    engine = Engine(settings.detection, settings.policy, settings.breakers)
+    gate = EngineGate(
+        engine,
+        Identifier(settings.identity),
+        observers or Observers(),
+        reject_with=settings.policy.reject_with,
+    )
+    if settings.record.path is not None:  # every engine event, one JSON line each (loopwatch replay)
+        gate.observers.add(Recorder(settings.record))
+    attach_state_store(gate, settings)  # state.backend: redis shares it with other replicas
+    return gate
+
+
+async def start(
+    settings: Settings,
+    gate: Gate | None = None,
+    sources: ConfigSources | None = None,
+    telemetry: Telemetry | None = None,
+) -> Running:
+    """Start the listener and the admin port. Without a `gate`, detection runs
+    with the configured settings and telemetry's observers; pass `Gate()` to
+    switch detection off. Without `telemetry`, traces are set up from the OTEL_*
+    variables."""
+    settings.require_upstream()
+    if telemetry is None:
+        telemetry = Telemetry.from_env(settings, build_registry())
+    if gate is None:
+        gate = build_gate(settings, Observers(telemetry.observers))
+    observers = gate.observers if isinstance(gate, EngineGate) else Observers(telemetry.observers)
+    proxy = ProxyServer(settings, gate)
+    if isinstance(gate, EngineGate):
+        gate.server = proxy
+    if isinstance(gate, EngineGate):
+        telemetry.bind(proxy, gate.engine, observers, store=gate.state_store)
+    else:
+        telemetry.bind(proxy, None, observers)
+    host, port = parse_host_port(settings.listen)
+    await proxy.start(host, port)
+    registry = telemetry.registry
+    holder: list[Running] = []
+    store = gate.state_store if isinstance(gate, EngineGate) else LocalState()
+    admin = AdminServer(
+        registry,
+        ready=lambda: not proxy.closing and store.ready and (
+            not holder or holder[0].health is None or holder[0].health.healthy
+        ),
+        settings=lambda: (holder[0].settings if holder else settings).admin,
+    )
+    running = Running(settings, proxy, admin, asyncio.Event(), gate, sources, telemetry, observers)
+    holder.append(running)
+    if isinstance(gate, EngineGate):
+        admin.app.router.add_routes(AdminApi(running).routes())
+        install_status_page(running)  # GET / and the /api/events stream
+    admin_host, admin_port = parse_host_port(settings.admin.listen)
+    try:
+        await admin.start(admin_host, admin_port)
+    except BaseException:
+        await proxy.shutdown()
+        raise
+    running.self_metrics = SelfMetrics(registry)
+    running.self_metrics.start()
+    await store.start()  # connects in the background: admission never waits for Redis
+    if settings.health_check.enabled and isinstance(gate, EngineGate):
+        running.health = start_health_check(settings, proxy, gate)
+    event(
+        log, "listening",
+        proxy=f"{host}:{proxy.port}", admin=f"{admin_host}:{admin.port}",
+        routes={r.path_prefix: r.upstream for r in settings.effective_routes()},
+    )
+    source = sources.path if sources is not None else None
+    observers.call("on_config", settings, {"reload": False, "result": "ok", "source": source})
+    return running
+
+
+def start_health_check(settings: Settings, proxy: ProxyServer, gate: EngineGate) -> HealthChecker:
+    check = settings.health_check
+    route = proxy.router.match(check.path.partition("?")[0])
+    if route is None:
+        raise ConfigError(f"health_check.path: no route matches {check.path!r}")
+    checker = HealthChecker(
+        check, route, gate.health_result, ssl=proxy.upstream_ssl if route.upstream.tls else None
+    )
+    checker.start()
+    return checker
+
+
+async def serve(
+    settings: Settings,
+    *,
+    sources: ConfigSources | None = None,
+    on_started: Callable[[Running], None] | None = None,
+) -> int:
+    """Run until SIGTERM or SIGINT, then shut down gracefully; the exit status.
+    SIGHUP reloads the configuration."""
+    running = await start(settings, sources=sources)
+    tune_gc()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, running.stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload_logged(running))
+    if on_started is not None:
+        on_started(running)
+    await running.stop.wait()
+    event(log, "shutting down", live_connections=len(running.proxy.relays))
+    await running.close()
+    event(log, "stopped")
+    return 0
+
+
+# The collector's first generation is collected after this many net container
+# allocations (CPython's default: 700). A connection allocates dozens of short-lived
+# objects that reference counting frees anyway; at 700 the collector ran every few
+# connections and walked every live young object each time.
+GC_THRESHOLD = (20_000, 20, 20)
+
+
+def tune_gc() -> None:
+    """Once the proxy is up: move everything allocated at start (modules, settings,
+    metric families: ~10^5 objects) out of the collector's reach with gc.freeze, so
+    full collections walk only what connections and clients allocated since, and
+    collect the young generation less often (GC_THRESHOLD). Process-wide: only
+    `serve` (the `loopwatch run` process) calls it."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
+
+
+def _reload_logged(running: Running) -> None:
+    with contextlib.suppress(ConfigError):  # logged as config_loaded (result error)
+        running.reload()
+
+
+def run_loop(main: Callable[[], object]) -> object:
+    """asyncio.run on uvloop when it is installed."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(main())  # type: ignore[arg-type]
+    return uvloop.run(main())  # type: ignore[arg-type]

@@ -1,0 +1,757 @@
+"""loopwatch's settings: the models, loading with precedence, readable errors.
+
+Sources, lowest precedence first: built-in defaults, the YAML file,
+``LOOPWATCH_*`` environment variables, command-line overrides. They are merged
+into one plain mapping and validated once, so every mistake is reported in the
+same pass, each as ``dotted.key[0].path: expected …, got …`` rather than
+pydantic's raw multi-line text.
+
+Adding a section (detection, policy, …) is one line on ``Settings``::
+
+    detection: DetectionSettings = DetectionSettings()
+
+where ``DetectionSettings`` subclasses ``Section``. Its keys then work from the
+file, from ``LOOPWATCH_DETECTION__<KEY>`` and in error messages without more code;
+``tests/test_config.py`` fails until they are also in ``config/loopwatch.yaml``
+and ``docs/configuration.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import ipaddress
+import os
+import re
+import sys
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, NamedTuple
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from ...detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
+from ...detectors.units import ByteSize, Duration
+from ..admin.upstream_health import HealthCheckSettings
+from ..dataplane.identity import IdentitySettings
+from ..observe.metrics import TelemetrySettings
+from ..observe.recorder import RecordSettings
+from ..sections import SECRET, FieldError, OptionalSecret, Section
+from ..state.redis import StateSettings
+
+ENV_PREFIX = "LOOPWATCH_"
+# Names the file rather than a setting; the CLI reads it.
+ENV_CONFIG = "LOOPWATCH_CONFIG"
+# The admin API's URL for the operator commands (`loopwatch clients`, …), not a setting.
+ENV_ADMIN_URL = "LOOPWATCH_ADMIN_URL"
+ENV_SEPARATOR = "__"
+REDACTED = "***"
+UPSTREAM_SCHEMES = ("ws", "wss", "http", "https")
+
+Loc = tuple[str | int, ...]
+
+
+class ConfigError(Exception):
+    """One or more configuration mistakes, each a self-contained line."""
+
+    def __init__(self, errors: str | Sequence[str]) -> None:
+        self.errors: list[str] = [errors] if isinstance(errors, str) else list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+# --- value types -----------------------------------------------------------
+
+
+class HostPort(NamedTuple):
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_host_port(value: object) -> HostPort:
+    """HOST:PORT ("0.0.0.0:8080", "[::1]:8080") to (host, port); port 0 means any free port."""
+    expected = f'expected HOST:PORT such as "0.0.0.0:8080" or "[::1]:8080", got {value!r}'
+    if not isinstance(value, str):
+        raise ValueError(expected)
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+        if not sep or ":" not in host:
+            raise ValueError(expected)
+    else:
+        host, sep, port = value.rpartition(":")
+        # An unbracketed IPv6 address is ambiguous: is the last group the port?
+        if not sep or ":" in host:
+            raise ValueError(expected)
+    if not host or any(c.isspace() for c in host) or not (port.isascii() and port.isdigit()):
+        raise ValueError(expected)
+    number = int(port)
+    if number > 65535:
+        raise ValueError(f"expected a port from 0 to 65535, got {number} in {value!r}")
+    return HostPort(host, number)
+
+
+def _check_listen(value: object) -> str:
+    return str(parse_host_port(value))
+
+
+def _check_upstream_url(value: object) -> str:
+    expected = f"expected a ws://, wss://, http:// or https:// URL, got {value!r}"
+    if not isinstance(value, str):
+        raise ValueError(expected)
+    try:
+        parts = urlsplit(value)
+        _ = parts.port  # raises on a port that is not a number from 0 to 65535
+    except ValueError:
+        raise ValueError(expected) from None
+    if parts.scheme.lower() not in UPSTREAM_SCHEMES or not parts.hostname:
+        raise ValueError(expected)
+    return value
+
+
+def _lower(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
+
+
+ListenAddress = Annotated[str, BeforeValidator(_check_listen)]
+UpstreamURL = Annotated[str, BeforeValidator(_check_upstream_url)]
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["json", "text"]
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+# --- models ----------------------------------------------------------------
+
+
+class Route(Section):
+    path_prefix: str
+    upstream: UpstreamURL
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f'expected a path starting with "/", got {value!r}')
+        return value
+
+
+class ListenerTLS(Section):
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> ListenerTLS:
+        if self.cert_file is not None and self.key_file is None:
+            raise FieldError("key_file", "required when `cert_file` is set (set both or neither)")
+        if self.key_file is not None and self.cert_file is None:
+            raise FieldError("cert_file", "required when `key_file` is set (set both or neither)")
+        return self
+
+
+class UpstreamTLS(Section):
+    verify: bool = True
+    ca_file: str | None = None
+    server_name: str | None = None
+
+
+def _check_address_cap(value: object) -> object:
+    """A per-address cap: a count (an integer >= 1), a share of
+    limits.max_connections ("50%"), or null for none."""
+    expected = (
+        'expected an integer of at least 1, a share of max_connections such as "50%", '
+        f"or null, got {value!r}"
+    )
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ValueError(expected)
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isascii() and text.isdigit() and int(text) >= 1:
+            return int(text)
+        number = text[:-1].strip()
+        if text.endswith("%") and number.replace(".", "", 1).isdigit() and number.isascii():
+            share = float(number)
+            if 0 < share <= 100:
+                return f"{number}%"
+    raise ValueError(expected)
+
+
+AddressCap = Annotated[int | str | None, BeforeValidator(_check_address_cap)]
+ADDRESS_CAP_FLOOR = 16  # the least a share-of-max_connections cap comes to
+
+
+class Limits(Section):
+    max_message_size: Annotated[ByteSize, Field(ge=1)] = 64 * MiB
+    max_head_size: Annotated[ByteSize, Field(ge=1)] = 16 * KiB
+    early_data_size: ByteSize = 64 * KiB
+    error_body_size: ByteSize = 64 * KiB
+    handshake_timeout: Annotated[Duration, Field(gt=0)] = 10.0
+    connect_timeout: Annotated[Duration, Field(gt=0)] = 5.0
+    idle_timeout: Annotated[Duration, Field(gt=0)] | None = 3600.0
+    body_timeout: Annotated[Duration, Field(gt=0)] = 30.0
+    response_timeout: Annotated[Duration, Field(gt=0)] = 60.0
+    response_idle_timeout: Annotated[Duration, Field(gt=0)] = 60.0
+    max_connections: Annotated[int, Field(ge=1)] = 10_000
+    max_connections_per_address: AddressCap = "50%"
+    max_heads_per_address: AddressCap = "10%"
+    shutdown_timeout: Duration = 10.0
+
+    def address_cap(self, cap: int | str | None) -> int | None:
+        """A per-address cap as a number of connections; None for no cap. A share
+        is of max_connections, rounded down but never below ADDRESS_CAP_FLOOR (a
+        browser opens several connections at once to load a page) unless
+        max_connections itself is smaller."""
+        if cap is None or isinstance(cap, int):
+            return cap
+        share = int(self.max_connections * float(cap[:-1]) / 100)
+        return max(share, min(ADDRESS_CAP_FLOOR, self.max_connections))
+
+
+class EventStreamSettings(Section):
+    """Bounds of the status page's event streams (GET /api/events)."""
+
+    max_streams: Annotated[int, Field(ge=1, le=100_000)] = 100
+    max_buffer: Annotated[ByteSize, Field(ge=16 * KiB)] = 256 * KiB
+    send_buffer: Annotated[ByteSize, Field(ge=4 * KiB, le=16 * MiB)] = 32 * KiB
+    write_timeout: Annotated[Duration, Field(gt=0)] = 30.0
+
+
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._")
+
+
+def _ipv6(value: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.IPv6Address(value)
+    except ValueError:
+        return False
+    return True
+
+
+class AdminSettings(Section):
+    listen: ListenAddress = "127.0.0.1:9900"
+    token: OptionalSecret = None
+    allowed_hosts: tuple[str, ...] = ()
+    insecure: bool = False
+    event_streams: EventStreamSettings = EventStreamSettings()
+
+    @field_validator("token")
+    @classmethod
+    def _not_empty(cls, value: str | None) -> str | None:
+        # An empty token would read as "auth on" but accept "Bearer " from anyone.
+        if value == "":
+            raise ValueError("expected a non-empty token (or null for no token)")
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        """Names as a browser puts them in Host: lower case, no port, no scheme;
+        `*.example.com` for every subdomain, `*` for any Host (no check)."""
+        out = []
+        for entry in value:
+            written = entry.strip().lower()
+            name = written.removesuffix(".")
+            bare = name.removeprefix("[").removesuffix("]")
+            plain = name.removeprefix("*.")
+            ok = written == "*" or (
+                bool(plain) and set(plain) <= _HOST_CHARS and ".." not in plain and not plain.startswith(".")
+            ) or (":" in bare and _ipv6(bare))
+            if not ok:
+                raise ValueError(
+                    f'expected host names such as "loopwatch.internal" or "*.example.com" '
+                    f"(no scheme, no port: any port is accepted), got {entry!r}"
+                )
+            out.append(bare if ":" in bare else name)
+        return tuple(out)
+
+
+class LogSettings(Section):
+    level: Annotated[LogLevel, BeforeValidator(_lower)] = "info"
+    format: LogFormat = "json"
+
+
+class Settings(Section):
+    listen: ListenAddress = "0.0.0.0:8080"
+    upstream: UpstreamURL | None = None
+    routes: tuple[Route, ...] = ()
+    tls: ListenerTLS = ListenerTLS()
+    upstream_tls: UpstreamTLS = UpstreamTLS()
+    limits: Limits = Limits()
+    admin: AdminSettings = AdminSettings()
+    logging: LogSettings = LogSettings()
+    identity: IdentitySettings = IdentitySettings()
+    detection: DetectionSettings = DetectionSettings()
+    policy: PolicySettings = PolicySettings()
+    breakers: BreakerSettings = BreakerSettings()
+    state: StateSettings = StateSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
+    record: RecordSettings = RecordSettings()
+    health_check: HealthCheckSettings = HealthCheckSettings()
+
+    # A field validator rather than a model validator: it runs even when other
+    # sections are invalid, so this error is reported together with theirs.
+    @field_validator("routes")
+    @classmethod
+    def _check_routes(cls, routes: tuple[Route, ...], info: ValidationInfo) -> tuple[Route, ...]:
+        if routes and info.data.get("upstream") is not None:
+            raise ValueError("cannot be combined with `upstream` (set one or the other)")
+        first: dict[str, int] = {}
+        for i, route in enumerate(routes):
+            if route.path_prefix in first:
+                raise FieldError(
+                    (i, "path_prefix"),
+                    f"{route.path_prefix!r} is already the prefix of routes[{first[route.path_prefix]}]",
+                )
+            first[route.path_prefix] = i
+        return routes
+
+    def effective_routes(self) -> tuple[Route, ...]:
+        """The routes to match, longest path_prefix first (so the longest prefix wins)."""
+        routes = self.routes
+        if self.upstream is not None:
+            routes = (Route(path_prefix="/", upstream=self.upstream),)
+        return tuple(sorted(routes, key=lambda r: len(r.path_prefix), reverse=True))
+
+    def require_upstream(self) -> None:
+        """Raise ConfigError unless some upstream is set (`run` needs one; check-config not)."""
+        if self.upstream is None and not self.routes:
+            raise ConfigError(
+                "upstream: required: set `upstream` or `routes` (or LOOPWATCH_UPSTREAM / --upstream)"
+            )
+
+
+# --- loading ---------------------------------------------------------------
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Defaults < YAML file at `path` < `env` (os.environ when None) < `overrides`.
+
+    `overrides` maps dotted key paths ("upstream", "limits.max_connections") to
+    values; a None value means "not given" and is skipped.
+    """
+    data = {} if path is None else _read_yaml(path)
+    errors: list[str] = []
+    origins: dict[Loc, str] = {}
+    env_layer = _env_layer(os.environ if env is None else env, errors)
+    override_layer = [
+        (tuple(key.split(".")), value, "the command line")
+        for key, value in (overrides or {}).items()
+        if value is not None
+    ]
+    for layer in (env_layer, override_layer):
+        _apply(data, layer, origins)
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        errors.extend(_format_errors(exc, origins))
+    if errors:
+        raise ConfigError(errors)
+    return settings
+
+
+Layer = list[tuple[tuple[str, ...], Any, str]]
+
+
+def _env_layer(env: Mapping[str, str], errors: list[str]) -> Layer:
+    layer: Layer = []
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX) or name in (ENV_CONFIG, ENV_ADMIN_URL):
+            continue
+        if _is_service_link(name, env[name]):
+            continue  # Kubernetes put it there, not the operator (ignored_service_links)
+        parts = _env_parts(name)
+        if not all(parts):
+            errors.append(f"{name}: expected LOOPWATCH_<KEY> or LOOPWATCH_<SECTION>__<KEY>")
+            continue
+        raw = env[name]
+        # String settings take the value verbatim: as YAML, a token "123456" would
+        # turn into a number and "null" or "~" into no token at all.
+        value = raw if _strip_optional(_type_at(parts)) in (str, SecretStr) else _yaml_scalar(raw)
+        layer.append((parts, value, name))
+    return layer
+
+
+def _env_parts(name: str) -> tuple[str, ...]:
+    """LOOPWATCH_LIMITS__MAX_CONNECTIONS -> ("limits", "max_connections")."""
+    return tuple(name[len(ENV_PREFIX) :].lower().split(ENV_SEPARATOR))
+
+
+# Kubernetes' service links. For every Service in the pod's namespace the kubelet
+# sets, with <SVC> the Service's name upper-cased and "-" turned into "_" (so a
+# Service named loopwatch or loopwatch-admin lands in our prefix):
+#   <SVC>_SERVICE_HOST=10.0.0.11            <SVC>_SERVICE_PORT=8080
+#   <SVC>_SERVICE_PORT_<PORT NAME>=8080     <SVC>_PORT=tcp://10.0.0.11:8080
+#   <SVC>_PORT_8080_TCP=tcp://10.0.0.11:8080
+#   <SVC>_PORT_8080_TCP_PROTO=tcp  <SVC>_PORT_8080_TCP_PORT=8080  <SVC>_PORT_8080_TCP_ADDR=10.0.0.11
+# A variable is taken for one only when its name AND its value have that shape
+# and it names no setting, so a typo such as LOOPWATCH_ADMIN_PORT=9900 stays an error.
+# Names are upper case with single underscores (a Service or port name has no
+# "--"), so nothing spelt with the loader's own "__" is ever taken for one.
+_NAME = r"[A-Z0-9]+(?:_[A-Z0-9]+)*"
+_SVC = r"LOOPWATCH(?:_" + _NAME + ")?"
+_LINK = r"(?P<proto>tcp|udp|sctp)://(?P<host>\[[0-9A-Fa-f:.]+\]|[0-9A-Fa-f:.]+):(?P<port>[0-9]{1,5})"
+_PORT_PROTO = r"_PORT_(?P<port>[0-9]{1,5})_(?P<proto>TCP|UDP|SCTP)"
+
+
+def _ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _port(value: str) -> bool:
+    return value.isascii() and value.isdigit() and 0 < int(value) <= 65535
+
+
+def _link(value: str, proto: str | None = None, port: str | None = None) -> bool:
+    m = re.fullmatch(_LINK, value)
+    return bool(
+        m
+        and _ip(m["host"])
+        and _port(m["port"])
+        and (proto is None or m["proto"] == proto.lower())
+        and (port is None or m["port"] == port)
+    )
+
+
+class ServiceLinkShape(NamedTuple):
+    name: re.Pattern[str]
+    value_fits: Callable[[re.Match[str], str], bool]
+
+
+SERVICE_LINK_SHAPES: tuple[ServiceLinkShape, ...] = (
+    ServiceLinkShape(re.compile(_SVC + r"_SERVICE_HOST"), lambda m, v: _ip(v)),
+    ServiceLinkShape(re.compile(_SVC + r"_SERVICE_PORT(?:_" + _NAME + ")?"), lambda m, v: _port(v)),
+    ServiceLinkShape(re.compile(_SVC + r"_PORT"), lambda m, v: _link(v)),
+    ServiceLinkShape(re.compile(_SVC + _PORT_PROTO), lambda m, v: _link(v, m["proto"], m["port"])),
+    ServiceLinkShape(re.compile(_SVC + _PORT_PROTO + "_PROTO"), lambda m, v: v == m["proto"].lower()),
+    ServiceLinkShape(re.compile(_SVC + _PORT_PROTO + "_PORT"), lambda m, v: v == m["port"]),
+    ServiceLinkShape(re.compile(_SVC + _PORT_PROTO + "_ADDR"), lambda m, v: _ip(v)),
+)
+
+
+def service_link_name(name: str) -> bool:
+    """Whether `name` has the shape of a Kubernetes service-link variable."""
+    return any(shape.name.fullmatch(name) for shape in SERVICE_LINK_SHAPES)
+
+
+def _is_service_link(name: str, value: str) -> bool:
+    parts = _env_parts(name)
+    if all(parts) and _type_at(parts) is not None:
+        return False  # a real setting is never swallowed, whatever its name looks like
+    for shape in SERVICE_LINK_SHAPES:
+        m = shape.name.fullmatch(name)
+        if m and shape.value_fits(m, value):
+            return True
+    return False
+
+
+def ignored_service_links(env: Mapping[str, str]) -> list[str]:
+    """The LOOPWATCH_* variables load_settings ignores because Kubernetes set them
+    (a Service named loopwatch or loopwatch-…), sorted; the callers warn once."""
+    return sorted(
+        name for name, value in env.items() if name.startswith(ENV_PREFIX) and _is_service_link(name, value)
+    )
+
+
+def _yaml_scalar(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _apply(data: dict[str, Any], layer: Layer, origins: dict[Loc, str]) -> None:
+    touched: set[str] = set()
+    for parts, value, label in layer:
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        leaf, value = parts[-1], copy.deepcopy(value)
+        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+            _deep_merge(node[leaf], value)
+        else:
+            node[leaf] = value
+        for loc in [loc for loc in origins if loc[: len(parts)] == parts]:
+            del origins[loc]
+        origins[parts] = label
+        touched.add(parts[0])
+    # `upstream` and `routes` are two spellings of one setting, so precedence
+    # applies to the pair: `--upstream URL` replaces the file's routes instead
+    # of conflicting with them. One source setting both is still an error.
+    for mine, other in (("upstream", "routes"), ("routes", "upstream")):
+        if mine in touched and other not in touched:
+            data.pop(other, None)
+
+
+def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys, which PyYAML would silently collapse."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[str, int] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"duplicate key {key_node.value!r} (first on line {seen[key_node.value]})",
+                        key_node.start_mark,
+                    )
+                seen[key_node.value] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    name = os.fspath(path)
+    try:
+        text = Path(name).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read the config file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{name}: cannot read the config file: not UTF-8 text") from None
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:  # empty, or only comments: all defaults
+            return {}
+        if not isinstance(node, yaml.MappingNode):
+            got = "a list" if isinstance(node, yaml.SequenceNode) else repr(node.value)
+            raise ConfigError(
+                f"{name}:{node.start_mark.line + 1}: expected a mapping of settings "
+                f"(key: value lines) at the top level, got {got}"
+            )
+        data: dict[str, Any] = loader.construct_document(node)
+        return data
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
+        reason = ", ".join(part for part in (exc.context, exc.problem) if part)
+        raise ConfigError(f"{where}: invalid YAML: {reason}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{name}: invalid YAML: {exc}") from None
+    finally:
+        loader.dispose()
+
+
+# --- error messages --------------------------------------------------------
+
+_EXPECTED = {
+    "int_type": "expected an integer",
+    "int_parsing": "expected an integer",
+    "int_from_float": "expected an integer",
+    "float_type": "expected a number",
+    "float_parsing": "expected a number",
+    "bool_type": "expected true or false",
+    "bool_parsing": "expected true or false",
+    "string_type": "expected a string",
+    "model_type": "expected a mapping",
+    "model_attributes_type": "expected a mapping",
+    "dict_type": "expected a mapping",
+    "list_type": "expected a list",
+    "tuple_type": "expected a list",
+    "greater_than": "expected a value greater than {gt}",
+    "greater_than_equal": "expected a value of at least {ge}",
+    "less_than": "expected a value less than {lt}",
+    "less_than_equal": "expected a value of at most {le}",
+    "literal_error": "expected one of {expected}",
+}
+
+
+def _format_errors(exc: ValidationError, origins: Mapping[Loc, str]) -> list[str]:
+    lines: list[str] = []
+    for error in exc.errors(include_url=False):
+        loc: Loc = tuple(error["loc"])
+        ctx = error.get("ctx") or {}
+        kind = error["type"]
+        cause = ctx.get("error")
+        if isinstance(cause, FieldError):
+            loc += cause.loc
+        if kind == "missing":
+            message = "required"
+        elif kind == "extra_forbidden":
+            message = "unknown key" + _hint(loc)
+        elif kind in ("value_error", "assertion_error") and cause is not None:
+            message = str(cause)  # our validators and detectors.units say "expected …, got …"
+        else:
+            expected = _EXPECTED.get(kind, "").format(**ctx) or _fallback(error["msg"])
+            message = f"{expected}, got {_show(error['input'])}"
+        line = f"{_dotted(loc)}: {message}" if loc else message
+        source = _origin(loc, origins)
+        if source:
+            line += f" (from {source})"
+        if line not in lines:
+            lines.append(line)
+    return lines
+
+
+def _fallback(msg: str) -> str:
+    if msg.startswith("Input should be "):
+        return "expected " + msg.removeprefix("Input should be ")
+    return msg[:1].lower() + msg[1:]
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list | tuple):
+        return "a list"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _dotted(loc: Loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _origin(loc: Loc, origins: Mapping[Loc, str]) -> str | None:
+    best: Loc | None = None
+    for key in origins:
+        if loc[: len(key)] == key and (best is None or len(key) > len(best)):
+            best = key
+    return None if best is None else origins[best]
+
+
+def _hint(loc: Loc) -> str:
+    parent = _strip_optional(_type_at(loc[:-1]))
+    if not (isinstance(parent, type) and issubclass(parent, BaseModel)):
+        return ""
+    names = list(parent.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+    if close:
+        return f"; did you mean `{close[0]}`?"
+    return "; known keys: " + ", ".join(names)
+
+
+def _strip_optional(tp: Any) -> Any:
+    """The type under Annotated[...] and `X | None` wrappers."""
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(args) != 1:
+                return tp
+            tp = args[0]
+        else:
+            return tp
+
+
+def _type_at(loc: Sequence[str | int]) -> Any:
+    """The annotation of the setting at `loc` under Settings, or None if there is none."""
+    tp: Any = Settings
+    for part in loc:
+        tp = _strip_optional(tp)
+        origin = typing.get_origin(tp)
+        if isinstance(part, int) and origin in (tuple, list):
+            tp = typing.get_args(tp)[0]
+        elif isinstance(part, str) and origin is dict:
+            tp = typing.get_args(tp)[1]
+        elif isinstance(part, str) and isinstance(tp, type) and issubclass(tp, BaseModel):
+            field = tp.model_fields.get(part)
+            if field is None:
+                return None
+            tp = field.annotation
+        else:
+            return None
+    return tp
+
+
+# --- dumping and the check-config command ----------------------------------
+
+
+def dump_settings(settings: Settings, *, redact: bool = True) -> dict[str, Any]:
+    """Plain JSON/YAML-able data that load_settings reads back; secrets "***" if redact.
+
+    Secrets are fields marked SECRET (OptionalSecret) and pydantic SecretStr values.
+    """
+    data = settings.model_dump(mode="json")
+    _secrets(settings, data, redact)
+    return data
+
+
+def _secrets(model: BaseModel, data: dict[str, Any], redact: bool) -> None:
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            # pydantic always dumps "**********"; without redaction the dump must load back.
+            data[name] = REDACTED if redact else value.get_secret_value()
+        elif any(m is SECRET for m in field.metadata):
+            if redact:
+                data[name] = REDACTED
+        elif isinstance(value, BaseModel):
+            _secrets(value, data[name], redact)
+        elif isinstance(value, tuple | list):
+            for item, item_data in zip(value, data[name], strict=True):
+                if isinstance(item, BaseModel):
+                    _secrets(item, item_data, redact)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(item, BaseModel):
+                    _secrets(item, data[name][str(key)], redact)
+
+
+def check_config_main(path: str) -> int:
+    """`loopwatch check-config FILE`: errors to stderr and 2, or the effective config and 0."""
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return 2
+    try:
+        settings.require_upstream()
+    except ConfigError as exc:
+        # Not an error here: `loopwatch run --upstream URL` can still supply it.
+        print(f"note: {exc}", file=sys.stderr)
+    sys.stdout.write(yaml.safe_dump(dump_settings(settings), sort_keys=False, allow_unicode=True))
+    return 0

@@ -1,0 +1,171 @@
+"""The detection gate: identity → engine → refusal, engine wake-ups on the loop,
+engine actions applied to live connections, everything shown to observers.
+
+This is where the pure engine meets the event loop. Admission is synchronous:
+identify the client, `engine.admit(...)`, and answer — no await between the
+request head and the decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import TYPE_CHECKING
+
+from ..detectors import events as ev
+from ..detectors.actions import CloseConnection
+from ..detectors.decisions import Outcome, Reject
+from ..detectors.engine import Engine
+from .dataplane.boundary import Attempt, Gate, Refusal, RelayStats
+from .dataplane.heads import RequestHead
+from .dataplane.identity import Identifier
+from .observe.observers import Observers
+from .state.redis import LocalState, StateStore
+
+if TYPE_CHECKING:
+    from .app.settings import Settings
+    from .dataplane.listener import ProxyServer
+
+REASON_TEXT = {
+    "cooldown": "cooldown",
+    "min_interval": "too soon after the last attempt",
+    "max_concurrent": "too many connections",
+    "deny": "denied",
+    "circuit_open": "upstream unavailable",
+}
+
+
+# (reason, whole seconds, reject_with) -> (how, status, text): a looping client is
+# refused with the same words tens of times a second. Bounded; starts over when full.
+_WORDING: dict[tuple[str, int, str], tuple[str, int, str]] = {}
+_WORDING_SIZE = 1024
+
+
+def refusal_for(reject: Reject, reject_with: str) -> Refusal:
+    """How a rejection reaches the client. A browser reports every refused
+    handshake as 1006, so close-1013 (accept, then close with a reason it can
+    read) is the default; http-429 is cheapest for other clients. An open
+    breaker answers 503: the service, not the client, is the problem."""
+    retry = max(1, math.ceil(reject.retry_after))
+    key = (reject.reason, retry, reject_with)
+    wording = _WORDING.get(key)
+    if wording is None:
+        text = f"loopwatch: {REASON_TEXT.get(reject.reason, reject.reason)}, retry in {retry}s"
+        if reject_with == "http-429":
+            wording = ("http", 503 if reject.reason == "circuit_open" else 429, text)
+        else:
+            wording = ("close-1013", 1013, text)
+        if len(_WORDING) >= _WORDING_SIZE:
+            _WORDING.clear()
+        _WORDING[key] = wording
+    return Refusal(reject.reason, reject.retry_after, *wording)
+
+
+class EngineGate(Gate):
+    def __init__(
+        self,
+        engine: Engine,
+        identifier: Identifier,
+        observers: Observers,
+        *,
+        reject_with: str = "close-1013",
+    ):
+        self.engine = engine
+        self.identifier = identifier
+        self.observers = observers
+        self.reject_with = reject_with
+        self.server: ProxyServer | None = None  # set by the runtime, for engine actions
+        # Shares state with other replicas (state.backend: redis); LocalState
+        # when nothing is shared. Telemetry reads its `up` and `errors`.
+        self.state_store: StateStore = LocalState()
+        self._wake: asyncio.TimerHandle | None = None
+        self._wake_at: float | None = None
+
+    # --- the Gate interface ---------------------------------------------------
+
+    def attempt(self, head: RequestHead, peer: str, route: str, t: float) -> tuple[Attempt, Refusal | None]:
+        client = self.identifier.identify(head.text_headers(), head.query, peer)
+        conn = Attempt(key=client.key, route=route, peer=client.address, t0=t, head=head)
+        event = ev.Attempt(client.key, route, t, client.address)
+        decision = self.engine.admit(event)
+        self.observers.call("on_attempt", conn, event, decision)
+        refusal = None
+        if isinstance(decision, Reject):
+            refusal = refusal_for(decision, self.reject_with)
+            self.observers.call("on_rejected", conn, ev.Rejected(client.key, route, t, decision.reason))
+        self._apply(decision.outcome, t, conn)
+        return conn, refusal
+
+    def handshake_failed(self, conn: Attempt, t: float, status: int | None, error: str | None) -> None:
+        event = ev.HandshakeFailed(conn.key, conn.route, t, status, error)
+        self.observers.call("on_handshake_failed", conn, event)
+        self._apply(self.engine.record(event), t, conn)
+
+    def opened(self, conn: Attempt, t: float) -> None:
+        conn.opened_at = t
+        event = ev.Opened(conn.key, conn.route, t, conn.conn_id)
+        self.observers.call("on_opened", conn, event)
+        self._apply(self.engine.record(event), t, conn)
+
+    def closed(
+        self, conn: Attempt, t: float, code: int, reason: str, initiator: str, stats: RelayStats
+    ) -> None:
+        event = ev.Closed(conn.key, conn.route, t, conn.conn_id, code, reason, initiator, t - conn.opened_at)  # type: ignore[arg-type]
+        self.observers.call("on_closed", conn, event, stats)
+        self._apply(self.engine.record(event), t, conn)
+
+    # --- engine output --------------------------------------------------------
+
+    def _apply(self, outcome: Outcome, t: float, conn: Attempt | None = None) -> None:
+        if outcome:
+            for action in outcome.actions:
+                if isinstance(action, CloseConnection) and self.server is not None:
+                    relay = self.server.relays.get(action.conn_id)  # type: ignore[arg-type]
+                    if relay is not None:
+                        relay.close(action.code, action.reason)
+                    else:  # close-oldest may pick a connection on another replica
+                        self.state_store.forward_close(action)
+            self.observers.call("on_outcome", outcome, t, conn)
+        self._schedule()
+
+    def apply(self, outcome: Outcome, t: float) -> None:
+        """Act on an engine outcome that no step of this gate produced (another
+        replica's events, applied by the state store), like any other."""
+        self._apply(outcome, t)
+
+    def _schedule(self) -> None:
+        """Keep one timer armed for the engine's next wake-up time."""
+        wake_at = self.engine.next_wake
+        if wake_at is None or (self._wake_at is not None and self._wake_at <= wake_at):
+            return
+        if self._wake is not None:
+            self._wake.cancel()
+        self._wake_at = wake_at
+        delay = max(0.0, wake_at - time.monotonic())
+        self._wake = asyncio.get_running_loop().call_later(delay, self._on_wake)
+
+    def _on_wake(self) -> None:
+        self._wake = None
+        self._wake_at = None
+        now = time.monotonic()
+        self._apply(self.engine.wake(now), now)
+
+    def health_result(self, t: float, ok: bool) -> None:
+        """An active health check's result (proxy/admin/upstream_health.py) for the upstream breaker."""
+        self._apply(self.engine.record_health(t, ok), t)
+
+    def kick(self) -> None:
+        """Re-arm the wake-up timer after an operator changed the engine's state."""
+        self._schedule()
+
+    def reconfigure(self, settings: Settings) -> None:
+        """Apply reloaded settings; per-client state and breaker states are kept."""
+        self.engine.reconfigure(settings.detection, settings.policy, settings.breakers)
+        self.identifier = Identifier(settings.identity)
+        self.reject_with = settings.policy.reject_with
+        self._schedule()
+
+    def close(self) -> None:
+        if self._wake is not None:
+            self._wake.cancel()

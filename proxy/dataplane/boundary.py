@@ -1,0 +1,133 @@
+"""The server's single door to detection and telemetry.
+
+The listener calls a Gate at each step of a connection's life: `attempt` before
+the upgrade (synchronous: admission never awaits), then `handshake_failed`,
+`opened` and `closed`. `PassThroughGate` admits everyone and records nothing:
+it is loopwatch with detection switched off, the baseline the benchmarks
+compare against.
+"""
+
+from __future__ import annotations
+
+import logging
+import typing
+from dataclasses import dataclass
+from typing import Literal
+
+from ..observe.logs import event
+from .heads import RequestHead
+
+log = logging.getLogger("loopwatch.server")
+
+# Why loopwatch answered (or cut) a request itself, before the engine or the
+# upstream saw it: the `reason` label of loopwatch_requests_rejected_total, a
+# fixed set (docs/metrics.md, docs/relay.md).
+RejectedReason = Literal[
+    "bad_request",  # 400: a malformed or invalid request head
+    "head_too_large",  # 431: beyond limits.max_head_size
+    "head_timeout",  # 408: the head not complete within limits.handshake_timeout
+    "body_timeout",  # 408: a plain request's body stalled for limits.body_timeout
+    "upstream_timeout",  # 504: a plain request's upstream did not answer in time
+    "response_timeout",  # a plain response stalled mid-body for limits.response_idle_timeout: cut
+    "version",  # 505 (HTTP/2 and later over HTTP/1), 400 (HTTP/0.9)
+    "upgrade_required",  # 426: Sec-WebSocket-Version other than 13
+    "upgrade_with_body",  # 400: an upgrade request with Content-Length > 0 or Transfer-Encoding
+    "no_route",  # 404: no route for the path
+    "overload",  # 503: limits.max_connections reached
+    "address_limit",  # 503: limits.max_connections_per_address or max_heads_per_address reached
+    "shutting_down",  # 503: loopwatch is draining
+]
+REJECTED_REASONS: tuple[str, ...] = typing.get_args(RejectedReason)
+# Refusals that protect loopwatch or point at the upstream are warnings; a
+# client's own bad request is routine on the internet.
+_WARNING_REASONS = frozenset({"overload", "address_limit", "upstream_timeout", "response_timeout"})
+REJECTION_LOG_INTERVAL = 10.0  # seconds: at most one log line per reason this often
+
+
+class Rejections:
+    """Requests loopwatch answered itself before the engine saw them: a count per
+    reason (read at scrape time) and a log line per reason at most every
+    REJECTION_LOG_INTERVAL seconds, carrying how many were left unlogged since the
+    previous one (an attack of thousands a second writes one line per reason per
+    interval, not thousands)."""
+
+    __slots__ = ("counts", "_next_log", "_suppressed", "interval")
+
+    def __init__(self, interval: float = REJECTION_LOG_INTERVAL):
+        self.interval = interval
+        self.counts: dict[str, int] = dict.fromkeys(REJECTED_REASONS, 0)  # every label from the start
+        self._next_log: dict[str, float] = dict.fromkeys(REJECTED_REASONS, float("-inf"))
+        self._suppressed: dict[str, int] = dict.fromkeys(REJECTED_REASONS, 0)
+
+    def add(self, reason: str, status: int | None, peer: str, message: str, now: float) -> None:
+        """Count one rejection; `now` is monotonic seconds, `status` None for a cut."""
+        self.counts[reason] += 1
+        if now < self._next_log[reason]:
+            self._suppressed[reason] += 1
+            return
+        self._next_log[reason] = now + self.interval
+        suppressed, self._suppressed[reason] = self._suppressed[reason], 0
+        level = logging.WARNING if reason in _WARNING_REASONS else logging.INFO
+        event(
+            log, "request_rejected", level,
+            reason=reason, status=status, peer=peer, message=message, suppressed=suppressed,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """How an attempt is refused before it reaches the upstream."""
+
+    reason: str  # cooldown, min_interval, max_concurrent, deny, circuit_open, …
+    retry_after: float  # seconds
+    how: str = "close-1013"  # or "http" (status below + Retry-After)
+    status: int = 429
+    message: str = ""  # the close reason or the response body line
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One upgrade request, from arrival to close; the gate keeps what it needs here."""
+
+    key: str
+    route: str
+    peer: str
+    t0: float  # monotonic seconds at arrival
+    # The request head, until the request went upstream: then None (with
+    # extra_headers), so that a live connection does not keep its head in memory.
+    # Observers read it in on_attempt.
+    head: RequestHead | None
+    conn_id: int = 0
+    opened_at: float = 0.0  # monotonic seconds of the 101, for the connection's duration
+    extra_headers: list[tuple[bytes, bytes]] | None = None  # added to the upstream request
+    state: object = None  # the gate's own per-attempt data (trace span, …)
+
+
+@dataclass(frozen=True, slots=True)
+class RelayStats:
+    messages_in: int  # client → upstream
+    messages_out: int  # upstream → client
+    bytes_in: int
+    bytes_out: int
+
+
+class Gate:
+    def attempt(self, head: RequestHead, peer: str, route: str, t: float) -> tuple[Attempt, Refusal | None]:
+        return Attempt(key=peer, route=route, peer=peer, t0=t, head=head), None
+
+    def handshake_failed(self, attempt: Attempt, t: float, status: int | None, error: str | None) -> None:
+        pass
+
+    def opened(self, attempt: Attempt, t: float) -> None:
+        pass
+
+    def closed(
+        self, attempt: Attempt, t: float, code: int, reason: str, initiator: str, stats: RelayStats
+    ) -> None:
+        pass
+
+    def refused(self, attempt: Attempt, t: float, refusal: Refusal) -> None:
+        pass
+
+
+PassThroughGate = Gate

@@ -1,0 +1,140 @@
+"""Log lines an operator reads: what was found, what was done, and why.
+
+One line (a JSON object with `--log-format json`, the default) per finding
+raised or cleared, enforcement action, breaker transition and configuration
+load, on the `loopwatch.events` logger; per-connection access lines when
+`telemetry.access_log` asks for them. Field names are stable and listed in
+docs/logs.md; a line about a connection carries its trace id, so an operator
+can go from the line to the trace.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import TYPE_CHECKING, Any
+
+from ...detectors.actions import BreakerTransition, CloseConnection, CooldownEnded, CooldownStarted
+from ...detectors.decisions import Reject
+from .logs import event
+from .observers import Observer
+from .tracing import trace_id_of
+
+if TYPE_CHECKING:
+    from ...detectors import events as ev
+    from ...detectors.decisions import Admit, Outcome
+    from ..app.settings import Settings
+    from ..dataplane.boundary import Attempt, RelayStats
+    from .tracing import TracingObserver
+
+log = logging.getLogger("loopwatch.events")
+
+WARNING, INFO = logging.WARNING, logging.INFO
+
+
+class EventLogObserver(Observer):
+    name = "eventlog"
+
+    def __init__(self, settings: Settings, traces: TracingObserver | None = None):
+        self.traces = traces
+        self._reject: tuple[Attempt, Reject] | None = None  # on_attempt → on_rejected, same step
+        self.reconfigure(settings)
+
+    def reconfigure(self, settings: Settings) -> None:
+        t = settings.telemetry
+        self.access = t.access_log
+        self.sample_rate = t.access_log_sample_rate
+
+    def _fields(self, conn: Attempt | None, key: str, **fields: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {"client": key}
+        if conn is not None and conn.key == key:
+            out["route"] = conn.route
+        out.update(fields)
+        trace_id = trace_id_of(self.traces, conn, key)
+        if trace_id is not None:
+            out["trace_id"] = trace_id
+        return out
+
+    # --- findings, enforcement, breakers -------------------------------------------
+
+    def on_outcome(self, outcome: Outcome, t: float, conn: Attempt | None = None) -> None:
+        for f in outcome.raised:
+            fields = self._fields(conn, f.key, rule=f.rule, severity=f.severity, evidence=dict(f.evidence))
+            event(log, "finding_raised", WARNING, **fields)
+        for f in outcome.cleared:
+            event(log, "finding_cleared", INFO, client=f.key, rule=f.rule, severity=f.severity)
+        for a in outcome.actions:
+            if isinstance(a, CooldownStarted):
+                fields = self._fields(
+                    conn, a.key, action="cooldown", rule=a.rule, retry_after=round(a.duration, 3),
+                    repeat=a.repeat, enforced=a.enforced,
+                )
+                event(log, "enforcement", WARNING, **fields)
+            elif isinstance(a, CooldownEnded):
+                event(log, "enforcement", INFO, client=a.key, action="cooldown_ended")
+            elif isinstance(a, CloseConnection):
+                trace = self.traces.trace_by_id(a.conn_id) if self.traces else None  # type: ignore[arg-type]
+                fields = {"client": a.key, "action": "close_connection", "conn_id": a.conn_id,
+                          "code": a.code, "reason": a.reason}  # fmt: skip
+                if trace is not None:
+                    fields["trace_id"] = trace.trace_id
+                event(log, "enforcement", WARNING, **fields)
+            elif isinstance(a, BreakerTransition):
+                level = WARNING if a.to_state == "open" else INFO
+                event(log, "breaker_transition", level, breaker=a.name, **{"from": a.from_state, "to": a.to_state})
+            # WouldReject is per attempt: counted (loopwatch_would_reject_total) and
+            # in the access line, not a line of its own; the observe-mode cooldown
+            # behind it is logged once, as an enforcement with enforced=false.
+
+    def on_config(self, settings: Settings, info: dict[str, Any]) -> None:
+        self.reconfigure(settings)
+        level = INFO if info.get("result", "ok") == "ok" else logging.ERROR
+        event(log, "config_loaded", level, **info)
+
+    # --- access lines ------------------------------------------------------------
+
+    def _sampled(self) -> bool:
+        mode = self.access
+        return mode == "all" or (mode == "sampled" and random.random() < self.sample_rate)
+
+    def _access(self, conn: Attempt, **fields: Any) -> None:
+        line = self._fields(conn, conn.key, **fields)
+        line["route"] = conn.route
+        event(log, "access", INFO, **line)
+
+    def on_attempt(self, conn: Attempt, event_: ev.Attempt, decision: Admit | Reject) -> None:
+        self._reject = (conn, decision) if isinstance(decision, Reject) else None
+
+    def on_rejected(self, conn: Attempt, event_: ev.Rejected) -> None:
+        pending, self._reject = self._reject, None
+        if self.access == "off" or not self._sampled():
+            return
+        retry = round(pending[1].retry_after, 3) if pending is not None and pending[0] is conn else None
+        self._access(conn, outcome="refused", reason=event_.reason, retry_after=retry)
+
+    def on_handshake_failed(self, conn: Attempt, event_: ev.HandshakeFailed) -> None:
+        if self.access == "off" or not self._sampled():
+            return
+        if event_.status is not None:
+            outcome = "upstream_refused"
+        elif event_.error == "client_closed":
+            outcome = "client_gone"
+        else:
+            outcome = "upstream_error"
+        self._access(
+            conn, outcome=outcome, status=event_.status, error=event_.error,
+            handshake_duration=round(event_.t - conn.t0, 6),
+        )
+
+    def on_closed(self, conn: Attempt, event_: ev.Closed, stats: RelayStats) -> None:
+        if self.access == "off" or not self._sampled():
+            return
+        self._access(
+            conn, outcome="closed", status=101, conn_id=conn.conn_id, code=event_.code,
+            reason=event_.reason, initiator=event_.initiator, duration=round(event_.duration, 6),
+            messages_in=stats.messages_in, messages_out=stats.messages_out,
+            bytes_in=stats.bytes_in, bytes_out=stats.bytes_out,
+        )
+
+
+__all__ = ["EventLogObserver"]

@@ -1,0 +1,532 @@
+"""Prometheus metrics: an observer for what happens, a collector for what is.
+
+docs/metrics.md is the catalogue and the contract. Two sources feed it:
+
+* `MetricsObserver` counts lifecycle steps and engine outcomes, once per
+  connection step (never per frame), as plain numbers turned into metric
+  families at scrape time (proxy/observe/promstore.py), with the trace id as exemplar
+  when the connection's span is sampled.
+* `StateCollector` runs at scrape time: gauges of current state read from
+  `Engine.snapshot()`, and the message and byte counters, which add the live
+  relays' plain-int parser counters to the totals of closed connections. A
+  relay leaves `server.relays` and its counts are folded into those totals in
+  the same synchronous step (`ProxyServer.relay_done` → gate → observer), and
+  a scrape runs on the same event loop, so a message is counted exactly once.
+
+`Telemetry` bundles the registry, the three observers (traces, metrics, log
+lines) and the collector, and is what `proxy.runtime` wires in.
+"""
+
+from __future__ import annotations
+
+import time
+import typing
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from pydantic import BeforeValidator, Field
+
+from ...detectors.actions import CooldownStarted, WouldReject
+from ...detectors.breaker import BreakerState
+from ...detectors.decisions import RejectReason
+from ...detectors.events import INITIATORS
+from ...detectors.findings import SEVERITY_RANK
+from ...detectors.rules import RULE_NAMES
+from ...detectors.settings import BreakerSettings
+from ..dataplane.boundary import REJECTED_REASONS
+from ..sections import Section
+from .eventlog import EventLogObserver
+from .observers import Observer, Observers
+from .promstore import CounterStore, HistogramStore
+from .tracing import (
+    SAMPLED,
+    ConnTrace,
+    Sink,
+    TracingObserver,
+    client_hash,
+    tracing_from_env,
+)
+
+if TYPE_CHECKING:
+    from ...detectors import events as ev
+    from ...detectors.decisions import Outcome
+    from ...detectors.engine import Engine
+    from ..app.settings import Settings
+    from ..dataplane.boundary import Attempt, RelayStats
+    from ..dataplane.listener import ProxyServer
+
+
+# --- the telemetry: section ---------------------------------------------------
+
+
+def _off_is_a_string(value: object) -> object:
+    # YAML 1.1 reads an unquoted `off` as false; the user meant the mode "off".
+    return "off" if value is False else value
+
+
+AccessLog = Annotated[Literal["off", "sampled", "all"], BeforeValidator(_off_is_a_string)]
+
+
+class TelemetrySettings(Section):
+    expose_client_keys: bool = False
+    access_log: AccessLog = "off"
+    access_log_sample_rate: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
+
+
+# --- label values: every one from a fixed set ---------------------------------
+
+OUTCOMES = ("opened", "refused", "upstream_refused", "upstream_error", "client_gone")
+REASONS: tuple[str, ...] = typing.get_args(RejectReason)
+HANDSHAKE_ERRORS = ("connect", "timeout", "closed", "bad_response", "status_5xx")
+DIRECTIONS = ("client_to_upstream", "upstream_to_client")
+SEVERITIES = tuple(SEVERITY_RANK)
+COOLDOWN_RULES = (*RULE_NAMES, "manual")
+BREAKERS = tuple(BreakerSettings.model_fields)
+BREAKER_STATES = tuple(s.value for s in BreakerState)
+RELOAD_RESULTS = ("ok", "error")
+CODE_CLASSES = ("3xxx", "4xxx", "other")
+
+# Connection lifetimes span milliseconds (a loop) to hours (a healthy tab); the
+# edges at 1 s and 5 s are the detection defaults (retry_within, lived_under).
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0)
+HANDSHAKE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+def code_label(code: int, exact: frozenset[int]) -> str:
+    """The close-code label: exact for 1000–1015 and the auth codes, else a class."""
+    if 1000 <= code <= 1015 or code in exact:
+        return str(code)
+    if 3000 <= code <= 3999:
+        return "3xxx"
+    if 4000 <= code <= 4999:
+        return "4xxx"
+    return "other"
+
+
+def code_labels(auth_codes: Iterable[int]) -> tuple[str, ...]:
+    """Every value the `code` label can take with these auth codes."""
+    exact = sorted(set(range(1000, 1016)) | set(auth_codes))
+    return (*(str(c) for c in exact), *CODE_CLASSES)
+
+
+def handshake_error(error: str | None) -> str:
+    # The listener reports exactly these; anything new is a failure to connect.
+    return error if error in HANDSHAKE_ERRORS else "connect"
+
+
+# --- the observer: counts per connection step ----------------------------------
+
+
+class MetricsObserver(Observer):
+    """Counts connection steps and engine outcomes as plain numbers (proxy/observe/promstore.py);
+    `collect` turns them into metric families at scrape time."""
+
+    name = "metrics"
+
+    def __init__(self, registry: CollectorRegistry, settings: Settings, traces: TracingObserver | None):
+        self.traces = traces
+        self.routes = tuple(r.path_prefix for r in settings.effective_routes())
+        self.attempts = CounterStore(
+            "loopwatch_connection_attempts", "WebSocket upgrade attempts by outcome.", "route", "outcome"
+        )
+        self.refusals = CounterStore(
+            "loopwatch_refusals", "Attempts loopwatch refused, by reason.", "route", "reason"
+        )
+        self.would_reject = CounterStore(
+            "loopwatch_would_reject",
+            "Attempts let through (observe mode, rollout, allow list) that enforcement would have refused.",
+            "reason",
+        )
+        self.handshake_errors = CounterStore(
+            "loopwatch_upstream_handshake_errors", "Failed upstream handshakes, by error.", "route", "error"
+        )
+        self.auth_failures = CounterStore(
+            "loopwatch_auth_failures", "Closes with an auth close code, and 401/403 answers to the upgrade.",
+            "route",
+        )
+        self.closes = CounterStore(
+            "loopwatch_connection_closes", "Ended WebSockets by close code and who closed first.",
+            "route", "code", "initiator",
+        )
+        self.duration = HistogramStore(
+            "loopwatch_connection_duration_seconds", "Lifetime of relayed WebSockets, 101 to close.",
+            DURATION_BUCKETS,
+        )
+        self.handshake = HistogramStore(
+            "loopwatch_upstream_handshake_duration_seconds",
+            "From the client's upgrade request to the upstream's answer.", HANDSHAKE_BUCKETS,
+        )
+        self.findings = CounterStore("loopwatch_findings", "Findings raised by the rules.", "rule", "severity")
+        self.cooldowns = CounterStore(
+            "loopwatch_cooldowns", "Enforced cooldowns started, by the rule that caused them.", "rule"
+        )
+        self.reloads = CounterStore("loopwatch_config_reloads", "Configuration reloads, by result.", "result")
+        self.stores = (
+            self.attempts, self.refusals, self.would_reject, self.handshake_errors, self.auth_failures,
+            self.closes, self.duration, self.handshake, self.findings, self.cooldowns, self.reloads,
+        )  # fmt: skip
+        # Closed connections' messages and bytes, route -> [messages client to
+        # upstream, upstream to client, bytes the same]; live ones are added at scrape time.
+        self.closed_totals = {route: [0, 0, 0, 0] for route in self.routes}
+        self._precreate()
+        self.reconfigure(settings)
+        registry.register(_Families(self))
+
+    def _precreate(self) -> None:
+        for route in self.routes:
+            for outcome in OUTCOMES:
+                self.attempts.create(route, outcome)
+            for reason in REASONS:
+                self.refusals.create(route, reason)
+            for error in HANDSHAKE_ERRORS:
+                self.handshake_errors.create(route, error)
+            self.auth_failures.create(route)
+        self.duration.create(self.routes)
+        self.handshake.create(self.routes)
+        for reason in REASONS:
+            self.would_reject.create(reason)
+        for rule in RULE_NAMES:
+            for severity in SEVERITIES:
+                self.findings.create(rule, severity)
+        for rule in COOLDOWN_RULES:
+            self.cooldowns.create(rule)
+        for result in RELOAD_RESULTS:
+            self.reloads.create(result)
+
+    def reconfigure(self, settings: Settings) -> None:
+        """Settings that may change on reload: the auth codes and statuses."""
+        d = settings.detection
+        self.auth_codes = frozenset(d.auth_close_codes)
+        self.auth_statuses = frozenset(d.auth_statuses)
+        self.expose_client_keys = settings.telemetry.expose_client_keys
+        self.top_k = d.top_k
+        codes = code_labels(self.auth_codes)
+        # The exact codes' labels, made once (str(code) per close was a new string to hash).
+        self.exact_code_labels = {int(c): c for c in codes if c.isdigit()}
+        for route in self.routes:
+            for code in codes:
+                for initiator in INITIATORS:
+                    self.closes.create(route, code, initiator)
+
+    def _sampled(self, conn: Attempt | None, key: str | None = None) -> ConnTrace | None:
+        """The span an exemplar points at: the step's connection's, if sampled."""
+        if self.traces is None:
+            return None
+        trace = self.traces.trace_for(conn, key)
+        return trace if trace is not None and trace.sampled else None
+
+    # --- hooks (plain dict arithmetic: this runs for every connection) --------
+
+    def on_rejected(self, conn: Attempt, event: ev.Rejected) -> None:
+        self.attempts.values[conn.route, "refused"] += 1
+        self.refusals.add((conn.route, event.reason))
+
+    def on_handshake_failed(self, conn: Attempt, event: ev.HandshakeFailed) -> None:
+        route, status = conn.route, event.status
+        if status is not None:
+            self.attempts.values[route, "upstream_refused"] += 1
+            self.handshake.observe(route, event.t - conn.t0)
+            if status >= 500:
+                self.handshake_errors.values[route, "status_5xx"] += 1
+            if status in self.auth_statuses:
+                self.auth_failures.values[route,] += 1
+        elif event.error == "client_closed":
+            self.attempts.values[route, "client_gone"] += 1
+        else:
+            self.attempts.values[route, "upstream_error"] += 1
+            self.handshake_errors.add((route, handshake_error(event.error)))
+
+    def on_opened(self, conn: Attempt, event: ev.Opened) -> None:
+        self.attempts.values[conn.route, "opened"] += 1
+        self.handshake.observe(conn.route, event.t - conn.t0)
+
+    def on_closed(self, conn: Attempt, event: ev.Closed, stats: RelayStats) -> None:
+        route, code = conn.route, event.code
+        label = self.exact_code_labels.get(code) or code_label(code, self.auth_codes)
+        self.closes.add((route, label, event.initiator))
+        state = conn.state
+        self.duration.observe(
+            route, event.duration, state if type(state) is ConnTrace and state.flags & SAMPLED else None
+        )
+        if code in self.auth_codes:
+            self.auth_failures.values[route,] += 1
+        totals = self.closed_totals.get(route)
+        if totals is None:
+            totals = self.closed_totals[route] = [0, 0, 0, 0]
+        totals[0] += stats.messages_in
+        totals[1] += stats.messages_out
+        totals[2] += stats.bytes_in
+        totals[3] += stats.bytes_out
+
+    def on_outcome(self, outcome: Outcome, t: float, conn: Attempt | None = None) -> None:
+        for finding in outcome.raised:
+            self.findings.add((finding.rule, finding.severity), 1, self._sampled(conn, finding.key))
+        for action in outcome.actions:
+            if isinstance(action, CooldownStarted):
+                if action.enforced:
+                    self.cooldowns.add((action.rule,))
+            elif isinstance(action, WouldReject):
+                self.would_reject.add((action.reason,))
+
+    def on_config(self, settings: Settings, info: dict[str, Any]) -> None:
+        self.reconfigure(settings)
+        if info.get("reload"):
+            self.reloads.add(("ok" if info.get("result") == "ok" else "error",))
+
+
+class _Families(Collector):
+    """The metrics observer's numbers as metric families, built at scrape time."""
+
+    def __init__(self, metrics: MetricsObserver):
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        for store in self.metrics.stores:
+            yield store.family()
+
+    def describe(self) -> Iterator[Metric]:
+        return self.collect()
+
+
+# --- the collector: current state at scrape time -------------------------------
+
+
+class StateCollector(Collector):
+    """Gauges of current state and the live part of the message counters, read when
+    Prometheus scrapes, so nothing is copied on every event."""
+
+    def __init__(
+        self,
+        metrics: MetricsObserver,
+        *,
+        engine: Engine | None,
+        server: ProxyServer | None,
+        observers: Observers | None,
+        live_counts: bool = True,
+        store: object = None,
+        spans: Sink | None = None,
+    ):
+        self.metrics = metrics
+        self.spans = spans  # its `dropped`: spans lost on the way to the exporters
+        self.engine = engine
+        self.server = server
+        self.observers = observers
+        self.live_counts = live_counts
+        self.store = store  # the shared state store: `up` and `errors` (proxy/state/redis.py)
+
+    def describe(self) -> Iterator[Metric]:
+        # Names only: the registry checks them for clashes without a scrape.
+        yield from self._families().values()
+
+    def collect(self) -> Iterator[Metric]:
+        families = self._families()
+        self._relays(families)
+        self._engine(families)
+        store = self.store
+        families["store_up"].add_metric([], 1.0 if getattr(store, "up", True) else 0.0)
+        families["store_errors"].add_metric([], getattr(store, "errors", 0))
+        families["spans_dropped"].add_metric([], self.spans.dropped if self.spans is not None else 0)
+        # The listener's own answers, before the engine: plain ints it keeps per reason.
+        counts = self.server.rejections.counts if self.server is not None else {}
+        rejected = families["rejected"]
+        for reason in REJECTED_REASONS:
+            rejected.add_metric([reason], counts.get(reason, 0))
+        errors = families["observer_errors"]
+        if self.observers is not None:
+            counts = self.observers.errors
+            for name in dict.fromkeys(o.name for o in self.observers.observers):
+                errors.add_metric([name], counts.get(name, 0))
+        yield from families.values()
+
+    def _families(self) -> dict[str, Any]:
+        g, c = GaugeMetricFamily, CounterMetricFamily
+        return {
+            "active": g("loopwatch_connections_active", "WebSockets currently relayed.", labels=["route"]),
+            "messages": c(
+                "loopwatch_messages", "WebSocket data messages relayed.", labels=["route", "direction"]
+            ),
+            "bytes": c(
+                "loopwatch_message_bytes", "Payload bytes of relayed data messages.",
+                labels=["route", "direction"],
+            ),
+            "flagged": g(
+                "loopwatch_clients_flagged", "Clients with an active finding of the rule.", labels=["rule"]
+            ),
+            "cooldown": g("loopwatch_clients_in_cooldown", "Clients refused right now."),
+            "tracked": g("loopwatch_clients_tracked", "Clients the engine holds state for."),
+            "evicted": c(
+                "loopwatch_clients_evicted", "Clients dropped from state (LRU cap or idle TTL)."
+            ),
+            "fleet_rate": g(
+                "loopwatch_fleet_attempts_per_second", "Fleet-wide attempt rate over detection.fleet.window."
+            ),
+            "fleet_auth": g(
+                "loopwatch_fleet_auth_failure_ratio", "Fleet-wide share of attempts ending in an auth failure."
+            ),
+            "storm": g("loopwatch_reconnect_storm", "1 while the fleet attempt rate is far above its baseline."),
+            "circuit": g(
+                "loopwatch_circuit_state", "1 for the breaker's current state.", labels=["breaker", "state"]
+            ),
+            "transitions": c(
+                "loopwatch_circuit_transitions", "Circuit breaker state changes.", labels=["breaker", "to"]
+            ),
+            "top": g(
+                "loopwatch_top_offender_attempts_per_second",
+                "Attempt rate of the top-K clients (key hashed unless telemetry.expose_client_keys).",
+                labels=["client"],
+            ),
+            "observer_errors": c(
+                "loopwatch_observer_errors", "Exceptions raised by an observer.", labels=["observer"]
+            ),
+            "store_up": g(
+                "loopwatch_state_store_up", "1 while this replica shares state through the store."
+            ),
+            "store_errors": c(
+                "loopwatch_state_store_errors", "Failed round trips to the shared state store."
+            ),
+            "rejected": c(
+                "loopwatch_requests_rejected",
+                "Requests loopwatch answered (or cut) itself before the engine saw them, by reason.",
+                labels=["reason"],
+            ),
+            "spans_dropped": c(
+                "loopwatch_spans_dropped",
+                "Finished spans lost before an exporter got them (queue full, exporter process gone).",
+            ),
+        }
+
+    def _relays(self, families: dict[str, Any]) -> None:
+        m = self.metrics
+        active = dict.fromkeys(m.routes, 0)
+        totals = {route: list(t) for route, t in m.closed_totals.items()}
+        if self.server is not None:
+            live = self.live_counts
+            for relay in self.server.relays.values():
+                route = relay.context.route  # type: ignore[attr-defined]
+                active[route] = active.get(route, 0) + 1
+                if not live:
+                    continue
+                c, u = relay.client.parser, relay.upstream.parser
+                t = totals.setdefault(route, [0, 0, 0, 0])
+                t[0] += c.messages
+                t[1] += u.messages
+                t[2] += c.message_bytes
+                t[3] += u.message_bytes
+        up, down = DIRECTIONS
+        for route, n in active.items():
+            families["active"].add_metric([route], n)
+        for route, (messages_up, messages_down, bytes_up, bytes_down) in totals.items():
+            families["messages"].add_metric([route, up], messages_up)
+            families["messages"].add_metric([route, down], messages_down)
+            families["bytes"].add_metric([route, up], bytes_up)
+            families["bytes"].add_metric([route, down], bytes_down)
+
+    def _engine(self, families: dict[str, Any]) -> None:
+        engine = self.engine
+        if engine is None:
+            return
+        t = time.monotonic()
+        snap = engine.snapshot(t)
+        for rule in RULE_NAMES:
+            families["flagged"].add_metric([rule], snap.clients_flagged.get(rule, 0))
+        families["cooldown"].add_metric([], snap.clients_in_cooldown)
+        families["tracked"].add_metric([], snap.clients_tracked)
+        families["evicted"].add_metric([], snap.evictions_total)
+        families["fleet_rate"].add_metric([], snap.fleet_attempt_rate)
+        families["fleet_auth"].add_metric([], snap.fleet_auth_failure_ratio)
+        families["storm"].add_metric([], 1.0 if snap.storm else 0.0)
+        for breaker in engine.breakers(t):
+            for state in BREAKER_STATES:
+                families["circuit"].add_metric([breaker.name, state], 1.0 if breaker.state == state else 0.0)
+                families["transitions"].add_metric(
+                    [breaker.name, state], breaker.transitions_total.get(state, 0)
+                )
+        expose = self.metrics.expose_client_keys
+        # The snapshot holds detection.top_k entries; the slice keeps the bound
+        # even if a caller asked the engine for more.
+        for key, rate in snap.top_offenders[: self.metrics.top_k]:
+            families["top"].add_metric([key if expose else client_hash(key)], rate)
+
+
+# --- the bundle the runtime wires in --------------------------------------------
+
+
+class Telemetry:
+    """The metrics registry and the telemetry observers, in the order they run:
+    traces first (they create the connection's span and trace id the others
+    quote), then metrics, then log lines."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: CollectorRegistry,
+        *,
+        spans: Sink | None = None,
+        owns_spans: bool = False,
+    ):
+        self.settings = settings
+        self.registry = registry
+        self.spans = spans
+        self._owns_spans = owns_spans
+        self.tracing = TracingObserver(spans, settings) if spans is not None else None
+        self.metrics = MetricsObserver(registry, settings, self.tracing)
+        self.events = EventLogObserver(settings, self.tracing)
+        self.collector: StateCollector | None = None
+
+    @classmethod
+    def from_env(cls, settings: Settings, registry: CollectorRegistry) -> Telemetry:
+        """Tracing as the standard OTEL_* variables say (none by default)."""
+        spans = tracing_from_env()
+        return cls(settings, registry, spans=spans, owns_spans=spans is not None)
+
+    @property
+    def observers(self) -> list[Observer]:
+        found: list[Observer | None] = [self.tracing, self.metrics, self.events]
+        return [o for o in found if o is not None]
+
+    def bind(
+        self,
+        server: ProxyServer | None,
+        engine: Engine | None,
+        observers: Observers,
+        store: object = None,
+    ) -> None:
+        """Register the scrape-time collector. `observers` are the ones the gate
+        calls when there is an `engine` (detection on). The live relays' message
+        counts are added only when this bundle's metrics observer is among them,
+        so that it folds them in at each close; otherwise a closing connection's
+        messages would vanish from the counter. `store`: the shared state store
+        (its `up` and `errors`); None is the in-memory default, always up."""
+        if self.tracing is not None:
+            self.tracing.bind(server, engine)
+        self.collector = StateCollector(
+            self.metrics,
+            engine=engine,
+            server=server,
+            observers=observers,
+            live_counts=engine is not None and self.metrics in observers.observers,
+            store=store,
+            spans=self.spans,
+        )
+        self.registry.register(self.collector)
+
+    def shutdown(self) -> None:
+        """Hand over the spans still waiting and stop the span exporters (blocking:
+        run it off the event loop, once the listener is closed)."""
+        if self.tracing is not None:
+            self.tracing.flush()
+        if self._owns_spans and self.spans is not None:
+            self.spans.shutdown()
+
+
+__all__ = [
+    "MetricsObserver",
+    "StateCollector",
+    "Telemetry",
+    "TelemetrySettings",
+    "client_hash",
+    "code_label",
+    "code_labels",
+]

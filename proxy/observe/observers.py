@@ -1,0 +1,107 @@
+"""Observers: telemetry, logs, the recorder and the status page watch the
+connection lifecycle and the engine's output; none of them can break a relay.
+
+Each observer gets every step of every attempt (with the engine event that
+step produced) and every engine outcome. `Observers` calls them in order and
+contains failures the way mitmproxy's `safecall` does: an observer that raises
+is logged once per observer and counted, and the relay carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ...detectors import events as ev
+    from ...detectors.engine import Admit, Outcome, Reject
+    from ..app.settings import Settings
+    from ..dataplane.boundary import Attempt, RelayStats
+
+log = logging.getLogger("loopwatch.observers")
+
+
+class Observer:
+    """Override what you need; every hook is called synchronously on the event loop
+    and must not block."""
+
+    name = "observer"
+
+    def on_attempt(self, conn: Attempt, event: ev.Attempt, decision: Admit | Reject) -> None:
+        """Before the upstream is contacted. May add `conn.extra_headers` (traceparent)."""
+
+    def on_rejected(self, conn: Attempt, event: ev.Rejected) -> None:
+        """loopwatch refused the attempt (after on_attempt)."""
+
+    def on_handshake_failed(self, conn: Attempt, event: ev.HandshakeFailed) -> None:
+        pass
+
+    def on_opened(self, conn: Attempt, event: ev.Opened) -> None:
+        pass
+
+    def on_closed(self, conn: Attempt, event: ev.Closed, stats: RelayStats) -> None:
+        pass
+
+    def on_outcome(self, outcome: Outcome, t: float, conn: Attempt | None = None) -> None:
+        """Findings raised/cleared and actions (cooldowns, breaker transitions …).
+
+        `conn` is the attempt whose step produced the outcome (its span gets the
+        finding, its trace id the exemplar); None for wake-ups and operator calls."""
+
+    def on_config(self, settings: Settings, info: dict[str, object]) -> None:
+        """Settings were loaded at start or by a reload (`info`: reload, result
+        ok/error, source, errors, restart_required). After a failed reload
+        `settings` are the ones still running."""
+
+
+class Observers:
+    """An explicit, ordered list of observers with failure containment.
+
+    `call` runs on every step of every connection, so each hook's bound methods
+    are looked up once (when first called after the list changed) and observers
+    that leave a hook as `Observer`'s no-op are not called for it at all.
+    """
+
+    def __init__(self, observers: list[Observer] | None = None):
+        self.observers: list[Observer] = list(observers or [])
+        self.errors: Counter[str] = Counter()
+        # hook -> ((observer, bound method or None), …) for the observers that
+        # implement it; None: the attribute is missing, getattr raises at call time.
+        self._hooks: dict[str, tuple[tuple[Observer, Any], ...]] = {}
+        self._seen: list[Observer] = []  # the list the table was built for
+
+    def add(self, observer: Observer) -> None:
+        self.observers.append(observer)
+        self._hooks.clear()
+
+    def _bound(self, hook: str) -> tuple[tuple[Observer, Any], ...]:
+        if self._seen != self.observers:  # changed behind add()'s back
+            self._hooks.clear()
+            self._seen = list(self.observers)
+        noop = getattr(Observer, hook, None)
+        out = []
+        for observer in self.observers:
+            method = getattr(observer, hook, None)
+            if noop is not None and getattr(method, "__func__", None) is noop:
+                continue  # the base class's no-op
+            out.append((observer, method))
+        bound = self._hooks[hook] = tuple(out)
+        return bound
+
+    def call(self, hook: str, *args: object) -> None:
+        bound = self._hooks.get(hook)
+        if bound is None or len(self._seen) != len(self.observers):
+            bound = self._bound(hook)
+        for observer, method in bound:
+            try:
+                if method is None:
+                    method = getattr(observer, hook)
+                method(*args)
+            except Exception:
+                name = observer.name
+                if not self.errors[name]:  # once per observer; later failures are only counted
+                    log.error(
+                        "observer_error", exc_info=True, extra={"fields": {"observer": name, "hook": hook}}
+                    )
+                self.errors[name] += 1

@@ -1,0 +1,217 @@
+"""Recording: every engine event as one JSON line, for `loopwatch replay`.
+
+The recorder is an observer. It sees exactly what the engine is fed — each
+`Attempt` (before admission), the `Rejected` the engine records when it
+refuses one, and every `HandshakeFailed`, `Opened` and `Closed` — in the order
+the engine saw them, and appends each as ``detectors.events.to_dict`` plus a
+``wall`` field (Unix time, so a person can tell when; the engine's ``t`` is
+the proxy's monotonic clock and is what replay uses).
+
+Writing never happens on the event loop: hooks only append a line to an
+in-memory buffer, and a writer task hands the buffer to a thread every
+``FLUSH_INTERVAL`` (sooner when it grows large). The buffer is bounded: past
+``MAX_PENDING`` lines new events are dropped and counted, so a stalled disk
+slows nothing and grows nothing. Files are bounded too: when the next batch
+would take the file past ``record.max_bytes`` it is rotated to ``PATH.1``
+(``PATH.1`` to ``PATH.2`` …, keeping ``record.rotate`` of them); with
+``rotate: 0`` the full file is simply started over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Annotated, Any
+
+from pydantic import Field
+
+from ...detectors import events as ev
+from ...detectors.units import ByteSize
+from ..sections import Section
+from .observers import Observer, Observers
+
+if TYPE_CHECKING:
+    from ...detectors.decisions import Admit, Reject
+    from ..dataplane.boundary import Attempt, RelayStats
+
+log = logging.getLogger("loopwatch.recorder")
+
+FLUSH_INTERVAL = 0.5  # seconds between writes; a crash loses at most this much
+FLUSH_LINES = 5_000  # a burst this large is written without waiting for the interval
+MAX_PENDING = 200_000  # lines buffered while the disk is slow; beyond, events are dropped
+
+
+class RecordSettings(Section):
+    path: str | None = None
+    max_bytes: Annotated[ByteSize, Field(ge=4096)] = 100 * 1024 * 1024
+    rotate: Annotated[int, Field(ge=0, le=1000)] = 5
+
+
+class EventFile:
+    """The file side, used from one writer thread at a time (the lock makes the
+    final synchronous flush at shutdown safe against a write still running)."""
+
+    def __init__(self, path: str, max_bytes: int, rotate: int):
+        self.path = path
+        self.max_bytes = max_bytes
+        self.rotate_count = rotate
+        self.rotations = 0
+        self._lock = threading.Lock()
+        # Opened at start-up, so a bad path fails `loopwatch run` at once, not silently later.
+        self._file = open(path, "ab")  # noqa: SIM115 - held open for the recorder's life
+        self.size = self._file.tell()
+
+    def write(self, lines: Iterable[bytes]) -> int:
+        """Append lines (each ending in a newline), rotating as needed; bytes written."""
+        written = 0
+        with self._lock:
+            if self._file.closed:
+                return 0
+            chunk: list[bytes] = []
+            chunk_size = 0
+            for line in lines:
+                if self.size + chunk_size + len(line) > self.max_bytes and self.size + chunk_size > 0:
+                    written += self._append(chunk, chunk_size)
+                    chunk, chunk_size = [], 0
+                    self._rotate()
+                chunk.append(line)
+                chunk_size += len(line)
+            written += self._append(chunk, chunk_size)
+            self._file.flush()
+        return written
+
+    def _append(self, chunk: list[bytes], size: int) -> int:
+        if chunk:
+            self._file.write(b"".join(chunk))
+            self.size += size
+        return size
+
+    def _rotate(self) -> None:
+        self._file.close()
+        if self.rotate_count > 0:
+            for i in range(self.rotate_count - 1, 0, -1):
+                older = f"{self.path}.{i}"
+                if os.path.exists(older):
+                    os.replace(older, f"{self.path}.{i + 1}")
+            os.replace(self.path, f"{self.path}.1")
+        self._file = open(self.path, "wb")  # noqa: SIM115 - held open for the recorder's life
+        self.size = 0
+        self.rotations += 1
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+class Recorder(Observer):
+    """Appends every engine event to ``record.path`` as one JSON line."""
+
+    name = "recorder"
+
+    def __init__(self, settings: RecordSettings, *, flush_interval: float = FLUSH_INTERVAL):
+        assert settings.path is not None
+        self.file = EventFile(settings.path, settings.max_bytes, settings.rotate)
+        self.flush_interval = flush_interval
+        self.recorded = 0
+        self.dropped = 0  # buffer full: the disk could not keep up
+        self.write_errors = 0
+        self._pending: list[bytes] = []
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # --- observer hooks: the engine's inputs, in its order --------------------
+
+    def on_attempt(self, conn: Attempt, event: ev.Attempt, decision: Admit | Reject) -> None:
+        self._add(event)
+
+    def on_rejected(self, conn: Attempt, event: ev.Rejected) -> None:
+        self._add(event)
+
+    def on_handshake_failed(self, conn: Attempt, event: ev.HandshakeFailed) -> None:
+        self._add(event)
+
+    def on_opened(self, conn: Attempt, event: ev.Opened) -> None:
+        self._add(event)
+
+    def on_closed(self, conn: Attempt, event: ev.Closed, stats: RelayStats) -> None:
+        self._add(event)
+
+    # --- buffering -------------------------------------------------------------
+
+    def _add(self, event: ev.Event) -> None:
+        if self._closed:
+            return
+        if len(self._pending) >= MAX_PENDING:
+            self.dropped += 1
+            return
+        record: dict[str, Any] = ev.to_dict(event)
+        record["wall"] = round(time.time(), 6)
+        self._pending.append(
+            (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        )
+        self.recorded += 1
+        if self._task is None:
+            self._start()
+        elif len(self._pending) >= FLUSH_LINES and self._wakeup is not None:
+            self._wakeup.set()
+
+    def _start(self) -> None:
+        # Started by the first event, so the recorder needs no start-up hook and
+        # is always created inside the running loop it writes from.
+        self._wakeup = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._writer(), name="loopwatch-recorder")
+
+    async def _writer(self) -> None:
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), self.flush_interval)
+            self._wakeup.clear()
+            await self._flush(loop)
+
+    async def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        try:
+            await loop.run_in_executor(None, self.file.write, batch)
+        except OSError:
+            self.write_errors += 1
+            if self.write_errors == 1:  # once: a full disk must not flood the log
+                log.error("record_write_failed", exc_info=True, extra={"fields": {"path": self.file.path}})
+
+    async def aclose(self) -> None:
+        """Write what is buffered and close the file."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._flush(asyncio.get_running_loop())
+        self.file.close()
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "recorded": self.recorded,
+            "dropped": self.dropped,
+            "write_errors": self.write_errors,
+            "rotations": self.file.rotations,
+            "pending": len(self._pending),
+        }
+
+
+async def close_recorders(observers: Observers) -> None:
+    """Flush and close every recorder among `observers` (at shutdown)."""
+    for observer in observers.observers:
+        if isinstance(observer, Recorder):
+            await observer.aclose()

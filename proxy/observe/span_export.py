@@ -1,0 +1,466 @@
+"""Where finished spans go: the OpenTelemetry SDK's span processors and exporters,
+in this process (`SpanSink`, for tests and embedders that hand over exporter
+objects) or in a child process (`ProcessSpanSink`, what `OTEL_TRACES_EXPORTER`
+configures when loopwatch runs).
+
+Why a child process: under handshake load the event loop is the one busy
+thread, and everything the SDK does with a finished span (building the
+`ReadableSpan`, the BatchSpanProcessor's queue and export thread, protobuf
+encoding, HTTP) holds the same GIL. A child process does that on another core;
+the event loop only packs each span as a tuple of plain values (tracing.py's
+record) and a writer thread hands batches of them over a pipe (`marshal`, a
+length prefix per batch). Sampling and ids stay in this process: the sampled
+flag goes into the `traceparent` sent upstream before any span exists.
+
+Bounded like the SDK's own queue: batches wait in a queue of `QUEUE_BATCHES`;
+when it is full (the child is slower than the traffic) or the child is gone,
+spans are dropped and counted (`dropped`, `loopwatch_spans_dropped_total`),
+and a child that died is started again, at most once per `RESPAWN_INTERVAL`.
+The child reads until end of input, so it also ends when loopwatch is killed,
+exporting what it holds first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import marshal
+import os
+import queue
+import random
+import select
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from ... import __version__
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+    from opentelemetry.sdk.trace.export import SpanExporter
+    from opentelemetry.sdk.trace.id_generator import IdGenerator
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+log = logging.getLogger("loopwatch.tracing")
+
+EXPORTERS = ("none", "console", "otlp")
+QUEUE_BATCHES = 256  # ≈ 13 s of batches at one per 50 ms; beyond that spans are dropped
+RESPAWN_INTERVAL = 1.0  # seconds between attempts to start a child that died
+FLUSH = "flush"  # the one command frame: export what you hold, then answer on the ack pipe
+_LENGTH = struct.Struct(">I")
+
+Record = tuple  # one finished span as plain values (proxy/observe/tracing.py: ConnTrace.record)
+Convert = Callable[[Record, "Resource", "InstrumentationScope"], "ReadableSpan"]
+
+
+class TracingConfigError(ValueError):
+    """An OTEL_* variable loopwatch cannot honour; the message names it."""
+
+
+# --- the configuration ------------------------------------------------------------
+
+
+def exporter_names(env: Mapping[str, str]) -> list[str]:
+    """The exporters OTEL_TRACES_EXPORTER names ([] for none), checked, with the
+    OTLP protocol: what loopwatch cannot honour is refused before anything starts."""
+    names = [n.strip().lower() for n in env.get("OTEL_TRACES_EXPORTER", "none").split(",") if n.strip()]
+    unknown = [n for n in names if n not in EXPORTERS]
+    if unknown:
+        raise TracingConfigError(
+            f"OTEL_TRACES_EXPORTER: expected none, console or otlp (comma-separated), got {unknown[0]!r}"
+        )
+    if "none" in names:
+        return []
+    if "otlp" in names:
+        for var in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+            protocol = env.get(var)
+            if protocol is not None:
+                if protocol.strip().lower() != "http/protobuf":
+                    raise TracingConfigError(
+                        f"{var}: loopwatch exports OTLP over http/protobuf only, got {protocol!r}"
+                    )
+                break
+    return [n for n in EXPORTERS if n in names]
+
+
+def exporters_from_env(env: Mapping[str, str]) -> list[SpanExporter]:
+    out: list[SpanExporter] = []
+    names = exporter_names(env)
+    if "otlp" in names:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        out.append(OTLPSpanExporter())  # endpoint, headers, timeout: OTEL_EXPORTER_OTLP_*
+    if "console" in names:
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        out.append(ConsoleSpanExporter())
+    return out
+
+
+class SdkParts:
+    """The SDK's resource, sampler and id generator, as a TracerProvider resolves them
+    from the environment; spans never go through its tracers."""
+
+    def __init__(self) -> None:
+        from opentelemetry.sdk.resources import OTELResourceDetector, Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+        # service.name defaults to loopwatch; OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES win.
+        from_env = OTELResourceDetector().detect().attributes
+        resource = Resource.create({"service.name": "loopwatch", "service.version": __version__, **from_env})
+        provider = TracerProvider(resource=resource, shutdown_on_exit=False)  # OTEL_TRACES_SAMPLER et al.
+        self.resource = provider.resource
+        self.sampler = provider.sampler
+        self.ids = provider.id_generator
+        self.random_trace_ids = self.ids.is_trace_id_random()  # a property of the generator
+        self.new_ids = _id_pairs(self.ids)
+        self.root_bound = _root_bound(self.sampler)
+        self.sampler_reads_attributes = not _ignores_attributes(self.sampler)
+        self.scope = InstrumentationScope("loopwatch", __version__)
+
+
+def _id_pairs(ids: IdGenerator) -> Callable[[], tuple[int, int]]:
+    """A new root span's (trace id, span id). With the SDK's RandomIdGenerator (the
+    default), both from one draw of the same `random` it uses: one call per
+    connection instead of two of its methods."""
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+
+    if type(ids) is not RandomIdGenerator:
+        return lambda: (ids.generate_trace_id(), ids.generate_span_id())
+
+    def pair(draw: Callable[[int], int] = random.getrandbits) -> tuple[int, int]:
+        bits = draw(192)
+        trace_id, span_id = bits >> 64, bits & 0xFFFF_FFFF_FFFF_FFFF
+        if trace_id and span_id:  # an all-zero id is invalid (p = 2^-64)
+            return trace_id, span_id
+        return ids.generate_trace_id(), ids.generate_span_id()
+
+    return pair
+
+
+ALL_ROOTS = 1 << 64  # a root_bound every trace id passes
+
+
+def _sdk_parent_based(sampler: object) -> bool:
+    """The SDK's own ParentBased (what the parentbased_* sampler names build),
+    whose delegates are the SDK's to look at."""
+    from opentelemetry.sdk.trace import sampling
+
+    return isinstance(sampler, sampling.ParentBased) and type(sampler).__module__ == sampling.__name__
+
+
+def _root_bound(sampler: object) -> int | None:
+    """How the SDK's own samplers decide a root span, when that is all they do:
+    sampled (with exactly the attributes given, no trace state) if the trace id's
+    low 64 bits are below this bound, else dropped. always_on and
+    parentbased_always_on (the default) sample every root; traceidratio and
+    parentbased_traceidratio compare with their `bound`; always_off samples none.
+    None: ask the sampler (one of one's own). Skipping the call spares each
+    connection ~20 k instructions."""
+    from opentelemetry.sdk.trace import sampling
+
+    if _sdk_parent_based(sampler):  # a root span goes to its root delegate
+        sampler = getattr(sampler, "_root", None)
+    if type(sampler) is sampling.TraceIdRatioBased:
+        return sampler.bound
+    if sampler is sampling.ALWAYS_ON:
+        return ALL_ROOTS
+    if sampler is sampling.ALWAYS_OFF:
+        return 0
+    return None
+
+
+def _ignores_attributes(sampler: object) -> bool:
+    """The SDK's own samplers (what OTEL_TRACES_SAMPLER names) decide on the trace id
+    and the parent alone and hand back the attributes they were given: building a
+    span's attributes for them is wasted. A sampler of anyone else's may read them."""
+    from opentelemetry.sdk.trace import sampling
+
+    if type(sampler) in (sampling.StaticSampler, sampling.TraceIdRatioBased):
+        return True
+    if _sdk_parent_based(sampler):
+        delegates = ("_root", "_remote_parent_sampled", "_remote_parent_not_sampled",
+                     "_local_parent_sampled", "_local_parent_not_sampled")  # fmt: skip
+        return all(_ignores_attributes(getattr(sampler, d, None)) for d in delegates)
+    return False
+
+
+# --- in this process --------------------------------------------------------------------
+
+
+class SpanSink(SdkParts):
+    """Records become `ReadableSpan`s and go to the SDK's span processors here, one
+    per exporter (batching: a caller never waits on an export)."""
+
+    dropped = 0  # nothing stands between the caller and the processors to lose spans
+
+    def __init__(self, exporters: list[SpanExporter], convert: Convert, *, batch: bool = True):
+        super().__init__()
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+
+        self.convert = convert
+        self.processors: list[SpanProcessor] = [
+            BatchSpanProcessor(e) if batch else SimpleSpanProcessor(e) for e in exporters
+        ]
+
+    def submit(self, records: Sequence[Record]) -> None:
+        resource, scope, convert = self.resource, self.scope, self.convert
+        for record in records:
+            span = convert(record, resource, scope)
+            for processor in self.processors:
+                processor.on_end(span)
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return all(p.force_flush(timeout_millis) for p in self.processors)
+
+    def shutdown(self) -> None:
+        for processor in self.processors:
+            processor.shutdown()
+
+
+# --- in a child process -------------------------------------------------------------------
+
+
+class _Flush:
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.ok = False
+
+
+_STOP = object()
+
+
+class ProcessSpanSink(SdkParts):
+    """Records go, in batches, to a child process that runs the SDK's processors and
+    the exporters OTEL_TRACES_EXPORTER names (it reads the same environment).
+    `env`: variables for the child on top of this process's (tests);
+    `exporter_factory` ("module:callable" returning a list of exporters) replaces
+    the configured exporters: the benchmarks' exporter that drops."""
+
+    def __init__(self, *, env: Mapping[str, str] | None = None, exporter_factory: str | None = None):
+        super().__init__()
+        self.env = None if env is None or env is os.environ else {**os.environ, **env}
+        self.exporter_factory = exporter_factory
+        self.queue: queue.Queue[object] = queue.Queue(QUEUE_BATCHES)
+        # Spans lost, counted by the thread that lost them (a `+=` shared by two
+        # threads can lose an update): the queue was full (the event loop's), or
+        # the child was gone or a value could not be packed (the writer's).
+        self._refused = 0
+        self._lost = 0
+        self.child: subprocess.Popen[bytes] | None = None
+        self._ack = -1  # read end of the child's answers to FLUSH
+        self._spawned_at = -RESPAWN_INTERVAL
+        self._spawn()
+        self._writer = threading.Thread(target=self._run, name="loopwatch-spans", daemon=True)
+        self._writer.start()
+
+    # --- the event loop's side ---------------------------------------------------------
+
+    @property
+    def dropped(self) -> int:
+        """Spans lost on the way to the exporters."""
+        return self._refused + self._lost
+
+    def submit(self, records: Sequence[Record]) -> None:
+        try:
+            self.queue.put_nowait(records)
+        except queue.Full:
+            self._refused += len(records)
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        """Every span submitted so far exported (or dropped); blocks up to the timeout."""
+        request = _Flush()
+        try:
+            self.queue.put(request, timeout=timeout_millis / 1000)
+        except queue.Full:
+            return False
+        return request.done.wait(timeout_millis / 1000) and request.ok
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Hand over what is queued, let the child export it and exit (blocking)."""
+        if not self._writer.is_alive():
+            return
+        self.queue.put(_STOP)
+        self._writer.join(timeout)
+
+    # --- the writer thread ----------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        self._spawned_at = time.monotonic()
+        ack_read, ack_write = os.pipe()
+        # -P: the current directory is not put on the child's path, so a folder named like
+        # one of loopwatch's packages where loopwatch was started cannot shadow it.
+        cmd = [sys.executable, "-P", "-m", "loopwatch.proxy.observe.span_export", str(ack_write)]
+        if self.exporter_factory:
+            cmd.append(self.exporter_factory)
+        try:
+            self.child = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, pass_fds=(ack_write,), bufsize=0, env=self.env
+            )
+        except OSError as e:
+            os.close(ack_read)
+            self.child = None
+            log.error("span_exporter_failed", extra={"fields": {"error": str(e)}})
+        else:
+            self._ack = ack_read
+        finally:
+            os.close(ack_write)
+
+    def _alive(self) -> bool:
+        if self.child is not None and self.child.poll() is None:
+            return True
+        if self.child is not None:
+            log.error(
+                "span_exporter_exited",
+                extra={"fields": {"returncode": self.child.returncode, "spans_dropped_so_far": self.dropped}},
+            )
+            self._close_child()
+        if time.monotonic() - self._spawned_at >= RESPAWN_INTERVAL:
+            self._spawn()
+        return self.child is not None
+
+    def _close_child(self) -> None:
+        if self.child is not None and self.child.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.child.stdin.close()
+        if self._ack >= 0:
+            os.close(self._ack)
+            self._ack = -1
+        self.child = None
+
+    def _send(self, payload: bytes) -> bool:
+        child = self.child
+        assert child is not None and child.stdin is not None
+        frame = memoryview(_LENGTH.pack(len(payload)) + payload)
+        try:
+            while frame:  # a signal can cut a blocking write short
+                frame = frame[child.stdin.write(frame) or 0 :]
+        except OSError:  # BrokenPipeError: the child is gone
+            return False
+        return True
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is _STOP:
+                break
+            if isinstance(item, _Flush):
+                item.ok = self._alive() and self._send(marshal.dumps(FLUSH)) and self._answer()
+                item.done.set()
+                continue
+            records: Sequence[Record] = item  # type: ignore[assignment]
+            payload, unpackable = _pack(records)
+            self._lost += unpackable
+            if payload is not None and not (self._alive() and self._send(payload)):
+                self._lost += len(records) - unpackable
+        if self.child is not None:
+            child = self.child
+            self._close_child()  # end of input: the child exports what it holds and exits
+            try:
+                child.wait(30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+    def _answer(self, timeout: float = 30.0) -> bool:
+        ready, _, _ = select.select([self._ack], [], [], timeout)
+        return bool(ready) and os.read(self._ack, 1) == b"\x01"
+
+
+def _pack(records: Sequence[Record]) -> tuple[bytes | None, int]:
+    """The batch as one frame's payload (None: nothing left to send), and how many
+    of its spans had to be left out."""
+    try:
+        return marshal.dumps(list(records)), 0
+    except ValueError:  # a value marshal cannot carry (a custom sampler's attribute): drop that span only
+        kept = []
+        for record in records:
+            try:
+                marshal.dumps(record)
+            except ValueError:
+                log.warning("span_dropped", extra={"fields": {"why": "attribute value not exportable"}})
+            else:
+                kept.append(record)
+        return (marshal.dumps(kept) if kept else None), len(records) - len(kept)
+
+
+CHILD_NICENESS = 10  # added to loopwatch's own
+
+
+def yield_to_the_event_loop() -> None:
+    """Run this process as background work: SCHED_BATCH (its wake-ups do not
+    preempt whatever runs on that core, the event loop included) and a lower
+    priority. Measured under handshake load on 2 cores: at the default priority
+    the exporter's wake-ups, though ~3 % of a core, cost the event loop ~10 % of
+    its handshake rate (docs/performance.md, "Telemetry overhead"). Starved of CPU,
+    the exporter falls behind and spans are dropped and counted
+    (`loopwatch_spans_dropped_total`): telemetry gives way to traffic, not the
+    other way round."""
+    with contextlib.suppress(OSError, AttributeError):  # a sandbox may forbid it: run as is
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    with contextlib.suppress(OSError):
+        os.nice(CHILD_NICENESS)
+
+
+def child_main(argv: list[str] | None = None) -> None:
+    """The child: frames from stdin into the SDK's processors, until end of input.
+    argv: the ack pipe's fd, then optionally an exporter factory "module:callable"."""
+    import importlib
+    import signal
+
+    from .tracing import readable_span
+
+    # Ctrl-C and a SIGTERM sent to the whole process group (a container runtime,
+    # `kill -- -PGID`) reach the child too; it ends at end of input instead, once
+    # loopwatch has handed over its last spans.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    yield_to_the_event_loop()
+
+    args = sys.argv[1:] if argv is None else argv
+    ack = int(args[0])
+    if len(args) > 1:
+        module, _, name = args[1].partition(":")
+        exporters = getattr(importlib.import_module(module), name)()
+    else:
+        exporters = exporters_from_env(os.environ)
+    sink = SpanSink(exporters, readable_span)
+    source = sys.stdin.buffer
+    try:
+        while True:
+            header = source.read(_LENGTH.size)
+            if len(header) < _LENGTH.size:
+                break  # loopwatch closed the pipe (or is gone)
+            (length,) = _LENGTH.unpack(header)
+            body = source.read(length)
+            if len(body) < length:
+                break  # loopwatch died in the middle of a batch: export what came whole
+            payload = marshal.loads(body)
+            if payload == FLUSH:
+                os.write(ack, b"\x01" if sink.force_flush() else b"\x00")
+            else:
+                sink.submit(payload)
+    finally:
+        sink.shutdown()
+
+
+__all__ = [
+    "EXPORTERS",
+    "ProcessSpanSink",
+    "SdkParts",
+    "SpanSink",
+    "TracingConfigError",
+    "child_main",
+    "exporter_names",
+    "exporters_from_env",
+]
+
+
+if __name__ == "__main__":
+    child_main()

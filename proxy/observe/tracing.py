@@ -1,0 +1,543 @@
+"""OpenTelemetry traces: one span per WebSocket connection, upgrade to close.
+
+The pipeline is the OpenTelemetry SDK's, configured by the standard variables
+the SDK itself reads: `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
+`OTEL_TRACES_SAMPLER` (+ `_ARG`), `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT` /
+`_HEADERS` / `_TIMEOUT`, `OTEL_BSP_*`. `OTEL_TRACES_EXPORTER` picks the
+exporters (`none`, the default, `console`, `otlp` over HTTP/protobuf;
+comma-separated for several); with `none` there is no span and no cost.
+
+`TracingObserver` decides a connection's trace context when the upgrade
+request arrives (a child of the client's `traceparent` when it sent one, the
+SDK's sampler and id generator deciding), injects its own `traceparent` into
+the request forwarded upstream so the backend's trace joins it, keeps the
+request's and the close's values and the span events (findings, enforcement)
+as the connection goes, and hands the finished span to the sink as a record:
+a tuple of plain values, which `readable_span` turns into the SDK's
+`ReadableSpan` where the exporters run (proxy/observe/span_export.py: a child process
+when loopwatch runs, this process in tests).
+
+Why not `Tracer.start_span`: a connection span is never made current, never
+has children in this process, and is fully known only at its close, so the
+SDK's live `Span` (a lock, bounded attribute maps validated per call, a copy
+into a ReadableSpan at the end) is pure overhead here. Measured in the
+proxy under handshake load it cost ~90 µs of CPU per connection, a quarter
+of a whole handshake; the record costs the event loop a small fraction of
+that (docs/performance.md, "Telemetry overhead"). Sampling, ids, resource,
+processors and exporters stay the SDK's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import json
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry.context import Context
+from opentelemetry.trace import (
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    get_current_span,
+)
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace.span import TraceState
+
+from ...detectors.actions import BreakerTransition, CloseConnection, CooldownStarted, WouldReject
+from ...detectors.decisions import Reject
+from ..brain import refusal_for
+from .observers import Observer
+from .span_export import (
+    EXPORTERS,
+    ProcessSpanSink,
+    Record,
+    SpanSink,
+    TracingConfigError,
+    exporter_names,
+    exporters_from_env,
+)
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import Event, ReadableSpan
+    from opentelemetry.sdk.trace.export import SpanExporter
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    from ...detectors import events as ev
+    from ...detectors.decisions import Admit, Outcome
+    from ...detectors.engine import Engine
+    from ..app.settings import Settings
+    from ..dataplane.boundary import Attempt, RelayStats
+    from ..dataplane.listener import ProxyServer
+    from ..dataplane.relay import Relay
+
+# Closes that mean something broke rather than that someone said goodbye.
+ERROR_CODES = frozenset({1006, 1011, 1014})
+_ROOT = Context()  # what a span without a remote parent is sampled against
+_UNSET = Status(StatusCode.UNSET)
+SAMPLED = int(TraceFlags.SAMPLED)  # the flag bit, for hot-path checks
+FLUSH_DELAY = 0.05  # seconds an ended span waits to be handed to the sink
+
+Sink = SpanSink | ProcessSpanSink
+
+
+def make_tracing(exporters: list[SpanExporter], *, batch: bool = True) -> SpanSink:
+    """Spans into these exporters, through the SDK's processors in this process."""
+    return SpanSink(exporters, readable_span, batch=batch)
+
+
+def tracing_from_env(env: Mapping[str, str] | None = None) -> ProcessSpanSink | None:
+    """The pipeline the OTEL_* variables describe (exported from a child process,
+    proxy/observe/span_export.py), or None when traces are off."""
+    env = os.environ if env is None else env
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
+    return ProcessSpanSink(env=env) if exporter_names(env) else None
+
+
+# --- per connection ---------------------------------------------------------------
+
+
+Request = tuple  # (path, peer, route, key, Host header or None, User-Agent or None)
+Close = tuple  # (connection id, code, reason, initiator, duration, messages in/out, bytes in/out)
+
+
+@dataclass(slots=True)
+class ConnTrace:
+    """A connection's span while it lasts (on `Attempt.state`): the values it is
+    made of, as they came; the attribute names are `readable_span`'s. Not
+    `recording` (the sampler said drop): only the trace context exists."""
+
+    trace_id_int: int
+    span_id: int
+    flags: int
+    trace_state: TraceState | None
+    parent: SpanContext | None
+    start: int  # ns since the epoch
+    recording: bool
+    request: Request
+    extra: dict[str, Any] | None = None  # attributes of the rarer steps (refusal, failed handshake …)
+    close: Close | None = None
+    events: list[tuple[str, dict[str, Any], int]] | None = None  # (name, attributes, ns)
+    status: tuple[int, str | None] | None = None  # (StatusCode value, description); None: unset
+    ended: bool = False
+
+    @property
+    def name(self) -> str:
+        return span_name(self.request[2])
+
+    @property
+    def key(self) -> str:
+        return self.request[3]
+
+    @property
+    def sampled(self) -> bool:
+        return bool(self.flags & TraceFlags.SAMPLED)
+
+    @property
+    def trace_id(self) -> str:
+        """32 hex digits, as in traceparent, logs and exemplars."""
+        return f"{self.trace_id_int:032x}"
+
+    def set(self, attributes: dict[str, Any]) -> None:
+        if not self.recording:
+            return
+        if self.extra is None:
+            self.extra = {}
+        self.extra.update(attributes)
+
+    def add_event(self, name: str, attributes: dict[str, Any]) -> None:
+        if not self.recording:
+            return
+        if self.events is None:
+            self.events = []
+        self.events.append((name, attributes, time.time_ns()))
+
+    def error(self, description: str) -> None:
+        self.status = (StatusCode.ERROR.value, description)
+
+    def record(self, end: int) -> Record:
+        """The finished span as plain values (what `marshal` carries to the exporter)."""
+        parent = self.parent
+        if parent is not None:
+            parent_state = parent.trace_state.to_header() if parent.trace_state else None
+            parent = (parent.trace_id, parent.span_id, int(parent.trace_flags), parent.is_remote, parent_state)
+        state = self.trace_state.to_header() if self.trace_state else None
+        return (
+            self.trace_id_int, self.span_id, self.flags, state, parent, self.start, end,
+            self.request, self.extra, self.close, self.events, self.status,
+        )  # fmt: skip
+
+
+def span_name(route: str) -> str:
+    return f"WebSocket {route}"
+
+
+def request_attributes(request: Request) -> dict[str, Any]:
+    """The span's attributes known when the upgrade request arrives."""
+    path, peer, route, key, authority, agent = request
+    attributes: dict[str, Any] = {
+        "url.path": path,  # not the query: it may carry a token
+        "client.address": peer,
+        "loopwatch.route": route,
+        "loopwatch.client.key_hash": client_hash(key),
+    }
+    host = _host(authority)
+    if host is not None:
+        attributes["server.address"] = host
+    if agent is not None:
+        attributes["user_agent.original"] = agent.decode("latin-1")
+    return attributes
+
+
+@functools.cache
+def _sdk_span_types() -> tuple[type[Event], type[ReadableSpan]]:
+    # The SDK is imported only where spans are built (the exporter process), once.
+    from opentelemetry.sdk.trace import Event, ReadableSpan
+
+    return Event, ReadableSpan
+
+
+def readable_span(record: Record, resource: Resource, scope: InstrumentationScope) -> ReadableSpan:
+    """A record as the SDK's ReadableSpan, for its processors and exporters."""
+    Event, ReadableSpan = _sdk_span_types()  # noqa: N806 - the SDK's classes
+    trace_id, span_id, flags, state, parent, start, end, request, extra, close, events, status = record
+    attributes = request_attributes(request)
+    if extra:
+        attributes.update(extra)
+    if close is not None:
+        conn_id, code, reason, initiator, duration, messages_in, messages_out, bytes_in, bytes_out = close
+        attributes["http.response.status_code"] = 101
+        attributes["loopwatch.connection.id"] = conn_id
+        attributes["loopwatch.close.code"] = code
+        attributes["loopwatch.close.reason"] = reason
+        attributes["loopwatch.close.initiator"] = initiator
+        attributes["loopwatch.connection.duration"] = duration
+        attributes["loopwatch.messages.client_to_upstream"] = messages_in
+        attributes["loopwatch.messages.upstream_to_client"] = messages_out
+        attributes["loopwatch.bytes.client_to_upstream"] = bytes_in
+        attributes["loopwatch.bytes.upstream_to_client"] = bytes_out
+    parent_context = None
+    if parent is not None:
+        p_trace, p_span, p_flags, p_remote, p_state = parent
+        parent_context = SpanContext(
+            p_trace, p_span, is_remote=p_remote, trace_flags=TraceFlags(p_flags),
+            trace_state=TraceState.from_header([p_state]) if p_state else None,
+        )  # fmt: skip
+    context = SpanContext(
+        trace_id, span_id, is_remote=False, trace_flags=TraceFlags(flags),
+        trace_state=TraceState.from_header([state]) if state else None,
+    )  # fmt: skip
+    return ReadableSpan(
+        name=span_name(request[2]),
+        context=context,
+        parent=parent_context,
+        resource=resource,
+        attributes=attributes,
+        events=tuple(Event(n, a, timestamp=t) for n, a, t in events or ()),
+        kind=SpanKind.SERVER,
+        status=_UNSET if status is None else Status(StatusCode(status[0]), status[1]),
+        start_time=start,
+        end_time=end,
+        instrumentation_scope=scope,
+    )
+
+
+def trace_of(conn: Attempt | None) -> ConnTrace | None:
+    state = conn.state if conn is not None else None
+    return state if isinstance(state, ConnTrace) else None
+
+
+@functools.lru_cache(maxsize=256)  # clients ask for the same few hosts
+def _host(authority: bytes | None) -> str | None:
+    """The host of a Host header: `example.com:8080` → `example.com`, `[::1]:80` → `::1`."""
+    if not authority:
+        return None
+    text = authority.decode("latin-1")
+    host = text[1:].partition("]")[0] if text.startswith("[") else text.partition(":")[0]
+    return host or None
+
+
+class TracingObserver(Observer):
+    name = "tracing"
+
+    def __init__(self, sink: Sink, settings: Settings):
+        self.sink = sink
+        self.propagator = TraceContextTextMapPropagator()
+        # Where the open connections are, for findings and actions that come
+        # without one (wake-ups, a close-oldest): the listener's relays and the
+        # engine's open connections per client (`bind`). Looked up, not mirrored
+        # here: a second registry cost every connection two more dict entries.
+        self.relays: Mapping[int, Relay] = {}
+        self.engine: Engine | None = None
+        self._ending: list[tuple[ConnTrace, int]] = []  # (span, end time): see _end
+        self._armed = False
+        self.reconfigure(settings)
+
+    def reconfigure(self, settings: Settings) -> None:
+        self.expose_client_keys = settings.telemetry.expose_client_keys
+        self.reject_with = settings.policy.reject_with
+
+    def bind(self, server: ProxyServer | None, engine: Engine | None) -> None:
+        """Where to find open connections (the runtime calls this once both exist)."""
+        self.relays = server.relays if server is not None else {}
+        self.engine = engine
+
+    # --- lookups for the other observers ---------------------------------------
+
+    def trace_by_id(self, conn_id: int) -> ConnTrace | None:
+        """The span of the open connection with this id."""
+        relay = self.relays.get(conn_id)
+        return None if relay is None else trace_of(relay.context)  # type: ignore[arg-type]
+
+    def open_traces(self, key: str) -> list[ConnTrace]:
+        """The spans of the client's open connections, oldest first."""
+        if self.engine is None:
+            return []
+        found = []
+        for conn_id in self.engine.open_connections(key):
+            trace = self.trace_by_id(conn_id)  # type: ignore[arg-type]
+            if trace is not None and trace.key == key:  # ids are per replica, the engine's state may not be
+                found.append(trace)
+        return found
+
+    def trace_for(self, conn: Attempt | None, key: str | None = None) -> ConnTrace | None:
+        """The trace of the step's connection, or (without one, or when `key` is
+        another client's) of an open connection of `key`."""
+        trace = trace_of(conn)
+        if trace is not None and (key is None or conn.key == key):  # type: ignore[union-attr]
+            return trace
+        if key is None:
+            return None
+        return next(iter(self.open_traces(key)), None)
+
+    def _spans(self, conn: Attempt | None, key: str) -> list[ConnTrace]:
+        trace = trace_of(conn)
+        if trace is not None and conn.key == key:  # type: ignore[union-attr]
+            return [trace]
+        return self.open_traces(key)
+
+    # --- hooks -------------------------------------------------------------------
+
+    def on_attempt(self, conn: Attempt, event: ev.Attempt, decision: Admit | Reject) -> None:
+        head = conn.head
+        # Lookups in the head's header index (duplicates joined with ", ", which
+        # is how W3C says to combine several tracestate headers).
+        context, parent = _ROOT, None  # a root span, unless the client sent a trace context
+        traceparent = head.get(b"traceparent")
+        if traceparent is not None:
+            carrier = {"traceparent": traceparent.decode("latin-1")}
+            tracestate = head.get(b"tracestate")
+            if tracestate is not None:
+                carrier["tracestate"] = tracestate.decode("latin-1")
+            context = self.propagator.extract(carrier, context=_ROOT)
+            remote = get_current_span(context).get_span_context()
+            if remote.is_valid:
+                parent = remote
+        request = (head.path, conn.peer, conn.route, conn.key, head.authority, head.get(b"user-agent"))
+
+        # What Tracer.start_span decides, in the same order and with the same parts.
+        sink = self.sink
+        recording, extra, trace_state = True, None, None
+        if parent is None:
+            trace_id, span_id = sink.new_ids()
+            random_id = sink.random_trace_ids
+        else:
+            trace_id, span_id = parent.trace_id, sink.ids.generate_span_id()
+            random_id = parent.trace_flags.random_trace_id
+        root_bound = sink.root_bound if parent is None else None
+        if root_bound is not None:  # the SDK's sampler, decided as it would
+            if trace_id & 0xFFFF_FFFF_FFFF_FFFF < root_bound:
+                flags = TraceFlags.SAMPLED
+            else:
+                flags, recording = TraceFlags.DEFAULT, False
+        else:
+            attributes = request_attributes(request) if sink.sampler_reads_attributes else {}
+            name = span_name(conn.route)
+            sampling = sink.sampler.should_sample(context, trace_id, name, SpanKind.SERVER, attributes)
+            flags = TraceFlags.SAMPLED if sampling.decision.is_sampled() else TraceFlags.DEFAULT
+            trace_state = sampling.trace_state
+            recording = sampling.decision.is_recording()
+            # The SDK's samplers hand back a view of `attributes`; keep what a sampler added.
+            added = {k: v for k, v in sampling.attributes.items() if k not in attributes or attributes[k] != v}
+            extra = added or None
+        if random_id:
+            flags |= TraceFlags.RANDOM_TRACE_ID
+        trace = ConnTrace(trace_id, span_id, flags, trace_state, parent, time.time_ns(), recording, request, extra)
+        conn.state = trace
+        if self.expose_client_keys:
+            trace.set({"loopwatch.client.key": conn.key})
+        if isinstance(decision, Reject):
+            refusal = refusal_for(decision, self.reject_with)
+            trace.set(
+                {
+                    "http.response.status_code": 101 if refusal.how == "close-1013" else refusal.status,
+                    "loopwatch.refusal.reason": decision.reason,
+                    "loopwatch.refusal.retry_after": decision.retry_after,
+                }
+            )
+            if refusal.how == "close-1013":
+                trace.set({"loopwatch.close.code": 1013, "loopwatch.close.reason": refusal.message})
+            return
+        headers = conn.extra_headers if conn.extra_headers is not None else []
+        headers.append((b"traceparent", b"00-%032x-%016x-%02x" % (trace_id, span_id, flags)))
+        if trace_state:
+            headers.append((b"tracestate", trace_state.to_header().encode("latin-1")))
+        conn.extra_headers = headers
+        if decision.would_reject is not None:
+            trace.set({"loopwatch.would_reject": decision.would_reject.reason})
+
+    def on_rejected(self, conn: Attempt, event: ev.Rejected) -> None:
+        self._end(trace_of(conn))
+
+    def on_handshake_failed(self, conn: Attempt, event: ev.HandshakeFailed) -> None:
+        trace = trace_of(conn)
+        if trace is None:
+            return
+        if event.status is not None:
+            trace.set({"http.response.status_code": event.status})
+            if event.status >= 500:
+                trace.error(f"upstream answered {event.status}")
+        else:
+            trace.set({"error.type": event.error or "unknown"})
+            if event.error != "client_closed":
+                trace.error(f"upstream handshake: {event.error}")
+        self._end(trace)
+
+    def on_closed(self, conn: Attempt, event: ev.Closed, stats: RelayStats) -> None:
+        trace = conn.state
+        if type(trace) is not ConnTrace:
+            return
+        if trace.recording:
+            trace.close = (
+                conn.conn_id, event.code, event.reason, event.initiator, event.duration,
+                stats.messages_in, stats.messages_out, stats.bytes_in, stats.bytes_out,
+            )  # fmt: skip
+        if event.code in ERROR_CODES:
+            trace.error(f"closed {event.code} {event.reason}".rstrip())
+        self._end(trace)
+
+    def on_outcome(self, outcome: Outcome, t: float, conn: Attempt | None = None) -> None:
+        for finding in outcome.raised:
+            attrs = {
+                "loopwatch.rule": finding.rule,
+                "loopwatch.severity": finding.severity,
+                "loopwatch.evidence": json.dumps(dict(finding.evidence), default=str, sort_keys=True),
+            }
+            for trace in self._spans(conn, finding.key):
+                trace.add_event("loopwatch.finding", attrs)
+        for finding in outcome.cleared:
+            for trace in self._spans(conn, finding.key):
+                trace.add_event("loopwatch.finding_cleared", {"loopwatch.rule": finding.rule})
+        for action in outcome.actions:
+            if isinstance(action, CooldownStarted):
+                attrs = {
+                    "loopwatch.rule": action.rule,
+                    "loopwatch.cooldown.duration": action.duration,
+                    "loopwatch.cooldown.repeat": action.repeat,
+                    "loopwatch.cooldown.enforced": action.enforced,
+                }
+                for trace in self._spans(conn, action.key):
+                    trace.add_event("loopwatch.cooldown", attrs)
+            elif isinstance(action, CloseConnection):
+                target = self.trace_by_id(action.conn_id)  # type: ignore[arg-type]
+                if target is not None:
+                    target.add_event(
+                        "loopwatch.close_connection",
+                        {"loopwatch.close.code": action.code, "loopwatch.close.reason": action.reason},
+                    )
+            elif isinstance(action, WouldReject):
+                trace = trace_of(conn)
+                if trace is not None and conn.key == action.key:  # type: ignore[union-attr]
+                    trace.add_event("loopwatch.would_reject", {"loopwatch.refusal.reason": action.reason})
+            elif isinstance(action, BreakerTransition):
+                trace = trace_of(conn)
+                if trace is not None:  # the step whose outcome moved the breaker
+                    trace.add_event(
+                        "loopwatch.breaker_transition",
+                        {
+                            "loopwatch.breaker": action.name,
+                            "loopwatch.breaker.from": action.from_state,
+                            "loopwatch.breaker.to": action.to_state,
+                        },
+                    )
+
+    def on_config(self, settings: Settings, info: dict[str, Any]) -> None:
+        self.reconfigure(settings)
+
+    # --- ending ------------------------------------------------------------------
+
+    def _end(self, trace: ConnTrace | None) -> None:
+        """End the span at this instant; hand it to the sink a little later, with
+        the others that ended meanwhile. Later, because the gate shows observers
+        the engine's outcome of this very step (a finding, a cooldown) right
+        after, and its events belong on this span; in batches, because one timer
+        per FLUSH_DELAY costs less than a callback per connection."""
+        if trace is None or trace.ended:
+            return
+        trace.ended = True
+        if not trace.recording:  # nothing to export
+            return
+        self._ending.append((trace, time.time_ns()))
+        if not self._armed:
+            try:
+                asyncio.get_running_loop().call_later(FLUSH_DELAY, self._on_timer)
+            except RuntimeError:  # no loop (replay, unit tests): nothing more will come
+                self.flush()
+                return
+            self._armed = True
+
+    def _on_timer(self) -> None:
+        self._armed = False
+        self.flush()
+
+    def flush(self) -> None:
+        """Hand every ended span to the sink now (also at shutdown)."""
+        ending, self._ending = self._ending, []
+        if ending:
+            self.sink.submit([trace.record(end) for trace, end in ending])
+
+
+@functools.lru_cache(maxsize=8192)  # a looping client reconnects with the same key
+def client_hash(key: str) -> str:
+    """A client key's pseudonym in metrics and traces: 16 hex digits of its SHA-256.
+    Stable across replicas and restarts, so one client is one series everywhere.
+    A pseudonym, not anonymity: an IP-address key can be found by trying addresses."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def trace_id_of(tracing: TracingObserver | None, conn: Attempt | None, key: str | None = None) -> str | None:
+    """The trace id for a log line about this step (sampled or not: it still joins
+    the backend's logs, which got the same traceparent)."""
+    if tracing is None:
+        return None
+    trace = tracing.trace_for(conn, key)
+    return None if trace is None else trace.trace_id
+
+
+__all__ = [
+    "EXPORTERS",
+    "SAMPLED",
+    "ConnTrace",
+    "ProcessSpanSink",
+    "Sink",
+    "SpanSink",
+    "TracingConfigError",
+    "TracingObserver",
+    "client_hash",
+    "exporters_from_env",
+    "make_tracing",
+    "readable_span",
+    "request_attributes",
+    "trace_id_of",
+    "trace_of",
+    "tracing_from_env",
+]

@@ -1,0 +1,552 @@
+"""Shared state between replicas over Redis, failing open (`state.backend: redis`).
+
+Admission never waits for Redis: each replica decides synchronously from its
+own engine, and *replicates* what it sees (docs/replicas.md):
+
+* every lifecycle event the gate shows its observers is queued here and
+  published by a background task, batched, one pipelined round trip per batch,
+  on one pub/sub channel; the other replicas fold it into their engines with
+  `Engine.observe`, so each engine's rules judge a client's combined traffic;
+* a cooldown a replica starts is published too and written as a Redis key with
+  a TTL (set-if-longer, in a Lua script, so concurrent writers converge), which
+  a replica that starts late or comes back after an outage reads on connect;
+* a release through the admin API deletes that key and is published.
+
+Pub/sub stores nothing, and every key has a TTL (cooldown left + the repeat
+memory), so Redis holds at most one small key per client in or recently out
+of cooldown.
+
+Fail-open: when Redis is unreachable, or slower than `state.redis.timeout`, the
+replica goes on with its own state. Messages are dropped rather than queued
+without bound, the outage is logged once and every failure counted
+(`errors`, `up`: what telemetry exports as loopwatch_state_store_errors_total
+and loopwatch_state_store_up). A supervisor reconnects with exponential
+backoff and jitter, so a fleet that lost Redis together neither hammers it nor
+comes back in step; on reconnect it re-reads the shared cooldowns and writes
+back its own (Redis may have restarted empty).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import secrets
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BeforeValidator, Field
+
+from ...detectors.actions import CloseConnection, CooldownStarted
+from ...detectors.shared import (
+    CloseRequest,
+    Message,
+    Release,
+    RemoteEvent,
+    SharedCooldown,
+    decode,
+    encode,
+    header,
+    owner_of,
+)
+from ...detectors.units import Duration
+from ..observe.logs import event as log_event
+from ..observe.observers import Observer
+from ..sections import OptionalSecret, Section
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.asyncio.client import PubSub
+
+    from ...detectors import events as ev
+    from ...detectors.decisions import Admit, Outcome, Reject
+    from ..app.settings import Settings
+    from ..brain import EngineGate
+    from ..dataplane.boundary import Attempt, RelayStats
+
+log = logging.getLogger("loopwatch.state")
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+# --- the state: section ----------------------------------------------------------
+
+
+def _check_redis_url(value: object) -> object:
+    expected = f"expected a redis://, rediss:// or unix:// URL, got {value!r}"
+    if not isinstance(value, str):
+        raise ValueError(expected)
+    try:
+        parts = urlsplit(value)
+        _ = parts.port
+    except ValueError:
+        raise ValueError(expected) from None
+    if parts.scheme not in REDIS_SCHEMES or not (parts.hostname or parts.path):
+        raise ValueError(expected)
+    if parts.password:
+        # It would be printed by check-config and GET /api/config.
+        raise ValueError("put the password in state.redis.password (or LOOPWATCH_STATE__REDIS__PASSWORD), not in the URL")
+    return value
+
+
+RedisURL = Annotated[str, BeforeValidator(_check_redis_url)]
+PositiveDuration = Annotated[Duration, Field(gt=0)]
+
+
+class RedisSettings(Section):
+    url: RedisURL = "redis://127.0.0.1:6379/0"
+    password: OptionalSecret = None
+    key_prefix: Annotated[str, Field(min_length=1)] = "loopwatch:"
+    connect_timeout: PositiveDuration = 1.0
+    timeout: PositiveDuration = 0.25
+    fail_open: bool = True
+    reconnect_min: PositiveDuration = 0.1
+    reconnect_max: PositiveDuration = 5.0
+    heartbeat: PositiveDuration = 1.0
+    batch_delay: Annotated[Duration, Field(ge=0)] = 0.01
+    max_batch: Annotated[int, Field(ge=1)] = 500
+    max_queue: Annotated[int, Field(ge=1)] = 10_000
+
+
+class StateSettings(Section):
+    backend: Literal["memory", "redis"] = "memory"
+    replica_id: Annotated[str, Field(min_length=1)] | None = None
+    breakers: Literal["local", "shared"] = "local"
+    redis: RedisSettings = RedisSettings()
+
+
+# --- what telemetry reads ------------------------------------------------------------
+
+
+class LocalState:
+    """`state.backend: memory`: nothing shared, nothing to fail. Same attributes
+    as RedisStateStore, so telemetry and the admin API need not tell them apart."""
+
+    backend = "memory"
+    up = True  # loopwatch_state_store_up
+    errors = 0  # loopwatch_state_store_errors_total
+    ready = True
+
+    def release(self, key: str) -> None:
+        pass
+
+    def forward_close(self, action: CloseConnection) -> bool:
+        return False
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+# --- Redis -----------------------------------------------------------------------------
+
+# KEYS[1] the client's cooldown key; ARGV: value, TTL in ms, "1" to replace
+# whatever is there (an operator's cooldown). Otherwise the longer one stays,
+# the same rule the engines merge by, so Redis and the replicas agree.
+SET_COOLDOWN = """
+if ARGV[3] ~= '1' and redis.call('PTTL', KEYS[1]) >= tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+_GLOB = re.compile(r"([*?\[\]\\])")
+
+
+def default_replica_id() -> str:
+    """Unique per process: host, pid and a random suffix (two replicas in one
+    process, as in the tests, still differ)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+async def _stop(tasks: set[asyncio.Task[None]]) -> None:
+    """Cancel until done. A cancellation that lands just as an awaited call
+    completes can be lost inside a library; shutdown must not hang on that."""
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.5)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # retrieved: no "exception was never retrieved" noise
+
+
+class StoreDown(Exception):
+    """The session ended without an exception of its own (a task returned)."""
+
+
+class RedisStateStore(Observer):
+    """Publishes this replica's events and cooldowns, applies the others'."""
+
+    name = "state_store"
+    backend = "redis"
+
+    def __init__(
+        self,
+        settings: StateSettings,
+        *,
+        memory: float,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.redis = settings.redis
+        self.replica = settings.replica_id or default_replica_id()
+        self.memory = memory  # policy.cooldown.memory: how long a cooldown key outlives the cooldown
+        self.shared_breakers = settings.breakers == "shared"
+        prefix = self.redis.key_prefix
+        self.channel = f"{prefix}events"
+        self._own = header(self.replica)
+        self._cool_prefix = f"{prefix}cool:"
+        # What telemetry exports; plain attributes, read at scrape time.
+        self.up = False
+        self.errors = 0
+        # For the admin view and tests.
+        self.published = 0  # messages sent
+        self.received = 0  # messages applied from other replicas
+        self.dropped = 0  # messages not sent: Redis down, or the queue full
+        self.gate: EngineGate | None = None
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._queue: deque[Message] = deque()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._outage_logged = False
+        self._bad_logged = False
+        self._closing = False
+
+    @property
+    def ready(self) -> bool:
+        """/readyz: with fail_open false, a replica without Redis asks the load
+        balancer to send its clients elsewhere (it still never refuses for it)."""
+        return self.up or self.redis.fail_open
+
+    def bind(self, gate: EngineGate) -> None:
+        self.gate = gate
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start sharing in the background; returns at once, Redis up or not."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._supervise(), name="state-store")
+
+    async def close(self) -> None:
+        self._closing = True
+        task, self._task = self._task, None
+        if task is not None:
+            await _stop({task})
+        self.up = False
+
+    # --- what this replica sees (observer hooks; synchronous and cheap) -----------------
+
+    def _send(self, message: Message) -> None:
+        if not self.up or len(self._queue) >= self.redis.max_queue:
+            self.dropped += 1
+            return
+        self._queue.append(message)
+        if not self._wakeup.is_set():
+            self._wakeup.set()
+
+    def on_attempt(self, conn: Attempt, event: ev.Attempt, decision: Admit | Reject) -> None:
+        self._send(RemoteEvent(event, decision.admitted))
+
+    def on_rejected(self, conn: Attempt, event: ev.Rejected) -> None:
+        self._send(RemoteEvent(event))
+
+    def on_handshake_failed(self, conn: Attempt, event: ev.HandshakeFailed) -> None:
+        self._send(RemoteEvent(event))
+
+    def on_opened(self, conn: Attempt, event: ev.Opened) -> None:
+        self._send(RemoteEvent(event))
+
+    def on_closed(self, conn: Attempt, event: ev.Closed, stats: RelayStats) -> None:
+        self._send(RemoteEvent(event))
+
+    def on_outcome(self, outcome: Outcome, t: float, conn: Attempt | None = None) -> None:
+        # Only cooldowns this engine started come out as CooldownStarted:
+        # adopted ones do not (Engine.adopt_cooldown), so nothing echoes.
+        for action in outcome.actions:
+            if isinstance(action, CooldownStarted):
+                remaining = action.until - self._clock()
+                manual = action.rule == "manual"
+                self._send(
+                    SharedCooldown(action.key, remaining, action.rule, action.repeat, action.enforced, manual)
+                )
+
+    def on_config(self, settings: Settings, info: dict[str, object]) -> None:
+        self.memory = settings.policy.cooldown.memory
+
+    def release(self, key: str) -> None:
+        """An operator released `key` here: release it everywhere. During an
+        outage only this replica hears it (docs/replicas.md)."""
+        self._send(Release(key))
+
+    def forward_close(self, action: CloseConnection) -> bool:
+        """close-oldest picked a connection on another replica: ask its owner."""
+        owner = owner_of(action.conn_id)
+        if owner is None:
+            return False
+        self._send(CloseRequest(owner[0], owner[1], action.key, action.code, action.reason))
+        return True
+
+    # --- what the other replicas saw ------------------------------------------------------
+
+    def apply(self, payload: bytes) -> None:
+        """One published batch: fold another replica's messages into this engine."""
+        gate = self.gate
+        if gate is None or payload.startswith(self._own):
+            return  # pub/sub hands our own batches back too: skipped unparsed
+        now = self._clock()
+        try:
+            _, messages = decode(payload, now)
+        except ValueError as e:
+            if not self._bad_logged:  # a foreign publisher on our channel, or a newer version
+                self._bad_logged = True
+                log_event(log, "state_store_bad_message", logging.WARNING, channel=self.channel, error=str(e))
+            return
+        engine = gate.engine
+        breakers = self.shared_breakers
+        for m in messages:
+            if isinstance(m, RemoteEvent):
+                outcome = engine.observe(m.event, admitted=m.admitted, breakers=breakers)
+                if outcome:
+                    gate.apply(outcome, now)
+            elif isinstance(m, SharedCooldown):
+                engine.adopt_cooldown(m, now)
+            elif isinstance(m, Release):
+                engine.release(m.key, now)
+            elif m.replica == self.replica and gate.server is not None:
+                relay = gate.server.relays.get(m.conn_id)  # type: ignore[arg-type]
+                if relay is not None:
+                    relay.close(m.code, m.reason)
+        self.received += len(messages)
+        gate.kick()  # one wake-up re-arm for the batch, not one per message
+
+    # --- the connection ------------------------------------------------------------------------
+
+    def _client(self) -> Redis:
+        from redis.asyncio import Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        r = self.redis
+        return Redis.from_url(
+            r.url,
+            password=r.password,
+            socket_timeout=r.timeout,
+            socket_connect_timeout=r.connect_timeout,
+            # No retries inside the client: a failure must surface at once so
+            # this replica fails open; _supervise owns reconnecting.
+            retry=Retry(NoBackoff(), 0),
+            client_name=f"loopwatch:{self.replica}"[:100].replace(" ", "_"),
+        )
+
+    async def _supervise(self) -> None:
+        delay = self.redis.reconnect_min
+        while not self._closing:
+            client: Redis | None = None
+            pubsub: PubSub | None = None
+            try:
+                client = self._client()
+                pubsub = client.pubsub(ignore_subscribe_messages=True)
+                async with asyncio.timeout(self.redis.connect_timeout + self.redis.timeout):
+                    await pubsub.subscribe(self.channel)
+                self._went_up()
+                delay = self.redis.reconnect_min
+                await self._resync(client)
+                await self._session(client, pubsub)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # redis errors, OSError, timeouts: all mean "not now"
+                self._went_down(e)
+            finally:
+                await self._dispose(client, pubsub)
+            # Exponential backoff with jitter, bounded both ways: never a hot
+            # loop, never longer than reconnect_max, never a fleet in step.
+            await asyncio.sleep(delay * (0.5 + 0.5 * self._rng.random()))
+            delay = min(delay * 2, self.redis.reconnect_max)
+
+    async def _dispose(self, client: Redis | None, pubsub: PubSub | None) -> None:
+        # A dead server must not hold up the reconnect loop: bounded and quiet.
+        for closing in (pubsub, client):
+            if closing is None:
+                continue
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self.redis.timeout):
+                    await closing.aclose()
+
+    def _went_up(self) -> None:
+        self.up = True
+        fields: dict[str, Any] = {"replica": self.replica, "channel": self.channel}
+        if self._outage_logged:
+            self._outage_logged = False
+            log_event(log, "state_store_up", errors=self.errors, dropped=self.dropped, **fields)
+        else:
+            log_event(log, "state_store_connected", **fields)
+
+    def _went_down(self, error: BaseException) -> None:
+        self.errors += 1
+        self.up = False
+        self.dropped += len(self._queue)
+        self._queue.clear()
+        if not self._outage_logged:  # once per outage; later failures are only counted
+            self._outage_logged = True
+            log_event(
+                log, "state_store_down", logging.WARNING,
+                replica=self.replica, error=f"{type(error).__name__}: {error}".rstrip(": "),
+                fail_open=self.redis.fail_open,
+            )
+
+    async def _session(self, client: Redis, pubsub: PubSub) -> None:
+        loop = asyncio.get_running_loop()
+        tasks = {
+            loop.create_task(self._read(pubsub), name="state-store-read"),
+            loop.create_task(self._write(client), name="state-store-write"),
+        }
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await _stop(tasks)
+        for task in done:
+            error = None if task.cancelled() else task.exception()
+            if error is not None:
+                raise error
+        raise StoreDown("session ended")
+
+    async def _read(self, pubsub: PubSub) -> None:
+        while True:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=self.redis.heartbeat)
+            if message is not None and message.get("type") == "message":
+                self.apply(message["data"])
+
+    async def _write(self, client: Redis) -> None:
+        r = self.redis
+        while True:
+            try:
+                async with asyncio.timeout(r.heartbeat):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                # Idle: a ping finds a dead or partitioned server before the
+                # next event would.
+                async with asyncio.timeout(r.timeout):
+                    await client.ping()
+                continue
+            if r.batch_delay:
+                # Linger for the rest of the batch: a round trip per handful of
+                # events costs replicas more CPU than a few ms of replication lag.
+                await asyncio.sleep(r.batch_delay)
+            self._wakeup.clear()
+            # Only what is queued now: messages that arrive during the round
+            # trip wake the next cycle, which lingers again, instead of going
+            # out one by one right behind this batch.
+            pending = len(self._queue)
+            while pending > 0:
+                n = min(pending, r.max_batch)
+                pending -= n
+                batch = [self._queue.popleft() for _ in range(n)]
+                async with asyncio.timeout(r.timeout):
+                    await self._publish(client, batch)
+
+    async def _publish(self, client: Redis, batch: list[Message]) -> None:
+        payload = encode(self.replica, batch)
+        writes = [m for m in batch if isinstance(m, SharedCooldown | Release)]
+        if not writes:
+            # The common batch, events only: one command, no pipeline machinery.
+            await client.publish(self.channel, payload)
+            self.published += len(batch)
+            return
+        pipe = client.pipeline(transaction=False)
+        memory_ms = max(int(self.memory * 1000), 0)
+        for m in writes:
+            if isinstance(m, SharedCooldown):
+                ttl = int(m.remaining * 1000) + memory_ms
+                if ttl > 0:
+                    value = json.dumps(
+                        {"rule": m.rule, "repeat": m.repeat, "enforced": m.enforced, "tail_ms": memory_ms},
+                        separators=(",", ":"),
+                    )
+                    pipe.eval(SET_COOLDOWN, 1, self._cool_prefix + m.key, value, ttl, "1" if m.force else "0")
+            else:
+                pipe.delete(self._cool_prefix + m.key)
+        # Keys first, then the news: a replica that hears of a cooldown and
+        # reconnects at once finds it in Redis too.
+        pipe.publish(self.channel, payload)
+        await pipe.execute()
+        self.published += len(batch)
+
+    async def _resync(self, client: Redis) -> None:
+        """On (re)connect: adopt the cooldowns Redis holds, then share ours, which
+        Redis may have lost (a restart without persistence) or never heard of
+        (started while it was down)."""
+        gate = self.gate
+        if gate is None:
+            return
+        r = self.redis
+        pattern = _GLOB.sub(r"\\\1", self._cool_prefix) + "*"
+        keys: list[bytes] = []
+        cursor: int = 0
+        while True:
+            async with asyncio.timeout(r.timeout):
+                cursor, found = await client.scan(cursor, match=pattern, count=1000)
+            keys += found
+            if not cursor:
+                break
+        engine = gate.engine
+        for start in range(0, len(keys), r.max_batch):
+            chunk = keys[start : start + r.max_batch]
+            pipe = client.pipeline(transaction=False)
+            for key in chunk:
+                pipe.get(key)
+                pipe.pttl(key)
+            async with asyncio.timeout(r.timeout):
+                replies = await pipe.execute()
+            now = self._clock()
+            for key, value, pttl in zip(chunk, replies[::2], replies[1::2], strict=True):
+                cooldown = self._parse_key(key, value, pttl)
+                if cooldown is not None:
+                    engine.adopt_cooldown(cooldown, now)
+        for cooldown in engine.cooldowns(self._clock()):
+            self._send(cooldown)
+        gate.kick()
+
+    def _parse_key(self, key: bytes, value: bytes | None, pttl: int) -> SharedCooldown | None:
+        if value is None or pttl <= 0:
+            return None  # expired between SCAN and GET, or no TTL (not ours)
+        try:
+            data = json.loads(value)
+            tail = int(data["tail_ms"])
+            client = key.decode()[len(self._cool_prefix) :]
+            return SharedCooldown(
+                client, (pttl - tail) / 1000, str(data["rule"]), int(data["repeat"]), bool(data["enforced"])
+            )
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            return None
+
+
+StateStore = LocalState | RedisStateStore
+
+
+def attach_state_store(gate: EngineGate, settings: Settings) -> StateStore:
+    """Give `gate` the configured store: with Redis, the store watches the gate
+    like any observer (that is how it hears this replica's events) and applies
+    the other replicas' messages through it. `start()` it on the event loop."""
+    if settings.state.backend != "redis":
+        gate.state_store = LocalState()
+        return gate.state_store
+    store = RedisStateStore(settings.state, memory=settings.policy.cooldown.memory)
+    store.bind(gate)
+    gate.observers.add(store)
+    gate.state_store = store
+    return store
