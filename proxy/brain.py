@@ -21,7 +21,7 @@ from .dataplane.boundary import Attempt, Gate, Refusal, RelayStats
 from .dataplane.heads import RequestHead
 from .dataplane.identity import Identifier
 from .observe.observers import Observers
-from .state.redis import LocalState, StateStore
+from .state.local import LocalState, StateStore
 
 if TYPE_CHECKING:
     from .app.settings import Settings
@@ -120,14 +120,21 @@ class EngineGate(Gate):
     def _apply(self, outcome: Outcome, t: float, conn: Attempt | None = None) -> None:
         if outcome:
             for action in outcome.actions:
-                if isinstance(action, CloseConnection) and self.server is not None:
-                    relay = self.server.relays.get(action.conn_id)  # type: ignore[arg-type]
-                    if relay is not None:
-                        relay.close(action.code, action.reason)
-                    else:  # close-oldest may pick a connection on another replica
-                        self.state_store.forward_close(action)
+                if isinstance(action, CloseConnection) and not self.close_connection(
+                    action.conn_id, action.code, action.reason
+                ):
+                    self.state_store.forward_close(action)  # close-oldest may pick another replica's
             self.observers.call("on_outcome", outcome, t, conn)
         self._schedule()
+
+    def close_connection(self, conn_id: object, code: int, reason: str) -> bool:
+        """Close one of this replica's connections (close-oldest, or another
+        replica's request); False when it is not here (or already gone)."""
+        relay = self.server.relays.get(conn_id) if self.server is not None else None  # type: ignore[arg-type]
+        if relay is None:
+            return False
+        relay.close(code, reason)
+        return True
 
     def apply(self, outcome: Outcome, t: float) -> None:
         """Act on an engine outcome that no step of this gate produced (another

@@ -1,11 +1,16 @@
-"""The base of every settings model, shared by proxy/app/settings.py and the modules
-that own a config section (proxy/dataplane/identity.py, …), so neither imports the other."""
+"""The base of every settings model and the value types several parts share.
+
+Each part owns its settings models (proxy/<part>/settings.py); proxy/app/settings.py
+composes them and loads the file and environment. This module is what they all
+build on, so none of them imports another part.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, NamedTuple
+from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
 from ..detectors.settings import SettingsModel
 
@@ -39,3 +44,66 @@ OptionalSecret = Annotated[str | None, SECRET, Field(repr=False)]
 
 class Section(SettingsModel):
     """Base of the proxy's settings sections: the same rules as the engine's."""
+
+
+UPSTREAM_SCHEMES = ("ws", "wss", "http", "https")
+
+
+class HostPort(NamedTuple):
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_host_port(value: object) -> HostPort:
+    """HOST:PORT ("0.0.0.0:8080", "[::1]:8080") to (host, port); port 0 means any free port."""
+    expected = f'expected HOST:PORT such as "0.0.0.0:8080" or "[::1]:8080", got {value!r}'
+    if not isinstance(value, str):
+        raise ValueError(expected)
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+        if not sep or ":" not in host:
+            raise ValueError(expected)
+    else:
+        host, sep, port = value.rpartition(":")
+        # An unbracketed IPv6 address is ambiguous: is the last group the port?
+        if not sep or ":" in host:
+            raise ValueError(expected)
+    if not host or any(c.isspace() for c in host) or not (port.isascii() and port.isdigit()):
+        raise ValueError(expected)
+    number = int(port)
+    if number > 65535:
+        raise ValueError(f"expected a port from 0 to 65535, got {number} in {value!r}")
+    return HostPort(host, number)
+
+
+def _check_listen(value: object) -> str:
+    return str(parse_host_port(value))
+
+
+def _check_upstream_url(value: object) -> str:
+    expected = f"expected a ws://, wss://, http:// or https:// URL, got {value!r}"
+    if not isinstance(value, str):
+        raise ValueError(expected)
+    try:
+        parts = urlsplit(value)
+        _ = parts.port  # raises on a port that is not a number from 0 to 65535
+    except ValueError:
+        raise ValueError(expected) from None
+    if parts.scheme.lower() not in UPSTREAM_SCHEMES or not parts.hostname:
+        raise ValueError(expected)
+    return value
+
+
+ListenAddress = Annotated[str, BeforeValidator(_check_listen)]
+
+
+UpstreamURL = Annotated[str, BeforeValidator(_check_upstream_url)]
+
+
+KiB = 1024
+
+
+MiB = 1024 * KiB

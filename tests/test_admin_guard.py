@@ -24,8 +24,9 @@ from prometheus_client import CollectorRegistry
 
 from loopwatch.proxy.admin.api import Exposure, host_name
 from loopwatch.proxy.admin.server import AdminServer
+from loopwatch.proxy.admin.settings import AdminSettings
 from loopwatch.proxy.app.runtime import ConfigSources, Running, start
-from loopwatch.proxy.app.settings import AdminSettings, load_settings
+from loopwatch.proxy.app.settings import load_settings
 from loopwatch.proxy.tools.demo_backend import issue_token
 from tests.clients import demo_backend, loop_until
 from tests.conftest import loopwatch, ws_url

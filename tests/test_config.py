@@ -14,16 +14,14 @@ from pydantic import BaseModel, SecretStr
 
 from loopwatch.proxy.app.settings import (
     ConfigError,
-    HostPort,
-    Route,
-    Section,
     Settings,
     _strip_optional,
     check_config_main,
     dump_settings,
     load_settings,
-    parse_host_port,
 )
+from loopwatch.proxy.dataplane.settings import Route
+from loopwatch.proxy.sections import HostPort, Section, parse_host_port
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "config" / "loopwatch.yaml"

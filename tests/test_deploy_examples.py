@@ -29,7 +29,8 @@ from loopwatch.dashboards import generate
 from loopwatch.proxy.admin.api import Exposure
 from loopwatch.proxy.admin.server import AdminServer
 from loopwatch.proxy.app.cli import build_parser
-from loopwatch.proxy.app.settings import Settings, load_settings, parse_host_port
+from loopwatch.proxy.app.settings import Settings, load_settings
+from loopwatch.proxy.sections import parse_host_port
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "config" / "examples"

@@ -19,7 +19,8 @@ from loopwatch.proxy.app.cli import main
 from loopwatch.proxy.app.settings import load_settings
 from loopwatch.proxy.observe import recorder as recorder_module
 from loopwatch.proxy.observe.observers import Observer
-from loopwatch.proxy.observe.recorder import Recorder, RecordSettings
+from loopwatch.proxy.observe.recorder import Recorder
+from loopwatch.proxy.observe.settings import RecordSettings
 from loopwatch.proxy.tools.replay import replay
 from loopwatch.proxy.tools.simulate import Knobs, Stack, launch, start_stack
 from tests.conftest import settings_for
@@ -64,7 +65,7 @@ async def record(tmp_path: Path, seconds: float, config: str | None = None, **ov
     path = tmp_path / "events.jsonl"
     stack: Stack = await start_stack(config, {"record.path": str(path), **overrides})
     live = LiveLog()
-    stack.running.gate.observers.add(live)  # type: ignore[attr-defined]
+    stack.running.watch(live)
     run = launch(stack.url, POPULATION, knobs=Knobs(ready_after=2.5))
     try:
         await asyncio.sleep(seconds)

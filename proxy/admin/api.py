@@ -37,11 +37,13 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from ...detectors.units import parse_duration
-from ..app.settings import AdminSettings, ConfigError, dump_settings, parse_host_port
+from ..app.settings import ConfigError, dump_settings
 from ..observe.logs import event
+from ..sections import parse_host_port
+from .settings import AdminSettings
 
 if TYPE_CHECKING:
-    from ..app.runtime import Running
+    from .control import Control
 
 log = logging.getLogger("loopwatch.admin")
 
@@ -298,8 +300,8 @@ def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) 
 
 
 class AdminApi:
-    def __init__(self, running: Running):
-        self.running = running
+    def __init__(self, control: Control):
+        self.control = control
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -313,20 +315,12 @@ class AdminApi:
             web.post("/api/reload", self.reload),
         ]
 
-    @property
-    def engine(self):  # noqa: ANN201
-        return self.running.engine
-
-    def _changed(self) -> None:
-        """Admin calls leave their outcome for the engine's next wake-up."""
-        self.running.gate.kick()  # type: ignore[attr-defined]
-
     async def clients(self, request: web.Request) -> web.Response:
         limit = _int_param(request, "limit", 50, 1, MAX_PAGE)
         offset = _int_param(request, "offset", 0, 0, 10**9)
         now = time.monotonic()
-        views = self.engine.clients(now, limit=limit, offset=offset)
-        total = self.engine.snapshot(now).clients_tracked
+        views = self.control.clients(now, limit=limit, offset=offset)
+        total = self.control.snapshot(now).clients_tracked
         return web.json_response(
             {
                 "now": now,
@@ -340,20 +334,15 @@ class AdminApi:
     async def client(self, request: web.Request) -> web.Response:
         key = request.match_info["key"]
         now = time.monotonic()
-        view = self.engine.client(key, now)
+        view = self.control.client(key, now)
         if view is None:
             return error(404, f"no tracked client {key!r}")
         return web.json_response({"now": now, **view.to_dict()})
 
     async def release(self, request: web.Request) -> web.Response:
         key = request.match_info["key"]
-        tracked = self.engine.release(key, time.monotonic())
-        # With a shared store, released on every replica: others may hold a
-        # cooldown for a client this one never saw.
-        self.running.gate.state_store.release(key)  # type: ignore[attr-defined]
-        if not tracked:
+        if not self.control.release(key, time.monotonic()):
             return error(404, f"no tracked client {key!r}")
-        self._changed()
         return web.json_response({"key": key, "released": True})
 
     async def cooldown(self, request: web.Request) -> web.Response:
@@ -373,27 +362,25 @@ class AdminApi:
             return error(400, f"duration: {e}")
         if duration <= 0:
             return error(400, "duration: expected more than 0s")
-        self.engine.force_cooldown(key, duration, time.monotonic())
-        self._changed()
+        self.control.force_cooldown(key, duration, time.monotonic())
         return web.json_response({"key": key, "cooldown_seconds": duration})
 
     async def breakers(self, request: web.Request) -> web.Response:
-        views = self.engine.breakers(time.monotonic())
+        views = self.control.breakers(time.monotonic())
         return web.json_response({"breakers": [v.to_dict() for v in views]})
 
     async def reset_breaker(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        if not self.engine.reset_breaker(name, time.monotonic()):
+        if not self.control.reset_breaker(name, time.monotonic()):
             return error(404, f"no breaker {name!r}; breakers are upstream and auth")
-        self._changed()
         return web.json_response({"breaker": name, "reset": True})
 
     async def config(self, request: web.Request) -> web.Response:
-        return web.json_response(dump_settings(self.running.settings, redact=True))
+        return web.json_response(dump_settings(self.control.settings, redact=True))
 
     async def reload(self, request: web.Request) -> web.Response:
         try:
-            result = self.running.reload()
+            result = self.control.reload()
         except ConfigError as e:
             return error(400, "invalid configuration; the running one is kept", errors=e.errors)
         return web.json_response(result)

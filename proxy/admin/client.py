@@ -135,7 +135,7 @@ def _admin_settings(config: str | None, env: Mapping[str, str]) -> Configured:
 
 
 def _url_for_listen(listen: str) -> str:
-    from ..app.settings import parse_host_port
+    from ..sections import parse_host_port
 
     host, port = parse_host_port(listen)
     if port == 0:

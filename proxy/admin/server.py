@@ -15,10 +15,10 @@ from prometheus_client import CollectorRegistry, Info
 from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from ..app.settings import AdminSettings
 from ..observe.logs import event
 from ..observe.selfmetrics import build_labels
 from .api import AdminCounters, Exposure, guard_middleware, listen_host_of
+from .settings import AdminSettings
 
 
 def build_registry() -> CollectorRegistry:

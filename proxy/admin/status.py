@@ -62,9 +62,10 @@ from .api import AdminCounters
 if TYPE_CHECKING:
     from ...detectors import events as ev
     from ...detectors.decisions import Admit, Outcome, Reject
-    from ..app.runtime import Running
     from ..app.settings import Settings
     from ..dataplane.boundary import Attempt, RelayStats
+    from .control import Control
+    from .server import AdminServer
 
 log = logging.getLogger("loopwatch.status")
 
@@ -237,7 +238,7 @@ class StatusHub(Observer):
 
     def __init__(
         self,
-        running: Running,
+        control: Control,
         *,
         summary_interval: float = 1.0,
         heartbeat_interval: float = 15.0,
@@ -249,7 +250,7 @@ class StatusHub(Observer):
         clients_in_summary: int = 50,
         counters: AdminCounters | None = None,
     ):
-        self.running = running
+        self.control = control
         self.summary_interval = summary_interval
         self.heartbeat_interval = heartbeat_interval
         self.max_buffer_bytes = max_buffer_bytes
@@ -335,7 +336,7 @@ class StatusHub(Observer):
         return {"type": "enforcement", "action": kind, **body}
 
     def _refresh_codes(self) -> None:
-        settings = self.running.settings
+        settings = self.control.settings
         if settings is not self._codes_for:  # a reload may change them
             self._codes_for = settings
             self._auth_codes = frozenset(settings.detection.auth_close_codes)
@@ -389,16 +390,12 @@ class StatusHub(Observer):
     # --- what the page shows --------------------------------------------------------
 
     def summary(self, now: float) -> dict[str, Any]:
-        running = self.running
-        engine = running.engine
-        settings = running.settings
-        snapshot = engine.snapshot(now)
-        breakers = [b.to_dict() for b in engine.breakers(now)]
-        # Reading breakers may move them (open → half-open); the engine hands such
-        # transitions out on its next call, so ask the gate for that call now.
-        running.gate.kick()  # type: ignore[attr-defined]
+        control = self.control
+        settings = control.settings
+        snapshot = control.snapshot(now)
+        breakers = [b.to_dict() for b in control.breakers(now)]
         clients = []
-        for view in engine.clients(now, limit=self.clients_in_summary):
+        for view in control.clients(now, limit=self.clients_in_summary):
             item = view.to_dict()
             item.pop("history", None)
             clients.append(item)
@@ -427,7 +424,7 @@ class StatusHub(Observer):
                 "attempts_per_second": counts.total(ATTEMPTS, now, 5) / 5,
                 "refusals_per_second": counts.total(REFUSALS, now, 5) / 5,
                 "auth_failures_per_second": counts.total(AUTH_FAILURES, now, 5) / 5,
-                "active_connections": len(running.proxy.relays),
+                "active_connections": control.active_connections(),
                 "clients_tracked": snapshot.clients_tracked,
                 "clients_in_cooldown": snapshot.clients_in_cooldown,
                 "clients_flagged": dict(snapshot.clients_flagged),
@@ -442,7 +439,7 @@ class StatusHub(Observer):
         }
 
     def _upstream(self, now: float, breakers: list[dict[str, Any]]) -> dict[str, Any]:
-        settings = self.running.settings
+        settings = self.control.settings
         breaker = next((b for b in breakers if b["name"] == "upstream"), None)
         errors = self.counts.total(UPSTREAM_ERRORS, now, 30)
         state = breaker["state"] if breaker is not None else "closed"
@@ -639,21 +636,21 @@ class StatusHub(Observer):
 STATUS_HUB: web.AppKey[StatusHub] = web.AppKey("status_hub", StatusHub)
 
 
-def install(running: Running, **options: Any) -> StatusHub:
-    """Serve the page and the stream on the admin app, and watch the gate."""
-    streams = running.settings.admin.event_streams
+def install(control: Control, admin: AdminServer, **options: Any) -> StatusHub:
+    """Serve the page and the stream on the admin app, and watch the event stream."""
+    streams = control.settings.admin.event_streams
     configured: dict[str, Any] = {
         "max_subscribers": streams.max_streams,
         "max_buffer_bytes": streams.max_buffer,
         "send_buffer_bytes": streams.send_buffer,
         "write_timeout": streams.write_timeout,
-        "counters": running.admin.counters,
+        "counters": admin.counters,
     }
-    hub = StatusHub(running, **{**configured, **options})
-    running.gate.observers.add(hub)  # type: ignore[attr-defined]
-    app = running.admin.app
+    hub = StatusHub(control, **{**configured, **options})
+    control.watch(hub)
+    app = admin.app
     app.router.add_routes(hub.routes())
     app[STATUS_HUB] = hub
     app.on_shutdown.append(hub.close)
-    running.admin.authenticators.append(hub.admits)
+    admin.authenticators.append(hub.admits)
     return hub

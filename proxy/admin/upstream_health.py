@@ -16,34 +16,14 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from typing import Annotated
 
 import aiohttp
-from pydantic import Field, field_validator
 
-from ...detectors.units import Duration
 from ..dataplane.routing import Route
 from ..observe.logs import event
-from ..sections import OptionalSecret, Section
+from .settings import HealthCheckSettings
 
 log = logging.getLogger("loopwatch.health")
-
-PositiveDuration = Annotated[Duration, Field(gt=0)]
-
-
-class HealthCheckSettings(Section):
-    enabled: bool = False
-    path: str = "/"  # the probe's request path (and query); its route picks the upstream
-    interval: PositiveDuration = 10.0
-    timeout: PositiveDuration = 5.0
-    token: OptionalSecret = None  # sent as Authorization: Bearer; redacted in dumps
-
-    @field_validator("path")
-    @classmethod
-    def _absolute(cls, value: str) -> str:
-        if not value.startswith("/"):
-            raise ValueError(f'expected a path starting with "/", got {value!r}')
-        return value
 
 
 def probe_url(route: Route, path: str) -> str:

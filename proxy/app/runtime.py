@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ...detectors.engine import Engine
+from ...detectors.views import BreakerView, ClientView, EngineSnapshot
 from ..admin.api import AdminApi
 from ..admin.server import AdminServer, build_registry
 from ..admin.status import install as install_status_page
@@ -21,11 +22,13 @@ from ..dataplane.identity import Identifier
 from ..dataplane.listener import ProxyServer
 from ..observe.logs import event
 from ..observe.metrics import Telemetry
-from ..observe.observers import Observers
+from ..observe.observers import Observer, Observers
 from ..observe.recorder import Recorder, close_recorders
 from ..observe.selfmetrics import SelfMetrics
-from ..state.redis import LocalState, attach_state_store
-from .settings import ConfigError, Settings, load_settings, parse_host_port
+from ..sections import parse_host_port
+from ..state.local import LocalState
+from ..state.redis import RedisStateStore
+from .settings import ConfigError, Settings, load_settings
 
 log = logging.getLogger("loopwatch")
 
@@ -74,6 +77,54 @@ class Running:
     @property
     def admin_port(self) -> int:
         return self.admin.port
+
+    # --- the admin port's Control (proxy/admin/control.py) ---------------------------------
+
+    @property
+    def brain(self) -> EngineGate:
+        assert isinstance(self.gate, EngineGate), "the admin API is installed with detection only"
+        return self.gate
+
+    def clients(self, now: float, *, limit: int, offset: int = 0) -> list[ClientView]:
+        return self.engine.clients(now, limit=limit, offset=offset)
+
+    def client(self, key: str, now: float) -> ClientView | None:
+        return self.engine.client(key, now)
+
+    def snapshot(self, now: float) -> EngineSnapshot:
+        return self.engine.snapshot(now)
+
+    def breakers(self, now: float) -> list[BreakerView]:
+        views = self.engine.breakers(now)
+        # Reading breakers may move them (open -> half-open); the engine hands such
+        # transitions out on its next call, so ask the brain for that call now.
+        self.brain.kick()
+        return views
+
+    def active_connections(self) -> int:
+        return len(self.proxy.relays)
+
+    def release(self, key: str, now: float) -> bool:
+        tracked = self.engine.release(key, now)
+        # With a shared store, released on every replica: others may hold a
+        # cooldown for a client this one never saw.
+        self.brain.state_store.release(key)
+        if tracked:
+            self.brain.kick()  # the outcome reaches observers on the engine's next wake-up
+        return tracked
+
+    def force_cooldown(self, key: str, duration: float, now: float) -> None:
+        self.engine.force_cooldown(key, duration, now)
+        self.brain.kick()
+
+    def reset_breaker(self, name: str, now: float) -> bool:
+        reset = self.engine.reset_breaker(name, now)
+        if reset:
+            self.brain.kick()
+        return reset
+
+    def watch(self, observer: Observer) -> None:
+        self.observers.add(observer)
 
     def reload(self) -> dict[str, object]:
         """Re-read the configuration and apply what can change live (detection,
@@ -125,7 +176,14 @@ def build_gate(settings: Settings, observers: Observers | None = None) -> Engine
     )
     if settings.record.path is not None:  # every engine event, one JSON line each (loopwatch replay)
         gate.observers.add(Recorder(settings.record))
-    attach_state_store(gate, settings)  # state.backend: redis shares it with other replicas
+    if settings.state.backend == "redis":
+        # Shares cooldowns and events with the other replicas: the store watches the
+        # brain like any observer (that is how it hears this replica's events) and
+        # applies the other replicas' messages through it. Started with the listener.
+        store = RedisStateStore(settings.state, memory=settings.policy.cooldown.memory)
+        store.bind(gate)
+        gate.observers.add(store)
+        gate.state_store = store
     return gate
 
 
@@ -168,7 +226,7 @@ async def start(
     holder.append(running)
     if isinstance(gate, EngineGate):
         admin.app.router.add_routes(AdminApi(running).routes())
-        install_status_page(running)  # GET / and the /api/events stream
+        install_status_page(running, admin)  # GET / and the /api/events stream
     admin_host, admin_port = parse_host_port(settings.admin.listen)
     try:
         await admin.start(admin_host, admin_port)

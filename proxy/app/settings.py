@@ -28,29 +28,23 @@ import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple
-from urllib.parse import urlsplit
+from typing import Annotated, Any, NamedTuple
 
 import yaml
 from pydantic import (
     BaseModel,
-    BeforeValidator,
-    Field,
     SecretStr,
     ValidationError,
     ValidationInfo,
     field_validator,
-    model_validator,
 )
 
 from ...detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
-from ...detectors.units import ByteSize, Duration
-from ..admin.upstream_health import HealthCheckSettings
-from ..dataplane.identity import IdentitySettings
-from ..observe.metrics import TelemetrySettings
-from ..observe.recorder import RecordSettings
-from ..sections import SECRET, FieldError, OptionalSecret, Section
-from ..state.redis import StateSettings
+from ..admin.settings import AdminSettings, HealthCheckSettings
+from ..dataplane.settings import IdentitySettings, Limits, ListenerTLS, Route, UpstreamTLS
+from ..observe.settings import LogSettings, RecordSettings, TelemetrySettings
+from ..sections import SECRET, FieldError, ListenAddress, Section, UpstreamURL
+from ..state.settings import StateSettings
 
 ENV_PREFIX = "LOOPWATCH_"
 # Names the file rather than a setting; the CLI reads it.
@@ -59,7 +53,6 @@ ENV_CONFIG = "LOOPWATCH_CONFIG"
 ENV_ADMIN_URL = "LOOPWATCH_ADMIN_URL"
 ENV_SEPARATOR = "__"
 REDACTED = "***"
-UPSTREAM_SCHEMES = ("ws", "wss", "http", "https")
 
 Loc = tuple[str | int, ...]
 
@@ -75,220 +68,7 @@ class ConfigError(Exception):
 # --- value types -----------------------------------------------------------
 
 
-class HostPort(NamedTuple):
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-def parse_host_port(value: object) -> HostPort:
-    """HOST:PORT ("0.0.0.0:8080", "[::1]:8080") to (host, port); port 0 means any free port."""
-    expected = f'expected HOST:PORT such as "0.0.0.0:8080" or "[::1]:8080", got {value!r}'
-    if not isinstance(value, str):
-        raise ValueError(expected)
-    if value.startswith("["):
-        host, sep, port = value[1:].partition("]:")
-        if not sep or ":" not in host:
-            raise ValueError(expected)
-    else:
-        host, sep, port = value.rpartition(":")
-        # An unbracketed IPv6 address is ambiguous: is the last group the port?
-        if not sep or ":" in host:
-            raise ValueError(expected)
-    if not host or any(c.isspace() for c in host) or not (port.isascii() and port.isdigit()):
-        raise ValueError(expected)
-    number = int(port)
-    if number > 65535:
-        raise ValueError(f"expected a port from 0 to 65535, got {number} in {value!r}")
-    return HostPort(host, number)
-
-
-def _check_listen(value: object) -> str:
-    return str(parse_host_port(value))
-
-
-def _check_upstream_url(value: object) -> str:
-    expected = f"expected a ws://, wss://, http:// or https:// URL, got {value!r}"
-    if not isinstance(value, str):
-        raise ValueError(expected)
-    try:
-        parts = urlsplit(value)
-        _ = parts.port  # raises on a port that is not a number from 0 to 65535
-    except ValueError:
-        raise ValueError(expected) from None
-    if parts.scheme.lower() not in UPSTREAM_SCHEMES or not parts.hostname:
-        raise ValueError(expected)
-    return value
-
-
-def _lower(value: object) -> object:
-    return value.lower() if isinstance(value, str) else value
-
-
-ListenAddress = Annotated[str, BeforeValidator(_check_listen)]
-UpstreamURL = Annotated[str, BeforeValidator(_check_upstream_url)]
-LogLevel = Literal["debug", "info", "warning", "error"]
-LogFormat = Literal["json", "text"]
-
-KiB = 1024
-MiB = 1024 * KiB
-
-
 # --- models ----------------------------------------------------------------
-
-
-class Route(Section):
-    path_prefix: str
-    upstream: UpstreamURL
-
-    @field_validator("path_prefix")
-    @classmethod
-    def _absolute(cls, value: str) -> str:
-        if not value.startswith("/"):
-            raise ValueError(f'expected a path starting with "/", got {value!r}')
-        return value
-
-
-class ListenerTLS(Section):
-    cert_file: str | None = None
-    key_file: str | None = None
-
-    @model_validator(mode="after")
-    def _both_or_neither(self) -> ListenerTLS:
-        if self.cert_file is not None and self.key_file is None:
-            raise FieldError("key_file", "required when `cert_file` is set (set both or neither)")
-        if self.key_file is not None and self.cert_file is None:
-            raise FieldError("cert_file", "required when `key_file` is set (set both or neither)")
-        return self
-
-
-class UpstreamTLS(Section):
-    verify: bool = True
-    ca_file: str | None = None
-    server_name: str | None = None
-
-
-def _check_address_cap(value: object) -> object:
-    """A per-address cap: a count (an integer >= 1), a share of
-    limits.max_connections ("50%"), or null for none."""
-    expected = (
-        'expected an integer of at least 1, a share of max_connections such as "50%", '
-        f"or null, got {value!r}"
-    )
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 1:
-            raise ValueError(expected)
-        return value
-    if isinstance(value, str):
-        text = value.strip()
-        if text.isascii() and text.isdigit() and int(text) >= 1:
-            return int(text)
-        number = text[:-1].strip()
-        if text.endswith("%") and number.replace(".", "", 1).isdigit() and number.isascii():
-            share = float(number)
-            if 0 < share <= 100:
-                return f"{number}%"
-    raise ValueError(expected)
-
-
-AddressCap = Annotated[int | str | None, BeforeValidator(_check_address_cap)]
-ADDRESS_CAP_FLOOR = 16  # the least a share-of-max_connections cap comes to
-
-
-class Limits(Section):
-    max_message_size: Annotated[ByteSize, Field(ge=1)] = 64 * MiB
-    max_head_size: Annotated[ByteSize, Field(ge=1)] = 16 * KiB
-    early_data_size: ByteSize = 64 * KiB
-    error_body_size: ByteSize = 64 * KiB
-    handshake_timeout: Annotated[Duration, Field(gt=0)] = 10.0
-    connect_timeout: Annotated[Duration, Field(gt=0)] = 5.0
-    idle_timeout: Annotated[Duration, Field(gt=0)] | None = 3600.0
-    body_timeout: Annotated[Duration, Field(gt=0)] = 30.0
-    response_timeout: Annotated[Duration, Field(gt=0)] = 60.0
-    response_idle_timeout: Annotated[Duration, Field(gt=0)] = 60.0
-    max_connections: Annotated[int, Field(ge=1)] = 10_000
-    max_connections_per_address: AddressCap = "50%"
-    max_heads_per_address: AddressCap = "10%"
-    shutdown_timeout: Duration = 10.0
-
-    def address_cap(self, cap: int | str | None) -> int | None:
-        """A per-address cap as a number of connections; None for no cap. A share
-        is of max_connections, rounded down but never below ADDRESS_CAP_FLOOR (a
-        browser opens several connections at once to load a page) unless
-        max_connections itself is smaller."""
-        if cap is None or isinstance(cap, int):
-            return cap
-        share = int(self.max_connections * float(cap[:-1]) / 100)
-        return max(share, min(ADDRESS_CAP_FLOOR, self.max_connections))
-
-
-class EventStreamSettings(Section):
-    """Bounds of the status page's event streams (GET /api/events)."""
-
-    max_streams: Annotated[int, Field(ge=1, le=100_000)] = 100
-    max_buffer: Annotated[ByteSize, Field(ge=16 * KiB)] = 256 * KiB
-    send_buffer: Annotated[ByteSize, Field(ge=4 * KiB, le=16 * MiB)] = 32 * KiB
-    write_timeout: Annotated[Duration, Field(gt=0)] = 30.0
-
-
-_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._")
-
-
-def _ipv6(value: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.IPv6Address(value)
-    except ValueError:
-        return False
-    return True
-
-
-class AdminSettings(Section):
-    listen: ListenAddress = "127.0.0.1:9900"
-    token: OptionalSecret = None
-    allowed_hosts: tuple[str, ...] = ()
-    insecure: bool = False
-    event_streams: EventStreamSettings = EventStreamSettings()
-
-    @field_validator("token")
-    @classmethod
-    def _not_empty(cls, value: str | None) -> str | None:
-        # An empty token would read as "auth on" but accept "Bearer " from anyone.
-        if value == "":
-            raise ValueError("expected a non-empty token (or null for no token)")
-        return value
-
-    @field_validator("allowed_hosts")
-    @classmethod
-    def _host_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        """Names as a browser puts them in Host: lower case, no port, no scheme;
-        `*.example.com` for every subdomain, `*` for any Host (no check)."""
-        out = []
-        for entry in value:
-            written = entry.strip().lower()
-            name = written.removesuffix(".")
-            bare = name.removeprefix("[").removesuffix("]")
-            plain = name.removeprefix("*.")
-            ok = written == "*" or (
-                bool(plain) and set(plain) <= _HOST_CHARS and ".." not in plain and not plain.startswith(".")
-            ) or (":" in bare and _ipv6(bare))
-            if not ok:
-                raise ValueError(
-                    f'expected host names such as "loopwatch.internal" or "*.example.com" '
-                    f"(no scheme, no port: any port is accepted), got {entry!r}"
-                )
-            out.append(bare if ":" in bare else name)
-        return tuple(out)
-
-
-class LogSettings(Section):
-    level: Annotated[LogLevel, BeforeValidator(_lower)] = "info"
-    format: LogFormat = "json"
 
 
 class Settings(Section):

@@ -31,124 +31,13 @@ import jwt as pyjwt
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
-from pydantic import Field, field_validator, model_validator
 
-from ...detectors.units import Duration
-from ..sections import FieldError, OptionalSecret, Section
+from .settings import HMAC_ALGORITHMS, RSA_ALGORITHMS, IdentitySettings, JwtSettings
 
-__all__ = ["ClientKey", "Identifier", "IdentitySettings", "JwtSettings"]
+__all__ = ["ClientKey", "Identifier"]
 
 
-_SOURCE_KINDS = ("header", "cookie", "query", "jwt", "ip")
-_HMAC = ("HS256", "HS384", "HS512")
-_RSA = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
 _EC = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1, "ES512": ec.SECP521R1}
-_ALGORITHMS = (*_HMAC, *_RSA, *_EC, "EdDSA")
-# RFC 7230 token characters, so a header name from config can actually occur.
-_TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-
-
-class JwtSettings(Section):
-    # Browsers cannot set headers on a WebSocket, so tokens also come in the URL.
-    query_params: tuple[str, ...] = ("token", "access_token")
-    # Look for a token in Sec-WebSocket-Protocol (shapes in _subprotocol_token).
-    subprotocol: bool = True
-    verify: bool = False
-    algorithms: tuple[str, ...] = ("HS256", "RS256", "ES256")
-    secret: OptionalSecret = None  # HS* key; redacted in dumps, kept out of repr()
-    public_key_file: Path | None = None  # PEM public key or certificate for RS*/PS*/ES*/EdDSA
-    audience: str | tuple[str, ...] | None = None  # None: "aud" is not checked
-    issuer: str | None = None  # None: "iss" is not checked
-    leeway: Duration = 30.0  # clock skew allowed on exp/nbf/iat
-
-    @field_validator("algorithms")
-    @classmethod
-    def _known_algorithms(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if not value:
-            raise ValueError("expected at least one algorithm")
-        for i, alg in enumerate(value):
-            if alg.lower() == "none":
-                raise FieldError(i, '"none" is not allowed: an unsigned token proves nothing')
-            if alg not in _ALGORITHMS:
-                raise FieldError(
-                    i, f"unknown algorithm {alg!r}, expected one of {', '.join(_ALGORITHMS)}"
-                )
-        return value
-
-    @field_validator("secret")
-    @classmethod
-    def _not_empty(cls, value: str | None) -> str | None:
-        # An empty HMAC key would let anyone sign tokens.
-        if value == "":
-            raise ValueError("expected a non-empty secret (or null for none)")
-        return value
-
-    @model_validator(mode="after")
-    def _key_for_verify(self) -> JwtSettings:
-        if not self.verify:
-            return self
-        if self.secret is None and self.public_key_file is None:
-            raise FieldError(
-                "verify", "true needs `secret` (HS*) or `public_key_file` (RS*/PS*/ES*/EdDSA)"
-            )
-        if self.secret is not None and not any(a in _HMAC for a in self.algorithms):
-            raise FieldError("algorithms", "lists no HS256/HS384/HS512, but `secret` is set")
-        return self
-
-
-class IdentitySettings(Section):
-    # Ordered; the first source that yields a value is the key.
-    sources: tuple[str, ...] = ("jwt:sub", "ip")
-    trusted_proxies: tuple[str, ...] = ()  # CIDRs (or addresses) whose X-Forwarded-For is honoured
-    bind_to_address: bool = True  # header/cookie/query/unverified-jwt keys become "value@address"
-    bind_verified: bool = False  # also bind keys from a verified JWT (they cannot be forged)
-    jwt: JwtSettings = Field(default_factory=JwtSettings)
-    max_key_length: int = Field(default=256, ge=64)  # longer values are hashed
-
-    @field_validator("sources")
-    @classmethod
-    def _parse_sources(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if not value:
-            raise ValueError("expected at least one source, e.g. ip")
-        out: list[str] = []
-        for i, raw in enumerate(value):
-            kind, _, arg = raw.strip().partition(":")
-            kind = kind.lower()
-            if kind not in _SOURCE_KINDS:
-                raise FieldError(
-                    i,
-                    f"unknown source kind {kind!r} in {raw!r}; expected header:NAME, "
-                    "cookie:NAME, query:NAME, jwt:CLAIM or ip",
-                )
-            if out and out[-1] == "ip":
-                raise FieldError(
-                    i, f"{raw!r} comes after ip, which always yields, so it is never used"
-                )
-            if kind == "ip":
-                if arg:
-                    raise FieldError(i, f"{raw!r}: ip takes no argument")
-                out.append("ip")
-                continue
-            if not arg:
-                raise FieldError(i, f"{raw!r}: {kind} needs a name, e.g. {kind}:NAME")
-            if kind == "header":
-                if not _TOKEN_RE.match(arg):
-                    raise FieldError(i, f"{raw!r}: {arg!r} is not a valid header name")
-                arg = arg.lower()  # the proxy hands over lower-cased header names
-            out.append(f"{kind}:{arg}")
-        return tuple(out)
-
-    @field_validator("trusted_proxies")
-    @classmethod
-    def _parse_networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for i, cidr in enumerate(value):
-            try:
-                ipaddress.ip_network(cidr.strip(), strict=False)
-            except ValueError:
-                raise FieldError(
-                    i, f'expected a CIDR such as "10.0.0.0/8" or an IP address, got {cidr!r}'
-                ) from None
-        return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,12 +306,12 @@ def _load_keys(settings: JwtSettings) -> dict[str, Any]:
     keys: dict[str, Any] = {}
     if settings.secret is not None:
         secret = settings.secret.encode()
-        keys.update({alg: secret for alg in settings.algorithms if alg in _HMAC})
+        keys.update({alg: secret for alg in settings.algorithms if alg in HMAC_ALGORITHMS})
     if settings.public_key_file is not None:
         key = _read_public_key(settings.public_key_file)
         for alg in settings.algorithms:
             if (
-                (alg in _RSA and isinstance(key, rsa.RSAPublicKey))
+                (alg in RSA_ALGORITHMS and isinstance(key, rsa.RSAPublicKey))
                 or (
                     alg in _EC
                     and isinstance(key, ec.EllipticCurvePublicKey)

@@ -22,12 +22,11 @@ from __future__ import annotations
 import time
 import typing
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from pydantic import BeforeValidator, Field
 
 from ...detectors.actions import CooldownStarted, WouldReject
 from ...detectors.breaker import BreakerState
@@ -37,7 +36,6 @@ from ...detectors.findings import SEVERITY_RANK
 from ...detectors.rules import RULE_NAMES
 from ...detectors.settings import BreakerSettings
 from ..dataplane.boundary import REJECTED_REASONS
-from ..sections import Section
 from .eventlog import EventLogObserver
 from .observers import Observer, Observers
 from .promstore import CounterStore, HistogramStore
@@ -60,20 +58,6 @@ if TYPE_CHECKING:
 
 
 # --- the telemetry: section ---------------------------------------------------
-
-
-def _off_is_a_string(value: object) -> object:
-    # YAML 1.1 reads an unquoted `off` as false; the user meant the mode "off".
-    return "off" if value is False else value
-
-
-AccessLog = Annotated[Literal["off", "sampled", "all"], BeforeValidator(_off_is_a_string)]
-
-
-class TelemetrySettings(Section):
-    expose_client_keys: bool = False
-    access_log: AccessLog = "off"
-    access_log_sample_rate: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
 
 
 # --- label values: every one from a fixed set ---------------------------------
@@ -525,7 +509,6 @@ __all__ = [
     "MetricsObserver",
     "StateCollector",
     "Telemetry",
-    "TelemetrySettings",
     "client_hash",
     "code_label",
     "code_labels",

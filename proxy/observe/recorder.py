@@ -27,30 +27,22 @@ import os
 import threading
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Annotated, Any
-
-from pydantic import Field
+from typing import TYPE_CHECKING, Any
 
 from ...detectors import events as ev
-from ...detectors.units import ByteSize
-from ..sections import Section
 from .observers import Observer, Observers
 
 if TYPE_CHECKING:
     from ...detectors.decisions import Admit, Reject
     from ..dataplane.boundary import Attempt, RelayStats
 
+from .settings import RecordSettings
+
 log = logging.getLogger("loopwatch.recorder")
 
 FLUSH_INTERVAL = 0.5  # seconds between writes; a crash loses at most this much
 FLUSH_LINES = 5_000  # a burst this large is written without waiting for the interval
 MAX_PENDING = 200_000  # lines buffered while the disk is slow; beyond, events are dropped
-
-
-class RecordSettings(Section):
-    path: str | None = None
-    max_bytes: Annotated[ByteSize, Field(ge=4096)] = 100 * 1024 * 1024
-    rotate: Annotated[int, Field(ge=0, le=1000)] = 5
 
 
 class EventFile:

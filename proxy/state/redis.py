@@ -40,10 +40,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Annotated, Any, Literal
-from urllib.parse import urlsplit
-
-from pydantic import BeforeValidator, Field
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ...detectors.actions import CloseConnection, CooldownStarted
 from ...detectors.shared import (
@@ -57,10 +54,8 @@ from ...detectors.shared import (
     header,
     owner_of,
 )
-from ...detectors.units import Duration
 from ..observe.logs import event as log_event
 from ..observe.observers import Observer
-from ..sections import OptionalSecret, Section
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -68,84 +63,19 @@ if TYPE_CHECKING:
 
     from ...detectors import events as ev
     from ...detectors.decisions import Admit, Outcome, Reject
+    from ...detectors.engine import Engine
     from ..app.settings import Settings
-    from ..brain import EngineGate
     from ..dataplane.boundary import Attempt, RelayStats
 
-log = logging.getLogger("loopwatch.state")
+from .settings import StateSettings
 
-REDIS_SCHEMES = ("redis", "rediss", "unix")
+log = logging.getLogger("loopwatch.state")
 
 
 # --- the state: section ----------------------------------------------------------
 
 
-def _check_redis_url(value: object) -> object:
-    expected = f"expected a redis://, rediss:// or unix:// URL, got {value!r}"
-    if not isinstance(value, str):
-        raise ValueError(expected)
-    try:
-        parts = urlsplit(value)
-        _ = parts.port
-    except ValueError:
-        raise ValueError(expected) from None
-    if parts.scheme not in REDIS_SCHEMES or not (parts.hostname or parts.path):
-        raise ValueError(expected)
-    if parts.password:
-        # It would be printed by check-config and GET /api/config.
-        raise ValueError("put the password in state.redis.password (or LOOPWATCH_STATE__REDIS__PASSWORD), not in the URL")
-    return value
-
-
-RedisURL = Annotated[str, BeforeValidator(_check_redis_url)]
-PositiveDuration = Annotated[Duration, Field(gt=0)]
-
-
-class RedisSettings(Section):
-    url: RedisURL = "redis://127.0.0.1:6379/0"
-    password: OptionalSecret = None
-    key_prefix: Annotated[str, Field(min_length=1)] = "loopwatch:"
-    connect_timeout: PositiveDuration = 1.0
-    timeout: PositiveDuration = 0.25
-    fail_open: bool = True
-    reconnect_min: PositiveDuration = 0.1
-    reconnect_max: PositiveDuration = 5.0
-    heartbeat: PositiveDuration = 1.0
-    batch_delay: Annotated[Duration, Field(ge=0)] = 0.01
-    max_batch: Annotated[int, Field(ge=1)] = 500
-    max_queue: Annotated[int, Field(ge=1)] = 10_000
-
-
-class StateSettings(Section):
-    backend: Literal["memory", "redis"] = "memory"
-    replica_id: Annotated[str, Field(min_length=1)] | None = None
-    breakers: Literal["local", "shared"] = "local"
-    redis: RedisSettings = RedisSettings()
-
-
 # --- what telemetry reads ------------------------------------------------------------
-
-
-class LocalState:
-    """`state.backend: memory`: nothing shared, nothing to fail. Same attributes
-    as RedisStateStore, so telemetry and the admin API need not tell them apart."""
-
-    backend = "memory"
-    up = True  # loopwatch_state_store_up
-    errors = 0  # loopwatch_state_store_errors_total
-    ready = True
-
-    def release(self, key: str) -> None:
-        pass
-
-    def forward_close(self, action: CloseConnection) -> bool:
-        return False
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
 
 
 # --- Redis -----------------------------------------------------------------------------
@@ -182,6 +112,20 @@ async def _stop(tasks: set[asyncio.Task[None]]) -> None:
             task.exception()  # retrieved: no "exception was never retrieved" noise
 
 
+class Brain(Protocol):
+    """What the store needs of the brain (proxy/brain.py): its engine, to fold the
+    other replicas' events and cooldowns into; a way to act on an outcome and to
+    close a connection another replica asked for; the wake-up re-arm."""
+
+    engine: Engine
+
+    def apply(self, outcome: Outcome, t: float) -> None: ...
+
+    def close_connection(self, conn_id: object, code: int, reason: str) -> bool: ...
+
+    def kick(self) -> None: ...
+
+
 class StoreDown(Exception):
     """The session ended without an exception of its own (a task returned)."""
 
@@ -216,7 +160,7 @@ class RedisStateStore(Observer):
         self.published = 0  # messages sent
         self.received = 0  # messages applied from other replicas
         self.dropped = 0  # messages not sent: Redis down, or the queue full
-        self.gate: EngineGate | None = None
+        self.gate: Brain | None = None
         self._clock = clock
         self._rng = rng or random.Random()
         self._queue: deque[Message] = deque()
@@ -232,7 +176,7 @@ class RedisStateStore(Observer):
         balancer to send its clients elsewhere (it still never refuses for it)."""
         return self.up or self.redis.fail_open
 
-    def bind(self, gate: EngineGate) -> None:
+    def bind(self, gate: Brain) -> None:
         self.gate = gate
 
     # --- lifecycle -------------------------------------------------------------------
@@ -327,10 +271,8 @@ class RedisStateStore(Observer):
                 engine.adopt_cooldown(m, now)
             elif isinstance(m, Release):
                 engine.release(m.key, now)
-            elif m.replica == self.replica and gate.server is not None:
-                relay = gate.server.relays.get(m.conn_id)  # type: ignore[arg-type]
-                if relay is not None:
-                    relay.close(m.code, m.reason)
+            elif m.replica == self.replica:
+                gate.close_connection(m.conn_id, m.code, m.reason)
         self.received += len(messages)
         gate.kick()  # one wake-up re-arm for the batch, not one per message
 
@@ -533,20 +475,3 @@ class RedisStateStore(Observer):
             )
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             return None
-
-
-StateStore = LocalState | RedisStateStore
-
-
-def attach_state_store(gate: EngineGate, settings: Settings) -> StateStore:
-    """Give `gate` the configured store: with Redis, the store watches the gate
-    like any observer (that is how it hears this replica's events) and applies
-    the other replicas' messages through it. `start()` it on the event loop."""
-    if settings.state.backend != "redis":
-        gate.state_store = LocalState()
-        return gate.state_store
-    store = RedisStateStore(settings.state, memory=settings.policy.cooldown.memory)
-    store.bind(gate)
-    gate.observers.add(store)
-    gate.state_store = store
-    return store

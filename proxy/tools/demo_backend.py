@@ -113,7 +113,7 @@ class DemoBackend:
 
 
 def backend_main(listen: str) -> int:
-    from ..app.settings import parse_host_port
+    from ..sections import parse_host_port
 
     host, port = parse_host_port(listen)
 

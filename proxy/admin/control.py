@@ -1,0 +1,58 @@
+"""What the admin port may see and do: the brain's views and the operator's levers.
+
+The admin API, the status page and the operator CLI behind them reach the rest
+of loopwatch only through this interface, which the runtime implements
+(proxy/app/runtime.py, `Running`). Views are the pure engine's (detectors/views.py);
+levers are decisions the brain carries out (a release also clears a shared
+store's cooldown, every lever re-arms the engine's wake-up). Nothing here is a
+data-plane object.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from ...detectors.views import BreakerView, ClientView, EngineSnapshot
+    from ..app.settings import Settings
+    from ..observe.observers import Observer
+
+
+class Control(Protocol):
+    @property
+    def settings(self) -> Settings: ...
+
+    # --- views --------------------------------------------------------------------------
+
+    def clients(self, now: float, *, limit: int, offset: int = 0) -> list[ClientView]: ...
+
+    def client(self, key: str, now: float) -> ClientView | None: ...
+
+    def snapshot(self, now: float) -> EngineSnapshot: ...
+
+    def breakers(self, now: float) -> list[BreakerView]: ...
+
+    def active_connections(self) -> int: ...
+
+    # --- levers -------------------------------------------------------------------------
+
+    def release(self, key: str, now: float) -> bool:
+        """Lift a client's cooldown and flags; False when the client is not tracked."""
+        ...
+
+    def force_cooldown(self, key: str, duration: float, now: float) -> None: ...
+
+    def reset_breaker(self, name: str, now: float) -> bool:
+        """Close a breaker; False for an unknown name."""
+        ...
+
+    def reload(self) -> dict[str, object]:
+        """Re-read the configuration and apply what can change live (ConfigError
+        when it is invalid: the running one is kept)."""
+        ...
+
+    # --- the event stream ---------------------------------------------------------------
+
+    def watch(self, observer: Observer) -> None:
+        """Let an observer see the connection events and the brain's decisions."""
+        ...

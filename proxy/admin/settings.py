@@ -1,0 +1,91 @@
+"""The admin port's settings, and the upstream health check's it reports.
+
+A leaf: pydantic and loopwatch's shared value types only.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, field_validator
+
+from ...detectors.units import ByteSize, Duration
+from ..sections import KiB, ListenAddress, MiB, OptionalSecret, Section
+
+
+class EventStreamSettings(Section):
+    """Bounds of the status page's event streams (GET /api/events)."""
+
+    max_streams: Annotated[int, Field(ge=1, le=100_000)] = 100
+    max_buffer: Annotated[ByteSize, Field(ge=16 * KiB)] = 256 * KiB
+    send_buffer: Annotated[ByteSize, Field(ge=4 * KiB, le=16 * MiB)] = 32 * KiB
+    write_timeout: Annotated[Duration, Field(gt=0)] = 30.0
+
+
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._")
+
+
+def _ipv6(value: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.IPv6Address(value)
+    except ValueError:
+        return False
+    return True
+
+
+class AdminSettings(Section):
+    listen: ListenAddress = "127.0.0.1:9900"
+    token: OptionalSecret = None
+    allowed_hosts: tuple[str, ...] = ()
+    insecure: bool = False
+    event_streams: EventStreamSettings = EventStreamSettings()
+
+    @field_validator("token")
+    @classmethod
+    def _not_empty(cls, value: str | None) -> str | None:
+        # An empty token would read as "auth on" but accept "Bearer " from anyone.
+        if value == "":
+            raise ValueError("expected a non-empty token (or null for no token)")
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        """Names as a browser puts them in Host: lower case, no port, no scheme;
+        `*.example.com` for every subdomain, `*` for any Host (no check)."""
+        out = []
+        for entry in value:
+            written = entry.strip().lower()
+            name = written.removesuffix(".")
+            bare = name.removeprefix("[").removesuffix("]")
+            plain = name.removeprefix("*.")
+            ok = written == "*" or (
+                bool(plain) and set(plain) <= _HOST_CHARS and ".." not in plain and not plain.startswith(".")
+            ) or (":" in bare and _ipv6(bare))
+            if not ok:
+                raise ValueError(
+                    f'expected host names such as "loopwatch.internal" or "*.example.com" '
+                    f"(no scheme, no port: any port is accepted), got {entry!r}"
+                )
+            out.append(bare if ":" in bare else name)
+        return tuple(out)
+
+
+PositiveDuration = Annotated[Duration, Field(gt=0)]
+
+
+class HealthCheckSettings(Section):
+    enabled: bool = False
+    path: str = "/"  # the probe's request path (and query); its route picks the upstream
+    interval: PositiveDuration = 10.0
+    timeout: PositiveDuration = 5.0
+    token: OptionalSecret = None  # sent as Authorization: Bearer; redacted in dumps
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f'expected a path starting with "/", got {value!r}')
+        return value

@@ -1,0 +1,62 @@
+"""Settings of the state shared between replicas (state.backend: memory | redis).
+
+A leaf: pydantic and loopwatch's shared value types only, so loading the config
+loads no Redis client.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BeforeValidator, Field
+
+from ...detectors.units import Duration
+from ..sections import OptionalSecret, Section
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _check_redis_url(value: object) -> object:
+    expected = f"expected a redis://, rediss:// or unix:// URL, got {value!r}"
+    if not isinstance(value, str):
+        raise ValueError(expected)
+    try:
+        parts = urlsplit(value)
+        _ = parts.port
+    except ValueError:
+        raise ValueError(expected) from None
+    if parts.scheme not in REDIS_SCHEMES or not (parts.hostname or parts.path):
+        raise ValueError(expected)
+    if parts.password:
+        # It would be printed by check-config and GET /api/config.
+        raise ValueError("put the password in state.redis.password (or LOOPWATCH_STATE__REDIS__PASSWORD), not in the URL")
+    return value
+
+
+RedisURL = Annotated[str, BeforeValidator(_check_redis_url)]
+
+
+PositiveDuration = Annotated[Duration, Field(gt=0)]
+
+
+class RedisSettings(Section):
+    url: RedisURL = "redis://127.0.0.1:6379/0"
+    password: OptionalSecret = None
+    key_prefix: Annotated[str, Field(min_length=1)] = "loopwatch:"
+    connect_timeout: PositiveDuration = 1.0
+    timeout: PositiveDuration = 0.25
+    fail_open: bool = True
+    reconnect_min: PositiveDuration = 0.1
+    reconnect_max: PositiveDuration = 5.0
+    heartbeat: PositiveDuration = 1.0
+    batch_delay: Annotated[Duration, Field(ge=0)] = 0.01
+    max_batch: Annotated[int, Field(ge=1)] = 500
+    max_queue: Annotated[int, Field(ge=1)] = 10_000
+
+
+class StateSettings(Section):
+    backend: Literal["memory", "redis"] = "memory"
+    replica_id: Annotated[str, Field(min_length=1)] | None = None
+    breakers: Literal["local", "shared"] = "local"
+    redis: RedisSettings = RedisSettings()
