@@ -97,7 +97,6 @@ class Engine:
     ) -> None:
         self._detection = detection
         self._policy = policy.Policy(policy_)
-        self._breaker_settings = breakers
         blocks = {rule.name: rule.settings(detection.rules) for rule in RULES}
         active = [rule for rule in RULES if blocks[rule.name].enabled]
         self._rules = tuple(
@@ -687,7 +686,6 @@ class Engine:
             or (until > state.cool_until and (cooldown.enforced or not state.cool_enforced))
         )
         if adopt:
-            state.cool_start = t
             state.cool_until = until
             state.cool_rule = cooldown.rule
             state.cool_enforced = cooldown.enforced

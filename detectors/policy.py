@@ -103,7 +103,6 @@ def _set(
     repeat: int,
     enforced: bool,
 ) -> CooldownStarted:
-    state.cool_start = t
     state.cool_until = until
     state.cool_rule = rule
     state.cool_repeat = repeat

@@ -57,7 +57,6 @@ class ClientState:
         "history_v",  # … and the events, packed (detectors.history)
         "flags",  # rule → Flag
         "cool_until",  # cooldown end; 0 when there is no cooldown
-        "cool_start",
         "cool_repeat",
         "cool_rule",
         "cool_enforced",  # False: an observe-mode cooldown (would_reject only)
@@ -97,7 +96,6 @@ class ClientState:
         self.history_v: array[int] | None = None
         self.flags: dict[str, Flag] | None = None
         self.cool_until = 0.0
-        self.cool_start = NEVER
         self.cool_repeat = 0
         self.cool_rule: str | None = None
         self.cool_enforced = False

@@ -17,7 +17,7 @@ from ..detectors import events as ev
 from ..detectors.actions import CloseConnection
 from ..detectors.decisions import Outcome, Reject
 from ..detectors.engine import Engine
-from .dataplane.boundary import Attempt, Gate, Refusal, RelayStats
+from .dataplane.boundary import Connection, Gate, Refusal, RelayStats
 from .dataplane.heads import RequestHead
 from .dataplane.identity import Identifier
 from .observe.observers import Observers
@@ -84,9 +84,9 @@ class EngineGate(Gate):
 
     # --- the Gate interface ---------------------------------------------------
 
-    def attempt(self, head: RequestHead, peer: str, route: str, t: float) -> tuple[Attempt, Refusal | None]:
+    def attempt(self, head: RequestHead, peer: str, route: str, t: float) -> tuple[Connection, Refusal | None]:
         client = self.identifier.identify(head.text_headers(), head.query, peer)
-        conn = Attempt(key=client.key, route=route, peer=client.address, t0=t, head=head)
+        conn = Connection(key=client.key, route=route, peer=client.address, t0=t, head=head)
         event = ev.Attempt(client.key, route, t, client.address)
         decision = self.engine.admit(event)
         self.observers.call("on_attempt", conn, event, decision)
@@ -97,19 +97,19 @@ class EngineGate(Gate):
         self._apply(decision.outcome, t, conn)
         return conn, refusal
 
-    def handshake_failed(self, conn: Attempt, t: float, status: int | None, error: str | None) -> None:
+    def handshake_failed(self, conn: Connection, t: float, status: int | None, error: str | None) -> None:
         event = ev.HandshakeFailed(conn.key, conn.route, t, status, error)
         self.observers.call("on_handshake_failed", conn, event)
         self._apply(self.engine.record(event), t, conn)
 
-    def opened(self, conn: Attempt, t: float) -> None:
+    def opened(self, conn: Connection, t: float) -> None:
         conn.opened_at = t
         event = ev.Opened(conn.key, conn.route, t, conn.conn_id)
         self.observers.call("on_opened", conn, event)
         self._apply(self.engine.record(event), t, conn)
 
     def closed(
-        self, conn: Attempt, t: float, code: int, reason: str, initiator: str, stats: RelayStats
+        self, conn: Connection, t: float, code: int, reason: str, initiator: str, stats: RelayStats
     ) -> None:
         event = ev.Closed(conn.key, conn.route, t, conn.conn_id, code, reason, initiator, t - conn.opened_at)  # type: ignore[arg-type]
         self.observers.call("on_closed", conn, event, stats)
@@ -117,7 +117,7 @@ class EngineGate(Gate):
 
     # --- engine output --------------------------------------------------------
 
-    def _apply(self, outcome: Outcome, t: float, conn: Attempt | None = None) -> None:
+    def _apply(self, outcome: Outcome, t: float, conn: Connection | None = None) -> None:
         if outcome:
             for action in outcome.actions:
                 if isinstance(action, CloseConnection) and not self.close_connection(

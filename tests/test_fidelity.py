@@ -29,7 +29,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from loopwatch.proxy.app.runtime import Running, start
-from loopwatch.proxy.dataplane.boundary import Attempt, Gate, RelayStats
+from loopwatch.proxy.dataplane.boundary import Connection, Gate, RelayStats
 from tests.conftest import loopwatch, settings_for, wait_for, websockets_backend, ws_url
 from tests.wsraw import (
     BINARY,
@@ -83,7 +83,7 @@ class RecordingGate(Gate):
         self.closes: list[tuple[int, str, str]] = []
 
     def closed(
-        self, attempt: Attempt, t: float, code: int, reason: str, initiator: str, stats: RelayStats
+        self, attempt: Connection, t: float, code: int, reason: str, initiator: str, stats: RelayStats
     ) -> None:
         self.closes.append((code, reason, initiator))
 

@@ -63,7 +63,7 @@ if TYPE_CHECKING:
     from ...detectors import events as ev
     from ...detectors.decisions import Admit, Outcome, Reject
     from ..app.settings import Settings
-    from ..dataplane.boundary import Attempt, RelayStats
+    from ..dataplane.boundary import Connection, RelayStats
     from .control import Control
     from .server import AdminServer
 
@@ -280,28 +280,28 @@ class StatusHub(Observer):
 
     # --- observer hooks (synchronous, on the event loop) ---------------------------
 
-    def on_attempt(self, conn: Attempt, event: ev.Attempt, decision: Admit | Reject) -> None:
+    def on_attempt(self, conn: Connection, event: ev.Attempt, decision: Admit | Reject) -> None:
         self.counts.add(ATTEMPTS, event.t)
 
-    def on_rejected(self, conn: Attempt, event: ev.Rejected) -> None:
+    def on_rejected(self, conn: Connection, event: ev.Rejected) -> None:
         self.counts.add(REFUSALS, event.t)
 
-    def on_handshake_failed(self, conn: Attempt, event: ev.HandshakeFailed) -> None:
+    def on_handshake_failed(self, conn: Connection, event: ev.HandshakeFailed) -> None:
         self._refresh_codes()
         if event.status in self._auth_statuses:
             self.counts.add(AUTH_FAILURES, event.t)
         elif event.status is None or event.status >= 500:
             self.counts.add(UPSTREAM_ERRORS, event.t)
 
-    def on_opened(self, conn: Attempt, event: ev.Opened) -> None:
+    def on_opened(self, conn: Connection, event: ev.Opened) -> None:
         self.counts.add(OPENED, event.t)
 
-    def on_closed(self, conn: Attempt, event: ev.Closed, stats: RelayStats) -> None:
+    def on_closed(self, conn: Connection, event: ev.Closed, stats: RelayStats) -> None:
         self._refresh_codes()
         if event.code in self._auth_codes:
             self.counts.add(AUTH_FAILURES, event.t)
 
-    def on_outcome(self, outcome: Outcome, t: float, conn: Attempt | None = None) -> None:
+    def on_outcome(self, outcome: Outcome, t: float, conn: Connection | None = None) -> None:
         for finding in outcome.raised:
             self._publish({"type": "finding", "change": "raised", **finding.to_dict()})
         for finding in outcome.cleared:

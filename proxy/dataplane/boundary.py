@@ -2,7 +2,7 @@
 
 The listener calls a Gate at each step of a connection's life: `attempt` before
 the upgrade (synchronous: admission never awaits), then `handshake_failed`,
-`opened` and `closed`. `PassThroughGate` admits everyone and records nothing:
+`opened` and `closed`. The base `Gate` admits everyone and records nothing:
 it is loopwatch with detection switched off, the baseline the benchmarks
 compare against.
 """
@@ -86,7 +86,7 @@ class Refusal:
 
 
 @dataclass(slots=True)
-class Attempt:
+class Connection:
     """One upgrade request, from arrival to close; the gate keeps what it needs here."""
 
     key: str
@@ -112,22 +112,16 @@ class RelayStats:
 
 
 class Gate:
-    def attempt(self, head: RequestHead, peer: str, route: str, t: float) -> tuple[Attempt, Refusal | None]:
-        return Attempt(key=peer, route=route, peer=peer, t0=t, head=head), None
+    def attempt(self, head: RequestHead, peer: str, route: str, t: float) -> tuple[Connection, Refusal | None]:
+        return Connection(key=peer, route=route, peer=peer, t0=t, head=head), None
 
-    def handshake_failed(self, attempt: Attempt, t: float, status: int | None, error: str | None) -> None:
+    def handshake_failed(self, attempt: Connection, t: float, status: int | None, error: str | None) -> None:
         pass
 
-    def opened(self, attempt: Attempt, t: float) -> None:
+    def opened(self, attempt: Connection, t: float) -> None:
         pass
 
     def closed(
-        self, attempt: Attempt, t: float, code: int, reason: str, initiator: str, stats: RelayStats
+        self, attempt: Connection, t: float, code: int, reason: str, initiator: str, stats: RelayStats
     ) -> None:
         pass
-
-    def refused(self, attempt: Attempt, t: float, refusal: Refusal) -> None:
-        pass
-
-
-PassThroughGate = Gate

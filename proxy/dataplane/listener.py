@@ -20,7 +20,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from .boundary import Attempt, Gate, Refusal, Rejections, RelayStats
+from .boundary import Connection, Gate, Refusal, Rejections, RelayStats
 from .forward import HttpExchange
 from .frames import build_close_frame
 from .heads import (
@@ -100,7 +100,7 @@ class ClientHandshake(asyncio.Protocol):
         self.state = HEAD
         self.parser = HeadParser(server.max_head_size)
         self.timer: asyncio.TimerHandle | None = None
-        self.attempt: Attempt | None = None
+        self.attempt: Connection | None = None
         self.route: Route | None = None
         self.early = bytearray()
         self.upstream: asyncio.Transport | None = None
@@ -270,7 +270,7 @@ class ClientHandshake(asyncio.Protocol):
 
     # --- the upstream handshake ---------------------------------------------
 
-    def connect(self, route: Route, head: RequestHead, attempt: Attempt) -> None:
+    def connect(self, route: Route, head: RequestHead, attempt: Connection) -> None:
         """Open the upstream connection: one task for the loop's create_connection
         and one timer that cancels it after connect_timeout (no wait_for, whose
         second task, future and callbacks cost more than the rest of the connect
@@ -291,7 +291,7 @@ class ClientHandshake(asyncio.Protocol):
         task.add_done_callback(lambda t: self.connected(t, timer, route, head, attempt))
 
     def connected(
-        self, task: asyncio.Task, timer: asyncio.TimerHandle, route: Route, head: RequestHead, attempt: Attempt
+        self, task: asyncio.Task, timer: asyncio.TimerHandle, route: Route, head: RequestHead, attempt: Connection
     ) -> None:
         timer.cancel()
         self.connecting = None
@@ -665,7 +665,7 @@ class ProxyServer:
         c, u = relay.client.parser, relay.upstream.parser
         stats = RelayStats(c.messages, u.messages, c.message_bytes, u.message_bytes)
         attempt = relay.context
-        assert isinstance(attempt, Attempt)
+        assert isinstance(attempt, Connection)
         self.gate.closed(attempt, time.monotonic(), code, reason, initiator, stats)
         if (
             self.relays_peak - len(self.relays) >= TRIM_DROP

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from ...detectors import events as ev
     from ...detectors.decisions import Admit, Outcome
     from ..app.settings import Settings
-    from ..dataplane.boundary import Attempt, RelayStats
+    from ..dataplane.boundary import Connection, RelayStats
     from .tracing import TracingObserver
 
 log = logging.getLogger("loopwatch.events")
@@ -37,7 +37,7 @@ class EventLogObserver(Observer):
 
     def __init__(self, settings: Settings, traces: TracingObserver | None = None):
         self.traces = traces
-        self._reject: tuple[Attempt, Reject] | None = None  # on_attempt → on_rejected, same step
+        self._reject: tuple[Connection, Reject] | None = None  # on_attempt → on_rejected, same step
         self.reconfigure(settings)
 
     def reconfigure(self, settings: Settings) -> None:
@@ -45,7 +45,7 @@ class EventLogObserver(Observer):
         self.access = t.access_log
         self.sample_rate = t.access_log_sample_rate
 
-    def _fields(self, conn: Attempt | None, key: str, **fields: Any) -> dict[str, Any]:
+    def _fields(self, conn: Connection | None, key: str, **fields: Any) -> dict[str, Any]:
         out: dict[str, Any] = {"client": key}
         if conn is not None and conn.key == key:
             out["route"] = conn.route
@@ -57,7 +57,7 @@ class EventLogObserver(Observer):
 
     # --- findings, enforcement, breakers -------------------------------------------
 
-    def on_outcome(self, outcome: Outcome, t: float, conn: Attempt | None = None) -> None:
+    def on_outcome(self, outcome: Outcome, t: float, conn: Connection | None = None) -> None:
         for f in outcome.raised:
             fields = self._fields(conn, f.key, rule=f.rule, severity=f.severity, evidence=dict(f.evidence))
             event(log, "finding_raised", WARNING, **fields)
@@ -97,22 +97,22 @@ class EventLogObserver(Observer):
         mode = self.access
         return mode == "all" or (mode == "sampled" and random.random() < self.sample_rate)
 
-    def _access(self, conn: Attempt, **fields: Any) -> None:
+    def _access(self, conn: Connection, **fields: Any) -> None:
         line = self._fields(conn, conn.key, **fields)
         line["route"] = conn.route
         event(log, "access", INFO, **line)
 
-    def on_attempt(self, conn: Attempt, event_: ev.Attempt, decision: Admit | Reject) -> None:
+    def on_attempt(self, conn: Connection, event_: ev.Attempt, decision: Admit | Reject) -> None:
         self._reject = (conn, decision) if isinstance(decision, Reject) else None
 
-    def on_rejected(self, conn: Attempt, event_: ev.Rejected) -> None:
+    def on_rejected(self, conn: Connection, event_: ev.Rejected) -> None:
         pending, self._reject = self._reject, None
         if self.access == "off" or not self._sampled():
             return
         retry = round(pending[1].retry_after, 3) if pending is not None and pending[0] is conn else None
         self._access(conn, outcome="refused", reason=event_.reason, retry_after=retry)
 
-    def on_handshake_failed(self, conn: Attempt, event_: ev.HandshakeFailed) -> None:
+    def on_handshake_failed(self, conn: Connection, event_: ev.HandshakeFailed) -> None:
         if self.access == "off" or not self._sampled():
             return
         if event_.status is not None:
@@ -126,7 +126,7 @@ class EventLogObserver(Observer):
             handshake_duration=round(event_.t - conn.t0, 6),
         )
 
-    def on_closed(self, conn: Attempt, event_: ev.Closed, stats: RelayStats) -> None:
+    def on_closed(self, conn: Connection, event_: ev.Closed, stats: RelayStats) -> None:
         if self.access == "off" or not self._sampled():
             return
         self._access(

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from ...detectors.decisions import Outcome
     from ...detectors.engine import Engine
     from ..app.settings import Settings
-    from ..dataplane.boundary import Attempt, RelayStats
+    from ..dataplane.boundary import Connection, RelayStats
     from ..dataplane.listener import ProxyServer
 
 
@@ -194,7 +194,7 @@ class MetricsObserver(Observer):
                 for initiator in INITIATORS:
                     self.closes.create(route, code, initiator)
 
-    def _sampled(self, conn: Attempt | None, key: str | None = None) -> ConnTrace | None:
+    def _sampled(self, conn: Connection | None, key: str | None = None) -> ConnTrace | None:
         """The span an exemplar points at: the step's connection's, if sampled."""
         if self.traces is None:
             return None
@@ -203,11 +203,11 @@ class MetricsObserver(Observer):
 
     # --- hooks (plain dict arithmetic: this runs for every connection) --------
 
-    def on_rejected(self, conn: Attempt, event: ev.Rejected) -> None:
+    def on_rejected(self, conn: Connection, event: ev.Rejected) -> None:
         self.attempts.values[conn.route, "refused"] += 1
         self.refusals.add((conn.route, event.reason))
 
-    def on_handshake_failed(self, conn: Attempt, event: ev.HandshakeFailed) -> None:
+    def on_handshake_failed(self, conn: Connection, event: ev.HandshakeFailed) -> None:
         route, status = conn.route, event.status
         if status is not None:
             self.attempts.values[route, "upstream_refused"] += 1
@@ -222,11 +222,11 @@ class MetricsObserver(Observer):
             self.attempts.values[route, "upstream_error"] += 1
             self.handshake_errors.add((route, handshake_error(event.error)))
 
-    def on_opened(self, conn: Attempt, event: ev.Opened) -> None:
+    def on_opened(self, conn: Connection, event: ev.Opened) -> None:
         self.attempts.values[conn.route, "opened"] += 1
         self.handshake.observe(conn.route, event.t - conn.t0)
 
-    def on_closed(self, conn: Attempt, event: ev.Closed, stats: RelayStats) -> None:
+    def on_closed(self, conn: Connection, event: ev.Closed, stats: RelayStats) -> None:
         route, code = conn.route, event.code
         label = self.exact_code_labels.get(code) or code_label(code, self.auth_codes)
         self.closes.add((route, label, event.initiator))
@@ -244,7 +244,7 @@ class MetricsObserver(Observer):
         totals[2] += stats.bytes_in
         totals[3] += stats.bytes_out
 
-    def on_outcome(self, outcome: Outcome, t: float, conn: Attempt | None = None) -> None:
+    def on_outcome(self, outcome: Outcome, t: float, conn: Connection | None = None) -> None:
         for finding in outcome.raised:
             self.findings.add((finding.rule, finding.severity), 1, self._sampled(conn, finding.key))
         for action in outcome.actions:
@@ -358,7 +358,7 @@ class StateCollector(Collector):
             ),
             "top": g(
                 "loopwatch_top_offender_attempts_per_second",
-                "Attempt rate of the top-K clients (key hashed unless telemetry.expose_client_keys).",
+                "Connection rate of the top-K clients (key hashed unless telemetry.expose_client_keys).",
                 labels=["client"],
             ),
             "observer_errors": c(

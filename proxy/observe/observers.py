@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from ...detectors import events as ev
     from ...detectors.engine import Admit, Outcome, Reject
     from ..app.settings import Settings
-    from ..dataplane.boundary import Attempt, RelayStats
+    from ..dataplane.boundary import Connection, RelayStats
 
 log = logging.getLogger("loopwatch.observers")
 
@@ -28,22 +28,22 @@ class Observer:
 
     name = "observer"
 
-    def on_attempt(self, conn: Attempt, event: ev.Attempt, decision: Admit | Reject) -> None:
+    def on_attempt(self, conn: Connection, event: ev.Attempt, decision: Admit | Reject) -> None:
         """Before the upstream is contacted. May add `conn.extra_headers` (traceparent)."""
 
-    def on_rejected(self, conn: Attempt, event: ev.Rejected) -> None:
+    def on_rejected(self, conn: Connection, event: ev.Rejected) -> None:
         """loopwatch refused the attempt (after on_attempt)."""
 
-    def on_handshake_failed(self, conn: Attempt, event: ev.HandshakeFailed) -> None:
+    def on_handshake_failed(self, conn: Connection, event: ev.HandshakeFailed) -> None:
         pass
 
-    def on_opened(self, conn: Attempt, event: ev.Opened) -> None:
+    def on_opened(self, conn: Connection, event: ev.Opened) -> None:
         pass
 
-    def on_closed(self, conn: Attempt, event: ev.Closed, stats: RelayStats) -> None:
+    def on_closed(self, conn: Connection, event: ev.Closed, stats: RelayStats) -> None:
         pass
 
-    def on_outcome(self, outcome: Outcome, t: float, conn: Attempt | None = None) -> None:
+    def on_outcome(self, outcome: Outcome, t: float, conn: Connection | None = None) -> None:
         """Findings raised/cleared and actions (cooldowns, breaker transitions …).
 
         `conn` is the attempt whose step produced the outcome (its span gets the

@@ -1,7 +1,7 @@
 """Recording: every engine event as one JSON line, for `loopwatch replay`.
 
 The recorder is an observer. It sees exactly what the engine is fed — each
-`Attempt` (before admission), the `Rejected` the engine records when it
+`Connection` (before admission), the `Rejected` the engine records when it
 refuses one, and every `HandshakeFailed`, `Opened` and `Closed` — in the order
 the engine saw them, and appends each as ``detectors.events.to_dict`` plus a
 ``wall`` field (Unix time, so a person can tell when; the engine's ``t`` is
@@ -34,7 +34,7 @@ from .observers import Observer, Observers
 
 if TYPE_CHECKING:
     from ...detectors.decisions import Admit, Reject
-    from ..dataplane.boundary import Attempt, RelayStats
+    from ..dataplane.boundary import Connection, RelayStats
 
 from .settings import RecordSettings
 
@@ -120,19 +120,19 @@ class Recorder(Observer):
 
     # --- observer hooks: the engine's inputs, in its order --------------------
 
-    def on_attempt(self, conn: Attempt, event: ev.Attempt, decision: Admit | Reject) -> None:
+    def on_attempt(self, conn: Connection, event: ev.Attempt, decision: Admit | Reject) -> None:
         self._add(event)
 
-    def on_rejected(self, conn: Attempt, event: ev.Rejected) -> None:
+    def on_rejected(self, conn: Connection, event: ev.Rejected) -> None:
         self._add(event)
 
-    def on_handshake_failed(self, conn: Attempt, event: ev.HandshakeFailed) -> None:
+    def on_handshake_failed(self, conn: Connection, event: ev.HandshakeFailed) -> None:
         self._add(event)
 
-    def on_opened(self, conn: Attempt, event: ev.Opened) -> None:
+    def on_opened(self, conn: Connection, event: ev.Opened) -> None:
         self._add(event)
 
-    def on_closed(self, conn: Attempt, event: ev.Closed, stats: RelayStats) -> None:
+    def on_closed(self, conn: Connection, event: ev.Closed, stats: RelayStats) -> None:
         self._add(event)
 
     # --- buffering -------------------------------------------------------------

@@ -75,7 +75,7 @@ if TYPE_CHECKING:
     from ...detectors.decisions import Admit, Outcome
     from ...detectors.engine import Engine
     from ..app.settings import Settings
-    from ..dataplane.boundary import Attempt, RelayStats
+    from ..dataplane.boundary import Connection, RelayStats
     from ..dataplane.listener import ProxyServer
     from ..dataplane.relay import Relay
 
@@ -112,7 +112,7 @@ Close = tuple  # (connection id, code, reason, initiator, duration, messages in/
 
 @dataclass(slots=True)
 class ConnTrace:
-    """A connection's span while it lasts (on `Attempt.state`): the values it is
+    """A connection's span while it lasts (on `Connection.state`): the values it is
     made of, as they came; the attribute names are `readable_span`'s. Not
     `recording` (the sampler said drop): only the trace context exists."""
 
@@ -251,7 +251,7 @@ def readable_span(record: Record, resource: Resource, scope: InstrumentationScop
     )
 
 
-def trace_of(conn: Attempt | None) -> ConnTrace | None:
+def trace_of(conn: Connection | None) -> ConnTrace | None:
     state = conn.state if conn is not None else None
     return state if isinstance(state, ConnTrace) else None
 
@@ -309,7 +309,7 @@ class TracingObserver(Observer):
                 found.append(trace)
         return found
 
-    def trace_for(self, conn: Attempt | None, key: str | None = None) -> ConnTrace | None:
+    def trace_for(self, conn: Connection | None, key: str | None = None) -> ConnTrace | None:
         """The trace of the step's connection, or (without one, or when `key` is
         another client's) of an open connection of `key`."""
         trace = trace_of(conn)
@@ -319,7 +319,7 @@ class TracingObserver(Observer):
             return None
         return next(iter(self.open_traces(key)), None)
 
-    def _spans(self, conn: Attempt | None, key: str) -> list[ConnTrace]:
+    def _spans(self, conn: Connection | None, key: str) -> list[ConnTrace]:
         trace = trace_of(conn)
         if trace is not None and conn.key == key:  # type: ignore[union-attr]
             return [trace]
@@ -327,7 +327,7 @@ class TracingObserver(Observer):
 
     # --- hooks -------------------------------------------------------------------
 
-    def on_attempt(self, conn: Attempt, event: ev.Attempt, decision: Admit | Reject) -> None:
+    def on_attempt(self, conn: Connection, event: ev.Attempt, decision: Admit | Reject) -> None:
         head = conn.head
         # Lookups in the head's header index (duplicates joined with ", ", which
         # is how W3C says to combine several tracestate headers).
@@ -395,10 +395,10 @@ class TracingObserver(Observer):
         if decision.would_reject is not None:
             trace.set({"loopwatch.would_reject": decision.would_reject.reason})
 
-    def on_rejected(self, conn: Attempt, event: ev.Rejected) -> None:
+    def on_rejected(self, conn: Connection, event: ev.Rejected) -> None:
         self._end(trace_of(conn))
 
-    def on_handshake_failed(self, conn: Attempt, event: ev.HandshakeFailed) -> None:
+    def on_handshake_failed(self, conn: Connection, event: ev.HandshakeFailed) -> None:
         trace = trace_of(conn)
         if trace is None:
             return
@@ -412,7 +412,7 @@ class TracingObserver(Observer):
                 trace.error(f"upstream handshake: {event.error}")
         self._end(trace)
 
-    def on_closed(self, conn: Attempt, event: ev.Closed, stats: RelayStats) -> None:
+    def on_closed(self, conn: Connection, event: ev.Closed, stats: RelayStats) -> None:
         trace = conn.state
         if type(trace) is not ConnTrace:
             return
@@ -425,7 +425,7 @@ class TracingObserver(Observer):
             trace.error(f"closed {event.code} {event.reason}".rstrip())
         self._end(trace)
 
-    def on_outcome(self, outcome: Outcome, t: float, conn: Attempt | None = None) -> None:
+    def on_outcome(self, outcome: Outcome, t: float, conn: Connection | None = None) -> None:
         for finding in outcome.raised:
             attrs = {
                 "loopwatch.rule": finding.rule,
@@ -514,7 +514,7 @@ def client_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def trace_id_of(tracing: TracingObserver | None, conn: Attempt | None, key: str | None = None) -> str | None:
+def trace_id_of(tracing: TracingObserver | None, conn: Connection | None, key: str | None = None) -> str | None:
     """The trace id for a log line about this step (sampled or not: it still joins
     the backend's logs, which got the same traceparent)."""
     if tracing is None:

@@ -65,7 +65,7 @@ if TYPE_CHECKING:
     from ...detectors.decisions import Admit, Outcome, Reject
     from ...detectors.engine import Engine
     from ..app.settings import Settings
-    from ..dataplane.boundary import Attempt, RelayStats
+    from ..dataplane.boundary import Connection, RelayStats
 
 from .settings import StateSettings
 
@@ -203,22 +203,22 @@ class RedisStateStore(Observer):
         if not self._wakeup.is_set():
             self._wakeup.set()
 
-    def on_attempt(self, conn: Attempt, event: ev.Attempt, decision: Admit | Reject) -> None:
+    def on_attempt(self, conn: Connection, event: ev.Attempt, decision: Admit | Reject) -> None:
         self._send(RemoteEvent(event, decision.admitted))
 
-    def on_rejected(self, conn: Attempt, event: ev.Rejected) -> None:
+    def on_rejected(self, conn: Connection, event: ev.Rejected) -> None:
         self._send(RemoteEvent(event))
 
-    def on_handshake_failed(self, conn: Attempt, event: ev.HandshakeFailed) -> None:
+    def on_handshake_failed(self, conn: Connection, event: ev.HandshakeFailed) -> None:
         self._send(RemoteEvent(event))
 
-    def on_opened(self, conn: Attempt, event: ev.Opened) -> None:
+    def on_opened(self, conn: Connection, event: ev.Opened) -> None:
         self._send(RemoteEvent(event))
 
-    def on_closed(self, conn: Attempt, event: ev.Closed, stats: RelayStats) -> None:
+    def on_closed(self, conn: Connection, event: ev.Closed, stats: RelayStats) -> None:
         self._send(RemoteEvent(event))
 
-    def on_outcome(self, outcome: Outcome, t: float, conn: Attempt | None = None) -> None:
+    def on_outcome(self, outcome: Outcome, t: float, conn: Connection | None = None) -> None:
         # Only cooldowns this engine started come out as CooldownStarted:
         # adopted ones do not (Engine.adopt_cooldown), so nothing echoes.
         for action in outcome.actions:
