@@ -79,7 +79,6 @@ class Closed:
 
 
 Event: TypeAlias = Attempt | Rejected | HandshakeFailed | Opened | Closed
-Outcome: TypeAlias = HandshakeFailed | Opened | Closed
 
 EVENT_TYPES: dict[str, type[Event]] = {
     "attempt": Attempt,
