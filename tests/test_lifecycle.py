@@ -422,3 +422,23 @@ async def test_connections_leave_no_reference_cycles():
             gc.set_debug(0)
             gc.garbage.clear()
             gc.enable()
+
+
+async def test_sigterm_the_moment_it_logs_listening_is_a_graceful_stop() -> None:
+    """A supervisor may send SIGTERM as soon as it reads "listening": the signal
+    handlers are installed before that line, so the stop is graceful (exit 0,
+    "stopped" logged), not death by the signal's default action."""
+    async with loopwatch_process("ws://127.0.0.1:9") as p:
+        p.proc.send_signal(signal.SIGTERM)  # no wait: right after the line
+        code = await asyncio.wait_for(p.proc.wait(), 30)
+    assert code == 0
+    assert "stopped" in [line.get("event") for line in p.log]
+
+
+async def test_sighup_is_not_fatal_at_any_point_after_listening() -> None:
+    async with loopwatch_process("ws://127.0.0.1:9") as p:
+        p.proc.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.5)
+        assert p.proc.returncode is None
+        p.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(p.proc.wait(), 30) == 0

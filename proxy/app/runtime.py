@@ -192,6 +192,7 @@ async def start(
     gate: Gate | None = None,
     sources: ConfigSources | None = None,
     telemetry: Telemetry | None = None,
+    stop: asyncio.Event | None = None,
 ) -> Running:
     """Start the listener and the admin port. Without a `gate`, detection runs
     with the configured settings and telemetry's observers; pass `Gate()` to
@@ -222,7 +223,7 @@ async def start(
         ),
         settings=lambda: (holder[0].settings if holder else settings).admin,
     )
-    running = Running(settings, proxy, admin, asyncio.Event(), gate, sources, telemetry, observers)
+    running = Running(settings, proxy, admin, stop or asyncio.Event(), gate, sources, telemetry, observers)
     holder.append(running)
     if isinstance(gate, EngineGate):
         admin.app.router.add_routes(AdminApi(running).routes())
@@ -268,12 +269,18 @@ async def serve(
 ) -> int:
     """Run until SIGTERM or SIGINT, then shut down gracefully; the exit status.
     SIGHUP reloads the configuration."""
-    running = await start(settings, sources=sources)
-    tune_gc()
+    # The handlers go in before anything listens: `start` logs "listening", and a
+    # supervisor may send SIGTERM the moment it reads that line. A SIGHUP before
+    # the start is over has nothing to reload yet (its default would kill us).
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    started: list[Running] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, running.stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: _reload_logged(running))
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: started and _reload_logged(started[0]))
+    running = await start(settings, sources=sources, stop=stop)
+    started.append(running)
+    tune_gc()
     if on_started is not None:
         on_started(running)
     await running.stop.wait()
