@@ -22,19 +22,31 @@ _SIZE_UNITS = {
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]i?b|b)?\s*$", re.IGNORECASE)
 
 
+# The longest duration anything in loopwatch takes: a year. Beyond it a value is a
+# mistake, and an unbounded one (1e400s is infinite) would overflow the retry
+# time a refusal carries (docs/refusals.md).
+MAX_DURATION = 366 * 86400.0
+
+
 def parse_duration(value: Any) -> float:
-    """Seconds from "250ms", "10s", "5m", "1h", "1d", or a plain number of seconds."""
+    """Seconds from "250ms", "10s", "5m", "1h", "1d", or a plain number of seconds
+    (at most MAX_DURATION)."""
     if isinstance(value, bool):
         raise ValueError(f'expected a duration such as "10s" or "500ms", got {value!r}')
+    seconds: float | None = None
     if isinstance(value, int | float):
-        if value < 0:
+        if not value >= 0:  # also NaN
             raise ValueError(f"expected a non-negative duration, got {value!r}")
-        return float(value)
-    if isinstance(value, str):
+        seconds = float(value)
+    elif isinstance(value, str):
         m = _DURATION_RE.match(value)
         if m:
-            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    raise ValueError(f'expected a duration such as "10s" or "500ms", got {value!r}')
+            seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    if seconds is None:
+        raise ValueError(f'expected a duration such as "10s" or "500ms", got {value!r}')
+    if seconds > MAX_DURATION:
+        raise ValueError(f"expected at most 366d, got {value!r}")
+    return seconds
 
 
 def format_duration(seconds: float) -> str:

@@ -10,6 +10,7 @@ from loopwatch.detectors.settings import (
     DetectionSettings,
     PolicySettings,
 )
+from loopwatch.detectors.units import MAX_DURATION, parse_duration
 
 
 def test_detection_defaults_are_the_design_table() -> None:
@@ -105,3 +106,14 @@ def test_allow_and_deny_take_keys_and_cidrs() -> None:
     p = PolicySettings(allow=["health@10.0.0.1", "10.1.0.0/16"], deny=["2001:db8::/32", "mallory"])
     assert p.allow == ("health@10.0.0.1", "10.1.0.0/16")
     assert p.deny == ("2001:db8::/32", "mallory")
+
+
+@pytest.mark.parametrize(
+    "value", ["1" + "0" * 120 + "s", "1" + "0" * 400 + "s", float("inf"), float("nan"), "367d", 1e12]
+)
+def test_a_duration_beyond_a_year_or_not_finite_is_refused(value: object) -> None:
+    """A forced cooldown of 1e120 s once produced a retry time longer than a close
+    reason may be, and 1e400 s (infinite) crashed the refusal path."""
+    with pytest.raises(ValueError, match="at most 366d|non-negative"):
+        parse_duration(value)
+    assert parse_duration("366d") == MAX_DURATION
