@@ -35,7 +35,7 @@ from .fleet import Fleet
 from .inspection import breaker_states, client_view, rank, snapshot
 from .offenders import HOT_RATE, HotClients
 from .rules import RULE_NAMES, RULES
-from .settings import BreakerSettings, DetectionSettings, PolicySettings, RuleSettings
+from .settings import BreakerSettings, DetectionSettings, Mode, PolicySettings, RuleSettings
 from .shared import SharedCooldown
 from .state import INF, NEVER, ClientState, ClientStore, MemoryStore
 from .views import BreakerView, ClientView, EngineSnapshot
@@ -423,7 +423,7 @@ class Engine:
         state.cool_rule = None
         self._actions.append(CooldownEnded(state.key, t))
 
-    def _rule_mode(self, rule: str) -> str:
+    def _rule_mode(self, rule: str) -> Mode:
         view = self._views.get(rule)
         if view is None:
             return self._policy.settings.mode
@@ -654,7 +654,7 @@ class Engine:
             success = not kind & tracker.UPSTREAM_FAILURE
             self._moved(self._upstream.record(t, success))
         if isinstance(event, Closed) and event.duration >= self._detection.healthy_after:
-            failed: bool | None = False  # lived long enough: the auth service let it in
+            failed = False  # lived long enough: the auth service let it in
         elif kind & tracker.AUTH_FAILURE:
             failed = True
         elif kind & tracker.AUTH_SUCCESS:

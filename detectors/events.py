@@ -113,9 +113,9 @@ def from_dict(data: Mapping[str, Any]) -> Event:
     (with more fields) still replays.
     """
     kind = data.get("type")
-    cls = EVENT_TYPES.get(kind) if isinstance(kind, str) else None
-    if cls is None:
+    if not isinstance(kind, str) or kind not in EVENT_TYPES:
         raise ValueError(f"unknown event type {kind!r}, expected one of {sorted(EVENT_TYPES)}")
+    cls = EVENT_TYPES[kind]
     kwargs: dict[str, Any] = {}
     for f in fields(cls):
         if f.name in data:

@@ -27,7 +27,7 @@ _MAX_DURATION_MS = (1 << 40) - 1
 
 def _index(options: tuple[str, ...], value: str | None) -> int:
     try:
-        return options.index(value)  # type: ignore[arg-type]
+        return options.index(value)
     except ValueError:
         return len(options) - 1  # "other"
 
@@ -50,7 +50,7 @@ def pack_failed(status: int | None, error: str | None) -> int:
 
 def pack_closed(code: int, initiator: str, duration: float) -> int:
     ms = min(max(int(duration * 1000), 0), _MAX_DURATION_MS)
-    return _KIND_OF[Closed] | INITIATORS.index(initiator) << 3 | (code & 0xFFFF) << 7 | ms << 23  # type: ignore[arg-type]
+    return _KIND_OF[Closed] | INITIATORS.index(initiator) << 3 | (code & 0xFFFF) << 7 | ms << 23
 
 
 def pack(event: Event) -> int:

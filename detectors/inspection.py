@@ -12,7 +12,7 @@ from typing import Any
 from .breaker import CircuitBreaker
 from .findings import SEVERITY_RANK
 from .fleet import Fleet
-from .history import unpack
+from .history import HistoryEntry, unpack
 from .rules.evidence import close_codes
 from .state import ClientState, ClientStore
 from .views import ClientView, EngineSnapshot, FindingView
@@ -51,7 +51,7 @@ def client_view(
 ) -> ClientView:
     cooling = state.cool_rule is not None and state.cool_until > t
     flags = state.flags or {}
-    entries = ()
+    entries: tuple[HistoryEntry, ...] = ()
     if history and state.history_t is not None and state.history_v is not None:
         entries = tuple(unpack(when, v) for when, v in zip(state.history_t, state.history_v, strict=True))
     return ClientView(

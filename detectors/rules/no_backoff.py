@@ -10,6 +10,7 @@ four intervals, so neither is flagged.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from ..findings import Finding, Severity
@@ -43,7 +44,7 @@ def check(state: ClientState, settings: NoBackoffSettings, t: float) -> Severity
 def evidence(state: ClientState, settings: NoBackoffSettings, t: float) -> dict[str, Any]:
     n = settings.intervals
     recent = list(state.intervals or ())[-n:]
-    when = state.interval_times or ()
+    when: Sequence[float] = state.interval_times or ()
     return {
         "intervals": [round(x, 6) for x in recent],
         "average": sum(recent) / len(recent) if recent else None,
