@@ -89,11 +89,12 @@ class EngineGate(Gate):
         conn = Connection(key=client.key, route=route, peer=client.address, t0=t, head=head)
         event = ev.Attempt(client.key, route, t, client.address)
         decision = self.engine.admit(event)
-        self.observers.call("on_attempt", conn, event, decision)
         refusal = None
-        if isinstance(decision, Reject):
-            refusal = refusal_for(decision, self.reject_with)
-            self.observers.call("on_rejected", conn, ev.Rejected(client.key, route, t, decision.reason))
+        if isinstance(decision, Reject):  # how it is refused, on the record the observers see
+            refusal = conn.refusal = refusal_for(decision, self.reject_with)
+        self.observers.call("on_attempt", conn, event, decision)
+        if refusal is not None:
+            self.observers.call("on_rejected", conn, ev.Rejected(client.key, route, t, refusal.reason))
         self._apply(decision.outcome, t, conn)
         return conn, refusal
 

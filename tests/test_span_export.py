@@ -28,7 +28,18 @@ from opentelemetry.trace import SpanContext, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
 
 from loopwatch.proxy.observe import span_export
-from loopwatch.proxy.observe.span_export import CHILD_NICENESS, ProcessSpanSink, SdkParts
+from loopwatch.proxy.observe.span_export import (
+    CHILD_NICENESS,
+    CloseValues,
+    ProcessSpanSink,
+    Record,
+    RequestValues,
+    SdkParts,
+    SpanEvent,
+    SpanStatus,
+    from_wire,
+    to_wire,
+)
 from loopwatch.proxy.observe.tracing import ConnTrace, readable_span
 
 FACTORY = "tests.test_span_export:file_exporters"
@@ -80,15 +91,16 @@ def exported(path: Path) -> list[dict[str, Any]]:
 def trace(i: int, **extra: Any) -> ConnTrace:
     t = ConnTrace(
         0x4BF92F3577B34DA6A3CE929D0E0E4736 + i, 0x00F067AA0BA902B7 + i, 3, None, None,
-        1_700_000_000_000_000_000 + i, True, ("/room", "127.0.0.1", "/", f"user-{i}@127.0.0.1", b"lw:8080", None),
+        1_700_000_000_000_000_000 + i, True,
+        RequestValues("/room", "127.0.0.1", "/", f"user-{i}@127.0.0.1", b"lw:8080", None),
     )  # fmt: skip
-    t.close = (i, 1000, "", "client", 0.5, 1, 2, 30, 40)
+    t.close = CloseValues(i, 1000, "", "client", 0.5, 1, 2, 30, 40)
     for k, v in extra.items():
         setattr(t, k, v)
     return t
 
 
-def records(start: int, n: int) -> list[tuple]:
+def records(start: int, n: int) -> list[Record]:
     return [trace(i).record(2_000_000_000_000_000_000 + i) for i in range(start, start + n)]
 
 
@@ -138,12 +150,17 @@ def test_a_record_crosses_the_pipe_unchanged(
                              trace_state=parent[3])  # fmt: skip
     t = ConnTrace(
         ids[0], ids[1], flags, state, remote, 10, True,
-        ("/x", "10.0.0.1", "/x", "k@10.0.0.1", host, agent), extra,
-        (7, 1008, "no", "upstream", 0.01, 1, 2, 3, 4) if closed else None, events or None, status,
+        RequestValues("/x", "10.0.0.1", "/x", "k@10.0.0.1", host, agent), extra,
+        CloseValues(7, 1008, "no", "upstream", 0.01, 1, 2, 3, 4) if closed else None,
+        [SpanEvent(*e) for e in events] or None, None if status is None else SpanStatus(*status),
     )  # fmt: skip
     record = t.record(20)
+    with pytest.raises(ValueError):  # marshal carries plain tuples only: the pipe converts
+        marshal.dumps(record)
+    wire = marshal.loads(marshal.dumps(to_wire(record)))
+    assert from_wire(wire) == record  # the round trip, every field by name
     direct = readable_span(record, PARTS.resource, PARTS.scope)
-    piped = readable_span(marshal.loads(marshal.dumps(record)), PARTS.resource, PARTS.scope)
+    piped = readable_span(from_wire(wire), PARTS.resource, PARTS.scope)
     assert summary(piped) == summary(direct)
     assert piped.context.trace_id == ids[0] and piped.context.span_id == ids[1]
     assert piped.name == "WebSocket /x"  # the route's
@@ -183,7 +200,7 @@ def test_the_child_exports_what_it_is_given_and_what_is_queued_at_shutdown(tmp_p
     s.submit(records(3, 500))  # no flush: shutdown hands them over and the child exports them
     s.shutdown()
     assert child.returncode == 0
-    assert [e["context"][1] for e in exported(out)] == [r[1] for r in records(0, 503)]
+    assert [e["context"][1] for e in exported(out)] == [r.span_id for r in records(0, 503)]
     assert s.dropped == 0
 
 
@@ -205,7 +222,7 @@ def test_a_dead_child_is_replaced_and_the_lost_spans_counted(
     s.submit(records(2, 2))
     assert s.force_flush(10_000)
     assert s.child is not None and s.child.pid != first.pid
-    assert [e["context"][1] for e in exported(out)] == [r[1] for r in records(2, 2)]
+    assert [e["context"][1] for e in exported(out)] == [r.span_id for r in records(2, 2)]
     assert s.dropped == 2
 
 
@@ -242,7 +259,7 @@ def test_a_value_marshal_cannot_carry_drops_that_span_only(sink: tuple[ProcessSp
     bad = trace(1, extra={"weird": object()}).record(5)
     s.submit([records(0, 1)[0], bad, records(2, 1)[0]])
     assert s.force_flush(10_000)
-    assert [e["context"][1] for e in exported(out)] == [records(0, 1)[0][1], records(2, 1)[0][1]]
+    assert [e["context"][1] for e in exported(out)] == [records(0, 1)[0].span_id, records(2, 1)[0].span_id]
     assert s.dropped == 1
     s.submit([bad])  # a batch of nothing else: that one span is counted once, not twice
     assert s.force_flush(10_000)

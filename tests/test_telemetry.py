@@ -678,7 +678,7 @@ def test_plain_number_stores_export_like_prometheus_client() -> None:
     for x in (0.05, 0.1, 0.1000001, 1.0, 4.9, 5.0, 7.0, 0.0):
         mine.observe("/", x)
         ref.labels("/").observe(x)
-    mine.observe("/", 0.5, SimpleNamespace(trace_id="ab" * 16))
+    mine.observe("/", 0.5, SimpleNamespace(trace_id_hex="ab" * 16))
     ref.labels("/").observe(0.5)
     ours = {(s.name, s.labels.get("le")): s.value for s in mine.family().samples}
     theirs = {
@@ -693,7 +693,7 @@ def test_plain_number_stores_export_like_prometheus_client() -> None:
 
     counter = CounterStore("c", "c", "rule")
     counter.create("a")
-    counter.add(("b",), 2, SimpleNamespace(trace_id="cd" * 16))
+    counter.add(("b",), 2, SimpleNamespace(trace_id_hex="cd" * 16))
     samples = {s.labels["rule"]: (s.name, s.value, s.exemplar) for s in counter.family().samples}
     assert samples["a"] == ("c_total", 0, None)
     assert samples["b"][:2] == ("c_total", 2) and samples["b"][2].labels == {"trace_id": "cd" * 16}

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -42,6 +43,8 @@ from tests.test_telemetry import (
     settings_with,
     telemetered,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 TRACEPARENT_OF_CLIENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
@@ -436,40 +439,70 @@ class PathSampler(Sampler):
         return "PathSampler"
 
 
-def test_root_spans_are_sampled_as_the_sdks_samplers_would() -> None:
+SAMPLER_ENVS = [
+    {}, {"OTEL_TRACES_SAMPLER": "always_on"}, {"OTEL_TRACES_SAMPLER": "always_off"},
+    {"OTEL_TRACES_SAMPLER": "parentbased_always_on"}, {"OTEL_TRACES_SAMPLER": "parentbased_always_off"},
+    {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"},
+    {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.25"},
+    {"OTEL_TRACES_SAMPLER": "PARENTBASED_TRACEIDRATIO", "OTEL_TRACES_SAMPLER_ARG": "1"},
+    {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"},
+    {"OTEL_TRACES_SAMPLER": "traceidratio"},  # the SDK's default rate, 1.0
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("env", SAMPLER_ENVS, ids=lambda e: ",".join(e.values()) or "default")
+def test_root_spans_are_sampled_as_the_sdks_samplers_would(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The root decision loopwatch takes from what it parsed of OTEL_TRACES_SAMPLER
+    agrees, trace id by trace id, with the sampler the SDK itself builds from the
+    same variables (asked through its public should_sample)."""
     import random
 
     from opentelemetry.context import Context
-    from opentelemetry.sdk.trace import sampling
+    from opentelemetry.sdk.trace import TracerProvider
 
-    from loopwatch.proxy.observe.span_export import _root_bound
+    from loopwatch.proxy.observe.span_export import sampling_from_env
 
+    for var in ("OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    sdk = TracerProvider(shutdown_on_exit=False).sampler  # the SDK's reading of the same variables
+    plan = sampling_from_env(env)
+    assert plan.root_bound is not None and not plan.reads_attributes
     rng = random.Random(4)
     ids = [rng.getrandbits(128) or 1 for _ in range(3000)] + [1, 2**64 - 1, 2**128 - 1, 0x1234 << 64]
-    for sdk in (sampling.ALWAYS_ON, sampling.ALWAYS_OFF, sampling.DEFAULT_ON, sampling.DEFAULT_OFF,
-                sampling.TraceIdRatioBased(0.1), sampling.ParentBasedTraceIdRatio(0.25),
-                sampling.ParentBasedTraceIdRatio(1.0), sampling.TraceIdRatioBased(0.0)):  # fmt: skip
-        bound = _root_bound(sdk)
-        assert bound is not None, sdk
-        for trace_id in ids:
-            result = sdk.should_sample(Context(), trace_id, "WebSocket /", SpanKind.SERVER, {"a": 1})
-            ours = trace_id & 0xFFFF_FFFF_FFFF_FFFF < bound
-            assert ours == result.decision.is_sampled() == result.decision.is_recording(), (sdk, trace_id)
-            assert result.trace_state is None or not result.trace_state
-            assert (dict(result.attributes or {}) == {"a": 1}) == ours
-    assert _root_bound(PathSampler()) is None and _root_bound(sampling.ParentBased(PathSampler())) is None
+    for trace_id in ids:
+        result = sdk.should_sample(Context(), trace_id, "WebSocket /", SpanKind.SERVER, {"a": 1})
+        ours = trace_id & 0xFFFF_FFFF_FFFF_FFFF < plan.root_bound
+        assert ours == result.decision.is_sampled() == result.decision.is_recording(), (env, trace_id)
+        assert result.trace_state is None or not result.trace_state
+        assert (dict(result.attributes or {}) == {"a": 1}) == ours
+        mine = plan.sampler.should_sample(Context(), trace_id, "WebSocket /", SpanKind.SERVER, {"a": 1})
+        assert mine.decision == result.decision
+    assert plan.sampler.get_description() == sdk.get_description()
 
 
-def test_only_samplers_of_ones_own_are_given_the_attributes() -> None:
-    from opentelemetry.sdk.trace import sampling
+def test_a_sampler_loopwatch_cannot_honour_is_refused() -> None:
+    from loopwatch.proxy.observe.span_export import sampling_from_env
 
-    from loopwatch.proxy.observe.span_export import _ignores_attributes
+    on = {"OTEL_TRACES_EXPORTER": "otlp"}
+    with pytest.raises(TracingConfigError, match="OTEL_TRACES_SAMPLER: .*'xray'"):
+        tracing_from_env({**on, "OTEL_TRACES_SAMPLER": "xray"})
+    for arg in ("1.5", "-0.1", "half"):
+        with pytest.raises(TracingConfigError, match=f"OTEL_TRACES_SAMPLER_ARG: .*'{arg}'"):
+            sampling_from_env({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": arg})
 
-    for sdk in (sampling.ALWAYS_ON, sampling.ALWAYS_OFF, sampling.DEFAULT_ON, sampling.TraceIdRatioBased(0.1),
-                sampling.ParentBasedTraceIdRatio(0.1), sampling.ParentBased(sampling.ALWAYS_OFF)):  # fmt: skip
-        assert _ignores_attributes(sdk), sdk
-    assert not _ignores_attributes(PathSampler())
-    assert not _ignores_attributes(sampling.ParentBased(PathSampler()))
+
+def test_no_private_attribute_of_another_library_is_read() -> None:
+    """Sampling is decided from loopwatch's own configuration, never by reading the
+    SDK's private attributes (`sampler._root` and the like)."""
+    import re
+
+    source = "\n".join(
+        (ROOT / "proxy" / "observe" / name).read_text() for name in ("tracing.py", "span_export.py")
+    )
+    assert re.findall(r"\b(?:sampler|sdk|provider|ids|parent|span)\._[a-z]\w*", source) == []
+    assert re.findall(r"getattr\([^)]*[\"']_[a-z]", source) == []
 
 
 async def test_a_sampler_of_ones_own_sees_and_adds_attributes() -> None:

@@ -7,7 +7,7 @@ import contextlib
 import gc
 import logging
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from ...detectors.engine import Engine
@@ -17,7 +17,7 @@ from ..admin.server import AdminServer, build_registry
 from ..admin.status import install as install_status_page
 from ..admin.upstream_health import HealthChecker
 from ..brain import EngineGate
-from ..dataplane.boundary import Gate
+from ..dataplane.boundary import Connection, Gate, HoldCounts, RelayStats
 from ..dataplane.identity import Identifier
 from ..dataplane.listener import ProxyServer
 from ..observe.logs import event
@@ -187,6 +187,35 @@ def build_gate(settings: Settings, observers: Observers | None = None) -> Engine
     return gate
 
 
+class ListenerView:
+    """The read-only LiveView observers get (proxy/dataplane/boundary.py): the
+    listener's open connections and plain counts, and the engine's open
+    connections per client. Records and numbers only: no observer holds the
+    listener, a relay or the engine."""
+
+    def __init__(self, proxy: ProxyServer, engine: Engine | None):
+        self._proxy = proxy
+        self._engine = engine
+
+    def connection(self, conn_id: object) -> Connection | None:
+        relay = self._proxy.relays.get(conn_id)  # type: ignore[call-overload]
+        return None if relay is None else relay.context
+
+    def open_ids(self, key: str) -> tuple[object, ...]:
+        return self._engine.open_connections(key) if self._engine is not None else ()
+
+    def live(self) -> Iterator[tuple[str, RelayStats]]:
+        for relay in self._proxy.relays.values():
+            c, u = relay.client.parser, relay.upstream.parser
+            yield relay.context.route, RelayStats(c.messages, u.messages, c.message_bytes, u.message_bytes)
+
+    def rejections(self) -> Mapping[str, int]:
+        return self._proxy.rejections.counts
+
+    def holds(self) -> HoldCounts | None:
+        return getattr(self._proxy, "holds", None)  # held refusals: the listener's, once it keeps them
+
+
 async def start(
     settings: Settings,
     gate: Gate | None = None,
@@ -208,9 +237,9 @@ async def start(
     if isinstance(gate, EngineGate):
         gate.server = proxy
     if isinstance(gate, EngineGate):
-        telemetry.bind(proxy, gate.engine, observers, store=gate.state_store)
+        telemetry.bind(ListenerView(proxy, gate.engine), gate.engine, observers, store=gate.state_store)
     else:
-        telemetry.bind(proxy, None, observers)
+        telemetry.bind(ListenerView(proxy, None), None, observers)
     host, port = parse_host_port(settings.listen)
     await proxy.start(host, port)
     registry = telemetry.registry

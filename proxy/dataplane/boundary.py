@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple, Protocol
 
 from ..observe.logs import event
+from . import frames
 from .heads import RequestHead
 
 log = logging.getLogger("loopwatch.server")
@@ -85,6 +87,22 @@ class Refusal:
     message: str = ""  # the close reason or the response body line
 
 
+class TraceContext(NamedTuple):
+    """A connection's trace context, once decided (when tracing is on): what the
+    `traceparent` sent upstream says, and what log lines and exemplars quote.
+    Written once, at the attempt, by the tracing observer (it owns the sampling
+    decision); read by the others, which never ask the tracing observer."""
+
+    trace_id: int  # 128 bits
+    span_id: int  # 64 bits: the connection's span
+    sampled: bool  # the span is exported: an exemplar may point at it
+
+    @property
+    def trace_id_hex(self) -> str:
+        """32 hex digits, as in traceparent, logs and exemplars."""
+        return f"{self.trace_id:032x}"
+
+
 @dataclass(slots=True)
 class Connection:
     """One upgrade request, from arrival to close; the gate keeps what it needs here."""
@@ -100,7 +118,9 @@ class Connection:
     conn_id: int = 0
     opened_at: float = 0.0  # monotonic seconds of the 101, for the connection's duration
     extra_headers: list[tuple[bytes, bytes]] | None = None  # added to the upstream request
-    state: object = None  # the gate's own per-attempt data (trace span, …)
+    state: object = None  # the gate's own per-attempt data
+    refusal: Refusal | None = None  # how the brain refused it, set before observers see the attempt
+    trace: TraceContext | None = None  # set by the tracing observer at the attempt (tracing on)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,3 +145,57 @@ class Gate:
         self, attempt: Connection, t: float, code: int, reason: str, initiator: str, stats: RelayStats
     ) -> None:
         pass
+
+
+class LiveView(Protocol):
+    """What observers may read of the data plane's present, at scrape time or for a
+    step that comes without a connection (a wake-up's finding, a close-oldest):
+    read-only, records only. The runtime passes one (proxy/app/runtime.py); no
+    observer holds the listener, its relays or the engine."""
+
+    def connection(self, conn_id: object) -> Connection | None:
+        """The open connection with this id on this replica, or None."""
+        ...
+
+    def open_ids(self, key: str) -> Iterable[object]:
+        """The ids of the client's open connections, oldest first (the brain's view:
+        it may name other replicas' ids, which `connection` does not know)."""
+        ...
+
+    def live(self) -> Iterable[tuple[str, RelayStats]]:
+        """Each open connection's route and its counts so far."""
+        ...
+
+    def rejections(self) -> Mapping[str, int]:
+        """Requests the listener answered itself, by reason (Rejections.counts)."""
+        ...
+
+    def holds(self) -> HoldCounts | None:
+        """The listener's held refusals (policy.hold), or None without a listener."""
+        ...
+
+
+class HoldCounts(Protocol):
+    """Plain counts of held refusals the listener keeps (read at scrape time)."""
+
+    @property
+    def count(self) -> int: ...  # held right now
+
+    @property
+    def answered(self) -> Mapping[str, int]: ...  # by refusal reason, answered after a hold
+
+    @property
+    def skipped(self) -> Mapping[str, int]: ...  # by bound (max_held, max_held_per_key)
+
+
+class DataplaneBuild(NamedTuple):
+    """Which data plane and frame parser this process runs (loopwatch_build_info)."""
+
+    dataplane: str  # "python": the asyncio protocol in proxy/dataplane/listener.py
+    frame_parser: str  # "c" or "python"
+
+
+def dataplane_build() -> DataplaneBuild:
+    # frames.py picks the C build when it imported, unless LW_PURE_PYTHON_FRAMES=1;
+    # the relays use whichever it picked.
+    return DataplaneBuild("python", "c" if frames.FrameParser is frames.CFrameParser else "python")

@@ -17,15 +17,13 @@ from typing import TYPE_CHECKING, Any
 from ...detectors.actions import BreakerTransition, CloseConnection, CooldownEnded, CooldownStarted
 from ...detectors.decisions import Reject
 from .logs import event
-from .observers import Observer
-from .tracing import trace_id_of
+from .observers import Observer, trace_context
 
 if TYPE_CHECKING:
     from ...detectors import events as ev
     from ...detectors.decisions import Admit, Outcome
     from ..app.settings import Settings
-    from ..dataplane.boundary import Connection, RelayStats
-    from .tracing import TracingObserver
+    from ..dataplane.boundary import Connection, LiveView, RelayStats
 
 log = logging.getLogger("loopwatch.events")
 
@@ -35,10 +33,15 @@ WARNING, INFO = logging.WARNING, logging.INFO
 class EventLogObserver(Observer):
     name = "eventlog"
 
-    def __init__(self, settings: Settings, traces: TracingObserver | None = None):
-        self.traces = traces
+    def __init__(self, settings: Settings, view: LiveView | None = None):
+        # The open connections' records, for lines about a step without one
+        # (a wake-up's finding, a close-oldest): the runtime's LiveView (`bind`).
+        self.view = view
         self._reject: tuple[Connection, Reject] | None = None  # on_attempt → on_rejected, same step
         self.reconfigure(settings)
+
+    def bind(self, view: LiveView | None) -> None:
+        self.view = view
 
     def reconfigure(self, settings: Settings) -> None:
         t = settings.telemetry
@@ -50,9 +53,10 @@ class EventLogObserver(Observer):
         if conn is not None and conn.key == key:
             out["route"] = conn.route
         out.update(fields)
-        trace_id = trace_id_of(self.traces, conn, key)
-        if trace_id is not None:
-            out["trace_id"] = trace_id
+        # Sampled or not: it still joins the backend's logs, which got the same traceparent.
+        trace = trace_context(self.view, conn, key)
+        if trace is not None:
+            out["trace_id"] = trace.trace_id_hex
         return out
 
     # --- findings, enforcement, breakers -------------------------------------------
@@ -73,11 +77,11 @@ class EventLogObserver(Observer):
             elif isinstance(a, CooldownEnded):
                 event(log, "enforcement", INFO, client=a.key, action="cooldown_ended")
             elif isinstance(a, CloseConnection):
-                trace = self.traces.trace_by_id(a.conn_id) if self.traces else None  # type: ignore[arg-type]
+                target = self.view.connection(a.conn_id) if self.view is not None else None
                 fields = {"client": a.key, "action": "close_connection", "conn_id": a.conn_id,
                           "code": a.code, "reason": a.reason}  # fmt: skip
-                if trace is not None:
-                    fields["trace_id"] = trace.trace_id
+                if target is not None and target.trace is not None:
+                    fields["trace_id"] = target.trace.trace_id_hex
                 event(log, "enforcement", WARNING, **fields)
             elif isinstance(a, BreakerTransition):
                 level = WARNING if a.to_state == "open" else INFO

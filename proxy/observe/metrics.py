@@ -8,10 +8,11 @@ docs/metrics.md is the catalogue and the contract. Two sources feed it:
   when the connection's span is sampled.
 * `StateCollector` runs at scrape time: gauges of current state read from
   `Engine.snapshot()`, and the message and byte counters, which add the live
-  relays' plain-int parser counters to the totals of closed connections. A
-  relay leaves `server.relays` and its counts are folded into those totals in
-  the same synchronous step (`ProxyServer.relay_done` → gate → observer), and
-  a scrape runs on the same event loop, so a message is counted exactly once.
+  connections' counts (the runtime's read-only LiveView) to the totals of
+  closed connections. A connection leaves the view and its counts are folded
+  into those totals in the same synchronous step (the listener's close → gate
+  → observer), and a scrape runs on the same event loop, so a message is
+  counted exactly once.
 
 `Telemetry` bundles the registry, the three observers (traces, metrics, log
 lines) and the collector, and is what `proxy.runtime` wires in.
@@ -37,24 +38,16 @@ from ...detectors.rules import RULE_NAMES
 from ...detectors.settings import BreakerSettings
 from ..dataplane.boundary import REJECTED_REASONS
 from .eventlog import EventLogObserver
-from .observers import Observer, Observers
+from .observers import Observer, Observers, trace_context
 from .promstore import CounterStore, HistogramStore
-from .tracing import (
-    SAMPLED,
-    ConnTrace,
-    Sink,
-    TracingObserver,
-    client_hash,
-    tracing_from_env,
-)
+from .tracing import Sink, TracingObserver, client_hash, tracing_from_env
 
 if TYPE_CHECKING:
     from ...detectors import events as ev
     from ...detectors.decisions import Outcome
     from ...detectors.engine import Engine
     from ..app.settings import Settings
-    from ..dataplane.boundary import Connection, RelayStats
-    from ..dataplane.listener import ProxyServer
+    from ..dataplane.boundary import Connection, LiveView, RelayStats, TraceContext
 
 
 # --- the telemetry: section ---------------------------------------------------
@@ -109,8 +102,10 @@ class MetricsObserver(Observer):
 
     name = "metrics"
 
-    def __init__(self, registry: CollectorRegistry, settings: Settings, traces: TracingObserver | None):
-        self.traces = traces
+    def __init__(self, registry: CollectorRegistry, settings: Settings, view: LiveView | None = None):
+        # The open connections' records, for an exemplar of a step without one
+        # (a wake-up's finding): the runtime's LiveView (`bind`).
+        self.view = view
         self.routes = tuple(r.path_prefix for r in settings.effective_routes())
         self.attempts = CounterStore(
             "loopwatch_connection_attempts", "WebSocket upgrade attempts by outcome.", "route", "outcome"
@@ -194,11 +189,12 @@ class MetricsObserver(Observer):
                 for initiator in INITIATORS:
                     self.closes.create(route, code, initiator)
 
-    def _sampled(self, conn: Connection | None, key: str | None = None) -> ConnTrace | None:
-        """The span an exemplar points at: the step's connection's, if sampled."""
-        if self.traces is None:
-            return None
-        trace = self.traces.trace_for(conn, key)
+    def bind(self, view: LiveView | None) -> None:
+        self.view = view
+
+    def _sampled(self, conn: Connection | None, key: str | None = None) -> TraceContext | None:
+        """The trace an exemplar points at: the step's connection's, if sampled."""
+        trace = trace_context(self.view, conn, key)
         return trace if trace is not None and trace.sampled else None
 
     # --- hooks (plain dict arithmetic: this runs for every connection) --------
@@ -230,10 +226,8 @@ class MetricsObserver(Observer):
         route, code = conn.route, event.code
         label = self.exact_code_labels.get(code) or code_label(code, self.auth_codes)
         self.closes.add((route, label, event.initiator))
-        state = conn.state
-        self.duration.observe(
-            route, event.duration, state if type(state) is ConnTrace and state.flags & SAMPLED else None
-        )
+        trace = conn.trace
+        self.duration.observe(route, event.duration, trace if trace is not None and trace.sampled else None)
         if code in self.auth_codes:
             self.auth_failures.values[route,] += 1
         totals = self.closed_totals.get(route)
@@ -286,7 +280,7 @@ class StateCollector(Collector):
         metrics: MetricsObserver,
         *,
         engine: Engine | None,
-        server: ProxyServer | None,
+        view: LiveView | None,
         observers: Observers | None,
         live_counts: bool = True,
         store: object = None,
@@ -295,7 +289,7 @@ class StateCollector(Collector):
         self.metrics = metrics
         self.spans = spans  # its `dropped`: spans lost on the way to the exporters
         self.engine = engine
-        self.server = server
+        self.view = view  # the data plane's present, read-only: live relays, its own refusals
         self.observers = observers
         self.live_counts = live_counts
         self.store = store  # the shared state store: `up` and `errors` (proxy/state/redis.py)
@@ -313,7 +307,7 @@ class StateCollector(Collector):
         families["store_errors"].add_metric([], getattr(store, "errors", 0))
         families["spans_dropped"].add_metric([], self.spans.dropped if self.spans is not None else 0)
         # The listener's own answers, before the engine: plain ints it keeps per reason.
-        counts = self.server.rejections.counts if self.server is not None else {}
+        counts = self.view.rejections() if self.view is not None else {}
         rejected = families["rejected"]
         for reason in REJECTED_REASONS:
             rejected.add_metric([reason], counts.get(reason, 0))
@@ -385,19 +379,17 @@ class StateCollector(Collector):
         m = self.metrics
         active = dict.fromkeys(m.routes, 0)
         totals = {route: list(t) for route, t in m.closed_totals.items()}
-        if self.server is not None:
+        if self.view is not None:
             live = self.live_counts
-            for relay in self.server.relays.values():
-                route = relay.context.route  # type: ignore[attr-defined]
+            for route, stats in self.view.live():
                 active[route] = active.get(route, 0) + 1
                 if not live:
                     continue
-                c, u = relay.client.parser, relay.upstream.parser
                 t = totals.setdefault(route, [0, 0, 0, 0])
-                t[0] += c.messages
-                t[1] += u.messages
-                t[2] += c.message_bytes
-                t[3] += u.message_bytes
+                t[0] += stats.messages_in
+                t[1] += stats.messages_out
+                t[2] += stats.bytes_in
+                t[3] += stats.bytes_out
         up, down = DIRECTIONS
         for route, n in active.items():
             families["active"].add_metric([route], n)
@@ -455,8 +447,8 @@ class Telemetry:
         self.spans = spans
         self._owns_spans = owns_spans
         self.tracing = TracingObserver(spans, settings) if spans is not None else None
-        self.metrics = MetricsObserver(registry, settings, self.tracing)
-        self.events = EventLogObserver(settings, self.tracing)
+        self.metrics = MetricsObserver(registry, settings)
+        self.events = EventLogObserver(settings)
         self.collector: StateCollector | None = None
 
     @classmethod
@@ -472,23 +464,26 @@ class Telemetry:
 
     def bind(
         self,
-        server: ProxyServer | None,
+        view: LiveView | None,
         engine: Engine | None,
         observers: Observers,
         store: object = None,
     ) -> None:
-        """Register the scrape-time collector. `observers` are the ones the gate
+        """Register the scrape-time collector. `view`: the data plane's present,
+        read-only (proxy/dataplane/boundary.py: LiveView; the runtime's adapter over
+        the listener); `engine`: the brain's state (gauges). `observers` are the ones the gate
         calls when there is an `engine` (detection on). The live relays' message
         counts are added only when this bundle's metrics observer is among them,
         so that it folds them in at each close; otherwise a closing connection's
         messages would vanish from the counter. `store`: the shared state store
         (its `up` and `errors`); None is the in-memory default, always up."""
-        if self.tracing is not None:
-            self.tracing.bind(server, engine)
+        for observer in (self.tracing, self.metrics, self.events):
+            if observer is not None:
+                observer.bind(view)
         self.collector = StateCollector(
             self.metrics,
             engine=engine,
-            server=server,
+            view=view,
             observers=observers,
             live_counts=engine is not None and self.metrics in observers.observers,
             store=store,

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from ...detectors import events as ev
     from ...detectors.engine import Admit, Outcome, Reject
     from ..app.settings import Settings
-    from ..dataplane.boundary import Connection, RelayStats
+    from ..dataplane.boundary import Connection, LiveView, RelayStats, TraceContext
 
 log = logging.getLogger("loopwatch.observers")
 
@@ -105,3 +105,20 @@ class Observers:
                         "observer_error", exc_info=True, extra={"fields": {"observer": name, "hook": hook}}
                     )
                 self.errors[name] += 1
+
+
+def trace_context(view: LiveView | None, conn: Connection | None, key: str | None = None) -> TraceContext | None:
+    """The trace a line or an exemplar about this step points at: the step's
+    connection's, or (without one, or when `key` is another client's) that of the
+    client's oldest open connection on this replica. Read off the connections'
+    records (`Connection.trace`, written by the tracing observer), never asked of
+    another observer."""
+    if conn is not None and conn.trace is not None and (key is None or conn.key == key):
+        return conn.trace
+    if key is None or view is None:
+        return None
+    for conn_id in view.open_ids(key):
+        found = view.connection(conn_id)
+        if found is not None and found.key == key and found.trace is not None:
+            return found.trace
+    return None

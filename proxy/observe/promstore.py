@@ -20,11 +20,11 @@ from prometheus_client.utils import floatToGoString
 
 
 class Traced(Protocol):
-    """What an exemplar points at (a connection's span): its id is formatted
-    only if a scrape shows it."""
+    """What an exemplar points at (a connection's TraceContext): its id is
+    formatted only if a scrape shows it."""
 
     @property
-    def trace_id(self) -> str: ...
+    def trace_id_hex(self) -> str: ...
 
 
 Pending = tuple[Traced, float, float]  # (trace, value, unix time)
@@ -34,7 +34,7 @@ def _exemplar(pending: Pending | None) -> Exemplar | None:
     if pending is None:
         return None
     trace, value, when = pending
-    return Exemplar({"trace_id": trace.trace_id}, value, when)
+    return Exemplar({"trace_id": trace.trace_id_hex}, value, when)
 
 
 class CounterStore:

@@ -31,7 +31,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from ... import __version__
-from ..dataplane import frames
+from ..dataplane.boundary import dataplane_build
 
 # How often the lag monitor wakes up (seconds).
 LAG_INTERVAL = 0.5
@@ -45,19 +45,11 @@ LAG_HELP = (
     "the delay every connection's next step waited for."
 )
 
-# The data plane in this build: the asyncio protocol in proxy/dataplane/listener.py.
-DATAPLANE = "python"
-
-
 def build_labels() -> dict[str, str]:
-    """The labels of loopwatch_build_info: version, data plane, frame parser."""
-    return {
-        "version": __version__,
-        "dataplane": DATAPLANE,
-        # proxy/dataplane/frames.py picks the C build when it imported, unless
-        # LW_PURE_PYTHON_FRAMES=1; the relays use whichever it picked.
-        "frame_parser": "c" if frames.FrameParser is frames.CFrameParser else "python",
-    }
+    """The labels of loopwatch_build_info: version, data plane, frame parser
+    (as the data plane reports them, proxy/dataplane/boundary.py)."""
+    build = dataplane_build()
+    return {"version": __version__, "dataplane": build.dataplane, "frame_parser": build.frame_parser}
 
 
 class LagHistogram:
@@ -163,7 +155,6 @@ class SelfMetrics:
 
 
 __all__ = [
-    "DATAPLANE",
     "LAG_BUCKETS",
     "LAG_INTERVAL",
     "LagHistogram",

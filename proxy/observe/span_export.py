@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ... import __version__
 
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
     from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.sdk.trace.id_generator import IdGenerator
+    from opentelemetry.sdk.trace.sampling import Sampler
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 log = logging.getLogger("loopwatch.tracing")
@@ -54,7 +55,99 @@ RESPAWN_INTERVAL = 1.0  # seconds between attempts to start a child that died
 FLUSH = "flush"  # the one command frame: export what you hold, then answer on the ack pipe
 _LENGTH = struct.Struct(">I")
 
-Record = tuple  # one finished span as plain values (proxy/observe/tracing.py: ConnTrace.record)
+
+
+# --- one finished span, as named plain values ---------------------------------------
+
+
+class RequestValues(NamedTuple):
+    """What the upgrade request said (the span's attributes known at its start)."""
+
+    path: str
+    peer: str
+    route: str
+    key: str
+    authority: bytes | None  # the Host header
+    user_agent: bytes | None
+
+
+class CloseValues(NamedTuple):
+    """How a relayed connection ended."""
+
+    conn_id: int
+    code: int
+    reason: str
+    initiator: str
+    duration: float  # seconds, 101 to close
+    messages_in: int  # client → upstream
+    messages_out: int
+    bytes_in: int
+    bytes_out: int
+
+
+class ParentValues(NamedTuple):
+    """The remote parent's span context (the client's traceparent)."""
+
+    trace_id: int
+    span_id: int
+    flags: int
+    remote: bool
+    trace_state: str | None  # its tracestate header
+
+
+class SpanEvent(NamedTuple):
+    name: str
+    attributes: dict[str, Any]
+    time_ns: int
+
+
+class SpanStatus(NamedTuple):
+    code: int  # a StatusCode value
+    description: str | None
+
+
+class Record(NamedTuple):
+    """One finished span as plain values (proxy/observe/tracing.py: ConnTrace.record;
+    `readable_span` there makes the SDK's ReadableSpan of it). `marshal` carries
+    plain tuples only: `to_wire` and `from_wire` convert at the pipe."""
+
+    trace_id: int
+    span_id: int
+    flags: int
+    trace_state: str | None  # its tracestate header
+    parent: ParentValues | None
+    start: int  # ns since the epoch
+    end: int
+    request: RequestValues
+    extra: dict[str, Any] | None  # attributes of the rarer steps (refusal, failed handshake …)
+    close: CloseValues | None  # None: never relayed
+    events: list[SpanEvent] | None
+    status: SpanStatus | None  # None: unset
+
+
+def to_wire(r: Record) -> tuple[Any, ...]:
+    """The record as nested plain tuples, which marshal can carry."""
+    return (
+        r.trace_id, r.span_id, r.flags, r.trace_state, None if r.parent is None else tuple(r.parent),
+        r.start, r.end, tuple(r.request), r.extra, None if r.close is None else tuple(r.close),
+        None if r.events is None else [tuple(e) for e in r.events],
+        None if r.status is None else tuple(r.status),
+    )  # fmt: skip
+
+
+def from_wire(t: Sequence[Any]) -> Record:
+    """`to_wire`'s tuple as the record again; a tuple of another shape is refused."""
+    if len(t) != len(Record._fields):
+        raise ValueError(f"a span record has {len(Record._fields)} fields, got {len(t)}")
+    parent, close, events, status = t[4], t[9], t[10], t[11]
+    return Record(
+        t[0], t[1], t[2], t[3], None if parent is None else ParentValues._make(parent), t[5], t[6],
+        RequestValues._make(t[7]), t[8], None if close is None else CloseValues._make(close),
+        None if events is None else [SpanEvent._make(e) for e in events],
+        None if status is None else SpanStatus._make(status),
+    )  # fmt: skip
+
+
 Convert = Callable[[Record, "Resource", "InstrumentationScope"], "ReadableSpan"]
 
 
@@ -103,25 +196,27 @@ def exporters_from_env(env: Mapping[str, str]) -> list[SpanExporter]:
 
 
 class SdkParts:
-    """The SDK's resource, sampler and id generator, as a TracerProvider resolves them
-    from the environment; spans never go through its tracers."""
+    """The SDK's resource and id generator, as a TracerProvider resolves them from the
+    environment, and the sampler OTEL_TRACES_SAMPLER names (`sampling_from_env`);
+    spans never go through its tracers."""
 
-    def __init__(self) -> None:
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
         from opentelemetry.sdk.resources import OTELResourceDetector, Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
+        plan = sampling_from_env(os.environ if env is None else env)
         # service.name defaults to loopwatch; OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES win.
         from_env = OTELResourceDetector().detect().attributes
         resource = Resource.create({"service.name": "loopwatch", "service.version": __version__, **from_env})
-        provider = TracerProvider(resource=resource, shutdown_on_exit=False)  # OTEL_TRACES_SAMPLER et al.
+        provider = TracerProvider(resource=resource, sampler=plan.sampler, shutdown_on_exit=False)
         self.resource = provider.resource
-        self.sampler = provider.sampler
+        self.sampler = plan.sampler
         self.ids = provider.id_generator
         self.random_trace_ids = self.ids.is_trace_id_random()  # a property of the generator
         self.new_ids = _id_pairs(self.ids)
-        self.root_bound = _root_bound(self.sampler)
-        self.sampler_reads_attributes = not _ignores_attributes(self.sampler)
+        self.root_bound = plan.root_bound
+        self.sampler_reads_attributes = plan.reads_attributes
         self.scope = InstrumentationScope("loopwatch", __version__)
 
 
@@ -145,50 +240,50 @@ def _id_pairs(ids: IdGenerator) -> Callable[[], tuple[int, int]]:
 
 
 ALL_ROOTS = 1 << 64  # a root_bound every trace id passes
+# The names OTEL_TRACES_SAMPLER may give (the SDK's own samplers).
+SAMPLERS = ("always_on", "always_off", "traceidratio",
+            "parentbased_always_on", "parentbased_always_off", "parentbased_traceidratio")  # fmt: skip
 
 
-def _sdk_parent_based(sampler: object) -> bool:
-    """The SDK's own ParentBased (what the parentbased_* sampler names build),
-    whose delegates are the SDK's to look at."""
+class SamplingPlan(NamedTuple):
+    """How spans are sampled, as loopwatch configured it."""
+
+    sampler: Sampler  # the SDK's sampler of that name: asked (should_sample) for spans with a parent
+    # A root span is sampled (with exactly its attributes, no trace state) iff its
+    # trace id's low 64 bits are below this bound: what the SDK's samplers compute,
+    # without the call (~20 k instructions a connection). None: ask `sampler`.
+    root_bound: int | None
+    reads_attributes: bool  # False: the sampler decides on ids and parent alone
+
+
+def sampling_from_env(env: Mapping[str, str]) -> SamplingPlan:
+    """The sampler OTEL_TRACES_SAMPLER (+ _ARG) names, built with the SDK's public
+    constructors, and the root decision that follows from the name and rate.
+    What loopwatch cannot honour is refused (the SDK would fall back with a warning)."""
     from opentelemetry.sdk.trace import sampling
 
-    return isinstance(sampler, sampling.ParentBased) and type(sampler).__module__ == sampling.__name__
-
-
-def _root_bound(sampler: object) -> int | None:
-    """How the SDK's own samplers decide a root span, when that is all they do:
-    sampled (with exactly the attributes given, no trace state) if the trace id's
-    low 64 bits are below this bound, else dropped. always_on and
-    parentbased_always_on (the default) sample every root; traceidratio and
-    parentbased_traceidratio compare with their `bound`; always_off samples none.
-    None: ask the sampler (one of one's own). Skipping the call spares each
-    connection ~20 k instructions."""
-    from opentelemetry.sdk.trace import sampling
-
-    if _sdk_parent_based(sampler):  # a root span goes to its root delegate
-        sampler = getattr(sampler, "_root", None)
-    if type(sampler) is sampling.TraceIdRatioBased:
-        return sampler.bound
-    if sampler is sampling.ALWAYS_ON:
-        return ALL_ROOTS
-    if sampler is sampling.ALWAYS_OFF:
-        return 0
-    return None
-
-
-def _ignores_attributes(sampler: object) -> bool:
-    """The SDK's own samplers (what OTEL_TRACES_SAMPLER names) decide on the trace id
-    and the parent alone and hand back the attributes they were given: building a
-    span's attributes for them is wasted. A sampler of anyone else's may read them."""
-    from opentelemetry.sdk.trace import sampling
-
-    if type(sampler) in (sampling.StaticSampler, sampling.TraceIdRatioBased):
-        return True
-    if _sdk_parent_based(sampler):
-        delegates = ("_root", "_remote_parent_sampled", "_remote_parent_not_sampled",
-                     "_local_parent_sampled", "_local_parent_not_sampled")  # fmt: skip
-        return all(_ignores_attributes(getattr(sampler, d, None)) for d in delegates)
-    return False
+    name = env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower() or "parentbased_always_on"
+    if name not in SAMPLERS:
+        raise TracingConfigError(f"OTEL_TRACES_SAMPLER: expected one of {', '.join(SAMPLERS)}, got {name!r}")
+    parent_based = name.startswith("parentbased_")
+    kind = name.removeprefix("parentbased_")
+    root: sampling.Sampler
+    if kind == "traceidratio":
+        arg = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+        try:
+            rate = float(arg) if arg else 1.0  # the SDK's default rate
+        except ValueError:
+            rate = -1.0
+        if not 0.0 <= rate <= 1.0:
+            raise TracingConfigError(f"OTEL_TRACES_SAMPLER_ARG: expected a rate from 0 to 1, got {arg!r}")
+        ratio = sampling.TraceIdRatioBased(rate)
+        root, bound = ratio, ratio.bound
+    elif kind == "always_on":
+        root, bound = sampling.ALWAYS_ON, ALL_ROOTS
+    else:
+        root, bound = sampling.ALWAYS_OFF, 0
+    sampler = sampling.ParentBased(root) if parent_based else root
+    return SamplingPlan(sampler, bound, reads_attributes=False)
 
 
 # --- in this process --------------------------------------------------------------------
@@ -244,8 +339,8 @@ class ProcessSpanSink(SdkParts):
     the configured exporters: the benchmarks' exporter that drops."""
 
     def __init__(self, *, env: Mapping[str, str] | None = None, exporter_factory: str | None = None):
-        super().__init__()
         self.env = None if env is None or env is os.environ else {**os.environ, **env}
+        super().__init__(self.env)
         self.exporter_factory = exporter_factory
         self.queue: queue.Queue[object] = queue.Queue(QUEUE_BATCHES)
         # Spans lost, counted by the thread that lost them (a `+=` shared by two
@@ -376,11 +471,12 @@ class ProcessSpanSink(SdkParts):
 def _pack(records: Sequence[Record]) -> tuple[bytes | None, int]:
     """The batch as one frame's payload (None: nothing left to send), and how many
     of its spans had to be left out."""
+    wire = [to_wire(r) for r in records]
     try:
-        return marshal.dumps(list(records)), 0
+        return marshal.dumps(wire), 0
     except ValueError:  # a value marshal cannot carry (a custom sampler's attribute): drop that span only
         kept = []
-        for record in records:
+        for record in wire:
             try:
                 marshal.dumps(record)
             except ValueError:
@@ -445,7 +541,7 @@ def child_main(argv: list[str] | None = None) -> None:
             if payload == FLUSH:
                 os.write(ack, b"\x01" if sink.force_flush() else b"\x00")
             else:
-                sink.submit(payload)
+                sink.submit([from_wire(t) for t in payload])
     finally:
         sink.shutdown()
 
@@ -453,12 +549,17 @@ def child_main(argv: list[str] | None = None) -> None:
 __all__ = [
     "EXPORTERS",
     "ProcessSpanSink",
+    "Record",
+    "SamplingPlan",
     "SdkParts",
     "SpanSink",
     "TracingConfigError",
     "child_main",
     "exporter_names",
     "exporters_from_env",
+    "from_wire",
+    "sampling_from_env",
+    "to_wire",
 ]
 
 

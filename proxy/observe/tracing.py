@@ -12,8 +12,8 @@ request arrives (a child of the client's `traceparent` when it sent one, the
 SDK's sampler and id generator deciding), injects its own `traceparent` into
 the request forwarded upstream so the backend's trace joins it, keeps the
 request's and the close's values and the span events (findings, enforcement)
-as the connection goes, and hands the finished span to the sink as a record:
-a tuple of plain values, which `readable_span` turns into the SDK's
+as the connection goes, and hands the finished span to the sink as a record
+of plain values (span_export.Record), which `readable_span` turns into the SDK's
 `ReadableSpan` where the exporters run (proxy/observe/span_export.py: a child process
 when loopwatch runs, this process in tests).
 
@@ -25,6 +25,13 @@ proxy under handshake load it cost ~90 µs of CPU per connection, a quarter
 of a whole handshake; the record costs the event loop a small fraction of
 that (docs/performance.md, "Telemetry overhead"). Sampling, ids, resource,
 processors and exporters stay the SDK's own.
+
+What the other observers need of a connection's trace (its id for log lines
+and exemplars, whether it is sampled) is written once on the connection's
+record (`Connection.trace`, a TraceContext); they never ask this observer.
+For steps that come without a connection (a wake-up's finding, a close-oldest)
+this observer keeps its own map of open connections' spans by id, and asks
+the runtime's read-only LiveView only which ids a client has open.
 """
 
 from __future__ import annotations
@@ -53,16 +60,22 @@ from opentelemetry.trace.span import TraceState
 
 from ...detectors.actions import BreakerTransition, CloseConnection, CooldownStarted, WouldReject
 from ...detectors.decisions import Reject
-from ..brain import refusal_for
+from ..dataplane.boundary import TraceContext
 from .observers import Observer
 from .span_export import (
     EXPORTERS,
+    CloseValues,
+    ParentValues,
     ProcessSpanSink,
     Record,
+    RequestValues,
+    SpanEvent,
     SpanSink,
+    SpanStatus,
     TracingConfigError,
     exporter_names,
     exporters_from_env,
+    sampling_from_env,
 )
 
 if TYPE_CHECKING:
@@ -73,11 +86,8 @@ if TYPE_CHECKING:
 
     from ...detectors import events as ev
     from ...detectors.decisions import Admit, Outcome
-    from ...detectors.engine import Engine
     from ..app.settings import Settings
-    from ..dataplane.boundary import Connection, RelayStats
-    from ..dataplane.listener import ProxyServer
-    from ..dataplane.relay import Relay
+    from ..dataplane.boundary import Connection, LiveView, RelayStats
 
 # Closes that mean something broke rather than that someone said goodbye.
 ERROR_CODES = frozenset({1006, 1011, 1014})
@@ -100,19 +110,19 @@ def tracing_from_env(env: Mapping[str, str] | None = None) -> ProcessSpanSink | 
     env = os.environ if env is None else env
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return None
-    return ProcessSpanSink(env=env) if exporter_names(env) else None
+    if not exporter_names(env):
+        return None
+    sampling_from_env(env)  # refused here, before a child process starts
+    return ProcessSpanSink(env=env)
 
 
 # --- per connection ---------------------------------------------------------------
 
 
-Request = tuple  # (path, peer, route, key, Host header or None, User-Agent or None)
-Close = tuple  # (connection id, code, reason, initiator, duration, messages in/out, bytes in/out)
-
-
 @dataclass(slots=True)
 class ConnTrace:
-    """A connection's span while it lasts (on `Connection.state`): the values it is
+    """A connection's span while it lasts (on `Connection.state`, which this observer
+    alone uses, and while open in `TracingObserver.open`): the values it is
     made of, as they came; the attribute names are `readable_span`'s. Not
     `recording` (the sampler said drop): only the trace context exists."""
 
@@ -123,20 +133,20 @@ class ConnTrace:
     parent: SpanContext | None
     start: int  # ns since the epoch
     recording: bool
-    request: Request
+    request: RequestValues
     extra: dict[str, Any] | None = None  # attributes of the rarer steps (refusal, failed handshake …)
-    close: Close | None = None
-    events: list[tuple[str, dict[str, Any], int]] | None = None  # (name, attributes, ns)
-    status: tuple[int, str | None] | None = None  # (StatusCode value, description); None: unset
+    close: CloseValues | None = None
+    events: list[SpanEvent] | None = None
+    status: SpanStatus | None = None  # None: unset
     ended: bool = False
 
     @property
     def name(self) -> str:
-        return span_name(self.request[2])
+        return span_name(self.request.route)
 
     @property
     def key(self) -> str:
-        return self.request[3]
+        return self.request.key
 
     @property
     def sampled(self) -> bool:
@@ -159,20 +169,22 @@ class ConnTrace:
             return
         if self.events is None:
             self.events = []
-        self.events.append((name, attributes, time.time_ns()))
+        self.events.append(SpanEvent(name, attributes, time.time_ns()))
 
     def error(self, description: str) -> None:
-        self.status = (StatusCode.ERROR.value, description)
+        self.status = SpanStatus(StatusCode.ERROR.value, description)
 
     def record(self, end: int) -> Record:
-        """The finished span as plain values (what `marshal` carries to the exporter)."""
-        parent = self.parent
+        """The finished span as plain values (what goes to the exporter)."""
+        parent, parent_values = self.parent, None
         if parent is not None:
             parent_state = parent.trace_state.to_header() if parent.trace_state else None
-            parent = (parent.trace_id, parent.span_id, int(parent.trace_flags), parent.is_remote, parent_state)
+            parent_values = ParentValues(
+                parent.trace_id, parent.span_id, int(parent.trace_flags), parent.is_remote, parent_state
+            )
         state = self.trace_state.to_header() if self.trace_state else None
-        return (
-            self.trace_id_int, self.span_id, self.flags, state, parent, self.start, end,
+        return Record(
+            self.trace_id_int, self.span_id, self.flags, state, parent_values, self.start, end,
             self.request, self.extra, self.close, self.events, self.status,
         )  # fmt: skip
 
@@ -181,20 +193,19 @@ def span_name(route: str) -> str:
     return f"WebSocket {route}"
 
 
-def request_attributes(request: Request) -> dict[str, Any]:
+def request_attributes(request: RequestValues) -> dict[str, Any]:
     """The span's attributes known when the upgrade request arrives."""
-    path, peer, route, key, authority, agent = request
     attributes: dict[str, Any] = {
-        "url.path": path,  # not the query: it may carry a token
-        "client.address": peer,
-        "loopwatch.route": route,
-        "loopwatch.client.key_hash": client_hash(key),
+        "url.path": request.path,  # not the query: it may carry a token
+        "client.address": request.peer,
+        "loopwatch.route": request.route,
+        "loopwatch.client.key_hash": client_hash(request.key),
     }
-    host = _host(authority)
+    host = _host(request.authority)
     if host is not None:
         attributes["server.address"] = host
-    if agent is not None:
-        attributes["user_agent.original"] = agent.decode("latin-1")
+    if request.user_agent is not None:
+        attributes["user_agent.original"] = request.user_agent.decode("latin-1")
     return attributes
 
 
@@ -209,44 +220,43 @@ def _sdk_span_types() -> tuple[type[Event], type[ReadableSpan]]:
 def readable_span(record: Record, resource: Resource, scope: InstrumentationScope) -> ReadableSpan:
     """A record as the SDK's ReadableSpan, for its processors and exporters."""
     Event, ReadableSpan = _sdk_span_types()  # noqa: N806 - the SDK's classes
-    trace_id, span_id, flags, state, parent, start, end, request, extra, close, events, status = record
-    attributes = request_attributes(request)
-    if extra:
-        attributes.update(extra)
+    attributes = request_attributes(record.request)
+    if record.extra:
+        attributes.update(record.extra)
+    close = record.close
     if close is not None:
-        conn_id, code, reason, initiator, duration, messages_in, messages_out, bytes_in, bytes_out = close
         attributes["http.response.status_code"] = 101
-        attributes["loopwatch.connection.id"] = conn_id
-        attributes["loopwatch.close.code"] = code
-        attributes["loopwatch.close.reason"] = reason
-        attributes["loopwatch.close.initiator"] = initiator
-        attributes["loopwatch.connection.duration"] = duration
-        attributes["loopwatch.messages.client_to_upstream"] = messages_in
-        attributes["loopwatch.messages.upstream_to_client"] = messages_out
-        attributes["loopwatch.bytes.client_to_upstream"] = bytes_in
-        attributes["loopwatch.bytes.upstream_to_client"] = bytes_out
-    parent_context = None
+        attributes["loopwatch.connection.id"] = close.conn_id
+        attributes["loopwatch.close.code"] = close.code
+        attributes["loopwatch.close.reason"] = close.reason
+        attributes["loopwatch.close.initiator"] = close.initiator
+        attributes["loopwatch.connection.duration"] = close.duration
+        attributes["loopwatch.messages.client_to_upstream"] = close.messages_in
+        attributes["loopwatch.messages.upstream_to_client"] = close.messages_out
+        attributes["loopwatch.bytes.client_to_upstream"] = close.bytes_in
+        attributes["loopwatch.bytes.upstream_to_client"] = close.bytes_out
+    parent, parent_context = record.parent, None
     if parent is not None:
-        p_trace, p_span, p_flags, p_remote, p_state = parent
         parent_context = SpanContext(
-            p_trace, p_span, is_remote=p_remote, trace_flags=TraceFlags(p_flags),
-            trace_state=TraceState.from_header([p_state]) if p_state else None,
+            parent.trace_id, parent.span_id, is_remote=parent.remote, trace_flags=TraceFlags(parent.flags),
+            trace_state=TraceState.from_header([parent.trace_state]) if parent.trace_state else None,
         )  # fmt: skip
     context = SpanContext(
-        trace_id, span_id, is_remote=False, trace_flags=TraceFlags(flags),
-        trace_state=TraceState.from_header([state]) if state else None,
+        record.trace_id, record.span_id, is_remote=False, trace_flags=TraceFlags(record.flags),
+        trace_state=TraceState.from_header([record.trace_state]) if record.trace_state else None,
     )  # fmt: skip
+    status = record.status
     return ReadableSpan(
-        name=span_name(request[2]),
+        name=span_name(record.request.route),
         context=context,
         parent=parent_context,
         resource=resource,
         attributes=attributes,
-        events=tuple(Event(n, a, timestamp=t) for n, a, t in events or ()),
+        events=tuple(Event(e.name, e.attributes, timestamp=e.time_ns) for e in record.events or ()),
         kind=SpanKind.SERVER,
-        status=_UNSET if status is None else Status(StatusCode(status[0]), status[1]),
-        start_time=start,
-        end_time=end,
+        status=_UNSET if status is None else Status(StatusCode(status.code), status.description),
+        start_time=record.start,
+        end_time=record.end,
         instrumentation_scope=scope,
     )
 
@@ -272,52 +282,36 @@ class TracingObserver(Observer):
     def __init__(self, sink: Sink, settings: Settings):
         self.sink = sink
         self.propagator = TraceContextTextMapPropagator()
-        # Where the open connections are, for findings and actions that come
-        # without one (wake-ups, a close-oldest): the listener's relays and the
-        # engine's open connections per client (`bind`). Looked up, not mirrored
-        # here: a second registry cost every connection two more dict entries.
-        self.relays: Mapping[int, Relay] = {}
-        self.engine: Engine | None = None
+        # The spans of this replica's open connections, by connection id: for
+        # findings and actions that come without a connection (wake-ups, a
+        # close-oldest). One insert at the 101 and one delete at the close.
+        self.open: dict[object, ConnTrace] = {}
+        # Which ids a client has open (the runtime's LiveView, `bind`): asked only
+        # for steps without a connection.
+        self.view: LiveView | None = None
         self._ending: list[tuple[ConnTrace, int]] = []  # (span, end time): see _end
         self._armed = False
         self.reconfigure(settings)
 
     def reconfigure(self, settings: Settings) -> None:
         self.expose_client_keys = settings.telemetry.expose_client_keys
-        self.reject_with = settings.policy.reject_with
 
-    def bind(self, server: ProxyServer | None, engine: Engine | None) -> None:
-        """Where to find open connections (the runtime calls this once both exist)."""
-        self.relays = server.relays if server is not None else {}
-        self.engine = engine
+    def bind(self, view: LiveView | None) -> None:
+        """Where to ask which connections a client has open (the runtime calls this)."""
+        self.view = view
 
-    # --- lookups for the other observers ---------------------------------------
-
-    def trace_by_id(self, conn_id: int) -> ConnTrace | None:
-        """The span of the open connection with this id."""
-        relay = self.relays.get(conn_id)
-        return None if relay is None else trace_of(relay.context)  # type: ignore[arg-type]
+    # --- lookups -----------------------------------------------------------------
 
     def open_traces(self, key: str) -> list[ConnTrace]:
         """The spans of the client's open connections, oldest first."""
-        if self.engine is None:
+        if self.view is None:
             return []
         found = []
-        for conn_id in self.engine.open_connections(key):
-            trace = self.trace_by_id(conn_id)  # type: ignore[arg-type]
+        for conn_id in self.view.open_ids(key):
+            trace = self.open.get(conn_id)
             if trace is not None and trace.key == key:  # ids are per replica, the engine's state may not be
                 found.append(trace)
         return found
-
-    def trace_for(self, conn: Connection | None, key: str | None = None) -> ConnTrace | None:
-        """The trace of the step's connection, or (without one, or when `key` is
-        another client's) of an open connection of `key`."""
-        trace = trace_of(conn)
-        if trace is not None and (key is None or conn.key == key):  # type: ignore[union-attr]
-            return trace
-        if key is None:
-            return None
-        return next(iter(self.open_traces(key)), None)
 
     def _spans(self, conn: Connection | None, key: str) -> list[ConnTrace]:
         trace = trace_of(conn)
@@ -342,7 +336,7 @@ class TracingObserver(Observer):
             remote = get_current_span(context).get_span_context()
             if remote.is_valid:
                 parent = remote
-        request = (head.path, conn.peer, conn.route, conn.key, head.authority, head.get(b"user-agent"))
+        request = RequestValues(head.path, conn.peer, conn.route, conn.key, head.authority, head.get(b"user-agent"))
 
         # What Tracer.start_span decides, in the same order and with the same parts.
         sink = self.sink
@@ -373,19 +367,16 @@ class TracingObserver(Observer):
             flags |= TraceFlags.RANDOM_TRACE_ID
         trace = ConnTrace(trace_id, span_id, flags, trace_state, parent, time.time_ns(), recording, request, extra)
         conn.state = trace
+        conn.trace = TraceContext(trace_id, span_id, bool(flags & SAMPLED))
         if self.expose_client_keys:
             trace.set({"loopwatch.client.key": conn.key})
-        if isinstance(decision, Reject):
-            refusal = refusal_for(decision, self.reject_with)
-            trace.set(
-                {
-                    "http.response.status_code": 101 if refusal.how == "close-1013" else refusal.status,
-                    "loopwatch.refusal.reason": decision.reason,
-                    "loopwatch.refusal.retry_after": decision.retry_after,
-                }
-            )
-            if refusal.how == "close-1013":
-                trace.set({"loopwatch.close.code": 1013, "loopwatch.close.reason": refusal.message})
+        if isinstance(decision, Reject):  # never sent upstream: no traceparent
+            trace.set({"loopwatch.refusal.reason": decision.reason, "loopwatch.refusal.retry_after": decision.retry_after})
+            refusal = conn.refusal  # how the brain answers it, on the record
+            if refusal is not None:
+                trace.set({"http.response.status_code": 101 if refusal.how == "close-1013" else refusal.status})
+                if refusal.how == "close-1013":
+                    trace.set({"loopwatch.close.code": 1013, "loopwatch.close.reason": refusal.message})
             return
         headers = conn.extra_headers if conn.extra_headers is not None else []
         headers.append((b"traceparent", b"00-%032x-%016x-%02x" % (trace_id, span_id, flags)))
@@ -397,6 +388,11 @@ class TracingObserver(Observer):
 
     def on_rejected(self, conn: Connection, event: ev.Rejected) -> None:
         self._end(trace_of(conn))
+
+    def on_opened(self, conn: Connection, event: ev.Opened) -> None:
+        trace = conn.state
+        if type(trace) is ConnTrace and trace.recording:  # a dropped span takes no events
+            self.open[conn.conn_id] = trace
 
     def on_handshake_failed(self, conn: Connection, event: ev.HandshakeFailed) -> None:
         trace = trace_of(conn)
@@ -413,11 +409,11 @@ class TracingObserver(Observer):
         self._end(trace)
 
     def on_closed(self, conn: Connection, event: ev.Closed, stats: RelayStats) -> None:
-        trace = conn.state
-        if type(trace) is not ConnTrace:
+        trace = self.open.pop(conn.conn_id, None)
+        if trace is None:
             return
         if trace.recording:
-            trace.close = (
+            trace.close = CloseValues(
                 conn.conn_id, event.code, event.reason, event.initiator, event.duration,
                 stats.messages_in, stats.messages_out, stats.bytes_in, stats.bytes_out,
             )  # fmt: skip
@@ -448,7 +444,7 @@ class TracingObserver(Observer):
                 for trace in self._spans(conn, action.key):
                     trace.add_event("loopwatch.cooldown", attrs)
             elif isinstance(action, CloseConnection):
-                target = self.trace_by_id(action.conn_id)  # type: ignore[arg-type]
+                target = self.open.get(action.conn_id)
                 if target is not None:
                     target.add_event(
                         "loopwatch.close_connection",
@@ -514,15 +510,6 @@ def client_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def trace_id_of(tracing: TracingObserver | None, conn: Connection | None, key: str | None = None) -> str | None:
-    """The trace id for a log line about this step (sampled or not: it still joins
-    the backend's logs, which got the same traceparent)."""
-    if tracing is None:
-        return None
-    trace = tracing.trace_for(conn, key)
-    return None if trace is None else trace.trace_id
-
-
 __all__ = [
     "EXPORTERS",
     "SAMPLED",
@@ -535,9 +522,9 @@ __all__ = [
     "client_hash",
     "exporters_from_env",
     "make_tracing",
+    "Record",
     "readable_span",
     "request_attributes",
-    "trace_id_of",
     "trace_of",
     "tracing_from_env",
 ]
