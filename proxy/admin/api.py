@@ -29,12 +29,13 @@ import hmac
 import ipaddress
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from ...detectors.units import parse_duration
 from ..app.settings import ConfigError, dump_settings
@@ -47,8 +48,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("loopwatch.admin")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 MAX_PAGE = 500
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})

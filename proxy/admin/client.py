@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import functools
 import io
 import json
 import math
@@ -298,14 +299,14 @@ class Output:
     def table(self, table: Any) -> None:
         from rich.console import Console
 
-        options = {"markup": False, "highlight": False, "emoji": False}
+        console = functools.partial(Console, markup=False, highlight=False, emoji=False)
         if self.out.isatty():
-            Console(file=self.out, **options).print(table)
+            console(file=self.out).print(table)
             return
         # Not a terminal: plain lines, wide enough that a row stays one line for
         # grep and awk, without the padding a screen needs.
         buffer = io.StringIO()
-        Console(file=buffer, width=400, **options).print(table)
+        console(file=buffer, width=400).print(table)
         lines = [line.rstrip() for line in buffer.getvalue().splitlines()]
         while lines and not lines[0]:
             lines.pop(0)

@@ -132,8 +132,8 @@ class AdminServer:
 
     @property
     def port(self) -> int:
-        assert self._site is not None and self._site._server is not None
-        return self._site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        assert self._runner is not None and self._runner.addresses
+        return int(self._runner.addresses[0][1])
 
     async def stop(self) -> None:
         if self._runner is not None:

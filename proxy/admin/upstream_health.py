@@ -16,6 +16,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from ssl import SSLContext
 
 import aiohttp
 
@@ -41,7 +42,7 @@ class HealthChecker:
         route: Route,
         report: Callable[[float, bool], None],
         *,
-        ssl: object = None,
+        ssl: SSLContext | None = None,
     ):
         self.settings = settings
         self.url = probe_url(route, settings.path)
@@ -69,7 +70,7 @@ class HealthChecker:
                 self.url,
                 headers=headers,
                 timeout=aiohttp.ClientWSTimeout(ws_close=self.settings.timeout),
-                ssl=self.ssl or True,  # type: ignore[arg-type]
+                ssl=self.ssl or True,
                 autoping=False,
             ) as ws:
                 await ws.close()

@@ -19,7 +19,9 @@ class StateStore(Protocol):
     backend: str  # "memory" | "redis"
     up: bool  # loopwatch_state_store_up
     errors: int  # loopwatch_state_store_errors_total
-    ready: bool  # /readyz
+
+    @property
+    def ready(self) -> bool: ...  # /readyz
 
     def release(self, key: str) -> None: ...
 

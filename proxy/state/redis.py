@@ -40,7 +40,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from ...detectors.actions import CloseConnection, CooldownStarted
 from ...detectors.shared import (
@@ -442,7 +442,8 @@ class RedisStateStore(Observer):
         while True:
             async with asyncio.timeout(r.timeout):
                 cursor, found = await client.scan(cursor, match=pattern, count=1000)
-            keys += found
+            # The client decodes nothing (no decode_responses): keys are bytes.
+            keys += cast(list[bytes], found)
             if not cursor:
                 break
         engine = gate.engine
