@@ -177,3 +177,16 @@ def test_the_settings_loader_loads_no_telemetry_redis_aiohttp_or_data_plane() ->
     allowed = {"loopwatch.proxy", "loopwatch.proxy.sections",
                *(f"loopwatch.proxy.{p}" for p in parts), *(f"loopwatch.proxy.{p}.settings" for p in parts)}
     assert sorted(m for m in ours if m.partition(".")[2].partition(".")[0] != "detectors" and m not in allowed) == []
+
+
+def test_observers_import_only_observe_the_neutral_records_and_the_engine() -> None:
+    """Observers consume the event stream (the Gate's calls, the Connection record)
+    and the brain's decisions: an observe.* module imports only observe.*, the
+    sections base, the data plane's boundary records, detectors, the app's
+    settings type and the version; never the listener, a relay, the brain."""
+    graph = imports(typing_too=True)
+    allowed_modules = {"loopwatch", "loopwatch.proxy.sections", "loopwatch.proxy.dataplane.boundary",
+                       "loopwatch.proxy.app.settings"}
+    outside = sorted((m, t) for m in MODULES if part_of(m) == "proxy.observe" for t in graph.get(m, ())
+                     if part_of(t) not in {"proxy.observe", "detectors"} and t not in allowed_modules)
+    assert outside == []
