@@ -46,6 +46,17 @@ async def test_auth_loop_is_flagged_and_refused() -> None:
     assert "outcome auth-loop: flagged and refused" in out
 
 
+async def test_refusals_answered_429_are_read_from_the_answer_body() -> None:
+    # reject_with: http-429 refuses before the upgrade: the client sees an HTTP answer
+    # whose body ("loopwatch: cooldown, retry in 5s") says it was loopwatch's.
+    report, _ = await run("auth-loop", duration=2.0, overrides={"policy.reject_with": "http-429"})
+    g = report.group("auth-loop")
+    assert g.outcome == "flagged and refused" and g.as_expected
+    assert g.refused["cooldown"] > 10 and g.codes["http 429"] == g.refused_total
+    assert g.codes["1008"] == g.reached_backend == g.accepted == 3
+    assert g.attempts == g.accepted + g.refused_total and not g.failed
+
+
 async def test_in_observe_mode_the_loop_is_flagged_and_never_refused() -> None:
     report, out = await run("auth-loop", duration=2.0, overrides={"policy.mode": "observe"})
     g = report.group("auth-loop")

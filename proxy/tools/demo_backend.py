@@ -12,8 +12,11 @@ subject, so a demo or test can tell which attempts never reached it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import math
+import signal
+import sys
 import time
+import weakref
 from collections import Counter
 from urllib.parse import parse_qs
 
@@ -22,6 +25,7 @@ from aiohttp import WSCloseCode, web
 
 DEMO_SECRET = "loopwatch-demo-secret-not-for-production-use"
 ALGORITHM = "HS256"
+MAX_TTL = 86_400.0  # a day: /token?ttl= beyond that (or not a number) is answered 400
 
 
 def issue_token(sub: str, ttl: float, *, secret: str = DEMO_SECRET, now: float | None = None) -> str:
@@ -45,13 +49,16 @@ def token_from(request: web.Request) -> tuple[str | None, str | None]:
 
 
 class DemoBackend:
-    """The app plus what it saw."""
+    """The app plus what it saw. Its stop closes open sockets 1001 first, instead
+    of waiting out aiohttp's graceful-shutdown timeout for handlers still echoing."""
 
     def __init__(self, secret: str = DEMO_SECRET):
         self.secret = secret
         self.upgrades: Counter[str] = Counter()  # per subject ("?" when unreadable)
         self.rejected: Counter[str] = Counter()
+        self.sockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
         self.app = web.Application()
+        self.app.on_response_prepare.append(self._track)
         self.app.router.add_get("/token", self.token)
         self.app.router.add_get("/ws", self.websocket)
         self.app.router.add_get("/stats", self.stats)
@@ -61,7 +68,14 @@ class DemoBackend:
 
     async def token(self, request: web.Request) -> web.Response:
         sub = request.query.get("sub", "demo")
-        ttl = float(request.query.get("ttl", "60"))
+        try:
+            ttl = float(request.query.get("ttl", "60"))
+        except ValueError:
+            ttl = math.nan
+        if not -MAX_TTL <= ttl <= MAX_TTL:  # also NaN; negative: an already expired token
+            return web.json_response(
+                {"error": f"ttl: expected seconds from -{MAX_TTL:g} to {MAX_TTL:g}"}, status=400
+            )
         return web.json_response({"token": issue_token(sub, ttl, secret=self.secret)})
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -105,24 +119,58 @@ class DemoBackend:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = self._runner.addresses[0][1]  # the port bound, when `port` was 0
+
+    async def _track(self, request: web.Request, response: web.StreamResponse) -> None:
+        if isinstance(response, web.WebSocketResponse):
+            self.sockets.add(response)
+
+    async def close_all(self, code: int, reason: str) -> int:
+        """Close every open WebSocket with `code`; how many there were."""
+        live = [ws for ws in list(self.sockets) if not ws.closed]
+        await asyncio.gather(
+            *(asyncio.wait_for(ws.close(code=code, message=reason.encode()), 3) for ws in live),
+            return_exceptions=True,
+        )
+        return len(live)
 
     async def stop(self) -> None:
+        await self.close_all(1001, "going away")
         if self._runner is not None:
             await self._runner.cleanup()
 
 
 def backend_main(listen: str) -> int:
+    """`loopwatch demo-backend`: serve until SIGINT or SIGTERM (`docker stop`: as a
+    container's first process it has no default SIGTERM action), then stop cleanly."""
     from ..sections import parse_host_port
 
-    host, port = parse_host_port(listen)
+    try:
+        host, port = parse_host_port(listen)
+    except ValueError as e:
+        print(f"loopwatch demo-backend: --listen: {e}", file=sys.stderr)
+        return 2
 
     async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
         backend = DemoBackend()
         await backend.start(host, port)
-        print(f"demo backend on http://{host}:{backend.port} (ws at /ws, tokens at /token?sub=NAME&ttl=SECONDS)")
-        await asyncio.Event().wait()
+        try:
+            print(
+                f"demo backend on http://{host}:{backend.port} "
+                "(ws at /ws, tokens at /token?sub=NAME&ttl=SECONDS)",
+                flush=True,
+            )
+            await stop.wait()
+        finally:
+            await backend.stop()
 
-    with contextlib.suppress(KeyboardInterrupt):
+    try:
         asyncio.run(main())
+    except OSError as e:
+        print(f"loopwatch demo-backend: cannot start: {e}", file=sys.stderr)
+        return 1
     return 0

@@ -3,8 +3,9 @@
 `loopwatch simulate SCENARIO` and `loopwatch demo` are built from the pieces
 here. Each *behaviour* is a small coroutine that acts like one kind of
 WebSocket client — the incident's looping frontend, its fixed version, page
-reloads, a herd after a backend restart, a flaky network — using the
-`websockets` library, an implementation independent of loopwatch's own. The
+reloads, a herd after a backend restart, a flaky network — using aiohttp's
+WebSocket client (a dependency already), an implementation independent of
+loopwatch's own, so a plain install runs it (no test extras). The
 runner starts a population of them against a target (loopwatch in front of
 the demo backend, either started in this process or given by URL), keeps a
 per-client tally of what each client saw, and ends everything by itself:
@@ -20,24 +21,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import json
 import logging
+import os
 import random
 import re
 import secrets
+import socket
 import sys
 import time
-import weakref
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
-from aiohttp import web
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+import aiohttp
 
 from ...detectors.actions import CooldownStarted
 from ...detectors.decisions import Outcome
@@ -138,6 +139,170 @@ def code_label(code: int | None) -> str:
     return "1006" if code is None else str(code)
 
 
+# --- one WebSocket, on aiohttp's client ------------------------------------------
+
+HANDSHAKE_TIMEOUT = 5.0  # TCP connect to the upgrade's answer
+CLOSE_TIMEOUT = 2.0  # this client's close frame to the far side's reply, or the reader's end
+MAX_MESSAGE = 1 << 20
+MAX_ANSWER = 4096  # bytes kept of a non-101 answer's body (loopwatch's refusal is one line)
+INBOX = 64  # messages read ahead of the behaviour; past that the socket is not read
+
+
+class Closed(Exception):
+    """The connection is closed: nothing more to send or receive."""
+
+
+class UpgradeRefused(Exception):
+    """The upgrade was answered with another status than 101."""
+
+    def __init__(self, status: int, body: str):
+        super().__init__(f"HTTP {status}: {body}")
+        self.status = status
+        self.body = body
+
+
+async def _keep_non_101_answer(response: aiohttp.ClientResponse) -> None:
+    """The sessions' raise_for_status: aiohttp's own handshake error does not
+    carry the answer's body, and the body says whose refusal it was
+    ("loopwatch: cooldown, retry in 5s")."""
+    if response.status == 101:
+        return
+    body = bytearray()
+    with contextlib.suppress(aiohttp.ClientError, OSError):
+        while len(body) < MAX_ANSWER:
+            chunk = await response.content.read(MAX_ANSWER - len(body))
+            if not chunk:
+                break
+            body += chunk
+    raise UpgradeRefused(response.status, body.decode("utf-8", "replace").strip())
+
+
+def client_session() -> aiohttp.ClientSession:
+    """One simulated client's HTTP client: a new TCP connection for every
+    attempt (as a browser opens one per WebSocket), no limit on how many are
+    open (the run bounds them), no proxy or cookies from the environment."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, force_close=True),
+        raise_for_status=_keep_non_101_answer,
+        trust_env=False,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CloseFrame:
+    code: int
+    reason: str
+
+
+class ClientSocket:
+    """One open WebSocket of a simulated client: what the behaviours do with it
+    (send, recv, close, drop), and what the tally needs at its end — the close
+    frame the far side sent first, if it did, and whether this client ended it.
+
+    A reader task takes messages off the connection as they come (at most INBOX
+    ahead of the behaviour), so that a close frame is seen, and answered, while
+    the behaviour is busy or waits."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse):
+        self._ws = ws
+        self._inbox: asyncio.Queue[str | bytes | None] = asyncio.Queue(INBOX)  # None: the end
+        self._ended = False
+        self.peer_close: CloseFrame | None = None  # the far side's close frame, when it closed first
+        self.client_closed = False  # this client sent the first close frame
+        self.client_dropped = False  # this client cut the connection without one
+        self.protocol_error: str | None = None  # a frame aiohttp could not accept
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def connect(cls, http: aiohttp.ClientSession, url: str) -> ClientSocket:
+        """Open a WebSocket; UpgradeRefused for a non-101 answer, TimeoutError after
+        HANDSHAKE_TIMEOUT, aiohttp.ClientError or OSError when it cannot be had."""
+        ws = await asyncio.wait_for(
+            http.ws_connect(url, max_msg_size=MAX_MESSAGE, autoclose=True, autoping=True),
+            HANDSHAKE_TIMEOUT,
+        )
+        return cls(ws)
+
+    @property
+    def closed(self) -> bool:
+        return self._ws.closed
+
+    @property
+    def close_code(self) -> int | None:
+        """The far side's close code: its own close, or its reply to this client's."""
+        return self.peer_close.code if self.peer_close is not None else self._ws.close_code
+
+    @property
+    def by_peer(self) -> bool:
+        """The far side (or the path to it) ended the connection, not this client."""
+        return self.peer_close is not None or not (self.client_closed or self.client_dropped)
+
+    async def _read(self) -> None:
+        while True:
+            msg = await self._ws.receive()
+            if msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+                await self._inbox.put(msg.data)
+                continue
+            if msg.type is aiohttp.WSMsgType.CLOSE:  # aiohttp has answered it (autoclose)
+                self.peer_close = CloseFrame(int(msg.data), str(msg.extra or ""))
+            elif msg.type is aiohttp.WSMsgType.ERROR:
+                self.protocol_error = f"{type(msg.data).__name__}: {msg.data}"
+            # CLOSING: this client's close() took over; CLOSED: the connection is gone.
+            break
+        await self._inbox.put(None)
+
+    async def recv(self) -> str | bytes:
+        """The next message; Closed once the connection has ended."""
+        if self._ended:
+            raise Closed
+        item = await self._inbox.get()
+        if item is None:
+            self._ended = True
+            raise Closed
+        return item
+
+    async def send(self, text: str) -> None:
+        if self._ws.closed:
+            raise Closed
+        try:
+            await self._ws.send_str(text)
+        except ConnectionResetError as e:  # aiohttp: the transport is closing
+            raise Closed from e
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """The closing handshake, started by this client; bounded by CLOSE_TIMEOUT."""
+        if self._ws.closed or self.peer_close is not None:
+            return
+        self.client_closed = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ws.close(code=code, message=reason.encode()), CLOSE_TIMEOUT)
+
+    async def drop(self) -> None:
+        """End the connection without a close frame, as a network that is gone does:
+        both directions of the TCP connection are shut down under aiohttp."""
+        self.client_dropped = True
+        sock = self._ws.get_extra_info("socket")
+        if sock is not None:
+            # The event loop's own socket object refuses shutdown() (uvloop); a
+            # duplicate of its descriptor shuts down the same connection.
+            with socket.socket(fileno=os.dup(sock.fileno())) as dup, contextlib.suppress(OSError):
+                dup.shutdown(socket.SHUT_RDWR)
+        await self.wait_closed()
+
+    async def wait_closed(self) -> None:
+        """Until the reader has seen the end, at most CLOSE_TIMEOUT."""
+        await asyncio.wait({self._reader}, timeout=CLOSE_TIMEOUT)
+
+    async def abandon(self) -> None:
+        """Stop the reader and close the connection, however the session ended."""
+        if not self._reader.done():
+            self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+        if not self._ws.closed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ws.close(code=1001, message=b"going away"), CLOSE_TIMEOUT)
+
+
 # --- a client's world ---------------------------------------------------------
 
 
@@ -192,6 +357,7 @@ class Ctx:
         secret: str,
         drop: asyncio.Event,
     ):
+        self.http: aiohttp.ClientSession | None = None  # while the behaviour runs (_guarded)
         self.tally = tally
         self.base_url = url
         self.stop = stop
@@ -239,13 +405,11 @@ class Ctx:
         if not self.budget.take():
             return Ending("error", reason="attempt budget spent")
         tally.attempt(time.monotonic())
+        assert self.http is not None, "a behaviour runs inside _guarded, which opens the client"
         try:
-            ws = await connect(
-                self.url(token), open_timeout=5, close_timeout=2, ping_interval=None, max_size=1 << 20
-            )
-        except InvalidStatus as e:
-            status = e.response.status_code
-            body = (e.response.body or b"").decode("utf-8", "replace").strip()
+            ws = await ClientSocket.connect(self.http, self.url(token))
+        except UpgradeRefused as e:
+            status, body = e.status, e.body
             tally.codes[f"http {status}"] += 1
             reason = refusal_reason(body)
             if reason is not None:
@@ -253,15 +417,16 @@ class Ctx:
                 return Ending("refused", status, body)
             tally.failed[f"http {status}"] += 1
             return Ending("failed", status, body)
-        except (OSError, TimeoutError, InvalidHandshake) as e:
+        except (OSError, TimeoutError, aiohttp.ClientError) as e:
+            # Refused connections, resets, timeouts and answers that are no upgrade.
             tally.failed["connect"] += 1
             return Ending("error", reason=f"{type(e).__name__}: {e}")
         opened = time.monotonic()
         tally.open += 1
         try:
-            with contextlib.suppress(ConnectionClosed):
+            with contextlib.suppress(Closed):
                 await hold(ws, self)
-            if ws.close_code is None:
+            if not ws.closed:
                 await ws.close(1000, "bye")
             await ws.wait_closed()
         except (OSError, TimeoutError) as e:
@@ -269,21 +434,18 @@ class Ctx:
             return Ending("error", reason=f"{type(e).__name__}: {e}")
         finally:
             tally.open -= 1
+            await ws.abandon()
+        if ws.protocol_error is not None:  # loopwatch relayed a frame a client cannot take
+            tally.errors += 1
+            return Ending("error", reason=ws.protocol_error)
         return self._ended(ws, time.monotonic() - opened)
 
-    def _ended(self, ws: ClientConnection, lived: float) -> Ending:
+    def _ended(self, ws: ClientSocket, lived: float) -> Ending:
         tally = self.tally
-        protocol = ws.protocol
-        rcvd = protocol.close_rcvd
-        if rcvd is not None:
-            # The peer closed first unless its frame only answered ours.
-            by_peer = protocol.close_sent is None or bool(protocol.close_rcvd_then_sent)
-        else:
-            # No close frame: the peer (or the path to it) dropped the connection,
-            # unless this client aborted it itself or was the one that closed.
-            by_peer = not getattr(ws, "aborted_by_client", False) and protocol.close_sent is None
-        code = rcvd.code if rcvd is not None else None
-        reason = rcvd.reason if rcvd is not None else ""
+        by_peer = ws.by_peer
+        # No close frame from a peer that ended it: dropped (1006).
+        code = ws.close_code if ws.peer_close is not None or not by_peer else None
+        reason = ws.peer_close.reason if ws.peer_close is not None else ""
         if by_peer:
             tally.codes[code_label(code)] += 1
         refusal = refusal_reason(reason) if by_peer and code == 1013 else None
@@ -294,20 +456,20 @@ class Ctx:
         return Ending("closed", code, reason, lived, by_peer)
 
 
-Hold = Callable[[ClientConnection, Ctx], Awaitable[None]]
+Hold = Callable[[ClientSocket, Ctx], Awaitable[None]]
 
 
 # --- what a client does with an open socket -------------------------------------
 
 
-async def wait_for_close(ws: ClientConnection, ctx: Ctx) -> None:
+async def wait_for_close(ws: ClientSocket, ctx: Ctx) -> None:
     """Read until the far side closes (the backend closes bad tokens at once)."""
     while not ctx.stopped:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(ws.recv(), 0.5)
 
 
-async def echo(ws: ClientConnection, ctx: Ctx, until: float | None = None) -> None:
+async def echo(ws: ClientSocket, ctx: Ctx, until: float | None = None) -> None:
     """Send a message every `echo_every` seconds and check its echo; until `until`
     (monotonic), the run's end, or the far side closing."""
     i = 0
@@ -333,13 +495,13 @@ async def echo(ws: ClientConnection, ctx: Ctx, until: float | None = None) -> No
 
 
 def echo_for(seconds: float) -> Hold:
-    async def hold(ws: ClientConnection, ctx: Ctx) -> None:
+    async def hold(ws: ClientSocket, ctx: Ctx) -> None:
         await echo(ws, ctx, time.monotonic() + seconds)
 
     return hold
 
 
-async def echo_forever(ws: ClientConnection, ctx: Ctx) -> None:
+async def echo_forever(ws: ClientSocket, ctx: Ctx) -> None:
     await echo(ws, ctx)
 
 
@@ -399,7 +561,7 @@ async def refresh(ctx: Ctx) -> None:
     while not ctx.stopped:
         lifetime = ctx.rng.uniform(*k.reload_after)
 
-        async def page(ws: ClientConnection, c: Ctx, lifetime: float = lifetime) -> None:
+        async def page(ws: ClientSocket, c: Ctx, lifetime: float = lifetime) -> None:
             await echo(ws, c, time.monotonic() + lifetime)
             if not c.stopped:
                 await ws.close(1001, "page reload")
@@ -418,7 +580,7 @@ async def herd(ctx: Ctx) -> None:
     failures = 0
     first = True
 
-    async def until_restart(ws: ClientConnection, c: Ctx) -> None:
+    async def until_restart(ws: ClientSocket, c: Ctx) -> None:
         # Against a backend the runner does not control, the restart is played
         # by the clients: each drops its socket the moment it is announced.
         stay = asyncio.create_task(echo(ws, c))
@@ -427,7 +589,7 @@ async def herd(ctx: Ctx) -> None:
         for task in (stay, drop):
             task.cancel()
         await asyncio.gather(stay, drop, return_exceptions=True)
-        if drop in done and ws.close_code is None:
+        if drop in done and not ws.closed:
             await ws.close(1001, "restart")
 
     while not ctx.stopped:
@@ -453,12 +615,10 @@ async def flaky(ctx: Ctx) -> None:
         lost = failures == 0 and ctx.tally.attempts > 0 and ctx.rng.random() < k.drop_on_connect
         lifetime = 0.0 if lost else ctx.rng.uniform(*k.drop_after)
 
-        async def network(ws: ClientConnection, c: Ctx, lifetime: float = lifetime) -> None:
+        async def network(ws: ClientSocket, c: Ctx, lifetime: float = lifetime) -> None:
             await echo(ws, c, time.monotonic() + lifetime)
             if not c.stopped:
-                ws.aborted_by_client = True  # type: ignore[attr-defined]
-                ws.transport.abort()  # no close frame: the network is gone
-                await ws.wait_closed()
+                await ws.drop()  # no close frame: the network is gone
 
         ending = await ctx.session(ctx.token(), network)
         if ctx.stopped:
@@ -541,33 +701,10 @@ def population(scenario: str, clients: int | None) -> list[str]:
 
 class ManagedBackend(DemoBackend):
     """The demo backend plus what a simulator needs from a real deployment: a
-    restart that closes every socket 1012 (a rolling deploy, as clients see it),
-    and a stop that closes sockets first instead of waiting out aiohttp's
-    graceful-shutdown timeout for handlers that are still echoing."""
-
-    def __init__(self, secret: str = DEMO_SECRET):
-        super().__init__(secret)
-        self.sockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
-        self.app.on_response_prepare.append(self._track)
-
-    async def _track(self, request: web.Request, response: web.StreamResponse) -> None:
-        if isinstance(response, web.WebSocketResponse):
-            self.sockets.add(response)
-
-    async def close_all(self, code: int, reason: str) -> int:
-        live = [ws for ws in list(self.sockets) if not ws.closed]
-        await asyncio.gather(
-            *(asyncio.wait_for(ws.close(code=code, message=reason.encode()), 3) for ws in live),
-            return_exceptions=True,
-        )
-        return len(live)
+    restart that closes every socket 1012 (a rolling deploy, as clients see it)."""
 
     async def restart(self) -> int:
         return await self.close_all(1012, "service restart")
-
-    async def stop(self) -> None:
-        await self.close_all(1001, "going away")
-        await super().stop()
 
 
 class FindingLog(Observer):
@@ -735,12 +872,15 @@ def launch(
 async def _guarded(behaviour: Callable[[Ctx], Awaitable[None]], ctx: Ctx) -> None:
     # One client's unexpected failure is counted, never the end of the run.
     try:
-        await behaviour(ctx)
+        async with client_session() as ctx.http:
+            await behaviour(ctx)
     except asyncio.CancelledError:
         raise
     except Exception as e:  # noqa: BLE001 - counted and shown in the summary
         ctx.tally.errors += 1
         logging.getLogger("loopwatch.simulate").debug("client %s failed: %r", ctx.tally.name, e)
+    finally:
+        ctx.http = None
 
 
 # --- the report ---------------------------------------------------------------------
@@ -953,7 +1093,7 @@ class Display:
 
     def __exit__(self, *exc: object) -> None:
         if self._live is not None:
-            self._live.__exit__(*exc)  # type: ignore[arg-type]
+            self._live.__exit__(None, None, None)
 
     def update(self, renderable: Callable[[], Any], line: Callable[[], str], every: float = 2.0) -> None:
         if self._live is not None:
@@ -1060,8 +1200,8 @@ async def simulate(options: SimulateOptions, out: Any = None, live: bool | None 
                             say("restart played by the clients: herd sockets drop and reconnect together")
                     elapsed = time.monotonic() - run.started
                     display.update(
-                        lambda e=elapsed: _progress_table(run, flagged, e),
-                        lambda e=elapsed: _progress_line(run, flagged, e),
+                        functools.partial(_progress_table, run, flagged, elapsed),
+                        functools.partial(_progress_line, run, flagged, elapsed),
                     )
                     await asyncio.sleep(0.25)
         finally:
@@ -1070,10 +1210,11 @@ async def simulate(options: SimulateOptions, out: Any = None, live: bool | None 
         if run.budget.used >= run.budget.limit:
             say(f"stopped early: the attempt budget ({run.budget.limit}) is spent")
         final = await _final_flags(stack, options.admin)
+        mode: str | None = None
         if stack is not None:
             mode = stack.running.settings.policy.mode
-        else:
-            mode = await _admin_mode(options.admin) if options.admin else None
+        elif options.admin:
+            mode = await _admin_mode(options.admin)
         groups = summarize(run, final, stack.backend.upgrades if stack else None, mode != "observe")
         findings = []
         if stack is not None:
