@@ -108,7 +108,7 @@ class DemoView:
     def rows(self) -> list[tuple[str, ...]]:
         now = time.monotonic()
         engine = self.stack.running.engine
-        rows = []
+        rows: list[tuple[str, ...]] = []
         for tally in self.run.tallies:
             view = engine.client(_key(tally.name), now)
             cooldown = f"{view.cooldown_remaining:4.1f}s" if view and view.cooldown_remaining > 0 else "-"

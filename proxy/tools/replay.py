@@ -220,15 +220,18 @@ def read_events(paths: Sequence[str], report: ReplayReport) -> Iterator[tuple[ev
     """(event, wall) from each file in turn; bad lines go to `report.corrupt`."""
     last = [float("-inf")]
     for path in paths:
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rb") as fh:  # type: ignore[operator]
-            yield from _read_lines(path, fh, report, last)
+        if path.endswith(".gz"):
+            with gzip.open(path, "rb") as gz:
+                yield from _read_lines(path, gz, report, last)
+        else:
+            with open(path, "rb") as fh:
+                yield from _read_lines(path, fh, report, last)
 
 
 def _read_lines(
-    path: str, fh: IO[bytes], report: ReplayReport, last: list[float]
+    path: str, lines: Iterable[bytes], report: ReplayReport, last: list[float]
 ) -> Iterator[tuple[ev.Event, float | None]]:
-    for number, raw in enumerate(fh, 1):
+    for number, raw in enumerate(lines, 1):
         report.lines += 1
         if not raw.strip():
             continue
