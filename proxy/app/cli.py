@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from ... import __version__
 from ..admin.client import COMMANDS as OPERATOR_COMMANDS
 from ..admin.client import add_commands as add_operator_commands
 from ..admin.client import run_command as run_operator_command
@@ -20,6 +21,7 @@ SERVICE_LINKS_HINT = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loopwatch", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"loopwatch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the proxy")
@@ -70,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--json", action="store_true", help="print the result as JSON")
     rep.add_argument("--seed", type=int, default=0, help="seed of the cooldown jitter (the proxy uses 0)")
 
+    export = sub.add_parser(
+        "export-monitoring",
+        help="write the Grafana dashboard, Prometheus rules and provisioning files to DIR",
+        description="Writes the files this version ships: loopwatch.json, rules/*.yml (with "
+        "rules/tests/, for promtool test rules) and provisioning/ for Grafana. Files already "
+        "there with other content are not replaced unless --force.",
+    )
+    export.add_argument("dir", metavar="DIR", help="directory to write to (created if missing)")
+    export.add_argument("--force", action="store_true", help="replace files whose content differs")
+
     add_operator_commands(sub)  # clients, client, release, cooldown, breakers, breaker-reset, reload
     return parser
 
@@ -107,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         from ..tools.replay import replay_main
 
         return replay_main(args.events, args.config, args.json, args.seed)
+    if args.command == "export-monitoring":
+        from ..tools.monitoring import export_main
+
+        return export_main(args.dir, force=args.force)
     raise AssertionError(args.command)
 
 
@@ -142,7 +158,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     sources = ConfigSources(args.config, dict(os.environ), overrides)
     try:
-        return int(run_loop(lambda: serve(settings, sources=sources)))  # type: ignore[arg-type]
+        status = run_loop(lambda: serve(settings, sources=sources))
+        assert isinstance(status, int)  # serve's exit status
+        return status
     except TracingConfigError as e:  # an OTEL_* variable loopwatch cannot honour
         print(f"loopwatch: invalid configuration:\n{e}", file=sys.stderr)
         return 2
