@@ -17,6 +17,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from loopwatch.proxy.app.runtime import Running
+from loopwatch.proxy.dataplane.heads import HeadParser, HttpError
 from tests.conftest import (
     RawBackend,
     RawResponse,
@@ -29,6 +30,7 @@ from tests.conftest import (
     wait_for,
     websockets_backend,
 )
+from tests.hardening import rejected
 
 RUN_ON_UVLOOP = True  # each test runs on asyncio's loop and on uvloop (tests/conftest.py)
 
@@ -181,6 +183,12 @@ BAD_REQUESTS = {
     "asterisk-form": (b"OPTIONS * HTTP/1.1\r\n" + BASE + b"\r\n", 400),
     "connect": (b"CONNECT example.test:443 HTTP/1.1\r\n" + BASE + b"\r\n", 400),
     "garbage": (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40, 400),
+    # Blank lines before the request line count towards limits.max_head_size: they
+    # once made the limit measure the first CRLF CRLF (4 bytes) and let this through.
+    "leading-blank-lines-then-30k-head": (
+        b"\r\n\r\nGET /ws HTTP/1.1\r\n" + BASE + UPGRADE + b"X-Pad: " + b"p" * 30_000 + b"\r\n\r\n",
+        431,
+    ),
 }
 
 
@@ -287,6 +295,123 @@ async def test_configured_max_head_size():
         finally:
             writer.close()
         assert s.recorder.connections == 1
+
+
+async def test_leading_blank_lines_count_towards_max_head_size():
+    """RFC 9112 §2.2 lets a server skip empty lines before the request line (as
+    llhttp, nginx and HAProxy do); loopwatch skips any number but counts them in
+    limits.max_head_size, so they can neither stretch the limit nor make it
+    measure the wrong blank line, however the bytes are cut into reads."""
+    async with under_attack() as s:
+        before = await rejected(s.lw)
+        big = head_of_size(30 * 1024)
+        refused = 0
+        for lead in (b"\r\n\r\n", b"\r\n" * 3, b"\n\r\n\r\n", b"\r\r\n\n", b"\n\n"):
+            response, after = await raw_exchange(s.lw.proxy_port, lead + big)
+            assert response.status == 431, (lead, response.body)
+            one_line(response)
+            assert after == b""
+            refused += 1
+        # The blank lines in one read, the head in the next (and a CRLF CRLF
+        # straddling the two).
+        for first, second in ((b"\r\n\r\n", big), (b"\r\n\r", b"\n" + big), (b"\r\n", b"\r\n" + big)):
+            reader, writer = await asyncio.open_connection("127.0.0.1", s.lw.proxy_port)
+            try:
+                writer.write(first)
+                await writer.drain()
+                await asyncio.sleep(0.05)
+                writer.write(second)
+                response = await asyncio.wait_for(read_response(reader), 10)
+                assert response.status == 431, (first, response.body)
+                assert await asyncio.wait_for(reader.read(), 10) == b""
+            finally:
+                writer.close()
+            refused += 1
+        # Nothing but blank lines: refused once they pass the limit (431, not the
+        # 408 of the head timeout).
+        response, after = await raw_exchange(s.lw.proxy_port, b"\r\n" * (8 * 1024 + 1))
+        assert response.status == 431
+        assert after == b""
+        refused += 1
+        # The blank lines are part of the head's budget: with two of them, a head
+        # two bytes under the limit is the largest accepted.
+        response, _ = await raw_exchange(s.lw.proxy_port, b"\r\n" + head_of_size(16 * 1024 - 1))
+        assert response.status == 431
+        refused += 1
+        assert s.recorder.connections == 0  # the upstream saw none of them
+        reader, writer = await asyncio.open_connection("127.0.0.1", s.lw.proxy_port)
+        try:
+            writer.write(b"\r\n" + head_of_size(16 * 1024 - 2))
+            response = await asyncio.wait_for(read_response(reader, head_only=True), 10)
+            assert response.status == 101
+            # The upstream gets the head without the blank line.
+            assert s.recorder.heads[0].startswith(b"GET /ws HTTP/1.1\r\n")
+        finally:
+            writer.close()
+        counted = await rejected(s.lw)
+        assert counted["head_too_large"] - before["head_too_large"] == refused
+        assert s.recorder.connections == 1
+
+
+async def test_blank_lines_then_oversized_head_on_a_kept_alive_connection():
+    """The next request on a keep-alive connection gets a fresh head budget, with
+    its leading blank lines in it; a client that sends only a blank line after a
+    response is still idle and closed quietly (RFC 9112 §9.8), not answered 408."""
+    get = b"GET /api HTTP/1.1\r\n" + BASE + b"\r\n"
+    # An upstream that closes after each answer: every GET is a connection of its own.
+    async with (
+        RawBackend(answer, close_after=True) as upstream,
+        loopwatch(upstream.url, **{"limits.handshake_timeout": "1s"}) as lw,
+    ):
+        before = await rejected(lw)
+        reader, writer = await asyncio.open_connection("127.0.0.1", lw.proxy_port)
+        try:
+            writer.write(get)
+            assert (await asyncio.wait_for(read_response(reader), 10)).status == 200
+            writer.write(b"\r\n\r\n" + head_of_size(30 * 1024))
+            response = await asyncio.wait_for(read_response(reader), 10)
+            assert response.status == 431
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+        finally:
+            writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", lw.proxy_port)
+        try:
+            writer.write(get)
+            assert (await asyncio.wait_for(read_response(reader), 10)).status == 200
+            writer.write(b"\r\n")  # what old clients sent after a request body
+            # handshake_timeout is 1 s: then the connection closes without a word.
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+        finally:
+            writer.close()
+        counted = await rejected(lw)
+        assert counted["head_too_large"] - before["head_too_large"] == 1
+        assert counted["head_timeout"] == before["head_timeout"]
+        # Only the two GETs reached the upstream.
+        assert upstream.connections == 2
+        assert [head.split(b"\r\n")[0] for head in upstream.heads] == [b"GET /api HTTP/1.1"] * 2
+        assert all(b"X-Pad" not in bytes(rest) for rest in upstream.after)
+
+
+@pytest.mark.parametrize("lead", [b"\r\n\r\n", b"\r\n" * 5, b"\n\n\r\n"])
+def test_head_size_limit_holds_for_every_cut_into_reads(lead):
+    """The parser alone, deterministically: blank lines and a head at the limit
+    are accepted, one byte more is 431, wherever the two reads are cut."""
+    limit = 1024
+    at_limit = lead + head_of_size(limit - len(lead))
+    over = lead + head_of_size(limit - len(lead) + 1)
+    for cut in range(len(at_limit) + 1):
+        parser = HeadParser(limit)
+        assert parser.feed(at_limit[:cut]) is None or cut == len(at_limit)
+        head = parser.feed(at_limit[cut:]) if cut < len(at_limit) else parser.head
+        assert head is not None and parser.upgrade, cut
+        assert head.path == "/ws"
+        assert parser.received == limit - len(lead)  # the head, not the blank lines
+    for cut in range(len(over) + 1):
+        parser = HeadParser(limit)
+        with pytest.raises(HttpError) as refused:
+            parser.feed(over[:cut])
+            parser.feed(over[cut:])
+        assert (refused.value.status, refused.value.reason) == (431, "head_too_large"), cut
 
 
 async def test_slowloris_cut_at_handshake_timeout_with_408():

@@ -155,7 +155,7 @@ class HeadParser:
     """
 
     __slots__ = (
-        "_parser", "_url", "_headers", "_size", "_tail", "_max", "head", "rest",
+        "_parser", "_url", "_headers", "_size", "_lead", "_started", "_tail", "_max", "head", "rest",
         "upgrade", "headers_done", "message_done", "body_sink", "complete_sink", "pipelined",
         "keep_alive", "early_body",
     )
@@ -164,7 +164,9 @@ class HeadParser:
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
-        self._size = 0
+        self._size = 0  # bytes from the request line on
+        self._lead = 0  # CR/LF bytes before the request line (RFC 9112 §2.2)
+        self._started = False  # the request line has begun
         self._tail = b""
         self._max = max_head_size
         self.head: RequestHead | None = None
@@ -275,9 +277,22 @@ class HeadParser:
     def _check_head_size(self, data: bytes) -> None:
         # The limit is on the head alone: measure up to its blank line, which may
         # straddle two reads, so the last three bytes of the previous read are kept.
+        # Empty lines before the request line (any number of CR and LF, which
+        # llhttp skips, as nginx and HAProxy do) count towards the limit too, and
+        # the search for the blank line starts after them: "\r\n\r\n" + a 30 KiB
+        # head is a 30 KiB head, not a 4-byte one.
+        if not self._started:
+            rest = data.lstrip(b"\r\n")
+            self._lead += len(data) - len(rest)
+            if not rest:
+                if self._lead > self._max:
+                    raise HttpError(431, "request header fields too large", reason="head_too_large")
+                return
+            self._started = True
+            data = rest
         window = self._tail + data
         end = window.find(b"\r\n\r\n")
-        head_bytes = self._size + (end + 4 - len(self._tail) if end >= 0 else len(data))
+        head_bytes = self._lead + self._size + (end + 4 - len(self._tail) if end >= 0 else len(data))
         if head_bytes > self._max:
             raise HttpError(431, "request header fields too large", reason="head_too_large")
         self._size += len(data)
@@ -302,7 +317,8 @@ class HeadParser:
 
     @property
     def received(self) -> int:
-        """Bytes of the request head received so far."""
+        """Bytes of the request received so far from its request line on: 0 for
+        a connection that sent nothing or only empty lines, which is still idle."""
         return self._size
 
     def release(self) -> None:

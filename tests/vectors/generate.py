@@ -414,6 +414,38 @@ def size_limits() -> list[tuple[str, bytes, int]]:
         out.append((f"size/limit-{limit}-get", GET, limit))
     out.append(("size/leading-blank-line", b"\r\n" + head_of_size(1024), 1026))
     out.append(("size/leading-blank-line-over", b"\r\n" + head_of_size(1024), 1025))
+    # Leading blank lines count towards the limit, and the blank line that ends
+    # the head is looked for after them (a leading CRLF CRLF once made the limit
+    # measure 4 bytes): RFC 9112 §2.2 lets a server skip them, not for free.
+    for lead in (b"\r\n\r\n", b"\r\n" * 3, b"\n\r\n\r\n", b"\r\r\n\n", b"\n\n", b"\r\n\r\n\r"):
+        name = text(lead).replace("\r", "cr").replace("\n", "lf")
+        out.append(
+            (
+                f"size/leading-{name}-at-limit",
+                lead + head_of_size(DEFAULT_MAX - len(lead)),
+                DEFAULT_MAX,
+            )
+        )
+        out.append(
+            (
+                f"size/leading-{name}-over",
+                lead + head_of_size(DEFAULT_MAX - len(lead) + 1),
+                DEFAULT_MAX,
+            )
+        )
+        out.append((f"size/leading-{name}-30k", lead + head_of_size(30 * 1024), DEFAULT_MAX))
+        out.append((f"size/leading-{name}-get-at-limit", lead + GET, len(lead + GET)))
+        out.append((f"size/leading-{name}-get-over", lead + GET, len(lead + GET) - 1))
+    out.append(("size/only-blank-lines-at-limit", b"\r\n" * (DEFAULT_MAX // 2), DEFAULT_MAX))
+    out.append(("size/only-blank-lines-over", b"\r\n" * (DEFAULT_MAX // 2) + b"\n", DEFAULT_MAX))
+    out.append(("size/only-blank-lines-limit-4", b"\r\n\r\n\r\n", 4))
+    out.append(
+        (
+            "size/blank-lines-then-partial-over",
+            b"\r\n\r\nGET /ws HTTP/1.1\r\nX: " + b"z" * 20000,
+            DEFAULT_MAX,
+        )
+    )
     return out
 
 

@@ -25,11 +25,13 @@
 //!   then be a valid WebSocket upgrade (`websocket` among the Upgrade tokens,
 //!   `upgrade` among the Connection tokens, `GET`, HTTP/1.1, a
 //!   `Sec-WebSocket-Key` that is 16 bytes of base64, version 13, a Host);
-//! * the head, leading blank lines included, is at most
-//!   [`HeadLimits::max_head_size`] bytes up to its blank line (431 beyond), and
-//!   that is checked before anything else, as the Python data plane does on each
-//!   read. There is no separate header-count limit: the size bounds the count
-//!   (every header line is at least 4 bytes).
+//! * empty lines before the request line (any mix of CR and LF, as llhttp
+//!   skips them; RFC 9112 §2.2) are allowed, but the head, those lines
+//!   included, is at most [`HeadLimits::max_head_size`] bytes up to the blank
+//!   line that ends it, looked for after them (431 beyond); that is checked
+//!   before anything else, as the Python data plane does on each read. There
+//!   is no separate header-count limit: the size bounds the count (every
+//!   header line is at least 4 bytes).
 //!
 //! `tests/vectors/request_heads.json` holds the Python data plane's answers to
 //! a few thousand heads; `tests/vectors.rs` checks this module gives the same.
@@ -1505,6 +1507,38 @@ Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSoc
         assert!(matches!(
             parse_head(b"GET /aaaaaaaaaaaaaaaaaaaa", &limits),
             HeadStatus::Rejected(_)
+        ));
+    }
+
+    #[test]
+    fn leading_blank_lines_count_towards_the_size_limit() {
+        // A leading CRLF CRLF is not the end of the head: the limit measures
+        // the blank lines and the whole head after them.
+        let mut buf = b"\r\n\r\n".to_vec();
+        buf.extend_from_slice(UPGRADE);
+        let exact = HeadLimits {
+            max_head_size: buf.len(),
+        };
+        let HeadStatus::Complete(head) = parse_head(&buf, &exact) else {
+            panic!("not complete")
+        };
+        assert_eq!(head.head_len, buf.len());
+        let short = HeadLimits {
+            max_head_size: buf.len() - 1,
+        };
+        let r = match parse_head(&buf, &short) {
+            HeadStatus::Rejected(r) => r,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((r.status, r.reason.label()), (431, "head_too_large"));
+        // Nothing but blank lines: waited for up to the limit, refused beyond.
+        let blank = b"\r\n".repeat(8);
+        let limits = HeadLimits { max_head_size: 16 };
+        assert_eq!(parse_head(&blank, &limits), HeadStatus::Partial);
+        let limits = HeadLimits { max_head_size: 15 };
+        assert!(matches!(
+            parse_head(&blank, &limits),
+            HeadStatus::Rejected(Rejection { status: 431, .. })
         ));
     }
 
