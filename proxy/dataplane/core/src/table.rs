@@ -61,6 +61,9 @@ pub struct Cooldown {
     pub rule: Arc<str>,
     /// Hold a refused attempt this long before answering it (tarpit).
     pub hold: Option<Duration>,
+    /// When the retry time told to a refused client runs out, if not at
+    /// `until` (an operator's cooldown may announce another time).
+    pub retry_until: Option<Instant>,
 }
 
 /// The restrictions on one client key.
@@ -339,9 +342,10 @@ impl Snapshot {
 
     fn per_key(&self, entry: &KeyEntry, now: Instant) -> Option<Refusal> {
         if let Some(c) = entry.cooldown.as_ref().filter(|c| c.until > now) {
+            let retry_until = c.retry_until.unwrap_or(c.until);
             return Some(Refusal {
                 reason: RefuseReason::Cooldown,
-                retry_after: c.until - now,
+                retry_after: retry_until.saturating_duration_since(now),
                 hold: c.hold,
                 detail: Some(Arc::clone(&c.rule)),
             });
@@ -444,6 +448,7 @@ mod tests {
                 until: now + secs(remaining),
                 rule: Arc::from("auth_failure_loop"),
                 hold: Some(Duration::from_millis(1500)),
+                retry_until: None,
             }),
             ..KeyEntry::default()
         }
@@ -476,6 +481,22 @@ mod tests {
             table.lookup("other", None, now),
             Admission::Admit { probes: vec![] }
         );
+    }
+
+    #[test]
+    fn a_cooldown_may_announce_its_own_retry_time() {
+        let now = Instant::now();
+        let mut entry = cooling(now, 60);
+        if let Some(c) = entry.cooldown.as_mut() {
+            c.retry_until = Some(now + secs(10));
+        }
+        let mut s = Snapshot::default();
+        s.keys.insert("k".into(), entry);
+        let r = refusal(s.admission("k", None, now + secs(4)));
+        assert_eq!((r.reason, r.retry_after), (RefuseReason::Cooldown, secs(6)));
+        // Past the announced time the cooldown still refuses, telling 0 s.
+        let r = refusal(s.admission("k", None, now + secs(30)));
+        assert_eq!(r.retry_after, Duration::ZERO);
     }
 
     #[test]

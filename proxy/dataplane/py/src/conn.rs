@@ -1,0 +1,497 @@
+//! One client connection: its request head, admission, the upstream
+//! handshake, then the splice (`ClientHandshake` in proxy/dataplane/listener.py).
+//!
+//! Every phase has a deadline: the head and the upstream's answer together
+//! `limits.handshake_timeout` from accept (408, then 504), the connect
+//! `limits.connect_timeout` (504), an answer loopwatch writes itself and the
+//! wait for the client's close after it `ANSWER_GRACE`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{sleep_until, timeout, Instant};
+
+use loopwatch_dataplane_core::events::{Event, HandshakeError, HandshakeFailure};
+use loopwatch_dataplane_core::head::{parse_head, HeadStatus, RequestHead, RequestKind};
+use loopwatch_dataplane_core::table::{Admission, Refusal};
+
+use crate::listener::{stopping, ConnGuard, Rejected, Shared};
+use crate::relay::{Relay, RelayIdentity, RelayLimits};
+use crate::response::{Answer, ResponseReader, UpstreamRefusal};
+use crate::wire::{refusal_bytes, route_for, simple_response, upstream_request_head, Route};
+
+/// Writing an answer loopwatch makes itself, and waiting for the client to
+/// close after it (its close reply to a close-1013, say), takes at most this.
+const ANSWER_GRACE: Duration = Duration::from_secs(2);
+/// Bytes read from a client after an answer, while waiting for it to close.
+const LINGER_BYTES: usize = 64 * 1024;
+/// Bytes read at a time during the handshake.
+const HEAD_READ: usize = 4096;
+
+const SHUTTING_DOWN: &str = "loopwatch: shutting down";
+const OVERLOADED: &str = "loopwatch: too many connections";
+
+/// What the client's head asks for, decided at once (no await) while the
+/// head's buffer is borrowed; owned, so the buffer can go.
+enum Plan {
+    /// Answer it ourselves and close.
+    Answer { response: Vec<u8>, label: Rejected },
+    /// The enforcement table refused it (its events are out).
+    Refuse { refusal: Refusal, ws_key: Vec<u8> },
+    /// Forward the upgrade upstream.
+    Forward {
+        key: Box<str>,
+        route: Route,
+        request: Vec<u8>,
+        early: Vec<u8>,
+    },
+}
+
+/// How the upstream handshake ended.
+enum Upstream {
+    Accepted {
+        stream: TcpStream,
+        buffer: Vec<u8>,
+        head_len: usize,
+        allowed_rsv: u8,
+    },
+    Refused(UpstreamRefusal),
+    Failed {
+        status: u16,
+        message: String,
+        error: HandshakeError,
+    },
+}
+
+pub async fn serve(
+    shared: Arc<Shared>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    _guard: ConnGuard,
+) {
+    let _ = client.set_nodelay(true);
+    let limits = &shared.config.limits;
+    if shared.closing() {
+        reject(
+            &shared,
+            &mut client,
+            Rejected::ShuttingDown,
+            503,
+            SHUTTING_DOWN,
+            &[],
+        )
+        .await;
+        return;
+    }
+    if shared.counters.active.load(Ordering::Acquire) > limits.max_connections {
+        let retry = [("Retry-After", "1")];
+        reject(
+            &shared,
+            &mut client,
+            Rejected::Overload,
+            503,
+            OVERLOADED,
+            &retry,
+        )
+        .await;
+        return;
+    }
+    let deadline = Instant::now() + limits.handshake_timeout;
+    let mut shutdown = shared.shutdown.clone();
+    let peer_ip = peer.ip();
+    let peer_text = peer_ip.to_string();
+
+    // 1. The request head.
+    let mut buf: Vec<u8> = Vec::new();
+    let plan = loop {
+        buf.reserve(HEAD_READ);
+        tokio::select! {
+            biased;
+            _ = stopping(&mut shutdown) => {
+                reject(&shared, &mut client, Rejected::ShuttingDown, 503, SHUTTING_DOWN, &[]).await;
+                return;
+            }
+            _ = sleep_until(deadline) => {
+                let message = "loopwatch: request head timeout";
+                reject(&shared, &mut client, Rejected::HeadTimeout, 408, message, &[]).await;
+                return;
+            }
+            read = client.read_buf(&mut buf) => match read {
+                Ok(0) | Err(_) => return, // gone before its head was complete
+                Ok(_) => {}
+            },
+        }
+        match parse_head(&buf, &limits.head) {
+            HeadStatus::Partial => continue,
+            HeadStatus::Rejected(rejection) => {
+                shared
+                    .counters
+                    .reject(Rejected::from_head(rejection.reason));
+                answer(&mut client, &rejection.response()).await;
+                return;
+            }
+            HeadStatus::Complete(head) => break decide(&shared, &head, &buf, peer_ip, &peer_text),
+        }
+    };
+    drop(buf);
+
+    match plan {
+        Plan::Answer { response, label } => {
+            shared.counters.reject(label);
+            answer(&mut client, &response).await;
+        }
+        Plan::Refuse { refusal, ws_key } => refuse(&shared, client, refusal, ws_key).await,
+        Plan::Forward {
+            key,
+            route,
+            request,
+            early,
+        } => forward(&shared, client, key, route, request, early, deadline).await,
+    }
+}
+
+/// Routing and admission for a complete head (`begin_upgrade` / `begin_http`).
+fn decide(
+    shared: &Shared,
+    head: &RequestHead<'_>,
+    buf: &[u8],
+    peer_ip: std::net::IpAddr,
+    peer_text: &str,
+) -> Plan {
+    let Some(route) = route_for(&shared.config.routes, head.path) else {
+        return Plan::Answer {
+            response: simple_response(404, "no route for this path", &[]),
+            label: Rejected::NoRoute,
+        };
+    };
+    if let RequestKind::Http(_) = head.kind {
+        let message = "loopwatch: the native data plane does not forward plain HTTP yet";
+        return Plan::Answer {
+            response: simple_response(501, message, &[]),
+            label: Rejected::PlainHttp,
+        };
+    }
+    // Identity: the peer address (the identity sources are not native yet).
+    let key: Box<str> = peer_text.into();
+    let now = std::time::Instant::now();
+    shared.events.send(Event::Attempt {
+        key: key.clone(),
+        route: Arc::clone(&route.name),
+        at: now,
+        addr: peer_text.into(),
+    });
+    match shared.table.lookup(&key, Some(peer_ip), now) {
+        Admission::Refuse(refusal) => {
+            shared.counters.refuse(refusal.reason);
+            shared.events.send(Event::Rejected {
+                key: key.clone(),
+                route: Arc::clone(&route.name),
+                at: now,
+                reason: refusal.reason,
+            });
+            let ws_key = head
+                .header("sec-websocket-key")
+                .map(|k| k.into_owned())
+                .unwrap_or_default();
+            Plan::Refuse { refusal, ws_key }
+        }
+        Admission::Admit { .. } | Admission::AllowListed { .. } => {
+            let target = route.target(head.path, &head.target);
+            let request = upstream_request_head(head, &target, &route.authority, peer_text, "http");
+            Plan::Forward {
+                key,
+                route: route.clone(),
+                request,
+                early: buf[head.head_len..].to_vec(),
+            }
+        }
+    }
+}
+
+/// Refuse an attempt without touching the upstream, after its hold if it has
+/// one (and a hold is free): HTTP 429/503 + Retry-After, or 101 then close 1013.
+async fn refuse(shared: &Shared, mut client: TcpStream, refusal: Refusal, ws_key: Vec<u8>) {
+    let limits = &shared.config.limits;
+    let mut retry_after = refusal.retry_after;
+    if let Some(hold) = refusal.hold.filter(|h| !h.is_zero()) {
+        let counters = &shared.counters;
+        let taken = counters
+            .holding
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limits.max_holds).then_some(n + 1)
+            })
+            .is_ok();
+        if taken {
+            counters.held.fetch_add(1, Ordering::Relaxed);
+            let hold = hold.min(limits.handshake_timeout);
+            let started = Instant::now();
+            let mut shutdown = shared.shutdown.clone();
+            let mut sink = [0u8; 512];
+            // Held: no upstream, no answer yet. A client that leaves ends it.
+            let left = tokio::select! {
+                _ = tokio::time::sleep(hold) => false,
+                _ = stopping(&mut shutdown) => false,
+                _ = drain_until_closed(&mut client, &mut sink) => true,
+            };
+            counters.holding.fetch_sub(1, Ordering::AcqRel);
+            if left {
+                return;
+            }
+            retry_after = retry_after.saturating_sub(started.elapsed());
+        }
+    }
+    let bytes = refusal_bytes(
+        shared.config.reject_with,
+        refusal.reason,
+        retry_after,
+        &ws_key,
+    );
+    answer(&mut client, &bytes).await;
+}
+
+/// Reads (and drops) until the peer closes; bounded by `LINGER_BYTES` per call
+/// of the caller's timeout.
+async fn drain_until_closed(client: &mut TcpStream, sink: &mut [u8]) {
+    let mut total = 0;
+    loop {
+        match client.read(sink).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                total += n;
+                if total > LINGER_BYTES {
+                    // A client streaming at a held refusal: stop reading it.
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+    }
+}
+
+/// Write an answer, shut the writing half, and wait (bounded) for the client
+/// to close: closing with unread bytes would reset the connection, and a
+/// reset can destroy the answer before the client reads it.
+async fn answer(client: &mut TcpStream, bytes: &[u8]) {
+    let _ = timeout(ANSWER_GRACE, async {
+        if client.write_all(bytes).await.is_err() {
+            return;
+        }
+        let _ = client.shutdown().await;
+        let mut sink = [0u8; 512];
+        drain_until_closed(client, &mut sink).await;
+    })
+    .await;
+}
+
+async fn reject(
+    shared: &Shared,
+    client: &mut TcpStream,
+    label: Rejected,
+    status: u16,
+    message: &str,
+    headers: &[(&str, &str)],
+) {
+    shared.counters.reject(label);
+    answer(client, &simple_response(status, message, headers)).await;
+}
+
+/// Connect, send the upgrade request, read the answer.
+async fn upstream_handshake(
+    route: &Route,
+    request: &[u8],
+    connect_timeout: Duration,
+    max_head: usize,
+    max_body: usize,
+) -> Upstream {
+    let closed = || Upstream::Failed {
+        status: 502,
+        message: "loopwatch: upstream closed during the handshake".into(),
+        error: HandshakeError::Closed,
+    };
+    let connect = TcpStream::connect((route.host.as_str(), route.port));
+    let mut stream = match timeout(connect_timeout, connect).await {
+        Err(_) => {
+            return Upstream::Failed {
+                status: 504,
+                message: "loopwatch: upstream connect timeout".into(),
+                error: HandshakeError::Timeout,
+            }
+        }
+        Ok(Err(_)) => {
+            return Upstream::Failed {
+                status: 502,
+                message: "loopwatch: upstream unreachable".into(),
+                error: HandshakeError::Connect,
+            }
+        }
+        Ok(Ok(stream)) => stream,
+    };
+    let _ = stream.set_nodelay(true);
+    if stream.write_all(request).await.is_err() {
+        return closed();
+    }
+    let mut reader = ResponseReader::new(max_head, max_body);
+    let mut chunk = vec![0u8; HEAD_READ];
+    loop {
+        let n = match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => {
+                return match reader.eof() {
+                    Some(refusal) => Upstream::Refused(refusal),
+                    None => closed(),
+                }
+            }
+            Ok(n) => n,
+        };
+        match reader.feed(&chunk[..n]) {
+            Ok(Answer::Partial) => continue,
+            Ok(Answer::Upgrade {
+                head_len,
+                allowed_rsv,
+            }) => {
+                return Upstream::Accepted {
+                    stream,
+                    buffer: reader.into_buffer(),
+                    head_len,
+                    allowed_rsv,
+                }
+            }
+            Ok(Answer::Refused(refusal)) => return Upstream::Refused(refusal),
+            Err(bad) => {
+                return Upstream::Failed {
+                    status: 502,
+                    message: format!("loopwatch: {bad}"),
+                    error: HandshakeError::BadResponse,
+                }
+            }
+        }
+    }
+}
+
+async fn forward(
+    shared: &Shared,
+    mut client: TcpStream,
+    key: Box<str>,
+    route: Route,
+    request: Vec<u8>,
+    mut early: Vec<u8>,
+    deadline: Instant,
+) {
+    let limits = &shared.config.limits;
+    let failed = |failure: HandshakeFailure| {
+        shared
+            .counters
+            .handshake_failed
+            .fetch_add(1, Ordering::Relaxed);
+        shared.events.send(Event::HandshakeFailed {
+            key: key.clone(),
+            route: Arc::clone(&route.name),
+            at: std::time::Instant::now(),
+            failure,
+        });
+    };
+    let mut shutdown = shared.shutdown.clone();
+    let mut client_eof = false;
+    let handshake = upstream_handshake(
+        &route,
+        &request,
+        limits.connect_timeout,
+        limits.head.max_head_size,
+        limits.error_body_size,
+    );
+    tokio::pin!(handshake);
+    // 2. The upstream handshake. The client is read meanwhile: what it sends
+    // early is kept (bounded), and a client that leaves is noticed at once.
+    let outcome = loop {
+        let room = !client_eof && early.len() < limits.early_data_size;
+        if room {
+            early.reserve(HEAD_READ);
+        }
+        tokio::select! {
+            biased;
+            _ = stopping(&mut shutdown) => {
+                reject(shared, &mut client, Rejected::ShuttingDown, 503, SHUTTING_DOWN, &[]).await;
+                return;
+            }
+            _ = sleep_until(deadline) => {
+                failed(HandshakeFailure::Error(HandshakeError::Timeout));
+                let response = simple_response(504, "loopwatch: upstream handshake timeout", &[]);
+                answer(&mut client, &response).await;
+                return;
+            }
+            read = client.read_buf(&mut early), if room => match read {
+                Ok(0) => client_eof = true,
+                Ok(_) => {}
+                Err(_) => {
+                    failed(HandshakeFailure::Error(HandshakeError::ClientClosed));
+                    return;
+                }
+            },
+            outcome = &mut handshake => break outcome,
+        }
+    };
+    let (upstream, buffer, head_len, allowed_rsv) = match outcome {
+        Upstream::Failed {
+            status,
+            message,
+            error,
+        } => {
+            failed(HandshakeFailure::Error(error));
+            answer(&mut client, &simple_response(status, &message, &[])).await;
+            return;
+        }
+        Upstream::Refused(refusal) => {
+            failed(HandshakeFailure::Status(refusal.status));
+            answer(&mut client, &refusal.response).await;
+            return;
+        }
+        Upstream::Accepted {
+            stream,
+            buffer,
+            head_len,
+            allowed_rsv,
+        } => (stream, buffer, head_len, allowed_rsv),
+    };
+
+    // 3. The splice.
+    let conn_id = shared.conn_id();
+    let opened_at = std::time::Instant::now();
+    shared.counters.opened.fetch_add(1, Ordering::Relaxed);
+    shared.counters.relays.fetch_add(1, Ordering::AcqRel);
+    shared.events.send(Event::Opened {
+        key: key.clone(),
+        route: Arc::clone(&route.name),
+        at: opened_at,
+        conn_id,
+    });
+    let relay = Relay::new(
+        client,
+        upstream,
+        RelayLimits {
+            max_message_size: limits.max_message_size,
+            allowed_rsv,
+            idle_timeout: limits.idle_timeout,
+        },
+        RelayIdentity {
+            conn_id,
+            key,
+            route: Arc::clone(&route.name),
+            opened_at,
+        },
+        shared.events.clone(),
+    );
+    let to_client = buffer[..head_len].to_vec();
+    let _ = relay
+        .run(
+            to_client,
+            &buffer[head_len..],
+            &early,
+            client_eof,
+            shared.shutdown.clone(),
+        )
+        .await;
+    shared.counters.relays.fetch_sub(1, Ordering::AcqRel);
+    shared.counters.closed.fetch_add(1, Ordering::Relaxed);
+}

@@ -1,0 +1,343 @@
+//! The native listener: a tokio multi-thread runtime, the accept loop, the
+//! live connections and their orderly stop (`ProxyServer` in
+//! proxy/dataplane/listener.py).
+//!
+//! Python starts it and stops it; nothing on the connection path ever takes
+//! the GIL. Connections read the enforcement table (lock-free), emit events
+//! into the bounded queue (`try_send`), and count what they refuse in
+//! atomics the brain reads at scrape time.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::runtime::Runtime;
+use tokio::sync::{watch, Notify};
+
+use loopwatch_dataplane_core::events::{EventSender, RefuseReason};
+use loopwatch_dataplane_core::head::HeadLimits;
+use loopwatch_dataplane_core::table::EnforcementTable;
+
+use crate::conn;
+use crate::wire::{RejectWith, Route};
+
+/// Pending connections the kernel queues for the accept loop.
+const BACKLOG: u32 = 1024;
+/// After an accept error (out of descriptors, say), wait this long before the
+/// next accept rather than spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+
+/// Why the native listener answered (or cut) a request itself: the `reason`
+/// label of loopwatch_requests_rejected_total (`RejectedReason` in
+/// proxy/dataplane/boundary.py), plus `plain_http` while the native data plane
+/// does not forward plain HTTP yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejected {
+    BadRequest,
+    HeadTooLarge,
+    HeadTimeout,
+    Version,
+    UpgradeRequired,
+    UpgradeWithBody,
+    NoRoute,
+    Overload,
+    ShuttingDown,
+    PlainHttp,
+}
+
+impl Rejected {
+    pub const ALL: [Rejected; 10] = [
+        Rejected::BadRequest,
+        Rejected::HeadTooLarge,
+        Rejected::HeadTimeout,
+        Rejected::Version,
+        Rejected::UpgradeRequired,
+        Rejected::UpgradeWithBody,
+        Rejected::NoRoute,
+        Rejected::Overload,
+        Rejected::ShuttingDown,
+        Rejected::PlainHttp,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Rejected::BadRequest => "bad_request",
+            Rejected::HeadTooLarge => "head_too_large",
+            Rejected::HeadTimeout => "head_timeout",
+            Rejected::Version => "version",
+            Rejected::UpgradeRequired => "upgrade_required",
+            Rejected::UpgradeWithBody => "upgrade_with_body",
+            Rejected::NoRoute => "no_route",
+            Rejected::Overload => "overload",
+            Rejected::ShuttingDown => "shutting_down",
+            Rejected::PlainHttp => "plain_http",
+        }
+    }
+
+    pub fn from_head(reason: loopwatch_dataplane_core::head::RejectReason) -> Rejected {
+        use loopwatch_dataplane_core::head::RejectReason as R;
+        match reason {
+            R::BadRequest => Rejected::BadRequest,
+            R::HeadTooLarge => Rejected::HeadTooLarge,
+            R::Version => Rejected::Version,
+            R::UpgradeRequired => Rejected::UpgradeRequired,
+            R::UpgradeWithBody => Rejected::UpgradeWithBody,
+        }
+    }
+
+    fn index(self) -> usize {
+        Rejected::ALL
+            .iter()
+            .position(|&r| r == self)
+            .expect("every label is in ALL")
+    }
+}
+
+fn refuse_index(reason: RefuseReason) -> usize {
+    RefuseReason::ALL
+        .iter()
+        .position(|&r| r == reason)
+        .expect("every reason is in ALL")
+}
+
+/// What the listener did, read by the brain at scrape time.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub accepted: AtomicU64,
+    pub accept_errors: AtomicU64,
+    /// Client connections now, in any state.
+    pub active: AtomicUsize,
+    /// Relayed WebSockets now.
+    pub relays: AtomicUsize,
+    pub opened: AtomicU64,
+    pub closed: AtomicU64,
+    pub handshake_failed: AtomicU64,
+    /// Refused attempts now being held before their answer.
+    pub holding: AtomicUsize,
+    pub held: AtomicU64,
+    rejected: [AtomicU64; Rejected::ALL.len()],
+    refused: [AtomicU64; RefuseReason::ALL.len()],
+}
+
+impl Counters {
+    pub fn reject(&self, reason: Rejected) {
+        self.rejected[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn refuse(&self, reason: RefuseReason) {
+        self.refused[refuse_index(reason)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn rejected(&self) -> Vec<(&'static str, u64)> {
+        Rejected::ALL
+            .iter()
+            .map(|r| (r.label(), self.rejected[r.index()].load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    pub fn refused(&self) -> Vec<(&'static str, u64)> {
+        RefuseReason::ALL
+            .iter()
+            .map(|r| {
+                (
+                    r.as_str(),
+                    self.refused[refuse_index(*r)].load(Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
+}
+
+/// The limits of `limits:` the native listener applies (proxy/dataplane/settings.py).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub head: HeadLimits,
+    pub early_data_size: usize,
+    pub error_body_size: usize,
+    pub max_message_size: Option<u64>,
+    pub handshake_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+    pub max_connections: usize,
+    /// Refused attempts held at once (the hold of a refusal); beyond it a
+    /// refusal is answered at once.
+    pub max_holds: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Longest prefix first.
+    pub routes: Vec<Route>,
+    pub limits: Limits,
+    pub reject_with: RejectWith,
+}
+
+/// What every connection task shares.
+pub struct Shared {
+    pub config: Config,
+    pub table: Arc<EnforcementTable>,
+    pub events: EventSender,
+    pub counters: Counters,
+    pub shutdown: watch::Receiver<bool>,
+    next_conn_id: AtomicU64,
+    drained: Notify,
+}
+
+impl Shared {
+    pub fn conn_id(&self) -> u64 {
+        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn closing(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+}
+
+/// One client connection, counted in `active` from accept to its end.
+pub struct ConnGuard {
+    shared: Arc<Shared>,
+}
+
+impl ConnGuard {
+    fn new(shared: &Arc<Shared>) -> ConnGuard {
+        shared.counters.active.fetch_add(1, Ordering::AcqRel);
+        ConnGuard {
+            shared: Arc::clone(shared),
+        }
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        if self.shared.counters.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.shared.drained.notify_waiters();
+        }
+    }
+}
+
+/// Resolves once the listener is stopping (the watch's guard is not kept).
+pub async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        tokio::select! {
+            biased;
+            _ = stopping(&mut shutdown) => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                    let guard = ConnGuard::new(&shared);
+                    tokio::spawn(conn::serve(Arc::clone(&shared), stream, peer, guard));
+                }
+                Err(_) => {
+                    shared.counters.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
+        }
+    }
+    // The listening socket closes here: new connections are refused by the kernel.
+}
+
+/// A running listener: its runtime, its address and its stop switch.
+pub struct Server {
+    runtime: Option<Runtime>,
+    pub shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    pub local_addr: SocketAddr,
+}
+
+impl Server {
+    /// Build the runtime with `threads` workers, bind `addr` and start
+    /// accepting. Errors: the runtime could not start or the address could
+    /// not be bound.
+    pub fn start(
+        addr: SocketAddr,
+        threads: usize,
+        config: Config,
+        table: Arc<EnforcementTable>,
+        events: EventSender,
+    ) -> std::io::Result<Server> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("loopwatch-dataplane")
+            .enable_all()
+            .build()?;
+        let listener = {
+            let _entered = runtime.enter();
+            let socket = if addr.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            socket.set_reuseaddr(true)?;
+            socket.bind(addr)?;
+            socket.listen(BACKLOG)?
+        };
+        let local_addr = listener.local_addr()?;
+        let (stop, shutdown) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            config,
+            table,
+            events,
+            counters: Counters::default(),
+            shutdown,
+            next_conn_id: AtomicU64::new(1),
+            drained: Notify::new(),
+        });
+        runtime.spawn(accept_loop(listener, Arc::clone(&shared)));
+        Ok(Server {
+            runtime: Some(runtime),
+            shared,
+            stop,
+            local_addr,
+        })
+    }
+
+    pub fn running(&self) -> bool {
+        self.runtime.is_some()
+    }
+
+    /// Stop accepting, end every connection as fits its state (WebSockets:
+    /// close 1001 on both legs), wait up to `grace` for them, then stop the
+    /// runtime (what is left is dropped). Blocks: call it without the GIL.
+    /// Returns the connections that were still open at the end of the grace.
+    pub fn stop(&mut self, grace: Duration) -> usize {
+        let Some(runtime) = self.runtime.take() else {
+            return 0;
+        };
+        let _ = self.stop.send(true);
+        let shared = Arc::clone(&self.shared);
+        let left = runtime.block_on(async move {
+            let wait = async {
+                loop {
+                    let drained = shared.drained.notified();
+                    tokio::pin!(drained);
+                    drained.as_mut().enable();
+                    if shared.counters.active.load(Ordering::Acquire) == 0 {
+                        break;
+                    }
+                    drained.await;
+                }
+            };
+            let _ = tokio::time::timeout(grace, wait).await;
+            shared.counters.active.load(Ordering::Acquire)
+        });
+        runtime.shutdown_timeout(Duration::from_secs(1));
+        left
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            let _ = self.stop.send(true);
+            runtime.shutdown_background();
+        }
+    }
+}

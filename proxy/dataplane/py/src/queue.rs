@@ -1,0 +1,257 @@
+//! `EventQueue`: the connection events of the native data plane, drained by
+//! the brain in batches with the GIL released.
+//!
+//! Tokio tasks only `try_send` into the core's bounded queue (a full queue
+//! drops the event and counts it); `recv_batch` waits for the first event
+//! inside `py.detach`, takes what else is queued, and only then builds Python
+//! objects: one plain tuple per event, which `proxy/dataplane/native.py` turns
+//! into the detectors' event dataclasses.
+
+use std::time::{Duration, Instant};
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+
+use loopwatch_dataplane_core::events::{
+    event_queue, Event, EventReceiver, EventSender, HandshakeFailure,
+};
+
+/// The longest a `recv_batch` waits with the GIL released before it looks at
+/// Python's signals (Ctrl-C in the main thread) again.
+const SIGNAL_SLICE: Duration = Duration::from_millis(100);
+
+/// The brain's clock for events: `time.monotonic()` seconds. Rust's `Instant`
+/// is opaque, so one pair of readings taken together maps one onto the other
+/// (both are CLOCK_MONOTONIC on Linux).
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    at: Instant,
+    monotonic: f64,
+}
+
+impl Clock {
+    pub fn new(py: Python<'_>) -> PyResult<Clock> {
+        let time = py.import("time")?;
+        let at = Instant::now();
+        let monotonic: f64 = time.call_method0("monotonic")?.extract()?;
+        Ok(Clock { at, monotonic })
+    }
+
+    pub fn seconds(&self, instant: Instant) -> f64 {
+        if instant >= self.at {
+            self.monotonic + (instant - self.at).as_secs_f64()
+        } else {
+            self.monotonic - (self.at - instant).as_secs_f64()
+        }
+    }
+}
+
+/// A bounded queue of connection events (Rust producers, one Python consumer).
+///
+/// `EventQueue(capacity)`; `recv_batch(max, timeout_s)` returns a list of
+/// tuples, by type:
+///
+/// * `("attempt", key, route, t, addr)`
+/// * `("rejected", key, route, t, reason)`
+/// * `("handshake_failed", key, route, t, status, error)` (one of the two None)
+/// * `("opened", key, route, t, conn_id)`
+/// * `("closed", key, route, t, conn_id, code, reason, initiator, duration,
+///   messages_in, messages_out, bytes_in, bytes_out)`
+///
+/// `t` is `time.monotonic()` seconds, `duration` seconds.
+#[pyclass(frozen, module = "loopwatch.proxy.dataplane._dataplane")]
+pub struct EventQueue {
+    sender: EventSender,
+    receiver: EventReceiver,
+    capacity: usize,
+    clock: Clock,
+}
+
+impl EventQueue {
+    /// A producer for a listener.
+    pub fn sender(&self) -> EventSender {
+        self.sender.clone()
+    }
+}
+
+fn check_timeout(timeout_s: f64) -> PyResult<Duration> {
+    if !timeout_s.is_finite() || timeout_s < 0.0 {
+        return Err(PyValueError::new_err(format!(
+            "timeout_s: expected a finite number of seconds >= 0, got {timeout_s}"
+        )));
+    }
+    Ok(Duration::from_secs_f64(timeout_s))
+}
+
+#[pymethods]
+impl EventQueue {
+    #[new]
+    fn new(py: Python<'_>, capacity: usize) -> PyResult<Self> {
+        if capacity == 0 {
+            return Err(PyValueError::new_err("capacity: expected at least 1 event"));
+        }
+        let (sender, receiver) = event_queue(capacity);
+        Ok(EventQueue {
+            sender,
+            receiver,
+            capacity,
+            clock: Clock::new(py)?,
+        })
+    }
+
+    /// Up to `max` events: waits at most `timeout_s` for the first (with the
+    /// GIL released), then takes what is already queued. `[]` on timeout.
+    #[pyo3(signature = (max, timeout_s))]
+    fn recv_batch<'py>(
+        &self,
+        py: Python<'py>,
+        max: usize,
+        timeout_s: f64,
+    ) -> PyResult<Vec<Bound<'py, PyTuple>>> {
+        let mut left = check_timeout(timeout_s)?;
+        let batch = loop {
+            let slice = left.min(SIGNAL_SLICE);
+            let batch = py.detach(|| self.receiver.recv_batch(max, slice));
+            left = left.saturating_sub(slice);
+            if !batch.is_empty() || left.is_zero() || max == 0 {
+                break batch;
+            }
+            py.check_signals()?;
+        };
+        batch
+            .into_iter()
+            .map(|event| to_tuple(py, &self.clock, event))
+            .collect()
+    }
+
+    /// Events lost to a full queue since the start (a counter for /metrics).
+    #[getter]
+    fn dropped(&self) -> u64 {
+        self.receiver.drops().total()
+    }
+
+    /// Drops since the last call (0 when none): the brain logs one line per
+    /// burst with this number.
+    fn take_unreported_drops(&self) -> u64 {
+        self.receiver.drops().take_unreported()
+    }
+
+    #[getter]
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn __len__(&self) -> usize {
+        self.receiver.len()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "EventQueue(capacity={}, queued={}, dropped={})",
+            self.capacity,
+            self.receiver.len(),
+            self.receiver.drops().total()
+        )
+    }
+}
+
+fn to_tuple<'py>(py: Python<'py>, clock: &Clock, event: Event) -> PyResult<Bound<'py, PyTuple>> {
+    match event {
+        Event::Attempt {
+            key,
+            route,
+            at,
+            addr,
+        } => PyTuple::new(
+            py,
+            [
+                "attempt".into_pyobject(py)?.into_any(),
+                (&*key).into_pyobject(py)?.into_any(),
+                (&*route).into_pyobject(py)?.into_any(),
+                clock.seconds(at).into_pyobject(py)?.into_any(),
+                (&*addr).into_pyobject(py)?.into_any(),
+            ],
+        ),
+        Event::Rejected {
+            key,
+            route,
+            at,
+            reason,
+        } => PyTuple::new(
+            py,
+            [
+                "rejected".into_pyobject(py)?.into_any(),
+                (&*key).into_pyobject(py)?.into_any(),
+                (&*route).into_pyobject(py)?.into_any(),
+                clock.seconds(at).into_pyobject(py)?.into_any(),
+                reason.as_str().into_pyobject(py)?.into_any(),
+            ],
+        ),
+        Event::HandshakeFailed {
+            key,
+            route,
+            at,
+            failure,
+        } => {
+            let (status, error) = match failure {
+                HandshakeFailure::Status(status) => (Some(status), None),
+                HandshakeFailure::Error(error) => (None, Some(error.as_str())),
+            };
+            PyTuple::new(
+                py,
+                [
+                    "handshake_failed".into_pyobject(py)?.into_any(),
+                    (&*key).into_pyobject(py)?.into_any(),
+                    (&*route).into_pyobject(py)?.into_any(),
+                    clock.seconds(at).into_pyobject(py)?.into_any(),
+                    status.into_pyobject(py)?.into_any(),
+                    error.into_pyobject(py)?.into_any(),
+                ],
+            )
+        }
+        Event::Opened {
+            key,
+            route,
+            at,
+            conn_id,
+        } => PyTuple::new(
+            py,
+            [
+                "opened".into_pyobject(py)?.into_any(),
+                (&*key).into_pyobject(py)?.into_any(),
+                (&*route).into_pyobject(py)?.into_any(),
+                clock.seconds(at).into_pyobject(py)?.into_any(),
+                conn_id.into_pyobject(py)?.into_any(),
+            ],
+        ),
+        Event::Closed {
+            key,
+            route,
+            at,
+            conn_id,
+            code,
+            reason,
+            initiator,
+            duration,
+            traffic,
+        } => PyTuple::new(
+            py,
+            [
+                "closed".into_pyobject(py)?.into_any(),
+                (&*key).into_pyobject(py)?.into_any(),
+                (&*route).into_pyobject(py)?.into_any(),
+                clock.seconds(at).into_pyobject(py)?.into_any(),
+                conn_id.into_pyobject(py)?.into_any(),
+                code.into_pyobject(py)?.into_any(),
+                (&*reason).into_pyobject(py)?.into_any(),
+                initiator.as_str().into_pyobject(py)?.into_any(),
+                duration.as_secs_f64().into_pyobject(py)?.into_any(),
+                traffic.messages_in.into_pyobject(py)?.into_any(),
+                traffic.messages_out.into_pyobject(py)?.into_any(),
+                traffic.bytes_in.into_pyobject(py)?.into_any(),
+                traffic.bytes_out.into_pyobject(py)?.into_any(),
+            ],
+        ),
+    }
+}

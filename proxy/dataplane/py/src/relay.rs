@@ -1,0 +1,752 @@
+//! The splice: after a 101, bytes flow both ways untouched, each direction
+//! watched by the core's frame watcher (`proxy/dataplane/relay.py`, ported).
+//!
+//! One task per connection runs both legs as a single state machine over the
+//! sockets' readiness, so every decision (who closed first, the proxy's own
+//! closes, a vanished side) is made in one place, as the Python relay's
+//! callbacks make it on one event loop. Backpressure: a leg is read only
+//! while the bytes it sent last are written out to the other, so at most
+//! one read (`READ_SIZE`) per direction is in flight and nothing buffers
+//! without bound. Idle connections hold no buffer.
+//!
+//! loopwatch writes a frame of its own only when it ends a connection itself
+//! (`close`), and only at a frame boundary of the stream it writes into.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::io::{self, ErrorKind};
+use std::net::Shutdown;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::{sleep_until, Instant};
+
+use loopwatch_dataplane_core::events::{Event, EventSender, Initiator, Traffic};
+use loopwatch_dataplane_core::frames::{build_close_frame, FrameWatcher, Side, WatcherConfig};
+
+/// Bytes read from a leg at a time.
+const READ_SIZE: usize = 32 * 1024;
+/// How long a proxy-initiated close waits for a frame boundary and for the
+/// peers' replies (`CLOSE_GRACE` in relay.py).
+pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Codes loopwatch sends when one leg disappears without a close frame.
+const CODE_UPSTREAM_LOST: u16 = 1014;
+const CODE_CLIENT_LOST: u16 = 1001;
+
+const CLIENT: usize = 0;
+const UPSTREAM: usize = 1;
+
+fn other(i: usize) -> usize {
+    1 - i
+}
+
+fn initiator(i: usize) -> Initiator {
+    if i == CLIENT {
+        Initiator::Client
+    } else {
+        Initiator::Upstream
+    }
+}
+
+/// What happens to a leg once the bytes queued for it are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AfterFlush {
+    Nothing,
+    /// Shut its writing half (a FIN); keep reading.
+    WriteEof,
+    /// Close it (Python's `transport.close()`).
+    Close,
+}
+
+/// One side of the splice: reads from `stream`, whose bytes go to the other
+/// leg's `out`.
+struct Leg {
+    stream: Option<TcpStream>,
+    /// Watches the bytes read from this leg.
+    watcher: FrameWatcher,
+    /// Bytes waiting to be written to this leg, from `out_pos`.
+    out: Vec<u8>,
+    out_pos: usize,
+    after_flush: AfterFlush,
+    /// False once the proxy ended this leg's direction with its own close.
+    forward: bool,
+    /// The proxy's close frame for the other leg, waiting for this leg's
+    /// stream to reach a frame boundary.
+    pending: Option<Vec<u8>>,
+    /// This leg shut its writing half after its close frame, and the other
+    /// leg got the EOF.
+    eof: bool,
+    /// This leg sent its EOF: nothing more to read.
+    read_done: bool,
+    /// The connection is gone (closed or aborted) and `lost` ran for it.
+    closed: bool,
+}
+
+impl Leg {
+    fn new(stream: TcpStream, side: Side, limits: &RelayLimits) -> Leg {
+        Leg {
+            stream: Some(stream),
+            watcher: FrameWatcher::new(WatcherConfig {
+                side,
+                max_message_size: limits.max_message_size,
+                allowed_rsv: limits.allowed_rsv,
+            }),
+            out: Vec::new(),
+            out_pos: 0,
+            after_flush: AfterFlush::Nothing,
+            forward: true,
+            pending: None,
+            eof: false,
+            read_done: false,
+            closed: false,
+        }
+    }
+
+    fn has_output(&self) -> bool {
+        self.out_pos < self.out.len()
+    }
+
+    /// Takes writes: open, not closing, its writing half not shut.
+    fn writable(&self) -> bool {
+        self.stream.is_some() && self.after_flush == AfterFlush::Nothing
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RelayLimits {
+    pub max_message_size: Option<u64>,
+    pub allowed_rsv: u8,
+    pub idle_timeout: Option<Duration>,
+}
+
+/// Who the connection is, for its Closed event.
+pub struct RelayIdentity {
+    pub conn_id: u64,
+    pub key: Box<str>,
+    pub route: Arc<str>,
+    pub opened_at: std::time::Instant,
+}
+
+/// How a relayed connection ended (`Relay.close_info`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseInfo {
+    pub code: u16,
+    pub reason: String,
+    pub initiator: Initiator,
+}
+
+pub struct Relay {
+    legs: [Leg; 2],
+    id: RelayIdentity,
+    events: EventSender,
+    /// Whose close came first: client, upstream or proxy.
+    initiator: Option<Initiator>,
+    proxy_close: Option<(u16, String)>,
+    /// Set by the proxy's own close: everything ends by then.
+    grace: Option<Instant>,
+    /// Legs whose connection ended, for `lost` (run from the loop, as
+    /// asyncio calls `connection_lost` on a later turn).
+    ended: Vec<usize>,
+    done: bool,
+    reported: bool,
+    idle_timeout: Option<Duration>,
+    activity: u64,
+    idle_since: Instant,
+}
+
+/// Readiness of an optional stream (a gone leg never becomes ready).
+async fn readable(stream: Option<&TcpStream>) -> io::Result<()> {
+    match stream {
+        Some(s) => s.readable().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn writable(stream: Option<&TcpStream>) -> io::Result<()> {
+    match stream {
+        Some(s) => s.writable().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn deadline(at: Option<Instant>) {
+    match at {
+        Some(at) => sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A fresh masking key for a close frame toward the upstream.
+fn mask_key() -> [u8; 4] {
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u64(0x6c6f6f70);
+    (hasher.finish() as u32).to_be_bytes()
+}
+
+impl Relay {
+    pub fn new(
+        client: TcpStream,
+        upstream: TcpStream,
+        limits: RelayLimits,
+        id: RelayIdentity,
+        events: EventSender,
+    ) -> Relay {
+        Relay {
+            legs: [
+                Leg::new(client, Side::Client, &limits),
+                Leg::new(upstream, Side::Upstream, &limits),
+            ],
+            id,
+            events,
+            initiator: None,
+            proxy_close: None,
+            grace: None,
+            ended: Vec::new(),
+            done: false,
+            reported: false,
+            idle_timeout: limits.idle_timeout,
+            activity: 0,
+            idle_since: Instant::now(),
+        }
+    }
+
+    /// Splice until both legs are gone. `to_client` is written to the client
+    /// first (the 101's head), then what each side sent before the splice
+    /// began is handled as if just read (`Relay.start`).
+    pub async fn run(
+        mut self,
+        to_client: Vec<u8>,
+        upstream_early: &[u8],
+        client_early: &[u8],
+        client_eof: bool,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> CloseInfo {
+        self.legs[CLIENT].out = to_client;
+        self.flush(CLIENT);
+        if !upstream_early.is_empty() {
+            self.data(UPSTREAM, upstream_early);
+        }
+        if !client_early.is_empty() && !self.legs[UPSTREAM].closed {
+            self.data(CLIENT, client_early);
+        }
+        if client_eof && self.legs[CLIENT].stream.is_some() {
+            self.eof(CLIENT);
+        }
+        let mut shutdown_seen = *shutdown.borrow();
+        if shutdown_seen {
+            self.close(1001, "loopwatch: shutting down");
+        }
+        loop {
+            while let Some(i) = self.ended.pop() {
+                self.lost(i);
+            }
+            if self.done {
+                break;
+            }
+            let idle_at = match self.idle_timeout {
+                Some(t) if self.grace.is_none() => Some(self.idle_since + t),
+                _ => None,
+            };
+            let read = [self.can_read(CLIENT), self.can_read(UPSTREAM)];
+            let write = [
+                self.legs[CLIENT].has_output(),
+                self.legs[UPSTREAM].has_output(),
+            ];
+            tokio::select! {
+                biased;
+                _ = crate::listener::stopping(&mut shutdown), if !shutdown_seen => {
+                    shutdown_seen = true;
+                    self.close(1001, "loopwatch: shutting down");
+                }
+                _ = deadline(self.grace) => self.abort_all(),
+                _ = deadline(idle_at) => self.check_idle(),
+                r = writable(self.legs[CLIENT].stream.as_ref()), if write[CLIENT] => match r {
+                    Ok(()) => self.flush(CLIENT),
+                    Err(_) => self.abort(CLIENT),
+                },
+                r = writable(self.legs[UPSTREAM].stream.as_ref()), if write[UPSTREAM] => match r {
+                    Ok(()) => self.flush(UPSTREAM),
+                    Err(_) => self.abort(UPSTREAM),
+                },
+                r = readable(self.legs[CLIENT].stream.as_ref()), if read[CLIENT] => match r {
+                    Ok(()) => self.read(CLIENT),
+                    Err(_) => self.abort(CLIENT),
+                },
+                r = readable(self.legs[UPSTREAM].stream.as_ref()), if read[UPSTREAM] => match r {
+                    Ok(()) => self.read(UPSTREAM),
+                    Err(_) => self.abort(UPSTREAM),
+                },
+            }
+        }
+        self.report()
+    }
+
+    fn can_read(&self, i: usize) -> bool {
+        let leg = &self.legs[i];
+        if leg.stream.is_none() || leg.read_done || leg.after_flush == AfterFlush::Close {
+            return false;
+        }
+        // Backpressure: a forwarding leg waits until its last bytes are out.
+        !leg.forward || !self.legs[other(i)].has_output()
+    }
+
+    // --- reading -------------------------------------------------------------
+
+    fn read(&mut self, i: usize) {
+        let o = other(i);
+        let fast = {
+            let (leg, out) = (&self.legs[i], &self.legs[o]);
+            leg.forward && leg.pending.is_none() && out.writable() && !out.has_output()
+        };
+        if fast {
+            // Straight into the other leg's output buffer: no copy.
+            let [a, b] = &mut self.legs;
+            let (leg, dst) = if i == CLIENT { (a, b) } else { (b, a) };
+            dst.out.clear();
+            dst.out_pos = 0;
+            dst.out.reserve(READ_SIZE);
+            let stream = leg.stream.as_ref().expect("readable legs are open");
+            let result = stream.try_read_buf(&mut dst.out);
+            match result {
+                Ok(0) => self.eof(i),
+                Ok(n) => self.forwarded(i, n),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(_) => self.abort(i),
+            }
+            if !self.legs[o].has_output() {
+                self.legs[o].out = Vec::new();
+                self.legs[o].out_pos = 0;
+            }
+            return;
+        }
+        let mut data = Vec::with_capacity(READ_SIZE);
+        let stream = self.legs[i]
+            .stream
+            .as_ref()
+            .expect("readable legs are open");
+        let result = stream.try_read_buf(&mut data);
+        match result {
+            Ok(0) => self.eof(i),
+            Ok(_) => self.data(i, &data),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(_) => self.abort(i),
+        }
+    }
+
+    /// `n` bytes were read from leg `i` into the other leg's output buffer.
+    fn forwarded(&mut self, i: usize, n: usize) {
+        let o = other(i);
+        let [a, b] = &mut self.legs;
+        let (leg, dst) = if i == CLIENT { (a, b) } else { (b, a) };
+        let start = dst.out.len() - n;
+        match leg.watcher.feed(&dst.out[start..]) {
+            Ok(_) => {
+                self.note_close_seen(i);
+                self.flush(o);
+            }
+            Err(v) => {
+                dst.out.truncate(start + v.forward);
+                self.flush(o);
+                self.violation(i);
+            }
+        }
+    }
+
+    /// Bytes read from leg `i` outside the fast path (`Leg.data_received`).
+    fn data(&mut self, i: usize, data: &[u8]) {
+        let o = other(i);
+        let leg = &mut self.legs[i];
+        if leg.pending.is_none() && leg.forward {
+            match leg.watcher.feed(data) {
+                Ok(_) => {
+                    self.write(o, data);
+                    self.note_close_seen(i);
+                }
+                Err(v) => {
+                    self.write(o, &data[..v.forward]);
+                    self.violation(i);
+                }
+            }
+        } else if leg.forward {
+            self.finish_frame(i, data);
+        } else {
+            self.discard(i, data);
+        }
+    }
+
+    fn note_close_seen(&mut self, i: usize) {
+        if self.initiator.is_none() && self.legs[i].watcher.close.is_some() {
+            self.initiator = Some(initiator(i));
+        }
+    }
+
+    /// Leg `i` sent its EOF (`Relay.half_close`).
+    fn eof(&mut self, i: usize) {
+        self.legs[i].read_done = true;
+        if !self.half_close(i) {
+            self.close_leg(i);
+        }
+    }
+
+    /// Whether leg `i` stays open after its EOF: it sent its close frame and
+    /// the EOF could be passed on.
+    fn half_close(&mut self, i: usize) -> bool {
+        if self.grace.is_some() || self.legs[i].watcher.close.is_none() {
+            // Closing: that side is done. No close frame: the side is gone.
+            return false;
+        }
+        let o = other(i);
+        if self.legs[o].closed || self.legs[o].eof {
+            self.close_leg(o);
+            return false;
+        }
+        self.legs[i].eof = true;
+        self.write_eof(o);
+        true
+    }
+
+    // --- writing -------------------------------------------------------------
+
+    /// Queue bytes for leg `i` (dropped when it takes no more writes).
+    fn write(&mut self, i: usize, data: &[u8]) {
+        let leg = &mut self.legs[i];
+        if data.is_empty() || !leg.writable() {
+            return;
+        }
+        leg.out.extend_from_slice(data);
+        self.flush(i);
+    }
+
+    /// Write what leg `i` has queued, as far as the socket takes it now.
+    fn flush(&mut self, i: usize) {
+        let leg = &mut self.legs[i];
+        let Some(stream) = leg.stream.as_ref() else {
+            return;
+        };
+        while leg.has_output() {
+            match stream.try_write(&leg.out[leg.out_pos..]) {
+                Ok(n) => leg.out_pos += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(_) => {
+                    self.abort(i);
+                    return;
+                }
+            }
+        }
+        leg.out = Vec::new();
+        leg.out_pos = 0;
+        match leg.after_flush {
+            AfterFlush::Nothing => {}
+            AfterFlush::WriteEof => {
+                let _ = socket_shutdown(stream);
+            }
+            AfterFlush::Close => {
+                leg.stream = None;
+                self.ended.push(i);
+            }
+        }
+    }
+
+    /// Shut leg `i`'s writing half once its queued bytes are out.
+    fn write_eof(&mut self, i: usize) {
+        if self.legs[i].writable() {
+            self.legs[i].after_flush = AfterFlush::WriteEof;
+            self.flush(i);
+        }
+    }
+
+    /// Close leg `i` once its queued bytes are out.
+    fn close_leg(&mut self, i: usize) {
+        let leg = &mut self.legs[i];
+        if leg.stream.is_some() && leg.after_flush != AfterFlush::Close {
+            leg.after_flush = AfterFlush::Close;
+            self.flush(i);
+        }
+    }
+
+    /// Drop leg `i` at once (a reset).
+    fn abort(&mut self, i: usize) {
+        let leg = &mut self.legs[i];
+        if let Some(stream) = leg.stream.take() {
+            let _ = stream.set_zero_linger();
+            leg.out = Vec::new();
+            leg.out_pos = 0;
+            self.ended.push(i);
+        }
+    }
+
+    fn abort_all(&mut self) {
+        self.grace = None;
+        self.abort(CLIENT);
+        self.abort(UPSTREAM);
+    }
+
+    // --- the proxy's own close -------------------------------------------------
+
+    /// End the connection from the proxy: a close frame into each direction
+    /// at a frame boundary, then each leg closes once it answered, or at the
+    /// grace deadline (`Relay.close`).
+    pub fn close(&mut self, code: u16, reason: &str) {
+        if self.grace.is_some() || self.done {
+            return;
+        }
+        self.grace = Some(Instant::now() + CLOSE_GRACE);
+        self.initiator.get_or_insert(Initiator::Proxy);
+        self.proxy_close = Some((code, reason.to_owned()));
+        for i in [CLIENT, UPSTREAM] {
+            let o = other(i);
+            if self.legs[o].closed || self.legs[i].eof || !self.legs[i].forward {
+                self.legs[i].forward = false;
+                continue;
+            }
+            // Frames toward the upstream are masked: loopwatch is its client.
+            let mask = (i == CLIENT).then(mask_key);
+            let frame = build_close_frame(code, reason, mask).unwrap_or_else(|_| {
+                build_close_frame(1011, reason, mask).expect("1011 is sendable")
+            });
+            self.legs[i].pending = Some(frame);
+            if self.legs[i].watcher.at_boundary() {
+                self.flush_pending(i);
+            }
+            // else: the direction is mid-frame; finish_frame flushes at its end.
+        }
+    }
+
+    fn flush_pending(&mut self, i: usize) {
+        let frame = self.legs[i].pending.take();
+        self.legs[i].forward = false;
+        if let Some(frame) = frame {
+            self.write(other(i), &frame);
+        }
+        self.settle(other(i));
+    }
+
+    /// A close frame of the proxy's waits for the frame in flight: forward up
+    /// to that frame's end, write the close frame, and only watch what follows.
+    fn finish_frame(&mut self, i: usize, data: &[u8]) {
+        let o = other(i);
+        let mut pos = 0;
+        while pos < data.len() && !self.legs[i].watcher.at_boundary() {
+            // The rest of the payload at once; an incomplete header byte by byte.
+            let remaining = self.legs[i].watcher.frame_remaining();
+            let take = usize::try_from(remaining)
+                .unwrap_or(usize::MAX)
+                .max(1)
+                .min(data.len() - pos);
+            let piece = &data[pos..pos + take];
+            match self.legs[i].watcher.feed(piece) {
+                Ok(_) => self.write(o, piece),
+                Err(v) => {
+                    self.write(o, &piece[..v.forward]);
+                    self.violation(i);
+                    return;
+                }
+            }
+            pos += take;
+        }
+        self.note_close_seen(i);
+        if self.legs[i].watcher.at_boundary() {
+            self.flush_pending(i);
+            if pos < data.len() {
+                self.discard(i, &data[pos..]);
+            }
+        }
+    }
+
+    /// A frame loopwatch must not forward (protocol error, message too big):
+    /// what came before it is out; close both sides with the error's code.
+    fn violation(&mut self, i: usize) {
+        let error = self.legs[i]
+            .watcher
+            .error()
+            .cloned()
+            .expect("a violation sets the watcher's error");
+        if !self.legs[i].watcher.at_boundary() {
+            // The offending frame's first bytes are out: a close frame now
+            // would land inside it. End that stream.
+            self.legs[i].forward = false;
+            self.legs[i].pending = None;
+            self.close_leg(other(i));
+        }
+        if self.grace.is_some() {
+            if self.legs[i].pending.is_some() {
+                self.flush_pending(i);
+            }
+        } else {
+            self.close(error.close_code(), &format!("loopwatch: {error}"));
+        }
+        self.legs[i].forward = false;
+        self.settle(i);
+    }
+
+    /// Bytes after the proxy closed this direction: watch for the side's close reply.
+    fn discard(&mut self, i: usize, data: &[u8]) {
+        if self.legs[i].watcher.error().is_none() {
+            let _ = self.legs[i].watcher.feed(data);
+        }
+        self.settle(i);
+    }
+
+    /// While closing, end leg `i` once its close handshake is done: the
+    /// proxy's close frame is queued to it and its own close frame arrived.
+    fn settle(&mut self, i: usize) {
+        let leg = &self.legs[i];
+        if self.grace.is_none() || leg.closed || self.legs[other(i)].pending.is_some() {
+            return;
+        }
+        if leg.watcher.close.is_some() {
+            self.close_leg(i);
+        } else if leg.watcher.error().is_some() && leg.after_flush == AfterFlush::Nothing {
+            // Its stream cannot be read any more, so its close reply would go
+            // unnoticed: a FIN after the close frame, and keep reading (and
+            // dropping) until the peer closes. Closing outright with unread
+            // bytes would reset the connection and could destroy the frame.
+            self.write_eof(i);
+        }
+    }
+
+    // --- ends of the connections -------------------------------------------------
+
+    /// Leg `i`'s connection is gone (`Relay.lost`).
+    fn lost(&mut self, i: usize) {
+        if self.legs[i].closed {
+            return;
+        }
+        self.legs[i].closed = true;
+        self.legs[i].stream = None;
+        self.initiator.get_or_insert(initiator(i));
+        let o = other(i);
+        if !self.legs[o].closed {
+            // Nothing reaches the side that is gone any more.
+            self.legs[o].forward = false;
+            self.legs[o].pending = None;
+            if self.grace.is_some() {
+                if self.legs[i].pending.take().is_some() {
+                    // The proxy's close frame for the other side was waiting
+                    // for the end of a frame this side will never finish.
+                    self.abort(o);
+                } else {
+                    self.settle(o);
+                }
+            } else if self.legs[i].watcher.close.is_some() || self.legs[i].eof {
+                self.close_leg(o); // an ordinary close handshake: flush, then close
+            } else if self.legs[i].watcher.at_boundary() && self.legs[i].watcher.error().is_none() {
+                // Vanished without a close frame: tell the other side why,
+                // then wait (up to the grace) for its close reply.
+                let (code, reason) = if i == UPSTREAM {
+                    (CODE_UPSTREAM_LOST, "loopwatch: upstream connection lost")
+                } else {
+                    (CODE_CLIENT_LOST, "loopwatch: client connection lost")
+                };
+                self.grace = Some(Instant::now() + CLOSE_GRACE);
+                self.legs[i].forward = false;
+                self.legs[i].pending = None;
+                let mask = (o == UPSTREAM).then(mask_key);
+                let frame = build_close_frame(code, reason, mask).expect("valid close codes");
+                self.write(o, &frame);
+                self.settle(o);
+            } else {
+                self.abort(o); // mid-frame: a close frame now would corrupt the stream
+            }
+            return;
+        }
+        self.done = true;
+    }
+
+    fn check_idle(&mut self) {
+        let [c, u] = &self.legs;
+        let activity =
+            c.watcher.frames + u.watcher.frames + c.watcher.message_bytes + u.watcher.message_bytes;
+        if activity != self.activity {
+            self.activity = activity;
+            self.idle_since = Instant::now();
+        } else {
+            self.close(1001, "loopwatch: idle timeout");
+        }
+    }
+
+    /// The first close frame seen, the proxy's own close, or 1006 when a side
+    /// vanished without one (`Relay.close_info`).
+    pub fn close_info(&self) -> CloseInfo {
+        match self.initiator {
+            Some(who @ (Initiator::Client | Initiator::Upstream)) => {
+                let i = if who == Initiator::Client {
+                    CLIENT
+                } else {
+                    UPSTREAM
+                };
+                match &self.legs[i].watcher.close {
+                    None => CloseInfo {
+                        code: 1006,
+                        reason: String::new(),
+                        initiator: who,
+                    },
+                    Some(seen) => CloseInfo {
+                        code: seen.code.unwrap_or(1005),
+                        reason: seen.reason.clone(),
+                        initiator: who,
+                    },
+                }
+            }
+            Some(Initiator::Proxy) if self.proxy_close.is_some() => {
+                let (code, reason) = self.proxy_close.clone().expect("checked");
+                CloseInfo {
+                    code,
+                    reason,
+                    initiator: Initiator::Proxy,
+                }
+            }
+            other => CloseInfo {
+                code: 1006,
+                reason: String::new(),
+                initiator: other.unwrap_or(Initiator::Client),
+            },
+        }
+    }
+
+    pub fn traffic(&self) -> Traffic {
+        let [c, u] = &self.legs;
+        Traffic {
+            messages_in: c.watcher.messages,
+            messages_out: u.watcher.messages,
+            bytes_in: c.watcher.message_bytes,
+            bytes_out: u.watcher.message_bytes,
+        }
+    }
+
+    /// The Closed event (once).
+    fn report(&mut self) -> CloseInfo {
+        let info = self.close_info();
+        if !self.reported {
+            self.reported = true;
+            self.events.send(Event::Closed {
+                key: self.id.key.clone(),
+                route: Arc::clone(&self.id.route),
+                at: std::time::Instant::now(),
+                conn_id: self.id.conn_id,
+                code: info.code,
+                reason: info.reason.clone().into(),
+                initiator: info.initiator,
+                duration: self.id.opened_at.elapsed(),
+                traffic: self.traffic(),
+            });
+        }
+        info
+    }
+}
+
+impl Drop for Relay {
+    /// A relay dropped before its end (the runtime stopped after the grace
+    /// of `stop()`) still reports how far it got.
+    fn drop(&mut self) {
+        if !self.reported {
+            self.report();
+        }
+    }
+}
+
+fn socket_shutdown(stream: &TcpStream) -> io::Result<()> {
+    socket2::SockRef::from(stream).shutdown(Shutdown::Write)
+}

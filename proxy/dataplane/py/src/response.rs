@@ -1,0 +1,559 @@
+//! The upstream's answer to a forwarded upgrade request, sans-I/O: a 101 whose
+//! head is relayed byte for byte, or a refusal (401, 403, 5xx …) relayed with
+//! its status, end-to-end headers and a bounded body (`ResponseHeadParser` in
+//! proxy/dataplane/heads.py).
+//!
+//! The head is parsed with httparse. What has a body follows RFC 9112 §6.3 as
+//! llhttp applies it: none for 1xx, 204 and 304, nor for an answer that asks for
+//! an upgrade without announcing one; `Transfer-Encoding: chunked` (decoded);
+//! `Content-Length`; otherwise everything until the upstream closes. The body
+//! kept is at most `max_body` bytes: the answer is relayed once that much came.
+
+use std::fmt;
+
+/// Headers dropped from a relayed refusal besides Content-Length (the
+/// hop-by-hop set of heads.py; the Connection header's tokens are dropped too).
+const HOP_BY_HOP: [&[u8]; 9] = [
+    b"connection",
+    b"keep-alive",
+    b"proxy-authenticate",
+    b"proxy-authorization",
+    b"proxy-connection",
+    b"te",
+    b"trailer",
+    b"transfer-encoding",
+    b"upgrade",
+];
+
+/// Headers a response head may have before it is refused (beyond the size cap).
+const FEW_HEADERS: usize = 64;
+
+/// Why the upstream's answer cannot be relayed: the client gets a 502.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BadResponse {
+    HeadTooLarge,
+    Invalid(String),
+}
+
+impl fmt::Display for BadResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BadResponse::HeadTooLarge => f.write_str("upstream response head too large"),
+            BadResponse::Invalid(why) => write!(f, "invalid response from upstream: {why}"),
+        }
+    }
+}
+
+/// The upstream refused the upgrade: its status and the bytes the client gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamRefusal {
+    pub status: u16,
+    pub response: Vec<u8>,
+}
+
+/// What the bytes received so far amount to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// More bytes are needed.
+    Partial,
+    /// A 101: the first `head_len` bytes of the buffer are its head, the rest
+    /// are the upstream's first frames. `allowed_rsv`: the RSV bits the
+    /// negotiated extensions may set.
+    Upgrade {
+        head_len: usize,
+        allowed_rsv: u8,
+    },
+    Refused(UpstreamRefusal),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Bytes of chunk data still to come, then its CRLF.
+    Data(u64),
+    DataEnd,
+    /// After the last chunk: trailer lines up to an empty one.
+    Trailers,
+}
+
+#[derive(Debug)]
+struct Head {
+    status: u16,
+    reason: Vec<u8>,
+    headers: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+#[derive(Debug)]
+enum State {
+    Head,
+    Body {
+        head: Head,
+        framing: Framing,
+        chunk: Chunk,
+        /// Body bytes received (Content-Length) so far.
+        received: u64,
+        body: Vec<u8>,
+    },
+    Done,
+}
+
+/// Reads the upstream's answer; see the module documentation.
+#[derive(Debug)]
+pub struct ResponseReader {
+    buf: Vec<u8>,
+    max_head: usize,
+    max_body: usize,
+    state: State,
+}
+
+fn lower(name: &[u8]) -> Vec<u8> {
+    name.to_ascii_lowercase()
+}
+
+fn trim(value: &[u8]) -> &[u8] {
+    let ws = |b: &u8| matches!(b, b' ' | b'\t');
+    let start = value.iter().position(|b| !ws(b)).unwrap_or(value.len());
+    let end = value.iter().rposition(|b| !ws(b)).map_or(start, |i| i + 1);
+    &value[start..end]
+}
+
+fn tokens(value: &[u8]) -> impl Iterator<Item = Vec<u8>> + '_ {
+    value
+        .split(|&b| b == b',')
+        .map(|t| lower(trim(t)))
+        .filter(|t| !t.is_empty())
+}
+
+impl Head {
+    /// Values of a header, joined with ", " as Python's `header()` does.
+    fn header(&self, name: &[u8]) -> Option<Vec<u8>> {
+        let mut values = self
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_slice());
+        let first = values.next()?;
+        let mut out = first.to_vec();
+        for v in values {
+            out.extend_from_slice(b", ");
+            out.extend_from_slice(v);
+        }
+        Some(out)
+    }
+
+    fn framing(&self) -> Result<Framing, BadResponse> {
+        if (100..200).contains(&self.status) || self.status == 204 || self.status == 304 {
+            return Ok(Framing::None);
+        }
+        let te = self.header(b"transfer-encoding");
+        let lengths: Vec<&[u8]> = self
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(b"content-length"))
+            .map(|(_, v)| trim(v))
+            .collect();
+        if te.is_some() && !lengths.is_empty() {
+            return Err(BadResponse::Invalid(
+                "Content-Length together with Transfer-Encoding".into(),
+            ));
+        }
+        let length = match lengths.as_slice() {
+            [] => None,
+            [one] => Some(
+                std::str::from_utf8(one)
+                    .ok()
+                    .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .ok_or_else(|| BadResponse::Invalid("invalid Content-Length".into()))?,
+            ),
+            _ => return Err(BadResponse::Invalid("duplicate Content-Length".into())),
+        };
+        let chunked = te
+            .as_deref()
+            .is_some_and(|v| tokens(v).last().is_some_and(|t| t == b"chunked"));
+        // llhttp: an answer asking for an upgrade without a body is complete.
+        let upgrade = self
+            .header(b"upgrade")
+            .is_some_and(|v| !trim(&v).is_empty())
+            && self
+                .header(b"connection")
+                .is_some_and(|v| tokens(&v).any(|t| t == b"upgrade"));
+        if upgrade && !chunked && length.unwrap_or(0) == 0 {
+            return Ok(Framing::None);
+        }
+        Ok(match (chunked, te.is_some(), length) {
+            (true, _, _) => Framing::Chunked,
+            (false, true, _) => Framing::UntilClose,
+            (false, false, Some(0)) => Framing::None,
+            (false, false, Some(n)) => Framing::Length(n),
+            (false, false, None) => Framing::UntilClose,
+        })
+    }
+
+    /// RSV bits the extensions of a 101 allow (`upstream_accepted` in listener.py).
+    fn allowed_rsv(&self) -> u8 {
+        let extensions = lower(&self.header(b"sec-websocket-extensions").unwrap_or_default());
+        if extensions.is_empty() {
+            0
+        } else if trim(&extensions).starts_with(b"permessage-deflate")
+            && !extensions.contains(&b',')
+        {
+            0b100
+        } else {
+            0b111 // an extension loopwatch does not know may use any RSV bit
+        }
+    }
+
+    /// The refusal as the client gets it: same status, reason and end-to-end
+    /// headers, the bounded body, then the connection closes.
+    fn refusal(&self, body: &[u8]) -> UpstreamRefusal {
+        let named: Vec<Vec<u8>> = self
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(b"connection"))
+            .flat_map(|(_, v)| tokens(v).collect::<Vec<_>>())
+            .collect();
+        let mut out = format!("HTTP/1.1 {} ", self.status).into_bytes();
+        out.extend_from_slice(&self.reason);
+        out.extend_from_slice(b"\r\n");
+        for (name, value) in &self.headers {
+            let l = lower(name);
+            if HOP_BY_HOP.contains(&l.as_slice()) || named.contains(&l) || l == b"content-length" {
+                continue;
+            }
+            out.extend_from_slice(name);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(
+            format!(
+                "Content-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        out.extend_from_slice(body);
+        UpstreamRefusal {
+            status: self.status,
+            response: out,
+        }
+    }
+}
+
+fn parse_head(buf: &[u8], slots: usize) -> Result<Option<(Head, usize)>, httparse::Error> {
+    let mut headers = vec![httparse::EMPTY_HEADER; slots];
+    let mut response = httparse::Response::new(&mut headers);
+    match response.parse(buf)? {
+        httparse::Status::Partial => Ok(None),
+        httparse::Status::Complete(len) => {
+            let head = Head {
+                status: response.code.unwrap_or(0),
+                reason: response.reason.unwrap_or("").as_bytes().to_vec(),
+                headers: response
+                    .headers
+                    .iter()
+                    .map(|h| (h.name.as_bytes().to_vec(), h.value.to_vec()))
+                    .collect(),
+            };
+            Ok(Some((head, len)))
+        }
+    }
+}
+
+impl ResponseReader {
+    pub fn new(max_head: usize, max_body: usize) -> Self {
+        ResponseReader {
+            buf: Vec::new(),
+            max_head,
+            max_body,
+            state: State::Head,
+        }
+    }
+
+    /// The bytes received (after an Upgrade: the 101's head, then the
+    /// upstream's first frames).
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.buf
+    }
+
+    /// Take the next bytes of the answer.
+    pub fn feed(&mut self, data: &[u8]) -> Result<Answer, BadResponse> {
+        match self.state {
+            State::Done => Ok(Answer::Partial),
+            State::Head => {
+                self.buf.extend_from_slice(data);
+                let parsed = match parse_head(&self.buf, FEW_HEADERS) {
+                    Err(httparse::Error::TooManyHeaders) => {
+                        // Every header line takes at least 4 bytes.
+                        parse_head(&self.buf, self.buf.len() / 4 + 1)
+                    }
+                    other => other,
+                };
+                let (head, len) = match parsed {
+                    Err(e) => return Err(BadResponse::Invalid(e.to_string())),
+                    Ok(None) if self.buf.len() > self.max_head => {
+                        return Err(BadResponse::HeadTooLarge)
+                    }
+                    Ok(None) => return Ok(Answer::Partial),
+                    Ok(Some(done)) => done,
+                };
+                if head.status == 101 {
+                    self.state = State::Done;
+                    return Ok(Answer::Upgrade {
+                        head_len: len,
+                        allowed_rsv: head.allowed_rsv(),
+                    });
+                }
+                let framing = head.framing()?;
+                let rest = self.buf.split_off(len);
+                self.buf.clear();
+                self.state = State::Body {
+                    head,
+                    framing,
+                    chunk: Chunk::Size,
+                    received: 0,
+                    body: Vec::new(),
+                };
+                self.body(&rest)
+            }
+            State::Body { .. } => self.body(data),
+        }
+    }
+
+    /// The upstream closed: a body read until the close ends here. None when
+    /// no complete head came (the client gets a 502).
+    pub fn eof(&mut self) -> Option<UpstreamRefusal> {
+        match std::mem::replace(&mut self.state, State::Done) {
+            State::Body { head, body, .. } => Some(head.refusal(&body)),
+            _ => None,
+        }
+    }
+
+    fn body(&mut self, data: &[u8]) -> Result<Answer, BadResponse> {
+        let State::Body {
+            head,
+            framing,
+            chunk,
+            received,
+            body,
+        } = &mut self.state
+        else {
+            return Ok(Answer::Partial);
+        };
+        let room = self.max_body - body.len().min(self.max_body);
+        let complete = match *framing {
+            Framing::None => true,
+            Framing::UntilClose => {
+                body.extend_from_slice(&data[..data.len().min(room)]);
+                false
+            }
+            Framing::Length(n) => {
+                let take = (n - *received).min(data.len() as u64) as usize;
+                *received += take as u64;
+                body.extend_from_slice(&data[..take.min(room)]);
+                *received == n
+            }
+            Framing::Chunked => {
+                self.buf.extend_from_slice(data);
+                let (consumed, last) = decode_chunks(&self.buf, chunk, body, self.max_body)?;
+                self.buf.drain(..consumed);
+                // A chunk-size or trailer line is short: refuse an endless one.
+                if self.buf.len() > self.max_head {
+                    return Err(BadResponse::Invalid("chunk line too long".into()));
+                }
+                last
+            }
+        };
+        if complete || body.len() >= self.max_body {
+            let refusal = head.refusal(&body[..body.len().min(self.max_body)]);
+            self.state = State::Done;
+            self.buf = Vec::new();
+            return Ok(Answer::Refused(refusal));
+        }
+        Ok(Answer::Partial)
+    }
+}
+
+/// Decode chunked framing from `buf` (bytes not consumed yet); the bytes
+/// consumed, and whether the message ended. Body bytes beyond `max_body` are
+/// dropped.
+fn decode_chunks(
+    buf: &[u8],
+    chunk: &mut Chunk,
+    body: &mut Vec<u8>,
+    max_body: usize,
+) -> Result<(usize, bool), BadResponse> {
+    let bad = |why: &str| BadResponse::Invalid(format!("invalid chunked body: {why}"));
+    let mut pos = 0;
+    loop {
+        match *chunk {
+            Chunk::Size | Chunk::Trailers => {
+                let Some(end) = buf[pos..].windows(2).position(|w| w == b"\r\n") else {
+                    return Ok((pos, false));
+                };
+                let line = &buf[pos..pos + end];
+                pos += end + 2;
+                if *chunk == Chunk::Trailers {
+                    if line.is_empty() {
+                        return Ok((pos, true));
+                    }
+                    continue;
+                }
+                let size = line.split(|&b| b == b';').next().unwrap_or_default();
+                let size = std::str::from_utf8(trim(size))
+                    .ok()
+                    .filter(|s| !s.is_empty())
+                    .and_then(|s| u64::from_str_radix(s, 16).ok())
+                    .ok_or_else(|| bad("chunk size"))?;
+                *chunk = if size == 0 {
+                    Chunk::Trailers
+                } else {
+                    Chunk::Data(size)
+                };
+            }
+            Chunk::Data(left) => {
+                let take = left.min((buf.len() - pos) as u64) as usize;
+                let room = max_body - body.len().min(max_body);
+                body.extend_from_slice(&buf[pos..pos + take.min(room)]);
+                pos += take;
+                *chunk = if take as u64 == left {
+                    Chunk::DataEnd
+                } else {
+                    Chunk::Data(left - take as u64)
+                };
+                if take == 0 {
+                    return Ok((pos, false));
+                }
+            }
+            Chunk::DataEnd => {
+                if buf.len() - pos < 2 {
+                    return Ok((pos, false));
+                }
+                if &buf[pos..pos + 2] != b"\r\n" {
+                    return Err(bad("no CRLF after chunk data"));
+                }
+                pos += 2;
+                *chunk = Chunk::Size;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(answer: Result<Answer, BadResponse>) -> UpstreamRefusal {
+        match answer {
+            Ok(Answer::Refused(r)) => r,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    fn text(r: &UpstreamRefusal) -> String {
+        String::from_utf8(r.response.clone()).unwrap()
+    }
+
+    #[test]
+    fn a_101_is_an_upgrade_with_its_extensions() {
+        let head = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+            Connection: Upgrade\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n\x81\x00";
+        let mut reader = ResponseReader::new(1024, 100);
+        assert_eq!(reader.feed(&head[..20]), Ok(Answer::Partial));
+        let answer = reader.feed(&head[20..]).unwrap();
+        let head_len = head.len() - 2;
+        assert_eq!(
+            answer,
+            Answer::Upgrade {
+                head_len,
+                allowed_rsv: 0b100
+            }
+        );
+        assert_eq!(reader.into_buffer(), head.to_vec());
+    }
+
+    #[test]
+    fn a_refusal_keeps_status_headers_and_a_bounded_body() {
+        let mut reader = ResponseReader::new(1024, 5);
+        let r = refused(reader.feed(
+            b"HTTP/1.1 403 Forbidden\r\nX-Why: token\r\nConnection: keep-alive, X-Hop\r\n\
+              X-Hop: 1\r\nContent-Length: 9\r\n\r\ndenied!!!",
+        ));
+        assert_eq!(r.status, 403);
+        assert_eq!(
+            text(&r),
+            "HTTP/1.1 403 Forbidden\r\nX-Why: token\r\nContent-Length: 5\r\n\
+             Connection: close\r\n\r\ndenie"
+        );
+    }
+
+    #[test]
+    fn chunked_bodies_are_decoded_across_reads() {
+        let raw = b"HTTP/1.1 401 Unauthorized\r\nTransfer-Encoding: chunked\r\n\r\n\
+            4;ext=1\r\nauth\r\n9\r\n required\r\n0\r\nX-T: 1\r\n\r\n";
+        let mut reader = ResponseReader::new(1024, 100);
+        let mut last = Ok(Answer::Partial);
+        for byte in raw.iter() {
+            last = reader.feed(std::slice::from_ref(byte));
+            if last != Ok(Answer::Partial) {
+                break;
+            }
+        }
+        let r = refused(last);
+        assert!(text(&r).ends_with("Content-Length: 13\r\nConnection: close\r\n\r\nauth required"));
+        let mut bad = ResponseReader::new(1024, 100);
+        assert!(bad
+            .feed(b"HTTP/1.1 500 X\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+            .is_err());
+    }
+
+    #[test]
+    fn bodies_without_length_end_at_close_and_some_answers_have_none() {
+        let mut reader = ResponseReader::new(1024, 100);
+        assert_eq!(
+            reader.feed(b"HTTP/1.1 503 Service Unavailable\r\n\r\nbusy"),
+            Ok(Answer::Partial)
+        );
+        let r = reader.eof().unwrap();
+        assert!(text(&r).ends_with("Content-Length: 4\r\nConnection: close\r\n\r\nbusy"));
+        for head in [
+            &b"HTTP/1.1 204 No Content\r\n\r\n"[..],
+            b"HTTP/1.1 426 Upgrade Required\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+        ] {
+            let r = refused(ResponseReader::new(1024, 100).feed(head));
+            assert!(text(&r).ends_with("Content-Length: 0\r\nConnection: close\r\n\r\n"));
+        }
+        assert_eq!(ResponseReader::new(1024, 100).eof(), None);
+    }
+
+    #[test]
+    fn bad_answers_are_refused() {
+        let mut reader = ResponseReader::new(64, 100);
+        assert_eq!(
+            reader.feed(&[b'X'; 10]).unwrap_err().to_string(),
+            "invalid response from upstream: invalid HTTP version"
+        );
+        let mut reader = ResponseReader::new(64, 100);
+        let long = format!("HTTP/1.1 200 OK\r\nX: {}", "a".repeat(100));
+        assert_eq!(reader.feed(long.as_bytes()), Err(BadResponse::HeadTooLarge));
+        let mut reader = ResponseReader::new(1024, 100);
+        assert!(reader
+            .feed(b"HTTP/1.1 500 X\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+            .is_err());
+        let many: String = (0..200).map(|i| format!("X-{i}: v\r\n")).collect();
+        let head = format!("HTTP/1.1 403 Forbidden\r\n{many}Content-Length: 0\r\n\r\n");
+        let r = refused(ResponseReader::new(1 << 16, 100).feed(head.as_bytes()));
+        assert!(text(&r).contains("X-199: v\r\n"));
+    }
+}

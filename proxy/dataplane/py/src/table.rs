@@ -1,0 +1,343 @@
+//! `EnforcementTable`: the write side of the core's enforcement table, for the
+//! brain, and the read side the native listener admits with.
+//!
+//! Every write builds the next snapshot with the GIL released (the core's
+//! read-copy-update) and publishes it atomically; the listener's lookups never
+//! wait for it. Durations come in as seconds and become deadlines on the
+//! Rust side's clock.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+
+use loopwatch_dataplane_core::table::{
+    AccessList, Admission, BreakerEntry, BreakerState, Cooldown, EnforcementTable as Table,
+    KeyEntry, ProbeBudget,
+};
+
+/// The longest duration a table entry takes (ten years): beyond it a deadline
+/// would overflow the clock.
+const MAX_SECONDS: f64 = 10.0 * 365.0 * 86_400.0;
+
+pub fn duration(name: &str, seconds: f64) -> PyResult<Duration> {
+    if !seconds.is_finite() || !(0.0..=MAX_SECONDS).contains(&seconds) {
+        return Err(PyValueError::new_err(format!(
+            "{name}: expected a number of seconds from 0 to {MAX_SECONDS}, got {seconds}"
+        )));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+fn optional_duration(name: &str, seconds: Option<f64>) -> PyResult<Option<Duration>> {
+    seconds.map(|s| duration(name, s)).transpose()
+}
+
+/// A breaker's state, as the brain names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StateKind {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl StateKind {
+    fn parse(text: &str) -> PyResult<StateKind> {
+        match text {
+            "closed" => Ok(StateKind::Closed),
+            "open" => Ok(StateKind::Open),
+            "half_open" => Ok(StateKind::HalfOpen),
+            _ => Err(PyValueError::new_err(format!(
+                "state: expected \"closed\", \"open\" or \"half_open\", got {text:?}"
+            ))),
+        }
+    }
+
+    fn of(state: &BreakerState) -> StateKind {
+        match state {
+            BreakerState::Closed => StateKind::Closed,
+            BreakerState::Open { .. } => StateKind::Open,
+            BreakerState::HalfOpen { .. } => StateKind::HalfOpen,
+        }
+    }
+}
+
+/// What the brain decided, read by the native listener at admission.
+///
+/// Per client key: `set_cooldown`, `set_min_interval`, `set_at_capacity`,
+/// `clear`; lists: `set_allow`, `set_deny` (keys, or CIDRs matched against the
+/// key's address part and the peer); breakers: `set_breaker`,
+/// `remove_breaker`; `set_defaults` for the retry times and hold of refusals
+/// that carry none of their own.
+#[pyclass(frozen, module = "loopwatch.proxy.dataplane._dataplane")]
+pub struct EnforcementTable {
+    inner: Arc<Table>,
+}
+
+impl EnforcementTable {
+    pub fn shared(&self) -> Arc<Table> {
+        Arc::clone(&self.inner)
+    }
+}
+
+#[pymethods]
+impl EnforcementTable {
+    #[new]
+    fn new() -> Self {
+        EnforcementTable {
+            inner: Arc::new(Table::default()),
+        }
+    }
+
+    /// Refuse `key` for `seconds` from now, naming the rule (`reason`) that
+    /// started it. `retry_after`: the retry time refusals announce, if not
+    /// what is left of the cooldown; `hold`: hold a refused attempt this long
+    /// before answering it.
+    #[pyo3(signature = (key, seconds, reason="manual", retry_after=None, hold=None))]
+    fn set_cooldown(
+        &self,
+        py: Python<'_>,
+        key: &str,
+        seconds: f64,
+        reason: &str,
+        retry_after: Option<f64>,
+        hold: Option<f64>,
+    ) -> PyResult<()> {
+        let length = duration("seconds", seconds)?;
+        let retry_after = optional_duration("retry_after", retry_after)?;
+        let hold = optional_duration("hold", hold)?;
+        let rule: Arc<str> = Arc::from(reason);
+        py.detach(|| {
+            let now = Instant::now();
+            let cooldown = Cooldown {
+                until: now + length,
+                rule,
+                hold,
+                retry_until: retry_after.map(|r| now + r),
+            };
+            self.inner.update(|s| {
+                let entry = s.keys.entry(key.into()).or_default();
+                entry.cooldown = Some(cooldown.clone());
+                s.prune(now);
+            });
+        });
+        Ok(())
+    }
+
+    /// No attempt of `key` before `seconds` from now (min-interval).
+    fn set_min_interval(&self, py: Python<'_>, key: &str, seconds: f64) -> PyResult<()> {
+        let wait = duration("seconds", seconds)?;
+        py.detach(|| {
+            let now = Instant::now();
+            self.inner.update(|s| {
+                s.keys.entry(key.into()).or_default().not_before = Some(now + wait);
+                s.prune(now);
+            });
+        });
+        Ok(())
+    }
+
+    /// Whether `key` has its max-concurrent connections open (`reject-new`).
+    fn set_at_capacity(&self, py: Python<'_>, key: &str, at_capacity: bool) {
+        py.detach(|| {
+            let now = Instant::now();
+            self.inner.update(|s| {
+                s.keys.entry(key.into()).or_default().at_capacity = at_capacity;
+                s.prune(now);
+            });
+        });
+    }
+
+    /// Lift every restriction on `key`; whether it had any.
+    fn clear(&self, py: Python<'_>, key: &str) -> bool {
+        py.detach(|| {
+            let had = self.inner.snapshot().keys.contains_key(key);
+            if had {
+                self.inner.update(|s| {
+                    s.keys.remove(key);
+                });
+            }
+            had
+        })
+    }
+
+    /// Replace the allow list: client keys, or CIDRs ("10.0.0.0/8").
+    fn set_allow(&self, py: Python<'_>, entries: Vec<String>) -> PyResult<()> {
+        let list = parse_list("allow", &entries)?;
+        py.detach(|| self.inner.update(|s| s.allow = list.clone()));
+        Ok(())
+    }
+
+    /// Replace the deny list: client keys, or CIDRs.
+    fn set_deny(&self, py: Python<'_>, entries: Vec<String>) -> PyResult<()> {
+        let list = parse_list("deny", &entries)?;
+        py.detach(|| self.inner.update(|s| s.deny = list.clone()));
+        Ok(())
+    }
+
+    /// Set a breaker's state: "closed"; "open" for `seconds` (then it lets
+    /// `probes` through); "half_open" with `probes` probes, the rest refused
+    /// with `seconds` as their retry time. A breaker that stays in its state
+    /// keeps the probes already taken; entering a state starts a fresh budget.
+    /// `enforced=False` (observe mode): it takes probes but never refuses.
+    #[pyo3(signature = (name, state, seconds=0.0, probes=1, enforced=true))]
+    fn set_breaker(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        state: &str,
+        seconds: f64,
+        probes: u32,
+        enforced: bool,
+    ) -> PyResult<()> {
+        let kind = StateKind::parse(state)?;
+        let wait = duration("seconds", seconds)?;
+        let name: Arc<str> = Arc::from(name);
+        py.detach(|| {
+            let now = Instant::now();
+            let state = match kind {
+                StateKind::Closed => BreakerState::Closed,
+                StateKind::Open => BreakerState::Open { until: now + wait },
+                StateKind::HalfOpen => BreakerState::HalfOpen { retry_after: wait },
+            };
+            self.inner.update(|s| {
+                let existing = s.breakers.iter().position(|b| b.name == name);
+                let kept = existing
+                    .map(|i| &s.breakers[i])
+                    .filter(|b| StateKind::of(&b.state) == kind)
+                    .map(|b| Arc::clone(&b.probes));
+                let entry = BreakerEntry {
+                    name: Arc::clone(&name),
+                    state,
+                    probes: kept.unwrap_or_else(|| ProbeBudget::new(probes)),
+                    enforced,
+                };
+                match existing {
+                    Some(i) => s.breakers[i] = entry,
+                    None => s.breakers.push(entry),
+                }
+            });
+        });
+        Ok(())
+    }
+
+    /// Forget a breaker; whether it existed.
+    fn remove_breaker(&self, py: Python<'_>, name: &str) -> bool {
+        py.detach(|| {
+            let had = self
+                .inner
+                .snapshot()
+                .breakers
+                .iter()
+                .any(|b| &*b.name == name);
+            if had {
+                self.inner
+                    .update(|s| s.breakers.retain(|b| &*b.name != name));
+            }
+            had
+        })
+    }
+
+    /// Probes a breaker has left; None for an unknown breaker.
+    fn probes_left(&self, name: &str) -> Option<u32> {
+        let snapshot = self.inner.snapshot();
+        let found = snapshot.breakers.iter().find(|b| &*b.name == name);
+        found.map(|b| b.probes.remaining())
+    }
+
+    /// Retry times of refusals that carry none (deny: the cooldown max;
+    /// max-concurrent: the cooldown base) and the hold of every refusal but a
+    /// cooldown's (None: answer at once).
+    #[pyo3(signature = (deny_retry_after=300.0, max_concurrent_retry_after=5.0, hold=None))]
+    fn set_defaults(
+        &self,
+        py: Python<'_>,
+        deny_retry_after: f64,
+        max_concurrent_retry_after: f64,
+        hold: Option<f64>,
+    ) -> PyResult<()> {
+        let deny = duration("deny_retry_after", deny_retry_after)?;
+        let max_concurrent = duration("max_concurrent_retry_after", max_concurrent_retry_after)?;
+        let hold = optional_duration("hold", hold)?;
+        py.detach(|| {
+            self.inner.update(|s| {
+                s.deny_retry_after = deny;
+                s.max_concurrent_retry_after = max_concurrent;
+                s.hold = hold;
+            })
+        });
+        Ok(())
+    }
+
+    /// The decision an attempt of `key` from `peer` gets now, as the listener
+    /// makes it (a probe of a half-open breaker is taken, as for an attempt):
+    /// `("admit", [probes])`, `("allow_listed", [probes])` or
+    /// `("refuse", reason, retry_after, hold, detail)`.
+    #[pyo3(signature = (key, peer=None))]
+    fn lookup<'py>(
+        &self,
+        py: Python<'py>,
+        key: &str,
+        peer: Option<&str>,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let peer: Option<IpAddr> = match peer {
+            None => None,
+            Some(text) => Some(text.parse().map_err(|_| {
+                PyValueError::new_err(format!("peer: expected an IP address, got {text:?}"))
+            })?),
+        };
+        let names =
+            |probes: Vec<Arc<str>>| probes.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+        match self.inner.lookup(key, peer, Instant::now()) {
+            Admission::Admit { probes } => ("admit", names(probes)).into_pyobject(py),
+            Admission::AllowListed { probes } => ("allow_listed", names(probes)).into_pyobject(py),
+            Admission::Refuse(r) => (
+                "refuse",
+                r.reason.as_str(),
+                r.retry_after.as_secs_f64(),
+                r.hold.map(|h| h.as_secs_f64()),
+                r.detail.map(|d| d.to_string()),
+            )
+                .into_pyobject(py),
+        }
+    }
+
+    /// Drop the key entries that no longer restrict anything.
+    fn prune(&self, py: Python<'_>) {
+        py.detach(|| {
+            let now = Instant::now();
+            self.inner.update(|s| s.prune(now));
+        });
+    }
+
+    /// Publishes so far.
+    #[getter]
+    fn generation(&self) -> u64 {
+        self.inner.snapshot().generation
+    }
+
+    /// Client keys with an entry (expired ones until the next write).
+    fn __len__(&self) -> usize {
+        self.inner.snapshot().keys.len()
+    }
+
+    fn __contains__(&self, key: &str) -> bool {
+        let snapshot = self.inner.snapshot();
+        snapshot
+            .keys
+            .get(key)
+            .is_some_and(|e: &KeyEntry| e.is_live(Instant::now()))
+    }
+
+    fn __repr__(&self) -> String {
+        format!("{:?}", self.inner)
+    }
+}
+
+fn parse_list(name: &str, entries: &[String]) -> PyResult<AccessList> {
+    AccessList::parse(entries.iter().map(String::as_str))
+        .map_err(|e| PyValueError::new_err(format!("{name}: {e}")))
+}

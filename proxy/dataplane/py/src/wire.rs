@@ -1,0 +1,388 @@
+//! The bytes the native listener writes itself: its one-line answers, the
+//! refusals of docs/refusals.md, and the upgrade request it forwards.
+//!
+//! Each function mirrors one of the Python data plane (`proxy/dataplane/heads.py`
+//! `simple_response` and `upstream_request_head`, `proxy/brain.py`
+//! `refusal_for`, `proxy/dataplane/listener.py` `refusal_bytes`), so that a
+//! client cannot tell the two data planes apart.
+
+use loopwatch_dataplane_core::events::RefuseReason;
+use loopwatch_dataplane_core::frames::build_close_frame;
+use loopwatch_dataplane_core::head::{accept_key, RequestHead};
+
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus the
+/// historic Proxy-Connection (`HOP_BY_HOP` in heads.py).
+const HOP_BY_HOP: [&[u8]; 9] = [
+    b"connection",
+    b"keep-alive",
+    b"proxy-authenticate",
+    b"proxy-authorization",
+    b"proxy-connection",
+    b"te",
+    b"trailer",
+    b"transfer-encoding",
+    b"upgrade",
+];
+
+/// Headers loopwatch sets itself on the upstream request (the client's are dropped).
+const REPLACED: [&[u8]; 4] = [
+    b"host",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+];
+
+pub const SWITCHING: &[u8] =
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n";
+
+/// The status phrases of the answers the native listener writes itself.
+pub fn status_phrase(status: u16) -> &'static str {
+    match status {
+        400 => "Bad Request",
+        404 => "Not Found",
+        408 => "Request Timeout",
+        426 => "Upgrade Required",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        505 => "HTTP Version Not Supported",
+        _ => "Unknown",
+    }
+}
+
+/// A complete response with a one-line text body, then the connection closes
+/// (`simple_response` in heads.py).
+pub fn simple_response(status: u16, message: &str, headers: &[(&str, &str)]) -> Vec<u8> {
+    let phrase = status_phrase(status);
+    let body = if message.is_empty() { phrase } else { message };
+    let mut out = format!("HTTP/1.1 {status} {phrase}\r\n");
+    for (name, value) in headers {
+        out.push_str(&format!("{name}: {value}\r\n"));
+    }
+    out.push_str("Content-Type: text/plain; charset=utf-8\r\n");
+    out.push_str(&format!("Content-Length: {}\r\n", body.len() + 1));
+    out.push_str("Connection: close\r\n\r\n");
+    out.push_str(body);
+    out.push('\n');
+    out.into_bytes()
+}
+
+/// How refusals are answered (`policy.reject_with`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectWith {
+    /// Accept the upgrade, then close 1013 with the reason (browsers can read it).
+    Close1013,
+    /// HTTP 429 (503 for an open breaker) with Retry-After, before any upgrade.
+    Http429,
+}
+
+impl RejectWith {
+    pub fn parse(text: &str) -> Option<RejectWith> {
+        match text {
+            "close-1013" => Some(RejectWith::Close1013),
+            "http-429" => Some(RejectWith::Http429),
+            _ => None,
+        }
+    }
+}
+
+/// The phrase of a refusal reason (`REASON_TEXT` in proxy/brain.py).
+pub fn phrase(reason: RefuseReason) -> &'static str {
+    match reason {
+        RefuseReason::Cooldown => "cooldown",
+        RefuseReason::MinInterval => "too soon after the last attempt",
+        RefuseReason::MaxConcurrent => "too many connections",
+        RefuseReason::Deny => "denied",
+        RefuseReason::CircuitOpen => "upstream unavailable",
+    }
+}
+
+/// Whole seconds told to the client: rounded up, never less than 1.
+pub fn retry_secs(retry_after: std::time::Duration) -> u64 {
+    let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+    secs.max(1)
+}
+
+/// The refusal reason of docs/refusals.md: `loopwatch: PHRASE, retry in Ns`.
+pub fn refusal_text(reason: RefuseReason, retry_after: std::time::Duration) -> String {
+    format!(
+        "loopwatch: {}, retry in {}s",
+        phrase(reason),
+        retry_secs(retry_after)
+    )
+}
+
+/// The bytes of a refusal: a 429/503 response with Retry-After, or a 101
+/// answering `ws_key` followed by the close-1013 frame.
+pub fn refusal_bytes(
+    how: RejectWith,
+    reason: RefuseReason,
+    retry_after: std::time::Duration,
+    ws_key: &[u8],
+) -> Vec<u8> {
+    let text = refusal_text(reason, retry_after);
+    match how {
+        RejectWith::Http429 => {
+            let status = if reason == RefuseReason::CircuitOpen {
+                503
+            } else {
+                429
+            };
+            let retry = retry_secs(retry_after).to_string();
+            simple_response(status, &text, &[("Retry-After", &retry)])
+        }
+        RejectWith::Close1013 => {
+            let mut out = SWITCHING.to_vec();
+            out.extend_from_slice(b"Sec-WebSocket-Accept: ");
+            out.extend_from_slice(accept_key(trim(ws_key)).as_bytes());
+            out.extend_from_slice(b"\r\n\r\n");
+            // 1013 is a valid code and the text is at most 64 bytes.
+            out.extend(build_close_frame(1013, &text, None).expect("1013 is sendable"));
+            out
+        }
+    }
+}
+
+/// `bytes.strip()` of Python (a header value holds no CR or LF).
+fn trim(value: &[u8]) -> &[u8] {
+    let ws = |b: &u8| matches!(b, b' ' | b'\t' | 0x0b | 0x0c | b'\r' | b'\n');
+    let start = value.iter().position(|b| !ws(b)).unwrap_or(value.len());
+    let end = value.iter().rposition(|b| !ws(b)).map_or(start, |i| i + 1);
+    &value[start..end]
+}
+
+/// A route of the native listener: a path prefix and its upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The path prefix as configured (latin-1 bytes, like the path it is
+    /// compared with); also the route's name in events.
+    pub prefix: Vec<u8>,
+    pub name: std::sync::Arc<str>,
+    pub host: String,
+    pub port: u16,
+    /// The Host the upstream gets (`Upstream.authority`).
+    pub authority: Vec<u8>,
+    /// The upstream URL's path without its trailing slash; empty keeps the
+    /// client's path as it is.
+    pub base_path: Vec<u8>,
+}
+
+impl Route {
+    /// Whether the route serves `path`: prefixes match whole path segments.
+    pub fn matches(&self, path: &[u8]) -> bool {
+        let p = self.prefix.as_slice();
+        if p == b"/" || path == p {
+            return true;
+        }
+        if p.ends_with(b"/") {
+            path.starts_with(p)
+        } else {
+            path.starts_with(p) && path.get(p.len()) == Some(&b'/')
+        }
+    }
+
+    /// The request-target sent upstream: the client's, or with the prefix
+    /// replaced by the upstream URL's path when it has one (`Route.target`).
+    pub fn target(&self, path: &[u8], target: &[u8]) -> Vec<u8> {
+        if self.base_path.is_empty() {
+            return target.to_vec();
+        }
+        let prefix = self.prefix.strip_suffix(b"/").unwrap_or(&self.prefix);
+        let rest = path.get(prefix.len()..).unwrap_or_default();
+        let query = target
+            .iter()
+            .position(|&b| b == b'?')
+            .map_or(&b""[..], |i| &target[i + 1..]);
+        let mut out = [self.base_path.as_slice(), rest].concat();
+        if out.is_empty() {
+            out.push(b'/');
+        }
+        if !query.is_empty() {
+            out.push(b'?');
+            out.extend_from_slice(query);
+        }
+        out
+    }
+}
+
+/// The longest prefix that matches `path` (`routes` sorted longest first).
+pub fn route_for<'r>(routes: &'r [Route], path: &[u8]) -> Option<&'r Route> {
+    routes.iter().find(|r| r.matches(path))
+}
+
+fn lower(name: &[u8]) -> Vec<u8> {
+    name.to_ascii_lowercase()
+}
+
+/// The request head sent upstream: end-to-end headers as the client sent them
+/// (order and case kept), Host set to the upstream, the upgrade pair, then
+/// X-Forwarded-For/-Proto/-Host (`upstream_request_head` in heads.py).
+pub fn upstream_request_head(
+    head: &RequestHead<'_>,
+    target: &[u8],
+    host: &[u8],
+    peer: &str,
+    scheme: &str,
+) -> Vec<u8> {
+    let mut named: Vec<Vec<u8>> = Vec::new();
+    for h in &head.headers {
+        if h.name.eq_ignore_ascii_case(b"connection") {
+            named.extend(
+                h.value
+                    .split(|&b| b == b',')
+                    .map(|t| lower(trim(t)))
+                    .filter(|t| !t.is_empty()),
+            );
+        }
+    }
+    let mut out = Vec::with_capacity(head.head_len + 128);
+    out.extend_from_slice(head.method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target);
+    out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
+    out.extend_from_slice(host);
+    out.extend_from_slice(b"\r\n");
+    for h in &head.headers {
+        let name = lower(h.name);
+        if HOP_BY_HOP.contains(&name.as_slice())
+            || named.contains(&name)
+            || REPLACED.contains(&name.as_slice())
+        {
+            continue;
+        }
+        out.extend_from_slice(h.name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(h.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"Upgrade: websocket\r\nConnection: Upgrade\r\n");
+    out.extend_from_slice(b"X-Forwarded-For: ");
+    if let Some(previous) = head.header("x-forwarded-for") {
+        out.extend_from_slice(&previous);
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(peer.as_bytes());
+    out.extend_from_slice(b"\r\nX-Forwarded-Proto: ");
+    out.extend_from_slice(scheme.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    if let Some(authority) = &head.authority {
+        out.extend_from_slice(b"X-Forwarded-Host: ");
+        out.extend_from_slice(authority);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use loopwatch_dataplane_core::head::{parse_head, HeadLimits, HeadStatus};
+    use std::time::Duration;
+
+    fn route(prefix: &str, base: &str) -> Route {
+        Route {
+            prefix: prefix.into(),
+            name: prefix.into(),
+            host: "127.0.0.1".into(),
+            port: 9000,
+            authority: b"127.0.0.1:9000".to_vec(),
+            base_path: base.into(),
+        }
+    }
+
+    fn parsed(raw: &[u8]) -> RequestHead<'_> {
+        match parse_head(raw, &HeadLimits::default()) {
+            HeadStatus::Complete(head) => head,
+            other => panic!("not a complete head: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn routes_match_whole_segments_longest_first() {
+        let routes = vec![route("/chat/", ""), route("/api", ""), route("/", "")];
+        let name = |path: &[u8]| route_for(&routes, path).map(|r| r.name.to_string());
+        assert_eq!(name(b"/api"), Some("/api".into()));
+        assert_eq!(name(b"/api/x"), Some("/api".into()));
+        assert_eq!(name(b"/apix"), Some("/".into()));
+        assert_eq!(name(b"/chat/room"), Some("/chat/".into()));
+        assert_eq!(name(b"/chat"), Some("/".into()));
+        assert_eq!(route_for(&routes[..2], b"/other"), None);
+    }
+
+    #[test]
+    fn targets_keep_or_rewrite_the_path_and_keep_the_query() {
+        assert_eq!(
+            route("/ws", "").target(b"/ws/a", b"/ws/a?x=1"),
+            b"/ws/a?x=1"
+        );
+        assert_eq!(
+            route("/ws", "/socket").target(b"/ws/a", b"/ws/a?x=1"),
+            b"/socket/a?x=1"
+        );
+        assert_eq!(route("/ws/", "/s").target(b"/ws/", b"/ws/"), b"/s/");
+        assert_eq!(route("/", "/base").target(b"/", b"/?q"), b"/base/?q");
+    }
+
+    #[test]
+    fn the_upgrade_request_keeps_end_to_end_headers_and_adds_forwarding() {
+        let raw = b"GET /ws?t=1 HTTP/1.1\r\nHost: example.test\r\nUpgrade: websocket\r\n\
+            Connection: Upgrade, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: 5\r\n\
+            Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+            X-Forwarded-For: 10.0.0.1\r\nX-Forwarded-Proto: https\r\nCookie: a=b\r\n\r\n";
+        let head = parsed(raw);
+        let out = upstream_request_head(&head, b"/ws?t=1", b"backend:9000", "127.0.0.1", "http");
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET /ws?t=1 HTTP/1.1\r\nHost: backend:9000\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             Cookie: a=b\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             X-Forwarded-For: 10.0.0.1, 127.0.0.1\r\nX-Forwarded-Proto: http\r\n\
+             X-Forwarded-Host: example.test\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn refusals_follow_the_contract() {
+        let retry = Duration::from_millis(4200);
+        assert_eq!(
+            refusal_text(RefuseReason::MinInterval, retry),
+            "loopwatch: too soon after the last attempt, retry in 5s"
+        );
+        assert_eq!(retry_secs(Duration::ZERO), 1);
+        assert_eq!(retry_secs(Duration::from_secs(3)), 3);
+        let http = refusal_bytes(RejectWith::Http429, RefuseReason::Cooldown, retry, b"");
+        let text = String::from_utf8(http).unwrap();
+        assert!(text.starts_with("HTTP/1.1 429 Too Many Requests\r\nRetry-After: 5\r\n"));
+        assert!(text.ends_with("\r\n\r\nloopwatch: cooldown, retry in 5s\n"));
+        let open = refusal_bytes(RejectWith::Http429, RefuseReason::CircuitOpen, retry, b"");
+        assert!(open.starts_with(b"HTTP/1.1 503 Service Unavailable\r\n"));
+        let close = refusal_bytes(
+            RejectWith::Close1013,
+            RefuseReason::Deny,
+            retry,
+            b" dGhlIHNhbXBsZSBub25jZQ==",
+        );
+        let head_end = close.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        assert!(close[..head_end]
+            .ends_with(b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"));
+        let frame = &close[head_end..];
+        let text = b"loopwatch: denied, retry in 5s";
+        assert_eq!(&frame[..4], &[0x88, 2 + text.len() as u8, 0x03, 0xF5]);
+        assert_eq!(&frame[4..], text);
+    }
+
+    #[test]
+    fn simple_responses_are_one_line() {
+        let out = simple_response(404, "no route for this path", &[]);
+        assert_eq!(
+            out,
+            b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain; charset=utf-8\r\n\
+              Content-Length: 23\r\nConnection: close\r\n\r\nno route for this path\n"
+                .to_vec()
+        );
+    }
+}
