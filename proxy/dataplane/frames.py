@@ -40,6 +40,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 __all__ = [
     "COMPILED",
@@ -691,4 +692,9 @@ def _compiled() -> type | None:
 
 CFrameParser: type | None = _compiled()
 COMPILED = CFrameParser is not None
-FrameParser: type = CFrameParser if CFrameParser is not None else PyFrameParser
+if TYPE_CHECKING:
+    # One type for both builds: the C one has PyFrameParser's public interface
+    # (_frames.pyi spells it out; tests/test_frames.py runs every test on both).
+    FrameParser = PyFrameParser
+else:
+    FrameParser = CFrameParser if CFrameParser is not None else PyFrameParser
