@@ -136,6 +136,11 @@ class Engine:
             self._update_notable(state)
         self._mark_pending(t)
 
+    @property
+    def policy(self) -> PolicySettings:
+        """The policy settings in force (the proxy reads its hold settings here)."""
+        return self._policy.settings
+
     # --- the hot path --------------------------------------------------------
 
     def admit(self, attempt: Attempt) -> Admit | Reject:
@@ -304,6 +309,23 @@ class Engine:
         self._evaluate(state, t, enforce)
         self._reschedule(state, t)
         return self._take()
+
+    def answered(self, key: str, t: float) -> Outcome:
+        """A refusal the proxy held was answered at ``t`` (or its client left then).
+
+        ``admit`` recorded the attempt and its refusal at arrival; the attempt
+        *ended* only now. Retry intervals are measured from an attempt's end, so
+        a client that reconnects at once after a held refusal still shows no
+        backoff: the hold is loopwatch's pause, not the client's.
+        """
+        state = self._store.get(key)
+        if state is None:
+            return EMPTY
+        if t > state.end_t:
+            state.end_t = t
+        if t > state.last_seen:
+            state.last_seen = t
+        return EMPTY
 
     def _blame(self, kind: int) -> int:
         # While a breaker is not closed the failing service is to blame, not the

@@ -25,6 +25,8 @@ CloseCode = Annotated[int, Field(ge=1000, le=4999)]
 HttpStatus = Annotated[int, Field(ge=100, le=599)]
 # Windows and periods: zero would make a rate divide by zero or a rule meaningless.
 PositiveDuration = Annotated[Duration, Field(gt=0)]
+# Refusals that may be held (deny never is: an operator's deny is answered at once).
+HoldReason: TypeAlias = Literal["cooldown", "min_interval", "max_concurrent", "circuit_open"]
 
 
 class SettingsModel(BaseModel):
@@ -261,6 +263,22 @@ class PolicySettings(SettingsModel):
         (), description="Keys or CIDRs never enforced on (a CIDR matches the key's address)."
     )
     deny: tuple[ListEntry, ...] = Field((), description="Keys or CIDRs always refused.")
+    # Hold before refusing (docs/refusals.md): a looping client reconnects from its
+    # close handler, so it loops as fast as refusals come back. Held, it makes one
+    # attempt per hold instead of 20-50 a second; measured in docs/performance.md.
+    hold: Annotated[Duration, Field(ge=0, le=30)] = Field(
+        "2s",
+        description="Hold a refused attempt this long (never past its retry time) before answering; 0 = off.",
+    )
+    hold_reasons: tuple[HoldReason, ...] = Field(
+        ("cooldown",), description="Refusal reasons held: cooldown, min_interval, max_concurrent, circuit_open."
+    )
+    max_held: Annotated[int, Field(ge=0)] = Field(
+        10_000, description="Most attempts held at once; beyond it refusals are immediate."
+    )
+    max_held_per_key: Annotated[int, Field(ge=0)] = Field(
+        4, description="Most attempts of one client held at once; beyond it refusals are immediate."
+    )
 
     @field_validator("allow", "deny")
     @classmethod

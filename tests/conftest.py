@@ -30,7 +30,9 @@ def free_port() -> int:
 
 
 def settings_for(upstream: str, **overrides: Any) -> Settings:
-    base = {"upstream": upstream, "listen": "127.0.0.1:0", "admin.listen": "127.0.0.1:0"}
+    # Refusals answered at once unless a test turns policy.hold on (tests/test_hold.py,
+    # the browser tests): a 2 s hold per refusal would stretch every loop test.
+    base = {"upstream": upstream, "listen": "127.0.0.1:0", "admin.listen": "127.0.0.1:0", "policy.hold": 0}
     base.update(overrides)
     return load_settings(None, env={}, overrides=base)
 

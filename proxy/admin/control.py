@@ -34,6 +34,10 @@ class Control(Protocol):
 
     def active_connections(self) -> int: ...
 
+    def held_connections(self) -> int:
+        """Refused attempts held before their answer right now (policy.hold)."""
+        ...
+
     # --- levers -------------------------------------------------------------------------
 
     def release(self, key: str, now: float) -> bool:

@@ -425,6 +425,7 @@ class StatusHub(Observer):
                 "refusals_per_second": counts.total(REFUSALS, now, 5) / 5,
                 "auth_failures_per_second": counts.total(AUTH_FAILURES, now, 5) / 5,
                 "active_connections": control.active_connections(),
+                "held_connections": control.held_connections(),  # refusals on hold (policy.hold)
                 "clients_tracked": snapshot.clients_tracked,
                 "clients_in_cooldown": snapshot.clients_in_cooldown,
                 "clients_flagged": dict(snapshot.clients_flagged),

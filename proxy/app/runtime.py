@@ -104,11 +104,16 @@ class Running:
     def active_connections(self) -> int:
         return len(self.proxy.relays)
 
+    def held_connections(self) -> int:
+        return self.proxy.holds.count
+
     def release(self, key: str, now: float) -> bool:
         tracked = self.engine.release(key, now)
         # With a shared store, released on every replica: others may hold a
         # cooldown for a client this one never saw.
         self.brain.state_store.release(key)
+        # Its held attempts are answered now (retry in 1 s): the next one is admitted.
+        self.proxy.release_held(key)
         if tracked:
             self.brain.kick()  # the outcome reaches observers on the engine's next wake-up
         return tracked
@@ -213,7 +218,7 @@ class ListenerView:
         return self._proxy.rejections.counts
 
     def holds(self) -> HoldCounts | None:
-        return getattr(self._proxy, "holds", None)  # held refusals: the listener's, once it keeps them
+        return self._proxy.holds
 
 
 async def start(

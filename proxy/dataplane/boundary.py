@@ -85,6 +85,10 @@ class Refusal:
     how: str = "close-1013"  # or "http" (status below + Retry-After)
     status: int = 429
     message: str = ""  # the close reason or the response body line
+    # Seconds to hold the attempt (no upstream, no answer yet) before answering:
+    # 0 = answer at once. Never past retry_after; the listener holds only within
+    # the gate's max_held / max_held_per_key (docs/refusals.md, "The hold").
+    hold: float = 0.0
 
 
 class TraceContext(NamedTuple):
@@ -132,11 +136,18 @@ class RelayStats:
 
 
 class Gate:
+    # Bounds on held refusals (read by the listener at each hold, so a reload applies).
+    max_held = 0
+    max_held_per_key = 0
+
     def attempt(self, head: RequestHead, peer: str, route: str, t: float) -> tuple[Connection, Refusal | None]:
         return Connection(key=peer, route=route, peer=peer, t0=t, head=head), None
 
     def handshake_failed(self, attempt: Connection, t: float, status: int | None, error: str | None) -> None:
         pass
+
+    def held_answered(self, attempt: Connection, t: float) -> None:
+        """A held refusal was answered (or its client left) at `t`: the attempt ended then."""
 
     def opened(self, attempt: Connection, t: float) -> None:
         pass

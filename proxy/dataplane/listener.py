@@ -18,7 +18,8 @@ import logging
 import math
 import sys
 import time
-from typing import TYPE_CHECKING
+from enum import StrEnum
+from typing import TYPE_CHECKING, cast
 
 from .boundary import Connection, Gate, Refusal, Rejections, RelayStats
 from .forward import HttpExchange
@@ -33,16 +34,49 @@ from .heads import (
     upstream_request_head,
     validate_websocket_upgrade,
 )
-from .relay import Relay
+from .relay import GONE, Relay
 from .routing import Route, Router, client_ssl_context, server_ssl_context
+from .states import IllegalTransition
 
 if TYPE_CHECKING:
     from ..app.settings import Settings
 
 log = logging.getLogger("loopwatch.server")
 
-# Handshake states of a client connection.
-HEAD, UPSTREAM, HTTP, REFUSING, DONE = range(5)
+
+
+class HandshakeState(StrEnum):
+    """Where a client connection is until the relay takes it over (docs/relay.md, "States")."""
+
+    HEAD = "head"  # reading a request head (the first, or the next one on a kept-alive connection)
+    UPSTREAM = "upstream"  # admitted: the upstream connect and its answer to the upgrade
+    HTTP = "http"  # a plain HTTP request forwarded (forward.py's HttpExchange)
+    HELD = "held"  # refused with a hold (policy.hold): waiting it out before the answer
+    REFUSING = "refusing"  # a 101 and a close 1013 written: waiting for the client's close reply
+    RELAYED = "relayed"  # the upstream's 101 went out: the relay owns both transports now
+    DONE = "done"  # answered, refused, failed or gone: everything released
+
+
+HEAD, UPSTREAM, HTTP, HELD, REFUSING, RELAYED, DONE = (
+    HandshakeState.HEAD, HandshakeState.UPSTREAM, HandshakeState.HTTP, HandshakeState.HELD,
+    HandshakeState.REFUSING, HandshakeState.RELAYED, HandshakeState.DONE,
+)  # fmt: skip
+
+# Every legal move. Refused or failed anywhere = DONE; RELAYED and DONE are final.
+HANDSHAKE_TRANSITIONS: frozenset[tuple[HandshakeState, HandshakeState]] = frozenset({
+    (HEAD, UPSTREAM),  # an upgrade, routed and admitted
+    (HEAD, HTTP),  # a plain request, routed
+    (HEAD, HELD),  # an upgrade refused with a hold
+    (HEAD, REFUSING),  # an upgrade refused with a close 1013
+    (HEAD, DONE),  # refused at accept, bad head, head timeout, refused by HTTP status, client gone
+    (UPSTREAM, RELAYED),  # the upstream answered 101
+    (UPSTREAM, DONE),  # the upstream refused or failed, timeout, client gone
+    (HTTP, HEAD),  # response written, the connection kept alive for the next request
+    (HTTP, DONE),  # response written and closed, or failed, or the client gone
+    (HELD, REFUSING),  # the hold is over (or released): a close 1013
+    (HELD, DONE),  # the hold is over: an HTTP refusal; or the client gone, or shutdown
+    (REFUSING, DONE),  # the client's close reply, REFUSAL_GRACE, or shutdown
+})  # fmt: skip
 
 OVERLOADED = simple_response(503, "loopwatch: too many connections", (("Retry-After", "1"),))
 # One address holds its share of limits.max_connections (or of half-open heads):
@@ -95,7 +129,8 @@ class ClientHandshake(asyncio.Protocol):
 
     def __init__(self, server: ProxyServer):
         self.server = server
-        self.transport: asyncio.Transport | None = None
+        # Set by connection_made, which the loop calls right after creating the protocol.
+        self.transport: asyncio.Transport
         self.peer = ""
         self.state = HEAD
         self.parser = HeadParser(server.max_head_size)
@@ -113,11 +148,16 @@ class ClientHandshake(asyncio.Protocol):
         self.head_pending = False  # counted among its address's half-open heads
         self.early_eof = False  # the client shut its writing half during the upstream handshake
 
+    def _to(self, state: HandshakeState) -> None:
+        if (self.state, state) not in HANDSHAKE_TRANSITIONS:
+            raise IllegalTransition("client handshake", self.state, state)
+        self.state = state
+
     # --- asyncio callbacks --------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # No isinstance check: uvloop's transports do not subclass asyncio.Transport.
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)
         server = self.server
         peername = transport.get_extra_info("peername")
         peer = self.peer = peername[0] if peername else ""
@@ -150,9 +190,9 @@ class ClientHandshake(asyncio.Protocol):
 
     def refuse_at_accept(self, response: bytes, status: int, message: str, reason: str) -> None:
         """Answer a connection loopwatch does not take on at all, and close it."""
-        self.state = DONE
-        self.transport.write(response)  # type: ignore[union-attr]
-        self.transport.close()  # type: ignore[union-attr]
+        self._to(DONE)
+        self.transport.write(response)
+        self.transport.close()
         self.server.rejected(reason, status, self.peer, message)
 
     def data_received(self, data: bytes) -> None:
@@ -163,30 +203,30 @@ class ClientHandshake(asyncio.Protocol):
             except HttpError as e:
                 self.fail(e.status, e.message, e.headers, e.reason)
                 return
-            if state == HEAD and head is not None:
+            if state is HEAD and head is not None:
                 if self.head_pending:
                     self.head_done()  # (pending once per connection: its first head)
                 if self.parser.upgrade:
                     self.begin_upgrade(head, self.parser.rest)
                 else:
                     self.begin_http(head)
-        elif state == UPSTREAM:
+        elif state is UPSTREAM:
             # A client may start sending frames before it sees the 101: keep a
             # bounded amount, then stop reading until the relay starts.
             self.early += data
             if len(self.early) > self.server.early_data_size:
-                self.transport.pause_reading()  # type: ignore[union-attr]
-        elif state == REFUSING:
-            self.transport.close()  # type: ignore[union-attr]  # the client's close reply
+                self.transport.pause_reading()
+        elif state is REFUSING:
+            self.transport.close()  # the client's close reply
 
     def eof_received(self) -> bool:
-        if self.state == UPSTREAM:
+        if self.state is UPSTREAM:
             # Its frames so far (a close frame, say) are in `early`: the relay passes
             # them and then the EOF on, as if it had read them itself.
             self.early_eof = True
             return True
         # A client may half-close after its request; the response still flows.
-        return self.state == HTTP and self.exchange is not None
+        return self.state is HTTP and self.exchange is not None
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -205,9 +245,9 @@ class ClientHandshake(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
-        if self.state == DONE:
+        if self.state is DONE or self.state is RELAYED:
             return
-        if self.state == UPSTREAM and self.attempt is not None:
+        if self.state is UPSTREAM and self.attempt is not None:
             self.server.gate.handshake_failed(self.attempt, time.monotonic(), None, "client_closed")
         if self.exchange is not None:
             self.exchange.client_gone()
@@ -235,7 +275,7 @@ class ClientHandshake(asyncio.Protocol):
         if refusal is not None:
             self.refuse(refusal)
             return
-        self.state = UPSTREAM
+        self._to(UPSTREAM)
         self.early += rest
         # Reading goes on during the upstream handshake: what the client sends early
         # is kept (bounded; data_received pauses beyond it), and a client that leaves
@@ -247,7 +287,7 @@ class ClientHandshake(asyncio.Protocol):
         if route is None:
             self.fail(404, "no route for this path", reason="no_route")
             return
-        self.state = HTTP
+        self._to(HTTP)
         self.route = route
         if self.timer is not None:
             self.timer.cancel()
@@ -258,14 +298,14 @@ class ClientHandshake(asyncio.Protocol):
         """The exchange wrote its whole response: wait for the next request or close."""
         self.exchange = None
         if keep_alive and not self.server.closing and not self.parser.pipelined:
-            self.state = HEAD
+            self._to(HEAD)
             self.idle_keep_alive = True
             self.parser.release()
             self.parser = HeadParser(self.server.max_head_size)
             self.timer = self.server.loop.call_later(self.server.handshake_timeout, self.on_timeout)
-            self.transport.resume_reading()  # type: ignore[union-attr]
+            self.transport.resume_reading()
         else:
-            self.transport.close()  # type: ignore[union-attr]
+            self.transport.close()
             self.finish()
 
     # --- the upstream handshake ---------------------------------------------
@@ -308,10 +348,10 @@ class ClientHandshake(asyncio.Protocol):
             self.upstream_failed(502, "loopwatch: upstream unreachable", None, "connect")
             return
         transport, _ = task.result()
-        if self.state != UPSTREAM:  # the client left or timed out meanwhile
+        if self.state is not UPSTREAM:  # the client left or timed out meanwhile
             transport.close()
             return
-        self.upstream = transport  # type: ignore[assignment]
+        self.upstream = transport
         up = route.upstream
         transport.write(
             upstream_request_head(
@@ -331,10 +371,10 @@ class ClientHandshake(asyncio.Protocol):
     def upstream_accepted(self, upstream: asyncio.Transport, response: ResponseHeadParser) -> None:
         """A 101: pass its head on byte for byte and start the splice."""
         server = self.server
-        if self.state != UPSTREAM:
+        if self.state is not UPSTREAM:
             upstream.close()
             return
-        self.state = DONE
+        self._to(RELAYED)
         self.cancel_timer()
         server.handshakes.discard(self)
         extensions = (response.header(b"sec-websocket-extensions") or b"").lower()
@@ -345,7 +385,7 @@ class ClientHandshake(asyncio.Protocol):
         else:
             allowed_rsv = 0b111  # an extension loopwatch does not know may use any RSV bit
         attempt = self.attempt
-        assert attempt is not None and self.transport is not None
+        assert attempt is not None and self.address is not None
         conn_id = next(server.ids)
         attempt.conn_id = conn_id
         relay = Relay(
@@ -365,20 +405,20 @@ class ClientHandshake(asyncio.Protocol):
         server.gate.opened(attempt, time.monotonic())
         relay.start(bytes(self.early), response.rest)
         self.early = bytearray()
-        if self.early_eof and not relay.client.closed and not relay.half_close(relay.client):
+        if self.early_eof and relay.client.link is not GONE and not relay.half_close(relay.client):
             relay.client.transport.close()  # what the transport does when eof_received says so
 
     def upstream_refused(self, response: ResponseHeadParser) -> None:
         """The upstream answered the upgrade with anything but 101: the client gets
         that answer (status, headers, bounded body), never a 101 and a close."""
-        if self.state != UPSTREAM:
+        if self.state is not UPSTREAM:
             return
         assert self.attempt is not None
         self.server.gate.handshake_failed(self.attempt, time.monotonic(), response.status, None)
         self.respond_and_close(response.refusal())
 
     def upstream_failed(self, status: int, message: str, http_status: int | None, error: str) -> None:
-        if self.state != UPSTREAM:
+        if self.state is not UPSTREAM:
             return
         assert self.attempt is not None
         self.server.gate.handshake_failed(self.attempt, time.monotonic(), http_status, error)
@@ -396,7 +436,7 @@ class ClientHandshake(asyncio.Protocol):
         head = self.attempt.head if self.attempt else None
         key = head.get(b"sec-websocket-key") if head else None
         assert key is not None and self.transport is not None
-        self.state = REFUSING
+        self._to(REFUSING)
         self.cancel_timer()
         self.transport.write(
             SWITCHING + b"Sec-WebSocket-Accept: %s\r\n\r\n" % accept_key(key)
@@ -423,13 +463,13 @@ class ClientHandshake(asyncio.Protocol):
 
     def shut_down(self) -> None:
         """The server is shutting down: end this connection as fits its state."""
-        if self.state == HTTP and self.exchange is not None:
+        if self.state is HTTP and self.exchange is not None:
             return  # the response in flight finishes, then http_done closes (server.closing)
-        if self.state == REFUSING:
-            self.transport.close()  # type: ignore[union-attr]  # its close frame is out already
+        if self.state is REFUSING:
+            self.transport.close()  # its close frame is out already
             return
-        if self.state == HEAD and self.idle_keep_alive and self.parser.received == 0:
-            self.transport.close()  # type: ignore[union-attr]  # idle between requests
+        if self.state is HEAD and self.idle_keep_alive and self.parser.received == 0:
+            self.transport.close()  # idle between requests
             self.finish()
             return
         self.server.rejected("shutting_down", 503, self.peer, "loopwatch: shutting down")
@@ -445,15 +485,15 @@ class ClientHandshake(asyncio.Protocol):
 
     def on_timeout(self) -> None:
         self.timer = None
-        if self.state == HEAD:
+        if self.state is HEAD:
             if self.idle_keep_alive and self.parser.received == 0:
                 # An idle keep-alive connection: close it quietly (RFC 9112 §9.8); an
                 # unsolicited 408 could race the client's next request on it.
-                self.transport.close()  # type: ignore[union-attr]
+                self.transport.close()
                 self.finish()
                 return
             self.fail(408, "loopwatch: request head timeout", reason="head_timeout")
-        elif self.state == UPSTREAM:
+        elif self.state is UPSTREAM:
             self.upstream_failed(504, "loopwatch: upstream handshake timeout", None, "timeout")
 
     def cancel_timer(self) -> None:
@@ -465,13 +505,14 @@ class ClientHandshake(asyncio.Protocol):
         """The first request head is complete (or the connection ends before it):
         one half-open head fewer for this address."""
         self.head_pending = False
-        self.address.heads -= 1  # type: ignore[union-attr]
+        assert self.address is not None  # head_pending is set with it
+        self.address.heads -= 1
 
     def finish(self) -> None:
         """Release everything this handshake holds (idempotent)."""
-        if self.state == DONE:
+        if self.state is DONE or self.state is RELAYED:
             return
-        self.state = DONE
+        self._to(DONE)
         self.cancel_timer()
         self.parser.release()
         if self.head_pending:
@@ -483,7 +524,8 @@ class ClientHandshake(asyncio.Protocol):
             server = self.server
             server.handshakes.discard(self)
             server.active -= 1
-            server.release_address(self.address)  # type: ignore[arg-type]
+            assert self.address is not None  # set with the entry in server.handshakes
+            server.release_address(self.address)
             server.check_drained()
 
 
@@ -515,6 +557,25 @@ def _never(peer: str) -> bool:
     return False
 
 
+class AnswerState(StrEnum):
+    """The upstream's answer to the forwarded upgrade (UpstreamHandshake)."""
+
+    AWAITING = "awaiting"  # reading its response head
+    ACCEPTED = "accepted"  # a 101: handed to the client's handshake, then the relay
+    REFUSED = "refused"  # any other complete answer: passed on to the client
+    FAILED = "failed"  # a malformed answer, or the connection closed before a whole one
+
+
+AWAITING, ACCEPTED, REFUSED, FAILED = (
+    AnswerState.AWAITING, AnswerState.ACCEPTED, AnswerState.REFUSED, AnswerState.FAILED
+)  # fmt: skip
+
+# The answer is settled once: each end state is final.
+ANSWER_TRANSITIONS: frozenset[tuple[AnswerState, AnswerState]] = frozenset(
+    {(AWAITING, ACCEPTED), (AWAITING, REFUSED), (AWAITING, FAILED)}
+)
+
+
 class UpstreamHandshake(asyncio.Protocol):
     """Reads the upstream's answer to the forwarded upgrade request."""
 
@@ -522,43 +583,49 @@ class UpstreamHandshake(asyncio.Protocol):
         self.client = client
         server = client.server
         self.response = ResponseHeadParser(server.max_head_size, server.error_body_size)
-        self.transport: asyncio.Transport | None = None
-        self.handed_over = False
+        # Set by connection_made, which the loop calls right after creating the protocol.
+        self.transport: asyncio.Transport
+        self.state = AWAITING
+
+    def _to(self, state: AnswerState) -> None:
+        if (self.state, state) not in ANSWER_TRANSITIONS:
+            raise IllegalTransition("upstream handshake", self.state, state)
+        self.state = state
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        if self.handed_over:
+        if self.state is not AWAITING:
             return
         response = self.response
         try:
             response.feed(data)
         except HttpError as e:
-            self.handed_over = True
+            self._to(FAILED)
             response.release()
             self.client.upstream_failed(502, f"loopwatch: {e.message}", None, "bad_response")
             return
         if response.upgrade and response.status == 101:
-            self.handed_over = True
+            self._to(ACCEPTED)
             response.release()
-            self.client.upstream_accepted(self.transport, response)  # type: ignore[arg-type]
+            self.client.upstream_accepted(self.transport, response)
         elif response.done or response.upgrade:
-            self.handed_over = True
+            self._to(REFUSED)
             response.release()
             self.client.upstream_refused(response)
 
     def eof_received(self) -> bool:
         self.response.eof()
-        if not self.handed_over and self.response.done:
-            self.handed_over = True
+        if self.state is AWAITING and self.response.done:
+            self._to(REFUSED)
             self.client.upstream_refused(self.response)
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.response.release()
-        if not self.handed_over:
-            self.handed_over = True
+        if self.state is AWAITING:
+            self._to(FAILED)
             self.client.upstream_failed(
                 502, "loopwatch: upstream closed during the handshake", None, "closed"
             )
@@ -660,12 +727,11 @@ class ProxyServer:
     def relay_done(self, relay: Relay) -> None:
         self.relays.pop(relay.conn_id, None)
         self.active -= 1
-        self.release_address(relay.address)  # type: ignore[arg-type]
+        self.release_address(relay.address)
         code, reason, initiator = relay.close_info()
         c, u = relay.client.parser, relay.upstream.parser
         stats = RelayStats(c.messages, u.messages, c.message_bytes, u.message_bytes)
         attempt = relay.context
-        assert isinstance(attempt, Connection)
         self.gate.closed(attempt, time.monotonic(), code, reason, initiator, stats)
         if (
             self.relays_peak - len(self.relays) >= TRIM_DROP

@@ -10,6 +10,10 @@ pauses until it drains, so nothing buffers without bound.
 
 loopwatch writes a frame of its own only when it ends a connection itself
 (`Relay.close`), and only at a frame boundary of the stream it writes into.
+
+Three small state machines, each an enum with its table of legal moves
+(docs/relay.md, "States"): the relay's (`RelayState`), and per leg what happens
+to what its side sends (`Flow`) and where its transport is (`LegLink`).
 """
 
 from __future__ import annotations
@@ -17,8 +21,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from .frames import FrameParser, build_close_frame
+from .states import IllegalTransition
+
+if TYPE_CHECKING:
+    from .boundary import Connection
+    from .listener import AddressLoad
 
 CLIENT = "client"
 UPSTREAM = "upstream"
@@ -29,12 +40,60 @@ CODE_UPSTREAM_LOST = 1014  # Bad Gateway: the upstream went away
 CODE_CLIENT_LOST = 1001  # Going Away: the client went away
 # How long a proxy-initiated close waits for a frame boundary and for the peers' replies.
 CLOSE_GRACE = 2.0
+# Close codes of a connection's end that no close frame carried (RFC 6455 §7.1.5, §7.4.1).
+CODE_NO_STATUS = 1005  # a close frame without a code
+CODE_ABNORMAL = 1006  # no close frame at all: the side vanished
+
+
+class RelayState(StrEnum):
+    """A proxied WebSocket as a whole."""
+
+    OPEN = "open"  # frames flow both ways; the peers' own close handshake passes through here
+    CLOSING = "closing"  # the proxy ends it: its close frames out, waiting for the replies or CLOSE_GRACE
+    CLOSED = "closed"  # both transports are gone and the listener was told (on_done)
+
+
+class Flow(StrEnum):
+    """What a leg does with what its side sends."""
+
+    FORWARDING = "forwarding"  # passes it on, watched by the frame parser
+    FINISHING = "finishing"  # the proxy's close frame waits for the end of the frame in flight
+    STOPPED = "stopped"  # the proxy ended this direction: only watched, for the side's close reply
+
+
+class LegLink(StrEnum):
+    """A leg's transport."""
+
+    CONNECTED = "connected"
+    HALF_CLOSED = "half_closed"  # the side shut its writing half after its close frame; `out` got the EOF
+    GONE = "gone"  # connection_lost
+
+
+OPEN, CLOSING, CLOSED = RelayState.OPEN, RelayState.CLOSING, RelayState.CLOSED
+FORWARDING, FINISHING, STOPPED = Flow.FORWARDING, Flow.FINISHING, Flow.STOPPED
+CONNECTED, HALF_CLOSED, GONE = LegLink.CONNECTED, LegLink.HALF_CLOSED, LegLink.GONE
+
+RELAY_TRANSITIONS: frozenset[tuple[RelayState, RelayState]] = frozenset({
+    (OPEN, CLOSING),  # Relay.close (idle timeout, shutdown, a protocol violation), or a side lost mid-stream
+    (OPEN, CLOSED),  # both sides gone: after their close handshake, or abruptly
+    (CLOSING, CLOSED),  # both sides gone: after their replies, or aborted at CLOSE_GRACE
+})  # fmt: skip
+FLOW_TRANSITIONS: frozenset[tuple[Flow, Flow]] = frozenset({
+    (FORWARDING, FINISHING),  # the proxy closes while a frame of this side is half through
+    (FORWARDING, STOPPED),  # the proxy's close frame went out, or there is nobody to forward to
+    (FINISHING, STOPPED),  # the frame in flight ended (the close frame went out), or the side was lost
+})  # fmt: skip
+LINK_TRANSITIONS: frozenset[tuple[LegLink, LegLink]] = frozenset({
+    (CONNECTED, HALF_CLOSED),  # EOF after the side's close frame, passed on (Relay.half_close)
+    (CONNECTED, GONE),
+    (HALF_CLOSED, GONE),
+})  # fmt: skip
 
 
 class Leg(asyncio.Protocol):
     """One side of the splice: reads from `transport`, writes to `out`."""
 
-    __slots__ = ("relay", "side", "parser", "transport", "out", "forward", "pending", "eof", "closed")
+    __slots__ = ("relay", "side", "parser", "transport", "out", "flow", "pending", "link")
 
     def __init__(self, relay: Relay, side: str, parser: FrameParser, transport: asyncio.Transport):
         self.relay = relay
@@ -42,13 +101,35 @@ class Leg(asyncio.Protocol):
         self.parser = parser
         self.transport = transport
         self.out: asyncio.Transport = transport  # set to the other side's transport by Relay
-        self.forward = True  # False once the proxy ended this direction with its own close
-        self.pending: bytes | None = None  # the proxy's close frame, waiting for a boundary
-        self.eof = False  # this side shut its writing half, and `out` got the EOF
-        self.closed = False
+        self.flow = FORWARDING
+        self.pending: bytes | None = None  # the proxy's close frame while FINISHING
+        self.link = CONNECTED
+
+    @property
+    def closed(self) -> bool:
+        """Its transport is gone (for readers outside the relay)."""
+        return self.link is GONE
+
+    def _flow_to(self, flow: Flow) -> None:
+        if (self.flow, flow) not in FLOW_TRANSITIONS:
+            raise IllegalTransition(f"{self.side} leg flow", self.flow, flow)
+        self.flow = flow
+
+    def _link_to(self, link: LegLink) -> None:
+        if (self.link, link) not in LINK_TRANSITIONS:
+            raise IllegalTransition(f"{self.side} leg link", self.link, link)
+        self.link = link
+
+    def stop(self) -> None:
+        """Forward nothing more from this side (idempotent): its close frame of
+        the proxy, if one waits for a boundary, is dropped."""
+        self.pending = None
+        if self.flow is not STOPPED:
+            self._flow_to(STOPPED)
 
     def data_received(self, data: bytes) -> None:
-        if self.pending is None and self.forward:
+        flow = self.flow
+        if flow is FORWARDING:
             parser = self.parser
             n = parser.feed(data)
             if n == len(data):
@@ -57,7 +138,7 @@ class Leg(asyncio.Protocol):
                     self.relay.initiator = self.side
                 return
             self.relay.violation(self, data, n)
-        elif self.forward:
+        elif flow is FINISHING:
             self.relay.finish_frame(self, data)
         else:
             self.relay.discard(self, data)
@@ -69,18 +150,18 @@ class Leg(asyncio.Protocol):
         self.relay.other(self).resume()
 
     def pause(self) -> None:
-        if not self.closed:
+        if self.link is not GONE:
             self.transport.pause_reading()
 
     def resume(self) -> None:
-        if not self.closed:
+        if self.link is not GONE:
             self.transport.resume_reading()
 
     def eof_received(self) -> bool:
         return self.relay.half_close(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        self._link_to(GONE)
         self.relay.lost(self)
 
 
@@ -90,7 +171,7 @@ class Relay:
 
     __slots__ = (
         "conn_id", "client", "upstream", "opened_at", "initiator", "proxy_code",
-        "proxy_reason", "closing", "_timer", "_on_done", "done", "context", "address",
+        "proxy_reason", "state", "_timer", "_on_done", "context", "address",
     )
 
     def __init__(
@@ -102,8 +183,8 @@ class Relay:
         max_message_size: int | None,
         allowed_rsv: int,
         on_done: Callable[[Relay], None],
-        context: object = None,
-        address: object = None,
+        context: Connection,
+        address: AddressLoad,
     ):
         self.conn_id = conn_id
         self.context = context
@@ -124,10 +205,14 @@ class Relay:
         self.initiator: str | None = None  # whose close came first: client, upstream or proxy
         self.proxy_code: int | None = None
         self.proxy_reason = ""
-        self.closing = False
+        self.state = OPEN
         self._timer: asyncio.TimerHandle | None = None
         self._on_done = on_done
-        self.done = False
+
+    def _to(self, state: RelayState) -> None:
+        if (self.state, state) not in RELAY_TRANSITIONS:
+            raise IllegalTransition(f"relay {self.conn_id}", self.state, state)
+        self.state = state
 
     def start(self, client_early: bytes, upstream_early: bytes) -> None:
         """Install the legs and forward what each side sent before the splice began."""
@@ -135,7 +220,7 @@ class Relay:
         self.upstream.transport.set_protocol(self.upstream)
         if upstream_early:
             self.upstream.data_received(upstream_early)
-        if client_early and not self.upstream.closed:
+        if client_early and self.upstream.link is not GONE:
             self.client.data_received(client_early)
         for leg in (self.client, self.upstream):
             # A leg whose output is already over its high-water mark is paused (its
@@ -156,12 +241,12 @@ class Relay:
         if self.initiator == CLIENT or self.initiator == UPSTREAM:
             parser = self.client.parser if self.initiator == CLIENT else self.upstream.parser
             if not parser.close_seen:  # that side vanished without a close frame
-                return 1006, "", self.initiator
-            code = parser.close_code if parser.close_code is not None else 1005
+                return CODE_ABNORMAL, "", self.initiator
+            code = parser.close_code if parser.close_code is not None else CODE_NO_STATUS
             return code, parser.close_reason, self.initiator
         if self.initiator == PROXY and self.proxy_code is not None:
             return self.proxy_code, self.proxy_reason, PROXY
-        return 1006, "", self.initiator or CLIENT
+        return CODE_ABNORMAL, "", self.initiator or CLIENT
 
     # --- the proxy's own close: off the hot path ------------------------------
 
@@ -169,25 +254,26 @@ class Relay:
         """End the connection from the proxy: a close frame into each direction at a
         frame boundary, then the transports close once each side answered, or
         after CLOSE_GRACE."""
-        if self.closing or self.done:
+        if self.state is not OPEN:
             return
-        self.closing = True
+        self._to(CLOSING)
         if self.initiator is None:
             self.initiator = PROXY
         self.proxy_code, self.proxy_reason = code, reason
         self._timer = asyncio.get_running_loop().call_later(CLOSE_GRACE, self.abort)
         for leg in (self.client, self.upstream):
-            if self.other(leg).closed or leg.eof or not leg.forward:
-                leg.forward = False
+            if self.other(leg).link is GONE or leg.flow is not FORWARDING:
+                leg.stop()
                 continue
             leg.pending = build_close_frame(code, reason, mask=leg is self.client)
             if leg.parser.at_boundary:
                 self.flush_pending(leg)
-            # else: the direction is mid-frame; finish_frame flushes at its end.
+            else:  # the direction is mid-frame; finish_frame flushes at its end.
+                leg._flow_to(FINISHING)
 
     def flush_pending(self, leg: Leg) -> None:
-        frame, leg.pending = leg.pending, None
-        leg.forward = False
+        frame = leg.pending
+        leg.stop()
         if frame is not None:
             leg.out.write(frame)
         self.settle(self.other(leg))
@@ -226,15 +312,14 @@ class Relay:
         if not leg.parser.at_boundary:
             # The offending frame started in an earlier chunk and its first bytes
             # are out: a close frame now would land inside it. End that stream.
-            leg.forward = False
-            leg.pending = None
+            leg.stop()
             leg.out.close()
-        if self.closing:
-            if leg.pending is not None:
+        if self.state is CLOSING:
+            if leg.flow is FINISHING:
                 self.flush_pending(leg)
         else:
             self.close(err.close_code, f"loopwatch: {err.reason}")
-        leg.forward = False
+        leg.stop()
         self.settle(leg)
 
     def discard(self, leg: Leg, data: bytes) -> None:
@@ -247,7 +332,7 @@ class Relay:
     def settle(self, leg: Leg) -> None:
         """While closing, end `leg`'s side once its close handshake is done: the
         proxy's close frame is written to it and its own close frame arrived."""
-        if not self.closing or leg.closed or self.other(leg).pending is not None:
+        if self.state is not CLOSING or leg.link is GONE or self.other(leg).flow is FINISHING:
             return
         transport = leg.transport
         if leg.parser.close_seen:
@@ -265,7 +350,7 @@ class Relay:
 
     def abort(self) -> None:
         for leg in (self.client, self.upstream):
-            if not leg.closed:
+            if leg.link is not GONE:
                 leg.transport.abort()
 
     # --- ends of the transports ----------------------------------------------
@@ -273,7 +358,7 @@ class Relay:
     def half_close(self, leg: Leg) -> bool:
         """A side shut its writing half: pass the EOF on where the other transport
         can (TLS cannot half-close: then both close)."""
-        if self.closing:
+        if self.state is CLOSING:
             # That side is done; the other ends with its own close reply (settle)
             # or at the grace timeout.
             return False
@@ -282,34 +367,35 @@ class Relay:
             # is gone: let the transport close, and lost() tell the other side.
             return False
         other = self.other(leg)
-        if other.closed or other.eof or not other.transport.can_write_eof():
+        if other.link is not CONNECTED or not other.transport.can_write_eof():
             # Both halves are shut (or cannot be shut one by one): close both.
-            if not other.closed:
+            if other.link is not GONE:
                 other.transport.close()
             return False
-        leg.eof = True
+        if leg.link is CONNECTED:  # (uvloop reports an EOF again if reading resumes after it)
+            leg._link_to(HALF_CLOSED)
+        leg.stop()  # its side sends nothing more
         other.transport.write_eof()
         return True
 
     def lost(self, leg: Leg) -> None:
-        if self.done:
+        if self.state is CLOSED:
             return
         if self.initiator is None:
             self.initiator = leg.side  # it vanished first, without a close frame
         other = self.other(leg)
-        if not other.closed:
+        if other.link is not GONE:
             # Nothing reaches the side that is gone any more.
-            other.forward = False
-            other.pending = None
-            if self.closing:
-                if leg.pending is not None:
+            other.stop()
+            if self.state is CLOSING:
+                if leg.flow is FINISHING:
                     # The proxy's close frame for the other side was waiting for
                     # the end of a frame this side will never finish.
-                    leg.pending = None
+                    leg.stop()
                     other.transport.abort()
                 else:
                     self.settle(other)  # closes on its close reply, or at the grace timeout
-            elif leg.parser.close_seen or leg.eof:
+            elif leg.parser.close_seen:  # (a side half-closes only after its close frame)
                 other.transport.close()  # an ordinary close handshake: flush, then close
             elif leg.parser.at_boundary and leg.parser.error is None:
                 # The side vanished without a close frame: tell the other one why,
@@ -318,16 +404,15 @@ class Relay:
                     code, reason = CODE_UPSTREAM_LOST, "loopwatch: upstream connection lost"
                 else:
                     code, reason = CODE_CLIENT_LOST, "loopwatch: client connection lost"
-                self.closing = True
+                self._to(CLOSING)
                 self._timer = asyncio.get_running_loop().call_later(CLOSE_GRACE, self.abort)
-                leg.forward = False
-                leg.pending = None
+                leg.stop()
                 other.transport.write(build_close_frame(code, reason, mask=other is self.upstream))
                 self.settle(other)
             else:
                 other.transport.abort()  # mid-frame: a close frame now would corrupt the stream
             return
-        self.done = True
+        self._to(CLOSED)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -337,4 +422,4 @@ class Relay:
         # connection's memory goes back at once by reference counting, not at the
         # collector's next full pass, which an idle proxy may not make for long.
         for gone in (self.client, self.upstream):
-            gone.relay = gone.transport = gone.out = None  # type: ignore[assignment]
+            del gone.relay, gone.transport, gone.out

@@ -35,7 +35,7 @@ from ...detectors.decisions import RejectReason
 from ...detectors.events import INITIATORS
 from ...detectors.findings import SEVERITY_RANK
 from ...detectors.rules import RULE_NAMES
-from ...detectors.settings import BreakerSettings
+from ...detectors.settings import BreakerSettings, HoldReason
 from ..dataplane.boundary import REJECTED_REASONS
 from .eventlog import EventLogObserver
 from .observers import Observer, Observers, trace_context
@@ -48,6 +48,11 @@ if TYPE_CHECKING:
     from ...detectors.engine import Engine
     from ..app.settings import Settings
     from ..dataplane.boundary import Connection, LiveView, RelayStats, TraceContext
+
+# Held refusals (the listener's Holds): the reasons a hold may apply to, and the
+# bounds beyond which a refusal is answered at once.
+HOLD_REASONS: tuple[str, ...] = typing.get_args(HoldReason)
+HOLD_LIMITS = ("max_held", "max_held_per_key")
 
 
 # --- the telemetry: section ---------------------------------------------------
@@ -311,6 +316,15 @@ class StateCollector(Collector):
         rejected = families["rejected"]
         for reason in REJECTED_REASONS:
             rejected.add_metric([reason], counts.get(reason, 0))
+        # Held refusals (policy.hold): plain ints the listener keeps, read here.
+        holds = self.view.holds() if self.view is not None else None
+        families["held"].add_metric([], holds.count if holds is not None else 0)
+        answered = holds.answered if holds is not None else {}
+        for reason in HOLD_REASONS:
+            families["refusals_held"].add_metric([reason], answered.get(reason, 0))
+        skipped = holds.skipped if holds is not None else {}
+        for limit in HOLD_LIMITS:
+            families["holds_skipped"].add_metric([limit], skipped.get(limit, 0))
         errors = families["observer_errors"]
         if self.observers is not None:
             counts = self.observers.errors
@@ -363,6 +377,20 @@ class StateCollector(Collector):
             ),
             "store_errors": c(
                 "loopwatch_state_store_errors", "Failed round trips to the shared state store."
+            ),
+            "held": g(
+                "loopwatch_connections_held",
+                "Refused attempts held before their answer right now (policy.hold).",
+            ),
+            "refusals_held": c(
+                "loopwatch_refusals_held",
+                "Refusals answered after a hold (policy.hold), by reason; also in loopwatch_refusals_total.",
+                labels=["reason"],
+            ),
+            "holds_skipped": c(
+                "loopwatch_holds_skipped",
+                "Refusals answered at once, without their hold, because a hold bound was reached.",
+                labels=["limit"],
             ),
             "rejected": c(
                 "loopwatch_requests_rejected",

@@ -26,7 +26,7 @@
     upstream: $("upstream"), upstreamDetail: $("upstream-detail"), breakers: $("breakers"),
     mode: $("mode"), auth: $("auth"), authText: $("auth-text"), authForm: $("auth-form"),
     tokenInput: $("token-input"), forget: $("forget-token"), main: $("main"),
-    cAttempts: $("c-attempts"), cActive: $("c-active"), cTracked: $("c-tracked"),
+    cAttempts: $("c-attempts"), cActive: $("c-active"), cHeld: $("c-held"), cTracked: $("c-tracked"),
     cRefusals: $("c-refusals"), cAuth: $("c-auth"),
     sAttempts: $("s-attempts"), sRefusals: $("s-refusals"), sAuth: $("s-auth"),
     clients: document.querySelector("#clients tbody"), clientsEmpty: $("clients-empty"),
@@ -390,6 +390,7 @@
     el.cRefusals.textContent = fmtRate(c.refusals_per_second || 0);
     el.cAuth.textContent = fmtRate(c.auth_failures_per_second || 0);
     el.cActive.textContent = String(c.active_connections ?? 0);
+    el.cHeld.textContent = c.held_connections ? `${c.held_connections} refused attempts on hold` : "";
     el.cTracked.textContent = `${c.clients_tracked ?? 0} clients tracked, ${c.clients_in_cooldown ?? 0} in cooldown${c.storm ? " · reconnect storm" : ""}`;
     const s = summary.series || {};
     spark(el.sAttempts, s.attempts || []);
