@@ -21,7 +21,7 @@ import ipaddress
 import json
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,7 +91,8 @@ def _ip_str(ip: IPAddress) -> str:
 
 _URLSAFE = bytes.maketrans(b"-_", b"+/")
 _JSON_SPACE = " \t\n\r"
-_scan_json = json.JSONDecoder().scan_once  # the C scanner json.loads ends up in
+# The C scanner json.loads ends up in.
+_scan_json: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # set by JSONDecoder.__init__; typeshed omits it
 
 
 def _b64json(segment: str) -> dict[str, Any] | None:
@@ -260,9 +261,9 @@ class Identifier:
                 return token
         if query:
             for name in self._query_params:
-                token = _query_get(query, name)
-                if token and _jwt_shaped(token):
-                    return token
+                found = _query_get(query, name)
+                if found and _jwt_shaped(found):
+                    return found
         if self._subprotocol:
             protocols = headers.get("sec-websocket-protocol")
             if protocols:
@@ -284,7 +285,9 @@ class Identifier:
             return None, False
         header = _b64json(token.partition(".")[0])
         alg = header.get("alg") if header else None
-        key = self._keys.get(alg) if isinstance(alg, str) else None
+        if not isinstance(alg, str):
+            return None, False
+        key = self._keys.get(alg)
         if key is None:  # an algorithm we have no key for, or did not allow
             return None, False
         try:
