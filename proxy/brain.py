@@ -24,6 +24,7 @@ from .observe.observers import Observers
 from .state.local import LocalState, StateStore
 
 if TYPE_CHECKING:
+    from ..detectors.settings import PolicySettings
     from .app.settings import Settings
     from .dataplane.listener import ProxyServer
 
@@ -42,11 +43,12 @@ _WORDING: dict[tuple[str, int, str], tuple[str, int, str]] = {}
 _WORDING_SIZE = 1024
 
 
-def refusal_for(reject: Reject, reject_with: str) -> Refusal:
+def refusal_for(reject: Reject, reject_with: str, hold: float = 0.0) -> Refusal:
     """How a rejection reaches the client. A browser reports every refused
     handshake as 1006, so close-1013 (accept, then close with a reason it can
     read) is the default; http-429 is cheapest for other clients. An open
-    breaker answers 503: the service, not the client, is the problem."""
+    breaker answers 503: the service, not the client, is the problem.
+    `hold` is the policy's hold for this reason (0: none); never past the retry time."""
     retry = max(1, math.ceil(reject.retry_after))
     key = (reject.reason, retry, reject_with)
     wording = _WORDING.get(key)
@@ -59,7 +61,7 @@ def refusal_for(reject: Reject, reject_with: str) -> Refusal:
         if len(_WORDING) >= _WORDING_SIZE:
             _WORDING.clear()
         _WORDING[key] = wording
-    return Refusal(reject.reason, reject.retry_after, *wording)
+    return Refusal(reject.reason, reject.retry_after, *wording, hold=min(hold, reject.retry_after))
 
 
 class EngineGate(Gate):
@@ -75,12 +77,16 @@ class EngineGate(Gate):
         self.identifier = identifier
         self.observers = observers
         self.reject_with = reject_with
+        self.holds: dict[str, float] = {}  # reason -> hold seconds (policy.hold, hold_reasons)
+        self.max_held = 0
+        self.max_held_per_key = 0
         self.server: ProxyServer | None = None  # set by the runtime, for engine actions
         # Shares state with other replicas (state.backend: redis); LocalState
         # when nothing is shared. Telemetry reads its `up` and `errors`.
         self.state_store: StateStore = LocalState()
         self._wake: asyncio.TimerHandle | None = None
         self._wake_at: float | None = None
+        self.set_holds(engine.policy)
 
     # --- the Gate interface ---------------------------------------------------
 
@@ -91,7 +97,7 @@ class EngineGate(Gate):
         decision = self.engine.admit(event)
         refusal = None
         if isinstance(decision, Reject):  # how it is refused, on the record the observers see
-            refusal = conn.refusal = refusal_for(decision, self.reject_with)
+            refusal = conn.refusal = refusal_for(decision, self.reject_with, self.holds.get(decision.reason, 0.0))
         self.observers.call("on_attempt", conn, event, decision)
         if refusal is not None:
             self.observers.call("on_rejected", conn, ev.Rejected(client.key, route, t, refusal.reason))
@@ -102,6 +108,12 @@ class EngineGate(Gate):
         event = ev.HandshakeFailed(conn.key, conn.route, t, status, error)
         self.observers.call("on_handshake_failed", conn, event)
         self._apply(self.engine.record(event), t, conn)
+
+    def held_answered(self, conn: Connection, t: float) -> None:
+        # The engine judges retry intervals from the end of the previous attempt:
+        # a held refusal ends when it is answered, or the hold would look like a
+        # client's backoff and break the auth_failure_loop streaks.
+        self._apply(self.engine.answered(conn.key, t), t, conn)
 
     def opened(self, conn: Connection, t: float) -> None:
         conn.opened_at = t
@@ -172,7 +184,14 @@ class EngineGate(Gate):
         self.engine.reconfigure(settings.detection, settings.policy, settings.breakers)
         self.identifier = Identifier(settings.identity)
         self.reject_with = settings.policy.reject_with
+        self.set_holds(settings.policy)
         self._schedule()
+
+    def set_holds(self, policy: PolicySettings) -> None:
+        """The hold per refusal reason and the bounds the listener holds within."""
+        self.holds = dict.fromkeys(policy.hold_reasons, policy.hold) if policy.hold > 0 else {}
+        self.max_held = policy.max_held
+        self.max_held_per_key = policy.max_held_per_key
 
     def close(self) -> None:
         if self._wake is not None:

@@ -189,6 +189,15 @@ BAD_REQUESTS = {
         b"\r\n\r\nGET /ws HTTP/1.1\r\n" + BASE + UPGRADE + b"X-Pad: " + b"p" * 30_000 + b"\r\n\r\n",
         431,
     ),
+    # RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 request is faulty framing.
+    "http-1.0-transfer-encoding": (
+        b"POST /api HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        400,
+    ),
+    "http-1.0-transfer-encoding-upgrade": (
+        b"GET /ws HTTP/1.0\r\n" + BASE + UPGRADE + b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+    ),
 }
 
 
@@ -412,6 +421,34 @@ def test_head_size_limit_holds_for_every_cut_into_reads(lead):
             parser.feed(over[:cut])
             parser.feed(over[cut:])
         assert (refused.value.status, refused.value.reason) == (431, "head_too_large"), cut
+
+
+async def test_transfer_encoding_in_http_1_0_is_refused_and_counted():
+    """RFC 9112 §6.1: a server that receives Transfer-Encoding in an HTTP/1.0
+    request MUST treat its framing as faulty and close (hyper answers 400); it
+    used to be read as chunked. HTTP/1.0 without it is still served."""
+    async with under_attack() as s:
+        before = await rejected(s.lw)
+        for request in (
+            b"POST /api HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            b"POST /api HTTP/1.0\r\n" + BASE + b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+            b"GET /api HTTP/1.0\r\nConnection: keep-alive\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+        ):
+            response, after = await raw_exchange(s.lw.proxy_port, request)
+            assert response.status == 400, response.body
+            assert response.body == b"Transfer-Encoding in an HTTP/1.0 request\n"
+            one_line(response)
+            assert response.header("Connection") == "close"
+            assert after == b""
+        assert s.recorder.connections == 0
+        counted = await rejected(s.lw)
+        assert counted["bad_request"] - before["bad_request"] == 3
+        response, _ = await raw_exchange(
+            s.lw.proxy_port, b"POST /api HTTP/1.0\r\nContent-Length: 5\r\n\r\nhello"
+        )
+        assert response.status == 200
+        assert s.recorder.heads[0].startswith(b"POST /api HTTP/1.1\r\n")
+        await wait_for(lambda: bytes(s.recorder.after[0]).endswith(b"hello"))
 
 
 async def test_slowloris_cut_at_handshake_timeout_with_408():

@@ -207,6 +207,10 @@ class HeadParser:
             if version[:1].isdigit() and int(version.split(".")[0]) >= 2:
                 raise HttpError(505, "HTTP version not supported: HTTP/1.1 only", reason="version")
             raise HttpError(400, "unsupported HTTP version", reason="version")
+        if version == "1.0" and any(n.lower() == b"transfer-encoding" for n, _ in self._headers):
+            # RFC 9112 §6.1: faulty framing. llhttp would read the body as chunked,
+            # a server behind that ignores TE in HTTP/1.0 as unframed: refused.
+            raise HttpError(400, "Transfer-Encoding in an HTTP/1.0 request")
         # Read here: after the message completes, httptools forgets "Connection: close".
         self.keep_alive = p.should_keep_alive()
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import functools
 import ipaddress
 import itertools
@@ -108,6 +109,51 @@ _REFUSALS: dict[tuple[str, int, str, str], bytes] = {}
 _REFUSALS_SIZE = 1024
 
 
+def reworded(message: str, retry: str) -> str:
+    """The refusal reason with its retry time replaced (the grammar's tail,
+    docs/refusals.md): a held refusal says what is left when it is answered."""
+    phrase, sep, _ = message.rpartition(", retry in ")
+    return f"{phrase}, retry in {retry}s" if sep else message
+
+
+class Holds:
+    """Refused attempts held before their answer (policy.hold): the held
+    handshakes by client key, and counts read at scrape time."""
+
+    __slots__ = ("by_key", "count", "answered", "skipped", "released")
+
+    def __init__(self) -> None:
+        self.by_key: dict[str, list[ClientHandshake]] = {}
+        self.count = 0  # held right now (loopwatch_connections_held)
+        self.answered: dict[str, int] = {}  # by refusal reason: answered after a hold
+        # Refusals answered at once because a bound was reached, by the bound.
+        self.skipped: dict[str, int] = {"max_held": 0, "max_held_per_key": 0}
+        self.released = 0  # answered early: the key was released, or shutdown
+
+    def add(self, handshake: ClientHandshake, key: str, max_held: int, max_per_key: int) -> bool:
+        """Hold `handshake` unless a bound is reached (then counted, and False)."""
+        if self.count >= max_held:
+            self.skipped["max_held"] += 1
+            return False
+        held = self.by_key.get(key)
+        if len(held or ()) >= max_per_key:
+            self.skipped["max_held_per_key"] += 1
+            return False
+        if held is None:
+            held = self.by_key[key] = []
+        held.append(handshake)
+        self.count += 1
+        return True
+
+    def remove(self, handshake: ClientHandshake, key: str) -> None:
+        held = self.by_key.get(key)
+        if held is not None and handshake in held:
+            held.remove(handshake)  # a few per key at most (max_held_per_key)
+            self.count -= 1
+            if not held:
+                del self.by_key[key]
+
+
 def refusal_bytes(refusal: Refusal, retry: str) -> bytes:
     """The 429/503 response, or the close-1013 frame, for `refusal` (cached)."""
     key = (refusal.how, refusal.status, refusal.message, retry)
@@ -147,6 +193,7 @@ class ClientHandshake(asyncio.Protocol):
         self.address: AddressLoad | None = None  # what its client address holds, this included
         self.head_pending = False  # counted among its address's half-open heads
         self.early_eof = False  # the client shut its writing half during the upstream handshake
+        self.held: Refusal | None = None  # the refusal it waits to be answered with (HELD)
 
     def _to(self, state: HandshakeState) -> None:
         if (self.state, state) not in HANDSHAKE_TRANSITIONS:
@@ -218,6 +265,9 @@ class ClientHandshake(asyncio.Protocol):
                 self.transport.pause_reading()
         elif state is REFUSING:
             self.transport.close()  # the client's close reply
+        elif state is HELD:
+            # Nothing is due before the answer: stop reading (no buffer grows).
+            self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         if self.state is UPSTREAM:
@@ -249,6 +299,8 @@ class ClientHandshake(asyncio.Protocol):
             return
         if self.state is UPSTREAM and self.attempt is not None:
             self.server.gate.handshake_failed(self.attempt, time.monotonic(), None, "client_closed")
+        elif self.state is HELD:
+            self.unhold()  # the client left before its answer: the attempt ended now
         if self.exchange is not None:
             self.exchange.client_gone()
         self.finish()
@@ -428,8 +480,48 @@ class ClientHandshake(asyncio.Protocol):
 
     def refuse(self, refusal: Refusal) -> None:
         """Refuse an attempt without touching the upstream: HTTP status + Retry-After,
-        or accept the upgrade and close 1013 with a reason a browser can read."""
-        retry = str(max(1, math.ceil(refusal.retry_after)))
+        or accept the upgrade and close 1013 with a reason a browser can read.
+        With a hold, first wait (HELD) unless a hold bound is reached."""
+        server = self.server
+        if refusal.hold > 0 and self.attempt is not None:
+            gate = server.gate
+            if server.holds.add(self, self.attempt.key, gate.max_held, gate.max_held_per_key):
+                self._to(HELD)
+                self.held = refusal
+                self.cancel_timer()
+                self.timer = server.loop.call_later(refusal.hold, self.end_hold)
+                return
+        self.answer(refusal, refusal.retry_after, False)
+
+    def unhold(self) -> float:
+        """Leave the hold (idempotent); the gate learns the attempt ended now."""
+        now = time.monotonic()
+        if self.held is not None and self.attempt is not None:
+            self.held = None
+            self.server.holds.remove(self, self.attempt.key)
+            self.server.gate.held_answered(self.attempt, now)
+        return now
+
+    def end_hold(self, released: bool = False) -> None:
+        """Answer a held refusal: at the hold's end, or at once (`released`: the
+        key was released, or loopwatch shuts down). The retry time is what is
+        left now; a released client may come back at once (1 s, the least)."""
+        self.timer = None
+        refusal = self.held
+        if self.state is not HELD or refusal is None or self.attempt is None:
+            return
+        now = self.unhold()
+        holds = self.server.holds
+        holds.answered[refusal.reason] = holds.answered.get(refusal.reason, 0) + 1
+        if released:
+            holds.released += 1
+        retry_after = 0.0 if released else refusal.retry_after - (now - self.attempt.t0)
+        self.answer(refusal, retry_after, True)
+
+    def answer(self, refusal: Refusal, retry_after: float, held: bool) -> None:
+        retry = str(max(1, math.ceil(retry_after)))
+        if held:
+            refusal = dataclasses.replace(refusal, message=reworded(refusal.message, retry))
         if refusal.how == "http":
             self.respond_and_close(refusal_bytes(refusal, retry))
             return
@@ -465,9 +557,13 @@ class ClientHandshake(asyncio.Protocol):
         """The server is shutting down: end this connection as fits its state."""
         if self.state is HTTP and self.exchange is not None:
             return  # the response in flight finishes, then http_done closes (server.closing)
+        if self.state is HELD:
+            self.end_hold(released=True)  # answered now, then closed below
         if self.state is REFUSING:
             self.transport.close()  # its close frame is out already
             return
+        if self.state is DONE:
+            return  # an http-429 answer, written and closed
         if self.state is HEAD and self.idle_keep_alive and self.parser.received == 0:
             self.transport.close()  # idle between requests
             self.finish()
@@ -514,6 +610,7 @@ class ClientHandshake(asyncio.Protocol):
             return
         self._to(DONE)
         self.cancel_timer()
+        self.unhold()
         self.parser.release()
         if self.head_pending:
             self.head_done()
@@ -668,6 +765,7 @@ class ProxyServer:
             else _never
         )
         self.rejections = Rejections()  # requests refused before the engine, by reason
+        self.holds = Holds()  # refused attempts waiting out their hold
         self.shutdown_timeout = limits.shutdown_timeout
         self.tls = settings.tls.cert_file is not None
         self.upstream_ssl = client_ssl_context(settings.upstream_tls.verify, settings.upstream_tls.ca_file)
@@ -717,6 +815,14 @@ class ProxyServer:
     def rejected(self, reason: str, status: int | None, peer: str, message: str) -> None:
         """Count (and maybe log) a request loopwatch answered or cut itself."""
         self.rejections.add(reason, status, peer, message, time.monotonic())
+
+    def release_held(self, key: str) -> int:
+        """Answer the held refusals of a released client at once (retry in 1 s),
+        so its next attempt comes now and is admitted. Returns how many."""
+        held = list(self.holds.by_key.get(key, ()))
+        for handshake in held:
+            handshake.end_hold(released=True)
+        return len(held)
 
     def release_address(self, load: AddressLoad) -> None:
         """A connection of that address ended."""

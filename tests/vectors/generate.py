@@ -316,6 +316,27 @@ def named_heads() -> dict[str, bytes]:
     cases["transfer-encoding/http-1.0"] = (
         b"POST /api HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
     )
+    # RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 request is faulty framing.
+    te = b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    post = b"POST /api HTTP/1.0\r\n"
+    for name, head in {
+        "host": post + HOST + te,
+        "lower-case-name": post + te.lower(),
+        "gzip-chunked": post + te.replace(b"chunked", b"gzip, chunked"),
+        "gzip": post + b"Transfer-Encoding: gzip\r\n\r\n",
+        "identity": b"GET /api HTTP/1.0\r\nTransfer-Encoding: identity\r\n\r\n",
+        "chunked-gzip": post + b"Transfer-Encoding: chunked, gzip\r\n\r\n",
+        "empty": post + b"Transfer-Encoding:\r\n\r\n",
+        "keep-alive": b"GET /p HTTP/1.0\r\nConnection: keep-alive\r\n" + te,
+        "and-content-length": post + b"Content-Length: 5\r\n" + te,
+        "upgrade": WS.replace(b"HTTP/1.1", b"HTTP/1.0").replace(b"\r\n\r\n", b"\r\n" + te),
+        "bad-target": b"POST p HTTP/1.0\r\n" + te,
+        "bad-host": post + b"Host: a b\r\n" + te,
+        "rtsp": b"OPTIONS / RTSP/1.0\r\n" + HOST + te,
+        "http-1.1-same": b"POST /api HTTP/1.1\r\n" + HOST + te,
+        "http-0.9-line": b"POST /api\r\n" + te,
+    }.items():
+        cases[f"transfer-encoding/http-1.0-{name}"] = head
     cases["transfer-encoding/body"] = (
         b"POST /api HTTP/1.1\r\n"
         + HOST

@@ -15,7 +15,9 @@
 //! * the framing headers are llhttp's: a second `Content-Length` (even an equal
 //!   one), a non-numeric or overflowing one, `Content-Length` together with
 //!   `Transfer-Encoding`, `chunked` that is not the final coding, and a
-//!   `Transfer-Encoding` without a final `chunked` are refused;
+//!   `Transfer-Encoding` without a final `chunked` are refused; so is any
+//!   `Transfer-Encoding` in an HTTP/1.0 request (RFC 9112 §6.1: faulty
+//!   framing), which llhttp would read as chunked;
 //! * a head that asks for an upgrade (an `Upgrade` header and a `Connection`
 //!   token `upgrade`) may not announce a body (`Transfer-Encoding`, or a
 //!   `Content-Length` above 0): its next bytes would be a body to one reader
@@ -997,6 +999,12 @@ fn finish(raw: RawHead<'_>) -> Result<RequestHead<'_>, Rejection> {
         }
     };
     let flags = raw.flags;
+    if version == Version::Http10 && flags.transfer_encoding {
+        // RFC 9112 §6.1: a Transfer-Encoding in an HTTP/1.0 request is faulty
+        // framing (llhttp would read the body as chunked, a server that ignores
+        // the header in HTTP/1.0 as unframed).
+        return Err(Rejection::bad("Transfer-Encoding in an HTTP/1.0 request"));
+    }
     let keep_alive = match version {
         Version::Http11 => !flags.connection_close,
         Version::Http10 => flags.connection_keep_alive,
@@ -1540,6 +1548,26 @@ Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSoc
             parse_head(&blank, &limits),
             HeadStatus::Rejected(Rejection { status: 431, .. })
         ));
+    }
+
+    #[test]
+    fn transfer_encoding_in_http_1_0_is_refused() {
+        for head in [
+            &b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"[..],
+            b"POST / HTTP/1.0\r\nHost: a\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+            b"GET / HTTP/1.0\r\nTransfer-Encoding: identity\r\n\r\n",
+        ] {
+            let r = rejected(head);
+            assert_eq!((r.status, r.reason.label()), (400, "bad_request"));
+            assert_eq!(r.message, "Transfer-Encoding in an HTTP/1.0 request");
+        }
+        // The same request in HTTP/1.1 is chunked.
+        let HeadStatus::Complete(head) =
+            parse(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+        else {
+            panic!("not complete")
+        };
+        assert_eq!(head.kind, RequestKind::Http(BodyFraming::Chunked));
     }
 
     #[test]
