@@ -7,13 +7,22 @@
 #   (or -e LOOPWATCH_UPSTREAM=ws://backend:8000 with the default command)
 #
 # Settings come from flags, a mounted file (--config) or LOOPWATCH_* variables.
+# The image is a plain install (no extras), so every subcommand runs in it, e.g.
+# the demo backend that config/examples/docker-compose.yml puts behind loopwatch:
+#
+#   docker run -p 8000:8000 loopwatch demo-backend --listen 0.0.0.0:8000
 
 # Build a wheel and its dependencies' wheels, so the runtime stage needs no compiler
 # and carries no pip cache or build tools. The compiler builds proxy/dataplane/_frames.c, the
 # relay's frame parser: the build fails if loopwatch's wheel came out pure Python.
+# cargo (copied from the official Rust image, the version `make rust-check` uses)
+# builds the compiled data plane, proxy/dataplane/py, with setuptools-rust.
 FROM python:3.11-slim AS build
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
+COPY --from=rust:1.95-slim /usr/local/rustup /usr/local/rustup
+COPY --from=rust:1.95-slim /usr/local/cargo /usr/local/cargo
+ENV RUSTUP_HOME=/usr/local/rustup CARGO_HOME=/usr/local/cargo PATH=/usr/local/cargo/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml setup.py README.md LICENSE ./
 COPY proxy ./proxy
@@ -23,6 +32,8 @@ COPY loopwatch ./loopwatch
 RUN pip wheel --no-cache-dir --wheel-dir /wheels . \
     && ls /wheels/loopwatch-*-cp3*-linux_*.whl
 
+# loopwatch's wheel and its dependencies only: no extras (tests/test_wheel.py
+# installs the same wheel the same way and runs every subcommand).
 FROM python:3.11-slim
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-compile /wheels/*.whl \

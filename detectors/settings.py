@@ -71,7 +71,7 @@ class AuthFailureLoopSettings(RuleSettings):
         3, description="Consecutive auth failures, each retried within retry_within: critical."
     )
     retry_within: PositiveDuration = Field(
-        "1s", description="A retry sooner than this after the previous attempt ended keeps the streak."
+        1.0, description="A retry sooner than this after the previous attempt ended keeps the streak."
     )
     steady: Annotated[int, Field(ge=3)] | None = Field(
         8,
@@ -79,7 +79,7 @@ class AuthFailureLoopSettings(RuleSettings):
         "off: critical, at any pace (never below consecutive; null: off).",
     )
     steady_within: PositiveDuration = Field(
-        "7s",
+        7.0,
         description="A retry sooner than this after the previous attempt ended keeps the steady "
         "streak (7 s: a client retrying every 5 s ± 20 % is in it).",
     )
@@ -88,7 +88,7 @@ class AuthFailureLoopSettings(RuleSettings):
         description="A retry interval at least this many times an earlier one of the steady "
         "streak is backing off (intervals under retry_within count as retry_within).",
     )
-    window: PositiveDuration = Field("60s", description="Window of the counting thresholds.")
+    window: PositiveDuration = Field(60.0, description="Window of the counting thresholds.")
     warning: PositiveInt | None = Field(10, description="Auth failures in window: warning.")
     critical: PositiveInt | None = Field(30, description="Auth failures in window: critical.")
 
@@ -101,8 +101,8 @@ class AuthFailureLoopSettings(RuleSettings):
 class RapidReconnectSettings(RuleSettings):
     """Many attempts that were refused, failed, or lived under ``lived_under``."""
 
-    window: PositiveDuration = Field("10s", description="Window the attempts are counted in.")
-    lived_under: PositiveDuration = Field("5s", description="A connection shorter than this counts.")
+    window: PositiveDuration = Field(10.0, description="Window the attempts are counted in.")
+    lived_under: PositiveDuration = Field(5.0, description="A connection shorter than this counts.")
     warning: PositiveInt | None = Field(10, description="Bad attempts in window: warning.")
     critical: PositiveInt | None = Field(30, description="Bad attempts in window: critical.")
 
@@ -115,8 +115,8 @@ class RapidReconnectSettings(RuleSettings):
 class ShortLivedSettings(RuleSettings):
     """Connections that lived under ``lived_under`` and ended abnormally (not normal, not auth)."""
 
-    window: PositiveDuration = Field("60s", description="Window the connections are counted in.")
-    lived_under: PositiveDuration = Field("5s", description="A connection shorter than this counts.")
+    window: PositiveDuration = Field(60.0, description="Window the connections are counted in.")
+    lived_under: PositiveDuration = Field(5.0, description="A connection shorter than this counts.")
     warning: PositiveInt | None = Field(5, description="Such connections in window: warning.")
     critical: PositiveInt | None = Field(None, description="Such connections in window: critical.")
 
@@ -130,7 +130,7 @@ class DuplicateConnectionsSettings(RuleSettings):
     """More than ``max_connections`` concurrent connections of one key, held > ``held_for``."""
 
     max_connections: PositiveInt = Field(3, description="Concurrent connections allowed per key.")
-    held_for: PositiveDuration = Field("5s", description="How long the extra connections must be held.")
+    held_for: PositiveDuration = Field(5.0, description="How long the extra connections must be held.")
 
 
 class NoBackoffSettings(RuleSettings):
@@ -142,8 +142,8 @@ class NoBackoffSettings(RuleSettings):
     growth: Annotated[float, Field(gt=1.0)] = Field(
         1.5, description="An interval at least this many times the previous one is backing off."
     )
-    max_average: PositiveDuration = Field("2s", description="Flag only when the intervals average below this.")
-    window: PositiveDuration = Field("60s", description="Only intervals this recent are judged.")
+    max_average: PositiveDuration = Field(2.0, description="Flag only when the intervals average below this.")
+    window: PositiveDuration = Field(60.0, description="Only intervals this recent are judged.")
 
 
 class RulesSettings(SettingsModel):
@@ -162,9 +162,9 @@ class RulesSettings(SettingsModel):
 class FleetSettings(SettingsModel):
     """The fleet-wide view: attempt rate and auth-failure ratio over all clients."""
 
-    window: PositiveDuration = Field("10s", description="Sliding window of the fleet rate and ratio.")
+    window: PositiveDuration = Field(10.0, description="Sliding window of the fleet rate and ratio.")
     baseline: PositiveDuration = Field(
-        "5m", description="Time constant of the baseline (distinct clients attempting per second) a storm is measured against."
+        5 * 60.0, description="Time constant of the baseline (distinct clients attempting per second) a storm is measured against."
     )
     storm_factor: Annotated[float, Field(gt=1.0)] = Field(
         5.0, description="A storm is a rate of distinct clients attempting this many times the baseline …"
@@ -187,22 +187,22 @@ class DetectionSettings(SettingsModel):
         (1000, 1001), description="Close codes that mean a normal end."
     )
     healthy_after: PositiveDuration = Field(
-        "5s",
+        5.0,
         description="A connection that lived this long is healthy: it ends an auth streak and "
         "counts as an auth success for the auth breaker.",
     )
     quiet_period: PositiveDuration = Field(
-        "30s", description="A finding clears after its rule has not matched for this long."
+        30.0, description="A finding clears after its rule has not matched for this long."
     )
     max_clients: PositiveInt = Field(
         100_000, description="Most clients tracked; beyond it the least recently seen is evicted."
     )
-    client_ttl: PositiveDuration = Field("10m", description="A client idle this long is forgotten.")
+    client_ttl: PositiveDuration = Field(10 * 60.0, description="A client idle this long is forgotten.")
     history_size: Annotated[int, Field(ge=0, le=256)] = Field(
         16, description="Recent events kept per client for the admin view."
     )
     rate_window: PositiveDuration = Field(
-        "10s", description="Time constant of each client's attempts-per-second rate."
+        10.0, description="Time constant of each client's attempts-per-second rate."
     )
     top_k: Annotated[int, Field(ge=0, le=1000)] = Field(
         10, description="Top offenders reported in the snapshot."
@@ -217,10 +217,10 @@ class DetectionSettings(SettingsModel):
 class CooldownSettings(SettingsModel):
     """Cooldown length: base × factor^(repeat−1), capped at max, with jitter."""
 
-    base: PositiveDuration = Field("5s", description="First cooldown.")
+    base: PositiveDuration = Field(5.0, description="First cooldown.")
     factor: Annotated[float, Field(ge=1.0)] = Field(2.0, description="Growth per repeat.")
-    max: PositiveDuration = Field("5m", description="Longest cooldown.")
-    memory: PositiveDuration = Field("1h", description="A cooldown within this of the last one is a repeat.")
+    max: PositiveDuration = Field(5 * 60.0, description="Longest cooldown.")
+    memory: PositiveDuration = Field(3600.0, description="A cooldown within this of the last one is a repeat.")
     jitter: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
         0.1, description="Cooldowns are spread ± this fraction so clients do not retry in step."
     )
@@ -267,7 +267,7 @@ class PolicySettings(SettingsModel):
     # close handler, so it loops as fast as refusals come back. Held, it makes one
     # attempt per hold instead of 20-50 a second; measured in docs/performance.md.
     hold: Annotated[Duration, Field(ge=0, le=30)] = Field(
-        "2s",
+        2.0,
         description="Hold a refused attempt this long (never past its retry time) before answering; 0 = off.",
     )
     hold_reasons: tuple[HoldReason, ...] = Field(
@@ -302,17 +302,17 @@ class CircuitBreakerSettings(SettingsModel):
     failure_ratio: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
         0.5, description="Open when failures / calls in window reach this …"
     )
-    window: PositiveDuration = Field("30s", description="Sliding window of calls.")
+    window: PositiveDuration = Field(30.0, description="Sliding window of calls.")
     min_calls: PositiveInt = Field(20, description="… with at least this many calls in window.")
-    open_wait: PositiveDuration = Field("5s", description="First time spent open before probing.")
+    open_wait: PositiveDuration = Field(5.0, description="First time spent open before probing.")
     open_wait_max: PositiveDuration = Field(
-        "1m", description="Repeated trips double the open wait up to this."
+        60.0, description="Repeated trips double the open wait up to this."
     )
     half_open_probes: PositiveInt = Field(
         3, description="Attempts let through when half-open; all must succeed to close."
     )
     probe_timeout: PositiveDuration = Field(
-        "10s", description="A probe with no outcome after this counts as failed."
+        10.0, description="A probe with no outcome after this counts as failed."
     )
 
     @model_validator(mode="after")
@@ -331,13 +331,13 @@ class UpstreamBreakerSettings(CircuitBreakerSettings):
 class AuthBreakerSettings(CircuitBreakerSettings):
     """Fed with auth outcomes fleet-wide, each client counted at most once per window."""
 
-    window: PositiveDuration = Field("60s", description="Sliding window of calls.")
-    open_wait: PositiveDuration = Field("10s", description="First time spent open before probing.")
+    window: PositiveDuration = Field(60.0, description="Sliding window of calls.")
+    open_wait: PositiveDuration = Field(10.0, description="First time spent open before probing.")
     open_wait_max: PositiveDuration = Field(
-        "2m", description="Repeated trips double the open wait up to this."
+        2 * 60.0, description="Repeated trips double the open wait up to this."
     )
     probe_timeout: PositiveDuration = Field(
-        "15s",
+        15.0,
         description="A probe with no outcome after this counts as failed (above healthy_after).",
     )
 

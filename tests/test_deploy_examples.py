@@ -7,6 +7,7 @@ example sets up pass the admin port's Host check as the orchestrator would send 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import fnmatch
 import importlib.metadata
@@ -14,7 +15,9 @@ import json
 import re
 import shlex
 import shutil
+import signal
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -31,6 +34,7 @@ from loopwatch.proxy.admin.server import AdminServer
 from loopwatch.proxy.app.cli import build_parser
 from loopwatch.proxy.app.settings import Settings, load_settings
 from loopwatch.proxy.sections import parse_host_port
+from loopwatch.proxy.tools.demo_backend import issue_token
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "config" / "examples"
@@ -82,9 +86,21 @@ def exec_form(value: str) -> list[str]:
     return json.loads(value) if value.startswith("[") else shlex.split(value)
 
 
-def image_env() -> dict[str, str]:
-    env: dict[str, str] = {}
+def stages() -> list[list[tuple[str, str]]]:
+    """The Dockerfile's instructions, one list per build stage (FROM first)."""
+    out: list[list[tuple[str, str]]] = []
     for keyword, rest in dockerfile_instructions():
+        if keyword == "FROM":
+            out.append([])
+        if out:
+            out[-1].append((keyword, rest))
+    return out
+
+
+def image_env() -> dict[str, str]:
+    """The environment the image's last stage sets (the build stage's is not in it)."""
+    env: dict[str, str] = {}
+    for keyword, rest in stages()[-1]:
         if keyword == "ENV":
             for item in shlex.split(rest):
                 key, _, value = item.partition("=")
@@ -210,6 +226,49 @@ def test_dockerfile_copies_only_what_exists_and_the_context_keeps() -> None:
     # Everything the package build needs is in the context.
     for package in ("proxy", "detectors", "pyproject.toml", "setup.py", "README.md"):
         assert package in allowed
+
+
+def pip_commands(stage: list[tuple[str, str]], verb: str) -> list[list[str]]:
+    """`pip VERB …` command lines in a stage's RUN instructions."""
+    found = []
+    for keyword, rest in stage:
+        if keyword != "RUN":
+            continue
+        for command in re.split(r"&&|;", rest):
+            words = shlex.split(command)
+            while words and words[0].startswith("--mount"):  # RUN --mount=… pip …
+                words = words[1:]
+            if words[:2] == ["pip", verb]:
+                found.append(words[2:])
+    return found
+
+
+def test_dockerfile_image_is_a_plain_install_of_the_wheel() -> None:
+    """The image gets what `pip install loopwatch` gets: the wheel built from the
+    context, installed with its dependencies and no extras (so no test-only
+    packages: tests/test_wheel.py runs every subcommand in such an install)."""
+    build, runtime = stages()[0], stages()[-1]
+    [wheel] = pip_commands(build, "wheel")
+    assert wheel[-1] == "." and "--no-deps" not in wheel, wheel  # loopwatch and its dependencies
+    [install] = pip_commands(runtime, "install")
+    targets = [w for w in install if not w.startswith("-")]
+    assert targets == ["/wheels/*.whl"], install
+    assert not any("[" in w or w in ("-e", "--editable") for w in install), install
+
+
+def test_dockerfile_build_stage_has_cargo_when_the_build_compiles_rust() -> None:
+    setup_py = (ROOT / "setup.py").read_text()
+    if "RustExtension(" not in setup_py:  # only the C frame parser: gcc is enough
+        assert "gcc" in " ".join(rest for _, rest in stages()[0])
+        return
+    build = stages()[0]
+    copied = [rest for keyword, rest in build if keyword == "COPY" and "--from=rust:" in rest]
+    assert any("/usr/local/cargo" in c for c in copied), "no Rust toolchain in the build stage"
+    env = {}
+    for keyword, rest in build:
+        if keyword == "ENV":
+            env.update(item.partition("=")[::2] for item in shlex.split(rest))
+    assert "/usr/local/cargo/bin" in env.get("PATH", "").split(":"), env
 
 
 # --- docker compose ----------------------------------------------------------------
@@ -530,3 +589,123 @@ def test_kustomization_lists_every_manifest() -> None:
 )
 def test_provisioning_files_are_grafana_v1(path: Path) -> None:
     assert yaml.safe_load(path.read_text())["apiVersion"] == 1
+
+
+# --- the backend both examples run: the loopwatch image's demo-backend -------------------
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _requirement_name(requirement: str) -> str:
+    return _normalized(re.split(r"[\s;<>=!~\[(]", requirement, maxsplit=1)[0])
+
+
+def modules_of_the_test_extra() -> list[str]:
+    """Top-level modules of the packages only the `test` extra brings in (websockets,
+    pytest, hypothesis, …): what a plain install, like the image, does not have."""
+    requires = importlib.metadata.requires("loopwatch") or []
+    extra = {_requirement_name(r) for r in requires if re.search(r"extra\s*==\s*.test.", r)}
+    # Everything the plain dependencies pull in, which the image does have.
+    plain: set[str] = set()
+    todo = [_requirement_name(r) for r in requires if "extra" not in r]
+    while todo:
+        name = todo.pop()
+        if name in plain:
+            continue
+        plain.add(name)
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            todo += [
+                _requirement_name(r)
+                for r in importlib.metadata.requires(name) or []
+                if "extra" not in r
+            ]
+    return sorted(
+        module
+        for module, dists in importlib.metadata.packages_distributions().items()
+        if any(_normalized(d) in extra - plain for d in dists)
+    )
+
+
+
+# `loopwatch ARGS` with the test extra's modules made unimportable, as in the image.
+WITHOUT_TEST_EXTRAS = (
+    "import sys\n"
+    "for name in sys.argv[1].split(','):\n"
+    "    sys.modules[name] = None\n"
+    "from loopwatch.proxy.app.cli import main\n"
+    "raise SystemExit(main(sys.argv[2:]))\n"
+)
+
+
+def example_backends() -> dict[str, tuple[str, list[str]]]:
+    """Example name to (image, loopwatch arguments) of the backend it runs."""
+    services = compose()["services"]
+    return {
+        "docker compose": (services["backend"]["image"], services["backend"]["command"]),
+        "kubernetes": (containers()["backend"]["image"], containers()["backend"]["args"]),
+    }
+
+
+def test_the_examples_backend_is_the_loopwatch_image_demo_backend() -> None:
+    services = compose()["services"]
+    assert services["backend"]["image"] == services["loopwatch"]["image"]
+    assert services["backend"]["build"] == services["loopwatch"]["build"]
+    assert containers()["backend"]["image"] == containers()["loopwatch"]["image"]
+    assert exec_form(dict(dockerfile_instructions())["ENTRYPOINT"]) == ["loopwatch"]
+    listen = {}
+    for name, (_, argv) in example_backends().items():
+        args, _ = loopwatch_settings(argv, {})
+        assert args.command == "demo-backend", name
+        listen[name] = parse_host_port(args.listen).host
+    # compose: loopwatch reaches it across containers; Kubernetes: beside it in the pod.
+    assert listen == {"docker compose": "0.0.0.0", "kubernetes": "127.0.0.1"}
+    # The image's websockets-free install is what runs it.
+    test_only = modules_of_the_test_extra()
+    assert "websockets" in test_only and "aiohttp" not in test_only
+
+
+@pytest.mark.parametrize("example", ["docker compose", "kubernetes"])
+async def test_the_examples_backend_command_runs_without_the_test_extras(
+    example: str, tmp_path: Path
+) -> None:
+    """The example's backend command line, on loopback with a free port, in a
+    process that cannot import websockets, pytest or any other test-only package:
+    it issues tokens, echoes with a valid one, closes 1008 on an expired one and
+    stops on SIGTERM (what `docker stop` and the kubelet send) with status 0."""
+    _, argv = example_backends()[example]
+    assert argv[0] == "demo-backend"
+    i = argv.index("--listen") + 1
+    argv = [*argv[:i], "127.0.0.1:0", *argv[i + 1 :]]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", WITHOUT_TEST_EXTRAS, ",".join(modules_of_the_test_extra()), *argv,
+        cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        found = re.search(r"demo backend on (http://127\.0\.0\.1:\d+)", line)
+        assert found, line + (await proc.stderr.read()).decode()
+        base = found.group(1)
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            async with http.get(f"{base}/token", params={"sub": "probe", "ttl": "60"}) as r:
+                assert r.status == 200
+                token = (await r.json())["token"]
+            async with http.ws_connect(f"{base}/ws", params={"token": token}) as ws:
+                await ws.send_str("hello")
+                assert (await ws.receive(timeout=5)).data == "hello"
+            expired = issue_token("probe", -60)
+            async with http.ws_connect(f"{base}/ws", params={"token": expired}) as ws:
+                msg = await ws.receive(timeout=5)
+                assert (msg.type, msg.data, msg.extra) == (aiohttp.WSMsgType.CLOSE, 1008, "token expired")
+            async with http.get(f"{base}/token", params={"ttl": "forever"}) as r:
+                assert r.status == 400  # a clear answer, not a 500
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+        assert b"Traceback" not in await proc.stderr.read()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
