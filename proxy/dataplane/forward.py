@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from .heads import RequestHead, end_to_end, simple_response
+from .states import IllegalTransition
 
 if TYPE_CHECKING:
     from .listener import ClientHandshake
@@ -34,7 +35,7 @@ BODY_BUFFER = 64 * 1024  # bytes of request body held before the client is pause
 NO_BODY_STATUSES = frozenset({204, 304})
 
 
-class Phase(enum.Enum):
+class Phase(enum.StrEnum):
     """Where an exchange is, and so which timeout watches it."""
 
     BODY = "body"  # the client still owes request body bytes
@@ -43,13 +44,14 @@ class Phase(enum.Enum):
     DONE = "done"  # answered, failed, timed out or the client left
 
 
-TRANSITIONS: dict[Phase, frozenset[Phase]] = {
-    # An upstream may answer before the request body ends (413, 401 …).
-    Phase.BODY: frozenset({Phase.AWAIT_HEAD, Phase.RESPONSE, Phase.DONE}),
-    Phase.AWAIT_HEAD: frozenset({Phase.RESPONSE, Phase.DONE}),
-    Phase.RESPONSE: frozenset({Phase.DONE}),
-    Phase.DONE: frozenset(),
-}
+PHASE_TRANSITIONS: frozenset[tuple[Phase, Phase]] = frozenset({
+    (Phase.BODY, Phase.AWAIT_HEAD),  # the request body ended
+    (Phase.BODY, Phase.RESPONSE),  # an upstream may answer before the body ends (413, 401 …)
+    (Phase.BODY, Phase.DONE),
+    (Phase.AWAIT_HEAD, Phase.RESPONSE),
+    (Phase.AWAIT_HEAD, Phase.DONE),
+    (Phase.RESPONSE, Phase.DONE),
+})  # fmt: skip
 
 
 class HttpExchange:
@@ -95,12 +97,20 @@ class HttpExchange:
 
     # --- phases and their timeouts ------------------------------------------
 
-    def enter(self, phase: Phase) -> None:
-        """Move to `phase` (see TRANSITIONS) and watch it with its own timeout."""
-        if phase is self.phase and self.timer is not None:
-            return
-        assert phase is self.phase or phase in TRANSITIONS[self.phase], (self.phase, phase)
+    def _to(self, phase: Phase) -> None:
+        if (self.phase, phase) not in PHASE_TRANSITIONS:
+            raise IllegalTransition("http exchange", self.phase, phase)
         self.phase = phase
+
+    def enter(self, phase: Phase) -> None:
+        """Move to `phase` (see PHASE_TRANSITIONS) and watch it with its own timeout.
+        Entering the phase it is in again only arms its timer if none is armed
+        (the first phase, and DONE from wherever the exchange ends)."""
+        if phase is self.phase:
+            if self.timer is not None:
+                return
+        else:
+            self._to(phase)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -261,7 +271,7 @@ class HttpExchange:
             return
         self.enter(Phase.DONE)
         if self.started:
-            self.conn.transport.abort()  # type: ignore[union-attr]  # mid-response: nothing honest to add
+            self.conn.transport.abort()  # mid-response: nothing honest to add
             self.conn.finish()
             return
         if reason is not None:
