@@ -209,15 +209,16 @@ async def test_a_client_that_waits_the_retry_time_is_let_in() -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_min_interval_refusal_is_the_longest_reason_and_fits(mode: str) -> None:
-    # The longest phrase with a 10-digit retry time: the longest reason loopwatch sends.
-    async with guarded(**{"policy.reject_with": mode, "policy.min_interval": "11575d"}) as (backend, lw):
+    # The longest phrase with the longest retry time a duration allows (366 days:
+    # detectors/units.py MAX_DURATION): the longest reason loopwatch sends.
+    async with guarded(**{"policy.reject_with": mode, "policy.min_interval": "366d"}) as (backend, lw):
         async with connect(ws_url(lw, token_path("eager")), open_timeout=5) as ws:  # admitted
             await ws.send("first")
             assert await ws.recv() == "first"
         got = await refused(lw, mode, token_path("eager"))
         check_contract(got, mode, "min_interval")
-        assert got.retry_secs == 11575 * 86400  # 1000080000: ten digits
-        assert len(got.reason.encode()) == 64
+        assert got.retry_secs == 366 * 86400  # 31622400: eight digits
+        assert len(got.reason.encode()) == 62  # within 64, the grammar's ten-digit worst case
         assert backend.upgrades["eager"] == 1
 
 
