@@ -244,6 +244,12 @@ class PolicySettings(SettingsModel):
         "close-1013",
         description="How the proxy refuses: accept then close 1013 (browsers can read it), or 429.",
     )
+    # 1013 Try Again Later is the standard code; some apps treat it as fatal (or
+    # retry it at once), so an application code 4000-4999 such as 4429 may stand
+    # in for it. The reason keeps its grammar (docs/refusals.md).
+    close_code: int = Field(
+        1013, description="The close code of a close-1013 refusal: 1013, or 4000-4999."
+    )
     min_interval: Duration | None = Field(
         None, description="Least time between admitted attempts of one client; null = off."
     )
@@ -293,6 +299,13 @@ class PolicySettings(SettingsModel):
 
 
 # --- breakers --------------------------------------------------------------
+
+    @field_validator("close_code")
+    @classmethod
+    def _refusal_close_code(cls, value: int) -> int:
+        if value != 1013 and not 4000 <= value <= 4999:
+            raise ValueError(f"expected 1013 or an application code from 4000 to 4999, got {value}")
+        return value
 
 
 class CircuitBreakerSettings(SettingsModel):

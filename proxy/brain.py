@@ -37,27 +37,28 @@ REASON_TEXT = {
 }
 
 
-# (reason, whole seconds, reject_with) -> (how, status, text): a looping client is
+# (reason, whole seconds, reject_with, close code) -> (how, status, text): a looping client is
 # refused with the same words tens of times a second. Bounded; starts over when full.
-_WORDING: dict[tuple[str, int, str], tuple[str, int, str]] = {}
+_WORDING: dict[tuple[str, int, str, int], tuple[str, int, str]] = {}
 _WORDING_SIZE = 1024
 
 
-def refusal_for(reject: Reject, reject_with: str, hold: float = 0.0) -> Refusal:
+def refusal_for(reject: Reject, reject_with: str, hold: float = 0.0, close_code: int = 1013) -> Refusal:
     """How a rejection reaches the client. A browser reports every refused
     handshake as 1006, so close-1013 (accept, then close with a reason it can
     read) is the default; http-429 is cheapest for other clients. An open
     breaker answers 503: the service, not the client, is the problem.
-    `hold` is the policy's hold for this reason (0: none); never past the retry time."""
+    `hold` is the policy's hold for this reason (0: none); never past the retry time.
+    `close_code`: 1013, or the application code policy.close_code sets instead."""
     retry = max(1, math.ceil(reject.retry_after))
-    key = (reject.reason, retry, reject_with)
+    key = (reject.reason, retry, reject_with, close_code)
     wording = _WORDING.get(key)
     if wording is None:
         text = f"loopwatch: {REASON_TEXT.get(reject.reason, reject.reason)}, retry in {retry}s"
         if reject_with == "http-429":
             wording = ("http", 503 if reject.reason == "circuit_open" else 429, text)
         else:
-            wording = ("close-1013", 1013, text)
+            wording = ("close-1013", close_code, text)
         if len(_WORDING) >= _WORDING_SIZE:
             _WORDING.clear()
         _WORDING[key] = wording
@@ -77,6 +78,7 @@ class EngineGate(Gate):
         self.identifier = identifier
         self.observers = observers
         self.reject_with = reject_with
+        self.close_code = engine.policy.close_code
         self.holds: dict[str, float] = {}  # reason -> hold seconds (policy.hold, hold_reasons)
         self.max_held = 0
         self.max_held_per_key = 0
@@ -97,7 +99,9 @@ class EngineGate(Gate):
         decision = self.engine.admit(event)
         refusal = None
         if isinstance(decision, Reject):  # how it is refused, on the record the observers see
-            refusal = conn.refusal = refusal_for(decision, self.reject_with, self.holds.get(decision.reason, 0.0))
+            refusal = conn.refusal = refusal_for(
+                decision, self.reject_with, self.holds.get(decision.reason, 0.0), self.close_code
+            )
         self.observers.call("on_attempt", conn, event, decision)
         if refusal is not None:
             self.observers.call("on_rejected", conn, ev.Rejected(client.key, route, t, refusal.reason))
@@ -143,7 +147,8 @@ class EngineGate(Gate):
     def close_connection(self, conn_id: object, code: int, reason: str) -> bool:
         """Close one of this replica's connections (close-oldest, or another
         replica's request); False when it is not here (or already gone)."""
-        relay = self.server.relays.get(conn_id) if self.server is not None else None  # type: ignore[arg-type]
+        relays = self.server.relays if self.server is not None else {}
+        relay = relays.get(conn_id) if isinstance(conn_id, int) else None  # ids here are ints
         if relay is None:
             return False
         relay.close(code, reason)
@@ -184,6 +189,7 @@ class EngineGate(Gate):
         self.engine.reconfigure(settings.detection, settings.policy, settings.breakers)
         self.identifier = Identifier(settings.identity)
         self.reject_with = settings.policy.reject_with
+        self.close_code = settings.policy.close_code
         self.set_holds(settings.policy)
         self._schedule()
 

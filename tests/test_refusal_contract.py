@@ -24,6 +24,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from loopwatch.proxy.app.runtime import Running
+from loopwatch.proxy.app.settings import ConfigError, load_settings
 from loopwatch.proxy.tools.demo_backend import DemoBackend, issue_token
 from tests.clients import attempt, demo_backend
 from tests.conftest import free_port, loopwatch, raw_exchange, upgrade_request, ws_url
@@ -107,12 +108,12 @@ async def refused(lw: Running, mode: str, path: str) -> Refused:
     return await refused_by_status(lw.proxy_port, path)
 
 
-def check_contract(got: Refused, mode: str, reason: str) -> None:
+def check_contract(got: Refused, mode: str, reason: str, close_code: int = 1013) -> None:
     """Everything docs/refusals.md promises about one refusal."""
     assert KNOWN_PHRASES[got.phrase] == reason, got
     assert len(got.reason.encode("utf-8")) <= MAX_CLOSE_REASON
     if mode == "close-1013":
-        assert got.code == 1013 and got.retry_header is None
+        assert got.code == close_code and got.retry_header is None
     else:
         assert got.code == (503 if reason == "circuit_open" else 429), got
         assert got.retry_header == str(got.retry_secs), got  # Retry-After equals the reason's time
@@ -192,6 +193,21 @@ async def test_an_operator_s_cooldown_is_sent_in_observe_mode_too() -> None:
         check_contract(got, "close-1013", "cooldown")
         assert 29 <= got.retry_secs <= 30
         assert backend.upgrades["watched"] == 0
+
+
+async def test_an_application_close_code_replaces_1013_and_keeps_the_reason() -> None:
+    async with guarded(**{"policy.close_code": 4429}) as (backend, lw):
+        await force_cooldown(lw, "app@127.0.0.1", "30s")
+        got = await refused_by_close(lw.proxy_port, token_path("app"))
+        check_contract(got, "close-1013", "cooldown", close_code=4429)
+        assert 29 <= got.retry_secs <= 30
+        assert backend.upgrades["app"] == 0
+
+
+@pytest.mark.parametrize("code", [1000, 1008, 1014, 3000, 5000])
+def test_a_close_code_that_is_not_1013_or_an_application_code_is_refused(code: int) -> None:
+    with pytest.raises(ConfigError, match="policy.close_code: expected 1013 or an application code"):
+        load_settings(env={}, overrides={"upstream": "ws://127.0.0.1:1", "policy.close_code": code})
 
 
 async def test_a_client_that_waits_the_retry_time_is_let_in() -> None:

@@ -83,7 +83,7 @@ class Refusal:
     reason: str  # cooldown, min_interval, max_concurrent, deny, circuit_open, …
     retry_after: float  # seconds
     how: str = "close-1013"  # or "http" (status below + Retry-After)
-    status: int = 429
+    status: int = 429  # the HTTP status; for close-1013, the close code (1013 or policy.close_code)
     message: str = ""  # the close reason or the response body line
     # Seconds to hold the attempt (no upstream, no answer yet) before answering:
     # 0 = answer at once. Never past retry_after; the listener holds only within

@@ -19,6 +19,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from enum import StrEnum
 from typing import TYPE_CHECKING, cast
 
@@ -40,6 +41,8 @@ from .routing import Route, Router, client_ssl_context, server_ssl_context
 from .states import IllegalTransition
 
 if TYPE_CHECKING:
+    import aiohttp
+
     from ..app.settings import Settings
 
 log = logging.getLogger("loopwatch.server")
@@ -96,9 +99,11 @@ SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnecti
 # burst of closes is trimmed once), never during steady churn. None off glibc.
 TRIM_DROP = 256
 TRIM_DELAY = 0.5
+malloc_trim: Callable[[int], int] | None
 try:
-    malloc_trim = ctypes.CDLL(None).malloc_trim
-    malloc_trim.argtypes = (ctypes.c_size_t,)
+    _malloc_trim = ctypes.CDLL(None).malloc_trim
+    _malloc_trim.argtypes = (ctypes.c_size_t,)
+    malloc_trim = _malloc_trim
 except (OSError, AttributeError):  # pragma: no cover - not glibc
     malloc_trim = None
 
@@ -162,7 +167,7 @@ def refusal_bytes(refusal: Refusal, retry: str) -> bytes:
         if refusal.how == "http":
             out = simple_response(refusal.status, refusal.message, (("Retry-After", retry),))
         else:
-            out = build_close_frame(1013, refusal.message, mask=False)
+            out = build_close_frame(refusal.status, refusal.message, mask=False)  # 1013, or policy.close_code
         if len(_REFUSALS) >= _REFUSALS_SIZE:
             _REFUSALS.clear()
         _REFUSALS[key] = out
@@ -782,7 +787,7 @@ class ProxyServer:
         self._port = 0
         self._idle_task: asyncio.Task[None] | None = None
         self._all_closed: asyncio.Event | None = None
-        self._http_session = None
+        self._http_session: aiohttp.ClientSession | None = None
 
     async def start(self, host: str, port: int) -> None:
         ssl_ctx = None
