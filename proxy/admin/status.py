@@ -595,7 +595,7 @@ class StatusHub(Observer):
             }
         )
         await response.prepare(request)
-        sub = Subscriber(transport, self.max_buffer_bytes)  # type: ignore[arg-type]
+        sub = Subscriber(transport, self.max_buffer_bytes)
         # retry: the browser's own reconnect is never used (the page closes the
         # EventSource on error and backs off itself), but make it slow regardless.
         sub.push(b"retry: 60000\n\n" + encode("hello", self.hello(time.monotonic())))

@@ -311,7 +311,11 @@ async def serve(
     started: list[Running] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: started and _reload_logged(started[0]))
+    def reload_on_hup() -> None:
+        if started:
+            _reload_logged(started[0])
+
+    loop.add_signal_handler(signal.SIGHUP, reload_on_hup)
     running = await start(settings, sources=sources, stop=stop)
     started.append(running)
     tune_gc()

@@ -384,7 +384,7 @@ def accept_key(key: bytes) -> bytes:
 
 def end_to_end(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """Drop hop-by-hop headers and any header the Connection header names."""
-    named = set()
+    named: set[bytes] = set()
     for n, v in headers:
         if n.lower() == b"connection":
             named.update(t.strip().lower() for t in v.split(b","))

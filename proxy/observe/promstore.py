@@ -101,7 +101,7 @@ class HistogramStore:
         f = HistogramMetricFamily(self.name, self.doc, labels=["route"])
         for route, counts in self.counts.items():
             buckets: list[tuple[str, float] | tuple[str, float, Exemplar]] = []
-            total = 0
+            total: float = 0
             for le, n, pending in zip(self.les, counts[:-1], self.exemplars[route], strict=True):
                 total += n
                 exemplar = _exemplar(pending)
