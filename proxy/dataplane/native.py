@@ -1,0 +1,219 @@
+"""The compiled data plane's one Python face (issue 16).
+
+`loopwatch.proxy.dataplane._dataplane` is the Rust crate in proxy/dataplane/py
+(a tokio listener, the event queue, the enforcement table); this module is the
+only one that imports it. It turns what crosses the boundary into loopwatch's
+own types:
+
+* `EventQueue.recv_batch` drains the connection events in batches (waiting
+  with the GIL released; call it from a thread of its own, or with
+  `asyncio.to_thread`, never on the event loop) and returns them as the
+  detectors' event dataclasses (detectors/events.py), a Closed with what
+  crossed the connection;
+* `EnforcementTable` is the Rust class itself: the brain writes cooldowns,
+  min-interval deadlines, allow/deny lists and breakers into it, and the
+  listener reads it at admission without ever calling Python;
+* `NativeListener.start(...)` runs the listener on a multi-thread tokio
+  runtime for the routes and limits of the settings; `stop(grace)` ends it.
+
+What the native listener does not do yet (identity sources, TLS, wss://
+upstreams, plain HTTP forwarding, per-address caps) is listed in
+proxy/dataplane/README.md; `loopwatch run` still uses the Python data plane.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from ...detectors import events as ev
+from . import _dataplane
+from .boundary import RelayStats
+from .routing import parse_upstream
+from .settings import Limits
+
+EnforcementTable = _dataplane.EnforcementTable
+
+DEFAULT_QUEUE_CAPACITY = 65_536  # events; beyond it they are dropped and counted
+DEFAULT_BATCH = 1024
+REJECT_WITH = ("close-1013", "http-429")
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """One event off the queue; `traffic` is what crossed a Closed connection."""
+
+    event: ev.Event
+    traffic: RelayStats | None = None
+
+
+def _received(record: tuple[Any, ...]) -> Received:
+    """A record of the Rust queue (see `_dataplane.EventQueue`) as a Received."""
+    kind = record[0]
+    if kind == "attempt":
+        _, key, route, t, addr = record
+        return Received(ev.Attempt(key, route, t, addr))
+    if kind == "rejected":
+        _, key, route, t, reason = record
+        return Received(ev.Rejected(key, route, t, reason))
+    if kind == "handshake_failed":
+        _, key, route, t, status, error = record
+        return Received(ev.HandshakeFailed(key, route, t, status, error))
+    if kind == "opened":
+        _, key, route, t, conn_id = record
+        return Received(ev.Opened(key, route, t, conn_id))
+    if kind == "closed":
+        (_, key, route, t, conn_id, code, reason, initiator, duration,
+         messages_in, messages_out, bytes_in, bytes_out) = record  # fmt: skip
+        return Received(
+            ev.Closed(key, route, t, conn_id, code, reason, initiator, duration),
+            RelayStats(messages_in, messages_out, bytes_in, bytes_out),
+        )
+    raise ValueError(f"unknown event record {kind!r} from the native data plane")
+
+
+class EventQueue:
+    """The bounded queue the native listener's connections put their events in.
+
+    Producers never wait: an event that finds the queue full is dropped and
+    counted (`dropped`, and `take_unreported_drops` for one log line per burst).
+    """
+
+    __slots__ = ("raw",)
+
+    def __init__(self, capacity: int = DEFAULT_QUEUE_CAPACITY):
+        self.raw = _dataplane.EventQueue(capacity)
+
+    def recv_batch(self, max_events: int = DEFAULT_BATCH, timeout: float = 0.1) -> list[Received]:
+        """Up to `max_events` events: waits at most `timeout` seconds for the first
+        (GIL released), then takes what is queued; [] on timeout."""
+        return [_received(r) for r in self.raw.recv_batch(max_events, timeout)]
+
+    @property
+    def dropped(self) -> int:
+        """Events lost to a full queue since the start."""
+        return self.raw.dropped
+
+    def take_unreported_drops(self) -> int:
+        return self.raw.take_unreported_drops()
+
+    @property
+    def capacity(self) -> int:
+        return self.raw.capacity
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerStats:
+    """The native listener's counters at one instant."""
+
+    accepted: int
+    accept_errors: int
+    active: int  # client connections now, in any state
+    relays: int  # relayed WebSockets now
+    opened: int
+    closed: int
+    handshake_failed: int
+    holding: int  # refused attempts held now
+    held: int
+    rejected: dict[str, int]  # answered by loopwatch itself, by reason (docs/relay.md)
+    refused: dict[str, int]  # refused by the enforcement table, by reason (docs/refusals.md)
+
+
+def route_records(routes: Iterable[tuple[str, str]]) -> list[tuple[bytes, str, str, int, bytes, bytes]]:
+    """(path prefix, upstream URL) pairs as the Rust listener takes them. The
+    prefix is compared with the request path's bytes as latin-1, as the Python
+    listener compares its str path; wss:// is refused (not native yet)."""
+    out = []
+    for prefix, url in routes:
+        if not prefix.startswith("/"):
+            raise ValueError(f'route prefix: expected a path starting with "/", got {prefix!r}')
+        upstream = parse_upstream(url)
+        if upstream.tls:
+            raise ValueError(f"upstream {url!r}: wss:// and https:// are not in the native data plane yet")
+        try:
+            raw_prefix = prefix.encode("latin-1")
+            base_path = upstream.base_path.encode("latin-1")
+        except UnicodeEncodeError:
+            raise ValueError(f"route {prefix!r} -> {url!r}: expected latin-1 paths") from None
+        out.append((raw_prefix, prefix, upstream.host, upstream.port, upstream.authority, base_path))
+    return out
+
+
+class NativeListener:
+    """A running native listener; `NativeListener.start(...)` makes one."""
+
+    __slots__ = ("raw", "shutdown_timeout")
+
+    def __init__(self, raw: Any, shutdown_timeout: float):
+        self.raw = raw
+        self.shutdown_timeout = shutdown_timeout
+
+    @classmethod
+    def start(
+        cls,
+        routes: Iterable[tuple[str, str]],
+        *,
+        queue: EventQueue,
+        table: Any,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        limits: Limits | None = None,
+        reject_with: str = "close-1013",
+        threads: int | None = None,
+        max_holds: int = 1024,
+    ) -> NativeListener:
+        """Bind `host:port` and serve `routes` ((path prefix, ws:// URL) pairs)
+        under `limits` (the `limits:` settings; their defaults when None).
+        Raises ValueError for a setting it cannot honour, OSError when the
+        address cannot be bound."""
+        if reject_with not in REJECT_WITH:
+            raise ValueError(f"reject_with: expected one of {REJECT_WITH}, got {reject_with!r}")
+        limits = limits or Limits()
+        raw = _dataplane.Listener.start(
+            host, port, route_records(routes), queue.raw, table,
+            max_head_size=limits.max_head_size,
+            early_data_size=limits.early_data_size,
+            error_body_size=limits.error_body_size,
+            max_message_size=limits.max_message_size or None,
+            handshake_timeout=limits.handshake_timeout,
+            connect_timeout=limits.connect_timeout,
+            idle_timeout=limits.idle_timeout,
+            max_connections=limits.max_connections,
+            max_holds=max_holds,
+            reject_with=reject_with,
+            threads=threads,
+        )  # fmt: skip
+        return cls(raw, limits.shutdown_timeout)
+
+    @property
+    def port(self) -> int:
+        return self.raw.port
+
+    @property
+    def host(self) -> str:
+        return self.raw.host
+
+    @property
+    def running(self) -> bool:
+        return self.raw.running
+
+    def stop(self, grace: float | None = None) -> int:
+        """Stop accepting, close live WebSockets with 1001 on both legs, wait up
+        to `grace` seconds (limits.shutdown_timeout by default) for every
+        connection to end, then drop the rest. Blocks (GIL released): from
+        async code, `await asyncio.to_thread(listener.stop)`. Returns how many
+        connections had to be dropped."""
+        return self.raw.stop(self.shutdown_timeout if grace is None else grace)
+
+    def stats(self) -> ListenerStats:
+        raw = self.raw.stats()
+        raw["rejected"] = dict(raw["rejected"])
+        raw["refused"] = dict(raw["refused"])
+        return ListenerStats(**raw)
+
+    def __repr__(self) -> str:
+        return f"NativeListener({self.host}:{self.port}, running={self.running})"
