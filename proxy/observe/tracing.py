@@ -315,7 +315,7 @@ class TracingObserver(Observer):
 
     def _spans(self, conn: Connection | None, key: str) -> list[ConnTrace]:
         trace = trace_of(conn)
-        if trace is not None and conn.key == key:  # type: ignore[union-attr]
+        if trace is not None and conn is not None and conn.key == key:
             return [trace]
         return self.open_traces(key)
 
@@ -323,6 +323,7 @@ class TracingObserver(Observer):
 
     def on_attempt(self, conn: Connection, event: ev.Attempt, decision: Admit | Reject) -> None:
         head = conn.head
+        assert head is not None, "an attempt carries its request head"
         # Lookups in the head's header index (duplicates joined with ", ", which
         # is how W3C says to combine several tracestate headers).
         context, parent = _ROOT, None  # a root span, unless the client sent a trace context
@@ -423,7 +424,7 @@ class TracingObserver(Observer):
 
     def on_outcome(self, outcome: Outcome, t: float, conn: Connection | None = None) -> None:
         for finding in outcome.raised:
-            attrs = {
+            attrs: dict[str, Any] = {
                 "loopwatch.rule": finding.rule,
                 "loopwatch.severity": finding.severity,
                 "loopwatch.evidence": json.dumps(dict(finding.evidence), default=str, sort_keys=True),
@@ -451,13 +452,13 @@ class TracingObserver(Observer):
                         {"loopwatch.close.code": action.code, "loopwatch.close.reason": action.reason},
                     )
             elif isinstance(action, WouldReject):
-                trace = trace_of(conn)
-                if trace is not None and conn.key == action.key:  # type: ignore[union-attr]
-                    trace.add_event("loopwatch.would_reject", {"loopwatch.refusal.reason": action.reason})
+                current = trace_of(conn)
+                if current is not None and conn is not None and conn.key == action.key:
+                    current.add_event("loopwatch.would_reject", {"loopwatch.refusal.reason": action.reason})
             elif isinstance(action, BreakerTransition):
-                trace = trace_of(conn)
-                if trace is not None:  # the step whose outcome moved the breaker
-                    trace.add_event(
+                current = trace_of(conn)
+                if current is not None:  # the step whose outcome moved the breaker
+                    current.add_event(
                         "loopwatch.breaker_transition",
                         {
                             "loopwatch.breaker": action.name,
