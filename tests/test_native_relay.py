@@ -409,3 +409,31 @@ async def test_stop_closes_live_websockets_with_1001_on_both_legs() -> None:
     assert {(e.code, e.reason, e.initiator) for e in of_type(events, ev.Closed)} == {
         (1001, "loopwatch: shutting down", "proxy")
     }
+
+
+async def test_stop_waits_for_the_frame_in_flight_before_its_close_frame() -> None:
+    payload = os.urandom(50_000)
+    whole = frame(BINARY, payload, mask=b"wxyz")
+    async with raw_backend() as backend, native(backend.url) as running:
+        raw = await RawClient.connect(running.port)
+        conn = await backend.accept()
+        await raw.send(whole[:20_000])
+        await conn.wait_bytes(20_000)
+        stopping = asyncio.create_task(running.stop(grace=5.0))
+        down = await raw.read_frame()  # toward the client: at a boundary already
+        assert down.close == (1001, "loopwatch: shutting down")
+        await asyncio.sleep(0.05)
+        await raw.send(whole[20_000:] + frame(CLOSE, close_payload(1001), mask=b"abcd"))
+        reason = "loopwatch: shutting down"
+        received = await conn.wait_bytes(len(whole) + 6 + 2 + len(reason))
+        assert received[: len(whole)] == whole  # the frame in flight, complete
+        tail = received[len(whole) :]
+        assert tail[:2] == bytes((0x88, 0x80 | 2 + len("loopwatch: shutting down")))
+        mask = tail[2:6]
+        text = bytes(b ^ mask[i % 4] for i, b in enumerate(tail[6:]))
+        assert text == close_payload(1001, "loopwatch: shutting down")
+        await conn.send(frame(CLOSE, close_payload(1001)))
+        assert await asyncio.wait_for(stopping, 10) == 0
+        events = await running.events(closed_count(1))
+    closed = of_type(events, ev.Closed)[0]
+    assert (closed.code, closed.initiator) == (1001, "proxy")
