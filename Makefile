@@ -31,6 +31,7 @@ rust-check:
 
 test: rust-check $(STAMP) system-deps
 	$(BIN)/ruff check loopwatch proxy detectors tests dashboards
+	mkdir -p build/types/loopwatch && ln -sfn ../../../loopwatch/__init__.py ../../../loopwatch/__main__.py ../../../proxy ../../../detectors ../../../dashboards build/types/loopwatch/ && $(BIN)/mypy -p loopwatch
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP) system-deps
