@@ -128,7 +128,7 @@ class EngineGate(Gate):
     def closed(
         self, conn: Connection, t: float, code: int, reason: str, initiator: str, stats: RelayStats
     ) -> None:
-        event = ev.Closed(conn.key, conn.route, t, conn.conn_id, code, reason, initiator, t - conn.opened_at)  # type: ignore[arg-type]
+        event = ev.Closed(conn.key, conn.route, t, conn.conn_id, code, reason, initiator, t - conn.opened_at)  # type: ignore[arg-type]  # Gate.closed takes initiator as str; the relay passes only ev.Initiator values
         self.observers.call("on_closed", conn, event, stats)
         self._apply(self.engine.record(event), t, conn)
 

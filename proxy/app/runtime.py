@@ -7,8 +7,9 @@ import contextlib
 import gc
 import logging
 import signal
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from ...detectors.engine import Engine
 from ...detectors.views import BreakerView, ClientView, EngineSnapshot
@@ -31,6 +32,7 @@ from ..state.redis import RedisStateStore
 from .settings import ConfigError, Settings, load_settings
 
 log = logging.getLogger("loopwatch")
+T = TypeVar("T")
 
 # Settings a reload cannot change on a running process: listeners and relay limits.
 # `state`: the shared store connects once, at start.
@@ -203,7 +205,7 @@ class ListenerView:
         self._engine = engine
 
     def connection(self, conn_id: object) -> Connection | None:
-        relay = self._proxy.relays.get(conn_id)  # type: ignore[call-overload]
+        relay = self._proxy.relays.get(conn_id) if isinstance(conn_id, int) else None
         return None if relay is None else relay.context
 
     def open_ids(self, key: str) -> tuple[object, ...]:
@@ -351,10 +353,10 @@ def _reload_logged(running: Running) -> None:
         running.reload()
 
 
-def run_loop(main: Callable[[], object]) -> object:
+def run_loop(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """asyncio.run on uvloop when it is installed."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return asyncio.run(main())  # type: ignore[arg-type]
-    return uvloop.run(main())  # type: ignore[arg-type]
+        return asyncio.run(main())
+    return uvloop.run(main())

@@ -117,7 +117,7 @@ class TextHeaders(Mapping[str, str]):
             raise KeyError(name)
         return value
 
-    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
+    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]  # one signature for Mapping.get's overloads
         try:
             key = name.lower().encode("latin-1")
         except UnicodeEncodeError:
@@ -329,7 +329,7 @@ class HeadParser:
         """Done parsing: drop the httptools parser, which holds this object's
         callbacks (a reference cycle the collector would otherwise have to find,
         with the head in it). feed() must not be called afterwards."""
-        self._parser = None  # type: ignore[assignment]
+        self._parser = None  # type: ignore[assignment]  # released: never fed again, so not typed Optional
 
 
 def _has_body(index: dict[bytes, bytes]) -> bool:
@@ -540,4 +540,4 @@ class ResponseHeadParser:
 
     def release(self) -> None:
         """Done parsing (see HeadParser.release); the fields read so far stay."""
-        self._parser = None  # type: ignore[assignment]
+        self._parser = None  # type: ignore[assignment]  # released: never fed again, so not typed Optional

@@ -449,7 +449,7 @@ class ProcessSpanSink(SdkParts):
                 item.ok = self._alive() and self._send(marshal.dumps(FLUSH)) and self._answer()
                 item.done.set()
                 continue
-            records: Sequence[Record] = item  # type: ignore[assignment]
+            records: Sequence[Record] = item  # type: ignore[assignment]  # the queue's other items (_STOP, _Flush) are handled above
             payload, unpackable = _pack(records)
             self._lost += unpackable
             if payload is not None and not (self._alive() and self._send(payload)):
