@@ -37,13 +37,32 @@ def test_demo_catches_the_loop_and_leaves_healthy_clients_alone() -> None:
     assert caught, out
     assert float(caught.group(1)) < 1.0
 
-    # Most of its attempts never reached the backend, and the numbers add up.
+    # Caught at its 4th attempt (one more let through when the cooldown ended), and
+    # every attempt in cooldown never reached the backend; the numbers add up.
     counts = re.search(r"tab-bug: (\d+) attempts, (\d+) reached the backend, (\d+) never did", out)
     assert counts, out
     attempts, reached, never = map(int, counts.groups())
     assert attempts == reached + never
-    assert 3 <= reached <= 5 and never > 2 * reached
+    assert 3 <= reached <= 5 and never >= 2
     assert "cooldown doubled" in out
+
+    # The hold (policy.hold, 2 s by default): the loop's pace before its cooldown and
+    # after, and the attempts it saved over the same time; the numbers add up.
+    hold = re.search(
+        r"the hold: tab-bug made (\d+\.\d) attempts/s before its cooldown and (\d+\.\d)/s after "
+        r"\(each refusal held 2s\); at its earlier pace it would have made (\d+) attempts in those "
+        r"(\d+\.\d)s, it made (\d+): the hold saved (\d+) attempts",
+        out,
+    )
+    assert hold, out
+    before, after = float(hold.group(1)), float(hold.group(2))
+    would, seconds, made, saved = int(hold.group(3)), float(hold.group(4)), int(hold.group(5)), int(hold.group(6))
+    assert before >= 5  # the loop's pace (the demo's looping tab: 20 a second)
+    assert after <= 1.5  # one attempt per 2 s hold, plus the one let through as the cooldown ended
+    assert would == round(before * seconds) or abs(would - before * seconds) <= 1
+    assert saved == would - made and saved > made
+    # Every attempt after the cooldown started is counted in the attempts above.
+    assert made <= attempts
 
     # The healthy clients echoed all along and saw no error, refusal or flag.
     healthy = re.search(r"healthy clients: 4 stayed connected, (\d+) messages echoed, (\d+) errors, (\d+) refused, none flagged — unharmed", out)

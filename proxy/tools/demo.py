@@ -57,6 +57,7 @@ class DemoResult:
     fixed_flagged: bool
     healthy_flagged: bool
     repeat_cooldown: float | None  # length of the second cooldown, when the story got there
+    hold: HoldEffect | None  # the looping tab's pace before and after its first cooldown
     metrics_url: str
     clients_url: str
 
@@ -74,6 +75,37 @@ class DemoResult:
     @property
     def ok(self) -> bool:
         return self.caught and self.healthy_ok and not self.fixed_flagged
+
+
+@dataclass(frozen=True)
+class HoldEffect:
+    """The looping tab before and after its first cooldown started (policy.hold).
+
+    `before` is its pace until then (attempts per second between its first and
+    last attempt); `after` its attempts per second from the cooldown's start to
+    the end of the run; `would_have` what `before` would have made over that time."""
+
+    hold: float  # policy.hold, seconds
+    before: float
+    after: float
+    seconds: float  # from the first cooldown's start to the end of the run
+    made: int  # attempts in those seconds
+    would_have: int
+
+    @property
+    def saved(self) -> int:
+        return max(self.would_have - self.made, 0)
+
+
+def hold_effect(times: list[float], cooldown_start: float, end: float, hold: float) -> HoldEffect | None:
+    """From the looping tab's attempt times (monotonic) and its first cooldown."""
+    before = [t for t in times if t < cooldown_start]
+    after = [t for t in times if t >= cooldown_start]
+    seconds = end - cooldown_start
+    if len(before) < 2 or before[-1] <= before[0] or seconds <= 0:
+        return None
+    pace = (len(before) - 1) / (before[-1] - before[0])
+    return HoldEffect(hold, pace, len(after) / seconds, seconds, len(after), round(pace * seconds))
 
 
 def _key(name: str) -> str:
@@ -181,8 +213,9 @@ async def demo(
         )
         run = launch(stack.url, CLIENTS, knobs=Knobs(rate=20.0))
         await _watch(stack, run, console, use_live, duration, keep_running, stop)
+        ended = time.monotonic()
         await run.finish()
-        result = _result(stack, run)
+        result = _result(stack, run, ended)
     finally:
         if run is not None:
             await run.finish()
@@ -250,7 +283,7 @@ def _story_told(stack: Stack) -> bool:
     return len(_looping_cooldowns(stack)) >= 2
 
 
-def _result(stack: Stack, run: Run) -> DemoResult:
+def _result(stack: Stack, run: Run, ended: float) -> DemoResult:
     tallies = {t.name: t for t in run.tallies}
     looping = tallies[LOOPING]
     first = stack.log.first(LOOPING)
@@ -259,6 +292,11 @@ def _result(stack: Stack, run: Run) -> DemoResult:
         seconds = max(first.t - looping.first_attempt, 0.0)
     cooldowns = _looping_cooldowns(stack)
     caught = first is not None and looping.refused_total > 0
+    hold = None
+    if cooldowns:
+        # Tally.recent keeps the last 512 attempt times: all of them, for a tab
+        # that is held (one attempt per hold), and enough for its pace before.
+        hold = hold_effect(list(looping.recent), cooldowns[0].t, ended, stack.running.settings.policy.hold)
     admin = stack.admin
     return DemoResult(
         caught=caught,
@@ -272,6 +310,7 @@ def _result(stack: Stack, run: Run) -> DemoResult:
         fixed_flagged=bool(stack.log.rules_for(FIXED)),
         healthy_flagged=any(stack.log.rules_for(name) for name in HEALTHY),
         repeat_cooldown=cooldowns[1].duration if len(cooldowns) >= 2 else None,
+        hold=hold,
         metrics_url=f"{admin}/metrics",
         clients_url=f"{admin}/api/clients",
     )
@@ -297,6 +336,14 @@ def print_summary(r: DemoResult, console: Any, keep_running: bool) -> None:
     )
     if r.repeat_cooldown is not None:
         say(f"  repeat offence after the first cooldown: cooldown doubled to {r.repeat_cooldown:.1f}s")
+    if r.hold is not None:
+        h = r.hold
+        held = f"each refusal held {h.hold:g}s" if h.hold > 0 else "policy.hold is 0: refusals answered at once"
+        say(
+            f"  the hold: {LOOPING} made {h.before:.1f} attempts/s before its cooldown and {h.after:.1f}/s "
+            f"after ({held}); at its earlier pace it would have made {h.would_have} attempts in those "
+            f"{h.seconds:.1f}s, it made {h.made}: the hold saved {h.saved} attempts"
+        )
     echoed = sum(t.echoed for t in r.healthy)
     errors = sum(t.errors for t in r.healthy)
     say(
