@@ -68,6 +68,7 @@ PROFILES: dict[str, dict] = {
         "churn": {"workers": 20, "max_s": 5.0, "max_ops": 200_000},
         "refusal": {"workers": 20, "max_s": 3.0, "max_ops": 500_000},
         "storm": {"clients": 10, "interval": 0.01, "quiet_s": 3.0, "storm_s": 4.0, "loopers": 50},
+        "hold": {"clients": 10, "interval": 0.01, "quiet_s": 3.0, "storm_s": 20.0, "loopers": 100},
         "detect": {"rate": 20.0, "max_s": 3.0, "max_attempts": 60},
         "memory": {"counts": [2000, 10000], "reps": 1, "settle_s": 1.0, "after_close_s": 2.0},
     },
@@ -79,6 +80,7 @@ PROFILES: dict[str, dict] = {
         "churn": {"workers": 20, "max_s": 2.0, "max_ops": 100_000},
         "refusal": {"workers": 20, "max_s": 1.5, "max_ops": 200_000},
         "storm": {"clients": 10, "interval": 0.01, "quiet_s": 1.5, "storm_s": 2.0, "loopers": 50},
+        "hold": {"clients": 10, "interval": 0.01, "quiet_s": 2.0, "storm_s": 6.0, "loopers": 100},
         "detect": {"rate": 20.0, "max_s": 2.0, "max_attempts": 40},
         "memory": {"counts": [2000], "reps": 1, "settle_s": 1.0, "after_close_s": 2.0},
     },
@@ -90,12 +92,28 @@ PROFILES: dict[str, dict] = {
         "churn": {"workers": 4, "max_s": 0.3, "max_ops": 200},
         "refusal": {"workers": 4, "max_s": 0.3, "max_ops": 200},
         "storm": {"clients": 2, "interval": 0.01, "quiet_s": 0.3, "storm_s": 0.5, "loopers": 5},
+        "hold": {"clients": 2, "interval": 0.01, "quiet_s": 0.3, "storm_s": 0.6, "loopers": 5},
         "detect": {"rate": 20.0, "max_s": 0.6, "max_attempts": 12},
         "memory": {"counts": [50], "reps": 1, "settle_s": 0.2, "after_close_s": 0.5},
     },
 }
 
-SCENARIOS = ("latency", "throughput", "large", "churn", "refusal", "detect", "storm", "memory")
+SCENARIOS = ("latency", "throughput", "large", "churn", "refusal", "detect", "storm", "hold", "memory")
+# The hold scenario: the storm against loopwatch with its default hold (policy.hold,
+# 2 s) and against a second loopwatch with the hold off.
+# A hundred clients failing auth at once open the auth breaker, whose refusals
+# (circuit_open) are not in policy.hold_reasons by default; both instances turn it
+# off so that each looping client is refused by its own cooldown, as a lone
+# looping tab is.
+HOLD_TARGETS = ("loopwatch-hold-on", "loopwatch-hold-off")
+HOLD_CONFIG = """\
+# tests/benchmarks: the hold scenario (policy.hold {hold})
+policy:
+  hold: {hold}
+breakers:
+  auth:
+    enabled: false
+"""
 
 DENY_CONFIG = """\
 # tests/benchmarks: every loopback client is refused, as if in cooldown
@@ -181,6 +199,9 @@ class Bench:
             return start_nginx(self.tmp, self.backend.port, self.nofile)
         if name == "haproxy":
             return start_haproxy(self.tmp, self.backend.port, self.nofile)
+        if name in HOLD_TARGETS:
+            hold = '"2s"' if name == "loopwatch-hold-on" else "0"
+            return start_loopwatch(self.tmp, self.backend.port, name, HOLD_CONFIG.format(hold=hold))
         if name.startswith("loopwatch-"):
             how = name.split("-", 1)[1]
             return start_loopwatch(self.tmp, self.backend.port, name, DENY_CONFIG.format(how=how))
@@ -438,6 +459,57 @@ class Bench:
         if "loopwatch" in self.procs:
             self.reset_loopwatch()
 
+    def s_hold(self, rep: int) -> None:
+        """The storm with the hold on (loopwatch's default) and off: healthy pings
+        alone, then with `loopers` closed-loop looping clients (each reconnects at
+        once after every close or refusal, as the incident's tab did), while the
+        target's held gauge and RSS are sampled."""
+        p = self.profile["hold"]
+        assert self.aux is not None and self.lg is not None
+        for name in HOLD_TARGETS:
+            if name not in self.procs:
+                self.procs[name] = self.start_target(name)
+        for target in self.order(rep, HOLD_TARGETS):
+            self.reset_loopwatch(target)
+            proc = self.procs[target]
+            admin = proc.extra.get("admin")
+            ping = {"op": "pings", "clients": p["clients"], "interval": p["interval"]}
+            quiet = self.measure(target, {**ping, "duration": p["quiet_s"]}, p["quiet_s"] + 60)
+            rss0, c0 = proc.rss(), proc.cpu()
+            self.tag += 1
+            self.aux.send({"op": "storm", "host": HOST, "port": proc.port, "tag": self.tag,
+                           "loopers": p["loopers"], "duration": p["storm_s"], "start_delay": 0.3})
+            self.tag += 1
+            self.lg.send({**ping, "duration": p["storm_s"], "host": HOST, "port": proc.port, "tag": self.tag})
+            held, rss = [0.0], [rss0]
+            deadline = time.monotonic() + p["storm_s"] + 0.3
+            while time.monotonic() < deadline:
+                held.append(scrape_gauge(admin, "loopwatch_connections_held"))
+                rss.append(proc.rss())
+                time.sleep(0.1)
+            stormy = self.lg.receive(p["storm_s"] + 60)
+            storm = self.aux.receive(p["storm_s"] + 60)
+            time.sleep(0.02)
+            cpu = proc.cpu() - c0
+            quiet_cpu_rate = quiet.get("cpu_s", 0.0) / p["quiet_s"]  # the healthy pings' own share
+            loop_cpu = max(cpu - quiet_cpu_rate * p["storm_s"], 0.0)
+            elapsed = storm.get("elapsed_s") or p["storm_s"]
+            q99, s99 = quiet.get("p99_us"), stormy.get("p99_us")
+            peak = max(held)
+            self.record("hold", target, rep, {"quiet": quiet, "storm_pings": stormy, "storm": storm,
+                                               "storm_cpu_s": cpu, "held": held, "rss": rss}, {
+                "loop_attempts_per_s": storm.get("attempts", 0) / elapsed / p["loopers"],
+                "cpu_ms_per_looper_s": loop_cpu / p["storm_s"] / p["loopers"] * 1e3,
+                "cpu_pct_storm": 100.0 * cpu / p["storm_s"],
+                "held_peak": peak,
+                "kib_per_held": (max(rss) - rss0) / peak / 1024 if peak else None,
+                "quiet_p99_us": q99, "storm_p99_us": s99,
+                "p99_ratio": (s99 / q99) if q99 and s99 else None,
+                "healthy_errors": quiet.get("errors", 0) + stormy.get("errors", 0) + (1 if stormy.get("failed") else 0),
+                "leaks": storm.get("leaks"),
+            })
+            self.reset_loopwatch(target)
+
     def backend_stats(self) -> dict:
         assert self.backend is not None
         try:
@@ -541,6 +613,20 @@ class Bench:
         env = os.environ.get("BENCH_LOOPWATCH_PYTHON")
         prefix = f"BENCH_LOOPWATCH_PYTHON={shlex.quote(env)} " if env else ""
         return f"{prefix}.venv/bin/python -m tests.benchmarks.run {args}".strip()
+
+
+def scrape_gauge(admin: str | None, name: str) -> float:
+    """One unlabelled sample from a loopwatch's /metrics (0 when unreadable)."""
+    if not admin:
+        return 0.0
+    try:
+        with urllib.request.urlopen(f"http://{admin}/metrics", timeout=2) as f:
+            for line in f.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+    except Exception:  # noqa: BLE001 - a missed sample, not a failed run
+        pass
+    return 0.0
 
 
 def summarize(runs: list[dict]) -> dict:
