@@ -333,3 +333,16 @@ def test_bad_arguments_get_clear_answers() -> None:
                 limits=Limits(),
             )  # fmt: skip
     assert len(table) == 0 and table.generation == 0
+
+
+async def test_a_client_still_sending_gets_its_whole_answer() -> None:
+    """A head far over limits.max_head_size, sent in one go: the 431 is read in
+    full (loopwatch drains what keeps coming before it closes, no reset)."""
+    async with echo_server() as backend, native(backend.url) as running:
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")
+        response = await asyncio.wait_for(read_response(reader), 5)
+        writer.close()
+        assert response.status == 431
+        assert response.body == b"request header fields too large\n"
+        assert running.listener.stats().rejected["head_too_large"] == 1

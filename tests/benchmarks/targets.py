@@ -249,6 +249,25 @@ def start_loopwatch(tmp: Path, backend_port: int, name: str = "loopwatch", confi
     raise RuntimeError(f"{name} did not report listening: {_tail(log)}")
 
 
+def start_native(tmp: Path, backend_port: int, name: str = "native", *, threads: int = 1,
+                 deny: str | None = None) -> Proc:
+    """The native listener (tests/benchmarks/native_target.py); `deny`: refuse every
+    loopback client with "http-429" or "close-1013"."""
+    log = tmp / f"{name}.log"
+    cmd = [sys.executable, "-m", "tests.benchmarks.native_target",
+           "--upstream", f"ws://{HOST}:{backend_port}", "--threads", str(threads)]
+    if deny is not None:
+        cmd += ["--deny", "--reject-with", deny]
+    proc = _popen(cmd, log, cwd=ROOT, stdout=subprocess.PIPE)
+    try:
+        info = json.loads(_readline(proc, 30.0))
+    except (RuntimeError, ValueError) as e:
+        proc.kill()
+        raise RuntimeError(f"{name} did not start: {e}: {_tail(log)}") from None
+    port = int(str(info["proxy"]).rsplit(":", 1)[1])
+    return Proc(name, proc, port, log)
+
+
 def nginx_config(tmp: Path, port: int, backend_port: int, nofile: int) -> str:
     conns = max(1024, min(40_000, nofile - 200))
     return f"""\

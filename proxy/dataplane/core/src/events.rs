@@ -267,6 +267,12 @@ impl EventReceiver {
         batch
     }
 
+    /// Up to `max` events already queued, without waiting (and without the
+    /// spinning a blocking receive does first): for a consumer that polls.
+    pub fn try_batch(&self, max: usize) -> Vec<Event> {
+        self.rx.try_iter().take(max).collect()
+    }
+
     /// Events waiting now.
     pub fn len(&self) -> usize {
         self.rx.len()
@@ -333,6 +339,12 @@ mod tests {
             .collect();
         assert_eq!(sizes, [10, 10, 5, 0]);
         assert_eq!(rx.recv_batch(0, Duration::ZERO).len(), 0);
+        for i in 0..3 {
+            assert!(tx.send(attempt(i)));
+        }
+        assert_eq!(rx.try_batch(2).len(), 2);
+        assert_eq!(rx.try_batch(2).len(), 1);
+        assert!(rx.try_batch(2).is_empty());
     }
 
     #[test]

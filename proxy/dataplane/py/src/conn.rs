@@ -22,7 +22,9 @@ use loopwatch_dataplane_core::table::{Admission, Refusal};
 use crate::listener::{stopping, ConnGuard, Rejected, Shared};
 use crate::relay::{Relay, RelayIdentity, RelayLimits};
 use crate::response::{Answer, ResponseReader, UpstreamRefusal};
-use crate::wire::{refusal_bytes, route_for, simple_response, upstream_request_head, Route};
+use crate::wire::{
+    refusal_bytes, route_for, simple_response, upstream_request_head, RejectWith, Route,
+};
 
 /// Writing an answer loopwatch makes itself, and waiting for the client to
 /// close after it (its close reply to a close-1013, say), takes at most this.
@@ -105,8 +107,11 @@ pub async fn serve(
     let peer_ip = peer.ip();
     let peer_text = peer_ip.to_string();
 
-    // 1. The request head.
+    // 1. The request head. (One timer per phase, armed once: a timer made
+    // per loop turn would be registered and dropped on every read.)
     let mut buf: Vec<u8> = Vec::new();
+    let head_timer = sleep_until(deadline);
+    tokio::pin!(head_timer);
     let plan = loop {
         buf.reserve(HEAD_READ);
         tokio::select! {
@@ -115,7 +120,7 @@ pub async fn serve(
                 reject(&shared, &mut client, Rejected::ShuttingDown, 503, SHUTTING_DOWN, &[]).await;
                 return;
             }
-            _ = sleep_until(deadline) => {
+            _ = &mut head_timer => {
                 let message = "loopwatch: request head timeout";
                 reject(&shared, &mut client, Rejected::HeadTimeout, 408, message, &[]).await;
                 return;
@@ -131,7 +136,7 @@ pub async fn serve(
                 shared
                     .counters
                     .reject(Rejected::from_head(rejection.reason));
-                answer(&mut client, &rejection.response()).await;
+                answer(&mut client, &rejection.response(), Then::Close).await;
                 return;
             }
             HeadStatus::Complete(head) => break decide(&shared, &head, &buf, peer_ip, &peer_text),
@@ -142,7 +147,7 @@ pub async fn serve(
     match plan {
         Plan::Answer { response, label } => {
             shared.counters.reject(label);
-            answer(&mut client, &response).await;
+            answer(&mut client, &response, Then::Close).await;
         }
         Plan::Refuse { refusal, ws_key } => refuse(&shared, client, refusal, ws_key).await,
         Plan::Forward {
@@ -250,7 +255,11 @@ async fn refuse(shared: &Shared, mut client: TcpStream, refusal: Refusal, ws_key
         retry_after,
         &ws_key,
     );
-    answer(&mut client, &bytes).await;
+    let then = match shared.config.reject_with {
+        RejectWith::Close1013 => Then::AwaitReply,
+        RejectWith::Http429 => Then::Close,
+    };
+    answer(&mut client, &bytes, then).await;
 }
 
 /// Reads (and drops) until the peer closes; bounded by `LINGER_BYTES` per call
@@ -271,17 +280,37 @@ async fn drain_until_closed(client: &mut TcpStream, sink: &mut [u8]) {
     }
 }
 
-/// Write an answer, shut the writing half, and wait (bounded) for the client
-/// to close: closing with unread bytes would reset the connection, and a
-/// reset can destroy the answer before the client reads it.
-async fn answer(client: &mut TcpStream, bytes: &[u8]) {
+/// What follows an answer loopwatch writes itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Then {
+    /// Close. If the client is still sending (bytes are waiting), read and
+    /// drop them until it closes (bounded): closing with unread bytes would
+    /// reset the connection, and a reset can destroy the answer before the
+    /// client reads it (nginx's lingering close).
+    Close,
+    /// Wait (bounded) for the client's reply, its close frame after a
+    /// close-1013, then close.
+    AwaitReply,
+}
+
+/// Write an answer, shut the writing half, then as `then` says; at most
+/// `ANSWER_GRACE` in all.
+async fn answer(client: &mut TcpStream, bytes: &[u8], then: Then) {
     let _ = timeout(ANSWER_GRACE, async {
         if client.write_all(bytes).await.is_err() {
             return;
         }
         let _ = client.shutdown().await;
         let mut sink = [0u8; 512];
-        drain_until_closed(client, &mut sink).await;
+        match then {
+            Then::AwaitReply => {
+                let _ = client.read(&mut sink).await;
+            }
+            Then::Close => match client.try_read(&mut sink) {
+                Ok(n) if n > 0 => drain_until_closed(client, &mut sink).await,
+                _ => {} // nothing pending, the client's EOF, or an error: close now
+            },
+        }
     })
     .await;
 }
@@ -295,7 +324,12 @@ async fn reject(
     headers: &[(&str, &str)],
 ) {
     shared.counters.reject(label);
-    answer(client, &simple_response(status, message, headers)).await;
+    answer(
+        client,
+        &simple_response(status, message, headers),
+        Then::Close,
+    )
+    .await;
 }
 
 /// Connect, send the upgrade request, read the answer.
@@ -402,6 +436,8 @@ async fn forward(
         limits.error_body_size,
     );
     tokio::pin!(handshake);
+    let handshake_timer = sleep_until(deadline);
+    tokio::pin!(handshake_timer);
     // 2. The upstream handshake. The client is read meanwhile: what it sends
     // early is kept (bounded), and a client that leaves is noticed at once.
     let outcome = loop {
@@ -415,10 +451,10 @@ async fn forward(
                 reject(shared, &mut client, Rejected::ShuttingDown, 503, SHUTTING_DOWN, &[]).await;
                 return;
             }
-            _ = sleep_until(deadline) => {
+            _ = &mut handshake_timer => {
                 failed(HandshakeFailure::Error(HandshakeError::Timeout));
                 let response = simple_response(504, "loopwatch: upstream handshake timeout", &[]);
-                answer(&mut client, &response).await;
+                answer(&mut client, &response, Then::Close).await;
                 return;
             }
             read = client.read_buf(&mut early), if room => match read {
@@ -439,12 +475,17 @@ async fn forward(
             error,
         } => {
             failed(HandshakeFailure::Error(error));
-            answer(&mut client, &simple_response(status, &message, &[])).await;
+            answer(
+                &mut client,
+                &simple_response(status, &message, &[]),
+                Then::Close,
+            )
+            .await;
             return;
         }
         Upstream::Refused(refusal) => {
             failed(HandshakeFailure::Status(refusal.status));
-            answer(&mut client, &refusal.response).await;
+            answer(&mut client, &refusal.response, Then::Close).await;
             return;
         }
         Upstream::Accepted {

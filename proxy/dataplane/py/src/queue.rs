@@ -17,8 +17,16 @@ use loopwatch_dataplane_core::events::{
     event_queue, Event, EventReceiver, EventSender, HandshakeFailure,
 };
 
-/// The longest a `recv_batch` waits with the GIL released before it looks at
-/// Python's signals (Ctrl-C in the main thread) again.
+/// How `recv_batch` waits: it polls the queue, sleeping between looks (the
+/// GIL released) from `FIRST_TICK`, doubling while the queue stays empty, up
+/// to `MAX_TICK`. A blocking receive would make every event a wake-up of the
+/// draining thread, and crossbeam spins (`sched_yield`) before it blocks;
+/// polling costs the producers nothing and the brain one look per batch. An
+/// event waits at most `MAX_TICK` after a quiet spell.
+const FIRST_TICK: Duration = Duration::from_millis(1);
+pub const MAX_TICK: Duration = Duration::from_millis(10);
+/// The longest a `recv_batch` waits before it looks at Python's signals
+/// (Ctrl-C in the main thread) again.
 const SIGNAL_SLICE: Duration = Duration::from_millis(100);
 
 /// The brain's clock for events: `time.monotonic()` seconds. Rust's `Instant`
@@ -50,7 +58,8 @@ impl Clock {
 /// A bounded queue of connection events (Rust producers, one Python consumer).
 ///
 /// `EventQueue(capacity)`; `recv_batch(max, timeout_s)` returns a list of
-/// tuples, by type:
+/// tuples (an event waits in the queue at most `MAX_TICK` once the consumer
+/// is waiting), by type:
 ///
 /// * `("attempt", key, route, t, addr)`
 /// * `("rejected", key, route, t, reason)`
@@ -100,8 +109,9 @@ impl EventQueue {
         })
     }
 
-    /// Up to `max` events: waits at most `timeout_s` for the first (with the
-    /// GIL released), then takes what is already queued. `[]` on timeout.
+    /// Up to `max` events: waits at most `timeout_s` for the first (polling
+    /// with the GIL released, see `MAX_TICK`), then takes what is already
+    /// queued. `[]` on timeout.
     #[pyo3(signature = (max, timeout_s))]
     fn recv_batch<'py>(
         &self,
@@ -109,12 +119,26 @@ impl EventQueue {
         max: usize,
         timeout_s: f64,
     ) -> PyResult<Vec<Bound<'py, PyTuple>>> {
-        let mut left = check_timeout(timeout_s)?;
+        let timeout = check_timeout(timeout_s)?;
+        let started = Instant::now();
+        let mut tick = FIRST_TICK;
         let batch = loop {
-            let slice = left.min(SIGNAL_SLICE);
-            let batch = py.detach(|| self.receiver.recv_batch(max, slice));
-            left = left.saturating_sub(slice);
-            if !batch.is_empty() || left.is_zero() || max == 0 {
+            // One detached stretch of polls, at most SIGNAL_SLICE long.
+            let (batch, next_tick) = py.detach(|| {
+                let slice_end = started + timeout.min(started.elapsed() + SIGNAL_SLICE);
+                let mut tick = tick;
+                loop {
+                    let batch = self.receiver.try_batch(max);
+                    let now = Instant::now();
+                    if !batch.is_empty() || now >= slice_end || max == 0 {
+                        return (batch, tick);
+                    }
+                    std::thread::sleep(tick.min(slice_end - now));
+                    tick = (tick * 2).min(MAX_TICK);
+                }
+            });
+            tick = next_tick;
+            if !batch.is_empty() || started.elapsed() >= timeout || max == 0 {
                 break batch;
             }
             py.check_signals()?;

@@ -171,13 +171,6 @@ async fn writable(stream: Option<&TcpStream>) -> io::Result<()> {
     }
 }
 
-async fn deadline(at: Option<Instant>) {
-    match at {
-        Some(at) => sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// A fresh masking key for a close frame toward the upstream.
 fn mask_key() -> [u8; 4] {
     let mut hasher = RandomState::new().build_hasher();
@@ -238,6 +231,14 @@ impl Relay {
         if shutdown_seen {
             self.close(1001, "loopwatch: shutting down");
         }
+        // Two timers for the connection's life, re-armed only when their
+        // deadline moves (a timer made per loop turn costs a registration).
+        let far = Instant::now() + Duration::from_secs(86_400 * 365);
+        let idle_timer = sleep_until(far);
+        let grace_timer = sleep_until(far);
+        tokio::pin!(idle_timer, grace_timer);
+        let mut idle_armed: Option<Instant> = None;
+        let mut grace_armed: Option<Instant> = None;
         loop {
             while let Some(i) = self.ended.pop() {
                 self.lost(i);
@@ -245,10 +246,16 @@ impl Relay {
             if self.done {
                 break;
             }
-            let idle_at = match self.idle_timeout {
-                Some(t) if self.grace.is_none() => Some(self.idle_since + t),
-                _ => None,
-            };
+            let idle_at = self.idle_timeout.map(|t| self.idle_since + t);
+            if idle_at != idle_armed {
+                idle_timer.as_mut().reset(idle_at.unwrap_or(far));
+                idle_armed = idle_at;
+            }
+            if self.grace != grace_armed {
+                grace_timer.as_mut().reset(self.grace.unwrap_or(far));
+                grace_armed = self.grace;
+            }
+            let idle_on = idle_at.is_some() && self.grace.is_none();
             let read = [self.can_read(CLIENT), self.can_read(UPSTREAM)];
             let write = [
                 self.legs[CLIENT].has_output(),
@@ -260,8 +267,8 @@ impl Relay {
                     shutdown_seen = true;
                     self.close(1001, "loopwatch: shutting down");
                 }
-                _ = deadline(self.grace) => self.abort_all(),
-                _ = deadline(idle_at) => self.check_idle(),
+                _ = &mut grace_timer, if self.grace.is_some() => self.abort_all(),
+                _ = &mut idle_timer, if idle_on => self.check_idle(),
                 r = writable(self.legs[CLIENT].stream.as_ref()), if write[CLIENT] => match r {
                     Ok(()) => self.flush(CLIENT),
                     Err(_) => self.abort(CLIENT),
