@@ -29,7 +29,7 @@ from . import findings, policy, tracker
 from .actions import Action, CloseConnection, CooldownEnded, WouldReject
 from .breaker import CLOSED, PROBE, REFUSE, CircuitBreaker
 from .decisions import ADMITTED, EMPTY, Admit, Outcome, Reject
-from .events import Attempt, Closed, ConnId, Event, HandshakeFailed, Opened
+from .events import Answered, Attempt, Closed, ConnId, Event, HandshakeFailed, Opened
 from .findings import Finding, Flag
 from .fleet import Fleet
 from .inspection import breaker_states, client_view, rank, snapshot
@@ -310,14 +310,15 @@ class Engine:
         self._reschedule(state, t)
         return self._take()
 
-    def answered(self, key: str, t: float) -> Outcome:
-        """A refusal the proxy held was answered at ``t`` (or its client left then).
+    def answered(self, event: Answered) -> Outcome:
+        """A refusal the proxy held was answered at ``event.t`` (or its client left then).
 
         ``admit`` recorded the attempt and its refusal at arrival; the attempt
         *ended* only now. Retry intervals are measured from an attempt's end, so
         a client that reconnects at once after a held refusal still shows no
         backoff: the hold is loopwatch's pause, not the client's.
         """
+        key, t = event.key, event.t
         state = self._store.get(key)
         if state is None:
             return EMPTY

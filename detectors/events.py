@@ -78,7 +78,18 @@ class Closed:
     duration: float
 
 
-Event: TypeAlias = Attempt | Rejected | HandshakeFailed | Opened | Closed
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """A refusal loopwatch held (policy.hold) was answered at ``t``, or its client
+    left then. The attempt and its refusal were recorded at arrival; the attempt
+    *ended* only now, and retry intervals are measured from an attempt's end."""
+
+    key: str
+    route: str
+    t: float
+
+
+Event: TypeAlias = Attempt | Rejected | HandshakeFailed | Opened | Closed | Answered
 
 EVENT_TYPES: dict[str, type[Event]] = {
     "attempt": Attempt,
@@ -86,6 +97,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
     "handshake_failed": HandshakeFailed,
     "opened": Opened,
     "closed": Closed,
+    "answered": Answered,
 }
 _TYPE_NAMES: dict[type[Event], str] = {cls: name for name, cls in EVENT_TYPES.items()}
 _FIELDS: dict[type[Event], tuple[str, ...]] = {
@@ -148,6 +160,8 @@ def _check(cls: type[Event], kind: str, kw: dict[str, Any]) -> None:
         status = kw["status"]
         expect("status", status is None or _is_int(status), "an HTTP status or null")
         expect("error", kw["error"] is None or isinstance(kw["error"], str), "a string or null")
+    elif cls is Answered:
+        pass  # key, route and t only
     else:
         expect("conn_id", _is_int(kw["conn_id"]) or isinstance(kw["conn_id"], str), "an int or string")
         if cls is Closed:

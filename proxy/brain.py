@@ -117,7 +117,9 @@ class EngineGate(Gate):
         # The engine judges retry intervals from the end of the previous attempt:
         # a held refusal ends when it is answered, or the hold would look like a
         # client's backoff and break the auth_failure_loop streaks.
-        self._apply(self.engine.answered(conn.key, t), t, conn)
+        event = ev.Answered(conn.key, conn.route, t)
+        self.observers.call("on_answered", conn, event)
+        self._apply(self.engine.answered(event), t, conn)
 
     def opened(self, conn: Connection, t: float) -> None:
         conn.opened_at = t

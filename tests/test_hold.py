@@ -17,7 +17,7 @@ import aiohttp
 from websockets.asyncio.client import connect
 
 from loopwatch.detectors.engine import Engine
-from loopwatch.detectors.events import Attempt, Closed, Opened
+from loopwatch.detectors.events import Answered, Attempt, Closed, Opened
 from loopwatch.detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
 from loopwatch.proxy.app.runtime import Running
 from loopwatch.proxy.tools.demo_backend import DemoBackend, issue_token
@@ -298,7 +298,7 @@ def test_the_incident_is_caught_at_its_fourth_attempt_and_again_right_after_a_he
     # and the tab reconnects from onclose at once.
     hold = 2.0
     t_answer = t + min(hold, fourth.retry_after)
-    engine.answered(key, t_answer)
+    engine.answered(Answered(key, "/", t_answer))
     view = engine.client(key, t_answer)
     assert view is not None and view.cooldown_until is not None
     cool_until = view.cooldown_until
@@ -307,7 +307,7 @@ def test_the_incident_is_caught_at_its_fourth_attempt_and_again_right_after_a_he
         refused = engine.admit(Attempt(key, "/", t, "127.0.0.1"))
         assert not refused.admitted
         t = t + min(hold, refused.retry_after)
-        engine.answered(key, t)
+        engine.answered(Answered(key, "/", t))
         t += 0.02
     # After the cooldown, one more auth failure right away: caught again at once
     # (the hold did not count as the client's backoff).

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from loopwatch.detectors.decisions import Admit, Reject
-from loopwatch.detectors.events import Attempt, Closed, Opened, Rejected, from_dict
+from loopwatch.detectors.events import Answered, Attempt, Closed, Opened, Rejected, from_dict
 from loopwatch.proxy.app.cli import main
 from loopwatch.proxy.app.settings import load_settings
 from loopwatch.proxy.observe import recorder as recorder_module
@@ -79,7 +79,15 @@ async def record(tmp_path: Path, seconds: float, config: str | None = None, **ov
 def enforce_recording(tmp_path_factory: pytest.TempPathFactory) -> Recording:
     # One live run shared by the replays below: 8 s is enough for the loop to be
     # caught, for its cooldown to end and double, and for duplicates to be held 5 s.
-    return asyncio.run(record(tmp_path_factory.mktemp("enforce"), 8.0))
+    # The refusals are not held (policy.hold: 0), so the loop keeps its pace through
+    # its cooldowns and the replays below have many refused attempts to judge.
+    return asyncio.run(record(tmp_path_factory.mktemp("enforce"), 8.0, **{"policy.hold": 0}))
+
+
+@pytest.fixture(scope="module")
+def held_recording(tmp_path_factory: pytest.TempPathFactory) -> Recording:
+    # The default hold (2 s per refused attempt during a cooldown).
+    return asyncio.run(record(tmp_path_factory.mktemp("held"), 8.0))
 
 
 def defaults() -> Any:
@@ -113,6 +121,24 @@ def test_the_recording_holds_every_engine_event_in_engine_order(enforce_recordin
     assert attempts == [a for a, _ in enforce_recording.live.decisions]
     refused = [d for _, d in enforce_recording.live.decisions if isinstance(d, Reject)]
     assert len([e for e in events if isinstance(e, Rejected)]) == len(refused) > 20
+
+
+def test_held_refusals_are_recorded_when_answered_and_replayed_alike(held_recording: Recording) -> None:
+    """A held refusal ends when it is answered (the engine measures retry intervals
+    from an attempt's end): the recording carries that as an `answered` event, and a
+    replay with the same config feeds it back and decides exactly as the live engine."""
+    events = [from_dict(line) for line in held_recording.lines()]
+    answered = [e for e in events if isinstance(e, Answered)]
+    refused = [e for e in events if isinstance(e, Rejected)]
+    assert answered and all(e.key == "bug@127.0.0.1" for e in answered)
+    assert 3 <= len(refused) < 20  # held 2 s each: a few refusals, not 20 a second
+    for a in answered:  # each ends a refusal of the same client, within the hold
+        assert any(r.key == a.key and 0 < a.t - r.t <= 2.0 + 0.5 for r in refused)
+    report = replay([str(held_recording.path)], defaults(), keep_decisions=True)
+    live = held_recording.live
+    assert [d.to_dict() for _, d in report.decisions] == [d.to_dict() for _, d in live.decisions]
+    live_findings = [finding_tuple(f) for f, woke in live.raised if not woke]
+    assert [finding_tuple(r.finding) for r in report.raised if r.source != "wake"] == live_findings
 
 
 # --- replay ------------------------------------------------------------------------
@@ -248,7 +274,7 @@ def test_corrupt_and_truncated_lines_are_reported_with_their_number_and_skipped(
     assert [(c.line, c.error.split(":")[0]) for c in report.corrupt] == [
         (4, "invalid JSON"),
         (6, "closed event without 'route'"),
-        (8, "unknown event type 'teleported', expected one of ['attempt', 'closed', 'handshake_failed', 'opened', 'rejected']"),
+        (8, "unknown event type 'teleported', expected one of ['answered', 'attempt', 'closed', 'handshake_failed', 'opened', 'rejected']"),
         (10, "expected a JSON object, got list"),
         (14, "truncated line (no newline at the end of the file)"),
     ]

@@ -43,6 +43,9 @@ class Observer:
     def on_closed(self, conn: Connection, event: ev.Closed, stats: RelayStats) -> None:
         pass
 
+    def on_answered(self, conn: Connection, event: ev.Answered) -> None:
+        """A held refusal was answered (policy.hold)."""
+
     def on_outcome(self, outcome: Outcome, t: float, conn: Connection | None = None) -> None:
         """Findings raised/cleared and actions (cooldowns, breaker transitions …).
 

@@ -135,6 +135,9 @@ class Recorder(Observer):
     def on_closed(self, conn: Connection, event: ev.Closed, stats: RelayStats) -> None:
         self._add(event)
 
+    def on_answered(self, conn: Connection, event: ev.Answered) -> None:
+        self._add(event)
+
     # --- buffering -------------------------------------------------------------
 
     def _add(self, event: ev.Event) -> None:

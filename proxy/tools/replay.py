@@ -299,6 +299,8 @@ class Replayer:
         self._assumed: list[tuple[float, int, ev.Event]] = []  # heap of assumed outcome events
         self._seq = itertools.count()
         self._synthetic = itertools.count(1)
+        # Attempts refused here and live, by key: a recorded Answered ends the oldest.
+        self._held: dict[str, deque[float]] = {}
 
     def run(self, stream: Iterable[tuple[ev.Event, float | None]]) -> ReplayReport:
         report = self.report
@@ -351,6 +353,16 @@ class Replayer:
             report.skipped_rejected += 1
             report.client(key).live_refused[event.reason] += 1
             return
+        if isinstance(event, ev.Answered):
+            # A held refusal's end (policy.hold). It belongs to an attempt both the
+            # live engine and this one refused; where this one admitted it, the
+            # attempt's outcome is assumed instead and the hold never happened.
+            held = self._held.get(key)
+            if held:
+                held.popleft()
+                report.events += 1
+                self._collect(engine.answered(event), "answered")
+            return
         report.events += 1
         client = report.client(key)
         if isinstance(event, ev.Attempt):
@@ -361,7 +373,9 @@ class Replayer:
             self._collect(decision.outcome, "admit")
             if isinstance(decision, Reject):
                 client.refused[decision.reason] += 1
-                if not live_refused:
+                if live_refused:
+                    self._held.setdefault(key, deque()).append(event.t)  # may be answered later
+                else:
                     self._pending.setdefault(key, deque()).append(_Pending(event.t, keep=False))
                 return
             client.admitted += 1
