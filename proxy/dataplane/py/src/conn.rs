@@ -111,12 +111,13 @@ pub async fn serve(
     // per loop turn would be registered and dropped on every read.)
     let mut buf: Vec<u8> = Vec::new();
     let head_timer = sleep_until(deadline);
-    tokio::pin!(head_timer);
+    let stop = stopping(&mut shutdown);
+    tokio::pin!(head_timer, stop);
     let plan = loop {
         buf.reserve(HEAD_READ);
         tokio::select! {
             biased;
-            _ = stopping(&mut shutdown) => {
+            _ = &mut stop => {
                 reject(&shared, &mut client, Rejected::ShuttingDown, 503, SHUTTING_DOWN, &[]).await;
                 return;
             }
@@ -437,7 +438,8 @@ async fn forward(
     );
     tokio::pin!(handshake);
     let handshake_timer = sleep_until(deadline);
-    tokio::pin!(handshake_timer);
+    let stop = stopping(&mut shutdown);
+    tokio::pin!(handshake_timer, stop);
     // 2. The upstream handshake. The client is read meanwhile: what it sends
     // early is kept (bounded), and a client that leaves is noticed at once.
     let outcome = loop {
@@ -447,7 +449,7 @@ async fn forward(
         }
         tokio::select! {
             biased;
-            _ = stopping(&mut shutdown) => {
+            _ = &mut stop => {
                 reject(shared, &mut client, Rejected::ShuttingDown, 503, SHUTTING_DOWN, &[]).await;
                 return;
             }

@@ -224,10 +224,12 @@ pub async fn stopping(shutdown: &mut watch::Receiver<bool>) {
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     let mut shutdown = shared.shutdown.clone();
+    let stop = stopping(&mut shutdown);
+    tokio::pin!(stop);
     loop {
         tokio::select! {
             biased;
-            _ = stopping(&mut shutdown) => break,
+            _ = &mut stop => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     shared.counters.accepted.fetch_add(1, Ordering::Relaxed);

@@ -6,19 +6,24 @@
 //! closes, a vanished side) is made in one place, as the Python relay's
 //! callbacks make it on one event loop. Backpressure: a leg is read only
 //! while the bytes it sent last are written out to the other, so at most
-//! one read (`READ_SIZE`) per direction is in flight and nothing buffers
-//! without bound. Idle connections hold no buffer.
+//! one read (`READ_SIZE`) per direction is waiting and nothing buffers
+//! without bound. Reads go through a per-thread buffer and are written on at
+//! once; only what a socket does not take is kept, so idle connections hold
+//! no buffer.
 //!
 //! loopwatch writes a frame of its own only when it ends a connection itself
 //! (`close`), and only at a frame boundary of the stream it writes into.
 
 use std::collections::hash_map::RandomState;
+use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::io::{self, ErrorKind};
 use std::net::Shutdown;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
@@ -28,6 +33,11 @@ use loopwatch_dataplane_core::frames::{build_close_frame, FrameWatcher, Side, Wa
 
 /// Bytes read from a leg at a time.
 const READ_SIZE: usize = 32 * 1024;
+
+thread_local! {
+    /// Each runtime thread's read buffer (`Relay::read`).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 /// How long a proxy-initiated close waits for a frame boundary and for the
 /// peers' replies (`CLOSE_GRACE` in relay.py).
 pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -156,21 +166,6 @@ pub struct Relay {
     idle_since: Instant,
 }
 
-/// Readiness of an optional stream (a gone leg never becomes ready).
-async fn readable(stream: Option<&TcpStream>) -> io::Result<()> {
-    match stream {
-        Some(s) => s.readable().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn writable(stream: Option<&TcpStream>) -> io::Result<()> {
-    match stream {
-        Some(s) => s.writable().await,
-        None => std::future::pending().await,
-    }
-}
-
 /// A fresh masking key for a close frame toward the upstream.
 fn mask_key() -> [u8; 4] {
     let mut hasher = RandomState::new().build_hasher();
@@ -236,15 +231,19 @@ impl Relay {
         let far = Instant::now() + Duration::from_secs(86_400 * 365);
         let idle_timer = sleep_until(far);
         let grace_timer = sleep_until(far);
-        tokio::pin!(idle_timer, grace_timer);
+        let shutdown_signal = crate::listener::stopping(&mut shutdown);
+        tokio::pin!(idle_timer, grace_timer, shutdown_signal);
         let mut idle_armed: Option<Instant> = None;
         let mut grace_armed: Option<Instant> = None;
-        loop {
+        // One hand-written poll per wake-up, not a select! of fresh futures:
+        // the sockets' readiness is polled in place (its wakers registered
+        // only where it is pending), and every ready leg is served in turn.
+        std::future::poll_fn(|cx| loop {
             while let Some(i) = self.ended.pop() {
                 self.lost(i);
             }
             if self.done {
-                break;
+                return Poll::Ready(());
             }
             let idle_at = self.idle_timeout.map(|t| self.idle_since + t);
             if idle_at != idle_armed {
@@ -255,38 +254,54 @@ impl Relay {
                 grace_timer.as_mut().reset(self.grace.unwrap_or(far));
                 grace_armed = self.grace;
             }
-            let idle_on = idle_at.is_some() && self.grace.is_none();
-            let read = [self.can_read(CLIENT), self.can_read(UPSTREAM)];
-            let write = [
-                self.legs[CLIENT].has_output(),
-                self.legs[UPSTREAM].has_output(),
-            ];
-            tokio::select! {
-                biased;
-                _ = crate::listener::stopping(&mut shutdown), if !shutdown_seen => {
-                    shutdown_seen = true;
-                    self.close(1001, "loopwatch: shutting down");
-                }
-                _ = &mut grace_timer, if self.grace.is_some() => self.abort_all(),
-                _ = &mut idle_timer, if idle_on => self.check_idle(),
-                r = writable(self.legs[CLIENT].stream.as_ref()), if write[CLIENT] => match r {
-                    Ok(()) => self.flush(CLIENT),
-                    Err(_) => self.abort(CLIENT),
-                },
-                r = writable(self.legs[UPSTREAM].stream.as_ref()), if write[UPSTREAM] => match r {
-                    Ok(()) => self.flush(UPSTREAM),
-                    Err(_) => self.abort(UPSTREAM),
-                },
-                r = readable(self.legs[CLIENT].stream.as_ref()), if read[CLIENT] => match r {
-                    Ok(()) => self.read(CLIENT),
-                    Err(_) => self.abort(CLIENT),
-                },
-                r = readable(self.legs[UPSTREAM].stream.as_ref()), if read[UPSTREAM] => match r {
-                    Ok(()) => self.read(UPSTREAM),
-                    Err(_) => self.abort(UPSTREAM),
-                },
+            if !shutdown_seen && shutdown_signal.as_mut().poll(cx).is_ready() {
+                shutdown_seen = true;
+                self.close(1001, "loopwatch: shutting down");
+                continue;
             }
-        }
+            if self.grace.is_some() && grace_timer.as_mut().poll(cx).is_ready() {
+                self.abort_all();
+                continue;
+            }
+            if idle_at.is_some() && self.grace.is_none() && idle_timer.as_mut().poll(cx).is_ready()
+            {
+                self.check_idle();
+                continue;
+            }
+            let mut progress = false;
+            for i in [CLIENT, UPSTREAM] {
+                if !self.legs[i].has_output() {
+                    continue;
+                }
+                let Some(stream) = self.legs[i].stream.as_ref() else {
+                    continue;
+                };
+                match stream.poll_write_ready(cx) {
+                    Poll::Ready(Ok(())) => self.flush(i),
+                    Poll::Ready(Err(_)) => self.abort(i),
+                    Poll::Pending => continue,
+                }
+                progress = true;
+            }
+            for i in [CLIENT, UPSTREAM] {
+                if !self.can_read(i) {
+                    continue;
+                }
+                let Some(stream) = self.legs[i].stream.as_ref() else {
+                    continue;
+                };
+                match stream.poll_read_ready(cx) {
+                    Poll::Ready(Ok(())) => self.read(i),
+                    Poll::Ready(Err(_)) => self.abort(i),
+                    Poll::Pending => continue,
+                }
+                progress = true;
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        })
+        .await;
         self.report()
     }
 
@@ -302,66 +317,27 @@ impl Relay {
     // --- reading -------------------------------------------------------------
 
     fn read(&mut self, i: usize) {
-        let o = other(i);
-        let fast = {
-            let (leg, out) = (&self.legs[i], &self.legs[o]);
-            leg.forward && leg.pending.is_none() && out.writable() && !out.has_output()
-        };
-        if fast {
-            // Straight into the other leg's output buffer: no copy.
-            let [a, b] = &mut self.legs;
-            let (leg, dst) = if i == CLIENT { (a, b) } else { (b, a) };
-            dst.out.clear();
-            dst.out_pos = 0;
-            dst.out.reserve(READ_SIZE);
-            let stream = leg.stream.as_ref().expect("readable legs are open");
-            let result = stream.try_read_buf(&mut dst.out);
-            match result {
+        // Read into this thread's scratch buffer (no await until it is let go,
+        // so the task cannot move meanwhile); `write` sends from it straight
+        // away and keeps only what the socket did not take. No allocation per
+        // read, and an idle connection holds no buffer.
+        SCRATCH.with_borrow_mut(|scratch| {
+            scratch.clear();
+            scratch.reserve(READ_SIZE);
+            let stream = self.legs[i]
+                .stream
+                .as_ref()
+                .expect("readable legs are open");
+            match read_some(stream, scratch) {
                 Ok(0) => self.eof(i),
-                Ok(n) => self.forwarded(i, n),
+                Ok(_) => self.data(i, scratch),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {}
                 Err(_) => self.abort(i),
             }
-            if !self.legs[o].has_output() {
-                self.legs[o].out = Vec::new();
-                self.legs[o].out_pos = 0;
-            }
-            return;
-        }
-        let mut data = Vec::with_capacity(READ_SIZE);
-        let stream = self.legs[i]
-            .stream
-            .as_ref()
-            .expect("readable legs are open");
-        let result = stream.try_read_buf(&mut data);
-        match result {
-            Ok(0) => self.eof(i),
-            Ok(_) => self.data(i, &data),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-            Err(_) => self.abort(i),
-        }
+        });
     }
 
-    /// `n` bytes were read from leg `i` into the other leg's output buffer.
-    fn forwarded(&mut self, i: usize, n: usize) {
-        let o = other(i);
-        let [a, b] = &mut self.legs;
-        let (leg, dst) = if i == CLIENT { (a, b) } else { (b, a) };
-        let start = dst.out.len() - n;
-        match leg.watcher.feed(&dst.out[start..]) {
-            Ok(_) => {
-                self.note_close_seen(i);
-                self.flush(o);
-            }
-            Err(v) => {
-                dst.out.truncate(start + v.forward);
-                self.flush(o);
-                self.violation(i);
-            }
-        }
-    }
-
-    /// Bytes read from leg `i` outside the fast path (`Leg.data_received`).
+    /// Bytes read from leg `i` (`Leg.data_received`).
     fn data(&mut self, i: usize, data: &[u8]) {
         let o = other(i);
         let leg = &mut self.legs[i];
@@ -416,11 +392,30 @@ impl Relay {
 
     // --- writing -------------------------------------------------------------
 
-    /// Queue bytes for leg `i` (dropped when it takes no more writes).
-    fn write(&mut self, i: usize, data: &[u8]) {
+    /// Write bytes to leg `i`: at once as far as the socket takes them, the
+    /// rest queued (dropped when the leg takes no more writes).
+    fn write(&mut self, i: usize, mut data: &[u8]) {
         let leg = &mut self.legs[i];
         if data.is_empty() || !leg.writable() {
             return;
+        }
+        if !leg.has_output() {
+            let stream = leg.stream.as_ref().expect("writable legs are open");
+            while !data.is_empty() {
+                match stream.try_write(data) {
+                    Ok(n) => data = &data[n..],
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        self.abort(i);
+                        return;
+                    }
+                }
+            }
+            if data.is_empty() {
+                return;
+            }
+            leg.out.clear();
+            leg.out_pos = 0;
         }
         leg.out.extend_from_slice(data);
         self.flush(i);
@@ -752,6 +747,21 @@ impl Drop for Relay {
             self.report();
         }
     }
+}
+
+/// Read what `stream` has into `buf`'s spare capacity. A read that did not
+/// fill it drained the socket (epoll is edge-triggered): its readiness is
+/// cleared then, as tokio's own `poll_read` does, so the next turn waits for
+/// epoll instead of trying a read that can only say EAGAIN.
+fn read_some(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let room = buf.capacity() - buf.len();
+    let n = stream.try_read_buf(buf)?;
+    if n > 0 && n < room {
+        let _ = stream.try_io(Interest::READABLE, || {
+            Err::<(), _>(io::Error::from(ErrorKind::WouldBlock))
+        });
+    }
+    Ok(n)
 }
 
 fn socket_shutdown(stream: &TcpStream) -> io::Result<()> {
