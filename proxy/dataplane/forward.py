@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from .heads import RequestHead, end_to_end, simple_response
-from .states import IllegalTransition
+from .states import IllegalTransition, successors
 
 if TYPE_CHECKING:
     from .listener import ClientHandshake
@@ -52,6 +52,7 @@ PHASE_TRANSITIONS: frozenset[tuple[Phase, Phase]] = frozenset({
     (Phase.AWAIT_HEAD, Phase.DONE),
     (Phase.RESPONSE, Phase.DONE),
 })  # fmt: skip
+PHASE_NEXT = successors(Phase, PHASE_TRANSITIONS)  # what a move checks (states.py)
 
 
 class HttpExchange:
@@ -98,7 +99,7 @@ class HttpExchange:
     # --- phases and their timeouts ------------------------------------------
 
     def _to(self, phase: Phase) -> None:
-        if (self.phase, phase) not in PHASE_TRANSITIONS:
+        if phase not in PHASE_NEXT[self.phase]:
             raise IllegalTransition("http exchange", self.phase, phase)
         self.phase = phase
 

@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from enum import StrEnum
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from .boundary import Connection, Gate, Refusal, Rejections, RelayStats
 from .forward import HttpExchange
@@ -38,7 +38,7 @@ from .heads import (
 )
 from .relay import GONE, Relay
 from .routing import Route, Router, client_ssl_context, server_ssl_context
-from .states import IllegalTransition
+from .states import IllegalTransition, successors
 
 if TYPE_CHECKING:
     import aiohttp
@@ -81,6 +81,7 @@ HANDSHAKE_TRANSITIONS: frozenset[tuple[HandshakeState, HandshakeState]] = frozen
     (HELD, DONE),  # the hold is over: an HTTP refusal; or the client gone, or shutdown
     (REFUSING, DONE),  # the client's close reply, REFUSAL_GRACE, or shutdown
 })  # fmt: skip
+HANDSHAKE_NEXT = successors(HandshakeState, HANDSHAKE_TRANSITIONS)  # what a move checks (states.py)
 
 OVERLOADED = simple_response(503, "loopwatch: too many connections", (("Retry-After", "1"),))
 # One address holds its share of limits.max_connections (or of half-open heads):
@@ -201,15 +202,17 @@ class ClientHandshake(asyncio.Protocol):
         self.held: Refusal | None = None  # the refusal it waits to be answered with (HELD)
 
     def _to(self, state: HandshakeState) -> None:
-        if (self.state, state) not in HANDSHAKE_TRANSITIONS:
+        if state not in HANDSHAKE_NEXT[self.state]:
             raise IllegalTransition("client handshake", self.state, state)
         self.state = state
 
     # --- asyncio callbacks --------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # No isinstance check: uvloop's transports do not subclass asyncio.Transport.
-        self.transport = cast(asyncio.Transport, transport)
+        # No isinstance check at run time: uvloop's transports do not subclass asyncio.Transport.
+        if TYPE_CHECKING:
+            assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
         server = self.server
         peername = transport.get_extra_info("peername")
         peer = self.peer = peername[0] if peername else ""
@@ -332,7 +335,10 @@ class ClientHandshake(asyncio.Protocol):
         if refusal is not None:
             self.refuse(refusal)
             return
-        self._to(UPSTREAM)
+        # _to(UPSTREAM), written out: every WebSocket comes this way (states.py).
+        if UPSTREAM not in HANDSHAKE_NEXT[self.state]:
+            raise IllegalTransition("client handshake", self.state, UPSTREAM)
+        self.state = UPSTREAM
         self.early += rest
         # Reading goes on during the upstream handshake: what the client sends early
         # is kept (bounded; data_received pauses beyond it), and a client that leaves
@@ -431,7 +437,10 @@ class ClientHandshake(asyncio.Protocol):
         if self.state is not UPSTREAM:
             upstream.close()
             return
-        self._to(RELAYED)
+        # _to(RELAYED), written out: every WebSocket comes this way (states.py).
+        if RELAYED not in HANDSHAKE_NEXT[self.state]:
+            raise IllegalTransition("client handshake", self.state, RELAYED)
+        self.state = RELAYED
         self.cancel_timer()
         server.handshakes.discard(self)
         extensions = (response.header(b"sec-websocket-extensions") or b"").lower()
@@ -676,6 +685,7 @@ AWAITING, ACCEPTED, REFUSED, FAILED = (
 ANSWER_TRANSITIONS: frozenset[tuple[AnswerState, AnswerState]] = frozenset(
     {(AWAITING, ACCEPTED), (AWAITING, REFUSED), (AWAITING, FAILED)}
 )
+ANSWER_NEXT = successors(AnswerState, ANSWER_TRANSITIONS)  # what a move checks (states.py)
 
 
 class UpstreamHandshake(asyncio.Protocol):
@@ -690,12 +700,14 @@ class UpstreamHandshake(asyncio.Protocol):
         self.state = AWAITING
 
     def _to(self, state: AnswerState) -> None:
-        if (self.state, state) not in ANSWER_TRANSITIONS:
+        if state not in ANSWER_NEXT[self.state]:
             raise IllegalTransition("upstream handshake", self.state, state)
         self.state = state
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
+        if TYPE_CHECKING:  # (uvloop's transports do not subclass asyncio.Transport)
+            assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
 
     def data_received(self, data: bytes) -> None:
         if self.state is not AWAITING:
@@ -709,7 +721,10 @@ class UpstreamHandshake(asyncio.Protocol):
             self.client.upstream_failed(502, f"loopwatch: {e.message}", None, "bad_response")
             return
         if response.upgrade and response.status == 101:
-            self._to(ACCEPTED)
+            # _to(ACCEPTED), written out: every WebSocket comes this way (states.py).
+            if ACCEPTED not in ANSWER_NEXT[self.state]:
+                raise IllegalTransition("upstream handshake", self.state, ACCEPTED)
+            self.state = ACCEPTED
             response.release()
             self.client.upstream_accepted(self.transport, response)
         elif response.done or response.upgrade:

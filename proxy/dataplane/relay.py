@@ -25,7 +25,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from .frames import FrameParser, build_close_frame
-from .states import IllegalTransition
+from .states import IllegalTransition, successors
 
 if TYPE_CHECKING:
     from .boundary import Connection
@@ -88,6 +88,10 @@ LINK_TRANSITIONS: frozenset[tuple[LegLink, LegLink]] = frozenset({
     (CONNECTED, GONE),
     (HALF_CLOSED, GONE),
 })  # fmt: skip
+# Each state's legal next states, from the tables above: what a move checks (states.py).
+RELAY_NEXT = successors(RelayState, RELAY_TRANSITIONS)
+FLOW_NEXT = successors(Flow, FLOW_TRANSITIONS)
+LINK_NEXT = successors(LegLink, LINK_TRANSITIONS)
 
 
 class Leg(asyncio.Protocol):
@@ -111,12 +115,12 @@ class Leg(asyncio.Protocol):
         return self.link is GONE
 
     def _flow_to(self, flow: Flow) -> None:
-        if (self.flow, flow) not in FLOW_TRANSITIONS:
+        if flow not in FLOW_NEXT[self.flow]:
             raise IllegalTransition(f"{self.side} leg flow", self.flow, flow)
         self.flow = flow
 
     def _link_to(self, link: LegLink) -> None:
-        if (self.link, link) not in LINK_TRANSITIONS:
+        if link not in LINK_NEXT[self.link]:
             raise IllegalTransition(f"{self.side} leg link", self.link, link)
         self.link = link
 
@@ -124,8 +128,12 @@ class Leg(asyncio.Protocol):
         """Forward nothing more from this side (idempotent): its close frame of
         the proxy, if one waits for a boundary, is dropped."""
         self.pending = None
-        if self.flow is not STOPPED:
-            self._flow_to(STOPPED)
+        flow = self.flow
+        if flow is not STOPPED:
+            # _flow_to(STOPPED), written out: every connection comes this way.
+            if STOPPED not in FLOW_NEXT[flow]:
+                raise IllegalTransition(f"{self.side} leg flow", flow, STOPPED)
+            self.flow = STOPPED
 
     def data_received(self, data: bytes) -> None:
         flow = self.flow
@@ -161,7 +169,10 @@ class Leg(asyncio.Protocol):
         return self.relay.half_close(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._link_to(GONE)
+        # _link_to(GONE), written out: every connection comes this way.
+        if GONE not in LINK_NEXT[self.link]:
+            raise IllegalTransition(f"{self.side} leg link", self.link, GONE)
+        self.link = GONE
         self.relay.lost(self)
 
 
@@ -210,7 +221,7 @@ class Relay:
         self._on_done = on_done
 
     def _to(self, state: RelayState) -> None:
-        if (self.state, state) not in RELAY_TRANSITIONS:
+        if state not in RELAY_NEXT[self.state]:
             raise IllegalTransition(f"relay {self.conn_id}", self.state, state)
         self.state = state
 
@@ -262,8 +273,8 @@ class Relay:
         self.proxy_code, self.proxy_reason = code, reason
         self._timer = asyncio.get_running_loop().call_later(CLOSE_GRACE, self.abort)
         for leg in (self.client, self.upstream):
-            if self.other(leg).link is GONE or leg.flow is not FORWARDING:
-                leg.stop()
+            if self.other(leg).link is GONE or leg.link is HALF_CLOSED or leg.flow is not FORWARDING:
+                leg.stop()  # nobody to tell, or its side ended this direction itself
                 continue
             leg.pending = build_close_frame(code, reason, mask=leg is self.client)
             if leg.parser.at_boundary:
@@ -372,9 +383,15 @@ class Relay:
             if other.link is not GONE:
                 other.transport.close()
             return False
-        if leg.link is CONNECTED:  # (uvloop reports an EOF again if reading resumes after it)
-            leg._link_to(HALF_CLOSED)
-        leg.stop()  # its side sends nothing more
+        # Its side sends nothing more (no stop(): its flow stays as it is, and
+        # HALF_CLOSED says this direction is over). _link_to(HALF_CLOSED), written
+        # out: every connection comes this way. (uvloop reports an EOF again if
+        # reading resumes after it: then the link is HALF_CLOSED already.)
+        link = leg.link
+        if link is CONNECTED:
+            if HALF_CLOSED not in LINK_NEXT[link]:
+                raise IllegalTransition(f"{leg.side} leg link", link, HALF_CLOSED)
+            leg.link = HALF_CLOSED
         other.transport.write_eof()
         return True
 
@@ -412,7 +429,10 @@ class Relay:
             else:
                 other.transport.abort()  # mid-frame: a close frame now would corrupt the stream
             return
-        self._to(CLOSED)
+        # _to(CLOSED), written out: every connection comes this way.
+        if CLOSED not in RELAY_NEXT[self.state]:
+            raise IllegalTransition(f"relay {self.conn_id}", self.state, CLOSED)
+        self.state = CLOSED
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

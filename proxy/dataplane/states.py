@@ -1,21 +1,29 @@
-"""What the data plane's state machines share: the error an impossible move raises.
+"""What the data plane's state machines share: the error an impossible move
+raises, and each table's successors.
 
-Each machine is an enum of states beside the code it drives, with a table of
-the legal (from, to) pairs and one method that checks a move against it (as
-detectors/breaker.py does): ``ClientHandshake._to`` and ``UpstreamHandshake._to``
-(proxy/dataplane/listener.py), ``Relay._to``, ``Leg._flow_to`` and
-``Leg._end_to`` (relay.py), ``HttpExchange.enter`` (forward.py). A move that is
-not in its table is a bug, so it raises instead of leaving a connection in a
-state nobody designed. docs/relay.md ("States") draws them.
+Each machine is an enum of states beside the code it drives, with one table of
+the legal (from, to) pairs (as detectors/breaker.py has), and every move is
+checked against it: by a method (``ClientHandshake._to`` and
+``UpstreamHandshake._to`` in proxy/dataplane/listener.py, ``Relay._to``,
+``Leg._flow_to`` and ``Leg._link_to`` in relay.py, ``HttpExchange._to`` in
+forward.py), or, on the path every connection takes, by the same test written
+out where the move is made (a method call costs as much as the test). A move
+that is not in its table is a bug, so it raises instead of leaving a connection
+in a state nobody designed. docs/relay.md ("States") draws them.
 
-The tables are frozensets of pairs of StrEnum members: a lookup hashes two
-strings whose hashes are cached, so a checked move costs about as much as a
-method call (docs/relay.md gives the measurement).
+The test is ``to in NEXT[state]``: each state's legal next states, a tuple
+built from the table once, at import (`successors`). No pair is built and no
+state hashed but the current one; the tuple is searched by identity. About
+300 instructions a move (docs/relay.md gives the measurement).
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from enum import StrEnum
+from typing import TypeVar
+
+S = TypeVar("S", bound=StrEnum)
 
 
 class IllegalTransition(Exception):
@@ -26,3 +34,9 @@ class IllegalTransition(Exception):
         self.machine = machine
         self.from_state = from_state
         self.to_state = to_state
+
+
+def successors(states: type[S], table: Collection[tuple[S, S]]) -> dict[S, tuple[S, ...]]:
+    """Each state's legal next states (in the enum's order; a final state's are
+    empty), from a machine's table of (from, to) pairs."""
+    return {here: tuple(to for to in states if (here, to) in table) for here in states}
