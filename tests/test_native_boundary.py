@@ -346,3 +346,24 @@ async def test_a_client_still_sending_gets_its_whole_answer() -> None:
         assert response.status == 431
         assert response.body == b"request header fields too large\n"
         assert running.listener.stats().rejected["head_too_large"] == 1
+
+
+def test_the_native_counters_use_the_python_data_planes_labels() -> None:
+    """What the brain will export from the native counters needs no translation:
+    refusal reasons are the engine's, rejection reasons those of
+    loopwatch_requests_rejected_total (plus plain_http, until the native data
+    plane forwards plain HTTP)."""
+    import typing
+
+    from loopwatch.detectors.decisions import RejectReason
+    from loopwatch.proxy.dataplane.boundary import REJECTED_REASONS
+
+    queue, table = EventQueue(), EnforcementTable()
+    listener = NativeListener.start([("/", "ws://127.0.0.1:9")], queue=queue, table=table, threads=1)
+    try:
+        stats = listener.stats()
+    finally:
+        assert listener.stop(1.0) == 0
+    assert set(stats.refused) == set(typing.get_args(RejectReason))
+    assert set(stats.rejected) - set(REJECTED_REASONS) == {"plain_http"}
+    assert not listener.running
