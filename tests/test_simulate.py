@@ -31,8 +31,13 @@ def only_expected_codes(codes: dict[str, int], allowed: set[str]) -> bool:
     return set(codes) <= allowed
 
 
+# Refusals answered at once: the loop keeps its pace through its cooldown (with the
+# default policy.hold each refusal would wait 2 s first; see the test after this one).
+NO_HOLD = {"policy.hold": 0}
+
+
 async def test_auth_loop_is_flagged_and_refused() -> None:
-    report, out = await run("auth-loop", duration=3.0, clients=2)
+    report, out = await run("auth-loop", duration=3.0, clients=2, overrides=NO_HOLD)
     g = report.group("auth-loop")
     assert g.outcome == "flagged and refused" and g.as_expected
     assert "auth_failure_loop" in g.rules
@@ -46,10 +51,21 @@ async def test_auth_loop_is_flagged_and_refused() -> None:
     assert "outcome auth-loop: flagged and refused" in out
 
 
+async def test_the_default_hold_slows_the_refused_loop_to_one_attempt_per_hold() -> None:
+    report, _ = await run("auth-loop", duration=3.0, clients=2)
+    g = report.group("auth-loop")
+    assert g.outcome == "flagged and refused" and g.as_expected
+    assert g.reached_backend == g.accepted == 6  # caught at each client's 4th attempt
+    assert g.codes["1013"] == g.refused["cooldown"] >= 2  # each client held, then refused
+    # ~2.8 s left after the catch, held 2 s a refusal: at most two refusals a client,
+    # where unheld the loop makes ~20 a second.
+    assert g.refused["cooldown"] <= 4 and g.attempts == g.accepted + g.refused_total
+
+
 async def test_refusals_answered_429_are_read_from_the_answer_body() -> None:
     # reject_with: http-429 refuses before the upgrade: the client sees an HTTP answer
     # whose body ("loopwatch: cooldown, retry in 5s") says it was loopwatch's.
-    report, _ = await run("auth-loop", duration=2.0, overrides={"policy.reject_with": "http-429"})
+    report, _ = await run("auth-loop", duration=2.0, overrides={"policy.reject_with": "http-429", **NO_HOLD})
     g = report.group("auth-loop")
     assert g.outcome == "flagged and refused" and g.as_expected
     assert g.refused["cooldown"] > 10 and g.codes["http 429"] == g.refused_total
@@ -151,7 +167,7 @@ async def test_against_a_running_loopwatch_by_url_with_its_admin_api() -> None:
 
 
 async def test_attempt_budget_bounds_the_run() -> None:
-    report, out = await run("auth-loop", duration=10.0, max_attempts=15)
+    report, out = await run("auth-loop", duration=10.0, max_attempts=15, overrides=NO_HOLD)
     assert report.attempts == 15
     assert report.duration < 5
     assert "attempt budget (15) is spent" in out
