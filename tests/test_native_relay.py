@@ -437,3 +437,46 @@ async def test_stop_waits_for_the_frame_in_flight_before_its_close_frame() -> No
         events = await running.events(closed_count(1))
     closed = of_type(events, ev.Closed)[0]
     assert (closed.code, closed.initiator) == (1001, "proxy")
+
+
+async def test_close_then_half_close_from_the_client() -> None:
+    """A client that sends its close frame and shuts its writing half still gets
+    the backend's close reply; the EOF reaches the backend."""
+    async with raw_backend(close_on_eof=False) as backend, native(backend.url) as running:
+        raw = await RawClient.connect(running.port)
+        conn = await backend.accept()
+        close_up = frame(CLOSE, close_payload(1000, "done"), mask=b"abcd")
+        await raw.send(close_up)
+        raw.writer.write_eof()
+        assert await conn.wait_eof() == close_up  # the close frame, then the EOF
+        close_down = frame(CLOSE, close_payload(1000, "done too"))
+        await conn.send(close_down)
+        conn.close()
+        assert await raw.read_to_eof() == close_down
+        await raw.close()
+        events = await running.events(closed_count(1))
+    closed = of_type(events, ev.Closed)[0]
+    assert (closed.code, closed.reason, closed.initiator) == (1000, "done", "client")
+
+
+async def test_frames_and_eof_sent_with_the_upgrade_request_reach_the_backend() -> None:
+    """Frames in the same write as the upgrade request, then the client's EOF
+    before the 101: the backend gets them and the EOF, the client the 101 and
+    the backend's close reply; the backend's own first frames (in the write of
+    its 101) reach the client."""
+    greeting = frame(TEXT, b"welcome")
+    async with raw_backend(greeting=greeting, close_on_eof=False) as backend, native(
+        backend.url
+    ) as running:
+        early = frame(TEXT, b"eager", mask=b"abcd") + frame(CLOSE, close_payload(1000, "early"), mask=b"efgh")
+        raw = await RawClient.connect(running.port, early=early, eof=True)
+        conn = await backend.accept()
+        assert await conn.wait_eof() == early
+        close_down = frame(CLOSE, close_payload(1000, "early too"))
+        await conn.send(close_down)
+        conn.close()
+        assert await raw.read_to_eof() == greeting + close_down
+        await raw.close()
+        events = await running.events(closed_count(1))
+    closed = of_type(events, ev.Closed)[0]
+    assert (closed.code, closed.reason, closed.initiator) == (1000, "early", "client")
