@@ -318,14 +318,9 @@ class Engine:
         a client that reconnects at once after a held refusal still shows no
         backoff: the hold is loopwatch's pause, not the client's.
         """
-        key, t = event.key, event.t
-        state = self._store.get(key)
-        if state is None:
-            return EMPTY
-        if t > state.end_t:
-            state.end_t = t
-        if t > state.last_seen:
-            state.last_seen = t
+        state = self._store.get(event.key)
+        if state is not None:
+            tracker.on_answered(state, event.t)
         return EMPTY
 
     def _blame(self, kind: int) -> int:

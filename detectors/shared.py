@@ -144,8 +144,10 @@ def encode(origin: str, messages: Iterable[Message]) -> bytes:
                 out.append(["h", e.key, e.route, e.status, e.error])
             elif isinstance(e, Opened):
                 out.append(["o", e.key, e.route, e.conn_id])
-            else:
+            elif isinstance(e, Closed):
                 out.append(["c", e.key, e.route, e.conn_id, e.code, e.reason, e.initiator, round(e.duration, 6)])
+            else:  # Answered stays with the replica that held the refusal
+                raise TypeError(f"not shared between replicas: {type(e).__name__}")
         elif isinstance(m, SharedCooldown):
             out.append(["C", m.key, round(m.remaining, 3), m.rule, m.repeat, m.enforced, m.force])
         elif isinstance(m, Release):

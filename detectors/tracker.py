@@ -22,7 +22,7 @@ import math
 from array import array
 
 from . import history, ring
-from .events import Attempt, Closed, Event, HandshakeFailed, Opened, Rejected
+from .events import Answered, Attempt, Closed, Event, HandshakeFailed, Opened, Rejected
 from .settings import DetectionSettings
 from .state import NEVER, ClientState
 
@@ -171,6 +171,15 @@ def on_closed(state: ClientState, event: Closed, settings: DetectionSettings) ->
     return 0 if healthy else AUTH_SUCCESS
 
 
+def on_answered(state: ClientState, t: float) -> None:
+    """A held refusal was answered at ``t``: the attempt ended then, so retry
+    intervals count from here (the hold is loopwatch's pause, not the client's)."""
+    if t > state.end_t:
+        state.end_t = t
+    if t > state.last_seen:
+        state.last_seen = t
+
+
 def apply(state: ClientState, event: Event, settings: DetectionSettings) -> int:
     """Fold any event into ``state`` (replay and tests); returns its classification."""
     if isinstance(event, Attempt):
@@ -182,6 +191,9 @@ def apply(state: ClientState, event: Event, settings: DetectionSettings) -> int:
         return on_handshake_failed(state, event, settings)
     if isinstance(event, Opened):
         return on_opened(state, event, settings)
+    if isinstance(event, Answered):
+        on_answered(state, event.t)
+        return 0
     return on_closed(state, event, settings)
 
 
