@@ -7,7 +7,10 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test lint install system-deps bench clean
 
 # setup.py builds proxy/dataplane/_frames.c (the compiled frame parser) into the source tree.
-$(STAMP): pyproject.toml setup.py proxy/dataplane/_frames.c
+# The compiled parts are built by the install: a change to their sources
+# (C frame parser, the Rust workspace) re-runs it.
+RUST_SOURCES := $(wildcard proxy/dataplane/Cargo.* proxy/dataplane/*/Cargo.toml proxy/dataplane/*/src/*.rs)
+$(STAMP): pyproject.toml setup.py proxy/dataplane/_frames.c $(RUST_SOURCES)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
