@@ -15,13 +15,12 @@ import random
 from typing import TYPE_CHECKING, Any
 
 from ...detectors.actions import BreakerTransition, CloseConnection, CooldownEnded, CooldownStarted
-from ...detectors.decisions import Reject
 from .logs import event
 from .observers import Observer, trace_context
 
 if TYPE_CHECKING:
     from ...detectors import events as ev
-    from ...detectors.decisions import Admit, Outcome
+    from ...detectors.decisions import Outcome
     from ..app.settings import Settings
     from ..dataplane.boundary import Connection, LiveView, RelayStats
 
@@ -37,7 +36,6 @@ class EventLogObserver(Observer):
         # The open connections' records, for lines about a step without one
         # (a wake-up's finding, a close-oldest): the runtime's LiveView (`bind`).
         self.view = view
-        self._reject: tuple[Connection, Reject] | None = None  # on_attempt → on_rejected, same step
         self.reconfigure(settings)
 
     def bind(self, view: LiveView | None) -> None:
@@ -106,14 +104,14 @@ class EventLogObserver(Observer):
         line["route"] = conn.route
         event(log, "access", INFO, **line)
 
-    def on_attempt(self, conn: Connection, event_: ev.Attempt, decision: Admit | Reject) -> None:
-        self._reject = (conn, decision) if isinstance(decision, Reject) else None
+    # No on_attempt: what a refused attempt's line needs is on its record
+    # (`Connection.refusal`, set by the brain), so an admitted one costs no call.
 
     def on_rejected(self, conn: Connection, event_: ev.Rejected) -> None:
-        pending, self._reject = self._reject, None
         if self.access == "off" or not self._sampled():
             return
-        retry = round(pending[1].retry_after, 3) if pending is not None and pending[0] is conn else None
+        refusal = conn.refusal
+        retry = round(refusal.retry_after, 3) if refusal is not None else None
         self._access(conn, outcome="refused", reason=event_.reason, retry_after=retry)
 
     def on_handshake_failed(self, conn: Connection, event_: ev.HandshakeFailed) -> None:

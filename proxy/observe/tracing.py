@@ -30,8 +30,9 @@ What the other observers need of a connection's trace (its id for log lines
 and exemplars, whether it is sampled) is written once on the connection's
 record (`Connection.trace`, a TraceContext); they never ask this observer.
 For steps that come without a connection (a wake-up's finding, a close-oldest)
-this observer keeps its own map of open connections' spans by id, and asks
-the runtime's read-only LiveView only which ids a client has open.
+it asks the runtime's read-only LiveView which connections a client has open
+and finds its own span on each one's record (`Connection.state`, which only
+this observer writes): no map of its own to keep per connection.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ from .span_export import (
     TracingConfigError,
     exporter_names,
     exporters_from_env,
+    new_record,
     sampling_from_env,
 )
 
@@ -122,9 +124,9 @@ def tracing_from_env(env: Mapping[str, str] | None = None) -> ProcessSpanSink | 
 @dataclass(slots=True)
 class ConnTrace:
     """A connection's span while it lasts (on `Connection.state`, which this observer
-    alone uses, and while open in `TracingObserver.open`): the values it is
-    made of, as they came; the attribute names are `readable_span`'s. Not
-    `recording` (the sampler said drop): only the trace context exists."""
+    alone uses): the values it is made of, as they came; the attribute names
+    are `readable_span`'s. Not `recording` (the sampler said drop): only the
+    trace context exists."""
 
     trace_id_int: int
     span_id: int
@@ -179,14 +181,14 @@ class ConnTrace:
         parent, parent_values = self.parent, None
         if parent is not None:
             parent_state = parent.trace_state.to_header() if parent.trace_state else None
-            parent_values = ParentValues(
-                parent.trace_id, parent.span_id, int(parent.trace_flags), parent.is_remote, parent_state
-            )
+            parent_values = new_record(ParentValues, (
+                parent.trace_id, parent.span_id, int(parent.trace_flags), parent.is_remote, parent_state,
+            ))  # fmt: skip
         state = self.trace_state.to_header() if self.trace_state else None
-        return Record(
+        return new_record(Record, (
             self.trace_id_int, self.span_id, self.flags, state, parent_values, self.start, end,
             self.request, self.extra, self.close, self.events, self.status,
-        )  # fmt: skip
+        ))  # fmt: skip
 
 
 def span_name(route: str) -> str:
@@ -282,12 +284,8 @@ class TracingObserver(Observer):
     def __init__(self, sink: Sink, settings: Settings):
         self.sink = sink
         self.propagator = TraceContextTextMapPropagator()
-        # The spans of this replica's open connections, by connection id: for
-        # findings and actions that come without a connection (wake-ups, a
-        # close-oldest). One insert at the 101 and one delete at the close.
-        self.open: dict[object, ConnTrace] = {}
-        # Which ids a client has open (the runtime's LiveView, `bind`): asked only
-        # for steps without a connection.
+        # Which connections a client has open, and their records (the runtime's
+        # LiveView, `bind`): asked only for steps without a connection.
         self.view: LiveView | None = None
         self._ending: list[tuple[ConnTrace, int]] = []  # (span, end time): see _end
         self._armed = False
@@ -302,13 +300,18 @@ class TracingObserver(Observer):
 
     # --- lookups -----------------------------------------------------------------
 
+    def open_trace(self, conn_id: object) -> ConnTrace | None:
+        """The recorded span of this replica's open connection with this id."""
+        trace = trace_of(self.view.connection(conn_id)) if self.view is not None else None
+        return trace if trace is not None and trace.recording else None
+
     def open_traces(self, key: str) -> list[ConnTrace]:
-        """The spans of the client's open connections, oldest first."""
+        """The recorded spans of the client's open connections, oldest first."""
         if self.view is None:
             return []
         found = []
         for conn_id in self.view.open_ids(key):
-            trace = self.open.get(conn_id)
+            trace = self.open_trace(conn_id)
             if trace is not None and trace.key == key:  # ids are per replica, the engine's state may not be
                 found.append(trace)
         return found
@@ -337,7 +340,9 @@ class TracingObserver(Observer):
             remote = get_current_span(context).get_span_context()
             if remote.is_valid:
                 parent = remote
-        request = RequestValues(head.path, conn.peer, conn.route, conn.key, head.authority, head.get(b"user-agent"))
+        request = new_record(RequestValues, (
+            head.path, conn.peer, conn.route, conn.key, head.authority, head.get(b"user-agent"),
+        ))  # fmt: skip
 
         # What Tracer.start_span decides, in the same order and with the same parts.
         sink = self.sink
@@ -368,7 +373,7 @@ class TracingObserver(Observer):
             flags |= TraceFlags.RANDOM_TRACE_ID
         trace = ConnTrace(trace_id, span_id, flags, trace_state, parent, time.time_ns(), recording, request, extra)
         conn.state = trace
-        conn.trace = TraceContext(trace_id, span_id, bool(flags & SAMPLED))
+        conn.trace = new_record(TraceContext, (trace_id, span_id, bool(flags & SAMPLED)))
         if self.expose_client_keys:
             trace.set({"loopwatch.client.key": conn.key})
         if isinstance(decision, Reject):  # never sent upstream: no traceparent
@@ -390,11 +395,6 @@ class TracingObserver(Observer):
     def on_rejected(self, conn: Connection, event: ev.Rejected) -> None:
         self._end(trace_of(conn))
 
-    def on_opened(self, conn: Connection, event: ev.Opened) -> None:
-        trace = conn.state
-        if type(trace) is ConnTrace and trace.recording:  # a dropped span takes no events
-            self.open[conn.conn_id] = trace
-
     def on_handshake_failed(self, conn: Connection, event: ev.HandshakeFailed) -> None:
         trace = trace_of(conn)
         if trace is None:
@@ -410,14 +410,13 @@ class TracingObserver(Observer):
         self._end(trace)
 
     def on_closed(self, conn: Connection, event: ev.Closed, stats: RelayStats) -> None:
-        trace = self.open.pop(conn.conn_id, None)
-        if trace is None:
+        trace = conn.state
+        if type(trace) is not ConnTrace or not trace.recording:  # a dropped span: nothing to end
             return
-        if trace.recording:
-            trace.close = CloseValues(
-                conn.conn_id, event.code, event.reason, event.initiator, event.duration,
-                stats.messages_in, stats.messages_out, stats.bytes_in, stats.bytes_out,
-            )  # fmt: skip
+        trace.close = new_record(CloseValues, (
+            conn.conn_id, event.code, event.reason, event.initiator, event.duration,
+            stats.messages_in, stats.messages_out, stats.bytes_in, stats.bytes_out,
+        ))  # fmt: skip
         if event.code in ERROR_CODES:
             trace.error(f"closed {event.code} {event.reason}".rstrip())
         self._end(trace)
@@ -445,7 +444,7 @@ class TracingObserver(Observer):
                 for trace in self._spans(conn, action.key):
                     trace.add_event("loopwatch.cooldown", attrs)
             elif isinstance(action, CloseConnection):
-                target = self.open.get(action.conn_id)
+                target = self.open_trace(action.conn_id)
                 if target is not None:
                     target.add_event(
                         "loopwatch.close_connection",
