@@ -194,6 +194,28 @@ async def test_reloads_are_logged(tmp_path: Path) -> None:
     assert len(loads) == 3
 
 
+async def test_a_reload_turns_access_lines_on_and_off(tmp_path: Path) -> None:
+    """With access_log "off" the event log's access hooks are not called at all
+    (idle_hooks); a reload to "all" brings them back, one back to "off" stops them."""
+    async with demo_backend() as backend:
+        config = tmp_path / "loopwatch.yaml"
+        upstream = f'upstream: "ws://127.0.0.1:{backend.port}"\n'
+        config.write_text(upstream)
+        overrides = {"listen": "127.0.0.1:0", "admin.listen": "127.0.0.1:0"}
+        settings = load_settings(config, env={}, overrides=overrides)
+        with captured() as lines:
+            async with telemetered(settings, sources=ConfigSources(str(config), {}, overrides)) as lw:
+                url = f"ws://127.0.0.1:{lw.proxy_port}/ws?token={issue_token('reader', 600)}"
+                for access in ("off", "all", "off"):
+                    config.write_text(upstream + f'telemetry: {{access_log: "{access}"}}\n')
+                    lw.reload()
+                    assert await attempt(url, ["hi"]) == (1000, "")
+                    await wait_for(lambda: not lw.proxy.relays)
+    access = [x for x in lines if x["event"] == "access"]
+    assert len(access) == 1, access  # the one connection made while access_log was "all"
+    assert access[0]["outcome"] == "closed" and access[0]["code"] == 1000
+
+
 @pytest.mark.parametrize("mode, rate, expected", [("off", 1.0, 0), ("sampled", 0.0, 0), ("sampled", 1.0, 3), ("all", 0.0, 3)])
 async def test_access_line_sampling(mode: str, rate: float, expected: int) -> None:
     async with demo_backend() as backend:

@@ -98,3 +98,37 @@ def test_instance_hooks_and_duck_typed_observers() -> None:
     # A hook the duck lacks is an observer error, as it always was, not a crash.
     observers.call("on_opened", "y")
     assert observers.errors["duck"] == 2
+
+
+def test_idle_hooks_are_not_called_and_are_read_again_after_on_config() -> None:
+    class Switchable(Observer):
+        """Busy in on_closed only while `closes` is on (as the event log's access lines)."""
+
+        name = "switchable"
+
+        def __init__(self) -> None:
+            self.closed: list[object] = []
+            self.configured = 0
+            self.set(False)
+
+        def set(self, closes: bool) -> None:
+            self.idle_hooks = frozenset() if closes else frozenset({"on_closed"})
+
+        def on_closed(self, *args: object) -> None:  # type: ignore[override]
+            assert "on_closed" not in self.idle_hooks, "an idle hook was called"
+            self.closed.append(args)
+
+        def on_config(self, settings: object, info: dict[str, object]) -> None:  # type: ignore[override]
+            self.configured += 1
+            self.set(bool(info["closes"]))
+
+    observer, other = Switchable(), Counting()
+    observers = Observers([observer, other])
+    observers.call("on_closed", 1)
+    assert observer.closed == []
+    observers.call("on_config", None, {"closes": True})  # a reload: the idle hooks change
+    observers.call("on_closed", 2)
+    observers.call("on_config", None, {"closes": False})
+    observers.call("on_closed", 3)
+    assert observer.closed == [(2,)] and observer.configured == 2
+    assert observers.errors == {}

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("loopwatch.events")
 
 WARNING, INFO = logging.WARNING, logging.INFO
+# The hooks that write access lines (and nothing else).
+ACCESS_HOOKS = frozenset({"on_rejected", "on_handshake_failed", "on_closed"})
 
 
 class EventLogObserver(Observer):
@@ -45,6 +47,8 @@ class EventLogObserver(Observer):
         t = settings.telemetry
         self.access = t.access_log
         self.sample_rate = t.access_log_sample_rate
+        # Without access lines, a connection's steps are nothing to this observer.
+        self.idle_hooks = ACCESS_HOOKS if self.access == "off" else frozenset()
 
     def _fields(self, conn: Connection | None, key: str, **fields: Any) -> dict[str, Any]:
         out: dict[str, Any] = {"client": key}

@@ -27,6 +27,10 @@ class Observer:
     and must not block."""
 
     name = "observer"
+    # Hooks this observer does nothing in under its present settings (the event
+    # log's access-line hooks with telemetry.access_log "off"): `Observers` does
+    # not call them. Read again after every on_config, so a reload applies.
+    idle_hooks: frozenset[str] = frozenset()
 
     def on_attempt(self, conn: Connection, event: ev.Attempt, decision: Admit | Reject) -> None:
         """Before the upstream is contacted. May add `conn.extra_headers` (traceparent)."""
@@ -62,8 +66,9 @@ class Observers:
     """An explicit, ordered list of observers with failure containment.
 
     `call` runs on every step of every connection, so each hook's bound methods
-    are looked up once (when first called after the list changed) and observers
-    that leave a hook as `Observer`'s no-op are not called for it at all.
+    are looked up once (when first called after the list changed, or after an
+    on_config) and observers that leave a hook as `Observer`'s no-op, or list
+    it in their `idle_hooks`, are not called for it at all.
     """
 
     def __init__(self, observers: list[Observer] | None = None):
@@ -88,6 +93,8 @@ class Observers:
             method = getattr(observer, hook, None)
             if noop is not None and getattr(method, "__func__", None) is noop:
                 continue  # the base class's no-op
+            if hook in getattr(observer, "idle_hooks", ()):
+                continue  # nothing to do under the observer's present settings
             out.append((observer, method))
         bound = self._hooks[hook] = tuple(out)
         return bound
@@ -108,6 +115,8 @@ class Observers:
                         "observer_error", exc_info=True, extra={"fields": {"observer": name, "hook": hook}}
                     )
                 self.errors[name] += 1
+        if hook == "on_config":  # settings changed: so may the observers' idle hooks
+            self._hooks.clear()
 
 
 def trace_context(view: LiveView | None, conn: Connection | None, key: str | None = None) -> TraceContext | None:

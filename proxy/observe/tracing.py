@@ -125,8 +125,9 @@ def tracing_from_env(env: Mapping[str, str] | None = None) -> ProcessSpanSink | 
 class ConnTrace:
     """A connection's span while it lasts (on `Connection.state`, which this observer
     alone uses): the values it is made of, as they came; the attribute names
-    are `readable_span`'s. Not `recording` (the sampler said drop): only the
-    trace context exists."""
+    are `readable_span`'s. The observer makes one only for a span the sampler
+    keeps: a dropped span is its trace context alone (`Connection.trace`).
+    Not `recording`: events and attributes are ignored."""
 
     trace_id_int: int
     span_id: int
@@ -263,7 +264,18 @@ def readable_span(record: Record, resource: Resource, scope: InstrumentationScop
     )
 
 
+def request_values(conn: Connection) -> RequestValues:
+    """What the upgrade request said, for the span's attributes (at the attempt,
+    while the connection still has its head)."""
+    head = conn.head
+    assert head is not None, "an attempt carries its request head"
+    return new_record(RequestValues, (
+        head.path, conn.peer, conn.route, conn.key, head.authority, head.get(b"user-agent"),
+    ))  # fmt: skip
+
+
 def trace_of(conn: Connection | None) -> ConnTrace | None:
+    """The connection's span, if the sampler kept it (None: dropped, or tracing off)."""
     state = conn.state if conn is not None else None
     return state if isinstance(state, ConnTrace) else None
 
@@ -317,9 +329,9 @@ class TracingObserver(Observer):
         return found
 
     def _spans(self, conn: Connection | None, key: str) -> list[ConnTrace]:
-        trace = trace_of(conn)
-        if trace is not None and conn is not None and conn.key == key:
-            return [trace]
+        if conn is not None and conn.trace is not None and conn.key == key:  # the step's own span
+            trace = trace_of(conn)
+            return [] if trace is None else [trace]  # None: the sampler dropped it
         return self.open_traces(key)
 
     # --- hooks -------------------------------------------------------------------
@@ -340,9 +352,7 @@ class TracingObserver(Observer):
             remote = get_current_span(context).get_span_context()
             if remote.is_valid:
                 parent = remote
-        request = new_record(RequestValues, (
-            head.path, conn.peer, conn.route, conn.key, head.authority, head.get(b"user-agent"),
-        ))  # fmt: skip
+        request: RequestValues | None = None  # built only for a span that records
 
         # What Tracer.start_span decides, in the same order and with the same parts.
         sink = self.sink
@@ -360,7 +370,10 @@ class TracingObserver(Observer):
             else:
                 flags, recording = TraceFlags.DEFAULT, False
         else:
-            attributes = request_attributes(request) if sink.sampler_reads_attributes else {}
+            attributes: dict[str, Any] = {}
+            if sink.sampler_reads_attributes:
+                request = request_values(conn)
+                attributes = request_attributes(request)
             name = span_name(conn.route)
             sampling = sink.sampler.should_sample(context, trace_id, name, SpanKind.SERVER, attributes)
             flags = TraceFlags.SAMPLED if sampling.decision.is_sampled() else TraceFlags.DEFAULT
@@ -371,12 +384,18 @@ class TracingObserver(Observer):
             extra = added or None
         if random_id:
             flags |= TraceFlags.RANDOM_TRACE_ID
-        trace = ConnTrace(trace_id, span_id, flags, trace_state, parent, time.time_ns(), recording, request, extra)
-        conn.state = trace
         conn.trace = new_record(TraceContext, (trace_id, span_id, bool(flags & SAMPLED)))
-        if self.expose_client_keys:
-            trace.set({"loopwatch.client.key": conn.key})
+        trace = None
+        if recording:  # a span the sampler dropped is its trace context alone: no ConnTrace
+            if request is None:
+                request = request_values(conn)
+            trace = ConnTrace(trace_id, span_id, flags, trace_state, parent, time.time_ns(), recording, request, extra)
+            conn.state = trace
+            if self.expose_client_keys:
+                trace.set({"loopwatch.client.key": conn.key})
         if isinstance(decision, Reject):  # never sent upstream: no traceparent
+            if trace is None:
+                return
             trace.set({"loopwatch.refusal.reason": decision.reason, "loopwatch.refusal.retry_after": decision.retry_after})
             refusal = conn.refusal  # how the brain answers it, on the record
             if refusal is not None:
@@ -389,7 +408,7 @@ class TracingObserver(Observer):
         if trace_state:
             headers.append((b"tracestate", trace_state.to_header().encode("latin-1")))
         conn.extra_headers = headers
-        if decision.would_reject is not None:
+        if trace is not None and decision.would_reject is not None:
             trace.set({"loopwatch.would_reject": decision.would_reject.reason})
 
     def on_rejected(self, conn: Connection, event: ev.Rejected) -> None:
