@@ -103,6 +103,7 @@ def copy_build_context(dest: Path) -> None:
 class Wheel:
     path: Path
     seconds: float  # the build, Rust included
+    log: str  # the build backend's output (pip -v)
 
 
 @dataclass(frozen=True)
@@ -144,13 +145,13 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Wheel:
     env = {**os.environ, "CARGO_TARGET_DIR": str(ROOT / "proxy" / "dataplane" / "target")}
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(out), str(context)],
+        [sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--wheel-dir", str(out), str(context)],
         capture_output=True, text=True, timeout=1100, env=env,
     )  # fmt: skip
     seconds = time.monotonic() - started
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     [built] = out.glob("loopwatch-*.whl")
-    return Wheel(built, seconds)
+    return Wheel(built, seconds, result.stdout + result.stderr)
 
 
 @pytest.fixture(scope="session")
@@ -207,6 +208,10 @@ def test_the_wheel_installs_nothing_at_top_level_but_loopwatch(wheel: Wheel) -> 
 
 def test_the_wheel_holds_every_module_the_compiled_parts_and_the_data(wheel: Wheel) -> None:
     names = set(wheel_names(wheel))
+    # setuptools names every folder it finds importable but not in `packages`
+    # (data folders included: they are listed as packages, pyproject.toml).
+    assert "absent from the `packages` configuration" not in wheel.log
+    assert "Successfully built loopwatch" in wheel.log
     # Every module of the mapped folders (a subpackage missing from pyproject's
     # `packages` would be silently left out of the wheel).
     for folder, target in MAPPED.items():
