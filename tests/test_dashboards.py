@@ -50,7 +50,7 @@ def schema_errors(document: Any, root: dict[str, Any], definition: str | None = 
 
 def test_committed_dashboard_is_what_the_code_generates(dashboard: dict[str, Any]) -> None:
     assert generate.DASHBOARD_FILE.read_text() == generate.dashboard_json(), (
-        "run python -m dashboards.generate"
+        "run python -m loopwatch.dashboards.generate"
     )
 
 

@@ -574,7 +574,7 @@ def test_kubernetes_prometheusrule_is_the_rule_files() -> None:
     assert rule["apiVersion"] == "monitoring.coreos.com/v1"
     assert rule["spec"]["groups"] == generate.rule_groups()
     assert generate.PROMETHEUS_RULE_FILE.read_text() == generate.prometheus_rule_yaml(), (
-        "run python -m dashboards.generate"
+        "run python -m loopwatch.dashboards.generate"
     )
 
 
