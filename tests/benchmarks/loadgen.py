@@ -635,7 +635,8 @@ async def op_storm(c: dict) -> dict:
 
 async def op_detect(c: dict) -> dict:
     """Scenario 7: one client in a 20/s auth loop (the backend closes 1008 at once);
-    attempts and seconds from its first attempt to its first refusal."""
+    attempts and seconds from its first attempt to the first attempt refused (sent
+    then, decided on arrival), and to that refusal's answer (later by any hold)."""
     host, port = c["host"], c["port"]
     rate = c.get("rate", 20.0)
     request = upgrade_request(host, port, "/loop", f"detect-{RUN_ID}-{c.get('tag', 0)}")
@@ -648,9 +649,13 @@ async def op_detect(c: dict) -> dict:
         if wait > 0:
             await asyncio.sleep(wait)
         attempts += 1
+        sent = now()
         cyc = await one_cycle(host, port, request, 5.0)
         if cyc is not None and cyc.refused():
-            outcome = {"refused_at_attempt": attempts, "refused_after_s": cyc.t_answer - t0,
+            # Refused when it arrived: loopwatch decides at admission. With the hold
+            # (policy.hold) the answer itself comes up to the hold later, by design.
+            outcome = {"refused_at_attempt": attempts, "refused_after_s": sent - t0,
+                       "answered_after_s": cyc.t_answer - t0,
                        "how": "http" if cyc.status != 101 else f"close-{cyc.code}", "reason": cyc.reason}
             break
         if cyc is not None and cyc.reached_backend():

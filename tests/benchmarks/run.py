@@ -421,7 +421,7 @@ class Bench:
             r = self.measure(target, {"op": "detect", **p}, p["max_s"] + 60)
             self.record("detect", target, rep, r, {
                 "attempts": r.get("refused_at_attempt"), "seconds": r.get("refused_after_s"),
-                "tried": r.get("attempts"),
+                "answered_s": r.get("answered_after_s"), "tried": r.get("attempts"),
             })
 
     def s_storm(self, rep: int) -> None:
