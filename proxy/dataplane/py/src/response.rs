@@ -11,19 +11,9 @@
 
 use std::fmt;
 
-/// Headers dropped from a relayed refusal besides Content-Length (the
-/// hop-by-hop set of heads.py; the Connection header's tokens are dropped too).
-const HOP_BY_HOP: [&[u8]; 9] = [
-    b"connection",
-    b"keep-alive",
-    b"proxy-authenticate",
-    b"proxy-authorization",
-    b"proxy-connection",
-    b"te",
-    b"trailer",
-    b"transfer-encoding",
-    b"upgrade",
-];
+// Headers dropped from a relayed refusal besides Content-Length: the hop-by-hop
+// set of heads.py; the Connection header's tokens are dropped too.
+use crate::wire::HOP_BY_HOP;
 
 /// Headers a response head may have before it is refused (beyond the size cap).
 const FEW_HEADERS: usize = 64;

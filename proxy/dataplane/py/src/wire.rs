@@ -12,7 +12,7 @@ use loopwatch_dataplane_core::head::{accept_key, RequestHead};
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus the
 /// historic Proxy-Connection (`HOP_BY_HOP` in heads.py).
-const HOP_BY_HOP: [&[u8]; 9] = [
+pub(crate) const HOP_BY_HOP: [&[u8]; 9] = [
     b"connection",
     b"keep-alive",
     b"proxy-authenticate",
