@@ -383,15 +383,18 @@ class Relay:
             if other.link is not GONE:
                 other.transport.close()
             return False
-        # Its side sends nothing more (no stop(): its flow stays as it is, and
-        # HALF_CLOSED says this direction is over). _link_to(HALF_CLOSED), written
-        # out: every connection comes this way. (uvloop reports an EOF again if
-        # reading resumes after it: then the link is HALF_CLOSED already.)
+        # _link_to(HALF_CLOSED), written out: every connection comes this way.
+        # (uvloop reports an EOF again if reading resumes after it: then the link
+        # is HALF_CLOSED already.)
         link = leg.link
         if link is CONNECTED:
             if HALF_CLOSED not in LINK_NEXT[link]:
                 raise IllegalTransition(f"{leg.side} leg link", link, HALF_CLOSED)
             leg.link = HALF_CLOSED
+        # Its side sends nothing more, and nothing more goes out this way: the
+        # other transport's writing half is shut below, so no close frame of the
+        # proxy may follow either (a write after write_eof raises).
+        leg.stop()
         other.transport.write_eof()
         return True
 
