@@ -1,8 +1,127 @@
 """Types of the Rust data plane's extension (proxy/dataplane/py, used by native.py).
 
-An incomplete stub (PEP 484): every name is Any until its classes are written
-out here, as _frames.pyi does for the C frame parser."""
+mypy cannot read the compiled module; this stub says what it holds, as
+_frames.pyi does for the C frame parser. The Rust doc comments (py/src/*.rs)
+are the reference; a drift shows in review and in tests/test_native_*.py."""
 
-from typing import Any
+from typing import Any, Literal
 
-def __getattr__(name: str) -> Any: ...
+CLOSE_GRACE: float  # seconds a proxy-initiated close waits for a frame boundary and replies
+
+# One record per event, by its first item (queue.rs documents each):
+#   ("attempt", key, route, t, addr, conn_id)
+#   ("rejected", key, route, t, reason, conn_id)
+#   ("answered", key, route, t, conn_id)
+#   ("handshake_failed", key, route, t, status | None, error | None, conn_id)
+#   ("opened", key, route, t, conn_id)
+#   ("closed", key, route, t, conn_id, code, reason, initiator, duration,
+#    messages_in, messages_out, bytes_in, bytes_out)
+EventRecord = tuple[Any, ...]
+
+class EventQueue:
+    def __init__(self, capacity: int) -> None: ...
+    def recv_batch(self, max: int, timeout_s: float) -> list[EventRecord]: ...
+    @property
+    def dropped(self) -> int: ...
+    def take_unreported_drops(self) -> int: ...
+    @property
+    def capacity(self) -> int: ...
+    def __len__(self) -> int: ...
+
+# ("admit", probes) | ("allow_listed", probes)
+# | ("refuse", reason, retry_after_s, hold_s | None, detail | None)
+Lookup = tuple[Any, ...]
+
+class EnforcementTable:
+    def __init__(self) -> None: ...
+    def set_cooldown(
+        self,
+        key: str,
+        seconds: float,
+        reason: str = "manual",
+        retry_after: float | None = None,
+        hold: float | None = None,
+    ) -> None: ...
+    def set_min_interval(self, key: str, seconds: float) -> None: ...
+    def set_at_capacity(self, key: str, at_capacity: bool) -> None: ...
+    def clear(self, key: str) -> bool: ...
+    def set_allow(self, entries: list[str]) -> None: ...
+    def set_deny(self, entries: list[str]) -> None: ...
+    def set_breaker(
+        self,
+        name: str,
+        state: Literal["closed", "open", "half_open"] | str,
+        seconds: float = 0.0,
+        probes: int = 1,
+        enforced: bool = True,
+    ) -> None: ...
+    def remove_breaker(self, name: str) -> bool: ...
+    def probes_left(self, name: str) -> int | None: ...
+    def set_defaults(
+        self,
+        deny_retry_after: float = 300.0,
+        max_concurrent_retry_after: float = 5.0,
+        hold: float | None = None,
+    ) -> None: ...
+    def lookup(self, key: str, peer: str | None = None) -> Lookup: ...
+    def prune(self) -> None: ...
+    @property
+    def generation(self) -> int: ...
+    def __len__(self) -> int: ...
+    def __contains__(self, key: str) -> bool: ...
+
+# (prefix, name, upstream host, upstream port, Host for the upstream, base path)
+RouteRecord = tuple[bytes, str, str, int, bytes, bytes]
+
+class Listener:
+    @staticmethod
+    def start(
+        host: str,
+        port: int,
+        routes: list[RouteRecord],
+        queue: EventQueue,
+        table: EnforcementTable,
+        *,
+        max_head_size: int = 16384,
+        early_data_size: int = 65536,
+        error_body_size: int = 65536,
+        max_message_size: int | None = 67108864,
+        handshake_timeout: float = 10.0,
+        connect_timeout: float = 5.0,
+        idle_timeout: float | None = 3600.0,
+        max_connections: int = 10000,
+        max_connections_per_address: int | None = None,
+        max_heads_per_address: int | None = None,
+        trusted_proxies: list[str] = ...,
+        max_holds: int = 1024,
+        max_held_per_key: int = 4,
+        reject_with: str = "close-1013",
+        close_code: int = 1013,
+        threads: int | None = None,
+    ) -> Listener: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def threads(self) -> int: ...
+    @property
+    def running(self) -> bool: ...
+    def stop(self, grace_s: float) -> int: ...
+    # Counters: ints, and (label, count) lists for rejected, refused,
+    # held_answered and held_skipped.
+    def stats(self) -> dict[str, Any]: ...
+    def close(self, conn_id: int, code: int, reason: str = "") -> bool: ...
+    def release_held(self, key: str) -> int: ...
+    # (conn_id, route, messages_in, messages_out, bytes_in, bytes_out)
+    def live(self) -> list[tuple[int, str, int, int, int, int]]: ...
+    def reconfigure(
+        self,
+        *,
+        reject_with: str | None = None,
+        close_code: int | None = None,
+        max_holds: int | None = None,
+        max_held_per_key: int | None = None,
+    ) -> None: ...
+    # reject_with, close_code, max_holds, max_held_per_key
+    def policy(self) -> dict[str, Any]: ...

@@ -15,15 +15,22 @@ own types:
   listener reads it at admission without ever calling Python;
 * `NativeListener.start(...)` runs the listener on a multi-thread tokio
   runtime for the routes and limits of the settings; `stop(grace)` ends it.
+  The brain acts on it with `close(conn_id, code, reason)` (a live WebSocket),
+  `release_held(key)` (a released client's held refusals), `reconfigure(...)`
+  (what a reload changes of the refusal policy), and reads `live()` (each open
+  WebSocket's counts), `holds()` and `stats()`.
+
+Every event of one accepted connection carries the same id (`Received.conn_id`;
+for Opened and Closed it is also their `conn_id`), and `close` takes it.
 
 What the native listener does not do yet (identity sources, TLS, wss://
-upstreams, plain HTTP forwarding, per-address caps) is listed in
-proxy/dataplane/README.md; `loopwatch run` still uses the Python data plane.
+upstreams, plain HTTP forwarding) is listed in proxy/dataplane/README.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import ipaddress
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,33 +49,41 @@ REJECT_WITH = ("close-1013", "http-429")
 
 @dataclass(frozen=True, slots=True)
 class Received:
-    """One event off the queue; `traffic` is what crossed a Closed connection."""
+    """One event off the queue. `conn_id` is the id of the accepted connection it
+    belongs to, the same on every event of that connection (an Attempt, then its
+    Rejected and Answered, or its HandshakeFailed, or its Opened and Closed);
+    `NativeListener.close` takes it. `traffic` is what crossed a Closed one."""
 
     event: ev.Event
     traffic: RelayStats | None = None
+    conn_id: int = 0
 
 
 def _received(record: tuple[Any, ...]) -> Received:
     """A record of the Rust queue (see `_dataplane.EventQueue`) as a Received."""
     kind = record[0]
     if kind == "attempt":
-        _, key, route, t, addr = record
-        return Received(ev.Attempt(key, route, t, addr))
+        _, key, route, t, addr, conn = record
+        return Received(ev.Attempt(key, route, t, addr), conn_id=conn)
     if kind == "rejected":
-        _, key, route, t, reason = record
-        return Received(ev.Rejected(key, route, t, reason))
+        _, key, route, t, reason, conn = record
+        return Received(ev.Rejected(key, route, t, reason), conn_id=conn)
+    if kind == "answered":
+        _, key, route, t, conn = record
+        return Received(ev.Answered(key, route, t), conn_id=conn)
     if kind == "handshake_failed":
-        _, key, route, t, status, error = record
-        return Received(ev.HandshakeFailed(key, route, t, status, error))
+        _, key, route, t, status, error, conn = record
+        return Received(ev.HandshakeFailed(key, route, t, status, error), conn_id=conn)
     if kind == "opened":
-        _, key, route, t, conn_id = record
-        return Received(ev.Opened(key, route, t, conn_id))
+        _, key, route, t, conn = record
+        return Received(ev.Opened(key, route, t, conn), conn_id=conn)
     if kind == "closed":
-        (_, key, route, t, conn_id, code, reason, initiator, duration,
+        (_, key, route, t, conn, code, reason, initiator, duration,
          messages_in, messages_out, bytes_in, bytes_out) = record  # fmt: skip
         return Received(
-            ev.Closed(key, route, t, conn_id, code, reason, initiator, duration),
+            ev.Closed(key, route, t, conn, code, reason, initiator, duration),
             RelayStats(messages_in, messages_out, bytes_in, bytes_out),
+            conn,
         )
     raise ValueError(f"unknown event record {kind!r} from the native data plane")
 
@@ -118,9 +133,43 @@ class ListenerStats:
     closed: int
     handshake_failed: int
     holding: int  # refused attempts held now
-    held: int
+    held: int  # holds taken since the start
+    held_answered: dict[str, int]  # answered after a hold (or released), by refusal reason
+    held_skipped: dict[str, int]  # answered at once because a bound was reached: max_held, max_held_per_key
+    released: int  # holds answered early: the key was released, or the listener stopped
     rejected: dict[str, int]  # answered by loopwatch itself, by reason (docs/relay.md)
     refused: dict[str, int]  # refused by the enforcement table, by reason (docs/refusals.md)
+    addresses: int  # client addresses counted against the per-address caps now
+    events_dropped: int  # events lost to a full queue (EventQueue.dropped)
+
+
+@dataclass(frozen=True, slots=True)
+class HoldCounts:
+    """The held refusals, as boundary.HoldCounts (LiveView.holds) reads them."""
+
+    count: int  # held right now
+    answered: Mapping[str, int]  # by refusal reason, answered after a hold
+    skipped: Mapping[str, int]  # by bound (max_held, max_held_per_key)
+    released: int  # answered early (released key, shutdown)
+
+
+@dataclass(frozen=True, slots=True)
+class LiveConnection:
+    """One open relayed WebSocket and what crossed it so far (LiveView.live)."""
+
+    conn_id: int
+    route: str
+    stats: RelayStats
+
+
+@dataclass(frozen=True, slots=True)
+class RefusalPolicy:
+    """What a reload may change of how refusals are answered (policy.*)."""
+
+    reject_with: str  # close-1013 or http-429
+    close_code: int  # 1013, or 4000-4999
+    max_holds: int  # policy.max_held
+    max_held_per_key: int
 
 
 def route_records(routes: Iterable[tuple[str, str]]) -> list[tuple[bytes, str, str, int, bytes, bytes]]:
@@ -143,12 +192,24 @@ def route_records(routes: Iterable[tuple[str, str]]) -> list[tuple[bytes, str, s
     return out
 
 
+def trusted_networks(entries: Iterable[str]) -> list[str]:
+    """identity.trusted_proxies as the Rust listener takes them (CIDRs, host
+    bits allowed, as ProxyServer reads them); ValueError names a bad entry."""
+    out = []
+    for entry in entries:
+        try:
+            out.append(str(ipaddress.ip_network(entry.strip(), strict=False)))
+        except ValueError:
+            raise ValueError(f"trusted_proxies: expected CIDRs such as 10.0.0.0/8, got {entry!r}") from None
+    return out
+
+
 class NativeListener:
     """A running native listener; `NativeListener.start(...)` makes one."""
 
     __slots__ = ("raw", "shutdown_timeout")
 
-    def __init__(self, raw: Any, shutdown_timeout: float):
+    def __init__(self, raw: _dataplane.Listener, shutdown_timeout: float):
         self.raw = raw
         self.shutdown_timeout = shutdown_timeout
 
@@ -158,18 +219,23 @@ class NativeListener:
         routes: Iterable[tuple[str, str]],
         *,
         queue: EventQueue,
-        table: Any,
+        table: _dataplane.EnforcementTable,
         host: str = "127.0.0.1",
         port: int = 0,
         limits: Limits | None = None,
         reject_with: str = "close-1013",
+        close_code: int = 1013,
         threads: int | None = None,
         max_holds: int = 1024,
+        max_held_per_key: int = 4,
+        trusted_proxies: Iterable[str] = (),
     ) -> NativeListener:
         """Bind `host:port` and serve `routes` ((path prefix, ws:// URL) pairs)
-        under `limits` (the `limits:` settings; their defaults when None).
-        Raises ValueError for a setting it cannot honour, OSError when the
-        address cannot be bound."""
+        under `limits` (the `limits:` settings; their defaults when None), with
+        the refusal policy `reject_with`, `close_code`, `max_holds` (policy.max_held)
+        and `max_held_per_key`, and `trusted_proxies` (identity.trusted_proxies:
+        never capped per address). Raises ValueError for a setting it cannot
+        honour, OSError when the address cannot be bound."""
         if reject_with not in REJECT_WITH:
             raise ValueError(f"reject_with: expected one of {REJECT_WITH}, got {reject_with!r}")
         limits = limits or Limits()
@@ -183,8 +249,13 @@ class NativeListener:
             connect_timeout=limits.connect_timeout,
             idle_timeout=limits.idle_timeout,
             max_connections=limits.max_connections,
+            max_connections_per_address=limits.address_cap(limits.max_connections_per_address),
+            max_heads_per_address=limits.address_cap(limits.max_heads_per_address),
+            trusted_proxies=trusted_networks(trusted_proxies),
             max_holds=max_holds,
+            max_held_per_key=max_held_per_key,
             reject_with=reject_with,
+            close_code=close_code,
             threads=threads,
         )  # fmt: skip
         return cls(raw, limits.shutdown_timeout)
@@ -211,9 +282,50 @@ class NativeListener:
 
     def stats(self) -> ListenerStats:
         raw = self.raw.stats()
-        raw["rejected"] = dict(raw["rejected"])
-        raw["refused"] = dict(raw["refused"])
+        for name in ("rejected", "refused", "held_answered", "held_skipped"):
+            raw[name] = dict(raw[name])
         return ListenerStats(**raw)
+
+    def holds(self) -> HoldCounts:
+        """The held refusals now (LiveView.holds)."""
+        s = self.stats()
+        return HoldCounts(s.holding, s.held_answered, s.held_skipped, s.released)
+
+    def close(self, conn_id: int, code: int, reason: str = "") -> bool:
+        """Close the open WebSocket `conn_id` with `code` and `reason` on both legs,
+        each at a frame boundary (the engine's close-oldest, an operator's close);
+        its Closed event follows with initiator "proxy". False when it is not open
+        here (unknown, ended, or asked already). ValueError for a code a peer may
+        not receive or a reason over 123 bytes."""
+        return self.raw.close(conn_id, code, reason)
+
+    def release_held(self, key: str) -> int:
+        """Answer the held refusals of `key` now ("retry in 1s"); how many."""
+        return self.raw.release_held(key)
+
+    def live(self) -> list[LiveConnection]:
+        """Every open WebSocket and what crossed it so far, by id."""
+        return [
+            LiveConnection(conn_id, route, RelayStats(m_in, m_out, b_in, b_out))
+            for conn_id, route, m_in, m_out, b_in, b_out in self.raw.live()
+        ]
+
+    def reconfigure(
+        self,
+        *,
+        reject_with: str | None = None,
+        close_code: int | None = None,
+        max_holds: int | None = None,
+        max_held_per_key: int | None = None,
+    ) -> None:
+        """Apply what a reload changes of the refusal policy (None: unchanged);
+        all values are checked before any is set (ValueError)."""
+        self.raw.reconfigure(
+            reject_with=reject_with, close_code=close_code, max_holds=max_holds, max_held_per_key=max_held_per_key
+        )
+
+    def policy(self) -> RefusalPolicy:
+        return RefusalPolicy(**self.raw.policy())
 
     def __repr__(self) -> str:
         return f"NativeListener({self.host}:{self.port}, running={self.running})"

@@ -2,9 +2,10 @@
 //! carries them to the brain.
 //!
 //! The events mirror `detectors/events.py` (the engine's input): one per step
-//! of an upgrade attempt's life. They carry an [`Instant`]; the Python face
-//! turns it into the brain's `time.monotonic()` seconds with one reference pair
-//! taken at start (both are CLOCK_MONOTONIC on Linux).
+//! of an upgrade attempt's life, each with its connection's id. They carry an
+//! [`Instant`]; the Python face turns it into the brain's `time.monotonic()`
+//! seconds with one reference pair taken at start (both are CLOCK_MONOTONIC on
+//! Linux).
 //!
 //! The queue never makes traffic wait: producers (tokio tasks) only
 //! `try_send`, and an event that finds the queue full is dropped and counted.
@@ -116,7 +117,10 @@ pub struct Traffic {
 }
 
 /// One step of an upgrade attempt's life. `key` is the client key identity
-/// gave it, `route` the route's name.
+/// gave it, `route` the route's name, `conn_id` the connection's id: given at
+/// accept, unique in one listener, the same on every event of a connection
+/// (so the brain can tell which Rejected, Answered or Closed follows which
+/// Attempt).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// An upgrade request arrived (before admission); `addr` is the peer.
@@ -125,6 +129,7 @@ pub enum Event {
         route: Arc<str>,
         at: Instant,
         addr: Box<str>,
+        conn_id: u64,
     },
     /// The enforcement table refused it; it never reached the upstream.
     Rejected {
@@ -132,6 +137,16 @@ pub enum Event {
         route: Arc<str>,
         at: Instant,
         reason: RefuseReason,
+        conn_id: u64,
+    },
+    /// A refusal that was held (its cooldown's hold) was answered, or its
+    /// client left during the hold: the attempt ended now, and the engine
+    /// measures retry intervals from here (`Answered` in detectors/events.py).
+    Answered {
+        key: Box<str>,
+        route: Arc<str>,
+        at: Instant,
+        conn_id: u64,
     },
     /// The upstream refused the upgrade or could not be reached.
     HandshakeFailed {
@@ -139,6 +154,7 @@ pub enum Event {
         route: Arc<str>,
         at: Instant,
         failure: HandshakeFailure,
+        conn_id: u64,
     },
     /// Both sides are open.
     Opened {
@@ -168,6 +184,7 @@ impl Event {
         match self {
             Event::Attempt { .. } => "attempt",
             Event::Rejected { .. } => "rejected",
+            Event::Answered { .. } => "answered",
             Event::HandshakeFailed { .. } => "handshake_failed",
             Event::Opened { .. } => "opened",
             Event::Closed { .. } => "closed",
@@ -178,6 +195,7 @@ impl Event {
         match self {
             Event::Attempt { key, .. }
             | Event::Rejected { key, .. }
+            | Event::Answered { key, .. }
             | Event::HandshakeFailed { key, .. }
             | Event::Opened { key, .. }
             | Event::Closed { key, .. } => key,
@@ -188,9 +206,22 @@ impl Event {
         match self {
             Event::Attempt { at, .. }
             | Event::Rejected { at, .. }
+            | Event::Answered { at, .. }
             | Event::HandshakeFailed { at, .. }
             | Event::Opened { at, .. }
             | Event::Closed { at, .. } => *at,
+        }
+    }
+
+    /// The connection's id (the same on every event of one connection).
+    pub fn conn_id(&self) -> u64 {
+        match self {
+            Event::Attempt { conn_id, .. }
+            | Event::Rejected { conn_id, .. }
+            | Event::Answered { conn_id, .. }
+            | Event::HandshakeFailed { conn_id, .. }
+            | Event::Opened { conn_id, .. }
+            | Event::Closed { conn_id, .. } => *conn_id,
         }
     }
 }
@@ -311,6 +342,7 @@ mod tests {
             route: Arc::from("default"),
             at: Instant::now(),
             addr: "127.0.0.1".into(),
+            conn_id: i as u64,
         }
     }
 
@@ -387,7 +419,14 @@ mod tests {
             duration: Duration::from_millis(3),
             traffic: Traffic::default(),
         };
-        assert_eq!((e.type_name(), e.key()), ("closed", "k"));
+        assert_eq!((e.type_name(), e.key(), e.conn_id()), ("closed", "k", 1));
+        let answered = Event::Answered {
+            key: "k".into(),
+            route: Arc::from("r"),
+            at: Instant::now(),
+            conn_id: 7,
+        };
+        assert_eq!((answered.type_name(), answered.conn_id()), ("answered", 7));
         assert_eq!(Initiator::Upstream.as_str(), "upstream");
         assert_eq!(HandshakeError::ClientClosed.as_str(), "client_closed");
     }

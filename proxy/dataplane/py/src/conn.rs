@@ -19,6 +19,7 @@ use loopwatch_dataplane_core::events::{Event, HandshakeError, HandshakeFailure};
 use loopwatch_dataplane_core::head::{parse_head, HeadStatus, RequestHead, RequestKind};
 use loopwatch_dataplane_core::table::{Admission, Refusal};
 
+use crate::control::AddressAdmission;
 use crate::listener::{stopping, ConnGuard, Rejected, Shared};
 use crate::relay::{Relay, RelayIdentity, RelayLimits};
 use crate::response::{Answer, ResponseReader, UpstreamRefusal};
@@ -36,6 +37,9 @@ const HEAD_READ: usize = 4096;
 
 const SHUTTING_DOWN: &str = "loopwatch: shutting down";
 const OVERLOADED: &str = "loopwatch: too many connections";
+/// One address holds its share of the connections or of the half-open heads
+/// (`ADDRESS_LIMIT` in listener.py).
+const ADDRESS_LIMIT: &str = "loopwatch: too many connections from your address";
 
 /// What the client's head asks for, decided at once (no await) while the
 /// head's buffer is borrowed; owned, so the buffer can go.
@@ -43,7 +47,13 @@ enum Plan {
     /// Answer it ourselves and close.
     Answer { response: Vec<u8>, label: Rejected },
     /// The enforcement table refused it (its events are out).
-    Refuse { refusal: Refusal, ws_key: Vec<u8> },
+    Refuse {
+        refusal: Refusal,
+        ws_key: Vec<u8>,
+        key: Box<str>,
+        route: Arc<str>,
+        at: std::time::Instant,
+    },
     /// Forward the upgrade upstream.
     Forward {
         key: Box<str>,
@@ -76,6 +86,7 @@ pub async fn serve(
     _guard: ConnGuard,
 ) {
     let _ = client.set_nodelay(true);
+    let conn_id = shared.conn_id();
     let limits = &shared.config.limits;
     if shared.closing() {
         reject(
@@ -102,6 +113,18 @@ pub async fn serve(
         .await;
         return;
     }
+    // Per address: its connections and half-open heads (released when
+    // `address` drops, at the end of this connection).
+    let mut address = match shared.addresses.admit(peer.ip()) {
+        AddressAdmission::Counted(slot) => Some(slot),
+        AddressAdmission::Exempt => None,
+        AddressAdmission::OverCap => {
+            let retry = [("Retry-After", "1")];
+            let label = Rejected::AddressLimit;
+            reject(&shared, &mut client, label, 503, ADDRESS_LIMIT, &retry).await;
+            return;
+        }
+    };
     let deadline = Instant::now() + limits.handshake_timeout;
     let mut shutdown = shared.shutdown.clone();
     let peer_ip = peer.ip();
@@ -131,7 +154,13 @@ pub async fn serve(
                 Ok(_) => {}
             },
         }
-        match parse_head(&buf, &limits.head) {
+        let status = parse_head(&buf, &limits.head);
+        if !matches!(status, HeadStatus::Partial) {
+            if let Some(slot) = address.as_mut() {
+                slot.head_done();
+            }
+        }
+        match status {
             HeadStatus::Partial => continue,
             HeadStatus::Rejected(rejection) => {
                 shared
@@ -140,7 +169,9 @@ pub async fn serve(
                 answer(&mut client, &rejection.response(), Then::Close).await;
                 return;
             }
-            HeadStatus::Complete(head) => break decide(&shared, &head, &buf, peer_ip, &peer_text),
+            HeadStatus::Complete(head) => {
+                break decide(&shared, &head, &buf, peer_ip, &peer_text, conn_id)
+            }
         }
     };
     drop(buf);
@@ -150,14 +181,34 @@ pub async fn serve(
             shared.counters.reject(label);
             answer(&mut client, &response, Then::Close).await;
         }
-        Plan::Refuse { refusal, ws_key } => refuse(&shared, client, refusal, ws_key).await,
+        Plan::Refuse {
+            refusal,
+            ws_key,
+            key,
+            route,
+            at,
+        } => {
+            let attempt = RefusedAttempt {
+                key,
+                route,
+                at,
+                conn_id,
+            };
+            refuse(&shared, client, refusal, ws_key, attempt).await
+        }
         Plan::Forward {
             key,
             route,
             request,
             early,
-        } => forward(&shared, client, key, route, request, early, deadline).await,
+        } => {
+            forward(
+                &shared, client, key, route, request, early, deadline, conn_id,
+            )
+            .await
+        }
     }
+    drop(address);
 }
 
 /// Routing and admission for a complete head (`begin_upgrade` / `begin_http`).
@@ -167,6 +218,7 @@ fn decide(
     buf: &[u8],
     peer_ip: std::net::IpAddr,
     peer_text: &str,
+    conn_id: u64,
 ) -> Plan {
     let Some(route) = route_for(&shared.config.routes, head.path) else {
         return Plan::Answer {
@@ -189,6 +241,7 @@ fn decide(
         route: Arc::clone(&route.name),
         at: now,
         addr: peer_text.into(),
+        conn_id,
     });
     match shared.table.lookup(&key, Some(peer_ip), now) {
         Admission::Refuse(refusal) => {
@@ -198,12 +251,19 @@ fn decide(
                 route: Arc::clone(&route.name),
                 at: now,
                 reason: refusal.reason,
+                conn_id,
             });
             let ws_key = head
                 .header("sec-websocket-key")
                 .map(|k| k.into_owned())
                 .unwrap_or_default();
-            Plan::Refuse { refusal, ws_key }
+            Plan::Refuse {
+                refusal,
+                ws_key,
+                key,
+                route: Arc::clone(&route.name),
+                at: now,
+            }
         }
         Admission::Admit { .. } | Admission::AllowListed { .. } => {
             let target = route.target(head.path, &head.target);
@@ -218,45 +278,85 @@ fn decide(
     }
 }
 
+/// The attempt a refusal answers, for its Answered event.
+struct RefusedAttempt {
+    key: Box<str>,
+    route: Arc<str>,
+    at: std::time::Instant,
+    conn_id: u64,
+}
+
+/// How a hold ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HoldEnd {
+    /// Its time is up: answered with what is left of the retry time.
+    Over,
+    /// The key was released (`release_held`), or the listener stops:
+    /// answered now, "retry in 1s".
+    Released,
+    /// The client left before its answer.
+    Left,
+}
+
 /// Refuse an attempt without touching the upstream, after its hold if it has
-/// one (and a hold is free): HTTP 429/503 + Retry-After, or 101 then close 1013.
-async fn refuse(shared: &Shared, mut client: TcpStream, refusal: Refusal, ws_key: Vec<u8>) {
+/// one (within `policy.max_held` and `max_held_per_key`): HTTP 429/503 +
+/// Retry-After, or 101 then a close with `policy.close_code` (1013).
+async fn refuse(
+    shared: &Shared,
+    mut client: TcpStream,
+    refusal: Refusal,
+    ws_key: Vec<u8>,
+    attempt: RefusedAttempt,
+) {
     let limits = &shared.config.limits;
+    let policy = shared.policy.snapshot();
     let mut retry_after = refusal.retry_after;
     if let Some(hold) = refusal.hold.filter(|h| !h.is_zero()) {
-        let counters = &shared.counters;
-        let taken = counters
-            .holding
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < limits.max_holds).then_some(n + 1)
-            })
-            .is_ok();
-        if taken {
-            counters.held.fetch_add(1, Ordering::Relaxed);
+        let holds = &shared.holds;
+        let taken = holds.take(
+            &attempt.key,
+            attempt.conn_id,
+            policy.max_holds,
+            policy.max_held_per_key,
+        );
+        if let Ok(ticket) = taken {
             let hold = hold.min(limits.handshake_timeout);
-            let started = Instant::now();
             let mut shutdown = shared.shutdown.clone();
             let mut sink = [0u8; 512];
             // Held: no upstream, no answer yet. A client that leaves ends it.
-            let left = tokio::select! {
-                _ = tokio::time::sleep(hold) => false,
-                _ = stopping(&mut shutdown) => false,
-                _ = drain_until_closed(&mut client, &mut sink) => true,
+            let end = tokio::select! {
+                _ = tokio::time::sleep(hold) => HoldEnd::Over,
+                _ = ticket.release.notified() => HoldEnd::Released,
+                _ = stopping(&mut shutdown) => HoldEnd::Released,
+                _ = drain_until_closed(&mut client, &mut sink) => HoldEnd::Left,
             };
-            counters.holding.fetch_sub(1, Ordering::AcqRel);
-            if left {
-                return;
+            drop(ticket);
+            // The attempt ended now: the engine measures retry intervals from here.
+            shared.events.send(Event::Answered {
+                key: attempt.key,
+                route: attempt.route,
+                at: std::time::Instant::now(),
+                conn_id: attempt.conn_id,
+            });
+            match end {
+                HoldEnd::Left => return,
+                HoldEnd::Released => {
+                    holds.released.fetch_add(1, Ordering::Relaxed);
+                    retry_after = Duration::ZERO;
+                }
+                HoldEnd::Over => retry_after = retry_after.saturating_sub(attempt.at.elapsed()),
             }
-            retry_after = retry_after.saturating_sub(started.elapsed());
+            holds.answered(refusal.reason);
         }
     }
     let bytes = refusal_bytes(
-        shared.config.reject_with,
+        policy.reject_with,
+        policy.close_code,
         refusal.reason,
         retry_after,
         &ws_key,
     );
-    let then = match shared.config.reject_with {
+    let then = match policy.reject_with {
         RejectWith::Close1013 => Then::AwaitReply,
         RejectWith::Http429 => Then::Close,
     };
@@ -405,6 +505,7 @@ async fn upstream_handshake(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn forward(
     shared: &Shared,
     mut client: TcpStream,
@@ -413,6 +514,7 @@ async fn forward(
     request: Vec<u8>,
     mut early: Vec<u8>,
     deadline: Instant,
+    conn_id: u64,
 ) {
     let limits = &shared.config.limits;
     let failed = |failure: HandshakeFailure| {
@@ -425,6 +527,7 @@ async fn forward(
             route: Arc::clone(&route.name),
             at: std::time::Instant::now(),
             failure,
+            conn_id,
         });
     };
     let mut shutdown = shared.shutdown.clone();
@@ -498,8 +601,8 @@ async fn forward(
         } => (stream, buffer, head_len, allowed_rsv),
     };
 
-    // 3. The splice.
-    let conn_id = shared.conn_id();
+    // 3. The splice, registered for the brain's close and live counts.
+    let (registered, control) = shared.relays.register(conn_id, Arc::clone(&route.name));
     let opened_at = std::time::Instant::now();
     shared.counters.opened.fetch_add(1, Ordering::Relaxed);
     shared.counters.relays.fetch_add(1, Ordering::AcqRel);
@@ -524,6 +627,7 @@ async fn forward(
             opened_at,
         },
         shared.events.clone(),
+        control,
     );
     let to_client = buffer[..head_len].to_vec();
     let _ = relay
@@ -535,6 +639,7 @@ async fn forward(
             shared.shutdown.clone(),
         )
         .await;
+    drop(registered);
     shared.counters.relays.fetch_sub(1, Ordering::AcqRel);
     shared.counters.closed.fetch_add(1, Ordering::Relaxed);
 }

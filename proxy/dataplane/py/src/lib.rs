@@ -21,9 +21,12 @@ use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use loopwatch_dataplane_core::frames::close_code_valid;
 use loopwatch_dataplane_core::head::HeadLimits;
+use loopwatch_dataplane_core::table::IpNet;
 
 mod conn;
+pub mod control;
 mod listener;
 pub mod queue;
 pub mod relay;
@@ -31,7 +34,8 @@ pub mod response;
 pub mod table;
 pub mod wire;
 
-use listener::{Config, Limits, Server};
+use control::{close_code_allowed, CloseCommand, PolicyValues};
+use listener::{Config, Limits, Server, Shared};
 use queue::EventQueue;
 use table::{duration, EnforcementTable};
 use wire::{RejectWith, Route};
@@ -94,8 +98,43 @@ fn parse_routes(items: Vec<RouteTuple>) -> PyResult<Vec<Route>> {
 #[pyclass(frozen, module = "loopwatch.proxy.dataplane._dataplane")]
 struct Listener {
     server: Mutex<Server>,
+    shared: Arc<Shared>,
     local_addr: SocketAddr,
     threads: usize,
+}
+
+fn parse_reject_with(text: &str) -> PyResult<RejectWith> {
+    RejectWith::parse(text).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "reject_with: expected \"close-1013\" or \"http-429\", got {text:?}"
+        ))
+    })
+}
+
+fn check_close_code(code: u16) -> PyResult<u16> {
+    if !close_code_allowed(code) {
+        return Err(PyValueError::new_err(format!(
+            "close_code: expected 1013 or an application code from 4000 to 4999, got {code}"
+        )));
+    }
+    Ok(code)
+}
+
+fn parse_networks(name: &str, entries: Vec<String>) -> PyResult<Vec<IpNet>> {
+    entries
+        .iter()
+        .map(|entry| {
+            let entry = entry.trim();
+            // A bare address is its own network (as Python's ip_network).
+            let parsed = if entry.contains('/') {
+                IpNet::parse(entry)
+            } else {
+                let max = if entry.contains(':') { 128 } else { 32 };
+                IpNet::parse(&format!("{entry}/{max}"))
+            };
+            parsed.map_err(|e| PyValueError::new_err(format!("{name}: {e}")))
+        })
+        .collect()
 }
 
 #[pymethods]
@@ -114,8 +153,13 @@ impl Listener {
         connect_timeout = 5.0,
         idle_timeout = Some(3600.0),
         max_connections = 10_000,
+        max_connections_per_address = None,
+        max_heads_per_address = None,
+        trusted_proxies = Vec::new(),
         max_holds = 1024,
+        max_held_per_key = 4,
         reject_with = "close-1013",
+        close_code = 1013,
         threads = None,
     ))]
     #[allow(clippy::too_many_arguments)]
@@ -134,15 +178,21 @@ impl Listener {
         connect_timeout: f64,
         idle_timeout: Option<f64>,
         max_connections: usize,
+        max_connections_per_address: Option<usize>,
+        max_heads_per_address: Option<usize>,
+        trusted_proxies: Vec<String>,
         max_holds: usize,
+        max_held_per_key: usize,
         reject_with: &str,
+        close_code: u16,
         threads: Option<usize>,
     ) -> PyResult<Listener> {
-        let reject_with = RejectWith::parse(reject_with).ok_or_else(|| {
-            PyValueError::new_err(format!(
-                "reject_with: expected \"close-1013\" or \"http-429\", got {reject_with:?}"
-            ))
-        })?;
+        let policy = PolicyValues {
+            reject_with: parse_reject_with(reject_with)?,
+            close_code: check_close_code(close_code)?,
+            max_holds,
+            max_held_per_key,
+        };
         let limits = Limits {
             head: HeadLimits {
                 max_head_size: at_least_one("max_head_size", max_head_size)?,
@@ -163,7 +213,9 @@ impl Listener {
                 .map(|s| positive("idle_timeout", s))
                 .transpose()?,
             max_connections: at_least_one("max_connections", max_connections)?,
-            max_holds,
+            max_connections_per_address,
+            max_heads_per_address,
+            trusted_proxies: parse_networks("trusted_proxies", trusted_proxies)?,
         };
         let threads = match threads {
             Some(n) => at_least_one("threads", n)?,
@@ -172,7 +224,7 @@ impl Listener {
         let config = Config {
             routes: parse_routes(routes)?,
             limits,
-            reject_with,
+            policy,
         };
         let table = table.get().shared();
         let events = queue.get().sender();
@@ -189,6 +241,7 @@ impl Listener {
         let server = server.map_err(PyOSError::new_err)?;
         Ok(Listener {
             local_addr: server.local_addr,
+            shared: Arc::clone(&server.shared),
             server: Mutex::new(server),
             threads,
         })
@@ -236,14 +289,9 @@ impl Listener {
 
     /// Counters at this instant: connections now, what was refused and why.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let shared = Arc::clone(
-            &self
-                .server
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .shared,
-        );
+        let shared = &self.shared;
         let c = &shared.counters;
+        let holds = &shared.holds;
         let out = PyDict::new(py);
         out.set_item("accepted", c.accepted.load(Ordering::Relaxed))?;
         out.set_item("accept_errors", c.accept_errors.load(Ordering::Relaxed))?;
@@ -255,10 +303,105 @@ impl Listener {
             "handshake_failed",
             c.handshake_failed.load(Ordering::Relaxed),
         )?;
-        out.set_item("holding", c.holding.load(Ordering::Relaxed))?;
-        out.set_item("held", c.held.load(Ordering::Relaxed))?;
-        out.set_item("rejected", c.rejected().into_iter().collect::<Vec<_>>())?;
-        out.set_item("refused", c.refused().into_iter().collect::<Vec<_>>())?;
+        out.set_item("holding", holds.count())?;
+        out.set_item("held", holds.taken.load(Ordering::Relaxed))?;
+        out.set_item("held_answered", holds.answered_counts())?;
+        out.set_item("held_skipped", holds.skipped_counts())?;
+        out.set_item("released", holds.released.load(Ordering::Relaxed))?;
+        out.set_item("rejected", c.rejected())?;
+        out.set_item("refused", c.refused())?;
+        out.set_item("addresses", shared.addresses.tracked())?;
+        out.set_item("events_dropped", shared.events.drops().total())?;
+        Ok(out)
+    }
+
+    /// Close the relayed WebSocket `conn_id` (the id of its events) with
+    /// `code` and `reason` on both legs, each at a frame boundary, as the
+    /// Python relay's `close` (the engine's close-oldest, an operator's
+    /// close). False when no such WebSocket is open (unknown, ended, or
+    /// closed this way already). Never waits for the close to happen: its
+    /// Closed event follows, with initiator "proxy".
+    #[pyo3(signature = (conn_id, code, reason = ""))]
+    fn close(&self, py: Python<'_>, conn_id: u64, code: u16, reason: &str) -> PyResult<bool> {
+        if !close_code_valid(code) {
+            return Err(PyValueError::new_err(format!(
+                "code: expected a close code a peer may receive (1000-1003, 1007-1014, 3000-4999), got {code}"
+            )));
+        }
+        if reason.len() > 123 {
+            return Err(PyValueError::new_err(format!(
+                "reason: expected at most 123 bytes of UTF-8, got {}",
+                reason.len()
+            )));
+        }
+        let command = CloseCommand {
+            code,
+            reason: reason.to_owned(),
+        };
+        Ok(py.detach(|| self.shared.relays.close(conn_id, command)))
+    }
+
+    /// Answer the held refusals of client `key` now, "retry in 1s", so its
+    /// next attempt comes at once (`ProxyServer.release_held`; call it after
+    /// clearing the key in the table). Returns how many were held.
+    fn release_held(&self, py: Python<'_>, key: &str) -> usize {
+        py.detach(|| self.shared.holds.release(key))
+    }
+
+    /// Every open relayed WebSocket with what crossed it so far, by id:
+    /// `[(conn_id, route, messages_in, messages_out, bytes_in, bytes_out)]`
+    /// (in: client to upstream; counts as of each side's last read).
+    fn live(&self, py: Python<'_>) -> Vec<(u64, String, u64, u64, u64, u64)> {
+        let live = py.detach(|| self.shared.relays.live());
+        live.into_iter()
+            .map(|c| {
+                let t = c.traffic;
+                (
+                    c.conn_id,
+                    c.route.to_string(),
+                    t.messages_in,
+                    t.messages_out,
+                    t.bytes_in,
+                    t.bytes_out,
+                )
+            })
+            .collect()
+    }
+
+    /// What a reload may change of the refusal policy; each None keeps its
+    /// value. Every value is checked before any is set. Refusals from now on
+    /// use the new values; holds already taken keep theirs.
+    #[pyo3(signature = (*, reject_with = None, close_code = None, max_holds = None, max_held_per_key = None))]
+    fn reconfigure(
+        &self,
+        reject_with: Option<&str>,
+        close_code: Option<u16>,
+        max_holds: Option<usize>,
+        max_held_per_key: Option<usize>,
+    ) -> PyResult<()> {
+        let now = self.shared.policy.snapshot();
+        let values = PolicyValues {
+            reject_with: reject_with.map_or(Ok(now.reject_with), parse_reject_with)?,
+            close_code: close_code.map_or(Ok(now.close_code), check_close_code)?,
+            max_holds: max_holds.unwrap_or(now.max_holds),
+            max_held_per_key: max_held_per_key.unwrap_or(now.max_held_per_key),
+        };
+        self.shared.policy.set(values);
+        Ok(())
+    }
+
+    /// The refusal policy now: reject_with, close_code, max_holds, max_held_per_key.
+    fn policy<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let p = self.shared.policy.snapshot();
+        let out = PyDict::new(py);
+        let how = match p.reject_with {
+            RejectWith::Close1013 => "close-1013",
+            RejectWith::Http429 => "http-429",
+        };
+        out.set_item("reject_with", how)?;
+        out.set_item("close_code", p.close_code)?;
+        out.set_item("max_holds", p.max_holds)?;
+        out.set_item("max_held_per_key", p.max_held_per_key)?;
         Ok(out)
     }
 

@@ -18,10 +18,11 @@ use tokio::sync::{watch, Notify};
 
 use loopwatch_dataplane_core::events::{EventSender, RefuseReason};
 use loopwatch_dataplane_core::head::HeadLimits;
-use loopwatch_dataplane_core::table::EnforcementTable;
+use loopwatch_dataplane_core::table::{EnforcementTable, IpNet};
 
 use crate::conn;
-use crate::wire::{RejectWith, Route};
+use crate::control::{Addresses, Holds, Policy, PolicyValues, Relays};
+use crate::wire::Route;
 
 /// Pending connections the kernel queues for the accept loop.
 const BACKLOG: u32 = 1024;
@@ -43,12 +44,13 @@ pub enum Rejected {
     UpgradeWithBody,
     NoRoute,
     Overload,
+    AddressLimit,
     ShuttingDown,
     PlainHttp,
 }
 
 impl Rejected {
-    pub const ALL: [Rejected; 10] = [
+    pub const ALL: [Rejected; 11] = [
         Rejected::BadRequest,
         Rejected::HeadTooLarge,
         Rejected::HeadTimeout,
@@ -57,6 +59,7 @@ impl Rejected {
         Rejected::UpgradeWithBody,
         Rejected::NoRoute,
         Rejected::Overload,
+        Rejected::AddressLimit,
         Rejected::ShuttingDown,
         Rejected::PlainHttp,
     ];
@@ -71,6 +74,7 @@ impl Rejected {
             Rejected::UpgradeWithBody => "upgrade_with_body",
             Rejected::NoRoute => "no_route",
             Rejected::Overload => "overload",
+            Rejected::AddressLimit => "address_limit",
             Rejected::ShuttingDown => "shutting_down",
             Rejected::PlainHttp => "plain_http",
         }
@@ -114,9 +118,6 @@ pub struct Counters {
     pub opened: AtomicU64,
     pub closed: AtomicU64,
     pub handshake_failed: AtomicU64,
-    /// Refused attempts now being held before their answer.
-    pub holding: AtomicUsize,
-    pub held: AtomicU64,
     rejected: [AtomicU64; Rejected::ALL.len()],
     refused: [AtomicU64; RefuseReason::ALL.len()],
 }
@@ -161,9 +162,12 @@ pub struct Limits {
     pub connect_timeout: Duration,
     pub idle_timeout: Option<Duration>,
     pub max_connections: usize,
-    /// Refused attempts held at once (the hold of a refusal); beyond it a
-    /// refusal is answered at once.
-    pub max_holds: usize,
+    /// `limits.max_connections_per_address` (None: off).
+    pub max_connections_per_address: Option<usize>,
+    /// `limits.max_heads_per_address` (None: off).
+    pub max_heads_per_address: Option<usize>,
+    /// `identity.trusted_proxies`: never capped per address.
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 #[derive(Debug, Clone)]
@@ -171,7 +175,8 @@ pub struct Config {
     /// Longest prefix first.
     pub routes: Vec<Route>,
     pub limits: Limits,
-    pub reject_with: RejectWith,
+    /// The refusal policy at start (`Shared::policy` holds it since).
+    pub policy: PolicyValues,
 }
 
 /// What every connection task shares.
@@ -180,6 +185,11 @@ pub struct Shared {
     pub table: Arc<EnforcementTable>,
     pub events: EventSender,
     pub counters: Counters,
+    /// The refusal policy now (a reload changes it).
+    pub policy: Policy,
+    pub holds: Holds,
+    pub relays: Arc<Relays>,
+    pub addresses: Arc<Addresses>,
     pub shutdown: watch::Receiver<bool>,
     next_conn_id: AtomicU64,
     drained: Notify,
@@ -283,11 +293,21 @@ impl Server {
         };
         let local_addr = listener.local_addr()?;
         let (stop, shutdown) = watch::channel(false);
+        let limits = &config.limits;
+        let addresses = Addresses::new(
+            limits.max_connections_per_address,
+            limits.max_heads_per_address,
+            limits.trusted_proxies.clone(),
+        );
         let shared = Arc::new(Shared {
+            policy: Policy::new(config.policy),
             config,
             table,
             events,
             counters: Counters::default(),
+            holds: Holds::default(),
+            relays: Arc::new(Relays::default()),
+            addresses: Arc::new(addresses),
             shutdown,
             next_conn_id: AtomicU64::new(1),
             drained: Notify::new(),

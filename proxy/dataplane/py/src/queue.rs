@@ -61,14 +61,18 @@ impl Clock {
 /// tuples (an event waits in the queue at most `MAX_TICK` once the consumer
 /// is waiting), by type:
 ///
-/// * `("attempt", key, route, t, addr)`
-/// * `("rejected", key, route, t, reason)`
-/// * `("handshake_failed", key, route, t, status, error)` (one of the two None)
+/// * `("attempt", key, route, t, addr, conn_id)`
+/// * `("rejected", key, route, t, reason, conn_id)`
+/// * `("answered", key, route, t, conn_id)` (a held refusal answered, or its
+///   client gone during the hold)
+/// * `("handshake_failed", key, route, t, status, error, conn_id)` (one of
+///   status and error is None)
 /// * `("opened", key, route, t, conn_id)`
 /// * `("closed", key, route, t, conn_id, code, reason, initiator, duration,
 ///   messages_in, messages_out, bytes_in, bytes_out)`
 ///
-/// `t` is `time.monotonic()` seconds, `duration` seconds.
+/// `t` is `time.monotonic()` seconds, `duration` seconds; `conn_id` is the
+/// connection's id, the same on every event of one accepted connection.
 #[pyclass(frozen, module = "loopwatch.proxy.dataplane._dataplane")]
 pub struct EventQueue {
     sender: EventSender,
@@ -187,6 +191,7 @@ fn to_tuple<'py>(py: Python<'py>, clock: &Clock, event: Event) -> PyResult<Bound
             route,
             at,
             addr,
+            conn_id,
         } => PyTuple::new(
             py,
             [
@@ -195,6 +200,7 @@ fn to_tuple<'py>(py: Python<'py>, clock: &Clock, event: Event) -> PyResult<Bound
                 (&*route).into_pyobject(py)?.into_any(),
                 clock.seconds(at).into_pyobject(py)?.into_any(),
                 (&*addr).into_pyobject(py)?.into_any(),
+                conn_id.into_pyobject(py)?.into_any(),
             ],
         ),
         Event::Rejected {
@@ -202,6 +208,7 @@ fn to_tuple<'py>(py: Python<'py>, clock: &Clock, event: Event) -> PyResult<Bound
             route,
             at,
             reason,
+            conn_id,
         } => PyTuple::new(
             py,
             [
@@ -210,6 +217,22 @@ fn to_tuple<'py>(py: Python<'py>, clock: &Clock, event: Event) -> PyResult<Bound
                 (&*route).into_pyobject(py)?.into_any(),
                 clock.seconds(at).into_pyobject(py)?.into_any(),
                 reason.as_str().into_pyobject(py)?.into_any(),
+                conn_id.into_pyobject(py)?.into_any(),
+            ],
+        ),
+        Event::Answered {
+            key,
+            route,
+            at,
+            conn_id,
+        } => PyTuple::new(
+            py,
+            [
+                "answered".into_pyobject(py)?.into_any(),
+                (&*key).into_pyobject(py)?.into_any(),
+                (&*route).into_pyobject(py)?.into_any(),
+                clock.seconds(at).into_pyobject(py)?.into_any(),
+                conn_id.into_pyobject(py)?.into_any(),
             ],
         ),
         Event::HandshakeFailed {
@@ -217,6 +240,7 @@ fn to_tuple<'py>(py: Python<'py>, clock: &Clock, event: Event) -> PyResult<Bound
             route,
             at,
             failure,
+            conn_id,
         } => {
             let (status, error) = match failure {
                 HandshakeFailure::Status(status) => (Some(status), None),
@@ -231,6 +255,7 @@ fn to_tuple<'py>(py: Python<'py>, clock: &Clock, event: Event) -> PyResult<Bound
                     clock.seconds(at).into_pyobject(py)?.into_any(),
                     status.into_pyobject(py)?.into_any(),
                     error.into_pyobject(py)?.into_any(),
+                    conn_id.into_pyobject(py)?.into_any(),
                 ],
             )
         }

@@ -31,6 +31,8 @@ use tokio::time::{sleep_until, Instant};
 use loopwatch_dataplane_core::events::{Event, EventSender, Initiator, Traffic};
 use loopwatch_dataplane_core::frames::{build_close_frame, FrameWatcher, Side, WatcherConfig};
 
+use crate::control::{CloseCommand, LiveTraffic, RelayControl};
+
 /// Bytes read from a leg at a time.
 const READ_SIZE: usize = 32 * 1024;
 
@@ -164,6 +166,10 @@ pub struct Relay {
     idle_timeout: Option<Duration>,
     activity: u64,
     idle_since: Instant,
+    /// The counts so far, for the brain's `live()`.
+    live: Arc<LiveTraffic>,
+    /// The brain's close (`Listener.close`), until it came.
+    commands: Option<tokio::sync::oneshot::Receiver<CloseCommand>>,
 }
 
 /// A fresh masking key for a close frame toward the upstream.
@@ -180,6 +186,7 @@ impl Relay {
         limits: RelayLimits,
         id: RelayIdentity,
         events: EventSender,
+        control: RelayControl,
     ) -> Relay {
         Relay {
             legs: [
@@ -197,6 +204,8 @@ impl Relay {
             idle_timeout: limits.idle_timeout,
             activity: 0,
             idle_since: Instant::now(),
+            live: control.traffic,
+            commands: Some(control.commands),
         }
     }
 
@@ -222,6 +231,8 @@ impl Relay {
         if client_eof && self.legs[CLIENT].stream.is_some() {
             self.eof(CLIENT);
         }
+        self.publish(CLIENT);
+        self.publish(UPSTREAM);
         let mut shutdown_seen = *shutdown.borrow();
         if shutdown_seen {
             self.close(1001, "loopwatch: shutting down");
@@ -258,6 +269,15 @@ impl Relay {
                 shutdown_seen = true;
                 self.close(1001, "loopwatch: shutting down");
                 continue;
+            }
+            if let Some(commands) = self.commands.as_mut() {
+                if let Poll::Ready(command) = std::pin::Pin::new(commands).poll(cx) {
+                    self.commands = None;
+                    if let Ok(CloseCommand { code, reason }) = command {
+                        self.close(code, &reason);
+                    }
+                    continue;
+                }
             }
             if self.grace.is_some() && grace_timer.as_mut().poll(cx).is_ready() {
                 self.abort_all();
@@ -335,6 +355,17 @@ impl Relay {
                 Err(_) => self.abort(i),
             }
         });
+        self.publish(i);
+    }
+
+    /// Leg `i`'s counts so far, for `live()` (two relaxed stores).
+    fn publish(&self, i: usize) {
+        let watcher = &self.legs[i].watcher;
+        if i == CLIENT {
+            self.live.set_in(watcher.messages, watcher.message_bytes);
+        } else {
+            self.live.set_out(watcher.messages, watcher.message_bytes);
+        }
     }
 
     /// Bytes read from leg `i` (`Leg.data_received`).

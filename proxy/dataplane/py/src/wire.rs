@@ -116,9 +116,11 @@ pub fn refusal_text(reason: RefuseReason, retry_after: std::time::Duration) -> S
 }
 
 /// The bytes of a refusal: a 429/503 response with Retry-After, or a 101
-/// answering `ws_key` followed by the close-1013 frame.
+/// answering `ws_key` followed by the close frame, with code `close_code`
+/// (1013, or the application code of `policy.close_code`).
 pub fn refusal_bytes(
     how: RejectWith,
+    close_code: u16,
     reason: RefuseReason,
     retry_after: std::time::Duration,
     ws_key: &[u8],
@@ -139,8 +141,12 @@ pub fn refusal_bytes(
             out.extend_from_slice(b"Sec-WebSocket-Accept: ");
             out.extend_from_slice(accept_key(trim(ws_key)).as_bytes());
             out.extend_from_slice(b"\r\n\r\n");
-            // 1013 is a valid code and the text is at most 64 bytes.
-            out.extend(build_close_frame(1013, &text, None).expect("1013 is sendable"));
+            // The text is at most 64 bytes; the code is 1013 or 4000-4999
+            // (checked where it is set), else 1013 rather than no answer.
+            let frame = build_close_frame(close_code, &text, None)
+                .or_else(|_| build_close_frame(1013, &text, None))
+                .expect("1013 is sendable");
+            out.extend(frame);
             out
         }
     }
@@ -354,14 +360,27 @@ mod tests {
         );
         assert_eq!(retry_secs(Duration::ZERO), 1);
         assert_eq!(retry_secs(Duration::from_secs(3)), 3);
-        let http = refusal_bytes(RejectWith::Http429, RefuseReason::Cooldown, retry, b"");
+        let http = refusal_bytes(
+            RejectWith::Http429,
+            1013,
+            RefuseReason::Cooldown,
+            retry,
+            b"",
+        );
         let text = String::from_utf8(http).unwrap();
         assert!(text.starts_with("HTTP/1.1 429 Too Many Requests\r\nRetry-After: 5\r\n"));
         assert!(text.ends_with("\r\n\r\nloopwatch: cooldown, retry in 5s\n"));
-        let open = refusal_bytes(RejectWith::Http429, RefuseReason::CircuitOpen, retry, b"");
+        let open = refusal_bytes(
+            RejectWith::Http429,
+            1013,
+            RefuseReason::CircuitOpen,
+            retry,
+            b"",
+        );
         assert!(open.starts_with(b"HTTP/1.1 503 Service Unavailable\r\n"));
         let close = refusal_bytes(
             RejectWith::Close1013,
+            1013,
             RefuseReason::Deny,
             retry,
             b" dGhlIHNhbXBsZSBub25jZQ==",
@@ -372,6 +391,10 @@ mod tests {
         let frame = &close[head_end..];
         let text = b"loopwatch: denied, retry in 5s";
         assert_eq!(&frame[..4], &[0x88, 2 + text.len() as u8, 0x03, 0xF5]);
+        assert_eq!(&frame[4..], text);
+        let app = refusal_bytes(RejectWith::Close1013, 4429, RefuseReason::Deny, retry, b"k");
+        let frame = &app[app.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
+        assert_eq!(&frame[2..4], &4429u16.to_be_bytes());
         assert_eq!(&frame[4..], text);
     }
 
