@@ -27,8 +27,9 @@ from operator import attrgetter
 
 from . import findings, policy, tracker
 from .actions import Action, CloseConnection, CooldownEnded, WouldReject
-from .breaker import CLOSED, PROBE, REFUSE, CircuitBreaker
-from .decisions import ADMITTED, EMPTY, Admit, Outcome, Reject
+from .breaker import CLOSED, HALF_OPEN, PROBE, REFUSE, CircuitBreaker
+from .decisions import ADMITTED, EMPTY, Admit, Outcome, Reject, RejectReason
+from .enforcement import NONE, BreakerEnforcement, CooldownEnforcement, KeyEnforcement
 from .events import Answered, Attempt, Closed, ConnId, Event, HandshakeFailed, Opened
 from .findings import Finding, Flag
 from .fleet import Fleet
@@ -88,6 +89,9 @@ class Engine:
         # happens (a breaker moves, a wake, an operator call). The proxy asks after
         # every event; see next_wake.
         self._floor = INF
+        # Attempts a table-admitting data plane refused that admit() would have let
+        # through (its table a batch ahead of the engine): see admit's `refused`.
+        self.table_refusals = 0
         self._apply_settings(detection, policy, breakers)
 
     # --- configuration -------------------------------------------------------
@@ -143,8 +147,15 @@ class Engine:
 
     # --- the hot path --------------------------------------------------------
 
-    def admit(self, attempt: Attempt) -> Admit | Reject:
-        """Record an attempt and decide at once. A Reject is recorded as Rejected too."""
+    def admit(self, attempt: Attempt, refused: RejectReason | None = None) -> Admit | Reject:
+        """Record an attempt and decide at once. A Reject is recorded as Rejected too.
+
+        ``refused``: a data plane that admits from a table (the native one)
+        already refused this attempt for that reason. It is recorded as refused
+        whatever the engine would decide: with the engine's own refusal when it
+        agrees, else with that reason (the table was a batch ahead: a client's
+        connection closed, a probe budget ran out), taking no probe.
+        """
         t = attempt.t
         if self._credits and self._credits[0][0] <= t:
             self._drain_credits(t)
@@ -178,6 +189,9 @@ class Engine:
                     would = would or refusal
                 elif verdict == PROBE:
                     probes = [*probes, breaker] if probes else [breaker]
+        if refused is not None and reject is None:
+            reject = Reject(refused, 0.0, detail="refused by the data plane's enforcement table")
+            self.table_refusals += 1
 
         if reject is not None:
             tracker.on_rejected(state, t, reject.reason, self._detection)
@@ -738,6 +752,55 @@ class Engine:
             self._actions.extend(breaker.record(t, ok))
         self._refloor()
         return self._take()
+
+    # --- the enforcement table (detectors/enforcement.py) ---------------------------
+
+    def enforcement(self, key: str, t: float) -> KeyEnforcement:
+        """What a table-admitting data plane must hold for ``key`` at ``t``: the
+        enforced part of what ``admit`` would refuse it for, in admit's order (a
+        running cooldown, even an observed one, hides min_interval and
+        max_concurrent, as it does in admit). Changes nothing."""
+        state = self._store.get(key)
+        if state is None:
+            return NONE
+        pol = self._policy
+        ps = pol.settings
+        addr = state.addr
+        if state.cool_rule is not None and state.cool_until > t:
+            if state.cool_enforced and (
+                state.cool_rule == "manual" or pol.enforcing(state, self._rule_mode(state.cool_rule), addr)
+            ):
+                return KeyEnforcement(CooldownEnforcement(state.cool_until, state.cool_rule))
+            return NONE
+        if not pol.enforcing(state, ps.mode, addr):
+            return NONE
+        not_before = None
+        if ps.min_interval is not None and state.admitted_t + ps.min_interval > t:
+            not_before = state.admitted_t + ps.min_interval
+        at_capacity = (
+            ps.max_concurrent is not None
+            and ps.on_max_concurrent == "reject-new"
+            and state.open_count >= ps.max_concurrent
+        )
+        if not_before is None and not at_capacity:
+            return NONE
+        return KeyEnforcement(None, not_before, at_capacity)
+
+    def breaker_enforcement(self, t: float) -> tuple[BreakerEnforcement, ...]:
+        """The breakers as a table-admitting data plane must hold them at ``t``
+        (their states as they are: call after the engine's latest step)."""
+        enforced = self._policy.settings.mode == "enforce"
+        out = []
+        for b in self._breakers:
+            probes = b.settings.half_open_probes
+            if b.state is CLOSED:
+                out.append(BreakerEnforcement(b.name, "closed", enforced=enforced))
+            elif b.state is HALF_OPEN:
+                left = max(probes - b.probes_permitted, 0)
+                out.append(BreakerEnforcement(b.name, "half_open", 0.0, b.retry_after(t), left, enforced))
+            else:
+                out.append(BreakerEnforcement(b.name, "open", b.open_until, 0.0, probes, enforced))
+        return tuple(out)
 
     # --- views -----------------------------------------------------------------
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ..detectors import events as ev
 from ..detectors.actions import CloseConnection
-from ..detectors.decisions import Outcome, Reject
+from ..detectors.decisions import Outcome, Reject, RejectReason
+from ..detectors.enforcement import NONE as NO_ENFORCEMENT
+from ..detectors.enforcement import BreakerEnforcement, KeyEnforcement
 from ..detectors.engine import Engine
 from .dataplane.boundary import Connection, Gate, Refusal, RelayStats
 from .dataplane.heads import RequestHead
@@ -26,7 +28,6 @@ from .state.local import LocalState, StateStore
 if TYPE_CHECKING:
     from ..detectors.settings import PolicySettings
     from .app.settings import Settings
-    from .dataplane.listener import ProxyServer
 
 REASON_TEXT = {
     "cooldown": "cooldown",
@@ -82,7 +83,11 @@ class EngineGate(Gate):
         self.holds: dict[str, float] = {}  # reason -> hold seconds (policy.hold, hold_reasons)
         self.max_held = 0
         self.max_held_per_key = 0
-        self.server: ProxyServer | None = None  # set by the runtime, for engine actions
+        # The data plane's connections, for engine actions (close-oldest); set by the runtime.
+        self.plane: Closer | None = None
+        # The native data plane's enforcement table, kept in step (None: the Python
+        # data plane asks `attempt` at every upgrade instead).
+        self.table: TableSync | None = None
         # Shares state with other replicas (state.backend: redis); LocalState
         # when nothing is shared. Telemetry reads its `up` and `errors`.
         self.state_store: StateStore = LocalState()
@@ -95,8 +100,13 @@ class EngineGate(Gate):
     def attempt(self, head: RequestHead, peer: str, route: str, t: float) -> tuple[Connection, Refusal | None]:
         client = self.identifier.identify(head.text_headers(), head.query, peer)
         conn = Connection(key=client.key, route=route, peer=client.address, t0=t, head=head)
-        event = ev.Attempt(client.key, route, t, client.address)
-        decision = self.engine.admit(event)
+        return conn, self.judge(conn, ev.Attempt(client.key, route, t, client.address))
+
+    def judge(self, conn: Connection, event: ev.Attempt, refused: RejectReason | None = None) -> Refusal | None:
+        """An identified attempt: the engine's decision, shown to the observers and
+        acted on; how it is refused (None: admitted). `refused`: the native data
+        plane already refused it for that reason (Engine.admit)."""
+        decision = self.engine.admit(event, refused)
         refusal = None
         if isinstance(decision, Reject):  # how it is refused, on the record the observers see
             refusal = conn.refusal = refusal_for(
@@ -104,13 +114,17 @@ class EngineGate(Gate):
             )
         self.observers.call("on_attempt", conn, event, decision)
         if refusal is not None:
-            self.observers.call("on_rejected", conn, ev.Rejected(client.key, route, t, refusal.reason))
-        self._apply(decision.outcome, t, conn)
-        return conn, refusal
+            self.observers.call("on_rejected", conn, ev.Rejected(event.key, event.route, event.t, refusal.reason))
+        if self.table is not None:
+            self.table.touched.add(event.key)
+        self._apply(decision.outcome, event.t, conn)
+        return refusal
 
     def handshake_failed(self, conn: Connection, t: float, status: int | None, error: str | None) -> None:
         event = ev.HandshakeFailed(conn.key, conn.route, t, status, error)
         self.observers.call("on_handshake_failed", conn, event)
+        if self.table is not None:
+            self.table.touched.add(conn.key)
         self._apply(self.engine.record(event), t, conn)
 
     def held_answered(self, conn: Connection, t: float) -> None:
@@ -125,6 +139,8 @@ class EngineGate(Gate):
         conn.opened_at = t
         event = ev.Opened(conn.key, conn.route, t, conn.conn_id)
         self.observers.call("on_opened", conn, event)
+        if self.table is not None:
+            self.table.touched.add(conn.key)
         self._apply(self.engine.record(event), t, conn)
 
     def closed(
@@ -132,12 +148,16 @@ class EngineGate(Gate):
     ) -> None:
         event = ev.Closed(conn.key, conn.route, t, conn.conn_id, code, reason, initiator, t - conn.opened_at)  # type: ignore[arg-type]  # Gate.closed takes initiator as str; the relay passes only ev.Initiator values
         self.observers.call("on_closed", conn, event, stats)
+        if self.table is not None:
+            self.table.touched.add(conn.key)
         self._apply(self.engine.record(event), t, conn)
 
     # --- engine output --------------------------------------------------------
 
     def _apply(self, outcome: Outcome, t: float, conn: Connection | None = None) -> None:
         if outcome:
+            if self.table is not None:
+                self.table.note(outcome)
             for action in outcome.actions:
                 if isinstance(action, CloseConnection) and not self.close_connection(
                     action.conn_id, action.code, action.reason
@@ -149,12 +169,9 @@ class EngineGate(Gate):
     def close_connection(self, conn_id: object, code: int, reason: str) -> bool:
         """Close one of this replica's connections (close-oldest, or another
         replica's request); False when it is not here (or already gone)."""
-        relays = self.server.relays if self.server is not None else {}
-        relay = relays.get(conn_id) if isinstance(conn_id, int) else None  # ids here are ints
-        if relay is None:
+        if self.plane is None or not isinstance(conn_id, int):  # ids here are ints
             return False
-        relay.close(code, reason)
-        return True
+        return self.plane.close(conn_id, code, reason)
 
     def apply(self, outcome: Outcome, t: float) -> None:
         """Act on an engine outcome that no step of this gate produced (another
@@ -177,14 +194,21 @@ class EngineGate(Gate):
         self._wake_at = None
         now = time.monotonic()
         self._apply(self.engine.wake(now), now)
+        if self.table is not None:
+            self.table.flush(now)
 
     def health_result(self, t: float, ok: bool) -> None:
         """An active health check's result (proxy/admin/upstream_health.py) for the upstream breaker."""
         self._apply(self.engine.record_health(t, ok), t)
+        if self.table is not None:
+            self.table.flush(time.monotonic())
 
     def kick(self) -> None:
-        """Re-arm the wake-up timer after an operator changed the engine's state."""
+        """Re-arm the wake-up timer after an operator (or another replica) changed
+        the engine's state; with an enforcement table, bring its cooldowns in step."""
         self._schedule()
+        if self.table is not None:
+            self.table.reconcile(time.monotonic())
 
     def reconfigure(self, settings: Settings) -> None:
         """Apply reloaded settings; per-client state and breaker states are kept."""
@@ -193,6 +217,8 @@ class EngineGate(Gate):
         self.reject_with = settings.policy.reject_with
         self.close_code = settings.policy.close_code
         self.set_holds(settings.policy)
+        if self.table is not None:
+            self.table.configure(settings.policy, self.holds, time.monotonic())
         self._schedule()
 
     def set_holds(self, policy: PolicySettings) -> None:
@@ -204,3 +230,270 @@ class EngineGate(Gate):
     def close(self) -> None:
         if self._wake is not None:
             self._wake.cancel()
+
+
+class Closer(Protocol):
+    """What engine actions need of a data plane: close one of its connections."""
+
+    def close(self, conn_id: int, code: int, reason: str) -> bool: ...
+
+
+class Table(Protocol):
+    """The write side of the native data plane's enforcement table
+    (proxy/dataplane/py/src/table.rs); durations in seconds from now."""
+
+    def set_cooldown(
+        self, key: str, seconds: float, reason: str = ..., retry_after: float | None = ..., hold: float | None = ...
+    ) -> None: ...
+
+    def set_min_interval(self, key: str, seconds: float) -> None: ...
+
+    def set_at_capacity(self, key: str, at_capacity: bool) -> None: ...
+
+    def clear(self, key: str) -> bool: ...
+
+    def set_allow(self, entries: list[str]) -> None: ...
+
+    def set_deny(self, entries: list[str]) -> None: ...
+
+    def set_breaker(
+        self, name: str, state: str, seconds: float = ..., probes: int = ..., enforced: bool = ...
+    ) -> None: ...
+
+    def remove_breaker(self, name: str) -> bool: ...
+
+    def set_defaults(
+        self, deny_retry_after: float = ..., max_concurrent_retry_after: float = ..., hold: float | None = ...
+    ) -> None: ...
+
+
+# Entries of the table written per key are kept here only while they restrict:
+# at most this many are pruned of expired ones per flush.
+_PRUNE_EVERY = 256
+
+
+class TableSync:
+    """Keeps the native data plane's enforcement table in step with the engine.
+
+    The engine is the judge; the table is how the data plane admits without
+    asking it. After each batch of events, wake-up, health result, operator lever
+    or other replica's batch, the keys touched since the last write are asked
+    again (`Engine.enforcement`) and what changed is written; the breakers too
+    (`Engine.breaker_enforcement`). `written` mirrors what the table holds, so
+    an unchanged key costs a comparison, not a write."""
+
+    def __init__(self, engine: Engine, table: Table):
+        self.engine = engine
+        self.table = table
+        self.touched: set[str] = set()
+        self.written: dict[str, KeyEnforcement] = {}  # restricted keys only
+        self.breakers: dict[str, BreakerEnforcement] = {}  # as the table holds them
+        self.cooldown_hold: float | None = None
+        self.writes = 0  # table writes so far (tests, docs/architecture.md)
+        self._flushes = 0
+
+    def configure(self, policy: PolicySettings, holds: dict[str, float], now: float) -> None:
+        """Policy lists, retry times and holds; at start and on every reload. Every
+        cooldown is written again (its hold may have changed) and the breakers."""
+        self.table.set_allow(list(policy.allow))
+        self.table.set_deny(list(policy.deny))
+        # Only a cooldown's refusal is held (dataplane: native refuses other
+        # hold_reasons at start: proxy/dataplane/settings.py, native_gaps).
+        self.table.set_defaults(
+            deny_retry_after=policy.cooldown.max, max_concurrent_retry_after=policy.cooldown.base, hold=None
+        )
+        self.cooldown_hold = holds.get("cooldown") or None
+        for key, entry in list(self.written.items()):
+            if entry.cooldown is not None:
+                del self.written[key]  # rewritten below, with the hold in force
+                self.touched.add(key)
+        self.breakers.clear()
+        self.reconcile(now)
+
+    def note(self, outcome: Outcome) -> None:
+        """The keys an engine outcome concerns (a cooldown started or ended, …)."""
+        for action in outcome.actions:
+            key = getattr(action, "key", None)
+            if key is not None:
+                self.touched.add(key)
+
+    def reconcile(self, now: float) -> None:
+        """Also ask about every key with a cooldown, in the table or in the engine:
+        operators and other replicas change cooldowns without an event here."""
+        self.touched.update(k for k, e in self.written.items() if e.cooldown is not None)
+        self.touched.update(c.key for c in self.engine.cooldowns(now))
+        self.flush(now)
+
+    def flush(self, now: float) -> None:
+        engine = self.engine
+        for key in self.touched:
+            self._write(key, engine.enforcement(key, now), now)
+        self.touched.clear()
+        for breaker in engine.breaker_enforcement(now):
+            self._write_breaker(breaker, now)
+        self._flushes += 1
+        if self._flushes % _PRUNE_EVERY == 0:
+            self.written = {k: e for k, e in self.written.items() if e.restricts(now)}
+
+    def _write(self, key: str, want: KeyEnforcement, now: float) -> None:
+        had = self.written.get(key, NO_ENFORCEMENT)
+        if want == had:
+            return
+        table = self.table
+        lifted = (had.cooldown is not None and want.cooldown != had.cooldown) or (
+            had.not_before is not None and (want.not_before is None or want.not_before < had.not_before)
+        )
+        if lifted:  # a restriction ended early or moved back: start the key over
+            table.clear(key)
+            self.writes += 1
+            had = NO_ENFORCEMENT
+        cooldown = want.cooldown
+        if cooldown is not None and cooldown != had.cooldown and cooldown.until > now:
+            table.set_cooldown(key, cooldown.until - now, cooldown.rule, None, self.cooldown_hold)
+            self.writes += 1
+        if want.not_before is not None and want.not_before != had.not_before and want.not_before > now:
+            table.set_min_interval(key, want.not_before - now)
+            self.writes += 1
+        if want.at_capacity != had.at_capacity:
+            table.set_at_capacity(key, want.at_capacity)
+            self.writes += 1
+        if want.restricts(now):
+            self.written[key] = want
+        else:
+            self.written.pop(key, None)
+
+    def _write_breaker(self, want: BreakerEnforcement, now: float) -> None:
+        had = self.breakers.get(want.name)
+        if had == want:
+            return
+        table = self.table
+        if had is not None and had.enforced == want.enforced:
+            if want.state == "closed" and had.state == "closed":
+                return
+            if want.state == "half_open" and had.state in ("open", "half_open"):
+                # The table's open breaker goes half-open by itself when its wait is
+                # over, taking probes from the budget written with it: writing the
+                # transition would hand out a second budget.
+                return
+        if want.state == "open":
+            if had is not None and had.state == "open":
+                table.remove_breaker(want.name)  # a new trip: a fresh probe budget
+            table.set_breaker(want.name, "open", max(want.until - now, 0.0), want.probes, want.enforced)
+        elif want.state == "half_open":
+            table.set_breaker(want.name, "half_open", want.retry_after, want.probes, want.enforced)
+        else:
+            table.set_breaker(want.name, "closed", 0.0, 0, want.enforced)
+        self.writes += 1
+        self.breakers[want.name] = want
+
+
+class Received(Protocol):
+    """One event of the native data plane (proxy/dataplane/native.py, Received)."""
+
+    @property
+    def event(self) -> ev.Event: ...
+
+    @property
+    def conn_id(self) -> int: ...
+
+    @property
+    def traffic(self) -> RelayStats | None: ...
+
+
+# Refused attempts remembered until their held answer (Answered): a refusal that
+# was not held never gets one, so the oldest are forgotten beyond this many.
+_REFUSED_KEPT = 4096
+_NO_TRAFFIC = RelayStats(0, 0, 0, 0)
+
+
+class NativeDriver:
+    """Feeds the native data plane's events to the gate, in batches, on the event
+    loop, and keeps the enforcement table in step after each batch.
+
+    The data plane admitted or refused each attempt by table lookup; the engine
+    judges it after the fact (`EngineGate.judge`), told what the table did. They
+    disagree only when the table is a batch behind or ahead of the engine:
+    * the table admitted an attempt the engine refuses (a cooldown started by
+      the event just before it, in the same batch): the connection is closed
+      with the refusal's close code and reason once it opens, and counted as
+      `late_refusals`;
+    * the table refused an attempt the engine would admit: recorded as refused
+      all the same (Engine.admit's `refused`), counted as the engine's
+      `table_refusals`."""
+
+    def __init__(self, gate: EngineGate, plane: Closer):
+        self.gate = gate
+        self.plane = plane
+        self.conns: dict[int, Connection] = {}  # attempts admitted by the table, until they end
+        self.refused: dict[int, Connection] = {}  # refused by the table, until answered
+        self.late: dict[int, Refusal] = {}  # admitted by the table, refused by the engine
+        self.late_refusals = 0
+        self.batches = 0
+
+    def handle(self, batch: list[Received]) -> None:
+        gate = self.gate
+        rejected = {r.conn_id: r.event.reason for r in batch if isinstance(r.event, ev.Rejected)}
+        for r in batch:
+            e = r.event
+            cid = r.conn_id
+            if isinstance(e, ev.Attempt):
+                conn = Connection(key=e.key, route=e.route, peer=e.addr, t0=e.t, head=None, conn_id=cid)
+                refused = rejected.get(cid)
+                refusal = gate.judge(conn, e, refused)  # type: ignore[arg-type]  # reasons of the table are RejectReason values
+                if refused is not None:
+                    self._remember_refused(cid, conn)
+                else:
+                    self.conns[cid] = conn
+                    if refusal is not None:
+                        self.late[cid] = refusal
+            elif isinstance(e, ev.Rejected):
+                pass  # judged with its attempt (a Rejected whose Attempt was in an earlier batch: too)
+            elif isinstance(e, ev.Answered):
+                conn = self.refused.pop(cid, None)
+                if conn is not None:
+                    gate.held_answered(conn, e.t)
+            elif isinstance(e, ev.Opened):
+                conn = self._conn(cid, e)
+                late = self.late.get(cid)
+                if late is not None:
+                    self.late_refusals += 1
+                    code = late.status if late.how == "close-1013" else gate.close_code
+                    self.plane.close(cid, code, late.message)
+                    continue
+                gate.opened(conn, e.t)
+            elif isinstance(e, ev.HandshakeFailed):
+                conn = self._conn(cid, e)
+                self.conns.pop(cid, None)
+                if self.late.pop(cid, None) is None:
+                    gate.handshake_failed(conn, e.t, e.status, e.error)
+            elif isinstance(e, ev.Closed):
+                conn = self._conn(cid, e)
+                self.conns.pop(cid, None)
+                if self.late.pop(cid, None) is None:  # refused by the engine: it saw no connection
+                    gate.closed(conn, e.t, e.code, e.reason, e.initiator, r.traffic or _NO_TRAFFIC)
+        self.batches += 1
+        if gate.table is not None:
+            gate.table.flush(time.monotonic())
+
+    def _remember_refused(self, cid: int, conn: Connection) -> None:
+        if len(self.refused) >= _REFUSED_KEPT:
+            del self.refused[next(iter(self.refused))]
+        self.refused[cid] = conn
+
+    def _conn(self, cid: int, e: ev.Opened | ev.HandshakeFailed | ev.Closed) -> Connection:
+        """The attempt's record; a new one when its Attempt was lost (queue full)."""
+        conn = self.conns.get(cid)
+        if conn is None:
+            conn = Connection(key=e.key, route=e.route, peer="", t0=e.t, head=None, conn_id=cid)
+            self.conns[cid] = conn
+        return conn
+
+    def forget_gone(self, live: set[int], before: float) -> int:
+        """After lost events: forget attempts whose end was lost (no live
+        WebSocket, and arrived before `before`, older than any handshake can
+        be). Returns how many."""
+        gone = [cid for cid, conn in self.conns.items() if cid not in live and conn.t0 < before]
+        for cid in gone:
+            del self.conns[cid]
+            self.late.pop(cid, None)
+        return len(gone)

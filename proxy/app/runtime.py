@@ -29,7 +29,8 @@ from ..observe.selfmetrics import SelfMetrics
 from ..sections import parse_host_port
 from ..state.local import LocalState
 from ..state.redis import RedisStateStore
-from .settings import ConfigError, Settings, load_settings
+from .planes import DataPlane, PythonPlane, make_plane
+from .settings import ConfigError, Settings, load_settings, native_gaps
 
 log = logging.getLogger("loopwatch")
 T = TypeVar("T")
@@ -38,7 +39,7 @@ T = TypeVar("T")
 # `state`: the shared store connects once, at start.
 RESTART_KEYS = (
     "listen", "upstream", "routes", "tls", "upstream_tls", "limits", "admin", "state", "record",
-    "health_check",
+    "health_check", "dataplane",
 )
 
 
@@ -54,7 +55,7 @@ class Running:
     """A started loopwatch: its listeners and how to stop it."""
 
     settings: Settings
-    proxy: ProxyServer
+    plane: DataPlane
     admin: AdminServer
     stop: asyncio.Event
     gate: Gate
@@ -73,8 +74,14 @@ class Running:
         return self.gate.engine
 
     @property
+    def proxy(self) -> ProxyServer:
+        """The Python data plane's listener (dataplane: python only)."""
+        assert isinstance(self.plane, PythonPlane), "dataplane: native has no ProxyServer"
+        return self.plane.server
+
+    @property
     def proxy_port(self) -> int:
-        return self.proxy.port
+        return self.plane.port
 
     @property
     def admin_port(self) -> int:
@@ -104,20 +111,22 @@ class Running:
         return views
 
     def active_connections(self) -> int:
-        return len(self.proxy.relays)
+        return self.plane.active_connections()
 
     def held_connections(self) -> int:
-        return self.proxy.holds.count
+        holds = self.plane.holds()
+        return holds.count if holds is not None else 0
 
     def release(self, key: str, now: float) -> bool:
         tracked = self.engine.release(key, now)
         # With a shared store, released on every replica: others may hold a
         # cooldown for a client this one never saw.
         self.brain.state_store.release(key)
-        # Its held attempts are answered now (retry in 1 s): the next one is admitted.
-        self.proxy.release_held(key)
+        # Its held attempts are answered now (retry in 1 s): the next one is admitted
+        # (with the native data plane, once kick() has lifted it in the table).
         if tracked:
             self.brain.kick()  # the outcome reaches observers on the engine's next wake-up
+        self.plane.release_held(key)
         return tracked
 
     def force_cooldown(self, key: str, duration: float, now: float) -> None:
@@ -151,6 +160,7 @@ class Running:
         old, self.settings = self.settings, new
         if isinstance(self.gate, EngineGate):
             self.gate.reconfigure(new)
+        self.plane.reconfigure(new)
         restart = sorted(key for key in RESTART_KEYS if getattr(old, key) != getattr(new, key))
         info = {"reload": True, "result": "ok", "source": source, "restart_required": restart}
         self.observers.call("on_config", new, info)
@@ -159,7 +169,7 @@ class Running:
     async def close(self) -> None:
         if self.health is not None:
             await self.health.stop()
-        await self.proxy.shutdown()
+        await self.plane.shutdown()
         await self.admin.stop()
         if self.self_metrics is not None:
             await self.self_metrics.stop()
@@ -196,31 +206,31 @@ def build_gate(settings: Settings, observers: Observers | None = None) -> Engine
 
 class ListenerView:
     """The read-only LiveView observers get (proxy/dataplane/boundary.py): the
-    listener's open connections and plain counts, and the engine's open
+    data plane's open connections and plain counts, and the engine's open
     connections per client. Records and numbers only: no observer holds the
     listener, a relay or the engine."""
 
-    def __init__(self, proxy: ProxyServer, engine: Engine | None):
-        self._proxy = proxy
+    def __init__(self, plane: DataPlane, engine: Engine | None):
+        self._plane = plane
         self._engine = engine
 
     def connection(self, conn_id: object) -> Connection | None:
-        relay = self._proxy.relays.get(conn_id) if isinstance(conn_id, int) else None
-        return None if relay is None else relay.context
+        return self._plane.connection(conn_id)
 
     def open_ids(self, key: str) -> tuple[object, ...]:
         return self._engine.open_connections(key) if self._engine is not None else ()
 
     def live(self) -> Iterator[tuple[str, RelayStats]]:
-        for relay in self._proxy.relays.values():
-            c, u = relay.client.parser, relay.upstream.parser
-            yield relay.context.route, RelayStats(c.messages, u.messages, c.message_bytes, u.message_bytes)
+        return self._plane.live()
 
     def rejections(self) -> Mapping[str, int]:
-        return self._proxy.rejections.counts
+        return self._plane.rejections()
 
     def holds(self) -> HoldCounts | None:
-        return self._proxy.holds
+        return self._plane.holds()
+
+    def events_dropped(self) -> int:
+        return self._plane.events_dropped()
 
 
 async def start(
@@ -235,31 +245,34 @@ async def start(
     switch detection off. Without `telemetry`, traces are set up from the OTEL_*
     variables."""
     settings.require_upstream()
+    if settings.dataplane == "native":
+        gaps = native_gaps(settings)
+        if gaps:
+            raise ConfigError(gaps)
     if telemetry is None:
-        telemetry = Telemetry.from_env(settings, build_registry())
+        telemetry = Telemetry.from_env(settings, build_registry(settings.dataplane))
     if gate is None:
         gate = build_gate(settings, Observers(telemetry.observers))
     observers = gate.observers if isinstance(gate, EngineGate) else Observers(telemetry.observers)
-    proxy = ProxyServer(settings, gate)
+    plane = make_plane(settings, gate)
     if isinstance(gate, EngineGate):
-        gate.server = proxy
-    if isinstance(gate, EngineGate):
-        telemetry.bind(ListenerView(proxy, gate.engine), gate.engine, observers, store=gate.state_store)
+        gate.plane = plane
+        telemetry.bind(ListenerView(plane, gate.engine), gate.engine, observers, store=gate.state_store)
     else:
-        telemetry.bind(ListenerView(proxy, None), None, observers)
+        telemetry.bind(ListenerView(plane, None), None, observers)
     host, port = parse_host_port(settings.listen)
-    await proxy.start(host, port)
+    await plane.start(host, port)
     registry = telemetry.registry
     holder: list[Running] = []
     store = gate.state_store if isinstance(gate, EngineGate) else LocalState()
     admin = AdminServer(
         registry,
-        ready=lambda: not proxy.closing and store.ready and (
+        ready=lambda: not plane.closing and store.ready and (
             not holder or holder[0].health is None or holder[0].health.healthy
         ),
         settings=lambda: (holder[0].settings if holder else settings).admin,
     )
-    running = Running(settings, proxy, admin, stop or asyncio.Event(), gate, sources, telemetry, observers)
+    running = Running(settings, plane, admin, stop or asyncio.Event(), gate, sources, telemetry, observers)
     holder.append(running)
     if isinstance(gate, EngineGate):
         admin.app.router.add_routes(AdminApi(running).routes())
@@ -268,16 +281,16 @@ async def start(
     try:
         await admin.start(admin_host, admin_port)
     except BaseException:
-        await proxy.shutdown()
+        await plane.shutdown()
         raise
     running.self_metrics = SelfMetrics(registry)
     running.self_metrics.start()
     await store.start()  # connects in the background: admission never waits for Redis
     if settings.health_check.enabled and isinstance(gate, EngineGate):
-        running.health = start_health_check(settings, proxy, gate)
+        running.health = start_health_check(settings, plane, gate)
     event(
         log, "listening",
-        proxy=f"{host}:{proxy.port}", admin=f"{admin_host}:{admin.port}",
+        proxy=f"{host}:{plane.port}", dataplane=plane.name, admin=f"{admin_host}:{admin.port}",
         routes={r.path_prefix: r.upstream for r in settings.effective_routes()},
     )
     source = sources.path if sources is not None else None
@@ -285,13 +298,13 @@ async def start(
     return running
 
 
-def start_health_check(settings: Settings, proxy: ProxyServer, gate: EngineGate) -> HealthChecker:
+def start_health_check(settings: Settings, plane: DataPlane, gate: EngineGate) -> HealthChecker:
     check = settings.health_check
-    route = proxy.router.match(check.path.partition("?")[0])
+    route = plane.router.match(check.path.partition("?")[0])
     if route is None:
         raise ConfigError(f"health_check.path: no route matches {check.path!r}")
     checker = HealthChecker(
-        check, route, gate.health_result, ssl=proxy.upstream_ssl if route.upstream.tls else None
+        check, route, gate.health_result, ssl=plane.upstream_ssl if route.upstream.tls else None
     )
     checker.start()
     return checker
@@ -324,7 +337,7 @@ async def serve(
     if on_started is not None:
         on_started(running)
     await running.stop.wait()
-    event(log, "shutting down", live_connections=len(running.proxy.relays))
+    event(log, "shutting down", live_connections=running.plane.active_connections())
     await running.close()
     event(log, "stopped")
     return 0

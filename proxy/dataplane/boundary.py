@@ -38,6 +38,7 @@ RejectedReason = Literal[
     "overload",  # 503: limits.max_connections reached
     "address_limit",  # 503: limits.max_connections_per_address or max_heads_per_address reached
     "shutting_down",  # 503: loopwatch is draining
+    "plain_http",  # 501: a plain HTTP request, which dataplane: native does not forward yet
 ]
 REJECTED_REASONS: tuple[str, ...] = typing.get_args(RejectedReason)
 # Refusals that protect loopwatch or point at the upstream are warnings; a
@@ -185,6 +186,10 @@ class LiveView(Protocol):
         """The listener's held refusals (policy.hold), or None without a listener."""
         ...
 
+    def events_dropped(self) -> int:
+        """Connection events lost to a full queue (dataplane: native; 0 for python)."""
+        ...
+
 
 class HoldCounts(Protocol):
     """Plain counts of held refusals the listener keeps (read at scrape time)."""
@@ -202,11 +207,15 @@ class HoldCounts(Protocol):
 class DataplaneBuild(NamedTuple):
     """Which data plane and frame parser this process runs (loopwatch_build_info)."""
 
-    dataplane: str  # "python": the asyncio protocol in proxy/dataplane/listener.py
-    frame_parser: str  # "c" or "python"
+    # "python": the asyncio protocol in proxy/dataplane/listener.py; "native":
+    # the compiled listener (proxy/dataplane/native.py)
+    dataplane: str
+    frame_parser: str  # "c" or "python"; "rust" for the native data plane
 
 
-def dataplane_build() -> DataplaneBuild:
+def dataplane_build(dataplane: str = "python") -> DataplaneBuild:
+    if dataplane == "native":
+        return DataplaneBuild("native", "rust")
     # frames.py picks the C build when it imported, unless LW_PURE_PYTHON_FRAMES=1;
     # the relays use whichever it picked.
     return DataplaneBuild("python", "c" if frames.FrameParser is frames.CFrameParser else "python")

@@ -311,6 +311,7 @@ class StateCollector(Collector):
         families["store_up"].add_metric([], 1.0 if getattr(store, "up", True) else 0.0)
         families["store_errors"].add_metric([], getattr(store, "errors", 0))
         families["spans_dropped"].add_metric([], self.spans.dropped if self.spans is not None else 0)
+        families["events_dropped"].add_metric([], self.view.events_dropped() if self.view is not None else 0)
         # The listener's own answers, before the engine: plain ints it keeps per reason.
         counts = self.view.rejections() if self.view is not None else {}
         rejected = families["rejected"]
@@ -400,6 +401,10 @@ class StateCollector(Collector):
             "spans_dropped": c(
                 "loopwatch_spans_dropped",
                 "Finished spans lost before an exporter got them (queue full, exporter process gone).",
+            ),
+            "events_dropped": c(
+                "loopwatch_events_dropped",
+                "Connection events of the native data plane lost to a full queue before the brain saw them.",
             ),
         }
 

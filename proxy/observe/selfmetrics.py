@@ -45,10 +45,10 @@ LAG_HELP = (
     "the delay every connection's next step waited for."
 )
 
-def build_labels() -> dict[str, str]:
-    """The labels of loopwatch_build_info: version, data plane, frame parser
-    (as the data plane reports them, proxy/dataplane/boundary.py)."""
-    build = dataplane_build()
+def build_labels(dataplane: str = "python") -> dict[str, str]:
+    """The labels of loopwatch_build_info: version, data plane (the `dataplane`
+    setting), frame parser (as the data plane reports them, proxy/dataplane/boundary.py)."""
+    build = dataplane_build(dataplane)
     return {"version": __version__, "dataplane": build.dataplane, "frame_parser": build.frame_parser}
 
 

@@ -63,7 +63,7 @@ _LENGTH = struct.Struct(">I")
 class RequestValues(NamedTuple):
     """What the upgrade request said (the span's attributes known at its start)."""
 
-    path: str
+    path: str | None  # None: not known (dataplane: native passes no request head yet)
     peer: str
     route: str
     key: str

@@ -199,11 +199,12 @@ def span_name(route: str) -> str:
 def request_attributes(request: RequestValues) -> dict[str, Any]:
     """The span's attributes known when the upgrade request arrives."""
     attributes: dict[str, Any] = {
-        "url.path": request.path,  # not the query: it may carry a token
         "client.address": request.peer,
         "loopwatch.route": request.route,
         "loopwatch.client.key_hash": client_hash(request.key),
     }
+    if request.path is not None:
+        attributes["url.path"] = request.path  # not the query: it may carry a token
     host = _host(request.authority)
     if host is not None:
         attributes["server.address"] = host
@@ -266,9 +267,11 @@ def readable_span(record: Record, resource: Resource, scope: InstrumentationScop
 
 def request_values(conn: Connection) -> RequestValues:
     """What the upgrade request said, for the span's attributes (at the attempt,
-    while the connection still has its head)."""
+    while the connection still has its head; the native data plane passes none
+    yet: the route, the peer and the key only)."""
     head = conn.head
-    assert head is not None, "an attempt carries its request head"
+    if head is None:
+        return new_record(RequestValues, (None, conn.peer, conn.route, conn.key, None, None))
     return new_record(RequestValues, (
         head.path, conn.peer, conn.route, conn.key, head.authority, head.get(b"user-agent"),
     ))  # fmt: skip
@@ -338,14 +341,14 @@ class TracingObserver(Observer):
 
     def on_attempt(self, conn: Connection, event: ev.Attempt, decision: Admit | Reject) -> None:
         head = conn.head
-        assert head is not None, "an attempt carries its request head"
         # Lookups in the head's header index (duplicates joined with ", ", which
-        # is how W3C says to combine several tracestate headers).
+        # is how W3C says to combine several tracestate headers). The native data
+        # plane passes no head yet: every span is a root, and nothing is sent upstream.
         context, parent = _ROOT, None  # a root span, unless the client sent a trace context
-        traceparent = head.get(b"traceparent")
+        traceparent = head.get(b"traceparent") if head is not None else None
         if traceparent is not None:
             carrier = {"traceparent": traceparent.decode("latin-1")}
-            tracestate = head.get(b"tracestate")
+            tracestate = head.get(b"tracestate")  # type: ignore[union-attr]  # a traceparent came from a head
             if tracestate is not None:
                 carrier["tracestate"] = tracestate.decode("latin-1")
             context = self.propagator.extract(carrier, context=_ROOT)
@@ -403,11 +406,12 @@ class TracingObserver(Observer):
                 if refusal.how == "close-1013":
                     trace.set({"loopwatch.close.code": 1013, "loopwatch.close.reason": refusal.message})
             return
-        headers = conn.extra_headers if conn.extra_headers is not None else []
-        headers.append((b"traceparent", b"00-%032x-%016x-%02x" % (trace_id, span_id, flags)))
-        if trace_state:
-            headers.append((b"tracestate", trace_state.to_header().encode("latin-1")))
-        conn.extra_headers = headers
+        if head is not None:  # the Python data plane sends them upstream
+            headers = conn.extra_headers if conn.extra_headers is not None else []
+            headers.append((b"traceparent", b"00-%032x-%016x-%02x" % (trace_id, span_id, flags)))
+            if trace_state:
+                headers.append((b"tracestate", trace_state.to_header().encode("latin-1")))
+            conn.extra_headers = headers
         if trace is not None and decision.would_reject is not None:
             trace.set({"loopwatch.would_reject": decision.would_reject.reason})
 

@@ -1,0 +1,303 @@
+"""The two data planes behind one small interface (`dataplane: python | native`).
+
+The runtime (runtime.py) starts one of them and talks to it only through
+`DataPlane`: its port, whether it is closing, its live connections and held
+refusals, the operator's and the engine's levers on them (release held
+refusals, close a connection), its counters at scrape time, a reload and the
+drain on SIGTERM.
+
+* `PythonPlane`: the asyncio listener of proxy/dataplane/listener.py; it asks
+  the gate at every upgrade (admission is `EngineGate.attempt`).
+* `NativePlane`: the compiled listener of proxy/dataplane/native.py; it admits
+  from the enforcement table and reports what happened as events. A thread
+  drains them (the GIL released while it waits) and posts each batch to the
+  event loop, at most one batch in flight (the Rust queue is the bound), where
+  `NativeDriver` (proxy/brain.py) feeds them to the engine and writes the
+  table (docs/architecture.md, "The boundary").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Protocol
+
+from ..brain import EngineGate, NativeDriver, TableSync
+from ..dataplane.boundary import Connection, Gate, HoldCounts, RelayStats
+from ..dataplane.listener import ProxyServer
+from ..dataplane.routing import Router
+from ..observe.logs import event
+from .settings import Settings
+
+if TYPE_CHECKING:
+    import ssl
+
+    from ..dataplane.native import EventQueue, NativeListener, Received
+
+log = logging.getLogger("loopwatch")
+
+BATCH = 1024  # events per batch at most
+DRAIN_TIMEOUT = 0.1  # seconds the draining thread waits for a first event
+# After lost events, attempts whose end was lost are forgotten once older than
+# this many handshake timeouts (no handshake can still be in progress).
+_LOST_AGE = 2.0
+
+
+class DataPlane(Protocol):
+    name: str  # "python" or "native" (loopwatch_build_info)
+    router: Router  # the routes (the health check probes one)
+
+    @property
+    def port(self) -> int: ...
+
+    @property
+    def closing(self) -> bool: ...
+
+    @property
+    def upstream_ssl(self) -> ssl.SSLContext | None: ...
+
+    async def start(self, host: str, port: int) -> None: ...
+
+    async def shutdown(self) -> None:
+        """Stop accepting, close every WebSocket with 1001, wait up to
+        limits.shutdown_timeout, drop the rest; every event reaches the brain."""
+        ...
+
+    def reconfigure(self, settings: Settings) -> None:
+        """What a reload changes of how refusals are answered."""
+        ...
+
+    def active_connections(self) -> int: ...
+
+    def release_held(self, key: str) -> int: ...
+
+    def close(self, conn_id: int, code: int, reason: str) -> bool: ...
+
+    # --- LiveView (proxy/dataplane/boundary.py), read at scrape time ---------------------
+
+    def connection(self, conn_id: object) -> Connection | None: ...
+
+    def live(self) -> Iterator[tuple[str, RelayStats]]: ...
+
+    def rejections(self) -> Mapping[str, int]: ...
+
+    def holds(self) -> HoldCounts | None: ...
+
+    def events_dropped(self) -> int: ...
+
+
+class PythonPlane:
+    """The asyncio listener (proxy/dataplane/listener.py)."""
+
+    name = "python"
+
+    def __init__(self, settings: Settings, gate: Gate):
+        self.server = ProxyServer(settings, gate)
+        self.router = self.server.router
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def closing(self) -> bool:
+        return self.server.closing
+
+    @property
+    def upstream_ssl(self) -> ssl.SSLContext | None:
+        return self.server.upstream_ssl
+
+    async def start(self, host: str, port: int) -> None:
+        await self.server.start(host, port)
+
+    async def shutdown(self) -> None:
+        await self.server.shutdown()
+
+    def reconfigure(self, settings: Settings) -> None:
+        pass  # the listener reads the gate's refusal settings at each refusal
+
+    def active_connections(self) -> int:
+        return len(self.server.relays)
+
+    def release_held(self, key: str) -> int:
+        return self.server.release_held(key)
+
+    def close(self, conn_id: int, code: int, reason: str) -> bool:
+        relay = self.server.relays.get(conn_id)
+        if relay is None:
+            return False
+        relay.close(code, reason)
+        return True
+
+    def connection(self, conn_id: object) -> Connection | None:
+        relay = self.server.relays.get(conn_id) if isinstance(conn_id, int) else None
+        return None if relay is None else relay.context
+
+    def live(self) -> Iterator[tuple[str, RelayStats]]:
+        for relay in self.server.relays.values():
+            c, u = relay.client.parser, relay.upstream.parser
+            yield relay.context.route, RelayStats(c.messages, u.messages, c.message_bytes, u.message_bytes)
+
+    def rejections(self) -> Mapping[str, int]:
+        return self.server.rejections.counts
+
+    def holds(self) -> HoldCounts | None:
+        return self.server.holds
+
+    def events_dropped(self) -> int:
+        return 0  # no queue: the listener calls the gate directly
+
+
+class NativePlane:
+    """The compiled listener (proxy/dataplane/native.py), its event queue drained
+    into the brain and its enforcement table kept by it."""
+
+    name = "native"
+
+    def __init__(self, settings: Settings, gate: Gate):
+        from ..dataplane.native import EnforcementTable, EventQueue
+
+        self.settings = settings
+        self.gate = gate
+        self.router = Router([(r.path_prefix, r.upstream) for r in settings.effective_routes()])
+        self.queue: EventQueue = EventQueue()
+        self.table = EnforcementTable()
+        self.listener: NativeListener | None = None
+        self.driver: NativeDriver | None = None
+        if isinstance(gate, EngineGate):
+            gate.table = TableSync(gate.engine, self.table)
+            gate.table.configure(settings.policy, gate.holds, time.monotonic())
+            self.driver = NativeDriver(gate, self)
+        self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop_draining = threading.Event()
+        self._handled = threading.Event()
+        self._dropped_logged = 0  # events_dropped at the last log line
+        self._port = 0
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    @property
+    def upstream_ssl(self) -> ssl.SSLContext | None:
+        return None  # wss:// upstreams are refused at start (native_gaps)
+
+    async def start(self, host: str, port: int) -> None:
+        from ..dataplane.native import NativeListener
+
+        s = self.settings
+        policy = s.policy
+        self.listener = await asyncio.to_thread(
+            NativeListener.start,
+            [(r.path_prefix, r.upstream) for r in s.effective_routes()],
+            queue=self.queue, table=self.table, host=host, port=port, limits=s.limits,
+            reject_with=policy.reject_with, close_code=policy.close_code,
+            max_holds=policy.max_held, max_held_per_key=policy.max_held_per_key,
+            trusted_proxies=s.identity.trusted_proxies,
+        )  # fmt: skip
+        self._port = self.listener.port
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._drain, name="loopwatch-events", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        self._closing = True
+        if self.listener is not None:
+            dropped = await asyncio.to_thread(self.listener.stop)
+            if dropped:
+                event(log, "shutdown_dropped", logging.WARNING, connections=dropped)
+        self._stop_draining.set()  # the thread ends once the queue is empty
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 5.0)
+
+    def reconfigure(self, settings: Settings) -> None:
+        if self.listener is not None:
+            p = settings.policy
+            self.listener.reconfigure(
+                reject_with=p.reject_with, close_code=p.close_code,
+                max_holds=p.max_held, max_held_per_key=p.max_held_per_key,
+            )  # fmt: skip
+
+    # --- the event queue ---------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        """The draining thread: a batch at a time, handled on the event loop."""
+        loop = self._loop
+        assert loop is not None
+        while True:
+            batch = self.queue.recv_batch(BATCH, DRAIN_TIMEOUT)
+            if not batch:
+                if self._stop_draining.is_set():
+                    return
+                continue
+            self._handled.clear()
+            try:
+                loop.call_soon_threadsafe(self._on_batch, batch)
+            except RuntimeError:  # the loop is closed: nobody left to tell
+                return
+            while not self._handled.wait(1.0):
+                if loop.is_closed():
+                    return
+
+    def _on_batch(self, batch: list[Received]) -> None:
+        try:
+            if self.driver is not None:
+                self.driver.handle(batch)
+            self._check_drops()
+        except Exception:  # a bug must not stop the draining
+            log.exception("native data plane: handling a batch of %d events failed", len(batch))
+        finally:
+            self._handled.set()
+
+    def _check_drops(self) -> None:
+        """One log line per burst of lost events; forget the attempts they ended."""
+        lost = self.queue.take_unreported_drops()
+        if not lost:
+            return
+        event(log, "events_dropped", logging.WARNING, events=lost, total=self.queue.dropped)
+        if self.driver is not None and self.listener is not None:
+            live = {c.conn_id for c in self.listener.live()}
+            before = time.monotonic() - _LOST_AGE * self.settings.limits.handshake_timeout
+            self.driver.forget_gone(live, before)
+
+    # --- levers and views ---------------------------------------------------------------------
+
+    def active_connections(self) -> int:
+        return self.listener.stats().relays if self.listener is not None else 0
+
+    def release_held(self, key: str) -> int:
+        return self.listener.release_held(key) if self.listener is not None else 0
+
+    def close(self, conn_id: int, code: int, reason: str) -> bool:
+        return self.listener is not None and self.listener.close(conn_id, code, reason)
+
+    def connection(self, conn_id: object) -> Connection | None:
+        if self.driver is None or not isinstance(conn_id, int):
+            return None
+        return self.driver.conns.get(conn_id)
+
+    def live(self) -> Iterator[tuple[str, RelayStats]]:
+        for c in self.listener.live() if self.listener is not None else ():
+            yield c.route, c.stats
+
+    def rejections(self) -> Mapping[str, int]:
+        return self.listener.stats().rejected if self.listener is not None else {}
+
+    def holds(self) -> HoldCounts | None:
+        return self.listener.holds() if self.listener is not None else None
+
+    def events_dropped(self) -> int:
+        return self.queue.dropped
+
+
+def make_plane(settings: Settings, gate: Gate) -> DataPlane:
+    return NativePlane(settings, gate) if settings.dataplane == "native" else PythonPlane(settings, gate)
