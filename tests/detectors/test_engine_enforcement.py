@@ -4,7 +4,12 @@ must hold, and admit's `refused` (detectors/enforcement.py). Synthetic time."""
 from __future__ import annotations
 
 from loopwatch.detectors.decisions import Reject
-from loopwatch.detectors.enforcement import NONE, BreakerEnforcement, CooldownEnforcement, KeyEnforcement
+from loopwatch.detectors.enforcement import (
+    NONE,
+    BreakerEnforcement,
+    CooldownEnforcement,
+    KeyEnforcement,
+)
 from loopwatch.detectors.engine import Engine
 from loopwatch.detectors.events import Attempt, Closed, HandshakeFailed, Opened
 from loopwatch.detectors.settings import BreakerSettings, DetectionSettings, PolicySettings

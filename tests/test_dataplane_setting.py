@@ -1,0 +1,123 @@
+"""`dataplane: native` in `loopwatch run`: what it refuses at start, what the
+brain does with its events and table (proxy/app/planes.py, proxy/brain.py).
+The suites of the whole runtime run on both planes too (DATAPLANES in
+test_detection_proxy, test_fidelity, test_status_api, …)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.client import connect
+
+from loopwatch.proxy.app.settings import ConfigError, check_config_main, load_settings
+from loopwatch.proxy.tools.demo_backend import issue_token
+from tests.clients import attempt, demo_backend
+from tests.conftest import loopwatch, wait_for, ws_url
+
+
+def native(**overrides: object) -> dict[str, object]:
+    return {"upstream": "ws://127.0.0.1:9", "dataplane": "native", "identity.sources": ["ip"], **overrides}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"identity.sources": ["jwt:sub", "ip"]}, "identity.sources"),
+        ({"identity.trusted_proxies": ["10.0.0.0/8"]}, "identity.trusted_proxies"),
+        ({"tls.cert_file": "/c.pem", "tls.key_file": "/k.pem"}, "tls.cert_file"),
+        ({"upstream": "wss://backend.example:443"}, "upstream"),
+        ({"policy.hold": "1s", "policy.hold_reasons": ["cooldown", "min_interval"]}, "policy.hold_reasons"),
+    ],
+)
+def test_native_refuses_what_it_cannot_honour_naming_the_key(overrides: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(None, env={}, overrides=native(**overrides))
+    (line,) = raised.value.errors
+    assert line.startswith(f"{key}: dataplane: native ") and "dataplane: python" in line
+    # The same settings are fine on the Python data plane.
+    assert load_settings(None, env={}, overrides={**native(**overrides), "dataplane": "python"})
+
+
+def test_check_config_and_the_defaults(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert load_settings(None, env={}).dataplane == "python"
+    assert load_settings(None, env={}, overrides=native()).dataplane == "native"
+    config = tmp_path / "native.yaml"
+    # identity.sources defaults to [jwt:sub, ip]: JWT keys are not native yet.
+    config.write_text("upstream: ws://127.0.0.1:9\ndataplane: native\n")
+    assert check_config_main(str(config)) == 2
+    assert "identity.sources: dataplane: native keys clients by their address only" in capsys.readouterr().err
+    config.write_text("dataplane: turbo\n")
+    assert check_config_main(str(config)) == 2
+    assert "dataplane: expected one of 'python' or 'native', got 'turbo'" in capsys.readouterr().err
+
+
+async def scrape(port: int) -> str:
+    def get() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    return await asyncio.to_thread(get)
+
+
+async def test_metrics_name_the_plane_and_count_lost_events() -> None:
+    async with demo_backend() as backend, loopwatch(f"ws://127.0.0.1:{backend.port}", dataplane="native") as lw:
+        url = ws_url(lw, "/ws?token=" + issue_token("m", 60))
+        async with connect(url) as ws:
+            await ws.send("hello")
+            assert await ws.recv() == "hello"
+            await wait_for(lambda: lw.active_connections() == 1)
+            text = await scrape(lw.admin_port)
+        assert 'dataplane="native"' in text and 'frame_parser="rust"' in text
+        assert "loopwatch_events_dropped_total 0.0" in text
+        assert 'loopwatch_connections_active{route="/"} 1.0' in text
+        assert 'loopwatch_requests_rejected_total{reason="plain_http"} 0.0' in text
+
+
+async def test_a_healthy_client_is_never_refused() -> None:
+    """No false positive: a client that reconnects now and then, each connection
+    used and closed normally, is admitted every time and never flagged."""
+    async with demo_backend() as backend, loopwatch(f"ws://127.0.0.1:{backend.port}", dataplane="native") as lw:
+        url = ws_url(lw, "/ws?token=" + issue_token("alice", 60))
+        for i in range(8):
+            async with connect(url) as ws:
+                await ws.send(f"m{i}")
+                assert await ws.recv() == f"m{i}"
+            await asyncio.sleep(0.2)
+        assert backend.upgrades["alice"] == 8
+        view = lw.engine.client("127.0.0.1", time.monotonic())
+        assert view is not None and view.status == "ok" and not view.findings
+        assert "127.0.0.1" not in lw.plane.table  # type: ignore[attr-defined]  # NativePlane
+
+
+async def test_an_attempt_the_table_admitted_but_the_engine_refuses_is_closed_once_open() -> None:
+    async with demo_backend() as backend, loopwatch(f"ws://127.0.0.1:{backend.port}", dataplane="native") as lw:
+        url = ws_url(lw, "/ws?token=" + issue_token("bob", 60))
+        # A cooldown the table does not hold yet (Running.force_cooldown would
+        # write it at once: this is the engine a batch ahead of the table).
+        lw.engine.force_cooldown("127.0.0.1", 30.0, time.monotonic())
+        code, reason = await attempt(url)
+        assert (code, reason[:29]) == (1013, "loopwatch: cooldown, retry in")
+        driver = lw.plane.driver  # type: ignore[attr-defined]  # NativePlane
+        assert driver.late_refusals == 1 and backend.upgrades["bob"] == 1
+        # The batch that carried it wrote the cooldown: refused by the table now.
+        assert "127.0.0.1" in lw.plane.table  # type: ignore[attr-defined]
+        code, _ = await attempt(url)
+        assert code == 1013 and backend.upgrades["bob"] == 1 and driver.late_refusals == 1
+
+
+async def test_operator_levers_reach_the_table() -> None:
+    async with demo_backend() as backend, loopwatch(f"ws://127.0.0.1:{backend.port}", dataplane="native") as lw:
+        url = ws_url(lw, "/ws?token=" + issue_token("carol", 60))
+        lw.force_cooldown("127.0.0.1", 30.0, time.monotonic())
+        code, reason = await attempt(url)
+        assert code == 1013 and reason.startswith("loopwatch: cooldown")
+        assert backend.upgrades["carol"] == 0 and lw.plane.driver.late_refusals == 0  # type: ignore[attr-defined]
+        assert lw.release("127.0.0.1", time.monotonic())
+        async with connect(url) as ws:
+            await ws.send("back")
+            assert await ws.recv() == "back"
+        assert backend.upgrades["carol"] == 1
