@@ -24,6 +24,7 @@ from loopwatch.proxy.dataplane.native import (
     EnforcementTable,
     EventQueue,
     NativeListener,
+    RefusalPolicy,
     route_records,
 )
 from loopwatch.proxy.dataplane.settings import Limits
@@ -35,11 +36,25 @@ from tests.conftest import (
     upgrade_request,
     wait_for,
 )
+from tests.hardening import ATTACKER, OTHER, open_from
 from tests.test_native_relay import closed_count, echo_server, native, of_type
 
 VECTORS = Path(__file__).parent / "vectors" / "request_heads.json"
 # docs/refusals.md, "The reason grammar".
 REASON_RE = re.compile(r"^loopwatch: ([\x20-\x2B\x2D-\x7E]{1,64}), retry in ([1-9][0-9]{0,9})s$")
+
+
+async def refused_for_its_address(port: int, address: str) -> bool:
+    """Connect from `address`: True when the answer is the per-address 503."""
+    reader, writer = await open_from(port, address)
+    try:
+        response = await asyncio.wait_for(read_response(reader), 5)
+    finally:
+        writer.close()
+    assert (response.status, response.header("Retry-After")) == (503, "1")
+    assert response.header("Connection") == "close"
+    assert response.body == b"loopwatch: too many connections from your address\n"
+    return True
 
 
 async def upgrade_status(port: int) -> int:
@@ -186,8 +201,216 @@ async def test_a_refusal_is_held_when_its_cooldown_says_so() -> None:
         held = time.monotonic() - started
         assert response.status == 429
         assert held >= 0.35  # answered after the hold, not at once
-        assert running.listener.stats().held == 1
+        # The retry time is what was left when it was answered.
+        assert REASON_RE.match(response.body.decode().strip()).groups() == ("cooldown", "60")
         assert backend.connections == 0
+        # The attempt ended when it was answered: Answered, with the attempt's id.
+        events = await running.events(lambda es: bool(of_type(es, ev.Answered)))
+        stats = running.listener.stats()
+    assert [type(e) for e in events] == [ev.Attempt, ev.Rejected, ev.Answered]
+    assert len({r.conn_id for r in running.received}) == 1
+    answered = events[2]
+    assert (answered.key, answered.route) == ("127.0.0.1", "/")
+    assert events[1].t <= answered.t
+    assert (stats.held, stats.holding, stats.released) == (1, 0, 0)
+    assert stats.held_answered == {**dict.fromkeys(stats.refused, 0), "cooldown": 1}
+    assert stats.held_skipped == {"max_held": 0, "max_held_per_key": 0}
+
+
+async def test_a_client_that_leaves_its_hold_ends_the_attempt_then() -> None:
+    async with RawBackend(switching_protocols) as backend, native(backend.url) as running:
+        running.table.set_cooldown("127.0.0.1", 60.0, hold=60.0)  # held up to the handshake timeout
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+        writer.write(upgrade_request())
+        await wait_for(lambda: running.listener.stats().holding == 1)
+        writer.close()
+        events = await running.events(lambda es: bool(of_type(es, ev.Answered)))
+        await wait_for(lambda: running.listener.stats().holding == 0)
+        stats = running.listener.stats()
+        assert backend.connections == 0
+    assert [type(e) for e in events] == [ev.Attempt, ev.Rejected, ev.Answered]
+    assert len({r.conn_id for r in running.received}) == 1
+    # Left, not answered: no answer was counted.
+    assert (stats.held, stats.released, sum(stats.held_answered.values())) == (1, 0, 0)
+
+
+@pytest.mark.parametrize("reject_with", ["http-429", "close-1013"])
+async def test_release_held_answers_the_keys_held_refusals_now(reject_with: str) -> None:
+    async with RawBackend(switching_protocols) as backend, native(
+        backend.url, reject_with=reject_with
+    ) as running:
+        running.table.set_cooldown("127.0.0.1", 60.0, hold=60.0)
+        held = [await asyncio.open_connection("127.0.0.1", running.port) for _ in range(2)]
+        for _, writer in held:
+            writer.write(upgrade_request())
+        await wait_for(lambda: running.listener.stats().holding == 2)
+        assert running.listener.release_held("somebody else") == 0
+        running.table.clear("127.0.0.1")  # what the brain does first
+        assert running.listener.release_held("127.0.0.1") == 2
+        assert running.listener.release_held("127.0.0.1") == 0
+        for reader, writer in held:
+            # Answered now (the hold would last the handshake timeout, 10 s).
+            response = await asyncio.wait_for(read_response(reader), 5)
+            if reject_with == "http-429":
+                assert (response.status, response.header("Retry-After")) == (429, "1")
+                assert response.body == b"loopwatch: cooldown, retry in 1s\n"
+            else:
+                assert response.status == 101
+                close = await asyncio.wait_for(reader.readexactly(2 + 2 + 32), 5)
+                assert close == bytes((0x88, 34)) + (1013).to_bytes(2, "big") + b"loopwatch: cooldown, retry in 1s"
+            writer.close()
+        # Its next attempt comes at once and is admitted.
+        assert await upgrade_status(running.port) == 101
+        events = await running.events(lambda es: len(of_type(es, ev.Answered)) == 2)
+        stats = running.listener.stats()
+    assert (stats.released, stats.held_answered["cooldown"], stats.holding) == (2, 2, 0)
+    assert len(of_type(events, ev.Answered)) == 2
+    by_id: dict[int, list[type]] = {}
+    for r in running.received:
+        by_id.setdefault(r.conn_id, []).append(type(r.event))
+    held_ids = {r.conn_id for r in running.received if isinstance(r.event, ev.Answered)}
+    assert len(held_ids) == 2
+    for conn_id in held_ids:
+        assert by_id[conn_id] == [ev.Attempt, ev.Rejected, ev.Answered]
+
+
+async def test_holds_stay_within_max_held_and_max_held_per_key_and_a_reload_moves_them() -> None:
+    async with RawBackend(switching_protocols) as backend, native(
+        backend.url, reject_with="http-429", max_held_per_key=1
+    ) as running:
+        for address in (ATTACKER, OTHER):
+            running.table.set_cooldown(address, 60.0, hold=60.0)
+        held = await open_from(running.port, ATTACKER)
+        held[1].write(upgrade_request())
+        await wait_for(lambda: running.listener.stats().holding == 1)
+        # A second attempt of the same key: answered at once (one held per key).
+        reader, writer = await open_from(running.port, ATTACKER)
+        writer.write(upgrade_request())
+        assert (await asyncio.wait_for(read_response(reader), 5)).status == 429
+        writer.close()
+        # Reloaded: one hold in all; another key's attempt is answered at once too.
+        running.listener.reconfigure(max_holds=1, max_held_per_key=4)
+        reader, writer = await open_from(running.port, OTHER)
+        writer.write(upgrade_request())
+        assert (await asyncio.wait_for(read_response(reader), 5)).status == 429
+        writer.close()
+        stats = running.listener.stats()
+        assert stats.held_skipped == {"max_held": 1, "max_held_per_key": 1}
+        assert (stats.holding, stats.held) == (1, 1)
+        assert running.listener.holds().skipped == stats.held_skipped
+        assert running.listener.release_held(ATTACKER) == 1
+        assert (await asyncio.wait_for(read_response(held[0]), 5)).status == 429
+        held[1].close()
+        assert backend.connections == 0
+
+
+async def test_an_application_close_code_replaces_1013_and_a_reload_changes_the_answer() -> None:
+    async with RawBackend(switching_protocols) as backend, native(backend.url, close_code=4429) as running:
+        assert running.listener.policy() == RefusalPolicy("close-1013", 4429, 1024, 4)
+        running.table.set_cooldown("127.0.0.1", 30.0)
+
+        async def refused_close() -> tuple[int, str]:
+            async with connect(running.url()) as ws:
+                with pytest.raises(ConnectionClosed) as info:
+                    await asyncio.wait_for(ws.recv(), 5)
+            assert info.value.rcvd is not None
+            return info.value.rcvd.code, info.value.rcvd.reason
+
+        code, reason = await refused_close()
+        assert code == 4429
+        assert REASON_RE.match(reason).groups() == ("cooldown", "30")  # the same grammar
+        running.listener.reconfigure(close_code=1013)
+        assert (await refused_close())[0] == 1013
+        running.listener.reconfigure(reject_with="http-429")
+        response, _ = await raw_exchange(running.port, upgrade_request())
+        assert (response.status, response.body) == (429, b"loopwatch: cooldown, retry in 30s\n")
+        # Bad values: a clear answer, and nothing is changed.
+        before = running.listener.policy()
+        with pytest.raises(ValueError, match="close_code"):
+            running.listener.reconfigure(close_code=1008, max_holds=5)
+        with pytest.raises(ValueError, match="reject_with"):
+            running.listener.reconfigure(reject_with="drop")
+        assert running.listener.policy() == before == RefusalPolicy("http-429", 1013, 1024, 4)
+        assert backend.connections == 0
+    with pytest.raises(ValueError, match="close_code"):
+        NativeListener.start([("/", "ws://127.0.0.1:9")], queue=EventQueue(), table=EnforcementTable(), close_code=4429 + 1000)
+
+
+async def test_every_event_of_a_connection_carries_its_id() -> None:
+    refusal = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n"
+    async with echo_server() as backend, RawBackend(lambda head: refusal, close_after=True) as refusing, native(
+        backend.url, routes=[("/ok", backend.url), ("/no", refusing.url)], reject_with="http-429"
+    ) as running:
+        async with connect(running.url("/ok")) as ws:
+            await ws.send("hi")
+            assert await ws.recv() == "hi"
+        response, _ = await raw_exchange(running.port, upgrade_request("/no"))
+        assert response.status == 403
+        running.table.set_cooldown("127.0.0.1", 30.0)
+        response, _ = await raw_exchange(running.port, upgrade_request("/ok"))
+        assert response.status == 429
+        await running.events(lambda es: bool(of_type(es, ev.Closed) and of_type(es, ev.Rejected)))
+    by_id: dict[int, list[ev.Event]] = {}
+    for r in running.received:
+        by_id.setdefault(r.conn_id, []).append(r.event)
+    assert sorted(([type(e) for e in events] for events in by_id.values()), key=str) == sorted([
+        [ev.Attempt, ev.Opened, ev.Closed],
+        [ev.Attempt, ev.HandshakeFailed],
+        [ev.Attempt, ev.Rejected],
+    ], key=str)  # fmt: skip
+    for conn_id, events in by_id.items():
+        assert conn_id > 0
+        assert len({e.route for e in events}) == 1
+        for e in events:
+            if isinstance(e, ev.Opened | ev.Closed):
+                assert e.conn_id == conn_id
+
+
+async def test_per_address_caps_answer_503_and_spare_other_addresses() -> None:
+    limits = {"max_heads_per_address": 3, "max_connections_per_address": 5}
+    async with echo_server() as backend, native(backend.url, **limits) as running:
+        idle = [await open_from(running.port, ATTACKER) for _ in range(3)]  # half-open heads
+        await wait_for(lambda: running.listener.stats().active == 3)
+        assert await refused_for_its_address(running.port, ATTACKER)
+        # Another address is not touched by the first one's caps.
+        others = [await open_from(running.port, OTHER) for _ in range(3)]
+        await wait_for(lambda: running.listener.stats().active == 6)
+        # A completed head frees its place among the heads at once; connections in
+        # any state count towards the other cap: 2 heads + 3 WebSockets = 5.
+        ws = []
+        for i in range(3):
+            reader, writer = idle.pop() if i == 0 else await open_from(running.port, ATTACKER)
+            writer.write(upgrade_request())
+            assert (await asyncio.wait_for(read_response(reader, head_only=True), 5)).status == 101
+            ws.append((reader, writer))
+        assert await refused_for_its_address(running.port, ATTACKER)
+        stats = running.listener.stats()
+        assert (stats.rejected["address_limit"], stats.addresses) == (2, 2)
+        for _, writer in [*idle, *others, *ws]:
+            writer.close()
+        await wait_for(lambda: running.listener.stats().active == 0)
+        assert running.listener.stats().addresses == 0
+
+
+async def test_a_trusted_proxy_address_is_never_capped() -> None:
+    async with echo_server() as backend, native(
+        backend.url, max_heads_per_address=2, trusted_proxies=(f"{ATTACKER}/32",)
+    ) as running:
+        held = [await open_from(running.port, ATTACKER) for _ in range(6)]
+        await wait_for(lambda: running.listener.stats().active == 6)
+        held += [await open_from(running.port, OTHER) for _ in range(2)]
+        await wait_for(lambda: running.listener.stats().active == 8)
+        assert await refused_for_its_address(running.port, OTHER)
+        stats = running.listener.stats()
+        assert (stats.rejected["address_limit"], stats.addresses) == (1, 1)  # the trusted one is not counted
+        for _, writer in held:
+            writer.close()
+        await wait_for(lambda: running.listener.stats().active == 0)
+        assert running.listener.stats().addresses == 0
+    with pytest.raises(ValueError, match="trusted_proxies"):
+        NativeListener.start(
+            [("/", "ws://127.0.0.1:9")], queue=EventQueue(), table=EnforcementTable(), trusted_proxies=["10.0.0.0/99"]
+        )
 
 
 async def test_the_upstreams_refusal_and_failures_reach_the_client_and_the_queue() -> None:

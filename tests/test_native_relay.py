@@ -22,6 +22,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from loopwatch.detectors import events as ev
+from loopwatch.proxy.dataplane.boundary import RelayStats
 from loopwatch.proxy.dataplane.native import (
     EnforcementTable,
     EventQueue,
@@ -29,7 +30,7 @@ from loopwatch.proxy.dataplane.native import (
     Received,
 )
 from loopwatch.proxy.dataplane.settings import Limits
-from tests.conftest import websockets_backend
+from tests.conftest import wait_for, websockets_backend
 from tests.wsraw import (
     BINARY,
     CLOSE,
@@ -62,6 +63,13 @@ class Native:
     def url(self, path: str = "/") -> str:
         return f"ws://127.0.0.1:{self.port}{path}"
 
+    def received_events(self) -> list[ev.Event]:
+        return [r.event for r in self.received]
+
+    def conn_ids(self, cls: type) -> list[int]:
+        """The connection ids of the events of type `cls` so far, in order."""
+        return [r.conn_id for r in self.received if isinstance(r.event, cls)]
+
     async def events(
         self, until: Callable[[list[ev.Event]], bool], timeout: float = 5.0
     ) -> list[ev.Event]:
@@ -85,6 +93,10 @@ async def native(
     *,
     routes: list[tuple[str, str]] | None = None,
     reject_with: str = "close-1013",
+    close_code: int = 1013,
+    max_holds: int = 1024,
+    max_held_per_key: int = 4,
+    trusted_proxies: tuple[str, ...] = (),
     capacity: int = 4096,
     threads: int = 2,
     **limits: Any,
@@ -97,6 +109,10 @@ async def native(
         table=table,
         limits=Limits(**limits),
         reject_with=reject_with,
+        close_code=close_code,
+        max_holds=max_holds,
+        max_held_per_key=max_held_per_key,
+        trusted_proxies=trusted_proxies,
         threads=threads,
     )
     running = Native(listener, queue, table, [])
@@ -480,3 +496,97 @@ async def test_frames_and_eof_sent_with_the_upgrade_request_reach_the_backend() 
         events = await running.events(closed_count(1))
     closed = of_type(events, ev.Closed)[0]
     assert (closed.code, closed.reason, closed.initiator) == (1000, "early", "client")
+
+
+# --- the brain's commands on live connections ----------------------------------------
+
+
+async def test_close_by_id_gives_the_client_and_the_backend_that_code_and_reason() -> None:
+    """The engine's close-oldest (or an operator's close): one WebSocket, named by
+    the id of its events, is closed on both legs; the others are untouched."""
+    reason = "loopwatch: too many connections"
+    async with echo_server() as backend, native(backend.url) as running:
+        # One after the other: the first accepted has the smaller id.
+        first = await client(running)
+        second = await client(running)
+        for ws in (first, second):
+            await ws.send("hello")
+            assert await ws.recv() == "hello"
+        await running.events(lambda es: len(of_type(es, ev.Opened)) == 2)
+        oldest, newest = running.conn_ids(ev.Opened)
+        assert oldest < newest
+        assert running.listener.close(oldest, 1008, reason) is True
+        assert running.listener.close(oldest, 1008, reason) is False  # asked already
+        with pytest.raises(ConnectionClosed) as info:
+            await asyncio.wait_for(first.recv(), 5)
+        assert info.value.rcvd is not None
+        assert (info.value.rcvd.code, info.value.rcvd.reason) == (1008, reason)
+        assert await asyncio.wait_for(backend.closes.get(), 5) == (1008, reason)
+        # The other connection still relays.
+        other = second
+        await other.send("still here")
+        assert await asyncio.wait_for(other.recv(), 5) == "still here"
+        events = await running.events(closed_count(1))
+        assert running.listener.close(oldest, 1000) is False  # ended
+        assert running.listener.close(10**12, 1000) is False  # never existed
+        with pytest.raises(ValueError, match="code"):
+            running.listener.close(oldest, 1005)
+        with pytest.raises(ValueError, match="reason"):
+            running.listener.close(oldest, 1000, "r" * 124)
+        await other.close()
+    closed = of_type(events, ev.Closed)[0]
+    assert (closed.conn_id, closed.code, closed.reason, closed.initiator) == (oldest, 1008, reason, "proxy")
+
+
+async def test_close_by_id_waits_for_the_frame_in_flight() -> None:
+    """A close asked while a frame is half-way to the backend: the backend gets that
+    frame whole, then the close frame (masked: loopwatch is its client)."""
+    payload = os.urandom(50_000)
+    whole = frame(BINARY, payload, mask=b"wxyz")
+    reason = "operator close"
+    async with raw_backend() as backend, native(backend.url) as running:
+        raw = await RawClient.connect(running.port)
+        conn = await backend.accept()
+        await raw.send(whole[:20_000])
+        await conn.wait_bytes(20_000)
+        await running.events(lambda es: bool(of_type(es, ev.Opened)))
+        assert running.listener.close(running.conn_ids(ev.Opened)[0], 4001, reason)
+        down = await raw.read_frame()  # toward the client: at a boundary already
+        assert down.close == (4001, reason)
+        await raw.send(whole[20_000:] + frame(CLOSE, close_payload(4001), mask=b"abcd"))
+        received = await conn.wait_bytes(len(whole) + 6 + 2 + len(reason))
+        assert received[: len(whole)] == whole
+        tail = received[len(whole) :]
+        assert tail[:2] == bytes((0x88, 0x80 | 2 + len(reason)))
+        mask = tail[2:6]
+        assert bytes(b ^ mask[i % 4] for i, b in enumerate(tail[6:])) == close_payload(4001, reason)
+        await conn.send(frame(CLOSE, close_payload(4001)))
+        events = await running.events(closed_count(1))
+    closed = of_type(events, ev.Closed)[0]
+    assert (closed.code, closed.reason, closed.initiator) == (4001, reason, "proxy")
+
+
+async def test_live_lists_each_open_websocket_with_its_counts() -> None:
+    async with echo_server() as backend, native(
+        backend.url, routes=[("/a", backend.url), ("/b", backend.url)]
+    ) as running:
+        assert running.listener.live() == []
+        a, b = await client(running, "/a/x", compression=None), await client(running, "/b", compression=None)
+        for message in ("one", "two", "three"):
+            await a.send(message)
+            assert await a.recv() == message
+        await b.send(b"\x00" * 1000)
+        assert await b.recv() == b"\x00" * 1000
+        await running.events(lambda es: len(of_type(es, ev.Opened)) == 2)
+        opened = of_type(running.received_events(), ev.Opened)
+        ids = {e.route: e.conn_id for e in opened}
+        assert list(ids.values()) == running.conn_ids(ev.Opened)
+        live = {c.conn_id: c for c in running.listener.live()}
+        assert set(live) == set(ids.values())
+        assert live[ids["/a"]].route == "/a"
+        assert live[ids["/a"]].stats == RelayStats(3, 3, len("onetwothree"), len("onetwothree"))
+        assert live[ids["/b"]].stats == RelayStats(1, 1, 1000, 1000)
+        await a.close()
+        await wait_for(lambda: [c.conn_id for c in running.listener.live()] == [ids["/b"]])
+        await b.close()
+        await wait_for(lambda: running.listener.live() == [])
