@@ -71,6 +71,13 @@ def client_key(subject: str | None = None, address: str = "127.0.0.1") -> str:
     return f"{subject}@{address}"
 
 
+def plane_yaml() -> str:
+    """The config file lines that select the current plane ("" for python)."""
+    if PLANES["current"] == "native":
+        return "dataplane: native\nidentity:\n  sources: [ip]\n"
+    return ""
+
+
 def settings_for(upstream: str, dataplane: str | None = None, **overrides: Any) -> Settings:
     # Refusals answered at once unless a test turns policy.hold on (tests/test_hold.py,
     # the browser tests): a 2 s hold per refusal would stretch every loop test.

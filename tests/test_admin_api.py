@@ -10,16 +10,24 @@ from pathlib import Path
 from urllib.parse import quote
 
 import aiohttp
+import pytest
 from websockets.asyncio.client import connect
 
 from loopwatch.proxy.app.runtime import ConfigSources, Running, start
 from loopwatch.proxy.app.settings import load_settings
 from loopwatch.proxy.tools.demo_backend import DemoBackend, issue_token
 from tests.clients import demo_backend, loop_until
-from tests.conftest import loopwatch, ws_url
+from tests.conftest import client_key, loopwatch, plane_yaml, ws_url
+
+# Each test runs on both data planes (tests/conftest.py).
+DATAPLANES = ("python", "native")
+pytestmark = pytest.mark.usefixtures("dataplane")
 
 TOKEN = "s3cret-admin-token"
-LOOPER = "tab-42@127.0.0.1"
+
+
+def looper() -> str:
+    return client_key("tab-42")
 
 
 @contextlib.asynccontextmanager
@@ -35,7 +43,7 @@ async def looped(backend: DemoBackend, tmp_path: Path, extra: str = "") -> Async
     config = tmp_path / "loopwatch.yaml"
     config.write_text(
         f'upstream: "ws://127.0.0.1:{backend.port}"\nlisten: "127.0.0.1:0"\n'
-        f'admin:\n  listen: "127.0.0.1:0"\n  token: "{TOKEN}"\n{extra}'
+        f'admin:\n  listen: "127.0.0.1:0"\n  token: "{TOKEN}"\n{plane_yaml()}{extra}'
     )
     sources = ConfigSources(str(config), {}, {})
     running = await start(load_settings(config, env={}), sources=sources)
@@ -48,7 +56,7 @@ async def looped(backend: DemoBackend, tmp_path: Path, extra: str = "") -> Async
 
 async def test_every_endpoint_needs_the_token(tmp_path: Path) -> None:
     async with demo_backend() as backend, looped(backend, tmp_path) as lw:
-        key = quote(LOOPER, safe="")
+        key = quote(looper(), safe="")
         calls = [
             ("GET", "/api/clients"),
             ("GET", f"/api/clients/{key}"),
@@ -75,12 +83,12 @@ async def test_every_endpoint_needs_the_token(tmp_path: Path) -> None:
 
 async def test_clients_client_release_and_cooldown(tmp_path: Path) -> None:
     async with demo_backend() as backend, looped(backend, tmp_path) as lw:
-        key = quote(LOOPER, safe="")
+        key = quote(looper(), safe="")
         async with admin_session(lw) as s:
             async with s.get("/api/clients?limit=10") as r:
                 body = await r.json()
             assert r.status == 200 and body["total"] >= 1 and body["limit"] == 10
-            assert body["clients"][0]["key"] == LOOPER  # worst first
+            assert body["clients"][0]["key"] == looper()  # worst first
             assert body["clients"][0]["status"] == "cooldown"
 
             async with s.get(f"/api/clients/{key}") as r:
@@ -137,6 +145,9 @@ async def test_breakers_and_config(tmp_path: Path) -> None:
 async def test_reload_valid_and_invalid_while_connections_stay_open(tmp_path: Path) -> None:
     async with demo_backend() as backend, looped(backend, tmp_path) as lw:
         config = Path(lw.sources.path)  # type: ignore[union-attr,arg-type]
+        # On native the looper and alice share a key (identity sources other than ip
+        # are not native yet): released, alice is admitted on both planes.
+        lw.release(looper(), time.monotonic())
         async with connect(ws_url(lw, "/ws?token=" + issue_token("alice", 60))) as ws, admin_session(lw) as s:
             original = config.read_text()
             config.write_text(original + "policy:\n  mode: observe\ndetection:\n  rules:\n    no_backoff:\n      enabled: false\n")
@@ -166,13 +177,13 @@ async def test_reload_valid_and_invalid_while_connections_stay_open(tmp_path: Pa
 async def test_cross_site_posts_are_refused_even_without_a_token() -> None:
     async with demo_backend() as backend, loopwatch(f"ws://127.0.0.1:{backend.port}") as lw:
         await loop_until(ws_url(lw, "/ws?token=" + issue_token("tab-42", -60)), 5)
-        key = quote(LOOPER, safe="")
+        key = quote(looper(), safe="")
         async with admin_session(lw, None) as s:
             for headers in ({"Origin": "https://evil.example"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"}):
                 async with s.post(f"/api/clients/{key}/release", headers=headers) as r:
                     assert r.status == 403, headers
                     assert "cross-site" in (await r.json())["error"]
-            view = lw.engine.client(LOOPER, time.monotonic())
+            view = lw.engine.client(looper(), time.monotonic())
             assert view is not None and view.status == "cooldown"  # nothing was released
             # The page itself (same origin) and tools without an Origin still work.
             own = f"http://127.0.0.1:{lw.admin_port}"
