@@ -27,13 +27,20 @@ from loopwatch.proxy.admin.status import STATUS_HUB, SecondCounts, StatusHub, Ti
 from loopwatch.proxy.app.runtime import Running, start
 from loopwatch.proxy.tools.demo_backend import issue_token
 from tests.clients import attempt, demo_backend, loop_until
-from tests.conftest import free_port, loopwatch, settings_for, wait_for, ws_url
+from tests.conftest import client_key, free_port, loopwatch, settings_for, wait_for, ws_url
 
 # `loopwatch run` serves the admin port on uvloop: every stream test runs there too.
 RUN_ON_UVLOOP = True
+# Each test runs on both data planes too (tests/conftest.py).
+DATAPLANES = ("python", "native")
+pytestmark = pytest.mark.usefixtures("dataplane")
 
 TOKEN = "status-admin-token"
-LOOPER = "tab-42@127.0.0.1"
+
+
+def looper_key() -> str:
+    return client_key("tab-42")
+
 STATIC = Path(__file__).resolve().parent.parent / "proxy" / "admin" / "static"
 
 
@@ -143,7 +150,7 @@ async def test_page_and_its_files_are_served_without_the_token_and_need_no_inter
 
 async def test_nothing_changes_on_a_get() -> None:
     async with looping_proxy() as (_, lw), aiohttp.ClientSession(base(lw), headers=bearer()) as s:
-        for path in ("/api/events/ticket", f"/api/clients/{quote(LOOPER, safe='')}/release"):
+        for path in ("/api/events/ticket", f"/api/clients/{quote(looper_key(), safe='')}/release"):
             async with s.get(path) as r:
                 assert r.status in (404, 405), path
 
@@ -185,7 +192,7 @@ async def test_events_hello_finding_enforcement_summary_and_release() -> None:
             assert finding == {
                 "type": "finding",
                 "change": "raised",
-                "key": LOOPER,
+                "key": looper_key(),
                 "rule": "auth_failure_loop",
                 "severity": "critical",
                 "evidence": finding["evidence"],
@@ -193,7 +200,7 @@ async def test_events_hello_finding_enforcement_summary_and_release() -> None:
             }
             assert finding["evidence"]["consecutive"] == 3
             cooldown = seen[-1][1]
-            assert cooldown["key"] == LOOPER and cooldown["rule"] == "auth_failure_loop"
+            assert cooldown["key"] == looper_key() and cooldown["rule"] == "auth_failure_loop"
             assert cooldown["enforced"] is True and cooldown["repeat"] == 1
             assert cooldown["duration"] == 30 and cooldown["until"] == pytest.approx(cooldown["t"] + 30)
             # The finding is published before the cooldown it caused.
@@ -201,7 +208,7 @@ async def test_events_hello_finding_enforcement_summary_and_release() -> None:
             await looper
 
             _, summary = (await events.until(lambda k, d: k == "summary" and bool(d["clients"])))[-1]
-            assert summary["clients"][0]["key"] == LOOPER
+            assert summary["clients"][0]["key"] == looper_key()
             assert summary["clients"][0]["status"] == "cooldown"
             assert "history" not in summary["clients"][0]
             counters = summary["counters"]
@@ -212,13 +219,13 @@ async def test_events_hello_finding_enforcement_summary_and_release() -> None:
 
             async with (
                 aiohttp.ClientSession(base(lw), headers=bearer()) as s,
-                s.post(f"/api/clients/{quote(LOOPER, safe='')}/release") as r,
+                s.post(f"/api/clients/{quote(looper_key(), safe='')}/release") as r,
             ):
                 assert r.status == 200
             seen = await events.until(lambda k, d: k == "enforcement" and d["action"] == "cooldown_ended")
             cleared = {d["rule"] for k, d in seen if k == "finding" and d["change"] == "cleared"}
             assert "auth_failure_loop" in cleared
-            assert seen[-1][1]["key"] == LOOPER
+            assert seen[-1][1]["key"] == looper_key()
 
         # A new stream starts with what happened so far.
         async with stream(lw) as events:
