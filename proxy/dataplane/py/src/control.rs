@@ -186,37 +186,42 @@ impl Holds {
         max_held: usize,
         max_per_key: usize,
     ) -> Result<HoldTicket<'_>, HoldBound> {
-        let bound = {
+        let release = Arc::new(Notify::new());
+        let taken = {
             let mut held = lock(&self.held);
             let HeldByKey { by_key, count } = &mut *held;
             if *count >= max_held {
-                Some(HoldBound::MaxHeld)
+                Err(HoldBound::MaxHeld)
             } else if by_key.get(key).map_or(0, Vec::len) >= max_per_key {
-                Some(HoldBound::MaxHeldPerKey)
+                Err(HoldBound::MaxHeldPerKey)
             } else {
-                let release = Arc::new(Notify::new());
                 by_key.entry(key.into()).or_default().push(Held {
                     conn_id,
                     release: Arc::clone(&release),
                 });
                 *count += 1;
-                drop(held);
+                Ok(())
+            }
+        };
+        match taken {
+            Ok(()) => {
                 self.taken.fetch_add(1, Ordering::Relaxed);
-                return Ok(HoldTicket {
+                Ok(HoldTicket {
                     holds: self,
                     key: key.into(),
                     conn_id,
                     release,
-                });
+                })
             }
-        };
-        let bound = bound.expect("set on every path that gets here");
-        let i = HoldBound::ALL
-            .iter()
-            .position(|&b| b == bound)
-            .expect("in ALL");
-        self.skipped[i].fetch_add(1, Ordering::Relaxed);
-        Err(bound)
+            Err(bound) => {
+                let i = HoldBound::ALL
+                    .iter()
+                    .position(|&b| b == bound)
+                    .expect("in ALL");
+                self.skipped[i].fetch_add(1, Ordering::Relaxed);
+                Err(bound)
+            }
+        }
     }
 
     /// Answer `key`'s held refusals now (`ProxyServer.release_held`): each is
@@ -381,12 +386,18 @@ impl Relays {
     }
 
     /// Ask relay `conn_id` to close both legs with `command`; false when no
-    /// such relay is open (unknown, ended) or it was asked already.
+    /// such relay is open (unknown, or ended). A relay asked already keeps
+    /// its first close (as `Relay.close` in relay.py), and this is true while
+    /// it is still open.
     pub fn close(&self, conn_id: u64, command: CloseCommand) -> bool {
-        let sender = lock(self.shard(conn_id))
-            .get_mut(&conn_id)
-            .and_then(|entry| entry.close.take());
-        sender.is_some_and(|tx| tx.send(command).is_ok())
+        let mut shard = lock(self.shard(conn_id));
+        let Some(entry) = shard.get_mut(&conn_id) else {
+            return false;
+        };
+        if let Some(tx) = entry.close.take() {
+            let _ = tx.send(command); // a relay that just ended drops it: it is going anyway
+        }
+        true
     }
 
     /// Every open relay with its counts so far, by connection id.
@@ -558,7 +569,7 @@ mod tests {
     }
 
     #[test]
-    fn a_closed_relay_leaves_the_registry_and_is_closed_once() {
+    fn a_relay_keeps_its_first_close_and_leaves_the_registry_at_its_end() {
         let relays = Arc::new(Relays::default());
         let (registered, mut control) = relays.register(7, Arc::from("/chat"));
         control.traffic.set_in(2, 10);
@@ -574,7 +585,14 @@ mod tests {
             reason: "bye".into(),
         };
         assert!(relays.close(7, command.clone()));
-        assert!(!relays.close(7, command.clone()), "asked already");
+        let second = CloseCommand {
+            code: 1001,
+            reason: "later".into(),
+        };
+        assert!(
+            relays.close(7, second),
+            "still open: the first close stands"
+        );
         assert_eq!(control.commands.try_recv().unwrap(), command);
         drop(registered);
         assert!(relays.live().is_empty());

@@ -318,9 +318,9 @@ impl Listener {
     /// Close the relayed WebSocket `conn_id` (the id of its events) with
     /// `code` and `reason` on both legs, each at a frame boundary, as the
     /// Python relay's `close` (the engine's close-oldest, an operator's
-    /// close). False when no such WebSocket is open (unknown, ended, or
-    /// closed this way already). Never waits for the close to happen: its
-    /// Closed event follows, with initiator "proxy".
+    /// close). False when no such WebSocket is open (unknown, or ended); one
+    /// asked already keeps its first close. Never waits for the close to
+    /// happen: its Closed event follows, with initiator "proxy".
     #[pyo3(signature = (conn_id, code, reason = ""))]
     fn close(&self, py: Python<'_>, conn_id: u64, code: u16, reason: &str) -> PyResult<bool> {
         if !close_code_valid(code) {
