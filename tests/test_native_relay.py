@@ -530,10 +530,13 @@ async def test_close_by_id_gives_the_client_and_the_backend_that_code_and_reason
         assert running.listener.close(oldest, 1000) is False  # ended
         assert running.listener.close(10**12, 1000) is False  # never existed
         with pytest.raises(ValueError, match="code"):
-            running.listener.close(oldest, 1005)
-        with pytest.raises(ValueError, match="reason"):
-            running.listener.close(oldest, 1000, "r" * 124)
-        await other.close()
+            running.listener.close(newest, 1005)
+        # A reason too long for a close frame is cut on a character boundary.
+        assert running.listener.close(newest, 4000, "é" * 100) is True
+        with pytest.raises(ConnectionClosed) as info:
+            await asyncio.wait_for(other.recv(), 5)
+        assert info.value.rcvd is not None
+        assert (info.value.rcvd.code, info.value.rcvd.reason) == (4000, "é" * 61)
     closed = of_type(events, ev.Closed)[0]
     assert (closed.conn_id, closed.code, closed.reason, closed.initiator) == (oldest, 1008, reason, "proxy")
 

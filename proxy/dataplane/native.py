@@ -295,8 +295,9 @@ class NativeListener:
         """Close the open WebSocket `conn_id` with `code` and `reason` on both legs,
         each at a frame boundary (the engine's close-oldest, an operator's close);
         its Closed event follows with initiator "proxy". False when it is not open
-        here (unknown, or ended); one asked already keeps its first close. ValueError
-        for a code a peer may not receive or a reason over 123 bytes."""
+        here (unknown, or ended); one asked already keeps its first close. The
+        reason is cut to 123 bytes on a character boundary; ValueError for a code
+        a peer may not receive (as frames.build_close_frame)."""
         return self.raw.close(conn_id, code, reason)
 
     def release_held(self, key: str) -> int:

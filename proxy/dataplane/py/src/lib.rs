@@ -316,9 +316,10 @@ impl Listener {
     }
 
     /// Close the relayed WebSocket `conn_id` (the id of its events) with
-    /// `code` and `reason` on both legs, each at a frame boundary, as the
-    /// Python relay's `close` (the engine's close-oldest, an operator's
-    /// close). False when no such WebSocket is open (unknown, or ended); one
+    /// `code` and `reason` (cut to 123 bytes on a character boundary, as
+    /// frames.build_close_frame does) on both legs, each at a frame
+    /// boundary, as the Python relay's `close` (the engine's close-oldest,
+    /// an operator's close). False when no such WebSocket is open (unknown, or ended); one
     /// asked already keeps its first close. Never waits for the close to
     /// happen: its Closed event follows, with initiator "proxy".
     #[pyo3(signature = (conn_id, code, reason = ""))]
@@ -326,12 +327,6 @@ impl Listener {
         if !close_code_valid(code) {
             return Err(PyValueError::new_err(format!(
                 "code: expected a close code a peer may receive (1000-1003, 1007-1014, 3000-4999), got {code}"
-            )));
-        }
-        if reason.len() > 123 {
-            return Err(PyValueError::new_err(format!(
-                "reason: expected at most 123 bytes of UTF-8, got {}",
-                reason.len()
             )));
         }
         let command = CloseCommand {
