@@ -22,6 +22,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import (
+    PLANES,
     RawBackend,
     echo,
     loopwatch,
@@ -36,6 +37,9 @@ RUN_ON_UVLOOP = True  # in-process tests run on asyncio's loop and on uvloop (te
 # A test of loopwatch as a subprocess (which runs on uvloop) needs one client loop only.
 SUBPROCESS = pytest.mark.asyncio(loop_factories=["asyncio"])
 ROOT = Path(__file__).resolve().parent.parent
+# Each test runs on both data planes unless it says why not (tests/conftest.py).
+DATAPLANES = ("python", "native")
+pytestmark = pytest.mark.usefixtures("dataplane")
 SHUTDOWN_TIMEOUT = 3.0
 MARGIN = 5.0
 
@@ -74,9 +78,17 @@ class Process:
         return [line.get("event", "") for line in self.log]
 
 
+def plane_env() -> dict[str, str]:
+    """The environment that selects the current data plane for `loopwatch run`."""
+    if PLANES["current"] == "native":
+        return {"LOOPWATCH_DATAPLANE": "native", "LOOPWATCH_IDENTITY__SOURCES": "[ip]"}
+    return {}
+
+
 @contextlib.asynccontextmanager
 async def loopwatch_process(upstream: str, **env: str) -> AsyncIterator[Process]:
     """`loopwatch run` as a subprocess on free ports; its JSON log collected."""
+    env = {**plane_env(), **env}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "loopwatch", "run",
         "--upstream", upstream, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
@@ -104,6 +116,7 @@ async def loopwatch_process(upstream: str, **env: str) -> AsyncIterator[Process]
     reader = asyncio.create_task(read_log())
     try:
         line = await asyncio.wait_for(listening, 30)
+        assert line["dataplane"] == PLANES["current"]
         p.proxy_port = int(line["proxy"].rsplit(":", 1)[1])
         p.admin_port = int(line["admin"].rsplit(":", 1)[1])
         yield p
@@ -233,7 +246,7 @@ async def test_readyz_turns_503_while_shutting_down():
                 readyz = f"http://127.0.0.1:{lw.admin_port}/readyz"
                 async with session.get(readyz) as resp:
                     assert resp.status == 200
-                shutdown = asyncio.create_task(lw.proxy.shutdown())
+                shutdown = asyncio.create_task(lw.plane.shutdown())
                 await asyncio.sleep(0.1)
                 assert not shutdown.done()
                 async with session.get(readyz) as resp:
@@ -247,6 +260,7 @@ async def test_readyz_turns_503_while_shutting_down():
 
 
 @SUBPROCESS
+@pytest.mark.dataplanes("python")  # refused before any data plane starts: the same on both
 async def test_check_config_good_and_bad(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text(
@@ -271,6 +285,7 @@ async def test_check_config_good_and_bad(tmp_path):
 
 
 @SUBPROCESS
+@pytest.mark.dataplanes("python")  # refused before any data plane starts: the same on both
 async def test_run_without_upstream_exits_2_with_a_clear_message():
     code, out, err = await run_cli("run", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0")
     assert code == 2
@@ -279,6 +294,7 @@ async def test_run_without_upstream_exits_2_with_a_clear_message():
 
 
 @SUBPROCESS
+@pytest.mark.dataplanes("python")  # refused before any data plane starts: the same on both
 async def test_run_with_a_bad_config_file_exits_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text('upstream: "ws://127.0.0.1:1"\nlimits:\n  idle_timeout: "-1s"\n')
@@ -292,7 +308,8 @@ async def test_run_on_a_busy_port_exits_nonzero_with_a_message():
     async with websockets_backend(echo) as (url, server):
         busy = server.sockets[0].getsockname()[1]
         code, _, err = await run_cli(
-            "run", "--upstream", url, "--listen", f"127.0.0.1:{busy}", "--admin-listen", "127.0.0.1:0"
+            "run", "--upstream", url, "--listen", f"127.0.0.1:{busy}", "--admin-listen", "127.0.0.1:0",
+            env=clean_env(**plane_env()),
         )
     assert code == 1
     assert "cannot start" in err
@@ -344,18 +361,19 @@ async def test_shutdown_answers_an_upgrade_in_progress_with_503():
                 writer.write(upgrade_request("/pending"))
                 await wait_for(lambda: len(backend.heads) == 1)
                 started = time.monotonic()
-                await asyncio.wait_for(lw.proxy.shutdown(), 10)
+                await asyncio.wait_for(lw.plane.shutdown(), 10)
                 assert time.monotonic() - started < 2
                 response = await asyncio.wait_for(read_response(reader), 5)
                 assert response.status == 503
                 assert response.body == b"loopwatch: shutting down\n"
             finally:
                 writer.close()
-            assert lw.proxy.active == 0
+            assert lw.active_connections() == 0
         finally:
             await lw_cm.__aexit__(None, None, None)
 
 
+@pytest.mark.dataplanes("python")  # the Python listener's own memory
 async def test_memory_of_closed_connections_is_trimmed_once_after_a_burst(monkeypatch):
     """When the live connections fall by TRIM_DROP from their peak, malloc_trim runs
     once, TRIM_DELAY later; steady traffic below that never trims."""
@@ -383,6 +401,7 @@ async def test_memory_of_closed_connections_is_trimmed_once_after_a_burst(monkey
         assert calls == [0]  # once for the burst
 
 
+@pytest.mark.dataplanes("python")  # the Python listener's per-connection objects
 async def test_connections_leave_no_reference_cycles():
     """Relayed, refused and failed connections are freed by reference counting
     alone: none of loopwatch's per-connection objects (handshakes, parsers, relays,
