@@ -421,7 +421,7 @@ class NativeDriver:
       all the same (Engine.admit's `refused`), counted as the engine's
       `table_refusals`."""
 
-    def __init__(self, gate: EngineGate, plane: Closer):
+    def __init__(self, gate: Gate, plane: Closer):
         self.gate = gate
         self.plane = plane
         self.conns: dict[int, Connection] = {}  # attempts admitted by the table, until they end
@@ -432,6 +432,7 @@ class NativeDriver:
 
     def handle(self, batch: list[Received]) -> None:
         gate = self.gate
+        judge = gate.judge if isinstance(gate, EngineGate) else None  # a plain Gate only watches
         rejected = {r.conn_id: r.event.reason for r in batch if isinstance(r.event, ev.Rejected)}
         for r in batch:
             e = r.event
@@ -439,7 +440,7 @@ class NativeDriver:
             if isinstance(e, ev.Attempt):
                 conn = Connection(key=e.key, route=e.route, peer=e.addr, t0=e.t, head=None, conn_id=cid)
                 refused = rejected.get(cid)
-                refusal = gate.judge(conn, e, refused)  # type: ignore[arg-type]  # reasons of the table are RejectReason values
+                refusal = judge(conn, e, refused) if judge is not None else None  # type: ignore[arg-type]  # the table's reasons are RejectReason values
                 if refused is not None:
                     self._remember_refused(cid, conn)
                 else:
@@ -457,7 +458,7 @@ class NativeDriver:
                 late = self.late.get(cid)
                 if late is not None:
                     self.late_refusals += 1
-                    code = late.status if late.how == "close-1013" else gate.close_code
+                    code = late.status if late.how == "close-1013" else self.close_code
                     self.plane.close(cid, code, late.message)
                     continue
                 gate.opened(conn, e.t)
@@ -472,8 +473,14 @@ class NativeDriver:
                 if self.late.pop(cid, None) is None:  # refused by the engine: it saw no connection
                     gate.closed(conn, e.t, e.code, e.reason, e.initiator, r.traffic or _NO_TRAFFIC)
         self.batches += 1
-        if gate.table is not None:
+        if isinstance(gate, EngineGate) and gate.table is not None:
             gate.table.flush(time.monotonic())
+
+    @property
+    def close_code(self) -> int:
+        """The close code of a late refusal answered over HTTP elsewhere (http-429)."""
+        gate = self.gate
+        return gate.close_code if isinstance(gate, EngineGate) else 1013
 
     def _remember_refused(self, cid: int, conn: Connection) -> None:
         if len(self.refused) >= _REFUSED_KEPT:

@@ -30,7 +30,7 @@ from websockets.exceptions import ConnectionClosed
 
 from loopwatch.proxy.app.runtime import Running, start
 from loopwatch.proxy.dataplane.boundary import Connection, Gate, RelayStats
-from tests.conftest import loopwatch, settings_for, wait_for, websockets_backend, ws_url
+from tests.conftest import PLANES, loopwatch, settings_for, wait_for, websockets_backend, ws_url
 from tests.wsraw import (
     BINARY,
     CLOSE,
@@ -57,21 +57,29 @@ RUN_ON_UVLOOP = True
     params=[
         pytest.param("compiled", id="frames-compiled"),
         pytest.param("python", id="frames-python"),
+        pytest.param("native", id="native"),
     ],
 )
-def frame_parser_build(request: pytest.FixtureRequest) -> Iterator[type]:
-    """Every test here runs with each build of the frame parser behind the relay:
-    the compiled one (proxy/dataplane/_frames.c) and the pure-Python fallback."""
+def frame_parser_build(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test here runs on each relay: the Python data plane with each build of
+    its frame parser (proxy/dataplane/_frames.c, and the pure-Python fallback), and
+    the native data plane (`dataplane: native`, its frames watched in Rust)."""
     from loopwatch.proxy.dataplane import frames, relay
 
+    if request.param == "native":
+        PLANES["current"] = "native"
+        yield request.param
+        PLANES["current"] = "python"
+        return
     saved = relay.FrameParser
     if request.param == "compiled":
         build = frames.CFrameParser or frames.load_compiled()  # ImportError: not built
     else:
         build = frames.PyFrameParser
     relay.FrameParser = build
-    yield build
+    yield request.param
     relay.FrameParser = saved
+
 
 MiB = 1 << 20
 
@@ -182,8 +190,8 @@ async def test_hand_crafted_frames_arrive_byte_for_byte(how: str) -> None:
         assert await client.read_to_eof() == close_down
         await client.close()
         await up.wait_eof()
-        await wait_for(lambda: not running.proxy.relays)
-        assert running.proxy.active == 0
+        await wait_for(lambda: not running.active_connections())
+        assert running.plane.connections() == 0
     assert gate.closes == [(4001, "bye ✓", "client")]
 
 
@@ -212,10 +220,10 @@ async def test_header_split_at_every_offset() -> None:
             await up.send(f[cut:])
             await asyncio.sleep(0.005)
         assert await client.read_bytes(len(expected)) == bytes(expected)
-        assert len(running.proxy.relays) == 1
+        assert running.active_connections() == 1
         client.abort()
         up.writer.transport.abort()
-        await wait_for(lambda: not running.proxy.relays)
+        await wait_for(lambda: not running.active_connections())
 
 
 async def test_frames_sent_together_with_the_handshake_are_kept() -> None:
@@ -230,7 +238,7 @@ async def test_frames_sent_together_with_the_handshake_are_kept() -> None:
         assert await client.read_bytes(len(down)) == down
         client.abort()
         up.writer.transport.abort()
-        await wait_for(lambda: not running.proxy.relays)
+        await wait_for(lambda: not running.active_connections())
 
 
 async def test_close_then_half_close_from_the_client() -> None:
@@ -248,7 +256,7 @@ async def test_close_then_half_close_from_the_client() -> None:
         up.close()
         assert await client.read_to_eof() == close_down
         await client.close()
-        await wait_for(lambda: not running.proxy.relays)
+        await wait_for(lambda: not running.active_connections())
 
 
 async def test_close_and_half_close_before_the_101_reach_the_backend() -> None:
@@ -265,7 +273,7 @@ async def test_close_and_half_close_before_the_101_reach_the_backend() -> None:
         up.close()
         assert await client.read_to_eof() == close_down
         await client.close()
-        await wait_for(lambda: not running.proxy.relays)
+        await wait_for(lambda: not running.active_connections())
 
 
 # ---------------------------------------------------------------------------
@@ -385,7 +393,7 @@ async def test_messages_echo_unchanged(kind: str, compression: str | None) -> No
                 await ws.send("ping me")
                 assert await asyncio.wait_for(ws.recv(), 5) == "pong received"
         assert await asyncio.wait_for(backend.closes.get(), 5) == (1000, "")
-        await wait_for(lambda: not running.proxy.relays)
+        await wait_for(lambda: not running.active_connections())
 
 
 @pytest.mark.parametrize("kind", list(BACKENDS))
@@ -402,9 +410,8 @@ async def test_ten_thousand_messages_in_order(kind: str) -> None:
 
         _, received = await asyncio.wait_for(asyncio.gather(sender(), receiver()), 30)
         assert received == [f"{i}" if i % 2 else f"{i}".encode() for i in range(n)]
-        relay = next(iter(running.proxy.relays.values()))
-        assert relay.client.parser.messages == n
-        assert relay.upstream.parser.messages == n
+        ((_, counts),) = list(running.plane.live())
+        assert (counts.messages_in, counts.messages_out) == (n, n)
 
 
 CLOSE_CODES = [1000, 1001, 1003, 1007, 1008, 1011, 3000, 4000, 4999]
@@ -436,7 +443,7 @@ async def test_close_codes_and_reasons_reach_the_far_end(kind: str, initiator: s
                         await asyncio.wait_for(ws.recv(), 5)
                     assert info.value.rcvd is not None
                     assert (info.value.rcvd.code, info.value.rcvd.reason) == (code, reason)
-            await wait_for(lambda: not running.proxy.relays)
+            await wait_for(lambda: not running.active_connections())
     who = "client" if initiator == "client" else "upstream"
     assert gate.closes == [(code, reason, who) for reason in REASONS]
 
@@ -504,7 +511,7 @@ def test_any_message_sequence_arrives_identical_and_in_order(loop_kind: str) -> 
 
     try:
         check()
-        loop.run_until_complete(wait_for(lambda: not running.proxy.relays))
+        loop.run_until_complete(wait_for(lambda: not running.active_connections()))
         assert len(sizes) >= 50 and max(sizes) > 100_000  # the property really ran
     finally:
         loop.run_until_complete(stack.aclose())
@@ -543,8 +550,8 @@ async def test_upstream_lost_gives_client_1014(how: str) -> None:
                 1014,
                 "loopwatch: upstream connection lost",
             )
-        await wait_for(lambda: not running.proxy.relays)
-        assert running.proxy.active == 0
+        await wait_for(lambda: not running.active_connections())
+        assert running.plane.connections() == 0
     # The relay records who vanished, with 1006: no close frame was ever received.
     assert gate.closes == [(1006, "", "upstream")]
 
@@ -564,7 +571,7 @@ async def test_client_lost_gives_upstream_1001(how: str) -> None:
         else:
             await raw.close()
         assert await asyncio.wait_for(closes.get(), 5) == (1001, "loopwatch: client connection lost")
-        await wait_for(lambda: not running.proxy.relays)
+        await wait_for(lambda: not running.active_connections())
     assert gate.closes == [(1006, "", "client")]
 
 
@@ -582,7 +589,7 @@ async def test_upstream_lost_mid_frame_closes_client_without_a_frame() -> None:
             with pytest.raises(ConnectionClosed) as info:
                 await asyncio.wait_for(ws.recv(), 5)
             assert info.value.rcvd is None
-        await wait_for(lambda: not running.proxy.relays)
+        await wait_for(lambda: not running.active_connections())
 
 
 # ---------------------------------------------------------------------------
@@ -612,7 +619,7 @@ async def test_oversized_client_message_is_refused_with_1009(kind: str) -> None:
             1009,
             f"loopwatch: message larger than {LIMIT} bytes",
         )
-        await wait_for(lambda: not running.proxy.relays)
+        await wait_for(lambda: not running.active_connections())
     assert gate.closes == [(1009, f"loopwatch: message larger than {LIMIT} bytes", "proxy")]
 
 
@@ -646,7 +653,7 @@ async def test_oversized_message_bytes_never_reach_the_backend() -> None:
         assert len(rest) == len(received)  # nothing of the oversized frame, ever
         await raw.read_to_eof()
         await raw.close()
-        await wait_for(lambda: not running.proxy.relays, timeout=1.5)
+        await wait_for(lambda: not running.active_connections(), timeout=1.5)
 
 
 async def test_oversized_fragmented_message_is_cut_at_the_fragment() -> None:
@@ -668,7 +675,7 @@ async def test_oversized_fragmented_message_is_cut_at_the_fragment() -> None:
         assert frames[0].close[0] == 1009
         raw.abort()
         up.writer.transport.abort()
-        await wait_for(lambda: not running.proxy.relays)
+        await wait_for(lambda: not running.active_connections())
 
 
 async def test_oversized_upstream_message_is_refused_with_1009() -> None:
@@ -696,7 +703,7 @@ async def test_oversized_upstream_message_is_refused_with_1009() -> None:
             1009,
             f"loopwatch: message larger than {LIMIT} bytes",
         )
-        await wait_for(lambda: not running.proxy.relays)
+        await wait_for(lambda: not running.active_connections())
     assert gate.closes == [(1009, f"loopwatch: message larger than {LIMIT} bytes", "proxy")]
 
 
@@ -735,7 +742,7 @@ async def test_proxy_close_waits_for_the_frame_in_flight(cut: str) -> None:
         assert [f.close[0] for f in frames] == [1009]
         raw.abort()
         up.writer.transport.abort()
-        await wait_for(lambda: not running.proxy.relays)
+        await wait_for(lambda: not running.active_connections())
 
 
 async def test_upstream_lost_while_a_proxy_close_waits_mid_frame() -> None:
@@ -759,7 +766,7 @@ async def test_upstream_lost_while_a_proxy_close_waits_mid_frame() -> None:
         with contextlib.suppress(ConnectionError):
             assert await raw.read_to_eof(timeout=1.5) == b""
         assert asyncio.get_running_loop().time() - t0 < 1.0
-        await wait_for(lambda: not running.proxy.relays, timeout=1.0)
+        await wait_for(lambda: not running.active_connections(), timeout=1.0)
 
 
 # ---------------------------------------------------------------------------
@@ -804,7 +811,7 @@ async def test_client_protocol_error_closes_both_sides(name: str) -> None:
         await raw.send(frame(CLOSE, close_payload(code), mask=key(3)))
         await raw.read_to_eof()
         await raw.close()
-        await wait_for(lambda: not running.proxy.relays, timeout=1.5)
+        await wait_for(lambda: not running.active_connections(), timeout=1.5)
     assert gate.closes == [(code, reply.close[1], "proxy")]
 
 
@@ -823,7 +830,7 @@ async def test_client_protocol_error_with_a_websockets_backend() -> None:
         await raw.send(frame(CLOSE, close_payload(1002), mask=key(0)))
         await raw.read_to_eof()
         await raw.close()
-        await wait_for(lambda: not running.proxy.relays, timeout=1.5)
+        await wait_for(lambda: not running.active_connections(), timeout=1.5)
 
 
 async def test_invalid_close_split_across_reads_is_not_followed_by_a_frame() -> None:
@@ -841,7 +848,7 @@ async def test_invalid_close_split_across_reads_is_not_followed_by_a_frame() -> 
         assert reply.close[0] == 1007
         assert await up.wait_eof() == bad[:8]
         raw.abort()
-        await wait_for(lambda: not running.proxy.relays)
+        await wait_for(lambda: not running.active_connections())
 
 
 async def test_masked_server_frame_closes_both_sides() -> None:
@@ -857,4 +864,4 @@ async def test_masked_server_frame_closes_both_sides() -> None:
         assert [f.close for f in frames] == [(1002, "loopwatch: masked server frame")]
         assert messages_of(frames) == []
         raw.abort()
-        await wait_for(lambda: not running.proxy.relays)
+        await wait_for(lambda: not running.active_connections())

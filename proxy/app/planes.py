@@ -70,7 +70,13 @@ class DataPlane(Protocol):
         """What a reload changes of how refusals are answered."""
         ...
 
-    def active_connections(self) -> int: ...
+    def active_connections(self) -> int:
+        """Relayed WebSockets now."""
+        ...
+
+    def connections(self) -> int:
+        """Client connections now, in any state (handshaking, held, relayed)."""
+        ...
 
     def release_held(self, key: str) -> int: ...
 
@@ -122,6 +128,9 @@ class PythonPlane:
     def active_connections(self) -> int:
         return len(self.server.relays)
 
+    def connections(self) -> int:
+        return self.server.active
+
     def release_held(self, key: str) -> int:
         return self.server.release_held(key)
 
@@ -166,11 +175,10 @@ class NativePlane:
         self.queue: EventQueue = EventQueue()
         self.table = EnforcementTable()
         self.listener: NativeListener | None = None
-        self.driver: NativeDriver | None = None
         if isinstance(gate, EngineGate):
             gate.table = TableSync(gate.engine, self.table)
             gate.table.configure(settings.policy, gate.holds, time.monotonic())
-            self.driver = NativeDriver(gate, self)
+        self.driver = NativeDriver(gate, self)
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -250,8 +258,7 @@ class NativePlane:
 
     def _on_batch(self, batch: list[Received]) -> None:
         try:
-            if self.driver is not None:
-                self.driver.handle(batch)
+            self.driver.handle(batch)
             self._check_drops()
         except Exception:  # a bug must not stop the draining
             log.exception("native data plane: handling a batch of %d events failed", len(batch))
@@ -264,7 +271,7 @@ class NativePlane:
         if not lost:
             return
         event(log, "events_dropped", logging.WARNING, events=lost, total=self.queue.dropped)
-        if self.driver is not None and self.listener is not None:
+        if self.listener is not None:
             live = {c.conn_id for c in self.listener.live()}
             before = time.monotonic() - _LOST_AGE * self.settings.limits.handshake_timeout
             self.driver.forget_gone(live, before)
@@ -274,6 +281,9 @@ class NativePlane:
     def active_connections(self) -> int:
         return self.listener.stats().relays if self.listener is not None else 0
 
+    def connections(self) -> int:
+        return self.listener.stats().active if self.listener is not None else 0
+
     def release_held(self, key: str) -> int:
         return self.listener.release_held(key) if self.listener is not None else 0
 
@@ -281,7 +291,7 @@ class NativePlane:
         return self.listener is not None and self.listener.close(conn_id, code, reason)
 
     def connection(self, conn_id: object) -> Connection | None:
-        if self.driver is None or not isinstance(conn_id, int):
+        if not isinstance(conn_id, int):
             return None
         return self.driver.conns.get(conn_id)
 
