@@ -32,10 +32,13 @@ from loopwatch.proxy.app.runtime import Running
 from loopwatch.proxy.state.redis import RedisStateStore
 from loopwatch.proxy.tools.demo_backend import DemoBackend, issue_token
 from tests.clients import attempt, demo_backend
-from tests.conftest import free_port, loopwatch, wait_for
+from tests.conftest import PLANES, client_key, free_port, loopwatch, wait_for
 
 # `loopwatch run` uses uvloop: the store's connection handling runs on both loops.
 RUN_ON_UVLOOP = True
+# Each test runs on both data planes unless it says why not (tests/conftest.py).
+DATAPLANES = ("python", "native")
+pytestmark = pytest.mark.usefixtures("dataplane")
 CRITICAL = 6
 RULES = {
     "auth_failure_loop": {"consecutive": 100, "warning": None, "critical": CRITICAL},
@@ -175,7 +178,7 @@ def ws(running: Running, sub: str, *, expired: bool = True) -> str:
 
 
 def key_of(sub: str) -> str:
-    return f"{sub}@127.0.0.1"  # identity: jwt:sub bound to the client's address
+    return client_key(sub)  # jwt:sub bound to the client's address; the address on native
 
 
 def tracked(running: Running, key: str) -> Any:
@@ -284,8 +287,10 @@ async def test_the_combined_rate_is_flagged_and_both_replicas_refuse(redis_serve
         async with loopwatch(upstream, **overrides(redis_server.url, "c", prefix)) as c:
             await wait_for(lambda: in_cooldown(c, key))
             assert codes([await attempt(ws(c, "loop"))]) == [1013]
-        # Healthy clients on both replicas are untouched.
-        assert [await healthy(ws(r, "fine", expired=False)) for r in (a, b)] == ["hello", "hello"]
+        # Healthy clients on both replicas are untouched (on native "fine" would share
+        # the looper's key: identity sources other than ip are not native yet).
+        if PLANES["current"] == "python":
+            assert [await healthy(ws(r, "fine", expired=False)) for r in (a, b)] == ["hello", "hello"]
 
 
 async def test_a_release_through_one_replica_is_a_release_on_both(redis_server: RedisServer) -> None:
@@ -306,6 +311,7 @@ async def test_a_release_through_one_replica_is_a_release_on_both(redis_server: 
         assert backend.upgrades["loop"] == before + 2
 
 
+@pytest.mark.dataplanes("python")  # two clients from one address: needs identity sources (JWT), not native yet
 async def test_redis_down_each_replica_goes_on_alone_then_sharing_resumes(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -351,6 +357,7 @@ async def test_redis_down_each_replica_goes_on_alone_then_sharing_resumes(
     assert lines.count("state_store_up") == 2
 
 
+@pytest.mark.dataplanes("python")  # two clients from one address: needs identity sources (JWT), not native yet
 async def test_a_replica_started_while_redis_is_down_relays_and_joins_later(tmp_path: Path) -> None:
     server = RedisServer(tmp_path)  # not started yet
     try:
