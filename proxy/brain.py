@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from ..detectors import events as ev
@@ -430,7 +431,7 @@ class NativeDriver:
         self.late_refusals = 0
         self.batches = 0
 
-    def handle(self, batch: list[Received]) -> None:
+    def handle(self, batch: Sequence[Received]) -> None:
         gate = self.gate
         judge = gate.judge if isinstance(gate, EngineGate) else None  # a plain Gate only watches
         rejected = {r.conn_id: r.event.reason for r in batch if isinstance(r.event, ev.Rejected)}
@@ -450,9 +451,9 @@ class NativeDriver:
             elif isinstance(e, ev.Rejected):
                 pass  # judged with its attempt (a Rejected whose Attempt was in an earlier batch: too)
             elif isinstance(e, ev.Answered):
-                conn = self.refused.pop(cid, None)
-                if conn is not None:
-                    gate.held_answered(conn, e.t)
+                held = self.refused.pop(cid, None)
+                if held is not None:
+                    gate.held_answered(held, e.t)
             elif isinstance(e, ev.Opened):
                 conn = self._conn(cid, e)
                 late = self.late.get(cid)
