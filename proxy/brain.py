@@ -350,7 +350,10 @@ class TableSync:
             had = NO_ENFORCEMENT
         cooldown = want.cooldown
         if cooldown is not None and cooldown != had.cooldown and cooldown.until > now:
-            table.set_cooldown(key, cooldown.until - now, cooldown.rule, None, self.cooldown_hold)
+            remaining = cooldown.until - now
+            # Never held past the cooldown (refusal_for caps each hold at its retry time).
+            hold = min(self.cooldown_hold, remaining) if self.cooldown_hold else None
+            table.set_cooldown(key, remaining, cooldown.rule, None, hold)
             self.writes += 1
         if want.not_before is not None and want.not_before != had.not_before and want.not_before > now:
             table.set_min_interval(key, want.not_before - now)

@@ -6,10 +6,15 @@ from __future__ import annotations
 import time
 
 import aiohttp
+import pytest
 
 from loopwatch.proxy.app.runtime import Running
 from loopwatch.proxy.tools.demo_backend import DemoBackend
 from tests.conftest import free_port, loopwatch, wait_for
+
+# Each test runs on both data planes (tests/conftest.py).
+DATAPLANES = ("python", "native")
+pytestmark = pytest.mark.usefixtures("dataplane")
 
 
 def upstream_breaker(lw: Running) -> str:
