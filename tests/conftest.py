@@ -139,6 +139,12 @@ def ws_url(running: Running, path: str = "/") -> str:
     return f"ws://127.0.0.1:{running.proxy_port}{path}"
 
 
+def idle(running: Running) -> bool:
+    """No WebSocket relayed and every event of the data plane judged (the native
+    plane's brain sees a close a batch after its client does)."""
+    return running.active_connections() == 0 and running.plane.settled()
+
+
 async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     """Poll a condition on the event loop until it holds."""
     deadline = asyncio.get_running_loop().time() + timeout

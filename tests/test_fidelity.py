@@ -30,7 +30,15 @@ from websockets.exceptions import ConnectionClosed
 
 from loopwatch.proxy.app.runtime import Running, start
 from loopwatch.proxy.dataplane.boundary import Connection, Gate, RelayStats
-from tests.conftest import PLANES, loopwatch, settings_for, wait_for, websockets_backend, ws_url
+from tests.conftest import (
+    PLANES,
+    idle,
+    loopwatch,
+    settings_for,
+    wait_for,
+    websockets_backend,
+    ws_url,
+)
 from tests.wsraw import (
     BINARY,
     CLOSE,
@@ -190,7 +198,7 @@ async def test_hand_crafted_frames_arrive_byte_for_byte(how: str) -> None:
         assert await client.read_to_eof() == close_down
         await client.close()
         await up.wait_eof()
-        await wait_for(lambda: not running.active_connections())
+        await wait_for(lambda: idle(running))
         assert running.plane.connections() == 0
     assert gate.closes == [(4001, "bye ✓", "client")]
 
@@ -223,7 +231,7 @@ async def test_header_split_at_every_offset() -> None:
         assert running.active_connections() == 1
         client.abort()
         up.writer.transport.abort()
-        await wait_for(lambda: not running.active_connections())
+        await wait_for(lambda: idle(running))
 
 
 async def test_frames_sent_together_with_the_handshake_are_kept() -> None:
@@ -238,7 +246,7 @@ async def test_frames_sent_together_with_the_handshake_are_kept() -> None:
         assert await client.read_bytes(len(down)) == down
         client.abort()
         up.writer.transport.abort()
-        await wait_for(lambda: not running.active_connections())
+        await wait_for(lambda: idle(running))
 
 
 async def test_close_then_half_close_from_the_client() -> None:
@@ -256,7 +264,7 @@ async def test_close_then_half_close_from_the_client() -> None:
         up.close()
         assert await client.read_to_eof() == close_down
         await client.close()
-        await wait_for(lambda: not running.active_connections())
+        await wait_for(lambda: idle(running))
 
 
 async def test_close_and_half_close_before_the_101_reach_the_backend() -> None:
@@ -273,7 +281,7 @@ async def test_close_and_half_close_before_the_101_reach_the_backend() -> None:
         up.close()
         assert await client.read_to_eof() == close_down
         await client.close()
-        await wait_for(lambda: not running.active_connections())
+        await wait_for(lambda: idle(running))
 
 
 # ---------------------------------------------------------------------------
@@ -393,7 +401,7 @@ async def test_messages_echo_unchanged(kind: str, compression: str | None) -> No
                 await ws.send("ping me")
                 assert await asyncio.wait_for(ws.recv(), 5) == "pong received"
         assert await asyncio.wait_for(backend.closes.get(), 5) == (1000, "")
-        await wait_for(lambda: not running.active_connections())
+        await wait_for(lambda: idle(running))
 
 
 @pytest.mark.parametrize("kind", list(BACKENDS))
@@ -443,7 +451,7 @@ async def test_close_codes_and_reasons_reach_the_far_end(kind: str, initiator: s
                         await asyncio.wait_for(ws.recv(), 5)
                     assert info.value.rcvd is not None
                     assert (info.value.rcvd.code, info.value.rcvd.reason) == (code, reason)
-            await wait_for(lambda: not running.active_connections())
+            await wait_for(lambda: idle(running))
     who = "client" if initiator == "client" else "upstream"
     assert gate.closes == [(code, reason, who) for reason in REASONS]
 
@@ -511,7 +519,7 @@ def test_any_message_sequence_arrives_identical_and_in_order(loop_kind: str) -> 
 
     try:
         check()
-        loop.run_until_complete(wait_for(lambda: not running.active_connections()))
+        loop.run_until_complete(wait_for(lambda: idle(running)))
         assert len(sizes) >= 50 and max(sizes) > 100_000  # the property really ran
     finally:
         loop.run_until_complete(stack.aclose())
@@ -550,7 +558,7 @@ async def test_upstream_lost_gives_client_1014(how: str) -> None:
                 1014,
                 "loopwatch: upstream connection lost",
             )
-        await wait_for(lambda: not running.active_connections())
+        await wait_for(lambda: idle(running))
         assert running.plane.connections() == 0
     # The relay records who vanished, with 1006: no close frame was ever received.
     assert gate.closes == [(1006, "", "upstream")]
@@ -571,7 +579,7 @@ async def test_client_lost_gives_upstream_1001(how: str) -> None:
         else:
             await raw.close()
         assert await asyncio.wait_for(closes.get(), 5) == (1001, "loopwatch: client connection lost")
-        await wait_for(lambda: not running.active_connections())
+        await wait_for(lambda: idle(running))
     assert gate.closes == [(1006, "", "client")]
 
 
@@ -589,7 +597,7 @@ async def test_upstream_lost_mid_frame_closes_client_without_a_frame() -> None:
             with pytest.raises(ConnectionClosed) as info:
                 await asyncio.wait_for(ws.recv(), 5)
             assert info.value.rcvd is None
-        await wait_for(lambda: not running.active_connections())
+        await wait_for(lambda: idle(running))
 
 
 # ---------------------------------------------------------------------------
@@ -619,7 +627,7 @@ async def test_oversized_client_message_is_refused_with_1009(kind: str) -> None:
             1009,
             f"loopwatch: message larger than {LIMIT} bytes",
         )
-        await wait_for(lambda: not running.active_connections())
+        await wait_for(lambda: idle(running))
     assert gate.closes == [(1009, f"loopwatch: message larger than {LIMIT} bytes", "proxy")]
 
 
@@ -653,7 +661,7 @@ async def test_oversized_message_bytes_never_reach_the_backend() -> None:
         assert len(rest) == len(received)  # nothing of the oversized frame, ever
         await raw.read_to_eof()
         await raw.close()
-        await wait_for(lambda: not running.active_connections(), timeout=1.5)
+        await wait_for(lambda: idle(running), timeout=1.5)
 
 
 async def test_oversized_fragmented_message_is_cut_at_the_fragment() -> None:
@@ -675,7 +683,7 @@ async def test_oversized_fragmented_message_is_cut_at_the_fragment() -> None:
         assert frames[0].close[0] == 1009
         raw.abort()
         up.writer.transport.abort()
-        await wait_for(lambda: not running.active_connections())
+        await wait_for(lambda: idle(running))
 
 
 async def test_oversized_upstream_message_is_refused_with_1009() -> None:
@@ -703,7 +711,7 @@ async def test_oversized_upstream_message_is_refused_with_1009() -> None:
             1009,
             f"loopwatch: message larger than {LIMIT} bytes",
         )
-        await wait_for(lambda: not running.active_connections())
+        await wait_for(lambda: idle(running))
     assert gate.closes == [(1009, f"loopwatch: message larger than {LIMIT} bytes", "proxy")]
 
 
@@ -742,7 +750,7 @@ async def test_proxy_close_waits_for_the_frame_in_flight(cut: str) -> None:
         assert [f.close[0] for f in frames] == [1009]
         raw.abort()
         up.writer.transport.abort()
-        await wait_for(lambda: not running.active_connections())
+        await wait_for(lambda: idle(running))
 
 
 async def test_upstream_lost_while_a_proxy_close_waits_mid_frame() -> None:
@@ -766,7 +774,7 @@ async def test_upstream_lost_while_a_proxy_close_waits_mid_frame() -> None:
         with contextlib.suppress(ConnectionError):
             assert await raw.read_to_eof(timeout=1.5) == b""
         assert asyncio.get_running_loop().time() - t0 < 1.0
-        await wait_for(lambda: not running.active_connections(), timeout=1.0)
+        await wait_for(lambda: idle(running), timeout=1.0)
 
 
 # ---------------------------------------------------------------------------
@@ -811,7 +819,7 @@ async def test_client_protocol_error_closes_both_sides(name: str) -> None:
         await raw.send(frame(CLOSE, close_payload(code), mask=key(3)))
         await raw.read_to_eof()
         await raw.close()
-        await wait_for(lambda: not running.active_connections(), timeout=1.5)
+        await wait_for(lambda: idle(running), timeout=1.5)
     assert gate.closes == [(code, reply.close[1], "proxy")]
 
 
@@ -830,7 +838,7 @@ async def test_client_protocol_error_with_a_websockets_backend() -> None:
         await raw.send(frame(CLOSE, close_payload(1002), mask=key(0)))
         await raw.read_to_eof()
         await raw.close()
-        await wait_for(lambda: not running.active_connections(), timeout=1.5)
+        await wait_for(lambda: idle(running), timeout=1.5)
 
 
 async def test_invalid_close_split_across_reads_is_not_followed_by_a_frame() -> None:
@@ -848,7 +856,7 @@ async def test_invalid_close_split_across_reads_is_not_followed_by_a_frame() -> 
         assert reply.close[0] == 1007
         assert await up.wait_eof() == bad[:8]
         raw.abort()
-        await wait_for(lambda: not running.active_connections())
+        await wait_for(lambda: idle(running))
 
 
 async def test_masked_server_frame_closes_both_sides() -> None:
@@ -864,4 +872,4 @@ async def test_masked_server_frame_closes_both_sides() -> None:
         assert [f.close for f in frames] == [(1002, "loopwatch: masked server frame")]
         assert messages_of(frames) == []
         raw.abort()
-        await wait_for(lambda: not running.active_connections())
+        await wait_for(lambda: idle(running))

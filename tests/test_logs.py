@@ -25,7 +25,7 @@ from loopwatch.proxy.app.runtime import ConfigSources
 from loopwatch.proxy.app.settings import load_settings
 from loopwatch.proxy.observe.logs import JsonFormatter
 from loopwatch.proxy.tools.demo_backend import issue_token
-from tests.conftest import client_key, free_port, wait_for
+from tests.conftest import client_key, free_port, idle, wait_for
 from tests.test_telemetry import attempt, demo_backend, settings_with, telemetered
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -217,7 +217,7 @@ async def test_a_reload_turns_access_lines_on_and_off(tmp_path: Path) -> None:
                     config.write_text(upstream + f'telemetry: {{access_log: "{access}"}}\n')
                     lw.reload()
                     assert await attempt(url, ["hi"]) == (1000, "")
-                    await wait_for(lambda: not lw.active_connections())
+                    await wait_for(lambda: idle(lw))
     access = [x for x in lines if x["event"] == "access"]
     assert len(access) == 1, access  # the one connection made while access_log was "all"
     assert access[0]["outcome"] == "closed" and access[0]["code"] == 1000
@@ -235,7 +235,7 @@ async def test_access_line_sampling(mode: str, rate: float, expected: int) -> No
                 url = f"ws://127.0.0.1:{lw.proxy_port}/ws?token={issue_token('alice', 60)}"
                 for _ in range(3):
                     assert await attempt(url, ["hi"]) == (1000, "")
-                await wait_for(lambda: not lw.active_connections())
+                await wait_for(lambda: idle(lw))
     access = [x for x in lines if x["event"] == "access"]
     assert len(access) == expected
     for x in access:

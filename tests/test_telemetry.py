@@ -35,7 +35,7 @@ from loopwatch.proxy.observe.metrics import Telemetry, client_hash, code_label, 
 from loopwatch.proxy.observe.observers import Observer, Observers
 from loopwatch.proxy.observe.tracing import make_tracing
 from loopwatch.proxy.tools.demo_backend import DemoBackend, issue_token
-from tests.conftest import PLANES, RawBackend, client_key, free_port, wait_for
+from tests.conftest import PLANES, RawBackend, client_key, free_port, idle, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 CATALOGUE = ROOT / "docs" / "metrics.md"
@@ -236,7 +236,7 @@ async def test_scripted_session_metric_by_metric() -> None:
             assert value(first, "loopwatch_message_bytes_total", route="/ws", direction="client_to_upstream") == 15
             assert value(first, "loopwatch_message_bytes_total", route="/ws", direction="upstream_to_client") == 15
             await open_ws.close()
-            await wait_for(lambda: not lw.active_connections())
+            await wait_for(lambda: idle(lw))
             # … and folded into them exactly once when they close.
             second = series((await scrape(lw))[0])
             assert value(second, "loopwatch_connections_active", route="/ws") == 0
@@ -546,7 +546,7 @@ async def test_real_proxy_sample_of_distinct_clients() -> None:
 
             for i in range(0, len(subjects), 20):
                 await asyncio.gather(*(one(s) for s in subjects[i : i + 20]))
-            await wait_for(lambda: not lw.active_connections())
+            await wait_for(lambda: idle(lw))
             text, _ = await scrape(lw)
     keys = {f"{s}@127.0.0.1" for s in subjects}
     values, _, top = _label_values(text, TOP)
@@ -602,7 +602,7 @@ async def test_a_raising_observer_is_counted_and_relaying_goes_on(caplog: pytest
                 url = f"ws://127.0.0.1:{lw.proxy_port}/ws?token={issue_token('alice', 60)}"
                 for _ in range(3):
                     assert await attempt(url, ["ping", "pong"]) == (1000, "")
-                await wait_for(lambda: not lw.active_connections())
+                await wait_for(lambda: idle(lw))
                 s = series((await scrape(lw))[0])
     assert boom.calls >= 9  # attempt, opened, closed × 3 (and any outcomes)
     assert value(s, "loopwatch_observer_errors_total", observer="boom") == boom.calls
@@ -628,7 +628,7 @@ async def test_detection_off_counts_never_go_backwards() -> None:
                 await ws.send("hello")
                 assert await ws.recv() == "hello"
                 live = series((await scrape(lw))[0])
-            await wait_for(lambda: not lw.active_connections())
+            await wait_for(lambda: idle(lw))
             after = series((await scrape(lw))[0])
         finally:
             await lw.close()
