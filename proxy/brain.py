@@ -499,12 +499,17 @@ class NativeDriver:
             self.conns[cid] = conn
         return conn
 
-    def forget_gone(self, live: set[int], before: float) -> int:
-        """After lost events: forget attempts whose end was lost (no live
+    def forget_gone(self, live: set[int], before: float, now: float) -> int:
+        """After lost events: end the attempts whose end was lost (no live
         WebSocket, and arrived before `before`, older than any handshake can
-        be). Returns how many."""
+        be). One the gate saw open is closed for it now, by the proxy (a close
+        the engine never judges a client by): else the engine would count it
+        open for ever, and `max_concurrent` refuse its client. Returns how many."""
         gone = [cid for cid, conn in self.conns.items() if cid not in live and conn.t0 < before]
         for cid in gone:
-            del self.conns[cid]
-            self.late.pop(cid, None)
+            conn = self.conns.pop(cid)
+            if self.late.pop(cid, None) is None and conn.opened_at:
+                self.gate.closed(conn, now, 1006, "loopwatch: close event lost", "proxy", _NO_TRAFFIC)
+        if gone and isinstance(self.gate, EngineGate) and self.gate.table is not None:
+            self.gate.table.flush(now)
         return len(gone)

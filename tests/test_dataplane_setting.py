@@ -121,3 +121,36 @@ async def test_operator_levers_reach_the_table() -> None:
             await ws.send("back")
             assert await ws.recv() == "back"
         assert backend.upgrades["carol"] == 1
+
+
+async def test_connections_whose_close_event_was_lost_are_closed_for_the_engine() -> None:
+    """A full queue drops events: an open connection whose Closed was lost must
+    not count against its client for ever (max_concurrent would refuse it)."""
+    from loopwatch.detectors import events as ev
+    from loopwatch.proxy.app.runtime import build_gate
+    from loopwatch.proxy.brain import NativeDriver
+    from loopwatch.proxy.dataplane.native import Received
+
+    settings = load_settings(None, env={}, overrides=native(**{"policy.max_concurrent": 1}))
+    gate = build_gate(settings)
+    closed: list[int] = []
+
+    class Plane:
+        def close(self, conn_id: int, code: int, reason: str) -> bool:
+            closed.append(conn_id)
+            return True
+
+    driver = NativeDriver(gate, Plane())
+    key = "10.0.0.7"
+    driver.handle([
+        Received(ev.Attempt(key, "/", 1.0, key), conn_id=5),
+        Received(ev.Opened(key, "/", 1.01, 5), conn_id=5),
+    ])  # fmt: skip
+    assert gate.engine.open_connections(key) == (5,)
+    assert gate.engine.enforcement(key, 2.0).at_capacity
+    # Its Closed never came; the listener has no such WebSocket any more.
+    assert driver.forget_gone(live=set(), before=1.5, now=30.0) == 1
+    assert gate.engine.open_connections(key) == () and not driver.conns
+    assert not gate.engine.enforcement(key, 30.0).at_capacity
+    assert closed == []  # nothing to close on the wire: it is gone already
+    gate.close()  # its wake-up timer

@@ -284,8 +284,8 @@ class NativePlane:
         event(log, "events_dropped", logging.WARNING, events=lost, total=self.queue.dropped)
         if self.listener is not None:
             live = {c.conn_id for c in self.listener.live()}
-            before = time.monotonic() - _LOST_AGE * self.settings.limits.handshake_timeout
-            self.driver.forget_gone(live, before)
+            now = time.monotonic()
+            self.driver.forget_gone(live, now - _LOST_AGE * self.settings.limits.handshake_timeout, now)
 
     # --- levers and views ---------------------------------------------------------------------
 
