@@ -154,3 +154,31 @@ async def test_connections_whose_close_event_was_lost_are_closed_for_the_engine(
     assert not gate.engine.enforcement(key, 30.0).at_capacity
     assert closed == []  # nothing to close on the wire: it is gone already
     gate.close()  # its wake-up timer
+
+
+async def test_a_reload_reaches_the_native_listener_and_table(tmp_path: Path) -> None:
+    """policy.close_code goes to the listener's refusals, policy.deny to the table."""
+    from loopwatch.proxy.app.runtime import ConfigSources, start
+
+    async with demo_backend() as backend:
+        config = tmp_path / "loopwatch.yaml"
+        base = (
+            f'upstream: "ws://127.0.0.1:{backend.port}"\nlisten: "127.0.0.1:0"\n'
+            'admin:\n  listen: "127.0.0.1:0"\ndataplane: native\nidentity:\n  sources: [ip]\n'
+        )
+        config.write_text(base)
+        lw = await start(load_settings(config, env={}), sources=ConfigSources(str(config), {}, {}))
+        try:
+            url = ws_url(lw, "/ws?token=" + issue_token("dan", 60))
+            config.write_text(base + "policy:\n  close_code: 4000\n  deny: [127.0.0.1]\n")
+            assert lw.reload() == {"reloaded": True, "restart_required": []}
+            code, reason = await attempt(url)
+            assert (code, reason[:21]) == (4000, "loopwatch: denied, re")
+            assert backend.upgrades["dan"] == 0
+            config.write_text(base)
+            lw.reload()
+            async with connect(url) as ws:
+                await ws.send("allowed again")
+                assert await ws.recv() == "allowed again"
+        finally:
+            await lw.close()
