@@ -341,8 +341,14 @@ class TableSync:
         if want == had:
             return
         table = self.table
-        lifted = (had.cooldown is not None and want.cooldown != had.cooldown) or (
-            had.not_before is not None and (want.not_before is None or want.not_before < had.not_before)
+        # What the table holds that still refuses and must not: an expired entry
+        # refuses nothing (the table ignores it until its next prune).
+        lifted = (
+            had.cooldown is not None and had.cooldown.until > now and want.cooldown != had.cooldown
+        ) or (
+            had.not_before is not None
+            and had.not_before > now
+            and (want.not_before is None or want.not_before < had.not_before)
         )
         if lifted:  # a restriction ended early or moved back: start the key over
             table.clear(key)

@@ -182,3 +182,77 @@ async def test_a_reload_reaches_the_native_listener_and_table(tmp_path: Path) ->
                 assert await ws.recv() == "allowed again"
         finally:
             await lw.close()
+
+
+class FakeTable:
+    """The EnforcementTable's write side, recording each write."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[object, ...]] = []
+
+    def __getattr__(self, name: str) -> object:
+        if not name.startswith("set_") and name not in ("clear", "remove_breaker"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: self.calls.append((name, *args, *kwargs.values()))
+
+    def names(self) -> list[object]:
+        out = [c[0] if c[0] != "set_breaker" else ("set_breaker", c[1], c[2]) for c in self.calls]
+        self.calls.clear()
+        return out
+
+
+def test_table_sync_writes_what_changed_and_one_probe_budget_per_trip() -> None:
+    from loopwatch.detectors.engine import Engine
+    from loopwatch.detectors.events import Attempt, HandshakeFailed
+    from loopwatch.proxy.brain import TableSync
+    from tests.detectors.test_engine_policy import fail_three_times
+
+    settings = load_settings(None, env={}, overrides=native(**{
+        "policy.cooldown.base": "10s", "policy.cooldown.jitter": 0, "policy.hold": "2s",
+        "breakers.upstream.min_calls": 3, "breakers.upstream.open_wait": "1s",
+    }))  # fmt: skip
+    engine = Engine(settings.detection, settings.policy, settings.breakers)
+    table = FakeTable()
+    sync = TableSync(engine, table)  # type: ignore[arg-type]  # the recording fake
+    t0 = time.monotonic()
+    sync.configure(settings.policy, {"cooldown": 2.0}, t0)
+    assert table.names() == [
+        "set_allow", "set_deny", "set_defaults",
+        ("set_breaker", "upstream", "closed"), ("set_breaker", "auth", "closed"),
+    ]  # fmt: skip
+    sync.flush(t0)
+    assert table.names() == []  # nothing changed: nothing written
+
+    key = "10.0.0.8"
+    t = fail_three_times(engine, key, t0, key)
+    sync.touched.add(key)
+    sync.flush(t)
+    (call,) = table.calls
+    assert call[:2] == ("set_cooldown", key) and call[3:] == ("auth_failure_loop", None, 2.0)
+    assert 9.0 < call[2] <= 10.0  # seconds from now
+    table.names()
+    sync.touched.add(key)
+    sync.flush(t)
+    assert table.names() == []
+    engine.release(key, t)
+    sync.reconcile(t)  # what the runtime's kick does after a lever
+    assert table.names() == ["clear"]
+
+    # The upstream breaker trips: open is written with its budget; its move to
+    # half-open is not (the table goes half-open by itself, from that budget);
+    # a new trip replaces the entry (a fresh budget).
+    t += 1.0
+    for i in range(3):
+        k = f"10.1.0.{i}"
+        engine.admit(Attempt(k, "/", t, k))
+        engine.record(HandshakeFailed(k, "/", t + 0.01, None, "connect"))
+    sync.flush(t + 0.02)
+    assert table.names() == [("set_breaker", "upstream", "open")]
+    t += 1.5
+    engine.wake(t)  # half-open
+    engine.admit(Attempt("10.2.0.1", "/", t, "10.2.0.1"))  # the probe
+    sync.flush(t)
+    assert table.names() == []
+    engine.record(HandshakeFailed("10.2.0.1", "/", t + 0.01, None, "connect"))  # it fails: open again
+    sync.flush(t + 0.02)
+    assert table.names() == ["remove_breaker", ("set_breaker", "upstream", "open")]
