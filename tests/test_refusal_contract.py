@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import os
 import re
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +28,21 @@ from loopwatch.proxy.app.runtime import Running
 from loopwatch.proxy.app.settings import ConfigError, load_settings
 from loopwatch.proxy.tools.demo_backend import DemoBackend, issue_token
 from tests.clients import attempt, demo_backend
-from tests.conftest import free_port, loopwatch, raw_exchange, upgrade_request, ws_url
+from tests.conftest import (
+    client_key,
+    free_port,
+    loopwatch,
+    raw_exchange,
+    upgrade_request,
+    wait_for,
+    ws_url,
+)
 from tests.wsraw import CLOSE, RawClient, close_payload, frame
+
+# Each test runs on both data planes (tests/conftest.py): the native plane
+# answers refusals itself, from its table, and must follow the same grammar.
+DATAPLANES = ("python", "native")
+pytestmark = pytest.mark.usefixtures("dataplane")
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "refusals.md"
 
@@ -138,6 +152,7 @@ async def force_cooldown(lw: Running, key: str, duration: str) -> None:
 # --- the document and the test agree ------------------------------------------
 
 
+@pytest.mark.dataplanes("python")  # no data plane starts: the same on both
 def test_the_document_states_this_grammar() -> None:
     doc = DOC.read_text(encoding="utf-8")
     assert REFUSAL_PATTERN in doc  # the regular expression, verbatim
@@ -150,6 +165,7 @@ def test_the_document_states_this_grammar() -> None:
         assert REFUSAL_REASON.match(f"loopwatch: {phrase}, retry in 1s")
 
 
+@pytest.mark.dataplanes("python")  # no data plane starts: the same on both
 def test_every_reason_the_grammar_allows_fits_a_close_frame() -> None:
     longest_known = max(KNOWN_PHRASES, key=len)
     worst_known = f"loopwatch: {longest_known}, retry in 9999999999s"
@@ -179,7 +195,7 @@ def test_every_reason_the_grammar_allows_fits_a_close_frame() -> None:
 @pytest.mark.parametrize("mode", MODES)
 async def test_cooldown_refusal_carries_the_remaining_cooldown(mode: str) -> None:
     async with guarded(**{"policy.reject_with": mode}) as (backend, lw):
-        await force_cooldown(lw, "cool@127.0.0.1", "7s")
+        await force_cooldown(lw, client_key("cool"), "7s")
         got = await refused(lw, mode, token_path("cool"))
         check_contract(got, mode, "cooldown")
         assert 6 <= got.retry_secs <= 7  # the time left, rounded up
@@ -188,7 +204,7 @@ async def test_cooldown_refusal_carries_the_remaining_cooldown(mode: str) -> Non
 
 async def test_an_operator_s_cooldown_is_sent_in_observe_mode_too() -> None:
     async with guarded(**{"policy.mode": "observe"}) as (backend, lw):
-        await force_cooldown(lw, "watched@127.0.0.1", "30s")
+        await force_cooldown(lw, client_key("watched"), "30s")
         got = await refused_by_close(lw.proxy_port, token_path("watched"))
         check_contract(got, "close-1013", "cooldown")
         assert 29 <= got.retry_secs <= 30
@@ -197,13 +213,14 @@ async def test_an_operator_s_cooldown_is_sent_in_observe_mode_too() -> None:
 
 async def test_an_application_close_code_replaces_1013_and_keeps_the_reason() -> None:
     async with guarded(**{"policy.close_code": 4429}) as (backend, lw):
-        await force_cooldown(lw, "app@127.0.0.1", "30s")
+        await force_cooldown(lw, client_key("app"), "30s")
         got = await refused_by_close(lw.proxy_port, token_path("app"))
         check_contract(got, "close-1013", "cooldown", close_code=4429)
         assert 29 <= got.retry_secs <= 30
         assert backend.upgrades["app"] == 0
 
 
+@pytest.mark.dataplanes("python")  # no data plane starts: the same on both
 @pytest.mark.parametrize("code", [1000, 1008, 1014, 3000, 5000])
 def test_a_close_code_that_is_not_1013_or_an_application_code_is_refused(code: int) -> None:
     with pytest.raises(ConfigError, match="policy.close_code: expected 1013 or an application code"):
@@ -212,7 +229,7 @@ def test_a_close_code_that_is_not_1013_or_an_application_code_is_refused(code: i
 
 async def test_a_client_that_waits_the_retry_time_is_let_in() -> None:
     async with guarded() as (backend, lw):
-        await force_cooldown(lw, "patient@127.0.0.1", "1500ms")
+        await force_cooldown(lw, client_key("patient"), "1500ms")
         got = await refused_by_close(lw.proxy_port, token_path("patient"))
         check_contract(got, "close-1013", "cooldown")
         assert got.retry_secs == 2  # 1.5 s, rounded up
@@ -231,6 +248,8 @@ async def test_min_interval_refusal_is_the_longest_reason_and_fits(mode: str) ->
         async with connect(ws_url(lw, token_path("eager")), open_timeout=5) as ws:  # admitted
             await ws.send("first")
             assert await ws.recv() == "first"
+        # The native plane admits from its table: what the brain wrote of the first.
+        await wait_for(lw.plane.settled)
         got = await refused(lw, mode, token_path("eager"))
         check_contract(got, mode, "min_interval")
         assert got.retry_secs == 366 * 86400  # 31622400: eight digits
@@ -244,6 +263,7 @@ async def test_max_concurrent_refusal_retries_after_the_base_cooldown(mode: str)
         async with connect(ws_url(lw, token_path("twotabs")), open_timeout=5) as first:
             await first.send("x")
             assert await first.recv() == "x"
+            await wait_for(lw.plane.settled)  # the brain has seen it open (native)
             got = await refused(lw, mode, token_path("twotabs"))
             check_contract(got, mode, "max_concurrent")
             assert got.retry_secs == 5  # policy.cooldown.base
@@ -252,7 +272,7 @@ async def test_max_concurrent_refusal_retries_after_the_base_cooldown(mode: str)
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_deny_refusal_retries_after_the_longest_cooldown(mode: str) -> None:
-    overrides = {"policy.reject_with": mode, "policy.deny": ["blocked@127.0.0.1"], "policy.mode": "observe"}
+    overrides = {"policy.reject_with": mode, "policy.deny": [client_key("blocked")], "policy.mode": "observe"}
     async with guarded(**overrides) as (backend, lw):
         got = await refused(lw, mode, token_path("blocked"))  # observe mode does not lift a deny
         check_contract(got, mode, "deny")
@@ -272,6 +292,8 @@ async def test_open_breaker_refusal_says_when_it_probes_again(mode: str) -> None
         for i in range(3):  # three clients: the upstream is at fault, not one of them
             code, _ = await attempt(ws_url(lw, token_path(f"user{i}")))
             assert code == 502
+        # The native plane's brain judges a batch after the client saw its 502.
+        await wait_for(lambda: lw.engine.breakers(time.monotonic())[0].state == "open")
         got = await refused(lw, mode, token_path("user9"))
         check_contract(got, mode, "circuit_open")
         assert 19 <= got.retry_secs <= 20
