@@ -256,3 +256,23 @@ def test_table_sync_writes_what_changed_and_one_probe_budget_per_trip() -> None:
     engine.record(HandshakeFailed("10.2.0.1", "/", t + 0.01, None, "connect"))  # it fails: open again
     sync.flush(t + 0.02)
     assert table.names() == ["remove_breaker", ("set_breaker", "upstream", "open")]
+
+
+async def test_a_rejected_drained_apart_from_its_attempt_is_counted() -> None:
+    """The table's Attempt and Rejected are sent back to back, but a drain may
+    take them apart: the attempt then waits for its held answer as refused."""
+    from loopwatch.detectors import events as ev
+    from loopwatch.proxy.app.runtime import build_gate
+    from loopwatch.proxy.brain import NativeDriver
+    from loopwatch.proxy.dataplane.native import Received
+
+    gate = build_gate(load_settings(None, env={}, overrides=native()))
+    driver = NativeDriver(gate, None)  # type: ignore[arg-type]  # nothing is closed here
+    key = "10.0.0.9"
+    driver.handle([Received(ev.Attempt(key, "/", 1.0, key), conn_id=3)])
+    assert 3 in driver.conns
+    driver.handle([Received(ev.Rejected(key, "/", 1.0, "deny"), conn_id=3)])
+    assert driver.split_refusals == 1 and 3 not in driver.conns and 3 in driver.refused
+    driver.handle([Received(ev.Answered(key, "/", 2.0), conn_id=3)])
+    assert not driver.refused
+    gate.close()
