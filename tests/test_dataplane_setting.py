@@ -107,6 +107,9 @@ async def test_an_attempt_the_table_admitted_but_the_engine_refuses_is_closed_on
         assert "127.0.0.1" in lw.plane.table  # type: ignore[attr-defined]
         code, _ = await attempt(url)
         assert code == 1013 and backend.upgrades["bob"] == 1 and driver.late_refusals == 1
+        text = await scrape(lw.admin_port)
+        assert 'loopwatch_enforcement_lag_total{kind="late_refusal"} 1.0' in text
+        assert 'loopwatch_refusals_total{reason="cooldown",route="/"} 2.0' in text  # both counted
 
 
 async def test_operator_levers_reach_the_table() -> None:

@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from ..brain import EngineGate, NativeDriver, TableSync
-from ..dataplane.boundary import Connection, Gate, HoldCounts, RelayStats
+from ..dataplane.boundary import ENFORCEMENT_LAG_KINDS, Connection, Gate, HoldCounts, RelayStats
 from ..dataplane.listener import ProxyServer
 from ..dataplane.routing import Router
 from ..observe.logs import event
@@ -44,6 +44,7 @@ DRAIN_TIMEOUT = 0.1  # seconds the draining thread waits for a first event
 # After lost events, attempts whose end was lost are forgotten once older than
 # this many handshake timeouts (no handshake can still be in progress).
 _LOST_AGE = 2.0
+_NO_LAG: Mapping[str, int] = dict.fromkeys(ENFORCEMENT_LAG_KINDS, 0)
 
 
 class DataPlane(Protocol):
@@ -97,6 +98,8 @@ class DataPlane(Protocol):
     def settled(self) -> bool:
         """Every event so far has reached the brain (always, without a queue)."""
         ...
+
+    def enforcement_lag(self) -> Mapping[str, int]: ...
 
 
 class PythonPlane:
@@ -165,6 +168,9 @@ class PythonPlane:
 
     def settled(self) -> bool:
         return True
+
+    def enforcement_lag(self) -> Mapping[str, int]:
+        return _NO_LAG  # the listener asks the engine at every attempt
 
 
 class NativePlane:
@@ -318,6 +324,13 @@ class NativePlane:
 
     def events_dropped(self) -> int:
         return self.queue.dropped
+
+    def enforcement_lag(self) -> Mapping[str, int]:
+        driver = self.driver
+        early = driver.split_refusals
+        if isinstance(self.gate, EngineGate):
+            early += self.gate.engine.table_refusals
+        return {"late_refusal": driver.late_refusals, "early_refusal": early}
 
     def settled(self) -> bool:
         # (An event being taken off the queue right now is in neither count: a

@@ -232,6 +232,9 @@ class ListenerView:
     def events_dropped(self) -> int:
         return self._plane.events_dropped()
 
+    def enforcement_lag(self) -> Mapping[str, int]:
+        return self._plane.enforcement_lag()
+
 
 async def start(
     settings: Settings,

@@ -190,6 +190,16 @@ class LiveView(Protocol):
         """Connection events lost to a full queue (dataplane: native; 0 for python)."""
         ...
 
+    def enforcement_lag(self) -> Mapping[str, int]:
+        """Attempts where the native table and the engine disagreed, by kind
+        (ENFORCEMENT_LAG_KINDS; all 0 for python, which asks the engine itself)."""
+        ...
+
+
+# late_refusal: the table admitted, the engine refused (closed once open);
+# early_refusal: the table refused, the engine would have admitted.
+ENFORCEMENT_LAG_KINDS = ("late_refusal", "early_refusal")
+
 
 class HoldCounts(Protocol):
     """Plain counts of held refusals the listener keeps (read at scrape time)."""

@@ -36,7 +36,7 @@ from ...detectors.events import INITIATORS
 from ...detectors.findings import SEVERITY_RANK
 from ...detectors.rules import RULE_NAMES
 from ...detectors.settings import BreakerSettings, HoldReason
-from ..dataplane.boundary import REJECTED_REASONS
+from ..dataplane.boundary import ENFORCEMENT_LAG_KINDS, REJECTED_REASONS
 from .eventlog import EventLogObserver
 from .observers import Observer, Observers, trace_context
 from .promstore import CounterStore, HistogramStore
@@ -312,6 +312,9 @@ class StateCollector(Collector):
         families["store_errors"].add_metric([], getattr(store, "errors", 0))
         families["spans_dropped"].add_metric([], self.spans.dropped if self.spans is not None else 0)
         families["events_dropped"].add_metric([], self.view.events_dropped() if self.view is not None else 0)
+        lag = self.view.enforcement_lag() if self.view is not None else {}
+        for kind in ENFORCEMENT_LAG_KINDS:
+            families["enforcement_lag"].add_metric([kind], lag.get(kind, 0))
         # The listener's own answers, before the engine: plain ints it keeps per reason.
         counts = self.view.rejections() if self.view is not None else {}
         rejected = families["rejected"]
@@ -405,6 +408,12 @@ class StateCollector(Collector):
             "events_dropped": c(
                 "loopwatch_events_dropped",
                 "Connection events of the native data plane lost to a full queue before the brain saw them.",
+            ),
+            "enforcement_lag": c(
+                "loopwatch_enforcement_lag",
+                "Attempts the native data plane's table and the engine judged differently, the table a batch "
+                "behind (late_refusal: closed once open) or ahead (early_refusal).",
+                labels=["kind"],
             ),
         }
 
