@@ -1,12 +1,18 @@
 """The relay end to end with an independent client (websockets) and backend."""
 
+import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import wait_for, ws_url
+from tests.conftest import idle, wait_for, ws_url
+
+# On both data planes (tests/conftest.py).
+DATAPLANES = ("python", "native")
+pytestmark = pytest.mark.usefixtures("dataplane")
 
 
-async def test_echo_and_close_code_pass_through(proxied):
+async def test_echo_and_close_code_pass_through(proxied, dataplane):
+    assert proxied.plane.name == dataplane
     async with connect(ws_url(proxied, "/chat?room=1")) as ws:
         await ws.send("hello")
         assert await ws.recv() == "hello"
@@ -18,5 +24,5 @@ async def test_echo_and_close_code_pass_through(proxied):
             assert (e.rcvd.code, e.rcvd.reason) == (4000, "bye from server")
         else:
             raise AssertionError("the backend's close did not arrive")
-    await wait_for(lambda: not proxied.proxy.relays)
-    assert proxied.proxy.active == 0
+    await wait_for(lambda: idle(proxied))
+    assert proxied.plane.connections() == 0
