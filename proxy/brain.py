@@ -424,12 +424,13 @@ class NativeDriver:
     judges it after the fact (`EngineGate.judge`), told what the table did. They
     disagree only when the table is a batch behind or ahead of the engine:
     * the table admitted an attempt the engine refuses (a cooldown started by
-      the event just before it, in the same batch): the connection is closed
-      with the refusal's close code and reason once it opens, and counted as
-      `late_refusals`;
-    * the table refused an attempt the engine would admit: recorded as refused
-      all the same (Engine.admit's `refused`), counted as the engine's
-      `table_refusals`."""
+      an event of the batch before it, not written yet): the connection is
+      closed with the refusal's close code and reason once it opens
+      (`late_refusals`);
+    * the table refused an attempt the engine would admit (a slot freed by a
+      close it had not seen): recorded as refused all the same (Engine.admit's
+      `refused`; the engine's `table_refusals`, and `split_refusals` here).
+    Both are loopwatch_enforcement_lag_total (proxy/app/planes.py)."""
 
     def __init__(self, gate: Gate, plane: Closer):
         self.gate = gate
