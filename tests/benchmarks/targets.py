@@ -250,22 +250,93 @@ def start_loopwatch(tmp: Path, backend_port: int, name: str = "loopwatch", confi
 
 
 def start_native(tmp: Path, backend_port: int, name: str = "native", *, threads: int = 1,
-                 deny: str | None = None) -> Proc:
+                 deny: str | None = None, engine: bool = False, queue_capacity: int | None = None,
+                 brain_rate: float | None = None) -> Proc:
     """The native listener (tests/benchmarks/native_target.py); `deny`: refuse every
-    loopback client with "http-429" or "close-1013"."""
+    loopback client with "http-429" or "close-1013"; `engine`: its brain thread feeds
+    the real detection engine; `brain_rate`: an overloaded brain (events/s at most).
+    `native_stats(proc)` asks it for its counters."""
     log = tmp / f"{name}.log"
     cmd = [sys.executable, "-m", "tests.benchmarks.native_target",
            "--upstream", f"ws://{HOST}:{backend_port}", "--threads", str(threads)]
     if deny is not None:
         cmd += ["--deny", "--reject-with", deny]
-    proc = _popen(cmd, log, cwd=ROOT, stdout=subprocess.PIPE)
+    if engine:
+        cmd.append("--engine")
+    if queue_capacity is not None:
+        cmd += ["--queue-capacity", str(queue_capacity)]
+    if brain_rate is not None:
+        cmd += ["--brain-rate", str(brain_rate)]
+    proc = _popen(cmd, log, cwd=ROOT, stdout=subprocess.PIPE, stdin=subprocess.PIPE)
     try:
         info = json.loads(_readline(proc, 30.0))
     except (RuntimeError, ValueError) as e:
         proc.kill()
         raise RuntimeError(f"{name} did not start: {e}: {_tail(log)}") from None
     port = int(str(info["proxy"]).rsplit(":", 1)[1])
-    return Proc(name, proc, port, log)
+    return Proc(name, proc, port, log, extra={"native": "bare"})
+
+
+def native_stats(proc: Proc, timeout: float = 10.0) -> dict:
+    """The counters of a native_target process (events drained and dropped, the
+    brain thread's CPU seconds, the listener's counters)."""
+    assert proc.proc.stdin is not None
+    proc.proc.stdin.write(b"stats\n")
+    proc.proc.stdin.flush()
+    return json.loads(_readline(proc.proc, timeout))
+
+
+DATA_PLANE_THREADS = "loopwatch-datap"  # tokio's worker name, cut to 15 characters by the kernel
+
+
+def thread_seconds(pids: list[int], prefix: str = DATA_PLANE_THREADS) -> tuple[float, float]:
+    """(every thread, threads whose name starts with `prefix`) on-CPU seconds of the
+    processes (/proc/PID/task/*/schedstat, ns resolution)."""
+    total = named = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except FileNotFoundError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    ns = int(f.read().split()[0])
+                with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                    comm = f.read().strip()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            total += ns
+            if comm.startswith(prefix):
+                named += ns
+    return total / 1e9, named / 1e9
+
+
+def build_cload(tmp: Path) -> Path:
+    """Compile tests/benchmarks/cload.c (the C load generator) into `tmp`; raises
+    RuntimeError when there is no C compiler or the build fails."""
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc) for tests/benchmarks/cload.c")
+    out = tmp / "cload"
+    done = subprocess.run([cc, "-O2", "-o", str(out), str(ROOT / "tests" / "benchmarks" / "cload.c")],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"cload.c did not build: {done.stderr[-1000:]}")
+    return out
+
+
+def run_cload(binary: Path, port: int, mode: str, *, concurrency: int, seconds: float, max_ops: int,
+              sources: int = 0, cpu: int = -1) -> dict:
+    """One run of the C load generator (see cload.c): its JSON result, plus its
+    CPU seconds as `loadgen_cpu_s`."""
+    cmd = [str(binary), HOST, str(port), mode, str(concurrency), str(seconds), str(max_ops), str(sources), str(cpu)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    if done.returncode != 0:
+        raise RuntimeError(f"cload failed ({done.returncode}): {done.stderr[-500:]}")
+    result = json.loads(done.stdout)
+    result["loadgen_cpu_s"] = result["cpu_user_s"] + result["cpu_sys_s"]
+    return result
 
 
 def nginx_config(tmp: Path, port: int, backend_port: int, nofile: int) -> str:
