@@ -19,6 +19,16 @@ BENCH_LOOPWATCH_PYTHON overrides the interpreter command loopwatch runs under
 (default: this one), e.g. another venv, or "python -X importtime"; the JSON and
 the table record it.
 
+The native data plane (issue 16) runs beside them as the `native` target:
+`loopwatch run` with `dataplane: native` once that setting exists (--native
+run), until then the native listener alone with a Python thread draining its
+events (tests/benchmarks/native_target.py, --native bare; --native auto picks).
+Two scenarios are its own: `multicore` (refusal churn from the C load
+generator, tests/benchmarks/cload.c, against 1 and 2 tokio threads) and `brain`
+(events per second the draining thread keeps up with while feeding the real
+detection engine, and an overloaded brain: drops counted, traffic unaffected).
+Their table (report.native_markdown) follows the main one.
+
 Writes tests/benchmarks/results/latest.json (every run, the medians, the
 machine) and the markdown table, which also replaces the part of
 docs/performance.md between its bench markers (unless --no-docs).
@@ -46,12 +56,17 @@ from tests.benchmarks.targets import (
     ROOT,
     LoadGen,
     Proc,
+    build_cload,
     machine,
+    native_stats,
     raise_nofile,
+    run_cload,
     start_backend,
     start_haproxy,
     start_loopwatch,
+    start_native,
     start_nginx,
+    thread_seconds,
     versions,
 )
 
@@ -71,6 +86,9 @@ PROFILES: dict[str, dict] = {
         "hold": {"clients": 10, "interval": 0.01, "quiet_s": 3.0, "storm_s": 20.0, "loopers": 100},
         "detect": {"rate": 20.0, "max_s": 3.0, "max_attempts": 60},
         "memory": {"counts": [2000, 10000], "reps": 1, "settle_s": 1.0, "after_close_s": 2.0},
+        "multicore": {"concurrency": 40, "seconds": 3.0, "max_ops": 1_000_000},
+        "brain": {"concurrency": 20, "seconds": 3.0, "max_ops": 1_000_000, "sources": 2000,
+                  "overload_rate": 2000.0, "overload_capacity": 4096},
     },
     "quick": {
         "reps": 1,
@@ -83,6 +101,9 @@ PROFILES: dict[str, dict] = {
         "hold": {"clients": 10, "interval": 0.01, "quiet_s": 2.0, "storm_s": 6.0, "loopers": 100},
         "detect": {"rate": 20.0, "max_s": 2.0, "max_attempts": 40},
         "memory": {"counts": [2000], "reps": 1, "settle_s": 1.0, "after_close_s": 2.0},
+        "multicore": {"concurrency": 40, "seconds": 1.5, "max_ops": 500_000},
+        "brain": {"concurrency": 20, "seconds": 1.5, "max_ops": 500_000, "sources": 2000,
+                  "overload_rate": 2000.0, "overload_capacity": 4096},
     },
     "smoke": {
         "reps": 1,
@@ -95,10 +116,25 @@ PROFILES: dict[str, dict] = {
         "hold": {"clients": 2, "interval": 0.01, "quiet_s": 0.3, "storm_s": 0.6, "loopers": 5},
         "detect": {"rate": 20.0, "max_s": 0.6, "max_attempts": 12},
         "memory": {"counts": [50], "reps": 1, "settle_s": 0.2, "after_close_s": 0.5},
+        "multicore": {"concurrency": 4, "seconds": 0.3, "max_ops": 300},
+        "brain": {"concurrency": 4, "seconds": 0.3, "max_ops": 600, "sources": 50,
+                  "overload_rate": 200.0, "overload_capacity": 64},
     },
 }
 
-SCENARIOS = ("latency", "throughput", "large", "churn", "refusal", "detect", "storm", "hold", "memory")
+SCENARIOS = ("latency", "throughput", "large", "churn", "refusal", "detect", "storm", "hold", "multicore", "brain",
+             "memory")
+NATIVE = "native"  # the native data plane's column (issue 16)
+NATIVE_REFUSAL = ("native-http-429", "native-close-1013")
+# The multicore scenario: refusal churn against the native listener with 1 and 2
+# tokio worker threads (every client denied, HTTP 429: no backend in the cycle).
+MULTICORE_TARGETS = ("native-t1", "native-t2")
+# The brain scenario: the draining thread feeding the real engine, keeping up;
+# and capped below the offered rate (an overloaded brain) with a small queue.
+BRAIN_TARGETS = ("native-brain", "native-brain-over")
+# `loopwatch run` on the native data plane (W2's wiring of issue 16): prepended
+# to the config of every `native…` instance when --native run.
+NATIVE_RUN_CONFIG = "dataplane: native\n"
 # The hold scenario: the storm against loopwatch with its default hold (policy.hold,
 # 2 s) and against a second loopwatch with the hold off.
 # A hundred clients failing auth at once open the auth breaker, whose refusals
@@ -171,6 +207,8 @@ class Bench:
         self.runs: list[dict] = []
         self.notes: list[str] = []
         self.features: dict[str, object] = {}
+        self.native: str | None = None  # "run" (loopwatch run, dataplane: native), "bare" or None
+        self.cload: Path | None = None
         self.tag = 0
 
     # --- processes ---------------------------------------------------------------
@@ -190,9 +228,42 @@ class Bench:
         self.lg = LoadGen("loadgen", self.tmp)
         self.aux = LoadGen("loadgen-aux", self.tmp)
         self.features = self.probe_features()
+        self.native = self.choose_native()
+        if self.native:
+            self.procs[NATIVE] = self.start_target(NATIVE)
+            self.log(f"{NATIVE} ({self.native}) on {self.procs[NATIVE].port}")
+            try:
+                self.cload = build_cload(self.tmp)
+            except RuntimeError as e:
+                self.notes.append(f"multicore and brain not measured: {e}")
+
+    def choose_native(self) -> str | None:
+        """Which native target this run measures (--native auto: `loopwatch run` with
+        dataplane: native when this checkout accepts it, else the bare listener)."""
+        wanted = self.args.native
+        if wanted == "off":
+            return None
+        if wanted == "run" and not self.features.get("dataplane_native"):
+            self.notes.append("--native run: this checkout does not accept `dataplane: native`; "
+                              "measured the bare native listener instead")  # fmt: skip
+            return "bare"
+        if wanted == "auto":
+            return "run" if self.features.get("dataplane_native") else "bare"
+        return wanted
+
+    def main_targets(self) -> tuple[str, ...]:
+        """latency, throughput, large, churn: the four of issue 8, and native."""
+        return TARGETS + ((NATIVE,) if self.native else ())
+
+    def detection_targets(self) -> tuple[str, ...]:
+        """detect, storm: native only as `loopwatch run` (the bare listener has no brain
+        writing the enforcement table)."""
+        return TARGETS + ((NATIVE,) if self.native == "run" else ())
 
     def start_target(self, name: str, config: str | None = None) -> Proc:
         assert self.backend is not None
+        if name.startswith(NATIVE):
+            return self.start_native_target(name, config)
         if name == "loopwatch":
             return start_loopwatch(self.tmp, self.backend.port, config=config)
         if name == "nginx":
@@ -206,6 +277,23 @@ class Bench:
             how = name.split("-", 1)[1]
             return start_loopwatch(self.tmp, self.backend.port, name, DENY_CONFIG.format(how=how))
         raise ValueError(name)
+
+    def start_native_target(self, name: str, config: str | None) -> Proc:
+        assert self.backend is not None
+        how = name.split("-", 1)[1] if name in NATIVE_REFUSAL else None
+        if self.native == "run" and name in (NATIVE, *NATIVE_REFUSAL):
+            text = DENY_CONFIG.format(how=how) if how else (config or "")
+            return start_loopwatch(self.tmp, self.backend.port, name, NATIVE_RUN_CONFIG + text)
+        port = self.backend.port
+        if name in MULTICORE_TARGETS:
+            return start_native(self.tmp, port, name, threads=int(name[-1]), deny="http-429")
+        if name in BRAIN_TARGETS:
+            p = self.profile["brain"]
+            if name == "native-brain":
+                return start_native(self.tmp, port, name, engine=True)
+            return start_native(self.tmp, port, name, engine=True, queue_capacity=p["overload_capacity"],
+                                brain_rate=p["overload_rate"])  # fmt: skip
+        return start_native(self.tmp, port, name, deny=how)
 
     def restart(self, name: str, config: str | None = None) -> None:
         old = self.procs.get(name)
@@ -234,6 +322,10 @@ class Bench:
         dump = out.stdout
         features["detection"] = out.returncode == 0 and "\ndetection:" in "\n" + dump
         features["policy"] = out.returncode == 0 and "\npolicy:" in "\n" + dump
+        path = self.tmp / "probe-native.yaml"
+        path.write_text(NATIVE_RUN_CONFIG)
+        out = subprocess.run([*cmd, str(path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        features["dataplane_native"] = out.returncode == 0 and "\ndataplane: native" in "\n" + out.stdout
         for how in ("http-429", "close-1013"):
             path = self.tmp / f"probe-{how}.yaml"
             path.write_text(DENY_CONFIG.format(how=how))
@@ -275,6 +367,7 @@ class Bench:
         self.tag += 1
         command = {**command, "host": HOST, "port": proc.port, "tag": self.tag}
         u0, k0 = proc.split()
+        d0 = thread_seconds(proc.pids())[1]
         c0, s0, b0 = proc.cpu(), proc.sched(), self.backend.cpu() if self.backend else 0.0
         t0 = time.perf_counter()
         result = lg.call(command, timeout)
@@ -282,6 +375,8 @@ class Bench:
         time.sleep(0.02)  # let the target finish the work the last replies started
         c1, s1, b1 = proc.cpu(), proc.sched(), self.backend.cpu() if self.backend else 0.0
         u1, k1 = proc.split()
+        if target.startswith(NATIVE):  # its tokio threads' share (bare: the rest is the brain thread)
+            result["dp_s"] = thread_seconds(proc.pids())[1] - d0
         result["cpu_user_s"], result["cpu_sys_s"] = u1 - u0, k1 - k0
         result["cpu_s"] = c1 - c0  # /proc/PID/stat utime+stime+cutime+cstime, 10 ms ticks
         result["sched_s"] = s1 - s0  # /proc/PID/task/*/schedstat, ns resolution
@@ -318,20 +413,21 @@ class Bench:
 
     # --- scenarios ---------------------------------------------------------------
 
-    def rounds(self, rep: int, command: dict, timeout: float, rounds: int) -> dict[str, dict]:
+    def rounds(self, rep: int, command: dict, timeout: float, rounds: int,
+               targets: tuple[str, ...] = TARGETS) -> dict[str, dict]:
         """Sub-second scenarios: `rounds` runs per target (interleaved), pooled into one
         result per target: operations and CPU summed (so CPU per operation spans all
         rounds, not one run's few ticks), rates and percentiles the median of the rounds."""
         pooled: dict[str, list[dict]] = {}
         for _ in range(rounds):
-            for target in self.order(rep):
+            for target in self.order(rep, targets):
                 pooled.setdefault(target, []).append(self.measure(target, command, timeout))
         out = {}
         for target, results in pooled.items():
             ok = [r for r in results if not r.get("failed")]
             merged: dict = {"rounds": len(results), "failed": next((r["failed"] for r in results if r.get("failed")), None)}
             for key in ("ops", "mib", "errors", "cpu_s", "sched_s", "cpu_user_s", "cpu_sys_s", "backend_cpu_s",
-                        "loadgen_cpu_s", "elapsed_s"):
+                        "loadgen_cpu_s", "elapsed_s", "dp_s"):
                 merged[key] = sum(r.get(key, 0) or 0 for r in ok) + (len(results) - len(ok) if key == "errors" else 0)
             for key in ("p50_us", "p90_us", "p99_us", "max_us", "rate"):
                 merged[key] = median([r.get(key) for r in ok])
@@ -343,8 +439,8 @@ class Bench:
     def s_latency(self, rep: int) -> None:
         p = self.profile["latency"]
         command = {"op": "latency", "n": p["n"], "max_s": p["max_s"]}
-        pooled = self.rounds(rep, command, p["max_s"] + 60, p.get("rounds", 1))
-        for target in self.order(rep):
+        pooled = self.rounds(rep, command, p["max_s"] + 60, p.get("rounds", 1), self.main_targets())
+        for target in self.order(rep, self.main_targets()):
             r = pooled[target]
             self.record("latency", target, rep, r, {
                 "p50_us": r.get("p50_us"), "p99_us": r.get("p99_us"),
@@ -355,8 +451,8 @@ class Bench:
     def s_throughput(self, rep: int) -> None:
         p = dict(self.profile["throughput"])
         rounds = p.pop("rounds", 1)
-        pooled = self.rounds(rep, {"op": "throughput", **p}, p["max_s"] + 60, rounds)
-        for target in self.order(rep):
+        pooled = self.rounds(rep, {"op": "throughput", **p}, p["max_s"] + 60, rounds, self.main_targets())
+        for target in self.order(rep, self.main_targets()):
             r = pooled[target]
             self.record("throughput", target, rep, r, {
                 "msgs_per_s": r.get("rate"), "cpu_us_per_msg": self.cpu_per_op(r, r.get("ops", 0)), **self.split_per_op(r, r.get("ops", 0)),
@@ -365,7 +461,7 @@ class Bench:
 
     def s_large(self, rep: int) -> None:
         p = self.profile["large"]
-        for target in self.order(rep):
+        for target in self.order(rep, self.main_targets()):
             r = self.measure(target, {"op": "large", **p}, p["max_s"] + 60)
             self.record("large", target, rep, r, {
                 "mib_per_s": r.get("rate"), "cpu_ms_per_mib": self.cpu_per_op(r, r.get("mib", 0), 1e3),
@@ -375,9 +471,9 @@ class Bench:
 
     def s_churn(self, rep: int) -> None:
         p = self.profile["churn"]
-        for target in self.order(rep):
-            if target == "loopwatch":
-                self.reset_loopwatch()
+        for target in self.order(rep, self.main_targets()):
+            if target in ("loopwatch", NATIVE):
+                self.reset_loopwatch(target)
             r = self.measure(target, {"op": "churn", **p}, p["max_s"] + 60)
             self.record("churn", target, rep, r, {
                 "cycles_per_s": r.get("rate"), "cpu_us_per_cycle": self.cpu_per_op(r, r.get("ops", 0)), **self.split_per_op(r, r.get("ops", 0)),
@@ -390,13 +486,13 @@ class Bench:
         for how in ("http-429", "close-1013"):
             if self.features.get(f"deny_{how}"):
                 names.append(f"loopwatch-{how}")
-        return (*names, "nginx", "haproxy", "direct")
+        return (*names, *(NATIVE_REFUSAL if self.native else ()), "nginx", "haproxy", "direct")
 
     def s_refusal(self, rep: int) -> None:
         p = self.profile["refusal"]
         targets = self.refusal_targets()
         for name in targets:
-            if name.startswith("loopwatch-") and name not in self.procs:
+            if name.startswith(("loopwatch-", "native-")) and name not in self.procs:
                 try:
                     self.procs[name] = self.start_target(name)
                 except RuntimeError as e:
@@ -406,7 +502,7 @@ class Bench:
                     self.notes.append(f"{name} did not start: {str(e)[-300:]}")
         targets = self.refusal_targets()
         for target in self.order(rep, targets):
-            expect = "close" if target == "loopwatch-close-1013" else "http"
+            expect = "close" if target.endswith("close-1013") else "http"
             r = self.measure(target, {"op": "refusal", "expect": expect, "path": "/refuse", **p}, p["max_s"] + 60)
             self.record("refusal", target, rep, r, {
                 "refusals_per_s": r.get("rate"), "cpu_us_per_refusal": self.cpu_per_op(r, r.get("ops", 0)), **self.split_per_op(r, r.get("ops", 0)),
@@ -415,9 +511,9 @@ class Bench:
 
     def s_detect(self, rep: int) -> None:
         p = self.profile["detect"]
-        for target in self.order(rep):
-            if target == "loopwatch":
-                self.reset_loopwatch()
+        for target in self.order(rep, self.detection_targets()):
+            if target in ("loopwatch", NATIVE):
+                self.reset_loopwatch(target)
             r = self.measure(target, {"op": "detect", **p}, p["max_s"] + 60)
             self.record("detect", target, rep, r, {
                 "attempts": r.get("refused_at_attempt"), "seconds": r.get("refused_after_s"),
@@ -427,9 +523,9 @@ class Bench:
     def s_storm(self, rep: int) -> None:
         p = self.profile["storm"]
         assert self.aux is not None and self.lg is not None and self.backend is not None
-        for target in self.order(rep):
-            if target == "loopwatch":
-                self.reset_loopwatch()
+        for target in self.order(rep, self.detection_targets()):
+            if target in ("loopwatch", NATIVE):
+                self.reset_loopwatch(target)
             ping = {"op": "pings", "clients": p["clients"], "interval": p["interval"]}
             quiet = self.measure(target, {**ping, "duration": p["quiet_s"]}, p["quiet_s"] + 60)
             stats0 = self.backend_stats()
@@ -456,8 +552,9 @@ class Bench:
                 "leaks": storm.get("leaks"),
                 "cpu_us_per_attempt": (cpu / attempts * 1e6) if attempts else None,
             })
-        if "loopwatch" in self.procs:
-            self.reset_loopwatch()
+        for name in ("loopwatch", NATIVE):
+            if name in self.procs:
+                self.reset_loopwatch(name)
 
     def s_hold(self, rep: int) -> None:
         """The storm with the hold on (loopwatch's default) and off: healthy pings
@@ -510,6 +607,86 @@ class Bench:
             })
             self.reset_loopwatch(target)
 
+    def measure_c(self, target: str, mode: str, p: dict, sources: int = 0) -> dict:
+        """One run of the C load generator against `target`: the target's CPU (every
+        thread, and its tokio threads apart) and the generator's own, around it."""
+        assert self.cload is not None
+        proc = self.procs[target]
+        c0, d0 = thread_seconds(proc.pids())
+        r = run_cload(self.cload, proc.port, mode, concurrency=p["concurrency"], seconds=p["seconds"],
+                      max_ops=p["max_ops"], sources=sources)  # fmt: skip
+        time.sleep(0.02)  # the target finishes the work the last replies started
+        c1, d1 = thread_seconds(proc.pids())
+        r["sched_s"], r["dp_s"] = c1 - c0, d1 - d0
+        return r
+
+    def s_multicore(self, rep: int) -> None:
+        """CPU-bound churn against the native listener with 1 and 2 tokio threads:
+        refusal cycles (connect + upgrade + HTTP 429 + close; every client denied, so
+        no backend in the cycle: the Python echo backend would be the bottleneck of a
+        proxied churn) from the C load generator, `concurrency` loops, unpinned.
+        Besides cycles/s: CPU per cycle of the target (all threads, tokio threads)
+        and of the generator, and the cores each used, from which the report derives
+        what two cores can show at most."""
+        if self.cload is None:
+            return
+        p = self.profile["multicore"]
+        for name in MULTICORE_TARGETS:
+            if name not in self.procs:
+                self.procs[name] = self.start_target(name)
+        for target in self.order(rep, MULTICORE_TARGETS):
+            r = self.measure_c(target, "http", p)
+            ops, wall = r.get("ops", 0), r.get("elapsed_s") or p["seconds"]
+            self.record("multicore", target, rep, r, {
+                "cycles_per_s": r.get("rate"),
+                "cpu_us_per_cycle": r["sched_s"] / ops * 1e6 if ops else None,
+                "dp_us_per_cycle": r["dp_s"] / ops * 1e6 if ops else None,
+                "loadgen_us_per_cycle": r["loadgen_cpu_s"] / ops * 1e6 if ops else None,
+                "target_cores": r["sched_s"] / wall, "dp_cores": r["dp_s"] / wall,
+                "loadgen_cores": r["loadgen_cpu_s"] / wall,
+                "errors": r.get("errors", 0),
+            })
+
+    def s_brain(self, rep: int) -> None:
+        """Events per second the brain keeps up with on one core: churn (Attempt,
+        Opened, Closed per cycle) from a fleet of `sources` loopback addresses (one
+        client key each) against the native listener whose draining thread feeds
+        the real detection engine; its CPU per event is the figure (1 / that = events
+        per second of one core). Then the same traffic against an overloaded brain
+        (capped at `overload_rate` events/s, queue of `overload_capacity`): events
+        dropped and counted, cycles/s and errors beside the brain that keeps up."""
+        if self.cload is None:
+            return
+        p = self.profile["brain"]
+        for name in BRAIN_TARGETS:
+            if name not in self.procs:
+                self.procs[name] = self.start_target(name)
+        for target in self.order(rep, BRAIN_TARGETS):
+            proc = self.procs[target]
+            s0 = native_stats(proc)
+            r = self.measure_c(target, "churn", p, sources=p["sources"])
+            time.sleep(0.3)  # the brain drains what the last cycles queued
+            s1 = native_stats(proc)
+            delta = {k: s1[k] - s0[k] for k in ("events", "events_dropped", "brain_cpu_s", "queued",
+                                                 "engine_rejects", "accepted")}  # fmt: skip
+            r["brain"] = delta
+            ops, wall = r.get("ops", 0), r.get("elapsed_s") or p["seconds"]
+            events, dropped = delta["events"], delta["events_dropped"]
+            offered = events + dropped + delta["queued"]
+            per_event = delta["brain_cpu_s"] / events * 1e6 if events else None
+            self.record("brain", target, rep, r, {
+                "events_per_s_offered": offered / wall,
+                "brain_us_per_event": per_event,
+                "events_per_core_s": 1e6 / per_event if per_event else None,
+                "brain_cores": delta["brain_cpu_s"] / wall,
+                "events_dropped": dropped,
+                "dropped_pct": 100.0 * dropped / offered if offered else None,
+                "engine_rejects": delta["engine_rejects"],
+                "cycles_per_s": r.get("rate"),
+                "dp_us_per_cycle": r["dp_s"] / ops * 1e6 if ops else None,
+                "errors": r.get("errors", 0),
+            })
+
     def backend_stats(self) -> dict:
         assert self.backend is not None
         try:
@@ -523,8 +700,9 @@ class Bench:
         proxied connections, and after they close."""
         p = self.profile["memory"]
         assert self.lg is not None
-        for target in self.order(rep, ("loopwatch", "nginx", "haproxy")):
-            self.restart(target, MEMORY_CONFIG if target == "loopwatch" else None)
+        targets = ("loopwatch", "nginx", "haproxy") + ((NATIVE,) if self.native else ())
+        for target in self.order(rep, targets):
+            self.restart(target, MEMORY_CONFIG if target in ("loopwatch", NATIVE) else None)
             proc = self.procs[target]
             # Warm up (first-use allocations are not per-connection cost), then settle.
             self.measure(target, {"op": "hold", "n": 20, "concurrency": 20}, 60)
@@ -592,6 +770,7 @@ class Bench:
                 "nofile": self.nofile,
                 "loopwatch_python": " ".join(self.loopwatch_python()),
                 "features": self.features,
+                "native": self.native,
                 "notes": self.notes,
                 "caveats": report.CAVEATS,
             },
@@ -603,10 +782,11 @@ class Bench:
 
     def warm_up(self) -> None:
         """A short untimed pass per target, so first-use costs land in no scenario."""
-        for target in TARGETS:
+        for target in self.main_targets():
             self.lg.call({"op": "latency", "n": 200, "host": HOST, "port": self.procs[target].port}, 60)  # type: ignore[union-attr]
             self.lg.call({"op": "churn", "workers": 4, "max_s": 0.2, "host": HOST, "port": self.procs[target].port}, 60)  # type: ignore[union-attr]
         self.reset_loopwatch()
+        self.reset_loopwatch(NATIVE)
 
     def command(self) -> str:
         args = " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -662,6 +842,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="where to write the JSON (default results/latest.json; smoke: results/smoke.json)")
     parser.add_argument("--markdown", type=Path, help="also write the markdown table here")
     parser.add_argument("--no-docs", action="store_true", help="do not update docs/performance.md")
+    parser.add_argument("--native", choices=("auto", "run", "bare", "off"), default="auto",
+                        help="the native data plane's column: `loopwatch run` with dataplane: native (run), "
+                        "the native listener alone (bare), auto (run when the setting exists), off")
     parser.add_argument("--keep-temp", action="store_true", help="keep the temp dir (generated configs, logs)")
     parser.add_argument("--silent", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
