@@ -396,6 +396,13 @@ class Bench:
         return cpu / per * scale
 
     @staticmethod
+    def dp_per_op(r: dict, per: float) -> dict:
+        """The native target's tokio threads' CPU µs per operation (schedstat)."""
+        if not per or r.get("failed") or r.get("dp_s") is None:
+            return {}
+        return {"dp_us": r["dp_s"] / per * 1e6}
+
+    @staticmethod
     def split_per_op(r: dict, per: float) -> dict:
         """User and system CPU µs per operation (from /proc/PID/stat ticks)."""
         if not per or r.get("failed") or "cpu_user_s" not in r:
@@ -444,7 +451,7 @@ class Bench:
             r = pooled[target]
             self.record("latency", target, rep, r, {
                 "p50_us": r.get("p50_us"), "p99_us": r.get("p99_us"),
-                "cpu_us_per_rtt": self.cpu_per_op(r, r.get("ops", 0)), **self.split_per_op(r, r.get("ops", 0)),
+                "cpu_us_per_rtt": self.cpu_per_op(r, r.get("ops", 0)), **self.split_per_op(r, r.get("ops", 0)), **self.dp_per_op(r, r.get("ops", 0)),
                 "errors": r.get("errors", 1 if r.get("failed") else 0),
             })
 
@@ -455,7 +462,7 @@ class Bench:
         for target in self.order(rep, self.main_targets()):
             r = pooled[target]
             self.record("throughput", target, rep, r, {
-                "msgs_per_s": r.get("rate"), "cpu_us_per_msg": self.cpu_per_op(r, r.get("ops", 0)), **self.split_per_op(r, r.get("ops", 0)),
+                "msgs_per_s": r.get("rate"), "cpu_us_per_msg": self.cpu_per_op(r, r.get("ops", 0)), **self.split_per_op(r, r.get("ops", 0)), **self.dp_per_op(r, r.get("ops", 0)),
                 "errors": r.get("errors", 1 if r.get("failed") else 0),
             })
 
@@ -476,7 +483,7 @@ class Bench:
                 self.reset_loopwatch(target)
             r = self.measure(target, {"op": "churn", **p}, p["max_s"] + 60)
             self.record("churn", target, rep, r, {
-                "cycles_per_s": r.get("rate"), "cpu_us_per_cycle": self.cpu_per_op(r, r.get("ops", 0)), **self.split_per_op(r, r.get("ops", 0)),
+                "cycles_per_s": r.get("rate"), "cpu_us_per_cycle": self.cpu_per_op(r, r.get("ops", 0)), **self.split_per_op(r, r.get("ops", 0)), **self.dp_per_op(r, r.get("ops", 0)),
                 "cycle_p50_ms": (r["p50_us"] / 1000) if r.get("p50_us") else None,
                 "errors": r.get("errors", 1 if r.get("failed") else 0),
             })
@@ -505,7 +512,7 @@ class Bench:
             expect = "close" if target.endswith("close-1013") else "http"
             r = self.measure(target, {"op": "refusal", "expect": expect, "path": "/refuse", **p}, p["max_s"] + 60)
             self.record("refusal", target, rep, r, {
-                "refusals_per_s": r.get("rate"), "cpu_us_per_refusal": self.cpu_per_op(r, r.get("ops", 0)), **self.split_per_op(r, r.get("ops", 0)),
+                "refusals_per_s": r.get("rate"), "cpu_us_per_refusal": self.cpu_per_op(r, r.get("ops", 0)), **self.split_per_op(r, r.get("ops", 0)), **self.dp_per_op(r, r.get("ops", 0)),
                 "errors": r.get("errors", 1 if r.get("failed") else 0),
             })
 
@@ -778,6 +785,7 @@ class Bench:
         }
         result["summary"] = summarize(self.runs)
         result["rows"] = report.rows(result)
+        result["native_rows"] = report.native_rows(result)
         return result
 
     def warm_up(self) -> None:
