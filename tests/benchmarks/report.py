@@ -334,6 +334,11 @@ def _ceiling(s: dict) -> float | None:
     return 2 * d1 / (c2 + l2) if d1 and c2 and l2 else None
 
 
+def _busy_2(s: dict) -> float | None:
+    target, lg = _get(s, "multicore", "native-t2", "target_cores"), _get(s, "multicore", "native-t2", "loadgen_cores")
+    return target + lg if target is not None and lg is not None else None
+
+
 def _efficiency(s: dict) -> float | None:
     d1, d2 = _get(s, "multicore", "native-t1", "dp_us_per_cycle"), _get(s, "multicore", "native-t2", "dp_us_per_cycle")
     return d1 / d2 if d1 and d2 else None
@@ -382,6 +387,16 @@ NATIVE_ROWS = [
               derive=_mc("native-t1", "dp_us_per_cycle"), ratios=False),
     NativeRow("n_mc_dp_2", "multicore: tokio CPU per cycle, 2 threads", "µs", "multicore",
               derive=_mc("native-t2", "dp_us_per_cycle"), ratios=False),
+    NativeRow("n_mc_cores_dp_1", "multicore: cores busy at 1 thread, the tokio thread (1.0: it is the bottleneck)",
+              "cores", "multicore", fmt="{:.2f}", derive=_mc("native-t1", "dp_cores"), ratios=False),
+    NativeRow("n_mc_cores_lg_1", "multicore: cores busy at 1 thread, the load generator", "cores", "multicore",
+              fmt="{:.2f}", derive=_mc("native-t1", "loadgen_cores"), ratios=False),
+    NativeRow("n_mc_cores_dp_2", "multicore: cores busy at 2 threads, the tokio threads", "cores", "multicore",
+              fmt="{:.2f}", derive=_mc("native-t2", "dp_cores"), ratios=False),
+    NativeRow("n_mc_cores_all_2", "multicore: cores busy at 2 threads, whole target + load generator", "cores",
+              "multicore", fmt="{:.2f}", derive=_busy_2, ratios=False),
+    NativeRow("n_mc_share", "multicore: busiest tokio thread's share of the tokio CPU, 2 threads (even: 0.5)", "",
+              "multicore", fmt="{:.2f}", derive=_mc("native-t2", "dp_busiest_share"), ratios=False),
     NativeRow("n_mc_loadgen", "multicore: load generator CPU per cycle (2 threads)", "µs", "multicore",
               derive=_mc("native-t2", "loadgen_us_per_cycle"), ratios=False),
     NativeRow("n_mc_projection", "multicore: on 2 free cores, 2 × (tokio CPU/cycle 1 thread ÷ 2 threads)", "×",

@@ -58,6 +58,7 @@ from tests.benchmarks.targets import (
     Proc,
     build_cload,
     machine,
+    named_thread_seconds,
     native_stats,
     raise_nofile,
     run_cload,
@@ -620,12 +621,24 @@ class Bench:
         assert self.cload is not None
         proc = self.procs[target]
         c0, d0 = thread_seconds(proc.pids())
+        w0 = named_thread_seconds(proc.pids())
         r = run_cload(self.cload, proc.port, mode, concurrency=p["concurrency"], seconds=p["seconds"],
                       max_ops=p["max_ops"], sources=sources)  # fmt: skip
         time.sleep(0.02)  # the target finishes the work the last replies started
         c1, d1 = thread_seconds(proc.pids())
+        w1 = named_thread_seconds(proc.pids())
         r["sched_s"], r["dp_s"] = c1 - c0, d1 - d0
+        r["dp_threads_s"] = sorted((w1[t] - w0.get(t, 0.0) for t in w1), reverse=True)
         return r
+
+    def start_c_targets(self, names: tuple[str, ...], mode: str, sources: int = 0) -> None:
+        """Start the scenario's targets (once) and warm each up: first-use costs land in no figure."""
+        assert self.cload is not None
+        for name in names:
+            if name not in self.procs:
+                self.procs[name] = self.start_target(name)
+                run_cload(self.cload, self.procs[name].port, mode, concurrency=4, seconds=0.2, max_ops=100_000,
+                          sources=sources)  # fmt: skip
 
     def s_multicore(self, rep: int) -> None:
         """CPU-bound churn against the native listener with 1 and 2 tokio threads:
@@ -638,9 +651,7 @@ class Bench:
         if self.cload is None:
             return
         p = self.profile["multicore"]
-        for name in MULTICORE_TARGETS:
-            if name not in self.procs:
-                self.procs[name] = self.start_target(name)
+        self.start_c_targets(MULTICORE_TARGETS, "http")
         for target in self.order(rep, MULTICORE_TARGETS):
             r = self.measure_c(target, "http", p)
             ops, wall = r.get("ops", 0), r.get("elapsed_s") or p["seconds"]
@@ -651,6 +662,8 @@ class Bench:
                 "loadgen_us_per_cycle": r["loadgen_cpu_s"] / ops * 1e6 if ops else None,
                 "target_cores": r["sched_s"] / wall, "dp_cores": r["dp_s"] / wall,
                 "loadgen_cores": r["loadgen_cpu_s"] / wall,
+                # how evenly the tokio threads shared the work (1 thread: 1.0; 2 even: 0.5)
+                "dp_busiest_share": r["dp_threads_s"][0] / r["dp_s"] if r["dp_s"] > 0 else None,
                 "errors": r.get("errors", 0),
             })
 
@@ -665,9 +678,7 @@ class Bench:
         if self.cload is None:
             return
         p = self.profile["brain"]
-        for name in BRAIN_TARGETS:
-            if name not in self.procs:
-                self.procs[name] = self.start_target(name)
+        self.start_c_targets(BRAIN_TARGETS, "churn", p["sources"])
         for target in self.order(rep, BRAIN_TARGETS):
             proc = self.procs[target]
             s0 = native_stats(proc)

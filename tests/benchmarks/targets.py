@@ -312,6 +312,26 @@ def thread_seconds(pids: list[int], prefix: str = DATA_PLANE_THREADS) -> tuple[f
     return total / 1e9, named / 1e9
 
 
+def named_thread_seconds(pids: list[int], prefix: str = DATA_PLANE_THREADS) -> dict[int, float]:
+    """On-CPU seconds of each thread whose name starts with `prefix`, by thread id."""
+    out: dict[int, float] = {}
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except FileNotFoundError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                    if not f.read().startswith(prefix):
+                        continue
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    out[int(tid)] = int(f.read().split()[0]) / 1e9
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+    return out
+
+
 def build_cload(tmp: Path) -> Path:
     """Compile tests/benchmarks/cload.c (the C load generator) into `tmp`; raises
     RuntimeError when there is no C compiler or the build fails."""
