@@ -219,7 +219,11 @@ def markdown(result: dict) -> str:
         f"medians; started {meta['started']}, took {meta['duration_s']:.0f} s).",
         "",
         f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m.get('memory_mib', 0)} MiB, kernel {m['kernel']}, "
-        f"load average at start {' '.join(m.get('loadavg_at_start', []))}; {v['nginx']}; "
+        f"load average at start {' '.join(m.get('loadavg_at_start', []))}"
+        + (f", at the end {' '.join(meta['loadavg_at_end'])}" if meta.get("loadavg_at_end") else "")
+        + (", 1-minute load {:.1f}–{:.1f} over the scenarios".format(*meta["loadavg_1m_range"])
+           if meta.get("loadavg_1m_range") else "")
+        + f"; {v['nginx']}; "
         f"{v['haproxy']}; Python {v['python']}, uvloop {v['uvloop']}.",
         "",
     ]

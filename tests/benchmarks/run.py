@@ -210,6 +210,7 @@ class Bench:
         self.features: dict[str, object] = {}
         self.native: str | None = None  # "run" (loopwatch run, dataplane: native), "bare" or None
         self.cload: Path | None = None
+        self.loadavg: list[float] = []  # 1-minute load average before each scenario run
         self.tag = 0
 
     # --- processes ---------------------------------------------------------------
@@ -764,6 +765,7 @@ class Bench:
                 self.log(f"repetition {rep + 1}/{self.profile['reps']}")
                 for name in SCENARIOS:
                     if name in wanted and name != "memory":
+                        self.loadavg.append(float(Path("/proc/loadavg").read_text().split()[0]))
                         getattr(self, f"s_{name}")(rep)
             if "memory" in wanted:
                 if self.memory_cap_note:
@@ -783,6 +785,8 @@ class Bench:
                 "profile": self.profile,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
                 "duration_s": round(time.perf_counter() - t0, 1),
+                "loadavg_at_end": Path("/proc/loadavg").read_text().split()[:3],
+                "loadavg_1m_range": [min(self.loadavg), max(self.loadavg)] if self.loadavg else None,
                 "machine": machine(),
                 "versions": versions(),
                 "nofile": self.nofile,
