@@ -2,7 +2,7 @@
 
     python -m tests.benchmarks.native_target --upstream ws://127.0.0.1:PORT \\
         [--threads 1] [--deny --reject-with http-429|close-1013] \\
-        [--engine] [--queue-capacity N] [--brain-rate EVENTS_PER_S]
+        [--engine] [--queue-capacity N] [--brain-rate EVENTS_PER_S | --brain-interval S]
 
 Starts `NativeListener` on a free loopback port in front of `--upstream`, with
 the default `limits:`; with `--deny` every loopback client is refused (deny list
@@ -16,7 +16,9 @@ its decisions are counted, not written into the enforcement table, so that the
 offered traffic stays the same whatever the engine decides. `--brain-rate`
 caps what the brain processes (an overloaded brain): beyond it the queue
 (`--queue-capacity`) fills and events are dropped and counted, while traffic
-goes on.
+goes on. `--brain-interval` makes the brain wait that long after each batch,
+so that it takes the large batches a saturated brain takes (what one event
+costs when the brain never waits for work).
 
 Prints one JSON line `{"event": "listening", "proxy": "HOST:PORT"}` on stdout
 (the shape `loopwatch run` logs); each line `stats` on stdin is answered with a
@@ -49,8 +51,8 @@ from loopwatch.proxy.dataplane.native import (
 class Brain:
     """The draining thread: what the brain will do with each batch, minus enforcement."""
 
-    def __init__(self, queue: EventQueue, engine: Engine | None, rate: float | None):
-        self.queue, self.engine, self.rate = queue, engine, rate
+    def __init__(self, queue: EventQueue, engine: Engine | None, rate: float | None, interval: float | None):
+        self.queue, self.engine, self.rate, self.interval = queue, engine, rate, interval
         self.stopping = threading.Event()
         self.drained = self.rejects = self.batches = 0
         self.cpu_s = 0.0  # this thread's CPU time, updated after every batch
@@ -82,6 +84,8 @@ class Brain:
                 delay = pace_until - time.monotonic()
                 if delay > 0:
                     self.stopping.wait(delay)
+            elif self.interval and batch:
+                self.stopping.wait(self.interval)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,10 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reject-with", default="close-1013", choices=("close-1013", "http-429"))
     parser.add_argument("--engine", action="store_true", help="feed the events to the real detection engine")
     parser.add_argument("--queue-capacity", type=int, default=DEFAULT_QUEUE_CAPACITY)
-    parser.add_argument("--brain-rate", type=float, help="events/s the brain processes at most (overload)")
+    pace = parser.add_mutually_exclusive_group()
+    pace.add_argument("--brain-rate", type=float, help="events/s the brain processes at most (overload)")
+    pace.add_argument("--brain-interval", type=float, help="seconds the brain waits after each batch")
     args = parser.parse_args(argv)
     if args.brain_rate is not None and not args.brain_rate > 0:
         parser.error("--brain-rate: expected a positive number of events per second")
+    if args.brain_interval is not None and not 0 < args.brain_interval <= 1:
+        parser.error("--brain-interval: expected seconds in (0, 1]")
 
     queue, table = EventQueue(args.queue_capacity), EnforcementTable()
     if args.deny:
@@ -104,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         [("/", args.upstream)], queue=queue, table=table, reject_with=args.reject_with, threads=args.threads
     )
     engine = Engine(DetectionSettings(), PolicySettings(), BreakerSettings()) if args.engine else None
-    brain = Brain(queue, engine, args.brain_rate)
+    brain = Brain(queue, engine, args.brain_rate, args.brain_interval)
     brain.thread.start()
 
     def stats() -> dict:

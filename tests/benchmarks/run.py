@@ -58,6 +58,7 @@ from tests.benchmarks.targets import (
     Proc,
     build_cload,
     machine,
+    machine_busy_seconds,
     named_thread_seconds,
     native_stats,
     raise_nofile,
@@ -89,7 +90,8 @@ PROFILES: dict[str, dict] = {
         "memory": {"counts": [2000, 10000], "reps": 1, "settle_s": 1.0, "after_close_s": 2.0},
         "multicore": {"concurrency": 40, "seconds": 3.0, "max_ops": 1_000_000},
         "brain": {"concurrency": 20, "seconds": 3.0, "max_ops": 1_000_000, "sources": 2000,
-                  "overload_rate": 2000.0, "overload_capacity": 4096},
+                  "overload_rate": 2000.0, "overload_capacity": 4096,
+                  "saturated_interval": 0.05},
     },
     "quick": {
         "reps": 1,
@@ -104,7 +106,8 @@ PROFILES: dict[str, dict] = {
         "memory": {"counts": [2000], "reps": 1, "settle_s": 1.0, "after_close_s": 2.0},
         "multicore": {"concurrency": 40, "seconds": 1.5, "max_ops": 500_000},
         "brain": {"concurrency": 20, "seconds": 1.5, "max_ops": 500_000, "sources": 2000,
-                  "overload_rate": 2000.0, "overload_capacity": 4096},
+                  "overload_rate": 2000.0, "overload_capacity": 4096,
+                  "saturated_interval": 0.05},
     },
     "smoke": {
         "reps": 1,
@@ -119,7 +122,8 @@ PROFILES: dict[str, dict] = {
         "memory": {"counts": [50], "reps": 1, "settle_s": 0.2, "after_close_s": 0.5},
         "multicore": {"concurrency": 4, "seconds": 0.3, "max_ops": 300},
         "brain": {"concurrency": 4, "seconds": 0.3, "max_ops": 600, "sources": 50,
-                  "overload_rate": 200.0, "overload_capacity": 64},
+                  "overload_rate": 200.0, "overload_capacity": 64,
+                  "saturated_interval": 0.05},
     },
 }
 
@@ -131,8 +135,10 @@ NATIVE_REFUSAL = ("native-http-429", "native-close-1013")
 # tokio worker threads (every client denied, HTTP 429: no backend in the cycle).
 MULTICORE_TARGETS = ("native-t1", "native-t2")
 # The brain scenario: the draining thread feeding the real engine, keeping up;
-# and capped below the offered rate (an overloaded brain) with a small queue.
-BRAIN_TARGETS = ("native-brain", "native-brain-over")
+# waiting after each batch (the large batches of a saturated brain: its cost per
+# event when it never waits for work); and capped below the offered rate (an
+# overloaded brain) with a small queue.
+BRAIN_TARGETS = ("native-brain", "native-brain-sat", "native-brain-over")
 # `loopwatch run` on the native data plane (W2's wiring of issue 16): prepended
 # to the config of every `native…` instance when --native run.
 NATIVE_RUN_CONFIG = "dataplane: native\n"
@@ -293,6 +299,8 @@ class Bench:
             p = self.profile["brain"]
             if name == "native-brain":
                 return start_native(self.tmp, port, name, engine=True)
+            if name == "native-brain-sat":
+                return start_native(self.tmp, port, name, engine=True, brain_interval=p["saturated_interval"])
             return start_native(self.tmp, port, name, engine=True, queue_capacity=p["overload_capacity"],
                                 brain_rate=p["overload_rate"])  # fmt: skip
         return start_native(self.tmp, port, name, deny=how)
@@ -437,6 +445,8 @@ class Bench:
             merged: dict = {"rounds": len(results), "failed": next((r["failed"] for r in results if r.get("failed")), None)}
             for key in ("ops", "mib", "errors", "cpu_s", "sched_s", "cpu_user_s", "cpu_sys_s", "backend_cpu_s",
                         "loadgen_cpu_s", "elapsed_s", "dp_s"):
+                if key == "dp_s" and not any("dp_s" in r for r in ok):
+                    continue  # only the native target has tokio threads
                 merged[key] = sum(r.get(key, 0) or 0 for r in ok) + (len(results) - len(ok) if key == "errors" else 0)
             for key in ("p50_us", "p90_us", "p99_us", "max_us", "rate"):
                 merged[key] = median([r.get(key) for r in ok])
@@ -622,13 +632,15 @@ class Bench:
         assert self.cload is not None
         proc = self.procs[target]
         c0, d0 = thread_seconds(proc.pids())
-        w0 = named_thread_seconds(proc.pids())
+        w0, m0 = named_thread_seconds(proc.pids()), machine_busy_seconds()
         r = run_cload(self.cload, proc.port, mode, concurrency=p["concurrency"], seconds=p["seconds"],
                       max_ops=p["max_ops"], sources=sources)  # fmt: skip
         time.sleep(0.02)  # the target finishes the work the last replies started
         c1, d1 = thread_seconds(proc.pids())
-        w1 = named_thread_seconds(proc.pids())
-        r["sched_s"], r["dp_s"] = c1 - c0, d1 - d0
+        w1, m1 = named_thread_seconds(proc.pids()), machine_busy_seconds()
+        r["sched_s"], r["dp_s"], r["machine_busy_s"] = c1 - c0, d1 - d0, m1 - m0
+        # what every other process of the machine took meanwhile (other jobs, the backend)
+        r["others_s"] = max(0.0, r["machine_busy_s"] - r["sched_s"] - r["loadgen_cpu_s"])
         r["dp_threads_s"] = sorted((w1[t] - w0.get(t, 0.0) for t in w1), reverse=True)
         return r
 
@@ -663,6 +675,7 @@ class Bench:
                 "loadgen_us_per_cycle": r["loadgen_cpu_s"] / ops * 1e6 if ops else None,
                 "target_cores": r["sched_s"] / wall, "dp_cores": r["dp_s"] / wall,
                 "loadgen_cores": r["loadgen_cpu_s"] / wall,
+                "others_cores": r["others_s"] / wall,
                 # how evenly the tokio threads shared the work (1 thread: 1.0; 2 even: 0.5)
                 "dp_busiest_share": r["dp_threads_s"][0] / r["dp_s"] if r["dp_s"] > 0 else None,
                 "errors": r.get("errors", 0),
@@ -703,6 +716,7 @@ class Bench:
                 "engine_rejects": delta["engine_rejects"],
                 "cycles_per_s": r.get("rate"),
                 "dp_us_per_cycle": r["dp_s"] / ops * 1e6 if ops else None,
+                "others_cores": r["others_s"] / wall,
                 "errors": r.get("errors", 0),
             })
 
@@ -757,6 +771,7 @@ class Bench:
         started = time.time()
         t0 = time.perf_counter()
         wanted = self.args.scenarios.split(",") if self.args.scenarios else list(SCENARIOS)
+        machine_at_start = machine()  # its load average is the one at the start
         try:
             self.start()
             self.log(f"features: {self.features}")
@@ -787,7 +802,7 @@ class Bench:
                 "duration_s": round(time.perf_counter() - t0, 1),
                 "loadavg_at_end": Path("/proc/loadavg").read_text().split()[:3],
                 "loadavg_1m_range": [min(self.loadavg), max(self.loadavg)] if self.loadavg else None,
-                "machine": machine(),
+                "machine": machine_at_start,
                 "versions": versions(),
                 "nofile": self.nofile,
                 "loopwatch_python": " ".join(self.loopwatch_python()),

@@ -251,7 +251,7 @@ def start_loopwatch(tmp: Path, backend_port: int, name: str = "loopwatch", confi
 
 def start_native(tmp: Path, backend_port: int, name: str = "native", *, threads: int = 1,
                  deny: str | None = None, engine: bool = False, queue_capacity: int | None = None,
-                 brain_rate: float | None = None) -> Proc:
+                 brain_rate: float | None = None, brain_interval: float | None = None) -> Proc:
     """The native listener (tests/benchmarks/native_target.py); `deny`: refuse every
     loopback client with "http-429" or "close-1013"; `engine`: its brain thread feeds
     the real detection engine; `brain_rate`: an overloaded brain (events/s at most).
@@ -267,6 +267,8 @@ def start_native(tmp: Path, backend_port: int, name: str = "native", *, threads:
         cmd += ["--queue-capacity", str(queue_capacity)]
     if brain_rate is not None:
         cmd += ["--brain-rate", str(brain_rate)]
+    if brain_interval is not None:
+        cmd += ["--brain-interval", str(brain_interval)]
     proc = _popen(cmd, log, cwd=ROOT, stdout=subprocess.PIPE, stdin=subprocess.PIPE)
     try:
         info = json.loads(_readline(proc, 30.0))
@@ -330,6 +332,14 @@ def named_thread_seconds(pids: list[int], prefix: str = DATA_PLANE_THREADS) -> d
             except (FileNotFoundError, ProcessLookupError):
                 continue
     return out
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine spent busy since boot (/proc/stat:
+    everything but idle and iowait), to tell what other processes took."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
 
 
 def build_cload(tmp: Path) -> Path:
