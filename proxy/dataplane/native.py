@@ -16,8 +16,8 @@ own types:
 * `NativeListener.start(...)` runs the listener on a multi-thread tokio
   runtime for the routes and limits of the settings; `stop(grace)` ends it.
 
-What the native listener does not do yet (identity sources, TLS, wss://
-upstreams, plain HTTP forwarding, per-address caps) is listed in
+What the native listener does not do yet (identity sources, TLS, wss:// and
+https:// upstreams, per-address caps) is listed in
 proxy/dataplane/README.md; `loopwatch run` still uses the Python data plane.
 """
 
@@ -133,7 +133,9 @@ def route_records(routes: Iterable[tuple[str, str]]) -> list[tuple[bytes, str, s
             raise ValueError(f'route prefix: expected a path starting with "/", got {prefix!r}')
         upstream = parse_upstream(url)
         if upstream.tls:
-            raise ValueError(f"upstream {url!r}: wss:// and https:// are not in the native data plane yet")
+            raise ValueError(
+                f"route {prefix!r} -> {url!r}: wss:// and https:// upstreams are not in the native data plane yet"
+            )
         try:
             raw_prefix = prefix.encode("latin-1")
             base_path = upstream.base_path.encode("latin-1")
@@ -166,7 +168,7 @@ class NativeListener:
         threads: int | None = None,
         max_holds: int = 1024,
     ) -> NativeListener:
-        """Bind `host:port` and serve `routes` ((path prefix, ws:// URL) pairs)
+        """Bind `host:port` and serve `routes` ((path prefix, ws:// or http:// URL) pairs)
         under `limits` (the `limits:` settings; their defaults when None).
         Raises ValueError for a setting it cannot honour, OSError when the
         address cannot be bound."""
@@ -182,6 +184,9 @@ class NativeListener:
             handshake_timeout=limits.handshake_timeout,
             connect_timeout=limits.connect_timeout,
             idle_timeout=limits.idle_timeout,
+            body_timeout=limits.body_timeout,
+            response_timeout=limits.response_timeout,
+            response_idle_timeout=limits.response_idle_timeout,
             max_connections=limits.max_connections,
             max_holds=max_holds,
             reject_with=reject_with,

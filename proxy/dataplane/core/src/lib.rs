@@ -13,9 +13,12 @@
 //!   loopwatch writes itself.
 //! * [`table`]: the enforcement table the brain writes and the data plane reads
 //!   at admission, lock-free.
+//! * [`body`]: a plain request's chunked body, decoded as strictly as llhttp,
+//!   and the chunk framing loopwatch writes.
 //! * [`events`]: the connection events the data plane emits and the bounded
 //!   queue that carries them to the brain without ever blocking traffic.
 
+pub mod body;
 pub mod events;
 pub mod frames;
 pub mod head;

@@ -1,10 +1,12 @@
 //! One client connection: its request head, admission, the upstream
-//! handshake, then the splice (`ClientHandshake` in proxy/dataplane/listener.py).
+//! handshake, then the splice (`ClientHandshake` in proxy/dataplane/listener.py);
+//! or its plain HTTP requests, one at a time (`http`), kept alive between them.
 //!
 //! Every phase has a deadline: the head and the upstream's answer together
-//! `limits.handshake_timeout` from accept (408, then 504), the connect
-//! `limits.connect_timeout` (504), an answer loopwatch writes itself and the
-//! wait for the client's close after it `ANSWER_GRACE`.
+//! `limits.handshake_timeout` from accept or from the end of the previous
+//! response (408, then 504; an idle keep-alive connection is closed quietly),
+//! the connect `limits.connect_timeout` (504), an answer loopwatch writes itself
+//! and the wait for the client's close after it `ANSWER_GRACE`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -16,14 +18,17 @@ use tokio::net::TcpStream;
 use tokio::time::{sleep_until, timeout, Instant};
 
 use loopwatch_dataplane_core::events::{Event, HandshakeError, HandshakeFailure};
-use loopwatch_dataplane_core::head::{parse_head, HeadStatus, RequestHead, RequestKind};
+use loopwatch_dataplane_core::head::{
+    parse_head, BodyFraming, HeadStatus, RequestHead, RequestKind, Version,
+};
 use loopwatch_dataplane_core::table::{Admission, Refusal};
 
+use crate::http::{self, Outcome};
 use crate::listener::{stopping, ConnGuard, Rejected, Shared};
 use crate::relay::{Relay, RelayIdentity, RelayLimits};
 use crate::response::{Answer, ResponseReader, UpstreamRefusal};
 use crate::wire::{
-    refusal_bytes, route_for, simple_response, upstream_request_head, RejectWith, Route,
+    refusal_bytes, route_for, simple_response, upstream_request_head, Forwarded, RejectWith, Route,
 };
 
 /// Writing an answer loopwatch makes itself, and waiting for the client to
@@ -50,6 +55,11 @@ enum Plan {
         route: Route,
         request: Vec<u8>,
         early: Vec<u8>,
+    },
+    /// Forward a plain request (no admission: it is no WebSocket attempt).
+    Http {
+        route: Route,
+        request: http::Request,
     },
 }
 
@@ -102,62 +112,125 @@ pub async fn serve(
         .await;
         return;
     }
-    let deadline = Instant::now() + limits.handshake_timeout;
     let mut shutdown = shared.shutdown.clone();
     let peer_ip = peer.ip();
     let peer_text = peer_ip.to_string();
+    // Between two plain requests of a keep-alive connection.
+    let mut idle = false;
+    loop {
+        let deadline = Instant::now() + limits.handshake_timeout;
+        // 1. The request head. (One timer per phase, armed once: a timer made
+        // per loop turn would be registered and dropped on every read.)
+        let mut buf: Vec<u8> = Vec::new();
+        let head_timer = sleep_until(deadline);
+        let stop = stopping(&mut shutdown);
+        tokio::pin!(head_timer, stop);
+        // Nothing of a next request yet (empty lines are skipped by the parser).
+        let quiet = |buf: &[u8]| idle && buf.iter().all(|&b| b == b'\r' || b == b'\n');
+        let plan = loop {
+            buf.reserve(HEAD_READ);
+            tokio::select! {
+                biased;
+                _ = &mut stop => {
+                    if quiet(&buf) {
+                        return; // idle between requests: just close
+                    }
+                    reject(&shared, &mut client, Rejected::ShuttingDown, 503, SHUTTING_DOWN, &[]).await;
+                    return;
+                }
+                _ = &mut head_timer => {
+                    if quiet(&buf) {
+                        // RFC 9112 §9.8: an unsolicited 408 could race the
+                        // client's next request on this connection.
+                        return;
+                    }
+                    let message = "loopwatch: request head timeout";
+                    reject(&shared, &mut client, Rejected::HeadTimeout, 408, message, &[]).await;
+                    return;
+                }
+                read = client.read_buf(&mut buf) => match read {
+                    Ok(0) | Err(_) => return, // gone before its head was complete
+                    Ok(_) => {}
+                },
+            }
+            match parse_head(&buf, &limits.head) {
+                HeadStatus::Partial => continue,
+                HeadStatus::Rejected(rejection) => {
+                    shared
+                        .counters
+                        .reject(Rejected::from_head(rejection.reason));
+                    answer(&mut client, &rejection.response(), Then::Close).await;
+                    return;
+                }
+                HeadStatus::Complete(head) => {
+                    break decide(&shared, &head, &buf, peer_ip, &peer_text)
+                }
+            }
+        };
+        drop(buf);
 
-    // 1. The request head. (One timer per phase, armed once: a timer made
-    // per loop turn would be registered and dropped on every read.)
-    let mut buf: Vec<u8> = Vec::new();
-    let head_timer = sleep_until(deadline);
-    let stop = stopping(&mut shutdown);
-    tokio::pin!(head_timer, stop);
-    let plan = loop {
-        buf.reserve(HEAD_READ);
-        tokio::select! {
-            biased;
-            _ = &mut stop => {
-                reject(&shared, &mut client, Rejected::ShuttingDown, 503, SHUTTING_DOWN, &[]).await;
-                return;
+        match plan {
+            Plan::Answer { response, label } => {
+                shared.counters.reject(label);
+                answer(&mut client, &response, Then::Close).await;
             }
-            _ = &mut head_timer => {
-                let message = "loopwatch: request head timeout";
-                reject(&shared, &mut client, Rejected::HeadTimeout, 408, message, &[]).await;
-                return;
+            Plan::Refuse { refusal, ws_key } => refuse(&shared, client, refusal, ws_key).await,
+            Plan::Forward {
+                key,
+                route,
+                request,
+                early,
+            } => forward(&shared, client, key, route, request, early, deadline).await,
+            Plan::Http { route, request } => {
+                if forward_http(&shared, &mut client, &route, &request).await {
+                    idle = true;
+                    continue;
+                }
             }
-            read = client.read_buf(&mut buf) => match read {
-                Ok(0) | Err(_) => return, // gone before its head was complete
-                Ok(_) => {}
-            },
         }
-        match parse_head(&buf, &limits.head) {
-            HeadStatus::Partial => continue,
-            HeadStatus::Rejected(rejection) => {
-                shared
-                    .counters
-                    .reject(Rejected::from_head(rejection.reason));
-                answer(&mut client, &rejection.response(), Then::Close).await;
-                return;
-            }
-            HeadStatus::Complete(head) => break decide(&shared, &head, &buf, peer_ip, &peer_text),
-        }
-    };
-    drop(buf);
-
-    match plan {
-        Plan::Answer { response, label } => {
-            shared.counters.reject(label);
-            answer(&mut client, &response, Then::Close).await;
-        }
-        Plan::Refuse { refusal, ws_key } => refuse(&shared, client, refusal, ws_key).await,
-        Plan::Forward {
-            key,
-            route,
-            request,
-            early,
-        } => forward(&shared, client, key, route, request, early, deadline).await,
+        return;
     }
+}
+
+/// One plain exchange; true when the connection stays open for the next.
+async fn forward_http(
+    shared: &Shared,
+    client: &mut TcpStream,
+    route: &Route,
+    request: &http::Request,
+) -> bool {
+    let closing = || shared.closing();
+    let outcome = http::exchange(
+        client,
+        http::connect(route),
+        request,
+        &shared.config.limits,
+        closing,
+    )
+    .await;
+    match outcome {
+        Outcome::KeepAlive => return true,
+        Outcome::Close => answer(client, &[], Then::Close).await,
+        Outcome::Answer {
+            status,
+            message,
+            counted,
+        } => {
+            if let Some(label) = counted {
+                shared.counters.reject(label);
+            }
+            answer(client, &simple_response(status, &message, &[]), Then::Close).await;
+        }
+        Outcome::Cut(counted) => {
+            if let Some(label) = counted {
+                shared.counters.reject(label);
+            }
+            // An abortive close (RST), as the Python data plane's abort().
+            let _ = socket2::SockRef::from(&*client).set_linger(Some(Duration::ZERO));
+        }
+        Outcome::Gone => {}
+    }
+    false
 }
 
 /// Routing and admission for a complete head (`begin_upgrade` / `begin_http`).
@@ -174,11 +247,30 @@ fn decide(
             label: Rejected::NoRoute,
         };
     };
-    if let RequestKind::Http(_) = head.kind {
-        let message = "loopwatch: the native data plane does not forward plain HTTP yet";
-        return Plan::Answer {
-            response: simple_response(501, message, &[]),
-            label: Rejected::PlainHttp,
+    if let RequestKind::Http(framing) = head.kind {
+        // Not a WebSocket attempt: no event, no admission (`begin_http`).
+        let target = route.target(head.path, &head.target);
+        let early = buf[head.head_len..].to_vec();
+        let expect_continue = framing != BodyFraming::None
+            && early.is_empty()
+            && head.version == Version::Http11
+            && head.tokens("expect").iter().any(|t| t == b"100-continue");
+        let kind = Forwarded::Http {
+            chunked: framing == BodyFraming::Chunked,
+            answers_continue: expect_continue,
+        };
+        let request = http::Request {
+            head: upstream_request_head(head, &target, &route.authority, peer_text, "http", kind),
+            framing,
+            early,
+            keep_alive: head.keep_alive,
+            expect_continue,
+            head_only: head.method == "HEAD",
+            version: head.version,
+        };
+        return Plan::Http {
+            route: route.clone(),
+            request,
         };
     }
     // Identity: the peer address (the identity sources are not native yet).
@@ -207,7 +299,14 @@ fn decide(
         }
         Admission::Admit { .. } | Admission::AllowListed { .. } => {
             let target = route.target(head.path, &head.target);
-            let request = upstream_request_head(head, &target, &route.authority, peer_text, "http");
+            let request = upstream_request_head(
+                head,
+                &target,
+                &route.authority,
+                peer_text,
+                "http",
+                Forwarded::WebSocket,
+            );
             Plan::Forward {
                 key,
                 route: route.clone(),

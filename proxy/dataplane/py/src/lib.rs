@@ -7,7 +7,7 @@
 //!   (each write builds the next snapshot without the GIL), read lock-free
 //!   at admission;
 //! * `Listener`: the native listener on a tokio multi-thread runtime (plain
-//!   `ws://` for now), started and stopped from Python; its connections never
+//!   `ws://` and plain HTTP for now), started and stopped from Python; its connections never
 //!   take the GIL.
 //!
 //! `proxy/dataplane/native.py` is the one Python module that imports this.
@@ -24,6 +24,7 @@ use pyo3::types::PyDict;
 use loopwatch_dataplane_core::head::HeadLimits;
 
 mod conn;
+mod http;
 mod listener;
 pub mod queue;
 pub mod relay;
@@ -113,6 +114,9 @@ impl Listener {
         handshake_timeout = 10.0,
         connect_timeout = 5.0,
         idle_timeout = Some(3600.0),
+        body_timeout = 30.0,
+        response_timeout = 60.0,
+        response_idle_timeout = 60.0,
         max_connections = 10_000,
         max_holds = 1024,
         reject_with = "close-1013",
@@ -133,6 +137,9 @@ impl Listener {
         handshake_timeout: f64,
         connect_timeout: f64,
         idle_timeout: Option<f64>,
+        body_timeout: f64,
+        response_timeout: f64,
+        response_idle_timeout: f64,
         max_connections: usize,
         max_holds: usize,
         reject_with: &str,
@@ -162,6 +169,9 @@ impl Listener {
             idle_timeout: idle_timeout
                 .map(|s| positive("idle_timeout", s))
                 .transpose()?,
+            body_timeout: positive("body_timeout", body_timeout)?,
+            response_timeout: positive("response_timeout", response_timeout)?,
+            response_idle_timeout: positive("response_idle_timeout", response_idle_timeout)?,
             max_connections: at_least_one("max_connections", max_connections)?,
             max_holds,
         };

@@ -31,34 +31,37 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 
 /// Why the native listener answered (or cut) a request itself: the `reason`
 /// label of loopwatch_requests_rejected_total (`RejectedReason` in
-/// proxy/dataplane/boundary.py), plus `plain_http` while the native data plane
-/// does not forward plain HTTP yet.
+/// proxy/dataplane/boundary.py).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejected {
     BadRequest,
     HeadTooLarge,
     HeadTimeout,
+    BodyTimeout,
+    UpstreamTimeout,
+    ResponseTimeout,
     Version,
     UpgradeRequired,
     UpgradeWithBody,
     NoRoute,
     Overload,
     ShuttingDown,
-    PlainHttp,
 }
 
 impl Rejected {
-    pub const ALL: [Rejected; 10] = [
+    pub const ALL: [Rejected; 12] = [
         Rejected::BadRequest,
         Rejected::HeadTooLarge,
         Rejected::HeadTimeout,
+        Rejected::BodyTimeout,
+        Rejected::UpstreamTimeout,
+        Rejected::ResponseTimeout,
         Rejected::Version,
         Rejected::UpgradeRequired,
         Rejected::UpgradeWithBody,
         Rejected::NoRoute,
         Rejected::Overload,
         Rejected::ShuttingDown,
-        Rejected::PlainHttp,
     ];
 
     pub fn label(self) -> &'static str {
@@ -66,13 +69,15 @@ impl Rejected {
             Rejected::BadRequest => "bad_request",
             Rejected::HeadTooLarge => "head_too_large",
             Rejected::HeadTimeout => "head_timeout",
+            Rejected::BodyTimeout => "body_timeout",
+            Rejected::UpstreamTimeout => "upstream_timeout",
+            Rejected::ResponseTimeout => "response_timeout",
             Rejected::Version => "version",
             Rejected::UpgradeRequired => "upgrade_required",
             Rejected::UpgradeWithBody => "upgrade_with_body",
             Rejected::NoRoute => "no_route",
             Rejected::Overload => "overload",
             Rejected::ShuttingDown => "shutting_down",
-            Rejected::PlainHttp => "plain_http",
         }
     }
 
@@ -160,6 +165,14 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
     pub idle_timeout: Option<Duration>,
+    /// A plain request's body: silence allowed from the client (408), or
+    /// from an upstream that takes none of it (504).
+    pub body_timeout: Duration,
+    /// A plain request's response head, once the request is sent (504).
+    pub response_timeout: Duration,
+    /// A plain response's body: silence allowed from the upstream, or from a
+    /// client that reads none of it (the connection is cut).
+    pub response_idle_timeout: Duration,
     pub max_connections: usize,
     /// Refused attempts held at once (the hold of a refusal); beyond it a
     /// refusal is answered at once.

@@ -1,0 +1,641 @@
+//! Plain HTTP requests forwarded to the route's upstream (`HttpExchange` in
+//! proxy/dataplane/forward.py, which does it with aiohttp): one exchange, its
+//! request body streamed up and its response streamed back, each phase under
+//! its own timeout.
+//!
+//! * The request goes up with the client's end-to-end headers and
+//!   X-Forwarded-* (`wire::upstream_request_head`); a Content-Length body as
+//!   it came, a chunked body decoded (`core::body`, llhttp's strictness) and
+//!   framed again by loopwatch.
+//! * The response comes back with its status, reason and end-to-end headers
+//!   as the upstream sent them; its body unchanged: as it came with a
+//!   Content-Length, else chunked by loopwatch to an HTTP/1.1 client, else
+//!   until the connection closes. No body for HEAD, 1xx, 204 and 304;
+//!   interim 1xx answers (but 101) are dropped, as aiohttp drops them.
+//! * Timeouts ([`Phase`]), measured as silence from the latest progress, one
+//!   watchdog per exchange re-armed only when it fires or the phase moves:
+//!   the body `limits.body_timeout` (408, or 504 when it is the upstream
+//!   that takes none of it), the response head `limits.response_timeout`
+//!   (504), the response body `limits.response_idle_timeout` (the connection
+//!   is cut). The connect has `limits.connect_timeout` (504).
+//! * Backpressure: at most [`BODY_BUFFER`] bytes are read from one side
+//!   before they are written to the other; nothing is read ahead.
+//! * Whatever ends an exchange early drops the upstream connection: the
+//!   backend sees its request cancelled and gets its slot back.
+//!
+//! The upstream is any `AsyncRead + AsyncWrite` stream: [`connect`] opens a
+//! plain TCP one (the place a TLS connector goes).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::time::{sleep_until, timeout, Instant};
+
+use loopwatch_dataplane_core::body::{encode_chunk, ChunkError, ChunkedDecoder, LAST_CHUNK};
+use loopwatch_dataplane_core::head::{BodyFraming, Version};
+
+use crate::listener::{Limits, Rejected};
+use crate::response::{decode_chunks, parse_response_head, BadResponse, Chunk, Framing};
+use crate::wire::{connection_named, hop_by_hop, Route};
+
+/// Bytes read from one side at a time, written to the other before the next
+/// read (`BODY_BUFFER` in forward.py).
+pub const BODY_BUFFER: usize = 64 * 1024;
+
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+const UPSTREAM_TIMEOUT: &str = "loopwatch: upstream timeout";
+const UNREACHABLE: &str = "loopwatch: upstream unreachable";
+const UPSTREAM_ERROR: &str = "loopwatch: upstream error";
+
+/// A plain request as the listener decided it (owned: the head's buffer is gone).
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The request head for the upstream.
+    pub head: Vec<u8>,
+    pub framing: BodyFraming,
+    /// Bytes that came after the client's head: the start of the body (and
+    /// beyond it, a pipelined request).
+    pub early: Vec<u8>,
+    /// The client keeps the connection open after this exchange.
+    pub keep_alive: bool,
+    /// Answer the client's `Expect: 100-continue` once the upstream is there.
+    pub expect_continue: bool,
+    /// A HEAD request: the response has no body, whatever it announces.
+    pub head_only: bool,
+    pub version: Version,
+}
+
+/// How an exchange ended: what the listener does with the client connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The response went out whole: read the client's next request.
+    KeepAlive,
+    /// The response went out whole with `Connection: close`: close.
+    Close,
+    /// loopwatch answers (no byte of a response went out yet), then closes;
+    /// `counted`: its reason among the listener's rejections.
+    Answer {
+        status: u16,
+        message: String,
+        counted: Option<Rejected>,
+    },
+    /// Cut the connection (a response is under way: nothing honest to add).
+    Cut(Option<Rejected>),
+    /// The client left.
+    Gone,
+}
+
+/// Where an exchange is, and so which timeout watches it (`forward.Phase`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    /// The client still owes request body bytes.
+    Body = 0,
+    /// The request is complete: waiting for the upstream's response head.
+    AwaitHead = 1,
+    /// The response head went to the client; its body streams.
+    Response = 2,
+    /// Answered, failed, timed out or the client left.
+    Done = 3,
+}
+
+/// The moves an exchange may make (`PHASE_TRANSITIONS` in forward.py).
+const TRANSITIONS: [(Phase, Phase); 6] = [
+    (Phase::Body, Phase::AwaitHead), // the request body ended
+    (Phase::Body, Phase::Response),  // an upstream may answer before the body ends
+    (Phase::Body, Phase::Done),
+    (Phase::AwaitHead, Phase::Response),
+    (Phase::AwaitHead, Phase::Done),
+    (Phase::Response, Phase::Done),
+];
+
+impl Phase {
+    fn from_u8(n: u8) -> Phase {
+        match n {
+            0 => Phase::Body,
+            1 => Phase::AwaitHead,
+            2 => Phase::Response,
+            _ => Phase::Done,
+        }
+    }
+
+    pub fn can_move(self, to: Phase) -> bool {
+        TRANSITIONS.contains(&(self, to))
+    }
+}
+
+/// The exchange's phase and its latest progress, shared by the request pump,
+/// the response pump and the watchdog (one task: atomics, no lock).
+struct Clock {
+    base: Instant,
+    /// Nanoseconds from `base` to the latest progress of the current phase.
+    last: AtomicU64,
+    phase: AtomicU8,
+    /// Wakes the watchdog when the phase moves (its timeout changes).
+    moved: Notify,
+    /// The request pump holds body bytes the upstream has not taken, and does
+    /// not read the client meanwhile: a silent client is not to blame.
+    waiting_upstream: AtomicBool,
+    /// The request body ended.
+    request_done: AtomicBool,
+    /// Bytes beyond the request arrived before its response was written.
+    pipelined: AtomicBool,
+    /// The response head went to the client: a failure can only cut now.
+    started: AtomicBool,
+}
+
+impl Clock {
+    fn new(phase: Phase) -> Clock {
+        Clock {
+            base: Instant::now(),
+            last: AtomicU64::new(0),
+            phase: AtomicU8::new(phase as u8),
+            moved: Notify::new(),
+            waiting_upstream: AtomicBool::new(false),
+            request_done: AtomicBool::new(phase != Phase::Body),
+            pipelined: AtomicBool::new(false),
+            started: AtomicBool::new(false),
+        }
+    }
+
+    fn phase(&self) -> Phase {
+        Phase::from_u8(self.phase.load(Ordering::Acquire))
+    }
+
+    fn progress(&self) {
+        let nanos = self.base.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+        self.last.store(nanos, Ordering::Release);
+    }
+
+    fn last(&self) -> Instant {
+        self.base + Duration::from_nanos(self.last.load(Ordering::Acquire))
+    }
+
+    /// Move to `to` if the transition table allows it from where the exchange
+    /// is (the pumps race: a response may start before the body ends), and
+    /// start its timeout afresh.
+    fn enter(&self, to: Phase) -> bool {
+        let moved = self
+            .phase
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
+                Phase::from_u8(now).can_move(to).then_some(to as u8)
+            })
+            .is_ok();
+        if moved {
+            self.progress();
+            self.moved.notify_one();
+        }
+        moved
+    }
+}
+
+/// Open the upstream connection for `route` (ws:// and http:// upstreams;
+/// the TLS connector for wss:// and https:// replaces this).
+pub async fn connect(route: &Route) -> std::io::Result<TcpStream> {
+    let stream = TcpStream::connect((route.host.as_str(), route.port)).await?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+fn answer(status: u16, message: &str, counted: Option<Rejected>) -> Outcome {
+    Outcome::Answer {
+        status,
+        message: message.into(),
+        counted,
+    }
+}
+
+/// Forward one request: connect (with `connect`, bounded by
+/// `limits.connect_timeout`), stream both ways, and say how it ended.
+/// `closing`: whether the listener is stopping (the response then closes the
+/// connection). Every byte of the upstream connection is dropped on return.
+pub async fn exchange<C, U, F>(
+    client: &mut C,
+    connect: F,
+    request: &Request,
+    limits: &Limits,
+    closing: impl Fn() -> bool,
+) -> Outcome
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+    F: std::future::Future<Output = std::io::Result<U>>,
+{
+    let first = match request.framing {
+        BodyFraming::None => Phase::AwaitHead,
+        _ => Phase::Body,
+    };
+    let clock = Clock::new(first);
+    clock.progress();
+    let upstream = {
+        let dog = watchdog(&clock, limits);
+        tokio::pin!(dog);
+        tokio::select! {
+            biased;
+            connected = timeout(limits.connect_timeout, connect) => match connected {
+                Err(_) => return answer(504, UPSTREAM_TIMEOUT, Some(Rejected::UpstreamTimeout)),
+                Ok(Err(_)) => return answer(502, UNREACHABLE, None),
+                Ok(Ok(upstream)) => upstream,
+            },
+            phase = &mut dog => return expired(phase, &clock),
+        }
+    };
+    if request.expect_continue && client.write_all(CONTINUE).await.is_err() {
+        return Outcome::Gone;
+    }
+    let (mut client_in, mut client_out) = tokio::io::split(client);
+    let (mut upstream_in, mut upstream_out) = tokio::io::split(upstream);
+    let send = send_request(&mut client_in, &mut upstream_out, request, &clock, limits);
+    let relay = relay_response(
+        &mut upstream_in,
+        &mut client_out,
+        request,
+        &clock,
+        limits,
+        closing,
+    );
+    let dog = watchdog(&clock, limits);
+    tokio::pin!(send, relay, dog);
+    let mut sending = true;
+    loop {
+        tokio::select! {
+            biased;
+            relayed = &mut relay => {
+                clock.enter(Phase::Done);
+                return match relayed {
+                    Ok(true) => Outcome::KeepAlive,
+                    Ok(false) => Outcome::Close,
+                    Err(failure) => failure.outcome(),
+                };
+            }
+            sent = &mut send, if sending => match sent {
+                Ok(()) => sending = false,
+                // The response (or the upstream's close) tells the rest.
+                Err(RequestError::UpstreamGone) => sending = false,
+                Err(RequestError::ClientGone) => return Outcome::Gone,
+                Err(RequestError::Bad(why)) => {
+                    return if clock.started.load(Ordering::Acquire) {
+                        Outcome::Cut(None)
+                    } else {
+                        answer(400, &why.to_string(), Some(Rejected::BadRequest))
+                    };
+                }
+            },
+            phase = &mut dog => return expired(phase, &clock),
+        }
+    }
+}
+
+/// The phase made no progress for its timeout: what the client gets
+/// (`HttpExchange.expire`).
+fn expired(phase: Phase, clock: &Clock) -> Outcome {
+    match phase {
+        Phase::Response => Outcome::Cut(Some(Rejected::ResponseTimeout)),
+        Phase::Body if !clock.waiting_upstream.load(Ordering::Acquire) => answer(
+            408,
+            "loopwatch: request body timeout",
+            Some(Rejected::BodyTimeout),
+        ),
+        _ => answer(504, UPSTREAM_TIMEOUT, Some(Rejected::UpstreamTimeout)),
+    }
+}
+
+/// Resolves with the phase that stayed silent for its whole timeout.
+async fn watchdog(clock: &Clock, limits: &Limits) -> Phase {
+    loop {
+        let moved = clock.moved.notified();
+        tokio::pin!(moved);
+        moved.as_mut().enable();
+        let phase = clock.phase();
+        let limit = match phase {
+            Phase::Body => limits.body_timeout,
+            Phase::AwaitHead => limits.response_timeout,
+            Phase::Response => limits.response_idle_timeout,
+            Phase::Done => {
+                moved.await;
+                continue;
+            }
+        };
+        let deadline = clock.last() + limit;
+        if Instant::now() >= deadline {
+            return phase;
+        }
+        tokio::select! {
+            _ = sleep_until(deadline) => {}
+            _ = moved => {}
+        }
+    }
+}
+
+enum RequestError {
+    ClientGone,
+    UpstreamGone,
+    Bad(ChunkError),
+}
+
+/// How the rest of a request body is delimited.
+enum BodyLeft {
+    Length(u64),
+    Chunked(ChunkedDecoder),
+}
+
+/// The request head, then its body, client to upstream. Returns once the
+/// body ended (then the client is not read until the response is written).
+async fn send_request<R, W>(
+    client: &mut R,
+    upstream: &mut W,
+    request: &Request,
+    clock: &Clock,
+    limits: &Limits,
+) -> Result<(), RequestError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut left = match request.framing {
+        BodyFraming::None => None,
+        BodyFraming::Length(n) => Some(BodyLeft::Length(n)),
+        BodyFraming::Chunked => Some(BodyLeft::Chunked(ChunkedDecoder::new(
+            limits.head.max_head_size,
+        ))),
+    };
+    let mut out = request.head.clone();
+    let mut input = request.early.clone();
+    let mut plain = Vec::new();
+    loop {
+        // What this read holds of the body, ready for the upstream.
+        let (consumed, done) = match &mut left {
+            None => (0, true),
+            Some(BodyLeft::Length(n)) => {
+                let take = (*n).min(input.len() as u64);
+                *n -= take;
+                out.extend_from_slice(&input[..take as usize]);
+                (take as usize, *n == 0)
+            }
+            Some(BodyLeft::Chunked(decoder)) => {
+                let decoded = decoder
+                    .decode(&input, &mut plain)
+                    .map_err(RequestError::Bad)?;
+                encode_chunk(&plain, &mut out);
+                plain.clear();
+                if decoded.done {
+                    out.extend_from_slice(LAST_CHUNK);
+                }
+                (decoded.consumed, decoded.done)
+            }
+        };
+        if done && consumed < input.len() {
+            // A next request came before this one was answered.
+            clock.pipelined.store(true, Ordering::Release);
+        }
+        if !out.is_empty() {
+            clock.waiting_upstream.store(true, Ordering::Release);
+            let written = upstream.write_all(&out).await;
+            clock.waiting_upstream.store(false, Ordering::Release);
+            written.map_err(|_| RequestError::UpstreamGone)?;
+            clock.progress(); // the upstream takes the body
+            out.clear();
+        }
+        if done {
+            upstream
+                .flush()
+                .await
+                .map_err(|_| RequestError::UpstreamGone)?;
+            clock.request_done.store(true, Ordering::Release);
+            clock.enter(Phase::AwaitHead);
+            return Ok(());
+        }
+        input.clear();
+        input.reserve(BODY_BUFFER);
+        match client.read_buf(&mut input).await {
+            // Half-closed before the body's end: nothing more will come, and
+            // the body timeout answers it (the client may still read).
+            Ok(0) => std::future::pending::<()>().await,
+            Ok(_) => clock.progress(),
+            Err(_) => return Err(RequestError::ClientGone),
+        }
+    }
+}
+
+enum ResponseError {
+    /// The upstream closed before a whole response head (502).
+    Closed,
+    /// Its head is not HTTP/1.x, or is too large (502).
+    Bad,
+    /// It closed or broke its framing mid-body: the client is cut.
+    Cut,
+    ClientGone,
+}
+
+impl ResponseError {
+    fn outcome(self) -> Outcome {
+        match self {
+            ResponseError::Closed => answer(502, UNREACHABLE, None),
+            ResponseError::Bad => answer(502, UPSTREAM_ERROR, None),
+            ResponseError::Cut => Outcome::Cut(None),
+            ResponseError::ClientGone => Outcome::Gone,
+        }
+    }
+}
+
+/// What the client gets of a response head, and how its body goes on.
+struct Relayed {
+    head: Vec<u8>,
+    framing: Framing,
+    /// Chunked by loopwatch (no Content-Length, an HTTP/1.1 client).
+    chunked: bool,
+    keep_alive: bool,
+}
+
+/// The response head for the client (`HttpExchange.respond`).
+fn client_head(
+    head: &crate::response::Head,
+    request: &Request,
+    clock: &Clock,
+    closing: bool,
+) -> Result<Relayed, BadResponse> {
+    let status = head.status;
+    let bodiless = request.head_only || status < 200 || status == 204 || status == 304;
+    let framing = if bodiless {
+        Framing::None
+    } else {
+        head.framing()?
+    };
+    let has_length = head.header(b"content-length").is_some();
+    let chunked = !bodiless && !has_length && request.version == Version::Http11;
+    let mut keep_alive = request.keep_alive;
+    if !has_length && !bodiless && !chunked {
+        keep_alive = false; // an HTTP/1.0 client: the body ends with the connection
+    }
+    if !clock.request_done.load(Ordering::Acquire) {
+        keep_alive = false; // the upstream answered before the request body ended
+    }
+    if clock.pipelined.load(Ordering::Acquire) {
+        keep_alive = false; // one request at a time, then the connection closes
+    }
+    if closing {
+        keep_alive = false;
+    }
+    let mut out = format!("HTTP/1.1 {status} ").into_bytes();
+    out.extend_from_slice(&head.reason);
+    out.extend_from_slice(b"\r\n");
+    let named = connection_named(head.headers.iter().map(|(n, v)| (&n[..], &v[..])));
+    for (name, value) in &head.headers {
+        if hop_by_hop(name, &named) {
+            continue;
+        }
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    if chunked {
+        out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+    }
+    if !keep_alive {
+        out.extend_from_slice(b"Connection: close\r\n");
+    } else if request.version == Version::Http10 {
+        out.extend_from_slice(b"Connection: keep-alive\r\n"); // HTTP/1.0 closes unless told
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(Relayed {
+        head: out,
+        framing,
+        chunked,
+        keep_alive,
+    })
+}
+
+/// The upstream's response, upstream to client. Ok(keep_alive) once it went
+/// out whole.
+async fn relay_response<R, W>(
+    upstream: &mut R,
+    client: &mut W,
+    request: &Request,
+    clock: &Clock,
+    limits: &Limits,
+    closing: impl Fn() -> bool,
+) -> Result<bool, ResponseError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let max_head = limits.head.max_head_size;
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    // 1. The head (interim 1xx answers dropped).
+    let (head, len) = loop {
+        match parse_response_head(&buf, max_head).map_err(|_| ResponseError::Bad)? {
+            Some((head, len)) if (100..200).contains(&head.status) && head.status != 101 => {
+                buf.drain(..len);
+                continue;
+            }
+            Some(done) => break done,
+            None => {}
+        }
+        buf.reserve(4096);
+        match upstream.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return Err(ResponseError::Closed),
+            Ok(_) => {}
+        }
+    };
+    let relayed = client_head(&head, request, clock, closing()).map_err(|_| ResponseError::Bad)?;
+    buf.drain(..len);
+    clock.started.store(true, Ordering::Release);
+    clock.enter(Phase::Response);
+    client
+        .write_all(&relayed.head)
+        .await
+        .map_err(|_| ResponseError::ClientGone)?;
+    clock.progress();
+
+    // 2. The body.
+    let mut left = match relayed.framing {
+        Framing::Length(n) => n,
+        _ => 0,
+    };
+    let mut chunk = Chunk::Size;
+    let mut plain = Vec::new();
+    let mut out = Vec::new();
+    let mut eof = false;
+    loop {
+        let done = match relayed.framing {
+            Framing::None => true,
+            Framing::Length(_) => {
+                let take = left.min(buf.len() as u64) as usize;
+                left -= take as u64;
+                out.extend_from_slice(&buf[..take]);
+                buf.clear();
+                left == 0
+            }
+            Framing::UntilClose => {
+                plain.append(&mut buf);
+                eof
+            }
+            Framing::Chunked => {
+                let (consumed, last) = decode_chunks(&buf, &mut chunk, &mut plain, usize::MAX)
+                    .map_err(|_| ResponseError::Cut)?;
+                buf.drain(..consumed);
+                if buf.len() > max_head {
+                    return Err(ResponseError::Cut); // an endless chunk-size line
+                }
+                last
+            }
+        };
+        if relayed.chunked {
+            encode_chunk(&plain, &mut out);
+        } else {
+            out.append(&mut plain);
+        }
+        plain.clear();
+        if done && relayed.chunked {
+            out.extend_from_slice(LAST_CHUNK);
+        }
+        if !out.is_empty() {
+            client
+                .write_all(&out)
+                .await
+                .map_err(|_| ResponseError::ClientGone)?;
+            clock.progress(); // the client took it
+            out.clear();
+        }
+        if done {
+            client
+                .flush()
+                .await
+                .map_err(|_| ResponseError::ClientGone)?;
+            return Ok(relayed.keep_alive);
+        }
+        if eof {
+            return Err(ResponseError::Cut); // the upstream died mid-body
+        }
+        buf.reserve(BODY_BUFFER.saturating_sub(buf.len()).max(4096));
+        match upstream.read_buf(&mut buf).await {
+            Ok(0) => eof = true,
+            Ok(_) => clock.progress(),
+            Err(_) => return Err(ResponseError::Cut),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_move_as_the_table_says() {
+        let clock = Clock::new(Phase::Body);
+        assert!(!clock.enter(Phase::Body));
+        assert!(clock.enter(Phase::Response));
+        assert!(!clock.enter(Phase::AwaitHead)); // the request pump, too late
+        assert_eq!(clock.phase(), Phase::Response);
+        assert!(clock.enter(Phase::Done));
+        assert!(!clock.enter(Phase::Response));
+        for (from, to) in TRANSITIONS {
+            assert!(from.can_move(to));
+            assert!(!to.can_move(from));
+        }
+    }
+}
