@@ -230,6 +230,9 @@ where
     };
     let clock = Clock::new(first);
     clock.progress();
+    // The client is not read until the upstream is there: its silence meanwhile
+    // is the upstream's doing.
+    clock.waiting_upstream.store(true, Ordering::Release);
     let upstream = {
         let dog = watchdog(&clock, limits);
         tokio::pin!(dog);
@@ -243,6 +246,7 @@ where
             phase = &mut dog => return expired(phase, &clock),
         }
     };
+    clock.waiting_upstream.store(false, Ordering::Release);
     if request.expect_continue && client.write_all(CONTINUE).await.is_err() {
         return Outcome::Gone;
     }
