@@ -311,10 +311,12 @@ class ScriptedBackend:
     def __init__(self, answer: Callable[[str], bytes | None]) -> None:
         self.answer = answer
         self.requests: list[bytes] = []
+        self.connections = 0
         self.url = ""
         self._server: asyncio.AbstractServer | None = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -487,6 +489,97 @@ async def test_an_upstream_that_answers_before_the_body_ends_closes_the_connecti
     finally:
         server.close()
         await server.wait_closed()
+
+
+# --- upstream connections are reused (aiohttp's pool in the Python data plane) ------
+
+
+@PLANES
+async def test_upstream_connections_are_reused_across_clients(plane: str) -> None:
+    async with PlainBackend() as backend, front(plane, [("/", backend.url)]) as lw:
+        for _ in range(3):  # one client connection each, one after the other
+            response, _ = await raw_exchange(
+                lw.port, b"GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            assert (response.status, response.body) == (200, b"ok\n")
+        assert backend.accepted == 1
+        assert backend.open == 1  # kept idle for the next request
+
+
+def closes_on_its_second_request() -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """A backend whose first connection answers one request, then closes when
+    the next one comes (as a backend closing an idle keep-alive connection
+    just as loopwatch reuses it); later connections answer everything."""
+    connections: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        first_connection = len(connections) == 1
+        answered = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if first_connection and answered == 1:
+                    return  # closed without a word
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                await reader.readexactly(length)
+                body = b"conn %d\n" % len(connections)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+                answered += 1
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return handle
+
+
+@PLANES
+@pytest.mark.parametrize(
+    ("request_bytes", "expected"),
+    [
+        # Idempotent and without a body: sent again on a new connection.
+        (b"GET /again HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", (200, b"conn 2\n")),
+        # Not idempotent: the upstream's failure is the answer.
+        (
+            b"POST /once HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 2\r\n\r\nhi",
+            (502, b"loopwatch: upstream unreachable\n"),
+        ),
+    ],
+    ids=["get-retried", "post-not-retried"],
+)
+async def test_a_reused_connection_the_upstream_closed(
+    plane: str, request_bytes: bytes, expected: tuple[int, bytes]
+) -> None:
+    server = await asyncio.start_server(closes_on_its_second_request(), "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        async with front(plane, [("/", url)]) as lw:
+            response, _ = await raw_exchange(
+                lw.port, b"GET /first HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            assert (response.status, response.body) == (200, b"conn 1\n")
+            response, _ = await raw_exchange(lw.port, request_bytes)
+            assert (response.status, response.body) == expected
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@PLANES
+async def test_an_upstream_connection_that_says_close_is_not_reused(plane: str) -> None:
+    answer = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
+    async with ScriptedBackend(lambda path: answer) as up, front(plane, [("/", up.url)]) as lw:
+        for _ in range(2):
+            response, _ = await raw_exchange(
+                lw.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            assert (response.status, response.body) == (200, b"ok")
+        assert up.connections == 2
 
 
 # --- no WebSocket attempt ----------------------------------------------------------

@@ -199,16 +199,23 @@ async fn forward_http(
     route: &Route,
     request: &http::Request,
 ) -> bool {
-    let closing = || shared.closing();
-    let outcome = http::exchange(
+    let key = (route.host.clone(), route.port);
+    let pooled = shared.pool.checkout(&key);
+    let exchanged = http::exchange(
         client,
-        http::connect(route),
+        || http::connect(route),
+        pooled,
         request,
         &shared.config.limits,
-        closing,
+        || shared.closing(),
     )
     .await;
-    match outcome {
+    if let Some(upstream) = exchanged.upstream {
+        if !shared.closing() {
+            shared.pool.checkin(&key, upstream);
+        }
+    }
+    match exchanged.outcome {
         Outcome::KeepAlive => return true,
         Outcome::Close => answer(client, &[], Then::Close).await,
         Outcome::Answer {
@@ -267,6 +274,7 @@ fn decide(
             expect_continue,
             head_only: head.method == "HEAD",
             version: head.version,
+            retryable: framing == BodyFraming::None && http::IDEMPOTENT.contains(&head.method),
         };
         return Plan::Http {
             route: route.clone(),

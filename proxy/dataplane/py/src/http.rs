@@ -24,7 +24,12 @@
 //!   backend sees its request cancelled and gets its slot back.
 //!
 //! The upstream is any `AsyncRead + AsyncWrite` stream: [`connect`] opens a
-//! plain TCP one (the place a TLS connector goes).
+//! plain TCP one (the place a TLS connector goes). A connection the exchange
+//! leaves fit for another request is handed back ([`Exchanged::upstream`],
+//! for the pool); a request that a reused connection's upstream closes before
+//! answering is retried once on a new connection when it may be (`retryable`).
+
+use std::future::Future;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::time::Duration;
@@ -66,6 +71,28 @@ pub struct Request {
     /// A HEAD request: the response has no body, whatever it announces.
     pub head_only: bool,
     pub version: Version,
+    /// Idempotent and without a body: may be sent again on a new connection
+    /// when a reused one turns out closed (aiohttp's rule).
+    pub retryable: bool,
+}
+
+/// Idempotent methods (RFC 9110 §9.2.2), those aiohttp retries.
+pub const IDEMPOTENT: [&str; 6] = ["GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"];
+
+/// How an exchange ended, and its upstream connection if another request
+/// may use it.
+pub struct Exchanged<U> {
+    pub outcome: Outcome,
+    pub upstream: Option<U>,
+}
+
+impl<U> From<Outcome> for Exchanged<U> {
+    fn from(outcome: Outcome) -> Self {
+        Exchanged {
+            outcome,
+            upstream: None,
+        }
+    }
 }
 
 /// How an exchange ended: what the listener does with the client connection.
@@ -208,88 +235,151 @@ fn answer(status: u16, message: &str, counted: Option<Rejected>) -> Outcome {
     }
 }
 
-/// Forward one request: connect (with `connect`, bounded by
-/// `limits.connect_timeout`), stream both ways, and say how it ended.
-/// `closing`: whether the listener is stopping (the response then closes the
-/// connection). Every byte of the upstream connection is dropped on return.
-pub async fn exchange<C, U, F>(
+/// Forward one request on `pooled` (a reused connection) or on one `connect`
+/// opens (bounded by `limits.connect_timeout`), stream both ways, and say
+/// how it ended. `closing`: whether the listener is stopping (the response
+/// then closes the connection). The upstream connection is dropped unless it
+/// is handed back in [`Exchanged::upstream`].
+pub async fn exchange<C, U, F, Fut, G>(
     client: &mut C,
-    connect: F,
+    mut connect: F,
+    mut pooled: Option<U>,
     request: &Request,
     limits: &Limits,
-    closing: impl Fn() -> bool,
-) -> Outcome
+    closing: G,
+) -> Exchanged<U>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
-    F: std::future::Future<Output = std::io::Result<U>>,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = std::io::Result<U>>,
+    G: Fn() -> bool,
 {
     let first = match request.framing {
         BodyFraming::None => Phase::AwaitHead,
         _ => Phase::Body,
     };
-    let clock = Clock::new(first);
-    clock.progress();
+    loop {
+        let clock = Clock::new(first);
+        clock.progress();
+        let reused = pooled.is_some();
+        let upstream = match pooled.take() {
+            Some(upstream) => upstream,
+            None => match open(&mut connect, &clock, limits).await {
+                Ok(upstream) => upstream,
+                Err(outcome) => return outcome.into(),
+            },
+        };
+        match attempt(&mut *client, upstream, request, &clock, limits, &closing).await {
+            Attempt::Done(exchanged) => return exchanged,
+            // The upstream closed an idle connection as it was reused: again.
+            Attempt::Stale if reused && request.retryable => continue,
+            Attempt::Stale => return ResponseError::Closed { stale: true }.outcome().into(),
+        }
+    }
+}
+
+/// Connect, under `limits.connect_timeout` and the phase's own timeout.
+async fn open<U, F, Fut>(connect: &mut F, clock: &Clock, limits: &Limits) -> Result<U, Outcome>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = std::io::Result<U>>,
+{
     // The client is not read until the upstream is there: its silence meanwhile
     // is the upstream's doing.
     clock.waiting_upstream.store(true, Ordering::Release);
-    let upstream = {
-        let dog = watchdog(&clock, limits);
-        tokio::pin!(dog);
-        tokio::select! {
-            biased;
-            connected = timeout(limits.connect_timeout, connect) => match connected {
-                Err(_) => return answer(504, UPSTREAM_TIMEOUT, Some(Rejected::UpstreamTimeout)),
-                Ok(Err(_)) => return answer(502, UNREACHABLE, None),
-                Ok(Ok(upstream)) => upstream,
-            },
-            phase = &mut dog => return expired(phase, &clock),
-        }
+    let dog = watchdog(clock, limits);
+    tokio::pin!(dog);
+    let upstream = tokio::select! {
+        biased;
+        connected = timeout(limits.connect_timeout, connect()) => match connected {
+            Err(_) => Err(answer(504, UPSTREAM_TIMEOUT, Some(Rejected::UpstreamTimeout))),
+            Ok(Err(_)) => Err(answer(502, UNREACHABLE, None)),
+            Ok(Ok(upstream)) => Ok(upstream),
+        },
+        phase = &mut dog => Err(expired(phase, clock)),
     };
     clock.waiting_upstream.store(false, Ordering::Release);
+    upstream
+}
+
+enum Attempt<U> {
+    Done(Exchanged<U>),
+    /// The upstream closed before sending a byte of its answer (a reused
+    /// connection it had closed meanwhile, most likely).
+    Stale,
+}
+
+/// The request and its response over `upstream`.
+async fn attempt<C, U, G>(
+    client: &mut C,
+    upstream: U,
+    request: &Request,
+    clock: &Clock,
+    limits: &Limits,
+    closing: &G,
+) -> Attempt<U>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+    G: Fn() -> bool,
+{
+    let done = |outcome: Outcome| Attempt::Done(outcome.into());
     if request.expect_continue && client.write_all(CONTINUE).await.is_err() {
-        return Outcome::Gone;
+        return done(Outcome::Gone);
     }
     let (mut client_in, mut client_out) = tokio::io::split(client);
     let (mut upstream_in, mut upstream_out) = tokio::io::split(upstream);
-    let send = send_request(&mut client_in, &mut upstream_out, request, &clock, limits);
-    let relay = relay_response(
-        &mut upstream_in,
-        &mut client_out,
-        request,
-        &clock,
-        limits,
-        closing,
-    );
-    let dog = watchdog(&clock, limits);
-    tokio::pin!(send, relay, dog);
-    let mut sending = true;
-    loop {
-        tokio::select! {
-            biased;
-            relayed = &mut relay => {
-                clock.enter(Phase::Done);
-                return match relayed {
-                    Ok(true) => Outcome::KeepAlive,
-                    Ok(false) => Outcome::Close,
-                    Err(failure) => failure.outcome(),
-                };
+    let (relayed, sent) = {
+        let send = send_request(&mut client_in, &mut upstream_out, request, clock, limits);
+        let relay = relay_response(
+            &mut upstream_in,
+            &mut client_out,
+            request,
+            clock,
+            limits,
+            closing,
+        );
+        let dog = watchdog(clock, limits);
+        tokio::pin!(send, relay, dog);
+        let mut sent = false;
+        loop {
+            tokio::select! {
+                biased;
+                relayed = &mut relay => break (relayed, sent),
+                result = &mut send, if !sent => match result {
+                    Ok(()) => sent = true,
+                    // The response (or the upstream's close) tells the rest.
+                    Err(RequestError::UpstreamGone) => sent = true,
+                    Err(RequestError::ClientGone) => return done(Outcome::Gone),
+                    Err(RequestError::Bad(why)) => {
+                        return done(if clock.started.load(Ordering::Acquire) {
+                            Outcome::Cut(None)
+                        } else {
+                            answer(400, &why.to_string(), Some(Rejected::BadRequest))
+                        });
+                    }
+                },
+                phase = &mut dog => return done(expired(phase, clock)),
             }
-            sent = &mut send, if sending => match sent {
-                Ok(()) => sending = false,
-                // The response (or the upstream's close) tells the rest.
-                Err(RequestError::UpstreamGone) => sending = false,
-                Err(RequestError::ClientGone) => return Outcome::Gone,
-                Err(RequestError::Bad(why)) => {
-                    return if clock.started.load(Ordering::Acquire) {
-                        Outcome::Cut(None)
-                    } else {
-                        answer(400, &why.to_string(), Some(Rejected::BadRequest))
-                    };
-                }
-            },
-            phase = &mut dog => return expired(phase, &clock),
         }
+    };
+    clock.enter(Phase::Done);
+    match relayed {
+        Ok(end) => {
+            // Reusable only if both messages ended as framed.
+            let reusable = end.reusable && sent && clock.request_done.load(Ordering::Acquire);
+            Attempt::Done(Exchanged {
+                outcome: if end.keep_alive {
+                    Outcome::KeepAlive
+                } else {
+                    Outcome::Close
+                },
+                upstream: reusable.then(|| upstream_in.unsplit(upstream_out)),
+            })
+        }
+        Err(ResponseError::Closed { stale: true }) => Attempt::Stale,
+        Err(failure) => done(failure.outcome()),
     }
 }
 
@@ -425,8 +515,11 @@ where
 }
 
 enum ResponseError {
-    /// The upstream closed before a whole response head (502).
-    Closed,
+    /// The upstream closed before a whole response head (502); `stale`:
+    /// before a byte of it.
+    Closed {
+        stale: bool,
+    },
     /// Its head is not HTTP/1.x, or is too large (502).
     Bad,
     /// It closed or broke its framing mid-body: the client is cut.
@@ -437,7 +530,7 @@ enum ResponseError {
 impl ResponseError {
     fn outcome(self) -> Outcome {
         match self {
-            ResponseError::Closed => answer(502, UNREACHABLE, None),
+            ResponseError::Closed { .. } => answer(502, UNREACHABLE, None),
             ResponseError::Bad => answer(502, UPSTREAM_ERROR, None),
             ResponseError::Cut => Outcome::Cut(None),
             ResponseError::ClientGone => Outcome::Gone,
@@ -513,23 +606,32 @@ fn client_head(
     })
 }
 
-/// The upstream's response, upstream to client. Ok(keep_alive) once it went
-/// out whole.
-async fn relay_response<R, W>(
+/// A response that went out whole.
+struct Ended {
+    /// The client's connection stays open.
+    keep_alive: bool,
+    /// The upstream's connection may carry another request.
+    reusable: bool,
+}
+
+/// The upstream's response, upstream to client.
+async fn relay_response<R, W, G>(
     upstream: &mut R,
     client: &mut W,
     request: &Request,
     clock: &Clock,
     limits: &Limits,
-    closing: impl Fn() -> bool,
-) -> Result<bool, ResponseError>
+    closing: &G,
+) -> Result<Ended, ResponseError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
+    G: Fn() -> bool,
 {
     let max_head = limits.head.max_head_size;
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
-    // 1. The head (interim 1xx answers dropped).
+    let mut stale = true; // not a byte from the upstream yet
+                          // 1. The head (interim 1xx answers dropped).
     let (head, len) = loop {
         match parse_response_head(&buf, max_head).map_err(|_| ResponseError::Bad)? {
             Some((head, len)) if (100..200).contains(&head.status) && head.status != 101 => {
@@ -541,11 +643,20 @@ where
         }
         buf.reserve(4096);
         match upstream.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => return Err(ResponseError::Closed),
-            Ok(_) => {}
+            Ok(0) | Err(_) => return Err(ResponseError::Closed { stale }),
+            Ok(_) => stale = false,
         }
     };
-    let relayed = client_head(&head, request, clock, closing()).map_err(|_| ResponseError::Bad)?;
+    let closing = closing();
+    // The upstream's connection may carry another request after this one.
+    let reusable = head.http11
+        && head.status != 101
+        && !closing
+        && !head.header(b"connection").is_some_and(|v| {
+            v.split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+        });
+    let relayed = client_head(&head, request, clock, closing).map_err(|_| ResponseError::Bad)?;
     buf.drain(..len);
     clock.started.store(true, Ordering::Release);
     clock.enter(Phase::Response);
@@ -610,7 +721,11 @@ where
                 .flush()
                 .await
                 .map_err(|_| ResponseError::ClientGone)?;
-            return Ok(relayed.keep_alive);
+            return Ok(Ended {
+                keep_alive: relayed.keep_alive,
+                // Bytes beyond the response, or a body framed by the close: no.
+                reusable: reusable && buf.is_empty() && relayed.framing != Framing::UntilClose,
+            });
         }
         if eof {
             return Err(ResponseError::Cut); // the upstream died mid-body

@@ -26,6 +26,7 @@ use loopwatch_dataplane_core::head::HeadLimits;
 mod conn;
 mod http;
 mod listener;
+mod pool;
 pub mod queue;
 pub mod relay;
 pub mod response;

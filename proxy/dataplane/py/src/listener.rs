@@ -21,6 +21,7 @@ use loopwatch_dataplane_core::head::HeadLimits;
 use loopwatch_dataplane_core::table::EnforcementTable;
 
 use crate::conn;
+use crate::pool::{Pool, SWEEP_EVERY};
 use crate::wire::{RejectWith, Route};
 
 /// Pending connections the kernel queues for the accept loop.
@@ -194,6 +195,8 @@ pub struct Shared {
     pub events: EventSender,
     pub counters: Counters,
     pub shutdown: watch::Receiver<bool>,
+    /// Idle upstream connections of plain HTTP (`pool`).
+    pub pool: Pool,
     next_conn_id: AtomicU64,
     drained: Notify,
 }
@@ -259,6 +262,19 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     // The listening socket closes here: new connections are refused by the kernel.
 }
 
+/// Close idle upstream connections once they expire, until the listener stops.
+async fn sweep_pool(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.clone();
+    let stop = stopping(&mut shutdown);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tokio::time::sleep(SWEEP_EVERY) => shared.pool.sweep(),
+        }
+    }
+}
+
 /// A running listener: its runtime, its address and its stop switch.
 pub struct Server {
     runtime: Option<Runtime>,
@@ -302,10 +318,12 @@ impl Server {
             events,
             counters: Counters::default(),
             shutdown,
+            pool: Pool::default(),
             next_conn_id: AtomicU64::new(1),
             drained: Notify::new(),
         });
         runtime.spawn(accept_loop(listener, Arc::clone(&shared)));
+        runtime.spawn(sweep_pool(Arc::clone(&shared)));
         Ok(Server {
             runtime: Some(runtime),
             shared,
@@ -329,6 +347,7 @@ impl Server {
         let _ = self.stop.send(true);
         let shared = Arc::clone(&self.shared);
         let left = runtime.block_on(async move {
+            shared.pool.clear(); // idle upstream connections end now
             let wait = async {
                 loop {
                     let drained = shared.drained.notified();
@@ -341,6 +360,7 @@ impl Server {
                 }
             };
             let _ = tokio::time::timeout(grace, wait).await;
+            shared.pool.clear(); // and any an exchange put back meanwhile
             shared.counters.active.load(Ordering::Acquire)
         });
         runtime.shutdown_timeout(Duration::from_secs(1));

@@ -77,6 +77,8 @@ pub(crate) enum Chunk {
 
 #[derive(Debug)]
 pub(crate) struct Head {
+    /// HTTP/1.1 (else 1.0).
+    pub(crate) http11: bool,
     pub(crate) status: u16,
     pub(crate) reason: Vec<u8>,
     pub(crate) headers: Vec<(Vec<u8>, Vec<u8>)>,
@@ -247,6 +249,7 @@ fn parse_head(buf: &[u8], slots: usize) -> Result<Option<(Head, usize)>, httpars
         httparse::Status::Partial => Ok(None),
         httparse::Status::Complete(len) => {
             let head = Head {
+                http11: response.version == Some(1),
                 status: response.code.unwrap_or(0),
                 reason: response.reason.unwrap_or("").as_bytes().to_vec(),
                 headers: response
