@@ -571,9 +571,32 @@ async def test_a_reused_connection_the_upstream_closed(
 
 
 @PLANES
-async def test_an_upstream_connection_that_says_close_is_not_reused(plane: str) -> None:
-    answer = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    ],
+    ids=["connection-close", "http10"],
+)
+async def test_an_upstream_connection_that_cannot_carry_another_request_is_not_reused(
+    plane: str, answer: bytes
+) -> None:
     async with ScriptedBackend(lambda path: answer) as up, front(plane, [("/", up.url)]) as lw:
+        for _ in range(2):
+            response, _ = await raw_exchange(
+                lw.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            assert (response.status, response.body) == (200, b"ok")
+        assert up.connections == 2
+
+
+async def test_an_upstream_connection_with_stray_bytes_is_not_reused() -> None:
+    """Bytes after the response's end are no response to the next request.
+    (The Python data plane reuses such a connection: aiohttp reads the stray
+    bytes as the next response, and that request gets a 502.)"""
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokSTRAY BYTES"
+    async with ScriptedBackend(lambda path: answer) as up, front("native", [("/", up.url)]) as lw:
         for _ in range(2):
             response, _ = await raw_exchange(
                 lw.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"

@@ -630,8 +630,9 @@ where
 {
     let max_head = limits.head.max_head_size;
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
-    let mut stale = true; // not a byte from the upstream yet
-                          // 1. The head (interim 1xx answers dropped).
+    // Not a byte from the upstream yet.
+    let mut stale = true;
+    // 1. The head (interim 1xx answers dropped).
     let (head, len) = loop {
         match parse_response_head(&buf, max_head).map_err(|_| ResponseError::Bad)? {
             Some((head, len)) if (100..200).contains(&head.status) && head.status != 101 => {
@@ -682,7 +683,7 @@ where
                 let take = left.min(buf.len() as u64) as usize;
                 left -= take as u64;
                 out.extend_from_slice(&buf[..take]);
-                buf.clear();
+                buf.drain(..take); // what is left is beyond the response
                 left == 0
             }
             Framing::UntilClose => {
