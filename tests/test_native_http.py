@@ -26,7 +26,16 @@ import pytest
 
 from loopwatch.proxy.dataplane.native import EnforcementTable, EventQueue, NativeListener
 from loopwatch.proxy.dataplane.settings import Limits
-from tests.conftest import free_port, loopwatch, raw_exchange, read_response, wait_for
+from tests.conftest import (
+    RawBackend,
+    free_port,
+    loopwatch,
+    raw_exchange,
+    read_response,
+    switching_protocols,
+    upgrade_request,
+    wait_for,
+)
 from tests.hardening import MIB, PlainBackend, read_all
 from tests.hardening import rejected as scraped_rejections
 from tests.test_http import Backend
@@ -603,6 +612,29 @@ async def test_an_upstream_connection_with_stray_bytes_is_not_reused() -> None:
             )
             assert (response.status, response.body) == (200, b"ok")
         assert up.connections == 2
+
+
+@PLANES
+async def test_a_websocket_upgrade_after_a_plain_request_on_one_connection(plane: str) -> None:
+    """Keep-alive brings the connection back to its head: the next request may
+    be an upgrade, admitted and relayed as any."""
+    frame = b"\x81\x85\x00\x00\x00\x00hello"  # a masked text frame
+    async with (
+        RawBackend(switching_protocols) as ws_backend,
+        PlainBackend() as plain,
+        front(plane, [("/ws", ws_backend.url), ("/", plain.url)]) as lw,
+    ):
+        reader, writer = await open_conn(lw.port)
+        try:
+            writer.write(b"GET /ok HTTP/1.1\r\nHost: example.test\r\n\r\n")
+            response = await asyncio.wait_for(read_response(reader), 10)
+            assert (response.status, response.body) == (200, b"ok\n")
+            writer.write(upgrade_request("/ws") + frame)
+            response = await asyncio.wait_for(read_response(reader, head_only=True), 10)
+            assert response.status == 101
+            await wait_for(lambda: ws_backend.connections == 1 and bytes(ws_backend.after[0]) == frame)
+        finally:
+            writer.close()
 
 
 # --- no WebSocket attempt ----------------------------------------------------------
