@@ -8,8 +8,10 @@ every other test there on both data planes): routes, an unreachable or
 hanging upstream, a client that leaves, idle keep-alive, shutdown. Then what
 only raw sockets on both sides show: the request and response bytes exactly,
 chunked bodies framed anew, interim 1xx answers, 204, garbage from the
-upstream; and that plain requests are no WebSocket attempts (no events, the
-enforcement table is not consulted).
+upstream; upstream connections reused as aiohttp's pool reuses them (and a
+stale one retried by its rule); an upgrade after a plain request; and that
+plain requests are no WebSocket attempts (no events, the enforcement table is
+not consulted).
 """
 
 from __future__ import annotations
