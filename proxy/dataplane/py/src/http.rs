@@ -743,6 +743,172 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use loopwatch_dataplane_core::head::HeadLimits;
+    use tokio::io::{duplex, DuplexStream};
+
+    fn limits(timeout: Duration) -> Limits {
+        Limits {
+            head: HeadLimits::default(),
+            early_data_size: 1024,
+            error_body_size: 1024,
+            max_message_size: None,
+            handshake_timeout: timeout,
+            connect_timeout: timeout,
+            idle_timeout: None,
+            body_timeout: timeout,
+            response_timeout: timeout,
+            response_idle_timeout: timeout,
+            max_connections: 10,
+            max_holds: 0,
+        }
+    }
+
+    fn get(head: &[u8]) -> Request {
+        Request {
+            head: head.to_vec(),
+            framing: BodyFraming::None,
+            early: Vec::new(),
+            keep_alive: true,
+            expect_continue: false,
+            head_only: false,
+            version: Version::Http11,
+            retryable: true,
+        }
+    }
+
+    /// A connect that hands out these streams, one per call, and counts calls.
+    fn connects(
+        streams: Vec<DuplexStream>,
+    ) -> impl FnMut() -> std::future::Ready<std::io::Result<DuplexStream>> {
+        let mut streams = streams.into_iter();
+        move || std::future::ready(streams.next().ok_or(std::io::ErrorKind::NotFound.into()))
+    }
+
+    /// A backend on `stream`: reads one request head, checks it, answers.
+    async fn backend(mut stream: DuplexStream, expect: &'static [u8], answer: &'static [u8]) {
+        let mut got = Vec::new();
+        while !got.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            assert_eq!(stream.read(&mut byte).await.unwrap(), 1);
+            got.push(byte[0]);
+        }
+        assert_eq!(got, expect);
+        stream.write_all(answer).await.unwrap();
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest).await; // until the proxy drops it
+    }
+
+    #[tokio::test]
+    async fn a_chunked_answer_is_chunked_anew_and_the_connection_handed_back() {
+        let (mut client, mut proxy_side) = duplex(1 << 16);
+        let (upstream, backend_side) = duplex(1 << 16);
+        let head = b"GET / HTTP/1.1\r\nHost: b\r\n\r\n";
+        let answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n\
+            3;x=y\r\nabc\r\n0\r\nT: 1\r\n\r\n";
+        let serving = tokio::spawn(backend(backend_side, head, answer));
+        let request = get(head);
+        let done = exchange(
+            &mut proxy_side,
+            connects(vec![upstream]),
+            None,
+            &request,
+            &limits(Duration::from_secs(5)),
+            || false,
+        )
+        .await;
+        assert_eq!(done.outcome, Outcome::KeepAlive);
+        assert!(done.upstream.is_some());
+        drop(done);
+        drop(proxy_side);
+        let mut out = Vec::new();
+        client.read_to_end(&mut out).await.unwrap();
+        assert_eq!(
+            out,
+            b"HTTP/1.1 200 OK\r\nX-A: 1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        );
+        serving.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_reused_connection_closed_before_answering_is_retried_once() {
+        let (_client, mut proxy_side) = duplex(1 << 16);
+        let (stale, closed) = duplex(64);
+        drop(closed); // the upstream closed it while it was idle
+        let (fresh, backend_side) = duplex(1 << 16);
+        let head = b"GET / HTTP/1.1\r\nHost: b\r\n\r\n";
+        let serving = tokio::spawn(backend(
+            backend_side,
+            head,
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+        ));
+        let done = exchange(
+            &mut proxy_side,
+            connects(vec![fresh]),
+            Some(stale),
+            &get(head),
+            &limits(Duration::from_secs(5)),
+            || false,
+        )
+        .await;
+        assert_eq!(done.outcome, Outcome::KeepAlive);
+        drop(done);
+        serving.await.unwrap();
+        // Not idempotent and bodiless: the failure is the answer.
+        let (stale, closed) = duplex(64);
+        drop(closed);
+        let mut post = get(b"POST / HTTP/1.1\r\nHost: b\r\n\r\n");
+        post.retryable = false;
+        let done = exchange(
+            &mut proxy_side,
+            connects(vec![]),
+            Some(stale),
+            &post,
+            &limits(Duration::from_secs(5)),
+            || false,
+        )
+        .await;
+        assert_eq!(done.outcome, answer(502, UNREACHABLE, None));
+    }
+
+    #[tokio::test]
+    async fn a_silent_body_is_408_and_a_silent_upstream_504() {
+        let (_client, mut proxy_side) = duplex(1 << 16);
+        let (upstream, _backend_side) = duplex(1 << 16);
+        let mut request = get(b"POST / HTTP/1.1\r\nHost: b\r\nContent-Length: 10\r\n\r\n");
+        request.framing = BodyFraming::Length(10);
+        request.early = b"abc".to_vec();
+        let done = exchange(
+            &mut proxy_side,
+            connects(vec![upstream]),
+            None,
+            &request,
+            &limits(Duration::from_millis(50)),
+            || false,
+        )
+        .await;
+        assert_eq!(
+            done.outcome,
+            answer(
+                408,
+                "loopwatch: request body timeout",
+                Some(Rejected::BodyTimeout)
+            )
+        );
+        let (upstream, _backend_side) = duplex(1 << 16);
+        let done = exchange(
+            &mut proxy_side,
+            connects(vec![upstream]),
+            None,
+            &get(b"GET / HTTP/1.1\r\nHost: b\r\n\r\n"),
+            &limits(Duration::from_millis(50)),
+            || false,
+        )
+        .await;
+        assert_eq!(
+            done.outcome,
+            answer(504, UPSTREAM_TIMEOUT, Some(Rejected::UpstreamTimeout))
+        );
+    }
 
     #[test]
     fn phases_move_as_the_table_says() {
