@@ -343,10 +343,6 @@ def _busy_2(s: dict) -> float | None:
     return target + lg if target is not None and lg is not None else None
 
 
-def _pair(a: float | None, b: float | None) -> str | None:
-    return None if a is None or b is None else f"{a:.2f} / {b:.2f}"
-
-
 def _efficiency(s: dict) -> float | None:
     d1, d2 = _get(s, "multicore", "native-t1", "dp_us_per_cycle"), _get(s, "multicore", "native-t2", "dp_us_per_cycle")
     return d1 / d2 if d1 and d2 else None
@@ -364,21 +360,35 @@ def _over_ratio(s: dict) -> float | None:
 
 
 N429 = {"native": "native-http-429", "loopwatch": "loopwatch-http-429"}
+# The user/kernel rows: the native column reads its tokio threads' split (metric
+# dp_user_us / dp_sys_us, per-thread ticks), the others their process's.
+DP_USER = {"native": ("native", "dp_user_us")}
+DP_SYS = {"native": ("native", "dp_sys_us")}
 N1013 = {"native": "native-close-1013", "loopwatch": "loopwatch-close-1013"}  # nginx, HAProxy: their 429
 
 NATIVE_ROWS = [
     NativeRow("n_churn_cpu", "CPU per churn cycle (connect + echo + close)", "µs", "churn", "cpu_us_per_cycle",
               target="≤ 1.0× nginx", check=_n_le(1.0)),
     NativeRow("n_churn_dp", "  of which the tokio threads", "µs", "churn", "dp_us", ratios=True),
+    NativeRow("n_churn_user", "  user space (native: its tokio threads)", "µs", "churn", "cpu_user_us",
+              source=DP_USER),
+    NativeRow("n_churn_sys", "  kernel (native: its tokio threads)", "µs", "churn", "cpu_sys_us", source=DP_SYS),
     NativeRow("n_refusal_cpu", "CPU per HTTP 429 refusal", "µs", "refusal", "cpu_us_per_refusal", source=N429,
               target="≤ 1.0× nginx", check=_n_le(1.0)),
     NativeRow("n_refusal_1013_cpu", "CPU per close-1013 refusal (÷ nginx's 429)", "µs", "refusal",
               "cpu_us_per_refusal", source=N1013, target="≤ 1.2× nginx's 429", check=_n_le(1.2)),
     NativeRow("n_refusal_dp", "  HTTP 429: of which the tokio threads", "µs", "refusal", "dp_us", source=N429),
+    NativeRow("n_refusal_user", "  HTTP 429: user space (native: its tokio threads)", "µs", "refusal",
+              "cpu_user_us", source={**N429, "native": ("native-http-429", "dp_user_us")}),
+    NativeRow("n_refusal_sys", "  HTTP 429: kernel (native: its tokio threads)", "µs", "refusal", "cpu_sys_us",
+              source={**N429, "native": ("native-http-429", "dp_sys_us")}),
     NativeRow("n_throughput_cpu", "CPU per relayed message (batched)", "µs", "throughput", "cpu_us_per_msg",
               target="≤ 1.0× nginx and ≤ HAProxy", check=_n_le(1.0, also_haproxy=True)),
     NativeRow("n_latency_cpu", "CPU per unbatched round trip", "µs", "latency", "cpu_us_per_rtt",
               target="≤ 1.0× nginx and ≤ HAProxy", check=_n_le(1.0, also_haproxy=True)),
+    NativeRow("n_latency_user", "  user space (native: its tokio threads)", "µs", "latency", "cpu_user_us",
+              source=DP_USER),
+    NativeRow("n_latency_sys", "  kernel (native: its tokio threads)", "µs", "latency", "cpu_sys_us", source=DP_SYS),
     # n_memory_N rows, one per connection count of the run, are inserted here by native_rows()
     NativeRow("n_memory_returned", "memory given back after the connections closed", "%", "memory",
               "returned_pct", fmt="{:.0f}", target="≥ 90 %", check=_n_abs(lambda v: v >= 90.0), ratios=False),
@@ -403,10 +413,10 @@ NATIVE_ROWS = [
               fmt="{:.2f}", derive=_mc("native-t2", "dp_cores"), ratios=False),
     NativeRow("n_mc_cores_all_2", "multicore: cores busy at 2 threads, whole target + load generator", "cores",
               "multicore", fmt="{:.2f}", derive=_busy_2, ratios=False),
-    NativeRow("n_mc_others", "multicore: cores busy with other processes meanwhile, 1 thread / 2 threads", "cores",
-              "multicore", fmt="{}", derive=lambda s: _pair(_get(s, "multicore", "native-t1", "others_cores"),
-                                                            _get(s, "multicore", "native-t2", "others_cores")),
-              ratios=False),
+    NativeRow("n_mc_others_1", "multicore: cores busy with other processes meanwhile, 1 thread", "cores",
+              "multicore", fmt="{:.2f}", derive=_mc("native-t1", "others_cores"), ratios=False),
+    NativeRow("n_mc_others_2", "multicore: cores busy with other processes meanwhile, 2 threads", "cores",
+              "multicore", fmt="{:.2f}", derive=_mc("native-t2", "others_cores"), ratios=False),
     NativeRow("n_mc_share", "multicore: busiest tokio thread's share of the tokio CPU, 2 threads (even: 0.5)", "",
               "multicore", fmt="{:.2f}", derive=_mc("native-t2", "dp_busiest_share"), ratios=False),
     NativeRow("n_mc_loadgen", "multicore: load generator CPU per cycle (2 threads)", "µs", "multicore",
@@ -475,7 +485,8 @@ def native_rows(result: dict) -> list[dict]:
         else:
             for column in NATIVE_COLUMNS:
                 name = (row.source or {}).get(column, column)
-                values[column] = _get(summary, row.scenario, name, row.metric)
+                name, metric = name if isinstance(name, tuple) else (name, row.metric)
+                values[column] = _get(summary, row.scenario, name, metric)
             if row.metric == "dp_us" or row.id == "n_storm_leaks":  # only native has these / cooldowns
                 for column in NATIVE_COLUMNS[1 if row.metric == "dp_us" else 2 :]:
                     values[column], notes[column] = None, "n/a"

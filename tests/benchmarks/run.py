@@ -60,6 +60,7 @@ from tests.benchmarks.targets import (
     machine,
     machine_busy_seconds,
     named_thread_seconds,
+    named_thread_split,
     native_stats,
     raise_nofile,
     run_cload,
@@ -140,8 +141,13 @@ MULTICORE_TARGETS = ("native-t1", "native-t2")
 # overloaded brain) with a small queue.
 BRAIN_TARGETS = ("native-brain", "native-brain-sat", "native-brain-over")
 # `loopwatch run` on the native data plane (W2's wiring of issue 16): prepended
-# to the config of every `native…` instance when --native run.
-NATIVE_RUN_CONFIG = "dataplane: native\n"
+# to the config of every `native…` instance when --native run. While the native
+# data plane keys clients by address only, it refuses the default identity
+# sources; the harness then runs it with the second form, and gives every
+# target's churn, storm loopers and detection client loopback addresses of their
+# own (loadgen.py `sources`), so that a fleet is a fleet to every target.
+NATIVE_RUN_CONFIGS = ("dataplane: native\n", "dataplane: native\nidentity:\n  sources: [ip]\n")
+ADDRESS_SOURCES = 50_000  # churn: distinct loopback addresses (one per attempt, reused after 50 000)
 # The hold scenario: the storm against loopwatch with its default hold (policy.hold,
 # 2 s) and against a second loopwatch with the hold off.
 # A hundred clients failing auth at once open the auth breaker, whose refusals
@@ -215,6 +221,8 @@ class Bench:
         self.notes: list[str] = []
         self.features: dict[str, object] = {}
         self.native: str | None = None  # "run" (loopwatch run, dataplane: native), "bare" or None
+        self.native_config = NATIVE_RUN_CONFIGS[0]
+        self.sources: dict[str, int] = {}  # loadgen `sources` for churn, storm, detect (see NATIVE_RUN_CONFIGS)
         self.cload: Path | None = None
         self.loadavg: list[float] = []  # 1-minute load average before each scenario run
         self.tag = 0
@@ -256,7 +264,13 @@ class Bench:
                               "measured the bare native listener instead")  # fmt: skip
             return "bare"
         if wanted == "auto":
-            return "run" if self.features.get("dataplane_native") else "bare"
+            wanted = "run" if self.features.get("dataplane_native") else "bare"
+        if wanted == "run":
+            self.native_config = str(self.features["dataplane_native_config"])
+            if "sources: [ip]" in self.native_config:
+                self.sources = {"churn": ADDRESS_SOURCES, "storm": 1, "detect": 1}
+                self.notes.append("native as `loopwatch run` keys clients by address: churn, storm loopers and "
+                                  "detection came from loopback addresses of their own, for every target")  # fmt: skip
         return wanted
 
     def main_targets(self) -> tuple[str, ...]:
@@ -291,7 +305,7 @@ class Bench:
         how = name.split("-", 1)[1] if name in NATIVE_REFUSAL else None
         if self.native == "run" and name in (NATIVE, *NATIVE_REFUSAL):
             text = DENY_CONFIG.format(how=how) if how else (config or "")
-            return start_loopwatch(self.tmp, self.backend.port, name, NATIVE_RUN_CONFIG + text)
+            return start_loopwatch(self.tmp, self.backend.port, name, self.native_config + text)
         port = self.backend.port
         if name in MULTICORE_TARGETS:
             return start_native(self.tmp, port, name, threads=int(name[-1]), deny="http-429")
@@ -332,10 +346,15 @@ class Bench:
         dump = out.stdout
         features["detection"] = out.returncode == 0 and "\ndetection:" in "\n" + dump
         features["policy"] = out.returncode == 0 and "\npolicy:" in "\n" + dump
-        path = self.tmp / "probe-native.yaml"
-        path.write_text(NATIVE_RUN_CONFIG)
-        out = subprocess.run([*cmd, str(path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
-        features["dataplane_native"] = out.returncode == 0 and "\ndataplane: native" in "\n" + out.stdout
+        features["dataplane_native"] = False
+        for i, text in enumerate(NATIVE_RUN_CONFIGS):
+            path = self.tmp / f"probe-native-{i}.yaml"
+            path.write_text(text)
+            out = subprocess.run([*cmd, str(path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+            if out.returncode == 0 and "\ndataplane: native" in "\n" + out.stdout:
+                features["dataplane_native"], features["dataplane_native_config"] = True, text
+                break
+            features[f"dataplane_native_error_{i}"] = (out.stderr or out.stdout).strip().splitlines()[:3]
         for how in ("http-429", "close-1013"):
             path = self.tmp / f"probe-{how}.yaml"
             path.write_text(DENY_CONFIG.format(how=how))
@@ -377,7 +396,7 @@ class Bench:
         self.tag += 1
         command = {**command, "host": HOST, "port": proc.port, "tag": self.tag}
         u0, k0 = proc.split()
-        d0 = thread_seconds(proc.pids())[1]
+        d0, du0 = thread_seconds(proc.pids())[1], named_thread_split(proc.pids())
         c0, s0, b0 = proc.cpu(), proc.sched(), self.backend.cpu() if self.backend else 0.0
         t0 = time.perf_counter()
         result = lg.call(command, timeout)
@@ -387,6 +406,8 @@ class Bench:
         u1, k1 = proc.split()
         if target.startswith(NATIVE):  # its tokio threads' share (bare: the rest is the brain thread)
             result["dp_s"] = thread_seconds(proc.pids())[1] - d0
+            du1 = named_thread_split(proc.pids())
+            result["dp_user_s"], result["dp_sys_s"] = du1[0] - du0[0], du1[1] - du0[1]
         result["cpu_user_s"], result["cpu_sys_s"] = u1 - u0, k1 - k0
         result["cpu_s"] = c1 - c0  # /proc/PID/stat utime+stime+cutime+cstime, 10 ms ticks
         result["sched_s"] = s1 - s0  # /proc/PID/task/*/schedstat, ns resolution
@@ -410,7 +431,10 @@ class Bench:
         """The native target's tokio threads' CPU µs per operation (schedstat)."""
         if not per or r.get("failed") or r.get("dp_s") is None:
             return {}
-        return {"dp_us": r["dp_s"] / per * 1e6}
+        out = {"dp_us": r["dp_s"] / per * 1e6}
+        if r.get("dp_user_s") is not None:
+            out.update(dp_user_us=r["dp_user_s"] / per * 1e6, dp_sys_us=r["dp_sys_s"] / per * 1e6)
+        return out
 
     @staticmethod
     def split_per_op(r: dict, per: float) -> dict:
@@ -444,8 +468,8 @@ class Bench:
             ok = [r for r in results if not r.get("failed")]
             merged: dict = {"rounds": len(results), "failed": next((r["failed"] for r in results if r.get("failed")), None)}
             for key in ("ops", "mib", "errors", "cpu_s", "sched_s", "cpu_user_s", "cpu_sys_s", "backend_cpu_s",
-                        "loadgen_cpu_s", "elapsed_s", "dp_s"):
-                if key == "dp_s" and not any("dp_s" in r for r in ok):
+                        "loadgen_cpu_s", "elapsed_s", "dp_s", "dp_user_s", "dp_sys_s"):
+                if key.startswith("dp_") and not any(key in r for r in ok):
                     continue  # only the native target has tokio threads
                 merged[key] = sum(r.get(key, 0) or 0 for r in ok) + (len(results) - len(ok) if key == "errors" else 0)
             for key in ("p50_us", "p90_us", "p99_us", "max_us", "rate"):
@@ -493,7 +517,7 @@ class Bench:
         for target in self.order(rep, self.main_targets()):
             if target in ("loopwatch", NATIVE):
                 self.reset_loopwatch(target)
-            r = self.measure(target, {"op": "churn", **p}, p["max_s"] + 60)
+            r = self.measure(target, {"op": "churn", **p, "sources": self.sources.get("churn", 0)}, p["max_s"] + 60)
             self.record("churn", target, rep, r, {
                 "cycles_per_s": r.get("rate"), "cpu_us_per_cycle": self.cpu_per_op(r, r.get("ops", 0)), **self.split_per_op(r, r.get("ops", 0)), **self.dp_per_op(r, r.get("ops", 0)),
                 "cycle_p50_ms": (r["p50_us"] / 1000) if r.get("p50_us") else None,
@@ -533,7 +557,7 @@ class Bench:
         for target in self.order(rep, self.detection_targets()):
             if target in ("loopwatch", NATIVE):
                 self.reset_loopwatch(target)
-            r = self.measure(target, {"op": "detect", **p}, p["max_s"] + 60)
+            r = self.measure(target, {"op": "detect", **p, "sources": self.sources.get("detect", 0)}, p["max_s"] + 60)
             self.record("detect", target, rep, r, {
                 "attempts": r.get("refused_at_attempt"), "seconds": r.get("refused_after_s"),
                 "answered_s": r.get("answered_after_s"), "tried": r.get("attempts"),
@@ -552,7 +576,8 @@ class Bench:
             c0 = proc.cpu()
             self.tag += 1
             self.aux.send({"op": "storm", "host": HOST, "port": proc.port, "tag": self.tag,
-                           "loopers": p["loopers"], "duration": p["storm_s"], "start_delay": 0.3})
+                           "loopers": p["loopers"], "duration": p["storm_s"], "start_delay": 0.3,
+                           "sources": self.sources.get("storm", 0)})
             stormy = self.measure(target, {**ping, "duration": p["storm_s"]}, p["storm_s"] + 60)
             storm = self.aux.receive(p["storm_s"] + 60)
             cpu = proc.cpu() - c0

@@ -342,6 +342,29 @@ def machine_busy_seconds() -> float:
     return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
 
 
+def named_thread_split(pids: list[int], prefix: str = DATA_PLANE_THREADS) -> tuple[float, float]:
+    """(user, system) seconds of the threads whose name starts with `prefix`
+    (/proc/PID/task/TID/stat, 10 ms ticks)."""
+    user = system = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except FileNotFoundError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                    if not f.read().startswith(prefix):
+                        continue
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            user += int(fields[11])
+            system += int(fields[12])
+    return user / CLK_TCK, system / CLK_TCK
+
+
 def build_cload(tmp: Path) -> Path:
     """Compile tests/benchmarks/cload.c (the C load generator) into `tmp`; raises
     RuntimeError when there is no C compiler or the build fails."""
