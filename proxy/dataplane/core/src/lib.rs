@@ -15,6 +15,8 @@
 //!   at admission, lock-free.
 //! * [`body`]: a plain request's chunked body, decoded as strictly as llhttp,
 //!   and the chunk framing loopwatch writes.
+//! * [`identity`]: the client's key and address from its request head
+//!   (identity sources, trusted X-Forwarded-For, binding, JWT verification).
 //! * [`events`]: the connection events the data plane emits and the bounded
 //!   queue that carries them to the brain without ever blocking traffic.
 
@@ -22,4 +24,5 @@ pub mod body;
 pub mod events;
 pub mod frames;
 pub mod head;
+pub mod identity;
 pub mod table;
