@@ -16,24 +16,33 @@ own types:
 * `NativeListener.start(...)` runs the listener on a multi-thread tokio
   runtime for the routes and limits of the settings; `stop(grace)` ends it.
 
-What the native listener does not do yet (identity sources, TLS, wss:// and
-https:// upstreams, per-address caps) is listed in
+* `identity_spec(settings)` turns the `identity:` settings into the
+  arguments of `_dataplane.Identity` (keys read here, once), which the
+  listener keys clients with exactly as proxy/dataplane/identity.py does.
+
+What the native listener does not do yet (TLS, wss:// and https:// upstreams,
+per-address caps) is listed in
 proxy/dataplane/README.md; `loopwatch run` still uses the Python data plane.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+from jwt.algorithms import HMACAlgorithm
+from jwt.exceptions import InvalidKeyError
 
 from ...detectors import events as ev
 from . import _dataplane
 from .boundary import RelayStats
 from .routing import parse_upstream
-from .settings import Limits
+from .settings import IdentitySettings, Limits
 
 EnforcementTable = _dataplane.EnforcementTable
+Identity = _dataplane.Identity
 
 DEFAULT_QUEUE_CAPACITY = 65_536  # events; beyond it they are dropped and counted
 DEFAULT_BATCH = 1024
@@ -145,6 +154,50 @@ def route_records(routes: Iterable[tuple[str, str]]) -> list[tuple[bytes, str, s
     return out
 
 
+def identity_spec(settings: IdentitySettings) -> dict[str, Any]:
+    """The keyword arguments of `Identity` for the `identity:` settings: networks
+    in canonical form, the key file's contents (read once, here), and whether
+    PyJWT would refuse the secret (it refuses one shaped like an asymmetric
+    key, and then every HS* token fails; the native side does the same).
+    Raises ValueError for a key file that cannot be read."""
+    js = settings.jwt
+    secret = js.secret.encode() if js.verify and js.secret is not None else None
+    secret_refused = False
+    if secret is not None:
+        try:
+            HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(secret)
+        except InvalidKeyError:
+            secret_refused = True
+    pem = None
+    if js.verify and js.public_key_file is not None:
+        try:
+            pem = js.public_key_file.read_bytes()
+        except OSError as exc:
+            raise ValueError(
+                f"identity.jwt.public_key_file: cannot read {js.public_key_file}: {exc.strerror}"
+            ) from None
+    audience = [js.audience] if isinstance(js.audience, str) else js.audience
+    return {
+        "sources": list(settings.sources),
+        "trusted_proxies": [
+            str(ipaddress.ip_network(c.strip(), strict=False)) for c in settings.trusted_proxies
+        ],
+        "bind_to_address": settings.bind_to_address,
+        "bind_verified": settings.bind_verified,
+        "max_key_length": settings.max_key_length,
+        "query_params": list(js.query_params),
+        "subprotocol": js.subprotocol,
+        "verify": js.verify,
+        "algorithms": list(js.algorithms),
+        "secret": secret,
+        "secret_refused": secret_refused,
+        "public_key_pem": pem,
+        "audience": None if audience is None else list(audience),
+        "issuer": js.issuer,
+        "leeway": float(js.leeway),
+    }
+
+
 class NativeListener:
     """A running native listener; `NativeListener.start(...)` makes one."""
 
@@ -167,14 +220,18 @@ class NativeListener:
         reject_with: str = "close-1013",
         threads: int | None = None,
         max_holds: int = 1024,
+        identity: IdentitySettings | None = None,
     ) -> NativeListener:
         """Bind `host:port` and serve `routes` ((path prefix, ws:// or http:// URL) pairs)
-        under `limits` (the `limits:` settings; their defaults when None).
+        under `limits` (the `limits:` settings; their defaults when None),
+        keying clients by `identity` (the `identity:` settings; their
+        defaults when None).
         Raises ValueError for a setting it cannot honour, OSError when the
         address cannot be bound."""
         if reject_with not in REJECT_WITH:
             raise ValueError(f"reject_with: expected one of {REJECT_WITH}, got {reject_with!r}")
         limits = limits or Limits()
+        keys = Identity(**identity_spec(identity or IdentitySettings()))
         raw = _dataplane.Listener.start(
             host, port, route_records(routes), queue.raw, table,
             max_head_size=limits.max_head_size,
@@ -191,6 +248,7 @@ class NativeListener:
             max_holds=max_holds,
             reject_with=reject_with,
             threads=threads,
+            identity=keys,
         )  # fmt: skip
         return cls(raw, limits.shutdown_timeout)
 

@@ -24,6 +24,7 @@ use loopwatch_dataplane_core::head::{
 use loopwatch_dataplane_core::table::{Admission, Refusal};
 
 use crate::http::{self, Outcome};
+use crate::identity::wall_clock;
 use crate::listener::{stopping, ConnGuard, Rejected, Shared};
 use crate::relay::{Relay, RelayIdentity, RelayLimits};
 use crate::response::{Answer, ResponseReader, UpstreamRefusal};
@@ -281,16 +282,18 @@ fn decide(
             request,
         };
     }
-    // Identity: the peer address (the identity sources are not native yet).
-    let key: Box<str> = peer_text.into();
+    // Identity: the key the engine tracks and the client address (after a
+    // trusted proxy's X-Forwarded-For), which allow/deny networks are matched on.
+    let client = shared.config.identity.identify(head, peer_ip, wall_clock());
+    let key: Box<str> = client.key.into();
     let now = std::time::Instant::now();
     shared.events.send(Event::Attempt {
         key: key.clone(),
         route: Arc::clone(&route.name),
         at: now,
-        addr: peer_text.into(),
+        addr: client.address.to_string().into(),
     });
-    match shared.table.lookup(&key, Some(peer_ip), now) {
+    match shared.table.lookup(&key, Some(client.address.ip), now) {
         Admission::Refuse(refusal) => {
             shared.counters.refuse(refusal.reason);
             shared.events.send(Event::Rejected {

@@ -6,6 +6,7 @@
 //! * [`table::EnforcementTable`]: the brain's decisions, written from Python
 //!   (each write builds the next snapshot without the GIL), read lock-free
 //!   at admission;
+//! * [`identity::Identity`]: the `identity:` settings, keys loaded once;
 //! * `Listener`: the native listener on a tokio multi-thread runtime (plain
 //!   `ws://` and plain HTTP for now), started and stopped from Python; its connections never
 //!   take the GIL.
@@ -22,9 +23,11 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use loopwatch_dataplane_core::head::HeadLimits;
+use loopwatch_dataplane_core::identity::IdentitySpec;
 
 mod conn;
 mod http;
+pub mod identity;
 mod listener;
 mod pool;
 pub mod queue;
@@ -33,6 +36,7 @@ pub mod response;
 pub mod table;
 pub mod wire;
 
+use identity::Identity;
 use listener::{Config, Limits, Server};
 use queue::EventQueue;
 use table::{duration, EnforcementTable};
@@ -104,7 +108,8 @@ struct Listener {
 impl Listener {
     /// Bind `host:port` (0: any free port), build the runtime with `threads`
     /// workers (default: one per core) and start accepting. Connections are
-    /// routed by `routes`, admitted by `table`, and their events go to `queue`.
+    /// routed by `routes`, keyed by `identity` (the peer address when None),
+    /// admitted by `table`, and their events go to `queue`.
     #[staticmethod]
     #[pyo3(signature = (
         host, port, routes, queue, table, *,
@@ -122,6 +127,7 @@ impl Listener {
         max_holds = 1024,
         reject_with = "close-1013",
         threads = None,
+        identity = None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn start(
@@ -145,6 +151,7 @@ impl Listener {
         max_holds: usize,
         reject_with: &str,
         threads: Option<usize>,
+        identity: Option<&Bound<'_, Identity>>,
     ) -> PyResult<Listener> {
         let reject_with = RejectWith::parse(reject_with).ok_or_else(|| {
             PyValueError::new_err(format!(
@@ -180,10 +187,26 @@ impl Listener {
             Some(n) => at_least_one("threads", n)?,
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         };
+        let identity = match identity {
+            Some(identity) => Arc::clone(&identity.get().inner),
+            // Without identity settings the key is the peer address.
+            None => Arc::new(
+                loopwatch_dataplane_core::identity::Identity::new(&IdentitySpec {
+                    sources: vec!["ip".to_owned()],
+                    trusted_proxies: Vec::new(),
+                    bind_to_address: true,
+                    bind_verified: false,
+                    max_key_length: 256,
+                    jwt: Default::default(),
+                })
+                .map_err(PyValueError::new_err)?,
+            ),
+        };
         let config = Config {
             routes: parse_routes(routes)?,
             limits,
             reject_with,
+            identity,
         };
         let table = table.get().shared();
         let events = queue.get().sender();
@@ -288,6 +311,7 @@ fn _dataplane(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<EventQueue>()?;
     m.add_class::<EnforcementTable>()?;
     m.add_class::<Listener>()?;
+    m.add_class::<Identity>()?;
     m.add("CLOSE_GRACE", relay::CLOSE_GRACE.as_secs_f64())?;
     Ok(())
 }

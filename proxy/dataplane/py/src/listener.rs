@@ -18,6 +18,7 @@ use tokio::sync::{watch, Notify};
 
 use loopwatch_dataplane_core::events::{EventSender, RefuseReason};
 use loopwatch_dataplane_core::head::HeadLimits;
+use loopwatch_dataplane_core::identity::Identity;
 use loopwatch_dataplane_core::table::EnforcementTable;
 
 use crate::conn;
@@ -186,6 +187,8 @@ pub struct Config {
     pub routes: Vec<Route>,
     pub limits: Limits,
     pub reject_with: RejectWith,
+    /// Who a client is (the identity sources, trusted proxies, JWT keys).
+    pub identity: Arc<Identity>,
 }
 
 /// What every connection task shares.
