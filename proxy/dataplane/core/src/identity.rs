@@ -170,7 +170,9 @@ impl Identity {
             .trusted_proxies
             .iter()
             .enumerate()
-            .map(|(i, c)| IpNet::parse(c).map_err(|e| format!("identity.trusted_proxies[{i}]: {e}")))
+            .map(|(i, c)| {
+                IpNet::parse(c).map_err(|e| format!("identity.trusted_proxies[{i}]: {e}"))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         if spec.max_key_length < 64 {
             return Err(format!(
@@ -387,7 +389,11 @@ fn header_text(head: &RequestHead<'_>, name: &str) -> Option<String> {
 /// Cookie headers joined with "; " (`TextHeaders.get("cookie")`).
 fn cookie_header(head: &RequestHead<'_>) -> Option<String> {
     let mut out: Option<String> = None;
-    for h in head.headers.iter().filter(|h| h.name.eq_ignore_ascii_case(b"cookie")) {
+    for h in head
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case(b"cookie"))
+    {
         let value = latin1(h.value);
         out = Some(match out {
             None => value,
@@ -428,7 +434,10 @@ fn jwt_shaped(text: &str) -> bool {
     if text.len() > MAX_TOKEN * 4 || text.chars().count() > MAX_TOKEN {
         return false;
     }
-    let b64 = |s: &str| s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    let b64 = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
     let mut parts = text.split('.');
     let (Some(header), Some(payload), Some(signature), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -537,7 +546,10 @@ pub fn subprotocol_token(header: &str) -> Option<String> {
     for item in header.split(',') {
         let mut item = py_strip(item);
         for prefix in SUBPROTOCOL_PREFIXES {
-            let cut = item.char_indices().nth(prefix.len()).map_or(item.len(), |(i, _)| i);
+            let cut = item
+                .char_indices()
+                .nth(prefix.len())
+                .map_or(item.len(), |(i, _)| i);
             if item[..cut].to_lowercase() == prefix {
                 item = &item[cut..];
                 break;

@@ -104,14 +104,16 @@ impl Identity {
         peer: &str,
         now: Option<f64>,
     ) -> PyResult<(String, String, String, bool)> {
-        let peer: IpAddr = peer
-            .parse()
-            .map_err(|_| PyValueError::new_err(format!("peer: expected an IP address, got {peer:?}")))?;
+        let peer: IpAddr = peer.parse().map_err(|_| {
+            PyValueError::new_err(format!("peer: expected an IP address, got {peer:?}"))
+        })?;
         let limits = HeadLimits {
             max_head_size: head.len().max(1),
         };
         let HeadStatus::Complete(parsed) = parse_head(head, &limits) else {
-            return Err(PyValueError::new_err("head: expected a complete, valid request head"));
+            return Err(PyValueError::new_err(
+                "head: expected a complete, valid request head",
+            ));
         };
         let client = self
             .inner

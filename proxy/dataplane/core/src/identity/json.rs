@@ -97,7 +97,10 @@ pub fn decode_utf8(bytes: &[u8], surrogatepass: bool) -> Option<Vec<u32>> {
         let cont = |j: usize| bytes.get(j).is_some_and(|&c| c & 0xC0 == 0x80);
         let (unit, len) = match b {
             0x00..=0x7F => (u32::from(b), 1),
-            0xC2..=0xDF if cont(i + 1) => ((u32::from(b & 0x1F) << 6) | u32::from(bytes[i + 1] & 0x3F), 2),
+            0xC2..=0xDF if cont(i + 1) => (
+                (u32::from(b & 0x1F) << 6) | u32::from(bytes[i + 1] & 0x3F),
+                2,
+            ),
             0xE0..=0xEF if cont(i + 1) && cont(i + 2) => {
                 let unit = (u32::from(b & 0x0F) << 12)
                     | (u32::from(bytes[i + 1] & 0x3F) << 6)
@@ -173,9 +176,7 @@ impl Parser<'_> {
             'f' if self.literal(i, "false") => Some((Value::Bool(false), i + 5)),
             'N' if self.literal(i, "NaN") => Some((Value::Float(f64::NAN), i + 3)),
             'I' if self.literal(i, "Infinity") => Some((Value::Float(f64::INFINITY), i + 8)),
-            '-' if self.literal(i, "-Infinity") => {
-                Some((Value::Float(f64::NEG_INFINITY), i + 9))
-            }
+            '-' if self.literal(i, "-Infinity") => Some((Value::Float(f64::NEG_INFINITY), i + 9)),
             _ => self.number(i),
         }
     }
@@ -307,7 +308,12 @@ impl Parser<'_> {
         }
         let int_end = i;
         let mut float = false;
-        if self.s.get(i) == Some(&0x2E) && self.s.get(i + 1).is_some_and(|&c| (0x30..=0x39).contains(&c)) {
+        if self.s.get(i) == Some(&0x2E)
+            && self
+                .s
+                .get(i + 1)
+                .is_some_and(|&c| (0x30..=0x39).contains(&c))
+        {
             float = true;
             i = self.digits(i + 1);
         }
@@ -357,7 +363,7 @@ mod tests {
         assert_eq!(parse("01"), None);
         assert_eq!(parse("1."), None);
         assert!(matches!(parse("1e5"), Some(Value::Float(_))));
-        assert!(matches!(parse("1e"), None));
+        assert!(parse("1e").is_none());
         assert!(matches!(parse("NaN"), Some(Value::Float(f)) if f.is_nan()));
         assert_eq!(parse("[1,]"), None);
         assert_eq!(parse("{\"a\":1,}"), None);
@@ -369,7 +375,13 @@ mod tests {
         assert_eq!(s.text, "xy");
         assert_eq!(s.surrogates, vec![(1, 0xD800)]);
         let pair = parse(r#""\ud83d\ude00""#).unwrap();
-        assert_eq!(pair, Value::Str(PyStr { text: "😀".into(), surrogates: vec![] }));
+        assert_eq!(
+            pair,
+            Value::Str(PyStr {
+                text: "😀".into(),
+                surrogates: vec![]
+            })
+        );
         assert_eq!(parse(&"1".repeat(4301)), None);
         assert!(parse(&format!("-{}", "1".repeat(4300))).is_some());
         let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
