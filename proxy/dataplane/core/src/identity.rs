@@ -16,6 +16,7 @@ pub mod jwt;
 
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
@@ -202,12 +203,18 @@ impl Identity {
         self.verifier.is_some()
     }
 
+    /// How many verified tokens are remembered (at most
+    /// [`jwt::VERIFIED_CACHE`]).
+    pub fn remembered_tokens(&self) -> usize {
+        self.verifier.as_ref().map_or(0, jwt::Verifier::remembered)
+    }
+
     /// The client of a request head from `peer` at `now` (seconds since the
     /// Unix epoch: `exp`, `nbf` and `iat` are judged against it).
     pub fn identify(&self, head: &RequestHead<'_>, peer: IpAddr, now: f64) -> Client {
         let address = self.client_address(head, peer);
         let query = latin1(head.query);
-        let mut claims: Option<(Value, bool)> = None;
+        let mut claims: Option<(Arc<Value>, bool)> = None;
         let mut token_read = false;
         for (source, label) in &self.sources {
             let mut from_verified = false;
@@ -303,13 +310,13 @@ impl Identity {
     }
 
     /// The JWT's claims, and whether its signature was verified.
-    fn claims(&self, head: &RequestHead<'_>, query: &str, now: f64) -> Option<(Value, bool)> {
+    fn claims(&self, head: &RequestHead<'_>, query: &str, now: f64) -> Option<(Arc<Value>, bool)> {
         let token = self.token(head, query)?;
         match &self.verifier {
             None => {
                 let payload = token.split('.').nth(1)?;
                 let claims = b64json(payload)?;
-                Some((claims, false))
+                Some((Arc::new(claims), false))
             }
             Some(verifier) => verifier.verify(&token, now).map(|c| (c, true)),
         }

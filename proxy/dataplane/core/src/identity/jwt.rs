@@ -9,6 +9,8 @@
 //! and `jti` strings when present. Any failure yields nothing.
 
 use std::cmp::Ordering;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use jsonwebtoken::{Algorithm, DecodingKey};
 use p521::ecdsa::signature::Verifier as _;
@@ -89,6 +91,19 @@ enum PublicKey {
     Ed448,
 }
 
+/// Tokens that verified, remembered (`identity._VERIFIED_CACHE`): a looping
+/// client resends one token many times a second, and a signature check costs
+/// up to a few hundred microseconds. Only successes are kept, so forged tokens
+/// cannot grow or churn it; a remembered token's claims are checked against
+/// the clock again at every use, so the answer is the one a fresh check gives.
+pub const VERIFIED_CACHE: usize = 4096;
+
+#[derive(Debug, Default)]
+struct Verified {
+    claims: HashMap<Box<str>, Arc<Value>>,
+    order: VecDeque<Box<str>>,
+}
+
 /// Verifies tokens; built once from the settings.
 #[derive(Debug)]
 pub struct Verifier {
@@ -96,6 +111,7 @@ pub struct Verifier {
     audience: Option<Vec<String>>,
     issuer: Option<String>,
     leeway: f64,
+    verified: Mutex<Verified>,
 }
 
 impl Verifier {
@@ -184,11 +200,48 @@ impl Verifier {
             audience: spec.audience.clone(),
             issuer: spec.issuer.clone(),
             leeway: spec.leeway,
+            verified: Mutex::default(),
         })
     }
 
-    /// The claims of a verified token (JWT-shaped already), or None.
-    pub fn verify(&self, token: &str, now: f64) -> Option<Value> {
+    /// The claims of a verified token (JWT-shaped already) that are valid at
+    /// `now`, or None.
+    pub fn verify(&self, token: &str, now: f64) -> Option<Arc<Value>> {
+        let remembered = self
+            .verified
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .claims
+            .get(token)
+            .cloned();
+        if let Some(claims) = remembered {
+            return self.check_claims(&claims, now).map(|()| claims);
+        }
+        let claims = Arc::new(self.check(token, now)?);
+        let mut verified = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
+        if !verified.claims.contains_key(token) {
+            if verified.order.len() >= VERIFIED_CACHE {
+                if let Some(oldest) = verified.order.pop_front() {
+                    verified.claims.remove(&oldest);
+                }
+            }
+            verified.order.push_back(token.into());
+            verified.claims.insert(token.into(), Arc::clone(&claims));
+        }
+        Some(claims)
+    }
+
+    /// How many verified tokens are remembered.
+    pub fn remembered(&self) -> usize {
+        self.verified
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .order
+            .len()
+    }
+
+    /// The whole check of a token: key, header, signature, claims.
+    fn check(&self, token: &str, now: f64) -> Option<Value> {
         // The key is chosen from the (unverified) header's alg, as Identifier does.
         let (header_segment, _) = token.split_once('.')?;
         let alg = match b64json(header_segment)?.get("alg")? {
