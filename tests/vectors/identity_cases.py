@@ -246,6 +246,8 @@ def configs() -> dict[str, dict[str, Any]]:
             bind_to_address=False,
             jwt=_jwt(query_params=["t"], subprotocol=False),
         ),
+        # The Cookie header as a whole: repeated ones joined with "; ".
+        "header_cookie": _config(sources=["header:Cookie", "ip"], bind_to_address=False),
         "hs256": _config(
             sources=["jwt:sub", "jwt:tenant", "ip"],
             trusted_proxies=["10.0.0.0/8"],

@@ -230,6 +230,8 @@ impl Identity {
                         Raw::of_claim(payload.get(claim)?)
                     })
                 }
+                // Cookie headers are joined with "; " even as a header source.
+                Source::Header(name) if name == "cookie" => cookie_header(head).map(Raw::Text),
                 Source::Header(name) => header_text(head, name).map(Raw::Text),
                 Source::Cookie(name) => {
                     cookie_get(cookie_header(head).as_deref(), name).map(Raw::Text)
