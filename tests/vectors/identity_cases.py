@@ -119,19 +119,21 @@ def _mgf1(seed: bytes, length: int, hash_name: str) -> bytes:
     return out[:length]
 
 
-def _pss_sign(message: bytes, key: rsa.RSAPrivateKey, bits: str, salt_seed: int) -> bytes:
+def _pss_sign(
+    message: bytes, key: rsa.RSAPrivateKey, bits: str, salt_seed: int, salt_len: int | None = None
+) -> bytes:
     """RSASSA-PSS (salt length = digest size) with a seeded salt, so the
     vectors are the same at every run; cryptography only salts randomly."""
     name = f"sha{bits}"
     h_len = hashlib.new(name).digest_size
-    salt = random.Random(salt_seed).randbytes(h_len)
+    salt = random.Random(salt_seed).randbytes(h_len if salt_len is None else salt_len)
     numbers = key.private_numbers()
     n, d = numbers.public_numbers.n, numbers.d
     em_bits = n.bit_length() - 1
     em_len = (em_bits + 7) // 8
     m_hash = hashlib.new(name, message).digest()
     h = hashlib.new(name, b"\0" * 8 + m_hash + salt).digest()
-    db = b"\0" * (em_len - h_len - h_len - 2) + b"\x01" + salt
+    db = b"\0" * (em_len - len(salt) - h_len - 2) + b"\x01" + salt
     masked = bytearray(a ^ b for a, b in zip(db, _mgf1(h, em_len - h_len - 1, name), strict=True))
     masked[0] &= 0xFF >> (8 * em_len - em_bits)
     em = bytes(masked) + h + b"\xbc"
@@ -764,6 +766,17 @@ def verified_jwt_heads() -> list[tuple[str, bytes, str]]:
             token(good, "EdDSA", key=ed25519.Ed25519PrivateKey.from_private_bytes(b"\x07" * 32)),
         ),
     ]
+    # PSS with another salt length than the digest's (PyJWT verifies with the
+    # digest's length only).
+    for salt_len in (0, 20, 32, 64):
+        head_b64 = b64u(b'{"alg":"PS256"}')
+        claims = _claims(aud="b", sub=f"salt-{salt_len}")
+        body_b64 = b64u(json.dumps(claims, separators=(",", ":")).encode())
+        signing_input = f"{head_b64}.{body_b64}".encode()
+        signature = _pss_sign(signing_input, RSA, "256", 7, salt_len)
+        tokens.append(
+            (f"PS256 salt length {salt_len}", f"{signing_input.decode()}.{b64u(signature)}")
+        )
     # Signature tampering: a malleated ECDSA signature (s -> n - s) and a
     # non-canonical base64 tail on an otherwise good token.
     es = token(good, "ES256")
