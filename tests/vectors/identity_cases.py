@@ -272,6 +272,16 @@ def configs() -> dict[str, dict[str, Any]]:
                 leeway=0.0,
             ),
         ),
+        # The same key as PKCS#1 ("BEGIN RSA PUBLIC KEY").
+        "rsa_pkcs1": _config(
+            jwt=_jwt(
+                verify=True,
+                algorithms=["RS256", "PS512"],
+                public_key_pem=RSA.public_key()
+                .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.PKCS1)
+                .decode(),
+            ),
+        ),
         "ec": _config(
             jwt=_jwt(
                 verify=True,
