@@ -807,12 +807,12 @@ class Bench:
                 for name in SCENARIOS:
                     if name in wanted and name != "memory":
                         self.loadavg.append(float(Path("/proc/loadavg").read_text().split()[0]))
-                        getattr(self, f"s_{name}")(rep)
+                        self.scenario(name, rep)
             if "memory" in wanted:
                 if self.memory_cap_note:
                     self.notes.append(self.memory_cap_note)
                 for rep in range(self.profile["memory"]["reps"]):
-                    self.s_memory(rep)
+                    self.scenario("memory", rep)
         finally:
             self.stop()
             if self.args.keep_temp:
@@ -843,6 +843,15 @@ class Bench:
         result["rows"] = report.rows(result)
         result["native_rows"] = report.native_rows(result)
         return result
+
+    def scenario(self, name: str, rep: int) -> None:
+        """One scenario's repetition. A target that fails to start or answer costs
+        that scenario's figures (said in the run notes), not the whole run's."""
+        try:
+            getattr(self, f"s_{name}")(rep)
+        except (RuntimeError, OSError, ValueError) as e:
+            self.notes.append(f"{name} (repetition {rep + 1}) failed: {str(e)[-300:]}")
+            self.log(f"  {name} failed: {e}")
 
     def warm_up(self) -> None:
         """A short untimed pass per target, so first-use costs land in no scenario."""
