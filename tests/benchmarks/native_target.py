@@ -5,9 +5,9 @@
         [--engine] [--queue-capacity N] [--brain-rate EVENTS_PER_S | --brain-interval S]
 
 Starts `NativeListener` on a free loopback port in front of `--upstream`, with
-the default `limits:`; with `--deny` every loopback client is refused (deny list
-127.0.0.0/8, as the harness's DENY_CONFIG does for `loopwatch run`). A Python
-thread, the brain, drains the event queue the whole time (batches turned into
+the default `limits:` and `identity:` settings; with `--deny` every loopback
+client is refused (deny list 127.0.0.0/8: the harness's clients, as its
+DENY_CONFIG for `loopwatch run`). A Python thread, the brain, drains the event queue the whole time (batches turned into
 the detectors' events), so that cost is part of what is measured. With
 `--engine` the brain also feeds every event to the real detection engine
 (`Engine.admit` for an Attempt, `Engine.record` for the others except Rejected,

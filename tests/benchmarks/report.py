@@ -514,7 +514,7 @@ def native_markdown(result: dict) -> str:
     kind = result["meta"].get("native")
     what = ("`loopwatch run` with `dataplane: native`" if kind == "run" else
             "the native listener alone (tests/benchmarks/native_target.py: one tokio thread, a Python thread "
-            "draining its events; the client key is the peer address)")  # fmt: skip
+            "draining its events; the default `identity:` and `limits:` settings)")  # fmt: skip
     lines = [
         "#### The native data plane (issue 16)",
         "",
