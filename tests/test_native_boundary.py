@@ -317,7 +317,7 @@ def test_bad_arguments_get_clear_answers() -> None:
     with pytest.raises(ValueError, match="peer"):
         table.lookup("k", peer="not an address")
     with pytest.raises(ValueError, match="wss://"):
-        route_records([("/", "wss://example.test")])
+        route_records([("/", "ftp://example.test")])
     with pytest.raises(ValueError, match="reject_with"):
         NativeListener.start([("/", "ws://127.0.0.1:9")], queue=queue, table=table, reject_with="drop")
     with pytest.raises(ValueError, match="threads"):

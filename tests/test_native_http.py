@@ -662,12 +662,3 @@ async def test_plain_requests_are_not_attempts(backend: Backend) -> None:
         assert sum(stats.refused.values()) == 0 and stats.opened == 0
     finally:
         assert await asyncio.to_thread(listener.stop, 5.0) == 0
-
-
-def test_an_https_upstream_is_refused_at_start_naming_its_route() -> None:
-    with pytest.raises(ValueError, match=r"route '/api' -> 'https://127.0.0.1:9/'.*not in the native"):
-        NativeListener.start(
-            [("/", "http://127.0.0.1:9"), ("/api", "https://127.0.0.1:9/")],
-            queue=EventQueue(),
-            table=EnforcementTable(),
-        )

@@ -14,15 +14,16 @@ own types:
   min-interval deadlines, allow/deny lists and breakers into it, and the
   listener reads it at admission without ever calling Python;
 * `NativeListener.start(...)` runs the listener on a multi-thread tokio
-  runtime for the routes and limits of the settings; `stop(grace)` ends it.
+  runtime for the routes, limits and TLS settings (`tls:`, `upstream_tls:`)
+  of the settings; `stop(grace)` ends it.
 
 * `identity_spec(settings)` turns the `identity:` settings into the
   arguments of `_dataplane.Identity` (keys read here, once), which the
   listener keys clients with exactly as proxy/dataplane/identity.py does.
 
-What the native listener does not do yet (TLS, wss:// and https:// upstreams,
-per-address caps) is listed in
-proxy/dataplane/README.md; `loopwatch run` still uses the Python data plane.
+What the native listener does not do yet (per-address caps, among others) is
+listed in proxy/dataplane/README.md; `loopwatch run` still uses the Python
+data plane.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from ...detectors import events as ev
 from . import _dataplane
 from .boundary import RelayStats
 from .routing import parse_upstream
-from .settings import IdentitySettings, Limits
+from .settings import IdentitySettings, Limits, ListenerTLS, UpstreamTLS
 
 EnforcementTable = _dataplane.EnforcementTable
 Identity = _dataplane.Identity
@@ -130,27 +131,28 @@ class ListenerStats:
     held: int
     rejected: dict[str, int]  # answered by loopwatch itself, by reason (docs/relay.md)
     refused: dict[str, int]  # refused by the enforcement table, by reason (docs/refusals.md)
+    tls_failed: dict[str, int]  # the listener's failed TLS handshakes: error, timeout, not_tls
 
 
-def route_records(routes: Iterable[tuple[str, str]]) -> list[tuple[bytes, str, str, int, bytes, bytes]]:
+RouteRecord = tuple[bytes, str, str, int, bytes, bytes, bool]
+
+
+def route_records(routes: Iterable[tuple[str, str]]) -> list[RouteRecord]:
     """(path prefix, upstream URL) pairs as the Rust listener takes them. The
     prefix is compared with the request path's bytes as latin-1, as the Python
-    listener compares its str path; wss:// is refused (not native yet)."""
+    listener compares its str path; a wss:// or https:// upstream is reached
+    over TLS as `upstream_tls:` says."""
     out = []
     for prefix, url in routes:
         if not prefix.startswith("/"):
             raise ValueError(f'route prefix: expected a path starting with "/", got {prefix!r}')
         upstream = parse_upstream(url)
-        if upstream.tls:
-            raise ValueError(
-                f"route {prefix!r} -> {url!r}: wss:// and https:// upstreams are not in the native data plane yet"
-            )
         try:
             raw_prefix = prefix.encode("latin-1")
             base_path = upstream.base_path.encode("latin-1")
         except UnicodeEncodeError:
             raise ValueError(f"route {prefix!r} -> {url!r}: expected latin-1 paths") from None
-        out.append((raw_prefix, prefix, upstream.host, upstream.port, upstream.authority, base_path))
+        out.append((raw_prefix, prefix, upstream.host, upstream.port, upstream.authority, base_path, upstream.tls))
     return out
 
 
@@ -221,17 +223,25 @@ class NativeListener:
         threads: int | None = None,
         max_holds: int = 1024,
         identity: IdentitySettings | None = None,
+        tls: ListenerTLS | None = None,
+        upstream_tls: UpstreamTLS | None = None,
     ) -> NativeListener:
-        """Bind `host:port` and serve `routes` ((path prefix, ws:// or http:// URL) pairs)
-        under `limits` (the `limits:` settings; their defaults when None),
-        keying clients by `identity` (the `identity:` settings; their
-        defaults when None).
-        Raises ValueError for a setting it cannot honour, OSError when the
+        """Bind `host:port` and serve `routes` ((path prefix, ws://, wss://,
+        http:// or https:// URL) pairs) under `limits` (the `limits:` settings;
+        their defaults when None), keying clients by `identity` (the
+        `identity:` settings; their defaults when None). `tls` (the `tls:`
+        settings) makes the listener terminate TLS (wss://, https://);
+        `upstream_tls` (`upstream_tls:`; its defaults when None: verified
+        against the system's CA store) says how wss:// and https:// upstreams
+        are verified. Certificate and key files are read now. Raises
+        ValueError for a setting it cannot honour (naming the file), OSError when the
         address cannot be bound."""
         if reject_with not in REJECT_WITH:
             raise ValueError(f"reject_with: expected one of {REJECT_WITH}, got {reject_with!r}")
         limits = limits or Limits()
         keys = Identity(**identity_spec(identity or IdentitySettings()))
+        tls = tls or ListenerTLS()
+        upstream_tls = upstream_tls or UpstreamTLS()
         raw = _dataplane.Listener.start(
             host, port, route_records(routes), queue.raw, table,
             max_head_size=limits.max_head_size,
@@ -249,6 +259,11 @@ class NativeListener:
             reject_with=reject_with,
             threads=threads,
             identity=keys,
+            tls_cert_file=tls.cert_file,
+            tls_key_file=tls.key_file,
+            upstream_verify=upstream_tls.verify,
+            upstream_ca_file=upstream_tls.ca_file,
+            upstream_server_name=upstream_tls.server_name,
         )  # fmt: skip
         return cls(raw, limits.shutdown_timeout)
 
@@ -276,6 +291,7 @@ class NativeListener:
         raw = self.raw.stats()
         raw["rejected"] = dict(raw["rejected"])
         raw["refused"] = dict(raw["refused"])
+        raw["tls_failed"] = dict(raw["tls_failed"])
         return ListenerStats(**raw)
 
     def __repr__(self) -> str:

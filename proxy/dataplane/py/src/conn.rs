@@ -1,21 +1,30 @@
-//! One client connection: its request head, admission, the upstream
-//! handshake, then the splice (`ClientHandshake` in proxy/dataplane/listener.py);
-//! or its plain HTTP requests, one at a time (`http`), kept alive between them.
+//! One client connection: its TLS handshake (when the listener has `tls:`),
+//! its request head, admission, the upstream handshake, then the splice
+//! (`ClientHandshake` in proxy/dataplane/listener.py); or its plain HTTP
+//! requests, one at a time (`http`), kept alive between them.
 //!
-//! Every phase has a deadline: the head and the upstream's answer together
-//! `limits.handshake_timeout` from accept or from the end of the previous
-//! response (408, then 504; an idle keep-alive connection is closed quietly),
-//! the connect `limits.connect_timeout` (504), an answer loopwatch writes itself
-//! and the wait for the client's close after it `ANSWER_GRACE`.
+//! Every phase has a deadline: the TLS handshake, the head and the upstream's
+//! answer together `limits.handshake_timeout` from accept (the TLS handshake
+//! cut and counted in `tls_failed`, then 408, then 504), or from the end of
+//! the previous response (an idle keep-alive connection is closed quietly),
+//! the connect (TCP and TLS) `limits.connect_timeout` (504), an answer
+//! loopwatch writes itself and the wait for the client's close after it
+//! `ANSWER_GRACE`.
+//!
+//! Every phase after the TLS handshake is generic over the client's stream
+//! and the upstream's ([`Transport`]): plain and TLS share one code path.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, timeout, Instant};
+use tokio_rustls::TlsAcceptor;
 
 use loopwatch_dataplane_core::events::{Event, HandshakeError, HandshakeFailure};
 use loopwatch_dataplane_core::head::{
@@ -25,9 +34,11 @@ use loopwatch_dataplane_core::table::{Admission, Refusal};
 
 use crate::http::{self, Outcome};
 use crate::identity::wall_clock;
-use crate::listener::{stopping, ConnGuard, Rejected, Shared};
+use crate::listener::{stopping, ConnGuard, Rejected, Shared, TlsFailure};
 use crate::relay::{Relay, RelayIdentity, RelayLimits};
 use crate::response::{Answer, ResponseReader, UpstreamRefusal};
+use crate::tls::UpstreamTls;
+use crate::transport::{connect_upstream, open_upstream, Transport, UpstreamStream};
 use crate::wire::{
     refusal_bytes, route_for, simple_response, upstream_request_head, Forwarded, RejectWith, Route,
 };
@@ -42,6 +53,9 @@ const HEAD_READ: usize = 4096;
 
 const SHUTTING_DOWN: &str = "loopwatch: shutting down";
 const OVERLOADED: &str = "loopwatch: too many connections";
+const NOT_TLS: &str = "loopwatch: this port speaks TLS: use https:// or wss://";
+/// The first byte of a TLS connection: a handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// What the client's head asks for, decided at once (no await) while the
 /// head's buffer is borrowed; owned, so the buffer can go.
@@ -67,7 +81,7 @@ enum Plan {
 /// How the upstream handshake ended.
 enum Upstream {
     Accepted {
-        stream: TcpStream,
+        stream: UpstreamStream,
         buffer: Vec<u8>,
         head_len: usize,
         allowed_rsv: u8,
@@ -80,17 +94,107 @@ enum Upstream {
     },
 }
 
-pub async fn serve(
-    shared: Arc<Shared>,
-    mut client: TcpStream,
-    peer: SocketAddr,
-    _guard: ConnGuard,
-) {
+/// Serve one accepted connection: TLS first when the listener has it.
+pub async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, _guard: ConnGuard) {
     let _ = client.set_nodelay(true);
+    let deadline = Instant::now() + shared.config.limits.handshake_timeout;
+    match &shared.config.tls {
+        None => serve_stream(&shared, client, peer, deadline, "http").await,
+        // Boxed, as the TLS stream: a plain connection's future does not
+        // carry the TLS variants' state (a rustls connection is over 1 KiB,
+        // and a splice of two of them over 3 KiB).
+        Some(acceptor) => {
+            Box::pin(async {
+                if let Some(client) = accept_tls(&shared, acceptor, client, deadline).await {
+                    serve_stream(&shared, client, peer, deadline, "https").await;
+                }
+            })
+            .await
+        }
+    }
+}
+
+/// How the TLS handshake's first step ended.
+enum FirstByte {
+    Stop,
+    Timeout,
+    Gone,
+    Byte(u8),
+}
+
+/// The listener's TLS handshake, by `deadline`. None when it did not
+/// complete: counted (`TlsFailure`), except for a client that left before
+/// sending anything (as a plain client that leaves before its head) and a
+/// stop (`shutting_down`). A client speaking plain HTTP to the TLS port gets
+/// a plain-text 400 saying so (as nginx does).
+async fn accept_tls(
+    shared: &Shared,
+    acceptor: &TlsAcceptor,
+    mut client: TcpStream,
+    deadline: Instant,
+) -> Option<Box<tokio_rustls::server::TlsStream<TcpStream>>> {
+    let mut shutdown = shared.shutdown.clone();
+    let timer = sleep_until(deadline);
+    let stop = stopping(&mut shutdown);
+    tokio::pin!(timer, stop);
+    let mut first = [0u8; 1];
+    let step = tokio::select! {
+        biased;
+        _ = &mut stop => FirstByte::Stop,
+        _ = &mut timer => FirstByte::Timeout,
+        peeked = client.peek(&mut first) => match peeked {
+            Ok(0) | Err(_) => FirstByte::Gone,
+            Ok(_) => FirstByte::Byte(first[0]),
+        },
+    };
+    let counters = &shared.counters;
+    match step {
+        FirstByte::Stop => counters.reject(Rejected::ShuttingDown),
+        FirstByte::Timeout => counters.tls_failed(TlsFailure::Timeout),
+        FirstByte::Gone => {}
+        FirstByte::Byte(TLS_HANDSHAKE_RECORD) => {
+            return tokio::select! {
+                biased;
+                _ = &mut stop => {
+                    counters.reject(Rejected::ShuttingDown);
+                    None
+                }
+                _ = &mut timer => {
+                    counters.tls_failed(TlsFailure::Timeout);
+                    None
+                }
+                accepted = acceptor.accept(client) => match accepted {
+                    Ok(stream) => Some(Box::new(stream)),
+                    Err(_) => {
+                        counters.tls_failed(TlsFailure::Error);
+                        None
+                    }
+                },
+            };
+        }
+        FirstByte::Byte(_) => {
+            counters.tls_failed(TlsFailure::NotTls);
+            let response = simple_response(400, NOT_TLS, &[]);
+            answer(&mut client, &response, Then::Close).await;
+        }
+    }
+    None
+}
+
+/// Everything after the TLS handshake, whatever the client's stream: the
+/// first request's head by `deadline` (from accept), the next ones' each
+/// within `limits.handshake_timeout` of the previous response.
+async fn serve_stream<C: Transport>(
+    shared: &Arc<Shared>,
+    mut client: C,
+    peer: SocketAddr,
+    first_deadline: Instant,
+    scheme: &'static str,
+) {
     let limits = &shared.config.limits;
     if shared.closing() {
         reject(
-            &shared,
+            shared,
             &mut client,
             Rejected::ShuttingDown,
             503,
@@ -103,7 +207,7 @@ pub async fn serve(
     if shared.counters.active.load(Ordering::Acquire) > limits.max_connections {
         let retry = [("Retry-After", "1")];
         reject(
-            &shared,
+            shared,
             &mut client,
             Rejected::Overload,
             503,
@@ -119,7 +223,11 @@ pub async fn serve(
     // Between two plain requests of a keep-alive connection.
     let mut idle = false;
     loop {
-        let deadline = Instant::now() + limits.handshake_timeout;
+        let deadline = if idle {
+            Instant::now() + limits.handshake_timeout
+        } else {
+            first_deadline
+        };
         // 1. The request head. (One timer per phase, armed once: a timer made
         // per loop turn would be registered and dropped on every read.)
         let mut buf: Vec<u8> = Vec::new();
@@ -136,7 +244,7 @@ pub async fn serve(
                     if quiet(&buf) {
                         return; // idle between requests: just close
                     }
-                    reject(&shared, &mut client, Rejected::ShuttingDown, 503, SHUTTING_DOWN, &[]).await;
+                    reject(shared, &mut client, Rejected::ShuttingDown, 503, SHUTTING_DOWN, &[]).await;
                     return;
                 }
                 _ = &mut head_timer => {
@@ -146,7 +254,7 @@ pub async fn serve(
                         return;
                     }
                     let message = "loopwatch: request head timeout";
-                    reject(&shared, &mut client, Rejected::HeadTimeout, 408, message, &[]).await;
+                    reject(shared, &mut client, Rejected::HeadTimeout, 408, message, &[]).await;
                     return;
                 }
                 read = client.read_buf(&mut buf) => match read {
@@ -164,7 +272,7 @@ pub async fn serve(
                     return;
                 }
                 HeadStatus::Complete(head) => {
-                    break decide(&shared, &head, &buf, peer_ip, &peer_text)
+                    break decide(shared, &head, &buf, peer_ip, &peer_text, scheme)
                 }
             }
         };
@@ -175,15 +283,15 @@ pub async fn serve(
                 shared.counters.reject(label);
                 answer(&mut client, &response, Then::Close).await;
             }
-            Plan::Refuse { refusal, ws_key } => refuse(&shared, client, refusal, ws_key).await,
+            Plan::Refuse { refusal, ws_key } => refuse(shared, client, refusal, ws_key).await,
             Plan::Forward {
                 key,
                 route,
                 request,
                 early,
-            } => forward(&shared, client, key, route, request, early, deadline).await,
+            } => forward(shared, client, key, route, request, early, deadline).await,
             Plan::Http { route, request } => {
-                if forward_http(&shared, &mut client, &route, &request).await {
+                if forward_http(shared, &mut client, &route, &request).await {
                     idle = true;
                     continue;
                 }
@@ -194,17 +302,25 @@ pub async fn serve(
 }
 
 /// One plain exchange; true when the connection stays open for the next.
-async fn forward_http(
+/// The upstream connection is opened as a WebSocket's is (`open_upstream`:
+/// TLS for an `https://` route), within `limits.connect_timeout`
+/// (`http::exchange` bounds it).
+async fn forward_http<C: Transport>(
     shared: &Shared,
-    client: &mut TcpStream,
+    client: &mut C,
     route: &Route,
     request: &http::Request,
 ) -> bool {
-    let key = (route.host.clone(), route.port);
+    let key = (route.host.clone(), route.port, route.tls);
     let pooled = shared.pool.checkout(&key);
+    let tls = shared.config.upstream_tls.as_deref();
     let exchanged = http::exchange(
         client,
-        || http::connect(route),
+        || async move {
+            open_upstream(route, tls)
+                .await
+                .map_err(std::io::Error::from)
+        },
         pooled,
         request,
         &shared.config.limits,
@@ -234,7 +350,7 @@ async fn forward_http(
                 shared.counters.reject(label);
             }
             // An abortive close (RST), as the Python data plane's abort().
-            let _ = socket2::SockRef::from(&*client).set_linger(Some(Duration::ZERO));
+            let _ = socket2::SockRef::from(client.tcp()).set_linger(Some(Duration::ZERO));
         }
         Outcome::Gone => {}
     }
@@ -248,6 +364,7 @@ fn decide(
     buf: &[u8],
     peer_ip: std::net::IpAddr,
     peer_text: &str,
+    scheme: &str,
 ) -> Plan {
     let Some(route) = route_for(&shared.config.routes, head.path) else {
         return Plan::Answer {
@@ -268,7 +385,7 @@ fn decide(
             answers_continue: expect_continue,
         };
         let request = http::Request {
-            head: upstream_request_head(head, &target, &route.authority, peer_text, "http", kind),
+            head: upstream_request_head(head, &target, &route.authority, peer_text, scheme, kind),
             framing,
             early,
             keep_alive: head.keep_alive,
@@ -315,7 +432,7 @@ fn decide(
                 &target,
                 &route.authority,
                 peer_text,
-                "http",
+                scheme,
                 Forwarded::WebSocket,
             );
             Plan::Forward {
@@ -330,7 +447,7 @@ fn decide(
 
 /// Refuse an attempt without touching the upstream, after its hold if it has
 /// one (and a hold is free): HTTP 429/503 + Retry-After, or 101 then close 1013.
-async fn refuse(shared: &Shared, mut client: TcpStream, refusal: Refusal, ws_key: Vec<u8>) {
+async fn refuse<C: Transport>(shared: &Shared, mut client: C, refusal: Refusal, ws_key: Vec<u8>) {
     let limits = &shared.config.limits;
     let mut retry_after = refusal.retry_after;
     if let Some(hold) = refusal.hold.filter(|h| !h.is_zero()) {
@@ -375,7 +492,7 @@ async fn refuse(shared: &Shared, mut client: TcpStream, refusal: Refusal, ws_key
 
 /// Reads (and drops) until the peer closes; bounded by `LINGER_BYTES` per call
 /// of the caller's timeout.
-async fn drain_until_closed(client: &mut TcpStream, sink: &mut [u8]) {
+async fn drain_until_closed<C: AsyncRead + Unpin>(client: &mut C, sink: &mut [u8]) {
     let mut total = 0;
     loop {
         match client.read(sink).await {
@@ -406,7 +523,9 @@ enum Then {
 
 /// Write an answer, shut the writing half, then as `then` says; at most
 /// `ANSWER_GRACE` in all.
-async fn answer(client: &mut TcpStream, bytes: &[u8], then: Then) {
+/// `write_all`, then the shutdown of the writing half (TLS: close_notify
+/// first) of a client stream, plain or TLS.
+async fn answer<C: Transport>(client: &mut C, bytes: &[u8], then: Then) {
     let _ = timeout(ANSWER_GRACE, async {
         if client.write_all(bytes).await.is_err() {
             return;
@@ -417,18 +536,31 @@ async fn answer(client: &mut TcpStream, bytes: &[u8], then: Then) {
             Then::AwaitReply => {
                 let _ = client.read(&mut sink).await;
             }
-            Then::Close => match client.try_read(&mut sink) {
-                Ok(n) if n > 0 => drain_until_closed(client, &mut sink).await,
-                _ => {} // nothing pending, the client's EOF, or an error: close now
-            },
+            Then::Close => {
+                if read_now(client, &mut sink).await > 0 {
+                    drain_until_closed(client, &mut sink).await;
+                }
+                // else nothing pending, the client's EOF, or an error: close now
+            }
         }
     })
     .await;
 }
 
-async fn reject(
+/// What the stream has for us at once, without waiting (0: nothing, its
+/// EOF or an error).
+async fn read_now<C: AsyncRead + Unpin>(client: &mut C, sink: &mut [u8]) -> usize {
+    let mut buf = ReadBuf::new(sink);
+    std::future::poll_fn(|cx| match Pin::new(&mut *client).poll_read(cx, &mut buf) {
+        Poll::Ready(Ok(())) => Poll::Ready(buf.filled().len()),
+        Poll::Ready(Err(_)) | Poll::Pending => Poll::Ready(0),
+    })
+    .await
+}
+
+async fn reject<C: Transport>(
     shared: &Shared,
-    client: &mut TcpStream,
+    client: &mut C,
     label: Rejected,
     status: u16,
     message: &str,
@@ -443,9 +575,11 @@ async fn reject(
     .await;
 }
 
-/// Connect, send the upgrade request, read the answer.
+/// Connect (TCP, then TLS for a `wss://` route), send the upgrade request,
+/// read the answer.
 async fn upstream_handshake(
     route: &Route,
+    tls: Option<&UpstreamTls>,
     request: &[u8],
     connect_timeout: Duration,
     max_head: usize,
@@ -456,26 +590,17 @@ async fn upstream_handshake(
         message: "loopwatch: upstream closed during the handshake".into(),
         error: HandshakeError::Closed,
     };
-    let connect = TcpStream::connect((route.host.as_str(), route.port));
-    let mut stream = match timeout(connect_timeout, connect).await {
-        Err(_) => {
+    let mut stream = match connect_upstream(route, tls, connect_timeout).await {
+        Ok(stream) => stream,
+        Err(failure) => {
             return Upstream::Failed {
-                status: 504,
-                message: "loopwatch: upstream connect timeout".into(),
-                error: HandshakeError::Timeout,
+                status: failure.status(),
+                message: failure.message().into(),
+                error: failure.handshake_error(),
             }
         }
-        Ok(Err(_)) => {
-            return Upstream::Failed {
-                status: 502,
-                message: "loopwatch: upstream unreachable".into(),
-                error: HandshakeError::Connect,
-            }
-        }
-        Ok(Ok(stream)) => stream,
     };
-    let _ = stream.set_nodelay(true);
-    if stream.write_all(request).await.is_err() {
+    if stream.write_all(request).await.is_err() || stream.flush().await.is_err() {
         return closed();
     }
     let mut reader = ResponseReader::new(max_head, max_body);
@@ -515,9 +640,9 @@ async fn upstream_handshake(
     }
 }
 
-async fn forward(
+async fn forward<C: Transport>(
     shared: &Shared,
-    mut client: TcpStream,
+    mut client: C,
     key: Box<str>,
     route: Route,
     request: Vec<u8>,
@@ -541,6 +666,7 @@ async fn forward(
     let mut client_eof = false;
     let handshake = upstream_handshake(
         &route,
+        shared.config.upstream_tls.as_deref(),
         &request,
         limits.connect_timeout,
         limits.head.max_head_size,
@@ -608,7 +734,9 @@ async fn forward(
         } => (stream, buffer, head_len, allowed_rsv),
     };
 
-    // 3. The splice.
+    // 3. The splice, for either kind of upstream stream. (The relay is built
+    // here and only its `run` awaited, so that the plain future carries no
+    // second copy of what the splice is given.)
     let conn_id = shared.conn_id();
     let opened_at = std::time::Instant::now();
     shared.counters.opened.fetch_add(1, Ordering::Relaxed);
@@ -619,32 +747,34 @@ async fn forward(
         at: opened_at,
         conn_id,
     });
-    let relay = Relay::new(
-        client,
-        upstream,
-        RelayLimits {
-            max_message_size: limits.max_message_size,
-            allowed_rsv,
-            idle_timeout: limits.idle_timeout,
-        },
-        RelayIdentity {
-            conn_id,
-            key,
-            route: Arc::clone(&route.name),
-            opened_at,
-        },
-        shared.events.clone(),
-    );
+    let relay_limits = RelayLimits {
+        max_message_size: limits.max_message_size,
+        allowed_rsv,
+        idle_timeout: limits.idle_timeout,
+    };
+    let id = RelayIdentity {
+        conn_id,
+        key,
+        route: Arc::clone(&route.name),
+        opened_at,
+    };
     let to_client = buffer[..head_len].to_vec();
-    let _ = relay
-        .run(
-            to_client,
-            &buffer[head_len..],
-            &early,
-            client_eof,
-            shared.shutdown.clone(),
-        )
-        .await;
+    let upstream_early = &buffer[head_len..];
+    let shutdown = shared.shutdown.clone();
+    let events = shared.events.clone();
+    match upstream {
+        UpstreamStream::Plain(upstream) => {
+            let relay = Relay::new(client, upstream, relay_limits, id, events);
+            let run = relay.run(to_client, upstream_early, &early, client_eof, shutdown);
+            run.await;
+        }
+        // Boxed: the plain connection's future stays as small as before TLS.
+        UpstreamStream::Tls(upstream) => {
+            let relay = Relay::new(client, upstream, relay_limits, id, events);
+            let run = relay.run(to_client, upstream_early, &early, client_eof, shutdown);
+            Box::pin(run).await;
+        }
+    }
     shared.counters.relays.fetch_sub(1, Ordering::AcqRel);
     shared.counters.closed.fetch_add(1, Ordering::Relaxed);
 }

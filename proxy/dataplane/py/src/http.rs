@@ -35,7 +35,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::{sleep_until, timeout, Instant};
 
@@ -44,7 +43,7 @@ use loopwatch_dataplane_core::head::{BodyFraming, Version};
 
 use crate::listener::{Limits, Rejected};
 use crate::response::{decode_chunks, parse_response_head, BadResponse, Chunk, Framing};
-use crate::wire::{connection_named, hop_by_hop, Route};
+use crate::wire::{connection_named, hop_by_hop};
 
 /// Bytes read from one side at a time, written to the other before the next
 /// read (`BODY_BUFFER` in forward.py).
@@ -217,14 +216,6 @@ impl Clock {
         }
         moved
     }
-}
-
-/// Open the upstream connection for `route` (ws:// and http:// upstreams;
-/// the TLS connector for wss:// and https:// replaces this).
-pub async fn connect(route: &Route) -> std::io::Result<TcpStream> {
-    let stream = TcpStream::connect((route.host.as_str(), route.port)).await?;
-    let _ = stream.set_nodelay(true);
-    Ok(stream)
 }
 
 fn answer(status: u16, message: &str, counted: Option<Rejected>) -> Outcome {

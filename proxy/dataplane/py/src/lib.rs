@@ -7,9 +7,10 @@
 //!   (each write builds the next snapshot without the GIL), read lock-free
 //!   at admission;
 //! * [`identity::Identity`]: the `identity:` settings, keys loaded once;
-//! * `Listener`: the native listener on a tokio multi-thread runtime (plain
-//!   `ws://` and plain HTTP for now), started and stopped from Python; its connections never
-//!   take the GIL.
+//! * `Listener`: the native listener on a tokio multi-thread runtime
+//!   (`ws://`, or with a certificate `wss://`; plain HTTP too; `ws://`,
+//!   `wss://`, `http://` and `https://` upstreams), started and stopped from
+//!   Python; its connections never take the GIL.
 //!
 //! `proxy/dataplane/native.py` is the one Python module that imports this.
 
@@ -34,6 +35,8 @@ pub mod queue;
 pub mod relay;
 pub mod response;
 pub mod table;
+pub mod tls;
+pub mod transport;
 pub mod wire;
 
 use identity::Identity;
@@ -43,8 +46,8 @@ use table::{duration, EnforcementTable};
 use wire::{RejectWith, Route};
 
 /// A route as native.py passes it: (prefix, name, upstream host, upstream
-/// port, Host for the upstream, upstream base path).
-type RouteTuple = (Vec<u8>, String, String, u16, Vec<u8>, Vec<u8>);
+/// port, Host for the upstream, upstream base path, TLS to the upstream).
+type RouteTuple = (Vec<u8>, String, String, u16, Vec<u8>, Vec<u8>, bool);
 
 fn positive(name: &str, seconds: f64) -> PyResult<Duration> {
     let d = duration(name, seconds)?;
@@ -70,7 +73,7 @@ fn parse_routes(items: Vec<RouteTuple>) -> PyResult<Vec<Route>> {
         return Err(PyValueError::new_err("routes: expected at least one route"));
     }
     let mut routes = Vec::with_capacity(items.len());
-    for (prefix, name, host, port, authority, base_path) in items {
+    for (prefix, name, host, port, authority, base_path, tls) in items {
         if !prefix.starts_with(b"/") {
             return Err(PyValueError::new_err(format!(
                 "routes: a prefix must start with \"/\", got {:?}",
@@ -89,6 +92,7 @@ fn parse_routes(items: Vec<RouteTuple>) -> PyResult<Vec<Route>> {
             port,
             authority,
             base_path,
+            tls,
         });
     }
     routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
@@ -128,6 +132,11 @@ impl Listener {
         reject_with = "close-1013",
         threads = None,
         identity = None,
+        tls_cert_file = None,
+        tls_key_file = None,
+        upstream_verify = true,
+        upstream_ca_file = None,
+        upstream_server_name = None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn start(
@@ -152,6 +161,11 @@ impl Listener {
         reject_with: &str,
         threads: Option<usize>,
         identity: Option<&Bound<'_, Identity>>,
+        tls_cert_file: Option<String>,
+        tls_key_file: Option<String>,
+        upstream_verify: bool,
+        upstream_ca_file: Option<String>,
+        upstream_server_name: Option<String>,
     ) -> PyResult<Listener> {
         let reject_with = RejectWith::parse(reject_with).ok_or_else(|| {
             PyValueError::new_err(format!(
@@ -202,11 +216,50 @@ impl Listener {
                 .map_err(PyValueError::new_err)?,
             ),
         };
+        let routes = parse_routes(routes)?;
+        // Files are read and checked now (without the GIL): a bad one is a
+        // ValueError naming the setting and the file, not a failure later.
+        let tls = match (tls_cert_file, tls_key_file) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(
+                py.detach(|| tls::listener_acceptor(&cert, &key))
+                    .map_err(PyValueError::new_err)?,
+            ),
+            _ => {
+                return Err(PyValueError::new_err(
+                    "tls: expected both tls_cert_file and tls_key_file, or neither",
+                ))
+            }
+        };
+        let upstream_tls = if routes.iter().any(|r| r.tls) {
+            let tls = py
+                .detach(|| {
+                    tls::UpstreamTls::new(
+                        upstream_verify,
+                        upstream_ca_file.as_deref(),
+                        upstream_server_name.as_deref(),
+                    )
+                })
+                .map_err(PyValueError::new_err)?;
+            for route in routes.iter().filter(|r| r.tls) {
+                tls.server_name(&route.host).map_err(|e| {
+                    PyValueError::new_err(format!(
+                        "routes: upstream of {:?}: {e}: it cannot be a TLS server name",
+                        &*route.name
+                    ))
+                })?;
+            }
+            Some(Arc::new(tls))
+        } else {
+            None
+        };
         let config = Config {
-            routes: parse_routes(routes)?,
+            routes,
             limits,
             reject_with,
             identity,
+            tls,
+            upstream_tls,
         };
         let table = table.get().shared();
         let events = queue.get().sender();
@@ -293,6 +346,7 @@ impl Listener {
         out.set_item("held", c.held.load(Ordering::Relaxed))?;
         out.set_item("rejected", c.rejected().into_iter().collect::<Vec<_>>())?;
         out.set_item("refused", c.refused().into_iter().collect::<Vec<_>>())?;
+        out.set_item("tls_failed", c.tls_failures())?;
         Ok(out)
     }
 

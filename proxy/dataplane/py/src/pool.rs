@@ -13,10 +13,14 @@
 //! is idempotent and has no body (aiohttp's rule, RFC 9112 §9.3.1).
 
 use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
 use std::sync::{Mutex, PoisonError};
+use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, ReadBuf};
+
+use crate::transport::UpstreamStream;
 
 /// How long an idle upstream connection is kept (aiohttp's default).
 pub const KEEP_IDLE: Duration = Duration::from_secs(15);
@@ -25,11 +29,12 @@ pub const MAX_IDLE_PER_UPSTREAM: usize = 256;
 /// How often expired idle connections are closed.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
-/// Where a route's requests go: its upstream's host and port.
-pub type UpstreamKey = (String, u16);
+/// Where a route's requests go: its upstream's host and port, and whether
+/// over TLS (`https://`).
+pub type UpstreamKey = (String, u16, bool);
 
 struct Idle {
-    stream: TcpStream,
+    stream: UpstreamStream,
     since: Instant,
 }
 
@@ -39,20 +44,33 @@ pub struct Pool {
 }
 
 /// Whether an idle connection can carry a request: nothing to read yet
-/// (neither the upstream's close nor stray bytes).
-fn still_idle(stream: &TcpStream) -> bool {
+/// (neither the upstream's close nor stray bytes). Over TLS the probe reads
+/// through rustls without waiting: records that carry no data (a session
+/// ticket) are taken in, the peer's close_notify or data are not idle.
+fn still_idle(stream: &mut UpstreamStream) -> bool {
     let mut probe = [0u8; 1];
-    matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    match stream {
+        UpstreamStream::Plain(tcp) => {
+            matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        }
+        UpstreamStream::Tls(tls) => {
+            let mut buf = ReadBuf::new(&mut probe);
+            let mut cx = Context::from_waker(Waker::noop());
+            Pin::new(tls.as_mut())
+                .poll_read(&mut cx, &mut buf)
+                .is_pending()
+        }
+    }
 }
 
 impl Pool {
     /// The most recently used live idle connection to `key`, if any.
-    pub fn checkout(&self, key: &UpstreamKey) -> Option<TcpStream> {
+    pub fn checkout(&self, key: &UpstreamKey) -> Option<UpstreamStream> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let list = idle.get_mut(key)?;
         let now = Instant::now();
-        while let Some(entry) = list.pop_back() {
-            if now.duration_since(entry.since) < KEEP_IDLE && still_idle(&entry.stream) {
+        while let Some(mut entry) = list.pop_back() {
+            if now.duration_since(entry.since) < KEEP_IDLE && still_idle(&mut entry.stream) {
                 return Some(entry.stream);
             }
         }
@@ -60,7 +78,7 @@ impl Pool {
     }
 
     /// Keep `stream` for the next request to `key`.
-    pub fn checkin(&self, key: &UpstreamKey, stream: TcpStream) {
+    pub fn checkin(&self, key: &UpstreamKey, stream: UpstreamStream) {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let list = idle.entry(key.clone()).or_default();
         if list.len() >= MAX_IDLE_PER_UPSTREAM {

@@ -11,31 +11,41 @@
 //! once; only what a socket does not take is kept, so idle connections hold
 //! no buffer.
 //!
+//! Generic over each leg's stream ([`Transport`]: TCP or TLS), polled in
+//! place with the task's waker: a plain leg costs what tokio's `TcpStream`
+//! costs (its `poll_read` / `poll_write` are the readiness checks and the
+//! syscall), and a TLS leg is the same code over rustls. What TLS adds is
+//! handled as any write: bytes a TLS stream took but has not written out yet
+//! count as output (`unflushed`) until its flush is done, and a closing TLS
+//! leg is shut down (close_notify) before it is dropped.
+//!
 //! loopwatch writes a frame of its own only when it ends a connection itself
 //! (`close`), and only at a frame boundary of the stream it writes into.
 
 use std::collections::hash_map::RandomState;
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
-use std::io::{self, ErrorKind};
-use std::net::Shutdown;
+use std::io::ErrorKind;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use tokio::io::Interest;
-use tokio::net::TcpStream;
+use tokio::io::ReadBuf;
 use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
 
 use loopwatch_dataplane_core::events::{Event, EventSender, Initiator, Traffic};
 use loopwatch_dataplane_core::frames::{build_close_frame, FrameWatcher, Side, WatcherConfig};
 
+use crate::transport::Transport;
+
 /// Bytes read from a leg at a time.
 const READ_SIZE: usize = 32 * 1024;
 
 thread_local! {
-    /// Each runtime thread's read buffer (`Relay::read`).
+    /// Each runtime thread's read buffer (`Relay::read`): `READ_SIZE` bytes,
+    /// zeroed once, so that reads need neither `unsafe` nor zeroing.
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 /// How long a proxy-initiated close waits for a frame boundary and for the
@@ -66,19 +76,23 @@ enum AfterFlush {
     Nothing,
     /// Shut its writing half (a FIN); keep reading.
     WriteEof,
+    /// Its writing half is shut.
+    EofSent,
     /// Close it (Python's `transport.close()`).
     Close,
 }
 
-/// One side of the splice: reads from `stream`, whose bytes go to the other
-/// leg's `out`.
+/// One side of the splice: reads from its stream (in `Streams`), whose
+/// bytes go to the other leg's `out`.
 struct Leg {
-    stream: Option<TcpStream>,
     /// Watches the bytes read from this leg.
     watcher: FrameWatcher,
     /// Bytes waiting to be written to this leg, from `out_pos`.
     out: Vec<u8>,
     out_pos: usize,
+    /// The stream took bytes that its flush has not written out yet (TLS
+    /// records rustls holds; never for TCP once its flush ran).
+    unflushed: bool,
     after_flush: AfterFlush,
     /// False once the proxy ended this leg's direction with its own close.
     forward: bool,
@@ -95,9 +109,8 @@ struct Leg {
 }
 
 impl Leg {
-    fn new(stream: TcpStream, side: Side, limits: &RelayLimits) -> Leg {
+    fn new(side: Side, limits: &RelayLimits) -> Leg {
         Leg {
-            stream: Some(stream),
             watcher: FrameWatcher::new(WatcherConfig {
                 side,
                 max_message_size: limits.max_message_size,
@@ -105,6 +118,7 @@ impl Leg {
             }),
             out: Vec::new(),
             out_pos: 0,
+            unflushed: false,
             after_flush: AfterFlush::Nothing,
             forward: true,
             pending: None,
@@ -118,9 +132,58 @@ impl Leg {
         self.out_pos < self.out.len()
     }
 
-    /// Takes writes: open, not closing, its writing half not shut.
-    fn writable(&self) -> bool {
-        self.stream.is_some() && self.after_flush == AfterFlush::Nothing
+    /// Bytes for this leg are not all written out: queued, or held by its
+    /// stream until a flush.
+    fn pending_output(&self) -> bool {
+        self.has_output() || self.unflushed
+    }
+
+    /// Something is left to write: output, or the shutdown that follows it.
+    fn needs_flush(&self) -> bool {
+        self.pending_output()
+            || matches!(self.after_flush, AfterFlush::WriteEof | AfterFlush::Close)
+    }
+}
+
+/// Both legs' streams, of their own types; `get` lends either as a
+/// `dyn Transport`, so that one code path serves every combination.
+struct Streams<C, U> {
+    client: Option<C>,
+    upstream: Option<U>,
+}
+
+impl<C: Transport, U: Transport> Streams<C, U> {
+    fn get(&mut self, i: usize) -> Option<&mut dyn Transport> {
+        if i == CLIENT {
+            self.client.as_mut().map(|s| s as &mut dyn Transport)
+        } else {
+            self.upstream.as_mut().map(|s| s as &mut dyn Transport)
+        }
+    }
+
+    fn peek(&self, i: usize) -> Option<&dyn Transport> {
+        if i == CLIENT {
+            self.client.as_ref().map(|s| s as &dyn Transport)
+        } else {
+            self.upstream.as_ref().map(|s| s as &dyn Transport)
+        }
+    }
+
+    fn is_open(&self, i: usize) -> bool {
+        if i == CLIENT {
+            self.client.is_some()
+        } else {
+            self.upstream.is_some()
+        }
+    }
+
+    /// Drop leg `i`'s stream (closing its connection).
+    fn drop_stream(&mut self, i: usize) {
+        if i == CLIENT {
+            self.client = None;
+        } else {
+            self.upstream = None;
+        }
     }
 }
 
@@ -147,8 +210,12 @@ pub struct CloseInfo {
     pub initiator: Initiator,
 }
 
-pub struct Relay {
+pub struct Relay<C: Transport, U: Transport> {
     legs: [Leg; 2],
+    streams: Streams<C, U>,
+    /// The task's waker, for the reads and writes made while handling an
+    /// event (set at every poll of `run`).
+    waker: Waker,
     id: RelayIdentity,
     events: EventSender,
     /// Whose close came first: client, upstream or proxy.
@@ -173,19 +240,24 @@ fn mask_key() -> [u8; 4] {
     (hasher.finish() as u32).to_be_bytes()
 }
 
-impl Relay {
+impl<C: Transport, U: Transport> Relay<C, U> {
     pub fn new(
-        client: TcpStream,
-        upstream: TcpStream,
+        client: C,
+        upstream: U,
         limits: RelayLimits,
         id: RelayIdentity,
         events: EventSender,
-    ) -> Relay {
+    ) -> Relay<C, U> {
         Relay {
             legs: [
-                Leg::new(client, Side::Client, &limits),
-                Leg::new(upstream, Side::Upstream, &limits),
+                Leg::new(Side::Client, &limits),
+                Leg::new(Side::Upstream, &limits),
             ],
+            streams: Streams {
+                client: Some(client),
+                upstream: Some(upstream),
+            },
+            waker: Waker::noop().clone(),
             id,
             events,
             initiator: None,
@@ -219,7 +291,7 @@ impl Relay {
         if !client_early.is_empty() && !self.legs[UPSTREAM].closed {
             self.data(CLIENT, client_early);
         }
-        if client_eof && self.legs[CLIENT].stream.is_some() {
+        if client_eof && self.streams.is_open(CLIENT) {
             self.eof(CLIENT);
         }
         let mut shutdown_seen = *shutdown.borrow();
@@ -239,6 +311,9 @@ impl Relay {
         // the sockets' readiness is polled in place (its wakers registered
         // only where it is pending), and every ready leg is served in turn.
         std::future::poll_fn(|cx| loop {
+            if !self.waker.will_wake(cx.waker()) {
+                self.waker = cx.waker().clone();
+            }
             while let Some(i) = self.ended.pop() {
                 self.lost(i);
             }
@@ -268,34 +343,18 @@ impl Relay {
                 self.check_idle();
                 continue;
             }
+            // Each stream is polled where there is work for it; what is
+            // pending registers the waker.
             let mut progress = false;
             for i in [CLIENT, UPSTREAM] {
-                if !self.legs[i].has_output() {
-                    continue;
+                if self.legs[i].needs_flush() && self.streams.is_open(i) {
+                    progress |= self.flush(i);
                 }
-                let Some(stream) = self.legs[i].stream.as_ref() else {
-                    continue;
-                };
-                match stream.poll_write_ready(cx) {
-                    Poll::Ready(Ok(())) => self.flush(i),
-                    Poll::Ready(Err(_)) => self.abort(i),
-                    Poll::Pending => continue,
-                }
-                progress = true;
             }
             for i in [CLIENT, UPSTREAM] {
-                if !self.can_read(i) {
-                    continue;
+                if self.can_read(i) {
+                    progress |= self.read(i);
                 }
-                let Some(stream) = self.legs[i].stream.as_ref() else {
-                    continue;
-                };
-                match stream.poll_read_ready(cx) {
-                    Poll::Ready(Ok(())) => self.read(i),
-                    Poll::Ready(Err(_)) => self.abort(i),
-                    Poll::Pending => continue,
-                }
-                progress = true;
             }
             if !progress {
                 return Poll::Pending;
@@ -307,34 +366,52 @@ impl Relay {
 
     fn can_read(&self, i: usize) -> bool {
         let leg = &self.legs[i];
-        if leg.stream.is_none() || leg.read_done || leg.after_flush == AfterFlush::Close {
+        if !self.streams.is_open(i) || leg.read_done || leg.after_flush == AfterFlush::Close {
             return false;
         }
         // Backpressure: a forwarding leg waits until its last bytes are out.
-        !leg.forward || !self.legs[other(i)].has_output()
+        !leg.forward || !self.legs[other(i)].pending_output()
+    }
+
+    /// Takes writes: open, not closing, its writing half not shut.
+    fn writable(&self, i: usize) -> bool {
+        self.streams.is_open(i) && self.legs[i].after_flush == AfterFlush::Nothing
     }
 
     // --- reading -------------------------------------------------------------
 
-    fn read(&mut self, i: usize) {
+    /// One read from leg `i`; whether it got anything (data, EOF, error).
+    fn read(&mut self, i: usize) -> bool {
         // Read into this thread's scratch buffer (no await until it is let go,
         // so the task cannot move meanwhile); `write` sends from it straight
         // away and keeps only what the socket did not take. No allocation per
-        // read, and an idle connection holds no buffer.
+        // read, and an idle connection holds no buffer. (tokio's TcpStream
+        // clears its readiness after a read that did not fill the buffer, so
+        // the next turn waits for epoll rather than trying a read that can
+        // only say EAGAIN.)
         SCRATCH.with_borrow_mut(|scratch| {
-            scratch.clear();
-            scratch.reserve(READ_SIZE);
-            let stream = self.legs[i]
-                .stream
-                .as_ref()
-                .expect("readable legs are open");
-            match read_some(stream, scratch) {
-                Ok(0) => self.eof(i),
-                Ok(_) => self.data(i, scratch),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                Err(_) => self.abort(i),
+            if scratch.len() < READ_SIZE {
+                scratch.resize(READ_SIZE, 0);
             }
-        });
+            let mut cx = Context::from_waker(&self.waker);
+            let Some(stream) = self.streams.get(i) else {
+                return false;
+            };
+            let mut buf = ReadBuf::new(&mut scratch[..READ_SIZE]);
+            let polled = Pin::new(stream).poll_read(&mut cx, &mut buf);
+            let n = buf.filled().len();
+            match polled {
+                Poll::Pending => return false,
+                Poll::Ready(Ok(())) if n == 0 => self.eof(i),
+                Poll::Ready(Ok(())) => self.data(i, &scratch[..n]),
+                // A TLS peer that closed its TCP connection without
+                // close_notify: an EOF, as for TCP (the frame watcher tells
+                // a cut frame from a clean end).
+                Poll::Ready(Err(e)) if e.kind() == ErrorKind::UnexpectedEof => self.eof(i),
+                Poll::Ready(Err(_)) => self.abort(i),
+            }
+            true
+        })
     }
 
     /// Bytes read from leg `i` (`Leg.data_received`).
@@ -381,7 +458,9 @@ impl Relay {
             return false;
         }
         let o = other(i);
-        if self.legs[o].closed || self.legs[o].eof {
+        let half_closes = self.streams.peek(o).is_some_and(|s| s.can_write_eof());
+        if self.legs[o].closed || self.legs[o].eof || !half_closes {
+            // Both halves are shut, or the other stream cannot shut one (TLS).
             self.close_leg(o);
             return false;
         }
@@ -395,86 +474,123 @@ impl Relay {
     /// Write bytes to leg `i`: at once as far as the socket takes them, the
     /// rest queued (dropped when the leg takes no more writes).
     fn write(&mut self, i: usize, mut data: &[u8]) {
-        let leg = &mut self.legs[i];
-        if data.is_empty() || !leg.writable() {
+        if data.is_empty() || !self.writable(i) {
             return;
         }
-        if !leg.has_output() {
-            let stream = leg.stream.as_ref().expect("writable legs are open");
+        if !self.legs[i].has_output() {
+            let mut cx = Context::from_waker(&self.waker);
+            let stream = self.streams.get(i).expect("writable legs are open");
             while !data.is_empty() {
-                match stream.try_write(data) {
-                    Ok(n) => data = &data[n..],
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(_) => {
+                match Pin::new(&mut *stream).poll_write(&mut cx, data) {
+                    Poll::Ready(Ok(n)) if n > 0 => data = &data[n..],
+                    Poll::Pending => break,
+                    Poll::Ready(_) => {
                         self.abort(i);
                         return;
                     }
                 }
             }
-            if data.is_empty() {
-                return;
-            }
+            let leg = &mut self.legs[i];
+            leg.unflushed = true;
             leg.out.clear();
             leg.out_pos = 0;
         }
-        leg.out.extend_from_slice(data);
+        self.legs[i].out.extend_from_slice(data);
         self.flush(i);
     }
 
-    /// Write what leg `i` has queued, as far as the socket takes it now.
-    fn flush(&mut self, i: usize) {
+    /// Write what leg `i` has queued, flush its stream, then shut it down or
+    /// close it if that is what comes next, as far as it goes now. Whether
+    /// anything moved.
+    fn flush(&mut self, i: usize) -> bool {
+        let mut cx = Context::from_waker(&self.waker);
         let leg = &mut self.legs[i];
-        let Some(stream) = leg.stream.as_ref() else {
-            return;
+        let Some(stream) = self.streams.get(i) else {
+            return false;
         };
+        let mut moved = false;
         while leg.has_output() {
-            match stream.try_write(&leg.out[leg.out_pos..]) {
-                Ok(n) => leg.out_pos += n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(_) => {
+            match Pin::new(&mut *stream).poll_write(&mut cx, &leg.out[leg.out_pos..]) {
+                Poll::Ready(Ok(n)) if n > 0 => {
+                    leg.out_pos += n;
+                    leg.unflushed = true;
+                    moved = true;
+                }
+                Poll::Pending => return moved,
+                Poll::Ready(_) => {
                     self.abort(i);
-                    return;
+                    return true;
                 }
             }
         }
-        leg.out = Vec::new();
-        leg.out_pos = 0;
-        match leg.after_flush {
-            AfterFlush::Nothing => {}
-            AfterFlush::WriteEof => {
-                let _ = socket_shutdown(stream);
+        if !leg.out.is_empty() {
+            leg.out = Vec::new();
+            leg.out_pos = 0;
+        }
+        if leg.unflushed {
+            match Pin::new(&mut *stream).poll_flush(&mut cx) {
+                Poll::Ready(Ok(())) => leg.unflushed = false,
+                Poll::Pending => return moved,
+                Poll::Ready(Err(_)) => {
+                    self.abort(i);
+                    return true;
+                }
             }
+            moved = true;
+        }
+        match leg.after_flush {
+            AfterFlush::Nothing | AfterFlush::EofSent => moved,
+            AfterFlush::WriteEof => match Pin::new(&mut *stream).poll_shutdown(&mut cx) {
+                Poll::Pending => moved,
+                Poll::Ready(_) => {
+                    leg.after_flush = AfterFlush::EofSent;
+                    true
+                }
+            },
             AfterFlush::Close => {
-                leg.stream = None;
+                if stream.shuts_down_on_close()
+                    && Pin::new(&mut *stream).poll_shutdown(&mut cx).is_pending()
+                {
+                    return moved;
+                }
+                self.streams.drop_stream(i);
                 self.ended.push(i);
+                true
             }
         }
     }
 
-    /// Shut leg `i`'s writing half once its queued bytes are out.
+    /// Shut leg `i`'s writing half once its queued bytes are out; a stream
+    /// that cannot shut one half (TLS) closes.
     fn write_eof(&mut self, i: usize) {
-        if self.legs[i].writable() {
+        if !self.writable(i) {
+            return;
+        }
+        if self.streams.peek(i).is_some_and(|s| s.can_write_eof()) {
             self.legs[i].after_flush = AfterFlush::WriteEof;
             self.flush(i);
+        } else {
+            self.close_leg(i);
         }
     }
 
     /// Close leg `i` once its queued bytes are out.
     fn close_leg(&mut self, i: usize) {
-        let leg = &mut self.legs[i];
-        if leg.stream.is_some() && leg.after_flush != AfterFlush::Close {
-            leg.after_flush = AfterFlush::Close;
+        if self.streams.is_open(i) && self.legs[i].after_flush != AfterFlush::Close {
+            self.legs[i].after_flush = AfterFlush::Close;
             self.flush(i);
         }
     }
 
     /// Drop leg `i` at once (a reset).
     fn abort(&mut self, i: usize) {
-        let leg = &mut self.legs[i];
-        if let Some(stream) = leg.stream.take() {
-            let _ = stream.set_zero_linger();
+        if let Some(stream) = self.streams.peek(i) {
+            let _ = stream.tcp().set_zero_linger();
+            self.streams.drop_stream(i);
+            let leg = &mut self.legs[i];
             leg.out = Vec::new();
             leg.out_pos = 0;
+            leg.unflushed = false;
             self.ended.push(i);
         }
     }
@@ -617,7 +733,7 @@ impl Relay {
             return;
         }
         self.legs[i].closed = true;
-        self.legs[i].stream = None;
+        self.streams.drop_stream(i);
         self.initiator.get_or_insert(initiator(i));
         let o = other(i);
         if !self.legs[o].closed {
@@ -739,7 +855,7 @@ impl Relay {
     }
 }
 
-impl Drop for Relay {
+impl<C: Transport, U: Transport> Drop for Relay<C, U> {
     /// A relay dropped before its end (the runtime stopped after the grace
     /// of `stop()`) still reports how far it got.
     fn drop(&mut self) {
@@ -747,23 +863,4 @@ impl Drop for Relay {
             self.report();
         }
     }
-}
-
-/// Read what `stream` has into `buf`'s spare capacity. A read that did not
-/// fill it drained the socket (epoll is edge-triggered): its readiness is
-/// cleared then, as tokio's own `poll_read` does, so the next turn waits for
-/// epoll instead of trying a read that can only say EAGAIN.
-fn read_some(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
-    let room = buf.capacity() - buf.len();
-    let n = stream.try_read_buf(buf)?;
-    if n > 0 && n < room {
-        let _ = stream.try_io(Interest::READABLE, || {
-            Err::<(), _>(io::Error::from(ErrorKind::WouldBlock))
-        });
-    }
-    Ok(n)
-}
-
-fn socket_shutdown(stream: &TcpStream) -> io::Result<()> {
-    socket2::SockRef::from(stream).shutdown(Shutdown::Write)
 }

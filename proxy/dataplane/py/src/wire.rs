@@ -168,6 +168,8 @@ pub struct Route {
     /// The upstream URL's path without its trailing slash; empty keeps the
     /// client's path as it is.
     pub base_path: Vec<u8>,
+    /// `wss://` or `https://`: TLS to the upstream.
+    pub tls: bool,
 }
 
 impl Route {
@@ -335,6 +337,7 @@ mod tests {
             port: 9000,
             authority: b"127.0.0.1:9000".to_vec(),
             base_path: base.into(),
+            tls: false,
         }
     }
 
