@@ -252,7 +252,7 @@ def markdown(result: dict) -> str:
     if native:
         lines += ["", native.rstrip("\n")]
     if meta.get("notes"):
-        lines += ["", "Run notes:"] + [f"- {n}" for n in meta["notes"]]
+        lines += ["", "Run notes:"] + [f"- {' '.join(str(n).split())}" for n in meta["notes"]]  # one line each
     lines += ["", "Caveats:"] + [f"- {c}" for c in meta["caveats"]]
     return "\n".join(lines) + "\n"
 

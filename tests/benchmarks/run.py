@@ -850,7 +850,8 @@ class Bench:
         try:
             getattr(self, f"s_{name}")(rep)
         except (RuntimeError, OSError, ValueError) as e:
-            self.notes.append(f"{name} (repetition {rep + 1}) failed: {str(e)[-300:]}")
+            last = str(e).strip().splitlines()[-1:] or [type(e).__name__]  # a traceback's last line says it
+            self.notes.append(f"{name} (repetition {rep + 1}) failed: {last[0][-300:]}")
             self.log(f"  {name} failed: {e}")
 
     def warm_up(self) -> None:
