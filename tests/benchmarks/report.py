@@ -211,6 +211,12 @@ def _fmt(value: float | None, fmt: str, note: str = "") -> str:
         return str(value)
 
 
+def _one_line(note: object) -> str:
+    """A run note on one line: a multi-line one (a traceback) as its first and last lines."""
+    lines = [line.strip() for line in str(note).strip().splitlines() if line.strip()]
+    return " … ".join(lines[:1] + lines[-1:]) if len(lines) > 1 else "".join(lines)
+
+
 def markdown(result: dict) -> str:
     meta = result["meta"]
     m, v = meta["machine"], meta["versions"]
@@ -252,7 +258,7 @@ def markdown(result: dict) -> str:
     if native:
         lines += ["", native.rstrip("\n")]
     if meta.get("notes"):
-        lines += ["", "Run notes:"] + [f"- {' '.join(str(n).split())}" for n in meta["notes"]]  # one line each
+        lines += ["", "Run notes:"] + [f"- {_one_line(n)}" for n in meta["notes"]]
     lines += ["", "Caveats:"] + [f"- {c}" for c in meta["caveats"]]
     return "\n".join(lines) + "\n"
 
