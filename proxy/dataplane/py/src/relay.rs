@@ -21,6 +21,17 @@
 //!
 //! loopwatch writes a frame of its own only when it ends a connection itself
 //! (`close`), and only at a frame boundary of the stream it writes into.
+//!
+//! A protocol error is the receiving peer's to answer, as it would be without
+//! loopwatch in between (and as nginx and HAProxy, which do not parse frames,
+//! leave it): from the offending frame on, that direction is passed through
+//! unparsed (`Passing`), so the peer reads exactly what it would read directly
+//! and fails the connection itself, after whatever it sent before (Autobahn
+//! cases 3.4, 4.1.5 and 4.2.5 with octet-wise writes: the echo of a valid
+//! message, then 1002). Bounded: at most `PASS_BUDGET` bytes (never more than
+//! the message size limit) and `ANSWER_GRACE`; a peer that has not sent its
+//! close frame by then gets loopwatch's close instead (`close`). A message
+//! over the size limit is loopwatch's own refusal: it never passes (1009).
 
 use std::collections::hash_map::RandomState;
 use std::future::Future;
@@ -36,7 +47,9 @@ use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
 
 use loopwatch_dataplane_core::events::{Event, EventSender, Initiator, Traffic};
-use loopwatch_dataplane_core::frames::{build_close_frame, FrameWatcher, Side, WatcherConfig};
+use loopwatch_dataplane_core::frames::{
+    build_close_frame, FrameError, FrameWatcher, Side, WatcherConfig,
+};
 
 use crate::transport::Transport;
 
@@ -51,6 +64,13 @@ thread_local! {
 /// How long a proxy-initiated close waits for a frame boundary and for the
 /// peers' replies (`CLOSE_GRACE` in relay.py).
 pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Bytes a direction passes unparsed after a protocol error, from the
+/// offending frame's first byte (capped by the message size limit): enough
+/// for a peer to read the bad frame and fail the connection.
+pub const PASS_BUDGET: u64 = 64 * 1024;
+/// How long the peer of a protocol error has to fail the connection itself
+/// (send its close frame) before loopwatch closes it.
+pub const ANSWER_GRACE: Duration = CLOSE_GRACE;
 /// Codes loopwatch sends when one leg disappears without a close frame.
 const CODE_UPSTREAM_LOST: u16 = 1014;
 const CODE_CLIENT_LOST: u16 = 1001;
@@ -82,6 +102,14 @@ enum AfterFlush {
     Close,
 }
 
+/// A direction passed through unparsed after a protocol error: its watcher
+/// stopped at the offending frame, its bytes go on as they come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Passing {
+    /// Bytes it may still pass.
+    left: u64,
+}
+
 /// One side of the splice: reads from its stream (in `Streams`), whose
 /// bytes go to the other leg's `out`.
 struct Leg {
@@ -96,6 +124,9 @@ struct Leg {
     after_flush: AfterFlush,
     /// False once the proxy ended this leg's direction with its own close.
     forward: bool,
+    /// Set once this leg broke the protocol: what it sends is passed on
+    /// unparsed, for the other side to answer.
+    passing: Option<Passing>,
     /// The proxy's close frame for the other leg, waiting for this leg's
     /// stream to reach a frame boundary.
     pending: Option<Vec<u8>>,
@@ -121,6 +152,7 @@ impl Leg {
             unflushed: false,
             after_flush: AfterFlush::Nothing,
             forward: true,
+            passing: None,
             pending: None,
             eof: false,
             read_done: false,
@@ -223,6 +255,11 @@ pub struct Relay<C: Transport, U: Transport> {
     proxy_close: Option<(u16, String)>,
     /// Set by the proxy's own close: everything ends by then.
     grace: Option<Instant>,
+    /// Set when a protocol error is passed on: by then the peer has sent its
+    /// close frame, or loopwatch closes.
+    answer_until: Option<Instant>,
+    /// Bytes a direction may pass unparsed after a protocol error.
+    pass_budget: u64,
     /// Legs whose connection ended, for `lost` (run from the loop, as
     /// asyncio calls `connection_lost` on a later turn).
     ended: Vec<usize>,
@@ -263,6 +300,10 @@ impl<C: Transport, U: Transport> Relay<C, U> {
             initiator: None,
             proxy_close: None,
             grace: None,
+            answer_until: None,
+            pass_budget: limits
+                .max_message_size
+                .map_or(PASS_BUDGET, |limit| limit.min(PASS_BUDGET)),
             ended: Vec::new(),
             done: false,
             reported: false,
@@ -325,17 +366,24 @@ impl<C: Transport, U: Transport> Relay<C, U> {
                 idle_timer.as_mut().reset(idle_at.unwrap_or(far));
                 idle_armed = idle_at;
             }
-            if self.grace != grace_armed {
-                grace_timer.as_mut().reset(self.grace.unwrap_or(far));
-                grace_armed = self.grace;
+            // One timer for the proxy's close and for a peer's answer to a
+            // protocol error passed on (never both: `close` ends the latter).
+            let deadline = self.grace.or(self.answer_until);
+            if deadline != grace_armed {
+                grace_timer.as_mut().reset(deadline.unwrap_or(far));
+                grace_armed = deadline;
             }
             if !shutdown_seen && shutdown_signal.as_mut().poll(cx).is_ready() {
                 shutdown_seen = true;
                 self.close(1001, "loopwatch: shutting down");
                 continue;
             }
-            if self.grace.is_some() && grace_timer.as_mut().poll(cx).is_ready() {
-                self.abort_all();
+            if deadline.is_some() && grace_timer.as_mut().poll(cx).is_ready() {
+                if self.grace.is_some() {
+                    self.abort_all();
+                } else {
+                    self.answer_timeout();
+                }
                 continue;
             }
             if idle_at.is_some() && self.grace.is_none() && idle_timer.as_mut().poll(cx).is_ready()
@@ -419,6 +467,10 @@ impl<C: Transport, U: Transport> Relay<C, U> {
         let o = other(i);
         let leg = &mut self.legs[i];
         if leg.pending.is_none() && leg.forward {
+            if leg.passing.is_some() {
+                self.pass_on(i, data);
+                return;
+            }
             match leg.watcher.feed(data) {
                 Ok(_) => {
                     self.write(o, data);
@@ -426,7 +478,7 @@ impl<C: Transport, U: Transport> Relay<C, U> {
                 }
                 Err(v) => {
                     self.write(o, &data[..v.forward]);
-                    self.violation(i);
+                    self.violation(i, &data[v.forward..]);
                 }
             }
         } else if leg.forward {
@@ -450,10 +502,12 @@ impl<C: Transport, U: Transport> Relay<C, U> {
         }
     }
 
-    /// Whether leg `i` stays open after its EOF: it sent its close frame and
-    /// the EOF could be passed on.
+    /// Whether leg `i` stays open after its EOF: it sent its close frame (or
+    /// its stream is passed unparsed: then it may have) and the EOF could be
+    /// passed on.
     fn half_close(&mut self, i: usize) -> bool {
-        if self.grace.is_some() || self.legs[i].watcher.close.is_none() {
+        let leg = &self.legs[i];
+        if self.grace.is_some() || (leg.watcher.close.is_none() && leg.passing.is_none()) {
             // Closing: that side is done. No close frame: the side is gone.
             return false;
         }
@@ -601,6 +655,48 @@ impl<C: Transport, U: Transport> Relay<C, U> {
         self.abort(UPSTREAM);
     }
 
+    // --- a protocol error, passed on ----------------------------------------------
+
+    /// Bytes of leg `i`, which broke the protocol: on to the other side
+    /// unparsed, within the budget; past it, loopwatch closes.
+    fn pass_on(&mut self, i: usize, data: &[u8]) {
+        let Some(passing) = self.legs[i].passing.as_mut() else {
+            return;
+        };
+        let n = usize::try_from(passing.left)
+            .unwrap_or(usize::MAX)
+            .min(data.len());
+        passing.left -= n as u64;
+        self.write(other(i), &data[..n]);
+        if n < data.len() {
+            self.close_for_violation();
+        }
+    }
+
+    /// `ANSWER_GRACE` after a protocol error was passed on: if the peer has
+    /// not sent its close frame (it tolerates the error, or does not answer),
+    /// loopwatch closes. If it has, the close handshake is the peers' own.
+    fn answer_timeout(&mut self) {
+        self.answer_until = None;
+        let answered = [CLIENT, UPSTREAM]
+            .into_iter()
+            .all(|i| self.legs[i].passing.is_none() || self.legs[other(i)].watcher.close.is_some());
+        if !answered {
+            self.close_for_violation();
+        }
+    }
+
+    /// Close with the code and reason of the protocol error passed on.
+    fn close_for_violation(&mut self) {
+        let error = [CLIENT, UPSTREAM]
+            .into_iter()
+            .filter(|&i| self.legs[i].passing.is_some())
+            .find_map(|i| self.legs[i].watcher.error().cloned());
+        if let Some(error) = error {
+            self.close(error.close_code(), &format!("loopwatch: {error}"));
+        }
+    }
+
     // --- the proxy's own close -------------------------------------------------
 
     /// End the connection from the proxy: a close frame into each direction
@@ -611,12 +707,20 @@ impl<C: Transport, U: Transport> Relay<C, U> {
             return;
         }
         self.grace = Some(Instant::now() + CLOSE_GRACE);
+        self.answer_until = None;
         self.initiator.get_or_insert(Initiator::Proxy);
         self.proxy_close = Some((code, reason.to_owned()));
         for i in [CLIENT, UPSTREAM] {
             let o = other(i);
             if self.legs[o].closed || self.legs[i].eof || !self.legs[i].forward {
                 self.legs[i].forward = false;
+                continue;
+            }
+            if self.legs[i].passing.take().is_some() {
+                // An unparsed stream cannot take a close frame of loopwatch's:
+                // the other side's connection ends after what was passed.
+                self.legs[i].forward = false;
+                self.close_leg(o);
                 continue;
             }
             // Frames toward the upstream are masked: loopwatch is its client.
@@ -658,7 +762,7 @@ impl<C: Transport, U: Transport> Relay<C, U> {
                 Ok(_) => self.write(o, piece),
                 Err(v) => {
                     self.write(o, &piece[..v.forward]);
-                    self.violation(i);
+                    self.violation(i, &[]);
                     return;
                 }
             }
@@ -673,14 +777,26 @@ impl<C: Transport, U: Transport> Relay<C, U> {
         }
     }
 
-    /// A frame loopwatch must not forward (protocol error, message too big):
-    /// what came before it is out; close both sides with the error's code.
-    fn violation(&mut self, i: usize) {
+    /// Leg `i` sent a frame loopwatch must not forward as it is: what came
+    /// before it is out, `rest` starts with it. A protocol error on an open
+    /// connection is passed on (`rest` and what follows, unparsed) for the
+    /// other side to answer; a message over the size limit, or any error
+    /// while loopwatch is closing, closes both sides with the error's code.
+    fn violation(&mut self, i: usize, rest: &[u8]) {
         let error = self.legs[i]
             .watcher
             .error()
             .cloned()
             .expect("a violation sets the watcher's error");
+        let refused = matches!(error, FrameError::MessageTooBig { .. });
+        if self.grace.is_none() && !refused {
+            self.legs[i].passing = Some(Passing {
+                left: self.pass_budget,
+            });
+            self.answer_until = Some(Instant::now() + ANSWER_GRACE);
+            self.pass_on(i, rest);
+            return;
+        }
         if !self.legs[i].watcher.at_boundary() {
             // The offending frame's first bytes are out: a close frame now
             // would land inside it. End that stream.
@@ -750,6 +866,10 @@ impl<C: Transport, U: Transport> Relay<C, U> {
                 }
             } else if self.legs[i].watcher.close.is_some() || self.legs[i].eof {
                 self.close_leg(o); // an ordinary close handshake: flush, then close
+            } else if self.legs[i].passing.is_some() || self.legs[o].passing.is_some() {
+                // A stream passed unparsed: where it stands is unknown, so
+                // the end is passed on as TCP's (flush, then close).
+                self.close_leg(o);
             } else if self.legs[i].watcher.at_boundary() && self.legs[i].watcher.error().is_none() {
                 // Vanished without a close frame: tell the other side why,
                 // then wait (up to the grace) for its close reply.
