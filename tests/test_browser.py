@@ -168,11 +168,10 @@ ECHO_AND_CLOSE = """([url, messages, code, reason]) => new Promise((resolve) => 
 
 
 async def test_chromium_through_the_native_listener_echo_and_close_codes() -> None:
-    """A real browser's WebSocket through the native data plane (its own page
-    comes from the backend: the native listener does not forward plain HTTP
-    yet): messages echoed unchanged with permessage-deflate negotiated end to
-    end, the page's close code and reason reach the backend, the backend's
-    reach the page's CloseEvent."""
+    """A real browser's WebSocket through the native data plane (the page
+    comes through it too, as plain HTTP): messages echoed unchanged with
+    permessage-deflate negotiated end to end, the page's close code and reason
+    reach the backend, the backend's reach the page's CloseEvent."""
     backend = EchoBackend()
     await backend.start()
     try:
@@ -180,7 +179,7 @@ async def test_chromium_through_the_native_listener_echo_and_close_codes() -> No
             browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
             try:
                 page = await browser.new_page()
-                response = await page.goto(f"http://127.0.0.1:{backend.port}/")
+                response = await page.goto(f"http://127.0.0.1:{running.port}/")
                 assert response is not None and response.status == 200
                 messages = ["héllo ✓", [0, 1, 2, 255], "x" * 70_000, UTF8_REASON * 3]
                 got = await page.evaluate(
