@@ -37,8 +37,10 @@ test: rust-check $(STAMP) system-deps
 	mkdir -p build/types/loopwatch && ln -sfn ../../../loopwatch/__init__.py ../../../loopwatch/__main__.py ../../../proxy ../../../detectors ../../../dashboards build/types/loopwatch/ && $(BIN)/mypy -p loopwatch
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Proxy benchmarks: loopwatch, the native data plane, nginx, HAProxy (docs/performance.md).
+# `make bench BENCH_ARGS=--quick` for the short run.
 bench: $(STAMP) system-deps
-	$(BIN)/python -m tests.benchmarks.run
+	$(BIN)/python -m tests.benchmarks.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache proxy/dataplane/*.so

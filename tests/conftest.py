@@ -63,10 +63,9 @@ def dataplane(request: pytest.FixtureRequest) -> Iterator[str]:
 
 
 def client_key(subject: str | None = None, address: str = "127.0.0.1") -> str:
-    """The key a loopback client gets on the current plane: `subject@address` from
-    a JWT on the Python plane (identity.sources' default), the address on native
-    (identity sources other than ip are not native yet)."""
-    if PLANES["current"] == "native" or subject is None:
+    """The key a loopback client gets (on either plane): `subject@address` from a
+    JWT (identity.sources' default), else the address."""
+    if subject is None:
         return address
     return f"{subject}@{address}"
 
@@ -74,7 +73,7 @@ def client_key(subject: str | None = None, address: str = "127.0.0.1") -> str:
 def plane_yaml() -> str:
     """The config file lines that select the current plane ("" for python)."""
     if PLANES["current"] == "native":
-        return "dataplane: native\nidentity:\n  sources: [ip]\n"
+        return "dataplane: native\n"
     return ""
 
 
@@ -85,7 +84,7 @@ def settings_for(upstream: str, dataplane: str | None = None, **overrides: Any) 
         "upstream": upstream, "listen": "127.0.0.1:0", "admin.listen": "127.0.0.1:0", "policy.hold": 0,
     }
     if (dataplane or PLANES["current"]) == "native":
-        base.update({"dataplane": "native", "identity.sources": ["ip"]})
+        base["dataplane"] = "native"
     base.update(overrides)
     return load_settings(None, env={}, overrides=base)
 

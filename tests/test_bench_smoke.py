@@ -14,8 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.benchmarks.report import COLUMNS
-from tests.benchmarks.run import SCENARIOS, TARGETS
+from tests.benchmarks.report import COLUMNS, NATIVE_COLUMNS, NATIVE_ROWS
+from tests.benchmarks.run import (
+    BRAIN_TARGETS,
+    MULTICORE_TARGETS,
+    NATIVE,
+    NATIVE_REFUSAL,
+    SCENARIOS,
+    TARGETS,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,11 +64,17 @@ def test_every_scenario_ran_against_every_target(smoke: tuple[dict, str]) -> Non
     summary = result["summary"]
     for scenario in SCENARIOS:
         assert scenario in summary, scenario
-    for scenario in ("latency", "throughput", "large", "churn", "detect", "storm"):
-        assert set(summary[scenario]) == set(TARGETS), scenario
-    assert set(summary["memory"]) == {"loopwatch", "nginx", "haproxy"}
+    native = result["meta"]["native"]
+    assert native in ("run", "bare")  # --native auto: the native data plane is always measured
+    for scenario in ("latency", "throughput", "large", "churn"):
+        assert set(summary[scenario]) == {*TARGETS, NATIVE}, scenario
+    for scenario in ("detect", "storm"):  # the bare listener has no brain writing its table
+        assert set(summary[scenario]) == {*TARGETS, *((NATIVE,) if native == "run" else ())}, scenario
+    assert set(summary["memory"]) == {"loopwatch", "nginx", "haproxy", NATIVE}
+    assert set(summary["multicore"]) == set(MULTICORE_TARGETS)
+    assert set(summary["brain"]) == set(BRAIN_TARGETS)
     refusal = set(summary["refusal"])
-    assert {"nginx", "haproxy", "direct"} <= refusal
+    assert {"nginx", "haproxy", "direct", *NATIVE_REFUSAL} <= refusal
     features = result["meta"]["features"]
     for how in ("http-429", "close-1013"):
         # Every refusal target must have started and run: a loopwatch instance that
@@ -94,7 +107,7 @@ def test_numbers_are_sane(smoke: tuple[dict, str]) -> None:
 def test_no_errors_on_the_happy_paths(smoke: tuple[dict, str]) -> None:
     result, _ = smoke
     for run in result["runs"]:
-        if run["scenario"] in ("latency", "throughput", "large", "churn", "refusal"):
+        if run["scenario"] in ("latency", "throughput", "large", "churn", "refusal", "multicore", "brain"):
             assert not run["raw"].get("failed"), run
             assert run["metrics"]["errors"] == 0, (run["scenario"], run["target"], run["raw"])
         if run["scenario"] == "storm":
@@ -113,6 +126,36 @@ def test_detection_and_memory_figures(smoke: tuple[dict, str]) -> None:
     for target, values in summary["memory"].items():
         assert values["held"] > 0, target
         assert math.isfinite(values["kib_per_conn_50"]), target
+
+
+def test_native_table(smoke: tuple[dict, str]) -> None:
+    """Issue 16's table: every figure the bare listener can give is a finite number
+    (detect and storm only once `loopwatch run` has `dataplane: native`)."""
+    result, md = smoke
+    rows = {row["id"]: row for row in result["native_rows"]}
+    memory = [f"n_memory_{n}" for n in result["meta"]["profile"]["memory"]["counts"]]
+    assert set(rows) == {r.id for r in NATIVE_ROWS} | set(memory)
+    needs_run = {r.id for r in NATIVE_ROWS if r.needs_run}
+    for row_id, row in rows.items():
+        value = row["values"]["native"]
+        if row_id in needs_run and result["meta"]["native"] != "run":
+            assert value is None and row["met"] is None, row
+            continue
+        assert isinstance(value, (int, float)) and math.isfinite(value), (row_id, row)
+        for column in NATIVE_COLUMNS:
+            v = row["values"][column]
+            assert v is None or math.isfinite(v), (row_id, column, v)
+    assert rows["n_mc_rate_1"]["values"]["native"] > 0 and rows["n_mc_rate_2"]["values"]["native"] > 0
+    assert rows["n_brain_rate"]["values"]["native"] > 0
+    # The brain that keeps up loses nothing; the overloaded one drops events and counts
+    # them (a cap of a few hundred events/s against thousands offered), and traffic goes on.
+    brain = result["summary"]["brain"]
+    assert brain["native-brain"]["events_dropped"] == 0
+    assert brain["native-brain-over"]["events_dropped"] > 0
+    assert brain["native-brain-over"]["cycles_per_s"] > 0 and brain["native-brain-over"]["errors"] == 0
+    assert "#### The native data plane (issue 16)" in md
+    for row in result["native_rows"]:
+        assert f"| {row['label']} |" in md
 
 
 def test_markdown_table(smoke: tuple[dict, str]) -> None:

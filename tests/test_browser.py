@@ -1,6 +1,7 @@
 """The incident in a real browser: headless Chromium (Debian's, driven by
 Playwright; never a downloaded browser) runs a page whose JavaScript has the
-incident's bug, through loopwatch, in front of a token-checking backend."""
+incident's bug, through loopwatch, in front of a token-checking backend; and
+a page's WebSocket through the native data plane (proxy/dataplane/native.py)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-from aiohttp import WSCloseCode, web
+from aiohttp import WSCloseCode, WSMsgType, web
 from playwright.async_api import async_playwright
 
+from loopwatch.detectors import events as ev
 from loopwatch.proxy.tools.demo_backend import DemoBackend, issue_token
 from tests.conftest import loopwatch, wait_for
+from tests.test_native_relay import closed_count, native, of_type
 
 PAGE = Path(__file__).resolve().parent / "browser" / "incident.html"
 CHROMIUM = "/usr/bin/chromium"
@@ -113,5 +116,90 @@ async def test_the_incident_in_chromium_is_caught_and_close_codes_reach_the_page
             finally:
                 await browser.close()
             await wait_for(lambda: not lw.proxy.relays, 10)
+    finally:
+        await backend.stop()
+
+
+class EchoBackend(BrowserBackend):
+    """The browser backend, plus a socket that echoes, records the close it gets
+    and answers it with the same code and reason."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.app.router.add_get("/echo", self.echo)
+        self.closes: list[tuple[int, str]] = []
+
+    async def echo(self, request: web.Request) -> web.WebSocketResponse:
+        # permessage-deflate when the browser offers it (aiohttp's default)
+        ws = web.WebSocketResponse(max_msg_size=0, autoclose=False)
+        await ws.prepare(request)
+        while True:
+            msg = await ws.receive()
+            if msg.type == WSMsgType.TEXT:
+                await ws.send_str(msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                await ws.send_bytes(msg.data)
+            else:
+                if msg.type == WSMsgType.CLOSE:
+                    self.closes.append((msg.data, msg.extra))
+                    await ws.close(code=msg.data, message=msg.extra.encode())
+                break
+        return ws
+
+
+# In the page: one socket to `url`; sends each of `messages` (a list of
+# numbers is binary), closes with `code` and `reason` once all are echoed
+# (null: waits for the server's close); resolves with what it saw.
+ECHO_AND_CLOSE = """([url, messages, code, reason]) => new Promise((resolve) => {
+  const ws = new WebSocket(url);
+  ws.binaryType = "arraybuffer";
+  const got = [];
+  ws.onopen = () => {
+    for (const m of messages) ws.send(typeof m === "string" ? m : new Uint8Array(m).buffer);
+  };
+  ws.onmessage = (event) => {
+    got.push(typeof event.data === "string" ? event.data : Array.from(new Uint8Array(event.data)));
+    if (got.length === messages.length && code !== null) ws.close(code, reason);
+  };
+  ws.onclose = (event) => resolve({
+    got, extensions: ws.extensions, code: event.code, reason: event.reason, clean: event.wasClean,
+  });
+})"""
+
+
+async def test_chromium_through_the_native_listener_echo_and_close_codes() -> None:
+    """A real browser's WebSocket through the native data plane (the page
+    comes through it too, as plain HTTP): messages echoed unchanged with
+    permessage-deflate negotiated end to end, the page's close code and reason
+    reach the backend, the backend's reach the page's CloseEvent."""
+    backend = EchoBackend()
+    await backend.start()
+    try:
+        async with native(f"ws://127.0.0.1:{backend.port}") as running, async_playwright() as pw:
+            browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            try:
+                page = await browser.new_page()
+                response = await page.goto(f"http://127.0.0.1:{running.port}/")
+                assert response is not None and response.status == 200
+                messages = ["héllo ✓", [0, 1, 2, 255], "x" * 70_000, UTF8_REASON * 3]
+                got = await page.evaluate(
+                    ECHO_AND_CLOSE, [running.url("/echo"), messages, 4001, APP_REASON]
+                )
+                assert got["got"] == messages
+                assert "permessage-deflate" in got["extensions"]
+                assert (got["code"], got["reason"], got["clean"]) == (4001, APP_REASON, True)
+                assert backend.closes == [(4001, APP_REASON)]
+
+                url = running.url(f"/close?code=1008&reason={quote(UTF8_REASON)}")
+                got = await page.evaluate(ECHO_AND_CLOSE, [url, [], None, None])
+                assert (got["code"], got["reason"], got["clean"]) == (1008, UTF8_REASON, True)
+                await page.close()
+            finally:
+                await browser.close()
+            events = await running.events(closed_count(2))
+        assert sorted((e.code, e.reason, e.initiator) for e in of_type(events, ev.Closed)) == [
+            (1008, UTF8_REASON, "upstream"),
+            (4001, APP_REASON, "client"),
+        ]
     finally:
         await backend.stop()

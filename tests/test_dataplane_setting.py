@@ -1,7 +1,7 @@
 """`dataplane: native` in `loopwatch run`: what it refuses at start, what the
 brain does with its events and table (proxy/app/planes.py, proxy/brain.py).
 The suites of the whole runtime run on both planes too (DATAPLANES in
-test_detection_proxy, test_fidelity, test_status_api, …)."""
+test_detection_proxy, test_http, test_status_api, …)."""
 
 from __future__ import annotations
 
@@ -20,36 +20,46 @@ from tests.conftest import loopwatch, wait_for, ws_url
 
 
 def native(**overrides: object) -> dict[str, object]:
-    return {"upstream": "ws://127.0.0.1:9", "dataplane": "native", "identity.sources": ["ip"], **overrides}
+    return {"upstream": "ws://127.0.0.1:9", "dataplane": "native", **overrides}
 
 
-@pytest.mark.parametrize(
-    ("overrides", "key"),
-    [
-        ({"identity.sources": ["jwt:sub", "ip"]}, "identity.sources"),
-        ({"identity.trusted_proxies": ["10.0.0.0/8"]}, "identity.trusted_proxies"),
-        ({"tls.cert_file": "/c.pem", "tls.key_file": "/k.pem"}, "tls.cert_file"),
-        ({"upstream": "wss://backend.example:443"}, "upstream"),
-        ({"policy.hold": "1s", "policy.hold_reasons": ["cooldown", "min_interval"]}, "policy.hold_reasons"),
-    ],
-)
-def test_native_refuses_what_it_cannot_honour_naming_the_key(overrides: dict[str, object], key: str) -> None:
+def test_native_refuses_what_it_cannot_honour_naming_the_key() -> None:
+    overrides = {"policy.hold": "1s", "policy.hold_reasons": ["cooldown", "min_interval"]}
     with pytest.raises(ConfigError) as raised:
         load_settings(None, env={}, overrides=native(**overrides))
     (line,) = raised.value.errors
-    assert line.startswith(f"{key}: dataplane: native ") and "dataplane: python" in line
+    assert line.startswith("policy.hold_reasons: dataplane: native ") and "dataplane: python" in line
     # The same settings are fine on the Python data plane.
     assert load_settings(None, env={}, overrides={**native(**overrides), "dataplane": "python"})
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"identity.sources": ["header:x-user", "jwt:sub", "ip"], "identity.jwt.verify": True, "identity.jwt.secret": "s"},
+        {"identity.trusted_proxies": ["10.0.0.0/8"]},
+        {"tls.cert_file": "/c.pem", "tls.key_file": "/k.pem"},
+        {"upstream": "wss://backend.example:443", "upstream_tls.verify": False},
+        {"routes": [{"path_prefix": "/api", "upstream": "https://backend.example"}], "upstream": None},
+    ],
+)
+def test_what_native_does_now_is_no_longer_refused(overrides: dict[str, object]) -> None:
+    """Identity sources and JWT, trusted proxies, TLS, wss:// and https://
+    upstreams: passed to the native listener as they are (planes.NativePlane)."""
+    assert load_settings(None, env={}, overrides=native(**overrides)).dataplane == "native"
 
 
 def test_check_config_and_the_defaults(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert load_settings(None, env={}).dataplane == "python"
     assert load_settings(None, env={}, overrides=native()).dataplane == "native"
     config = tmp_path / "native.yaml"
-    # identity.sources defaults to [jwt:sub, ip]: JWT keys are not native yet.
+    # identity.sources defaults to [jwt:sub, ip]: native keys clients the same way.
     config.write_text("upstream: ws://127.0.0.1:9\ndataplane: native\n")
+    assert check_config_main(str(config)) == 0
+    capsys.readouterr()
+    config.write_text("upstream: ws://127.0.0.1:9\ndataplane: native\npolicy:\n  hold: 1s\n  hold_reasons: [cooldown, min_interval]\n")
     assert check_config_main(str(config)) == 2
-    assert "identity.sources: dataplane: native keys clients by their address only" in capsys.readouterr().err
+    assert "policy.hold_reasons: dataplane: native holds only cooldown refusals" in capsys.readouterr().err
     config.write_text("dataplane: turbo\n")
     assert check_config_main(str(config)) == 2
     assert "dataplane: expected one of 'python' or 'native', got 'turbo'" in capsys.readouterr().err
@@ -74,7 +84,8 @@ async def test_metrics_name_the_plane_and_count_lost_events() -> None:
         assert 'dataplane="native"' in text and 'frame_parser="rust"' in text
         assert "loopwatch_events_dropped_total 0.0" in text
         assert 'loopwatch_connections_active{route="/"} 1.0' in text
-        assert 'loopwatch_requests_rejected_total{reason="plain_http"} 0.0' in text
+        assert 'loopwatch_requests_rejected_total{reason="address_limit"} 0.0' in text
+        assert 'reason="plain_http"' not in text  # the native plane forwards plain HTTP
 
 
 async def test_a_healthy_client_is_never_refused() -> None:
@@ -88,9 +99,9 @@ async def test_a_healthy_client_is_never_refused() -> None:
                 assert await ws.recv() == f"m{i}"
             await asyncio.sleep(0.2)
         assert backend.upgrades["alice"] == 8
-        view = lw.engine.client("127.0.0.1", time.monotonic())
+        view = lw.engine.client("alice@127.0.0.1", time.monotonic())
         assert view is not None and view.status == "ok" and not view.findings
-        assert "127.0.0.1" not in lw.plane.table  # type: ignore[attr-defined]  # NativePlane
+        assert "alice@127.0.0.1" not in lw.plane.table  # type: ignore[attr-defined]  # NativePlane
 
 
 async def test_an_attempt_the_table_admitted_but_the_engine_refuses_is_closed_once_open() -> None:
@@ -98,13 +109,13 @@ async def test_an_attempt_the_table_admitted_but_the_engine_refuses_is_closed_on
         url = ws_url(lw, "/ws?token=" + issue_token("bob", 60))
         # A cooldown the table does not hold yet (Running.force_cooldown would
         # write it at once: this is the engine a batch ahead of the table).
-        lw.engine.force_cooldown("127.0.0.1", 30.0, time.monotonic())
+        lw.engine.force_cooldown("bob@127.0.0.1", 30.0, time.monotonic())
         code, reason = await attempt(url)
         assert (code, reason[:29]) == (1013, "loopwatch: cooldown, retry in")
         driver = lw.plane.driver  # type: ignore[attr-defined]  # NativePlane
         assert driver.late_refusals == 1 and backend.upgrades["bob"] == 1
         # The batch that carried it wrote the cooldown: refused by the table now.
-        assert "127.0.0.1" in lw.plane.table  # type: ignore[attr-defined]
+        assert "bob@127.0.0.1" in lw.plane.table  # type: ignore[attr-defined]
         code, _ = await attempt(url)
         assert code == 1013 and backend.upgrades["bob"] == 1 and driver.late_refusals == 1
         text = await scrape(lw.admin_port)
@@ -115,11 +126,11 @@ async def test_an_attempt_the_table_admitted_but_the_engine_refuses_is_closed_on
 async def test_operator_levers_reach_the_table() -> None:
     async with demo_backend() as backend, loopwatch(f"ws://127.0.0.1:{backend.port}", dataplane="native") as lw:
         url = ws_url(lw, "/ws?token=" + issue_token("carol", 60))
-        lw.force_cooldown("127.0.0.1", 30.0, time.monotonic())
+        lw.force_cooldown("carol@127.0.0.1", 30.0, time.monotonic())
         code, reason = await attempt(url)
         assert code == 1013 and reason.startswith("loopwatch: cooldown")
         assert backend.upgrades["carol"] == 0 and lw.plane.driver.late_refusals == 0  # type: ignore[attr-defined]
-        assert lw.release("127.0.0.1", time.monotonic())
+        assert lw.release("carol@127.0.0.1", time.monotonic())
         async with connect(url) as ws:
             await ws.send("back")
             assert await ws.recv() == "back"
@@ -160,20 +171,21 @@ async def test_connections_whose_close_event_was_lost_are_closed_for_the_engine(
 
 
 async def test_a_reload_reaches_the_native_listener_and_table(tmp_path: Path) -> None:
-    """policy.close_code goes to the listener's refusals, policy.deny to the table."""
+    """policy.close_code goes to the listener's refusals, policy.deny to the table,
+    identity to the listener's keys (live, as on the Python plane)."""
     from loopwatch.proxy.app.runtime import ConfigSources, start
 
     async with demo_backend() as backend:
         config = tmp_path / "loopwatch.yaml"
         base = (
             f'upstream: "ws://127.0.0.1:{backend.port}"\nlisten: "127.0.0.1:0"\n'
-            'admin:\n  listen: "127.0.0.1:0"\ndataplane: native\nidentity:\n  sources: [ip]\n'
+            'admin:\n  listen: "127.0.0.1:0"\ndataplane: native\n'
         )
         config.write_text(base)
         lw = await start(load_settings(config, env={}), sources=ConfigSources(str(config), {}, {}))
         try:
             url = ws_url(lw, "/ws?token=" + issue_token("dan", 60))
-            config.write_text(base + "policy:\n  close_code: 4000\n  deny: [127.0.0.1]\n")
+            config.write_text(base + "policy:\n  close_code: 4000\n  deny: [127.0.0.1/32]\n")
             assert lw.reload() == {"reloaded": True, "restart_required": []}
             code, reason = await attempt(url)
             assert (code, reason[:21]) == (4000, "loopwatch: denied, re")
@@ -183,6 +195,14 @@ async def test_a_reload_reaches_the_native_listener_and_table(tmp_path: Path) ->
             async with connect(url) as ws:
                 await ws.send("allowed again")
                 assert await ws.recv() == "allowed again"
+            await wait_for(lambda: lw.engine.client("dan@127.0.0.1", time.monotonic()) is not None)
+            # Keyed by the address from now on.
+            config.write_text(base + "identity:\n  sources: [ip]\n")
+            assert lw.reload() == {"reloaded": True, "restart_required": []}
+            async with connect(url) as ws:
+                await ws.send("by address")
+                assert await ws.recv() == "by address"
+            await wait_for(lambda: lw.engine.client("127.0.0.1", time.monotonic()) is not None)
         finally:
             await lw.close()
 

@@ -52,7 +52,6 @@ async def test_incident_flagged_by_third_failure_and_refused_until_cooldown_ends
         assert int(COOLDOWN_REASON.match(after[0]).group(1)) == 4  # type: ignore[union-attr]
 
 
-@pytest.mark.dataplanes("python")  # two clients on one address: needs identity sources (JWT), not native yet
 async def test_healthy_client_alongside_the_loop_is_untouched():
     async with demo_backend() as backend, loopwatch(f"ws://127.0.0.1:{backend.port}") as lw:
         good = ws_url(lw, "/ws?token=" + issue_token("alice", 60))
@@ -194,7 +193,6 @@ async def test_upstream_breaker_opens_refuses_fast_and_closes_after_probe():
             await backend.stop()
 
 
-@pytest.mark.dataplanes("python")  # many users on one address: needs identity sources (JWT), not native yet
 async def test_fleet_wide_auth_storm_opens_auth_breaker_without_cooldowns():
     async with demo_backend() as backend, loopwatch(
         f"ws://127.0.0.1:{backend.port}", **{"breakers.auth.min_calls": 10}

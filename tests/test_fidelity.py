@@ -14,38 +14,27 @@ import contextlib
 import os
 import socket
 import struct
-import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 import uvloop
-from aiohttp import WSMsgType, web
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from loopwatch.proxy.app.runtime import Running, start
 from loopwatch.proxy.dataplane.boundary import Connection, Gate, RelayStats
-from tests.conftest import (
-    PLANES,
-    idle,
-    loopwatch,
-    settings_for,
-    wait_for,
-    websockets_backend,
-    ws_url,
-)
+from tests import relay_shapes as shapes
+from tests.conftest import loopwatch, settings_for, wait_for, websockets_backend, ws_url
+from tests.relay_shapes import BACKENDS, Backend, key, websockets_handler
 from tests.wsraw import (
     BINARY,
     CLOSE,
     CONT,
     PING,
-    PONG,
     TEXT,
+    RawBackend,
     RawClient,
     close_payload,
     frame,
@@ -65,31 +54,21 @@ RUN_ON_UVLOOP = True
     params=[
         pytest.param("compiled", id="frames-compiled"),
         pytest.param("python", id="frames-python"),
-        pytest.param("native", id="native"),
     ],
 )
-def frame_parser_build(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Every test here runs on each relay: the Python data plane with each build of
-    its frame parser (proxy/dataplane/_frames.c, and the pure-Python fallback), and
-    the native data plane (`dataplane: native`, its frames watched in Rust)."""
+def frame_parser_build(request: pytest.FixtureRequest) -> Iterator[type]:
+    """Every test here runs with each build of the frame parser behind the relay:
+    the compiled one (proxy/dataplane/_frames.c) and the pure-Python fallback."""
     from loopwatch.proxy.dataplane import frames, relay
 
-    if request.param == "native":
-        PLANES["current"] = "native"
-        yield request.param
-        PLANES["current"] = "python"
-        return
     saved = relay.FrameParser
     if request.param == "compiled":
         build = frames.CFrameParser or frames.load_compiled()  # ImportError: not built
     else:
         build = frames.PyFrameParser
     relay.FrameParser = build
-    yield request.param
+    yield build
     relay.FrameParser = saved
-
-
-MiB = 1 << 20
 
 
 class RecordingGate(Gate):
@@ -104,65 +83,9 @@ class RecordingGate(Gate):
         self.closes.append((code, reason, initiator))
 
 
-def deflate(data: bytes) -> bytes:
-    """A permessage-deflate payload (RFC 7692 §7.2.1: sync flush, tail removed)."""
-    c = zlib.compressobj(wbits=-15)
-    out = c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH)
-    assert out.endswith(b"\x00\x00\xff\xff")
-    return out[:-4]
-
-
 # ---------------------------------------------------------------------------
-# 1. Byte exactness with hand-crafted frames.
-
-KEYS = [bytes.fromhex(k) for k in ("01020304", "ff00ff00", "00000000", "deadbeef", "a5a5a5a5", "7f800180")]
-
-
-def key(i: int) -> bytes:
-    return KEYS[i % len(KEYS)]
-
-
-def script(masked: bool) -> list[bytes]:
-    """Frames covering the framing features the relay must not touch: a fragmented
-    message with an interleaved ping and pong, 7/16/64-bit lengths, an empty
-    message, compressed (RSV1) messages, one of them fragmented."""
-    m = (lambda i: key(i)) if masked else (lambda i: None)
-    compressed = deflate(b"compressible " * 400)
-    half = len(compressed) // 2
-    big = os.urandom(70_000)
-    return [
-        frame(TEXT, b"Hello, ", fin=False, mask=m(0)),
-        frame(PING, b"are you there?", mask=m(1)),
-        frame(CONT, "wörld".encode(), fin=False, mask=m(2)),
-        frame(PONG, b"", mask=m(3)),
-        frame(CONT, b"!", mask=m(4)),
-        frame(BINARY, bytes(range(256)) * 2, mask=m(5)),
-        frame(BINARY, big, mask=m(0)),
-        frame(TEXT, b"", mask=m(1)),
-        frame(BINARY, b"", mask=m(2)),
-        frame(TEXT, deflate("ünïcødé ✓".encode() * 10), rsv=0b100, mask=m(3)),
-        frame(BINARY, compressed[:half], rsv=0b100, fin=False, mask=m(4)),
-        frame(PING, b"", mask=m(5)),
-        frame(CONT, compressed[half:], mask=m(0)),
-        frame(PONG, b"\x00" * 125, mask=m(1)),
-    ]
-
-
-async def write_in_pieces(send: Callable[[bytes], Awaitable[None]], frames: list[bytes], how: str) -> None:
-    """Write `frames` whole, frame by frame, or with every header cut in two
-    (each piece read separately by the proxy: it runs on this event loop)."""
-    if how == "whole":
-        await send(b"".join(frames))
-        return
-    for i, f in enumerate(frames):
-        if how == "split":
-            cut = 1 + i % 13
-            if cut < len(f):
-                await send(f[:cut])
-                await asyncio.sleep(0.01)
-                f = f[cut:]
-        await send(f)
-        await asyncio.sleep(0.002)
+# 1. Byte exactness with hand-crafted frames (tests/relay_shapes.py, shared
+# with the native data plane's tests/test_native_relay.py).
 
 
 @pytest.mark.parametrize("how", ["whole", "frames", "split"])
@@ -171,193 +94,42 @@ async def test_hand_crafted_frames_arrive_byte_for_byte(how: str) -> None:
     async with raw_backend(extensions=b"permessage-deflate") as backend, loopwatch(
         backend.url, gate
     ) as running:
-        client = await RawClient.connect(
-            running.proxy_port, "/raw", extra=b"Sec-WebSocket-Extensions: permessage-deflate\r\n"
-        )
-        assert b"\r\nSec-WebSocket-Extensions: permessage-deflate\r\n" in client.response
-        up = await backend.accept()
-
-        sent_up = script(masked=True)
-        await write_in_pieces(client.send, sent_up, how)
-        expected = b"".join(sent_up)
-        assert await up.wait_bytes(len(expected)) == expected
-
-        sent_down = script(masked=False)
-        await write_in_pieces(up.send, sent_down, how)
-        expected = b"".join(sent_down)
-        assert await client.read_bytes(len(expected)) == expected
-
-        # The close handshake, also byte for byte; then both connections end.
-        close_up = frame(CLOSE, close_payload(4001, "bye ✓"), mask=key(5))
-        await client.send(close_up)
-        received = await up.wait_bytes(len(b"".join(sent_up)) + len(close_up))
-        assert received.endswith(close_up)
-        close_down = frame(CLOSE, close_payload(4001, "bye ✓"))
-        await up.send(close_down)
-        up.close()
-        assert await client.read_to_eof() == close_down
-        await client.close()
-        await up.wait_eof()
-        await wait_for(lambda: idle(running))
-        assert running.plane.connections() == 0
+        await shapes.hand_crafted_frames_arrive_byte_for_byte(running.proxy_port, backend, how)
+        await wait_for(lambda: not running.proxy.relays)
+        assert running.proxy.active == 0
     assert gate.closes == [(4001, "bye ✓", "client")]
 
 
 async def test_header_split_at_every_offset() -> None:
-    """A 14-byte header (masked, 64-bit length) cut after 1..13 bytes, and a
-    server frame's 10-byte header cut after 1..9: all forwarded intact."""
     async with raw_backend() as backend, loopwatch(backend.url, Gate()) as running:
-        client = await RawClient.connect(running.proxy_port)
-        up = await backend.accept()
-        payload = os.urandom(66_000)
-        expected = bytearray()
-        for cut in range(1, 14):
-            f = frame(BINARY, payload, mask=key(cut))
-            expected += f
-            await client.send(f[:cut])
-            await asyncio.sleep(0.01)
-            await client.send(f[cut:])
-            await asyncio.sleep(0.005)
-        assert await up.wait_bytes(len(expected)) == bytes(expected)
-        expected = bytearray()
-        for cut in range(1, 10):
-            f = frame(BINARY, payload)
-            expected += f
-            await up.send(f[:cut])
-            await asyncio.sleep(0.01)
-            await up.send(f[cut:])
-            await asyncio.sleep(0.005)
-        assert await client.read_bytes(len(expected)) == bytes(expected)
-        assert running.active_connections() == 1
-        client.abort()
-        up.writer.transport.abort()
-        await wait_for(lambda: idle(running))
+        await shapes.header_split_at_every_offset(running.proxy_port, backend)
+        await wait_for(lambda: not running.proxy.relays)
 
 
 async def test_frames_sent_together_with_the_handshake_are_kept() -> None:
-    """Frames in the same write as the upgrade request (before the 101) and in
-    the same write as the 101: both forwarded once the splice starts, unchanged."""
-    down = frame(TEXT, b"welcome") + frame(PING, b"hi")
-    async with raw_backend(greeting=down) as backend, loopwatch(backend.url, Gate()) as running:
-        up_frames = frame(TEXT, b"eager", mask=key(1)) + frame(BINARY, bytes(300), mask=key(2))
-        client = await RawClient.connect(running.proxy_port, early=up_frames)
-        up = await backend.accept()
-        assert await up.wait_bytes(len(up_frames)) == up_frames
-        assert await client.read_bytes(len(down)) == down
-        client.abort()
-        up.writer.transport.abort()
-        await wait_for(lambda: idle(running))
+    async with raw_backend(greeting=shapes.GREETING) as backend, loopwatch(backend.url, Gate()) as running:
+        await shapes.frames_sent_with_the_handshake_are_kept(running.proxy_port, backend)
+        await wait_for(lambda: not running.proxy.relays)
 
 
 async def test_close_then_half_close_from_the_client() -> None:
-    """A client that sends its close frame and then shuts its writing half still
-    gets the backend's close reply; the EOF reaches the backend."""
     async with raw_backend(close_on_eof=False) as backend, loopwatch(backend.url, Gate()) as running:
-        client = await RawClient.connect(running.proxy_port)
-        up = await backend.accept()
-        close_up = frame(CLOSE, close_payload(1000, "done"), mask=key(4))
-        await client.send(close_up)
-        client.writer.write_eof()
-        assert await up.wait_eof() == close_up  # the close frame, then the EOF
-        close_down = frame(CLOSE, close_payload(1000, "done too"))
-        await up.send(close_down)
-        up.close()
-        assert await client.read_to_eof() == close_down
-        await client.close()
-        await wait_for(lambda: idle(running))
+        await shapes.close_then_half_close_from_the_client(running.proxy_port, backend)
+        await wait_for(lambda: not running.proxy.relays)
 
 
 async def test_close_and_half_close_before_the_101_reach_the_backend() -> None:
-    """A client that sends its close frame and shuts its writing half in the same
-    breath as the upgrade request (before the backend answered): the backend
-    still gets the close frame and the EOF, the client the 101 and the reply."""
-    async with raw_backend(close_on_eof=False) as backend, loopwatch(backend.url, Gate()) as running:
-        close_up = frame(CLOSE, close_payload(1000, "early"), mask=key(5))
-        client = await RawClient.connect(running.proxy_port, early=close_up, eof=True)
-        up = await backend.accept()
-        assert await up.wait_eof() == close_up
-        close_down = frame(CLOSE, close_payload(1000, "early too"))
-        await up.send(close_down)
-        up.close()
-        assert await client.read_to_eof() == close_down
-        await client.close()
-        await wait_for(lambda: idle(running))
+    gate = RecordingGate()
+    async with raw_backend(greeting=shapes.GREETING, close_on_eof=False) as backend, loopwatch(
+        backend.url, gate
+    ) as running:
+        await shapes.frames_close_and_eof_before_the_101_reach_the_backend(running.proxy_port, backend)
+        await wait_for(lambda: not running.proxy.relays)
+    assert gate.closes == [(1000, "early", "client")]
 
 
 # ---------------------------------------------------------------------------
 # 2. The fidelity matrix: websockets client, websockets or aiohttp backend.
-
-
-@dataclass
-class Backend:
-    url: str
-    closes: asyncio.Queue[tuple[int | None, str | None]]  # what the backend received
-
-
-async def websockets_handler(ws: ServerConnection, closes: asyncio.Queue[Any]) -> None:
-    try:
-        async for message in ws:
-            if isinstance(message, str) and message.startswith("close "):
-                _, code, reason = message.split(" ", 2)
-                await ws.close(int(code), reason)
-                return
-            if message == "ping me":
-                await (await ws.ping(b"from the backend"))
-                await ws.send("pong received")
-                continue
-            await ws.send(message)
-    finally:
-        await ws.wait_closed()
-        closes.put_nowait((ws.close_code, ws.close_reason))
-
-
-@contextlib.asynccontextmanager
-async def websockets_server() -> AsyncIterator[Backend]:
-    closes: asyncio.Queue[Any] = asyncio.Queue()
-    async with websockets_backend(lambda ws: websockets_handler(ws, closes)) as (url, _):
-        yield Backend(url, closes)
-
-
-@contextlib.asynccontextmanager
-async def aiohttp_server() -> AsyncIterator[Backend]:
-    closes: asyncio.Queue[Any] = asyncio.Queue()
-
-    async def handler(request: web.Request) -> web.WebSocketResponse:
-        # autoclose/autoping on (the defaults): aiohttp answers close and ping frames.
-        ws = web.WebSocketResponse(max_msg_size=0)
-        await ws.prepare(request)
-        while True:
-            msg = await ws.receive()
-            if msg.type == WSMsgType.TEXT:
-                if msg.data.startswith("close "):
-                    _, code, reason = msg.data.split(" ", 2)
-                    await ws.close(code=int(code), message=reason.encode())
-                    break
-                await ws.send_str(msg.data)
-            elif msg.type == WSMsgType.BINARY:
-                await ws.send_bytes(msg.data)
-            elif msg.type == WSMsgType.CLOSE:
-                closes.put_nowait((msg.data, msg.extra))
-                break
-            else:
-                closes.put_nowait((None, f"unexpected {msg.type!r}: {msg.data!r}"))
-                break
-        return ws
-
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", handler)
-    runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield Backend(f"ws://127.0.0.1:{port}", closes)
-    finally:
-        await runner.cleanup()
-
-
-BACKENDS = {"websockets": websockets_server, "aiohttp": aiohttp_server}
 
 
 @contextlib.asynccontextmanager
@@ -372,101 +144,46 @@ def client(running: Running, **kwargs: Any) -> connect:
     return connect(ws_url(running, "/fidelity"), **kwargs)
 
 
-MESSAGES: dict[str, str | bytes] = {
-    "text": "hello, loopwatch",
-    "binary": bytes(range(256)),
-    "empty text": "",
-    "empty binary": b"",
-    "unicode": "ünïcødé ✓ 🙂 𝄞 — 日本語 \u0000 \U0010ffff",
-    "1 MiB text": "x" * MiB,
-    "1 MiB binary": os.urandom(MiB),
-    "16 MiB binary": os.urandom(16 * MiB),
-}
-
-
 @pytest.mark.parametrize("compression", ["deflate", None], ids=["deflate", "plain"])
 @pytest.mark.parametrize("kind", list(BACKENDS))
 async def test_messages_echo_unchanged(kind: str, compression: str | None) -> None:
     async with proxied_backend(kind) as (backend, running):
-        async with client(running, compression=compression) as ws:
-            for name, message in MESSAGES.items():
-                await ws.send(message)
-                echoed = await asyncio.wait_for(ws.recv(), 30)
-                assert type(echoed) is type(message), name
-                assert echoed == message, name
-            # Ping from the client: the backend's pong comes back through the relay.
-            latency = await asyncio.wait_for(await ws.ping(b"ping payload"), 5)
-            assert latency >= 0
-            if kind == "websockets":  # and a ping from the backend, answered by the client
-                await ws.send("ping me")
-                assert await asyncio.wait_for(ws.recv(), 5) == "pong received"
-        assert await asyncio.wait_for(backend.closes.get(), 5) == (1000, "")
-        await wait_for(lambda: idle(running))
+        await shapes.messages_echo_unchanged(ws_url(running, "/fidelity"), backend, compression, kind)
+        await wait_for(lambda: not running.proxy.relays)
 
 
 @pytest.mark.parametrize("kind", list(BACKENDS))
 async def test_ten_thousand_messages_in_order(kind: str) -> None:
-    n = 10_000
-    async with proxied_backend(kind) as (_, running), client(running) as ws:
+    async with proxied_backend(kind) as (_, running):
 
-        async def sender() -> None:
-            for i in range(n):
-                await ws.send(f"{i}" if i % 2 else f"{i}".encode())
+        def counted() -> None:
+            relay = next(iter(running.proxy.relays.values()))
+            assert relay.client.parser.messages == shapes.TEN_THOUSAND
+            assert relay.upstream.parser.messages == shapes.TEN_THOUSAND
 
-        async def receiver() -> list[str | bytes]:
-            return [await ws.recv() for _ in range(n)]
-
-        _, received = await asyncio.wait_for(asyncio.gather(sender(), receiver()), 30)
-        assert received == [f"{i}" if i % 2 else f"{i}".encode() for i in range(n)]
-        ((_, counts),) = list(running.plane.live())
-        assert (counts.messages_in, counts.messages_out) == (n, n)
+        await shapes.ten_thousand_messages_in_order(ws_url(running, "/fidelity"), counted)
 
 
-CLOSE_CODES = [1000, 1001, 1003, 1007, 1008, 1011, 3000, 4000, 4999]
-REASONS = [
-    "",
-    "bye",
-    "ünïcødé ✓ 🙂",
-    "r" * 123,  # the longest reason a close frame can carry
-    "é" * 61 + "x",  # 123 bytes of UTF-8, mostly two-byte characters
-]
-
-
-@pytest.mark.parametrize("code", CLOSE_CODES)
+@pytest.mark.parametrize("code", shapes.CLOSE_CODES)
 @pytest.mark.parametrize("initiator", ["client", "backend"])
 @pytest.mark.parametrize("kind", list(BACKENDS))
 async def test_close_codes_and_reasons_reach_the_far_end(kind: str, initiator: str, code: int) -> None:
     gate = RecordingGate()
     async with BACKENDS[kind]() as backend, loopwatch(backend.url, gate) as running:
-        for reason in REASONS:
-            async with client(running) as ws:
-                await ws.send("warm-up")
-                assert await ws.recv() == "warm-up"
-                if initiator == "client":
-                    await ws.close(code, reason)
-                    assert await asyncio.wait_for(backend.closes.get(), 5) == (code, reason)
-                else:
-                    await ws.send(f"close {code} {reason}")
-                    with pytest.raises(ConnectionClosed) as info:
-                        await asyncio.wait_for(ws.recv(), 5)
-                    assert info.value.rcvd is not None
-                    assert (info.value.rcvd.code, info.value.rcvd.reason) == (code, reason)
-            await wait_for(lambda: idle(running))
+
+        async def relays_done() -> None:
+            await wait_for(lambda: not running.proxy.relays)
+
+        await shapes.close_codes_and_reasons_reach_the_far_end(
+            ws_url(running, "/fidelity"), backend, initiator, [code], relays_done
+        )
     who = "client" if initiator == "client" else "upstream"
-    assert gate.closes == [(code, reason, who) for reason in REASONS]
+    assert gate.closes == [(code, reason, who) for reason in shapes.REASONS]
 
 
 # ---------------------------------------------------------------------------
-# 3. Property: any sequence of messages arrives identical and in order.
-
-message_strategy = st.one_of(
-    st.text(max_size=300),
-    st.binary(max_size=300),
-    # Occasionally a large message, cheaply: a short pattern repeated.
-    st.tuples(st.binary(min_size=1, max_size=7), st.integers(70_000, 200_000)).map(
-        lambda t: (t[0] * (t[1] // len(t[0]) + 1))[: t[1]]
-    ),
-)
+# 3. Properties at the socket level: any sequence of messages arrives identical
+# and in order; any valid stream of frames, cut anywhere, arrives byte for byte.
 
 
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
@@ -474,53 +191,39 @@ def test_any_message_sequence_arrives_identical_and_in_order(loop_kind: str) -> 
     loop = asyncio.new_event_loop() if loop_kind == "asyncio" else uvloop.new_event_loop()
     received: dict[str, list[str | bytes]] = {}
 
-    async def recorder(ws: ServerConnection) -> None:
-        got = received.setdefault(ws.request.path, [])  # type: ignore[union-attr]
-        async for message in ws:
-            got.append(message)
-            await ws.send(message)
-
     async def setup() -> tuple[contextlib.AsyncExitStack, Running]:
         stack = contextlib.AsyncExitStack()
-        url, _ = await stack.enter_async_context(websockets_backend(recorder))
+        url, _ = await stack.enter_async_context(websockets_backend(shapes.recorder(received)))
         running = await start(settings_for(url), Gate())
         stack.push_async_callback(running.close)
         return stack, running
 
     stack, running = loop.run_until_complete(setup())
-    counter = iter(range(1 << 30))
-    sizes: list[int] = []
-
-    async def roundtrip(messages: list[str | bytes], compression: str | None) -> None:
-        path = f"/p{next(counter)}"
-        async with connect(ws_url(running, path), max_size=None, compression=compression) as ws:
-
-            async def send_all() -> None:
-                for message in messages:
-                    await ws.send(message)
-
-            async def receive_all() -> list[str | bytes]:
-                return [await ws.recv() for _ in messages]
-
-            _, echoed = await asyncio.wait_for(asyncio.gather(send_all(), receive_all()), 20)
-        # Upstream saw exactly what the client sent; the client exactly what upstream sent.
-        assert received.pop(path, []) == messages
-        assert echoed == messages
-        sizes.append(sum(len(m) for m in messages))
-
-    @settings(
-        max_examples=60,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
-    @given(messages=st.lists(message_strategy, max_size=25), compression=st.sampled_from(["deflate", None]))
-    def check(messages: list[str | bytes], compression: str | None) -> None:
-        loop.run_until_complete(roundtrip(messages, compression))
-
     try:
-        check()
-        loop.run_until_complete(wait_for(lambda: idle(running)))
-        assert len(sizes) >= 50 and max(sizes) > 100_000  # the property really ran
+        shapes.any_message_sequence_arrives_identical_and_in_order(
+            loop, lambda path: ws_url(running, path), received
+        )
+        loop.run_until_complete(wait_for(lambda: not running.proxy.relays))
+    finally:
+        loop.run_until_complete(stack.aclose())
+        loop.close()
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_frames_cut_anywhere_arrive_byte_for_byte(loop_kind: str) -> None:
+    loop = asyncio.new_event_loop() if loop_kind == "asyncio" else uvloop.new_event_loop()
+
+    async def setup() -> tuple[contextlib.AsyncExitStack, RawBackend, Running]:
+        stack = contextlib.AsyncExitStack()
+        backend = await stack.enter_async_context(raw_backend(extensions=b"permessage-deflate"))
+        running = await start(settings_for(backend.url), Gate())
+        stack.push_async_callback(running.close)
+        return stack, backend, running
+
+    stack, backend, running = loop.run_until_complete(setup())
+    try:
+        shapes.frames_cut_anywhere_arrive_byte_for_byte(loop, running.proxy_port, backend)
+        loop.run_until_complete(wait_for(lambda: not running.proxy.relays))
     finally:
         loop.run_until_complete(stack.aclose())
         loop.close()
@@ -558,8 +261,8 @@ async def test_upstream_lost_gives_client_1014(how: str) -> None:
                 1014,
                 "loopwatch: upstream connection lost",
             )
-        await wait_for(lambda: idle(running))
-        assert running.plane.connections() == 0
+        await wait_for(lambda: not running.proxy.relays)
+        assert running.proxy.active == 0
     # The relay records who vanished, with 1006: no close frame was ever received.
     assert gate.closes == [(1006, "", "upstream")]
 
@@ -579,7 +282,7 @@ async def test_client_lost_gives_upstream_1001(how: str) -> None:
         else:
             await raw.close()
         assert await asyncio.wait_for(closes.get(), 5) == (1001, "loopwatch: client connection lost")
-        await wait_for(lambda: idle(running))
+        await wait_for(lambda: not running.proxy.relays)
     assert gate.closes == [(1006, "", "client")]
 
 
@@ -597,7 +300,7 @@ async def test_upstream_lost_mid_frame_closes_client_without_a_frame() -> None:
             with pytest.raises(ConnectionClosed) as info:
                 await asyncio.wait_for(ws.recv(), 5)
             assert info.value.rcvd is None
-        await wait_for(lambda: idle(running))
+        await wait_for(lambda: not running.proxy.relays)
 
 
 # ---------------------------------------------------------------------------
@@ -627,7 +330,7 @@ async def test_oversized_client_message_is_refused_with_1009(kind: str) -> None:
             1009,
             f"loopwatch: message larger than {LIMIT} bytes",
         )
-        await wait_for(lambda: idle(running))
+        await wait_for(lambda: not running.proxy.relays)
     assert gate.closes == [(1009, f"loopwatch: message larger than {LIMIT} bytes", "proxy")]
 
 
@@ -661,7 +364,7 @@ async def test_oversized_message_bytes_never_reach_the_backend() -> None:
         assert len(rest) == len(received)  # nothing of the oversized frame, ever
         await raw.read_to_eof()
         await raw.close()
-        await wait_for(lambda: idle(running), timeout=1.5)
+        await wait_for(lambda: not running.proxy.relays, timeout=1.5)
 
 
 async def test_oversized_fragmented_message_is_cut_at_the_fragment() -> None:
@@ -683,7 +386,7 @@ async def test_oversized_fragmented_message_is_cut_at_the_fragment() -> None:
         assert frames[0].close[0] == 1009
         raw.abort()
         up.writer.transport.abort()
-        await wait_for(lambda: idle(running))
+        await wait_for(lambda: not running.proxy.relays)
 
 
 async def test_oversized_upstream_message_is_refused_with_1009() -> None:
@@ -711,7 +414,7 @@ async def test_oversized_upstream_message_is_refused_with_1009() -> None:
             1009,
             f"loopwatch: message larger than {LIMIT} bytes",
         )
-        await wait_for(lambda: idle(running))
+        await wait_for(lambda: not running.proxy.relays)
     assert gate.closes == [(1009, f"loopwatch: message larger than {LIMIT} bytes", "proxy")]
 
 
@@ -750,7 +453,7 @@ async def test_proxy_close_waits_for_the_frame_in_flight(cut: str) -> None:
         assert [f.close[0] for f in frames] == [1009]
         raw.abort()
         up.writer.transport.abort()
-        await wait_for(lambda: idle(running))
+        await wait_for(lambda: not running.proxy.relays)
 
 
 async def test_upstream_lost_while_a_proxy_close_waits_mid_frame() -> None:
@@ -774,7 +477,7 @@ async def test_upstream_lost_while_a_proxy_close_waits_mid_frame() -> None:
         with contextlib.suppress(ConnectionError):
             assert await raw.read_to_eof(timeout=1.5) == b""
         assert asyncio.get_running_loop().time() - t0 < 1.0
-        await wait_for(lambda: idle(running), timeout=1.0)
+        await wait_for(lambda: not running.proxy.relays, timeout=1.0)
 
 
 # ---------------------------------------------------------------------------
@@ -819,7 +522,7 @@ async def test_client_protocol_error_closes_both_sides(name: str) -> None:
         await raw.send(frame(CLOSE, close_payload(code), mask=key(3)))
         await raw.read_to_eof()
         await raw.close()
-        await wait_for(lambda: idle(running), timeout=1.5)
+        await wait_for(lambda: not running.proxy.relays, timeout=1.5)
     assert gate.closes == [(code, reply.close[1], "proxy")]
 
 
@@ -838,7 +541,7 @@ async def test_client_protocol_error_with_a_websockets_backend() -> None:
         await raw.send(frame(CLOSE, close_payload(1002), mask=key(0)))
         await raw.read_to_eof()
         await raw.close()
-        await wait_for(lambda: idle(running), timeout=1.5)
+        await wait_for(lambda: not running.proxy.relays, timeout=1.5)
 
 
 async def test_invalid_close_split_across_reads_is_not_followed_by_a_frame() -> None:
@@ -856,7 +559,7 @@ async def test_invalid_close_split_across_reads_is_not_followed_by_a_frame() -> 
         assert reply.close[0] == 1007
         assert await up.wait_eof() == bad[:8]
         raw.abort()
-        await wait_for(lambda: idle(running))
+        await wait_for(lambda: not running.proxy.relays)
 
 
 async def test_masked_server_frame_closes_both_sides() -> None:
@@ -872,4 +575,4 @@ async def test_masked_server_frame_closes_both_sides() -> None:
         assert [f.close for f in frames] == [(1002, "loopwatch: masked server frame")]
         assert messages_of(frames) == []
         raw.abort()
-        await wait_for(lambda: idle(running))
+        await wait_for(lambda: not running.proxy.relays)

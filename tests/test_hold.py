@@ -178,7 +178,6 @@ async def test_only_the_configured_reasons_are_held() -> None:
 # --- bounds ------------------------------------------------------------------------
 
 
-@pytest.mark.dataplanes("python")  # "other" shares dup's address: needs identity sources (JWT), not native yet
 async def test_duplicate_sockets_of_one_client_are_held_up_to_the_per_key_bound() -> None:
     overrides = {"policy.hold": "3s", "policy.max_held_per_key": 2}
     async with guarded(**overrides) as (_, lw):

@@ -17,6 +17,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from loopwatch.proxy.dataplane.native import EnforcementTable, EventQueue, NativeListener
+from loopwatch.proxy.dataplane.settings import Limits
 from tests.conftest import (
     free_port,
     loopwatch,
@@ -172,10 +174,30 @@ async def backend() -> AsyncIterator[Backend]:
         yield b
 
 
-@pytest.fixture
-async def proxy_url(backend: Backend) -> AsyncIterator[str]:
+@pytest.fixture(params=["python", "native"])
+async def proxy_url(request: pytest.FixtureRequest, backend: Backend) -> AsyncIterator[str]:
+    """loopwatch in front of the backend: the Python data plane (`loopwatch run`),
+    and the native one (proxy/dataplane/native.py) in this process. Both must
+    pass every test that uses this fixture unchanged."""
+    if request.param == "native":
+        async with native_proxy(backend.url) as port:
+            yield f"http://127.0.0.1:{port}"
+        return
     async with loopwatch(backend.url) as lw:
         yield f"http://127.0.0.1:{lw.proxy_port}"
+
+
+@contextlib.asynccontextmanager
+async def native_proxy(upstream: str, **limits: float) -> AsyncIterator[int]:
+    """The native listener with one route, "/" to `upstream`; its port."""
+    listener = NativeListener.start(
+        [("/", upstream)], queue=EventQueue(), table=EnforcementTable(), limits=Limits(**limits), threads=2
+    )
+    try:
+        yield listener.port
+    finally:
+        # stop() blocks until connections end, and their peers run on this loop.
+        assert await asyncio.to_thread(listener.stop, 5.0) == 0
 
 
 @pytest.fixture

@@ -81,7 +81,7 @@ class Process:
 def plane_env() -> dict[str, str]:
     """The environment that selects the current data plane for `loopwatch run`."""
     if PLANES["current"] == "native":
-        return {"LOOPWATCH_DATAPLANE": "native", "LOOPWATCH_IDENTITY__SOURCES": "[ip]"}
+        return {"LOOPWATCH_DATAPLANE": "native"}
     return {}
 
 

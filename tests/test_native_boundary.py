@@ -27,7 +27,7 @@ from loopwatch.proxy.dataplane.native import (
     RefusalPolicy,
     route_records,
 )
-from loopwatch.proxy.dataplane.settings import Limits
+from loopwatch.proxy.dataplane.settings import IdentitySettings, Limits
 from tests.conftest import (
     RawBackend,
     raw_exchange,
@@ -114,21 +114,19 @@ async def test_bad_heads_are_answered_as_the_vectors_say() -> None:
     assert stats.opened == 0 and stats.active == 0
 
 
-async def test_no_route_plain_http_and_a_slow_head_are_answered() -> None:
+async def test_no_route_and_a_slow_head_are_answered() -> None:
     async with echo_server() as backend, native(
         backend.url, routes=[("/ws", backend.url)], handshake_timeout=0.3
     ) as running:
         response, _ = await raw_exchange(running.port, upgrade_request("/other"))
         assert (response.status, response.body) == (404, b"no route for this path\n")
-        response, _ = await raw_exchange(running.port, b"GET /ws/page HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert response.status == 501
         reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
         writer.write(b"GET /ws HTTP/1.1\r\nHost: x\r\n")  # and never the rest
         response = await asyncio.wait_for(read_response(reader), 5)
         writer.close()
         assert (response.status, response.body) == (408, b"loopwatch: request head timeout\n")
         stats = running.listener.stats()
-    assert (stats.rejected["no_route"], stats.rejected["plain_http"], stats.rejected["head_timeout"]) == (1, 1, 1)
+    assert (stats.rejected["no_route"], stats.rejected["head_timeout"]) == (1, 1)
 
 
 @pytest.mark.parametrize("reject_with", ["http-429", "close-1013"])
@@ -394,7 +392,8 @@ async def test_per_address_caps_answer_503_and_spare_other_addresses() -> None:
 
 async def test_a_trusted_proxy_address_is_never_capped() -> None:
     async with echo_server() as backend, native(
-        backend.url, max_heads_per_address=2, trusted_proxies=(f"{ATTACKER}/32",)
+        # One source of truth: the identity settings' trusted proxies.
+        backend.url, max_heads_per_address=2, identity=IdentitySettings(trusted_proxies=(f"{ATTACKER}/32",))
     ) as running:
         held = [await open_from(running.port, ATTACKER) for _ in range(6)]
         await wait_for(lambda: running.listener.stats().active == 6)
@@ -407,10 +406,6 @@ async def test_a_trusted_proxy_address_is_never_capped() -> None:
             writer.close()
         await wait_for(lambda: running.listener.stats().active == 0)
         assert running.listener.stats().addresses == 0
-    with pytest.raises(ValueError, match="trusted_proxies"):
-        NativeListener.start(
-            [("/", "ws://127.0.0.1:9")], queue=EventQueue(), table=EnforcementTable(), trusted_proxies=["10.0.0.0/99"]
-        )
 
 
 async def test_the_upstreams_refusal_and_failures_reach_the_client_and_the_queue() -> None:
@@ -542,7 +537,7 @@ def test_bad_arguments_get_clear_answers() -> None:
     with pytest.raises(ValueError, match="peer"):
         table.lookup("k", peer="not an address")
     with pytest.raises(ValueError, match="wss://"):
-        route_records([("/", "wss://example.test")])
+        route_records([("/", "ftp://example.test")])
     with pytest.raises(ValueError, match="reject_with"):
         NativeListener.start([("/", "ws://127.0.0.1:9")], queue=queue, table=table, reject_with="drop")
     with pytest.raises(ValueError, match="threads"):
@@ -574,8 +569,8 @@ async def test_a_client_still_sending_gets_its_whole_answer() -> None:
 def test_the_native_counters_use_the_python_data_planes_labels() -> None:
     """What the brain exports from the native counters needs no translation:
     refusal reasons are the engine's, rejection reasons those of
-    loopwatch_requests_rejected_total (plain_http among them, until the native
-    data plane forwards plain HTTP)."""
+    loopwatch_requests_rejected_total (plain HTTP's body_timeout,
+    upstream_timeout and response_timeout among them, and address_limit)."""
     import typing
 
     from loopwatch.detectors.decisions import RejectReason
@@ -589,5 +584,5 @@ def test_the_native_counters_use_the_python_data_planes_labels() -> None:
         assert listener.stop(1.0) == 0
     assert set(stats.refused) == set(typing.get_args(RejectReason))
     assert set(stats.rejected) <= set(REJECTED_REASONS)
-    assert {"address_limit", "plain_http"} <= set(stats.rejected)
+    assert {"address_limit", "body_timeout", "upstream_timeout", "response_timeout"} <= set(stats.rejected)
     assert not listener.running

@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
-from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from loopwatch.detectors import events as ev
@@ -29,22 +29,19 @@ from loopwatch.proxy.dataplane.native import (
     NativeListener,
     Received,
 )
-from loopwatch.proxy.dataplane.settings import Limits
+from loopwatch.proxy.dataplane.settings import IdentitySettings, Limits
+from tests import relay_shapes as shapes
 from tests.conftest import wait_for, websockets_backend
 from tests.wsraw import (
     BINARY,
     CLOSE,
-    CONT,
     PING,
-    PONG,
     TEXT,
     RawClient,
     close_payload,
     frame,
     raw_backend,
 )
-
-MiB = 1 << 20
 
 
 @dataclass
@@ -96,7 +93,7 @@ async def native(
     close_code: int = 1013,
     max_holds: int = 1024,
     max_held_per_key: int = 4,
-    trusted_proxies: tuple[str, ...] = (),
+    identity: IdentitySettings | None = None,
     capacity: int = 4096,
     threads: int = 2,
     **limits: Any,
@@ -112,7 +109,7 @@ async def native(
         close_code=close_code,
         max_holds=max_holds,
         max_held_per_key=max_held_per_key,
-        trusted_proxies=trusted_proxies,
+        identity=identity,
         threads=threads,
     )
     running = Native(listener, queue, table, [])
@@ -120,6 +117,23 @@ async def native(
         yield running
     finally:
         await running.stop()
+
+
+@contextlib.contextmanager
+def native_in_thread(upstream: str) -> Iterator[NativeListener]:
+    """The listener for a test that drives its own event loop (the hypothesis
+    properties): started and stopped without one; at the end, no relay is left."""
+    queue = EventQueue(1 << 16)
+    listener = NativeListener.start([("/", upstream)], queue=queue, table=EnforcementTable(), threads=2)
+    try:
+        yield listener
+        deadline = time.monotonic() + 5
+        while listener.stats().relays and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert listener.stats().relays == 0
+        assert queue.dropped == 0
+    finally:
+        listener.stop(2.0)
 
 
 def of_type(events: list[ev.Event], cls: type) -> list[Any]:
@@ -130,35 +144,9 @@ def closed_count(n: int) -> Callable[[list[ev.Event]], bool]:
     return lambda events: len(of_type(events, ev.Closed)) >= n
 
 
-@dataclass
-class Backend:
-    url: str
-    closes: asyncio.Queue[tuple[int | None, str]]  # what the backend received
-
-
-@contextlib.asynccontextmanager
-async def echo_server() -> AsyncIterator[Backend]:
-    """Echoes messages; "close CODE REASON" makes it close; "ping me" makes it ping."""
-    closes: asyncio.Queue[tuple[int | None, str]] = asyncio.Queue()
-
-    async def handler(ws: ServerConnection) -> None:
-        try:
-            async for message in ws:
-                if isinstance(message, str) and message.startswith("close "):
-                    _, code, reason = message.split(" ", 2)
-                    await ws.close(int(code), reason)
-                    return
-                if message == "ping me":
-                    await (await ws.ping(b"from the backend"))
-                    await ws.send("pong received")
-                    continue
-                await ws.send(message)
-        finally:
-            await ws.wait_closed()
-            closes.put_nowait((ws.close_code, ws.close_reason))
-
-    async with websockets_backend(handler) as (url, _):
-        yield Backend(url, closes)
+# The shared backends (tests/relay_shapes.py): echoes messages; "close CODE
+# REASON" makes it close; "ping me" makes it ping; `closes` has what it received.
+echo_server = shapes.websockets_server
 
 
 def client(running: Native, path: str = "/", **kwargs: Any) -> connect:
@@ -169,136 +157,101 @@ def client(running: Native, path: str = "/", **kwargs: Any) -> connect:
 # ---------------------------------------------------------------------------
 
 
-async def test_text_and_binary_messages_echo_unchanged() -> None:
-    messages: list[str | bytes] = [
-        "hello, loopwatch",
-        bytes(range(256)),
-        "",
-        b"",
-        "ünïcødé ✓ 🙂 𝄞",
-        "x" * MiB,
-        os.urandom(MiB),
-    ]
-    async with echo_server() as backend, native(backend.url) as running:
-        async with client(running, "/room?id=1", compression=None) as ws:
-            for message in messages:
-                await ws.send(message)
-                echoed = await asyncio.wait_for(ws.recv(), 10)
-                assert type(echoed) is type(message)
-                assert echoed == message
-            # Ping from the client, and from the backend: both pass through.
-            await asyncio.wait_for(await ws.ping(b"ping payload"), 5)
-            await ws.send("ping me")
-            assert await asyncio.wait_for(ws.recv(), 5) == "pong received"
-        assert await asyncio.wait_for(backend.closes.get(), 5) == (1000, "")
+# The shapes tests/test_fidelity.py runs through the Python data plane
+# (tests/relay_shapes.py), plus what the native listener's events record.
+
+
+@pytest.mark.parametrize("compression", ["deflate", None], ids=["deflate", "plain"])
+@pytest.mark.parametrize("kind", list(shapes.BACKENDS))
+async def test_messages_echo_unchanged(kind: str, compression: str | None) -> None:
+    async with shapes.BACKENDS[kind]() as backend, native(backend.url) as running:
+        await shapes.messages_echo_unchanged(running.url("/room?id=1"), backend, compression, kind)
         events = await running.events(closed_count(1))
     closed = of_type(events, ev.Closed)[0]
     assert (closed.code, closed.reason, closed.initiator) == (1000, "", "client")
-    traffic = next(r.traffic for r in running.received if isinstance(r.event, ev.Closed))
-    assert traffic is not None
-    # The messages above, plus "ping me"; the backend's answers, plus "pong received".
-    assert (traffic.messages_in, traffic.messages_out) == (len(messages) + 1, len(messages) + 1)
-    sizes = sum(len(m.encode() if isinstance(m, str) else m) for m in messages)
-    assert traffic.bytes_in == sizes + len("ping me")
-    assert traffic.bytes_out == sizes + len("pong received")
-
-
-async def test_a_sixteen_mib_message() -> None:
-    message = os.urandom(16 * MiB)
-    async with echo_server() as backend, native(backend.url) as running, client(running) as ws:
-        await ws.send(message)
-        assert await asyncio.wait_for(ws.recv(), 30) == message
+    traffic = next(r.traffic for r in running.received if r.traffic is not None)
+    # The messages, plus "ping me" and its answer "pong received".
+    extra = 1 if kind == "websockets" else 0
+    assert (traffic.messages_in, traffic.messages_out) == (len(shapes.MESSAGES) + extra,) * 2
+    if compression is None:
+        sizes = shapes.payload_bytes(shapes.MESSAGES.values())
+        assert traffic.bytes_in == sizes + extra * len("ping me")
+        assert traffic.bytes_out == sizes + extra * len("pong received")
 
 
 async def test_ten_thousand_messages_in_order() -> None:
-    n = 10_000
     async with echo_server() as backend, native(backend.url) as running:
-        async with client(running) as ws:
-
-            async def sender() -> None:
-                for i in range(n):
-                    await ws.send(f"{i}" if i % 2 else f"{i}".encode())
-
-            async def receiver() -> list[str | bytes]:
-                return [await ws.recv() for _ in range(n)]
-
-            _, received = await asyncio.wait_for(asyncio.gather(sender(), receiver()), 60)
-            assert received == [f"{i}" if i % 2 else f"{i}".encode() for i in range(n)]
+        await shapes.ten_thousand_messages_in_order(running.url())
         await running.events(closed_count(1))
     traffic = next(r.traffic for r in running.received if r.traffic is not None)
-    assert (traffic.messages_in, traffic.messages_out) == (n, n)
-
-
-# Codes either side may send (RFC 6455 §7.4), from each range; reasons up to the
-# 123 bytes a close frame can carry.
-CLOSE_CODES = [1000, 1001, 1003, 1007, 1008, 1011, 1012, 1013, 1014, 3000, 3999, 4000, 4321, 4999]
-REASONS = ["", "ünïcødé ✓", "r" * 123, "é" * 61 + "x"]
+    assert (traffic.messages_in, traffic.messages_out) == (shapes.TEN_THOUSAND, shapes.TEN_THOUSAND)
 
 
 @pytest.mark.parametrize("initiator", ["client", "backend"])
-async def test_close_codes_and_reasons_reach_the_far_end(initiator: str) -> None:
-    async with echo_server() as backend, native(backend.url) as running:
-        for code in CLOSE_CODES:
-            for reason in REASONS:
-                async with client(running) as ws:
-                    await ws.send("warm-up")
-                    assert await ws.recv() == "warm-up"
-                    if initiator == "client":
-                        await ws.close(code, reason)
-                    else:
-                        await ws.send(f"close {code} {reason}")
-                        with pytest.raises(ConnectionClosed) as info:
-                            await asyncio.wait_for(ws.recv(), 5)
-                        assert info.value.rcvd is not None
-                        assert (info.value.rcvd.code, info.value.rcvd.reason) == (code, reason)
-                assert await asyncio.wait_for(backend.closes.get(), 5) == (code, reason)
-        n = len(CLOSE_CODES) * len(REASONS)
+@pytest.mark.parametrize("kind", list(shapes.BACKENDS))
+async def test_close_codes_and_reasons_reach_the_far_end(kind: str, initiator: str) -> None:
+    async with shapes.BACKENDS[kind]() as backend, native(backend.url) as running:
+        await shapes.close_codes_and_reasons_reach_the_far_end(
+            running.url(), backend, initiator, shapes.CLOSE_CODES
+        )
+        n = len(shapes.CLOSE_CODES) * len(shapes.REASONS)
         events = await running.events(closed_count(n), timeout=10)
     who = "client" if initiator == "client" else "upstream"
     seen = [(e.code, e.reason, e.initiator) for e in of_type(events, ev.Closed)]
-    assert sorted(seen) == sorted((c, r, who) for c in CLOSE_CODES for r in REASONS)
+    assert sorted(seen) == sorted((c, r, who) for c in shapes.CLOSE_CODES for r in shapes.REASONS)
 
 
-async def test_fragments_pings_and_pongs_pass_through_byte_for_byte() -> None:
-    key = bytes.fromhex("a1b2c3d4")
-    up = [
-        frame(TEXT, b"Hello, ", fin=False, mask=key),
-        frame(PING, b"are you there?", mask=key),
-        frame(CONT, "wörld".encode(), fin=False, mask=key),
-        frame(PONG, b"", mask=key),
-        frame(CONT, b"!", mask=key),
-        frame(BINARY, os.urandom(70_000), mask=key),
-    ]
-    down = [
-        frame(BINARY, b"part 1 ", fin=False),
-        frame(PING, b"hi"),
-        frame(CONT, b"part 2", fin=True),
-        frame(PONG, b"\x00" * 125),
-        frame(TEXT, b"x" * 300),
-    ]
-    async with raw_backend() as backend, native(backend.url) as running:
-        raw = await RawClient.connect(running.port, "/raw")
-        conn = await backend.accept()
-        for f in up:  # one write per frame, the header of each cut in two
-            await raw.send(f[:3])
-            await asyncio.sleep(0.005)
-            await raw.send(f[3:])
-        assert await conn.wait_bytes(len(b"".join(up))) == b"".join(up)
-        await conn.send(b"".join(down))
-        assert await raw.read_bytes(len(b"".join(down))) == b"".join(down)
-        close_up = frame(CLOSE, close_payload(4001, "bye ✓"), mask=key)
-        await raw.send(close_up)
-        assert (await conn.wait_bytes(len(b"".join(up)) + len(close_up))).endswith(close_up)
-        close_down = frame(CLOSE, close_payload(4001, "bye ✓"))
-        await conn.send(close_down)
-        conn.close()
-        assert await raw.read_to_eof() == close_down
-        await raw.close()
+@pytest.mark.parametrize("how", ["whole", "frames", "split"])
+async def test_hand_crafted_frames_arrive_byte_for_byte(how: str) -> None:
+    """Fragments, pings, pongs, 7/16/64-bit lengths, compressed (RSV1) frames."""
+    async with raw_backend(extensions=b"permessage-deflate") as backend, native(backend.url) as running:
+        await shapes.hand_crafted_frames_arrive_byte_for_byte(running.port, backend, how)
         events = await running.events(closed_count(1))
     closed = of_type(events, ev.Closed)[0]
     assert (closed.code, closed.reason, closed.initiator) == (4001, "bye ✓", "client")
     traffic = next(r.traffic for r in running.received if r.traffic is not None)
-    assert (traffic.messages_in, traffic.messages_out) == (2, 2)
+    assert (traffic.messages_in, traffic.messages_out) == (7, 7)
+
+
+async def test_header_split_at_every_offset() -> None:
+    async with raw_backend() as backend, native(backend.url) as running:
+        await shapes.header_split_at_every_offset(running.port, backend)
+        await running.events(closed_count(1))
+
+
+async def test_frames_sent_together_with_the_handshake_are_kept() -> None:
+    async with raw_backend(greeting=shapes.GREETING) as backend, native(backend.url) as running:
+        await shapes.frames_sent_with_the_handshake_are_kept(running.port, backend)
+        await running.events(closed_count(1))
+
+
+def test_any_message_sequence_arrives_identical_and_in_order() -> None:
+    loop = asyncio.new_event_loop()
+    received: dict[str, list[str | bytes]] = {}
+    stack = contextlib.AsyncExitStack()
+    try:
+        url, _ = loop.run_until_complete(stack.enter_async_context(websockets_backend(shapes.recorder(received))))
+        with native_in_thread(url) as listener:
+            shapes.any_message_sequence_arrives_identical_and_in_order(
+                loop, lambda path: f"ws://127.0.0.1:{listener.port}{path}", received
+            )
+    finally:
+        loop.run_until_complete(stack.aclose())
+        loop.close()
+
+
+def test_frames_cut_anywhere_arrive_byte_for_byte() -> None:
+    loop = asyncio.new_event_loop()
+    stack = contextlib.AsyncExitStack()
+    try:
+        backend = loop.run_until_complete(
+            stack.enter_async_context(raw_backend(extensions=b"permessage-deflate"))
+        )
+        with native_in_thread(backend.url) as listener:
+            shapes.frames_cut_anywhere_arrive_byte_for_byte(loop, listener.port, backend)
+    finally:
+        loop.run_until_complete(stack.aclose())
+        loop.close()
 
 
 async def test_the_upgrade_goes_upstream_with_forwarding_headers_and_the_101_comes_back_as_sent() -> None:
@@ -333,28 +286,88 @@ async def test_the_upgrade_goes_upstream_with_forwarding_headers_and_the_101_com
         await running.events(closed_count(1))
 
 
-async def test_a_client_protocol_error_closes_both_sides_with_1002() -> None:
+# A protocol error is the receiving peer's to answer, as without loopwatch: the
+# bad frame and what follows pass unparsed (at most PASS_BUDGET bytes, for at
+# most ANSWER_GRACE), and what the peer sends before its close comes first.
+PASS_BUDGET = 64 * 1024
+BAD_OPCODE = frame(0x3, b"?", mask=b"efgh")  # a reserved opcode
+
+
+async def test_a_client_protocol_error_is_passed_on_for_the_backend_to_answer() -> None:
     async with raw_backend() as backend, native(backend.url) as running:
         raw = await RawClient.connect(running.port)
         conn = await backend.accept()
-        good = frame(TEXT, b"ok", mask=b"abcd")
-        await raw.send(good + bytes([0x83, 0x80, 0, 0, 0, 0]))  # then a reserved opcode
-        reason = "loopwatch: reserved opcode 0x3"
-        expected_up = frame(CLOSE, close_payload(1002, reason))  # masked: compare the unmasked
-        received = await conn.wait_bytes(len(good) + len(expected_up) + 4)
-        assert received.startswith(good)
-        tail = received[len(good) :]
-        assert tail[0] == 0x88 and tail[1] & 0x80, "a masked close frame toward the backend"
-        mask, payload = tail[2:6], tail[6:]
-        assert bytes(b ^ mask[i % 4] for i, b in enumerate(payload)) == close_payload(1002, reason)
-        down = await raw.read_frame()
-        assert (down.opcode, down.close) == (CLOSE, (1002, reason))
-        await raw.close()
-        await conn.send(frame(CLOSE, close_payload(1002)))
+        good = frame(TEXT, b"Hello, world!", mask=b"abcd")
+        ping = frame(PING, b"", mask=b"ijkl")
+        await raw.send(good)
+        assert await conn.wait_bytes(len(good)) == good
+        await raw.send(BAD_OPCODE + ping)
+        # The backend reads what it would read directly: the bad frame, then the ping.
+        assert await conn.wait_bytes(len(good + BAD_OPCODE + ping)) == good + BAD_OPCODE + ping
+        # It answers the message, then fails the connection: both reach the client, in order.
+        answer = frame(TEXT, b"Hello, world!") + frame(CLOSE, close_payload(1002, "reserved opcode"))
+        await conn.send(answer)
         conn.close()
+        assert await raw.read_to_eof() == answer
+        await raw.close()
         events = await running.events(closed_count(1))
     closed = of_type(events, ev.Closed)[0]
-    assert (closed.code, closed.reason, closed.initiator) == (1002, reason, "proxy")
+    assert (closed.code, closed.reason, closed.initiator) == (1002, "reserved opcode", "upstream")
+    traffic = next(r.traffic for r in running.received if r.traffic is not None)
+    assert (traffic.messages_in, traffic.messages_out) == (1, 1)  # nothing counted after the bad frame
+
+
+async def test_the_client_gets_1002_when_the_backend_tolerates_the_error() -> None:
+    """A backend that does not fail the connection within 2 s: loopwatch closes
+    it, 1002 to the client; the backend's connection ends after what passed."""
+    async with raw_backend() as backend, native(backend.url) as running:
+        raw = await RawClient.connect(running.port)
+        conn = await backend.accept()
+        await raw.send(BAD_OPCODE)
+        down = await raw.read_frame(timeout=5)
+        assert (down.opcode, down.close) == (CLOSE, (1002, "loopwatch: reserved opcode 0x3"))
+        assert await conn.wait_eof() == BAD_OPCODE
+        await raw.close()
+        events = await running.events(closed_count(1))
+    closed = of_type(events, ev.Closed)[0]
+    assert (closed.code, closed.reason, closed.initiator) == (1002, "loopwatch: reserved opcode 0x3", "proxy")
+
+
+@pytest.mark.parametrize("limit", [None, 1000])
+async def test_what_passes_after_a_protocol_error_is_bounded(limit: int | None) -> None:
+    """At most 64 KiB (or the message size limit, if smaller) from the bad
+    frame's first byte; past that, loopwatch closes at once."""
+    budget = PASS_BUDGET if limit is None else limit
+    bad = frame(0x3, os.urandom(budget + 5000), mask=b"efgh")
+    limits = {} if limit is None else {"max_message_size": limit}
+    async with raw_backend() as backend, native(backend.url, **limits) as running:
+        raw = await RawClient.connect(running.port)
+        conn = await backend.accept()
+        await raw.send(bad)
+        down = await raw.read_frame(timeout=1.5)  # well before the 2 s answer deadline
+        assert down.close == (1002, "loopwatch: reserved opcode 0x3")
+        assert await conn.wait_eof() == bad[:budget]
+        await raw.close()
+        await running.events(closed_count(1))
+
+
+async def test_an_upstream_protocol_error_is_passed_on_for_the_client_to_answer() -> None:
+    async with raw_backend() as backend, native(backend.url) as running:
+        raw = await RawClient.connect(running.port)
+        conn = await backend.accept()
+        bad = frame(BINARY, b"masked", mask=b"wxyz") + frame(TEXT, b"after")  # server frames are unmasked
+        await conn.send(frame(TEXT, b"fine") + bad)
+        assert await raw.read_bytes(len(frame(TEXT, b"fine") + bad)) == frame(TEXT, b"fine") + bad
+        # The client fails the connection itself; its close reaches the backend.
+        close_up = frame(CLOSE, close_payload(1002, "masked server frame"), mask=b"abcd")
+        await raw.send(close_up)
+        assert await conn.wait_bytes(len(close_up)) == close_up
+        conn.close()
+        assert await raw.read_to_eof() == b""
+        await raw.close()
+        events = await running.events(closed_count(1))
+    closed = of_type(events, ev.Closed)[0]
+    assert (closed.code, closed.reason, closed.initiator) == (1002, "masked server frame", "client")
 
 
 async def test_a_message_over_the_limit_is_refused_with_1009() -> None:
@@ -456,43 +469,18 @@ async def test_stop_waits_for_the_frame_in_flight_before_its_close_frame() -> No
 
 
 async def test_close_then_half_close_from_the_client() -> None:
-    """A client that sends its close frame and shuts its writing half still gets
-    the backend's close reply; the EOF reaches the backend."""
     async with raw_backend(close_on_eof=False) as backend, native(backend.url) as running:
-        raw = await RawClient.connect(running.port)
-        conn = await backend.accept()
-        close_up = frame(CLOSE, close_payload(1000, "done"), mask=b"abcd")
-        await raw.send(close_up)
-        raw.writer.write_eof()
-        assert await conn.wait_eof() == close_up  # the close frame, then the EOF
-        close_down = frame(CLOSE, close_payload(1000, "done too"))
-        await conn.send(close_down)
-        conn.close()
-        assert await raw.read_to_eof() == close_down
-        await raw.close()
+        await shapes.close_then_half_close_from_the_client(running.port, backend)
         events = await running.events(closed_count(1))
     closed = of_type(events, ev.Closed)[0]
     assert (closed.code, closed.reason, closed.initiator) == (1000, "done", "client")
 
 
-async def test_frames_and_eof_sent_with_the_upgrade_request_reach_the_backend() -> None:
-    """Frames in the same write as the upgrade request, then the client's EOF
-    before the 101: the backend gets them and the EOF, the client the 101 and
-    the backend's close reply; the backend's own first frames (in the write of
-    its 101) reach the client."""
-    greeting = frame(TEXT, b"welcome")
-    async with raw_backend(greeting=greeting, close_on_eof=False) as backend, native(
+async def test_frames_close_and_eof_before_the_101_reach_the_backend() -> None:
+    async with raw_backend(greeting=shapes.GREETING, close_on_eof=False) as backend, native(
         backend.url
     ) as running:
-        early = frame(TEXT, b"eager", mask=b"abcd") + frame(CLOSE, close_payload(1000, "early"), mask=b"efgh")
-        raw = await RawClient.connect(running.port, early=early, eof=True)
-        conn = await backend.accept()
-        assert await conn.wait_eof() == early
-        close_down = frame(CLOSE, close_payload(1000, "early too"))
-        await conn.send(close_down)
-        conn.close()
-        assert await raw.read_to_eof() == greeting + close_down
-        await raw.close()
+        await shapes.frames_close_and_eof_before_the_101_reach_the_backend(running.port, backend)
         events = await running.events(closed_count(1))
     closed = of_type(events, ev.Closed)[0]
     assert (closed.code, closed.reason, closed.initiator) == (1000, "early", "client")

@@ -32,7 +32,7 @@ from loopwatch.proxy.app.runtime import Running
 from loopwatch.proxy.state.redis import RedisStateStore
 from loopwatch.proxy.tools.demo_backend import DemoBackend, issue_token
 from tests.clients import attempt, demo_backend
-from tests.conftest import PLANES, client_key, free_port, loopwatch, wait_for
+from tests.conftest import client_key, free_port, loopwatch, wait_for
 
 # `loopwatch run` uses uvloop: the store's connection handling runs on both loops.
 RUN_ON_UVLOOP = True
@@ -287,10 +287,8 @@ async def test_the_combined_rate_is_flagged_and_both_replicas_refuse(redis_serve
         async with loopwatch(upstream, **overrides(redis_server.url, "c", prefix)) as c:
             await wait_for(lambda: in_cooldown(c, key))
             assert codes([await attempt(ws(c, "loop"))]) == [1013]
-        # Healthy clients on both replicas are untouched (on native "fine" would share
-        # the looper's key: identity sources other than ip are not native yet).
-        if PLANES["current"] == "python":
-            assert [await healthy(ws(r, "fine", expired=False)) for r in (a, b)] == ["hello", "hello"]
+        # Healthy clients on both replicas are untouched.
+        assert [await healthy(ws(r, "fine", expired=False)) for r in (a, b)] == ["hello", "hello"]
 
 
 async def test_a_release_through_one_replica_is_a_release_on_both(redis_server: RedisServer) -> None:
@@ -311,7 +309,6 @@ async def test_a_release_through_one_replica_is_a_release_on_both(redis_server: 
         assert backend.upgrades["loop"] == before + 2
 
 
-@pytest.mark.dataplanes("python")  # two clients from one address: needs identity sources (JWT), not native yet
 async def test_redis_down_each_replica_goes_on_alone_then_sharing_resumes(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -357,7 +354,6 @@ async def test_redis_down_each_replica_goes_on_alone_then_sharing_resumes(
     assert lines.count("state_store_up") == 2
 
 
-@pytest.mark.dataplanes("python")  # two clients from one address: needs identity sources (JWT), not native yet
 async def test_a_replica_started_while_redis_is_down_relays_and_joins_later(tmp_path: Path) -> None:
     server = RedisServer(tmp_path)  # not started yet
     try:

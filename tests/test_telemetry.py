@@ -55,7 +55,7 @@ QUIET_RULES = {f"detection.rules.{r}.enabled": False for r in ("rapid_reconnect"
 def settings_with(routes: dict[str, str] | None = None, upstream: str | None = None, **overrides: Any) -> Settings:
     base: dict[str, Any] = {"listen": "127.0.0.1:0", "admin.listen": "127.0.0.1:0"}
     if PLANES["current"] == "native":
-        base.update({"dataplane": "native", "identity.sources": ["ip"]})
+        base["dataplane"] = "native"
     if routes is not None:
         base["routes"] = [{"path_prefix": p, "upstream": u} for p, u in routes.items()]
     else:
@@ -177,7 +177,6 @@ def exposed_families(text: str) -> dict[str, str]:
     return out
 
 
-@pytest.mark.dataplanes("python")  # several clients from one address: needs identity sources (JWT), not native yet
 async def test_scripted_session_metric_by_metric() -> None:
     """A loop (3 auth failures, then refusals in cooldown), a healthy client with
     messages (one connection still open at the first scrape), a 403 at the
@@ -529,7 +528,6 @@ async def test_top_k_bound_and_exposed_keys() -> None:
     assert len(top) == 3 and set(top) <= keys
 
 
-@pytest.mark.dataplanes("python")  # several clients from one address: needs identity sources (JWT), not native yet
 async def test_real_proxy_sample_of_distinct_clients() -> None:
     """A smaller sample through the real proxy: 120 distinct clients (JWT subjects),
     a few of them looping; no label beyond the top-K holds a key."""

@@ -11,6 +11,9 @@ answer for every request head and every frame stream in them. Here:
 * every frame stream, cut at every recorded place, gives both builds of the
   frame parser (Python and C) the recorded forwarding, counts and errors;
 * close frames are built as recorded;
+* every identity case (tests/vectors/identity.json) still gets the recorded
+  key and address from proxy/dataplane/identity.py, and the same from the
+  compiled Identity the native listener uses;
 * black box: a real loopwatch answers a sample of the refused heads with the
   recorded response, and its upstream never sees them.
 """
@@ -25,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from loopwatch.proxy.dataplane.native import Identity
 from tests.conftest import RawBackend, loopwatch, read_response, switching_protocols
 from tests.vectors.reference import (
     FRAME_BUILDS,
@@ -32,6 +36,8 @@ from tests.vectors.reference import (
     expand_cuts,
     frames_answer,
     head_answer,
+    identity_answer,
+    native_spec,
     raw,
     unpack,
 )
@@ -112,6 +118,68 @@ def test_close_frames_are_the_python_answers() -> None:
         assert close_frame_answer(case["code"], case["reason"], case["masked"]) == case["expect"], (
             case
         )
+
+
+def test_identity_vectors_cover_every_source_and_verdict() -> None:
+    data = vectors("identity.json")
+    cases = data["cases"]
+    assert len(cases) >= 2000
+    sources = {c["expect"]["source"].partition(":")[0] for c in cases}
+    assert sources == {"header", "cookie", "query", "jwt", "ip"}
+    # Verified keys under every kind of key, and refused tokens beside them.
+    verified = {c["config"] for c in cases if c["expect"]["verified"]}
+    assert {"hs256", "rsa", "ec", "p384", "p521", "ed25519_certificate"} <= verified
+    keys = {c["expect"]["key"] for c in cases}
+    assert any(k.startswith("sha256:") for k in keys)  # hashed long values
+    assert any("@" in k for k in keys)  # bound to the address
+    addresses = {c["expect"]["address"] for c in cases}
+    assert "1.2.3.4" in addresses and any(":" in a for a in addresses)  # XFF, IPv6
+
+
+def test_identity_vectors_are_the_python_answers() -> None:
+    data = vectors("identity.json")
+    configs = {name: c["settings"] for name, c in data["configs"].items()}
+    wrong = []
+    for case in data["cases"]:
+        answer = identity_answer(
+            configs[case["config"]], raw(case["head"]), case["peer"], data["now"]
+        )
+        if answer != case["expect"]:
+            wrong.append(
+                f"{case['config']} / {case['name']}: now {answer}, recorded {case['expect']}"
+            )
+    assert not wrong, (
+        f"{len(wrong)} identities changed (regenerate the vectors on purpose):\n"
+        + "\n".join(wrong[:20])
+    )
+
+
+def test_identity_configs_are_what_native_py_passes() -> None:
+    # The Rust replay (core/tests/identity_vectors.rs) configures itself from
+    # the recorded arguments: they must be what native.identity_spec gives.
+    for name, config in vectors("identity.json")["configs"].items():
+        assert native_spec(config["settings"]) == config["native"], name
+
+
+def test_native_identity_gives_the_recorded_answers() -> None:
+    # The compiled Identity through its Python face, as the listener holds it.
+    data = vectors("identity.json")
+    identities = {
+        name: Identity(**{k: raw(v) if k in ("secret", "public_key_pem") and v is not None else v
+                          for k, v in c["native"].items()})
+        for name, c in data["configs"].items()
+    }  # fmt: skip
+    wrong = []
+    for case in data["cases"]:
+        key, source, address, verified = identities[case["config"]].identify(
+            raw(case["head"]), case["peer"], data["now"]
+        )
+        answer = {"key": key, "source": source, "address": address, "verified": verified}
+        if answer != case["expect"]:
+            wrong.append(
+                f"{case['config']} / {case['name']}: native {answer}, Python {case['expect']}"
+            )
+    assert not wrong, f"{len(wrong)} differ:\n" + "\n".join(wrong[:20])
 
 
 def black_box_sample() -> list[dict[str, Any]]:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Protocol
 from ..brain import EngineGate, NativeDriver, TableSync
 from ..dataplane.boundary import ENFORCEMENT_LAG_KINDS, Connection, Gate, HoldCounts, RelayStats
 from ..dataplane.listener import ProxyServer
-from ..dataplane.routing import Router
+from ..dataplane.routing import Router, client_ssl_context
 from ..observe.logs import event
 from .settings import Settings
 
@@ -192,6 +192,11 @@ class NativePlane:
             gate.table = TableSync(gate.engine, self.table)
             gate.table.configure(settings.policy, gate.holds, time.monotonic())
         self.driver = NativeDriver(gate, self)
+        # For the health checks of wss:// upstreams (the listener has its own
+        # verifier, built from the same upstream_tls settings).
+        tls = settings.upstream_tls
+        self._upstream_ssl = client_ssl_context(tls.verify, tls.ca_file)
+        self._identity = settings.identity  # the listener's, since start or the last reload
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -212,7 +217,7 @@ class NativePlane:
 
     @property
     def upstream_ssl(self) -> ssl.SSLContext | None:
-        return None  # wss:// upstreams are refused at start (native_gaps)
+        return self._upstream_ssl
 
     async def start(self, host: str, port: int) -> None:
         from ..dataplane.native import NativeListener
@@ -225,7 +230,7 @@ class NativePlane:
             queue=self.queue, table=self.table, host=host, port=port, limits=s.limits,
             reject_with=policy.reject_with, close_code=policy.close_code,
             max_holds=policy.max_held, max_held_per_key=policy.max_held_per_key,
-            trusted_proxies=s.identity.trusted_proxies,
+            identity=s.identity, tls=s.tls, upstream_tls=s.upstream_tls,
         )  # fmt: skip
         self._port = self.listener.port
         self._loop = asyncio.get_running_loop()
@@ -245,10 +250,15 @@ class NativePlane:
     def reconfigure(self, settings: Settings) -> None:
         if self.listener is not None:
             p = settings.policy
+            # identity: changes live, as the Python plane's gate reads it; the
+            # keys are loaded again only when it changed.
+            changed = settings.identity != self._identity
             self.listener.reconfigure(
                 reject_with=p.reject_with, close_code=p.close_code,
                 max_holds=p.max_held, max_held_per_key=p.max_held_per_key,
+                identity=settings.identity if changed else None,
             )  # fmt: skip
+            self._identity = settings.identity
 
     # --- the event queue ---------------------------------------------------------------------
 

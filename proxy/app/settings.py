@@ -168,25 +168,11 @@ def native_gaps(settings: Settings) -> list[str]:
     (proxy/dataplane/README.md)."""
     gaps = []
     python = "or set dataplane: python"
-    if settings.identity.sources != ("ip",):
-        gaps.append(
-            "identity.sources: dataplane: native keys clients by their address only (header, cookie, "
-            f"query and JWT sources are not native yet): set identity.sources: [ip], {python}"
-        )
-    if settings.identity.trusted_proxies:
-        gaps.append(
-            "identity.trusted_proxies: dataplane: native does not read X-Forwarded-For yet: "
-            f"remove them, {python}"
-        )
-    if settings.tls.cert_file is not None:
-        gaps.append(f"tls.cert_file: dataplane: native does not terminate TLS yet: {python}")
-    for route in settings.effective_routes():
-        if route.upstream.startswith(("wss:", "https:")):
-            where = "upstream" if settings.upstream is not None else f"routes ({route.path_prefix})"
-            gaps.append(
-                f"{where}: dataplane: native does not connect to wss:// upstreams yet "
-                f"({route.upstream}): {python}"
-            )
+    # identity sources, JWT, trusted proxies, tls, wss:// and https:// upstreams
+    # and plain HTTP are native: the listener takes those settings as they are.
+    # The table carries a hold on cooldowns only: another reason's refusal is
+    # answered at once (and a deny must never be held), so holding it would be
+    # served differently from what the settings say.
     policy = settings.policy
     held = set(policy.hold_reasons) - {"cooldown"}
     if policy.hold > 0 and held:

@@ -71,7 +71,33 @@ class EnforcementTable:
     def __contains__(self, key: str) -> bool: ...
 
 # (prefix, name, upstream host, upstream port, Host for the upstream, base path)
-RouteRecord = tuple[bytes, str, str, int, bytes, bytes]
+# (prefix, name, upstream host, upstream port, Host for the upstream, base path, TLS)
+RouteRecord = tuple[bytes, str, str, int, bytes, bytes, bool]
+
+class Identity:
+    def __init__(
+        self,
+        *,
+        sources: list[str],
+        trusted_proxies: list[str] = ...,
+        bind_to_address: bool = True,
+        bind_verified: bool = False,
+        max_key_length: int = 256,
+        query_params: list[str] = ...,
+        subprotocol: bool = True,
+        verify: bool = False,
+        algorithms: list[str] = ...,
+        secret: bytes | None = None,
+        secret_refused: bool = False,
+        public_key_pem: bytes | None = None,
+        audience: list[str] | None = None,
+        issuer: str | None = None,
+        leeway: float = 30.0,
+    ) -> None: ...
+    # (key, source, address, verified)
+    def identify(self, head: bytes, peer: str, now: float | None = None) -> tuple[str, str, str, bool]: ...
+    @property
+    def verifies(self) -> bool: ...
 
 class Listener:
     @staticmethod
@@ -89,15 +115,23 @@ class Listener:
         handshake_timeout: float = 10.0,
         connect_timeout: float = 5.0,
         idle_timeout: float | None = 3600.0,
+        body_timeout: float = 30.0,
+        response_timeout: float = 60.0,
+        response_idle_timeout: float = 60.0,
         max_connections: int = 10000,
         max_connections_per_address: int | None = None,
         max_heads_per_address: int | None = None,
-        trusted_proxies: list[str] = ...,
         max_holds: int = 1024,
         max_held_per_key: int = 4,
         reject_with: str = "close-1013",
         close_code: int = 1013,
         threads: int | None = None,
+        identity: Identity | None = None,
+        tls_cert_file: str | None = None,
+        tls_key_file: str | None = None,
+        upstream_verify: bool = True,
+        upstream_ca_file: str | None = None,
+        upstream_server_name: str | None = None,
     ) -> Listener: ...
     @property
     def port(self) -> int: ...
@@ -109,7 +143,7 @@ class Listener:
     def running(self) -> bool: ...
     def stop(self, grace_s: float) -> int: ...
     # Counters: ints, and (label, count) lists for rejected, refused,
-    # held_answered and held_skipped.
+    # held_answered, held_skipped and tls_failed.
     def stats(self) -> dict[str, Any]: ...
     def close(self, conn_id: int, code: int, reason: str = "") -> bool: ...
     def release_held(self, key: str) -> int: ...
@@ -122,6 +156,7 @@ class Listener:
         close_code: int | None = None,
         max_holds: int | None = None,
         max_held_per_key: int | None = None,
+        identity: Identity | None = None,
     ) -> None: ...
     # reject_with, close_code, max_holds, max_held_per_key
     def policy(self) -> dict[str, Any]: ...

@@ -38,7 +38,6 @@ RejectedReason = Literal[
     "overload",  # 503: limits.max_connections reached
     "address_limit",  # 503: limits.max_connections_per_address or max_heads_per_address reached
     "shutting_down",  # 503: loopwatch is draining
-    "plain_http",  # 501: a plain HTTP request, which dataplane: native does not forward yet
 ]
 REJECTED_REASONS: tuple[str, ...] = typing.get_args(RejectedReason)
 # Refusals that protect loopwatch or point at the upstream are warnings; a

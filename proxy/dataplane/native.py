@@ -14,17 +14,22 @@ own types:
   min-interval deadlines, allow/deny lists and breakers into it, and the
   listener reads it at admission without ever calling Python;
 * `NativeListener.start(...)` runs the listener on a multi-thread tokio
-  runtime for the routes and limits of the settings; `stop(grace)` ends it.
-  The brain acts on it with `close(conn_id, code, reason)` (a live WebSocket),
-  `release_held(key)` (a released client's held refusals), `reconfigure(...)`
-  (what a reload changes of the refusal policy), and reads `live()` (each open
-  WebSocket's counts), `holds()` and `stats()`.
+  runtime for the routes, limits and TLS settings (`tls:`, `upstream_tls:`)
+  of the settings; `stop(grace)` ends it. The brain acts on it with
+  `close(conn_id, code, reason)` (a live WebSocket), `release_held(key)` (a
+  released client's held refusals), `reconfigure(...)` (what a reload changes
+  of the refusal policy), and reads `live()` (each open WebSocket's counts),
+  `holds()` and `stats()`.
+* `identity_spec(settings)` turns the `identity:` settings into the
+  arguments of `_dataplane.Identity` (keys read here, once), which the
+  listener keys clients with exactly as proxy/dataplane/identity.py does;
+  its trusted proxies are also the addresses no per-address cap counts.
 
 Every event of one accepted connection carries the same id (`Received.conn_id`;
 for Opened and Closed it is also their `conn_id`), and `close` takes it.
 
-What the native listener does not do yet (identity sources, TLS, wss://
-upstreams, plain HTTP forwarding) is listed in proxy/dataplane/README.md.
+What the native listener does not do yet is listed in
+proxy/dataplane/README.md ("What is missing").
 """
 
 from __future__ import annotations
@@ -34,13 +39,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from jwt.algorithms import HMACAlgorithm
+from jwt.exceptions import InvalidKeyError
+
 from ...detectors import events as ev
 from . import _dataplane
 from .boundary import RelayStats
 from .routing import parse_upstream
-from .settings import Limits
+from .settings import IdentitySettings, Limits, ListenerTLS, UpstreamTLS
 
 EnforcementTable = _dataplane.EnforcementTable
+Identity = _dataplane.Identity
 
 DEFAULT_QUEUE_CAPACITY = 65_536  # events; beyond it they are dropped and counted
 DEFAULT_BATCH = 1024
@@ -139,6 +148,7 @@ class ListenerStats:
     released: int  # holds answered early: the key was released, or the listener stopped
     rejected: dict[str, int]  # answered by loopwatch itself, by reason (docs/relay.md)
     refused: dict[str, int]  # refused by the enforcement table, by reason (docs/refusals.md)
+    tls_failed: dict[str, int]  # the listener's failed TLS handshakes: error, timeout, not_tls
     addresses: int  # client addresses counted against the per-address caps now
     events_dropped: int  # events lost to a full queue (EventQueue.dropped)
 
@@ -172,36 +182,70 @@ class RefusalPolicy:
     max_held_per_key: int
 
 
-def route_records(routes: Iterable[tuple[str, str]]) -> list[tuple[bytes, str, str, int, bytes, bytes]]:
+RouteRecord = tuple[bytes, str, str, int, bytes, bytes, bool]
+
+
+def route_records(routes: Iterable[tuple[str, str]]) -> list[RouteRecord]:
     """(path prefix, upstream URL) pairs as the Rust listener takes them. The
     prefix is compared with the request path's bytes as latin-1, as the Python
-    listener compares its str path; wss:// is refused (not native yet)."""
+    listener compares its str path; a wss:// or https:// upstream is reached
+    over TLS as `upstream_tls:` says."""
     out = []
     for prefix, url in routes:
         if not prefix.startswith("/"):
             raise ValueError(f'route prefix: expected a path starting with "/", got {prefix!r}')
         upstream = parse_upstream(url)
-        if upstream.tls:
-            raise ValueError(f"upstream {url!r}: wss:// and https:// are not in the native data plane yet")
         try:
             raw_prefix = prefix.encode("latin-1")
             base_path = upstream.base_path.encode("latin-1")
         except UnicodeEncodeError:
             raise ValueError(f"route {prefix!r} -> {url!r}: expected latin-1 paths") from None
-        out.append((raw_prefix, prefix, upstream.host, upstream.port, upstream.authority, base_path))
+        out.append((raw_prefix, prefix, upstream.host, upstream.port, upstream.authority, base_path, upstream.tls))
     return out
 
 
-def trusted_networks(entries: Iterable[str]) -> list[str]:
-    """identity.trusted_proxies as the Rust listener takes them (CIDRs, host
-    bits allowed, as ProxyServer reads them); ValueError names a bad entry."""
-    out = []
-    for entry in entries:
+def identity_spec(settings: IdentitySettings) -> dict[str, Any]:
+    """The keyword arguments of `Identity` for the `identity:` settings: networks
+    in canonical form, the key file's contents (read once, here), and whether
+    PyJWT would refuse the secret (it refuses one shaped like an asymmetric
+    key, and then every HS* token fails; the native side does the same).
+    Raises ValueError for a key file that cannot be read."""
+    js = settings.jwt
+    secret = js.secret.encode() if js.verify and js.secret is not None else None
+    secret_refused = False
+    if secret is not None:
         try:
-            out.append(str(ipaddress.ip_network(entry.strip(), strict=False)))
-        except ValueError:
-            raise ValueError(f"trusted_proxies: expected CIDRs such as 10.0.0.0/8, got {entry!r}") from None
-    return out
+            HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(secret)
+        except InvalidKeyError:
+            secret_refused = True
+    pem = None
+    if js.verify and js.public_key_file is not None:
+        try:
+            pem = js.public_key_file.read_bytes()
+        except OSError as exc:
+            raise ValueError(
+                f"identity.jwt.public_key_file: cannot read {js.public_key_file}: {exc.strerror}"
+            ) from None
+    audience = [js.audience] if isinstance(js.audience, str) else js.audience
+    return {
+        "sources": list(settings.sources),
+        "trusted_proxies": [
+            str(ipaddress.ip_network(c.strip(), strict=False)) for c in settings.trusted_proxies
+        ],
+        "bind_to_address": settings.bind_to_address,
+        "bind_verified": settings.bind_verified,
+        "max_key_length": settings.max_key_length,
+        "query_params": list(js.query_params),
+        "subprotocol": js.subprotocol,
+        "verify": js.verify,
+        "algorithms": list(js.algorithms),
+        "secret": secret,
+        "secret_refused": secret_refused,
+        "public_key_pem": pem,
+        "audience": None if audience is None else list(audience),
+        "issuer": js.issuer,
+        "leeway": float(js.leeway),
+    }
 
 
 class NativeListener:
@@ -228,17 +272,28 @@ class NativeListener:
         threads: int | None = None,
         max_holds: int = 1024,
         max_held_per_key: int = 4,
-        trusted_proxies: Iterable[str] = (),
+        identity: IdentitySettings | None = None,
+        tls: ListenerTLS | None = None,
+        upstream_tls: UpstreamTLS | None = None,
     ) -> NativeListener:
-        """Bind `host:port` and serve `routes` ((path prefix, ws:// URL) pairs)
-        under `limits` (the `limits:` settings; their defaults when None), with
-        the refusal policy `reject_with`, `close_code`, `max_holds` (policy.max_held)
-        and `max_held_per_key`, and `trusted_proxies` (identity.trusted_proxies:
-        never capped per address). Raises ValueError for a setting it cannot
-        honour, OSError when the address cannot be bound."""
+        """Bind `host:port` and serve `routes` ((path prefix, ws://, wss://,
+        http:// or https:// URL) pairs) under `limits` (the `limits:` settings;
+        their defaults when None), with the refusal policy `reject_with`,
+        `close_code`, `max_holds` (policy.max_held) and `max_held_per_key`,
+        keying clients by `identity` (the `identity:` settings; their defaults
+        when None; its trusted proxies are never capped per address). `tls`
+        (the `tls:` settings) makes the listener terminate TLS (wss://,
+        https://); `upstream_tls` (`upstream_tls:`; its defaults when None:
+        verified against the system's CA store) says how wss:// and https://
+        upstreams are verified. Certificate and key files are read now. Raises
+        ValueError for a setting it cannot honour (naming the file), OSError
+        when the address cannot be bound."""
         if reject_with not in REJECT_WITH:
             raise ValueError(f"reject_with: expected one of {REJECT_WITH}, got {reject_with!r}")
         limits = limits or Limits()
+        keys = Identity(**identity_spec(identity or IdentitySettings()))
+        tls = tls or ListenerTLS()
+        upstream_tls = upstream_tls or UpstreamTLS()
         raw = _dataplane.Listener.start(
             host, port, route_records(routes), queue.raw, table,
             max_head_size=limits.max_head_size,
@@ -248,15 +303,23 @@ class NativeListener:
             handshake_timeout=limits.handshake_timeout,
             connect_timeout=limits.connect_timeout,
             idle_timeout=limits.idle_timeout,
+            body_timeout=limits.body_timeout,
+            response_timeout=limits.response_timeout,
+            response_idle_timeout=limits.response_idle_timeout,
             max_connections=limits.max_connections,
             max_connections_per_address=limits.address_cap(limits.max_connections_per_address),
             max_heads_per_address=limits.address_cap(limits.max_heads_per_address),
-            trusted_proxies=trusted_networks(trusted_proxies),
             max_holds=max_holds,
             max_held_per_key=max_held_per_key,
             reject_with=reject_with,
             close_code=close_code,
             threads=threads,
+            identity=keys,
+            tls_cert_file=tls.cert_file,
+            tls_key_file=tls.key_file,
+            upstream_verify=upstream_tls.verify,
+            upstream_ca_file=upstream_tls.ca_file,
+            upstream_server_name=upstream_tls.server_name,
         )  # fmt: skip
         return cls(raw, limits.shutdown_timeout)
 
@@ -282,7 +345,7 @@ class NativeListener:
 
     def stats(self) -> ListenerStats:
         raw = self.raw.stats()
-        for name in ("rejected", "refused", "held_answered", "held_skipped"):
+        for name in ("rejected", "refused", "held_answered", "held_skipped", "tls_failed"):
             raw[name] = dict(raw[name])
         return ListenerStats(**raw)
 
@@ -318,12 +381,17 @@ class NativeListener:
         close_code: int | None = None,
         max_holds: int | None = None,
         max_held_per_key: int | None = None,
+        identity: IdentitySettings | None = None,
     ) -> None:
-        """Apply what a reload changes of the refusal policy (None: unchanged);
-        all values are checked before any is set (ValueError)."""
+        """Apply what a reload changes of the refusal policy and of the client
+        identity (None: unchanged); all values are checked (and a key file
+        read) before any is set (ValueError). The per-address caps keep the
+        trusted proxies of the start, as the Python listener does."""
+        keys = None if identity is None else Identity(**identity_spec(identity))
         self.raw.reconfigure(
-            reject_with=reject_with, close_code=close_code, max_holds=max_holds, max_held_per_key=max_held_per_key
-        )
+            reject_with=reject_with, close_code=close_code, max_holds=max_holds, max_held_per_key=max_held_per_key,
+            identity=keys,
+        )  # fmt: skip
 
     def policy(self) -> RefusalPolicy:
         return RefusalPolicy(**self.raw.policy())

@@ -14,6 +14,9 @@ key: none of the targets re-frames a message); handshakes and closes are parsed.
 
 Each command is `{"op": NAME, "host": ..., "port": ..., ...}`; ops: latency,
 throughput, large, churn, refusal, pings, storm, detect, hold, release, quit.
+churn, storm and detect take `sources`: their attempts then come from loopback
+addresses of their own (churn: one of `sources` per attempt; storm: one per
+looper; detect: one per run), for a target that keys clients by address.
 """
 
 from __future__ import annotations
@@ -341,7 +344,15 @@ class Cycle(asyncio.Protocol):
         return None
 
 
-async def one_cycle(host: str, port: int, request: bytes, timeout: float, **kw) -> Cycle | None:
+def source_address(block: int, i: int) -> str:
+    """The i-th loopback address of a block, 127.BLOCK.x.y (Linux routes all of
+    127/8 to lo): with `sources`, each attempt comes from its own address, a fleet
+    of clients for a target that keys clients by address."""
+    return f"127.{block}.{i // 250 % 250}.{i % 250 + 1}"
+
+
+async def one_cycle(host: str, port: int, request: bytes, timeout: float, source: str | None = None,
+                    **kw) -> Cycle | None:
     loop = asyncio.get_running_loop()
     fut = loop.create_future()
     proto: Cycle | None = None
@@ -353,7 +364,8 @@ async def one_cycle(host: str, port: int, request: bytes, timeout: float, **kw) 
 
     timer = loop.call_later(timeout, _expire, fut)
     try:
-        await loop.create_connection(factory, host, port)  # loopback: at once, or refused
+        # loopback: at once, or refused
+        await loop.create_connection(factory, host, port, local_addr=(source, 0) if source else None)
         return await fut
     except (OSError, TimeoutError):
         if proto is not None and proto.transport is not None:
@@ -522,8 +534,13 @@ async def op_churn(c: dict) -> dict:
     frame, reply = masked_frame(os.urandom(32)), echo_length(32)
     prefix = f"churn-{RUN_ID}-{c.get('tag', 0)}-"
 
+    sources = c.get("sources", 0)
+
     def make(i: int) -> tuple[bytes, dict]:
-        return upgrade_request(host, port, path, prefix + str(i)), {"echo_frame": frame, "echo_len": reply}
+        kw = {"echo_frame": frame, "echo_len": reply}
+        if sources:
+            kw["source"] = source_address(4, i % sources)
+        return upgrade_request(host, port, path, prefix + str(i)), kw
 
     def classify(cyc: Cycle | None) -> str:
         if cyc is None:
@@ -605,11 +622,12 @@ async def op_storm(c: dict) -> dict:
 
     async def looper(i: int) -> None:
         request = upgrade_request(host, port, "/loop", f"loop-{RUN_ID}-{c.get('tag', 0)}-{i}")
+        source = source_address(2, i) if c.get("sources") else None
         cooldown_until = 0.0
         while now() < deadline and counter[0] < max_ops:
             counter[0] += 1
             started = now()
-            cyc = await one_cycle(host, port, request, 5.0, fast_close=True)
+            cyc = await one_cycle(host, port, request, 5.0, source=source, fast_close=True)
             totals["attempts"] += 1
             if cyc is None:
                 totals["errors"] += 1
@@ -640,6 +658,7 @@ async def op_detect(c: dict) -> dict:
     host, port = c["host"], c["port"]
     rate = c.get("rate", 20.0)
     request = upgrade_request(host, port, "/loop", f"detect-{RUN_ID}-{c.get('tag', 0)}")
+    source = source_address(3, c.get("tag", 0)) if c.get("sources") else None  # a fresh key each run
     t0 = now()
     attempts = 0
     reached = 0
@@ -650,7 +669,7 @@ async def op_detect(c: dict) -> dict:
             await asyncio.sleep(wait)
         attempts += 1
         sent = now()
-        cyc = await one_cycle(host, port, request, 5.0)
+        cyc = await one_cycle(host, port, request, 5.0, source=source)
         if cyc is not None and cyc.refused():
             # Refused when it arrived: loopwatch decides at admission. With the hold
             # (policy.hold) the answer itself comes up to the hold later, by design.

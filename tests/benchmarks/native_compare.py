@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -42,32 +41,9 @@ from tests.benchmarks.targets import (
     start_loopwatch,
     start_native,
     start_nginx,
+    thread_seconds,
     versions,
 )
-
-DATA_PLANE_THREADS = "loopwatch-datap"  # tokio's thread name, cut to 15 characters by the kernel
-
-
-def thread_seconds(pids: list[int]) -> tuple[float, float]:
-    """(all threads, data-plane threads) on-CPU seconds of the processes."""
-    total = dp = 0
-    for pid in pids:
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except FileNotFoundError:
-            continue
-        for tid in tids:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                    ns = int(f.read().split()[0])
-                with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                    comm = f.read().strip()
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-            total += ns
-            if comm.startswith(DATA_PLANE_THREADS):
-                dp += ns
-    return total / 1e9, dp / 1e9
 
 
 def measure(proc: Proc, lg: LoadGen, command: dict, timeout: float) -> dict:

@@ -211,6 +211,12 @@ def _fmt(value: float | None, fmt: str, note: str = "") -> str:
         return str(value)
 
 
+def _one_line(note: object) -> str:
+    """A run note on one line: a multi-line one (a traceback) as its first and last lines."""
+    lines = [line.strip() for line in str(note).strip().splitlines() if line.strip()]
+    return " … ".join(lines[:1] + lines[-1:]) if len(lines) > 1 else "".join(lines)
+
+
 def markdown(result: dict) -> str:
     meta = result["meta"]
     m, v = meta["machine"], meta["versions"]
@@ -219,7 +225,11 @@ def markdown(result: dict) -> str:
         f"medians; started {meta['started']}, took {meta['duration_s']:.0f} s).",
         "",
         f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m.get('memory_mib', 0)} MiB, kernel {m['kernel']}, "
-        f"load average at start {' '.join(m.get('loadavg_at_start', []))}; {v['nginx']}; "
+        f"load average at start {' '.join(m.get('loadavg_at_start', []))}"
+        + (f", at the end {' '.join(meta['loadavg_at_end'])}" if meta.get("loadavg_at_end") else "")
+        + (", 1-minute load {:.1f}–{:.1f} over the scenarios".format(*meta["loadavg_1m_range"])
+           if meta.get("loadavg_1m_range") else "")
+        + f"; {v['nginx']}; "
         f"{v['haproxy']}; Python {v['python']}, uvloop {v['uvloop']}.",
         "",
     ]
@@ -244,8 +254,11 @@ def markdown(result: dict) -> str:
         lines.append("Not met: " + ", ".join(r["id"] for r in unmet_rows) + ".")
     if unknown_rows:
         lines.append("Not measurable in this run: " + ", ".join(r["id"] for r in unknown_rows) + ".")
+    native = native_markdown(result)
+    if native:
+        lines += ["", native.rstrip("\n")]
     if meta.get("notes"):
-        lines += ["", "Run notes:"] + [f"- {n}" for n in meta["notes"]]
+        lines += ["", "Run notes:"] + [f"- {_one_line(n)}" for n in meta["notes"]]
     lines += ["", "Caveats:"] + [f"- {c}" for c in meta["caveats"]]
     return "\n".join(lines) + "\n"
 
@@ -263,3 +276,274 @@ def update_doc(path: Path, md: str) -> None:
             text = "# Performance\n"
         text = text.rstrip("\n") + "\n\n## Proxy benchmarks: loopwatch vs nginx vs HAProxy\n\n" + block + "\n"
     path.write_text(text)
+
+
+# --- the native data plane (issue 16) ------------------------------------------------
+
+NATIVE_COLUMNS = ("native", "loopwatch", "nginx", "haproxy")
+
+
+@dataclass
+class NativeRow:
+    """One figure of issue 16's table: per column the (scenario target, metric) it
+    reads, or a function of the summary for derived figures."""
+
+    id: str
+    label: str
+    unit: str
+    scenario: str
+    metric: str = ""
+    fmt: str = "{:.3g}"
+    source: dict | None = None  # column -> scenario target (default: the column name)
+    derive: Callable[[dict], float | None] | None = None  # the native column only, from the summary
+    target: str = ""
+    check: Callable[[dict], bool | None] | None = None
+    ratios: bool = True  # show native ÷ nginx and ÷ HAProxy
+    needs_run: bool = False  # only with `loopwatch run` on the native data plane
+
+
+def _get(summary: dict, scenario: str, target: str, metric: str) -> float | None:
+    value = ((summary.get(scenario) or {}).get(target) or {}).get(metric)
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _n_le(limit: float, also_haproxy: bool = False) -> Callable[[dict], bool | None]:
+    def check(values: dict) -> bool | None:
+        nv, ng, ha = _v(values, "native"), _v(values, "nginx"), _v(values, "haproxy")
+        if nv is None or not ng or (also_haproxy and ha is None):
+            return None
+        return nv <= limit * ng and (not also_haproxy or nv <= ha)
+
+    return check
+
+
+def _n_abs(pred: Callable[[float], bool]) -> Callable[[dict], bool | None]:
+    def check(values: dict) -> bool | None:
+        nv = _v(values, "native")
+        return None if nv is None else pred(nv)
+
+    return check
+
+
+def _mc(target: str, metric: str) -> Callable[[dict], float | None]:
+    return lambda s: _get(s, "multicore", target, metric)
+
+
+def _speedup(s: dict) -> float | None:
+    one, two = _get(s, "multicore", "native-t1", "cycles_per_s"), _get(s, "multicore", "native-t2", "cycles_per_s")
+    return two / one if one and two else None
+
+
+def _ceiling(s: dict) -> float | None:
+    """The most two cores can show: with 1 thread the data plane is bound by one core
+    (1 / its tokio CPU per cycle); with 2 threads every cycle needs the target's CPU
+    and the load generator's from the same 2 cores (2 / their sum)."""
+    d1 = _get(s, "multicore", "native-t1", "dp_us_per_cycle")
+    c2 = _get(s, "multicore", "native-t2", "cpu_us_per_cycle")
+    l2 = _get(s, "multicore", "native-t2", "loadgen_us_per_cycle")
+    return 2 * d1 / (c2 + l2) if d1 and c2 and l2 else None
+
+
+def _busy_2(s: dict) -> float | None:
+    target, lg = _get(s, "multicore", "native-t2", "target_cores"), _get(s, "multicore", "native-t2", "loadgen_cores")
+    return target + lg if target is not None and lg is not None else None
+
+
+def _efficiency(s: dict) -> float | None:
+    d1, d2 = _get(s, "multicore", "native-t1", "dp_us_per_cycle"), _get(s, "multicore", "native-t2", "dp_us_per_cycle")
+    return d1 / d2 if d1 and d2 else None
+
+
+def _projection(s: dict) -> float | None:
+    e = _efficiency(s)
+    return 2 * e if e else None
+
+
+def _over_ratio(s: dict) -> float | None:
+    keep = _get(s, "brain", "native-brain", "cycles_per_s")
+    over = _get(s, "brain", "native-brain-over", "cycles_per_s")
+    return over / keep if keep and over else None
+
+
+N429 = {"native": "native-http-429", "loopwatch": "loopwatch-http-429"}
+# The user/kernel rows: the native column reads its tokio threads' split (metric
+# dp_user_us / dp_sys_us, per-thread ticks), the others their process's.
+DP_USER = {"native": ("native", "dp_user_us")}
+DP_SYS = {"native": ("native", "dp_sys_us")}
+N1013 = {"native": "native-close-1013", "loopwatch": "loopwatch-close-1013"}  # nginx, HAProxy: their 429
+
+NATIVE_ROWS = [
+    NativeRow("n_churn_cpu", "CPU per churn cycle (connect + echo + close)", "µs", "churn", "cpu_us_per_cycle",
+              target="≤ 1.0× nginx", check=_n_le(1.0)),
+    NativeRow("n_churn_dp", "  of which the tokio threads", "µs", "churn", "dp_us", ratios=True),
+    NativeRow("n_churn_user", "  user space (native: its tokio threads)", "µs", "churn", "cpu_user_us",
+              source=DP_USER),
+    NativeRow("n_churn_sys", "  kernel (native: its tokio threads)", "µs", "churn", "cpu_sys_us", source=DP_SYS),
+    NativeRow("n_refusal_cpu", "CPU per HTTP 429 refusal", "µs", "refusal", "cpu_us_per_refusal", source=N429,
+              target="≤ 1.0× nginx", check=_n_le(1.0)),
+    NativeRow("n_refusal_1013_cpu", "CPU per close-1013 refusal (÷ nginx's 429)", "µs", "refusal",
+              "cpu_us_per_refusal", source=N1013, target="≤ 1.2× nginx's 429", check=_n_le(1.2)),
+    NativeRow("n_refusal_dp", "  HTTP 429: of which the tokio threads", "µs", "refusal", "dp_us", source=N429),
+    NativeRow("n_refusal_user", "  HTTP 429: user space (native: its tokio threads)", "µs", "refusal",
+              "cpu_user_us", source={**N429, "native": ("native-http-429", "dp_user_us")}),
+    NativeRow("n_refusal_sys", "  HTTP 429: kernel (native: its tokio threads)", "µs", "refusal", "cpu_sys_us",
+              source={**N429, "native": ("native-http-429", "dp_sys_us")}),
+    NativeRow("n_throughput_cpu", "CPU per relayed message (batched)", "µs", "throughput", "cpu_us_per_msg",
+              target="≤ 1.0× nginx and ≤ HAProxy", check=_n_le(1.0, also_haproxy=True)),
+    NativeRow("n_latency_cpu", "CPU per unbatched round trip", "µs", "latency", "cpu_us_per_rtt",
+              target="≤ 1.0× nginx and ≤ HAProxy", check=_n_le(1.0, also_haproxy=True)),
+    NativeRow("n_latency_user", "  user space (native: its tokio threads)", "µs", "latency", "cpu_user_us",
+              source=DP_USER),
+    NativeRow("n_latency_sys", "  kernel (native: its tokio threads)", "µs", "latency", "cpu_sys_us", source=DP_SYS),
+    # n_memory_N rows, one per connection count of the run, are inserted here by native_rows()
+    NativeRow("n_memory_returned", "memory given back after the connections closed", "%", "memory",
+              "returned_pct", fmt="{:.0f}", target="≥ 90 %", check=_n_abs(lambda v: v >= 90.0), ratios=False),
+    NativeRow("n_mc_rate_1", "multicore: refusal cycles/s, 1 tokio thread (C load generator)", "/s", "multicore",
+              fmt="{:,.0f}", derive=_mc("native-t1", "cycles_per_s"), ratios=False),
+    NativeRow("n_mc_rate_2", "multicore: refusal cycles/s, 2 tokio threads", "/s", "multicore",
+              fmt="{:,.0f}", derive=_mc("native-t2", "cycles_per_s"), ratios=False),
+    NativeRow("n_mc_speedup", "multicore: cycles/s, 2 threads ÷ 1 (measured)", "×", "multicore", fmt="{:.2f}",
+              derive=_speedup, target="≥ 1.7×", check=_n_abs(lambda v: v >= 1.7), ratios=False),
+    NativeRow("n_mc_ceiling", "multicore: the most 2 cores can show (2 × tokio CPU/cycle at 1 thread ÷ "
+              "(target + load generator CPU/cycle at 2))", "×", "multicore", fmt="{:.2f}", derive=_ceiling,
+              ratios=False),
+    NativeRow("n_mc_dp_1", "multicore: tokio CPU per cycle, 1 thread", "µs", "multicore",
+              derive=_mc("native-t1", "dp_us_per_cycle"), ratios=False),
+    NativeRow("n_mc_dp_2", "multicore: tokio CPU per cycle, 2 threads", "µs", "multicore",
+              derive=_mc("native-t2", "dp_us_per_cycle"), ratios=False),
+    NativeRow("n_mc_cores_dp_1", "multicore: cores busy at 1 thread, the tokio thread (1.0: it is the bottleneck)",
+              "cores", "multicore", fmt="{:.2f}", derive=_mc("native-t1", "dp_cores"), ratios=False),
+    NativeRow("n_mc_cores_lg_1", "multicore: cores busy at 1 thread, the load generator", "cores", "multicore",
+              fmt="{:.2f}", derive=_mc("native-t1", "loadgen_cores"), ratios=False),
+    NativeRow("n_mc_cores_dp_2", "multicore: cores busy at 2 threads, the tokio threads", "cores", "multicore",
+              fmt="{:.2f}", derive=_mc("native-t2", "dp_cores"), ratios=False),
+    NativeRow("n_mc_cores_all_2", "multicore: cores busy at 2 threads, whole target + load generator", "cores",
+              "multicore", fmt="{:.2f}", derive=_busy_2, ratios=False),
+    NativeRow("n_mc_others_1", "multicore: cores busy with other processes meanwhile, 1 thread", "cores",
+              "multicore", fmt="{:.2f}", derive=_mc("native-t1", "others_cores"), ratios=False),
+    NativeRow("n_mc_others_2", "multicore: cores busy with other processes meanwhile, 2 threads", "cores",
+              "multicore", fmt="{:.2f}", derive=_mc("native-t2", "others_cores"), ratios=False),
+    NativeRow("n_mc_share", "multicore: busiest tokio thread's share of the tokio CPU, 2 threads (even: 0.5)", "",
+              "multicore", fmt="{:.2f}", derive=_mc("native-t2", "dp_busiest_share"), ratios=False),
+    NativeRow("n_mc_loadgen", "multicore: load generator CPU per cycle (2 threads)", "µs", "multicore",
+              derive=_mc("native-t2", "loadgen_us_per_cycle"), ratios=False),
+    NativeRow("n_mc_projection", "multicore: on 2 free cores, 2 × (tokio CPU/cycle 1 thread ÷ 2 threads)", "×",
+              "multicore", fmt="{:.2f}", derive=_projection, ratios=False),
+    NativeRow("n_brain_rate", "brain: events/s one core sustains (1 ÷ CPU per event in large batches, real engine)",
+              "/s", "brain", fmt="{:,.0f}", derive=lambda s: _get(s, "brain", "native-brain-sat", "events_per_core_s"),
+              target="≥ 50 k/s", check=_n_abs(lambda v: v >= 50_000), ratios=False),
+    NativeRow("n_brain_batch", "  its CPU per event, batches every 50 ms", "µs", "brain",
+              derive=lambda s: _get(s, "brain", "native-brain-sat", "brain_us_per_event"), ratios=False),
+    NativeRow("n_brain_keep", "  CPU per event keeping up as it comes (small batches, the polling included)", "µs",
+              "brain", derive=lambda s: _get(s, "brain", "native-brain", "brain_us_per_event"), ratios=False),
+    NativeRow("n_brain_offered", "brain: events/s offered (churn from 2 000 addresses: Attempt, Opened, Closed)",
+              "/s", "brain", fmt="{:,.0f}", derive=lambda s: _get(s, "brain", "native-brain", "events_per_s_offered"),
+              ratios=False),
+    NativeRow("n_brain_dropped_ok", "brain: events dropped while it keeps up", "", "brain", fmt="{:,.0f}",
+              derive=lambda s: _get(s, "brain", "native-brain", "events_dropped"), target="0",
+              check=_n_abs(lambda v: v == 0), ratios=False),
+    NativeRow("n_brain_dropped_over", "brain overloaded (capped below the offered rate): events dropped, counted",
+              "%", "brain", fmt="{:.1f}", derive=lambda s: _get(s, "brain", "native-brain-over", "dropped_pct"),
+              target="> 0, counted", check=_n_abs(lambda v: v > 0), ratios=False),
+    NativeRow("n_brain_traffic", "brain overloaded: cycles/s ÷ the brain keeping up (traffic unaffected ≈ 1)", "×",
+              "brain", fmt="{:.2f}", derive=_over_ratio, target="≈ 1 (≥ 0.8 on this noisy machine)",
+              check=_n_abs(lambda v: v >= 0.8), ratios=False),
+    NativeRow("n_brain_errors", "brain overloaded: failed cycles", "", "brain", fmt="{:.0f}",
+              derive=lambda s: _get(s, "brain", "native-brain-over", "errors"), target="0",
+              check=_n_abs(lambda v: v == 0), ratios=False),
+    NativeRow("n_storm_ratio", "storm: healthy p99 with 50 looping clients ÷ without", "×", "storm", "p99_ratio",
+              target="≤ 3×", check=_n_abs(lambda v: v <= 3.0), ratios=False, needs_run=True),
+    NativeRow("n_storm_errors", "storm: healthy errors", "", "storm", "healthy_errors", fmt="{:.0f}", target="0",
+              check=_n_abs(lambda v: v == 0), ratios=False, needs_run=True),
+    NativeRow("n_storm_leaks", "storm: cooled attempts reaching the backend", "", "storm", "leaks", fmt="{:.0f}",
+              target="0", check=_n_abs(lambda v: v == 0), ratios=False, needs_run=True),
+    NativeRow("n_detect_attempts", "detection of the 20/s auth loop: attempts to the first refusal", "", "detect",
+              "attempts", fmt="{:.0f}", target="refused at the 4th", check=_n_abs(lambda v: v <= 4),
+              ratios=False, needs_run=True),
+    NativeRow("n_detect_seconds", "detection: seconds from onset to the first refused attempt", "s", "detect",
+              "seconds", fmt="{:.3f}", target="≤ 0.25 s", check=_n_abs(lambda v: v <= 0.25), ratios=False,
+              needs_run=True),
+]
+
+
+def native_rows(result: dict) -> list[dict]:
+    """Issue 16's table: the native column beside loopwatch (Python), nginx, HAProxy."""
+    summary, meta = result["summary"], result["meta"]
+    kind = meta.get("native")
+    if not kind:
+        return []
+    table = list(NATIVE_ROWS)
+    at = next(i for i, r in enumerate(table) if r.scenario == "memory")
+    for count in reversed(meta.get("profile", {}).get("memory", {}).get("counts", [])):
+        table.insert(at, NativeRow(
+            f"n_memory_{count}", "memory per idle proxied connection (RSS), " + f"{count:,}".replace(",", " ")
+            + " conns", "KiB", "memory", f"kib_per_conn_{count}", target="≤ 4 KiB (HAProxy beside)",
+            check=_n_abs(lambda v: v <= 4.0),
+        ))  # fmt: skip
+    out = []
+    for row in table:
+        values: dict[str, float | None] = dict.fromkeys(NATIVE_COLUMNS)
+        notes: dict[str, str] = {}
+        if row.derive is not None:
+            values["native"] = row.derive(summary)
+            for column in NATIVE_COLUMNS[1:]:
+                notes[column] = "n/a"
+        else:
+            for column in NATIVE_COLUMNS:
+                name = (row.source or {}).get(column, column)
+                name, metric = name if isinstance(name, tuple) else (name, row.metric)
+                values[column] = _get(summary, row.scenario, name, metric)
+            if row.metric == "dp_us" or row.id == "n_storm_leaks":  # only native has these / cooldowns
+                for column in NATIVE_COLUMNS[1 if row.metric == "dp_us" else 2 :]:
+                    values[column], notes[column] = None, "n/a"
+            if row.scenario == "detect":
+                notes.update((c, "never") for c in ("nginx", "haproxy") if values[c] is None)
+        if row.needs_run and kind != "run":
+            values["native"], notes["native"] = None, "pending `dataplane: native`"
+        elif values["native"] is None and row.scenario in ("multicore", "brain"):
+            notes["native"] = "not run"
+        nv, ng, ha = values["native"], values["nginx"], values["haproxy"]
+        out.append({
+            "id": row.id, "label": row.label, "unit": row.unit, "fmt": row.fmt, "values": values, "notes": notes,
+            "ratio_to_nginx": nv / ng if row.ratios and nv is not None and ng else None,
+            "ratio_to_haproxy": nv / ha if row.ratios and nv is not None and ha else None,
+            "target": row.target, "met": row.check(values) if row.check else None,
+        })  # fmt: skip
+    return out
+
+
+def native_markdown(result: dict) -> str:
+    """The native table, its verdicts and what the native column was."""
+    rows_ = result.get("native_rows") or native_rows(result)
+    if not rows_:
+        return ""
+    kind = result["meta"].get("native")
+    what = ("`loopwatch run` with `dataplane: native`" if kind == "run" else
+            "the native listener alone (tests/benchmarks/native_target.py: one tokio thread, a Python thread "
+            "draining its events; the default `identity:` and `limits:` settings)")  # fmt: skip
+    lines = [
+        "#### The native data plane (issue 16)",
+        "",
+        f"native: {what}; same run, same load generator as the columns beside it, except the multicore and "
+        "brain rows (the C load generator, tests/benchmarks/cload.c).",
+        "",
+        "| figure | unit | native | loopwatch (Python) | nginx | HAProxy | native ÷ nginx | native ÷ HAProxy "
+        "| target (issue 16) | met? |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    met, unmet, unknown = [], [], []
+    for row in rows_:
+        vals = [_fmt(row["values"][c], row["fmt"], row["notes"].get(c, "")) for c in NATIVE_COLUMNS]
+        rn = f"{row['ratio_to_nginx']:.2f}×" if row["ratio_to_nginx"] is not None else "—"
+        rh = f"{row['ratio_to_haproxy']:.2f}×" if row["ratio_to_haproxy"] is not None else "—"
+        verdict = {True: "**yes**", False: "**no**", None: "—" if not row["target"] else "n/a"}[row["met"]]
+        lines.append(f"| {row['label']} | {row['unit']} | " + " | ".join(vals) + f" | {rn} | {rh} | {row['target']} | {verdict} |")
+        if row["target"]:
+            (met if row["met"] else unmet if row["met"] is False else unknown).append(row["id"])
+    lines += ["", f"Native targets met: {len(met)} of {len(met) + len(unmet) + len(unknown)}"
+              + (f" ({', '.join(met)})" if met else "") + "."]  # fmt: skip
+    if unmet:
+        lines.append("Not met: " + ", ".join(unmet) + ".")
+    if unknown:
+        lines.append("Not measurable in this run: " + ", ".join(unknown) + ".")
+    return "\n".join(lines) + "\n"

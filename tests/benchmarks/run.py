@@ -19,6 +19,16 @@ BENCH_LOOPWATCH_PYTHON overrides the interpreter command loopwatch runs under
 (default: this one), e.g. another venv, or "python -X importtime"; the JSON and
 the table record it.
 
+The native data plane (issue 16) runs beside them as the `native` target:
+`loopwatch run` with `dataplane: native` once that setting exists (--native
+run), until then the native listener alone with a Python thread draining its
+events (tests/benchmarks/native_target.py, --native bare; --native auto picks).
+Two scenarios are its own: `multicore` (refusal churn from the C load
+generator, tests/benchmarks/cload.c, against 1 and 2 tokio threads) and `brain`
+(events per second the draining thread keeps up with while feeding the real
+detection engine, and an overloaded brain: drops counted, traffic unaffected).
+Their table (report.native_markdown) follows the main one.
+
 Writes tests/benchmarks/results/latest.json (every run, the medians, the
 machine) and the markdown table, which also replaces the part of
 docs/performance.md between its bench markers (unless --no-docs).
@@ -46,12 +56,20 @@ from tests.benchmarks.targets import (
     ROOT,
     LoadGen,
     Proc,
+    build_cload,
     machine,
+    machine_busy_seconds,
+    named_thread_seconds,
+    named_thread_split,
+    native_stats,
     raise_nofile,
+    run_cload,
     start_backend,
     start_haproxy,
     start_loopwatch,
+    start_native,
     start_nginx,
+    thread_seconds,
     versions,
 )
 
@@ -71,6 +89,10 @@ PROFILES: dict[str, dict] = {
         "hold": {"clients": 10, "interval": 0.01, "quiet_s": 3.0, "storm_s": 20.0, "loopers": 100},
         "detect": {"rate": 20.0, "max_s": 3.0, "max_attempts": 60},
         "memory": {"counts": [2000, 10000], "reps": 1, "settle_s": 1.0, "after_close_s": 2.0},
+        "multicore": {"concurrency": 40, "seconds": 3.0, "max_ops": 1_000_000},
+        "brain": {"concurrency": 20, "seconds": 3.0, "max_ops": 1_000_000, "sources": 2000,
+                  "overload_rate": 2000.0, "overload_capacity": 4096,
+                  "saturated_interval": 0.05},
     },
     "quick": {
         "reps": 1,
@@ -83,6 +105,10 @@ PROFILES: dict[str, dict] = {
         "hold": {"clients": 10, "interval": 0.01, "quiet_s": 2.0, "storm_s": 6.0, "loopers": 100},
         "detect": {"rate": 20.0, "max_s": 2.0, "max_attempts": 40},
         "memory": {"counts": [2000], "reps": 1, "settle_s": 1.0, "after_close_s": 2.0},
+        "multicore": {"concurrency": 40, "seconds": 1.5, "max_ops": 500_000},
+        "brain": {"concurrency": 20, "seconds": 1.5, "max_ops": 500_000, "sources": 2000,
+                  "overload_rate": 2000.0, "overload_capacity": 4096,
+                  "saturated_interval": 0.05},
     },
     "smoke": {
         "reps": 1,
@@ -95,10 +121,33 @@ PROFILES: dict[str, dict] = {
         "hold": {"clients": 2, "interval": 0.01, "quiet_s": 0.3, "storm_s": 0.6, "loopers": 5},
         "detect": {"rate": 20.0, "max_s": 0.6, "max_attempts": 12},
         "memory": {"counts": [50], "reps": 1, "settle_s": 0.2, "after_close_s": 0.5},
+        "multicore": {"concurrency": 4, "seconds": 0.3, "max_ops": 300},
+        "brain": {"concurrency": 4, "seconds": 0.3, "max_ops": 600, "sources": 50,
+                  "overload_rate": 200.0, "overload_capacity": 64,
+                  "saturated_interval": 0.05},
     },
 }
 
-SCENARIOS = ("latency", "throughput", "large", "churn", "refusal", "detect", "storm", "hold", "memory")
+SCENARIOS = ("latency", "throughput", "large", "churn", "refusal", "detect", "storm", "hold", "multicore", "brain",
+             "memory")
+NATIVE = "native"  # the native data plane's column (issue 16)
+NATIVE_REFUSAL = ("native-http-429", "native-close-1013")
+# The multicore scenario: refusal churn against the native listener with 1 and 2
+# tokio worker threads (every client denied, HTTP 429: no backend in the cycle).
+MULTICORE_TARGETS = ("native-t1", "native-t2")
+# The brain scenario: the draining thread feeding the real engine, keeping up;
+# waiting after each batch (the large batches of a saturated brain: its cost per
+# event when it never waits for work); and capped below the offered rate (an
+# overloaded brain) with a small queue.
+BRAIN_TARGETS = ("native-brain", "native-brain-sat", "native-brain-over")
+# `loopwatch run` on the native data plane (W2's wiring of issue 16): prepended
+# to the config of every `native…` instance when --native run. While the native
+# data plane keys clients by address only, it refuses the default identity
+# sources; the harness then runs it with the second form, and gives every
+# target's churn, storm loopers and detection client loopback addresses of their
+# own (loadgen.py `sources`), so that a fleet is a fleet to every target.
+NATIVE_RUN_CONFIGS = ("dataplane: native\n", "dataplane: native\nidentity:\n  sources: [ip]\n")
+ADDRESS_SOURCES = 50_000  # churn: distinct loopback addresses (one per attempt, reused after 50 000)
 # The hold scenario: the storm against loopwatch with its default hold (policy.hold,
 # 2 s) and against a second loopwatch with the hold off.
 # A hundred clients failing auth at once open the auth breaker, whose refusals
@@ -171,6 +220,11 @@ class Bench:
         self.runs: list[dict] = []
         self.notes: list[str] = []
         self.features: dict[str, object] = {}
+        self.native: str | None = None  # "run" (loopwatch run, dataplane: native), "bare" or None
+        self.native_config = NATIVE_RUN_CONFIGS[0]
+        self.sources: dict[str, int] = {}  # loadgen `sources` for churn, storm, detect (see NATIVE_RUN_CONFIGS)
+        self.cload: Path | None = None
+        self.loadavg: list[float] = []  # 1-minute load average before each scenario run
         self.tag = 0
 
     # --- processes ---------------------------------------------------------------
@@ -190,9 +244,48 @@ class Bench:
         self.lg = LoadGen("loadgen", self.tmp)
         self.aux = LoadGen("loadgen-aux", self.tmp)
         self.features = self.probe_features()
+        self.native = self.choose_native()
+        if self.native:
+            self.procs[NATIVE] = self.start_target(NATIVE)
+            self.log(f"{NATIVE} ({self.native}) on {self.procs[NATIVE].port}")
+            try:
+                self.cload = build_cload(self.tmp)
+            except RuntimeError as e:
+                self.notes.append(f"multicore and brain not measured: {e}")
+
+    def choose_native(self) -> str | None:
+        """Which native target this run measures (--native auto: `loopwatch run` with
+        dataplane: native when this checkout accepts it, else the bare listener)."""
+        wanted = self.args.native
+        if wanted == "off":
+            return None
+        if wanted == "run" and not self.features.get("dataplane_native"):
+            self.notes.append("--native run: this checkout does not accept `dataplane: native`; "
+                              "measured the bare native listener instead")  # fmt: skip
+            return "bare"
+        if wanted == "auto":
+            wanted = "run" if self.features.get("dataplane_native") else "bare"
+        if wanted == "run":
+            self.native_config = str(self.features["dataplane_native_config"])
+            if "sources: [ip]" in self.native_config:
+                self.sources = {"churn": ADDRESS_SOURCES, "storm": 1, "detect": 1}
+                self.notes.append("native as `loopwatch run` keys clients by address: churn, storm loopers and "
+                                  "detection came from loopback addresses of their own, for every target")  # fmt: skip
+        return wanted
+
+    def main_targets(self) -> tuple[str, ...]:
+        """latency, throughput, large, churn: the four of issue 8, and native."""
+        return TARGETS + ((NATIVE,) if self.native else ())
+
+    def detection_targets(self) -> tuple[str, ...]:
+        """detect, storm: native only as `loopwatch run` (the bare listener has no brain
+        writing the enforcement table)."""
+        return TARGETS + ((NATIVE,) if self.native == "run" else ())
 
     def start_target(self, name: str, config: str | None = None) -> Proc:
         assert self.backend is not None
+        if name.startswith(NATIVE):
+            return self.start_native_target(name, config)
         if name == "loopwatch":
             return start_loopwatch(self.tmp, self.backend.port, config=config)
         if name == "nginx":
@@ -206,6 +299,25 @@ class Bench:
             how = name.split("-", 1)[1]
             return start_loopwatch(self.tmp, self.backend.port, name, DENY_CONFIG.format(how=how))
         raise ValueError(name)
+
+    def start_native_target(self, name: str, config: str | None) -> Proc:
+        assert self.backend is not None
+        how = name.split("-", 1)[1] if name in NATIVE_REFUSAL else None
+        if self.native == "run" and name in (NATIVE, *NATIVE_REFUSAL):
+            text = DENY_CONFIG.format(how=how) if how else (config or "")
+            return start_loopwatch(self.tmp, self.backend.port, name, self.native_config + text)
+        port = self.backend.port
+        if name in MULTICORE_TARGETS:
+            return start_native(self.tmp, port, name, threads=int(name[-1]), deny="http-429")
+        if name in BRAIN_TARGETS:
+            p = self.profile["brain"]
+            if name == "native-brain":
+                return start_native(self.tmp, port, name, engine=True)
+            if name == "native-brain-sat":
+                return start_native(self.tmp, port, name, engine=True, brain_interval=p["saturated_interval"])
+            return start_native(self.tmp, port, name, engine=True, queue_capacity=p["overload_capacity"],
+                                brain_rate=p["overload_rate"])  # fmt: skip
+        return start_native(self.tmp, port, name, deny=how)
 
     def restart(self, name: str, config: str | None = None) -> None:
         old = self.procs.get(name)
@@ -234,6 +346,15 @@ class Bench:
         dump = out.stdout
         features["detection"] = out.returncode == 0 and "\ndetection:" in "\n" + dump
         features["policy"] = out.returncode == 0 and "\npolicy:" in "\n" + dump
+        features["dataplane_native"] = False
+        for i, text in enumerate(NATIVE_RUN_CONFIGS):
+            path = self.tmp / f"probe-native-{i}.yaml"
+            path.write_text(text)
+            out = subprocess.run([*cmd, str(path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+            if out.returncode == 0 and "\ndataplane: native" in "\n" + out.stdout:
+                features["dataplane_native"], features["dataplane_native_config"] = True, text
+                break
+            features[f"dataplane_native_error_{i}"] = (out.stderr or out.stdout).strip().splitlines()[:3]
         for how in ("http-429", "close-1013"):
             path = self.tmp / f"probe-{how}.yaml"
             path.write_text(DENY_CONFIG.format(how=how))
@@ -275,6 +396,7 @@ class Bench:
         self.tag += 1
         command = {**command, "host": HOST, "port": proc.port, "tag": self.tag}
         u0, k0 = proc.split()
+        d0, du0 = thread_seconds(proc.pids())[1], named_thread_split(proc.pids())
         c0, s0, b0 = proc.cpu(), proc.sched(), self.backend.cpu() if self.backend else 0.0
         t0 = time.perf_counter()
         result = lg.call(command, timeout)
@@ -282,6 +404,10 @@ class Bench:
         time.sleep(0.02)  # let the target finish the work the last replies started
         c1, s1, b1 = proc.cpu(), proc.sched(), self.backend.cpu() if self.backend else 0.0
         u1, k1 = proc.split()
+        if target.startswith(NATIVE):  # its tokio threads' share (bare: the rest is the brain thread)
+            result["dp_s"] = thread_seconds(proc.pids())[1] - d0
+            du1 = named_thread_split(proc.pids())
+            result["dp_user_s"], result["dp_sys_s"] = du1[0] - du0[0], du1[1] - du0[1]
         result["cpu_user_s"], result["cpu_sys_s"] = u1 - u0, k1 - k0
         result["cpu_s"] = c1 - c0  # /proc/PID/stat utime+stime+cutime+cstime, 10 ms ticks
         result["sched_s"] = s1 - s0  # /proc/PID/task/*/schedstat, ns resolution
@@ -301,6 +427,16 @@ class Bench:
         return cpu / per * scale
 
     @staticmethod
+    def dp_per_op(r: dict, per: float) -> dict:
+        """The native target's tokio threads' CPU µs per operation (schedstat)."""
+        if not per or r.get("failed") or r.get("dp_s") is None:
+            return {}
+        out = {"dp_us": r["dp_s"] / per * 1e6}
+        if r.get("dp_user_s") is not None:
+            out.update(dp_user_us=r["dp_user_s"] / per * 1e6, dp_sys_us=r["dp_sys_s"] / per * 1e6)
+        return out
+
+    @staticmethod
     def split_per_op(r: dict, per: float) -> dict:
         """User and system CPU µs per operation (from /proc/PID/stat ticks)."""
         if not per or r.get("failed") or "cpu_user_s" not in r:
@@ -318,20 +454,23 @@ class Bench:
 
     # --- scenarios ---------------------------------------------------------------
 
-    def rounds(self, rep: int, command: dict, timeout: float, rounds: int) -> dict[str, dict]:
+    def rounds(self, rep: int, command: dict, timeout: float, rounds: int,
+               targets: tuple[str, ...] = TARGETS) -> dict[str, dict]:
         """Sub-second scenarios: `rounds` runs per target (interleaved), pooled into one
         result per target: operations and CPU summed (so CPU per operation spans all
         rounds, not one run's few ticks), rates and percentiles the median of the rounds."""
         pooled: dict[str, list[dict]] = {}
         for _ in range(rounds):
-            for target in self.order(rep):
+            for target in self.order(rep, targets):
                 pooled.setdefault(target, []).append(self.measure(target, command, timeout))
         out = {}
         for target, results in pooled.items():
             ok = [r for r in results if not r.get("failed")]
             merged: dict = {"rounds": len(results), "failed": next((r["failed"] for r in results if r.get("failed")), None)}
             for key in ("ops", "mib", "errors", "cpu_s", "sched_s", "cpu_user_s", "cpu_sys_s", "backend_cpu_s",
-                        "loadgen_cpu_s", "elapsed_s"):
+                        "loadgen_cpu_s", "elapsed_s", "dp_s", "dp_user_s", "dp_sys_s"):
+                if key.startswith("dp_") and not any(key in r for r in ok):
+                    continue  # only the native target has tokio threads
                 merged[key] = sum(r.get(key, 0) or 0 for r in ok) + (len(results) - len(ok) if key == "errors" else 0)
             for key in ("p50_us", "p90_us", "p99_us", "max_us", "rate"):
                 merged[key] = median([r.get(key) for r in ok])
@@ -343,29 +482,29 @@ class Bench:
     def s_latency(self, rep: int) -> None:
         p = self.profile["latency"]
         command = {"op": "latency", "n": p["n"], "max_s": p["max_s"]}
-        pooled = self.rounds(rep, command, p["max_s"] + 60, p.get("rounds", 1))
-        for target in self.order(rep):
+        pooled = self.rounds(rep, command, p["max_s"] + 60, p.get("rounds", 1), self.main_targets())
+        for target in self.order(rep, self.main_targets()):
             r = pooled[target]
             self.record("latency", target, rep, r, {
                 "p50_us": r.get("p50_us"), "p99_us": r.get("p99_us"),
-                "cpu_us_per_rtt": self.cpu_per_op(r, r.get("ops", 0)), **self.split_per_op(r, r.get("ops", 0)),
+                "cpu_us_per_rtt": self.cpu_per_op(r, r.get("ops", 0)), **self.split_per_op(r, r.get("ops", 0)), **self.dp_per_op(r, r.get("ops", 0)),
                 "errors": r.get("errors", 1 if r.get("failed") else 0),
             })
 
     def s_throughput(self, rep: int) -> None:
         p = dict(self.profile["throughput"])
         rounds = p.pop("rounds", 1)
-        pooled = self.rounds(rep, {"op": "throughput", **p}, p["max_s"] + 60, rounds)
-        for target in self.order(rep):
+        pooled = self.rounds(rep, {"op": "throughput", **p}, p["max_s"] + 60, rounds, self.main_targets())
+        for target in self.order(rep, self.main_targets()):
             r = pooled[target]
             self.record("throughput", target, rep, r, {
-                "msgs_per_s": r.get("rate"), "cpu_us_per_msg": self.cpu_per_op(r, r.get("ops", 0)), **self.split_per_op(r, r.get("ops", 0)),
+                "msgs_per_s": r.get("rate"), "cpu_us_per_msg": self.cpu_per_op(r, r.get("ops", 0)), **self.split_per_op(r, r.get("ops", 0)), **self.dp_per_op(r, r.get("ops", 0)),
                 "errors": r.get("errors", 1 if r.get("failed") else 0),
             })
 
     def s_large(self, rep: int) -> None:
         p = self.profile["large"]
-        for target in self.order(rep):
+        for target in self.order(rep, self.main_targets()):
             r = self.measure(target, {"op": "large", **p}, p["max_s"] + 60)
             self.record("large", target, rep, r, {
                 "mib_per_s": r.get("rate"), "cpu_ms_per_mib": self.cpu_per_op(r, r.get("mib", 0), 1e3),
@@ -375,12 +514,12 @@ class Bench:
 
     def s_churn(self, rep: int) -> None:
         p = self.profile["churn"]
-        for target in self.order(rep):
-            if target == "loopwatch":
-                self.reset_loopwatch()
-            r = self.measure(target, {"op": "churn", **p}, p["max_s"] + 60)
+        for target in self.order(rep, self.main_targets()):
+            if target in ("loopwatch", NATIVE):
+                self.reset_loopwatch(target)
+            r = self.measure(target, {"op": "churn", **p, "sources": self.sources.get("churn", 0)}, p["max_s"] + 60)
             self.record("churn", target, rep, r, {
-                "cycles_per_s": r.get("rate"), "cpu_us_per_cycle": self.cpu_per_op(r, r.get("ops", 0)), **self.split_per_op(r, r.get("ops", 0)),
+                "cycles_per_s": r.get("rate"), "cpu_us_per_cycle": self.cpu_per_op(r, r.get("ops", 0)), **self.split_per_op(r, r.get("ops", 0)), **self.dp_per_op(r, r.get("ops", 0)),
                 "cycle_p50_ms": (r["p50_us"] / 1000) if r.get("p50_us") else None,
                 "errors": r.get("errors", 1 if r.get("failed") else 0),
             })
@@ -390,13 +529,13 @@ class Bench:
         for how in ("http-429", "close-1013"):
             if self.features.get(f"deny_{how}"):
                 names.append(f"loopwatch-{how}")
-        return (*names, "nginx", "haproxy", "direct")
+        return (*names, *(NATIVE_REFUSAL if self.native else ()), "nginx", "haproxy", "direct")
 
     def s_refusal(self, rep: int) -> None:
         p = self.profile["refusal"]
         targets = self.refusal_targets()
         for name in targets:
-            if name.startswith("loopwatch-") and name not in self.procs:
+            if name.startswith(("loopwatch-", "native-")) and name not in self.procs:
                 try:
                     self.procs[name] = self.start_target(name)
                 except RuntimeError as e:
@@ -406,19 +545,19 @@ class Bench:
                     self.notes.append(f"{name} did not start: {str(e)[-300:]}")
         targets = self.refusal_targets()
         for target in self.order(rep, targets):
-            expect = "close" if target == "loopwatch-close-1013" else "http"
+            expect = "close" if target.endswith("close-1013") else "http"
             r = self.measure(target, {"op": "refusal", "expect": expect, "path": "/refuse", **p}, p["max_s"] + 60)
             self.record("refusal", target, rep, r, {
-                "refusals_per_s": r.get("rate"), "cpu_us_per_refusal": self.cpu_per_op(r, r.get("ops", 0)), **self.split_per_op(r, r.get("ops", 0)),
+                "refusals_per_s": r.get("rate"), "cpu_us_per_refusal": self.cpu_per_op(r, r.get("ops", 0)), **self.split_per_op(r, r.get("ops", 0)), **self.dp_per_op(r, r.get("ops", 0)),
                 "errors": r.get("errors", 1 if r.get("failed") else 0),
             })
 
     def s_detect(self, rep: int) -> None:
         p = self.profile["detect"]
-        for target in self.order(rep):
-            if target == "loopwatch":
-                self.reset_loopwatch()
-            r = self.measure(target, {"op": "detect", **p}, p["max_s"] + 60)
+        for target in self.order(rep, self.detection_targets()):
+            if target in ("loopwatch", NATIVE):
+                self.reset_loopwatch(target)
+            r = self.measure(target, {"op": "detect", **p, "sources": self.sources.get("detect", 0)}, p["max_s"] + 60)
             self.record("detect", target, rep, r, {
                 "attempts": r.get("refused_at_attempt"), "seconds": r.get("refused_after_s"),
                 "answered_s": r.get("answered_after_s"), "tried": r.get("attempts"),
@@ -427,9 +566,9 @@ class Bench:
     def s_storm(self, rep: int) -> None:
         p = self.profile["storm"]
         assert self.aux is not None and self.lg is not None and self.backend is not None
-        for target in self.order(rep):
-            if target == "loopwatch":
-                self.reset_loopwatch()
+        for target in self.order(rep, self.detection_targets()):
+            if target in ("loopwatch", NATIVE):
+                self.reset_loopwatch(target)
             ping = {"op": "pings", "clients": p["clients"], "interval": p["interval"]}
             quiet = self.measure(target, {**ping, "duration": p["quiet_s"]}, p["quiet_s"] + 60)
             stats0 = self.backend_stats()
@@ -437,7 +576,8 @@ class Bench:
             c0 = proc.cpu()
             self.tag += 1
             self.aux.send({"op": "storm", "host": HOST, "port": proc.port, "tag": self.tag,
-                           "loopers": p["loopers"], "duration": p["storm_s"], "start_delay": 0.3})
+                           "loopers": p["loopers"], "duration": p["storm_s"], "start_delay": 0.3,
+                           "sources": self.sources.get("storm", 0)})
             stormy = self.measure(target, {**ping, "duration": p["storm_s"]}, p["storm_s"] + 60)
             storm = self.aux.receive(p["storm_s"] + 60)
             cpu = proc.cpu() - c0
@@ -456,8 +596,9 @@ class Bench:
                 "leaks": storm.get("leaks"),
                 "cpu_us_per_attempt": (cpu / attempts * 1e6) if attempts else None,
             })
-        if "loopwatch" in self.procs:
-            self.reset_loopwatch()
+        for name in ("loopwatch", NATIVE):
+            if name in self.procs:
+                self.reset_loopwatch(name)
 
     def s_hold(self, rep: int) -> None:
         """The storm with the hold on (loopwatch's default) and off: healthy pings
@@ -510,6 +651,101 @@ class Bench:
             })
             self.reset_loopwatch(target)
 
+    def measure_c(self, target: str, mode: str, p: dict, sources: int = 0) -> dict:
+        """One run of the C load generator against `target`: the target's CPU (every
+        thread, and its tokio threads apart) and the generator's own, around it."""
+        assert self.cload is not None
+        proc = self.procs[target]
+        c0, d0 = thread_seconds(proc.pids())
+        w0, m0, t0 = named_thread_seconds(proc.pids()), machine_busy_seconds(), time.perf_counter()
+        r = run_cload(self.cload, proc.port, mode, concurrency=p["concurrency"], seconds=p["seconds"],
+                      max_ops=p["max_ops"], sources=sources)  # fmt: skip
+        time.sleep(0.02)  # the target finishes the work the last replies started
+        c1, d1 = thread_seconds(proc.pids())
+        w1, m1 = named_thread_seconds(proc.pids()), machine_busy_seconds()
+        r["wall_s"] = time.perf_counter() - t0
+        r["sched_s"], r["dp_s"], r["machine_busy_s"] = c1 - c0, d1 - d0, m1 - m0
+        # what every other process of the machine took meanwhile (other jobs, the backend)
+        r["others_s"] = max(0.0, r["machine_busy_s"] - r["sched_s"] - r["loadgen_cpu_s"])
+        r["dp_threads_s"] = sorted((w1[t] - w0.get(t, 0.0) for t in w1), reverse=True)
+        return r
+
+    def start_c_targets(self, names: tuple[str, ...], mode: str, sources: int = 0) -> None:
+        """Start the scenario's targets (once) and warm each up: first-use costs land in no figure."""
+        assert self.cload is not None
+        for name in names:
+            if name not in self.procs:
+                self.procs[name] = self.start_target(name)
+                run_cload(self.cload, self.procs[name].port, mode, concurrency=4, seconds=0.2, max_ops=100_000,
+                          sources=sources)  # fmt: skip
+
+    def s_multicore(self, rep: int) -> None:
+        """CPU-bound churn against the native listener with 1 and 2 tokio threads:
+        refusal cycles (connect + upgrade + HTTP 429 + close; every client denied, so
+        no backend in the cycle: the Python echo backend would be the bottleneck of a
+        proxied churn) from the C load generator, `concurrency` loops, unpinned.
+        Besides cycles/s: CPU per cycle of the target (all threads, tokio threads)
+        and of the generator, and the cores each used, from which the report derives
+        what two cores can show at most."""
+        if self.cload is None:
+            return
+        p = self.profile["multicore"]
+        self.start_c_targets(MULTICORE_TARGETS, "http")
+        for target in self.order(rep, MULTICORE_TARGETS):
+            r = self.measure_c(target, "http", p)
+            ops, wall = r.get("ops", 0), r.get("elapsed_s") or p["seconds"]
+            self.record("multicore", target, rep, r, {
+                "cycles_per_s": r.get("rate"),
+                "cpu_us_per_cycle": r["sched_s"] / ops * 1e6 if ops else None,
+                "dp_us_per_cycle": r["dp_s"] / ops * 1e6 if ops else None,
+                "loadgen_us_per_cycle": r["loadgen_cpu_s"] / ops * 1e6 if ops else None,
+                "target_cores": r["sched_s"] / wall, "dp_cores": r["dp_s"] / wall,
+                "loadgen_cores": r["loadgen_cpu_s"] / wall,
+                "others_cores": r["others_s"] / r["wall_s"],
+                # how evenly the tokio threads shared the work (1 thread: 1.0; 2 even: 0.5)
+                "dp_busiest_share": r["dp_threads_s"][0] / r["dp_s"] if r["dp_s"] > 0 else None,
+                "errors": r.get("errors", 0),
+            })
+
+    def s_brain(self, rep: int) -> None:
+        """Events per second the brain keeps up with on one core: churn (Attempt,
+        Opened, Closed per cycle) from a fleet of `sources` loopback addresses (one
+        client key each) against the native listener whose draining thread feeds
+        the real detection engine; its CPU per event is the figure (1 / that = events
+        per second of one core). Then the same traffic against an overloaded brain
+        (capped at `overload_rate` events/s, queue of `overload_capacity`): events
+        dropped and counted, cycles/s and errors beside the brain that keeps up."""
+        if self.cload is None:
+            return
+        p = self.profile["brain"]
+        self.start_c_targets(BRAIN_TARGETS, "churn", p["sources"])
+        for target in self.order(rep, BRAIN_TARGETS):
+            proc = self.procs[target]
+            s0 = native_stats(proc)
+            r = self.measure_c(target, "churn", p, sources=p["sources"])
+            time.sleep(0.3)  # the brain drains what the last cycles queued
+            s1 = native_stats(proc)
+            delta = {k: s1[k] - s0[k] for k in ("events", "events_dropped", "brain_cpu_s", "queued",
+                                                 "engine_rejects", "accepted")}  # fmt: skip
+            r["brain"] = delta
+            ops, wall = r.get("ops", 0), r.get("elapsed_s") or p["seconds"]
+            events, dropped = delta["events"], delta["events_dropped"]
+            offered = events + dropped + delta["queued"]
+            per_event = delta["brain_cpu_s"] / events * 1e6 if events else None
+            self.record("brain", target, rep, r, {
+                "events_per_s_offered": offered / wall,
+                "brain_us_per_event": per_event,
+                "events_per_core_s": 1e6 / per_event if per_event else None,
+                "brain_cores": delta["brain_cpu_s"] / wall,
+                "events_dropped": dropped,
+                "dropped_pct": 100.0 * dropped / offered if offered else None,
+                "engine_rejects": delta["engine_rejects"],
+                "cycles_per_s": r.get("rate"),
+                "dp_us_per_cycle": r["dp_s"] / ops * 1e6 if ops else None,
+                "others_cores": r["others_s"] / r["wall_s"],
+                "errors": r.get("errors", 0),
+            })
+
     def backend_stats(self) -> dict:
         assert self.backend is not None
         try:
@@ -523,8 +759,9 @@ class Bench:
         proxied connections, and after they close."""
         p = self.profile["memory"]
         assert self.lg is not None
-        for target in self.order(rep, ("loopwatch", "nginx", "haproxy")):
-            self.restart(target, MEMORY_CONFIG if target == "loopwatch" else None)
+        targets = ("loopwatch", "nginx", "haproxy") + ((NATIVE,) if self.native else ())
+        for target in self.order(rep, targets):
+            self.restart(target, MEMORY_CONFIG if target in ("loopwatch", NATIVE) else None)
             proc = self.procs[target]
             # Warm up (first-use allocations are not per-connection cost), then settle.
             self.measure(target, {"op": "hold", "n": 20, "concurrency": 20}, 60)
@@ -560,6 +797,7 @@ class Bench:
         started = time.time()
         t0 = time.perf_counter()
         wanted = self.args.scenarios.split(",") if self.args.scenarios else list(SCENARIOS)
+        machine_at_start = machine()  # its load average is the one at the start
         try:
             self.start()
             self.log(f"features: {self.features}")
@@ -568,12 +806,13 @@ class Bench:
                 self.log(f"repetition {rep + 1}/{self.profile['reps']}")
                 for name in SCENARIOS:
                     if name in wanted and name != "memory":
-                        getattr(self, f"s_{name}")(rep)
+                        self.loadavg.append(float(Path("/proc/loadavg").read_text().split()[0]))
+                        self.scenario(name, rep)
             if "memory" in wanted:
                 if self.memory_cap_note:
                     self.notes.append(self.memory_cap_note)
                 for rep in range(self.profile["memory"]["reps"]):
-                    self.s_memory(rep)
+                    self.scenario("memory", rep)
         finally:
             self.stop()
             if self.args.keep_temp:
@@ -587,11 +826,14 @@ class Bench:
                 "profile": self.profile,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
                 "duration_s": round(time.perf_counter() - t0, 1),
-                "machine": machine(),
+                "loadavg_at_end": Path("/proc/loadavg").read_text().split()[:3],
+                "loadavg_1m_range": [min(self.loadavg), max(self.loadavg)] if self.loadavg else None,
+                "machine": machine_at_start,
                 "versions": versions(),
                 "nofile": self.nofile,
                 "loopwatch_python": " ".join(self.loopwatch_python()),
                 "features": self.features,
+                "native": self.native,
                 "notes": self.notes,
                 "caveats": report.CAVEATS,
             },
@@ -599,14 +841,26 @@ class Bench:
         }
         result["summary"] = summarize(self.runs)
         result["rows"] = report.rows(result)
+        result["native_rows"] = report.native_rows(result)
         return result
+
+    def scenario(self, name: str, rep: int) -> None:
+        """One scenario's repetition. A target that fails to start or answer costs
+        that scenario's figures (said in the run notes), not the whole run's."""
+        try:
+            getattr(self, f"s_{name}")(rep)
+        except (RuntimeError, OSError, ValueError) as e:
+            last = str(e).strip().splitlines()[-1:] or [type(e).__name__]  # a traceback's last line says it
+            self.notes.append(f"{name} (repetition {rep + 1}) failed: {last[0][-300:]}")
+            self.log(f"  {name} failed: {e}")
 
     def warm_up(self) -> None:
         """A short untimed pass per target, so first-use costs land in no scenario."""
-        for target in TARGETS:
+        for target in self.main_targets():
             self.lg.call({"op": "latency", "n": 200, "host": HOST, "port": self.procs[target].port}, 60)  # type: ignore[union-attr]
             self.lg.call({"op": "churn", "workers": 4, "max_s": 0.2, "host": HOST, "port": self.procs[target].port}, 60)  # type: ignore[union-attr]
         self.reset_loopwatch()
+        self.reset_loopwatch(NATIVE)
 
     def command(self) -> str:
         args = " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -662,6 +916,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="where to write the JSON (default results/latest.json; smoke: results/smoke.json)")
     parser.add_argument("--markdown", type=Path, help="also write the markdown table here")
     parser.add_argument("--no-docs", action="store_true", help="do not update docs/performance.md")
+    parser.add_argument("--native", choices=("auto", "run", "bare", "off"), default="auto",
+                        help="the native data plane's column: `loopwatch run` with dataplane: native (run), "
+                        "the native listener alone (bare), auto (run when the setting exists), off")
     parser.add_argument("--keep-temp", action="store_true", help="keep the temp dir (generated configs, logs)")
     parser.add_argument("--silent", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)

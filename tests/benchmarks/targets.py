@@ -250,22 +250,146 @@ def start_loopwatch(tmp: Path, backend_port: int, name: str = "loopwatch", confi
 
 
 def start_native(tmp: Path, backend_port: int, name: str = "native", *, threads: int = 1,
-                 deny: str | None = None) -> Proc:
+                 deny: str | None = None, engine: bool = False, queue_capacity: int | None = None,
+                 brain_rate: float | None = None, brain_interval: float | None = None) -> Proc:
     """The native listener (tests/benchmarks/native_target.py); `deny`: refuse every
-    loopback client with "http-429" or "close-1013"."""
+    loopback client with "http-429" or "close-1013"; `engine`: its brain thread feeds
+    the real detection engine; `brain_rate`: an overloaded brain (events/s at most).
+    `native_stats(proc)` asks it for its counters."""
     log = tmp / f"{name}.log"
     cmd = [sys.executable, "-m", "tests.benchmarks.native_target",
            "--upstream", f"ws://{HOST}:{backend_port}", "--threads", str(threads)]
     if deny is not None:
         cmd += ["--deny", "--reject-with", deny]
-    proc = _popen(cmd, log, cwd=ROOT, stdout=subprocess.PIPE)
+    if engine:
+        cmd.append("--engine")
+    if queue_capacity is not None:
+        cmd += ["--queue-capacity", str(queue_capacity)]
+    if brain_rate is not None:
+        cmd += ["--brain-rate", str(brain_rate)]
+    if brain_interval is not None:
+        cmd += ["--brain-interval", str(brain_interval)]
+    proc = _popen(cmd, log, cwd=ROOT, stdout=subprocess.PIPE, stdin=subprocess.PIPE)
     try:
         info = json.loads(_readline(proc, 30.0))
     except (RuntimeError, ValueError) as e:
         proc.kill()
         raise RuntimeError(f"{name} did not start: {e}: {_tail(log)}") from None
     port = int(str(info["proxy"]).rsplit(":", 1)[1])
-    return Proc(name, proc, port, log)
+    return Proc(name, proc, port, log, extra={"native": "bare"})
+
+
+def native_stats(proc: Proc, timeout: float = 10.0) -> dict:
+    """The counters of a native_target process (events drained and dropped, the
+    brain thread's CPU seconds, the listener's counters)."""
+    assert proc.proc.stdin is not None
+    proc.proc.stdin.write(b"stats\n")
+    proc.proc.stdin.flush()
+    return json.loads(_readline(proc.proc, timeout))
+
+
+DATA_PLANE_THREADS = "loopwatch-datap"  # tokio's worker name, cut to 15 characters by the kernel
+
+
+def thread_seconds(pids: list[int], prefix: str = DATA_PLANE_THREADS) -> tuple[float, float]:
+    """(every thread, threads whose name starts with `prefix`) on-CPU seconds of the
+    processes (/proc/PID/task/*/schedstat, ns resolution)."""
+    total = named = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except FileNotFoundError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    ns = int(f.read().split()[0])
+                with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                    comm = f.read().strip()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            total += ns
+            if comm.startswith(prefix):
+                named += ns
+    return total / 1e9, named / 1e9
+
+
+def named_thread_seconds(pids: list[int], prefix: str = DATA_PLANE_THREADS) -> dict[int, float]:
+    """On-CPU seconds of each thread whose name starts with `prefix`, by thread id."""
+    out: dict[int, float] = {}
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except FileNotFoundError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                    if not f.read().startswith(prefix):
+                        continue
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    out[int(tid)] = int(f.read().split()[0]) / 1e9
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+    return out
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine spent busy since boot (/proc/stat:
+    everything but idle and iowait), to tell what other processes took."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
+
+
+def named_thread_split(pids: list[int], prefix: str = DATA_PLANE_THREADS) -> tuple[float, float]:
+    """(user, system) seconds of the threads whose name starts with `prefix`
+    (/proc/PID/task/TID/stat, 10 ms ticks)."""
+    user = system = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except FileNotFoundError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                    if not f.read().startswith(prefix):
+                        continue
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            user += int(fields[11])
+            system += int(fields[12])
+    return user / CLK_TCK, system / CLK_TCK
+
+
+def build_cload(tmp: Path) -> Path:
+    """Compile tests/benchmarks/cload.c (the C load generator) into `tmp`; raises
+    RuntimeError when there is no C compiler or the build fails."""
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc) for tests/benchmarks/cload.c")
+    out = tmp / "cload"
+    done = subprocess.run([cc, "-O2", "-o", str(out), str(ROOT / "tests" / "benchmarks" / "cload.c")],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"cload.c did not build: {done.stderr[-1000:]}")
+    return out
+
+
+def run_cload(binary: Path, port: int, mode: str, *, concurrency: int, seconds: float, max_ops: int,
+              sources: int = 0, cpu: int = -1) -> dict:
+    """One run of the C load generator (see cload.c): its JSON result, plus its
+    CPU seconds as `loadgen_cpu_s`."""
+    cmd = [str(binary), HOST, str(port), mode, str(concurrency), str(seconds), str(max_ops), str(sources), str(cpu)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    if done.returncode != 0:
+        raise RuntimeError(f"cload failed ({done.returncode}): {done.stderr[-500:]}")
+    result = json.loads(done.stdout)
+    result["loadgen_cpu_s"] = result["cpu_user_s"] + result["cpu_sys_s"]
+    return result
 
 
 def nginx_config(tmp: Path, port: int, backend_port: int, nofile: int) -> str:

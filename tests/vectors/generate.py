@@ -9,7 +9,9 @@ proxy/dataplane/heads.py + the listener's upgrade checks. frames.json: WebSocket
 (every violation, every length form, close payloads, fragmentation, size
 limits, seeded random streams) cut at chosen places, with what
 proxy/dataplane/frames.py forwarded, counted and refused; and close frames built by
-build_close_frame. The Python parser is the reference: tests/test_vectors.py
+build_close_frame. identity.json: request heads under several `identity:`
+configurations (tests/vectors/identity_cases.py) with the client key and
+address proxy/dataplane/identity.py gives them. The Python code is the reference: tests/test_vectors.py
 checks the files still hold its answers, the Rust core's tests replay them.
 
 Deterministic (seeded): running it again on unchanged code rewrites the same
@@ -25,12 +27,15 @@ from typing import Any
 
 from tests.test_bad_input import BAD_REQUESTS
 from tests.test_frames import frame  # the tests' own frame encoder, lying headers included
+from tests.vectors import identity_cases
 from tests.vectors.reference import (
     FRAME_BUILDS,
     close_frame_answer,
     expand_cuts,
     frames_answer,
     head_answer,
+    identity_answer,
+    native_spec,
     text,
     unpack,
 )
@@ -848,9 +853,37 @@ def dump(path: Path, data: dict[str, Any]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def identity_vectors() -> dict[str, Any]:
+    configs = identity_cases.configs()
+    cases = [
+        {
+            "config": config,
+            "name": name,
+            "head": text(data),
+            "peer": peer,
+            "expect": identity_answer(configs[config], data, peer, identity_cases.NOW),
+        }
+        for config, name, data, peer in identity_cases.cases()
+    ]
+    return {
+        "about": "Client identity: for each configuration (as IdentitySettings takes it, and as "
+        "native.identity_spec passes it to the Rust Identity), request heads from a peer and "
+        "proxy/dataplane/identity.py's answer at the clock `now` (seconds since the epoch). "
+        "Written by tests/vectors/generate.py (inputs in tests/vectors/identity_cases.py), "
+        "checked by tests/test_vectors.py and proxy/dataplane/core/tests/vectors.rs.",
+        "now": identity_cases.NOW,
+        "configs": {
+            name: {"settings": config, "native": native_spec(config)}
+            for name, config in configs.items()
+        },
+        "cases": cases,
+    }
+
+
 def main() -> None:
     dump(HERE / "request_heads.json", head_vectors())
     dump(HERE / "frames.json", frame_vectors())
+    dump(HERE / "identity.json", identity_vectors())
 
 
 if __name__ == "__main__":

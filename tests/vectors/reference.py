@@ -13,7 +13,14 @@ are stored as hex.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+from unittest import mock
+
+import jwt
 
 from loopwatch.proxy.dataplane.frames import PyFrameParser, build_close_frame, load_compiled
 from loopwatch.proxy.dataplane.heads import (
@@ -22,6 +29,9 @@ from loopwatch.proxy.dataplane.heads import (
     simple_response,
     validate_websocket_upgrade,
 )
+from loopwatch.proxy.dataplane.identity import Identifier
+from loopwatch.proxy.dataplane.native import identity_spec
+from loopwatch.proxy.dataplane.settings import IdentitySettings
 
 # No head is larger than this in the byte-by-byte pass that finds where a
 # head ends (the size limit is exercised by the single-read pass).
@@ -211,3 +221,66 @@ def close_frame_answer(code: int, reason: str, masked: bool) -> dict[str, Any]:
             b ^ key[i % 4] for i, b in enumerate(payload)
         )
     return {"frame": frame.hex()}
+
+
+# --- identity ------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def frozen_jwt_clock(now: float) -> Iterator[None]:
+    """PyJWT judges exp/nbf/iat by `datetime.now(tz=timezone.utc)` in
+    jwt.api_jwt: pin it to `now` (seconds since the epoch) so the vectors'
+    expired and not-yet-valid tokens stay so. A PyJWT that reads the clock
+    another way shows up as wrong answers for the clock cases, not as a pass."""
+
+    class Frozen(datetime.datetime):
+        @classmethod
+        def now(cls, tz: datetime.tzinfo | None = None) -> Any:  # type: ignore[override]
+            return datetime.datetime.fromtimestamp(now, tz)
+
+    with mock.patch.object(jwt.api_jwt, "datetime", Frozen):
+        yield
+
+
+@contextlib.contextmanager
+def identity_settings(config: dict[str, Any]) -> Iterator[IdentitySettings]:
+    """The IdentitySettings of a vector configuration (its key file's
+    contents written to a temporary file)."""
+    jwt_config = dict(config["jwt"])
+    pem = jwt_config.pop("public_key_pem")
+    with tempfile.TemporaryDirectory() as tmp:
+        if pem is not None:
+            path = Path(tmp) / "key.pem"
+            path.write_text(pem)
+            jwt_config["public_key_file"] = str(path)
+        yield IdentitySettings.model_validate({**config, "jwt": jwt_config})
+
+
+def native_spec(config: dict[str, Any]) -> dict[str, Any]:
+    """What native.py passes to the Rust Identity for this configuration,
+    bytes as latin-1 text (JSON)."""
+    with identity_settings(config) as settings:
+        spec = identity_spec(settings)
+    for name in ("secret", "public_key_pem"):
+        if spec[name] is not None:
+            spec[name] = text(spec[name])
+    return spec
+
+
+def identity_answer(config: dict[str, Any], data: bytes, peer: str, now: float) -> dict[str, Any]:
+    """Identifier.identify's answer for a request head (complete and valid)
+    from `peer`, at `now`. A fresh Identifier each time, so that its cache of
+    verified tokens (which only skips work) plays no part."""
+    parser = HeadParser(_UNLIMITED)
+    head = parser.feed(data)
+    assert head is not None, "an identity vector's head must be complete"
+    with identity_settings(config) as settings:
+        identifier = Identifier(settings)
+    with frozen_jwt_clock(now):
+        client = identifier.identify(head.text_headers(), head.query, peer)
+    return {
+        "key": client.key,
+        "source": client.source,
+        "address": client.address,
+        "verified": client.verified,
+    }

@@ -13,10 +13,16 @@
 //!   loopwatch writes itself.
 //! * [`table`]: the enforcement table the brain writes and the data plane reads
 //!   at admission, lock-free.
+//! * [`body`]: a plain request's chunked body, decoded as strictly as llhttp,
+//!   and the chunk framing loopwatch writes.
+//! * [`identity`]: the client's key and address from its request head
+//!   (identity sources, trusted X-Forwarded-For, binding, JWT verification).
 //! * [`events`]: the connection events the data plane emits and the bounded
 //!   queue that carries them to the brain without ever blocking traffic.
 
+pub mod body;
 pub mod events;
 pub mod frames;
 pub mod head;
+pub mod identity;
 pub mod table;

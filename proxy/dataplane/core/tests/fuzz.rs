@@ -10,10 +10,13 @@
 //! * the frame watcher gives the same headers, counts and verdict however a
 //!   stream is cut into chunks;
 //! * the frame watcher reads a header as tungstenite's `FrameHeader::parse`
-//!   does, and close frames it builds parse back (by both).
+//!   does, and close frames it builds parse back (by both);
+//! * the chunked-body decoder reads loopwatch's own framing back, and gives the
+//!   same body or error however its input is cut.
 
 use std::io::Cursor;
 
+use loopwatch_dataplane_core::body::{encode_chunk, ChunkError, ChunkedDecoder, LAST_CHUNK};
 use loopwatch_dataplane_core::frames::{
     build_close_frame, close_code_valid, FrameError, FrameHeader, FrameWatcher, Side,
     WatcherConfig, MAX_CLOSE_REASON,
@@ -416,5 +419,62 @@ proptest! {
         prop_assert_eq!(u8::from(theirs.opcode), 0x8);
         prop_assert_eq!(theirs.mask, masked.then_some(key));
         prop_assert_eq!(length as usize, 2 + seen.reason.len());
+    }
+}
+
+// --- chunked request bodies -----------------------------------------------------
+
+/// Decode `data` cut at `cuts`: the body, the bytes used, or the error.
+fn decode_cut(data: &[u8], cuts: &[usize]) -> Result<(Vec<u8>, usize, bool), ChunkError> {
+    let mut decoder = ChunkedDecoder::new(1024);
+    let mut out = Vec::new();
+    let mut at = 0;
+    let mut bounds: Vec<usize> = cuts.iter().map(|c| c % (data.len() + 1)).collect();
+    bounds.push(data.len());
+    bounds.sort_unstable();
+    for end in bounds {
+        if end < at {
+            continue;
+        }
+        let r = decoder.decode(&data[at..end], &mut out)?;
+        at += r.consumed;
+        if r.done {
+            return Ok((out, at, true));
+        }
+    }
+    Ok((out, at, false))
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// What loopwatch frames decodes back to the same data, however it is cut,
+    /// and the bytes after the body are left for the next request.
+    #[test]
+    fn fuzz_chunked_round_trip(
+        pieces in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..40), 0..8),
+        tail in prop::collection::vec(any::<u8>(), 0..10),
+        cuts in prop::collection::vec(any::<usize>(), 0..6),
+    ) {
+        let mut framed = Vec::new();
+        for piece in &pieces {
+            encode_chunk(piece, &mut framed);
+        }
+        framed.extend_from_slice(LAST_CHUNK);
+        let body_len = framed.len();
+        framed.extend_from_slice(&tail);
+        let (out, used, done) = decode_cut(&framed, &cuts).expect("loopwatch's framing is valid");
+        prop_assert!(done);
+        prop_assert_eq!(used, body_len);
+        prop_assert_eq!(out, pieces.concat());
+    }
+
+    /// Arbitrary bytes never panic, and the verdict does not depend on the cuts.
+    #[test]
+    fn fuzz_chunked_arbitrary_bytes_cut_invariance(
+        data in prop::collection::vec(prop::sample::select(b"0123456789abcdefABCDEFxX;=\" \t\r\n:-".to_vec()), 0..60),
+        cuts in prop::collection::vec(any::<usize>(), 0..6),
+    ) {
+        prop_assert_eq!(decode_cut(&data, &cuts), decode_cut(&data, &[]));
     }
 }

@@ -1,30 +1,47 @@
-//! One client connection: its request head, admission, the upstream
-//! handshake, then the splice (`ClientHandshake` in proxy/dataplane/listener.py).
+//! One client connection: its TLS handshake (when the listener has `tls:`),
+//! its request head, admission, the upstream handshake, then the splice
+//! (`ClientHandshake` in proxy/dataplane/listener.py); or its plain HTTP
+//! requests, one at a time (`http`), kept alive between them.
 //!
-//! Every phase has a deadline: the head and the upstream's answer together
-//! `limits.handshake_timeout` from accept (408, then 504), the connect
-//! `limits.connect_timeout` (504), an answer loopwatch writes itself and the
-//! wait for the client's close after it `ANSWER_GRACE`.
+//! Every phase has a deadline: the TLS handshake, the head and the upstream's
+//! answer together `limits.handshake_timeout` from accept (the TLS handshake
+//! cut and counted in `tls_failed`, then 408, then 504), or from the end of
+//! the previous response (an idle keep-alive connection is closed quietly),
+//! the connect (TCP and TLS) `limits.connect_timeout` (504), an answer
+//! loopwatch writes itself and the wait for the client's close after it
+//! `ANSWER_GRACE`.
+//!
+//! Every phase after the TLS handshake is generic over the client's stream
+//! and the upstream's ([`Transport`]): plain and TLS share one code path.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, timeout, Instant};
+use tokio_rustls::TlsAcceptor;
 
 use loopwatch_dataplane_core::events::{Event, HandshakeError, HandshakeFailure};
-use loopwatch_dataplane_core::head::{parse_head, HeadStatus, RequestHead, RequestKind};
+use loopwatch_dataplane_core::head::{
+    parse_head, BodyFraming, HeadStatus, RequestHead, RequestKind, Version,
+};
 use loopwatch_dataplane_core::table::{Admission, Refusal};
 
 use crate::control::AddressAdmission;
-use crate::listener::{stopping, ConnGuard, Rejected, Shared};
+use crate::http::{self, Outcome};
+use crate::identity::wall_clock;
+use crate::listener::{stopping, ConnGuard, Rejected, Shared, TlsFailure};
 use crate::relay::{Relay, RelayIdentity, RelayLimits};
 use crate::response::{Answer, ResponseReader, UpstreamRefusal};
+use crate::tls::UpstreamTls;
+use crate::transport::{connect_upstream, open_upstream, Transport, UpstreamStream};
 use crate::wire::{
-    refusal_bytes, route_for, simple_response, upstream_request_head, RejectWith, Route,
+    refusal_bytes, route_for, simple_response, upstream_request_head, Forwarded, RejectWith, Route,
 };
 
 /// Writing an answer loopwatch makes itself, and waiting for the client to
@@ -40,6 +57,9 @@ const OVERLOADED: &str = "loopwatch: too many connections";
 /// One address holds its share of the connections or of the half-open heads
 /// (`ADDRESS_LIMIT` in listener.py).
 const ADDRESS_LIMIT: &str = "loopwatch: too many connections from your address";
+const NOT_TLS: &str = "loopwatch: this port speaks TLS: use https:// or wss://";
+/// The first byte of a TLS connection: a handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// What the client's head asks for, decided at once (no await) while the
 /// head's buffer is borrowed; owned, so the buffer can go.
@@ -61,12 +81,17 @@ enum Plan {
         request: Vec<u8>,
         early: Vec<u8>,
     },
+    /// Forward a plain request (no admission: it is no WebSocket attempt).
+    Http {
+        route: Route,
+        request: http::Request,
+    },
 }
 
 /// How the upstream handshake ended.
 enum Upstream {
     Accepted {
-        stream: TcpStream,
+        stream: UpstreamStream,
         buffer: Vec<u8>,
         head_len: usize,
         allowed_rsv: u8,
@@ -79,18 +104,107 @@ enum Upstream {
     },
 }
 
-pub async fn serve(
-    shared: Arc<Shared>,
-    mut client: TcpStream,
-    peer: SocketAddr,
-    _guard: ConnGuard,
-) {
+/// Serve one accepted connection: TLS first when the listener has it.
+pub async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, _guard: ConnGuard) {
     let _ = client.set_nodelay(true);
-    let conn_id = shared.conn_id();
+    let deadline = Instant::now() + shared.config.limits.handshake_timeout;
+    match &shared.config.tls {
+        None => serve_stream(&shared, client, peer, deadline, "http").await,
+        // Boxed, as the TLS stream: a plain connection's future does not
+        // carry the TLS variants' state (a rustls connection is over 1 KiB,
+        // and a splice of two of them over 3 KiB).
+        Some(acceptor) => {
+            Box::pin(async {
+                if let Some(client) = accept_tls(&shared, acceptor, client, deadline).await {
+                    serve_stream(&shared, client, peer, deadline, "https").await;
+                }
+            })
+            .await
+        }
+    }
+}
+
+/// How the TLS handshake's first step ended.
+enum FirstByte {
+    Stop,
+    Timeout,
+    Gone,
+    Byte(u8),
+}
+
+/// The listener's TLS handshake, by `deadline`. None when it did not
+/// complete: counted (`TlsFailure`), except for a client that left before
+/// sending anything (as a plain client that leaves before its head) and a
+/// stop (`shutting_down`). A client speaking plain HTTP to the TLS port gets
+/// a plain-text 400 saying so (as nginx does).
+async fn accept_tls(
+    shared: &Shared,
+    acceptor: &TlsAcceptor,
+    mut client: TcpStream,
+    deadline: Instant,
+) -> Option<Box<tokio_rustls::server::TlsStream<TcpStream>>> {
+    let mut shutdown = shared.shutdown.clone();
+    let timer = sleep_until(deadline);
+    let stop = stopping(&mut shutdown);
+    tokio::pin!(timer, stop);
+    let mut first = [0u8; 1];
+    let step = tokio::select! {
+        biased;
+        _ = &mut stop => FirstByte::Stop,
+        _ = &mut timer => FirstByte::Timeout,
+        peeked = client.peek(&mut first) => match peeked {
+            Ok(0) | Err(_) => FirstByte::Gone,
+            Ok(_) => FirstByte::Byte(first[0]),
+        },
+    };
+    let counters = &shared.counters;
+    match step {
+        FirstByte::Stop => counters.reject(Rejected::ShuttingDown),
+        FirstByte::Timeout => counters.tls_failed(TlsFailure::Timeout),
+        FirstByte::Gone => {}
+        FirstByte::Byte(TLS_HANDSHAKE_RECORD) => {
+            return tokio::select! {
+                biased;
+                _ = &mut stop => {
+                    counters.reject(Rejected::ShuttingDown);
+                    None
+                }
+                _ = &mut timer => {
+                    counters.tls_failed(TlsFailure::Timeout);
+                    None
+                }
+                accepted = acceptor.accept(client) => match accepted {
+                    Ok(stream) => Some(Box::new(stream)),
+                    Err(_) => {
+                        counters.tls_failed(TlsFailure::Error);
+                        None
+                    }
+                },
+            };
+        }
+        FirstByte::Byte(_) => {
+            counters.tls_failed(TlsFailure::NotTls);
+            let response = simple_response(400, NOT_TLS, &[]);
+            answer(&mut client, &response, Then::Close).await;
+        }
+    }
+    None
+}
+
+/// Everything after the TLS handshake, whatever the client's stream: the
+/// first request's head by `deadline` (from accept), the next ones' each
+/// within `limits.handshake_timeout` of the previous response.
+async fn serve_stream<C: Transport>(
+    shared: &Arc<Shared>,
+    mut client: C,
+    peer: SocketAddr,
+    first_deadline: Instant,
+    scheme: &'static str,
+) {
     let limits = &shared.config.limits;
     if shared.closing() {
         reject(
-            &shared,
+            shared,
             &mut client,
             Rejected::ShuttingDown,
             503,
@@ -103,7 +217,7 @@ pub async fn serve(
     if shared.counters.active.load(Ordering::Acquire) > limits.max_connections {
         let retry = [("Retry-After", "1")];
         reject(
-            &shared,
+            shared,
             &mut client,
             Rejected::Overload,
             503,
@@ -113,102 +227,189 @@ pub async fn serve(
         .await;
         return;
     }
-    // Per address: its connections and half-open heads (released when
-    // `address` drops, at the end of this connection).
+    // Per address (the peer's, as the Python listener's caps; after the TLS
+    // handshake, as asyncio's): its connections and its half-open first head
+    // (released when `address` drops, at the end of this connection).
     let mut address = match shared.addresses.admit(peer.ip()) {
         AddressAdmission::Counted(slot) => Some(slot),
         AddressAdmission::Exempt => None,
         AddressAdmission::OverCap => {
             let retry = [("Retry-After", "1")];
             let label = Rejected::AddressLimit;
-            reject(&shared, &mut client, label, 503, ADDRESS_LIMIT, &retry).await;
+            reject(shared, &mut client, label, 503, ADDRESS_LIMIT, &retry).await;
             return;
         }
     };
-    let deadline = Instant::now() + limits.handshake_timeout;
+    // One id for the connection's events (an upgrade ends its plain requests).
+    let conn_id = shared.conn_id();
     let mut shutdown = shared.shutdown.clone();
     let peer_ip = peer.ip();
     let peer_text = peer_ip.to_string();
+    // Between two plain requests of a keep-alive connection.
+    let mut idle = false;
+    loop {
+        let deadline = if idle {
+            Instant::now() + limits.handshake_timeout
+        } else {
+            first_deadline
+        };
+        // 1. The request head. (One timer per phase, armed once: a timer made
+        // per loop turn would be registered and dropped on every read.)
+        let mut buf: Vec<u8> = Vec::new();
+        let head_timer = sleep_until(deadline);
+        let stop = stopping(&mut shutdown);
+        tokio::pin!(head_timer, stop);
+        // Nothing of a next request yet (empty lines are skipped by the parser).
+        let quiet = |buf: &[u8]| idle && buf.iter().all(|&b| b == b'\r' || b == b'\n');
+        let plan = loop {
+            buf.reserve(HEAD_READ);
+            tokio::select! {
+                biased;
+                _ = &mut stop => {
+                    if quiet(&buf) {
+                        return; // idle between requests: just close
+                    }
+                    reject(shared, &mut client, Rejected::ShuttingDown, 503, SHUTTING_DOWN, &[]).await;
+                    return;
+                }
+                _ = &mut head_timer => {
+                    if quiet(&buf) {
+                        // RFC 9112 §9.8: an unsolicited 408 could race the
+                        // client's next request on this connection.
+                        return;
+                    }
+                    let message = "loopwatch: request head timeout";
+                    reject(shared, &mut client, Rejected::HeadTimeout, 408, message, &[]).await;
+                    return;
+                }
+                read = client.read_buf(&mut buf) => match read {
+                    Ok(0) | Err(_) => return, // gone before its head was complete
+                    Ok(_) => {}
+                },
+            }
+            let status = parse_head(&buf, &limits.head);
+            if !matches!(status, HeadStatus::Partial) {
+                if let Some(slot) = address.as_mut() {
+                    slot.head_done();
+                }
+            }
+            match status {
+                HeadStatus::Partial => continue,
+                HeadStatus::Rejected(rejection) => {
+                    shared
+                        .counters
+                        .reject(Rejected::from_head(rejection.reason));
+                    answer(&mut client, &rejection.response(), Then::Close).await;
+                    return;
+                }
+                HeadStatus::Complete(head) => {
+                    break decide(shared, &head, &buf, peer_ip, &peer_text, scheme, conn_id)
+                }
+            }
+        };
+        drop(buf);
 
-    // 1. The request head. (One timer per phase, armed once: a timer made
-    // per loop turn would be registered and dropped on every read.)
-    let mut buf: Vec<u8> = Vec::new();
-    let head_timer = sleep_until(deadline);
-    let stop = stopping(&mut shutdown);
-    tokio::pin!(head_timer, stop);
-    let plan = loop {
-        buf.reserve(HEAD_READ);
-        tokio::select! {
-            biased;
-            _ = &mut stop => {
-                reject(&shared, &mut client, Rejected::ShuttingDown, 503, SHUTTING_DOWN, &[]).await;
-                return;
+        match plan {
+            Plan::Answer { response, label } => {
+                shared.counters.reject(label);
+                answer(&mut client, &response, Then::Close).await;
             }
-            _ = &mut head_timer => {
-                let message = "loopwatch: request head timeout";
-                reject(&shared, &mut client, Rejected::HeadTimeout, 408, message, &[]).await;
-                return;
-            }
-            read = client.read_buf(&mut buf) => match read {
-                Ok(0) | Err(_) => return, // gone before its head was complete
-                Ok(_) => {}
-            },
-        }
-        let status = parse_head(&buf, &limits.head);
-        if !matches!(status, HeadStatus::Partial) {
-            if let Some(slot) = address.as_mut() {
-                slot.head_done();
-            }
-        }
-        match status {
-            HeadStatus::Partial => continue,
-            HeadStatus::Rejected(rejection) => {
-                shared
-                    .counters
-                    .reject(Rejected::from_head(rejection.reason));
-                answer(&mut client, &rejection.response(), Then::Close).await;
-                return;
-            }
-            HeadStatus::Complete(head) => {
-                break decide(&shared, &head, &buf, peer_ip, &peer_text, conn_id)
-            }
-        }
-    };
-    drop(buf);
-
-    match plan {
-        Plan::Answer { response, label } => {
-            shared.counters.reject(label);
-            answer(&mut client, &response, Then::Close).await;
-        }
-        Plan::Refuse {
-            refusal,
-            ws_key,
-            key,
-            route,
-            at,
-        } => {
-            let attempt = RefusedAttempt {
+            Plan::Refuse {
+                refusal,
+                ws_key,
                 key,
                 route,
                 at,
-                conn_id,
-            };
-            refuse(&shared, client, refusal, ws_key, attempt).await
+            } => {
+                let attempt = RefusedAttempt {
+                    key,
+                    route,
+                    at,
+                    conn_id,
+                };
+                refuse(shared, client, refusal, ws_key, attempt).await
+            }
+            Plan::Forward {
+                key,
+                route,
+                request,
+                early,
+            } => {
+                let upgrade = Upgrade {
+                    key,
+                    route,
+                    request,
+                    early,
+                    deadline,
+                    conn_id,
+                };
+                forward(shared, client, upgrade).await
+            }
+            Plan::Http { route, request } => {
+                if forward_http(shared, &mut client, &route, &request).await {
+                    idle = true;
+                    continue;
+                }
+            }
         }
-        Plan::Forward {
-            key,
-            route,
-            request,
-            early,
-        } => {
-            forward(
-                &shared, client, key, route, request, early, deadline, conn_id,
-            )
-            .await
+        return;
+    }
+}
+
+/// One plain exchange; true when the connection stays open for the next.
+/// The upstream connection is opened as a WebSocket's is (`open_upstream`:
+/// TLS for an `https://` route), within `limits.connect_timeout`
+/// (`http::exchange` bounds it).
+async fn forward_http<C: Transport>(
+    shared: &Shared,
+    client: &mut C,
+    route: &Route,
+    request: &http::Request,
+) -> bool {
+    let key = (route.host.clone(), route.port, route.tls);
+    let pooled = shared.pool.checkout(&key);
+    let tls = shared.config.upstream_tls.as_deref();
+    let exchanged = http::exchange(
+        client,
+        || async move {
+            open_upstream(route, tls)
+                .await
+                .map_err(std::io::Error::from)
+        },
+        pooled,
+        request,
+        &shared.config.limits,
+        || shared.closing(),
+    )
+    .await;
+    if let Some(upstream) = exchanged.upstream {
+        if !shared.closing() {
+            shared.pool.checkin(&key, upstream);
         }
     }
-    drop(address);
+    match exchanged.outcome {
+        Outcome::KeepAlive => return true,
+        Outcome::Close => answer(client, &[], Then::Close).await,
+        Outcome::Answer {
+            status,
+            message,
+            counted,
+        } => {
+            if let Some(label) = counted {
+                shared.counters.reject(label);
+            }
+            answer(client, &simple_response(status, &message, &[]), Then::Close).await;
+        }
+        Outcome::Cut(counted) => {
+            if let Some(label) = counted {
+                shared.counters.reject(label);
+            }
+            // An abortive close (RST), as the Python data plane's abort().
+            let _ = socket2::SockRef::from(client.tcp()).set_linger(Some(Duration::ZERO));
+        }
+        Outcome::Gone => {}
+    }
+    false
 }
 
 /// Routing and admission for a complete head (`begin_upgrade` / `begin_http`).
@@ -218,6 +419,7 @@ fn decide(
     buf: &[u8],
     peer_ip: std::net::IpAddr,
     peer_text: &str,
+    scheme: &str,
     conn_id: u64,
 ) -> Plan {
     let Some(route) = route_for(&shared.config.routes, head.path) else {
@@ -226,24 +428,46 @@ fn decide(
             label: Rejected::NoRoute,
         };
     };
-    if let RequestKind::Http(_) = head.kind {
-        let message = "loopwatch: the native data plane does not forward plain HTTP yet";
-        return Plan::Answer {
-            response: simple_response(501, message, &[]),
-            label: Rejected::PlainHttp,
+    if let RequestKind::Http(framing) = head.kind {
+        // Not a WebSocket attempt: no event, no admission (`begin_http`).
+        let target = route.target(head.path, &head.target);
+        let early = buf[head.head_len..].to_vec();
+        let expect_continue = framing != BodyFraming::None
+            && early.is_empty()
+            && head.version == Version::Http11
+            && head.tokens("expect").iter().any(|t| t == b"100-continue");
+        let kind = Forwarded::Http {
+            chunked: framing == BodyFraming::Chunked,
+            answers_continue: expect_continue,
+        };
+        let request = http::Request {
+            head: upstream_request_head(head, &target, &route.authority, peer_text, scheme, kind),
+            framing,
+            early,
+            keep_alive: head.keep_alive,
+            expect_continue,
+            head_only: head.method == "HEAD",
+            version: head.version,
+            retryable: framing == BodyFraming::None && http::IDEMPOTENT.contains(&head.method),
+        };
+        return Plan::Http {
+            route: route.clone(),
+            request,
         };
     }
-    // Identity: the peer address (the identity sources are not native yet).
-    let key: Box<str> = peer_text.into();
+    // Identity: the key the engine tracks and the client address (after a
+    // trusted proxy's X-Forwarded-For), which allow/deny networks are matched on.
+    let client = shared.identity().identify(head, peer_ip, wall_clock());
+    let key: Box<str> = client.key.into();
     let now = std::time::Instant::now();
     shared.events.send(Event::Attempt {
         key: key.clone(),
         route: Arc::clone(&route.name),
         at: now,
-        addr: peer_text.into(),
+        addr: client.address.to_string().into(),
         conn_id,
     });
-    match shared.table.lookup(&key, Some(peer_ip), now) {
+    match shared.table.lookup(&key, Some(client.address.ip), now) {
         Admission::Refuse(refusal) => {
             shared.counters.refuse(refusal.reason);
             shared.events.send(Event::Rejected {
@@ -267,7 +491,14 @@ fn decide(
         }
         Admission::Admit { .. } | Admission::AllowListed { .. } => {
             let target = route.target(head.path, &head.target);
-            let request = upstream_request_head(head, &target, &route.authority, peer_text, "http");
+            let request = upstream_request_head(
+                head,
+                &target,
+                &route.authority,
+                peer_text,
+                scheme,
+                Forwarded::WebSocket,
+            );
             Plan::Forward {
                 key,
                 route: route.clone(),
@@ -301,9 +532,9 @@ enum HoldEnd {
 /// Refuse an attempt without touching the upstream, after its hold if it has
 /// one (within `policy.max_held` and `max_held_per_key`): HTTP 429/503 +
 /// Retry-After, or 101 then a close with `policy.close_code` (1013).
-async fn refuse(
+async fn refuse<C: Transport>(
     shared: &Shared,
-    mut client: TcpStream,
+    mut client: C,
     refusal: Refusal,
     ws_key: Vec<u8>,
     attempt: RefusedAttempt,
@@ -365,7 +596,7 @@ async fn refuse(
 
 /// Reads (and drops) until the peer closes; bounded by `LINGER_BYTES` per call
 /// of the caller's timeout.
-async fn drain_until_closed(client: &mut TcpStream, sink: &mut [u8]) {
+async fn drain_until_closed<C: AsyncRead + Unpin>(client: &mut C, sink: &mut [u8]) {
     let mut total = 0;
     loop {
         match client.read(sink).await {
@@ -396,7 +627,9 @@ enum Then {
 
 /// Write an answer, shut the writing half, then as `then` says; at most
 /// `ANSWER_GRACE` in all.
-async fn answer(client: &mut TcpStream, bytes: &[u8], then: Then) {
+/// `write_all`, then the shutdown of the writing half (TLS: close_notify
+/// first) of a client stream, plain or TLS.
+async fn answer<C: Transport>(client: &mut C, bytes: &[u8], then: Then) {
     let _ = timeout(ANSWER_GRACE, async {
         if client.write_all(bytes).await.is_err() {
             return;
@@ -407,18 +640,31 @@ async fn answer(client: &mut TcpStream, bytes: &[u8], then: Then) {
             Then::AwaitReply => {
                 let _ = client.read(&mut sink).await;
             }
-            Then::Close => match client.try_read(&mut sink) {
-                Ok(n) if n > 0 => drain_until_closed(client, &mut sink).await,
-                _ => {} // nothing pending, the client's EOF, or an error: close now
-            },
+            Then::Close => {
+                if read_now(client, &mut sink).await > 0 {
+                    drain_until_closed(client, &mut sink).await;
+                }
+                // else nothing pending, the client's EOF, or an error: close now
+            }
         }
     })
     .await;
 }
 
-async fn reject(
+/// What the stream has for us at once, without waiting (0: nothing, its
+/// EOF or an error).
+async fn read_now<C: AsyncRead + Unpin>(client: &mut C, sink: &mut [u8]) -> usize {
+    let mut buf = ReadBuf::new(sink);
+    std::future::poll_fn(|cx| match Pin::new(&mut *client).poll_read(cx, &mut buf) {
+        Poll::Ready(Ok(())) => Poll::Ready(buf.filled().len()),
+        Poll::Ready(Err(_)) | Poll::Pending => Poll::Ready(0),
+    })
+    .await
+}
+
+async fn reject<C: Transport>(
     shared: &Shared,
-    client: &mut TcpStream,
+    client: &mut C,
     label: Rejected,
     status: u16,
     message: &str,
@@ -433,9 +679,11 @@ async fn reject(
     .await;
 }
 
-/// Connect, send the upgrade request, read the answer.
+/// Connect (TCP, then TLS for a `wss://` route), send the upgrade request,
+/// read the answer.
 async fn upstream_handshake(
     route: &Route,
+    tls: Option<&UpstreamTls>,
     request: &[u8],
     connect_timeout: Duration,
     max_head: usize,
@@ -446,26 +694,17 @@ async fn upstream_handshake(
         message: "loopwatch: upstream closed during the handshake".into(),
         error: HandshakeError::Closed,
     };
-    let connect = TcpStream::connect((route.host.as_str(), route.port));
-    let mut stream = match timeout(connect_timeout, connect).await {
-        Err(_) => {
+    let mut stream = match connect_upstream(route, tls, connect_timeout).await {
+        Ok(stream) => stream,
+        Err(failure) => {
             return Upstream::Failed {
-                status: 504,
-                message: "loopwatch: upstream connect timeout".into(),
-                error: HandshakeError::Timeout,
+                status: failure.status(),
+                message: failure.message().into(),
+                error: failure.handshake_error(),
             }
         }
-        Ok(Err(_)) => {
-            return Upstream::Failed {
-                status: 502,
-                message: "loopwatch: upstream unreachable".into(),
-                error: HandshakeError::Connect,
-            }
-        }
-        Ok(Ok(stream)) => stream,
     };
-    let _ = stream.set_nodelay(true);
-    if stream.write_all(request).await.is_err() {
+    if stream.write_all(request).await.is_err() || stream.flush().await.is_err() {
         return closed();
     }
     let mut reader = ResponseReader::new(max_head, max_body);
@@ -505,17 +744,28 @@ async fn upstream_handshake(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn forward(
-    shared: &Shared,
-    mut client: TcpStream,
+/// An admitted upgrade, to forward upstream.
+struct Upgrade {
     key: Box<str>,
     route: Route,
+    /// The upgrade request as the upstream gets it.
     request: Vec<u8>,
-    mut early: Vec<u8>,
+    /// What the client sent after its head.
+    early: Vec<u8>,
+    /// The handshake's deadline (from accept, or from the previous response).
     deadline: Instant,
     conn_id: u64,
-) {
+}
+
+async fn forward<C: Transport>(shared: &Shared, mut client: C, upgrade: Upgrade) {
+    let Upgrade {
+        key,
+        route,
+        request,
+        mut early,
+        deadline,
+        conn_id,
+    } = upgrade;
     let limits = &shared.config.limits;
     let failed = |failure: HandshakeFailure| {
         shared
@@ -534,6 +784,7 @@ async fn forward(
     let mut client_eof = false;
     let handshake = upstream_handshake(
         &route,
+        shared.config.upstream_tls.as_deref(),
         &request,
         limits.connect_timeout,
         limits.head.max_head_size,
@@ -601,7 +852,10 @@ async fn forward(
         } => (stream, buffer, head_len, allowed_rsv),
     };
 
-    // 3. The splice, registered for the brain's close and live counts.
+    // 3. The splice, for either kind of upstream stream, registered for the
+    // brain's close and live counts. (The relay is built here and only its
+    // `run` awaited, so that the plain future carries no second copy of what
+    // the splice is given.)
     let (registered, control) = shared.relays.register(conn_id, Arc::clone(&route.name));
     let opened_at = std::time::Instant::now();
     shared.counters.opened.fetch_add(1, Ordering::Relaxed);
@@ -612,33 +866,34 @@ async fn forward(
         at: opened_at,
         conn_id,
     });
-    let relay = Relay::new(
-        client,
-        upstream,
-        RelayLimits {
-            max_message_size: limits.max_message_size,
-            allowed_rsv,
-            idle_timeout: limits.idle_timeout,
-        },
-        RelayIdentity {
-            conn_id,
-            key,
-            route: Arc::clone(&route.name),
-            opened_at,
-        },
-        shared.events.clone(),
-        control,
-    );
+    let relay_limits = RelayLimits {
+        max_message_size: limits.max_message_size,
+        allowed_rsv,
+        idle_timeout: limits.idle_timeout,
+    };
+    let id = RelayIdentity {
+        conn_id,
+        key,
+        route: Arc::clone(&route.name),
+        opened_at,
+    };
     let to_client = buffer[..head_len].to_vec();
-    let _ = relay
-        .run(
-            to_client,
-            &buffer[head_len..],
-            &early,
-            client_eof,
-            shared.shutdown.clone(),
-        )
-        .await;
+    let upstream_early = &buffer[head_len..];
+    let shutdown = shared.shutdown.clone();
+    let events = shared.events.clone();
+    match upstream {
+        UpstreamStream::Plain(upstream) => {
+            let relay = Relay::new(client, upstream, relay_limits, id, events, control);
+            let run = relay.run(to_client, upstream_early, &early, client_eof, shutdown);
+            run.await;
+        }
+        // Boxed: the plain connection's future stays as small as before TLS.
+        UpstreamStream::Tls(upstream) => {
+            let relay = Relay::new(client, upstream, relay_limits, id, events, control);
+            let run = relay.run(to_client, upstream_early, &early, client_eof, shutdown);
+            Box::pin(run).await;
+        }
+    }
     drop(registered);
     shared.counters.relays.fetch_sub(1, Ordering::AcqRel);
     shared.counters.closed.fetch_add(1, Ordering::Relaxed);

@@ -6,14 +6,16 @@
 //! * [`table::EnforcementTable`]: the brain's decisions, written from Python
 //!   (each write builds the next snapshot without the GIL), read lock-free
 //!   at admission;
-//! * `Listener`: the native listener on a tokio multi-thread runtime (plain
-//!   `ws://` for now), started and stopped from Python; its connections never
-//!   take the GIL.
+//! * [`identity::Identity`]: the `identity:` settings, keys loaded once;
+//! * `Listener`: the native listener on a tokio multi-thread runtime
+//!   (`ws://`, or with a certificate `wss://`; plain HTTP too; `ws://`,
+//!   `wss://`, `http://` and `https://` upstreams), started and stopped from
+//!   Python; its connections never take the GIL.
 //!
 //! `proxy/dataplane/native.py` is the one Python module that imports this.
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -23,26 +25,32 @@ use pyo3::types::PyDict;
 
 use loopwatch_dataplane_core::frames::close_code_valid;
 use loopwatch_dataplane_core::head::HeadLimits;
-use loopwatch_dataplane_core::table::IpNet;
+use loopwatch_dataplane_core::identity::IdentitySpec;
 
 mod conn;
 pub mod control;
+mod http;
+pub mod identity;
 mod listener;
+mod pool;
 pub mod queue;
 pub mod relay;
 pub mod response;
 pub mod table;
+pub mod tls;
+pub mod transport;
 pub mod wire;
 
 use control::{close_code_allowed, CloseCommand, PolicyValues};
+use identity::Identity;
 use listener::{Config, Limits, Server, Shared};
 use queue::EventQueue;
 use table::{duration, EnforcementTable};
 use wire::{RejectWith, Route};
 
 /// A route as native.py passes it: (prefix, name, upstream host, upstream
-/// port, Host for the upstream, upstream base path).
-type RouteTuple = (Vec<u8>, String, String, u16, Vec<u8>, Vec<u8>);
+/// port, Host for the upstream, upstream base path, TLS to the upstream).
+type RouteTuple = (Vec<u8>, String, String, u16, Vec<u8>, Vec<u8>, bool);
 
 fn positive(name: &str, seconds: f64) -> PyResult<Duration> {
     let d = duration(name, seconds)?;
@@ -68,7 +76,7 @@ fn parse_routes(items: Vec<RouteTuple>) -> PyResult<Vec<Route>> {
         return Err(PyValueError::new_err("routes: expected at least one route"));
     }
     let mut routes = Vec::with_capacity(items.len());
-    for (prefix, name, host, port, authority, base_path) in items {
+    for (prefix, name, host, port, authority, base_path, tls) in items {
         if !prefix.starts_with(b"/") {
             return Err(PyValueError::new_err(format!(
                 "routes: a prefix must start with \"/\", got {:?}",
@@ -87,6 +95,7 @@ fn parse_routes(items: Vec<RouteTuple>) -> PyResult<Vec<Route>> {
             port,
             authority,
             base_path,
+            tls,
         });
     }
     routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
@@ -97,7 +106,11 @@ fn parse_routes(items: Vec<RouteTuple>) -> PyResult<Vec<Route>> {
 /// `stop(grace_s)` ends it (see `proxy/dataplane/native.py`).
 #[pyclass(frozen, module = "loopwatch.proxy.dataplane._dataplane")]
 struct Listener {
+    /// Held by `stop()` for the whole grace: nothing else takes it, so that
+    /// `running`, `stats()` and the brain's commands answer meanwhile.
     server: Mutex<Server>,
+    /// `stop()` was called (it may still be waiting out the grace).
+    stopped: AtomicBool,
     shared: Arc<Shared>,
     local_addr: SocketAddr,
     threads: usize,
@@ -120,28 +133,12 @@ fn check_close_code(code: u16) -> PyResult<u16> {
     Ok(code)
 }
 
-fn parse_networks(name: &str, entries: Vec<String>) -> PyResult<Vec<IpNet>> {
-    entries
-        .iter()
-        .map(|entry| {
-            let entry = entry.trim();
-            // A bare address is its own network (as Python's ip_network).
-            let parsed = if entry.contains('/') {
-                IpNet::parse(entry)
-            } else {
-                let max = if entry.contains(':') { 128 } else { 32 };
-                IpNet::parse(&format!("{entry}/{max}"))
-            };
-            parsed.map_err(|e| PyValueError::new_err(format!("{name}: {e}")))
-        })
-        .collect()
-}
-
 #[pymethods]
 impl Listener {
     /// Bind `host:port` (0: any free port), build the runtime with `threads`
     /// workers (default: one per core) and start accepting. Connections are
-    /// routed by `routes`, admitted by `table`, and their events go to `queue`.
+    /// routed by `routes`, keyed by `identity` (the peer address when None),
+    /// admitted by `table`, and their events go to `queue`.
     #[staticmethod]
     #[pyo3(signature = (
         host, port, routes, queue, table, *,
@@ -152,15 +149,23 @@ impl Listener {
         handshake_timeout = 10.0,
         connect_timeout = 5.0,
         idle_timeout = Some(3600.0),
+        body_timeout = 30.0,
+        response_timeout = 60.0,
+        response_idle_timeout = 60.0,
         max_connections = 10_000,
         max_connections_per_address = None,
         max_heads_per_address = None,
-        trusted_proxies = Vec::new(),
         max_holds = 1024,
         max_held_per_key = 4,
         reject_with = "close-1013",
         close_code = 1013,
         threads = None,
+        identity = None,
+        tls_cert_file = None,
+        tls_key_file = None,
+        upstream_verify = true,
+        upstream_ca_file = None,
+        upstream_server_name = None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn start(
@@ -177,15 +182,23 @@ impl Listener {
         handshake_timeout: f64,
         connect_timeout: f64,
         idle_timeout: Option<f64>,
+        body_timeout: f64,
+        response_timeout: f64,
+        response_idle_timeout: f64,
         max_connections: usize,
         max_connections_per_address: Option<usize>,
         max_heads_per_address: Option<usize>,
-        trusted_proxies: Vec<String>,
         max_holds: usize,
         max_held_per_key: usize,
         reject_with: &str,
         close_code: u16,
         threads: Option<usize>,
+        identity: Option<&Bound<'_, Identity>>,
+        tls_cert_file: Option<String>,
+        tls_key_file: Option<String>,
+        upstream_verify: bool,
+        upstream_ca_file: Option<String>,
+        upstream_server_name: Option<String>,
     ) -> PyResult<Listener> {
         let policy = PolicyValues {
             reject_with: parse_reject_with(reject_with)?,
@@ -212,19 +225,76 @@ impl Listener {
             idle_timeout: idle_timeout
                 .map(|s| positive("idle_timeout", s))
                 .transpose()?,
+            body_timeout: positive("body_timeout", body_timeout)?,
+            response_timeout: positive("response_timeout", response_timeout)?,
+            response_idle_timeout: positive("response_idle_timeout", response_idle_timeout)?,
             max_connections: at_least_one("max_connections", max_connections)?,
             max_connections_per_address,
             max_heads_per_address,
-            trusted_proxies: parse_networks("trusted_proxies", trusted_proxies)?,
         };
         let threads = match threads {
             Some(n) => at_least_one("threads", n)?,
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         };
+        let identity = match identity {
+            Some(identity) => Arc::clone(&identity.get().inner),
+            // Without identity settings the key is the peer address.
+            None => Arc::new(
+                loopwatch_dataplane_core::identity::Identity::new(&IdentitySpec {
+                    sources: vec!["ip".to_owned()],
+                    trusted_proxies: Vec::new(),
+                    bind_to_address: true,
+                    bind_verified: false,
+                    max_key_length: 256,
+                    jwt: Default::default(),
+                })
+                .map_err(PyValueError::new_err)?,
+            ),
+        };
+        let routes = parse_routes(routes)?;
+        // Files are read and checked now (without the GIL): a bad one is a
+        // ValueError naming the setting and the file, not a failure later.
+        let tls = match (tls_cert_file, tls_key_file) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(
+                py.detach(|| tls::listener_acceptor(&cert, &key))
+                    .map_err(PyValueError::new_err)?,
+            ),
+            _ => {
+                return Err(PyValueError::new_err(
+                    "tls: expected both tls_cert_file and tls_key_file, or neither",
+                ))
+            }
+        };
+        let upstream_tls = if routes.iter().any(|r| r.tls) {
+            let tls = py
+                .detach(|| {
+                    tls::UpstreamTls::new(
+                        upstream_verify,
+                        upstream_ca_file.as_deref(),
+                        upstream_server_name.as_deref(),
+                    )
+                })
+                .map_err(PyValueError::new_err)?;
+            for route in routes.iter().filter(|r| r.tls) {
+                tls.server_name(&route.host).map_err(|e| {
+                    PyValueError::new_err(format!(
+                        "routes: upstream of {:?}: {e}: it cannot be a TLS server name",
+                        &*route.name
+                    ))
+                })?;
+            }
+            Some(Arc::new(tls))
+        } else {
+            None
+        };
         let config = Config {
-            routes: parse_routes(routes)?,
+            routes,
             limits,
             policy,
+            identity,
+            tls,
+            upstream_tls,
         };
         let table = table.get().shared();
         let events = queue.get().sender();
@@ -243,6 +313,7 @@ impl Listener {
             local_addr: server.local_addr,
             shared: Arc::clone(&server.shared),
             server: Mutex::new(server),
+            stopped: AtomicBool::new(false),
             threads,
         })
     }
@@ -263,13 +334,11 @@ impl Listener {
         self.threads
     }
 
-    /// Accepting (not stopped yet).
+    /// Accepting (`stop()` not called yet). Never waits for a stop in
+    /// progress.
     #[getter]
     fn running(&self) -> bool {
-        self.server
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .running()
+        !self.stopped.load(Ordering::Acquire)
     }
 
     /// Stop accepting, close live WebSockets with 1001 on both legs (answer
@@ -279,6 +348,7 @@ impl Listener {
     /// grace (0: all ended cleanly). Idempotent.
     fn stop(&self, py: Python<'_>, grace_s: f64) -> PyResult<usize> {
         let grace = duration("grace_s", grace_s)?;
+        self.stopped.store(true, Ordering::Release);
         Ok(py.detach(|| {
             self.server
                 .lock()
@@ -288,6 +358,7 @@ impl Listener {
     }
 
     /// Counters at this instant: connections now, what was refused and why.
+    /// Never waits for a stop in progress (it reads the shared counters).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let shared = &self.shared;
         let c = &shared.counters;
@@ -310,6 +381,7 @@ impl Listener {
         out.set_item("released", holds.released.load(Ordering::Relaxed))?;
         out.set_item("rejected", c.rejected())?;
         out.set_item("refused", c.refused())?;
+        out.set_item("tls_failed", c.tls_failures())?;
         out.set_item("addresses", shared.addresses.tracked())?;
         out.set_item("events_dropped", shared.events.drops().total())?;
         Ok(out)
@@ -363,16 +435,20 @@ impl Listener {
             .collect()
     }
 
-    /// What a reload may change of the refusal policy; each None keeps its
-    /// value. Every value is checked before any is set. Refusals from now on
-    /// use the new values; holds already taken keep theirs.
-    #[pyo3(signature = (*, reject_with = None, close_code = None, max_holds = None, max_held_per_key = None))]
+    /// What a reload may change of the refusal policy and of the client
+    /// identity; each None keeps its value. Every value is checked before any
+    /// is set. Refusals from now on use the new values, holds already taken
+    /// keep theirs; heads read from now on are keyed by the new `identity`
+    /// (its trusted proxies are not the per-address caps' exemptions, which
+    /// stay as at start, as in the Python listener).
+    #[pyo3(signature = (*, reject_with = None, close_code = None, max_holds = None, max_held_per_key = None, identity = None))]
     fn reconfigure(
         &self,
         reject_with: Option<&str>,
         close_code: Option<u16>,
         max_holds: Option<usize>,
         max_held_per_key: Option<usize>,
+        identity: Option<&Bound<'_, Identity>>,
     ) -> PyResult<()> {
         let now = self.shared.policy.snapshot();
         let values = PolicyValues {
@@ -382,6 +458,9 @@ impl Listener {
             max_held_per_key: max_held_per_key.unwrap_or(now.max_held_per_key),
         };
         self.shared.policy.set(values);
+        if let Some(identity) = identity {
+            self.shared.set_identity(Arc::clone(&identity.get().inner));
+        }
         Ok(())
     }
 
@@ -415,6 +494,7 @@ fn _dataplane(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<EventQueue>()?;
     m.add_class::<EnforcementTable>()?;
     m.add_class::<Listener>()?;
+    m.add_class::<Identity>()?;
     m.add("CLOSE_GRACE", relay::CLOSE_GRACE.as_secs_f64())?;
     Ok(())
 }

@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket};
@@ -18,10 +18,15 @@ use tokio::sync::{watch, Notify};
 
 use loopwatch_dataplane_core::events::{EventSender, RefuseReason};
 use loopwatch_dataplane_core::head::HeadLimits;
-use loopwatch_dataplane_core::table::{EnforcementTable, IpNet};
+use loopwatch_dataplane_core::identity::Identity;
+use loopwatch_dataplane_core::table::EnforcementTable;
+
+use tokio_rustls::TlsAcceptor;
 
 use crate::conn;
 use crate::control::{Addresses, Holds, Policy, PolicyValues, Relays};
+use crate::pool::{Pool, SWEEP_EVERY};
+use crate::tls::UpstreamTls;
 use crate::wire::Route;
 
 /// Pending connections the kernel queues for the accept loop.
@@ -32,13 +37,16 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 
 /// Why the native listener answered (or cut) a request itself: the `reason`
 /// label of loopwatch_requests_rejected_total (`RejectedReason` in
-/// proxy/dataplane/boundary.py), plus `plain_http` while the native data plane
-/// does not forward plain HTTP yet.
+/// proxy/dataplane/boundary.py). (A failed TLS handshake is no request:
+/// `TlsFailure`.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejected {
     BadRequest,
     HeadTooLarge,
     HeadTimeout,
+    BodyTimeout,
+    UpstreamTimeout,
+    ResponseTimeout,
     Version,
     UpgradeRequired,
     UpgradeWithBody,
@@ -46,14 +54,16 @@ pub enum Rejected {
     Overload,
     AddressLimit,
     ShuttingDown,
-    PlainHttp,
 }
 
 impl Rejected {
-    pub const ALL: [Rejected; 11] = [
+    pub const ALL: [Rejected; 13] = [
         Rejected::BadRequest,
         Rejected::HeadTooLarge,
         Rejected::HeadTimeout,
+        Rejected::BodyTimeout,
+        Rejected::UpstreamTimeout,
+        Rejected::ResponseTimeout,
         Rejected::Version,
         Rejected::UpgradeRequired,
         Rejected::UpgradeWithBody,
@@ -61,7 +71,6 @@ impl Rejected {
         Rejected::Overload,
         Rejected::AddressLimit,
         Rejected::ShuttingDown,
-        Rejected::PlainHttp,
     ];
 
     pub fn label(self) -> &'static str {
@@ -69,6 +78,9 @@ impl Rejected {
             Rejected::BadRequest => "bad_request",
             Rejected::HeadTooLarge => "head_too_large",
             Rejected::HeadTimeout => "head_timeout",
+            Rejected::BodyTimeout => "body_timeout",
+            Rejected::UpstreamTimeout => "upstream_timeout",
+            Rejected::ResponseTimeout => "response_timeout",
             Rejected::Version => "version",
             Rejected::UpgradeRequired => "upgrade_required",
             Rejected::UpgradeWithBody => "upgrade_with_body",
@@ -76,7 +88,6 @@ impl Rejected {
             Rejected::Overload => "overload",
             Rejected::AddressLimit => "address_limit",
             Rejected::ShuttingDown => "shutting_down",
-            Rejected::PlainHttp => "plain_http",
         }
     }
 
@@ -96,6 +107,37 @@ impl Rejected {
             .iter()
             .position(|&r| r == self)
             .expect("every label is in ALL")
+    }
+}
+
+/// Why a client's TLS handshake on the listener failed (the `tls_failed`
+/// counters). The Python data plane leaves these to asyncio, which counts
+/// nothing and logs them at debug level only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsFailure {
+    /// A TLS error: no common version or cipher suite, a malformed record,
+    /// the client refused the certificate, or it left mid-handshake.
+    Error,
+    /// Not complete within `limits.handshake_timeout`: cut.
+    Timeout,
+    /// The first byte was no TLS handshake record (plain HTTP on the TLS
+    /// port): answered 400 in plain text.
+    NotTls,
+}
+
+impl TlsFailure {
+    pub const ALL: [TlsFailure; 3] = [TlsFailure::Error, TlsFailure::Timeout, TlsFailure::NotTls];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            TlsFailure::Error => "error",
+            TlsFailure::Timeout => "timeout",
+            TlsFailure::NotTls => "not_tls",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
     }
 }
 
@@ -120,11 +162,28 @@ pub struct Counters {
     pub handshake_failed: AtomicU64,
     rejected: [AtomicU64; Rejected::ALL.len()],
     refused: [AtomicU64; RefuseReason::ALL.len()],
+    tls_failed: [AtomicU64; TlsFailure::ALL.len()],
 }
 
 impl Counters {
     pub fn reject(&self, reason: Rejected) {
         self.rejected[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn tls_failed(&self, failure: TlsFailure) {
+        self.tls_failed[failure.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn tls_failures(&self) -> Vec<(&'static str, u64)> {
+        TlsFailure::ALL
+            .iter()
+            .map(|f| {
+                (
+                    f.label(),
+                    self.tls_failed[f.index()].load(Ordering::Relaxed),
+                )
+            })
+            .collect()
     }
 
     pub fn refuse(&self, reason: RefuseReason) {
@@ -161,22 +220,36 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
     pub idle_timeout: Option<Duration>,
+    /// A plain request's body: silence allowed from the client (408), or
+    /// from an upstream that takes none of it (504).
+    pub body_timeout: Duration,
+    /// A plain request's response head, once the request is sent (504).
+    pub response_timeout: Duration,
+    /// A plain response's body: silence allowed from the upstream, or from a
+    /// client that reads none of it (the connection is cut).
+    pub response_idle_timeout: Duration,
     pub max_connections: usize,
     /// `limits.max_connections_per_address` (None: off).
     pub max_connections_per_address: Option<usize>,
     /// `limits.max_heads_per_address` (None: off).
     pub max_heads_per_address: Option<usize>,
-    /// `identity.trusted_proxies`: never capped per address.
-    pub trusted_proxies: Vec<IpNet>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Config {
     /// Longest prefix first.
     pub routes: Vec<Route>,
     pub limits: Limits,
     /// The refusal policy at start (`Shared::policy` holds it since).
     pub policy: PolicyValues,
+    /// Who a client is (the identity sources, trusted proxies, JWT keys), at
+    /// start (`Shared::identity` holds it since: a reload changes it).
+    pub identity: Arc<Identity>,
+    /// `tls:`: the listener terminates TLS (`https` in X-Forwarded-Proto).
+    pub tls: Option<TlsAcceptor>,
+    /// `upstream_tls:`, for the `wss://` and `https://` routes (None when
+    /// there is none).
+    pub upstream_tls: Option<Arc<UpstreamTls>>,
 }
 
 /// What every connection task shares.
@@ -187,10 +260,15 @@ pub struct Shared {
     pub counters: Counters,
     /// The refusal policy now (a reload changes it).
     pub policy: Policy,
+    /// Who a client is now (a reload changes it; the per-address caps keep
+    /// the trusted proxies of the start, as the Python listener does).
+    identity: RwLock<Arc<Identity>>,
     pub holds: Holds,
     pub relays: Arc<Relays>,
     pub addresses: Arc<Addresses>,
     pub shutdown: watch::Receiver<bool>,
+    /// Idle upstream connections of plain HTTP (`pool`).
+    pub pool: Pool,
     next_conn_id: AtomicU64,
     drained: Notify,
 }
@@ -198,6 +276,19 @@ pub struct Shared {
 impl Shared {
     pub fn conn_id(&self) -> u64 {
         self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The identity settings now, for one request head.
+    pub fn identity(&self) -> Arc<Identity> {
+        Arc::clone(&self.identity.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// A reload's identity settings: heads read from now on use them.
+    pub fn set_identity(&self, identity: Arc<Identity>) {
+        *self
+            .identity
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = identity;
     }
 
     pub fn closing(&self) -> bool {
@@ -256,6 +347,19 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     // The listening socket closes here: new connections are refused by the kernel.
 }
 
+/// Close idle upstream connections once they expire, until the listener stops.
+async fn sweep_pool(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.clone();
+    let stop = stopping(&mut shutdown);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tokio::time::sleep(SWEEP_EVERY) => shared.pool.sweep(),
+        }
+    }
+}
+
 /// A running listener: its runtime, its address and its stop switch.
 pub struct Server {
     runtime: Option<Runtime>,
@@ -297,10 +401,12 @@ impl Server {
         let addresses = Addresses::new(
             limits.max_connections_per_address,
             limits.max_heads_per_address,
-            limits.trusted_proxies.clone(),
+            // identity.trusted_proxies carry many clients' connections.
+            config.identity.trusted_proxies().to_vec(),
         );
         let shared = Arc::new(Shared {
             policy: Policy::new(config.policy),
+            identity: RwLock::new(Arc::clone(&config.identity)),
             config,
             table,
             events,
@@ -309,20 +415,18 @@ impl Server {
             relays: Arc::new(Relays::default()),
             addresses: Arc::new(addresses),
             shutdown,
+            pool: Pool::default(),
             next_conn_id: AtomicU64::new(1),
             drained: Notify::new(),
         });
         runtime.spawn(accept_loop(listener, Arc::clone(&shared)));
+        runtime.spawn(sweep_pool(Arc::clone(&shared)));
         Ok(Server {
             runtime: Some(runtime),
             shared,
             stop,
             local_addr,
         })
-    }
-
-    pub fn running(&self) -> bool {
-        self.runtime.is_some()
     }
 
     /// Stop accepting, end every connection as fits its state (WebSockets:
@@ -336,6 +440,7 @@ impl Server {
         let _ = self.stop.send(true);
         let shared = Arc::clone(&self.shared);
         let left = runtime.block_on(async move {
+            shared.pool.clear(); // idle upstream connections end now
             let wait = async {
                 loop {
                     let drained = shared.drained.notified();
@@ -348,6 +453,7 @@ impl Server {
                 }
             };
             let _ = tokio::time::timeout(grace, wait).await;
+            shared.pool.clear(); // and any an exchange put back meanwhile
             shared.counters.active.load(Ordering::Acquire)
         });
         runtime.shutdown_timeout(Duration::from_secs(1));
@@ -361,5 +467,98 @@ impl Drop for Server {
             let _ = self.stop.send(true);
             runtime.shutdown_background();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::RejectWith;
+
+    fn size_of_future<F: std::future::Future>(_: &F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// A connection's task holds its whole future for its life: TLS state
+    /// (a rustls connection is over 1 KiB; a splice of two TLS streams over
+    /// 3 KiB) is boxed, so that plain connections do not pay for it. Before
+    /// TLS the future was 4488 bytes; with the TLS state inline, 18840; boxed,
+    /// 4872 (the test profile, rustc 1.95).
+    #[tokio::test]
+    async fn a_plain_connection_future_carries_no_tls_state() {
+        let (events, _rx) = loopwatch_dataplane_core::events::event_queue(16);
+        let (_stop, shutdown) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            config: Config {
+                routes: Vec::new(),
+                limits: Limits {
+                    head: HeadLimits { max_head_size: 1 },
+                    early_data_size: 1,
+                    error_body_size: 1,
+                    max_message_size: None,
+                    handshake_timeout: Duration::from_secs(1),
+                    connect_timeout: Duration::from_secs(1),
+                    idle_timeout: None,
+                    body_timeout: Duration::from_secs(1),
+                    response_timeout: Duration::from_secs(1),
+                    response_idle_timeout: Duration::from_secs(1),
+                    max_connections: 1,
+                    max_connections_per_address: None,
+                    max_heads_per_address: None,
+                },
+                policy: PolicyValues {
+                    reject_with: RejectWith::Http429,
+                    close_code: 1013,
+                    max_holds: 1,
+                    max_held_per_key: 1,
+                },
+                identity: Arc::new(
+                    Identity::new(&loopwatch_dataplane_core::identity::IdentitySpec {
+                        sources: vec!["ip".to_owned()],
+                        trusted_proxies: Vec::new(),
+                        bind_to_address: true,
+                        bind_verified: false,
+                        max_key_length: 256,
+                        jwt: Default::default(),
+                    })
+                    .unwrap(),
+                ),
+                tls: None,
+                upstream_tls: None,
+            },
+            table: Arc::new(EnforcementTable::default()),
+            events,
+            counters: Counters::default(),
+            policy: Policy::new(PolicyValues {
+                reject_with: RejectWith::Http429,
+                close_code: 1013,
+                max_holds: 1,
+                max_held_per_key: 1,
+            }),
+            identity: RwLock::new(Arc::new(
+                Identity::new(&loopwatch_dataplane_core::identity::IdentitySpec {
+                    sources: vec!["ip".to_owned()],
+                    trusted_proxies: Vec::new(),
+                    bind_to_address: true,
+                    bind_verified: false,
+                    max_key_length: 256,
+                    jwt: Default::default(),
+                })
+                .unwrap(),
+            )),
+            holds: Holds::default(),
+            relays: Arc::new(Relays::default()),
+            addresses: Arc::new(Addresses::new(None, None, Vec::new())),
+            shutdown,
+            pool: Pool::default(),
+            next_conn_id: AtomicU64::new(1),
+            drained: Notify::new(),
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let serve = conn::serve(Arc::clone(&shared), stream, addr, ConnGuard::new(&shared));
+        let size = size_of_future(&serve);
+        assert!(size < 8 * 1024, "a connection's future is {size} bytes");
     }
 }

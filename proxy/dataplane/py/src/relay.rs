@@ -11,25 +11,47 @@
 //! once; only what a socket does not take is kept, so idle connections hold
 //! no buffer.
 //!
+//! Generic over each leg's stream ([`Transport`]: TCP or TLS), polled in
+//! place with the task's waker: a plain leg costs what tokio's `TcpStream`
+//! costs (its `poll_read` / `poll_write` are the readiness checks and the
+//! syscall), and a TLS leg is the same code over rustls. What TLS adds is
+//! handled as any write: bytes a TLS stream took but has not written out yet
+//! count as output (`unflushed`) until its flush is done, and a closing TLS
+//! leg is shut down (close_notify) before it is dropped.
+//!
 //! loopwatch writes a frame of its own only when it ends a connection itself
 //! (`close`), and only at a frame boundary of the stream it writes into.
+//!
+//! A protocol error is the receiving peer's to answer, as it would be without
+//! loopwatch in between (and as nginx and HAProxy, which do not parse frames,
+//! leave it): from the offending frame on, that direction is passed through
+//! unparsed (`Passing`), so the peer reads exactly what it would read directly
+//! and fails the connection itself, after whatever it sent before (Autobahn
+//! cases 3.4, 4.1.5 and 4.2.5 with octet-wise writes: the echo of a valid
+//! message, then 1002). Bounded: at most `PASS_BUDGET` bytes (never more than
+//! the message size limit) and `ANSWER_GRACE`; a peer that has not sent its
+//! close frame by then gets loopwatch's close instead (`close`). A message
+//! over the size limit is loopwatch's own refusal: it never passes (1009).
 
 use std::collections::hash_map::RandomState;
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
-use std::io::{self, ErrorKind};
-use std::net::Shutdown;
+use std::io::ErrorKind;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use tokio::io::Interest;
-use tokio::net::TcpStream;
+use tokio::io::ReadBuf;
 use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
 
 use loopwatch_dataplane_core::events::{Event, EventSender, Initiator, Traffic};
-use loopwatch_dataplane_core::frames::{build_close_frame, FrameWatcher, Side, WatcherConfig};
+use loopwatch_dataplane_core::frames::{
+    build_close_frame, FrameError, FrameWatcher, Side, WatcherConfig,
+};
+
+use crate::transport::Transport;
 
 use crate::control::{CloseCommand, LiveTraffic, RelayControl};
 
@@ -37,12 +59,20 @@ use crate::control::{CloseCommand, LiveTraffic, RelayControl};
 const READ_SIZE: usize = 32 * 1024;
 
 thread_local! {
-    /// Each runtime thread's read buffer (`Relay::read`).
+    /// Each runtime thread's read buffer (`Relay::read`): `READ_SIZE` bytes,
+    /// zeroed once, so that reads need neither `unsafe` nor zeroing.
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 /// How long a proxy-initiated close waits for a frame boundary and for the
 /// peers' replies (`CLOSE_GRACE` in relay.py).
 pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Bytes a direction passes unparsed after a protocol error, from the
+/// offending frame's first byte (capped by the message size limit): enough
+/// for a peer to read the bad frame and fail the connection.
+pub const PASS_BUDGET: u64 = 64 * 1024;
+/// How long the peer of a protocol error has to fail the connection itself
+/// (send its close frame) before loopwatch closes it.
+pub const ANSWER_GRACE: Duration = CLOSE_GRACE;
 /// Codes loopwatch sends when one leg disappears without a close frame.
 const CODE_UPSTREAM_LOST: u16 = 1014;
 const CODE_CLIENT_LOST: u16 = 1001;
@@ -68,22 +98,37 @@ enum AfterFlush {
     Nothing,
     /// Shut its writing half (a FIN); keep reading.
     WriteEof,
+    /// Its writing half is shut.
+    EofSent,
     /// Close it (Python's `transport.close()`).
     Close,
 }
 
-/// One side of the splice: reads from `stream`, whose bytes go to the other
-/// leg's `out`.
+/// A direction passed through unparsed after a protocol error: its watcher
+/// stopped at the offending frame, its bytes go on as they come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Passing {
+    /// Bytes it may still pass.
+    left: u64,
+}
+
+/// One side of the splice: reads from its stream (in `Streams`), whose
+/// bytes go to the other leg's `out`.
 struct Leg {
-    stream: Option<TcpStream>,
     /// Watches the bytes read from this leg.
     watcher: FrameWatcher,
     /// Bytes waiting to be written to this leg, from `out_pos`.
     out: Vec<u8>,
     out_pos: usize,
+    /// The stream took bytes that its flush has not written out yet (TLS
+    /// records rustls holds; never for TCP once its flush ran).
+    unflushed: bool,
     after_flush: AfterFlush,
     /// False once the proxy ended this leg's direction with its own close.
     forward: bool,
+    /// Set once this leg broke the protocol: what it sends is passed on
+    /// unparsed, for the other side to answer.
+    passing: Option<Passing>,
     /// The proxy's close frame for the other leg, waiting for this leg's
     /// stream to reach a frame boundary.
     pending: Option<Vec<u8>>,
@@ -97,9 +142,8 @@ struct Leg {
 }
 
 impl Leg {
-    fn new(stream: TcpStream, side: Side, limits: &RelayLimits) -> Leg {
+    fn new(side: Side, limits: &RelayLimits) -> Leg {
         Leg {
-            stream: Some(stream),
             watcher: FrameWatcher::new(WatcherConfig {
                 side,
                 max_message_size: limits.max_message_size,
@@ -107,8 +151,10 @@ impl Leg {
             }),
             out: Vec::new(),
             out_pos: 0,
+            unflushed: false,
             after_flush: AfterFlush::Nothing,
             forward: true,
+            passing: None,
             pending: None,
             eof: false,
             read_done: false,
@@ -120,9 +166,58 @@ impl Leg {
         self.out_pos < self.out.len()
     }
 
-    /// Takes writes: open, not closing, its writing half not shut.
-    fn writable(&self) -> bool {
-        self.stream.is_some() && self.after_flush == AfterFlush::Nothing
+    /// Bytes for this leg are not all written out: queued, or held by its
+    /// stream until a flush.
+    fn pending_output(&self) -> bool {
+        self.has_output() || self.unflushed
+    }
+
+    /// Something is left to write: output, or the shutdown that follows it.
+    fn needs_flush(&self) -> bool {
+        self.pending_output()
+            || matches!(self.after_flush, AfterFlush::WriteEof | AfterFlush::Close)
+    }
+}
+
+/// Both legs' streams, of their own types; `get` lends either as a
+/// `dyn Transport`, so that one code path serves every combination.
+struct Streams<C, U> {
+    client: Option<C>,
+    upstream: Option<U>,
+}
+
+impl<C: Transport, U: Transport> Streams<C, U> {
+    fn get(&mut self, i: usize) -> Option<&mut dyn Transport> {
+        if i == CLIENT {
+            self.client.as_mut().map(|s| s as &mut dyn Transport)
+        } else {
+            self.upstream.as_mut().map(|s| s as &mut dyn Transport)
+        }
+    }
+
+    fn peek(&self, i: usize) -> Option<&dyn Transport> {
+        if i == CLIENT {
+            self.client.as_ref().map(|s| s as &dyn Transport)
+        } else {
+            self.upstream.as_ref().map(|s| s as &dyn Transport)
+        }
+    }
+
+    fn is_open(&self, i: usize) -> bool {
+        if i == CLIENT {
+            self.client.is_some()
+        } else {
+            self.upstream.is_some()
+        }
+    }
+
+    /// Drop leg `i`'s stream (closing its connection).
+    fn drop_stream(&mut self, i: usize) {
+        if i == CLIENT {
+            self.client = None;
+        } else {
+            self.upstream = None;
+        }
     }
 }
 
@@ -149,8 +244,12 @@ pub struct CloseInfo {
     pub initiator: Initiator,
 }
 
-pub struct Relay {
+pub struct Relay<C: Transport, U: Transport> {
     legs: [Leg; 2],
+    streams: Streams<C, U>,
+    /// The task's waker, for the reads and writes made while handling an
+    /// event (set at every poll of `run`).
+    waker: Waker,
     id: RelayIdentity,
     events: EventSender,
     /// Whose close came first: client, upstream or proxy.
@@ -158,6 +257,11 @@ pub struct Relay {
     proxy_close: Option<(u16, String)>,
     /// Set by the proxy's own close: everything ends by then.
     grace: Option<Instant>,
+    /// Set when a protocol error is passed on: by then the peer has sent its
+    /// close frame, or loopwatch closes.
+    answer_until: Option<Instant>,
+    /// Bytes a direction may pass unparsed after a protocol error.
+    pass_budget: u64,
     /// Legs whose connection ended, for `lost` (run from the loop, as
     /// asyncio calls `connection_lost` on a later turn).
     ended: Vec<usize>,
@@ -179,25 +283,34 @@ fn mask_key() -> [u8; 4] {
     (hasher.finish() as u32).to_be_bytes()
 }
 
-impl Relay {
+impl<C: Transport, U: Transport> Relay<C, U> {
     pub fn new(
-        client: TcpStream,
-        upstream: TcpStream,
+        client: C,
+        upstream: U,
         limits: RelayLimits,
         id: RelayIdentity,
         events: EventSender,
         control: RelayControl,
-    ) -> Relay {
+    ) -> Relay<C, U> {
         Relay {
             legs: [
-                Leg::new(client, Side::Client, &limits),
-                Leg::new(upstream, Side::Upstream, &limits),
+                Leg::new(Side::Client, &limits),
+                Leg::new(Side::Upstream, &limits),
             ],
+            streams: Streams {
+                client: Some(client),
+                upstream: Some(upstream),
+            },
+            waker: Waker::noop().clone(),
             id,
             events,
             initiator: None,
             proxy_close: None,
             grace: None,
+            answer_until: None,
+            pass_budget: limits
+                .max_message_size
+                .map_or(PASS_BUDGET, |limit| limit.min(PASS_BUDGET)),
             ended: Vec::new(),
             done: false,
             reported: false,
@@ -228,7 +341,7 @@ impl Relay {
         if !client_early.is_empty() && !self.legs[UPSTREAM].closed {
             self.data(CLIENT, client_early);
         }
-        if client_eof && self.legs[CLIENT].stream.is_some() {
+        if client_eof && self.streams.is_open(CLIENT) {
             self.eof(CLIENT);
         }
         self.publish(CLIENT);
@@ -250,6 +363,9 @@ impl Relay {
         // the sockets' readiness is polled in place (its wakers registered
         // only where it is pending), and every ready leg is served in turn.
         std::future::poll_fn(|cx| loop {
+            if !self.waker.will_wake(cx.waker()) {
+                self.waker = cx.waker().clone();
+            }
             while let Some(i) = self.ended.pop() {
                 self.lost(i);
             }
@@ -261,9 +377,12 @@ impl Relay {
                 idle_timer.as_mut().reset(idle_at.unwrap_or(far));
                 idle_armed = idle_at;
             }
-            if self.grace != grace_armed {
-                grace_timer.as_mut().reset(self.grace.unwrap_or(far));
-                grace_armed = self.grace;
+            // One timer for the proxy's close and for a peer's answer to a
+            // protocol error passed on (never both: `close` ends the latter).
+            let deadline = self.grace.or(self.answer_until);
+            if deadline != grace_armed {
+                grace_timer.as_mut().reset(deadline.unwrap_or(far));
+                grace_armed = deadline;
             }
             if !shutdown_seen && shutdown_signal.as_mut().poll(cx).is_ready() {
                 shutdown_seen = true;
@@ -279,8 +398,12 @@ impl Relay {
                     continue;
                 }
             }
-            if self.grace.is_some() && grace_timer.as_mut().poll(cx).is_ready() {
-                self.abort_all();
+            if deadline.is_some() && grace_timer.as_mut().poll(cx).is_ready() {
+                if self.grace.is_some() {
+                    self.abort_all();
+                } else {
+                    self.answer_timeout();
+                }
                 continue;
             }
             if idle_at.is_some() && self.grace.is_none() && idle_timer.as_mut().poll(cx).is_ready()
@@ -288,34 +411,18 @@ impl Relay {
                 self.check_idle();
                 continue;
             }
+            // Each stream is polled where there is work for it; what is
+            // pending registers the waker.
             let mut progress = false;
             for i in [CLIENT, UPSTREAM] {
-                if !self.legs[i].has_output() {
-                    continue;
+                if self.legs[i].needs_flush() && self.streams.is_open(i) {
+                    progress |= self.flush(i);
                 }
-                let Some(stream) = self.legs[i].stream.as_ref() else {
-                    continue;
-                };
-                match stream.poll_write_ready(cx) {
-                    Poll::Ready(Ok(())) => self.flush(i),
-                    Poll::Ready(Err(_)) => self.abort(i),
-                    Poll::Pending => continue,
-                }
-                progress = true;
             }
             for i in [CLIENT, UPSTREAM] {
-                if !self.can_read(i) {
-                    continue;
+                if self.can_read(i) {
+                    progress |= self.read(i);
                 }
-                let Some(stream) = self.legs[i].stream.as_ref() else {
-                    continue;
-                };
-                match stream.poll_read_ready(cx) {
-                    Poll::Ready(Ok(())) => self.read(i),
-                    Poll::Ready(Err(_)) => self.abort(i),
-                    Poll::Pending => continue,
-                }
-                progress = true;
             }
             if !progress {
                 return Poll::Pending;
@@ -327,35 +434,56 @@ impl Relay {
 
     fn can_read(&self, i: usize) -> bool {
         let leg = &self.legs[i];
-        if leg.stream.is_none() || leg.read_done || leg.after_flush == AfterFlush::Close {
+        if !self.streams.is_open(i) || leg.read_done || leg.after_flush == AfterFlush::Close {
             return false;
         }
         // Backpressure: a forwarding leg waits until its last bytes are out.
-        !leg.forward || !self.legs[other(i)].has_output()
+        !leg.forward || !self.legs[other(i)].pending_output()
+    }
+
+    /// Takes writes: open, not closing, its writing half not shut.
+    fn writable(&self, i: usize) -> bool {
+        self.streams.is_open(i) && self.legs[i].after_flush == AfterFlush::Nothing
     }
 
     // --- reading -------------------------------------------------------------
 
-    fn read(&mut self, i: usize) {
+    /// One read from leg `i`; whether it got anything (data, EOF, error).
+    fn read(&mut self, i: usize) -> bool {
         // Read into this thread's scratch buffer (no await until it is let go,
         // so the task cannot move meanwhile); `write` sends from it straight
         // away and keeps only what the socket did not take. No allocation per
-        // read, and an idle connection holds no buffer.
-        SCRATCH.with_borrow_mut(|scratch| {
-            scratch.clear();
-            scratch.reserve(READ_SIZE);
-            let stream = self.legs[i]
-                .stream
-                .as_ref()
-                .expect("readable legs are open");
-            match read_some(stream, scratch) {
-                Ok(0) => self.eof(i),
-                Ok(_) => self.data(i, scratch),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                Err(_) => self.abort(i),
+        // read, and an idle connection holds no buffer. (tokio's TcpStream
+        // clears its readiness after a read that did not fill the buffer, so
+        // the next turn waits for epoll rather than trying a read that can
+        // only say EAGAIN.)
+        let got = SCRATCH.with_borrow_mut(|scratch| {
+            if scratch.len() < READ_SIZE {
+                scratch.resize(READ_SIZE, 0);
             }
+            let mut cx = Context::from_waker(&self.waker);
+            let Some(stream) = self.streams.get(i) else {
+                return false;
+            };
+            let mut buf = ReadBuf::new(&mut scratch[..READ_SIZE]);
+            let polled = Pin::new(stream).poll_read(&mut cx, &mut buf);
+            let n = buf.filled().len();
+            match polled {
+                Poll::Pending => return false,
+                Poll::Ready(Ok(())) if n == 0 => self.eof(i),
+                Poll::Ready(Ok(())) => self.data(i, &scratch[..n]),
+                // A TLS peer that closed its TCP connection without
+                // close_notify: an EOF, as for TCP (the frame watcher tells
+                // a cut frame from a clean end).
+                Poll::Ready(Err(e)) if e.kind() == ErrorKind::UnexpectedEof => self.eof(i),
+                Poll::Ready(Err(_)) => self.abort(i),
+            }
+            true
         });
-        self.publish(i);
+        if got {
+            self.publish(i);
+        }
+        got
     }
 
     /// Leg `i`'s counts so far, for `live()` (two relaxed stores).
@@ -373,6 +501,10 @@ impl Relay {
         let o = other(i);
         let leg = &mut self.legs[i];
         if leg.pending.is_none() && leg.forward {
+            if leg.passing.is_some() {
+                self.pass_on(i, data);
+                return;
+            }
             match leg.watcher.feed(data) {
                 Ok(_) => {
                     self.write(o, data);
@@ -380,7 +512,7 @@ impl Relay {
                 }
                 Err(v) => {
                     self.write(o, &data[..v.forward]);
-                    self.violation(i);
+                    self.violation(i, &data[v.forward..]);
                 }
             }
         } else if leg.forward {
@@ -404,15 +536,19 @@ impl Relay {
         }
     }
 
-    /// Whether leg `i` stays open after its EOF: it sent its close frame and
-    /// the EOF could be passed on.
+    /// Whether leg `i` stays open after its EOF: it sent its close frame (or
+    /// its stream is passed unparsed: then it may have) and the EOF could be
+    /// passed on.
     fn half_close(&mut self, i: usize) -> bool {
-        if self.grace.is_some() || self.legs[i].watcher.close.is_none() {
+        let leg = &self.legs[i];
+        if self.grace.is_some() || (leg.watcher.close.is_none() && leg.passing.is_none()) {
             // Closing: that side is done. No close frame: the side is gone.
             return false;
         }
         let o = other(i);
-        if self.legs[o].closed || self.legs[o].eof {
+        let half_closes = self.streams.peek(o).is_some_and(|s| s.can_write_eof());
+        if self.legs[o].closed || self.legs[o].eof || !half_closes {
+            // Both halves are shut, or the other stream cannot shut one (TLS).
             self.close_leg(o);
             return false;
         }
@@ -426,86 +562,123 @@ impl Relay {
     /// Write bytes to leg `i`: at once as far as the socket takes them, the
     /// rest queued (dropped when the leg takes no more writes).
     fn write(&mut self, i: usize, mut data: &[u8]) {
-        let leg = &mut self.legs[i];
-        if data.is_empty() || !leg.writable() {
+        if data.is_empty() || !self.writable(i) {
             return;
         }
-        if !leg.has_output() {
-            let stream = leg.stream.as_ref().expect("writable legs are open");
+        if !self.legs[i].has_output() {
+            let mut cx = Context::from_waker(&self.waker);
+            let stream = self.streams.get(i).expect("writable legs are open");
             while !data.is_empty() {
-                match stream.try_write(data) {
-                    Ok(n) => data = &data[n..],
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(_) => {
+                match Pin::new(&mut *stream).poll_write(&mut cx, data) {
+                    Poll::Ready(Ok(n)) if n > 0 => data = &data[n..],
+                    Poll::Pending => break,
+                    Poll::Ready(_) => {
                         self.abort(i);
                         return;
                     }
                 }
             }
-            if data.is_empty() {
-                return;
-            }
+            let leg = &mut self.legs[i];
+            leg.unflushed = true;
             leg.out.clear();
             leg.out_pos = 0;
         }
-        leg.out.extend_from_slice(data);
+        self.legs[i].out.extend_from_slice(data);
         self.flush(i);
     }
 
-    /// Write what leg `i` has queued, as far as the socket takes it now.
-    fn flush(&mut self, i: usize) {
+    /// Write what leg `i` has queued, flush its stream, then shut it down or
+    /// close it if that is what comes next, as far as it goes now. Whether
+    /// anything moved.
+    fn flush(&mut self, i: usize) -> bool {
+        let mut cx = Context::from_waker(&self.waker);
         let leg = &mut self.legs[i];
-        let Some(stream) = leg.stream.as_ref() else {
-            return;
+        let Some(stream) = self.streams.get(i) else {
+            return false;
         };
+        let mut moved = false;
         while leg.has_output() {
-            match stream.try_write(&leg.out[leg.out_pos..]) {
-                Ok(n) => leg.out_pos += n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(_) => {
+            match Pin::new(&mut *stream).poll_write(&mut cx, &leg.out[leg.out_pos..]) {
+                Poll::Ready(Ok(n)) if n > 0 => {
+                    leg.out_pos += n;
+                    leg.unflushed = true;
+                    moved = true;
+                }
+                Poll::Pending => return moved,
+                Poll::Ready(_) => {
                     self.abort(i);
-                    return;
+                    return true;
                 }
             }
         }
-        leg.out = Vec::new();
-        leg.out_pos = 0;
-        match leg.after_flush {
-            AfterFlush::Nothing => {}
-            AfterFlush::WriteEof => {
-                let _ = socket_shutdown(stream);
+        if !leg.out.is_empty() {
+            leg.out = Vec::new();
+            leg.out_pos = 0;
+        }
+        if leg.unflushed {
+            match Pin::new(&mut *stream).poll_flush(&mut cx) {
+                Poll::Ready(Ok(())) => leg.unflushed = false,
+                Poll::Pending => return moved,
+                Poll::Ready(Err(_)) => {
+                    self.abort(i);
+                    return true;
+                }
             }
+            moved = true;
+        }
+        match leg.after_flush {
+            AfterFlush::Nothing | AfterFlush::EofSent => moved,
+            AfterFlush::WriteEof => match Pin::new(&mut *stream).poll_shutdown(&mut cx) {
+                Poll::Pending => moved,
+                Poll::Ready(_) => {
+                    leg.after_flush = AfterFlush::EofSent;
+                    true
+                }
+            },
             AfterFlush::Close => {
-                leg.stream = None;
+                if stream.shuts_down_on_close()
+                    && Pin::new(&mut *stream).poll_shutdown(&mut cx).is_pending()
+                {
+                    return moved;
+                }
+                self.streams.drop_stream(i);
                 self.ended.push(i);
+                true
             }
         }
     }
 
-    /// Shut leg `i`'s writing half once its queued bytes are out.
+    /// Shut leg `i`'s writing half once its queued bytes are out; a stream
+    /// that cannot shut one half (TLS) closes.
     fn write_eof(&mut self, i: usize) {
-        if self.legs[i].writable() {
+        if !self.writable(i) {
+            return;
+        }
+        if self.streams.peek(i).is_some_and(|s| s.can_write_eof()) {
             self.legs[i].after_flush = AfterFlush::WriteEof;
             self.flush(i);
+        } else {
+            self.close_leg(i);
         }
     }
 
     /// Close leg `i` once its queued bytes are out.
     fn close_leg(&mut self, i: usize) {
-        let leg = &mut self.legs[i];
-        if leg.stream.is_some() && leg.after_flush != AfterFlush::Close {
-            leg.after_flush = AfterFlush::Close;
+        if self.streams.is_open(i) && self.legs[i].after_flush != AfterFlush::Close {
+            self.legs[i].after_flush = AfterFlush::Close;
             self.flush(i);
         }
     }
 
     /// Drop leg `i` at once (a reset).
     fn abort(&mut self, i: usize) {
-        let leg = &mut self.legs[i];
-        if let Some(stream) = leg.stream.take() {
-            let _ = stream.set_zero_linger();
+        if let Some(stream) = self.streams.peek(i) {
+            let _ = stream.tcp().set_zero_linger();
+            self.streams.drop_stream(i);
+            let leg = &mut self.legs[i];
             leg.out = Vec::new();
             leg.out_pos = 0;
+            leg.unflushed = false;
             self.ended.push(i);
         }
     }
@@ -514,6 +687,48 @@ impl Relay {
         self.grace = None;
         self.abort(CLIENT);
         self.abort(UPSTREAM);
+    }
+
+    // --- a protocol error, passed on ----------------------------------------------
+
+    /// Bytes of leg `i`, which broke the protocol: on to the other side
+    /// unparsed, within the budget; past it, loopwatch closes.
+    fn pass_on(&mut self, i: usize, data: &[u8]) {
+        let Some(passing) = self.legs[i].passing.as_mut() else {
+            return;
+        };
+        let n = usize::try_from(passing.left)
+            .unwrap_or(usize::MAX)
+            .min(data.len());
+        passing.left -= n as u64;
+        self.write(other(i), &data[..n]);
+        if n < data.len() {
+            self.close_for_violation();
+        }
+    }
+
+    /// `ANSWER_GRACE` after a protocol error was passed on: if the peer has
+    /// not sent its close frame (it tolerates the error, or does not answer),
+    /// loopwatch closes. If it has, the close handshake is the peers' own.
+    fn answer_timeout(&mut self) {
+        self.answer_until = None;
+        let answered = [CLIENT, UPSTREAM]
+            .into_iter()
+            .all(|i| self.legs[i].passing.is_none() || self.legs[other(i)].watcher.close.is_some());
+        if !answered {
+            self.close_for_violation();
+        }
+    }
+
+    /// Close with the code and reason of the protocol error passed on.
+    fn close_for_violation(&mut self) {
+        let error = [CLIENT, UPSTREAM]
+            .into_iter()
+            .filter(|&i| self.legs[i].passing.is_some())
+            .find_map(|i| self.legs[i].watcher.error().cloned());
+        if let Some(error) = error {
+            self.close(error.close_code(), &format!("loopwatch: {error}"));
+        }
     }
 
     // --- the proxy's own close -------------------------------------------------
@@ -526,12 +741,20 @@ impl Relay {
             return;
         }
         self.grace = Some(Instant::now() + CLOSE_GRACE);
+        self.answer_until = None;
         self.initiator.get_or_insert(Initiator::Proxy);
         self.proxy_close = Some((code, reason.to_owned()));
         for i in [CLIENT, UPSTREAM] {
             let o = other(i);
             if self.legs[o].closed || self.legs[i].eof || !self.legs[i].forward {
                 self.legs[i].forward = false;
+                continue;
+            }
+            if self.legs[i].passing.take().is_some() {
+                // An unparsed stream cannot take a close frame of loopwatch's:
+                // the other side's connection ends after what was passed.
+                self.legs[i].forward = false;
+                self.close_leg(o);
                 continue;
             }
             // Frames toward the upstream are masked: loopwatch is its client.
@@ -573,7 +796,7 @@ impl Relay {
                 Ok(_) => self.write(o, piece),
                 Err(v) => {
                     self.write(o, &piece[..v.forward]);
-                    self.violation(i);
+                    self.violation(i, &[]);
                     return;
                 }
             }
@@ -588,14 +811,26 @@ impl Relay {
         }
     }
 
-    /// A frame loopwatch must not forward (protocol error, message too big):
-    /// what came before it is out; close both sides with the error's code.
-    fn violation(&mut self, i: usize) {
+    /// Leg `i` sent a frame loopwatch must not forward as it is: what came
+    /// before it is out, `rest` starts with it. A protocol error on an open
+    /// connection is passed on (`rest` and what follows, unparsed) for the
+    /// other side to answer; a message over the size limit, or any error
+    /// while loopwatch is closing, closes both sides with the error's code.
+    fn violation(&mut self, i: usize, rest: &[u8]) {
         let error = self.legs[i]
             .watcher
             .error()
             .cloned()
             .expect("a violation sets the watcher's error");
+        let refused = matches!(error, FrameError::MessageTooBig { .. });
+        if self.grace.is_none() && !refused {
+            self.legs[i].passing = Some(Passing {
+                left: self.pass_budget,
+            });
+            self.answer_until = Some(Instant::now() + ANSWER_GRACE);
+            self.pass_on(i, rest);
+            return;
+        }
         if !self.legs[i].watcher.at_boundary() {
             // The offending frame's first bytes are out: a close frame now
             // would land inside it. End that stream.
@@ -648,7 +883,7 @@ impl Relay {
             return;
         }
         self.legs[i].closed = true;
-        self.legs[i].stream = None;
+        self.streams.drop_stream(i);
         self.initiator.get_or_insert(initiator(i));
         let o = other(i);
         if !self.legs[o].closed {
@@ -665,6 +900,10 @@ impl Relay {
                 }
             } else if self.legs[i].watcher.close.is_some() || self.legs[i].eof {
                 self.close_leg(o); // an ordinary close handshake: flush, then close
+            } else if self.legs[i].passing.is_some() || self.legs[o].passing.is_some() {
+                // A stream passed unparsed: where it stands is unknown, so
+                // the end is passed on as TCP's (flush, then close).
+                self.close_leg(o);
             } else if self.legs[i].watcher.at_boundary() && self.legs[i].watcher.error().is_none() {
                 // Vanished without a close frame: tell the other side why,
                 // then wait (up to the grace) for its close reply.
@@ -770,7 +1009,7 @@ impl Relay {
     }
 }
 
-impl Drop for Relay {
+impl<C: Transport, U: Transport> Drop for Relay<C, U> {
     /// A relay dropped before its end (the runtime stopped after the grace
     /// of `stop()`) still reports how far it got.
     fn drop(&mut self) {
@@ -778,23 +1017,4 @@ impl Drop for Relay {
             self.report();
         }
     }
-}
-
-/// Read what `stream` has into `buf`'s spare capacity. A read that did not
-/// fill it drained the socket (epoll is edge-triggered): its readiness is
-/// cleared then, as tokio's own `poll_read` does, so the next turn waits for
-/// epoll instead of trying a read that can only say EAGAIN.
-fn read_some(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
-    let room = buf.capacity() - buf.len();
-    let n = stream.try_read_buf(buf)?;
-    if n > 0 && n < room {
-        let _ = stream.try_io(Interest::READABLE, || {
-            Err::<(), _>(io::Error::from(ErrorKind::WouldBlock))
-        });
-    }
-    Ok(n)
-}
-
-fn socket_shutdown(stream: &TcpStream) -> io::Result<()> {
-    socket2::SockRef::from(stream).shutdown(Shutdown::Write)
 }

@@ -57,7 +57,7 @@ pub enum Answer {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
+pub(crate) enum Framing {
     None,
     Length(u64),
     Chunked,
@@ -65,7 +65,7 @@ enum Framing {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunk {
+pub(crate) enum Chunk {
     /// Expecting a chunk-size line.
     Size,
     /// Bytes of chunk data still to come, then its CRLF.
@@ -76,10 +76,12 @@ enum Chunk {
 }
 
 #[derive(Debug)]
-struct Head {
-    status: u16,
-    reason: Vec<u8>,
-    headers: Vec<(Vec<u8>, Vec<u8>)>,
+pub(crate) struct Head {
+    /// HTTP/1.1 (else 1.0).
+    pub(crate) http11: bool,
+    pub(crate) status: u16,
+    pub(crate) reason: Vec<u8>,
+    pub(crate) headers: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 #[derive(Debug)]
@@ -125,7 +127,7 @@ fn tokens(value: &[u8]) -> impl Iterator<Item = Vec<u8>> + '_ {
 
 impl Head {
     /// Values of a header, joined with ", " as Python's `header()` does.
-    fn header(&self, name: &[u8]) -> Option<Vec<u8>> {
+    pub(crate) fn header(&self, name: &[u8]) -> Option<Vec<u8>> {
         let mut values = self
             .headers
             .iter()
@@ -140,7 +142,7 @@ impl Head {
         Some(out)
     }
 
-    fn framing(&self) -> Result<Framing, BadResponse> {
+    pub(crate) fn framing(&self) -> Result<Framing, BadResponse> {
         if (100..200).contains(&self.status) || self.status == 204 || self.status == 304 {
             return Ok(Framing::None);
         }
@@ -247,6 +249,7 @@ fn parse_head(buf: &[u8], slots: usize) -> Result<Option<(Head, usize)>, httpars
         httparse::Status::Partial => Ok(None),
         httparse::Status::Complete(len) => {
             let head = Head {
+                http11: response.version == Some(1),
                 status: response.code.unwrap_or(0),
                 reason: response.reason.unwrap_or("").as_bytes().to_vec(),
                 headers: response
@@ -257,6 +260,24 @@ fn parse_head(buf: &[u8], slots: usize) -> Result<Option<(Head, usize)>, httpars
             };
             Ok(Some((head, len)))
         }
+    }
+}
+
+/// A response head at the start of `buf`, and its length; None while it is
+/// incomplete (and no longer than `max_head`).
+pub(crate) fn parse_response_head(
+    buf: &[u8],
+    max_head: usize,
+) -> Result<Option<(Head, usize)>, BadResponse> {
+    let parsed = match parse_head(buf, FEW_HEADERS) {
+        // Every header line takes at least 4 bytes.
+        Err(httparse::Error::TooManyHeaders) => parse_head(buf, buf.len() / 4 + 1),
+        other => other,
+    };
+    match parsed {
+        Err(e) => Err(BadResponse::Invalid(e.to_string())),
+        Ok(None) if buf.len() > max_head => Err(BadResponse::HeadTooLarge),
+        Ok(done) => Ok(done),
     }
 }
 
@@ -282,20 +303,9 @@ impl ResponseReader {
             State::Done => Ok(Answer::Partial),
             State::Head => {
                 self.buf.extend_from_slice(data);
-                let parsed = match parse_head(&self.buf, FEW_HEADERS) {
-                    Err(httparse::Error::TooManyHeaders) => {
-                        // Every header line takes at least 4 bytes.
-                        parse_head(&self.buf, self.buf.len() / 4 + 1)
-                    }
-                    other => other,
-                };
-                let (head, len) = match parsed {
-                    Err(e) => return Err(BadResponse::Invalid(e.to_string())),
-                    Ok(None) if self.buf.len() > self.max_head => {
-                        return Err(BadResponse::HeadTooLarge)
-                    }
-                    Ok(None) => return Ok(Answer::Partial),
-                    Ok(Some(done)) => done,
+                let (head, len) = match parse_response_head(&self.buf, self.max_head)? {
+                    None => return Ok(Answer::Partial),
+                    Some(done) => done,
                 };
                 if head.status == 101 {
                     self.state = State::Done;
@@ -377,7 +387,7 @@ impl ResponseReader {
 /// Decode chunked framing from `buf` (bytes not consumed yet); the bytes
 /// consumed, and whether the message ended. Body bytes beyond `max_body` are
 /// dropped.
-fn decode_chunks(
+pub(crate) fn decode_chunks(
     buf: &[u8],
     chunk: &mut Chunk,
     body: &mut Vec<u8>,

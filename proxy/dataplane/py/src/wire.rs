@@ -174,6 +174,8 @@ pub struct Route {
     /// The upstream URL's path without its trailing slash; empty keeps the
     /// client's path as it is.
     pub base_path: Vec<u8>,
+    /// `wss://` or `https://`: TLS to the upstream.
+    pub tls: bool,
 }
 
 impl Route {
@@ -223,27 +225,60 @@ fn lower(name: &[u8]) -> Vec<u8> {
     name.to_ascii_lowercase()
 }
 
-/// The request head sent upstream: end-to-end headers as the client sent them
-/// (order and case kept), Host set to the upstream, the upgrade pair, then
-/// X-Forwarded-For/-Proto/-Host (`upstream_request_head` in heads.py).
-pub fn upstream_request_head(
-    head: &RequestHead<'_>,
-    target: &[u8],
-    host: &[u8],
-    peer: &str,
-    scheme: &str,
-) -> Vec<u8> {
-    let mut named: Vec<Vec<u8>> = Vec::new();
-    for h in &head.headers {
-        if h.name.eq_ignore_ascii_case(b"connection") {
+/// What kind of request goes upstream: the part of its head that is not the
+/// client's end-to-end headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forwarded {
+    /// A WebSocket upgrade: `Upgrade: websocket` and `Connection: Upgrade`.
+    WebSocket,
+    /// A plain request. `chunked`: its body goes on with loopwatch's own chunk
+    /// framing (`Transfer-Encoding: chunked` last, as aiohttp adds it).
+    /// `answers_continue`: loopwatch answers the client's `Expect:
+    /// 100-continue` itself, so the header is not forwarded.
+    Http {
+        chunked: bool,
+        answers_continue: bool,
+    },
+}
+
+/// The lower-cased header names the Connection headers of `headers` list.
+pub(crate) fn connection_named<'h>(
+    headers: impl IntoIterator<Item = (&'h [u8], &'h [u8])>,
+) -> Vec<Vec<u8>> {
+    let mut named = Vec::new();
+    for (name, value) in headers {
+        if name.eq_ignore_ascii_case(b"connection") {
             named.extend(
-                h.value
+                value
                     .split(|&b| b == b',')
                     .map(|t| lower(trim(t)))
                     .filter(|t| !t.is_empty()),
             );
         }
     }
+    named
+}
+
+/// Whether a header describes one hop only: the hop-by-hop set, or one the
+/// Connection header names (`end_to_end` in heads.py drops these).
+pub(crate) fn hop_by_hop(name: &[u8], named: &[Vec<u8>]) -> bool {
+    let name = lower(name);
+    HOP_BY_HOP.contains(&name.as_slice()) || named.contains(&name)
+}
+
+/// The request head sent upstream: end-to-end headers as the client sent them
+/// (order and case kept), Host set to the upstream, the upgrade pair for a
+/// WebSocket, then X-Forwarded-For/-Proto/-Host (`upstream_request_head` in
+/// heads.py; for plain requests, what forward.py hands aiohttp).
+pub fn upstream_request_head(
+    head: &RequestHead<'_>,
+    target: &[u8],
+    host: &[u8],
+    peer: &str,
+    scheme: &str,
+    kind: Forwarded,
+) -> Vec<u8> {
+    let named = connection_named(head.headers.iter().map(|h| (h.name, h.value)));
     let mut out = Vec::with_capacity(head.head_len + 128);
     out.extend_from_slice(head.method.as_bytes());
     out.push(b' ');
@@ -251,11 +286,17 @@ pub fn upstream_request_head(
     out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
     out.extend_from_slice(host);
     out.extend_from_slice(b"\r\n");
+    let drop_expect = matches!(
+        kind,
+        Forwarded::Http {
+            answers_continue: true,
+            ..
+        }
+    );
     for h in &head.headers {
-        let name = lower(h.name);
-        if HOP_BY_HOP.contains(&name.as_slice())
-            || named.contains(&name)
-            || REPLACED.contains(&name.as_slice())
+        if hop_by_hop(h.name, &named)
+            || REPLACED.contains(&lower(h.name).as_slice())
+            || (drop_expect && h.name.eq_ignore_ascii_case(b"expect"))
         {
             continue;
         }
@@ -264,7 +305,9 @@ pub fn upstream_request_head(
         out.extend_from_slice(h.value);
         out.extend_from_slice(b"\r\n");
     }
-    out.extend_from_slice(b"Upgrade: websocket\r\nConnection: Upgrade\r\n");
+    if kind == Forwarded::WebSocket {
+        out.extend_from_slice(b"Upgrade: websocket\r\nConnection: Upgrade\r\n");
+    }
     out.extend_from_slice(b"X-Forwarded-For: ");
     if let Some(previous) = head.header("x-forwarded-for") {
         out.extend_from_slice(&previous);
@@ -278,6 +321,9 @@ pub fn upstream_request_head(
         out.extend_from_slice(b"X-Forwarded-Host: ");
         out.extend_from_slice(authority);
         out.extend_from_slice(b"\r\n");
+    }
+    if let Forwarded::Http { chunked: true, .. } = kind {
+        out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
     }
     out.extend_from_slice(b"\r\n");
     out
@@ -297,6 +343,7 @@ mod tests {
             port: 9000,
             authority: b"127.0.0.1:9000".to_vec(),
             base_path: base.into(),
+            tls: false,
         }
     }
 
@@ -340,7 +387,14 @@ mod tests {
             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
             X-Forwarded-For: 10.0.0.1\r\nX-Forwarded-Proto: https\r\nCookie: a=b\r\n\r\n";
         let head = parsed(raw);
-        let out = upstream_request_head(&head, b"/ws?t=1", b"backend:9000", "127.0.0.1", "http");
+        let out = upstream_request_head(
+            &head,
+            b"/ws?t=1",
+            b"backend:9000",
+            "127.0.0.1",
+            "http",
+            Forwarded::WebSocket,
+        );
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "GET /ws?t=1 HTTP/1.1\r\nHost: backend:9000\r\n\
@@ -349,6 +403,33 @@ mod tests {
              X-Forwarded-For: 10.0.0.1, 127.0.0.1\r\nX-Forwarded-Proto: http\r\n\
              X-Forwarded-Host: example.test\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn a_plain_request_keeps_end_to_end_headers_and_frames_its_body_anew() {
+        let raw = b"POST /up HTTP/1.1\r\nHost: front\r\nTransfer-Encoding: chunked\r\n\
+            Expect: 100-continue\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nTE: trailers\r\n\
+            Content-Type: text/plain\r\n\r\n";
+        let head = parsed(raw);
+        let kind = Forwarded::Http {
+            chunked: true,
+            answers_continue: true,
+        };
+        let out = upstream_request_head(&head, b"/up", b"backend:9000", "10.1.2.3", "http", kind);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "POST /up HTTP/1.1\r\nHost: backend:9000\r\nContent-Type: text/plain\r\n\
+             X-Forwarded-For: 10.1.2.3\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: front\r\n\
+             Transfer-Encoding: chunked\r\n\r\n"
+        );
+        let kind = Forwarded::Http {
+            chunked: false,
+            answers_continue: false,
+        };
+        let out = upstream_request_head(&head, b"/up", b"b", "10.1.2.3", "http", kind);
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .contains("Host: b\r\nExpect: 100-continue\r\nContent-Type"));
     }
 
     #[test]

@@ -1,0 +1,698 @@
+//! Client identity: the key the engine tracks for an upgrade request, and the
+//! client's address, exactly as `proxy/dataplane/identity.py` computes them
+//! (docs/identity.md).
+//!
+//! Pure: the configuration (sources, trusted proxies, binding, the JWT keys as
+//! PEM bytes) goes in once, then `identify(head, peer, now)` answers. The clock
+//! is an argument, so the shared vectors (`tests/vectors/identity.json`) can
+//! hold expired and not-yet-valid tokens.
+//!
+//! Strings are Python's: header values and the query are latin-1 text (one
+//! char per byte), JWT claims come from Python-compatible JSON
+//! ([`json`]), "whitespace" is `str.isspace`, and a length is in code points.
+
+pub mod json;
+pub mod jwt;
+
+use std::fmt;
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use crate::head::RequestHead;
+use crate::table::IpNet;
+use json::{PyStr, Value};
+
+/// A token longer than this is not a token (bounds the decoding work).
+pub const MAX_TOKEN: usize = 16384;
+const SUBPROTOCOL_PREFIXES: [&str; 2] = ["bearer.", "access_token."];
+
+/// One identity source (`identity.sources`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A request header, its lower-cased name.
+    Header(String),
+    Cookie(String),
+    Query(String),
+    /// A claim of the JWT.
+    Jwt(String),
+    Ip,
+}
+
+impl Source {
+    /// A source as the settings normalise it: `header:NAME` (NAME lower-cased
+    /// here too), `cookie:NAME`, `query:NAME`, `jwt:CLAIM`, `ip`.
+    pub fn parse(text: &str) -> Result<Source, String> {
+        let (kind, arg) = text.split_once(':').unwrap_or((text, ""));
+        let named = |make: fn(String) -> Source| {
+            if arg.is_empty() {
+                Err(format!("{text:?}: {kind} needs a name, e.g. {kind}:NAME"))
+            } else {
+                Ok(make(arg.to_owned()))
+            }
+        };
+        match kind {
+            "header" => named(|a| Source::Header(a.to_ascii_lowercase())),
+            "cookie" => named(Source::Cookie),
+            "query" => named(Source::Query),
+            "jwt" => named(Source::Jwt),
+            "ip" if arg.is_empty() => Ok(Source::Ip),
+            _ => Err(format!(
+                "unknown source {text:?}; expected header:NAME, cookie:NAME, query:NAME, jwt:CLAIM or ip"
+            )),
+        }
+    }
+
+    /// Its label (`ClientKey.source`).
+    pub fn label(&self) -> String {
+        match self {
+            Source::Header(n) => format!("header:{n}"),
+            Source::Cookie(n) => format!("cookie:{n}"),
+            Source::Query(n) => format!("query:{n}"),
+            Source::Jwt(n) => format!("jwt:{n}"),
+            Source::Ip => "ip".to_owned(),
+        }
+    }
+}
+
+/// The `identity:` settings, as plain values.
+#[derive(Debug, Clone)]
+pub struct IdentitySpec {
+    pub sources: Vec<String>,
+    /// CIDRs, `ADDRESS/PREFIX`.
+    pub trusted_proxies: Vec<String>,
+    pub bind_to_address: bool,
+    pub bind_verified: bool,
+    pub max_key_length: usize,
+    pub jwt: jwt::JwtSpec,
+}
+
+/// The identity configuration, built once.
+#[derive(Debug)]
+pub struct Identity {
+    sources: Vec<(Source, String)>,
+    trusted: Vec<IpNet>,
+    bind: bool,
+    bind_verified: bool,
+    max_key_length: usize,
+    query_params: Vec<String>,
+    subprotocol: bool,
+    verifier: Option<jwt::Verifier>,
+}
+
+/// A client address: an IP (an IPv4-mapped IPv6 address as IPv4) and, for
+/// IPv6, the scope Python keeps (`fe80::1%eth0`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Address {
+    pub ip: IpAddr,
+    pub scope: Option<String>,
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.scope {
+            Some(scope) => write!(f, "{}%{scope}", self.ip),
+            None => write!(f, "{}", self.ip),
+        }
+    }
+}
+
+impl Address {
+    fn of(ip: IpAddr) -> Address {
+        Address {
+            ip: unmap(ip),
+            scope: None,
+        }
+    }
+}
+
+fn unmap(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        },
+        v4 => v4,
+    }
+}
+
+/// Who the client is (`ClientKey`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Client {
+    /// What the engine tracks, e.g. `alice@10.0.0.5` or `10.0.0.5`.
+    pub key: String,
+    /// The source that gave it (`jwt:sub`, `ip`, …).
+    pub source: String,
+    /// The client address (after trusted X-Forwarded-For).
+    pub address: Address,
+    /// The key is a claim of a JWT whose signature was verified.
+    pub verified: bool,
+}
+
+impl Identity {
+    /// Checks the settings and loads the keys; an error names what is wrong.
+    pub fn new(spec: &IdentitySpec) -> Result<Identity, String> {
+        if spec.sources.is_empty() {
+            return Err("identity.sources: expected at least one source, e.g. ip".into());
+        }
+        let mut sources = Vec::with_capacity(spec.sources.len());
+        for (i, text) in spec.sources.iter().enumerate() {
+            if sources.last().is_some_and(|(s, _)| *s == Source::Ip) {
+                return Err(format!(
+                    "identity.sources[{i}]: {text:?} comes after ip, which always yields"
+                ));
+            }
+            let source = Source::parse(text).map_err(|e| format!("identity.sources[{i}]: {e}"))?;
+            let label = source.label();
+            sources.push((source, label));
+        }
+        let trusted = spec
+            .trusted_proxies
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                IpNet::parse(c).map_err(|e| format!("identity.trusted_proxies[{i}]: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if spec.max_key_length < 64 {
+            return Err(format!(
+                "identity.max_key_length: expected at least 64, got {}",
+                spec.max_key_length
+            ));
+        }
+        let verifier = if spec.jwt.verify {
+            Some(jwt::Verifier::new(&spec.jwt)?)
+        } else {
+            None
+        };
+        Ok(Identity {
+            sources,
+            trusted,
+            bind: spec.bind_to_address,
+            bind_verified: spec.bind_verified,
+            max_key_length: spec.max_key_length,
+            query_params: spec.jwt.query_params.clone(),
+            subprotocol: spec.jwt.subprotocol,
+            verifier,
+        })
+    }
+
+    /// Whether JWT signatures are verified.
+    pub fn verifies(&self) -> bool {
+        self.verifier.is_some()
+    }
+
+    /// How many verified tokens are remembered (at most
+    /// [`jwt::VERIFIED_CACHE`]).
+    pub fn remembered_tokens(&self) -> usize {
+        self.verifier.as_ref().map_or(0, jwt::Verifier::remembered)
+    }
+
+    /// The client of a request head from `peer` at `now` (seconds since the
+    /// Unix epoch: `exp`, `nbf` and `iat` are judged against it).
+    pub fn identify(&self, head: &RequestHead<'_>, peer: IpAddr, now: f64) -> Client {
+        let address = self.client_address(head, peer);
+        let query = latin1(head.query);
+        let mut claims: Option<(Arc<Value>, bool)> = None;
+        let mut token_read = false;
+        for (source, label) in &self.sources {
+            let mut from_verified = false;
+            let raw: Option<Raw> = match source {
+                Source::Ip => break,
+                Source::Jwt(claim) => {
+                    if !token_read {
+                        claims = self.claims(head, &query, now);
+                        token_read = true;
+                    }
+                    claims.as_ref().and_then(|(payload, verified)| {
+                        from_verified = *verified;
+                        Raw::of_claim(payload.get(claim)?)
+                    })
+                }
+                // Cookie headers are joined with "; " even as a header source.
+                Source::Header(name) if name == "cookie" => cookie_header(head).map(Raw::Text),
+                Source::Header(name) => header_text(head, name).map(Raw::Text),
+                Source::Cookie(name) => {
+                    cookie_get(cookie_header(head).as_deref(), name).map(Raw::Text)
+                }
+                Source::Query(name) => query_get(&query, name).map(Raw::Text),
+            };
+            let Some(value) = raw.and_then(|r| self.clean(r)) else {
+                continue;
+            };
+            let bind = if from_verified {
+                self.bind_verified
+            } else {
+                self.bind
+            };
+            let key = if bind {
+                format!("{value}@{address}")
+            } else {
+                value
+            };
+            return Client {
+                key,
+                source: label.clone(),
+                address,
+                verified: from_verified,
+            };
+        }
+        Client {
+            key: address.to_string(),
+            source: "ip".into(),
+            address,
+            verified: false,
+        }
+    }
+
+    /// The peer, or with a trusted peer the rightmost untrusted
+    /// X-Forwarded-For hop (`Identifier.client_address`).
+    pub fn client_address(&self, head: &RequestHead<'_>, peer: IpAddr) -> Address {
+        let mut address = Address::of(peer);
+        if self.trusted.is_empty() || !self.is_trusted(address.ip) {
+            return address;
+        }
+        if let Some(xff) = head.header("x-forwarded-for") {
+            let xff = latin1(&xff);
+            for entry in xff.rsplit(',') {
+                let Some(hop) = parse_address(entry) else {
+                    break;
+                };
+                address = hop;
+                if !self.is_trusted(address.ip) {
+                    break;
+                }
+            }
+        }
+        address
+    }
+
+    /// `identity.trusted_proxies`: whose X-Forwarded-For is believed (and,
+    /// in the native listener, whose connections no per-address cap counts).
+    pub fn trusted_proxies(&self) -> &[IpNet] {
+        &self.trusted
+    }
+
+    fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.trusted.iter().any(|net| net.contains(ip))
+    }
+
+    /// `Identifier._clean`: unsafe characters out, whitespace trimmed, empty
+    /// is nothing, too long is hashed.
+    fn clean(&self, raw: Raw) -> Option<String> {
+        let text: String = match raw {
+            Raw::Text(t) => t.chars().filter(|&c| !is_unsafe(c)).collect(),
+            // Lone surrogates are unsafe characters: leaving them out is the cleaning.
+            Raw::Claim(s) => s.text.chars().filter(|&c| !is_unsafe(c)).collect(),
+            Raw::Int(i) => i,
+        };
+        let value = py_strip(&text);
+        if value.is_empty() {
+            return None;
+        }
+        if value.chars().count() > self.max_key_length {
+            return Some(hashed(value));
+        }
+        Some(value.to_owned())
+    }
+
+    /// The JWT's claims, and whether its signature was verified.
+    fn claims(&self, head: &RequestHead<'_>, query: &str, now: f64) -> Option<(Arc<Value>, bool)> {
+        let token = self.token(head, query)?;
+        match &self.verifier {
+            None => {
+                let payload = token.split('.').nth(1)?;
+                let claims = b64json(payload)?;
+                Some((Arc::new(claims), false))
+            }
+            Some(verifier) => verifier.verify(&token, now).map(|c| (c, true)),
+        }
+    }
+
+    /// The first JWT-shaped candidate: the bearer token, the query parameters,
+    /// then Sec-WebSocket-Protocol.
+    fn token(&self, head: &RequestHead<'_>, query: &str) -> Option<String> {
+        if let Some(auth) = header_text(head, "authorization") {
+            // Latin-1 text: the first 7 characters are "bearer " only if ASCII.
+            if auth.is_char_boundary(7) && auth[..7].eq_ignore_ascii_case("bearer ") {
+                let token = py_strip(&auth[7..]);
+                if jwt_shaped(token) {
+                    return Some(token.to_owned());
+                }
+            }
+        }
+        if !query.is_empty() {
+            for name in &self.query_params {
+                if let Some(found) = query_get(query, name) {
+                    if jwt_shaped(&found) {
+                        return Some(found);
+                    }
+                }
+            }
+        }
+        if self.subprotocol {
+            if let Some(protocols) = header_text(head, "sec-websocket-protocol") {
+                if !protocols.is_empty() {
+                    return subprotocol_token(&protocols);
+                }
+            }
+        }
+        None
+    }
+}
+
+/// What a source found, before cleaning.
+enum Raw {
+    Text(String),
+    Claim(PyStr),
+    /// An integer claim, as `str(int)`.
+    Int(String),
+}
+
+impl Raw {
+    /// A claim that is a string or an integer (not a bool, a float, …).
+    fn of_claim(value: &Value) -> Option<Raw> {
+        match value {
+            Value::Str(s) => Some(Raw::Claim(s.clone())),
+            Value::Int(i) => Some(Raw::Int(i.clone())),
+            _ => None,
+        }
+    }
+}
+
+/// `sha256:` and the first 32 hex digits of the value's SHA-256.
+fn hashed(value: &str) -> String {
+    let digest = Sha256::digest(value.as_bytes());
+    let mut out = String::with_capacity(7 + 32);
+    out.push_str("sha256:");
+    for byte in &digest[..16] {
+        out.push_str(&format!("{byte:02x}"));
+    }
+    out
+}
+
+/// Bytes as latin-1 text.
+pub fn latin1(bytes: &[u8]) -> String {
+    bytes.iter().map(|&b| char::from(b)).collect()
+}
+
+fn header_text(head: &RequestHead<'_>, name: &str) -> Option<String> {
+    head.header(name).map(|v| latin1(&v))
+}
+
+/// Cookie headers joined with "; " (`TextHeaders.get("cookie")`).
+fn cookie_header(head: &RequestHead<'_>) -> Option<String> {
+    let mut out: Option<String> = None;
+    for h in head
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case(b"cookie"))
+    {
+        let value = latin1(h.value);
+        out = Some(match out {
+            None => value,
+            Some(prev) => prev + "; " + &value,
+        });
+    }
+    out
+}
+
+/// C0/C1 controls, invisible format characters (bidi overrides, zero-width);
+/// lone surrogates are never in a Rust string (`identity._UNSAFE_RE`).
+fn is_unsafe(c: char) -> bool {
+    matches!(c,
+        '\u{00}'..='\u{1f}'
+        | '\u{7f}'..='\u{9f}'
+        | '\u{200b}'..='\u{200f}'
+        | '\u{202a}'..='\u{202e}'
+        | '\u{2060}'..='\u{2069}'
+        | '\u{feff}')
+}
+
+/// Python's `str.isspace` (Unicode 14, as Python 3.11's).
+pub fn is_py_space(c: char) -> bool {
+    matches!(c,
+        '\t' | '\n' | '\u{0b}' | '\u{0c}' | '\r'
+        | '\u{1c}'..='\u{1f}'
+        | ' ' | '\u{85}' | '\u{a0}' | '\u{1680}'
+        | '\u{2000}'..='\u{200a}'
+        | '\u{2028}' | '\u{2029}' | '\u{202f}' | '\u{205f}' | '\u{3000}')
+}
+
+/// Python's `str.strip()`.
+pub fn py_strip(text: &str) -> &str {
+    text.trim_matches(is_py_space)
+}
+
+fn jwt_shaped(text: &str) -> bool {
+    // Bytes, not characters: a token is ASCII, and text that is not fails below.
+    if text.len() > MAX_TOKEN {
+        return false;
+    }
+    let b64 = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    let mut parts = text.split('.');
+    let (Some(header), Some(payload), Some(signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    header.starts_with("ey")
+        && payload.starts_with("ey")
+        && b64(header)
+        && b64(payload)
+        && b64(signature)
+}
+
+/// `urllib.parse.unquote_plus`: "+" is a space, %XX escapes decoded as UTF-8
+/// (invalid sequences become U+FFFD, malformed escapes stay as they are) in
+/// each run of ASCII; other characters are kept.
+pub fn unquote_plus(text: &str) -> String {
+    let text = text.replace('+', " ");
+    if !text.contains('%') {
+        return text;
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut run: Vec<u8> = Vec::new();
+    let flush = |run: &mut Vec<u8>, out: &mut String| {
+        if !run.is_empty() {
+            out.push_str(&String::from_utf8_lossy(&unquote_to_bytes(run)));
+            run.clear();
+        }
+    };
+    for c in text.chars() {
+        if c.is_ascii() {
+            run.push(c as u8);
+        } else {
+            flush(&mut run, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut run, &mut out);
+    out
+}
+
+fn unquote_to_bytes(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = |b: u8| char::from(b).to_digit(16);
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    out
+}
+
+/// The first value of `name` in a raw query string (`identity._query_get`).
+pub fn query_get(query: &str, name: &str) -> Option<String> {
+    if !query.contains(name) && !query.contains('%') {
+        return None;
+    }
+    for pair in query.split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let key = if key.contains('%') || key.contains('+') {
+            unquote_plus(key)
+        } else {
+            key.to_owned()
+        };
+        if key == name {
+            return Some(if value.contains('%') || value.contains('+') {
+                unquote_plus(value)
+            } else {
+                value.to_owned()
+            });
+        }
+    }
+    None
+}
+
+/// The cookie `name` (surrounding double quotes removed).
+pub fn cookie_get(header: Option<&str>, name: &str) -> Option<String> {
+    let header = header.filter(|h| !h.is_empty() && h.contains(name))?;
+    for part in header.split(';') {
+        let Some((key, value)) = part.split_once('=') else {
+            continue;
+        };
+        if py_strip(key) == name {
+            let value = py_strip(value);
+            let mut chars = value.chars();
+            let unquoted = match (chars.next(), chars.next_back()) {
+                (Some('"'), Some('"')) => chars.as_str(),
+                _ => value,
+            };
+            return Some(unquoted.to_owned());
+        }
+    }
+    None
+}
+
+/// A JWT in Sec-WebSocket-Protocol: an item of its own, or `bearer.<jwt>` /
+/// `access_token.<jwt>` (prefix case-insensitive).
+pub fn subprotocol_token(header: &str) -> Option<String> {
+    for item in header.split(',') {
+        let mut item = py_strip(item);
+        for prefix in SUBPROTOCOL_PREFIXES {
+            let cut = item
+                .char_indices()
+                .nth(prefix.len())
+                .map_or(item.len(), |(i, _)| i);
+            if item[..cut].to_lowercase() == prefix {
+                item = &item[cut..];
+                break;
+            }
+        }
+        if jwt_shaped(item) {
+            return Some(item.to_owned());
+        }
+    }
+    None
+}
+
+/// base64url without padding, as Python's `a2b_base64` reads it after the
+/// padding is added (`strict`: the trailing bits must be zero as well, as
+/// PyJWT's canonical check wants). The text is base64url already.
+pub fn b64decode(segment: &str, strict: bool) -> Option<Vec<u8>> {
+    let bytes = segment.as_bytes();
+    if bytes.len() % 4 == 1 {
+        return None;
+    }
+    let value = |b: u8| -> Option<u32> {
+        Some(match b {
+            b'A'..=b'Z' => u32::from(b - b'A'),
+            b'a'..=b'z' => u32::from(b - b'a') + 26,
+            b'0'..=b'9' => u32::from(b - b'0') + 52,
+            b'-' => 62,
+            b'_' => 63,
+            _ => return None,
+        })
+    };
+    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
+    for chunk in bytes.chunks(4) {
+        let mut acc = 0u32;
+        for &b in chunk {
+            acc = (acc << 6) | value(b)?;
+        }
+        match chunk.len() {
+            4 => out.extend_from_slice(&acc.to_be_bytes()[1..]),
+            3 => {
+                if strict && acc & 0b11 != 0 {
+                    return None;
+                }
+                out.extend_from_slice(&(acc >> 2).to_be_bytes()[2..]);
+            }
+            2 => {
+                if strict && acc & 0b1111 != 0 {
+                    return None;
+                }
+                out.push((acc >> 4) as u8);
+            }
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+/// `identity._b64json`: a base64url JSON object, leniently decoded, or None.
+fn b64json(segment: &str) -> Option<Value> {
+    let bytes = b64decode(segment, false)?;
+    let mut text = json::decode_utf8(&bytes, false)?;
+    if text.first() == Some(&0xFEFF) {
+        text.remove(0);
+    }
+    match json::loads(&text)? {
+        obj @ Value::Object(_) => Some(obj),
+        _ => None,
+    }
+}
+
+/// An address from a peer or an X-Forwarded-For entry (`identity._parse_ip`):
+/// `1.2.3.4`, `1.2.3.4:5678`, `2001:db8::1`, `[2001:db8::1]:443`,
+/// `fe80::1%eth0`; None when malformed.
+pub fn parse_address(text: &str) -> Option<Address> {
+    let text = py_strip(text);
+    let text = if text.starts_with('[') {
+        text.find(']').map_or("", |close| &text[1..close])
+    } else if text.matches(':').count() == 1 {
+        text.split_once(':').map_or(text, |(host, _)| host)
+    } else {
+        text
+    };
+    if let Ok(v4) = text.parse::<std::net::Ipv4Addr>() {
+        return Some(Address::of(IpAddr::V4(v4)));
+    }
+    let (addr, scope) = match text.split_once('%') {
+        None => (text, None),
+        Some((_, s)) if s.is_empty() || s.contains('%') => return None,
+        Some((a, s)) => (a, Some(s)),
+    };
+    let v6: Ipv6Addr = addr.parse().ok()?;
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return Some(Address::of(IpAddr::V4(v4)));
+    }
+    Some(Address {
+        ip: IpAddr::V6(v6),
+        scope: scope.map(str::to_owned),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unquote_as_python() {
+        assert_eq!(unquote_plus("a+b%20c"), "a b c");
+        assert_eq!(unquote_plus("%zz%4"), "%zz%4");
+        assert_eq!(unquote_plus("%ff"), "\u{fffd}");
+        assert_eq!(unquote_plus("%C3%A9é"), "éé");
+    }
+
+    #[test]
+    fn addresses_as_python() {
+        let text = |s: &str| parse_address(s).map(|a| a.to_string());
+        assert_eq!(text("10.0.0.5:443").as_deref(), Some("10.0.0.5"));
+        assert_eq!(text("[2001:DB8::0:1]:443").as_deref(), Some("2001:db8::1"));
+        assert_eq!(text("::ffff:192.0.2.1").as_deref(), Some("192.0.2.1"));
+        assert_eq!(text("fe80::1%eth0").as_deref(), Some("fe80::1%eth0"));
+        assert_eq!(text("fe80::1%"), None);
+        assert_eq!(text("010.0.0.1"), None);
+        assert_eq!(text("[::1"), None);
+    }
+
+    #[test]
+    fn hash_is_pythons() {
+        // hashlib.sha256(b"x" * 300).hexdigest()[:32]
+        assert_eq!(hashed(&"x".repeat(300)).len(), 39);
+        assert!(hashed("abc").starts_with("sha256:ba7816bf8f01cfea414140de5dae2223"));
+    }
+}

@@ -1,0 +1,356 @@
+//! TLS settings for both legs, built once at start: the listener's
+//! certificate (`tls:`) and how `wss://` / `https://` upstreams are verified
+//! (`upstream_tls:`), with the semantics of the Python data plane's SSL
+//! contexts (`server_ssl_context` / `client_ssl_context` in
+//! proxy/dataplane/routing.py).
+//!
+//! rustls with the ring provider. Every error here is a sentence naming the
+//! setting and its file; `lib.rs` raises it as a `ValueError`.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::{self, PemObject};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+/// ring's provider: TLS 1.2 and 1.3 with rustls' default suites and groups.
+/// rustls 0.23.48 deprecates it for lacking post-quantum key exchange (its
+/// aws-lc-rs provider has X25519MLKEM768), which would cost a C library
+/// build of minutes; the classical groups are what Python's OpenSSL offers
+/// by default before 3.5.
+#[allow(deprecated)]
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A PEM file's error as a sentence naming the setting and the file.
+fn pem_error(setting: &str, path: &str, what: &str, error: pem::Error) -> String {
+    match error {
+        pem::Error::Io(e) => format!("{setting}: cannot read {path:?}: {e}"),
+        pem::Error::NoItemsFound => format!("{setting}: no {what} in {path:?} (PEM expected)"),
+        other => format!("{setting}: {path:?} is not valid PEM: {other}"),
+    }
+}
+
+/// Every certificate of a PEM file; at least one.
+fn read_certificates(setting: &str, path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let what = "certificate (BEGIN CERTIFICATE)";
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|items| items.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| pem_error(setting, path, what, e))?;
+    if certs.is_empty() {
+        return Err(pem_error(setting, path, what, pem::Error::NoItemsFound));
+    }
+    Ok(certs)
+}
+
+/// The listener's TLS (`tls.cert_file`, `tls.key_file`): the certificate
+/// chain and its key, read now; ALPN `http/1.1`; no client certificates.
+pub fn listener_acceptor(cert_file: &str, key_file: &str) -> Result<TlsAcceptor, String> {
+    let certs = read_certificates("tls.cert_file", cert_file)?;
+    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| {
+        pem_error(
+            "tls.key_file",
+            key_file,
+            "private key (BEGIN PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY)",
+            e,
+        )
+    })?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("tls: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => format!(
+                "tls.key_file: the key in {key_file:?} is not the key of the certificate in {cert_file:?}"
+            ),
+            other => format!("tls: {cert_file:?} with {key_file:?}: {other}"),
+        })?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// How `wss://` and `https://` upstreams are reached (`upstream_tls:`).
+pub struct UpstreamTls {
+    pub connector: TlsConnector,
+    /// `upstream_tls.server_name`: SNI and verification name for every
+    /// upstream; None: each upstream URL's host.
+    server_name: Option<ServerName<'static>>,
+}
+
+impl UpstreamTls {
+    /// `verify`: check the upstream's certificate chain and name against
+    /// `ca_file`'s certificates, or the system's CA store without one (as
+    /// `ssl.create_default_context(cafile=...)`: a `ca_file` replaces the
+    /// system store). `verify: false` checks nothing (see `Unverified`).
+    pub fn new(
+        verify: bool,
+        ca_file: Option<&str>,
+        server_name: Option<&str>,
+    ) -> Result<UpstreamTls, String> {
+        let server_name = server_name
+            .map(|name| {
+                ServerName::try_from(name.to_owned()).map_err(|_| {
+                    format!(
+                        "upstream_tls.server_name: expected a DNS name or an IP address, got {name:?}"
+                    )
+                })
+            })
+            .transpose()?;
+        let provider = provider();
+        let algorithms = provider.signature_verification_algorithms;
+        let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("upstream_tls: {e}"))?
+            .dangerous();
+        let builder = if verify {
+            let (roots, own) = match ca_file {
+                Some(path) => {
+                    let certs = read_certificates("upstream_tls.ca_file", path)?;
+                    let mut roots = RootCertStore::empty();
+                    for cert in &certs {
+                        roots.add(cert.clone()).map_err(|e| {
+                            format!("upstream_tls.ca_file: a certificate in {path:?} cannot be a trust anchor: {e}")
+                        })?;
+                    }
+                    (roots, certs)
+                }
+                None => (system_roots()?, Vec::new()),
+            };
+            let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| format!("upstream_tls: {e}"))?;
+            builder.with_custom_certificate_verifier(Arc::new(Verified {
+                webpki,
+                own,
+                algorithms,
+            }))
+        } else {
+            builder.with_custom_certificate_verifier(Arc::new(Unverified { algorithms }))
+        };
+        Ok(UpstreamTls {
+            connector: TlsConnector::from(Arc::new(builder.with_no_client_auth())),
+            server_name,
+        })
+    }
+
+    /// The SNI and verification name for an upstream whose URL's host is `host`.
+    pub fn server_name(&self, host: &str) -> Result<ServerName<'static>, String> {
+        match &self.server_name {
+            Some(name) => Ok(name.clone()),
+            None => ServerName::try_from(host.to_owned())
+                .map_err(|_| format!("{host:?} is not a DNS name or an IP address")),
+        }
+    }
+}
+
+/// The system's CA store, as OpenSSL finds it (SSL_CERT_FILE and
+/// SSL_CERT_DIR included). Python's default context loads it silently even
+/// when it is empty; an empty store can only fail every upstream, so it is
+/// an error here.
+fn system_roots() -> Result<RootCertStore, String> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = RootCertStore::empty();
+    roots.add_parsable_certificates(found.certs);
+    if roots.is_empty() {
+        let why = found
+            .errors
+            .first()
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default();
+        return Err(format!(
+            "upstream_tls: no CA certificate in the system store{why}: set upstream_tls.ca_file"
+        ));
+    }
+    Ok(roots)
+}
+
+/// webpki's verification, and one thing OpenSSL accepts that webpki does
+/// not: a server certificate that is itself one of `upstream_tls.ca_file`'s
+/// certificates, marked as a CA (`openssl req -x509` makes those by default).
+/// OpenSSL takes it as its own trust anchor; webpki refuses a CA as an end
+/// entity. Such a certificate is accepted when it is byte for byte one of
+/// the file's, within its validity period and valid for the name.
+#[derive(Debug)]
+struct Verified {
+    webpki: Arc<WebPkiServerVerifier>,
+    /// The certificates of `ca_file` (none for the system store).
+    own: Vec<CertificateDer<'static>>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl Verified {
+    fn trusted_as_itself(
+        &self,
+        cert: &CertificateDer<'_>,
+        server_name: &ServerName<'_>,
+        now: UnixTime,
+    ) -> Result<(), webpki::Error> {
+        let anchor = webpki::anchor_from_trusted_cert(cert)?;
+        let end_entity = webpki::EndEntityCert::try_from(cert)?;
+        // Validity is checked before the CA flag: CaUsedAsEndEntity means the
+        // certificate is well formed and valid now.
+        match end_entity.verify_for_usage(
+            self.algorithms.all,
+            &[anchor],
+            &[],
+            now,
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        ) {
+            Ok(_) | Err(webpki::Error::CaUsedAsEndEntity) => {}
+            Err(e) => return Err(e),
+        }
+        end_entity.verify_is_valid_for_subject_name(server_name)
+    }
+}
+
+impl ServerCertVerifier for Verified {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self.webpki.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
+            Err(error) if self.own.iter().any(|c| c.as_ref() == end_entity.as_ref()) => self
+                .trusted_as_itself(end_entity, server_name, now)
+                .map(|()| ServerCertVerified::assertion())
+                .map_err(|_| error),
+            verdict => verdict,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// `upstream_tls.verify: false`: any certificate for any name is accepted,
+/// as Python's `CERT_NONE` without `check_hostname` (a deliberate danger,
+/// docs/configuration.md). The handshake's own signature is still checked
+/// against the certificate's key, as OpenSSL does.
+#[derive(Debug)]
+struct Unverified {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for Unverified {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_name_is_the_setting_or_the_host() {
+        let by_host = UpstreamTls::new(false, None, None).unwrap();
+        assert_eq!(
+            by_host.server_name("backend.example").unwrap(),
+            ServerName::try_from("backend.example").unwrap()
+        );
+        assert!(matches!(
+            by_host.server_name("10.0.0.1").unwrap(),
+            ServerName::IpAddress(_)
+        ));
+        assert!(by_host.server_name("not a name").is_err());
+        let named = UpstreamTls::new(false, None, Some("backend.internal")).unwrap();
+        assert_eq!(
+            named.server_name("127.0.0.1").unwrap(),
+            ServerName::try_from("backend.internal").unwrap()
+        );
+    }
+
+    #[test]
+    fn bad_settings_say_which_and_where() {
+        let error = |r: Result<UpstreamTls, String>| r.err().expect("an error");
+        let e = error(UpstreamTls::new(true, None, Some("a b")));
+        assert!(e.starts_with("upstream_tls.server_name:"), "{e}");
+        let e = error(UpstreamTls::new(true, Some("/nonexistent/ca.pem"), None));
+        assert!(
+            e.starts_with("upstream_tls.ca_file: cannot read \"/nonexistent/ca.pem\""),
+            "{e}"
+        );
+        let e = listener_acceptor("/nonexistent/cert.pem", "/nonexistent/key.pem")
+            .err()
+            .expect("an error");
+        assert!(
+            e.starts_with("tls.cert_file: cannot read \"/nonexistent/cert.pem\""),
+            "{e}"
+        );
+        let dir = std::env::temp_dir().join(format!("loopwatch-tls-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "no PEM here\n").unwrap();
+        let empty = empty.to_str().unwrap();
+        let e = listener_acceptor(empty, empty).err().expect("an error");
+        assert!(e.starts_with("tls.cert_file: no certificate"), "{e}");
+        let e = error(UpstreamTls::new(true, Some(empty), None));
+        assert!(e.starts_with("upstream_tls.ca_file: no certificate"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

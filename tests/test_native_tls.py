@@ -1,0 +1,481 @@
+"""TLS in the native listener (proxy/dataplane/py, issue 16): it terminates
+TLS for wss:// clients (`tls:`) and reaches wss:// upstreams over TLS,
+verified as `upstream_tls:` says, with the Python data plane's semantics
+(docs/relay.md, docs/configuration.md).
+
+Black-box: the listener runs on its own tokio threads in this process, in
+front of independent peers (the `websockets` library with `ssl` contexts made
+from conftest's self-signed certificates, and raw sockets); the test only
+talks to sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import socket
+import ssl
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from loopwatch.detectors import events as ev
+from loopwatch.proxy.dataplane.native import EnforcementTable, EventQueue, NativeListener
+from loopwatch.proxy.dataplane.settings import Limits, ListenerTLS, UpstreamTLS
+from tests.conftest import self_signed_cert, server_context, websockets_backend
+from tests.wsraw import CLOSE, RawClient, close_payload, frame
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Cert:
+    cert: str
+    key: str
+
+
+@pytest.fixture(scope="module")
+def local_cert(tmp_path_factory: pytest.TempPathFactory) -> Cert:
+    """For 127.0.0.1 and localhost: the listener's and a backend's."""
+    return Cert(*self_signed_cert(tmp_path_factory.mktemp("tls"), ["localhost", "127.0.0.1"]))
+
+
+@pytest.fixture(scope="module")
+def named_cert(tmp_path_factory: pytest.TempPathFactory) -> Cert:
+    """For backend.internal only: reached at 127.0.0.1, verified by server_name."""
+    return Cert(*self_signed_cert(tmp_path_factory.mktemp("named"), ["backend.internal"]))
+
+
+@dataclass
+class Native:
+    listener: NativeListener
+    queue: EventQueue
+    table: Any
+    events: list[ev.Event] = field(default_factory=list)
+
+    def url(self, path: str = "/", scheme: str = "ws") -> str:
+        return f"{scheme}://127.0.0.1:{self.listener.port}{path}"
+
+    async def until(self, done: Callable[[list[ev.Event]], bool], timeout: float = 5.0) -> list[ev.Event]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not done(self.events):
+            if loop.time() > deadline:
+                raise AssertionError(f"events not reached in time: {self.events}")
+            self.events += [r.event for r in await asyncio.to_thread(self.queue.recv_batch, 1024, 0.05)]
+        return self.events
+
+
+@contextlib.asynccontextmanager
+async def native(
+    upstream: str,
+    *,
+    tls: ListenerTLS | None = None,
+    upstream_tls: UpstreamTLS | None = None,
+    reject_with: str = "close-1013",
+    **limits: Any,
+) -> AsyncIterator[Native]:
+    queue, table = EventQueue(4096), EnforcementTable()
+    listener = NativeListener.start(
+        [("/", upstream)], queue=queue, table=table, limits=Limits(**limits), threads=2,
+        reject_with=reject_with, tls=tls, upstream_tls=upstream_tls,
+    )  # fmt: skip
+    try:
+        yield Native(listener, queue, table)
+    finally:
+        await asyncio.to_thread(listener.stop, 3.0)
+
+
+def of_type(events: list[ev.Event], cls: type) -> list[Any]:
+    return [e for e in events if isinstance(e, cls)]
+
+
+def client_context(cafile: str) -> ssl.SSLContext:
+    """What a browser-like client trusting `cafile` offers, ALPN included."""
+    ctx = ssl.create_default_context(cafile=cafile)
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    return ctx
+
+
+@dataclass
+class Backend:
+    url: str  # ws:// or wss://
+    closes: asyncio.Queue[tuple[int | None, str]] = field(default_factory=asyncio.Queue)
+    forwarded_proto: list[str] = field(default_factory=list)
+    sni: list[str | None] = field(default_factory=list)
+
+
+@contextlib.asynccontextmanager
+async def echo_backend(cert: Cert | None = None) -> AsyncIterator[Backend]:
+    """A `websockets` echo server, over TLS with `cert`; "close CODE REASON"
+    makes it close. It records each connection's X-Forwarded-Proto, the SNI
+    name it was asked for, and the close it saw."""
+    backend = Backend("")
+    ctx = None
+    if cert is not None:
+        ctx = server_context(cert.cert, cert.key)
+        ctx.sni_callback = lambda _sock, name, _ctx: backend.sni.append(name)
+
+    async def handler(ws: ServerConnection) -> None:
+        backend.forwarded_proto.append(ws.request.headers.get("X-Forwarded-Proto", ""))
+        try:
+            async for message in ws:
+                if isinstance(message, str) and message.startswith("close "):
+                    _, code, reason = message.split(" ", 2)
+                    await ws.close(int(code), reason)
+                    return
+                await ws.send(message)
+        finally:
+            await ws.wait_closed()
+            backend.closes.put_nowait((ws.close_code, ws.close_reason))
+
+    async with websockets_backend(handler, ssl=ctx) as (url, _):
+        backend.url = url.replace("ws://", "wss://") if cert else url
+        yield backend
+
+
+async def refused(url: str, **kwargs: Any) -> InvalidStatus:
+    with pytest.raises(InvalidStatus) as info:
+        async with connect(url, **kwargs):
+            pass
+    return info.value
+
+
+async def read_until_eof(reader: asyncio.StreamReader, timeout: float = 10.0) -> bytes:
+    return await asyncio.wait_for(reader.read(), timeout)
+
+
+# --- the listener ---------------------------------------------------------------
+
+
+async def test_a_wss_client_through_to_a_ws_backend(local_cert: Cert) -> None:
+    tls = ListenerTLS(cert_file=local_cert.cert, key_file=local_cert.key)
+    async with echo_backend() as backend, native(backend.url, tls=tls) as running:
+        async with connect(running.url("/secure", "wss"), ssl=client_context(local_cert.cert), max_size=None) as ws:
+            ssl_object = ws.transport.get_extra_info("ssl_object")
+            assert ssl_object.selected_alpn_protocol() == "http/1.1"
+            for message in ("over tls", "y" * 200_000, os.urandom(70_000)):
+                await ws.send(message)
+                assert await asyncio.wait_for(ws.recv(), 10) == message
+            await ws.send("close 4001 tls bye")
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 10)
+            assert closed.value.rcvd is not None
+            assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4001, "tls bye")
+        events = await running.until(lambda e: len(of_type(e, ev.Closed)) == 1)
+        assert running.listener.stats().tls_failed == {"error": 0, "timeout": 0, "not_tls": 0}
+    assert backend.forwarded_proto == ["https"]
+    closed_event = of_type(events, ev.Closed)[0]
+    assert (closed_event.code, closed_event.reason, closed_event.initiator) == (4001, "tls bye", "upstream")
+
+
+async def test_a_plain_http_request_to_the_tls_port_is_told_so(local_cert: Cert) -> None:
+    tls = ListenerTLS(cert_file=local_cert.cert, key_file=local_cert.key)
+    async with echo_backend() as backend, native(backend.url, tls=tls) as running:
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.listener.port)
+        try:
+            writer.write(
+                b"GET /ws HTTP/1.1\r\nHost: example.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+            answer = await read_until_eof(reader)
+        finally:
+            writer.close()
+        stats = running.listener.stats()
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert b"this port speaks TLS" in answer
+    assert stats.tls_failed == {"error": 0, "timeout": 0, "not_tls": 1}
+    assert stats.opened == 0 and backend.forwarded_proto == []
+
+
+async def test_a_stalled_tls_handshake_is_cut_at_the_handshake_timeout(local_cert: Cert) -> None:
+    tls = ListenerTLS(cert_file=local_cert.cert, key_file=local_cert.key)
+    async with echo_backend() as backend, native(backend.url, tls=tls, handshake_timeout=0.5) as running:
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.listener.port)
+        try:
+            # The first bytes of a ClientHello record (handshake, TLS 1.0
+            # record version, 512 bytes announced), then nothing more.
+            writer.write(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+            assert await read_until_eof(reader) == b""
+        finally:
+            writer.close()
+        stats = running.listener.stats()
+    assert stats.tls_failed == {"error": 0, "timeout": 1, "not_tls": 0}
+    assert stats.active == 0
+
+
+async def test_a_client_that_refuses_the_certificate_is_counted(local_cert: Cert, named_cert: Cert) -> None:
+    tls = ListenerTLS(cert_file=local_cert.cert, key_file=local_cert.key)
+    async with echo_backend() as backend, native(backend.url, tls=tls) as running:
+        # This client trusts another certificate: it aborts the handshake.
+        with pytest.raises(ssl.SSLCertVerificationError):
+            async with connect(running.url("/", "wss"), ssl=client_context(named_cert.cert)):
+                pass
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while running.listener.stats().tls_failed["error"] == 0 and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        stats = running.listener.stats()
+    assert stats.tls_failed == {"error": 1, "timeout": 0, "not_tls": 0}
+    assert backend.forwarded_proto == []
+
+
+async def test_a_refusal_is_answered_over_tls(local_cert: Cert) -> None:
+    tls = ListenerTLS(cert_file=local_cert.cert, key_file=local_cert.key)
+    async with echo_backend() as backend, native(backend.url, tls=tls, reject_with="http-429") as running:
+        running.table.set_cooldown("127.0.0.1", 30.0)
+        err = await refused(running.url("/", "wss"), ssl=client_context(local_cert.cert))
+        events = await running.until(lambda e: bool(of_type(e, ev.Rejected)))
+    assert err.response.status_code == 429
+    assert "Retry-After" in err.response.headers
+    assert of_type(events, ev.Rejected)[0].reason == "cooldown"
+    assert backend.forwarded_proto == []
+
+
+# --- wss:// upstreams -------------------------------------------------------------
+
+
+async def test_a_wss_upstream_verified_with_ca_file(local_cert: Cert) -> None:
+    upstream_tls = UpstreamTLS(ca_file=local_cert.cert)
+    async with echo_backend(local_cert) as backend, native(backend.url, upstream_tls=upstream_tls) as running:
+        async with connect(running.url("/up"), max_size=None) as ws:
+            await ws.send("to a wss upstream")
+            assert await asyncio.wait_for(ws.recv(), 10) == "to a wss upstream"
+            await ws.close(4002, "done")
+        assert await asyncio.wait_for(backend.closes.get(), 5) == (4002, "done")
+        events = await running.until(lambda e: len(of_type(e, ev.Closed)) == 1)
+    # An IP address is verified against the certificate's IP names; no SNI.
+    assert backend.sni == [None]
+    assert backend.forwarded_proto == ["http"]
+    closed = of_type(events, ev.Closed)[0]
+    assert (closed.code, closed.reason, closed.initiator) == (4002, "done", "client")
+
+
+async def test_an_untrusted_upstream_is_502_and_a_tls_failure(local_cert: Cert, named_cert: Cert) -> None:
+    # The system's CA store (no ca_file), and a ca_file of another certificate:
+    # neither trusts the backend's.
+    for upstream_tls in (UpstreamTLS(), UpstreamTLS(ca_file=named_cert.cert)):
+        async with echo_backend(local_cert) as backend, native(backend.url, upstream_tls=upstream_tls) as running:
+            err = await refused(running.url("/up"))
+            events = await running.until(lambda e: bool(of_type(e, ev.HandshakeFailed)))
+            stats = running.listener.stats()
+        assert err.response.status_code == 502
+        assert b"TLS" in err.response.body
+        failed = of_type(events, ev.HandshakeFailed)[0]
+        assert (failed.status, failed.error) == (None, "tls")
+        assert (stats.handshake_failed, stats.opened, stats.active) == (1, 0, 0)
+        assert backend.forwarded_proto == []
+
+
+async def test_verify_false_accepts_any_certificate(named_cert: Cert) -> None:
+    # backend.internal's certificate, trusted by nobody, reached as 127.0.0.1.
+    upstream_tls = UpstreamTLS(verify=False)
+    async with (
+        echo_backend(named_cert) as backend,
+        native(backend.url, upstream_tls=upstream_tls) as running,
+        connect(running.url("/"), max_size=None) as ws,
+    ):
+        await ws.send("unverified")
+        assert await asyncio.wait_for(ws.recv(), 10) == "unverified"
+    assert backend.forwarded_proto == ["http"]
+
+
+async def test_server_name_is_the_sni_and_the_verified_name(named_cert: Cert) -> None:
+    good = UpstreamTLS(ca_file=named_cert.cert, server_name="backend.internal")
+    async with (
+        echo_backend(named_cert) as backend,
+        native(backend.url, upstream_tls=good) as running,
+        connect(running.url("/sni"), max_size=None) as ws,
+    ):
+        await ws.send("named")
+        assert await asyncio.wait_for(ws.recv(), 10) == "named"
+    assert backend.sni == ["backend.internal"]
+    # The URL's host (127.0.0.1) is not in that certificate; another name is not either.
+    for upstream_tls in (
+        UpstreamTLS(ca_file=named_cert.cert),
+        UpstreamTLS(ca_file=named_cert.cert, server_name="other.example"),
+    ):
+        async with echo_backend(named_cert) as backend, native(backend.url, upstream_tls=upstream_tls) as running:
+            err = await refused(running.url("/sni"))
+            events = await running.until(lambda e: bool(of_type(e, ev.HandshakeFailed)))
+        assert err.response.status_code == 502
+        assert of_type(events, ev.HandshakeFailed)[0].error == "tls"
+
+
+async def test_an_upstream_silent_after_connect_is_a_504_timeout() -> None:
+    """TCP and TLS together within limits.connect_timeout: a backend that
+    accepts but never answers the ClientHello is a connect timeout."""
+    accepted: list[socket.socket] = []
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        silent.setblocking(False)
+        port = silent.getsockname()[1]
+        async with native(f"wss://127.0.0.1:{port}", connect_timeout=0.5) as running:
+            err = await refused(running.url("/"))
+            events = await running.until(lambda e: bool(of_type(e, ev.HandshakeFailed)))
+            with contextlib.suppress(BlockingIOError):
+                accepted.append(silent.accept()[0])
+        for conn in accepted:
+            conn.close()
+    assert err.response.status_code == 504
+    assert of_type(events, ev.HandshakeFailed)[0].error == "timeout"
+
+
+async def test_a_half_close_toward_a_tls_upstream_closes_both(local_cert: Cert) -> None:
+    """TLS cannot half-close (docs/relay.md): a client's close frame and FIN
+    reach the wss:// backend as its close frame and the end of the connection,
+    and the client's connection ends too."""
+    upstream_tls = UpstreamTLS(ca_file=local_cert.cert)
+    async with echo_backend(local_cert) as backend, native(backend.url, upstream_tls=upstream_tls) as running:
+        raw = await RawClient.connect(running.listener.port)
+        await raw.send(frame(CLOSE, close_payload(1000, "done"), mask=b"abcd"))
+        raw.writer.write_eof()
+        await raw.read_to_eof()
+        raw.writer.close()
+        assert await asyncio.wait_for(backend.closes.get(), 5) == (1000, "done")
+        events = await running.until(lambda e: len(of_type(e, ev.Closed)) == 1)
+        assert running.listener.stats().active == 0
+    closed = of_type(events, ev.Closed)[0]
+    assert (closed.code, closed.reason, closed.initiator) == (1000, "done", "client")
+
+
+# --- both sides ---------------------------------------------------------------------
+
+
+async def test_tls_on_both_legs_a_sixteen_mib_message_and_close_codes(local_cert: Cert) -> None:
+    tls = ListenerTLS(cert_file=local_cert.cert, key_file=local_cert.key)
+    upstream_tls = UpstreamTLS(ca_file=local_cert.cert, server_name="localhost")
+    message = os.urandom(16 * MiB)
+    async with (
+        echo_backend(local_cert) as backend,
+        native(backend.url, tls=tls, upstream_tls=upstream_tls) as running,
+    ):
+        url, ctx = running.url("/both", "wss"), client_context(local_cert.cert)
+        async with connect(url, ssl=ctx, max_size=None) as ws:
+            await ws.send(message)
+            assert await asyncio.wait_for(ws.recv(), 60) == message
+            await ws.close(4321, "client says bye")
+        assert await asyncio.wait_for(backend.closes.get(), 5) == (4321, "client says bye")
+        async with connect(url, ssl=ctx) as ws:
+            await ws.send("close 4002 " + "r" * 100)
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 10)
+        assert closed.value.rcvd is not None
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4002, "r" * 100)
+        events = await running.until(lambda e: len(of_type(e, ev.Closed)) == 2)
+    assert backend.sni == ["localhost", "localhost"]
+    assert backend.forwarded_proto == ["https", "https"]
+    codes = sorted((e.code, e.initiator) for e in of_type(events, ev.Closed))
+    assert codes == [(4002, "upstream"), (4321, "client")]
+
+
+async def test_stop_closes_tls_legs_with_1001(local_cert: Cert) -> None:
+    tls = ListenerTLS(cert_file=local_cert.cert, key_file=local_cert.key)
+    upstream_tls = UpstreamTLS(ca_file=local_cert.cert)
+    async with echo_backend(local_cert) as backend:
+        queue, table = EventQueue(), EnforcementTable()
+        listener = NativeListener.start(
+            [("/", backend.url)], queue=queue, table=table, threads=1, tls=tls, upstream_tls=upstream_tls
+        )
+        try:
+            url = f"wss://127.0.0.1:{listener.port}/"
+            async with connect(url, ssl=client_context(local_cert.cert)) as ws:
+                await ws.send("hello")
+                assert await asyncio.wait_for(ws.recv(), 10) == "hello"
+                stopping = asyncio.create_task(asyncio.to_thread(listener.stop, 5.0))
+                with pytest.raises(ConnectionClosed) as closed:
+                    await asyncio.wait_for(ws.recv(), 10)
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+            assert await asyncio.wait_for(stopping, 10) == 0
+        finally:
+            listener.stop(1.0)
+        assert (await asyncio.wait_for(backend.closes.get(), 5))[0] == 1001
+
+
+async def test_plain_http_over_tls_on_both_legs_reuses_the_upstream_connection(local_cert: Cert) -> None:
+    """HTTPS from the client, https:// upstream: keep-alive on the client's
+    connection, and one upstream TLS connection kept idle in the pool and
+    reused by the next client (through the TLS session tickets the backend
+    sends after its handshake)."""
+    accepted = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                proto = re.search(rb"(?i)\r\nx-forwarded-proto: *([^\r]*)", head)
+                body = b"ok " + (proto.group(1) if proto else b"-")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_context(local_cert.cert, local_cert.key))
+    port = server.sockets[0].getsockname()[1]
+    tls = ListenerTLS(cert_file=local_cert.cert, key_file=local_cert.key)
+    upstream_tls = UpstreamTLS(ca_file=local_cert.cert)
+    try:
+        async with native(f"https://127.0.0.1:{port}", tls=tls, upstream_tls=upstream_tls) as running:
+            for _ in range(2):  # two clients, one after the other, two requests each
+                reader, writer = await asyncio.open_connection(
+                    "127.0.0.1", running.listener.port, ssl=client_context(local_cert.cert)
+                )
+                try:
+                    for _ in range(2):
+                        writer.write(b"GET /x HTTP/1.1\r\nHost: example.test\r\n\r\n")
+                        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                        assert head.startswith(b"HTTP/1.1 200 "), head
+                        length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+                        assert length is not None
+                        assert await reader.readexactly(int(length.group(1))) == b"ok https"
+                finally:
+                    writer.close()
+            stats = running.listener.stats()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert accepted == 1
+    assert stats.tls_failed == {"error": 0, "timeout": 0, "not_tls": 0}
+
+
+# --- settings ---------------------------------------------------------------------
+
+
+def test_bad_tls_settings_name_the_file(local_cert: Cert, named_cert: Cert, tmp_path: Path) -> None:
+    queue, table = EventQueue(), EnforcementTable()
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("hello\n")
+    missing = str(tmp_path / "missing.pem")
+
+    def start(url: str = "ws://127.0.0.1:9", **kwargs: Any) -> None:
+        NativeListener.start([("/", url)], queue=queue, table=table, threads=1, **kwargs).stop(1.0)
+
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"tls": ListenerTLS(cert_file=missing, key_file=local_cert.key)}, "tls.cert_file: cannot read"),
+        ({"tls": ListenerTLS(cert_file=str(not_pem), key_file=local_cert.key)}, "tls.cert_file: no certificate"),
+        ({"tls": ListenerTLS(cert_file=local_cert.cert, key_file=local_cert.cert)}, "tls.key_file: no private key"),
+        ({"tls": ListenerTLS(cert_file=local_cert.cert, key_file=named_cert.key)}, "is not the key of"),
+        ({"url": "wss://127.0.0.1:9", "upstream_tls": UpstreamTLS(ca_file=missing)}, "upstream_tls.ca_file"),
+        ({"url": "wss://127.0.0.1:9", "upstream_tls": UpstreamTLS(server_name="a b")}, "upstream_tls.server_name"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message) as info:
+            start(**kwargs)
+        names_a_file = missing in str(info.value) or any(
+            path in str(info.value) for path in (str(not_pem), local_cert.cert, local_cert.key, named_cert.key)
+        )
+        assert names_a_file or "server_name" in message, info.value
+    # A ca_file is only read when a route needs it, and a wss:// route is accepted.
+    start(upstream_tls=UpstreamTLS(ca_file=missing))
+    start(url="wss://127.0.0.1:9", upstream_tls=UpstreamTLS(ca_file=local_cert.cert))
