@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -22,14 +24,17 @@ def env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("LOOPWATCH_")}
 
 
-def test_demo_catches_the_loop_and_leaves_healthy_clients_alone() -> None:
+@pytest.mark.parametrize("dataplane", ["python", "native"])
+def test_demo_catches_the_loop_and_leaves_healthy_clients_alone(dataplane: str) -> None:
     started = time.monotonic()
     proc = subprocess.run(
-        demo_command("--duration", "20"), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=60
-    )
+        demo_command("--duration", "20", "--dataplane", dataplane),
+        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
     took = time.monotonic() - started
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
+    assert f"loopwatch ({dataplane} data plane) on" in out
     assert took < 25  # bounded by --duration (it ends sooner once the story is told)
 
     # Caught, by the incident's rule, within a second of the first attempt.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -466,6 +467,33 @@ async def test_stop_waits_for_the_frame_in_flight_before_its_close_frame() -> No
         events = await running.events(closed_count(1))
     closed = of_type(events, ev.Closed)[0]
     assert (closed.code, closed.initiator) == (1001, "proxy")
+
+
+async def test_counters_answer_while_a_stop_waits_out_its_grace() -> None:
+    """stop() holds its lock for its grace (without the GIL): `running`, stats()
+    and live() never wait for it, so the event loop is not blocked meanwhile."""
+    async with raw_backend() as backend, native(backend.url) as running:
+        raw = await RawClient.connect(running.port)
+        conn = await backend.accept()
+        stopped = threading.Event()
+
+        def stop() -> int:
+            left = running.listener.stop(10.0)
+            stopped.set()
+            return left
+
+        stopping = asyncio.create_task(asyncio.to_thread(stop))
+        # Neither peer answers the 1001: the relay waits for them (CLOSE_GRACE),
+        # and the stop with it.
+        assert (await raw.read_frame()).close == (1001, "loopwatch: shutting down")
+        assert not running.listener.running
+        stats, live = running.listener.stats(), running.listener.live()
+        assert not stopped.is_set()
+        assert stats.relays == 1 and [c.conn_id for c in live] == [1]  # still in its grace
+        assert await asyncio.wait_for(stopping, 15) == 0  # cut at CLOSE_GRACE, before the grace
+        assert running.listener.stats().relays == 0
+        raw.abort()
+        conn.writer.transport.abort()
 
 
 async def test_close_then_half_close_from_the_client() -> None:
