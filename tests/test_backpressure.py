@@ -14,14 +14,19 @@ import asyncio
 import os
 import socket
 
+import pytest
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection
 
 from loopwatch.proxy.app.runtime import Running
 from loopwatch.proxy.dataplane.boundary import Gate
 from loopwatch.proxy.dataplane.relay import Relay
-from tests.conftest import loopwatch, wait_for, websockets_backend, ws_url
+from tests.conftest import idle, loopwatch, wait_for, websockets_backend, ws_url
 from tests.wsraw import BINARY, CLOSE, RawClient, close_payload, frame, parse_frames, raw_backend
+
+# Every test here runs on both data planes (tests/conftest.py, `dataplane`).
+DATAPLANES = ("python", "native")
+pytestmark = pytest.mark.usefixtures("dataplane")
 
 # Every async test here runs on asyncio's loop and on uvloop, the loop `loopwatch run`
 # uses (tests/conftest.py, pytest_asyncio_loop_factories).
@@ -39,9 +44,20 @@ def payload(i: int) -> bytes:
     return i.to_bytes(8, "big") + bytes([i % 251]) * (MESSAGE - 8)
 
 
-def the_relay(running: Running) -> Relay:
+def the_relay(running: Running) -> Relay | None:
+    """The Python plane's relay, whose transports and buffers are read here; None
+    on native, whose buffers are inside the Rust relay (what reaches each peer,
+    and the counts, are checked on both)."""
+    if running.plane.name != "python":
+        return None
     (relay,) = running.proxy.relays.values()
     return relay
+
+
+def counts(running: Running) -> tuple[int, int]:
+    """(messages in, messages out) of the one relayed WebSocket, so far."""
+    ((_, stats),) = list(running.plane.live())
+    return stats.messages_in, stats.messages_out
 
 
 async def stall(progress: list[int], *, quiet: float = 0.5, timeout: float = 15.0) -> int:
@@ -58,8 +74,8 @@ async def stall(progress: list[int], *, quiet: float = 0.5, timeout: float = 15.
     return last
 
 
-async def watch_buffers(relay: Relay, peak: list[int], stop: asyncio.Event) -> None:
-    while not stop.is_set():
+async def watch_buffers(relay: Relay | None, peak: list[int], stop: asyncio.Event) -> None:
+    while relay is not None and not stop.is_set():
         for leg in (relay.client, relay.upstream):
             if not leg.closed:
                 peak[0] = max(peak[0], leg.transport.get_write_buffer_size())
@@ -80,7 +96,7 @@ async def test_client_that_stops_reading_slows_the_upstream() -> None:
     async with websockets_backend(flood, compression=None) as (url, _), loopwatch(url, Gate()) as running:
         # A client with a small receive window that reads nothing after the 101.
         raw = await RawClient.connect(running.proxy_port, rcvbuf=64 * 1024)
-        await wait_for(lambda: len(running.proxy.relays) == 1)
+        await wait_for(lambda: running.active_connections() == 1)
         relay = the_relay(running)
         peak, stop = [0], asyncio.Event()
         watcher = asyncio.create_task(watch_buffers(relay, peak, stop))
@@ -90,8 +106,9 @@ async def test_client_that_stops_reading_slows_the_upstream() -> None:
         # what the kernel buffers on the way hold, and loopwatch reads no more.
         assert stalled_at < COUNT // 2, stalled_at
         assert not done.is_set()
-        assert not relay.upstream.transport.is_reading()
-        assert relay.client.transport.get_write_buffer_size() < BOUND
+        if relay is not None:
+            assert not relay.upstream.transport.is_reading()
+            assert relay.client.transport.get_write_buffer_size() < BOUND
         assert peak[0] < BOUND, peak[0]
 
         # The client reads again: everything arrives, in order, intact.
@@ -111,13 +128,13 @@ async def test_client_that_stops_reading_slows_the_upstream() -> None:
         stop.set()
         await watcher
         assert peak[0] < BOUND, peak[0]
-        assert relay.upstream.parser.messages == COUNT
+        assert counts(running)[1] == COUNT
 
         await raw.send(frame(CLOSE, close_payload(1000), mask=b"\x01\x02\x03\x04"))
         tail = await raw.read_to_eof()
         assert [f.close for f in parse_frames(buf + tail)[0]] == [(1000, "")]
         await raw.close()
-        await wait_for(lambda: not running.proxy.relays)
+        await wait_for(lambda: idle(running))
 
 
 async def test_upstream_that_stops_reading_slows_the_client() -> None:
@@ -142,8 +159,9 @@ async def test_upstream_that_stops_reading_slows_the_client() -> None:
             stalled_at = await stall(sent)
             assert stalled_at < COUNT // 2, stalled_at
             assert not sender.done()
-            assert not relay.client.transport.is_reading()
-            assert relay.upstream.transport.get_write_buffer_size() < BOUND
+            if relay is not None:
+                assert not relay.client.transport.is_reading()
+                assert relay.upstream.transport.get_write_buffer_size() < BOUND
             assert peak[0] < BOUND, peak[0]
 
             # The backend reads again: the client's send() completes and the
@@ -161,11 +179,11 @@ async def test_upstream_that_stops_reading_slows_the_client() -> None:
             for i, f in enumerate(frames):
                 assert (f.opcode, f.fin, f.mask is not None) == (BINARY, True, True)
                 assert f.payload == payload(i), i
-            assert relay.client.parser.messages == COUNT
+            assert counts(running)[0] == COUNT
             await up.send(frame(CLOSE, close_payload(1000, "drained")))
             up.writer.close()
         assert ws.close_code == 1000 and ws.close_reason == "drained"
-        await wait_for(lambda: not running.proxy.relays)
+        await wait_for(lambda: idle(running))
 
 
 async def test_backpressure_holds_in_both_directions_at_once() -> None:
@@ -215,4 +233,4 @@ async def test_backpressure_holds_in_both_directions_at_once() -> None:
         assert peak[0] < BOUND, peak[0]
         raw.abort()
         up.writer.transport.abort()
-        await wait_for(lambda: not running.proxy.relays)
+        await wait_for(lambda: idle(running))

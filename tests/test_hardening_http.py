@@ -10,8 +10,14 @@ import contextlib
 import socket
 import time
 
+import pytest
+
 from tests.conftest import RawBackend, read_response, switching_protocols, upgrade_request, wait_for
 from tests.hardening import ATTACKER, MIB, Healthy, open_from, proxied, read_all, rejected
+
+# Every test here runs on both data planes (tests/conftest.py, `dataplane`).
+DATAPLANES = ("python", "native")
+pytestmark = pytest.mark.usefixtures("dataplane")
 
 RUN_ON_UVLOOP = True  # each test runs on asyncio's loop and on uvloop (tests/conftest.py)
 
@@ -37,7 +43,7 @@ async def test_silent_request_body_is_cut_at_body_timeout_with_408_and_releases_
         # with the body unfinished, and loopwatch holds nothing of it any more.
         await wait_for(lambda: p.backend.open == open_before and p.backend.cut_short == 1)
         assert healthy.served_during(started, time.monotonic())[0] > 10
-        await wait_for(lambda: p.lw.proxy.active == 2)  # the two healthy connections
+        await wait_for(lambda: p.lw.plane.connections() == 2)  # the two healthy connections
         assert (await rejected(p.lw))["body_timeout"] == 1
 
 
@@ -73,7 +79,7 @@ async def test_fifty_slow_bodies_no_longer_starve_healthy_clients_beyond_the_tim
         started = time.monotonic()
         for _, writer in attackers:
             writer.write(SLOW_BODY)
-        await wait_for(lambda: p.lw.proxy.active == 50 and p.backend.cut_short == 0 and p.backend.open >= 48)
+        await wait_for(lambda: p.lw.plane.connections() == 50 and p.backend.cut_short == 0 and p.backend.open >= 48)
         # Every slot taken: a new client is turned away, for now.
         reader, writer = await open_from(p.port, ATTACKER)
         assert (await asyncio.wait_for(read_response(reader), 10)).status == 503
@@ -144,7 +150,7 @@ async def test_client_that_stops_reading_the_response_is_cut_at_response_idle_ti
             await wait_for(lambda: p.backend.cut_short == 1, timeout=10)  # and never a byte read
         finally:
             sock.close()
-        await wait_for(lambda: p.lw.proxy.active == 2)
+        await wait_for(lambda: p.lw.plane.connections() == 2)
         assert (await rejected(p.lw))["response_timeout"] == 1
 
 

@@ -17,8 +17,6 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from loopwatch.proxy.dataplane.native import EnforcementTable, EventQueue, NativeListener
-from loopwatch.proxy.dataplane.settings import Limits
 from tests.conftest import (
     free_port,
     loopwatch,
@@ -28,6 +26,10 @@ from tests.conftest import (
     server_context,
     wait_for,
 )
+
+# Every test here runs on both data planes (tests/conftest.py, `dataplane`).
+DATAPLANES = ("python", "native")
+pytestmark = pytest.mark.usefixtures("dataplane")
 
 RUN_ON_UVLOOP = True  # each test runs on asyncio's loop and on uvloop (tests/conftest.py)
 
@@ -174,30 +176,12 @@ async def backend() -> AsyncIterator[Backend]:
         yield b
 
 
-@pytest.fixture(params=["python", "native"])
-async def proxy_url(request: pytest.FixtureRequest, backend: Backend) -> AsyncIterator[str]:
-    """loopwatch in front of the backend: the Python data plane (`loopwatch run`),
-    and the native one (proxy/dataplane/native.py) in this process. Both must
-    pass every test that uses this fixture unchanged."""
-    if request.param == "native":
-        async with native_proxy(backend.url) as port:
-            yield f"http://127.0.0.1:{port}"
-        return
+@pytest.fixture
+async def proxy_url(backend: Backend) -> AsyncIterator[str]:
+    """loopwatch in front of the backend, on the data plane of this run (both
+    must pass every test here unchanged)."""
     async with loopwatch(backend.url) as lw:
         yield f"http://127.0.0.1:{lw.proxy_port}"
-
-
-@contextlib.asynccontextmanager
-async def native_proxy(upstream: str, **limits: float) -> AsyncIterator[int]:
-    """The native listener with one route, "/" to `upstream`; its port."""
-    listener = NativeListener.start(
-        [("/", upstream)], queue=EventQueue(), table=EnforcementTable(), limits=Limits(**limits), threads=2
-    )
-    try:
-        yield listener.port
-    finally:
-        # stop() blocks until connections end, and their peers run on this loop.
-        assert await asyncio.to_thread(listener.stop, 5.0) == 0
 
 
 @pytest.fixture
@@ -416,7 +400,7 @@ async def test_idle_keep_alive_connection_closed_quietly(backend):
             assert await asyncio.wait_for(reader.read(), 10) == b""
         finally:
             writer.close()
-        await wait_for(lambda: lw.proxy.active == 0)
+        await wait_for(lambda: lw.plane.connections() == 0)
 
 
 async def test_pipelined_requests_first_answered_then_closed(backend, proxy_url):
@@ -454,8 +438,7 @@ async def test_upstream_down_is_502(session):
         # Also with a request body on its way.
         async with session.post(url + "/upload", data=b"x" * 100_000) as resp:
             assert resp.status == 502
-        await asyncio.sleep(0.05)
-        assert lw.proxy.active == 0
+        await wait_for(lambda: lw.plane.connections() == 0)
 
 
 async def test_routes_and_base_path_for_http(backend):
@@ -479,7 +462,7 @@ async def test_client_leaving_mid_response_frees_the_connection(backend):
         await asyncio.wait_for(reader.readuntil(b"first chunk\n"), 10)
         writer.transport.abort()
         backend.first_chunk_read.set()
-        await wait_for(lambda: lw.proxy.active == 0)
+        await wait_for(lambda: lw.plane.connections() == 0)
 
 
 async def test_expect_100_continue(backend, proxy_url):
@@ -510,7 +493,7 @@ async def test_shutdown_lets_an_http_response_in_flight_finish(backend):
             response = await asyncio.wait_for(read_response(reader, head_only=True), 10)
             assert response.status == 200
             first = await asyncio.wait_for(reader.readuntil(b"first chunk\n"), 10)
-            shutdown = asyncio.create_task(lw.proxy.shutdown())
+            shutdown = asyncio.create_task(lw.plane.shutdown())
             await asyncio.sleep(0.05)
             backend.first_chunk_read.set()
             rest = await asyncio.wait_for(reader.read(), 10)  # to EOF: then it closes
