@@ -780,50 +780,55 @@ async fn forward<C: Transport>(shared: &Shared, mut client: C, upgrade: Upgrade)
             conn_id,
         });
     };
-    let mut shutdown = shared.shutdown.clone();
     let mut client_eof = false;
-    let handshake = upstream_handshake(
-        &route,
-        shared.config.upstream_tls.as_deref(),
-        &request,
-        limits.connect_timeout,
-        limits.head.max_head_size,
-        limits.error_body_size,
-    );
-    tokio::pin!(handshake);
-    let handshake_timer = sleep_until(deadline);
-    let stop = stopping(&mut shutdown);
-    tokio::pin!(handshake_timer, stop);
-    // 2. The upstream handshake. The client is read meanwhile: what it sends
-    // early is kept (bounded), and a client that leaves is noticed at once.
-    let outcome = loop {
-        let room = !client_eof && early.len() < limits.early_data_size;
-        if room {
-            early.reserve(HEAD_READ);
-        }
-        tokio::select! {
-            biased;
-            _ = &mut stop => {
-                reject(shared, &mut client, Rejected::ShuttingDown, 503, SHUTTING_DOWN, &[]).await;
-                return;
+    // The handshake's future and the upgrade request live in this block
+    // only: nothing of them is kept while the connection is spliced.
+    let outcome = {
+        let mut shutdown = shared.shutdown.clone();
+        let handshake = upstream_handshake(
+            &route,
+            shared.config.upstream_tls.as_deref(),
+            &request,
+            limits.connect_timeout,
+            limits.head.max_head_size,
+            limits.error_body_size,
+        );
+        tokio::pin!(handshake);
+        let handshake_timer = sleep_until(deadline);
+        let stop = stopping(&mut shutdown);
+        tokio::pin!(handshake_timer, stop);
+        // 2. The upstream handshake. The client is read meanwhile: what it sends
+        // early is kept (bounded), and a client that leaves is noticed at once.
+        loop {
+            let room = !client_eof && early.len() < limits.early_data_size;
+            if room {
+                early.reserve(HEAD_READ);
             }
-            _ = &mut handshake_timer => {
-                failed(HandshakeFailure::Error(HandshakeError::Timeout));
-                let response = simple_response(504, "loopwatch: upstream handshake timeout", &[]);
-                answer(&mut client, &response, Then::Close).await;
-                return;
-            }
-            read = client.read_buf(&mut early), if room => match read {
-                Ok(0) => client_eof = true,
-                Ok(_) => {}
-                Err(_) => {
-                    failed(HandshakeFailure::Error(HandshakeError::ClientClosed));
+            tokio::select! {
+                biased;
+                _ = &mut stop => {
+                    reject(shared, &mut client, Rejected::ShuttingDown, 503, SHUTTING_DOWN, &[]).await;
                     return;
                 }
-            },
-            outcome = &mut handshake => break outcome,
+                _ = &mut handshake_timer => {
+                    failed(HandshakeFailure::Error(HandshakeError::Timeout));
+                    let response = simple_response(504, "loopwatch: upstream handshake timeout", &[]);
+                    answer(&mut client, &response, Then::Close).await;
+                    return;
+                }
+                read = client.read_buf(&mut early), if room => match read {
+                    Ok(0) => client_eof = true,
+                    Ok(_) => {}
+                    Err(_) => {
+                        failed(HandshakeFailure::Error(HandshakeError::ClientClosed));
+                        return;
+                    }
+                },
+                outcome = &mut handshake => break outcome,
+            }
         }
     };
+    drop(request);
     let (upstream, buffer, head_len, allowed_rsv) = match outcome {
         Upstream::Failed {
             status,
@@ -877,21 +882,31 @@ async fn forward<C: Transport>(shared: &Shared, mut client: C, upgrade: Upgrade)
         route: Arc::clone(&route.name),
         opened_at,
     };
-    let to_client = buffer[..head_len].to_vec();
-    let upstream_early = &buffer[head_len..];
     let shutdown = shared.shutdown.clone();
     let events = shared.events.clone();
+    // The relay is started (the 101 written, the early bytes of both sides
+    // handled) before its `run` is awaited, so that the handshake's buffers
+    // (`early`, the upstream's read `buffer`, several KiB) and the route's
+    // copy are dropped first: a connection keeps only what its splice needs.
     match upstream {
         UpstreamStream::Plain(upstream) => {
-            let relay = Relay::new(client, upstream, relay_limits, id, events, control);
-            let run = relay.run(to_client, upstream_early, &early, client_eof, shutdown);
+            let run = {
+                let mut relay = Relay::new(client, upstream, relay_limits, id, events, control);
+                relay.start(&buffer[..head_len], &buffer[head_len..], &early, client_eof);
+                relay.run(shutdown)
+            };
+            drop((buffer, early, route));
             run.await;
         }
         // Boxed: the plain connection's future stays as small as before TLS.
         UpstreamStream::Tls(upstream) => {
-            let relay = Relay::new(client, upstream, relay_limits, id, events, control);
-            let run = relay.run(to_client, upstream_early, &early, client_eof, shutdown);
-            Box::pin(run).await;
+            let run = {
+                let mut relay = Relay::new(client, upstream, relay_limits, id, events, control);
+                relay.start(&buffer[..head_len], &buffer[head_len..], &early, client_eof);
+                Box::pin(relay.run(shutdown))
+            };
+            drop((buffer, early, route));
+            run.await;
         }
     }
     drop(registered);

@@ -322,18 +322,19 @@ impl<C: Transport, U: Transport> Relay<C, U> {
         }
     }
 
-    /// Splice until both legs are gone. `to_client` is written to the client
+    /// Begin the splice (`Relay.start`): `to_client` is written to the client
     /// first (the 101's head), then what each side sent before the splice
-    /// began is handled as if just read (`Relay.start`).
-    pub async fn run(
-        mut self,
-        to_client: Vec<u8>,
+    /// began is handled as if just read. Only what is still unwritten is
+    /// kept (in the legs' `out`), so the handshake's buffers can be dropped
+    /// before `run`: they would otherwise live as long as the connection.
+    pub fn start(
+        &mut self,
+        to_client: &[u8],
         upstream_early: &[u8],
         client_early: &[u8],
         client_eof: bool,
-        mut shutdown: watch::Receiver<bool>,
-    ) -> CloseInfo {
-        self.legs[CLIENT].out = to_client;
+    ) {
+        self.write(CLIENT, to_client);
         self.flush(CLIENT);
         if !upstream_early.is_empty() {
             self.data(UPSTREAM, upstream_early);
@@ -346,6 +347,10 @@ impl<C: Transport, U: Transport> Relay<C, U> {
         }
         self.publish(CLIENT);
         self.publish(UPSTREAM);
+    }
+
+    /// Splice until both legs are gone (after `start`).
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> CloseInfo {
         let mut shutdown_seen = *shutdown.borrow();
         if shutdown_seen {
             self.close(1001, "loopwatch: shutting down");
