@@ -373,30 +373,35 @@ async def test_shutdown_answers_an_upgrade_in_progress_with_503():
             await lw_cm.__aexit__(None, None, None)
 
 
-@pytest.mark.dataplanes("python")  # the Python listener's own memory
 async def test_memory_of_closed_connections_is_trimmed_once_after_a_burst(monkeypatch):
     """When the live connections fall by TRIM_DROP from their peak, malloc_trim runs
-    once, TRIM_DELAY later; steady traffic below that never trims."""
-    from loopwatch.proxy.dataplane import listener
+    once, TRIM_DELAY later; steady traffic below that never trims. On the native
+    plane the brain does it from the listener's live count (the trim reaches the
+    runtime threads' arenas), in a thread."""
+    from loopwatch.proxy.dataplane import trim
 
     calls: list[int] = []
-    monkeypatch.setattr(listener, "TRIM_DROP", 3)
-    monkeypatch.setattr(listener, "TRIM_DELAY", 0.05)
-    monkeypatch.setattr(listener, "malloc_trim", calls.append)
+    monkeypatch.setattr(trim, "TRIM_DROP", 3)
+    monkeypatch.setattr(trim, "TRIM_DELAY", 0.05)
+    monkeypatch.setattr(trim, "malloc_trim", calls.append)
     async with websockets_backend(echo) as (backend, _), loopwatch(backend) as running:
-        server = running.proxy
+        plane = running.plane
+        trimmer = running.proxy.trimmer if plane.name == "python" else plane.trimmer  # type: ignore[attr-defined]  # NativePlane
+        assert trimmer is not None
         one = await connect(ws_url(running))
+        await wait_for(lambda: trimmer.peak == 1)
         await one.close()
-        await wait_for(lambda: not server.relays)
+        await wait_for(lambda: plane.active_connections() == 0 and plane.settled())
         await asyncio.sleep(0.1)
         assert calls == []  # a drop of 1: no trim
         clients = [await connect(ws_url(running)) for _ in range(4)]
-        assert server.relays_peak == 4
+        await wait_for(lambda: trimmer.peak == 4)
         for ws in clients:
             await ws.close()
-        await wait_for(lambda: not server.relays)
         await wait_for(lambda: calls == [0])
-        assert server.relays_peak == 0
+        assert plane.active_connections() == 0
+        assert trimmer.peak == 0
+        assert trimmer.trims == 1
         await asyncio.sleep(0.1)
         assert calls == [0]  # once for the burst
 

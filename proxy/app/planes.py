@@ -29,6 +29,7 @@ from ..brain import EngineGate, NativeDriver, TableSync
 from ..dataplane.boundary import ENFORCEMENT_LAG_KINDS, Connection, Gate, HoldCounts, RelayStats
 from ..dataplane.listener import ProxyServer
 from ..dataplane.routing import Router, client_ssl_context
+from ..dataplane.trim import Trimmer
 from ..observe.logs import event
 from .settings import Settings
 
@@ -206,6 +207,10 @@ class NativePlane:
         self._fed = 0  # … and handled on the event loop
         self._dropped_logged = 0  # events_dropped at the last log line
         self._port = 0
+        # The memory of closed connections back to the system after a burst of
+        # closes (proxy/dataplane/trim.py), as the Python plane does: malloc_trim
+        # trims the runtime threads' arenas too. Off the loop: they can be large.
+        self.trimmer: Trimmer | None = None
 
     @property
     def port(self) -> int:
@@ -234,11 +239,14 @@ class NativePlane:
         )  # fmt: skip
         self._port = self.listener.port
         self._loop = asyncio.get_running_loop()
+        self.trimmer = Trimmer(self._loop, self.active_connections, in_thread=True)
         self._thread = threading.Thread(target=self._drain, name="loopwatch-events", daemon=True)
         self._thread.start()
 
     async def shutdown(self) -> None:
         self._closing = True
+        if self.trimmer is not None:
+            self.trimmer.cancel()
         if self.listener is not None:
             dropped = await asyncio.to_thread(self.listener.stop)
             if dropped:
@@ -286,6 +294,8 @@ class NativePlane:
         try:
             self.driver.handle(batch)
             self._check_drops()
+            if self.trimmer is not None and not self._closing:
+                self.trimmer.note(self.active_connections())
         except Exception:  # a bug must not stop the draining
             log.exception("native data plane: handling a batch of %d events failed", len(batch))
         finally:

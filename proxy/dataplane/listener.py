@@ -10,7 +10,6 @@ forwarding (proxy/dataplane/forward.py) and the admin app.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import dataclasses
 import functools
 import ipaddress
@@ -19,7 +18,6 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
@@ -39,6 +37,7 @@ from .heads import (
 from .relay import GONE, Relay
 from .routing import Route, Router, client_ssl_context, server_ssl_context
 from .states import IllegalTransition, successors
+from .trim import Trimmer
 
 if TYPE_CHECKING:
     import aiohttp
@@ -92,21 +91,6 @@ ADDRESS_LIMIT = simple_response(
 SHUTTING_DOWN = simple_response(503, "loopwatch: shutting down")
 REFUSAL_GRACE = 2.0  # how long a close-1013 refusal waits for the client's close reply
 SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-
-# Memory of closed connections back to the system: most of an idle connection's
-# memory is the event loop's transports and handles, allocated with malloc;
-# glibc keeps freed memory in its heap until malloc_trim. Called when the number
-# of live connections fell by TRIM_DROP from its peak, TRIM_DELAY after (so a
-# burst of closes is trimmed once), never during steady churn. None off glibc.
-TRIM_DROP = 256
-TRIM_DELAY = 0.5
-malloc_trim: Callable[[int], int] | None
-try:
-    _malloc_trim = ctypes.CDLL(None).malloc_trim
-    _malloc_trim.argtypes = (ctypes.c_size_t,)
-    malloc_trim = _malloc_trim
-except (OSError, AttributeError):  # pragma: no cover - not glibc
-    malloc_trim = None
 
 # Refusals as written, by (how, status, message, Retry-After): a looping client is
 # refused tens of times a second with the same answer, so it is serialised once.
@@ -465,8 +449,7 @@ class ClientHandshake(asyncio.Protocol):
             address=self.address,
         )
         server.relays[conn_id] = relay
-        if len(server.relays) > server.relays_peak:
-            server.relays_peak = len(server.relays)
+        server.trimmer.note(len(server.relays))
         self.transport.write(response.head_bytes)
         server.gate.opened(attempt, time.monotonic())
         relay.start(bytes(self.early), response.rest)
@@ -795,8 +778,9 @@ class ProxyServer:
         self.handshakes: set[ClientHandshake] = set()
         self.relays: dict[int, Relay] = {}
         self.on_relay_done = self.relay_done  # one bound method for every relay, not one each
-        self.relays_peak = 0  # most live relays since the last trim
-        self._trim_timer: asyncio.TimerHandle | None = None
+        # Most of an idle connection's memory is the event loop's transports and
+        # handles, allocated with malloc: given back after a burst of closes.
+        self.trimmer = Trimmer(self.loop, lambda: len(self.relays))
         self.closing = False
         self._server: asyncio.AbstractServer | None = None
         self._port = 0
@@ -859,20 +843,8 @@ class ProxyServer:
         stats = RelayStats(c.messages, u.messages, c.message_bytes, u.message_bytes)
         attempt = relay.context
         self.gate.closed(attempt, time.monotonic(), code, reason, initiator, stats)
-        if (
-            self.relays_peak - len(self.relays) >= TRIM_DROP
-            and self._trim_timer is None
-            and malloc_trim is not None
-        ):
-            self._trim_timer = self.loop.call_later(TRIM_DELAY, self.trim)
+        self.trimmer.note(len(self.relays))
         self.check_drained()
-
-    def trim(self) -> None:
-        """Give the memory of closed connections back (see TRIM_DROP)."""
-        self._trim_timer = None
-        self.relays_peak = len(self.relays)
-        if malloc_trim is not None:
-            malloc_trim(0)
 
     def check_drained(self) -> None:
         """During shutdown: wake it once no connection is left."""
@@ -908,9 +880,7 @@ class ProxyServer:
         HTTP responses in flight finish, wait up to shutdown_timeout for all that,
         then drop what is left."""
         self.closing = True
-        if self._trim_timer is not None:
-            self._trim_timer.cancel()
-            self._trim_timer = None
+        self.trimmer.cancel()
         if self._server is not None:
             self._server.close()
         if self._idle_task is not None:
