@@ -32,11 +32,11 @@ use loopwatch_dataplane_core::head::{
 };
 use loopwatch_dataplane_core::table::{Admission, Refusal};
 
-use crate::control::AddressAdmission;
+use crate::control::{AddressAdmission, AddressSlot};
 use crate::http::{self, Outcome};
 use crate::identity::wall_clock;
 use crate::listener::{stopping, ConnGuard, Rejected, Shared, TlsFailure};
-use crate::relay::{Relay, RelayIdentity, RelayLimits};
+use crate::relay::{CloseInfo, Relay, RelayIdentity, RelayLimits};
 use crate::response::{Answer, ResponseReader, UpstreamRefusal};
 use crate::tls::UpstreamTls;
 use crate::transport::{connect_upstream, open_upstream, Transport, UpstreamStream};
@@ -105,18 +105,18 @@ enum Upstream {
 }
 
 /// Serve one accepted connection: TLS first when the listener has it.
-pub async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, _guard: ConnGuard) {
+pub async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, guard: ConnGuard) {
     let _ = client.set_nodelay(true);
     let deadline = Instant::now() + shared.config.limits.handshake_timeout;
     match &shared.config.tls {
-        None => serve_stream(&shared, client, peer, deadline, "http").await,
+        None => serve_stream(&shared, client, peer, deadline, "http", guard).await,
         // Boxed, as the TLS stream: a plain connection's future does not
         // carry the TLS variants' state (a rustls connection is over 1 KiB,
         // and a splice of two of them over 3 KiB).
         Some(acceptor) => {
             Box::pin(async {
                 if let Some(client) = accept_tls(&shared, acceptor, client, deadline).await {
-                    serve_stream(&shared, client, peer, deadline, "https").await;
+                    serve_stream(&shared, client, peer, deadline, "https", guard).await;
                 }
             })
             .await
@@ -194,12 +194,13 @@ async fn accept_tls(
 /// Everything after the TLS handshake, whatever the client's stream: the
 /// first request's head by `deadline` (from accept), the next ones' each
 /// within `limits.handshake_timeout` of the previous response.
-async fn serve_stream<C: Transport>(
+async fn serve_stream<C: Transport + 'static>(
     shared: &Arc<Shared>,
     mut client: C,
     peer: SocketAddr,
     first_deadline: Instant,
     scheme: &'static str,
+    guard: ConnGuard,
 ) {
     let limits = &shared.config.limits;
     if shared.closing() {
@@ -229,7 +230,8 @@ async fn serve_stream<C: Transport>(
     }
     // Per address (the peer's, as the Python listener's caps; after the TLS
     // handshake, as asyncio's): its connections and its half-open first head
-    // (released when `address` drops, at the end of this connection).
+    // (released when `address` drops, at the end of this connection: the
+    // splice's task's end for a WebSocket).
     let mut address = match shared.addresses.admit(peer.ip()) {
         AddressAdmission::Counted(slot) => Some(slot),
         AddressAdmission::Exempt => None,
@@ -343,7 +345,7 @@ async fn serve_stream<C: Transport>(
                     deadline,
                     conn_id,
                 };
-                forward(shared, client, upgrade).await
+                forward(shared, client, upgrade, guard, address).await
             }
             Plan::Http { route, request } => {
                 if forward_http(shared, &mut client, &route, &request).await {
@@ -757,7 +759,13 @@ struct Upgrade {
     conn_id: u64,
 }
 
-async fn forward<C: Transport>(shared: &Shared, mut client: C, upgrade: Upgrade) {
+async fn forward<C: Transport + 'static>(
+    shared: &Shared,
+    mut client: C,
+    upgrade: Upgrade,
+    guard: ConnGuard,
+    address: Option<AddressSlot>,
+) {
     let Upgrade {
         key,
         route,
@@ -885,31 +893,29 @@ async fn forward<C: Transport>(shared: &Shared, mut client: C, upgrade: Upgrade)
     let shutdown = shared.shutdown.clone();
     let events = shared.events.clone();
     // The relay is started (the 101 written, the early bytes of both sides
-    // handled) before its `run` is awaited, so that the handshake's buffers
-    // (`early`, the upstream's read `buffer`, several KiB) and the route's
-    // copy are dropped first: a connection keeps only what its splice needs.
+    // handled) before the handshake's buffers (`early`, the upstream's read
+    // `buffer`, several KiB), the upgrade request and the route's copy are
+    // dropped: a connection keeps only what its splice needs. The splice is
+    // a task of its own, sized to the relay: this handshake task (its future
+    // sized to the largest handshake state, 5 KiB) ends here. The connection
+    // stays counted (`guard`, its address's share) until the splice ends.
+    let end = move |_: CloseInfo| {
+        drop(registered);
+        let counters = &guard.shared().counters;
+        counters.relays.fetch_sub(1, Ordering::AcqRel);
+        counters.closed.fetch_add(1, Ordering::Relaxed);
+        drop(address);
+    };
     match upstream {
         UpstreamStream::Plain(upstream) => {
-            let run = {
-                let mut relay = Relay::new(client, upstream, relay_limits, id, events, control);
-                relay.start(&buffer[..head_len], &buffer[head_len..], &early, client_eof);
-                relay.run(shutdown)
-            };
-            drop((buffer, early, route));
-            run.await;
+            let mut relay = Relay::new(client, upstream, relay_limits, id, events, control);
+            relay.start(&buffer[..head_len], &buffer[head_len..], &early, client_eof);
+            tokio::spawn(relay.run(shutdown, end));
         }
-        // Boxed: the plain connection's future stays as small as before TLS.
         UpstreamStream::Tls(upstream) => {
-            let run = {
-                let mut relay = Relay::new(client, upstream, relay_limits, id, events, control);
-                relay.start(&buffer[..head_len], &buffer[head_len..], &early, client_eof);
-                Box::pin(relay.run(shutdown))
-            };
-            drop((buffer, early, route));
-            run.await;
+            let mut relay = Relay::new(client, upstream, relay_limits, id, events, control);
+            relay.start(&buffer[..head_len], &buffer[head_len..], &early, client_eof);
+            tokio::spawn(relay.run(shutdown, end));
         }
     }
-    drop(registered);
-    shared.counters.relays.fetch_sub(1, Ordering::AcqRel);
-    shared.counters.closed.fetch_add(1, Ordering::Relaxed);
 }
