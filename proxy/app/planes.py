@@ -29,7 +29,7 @@ from ..brain import EngineGate, NativeDriver, TableSync
 from ..dataplane.boundary import ENFORCEMENT_LAG_KINDS, Connection, Gate, HoldCounts, RelayStats
 from ..dataplane.listener import ProxyServer
 from ..dataplane.routing import Router, client_ssl_context
-from ..dataplane.trim import Trimmer
+from ..dataplane.trim import ClockTrimmer
 from ..observe.logs import event
 from .settings import Settings
 
@@ -209,8 +209,9 @@ class NativePlane:
         self._port = 0
         # The memory of closed connections back to the system after a burst of
         # closes (proxy/dataplane/trim.py), as the Python plane does: malloc_trim
-        # trims the runtime threads' arenas too. Off the loop: they can be large.
-        self.trimmer: Trimmer | None = None
+        # trims the runtime threads' arenas too. Polled by the draining thread,
+        # off the loop, which may be busy with the closes' events for seconds.
+        self.trimmer = ClockTrimmer()
 
     @property
     def port(self) -> int:
@@ -239,14 +240,11 @@ class NativePlane:
         )  # fmt: skip
         self._port = self.listener.port
         self._loop = asyncio.get_running_loop()
-        self.trimmer = Trimmer(self._loop, self.active_connections, in_thread=True)
         self._thread = threading.Thread(target=self._drain, name="loopwatch-events", daemon=True)
         self._thread.start()
 
     async def shutdown(self) -> None:
         self._closing = True
-        if self.trimmer is not None:
-            self.trimmer.cancel()
         if self.listener is not None:
             dropped = await asyncio.to_thread(self.listener.stop)
             if dropped:
@@ -276,6 +274,7 @@ class NativePlane:
         assert loop is not None
         while True:
             batch = self.queue.recv_batch(BATCH, DRAIN_TIMEOUT)
+            self._poll_trim()
             if not batch:
                 if self._stop_draining.is_set():
                     return
@@ -286,16 +285,23 @@ class NativePlane:
                 loop.call_soon_threadsafe(self._on_batch, batch)
             except RuntimeError:  # the loop is closed: nobody left to tell
                 return
-            while not self._handled.wait(1.0):
+            while not self._handled.wait(DRAIN_TIMEOUT):
+                self._poll_trim()
                 if loop.is_closed():
                     return
+
+    def _poll_trim(self) -> None:
+        """On the draining thread, every DRAIN_TIMEOUT at most: the trimming policy
+        with the listener's live relays (its counters: current even when the
+        loop is behind with the events)."""
+        listener = self.listener
+        if listener is not None and not self._closing:
+            self.trimmer.poll(listener.stats().relays, time.monotonic())
 
     def _on_batch(self, batch: list[Received]) -> None:
         try:
             self.driver.handle(batch)
             self._check_drops()
-            if self.trimmer is not None and not self._closing:
-                self.trimmer.note(self.active_connections())
         except Exception:  # a bug must not stop the draining
             log.exception("native data plane: handling a batch of %d events failed", len(batch))
         finally:

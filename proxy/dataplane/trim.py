@@ -7,9 +7,13 @@ the event loop's (the Python plane's transports and handles, the brain's
 per-connection records) and the native plane's runtime threads' (its tasks,
 sockets' state and buffers are malloc'd on those threads).
 
-The policy (`Trimmer`): trim when the number of live connections fell by
-TRIM_DROP from its peak since the last trim, TRIM_DELAY after (so a burst of
-closes is trimmed once), never during steady churn. None off glibc.
+The policy: trim when the number of live connections fell by TRIM_DROP from
+its peak since the last trim, TRIM_DELAY after (so a burst of closes is trimmed
+once), never during steady churn. None off glibc. `ClockTrimmer` is the policy,
+polled with a clock (the native plane's draining thread: the brain's loop may
+be busy with the closes' events for seconds, while the runtime freed the memory
+at once); `Trimmer` runs it on an event loop (the Python plane, where the closes
+happen).
 """
 
 from __future__ import annotations
@@ -29,39 +33,54 @@ except (OSError, AttributeError):  # pragma: no cover - not glibc
     malloc_trim = None
 
 
-class Trimmer:
-    """Trims once after a burst of closes. `note(live)` is told the number of live
-    connections after a change (or a batch of them); `live()` reads it when the
-    trim runs, which then becomes the new peak. `in_thread`: the trim runs in the
-    loop's default executor, not on the loop (the native plane's runtime arenas
-    can be large; the loop goes on meanwhile)."""
+class ClockTrimmer:
+    """The policy, polled: `poll(live, now)` from any one thread, with the number
+    of live connections and a monotonic clock. It calls malloc_trim itself
+    (ctypes lets the GIL go meanwhile) once TRIM_DELAY passed since the drop was
+    seen; the live count then becomes the new peak. Returns when it wants to be
+    polled next (a trim is due), else None."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, live: Callable[[], int], *, in_thread: bool = False):
+    def __init__(self) -> None:
+        self.peak = 0  # most live connections since the last trim
+        self.trims = 0  # trims run
+        self._due: float | None = None
+
+    def poll(self, live: int, now: float) -> float | None:
+        if live > self.peak:
+            self.peak = live
+        if self._due is None:
+            if self.peak - live >= TRIM_DROP and malloc_trim is not None:
+                self._due = now + TRIM_DELAY
+            return self._due
+        if now < self._due:
+            return self._due
+        self._due = None
+        self.peak = live
+        trim = malloc_trim
+        if trim is not None:
+            self.trims += 1
+            trim(0)
+        return None
+
+
+class Trimmer(ClockTrimmer):
+    """The policy on an event loop: `note(live)` after a change in the number of
+    live connections; a timer polls again when a trim is due, with `live()`."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, live: Callable[[], int]):
+        super().__init__()
         self.loop = loop
         self.live = live
-        self.in_thread = in_thread
-        self.peak = 0  # most live connections since the last trim
-        self.trims = 0  # trims run (or started, in_thread)
         self._timer: asyncio.TimerHandle | None = None
 
     def note(self, live: int) -> None:
-        if live > self.peak:
-            self.peak = live
-        elif self.peak - live >= TRIM_DROP and self._timer is None and malloc_trim is not None:
-            self._timer = self.loop.call_later(TRIM_DELAY, self.trim)
+        due = self.poll(live, self.loop.time())
+        if due is not None and self._timer is None:
+            self._timer = self.loop.call_at(due, self._wake)
 
-    def trim(self) -> None:
-        """Give the memory of closed connections back (see TRIM_DROP)."""
+    def _wake(self) -> None:
         self._timer = None
-        self.peak = self.live()
-        trim = malloc_trim
-        if trim is None:
-            return
-        self.trims += 1
-        if self.in_thread:
-            self.loop.run_in_executor(None, trim, 0)
-        else:
-            trim(0)
+        self.note(self.live())
 
     def cancel(self) -> None:
         if self._timer is not None:
