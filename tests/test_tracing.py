@@ -9,6 +9,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -167,8 +168,8 @@ async def test_loop_spans_carry_findings_and_enforcement() -> None:
         async with telemetered(settings, exporter=exporter) as lw:
             url = f"ws://127.0.0.1:{lw.proxy_port}/ws?token={issue_token('tab-42', -60)}"
             seen = [await attempt(url) for _ in range(3)]
-            # Every event judged: on native the brain's cooldown is in the table then.
-            await wait_for(lambda: idle(lw))
+            # The engine's cooldown (on native, written to the table in the same batch).
+            await wait_for(lambda: getattr(lw.engine.client("tab-42@127.0.0.1", time.monotonic()), "status", "") == "cooldown")
             seen.append(await attempt(url))
             await wait_for(lambda: len(exporter.get_finished_spans()) == 4)
     assert [c for c, _ in seen] == [1008, 1008, 1008, 1013]
