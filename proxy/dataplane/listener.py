@@ -303,14 +303,16 @@ class ClientHandshake(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
+        if self.exchange is not None:
+            # Also once DONE (a 400 for a bad request body): the upstream request
+            # ends with the client, it is not kept until its phase times out.
+            self.exchange.client_gone()
         if self.state is DONE or self.state is RELAYED:
             return
         if self.state is UPSTREAM and self.attempt is not None:
             self.server.gate.handshake_failed(self.attempt, time.monotonic(), None, "client_closed")
         elif self.state is HELD:
             self.unhold()  # the client left before its answer: the attempt ended now
-        if self.exchange is not None:
-            self.exchange.client_gone()
         self.finish()
 
     # --- the head -----------------------------------------------------------
