@@ -24,7 +24,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from .boundary import Connection, Gate, Refusal, Rejections, RelayStats
-from .forward import HttpExchange
+from .forward import HttpExchange, checked_connector
 from .frames import build_close_frame
 from .heads import (
     HeadParser,
@@ -828,7 +828,7 @@ class ProxyServer:
 
             self._http_session = aiohttp.ClientSession(
                 auto_decompress=False,
-                connector=aiohttp.TCPConnector(ssl=self.upstream_ssl, limit=0),
+                connector=checked_connector(ssl=self.upstream_ssl, limit=0),
                 cookie_jar=aiohttp.DummyCookieJar(),
                 skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
             )
