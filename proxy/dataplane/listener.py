@@ -17,6 +17,7 @@ import ipaddress
 import itertools
 import logging
 import math
+import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -389,6 +390,9 @@ class ClientHandshake(asyncio.Protocol):
                 up.port,
                 ssl=server.upstream_ssl if up.tls else None,
                 server_hostname=(server.upstream_server_name or up.host) if up.tls else None,
+                # TCP + TLS within connect_timeout (the timer below): asyncio's own
+                # default for the TLS part alone is 60 s.
+                ssl_handshake_timeout=server.connect_timeout if up.tls else None,
             )
         )
         timer = server.loop.call_later(server.connect_timeout, task.cancel)
@@ -409,6 +413,10 @@ class ClientHandshake(asyncio.Protocol):
             if not isinstance(exc, OSError):
                 log.error("upstream connect failed", exc_info=exc)
             up = route.upstream
+            if isinstance(exc, ssl.SSLError):  # an OSError too: certificate not trusted, protocol
+                log.debug("upstream %s TLS handshake failed: %s", up.url, exc)
+                self.upstream_failed(502, "loopwatch: upstream TLS handshake failed", None, "tls")
+                return
             log.debug("upstream %s unreachable: %s", up.url, exc)
             self.upstream_failed(502, "loopwatch: upstream unreachable", None, "connect")
             return
