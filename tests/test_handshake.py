@@ -569,6 +569,33 @@ async def test_tls_upstream_untrusted_is_502(tls_files):
     assert err.response.status_code == 502
 
 
+async def handshake_errors(lw) -> dict[str, float]:  # noqa: ANN001
+    """loopwatch_upstream_handshake_errors_total by error, from a scrape of /metrics."""
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with aiohttp.ClientSession() as session, session.get(
+        f"http://127.0.0.1:{lw.admin_port}/metrics"
+    ) as response:
+        assert response.status == 200
+        text = await response.text()
+    name = "loopwatch_upstream_handshake_errors_total"
+    return {s.labels["error"]: s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name}
+
+
+async def test_tls_upstream_untrusted_is_a_tls_failure_not_a_connect_failure(tls_files):
+    # A wss backend whose certificate the proxy does not trust (no ca_file): the
+    # certificate check fails, which is TLS's failure, as on the native plane.
+    cert, key = tls_files
+    async with websockets_backend(echo, ssl=server_context(cert, key)) as (url, _):
+        wss = url.replace("ws://", "wss://")
+        async with loopwatch(wss) as lw:
+            response, after = await raw_exchange(lw.proxy_port, upgrade_request("/up"))
+            errors = await handshake_errors(lw)
+    assert (response.status, response.body, after) == (502, b"loopwatch: upstream TLS handshake failed\n", b"")
+    assert (errors["tls"], errors["connect"]) == (1, 0)
+
+
 async def test_tls_upstream_wrong_server_name_is_502(tls_files):
     cert, key = tls_files
     async with websockets_backend(echo, ssl=server_context(cert, key)) as (url, _):
