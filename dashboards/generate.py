@@ -409,7 +409,7 @@ def latency() -> list[cogbuilder.Builder[Any]]:
     errors = ts(
         "Upstream handshake error ratio",
         "Share of attempts that reached for the backend (not refused by loopwatch) and failed "
-        "at the handshake, over 5 minutes, stacked by error: connect, timeout, closed, "
+        "at the handshake, over 5 minutes, stacked by error: connect, timeout, tls, closed, "
         "bad_response, status_5xx. The stack's top is what alert "
         f"LoopwatchUpstreamHandshakeErrors compares with {HANDSHAKE_ERROR_RATIO_THRESHOLD:.0%} "
         "(dashed). connect/timeout: the backend is down or unreachable from loopwatch — check "

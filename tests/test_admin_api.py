@@ -145,9 +145,6 @@ async def test_breakers_and_config(tmp_path: Path) -> None:
 async def test_reload_valid_and_invalid_while_connections_stay_open(tmp_path: Path) -> None:
     async with demo_backend() as backend, looped(backend, tmp_path) as lw:
         config = Path(lw.sources.path)  # type: ignore[union-attr,arg-type]
-        # On native the looper and alice share a key (identity sources other than ip
-        # are not native yet): released, alice is admitted on both planes.
-        lw.release(looper(), time.monotonic())
         async with connect(ws_url(lw, "/ws?token=" + issue_token("alice", 60))) as ws, admin_session(lw) as s:
             original = config.read_text()
             config.write_text(original + "policy:\n  mode: observe\ndetection:\n  rules:\n    no_backoff:\n      enabled: false\n")

@@ -32,6 +32,10 @@ from tests.conftest import (
 )
 from tests.hardening import rejected
 
+# Every test here runs on both data planes (tests/conftest.py, `dataplane`).
+DATAPLANES = ("python", "native")
+pytestmark = pytest.mark.usefixtures("dataplane")
+
 RUN_ON_UVLOOP = True  # each test runs on asyncio's loop and on uvloop (tests/conftest.py)
 
 
@@ -212,7 +216,7 @@ async def test_bad_request_refused_before_upstream(name):
         assert after == b""  # and then the connection is closed
         await asyncio.sleep(0.05)
         assert s.recorder.connections == 0
-        await wait_for(lambda: s.lw.proxy.active == 1)  # only the echo client is left
+        await wait_for(lambda: s.lw.plane.connections() == 1)  # only the echo client is left
 
 
 async def test_wrong_websocket_version_is_426_with_supported_version():
@@ -478,7 +482,7 @@ async def test_slowloris_cut_at_handshake_timeout_with_408():
                 await task
             writer.close()
         assert s.recorder.connections == 0
-        await wait_for(lambda: s.lw.proxy.active == 1)
+        await wait_for(lambda: s.lw.plane.connections() == 1)
 
 
 async def test_idle_connection_without_a_request_gets_408():
@@ -501,7 +505,7 @@ async def test_max_connections_exceeded_is_503():
         # The echo client holds one; two idle connections take the rest.
         idle = [await asyncio.open_connection("127.0.0.1", s.lw.proxy_port) for _ in range(2)]
         try:
-            await wait_for(lambda: s.lw.proxy.active == 3)
+            await wait_for(lambda: s.lw.plane.connections() == 3)
             for _ in range(3):
                 response, after = await raw_exchange(s.lw.proxy_port, upgrade_request("/more"))
                 assert response.status == 503
@@ -511,7 +515,7 @@ async def test_max_connections_exceeded_is_503():
             assert s.recorder.connections == 0
             # A freed slot is usable again.
             idle.pop()[1].close()
-            await wait_for(lambda: s.lw.proxy.active == 2)
+            await wait_for(lambda: s.lw.plane.connections() == 2)
             reader, writer = await asyncio.open_connection("127.0.0.1", s.lw.proxy_port)
             try:
                 writer.write(upgrade_request("/now"))
@@ -523,4 +527,4 @@ async def test_max_connections_exceeded_is_503():
         finally:
             for _, w in idle:
                 w.close()
-        await wait_for(lambda: s.lw.proxy.active == 1)
+        await wait_for(lambda: s.lw.plane.connections() == 1)

@@ -10,9 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
+# The story on each data plane (`loopwatch demo --dataplane`; the `dataplane`
+# fixture of tests/conftest.py names the plane of the run).
+DATAPLANES = ("python", "native")
 
 
 def demo_command(*args: str) -> list[str]:
@@ -24,7 +25,6 @@ def env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("LOOPWATCH_")}
 
 
-@pytest.mark.parametrize("dataplane", ["python", "native"])
 def test_demo_catches_the_loop_and_leaves_healthy_clients_alone(dataplane: str) -> None:
     started = time.monotonic()
     proc = subprocess.run(

@@ -33,6 +33,10 @@ from tests.conftest import (
     ws_url,
 )
 
+# Every test here runs on both data planes (tests/conftest.py, `dataplane`).
+DATAPLANES = ("python", "native")
+pytestmark = pytest.mark.usefixtures("dataplane")
+
 RUN_ON_UVLOOP = True  # each test runs on asyncio's loop and on uvloop (tests/conftest.py)
 
 
@@ -351,7 +355,7 @@ async def test_upstream_refusal_body_truncated(framing):
 async def test_upstream_down_is_502():
     async with loopwatch(f"ws://127.0.0.1:{free_port()}") as lw:
         err = await refused(ws_url(lw))
-        assert lw.proxy.active == 0
+        assert lw.plane.connections() == 0
     assert err.response.status_code == 502
     assert err.response.body.count(b"\n") == 1
 
@@ -365,7 +369,7 @@ async def test_upstream_never_answers_is_504_after_handshake_timeout():
         response, after = await raw_exchange(lw.proxy_port, upgrade_request("/slow"))
         elapsed = time.monotonic() - started
         assert backend.heads  # the request did reach it
-        assert lw.proxy.active == 0
+        assert lw.plane.connections() == 0
     assert response.status == 504
     assert 0.3 <= elapsed < 5
     assert after == b""
@@ -561,8 +565,35 @@ async def test_tls_upstream_untrusted_is_502(tls_files):
         wss = url.replace("ws://", "wss://")
         async with loopwatch(wss) as lw:
             err = await refused(ws_url(lw, "/up"))
-            assert lw.proxy.active == 0
+            assert lw.plane.connections() == 0
     assert err.response.status_code == 502
+
+
+async def handshake_errors(lw) -> dict[str, float]:  # noqa: ANN001
+    """loopwatch_upstream_handshake_errors_total by error, from a scrape of /metrics."""
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with aiohttp.ClientSession() as session, session.get(
+        f"http://127.0.0.1:{lw.admin_port}/metrics"
+    ) as response:
+        assert response.status == 200
+        text = await response.text()
+    name = "loopwatch_upstream_handshake_errors_total"
+    return {s.labels["error"]: s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name}
+
+
+async def test_tls_upstream_untrusted_is_a_tls_failure_not_a_connect_failure(tls_files):
+    # A wss backend whose certificate the proxy does not trust (no ca_file): the
+    # certificate check fails, which is TLS's failure, as on the native plane.
+    cert, key = tls_files
+    async with websockets_backend(echo, ssl=server_context(cert, key)) as (url, _):
+        wss = url.replace("ws://", "wss://")
+        async with loopwatch(wss) as lw:
+            response, after = await raw_exchange(lw.proxy_port, upgrade_request("/up"))
+            errors = await handshake_errors(lw)
+    assert (response.status, response.body, after) == (502, b"loopwatch: upstream TLS handshake failed\n", b"")
+    assert (errors["tls"], errors["connect"]) == (1, 0)
 
 
 async def test_tls_upstream_wrong_server_name_is_502(tls_files):

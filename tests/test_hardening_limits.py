@@ -35,6 +35,10 @@ from tests.hardening import (
     rejected,
 )
 
+# Every test here runs on both data planes (tests/conftest.py, `dataplane`).
+DATAPLANES = ("python", "native")
+pytestmark = pytest.mark.usefixtures("dataplane")
+
 RUN_ON_UVLOOP = True  # each test runs on asyncio's loop and on uvloop (tests/conftest.py)
 
 Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -72,6 +76,7 @@ async def refused_at_once(port: int, address: str) -> bool:
 # --- per-address caps ------------------------------------------------------------------
 
 
+@pytest.mark.dataplanes("python")  # reads the Python listener's per-address table (native exports only how many addresses: test_native_boundary checks its caps)
 async def test_one_address_cannot_exhaust_max_connections_while_others_still_connect():
     # 40 slots: 20 for one address (50 %), 16 of them half-open heads (10 % is 4,
     # below the floor of 16).
@@ -86,11 +91,11 @@ async def test_one_address_cannot_exhaust_max_connections_while_others_still_con
                 held.append(conn)
             for _ in range(16):
                 held.append(await open_from(p.port, ATTACKER))
-            await wait_for(lambda: p.lw.proxy.active == 2 + 20)
+            await wait_for(lambda: p.lw.plane.connections() == 2 + 20)
             # Its 20 are all it gets: anything more is refused at once, with 503.
             refused = [await refused_at_once(p.port, ATTACKER) for _ in range(5)]
             assert refused == [True] * 5
-            assert p.lw.proxy.active == 2 + 20  # 18 slots still free for everyone else
+            assert p.lw.plane.connections() == 2 + 20  # 18 slots still free for everyone else
             # Another address is not touched by the first one's cap: 15 more connections.
             for i in range(15):
                 status, conn = await status_of(p.port, OTHER, upgrade_request(f"/echo/other{i}"))
@@ -102,10 +107,11 @@ async def test_one_address_cannot_exhaust_max_connections_while_others_still_con
             for _, writer in held:
                 writer.close()
         # Entries go when their count drops to zero: only the healthy address is left.
-        await wait_for(lambda: p.lw.proxy.active == 2)
+        await wait_for(lambda: p.lw.plane.connections() == 2)
         assert held_by(p) == {HEALTHY: (2, 0)}
 
 
+@pytest.mark.dataplanes("python")  # reads the Python listener's per-address table (native exports only how many addresses: test_native_boundary checks its caps)
 async def test_heads_cap_holds_a_slowloris_while_its_completed_requests_still_count():
     limits = {"limits.max_heads_per_address": 3, "limits.max_connections_per_address": 5}
     async with proxied(**limits) as p, Healthy(p.port).running():
@@ -130,6 +136,7 @@ async def test_heads_cap_holds_a_slowloris_while_its_completed_requests_still_co
         await wait_for(lambda: ATTACKER not in held_by(p))
 
 
+@pytest.mark.dataplanes("python")  # reads the Python listener's per-address table (native exports only how many addresses: test_native_boundary checks its caps)
 async def test_a_trusted_proxy_address_is_never_capped():
     limits = {
         "limits.max_heads_per_address": 2,
@@ -137,12 +144,12 @@ async def test_a_trusted_proxy_address_is_never_capped():
     }
     async with proxied(**limits) as p:
         held = [await open_from(p.port, ATTACKER) for _ in range(6)]
-        await wait_for(lambda: p.lw.proxy.active == 6)
+        await wait_for(lambda: p.lw.plane.connections() == 6)
         held += [await open_from(p.port, OTHER) for _ in range(2)]
         assert await refused_at_once(p.port, OTHER)
         for _, writer in held:
             writer.close()
-        await wait_for(lambda: p.lw.proxy.active == 0)
+        await wait_for(lambda: p.lw.plane.connections() == 0)
         assert held_by(p) == {}
 
 
@@ -181,7 +188,7 @@ async def send(p: Proxied, request: bytes, status: int | None) -> None:
 
 async def overload(p: Proxied) -> None:
     held = [await open_from(p.port, ATTACKER) for _ in range(2)]
-    await wait_for(lambda: p.lw.proxy.active == 2)
+    await wait_for(lambda: p.lw.plane.connections() == 2)
     await send(p, b"", 503)
     for _, writer in held:
         writer.close()
@@ -189,7 +196,7 @@ async def overload(p: Proxied) -> None:
 
 async def address_limit(p: Proxied) -> None:
     _, writer = await open_from(p.port, ATTACKER)
-    await wait_for(lambda: p.lw.proxy.active == 1)
+    await wait_for(lambda: p.lw.plane.connections() == 1)
     assert await refused_at_once(p.port, ATTACKER)
     writer.close()
 
@@ -197,8 +204,8 @@ async def address_limit(p: Proxied) -> None:
 async def shutting_down(p: Proxied) -> None:
     reader, writer = await open_from(p.port, ATTACKER)
     writer.write(b"GET /ok HTTP/1.1\r\nHost: ")  # half a head when the drain starts
-    await wait_for(lambda: p.lw.proxy.active == 1)
-    await p.lw.proxy.shutdown()
+    await wait_for(lambda: p.lw.plane.connections() == 1)
+    await p.lw.plane.shutdown()
     assert (await asyncio.wait_for(read_response(reader), 10)).status == 503
     writer.close()
 
@@ -256,6 +263,7 @@ async def test_each_early_refusal_raises_its_own_counter(reason: str):
     assert after == {**before, reason: 1}
 
 
+@pytest.mark.dataplanes("python")  # native logs no request_rejected line (proxy/dataplane/README.md, "What is missing")
 async def test_a_flood_of_refusals_is_one_log_line_per_reason(caplog: pytest.LogCaptureFixture):
     caplog.set_level(logging.INFO, logger="loopwatch.server")
     async with proxied() as p:

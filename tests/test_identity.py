@@ -27,6 +27,7 @@ from loopwatch.proxy.dataplane.identity import (
     _b64json,
 )
 from loopwatch.proxy.sections import SECRET as SECRET_MARKER
+from tests.vectors.reference import frozen_jwt_clock
 
 SECRET = "s3cret-s3cret-s3cret-s3cret-s3cret!"  # ≥ 32 bytes, as HS256 wants
 PEER = "203.0.113.7"
@@ -316,6 +317,33 @@ def test_remembered_token_still_expires(monkeypatch: pytest.MonkeyPatch) -> None
     assert idf.identify(bearer(token), "", PEER).key == "alice"  # from the cache
     monkeypatch.setattr(time, "time", lambda: now + 120)
     assert idf.identify(bearer(token), "", PEER).key == PEER
+
+
+def test_remembered_token_with_numeric_string_exp(monkeypatch: pytest.MonkeyPatch) -> None:
+    # PyJWT reads exp with int(), so a signed "exp": "1900000000" verifies; the
+    # second use (from the cache) must give the same answer, not a TypeError.
+    idf = ident(jwt={"verify": True, "secret": SECRET, "leeway": "0s"})
+    now = time.time()
+    token = jwt.encode({"sub": "alice", "exp": str(int(now) + 60)}, SECRET, algorithm="HS256")
+    assert idf.identify(bearer(token), "", PEER) == ClientKey("alice", "jwt:sub", PEER, True)
+    assert idf.identify(bearer(token), "", PEER) == ClientKey("alice", "jwt:sub", PEER, True)
+    monkeypatch.setattr(time, "time", lambda: now + 120)
+    assert idf.identify(bearer(token), "", PEER) == ClientKey(PEER, "ip", PEER, False)
+
+
+def test_remembered_token_at_the_leeway_edge_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A fresh verification refuses exp <= now - leeway; so must the cache.
+    idf = ident(jwt={"verify": True, "secret": SECRET, "leeway": "30s"})
+    exp = int(time.time()) + 60
+    token = jwt.encode({"sub": "alice", "exp": exp}, SECRET, algorithm="HS256")
+    assert idf.identify(bearer(token), "", PEER).key == "alice"
+    monkeypatch.setattr(time, "time", lambda: exp + 30 - 0.5)
+    assert idf.identify(bearer(token), "", PEER).key == "alice"  # from the cache, inside
+    monkeypatch.setattr(time, "time", lambda: float(exp + 30))
+    assert idf.identify(bearer(token), "", PEER).key == PEER  # exp == now - leeway
+    fresh = ident(jwt={"verify": True, "secret": SECRET, "leeway": "30s"})
+    with frozen_jwt_clock(exp + 30):  # what the cache must agree with
+        assert fresh.identify(bearer(token), "", PEER).key == PEER
 
 
 def test_audience_and_issuer_checked_when_set() -> None:

@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 from websockets.asyncio.client import connect
 
@@ -24,6 +25,10 @@ from loopwatch.proxy.tools.demo_backend import issue_token
 from tests.clients import demo_backend, loop_until
 from tests.conftest import loopwatch, ws_url
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
+
+# Every test here runs on both data planes (tests/conftest.py, `dataplane`).
+DATAPLANES = ("python", "native")
+pytestmark = pytest.mark.usefixtures("dataplane")
 
 TOKEN = "page-admin-token"
 LOOPER = "tab-42@127.0.0.1"

@@ -207,7 +207,10 @@ async def test_scripted_session_metric_by_metric() -> None:
 
             # The loop: 3 closes 1008 at once, then refused (cooldown) twice.
             loop_url = f"{base}/ws?token={issue_token('tab-42', -60)}"
-            seen = [await attempt(loop_url) for _ in range(5)]
+            seen = [await attempt(loop_url) for _ in range(3)]
+            # The engine's cooldown (on native, written to the table in the same batch).
+            await wait_for(lambda: getattr(lw.engine.client(client_key("tab-42"), time.monotonic()), "status", "") == "cooldown")
+            seen += [await attempt(loop_url) for _ in range(2)]
             assert [c for c, _ in seen] == [1008, 1008, 1008, 1013, 1013]
 
             # A healthy client: one connection closed normally, one left open.
@@ -249,8 +252,10 @@ async def test_scripted_session_metric_by_metric() -> None:
             while (result := await attempt(down)) == (502, ""):
                 failures += 1
                 assert failures < 20, "the upstream breaker never opened"
+                await wait_for(lambda: idle(lw))  # the breaker's state in the native table too
             assert result[0] == 1013 and "upstream unavailable" in result[1]
             assert failures >= 3
+            await wait_for(lambda: idle(lw))  # the refusal's events judged (native: drained)
 
             text, content_type = await scrape(lw)
             assert content_type.startswith("text/plain")
@@ -343,8 +348,9 @@ async def test_scripted_session_metric_by_metric() -> None:
     assert v("loopwatch_spans_dropped_total") == 0  # every span reached the exporter
     assert v("loopwatch_config_reloads_total", result="ok") == 0
     assert v("loopwatch_config_reloads_total", result="error") == 0
-    frame_parser = "c" if frames.COMPILED else "python"  # the build the relays use
-    assert v("loopwatch_build_info", version="0.1.0", dataplane="python", frame_parser=frame_parser) == 1
+    plane = PLANES["current"]
+    frame_parser = "rust" if plane == "native" else "c" if frames.COMPILED else "python"  # the relays' build
+    assert v("loopwatch_build_info", version="0.1.0", dataplane=plane, frame_parser=frame_parser) == 1
 
     # The families exposed are exactly the catalogue's, with the same types.
     documented = documented_families()

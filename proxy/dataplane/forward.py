@@ -20,18 +20,22 @@ import enum
 import logging
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .heads import RequestHead, end_to_end, simple_response
 from .states import IllegalTransition, successors
 
 if TYPE_CHECKING:
+    import aiohttp
+
     from .listener import ClientHandshake
     from .routing import Route
 
 log = logging.getLogger("loopwatch.forward")
 
 BODY_BUFFER = 64 * 1024  # bytes of request body held before the client is paused
+# Pooled connections tried per request before giving up (each one tried is closed).
+CHECKOUT_TRIES = 16
 NO_BODY_STATUSES = frozenset({204, 304})
 
 
@@ -53,6 +57,25 @@ PHASE_TRANSITIONS: frozenset[tuple[Phase, Phase]] = frozenset({
     (Phase.RESPONSE, Phase.DONE),
 })  # fmt: skip
 PHASE_NEXT = successors(Phase, PHASE_TRANSITIONS)  # what a move checks (states.py)
+
+
+def checked_connector(**kwargs: Any) -> aiohttp.TCPConnector:
+    """aiohttp's connector, but a pooled connection that received anything while
+    idle (a response nobody asked for, queued by aiohttp's parser: aiohttp issue
+    13656) is closed at checkout, not handed to the next request as its answer."""
+    import aiohttp
+
+    class CheckedConnector(aiohttp.TCPConnector):
+        async def connect(self, *args: Any, **kw: Any) -> aiohttp.connector.Connection:
+            for _ in range(CHECKOUT_TRIES):
+                conn = await super().connect(*args, **kw)
+                protocol = conn.protocol
+                if protocol is None or not protocol.should_close:
+                    return conn
+                conn.close()  # not released: closed, so the next try gets another one
+            raise aiohttp.ClientConnectionError("upstream connections keep sending unasked")
+
+    return CheckedConnector(**kwargs)
 
 
 class HttpExchange:

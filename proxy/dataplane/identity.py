@@ -48,6 +48,14 @@ class ClientKey:
     verified: bool  # the key is a claim of a JWT whose signature was verified
 
 
+@dataclass(frozen=True, slots=True)
+class _Remembered:
+    """A token that verified: its claims, and its `exp` read as PyJWT reads it."""
+
+    claims: dict[str, Any]
+    expires: int | None  # int(claims["exp"]); None when the token has no exp
+
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # C0/C1 controls, invisible format characters (bidi overrides, zero-width) and
@@ -175,7 +183,7 @@ class Identifier:
         self._query_params = js.query_params
         self._subprotocol = js.subprotocol
         self._keys: dict[str, Any] = _load_keys(js) if js.verify else {}
-        self._verified: dict[str, dict[str, Any]] = {}  # token -> claims, oldest first
+        self._verified: dict[str, _Remembered] = {}  # token -> what verified, oldest first
         self._leeway = js.leeway
         self._decode_kwargs: dict[str, Any] = {
             "audience": js.audience,
@@ -278,9 +286,9 @@ class Identifier:
             return _b64json(token.split(".")[1]), False
         cached = self._verified.get(token)
         if cached is not None:
-            exp = cached.get("exp")  # PyJWT already checked it is a number
-            if exp is None or time.time() <= exp + self._leeway:
-                return cached, True
+            # The test a fresh verification makes (PyJWT: expired if exp <= now - leeway).
+            if cached.expires is None or cached.expires > time.time() - self._leeway:
+                return cached.claims, True
             del self._verified[token]
             return None, False
         header = _b64json(token.partition(".")[0])
@@ -294,9 +302,15 @@ class Identifier:
             claims = pyjwt.decode(token, key, algorithms=[alg], **self._decode_kwargs)
         except (pyjwt.PyJWTError, ValueError, TypeError):
             return None, False  # forged, expired, wrong audience …: nothing from this source
+        expires: int | None = None
+        if "exp" in claims:
+            try:  # PyJWT accepted int(exp): a number, or a numeric string such as "1900000000"
+                expires = int(claims["exp"])
+            except (ValueError, TypeError, OverflowError):
+                return None, False  # not reachable with PyJWT's exp check; never trust it blindly
         if len(self._verified) >= _VERIFIED_CACHE:
             del self._verified[next(iter(self._verified))]
-        self._verified[token] = claims
+        self._verified[token] = _Remembered(claims, expires)
         return claims, True
 
 

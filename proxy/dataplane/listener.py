@@ -16,13 +16,14 @@ import ipaddress
 import itertools
 import logging
 import math
+import ssl
 import sys
 import time
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from .boundary import Connection, Gate, Refusal, Rejections, RelayStats
-from .forward import HttpExchange
+from .forward import HttpExchange, checked_connector
 from .frames import build_close_frame
 from .heads import (
     HeadParser,
@@ -287,14 +288,16 @@ class ClientHandshake(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
+        if self.exchange is not None:
+            # Also once DONE (a 400 for a bad request body): the upstream request
+            # ends with the client, it is not kept until its phase times out.
+            self.exchange.client_gone()
         if self.state is DONE or self.state is RELAYED:
             return
         if self.state is UPSTREAM and self.attempt is not None:
             self.server.gate.handshake_failed(self.attempt, time.monotonic(), None, "client_closed")
         elif self.state is HELD:
             self.unhold()  # the client left before its answer: the attempt ended now
-        if self.exchange is not None:
-            self.exchange.client_gone()
         self.finish()
 
     # --- the head -----------------------------------------------------------
@@ -371,6 +374,9 @@ class ClientHandshake(asyncio.Protocol):
                 up.port,
                 ssl=server.upstream_ssl if up.tls else None,
                 server_hostname=(server.upstream_server_name or up.host) if up.tls else None,
+                # TCP + TLS within connect_timeout (the timer below): asyncio's own
+                # default for the TLS part alone is 60 s.
+                ssl_handshake_timeout=server.connect_timeout if up.tls else None,
             )
         )
         timer = server.loop.call_later(server.connect_timeout, task.cancel)
@@ -391,6 +397,10 @@ class ClientHandshake(asyncio.Protocol):
             if not isinstance(exc, OSError):
                 log.error("upstream connect failed", exc_info=exc)
             up = route.upstream
+            if isinstance(exc, ssl.SSLError):  # an OSError too: certificate not trusted, protocol
+                log.debug("upstream %s TLS handshake failed: %s", up.url, exc)
+                self.upstream_failed(502, "loopwatch: upstream TLS handshake failed", None, "tls")
+                return
             log.debug("upstream %s unreachable: %s", up.url, exc)
             self.upstream_failed(502, "loopwatch: upstream unreachable", None, "connect")
             return
@@ -810,7 +820,7 @@ class ProxyServer:
 
             self._http_session = aiohttp.ClientSession(
                 auto_decompress=False,
-                connector=aiohttp.TCPConnector(ssl=self.upstream_ssl, limit=0),
+                connector=checked_connector(ssl=self.upstream_ssl, limit=0),
                 cookie_jar=aiohttp.DummyCookieJar(),
                 skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
             )

@@ -62,7 +62,7 @@ HOLD_LIMITS = ("max_held", "max_held_per_key")
 
 OUTCOMES = ("opened", "refused", "upstream_refused", "upstream_error", "client_gone")
 REASONS: tuple[str, ...] = typing.get_args(RejectReason)
-HANDSHAKE_ERRORS = ("connect", "timeout", "closed", "bad_response", "status_5xx")
+HANDSHAKE_ERRORS = ("connect", "timeout", "tls", "closed", "bad_response", "status_5xx")
 DIRECTIONS = ("client_to_upstream", "upstream_to_client")
 SEVERITIES = tuple(SEVERITY_RANK)
 COOLDOWN_RULES = (*RULE_NAMES, "manual")

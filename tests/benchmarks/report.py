@@ -482,6 +482,8 @@ def native_rows(result: dict) -> list[dict]:
         ))  # fmt: skip
     out = []
     for row in table:
+        if row.scenario not in summary:
+            continue  # not run (--scenarios)
         values: dict[str, float | None] = dict.fromkeys(NATIVE_COLUMNS)
         notes: dict[str, str] = {}
         if row.derive is not None:

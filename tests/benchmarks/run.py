@@ -246,7 +246,13 @@ class Bench:
         self.features = self.probe_features()
         self.native = self.choose_native()
         if self.native:
-            self.procs[NATIVE] = self.start_target(NATIVE)
+            try:
+                self.procs[NATIVE] = self.start_target(NATIVE)
+            except RuntimeError as e:  # the other columns still run
+                self.notes.append(f"{NATIVE} ({self.native}) did not start: {str(e).strip().splitlines()[-1][-300:]}")
+                self.features["native_start_error"] = str(e)[-1000:]
+                self.native = None
+        if self.native:
             self.log(f"{NATIVE} ({self.native}) on {self.procs[NATIVE].port}")
             try:
                 self.cload = build_cload(self.tmp)

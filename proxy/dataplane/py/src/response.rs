@@ -308,6 +308,14 @@ impl ResponseReader {
                     Some(done) => done,
                 };
                 if head.status == 101 {
+                    // A 101 that switches to anything but websocket answers no
+                    // upgrade we sent: 502, as the Python data plane answers it.
+                    let upgrade = head.header(b"upgrade").unwrap_or_default();
+                    if !tokens(&upgrade).any(|t| t == b"websocket") {
+                        return Err(BadResponse::Invalid(
+                            "a 101 without Upgrade: websocket".into(),
+                        ));
+                    }
                     self.state = State::Done;
                     return Ok(Answer::Upgrade {
                         head_len: len,
@@ -462,6 +470,17 @@ mod tests {
 
     fn text(r: &UpstreamRefusal) -> String {
         String::from_utf8(r.response.clone()).unwrap()
+    }
+
+    #[test]
+    fn a_101_without_upgrade_websocket_is_a_bad_response() {
+        for head in [
+            &b"HTTP/1.1 101 Switching Protocols\r\nX-A: 1\r\n\r\n"[..],
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n",
+        ] {
+            let mut reader = ResponseReader::new(4096, 4096);
+            assert!(matches!(reader.feed(head), Err(BadResponse::Invalid(_))));
+        }
     }
 
     #[test]
