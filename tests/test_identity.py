@@ -543,3 +543,29 @@ def test_payload_decode_matches_urlsafe_b64decode_and_json_loads(segment: str) -
         expected = None
     assert _b64json(segment) == expected
 
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_json_nested_past_the_bound_is_refused_whatever_the_recursion_limit(verify: bool) -> None:
+    # The C scanner's own limit is the recursion limit less the caller's depth: without
+    # MAX_JSON_DEPTH the same token would be read or not depending on where it is asked
+    # (and the native data plane refuses past 900 levels).
+    import sys
+
+    def nested(levels: int) -> str:
+        payload = '{"a":' + "[" * levels + "]" * levels + ',"sub":"deep"}'
+        seg = base64.urlsafe_b64encode(payload.encode()).rstrip(b"=").decode()
+        head = base64.urlsafe_b64encode(b'{"alg":"HS256","typ":"JWT"}').rstrip(b"=").decode()
+        mac = hmac.new(SECRET.encode(), f"{head}.{seg}".encode(), hashlib.sha256).digest()
+        return f"{head}.{seg}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
+
+    idf = ident(jwt={"verify": True, "secret": SECRET}) if verify else ident()
+    limit = sys.getrecursionlimit()
+    try:
+        for recursion_limit in (limit, 20_000):
+            sys.setrecursionlimit(recursion_limit)
+            assert idf.identify(bearer(nested(899)), "", "203.0.113.7").key.startswith("deep")
+            assert idf.identify(bearer(nested(900)), "", "203.0.113.7").key == "203.0.113.7"
+            assert idf.identify(bearer(nested(5000)), "", "203.0.113.7").key == "203.0.113.7"
+    finally:
+        sys.setrecursionlimit(limit)

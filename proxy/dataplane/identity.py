@@ -103,6 +103,49 @@ _JSON_SPACE = " \t\n\r"
 _scan_json: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # set by JSONDecoder.__init__; typeshed omits it
 
 
+# Deeper JSON is refused, as the native data plane refuses it
+# (core/src/identity/json.rs MAX_DEPTH): the C scanner's own limit is the
+# recursion limit minus the caller's stack depth, so without a bound of its own
+# a token nested ~900-1000 deep would be read or not depending on the call site.
+MAX_JSON_DEPTH = 900
+
+
+def _too_deep(text: str) -> bool:
+    """Whether `text` nests arrays/objects deeper than MAX_JSON_DEPTH (outside
+    strings). Scans only when there are that many brackets at all."""
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return False
+    depth = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return True
+        elif ch in "]}":
+            depth -= 1
+    return False
+
+
+def _payload_too_deep(segment: str) -> bool:
+    """Whether a token segment's JSON nests past MAX_JSON_DEPTH (structure only:
+    brackets, quotes and backslashes are ASCII, never inside a UTF-8 sequence)."""
+    try:
+        raw = binascii.a2b_base64((segment + "=" * (-len(segment) % 4)).encode("ascii").translate(_URLSAFE))
+    except (ValueError, UnicodeEncodeError):
+        return False  # not base64: PyJWT refuses it on its own
+    return _too_deep(raw.decode("latin-1"))
+
+
 def _b64json(segment: str) -> dict[str, Any] | None:
     """What json.loads(base64.urlsafe_b64decode(segment)) gives, if a dict, else
     None — without their Python layers (this runs for every upgrade with a token)."""
@@ -110,6 +153,8 @@ def _b64json(segment: str) -> dict[str, Any] | None:
         text = binascii.a2b_base64((segment + "=" * (-len(segment) % 4)).encode("ascii").translate(_URLSAFE)).decode()
         if text.startswith("\ufeff"):
             text = text[1:]  # json.loads takes bytes with a UTF-8 BOM
+        if _too_deep(text):
+            return None
         start = len(text) - len(text.lstrip(_JSON_SPACE))
         obj, end = _scan_json(text, start)
     except (ValueError, RecursionError, StopIteration):  # binascii, Unicode, JSON
@@ -298,6 +343,8 @@ class Identifier:
         key = self._keys.get(alg)
         if key is None:  # an algorithm we have no key for, or did not allow
             return None, False
+        if _payload_too_deep(token.split(".")[1]):
+            return None, False  # PyJWT's json.loads would answer by the recursion limit
         try:
             claims = pyjwt.decode(token, key, algorithms=[alg], **self._decode_kwargs)
         except (pyjwt.PyJWTError, ValueError, TypeError):
