@@ -29,6 +29,7 @@ from tests.conftest import (
     server_context,
     switching_protocols,
     upgrade_request,
+    wait_for,
     websockets_backend,
     ws_url,
 )
@@ -591,6 +592,7 @@ async def test_tls_upstream_untrusted_is_a_tls_failure_not_a_connect_failure(tls
         wss = url.replace("ws://", "wss://")
         async with loopwatch(wss) as lw:
             response, after = await raw_exchange(lw.proxy_port, upgrade_request("/up"))
+            await wait_for(lw.plane.settled)  # native: the brain counts it a batch later
             errors = await handshake_errors(lw)
     assert (response.status, response.body, after) == (502, b"loopwatch: upstream TLS handshake failed\n", b"")
     assert (errors["tls"], errors["connect"]) == (1, 0)

@@ -30,7 +30,7 @@ from loopwatch.proxy.app.runtime import ConfigSources, Running, start
 from loopwatch.proxy.app.settings import load_settings
 from loopwatch.proxy.tools.demo_backend import DemoBackend, issue_token
 from tests.clients import demo_backend, loop_until
-from tests.conftest import loopwatch, plane_yaml, ws_url
+from tests.conftest import loopwatch, plane_yaml, wait_for, ws_url
 
 # Every test here runs on both data planes (tests/conftest.py, `dataplane`).
 DATAPLANES = ("python", "native")
@@ -107,6 +107,7 @@ async def test_clients_and_client_show_a_loop_as_a_table_and_as_json() -> None:
         # a healthy one stays connected.
         await loop_until(ws_url(lw, "/ws?token=" + issue_token(LOOPER_SUB, -60)), 5)
         async with connect(ws_url(lw, "/ws?token=" + issue_token("alice", 60))):
+            await wait_for(lw.plane.settled)  # native: the brain sees alice a batch later
             listed = await op(lw, "clients")
             assert listed.code == ExitCode.OK, listed.err
             looper = row(listed.out, LOOPER)

@@ -168,7 +168,7 @@ def serve(variant: str, backend_port: int) -> None:
             f"{query[-24:]}@{peer}", "jwt:sub", peer, False
         )
     if variant in ("engine stubbed", "both stubbed"):
-        Engine.admit = lambda self, event: ADMITTED  # type: ignore[method-assign,assignment]
+        Engine.admit = lambda self, event, refused=None: ADMITTED  # type: ignore[method-assign,assignment]
         Engine.record = lambda self, event: EMPTY  # type: ignore[method-assign,assignment]
     bench_admission.serve("off" if variant == "off" else "on", backend_port, VARIANTS[variant])
 
