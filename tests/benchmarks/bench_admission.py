@@ -1,18 +1,21 @@
-"""Admission cost: the handshake with detection on (identity + engine.admit +
-the engine's record of every step) against detection off (`Gate()`, the
-pass-through gate), in the same run (issue 3: "admission adds no await and no
-measurable latency to the handshake compared with detection disabled").
+"""Detection's cost per connection: the proxy with detection on (the brain
+judges every event the data plane reports: `EngineGate.judge` for each attempt,
+the engine's record of every later step, the enforcement table kept in step)
+against detection off (`Gate()`, the pass-through gate: the brain only
+watches), in the same run (issue 3: "admission adds no await and no measurable
+latency to the handshake compared with detection disabled"; since issue 16 the
+data plane admits from its enforcement table and never waits for the brain).
 
     .venv/bin/python -m tests.benchmarks.bench_admission            # 5 rounds
     .venv/bin/python -m tests.benchmarks.bench_admission --quick    # 2 rounds
     .venv/bin/python -m tests.benchmarks.bench_admission --no-docs  # print only
 
-Two loopwatch processes (no telemetry observers in either, so only detection
-differs) in front of one echo backend; the lean load generator runs
-connect + upgrade + one echo + close cycles, each attempt a new client
-(its own JWT `sub`), sequentially (latency p50/p99 per cycle) and with 20
-workers (cycles per second and loopwatch CPU per cycle), alternating the order
-of the two modes every round. Medians over rounds are compared.
+Two loopwatch processes (the Rust data plane; no telemetry observers in either,
+so only detection differs) in front of one echo backend; the lean load
+generator runs connect + upgrade + one echo + close cycles, each attempt a new
+client (its own JWT `sub`), sequentially (latency p50/p99 per cycle) and with
+20 workers (cycles per second and loopwatch CPU per cycle), alternating the
+order of the two modes every round. Medians over rounds are compared.
 
 Writes the section "## Admission cost" of docs/performance.md.
 """
@@ -141,8 +144,9 @@ def report(out: dict, command: str) -> str:
         HEADING,
         "",
         f"Command: `{command}` — {machine().get('cpu', 'this machine')}, medians of alternating rounds.",
-        "Detection on = identity + `engine.admit` before the upgrade (synchronous: no await) and the",
-        "engine's record of every later step; off = the pass-through gate. No telemetry in either.",
+        "Detection on = the brain judges every event of the Rust data plane (`EngineGate.judge`, the",
+        "engine's record of every later step, the enforcement table kept in step), off the upgrade's",
+        "path; off = the pass-through gate. No telemetry in either.",
         "",
         "| figure | detection off | detection on | on ÷ off |",
         "|---|---|---|---|",

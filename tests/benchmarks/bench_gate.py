@@ -1,28 +1,32 @@
 """Where detection's per-connection cost goes (run on demand; `make test` runs
 both with tiny counts, tests/test_bench_smoke.py).
 
-    .venv/bin/python -m tests.benchmarks.bench_gate cycle                # in-process gate cycle, CPU
+    .venv/bin/python -m tests.benchmarks.bench_gate cycle                # the brain per connection, CPU
     .venv/bin/python -m tests.benchmarks.bench_gate cycle --callgrind    # … and instructions (valgrind)
     .venv/bin/python -m tests.benchmarks.bench_gate ablation [--rounds 3]
 
-* **cycle**: one connection's steps through the gate in a loop, in this process,
-  with no sockets: `attempt` (identity, `Engine.admit`, observers), `opened`,
-  `closed`, each attempt a new client (its own JWT `sub`, as the load generator
-  sends). Modes: `off` (the pass-through gate), `on` (detection, no telemetry),
+* **cycle**: the brain's share of one connection, in this process, with no
+  sockets: the three events the native data plane reports for a proxied
+  connection (Attempt, Opened, Closed with its traffic) handed in batches to
+  `NativeDriver.handle` of a `NativePlane` that is not listening (the driver,
+  `EngineGate.judge` / `opened` / `closed`, the observers, the enforcement
+  table kept in step after each batch), each attempt a new client (the key the
+  listener derives from a JWT `sub`, bound to the address). Modes: `off` (the
+  pass-through gate: the brain only watches), `on` (detection, no telemetry),
   `telemetry` (detection with the metrics, tracing into the span exporter
   process with an exporter that drops, and event-log observers; what that
-  process does is not counted here: this is the event loop's share). CPU µs
-  per cycle, best of 3; with `--callgrind` also the instructions per cycle
-  (N = 3 000 minus N = 1 000 under callgrind), which do not move with the
-  machine's load.
-* **ablation**: the real proxy under the benchmarks' load generator (churn: connect,
-  upgrade, one echo, close 1000; 20 workers, then one), one loopwatch process per
-  variant in front of one echo backend, interleaved rounds: detection off, on,
-  on with identity stubbed (a key from the query string without decoding it), on
-  with the engine stubbed (admit everyone, record nothing), both stubbed, and one
-  client for every connection with no rules (what per-client state costs). User
-  and system µs per cycle of the loopwatch process (from /proc) and the sequential
-  p50 per cycle. What a part costs in the proxy is the difference it makes here.
+  process does is not counted here). CPU µs per cycle, best of 3; with
+  `--callgrind` also the instructions per cycle (N = 3 000 minus N = 1 000
+  under callgrind), which do not move with the machine's load.
+* **ablation**: the real proxy (the Rust data plane and the brain) under the
+  benchmarks' load generator (churn: connect, upgrade, one echo, close 1000; 20
+  workers, then one), one loopwatch process per variant in front of one echo
+  backend, interleaved rounds: detection off, on, on with the engine stubbed
+  (admit everyone, record nothing), and one client for every connection with
+  no rules (what per-client state costs). User and system µs per cycle of the
+  loopwatch process (from /proc: the tokio threads and the brain) and the
+  sequential p50 per cycle. What a part costs in the proxy is the difference
+  it makes here.
 """
 
 from __future__ import annotations
@@ -57,71 +61,86 @@ NO_RULES = {f"detection.rules.{rule}.enabled": False for rule in (
 VARIANTS: dict[str, dict[str, object]] = {
     "off": {},
     "on": {},
-    "identity stubbed": {},
     "engine stubbed": {},
-    "both stubbed": {},
     "one client, no rules": {**NO_RULES, "identity.sources": ["ip"]},
 }
+CHUNK = 64  # cycles per batch the driver handles (3 events each)
 
 
-# --- cycle: the gate in a loop ------------------------------------------------------------
+# --- cycle: the brain in a loop ------------------------------------------------------------
 
 
-def _gate(mode: str):  # noqa: ANN202 - (gate, telemetry or None)
+def _brain(mode: str):  # noqa: ANN202 - (plane, telemetry or None)
     from loopwatch.proxy.admin.server import build_registry
-    from loopwatch.proxy.app.runtime import build_gate
+    from loopwatch.proxy.app.planes import NativePlane
+    from loopwatch.proxy.app.runtime import ListenerView, build_gate
     from loopwatch.proxy.dataplane.boundary import Gate
     from loopwatch.proxy.observe.metrics import Telemetry
     from loopwatch.proxy.observe.observers import Observers
     from tests.benchmarks.bench_telemetry import dropping_spans
     from tests.conftest import settings_for
 
-    if mode == "off":
-        return Gate(), None
     settings = settings_for("ws://127.0.0.1:9")
+    if mode == "off":
+        return NativePlane(settings, Gate()), None
     telemetry = Telemetry(
         settings, build_registry(), spans=dropping_spans() if mode == "telemetry" else None, owns_spans=True
     )
     observers = Observers(telemetry.observers if mode == "telemetry" else [])
     gate = build_gate(settings, observers)
-    telemetry.bind(None, gate.engine, observers, store=gate.state_store)
-    return gate, telemetry
+    plane = NativePlane(settings, gate)  # not started: its driver, gate and table are what is timed
+    gate.plane = plane
+    telemetry.bind(ListenerView(plane, gate.engine), gate.engine, observers, store=gate.state_store)
+    return plane, telemetry
+
+
+def _batches(first: int, n: int, t0: float) -> list[list]:
+    """The events of `n` proxied connections as the listener reports them, CHUNK
+    connections per batch; a new client every 0.5 ms."""
+    from loopwatch.detectors import events as ev
+    from loopwatch.proxy.dataplane.boundary import RelayStats
+    from loopwatch.proxy.dataplane.native import Received
+
+    traffic = RelayStats(1, 1, 40, 40)
+    batches: list[list] = []
+    for start in range(first, first + n, CHUNK):
+        batch = []
+        for cid in range(start, min(start + CHUNK, first + n)):
+            key, t = f"user{cid}@127.0.0.1", t0 + cid * 0.0005
+            batch += [
+                Received(ev.Attempt(key, "/", t, "127.0.0.1"), conn_id=cid),
+                Received(ev.Opened(key, "/", t + 0.0002, cid), conn_id=cid),
+                Received(ev.Closed(key, "/", t + 0.0004, cid, 1000, "", "client", 0.0002), traffic, cid),
+            ]
+        batches.append(batch)
+    return batches
 
 
 async def _cycles(mode: str, n: int, reps: int, build: int = 0) -> float:
-    """Best CPU µs per cycle over `reps` runs of `n` cycles. Each run parses
-    max(n, build) request heads first (untimed): under callgrind the runs that are
-    compared build the same number, so the difference is the cycles alone."""
-    from loopwatch.proxy.dataplane.boundary import RelayStats
-    from loopwatch.proxy.dataplane.heads import HeadParser
-    from tests.benchmarks.bench_paths import request
-
-    gate, telemetry = _gate(mode)
-    stats = RelayStats(1, 1, 40, 40)
+    """Best CPU µs per cycle over `reps` runs of `n` cycles. Each run builds the
+    events of max(n, build) cycles first (untimed): under callgrind the runs that
+    are compared build the same number, so the difference is the cycles alone."""
+    plane, telemetry = _brain(mode)
     best = float("inf")
+    t0 = time.monotonic()
     for rep in range(reps):
-        heads = [HeadParser(65536).feed(request(rep * n + i)) for i in range(max(n, build))][:n]
+        batches = _batches(rep * n, max(n, build), t0)[: -(-n // CHUNK)]
         gc.collect()
-        t0 = time.process_time()
-        for i, head in enumerate(heads):
-            t = 1000.0 + (rep * n + i) * 0.0005  # 2 000 new clients a second
-            conn, _ = gate.attempt(head, "127.0.0.1", "/", t)  # type: ignore[arg-type]
-            conn.conn_id = rep * n + i
-            gate.opened(conn, t + 0.0002)
-            gate.closed(conn, t + 0.0004, 1000, "", "client", stats)
-            if i % 64 == 63:
-                # The loop's timers (the span flush) and the span processor's export
-                # thread get their turn, as between a proxy's reads (CPU time only is
-                # counted, the export thread's included).
-                await asyncio.sleep(0.002)
-        best = min(best, (time.process_time() - t0) / n * 1e6)
+        c0 = time.process_time()
+        for batch in batches:
+            plane.driver.handle(batch)
+            # The loop's timers (the span flush) and the span processor's export
+            # thread get their turn, as between two batches of the draining thread
+            # (CPU time only is counted, the export thread's included).
+            await asyncio.sleep(0.002)
+        best = min(best, (time.process_time() - c0) / n * 1e6)
     if telemetry is not None:
         telemetry.shutdown()
     return best
 
 
 def _instructions(mode: str) -> int:
-    """Instructions per gate cycle under callgrind: N=3000 minus N=1000, over 2000."""
+    """Instructions per brain cycle under callgrind: N=3000 minus N=1000, over 2000."""
     counts = {}
     procs = {}
     with tempfile.TemporaryDirectory(prefix="lw-bench-gate-") as tmp:
@@ -142,7 +161,7 @@ def _instructions(mode: str) -> int:
 def cycle(callgrind: bool, cycles: int = 10_000) -> None:
     import uvloop
 
-    print(f"| gate | CPU µs per cycle (best of 3 × {cycles:,}) |" + (" instructions per cycle |" if callgrind else ""))
+    print(f"| brain | CPU µs per cycle (best of 3 × {cycles:,}) |" + (" instructions per cycle |" if callgrind else ""))
     print("|---|---:|" + ("---:|" if callgrind else ""))
     for mode in MODES:
         cpu = uvloop.run(_cycles(mode, cycles, 3))
@@ -159,15 +178,9 @@ def serve(variant: str, backend_port: int) -> None:
     """Run loopwatch in this process as `variant` (no telemetry observers); print its port."""
     from loopwatch.detectors.decisions import ADMITTED, EMPTY
     from loopwatch.detectors.engine import Engine
-    from loopwatch.proxy.dataplane.identity import ClientKey, Identifier
     from tests.benchmarks import bench_admission
 
-    if variant in ("identity stubbed", "both stubbed"):
-        # as many distinct keys as the real identity, without reading the token
-        Identifier.identify = lambda self, headers, query, peer: ClientKey(  # type: ignore[method-assign]
-            f"{query[-24:]}@{peer}", "jwt:sub", peer, False
-        )
-    if variant in ("engine stubbed", "both stubbed"):
+    if variant == "engine stubbed":
         Engine.admit = lambda self, event, refused=None: ADMITTED  # type: ignore[method-assign,assignment]
         Engine.record = lambda self, event: EMPTY  # type: ignore[method-assign,assignment]
     bench_admission.serve("off" if variant == "off" else "on", backend_port, VARIANTS[variant])
