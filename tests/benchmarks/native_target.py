@@ -1,4 +1,6 @@
-"""The native listener (issue 16) as a benchmark target, in a process of its own.
+"""The native listener (issue 16) alone as a benchmark target, in a process of its
+own: the data plane's floor without the brain (`loopwatch run` is the listener
+with the brain: proxy/app/planes.py), and the multicore and brain scenarios.
 
     python -m tests.benchmarks.native_target --upstream ws://127.0.0.1:PORT \\
         [--threads 1] [--deny --reject-with http-429|close-1013] \\

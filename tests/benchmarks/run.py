@@ -1,4 +1,4 @@
-"""Proxy benchmarks: loopwatch vs nginx vs HAProxy vs the direct path (issue 8).
+"""Proxy benchmarks: loopwatch vs nginx vs HAProxy vs the direct path (issues 8, 16).
 
     .venv/bin/python -m tests.benchmarks.run            # make bench: the full run
     .venv/bin/python -m tests.benchmarks.run --quick    # shorter, one repetition
@@ -7,7 +7,8 @@
 Starts one echo backend (tests/benchmarks/backend.py) and, in front of it on
 loopback ports, loopwatch (`loopwatch run` with its default config), nginx and
 HAProxy (one worker/thread each, configs generated into a temp dir,
-foreground), plus the direct path; runs every scenario against every target
+foreground), plus the direct path. loopwatch is the compiled (Rust) data plane
+and the brain, the only data plane since issue 16; runs every scenario against every target
 interleaved (A B C D, the order rotated each repetition), repeated, and reports
 medians. The load generator (tests/benchmarks/loadgen.py) is a separate lean
 process, the same for every target. Around each run the harness reads the
@@ -19,15 +20,15 @@ BENCH_LOOPWATCH_PYTHON overrides the interpreter command loopwatch runs under
 (default: this one), e.g. another venv, or "python -X importtime"; the JSON and
 the table record it.
 
-The native data plane (issue 16) runs beside them as the `native` target:
-`loopwatch run` with `dataplane: native` once that setting exists (--native
-run), until then the native listener alone with a Python thread draining its
-events (tests/benchmarks/native_target.py, --native bare; --native auto picks).
-Two scenarios are its own: `multicore` (refusal churn from the C load
-generator, tests/benchmarks/cload.c, against 1 and 2 tokio threads) and `brain`
-(events per second the draining thread keeps up with while feeding the real
-detection engine, and an overloaded brain: drops counted, traffic unaffected).
-Their table (report.native_markdown) follows the main one.
+Beside them runs the native listener alone (`native-bare`: one tokio thread, a
+Python thread draining its events into the detectors' event types, no engine;
+tests/benchmarks/native_target.py): the data plane's floor without the brain.
+Two scenarios are the data plane's own: `multicore` (refusal churn from the C
+load generator, tests/benchmarks/cload.c, against the listener with 1 and 2
+tokio threads) and `brain` (events per second a draining thread keeps up with
+while feeding the real detection engine, and an overloaded brain: drops
+counted, traffic unaffected). Issue 16's table (report.native_markdown)
+follows the main one.
 
 Writes tests/benchmarks/results/latest.json (every run, the medians, the
 machine) and the markdown table, which also replaces the part of
@@ -130,8 +131,10 @@ PROFILES: dict[str, dict] = {
 
 SCENARIOS = ("latency", "throughput", "large", "churn", "refusal", "detect", "storm", "hold", "multicore", "brain",
              "memory")
-NATIVE = "native"  # the native data plane's column (issue 16)
-NATIVE_REFUSAL = ("native-http-429", "native-close-1013")
+# The native listener alone (tests/benchmarks/native_target.py): the data plane's
+# floor without the brain, a column of issue 16's table.
+BARE = report.BARE
+BARE_REFUSAL = (f"{BARE}-http-429", f"{BARE}-close-1013")
 # The multicore scenario: refusal churn against the native listener with 1 and 2
 # tokio worker threads (every client denied, HTTP 429: no backend in the cycle).
 MULTICORE_TARGETS = ("native-t1", "native-t2")
@@ -140,14 +143,6 @@ MULTICORE_TARGETS = ("native-t1", "native-t2")
 # event when it never waits for work); and capped below the offered rate (an
 # overloaded brain) with a small queue.
 BRAIN_TARGETS = ("native-brain", "native-brain-sat", "native-brain-over")
-# `loopwatch run` on the native data plane (W2's wiring of issue 16): prepended
-# to the config of every `native…` instance when --native run. While the native
-# data plane keys clients by address only, it refuses the default identity
-# sources; the harness then runs it with the second form, and gives every
-# target's churn, storm loopers and detection client loopback addresses of their
-# own (loadgen.py `sources`), so that a fleet is a fleet to every target.
-NATIVE_RUN_CONFIGS = ("dataplane: native\n", "dataplane: native\nidentity:\n  sources: [ip]\n")
-ADDRESS_SOURCES = 50_000  # churn: distinct loopback addresses (one per attempt, reused after 50 000)
 # The hold scenario: the storm against loopwatch with its default hold (policy.hold,
 # 2 s) and against a second loopwatch with the hold off.
 # A hundred clients failing auth at once open the auth breaker, whose refusals
@@ -220,9 +215,7 @@ class Bench:
         self.runs: list[dict] = []
         self.notes: list[str] = []
         self.features: dict[str, object] = {}
-        self.native: str | None = None  # "run" (loopwatch run, dataplane: native), "bare" or None
-        self.native_config = NATIVE_RUN_CONFIGS[0]
-        self.sources: dict[str, int] = {}  # loadgen `sources` for churn, storm, detect (see NATIVE_RUN_CONFIGS)
+        self.bare = False  # the native listener alone started (its column)
         self.cload: Path | None = None
         self.loadavg: list[float] = []  # 1-minute load average before each scenario run
         self.tag = 0
@@ -244,54 +237,27 @@ class Bench:
         self.lg = LoadGen("loadgen", self.tmp)
         self.aux = LoadGen("loadgen-aux", self.tmp)
         self.features = self.probe_features()
-        self.native = self.choose_native()
-        if self.native:
-            try:
-                self.procs[NATIVE] = self.start_target(NATIVE)
-            except RuntimeError as e:  # the other columns still run
-                self.notes.append(f"{NATIVE} ({self.native}) did not start: {str(e).strip().splitlines()[-1][-300:]}")
-                self.features["native_start_error"] = str(e)[-1000:]
-                self.native = None
-        if self.native:
-            self.log(f"{NATIVE} ({self.native}) on {self.procs[NATIVE].port}")
-            try:
-                self.cload = build_cload(self.tmp)
-            except RuntimeError as e:
-                self.notes.append(f"multicore and brain not measured: {e}")
-
-    def choose_native(self) -> str | None:
-        """Which native target this run measures (--native auto: `loopwatch run` with
-        dataplane: native when this checkout accepts it, else the bare listener)."""
-        wanted = self.args.native
-        if wanted == "off":
-            return None
-        if wanted == "run" and not self.features.get("dataplane_native"):
-            self.notes.append("--native run: this checkout does not accept `dataplane: native`; "
-                              "measured the bare native listener instead")  # fmt: skip
-            return "bare"
-        if wanted == "auto":
-            wanted = "run" if self.features.get("dataplane_native") else "bare"
-        if wanted == "run":
-            self.native_config = str(self.features["dataplane_native_config"])
-            if "sources: [ip]" in self.native_config:
-                self.sources = {"churn": ADDRESS_SOURCES, "storm": 1, "detect": 1}
-                self.notes.append("native as `loopwatch run` keys clients by address: churn, storm loopers and "
-                                  "detection came from loopback addresses of their own, for every target")  # fmt: skip
-        return wanted
+        try:
+            self.procs[BARE] = self.start_target(BARE)
+            self.bare = True
+            self.log(f"{BARE} on {self.procs[BARE].port}")
+        except RuntimeError as e:  # the other columns still run
+            self.notes.append(f"{BARE} did not start: {str(e).strip().splitlines()[-1][-300:]}")
+            self.features["bare_start_error"] = str(e)[-1000:]
+        try:
+            self.cload = build_cload(self.tmp)
+        except RuntimeError as e:
+            self.notes.append(f"multicore and brain not measured: {e}")
 
     def main_targets(self) -> tuple[str, ...]:
-        """latency, throughput, large, churn: the four of issue 8, and native."""
-        return TARGETS + ((NATIVE,) if self.native else ())
-
-    def detection_targets(self) -> tuple[str, ...]:
-        """detect, storm: native only as `loopwatch run` (the bare listener has no brain
-        writing the enforcement table)."""
-        return TARGETS + ((NATIVE,) if self.native == "run" else ())
+        """latency, throughput, large, churn, memory: the four of issue 8, and the
+        native listener alone."""
+        return TARGETS + ((BARE,) if self.bare else ())
 
     def start_target(self, name: str, config: str | None = None) -> Proc:
         assert self.backend is not None
-        if name.startswith(NATIVE):
-            return self.start_native_target(name, config)
+        if name.startswith("native-"):
+            return self.start_native_target(name)
         if name == "loopwatch":
             return start_loopwatch(self.tmp, self.backend.port, config=config)
         if name == "nginx":
@@ -306,12 +272,9 @@ class Bench:
             return start_loopwatch(self.tmp, self.backend.port, name, DENY_CONFIG.format(how=how))
         raise ValueError(name)
 
-    def start_native_target(self, name: str, config: str | None) -> Proc:
+    def start_native_target(self, name: str) -> Proc:
+        """The native listener alone (tests/benchmarks/native_target.py) as `name`."""
         assert self.backend is not None
-        how = name.split("-", 1)[1] if name in NATIVE_REFUSAL else None
-        if self.native == "run" and name in (NATIVE, *NATIVE_REFUSAL):
-            text = DENY_CONFIG.format(how=how) if how else (config or "")
-            return start_loopwatch(self.tmp, self.backend.port, name, self.native_config + text)
         port = self.backend.port
         if name in MULTICORE_TARGETS:
             return start_native(self.tmp, port, name, threads=int(name[-1]), deny="http-429")
@@ -323,7 +286,11 @@ class Bench:
                 return start_native(self.tmp, port, name, engine=True, brain_interval=p["saturated_interval"])
             return start_native(self.tmp, port, name, engine=True, queue_capacity=p["overload_capacity"],
                                 brain_rate=p["overload_rate"])  # fmt: skip
-        return start_native(self.tmp, port, name, deny=how)
+        if name in BARE_REFUSAL:
+            return start_native(self.tmp, port, name, deny=name.removeprefix(f"{BARE}-"))
+        if name == BARE:
+            return start_native(self.tmp, port, name)
+        raise ValueError(name)
 
     def restart(self, name: str, config: str | None = None) -> None:
         old = self.procs.get(name)
@@ -352,15 +319,6 @@ class Bench:
         dump = out.stdout
         features["detection"] = out.returncode == 0 and "\ndetection:" in "\n" + dump
         features["policy"] = out.returncode == 0 and "\npolicy:" in "\n" + dump
-        features["dataplane_native"] = False
-        for i, text in enumerate(NATIVE_RUN_CONFIGS):
-            path = self.tmp / f"probe-native-{i}.yaml"
-            path.write_text(text)
-            out = subprocess.run([*cmd, str(path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
-            if out.returncode == 0 and "\ndataplane: native" in "\n" + out.stdout:
-                features["dataplane_native"], features["dataplane_native_config"] = True, text
-                break
-            features[f"dataplane_native_error_{i}"] = (out.stderr or out.stdout).strip().splitlines()[:3]
         for how in ("http-429", "close-1013"):
             path = self.tmp / f"probe-{how}.yaml"
             path.write_text(DENY_CONFIG.format(how=how))
@@ -410,7 +368,7 @@ class Bench:
         time.sleep(0.02)  # let the target finish the work the last replies started
         c1, s1, b1 = proc.cpu(), proc.sched(), self.backend.cpu() if self.backend else 0.0
         u1, k1 = proc.split()
-        if target.startswith(NATIVE):  # its tokio threads' share (bare: the rest is the brain thread)
+        if has_tokio(target):  # its tokio threads' share (the rest: the brain, or the bare draining thread)
             result["dp_s"] = thread_seconds(proc.pids())[1] - d0
             du1 = named_thread_split(proc.pids())
             result["dp_user_s"], result["dp_sys_s"] = du1[0] - du0[0], du1[1] - du0[1]
@@ -434,10 +392,11 @@ class Bench:
 
     @staticmethod
     def dp_per_op(r: dict, per: float) -> dict:
-        """The native target's tokio threads' CPU µs per operation (schedstat)."""
+        """A native target's tokio threads' CPU µs per operation, and the rest of its
+        process's (the brain; the bare listener's draining thread), from schedstat."""
         if not per or r.get("failed") or r.get("dp_s") is None:
             return {}
-        out = {"dp_us": r["dp_s"] / per * 1e6}
+        out = {"dp_us": r["dp_s"] / per * 1e6, "rest_us": max(0.0, r["sched_s"] - r["dp_s"]) / per * 1e6}
         if r.get("dp_user_s") is not None:
             out.update(dp_user_us=r["dp_user_s"] / per * 1e6, dp_sys_us=r["dp_sys_s"] / per * 1e6)
         return out
@@ -476,7 +435,7 @@ class Bench:
             for key in ("ops", "mib", "errors", "cpu_s", "sched_s", "cpu_user_s", "cpu_sys_s", "backend_cpu_s",
                         "loadgen_cpu_s", "elapsed_s", "dp_s", "dp_user_s", "dp_sys_s"):
                 if key.startswith("dp_") and not any(key in r for r in ok):
-                    continue  # only the native target has tokio threads
+                    continue  # only loopwatch and the bare listener have tokio threads
                 merged[key] = sum(r.get(key, 0) or 0 for r in ok) + (len(results) - len(ok) if key == "errors" else 0)
             for key in ("p50_us", "p90_us", "p99_us", "max_us", "rate"):
                 merged[key] = median([r.get(key) for r in ok])
@@ -521,9 +480,9 @@ class Bench:
     def s_churn(self, rep: int) -> None:
         p = self.profile["churn"]
         for target in self.order(rep, self.main_targets()):
-            if target in ("loopwatch", NATIVE):
+            if target == "loopwatch":
                 self.reset_loopwatch(target)
-            r = self.measure(target, {"op": "churn", **p, "sources": self.sources.get("churn", 0)}, p["max_s"] + 60)
+            r = self.measure(target, {"op": "churn", **p}, p["max_s"] + 60)
             self.record("churn", target, rep, r, {
                 "cycles_per_s": r.get("rate"), "cpu_us_per_cycle": self.cpu_per_op(r, r.get("ops", 0)), **self.split_per_op(r, r.get("ops", 0)), **self.dp_per_op(r, r.get("ops", 0)),
                 "cycle_p50_ms": (r["p50_us"] / 1000) if r.get("p50_us") else None,
@@ -535,19 +494,24 @@ class Bench:
         for how in ("http-429", "close-1013"):
             if self.features.get(f"deny_{how}"):
                 names.append(f"loopwatch-{how}")
-        return (*names, *(NATIVE_REFUSAL if self.native else ()), "nginx", "haproxy", "direct")
+            if self.bare and not self.features.get(f"{BARE}_{how}_start_error"):
+                names.append(f"{BARE}-{how}")
+        return (*names, "nginx", "haproxy", "direct")
 
     def s_refusal(self, rep: int) -> None:
         p = self.profile["refusal"]
         targets = self.refusal_targets()
         for name in targets:
-            if name.startswith(("loopwatch-", "native-")) and name not in self.procs:
+            if name.startswith(("loopwatch-", f"{BARE}-")) and name not in self.procs:
                 try:
                     self.procs[name] = self.start_target(name)
                 except RuntimeError as e:
-                    how = name.split("-", 1)[1]
-                    self.features[f"deny_{how}"] = False
-                    self.features[f"deny_{how}_start_error"] = str(e)[-500:]
+                    if name.startswith(BARE):
+                        self.features[f"{BARE}_{name.removeprefix(BARE + '-')}_start_error"] = str(e)[-500:]
+                    else:
+                        how = name.split("-", 1)[1]
+                        self.features[f"deny_{how}"] = False
+                        self.features[f"deny_{how}_start_error"] = str(e)[-500:]
                     self.notes.append(f"{name} did not start: {str(e)[-300:]}")
         targets = self.refusal_targets()
         for target in self.order(rep, targets):
@@ -560,10 +524,10 @@ class Bench:
 
     def s_detect(self, rep: int) -> None:
         p = self.profile["detect"]
-        for target in self.order(rep, self.detection_targets()):
-            if target in ("loopwatch", NATIVE):
+        for target in self.order(rep, TARGETS):
+            if target == "loopwatch":
                 self.reset_loopwatch(target)
-            r = self.measure(target, {"op": "detect", **p, "sources": self.sources.get("detect", 0)}, p["max_s"] + 60)
+            r = self.measure(target, {"op": "detect", **p}, p["max_s"] + 60)
             self.record("detect", target, rep, r, {
                 "attempts": r.get("refused_at_attempt"), "seconds": r.get("refused_after_s"),
                 "answered_s": r.get("answered_after_s"), "tried": r.get("attempts"),
@@ -572,8 +536,8 @@ class Bench:
     def s_storm(self, rep: int) -> None:
         p = self.profile["storm"]
         assert self.aux is not None and self.lg is not None and self.backend is not None
-        for target in self.order(rep, self.detection_targets()):
-            if target in ("loopwatch", NATIVE):
+        for target in self.order(rep, TARGETS):
+            if target == "loopwatch":
                 self.reset_loopwatch(target)
             ping = {"op": "pings", "clients": p["clients"], "interval": p["interval"]}
             quiet = self.measure(target, {**ping, "duration": p["quiet_s"]}, p["quiet_s"] + 60)
@@ -582,8 +546,7 @@ class Bench:
             c0 = proc.cpu()
             self.tag += 1
             self.aux.send({"op": "storm", "host": HOST, "port": proc.port, "tag": self.tag,
-                           "loopers": p["loopers"], "duration": p["storm_s"], "start_delay": 0.3,
-                           "sources": self.sources.get("storm", 0)})
+                           "loopers": p["loopers"], "duration": p["storm_s"], "start_delay": 0.3})
             stormy = self.measure(target, {**ping, "duration": p["storm_s"]}, p["storm_s"] + 60)
             storm = self.aux.receive(p["storm_s"] + 60)
             cpu = proc.cpu() - c0
@@ -602,9 +565,7 @@ class Bench:
                 "leaks": storm.get("leaks"),
                 "cpu_us_per_attempt": (cpu / attempts * 1e6) if attempts else None,
             })
-        for name in ("loopwatch", NATIVE):
-            if name in self.procs:
-                self.reset_loopwatch(name)
+        self.reset_loopwatch()
 
     def s_hold(self, rep: int) -> None:
         """The storm with the hold on (loopwatch's default) and off: healthy pings
@@ -765,9 +726,9 @@ class Bench:
         proxied connections, and after they close."""
         p = self.profile["memory"]
         assert self.lg is not None
-        targets = ("loopwatch", "nginx", "haproxy") + ((NATIVE,) if self.native else ())
+        targets = ("loopwatch", "nginx", "haproxy") + ((BARE,) if self.bare else ())
         for target in self.order(rep, targets):
-            self.restart(target, MEMORY_CONFIG if target in ("loopwatch", NATIVE) else None)
+            self.restart(target, MEMORY_CONFIG if target == "loopwatch" else None)
             proc = self.procs[target]
             # Warm up (first-use allocations are not per-connection cost), then settle.
             self.measure(target, {"op": "hold", "n": 20, "concurrency": 20}, 60)
@@ -839,7 +800,7 @@ class Bench:
                 "nofile": self.nofile,
                 "loopwatch_python": " ".join(self.loopwatch_python()),
                 "features": self.features,
-                "native": self.native,
+                "bare": self.bare,
                 "notes": self.notes,
                 "caveats": report.CAVEATS,
             },
@@ -866,13 +827,17 @@ class Bench:
             self.lg.call({"op": "latency", "n": 200, "host": HOST, "port": self.procs[target].port}, 60)  # type: ignore[union-attr]
             self.lg.call({"op": "churn", "workers": 4, "max_s": 0.2, "host": HOST, "port": self.procs[target].port}, 60)  # type: ignore[union-attr]
         self.reset_loopwatch()
-        self.reset_loopwatch(NATIVE)
 
     def command(self) -> str:
         args = " ".join(shlex.quote(a) for a in sys.argv[1:])
         env = os.environ.get("BENCH_LOOPWATCH_PYTHON")
         prefix = f"BENCH_LOOPWATCH_PYTHON={shlex.quote(env)} " if env else ""
         return f"{prefix}.venv/bin/python -m tests.benchmarks.run {args}".strip()
+
+
+def has_tokio(target: str) -> bool:
+    """loopwatch (any instance) and the native listener alone run tokio threads."""
+    return target.startswith(("loopwatch", "native-"))
 
 
 def scrape_gauge(admin: str | None, name: str) -> float:
@@ -922,9 +887,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="where to write the JSON (default results/latest.json; smoke: results/smoke.json)")
     parser.add_argument("--markdown", type=Path, help="also write the markdown table here")
     parser.add_argument("--no-docs", action="store_true", help="do not update docs/performance.md")
-    parser.add_argument("--native", choices=("auto", "run", "bare", "off"), default="auto",
-                        help="the native data plane's column: `loopwatch run` with dataplane: native (run), "
-                        "the native listener alone (bare), auto (run when the setting exists), off")
     parser.add_argument("--keep-temp", action="store_true", help="keep the temp dir (generated configs, logs)")
     parser.add_argument("--silent", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
