@@ -146,6 +146,7 @@ def test_native_table(smoke: tuple[dict, str]) -> None:
             assert values[c] is None or math.isfinite(values[c]), (row_id, c, values[c])
     # The brain (everything of loopwatch but its tokio threads) costs something per connection.
     assert rows["n_churn_rest"]["values"]["loopwatch"] > 0
+    assert rows["n_brain_churn"]["values"]["loopwatch"] > 0
     assert rows["n_mc_rate_1"]["values"][BARE] > 0 and rows["n_mc_rate_2"]["values"][BARE] > 0
     assert rows["n_brain_rate"]["values"][BARE] > 0
     # The brain that keeps up loses nothing; the overloaded one drops events and counts

@@ -379,7 +379,7 @@ N1013 = {"loopwatch": "loopwatch-close-1013", BARE: f"{BARE}-close-1013"}  # ngi
 # split (metric dp_user_us / dp_sys_us, per-thread ticks), nginx and HAProxy their process's.
 DP_USER = {"loopwatch": ("loopwatch", "dp_user_us"), BARE: (BARE, "dp_user_us")}
 DP_SYS = {"loopwatch": ("loopwatch", "dp_sys_us"), BARE: (BARE, "dp_sys_us")}
-NATIVE_ONLY = ("dp_us", "rest_us")  # metrics only the processes with tokio threads have
+NATIVE_ONLY = ("dp_us", "rest_us", "brain_events_per_core_s")  # metrics only the processes with tokio threads have
 
 
 def _bare(check: Callable[[float], bool]) -> Callable[[dict], bool | None]:
@@ -473,6 +473,9 @@ NATIVE_ROWS = [
     NativeRow("n_brain_errors", "brain overloaded: failed cycles", "", "brain", fmt="{:.0f}",
               derive=lambda s: _get(s, "brain", "native-brain-over", "errors"), target="0",
               check=_bare(lambda v: v == 0), ratios=False),
+    NativeRow("n_brain_churn", "brain as it runs in the churn: events/s per core (3 events per cycle ÷ CPU of all "
+              "but the tokio threads; alone: its drain, no engine)", "/s", "churn", "brain_events_per_core_s",
+              fmt="{:,.0f}", ratios=False),
     NativeRow("n_storm_ratio", "storm: healthy p99 with 50 looping clients ÷ without", "×", "storm", "p99_ratio",
               target="≤ 3×", check=_n_abs(lambda v: v <= 3.0), ratios=False),
     NativeRow("n_storm_errors", "storm: healthy errors", "", "storm", "healthy_errors", fmt="{:.0f}", target="0",

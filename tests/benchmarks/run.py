@@ -483,8 +483,13 @@ class Bench:
             if target == "loopwatch":
                 self.reset_loopwatch(target)
             r = self.measure(target, {"op": "churn", **p}, p["max_s"] + 60)
+            native = self.dp_per_op(r, r.get("ops", 0))
+            if native.get("rest_us"):
+                # Three events per cycle (Attempt, Opened, Closed) for whatever is not a
+                # tokio thread: loopwatch's brain as it runs; the listener alone's drain.
+                native["brain_events_per_core_s"] = 3e6 / native["rest_us"]
             self.record("churn", target, rep, r, {
-                "cycles_per_s": r.get("rate"), "cpu_us_per_cycle": self.cpu_per_op(r, r.get("ops", 0)), **self.split_per_op(r, r.get("ops", 0)), **self.dp_per_op(r, r.get("ops", 0)),
+                "cycles_per_s": r.get("rate"), "cpu_us_per_cycle": self.cpu_per_op(r, r.get("ops", 0)), **self.split_per_op(r, r.get("ops", 0)), **native,
                 "cycle_p50_ms": (r["p50_us"] / 1000) if r.get("p50_us") else None,
                 "errors": r.get("errors", 1 if r.get("failed") else 0),
             })
