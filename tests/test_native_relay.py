@@ -41,6 +41,7 @@ from tests.wsraw import (
     RawClient,
     close_payload,
     frame,
+    parse_frames,
     raw_backend,
 )
 
@@ -583,6 +584,28 @@ async def test_close_by_id_waits_for_the_frame_in_flight() -> None:
         events = await running.events(closed_count(1))
     closed = of_type(events, ev.Closed)[0]
     assert (closed.code, closed.reason, closed.initiator) == (4001, reason, "proxy")
+
+
+async def test_close_by_id_after_a_close_frame_passed_sends_no_second_one() -> None:
+    """The backend's close frame (the incident's 1008) already reached the client
+    when the brain's close comes (a late refusal): the client gets no second close
+    frame (a frame after the close is a protocol error: Chromium fails the
+    connection, 1006); the backend gets loopwatch's, and the client's close
+    reply ends the connection with a FIN."""
+    reason = "loopwatch: cooldown, retry in 6s"
+    async with raw_backend() as backend, native(backend.url) as running:
+        raw = await RawClient.connect(running.port)
+        conn = await backend.accept()
+        await running.events(lambda es: bool(of_type(es, ev.Opened)))
+        await conn.send(frame(CLOSE, close_payload(1008, "token expired")))
+        assert (await raw.read_frame()).close == (1008, "token expired")
+        assert running.listener.close(running.conn_ids(ev.Opened)[0], 1013, reason)
+        up = await conn.wait_bytes(2 + 4 + 2 + len(reason))
+        (to_backend,), _ = parse_frames(up)
+        assert to_backend.close == (1013, reason)
+        await raw.send(frame(CLOSE, close_payload(1008, "token expired"), mask=b"abcd"))
+        assert await raw.read_to_eof() == b""  # a FIN, and nothing after the backend's close
+        await running.events(closed_count(1))
 
 
 async def test_live_lists_each_open_websocket_with_its_counts() -> None:

@@ -763,6 +763,7 @@ impl<C: Transport, U: Transport> Relay<C, U> {
         self.answer_until = None;
         self.initiator.get_or_insert(Initiator::Proxy);
         self.proxy_close = Some((code, reason.to_owned()));
+        let mut skipped = false;
         for i in [CLIENT, UPSTREAM] {
             let o = other(i);
             if self.legs[o].closed || self.legs[i].eof || !self.legs[i].forward {
@@ -776,6 +777,13 @@ impl<C: Transport, U: Transport> Relay<C, U> {
                 self.close_leg(o);
                 continue;
             }
+            if self.legs[i].watcher.close.is_some() {
+                // This direction already carried its side's close frame: a
+                // second one is a protocol error to the peer (Chromium fails
+                // the connection: 1006). That close handshake ends the leg.
+                skipped = true;
+                continue;
+            }
             // Frames toward the upstream are masked: loopwatch is its client.
             let mask = (i == CLIENT).then(mask_key);
             let frame = build_close_frame(code, reason, mask).unwrap_or_else(|_| {
@@ -786,6 +794,12 @@ impl<C: Transport, U: Transport> Relay<C, U> {
                 self.flush_pending(i);
             }
             // else: the direction is mid-frame; finish_frame flushes at its end.
+        }
+        if skipped {
+            // No frame of loopwatch's to wait for there: the legs whose close
+            // handshake is done end now (flush_pending does it for the others).
+            self.settle(CLIENT);
+            self.settle(UPSTREAM);
         }
     }
 
