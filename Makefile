@@ -6,11 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint install system-deps bench clean
 
-# setup.py builds proxy/dataplane/_frames.c (the compiled frame parser) into the source tree.
-# The compiled parts are built by the install: a change to their sources
-# (C frame parser, the Rust workspace) re-runs it.
-RUST_SOURCES := $(wildcard proxy/dataplane/Cargo.* proxy/dataplane/*/Cargo.toml proxy/dataplane/*/src/*.rs)
-$(STAMP): pyproject.toml setup.py proxy/dataplane/_frames.c $(RUST_SOURCES)
+# setup.py builds the Rust data plane into the source tree (the editable install):
+# a change to the Rust workspace re-runs the install.
+RUST_SOURCES := $(wildcard proxy/dataplane/Cargo.* proxy/dataplane/*/Cargo.toml proxy/dataplane/*/src/*.rs proxy/dataplane/*/src/*/*.rs)
+$(STAMP): pyproject.toml setup.py $(RUST_SOURCES)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
@@ -37,7 +36,8 @@ test: rust-check $(STAMP) system-deps
 	mkdir -p build/types/loopwatch && ln -sfn ../../../loopwatch/__init__.py ../../../loopwatch/__main__.py ../../../proxy ../../../detectors ../../../dashboards build/types/loopwatch/ && $(BIN)/mypy -p loopwatch
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Proxy benchmarks: loopwatch, the native data plane, nginx, HAProxy (docs/performance.md).
+# Proxy benchmarks: loopwatch (the Rust data plane) vs nginx, HAProxy, direct; the native
+# listener alone as its floor; multicore and brain rows (docs/performance.md).
 # `make bench BENCH_ARGS=--quick` for the short run.
 bench: $(STAMP) system-deps
 	$(BIN)/python -m tests.benchmarks.run $(BENCH_ARGS)

@@ -1,9 +1,12 @@
-"""The detection gate: identity → engine → refusal, engine wake-ups on the loop,
-engine actions applied to live connections, everything shown to observers.
+"""The brain: the data plane's events → engine → observers, the enforcement
+table kept in step, engine wake-ups on the loop, engine actions applied to live
+connections.
 
-This is where the pure engine meets the event loop. Admission is synchronous:
-identify the client, `engine.admit(...)`, and answer — no await between the
-request head and the decision.
+This is where the pure engine meets the event loop. The data plane identified
+the client and admitted or refused the attempt from the enforcement table
+without waiting; the engine judges each attempt after the fact (`judge`), and
+`TableSync` writes what it decided back into the table (docs/architecture.md,
+"The boundary").
 """
 
 from __future__ import annotations
@@ -21,8 +24,6 @@ from ..detectors.enforcement import NONE as NO_ENFORCEMENT
 from ..detectors.enforcement import BreakerEnforcement, KeyEnforcement
 from ..detectors.engine import Engine
 from .dataplane.boundary import Connection, Gate, Refusal, RelayStats
-from .dataplane.heads import RequestHead
-from .dataplane.identity import Identifier
 from .observe.observers import Observers
 from .state.local import LocalState, StateStore
 
@@ -71,13 +72,11 @@ class EngineGate(Gate):
     def __init__(
         self,
         engine: Engine,
-        identifier: Identifier,
         observers: Observers,
         *,
         reject_with: str = "close-1013",
     ):
         self.engine = engine
-        self.identifier = identifier
         self.observers = observers
         self.reject_with = reject_with
         self.close_code = engine.policy.close_code
@@ -97,11 +96,6 @@ class EngineGate(Gate):
         self.set_holds(engine.policy)
 
     # --- the Gate interface ---------------------------------------------------
-
-    def attempt(self, head: RequestHead, peer: str, route: str, t: float) -> tuple[Connection, Refusal | None]:
-        client = self.identifier.identify(head.text_headers(), head.query, peer)
-        conn = Connection(key=client.key, route=route, peer=client.address, t0=t, head=head)
-        return conn, self.judge(conn, ev.Attempt(client.key, route, t, client.address))
 
     def judge(self, conn: Connection, event: ev.Attempt, refused: RejectReason | None = None) -> Refusal | None:
         """An identified attempt: the engine's decision, shown to the observers and
@@ -214,7 +208,6 @@ class EngineGate(Gate):
     def reconfigure(self, settings: Settings) -> None:
         """Apply reloaded settings; per-client state and breaker states are kept."""
         self.engine.reconfigure(settings.detection, settings.policy, settings.breakers)
-        self.identifier = Identifier(settings.identity)
         self.reject_with = settings.policy.reject_with
         self.close_code = settings.policy.close_code
         self.set_holds(settings.policy)

@@ -37,7 +37,7 @@ def free_port() -> int:
 # `loopwatch` and `proxied` start the plane of the current run. A test that cannot
 # run on native yet says why: `@pytest.mark.dataplanes("python")  # needs …`.
 
-PLANES: dict[str, str] = {"current": "python"}
+PLANES: dict[str, str] = {"current": "native"}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -47,19 +47,19 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "dataplane" in metafunc.fixturenames:
         marker = metafunc.definition.get_closest_marker("dataplanes")
-        planes = marker.args if marker is not None else getattr(metafunc.module, "DATAPLANES", ("python",))
+        planes = marker.args if marker is not None else getattr(metafunc.module, "DATAPLANES", ("native",))
         metafunc.parametrize("dataplane", planes, indirect=True)
 
 
 @pytest.fixture
 def dataplane(request: pytest.FixtureRequest) -> Iterator[str]:
     """The data plane of this run ("python" or "native")."""
-    plane = getattr(request, "param", "python")
+    plane = getattr(request, "param", "native")
     PLANES["current"] = plane
     try:
         yield plane
     finally:
-        PLANES["current"] = "python"
+        PLANES["current"] = "native"
 
 
 def client_key(subject: str | None = None, address: str = "127.0.0.1") -> str:
@@ -311,16 +311,14 @@ def upgrade_request(path: str = "/", host: str = "example.test", extra: bytes = 
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
-    """Async tests run on asyncio's default loop. A test module that sets
-    `RUN_ON_UVLOOP = True` runs each of its tests on uvloop as well: the loop
-    `loopwatch run` uses, whose transports behave differently in places (they are
-    not even asyncio.Transport instances)."""
-    factories: dict[str, Any] = {"asyncio": asyncio.new_event_loop}
+    """Async tests run on asyncio's default loop; a test module that sets
+    `RUN_ON_UVLOOP = True` runs on uvloop instead, the loop `loopwatch run` uses
+    (the brain's). The data plane is Rust: its sockets are the same either way."""
     if getattr(getattr(item, "module", None), "RUN_ON_UVLOOP", False):
         import uvloop
 
-        factories["uvloop"] = uvloop.new_event_loop
-    return factories
+        return {"uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
 
 
 # --- TLS ----------------------------------------------------------------------

@@ -17,11 +17,8 @@ from loopwatch.proxy.app.runtime import ConfigSources, Running, start
 from loopwatch.proxy.app.settings import load_settings
 from loopwatch.proxy.tools.demo_backend import DemoBackend, issue_token
 from tests.clients import demo_backend, loop_until
-from tests.conftest import client_key, loopwatch, plane_yaml, ws_url
+from tests.conftest import client_key, loopwatch, ws_url
 
-# Each test runs on both data planes (tests/conftest.py).
-DATAPLANES = ("python", "native")
-pytestmark = pytest.mark.usefixtures("dataplane")
 
 TOKEN = "s3cret-admin-token"
 
@@ -43,7 +40,7 @@ async def looped(backend: DemoBackend, tmp_path: Path, extra: str = "") -> Async
     config = tmp_path / "loopwatch.yaml"
     config.write_text(
         f'upstream: "ws://127.0.0.1:{backend.port}"\nlisten: "127.0.0.1:0"\n'
-        f'admin:\n  listen: "127.0.0.1:0"\n  token: "{TOKEN}"\n{plane_yaml()}{extra}'
+        f'admin:\n  listen: "127.0.0.1:0"\n  token: "{TOKEN}"\n{extra}'
     )
     sources = ConfigSources(str(config), {}, {})
     running = await start(load_settings(config, env={}), sources=sources)

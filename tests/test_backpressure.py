@@ -3,9 +3,9 @@ loopwatch buffers a bounded amount meanwhile (docs/relay.md: "nothing is
 buffered without bound").
 
 Each test offers tens of MiB to a peer that has stopped reading, checks that the
-sender stalls long before it is done and that loopwatch's own write buffers stay
-bounded, then lets the reader resume and checks that every message arrives
-intact and in order.
+sender stalls long before it is done (what loopwatch and the kernel buffer on
+the way is a fraction of it), then lets the reader resume and checks that every
+message arrives intact and in order.
 """
 
 from __future__ import annotations
@@ -20,13 +20,9 @@ from websockets.asyncio.server import ServerConnection
 
 from loopwatch.proxy.app.runtime import Running
 from loopwatch.proxy.dataplane.boundary import Gate
-from loopwatch.proxy.dataplane.relay import Relay
 from tests.conftest import idle, loopwatch, wait_for, websockets_backend, ws_url
 from tests.wsraw import BINARY, CLOSE, RawClient, close_payload, frame, parse_frames, raw_backend
 
-# Every test here runs on both data planes (tests/conftest.py, `dataplane`).
-DATAPLANES = ("python", "native")
-pytestmark = pytest.mark.usefixtures("dataplane")
 
 # Every async test here runs on asyncio's loop and on uvloop, the loop `loopwatch run`
 # uses (tests/conftest.py, pytest_asyncio_loop_factories).
@@ -36,22 +32,11 @@ MESSAGE = 64 * 1024
 COUNT = 768  # 48 MiB offered in 64 KiB messages
 # What loopwatch may hold in one transport's write buffer: a few times asyncio's
 # 64 KiB high-water mark (one read of up to 256 KiB can land on top of it).
-BOUND = 1 << 20
 
 
 def payload(i: int) -> bytes:
     """Message i: its number, then a pattern that differs from message to message."""
     return i.to_bytes(8, "big") + bytes([i % 251]) * (MESSAGE - 8)
-
-
-def the_relay(running: Running) -> Relay | None:
-    """The Python plane's relay, whose transports and buffers are read here; None
-    on native, whose buffers are inside the Rust relay (what reaches each peer,
-    and the counts, are checked on both)."""
-    if running.plane.name != "python":
-        return None
-    (relay,) = running.proxy.relays.values()
-    return relay
 
 
 def counts(running: Running) -> tuple[int, int]:
@@ -74,14 +59,6 @@ async def stall(progress: list[int], *, quiet: float = 0.5, timeout: float = 15.
     return last
 
 
-async def watch_buffers(relay: Relay | None, peak: list[int], stop: asyncio.Event) -> None:
-    while relay is not None and not stop.is_set():
-        for leg in (relay.client, relay.upstream):
-            if not leg.closed:
-                peak[0] = max(peak[0], leg.transport.get_write_buffer_size())
-        await asyncio.sleep(0.002)
-
-
 async def test_client_that_stops_reading_slows_the_upstream() -> None:
     sent = [0]
     done = asyncio.Event()
@@ -97,19 +74,12 @@ async def test_client_that_stops_reading_slows_the_upstream() -> None:
         # A client with a small receive window that reads nothing after the 101.
         raw = await RawClient.connect(running.proxy_port, rcvbuf=64 * 1024)
         await wait_for(lambda: running.active_connections() == 1)
-        relay = the_relay(running)
-        peak, stop = [0], asyncio.Event()
-        watcher = asyncio.create_task(watch_buffers(relay, peak, stop))
 
         stalled_at = await stall(sent)
         # The backend is stuck in send(): it got rid of a fraction of the 48 MiB,
         # what the kernel buffers on the way hold, and loopwatch reads no more.
         assert stalled_at < COUNT // 2, stalled_at
         assert not done.is_set()
-        if relay is not None:
-            assert not relay.upstream.transport.is_reading()
-            assert relay.client.transport.get_write_buffer_size() < BOUND
-        assert peak[0] < BOUND, peak[0]
 
         # The client reads again: everything arrives, in order, intact.
         buf = bytearray()
@@ -125,9 +95,6 @@ async def test_client_that_stops_reading_slows_the_upstream() -> None:
                 assert f.payload == payload(received), received
                 received += 1
         await asyncio.wait_for(done.wait(), 5)
-        stop.set()
-        await watcher
-        assert peak[0] < BOUND, peak[0]
         assert counts(running)[1] == COUNT
 
         await raw.send(frame(CLOSE, close_payload(1000), mask=b"\x01\x02\x03\x04"))
@@ -146,9 +113,6 @@ async def test_upstream_that_stops_reading_slows_the_client() -> None:
             up.writer.transport.get_extra_info("socket").setsockopt(
                 socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024
             )
-            relay = the_relay(running)
-            peak, stop = [0], asyncio.Event()
-            watcher = asyncio.create_task(watch_buffers(relay, peak, stop))
 
             async def flood() -> None:
                 for i in range(COUNT):
@@ -159,18 +123,11 @@ async def test_upstream_that_stops_reading_slows_the_client() -> None:
             stalled_at = await stall(sent)
             assert stalled_at < COUNT // 2, stalled_at
             assert not sender.done()
-            if relay is not None:
-                assert not relay.client.transport.is_reading()
-                assert relay.upstream.transport.get_write_buffer_size() < BOUND
-            assert peak[0] < BOUND, peak[0]
 
             # The backend reads again: the client's send() completes and the
             # backend gets every message, masked as the client masked it, in order.
             up.reading.set()
             await asyncio.wait_for(sender, 30)
-            stop.set()
-            await watcher
-            assert peak[0] < BOUND, peak[0]
             total = COUNT * (MESSAGE + 14)  # 64 KiB payloads: 14-byte masked headers
             data = await up.wait_bytes(total, timeout=30)
             frames, used = parse_frames(data)
@@ -194,9 +151,6 @@ async def test_backpressure_holds_in_both_directions_at_once() -> None:
         raw = await RawClient.connect(running.proxy_port, rcvbuf=64 * 1024)
         up = await backend.accept()
         up.reading.clear()
-        relay = the_relay(running)
-        peak, stop = [0], asyncio.Event()
-        watcher = asyncio.create_task(watch_buffers(relay, peak, stop))
         key = os.urandom(4)
         up_frames = [frame(BINARY, payload(i), mask=key) for i in range(count)]
         down_frames = [frame(BINARY, payload(i)) for i in range(count)]
@@ -211,7 +165,6 @@ async def test_backpressure_holds_in_both_directions_at_once() -> None:
         t_down = asyncio.create_task(send_all(up.send, down_frames, progress_down))
         a, b = await asyncio.gather(stall(progress_up), stall(progress_down))
         assert a < count and b < count, (a, b)
-        assert peak[0] < BOUND, peak[0]
 
         up.reading.set()
         buf = bytearray()
@@ -228,9 +181,6 @@ async def test_backpressure_holds_in_both_directions_at_once() -> None:
         await asyncio.wait_for(asyncio.gather(t_up, t_down), 30)
         data = await up.wait_bytes(sum(map(len, up_frames)), timeout=30)
         assert data == b"".join(up_frames)
-        stop.set()
-        await watcher
-        assert peak[0] < BOUND, peak[0]
         raw.abort()
         up.writer.transport.abort()
         await wait_for(lambda: idle(running))

@@ -92,7 +92,7 @@ async def test_the_incident_in_chromium_is_caught_and_close_codes_reach_the_page
                 assert len(refusals) >= 20, seen[:10]
                 assert all(COOLDOWN_REASON.match(str(c["reason"])) for c in refusals), refusals[:3]
                 assert all(c["clean"] for c in refusals)  # a real close frame, not a 1006
-                assert set(codes) <= {1008, 1013}
+                assert set(codes) <= {1008, 1013}, [c for c in seen if c["code"] not in (1008, 1013)]
                 assert {c["effect"] for c in refusals} == {"effect-a", "effect-b"}
 
                 # loopwatch flagged the browser's client and kept its loop off the backend.
@@ -100,7 +100,13 @@ async def test_the_incident_in_chromium_is_caught_and_close_codes_reach_the_page
                 view = lw.engine.client(key, time.monotonic())
                 assert view is not None and view.status == "cooldown"
                 assert any(f.rule == "auth_failure_loop" and f.severity == "critical" for f in view.findings)
-                assert backend.upgrades["browser-tab"] <= 4 < len(seen)
+                # The data plane admits from a table the brain writes after each
+                # batch of events: an attempt it admitted a batch before the
+                # cooldown reached the table goes upstream, and is closed with the
+                # refusal once open (counted as late_refusal). Two effects
+                # reconnecting within milliseconds make a few.
+                late = lw.plane.enforcement_lag()["late_refusal"]
+                assert backend.upgrades["browser-tab"] <= 4 + late < len(seen)
 
                 # Close codes and reasons the backend sends reach the page's CloseEvent
                 # unchanged: a 1008 with a UTF-8 reason, and an application code.
@@ -115,7 +121,7 @@ async def test_the_incident_in_chromium_is_caught_and_close_codes_reach_the_page
                 await page.close()
             finally:
                 await browser.close()
-            await wait_for(lambda: not lw.proxy.relays, 10)
+            await wait_for(lambda: lw.plane.connections() == 0, 10)
     finally:
         await backend.stop()
 

@@ -182,6 +182,6 @@ async def test_the_companion_in_chromium_stops_the_incident_s_loop() -> None:
                     await page.close()
             finally:
                 await browser.close()
-            await wait_for(lambda: not lw.proxy.relays, 10)
+            await wait_for(lambda: lw.plane.connections() == 0, 10)
     finally:
         await backend.stop()

@@ -74,7 +74,7 @@ async def scrape(port: int) -> str:
 
 
 async def test_metrics_name_the_plane_and_count_lost_events() -> None:
-    async with demo_backend() as backend, loopwatch(f"ws://127.0.0.1:{backend.port}", dataplane="native") as lw:
+    async with demo_backend() as backend, loopwatch(f"ws://127.0.0.1:{backend.port}") as lw:
         url = ws_url(lw, "/ws?token=" + issue_token("m", 60))
         async with connect(url) as ws:
             await ws.send("hello")
@@ -91,7 +91,7 @@ async def test_metrics_name_the_plane_and_count_lost_events() -> None:
 async def test_a_healthy_client_is_never_refused() -> None:
     """No false positive: a client that reconnects now and then, each connection
     used and closed normally, is admitted every time and never flagged."""
-    async with demo_backend() as backend, loopwatch(f"ws://127.0.0.1:{backend.port}", dataplane="native") as lw:
+    async with demo_backend() as backend, loopwatch(f"ws://127.0.0.1:{backend.port}") as lw:
         url = ws_url(lw, "/ws?token=" + issue_token("alice", 60))
         for i in range(8):
             async with connect(url) as ws:
@@ -105,7 +105,7 @@ async def test_a_healthy_client_is_never_refused() -> None:
 
 
 async def test_an_attempt_the_table_admitted_but_the_engine_refuses_is_closed_once_open() -> None:
-    async with demo_backend() as backend, loopwatch(f"ws://127.0.0.1:{backend.port}", dataplane="native") as lw:
+    async with demo_backend() as backend, loopwatch(f"ws://127.0.0.1:{backend.port}") as lw:
         url = ws_url(lw, "/ws?token=" + issue_token("bob", 60))
         # A cooldown the table does not hold yet (Running.force_cooldown would
         # write it at once: this is the engine a batch ahead of the table).
@@ -124,7 +124,7 @@ async def test_an_attempt_the_table_admitted_but_the_engine_refuses_is_closed_on
 
 
 async def test_operator_levers_reach_the_table() -> None:
-    async with demo_backend() as backend, loopwatch(f"ws://127.0.0.1:{backend.port}", dataplane="native") as lw:
+    async with demo_backend() as backend, loopwatch(f"ws://127.0.0.1:{backend.port}") as lw:
         url = ws_url(lw, "/ws?token=" + issue_token("carol", 60))
         lw.force_cooldown("carol@127.0.0.1", 30.0, time.monotonic())
         code, reason = await attempt(url)

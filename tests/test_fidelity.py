@@ -14,7 +14,7 @@ import contextlib
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -38,37 +38,11 @@ from tests.wsraw import (
     RawClient,
     close_payload,
     frame,
-    messages_of,
     parse_frames,
     raw_backend,
 )
 
-# Every async test here runs on asyncio's loop and on uvloop, the loop `loopwatch run`
-# uses (tests/conftest.py, pytest_asyncio_loop_factories).
-RUN_ON_UVLOOP = True
-
-
-@pytest.fixture(
-    autouse=True,
-    scope="module",
-    params=[
-        pytest.param("compiled", id="frames-compiled"),
-        pytest.param("python", id="frames-python"),
-    ],
-)
-def frame_parser_build(request: pytest.FixtureRequest) -> Iterator[type]:
-    """Every test here runs with each build of the frame parser behind the relay:
-    the compiled one (proxy/dataplane/_frames.c) and the pure-Python fallback."""
-    from loopwatch.proxy.dataplane import frames, relay
-
-    saved = relay.FrameParser
-    if request.param == "compiled":
-        build = frames.CFrameParser or frames.load_compiled()  # ImportError: not built
-    else:
-        build = frames.PyFrameParser
-    relay.FrameParser = build
-    yield build
-    relay.FrameParser = saved
+RUN_ON_UVLOOP = True  # the loop `loopwatch run` uses (tests/conftest.py)
 
 
 class RecordingGate(Gate):
@@ -95,27 +69,27 @@ async def test_hand_crafted_frames_arrive_byte_for_byte(how: str) -> None:
         backend.url, gate
     ) as running:
         await shapes.hand_crafted_frames_arrive_byte_for_byte(running.proxy_port, backend, how)
-        await wait_for(lambda: not running.proxy.relays)
-        assert running.proxy.active == 0
+        await wait_for(lambda: running.plane.connections() == 0)
+        assert running.plane.connections() == 0
     assert gate.closes == [(4001, "bye ✓", "client")]
 
 
 async def test_header_split_at_every_offset() -> None:
     async with raw_backend() as backend, loopwatch(backend.url, Gate()) as running:
         await shapes.header_split_at_every_offset(running.proxy_port, backend)
-        await wait_for(lambda: not running.proxy.relays)
+        await wait_for(lambda: running.plane.connections() == 0)
 
 
 async def test_frames_sent_together_with_the_handshake_are_kept() -> None:
     async with raw_backend(greeting=shapes.GREETING) as backend, loopwatch(backend.url, Gate()) as running:
         await shapes.frames_sent_with_the_handshake_are_kept(running.proxy_port, backend)
-        await wait_for(lambda: not running.proxy.relays)
+        await wait_for(lambda: running.plane.connections() == 0)
 
 
 async def test_close_then_half_close_from_the_client() -> None:
     async with raw_backend(close_on_eof=False) as backend, loopwatch(backend.url, Gate()) as running:
         await shapes.close_then_half_close_from_the_client(running.proxy_port, backend)
-        await wait_for(lambda: not running.proxy.relays)
+        await wait_for(lambda: running.plane.connections() == 0)
 
 
 async def test_close_and_half_close_before_the_101_reach_the_backend() -> None:
@@ -124,7 +98,7 @@ async def test_close_and_half_close_before_the_101_reach_the_backend() -> None:
         backend.url, gate
     ) as running:
         await shapes.frames_close_and_eof_before_the_101_reach_the_backend(running.proxy_port, backend)
-        await wait_for(lambda: not running.proxy.relays)
+        await wait_for(lambda: running.plane.connections() == 0)
     assert gate.closes == [(1000, "early", "client")]
 
 
@@ -149,7 +123,7 @@ def client(running: Running, **kwargs: Any) -> connect:
 async def test_messages_echo_unchanged(kind: str, compression: str | None) -> None:
     async with proxied_backend(kind) as (backend, running):
         await shapes.messages_echo_unchanged(ws_url(running, "/fidelity"), backend, compression, kind)
-        await wait_for(lambda: not running.proxy.relays)
+        await wait_for(lambda: running.plane.connections() == 0)
 
 
 @pytest.mark.parametrize("kind", list(BACKENDS))
@@ -157,9 +131,9 @@ async def test_ten_thousand_messages_in_order(kind: str) -> None:
     async with proxied_backend(kind) as (_, running):
 
         def counted() -> None:
-            relay = next(iter(running.proxy.relays.values()))
-            assert relay.client.parser.messages == shapes.TEN_THOUSAND
-            assert relay.upstream.parser.messages == shapes.TEN_THOUSAND
+            ((_, stats),) = running.plane.live()
+            assert stats.messages_in == shapes.TEN_THOUSAND
+            assert stats.messages_out == shapes.TEN_THOUSAND
 
         await shapes.ten_thousand_messages_in_order(ws_url(running, "/fidelity"), counted)
 
@@ -172,7 +146,7 @@ async def test_close_codes_and_reasons_reach_the_far_end(kind: str, initiator: s
     async with BACKENDS[kind]() as backend, loopwatch(backend.url, gate) as running:
 
         async def relays_done() -> None:
-            await wait_for(lambda: not running.proxy.relays)
+            await wait_for(lambda: running.plane.connections() == 0)
 
         await shapes.close_codes_and_reasons_reach_the_far_end(
             ws_url(running, "/fidelity"), backend, initiator, [code], relays_done
@@ -186,9 +160,8 @@ async def test_close_codes_and_reasons_reach_the_far_end(kind: str, initiator: s
 # and in order; any valid stream of frames, cut anywhere, arrives byte for byte.
 
 
-@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
-def test_any_message_sequence_arrives_identical_and_in_order(loop_kind: str) -> None:
-    loop = asyncio.new_event_loop() if loop_kind == "asyncio" else uvloop.new_event_loop()
+def test_any_message_sequence_arrives_identical_and_in_order() -> None:
+    loop = uvloop.new_event_loop()
     received: dict[str, list[str | bytes]] = {}
 
     async def setup() -> tuple[contextlib.AsyncExitStack, Running]:
@@ -203,15 +176,14 @@ def test_any_message_sequence_arrives_identical_and_in_order(loop_kind: str) -> 
         shapes.any_message_sequence_arrives_identical_and_in_order(
             loop, lambda path: ws_url(running, path), received
         )
-        loop.run_until_complete(wait_for(lambda: not running.proxy.relays))
+        loop.run_until_complete(wait_for(lambda: running.plane.connections() == 0))
     finally:
         loop.run_until_complete(stack.aclose())
         loop.close()
 
 
-@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
-def test_frames_cut_anywhere_arrive_byte_for_byte(loop_kind: str) -> None:
-    loop = asyncio.new_event_loop() if loop_kind == "asyncio" else uvloop.new_event_loop()
+def test_frames_cut_anywhere_arrive_byte_for_byte() -> None:
+    loop = uvloop.new_event_loop()
 
     async def setup() -> tuple[contextlib.AsyncExitStack, RawBackend, Running]:
         stack = contextlib.AsyncExitStack()
@@ -223,7 +195,7 @@ def test_frames_cut_anywhere_arrive_byte_for_byte(loop_kind: str) -> None:
     stack, backend, running = loop.run_until_complete(setup())
     try:
         shapes.frames_cut_anywhere_arrive_byte_for_byte(loop, running.proxy_port, backend)
-        loop.run_until_complete(wait_for(lambda: not running.proxy.relays))
+        loop.run_until_complete(wait_for(lambda: running.plane.connections() == 0))
     finally:
         loop.run_until_complete(stack.aclose())
         loop.close()
@@ -261,8 +233,8 @@ async def test_upstream_lost_gives_client_1014(how: str) -> None:
                 1014,
                 "loopwatch: upstream connection lost",
             )
-        await wait_for(lambda: not running.proxy.relays)
-        assert running.proxy.active == 0
+        await wait_for(lambda: running.plane.connections() == 0)
+        assert running.plane.connections() == 0
     # The relay records who vanished, with 1006: no close frame was ever received.
     assert gate.closes == [(1006, "", "upstream")]
 
@@ -282,7 +254,7 @@ async def test_client_lost_gives_upstream_1001(how: str) -> None:
         else:
             await raw.close()
         assert await asyncio.wait_for(closes.get(), 5) == (1001, "loopwatch: client connection lost")
-        await wait_for(lambda: not running.proxy.relays)
+        await wait_for(lambda: running.plane.connections() == 0)
     assert gate.closes == [(1006, "", "client")]
 
 
@@ -300,7 +272,7 @@ async def test_upstream_lost_mid_frame_closes_client_without_a_frame() -> None:
             with pytest.raises(ConnectionClosed) as info:
                 await asyncio.wait_for(ws.recv(), 5)
             assert info.value.rcvd is None
-        await wait_for(lambda: not running.proxy.relays)
+        await wait_for(lambda: running.plane.connections() == 0)
 
 
 # ---------------------------------------------------------------------------
@@ -330,7 +302,7 @@ async def test_oversized_client_message_is_refused_with_1009(kind: str) -> None:
             1009,
             f"loopwatch: message larger than {LIMIT} bytes",
         )
-        await wait_for(lambda: not running.proxy.relays)
+        await wait_for(lambda: running.plane.connections() == 0)
     assert gate.closes == [(1009, f"loopwatch: message larger than {LIMIT} bytes", "proxy")]
 
 
@@ -364,7 +336,7 @@ async def test_oversized_message_bytes_never_reach_the_backend() -> None:
         assert len(rest) == len(received)  # nothing of the oversized frame, ever
         await raw.read_to_eof()
         await raw.close()
-        await wait_for(lambda: not running.proxy.relays, timeout=1.5)
+        await wait_for(lambda: running.plane.connections() == 0, timeout=1.5)
 
 
 async def test_oversized_fragmented_message_is_cut_at_the_fragment() -> None:
@@ -386,7 +358,7 @@ async def test_oversized_fragmented_message_is_cut_at_the_fragment() -> None:
         assert frames[0].close[0] == 1009
         raw.abort()
         up.writer.transport.abort()
-        await wait_for(lambda: not running.proxy.relays)
+        await wait_for(lambda: running.plane.connections() == 0)
 
 
 async def test_oversized_upstream_message_is_refused_with_1009() -> None:
@@ -414,7 +386,7 @@ async def test_oversized_upstream_message_is_refused_with_1009() -> None:
             1009,
             f"loopwatch: message larger than {LIMIT} bytes",
         )
-        await wait_for(lambda: not running.proxy.relays)
+        await wait_for(lambda: running.plane.connections() == 0)
     assert gate.closes == [(1009, f"loopwatch: message larger than {LIMIT} bytes", "proxy")]
 
 
@@ -453,7 +425,7 @@ async def test_proxy_close_waits_for_the_frame_in_flight(cut: str) -> None:
         assert [f.close[0] for f in frames] == [1009]
         raw.abort()
         up.writer.transport.abort()
-        await wait_for(lambda: not running.proxy.relays)
+        await wait_for(lambda: running.plane.connections() == 0)
 
 
 async def test_upstream_lost_while_a_proxy_close_waits_mid_frame() -> None:
@@ -477,102 +449,10 @@ async def test_upstream_lost_while_a_proxy_close_waits_mid_frame() -> None:
         with contextlib.suppress(ConnectionError):
             assert await raw.read_to_eof(timeout=1.5) == b""
         assert asyncio.get_running_loop().time() - t0 < 1.0
-        await wait_for(lambda: not running.proxy.relays, timeout=1.0)
+        await wait_for(lambda: running.plane.connections() == 0, timeout=1.0)
 
 
 # ---------------------------------------------------------------------------
-# 6. Protocol errors: 1002 (1007 for a close reason that is not UTF-8).
+# 6. Protocol errors are passed on unparsed for the peer to answer, as on the
+# direct path (docs/relay.md): tests/test_native_relay.py, "protocol error".
 
-PROTOCOL_ERRORS = {
-    "unmasked client frame": (frame(TEXT, b"plain"), 1002),
-    "reserved opcode": (frame(0x3, b"?", mask=key(1)), 1002),
-    "RSV1 without an extension": (frame(TEXT, b"z", rsv=0b100, mask=key(1)), 1002),
-    "RSV2": (frame(TEXT, b"z", rsv=0b010, mask=key(1)), 1002),
-    "control frame longer than 125 bytes": (frame(PING, b"p" * 126, mask=key(1)), 1002),
-    "fragmented control frame": (frame(PING, b"p", fin=False, mask=key(1)), 1002),
-    "continuation without a message": (frame(CONT, b"c", mask=key(1)), 1002),
-    "close with a 1-byte payload": (frame(CLOSE, b"\x03", mask=key(1)), 1002),
-    "close code 1005": (frame(CLOSE, close_payload(1005), mask=key(1)), 1002),
-    "close reason not UTF-8": (frame(CLOSE, b"\x03\xe8\xff\xfe", mask=key(1)), 1007),
-}
-
-
-@pytest.mark.parametrize("name", list(PROTOCOL_ERRORS))
-async def test_client_protocol_error_closes_both_sides(name: str) -> None:
-    bad, code = PROTOCOL_ERRORS[name]
-    gate = RecordingGate()
-    async with raw_backend() as backend, loopwatch(backend.url, gate) as running:
-        raw = await RawClient.connect(running.proxy_port)
-        up = await backend.accept()
-        good = frame(TEXT, b"fine so far", mask=key(0))
-        await raw.send(good + bad + frame(TEXT, b"after", mask=key(2)))
-        reply = await raw.read_frame()
-        assert reply.opcode == CLOSE and reply.mask is None
-        assert reply.close[0] == code
-        assert reply.close[1].startswith("loopwatch: ")
-        # The backend got the good frame, then loopwatch's own close; not the bad frame.
-        received = await up.wait_bytes(len(good) + 2)
-        assert received.startswith(good)
-        frames, used = parse_frames(received[len(good) :])
-        assert [f.opcode for f in frames] == [CLOSE]
-        assert frames[0].mask is not None
-        assert frames[0].close == reply.close
-        await up.send(frame(CLOSE, close_payload(code)))
-        assert len(await up.wait_eof()) == len(good) + used
-        await raw.send(frame(CLOSE, close_payload(code), mask=key(3)))
-        await raw.read_to_eof()
-        await raw.close()
-        await wait_for(lambda: not running.proxy.relays, timeout=1.5)
-    assert gate.closes == [(code, reply.close[1], "proxy")]
-
-
-async def test_client_protocol_error_with_a_websockets_backend() -> None:
-    closes: asyncio.Queue[tuple[int | None, str | None]] = asyncio.Queue()
-    async with websockets_backend(lambda ws: websockets_handler(ws, closes)) as (url, _), loopwatch(
-        url, Gate()
-    ) as running:
-        raw = await RawClient.connect(running.proxy_port)
-        await raw.send(frame(TEXT, b"one", mask=key(1)))
-        assert (await raw.read_frame()).payload == b"one"
-        await raw.send(frame(TEXT, b"unmasked"))
-        reply = await raw.read_frame()
-        assert reply.close == (1002, "loopwatch: unmasked client frame")
-        assert await asyncio.wait_for(closes.get(), 5) == (1002, "loopwatch: unmasked client frame")
-        await raw.send(frame(CLOSE, close_payload(1002), mask=key(0)))
-        await raw.read_to_eof()
-        await raw.close()
-        await wait_for(lambda: not running.proxy.relays, timeout=1.5)
-
-
-async def test_invalid_close_split_across_reads_is_not_followed_by_a_frame() -> None:
-    """A close frame whose header was already forwarded turns out invalid: loopwatch
-    cannot withdraw those bytes, and must not write its own close frame into the
-    middle of that one; the backend's connection just ends."""
-    async with raw_backend() as backend, loopwatch(backend.url, Gate()) as running:
-        raw = await RawClient.connect(running.proxy_port)
-        up = await backend.accept()
-        bad = frame(CLOSE, b"\x03\xe8" + b"reason \xff", mask=key(1))
-        await raw.send(bad[:8])
-        await up.wait_bytes(8)
-        await raw.send(bad[8:])
-        reply = await raw.read_frame()
-        assert reply.close[0] == 1007
-        assert await up.wait_eof() == bad[:8]
-        raw.abort()
-        await wait_for(lambda: not running.proxy.relays)
-
-
-async def test_masked_server_frame_closes_both_sides() -> None:
-    async with raw_backend() as backend, loopwatch(backend.url, Gate()) as running:
-        raw = await RawClient.connect(running.proxy_port)
-        up = await backend.accept()
-        good = frame(BINARY, b"ok")
-        await up.send(good + frame(BINARY, b"masked", mask=key(1)))
-        assert await raw.read_bytes(len(good)) == good
-        reply = await raw.read_frame()
-        assert reply.close == (1002, "loopwatch: masked server frame")
-        frames, _ = parse_frames(await up.wait_bytes(8))
-        assert [f.close for f in frames] == [(1002, "loopwatch: masked server frame")]
-        assert messages_of(frames) == []
-        raw.abort()
-        await wait_for(lambda: not running.proxy.relays)

@@ -15,9 +15,6 @@ import pytest
 from tests.conftest import RawBackend, read_response, switching_protocols, upgrade_request, wait_for
 from tests.hardening import ATTACKER, MIB, Healthy, open_from, proxied, read_all, rejected
 
-# Every test here runs on both data planes (tests/conftest.py, `dataplane`).
-DATAPLANES = ("python", "native")
-pytestmark = pytest.mark.usefixtures("dataplane")
 
 RUN_ON_UVLOOP = True  # each test runs on asyncio's loop and on uvloop (tests/conftest.py)
 

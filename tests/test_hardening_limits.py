@@ -35,9 +35,6 @@ from tests.hardening import (
     rejected,
 )
 
-# Every test here runs on both data planes (tests/conftest.py, `dataplane`).
-DATAPLANES = ("python", "native")
-pytestmark = pytest.mark.usefixtures("dataplane")
 
 RUN_ON_UVLOOP = True  # each test runs on asyncio's loop and on uvloop (tests/conftest.py)
 
@@ -76,7 +73,6 @@ async def refused_at_once(port: int, address: str) -> bool:
 # --- per-address caps ------------------------------------------------------------------
 
 
-@pytest.mark.dataplanes("python")  # reads the Python listener's per-address table (native exports only how many addresses: test_native_boundary checks its caps)
 async def test_one_address_cannot_exhaust_max_connections_while_others_still_connect():
     # 40 slots: 20 for one address (50 %), 16 of them half-open heads (10 % is 4,
     # below the floor of 16).
@@ -111,7 +107,6 @@ async def test_one_address_cannot_exhaust_max_connections_while_others_still_con
         assert held_by(p) == {HEALTHY: (2, 0)}
 
 
-@pytest.mark.dataplanes("python")  # reads the Python listener's per-address table (native exports only how many addresses: test_native_boundary checks its caps)
 async def test_heads_cap_holds_a_slowloris_while_its_completed_requests_still_count():
     limits = {"limits.max_heads_per_address": 3, "limits.max_connections_per_address": 5}
     async with proxied(**limits) as p, Healthy(p.port).running():
@@ -136,7 +131,6 @@ async def test_heads_cap_holds_a_slowloris_while_its_completed_requests_still_co
         await wait_for(lambda: ATTACKER not in held_by(p))
 
 
-@pytest.mark.dataplanes("python")  # reads the Python listener's per-address table (native exports only how many addresses: test_native_boundary checks its caps)
 async def test_a_trusted_proxy_address_is_never_capped():
     limits = {
         "limits.max_heads_per_address": 2,
@@ -263,7 +257,6 @@ async def test_each_early_refusal_raises_its_own_counter(reason: str):
     assert after == {**before, reason: 1}
 
 
-@pytest.mark.dataplanes("python")  # native logs no request_rejected line (proxy/dataplane/README.md, "What is missing")
 async def test_a_flood_of_refusals_is_one_log_line_per_reason(caplog: pytest.LogCaptureFixture):
     caplog.set_level(logging.INFO, logger="loopwatch.server")
     async with proxied() as p:

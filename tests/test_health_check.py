@@ -12,9 +12,6 @@ from loopwatch.proxy.app.runtime import Running
 from loopwatch.proxy.tools.demo_backend import DemoBackend
 from tests.conftest import free_port, loopwatch, wait_for
 
-# Each test runs on both data planes (tests/conftest.py).
-DATAPLANES = ("python", "native")
-pytestmark = pytest.mark.usefixtures("dataplane")
 
 
 def upstream_breaker(lw: Running) -> str:

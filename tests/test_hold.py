@@ -27,9 +27,6 @@ from tests.conftest import client_key, loopwatch, raw_exchange, upgrade_request,
 from tests.test_refusal_contract import REFUSAL_REASON
 from tests.wsraw import CLOSE, RawClient, close_payload, frame
 
-# Each test runs on both data planes unless it says why not (tests/conftest.py).
-DATAPLANES = ("python", "native")
-pytestmark = pytest.mark.usefixtures("dataplane")
 
 def token_path(sub: str) -> str:
     return "/ws?token=" + issue_token(sub, 600)

@@ -37,9 +37,6 @@ RUN_ON_UVLOOP = True  # in-process tests run on asyncio's loop and on uvloop (te
 # A test of loopwatch as a subprocess (which runs on uvloop) needs one client loop only.
 SUBPROCESS = pytest.mark.asyncio(loop_factories=["asyncio"])
 ROOT = Path(__file__).resolve().parent.parent
-# Each test runs on both data planes unless it says why not (tests/conftest.py).
-DATAPLANES = ("python", "native")
-pytestmark = pytest.mark.usefixtures("dataplane")
 SHUTDOWN_TIMEOUT = 3.0
 MARGIN = 5.0
 
@@ -260,7 +257,6 @@ async def test_readyz_turns_503_while_shutting_down():
 
 
 @SUBPROCESS
-@pytest.mark.dataplanes("python")  # refused before any data plane starts: the same on both
 async def test_check_config_good_and_bad(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text(
@@ -285,7 +281,6 @@ async def test_check_config_good_and_bad(tmp_path):
 
 
 @SUBPROCESS
-@pytest.mark.dataplanes("python")  # refused before any data plane starts: the same on both
 async def test_run_without_upstream_exits_2_with_a_clear_message():
     code, out, err = await run_cli("run", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0")
     assert code == 2
@@ -294,7 +289,6 @@ async def test_run_without_upstream_exits_2_with_a_clear_message():
 
 
 @SUBPROCESS
-@pytest.mark.dataplanes("python")  # refused before any data plane starts: the same on both
 async def test_run_with_a_bad_config_file_exits_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text('upstream: "ws://127.0.0.1:1"\nlimits:\n  idle_timeout: "-1s"\n')
@@ -406,7 +400,6 @@ async def test_memory_of_closed_connections_is_trimmed_once_after_a_burst(monkey
         assert calls == [0]  # once for the burst
 
 
-@pytest.mark.dataplanes("python")  # the Python listener's per-connection objects
 async def test_connections_leave_no_reference_cycles():
     """Relayed, refused and failed connections are freed by reference counting
     alone: none of loopwatch's per-connection objects (handshakes, parsers, relays,

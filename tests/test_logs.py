@@ -43,9 +43,6 @@ def documented() -> dict[str, set[str]]:
     return out
 
 
-# Each test runs on both data planes unless it says why not (tests/conftest.py).
-DATAPLANES = ("python", "native")
-pytestmark = pytest.mark.usefixtures("dataplane")
 
 class Lines(list[dict[str, Any]]):
     """Lines written by the JSON formatter, parsed back (again on each refresh,

@@ -30,11 +30,8 @@ from loopwatch.proxy.app.runtime import ConfigSources, Running, start
 from loopwatch.proxy.app.settings import load_settings
 from loopwatch.proxy.tools.demo_backend import DemoBackend, issue_token
 from tests.clients import demo_backend, loop_until
-from tests.conftest import loopwatch, plane_yaml, wait_for, ws_url
+from tests.conftest import loopwatch, wait_for, ws_url
 
-# Every test here runs on both data planes (tests/conftest.py, `dataplane`).
-DATAPLANES = ("python", "native")
-pytestmark = pytest.mark.usefixtures("dataplane")
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "operator-s3cret"
@@ -219,7 +216,7 @@ async def test_reload_reports_restarts_and_refusals(tmp_path: Path) -> None:
         config = tmp_path / "loopwatch.yaml"
         good = (
             f'upstream: "ws://127.0.0.1:{backend.port}"\nlisten: "127.0.0.1:0"\n'
-            f'admin:\n  listen: "127.0.0.1:0"\n  token: "{TOKEN}"\n' + plane_yaml()
+            f'admin:\n  listen: "127.0.0.1:0"\n  token: "{TOKEN}"\n'
         )
         config.write_text(good)
         lw = await start(load_settings(config, env={}), sources=ConfigSources(str(config), {}, {}))

@@ -74,8 +74,6 @@ from tests.benchmarks.bench_telemetry import dropping_spans
 from tests.clients import attempt, demo_backend
 from tests.conftest import PLANES, free_port, raw_exchange
 
-# Every test here runs on both data planes (tests/conftest.py, `dataplane`).
-DATAPLANES = ("python", "native")
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("dataplane")]
 
 ALERT = "LoopwatchConnectionLoopDetected"

@@ -36,9 +36,6 @@ from tests.conftest import client_key, free_port, loopwatch, wait_for
 
 # `loopwatch run` uses uvloop: the store's connection handling runs on both loops.
 RUN_ON_UVLOOP = True
-# Each test runs on both data planes unless it says why not (tests/conftest.py).
-DATAPLANES = ("python", "native")
-pytestmark = pytest.mark.usefixtures("dataplane")
 CRITICAL = 6
 RULES = {
     "auth_failure_loop": {"consecutive": 100, "warning": None, "critical": CRITICAL},

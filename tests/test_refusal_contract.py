@@ -39,10 +39,7 @@ from tests.conftest import (
 )
 from tests.wsraw import CLOSE, RawClient, close_payload, frame
 
-# Each test runs on both data planes (tests/conftest.py): the native plane
 # answers refusals itself, from its table, and must follow the same grammar.
-DATAPLANES = ("python", "native")
-pytestmark = pytest.mark.usefixtures("dataplane")
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "refusals.md"
 
@@ -152,7 +149,6 @@ async def force_cooldown(lw: Running, key: str, duration: str) -> None:
 # --- the document and the test agree ------------------------------------------
 
 
-@pytest.mark.dataplanes("python")  # no data plane starts: the same on both
 def test_the_document_states_this_grammar() -> None:
     doc = DOC.read_text(encoding="utf-8")
     assert REFUSAL_PATTERN in doc  # the regular expression, verbatim
@@ -165,7 +161,6 @@ def test_the_document_states_this_grammar() -> None:
         assert REFUSAL_REASON.match(f"loopwatch: {phrase}, retry in 1s")
 
 
-@pytest.mark.dataplanes("python")  # no data plane starts: the same on both
 def test_every_reason_the_grammar_allows_fits_a_close_frame() -> None:
     longest_known = max(KNOWN_PHRASES, key=len)
     worst_known = f"loopwatch: {longest_known}, retry in 9999999999s"
@@ -220,7 +215,6 @@ async def test_an_application_close_code_replaces_1013_and_keeps_the_reason() ->
         assert backend.upgrades["app"] == 0
 
 
-@pytest.mark.dataplanes("python")  # no data plane starts: the same on both
 @pytest.mark.parametrize("code", [1000, 1008, 1014, 3000, 5000])
 def test_a_close_code_that_is_not_1013_or_an_application_code_is_refused(code: int) -> None:
     with pytest.raises(ConfigError, match="policy.close_code: expected 1013 or an application code"):

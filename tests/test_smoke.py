@@ -6,12 +6,9 @@ from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import idle, wait_for, ws_url
 
-# On both data planes (tests/conftest.py).
-DATAPLANES = ("python", "native")
-pytestmark = pytest.mark.usefixtures("dataplane")
 
 
-async def test_echo_and_close_code_pass_through(proxied, dataplane):
+async def test_echo_and_close_code_pass_through(proxied):
     assert proxied.plane.name == dataplane
     async with connect(ws_url(proxied, "/chat?room=1")) as ws:
         await ws.send("hello")

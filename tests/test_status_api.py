@@ -31,9 +31,6 @@ from tests.conftest import client_key, free_port, loopwatch, settings_for, wait_
 
 # `loopwatch run` serves the admin port on uvloop: every stream test runs there too.
 RUN_ON_UVLOOP = True
-# Each test runs on both data planes too (tests/conftest.py).
-DATAPLANES = ("python", "native")
-pytestmark = pytest.mark.usefixtures("dataplane")
 
 TOKEN = "status-admin-token"
 

@@ -26,9 +26,6 @@ from tests.clients import demo_backend, loop_until
 from tests.conftest import loopwatch, ws_url
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
 
-# Every test here runs on both data planes (tests/conftest.py, `dataplane`).
-DATAPLANES = ("python", "native")
-pytestmark = pytest.mark.usefixtures("dataplane")
 
 TOKEN = "page-admin-token"
 LOOPER = "tab-42@127.0.0.1"

@@ -30,7 +30,6 @@ from loopwatch.proxy.admin.server import build_registry
 from loopwatch.proxy.app.runtime import ConfigSources, Running, build_gate, start
 from loopwatch.proxy.app.settings import Settings, load_settings
 from loopwatch.proxy.dataplane import frames
-from loopwatch.proxy.dataplane.heads import RequestHead
 from loopwatch.proxy.observe.metrics import Telemetry, client_hash, code_label, code_labels
 from loopwatch.proxy.observe.observers import Observer, Observers
 from loopwatch.proxy.observe.tracing import make_tracing
@@ -42,9 +41,6 @@ CATALOGUE = ROOT / "docs" / "metrics.md"
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 # The rules a scripted session must not trip by accident: what is asserted exactly
 # is auth_failure_loop's finding, cooldown and refusals.
-# Each test runs on both data planes unless it says why not (tests/conftest.py).
-DATAPLANES = ("python", "native")
-pytestmark = pytest.mark.usefixtures("dataplane")
 
 QUIET_RULES = {f"detection.rules.{r}.enabled": False for r in ("rapid_reconnect", "short_lived", "no_backoff")}
 
@@ -430,21 +426,21 @@ async def test_promtool_accepts_the_scrape_in_both_formats(tmp_path: Path) -> No
 # --- cardinality ----------------------------------------------------------------------
 
 
-def _head(token: str | None) -> RequestHead:
-    headers = [(b"Host", b"lw.test"), (b"User-Agent", b"synthetic")]
-    if token is not None:
-        headers.append((b"Authorization", b"Bearer " + token.encode()))
-    return RequestHead("GET", b"/ws", "/ws", "", "1.1", headers, b"lw.test")
-
-
-def _client(i: int) -> tuple[str, str | None]:
-    """(peer, token): odd clients are keyed by a JWT subject, even ones by address."""
+def _client(i: int) -> tuple[str, str]:
+    """(peer, key): odd clients are keyed by a JWT subject (bound to the address,
+    as the data plane keys them), even ones by address."""
     peer = f"10.{i // 65536}.{(i // 256) % 256}.{i % 256}"
-    return peer, (issue_token(f"user-{i}", 3600) if i % 2 else None)
+    return peer, (client_key(f"user-{i}", peer) if i % 2 else peer)
+
+
+def _attempt(gate: EngineGate, key: str, peer: str, t: float) -> tuple[Connection, Refusal | None]:
+    """An attempt as the data plane reports it (identified, at `t`), judged."""
+    conn = Connection(key=key, route="/", peer=peer, t0=t, head=None)
+    return conn, gate.judge(conn, ev.Attempt(key, "/", t, peer))
 
 
 async def _drive(settings: Settings, n: int, loopers: int) -> tuple[str, set[str], Telemetry]:
-    """n distinct clients through the gate (no sockets): each connects once and
+    """n distinct clients through the brain (no sockets): each connects once and
     lives a second; `loopers` of them, spread among the others (so the auth
     breaker sees a fleet that mostly succeeds), loop: 403s until refused."""
     telemetry = Telemetry(settings, build_registry(), spans=make_tracing([InMemorySpanExporter()]))
@@ -457,18 +453,17 @@ async def _drive(settings: Settings, n: int, loopers: int) -> tuple[str, set[str
     stats = RelayStats(2, 2, 10, 10)
     every = n // loopers
     for i in range(n):
-        peer, token = _client(i)
-        head = _head(token)
+        peer, key = _client(i)
         t += 0.0001
         if i % every == 0:
             for _ in range(6):
-                conn, refusal = gate.attempt(head, peer, "/", t)
+                conn, refusal = _attempt(gate, key, peer, t)
                 keys.add(conn.key)
                 if refusal is None:
                     gate.handshake_failed(conn, t + 0.001, 403, None)
                 t += 0.01
             continue
-        conn, refusal = gate.attempt(head, peer, "/", t)
+        conn, refusal = _attempt(gate, key, peer, t)
         keys.add(conn.key)
         assert refusal is None
         conn.conn_id = i + 1

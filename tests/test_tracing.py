@@ -45,9 +45,6 @@ from tests.test_telemetry import (
     telemetered,
 )
 
-# Every test here runs on both data planes (tests/conftest.py, `dataplane`).
-DATAPLANES = ("python", "native")
-pytestmark = pytest.mark.usefixtures("dataplane")
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,7 +79,6 @@ def parse_traceparent(value: str) -> tuple[str, str, str]:
     return trace_id, span_id, flags
 
 
-@pytest.mark.dataplanes("python")  # native sends no traceparent upstream, spans without url.path (proxy/dataplane/README.md, "What is missing")
 async def test_one_span_per_connection_and_traceparent_upstream() -> None:
     exporter = InMemorySpanExporter()
     async with recording_echo() as (url, seen):
@@ -136,7 +132,6 @@ async def test_one_span_per_connection_and_traceparent_upstream() -> None:
     assert "token" not in str(a)  # the query (a token) is never recorded
 
 
-@pytest.mark.dataplanes("python")  # native sends no traceparent upstream, spans without url.path (proxy/dataplane/README.md, "What is missing")
 async def test_client_trace_context_is_the_parent() -> None:
     exporter = InMemorySpanExporter()
     headers = {"traceparent": TRACEPARENT_OF_CLIENT, "tracestate": "vendor=abc"}
@@ -273,7 +268,6 @@ async def test_http_refusal_and_failed_handshake_spans() -> None:
     assert failed.status.status_code is StatusCode.ERROR
 
 
-@pytest.mark.dataplanes("python")  # native sends no traceparent upstream, spans without url.path (proxy/dataplane/README.md, "What is missing")
 async def test_unsampled_spans_still_propagate_but_leave_no_exemplars(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
     exporter = InMemorySpanExporter()
@@ -385,7 +379,6 @@ def _any(v: Any) -> Any:
     return getattr(v, v.WhichOneof("value"))
 
 
-@pytest.mark.dataplanes("python")  # native sends no traceparent upstream, spans without url.path (proxy/dataplane/README.md, "What is missing")
 async def test_otlp_export_for_real(monkeypatch: pytest.MonkeyPatch) -> None:
     async with OtlpReceiver() as receiver, recording_echo() as (url, seen):
         for name, val in {
@@ -517,7 +510,6 @@ def test_no_private_attribute_of_another_library_is_read() -> None:
     assert re.findall(r"getattr\([^)]*[\"']_[a-z]", source) == []
 
 
-@pytest.mark.dataplanes("python")  # native sends no traceparent upstream, spans without url.path (proxy/dataplane/README.md, "What is missing")
 async def test_a_sampler_of_ones_own_sees_and_adds_attributes() -> None:
     exporter = InMemorySpanExporter()
     sink = make_tracing([exporter], batch=False)

@@ -21,10 +21,10 @@ from .api import AdminCounters, Exposure, guard_middleware, listen_host_of
 from .settings import AdminSettings
 
 
-def build_registry(dataplane: str = "python") -> CollectorRegistry:
+def build_registry() -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=True)
     # version, dataplane, frame_parser (proxy/observe/selfmetrics.py)
-    Info("loopwatch_build", "loopwatch build information.", registry=registry).info(build_labels(dataplane))
+    Info("loopwatch_build", "loopwatch build information.", registry=registry).info(build_labels())
     return registry
 
 

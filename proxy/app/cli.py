@@ -38,8 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="backend + loopwatch + clients on loopback, live")
     demo.add_argument("--duration", type=float, default=30.0, help="seconds to run (default 30)")
     demo.add_argument("--keep-running", action="store_true", help="keep running until Ctrl-C")
-    demo.add_argument("--dataplane", choices=("python", "native"), default="python",
-                      help="the data plane that moves the bytes (default python)")
 
     backend = sub.add_parser("demo-backend", help="the demo's token-checking echo backend")
     backend.add_argument("--listen", default="127.0.0.1:8000")
@@ -102,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from ..tools.demo import demo_main
 
-        return demo_main(duration=args.duration, keep_running=args.keep_running, dataplane=args.dataplane)
+        return demo_main(duration=args.duration, keep_running=args.keep_running)
     if args.command == "demo-backend":
         from ..tools.demo import backend_main
 

@@ -1,19 +1,18 @@
-"""The two data planes behind one small interface (`dataplane: python | native`).
+"""The data plane behind the small interface the runtime uses.
 
-The runtime (runtime.py) starts one of them and talks to it only through
-`DataPlane`: its port, whether it is closing, its live connections and held
-refusals, the operator's and the engine's levers on them (release held
-refusals, close a connection), its counters at scrape time, a reload and the
-drain on SIGTERM.
+The runtime (runtime.py) starts it and talks to it only through `DataPlane`:
+its port, whether it is closing, its live connections and held refusals, the
+operator's and the engine's levers on them (release held refusals, close a
+connection), its counters at scrape time, a reload and the drain on SIGTERM.
 
-* `PythonPlane`: the asyncio listener of proxy/dataplane/listener.py; it asks
-  the gate at every upgrade (admission is `EngineGate.attempt`).
-* `NativePlane`: the compiled listener of proxy/dataplane/native.py; it admits
-  from the enforcement table and reports what happened as events. A thread
-  drains them (the GIL released while it waits) and posts each batch to the
-  event loop, at most one batch in flight (the Rust queue is the bound), where
-  `NativeDriver` (proxy/brain.py) feeds them to the engine and writes the
-  table (docs/architecture.md, "The boundary").
+`NativePlane` is the compiled listener of proxy/dataplane/native.py (Rust on
+tokio): it admits from the enforcement table and reports what happened as
+events. A thread drains them (the GIL released while it waits) and posts each
+batch to the event loop, at most one batch in flight (the Rust queue is the
+bound), where `NativeDriver` (proxy/brain.py) feeds them to the engine and
+writes the table (docs/architecture.md, "The boundary"). The asyncio data
+plane it replaced was deleted once every black-box suite passed on this one
+(issue 16).
 """
 
 from __future__ import annotations
@@ -26,8 +25,7 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from ..brain import EngineGate, NativeDriver, TableSync
-from ..dataplane.boundary import ENFORCEMENT_LAG_KINDS, Connection, Gate, HoldCounts, RelayStats
-from ..dataplane.listener import ProxyServer
+from ..dataplane.boundary import Connection, Gate, HoldCounts, RelayStats
 from ..dataplane.routing import Router, client_ssl_context
 from ..dataplane.trim import ClockTrimmer
 from ..observe.logs import event
@@ -45,11 +43,10 @@ DRAIN_TIMEOUT = 0.1  # seconds the draining thread waits for a first event
 # After lost events, attempts whose end was lost are forgotten once older than
 # this many handshake timeouts (no handshake can still be in progress).
 _LOST_AGE = 2.0
-_NO_LAG: Mapping[str, int] = dict.fromkeys(ENFORCEMENT_LAG_KINDS, 0)
 
 
 class DataPlane(Protocol):
-    name: str  # "python" or "native" (loopwatch_build_info)
+    name: str  # "native" (loopwatch_build_info, the "listening" log line)
     router: Router  # the routes (the health check probes one)
 
     @property
@@ -103,77 +100,6 @@ class DataPlane(Protocol):
     def enforcement_lag(self) -> Mapping[str, int]: ...
 
 
-class PythonPlane:
-    """The asyncio listener (proxy/dataplane/listener.py)."""
-
-    name = "python"
-
-    def __init__(self, settings: Settings, gate: Gate):
-        self.server = ProxyServer(settings, gate)
-        self.router = self.server.router
-
-    @property
-    def port(self) -> int:
-        return self.server.port
-
-    @property
-    def closing(self) -> bool:
-        return self.server.closing
-
-    @property
-    def upstream_ssl(self) -> ssl.SSLContext | None:
-        return self.server.upstream_ssl
-
-    async def start(self, host: str, port: int) -> None:
-        await self.server.start(host, port)
-
-    async def shutdown(self) -> None:
-        await self.server.shutdown()
-
-    def reconfigure(self, settings: Settings) -> None:
-        pass  # the listener reads the gate's refusal settings at each refusal
-
-    def active_connections(self) -> int:
-        return len(self.server.relays)
-
-    def connections(self) -> int:
-        return self.server.active
-
-    def release_held(self, key: str) -> int:
-        return self.server.release_held(key)
-
-    def close(self, conn_id: int, code: int, reason: str) -> bool:
-        relay = self.server.relays.get(conn_id)
-        if relay is None:
-            return False
-        relay.close(code, reason)
-        return True
-
-    def connection(self, conn_id: object) -> Connection | None:
-        relay = self.server.relays.get(conn_id) if isinstance(conn_id, int) else None
-        return None if relay is None else relay.context
-
-    def live(self) -> Iterator[tuple[str, RelayStats]]:
-        for relay in self.server.relays.values():
-            c, u = relay.client.parser, relay.upstream.parser
-            yield relay.context.route, RelayStats(c.messages, u.messages, c.message_bytes, u.message_bytes)
-
-    def rejections(self) -> Mapping[str, int]:
-        return self.server.rejections.counts
-
-    def holds(self) -> HoldCounts | None:
-        return self.server.holds
-
-    def events_dropped(self) -> int:
-        return 0  # no queue: the listener calls the gate directly
-
-    def settled(self) -> bool:
-        return True
-
-    def enforcement_lag(self) -> Mapping[str, int]:
-        return _NO_LAG  # the listener asks the engine at every attempt
-
-
 class NativePlane:
     """The compiled listener (proxy/dataplane/native.py), its event queue drained
     into the brain and its enforcement table kept by it."""
@@ -208,7 +134,7 @@ class NativePlane:
         self._dropped_logged = 0  # events_dropped at the last log line
         self._port = 0
         # The memory of closed connections back to the system after a burst of
-        # closes (proxy/dataplane/trim.py), as the Python plane does: malloc_trim
+        # closes (proxy/dataplane/trim.py): malloc_trim
         # trims the runtime threads' arenas too. Polled by the draining thread,
         # off the loop, which may be busy with the closes' events for seconds.
         self.trimmer = ClockTrimmer()
@@ -256,7 +182,7 @@ class NativePlane:
     def reconfigure(self, settings: Settings) -> None:
         if self.listener is not None:
             p = settings.policy
-            # identity: changes live, as the Python plane's gate reads it; the
+            # identity: changes live; the
             # keys are loaded again only when it changed.
             changed = settings.identity != self._identity
             self.listener.reconfigure(
@@ -365,4 +291,4 @@ class NativePlane:
 
 
 def make_plane(settings: Settings, gate: Gate) -> DataPlane:
-    return NativePlane(settings, gate) if settings.dataplane == "native" else PythonPlane(settings, gate)
+    return NativePlane(settings, gate)

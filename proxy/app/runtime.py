@@ -19,8 +19,6 @@ from ..admin.status import install as install_status_page
 from ..admin.upstream_health import HealthChecker
 from ..brain import EngineGate
 from ..dataplane.boundary import Connection, Gate, HoldCounts, RelayStats
-from ..dataplane.identity import Identifier
-from ..dataplane.listener import ProxyServer
 from ..observe.logs import event
 from ..observe.metrics import Telemetry
 from ..observe.observers import Observer, Observers
@@ -29,7 +27,7 @@ from ..observe.selfmetrics import SelfMetrics
 from ..sections import parse_host_port
 from ..state.local import LocalState
 from ..state.redis import RedisStateStore
-from .planes import DataPlane, PythonPlane, make_plane
+from .planes import DataPlane, make_plane
 from .settings import ConfigError, Settings, load_settings, native_gaps
 
 log = logging.getLogger("loopwatch")
@@ -72,12 +70,6 @@ class Running:
     def engine(self) -> Engine:
         assert isinstance(self.gate, EngineGate)
         return self.gate.engine
-
-    @property
-    def proxy(self) -> ProxyServer:
-        """The Python data plane's listener (dataplane: python only)."""
-        assert isinstance(self.plane, PythonPlane), "dataplane: native has no ProxyServer"
-        return self.plane.server
 
     @property
     def proxy_port(self) -> int:
@@ -187,7 +179,6 @@ def build_gate(settings: Settings, observers: Observers | None = None) -> Engine
     engine = Engine(settings.detection, settings.policy, settings.breakers)
     gate = EngineGate(
         engine,
-        Identifier(settings.identity),
         observers or Observers(),
         reject_with=settings.policy.reject_with,
     )
@@ -248,12 +239,11 @@ async def start(
     switch detection off. Without `telemetry`, traces are set up from the OTEL_*
     variables."""
     settings.require_upstream()
-    if settings.dataplane == "native":
-        gaps = native_gaps(settings)
-        if gaps:
-            raise ConfigError(gaps)
+    gaps = native_gaps(settings)
+    if gaps:
+        raise ConfigError(gaps)
     if telemetry is None:
-        telemetry = Telemetry.from_env(settings, build_registry(settings.dataplane))
+        telemetry = Telemetry.from_env(settings, build_registry())
     if gate is None:
         gate = build_gate(settings, Observers(telemetry.observers))
     observers = gate.observers if isinstance(gate, EngineGate) else Observers(telemetry.observers)

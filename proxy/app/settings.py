@@ -88,9 +88,17 @@ class Settings(Section):
     telemetry: TelemetrySettings = TelemetrySettings()
     record: RecordSettings = RecordSettings()
     health_check: HealthCheckSettings = HealthCheckSettings()
-    # Which data plane moves the bytes: the asyncio one, or the compiled one
-    # (issue 16), which refuses at start what it cannot honour yet (native_gaps).
-    dataplane: Literal["python", "native"] = "python"
+    # The data plane that moves the bytes: the compiled one (Rust on tokio,
+    # proxy/dataplane/), the only one since the asyncio plane was removed
+    # (issue 16). The key stays so that configs naming it keep loading.
+    dataplane: Literal["native"] = "native"
+
+    @field_validator("dataplane", mode="before")
+    @classmethod
+    def _no_python_plane(cls, value: object) -> object:
+        if value == "python":
+            raise ValueError("the asyncio data plane was removed (issue 16): native is the only one")
+        return value
 
     # A field validator rather than a model validator: it runs even when other
     # sections are invalid, so this error is reported together with theirs.
@@ -153,7 +161,7 @@ def load_settings(
         settings = Settings.model_validate(data)
     except ValidationError as exc:
         errors.extend(_format_errors(exc, origins))
-    if not errors and settings.dataplane == "native":
+    if not errors:
         errors.extend(native_gaps(settings))
     if errors:
         raise ConfigError(errors)

@@ -1,10 +1,10 @@
-"""The server's single door to detection and telemetry.
+"""The records and interfaces between the data plane and the brain.
 
-The listener calls a Gate at each step of a connection's life: `attempt` before
-the upgrade (synchronous: admission never awaits), then `handshake_failed`,
-`opened` and `closed`. The base `Gate` admits everyone and records nothing:
-it is loopwatch with detection switched off, the baseline the benchmarks
-compare against.
+The brain's driver (proxy/brain.py, NativeDriver) calls a Gate at each step of
+a connection's life, as the data plane's events report it: `handshake_failed`,
+`opened`, `held_answered` and `closed` (the attempt itself is judged by
+`EngineGate.judge`). The base `Gate` records nothing: it is loopwatch with
+detection switched off, the baseline the benchmarks compare against.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol
 
 from ..observe.logs import event
-from . import frames
-from .heads import RequestHead
 
 log = logging.getLogger("loopwatch.server")
 
@@ -107,6 +105,18 @@ class TraceContext(NamedTuple):
         return f"{self.trace_id:032x}"
 
 
+class RequestView(Protocol):
+    """The parts of an upgrade request's head observers read."""
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def authority(self) -> bytes | None: ...
+
+    def get(self, name: bytes) -> bytes | None: ...
+
+
 @dataclass(slots=True)
 class Connection:
     """One upgrade request, from arrival to close; the gate keeps what it needs here."""
@@ -115,10 +125,8 @@ class Connection:
     route: str
     peer: str
     t0: float  # monotonic seconds at arrival
-    # The request head, until the request went upstream: then None (with
-    # extra_headers), so that a live connection does not keep its head in memory.
-    # Observers read it in on_attempt.
-    head: RequestHead | None
+    # What the request head said, for observers in on_attempt (None: not passed).
+    head: RequestView | None
     conn_id: int = 0
     opened_at: float = 0.0  # monotonic seconds of the 101, for the connection's duration
     extra_headers: list[tuple[bytes, bytes]] | None = None  # added to the upstream request
@@ -139,9 +147,6 @@ class Gate:
     # Bounds on held refusals (read by the listener at each hold, so a reload applies).
     max_held = 0
     max_held_per_key = 0
-
-    def attempt(self, head: RequestHead, peer: str, route: str, t: float) -> tuple[Connection, Refusal | None]:
-        return Connection(key=peer, route=route, peer=peer, t0=t, head=head), None
 
     def handshake_failed(self, attempt: Connection, t: float, status: int | None, error: str | None) -> None:
         pass
@@ -216,15 +221,11 @@ class HoldCounts(Protocol):
 class DataplaneBuild(NamedTuple):
     """Which data plane and frame parser this process runs (loopwatch_build_info)."""
 
-    # "python": the asyncio protocol in proxy/dataplane/listener.py; "native":
-    # the compiled listener (proxy/dataplane/native.py)
-    dataplane: str
-    frame_parser: str  # "c" or "python"; "rust" for the native data plane
+    dataplane: str  # "native": the compiled listener (proxy/dataplane/native.py)
+    frame_parser: str  # "rust": its frame watcher (proxy/dataplane/core/src/frames.rs)
 
 
-def dataplane_build(dataplane: str = "python") -> DataplaneBuild:
-    if dataplane == "native":
-        return DataplaneBuild("native", "rust")
-    # frames.py picks the C build when it imported, unless LW_PURE_PYTHON_FRAMES=1;
-    # the relays use whichever it picked.
-    return DataplaneBuild("python", "c" if frames.FrameParser is frames.CFrameParser else "python")
+def dataplane_build() -> DataplaneBuild:
+    # Two labels kept from when there were two data planes (and a C or a pure
+    # Python frame parser), so dashboards and queries that read them keep working.
+    return DataplaneBuild("native", "rust")

@@ -93,9 +93,3 @@ def client_ssl_context(verify: bool, ca_file: str | None) -> ssl.SSLContext:
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
 
-
-def server_ssl_context(cert_file: str, key_file: str | None) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cert_file, key_file)
-    ctx.set_alpn_protocols(["http/1.1"])
-    return ctx

@@ -11,9 +11,8 @@
   adds to everyone's latency. One wake-up every half second: nothing next to
   the proxy's own work.
 * ``loopwatch_build_info`` labels (``build_labels``): the version, the data
-  plane and the frame parser build in use, so a dashboard can tell a replica
-  that fell back to the pure-Python parser (``LW_PURE_PYTHON_FRAMES=1`` or a
-  missing C build) from one that did not.
+  plane and the frame parser in use (``native`` and ``rust`` since there is one
+  data plane; the labels stay for the dashboards and queries that read them).
 """
 
 from __future__ import annotations
@@ -45,10 +44,10 @@ LAG_HELP = (
     "the delay every connection's next step waited for."
 )
 
-def build_labels(dataplane: str = "python") -> dict[str, str]:
-    """The labels of loopwatch_build_info: version, data plane (the `dataplane`
-    setting), frame parser (as the data plane reports them, proxy/dataplane/boundary.py)."""
-    build = dataplane_build(dataplane)
+def build_labels() -> dict[str, str]:
+    """The labels of loopwatch_build_info: version, data plane, frame parser (as
+    the data plane reports them, proxy/dataplane/boundary.py)."""
+    build = dataplane_build()
     return {"version": __version__, "dataplane": build.dataplane, "frame_parser": build.frame_parser}
 
 

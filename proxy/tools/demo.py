@@ -192,23 +192,21 @@ async def demo(
     out: Any = None,
     live: bool | None = None,
     stop: asyncio.Event | None = None,
-    dataplane: str = "python",
 ) -> DemoResult:
     """Run the demo until the story is told (or `duration` is up; never with
-    `keep_running`, which waits for `stop`), then return what happened, on
-    `dataplane` (python or native)."""
+    `keep_running`, which waits for `stop`), then return what happened."""
     from rich.console import Console
 
     out = out or sys.stdout
     use_live = out.isatty() if live is None else live
     console = Console(file=out, force_terminal=use_live or None, width=None if use_live else 160)
     stop = stop or asyncio.Event()
-    stack = await start_stack(overrides={"dataplane": dataplane})
+    stack = await start_stack()
     run: Run | None = None
     try:
         admin = stack.admin
         console.print(
-            f"demo backend on {stack.backend_url}, loopwatch ({dataplane} data plane) on {stack.url.rsplit('/', 1)[0]} "
+            f"demo backend on {stack.backend_url}, loopwatch on {stack.url.rsplit('/', 1)[0]} "
             f"(admin {admin}); clients: 4 healthy, {LOOPING} (the incident's bug: expired "
             f"token, reconnects at once after every close), {FIXED} (the fix: backoff)",
             markup=False, highlight=False, soft_wrap=True,
@@ -364,7 +362,7 @@ def print_summary(r: DemoResult, console: Any, keep_running: bool) -> None:
         say("  (these served while the demo ran: `loopwatch demo --keep-running` keeps them up)")
 
 
-def demo_main(duration: float = 30.0, keep_running: bool = False, dataplane: str = "python") -> int:
+def demo_main(duration: float = 30.0, keep_running: bool = False) -> int:
     """`loopwatch demo`: 0 when the loop was caught and the healthy clients unharmed."""
     if not 0 < duration <= MAX_DURATION:
         print(f"loopwatch demo: --duration: expected more than 0 and at most {MAX_DURATION:g}s", file=sys.stderr)
@@ -379,7 +377,7 @@ def demo_main(duration: float = 30.0, keep_running: bool = False, dataplane: str
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         try:
-            return await demo(duration, keep_running, stop=stop, dataplane=dataplane)
+            return await demo(duration, keep_running, stop=stop)
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)

@@ -1,6 +1,6 @@
 //! Parity with the Python data plane's client identity: the request heads of
-//! `tests/vectors/identity.json` (written from proxy/dataplane/identity.py by
-//! tests/vectors/generate.py, checked against it by tests/test_vectors.py)
+//! `tests/vectors/identity.json` (recorded from the deleted Python plane's
+//! proxy/dataplane/identity.py, frozen since: tests/vectors)
 //! identified here under the same configurations, as native.py configures the
 //! listener, at the vectors' clock. Every case must give the same answer.
 

@@ -1,7 +1,7 @@
-//! Parity with the Python data plane: the shared vectors in `tests/vectors/`
-//! (written from proxy/http1.py and proxy/frames.py by
-//! tests/vectors/generate.py, checked against them by tests/test_vectors.py)
-//! replayed through this crate. Every case must give the same answer.
+//! Parity with the Python data plane it replaced: the vectors in
+//! `tests/vectors/` (recorded from its head parser and frame parser, frozen
+//! when it was deleted) replayed through this crate. Every case must give the
+//! recorded answer.
 
 use std::path::PathBuf;
 
