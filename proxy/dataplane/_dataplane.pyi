@@ -4,6 +4,7 @@ mypy cannot read the compiled module; this stub says what it holds, as
 _frames.pyi does for the C frame parser. The Rust doc comments (py/src/*.rs)
 are the reference; a drift shows in review and in tests/test_native_*.py."""
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 CLOSE_GRACE: float  # seconds a proxy-initiated close waits for a frame boundary and replies
@@ -61,8 +62,9 @@ class EnforcementTable:
         self,
         deny_retry_after: float = 300.0,
         max_concurrent_retry_after: float = 5.0,
-        hold: float | None = None,
+        holds: Mapping[str, float] | None = None,
     ) -> None: ...
+    def holds(self) -> dict[str, float]: ...
     def lookup(self, key: str, peer: str | None = None) -> Lookup: ...
     def prune(self) -> None: ...
     @property

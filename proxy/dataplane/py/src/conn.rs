@@ -532,7 +532,8 @@ enum HoldEnd {
 }
 
 /// Refuse an attempt without touching the upstream, after its hold if it has
-/// one (within `policy.max_held` and `max_held_per_key`): HTTP 429/503 +
+/// one (the table's hold for its reason, `Refusal::hold`; within
+/// `policy.max_held` and `max_held_per_key`): HTTP 429/503 +
 /// Retry-After, or 101 then a close with `policy.close_code` (1013).
 async fn refuse<C: Transport>(
     shared: &Shared,
@@ -541,7 +542,6 @@ async fn refuse<C: Transport>(
     ws_key: Vec<u8>,
     attempt: RefusedAttempt,
 ) {
-    let limits = &shared.config.limits;
     let policy = shared.policy.snapshot();
     let mut retry_after = refusal.retry_after;
     if let Some(hold) = refusal.hold.filter(|h| !h.is_zero()) {
@@ -553,7 +553,9 @@ async fn refuse<C: Transport>(
             policy.max_held_per_key,
         );
         if let Ok(ticket) = taken {
-            let hold = hold.min(limits.handshake_timeout);
+            // As long as the table says (policy.hold, at most 30 s, never past
+            // the retry time): as the Python data plane holds, the handshake
+            // timeout no longer runs once the head is in.
             let mut shutdown = shared.shutdown.clone();
             let mut sink = [0u8; 512];
             // Held: no upstream, no answer yet. A client that leaves ends it.
