@@ -139,7 +139,7 @@ pub enum Event {
         reason: RefuseReason,
         conn_id: u64,
     },
-    /// A refusal that was held (its cooldown's hold) was answered, or its
+    /// A refusal that was held (policy.hold for its reason) was answered, or its
     /// client left during the hold: the attempt ended now, and the engine
     /// measures retry intervals from here (`Answered` in detectors/events.py).
     Answered {
