@@ -21,7 +21,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
@@ -82,6 +82,9 @@ EC384 = ec.derive_private_key(0x2E_3F_40_51_62_73_84, ec.SECP384R1())
 EC521 = ec.derive_private_key(0x3F_40_51_62_73_84_95, ec.SECP521R1())
 EC256_OTHER = ec.derive_private_key(0x99_88_77, ec.SECP256R1())
 ED = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+ED448 = ed448.Ed448PrivateKey.from_private_bytes(bytes(range(57)))
+# The order of the Ed448 group (RFC 8032, 5.2): a signature's S must be below it.
+ED448_ORDER = 2**446 - 13818066809895115352007386748515426880336692474882178609894547503885
 _HASH = {"256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}
 _CURVE_BYTES = {"ES256": 32, "ES384": 48, "ES512": 66}
 
@@ -299,6 +302,16 @@ def configs() -> dict[str, dict[str, Any]]:
         ),
         "ed25519_certificate": _config(
             jwt=_jwt(verify=True, algorithms=["EdDSA", "ES256"], public_key_pem=certificate_pem(ED))
+        ),
+        # EdDSA with an Ed448 key (and HS256 beside it).
+        "ed448": _config(
+            jwt=_jwt(
+                verify=True,
+                algorithms=["EdDSA", "HS256"],
+                secret=SECRET,
+                public_key_pem=public_pem(ED448),
+                audience="loopwatch",
+            )
         ),
         # PyJWT refuses an HMAC secret shaped like a key: every HS* token fails.
         "pem_shaped_secret": _config(
@@ -774,6 +787,29 @@ def verified_jwt_heads() -> list[tuple[str, bytes, str]]:
         (
             "EdDSA other key",
             token(good, "EdDSA", key=ed25519.Ed25519PrivateKey.from_private_bytes(b"\x07" * 32)),
+        ),
+    ]
+    # Ed448: a good token, another key, a malleated S (S + L, the same point
+    # equation, refused as non-canonical), a truncated signature, and an
+    # Ed25519 signature's length.
+    ed448_good = token(_claims(sub="ed448-user"), "EdDSA", key=ED448)
+    head_b64, body_b64, sig_b64 = ed448_good.split(".")
+    raw = base64.urlsafe_b64decode(sig_b64 + "==")
+    s = int.from_bytes(raw[57:], "little")
+    tokens += [
+        ("EdDSA Ed448 good", ed448_good),
+        (
+            "EdDSA Ed448 other key",
+            token(good, "EdDSA", key=ed448.Ed448PrivateKey.from_private_bytes(b"\x07" * 57)),
+        ),
+        (
+            "EdDSA Ed448 S plus L",
+            f"{head_b64}.{body_b64}.{b64u(raw[:57] + (s + ED448_ORDER).to_bytes(57, 'little'))}",
+        ),
+        ("EdDSA Ed448 short signature", f"{head_b64}.{body_b64}.{b64u(raw[:113])}"),
+        (
+            "EdDSA Ed448 flipped bit",
+            f"{head_b64}.{body_b64}.{b64u(raw[:10] + bytes([raw[10] ^ 1]) + raw[11:])}",
         ),
     ]
     # PSS with another salt length than the digest's (PyJWT verifies with the
