@@ -8,6 +8,9 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 CLOSE_GRACE: float  # seconds a proxy-initiated close waits for a frame boundary and replies
+# seconds: at most one ("request_rejected", …) record per reason this often
+# (boundary.REJECTION_LOG_INTERVAL)
+REJECTION_LOG_INTERVAL: float
 
 # One record per event, by its first item (queue.rs documents each):
 #   ("attempt", key, route, t, addr, conn_id)
@@ -17,6 +20,9 @@ CLOSE_GRACE: float  # seconds a proxy-initiated close waits for a frame boundary
 #   ("opened", key, route, t, conn_id)
 #   ("closed", key, route, t, conn_id, code, reason, initiator, duration,
 #    messages_in, messages_out, bytes_in, bytes_out)
+#   ("request_rejected", reason, status | None, peer, message, suppressed, t):
+#    a request the listener answered (or cut) itself, rate-limited per reason
+#    at the source; the log line, not an attempt's event
 EventRecord = tuple[Any, ...]
 
 class EventQueue:
