@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from ..detectors import events as ev
@@ -257,7 +257,10 @@ class Table(Protocol):
     def remove_breaker(self, name: str) -> bool: ...
 
     def set_defaults(
-        self, deny_retry_after: float = ..., max_concurrent_retry_after: float = ..., hold: float | None = ...
+        self,
+        deny_retry_after: float = ...,
+        max_concurrent_retry_after: float = ...,
+        holds: Mapping[str, float] | None = ...,
     ) -> None: ...
 
 
@@ -282,25 +285,22 @@ class TableSync:
         self.touched: set[str] = set()
         self.written: dict[str, KeyEnforcement] = {}  # restricted keys only
         self.breakers: dict[str, BreakerEnforcement] = {}  # as the table holds them
-        self.cooldown_hold: float | None = None
         self.writes = 0  # table writes so far (tests, docs/architecture.md)
         self._flushes = 0
 
     def configure(self, policy: PolicySettings, holds: dict[str, float], now: float) -> None:
-        """Policy lists, retry times and holds; at start and on every reload. Every
-        cooldown is written again (its hold may have changed) and the breakers."""
+        """Policy lists, retry times and holds; at start and on every reload, then
+        the breakers again. `holds`: the hold per refusal reason (EngineGate.holds,
+        `policy.hold` for each of `policy.hold_reasons`): one table write, which the
+        listener reads at each refusal, capping it at the refusal's retry time as
+        `refusal_for` does, so entries already written need no rewrite."""
         self.table.set_allow(list(policy.allow))
         self.table.set_deny(list(policy.deny))
-        # Only a cooldown's refusal is held (dataplane: native refuses other
-        # hold_reasons at start: proxy/dataplane/settings.py, native_gaps).
         self.table.set_defaults(
-            deny_retry_after=policy.cooldown.max, max_concurrent_retry_after=policy.cooldown.base, hold=None
+            deny_retry_after=policy.cooldown.max,
+            max_concurrent_retry_after=policy.cooldown.base,
+            holds={reason: hold for reason, hold in holds.items() if hold > 0},
         )
-        self.cooldown_hold = holds.get("cooldown") or None
-        for key, entry in list(self.written.items()):
-            if entry.cooldown is not None:
-                del self.written[key]  # rewritten below, with the hold in force
-                self.touched.add(key)
         self.breakers.clear()
         self.reconcile(now)
 
@@ -349,10 +349,8 @@ class TableSync:
             had = NO_ENFORCEMENT
         cooldown = want.cooldown
         if cooldown is not None and cooldown != had.cooldown and cooldown.until > now:
-            remaining = cooldown.until - now
-            # Never held past the cooldown (refusal_for caps each hold at its retry time).
-            hold = min(self.cooldown_hold, remaining) if self.cooldown_hold else None
-            table.set_cooldown(key, remaining, cooldown.rule, None, hold)
+            # Held as the table's cooldown hold says (configure), never past its end.
+            table.set_cooldown(key, cooldown.until - now, cooldown.rule, None, None)
             self.writes += 1
         if want.not_before is not None and want.not_before != had.not_before and want.not_before > now:
             table.set_min_interval(key, want.not_before - now)

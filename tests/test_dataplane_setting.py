@@ -23,14 +23,18 @@ def native(**overrides: object) -> dict[str, object]:
     return {"upstream": "ws://127.0.0.1:9", "dataplane": "native", **overrides}
 
 
-def test_native_refuses_what_it_cannot_honour_naming_the_key() -> None:
-    overrides = {"policy.hold": "1s", "policy.hold_reasons": ["cooldown", "min_interval"]}
+def test_native_gaps_is_empty_now() -> None:
+    """The one list of what native cannot honour (native_gaps) is empty: its
+    last line, policy.hold_reasons beyond cooldown, went with the table's hold
+    per refusal reason (tests/test_hold.py runs every reason on both planes)."""
+    from loopwatch.proxy.app.settings import native_gaps
+
+    every = {"policy.hold": "1s", "policy.hold_reasons": ["cooldown", "min_interval", "max_concurrent", "circuit_open"]}
+    assert native_gaps(load_settings(None, env={}, overrides=native(**every))) == []
+    # A deny is never holdable, on either plane: refused by the settings model.
     with pytest.raises(ConfigError) as raised:
-        load_settings(None, env={}, overrides=native(**overrides))
-    (line,) = raised.value.errors
-    assert line.startswith("policy.hold_reasons: dataplane: native ") and "dataplane: python" in line
-    # The same settings are fine on the Python data plane.
-    assert load_settings(None, env={}, overrides={**native(**overrides), "dataplane": "python"})
+        load_settings(None, env={}, overrides=native(**{"policy.hold_reasons": ["deny"]}))
+    assert any(line.startswith("policy.hold_reasons") for line in raised.value.errors)
 
 
 @pytest.mark.parametrize(
@@ -41,11 +45,13 @@ def test_native_refuses_what_it_cannot_honour_naming_the_key() -> None:
         {"tls.cert_file": "/c.pem", "tls.key_file": "/k.pem"},
         {"upstream": "wss://backend.example:443", "upstream_tls.verify": False},
         {"routes": [{"path_prefix": "/api", "upstream": "https://backend.example"}], "upstream": None},
+        {"policy.hold": "1s", "policy.hold_reasons": ["cooldown", "min_interval", "max_concurrent", "circuit_open"]},
     ],
 )
 def test_what_native_does_now_is_no_longer_refused(overrides: dict[str, object]) -> None:
     """Identity sources and JWT, trusted proxies, TLS, wss:// and https://
-    upstreams: passed to the native listener as they are (planes.NativePlane)."""
+    upstreams: passed to the native listener as they are (planes.NativePlane);
+    every hold reason: the table carries each reason's hold."""
     assert load_settings(None, env={}, overrides=native(**overrides)).dataplane == "native"
 
 
@@ -58,8 +64,8 @@ def test_check_config_and_the_defaults(tmp_path: Path, capsys: pytest.CaptureFix
     assert check_config_main(str(config)) == 0
     capsys.readouterr()
     config.write_text("upstream: ws://127.0.0.1:9\ndataplane: native\npolicy:\n  hold: 1s\n  hold_reasons: [cooldown, min_interval]\n")
-    assert check_config_main(str(config)) == 2
-    assert "policy.hold_reasons: dataplane: native holds only cooldown refusals" in capsys.readouterr().err
+    assert check_config_main(str(config)) == 0
+    capsys.readouterr()
     config.write_text("dataplane: turbo\n")
     assert check_config_main(str(config)) == 2
     assert "dataplane: expected one of 'python' or 'native', got 'turbo'" in capsys.readouterr().err
@@ -239,6 +245,8 @@ def test_table_sync_writes_what_changed_and_one_probe_budget_per_trip() -> None:
     sync = TableSync(engine, table)  # type: ignore[arg-type]  # the recording fake
     t0 = time.monotonic()
     sync.configure(settings.policy, {"cooldown": 2.0}, t0)
+    (defaults,) = [c for c in table.calls if c[0] == "set_defaults"]
+    assert defaults == ("set_defaults", 300.0, 10.0, {"cooldown": 2.0})  # the hold per reason
     assert table.names() == [
         "set_allow", "set_deny", "set_defaults",
         ("set_breaker", "upstream", "closed"), ("set_breaker", "auth", "closed"),
@@ -251,12 +259,17 @@ def test_table_sync_writes_what_changed_and_one_probe_budget_per_trip() -> None:
     sync.touched.add(key)
     sync.flush(t)
     (call,) = table.calls
-    assert call[:2] == ("set_cooldown", key) and call[3:] == ("auth_failure_loop", None, 2.0)
+    # No hold of its own: the listener holds it as set_defaults says.
+    assert call[:2] == ("set_cooldown", key) and call[3:] == ("auth_failure_loop", None, None)
     assert 9.0 < call[2] <= 10.0  # seconds from now
     table.names()
     sync.touched.add(key)
     sync.flush(t)
     assert table.names() == []
+    # A reload that changes the holds: one set_defaults, no cooldown rewritten.
+    sync.configure(settings.policy, {"cooldown": 1.0, "min_interval": 1.0}, t)
+    assert ("set_defaults", 300.0, 10.0, {"cooldown": 1.0, "min_interval": 1.0}) in table.calls
+    assert "set_cooldown" not in table.names()
     engine.release(key, t)
     sync.reconcile(t)  # what the runtime's kick does after a lever
     assert table.names() == ["clear"]

@@ -21,11 +21,19 @@ import pytest
 from loopwatch.detectors.engine import Engine
 from loopwatch.detectors.events import Attempt, Opened
 from loopwatch.detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
-from loopwatch.proxy.dataplane.boundary import REJECTED_REASONS, Rejections
-from tests.conftest import read_response, upgrade_request, wait_for
+from loopwatch.proxy.dataplane import _dataplane
+from loopwatch.proxy.dataplane.boundary import REJECTED_REASONS, REJECTION_LOG_INTERVAL, Rejections
+from loopwatch.proxy.dataplane.native import RequestRejected
+from tests.conftest import (
+    RawBackend,
+    raw_exchange,
+    read_response,
+    switching_protocols,
+    upgrade_request,
+    wait_for,
+)
 from tests.hardening import (
     ATTACKER,
-    HEALTHY,
     OTHER,
     Healthy,
     Proxied,
@@ -34,6 +42,7 @@ from tests.hardening import (
     read_all,
     rejected,
 )
+from tests.test_native_relay import native
 
 
 RUN_ON_UVLOOP = True  # each test runs on asyncio's loop and on uvloop (tests/conftest.py)
@@ -47,11 +56,6 @@ async def status_of(port: int, address: str, request: bytes) -> tuple[int, Conn]
     writer.write(request)
     response = await asyncio.wait_for(read_response(reader, head_only=True), 10)
     return response.status, (reader, writer)
-
-
-def held_by(p: Proxied) -> dict[str, tuple[int, int]]:
-    """The listener's per-address state: address -> (connections, half-open heads)."""
-    return {peer: (load.connections, load.heads) for peer, load in p.lw.proxy.addresses.items()}
 
 
 async def refused_at_once(port: int, address: str) -> bool:
@@ -71,6 +75,14 @@ async def refused_at_once(port: int, address: str) -> bool:
 
 
 # --- per-address caps ------------------------------------------------------------------
+
+
+PLAIN_GET = b"GET /ok HTTP/1.1\r\nHost: example.test\r\n\r\n"
+
+
+def close_all(conns: list[Conn]) -> None:
+    for _, writer in conns:
+        writer.close()
 
 
 async def test_one_address_cannot_exhaust_max_connections_while_others_still_connect():
@@ -100,35 +112,53 @@ async def test_one_address_cannot_exhaust_max_connections_while_others_still_con
             assert healthy.errors == []
             assert (await rejected(p.lw))["address_limit"] == 5
         finally:
-            for _, writer in held:
-                writer.close()
-        # Entries go when their count drops to zero: only the healthy address is left.
+            close_all(held)
+        # Its connections gone, the address has its whole allowance back (its
+        # count went to zero): 16 half-open heads again, and the 17th refused.
         await wait_for(lambda: p.lw.plane.connections() == 2)
-        assert held_by(p) == {HEALTHY: (2, 0)}
+        again = [await open_from(p.port, ATTACKER) for _ in range(16)]
+        try:
+            await wait_for(lambda: p.lw.plane.connections() == 2 + 16)
+            assert await refused_at_once(p.port, ATTACKER)
+            assert (await rejected(p.lw))["address_limit"] == 6
+        finally:
+            close_all(again)
 
 
 async def test_heads_cap_holds_a_slowloris_while_its_completed_requests_still_count():
     limits = {"limits.max_heads_per_address": 3, "limits.max_connections_per_address": 5}
     async with proxied(**limits) as p, Healthy(p.port).running():
         idle = [await open_from(p.port, ATTACKER) for _ in range(3)]
-        await wait_for(lambda: held_by(p).get(ATTACKER, (0, 0))[1] == 3)
-        assert await refused_at_once(p.port, ATTACKER)
-        # A completed head frees its place among the heads at once.
-        _, writer = idle.pop()
-        writer.write(b"GET /ok HTTP/1.1\r\nHost: example.test\r\n\r\n")
-        await wait_for(lambda: held_by(p)[ATTACKER][1] == 2)
-        status, conn = await status_of(p.port, ATTACKER, b"GET /ok HTTP/1.1\r\nHost: example.test\r\n\r\n")
-        assert status == 200
-        idle.append(conn)
-        # Connections in any state count towards the other cap: 2 heads + 2 requests + 1 = 5.
-        status, conn = await status_of(p.port, ATTACKER, upgrade_request("/echo"))
-        assert status == 101
-        idle.append(conn)
-        assert held_by(p)[ATTACKER] == (5, 2)
-        assert await refused_at_once(p.port, ATTACKER)
-        for _, w in [*idle, (None, writer)]:
-            w.close()
-        await wait_for(lambda: ATTACKER not in held_by(p))
+        try:
+            await wait_for(lambda: p.lw.plane.connections() == 2 + 3)
+            assert await refused_at_once(p.port, ATTACKER)  # a 4th half-open head
+            # A completed head frees its place among the heads at once: its
+            # request answered (the connection kept alive), a new connection's
+            # head is taken and answered too.
+            reader, writer = idle[-1]
+            writer.write(PLAIN_GET)
+            assert (await asyncio.wait_for(read_response(reader), 10)).status == 200
+            status, conn = await status_of(p.port, ATTACKER, PLAIN_GET)
+            assert status == 200
+            idle.append(conn)
+            # Connections in any state count towards the other cap: 2 heads + 2
+            # kept-alive connections + a WebSocket = 5, and a 6th is refused
+            # though only 2 of its 3 heads are taken.
+            status, conn = await status_of(p.port, ATTACKER, upgrade_request("/echo"))
+            assert status == 101
+            idle.append(conn)
+            assert await refused_at_once(p.port, ATTACKER)
+            assert (await rejected(p.lw))["address_limit"] == 2
+        finally:
+            close_all(idle)
+        # All gone: the address has its three heads back, and a 4th is refused.
+        await wait_for(lambda: p.lw.plane.connections() == 2)
+        again = [await open_from(p.port, ATTACKER) for _ in range(3)]
+        try:
+            await wait_for(lambda: p.lw.plane.connections() == 2 + 3)
+            assert await refused_at_once(p.port, ATTACKER)
+        finally:
+            close_all(again)
 
 
 async def test_a_trusted_proxy_address_is_never_capped():
@@ -137,14 +167,29 @@ async def test_a_trusted_proxy_address_is_never_capped():
         "identity.trusted_proxies": [f"{ATTACKER}/32"],
     }
     async with proxied(**limits) as p:
-        held = [await open_from(p.port, ATTACKER) for _ in range(6)]
-        await wait_for(lambda: p.lw.plane.connections() == 6)
-        held += [await open_from(p.port, OTHER) for _ in range(2)]
-        assert await refused_at_once(p.port, OTHER)
-        for _, writer in held:
-            writer.close()
+        trusted = [await open_from(p.port, ATTACKER) for _ in range(6)]
+        other = [await open_from(p.port, OTHER) for _ in range(2)]
+        try:
+            await wait_for(lambda: p.lw.plane.connections() == 8)
+            assert await refused_at_once(p.port, OTHER)
+            # Each of the proxy's six half-open heads was taken: each is answered.
+            for reader, writer in trusted:
+                writer.write(PLAIN_GET)
+                assert (await asyncio.wait_for(read_response(reader), 10)).status == 200
+            assert (await rejected(p.lw))["address_limit"] == 1
+        finally:
+            close_all(trusted + other)
         await wait_for(lambda: p.lw.plane.connections() == 0)
-        assert held_by(p) == {}
+        # The proxy's address was never counted, and OTHER's count is back to 0:
+        # 2 heads from OTHER again (and a third refused), 6 more from the proxy.
+        again = [await open_from(p.port, OTHER) for _ in range(2)]
+        again += [await open_from(p.port, ATTACKER) for _ in range(6)]
+        try:
+            await wait_for(lambda: p.lw.plane.connections() == 8)
+            assert await refused_at_once(p.port, OTHER)
+            assert (await rejected(p.lw))["address_limit"] == 2
+        finally:
+            close_all(again)
 
 
 def test_address_caps_follow_max_connections():
@@ -159,9 +204,14 @@ def test_address_caps_follow_max_connections():
 
     assert caps() == (5000, 1000)
     assert caps(**{"limits.max_connections": 40_000}) == (20_000, 4000)
-    assert caps(**{"limits.max_connections": 50}) == (25, 16)  # the floor: a page opens a few at once
+    assert caps(**{"limits.max_connections": 50}) == (
+        25,
+        16,
+    )  # the floor: a page opens a few at once
     assert caps(**{"limits.max_connections": 3}) == (3, 3)
-    assert caps(**{"limits.max_heads_per_address": 7, "limits.max_connections_per_address": "12.5%"}) == (1250, 7)
+    assert caps(
+        **{"limits.max_heads_per_address": 7, "limits.max_connections_per_address": "12.5%"}
+    ) == (1250, 7)
 
 
 # --- every early refusal counted -------------------------------------------------------
@@ -259,17 +309,52 @@ async def test_each_early_refusal_raises_its_own_counter(reason: str):
 
 async def test_a_flood_of_refusals_is_one_log_line_per_reason(caplog: pytest.LogCaptureFixture):
     caplog.set_level(logging.INFO, logger="loopwatch.server")
+
+    def logged() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.getMessage() == "request_rejected"]
+
     async with proxied() as p:
         for _ in range(20):
             await send(p, b"GARBAGE\r\n\r\n", 400)
         await send(p, b"GET /ok HTTP/2.0\r\n" + H + b"\r\n", 505)
         assert (await rejected(p.lw))["bad_request"] == 20
-    lines = [r for r in caplog.records if r.getMessage() == "request_rejected"]
+        # (The native listener's lines reach the log through the brain.)
+        await wait_for(lambda: len(logged()) == 2)
+    lines = logged()
     assert [(r.fields["reason"], r.fields["status"]) for r in lines] == [  # type: ignore[attr-defined]
         ("bad_request", 400),
         ("version", 505),
     ]
     assert lines[0].fields["peer"] == ATTACKER and lines[0].fields["suppressed"] == 0  # type: ignore[attr-defined]
+    assert [r.levelname for r in lines] == ["INFO", "INFO"]
+    assert set(lines[0].fields) >= {"reason", "status", "peer", "message", "suppressed"}  # type: ignore[attr-defined]
+
+
+async def test_a_native_flood_of_bad_requests_puts_one_line_per_reason_in_the_event_queue():
+    # The lines are rate-limited where the requests are refused, so a flood
+    # costs the queue to the brain one record per reason, not one per request:
+    # an 8-event queue takes 50 refusals of two kinds without a drop.
+    async with (
+        RawBackend(switching_protocols) as backend,
+        native(backend.url, capacity=8) as running,
+    ):
+        for _ in range(25):
+            response, _ = await raw_exchange(running.port, b"GARBAGE\r\n\r\n")
+            assert response.status == 400
+            response, _ = await raw_exchange(running.port, b"GET /ok HTTP/2.0\r\n" + H + b"\r\n")
+            assert response.status == 505
+        assert running.listener.stats().rejected["bad_request"] == 25
+        assert running.listener.stats().rejected["version"] == 25
+        batch = await asyncio.to_thread(running.queue.recv_batch, 100, 1.0)
+        lines = [r.event for r in batch]
+        assert all(isinstance(line, RequestRejected) for line in lines)
+        assert [(line.reason, line.status, line.peer, line.suppressed) for line in lines] == [  # type: ignore[union-attr]
+            ("bad_request", 400, "127.0.0.1", 0),
+            ("version", 505, "127.0.0.1", 0),
+        ]
+        assert lines[1].message + "\n" == response.body.decode()  # type: ignore[union-attr]  # the answer's line
+        assert running.queue.dropped == 0
+        assert _dataplane.REJECTION_LOG_INTERVAL == REJECTION_LOG_INTERVAL
 
 
 def test_rejection_log_lines_carry_how_many_were_left_out(caplog: pytest.LogCaptureFixture):
@@ -279,8 +364,14 @@ def test_rejection_log_lines_carry_how_many_were_left_out(caplog: pytest.LogCapt
         r.add("overload", 503, "10.0.0.1", "loopwatch: too many connections", now=100.0 + i)
     r.add("bad_request", 400, "10.0.0.2", "malformed request", now=104.5)
     r.add("overload", 503, "10.0.0.3", "loopwatch: too many connections", now=110.5)
-    fields = [(rec.fields["reason"], rec.fields["suppressed"], rec.levelname) for rec in caplog.records]  # type: ignore[attr-defined]
-    assert fields == [("overload", 0, "WARNING"), ("bad_request", 0, "INFO"), ("overload", 4, "WARNING")]
+    fields = [
+        (rec.fields["reason"], rec.fields["suppressed"], rec.levelname) for rec in caplog.records
+    ]  # type: ignore[attr-defined]
+    assert fields == [
+        ("overload", 0, "WARNING"),
+        ("bad_request", 0, "INFO"),
+        ("overload", 4, "WARNING"),
+    ]
     assert r.counts["overload"] == 6 and r.counts["bad_request"] == 1
     assert sum(r.counts.values()) == 7
 

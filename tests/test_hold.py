@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from urllib.parse import quote
 
 import aiohttp
@@ -20,10 +21,20 @@ from websockets.asyncio.client import connect
 from loopwatch.detectors.engine import Engine
 from loopwatch.detectors.events import Answered, Attempt, Closed, Opened
 from loopwatch.detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
-from loopwatch.proxy.app.runtime import Running
+from loopwatch.proxy.app.runtime import ConfigSources, Running, start
+from loopwatch.proxy.app.settings import load_settings
 from loopwatch.proxy.tools.demo_backend import DemoBackend, issue_token
-from tests.clients import demo_backend
-from tests.conftest import client_key, loopwatch, raw_exchange, upgrade_request, wait_for, ws_url
+from tests.clients import attempt, demo_backend
+from tests.conftest import (
+    client_key,
+    free_port,
+    loopwatch,
+    plane_yaml,
+    raw_exchange,
+    upgrade_request,
+    wait_for,
+    ws_url,
+)
 from tests.test_refusal_contract import REFUSAL_REASON
 from tests.wsraw import CLOSE, RawClient, close_payload, frame
 
@@ -170,6 +181,172 @@ async def test_only_the_configured_reasons_are_held() -> None:
         await client.close()
         assert time.monotonic() - started < 2
         assert code == 1013 and "too soon" in reason
+
+
+# --- every reason the policy lists, not only cooldowns (both planes) -----------------
+
+
+async def admitted_once(lw: Running, path: str) -> None:
+    """One attempt admitted and closed, then the brain's view of it in force
+    (the native plane admits from the table the brain writes a batch later)."""
+    async with connect(ws_url(lw, path), open_timeout=5) as ws:
+        await ws.send("x")
+        assert await ws.recv() == "x"
+    await wait_for(lw.plane.settled)
+
+
+async def test_a_min_interval_refusal_is_held_when_listed() -> None:
+    overrides = {"policy.hold": "600ms", "policy.min_interval": "10s", "policy.hold_reasons": ["min_interval"]}
+    async with guarded(**overrides) as (backend, lw):
+        path = token_path("eager")
+        await admitted_once(lw, path)
+        started = time.monotonic()
+        reader, writer = await held_upgrade(lw.proxy_port, path)
+        await wait_for(lambda: lw.held_connections() == 1)
+        head = await head_of(reader)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        assert time.monotonic() - started >= 0.5  # held, not answered at once
+        client = RawClient(reader, writer, head)
+        code, reason = await refused_close(client)
+        await client.close()
+        assert code == 1013 and reason.startswith("loopwatch: too soon after the last attempt, retry in ")
+        assert 1 <= retry_secs(reason) <= 10  # what is left of the 10 s when answered
+        samples = await scrape(lw)
+        assert samples['loopwatch_refusals_held_total{reason="min_interval"}'] == 1
+        assert samples['loopwatch_refusals_held_total{reason="cooldown"}'] == 0
+        assert samples['loopwatch_refusals_total{reason="min_interval",route="/"}'] == 1
+        assert samples["loopwatch_connections_held"] == 0
+        assert backend.upgrades["eager"] == 1
+
+
+async def test_a_hold_never_outlasts_the_min_interval() -> None:
+    overrides = {"policy.hold": "5s", "policy.min_interval": "1500ms", "policy.hold_reasons": ["min_interval"]}
+    async with guarded(**overrides) as (backend, lw):
+        path = token_path("quick")
+        await admitted_once(lw, path)
+        started = time.monotonic()
+        client = await RawClient.connect(lw.proxy_port, path)
+        assert time.monotonic() - started < 4  # what was left of 1.5 s, not 5 s
+        code, reason = await refused_close(client)
+        await client.close()
+        assert (code, retry_secs(reason)) == (1013, 1)  # nothing left: the least the grammar says
+        assert (await scrape(lw))['loopwatch_refusals_held_total{reason="min_interval"}'] == 1
+        # Answered when the interval is over: the next attempt is admitted.
+        await admitted_once(lw, path)
+        assert backend.upgrades["quick"] == 2
+
+
+async def test_max_concurrent_refusals_are_held_within_the_per_key_bound() -> None:
+    overrides = {
+        "policy.hold": "800ms",
+        "policy.max_concurrent": 1,
+        "policy.hold_reasons": ["max_concurrent"],
+        "policy.max_held_per_key": 1,
+        "policy.reject_with": "http-429",
+    }
+    async with guarded(**overrides) as (backend, lw):
+        path = token_path("tabs")
+        async with connect(ws_url(lw, path), open_timeout=5) as first:
+            await first.send("x")
+            assert await first.recv() == "x"
+            await wait_for(lw.plane.settled)  # the brain has seen it open
+            started = time.monotonic()
+            held = await held_upgrade(lw.proxy_port, path)
+            await wait_for(lambda: lw.held_connections() == 1)
+            # A third socket while the second is held: over the per-key bound,
+            # answered at once with the whole retry time.
+            request = upgrade_request(path, host=f"127.0.0.1:{lw.proxy_port}")
+            response, _ = await raw_exchange(lw.proxy_port, request, timeout=10)
+            assert response.status == 429 and response.header("retry-after") == "5"  # policy.cooldown.base
+            assert lw.held_connections() == 1  # the second is still held
+            head = await head_of(held[0])
+            assert time.monotonic() - started >= 0.6  # the second was held
+            assert head.startswith(b"HTTP/1.1 429 ")
+            # Retry-After counted at answer time: 5 s - 0.8 s, rounded up.
+            assert b"\r\nRetry-After: 5\r\n" in head
+            body = await asyncio.wait_for(held[0].read(), 5)
+            assert body == b"loopwatch: too many connections, retry in 5s\n"
+            held[1].close()
+        samples = await scrape(lw)
+        assert samples['loopwatch_refusals_held_total{reason="max_concurrent"}'] == 1
+        assert samples['loopwatch_holds_skipped_total{limit="max_held_per_key"}'] == 1
+        assert samples['loopwatch_refusals_total{reason="max_concurrent",route="/"}'] == 2
+        assert backend.upgrades["tabs"] == 1
+
+
+async def test_an_open_breaker_s_refusals_are_held_when_listed() -> None:
+    dead = free_port()  # nothing listens: every handshake fails
+    overrides = {
+        "policy.hold": "600ms",
+        "policy.hold_reasons": ["circuit_open"],
+        "policy.reject_with": "http-429",
+        "breakers.upstream.min_calls": 3,
+        "breakers.upstream.open_wait": "20s",
+    }
+    async with loopwatch(f"ws://127.0.0.1:{dead}", **overrides) as lw:
+        for i in range(3):  # three clients: the upstream is at fault, not one of them
+            code, _ = await attempt(ws_url(lw, token_path(f"user{i}")))
+            assert code == 502
+        await wait_for(lambda: lw.engine.breakers(time.monotonic())[0].state == "open")
+        await wait_for(lw.plane.settled)
+        started = time.monotonic()
+        request = upgrade_request(token_path("user9"), host=f"127.0.0.1:{lw.proxy_port}")
+        response, _ = await raw_exchange(lw.proxy_port, request, timeout=10)
+        assert time.monotonic() - started >= 0.5  # held
+        assert response.status == 503
+        assert 18 <= int(response.header("retry-after") or 0) <= 20  # what is left of the open wait
+        assert response.body.startswith(b"loopwatch: upstream unavailable, retry in ")
+        samples = await scrape(lw)
+        assert samples['loopwatch_refusals_held_total{reason="circuit_open"}'] == 1
+        assert samples["loopwatch_connections_held"] == 0
+
+
+async def test_a_deny_is_never_held_whatever_the_reasons_listed() -> None:
+    every = ["cooldown", "min_interval", "max_concurrent", "circuit_open"]
+    overrides = {"policy.hold": "5s", "policy.hold_reasons": every, "policy.deny": [client_key("blocked")]}
+    async with guarded(**overrides) as (backend, lw):
+        started = time.monotonic()
+        client = await RawClient.connect(lw.proxy_port, token_path("blocked"))
+        code, reason = await refused_close(client)
+        await client.close()
+        assert time.monotonic() - started < 3  # not the 5 s hold
+        assert (code, reason) == (1013, "loopwatch: denied, retry in 300s")  # policy.cooldown.max, whole
+        await wait_for(lw.plane.settled)  # the native plane's brain counts a batch later
+        samples = await scrape(lw)
+        assert all(samples[f'loopwatch_refusals_held_total{{reason="{r}"}}'] == 0 for r in every)
+        assert samples['loopwatch_refusals_total{reason="deny",route="/"}'] == 1
+        assert backend.upgrades["blocked"] == 0
+
+
+async def test_a_reload_changes_which_reasons_are_held(tmp_path: Path) -> None:
+    async with demo_backend() as backend:
+        config = tmp_path / "loopwatch.yaml"
+        base = (
+            f'upstream: "ws://127.0.0.1:{backend.port}"\nlisten: "127.0.0.1:0"\n'
+            f'admin:\n  listen: "127.0.0.1:0"\n'
+            "policy:\n  min_interval: 1m\n  hold: 600ms\n"
+        )
+        config.write_text(base + "  hold_reasons: [cooldown]\n")
+        lw = await start(load_settings(config, env={}), sources=ConfigSources(str(config), {}, {}))
+        try:
+            path = token_path("reloaded")
+            await admitted_once(lw, path)
+            started = time.monotonic()
+            client = await RawClient.connect(lw.proxy_port, path)
+            await refused_close(client)
+            await client.close()
+            assert time.monotonic() - started < 0.5  # not listed: at once
+            config.write_text(base + "  hold_reasons: [cooldown, min_interval]\n")
+            assert lw.reload() == {"reloaded": True, "restart_required": []}
+            started = time.monotonic()
+            client = await RawClient.connect(lw.proxy_port, path)
+            code, reason = await refused_close(client)
+            await client.close()
+            assert time.monotonic() - started >= 0.5  # held now
+            assert code == 1013 and "too soon" in reason
+            assert (await scrape(lw))['loopwatch_refusals_held_total{reason="min_interval"}'] == 1
+        finally:
+            await lw.close()
 
 
 # --- bounds ------------------------------------------------------------------------

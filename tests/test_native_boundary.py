@@ -520,6 +520,31 @@ def test_the_table_keeps_taken_probes_and_starts_fresh_budgets() -> None:
     assert table.clear("k") and not table.clear("k")
 
 
+def test_the_table_holds_each_listed_reason_never_past_its_retry_time_nor_a_deny() -> None:
+    table = EnforcementTable()
+    every = {"cooldown": 2.0, "min_interval": 2.0, "max_concurrent": 2.0, "circuit_open": 2.0}
+    table.set_defaults(max_concurrent_retry_after=5.0, holds=every)
+    assert table.holds() == every
+    table.set_min_interval("soon", 0.5)
+    kind, reason, retry_after, hold, _ = table.lookup("soon")
+    assert (kind, reason) == ("refuse", "min_interval") and hold == retry_after <= 0.5  # capped
+    table.set_at_capacity("full", True)
+    assert table.lookup("full")[:4] == ("refuse", "max_concurrent", 5.0, 2.0)
+    table.set_cooldown("cool", 60.0, "auth_failure_loop")  # no hold of its own: the reason's
+    assert table.lookup("cool")[3] == 2.0
+    table.set_deny(["bad"])
+    assert table.lookup("bad")[1:4] == ("deny", 300.0, None)  # never held
+    table.set_breaker("upstream", "open", seconds=10.0)
+    kind, reason, retry_after, hold, detail = table.lookup("anyone")
+    assert (reason, hold, detail) == ("circuit_open", 2.0, "upstream") and 9.0 < retry_after <= 10.0
+    # Only the reasons named: a reload that lists cooldown alone.
+    table.set_defaults(holds={"cooldown": 1.0})
+    assert table.lookup("full")[3] is None and table.lookup("anyone")[3] is None
+    assert table.lookup("cool")[3] == 1.0
+    table.set_defaults()
+    assert table.holds() == {} and table.lookup("cool")[3] is None
+
+
 def test_bad_arguments_get_clear_answers() -> None:
     with pytest.raises(ValueError, match="capacity"):
         EventQueue(0)
@@ -532,6 +557,12 @@ def test_bad_arguments_get_clear_answers() -> None:
         table.set_cooldown("k", 5.0, hold=-1.0)
     with pytest.raises(ValueError, match="state"):
         table.set_breaker("upstream", "ajar")
+    with pytest.raises(ValueError, match="a denied client is never held"):
+        table.set_defaults(holds={"deny": 2.0})
+    with pytest.raises(ValueError, match="expected refusal reasons"):
+        table.set_defaults(holds={"slow": 2.0})
+    with pytest.raises(ValueError, match="holds"):
+        table.set_defaults(holds={"cooldown": -1.0})
     with pytest.raises(ValueError, match="deny: invalid network"):
         table.set_deny(["10.0.0.0/40"])
     with pytest.raises(ValueError, match="peer"):

@@ -240,6 +240,9 @@ async def test_long_and_hostile_values_give_bounded_keys() -> None:
 
 
 def test_identity_settings_the_native_plane_cannot_honour_are_refused(tmp_path: Path) -> None:
+    # An Ed448 key is taken (EdDSA verifies with it: the shared vectors, and
+    # tests/test_jwt_ed448.py end to end); 57 bytes that are no point of the
+    # curve are refused at start, naming the file's setting.
     ed448_pem = tmp_path / "ed448.pem"
     ed448_pem.write_bytes(
         ed448.Ed448PrivateKey.generate()
@@ -249,7 +252,14 @@ def test_identity_settings_the_native_plane_cannot_honour_are_refused(tmp_path: 
     settings = IdentitySettings.model_validate(
         {"jwt": {"verify": True, "algorithms": ["EdDSA"], "public_key_file": str(ed448_pem)}}
     )
-    with pytest.raises(ValueError, match="Ed448 keys are not supported by the native data plane"):
+    Identity(**identity_spec(settings))
+    not_a_point = bytes.fromhex("3043300506032b6571033a00") + b"\xff" * 57  # SPKI, id-Ed448
+    ed448_pem.write_text(
+        "-----BEGIN PUBLIC KEY-----\n"
+        + base64.encodebytes(not_a_point).decode()
+        + "-----END PUBLIC KEY-----\n"
+    )
+    with pytest.raises(ValueError, match="not a valid Ed448 public key"):
         Identity(**identity_spec(settings))
     missing = IdentitySettings.model_validate(
         {

@@ -22,10 +22,10 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from ..brain import EngineGate, NativeDriver, TableSync
-from ..dataplane.boundary import Connection, Gate, HoldCounts, RelayStats
+from ..dataplane.boundary import Connection, Gate, HoldCounts, RelayStats, log_rejection
 from ..dataplane.routing import Router, client_ssl_context
 from ..dataplane.trim import ClockTrimmer
 from ..observe.logs import event
@@ -34,6 +34,7 @@ from .settings import Settings
 if TYPE_CHECKING:
     import ssl
 
+    from ..brain import Received as EngineEvent
     from ..dataplane.native import EventQueue, NativeListener, Received
 
 log = logging.getLogger("loopwatch")
@@ -225,8 +226,20 @@ class NativePlane:
             self.trimmer.poll(listener.stats().relays, time.monotonic())
 
     def _on_batch(self, batch: list[Received]) -> None:
+        from ..dataplane.native import RequestRejected
+
         try:
-            self.driver.handle(batch)
+            # The listener's request_rejected lines (rate-limited there) are
+            # written here, as the Python listener writes them; the rest is the
+            # engine's.
+            events: list[EngineEvent] = []
+            for r in batch:
+                line = r.event
+                if isinstance(line, RequestRejected):
+                    log_rejection(line.reason, line.status, line.peer, line.message, line.suppressed)
+                else:
+                    events.append(cast("EngineEvent", r))  # its event is an ev.Event now
+            self.driver.handle(events)
             self._check_drops()
         except Exception:  # a bug must not stop the draining
             log.exception("native data plane: handling a batch of %d events failed", len(batch))

@@ -173,22 +173,12 @@ def native_gaps(settings: Settings) -> list[str]:
     each, naming the key: refused at start (and by check-config and a reload)
     rather than served differently. The one list of the native data plane's
     missing features; a line goes when its feature lands
-    (proxy/dataplane/README.md)."""
-    gaps = []
-    python = "or set dataplane: python"
-    # identity sources, JWT, trusted proxies, tls, wss:// and https:// upstreams
-    # and plain HTTP are native: the listener takes those settings as they are.
-    # The table carries a hold on cooldowns only: another reason's refusal is
-    # answered at once (and a deny must never be held), so holding it would be
-    # served differently from what the settings say.
-    policy = settings.policy
-    held = set(policy.hold_reasons) - {"cooldown"}
-    if policy.hold > 0 and held:
-        gaps.append(
-            f"policy.hold_reasons: dataplane: native holds only cooldown refusals yet, not "
-            f"{', '.join(sorted(held))}: set policy.hold_reasons: [cooldown], {python}"
-        )
-    return gaps
+    (proxy/dataplane/README.md). Empty now: identity sources, JWT, trusted
+    proxies, tls, wss:// and https:// upstreams and plain HTTP are native (the
+    listener takes those settings as they are), and so is every
+    `policy.hold_reasons` (the enforcement table carries the hold of each
+    refusal reason; a deny is never held)."""
+    return []
 
 
 Layer = list[tuple[tuple[str, ...], Any, str]]

@@ -4,9 +4,13 @@ mypy cannot read the compiled module; this stub says what it holds, as
 _frames.pyi does for the C frame parser. The Rust doc comments (py/src/*.rs)
 are the reference; a drift shows in review and in tests/test_native_*.py."""
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 CLOSE_GRACE: float  # seconds a proxy-initiated close waits for a frame boundary and replies
+# seconds: at most one ("request_rejected", …) record per reason this often
+# (boundary.REJECTION_LOG_INTERVAL)
+REJECTION_LOG_INTERVAL: float
 
 # One record per event, by its first item (queue.rs documents each):
 #   ("attempt", key, route, t, addr, conn_id)
@@ -16,6 +20,9 @@ CLOSE_GRACE: float  # seconds a proxy-initiated close waits for a frame boundary
 #   ("opened", key, route, t, conn_id)
 #   ("closed", key, route, t, conn_id, code, reason, initiator, duration,
 #    messages_in, messages_out, bytes_in, bytes_out)
+#   ("request_rejected", reason, status | None, peer, message, suppressed, t):
+#    a request the listener answered (or cut) itself, rate-limited per reason
+#    at the source; the log line, not an attempt's event
 EventRecord = tuple[Any, ...]
 
 class EventQueue:
@@ -61,8 +68,9 @@ class EnforcementTable:
         self,
         deny_retry_after: float = 300.0,
         max_concurrent_retry_after: float = 5.0,
-        hold: float | None = None,
+        holds: Mapping[str, float] | None = None,
     ) -> None: ...
+    def holds(self) -> dict[str, float]: ...
     def lookup(self, key: str, peer: str | None = None) -> Lookup: ...
     def prune(self) -> None: ...
     @property

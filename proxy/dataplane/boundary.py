@@ -44,6 +44,18 @@ _WARNING_REASONS = frozenset({"overload", "address_limit", "upstream_timeout", "
 REJECTION_LOG_INTERVAL = 10.0  # seconds: at most one log line per reason this often
 
 
+def log_rejection(reason: str, status: int | None, peer: str, message: str, suppressed: int) -> None:
+    """The `request_rejected` line (docs/logs.md): a warning for the refusals that
+    protect loopwatch or point at the upstream, info otherwise. Rate-limited by
+    the caller (`Rejections` here; natively, the listener, per reason, before
+    the line crosses the event queue)."""
+    level = logging.WARNING if reason in _WARNING_REASONS else logging.INFO
+    event(
+        log, "request_rejected", level,
+        reason=reason, status=status, peer=peer, message=message, suppressed=suppressed,
+    )  # fmt: skip
+
+
 class Rejections:
     """Requests loopwatch answered itself before the engine saw them: a count per
     reason (read at scrape time) and a log line per reason at most every
@@ -67,11 +79,7 @@ class Rejections:
             return
         self._next_log[reason] = now + self.interval
         suppressed, self._suppressed[reason] = self._suppressed[reason], 0
-        level = logging.WARNING if reason in _WARNING_REASONS else logging.INFO
-        event(
-            log, "request_rejected", level,
-            reason=reason, status=status, peer=peer, message=message, suppressed=suppressed,
-        )  # fmt: skip
+        log_rejection(reason, status, peer, message, suppressed)
 
 
 @dataclass(frozen=True, slots=True)

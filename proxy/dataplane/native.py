@@ -9,7 +9,9 @@ own types:
   with the GIL released; call it from a thread of its own, or with
   `asyncio.to_thread`, never on the event loop) and returns them as the
   detectors' event dataclasses (detectors/events.py), a Closed with what
-  crossed the connection;
+  crossed the connection, and the `request_rejected` log lines the listener
+  sends (a `RequestRejected`: already rate-limited, one per reason every 10 s
+  at most; the brain writes them);
 * `EnforcementTable` is the Rust class itself: the brain writes cooldowns,
   min-interval deadlines, allow/deny lists and breakers into it, and the
   listener reads it at admission without ever calling Python;
@@ -57,13 +59,30 @@ REJECT_WITH = ("close-1013", "http-429")
 
 
 @dataclass(frozen=True, slots=True)
+class RequestRejected:
+    """A request the listener answered (or cut: `status` None) itself before the
+    engine saw it: the `request_rejected` log line (boundary.log_rejection), which
+    the listener sends at most once per reason every REJECTION_LOG_INTERVAL,
+    `suppressed` counting the ones left out since the previous line (every one is
+    counted in ListenerStats.rejected). Not an attempt's event: no key, no id."""
+
+    reason: str
+    status: int | None
+    peer: str
+    message: str
+    suppressed: int
+    t: float  # monotonic seconds
+
+
+@dataclass(frozen=True, slots=True)
 class Received:
     """One event off the queue. `conn_id` is the id of the accepted connection it
     belongs to, the same on every event of that connection (an Attempt, then its
     Rejected and Answered, or its HandshakeFailed, or its Opened and Closed);
-    `NativeListener.close` takes it. `traffic` is what crossed a Closed one."""
+    `NativeListener.close` takes it. `traffic` is what crossed a Closed one. A
+    RequestRejected (a log line, no attempt's event) has no connection: id 0."""
 
-    event: ev.Event
+    event: ev.Event | RequestRejected
     traffic: RelayStats | None = None
     conn_id: int = 0
 
@@ -71,6 +90,9 @@ class Received:
 def _received(record: tuple[Any, ...]) -> Received:
     """A record of the Rust queue (see `_dataplane.EventQueue`) as a Received."""
     kind = record[0]
+    if kind == "request_rejected":
+        _, reason, status, peer, message, suppressed, t = record
+        return Received(RequestRejected(reason, status, peer, message, suppressed, t))
     if kind == "attempt":
         _, key, route, t, addr, conn = record
         return Received(ev.Attempt(key, route, t, addr), conn_id=conn)

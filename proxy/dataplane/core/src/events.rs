@@ -12,6 +12,14 @@
 //! The brain drains it in batches with [`EventReceiver::recv_batch`], from a
 //! thread of its own with the GIL released, and reads the drop count at scrape
 //! time (and logs once per burst of drops with [`EventSender::drops`]).
+//!
+//! Besides the attempts' events, the queue carries the `request_rejected`
+//! log lines of the requests loopwatch answered itself
+//! ([`Event::RequestRejected`]), already rate-limited at the source by a
+//! [`LogLimiter`]: at most one per reason per [`REJECTION_LOG_INTERVAL`],
+//! so a flood of bad requests (thousands a second, each counted in an
+//! atomic) puts a handful of lines in the queue, never enough to crowd out
+//! the engine's events.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -116,6 +124,28 @@ pub struct Traffic {
     pub bytes_out: u64,
 }
 
+/// At most one `request_rejected` line per reason this often
+/// (`REJECTION_LOG_INTERVAL` in proxy/dataplane/boundary.py).
+pub const REJECTION_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A request loopwatch answered (or cut) itself before the engine saw it,
+/// as its `request_rejected` log line says (`Rejections.add` in
+/// proxy/dataplane/boundary.py). Not an attempt's event: no key, no id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestRejected {
+    /// The `reason` label of loopwatch_requests_rejected_total.
+    pub reason: &'static str,
+    /// The answer's status; None for a connection cut without one.
+    pub status: Option<u16>,
+    /// The client's address.
+    pub peer: Box<str>,
+    /// The answer's body line (or what a cut means).
+    pub message: Box<str>,
+    /// Rejections of this reason left unlogged since the previous line.
+    pub suppressed: u64,
+    pub at: Instant,
+}
+
 /// One step of an upgrade attempt's life. `key` is the client key identity
 /// gave it, `route` the route's name, `conn_id` the connection's id: given at
 /// accept, unique in one listener, the same on every event of a connection
@@ -139,7 +169,7 @@ pub enum Event {
         reason: RefuseReason,
         conn_id: u64,
     },
-    /// A refusal that was held (its cooldown's hold) was answered, or its
+    /// A refusal that was held (policy.hold for its reason) was answered, or its
     /// client left during the hold: the attempt ended now, and the engine
     /// measures retry intervals from here (`Answered` in detectors/events.py).
     Answered {
@@ -176,6 +206,9 @@ pub enum Event {
         duration: Duration,
         traffic: Traffic,
     },
+    /// A `request_rejected` log line (rate-limited at the source; boxed:
+    /// rare, and it keeps the attempts' events small).
+    RequestRejected(Box<RequestRejected>),
 }
 
 impl Event {
@@ -188,17 +221,21 @@ impl Event {
             Event::HandshakeFailed { .. } => "handshake_failed",
             Event::Opened { .. } => "opened",
             Event::Closed { .. } => "closed",
+            Event::RequestRejected(_) => "request_rejected",
         }
     }
 
-    pub fn key(&self) -> &str {
+    /// The client's key; None for a [`Event::RequestRejected`] (refused
+    /// before any key was given).
+    pub fn key(&self) -> Option<&str> {
         match self {
             Event::Attempt { key, .. }
             | Event::Rejected { key, .. }
             | Event::Answered { key, .. }
             | Event::HandshakeFailed { key, .. }
             | Event::Opened { key, .. }
-            | Event::Closed { key, .. } => key,
+            | Event::Closed { key, .. } => Some(key),
+            Event::RequestRejected(_) => None,
         }
     }
 
@@ -210,19 +247,82 @@ impl Event {
             | Event::HandshakeFailed { at, .. }
             | Event::Opened { at, .. }
             | Event::Closed { at, .. } => *at,
+            Event::RequestRejected(line) => line.at,
         }
     }
 
-    /// The connection's id (the same on every event of one connection).
-    pub fn conn_id(&self) -> u64 {
+    /// The connection's id (the same on every event of one connection);
+    /// None for a [`Event::RequestRejected`] (it may come before any id).
+    pub fn conn_id(&self) -> Option<u64> {
         match self {
             Event::Attempt { conn_id, .. }
             | Event::Rejected { conn_id, .. }
             | Event::Answered { conn_id, .. }
             | Event::HandshakeFailed { conn_id, .. }
             | Event::Opened { conn_id, .. }
-            | Event::Closed { conn_id, .. } => *conn_id,
+            | Event::Closed { conn_id, .. } => Some(*conn_id),
+            Event::RequestRejected(_) => None,
         }
+    }
+}
+
+/// At most one log line per slot (a reason) per interval, decided without a
+/// lock by whoever gets there first, and how many were left out since the
+/// previous line (`Rejections` in proxy/dataplane/boundary.py, whose
+/// bookkeeping this is). Every rejection is counted elsewhere; this only
+/// decides which ones also make a line.
+#[derive(Debug)]
+pub struct LogLimiter<const N: usize> {
+    start: Instant,
+    interval: u64,
+    /// Per slot: nanoseconds after `start` before which no line is written.
+    next: [AtomicU64; N],
+    /// Per slot: left out since the last line.
+    suppressed: [AtomicU64; N],
+}
+
+impl<const N: usize> LogLimiter<N> {
+    pub fn new(interval: Duration) -> Self {
+        LogLimiter {
+            start: Instant::now(),
+            interval: u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX),
+            next: std::array::from_fn(|_| AtomicU64::new(0)),
+            suppressed: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+
+    fn nanos(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.start).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// One occurrence in `slot` at `now`: `Some(left out since the last
+    /// line)` when it gets a line, None when it is left out (and counted so).
+    pub fn admit(&self, slot: usize, now: Instant) -> Option<u64> {
+        let now = self.nanos(now);
+        let next = self.next[slot].load(Ordering::Acquire);
+        let due = now >= next
+            && self.next[slot]
+                .compare_exchange(
+                    next,
+                    now.saturating_add(self.interval),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok();
+        if due {
+            Some(self.suppressed[slot].swap(0, Ordering::AcqRel))
+        } else {
+            self.suppressed[slot].fetch_add(1, Ordering::AcqRel);
+            None
+        }
+    }
+
+    /// A line `admit` granted was lost (the queue was full): it and the
+    /// `carried` ones it reported are left out again, and the next
+    /// occurrence may have the line.
+    pub fn undo(&self, slot: usize, carried: u64) {
+        self.suppressed[slot].fetch_add(carried.saturating_add(1), Ordering::AcqRel);
+        self.next[slot].store(0, Ordering::Release);
     }
 }
 
@@ -356,7 +456,15 @@ mod tests {
         assert_eq!(rx.drops().take_unreported(), 0); // one report per burst
         let batch = rx.recv_batch(100, Duration::from_millis(10));
         let keys: Vec<_> = batch.iter().map(Event::key).collect();
-        assert_eq!(keys, ["client-0", "client-1", "client-2", "client-3"]);
+        assert_eq!(
+            keys,
+            [
+                Some("client-0"),
+                Some("client-1"),
+                Some("client-2"),
+                Some("client-3")
+            ]
+        );
         assert!(tx.send(attempt(99)), "room again after the drain");
     }
 
@@ -419,15 +527,80 @@ mod tests {
             duration: Duration::from_millis(3),
             traffic: Traffic::default(),
         };
-        assert_eq!((e.type_name(), e.key(), e.conn_id()), ("closed", "k", 1));
+        assert_eq!(
+            (e.type_name(), e.key(), e.conn_id()),
+            ("closed", Some("k"), Some(1))
+        );
         let answered = Event::Answered {
             key: "k".into(),
             route: Arc::from("r"),
             at: Instant::now(),
             conn_id: 7,
         };
-        assert_eq!((answered.type_name(), answered.conn_id()), ("answered", 7));
+        assert_eq!(
+            (answered.type_name(), answered.conn_id()),
+            ("answered", Some(7))
+        );
+        let at = Instant::now();
+        let line = Event::RequestRejected(Box::new(RequestRejected {
+            reason: "bad_request",
+            status: Some(400),
+            peer: "127.0.0.1".into(),
+            message: "malformed request".into(),
+            suppressed: 0,
+            at,
+        }));
+        assert_eq!(
+            (line.type_name(), line.key(), line.conn_id(), line.at()),
+            ("request_rejected", None, None, at)
+        );
         assert_eq!(Initiator::Upstream.as_str(), "upstream");
         assert_eq!(HandshakeError::ClientClosed.as_str(), "client_closed");
+    }
+
+    #[test]
+    fn one_line_per_slot_per_interval_with_the_count_left_out() {
+        let limiter: LogLimiter<2> = LogLimiter::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        let at = |s: f64| t0 + Duration::from_secs_f64(s);
+        assert_eq!(limiter.admit(0, at(0.0)), Some(0));
+        for i in 0..5 {
+            assert_eq!(limiter.admit(0, at(1.0 + f64::from(i))), None);
+        }
+        assert_eq!(limiter.admit(1, at(4.5)), Some(0), "slots are independent");
+        assert_eq!(limiter.admit(0, at(9.9)), None);
+        assert_eq!(limiter.admit(0, at(10.5)), Some(6));
+        assert_eq!(limiter.admit(0, at(11.0)), None);
+        // A granted line lost to a full queue: counted as left out, and the
+        // next occurrence gets a line at once, carrying every one of them.
+        assert_eq!(limiter.admit(1, at(20.0)), Some(0));
+        limiter.undo(1, 0);
+        assert_eq!(limiter.admit(1, at(20.1)), Some(1));
+    }
+
+    #[test]
+    fn racing_threads_write_one_line_and_lose_no_count() {
+        let limiter: Arc<LogLimiter<1>> = Arc::new(LogLimiter::new(Duration::from_secs(3600)));
+        let now = Instant::now();
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let limiter = Arc::clone(&limiter);
+                thread::spawn(move || {
+                    (0..1000)
+                        .filter_map(|_| limiter.admit(0, now))
+                        .collect::<Vec<u64>>()
+                })
+            })
+            .collect();
+        let lines: Vec<u64> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        assert_eq!(lines, [0], "one line in the interval");
+        assert_eq!(
+            limiter.admit(0, now + Duration::from_secs(3600)),
+            Some(3999),
+            "every other one counted"
+        );
     }
 }

@@ -5,14 +5,22 @@
 //! the brain (the Python engine in `detectors/`) decides *who*, a batch later.
 //! The table holds only restrictions:
 //!
-//! * per client key: a cooldown (until when, the rule that started it, the
-//!   hold of the refusal), a min-interval deadline (no attempt before), and
-//!   whether the key is at its max-concurrent limit (`reject-new`);
+//! * per client key: a cooldown (until when, the rule that started it), a
+//!   min-interval deadline (no attempt before), and whether the key is at its
+//!   max-concurrent limit (`reject-new`);
 //! * allow and deny lists (exact keys, or CIDRs matched against the key's
 //!   address part and the peer address);
 //! * the circuit breakers: closed, open until an instant, or half-open, each
-//!   with a probe budget the data plane takes from atomically.
+//!   with a probe budget the data plane takes from atomically;
+//! * the hold of each refusal reason ([`HoldPolicy`]: `policy.hold` for each
+//!   of `policy.hold_reasons`; a deny is never held).
 //!
+//! The reason of a refusal is decided here, at lookup, from the entry and the
+//! breakers as they stand now, and its hold follows from the reason: the
+//! reason's hold, never past the retry time the refusal announces (the
+//! Python data plane's `refusal_for` in proxy/brain.py). So a min-interval
+//! refusal a moment before its deadline is held only for what is left, and
+//! the hold of every reason changes with one write on a reload.//!
 //! The decisions mirror the engine's `admit` (detectors/engine.py): deny first
 //! (it holds even in observe mode); then, unless the key is allow-listed, its
 //! cooldown, min-interval and max-concurrent; then every breaker that is not
@@ -59,7 +67,9 @@ pub struct Cooldown {
     pub until: Instant,
     /// The rule that started it ("auth_failure_loop", "manual", …).
     pub rule: Arc<str>,
-    /// Hold a refused attempt this long before answering it (tarpit).
+    /// Hold a refused attempt this long before answering it, instead of the
+    /// cooldown reason's hold in [`Snapshot::holds`] (still never past the
+    /// retry time). None: the policy's.
     pub hold: Option<Duration>,
     /// When the retry time told to a refused client runs out, if not at
     /// `until` (an operator's cooldown may announce another time).
@@ -233,13 +243,62 @@ pub fn address_of(key: &str) -> &str {
         .unwrap_or(address)
 }
 
+/// How long a refusal is held before it is answered, by its reason
+/// (`policy.hold` for each of `policy.hold_reasons`). A deny is never held:
+/// [`HoldPolicy::set`] refuses it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HoldPolicy {
+    by_reason: [Option<Duration>; RefuseReason::ALL.len()],
+}
+
+fn reason_slot(reason: RefuseReason) -> usize {
+    RefuseReason::ALL
+        .iter()
+        .position(|&r| r == reason)
+        .expect("every reason is in ALL")
+}
+
+impl HoldPolicy {
+    /// Hold `reason`'s refusals `hold` (None or zero: answer them at once).
+    pub fn set(&mut self, reason: RefuseReason, hold: Option<Duration>) -> Result<(), String> {
+        let hold = hold.filter(|h| !h.is_zero());
+        if reason == RefuseReason::Deny && hold.is_some() {
+            return Err("deny: a denied client is never held".to_string());
+        }
+        self.by_reason[reason_slot(reason)] = hold;
+        Ok(())
+    }
+
+    /// The hold configured for `reason`.
+    pub fn get(&self, reason: RefuseReason) -> Option<Duration> {
+        self.by_reason[reason_slot(reason)]
+    }
+
+    /// The hold of one refusal: `hold` (the reason's unless given), never
+    /// past its `retry_after`; None when that leaves nothing to hold.
+    pub fn of(
+        &self,
+        reason: RefuseReason,
+        hold: Option<Duration>,
+        retry_after: Duration,
+    ) -> Option<Duration> {
+        if reason == RefuseReason::Deny {
+            return None;
+        }
+        hold.or(self.get(reason))
+            .map(|h| h.min(retry_after))
+            .filter(|h| !h.is_zero())
+    }
+}
+
 /// How an attempt is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
     pub reason: RefuseReason,
     /// For the close-1013 reason or Retry-After.
     pub retry_after: Duration,
-    /// Hold the attempt this long before answering (None: answer at once).
+    /// Hold the attempt this long before answering (None: answer at once);
+    /// never past `retry_after`, never for a deny.
     pub hold: Option<Duration>,
     /// The breaker that refused (circuit_open), or the cooldown's rule.
     pub detail: Option<Arc<str>>,
@@ -269,8 +328,8 @@ pub struct Snapshot {
     pub deny_retry_after: Duration,
     /// Retry time told at max-concurrent (the engine uses the cooldown base).
     pub max_concurrent_retry_after: Duration,
-    /// Hold of refusals other than cooldowns (a cooldown carries its own).
-    pub hold: Option<Duration>,
+    /// The hold of each refusal reason.
+    pub holds: HoldPolicy,
 }
 
 impl Default for Snapshot {
@@ -283,7 +342,7 @@ impl Default for Snapshot {
             breakers: Vec::new(),
             deny_retry_after: Duration::from_secs(300),
             max_concurrent_retry_after: Duration::from_secs(5),
-            hold: None,
+            holds: HoldPolicy::default(),
         }
     }
 }
@@ -295,7 +354,7 @@ impl Snapshot {
             return Admission::Refuse(Refusal {
                 reason: RefuseReason::Deny,
                 retry_after: self.deny_retry_after,
-                hold: self.hold,
+                hold: None, // never held: the client is refused for good
                 detail: None,
             });
         }
@@ -328,7 +387,7 @@ impl Snapshot {
                 return Admission::Refuse(Refusal {
                     reason: RefuseReason::CircuitOpen,
                     retry_after,
-                    hold: self.hold,
+                    hold: self.holds.of(RefuseReason::CircuitOpen, None, retry_after),
                     detail: Some(Arc::clone(&breaker.name)),
                 });
             }
@@ -343,18 +402,20 @@ impl Snapshot {
     fn per_key(&self, entry: &KeyEntry, now: Instant) -> Option<Refusal> {
         if let Some(c) = entry.cooldown.as_ref().filter(|c| c.until > now) {
             let retry_until = c.retry_until.unwrap_or(c.until);
+            let retry_after = retry_until.saturating_duration_since(now);
             return Some(Refusal {
                 reason: RefuseReason::Cooldown,
-                retry_after: retry_until.saturating_duration_since(now),
-                hold: c.hold,
+                retry_after,
+                hold: self.holds.of(RefuseReason::Cooldown, c.hold, retry_after),
                 detail: Some(Arc::clone(&c.rule)),
             });
         }
         if let Some(t) = entry.not_before.filter(|&t| t > now) {
+            let retry_after = t - now;
             return Some(Refusal {
                 reason: RefuseReason::MinInterval,
-                retry_after: t - now,
-                hold: self.hold,
+                retry_after,
+                hold: self.holds.of(RefuseReason::MinInterval, None, retry_after),
                 detail: None,
             });
         }
@@ -362,7 +423,11 @@ impl Snapshot {
             return Some(Refusal {
                 reason: RefuseReason::MaxConcurrent,
                 retry_after: self.max_concurrent_retry_after,
-                hold: self.hold,
+                hold: self.holds.of(
+                    RefuseReason::MaxConcurrent,
+                    None,
+                    self.max_concurrent_retry_after,
+                ),
                 detail: None,
             });
         }
@@ -686,6 +751,104 @@ mod tests {
         });
         assert_eq!(taken, 100);
         assert_eq!(budget.remaining(), 0);
+    }
+
+    #[test]
+    fn every_reason_but_deny_is_held_never_past_its_retry_time() {
+        let now = Instant::now();
+        let two = Some(secs(2));
+        let mut holds = HoldPolicy::default();
+        for reason in [
+            RefuseReason::Cooldown,
+            RefuseReason::MinInterval,
+            RefuseReason::MaxConcurrent,
+            RefuseReason::CircuitOpen,
+        ] {
+            holds.set(reason, two).unwrap();
+        }
+        assert!(holds.set(RefuseReason::Deny, two).is_err());
+        holds.set(RefuseReason::Deny, None).unwrap();
+        let mut s = Snapshot {
+            holds,
+            deny: AccessList::parse(["bad"]).unwrap(),
+            breakers: vec![BreakerEntry {
+                name: Arc::from("upstream"),
+                state: BreakerState::Open {
+                    until: now + secs(10),
+                },
+                probes: ProbeBudget::new(1),
+                enforced: true,
+            }],
+            ..Snapshot::default()
+        };
+        s.keys.insert("cool".into(), cooling(now, 60));
+        s.keys
+            .get_mut("cool")
+            .unwrap()
+            .cooldown
+            .as_mut()
+            .unwrap()
+            .hold = None;
+        s.keys.insert(
+            "soon".into(),
+            KeyEntry {
+                not_before: Some(now + Duration::from_millis(700)),
+                ..KeyEntry::default()
+            },
+        );
+        s.keys.insert(
+            "full".into(),
+            KeyEntry {
+                at_capacity: true,
+                ..KeyEntry::default()
+            },
+        );
+        let held = |s: &Snapshot, key: &str| {
+            let r = refusal(s.admission(key, None, now));
+            (r.reason, r.hold)
+        };
+        assert_eq!(held(&s, "cool"), (RefuseReason::Cooldown, two));
+        // 700 ms left of the min-interval: held 700 ms, not 2 s.
+        assert_eq!(
+            held(&s, "soon"),
+            (RefuseReason::MinInterval, Some(Duration::from_millis(700)))
+        );
+        assert_eq!(held(&s, "full"), (RefuseReason::MaxConcurrent, two));
+        assert_eq!(held(&s, "bad"), (RefuseReason::Deny, None));
+        assert_eq!(held(&s, "anyone"), (RefuseReason::CircuitOpen, two));
+        // Only the reasons listed: the others are answered at once.
+        s.holds.set(RefuseReason::MinInterval, None).unwrap();
+        s.holds
+            .set(RefuseReason::CircuitOpen, Some(Duration::ZERO))
+            .unwrap();
+        assert_eq!(held(&s, "soon"), (RefuseReason::MinInterval, None));
+        assert_eq!(held(&s, "anyone"), (RefuseReason::CircuitOpen, None));
+    }
+
+    #[test]
+    fn a_cooldowns_own_hold_wins_but_never_outlasts_it() {
+        let now = Instant::now();
+        let mut s = Snapshot::default();
+        s.holds.set(RefuseReason::Cooldown, Some(secs(2))).unwrap();
+        s.keys.insert("own".into(), cooling(now, 60)); // its own 1.5 s
+        s.keys.insert("short".into(), cooling(now, 1));
+        if let Some(c) = s.keys.get_mut("short").unwrap().cooldown.as_mut() {
+            c.hold = None;
+        }
+        let hold = |s: &Snapshot, key: &str, at: Instant| refusal(s.admission(key, None, at)).hold;
+        assert_eq!(hold(&s, "own", now), Some(Duration::from_millis(1500)));
+        assert_eq!(hold(&s, "short", now), Some(secs(1)));
+        assert_eq!(
+            hold(&s, "short", now + Duration::from_millis(400)),
+            Some(Duration::from_millis(600))
+        );
+        // A retry time of 0 (its announced time passed) leaves nothing to hold.
+        let mut entry = cooling(now, 60);
+        if let Some(c) = entry.cooldown.as_mut() {
+            c.retry_until = Some(now);
+        }
+        s.keys.insert("due".into(), entry);
+        assert_eq!(hold(&s, "due", now + secs(1)), None);
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! Every phase after the TLS handshake is generic over the client's stream
 //! and the upstream's ([`Transport`]): plain and TLS share one code path.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -54,6 +54,9 @@ const HEAD_READ: usize = 4096;
 
 const SHUTTING_DOWN: &str = "loopwatch: shutting down";
 const OVERLOADED: &str = "loopwatch: too many connections";
+/// The log line's message for a plain response cut mid-body (no answer is
+/// written: the client has its head already).
+const RESPONSE_STALLED: &str = "loopwatch: response stalled";
 /// One address holds its share of the connections or of the half-open heads
 /// (`ADDRESS_LIMIT` in listener.py).
 const ADDRESS_LIMIT: &str = "loopwatch: too many connections from your address";
@@ -65,7 +68,11 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// head's buffer is borrowed; owned, so the buffer can go.
 enum Plan {
     /// Answer it ourselves and close.
-    Answer { response: Vec<u8>, label: Rejected },
+    Answer {
+        status: u16,
+        message: &'static str,
+        label: Rejected,
+    },
     /// The enforcement table refused it (its events are out).
     Refuse {
         refusal: Refusal,
@@ -115,7 +122,7 @@ pub async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, gua
         // and a splice of two of them over 3 KiB).
         Some(acceptor) => {
             Box::pin(async {
-                if let Some(client) = accept_tls(&shared, acceptor, client, deadline).await {
+                if let Some(client) = accept_tls(&shared, acceptor, client, peer, deadline).await {
                     serve_stream(&shared, client, peer, deadline, "https", guard).await;
                 }
             })
@@ -141,6 +148,7 @@ async fn accept_tls(
     shared: &Shared,
     acceptor: &TlsAcceptor,
     mut client: TcpStream,
+    peer: SocketAddr,
     deadline: Instant,
 ) -> Option<Box<tokio_rustls::server::TlsStream<TcpStream>>> {
     let mut shutdown = shared.shutdown.clone();
@@ -159,14 +167,14 @@ async fn accept_tls(
     };
     let counters = &shared.counters;
     match step {
-        FirstByte::Stop => counters.reject(Rejected::ShuttingDown),
+        FirstByte::Stop => shared.rejected(Rejected::ShuttingDown, None, peer.ip(), SHUTTING_DOWN),
         FirstByte::Timeout => counters.tls_failed(TlsFailure::Timeout),
         FirstByte::Gone => {}
         FirstByte::Byte(TLS_HANDSHAKE_RECORD) => {
             return tokio::select! {
                 biased;
                 _ = &mut stop => {
-                    counters.reject(Rejected::ShuttingDown);
+                    shared.rejected(Rejected::ShuttingDown, None, peer.ip(), SHUTTING_DOWN);
                     None
                 }
                 _ = &mut timer => {
@@ -207,6 +215,7 @@ async fn serve_stream<C: Transport + 'static>(
         reject(
             shared,
             &mut client,
+            peer.ip(),
             Rejected::ShuttingDown,
             503,
             SHUTTING_DOWN,
@@ -220,6 +229,7 @@ async fn serve_stream<C: Transport + 'static>(
         reject(
             shared,
             &mut client,
+            peer.ip(),
             Rejected::Overload,
             503,
             OVERLOADED,
@@ -238,7 +248,16 @@ async fn serve_stream<C: Transport + 'static>(
         AddressAdmission::OverCap => {
             let retry = [("Retry-After", "1")];
             let label = Rejected::AddressLimit;
-            reject(shared, &mut client, label, 503, ADDRESS_LIMIT, &retry).await;
+            reject(
+                shared,
+                &mut client,
+                peer.ip(),
+                label,
+                503,
+                ADDRESS_LIMIT,
+                &retry,
+            )
+            .await;
             return;
         }
     };
@@ -271,7 +290,7 @@ async fn serve_stream<C: Transport + 'static>(
                     if quiet(&buf) {
                         return; // idle between requests: just close
                     }
-                    reject(shared, &mut client, Rejected::ShuttingDown, 503, SHUTTING_DOWN, &[]).await;
+                    reject(shared, &mut client, peer_ip, Rejected::ShuttingDown, 503, SHUTTING_DOWN, &[]).await;
                     return;
                 }
                 _ = &mut head_timer => {
@@ -281,7 +300,7 @@ async fn serve_stream<C: Transport + 'static>(
                         return;
                     }
                     let message = "loopwatch: request head timeout";
-                    reject(shared, &mut client, Rejected::HeadTimeout, 408, message, &[]).await;
+                    reject(shared, &mut client, peer_ip, Rejected::HeadTimeout, 408, message, &[]).await;
                     return;
                 }
                 read = client.read_buf(&mut buf) => match read {
@@ -298,9 +317,8 @@ async fn serve_stream<C: Transport + 'static>(
             match status {
                 HeadStatus::Partial => continue,
                 HeadStatus::Rejected(rejection) => {
-                    shared
-                        .counters
-                        .reject(Rejected::from_head(rejection.reason));
+                    let label = Rejected::from_head(rejection.reason);
+                    shared.rejected(label, Some(rejection.status), peer_ip, &rejection.message);
                     answer(&mut client, &rejection.response(), Then::Close).await;
                     return;
                 }
@@ -312,8 +330,13 @@ async fn serve_stream<C: Transport + 'static>(
         drop(buf);
 
         match plan {
-            Plan::Answer { response, label } => {
-                shared.counters.reject(label);
+            Plan::Answer {
+                status,
+                message,
+                label,
+            } => {
+                shared.rejected(label, Some(status), peer_ip, message);
+                let response = simple_response(status, message, &[]);
                 answer(&mut client, &response, Then::Close).await;
             }
             Plan::Refuse {
@@ -344,11 +367,12 @@ async fn serve_stream<C: Transport + 'static>(
                     early,
                     deadline,
                     conn_id,
+                    peer: peer_ip,
                 };
                 forward(shared, client, upgrade, guard, address).await
             }
             Plan::Http { route, request } => {
-                if forward_http(shared, &mut client, &route, &request).await {
+                if forward_http(shared, &mut client, peer_ip, &route, &request).await {
                     idle = true;
                     continue;
                 }
@@ -365,6 +389,7 @@ async fn serve_stream<C: Transport + 'static>(
 async fn forward_http<C: Transport>(
     shared: &Shared,
     client: &mut C,
+    peer: IpAddr,
     route: &Route,
     request: &http::Request,
 ) -> bool {
@@ -398,13 +423,13 @@ async fn forward_http<C: Transport>(
             counted,
         } => {
             if let Some(label) = counted {
-                shared.counters.reject(label);
+                shared.rejected(label, Some(status), peer, &message);
             }
             answer(client, &simple_response(status, &message, &[]), Then::Close).await;
         }
         Outcome::Cut(counted) => {
             if let Some(label) = counted {
-                shared.counters.reject(label);
+                shared.rejected(label, None, peer, RESPONSE_STALLED);
             }
             // An abortive close (RST), as the Python data plane's abort().
             let _ = socket2::SockRef::from(client.tcp()).set_linger(Some(Duration::ZERO));
@@ -426,7 +451,8 @@ fn decide(
 ) -> Plan {
     let Some(route) = route_for(&shared.config.routes, head.path) else {
         return Plan::Answer {
-            response: simple_response(404, "no route for this path", &[]),
+            status: 404,
+            message: "no route for this path",
             label: Rejected::NoRoute,
         };
     };
@@ -532,7 +558,8 @@ enum HoldEnd {
 }
 
 /// Refuse an attempt without touching the upstream, after its hold if it has
-/// one (within `policy.max_held` and `max_held_per_key`): HTTP 429/503 +
+/// one (the table's hold for its reason, `Refusal::hold`; within
+/// `policy.max_held` and `max_held_per_key`): HTTP 429/503 +
 /// Retry-After, or 101 then a close with `policy.close_code` (1013).
 async fn refuse<C: Transport>(
     shared: &Shared,
@@ -541,7 +568,6 @@ async fn refuse<C: Transport>(
     ws_key: Vec<u8>,
     attempt: RefusedAttempt,
 ) {
-    let limits = &shared.config.limits;
     let policy = shared.policy.snapshot();
     let mut retry_after = refusal.retry_after;
     if let Some(hold) = refusal.hold.filter(|h| !h.is_zero()) {
@@ -553,7 +579,9 @@ async fn refuse<C: Transport>(
             policy.max_held_per_key,
         );
         if let Ok(ticket) = taken {
-            let hold = hold.min(limits.handshake_timeout);
+            // As long as the table says (policy.hold, at most 30 s, never past
+            // the retry time): as the Python data plane holds, the handshake
+            // timeout no longer runs once the head is in.
             let mut shutdown = shared.shutdown.clone();
             let mut sink = [0u8; 512];
             // Held: no upstream, no answer yet. A client that leaves ends it.
@@ -667,12 +695,13 @@ async fn read_now<C: AsyncRead + Unpin>(client: &mut C, sink: &mut [u8]) -> usiz
 async fn reject<C: Transport>(
     shared: &Shared,
     client: &mut C,
+    peer: IpAddr,
     label: Rejected,
     status: u16,
     message: &str,
     headers: &[(&str, &str)],
 ) {
-    shared.counters.reject(label);
+    shared.rejected(label, Some(status), peer, message);
     answer(
         client,
         &simple_response(status, message, headers),
@@ -757,6 +786,8 @@ struct Upgrade {
     /// The handshake's deadline (from accept, or from the previous response).
     deadline: Instant,
     conn_id: u64,
+    /// The client's address (its refusals' log lines name it).
+    peer: IpAddr,
 }
 
 async fn forward<C: Transport + 'static>(
@@ -773,6 +804,7 @@ async fn forward<C: Transport + 'static>(
         mut early,
         deadline,
         conn_id,
+        peer,
     } = upgrade;
     let limits = &shared.config.limits;
     let failed = |failure: HandshakeFailure| {
@@ -815,7 +847,7 @@ async fn forward<C: Transport + 'static>(
             tokio::select! {
                 biased;
                 _ = &mut stop => {
-                    reject(shared, &mut client, Rejected::ShuttingDown, 503, SHUTTING_DOWN, &[]).await;
+                    reject(shared, &mut client, peer, Rejected::ShuttingDown, 503, SHUTTING_DOWN, &[]).await;
                     return;
                 }
                 _ = &mut handshake_timer => {

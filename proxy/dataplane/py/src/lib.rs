@@ -496,5 +496,9 @@ fn _dataplane(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Listener>()?;
     m.add_class::<Identity>()?;
     m.add("CLOSE_GRACE", relay::CLOSE_GRACE.as_secs_f64())?;
+    m.add(
+        "REJECTION_LOG_INTERVAL",
+        loopwatch_dataplane_core::events::REJECTION_LOG_INTERVAL.as_secs_f64(),
+    )?;
     Ok(())
 }

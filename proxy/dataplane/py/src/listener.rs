@@ -7,16 +7,18 @@
 //! into the bounded queue (`try_send`), and count what they refuse in
 //! atomics the brain reads at scrape time.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::runtime::Runtime;
 use tokio::sync::{watch, Notify};
 
-use loopwatch_dataplane_core::events::{EventSender, RefuseReason};
+use loopwatch_dataplane_core::events::{
+    Event, EventSender, LogLimiter, RefuseReason, RequestRejected, REJECTION_LOG_INTERVAL,
+};
 use loopwatch_dataplane_core::head::HeadLimits;
 use loopwatch_dataplane_core::identity::Identity;
 use loopwatch_dataplane_core::table::EnforcementTable;
@@ -148,6 +150,20 @@ fn refuse_index(reason: RefuseReason) -> usize {
         .expect("every reason is in ALL")
 }
 
+/// Which rejections also make a `request_rejected` log line: at most one per
+/// reason per `REJECTION_LOG_INTERVAL`, decided here, on the connection's
+/// task, so that a flood of bad requests costs an atomic each and puts at
+/// most 13 lines per interval in the event queue (the brain writes them:
+/// `NativePlane` in proxy/app/planes.py).
+#[derive(Debug)]
+pub struct RejectionLog(LogLimiter<{ Rejected::ALL.len() }>);
+
+impl Default for RejectionLog {
+    fn default() -> Self {
+        RejectionLog(LogLimiter::new(REJECTION_LOG_INTERVAL))
+    }
+}
+
 /// What the listener did, read by the brain at scrape time.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -163,6 +179,7 @@ pub struct Counters {
     rejected: [AtomicU64; Rejected::ALL.len()],
     refused: [AtomicU64; RefuseReason::ALL.len()],
     tls_failed: [AtomicU64; TlsFailure::ALL.len()],
+    rejection_log: RejectionLog,
 }
 
 impl Counters {
@@ -293,6 +310,30 @@ impl Shared {
 
     pub fn closing(&self) -> bool {
         *self.shutdown.borrow()
+    }
+
+    /// A request loopwatch answered (`status`) or cut (None) itself, before
+    /// the engine saw it: counted by `reason`, and logged when its reason's
+    /// interval allows (a line lost to a full queue is retried by the next
+    /// rejection of that reason, with the count it carried).
+    pub fn rejected(&self, reason: Rejected, status: Option<u16>, peer: IpAddr, message: &str) {
+        let counters = &self.counters;
+        counters.reject(reason);
+        let log = &counters.rejection_log.0;
+        let Some(suppressed) = log.admit(reason.index(), Instant::now()) else {
+            return;
+        };
+        let line = RequestRejected {
+            reason: reason.label(),
+            status,
+            peer: peer.to_string().into(),
+            message: message.into(),
+            suppressed,
+            at: Instant::now(),
+        };
+        if !self.events.send(Event::RequestRejected(Box::new(line))) {
+            log.undo(reason.index(), suppressed);
+        }
     }
 }
 

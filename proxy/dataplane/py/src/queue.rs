@@ -70,6 +70,11 @@ impl Clock {
 /// * `("opened", key, route, t, conn_id)`
 /// * `("closed", key, route, t, conn_id, code, reason, initiator, duration,
 ///   messages_in, messages_out, bytes_in, bytes_out)`
+/// * `("request_rejected", reason, status, peer, message, suppressed, t)`: a
+///   request the listener answered (`status`; None when it cut it) before
+///   the engine saw it, at most one per reason every 10 s, `suppressed`
+///   counting the ones left out since the previous (not an attempt's event:
+///   no key, no id)
 ///
 /// `t` is `time.monotonic()` seconds, `duration` seconds; `conn_id` is the
 /// connection's id, the same on every event of one accepted connection.
@@ -300,6 +305,18 @@ fn to_tuple<'py>(py: Python<'py>, clock: &Clock, event: Event) -> PyResult<Bound
                 traffic.messages_out.into_pyobject(py)?.into_any(),
                 traffic.bytes_in.into_pyobject(py)?.into_any(),
                 traffic.bytes_out.into_pyobject(py)?.into_any(),
+            ],
+        ),
+        Event::RequestRejected(line) => PyTuple::new(
+            py,
+            [
+                "request_rejected".into_pyobject(py)?.into_any(),
+                line.reason.into_pyobject(py)?.into_any(),
+                line.status.into_pyobject(py)?.into_any(),
+                (&*line.peer).into_pyobject(py)?.into_any(),
+                (&*line.message).into_pyobject(py)?.into_any(),
+                line.suppressed.into_pyobject(py)?.into_any(),
+                clock.seconds(line.at).into_pyobject(py)?.into_any(),
             ],
         ),
     }

@@ -6,6 +6,7 @@
 //! wait for it. Durations come in as seconds and become deadlines on the
 //! Rust side's clock.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,7 +17,7 @@ use pyo3::types::PyTuple;
 
 use loopwatch_dataplane_core::table::{
     AccessList, Admission, BreakerEntry, BreakerState, Cooldown, EnforcementTable as Table,
-    KeyEntry, ProbeBudget,
+    HoldPolicy, KeyEntry, ProbeBudget, RefuseReason,
 };
 
 /// The longest duration a table entry takes (ten years): beyond it a deadline
@@ -70,8 +71,8 @@ impl StateKind {
 /// Per client key: `set_cooldown`, `set_min_interval`, `set_at_capacity`,
 /// `clear`; lists: `set_allow`, `set_deny` (keys, or CIDRs matched against the
 /// key's address part and the peer); breakers: `set_breaker`,
-/// `remove_breaker`; `set_defaults` for the retry times and hold of refusals
-/// that carry none of their own.
+/// `remove_breaker`; `set_defaults` for the retry times of refusals that
+/// carry none of their own and the hold of each refusal reason.
 #[pyclass(frozen, module = "loopwatch.proxy.dataplane._dataplane")]
 pub struct EnforcementTable {
     inner: Arc<Table>,
@@ -95,7 +96,8 @@ impl EnforcementTable {
     /// Refuse `key` for `seconds` from now, naming the rule (`reason`) that
     /// started it. `retry_after`: the retry time refusals announce, if not
     /// what is left of the cooldown; `hold`: hold a refused attempt this long
-    /// before answering it.
+    /// before answering it, instead of the cooldown hold of `set_defaults`
+    /// (never past the retry time either way).
     #[pyo3(signature = (key, seconds, reason="manual", retry_after=None, hold=None))]
     fn set_cooldown(
         &self,
@@ -249,27 +251,40 @@ impl EnforcementTable {
     }
 
     /// Retry times of refusals that carry none (deny: the cooldown max;
-    /// max-concurrent: the cooldown base) and the hold of every refusal but a
-    /// cooldown's (None: answer at once).
-    #[pyo3(signature = (deny_retry_after=300.0, max_concurrent_retry_after=5.0, hold=None))]
+    /// max-concurrent: the cooldown base) and the hold of each refusal reason
+    /// (`holds`: reason name to seconds, `policy.hold` for each of
+    /// `policy.hold_reasons`; a reason not named is answered at once). The
+    /// listener caps each hold at the retry time its refusal announces. A
+    /// deny is never held: a hold for "deny" is a `ValueError`.
+    #[pyo3(signature = (deny_retry_after=300.0, max_concurrent_retry_after=5.0, holds=None))]
     fn set_defaults(
         &self,
         py: Python<'_>,
         deny_retry_after: f64,
         max_concurrent_retry_after: f64,
-        hold: Option<f64>,
+        holds: Option<HashMap<String, f64>>,
     ) -> PyResult<()> {
         let deny = duration("deny_retry_after", deny_retry_after)?;
         let max_concurrent = duration("max_concurrent_retry_after", max_concurrent_retry_after)?;
-        let hold = optional_duration("hold", hold)?;
+        let holds = hold_policy(holds.unwrap_or_default())?;
         py.detach(|| {
             self.inner.update(|s| {
                 s.deny_retry_after = deny;
                 s.max_concurrent_retry_after = max_concurrent;
-                s.hold = hold;
+                s.holds = holds;
             })
         });
         Ok(())
+    }
+
+    /// The hold of each refusal reason the table carries now, in seconds
+    /// (the reasons held only).
+    fn holds(&self) -> HashMap<&'static str, f64> {
+        let holds = self.inner.snapshot().holds;
+        RefuseReason::ALL
+            .iter()
+            .filter_map(|&r| holds.get(r).map(|h| (r.as_str(), h.as_secs_f64())))
+            .collect()
     }
 
     /// The decision an attempt of `key` from `peer` gets now, as the listener
@@ -335,6 +350,27 @@ impl EnforcementTable {
     fn __repr__(&self) -> String {
         format!("{:?}", self.inner)
     }
+}
+
+fn hold_policy(holds: HashMap<String, f64>) -> PyResult<HoldPolicy> {
+    let mut policy = HoldPolicy::default();
+    for (name, seconds) in holds {
+        let reason = RefuseReason::ALL
+            .into_iter()
+            .find(|r| r.as_str() == name)
+            .ok_or_else(|| {
+                let names: Vec<&str> = RefuseReason::ALL.iter().map(|r| r.as_str()).collect();
+                PyValueError::new_err(format!(
+                    "holds: expected refusal reasons ({}), got {name:?}",
+                    names.join(", ")
+                ))
+            })?;
+        let hold = duration(&format!("holds[{name:?}]"), seconds)?;
+        policy
+            .set(reason, Some(hold))
+            .map_err(|e| PyValueError::new_err(format!("holds: {e}")))?;
+    }
+    Ok(policy)
 }
 
 fn parse_list(name: &str, entries: &[String]) -> PyResult<AccessList> {

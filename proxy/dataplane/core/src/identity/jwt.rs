@@ -1,9 +1,9 @@
 //! JWT verification with PyJWT's semantics (`Identifier._claims` with
 //! `jwt.verify: true`): the key is chosen by loopwatch from the token's `alg`
 //! (HS* only with the secret, RS*/PS* only with an RSA key, ESxxx only with
-//! the key of its curve, EdDSA only with an Ed25519 key), the signature is
-//! checked by `jsonwebtoken` (RustCrypto; ES512 by `p521`, which jsonwebtoken
-//! lacks), then PyJWT's header and claim checks: `kid` a string, `crit` only
+//! the key of its curve, EdDSA with an Ed25519 or Ed448 key), the signature
+//! is checked by `jsonwebtoken` (RustCrypto; ES512 by `p521` and EdDSA with
+//! Ed448 by `ed448-goldilocks`, which jsonwebtoken lacks), then PyJWT's header and claim checks: `kid` a string, `crit` only
 //! `b64`, no detached payloads, `iat`/`nbf`/`exp` as `int()` reads them
 //! against the clock with the leeway, `aud` and `iss` when configured, `sub`
 //! and `jti` strings when present. Any failure yields nothing.
@@ -66,6 +66,9 @@ enum Key {
     /// jsonwebtoken's key for this algorithm.
     Jwt(DecodingKey, Algorithm),
     P521(p521::ecdsa::VerifyingKey),
+    /// EdDSA with an Ed448 key: RFC 8032's pure Ed448, empty context (as
+    /// `cryptography`'s `Ed448PublicKey.verify`, which PyJWT calls).
+    Ed448(Box<ed448_goldilocks::VerifyingKey>),
     /// A secret PyJWT refuses to use: the token fails.
     Refused,
 }
@@ -75,6 +78,7 @@ impl std::fmt::Debug for Key {
         match self {
             Key::Jwt(_, alg) => write!(f, "Key({alg:?})"),
             Key::P521(_) => write!(f, "Key(ES512)"),
+            Key::Ed448(_) => write!(f, "Key(EdDSA, Ed448)"),
             Key::Refused => write!(f, "Key(refused)"),
         }
     }
@@ -88,7 +92,8 @@ enum PublicKey {
     /// The curve's OID and the SEC1 point.
     Ec(&'static str, Vec<u8>),
     Ed25519(Vec<u8>),
-    Ed448,
+    /// The 57-byte encoded point (RFC 8032).
+    Ed448(Vec<u8>),
 }
 
 /// Tokens that verified, remembered (`identity._VERIFIED_CACHE`): a looping
@@ -175,13 +180,7 @@ impl Verifier {
                     (PublicKey::Ed25519(raw), "EdDSA") => {
                         Key::Jwt(DecodingKey::from_ed_der(raw), Algorithm::EdDSA)
                     }
-                    (PublicKey::Ed448, "EdDSA") => {
-                        return Err(
-                            "identity.jwt.public_key_file: Ed448 keys are not supported by \
-                                    the native data plane (Ed25519 is)"
-                                .into(),
-                        )
-                    }
+                    (PublicKey::Ed448(raw), "EdDSA") => Key::Ed448(Box::new(ed448_key(raw)?)),
                     _ => continue,
                 };
                 keys.push((alg, key));
@@ -191,7 +190,7 @@ impl Verifier {
             return Err(format!(
                 "identity.jwt: verify is true but no key matches any of algorithms {:?} (HS* need \
                  secret; RS*/PS* an RSA key, ES256/384/512 a P-256/384/521 key, EdDSA an Ed25519 \
-                 key in public_key_file)",
+                 or Ed448 key in public_key_file)",
                 spec.algorithms
             ));
         }
@@ -264,6 +263,8 @@ impl Verifier {
             }
             Key::P521(key) => p521::ecdsa::Signature::from_slice(&raw_signature)
                 .is_ok_and(|sig| key.verify(signing_input.as_bytes(), &sig).is_ok()),
+            Key::Ed448(key) => ed448_goldilocks::Signature::from_slice(&raw_signature)
+                .is_ok_and(|sig| key.verify_raw(&sig, signing_input.as_bytes()).is_ok()),
         };
         if !good {
             return None;
@@ -507,6 +508,15 @@ fn read_public_key(pem_bytes: &[u8]) -> Result<PublicKey, String> {
     spki_key(block.contents()).ok_or_else(|| bad("unsupported or malformed key"))
 }
 
+/// An Ed448 public key's 57 bytes as a verifying key: refused at start when
+/// they are no point of the curve (or its identity), which no signature could
+/// ever match.
+fn ed448_key(raw: &[u8]) -> Result<ed448_goldilocks::VerifyingKey, String> {
+    let bad = || "identity.jwt.public_key_file: not a valid Ed448 public key".to_owned();
+    let bytes: &[u8; 57] = raw.try_into().map_err(|_| bad())?;
+    ed448_goldilocks::VerifyingKey::from_bytes(bytes).map_err(|_| bad())
+}
+
 /// One DER element: (tag, contents, what follows).
 fn der(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     let tag = *input.first()?;
@@ -586,7 +596,7 @@ fn spki_key(spki: &[u8]) -> Option<PublicKey> {
             Some(PublicKey::Ec(curve, key.to_vec()))
         }
         "1.3.101.112" if key.len() == 32 => Some(PublicKey::Ed25519(key.to_vec())),
-        "1.3.101.113" => Some(PublicKey::Ed448),
+        "1.3.101.113" if key.len() == 57 => Some(PublicKey::Ed448(key.to_vec())),
         _ => None,
     }
 }
