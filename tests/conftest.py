@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,37 +31,6 @@ def free_port() -> int:
 
 # --- the data plane a test runs on ------------------------------------------------
 #
-# A test module opts in to both data planes with `DATAPLANES = ("python", "native")`
-# and `pytestmark = pytest.mark.usefixtures("dataplane")` (or a test asks for the
-# `dataplane` fixture): each of its tests runs on each plane, and `settings_for`,
-# `loopwatch` and `proxied` start the plane of the current run. A test that cannot
-# run on native yet says why: `@pytest.mark.dataplanes("python")  # needs …`.
-
-PLANES: dict[str, str] = {"current": "native"}
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "dataplanes(*names): the data planes a test runs on")
-
-
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "dataplane" in metafunc.fixturenames:
-        marker = metafunc.definition.get_closest_marker("dataplanes")
-        planes = marker.args if marker is not None else getattr(metafunc.module, "DATAPLANES", ("native",))
-        metafunc.parametrize("dataplane", planes, indirect=True)
-
-
-@pytest.fixture
-def dataplane(request: pytest.FixtureRequest) -> Iterator[str]:
-    """The data plane of this run ("python" or "native")."""
-    plane = getattr(request, "param", "native")
-    PLANES["current"] = plane
-    try:
-        yield plane
-    finally:
-        PLANES["current"] = "native"
-
-
 def client_key(subject: str | None = None, address: str = "127.0.0.1") -> str:
     """The key a loopback client gets (on either plane): `subject@address` from a
     JWT (identity.sources' default), else the address."""
@@ -70,21 +39,12 @@ def client_key(subject: str | None = None, address: str = "127.0.0.1") -> str:
     return f"{subject}@{address}"
 
 
-def plane_yaml() -> str:
-    """The config file lines that select the current plane ("" for python)."""
-    if PLANES["current"] == "native":
-        return "dataplane: native\n"
-    return ""
-
-
-def settings_for(upstream: str, dataplane: str | None = None, **overrides: Any) -> Settings:
+def settings_for(upstream: str, **overrides: Any) -> Settings:
     # Refusals answered at once unless a test turns policy.hold on (tests/test_hold.py,
     # the browser tests): a 2 s hold per refusal would stretch every loop test.
     base: dict[str, Any] = {
         "upstream": upstream, "listen": "127.0.0.1:0", "admin.listen": "127.0.0.1:0", "policy.hold": 0,
     }
-    if (dataplane or PLANES["current"]) == "native":
-        base["dataplane"] = "native"
     base.update(overrides)
     return load_settings(None, env={}, overrides=base)
 

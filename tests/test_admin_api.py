@@ -10,7 +10,6 @@ from pathlib import Path
 from urllib.parse import quote
 
 import aiohttp
-import pytest
 from websockets.asyncio.client import connect
 
 from loopwatch.proxy.app.runtime import ConfigSources, Running, start
@@ -18,7 +17,6 @@ from loopwatch.proxy.app.settings import load_settings
 from loopwatch.proxy.tools.demo_backend import DemoBackend, issue_token
 from tests.clients import demo_backend, loop_until
 from tests.conftest import client_key, loopwatch, ws_url
-
 
 TOKEN = "s3cret-admin-token"
 

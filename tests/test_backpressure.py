@@ -14,7 +14,6 @@ import asyncio
 import os
 import socket
 
-import pytest
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection
 
@@ -22,7 +21,6 @@ from loopwatch.proxy.app.runtime import Running
 from loopwatch.proxy.dataplane.boundary import Gate
 from tests.conftest import idle, loopwatch, wait_for, websockets_backend, ws_url
 from tests.wsraw import BINARY, CLOSE, RawClient, close_payload, frame, parse_frames, raw_backend
-
 
 # Every async test here runs on asyncio's loop and on uvloop, the loop `loopwatch run`
 # uses (tests/conftest.py, pytest_asyncio_loop_factories).

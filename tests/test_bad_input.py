@@ -32,7 +32,6 @@ from tests.conftest import (
 )
 from tests.hardening import rejected
 
-
 RUN_ON_UVLOOP = True  # each test runs on asyncio's loop and on uvloop (tests/conftest.py)
 
 

@@ -1,7 +1,7 @@
-"""`dataplane: native` in `loopwatch run`: what it refuses at start, what the
-brain does with its events and table (proxy/app/planes.py, proxy/brain.py).
-The suites of the whole runtime run on both planes too (DATAPLANES in
-test_detection_proxy, test_http, test_status_api, …)."""
+"""The data plane in `loopwatch run`: the `dataplane` key, and what the brain
+does with the native plane's events and table (proxy/app/planes.py,
+proxy/brain.py). The suites of the whole runtime run on it (test_detection_proxy,
+test_http, test_status_api, …)."""
 
 from __future__ import annotations
 
@@ -20,55 +20,28 @@ from tests.conftest import loopwatch, wait_for, ws_url
 
 
 def native(**overrides: object) -> dict[str, object]:
-    return {"upstream": "ws://127.0.0.1:9", "dataplane": "native", **overrides}
+    return {"upstream": "ws://127.0.0.1:9", **overrides}
 
 
-def test_native_gaps_is_empty_now() -> None:
-    """The one list of what native cannot honour (native_gaps) is empty: its
-    last line, policy.hold_reasons beyond cooldown, went with the table's hold
-    per refusal reason (tests/test_hold.py runs every reason on both planes)."""
-    from loopwatch.proxy.app.settings import native_gaps
-
-    every = {"policy.hold": "1s", "policy.hold_reasons": ["cooldown", "min_interval", "max_concurrent", "circuit_open"]}
-    assert native_gaps(load_settings(None, env={}, overrides=native(**every))) == []
-    # A deny is never holdable, on either plane: refused by the settings model.
-    with pytest.raises(ConfigError) as raised:
-        load_settings(None, env={}, overrides=native(**{"policy.hold_reasons": ["deny"]}))
-    assert any(line.startswith("policy.hold_reasons") for line in raised.value.errors)
-
-
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        {"identity.sources": ["header:x-user", "jwt:sub", "ip"], "identity.jwt.verify": True, "identity.jwt.secret": "s"},
-        {"identity.trusted_proxies": ["10.0.0.0/8"]},
-        {"tls.cert_file": "/c.pem", "tls.key_file": "/k.pem"},
-        {"upstream": "wss://backend.example:443", "upstream_tls.verify": False},
-        {"routes": [{"path_prefix": "/api", "upstream": "https://backend.example"}], "upstream": None},
-        {"policy.hold": "1s", "policy.hold_reasons": ["cooldown", "min_interval", "max_concurrent", "circuit_open"]},
-    ],
-)
-def test_what_native_does_now_is_no_longer_refused(overrides: dict[str, object]) -> None:
-    """Identity sources and JWT, trusted proxies, TLS, wss:// and https://
-    upstreams: passed to the native listener as they are (planes.NativePlane);
-    every hold reason: the table carries each reason's hold."""
-    assert load_settings(None, env={}, overrides=native(**overrides)).dataplane == "native"
-
-
-def test_check_config_and_the_defaults(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert load_settings(None, env={}).dataplane == "python"
-    assert load_settings(None, env={}, overrides=native()).dataplane == "native"
-    config = tmp_path / "native.yaml"
-    # identity.sources defaults to [jwt:sub, ip]: native keys clients the same way.
+def test_native_is_the_default_and_python_is_refused_with_the_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One data plane: `dataplane: native` (or no key) loads; `python`, the
+    deleted asyncio plane, is refused by check-config with the reason, not
+    served differently."""
+    assert load_settings(None, env={}).dataplane == "native"
+    config = tmp_path / "loopwatch.yaml"
     config.write_text("upstream: ws://127.0.0.1:9\ndataplane: native\n")
     assert check_config_main(str(config)) == 0
     capsys.readouterr()
-    config.write_text("upstream: ws://127.0.0.1:9\ndataplane: native\npolicy:\n  hold: 1s\n  hold_reasons: [cooldown, min_interval]\n")
-    assert check_config_main(str(config)) == 0
-    capsys.readouterr()
+    config.write_text("upstream: ws://127.0.0.1:9\ndataplane: python\n")
+    assert check_config_main(str(config)) == 2
+    assert "dataplane: the asyncio data plane was removed (issue 16)" in capsys.readouterr().err
+    with pytest.raises(ConfigError):
+        load_settings(None, env={"LOOPWATCH_DATAPLANE": "python"})
     config.write_text("dataplane: turbo\n")
     assert check_config_main(str(config)) == 2
-    assert "dataplane: expected one of 'python' or 'native', got 'turbo'" in capsys.readouterr().err
+    assert "dataplane: expected one of 'native', got 'turbo'" in capsys.readouterr().err
 
 
 async def scrape(port: int) -> str:

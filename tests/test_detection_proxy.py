@@ -15,7 +15,6 @@ from loopwatch.proxy.tools.demo_backend import DemoBackend, issue_token
 from tests.clients import attempt, demo_backend, loop_until
 from tests.conftest import client_key, free_port, loopwatch, wait_for, ws_url
 
-
 COOLDOWN_REASON = re.compile(r"^loopwatch: cooldown, retry in (\d+)s$")
 
 

@@ -34,7 +34,6 @@ from tests.conftest import (
     ws_url,
 )
 
-
 RUN_ON_UVLOOP = True  # each test runs on asyncio's loop and on uvloop (tests/conftest.py)
 
 

@@ -10,11 +10,8 @@ import contextlib
 import socket
 import time
 
-import pytest
-
 from tests.conftest import RawBackend, read_response, switching_protocols, upgrade_request, wait_for
 from tests.hardening import ATTACKER, MIB, Healthy, open_from, proxied, read_all, rejected
-
 
 RUN_ON_UVLOOP = True  # each test runs on asyncio's loop and on uvloop (tests/conftest.py)
 

@@ -44,7 +44,6 @@ from tests.hardening import (
 )
 from tests.test_native_relay import native
 
-
 RUN_ON_UVLOOP = True  # each test runs on asyncio's loop and on uvloop (tests/conftest.py)
 
 Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]

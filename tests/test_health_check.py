@@ -6,12 +6,10 @@ from __future__ import annotations
 import time
 
 import aiohttp
-import pytest
 
 from loopwatch.proxy.app.runtime import Running
 from loopwatch.proxy.tools.demo_backend import DemoBackend
 from tests.conftest import free_port, loopwatch, wait_for
-
 
 
 def upstream_breaker(lw: Running) -> str:

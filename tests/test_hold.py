@@ -15,7 +15,6 @@ from pathlib import Path
 from urllib.parse import quote
 
 import aiohttp
-import pytest
 from websockets.asyncio.client import connect
 
 from loopwatch.detectors.engine import Engine
@@ -29,7 +28,6 @@ from tests.conftest import (
     client_key,
     free_port,
     loopwatch,
-    plane_yaml,
     raw_exchange,
     upgrade_request,
     wait_for,

@@ -216,17 +216,18 @@ async def test_the_hold_slows_the_incident_s_loop_in_chromium() -> None:
                 )
                 await page_benign.evaluate("t => benign(t)", issue_token("benign-tab", 600))
 
-                # Sampled all along: the held gauge of each holding instance, per key
-                # on the duplicate page's instance, and its open sockets.
+                # Sampled all along: the held gauge of each holding instance (each
+                # holds only its looping page's key: the one the count is of), and
+                # the duplicate page's open sockets.
                 held_on: list[int] = []
                 held_dup: list[float] = []
                 held_dup_key: list[int] = []
                 open_dup: list[int] = []
                 deadline = time.monotonic() + WINDOW
                 while time.monotonic() < deadline:
-                    held_on.append(len(on.proxy.holds.by_key.get("loop-on@127.0.0.1", ())))
+                    held_on.append(on.held_connections())
                     held_dup.append((await scrape(session, dup))["loopwatch_connections_held"])
-                    held_dup_key.append(len(dup.proxy.holds.by_key.get("dup-tab@127.0.0.1", ())))
+                    held_dup_key.append(dup.held_connections())
                     view = dup.engine.client("dup-tab@127.0.0.1", time.monotonic())
                     open_dup.append(view.open_connections if view is not None else 0)
                     await asyncio.sleep(0.2)
@@ -244,7 +245,7 @@ async def test_the_hold_slows_the_incident_s_loop_in_chromium() -> None:
             finally:
                 await browser.close()
             for lw in (off, on, dup):
-                await wait_for(lambda lw=lw: not lw.proxy.relays and lw.proxy.holds.count == 0, 10)
+                await wait_for(lambda lw=lw: lw.plane.connections() == 0 and lw.held_connections() == 0, 10)
 
         # --- the incident's page: hold 0 vs the default hold -----------------------------
         rates = {}

@@ -27,7 +27,6 @@ from tests.conftest import (
     wait_for,
 )
 
-
 RUN_ON_UVLOOP = True  # each test runs on asyncio's loop and on uvloop (tests/conftest.py)
 
 FIRST_CHUNK_TIMEOUT = 10.0

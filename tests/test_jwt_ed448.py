@@ -21,13 +21,11 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
-import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed448
 
 from loopwatch.proxy.app.runtime import Running
 from tests.conftest import loopwatch, read_response, upgrade_request, wait_for
-
 
 KEY = ed448.Ed448PrivateKey.from_private_bytes(bytes(range(57)))
 OTHER_KEY = ed448.Ed448PrivateKey.from_private_bytes(b"\x07" * 57)

@@ -22,7 +22,6 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import (
-    PLANES,
     RawBackend,
     echo,
     loopwatch,
@@ -75,17 +74,9 @@ class Process:
         return [line.get("event", "") for line in self.log]
 
 
-def plane_env() -> dict[str, str]:
-    """The environment that selects the current data plane for `loopwatch run`."""
-    if PLANES["current"] == "native":
-        return {"LOOPWATCH_DATAPLANE": "native"}
-    return {}
-
-
 @contextlib.asynccontextmanager
 async def loopwatch_process(upstream: str, **env: str) -> AsyncIterator[Process]:
     """`loopwatch run` as a subprocess on free ports; its JSON log collected."""
-    env = {**plane_env(), **env}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "loopwatch", "run",
         "--upstream", upstream, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
@@ -113,7 +104,7 @@ async def loopwatch_process(upstream: str, **env: str) -> AsyncIterator[Process]
     reader = asyncio.create_task(read_log())
     try:
         line = await asyncio.wait_for(listening, 30)
-        assert line["dataplane"] == PLANES["current"]
+        assert line["dataplane"] == "native"
         p.proxy_port = int(line["proxy"].rsplit(":", 1)[1])
         p.admin_port = int(line["admin"].rsplit(":", 1)[1])
         yield p
@@ -303,7 +294,7 @@ async def test_run_on_a_busy_port_exits_nonzero_with_a_message():
         busy = server.sockets[0].getsockname()[1]
         code, _, err = await run_cli(
             "run", "--upstream", url, "--listen", f"127.0.0.1:{busy}", "--admin-listen", "127.0.0.1:0",
-            env=clean_env(**plane_env()),
+            env=clean_env(),
         )
     assert code == 1
     assert "cannot start" in err
@@ -380,7 +371,7 @@ async def test_memory_of_closed_connections_is_trimmed_once_after_a_burst(monkey
     monkeypatch.setattr(trim, "malloc_trim", calls.append)
     async with websockets_backend(echo) as (backend, _), loopwatch(backend) as running:
         plane = running.plane
-        trimmer = running.proxy.trimmer if plane.name == "python" else plane.trimmer  # type: ignore[attr-defined]  # NativePlane
+        trimmer = plane.trimmer  # type: ignore[attr-defined]  # NativePlane
         assert trimmer is not None
         one = await connect(ws_url(running))
         await wait_for(lambda: trimmer.peak == 1)
@@ -402,15 +393,15 @@ async def test_memory_of_closed_connections_is_trimmed_once_after_a_burst(monkey
 
 async def test_connections_leave_no_reference_cycles():
     """Relayed, refused and failed connections are freed by reference counting
-    alone: none of loopwatch's per-connection objects (handshakes, parsers, relays,
-    legs) waits for the cyclic collector."""
+    alone: none of the brain's per-connection objects (events, connection records,
+    the driver's entries) waits for the cyclic collector."""
     import gc
 
     def proxy_garbage() -> list[str]:
         return [
             type(o).__name__
             for o in gc.garbage
-            if type(o).__module__.startswith(("loopwatch.", "httptools"))
+            if type(o).__module__.startswith("loopwatch.")
         ]
 
     async with websockets_backend(echo) as (backend, _), loopwatch(backend) as running:
@@ -424,14 +415,14 @@ async def test_connections_leave_no_reference_cycles():
             writer.close()
 
         await one_round()  # first-use allocations
-        await wait_for(lambda: not running.proxy.relays and not running.proxy.handshakes)
+        await wait_for(lambda: running.plane.connections() == 0 and running.plane.settled())
         gc.collect()
         gc.disable()
         gc.set_debug(gc.DEBUG_SAVEALL)
         try:
             for _ in range(5):
                 await one_round()
-            await wait_for(lambda: not running.proxy.relays and not running.proxy.handshakes)
+            await wait_for(lambda: running.plane.connections() == 0 and running.plane.settled())
             await asyncio.sleep(0.05)
             gc.collect()
             assert proxy_garbage() == []

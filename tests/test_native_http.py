@@ -31,7 +31,6 @@ from loopwatch.proxy.dataplane.settings import Limits
 from tests.conftest import (
     RawBackend,
     free_port,
-    loopwatch,
     raw_exchange,
     read_response,
     switching_protocols,
@@ -39,7 +38,6 @@ from tests.conftest import (
     wait_for,
 )
 from tests.hardening import MIB, PlainBackend, read_all
-from tests.hardening import rejected as scraped_rejections
 from tests.test_http import Backend
 
 SLOW_BODY = b"POST /upload HTTP/1.1\r\nHost: example.test\r\nContent-Length: 100000\r\n\r\nabc"
@@ -61,29 +59,20 @@ class Front:
 async def front(plane: str, routes: list[tuple[str, str]], **limits: float) -> AsyncIterator[Front]:
     """loopwatch serving `routes` ((path prefix, upstream URL) pairs) under
     `limits` (seconds for the timeouts), on the `plane` data plane."""
-    if plane == "native":
-        queue, table = EventQueue(), EnforcementTable()
-        listener = NativeListener.start(routes, queue=queue, table=table, limits=Limits(**limits), threads=2)
+    queue, table = EventQueue(), EnforcementTable()
+    listener = NativeListener.start(routes, queue=queue, table=table, limits=Limits(**limits), threads=2)
 
-        async def native_rejected() -> dict[str, float]:
-            return {k: float(v) for k, v in listener.stats().rejected.items()}
+    async def native_rejected() -> dict[str, float]:
+        return {k: float(v) for k, v in listener.stats().rejected.items()}
 
-        try:
-            yield Front(listener.port, native_rejected, lambda: listener.stats().active, listener, queue, table)
-        finally:
-            assert await asyncio.to_thread(listener.stop, 5.0) == 0
-        return
-    overrides = {f"limits.{k}": f"{v}s" if k.endswith("timeout") else v for k, v in limits.items()}
-    route_list = [{"path_prefix": p, "upstream": u} for p, u in routes]
-    async with loopwatch(None, routes=route_list, **overrides) as lw:  # type: ignore[arg-type]
-
-        async def python_rejected() -> dict[str, float]:
-            return await scraped_rejections(lw)
-
-        yield Front(lw.proxy_port, python_rejected, lambda: lw.proxy.active)
+    try:
+        yield Front(listener.port, native_rejected, lambda: listener.stats().active, listener, queue, table)
+    finally:
+        assert await asyncio.to_thread(listener.stop, 5.0) == 0
 
 
-PLANES = pytest.mark.parametrize("plane", ["python", "native"])
+# The listener alone (the whole runtime: tests/test_http.py).
+PLANES = pytest.mark.parametrize("plane", ["native"])
 
 
 async def open_conn(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -610,7 +599,7 @@ async def test_an_upstream_connection_with_stray_bytes_is_not_reused(plane: str)
     Python data plane, refuses the whole read (a 502: the response cannot be
     told apart from what follows it there) and closes it too."""
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokSTRAY BYTES"
-    expected = (200, b"ok") if plane == "native" else (502, b"loopwatch: upstream error\n")
+    expected = (200, b"ok")
     async with ScriptedBackend(lambda path: answer) as up, front(plane, [("/", up.url)]) as lw:
         for _ in range(2):
             response, _ = await raw_exchange(

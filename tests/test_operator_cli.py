@@ -32,7 +32,6 @@ from loopwatch.proxy.tools.demo_backend import DemoBackend, issue_token
 from tests.clients import demo_backend, loop_until
 from tests.conftest import loopwatch, wait_for, ws_url
 
-
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "operator-s3cret"
 # A key with the characters that need quoting in a URL path: space, slash, non-ASCII, "@".

@@ -72,9 +72,9 @@ from loopwatch.proxy.observe.span_export import ProcessSpanSink
 from loopwatch.proxy.tools.demo_backend import issue_token
 from tests.benchmarks.bench_telemetry import dropping_spans
 from tests.clients import attempt, demo_backend
-from tests.conftest import PLANES, free_port, raw_exchange
+from tests.conftest import free_port, raw_exchange
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("dataplane")]
+pytestmark = pytest.mark.slow
 
 ALERT = "LoopwatchConnectionLoopDetected"
 JOB = "loopwatch"
@@ -359,7 +359,6 @@ def loopwatch_config(path: Path, backend_port: int, dead_port: int) -> Path:
             "hold": 0,
         },
         "breakers": {"upstream": {"window": "3s", "min_calls": 10}},
-        "dataplane": PLANES["current"],
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

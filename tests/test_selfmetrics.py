@@ -21,7 +21,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from websockets.asyncio.client import ClientConnection, connect
 
-from loopwatch.proxy.dataplane import frames
 from loopwatch.proxy.observe.selfmetrics import (
     LAG_BUCKETS,
     LagHistogram,
@@ -106,14 +105,10 @@ def test_lag_monitor_refuses_a_bad_interval(interval: float) -> None:
         LoopLagMonitor(interval)
 
 
-def test_build_labels_name_the_parser_the_relays_use() -> None:
+def test_build_labels_name_the_data_plane_and_its_parser() -> None:
     labels = build_labels()
     assert set(labels) == {"version", "dataplane", "frame_parser"}
-    assert labels["dataplane"] == "python"
-    assert labels["frame_parser"] == (
-        "c" if frames.FrameParser is frames.CFrameParser else "python"
-    )
-    assert labels["frame_parser"] == ("c" if frames.COMPILED else "python")
+    assert (labels["dataplane"], labels["frame_parser"]) == ("native", "rust")
 
 
 # --- the monitor on a real loop ------------------------------------------------------
@@ -250,8 +245,8 @@ async def test_loopwatch_run_exposes_its_process_loop_and_build() -> None:
         [build] = [labels for name, labels in later if name == "loopwatch_build_info"]
         assert dict(build) == {
             "version": build_labels()["version"],
-            "dataplane": "python",
-            "frame_parser": "c" if frames.COMPILED else "python",
+            "dataplane": "native",
+            "frame_parser": "rust",
         }
 
         # promtool lints the whole scrape, loopwatch's own families included.
@@ -263,20 +258,5 @@ async def test_loopwatch_run_exposes_its_process_loop_and_build() -> None:
         )
         assert lint.returncode == 0, lint.stdout + lint.stderr
 
-        p.proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(p.proc.wait(), 10 + MARGIN) == 0
-
-
-@SUBPROCESS
-async def test_pure_python_frames_show_in_build_info() -> None:
-    async with (
-        websockets_backend(echo) as (url, _),
-        loopwatch_process(url, LW_PURE_PYTHON_FRAMES="1") as p,
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
-    ):
-        s = samples(await scrape(session, p.admin_port))
-        [build] = [labels for name, labels in s if name == "loopwatch_build_info"]
-        assert dict(build)["frame_parser"] == "python"
-        assert dict(build)["dataplane"] == "python"
         p.proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(p.proc.wait(), 10 + MARGIN) == 0

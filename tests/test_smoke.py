@@ -1,15 +1,13 @@
 """The relay end to end with an independent client (websockets) and backend."""
 
-import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import idle, wait_for, ws_url
 
 
-
 async def test_echo_and_close_code_pass_through(proxied):
-    assert proxied.plane.name == dataplane
+    assert proxied.plane.name == "native"
     async with connect(ws_url(proxied, "/chat?room=1")) as ws:
         await ws.send("hello")
         assert await ws.recv() == "hello"

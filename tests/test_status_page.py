@@ -16,7 +16,6 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
-import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 from websockets.asyncio.client import connect
 
@@ -25,7 +24,6 @@ from loopwatch.proxy.tools.demo_backend import issue_token
 from tests.clients import demo_backend, loop_until
 from tests.conftest import loopwatch, ws_url
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
-
 
 TOKEN = "page-admin-token"
 LOOPER = "tab-42@127.0.0.1"

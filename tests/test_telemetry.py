@@ -25,16 +25,18 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from loopwatch.dashboards import promql
+from loopwatch.detectors import events as ev
 from loopwatch.detectors.rules import RULE_NAMES
 from loopwatch.proxy.admin.server import build_registry
 from loopwatch.proxy.app.runtime import ConfigSources, Running, build_gate, start
 from loopwatch.proxy.app.settings import Settings, load_settings
-from loopwatch.proxy.dataplane import frames
+from loopwatch.proxy.brain import EngineGate
+from loopwatch.proxy.dataplane.boundary import Connection, Refusal
 from loopwatch.proxy.observe.metrics import Telemetry, client_hash, code_label, code_labels
 from loopwatch.proxy.observe.observers import Observer, Observers
 from loopwatch.proxy.observe.tracing import make_tracing
 from loopwatch.proxy.tools.demo_backend import DemoBackend, issue_token
-from tests.conftest import PLANES, RawBackend, client_key, free_port, idle, wait_for
+from tests.conftest import RawBackend, client_key, free_port, idle, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 CATALOGUE = ROOT / "docs" / "metrics.md"
@@ -50,8 +52,6 @@ QUIET_RULES = {f"detection.rules.{r}.enabled": False for r in ("rapid_reconnect"
 
 def settings_with(routes: dict[str, str] | None = None, upstream: str | None = None, **overrides: Any) -> Settings:
     base: dict[str, Any] = {"listen": "127.0.0.1:0", "admin.listen": "127.0.0.1:0"}
-    if PLANES["current"] == "native":
-        base["dataplane"] = "native"
     if routes is not None:
         base["routes"] = [{"path_prefix": p, "upstream": u} for p, u in routes.items()]
     else:
@@ -70,7 +70,7 @@ async def telemetered(
 ) -> AsyncIterator[Running]:
     """A loopwatch with full telemetry; spans go to `exporter` (synchronously)."""
     sink = make_tracing([exporter], batch=False) if exporter is not None else None
-    telemetry = Telemetry(settings, build_registry(settings.dataplane), spans=sink)
+    telemetry = Telemetry(settings, build_registry(), spans=sink)
     extra = list(extra)
     gate = build_gate(settings, Observers([*telemetry.observers, *extra])) if extra else None
     running = await start(settings, gate, sources=sources, telemetry=telemetry)
@@ -344,9 +344,7 @@ async def test_scripted_session_metric_by_metric() -> None:
     assert v("loopwatch_spans_dropped_total") == 0  # every span reached the exporter
     assert v("loopwatch_config_reloads_total", result="ok") == 0
     assert v("loopwatch_config_reloads_total", result="error") == 0
-    plane = PLANES["current"]
-    frame_parser = "rust" if plane == "native" else "c" if frames.COMPILED else "python"  # the relays' build
-    assert v("loopwatch_build_info", version="0.1.0", dataplane=plane, frame_parser=frame_parser) == 1
+    assert v("loopwatch_build_info", version="0.1.0", dataplane="native", frame_parser="rust") == 1
 
     # The families exposed are exactly the catalogue's, with the same types.
     documented = documented_families()

@@ -45,7 +45,6 @@ from tests.test_telemetry import (
     telemetered,
 )
 
-
 ROOT = Path(__file__).resolve().parent.parent
 
 TRACEPARENT_OF_CLIENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"

@@ -220,10 +220,9 @@ def test_the_wheel_holds_every_module_the_compiled_parts_and_the_data(wheel: Whe
             if "target" in relative.parts:  # the Rust build's output
                 continue
             assert f"{target}/{relative.as_posix()}" in names, module
-    # The compiled frame parser, and the Rust data plane when setup.py builds it.
-    assert any(fnmatch.fnmatch(n, "loopwatch/proxy/dataplane/_frames*.so") for n in names)
-    if "RustExtension(" in (ROOT / "setup.py").read_text():
-        assert any(fnmatch.fnmatch(n, "loopwatch/proxy/dataplane/_dataplane*.so") for n in names)
+    # The compiled data plane (setup.py), and no C frame parser any more.
+    assert any(fnmatch.fnmatch(n, "loopwatch/proxy/dataplane/_dataplane*.so") for n in names)
+    assert not any(fnmatch.fnmatch(n, "loopwatch/proxy/dataplane/_frames*") for n in names)
     # The data files, all of those in the source folders: the status page, the
     # dashboard, the rules and their tests, Grafana's provisioning.
     data = [

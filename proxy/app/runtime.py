@@ -28,7 +28,7 @@ from ..sections import parse_host_port
 from ..state.local import LocalState
 from ..state.redis import RedisStateStore
 from .planes import DataPlane, make_plane
-from .settings import ConfigError, Settings, load_settings, native_gaps
+from .settings import ConfigError, Settings, load_settings
 
 log = logging.getLogger("loopwatch")
 T = TypeVar("T")
@@ -239,9 +239,6 @@ async def start(
     switch detection off. Without `telemetry`, traces are set up from the OTEL_*
     variables."""
     settings.require_upstream()
-    gaps = native_gaps(settings)
-    if gaps:
-        raise ConfigError(gaps)
     if telemetry is None:
         telemetry = Telemetry.from_env(settings, build_registry())
     if gate is None:

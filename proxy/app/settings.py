@@ -161,24 +161,9 @@ def load_settings(
         settings = Settings.model_validate(data)
     except ValidationError as exc:
         errors.extend(_format_errors(exc, origins))
-    if not errors:
-        errors.extend(native_gaps(settings))
     if errors:
         raise ConfigError(errors)
     return settings
-
-
-def native_gaps(settings: Settings) -> list[str]:
-    """What `dataplane: native` cannot honour yet in these settings, one line
-    each, naming the key: refused at start (and by check-config and a reload)
-    rather than served differently. The one list of the native data plane's
-    missing features; a line goes when its feature lands
-    (proxy/dataplane/README.md). Empty now: identity sources, JWT, trusted
-    proxies, tls, wss:// and https:// upstreams and plain HTTP are native (the
-    listener takes those settings as they are), and so is every
-    `policy.hold_reasons` (the enforcement table carries the hold of each
-    refusal reason; a deny is never held)."""
-    return []
 
 
 Layer = list[tuple[tuple[str, ...], Any, str]]
