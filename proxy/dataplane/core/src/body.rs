@@ -1,12 +1,12 @@
-//! A plain request's chunked body, decoded incrementally with the Python data
-//! plane's strictness (llhttp in strict mode, as httptools runs it), and the
-//! chunk framing loopwatch writes itself.
+//! A plain request's chunked body, decoded incrementally with llhttp's
+//! strictness (strict mode, as httptools ran it for the asyncio data plane
+//! this one replaced), and the chunk framing loopwatch writes itself.
 //!
 //! loopwatch never forwards a client's chunk framing: it decodes the body and
 //! frames it again (one chunk per piece decoded, `0\r\n\r\n` at the end, no
-//! extensions, no trailers), as aiohttp does for the Python data plane. A body
-//! the two data planes would read differently therefore cannot reach the
-//! upstream; one this decoder refuses is answered 400 (`bad_request`), with
+//! extensions, no trailers), as aiohttp frames a body it sends. A body that
+//! loopwatch and the upstream would read differently therefore cannot reach
+//! the upstream; one this decoder refuses is answered 400 (`bad_request`), with
 //! llhttp's wording.
 //!
 //! The grammar (RFC 9112 §7.1, as llhttp applies it): a chunk size of hex
@@ -288,7 +288,7 @@ mod tests {
     }
 
     /// The same cases as httptools in strict mode answers them (see the
-    /// module documentation; checked against proxy/dataplane/heads.py).
+    /// module documentation; checked against it while the asyncio plane ran).
     #[test]
     fn accepts_and_refuses_as_llhttp() {
         let ok: [&[u8]; 7] = [

@@ -7,10 +7,10 @@
 //! empty one does. The only payload it reads is a close frame's (at most 125
 //! bytes, unmasked in a copy), for the close code and reason.
 //!
-//! It mirrors `proxy/frames.py` (the Python data plane's parser and the C twin
-//! in `proxy/_frames.c`) exactly, so that the two data planes agree on what
-//! they forward, count and refuse; `tests/vectors/frames.json` holds the Python
-//! parser's answers and `tests/vectors.rs` replays them here:
+//! It gives exactly the answers of the asyncio data plane's frame parser it
+//! replaced (what to forward, count and refuse, and the wording):
+//! `tests/vectors/frames.json` holds that parser's answers, recorded before it
+//! was deleted, and `tests/vectors.rs` replays them here:
 //!
 //! * [`FrameWatcher::feed`] says how many leading bytes of a chunk may be
 //!   forwarded: all of them, or, on a violation, the offset where the
@@ -97,7 +97,8 @@ impl FrameError {
 }
 
 impl fmt::Display for FrameError {
-    /// The wording of `proxy/frames.py` (it ends up in close reasons and logs).
+    /// The wording the recorded vectors hold (it ends up in close reasons and
+    /// logs).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             FrameError::ReservedOpcode(op) => write!(f, "reserved opcode {op:#x}"),
@@ -187,8 +188,8 @@ impl Kind {
     }
 }
 
-/// FIN/RSV/opcode/fragmentation rules of a first byte (the single source of
-/// truth of `_first_byte_problem` in proxy/frames.py).
+/// FIN/RSV/opcode/fragmentation rules of a first byte: the single source of
+/// truth for them.
 fn classify(b0: u8, in_message: bool, allowed_rsv: u8) -> Result<Kind, FrameError> {
     let fin = b0 & 0x80 != 0;
     let rsv = (b0 >> 4) & 0b111;

@@ -1,10 +1,11 @@
-//! A client's request head, parsed with exactly the strictness of the Python
-//! data plane, or a typed rejection.
+//! A client's request head, parsed with llhttp's strictness, or a typed
+//! rejection.
 //!
-//! The Python data plane parses heads with httptools (llhttp in strict mode) and
-//! then makes loopwatch's own checks (`proxy/http1.py`, `proxy/server.py`). This
-//! module reproduces that whole answer, byte for byte where it matters, because
-//! a request one data plane forwards and the other refuses is a smuggling hole:
+//! The asyncio data plane this one replaced parsed heads with httptools
+//! (llhttp in strict mode) and then made loopwatch's own checks. This module
+//! reproduces that whole answer, byte for byte where it matters: while both
+//! planes ran, a request one forwarded and the other refused would have been a
+//! smuggling hole, and the answers must not change with the plane:
 //!
 //! * the request line and header lines follow llhttp's strict grammar (the
 //!   methods it knows, one or more spaces after the method, the URL characters
@@ -31,12 +32,13 @@
 //!   skips them; RFC 9112 §2.2) are allowed, but the head, those lines
 //!   included, is at most [`HeadLimits::max_head_size`] bytes up to the blank
 //!   line that ends it, looked for after them (431 beyond); that is checked
-//!   before anything else, as the Python data plane does on each read. There
+//!   before anything else, on each read. There
 //!   is no separate header-count limit: the size bounds the count (every
 //!   header line is at least 4 bytes).
 //!
-//! `tests/vectors/request_heads.json` holds the Python data plane's answers to
-//! a few thousand heads; `tests/vectors.rs` checks this module gives the same.
+//! `tests/vectors/request_heads.json` holds the asyncio data plane's answers to
+//! a few thousand heads, recorded before it was deleted; `tests/vectors.rs`
+//! checks this module gives the same.
 //!
 //! The parser is sans-I/O: [`parse_head`] takes the bytes received so far and
 //! says [`HeadStatus::Partial`] until the head is complete. It re-reads the
@@ -45,7 +47,7 @@
 use std::borrow::Cow;
 use std::fmt;
 
-/// The Python data plane's default `limits.max_head_size`.
+/// The default `limits.max_head_size`.
 pub const DEFAULT_MAX_HEAD_SIZE: usize = 16 * 1024;
 
 /// The WebSocket GUID of RFC 6455 §1.3 (for `Sec-WebSocket-Accept`).
@@ -166,8 +168,8 @@ fn reason_phrase(status: u16) -> &'static str {
 }
 
 /// The protocol name of the request line. llhttp accepts RTSP and ICE request
-/// lines too, and the Python data plane then treats them as HTTP/1.x: kept
-/// here so that a head re-serialises to what was parsed.
+/// lines too, and loopwatch then treats them as HTTP/1.x (as the recorded
+/// vectors say): kept here so that a head re-serialises to what was parsed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
     Http,
@@ -305,8 +307,8 @@ pub enum HeadStatus<'a> {
 
 /// Parse the request head at the start of `buf` (everything received so far).
 pub fn parse_head<'a>(buf: &'a [u8], limits: &HeadLimits) -> HeadStatus<'a> {
-    // The size limit comes first, as in the Python data plane, which measures
-    // each read before parsing it.
+    // The size limit comes first: each read is measured before it is parsed
+    // (kept from the asyncio data plane, whose answers the vectors hold).
     if head_extent(buf) > limits.max_head_size {
         return HeadStatus::Rejected(Rejection::new(
             431,
@@ -977,8 +979,8 @@ fn has_token(headers: &[Header<'_>], name: &[u8], token: &[u8]) -> bool {
 
 // --- loopwatch's checks -------------------------------------------------------
 
-/// The checks the Python data plane makes once llhttp has the whole head
-/// (`HeadParser.on_headers_complete`, then `begin_upgrade` for an upgrade).
+/// The checks loopwatch makes once llhttp's grammar has the whole head (the
+/// head's framing, then, for an upgrade, the WebSocket handshake's).
 fn finish(raw: RawHead<'_>) -> Result<RequestHead<'_>, Rejection> {
     let version = match (raw.major, raw.minor) {
         (1, 0) => Version::Http10,
@@ -1236,7 +1238,7 @@ fn base64(data: &[u8]) -> String {
 
 // --- the request-target, as http_parser_parse_url reads it --------------------
 
-/// The parts of a request-target (`httptools.parse_url`).
+/// The parts of a request-target (as `httptools.parse_url` gave them).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct Url<'a> {
     schema: Option<&'a [u8]>,
@@ -1256,7 +1258,7 @@ enum UrlField {
 }
 
 /// `http_parser_parse_url(buf, len, is_connect=0)` of nodejs/http-parser
-/// (strict build), which the Python data plane calls on every target: None
+/// (strict build), which the asyncio data plane called on every target: None
 /// where it fails. The characters were already checked by the scanner; what
 /// this adds is the structure of the authority of an absolute-form target.
 fn parse_url(target: &[u8]) -> Option<Url<'_>> {

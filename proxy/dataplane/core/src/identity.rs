@@ -1,15 +1,17 @@
 //! Client identity: the key the engine tracks for an upgrade request, and the
-//! client's address, exactly as `proxy/dataplane/identity.py` computes them
-//! (docs/identity.md).
+//! client's address (docs/identity.md), exactly as the asyncio data plane this
+//! one replaced computed them (its answers are the frozen vectors of
+//! `tests/vectors/identity.json`).
 //!
 //! Pure: the configuration (sources, trusted proxies, binding, the JWT keys as
 //! PEM bytes) goes in once, then `identify(head, peer, now)` answers. The clock
 //! is an argument, so the shared vectors (`tests/vectors/identity.json`) can
 //! hold expired and not-yet-valid tokens.
 //!
-//! Strings are Python's: header values and the query are latin-1 text (one
-//! char per byte), JWT claims come from Python-compatible JSON
-//! ([`json`]), "whitespace" is `str.isspace`, and a length is in code points.
+//! Strings are Python's, as in the recorded answers: header values and the
+//! query are latin-1 text (one char per byte), JWT claims come from
+//! Python-compatible JSON ([`json`]), "whitespace" is `str.isspace`, and a
+//! length is in code points.
 
 pub mod json;
 pub mod jwt;

@@ -1,13 +1,13 @@
 //! The pure core of loopwatch's compiled data plane (issue 16).
 //!
 //! Everything here is sans-I/O over byte slices and values: no sockets, no
-//! runtime, no Python. The parts the PyO3 face and the tokio data plane will be
-//! built on, each tested on its own and against the Python data plane through
-//! the shared test vectors in `tests/vectors/`:
+//! runtime, no Python. The parts the PyO3 face and the tokio data plane are
+//! built on, each tested on its own and against the answers recorded from the
+//! asyncio data plane it replaced (the frozen vectors in `tests/vectors/`):
 //!
-//! * [`head`]: a client's request head, parsed with exactly the strictness of
-//!   the Python data plane (llhttp in strict mode plus loopwatch's own checks),
-//!   answered with a typed rejection when it is bad.
+//! * [`head`]: a client's request head, parsed with llhttp's strict grammar
+//!   plus loopwatch's own checks, answered with a typed rejection when it is
+//!   bad.
 //! * [`frames`]: the incremental RFC 6455 frame-header watcher of the splice
 //!   relay, which never copies or unmasks payload, and the close frames
 //!   loopwatch writes itself.

@@ -2,7 +2,8 @@
 //! reads at admission without ever waiting.
 //!
 //! The data plane decides *how* to refuse, in microseconds, from this table;
-//! the brain (the Python engine in `detectors/`) decides *who*, a batch later.
+//! the brain (the engine in `detectors/`, in Python) decides *who*, a batch
+//! later.
 //! The table holds only restrictions:
 //!
 //! * per client key: a cooldown (until when, the rule that started it), a
@@ -17,8 +18,8 @@
 //!
 //! The reason of a refusal is decided here, at lookup, from the entry and the
 //! breakers as they stand now, and its hold follows from the reason: the
-//! reason's hold, never past the retry time the refusal announces (the
-//! Python data plane's `refusal_for` in proxy/brain.py). So a min-interval
+//! reason's hold, never past the retry time the refusal announces (the rule
+//! of `refusal_for` in proxy/brain.py). So a min-interval
 //! refusal a moment before its deadline is held only for what is left, and
 //! the hold of every reason changes with one write on a reload.//!
 //! The decisions mirror the engine's `admit` (detectors/engine.py): deny first

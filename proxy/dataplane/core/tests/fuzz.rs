@@ -334,8 +334,8 @@ proptest! {
             && split.headers.len() == whole.headers.len() + 1
         {
             // A close frame whose payload is split is accepted by its header,
-            // and refused once its payload is complete (proxy/frames.py does
-            // the same): one more header seen, never forwarded whole.
+            // and refused once its payload is complete (as the recorded vectors
+            // say): one more header seen, never forwarded whole.
             prop_assert_eq!(split.headers.last().map(|h| h.opcode), Some(0x8));
             split.headers.pop();
             split.counts.2 -= 1;

@@ -1,8 +1,8 @@
-//! Parity with the Python data plane's client identity: the request heads of
-//! `tests/vectors/identity.json` (recorded from the deleted Python plane's
-//! proxy/dataplane/identity.py, frozen since: tests/vectors)
-//! identified here under the same configurations, as native.py configures the
-//! listener, at the vectors' clock. Every case must give the same answer.
+//! Parity with the client identity of the Python data plane this one replaced:
+//! the request heads of `tests/vectors/identity.json` (recorded from it, and
+//! frozen since it was deleted) identified here under the same configurations,
+//! as native.py configures the listener, at the vectors' clock. Every case
+//! must give the same answer.
 
 use std::collections::HashMap;
 use std::net::IpAddr;

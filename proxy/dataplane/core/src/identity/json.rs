@@ -1,6 +1,7 @@
 //! JSON read exactly as Python's `json` module reads it (its C scanner, strict
-//! mode), for JWT headers and payloads: what one data plane takes as a claim
-//! the other must take too, including the corners `serde_json` reads
+//! mode), for JWT headers and payloads: what the asyncio data plane took as a
+//! claim (its answers are the recorded identity vectors) this takes too,
+//! including the corners `serde_json` reads
 //! differently — lone surrogate escapes (kept, then removed by the key's
 //! cleaning), `NaN`/`Infinity`, duplicate keys (the last wins), integers of
 //! any size (more than 4300 digits is an error, Python's
