@@ -1,7 +1,6 @@
 //! One client connection: its TLS handshake (when the listener has `tls:`),
-//! its request head, admission, the upstream handshake, then the splice
-//! (`ClientHandshake` in proxy/dataplane/listener.py); or its plain HTTP
-//! requests, one at a time (`http`), kept alive between them.
+//! its request head, admission, the upstream handshake, then the splice; or
+//! its plain HTTP requests, one at a time (`http`), kept alive between them.
 //!
 //! Every phase has a deadline: the TLS handshake, the head and the upstream's
 //! answer together `limits.handshake_timeout` from accept (the TLS handshake
@@ -58,7 +57,7 @@ const OVERLOADED: &str = "loopwatch: too many connections";
 /// written: the client has its head already).
 const RESPONSE_STALLED: &str = "loopwatch: response stalled";
 /// One address holds its share of the connections or of the half-open heads
-/// (`ADDRESS_LIMIT` in listener.py).
+/// (the 503's body line).
 const ADDRESS_LIMIT: &str = "loopwatch: too many connections from your address";
 const NOT_TLS: &str = "loopwatch: this port speaks TLS: use https:// or wss://";
 /// The first byte of a TLS connection: a handshake record.
@@ -238,8 +237,8 @@ async fn serve_stream<C: Transport + 'static>(
         .await;
         return;
     }
-    // Per address (the peer's, as the Python listener's caps; after the TLS
-    // handshake, as asyncio's): its connections and its half-open first head
+    // Per address (the peer's; counted after the TLS handshake): its
+    // connections and its half-open first head
     // (released when `address` drops, at the end of this connection: the
     // splice's task's end for a WebSocket).
     let mut address = match shared.addresses.admit(peer.ip()) {
@@ -431,7 +430,8 @@ async fn forward_http<C: Transport>(
             if let Some(label) = counted {
                 shared.rejected(label, None, peer, RESPONSE_STALLED);
             }
-            // An abortive close (RST), as the Python data plane's abort().
+            // An abortive close (RST): the client must not take the cut
+            // response for a complete one.
             let _ = socket2::SockRef::from(client.tcp()).set_linger(Some(Duration::ZERO));
         }
         Outcome::Gone => {}
@@ -580,8 +580,8 @@ async fn refuse<C: Transport>(
         );
         if let Ok(ticket) = taken {
             // As long as the table says (policy.hold, at most 30 s, never past
-            // the retry time): as the Python data plane holds, the handshake
-            // timeout no longer runs once the head is in.
+            // the retry time): the handshake timeout no longer runs once the
+            // head is in (`policy.hold` bounds the wait).
             let mut shutdown = shared.shutdown.clone();
             let mut sink = [0u8; 512];
             // Held: no upstream, no answer yet. A client that leaves ends it.

@@ -106,8 +106,8 @@ impl Policy {
 
 // --- held refusals ----------------------------------------------------------------
 
-/// Why a hold was not taken: the bound that was reached (the `bound` label of
-/// the skipped-holds counter, `Holds.skipped` in listener.py).
+/// Why a hold was not taken: the bound that was reached (the `limit` label of
+/// `loopwatch_holds_skipped_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HoldBound {
     MaxHeld,
@@ -387,8 +387,8 @@ impl Relays {
 
     /// Ask relay `conn_id` to close both legs with `command`; false when no
     /// such relay is open (unknown, or ended). A relay asked already keeps
-    /// its first close (as `Relay.close` in relay.py), and this is true while
-    /// it is still open.
+    /// its first close (the first reason is the one reported), and this is
+    /// true while it is still open.
     pub fn close(&self, conn_id: u64, command: CloseCommand) -> bool {
         let mut shard = lock(self.shard(conn_id));
         let Some(entry) = shard.get_mut(&conn_id) else {
@@ -427,8 +427,7 @@ pub struct AddressLoad {
 }
 
 /// What each client address holds, against `limits.max_connections_per_address`
-/// and `limits.max_heads_per_address` (`AddressLoad` in listener.py); an
-/// entry goes at zero. Addresses in `identity.trusted_proxies` are never
+/// and `limits.max_heads_per_address`; an entry goes at zero. Addresses in `identity.trusted_proxies` are never
 /// capped (nor tracked); with neither cap set nothing is tracked.
 pub struct Addresses {
     shards: Vec<Mutex<HashMap<IpAddr, AddressLoad>>>,
@@ -505,8 +504,9 @@ impl Addresses {
         self.max_connections != usize::MAX || self.max_heads != usize::MAX
     }
 
-    /// A new connection from `ip`: counted, or refused over its caps. As the
-    /// Python listener, an address's first connection is always taken.
+    /// A new connection from `ip`: counted, or refused over its caps. An
+    /// address's first connection is always taken (a cap below one would
+    /// shut the address out).
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> AddressAdmission {
         if !self.capped() || self.exempt.iter().any(|net| net.contains(ip)) {
             return AddressAdmission::Exempt;

@@ -1,5 +1,4 @@
-//! Plain HTTP requests forwarded to the route's upstream (`HttpExchange` in
-//! proxy/dataplane/forward.py, which does it with aiohttp): one exchange, its
+//! Plain HTTP requests forwarded to the route's upstream: one exchange, its
 //! request body streamed up and its response streamed back, each phase under
 //! its own timeout.
 //!
@@ -46,7 +45,7 @@ use crate::response::{decode_chunks, parse_response_head, BadResponse, Chunk, Fr
 use crate::wire::{connection_named, hop_by_hop};
 
 /// Bytes read from one side at a time, written to the other before the next
-/// read (`BODY_BUFFER` in forward.py).
+/// read.
 pub const BODY_BUFFER: usize = 64 * 1024;
 
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
@@ -114,7 +113,7 @@ pub enum Outcome {
     Gone,
 }
 
-/// Where an exchange is, and so which timeout watches it (`forward.Phase`).
+/// Where an exchange is, and so which timeout watches it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Phase {
@@ -128,7 +127,7 @@ pub enum Phase {
     Done = 3,
 }
 
-/// The moves an exchange may make (`PHASE_TRANSITIONS` in forward.py).
+/// The moves an exchange may make: the table `Phase::can_move` checks.
 const TRANSITIONS: [(Phase, Phase); 6] = [
     (Phase::Body, Phase::AwaitHead), // the request body ended
     (Phase::Body, Phase::Response),  // an upstream may answer before the body ends

@@ -389,9 +389,8 @@ impl Listener {
 
     /// Close the relayed WebSocket `conn_id` (the id of its events) with
     /// `code` and `reason` (cut to 123 bytes on a character boundary, as
-    /// frames.build_close_frame does) on both legs, each at a frame
-    /// boundary, as the Python relay's `close` (the engine's close-oldest,
-    /// an operator's close). False when no such WebSocket is open (unknown, or ended); one
+    /// `core::frames::build_close_frame` does) on both legs, each at a frame
+    /// boundary (the engine's close-oldest, an operator's close). False when no such WebSocket is open (unknown, or ended); one
     /// asked already keeps its first close. Never waits for the close to
     /// happen: its Closed event follows, with initiator "proxy".
     #[pyo3(signature = (conn_id, code, reason = ""))]
@@ -440,7 +439,7 @@ impl Listener {
     /// is set. Refusals from now on use the new values, holds already taken
     /// keep theirs; heads read from now on are keyed by the new `identity`
     /// (its trusted proxies are not the per-address caps' exemptions, which
-    /// stay as at start, as in the Python listener).
+    /// stay as at start).
     #[pyo3(signature = (*, reject_with = None, close_code = None, max_holds = None, max_held_per_key = None, identity = None))]
     fn reconfigure(
         &self,

@@ -1,6 +1,5 @@
 //! The native listener: a tokio multi-thread runtime, the accept loop, the
-//! live connections and their orderly stop (`ProxyServer` in
-//! proxy/dataplane/listener.py).
+//! live connections and their orderly stop.
 //!
 //! Python starts it and stops it; nothing on the connection path ever takes
 //! the GIL. Connections read the enforcement table (lock-free), emit events
@@ -113,8 +112,7 @@ impl Rejected {
 }
 
 /// Why a client's TLS handshake on the listener failed (the `tls_failed`
-/// counters). The Python data plane leaves these to asyncio, which counts
-/// nothing and logs them at debug level only.
+/// counters).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TlsFailure {
     /// A TLS error: no common version or cipher suite, a malformed record,
@@ -278,7 +276,7 @@ pub struct Shared {
     /// The refusal policy now (a reload changes it).
     pub policy: Policy,
     /// Who a client is now (a reload changes it; the per-address caps keep
-    /// the trusted proxies of the start, as the Python listener does).
+    /// the trusted proxies of the start: their exemptions are built once).
     identity: RwLock<Arc<Identity>>,
     pub holds: Holds,
     pub relays: Arc<Relays>,

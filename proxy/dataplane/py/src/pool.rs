@@ -1,6 +1,6 @@
 //! Idle upstream connections of plain HTTP, kept for the next request to the
-//! same upstream, as aiohttp's connector pool keeps them for the Python data
-//! plane (its `keepalive_timeout`, 15 s). Without it every plain request would
+//! same upstream, as aiohttp's connector pool keeps them (its
+//! `keepalive_timeout`, 15 s). Without it every plain request would
 //! cost a connect, and leave a TIME_WAIT socket on loopwatch's side: about 470
 //! requests a second to one backend address would exhaust the ephemeral ports.
 //!

@@ -1,10 +1,9 @@
 //! The splice: after a 101, bytes flow both ways untouched, each direction
-//! watched by the core's frame watcher (`proxy/dataplane/relay.py`, ported).
+//! watched by the core's frame watcher.
 //!
 //! One task per connection runs both legs as a single state machine over the
 //! sockets' readiness, so every decision (who closed first, the proxy's own
-//! closes, a vanished side) is made in one place, as the Python relay's
-//! callbacks make it on one event loop. Backpressure: a leg is read only
+//! closes, a vanished side) is made in one place. Backpressure: a leg is read only
 //! while the bytes it sent last are written out to the other, so at most
 //! one read (`READ_SIZE`) per direction is waiting and nothing buffers
 //! without bound. Reads go through a per-thread buffer and are written on at
@@ -64,7 +63,7 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 /// How long a proxy-initiated close waits for a frame boundary and for the
-/// peers' replies (`CLOSE_GRACE` in relay.py).
+/// peers' replies.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Bytes a direction passes unparsed after a protocol error, from the
 /// offending frame's first byte (capped by the message size limit): enough
@@ -100,7 +99,8 @@ enum AfterFlush {
     WriteEof,
     /// Its writing half is shut.
     EofSent,
-    /// Close it (Python's `transport.close()`).
+    /// Close it, once what is queued for it is written (TLS: close_notify
+    /// first).
     Close,
 }
 
@@ -262,8 +262,8 @@ pub struct Relay<C: Transport, U: Transport> {
     answer_until: Option<Instant>,
     /// Bytes a direction may pass unparsed after a protocol error.
     pass_budget: u64,
-    /// Legs whose connection ended, for `lost` (run from the loop, as
-    /// asyncio calls `connection_lost` on a later turn).
+    /// Legs whose connection ended, for `lost` (run at the poll loop's next
+    /// turn, not inside the flush or abort that ended them).
     ended: Vec<usize>,
     done: bool,
     reported: bool,

@@ -1,7 +1,6 @@
 //! The upstream's answer to a forwarded upgrade request, sans-I/O: a 101 whose
 //! head is relayed byte for byte, or a refusal (401, 403, 5xx …) relayed with
-//! its status, end-to-end headers and a bounded body (`ResponseHeadParser` in
-//! proxy/dataplane/heads.py).
+//! its status, end-to-end headers and a bounded body.
 //!
 //! The head is parsed with httparse. What has a body follows RFC 9112 §6.3 as
 //! llhttp applies it: none for 1xx, 204 and 304, nor for an answer that asks for
@@ -12,7 +11,7 @@
 use std::fmt;
 
 // Headers dropped from a relayed refusal besides Content-Length: the hop-by-hop
-// set of heads.py; the Connection header's tokens are dropped too.
+// set; the Connection header's tokens are dropped too.
 use crate::wire::HOP_BY_HOP;
 
 /// Headers a response head may have before it is refused (beyond the size cap).
@@ -191,7 +190,7 @@ impl Head {
         })
     }
 
-    /// RSV bits the extensions of a 101 allow (`upstream_accepted` in listener.py).
+    /// RSV bits the extensions of a 101 allow (the frame watcher refuses the others).
     fn allowed_rsv(&self) -> u8 {
         let extensions = lower(&self.header(b"sec-websocket-extensions").unwrap_or_default());
         if extensions.is_empty() {
@@ -309,7 +308,7 @@ impl ResponseReader {
                 };
                 if head.status == 101 {
                     // A 101 that switches to anything but websocket answers no
-                    // upgrade we sent: 502, as the Python data plane answers it.
+                    // upgrade we sent: 502.
                     let upgrade = head.header(b"upgrade").unwrap_or_default();
                     if !tokens(&upgrade).any(|t| t == b"websocket") {
                         return Err(BadResponse::Invalid(

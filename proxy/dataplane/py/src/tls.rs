@@ -1,8 +1,8 @@
 //! TLS settings for both legs, built once at start: the listener's
 //! certificate (`tls:`) and how `wss://` / `https://` upstreams are verified
-//! (`upstream_tls:`), with the semantics of the Python data plane's SSL
-//! contexts (`server_ssl_context` / `client_ssl_context` in
-//! proxy/dataplane/routing.py).
+//! (`upstream_tls:`), with the semantics of Python's SSL contexts (as
+//! `client_ssl_context` in proxy/dataplane/routing.py builds the health
+//! check's, from the same settings).
 //!
 //! rustls with the ring provider. Every error here is a sentence naming the
 //! setting and its file; `lib.rs` raises it as a `ValueError`.

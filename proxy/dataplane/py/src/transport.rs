@@ -23,8 +23,8 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
     fn tcp(&self) -> &TcpStream;
 
     /// Whether its writing half can be shut alone while it is still read (a
-    /// TCP FIN). TLS cannot, as in the Python data plane (an SSL transport
-    /// cannot `write_eof`): where a FIN would be passed on, both close.
+    /// TCP FIN). TLS cannot (a TLS stream has no half-close): where a FIN
+    /// would be passed on, both close.
     fn can_write_eof(&self) -> bool;
 
     /// Whether closing it writes something first (TLS: close_notify): then

@@ -1,17 +1,17 @@
 //! The bytes the native listener writes itself: its one-line answers, the
 //! refusals of docs/refusals.md, and the upgrade request it forwards.
 //!
-//! Each function mirrors one of the Python data plane (`proxy/dataplane/heads.py`
-//! `simple_response` and `upstream_request_head`, `proxy/brain.py`
-//! `refusal_for`, `proxy/dataplane/listener.py` `refusal_bytes`), so that a
-//! client cannot tell the two data planes apart.
+//! The bytes are those of the asyncio data plane this one replaced (and the
+//! wording of `refusal_for` in proxy/brain.py, for refusals): a client of
+//! loopwatch saw no change when the planes swapped, and the refusal grammar
+//! is a contract (docs/refusals.md).
 
 use loopwatch_dataplane_core::events::RefuseReason;
 use loopwatch_dataplane_core::frames::build_close_frame;
 use loopwatch_dataplane_core::head::{accept_key, RequestHead};
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus the
-/// historic Proxy-Connection (`HOP_BY_HOP` in heads.py).
+/// historic Proxy-Connection.
 pub(crate) const HOP_BY_HOP: [&[u8]; 9] = [
     b"connection",
     b"keep-alive",
@@ -53,8 +53,7 @@ pub fn status_phrase(status: u16) -> &'static str {
     }
 }
 
-/// A complete response with a one-line text body, then the connection closes
-/// (`simple_response` in heads.py).
+/// A complete response with a one-line text body, then the connection closes.
 pub fn simple_response(status: u16, message: &str, headers: &[(&str, &str)]) -> Vec<u8> {
     let phrase = status_phrase(status);
     let body = if message.is_empty() { phrase } else { message };
@@ -260,7 +259,7 @@ pub(crate) fn connection_named<'h>(
 }
 
 /// Whether a header describes one hop only: the hop-by-hop set, or one the
-/// Connection header names (`end_to_end` in heads.py drops these).
+/// Connection header names.
 pub(crate) fn hop_by_hop(name: &[u8], named: &[Vec<u8>]) -> bool {
     let name = lower(name);
     HOP_BY_HOP.contains(&name.as_slice()) || named.contains(&name)
@@ -268,8 +267,8 @@ pub(crate) fn hop_by_hop(name: &[u8], named: &[Vec<u8>]) -> bool {
 
 /// The request head sent upstream: end-to-end headers as the client sent them
 /// (order and case kept), Host set to the upstream, the upgrade pair for a
-/// WebSocket, then X-Forwarded-For/-Proto/-Host (`upstream_request_head` in
-/// heads.py; for plain requests, what forward.py hands aiohttp).
+/// WebSocket, then X-Forwarded-For/-Proto/-Host (for upgrades and plain
+/// requests alike).
 pub fn upstream_request_head(
     head: &RequestHead<'_>,
     target: &[u8],
