@@ -273,12 +273,18 @@ def upgrade_request(path: str = "/", host: str = "example.test", extra: bytes = 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
     """Async tests run on asyncio's default loop; a test module that sets
     `RUN_ON_UVLOOP = True` runs on uvloop instead, the loop `loopwatch run` uses
-    (the brain's). The data plane is Rust: its sockets are the same either way."""
-    if getattr(getattr(item, "module", None), "RUN_ON_UVLOOP", False):
-        import uvloop
+    (the brain's; the data plane is Rust, its sockets the same either way). A
+    test that names its loops (`pytest.mark.asyncio(loop_factories=[...])`)
+    gets those."""
+    import uvloop
 
-        return {"uvloop": uvloop.new_event_loop}
-    return {"asyncio": asyncio.new_event_loop}
+    loops: dict[str, Any] = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    marker = item.get_closest_marker("asyncio")
+    named = marker.kwargs.get("loop_factories") if marker is not None else None
+    if named:
+        return {name: loops[name] for name in named}
+    uv = getattr(getattr(item, "module", None), "RUN_ON_UVLOOP", False)
+    return {"uvloop": loops["uvloop"]} if uv else {"asyncio": loops["asyncio"]}
 
 
 # --- TLS ----------------------------------------------------------------------

@@ -17,7 +17,6 @@ import pytest
 from websockets.asyncio.client import connect
 
 from loopwatch.proxy.app.runtime import Running
-from loopwatch.proxy.dataplane.heads import HeadParser, HttpError
 from tests.conftest import (
     RawBackend,
     RawResponse,
@@ -399,28 +398,6 @@ async def test_blank_lines_then_oversized_head_on_a_kept_alive_connection():
         assert upstream.connections == 2
         assert [head.split(b"\r\n")[0] for head in upstream.heads] == [b"GET /api HTTP/1.1"] * 2
         assert all(b"X-Pad" not in bytes(rest) for rest in upstream.after)
-
-
-@pytest.mark.parametrize("lead", [b"\r\n\r\n", b"\r\n" * 5, b"\n\n\r\n"])
-def test_head_size_limit_holds_for_every_cut_into_reads(lead):
-    """The parser alone, deterministically: blank lines and a head at the limit
-    are accepted, one byte more is 431, wherever the two reads are cut."""
-    limit = 1024
-    at_limit = lead + head_of_size(limit - len(lead))
-    over = lead + head_of_size(limit - len(lead) + 1)
-    for cut in range(len(at_limit) + 1):
-        parser = HeadParser(limit)
-        assert parser.feed(at_limit[:cut]) is None or cut == len(at_limit)
-        head = parser.feed(at_limit[cut:]) if cut < len(at_limit) else parser.head
-        assert head is not None and parser.upgrade, cut
-        assert head.path == "/ws"
-        assert parser.received == limit - len(lead)  # the head, not the blank lines
-    for cut in range(len(over) + 1):
-        parser = HeadParser(limit)
-        with pytest.raises(HttpError) as refused:
-            parser.feed(over[:cut])
-            parser.feed(over[cut:])
-        assert (refused.value.status, refused.value.reason) == (431, "head_too_large"), cut
 
 
 async def test_transfer_encoding_in_http_1_0_is_refused_and_counted():

@@ -32,7 +32,7 @@ def test_demo_catches_the_loop_and_leaves_healthy_clients_alone() -> None:
     took = time.monotonic() - started
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
-    assert "loopwatch on 127.0.0.1:" in out
+    assert "loopwatch on ws://127.0.0.1:" in out
     assert took < 25  # bounded by --duration (it ends sooner once the story is told)
 
     # Caught, by the incident's rule, within a second of the first attempt.

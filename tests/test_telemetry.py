@@ -221,7 +221,8 @@ async def test_scripted_session_metric_by_metric() -> None:
             assert await open_ws.recv() == "dddd"
             await open_ws.send("eeeee")
             assert await open_ws.recv() == "eeeee"
-            await wait_for(lambda: lw.active_connections() == 1)
+            # The first connection's close judged by the brain (its messages in the totals).
+            await wait_for(lambda: lw.active_connections() == 1 and lw.plane.settled())
 
             # An upgrade answered 403: an auth failure at the handshake.
             assert await attempt(f"{base}/auth") == (403, "")
@@ -641,6 +642,7 @@ async def test_observe_mode_counts_would_reject_not_cooldowns() -> None:
         async with telemetered(settings) as lw:
             url = f"ws://127.0.0.1:{lw.proxy_port}/ws?token={issue_token('tab-7', -60)}"
             seen = [await attempt(url) for _ in range(5)]
+            await wait_for(lambda: idle(lw))  # every event judged by the brain
             s = series((await scrape(lw))[0])
     assert seen == [(1008, "token expired")] * 5  # never refused
     assert value(s, "loopwatch_findings_total", rule="auth_failure_loop", severity="critical") == 1
