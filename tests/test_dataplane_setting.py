@@ -285,3 +285,53 @@ async def test_a_rejected_drained_apart_from_its_attempt_is_counted() -> None:
     driver.handle([Received(ev.Answered(key, "/", 2.0), conn_id=3)])
     assert not driver.refused
     gate.close()
+
+
+async def test_live_counts_last_until_the_brain_judged_the_close() -> None:
+    """messages_total and bytes_total are the closed connections' totals (the
+    brain's, from each Closed) plus the live counts: a connection's live counts
+    stand until the brain has judged its Closed and not after, whichever comes
+    first of that and the listener dropping it, so a counter never goes down
+    nor counts a connection twice."""
+    from dataclasses import dataclass, field
+
+    from loopwatch.detectors import events as ev
+    from loopwatch.proxy.app.planes import NativePlane
+    from loopwatch.proxy.app.runtime import build_gate
+    from loopwatch.proxy.dataplane.boundary import RelayStats
+    from loopwatch.proxy.dataplane.native import LiveConnection, Received
+
+    @dataclass
+    class Listener:  # what live() reads of the listener
+        conns: list[LiveConnection] = field(default_factory=list)
+
+        def live(self) -> list[LiveConnection]:
+            return list(self.conns)
+
+    settings = load_settings(None, env={}, overrides=native())
+    gate = build_gate(settings)
+    plane = NativePlane(settings, gate)
+    listener = Listener()
+    plane.listener = listener  # type: ignore[assignment]  # not started: the driver's view is what is read
+    key = "10.0.0.9"
+    so_far = RelayStats(2, 2, 20, 20)
+    final = RelayStats(3, 3, 30, 30)
+    closed = ev.Closed(key, "/", 2.0, 7, 1000, "", "client", 1.0)
+
+    def live() -> list[RelayStats]:
+        return [stats for _, stats in plane.live()]
+
+    plane.driver.handle([Received(ev.Attempt(key, "/", 1.0, key), conn_id=7), Received(ev.Opened(key, "/", 1.0, 7), conn_id=7)])
+    listener.conns = [LiveConnection(7, "/", so_far)]
+    assert live() == [so_far]
+    listener.conns = []  # the listener dropped it; its Closed is not judged yet
+    assert live() == [so_far]
+    plane.driver.handle([Received(closed, traffic=final, conn_id=7)])
+    assert live() == []  # in the closed totals now
+    # The other order: the Closed judged while the listener still lists it.
+    plane.driver.handle([Received(ev.Attempt(key, "/", 3.0, key), conn_id=8), Received(ev.Opened(key, "/", 3.0, 8), conn_id=8)])
+    listener.conns = [LiveConnection(8, "/", so_far)]
+    assert live() == [so_far]
+    plane.driver.handle([Received(ev.Closed(key, "/", 4.0, 8, 1000, "", "client", 1.0), traffic=final, conn_id=8)])
+    assert live() == []
+    gate.close()

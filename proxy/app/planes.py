@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     import ssl
 
     from ..brain import Received as EngineEvent
-    from ..dataplane.native import EventQueue, NativeListener, Received
+    from ..dataplane.native import EventQueue, LiveConnection, NativeListener, Received
 
 log = logging.getLogger("loopwatch")
 
@@ -134,6 +134,7 @@ class NativePlane:
         self._fed = 0  # … and handled on the event loop
         self._dropped_logged = 0  # events_dropped at the last log line
         self._port = 0
+        self._last_live: dict[int, LiveConnection] = {}  # live(): the counts seen last
         # The memory of closed connections back to the system after a burst of
         # closes (proxy/dataplane/trim.py): malloc_trim
         # trims the runtime threads' arenas too. Polled by the draining thread,
@@ -278,7 +279,23 @@ class NativePlane:
         return self.driver.conns.get(conn_id)
 
     def live(self) -> Iterator[tuple[str, RelayStats]]:
-        for c in self.listener.live() if self.listener is not None else ():
+        """Each open WebSocket's route and counts, as the brain sees it: until the
+        brain has judged its Closed (whose counts then are in the closed totals),
+        not a moment longer or shorter, so that a total of both (the messages and
+        bytes counters) never counts a connection twice nor goes down. The
+        listener drops a connection just after sending its Closed: in between,
+        its last counts seen here stand in."""
+        open_now = self.driver.conns
+        current = {
+            c.conn_id: c
+            for c in (self.listener.live() if self.listener is not None else ())
+            if c.conn_id in open_now
+        }
+        for cid, c in self._last_live.items():
+            if cid not in current and cid in open_now:
+                current[cid] = c
+        self._last_live = current  # bounded: a subset of the driver's open attempts
+        for c in current.values():
             yield c.route, c.stats
 
     def rejections(self) -> Mapping[str, int]:

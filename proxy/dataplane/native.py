@@ -24,14 +24,12 @@ own types:
   `holds()` and `stats()`.
 * `identity_spec(settings)` turns the `identity:` settings into the
   arguments of `_dataplane.Identity` (keys read here, once), which the
-  listener keys clients with exactly as proxy/dataplane/identity.py does;
+  listener keys clients with (docs/identity.md; the recorded vectors in
+  tests/vectors/identity.json hold it to the Python identity it replaced);
   its trusted proxies are also the addresses no per-address cap counts.
 
 Every event of one accepted connection carries the same id (`Received.conn_id`;
 for Opened and Closed it is also their `conn_id`), and `close` takes it.
-
-What the native listener does not do yet is listed in
-proxy/dataplane/README.md ("What is missing").
 """
 
 from __future__ import annotations
