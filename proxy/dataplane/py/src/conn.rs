@@ -39,6 +39,7 @@ use crate::listener::{stopping, ConnGuard, Rejected, Shared, TlsFailure};
 use crate::relay::{CloseInfo, Relay, RelayIdentity, RelayLimits};
 use crate::response::{Answer, ResponseReader, UpstreamRefusal};
 use crate::tls::UpstreamTls;
+use crate::tracing::attempt_trace;
 use crate::transport::{connect_upstream, open_upstream, Transport, UpstreamStream};
 use crate::wire::{
     refusal_bytes, route_for, simple_response, upstream_request_head, Forwarded, RejectWith, Route,
@@ -469,7 +470,15 @@ fn decide(
             answers_continue: expect_continue,
         };
         let request = http::Request {
-            head: upstream_request_head(head, &target, &route.authority, peer_text, scheme, kind),
+            head: upstream_request_head(
+                head,
+                &target,
+                &route.authority,
+                peer_text,
+                scheme,
+                kind,
+                None,
+            ),
             framing,
             early,
             keep_alive: head.keep_alive,
@@ -488,12 +497,21 @@ fn decide(
     let client = shared.identity().identify(head, peer_ip, wall_clock());
     let key: Box<str> = client.key.into();
     let now = std::time::Instant::now();
+    // Tracing on: the connection span's context, decided here (the upstream
+    // request carries its traceparent; the brain makes the span with its ids).
+    let trace = shared
+        .config
+        .tracing
+        .as_ref()
+        .map(|sampling| Box::new(attempt_trace(sampling, head)));
+    let traceparent = trace.as_ref().map(|t| t.context.traceparent());
     shared.events.send(Event::Attempt {
         key: key.clone(),
         route: Arc::clone(&route.name),
         at: now,
         addr: client.address.to_string().into(),
         conn_id,
+        trace,
     });
     match shared.table.lookup(&key, Some(client.address.ip), now) {
         Admission::Refuse(refusal) => {
@@ -526,6 +544,7 @@ fn decide(
                 peer_text,
                 scheme,
                 Forwarded::WebSocket,
+                traceparent.as_ref().map(|t| &t[..]),
             );
             Plan::Forward {
                 key,

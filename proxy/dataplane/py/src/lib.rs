@@ -26,6 +26,7 @@ use pyo3::types::PyDict;
 use loopwatch_dataplane_core::frames::close_code_valid;
 use loopwatch_dataplane_core::head::HeadLimits;
 use loopwatch_dataplane_core::identity::IdentitySpec;
+use loopwatch_dataplane_core::trace::{Sampling, ALL_ROOTS};
 
 mod conn;
 pub mod control;
@@ -38,6 +39,7 @@ pub mod relay;
 pub mod response;
 pub mod table;
 pub mod tls;
+pub mod tracing;
 pub mod transport;
 pub mod wire;
 
@@ -166,6 +168,8 @@ impl Listener {
         upstream_verify = true,
         upstream_ca_file = None,
         upstream_server_name = None,
+        trace_root_bound = None,
+        trace_parent_based = true,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn start(
@@ -199,7 +203,22 @@ impl Listener {
         upstream_verify: bool,
         upstream_ca_file: Option<String>,
         upstream_server_name: Option<String>,
+        trace_root_bound: Option<u128>,
+        trace_parent_based: bool,
     ) -> PyResult<Listener> {
+        // Tracing: on with a root bound (the sampler of OTEL_TRACES_SAMPLER).
+        let tracing = match trace_root_bound {
+            None => None,
+            Some(bound) if bound > ALL_ROOTS => {
+                return Err(PyValueError::new_err(format!(
+                    "trace_root_bound: expected 0 to 2**64, got {bound}"
+                )))
+            }
+            Some(root_bound) => Some(Sampling {
+                root_bound,
+                parent_based: trace_parent_based,
+            }),
+        };
         let policy = PolicyValues {
             reject_with: parse_reject_with(reject_with)?,
             close_code: check_close_code(close_code)?,
@@ -295,6 +314,7 @@ impl Listener {
             identity,
             tls,
             upstream_tls,
+            tracing,
         };
         let table = table.get().shared();
         let events = queue.get().sender();

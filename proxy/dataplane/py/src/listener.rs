@@ -22,6 +22,7 @@ use loopwatch_dataplane_core::events::{
 use loopwatch_dataplane_core::head::HeadLimits;
 use loopwatch_dataplane_core::identity::Identity;
 use loopwatch_dataplane_core::table::EnforcementTable;
+use loopwatch_dataplane_core::trace::Sampling;
 
 use tokio_rustls::TlsAcceptor;
 
@@ -267,6 +268,10 @@ pub struct Config {
     /// `upstream_tls:`, for the `wss://` and `https://` routes (None when
     /// there is none).
     pub upstream_tls: Option<Arc<UpstreamTls>>,
+    /// Tracing on: how spans are sampled (the connection span's context is
+    /// decided at the attempt, `tracing`); None: off (no `traceparent` added,
+    /// the client's passes as sent).
+    pub tracing: Option<Sampling>,
 }
 
 /// What every connection task shares.
@@ -572,6 +577,7 @@ mod tests {
                 ),
                 tls: None,
                 upstream_tls: None,
+                tracing: None,
             },
             table: Arc::new(EnforcementTable::default()),
             events,
