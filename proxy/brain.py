@@ -448,7 +448,9 @@ class NativeDriver:
             e = r.event
             cid = r.conn_id
             if isinstance(e, ev.Attempt):
-                conn = Connection(key=e.key, route=e.route, peer=e.addr, t0=e.t, head=None, conn_id=cid)
+                conn = Connection(
+                    key=e.key, route=e.route, peer=e.addr, t0=e.t, head=None, conn_id=cid, plane_trace=r.trace,
+                )  # fmt: skip
                 refused = rejected.get(cid)
                 refusal = judge(conn, e, refused) if judge is not None else None  # type: ignore[arg-type]  # the table's reasons are RejectReason values
                 if refused is not None:

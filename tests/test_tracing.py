@@ -82,7 +82,6 @@ def parse_traceparent(value: str) -> tuple[str, str, str]:
     return trace_id, span_id, flags
 
 
-@pytest.mark.dataplanes("python")  # native sends no traceparent upstream, spans without url.path (proxy/dataplane/README.md, "What is missing")
 async def test_one_span_per_connection_and_traceparent_upstream() -> None:
     exporter = InMemorySpanExporter()
     async with recording_echo() as (url, seen):
@@ -136,7 +135,6 @@ async def test_one_span_per_connection_and_traceparent_upstream() -> None:
     assert "token" not in str(a)  # the query (a token) is never recorded
 
 
-@pytest.mark.dataplanes("python")  # native sends no traceparent upstream, spans without url.path (proxy/dataplane/README.md, "What is missing")
 async def test_client_trace_context_is_the_parent() -> None:
     exporter = InMemorySpanExporter()
     headers = {"traceparent": TRACEPARENT_OF_CLIENT, "tracestate": "vendor=abc"}
@@ -273,7 +271,6 @@ async def test_http_refusal_and_failed_handshake_spans() -> None:
     assert failed.status.status_code is StatusCode.ERROR
 
 
-@pytest.mark.dataplanes("python")  # native sends no traceparent upstream, spans without url.path (proxy/dataplane/README.md, "What is missing")
 async def test_unsampled_spans_still_propagate_but_leave_no_exemplars(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
     exporter = InMemorySpanExporter()
@@ -385,7 +382,6 @@ def _any(v: Any) -> Any:
     return getattr(v, v.WhichOneof("value"))
 
 
-@pytest.mark.dataplanes("python")  # native sends no traceparent upstream, spans without url.path (proxy/dataplane/README.md, "What is missing")
 async def test_otlp_export_for_real(monkeypatch: pytest.MonkeyPatch) -> None:
     async with OtlpReceiver() as receiver, recording_echo() as (url, seen):
         for name, val in {
@@ -517,8 +513,7 @@ def test_no_private_attribute_of_another_library_is_read() -> None:
     assert re.findall(r"getattr\([^)]*[\"']_[a-z]", source) == []
 
 
-@pytest.mark.dataplanes("python")  # native sends no traceparent upstream, spans without url.path (proxy/dataplane/README.md, "What is missing")
-async def test_a_sampler_of_ones_own_sees_and_adds_attributes() -> None:
+async def test_a_sampler_of_ones_own_sees_and_adds_attributes(dataplane: str) -> None:
     exporter = InMemorySpanExporter()
     sink = make_tracing([exporter], batch=False)
     sink.sampler = sampler = PathSampler()
@@ -536,5 +531,11 @@ async def test_a_sampler_of_ones_own_sees_and_adds_attributes() -> None:
     assert sampler.seen[0]["loopwatch.route"] == "/" and "client.address" in sampler.seen[0]
     (span,) = exporter.get_finished_spans()
     assert span.attributes["url.path"] == "/keep/a" and span.attributes["sampler.note"] == "kept"
-    flags = [int(parse_traceparent(h["traceparent"])[2], 16) & 1 for h in seen]
-    assert flags == [1, 0]
+    sent = [parse_traceparent(h["traceparent"]) for h in seen]
+    assert sent[0][:2] == (f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}")
+    flags = [int(f, 16) & 1 for _, _, f in sent]
+    # The native data plane sends its traceparent before the brain has asked a
+    # sampler of one's own (it never waits for Python): it samples such a span as
+    # parentbased_always_on would, and the sampler decides what is recorded
+    # (docs/tracing.md, "The native data plane").
+    assert flags == ([1, 0] if dataplane == "python" else [1, 1])

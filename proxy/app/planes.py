@@ -44,7 +44,8 @@ if TYPE_CHECKING:
     import ssl
 
     from ..brain import Received as EngineEvent
-    from ..dataplane.native import EventQueue, NativeListener, Received
+    from ..dataplane.native import EventQueue, NativeListener, Received, TraceSampling
+    from ..observe.tracing import Sink
 
 log = logging.getLogger("loopwatch")
 
@@ -188,11 +189,13 @@ class NativePlane:
 
     name = "native"
 
-    def __init__(self, settings: Settings, gate: Gate):
+    def __init__(self, settings: Settings, gate: Gate, spans: Sink | None = None):
         from ..dataplane.native import EnforcementTable, EventQueue
 
         self.settings = settings
         self.gate = gate
+        # Tracing on: the listener decides each span's context (plane_sampling).
+        self.tracing = plane_sampling(spans)
         self.router = Router([(r.path_prefix, r.upstream) for r in settings.effective_routes()])
         self.queue: EventQueue = EventQueue()
         self.table = EnforcementTable()
@@ -244,7 +247,7 @@ class NativePlane:
             queue=self.queue, table=self.table, host=host, port=port, limits=s.limits,
             reject_with=policy.reject_with, close_code=policy.close_code,
             max_holds=policy.max_held, max_held_per_key=policy.max_held_per_key,
-            identity=s.identity, tls=s.tls, upstream_tls=s.upstream_tls,
+            identity=s.identity, tls=s.tls, upstream_tls=s.upstream_tls, tracing=self.tracing,
         )  # fmt: skip
         self._port = self.listener.port
         self._loop = asyncio.get_running_loop()
@@ -384,5 +387,25 @@ class NativePlane:
         return len(self.queue) == 0 and self._taken == self._fed
 
 
-def make_plane(settings: Settings, gate: Gate) -> DataPlane:
-    return NativePlane(settings, gate) if settings.dataplane == "native" else PythonPlane(settings, gate)
+def plane_sampling(spans: Sink | None) -> TraceSampling | None:
+    """How the native listener samples the spans whose context it decides (None:
+    tracing off): as the sampler OTEL_TRACES_SAMPLER names (span_export.SamplingPlan),
+    which it computes without Python. A sampler of one's own, set in code (one that
+    reads the span's attributes, or with no root bound), cannot be asked from the
+    data plane: the listener then samples as parentbased_always_on (a root
+    sampled, a child as its parent) and the sampler decides what is recorded
+    (docs/tracing.md, "The native data plane")."""
+    from ..dataplane.native import ALL_ROOTS, TraceSampling
+
+    if spans is None:
+        return None
+    if spans.root_bound is None or spans.sampler_reads_attributes:
+        return TraceSampling(ALL_ROOTS, parent_based=True)
+    return TraceSampling(spans.root_bound, parent_based=spans.parent_based)
+
+
+def make_plane(settings: Settings, gate: Gate, spans: Sink | None = None) -> DataPlane:
+    """The configured data plane; `spans`: where spans go (None: tracing off)."""
+    if settings.dataplane == "native":
+        return NativePlane(settings, gate, spans)
+    return PythonPlane(settings, gate)

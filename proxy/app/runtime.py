@@ -257,7 +257,7 @@ async def start(
     if gate is None:
         gate = build_gate(settings, Observers(telemetry.observers))
     observers = gate.observers if isinstance(gate, EngineGate) else Observers(telemetry.observers)
-    plane = make_plane(settings, gate)
+    plane = make_plane(settings, gate, telemetry.spans)
     if isinstance(gate, EngineGate):
         gate.plane = plane
         telemetry.bind(ListenerView(plane, gate.engine), gate.engine, observers, store=gate.state_store)

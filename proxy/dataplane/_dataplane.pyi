@@ -13,7 +13,9 @@ CLOSE_GRACE: float  # seconds a proxy-initiated close waits for a frame boundary
 REJECTION_LOG_INTERVAL: float
 
 # One record per event, by its first item (queue.rs documents each):
-#   ("attempt", key, route, t, addr, conn_id)
+#   ("attempt", key, route, t, addr, conn_id, trace | None)
+#     trace (tracing on): (trace_id, span_id, flags, parent_span_id | None,
+#     parent_flags, tracestate | None, path, authority | None, user_agent | None)
 #   ("rejected", key, route, t, reason, conn_id)
 #   ("answered", key, route, t, conn_id)
 #   ("handshake_failed", key, route, t, status | None, error | None, conn_id)
@@ -140,6 +142,8 @@ class Listener:
         upstream_verify: bool = True,
         upstream_ca_file: str | None = None,
         upstream_server_name: str | None = None,
+        trace_root_bound: int | None = None,  # 0 to 2**64; None: tracing off
+        trace_parent_based: bool = True,
     ) -> Listener: ...
     @property
     def port(self) -> int: ...

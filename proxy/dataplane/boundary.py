@@ -115,6 +115,24 @@ class TraceContext(NamedTuple):
         return f"{self.trace_id:032x}"
 
 
+class PlaneTrace(NamedTuple):
+    """What the native data plane decided of a connection's span at the attempt
+    (tracing on), without waiting for the brain: the context it sent upstream in
+    `traceparent` (this span as the upstream's parent), the client's trace
+    context it continued (none: a root), and the request's values for the
+    span's attributes. The tracing observer makes the span with these ids."""
+
+    trace_id: int  # 128 bits: the client's, or a new one
+    span_id: int  # 64 bits: the connection's span
+    flags: int  # as sent upstream: sampled (as the configured sampler decides), random trace id
+    parent_span_id: int | None  # the client's traceparent's span; None: a root span
+    parent_flags: int  # the client's traceparent's flags (0 for a root)
+    tracestate: str | None  # the client's tracestate (duplicates joined), with a parent only
+    path: str  # the path, without the query (url.path)
+    authority: bytes | None  # the Host the client asked for (server.address)
+    user_agent: bytes | None
+
+
 @dataclass(slots=True)
 class Connection:
     """One upgrade request, from arrival to close; the gate keeps what it needs here."""
@@ -133,6 +151,7 @@ class Connection:
     state: object = None  # the gate's own per-attempt data
     refusal: Refusal | None = None  # how the brain refused it, set before observers see the attempt
     trace: TraceContext | None = None  # set by the tracing observer at the attempt (tracing on)
+    plane_trace: PlaneTrace | None = None  # the native data plane's span context (tracing on)
 
 
 @dataclass(frozen=True, slots=True)

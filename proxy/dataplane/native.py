@@ -39,14 +39,14 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from jwt.algorithms import HMACAlgorithm
 from jwt.exceptions import InvalidKeyError
 
 from ...detectors import events as ev
 from . import _dataplane
-from .boundary import RelayStats
+from .boundary import PlaneTrace, RelayStats
 from .routing import parse_upstream
 from .settings import IdentitySettings, Limits, ListenerTLS, UpstreamTLS
 
@@ -56,6 +56,19 @@ Identity = _dataplane.Identity
 DEFAULT_QUEUE_CAPACITY = 65_536  # events; beyond it they are dropped and counted
 DEFAULT_BATCH = 1024
 REJECT_WITH = ("close-1013", "http-429")
+ALL_ROOTS = 1 << 64  # a root bound every trace id passes (always_on)
+
+
+class TraceSampling(NamedTuple):
+    """Tracing on, for the listener: how it samples the connection spans whose
+    context it decides at the attempt (docs/tracing.md). A span is sampled when
+    its trace id's low 64 bits are below `root_bound` (0 to 2**64: the SDK's
+    samplers of OTEL_TRACES_SAMPLER, span_export.SamplingPlan); with
+    `parent_based`, a span with a client's parent follows the parent's sampled
+    flag instead."""
+
+    root_bound: int
+    parent_based: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +98,7 @@ class Received:
     event: ev.Event | RequestRejected
     traffic: RelayStats | None = None
     conn_id: int = 0
+    trace: PlaneTrace | None = None  # an Attempt's, with tracing on
 
 
 def _received(record: tuple[Any, ...]) -> Received:
@@ -94,8 +108,9 @@ def _received(record: tuple[Any, ...]) -> Received:
         _, reason, status, peer, message, suppressed, t = record
         return Received(RequestRejected(reason, status, peer, message, suppressed, t))
     if kind == "attempt":
-        _, key, route, t, addr, conn = record
-        return Received(ev.Attempt(key, route, t, addr), conn_id=conn)
+        _, key, route, t, addr, conn, trace = record
+        plane_trace = None if trace is None else PlaneTrace._make(trace)
+        return Received(ev.Attempt(key, route, t, addr), conn_id=conn, trace=plane_trace)
     if kind == "rejected":
         _, key, route, t, reason, conn = record
         return Received(ev.Rejected(key, route, t, reason), conn_id=conn)
@@ -297,6 +312,7 @@ class NativeListener:
         identity: IdentitySettings | None = None,
         tls: ListenerTLS | None = None,
         upstream_tls: UpstreamTLS | None = None,
+        tracing: TraceSampling | None = None,
     ) -> NativeListener:
         """Bind `host:port` and serve `routes` ((path prefix, ws://, wss://,
         http:// or https:// URL) pairs) under `limits` (the `limits:` settings;
@@ -307,7 +323,10 @@ class NativeListener:
         (the `tls:` settings) makes the listener terminate TLS (wss://,
         https://); `upstream_tls` (`upstream_tls:`; its defaults when None:
         verified against the system's CA store) says how wss:// and https://
-        upstreams are verified. Certificate and key files are read now. Raises
+        upstreams are verified. `tracing` (None: off) makes it decide each
+        WebSocket attempt's span context (the client's traceparent continued, or
+        a new trace), send its traceparent upstream and report it in the
+        Attempt (`Received.trace`). Certificate and key files are read now. Raises
         ValueError for a setting it cannot honour (naming the file), OSError
         when the address cannot be bound."""
         if reject_with not in REJECT_WITH:
@@ -342,6 +361,8 @@ class NativeListener:
             upstream_verify=upstream_tls.verify,
             upstream_ca_file=upstream_tls.ca_file,
             upstream_server_name=upstream_tls.server_name,
+            trace_root_bound=None if tracing is None else tracing.root_bound,
+            trace_parent_based=True if tracing is None else tracing.parent_based,
         )  # fmt: skip
         return cls(raw, limits.shutdown_timeout)
 
