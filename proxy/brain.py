@@ -20,7 +20,7 @@ from ..detectors.decisions import Outcome, Reject, RejectReason
 from ..detectors.enforcement import NONE as NO_ENFORCEMENT
 from ..detectors.enforcement import BreakerEnforcement, KeyEnforcement
 from ..detectors.engine import Engine
-from .dataplane.boundary import Connection, Gate, Refusal, RelayStats
+from .dataplane.boundary import Connection, Gate, PlaneTrace, Refusal, RelayStats
 from .dataplane.heads import RequestHead
 from .dataplane.identity import Identifier
 from .observe.observers import Observers
@@ -406,6 +406,9 @@ class Received(Protocol):
 
     @property
     def traffic(self) -> RelayStats | None: ...
+
+    @property
+    def trace(self) -> PlaneTrace | None: ...
 
 
 # Refused attempts remembered until their held answer (Answered): a refusal that
