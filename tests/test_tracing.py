@@ -240,6 +240,23 @@ async def test_the_sampled_flag_sent_upstream_is_the_spans(env: dict[str, str], 
         assert bool(int(flags, 16) & 1) == ((int(trace_id, 16), int(span_id, 16)) in exported), (parent, flags)
 
 
+@pytest.mark.dataplanes("native")  # the native listener's own argument
+def test_the_native_listener_refuses_a_root_bound_past_every_trace_id() -> None:
+    from loopwatch.proxy.dataplane.native import (
+        ALL_ROOTS,
+        EnforcementTable,
+        EventQueue,
+        NativeListener,
+        TraceSampling,
+    )
+
+    for bound in (ALL_ROOTS + 1, -1):
+        with pytest.raises((ValueError, OverflowError), match="trace_root_bound|negative|overflow|out of range"):
+            NativeListener.start(
+                [("/", "ws://127.0.0.1:9")], queue=EventQueue(), table=EnforcementTable(), tracing=TraceSampling(bound),
+            )  # fmt: skip
+
+
 async def test_without_tracing_the_clients_trace_context_passes_untouched() -> None:
     headers = {"traceparent": TRACEPARENT_OF_CLIENT, "tracestate": "vendor=abc"}
     async with recording_echo() as (url, seen), telemetered(settings_with(upstream=url)) as lw:
