@@ -456,6 +456,7 @@ class NativeDriver:
                 )  # fmt: skip
                 refused = rejected.get(cid)
                 refusal = judge(conn, e, refused) if judge is not None else None  # type: ignore[arg-type]  # the table's reasons are RejectReason values
+                conn.plane_trace = None  # read at the attempt; not kept for the connection's life (as the head)
                 if refused is not None:
                     self._remember_refused(cid, conn)
                 else:

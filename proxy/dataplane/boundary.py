@@ -151,7 +151,7 @@ class Connection:
     state: object = None  # the gate's own per-attempt data
     refusal: Refusal | None = None  # how the brain refused it, set before observers see the attempt
     trace: TraceContext | None = None  # set by the tracing observer at the attempt (tracing on)
-    plane_trace: PlaneTrace | None = None  # the native data plane's span context (tracing on)
+    plane_trace: PlaneTrace | None = None  # the native data plane's span context (tracing on), at the attempt
 
 
 @dataclass(frozen=True, slots=True)
