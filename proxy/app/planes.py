@@ -34,11 +34,12 @@ from ..dataplane.boundary import (
     RelayStats,
     log_rejection,
 )
+from ..dataplane.identity import Identifier
 from ..dataplane.listener import ProxyServer
 from ..dataplane.routing import Router, client_ssl_context
 from ..dataplane.trim import ClockTrimmer
 from ..observe.logs import event
-from .settings import Settings
+from .settings import ConfigError, Settings
 
 if TYPE_CHECKING:
     import ssl
@@ -60,6 +61,9 @@ _NO_LAG: Mapping[str, int] = dict.fromkeys(ENFORCEMENT_LAG_KINDS, 0)
 class DataPlane(Protocol):
     name: str  # "python" or "native" (loopwatch_build_info)
     router: Router  # the routes (the health check probes one)
+    # The settings a reload cannot change on this plane: `loopwatch run` lists
+    # those that changed in `restart_required`.
+    restart_keys: tuple[str, ...]
 
     @property
     def port(self) -> int: ...
@@ -78,7 +82,9 @@ class DataPlane(Protocol):
         ...
 
     def reconfigure(self, settings: Settings) -> None:
-        """What a reload changes of how refusals are answered."""
+        """Apply a reload's settings (what this plane can change live, for the
+        connections accepted from now on): all of it, or, raising ConfigError,
+        none of it."""
         ...
 
     def active_connections(self) -> int:
@@ -112,10 +118,23 @@ class DataPlane(Protocol):
     def enforcement_lag(self) -> Mapping[str, int]: ...
 
 
+# Settings a reload cannot change on a running process. `state`: the shared
+# store connects once, at start. `health_check`: its probe is set up at start.
+# The Python listener builds its routes, limits and TLS contexts at start too.
+PYTHON_RESTART_KEYS = (
+    "listen", "upstream", "routes", "tls", "upstream_tls", "limits", "admin", "state", "record",
+    "health_check", "dataplane",
+)
+# The native listener swaps routes, limits, identity and TLS live (for the
+# connections accepted from then on); its address and threads stay.
+NATIVE_RESTART_KEYS = ("listen", "admin", "state", "record", "health_check", "dataplane")
+
+
 class PythonPlane:
     """The asyncio listener (proxy/dataplane/listener.py)."""
 
     name = "python"
+    restart_keys = PYTHON_RESTART_KEYS
 
     def __init__(self, settings: Settings, gate: Gate):
         self.server = ProxyServer(settings, gate)
@@ -140,7 +159,14 @@ class PythonPlane:
         await self.server.shutdown()
 
     def reconfigure(self, settings: Settings) -> None:
-        pass  # the listener reads the gate's refusal settings at each refusal
+        # The listener reads the gate's refusal settings and identity at each
+        # attempt (EngineGate.reconfigure sets them). What could still fail
+        # there, a JWT key file that cannot be read, refuses the reload here,
+        # before anything is applied.
+        try:
+            Identifier(settings.identity)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def active_connections(self) -> int:
         return len(self.server.relays)
@@ -188,6 +214,7 @@ class NativePlane:
     into the brain and its enforcement table kept by it."""
 
     name = "native"
+    restart_keys = NATIVE_RESTART_KEYS
 
     def __init__(self, settings: Settings, gate: Gate, spans: Sink | None = None):
         from ..dataplane.native import EnforcementTable, EventQueue
@@ -195,6 +222,7 @@ class NativePlane:
         self.settings = settings
         self.gate = gate
         # Tracing on: the listener decides each span's context (plane_sampling).
+        # From the OTEL_* environment, read once: a reload keeps it.
         self.tracing = plane_sampling(spans)
         self.router = Router([(r.path_prefix, r.upstream) for r in settings.effective_routes()])
         self.queue: EventQueue = EventQueue()
@@ -208,7 +236,6 @@ class NativePlane:
         # verifier, built from the same upstream_tls settings).
         tls = settings.upstream_tls
         self._upstream_ssl = client_ssl_context(tls.verify, tls.ca_file)
-        self._identity = settings.identity  # the listener's, since start or the last reload
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -265,17 +292,31 @@ class NativePlane:
             await asyncio.to_thread(self._thread.join, 5.0)
 
     def reconfigure(self, settings: Settings) -> None:
-        if self.listener is not None:
-            p = settings.policy
-            # identity: changes live, as the Python plane's gate reads it; the
-            # keys are loaded again only when it changed.
-            changed = settings.identity != self._identity
-            self.listener.reconfigure(
-                reject_with=p.reject_with, close_code=p.close_code,
-                max_holds=p.max_held, max_held_per_key=p.max_held_per_key,
-                identity=settings.identity if changed else None,
-            )  # fmt: skip
-            self._identity = settings.identity
+        """Routes, `limits:`, `identity:`, `tls:` and `upstream_tls:` for the
+        connections accepted from now on (those open keep theirs), and the
+        refusal policy. The new listener configuration is built first, its
+        files read (certificates, keys): one that cannot be is a ConfigError
+        and nothing changes."""
+        from ..dataplane.native import listener_config
+
+        if self.listener is None:
+            return
+        routes = [(r.path_prefix, r.upstream) for r in settings.effective_routes()]
+        s = settings
+        try:
+            config = listener_config(
+                routes, limits=s.limits, identity=s.identity, tls=s.tls, upstream_tls=s.upstream_tls
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        p = s.policy
+        self.listener.reload(config, shutdown_timeout=s.limits.shutdown_timeout)
+        self.listener.reconfigure(
+            reject_with=p.reject_with, close_code=p.close_code,
+            max_holds=p.max_held, max_held_per_key=p.max_held_per_key,
+        )  # fmt: skip
+        self.router = Router(routes)
+        self.settings = settings
 
     # --- the event queue ---------------------------------------------------------------------
 

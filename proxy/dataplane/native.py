@@ -19,8 +19,9 @@ own types:
   runtime for the routes, limits and TLS settings (`tls:`, `upstream_tls:`)
   of the settings; `stop(grace)` ends it. The brain acts on it with
   `close(conn_id, code, reason)` (a live WebSocket), `release_held(key)` (a
-  released client's held refusals), `reconfigure(...)` (what a reload changes
-  of the refusal policy), and reads `live()` (each open WebSocket's counts),
+  released client's held refusals), `reload(listener_config(...))` (a
+  reload's routes, limits, identity and TLS, for the connections accepted
+  from then on), `reconfigure(...)` (a reload's refusal policy), and reads `live()` (each open WebSocket's counts),
   `holds()` and `stats()`.
 * `identity_spec(settings)` turns the `identity:` settings into the
   arguments of `_dataplane.Identity` (keys read here, once), which the
@@ -285,6 +286,47 @@ def identity_spec(settings: IdentitySettings) -> dict[str, Any]:
     }
 
 
+def listener_config(
+    routes: Iterable[tuple[str, str]],
+    *,
+    limits: Limits | None = None,
+    identity: IdentitySettings | None = None,
+    tls: ListenerTLS | None = None,
+    upstream_tls: UpstreamTLS | None = None,
+) -> _dataplane.ListenerConfig:
+    """What `NativeListener.start` serves and `NativeListener.reload` swaps in:
+    the routes ((path prefix, URL) pairs), `limits:`, `identity:`, `tls:` and
+    `upstream_tls:` (each its defaults when None), checked, with every file
+    read now (certificates, keys). Raises ValueError naming the setting (and
+    the file) it cannot honour."""
+    limits = limits or Limits()
+    keys = Identity(**identity_spec(identity or IdentitySettings()))
+    tls = tls or ListenerTLS()
+    upstream_tls = upstream_tls or UpstreamTLS()
+    return _dataplane.ListenerConfig(
+        route_records(routes),
+        max_head_size=limits.max_head_size,
+        early_data_size=limits.early_data_size,
+        error_body_size=limits.error_body_size,
+        max_message_size=limits.max_message_size or None,
+        handshake_timeout=limits.handshake_timeout,
+        connect_timeout=limits.connect_timeout,
+        idle_timeout=limits.idle_timeout,
+        body_timeout=limits.body_timeout,
+        response_timeout=limits.response_timeout,
+        response_idle_timeout=limits.response_idle_timeout,
+        max_connections=limits.max_connections,
+        max_connections_per_address=limits.address_cap(limits.max_connections_per_address),
+        max_heads_per_address=limits.address_cap(limits.max_heads_per_address),
+        identity=keys,
+        tls_cert_file=tls.cert_file,
+        tls_key_file=tls.key_file,
+        upstream_verify=upstream_tls.verify,
+        upstream_ca_file=upstream_tls.ca_file,
+        upstream_server_name=upstream_tls.server_name,
+    )
+
+
 class NativeListener:
     """A running native listener; `NativeListener.start(...)` makes one."""
 
@@ -326,41 +368,21 @@ class NativeListener:
         upstreams are verified. `tracing` (None: off) makes it decide each
         WebSocket attempt's span context (the client's traceparent continued, or
         a new trace), send its traceparent upstream and report it in the
-        Attempt (`Received.trace`). Certificate and key files are read now. Raises
+        Attempt (`Received.trace`); it comes from the OTEL_* environment at
+        start and `reload` keeps it. Certificate and key files are read now. Raises
         ValueError for a setting it cannot honour (naming the file), OSError
         when the address cannot be bound."""
         if reject_with not in REJECT_WITH:
             raise ValueError(f"reject_with: expected one of {REJECT_WITH}, got {reject_with!r}")
         limits = limits or Limits()
-        keys = Identity(**identity_spec(identity or IdentitySettings()))
-        tls = tls or ListenerTLS()
-        upstream_tls = upstream_tls or UpstreamTLS()
+        config = listener_config(routes, limits=limits, identity=identity, tls=tls, upstream_tls=upstream_tls)
         raw = _dataplane.Listener.start(
-            host, port, route_records(routes), queue.raw, table,
-            max_head_size=limits.max_head_size,
-            early_data_size=limits.early_data_size,
-            error_body_size=limits.error_body_size,
-            max_message_size=limits.max_message_size or None,
-            handshake_timeout=limits.handshake_timeout,
-            connect_timeout=limits.connect_timeout,
-            idle_timeout=limits.idle_timeout,
-            body_timeout=limits.body_timeout,
-            response_timeout=limits.response_timeout,
-            response_idle_timeout=limits.response_idle_timeout,
-            max_connections=limits.max_connections,
-            max_connections_per_address=limits.address_cap(limits.max_connections_per_address),
-            max_heads_per_address=limits.address_cap(limits.max_heads_per_address),
+            host, port, config, queue.raw, table,
             max_holds=max_holds,
             max_held_per_key=max_held_per_key,
             reject_with=reject_with,
             close_code=close_code,
             threads=threads,
-            identity=keys,
-            tls_cert_file=tls.cert_file,
-            tls_key_file=tls.key_file,
-            upstream_verify=upstream_tls.verify,
-            upstream_ca_file=upstream_tls.ca_file,
-            upstream_server_name=upstream_tls.server_name,
             trace_root_bound=None if tracing is None else tracing.root_bound,
             trace_parent_based=True if tracing is None else tracing.parent_based,
         )  # fmt: skip
@@ -417,6 +439,16 @@ class NativeListener:
             for conn_id, route, m_in, m_out, b_in, b_out in self.raw.live()
         ]
 
+    def reload(self, config: _dataplane.ListenerConfig, *, shutdown_timeout: float | None = None) -> None:
+        """Swap in a reload's routes, limits, identity and TLS settings
+        (`listener_config(...)`, checked and its files read when it was made:
+        a bad one never reaches here). Connections accepted from now on use
+        them; those open keep what they were accepted with. The address, the
+        threads and the trace sampling (`tracing`) stay as at start."""
+        self.raw.reload(config)
+        if shutdown_timeout is not None:
+            self.shutdown_timeout = shutdown_timeout
+
     def reconfigure(
         self,
         *,
@@ -424,16 +456,11 @@ class NativeListener:
         close_code: int | None = None,
         max_holds: int | None = None,
         max_held_per_key: int | None = None,
-        identity: IdentitySettings | None = None,
     ) -> None:
-        """Apply what a reload changes of the refusal policy and of the client
-        identity (None: unchanged); all values are checked (and a key file
-        read) before any is set (ValueError). The per-address caps keep the
-        trusted proxies of the start, as the Python listener does."""
-        keys = None if identity is None else Identity(**identity_spec(identity))
+        """Apply what a reload changes of the refusal policy (None: unchanged);
+        all values are checked before any is set (ValueError)."""
         self.raw.reconfigure(
             reject_with=reject_with, close_code=close_code, max_holds=max_holds, max_held_per_key=max_held_per_key,
-            identity=keys,
         )  # fmt: skip
 
     def policy(self) -> RefusalPolicy:
