@@ -134,7 +134,7 @@ class PythonPlane:
     """The asyncio listener (proxy/dataplane/listener.py)."""
 
     name = "python"
-    restart_keys = PYTHON_RESTART_KEYS
+    restart_keys: tuple[str, ...] = PYTHON_RESTART_KEYS
 
     def __init__(self, settings: Settings, gate: Gate):
         self.server = ProxyServer(settings, gate)
@@ -214,7 +214,7 @@ class NativePlane:
     into the brain and its enforcement table kept by it."""
 
     name = "native"
-    restart_keys = NATIVE_RESTART_KEYS
+    restart_keys: tuple[str, ...] = NATIVE_RESTART_KEYS
 
     def __init__(self, settings: Settings, gate: Gate, spans: Sink | None = None):
         from ..dataplane.native import EnforcementTable, EventQueue
