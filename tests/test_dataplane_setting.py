@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import connect
 
-from loopwatch.proxy.app.settings import ConfigError, check_config_main, load_settings
+from loopwatch.proxy.app.settings import ConfigError, Settings, check_config_main, load_settings
 from loopwatch.proxy.tools.demo_backend import issue_token
 from tests.clients import attempt, demo_backend
 from tests.conftest import loopwatch, wait_for, ws_url
@@ -312,3 +312,21 @@ async def test_a_rejected_drained_apart_from_its_attempt_is_counted() -> None:
     driver.handle([Received(ev.Answered(key, "/", 2.0), conn_id=3)])
     assert not driver.refused
     gate.close()
+
+
+def test_restart_required_is_by_plane_and_names_the_health_check_when_its_route_moves() -> None:
+    from loopwatch.proxy.app.planes import NATIVE_RESTART_KEYS, PYTHON_RESTART_KEYS
+    from loopwatch.proxy.app.runtime import restart_required
+
+    def settings(**overrides: object) -> Settings:
+        return load_settings(None, env={}, overrides={"upstream": "ws://127.0.0.1:9", **overrides})
+
+    old = settings()
+    moved = settings(**{"upstream": "ws://127.0.0.1:10", "limits.max_connections": 5, "listen": "127.0.0.1:1"})
+    assert restart_required(old, moved, PYTHON_RESTART_KEYS) == ["limits", "listen", "upstream"]
+    assert restart_required(old, moved, NATIVE_RESTART_KEYS) == ["listen"]
+    # The probe keeps the route of the start: with it on, a moved route waits for a restart.
+    probed = settings(**{"health_check.enabled": True})
+    probed_moved = settings(**{"health_check.enabled": True, "upstream": "ws://127.0.0.1:10"})
+    assert restart_required(probed, probed_moved, NATIVE_RESTART_KEYS) == ["health_check"]
+    assert restart_required(probed, probed, NATIVE_RESTART_KEYS) == []
