@@ -135,10 +135,6 @@ class ListenerConfig:
         upstream_ca_file: str | None = None,
         upstream_server_name: str | None = None,
     ) -> None: ...
-    @property
-    def prefixes(self) -> list[bytes]: ...
-    @property
-    def tls(self) -> bool: ...
 
 class Listener:
     @staticmethod

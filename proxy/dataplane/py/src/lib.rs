@@ -286,18 +286,6 @@ impl ListenerConfig {
             },
         })
     }
-
-    /// The route prefixes, longest first (as connections match them).
-    #[getter]
-    fn prefixes(&self) -> Vec<Vec<u8>> {
-        self.inner.routes.iter().map(|r| r.prefix.clone()).collect()
-    }
-
-    /// Whether the listener terminates TLS with this configuration.
-    #[getter]
-    fn tls(&self) -> bool {
-        self.inner.tls.is_some()
-    }
 }
 
 #[pymethods]
