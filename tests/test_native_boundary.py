@@ -678,7 +678,8 @@ async def test_a_reload_routes_new_connections_and_an_open_one_keeps_its_routes(
                 listener_config([("/a", f"http://127.0.0.1:{a}")], tls=tls)
             with pytest.raises(ValueError, match="route prefix"):
                 listener_config([("a", f"http://127.0.0.1:{a}")])
-            response, _ = await raw_exchange(running.port, b"GET /b/z HTTP/1.1\r\nHost: example.test\r\n\r\n")
+            closing = b"GET /b/z HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n"
+            response, _ = await raw_exchange(running.port, closing)
             assert (response.status, response.body) == (200, b"b")
         finally:
             writer.close()
