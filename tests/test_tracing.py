@@ -257,6 +257,40 @@ def test_the_native_listener_refuses_a_root_bound_past_every_trace_id() -> None:
             )  # fmt: skip
 
 
+@pytest.mark.dataplanes("native")  # the native listener's reload
+async def test_a_native_reload_keeps_the_trace_sampling_of_the_start() -> None:
+    """The sampling comes from the OTEL_* environment at start, outside the
+    ListenerConfig a reload swaps: a sampler that samples nothing, not even a
+    sampled parent's child, still decides after the reload moved the route."""
+    from loopwatch.proxy.dataplane.native import (
+        EnforcementTable,
+        EventQueue,
+        NativeListener,
+        TraceSampling,
+        listener_config,
+    )
+
+    client_trace, client_span = TRACEPARENT_OF_CLIENT.split("-")[1:3]
+    async with recording_echo() as (first, seen_first), recording_echo() as (second, seen_second):
+        listener = NativeListener.start(
+            [("/", first)], queue=EventQueue(), table=EnforcementTable(), threads=1,
+            tracing=TraceSampling(0, parent_based=False),
+        )  # fmt: skip
+        try:
+            url = f"ws://127.0.0.1:{listener.port}/"
+            await echo_once(url, {"traceparent": TRACEPARENT_OF_CLIENT})
+            listener.reload(listener_config([("/", second)]))
+            await echo_once(url, {"traceparent": TRACEPARENT_OF_CLIENT})
+        finally:
+            await asyncio.to_thread(listener.stop, 3.0)
+    assert len(seen_first) == len(seen_second) == 1  # the reload moved the route
+    for seen in (seen_first, seen_second):
+        version, trace_id, span_id, flags = seen[0]["traceparent"].split("-")
+        # The client's trace continued with the plane's span, not sampled.
+        assert (version, trace_id, flags) == ("00", client_trace, "00")
+        assert span_id != client_span
+
+
 async def test_without_tracing_the_clients_trace_context_passes_untouched() -> None:
     headers = {"traceparent": TRACEPARENT_OF_CLIENT, "tracestate": "vendor=abc"}
     async with recording_echo() as (url, seen), telemetered(settings_with(upstream=url)) as lw:
