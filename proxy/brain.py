@@ -23,7 +23,7 @@ from ..detectors.decisions import Outcome, Reject, RejectReason
 from ..detectors.enforcement import NONE as NO_ENFORCEMENT
 from ..detectors.enforcement import BreakerEnforcement, KeyEnforcement
 from ..detectors.engine import Engine
-from .dataplane.boundary import Connection, Gate, Refusal, RelayStats
+from .dataplane.boundary import Connection, Gate, PlaneTrace, Refusal, RelayStats
 from .observe.observers import Observers
 from .state.local import LocalState, StateStore
 
@@ -400,6 +400,9 @@ class Received(Protocol):
     @property
     def traffic(self) -> RelayStats | None: ...
 
+    @property
+    def trace(self) -> PlaneTrace | None: ...
+
 
 # Refused attempts remembered until their held answer (Answered): a refusal that
 # was not held never gets one, so the oldest are forgotten beyond this many.
@@ -441,9 +444,12 @@ class NativeDriver:
             e = r.event
             cid = r.conn_id
             if isinstance(e, ev.Attempt):
-                conn = Connection(key=e.key, route=e.route, peer=e.addr, t0=e.t, head=None, conn_id=cid)
+                conn = Connection(
+                    key=e.key, route=e.route, peer=e.addr, t0=e.t, conn_id=cid, plane_trace=r.trace,
+                )  # fmt: skip
                 refused = rejected.get(cid)
                 refusal = judge(conn, e, refused) if judge is not None else None  # type: ignore[arg-type]  # the table's reasons are RejectReason values
+                conn.plane_trace = None  # read at the attempt; not kept for the connection's life (as the head)
                 if refused is not None:
                     self._remember_refused(cid, conn)
                 else:
@@ -502,7 +508,7 @@ class NativeDriver:
         """The attempt's record; a new one when its Attempt was lost (queue full)."""
         conn = self.conns.get(cid)
         if conn is None:
-            conn = Connection(key=e.key, route=e.route, peer="", t0=e.t, head=None, conn_id=cid)
+            conn = Connection(key=e.key, route=e.route, peer="", t0=e.t, conn_id=cid)
             self.conns[cid] = conn
         return conn
 

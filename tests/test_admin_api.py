@@ -10,13 +10,21 @@ from pathlib import Path
 from urllib.parse import quote
 
 import aiohttp
-from websockets.asyncio.client import connect
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from loopwatch.proxy.app.runtime import ConfigSources, Running, start
 from loopwatch.proxy.app.settings import load_settings
 from loopwatch.proxy.tools.demo_backend import DemoBackend, issue_token
 from tests.clients import demo_backend, loop_until
-from tests.conftest import client_key, loopwatch, ws_url
+from tests.conftest import (
+    client_key,
+    loopwatch,
+    self_signed_cert,
+    wait_for,
+    ws_url,
+)
 
 TOKEN = "s3cret-admin-token"
 
@@ -164,6 +172,147 @@ async def test_reload_valid_and_invalid_while_connections_stay_open(tmp_path: Pa
                 body = await r.json()
             assert body["restart_required"] == ["listen"]
         await asyncio.sleep(0)
+
+
+@contextlib.asynccontextmanager
+async def reloadable(config: Path, text: str) -> AsyncIterator[Running]:
+    """loopwatch started from `config` (written with `text`)."""
+    config.write_text(text)
+    running = await start(load_settings(config, env={}), sources=ConfigSources(str(config), {}, {}))
+    try:
+        yield running
+    finally:
+        await running.close()
+
+
+async def reload_with(lw: Running, config: Path, text: str) -> tuple[int, dict[str, object]]:
+    config.write_text(text)
+    async with admin_session(lw, None) as s, s.post("/api/reload") as r:
+        return r.status, await r.json()
+
+
+async def echoes(ws: ClientConnection, message: str) -> bool:
+    await ws.send(message)
+    return await ws.recv() == message
+
+
+async def test_a_reload_moves_new_connections_and_open_ones_keep_relaying(tmp_path: Path) -> None:
+    """A route's upstream, a limit and an identity source, each changed by a
+    reload: new connections follow, the WebSocket opened before every reload
+    keeps relaying as it was, to its upstream, under its limits."""
+    config = tmp_path / "loopwatch.yaml"
+    async with demo_backend() as a, demo_backend() as b:
+        head = 'listen: "127.0.0.1:0"\nadmin:\n  listen: "127.0.0.1:0"\n'
+        to_a, to_b = f'upstream: "ws://127.0.0.1:{a.port}"\n', f'upstream: "ws://127.0.0.1:{b.port}"\n'
+        async with reloadable(config, head + to_a) as lw, connect(
+            ws_url(lw, "/ws?token=" + issue_token("alice", 600)), max_size=None, compression=None
+        ) as alice:
+            assert await echoes(alice, "before")
+
+            status, body = await reload_with(lw, config, head + to_b)
+            assert status == 200 and body["restart_required"] == []
+            async with connect(ws_url(lw, "/ws?token=" + issue_token("bob", 600))) as bob:
+                assert await echoes(bob, "hello")
+            assert (a.upgrades["bob"], b.upgrades["bob"]) == (0, 1)
+            assert await echoes(alice, "still to a") and a.upgrades["alice"] == 1
+
+            small = "limits:\n  max_message_size: 1024\n"
+            status, body = await reload_with(lw, config, head + to_b + small)
+            assert status == 200 and body["restart_required"] == []
+            big = "x" * 4096  # sent uncompressed: the limit is on what crosses the wire
+            carol_url = ws_url(lw, "/ws?token=" + issue_token("carol", 600))
+            async with connect(carol_url, max_size=None, compression=None) as carol:
+                with pytest.raises(ConnectionClosed) as closed:
+                    await echoes(carol, big)
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+            assert await echoes(alice, big)  # accepted under the old limit
+
+            by_address = "identity:\n  sources: [ip]\n"
+            status, body = await reload_with(lw, config, head + to_b + small + by_address)
+            assert status == 200 and body["restart_required"] == []
+            async with connect(ws_url(lw, "/ws?token=" + issue_token("dave", 600))) as dave:
+                assert await echoes(dave, "by address")
+            await wait_for(lambda: lw.engine.client(client_key(), time.monotonic()) is not None)
+            assert lw.engine.client(client_key("dave"), time.monotonic()) is None
+            assert await echoes(alice, "after three reloads")
+            assert lw.engine.client(client_key("alice"), time.monotonic()) is not None
+
+
+async def test_a_reload_changes_the_listeners_certificate_for_new_connections(tmp_path: Path) -> None:
+    """tls: a new certificate serves the connections accepted after the reload
+    a certificate that cannot be
+    read refuses the reload and the running one stays; a wss:// WebSocket open
+    before keeps relaying throughout."""
+    import ssl
+
+    def trusting(cert: str) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=cert)
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    cert_a, key_a = self_signed_cert(tmp_path / "a", ["127.0.0.1"])
+    cert_b, key_b = self_signed_cert(tmp_path / "b", ["127.0.0.1"])
+    config = tmp_path / "loopwatch.yaml"
+    async with demo_backend() as backend:
+        head = (
+            f'upstream: "ws://127.0.0.1:{backend.port}"\nlisten: "127.0.0.1:0"\n'
+            'admin:\n  listen: "127.0.0.1:0"\n'
+        )
+
+        def tls(cert: str, key: str) -> str:
+            return f'tls:\n  cert_file: "{cert}"\n  key_file: "{key}"\n'
+
+        async with reloadable(config, head + tls(cert_a, key_a)) as lw:
+            url = f"wss://127.0.0.1:{lw.proxy_port}/ws?token="
+            async with connect(url + issue_token("early", 600), ssl=trusting(cert_a)) as early:
+                assert await echoes(early, "before")
+                status, body = await reload_with(lw, config, head + tls(cert_b, key_b))
+                assert status == 200 and body["restart_required"] == []
+                served, refused = cert_b, cert_a
+                async with connect(url + issue_token("late", 600), ssl=trusting(served)) as late:
+                    assert await echoes(late, "new certificate")
+                with pytest.raises(ssl.SSLCertVerificationError):
+                    async with connect(url + issue_token("late", 600), ssl=trusting(refused), open_timeout=5):
+                        pass
+                assert await echoes(early, "still relaying")
+
+                garbage = tmp_path / "garbage.pem"
+                garbage.write_text("not a certificate\n")
+                status, body = await reload_with(lw, config, head + tls(str(garbage), key_b))
+                assert status == 400
+                assert any(e.startswith("tls.cert_file:") and "garbage.pem" in e for e in body["errors"])
+                assert lw.settings.tls.cert_file == cert_b  # the running settings are kept
+                async with connect(url + issue_token("later", 600), ssl=trusting(cert_b)) as later:
+                    assert await echoes(later, "kept")
+                assert await echoes(early, "after a refused reload")
+
+
+async def test_a_reload_the_data_plane_cannot_take_is_refused_whole(tmp_path: Path) -> None:
+    """A JWT key file that cannot be read: the reload is refused with the error
+    naming it, and nothing of the new file applies (not even its valid policy
+    change); open and new connections go on as before."""
+    config = tmp_path / "loopwatch.yaml"
+    async with demo_backend() as backend:
+        head = (
+            f'upstream: "ws://127.0.0.1:{backend.port}"\nlisten: "127.0.0.1:0"\n'
+            'admin:\n  listen: "127.0.0.1:0"\n'
+        )
+        async with reloadable(config, head) as lw, connect(
+            ws_url(lw, "/ws?token=" + issue_token("erin", 600))
+        ) as erin:
+            missing = tmp_path / "missing.pem"
+            bad = (
+                "policy:\n  mode: observe\nidentity:\n  sources: [ip]\n  jwt:\n    verify: true\n"
+                f'    algorithms: [RS256]\n    public_key_file: "{missing}"\n'
+            )
+            status, body = await reload_with(lw, config, head + bad)
+            assert status == 400
+            assert any(e.startswith("identity.jwt.public_key_file: cannot read") for e in body["errors"]), body
+            assert lw.settings.policy.mode == "enforce" and lw.settings.identity.sources != ("ip",)
+            assert await echoes(erin, "untouched")
+            async with connect(ws_url(lw, "/ws?token=" + issue_token("frank", 600))) as frank:
+                assert await echoes(frank, "keyed as before")
+            await wait_for(lambda: lw.engine.client(client_key("frank"), time.monotonic()) is not None)
 
 
 async def test_cross_site_posts_are_refused_even_without_a_token() -> None:

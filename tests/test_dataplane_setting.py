@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import connect
 
-from loopwatch.proxy.app.settings import ConfigError, check_config_main, load_settings
+from loopwatch.proxy.app.settings import ConfigError, Settings, check_config_main, load_settings
 from loopwatch.proxy.tools.demo_backend import issue_token
 from tests.clients import attempt, demo_backend
 from tests.conftest import loopwatch, wait_for, ws_url
@@ -335,3 +335,20 @@ async def test_live_counts_last_until_the_brain_judged_the_close() -> None:
     plane.driver.handle([Received(ev.Closed(key, "/", 4.0, 8, 1000, "", "client", 1.0), traffic=final, conn_id=8)])
     assert live() == []
     gate.close()
+
+
+def test_restart_required_names_the_health_check_when_its_route_moves() -> None:
+    from loopwatch.proxy.app.planes import RESTART_KEYS
+    from loopwatch.proxy.app.runtime import restart_required
+
+    def settings(**overrides: object) -> Settings:
+        return load_settings(None, env={}, overrides={"upstream": "ws://127.0.0.1:9", **overrides})
+
+    old = settings()
+    moved = settings(**{"upstream": "ws://127.0.0.1:10", "limits.max_connections": 5, "listen": "127.0.0.1:1"})
+    assert restart_required(old, moved, RESTART_KEYS) == ["listen"]
+    # The probe keeps the route of the start: with it on, a moved route waits for a restart.
+    probed = settings(**{"health_check.enabled": True})
+    probed_moved = settings(**{"health_check.enabled": True, "upstream": "ws://127.0.0.1:10"})
+    assert restart_required(probed, probed_moved, RESTART_KEYS) == ["health_check"]
+    assert restart_required(probed, probed, RESTART_KEYS) == []

@@ -8,14 +8,17 @@ drop counter, and clear answers to bad arguments from Python.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import re
 import socket
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -25,11 +28,13 @@ from loopwatch.proxy.dataplane.native import (
     EventQueue,
     NativeListener,
     RefusalPolicy,
+    listener_config,
     route_records,
 )
-from loopwatch.proxy.dataplane.settings import IdentitySettings, Limits
+from loopwatch.proxy.dataplane.settings import IdentitySettings, Limits, ListenerTLS
 from tests.conftest import (
     RawBackend,
+    RawResponse,
     raw_exchange,
     read_response,
     switching_protocols,
@@ -617,3 +622,64 @@ def test_the_native_counters_use_the_python_data_planes_labels() -> None:
     assert set(stats.rejected) <= set(REJECTED_REASONS)
     assert {"address_limit", "body_timeout", "upstream_timeout", "response_timeout"} <= set(stats.rejected)
     assert not listener.running
+
+
+@contextlib.asynccontextmanager
+async def named_http_backend(name: str) -> AsyncIterator[int]:
+    """A plain HTTP server answering every GET with its name; its port."""
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text=name)
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", hello)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_reload_routes_new_connections_and_an_open_one_keeps_its_routes(tmp_path: Path) -> None:
+    """`reload(listener_config(...))`: a keep-alive connection accepted before
+    keeps the routes of its accept for its next requests; a new one gets the
+    new routes (the removed prefix 404). A configuration that cannot be built
+    is a ValueError naming the setting and the file, and nothing changes."""
+    async with (
+        named_http_backend("a") as a,
+        named_http_backend("b") as b,
+        native("", routes=[("/a", f"http://127.0.0.1:{a}")]) as running,
+    ):
+
+        async def get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str) -> RawResponse:
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: example.test\r\n\r\n".encode())
+            return await asyncio.wait_for(read_response(reader), 5)
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+        try:
+            assert (await get(reader, writer, "/a/x")).body == b"a"
+            running.listener.reload(listener_config([("/b", f"http://127.0.0.1:{b}")]))
+            # The open connection: its routes of the accept.
+            assert (await get(reader, writer, "/a/y")).body == b"a"
+            new_reader, new_writer = await asyncio.open_connection("127.0.0.1", running.port)
+            try:
+                assert (await get(new_reader, new_writer, "/b/x")).body == b"b"
+            finally:
+                new_writer.close()
+            response, _ = await raw_exchange(running.port, b"GET /a/x HTTP/1.1\r\nHost: example.test\r\n\r\n")
+            assert response.status == 404
+            garbage = tmp_path / "cert.pem"
+            garbage.write_text("no certificate here\n")
+            tls = ListenerTLS(cert_file=str(garbage), key_file=str(garbage))
+            with pytest.raises(ValueError, match=r"tls\.cert_file: no certificate .*cert\.pem"):
+                listener_config([("/a", f"http://127.0.0.1:{a}")], tls=tls)
+            with pytest.raises(ValueError, match="route prefix"):
+                listener_config([("a", f"http://127.0.0.1:{a}")])
+            closing = b"GET /b/z HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n"
+            response, _ = await raw_exchange(running.port, closing)
+            assert (response.status, response.body) == (200, b"b")
+        finally:
+            writer.close()

@@ -28,7 +28,12 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from loopwatch.detectors import events as ev
-from loopwatch.proxy.dataplane.native import EnforcementTable, EventQueue, NativeListener
+from loopwatch.proxy.dataplane.native import (
+    EnforcementTable,
+    EventQueue,
+    ListenerStats,
+    NativeListener,
+)
 from loopwatch.proxy.dataplane.settings import Limits, ListenerTLS, UpstreamTLS
 from tests.conftest import self_signed_cert, server_context, websockets_backend
 from tests.wsraw import CLOSE, RawClient, close_payload, frame
@@ -72,6 +77,17 @@ class Native:
                 raise AssertionError(f"events not reached in time: {self.events}")
             self.events += [r.event for r in await asyncio.to_thread(self.queue.recv_batch, 1024, 0.05)]
         return self.events
+
+    async def idle_stats(self, timeout: float = 5.0) -> ListenerStats:
+        """The listener's stats once no connection is active (bounded): the
+        HandshakeFailed event is sent before its connection task has ended."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (stats := self.listener.stats()).active != 0:
+            if loop.time() > deadline:
+                raise AssertionError(f"connections still active after {timeout} s: {stats}")
+            await asyncio.sleep(0.01)
+        return stats
 
 
 @contextlib.asynccontextmanager
@@ -266,7 +282,7 @@ async def test_an_untrusted_upstream_is_502_and_a_tls_failure(local_cert: Cert, 
         async with echo_backend(local_cert) as backend, native(backend.url, upstream_tls=upstream_tls) as running:
             err = await refused(running.url("/up"))
             events = await running.until(lambda e: bool(of_type(e, ev.HandshakeFailed)))
-            stats = running.listener.stats()
+            stats = await running.idle_stats()
         assert err.response.status_code == 502
         assert b"TLS" in err.response.body
         failed = of_type(events, ev.HandshakeFailed)[0]

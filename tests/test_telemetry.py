@@ -434,7 +434,7 @@ def _client(i: int) -> tuple[str, str]:
 
 def _attempt(gate: EngineGate, key: str, peer: str, t: float) -> tuple[Connection, Refusal | None]:
     """An attempt as the data plane reports it (identified, at `t`), judged."""
-    conn = Connection(key=key, route="/", peer=peer, t0=t, head=None)
+    conn = Connection(key=key, route="/", peer=peer, t0=t)
     return conn, gate.judge(conn, ev.Attempt(key, "/", t, peer))
 
 

@@ -152,6 +152,146 @@ async def test_client_trace_context_is_the_parent() -> None:
     assert first.context.trace_id != second.context.trace_id
 
 
+async def echo_once(url: str, headers: dict[str, str]) -> None:
+    async with connect(url, additional_headers=headers, compression=None, open_timeout=5) as ws:
+        await ws.send("x")
+        assert await ws.recv() == "x"
+
+
+async def test_what_the_client_sent_that_is_no_trace_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A traceparent W3C calls invalid starts a new trace (and is not passed on);
+    an unsampled parent is continued unsampled by the default parent-based
+    sampler and sampled by a ratio sampler, which looks at the trace id only."""
+    sent_by_client = [
+        "00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01",  # upper-case hex
+        "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",  # version ff
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",  # all-zero trace id
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",  # all-zero span id
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",  # version 00 goes on
+        "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",  # a short trace id
+    ]
+    exporter = InMemorySpanExporter()
+    async with recording_echo() as (url, seen), telemetered(settings_with(upstream=url), exporter=exporter) as lw:
+        for value in sent_by_client:
+            await echo_once(f"ws://127.0.0.1:{lw.proxy_port}/", {"traceparent": value, "tracestate": "v=1"})
+        unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+        await echo_once(f"ws://127.0.0.1:{lw.proxy_port}/", {"traceparent": unsampled})
+        await wait_for(lambda: idle(lw))
+        await wait_for(lambda: len(exporter.get_finished_spans()) == len(sent_by_client))
+    spans = sorted(exporter.get_finished_spans(), key=lambda s: s.start_time or 0)
+    for span, headers, value in zip(spans, seen, sent_by_client, strict=False):
+        assert span.parent is None, value  # a root: the client's was no trace context
+        trace_id, span_id, flags = parse_traceparent(headers["traceparent"])
+        assert (trace_id, span_id) == (f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}")
+        assert trace_id != "4bf92f3577b34da6a3ce929d0e0e4736" and int(flags, 16) & 1
+        assert list(headers).count("traceparent") == 1
+        assert headers["tracestate"] == "v=1"  # not the span's: passed as the client sent it
+    # The unsampled parent: its trace continued, not sampled, no span exported.
+    trace_id, _, flags = parse_traceparent(seen[-1]["traceparent"])
+    assert trace_id == "4bf92f3577b34da6a3ce929d0e0e4736" and not int(flags, 16) & 1
+
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "1")
+    exporter = InMemorySpanExporter()
+    async with recording_echo() as (url, seen), telemetered(settings_with(upstream=url), exporter=exporter) as lw:
+        await echo_once(f"ws://127.0.0.1:{lw.proxy_port}/", {"traceparent": unsampled})
+        await wait_for(lambda: len(exporter.get_finished_spans()) == 1)
+    (span,) = exporter.get_finished_spans()
+    assert span.parent is not None and f"{span.parent.span_id:016x}" == "00f067aa0ba902b7"
+    trace_id, span_id, flags = parse_traceparent(seen[0]["traceparent"])
+    assert (trace_id, span_id) == ("4bf92f3577b34da6a3ce929d0e0e4736", f"{span.context.span_id:016x}")
+    assert int(flags, 16) & 1  # the ratio sampler samples a child by its trace id
+
+
+@pytest.mark.parametrize("env", [
+    {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.5"},
+    {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.5"},
+    {"OTEL_TRACES_SAMPLER": "parentbased_always_off"},
+    {"OTEL_TRACES_SAMPLER": "always_on"},
+], ids=lambda e: ",".join(e.values()))  # fmt: skip
+async def test_the_sampled_flag_sent_upstream_is_the_spans(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever the sampler, what goes upstream says sampled exactly when the span
+    is exported: roots, and children of sampled and unsampled parents."""
+    import random
+
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    rng = random.Random(16)
+    parents = [None] * 8 + [
+        f"00-{rng.getrandbits(128) | 1:032x}-{rng.getrandbits(64) | 1:016x}-{flags}" for flags in ("01", "00") * 4
+    ]
+    exporter = InMemorySpanExporter()
+    async with recording_echo() as (url, seen), telemetered(settings_with(upstream=url), exporter=exporter) as lw:
+        for parent in parents:
+            await echo_once(f"ws://127.0.0.1:{lw.proxy_port}/", {"traceparent": parent} if parent else {})
+        await wait_for(lambda: idle(lw))
+        assert lw.telemetry is not None and lw.telemetry.tracing is not None
+        lw.telemetry.tracing.flush()  # the ended spans to the exporter now (else FLUSH_DELAY after)
+    exported = {(s.context.trace_id, s.context.span_id) for s in exporter.get_finished_spans()}
+    assert len(seen) == len(parents)
+    for parent, headers in zip(parents, seen, strict=True):
+        trace_id, span_id, flags = parse_traceparent(headers["traceparent"])
+        if parent is not None:
+            assert trace_id == parent.split("-")[1]
+        assert bool(int(flags, 16) & 1) == ((int(trace_id, 16), int(span_id, 16)) in exported), (parent, flags)
+
+
+def test_the_native_listener_refuses_a_root_bound_past_every_trace_id() -> None:
+    from loopwatch.proxy.dataplane.native import (
+        ALL_ROOTS,
+        EnforcementTable,
+        EventQueue,
+        NativeListener,
+        TraceSampling,
+    )
+
+    for bound in (ALL_ROOTS + 1, -1):
+        with pytest.raises((ValueError, OverflowError), match="trace_root_bound|negative|overflow|out of range"):
+            NativeListener.start(
+                [("/", "ws://127.0.0.1:9")], queue=EventQueue(), table=EnforcementTable(), tracing=TraceSampling(bound),
+            )  # fmt: skip
+
+
+async def test_a_native_reload_keeps_the_trace_sampling_of_the_start() -> None:
+    """The sampling comes from the OTEL_* environment at start, outside the
+    ListenerConfig a reload swaps: a sampler that samples nothing, not even a
+    sampled parent's child, still decides after the reload moved the route."""
+    from loopwatch.proxy.dataplane.native import (
+        EnforcementTable,
+        EventQueue,
+        NativeListener,
+        TraceSampling,
+        listener_config,
+    )
+
+    client_trace, client_span = TRACEPARENT_OF_CLIENT.split("-")[1:3]
+    async with recording_echo() as (first, seen_first), recording_echo() as (second, seen_second):
+        listener = NativeListener.start(
+            [("/", first)], queue=EventQueue(), table=EnforcementTable(), threads=1,
+            tracing=TraceSampling(0, parent_based=False),
+        )  # fmt: skip
+        try:
+            url = f"ws://127.0.0.1:{listener.port}/"
+            await echo_once(url, {"traceparent": TRACEPARENT_OF_CLIENT})
+            listener.reload(listener_config([("/", second)]))
+            await echo_once(url, {"traceparent": TRACEPARENT_OF_CLIENT})
+        finally:
+            await asyncio.to_thread(listener.stop, 3.0)
+    assert len(seen_first) == len(seen_second) == 1  # the reload moved the route
+    for seen in (seen_first, seen_second):
+        version, trace_id, span_id, flags = seen[0]["traceparent"].split("-")
+        # The client's trace continued with the plane's span, not sampled.
+        assert (version, trace_id, flags) == ("00", client_trace, "00")
+        assert span_id != client_span
+
+
+async def test_without_tracing_the_clients_trace_context_passes_untouched() -> None:
+    headers = {"traceparent": TRACEPARENT_OF_CLIENT, "tracestate": "vendor=abc"}
+    async with recording_echo() as (url, seen), telemetered(settings_with(upstream=url)) as lw:
+        await echo_once(f"ws://127.0.0.1:{lw.proxy_port}/", headers)
+    assert seen[0]["traceparent"] == TRACEPARENT_OF_CLIENT and seen[0]["tracestate"] == "vendor=abc"
+
+
 async def test_loop_spans_carry_findings_and_enforcement() -> None:
     exporter = InMemorySpanExporter()
     async with demo_backend() as backend:
@@ -527,5 +667,11 @@ async def test_a_sampler_of_ones_own_sees_and_adds_attributes() -> None:
     assert sampler.seen[0]["loopwatch.route"] == "/" and "client.address" in sampler.seen[0]
     (span,) = exporter.get_finished_spans()
     assert span.attributes["url.path"] == "/keep/a" and span.attributes["sampler.note"] == "kept"
-    flags = [int(parse_traceparent(h["traceparent"])[2], 16) & 1 for h in seen]
-    assert flags == [1, 0]
+    sent = [parse_traceparent(h["traceparent"]) for h in seen]
+    assert sent[0][:2] == (f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}")
+    flags = [int(f, 16) & 1 for _, _, f in sent]
+    # The data plane sends its traceparent before the brain has asked a sampler
+    # of one's own (it never waits for Python): it samples such a span as
+    # parentbased_always_on would, and the sampler decides what is recorded
+    # (docs/tracing.md, "The native data plane").
+    assert flags == [1, 1]

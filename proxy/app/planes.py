@@ -29,13 +29,20 @@ from ..dataplane.boundary import Connection, Gate, HoldCounts, RelayStats, log_r
 from ..dataplane.routing import Router, client_ssl_context
 from ..dataplane.trim import ClockTrimmer
 from ..observe.logs import event
-from .settings import Settings
+from .settings import ConfigError, Settings
 
 if TYPE_CHECKING:
     import ssl
 
     from ..brain import Received as EngineEvent
-    from ..dataplane.native import EventQueue, LiveConnection, NativeListener, Received
+    from ..dataplane.native import (
+        EventQueue,
+        LiveConnection,
+        NativeListener,
+        Received,
+        TraceSampling,
+    )
+    from ..observe.tracing import Sink
 
 log = logging.getLogger("loopwatch")
 
@@ -49,6 +56,9 @@ _LOST_AGE = 2.0
 class DataPlane(Protocol):
     name: str  # "native" (loopwatch_build_info, the "listening" log line)
     router: Router  # the routes (the health check probes one)
+    # The settings a reload cannot change on this plane: `loopwatch run` lists
+    # those that changed in `restart_required`.
+    restart_keys: tuple[str, ...]
 
     @property
     def port(self) -> int: ...
@@ -67,7 +77,9 @@ class DataPlane(Protocol):
         ...
 
     def reconfigure(self, settings: Settings) -> None:
-        """What a reload changes of how refusals are answered."""
+        """Apply a reload's settings (what this plane can change live, for the
+        connections accepted from now on): all of it, or, raising ConfigError,
+        none of it."""
         ...
 
     def active_connections(self) -> int:
@@ -101,17 +113,28 @@ class DataPlane(Protocol):
     def enforcement_lag(self) -> Mapping[str, int]: ...
 
 
+# Settings a reload cannot change on a running process: the listener swaps
+# routes, limits, identity and TLS live (for the connections accepted from
+# then on), not its address and threads. `state`: the shared store connects
+# once, at start. `health_check`: its probe is set up at start.
+RESTART_KEYS = ("listen", "admin", "state", "record", "health_check", "dataplane")
+
+
 class NativePlane:
     """The compiled listener (proxy/dataplane/native.py), its event queue drained
     into the brain and its enforcement table kept by it."""
 
     name = "native"
+    restart_keys: tuple[str, ...] = RESTART_KEYS
 
-    def __init__(self, settings: Settings, gate: Gate):
+    def __init__(self, settings: Settings, gate: Gate, spans: Sink | None = None):
         from ..dataplane.native import EnforcementTable, EventQueue
 
         self.settings = settings
         self.gate = gate
+        # Tracing on: the listener decides each span's context (plane_sampling).
+        # From the OTEL_* environment, read once: a reload keeps it.
+        self.tracing = plane_sampling(spans)
         self.router = Router([(r.path_prefix, r.upstream) for r in settings.effective_routes()])
         self.queue: EventQueue = EventQueue()
         self.table = EnforcementTable()
@@ -124,7 +147,6 @@ class NativePlane:
         # verifier, built from the same upstream_tls settings).
         tls = settings.upstream_tls
         self._upstream_ssl = client_ssl_context(tls.verify, tls.ca_file)
-        self._identity = settings.identity  # the listener's, since start or the last reload
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -164,7 +186,7 @@ class NativePlane:
             queue=self.queue, table=self.table, host=host, port=port, limits=s.limits,
             reject_with=policy.reject_with, close_code=policy.close_code,
             max_holds=policy.max_held, max_held_per_key=policy.max_held_per_key,
-            identity=s.identity, tls=s.tls, upstream_tls=s.upstream_tls,
+            identity=s.identity, tls=s.tls, upstream_tls=s.upstream_tls, tracing=self.tracing,
         )  # fmt: skip
         self._port = self.listener.port
         self._loop = asyncio.get_running_loop()
@@ -182,17 +204,31 @@ class NativePlane:
             await asyncio.to_thread(self._thread.join, 5.0)
 
     def reconfigure(self, settings: Settings) -> None:
-        if self.listener is not None:
-            p = settings.policy
-            # identity: changes live; the
-            # keys are loaded again only when it changed.
-            changed = settings.identity != self._identity
-            self.listener.reconfigure(
-                reject_with=p.reject_with, close_code=p.close_code,
-                max_holds=p.max_held, max_held_per_key=p.max_held_per_key,
-                identity=settings.identity if changed else None,
-            )  # fmt: skip
-            self._identity = settings.identity
+        """Routes, `limits:`, `identity:`, `tls:` and `upstream_tls:` for the
+        connections accepted from now on (those open keep theirs), and the
+        refusal policy. The new listener configuration is built first, its
+        files read (certificates, keys): one that cannot be is a ConfigError
+        and nothing changes."""
+        from ..dataplane.native import listener_config
+
+        if self.listener is None:
+            return
+        routes = [(r.path_prefix, r.upstream) for r in settings.effective_routes()]
+        s = settings
+        try:
+            config = listener_config(
+                routes, limits=s.limits, identity=s.identity, tls=s.tls, upstream_tls=s.upstream_tls
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        p = s.policy
+        self.listener.reload(config, shutdown_timeout=s.limits.shutdown_timeout)
+        self.listener.reconfigure(
+            reject_with=p.reject_with, close_code=p.close_code,
+            max_holds=p.max_held, max_held_per_key=p.max_held_per_key,
+        )  # fmt: skip
+        self.router = Router(routes)
+        self.settings = settings
 
     # --- the event queue ---------------------------------------------------------------------
 
@@ -320,5 +356,23 @@ class NativePlane:
         return len(self.queue) == 0 and self._taken == self._fed
 
 
-def make_plane(settings: Settings, gate: Gate) -> DataPlane:
-    return NativePlane(settings, gate)
+def plane_sampling(spans: Sink | None) -> TraceSampling | None:
+    """How the native listener samples the spans whose context it decides (None:
+    tracing off): as the sampler OTEL_TRACES_SAMPLER names (span_export.SamplingPlan),
+    which it computes without Python. A sampler of one's own, set in code (one that
+    reads the span's attributes, or with no root bound), cannot be asked from the
+    data plane: the listener then samples as parentbased_always_on (a root
+    sampled, a child as its parent) and the sampler decides what is recorded
+    (docs/tracing.md, "The native data plane")."""
+    from ..dataplane.native import ALL_ROOTS, TraceSampling
+
+    if spans is None:
+        return None
+    if spans.root_bound is None or spans.sampler_reads_attributes:
+        return TraceSampling(ALL_ROOTS, parent_based=True)
+    return TraceSampling(spans.root_bound, parent_based=spans.parent_based)
+
+
+def make_plane(settings: Settings, gate: Gate, spans: Sink | None = None) -> DataPlane:
+    """The data plane; `spans`: where spans go (None: tracing off)."""
+    return NativePlane(settings, gate, spans)

@@ -33,13 +33,6 @@ from .settings import ConfigError, Settings, load_settings
 log = logging.getLogger("loopwatch")
 T = TypeVar("T")
 
-# Settings a reload cannot change on a running process: listeners and relay limits.
-# `state`: the shared store connects once, at start.
-RESTART_KEYS = (
-    "listen", "upstream", "routes", "tls", "upstream_tls", "limits", "admin", "state", "record",
-    "health_check", "dataplane",
-)
-
 
 @dataclass(frozen=True)
 class ConfigSources:
@@ -136,14 +129,19 @@ class Running:
 
     def reload(self) -> dict[str, object]:
         """Re-read the configuration and apply what can change live (detection,
-        policy, breakers, identity, the admin token). Raises ConfigError and keeps
-        the running settings when the new ones are invalid."""
+        policy, breakers, identity, the admin token; on the native plane also
+        routes, limits and TLS, for new connections). Raises ConfigError and
+        keeps the running settings, all of them, when the new ones are invalid
+        or the data plane cannot take them (a certificate it cannot read)."""
         if self.sources is None:
             raise ConfigError("reload: this instance was not started from a config source")
         source = self.sources.path
         try:
             new = load_settings(source, env=self.sources.env, overrides=self.sources.overrides)
             new.require_upstream()
+            # First, as the one step that may still refuse: nothing is applied
+            # before the data plane has taken the new settings.
+            self.plane.reconfigure(new)
         except ConfigError as e:
             # Logged (config_loaded, result error) and counted by the observers.
             info = {"reload": True, "result": "error", "source": source, "errors": e.errors}
@@ -152,8 +150,7 @@ class Running:
         old, self.settings = self.settings, new
         if isinstance(self.gate, EngineGate):
             self.gate.reconfigure(new)
-        self.plane.reconfigure(new)
-        restart = sorted(key for key in RESTART_KEYS if getattr(old, key) != getattr(new, key))
+        restart = restart_required(old, new, self.plane.restart_keys)
         info = {"reload": True, "result": "ok", "source": source, "restart_required": restart}
         self.observers.call("on_config", new, info)
         return {"reloaded": True, "restart_required": restart}
@@ -172,6 +169,19 @@ class Running:
         if self.telemetry is not None:
             # Flushing spans may wait on the network: not on the event loop.
             await asyncio.get_running_loop().run_in_executor(None, self.telemetry.shutdown)
+
+
+def restart_required(old: Settings, new: Settings, restart_keys: tuple[str, ...]) -> list[str]:
+    """The changed settings a reload did not apply (the plane's `restart_keys`).
+    The health check probes the route and TLS settings of the start: with it
+    on, a change to those needs a restart for the probe, even where the data
+    plane took it live."""
+    changed = {key for key in restart_keys if getattr(old, key) != getattr(new, key)}
+    if new.health_check.enabled and (
+        old.effective_routes() != new.effective_routes() or old.upstream_tls != new.upstream_tls
+    ):
+        changed.add("health_check")
+    return sorted(changed)
 
 
 def build_gate(settings: Settings, observers: Observers | None = None) -> EngineGate:
@@ -244,7 +254,7 @@ async def start(
     if gate is None:
         gate = build_gate(settings, Observers(telemetry.observers))
     observers = gate.observers if isinstance(gate, EngineGate) else Observers(telemetry.observers)
-    plane = make_plane(settings, gate)
+    plane = make_plane(settings, gate, telemetry.spans)
     if isinstance(gate, EngineGate):
         gate.plane = plane
         telemetry.bind(ListenerView(plane, gate.engine), gate.engine, observers, store=gate.state_store)

@@ -13,7 +13,9 @@ CLOSE_GRACE: float  # seconds a proxy-initiated close waits for a frame boundary
 REJECTION_LOG_INTERVAL: float
 
 # One record per event, by its first item (queue.rs documents each):
-#   ("attempt", key, route, t, addr, conn_id)
+#   ("attempt", key, route, t, addr, conn_id, trace | None)
+#     trace (tracing on): (trace_id, span_id, flags, parent_span_id | None,
+#     parent_flags, tracestate | None, path, authority | None, user_agent | None)
 #   ("rejected", key, route, t, reason, conn_id)
 #   ("answered", key, route, t, conn_id)
 #   ("handshake_failed", key, route, t, status | None, error | None, conn_id)
@@ -78,7 +80,6 @@ class EnforcementTable:
     def __len__(self) -> int: ...
     def __contains__(self, key: str) -> bool: ...
 
-# (prefix, name, upstream host, upstream port, Host for the upstream, base path)
 # (prefix, name, upstream host, upstream port, Host for the upstream, base path, TLS)
 RouteRecord = tuple[bytes, str, str, int, bytes, bytes, bool]
 
@@ -107,14 +108,12 @@ class Identity:
     @property
     def verifies(self) -> bool: ...
 
-class Listener:
-    @staticmethod
-    def start(
-        host: str,
-        port: int,
+class ListenerConfig:
+    """Routes, limits, identity and TLS; checked and its files read when made."""
+
+    def __init__(
+        self,
         routes: list[RouteRecord],
-        queue: EventQueue,
-        table: EnforcementTable,
         *,
         max_head_size: int = 16384,
         early_data_size: int = 65536,
@@ -129,17 +128,30 @@ class Listener:
         max_connections: int = 10000,
         max_connections_per_address: int | None = None,
         max_heads_per_address: int | None = None,
-        max_holds: int = 1024,
-        max_held_per_key: int = 4,
-        reject_with: str = "close-1013",
-        close_code: int = 1013,
-        threads: int | None = None,
         identity: Identity | None = None,
         tls_cert_file: str | None = None,
         tls_key_file: str | None = None,
         upstream_verify: bool = True,
         upstream_ca_file: str | None = None,
         upstream_server_name: str | None = None,
+    ) -> None: ...
+
+class Listener:
+    @staticmethod
+    def start(
+        host: str,
+        port: int,
+        config: ListenerConfig,
+        queue: EventQueue,
+        table: EnforcementTable,
+        *,
+        max_holds: int = 1024,
+        max_held_per_key: int = 4,
+        reject_with: str = "close-1013",
+        close_code: int = 1013,
+        threads: int | None = None,
+        trace_root_bound: int | None = None,  # 0 to 2**64; None: tracing off
+        trace_parent_based: bool = True,
     ) -> Listener: ...
     @property
     def port(self) -> int: ...
@@ -157,6 +169,8 @@ class Listener:
     def release_held(self, key: str) -> int: ...
     # (conn_id, route, messages_in, messages_out, bytes_in, bytes_out)
     def live(self) -> list[tuple[int, str, int, int, int, int]]: ...
+    # Connections accepted from now on use `config`; open ones keep theirs.
+    def reload(self, config: ListenerConfig) -> None: ...
     def reconfigure(
         self,
         *,
@@ -164,7 +178,6 @@ class Listener:
         close_code: int | None = None,
         max_holds: int | None = None,
         max_held_per_key: int | None = None,
-        identity: Identity | None = None,
     ) -> None: ...
     # reject_with, close_code, max_holds, max_held_per_key
     def policy(self) -> dict[str, Any]: ...

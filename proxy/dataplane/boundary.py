@@ -113,16 +113,22 @@ class TraceContext(NamedTuple):
         return f"{self.trace_id:032x}"
 
 
-class RequestView(Protocol):
-    """The parts of an upgrade request's head observers read."""
+class PlaneTrace(NamedTuple):
+    """What the native data plane decided of a connection's span at the attempt
+    (tracing on), without waiting for the brain: the context it sent upstream in
+    `traceparent` (this span as the upstream's parent), the client's trace
+    context it continued (none: a root), and the request's values for the
+    span's attributes. The tracing observer makes the span with these ids."""
 
-    @property
-    def path(self) -> str: ...
-
-    @property
-    def authority(self) -> bytes | None: ...
-
-    def get(self, name: bytes) -> bytes | None: ...
+    trace_id: int  # 128 bits: the client's, or a new one
+    span_id: int  # 64 bits: the connection's span
+    flags: int  # as sent upstream: sampled (as the configured sampler decides), random trace id
+    parent_span_id: int | None  # the client's traceparent's span; None: a root span
+    parent_flags: int  # the client's traceparent's flags (0 for a root)
+    tracestate: str | None  # the client's tracestate (duplicates joined), with a parent only
+    path: str  # the path, without the query (url.path)
+    authority: bytes | None  # the Host the client asked for (server.address)
+    user_agent: bytes | None
 
 
 @dataclass(slots=True)
@@ -133,14 +139,12 @@ class Connection:
     route: str
     peer: str
     t0: float  # monotonic seconds at arrival
-    # What the request head said, for observers in on_attempt (None: not passed).
-    head: RequestView | None
     conn_id: int = 0
     opened_at: float = 0.0  # monotonic seconds of the 101, for the connection's duration
-    extra_headers: list[tuple[bytes, bytes]] | None = None  # added to the upstream request
     state: object = None  # the gate's own per-attempt data
     refusal: Refusal | None = None  # how the brain refused it, set before observers see the attempt
     trace: TraceContext | None = None  # set by the tracing observer at the attempt (tracing on)
+    plane_trace: PlaneTrace | None = None  # the native data plane's span context (tracing on), at the attempt
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,8 +19,9 @@ own types:
   runtime for the routes, limits and TLS settings (`tls:`, `upstream_tls:`)
   of the settings; `stop(grace)` ends it. The brain acts on it with
   `close(conn_id, code, reason)` (a live WebSocket), `release_held(key)` (a
-  released client's held refusals), `reconfigure(...)` (what a reload changes
-  of the refusal policy), and reads `live()` (each open WebSocket's counts),
+  released client's held refusals), `reload(listener_config(...))` (a
+  reload's routes, limits, identity and TLS, for the connections accepted
+  from then on), `reconfigure(...)` (a reload's refusal policy), and reads `live()` (each open WebSocket's counts),
   `holds()` and `stats()`.
 * `identity_spec(settings)` turns the `identity:` settings into the
   arguments of `_dataplane.Identity` (keys read here, once), which the
@@ -37,14 +38,14 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from jwt.algorithms import HMACAlgorithm
 from jwt.exceptions import InvalidKeyError
 
 from ...detectors import events as ev
 from . import _dataplane
-from .boundary import RelayStats
+from .boundary import PlaneTrace, RelayStats
 from .routing import parse_upstream
 from .settings import IdentitySettings, Limits, ListenerTLS, UpstreamTLS
 
@@ -54,6 +55,19 @@ Identity = _dataplane.Identity
 DEFAULT_QUEUE_CAPACITY = 65_536  # events; beyond it they are dropped and counted
 DEFAULT_BATCH = 1024
 REJECT_WITH = ("close-1013", "http-429")
+ALL_ROOTS = 1 << 64  # a root bound every trace id passes (always_on)
+
+
+class TraceSampling(NamedTuple):
+    """Tracing on, for the listener: how it samples the connection spans whose
+    context it decides at the attempt (docs/tracing.md). A span is sampled when
+    its trace id's low 64 bits are below `root_bound` (0 to 2**64: the SDK's
+    samplers of OTEL_TRACES_SAMPLER, span_export.SamplingPlan); with
+    `parent_based`, a span with a client's parent follows the parent's sampled
+    flag instead."""
+
+    root_bound: int
+    parent_based: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +97,7 @@ class Received:
     event: ev.Event | RequestRejected
     traffic: RelayStats | None = None
     conn_id: int = 0
+    trace: PlaneTrace | None = None  # an Attempt's, with tracing on
 
 
 def _received(record: tuple[Any, ...]) -> Received:
@@ -92,8 +107,9 @@ def _received(record: tuple[Any, ...]) -> Received:
         _, reason, status, peer, message, suppressed, t = record
         return Received(RequestRejected(reason, status, peer, message, suppressed, t))
     if kind == "attempt":
-        _, key, route, t, addr, conn = record
-        return Received(ev.Attempt(key, route, t, addr), conn_id=conn)
+        _, key, route, t, addr, conn, trace = record
+        plane_trace = None if trace is None else PlaneTrace._make(trace)
+        return Received(ev.Attempt(key, route, t, addr), conn_id=conn, trace=plane_trace)
     if kind == "rejected":
         _, key, route, t, reason, conn = record
         return Received(ev.Rejected(key, route, t, reason), conn_id=conn)
@@ -268,6 +284,47 @@ def identity_spec(settings: IdentitySettings) -> dict[str, Any]:
     }
 
 
+def listener_config(
+    routes: Iterable[tuple[str, str]],
+    *,
+    limits: Limits | None = None,
+    identity: IdentitySettings | None = None,
+    tls: ListenerTLS | None = None,
+    upstream_tls: UpstreamTLS | None = None,
+) -> _dataplane.ListenerConfig:
+    """What `NativeListener.start` serves and `NativeListener.reload` swaps in:
+    the routes ((path prefix, URL) pairs), `limits:`, `identity:`, `tls:` and
+    `upstream_tls:` (each its defaults when None), checked, with every file
+    read now (certificates, keys). Raises ValueError naming the setting (and
+    the file) it cannot honour."""
+    limits = limits or Limits()
+    keys = Identity(**identity_spec(identity or IdentitySettings()))
+    tls = tls or ListenerTLS()
+    upstream_tls = upstream_tls or UpstreamTLS()
+    return _dataplane.ListenerConfig(
+        route_records(routes),
+        max_head_size=limits.max_head_size,
+        early_data_size=limits.early_data_size,
+        error_body_size=limits.error_body_size,
+        max_message_size=limits.max_message_size or None,
+        handshake_timeout=limits.handshake_timeout,
+        connect_timeout=limits.connect_timeout,
+        idle_timeout=limits.idle_timeout,
+        body_timeout=limits.body_timeout,
+        response_timeout=limits.response_timeout,
+        response_idle_timeout=limits.response_idle_timeout,
+        max_connections=limits.max_connections,
+        max_connections_per_address=limits.address_cap(limits.max_connections_per_address),
+        max_heads_per_address=limits.address_cap(limits.max_heads_per_address),
+        identity=keys,
+        tls_cert_file=tls.cert_file,
+        tls_key_file=tls.key_file,
+        upstream_verify=upstream_tls.verify,
+        upstream_ca_file=upstream_tls.ca_file,
+        upstream_server_name=upstream_tls.server_name,
+    )
+
+
 class NativeListener:
     """A running native listener; `NativeListener.start(...)` makes one."""
 
@@ -295,6 +352,7 @@ class NativeListener:
         identity: IdentitySettings | None = None,
         tls: ListenerTLS | None = None,
         upstream_tls: UpstreamTLS | None = None,
+        tracing: TraceSampling | None = None,
     ) -> NativeListener:
         """Bind `host:port` and serve `routes` ((path prefix, ws://, wss://,
         http:// or https:// URL) pairs) under `limits` (the `limits:` settings;
@@ -305,41 +363,26 @@ class NativeListener:
         (the `tls:` settings) makes the listener terminate TLS (wss://,
         https://); `upstream_tls` (`upstream_tls:`; its defaults when None:
         verified against the system's CA store) says how wss:// and https://
-        upstreams are verified. Certificate and key files are read now. Raises
+        upstreams are verified. `tracing` (None: off) makes it decide each
+        WebSocket attempt's span context (the client's traceparent continued, or
+        a new trace), send its traceparent upstream and report it in the
+        Attempt (`Received.trace`); it comes from the OTEL_* environment at
+        start and `reload` keeps it. Certificate and key files are read now. Raises
         ValueError for a setting it cannot honour (naming the file), OSError
         when the address cannot be bound."""
         if reject_with not in REJECT_WITH:
             raise ValueError(f"reject_with: expected one of {REJECT_WITH}, got {reject_with!r}")
         limits = limits or Limits()
-        keys = Identity(**identity_spec(identity or IdentitySettings()))
-        tls = tls or ListenerTLS()
-        upstream_tls = upstream_tls or UpstreamTLS()
+        config = listener_config(routes, limits=limits, identity=identity, tls=tls, upstream_tls=upstream_tls)
         raw = _dataplane.Listener.start(
-            host, port, route_records(routes), queue.raw, table,
-            max_head_size=limits.max_head_size,
-            early_data_size=limits.early_data_size,
-            error_body_size=limits.error_body_size,
-            max_message_size=limits.max_message_size or None,
-            handshake_timeout=limits.handshake_timeout,
-            connect_timeout=limits.connect_timeout,
-            idle_timeout=limits.idle_timeout,
-            body_timeout=limits.body_timeout,
-            response_timeout=limits.response_timeout,
-            response_idle_timeout=limits.response_idle_timeout,
-            max_connections=limits.max_connections,
-            max_connections_per_address=limits.address_cap(limits.max_connections_per_address),
-            max_heads_per_address=limits.address_cap(limits.max_heads_per_address),
+            host, port, config, queue.raw, table,
             max_holds=max_holds,
             max_held_per_key=max_held_per_key,
             reject_with=reject_with,
             close_code=close_code,
             threads=threads,
-            identity=keys,
-            tls_cert_file=tls.cert_file,
-            tls_key_file=tls.key_file,
-            upstream_verify=upstream_tls.verify,
-            upstream_ca_file=upstream_tls.ca_file,
-            upstream_server_name=upstream_tls.server_name,
+            trace_root_bound=None if tracing is None else tracing.root_bound,
+            trace_parent_based=True if tracing is None else tracing.parent_based,
         )  # fmt: skip
         return cls(raw, limits.shutdown_timeout)
 
@@ -394,6 +437,16 @@ class NativeListener:
             for conn_id, route, m_in, m_out, b_in, b_out in self.raw.live()
         ]
 
+    def reload(self, config: _dataplane.ListenerConfig, *, shutdown_timeout: float | None = None) -> None:
+        """Swap in a reload's routes, limits, identity and TLS settings
+        (`listener_config(...)`, checked and its files read when it was made:
+        a bad one never reaches here). Connections accepted from now on use
+        them; those open keep what they were accepted with. The address, the
+        threads and the trace sampling (`tracing`) stay as at start."""
+        self.raw.reload(config)
+        if shutdown_timeout is not None:
+            self.shutdown_timeout = shutdown_timeout
+
     def reconfigure(
         self,
         *,
@@ -401,16 +454,11 @@ class NativeListener:
         close_code: int | None = None,
         max_holds: int | None = None,
         max_held_per_key: int | None = None,
-        identity: IdentitySettings | None = None,
     ) -> None:
-        """Apply what a reload changes of the refusal policy and of the client
-        identity (None: unchanged); all values are checked (and a key file
-        read) before any is set (ValueError). The per-address caps keep the
-        trusted proxies of the start, as the Python listener does."""
-        keys = None if identity is None else Identity(**identity_spec(identity))
+        """Apply what a reload changes of the refusal policy (None: unchanged);
+        all values are checked before any is set (ValueError)."""
         self.raw.reconfigure(
             reject_with=reject_with, close_code=close_code, max_holds=max_holds, max_held_per_key=max_held_per_key,
-            identity=keys,
         )  # fmt: skip
 
     def policy(self) -> RefusalPolicy:

@@ -33,7 +33,7 @@ class Observer:
     idle_hooks: frozenset[str] = frozenset()
 
     def on_attempt(self, conn: Connection, event: ev.Attempt, decision: Admit | Reject) -> None:
-        """Before the upstream is contacted. May add `conn.extra_headers` (traceparent)."""
+        """An attempt, as the engine judged it (the data plane admitted or refused it already)."""
 
     def on_rejected(self, conn: Connection, event: ev.Rejected) -> None:
         """loopwatch refused the attempt (after on_attempt)."""

@@ -226,6 +226,7 @@ class SdkParts:
         self.random_trace_ids = self.ids.is_trace_id_random()  # a property of the generator
         self.new_ids = _id_pairs(self.ids)
         self.root_bound = plan.root_bound
+        self.parent_based = plan.parent_based
         self.sampler_reads_attributes = plan.reads_attributes
         self.scope = InstrumentationScope("loopwatch", __version__)
 
@@ -264,6 +265,9 @@ class SamplingPlan(NamedTuple):
     # without the call (~20 k instructions a connection). None: ask `sampler`.
     root_bound: int | None
     reads_attributes: bool  # False: the sampler decides on ids and parent alone
+    # A span with a parent follows the parent's sampled flag (parentbased_*);
+    # else the root bound decides for it too (the native data plane reads this).
+    parent_based: bool = True
 
 
 def sampling_from_env(env: Mapping[str, str]) -> SamplingPlan:
@@ -293,7 +297,7 @@ def sampling_from_env(env: Mapping[str, str]) -> SamplingPlan:
     else:
         root, bound = sampling.ALWAYS_OFF, 0
     sampler = sampling.ParentBased(root) if parent_based else root
-    return SamplingPlan(sampler, bound, reads_attributes=False)
+    return SamplingPlan(sampler, bound, reads_attributes=False, parent_based=parent_based)
 
 
 # --- in this process --------------------------------------------------------------------

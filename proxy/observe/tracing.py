@@ -266,14 +266,13 @@ def readable_span(record: Record, resource: Resource, scope: InstrumentationScop
 
 
 def request_values(conn: Connection) -> RequestValues:
-    """What the upgrade request said, for the span's attributes (at the attempt,
-    while the connection still has its head; the native data plane passes none
-    yet: the route, the peer and the key only)."""
-    head = conn.head
-    if head is None:
+    """What the upgrade request said, for the span's attributes (the data plane
+    reports them in its Attempt, `Connection.plane_trace`)."""
+    plane = conn.plane_trace
+    if plane is None:
         return new_record(RequestValues, (None, conn.peer, conn.route, conn.key, None, None))
     return new_record(RequestValues, (
-        head.path, conn.peer, conn.route, conn.key, head.authority, head.get(b"user-agent"),
+        plane.path, conn.peer, conn.route, conn.key, plane.authority, plane.user_agent,
     ))  # fmt: skip
 
 
@@ -340,17 +339,17 @@ class TracingObserver(Observer):
     # --- hooks -------------------------------------------------------------------
 
     def on_attempt(self, conn: Connection, event: ev.Attempt, decision: Admit | Reject) -> None:
-        head = conn.head
-        # Lookups in the head's header index (duplicates joined with ", ", which
-        # is how W3C says to combine several tracestate headers). The native data
-        # plane passes no head yet: every span is a root, and nothing is sent upstream.
+        # The data plane decided the span's context itself at the attempt (and
+        # sent its traceparent upstream): the span is made with exactly its ids
+        # (`plane`; None only when its Attempt carried none).
+        plane = conn.plane_trace
         context, parent = _ROOT, None  # a root span, unless the client sent a trace context
-        traceparent = head.get(b"traceparent") if head is not None else None
-        if traceparent is not None:
-            carrier = {"traceparent": traceparent.decode("latin-1")}
-            tracestate = head.get(b"tracestate")  # type: ignore[union-attr]  # a traceparent came from a head
-            if tracestate is not None:
-                carrier["tracestate"] = tracestate.decode("latin-1")
+        carrier: dict[str, str] | None = None
+        if plane is not None and plane.parent_span_id is not None:  # the client's, as the plane read it
+            carrier = {"traceparent": f"00-{plane.trace_id:032x}-{plane.parent_span_id:016x}-{plane.parent_flags:02x}"}
+            if plane.tracestate is not None:
+                carrier["tracestate"] = plane.tracestate
+        if carrier is not None:
             context = self.propagator.extract(carrier, context=_ROOT)
             remote = get_current_span(context).get_span_context()
             if remote.is_valid:
@@ -360,7 +359,10 @@ class TracingObserver(Observer):
         # What Tracer.start_span decides, in the same order and with the same parts.
         sink = self.sink
         recording, extra, trace_state = True, None, None
-        if parent is None:
+        if plane is not None:  # the data plane's ids (random: it draws them itself)
+            trace_id, span_id = plane.trace_id, plane.span_id
+            random_id = parent.trace_flags.random_trace_id if parent is not None else True
+        elif parent is None:
             trace_id, span_id = sink.new_ids()
             random_id = sink.random_trace_ids
         else:
@@ -392,7 +394,10 @@ class TracingObserver(Observer):
         if recording:  # a span the sampler dropped is its trace context alone: no ConnTrace
             if request is None:
                 request = request_values(conn)
-            trace = ConnTrace(trace_id, span_id, flags, trace_state, parent, time.time_ns(), recording, request, extra)
+            start = time.time_ns()
+            if plane is not None:  # the attempt came a little earlier, through the queue
+                start -= max(0, int((time.monotonic() - conn.t0) * 1e9))
+            trace = ConnTrace(trace_id, span_id, flags, trace_state, parent, start, recording, request, extra)
             conn.state = trace
             if self.expose_client_keys:
                 trace.set({"loopwatch.client.key": conn.key})
@@ -406,12 +411,6 @@ class TracingObserver(Observer):
                 if refusal.how == "close-1013":
                     trace.set({"loopwatch.close.code": 1013, "loopwatch.close.reason": refusal.message})
             return
-        if head is not None:  # the Python data plane sends them upstream
-            headers = conn.extra_headers if conn.extra_headers is not None else []
-            headers.append((b"traceparent", b"00-%032x-%016x-%02x" % (trace_id, span_id, flags)))
-            if trace_state:
-                headers.append((b"tracestate", trace_state.to_header().encode("latin-1")))
-            conn.extra_headers = headers
         if trace is not None and decision.would_reject is not None:
             trace.set({"loopwatch.would_reject": decision.would_reject.reason})
 

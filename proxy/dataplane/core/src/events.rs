@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 
+use crate::trace::SpanContext;
+
 /// Who ended a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Initiator {
@@ -146,6 +148,24 @@ pub struct RequestRejected {
     pub at: Instant,
 }
 
+/// What the tracing observer needs of an attempt when tracing is on: the
+/// span's context as this plane decided it (and sent upstream in
+/// `traceparent`), the client's `tracestate` with a parent, and the request's
+/// values for the span's attributes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptTrace {
+    pub context: SpanContext,
+    /// The client's `tracestate` (duplicates joined with ", "), only when the
+    /// span continues the client's trace.
+    pub tracestate: Option<Box<str>>,
+    /// The request's path, without the query (`url.path`).
+    pub path: Box<str>,
+    /// The Host the client asked for (`server.address`).
+    pub authority: Option<Box<[u8]>>,
+    /// The client's User-Agent (`user_agent.original`).
+    pub user_agent: Option<Box<[u8]>>,
+}
+
 /// One step of an upgrade attempt's life. `key` is the client key identity
 /// gave it, `route` the route's name, `conn_id` the connection's id: given at
 /// accept, unique in one listener, the same on every event of a connection
@@ -160,6 +180,8 @@ pub enum Event {
         at: Instant,
         addr: Box<str>,
         conn_id: u64,
+        /// With tracing on: the span's context and the request's values.
+        trace: Option<Box<AttemptTrace>>,
     },
     /// The enforcement table refused it; it never reached the upstream.
     Rejected {
@@ -443,6 +465,7 @@ mod tests {
             at: Instant::now(),
             addr: "127.0.0.1".into(),
             conn_id: i as u64,
+            trace: None,
         }
     }
 

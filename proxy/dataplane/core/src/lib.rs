@@ -19,6 +19,8 @@
 //!   (identity sources, trusted X-Forwarded-For, binding, JWT verification).
 //! * [`events`]: the connection events the data plane emits and the bounded
 //!   queue that carries them to the brain without ever blocking traffic.
+//! * [`trace`]: W3C Trace Context: the client's `traceparent`, the sampling
+//!   decision, the connection span's ids and the `traceparent` sent upstream.
 
 pub mod body;
 pub mod events;
@@ -26,3 +28,4 @@ pub mod frames;
 pub mod head;
 pub mod identity;
 pub mod table;
+pub mod trace;

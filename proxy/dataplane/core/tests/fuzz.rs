@@ -12,7 +12,9 @@
 //! * the frame watcher reads a header as tungstenite's `FrameHeader::parse`
 //!   does, and close frames it builds parse back (by both);
 //! * the chunked-body decoder reads loopwatch's own framing back, and gives the
-//!   same body or error however its input is cut.
+//!   same body or error however its input is cut;
+//! * the `traceparent` reader never panics, and accepts exactly the W3C shapes
+//!   OpenTelemetry's propagator accepts, for values built from known parts.
 
 use std::io::Cursor;
 
@@ -22,6 +24,7 @@ use loopwatch_dataplane_core::frames::{
     WatcherConfig, MAX_CLOSE_REASON,
 };
 use loopwatch_dataplane_core::head::{parse_head, HeadLimits, HeadStatus};
+use loopwatch_dataplane_core::trace::TraceParent;
 use proptest::prelude::*;
 use tungstenite::protocol::frame::FrameHeader as TungsteniteHeader;
 
@@ -476,5 +479,63 @@ proptest! {
         cuts in prop::collection::vec(any::<usize>(), 0..6),
     ) {
         prop_assert_eq!(decode_cut(&data, &cuts), decode_cut(&data, &[]));
+    }
+}
+
+// --- traceparent ---------------------------------------------------------------
+
+/// What may follow the flags, and whether the propagator accepts it (for
+/// version 00 / for a later version).
+const TAILS: &[(&str, bool, bool)] = &[
+    ("", true, true),
+    (" \t ", true, true),
+    ("-", false, true),
+    ("-what-comes-next", false, true),
+    ("x", false, false),
+    (
+        ", 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        false,
+        false,
+    ),
+    (" -x", false, false),
+];
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn fuzz_traceparent_arbitrary_bytes(data in prop::collection::vec(any::<u8>(), 0..700)) {
+        if let Some(p) = TraceParent::parse(&data) {
+            prop_assert!(p.version != 0xff && p.trace_id != 0 && p.span_id != 0);
+        }
+    }
+
+    #[test]
+    fn fuzz_traceparent_from_parts(
+        version in prop_oneof![Just(0u8), Just(0xffu8), any::<u8>()],
+        trace_id in prop_oneof![Just(0u128), any::<u128>()],
+        span_id in prop_oneof![Just(0u64), any::<u64>()],
+        flags in any::<u8>(),
+        lead in "[ \t]{0,3}",
+        tail in 0..TAILS.len(),
+        upper in any::<bool>(),
+        padding in 0usize..500,
+    ) {
+        let (tail, ok_00, ok_later) = TAILS[tail];
+        let long_tail = if ok_later && tail.starts_with('-') { "x".repeat(padding) } else { String::new() };
+        let body = format!("{version:02x}-{trace_id:032x}-{span_id:016x}-{flags:02x}");
+        let body = if upper { body.to_uppercase() } else { body };
+        let value = format!("{lead}{body}{tail}{long_tail}");
+        let expected = version != 0xff
+            && trace_id != 0
+            && span_id != 0
+            && !(upper && body.bytes().any(|b| b.is_ascii_alphabetic()))
+            && if version == 0 { ok_00 } else { ok_later }
+            && value.len() <= 512;
+        let got = TraceParent::parse(value.as_bytes());
+        prop_assert_eq!(got.is_some(), expected, "{}", value);
+        if let Some(p) = got {
+            prop_assert_eq!((p.version, p.trace_id, p.span_id, p.flags), (version, trace_id, span_id, flags));
+        }
     }
 }

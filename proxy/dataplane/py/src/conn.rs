@@ -34,10 +34,11 @@ use loopwatch_dataplane_core::table::{Admission, Refusal};
 use crate::control::{AddressAdmission, AddressSlot};
 use crate::http::{self, Outcome};
 use crate::identity::wall_clock;
-use crate::listener::{stopping, ConnGuard, Rejected, Shared, TlsFailure};
+use crate::listener::{stopping, Config, ConnGuard, Rejected, Shared, TlsFailure};
 use crate::relay::{CloseInfo, Relay, RelayIdentity, RelayLimits};
 use crate::response::{Answer, ResponseReader, UpstreamRefusal};
 use crate::tls::UpstreamTls;
+use crate::tracing::attempt_trace;
 use crate::transport::{connect_upstream, open_upstream, Transport, UpstreamStream};
 use crate::wire::{
     refusal_bytes, route_for, simple_response, upstream_request_head, Forwarded, RejectWith, Route,
@@ -110,19 +111,22 @@ enum Upstream {
     },
 }
 
-/// Serve one accepted connection: TLS first when the listener has it.
+/// Serve one accepted connection: TLS first when the listener has it. The
+/// listener's configuration is read once, here: the connection keeps it for
+/// its life, whatever a reload changes meanwhile.
 pub async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, guard: ConnGuard) {
     let _ = client.set_nodelay(true);
-    let deadline = Instant::now() + shared.config.limits.handshake_timeout;
-    match &shared.config.tls {
-        None => serve_stream(&shared, client, peer, deadline, "http", guard).await,
+    let config = shared.config();
+    let deadline = Instant::now() + config.limits.handshake_timeout;
+    match &config.tls {
+        None => serve_stream(&shared, &config, client, peer, deadline, "http", guard).await,
         // Boxed, as the TLS stream: a plain connection's future does not
         // carry the TLS variants' state (a rustls connection is over 1 KiB,
         // and a splice of two of them over 3 KiB).
         Some(acceptor) => {
             Box::pin(async {
                 if let Some(client) = accept_tls(&shared, acceptor, client, peer, deadline).await {
-                    serve_stream(&shared, client, peer, deadline, "https", guard).await;
+                    serve_stream(&shared, &config, client, peer, deadline, "https", guard).await;
                 }
             })
             .await
@@ -203,13 +207,14 @@ async fn accept_tls(
 /// within `limits.handshake_timeout` of the previous response.
 async fn serve_stream<C: Transport + 'static>(
     shared: &Arc<Shared>,
+    config: &Config,
     mut client: C,
     peer: SocketAddr,
     first_deadline: Instant,
     scheme: &'static str,
     guard: ConnGuard,
 ) {
-    let limits = &shared.config.limits;
+    let limits = &config.limits;
     if shared.closing() {
         reject(
             shared,
@@ -322,7 +327,9 @@ async fn serve_stream<C: Transport + 'static>(
                     return;
                 }
                 HeadStatus::Complete(head) => {
-                    break decide(shared, &head, &buf, peer_ip, &peer_text, scheme, conn_id)
+                    break decide(
+                        shared, config, &head, &buf, peer_ip, &peer_text, scheme, conn_id,
+                    )
                 }
             }
         };
@@ -368,10 +375,10 @@ async fn serve_stream<C: Transport + 'static>(
                     conn_id,
                     peer: peer_ip,
                 };
-                forward(shared, client, upgrade, guard, address).await
+                forward(shared, config, client, upgrade, guard, address).await
             }
             Plan::Http { route, request } => {
-                if forward_http(shared, &mut client, peer_ip, &route, &request).await {
+                if forward_http(shared, config, &mut client, peer_ip, &route, &request).await {
                     idle = true;
                     continue;
                 }
@@ -387,6 +394,7 @@ async fn serve_stream<C: Transport + 'static>(
 /// (`http::exchange` bounds it).
 async fn forward_http<C: Transport>(
     shared: &Shared,
+    config: &Config,
     client: &mut C,
     peer: IpAddr,
     route: &Route,
@@ -394,7 +402,7 @@ async fn forward_http<C: Transport>(
 ) -> bool {
     let key = (route.host.clone(), route.port, route.tls);
     let pooled = shared.pool.checkout(&key);
-    let tls = shared.config.upstream_tls.as_deref();
+    let tls = config.upstream_tls.as_deref();
     let exchanged = http::exchange(
         client,
         || async move {
@@ -404,7 +412,7 @@ async fn forward_http<C: Transport>(
         },
         pooled,
         request,
-        &shared.config.limits,
+        &config.limits,
         || shared.closing(),
     )
     .await;
@@ -440,8 +448,10 @@ async fn forward_http<C: Transport>(
 }
 
 /// Routing and admission for a complete head (`begin_upgrade` / `begin_http`).
+#[allow(clippy::too_many_arguments)]
 fn decide(
     shared: &Shared,
+    config: &Config,
     head: &RequestHead<'_>,
     buf: &[u8],
     peer_ip: std::net::IpAddr,
@@ -449,7 +459,7 @@ fn decide(
     scheme: &str,
     conn_id: u64,
 ) -> Plan {
-    let Some(route) = route_for(&shared.config.routes, head.path) else {
+    let Some(route) = route_for(&config.routes, head.path) else {
         return Plan::Answer {
             status: 404,
             message: "no route for this path",
@@ -469,7 +479,15 @@ fn decide(
             answers_continue: expect_continue,
         };
         let request = http::Request {
-            head: upstream_request_head(head, &target, &route.authority, peer_text, scheme, kind),
+            head: upstream_request_head(
+                head,
+                &target,
+                &route.authority,
+                peer_text,
+                scheme,
+                kind,
+                None,
+            ),
             framing,
             early,
             keep_alive: head.keep_alive,
@@ -485,15 +503,23 @@ fn decide(
     }
     // Identity: the key the engine tracks and the client address (after a
     // trusted proxy's X-Forwarded-For), which allow/deny networks are matched on.
-    let client = shared.identity().identify(head, peer_ip, wall_clock());
+    let client = config.identity.identify(head, peer_ip, wall_clock());
     let key: Box<str> = client.key.into();
     let now = std::time::Instant::now();
+    // Tracing on: the connection span's context, decided here (the upstream
+    // request carries its traceparent; the brain makes the span with its ids).
+    let trace = shared
+        .tracing
+        .as_ref()
+        .map(|sampling| Box::new(attempt_trace(sampling, head)));
+    let traceparent = trace.as_ref().map(|t| t.context.traceparent());
     shared.events.send(Event::Attempt {
         key: key.clone(),
         route: Arc::clone(&route.name),
         at: now,
         addr: client.address.to_string().into(),
         conn_id,
+        trace,
     });
     match shared.table.lookup(&key, Some(client.address.ip), now) {
         Admission::Refuse(refusal) => {
@@ -526,6 +552,7 @@ fn decide(
                 peer_text,
                 scheme,
                 Forwarded::WebSocket,
+                traceparent.as_ref().map(|t| &t[..]),
             );
             Plan::Forward {
                 key,
@@ -792,6 +819,7 @@ struct Upgrade {
 
 async fn forward<C: Transport + 'static>(
     shared: &Shared,
+    config: &Config,
     mut client: C,
     upgrade: Upgrade,
     guard: ConnGuard,
@@ -806,7 +834,7 @@ async fn forward<C: Transport + 'static>(
         conn_id,
         peer,
     } = upgrade;
-    let limits = &shared.config.limits;
+    let limits = &config.limits;
     let failed = |failure: HandshakeFailure| {
         shared
             .counters
@@ -827,7 +855,7 @@ async fn forward<C: Transport + 'static>(
         let mut shutdown = shared.shutdown.clone();
         let handshake = upstream_handshake(
             &route,
-            shared.config.upstream_tls.as_deref(),
+            config.upstream_tls.as_deref(),
             &request,
             limits.connect_timeout,
             limits.head.max_head_size,

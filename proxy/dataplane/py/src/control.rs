@@ -14,6 +14,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use arc_swap::ArcSwap;
 use tokio::sync::{oneshot, Notify};
 
 use loopwatch_dataplane_core::events::{RefuseReason, Traffic};
@@ -426,14 +427,43 @@ pub struct AddressLoad {
     pub heads: usize,
 }
 
-/// What each client address holds, against `limits.max_connections_per_address`
-/// and `limits.max_heads_per_address`; an entry goes at zero. Addresses in `identity.trusted_proxies` are never
-/// capped (nor tracked); with neither cap set nothing is tracked.
-pub struct Addresses {
-    shards: Vec<Mutex<HashMap<IpAddr, AddressLoad>>>,
+/// The caps `Addresses` admits against; a reload replaces them whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddressCaps {
     max_connections: usize,
     max_heads: usize,
     exempt: Vec<IpNet>,
+}
+
+impl AddressCaps {
+    /// `None` caps are off; `exempt` networks are never capped.
+    pub fn new(
+        max_connections: Option<usize>,
+        max_heads: Option<usize>,
+        exempt: Vec<IpNet>,
+    ) -> AddressCaps {
+        AddressCaps {
+            max_connections: max_connections.unwrap_or(usize::MAX),
+            max_heads: max_heads.unwrap_or(usize::MAX),
+            exempt,
+        }
+    }
+
+    fn capped(&self) -> bool {
+        self.max_connections != usize::MAX || self.max_heads != usize::MAX
+    }
+}
+
+/// What each client address holds, against `limits.max_connections_per_address`
+/// and `limits.max_heads_per_address` (`AddressLoad` in listener.py); an
+/// entry goes at zero. Addresses in `identity.trusted_proxies` are never
+/// capped (nor tracked); with neither cap set nothing is tracked. A reload
+/// changes the caps (`set_caps`): they apply to connections accepted from
+/// then on; a connection counted stays counted until it ends, one taken
+/// while its address was not tracked is never counted.
+pub struct Addresses {
+    shards: Vec<Mutex<HashMap<IpAddr, AddressLoad>>>,
+    caps: ArcSwap<AddressCaps>,
 }
 
 /// A connection counted against its address: released when dropped.
@@ -480,18 +510,16 @@ pub enum AddressAdmission {
 }
 
 impl Addresses {
-    /// `None` caps are off.
-    pub fn new(
-        max_connections: Option<usize>,
-        max_heads: Option<usize>,
-        exempt: Vec<IpNet>,
-    ) -> Addresses {
+    pub fn new(caps: AddressCaps) -> Addresses {
         Addresses {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            max_connections: max_connections.unwrap_or(usize::MAX),
-            max_heads: max_heads.unwrap_or(usize::MAX),
-            exempt,
+            caps: ArcSwap::from_pointee(caps),
         }
+    }
+
+    /// A reload's caps, for the connections accepted from now on.
+    pub fn set_caps(&self, caps: AddressCaps) {
+        self.caps.store(Arc::new(caps));
     }
 
     fn shard(&self, ip: IpAddr) -> &Mutex<HashMap<IpAddr, AddressLoad>> {
@@ -500,21 +528,18 @@ impl Addresses {
         &self.shards[(hasher.finish() % SHARDS as u64) as usize]
     }
 
-    fn capped(&self) -> bool {
-        self.max_connections != usize::MAX || self.max_heads != usize::MAX
-    }
-
     /// A new connection from `ip`: counted, or refused over its caps. An
     /// address's first connection is always taken (a cap below one would
     /// shut the address out).
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> AddressAdmission {
-        if !self.capped() || self.exempt.iter().any(|net| net.contains(ip)) {
+        let caps = self.caps.load();
+        if !caps.capped() || caps.exempt.iter().any(|net| net.contains(ip)) {
             return AddressAdmission::Exempt;
         }
         let mut shard = lock(self.shard(ip));
         let load = shard.entry(ip).or_default();
         if load.connections > 0
-            && (load.connections >= self.max_connections || load.heads >= self.max_heads)
+            && (load.connections >= caps.max_connections || load.heads >= caps.max_heads)
         {
             return AddressAdmission::OverCap;
         }
@@ -603,11 +628,11 @@ mod tests {
     fn address_caps_count_connections_and_heads_and_empty_at_zero() {
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         let trusted: IpAddr = "10.9.0.1".parse().unwrap();
-        let addresses = Arc::new(Addresses::new(
+        let addresses = Arc::new(Addresses::new(AddressCaps::new(
             Some(3),
             Some(2),
             vec![IpNet::parse("10.9.0.0/16").unwrap()],
-        ));
+        )));
         let admit = |ip| match addresses.admit(ip) {
             AddressAdmission::Counted(slot) => Some(slot),
             AddressAdmission::Exempt => panic!("not exempt"),
@@ -631,7 +656,32 @@ mod tests {
         }
         drop((first, third, _second));
         assert_eq!(addresses.tracked(), 0);
-        let off = Arc::new(Addresses::new(None, None, Vec::new()));
+        let off = Arc::new(Addresses::new(AddressCaps::new(None, None, Vec::new())));
         assert!(matches!(off.admit(ip), AddressAdmission::Exempt));
+    }
+
+    #[test]
+    fn new_caps_apply_to_the_next_connections_and_counted_ones_stay_counted() {
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let addresses = Arc::new(Addresses::new(AddressCaps::new(Some(2), None, Vec::new())));
+        let counted = |a: AddressAdmission| match a {
+            AddressAdmission::Counted(slot) => slot,
+            _ => panic!("expected a counted connection"),
+        };
+        let first = counted(addresses.admit(ip));
+        let second = counted(addresses.admit(ip));
+        assert!(matches!(addresses.admit(ip), AddressAdmission::OverCap));
+        // A reload raises the cap: the two open stay counted, a third fits.
+        addresses.set_caps(AddressCaps::new(Some(3), None, Vec::new()));
+        let third = counted(addresses.admit(ip));
+        assert!(matches!(addresses.admit(ip), AddressAdmission::OverCap));
+        // The address becomes a trusted proxy: exempt from now on, and the
+        // connections counted before are released as they end.
+        let net = IpNet::parse("10.0.0.0/8").unwrap();
+        addresses.set_caps(AddressCaps::new(Some(3), None, vec![net]));
+        assert!(matches!(addresses.admit(ip), AddressAdmission::Exempt));
+        assert_eq!(addresses.load(ip).map(|l| l.connections), Some(3));
+        drop((first, second, third));
+        assert_eq!(addresses.tracked(), 0);
     }
 }

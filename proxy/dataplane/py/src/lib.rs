@@ -26,6 +26,7 @@ use pyo3::types::PyDict;
 use loopwatch_dataplane_core::frames::close_code_valid;
 use loopwatch_dataplane_core::head::HeadLimits;
 use loopwatch_dataplane_core::identity::IdentitySpec;
+use loopwatch_dataplane_core::trace::{Sampling, ALL_ROOTS};
 
 mod conn;
 pub mod control;
@@ -38,6 +39,7 @@ pub mod relay;
 pub mod response;
 pub mod table;
 pub mod tls;
+pub mod tracing;
 pub mod transport;
 pub mod wire;
 
@@ -133,15 +135,25 @@ fn check_close_code(code: u16) -> PyResult<u16> {
     Ok(code)
 }
 
+/// The listener's configuration (routes, `limits:`, `identity:`, `tls:`,
+/// `upstream_tls:`), checked and with its files read (certificates, keys)
+/// when it is made: `Listener.start` takes one, `Listener.reload` swaps the
+/// running one for another. Bad values are a ValueError naming the setting
+/// (and the file).
+#[pyclass(frozen, module = "loopwatch.proxy.dataplane._dataplane")]
+struct ListenerConfig {
+    inner: Config,
+}
+
 #[pymethods]
-impl Listener {
-    /// Bind `host:port` (0: any free port), build the runtime with `threads`
-    /// workers (default: one per core) and start accepting. Connections are
-    /// routed by `routes`, keyed by `identity` (the peer address when None),
-    /// admitted by `table`, and their events go to `queue`.
-    #[staticmethod]
+impl ListenerConfig {
+    /// Connections are routed by `routes`, under these limits, keyed by
+    /// `identity` (the peer address when None); with `tls_cert_file` and
+    /// `tls_key_file` the listener terminates TLS; `wss://` and `https://`
+    /// routes are verified as `upstream_*` say.
+    #[new]
     #[pyo3(signature = (
-        host, port, routes, queue, table, *,
+        routes, *,
         max_head_size = 16 * 1024,
         early_data_size = 64 * 1024,
         error_body_size = 64 * 1024,
@@ -155,11 +167,6 @@ impl Listener {
         max_connections = 10_000,
         max_connections_per_address = None,
         max_heads_per_address = None,
-        max_holds = 1024,
-        max_held_per_key = 4,
-        reject_with = "close-1013",
-        close_code = 1013,
-        threads = None,
         identity = None,
         tls_cert_file = None,
         tls_key_file = None,
@@ -168,13 +175,9 @@ impl Listener {
         upstream_server_name = None,
     ))]
     #[allow(clippy::too_many_arguments)]
-    fn start(
+    fn new(
         py: Python<'_>,
-        host: &str,
-        port: u16,
         routes: Vec<RouteTuple>,
-        queue: &Bound<'_, EventQueue>,
-        table: &Bound<'_, EnforcementTable>,
         max_head_size: usize,
         early_data_size: usize,
         error_body_size: usize,
@@ -188,24 +191,13 @@ impl Listener {
         max_connections: usize,
         max_connections_per_address: Option<usize>,
         max_heads_per_address: Option<usize>,
-        max_holds: usize,
-        max_held_per_key: usize,
-        reject_with: &str,
-        close_code: u16,
-        threads: Option<usize>,
         identity: Option<&Bound<'_, Identity>>,
         tls_cert_file: Option<String>,
         tls_key_file: Option<String>,
         upstream_verify: bool,
         upstream_ca_file: Option<String>,
         upstream_server_name: Option<String>,
-    ) -> PyResult<Listener> {
-        let policy = PolicyValues {
-            reject_with: parse_reject_with(reject_with)?,
-            close_code: check_close_code(close_code)?,
-            max_holds,
-            max_held_per_key,
-        };
+    ) -> PyResult<ListenerConfig> {
         let limits = Limits {
             head: HeadLimits {
                 max_head_size: at_least_one("max_head_size", max_head_size)?,
@@ -231,10 +223,6 @@ impl Listener {
             max_connections: at_least_one("max_connections", max_connections)?,
             max_connections_per_address,
             max_heads_per_address,
-        };
-        let threads = match threads {
-            Some(n) => at_least_one("threads", n)?,
-            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         };
         let identity = match identity {
             Some(identity) => Arc::clone(&identity.get().inner),
@@ -288,14 +276,79 @@ impl Listener {
         } else {
             None
         };
-        let config = Config {
-            routes,
-            limits,
-            policy,
-            identity,
-            tls,
-            upstream_tls,
+        Ok(ListenerConfig {
+            inner: Config {
+                routes,
+                limits,
+                identity,
+                tls,
+                upstream_tls,
+            },
+        })
+    }
+}
+
+#[pymethods]
+impl Listener {
+    /// Bind `host:port` (0: any free port), build the runtime with `threads`
+    /// workers (default: one per core) and start accepting, as `config` says
+    /// (`ListenerConfig`; `reload` replaces it), with this refusal policy
+    /// (`reconfigure` changes it). Connections are admitted by `table`, and
+    /// their events go to `queue`. `trace_root_bound` (None: tracing off) and
+    /// `trace_parent_based` are how connection spans are sampled (the
+    /// OTEL_* environment, read at start): listener-wide, a reload keeps them.
+    #[staticmethod]
+    #[pyo3(signature = (
+        host, port, config, queue, table, *,
+        max_holds = 1024,
+        max_held_per_key = 4,
+        reject_with = "close-1013",
+        close_code = 1013,
+        threads = None,
+        trace_root_bound = None,
+        trace_parent_based = true,
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        py: Python<'_>,
+        host: &str,
+        port: u16,
+        config: &Bound<'_, ListenerConfig>,
+        queue: &Bound<'_, EventQueue>,
+        table: &Bound<'_, EnforcementTable>,
+        max_holds: usize,
+        max_held_per_key: usize,
+        reject_with: &str,
+        close_code: u16,
+        threads: Option<usize>,
+        trace_root_bound: Option<u128>,
+        trace_parent_based: bool,
+    ) -> PyResult<Listener> {
+        // Tracing: on with a root bound (the sampler of OTEL_TRACES_SAMPLER,
+        // read at start: a reload keeps it).
+        let tracing = match trace_root_bound {
+            None => None,
+            Some(bound) if bound > ALL_ROOTS => {
+                return Err(PyValueError::new_err(format!(
+                    "trace_root_bound: expected 0 to 2**64, got {bound}"
+                )))
+            }
+            Some(root_bound) => Some(Sampling {
+                root_bound,
+                parent_based: trace_parent_based,
+            }),
         };
+        let policy = PolicyValues {
+            reject_with: parse_reject_with(reject_with)?,
+            close_code: check_close_code(close_code)?,
+            max_holds,
+            max_held_per_key,
+        };
+        let threads = match threads {
+            Some(n) => at_least_one("threads", n)?,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        let config = config.get().inner.clone();
         let table = table.get().shared();
         let events = queue.get().sender();
         let host = host.to_owned();
@@ -305,7 +358,7 @@ impl Listener {
                 .map_err(|e| format!("cannot resolve {host:?}: {e}"))?
                 .next()
                 .ok_or_else(|| format!("{host:?} has no address"))?;
-            Server::start(addr, threads, config, table, events)
+            Server::start(addr, threads, config, policy, tracing, table, events)
                 .map_err(|e| format!("cannot listen on {addr}: {e}"))
         });
         let server = server.map_err(PyOSError::new_err)?;
@@ -434,20 +487,29 @@ impl Listener {
             .collect()
     }
 
-    /// What a reload may change of the refusal policy and of the client
-    /// identity; each None keeps its value. Every value is checked before any
-    /// is set. Refusals from now on use the new values, holds already taken
-    /// keep theirs; heads read from now on are keyed by the new `identity`
-    /// (its trusted proxies are not the per-address caps' exemptions, which
-    /// stay as at start).
-    #[pyo3(signature = (*, reject_with = None, close_code = None, max_holds = None, max_held_per_key = None, identity = None))]
+    /// A reload of the listener's configuration: connections accepted from
+    /// now on are routed, limited, keyed and (TLS) served as `config` says;
+    /// those open keep the configuration of their accept, untouched. The
+    /// per-address caps apply the new limits and trusted proxies to the
+    /// connections that come next; idle pooled upstream connections are
+    /// closed. The address, the threads and the trace sampling stay as at
+    /// start. `config` was
+    /// checked (its files read) when it was made: this cannot fail.
+    fn reload(&self, py: Python<'_>, config: &Bound<'_, ListenerConfig>) {
+        let config = config.get().inner.clone();
+        py.detach(|| self.shared.set_config(config));
+    }
+
+    /// What a reload may change of the refusal policy; each None keeps its
+    /// value. Every value is checked before any is set. Refusals from now on
+    /// use the new values, holds already taken keep theirs.
+    #[pyo3(signature = (*, reject_with = None, close_code = None, max_holds = None, max_held_per_key = None))]
     fn reconfigure(
         &self,
         reject_with: Option<&str>,
         close_code: Option<u16>,
         max_holds: Option<usize>,
         max_held_per_key: Option<usize>,
-        identity: Option<&Bound<'_, Identity>>,
     ) -> PyResult<()> {
         let now = self.shared.policy.snapshot();
         let values = PolicyValues {
@@ -457,9 +519,6 @@ impl Listener {
             max_held_per_key: max_held_per_key.unwrap_or(now.max_held_per_key),
         };
         self.shared.policy.set(values);
-        if let Some(identity) = identity {
-            self.shared.set_identity(Arc::clone(&identity.get().inner));
-        }
         Ok(())
     }
 
@@ -493,6 +552,7 @@ fn _dataplane(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<EventQueue>()?;
     m.add_class::<EnforcementTable>()?;
     m.add_class::<Listener>()?;
+    m.add_class::<ListenerConfig>()?;
     m.add_class::<Identity>()?;
     m.add("CLOSE_GRACE", relay::CLOSE_GRACE.as_secs_f64())?;
     m.add(

@@ -8,9 +8,10 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::runtime::Runtime;
 use tokio::sync::{watch, Notify};
@@ -21,11 +22,12 @@ use loopwatch_dataplane_core::events::{
 use loopwatch_dataplane_core::head::HeadLimits;
 use loopwatch_dataplane_core::identity::Identity;
 use loopwatch_dataplane_core::table::EnforcementTable;
+use loopwatch_dataplane_core::trace::Sampling;
 
 use tokio_rustls::TlsAcceptor;
 
 use crate::conn;
-use crate::control::{Addresses, Holds, Policy, PolicyValues, Relays};
+use crate::control::{AddressCaps, Addresses, Holds, Policy, PolicyValues, Relays};
 use crate::pool::{Pool, SWEEP_EVERY};
 use crate::tls::UpstreamTls;
 use crate::wire::Route;
@@ -250,15 +252,19 @@ pub struct Limits {
     pub max_heads_per_address: Option<usize>,
 }
 
+/// What a reload may change of the listener, swapped whole
+/// (`Shared::set_config`) and read once by each accepted connection
+/// (`Shared::config`): a connection keeps the configuration of its accept for
+/// its life (its keep-alive requests, its splice), new connections take the
+/// new one. What cannot change on a running listener: its address and its
+/// threads.
 #[derive(Clone)]
 pub struct Config {
     /// Longest prefix first.
     pub routes: Vec<Route>,
     pub limits: Limits,
-    /// The refusal policy at start (`Shared::policy` holds it since).
-    pub policy: PolicyValues,
-    /// Who a client is (the identity sources, trusted proxies, JWT keys), at
-    /// start (`Shared::identity` holds it since: a reload changes it).
+    /// Who a client is (the identity sources, trusted proxies, JWT keys);
+    /// its trusted proxies are also the addresses no per-address cap counts.
     pub identity: Arc<Identity>,
     /// `tls:`: the listener terminates TLS (`https` in X-Forwarded-Proto).
     pub tls: Option<TlsAcceptor>,
@@ -269,15 +275,19 @@ pub struct Config {
 
 /// What every connection task shares.
 pub struct Shared {
-    pub config: Config,
+    /// The configuration now (a reload swaps it): read it once per
+    /// connection, with `config()`.
+    config: ArcSwap<Config>,
     pub table: Arc<EnforcementTable>,
     pub events: EventSender,
     pub counters: Counters,
     /// The refusal policy now (a reload changes it).
     pub policy: Policy,
-    /// Who a client is now (a reload changes it; the per-address caps keep
-    /// the trusted proxies of the start: their exemptions are built once).
-    identity: RwLock<Arc<Identity>>,
+    /// Tracing on: how spans are sampled (the connection span's context is
+    /// decided at the attempt, `tracing`); None: off (no `traceparent` added,
+    /// the client's passes as sent). From the OTEL_* environment at start:
+    /// not part of `Config`, a reload keeps it.
+    pub tracing: Option<Sampling>,
     pub holds: Holds,
     pub relays: Arc<Relays>,
     pub addresses: Arc<Addresses>,
@@ -293,17 +303,21 @@ impl Shared {
         self.next_conn_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The identity settings now, for one request head.
-    pub fn identity(&self) -> Arc<Identity> {
-        Arc::clone(&self.identity.read().unwrap_or_else(PoisonError::into_inner))
+    /// The configuration now: a connection reads it once, at accept, and
+    /// keeps it for its life.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
     }
 
-    /// A reload's identity settings: heads read from now on use them.
-    pub fn set_identity(&self, identity: Arc<Identity>) {
-        *self
-            .identity
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = identity;
+    /// A reload: connections accepted from now on use `config`; those open
+    /// keep theirs. The per-address caps and their exempt trusted proxies
+    /// change at once (a connection already counted stays counted), and the
+    /// idle upstream connections of plain HTTP are closed (they were opened
+    /// under the old routes and `upstream_tls:`).
+    pub fn set_config(&self, config: Config) {
+        self.addresses.set_caps(address_caps(&config));
+        self.config.store(Arc::new(config));
+        self.pool.clear();
     }
 
     pub fn closing(&self) -> bool {
@@ -403,6 +417,17 @@ async fn sweep_pool(shared: Arc<Shared>) {
     }
 }
 
+/// The per-address caps of a configuration (`limits:`), with the trusted
+/// proxies (`identity.trusted_proxies`: they carry many clients'
+/// connections) exempt.
+fn address_caps(config: &Config) -> AddressCaps {
+    AddressCaps::new(
+        config.limits.max_connections_per_address,
+        config.limits.max_heads_per_address,
+        config.identity.trusted_proxies().to_vec(),
+    )
+}
+
 /// A running listener: its runtime, its address and its stop switch.
 pub struct Server {
     runtime: Option<Runtime>,
@@ -419,6 +444,8 @@ impl Server {
         addr: SocketAddr,
         threads: usize,
         config: Config,
+        policy: PolicyValues,
+        tracing: Option<Sampling>,
         table: Arc<EnforcementTable>,
         events: EventSender,
     ) -> std::io::Result<Server> {
@@ -440,17 +467,11 @@ impl Server {
         };
         let local_addr = listener.local_addr()?;
         let (stop, shutdown) = watch::channel(false);
-        let limits = &config.limits;
-        let addresses = Addresses::new(
-            limits.max_connections_per_address,
-            limits.max_heads_per_address,
-            // identity.trusted_proxies carry many clients' connections.
-            config.identity.trusted_proxies().to_vec(),
-        );
+        let addresses = Addresses::new(address_caps(&config));
         let shared = Arc::new(Shared {
-            policy: Policy::new(config.policy),
-            identity: RwLock::new(Arc::clone(&config.identity)),
-            config,
+            policy: Policy::new(policy),
+            tracing,
+            config: ArcSwap::from_pointee(config),
             table,
             events,
             counters: Counters::default(),
@@ -534,7 +555,7 @@ mod tests {
         let (events, _rx) = loopwatch_dataplane_core::events::event_queue(16);
         let (_stop, shutdown) = watch::channel(false);
         let shared = Arc::new(Shared {
-            config: Config {
+            config: ArcSwap::from_pointee(Config {
                 routes: Vec::new(),
                 limits: Limits {
                     head: HeadLimits { max_head_size: 1 },
@@ -551,12 +572,6 @@ mod tests {
                     max_connections_per_address: None,
                     max_heads_per_address: None,
                 },
-                policy: PolicyValues {
-                    reject_with: RejectWith::Http429,
-                    close_code: 1013,
-                    max_holds: 1,
-                    max_held_per_key: 1,
-                },
                 identity: Arc::new(
                     Identity::new(&loopwatch_dataplane_core::identity::IdentitySpec {
                         sources: vec!["ip".to_owned()],
@@ -570,7 +585,7 @@ mod tests {
                 ),
                 tls: None,
                 upstream_tls: None,
-            },
+            }),
             table: Arc::new(EnforcementTable::default()),
             events,
             counters: Counters::default(),
@@ -580,20 +595,10 @@ mod tests {
                 max_holds: 1,
                 max_held_per_key: 1,
             }),
-            identity: RwLock::new(Arc::new(
-                Identity::new(&loopwatch_dataplane_core::identity::IdentitySpec {
-                    sources: vec!["ip".to_owned()],
-                    trusted_proxies: Vec::new(),
-                    bind_to_address: true,
-                    bind_verified: false,
-                    max_key_length: 256,
-                    jwt: Default::default(),
-                })
-                .unwrap(),
-            )),
+            tracing: None,
             holds: Holds::default(),
             relays: Arc::new(Relays::default()),
-            addresses: Arc::new(Addresses::new(None, None, Vec::new())),
+            addresses: Arc::new(Addresses::new(AddressCaps::new(None, None, Vec::new()))),
             shutdown,
             pool: Pool::default(),
             next_conn_id: AtomicU64::new(1),

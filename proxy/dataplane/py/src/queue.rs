@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyTuple;
+use pyo3::types::{PyBytes, PyTuple};
 
 use loopwatch_dataplane_core::events::{
-    event_queue, Event, EventReceiver, EventSender, HandshakeFailure,
+    event_queue, AttemptTrace, Event, EventReceiver, EventSender, HandshakeFailure,
 };
 
 /// How `recv_batch` waits: it polls the queue, sleeping between looks (the
@@ -189,6 +189,38 @@ impl EventQueue {
     }
 }
 
+/// An Attempt's trace (`native._trace`): (trace id, span id, flags, the
+/// parent's span id or None, the parent's flags, tracestate, path, authority,
+/// user agent).
+fn trace_tuple<'py>(py: Python<'py>, trace: &AttemptTrace) -> PyResult<Bound<'py, PyTuple>> {
+    let context = &trace.context;
+    let parent = context.parent.as_ref();
+    PyTuple::new(
+        py,
+        [
+            context.trace_id.into_pyobject(py)?.into_any(),
+            context.span_id.into_pyobject(py)?.into_any(),
+            context.flags.into_pyobject(py)?.into_any(),
+            parent.map(|p| p.span_id).into_pyobject(py)?.into_any(),
+            parent.map_or(0, |p| p.flags).into_pyobject(py)?.into_any(),
+            trace.tracestate.as_deref().into_pyobject(py)?.into_any(),
+            (&*trace.path).into_pyobject(py)?.into_any(),
+            trace
+                .authority
+                .as_deref()
+                .map(|a| PyBytes::new(py, a))
+                .into_pyobject(py)?
+                .into_any(),
+            trace
+                .user_agent
+                .as_deref()
+                .map(|a| PyBytes::new(py, a))
+                .into_pyobject(py)?
+                .into_any(),
+        ],
+    )
+}
+
 fn to_tuple<'py>(py: Python<'py>, clock: &Clock, event: Event) -> PyResult<Bound<'py, PyTuple>> {
     match event {
         Event::Attempt {
@@ -197,6 +229,7 @@ fn to_tuple<'py>(py: Python<'py>, clock: &Clock, event: Event) -> PyResult<Bound
             at,
             addr,
             conn_id,
+            trace,
         } => PyTuple::new(
             py,
             [
@@ -206,6 +239,10 @@ fn to_tuple<'py>(py: Python<'py>, clock: &Clock, event: Event) -> PyResult<Bound
                 clock.seconds(at).into_pyobject(py)?.into_any(),
                 (&*addr).into_pyobject(py)?.into_any(),
                 conn_id.into_pyobject(py)?.into_any(),
+                match trace {
+                    Some(trace) => trace_tuple(py, &trace)?.into_any(),
+                    None => py.None().into_bound(py),
+                },
             ],
         ),
         Event::Rejected {

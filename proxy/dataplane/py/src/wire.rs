@@ -268,7 +268,9 @@ pub(crate) fn hop_by_hop(name: &[u8], named: &[Vec<u8>]) -> bool {
 /// The request head sent upstream: end-to-end headers as the client sent them
 /// (order and case kept), Host set to the upstream, the upgrade pair for a
 /// WebSocket, then X-Forwarded-For/-Proto/-Host (for upgrades and plain
-/// requests alike).
+/// requests alike). With `traceparent` (tracing on: the connection span's),
+/// the client's `traceparent` is dropped and this one goes last; the client's
+/// `tracestate` passes as sent.
 pub fn upstream_request_head(
     head: &RequestHead<'_>,
     target: &[u8],
@@ -276,6 +278,7 @@ pub fn upstream_request_head(
     peer: &str,
     scheme: &str,
     kind: Forwarded,
+    traceparent: Option<&[u8]>,
 ) -> Vec<u8> {
     let named = connection_named(head.headers.iter().map(|h| (h.name, h.value)));
     let mut out = Vec::with_capacity(head.head_len + 128);
@@ -296,6 +299,7 @@ pub fn upstream_request_head(
         if hop_by_hop(h.name, &named)
             || REPLACED.contains(&lower(h.name).as_slice())
             || (drop_expect && h.name.eq_ignore_ascii_case(b"expect"))
+            || (traceparent.is_some() && h.name.eq_ignore_ascii_case(b"traceparent"))
         {
             continue;
         }
@@ -323,6 +327,11 @@ pub fn upstream_request_head(
     }
     if let Forwarded::Http { chunked: true, .. } = kind {
         out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+    }
+    if let Some(traceparent) = traceparent {
+        out.extend_from_slice(b"traceparent: ");
+        out.extend_from_slice(traceparent);
+        out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
     out
@@ -393,6 +402,7 @@ mod tests {
             "127.0.0.1",
             "http",
             Forwarded::WebSocket,
+            None,
         );
         assert_eq!(
             String::from_utf8(out).unwrap(),
@@ -405,6 +415,48 @@ mod tests {
     }
 
     #[test]
+    fn the_spans_traceparent_replaces_the_clients_and_tracestate_passes() {
+        let raw = b"GET /ws HTTP/1.1\r\nHost: front\r\nUpgrade: websocket\r\n\
+            Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+            Sec-WebSocket-Version: 13\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\
+            TraceParent: 00-ffffffffffffffffffffffffffffffff-00f067aa0ba902b7-01\r\n\
+            tracestate: vendor=abc\r\n\r\n";
+        let head = parsed(raw);
+        let mine = b"00-4bf92f3577b34da6a3ce929d0e0e4736-1111111111111111-01";
+        let out = upstream_request_head(
+            &head,
+            b"/ws",
+            b"b",
+            "127.0.0.1",
+            "http",
+            Forwarded::WebSocket,
+            Some(mine),
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET /ws HTTP/1.1\r\nHost: b\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Version: 13\r\ntracestate: vendor=abc\r\n\
+             Upgrade: websocket\r\nConnection: Upgrade\r\n\
+             X-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: front\r\n\
+             traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-1111111111111111-01\r\n\r\n"
+        );
+        // Without tracing, the client's pass as they came.
+        let out = upstream_request_head(
+            &head,
+            b"/ws",
+            b"b",
+            "127.0.0.1",
+            "http",
+            Forwarded::WebSocket,
+            None,
+        );
+        let text = String::from_utf8(out).unwrap();
+        assert!(text
+            .contains("traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n"));
+        assert!(text.contains("TraceParent: 00-ffff"));
+    }
+
+    #[test]
     fn a_plain_request_keeps_end_to_end_headers_and_frames_its_body_anew() {
         let raw = b"POST /up HTTP/1.1\r\nHost: front\r\nTransfer-Encoding: chunked\r\n\
             Expect: 100-continue\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nTE: trailers\r\n\
@@ -414,7 +466,15 @@ mod tests {
             chunked: true,
             answers_continue: true,
         };
-        let out = upstream_request_head(&head, b"/up", b"backend:9000", "10.1.2.3", "http", kind);
+        let out = upstream_request_head(
+            &head,
+            b"/up",
+            b"backend:9000",
+            "10.1.2.3",
+            "http",
+            kind,
+            None,
+        );
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "POST /up HTTP/1.1\r\nHost: backend:9000\r\nContent-Type: text/plain\r\n\
@@ -425,7 +485,7 @@ mod tests {
             chunked: false,
             answers_continue: false,
         };
-        let out = upstream_request_head(&head, b"/up", b"b", "10.1.2.3", "http", kind);
+        let out = upstream_request_head(&head, b"/up", b"b", "10.1.2.3", "http", kind, None);
         assert!(String::from_utf8(out)
             .unwrap()
             .contains("Host: b\r\nExpect: 100-continue\r\nContent-Type"));
