@@ -1,7 +1,8 @@
-"""What a data plane that admits by table lookup must hold (the native one, issue 16).
+"""What the data plane's enforcement table must hold (issue 16).
 
-The Python data plane asks ``Engine.admit`` at every attempt. The native one
-looks the client up in an enforcement table instead, and the brain keeps that
+The data plane never waits for the engine: it looks each attempt's client up
+in an enforcement table (and the engine judges the attempt after the fact,
+``Engine.admit`` with what the table did), and the brain keeps that
 table in step with the engine: after each batch of events, wake-up, operator
 lever or reload, it asks ``Engine.enforcement(key, t)`` for the keys it touched
 and ``Engine.breaker_enforcement(t)`` for the breakers, and writes the answers.
