@@ -45,7 +45,7 @@ BATCH = 1024  # events per batch at most
 # for all of them), doubling while the queue stays empty, up to MAX_TICK (an
 # event waits at most that long after a quiet spell, as the draining thread's
 # polls made it before); at once after a full batch (more are waiting).
-FIRST_TICK = 0.002
+FIRST_TICK = 0.005
 MAX_TICK = 0.01
 TRIM_POLL = 0.05  # seconds between the trimming thread's looks at the live relays
 # After lost events, attempts whose end was lost are forgotten once older than
