@@ -47,7 +47,7 @@ BATCH = 1024  # events per batch at most
 # polls made it before); at once after a full batch (more are waiting).
 FIRST_TICK = 0.005
 MAX_TICK = 0.01
-TRIM_POLL = 0.05  # seconds between the trimming thread's looks at the live relays
+TRIM_POLL = 0.1  # seconds between the trimming thread's looks at the live relays
 # After lost events, attempts whose end was lost are forgotten once older than
 # this many handshake timeouts (no handshake can still be in progress).
 _LOST_AGE = 2.0

@@ -12,8 +12,10 @@ turn, interleaved, `--rounds` times. Per cycle (three events: Attempt, Opened,
 Closed) it reports the CPU of the loopwatch process outside its tokio threads
 (the brain: the event loop, the draining thread, the rest), by thread, from
 /proc/PID/task/*/schedstat, and the events per second of one core that makes;
-the median over rounds, and head ÷ base. Measured in the same run, the ratio
-holds when the machine is shared; the absolute figures do not.
+the median over rounds, and head ÷ base; then the CPU each uses idle (no
+traffic for `--idle` seconds: the brain's timers and threads). Measured in the
+same run, the ratio holds when the machine is shared; the absolute figures do
+not.
 """
 
 from __future__ import annotations
@@ -126,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=3.0, help="churn per round and target (bounded)")
     parser.add_argument("--workers", type=int, default=20)
+    parser.add_argument("--idle", type=float, default=5.0, help="seconds of no traffic, for the idle CPU")
     args = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="loopwatch-brain-ab-"))
     base_path = export(args.base, tmp / "base")
@@ -142,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {i} {name}: {r['cycles']} cycles, {r['cycles_per_s']:.0f}/s, errors {r['errors']}, "
                       f"brain {r['brain_us']:.1f} µs/cycle ({shown}), tokio {r['tokio_us']:.1f}",
                       file=sys.stderr, flush=True)  # fmt: skip
+        idle0 = {name: sum(threads(p.proc.pid).values()) for name, p in procs.items()}
+        time.sleep(args.idle)
+        idle = {name: (sum(threads(p.proc.pid).values()) - idle0[name]) / args.idle * 1e3
+                for name, p in procs.items()}  # fmt: skip
     finally:
         lg.stop()
         for p in procs.values():
@@ -154,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                          "brain_events_per_core_s": round(EVENTS_PER_CYCLE * 1e6 / brain),
                          "tokio_us_per_cycle": round(statistics.median(r["tokio_us"] for r in rs), 1),
                          "cycles_per_s": round(statistics.median(r["cycles_per_s"] for r in rs)),
-                         "errors": sum(r["errors"] for r in rs)}  # fmt: skip
+                         "errors": sum(r["errors"] for r in rs),
+                         "idle_cpu_ms_per_s": round(idle[name], 2)}  # fmt: skip
     summary["head_over_base"] = round(summary["head"]["brain_us_per_cycle"] / summary["base"]["brain_us_per_cycle"], 3)
     summary["base_rev"] = args.base
     print(json.dumps(summary, indent=1))
