@@ -7,8 +7,9 @@ connection), its counters at scrape time, a reload and the drain on SIGTERM.
 
 `NativePlane` is the compiled listener of proxy/dataplane/native.py (Rust on
 tokio): it admits from the enforcement table and reports what happened as
-events. The event loop takes them off the queue in batches on a timer (a look
-never waits: the loop sleeps in its own poll, the GIL released), where
+events. The event loop takes them off the queue in batches (a look never
+waits; when the queue is empty the loop sleeps in its own poll, the GIL
+released, until the queue's wake-up descriptor turns readable), where
 `NativeDriver` (proxy/brain.py) feeds them to the engine and writes the table
 (docs/architecture.md, "The boundary"); the Rust queue is the bound. The asyncio data
 plane it replaced was deleted once every black-box suite passed on this one
@@ -40,13 +41,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("loopwatch")
 
 BATCH = 1024  # events per batch at most
-# How the loop looks at the queue: FIRST_TICK after a batch (the events of that
-# stretch make the next batch: one look, one driver pass and one table flush
-# for all of them), doubling while the queue stays empty, up to MAX_TICK (an
-# event waits at most that long after a quiet spell, as the draining thread's
-# polls made it before); at once after a full batch (more are waiting).
-FIRST_TICK = 0.005
-MAX_TICK = 0.01
+# How the loop takes events off the queue (a look never waits). After a batch
+# of at least BUSY events it looks again TICK later: the events of that stretch
+# make the next batch (one look, one driver pass and one table flush for all
+# of them); after a smaller batch, QUICK_TICK later (a quiet stream's events
+# reach the engine and the metrics within a millisecond, as they did from the
+# draining thread); at once after a full batch (more are waiting). A look that
+# finds the queue empty parks it: the loop sleeps until the next event makes
+# the queue's wake-up descriptor readable, and takes it at once; an idle brain
+# never wakes.
+BUSY = 16
+TICK = 0.005
+QUICK_TICK = 0.001
 TRIM_POLL = 0.1  # seconds between the trimming thread's looks at the live relays
 # After lost events, attempts whose end was lost are forgotten once older than
 # this many handshake timeouts (no handshake can still be in progress).
@@ -134,8 +140,8 @@ class NativePlane:
         self._identity = settings.identity  # the listener's, since start or the last reload
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._poll_timer: asyncio.TimerHandle | None = None
-        self._tick = FIRST_TICK  # until the next look at the queue
+        self._next: asyncio.Handle | None = None  # the next look at the queue (None: parked)
+        self._wake_fd: int | None = None
         self._thread: threading.Thread | None = None
         self._stop_trimming = threading.Event()
         self._taken = 0  # events taken off the queue …
@@ -175,7 +181,9 @@ class NativePlane:
         )  # fmt: skip
         self._port = self.listener.port
         self._loop = asyncio.get_running_loop()
-        self._poll_timer = self._loop.call_soon(self._poll)
+        self._wake_fd = self.queue.wake_fd()
+        self._loop.add_reader(self._wake_fd, self._on_wake)
+        self._next = self._loop.call_soon(self._poll)
         self._thread = threading.Thread(target=self._trim, name="loopwatch-trim", daemon=True)
         self._thread.start()
 
@@ -185,9 +193,11 @@ class NativePlane:
             dropped = await asyncio.to_thread(self.listener.stop)
             if dropped:
                 event(log, "shutdown_dropped", logging.WARNING, connections=dropped)
-        if self._poll_timer is not None:
-            self._poll_timer.cancel()
-            self._poll_timer = None
+        if self._next is not None:
+            self._next.cancel()
+            self._next = None
+        if self._wake_fd is not None and self._loop is not None:
+            self._loop.remove_reader(self._wake_fd)
         while self._take():  # every event reaches the brain
             pass
         self._stop_trimming.set()
@@ -210,21 +220,29 @@ class NativePlane:
     # --- the event queue ---------------------------------------------------------------------
 
     def _poll(self) -> None:
-        """On the event loop: take what is queued and hand it to the brain, then
-        look again after the tick (see FIRST_TICK)."""
+        """On the event loop: take what is queued and hand it to the brain; look
+        again TICK later, or park until the next event (see TICK)."""
+        self._next = None
         taken = 0
         try:
             taken = self._take()
         finally:  # (a failed batch is logged by _on_batch; the looks go on)
-            if taken >= BATCH:
-                self._tick = 0.0
-            elif taken:
-                self._tick = FIRST_TICK
-            else:
-                self._tick = min(max(self._tick * 2, FIRST_TICK), MAX_TICK)
             loop = self._loop
             assert loop is not None
-            self._poll_timer = loop.call_later(self._tick, self._poll)
+            if taken >= BATCH:
+                self._next = loop.call_soon(self._poll)
+            elif taken:
+                self._next = loop.call_later(TICK if taken >= BUSY else QUICK_TICK, self._poll)
+            elif not self.queue.park():  # events came meanwhile
+                self._next = loop.call_soon(self._poll)
+
+    def _on_wake(self) -> None:
+        """The wake-up descriptor is readable: an event came while parked. (A
+        readiness the loop saw before the last look may call this once more for
+        nothing: it looks, finds the queue empty and parks again.)"""
+        self.queue.clear_wake()
+        if self._next is None:
+            self._poll()
 
     def _take(self) -> int:
         """One batch off the queue (never waits), handled; how many events."""

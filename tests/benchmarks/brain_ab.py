@@ -3,7 +3,8 @@
     .venv/bin/python -m tests.benchmarks.brain_ab --base REV [--rounds 4] [--seconds 3] [--workers 20]
 
 Exports REV (e.g. the branch point) into a temp dir with the compiled data
-plane of this checkout (REV must not change the Rust crate), then starts the
+plane of this checkout (which must still serve REV's Python: methods added
+since are fine, changed ones are not), then starts the
 benchmarks' echo backend and two `loopwatch run` processes in front of it (the
 default config: detection, metrics, event log), `base` from REV and `head` from
 this checkout, and drives churn (connect, upgrade, one echo, close 1000; every
