@@ -117,7 +117,7 @@ def measure(proc: Proc, lg: LoadGen, seconds: float, workers: int, tag: int) -> 
         raise RuntimeError(f"{proc.name}: churn failed: {r}")
     by_thread = {k: (t1[k] - t0.get(k, 0.0)) / cycles * 1e6 for k in t1}
     brain = sum(v for k, v in by_thread.items() if k != "tokio")
-    return {"cycles": cycles, "errors": r.get("errors", 0), "cycles_per_s": r.get("rate"),
+    return {"cycles": cycles, "errors": r.get("errors", 0), "cycles_per_s": r.get("rate"), "p50_us": r.get("p50_us"),
             "brain_us": brain, "tokio_us": by_thread.get("tokio", 0.0),
             "threads_us": {k: v for k, v in by_thread.items() if k != "tokio" and v > 0.05}}  # fmt: skip
 
@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                 r = measure(procs[name], lg, args.seconds, args.workers, i * 2 + (name == "head"))
                 runs[name].append(r)
                 shown = " ".join(f"{k}={v:.1f}" for k, v in sorted(r["threads_us"].items()))
-                print(f"round {i} {name}: {r['cycles']} cycles, {r['cycles_per_s']:.0f}/s, errors {r['errors']}, "
+                print(f"round {i} {name}: {r['cycles']} cycles, {r['cycles_per_s']:.0f}/s, p50 {r['p50_us']:.0f} µs, "
+                      f"errors {r['errors']}, "
                       f"brain {r['brain_us']:.1f} µs/cycle ({shown}), tokio {r['tokio_us']:.1f}",
                       file=sys.stderr, flush=True)  # fmt: skip
         idle0 = {name: sum(threads(p.proc.pid).values()) for name, p in procs.items()}
@@ -162,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                          "brain_events_per_core_s": round(EVENTS_PER_CYCLE * 1e6 / brain),
                          "tokio_us_per_cycle": round(statistics.median(r["tokio_us"] for r in rs), 1),
                          "cycles_per_s": round(statistics.median(r["cycles_per_s"] for r in rs)),
+                         "cycle_p50_us": round(statistics.median(r["p50_us"] for r in rs)),
                          "errors": sum(r["errors"] for r in rs),
                          "idle_cpu_ms_per_s": round(idle[name], 2)}  # fmt: skip
     summary["head_over_base"] = round(summary["head"]["brain_us_per_cycle"] / summary["base"]["brain_us_per_cycle"], 3)
