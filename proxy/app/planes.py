@@ -48,8 +48,8 @@ BATCH = 1024  # events per batch at most
 # reach the engine and the metrics within a millisecond, as they did from the
 # draining thread); at once after a full batch (more are waiting). A look that
 # finds the queue empty parks it: the loop sleeps until the next event makes
-# the queue's wake-up descriptor readable, and takes it at once; an idle brain
-# never wakes.
+# the queue's wake-up descriptor readable, and takes it at once; with no
+# traffic the queue wakes nobody.
 BUSY = 16
 TICK = 0.005
 QUICK_TICK = 0.001
