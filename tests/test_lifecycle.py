@@ -361,7 +361,7 @@ async def test_shutdown_answers_an_upgrade_in_progress_with_503():
 async def test_memory_of_closed_connections_is_trimmed_once_after_a_burst(monkeypatch):
     """When the live connections fall by TRIM_DROP from their peak, malloc_trim runs
     once, TRIM_DELAY later; steady traffic below that never trims. On the native
-    plane the brain's draining thread polls the listener's live count (the trim
+    plane the brain's trimming thread polls the listener's live count (the trim
     reaches the runtime threads' arenas)."""
     from loopwatch.proxy.dataplane import trim
 

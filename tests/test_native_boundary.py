@@ -12,6 +12,7 @@ import contextlib
 import json
 import random
 import re
+import select
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -485,6 +486,37 @@ async def test_a_full_queue_drops_and_counts_without_stopping_traffic() -> None:
         assert [type(r.event) for r in batch] == [ev.Attempt, ev.Rejected, ev.Attempt]
         assert await asyncio.to_thread(running.queue.recv_batch, 100, 0.05) == []
         assert running.listener.stats().refused["cooldown"] == 5
+
+
+async def test_a_parked_queue_wakes_its_loop_at_the_next_event() -> None:
+    """The brain's loop parks the empty queue and sleeps in its own poll: the
+    next event makes the wake-up descriptor readable, once per park, and a
+    park with events waiting says so instead of sleeping."""
+
+    async def readable(timeout: float) -> bool:
+        ready, _, _ = await asyncio.to_thread(select.select, [fd], [], [], timeout)
+        return bool(ready)
+
+    async with RawBackend(switching_protocols) as backend, native(backend.url, reject_with="http-429") as running:
+        queue = running.queue
+        fd = queue.wake_fd()
+        assert queue.park()
+        assert not await readable(0.05)  # nothing came: no wake-up
+        running.table.set_cooldown("127.0.0.1", 30.0)
+        response, _ = await raw_exchange(running.port, upgrade_request())
+        assert response.status == 429
+        assert await readable(5.0)
+        queue.clear_wake()
+        assert not await readable(0.0)
+        assert not queue.park()  # the Attempt and Rejected are waiting: do not sleep
+        batch = queue.recv_batch(100, 0.0)
+        assert [type(r.event) for r in batch] == [ev.Attempt, ev.Rejected]
+        assert queue.park()
+        assert not await readable(0.05)  # the wake-up was read: readable again only at the next event
+        response, _ = await raw_exchange(running.port, upgrade_request())
+        assert await readable(5.0)
+        queue.clear_wake()
+        assert [type(r.event) for r in queue.recv_batch(100, 0.0)] == [ev.Attempt, ev.Rejected]
 
 
 async def test_max_connections_answers_503() -> None:

@@ -7,10 +7,11 @@ connection), its counters at scrape time, a reload and the drain on SIGTERM.
 
 `NativePlane` is the compiled listener of proxy/dataplane/native.py (Rust on
 tokio): it admits from the enforcement table and reports what happened as
-events. A thread drains them (the GIL released while it waits) and posts each
-batch to the event loop, at most one batch in flight (the Rust queue is the
-bound), where `NativeDriver` (proxy/brain.py) feeds them to the engine and
-writes the table (docs/architecture.md, "The boundary"). The asyncio data
+events. The event loop takes them off the queue in batches (a look never
+waits; when the queue is empty the loop sleeps in its own poll, the GIL
+released, until the queue's wake-up descriptor turns readable), where
+`NativeDriver` (proxy/brain.py) feeds them to the engine and writes the table
+(docs/architecture.md, "The boundary"); the Rust queue is the bound. The asyncio data
 plane it replaced was deleted once every black-box suite passed on this one
 (issue 16).
 """
@@ -47,7 +48,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("loopwatch")
 
 BATCH = 1024  # events per batch at most
-DRAIN_TIMEOUT = 0.1  # seconds the draining thread waits for a first event
+# How the loop takes events off the queue (a look never waits). After a batch
+# of at least BUSY events it looks again TICK later: the events of that stretch
+# make the next batch (one look, one driver pass and one table flush for all
+# of them); after a smaller batch, QUICK_TICK later (a quiet stream's events
+# reach the engine and the metrics within a millisecond, as they did from the
+# draining thread); at once after a full batch (more are waiting). A look that
+# finds the queue empty parks it: the loop sleeps until the next event makes
+# the queue's wake-up descriptor readable, and takes it at once; with no
+# traffic the queue wakes nobody.
+BUSY = 16
+TICK = 0.005
+QUICK_TICK = 0.001
+TRIM_POLL = 0.1  # seconds between the trimming thread's looks at the live relays
 # After lost events, attempts whose end was lost are forgotten once older than
 # this many handshake timeouts (no handshake can still be in progress).
 _LOST_AGE = 2.0
@@ -149,17 +162,18 @@ class NativePlane:
         self._upstream_ssl = client_ssl_context(tls.verify, tls.ca_file)
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._next: asyncio.Handle | None = None  # the next look at the queue (None: parked)
+        self._wake_fd: int | None = None
         self._thread: threading.Thread | None = None
-        self._stop_draining = threading.Event()
-        self._handled = threading.Event()
-        self._taken = 0  # events taken off the queue (by the draining thread) …
-        self._fed = 0  # … and handled on the event loop
+        self._stop_trimming = threading.Event()
+        self._taken = 0  # events taken off the queue …
+        self._fed = 0  # … and handled
         self._dropped_logged = 0  # events_dropped at the last log line
         self._port = 0
         self._last_live: dict[int, LiveConnection] = {}  # live(): the counts seen last
         # The memory of closed connections back to the system after a burst of
         # closes (proxy/dataplane/trim.py): malloc_trim
-        # trims the runtime threads' arenas too. Polled by the draining thread,
+        # trims the runtime threads' arenas too. Polled by a thread of its own,
         # off the loop, which may be busy with the closes' events for seconds.
         self.trimmer = ClockTrimmer()
 
@@ -190,7 +204,10 @@ class NativePlane:
         )  # fmt: skip
         self._port = self.listener.port
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._drain, name="loopwatch-events", daemon=True)
+        self._wake_fd = self.queue.wake_fd()
+        self._loop.add_reader(self._wake_fd, self._on_wake)
+        self._next = self._loop.call_soon(self._poll)
+        self._thread = threading.Thread(target=self._trim, name="loopwatch-trim", daemon=True)
         self._thread.start()
 
     async def shutdown(self) -> None:
@@ -199,7 +216,14 @@ class NativePlane:
             dropped = await asyncio.to_thread(self.listener.stop)
             if dropped:
                 event(log, "shutdown_dropped", logging.WARNING, connections=dropped)
-        self._stop_draining.set()  # the thread ends once the queue is empty
+        if self._next is not None:
+            self._next.cancel()
+            self._next = None
+        if self._wake_fd is not None and self._loop is not None:
+            self._loop.remove_reader(self._wake_fd)
+        while self._take():  # every event reaches the brain
+            pass
+        self._stop_trimming.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 5.0)
 
@@ -232,35 +256,47 @@ class NativePlane:
 
     # --- the event queue ---------------------------------------------------------------------
 
-    def _drain(self) -> None:
-        """The draining thread: a batch at a time, handled on the event loop."""
-        loop = self._loop
-        assert loop is not None
-        while True:
-            batch = self.queue.recv_batch(BATCH, DRAIN_TIMEOUT)
-            self._poll_trim()
-            if not batch:
-                if self._stop_draining.is_set():
-                    return
-                continue
-            self._handled.clear()
-            self._taken += len(batch)
-            try:
-                loop.call_soon_threadsafe(self._on_batch, batch)
-            except RuntimeError:  # the loop is closed: nobody left to tell
-                return
-            while not self._handled.wait(DRAIN_TIMEOUT):
-                self._poll_trim()
-                if loop.is_closed():
-                    return
+    def _poll(self) -> None:
+        """On the event loop: take what is queued and hand it to the brain; look
+        again TICK later, or park until the next event (see TICK)."""
+        self._next = None
+        taken = 0
+        try:
+            taken = self._take()
+        finally:  # (a failed batch is logged by _on_batch; the looks go on)
+            loop = self._loop
+            assert loop is not None
+            if taken >= BATCH:
+                self._next = loop.call_soon(self._poll)
+            elif taken:
+                self._next = loop.call_later(TICK if taken >= BUSY else QUICK_TICK, self._poll)
+            elif not self.queue.park():  # events came meanwhile
+                self._next = loop.call_soon(self._poll)
 
-    def _poll_trim(self) -> None:
-        """On the draining thread, every DRAIN_TIMEOUT at most: the trimming policy
-        with the listener's live relays (its counters: current even when the
-        loop is behind with the events)."""
-        listener = self.listener
-        if listener is not None and not self._closing:
-            self.trimmer.poll(listener.stats().relays, time.monotonic())
+    def _on_wake(self) -> None:
+        """The wake-up descriptor is readable: an event came while parked. (A
+        readiness the loop saw before the last look may call this once more for
+        nothing: it looks, finds the queue empty and parks again.)"""
+        self.queue.clear_wake()
+        if self._next is None:
+            self._poll()
+
+    def _take(self) -> int:
+        """One batch off the queue (never waits), handled; how many events."""
+        batch = self.queue.recv_batch(BATCH, 0.0)
+        if batch:
+            self._taken += len(batch)
+            self._on_batch(batch)
+        return len(batch)
+
+    def _trim(self) -> None:
+        """The trimming thread: every TRIM_POLL, the trimming policy with the
+        listener's live relays (its counters: current even when the loop is
+        behind with the events)."""
+        while not self._stop_trimming.wait(TRIM_POLL):
+            listener = self.listener
+            if listener is not None and not self._closing:
+                self.trimmer.poll(listener.stats().relays, time.monotonic())
 
     def _on_batch(self, batch: list[Received]) -> None:
         from ..dataplane.native import RequestRejected
@@ -282,7 +318,6 @@ class NativePlane:
             log.exception("native data plane: handling a batch of %d events failed", len(batch))
         finally:
             self._fed += len(batch)
-            self._handled.set()
 
     def _check_drops(self) -> None:
         """One log line per burst of lost events; forget the attempts they ended."""

@@ -7,7 +7,8 @@ own types:
 
 * `EventQueue.recv_batch` drains the connection events in batches (waiting
   with the GIL released; call it from a thread of its own, or with
-  `asyncio.to_thread`, never on the event loop) and returns them as the
+  `asyncio.to_thread`; on the event loop only with no wait, parking on
+  `wake_fd` when the queue is empty) and returns them as the
   detectors' event dataclasses (detectors/events.py), a Closed with what
   crossed the connection, and the `request_rejected` log lines the listener
   sends (a `RequestRejected`: already rate-limited, one per reason every 10 s
@@ -149,6 +150,22 @@ class EventQueue:
         """Up to `max_events` events: waits at most `timeout` seconds for the first
         (GIL released), then takes what is queued; [] on timeout."""
         return [_received(r) for r in self.raw.recv_batch(max_events, timeout)]
+
+    def wake_fd(self) -> int:
+        """The descriptor a consumer sleeping in its own poll (an event loop's
+        `add_reader`) watches while parked; it lives as long as the queue (never
+        close it). OSError when the socket pair cannot be made."""
+        return self.raw.wake_fd()
+
+    def park(self) -> bool:
+        """Before sleeping until `wake_fd` is readable: True when the queue is
+        still empty (the next event makes it readable, once); False when events
+        came meanwhile (take them), or before any `wake_fd()`."""
+        return self.raw.park()
+
+    def clear_wake(self) -> None:
+        """Read what made `wake_fd` readable (readable again at the next wake-up)."""
+        self.raw.clear_wake()
 
     @property
     def dropped(self) -> int:

@@ -10,7 +10,7 @@ sockets' state and buffers are malloc'd on those threads).
 The policy: trim when the number of live connections fell by TRIM_DROP from
 its peak since the last trim, TRIM_DELAY after (so a burst of closes is trimmed
 once), never during steady churn. None off glibc. `ClockTrimmer` is the policy,
-polled with a clock (the native plane's draining thread: the brain's loop may
+polled with a clock (the native plane's trimming thread: the brain's loop may
 be busy with the closes' events for seconds, while the runtime freed the memory
 at once); `Trimmer` runs it on an event loop (the Python plane, where the closes
 happen).

@@ -9,9 +9,12 @@
 //!
 //! The queue never makes traffic wait: producers (tokio tasks) only
 //! `try_send`, and an event that finds the queue full is dropped and counted.
-//! The brain drains it in batches with [`EventReceiver::recv_batch`], from a
-//! thread of its own with the GIL released, and reads the drop count at scrape
-//! time (and logs once per burst of drops with [`EventSender::drops`]).
+//! The brain drains it in batches ([`EventReceiver::try_batch`] from its
+//! event loop, or [`EventReceiver::recv_batch`] from a thread of its own with
+//! the GIL released), and reads the drop count at scrape time (and logs once
+//! per burst of drops with [`EventSender::drops`]). A consumer that sleeps in
+//! a poll of its own parks ([`EventReceiver::park`]) when it finds the queue
+//! empty; the next event makes [`EventReceiver::wake_fd`] readable.
 //!
 //! Besides the attempts' events, the queue carries the `request_rejected`
 //! log lines of the requests loopwatch answered itself
@@ -21,8 +24,11 @@
 //! atomic) puts a handful of lines in the queue, never enough to crowd out
 //! the engine's events.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
@@ -370,11 +376,46 @@ impl Drops {
     }
 }
 
+/// How a consumer that sleeps in a poll of its own (the brain's event loop)
+/// learns that events came: once it found the queue empty it parks, and the
+/// first event sent after that writes one byte to a socket pair whose read end
+/// it watches. Producers pay an atomic load per event and a non-blocking write
+/// per wake-up (a full socket buffer means one is pending): never a wait.
+#[derive(Debug)]
+struct Wake {
+    parked: AtomicBool,
+    writer: UnixStream,
+    reader: UnixStream,
+}
+
+impl Wake {
+    fn new() -> io::Result<Wake> {
+        let (writer, reader) = UnixStream::pair()?;
+        writer.set_nonblocking(true)?;
+        reader.set_nonblocking(true)?;
+        Ok(Wake {
+            parked: AtomicBool::new(false),
+            writer,
+            reader,
+        })
+    }
+
+    /// After an event was queued. The fence pairs with `park`'s: either this
+    /// sees the consumer parked, or the consumer sees the event.
+    fn notify(&self) {
+        fence(Ordering::SeqCst);
+        if self.parked.load(Ordering::Relaxed) && self.parked.swap(false, Ordering::SeqCst) {
+            let _ = (&self.writer).write(&[1]);
+        }
+    }
+}
+
 /// The producer side: cheap to clone, one per data-plane task.
 #[derive(Debug, Clone)]
 pub struct EventSender {
     tx: Sender<Event>,
     drops: Arc<Drops>,
+    wake: Arc<OnceLock<Wake>>,
 }
 
 impl EventSender {
@@ -382,7 +423,12 @@ impl EventSender {
     /// queue is full or the brain is gone.
     pub fn send(&self, event: Event) -> bool {
         match self.tx.try_send(event) {
-            Ok(()) => true,
+            Ok(()) => {
+                if let Some(wake) = self.wake.get() {
+                    wake.notify();
+                }
+                true
+            }
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 self.drops.total.fetch_add(1, Ordering::Relaxed);
                 false
@@ -395,11 +441,12 @@ impl EventSender {
     }
 }
 
-/// The consumer side, owned by the brain's draining thread.
+/// The consumer side, owned by the brain.
 #[derive(Debug)]
 pub struct EventReceiver {
     rx: Receiver<Event>,
     drops: Arc<Drops>,
+    wake: Arc<OnceLock<Wake>>,
 }
 
 impl EventReceiver {
@@ -426,6 +473,40 @@ impl EventReceiver {
         self.rx.try_iter().take(max).collect()
     }
 
+    /// The descriptor to watch for readability while parked (the read end of
+    /// a socket pair, made at the first call; it lives as long as the queue).
+    pub fn wake_fd(&self) -> io::Result<RawFd> {
+        if self.wake.get().is_none() {
+            let _ = self.wake.set(Wake::new()?); // one consumer: nobody else sets it
+        }
+        Ok(self.wake.get().map_or(-1, |wake| wake.reader.as_raw_fd()))
+    }
+
+    /// Before the consumer sleeps until `wake_fd` is readable: true when the
+    /// queue is still empty (the next event wakes it); false when events came
+    /// meanwhile (take them; do not sleep), or before any `wake_fd`.
+    pub fn park(&self) -> bool {
+        let Some(wake) = self.wake.get() else {
+            return false;
+        };
+        wake.parked.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        if self.rx.is_empty() {
+            return true;
+        }
+        wake.parked.store(false, Ordering::SeqCst);
+        false
+    }
+
+    /// Read the wake-up bytes written so far (after `wake_fd` turned readable),
+    /// so that it is readable again only at the next wake-up.
+    pub fn clear_wake(&self) {
+        if let Some(wake) = self.wake.get() {
+            let mut buf = [0u8; 64];
+            while matches!((&wake.reader).read(&mut buf), Ok(n) if n > 0) {}
+        }
+    }
+
     /// Events waiting now.
     pub fn len(&self) -> usize {
         self.rx.len()
@@ -444,12 +525,14 @@ impl EventReceiver {
 pub fn event_queue(capacity: usize) -> (EventSender, EventReceiver) {
     let (tx, rx) = crossbeam_channel::bounded(capacity.max(1));
     let drops = Arc::new(Drops::default());
+    let wake = Arc::new(OnceLock::new());
     (
         EventSender {
             tx,
             drops: Arc::clone(&drops),
+            wake: Arc::clone(&wake),
         },
-        EventReceiver { rx, drops },
+        EventReceiver { rx, drops, wake },
     )
 }
 
@@ -524,6 +607,35 @@ mod tests {
         assert_eq!(batch.len(), 3);
         // Every sender is gone and the queue is empty: no wait at all.
         assert!(rx.recv_batch(8, Duration::from_secs(60)).is_empty());
+    }
+
+    /// Takes the wake-up bytes written so far: whether there were any.
+    fn woken(rx: &EventReceiver) -> bool {
+        rx.wake_fd().unwrap();
+        let mut buf = [0u8; 64];
+        matches!((&rx.wake.get().unwrap().reader).read(&mut buf), Ok(n) if n > 0)
+    }
+
+    #[test]
+    fn a_parked_consumer_is_woken_once_by_the_next_event() {
+        let (tx, rx) = event_queue(8);
+        assert!(!rx.park(), "no wake-up to wait for before wake_fd");
+        rx.wake_fd().unwrap();
+        assert!(rx.park());
+        assert!(!woken(&rx));
+        assert!(tx.send(attempt(1)));
+        assert!(tx.send(attempt(2)));
+        assert!(woken(&rx), "the first event after park wakes");
+        assert!(!woken(&rx), "one wake-up per park");
+        assert!(!rx.park(), "events are waiting: do not sleep");
+        assert_eq!(rx.try_batch(8).len(), 2);
+        assert!(rx.park());
+        let producer = thread::spawn(move || assert!(tx.send(attempt(3))));
+        producer.join().unwrap();
+        rx.clear_wake();
+        assert!(!woken(&rx), "clear_wake read it");
+        assert_eq!(rx.try_batch(8).len(), 1);
+        assert!(rx.park());
     }
 
     #[test]

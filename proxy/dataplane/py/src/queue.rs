@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 
@@ -156,6 +156,27 @@ impl EventQueue {
             .into_iter()
             .map(|event| to_tuple(py, &self.clock, event))
             .collect()
+    }
+
+    /// The file descriptor to watch for readability while parked (made at the
+    /// first call; it lives as long as the queue: never close it).
+    fn wake_fd(&self) -> PyResult<i32> {
+        self.receiver
+            .wake_fd()
+            .map_err(|e| PyOSError::new_err(format!("event queue wake-up socket: {e}")))
+    }
+
+    /// Before sleeping until `wake_fd` is readable: True when the queue is
+    /// still empty (the next event makes it readable, once); False when events
+    /// came meanwhile (take them), or before any `wake_fd()`.
+    fn park(&self) -> bool {
+        self.receiver.park()
+    }
+
+    /// Read what made `wake_fd` readable, so that it is readable again only at
+    /// the next wake-up.
+    fn clear_wake(&self) {
+        self.receiver.clear_wake()
     }
 
     /// Events lost to a full queue since the start (a counter for /metrics).
