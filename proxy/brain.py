@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from ..detectors import events as ev
@@ -93,6 +93,10 @@ class EngineGate(Gate):
         self.state_store: StateStore = LocalState()
         self._wake: asyncio.TimerHandle | None = None
         self._wake_at: float | None = None
+        # Hands the engine the data plane's events still queued (set by the
+        # plane): a wake-up at `now` comes after every event that happened
+        # before it, as the engine's clock (and a replay) has it.
+        self.catch_up: Callable[[], None] | None = None
         self.set_holds(engine.policy)
 
     # --- the Gate interface ---------------------------------------------------
@@ -188,6 +192,11 @@ class EngineGate(Gate):
         self._wake = None
         self._wake_at = None
         now = time.monotonic()
+        if self.catch_up is not None:
+            # Events stamped before `now` wait in the queue for the next look:
+            # judged after a wake-up at `now`, an attempt would meet a cooldown
+            # ended later than it came (and a replay of the recording would not).
+            self.catch_up()
         self._apply(self.engine.wake(now), now)
         if self.table is not None:
             self.table.flush(now)
@@ -433,6 +442,9 @@ class NativeDriver:
         self.refused: dict[int, Connection] = {}  # refused by the table, until answered
         self.late: dict[int, Refusal] = {}  # admitted by the table, refused by the engine
         self.late_refusals = 0
+        # The highest connection id seen in an event (ids grow in accept order):
+        # a connection above it has not reached the brain yet.
+        self.last_conn_id = 0
         self.split_refusals = 0  # a Rejected in the batch after its Attempt's
         self.batches = 0
 
@@ -443,6 +455,8 @@ class NativeDriver:
         for r in batch:
             e = r.event
             cid = r.conn_id
+            if cid > self.last_conn_id:
+                self.last_conn_id = cid
             if isinstance(e, ev.Attempt):
                 conn = Connection(
                     key=e.key, route=e.route, peer=e.addr, t0=e.t, conn_id=cid, plane_trace=r.trace,

@@ -321,8 +321,10 @@ async def test_live_counts_last_until_the_brain_judged_the_close() -> None:
     def live() -> list[RelayStats]:
         return [stats for _, stats in plane.live()]
 
-    plane.driver.handle([Received(ev.Attempt(key, "/", 1.0, key), conn_id=7), Received(ev.Opened(key, "/", 1.0, 7), conn_id=7)])
+    # Relayed before the brain heard of it (its events still queued): counted.
     listener.conns = [LiveConnection(7, "/", so_far)]
+    assert live() == [so_far]
+    plane.driver.handle([Received(ev.Attempt(key, "/", 1.0, key), conn_id=7), Received(ev.Opened(key, "/", 1.0, 7), conn_id=7)])
     assert live() == [so_far]
     listener.conns = []  # the listener dropped it; its Closed is not judged yet
     assert live() == [so_far]

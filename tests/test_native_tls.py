@@ -223,6 +223,10 @@ async def test_a_stalled_tls_handshake_is_cut_at_the_handshake_timeout(local_cer
             assert await read_until_eof(reader) == b""
         finally:
             writer.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5  # counted as its task ends, just after the EOF
+        while running.listener.stats().tls_failed["timeout"] == 0 and loop.time() < deadline:
+            await asyncio.sleep(0.02)
         stats = running.listener.stats()
     assert stats.tls_failed == {"error": 0, "timeout": 1, "not_tls": 0}
     assert stats.active == 0

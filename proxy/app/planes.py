@@ -155,6 +155,7 @@ class NativePlane:
         if isinstance(gate, EngineGate):
             gate.table = TableSync(gate.engine, self.table)
             gate.table.configure(settings.policy, gate.holds, time.monotonic())
+            gate.catch_up = self._catch_up
         self.driver = NativeDriver(gate, self)
         # For the health checks of wss:// upstreams (the listener has its own
         # verifier, built from the same upstream_tls settings).
@@ -281,6 +282,12 @@ class NativePlane:
         if self._next is None:
             self._poll()
 
+    def _catch_up(self) -> None:
+        """Everything queued, handled now (before an engine wake-up)."""
+        if self._loop is not None:
+            while self._take() >= BATCH:
+                pass
+
     def _take(self) -> int:
         """One batch off the queue (never waits), handled; how many events."""
         batch = self.queue.recv_batch(BATCH, 0.0)
@@ -356,16 +363,20 @@ class NativePlane:
         bytes counters) never counts a connection twice nor goes down. The
         listener drops a connection just after sending its Closed: in between,
         its last counts seen here stand in."""
-        open_now = self.driver.conns
+        driver = self.driver
+
+        def judged_over(cid: int) -> bool:  # the brain saw it, and it is not open any more
+            return cid <= driver.last_conn_id and cid not in driver.conns
+
         current = {
             c.conn_id: c
             for c in (self.listener.live() if self.listener is not None else ())
-            if c.conn_id in open_now
+            if not judged_over(c.conn_id)
         }
         for cid, c in self._last_live.items():
-            if cid not in current and cid in open_now:
+            if cid not in current and not judged_over(cid):
                 current[cid] = c
-        self._last_live = current  # bounded: a subset of the driver's open attempts
+        self._last_live = current  # bounded: the listener's, and those the brain holds open
         for c in current.values():
             yield c.route, c.stats
 
