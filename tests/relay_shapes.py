@@ -1,12 +1,9 @@
-"""Relay fidelity shapes shared by both data planes' tests.
+"""Relay fidelity shapes, run by tests/test_fidelity.py through `loopwatch run`.
 
-tests/test_fidelity.py runs them through the Python data plane (`loopwatch`
-in the test process), tests/test_native_relay.py through the native listener
-(proxy/dataplane/native.py). Each shape drives a proxy at a port or URL in
-front of a backend from here (raw sockets with hand-built frames from
-tests/wsraw.py, the `websockets` library, aiohttp's server) and asserts what
-arrives at each end; the caller adds what its data plane records about the
-connection (the Python relay's gate and state, the native listener's events).
+Each shape drives a proxy at a port or URL in front of a backend from here
+(raw sockets with hand-built frames from tests/wsraw.py, the `websockets`
+library, aiohttp's server) and asserts what arrives at each end; the caller
+adds what loopwatch records about the connection.
 """
 
 from __future__ import annotations

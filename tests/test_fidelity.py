@@ -58,8 +58,7 @@ class RecordingGate(Gate):
 
 
 # ---------------------------------------------------------------------------
-# 1. Byte exactness with hand-crafted frames (tests/relay_shapes.py, shared
-# with the native data plane's tests/test_native_relay.py).
+# 1. Byte exactness with hand-crafted frames (tests/relay_shapes.py).
 
 
 @pytest.mark.parametrize("how", ["whole", "frames", "split"])

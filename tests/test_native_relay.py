@@ -1,6 +1,7 @@
-"""The native listener (proxy/dataplane/py, issue 16) as a WebSocket proxy:
-what goes in one end comes out of the other, closes are passed on or made as
-docs/relay.md says, and stop() ends every connection with 1001 on both legs.
+"""The native listener (proxy/dataplane/py, issue 16) alone, as a WebSocket
+proxy: the upgrade as sent, protocol errors passed on, closes made as
+docs/relay.md says, the brain's commands, and stop() ending every connection
+with 1001 on both legs.
 
 Black-box: the listener runs on its own tokio threads in this process, in
 front of independent peers (the `websockets` library, and raw sockets with
@@ -32,7 +33,7 @@ from loopwatch.proxy.dataplane.native import (
 )
 from loopwatch.proxy.dataplane.settings import IdentitySettings, Limits
 from tests import relay_shapes as shapes
-from tests.conftest import wait_for, websockets_backend
+from tests.conftest import wait_for
 from tests.wsraw import (
     BINARY,
     CLOSE,
@@ -157,103 +158,9 @@ def client(running: Native, path: str = "/", **kwargs: Any) -> connect:
 
 
 # ---------------------------------------------------------------------------
-
-
-# The shapes tests/test_fidelity.py runs through the Python data plane
-# (tests/relay_shapes.py), plus what the native listener's events record.
-
-
-@pytest.mark.parametrize("compression", ["deflate", None], ids=["deflate", "plain"])
-@pytest.mark.parametrize("kind", list(shapes.BACKENDS))
-async def test_messages_echo_unchanged(kind: str, compression: str | None) -> None:
-    async with shapes.BACKENDS[kind]() as backend, native(backend.url) as running:
-        await shapes.messages_echo_unchanged(running.url("/room?id=1"), backend, compression, kind)
-        events = await running.events(closed_count(1))
-    closed = of_type(events, ev.Closed)[0]
-    assert (closed.code, closed.reason, closed.initiator) == (1000, "", "client")
-    traffic = next(r.traffic for r in running.received if r.traffic is not None)
-    # The messages, plus "ping me" and its answer "pong received".
-    extra = 1 if kind == "websockets" else 0
-    assert (traffic.messages_in, traffic.messages_out) == (len(shapes.MESSAGES) + extra,) * 2
-    if compression is None:
-        sizes = shapes.payload_bytes(shapes.MESSAGES.values())
-        assert traffic.bytes_in == sizes + extra * len("ping me")
-        assert traffic.bytes_out == sizes + extra * len("pong received")
-
-
-async def test_ten_thousand_messages_in_order() -> None:
-    async with echo_server() as backend, native(backend.url) as running:
-        await shapes.ten_thousand_messages_in_order(running.url())
-        await running.events(closed_count(1))
-    traffic = next(r.traffic for r in running.received if r.traffic is not None)
-    assert (traffic.messages_in, traffic.messages_out) == (shapes.TEN_THOUSAND, shapes.TEN_THOUSAND)
-
-
-@pytest.mark.parametrize("initiator", ["client", "backend"])
-@pytest.mark.parametrize("kind", list(shapes.BACKENDS))
-async def test_close_codes_and_reasons_reach_the_far_end(kind: str, initiator: str) -> None:
-    async with shapes.BACKENDS[kind]() as backend, native(backend.url) as running:
-        await shapes.close_codes_and_reasons_reach_the_far_end(
-            running.url(), backend, initiator, shapes.CLOSE_CODES
-        )
-        n = len(shapes.CLOSE_CODES) * len(shapes.REASONS)
-        events = await running.events(closed_count(n), timeout=10)
-    who = "client" if initiator == "client" else "upstream"
-    seen = [(e.code, e.reason, e.initiator) for e in of_type(events, ev.Closed)]
-    assert sorted(seen) == sorted((c, r, who) for c in shapes.CLOSE_CODES for r in shapes.REASONS)
-
-
-@pytest.mark.parametrize("how", ["whole", "frames", "split"])
-async def test_hand_crafted_frames_arrive_byte_for_byte(how: str) -> None:
-    """Fragments, pings, pongs, 7/16/64-bit lengths, compressed (RSV1) frames."""
-    async with raw_backend(extensions=b"permessage-deflate") as backend, native(backend.url) as running:
-        await shapes.hand_crafted_frames_arrive_byte_for_byte(running.port, backend, how)
-        events = await running.events(closed_count(1))
-    closed = of_type(events, ev.Closed)[0]
-    assert (closed.code, closed.reason, closed.initiator) == (4001, "bye ✓", "client")
-    traffic = next(r.traffic for r in running.received if r.traffic is not None)
-    assert (traffic.messages_in, traffic.messages_out) == (7, 7)
-
-
-async def test_header_split_at_every_offset() -> None:
-    async with raw_backend() as backend, native(backend.url) as running:
-        await shapes.header_split_at_every_offset(running.port, backend)
-        await running.events(closed_count(1))
-
-
-async def test_frames_sent_together_with_the_handshake_are_kept() -> None:
-    async with raw_backend(greeting=shapes.GREETING) as backend, native(backend.url) as running:
-        await shapes.frames_sent_with_the_handshake_are_kept(running.port, backend)
-        await running.events(closed_count(1))
-
-
-def test_any_message_sequence_arrives_identical_and_in_order() -> None:
-    loop = asyncio.new_event_loop()
-    received: dict[str, list[str | bytes]] = {}
-    stack = contextlib.AsyncExitStack()
-    try:
-        url, _ = loop.run_until_complete(stack.enter_async_context(websockets_backend(shapes.recorder(received))))
-        with native_in_thread(url) as listener:
-            shapes.any_message_sequence_arrives_identical_and_in_order(
-                loop, lambda path: f"ws://127.0.0.1:{listener.port}{path}", received
-            )
-    finally:
-        loop.run_until_complete(stack.aclose())
-        loop.close()
-
-
-def test_frames_cut_anywhere_arrive_byte_for_byte() -> None:
-    loop = asyncio.new_event_loop()
-    stack = contextlib.AsyncExitStack()
-    try:
-        backend = loop.run_until_complete(
-            stack.enter_async_context(raw_backend(extensions=b"permessage-deflate"))
-        )
-        with native_in_thread(backend.url) as listener:
-            shapes.frames_cut_anywhere_arrive_byte_for_byte(loop, listener.port, backend)
-    finally:
-        loop.run_until_complete(stack.aclose())
-        loop.close()
+# The listener alone: what its events record and how it closes. The relay
+# fidelity shapes (tests/relay_shapes.py) run through `loopwatch run` in
+# tests/test_fidelity.py.
 
 
 async def test_the_upgrade_goes_upstream_with_forwarding_headers_and_the_101_comes_back_as_sent() -> None:
@@ -372,39 +279,6 @@ async def test_an_upstream_protocol_error_is_passed_on_for_the_client_to_answer(
     assert (closed.code, closed.reason, closed.initiator) == (1002, "masked server frame", "client")
 
 
-async def test_a_message_over_the_limit_is_refused_with_1009() -> None:
-    async with echo_server() as backend, native(backend.url, max_message_size=1000) as running:
-        async with client(running, compression=None) as ws:
-            await ws.send("x" * 1000)
-            assert await ws.recv() == "x" * 1000
-            await ws.send("x" * 1001)
-            with pytest.raises(ConnectionClosed) as info:
-                await asyncio.wait_for(ws.recv(), 5)
-        assert info.value.rcvd is not None
-        assert (info.value.rcvd.code, info.value.rcvd.reason) == (
-            1009,
-            "loopwatch: message larger than 1000 bytes",
-        )
-        assert await asyncio.wait_for(backend.closes.get(), 5) == (
-            1009,
-            "loopwatch: message larger than 1000 bytes",
-        )
-
-
-async def test_upstream_lost_gives_the_client_1014() -> None:
-    async with raw_backend() as backend, native(backend.url) as running:
-        raw = await RawClient.connect(running.port)
-        conn = await backend.accept()
-        conn.writer.transport.abort()
-        down = await raw.read_frame()
-        assert down.close == (1014, "loopwatch: upstream connection lost")
-        await raw.send(frame(CLOSE, close_payload(1014), mask=b"abcd"))
-        assert await raw.read_to_eof() == b""
-        events = await running.events(closed_count(1))
-    closed = of_type(events, ev.Closed)[0]
-    assert (closed.code, closed.initiator) == (1006, "upstream")
-
-
 async def test_an_idle_connection_is_closed_with_1001() -> None:
     async with echo_server() as backend, native(backend.url, idle_timeout=0.3) as running:
         async with client(running) as ws:
@@ -495,24 +369,6 @@ async def test_counters_answer_while_a_stop_waits_out_its_grace() -> None:
         assert running.listener.stats().relays == 0
         raw.abort()
         conn.writer.transport.abort()
-
-
-async def test_close_then_half_close_from_the_client() -> None:
-    async with raw_backend(close_on_eof=False) as backend, native(backend.url) as running:
-        await shapes.close_then_half_close_from_the_client(running.port, backend)
-        events = await running.events(closed_count(1))
-    closed = of_type(events, ev.Closed)[0]
-    assert (closed.code, closed.reason, closed.initiator) == (1000, "done", "client")
-
-
-async def test_frames_close_and_eof_before_the_101_reach_the_backend() -> None:
-    async with raw_backend(greeting=shapes.GREETING, close_on_eof=False) as backend, native(
-        backend.url
-    ) as running:
-        await shapes.frames_close_and_eof_before_the_101_reach_the_backend(running.port, backend)
-        events = await running.events(closed_count(1))
-    closed = of_type(events, ev.Closed)[0]
-    assert (closed.code, closed.reason, closed.initiator) == (1000, "early", "client")
 
 
 # --- the brain's commands on live connections ----------------------------------------
