@@ -520,6 +520,22 @@ mod tests {
         }
     }
 
+    /// A key whose min-interval lets it in again at `not_before`.
+    fn waiting(not_before: Instant) -> KeyEntry {
+        KeyEntry {
+            not_before: Some(not_before),
+            ..KeyEntry::default()
+        }
+    }
+
+    /// A key at its max-concurrent.
+    fn at_capacity() -> KeyEntry {
+        KeyEntry {
+            at_capacity: true,
+            ..KeyEntry::default()
+        }
+    }
+
     fn refusal(a: Admission) -> Refusal {
         match a {
             Admission::Refuse(r) => r,
@@ -569,20 +585,9 @@ mod tests {
     fn min_interval_and_max_concurrent() {
         let now = Instant::now();
         let mut s = Snapshot::default();
-        s.keys.insert(
-            "a".into(),
-            KeyEntry {
-                not_before: Some(now + Duration::from_millis(700)),
-                ..KeyEntry::default()
-            },
-        );
-        s.keys.insert(
-            "b".into(),
-            KeyEntry {
-                at_capacity: true,
-                ..KeyEntry::default()
-            },
-        );
+        s.keys
+            .insert("a".into(), waiting(now + Duration::from_millis(700)));
+        s.keys.insert("b".into(), at_capacity());
         let r = refusal(s.admission("a", None, now));
         assert_eq!(
             (r.reason, r.retry_after),
@@ -790,20 +795,9 @@ mod tests {
             .as_mut()
             .unwrap()
             .hold = None;
-        s.keys.insert(
-            "soon".into(),
-            KeyEntry {
-                not_before: Some(now + Duration::from_millis(700)),
-                ..KeyEntry::default()
-            },
-        );
-        s.keys.insert(
-            "full".into(),
-            KeyEntry {
-                at_capacity: true,
-                ..KeyEntry::default()
-            },
-        );
+        s.keys
+            .insert("soon".into(), waiting(now + Duration::from_millis(700)));
+        s.keys.insert("full".into(), at_capacity());
         let held = |s: &Snapshot, key: &str| {
             let r = refusal(s.admission(key, None, now));
             (r.reason, r.hold)

@@ -4,30 +4,17 @@
 //! as native.py configures the listener, at the vectors' clock. Every case
 //! must give the same answer.
 
+mod common;
+
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::path::PathBuf;
 
 use loopwatch_dataplane_core::head::{parse_head, HeadLimits, HeadStatus};
 use loopwatch_dataplane_core::identity::jwt::JwtSpec;
 use loopwatch_dataplane_core::identity::{Identity, IdentitySpec};
 use serde_json::Value;
 
-fn load() -> Value {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../tests/vectors/identity.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).expect("valid JSON")
-}
-
-fn latin1(value: &Value) -> Vec<u8> {
-    value
-        .as_str()
-        .expect("a string")
-        .chars()
-        .map(|c| u8::try_from(u32::from(c)).expect("a latin-1 code point"))
-        .collect()
-}
+use common::{latin1, latin1_opt, load};
 
 fn strings(value: &Value) -> Vec<String> {
     value
@@ -51,10 +38,9 @@ fn spec(native: &Value) -> IdentitySpec {
             subprotocol: native["subprotocol"].as_bool().unwrap(),
             verify: native["verify"].as_bool().unwrap(),
             algorithms: strings(&native["algorithms"]),
-            secret: (!native["secret"].is_null()).then(|| latin1(&native["secret"])),
+            secret: latin1_opt(&native["secret"]),
             secret_refused: native["secret_refused"].as_bool().unwrap(),
-            public_key_pem: (!native["public_key_pem"].is_null())
-                .then(|| latin1(&native["public_key_pem"])),
+            public_key_pem: latin1_opt(&native["public_key_pem"]),
             audience: (!native["audience"].is_null()).then(|| strings(&native["audience"])),
             issuer: native["issuer"].as_str().map(str::to_owned),
             leeway: native["leeway"].as_f64().unwrap(),
@@ -64,7 +50,7 @@ fn spec(native: &Value) -> IdentitySpec {
 
 #[test]
 fn identity_vectors_give_pythons_answers() {
-    let vectors = load();
+    let vectors = load("identity.json");
     let now = vectors["now"].as_f64().expect("now");
     let configs: HashMap<&str, Identity> = vectors["configs"]
         .as_object()

@@ -3,7 +3,7 @@
 //! when it was deleted) replayed through this crate. Every case must give the
 //! recorded answer.
 
-use std::path::PathBuf;
+mod common;
 
 use loopwatch_dataplane_core::frames::{
     build_close_frame, unmask, FrameWatcher, Side, WatcherConfig,
@@ -13,27 +13,7 @@ use loopwatch_dataplane_core::head::{
 };
 use serde_json::Value;
 
-fn load(name: &str) -> Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../tests/vectors")
-        .join(name);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).expect("valid JSON")
-}
-
-/// Bytes stored as a string of latin-1 code points.
-fn latin1(value: &Value) -> Vec<u8> {
-    value
-        .as_str()
-        .expect("a string")
-        .chars()
-        .map(|c| u8::try_from(u32::from(c)).expect("a latin-1 code point"))
-        .collect()
-}
-
-fn latin1_opt(value: &Value) -> Option<Vec<u8>> {
-    (!value.is_null()).then(|| latin1(value))
-}
+use common::{latin1, latin1_opt, load};
 
 fn hex(text: &str) -> Vec<u8> {
     (0..text.len())

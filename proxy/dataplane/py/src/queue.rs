@@ -210,35 +210,32 @@ impl EventQueue {
     }
 }
 
+/// A Python tuple of the given values, each converted with `into_pyobject`
+/// (`?` on a failed conversion): `py_tuple!(py, a, b)`.
+/// Every value is an expression taken whole (`&*key` converts the `str`).
+macro_rules! py_tuple {
+    ($py:expr, $($value:expr),+ $(,)?) => {
+        PyTuple::new($py, [$($value.into_pyobject($py)?.into_any()),+])
+    };
+}
+
 /// An Attempt's trace (`native._trace`): (trace id, span id, flags, the
 /// parent's span id or None, the parent's flags, tracestate, path, authority,
 /// user agent).
 fn trace_tuple<'py>(py: Python<'py>, trace: &AttemptTrace) -> PyResult<Bound<'py, PyTuple>> {
     let context = &trace.context;
     let parent = context.parent.as_ref();
-    PyTuple::new(
+    py_tuple!(
         py,
-        [
-            context.trace_id.into_pyobject(py)?.into_any(),
-            context.span_id.into_pyobject(py)?.into_any(),
-            context.flags.into_pyobject(py)?.into_any(),
-            parent.map(|p| p.span_id).into_pyobject(py)?.into_any(),
-            parent.map_or(0, |p| p.flags).into_pyobject(py)?.into_any(),
-            trace.tracestate.as_deref().into_pyobject(py)?.into_any(),
-            (&*trace.path).into_pyobject(py)?.into_any(),
-            trace
-                .authority
-                .as_deref()
-                .map(|a| PyBytes::new(py, a))
-                .into_pyobject(py)?
-                .into_any(),
-            trace
-                .user_agent
-                .as_deref()
-                .map(|a| PyBytes::new(py, a))
-                .into_pyobject(py)?
-                .into_any(),
-        ],
+        context.trace_id,
+        context.span_id,
+        context.flags,
+        parent.map(|p| p.span_id),
+        parent.map_or(0, |p| p.flags),
+        trace.tracestate.as_deref(),
+        &*trace.path,
+        trace.authority.as_deref().map(|a| PyBytes::new(py, a)),
+        trace.user_agent.as_deref().map(|a| PyBytes::new(py, a)),
     )
 }
 
@@ -251,20 +248,15 @@ fn to_tuple<'py>(py: Python<'py>, clock: &Clock, event: Event) -> PyResult<Bound
             addr,
             conn_id,
             trace,
-        } => PyTuple::new(
+        } => py_tuple!(
             py,
-            [
-                "attempt".into_pyobject(py)?.into_any(),
-                (&*key).into_pyobject(py)?.into_any(),
-                (&*route).into_pyobject(py)?.into_any(),
-                clock.seconds(at).into_pyobject(py)?.into_any(),
-                (&*addr).into_pyobject(py)?.into_any(),
-                conn_id.into_pyobject(py)?.into_any(),
-                match trace {
-                    Some(trace) => trace_tuple(py, &trace)?.into_any(),
-                    None => py.None().into_bound(py),
-                },
-            ],
+            "attempt",
+            &*key,
+            &*route,
+            clock.seconds(at),
+            &*addr,
+            conn_id,
+            trace.map(|trace| trace_tuple(py, &trace)).transpose()?,
         ),
         Event::Rejected {
             key,
@@ -272,32 +264,21 @@ fn to_tuple<'py>(py: Python<'py>, clock: &Clock, event: Event) -> PyResult<Bound
             at,
             reason,
             conn_id,
-        } => PyTuple::new(
+        } => py_tuple!(
             py,
-            [
-                "rejected".into_pyobject(py)?.into_any(),
-                (&*key).into_pyobject(py)?.into_any(),
-                (&*route).into_pyobject(py)?.into_any(),
-                clock.seconds(at).into_pyobject(py)?.into_any(),
-                reason.as_str().into_pyobject(py)?.into_any(),
-                conn_id.into_pyobject(py)?.into_any(),
-            ],
+            "rejected",
+            &*key,
+            &*route,
+            clock.seconds(at),
+            reason.as_str(),
+            conn_id,
         ),
         Event::Answered {
             key,
             route,
             at,
             conn_id,
-        } => PyTuple::new(
-            py,
-            [
-                "answered".into_pyobject(py)?.into_any(),
-                (&*key).into_pyobject(py)?.into_any(),
-                (&*route).into_pyobject(py)?.into_any(),
-                clock.seconds(at).into_pyobject(py)?.into_any(),
-                conn_id.into_pyobject(py)?.into_any(),
-            ],
-        ),
+        } => py_tuple!(py, "answered", &*key, &*route, clock.seconds(at), conn_id),
         Event::HandshakeFailed {
             key,
             route,
@@ -309,17 +290,15 @@ fn to_tuple<'py>(py: Python<'py>, clock: &Clock, event: Event) -> PyResult<Bound
                 HandshakeFailure::Status(status) => (Some(status), None),
                 HandshakeFailure::Error(error) => (None, Some(error.as_str())),
             };
-            PyTuple::new(
+            py_tuple!(
                 py,
-                [
-                    "handshake_failed".into_pyobject(py)?.into_any(),
-                    (&*key).into_pyobject(py)?.into_any(),
-                    (&*route).into_pyobject(py)?.into_any(),
-                    clock.seconds(at).into_pyobject(py)?.into_any(),
-                    status.into_pyobject(py)?.into_any(),
-                    error.into_pyobject(py)?.into_any(),
-                    conn_id.into_pyobject(py)?.into_any(),
-                ],
+                "handshake_failed",
+                &*key,
+                &*route,
+                clock.seconds(at),
+                status,
+                error,
+                conn_id,
             )
         }
         Event::Opened {
@@ -327,16 +306,7 @@ fn to_tuple<'py>(py: Python<'py>, clock: &Clock, event: Event) -> PyResult<Bound
             route,
             at,
             conn_id,
-        } => PyTuple::new(
-            py,
-            [
-                "opened".into_pyobject(py)?.into_any(),
-                (&*key).into_pyobject(py)?.into_any(),
-                (&*route).into_pyobject(py)?.into_any(),
-                clock.seconds(at).into_pyobject(py)?.into_any(),
-                conn_id.into_pyobject(py)?.into_any(),
-            ],
-        ),
+        } => py_tuple!(py, "opened", &*key, &*route, clock.seconds(at), conn_id),
         Event::Closed {
             key,
             route,
@@ -347,35 +317,31 @@ fn to_tuple<'py>(py: Python<'py>, clock: &Clock, event: Event) -> PyResult<Bound
             initiator,
             duration,
             traffic,
-        } => PyTuple::new(
+        } => py_tuple!(
             py,
-            [
-                "closed".into_pyobject(py)?.into_any(),
-                (&*key).into_pyobject(py)?.into_any(),
-                (&*route).into_pyobject(py)?.into_any(),
-                clock.seconds(at).into_pyobject(py)?.into_any(),
-                conn_id.into_pyobject(py)?.into_any(),
-                code.into_pyobject(py)?.into_any(),
-                (&*reason).into_pyobject(py)?.into_any(),
-                initiator.as_str().into_pyobject(py)?.into_any(),
-                duration.as_secs_f64().into_pyobject(py)?.into_any(),
-                traffic.messages_in.into_pyobject(py)?.into_any(),
-                traffic.messages_out.into_pyobject(py)?.into_any(),
-                traffic.bytes_in.into_pyobject(py)?.into_any(),
-                traffic.bytes_out.into_pyobject(py)?.into_any(),
-            ],
+            "closed",
+            &*key,
+            &*route,
+            clock.seconds(at),
+            conn_id,
+            code,
+            &*reason,
+            initiator.as_str(),
+            duration.as_secs_f64(),
+            traffic.messages_in,
+            traffic.messages_out,
+            traffic.bytes_in,
+            traffic.bytes_out,
         ),
-        Event::RequestRejected(line) => PyTuple::new(
+        Event::RequestRejected(line) => py_tuple!(
             py,
-            [
-                "request_rejected".into_pyobject(py)?.into_any(),
-                line.reason.into_pyobject(py)?.into_any(),
-                line.status.into_pyobject(py)?.into_any(),
-                (&*line.peer).into_pyobject(py)?.into_any(),
-                (&*line.message).into_pyobject(py)?.into_any(),
-                line.suppressed.into_pyobject(py)?.into_any(),
-                clock.seconds(line.at).into_pyobject(py)?.into_any(),
-            ],
+            "request_rejected",
+            line.reason,
+            line.status,
+            &*line.peer,
+            &*line.message,
+            line.suppressed,
+            clock.seconds(line.at),
         ),
     }
 }

@@ -87,7 +87,7 @@ impl UpstreamTls {
     /// `verify`: check the upstream's certificate chain and name against
     /// `ca_file`'s certificates, or the system's CA store without one (as
     /// `ssl.create_default_context(cafile=...)`: a `ca_file` replaces the
-    /// system store). `verify: false` checks nothing (see `Unverified`).
+    /// system store). `verify: false` checks nothing (see `Checked`).
     pub fn new(
         verify: bool,
         ca_file: Option<&str>,
@@ -108,7 +108,7 @@ impl UpstreamTls {
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("upstream_tls: {e}"))?
             .dangerous();
-        let builder = if verify {
+        let verified = if verify {
             let (roots, own) = match ca_file {
                 Some(path) => {
                     let certs = read_certificates("upstream_tls.ca_file", path)?;
@@ -125,16 +125,19 @@ impl UpstreamTls {
             let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
                 .map_err(|e| format!("upstream_tls: {e}"))?;
-            builder.with_custom_certificate_verifier(Arc::new(Verified {
-                webpki,
-                own,
-                algorithms,
-            }))
+            Some(Verified { webpki, own })
         } else {
-            builder.with_custom_certificate_verifier(Arc::new(Unverified { algorithms }))
+            None
         };
+        let verifier = Arc::new(Checked {
+            verified,
+            algorithms,
+        });
+        let config = builder
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth();
         Ok(UpstreamTls {
-            connector: TlsConnector::from(Arc::new(builder.with_no_client_auth())),
+            connector: TlsConnector::from(Arc::new(config)),
             server_name,
         })
     }
@@ -181,12 +184,16 @@ struct Verified {
     webpki: Arc<WebPkiServerVerifier>,
     /// The certificates of `ca_file` (none for the system store).
     own: Vec<CertificateDer<'static>>,
-    algorithms: WebPkiSupportedAlgorithms,
 }
 
 impl Verified {
+    fn is_own(&self, cert: &CertificateDer<'_>) -> bool {
+        self.own.iter().any(|c| c.as_ref() == cert.as_ref())
+    }
+
     fn trusted_as_itself(
         &self,
+        algorithms: &WebPkiSupportedAlgorithms,
         cert: &CertificateDer<'_>,
         server_name: &ServerName<'_>,
         now: UnixTime,
@@ -196,7 +203,7 @@ impl Verified {
         // Validity is checked before the CA flag: CaUsedAsEndEntity means the
         // certificate is well formed and valid now.
         match end_entity.verify_for_usage(
-            self.algorithms.all,
+            algorithms.all,
             &[anchor],
             &[],
             now,
@@ -211,7 +218,19 @@ impl Verified {
     }
 }
 
-impl ServerCertVerifier for Verified {
+/// The upstream verifier rustls calls: the certificate by `verified`; the
+/// handshake's own signature always against the certificate's key, as
+/// OpenSSL does.
+#[derive(Debug)]
+struct Checked {
+    /// None: `upstream_tls.verify: false`, any certificate for any name is
+    /// accepted, as Python's `CERT_NONE` without `check_hostname` (a
+    /// deliberate danger, docs/configuration.md).
+    verified: Option<Verified>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for Checked {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -220,63 +239,22 @@ impl ServerCertVerifier for Verified {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.webpki.verify_server_cert(
+        let Some(verified) = &self.verified else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match verified.webpki.verify_server_cert(
             end_entity,
             intermediates,
             server_name,
             ocsp_response,
             now,
         ) {
-            Err(error) if self.own.iter().any(|c| c.as_ref() == end_entity.as_ref()) => self
-                .trusted_as_itself(end_entity, server_name, now)
+            Err(error) if verified.is_own(end_entity) => verified
+                .trusted_as_itself(&self.algorithms, end_entity, server_name, now)
                 .map(|()| ServerCertVerified::assertion())
                 .map_err(|_| error),
             verdict => verdict,
         }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
-/// `upstream_tls.verify: false`: any certificate for any name is accepted,
-/// as Python's `CERT_NONE` without `check_hostname` (a deliberate danger,
-/// docs/configuration.md). The handshake's own signature is still checked
-/// against the certificate's key, as OpenSSL does.
-#[derive(Debug)]
-struct Unverified {
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for Unverified {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(

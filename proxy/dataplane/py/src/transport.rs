@@ -62,33 +62,29 @@ impl Transport for TcpStream {
     }
 }
 
-impl Transport for tokio_rustls::server::TlsStream<TcpStream> {
-    fn tcp(&self) -> &TcpStream {
-        self.get_ref().0
-    }
+/// TLS over TCP, either side: no half-close, close_notify on close.
+macro_rules! tls_transport {
+    ($($stream:ty),+) => {$(
+        impl Transport for $stream {
+            fn tcp(&self) -> &TcpStream {
+                self.get_ref().0
+            }
 
-    fn can_write_eof(&self) -> bool {
-        false
-    }
+            fn can_write_eof(&self) -> bool {
+                false
+            }
 
-    fn shuts_down_on_close(&self) -> bool {
-        true
-    }
+            fn shuts_down_on_close(&self) -> bool {
+                true
+            }
+        }
+    )+};
 }
 
-impl Transport for tokio_rustls::client::TlsStream<TcpStream> {
-    fn tcp(&self) -> &TcpStream {
-        self.get_ref().0
-    }
-
-    fn can_write_eof(&self) -> bool {
-        false
-    }
-
-    fn shuts_down_on_close(&self) -> bool {
-        true
-    }
-}
+tls_transport!(
+    tokio_rustls::server::TlsStream<TcpStream>,
+    tokio_rustls::client::TlsStream<TcpStream>
+);
 
 /// An upstream connection as [`connect_upstream`] opens it: plain for
 /// `ws://` and `http://` routes, TLS for `wss://` and `https://` (boxed: a

@@ -422,16 +422,12 @@ mod tests {
             TraceParent: 00-ffffffffffffffffffffffffffffffff-00f067aa0ba902b7-01\r\n\
             tracestate: vendor=abc\r\n\r\n";
         let head = parsed(raw);
-        let mine = b"00-4bf92f3577b34da6a3ce929d0e0e4736-1111111111111111-01";
-        let out = upstream_request_head(
-            &head,
-            b"/ws",
-            b"b",
-            "127.0.0.1",
-            "http",
-            Forwarded::WebSocket,
-            Some(mine),
-        );
+        let mine: &[u8] = b"00-4bf92f3577b34da6a3ce929d0e0e4736-1111111111111111-01";
+        let forward = |traceparent: Option<&[u8]>| {
+            let kind = Forwarded::WebSocket;
+            upstream_request_head(&head, b"/ws", b"b", "127.0.0.1", "http", kind, traceparent)
+        };
+        let out = forward(Some(mine));
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "GET /ws HTTP/1.1\r\nHost: b\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
@@ -441,16 +437,7 @@ mod tests {
              traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-1111111111111111-01\r\n\r\n"
         );
         // Without tracing, the client's pass as they came.
-        let out = upstream_request_head(
-            &head,
-            b"/ws",
-            b"b",
-            "127.0.0.1",
-            "http",
-            Forwarded::WebSocket,
-            None,
-        );
-        let text = String::from_utf8(out).unwrap();
+        let text = String::from_utf8(forward(None)).unwrap();
         assert!(text
             .contains("traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n"));
         assert!(text.contains("TraceParent: 00-ffff"));
