@@ -464,6 +464,7 @@ class NativeDriver:
         self.refused: dict[int, Connection] = {}  # refused by the table, until answered
         self.late: dict[int, Refusal] = {}  # admitted by the table, refused by the engine
         self.late_refusals = 0
+        self.rechecked = 0  # of late_refusals, those refused before the upstream (the recheck)
         # The highest connection id seen in an event (ids grow in accept order):
         # a connection above it has not reached the brain yet.
         self.last_conn_id = 0
@@ -504,6 +505,7 @@ class NativeDriver:
                     # it, and now refused it before its request reached the
                     # upstream. It awaits its held answer as refused.
                     self.late_refusals += 1
+                    self.rechecked += 1
                 else:
                     # The engine took it for admitted. Rare (the table's two
                     # sends are adjacent; a recheck refuses only what was written

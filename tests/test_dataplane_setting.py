@@ -378,7 +378,7 @@ async def test_a_late_refusal_caught_by_the_recheck_is_a_late_refusal() -> None:
     driver.handle([Received(ev.Attempt(key, "/", 1.0, key), conn_id=3)])
     assert 3 in driver.conns and 3 in driver.late
     driver.handle([Received(ev.Rejected(key, "/", 1.0, "cooldown"), conn_id=3)])
-    assert driver.late_refusals == 1 and driver.split_refusals == 0
+    assert driver.late_refusals == 1 and driver.rechecked == 1 and driver.split_refusals == 0
     assert 3 not in driver.conns and 3 not in driver.late and 3 in driver.refused
     driver.handle([Received(ev.Answered(key, "/", 2.0), conn_id=3)])
     assert not driver.refused
