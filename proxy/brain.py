@@ -265,6 +265,8 @@ class Table(Protocol):
 
     def remove_breaker(self, name: str) -> bool: ...
 
+    def set_judged(self, conn_id: int) -> None: ...
+
     def set_defaults(
         self,
         deny_retry_after: float = ...,
@@ -286,7 +288,14 @@ class TableSync:
     or other replica's batch, the keys touched since the last write are asked
     again (`Engine.enforcement`) and what changed is written; the breakers too
     (`Engine.breaker_enforcement`). `written` mirrors what the table holds, so
-    an unchanged key costs a comparison, not a write."""
+    an unchanged key costs a comparison, not a write.
+
+    `judged`: the highest connection id whose events the brain has handled
+    (NativeDriver sets it after each batch). Before the first write that
+    follows a rise of it, the table is told (`set_judged`): the listener's
+    recheck before the upstream write refuses an attempt only for what was
+    written before the brain judged it (a late refusal), never for what the
+    attempt's own admission started (its min-interval, a cooldown it raised)."""
 
     def __init__(self, engine: Engine, table: Table):
         self.engine = engine
@@ -295,7 +304,15 @@ class TableSync:
         self.written: dict[str, KeyEnforcement] = {}  # restricted keys only
         self.breakers: dict[str, BreakerEnforcement] = {}  # as the table holds them
         self.writes = 0  # table writes so far (tests, docs/architecture.md)
+        self.judged = 0
+        self._marked = 0  # the judged mark the table holds
         self._flushes = 0
+
+    def _mark(self) -> None:
+        """Before a write: the table learns how far the brain has judged."""
+        if self.judged > self._marked:
+            self.table.set_judged(self.judged)
+            self._marked = self.judged
 
     def configure(self, policy: PolicySettings, holds: dict[str, float], now: float) -> None:
         """Policy lists, retry times and holds; at start and on every reload, then
@@ -342,6 +359,7 @@ class TableSync:
         had = self.written.get(key, NO_ENFORCEMENT)
         if want == had:
             return
+        self._mark()
         table = self.table
         # What the table holds that still refuses and must not: an expired entry
         # refuses nothing (the table ignores it until its next prune).
@@ -385,6 +403,7 @@ class TableSync:
                 # over, taking probes from the budget written with it: writing the
                 # transition would hand out a second budget.
                 return
+        self._mark()
         if want.state == "open":
             if had is not None and had.state == "open":
                 table.remove_breaker(want.name)  # a new trip: a fresh probe budget
@@ -427,9 +446,12 @@ class NativeDriver:
     judges it after the fact (`EngineGate.judge`), told what the table did. They
     disagree only when the table is a batch behind or ahead of the engine:
     * the table admitted an attempt the engine refuses (a cooldown started by
-      an event of the batch before it, not written yet): the connection is
-      closed with the refusal's close code and reason once it opens
-      (`late_refusals`);
+      an event of the batch before it, not written yet): the listener looks
+      the table up again before it writes the upgrade request upstream, and
+      refuses it there if the table has the refusal by then (a Rejected for
+      an attempt in `late`: the refusal caught before the backend); else the
+      connection is closed with the refusal's close code and reason once it
+      opens. Both are `late_refusals`;
     * the table refused an attempt the engine would admit (a slot freed by a
       close it had not seen): recorded as refused all the same (Engine.admit's
       `refused`; the engine's `table_refusals`, and `split_refusals` here).
@@ -442,6 +464,7 @@ class NativeDriver:
         self.refused: dict[int, Connection] = {}  # refused by the table, until answered
         self.late: dict[int, Refusal] = {}  # admitted by the table, refused by the engine
         self.late_refusals = 0
+        self.rechecked = 0  # of late_refusals, those refused before the upstream (the recheck)
         # The highest connection id seen in an event (ids grow in accept order):
         # a connection above it has not reached the brain yet.
         self.last_conn_id = 0
@@ -472,14 +495,24 @@ class NativeDriver:
                         self.late[cid] = refusal
             elif isinstance(e, ev.Rejected):
                 # Judged with its Attempt, which comes just before it in the same
-                # batch, unless the drain took the two apart: then the engine took
-                # it for admitted. Rare (the table's two sends are adjacent):
-                # counted, and the attempt awaits its held answer as refused.
-                split = self.conns.pop(cid, None)
-                if split is not None:
+                # batch, unless the drain took the two apart or the listener's
+                # recheck refused it after its connect.
+                conn = self.conns.pop(cid, None)
+                if conn is None:
+                    continue
+                if self.late.pop(cid, None) is not None:
+                    # The recheck: the engine refused it, the table had admitted
+                    # it, and now refused it before its request reached the
+                    # upstream. It awaits its held answer as refused.
+                    self.late_refusals += 1
+                    self.rechecked += 1
+                else:
+                    # The engine took it for admitted. Rare (the table's two
+                    # sends are adjacent; a recheck refuses only what was written
+                    # before the brain judged the attempt): counted, and the
+                    # attempt awaits its held answer as refused.
                     self.split_refusals += 1
-                    self.late.pop(cid, None)
-                    self._remember_refused(cid, split)
+                self._remember_refused(cid, conn)
             elif isinstance(e, ev.Answered):
                 held = self.refused.pop(cid, None)
                 if held is not None:
@@ -505,6 +538,7 @@ class NativeDriver:
                     gate.closed(conn, e.t, e.code, e.reason, e.initiator, r.traffic or _NO_TRAFFIC)
         self.batches += 1
         if isinstance(gate, EngineGate) and gate.table is not None:
+            gate.table.judged = self.last_conn_id
             gate.table.flush(time.monotonic())
 
     @property

