@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::runtime::Runtime;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{watch, Notify, Semaphore};
 
 use loopwatch_dataplane_core::events::{
     Event, EventSender, LogLimiter, RefuseReason, RequestRejected, REJECTION_LOG_INTERVAL,
@@ -294,6 +294,10 @@ pub struct Shared {
     pub shutdown: watch::Receiver<bool>,
     /// Idle upstream connections of plain HTTP (`pool`).
     pub pool: Pool,
+    /// Turns for asymmetric JWT signature checks on the blocking pool (as
+    /// many as the data plane's threads: the checks are CPU-bound, more at
+    /// once would only queue for the cores; `conn::check_signature`).
+    pub signature_checks: Arc<Semaphore>,
     next_conn_id: AtomicU64,
     drained: Notify,
 }
@@ -480,6 +484,7 @@ impl Server {
             addresses: Arc::new(addresses),
             shutdown,
             pool: Pool::default(),
+            signature_checks: Arc::new(Semaphore::new(threads.max(1))),
             next_conn_id: AtomicU64::new(1),
             drained: Notify::new(),
         });
@@ -601,6 +606,7 @@ mod tests {
             addresses: Arc::new(Addresses::new(AddressCaps::new(None, None, Vec::new()))),
             shutdown,
             pool: Pool::default(),
+            signature_checks: Arc::new(Semaphore::new(1)),
             next_conn_id: AtomicU64::new(1),
             drained: Notify::new(),
         });
