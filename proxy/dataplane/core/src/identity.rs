@@ -16,6 +16,7 @@
 pub mod json;
 pub mod jwt;
 
+use std::convert::Infallible;
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
@@ -200,6 +201,61 @@ impl Identity {
         })
     }
 
+    /// The client of a request head from `peer` at `now`, when it costs
+    /// little; or, when the answer needs an asymmetric signature check of a
+    /// token not remembered, that check ([`SignatureCheck`]) to run where
+    /// blocking is allowed ([`Identity::check_signature`]) before
+    /// [`Identity::identify_checked`] answers. Same answers as
+    /// [`Identity::identify`].
+    pub fn identify_cheaply(
+        &self,
+        head: &RequestHead<'_>,
+        peer: IpAddr,
+        now: f64,
+    ) -> Identification {
+        let defer = |_: &jwt::Verifier, token: String| Err(SignatureCheck { token, now });
+        match self.resolve(head, peer, now, defer) {
+            Ok(client) => Identification::Known(client),
+            Err(check) => Identification::NeedsSignature(check),
+        }
+    }
+
+    /// The costly part of an identification: the signature check (the
+    /// token is remembered when it verifies). Blocks for up to about a
+    /// millisecond: not for an async worker thread.
+    pub fn check_signature(&self, check: SignatureCheck) -> CheckedSignature {
+        let claims = self
+            .verifier
+            .as_ref()
+            .and_then(|v| v.verify_costly(&check.token, check.now));
+        CheckedSignature {
+            token: check.token,
+            now: check.now,
+            claims,
+        }
+    }
+
+    /// The client of the head [`Identity::identify_cheaply`] asked
+    /// `checked` for (same head, same peer), at the time it was asked.
+    pub fn identify_checked(
+        &self,
+        head: &RequestHead<'_>,
+        peer: IpAddr,
+        checked: &CheckedSignature,
+    ) -> Client {
+        let use_checked = |verifier: &jwt::Verifier, token: String| {
+            Ok::<_, Infallible>(if token == checked.token {
+                checked.claims.clone()
+            } else {
+                verifier.verify(&token, checked.now)
+            })
+        };
+        match self.resolve(head, peer, checked.now, use_checked) {
+            Ok(client) => client,
+            Err(never) => match never {},
+        }
+    }
+
     /// Whether JWT signatures are verified.
     pub fn verifies(&self) -> bool {
         self.verifier.is_some()
@@ -214,6 +270,25 @@ impl Identity {
     /// The client of a request head from `peer` at `now` (seconds since the
     /// Unix epoch: `exp`, `nbf` and `iat` are judged against it).
     pub fn identify(&self, head: &RequestHead<'_>, peer: IpAddr, now: f64) -> Client {
+        let inline = |verifier: &jwt::Verifier, token: String| {
+            Ok::<_, Infallible>(verifier.verify_costly(&token, now))
+        };
+        match self.resolve(head, peer, now, inline) {
+            Ok(client) => client,
+            Err(never) => match never {},
+        }
+    }
+
+    /// `identify`, with `costly` answering a token whose signature check is
+    /// asymmetric and not remembered (its claims, or `E` to stop there).
+    fn resolve<E>(
+        &self,
+        head: &RequestHead<'_>,
+        peer: IpAddr,
+        now: f64,
+        costly: impl FnOnce(&jwt::Verifier, String) -> Result<Option<Arc<Value>>, E>,
+    ) -> Result<Client, E> {
+        let mut costly = Some(costly);
         let address = self.client_address(head, peer);
         let query = latin1(head.query);
         let mut claims: Option<(Arc<Value>, bool)> = None;
@@ -224,7 +299,7 @@ impl Identity {
                 Source::Ip => break,
                 Source::Jwt(claim) => {
                     if !token_read {
-                        claims = self.claims(head, &query, now);
+                        claims = self.claims(head, &query, now, &mut costly)?;
                         token_read = true;
                     }
                     claims.as_ref().and_then(|(payload, verified)| {
@@ -253,19 +328,19 @@ impl Identity {
             } else {
                 value
             };
-            return Client {
+            return Ok(Client {
                 key,
                 source: label.clone(),
                 address,
                 verified: from_verified,
-            };
+            });
         }
-        Client {
+        Ok(Client {
             key: address.to_string(),
             source: "ip".into(),
             address,
             verified: false,
-        }
+        })
     }
 
     /// The peer, or with a trusted peer the rightmost untrusted
@@ -319,17 +394,34 @@ impl Identity {
         Some(value.to_owned())
     }
 
-    /// The JWT's claims, and whether its signature was verified.
-    fn claims(&self, head: &RequestHead<'_>, query: &str, now: f64) -> Option<(Arc<Value>, bool)> {
-        let token = self.token(head, query)?;
-        match &self.verifier {
+    /// The JWT's claims, and whether its signature was verified; `costly`
+    /// answers an asymmetric signature check of a token not remembered (it
+    /// is called at most once per identification: one token per head).
+    #[allow(clippy::type_complexity)]
+    fn claims<E>(
+        &self,
+        head: &RequestHead<'_>,
+        query: &str,
+        now: f64,
+        costly: &mut Option<impl FnOnce(&jwt::Verifier, String) -> Result<Option<Arc<Value>>, E>>,
+    ) -> Result<Option<(Arc<Value>, bool)>, E> {
+        let Some(token) = self.token(head, query) else {
+            return Ok(None);
+        };
+        let verified = match &self.verifier {
             None => {
-                let payload = token.split('.').nth(1)?;
-                let claims = b64json(payload)?;
-                Some((Arc::new(claims), false))
+                let claims = token.split('.').nth(1).and_then(b64json);
+                return Ok(claims.map(|c| (Arc::new(c), false)));
             }
-            Some(verifier) => verifier.verify(&token, now).map(|c| (c, true)),
-        }
+            Some(verifier) => match verifier.verify_cheaply(&token, now) {
+                Ok(claims) => claims,
+                Err(jwt::Costly) => match costly.take() {
+                    Some(answer) => answer(verifier, token)?,
+                    None => verifier.verify_costly(&token, now),
+                },
+            },
+        };
+        Ok(verified.map(|c| (c, true)))
     }
 
     /// The first JWT-shaped candidate: the bearer token, the query parameters,
@@ -361,6 +453,52 @@ impl Identity {
             }
         }
         None
+    }
+}
+
+/// [`Identity::identify_cheaply`]'s answer.
+#[derive(Debug)]
+pub enum Identification {
+    /// Answered at once.
+    Known(Client),
+    /// A signature check is needed first.
+    NeedsSignature(SignatureCheck),
+}
+
+/// A token's asymmetric signature check, to run with
+/// [`Identity::check_signature`] (where blocking is allowed).
+#[derive(Debug, Clone)]
+pub struct SignatureCheck {
+    token: String,
+    /// The time the identification was asked at (the claims are judged at it).
+    now: f64,
+}
+
+impl SignatureCheck {
+    /// The check not done (it could not run): the token is not verified,
+    /// as a forged one.
+    pub fn not_done(self) -> CheckedSignature {
+        CheckedSignature {
+            token: self.token,
+            now: self.now,
+            claims: None,
+        }
+    }
+}
+
+/// A signature check's result, for [`Identity::identify_checked`].
+#[derive(Debug, Clone)]
+pub struct CheckedSignature {
+    token: String,
+    now: f64,
+    /// The claims when the token verified and they are valid at `now`.
+    claims: Option<Arc<Value>>,
+}
+
+impl CheckedSignature {
+    /// Whether the token verified.
+    pub fn verified(&self) -> bool {
+        self.claims.is_some()
     }
 }
 

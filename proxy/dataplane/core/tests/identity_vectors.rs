@@ -9,9 +9,9 @@ mod common;
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use loopwatch_dataplane_core::head::{parse_head, HeadLimits, HeadStatus};
+use loopwatch_dataplane_core::head::{parse_head, HeadLimits, HeadStatus, RequestHead};
 use loopwatch_dataplane_core::identity::jwt::JwtSpec;
-use loopwatch_dataplane_core::identity::{Identity, IdentitySpec};
+use loopwatch_dataplane_core::identity::{Client, Identification, Identity, IdentitySpec};
 use serde_json::Value;
 
 use common::{latin1, latin1_opt, load};
@@ -50,6 +50,30 @@ fn spec(native: &Value) -> IdentitySpec {
 
 #[test]
 fn identity_vectors_give_pythons_answers() {
+    replay(|identity, head, peer, now| identity.identify(head, peer, now));
+}
+
+/// The data plane's way: the cheap part on the async worker, an asymmetric
+/// signature check apart (`check_signature`, on the blocking pool), then the
+/// answer; the same answers as `identify`, and the check is deferred for the
+/// asymmetric tokens (each first seen: verified ones are remembered).
+#[test]
+fn identity_vectors_give_pythons_answers_with_the_check_apart() {
+    let mut deferred = 0;
+    replay(
+        |identity, head, peer, now| match identity.identify_cheaply(head, peer, now) {
+            Identification::Known(client) => client,
+            Identification::NeedsSignature(check) => {
+                deferred += 1;
+                let checked = identity.check_signature(check);
+                identity.identify_checked(head, peer, &checked)
+            }
+        },
+    );
+    assert!(deferred > 0, "no signature check was deferred");
+}
+
+fn replay(mut identify: impl FnMut(&Identity, &RequestHead<'_>, IpAddr, f64) -> Client) {
     let vectors = load("identity.json");
     let now = vectors["now"].as_f64().expect("now");
     let configs: HashMap<&str, Identity> = vectors["configs"]
@@ -80,7 +104,7 @@ fn identity_vectors_give_pythons_answers() {
             .unwrap()
             .parse()
             .expect("a peer address");
-        let client = configs[config].identify(&head, peer, now);
+        let client = identify(&configs[config], &head, peer, now);
         let expect = &case["expect"];
         let got = (
             client.key.as_str(),

@@ -29,6 +29,9 @@ use loopwatch_dataplane_core::events::{Event, HandshakeError, HandshakeFailure};
 use loopwatch_dataplane_core::head::{
     parse_head, BodyFraming, HeadStatus, RequestHead, RequestKind, Version,
 };
+use loopwatch_dataplane_core::identity::{
+    CheckedSignature, Client, Identification, Identity, SignatureCheck,
+};
 use loopwatch_dataplane_core::table::{Admission, Refusal};
 
 use crate::control::{AddressAdmission, AddressSlot};
@@ -336,9 +339,38 @@ async fn serve_stream<C: Transport + 'static>(
                     return;
                 }
                 HeadStatus::Complete(head) => {
-                    break decide(
-                        shared, config, &head, &buf, peer_ip, &peer_text, scheme, conn_id,
-                    )
+                    let route = match route_head(config, &head, &buf, &peer_text, scheme) {
+                        Routed::Planned(plan) => break *plan,
+                        Routed::Upgrade(route) => route,
+                    };
+                    // Identity: the key the engine tracks and the client
+                    // address (after a trusted proxy's X-Forwarded-For),
+                    // which allow/deny networks are matched on. A token's
+                    // asymmetric signature check (not remembered) runs off
+                    // this worker, within the head's deadline.
+                    let identity = &config.identity;
+                    let client = match identity.identify_cheaply(&head, peer_ip, wall_clock()) {
+                        Identification::Known(client) => client,
+                        Identification::NeedsSignature(check) => tokio::select! {
+                            biased;
+                            _ = &mut stop => {
+                                reject(shared, &mut client, peer_ip, Rejected::ShuttingDown, 503, SHUTTING_DOWN, &[]).await;
+                                return;
+                            }
+                            _ = &mut head_timer => {
+                                let message = "loopwatch: request head timeout";
+                                reject(shared, &mut client, peer_ip, Rejected::HeadTimeout, 408, message, &[]).await;
+                                return;
+                            }
+                            // Boxed: a connection's future does not carry it.
+                            checked = Box::pin(check_signature(shared, identity, check)) => {
+                                identity.identify_checked(&head, peer_ip, &checked)
+                            }
+                        },
+                    };
+                    break admit(
+                        shared, route, &head, &buf, client, &peer_text, scheme, conn_id,
+                    );
                 }
             }
         };
@@ -462,24 +494,30 @@ async fn forward_http<C: Transport>(
     false
 }
 
-/// Routing and admission for a complete head (`begin_upgrade` / `begin_http`).
-#[allow(clippy::too_many_arguments)]
-fn decide(
-    shared: &Shared,
-    config: &Config,
+/// A complete head, routed.
+enum Routed<'r> {
+    /// Its plan is made: no route, or a plain request.
+    Planned(Box<Plan>),
+    /// A WebSocket attempt on this route: its client is identified, then
+    /// admitted ([`admit`]).
+    Upgrade(&'r Route),
+}
+
+/// Routing for a complete head: a 404, a plain request (`begin_http`), or a
+/// WebSocket attempt to identify and admit.
+fn route_head<'r>(
+    config: &'r Config,
     head: &RequestHead<'_>,
     buf: &[u8],
-    peer_ip: std::net::IpAddr,
     peer_text: &str,
     scheme: &str,
-    conn_id: u64,
-) -> Plan {
+) -> Routed<'r> {
     let Some(route) = route_for(&config.routes, head.path) else {
-        return Plan::Answer {
+        return Routed::Planned(Box::new(Plan::Answer {
             status: 404,
             message: "no route for this path",
             label: Rejected::NoRoute,
-        };
+        }));
     };
     if let RequestKind::Http(framing) = head.kind {
         // Not a WebSocket attempt: no event, no admission (`begin_http`).
@@ -511,14 +549,27 @@ fn decide(
             version: head.version,
             retryable: framing == BodyFraming::None && http::IDEMPOTENT.contains(&head.method),
         };
-        return Plan::Http {
+        return Routed::Planned(Box::new(Plan::Http {
             route: route.clone(),
             request,
-        };
+        }));
     }
-    // Identity: the key the engine tracks and the client address (after a
-    // trusted proxy's X-Forwarded-For), which allow/deny networks are matched on.
-    let client = config.identity.identify(head, peer_ip, wall_clock());
+    Routed::Upgrade(route)
+}
+
+/// Admission of a WebSocket attempt by its identified client
+/// (`begin_upgrade`): its Attempt event, then the enforcement table.
+#[allow(clippy::too_many_arguments)]
+fn admit(
+    shared: &Shared,
+    route: &Route,
+    head: &RequestHead<'_>,
+    buf: &[u8],
+    client: Client,
+    peer_text: &str,
+    scheme: &str,
+    conn_id: u64,
+) -> Plan {
     let key: Box<str> = client.key.into();
     let now = std::time::Instant::now();
     // Tracing on: the connection span's context, decided here (the upstream
@@ -584,6 +635,30 @@ fn decide(
             }
         }
     }
+}
+
+/// A token's asymmetric signature check (RS*/PS*/ES*/EdDSA, not remembered),
+/// off the async worker: on tokio's blocking pool, at most
+/// `Shared::signature_checks` at a time; a connection waits for its turn
+/// (the caller bounds the wait by the head's deadline). A check already
+/// running finishes even when its connection is gone (it is remembered
+/// if it verifies), and holds its turn until then.
+async fn check_signature(
+    shared: &Shared,
+    identity: &Arc<Identity>,
+    check: SignatureCheck,
+) -> CheckedSignature {
+    let Ok(turn) = Arc::clone(&shared.signature_checks).acquire_owned().await else {
+        return check.not_done(); // never closed
+    };
+    let fallback = check.clone();
+    let identity = Arc::clone(identity);
+    let task = tokio::task::spawn_blocking(move || {
+        let _turn = turn;
+        identity.check_signature(check)
+    });
+    // A check that panicked (a bug) verified nothing.
+    task.await.unwrap_or_else(|_| fallback.not_done())
 }
 
 /// The attempt a refusal answers, for its Answered event.

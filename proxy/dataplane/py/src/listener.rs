@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::runtime::Runtime;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{watch, Notify, Semaphore};
 
 use loopwatch_dataplane_core::events::{
     Event, EventSender, LogLimiter, RefuseReason, RequestRejected, REJECTION_LOG_INTERVAL,
@@ -294,6 +294,10 @@ pub struct Shared {
     pub shutdown: watch::Receiver<bool>,
     /// Idle upstream connections of plain HTTP (`pool`).
     pub pool: Pool,
+    /// Turns for asymmetric JWT signature checks on the blocking pool (as
+    /// many as the data plane's threads: the checks are CPU-bound, more at
+    /// once would only queue for the cores; `conn::check_signature`).
+    pub signature_checks: Arc<Semaphore>,
     next_conn_id: AtomicU64,
     drained: Notify,
 }
@@ -480,6 +484,7 @@ impl Server {
             addresses: Arc::new(addresses),
             shutdown,
             pool: Pool::default(),
+            signature_checks: Arc::new(Semaphore::new(threads.max(1))),
             next_conn_id: AtomicU64::new(1),
             drained: Notify::new(),
         });
@@ -550,19 +555,27 @@ mod tests {
     /// 4872 (the test profile, rustc 1.95). Since the splice is a task of its
     /// own (`conn::forward`), the relay's future is no longer part of it: 3552
     /// (release 3456), and it is freed once the connection is spliced.
-    #[tokio::test]
-    async fn a_plain_connection_future_carries_no_tls_state() {
-        let (events, _rx) = loopwatch_dataplane_core::events::event_queue(16);
-        let (_stop, shutdown) = watch::channel(false);
-        let shared = Arc::new(Shared {
+    /// A listener's shared state for a test: `routes`, `identity`, the
+    /// handshake timeout, and `checks` turns for signature checks.
+    fn test_shared(
+        events: EventSender,
+        shutdown: watch::Receiver<bool>,
+        routes: Vec<crate::wire::Route>,
+        identity: Identity,
+        handshake_timeout: Duration,
+        checks: usize,
+    ) -> Arc<Shared> {
+        Arc::new(Shared {
             config: ArcSwap::from_pointee(Config {
-                routes: Vec::new(),
+                routes,
                 limits: Limits {
-                    head: HeadLimits { max_head_size: 1 },
+                    head: HeadLimits {
+                        max_head_size: 16384,
+                    },
                     early_data_size: 1,
                     error_body_size: 1,
                     max_message_size: None,
-                    handshake_timeout: Duration::from_secs(1),
+                    handshake_timeout,
                     connect_timeout: Duration::from_secs(1),
                     idle_timeout: None,
                     body_timeout: Duration::from_secs(1),
@@ -572,17 +585,7 @@ mod tests {
                     max_connections_per_address: None,
                     max_heads_per_address: None,
                 },
-                identity: Arc::new(
-                    Identity::new(&loopwatch_dataplane_core::identity::IdentitySpec {
-                        sources: vec!["ip".to_owned()],
-                        trusted_proxies: Vec::new(),
-                        bind_to_address: true,
-                        bind_verified: false,
-                        max_key_length: 256,
-                        jwt: Default::default(),
-                    })
-                    .unwrap(),
-                ),
+                identity: Arc::new(identity),
                 tls: None,
                 upstream_tls: None,
             }),
@@ -601,9 +604,33 @@ mod tests {
             addresses: Arc::new(Addresses::new(AddressCaps::new(None, None, Vec::new()))),
             shutdown,
             pool: Pool::default(),
+            signature_checks: Arc::new(Semaphore::new(checks)),
             next_conn_id: AtomicU64::new(1),
             drained: Notify::new(),
-        });
+        })
+    }
+
+    #[tokio::test]
+    async fn a_plain_connection_future_carries_no_tls_state() {
+        let (events, _rx) = loopwatch_dataplane_core::events::event_queue(16);
+        let (_stop, shutdown) = watch::channel(false);
+        let identity = Identity::new(&loopwatch_dataplane_core::identity::IdentitySpec {
+            sources: vec!["ip".to_owned()],
+            trusted_proxies: Vec::new(),
+            bind_to_address: true,
+            bind_verified: false,
+            max_key_length: 256,
+            jwt: Default::default(),
+        })
+        .unwrap();
+        let shared = test_shared(
+            events,
+            shutdown,
+            Vec::new(),
+            identity,
+            Duration::from_secs(1),
+            1,
+        );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -611,6 +638,86 @@ mod tests {
         let size = size_of_future(&serve);
         eprintln!("a connection's future is {size} bytes");
         assert!(size < 8 * 1024, "a connection's future is {size} bytes");
+    }
+    /// A token whose signature check gets no turn (none is free: here there
+    /// are none at all) waits within the head's deadline, then is answered
+    /// 408 and counted as `head_timeout`, as a head that took too long.
+    #[tokio::test]
+    async fn a_signature_check_without_a_turn_ends_at_the_handshake_timeout() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const P256_PEM: &str = "-----BEGIN PUBLIC KEY-----\n\
+            MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEjlM7b6C/e0YluzBmfAH7YH75+Lio\n\
+            D+9bMAYocDGHsqNz6x294DMYNm0Gn4Om9ZAAU8c2M8sEGyHFXhqGwfQAtA==\n\
+            -----END PUBLIC KEY-----\n";
+        // alg ES256, sub alice, a signature of zeros: it needs the check.
+        const TOKEN: &str = "eyJhbGciOiAiRVMyNTYifQ.eyJzdWIiOiAiYWxpY2UifQ.\
+            AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+        let (events, _rx) = loopwatch_dataplane_core::events::event_queue(16);
+        let (_stop, shutdown) = watch::channel(false);
+        let identity = Identity::new(&loopwatch_dataplane_core::identity::IdentitySpec {
+            sources: vec!["jwt:sub".to_owned(), "ip".to_owned()],
+            trusted_proxies: Vec::new(),
+            bind_to_address: true,
+            bind_verified: false,
+            max_key_length: 256,
+            jwt: loopwatch_dataplane_core::identity::jwt::JwtSpec {
+                query_params: Vec::new(),
+                subprotocol: false,
+                verify: true,
+                algorithms: vec!["ES256".to_owned()],
+                public_key_pem: Some(P256_PEM.as_bytes().to_vec()),
+                leeway: 30.0,
+                ..Default::default()
+            },
+        })
+        .unwrap();
+        // Never connected to: the attempt ends before the upstream.
+        let route = crate::wire::Route {
+            prefix: b"/".to_vec(),
+            name: Arc::from("/"),
+            host: "127.0.0.1".to_owned(),
+            port: 9,
+            authority: b"127.0.0.1:9".to_vec(),
+            base_path: b"/".to_vec(),
+            tls: false,
+        };
+        let shared = test_shared(
+            events,
+            shutdown,
+            vec![route],
+            identity,
+            Duration::from_millis(300),
+            0,
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (accepted, peer) = listener.accept().await.unwrap();
+        let serve = tokio::spawn(conn::serve(
+            Arc::clone(&shared),
+            accepted,
+            peer,
+            ConnGuard::new(&shared),
+        ));
+        let head = format!(
+            "GET /ws HTTP/1.1\r\nHost: example.test\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+        );
+        client.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut answer))
+            .await
+            .expect("an answer within the test's bound")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+        tokio::time::timeout(Duration::from_secs(10), serve)
+            .await
+            .unwrap()
+            .unwrap();
+        let counted = shared.counters.rejected();
+        assert!(counted.contains(&("head_timeout", 1)), "{counted:?}");
     }
 }
 

@@ -73,6 +73,26 @@ enum Key {
     Refused,
 }
 
+impl Key {
+    /// Its signature check is asymmetric (RS*/PS*/ES*/EdDSA), which costs
+    /// hundreds of microseconds (ES256 about 270 µs) to over a millisecond
+    /// (Ed448); an HMAC costs about a microsecond, a refused secret nothing.
+    fn costly(&self) -> bool {
+        match self {
+            Key::Jwt(_, alg) => {
+                !matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
+            }
+            Key::P521(_) | Key::Ed448(_) => true,
+            Key::Refused => false,
+        }
+    }
+}
+
+/// The answer to a token needs an asymmetric signature check
+/// ([`Verifier::verify_cheaply`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Costly;
+
 impl std::fmt::Debug for Key {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -206,6 +226,19 @@ impl Verifier {
     /// The claims of a verified token (JWT-shaped already) that are valid at
     /// `now`, or None.
     pub fn verify(&self, token: &str, now: f64) -> Option<Arc<Value>> {
+        match self.verify_cheaply(token, now) {
+            Ok(claims) => claims,
+            Err(Costly) => self.verify_costly(token, now),
+        }
+    }
+
+    /// [`Verifier::verify`]'s answer when it costs little: a remembered
+    /// token (its claims checked against `now` again), an HMAC signature, or
+    /// a token whose header names no key of ours (it fails before any
+    /// signature check). `Err(Costly)` when the answer needs an asymmetric
+    /// signature check (RS*/PS*/ES*/EdDSA: a few hundred microseconds to a
+    /// millisecond), which [`Verifier::verify_costly`] does.
+    pub fn verify_cheaply(&self, token: &str, now: f64) -> Result<Option<Arc<Value>>, Costly> {
         let remembered = self
             .verified
             .lock()
@@ -214,8 +247,17 @@ impl Verifier {
             .get(token)
             .cloned();
         if let Some(claims) = remembered {
-            return self.check_claims(&claims, now).map(|()| claims);
+            return Ok(self.check_claims(&claims, now).map(|()| claims));
         }
+        match self.key_for(token) {
+            Some(key) if key.costly() => Err(Costly),
+            _ => Ok(self.verify_costly(token, now)),
+        }
+    }
+
+    /// The whole check of a token that is not remembered, remembered when it
+    /// verifies: the costly part, for a thread where blocking is allowed.
+    pub fn verify_costly(&self, token: &str, now: f64) -> Option<Arc<Value>> {
         let claims = Arc::new(self.check(token, now)?);
         let mut verified = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
         if !verified.claims.contains_key(token) {
@@ -239,15 +281,21 @@ impl Verifier {
             .len()
     }
 
-    /// The whole check of a token: key, header, signature, claims.
-    fn check(&self, token: &str, now: f64) -> Option<Value> {
-        // The key is chosen from the (unverified) header's alg, as Identifier does.
+    /// The key for a token, chosen from its (unverified) header's alg, as
+    /// Identifier does; None when there is none (the token fails).
+    fn key_for(&self, token: &str) -> Option<&Key> {
         let (header_segment, _) = token.split_once('.')?;
         let alg = match b64json(header_segment)?.get("alg")? {
             Value::Str(s) if s.surrogates.is_empty() => s.text.clone(),
             _ => return None,
         };
-        let (_, key) = self.keys.iter().find(|(a, _)| *a == alg)?;
+        self.keys.iter().find(|(a, _)| *a == alg).map(|(_, k)| k)
+    }
+
+    /// The whole check of a token: key, header, signature, claims.
+    fn check(&self, token: &str, now: f64) -> Option<Value> {
+        let key = self.key_for(token)?;
+        let (header_segment, _) = token.split_once('.')?;
         // PyJWT's _load: strict base64url, JSON objects.
         let (signing_input, signature) = token.rsplit_once('.')?;
         let (_, payload_segment) = signing_input.split_once('.')?;
