@@ -497,8 +497,8 @@ class NativeDriver:
                 # Judged with its Attempt, which comes just before it in the same
                 # batch, unless the drain took the two apart or the listener's
                 # recheck refused it after its connect.
-                conn = self.conns.pop(cid, None)
-                if conn is None:
+                admitted = self.conns.pop(cid, None)
+                if admitted is None:
                     continue
                 if self.late.pop(cid, None) is not None:
                     # The recheck: the engine refused it, the table had admitted
@@ -512,7 +512,7 @@ class NativeDriver:
                     # before the brain judged the attempt): counted, and the
                     # attempt awaits its held answer as refused.
                     self.split_refusals += 1
-                self._remember_refused(cid, conn)
+                self._remember_refused(cid, admitted)
             elif isinstance(e, ev.Answered):
                 held = self.refused.pop(cid, None)
                 if held is not None:
