@@ -257,10 +257,12 @@ def assert_answers_upgrades(ports: dict[str, int], tmp: Path) -> None:
 
 
 def assert_equal_to_direct(
-    direct_port: int, proxied_port: int, name: str, tmp: Path, cases: list[str], at_least: int
+    direct_port: int, proxied_port: int, name: str, tmp: Path, cases: list[str], at_least: int,
+    judged_elsewhere: tuple[str, ...] = (),
 ) -> None:
     """Run `cases` directly and through the proxy on `proxied_port`; every
-    case's outcome must be equal, or become equal when run again (below)."""
+    case's outcome must be equal, or become equal when run again (below).
+    `judged_elsewhere`: cases compared by a deterministic runner instead."""
     direct, t_direct = kosoku(direct_port, tmp / f"{name}-direct", cases)
     proxied, t_proxied = kosoku(proxied_port, tmp / name, cases)
     table = "\n".join([summary("direct", direct, t_direct), summary(name, proxied, t_proxied)])
@@ -275,7 +277,9 @@ def assert_equal_to_direct(
     # both paths have produced a common result, and fails if they never do.
     seen_direct = {c: {outcome(direct[c])} for c in direct}
     seen_proxied = {c: {outcome(proxied[c])} for c in direct}
-    differing = sorted((c for c in direct if outcome(direct[c]) != outcome(proxied[c])), key=case_key)
+    differing = sorted(
+        (c for c in direct if outcome(direct[c]) != outcome(proxied[c]) and c not in judged_elsewhere), key=case_key
+    )
     for attempt in range(RERUNS):
         pending = [c for c in differing if not seen_direct[c] & seen_proxied[c]]
         if not pending:
@@ -354,8 +358,14 @@ def test_autobahn_octet_by_octet_through_the_native_listener_equal_direct(tmp_pa
         direct_octets = start_octets(stack, echo_port, "octets-direct", tmp_path, taken, env)
         native_octets = start_octets(stack, native.port, "octets-native", tmp_path, taken, env)
         assert_answers_upgrades({"octets-direct": direct_octets, "octets-native": native_octets}, tmp_path)
+        # A valid message then a bad frame races the server's echo against the
+        # bad frame's octets on this unpaced runner, one event-loop turn apart:
+        # under load the extra hop lost that race in every rerun of one CI run.
+        # Those cases are compared paced by the clock, deterministically, below
+        # (test_autobahn_a_message_then_a_protocol_error_…).
         assert_equal_to_direct(
-            direct_octets, native_octets, "native-octets", tmp_path, OCTET_CASES, at_least=200
+            direct_octets, native_octets, "native-octets", tmp_path, OCTET_CASES, at_least=200,
+            judged_elsewhere=tuple(MESSAGE_THEN_ERROR_CASES),
         )
         native.assert_every_connection_ended(at_least=200)
 
