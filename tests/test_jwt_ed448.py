@@ -43,6 +43,22 @@ def ed448_token(claims: dict[str, Any], key: ed448.Ed448PrivateKey = KEY) -> str
     return f"{signing_input}.{b64u(key.sign(signing_input.encode()))}"
 
 
+def ed448_verify(directory: Path) -> dict[str, object]:
+    """The identity overrides that verify EdDSA with KEY's public key (a PEM file
+    written into `directory`)."""
+    pem = directory / "ed448.pem"
+    pem.write_bytes(
+        KEY.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return {
+        "identity.jwt.verify": True,
+        "identity.jwt.algorithms": ["EdDSA"],
+        "identity.jwt.public_key_file": str(pem),
+    }
+
+
 def claims(sub: str) -> dict[str, Any]:
     return {"sub": sub, "exp": int(time.time()) + 600}
 
@@ -70,16 +86,8 @@ async def tracked(lw: Running, key: str) -> bool:
 async def test_an_ed448_signed_token_names_its_subject_and_a_forged_one_nobody(
     echo_backend: str, tmp_path: Path
 ) -> None:
-    pem = tmp_path / "ed448.pem"
-    pem.write_bytes(
-        KEY.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
     overrides = {
-        "identity.jwt.verify": True,
-        "identity.jwt.algorithms": ["EdDSA"],
-        "identity.jwt.public_key_file": str(pem),
+        **ed448_verify(tmp_path),
         "policy.reject_with": "http-429",
     }
     good = ed448_token(claims("alice"))

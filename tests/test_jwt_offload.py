@@ -14,11 +14,16 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-
 from loopwatch.proxy.app.runtime import Running
 from tests.conftest import loopwatch, read_response, upgrade_request, wait_for
-from tests.test_jwt_ed448 import KEY, OTHER_KEY, claims, ed448_token, tracked, upgrade_status
+from tests.test_jwt_ed448 import (
+    OTHER_KEY,
+    claims,
+    ed448_token,
+    ed448_verify,
+    tracked,
+    upgrade_status,
+)
 
 SIGNED = 24
 FORGED = 8
@@ -40,17 +45,7 @@ async def plain_upgrade_status(lw: Running, source: str) -> int:
 async def test_a_burst_of_distinct_signed_tokens_beyond_the_turns_keeps_every_answer(
     echo_backend: str, tmp_path: Path
 ) -> None:
-    pem = tmp_path / "ed448.pem"
-    pem.write_bytes(
-        KEY.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-    overrides = {
-        "identity.jwt.verify": True,
-        "identity.jwt.algorithms": ["EdDSA"],
-        "identity.jwt.public_key_file": str(pem),
-    }
+    overrides = ed448_verify(tmp_path)
     signed = [ed448_token(claims(f"user-{i}")) for i in range(SIGNED)]
     forged = [ed448_token(claims(f"forger-{i}"), OTHER_KEY) for i in range(FORGED)]
     async with loopwatch(echo_backend, **overrides) as lw:
