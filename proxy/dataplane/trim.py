@@ -1,24 +1,22 @@
-"""Memory of closed connections back to the system, for both data planes.
+"""Memory of closed connections back to the system.
 
 glibc keeps freed memory in its heap (and in each thread's arena) until
 `malloc_trim`: without it a proxy that held 10,000 connections keeps their
 memory after they closed. `malloc_trim(0)` trims every arena of the process:
-the event loop's (the Python plane's transports and handles, the brain's
-per-connection records) and the native plane's runtime threads' (its tasks,
-sockets' state and buffers are malloc'd on those threads).
+the event loop's (the brain's per-connection records) and the data plane's
+runtime threads' (its tasks, sockets' state and buffers are malloc'd on those
+threads).
 
 The policy: trim when the number of live connections fell by TRIM_DROP from
 its peak since the last trim, TRIM_DELAY after (so a burst of closes is trimmed
 once), never during steady churn. None off glibc. `ClockTrimmer` is the policy,
-polled with a clock (the native plane's trimming thread: the brain's loop may
-be busy with the closes' events for seconds, while the runtime freed the memory
-at once); `Trimmer` runs it on an event loop (the Python plane, where the closes
-happen).
+polled with a clock (the data plane's trimming thread: the brain's loop may be
+busy with the closes' events for seconds, while the runtime freed the memory
+at once).
 """
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 from collections.abc import Callable
 
@@ -62,27 +60,3 @@ class ClockTrimmer:
             trim(0)
         return None
 
-
-class Trimmer(ClockTrimmer):
-    """The policy on an event loop: `note(live)` after a change in the number of
-    live connections; a timer polls again when a trim is due, with `live()`."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, live: Callable[[], int]):
-        super().__init__()
-        self.loop = loop
-        self.live = live
-        self._timer: asyncio.TimerHandle | None = None
-
-    def note(self, live: int) -> None:
-        due = self.poll(live, self.loop.time())
-        if due is not None and self._timer is None:
-            self._timer = self.loop.call_at(due, self._wake)
-
-    def _wake(self) -> None:
-        self._timer = None
-        self.note(self.live())
-
-    def cancel(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
