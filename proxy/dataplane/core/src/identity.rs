@@ -91,6 +91,22 @@ pub struct IdentitySpec {
     pub jwt: jwt::JwtSpec,
 }
 
+impl IdentitySpec {
+    /// The settings without an `identity:` section: the key is the client's
+    /// address (source `ip`, no trusted proxies, the defaults of
+    /// config/loopwatch.yaml otherwise).
+    pub fn by_address() -> IdentitySpec {
+        IdentitySpec {
+            sources: vec!["ip".to_owned()],
+            trusted_proxies: Vec::new(),
+            bind_to_address: true,
+            bind_verified: false,
+            max_key_length: 256,
+            jwt: jwt::JwtSpec::default(),
+        }
+    }
+}
+
 /// The identity configuration, built once.
 #[derive(Debug)]
 pub struct Identity {
@@ -827,6 +843,25 @@ mod tests {
         assert_eq!(text("fe80::1%"), None);
         assert_eq!(text("010.0.0.1"), None);
         assert_eq!(text("[::1"), None);
+    }
+
+    #[test]
+    fn by_address_keys_on_the_peer_address_alone() {
+        let identity = Identity::new(&IdentitySpec::by_address()).expect("valid settings");
+        let request = b"GET /ws?token=t HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 198.51.100.7\r\n\
+Authorization: Bearer a.b.c\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+        let crate::head::HeadStatus::Complete(head) =
+            crate::head::parse_head(request, &crate::head::HeadLimits::default())
+        else {
+            panic!("a valid head");
+        };
+        let client = identity.identify(&head, "::ffff:192.0.2.1".parse().unwrap(), 0.0);
+        assert_eq!(client.key, "192.0.2.1");
+        assert_eq!(client.source, "ip");
+        assert_eq!(client.address.to_string(), "192.0.2.1");
+        assert!(!client.verified);
+        assert!(!identity.verifies());
     }
 
     #[test]

@@ -228,15 +228,8 @@ impl ListenerConfig {
             Some(identity) => Arc::clone(&identity.get().inner),
             // Without identity settings the key is the peer address.
             None => Arc::new(
-                loopwatch_dataplane_core::identity::Identity::new(&IdentitySpec {
-                    sources: vec!["ip".to_owned()],
-                    trusted_proxies: Vec::new(),
-                    bind_to_address: true,
-                    bind_verified: false,
-                    max_key_length: 256,
-                    jwt: Default::default(),
-                })
-                .map_err(PyValueError::new_err)?,
+                loopwatch_dataplane_core::identity::Identity::new(&IdentitySpec::by_address())
+                    .map_err(PyValueError::new_err)?,
             ),
         };
         let routes = parse_routes(routes)?;

@@ -614,15 +614,8 @@ mod tests {
     async fn a_plain_connection_future_carries_no_tls_state() {
         let (events, _rx) = loopwatch_dataplane_core::events::event_queue(16);
         let (_stop, shutdown) = watch::channel(false);
-        let identity = Identity::new(&loopwatch_dataplane_core::identity::IdentitySpec {
-            sources: vec!["ip".to_owned()],
-            trusted_proxies: Vec::new(),
-            bind_to_address: true,
-            bind_verified: false,
-            max_key_length: 256,
-            jwt: Default::default(),
-        })
-        .unwrap();
+        let identity =
+            Identity::new(&loopwatch_dataplane_core::identity::IdentitySpec::by_address()).unwrap();
         let shared = test_shared(
             events,
             shutdown,
@@ -656,10 +649,6 @@ mod tests {
         let (_stop, shutdown) = watch::channel(false);
         let identity = Identity::new(&loopwatch_dataplane_core::identity::IdentitySpec {
             sources: vec!["jwt:sub".to_owned(), "ip".to_owned()],
-            trusted_proxies: Vec::new(),
-            bind_to_address: true,
-            bind_verified: false,
-            max_key_length: 256,
             jwt: loopwatch_dataplane_core::identity::jwt::JwtSpec {
                 query_params: Vec::new(),
                 subprotocol: false,
@@ -669,6 +658,7 @@ mod tests {
                 leeway: 30.0,
                 ..Default::default()
             },
+            ..loopwatch_dataplane_core::identity::IdentitySpec::by_address()
         })
         .unwrap();
         // Never connected to: the attempt ends before the upstream.
