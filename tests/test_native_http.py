@@ -1,17 +1,16 @@
-"""Plain HTTP through the native data plane (proxy/dataplane/py/src/http.rs),
-each shape run on the Python data plane too, so both answer alike.
+"""Plain HTTP through the data plane's listener alone
+(proxy/dataplane/py/src/http.rs; the whole runtime: tests/test_http.py).
 
 The shapes of tests/test_hardening_http.py (every phase's timeout, the
 backend's connection released, each refusal counted) and the parts of
-tests/test_http.py that do not use its `proxy_url` fixture (which already runs
-every other test there on both data planes): routes, an unreachable or
-hanging upstream, a client that leaves, idle keep-alive, shutdown. Then what
-only raw sockets on both sides show: the request and response bytes exactly,
-chunked bodies framed anew, interim 1xx answers, 204, garbage from the
-upstream; upstream connections reused as aiohttp's pool reuses them (and a
-stale one retried by its rule); an upgrade after a plain request; and that
-plain requests are no WebSocket attempts (no events, the enforcement table is
-not consulted).
+tests/test_http.py that do not use its `proxy_url` fixture (which runs every
+other test there through `loopwatch run`): routes, an unreachable or hanging
+upstream, a client that leaves, idle keep-alive, shutdown. Then what only raw
+sockets on both sides show: the request and response bytes exactly, chunked
+bodies framed anew, interim 1xx answers, 204, garbage from the upstream;
+upstream connections reused between clients (and a stale one retried by its
+rule); an upgrade after a plain request; and that plain requests are no
+WebSocket attempts (no events, the enforcement table is not consulted).
 """
 
 from __future__ import annotations
@@ -45,20 +44,20 @@ SLOW_BODY = b"POST /upload HTTP/1.1\r\nHost: example.test\r\nContent-Length: 100
 
 @dataclass
 class Front:
-    """loopwatch on one data plane: its port, what it rejected, its connections."""
+    """The listener under test: its port, what it rejected, its connections."""
 
     port: int
     rejected: Callable[[], Awaitable[dict[str, float]]]
     active: Callable[[], int]
-    listener: NativeListener | None = None  # the native one
+    listener: NativeListener | None = None
     queue: EventQueue | None = None
     table: Any = None
 
 
 @contextlib.asynccontextmanager
-async def front(plane: str, routes: list[tuple[str, str]], **limits: float) -> AsyncIterator[Front]:
-    """loopwatch serving `routes` ((path prefix, upstream URL) pairs) under
-    `limits` (seconds for the timeouts), on the `plane` data plane."""
+async def front(routes: list[tuple[str, str]], **limits: float) -> AsyncIterator[Front]:
+    """The listener serving `routes` ((path prefix, upstream URL) pairs) under
+    `limits` (seconds for the timeouts)."""
     queue, table = EventQueue(), EnforcementTable()
     listener = NativeListener.start(routes, queue=queue, table=table, limits=Limits(**limits), threads=2)
 
@@ -71,10 +70,6 @@ async def front(plane: str, routes: list[tuple[str, str]], **limits: float) -> A
         assert await asyncio.to_thread(listener.stop, 5.0) == 0
 
 
-# The listener alone (the whole runtime: tests/test_http.py).
-PLANES = pytest.mark.parametrize("plane", ["native"])
-
-
 async def open_conn(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     return await asyncio.open_connection("127.0.0.1", port)
 
@@ -82,9 +77,8 @@ async def open_conn(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWrit
 # --- every phase has a timeout (the shapes of test_hardening_http.py) -------------
 
 
-@PLANES
-async def test_silent_request_body_is_408_and_the_backend_connection_is_released(plane: str) -> None:
-    async with PlainBackend() as backend, front(plane, [("/", backend.url)], body_timeout=1.0) as lw:
+async def test_silent_request_body_is_408_and_the_backend_connection_is_released() -> None:
+    async with PlainBackend() as backend, front([("/", backend.url)], body_timeout=1.0) as lw:
         reader, writer = await open_conn(lw.port)
         writer.write(SLOW_BODY)  # 3 bytes of the 100 000 announced, then silence
         await wait_for(lambda: backend.open == 1)  # it went upstream, head and all
@@ -100,9 +94,8 @@ async def test_silent_request_body_is_408_and_the_backend_connection_is_released
         assert (await lw.rejected())["body_timeout"] == 1
 
 
-@PLANES
-async def test_a_body_that_keeps_coming_is_never_cut(plane: str) -> None:
-    async with PlainBackend() as backend, front(plane, [("/", backend.url)], body_timeout=1.0) as lw:
+async def test_a_body_that_keeps_coming_is_never_cut() -> None:
+    async with PlainBackend() as backend, front([("/", backend.url)], body_timeout=1.0) as lw:
         reader, writer = await open_conn(lw.port)
         writer.write(b"POST /upload HTTP/1.1\r\nHost: example.test\r\nContent-Length: 6\r\n\r\n")
         for byte in b"abcdef":  # never 1 s without a byte
@@ -115,9 +108,8 @@ async def test_a_body_that_keeps_coming_is_never_cut(plane: str) -> None:
         assert (await lw.rejected())["body_timeout"] == 0
 
 
-@PLANES
-async def test_upstream_that_never_answers_is_504_at_response_timeout(plane: str) -> None:
-    async with PlainBackend() as backend, front(plane, [("/", backend.url)], response_timeout=1.0) as lw:
+async def test_upstream_that_never_answers_is_504_at_response_timeout() -> None:
+    async with PlainBackend() as backend, front([("/", backend.url)], response_timeout=1.0) as lw:
         reader, writer = await open_conn(lw.port)
         writer.write(b"GET /no-head HTTP/1.1\r\nHost: example.test\r\n\r\n")
         response = await asyncio.wait_for(read_response(reader), 10)
@@ -127,9 +119,8 @@ async def test_upstream_that_never_answers_is_504_at_response_timeout(plane: str
         assert (await lw.rejected())["upstream_timeout"] == 1
 
 
-@PLANES
-async def test_response_body_that_stalls_is_cut_at_response_idle_timeout(plane: str) -> None:
-    async with PlainBackend() as backend, front(plane, [("/", backend.url)], response_idle_timeout=1.0) as lw:
+async def test_response_body_that_stalls_is_cut_at_response_idle_timeout() -> None:
+    async with PlainBackend() as backend, front([("/", backend.url)], response_idle_timeout=1.0) as lw:
         reader, writer = await open_conn(lw.port)
         writer.write(b"GET /stall-body HTTP/1.1\r\nHost: example.test\r\n\r\n")
         received = await read_all(reader)
@@ -140,9 +131,8 @@ async def test_response_body_that_stalls_is_cut_at_response_idle_timeout(plane: 
         assert (await lw.rejected())["response_timeout"] == 1
 
 
-@PLANES
-async def test_client_that_stops_reading_the_response_is_cut(plane: str) -> None:
-    async with PlainBackend() as backend, front(plane, [("/", backend.url)], response_idle_timeout=1.0) as lw:
+async def test_client_that_stops_reading_the_response_is_cut() -> None:
+    async with PlainBackend() as backend, front([("/", backend.url)], response_idle_timeout=1.0) as lw:
         sock = socket.create_connection(("127.0.0.1", lw.port))
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
@@ -155,9 +145,8 @@ async def test_client_that_stops_reading_the_response_is_cut(plane: str) -> None
         assert (await lw.rejected())["response_timeout"] == 1
 
 
-@PLANES
-async def test_upstream_that_takes_no_body_is_blamed_with_504_not_the_client(plane: str) -> None:
-    async with PlainBackend() as backend, front(plane, [("/", backend.url)], body_timeout=1.0) as lw:
+async def test_upstream_that_takes_no_body_is_blamed_with_504_not_the_client() -> None:
+    async with PlainBackend() as backend, front([("/", backend.url)], body_timeout=1.0) as lw:
         size = 64 * MIB
         reader, writer = await open_conn(lw.port)
         writer.write(b"POST /sink HTTP/1.1\r\nHost: example.test\r\nContent-Length: %d\r\n\r\n" % size)
@@ -181,9 +170,8 @@ async def test_upstream_that_takes_no_body_is_blamed_with_504_not_the_client(pla
         assert (counts["upstream_timeout"], counts["body_timeout"]) == (1, 0)
 
 
-@PLANES
-async def test_upstream_down_is_502(plane: str) -> None:
-    async with front(plane, [("/", f"http://127.0.0.1:{free_port()}")]) as lw:
+async def test_upstream_down_is_502() -> None:
+    async with front([("/", f"http://127.0.0.1:{free_port()}")]) as lw:
         response, after = await raw_exchange(lw.port, b"GET /anything HTTP/1.1\r\nHost: x\r\n\r\n")
         assert (response.status, response.body) == (502, b"loopwatch: upstream unreachable\n")
         assert after == b""
@@ -197,8 +185,7 @@ async def test_upstream_down_is_502(plane: str) -> None:
         assert not any((await lw.rejected()).values())
 
 
-@PLANES
-async def test_upstream_connect_timeout_is_504(plane: str) -> None:
+async def test_upstream_connect_timeout_is_504() -> None:
     # A listener whose accept queue is full: SYNs are dropped, connect hangs.
     sock = socket.socket()
     fillers: list[socket.socket] = []
@@ -213,7 +200,7 @@ async def test_upstream_connect_timeout_is_504(plane: str) -> None:
                 filler.connect(("127.0.0.1", port))
             fillers.append(filler)
         await asyncio.sleep(0.2)
-        async with front(plane, [("/", f"http://127.0.0.1:{port}")], connect_timeout=0.5) as lw:
+        async with front([("/", f"http://127.0.0.1:{port}")], connect_timeout=0.5) as lw:
             response, _ = await raw_exchange(lw.port, b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
             assert (response.status, response.body) == (504, b"loopwatch: upstream timeout\n")
             assert (await lw.rejected())["upstream_timeout"] == 1
@@ -232,10 +219,9 @@ async def backend() -> AsyncIterator[Backend]:
         yield b
 
 
-@PLANES
-async def test_routes_and_base_path(plane: str, backend: Backend) -> None:
+async def test_routes_and_base_path(backend: Backend) -> None:
     routes = [("/api", backend.url + "/echo/v2"), ("/echo", backend.url)]
-    async with front(plane, routes) as lw:
+    async with front(routes) as lw:
         request = b"GET /api/items?id=3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         response, _ = await raw_exchange(lw.port, request)
         assert json.loads(response.body)["path_qs"] == "/echo/v2/items?id=3"
@@ -248,9 +234,8 @@ async def test_routes_and_base_path(plane: str, backend: Backend) -> None:
         assert (await lw.rejected())["no_route"] == 1
 
 
-@PLANES
-async def test_client_leaving_mid_response_frees_the_connection(plane: str, backend: Backend) -> None:
-    async with front(plane, [("/", backend.url)]) as lw:
+async def test_client_leaving_mid_response_frees_the_connection(backend: Backend) -> None:
+    async with front([("/", backend.url)]) as lw:
         reader, writer = await open_conn(lw.port)
         writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
         await asyncio.wait_for(reader.readuntil(b"first chunk\n"), 10)
@@ -259,9 +244,8 @@ async def test_client_leaving_mid_response_frees_the_connection(plane: str, back
         await wait_for(lambda: lw.active() == 0)
 
 
-@PLANES
-async def test_idle_keep_alive_connection_closed_quietly(plane: str, backend: Backend) -> None:
-    async with front(plane, [("/", backend.url)], handshake_timeout=0.5) as lw:
+async def test_idle_keep_alive_connection_closed_quietly(backend: Backend) -> None:
+    async with front([("/", backend.url)], handshake_timeout=0.5) as lw:
         reader, writer = await open_conn(lw.port)
         try:
             writer.write(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -375,11 +359,10 @@ def decode_chunked(body: bytes) -> tuple[bytes, int]:
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
-@PLANES
-async def test_a_chunked_request_body_is_decoded_and_framed_anew(plane: str) -> None:
+async def test_a_chunked_request_body_is_decoded_and_framed_anew() -> None:
     """Extensions and trailers stay with the client's hop; the upstream gets
     the data in loopwatch's own chunks, `Transfer-Encoding: chunked` last."""
-    async with ScriptedBackend(lambda path: OK) as up, front(plane, [("/", up.url)]) as lw:
+    async with ScriptedBackend(lambda path: OK) as up, front([("/", up.url)]) as lw:
         body = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"
         request = (
             b"POST /up?q=1 HTTP/1.1\r\nHost: front.example\r\nTransfer-Encoding: chunked\r\n"
@@ -402,9 +385,8 @@ async def test_a_chunked_request_body_is_decoded_and_framed_anew(plane: str) -> 
         assert data == b"hello world"
 
 
-@PLANES
-async def test_a_bad_chunked_body_is_400_and_the_upstream_request_cancelled(plane: str) -> None:
-    async with PlainBackend() as backend, front(plane, [("/", backend.url)]) as lw:
+async def test_a_bad_chunked_body_is_400_and_the_upstream_request_cancelled() -> None:
+    async with PlainBackend() as backend, front([("/", backend.url)]) as lw:
         reader, writer = await open_conn(lw.port)
         writer.write(b"POST /no-head HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
         await wait_for(lambda: backend.open == 1)
@@ -434,9 +416,8 @@ def response_shapes(path: str) -> bytes | None:
     }.get(path)
 
 
-@PLANES
-async def test_response_shapes_over_one_connection(plane: str) -> None:
-    async with ScriptedBackend(response_shapes) as up, front(plane, [("/", up.url)]) as lw:
+async def test_response_shapes_over_one_connection() -> None:
+    async with ScriptedBackend(response_shapes) as up, front([("/", up.url)]) as lw:
         reader, writer = await open_conn(lw.port)
         try:
             writer.write(b"GET /hints HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -461,8 +442,7 @@ async def test_response_shapes_over_one_connection(plane: str) -> None:
             writer.close()
 
 
-@PLANES
-async def test_an_upstream_that_answers_before_the_body_ends_closes_the_connection(plane: str) -> None:
+async def test_an_upstream_that_answers_before_the_body_ends_closes_the_connection() -> None:
     """A 413 before the body is in: the response goes out whole, with
     `Connection: close` (the rest of the body is never read as a request)."""
     early = b"HTTP/1.1 413 Too Big\r\nContent-Length: 3\r\n\r\nbig"
@@ -478,7 +458,7 @@ async def test_an_upstream_that_answers_before_the_body_ends_closes_the_connecti
     server = await asyncio.start_server(answer_early, "127.0.0.1", 0)
     url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     try:
-        async with front(plane, [("/", url)]) as lw:
+        async with front([("/", url)]) as lw:
             reader, writer = await open_conn(lw.port)
             writer.write(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n" + b"a" * 1000)
             response = await asyncio.wait_for(read_response(reader), 10)
@@ -491,12 +471,11 @@ async def test_an_upstream_that_answers_before_the_body_ends_closes_the_connecti
         await server.wait_closed()
 
 
-# --- upstream connections are reused (aiohttp's pool in the Python data plane) ------
+# --- upstream connections are reused ----------------------------------------------
 
 
-@PLANES
-async def test_upstream_connections_are_reused_across_clients(plane: str) -> None:
-    async with PlainBackend() as backend, front(plane, [("/", backend.url)]) as lw:
+async def test_upstream_connections_are_reused_across_clients() -> None:
+    async with PlainBackend() as backend, front([("/", backend.url)]) as lw:
         for _ in range(3):  # one client connection each, one after the other
             response, _ = await raw_exchange(
                 lw.port, b"GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -538,7 +517,6 @@ def closes_on_its_second_request() -> Callable[[asyncio.StreamReader, asyncio.St
     return handle
 
 
-@PLANES
 @pytest.mark.parametrize(
     ("request_bytes", "expected"),
     [
@@ -553,12 +531,12 @@ def closes_on_its_second_request() -> Callable[[asyncio.StreamReader, asyncio.St
     ids=["get-retried", "post-not-retried"],
 )
 async def test_a_reused_connection_the_upstream_closed(
-    plane: str, request_bytes: bytes, expected: tuple[int, bytes]
+    request_bytes: bytes, expected: tuple[int, bytes]
 ) -> None:
     server = await asyncio.start_server(closes_on_its_second_request(), "127.0.0.1", 0)
     url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     try:
-        async with front(plane, [("/", url)]) as lw:
+        async with front([("/", url)]) as lw:
             response, _ = await raw_exchange(
                 lw.port, b"GET /first HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
             )
@@ -570,7 +548,6 @@ async def test_a_reused_connection_the_upstream_closed(
         await server.wait_closed()
 
 
-@PLANES
 @pytest.mark.parametrize(
     "answer",
     [
@@ -580,9 +557,9 @@ async def test_a_reused_connection_the_upstream_closed(
     ids=["connection-close", "http10"],
 )
 async def test_an_upstream_connection_that_cannot_carry_another_request_is_not_reused(
-    plane: str, answer: bytes
+    answer: bytes,
 ) -> None:
-    async with ScriptedBackend(lambda path: answer) as up, front(plane, [("/", up.url)]) as lw:
+    async with ScriptedBackend(lambda path: answer) as up, front([("/", up.url)]) as lw:
         for _ in range(2):
             response, _ = await raw_exchange(
                 lw.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -591,16 +568,13 @@ async def test_an_upstream_connection_that_cannot_carry_another_request_is_not_r
         assert up.connections == 2
 
 
-@PLANES
-async def test_an_upstream_connection_with_stray_bytes_is_not_reused(plane: str) -> None:
+async def test_an_upstream_connection_with_stray_bytes_is_not_reused() -> None:
     """Bytes after the response's end, in the same read, are no response to
-    the next request: the connection is not kept for it. The native plane
-    passes the response on and closes the connection; aiohttp's parser, in the
-    Python data plane, refuses the whole read (a 502: the response cannot be
-    told apart from what follows it there) and closes it too."""
+    the next request: the connection is not kept for it. The listener passes
+    the response on and closes the connection."""
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokSTRAY BYTES"
     expected = (200, b"ok")
-    async with ScriptedBackend(lambda path: answer) as up, front(plane, [("/", up.url)]) as lw:
+    async with ScriptedBackend(lambda path: answer) as up, front([("/", up.url)]) as lw:
         for _ in range(2):
             response, _ = await raw_exchange(
                 lw.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -609,12 +583,11 @@ async def test_an_upstream_connection_with_stray_bytes_is_not_reused(plane: str)
         assert up.connections == 2
 
 
-@PLANES
-async def test_an_upstream_connection_that_speaks_while_idle_is_not_reused(plane: str) -> None:
+async def test_an_upstream_connection_that_speaks_while_idle_is_not_reused() -> None:
     """A whole response the upstream sends unasked while its connection sits
-    idle in the pool is not the answer to the next request sent on it
-    (aiohttp's pool queues it and hands the connection out again: aiohttp
-    issue 13656; the Python data plane checks the connection at checkout)."""
+    idle in the pool is not the answer to the next request sent on it (as
+    aiohttp's pool would hand it out: aiohttp issue 13656): the connection is
+    checked at checkout."""
     answered = asyncio.Event()
     unsolicited = b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\ninjectd"
     connections: list[int] = []
@@ -642,7 +615,7 @@ async def test_an_upstream_connection_that_speaks_while_idle_is_not_reused(plane
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     try:
-        async with front(plane, [("/", url)]) as lw:
+        async with front([("/", url)]) as lw:
             request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
             response, _ = await raw_exchange(lw.port, request)
             assert (response.status, response.body) == (200, b"conn 1")
@@ -656,15 +629,14 @@ async def test_an_upstream_connection_that_speaks_while_idle_is_not_reused(plane
         await server.wait_closed()
 
 
-@PLANES
-async def test_a_websocket_upgrade_after_a_plain_request_on_one_connection(plane: str) -> None:
+async def test_a_websocket_upgrade_after_a_plain_request_on_one_connection() -> None:
     """Keep-alive brings the connection back to its head: the next request may
     be an upgrade, admitted and relayed as any."""
     frame = b"\x81\x85\x00\x00\x00\x00hello"  # a masked text frame
     async with (
         RawBackend(switching_protocols) as ws_backend,
         PlainBackend() as plain,
-        front(plane, [("/ws", ws_backend.url), ("/", plain.url)]) as lw,
+        front([("/ws", ws_backend.url), ("/", plain.url)]) as lw,
     ):
         reader, writer = await open_conn(lw.port)
         try:
@@ -683,9 +655,8 @@ async def test_a_websocket_upgrade_after_a_plain_request_on_one_connection(plane
 
 
 async def test_plain_requests_are_not_attempts(backend: Backend) -> None:
-    """As in the Python data plane (`begin_http`), a plain request never reaches
-    the gate: no event, and the enforcement table is not consulted (a denied
-    address is still served)."""
+    """A plain request never reaches the gate: no event, and the enforcement
+    table is not consulted (a denied address is still served)."""
     queue, table = EventQueue(), EnforcementTable()
     table.set_deny(["127.0.0.0/8"])
     listener = NativeListener.start([("/", backend.url)], queue=queue, table=table, threads=2)
