@@ -540,8 +540,8 @@ def itself() -> list[cogbuilder.Builder[Any]]:
         .title("Build info")
         .description(
             "The loopwatch version each instance runs, its data plane and WebSocket frame parser "
-            "build (frame_parser 'python' instead of 'c' means the compiled parser is missing or "
-            "LW_PURE_PYTHON_FRAMES=1: slower relaying, reinstall), plus its configuration reloads "
+            "(native and rust: the compiled data plane is the only one; the labels stay for the "
+            "queries that read them), plus its configuration reloads "
             "in the dashboard's time range. During a rollout two versions show; afterwards one should. "
             "Reloads with result 'error' mean a config change was rejected and the old "
             "config is still in force: run loopwatch check-config on the new file."
@@ -620,13 +620,15 @@ LAG_BUCKET = "loopwatch_event_loop_lag_seconds_bucket"
 
 
 def health() -> list[cogbuilder.Builder[Any]]:
-    """The process loopwatch runs in: CPU, memory, descriptors, its event loop."""
+    """The process loopwatch runs in: CPU, memory, descriptors, the brain's event loop."""
     cpu = ts(
         "CPU used (100 % = one core)",
         "CPU time the loopwatch process spends, user and system, as a share of one core "
         "(process_cpu_seconds_total; the span exporter child is not included). The data plane "
-        "runs on one event loop, so near 100 % loopwatch is saturated: handshakes queue, "
-        "Event-loop lag climbs and latency follows. Compare with Connection attempts/s: a "
+        "runs on every core, so the process may go past 100 %; the brain (detection and "
+        "telemetry) is one event loop on one core: when it is saturated, Event-loop lag climbs, "
+        "refusals come later and loopwatch_events_dropped_total moves (detection sees less; "
+        "traffic never waits for it). Compare with Connection attempts/s: a "
         "flood of attempts or refused requests (Requests refused before detection) explains "
         "it; steady traffic with rising CPU is worth a profile (docs/performance.md). Add "
         "replicas rather than waiting for it to settle.",
@@ -667,12 +669,17 @@ def health() -> list[cogbuilder.Builder[Any]]:
     ).span(6)
     lag = ts(
         "Event-loop lag p50 / p99",
-        "How late loopwatch's event loop wakes a task that sleeps half a second "
-        "(loopwatch_event_loop_lag_seconds): every connection's next step waits that long on "
-        "top of its own work. Idle it is about 1 ms (uvloop's timer tick). A p99 above 10 ms "
-        "means the loop is busy or blocked: with CPU near one core, loopwatch is saturated "
-        "(add replicas); with low CPU, something blocks it (a slow DNS lookup, a disk write, a "
-        "long collector pause) — the JSON logs and a py-spy dump of the process show what.",
+        "How late the brain's event loop wakes a task that sleeps half a second "
+        "(loopwatch_event_loop_lag_seconds). The brain judges the data plane's events, writes "
+        "the enforcement table, wakes the engine and answers scrapes and the admin API on that "
+        "loop; the data plane relays on its own threads and never waits for it. So lag does "
+        "not slow connections: it delays detection, and a looping client is refused that much "
+        "later (more late refusals, loopwatch_enforcement_lag_total). Idle it is about 1 ms "
+        "(uvloop's timer tick). A p99 above 10 ms means the loop is busy or blocked: with the "
+        "process's CPU high and events dropped (loopwatch_events_dropped_total), the brain is "
+        "saturated (add replicas); with low CPU, something blocks it (a slow DNS lookup, a disk "
+        "write, a long collector pause) — the JSON logs and a py-spy dump of the process show "
+        "what.",
         *refs(
             (
                 f"histogram_quantile(0.5, sum by (instance, le) "

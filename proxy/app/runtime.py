@@ -129,8 +129,8 @@ class Running:
 
     def reload(self) -> dict[str, object]:
         """Re-read the configuration and apply what can change live (detection,
-        policy, breakers, identity, the admin token; on the native plane also
-        routes, limits and TLS, for new connections). Raises ConfigError and
+        policy, breakers, identity, the admin token; also the routes, limits
+        and TLS, for new connections). Raises ConfigError and
         keeps the running settings, all of them, when the new ones are invalid
         or the data plane cannot take them (a certificate it cannot read)."""
         if self.sources is None:

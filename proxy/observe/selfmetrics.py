@@ -4,12 +4,13 @@
   seconds, resident and virtual memory, open and maximum file descriptors,
   start time), read from ``/proc/self`` at each scrape. It covers the main
   process only, not the span exporter child (docs/tracing.md).
-* ``loopwatch_event_loop_lag_seconds``: a histogram of how late the event loop
-  wakes a task that sleeps ``LAG_INTERVAL`` seconds. Every connection's
-  handshake, every relayed chunk and every scrape waits on that same loop, so
-  its lag is what a blocking call, a long collector pause or a saturated core
-  adds to everyone's latency. One wake-up every half second: nothing next to
-  the proxy's own work.
+* ``loopwatch_event_loop_lag_seconds``: a histogram of how late the brain's
+  event loop wakes a task that sleeps ``LAG_INTERVAL`` seconds. The data
+  plane's event batches, the engine's wake-ups and table writes, every scrape
+  and admin request wait on that loop (connections do not: the data plane
+  runs on its own threads), so its lag is how much later a blocking call, a
+  long collector pause or a saturated core makes detection act. One wake-up
+  every half second: nothing next to the brain's own work.
 * ``loopwatch_build_info`` labels (``build_labels``): the version, the data
   plane and the frame parser in use (``native`` and ``rust`` since there is one
   data plane; the labels stay for the dashboards and queries that read them).
@@ -40,8 +41,8 @@ LAG_INTERVAL = 0.5
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 LAG_METRIC = "loopwatch_event_loop_lag_seconds"
 LAG_HELP = (
-    f"How late the event loop woke a task that sleeps {LAG_INTERVAL:g} s: "
-    "the delay every connection's next step waited for."
+    f"How late the brain's event loop woke a task that sleeps {LAG_INTERVAL:g} s: "
+    "the delay its next step (a batch of the data plane's events, a wake-up, a scrape) waited for."
 )
 
 def build_labels() -> dict[str, str]:

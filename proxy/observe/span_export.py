@@ -63,7 +63,7 @@ _LENGTH = struct.Struct(">I")
 class RequestValues(NamedTuple):
     """What the upgrade request said (the span's attributes known at its start)."""
 
-    path: str | None  # None: not known (dataplane: native passes no request head yet)
+    path: str | None  # None: not known (an Attempt that carried no trace context)
     peer: str
     route: str
     key: str
