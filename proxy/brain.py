@@ -119,6 +119,15 @@ class EngineGate(Gate):
         self._apply(decision.outcome, event.t, conn)
         return refusal
 
+    def table_refused(self, conn: Connection, t: float, reason: RejectReason) -> None:
+        """The data plane's table refused an attempt the engine had not judged
+        refused: it admitted it (a split refusal, or the listener's recheck
+        after the upstream connect found an entry written since), or never saw
+        it (its Attempt lost to a full queue). A refusal all the same, shown
+        to the observers as one (loopwatch_refusals_total, the access log, the
+        span's end); the engine keeps its judgement."""
+        self.observers.call("on_rejected", conn, ev.Rejected(conn.key, conn.route, t, reason))
+
     def handshake_failed(self, conn: Connection, t: float, status: int | None, error: str | None) -> None:
         event = ev.HandshakeFailed(conn.key, conn.route, t, status, error)
         self.observers.call("on_handshake_failed", conn, event)
@@ -454,8 +463,13 @@ class NativeDriver:
       opens. Both are `late_refusals`;
     * the table refused an attempt the engine would admit (a slot freed by a
       close it had not seen): recorded as refused all the same (Engine.admit's
-      `refused`; the engine's `table_refusals`, and `split_refusals` here).
-    Both are loopwatch_enforcement_lag_total (proxy/app/planes.py)."""
+      `refused`; the engine's `table_refusals`, and `split_refusals` here:
+      a Rejected after the batch that judged its Attempt admitted, from the
+      lookup or from the recheck).
+    Both are loopwatch_enforcement_lag_total (proxy/app/planes.py). Every
+    refusal reaches the observers once, as on_rejected
+    (loopwatch_refusals_total): at the judgement when the engine refuses
+    (`judge`), at the Rejected when only the table did (`table_refused`)."""
 
     def __init__(self, gate: Gate, plane: Closer):
         self.gate = gate
@@ -474,6 +488,8 @@ class NativeDriver:
     def handle(self, batch: Sequence[Received]) -> None:
         gate = self.gate
         judge = gate.judge if isinstance(gate, EngineGate) else None  # a plain Gate only watches
+        refused_only = gate.table_refused if isinstance(gate, EngineGate) else None
+        # The batch's refusals by the table; an Attempt judged with its own takes it out.
         rejected = {r.conn_id: r.event.reason for r in batch if isinstance(r.event, ev.Rejected)}
         for r in batch:
             e = r.event
@@ -484,7 +500,7 @@ class NativeDriver:
                 conn = Connection(
                     key=e.key, route=e.route, peer=e.addr, t0=e.t, conn_id=cid, plane_trace=r.trace,
                 )  # fmt: skip
-                refused = rejected.get(cid)
+                refused = rejected.pop(cid, None)
                 refusal = judge(conn, e, refused) if judge is not None else None  # type: ignore[arg-type]  # the table's reasons are RejectReason values
                 conn.plane_trace = None  # read at the attempt; not kept for the connection's life (as the head)
                 if refused is not None:
@@ -497,8 +513,14 @@ class NativeDriver:
                 # Judged with its Attempt, which comes just before it in the same
                 # batch, unless the drain took the two apart or the listener's
                 # recheck refused it after its connect.
+                if cid not in rejected:
+                    continue  # judged (and shown) with its Attempt
                 admitted = self.conns.pop(cid, None)
                 if admitted is None:
+                    # Its Attempt was lost (a full queue): counted all the same.
+                    if refused_only is not None:
+                        lost = Connection(key=e.key, route=e.route, peer="", t0=e.t, conn_id=cid)
+                        refused_only(lost, e.t, e.reason)  # type: ignore[arg-type]  # the table's reasons are RejectReason values
                     continue
                 if self.late.pop(cid, None) is not None:
                     # The recheck: the engine refused it, the table had admitted
@@ -512,6 +534,8 @@ class NativeDriver:
                     # before the brain judged the attempt): counted, and the
                     # attempt awaits its held answer as refused.
                     self.split_refusals += 1
+                    if refused_only is not None:
+                        refused_only(admitted, e.t, e.reason)  # type: ignore[arg-type]  # as above
                 self._remember_refused(cid, admitted)
             elif isinstance(e, ev.Answered):
                 held = self.refused.pop(cid, None)

@@ -12,9 +12,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
 from loopwatch.proxy.app.settings import ConfigError, Settings, check_config_main, load_settings
+from loopwatch.proxy.observe.metrics import REASONS
 from loopwatch.proxy.tools.demo_backend import issue_token
 from tests.clients import attempt, demo_backend
 from tests.conftest import loopwatch, wait_for, ws_url
@@ -51,6 +54,15 @@ async def scrape(port: int) -> str:
             return r.read().decode()
 
     return await asyncio.to_thread(get)
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """One sample of a scrape, by its full name and labels (None: not there)."""
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return s.value
+    return None
 
 
 async def test_metrics_name_the_plane_and_count_lost_events() -> None:
@@ -144,6 +156,14 @@ async def test_a_cooldown_written_during_the_upstream_connect_refuses_before_the
             text = await scrape(lw.admin_port)
             assert 'loopwatch_enforcement_lag_total{kind="early_refusal"} 1.0' in text
             assert 'loopwatch_enforcement_lag_total{kind="late_refusal"} 0.0' in text
+            # A refusal all the same: counted where operators look, with the
+            # table's reason, once.
+            refusals = "loopwatch_refusals_total"
+            assert sample(text, refusals, route="/", reason="cooldown") == 1.0
+            assert sum(sample(text, refusals, route="/", reason=r) or 0 for r in REASONS) == 1.0
+            attempts = "loopwatch_connection_attempts_total"
+            assert sample(text, attempts, route="/", outcome="refused") == 1.0
+            assert sample(text, attempts, route="/", outcome="opened") == 0.0
     finally:
         blocker.close()
         backend.close()
@@ -387,6 +407,85 @@ async def test_a_late_refusal_caught_by_the_recheck_is_a_late_refusal() -> None:
     driver.handle([Received(ev.Rejected(other, "/", 3.0, "cooldown"), conn_id=4)])
     assert driver.late_refusals == 1 and driver.split_refusals == 1 and 4 in driver.refused
     gate.close()
+
+
+async def test_every_refusal_reaches_the_refusals_metric_once() -> None:
+    """loopwatch_refusals_total counts every refusal once, whoever made it and
+    however its events were batched: the table's with its Attempt (the engine
+    judged it refused), one drained apart from its Attempt or made at the
+    recheck after the engine admitted it (a split refusal: the table's
+    reason), one whose Attempt was lost to a full queue, and a late refusal
+    (the engine's, counted at its judgement) that the recheck then caught."""
+    from loopwatch.detectors import events as ev
+    from loopwatch.proxy.app.runtime import build_gate
+    from loopwatch.proxy.brain import NativeDriver
+    from loopwatch.proxy.dataplane.native import Received
+    from loopwatch.proxy.observe.metrics import MetricsObserver
+    from loopwatch.proxy.observe.observers import Observers
+
+    settings = load_settings(None, env={}, overrides=native())
+    registry = CollectorRegistry()
+    gate = build_gate(settings, Observers([MetricsObserver(registry, settings)]))
+    driver = NativeDriver(gate, None)  # type: ignore[arg-type]  # nothing is closed here
+
+    def refusals() -> dict[str, float]:
+        text = generate_latest(registry).decode()
+        counts = {r: sample(text, "loopwatch_refusals_total", route="/", reason=r) for r in REASONS}
+        return {r: n for r, n in counts.items() if n}
+
+    # With its Attempt, in one batch: judged refused (the table's reason).
+    driver.handle([
+        Received(ev.Attempt("10.0.0.1", "/", 1.0, "10.0.0.1"), conn_id=1),
+        Received(ev.Rejected("10.0.0.1", "/", 1.0, "min_interval"), conn_id=1),
+    ])  # fmt: skip
+    assert refusals() == {"min_interval": 1.0}
+    # Drained apart (or made at the recheck): the engine had admitted it.
+    driver.handle([Received(ev.Attempt("10.0.0.2", "/", 2.0, "10.0.0.2"), conn_id=2)])
+    assert refusals() == {"min_interval": 1.0}
+    driver.handle([Received(ev.Rejected("10.0.0.2", "/", 2.0, "deny"), conn_id=2)])
+    assert refusals() == {"min_interval": 1.0, "deny": 1.0}
+    assert driver.split_refusals == 1
+    # Its Attempt lost: the Rejected alone.
+    driver.handle([Received(ev.Rejected("10.0.0.3", "/", 3.0, "max_concurrent"), conn_id=3)])
+    assert refusals() == {"min_interval": 1.0, "deny": 1.0, "max_concurrent": 1.0}
+    # Late: the engine refuses (counted), the recheck refuses too (not again).
+    gate.engine.force_cooldown("10.0.0.4", 30.0, 3.5)
+    driver.handle([Received(ev.Attempt("10.0.0.4", "/", 4.0, "10.0.0.4"), conn_id=4)])
+    expected = {"min_interval": 1.0, "deny": 1.0, "max_concurrent": 1.0, "cooldown": 1.0}
+    assert refusals() == expected
+    driver.handle([Received(ev.Rejected("10.0.0.4", "/", 4.0, "cooldown"), conn_id=4)])
+    assert refusals() == expected
+    assert driver.late_refusals == 1 and driver.rechecked == 1 and driver.split_refusals == 1
+    # Their held answers end them as refused (the lost one has none to end).
+    driver.handle([
+        Received(ev.Answered("10.0.0.1", "/", 5.0), conn_id=1),
+        Received(ev.Answered("10.0.0.2", "/", 5.0), conn_id=2),
+        Received(ev.Answered("10.0.0.4", "/", 5.0), conn_id=4),
+    ])  # fmt: skip
+    assert not driver.refused
+    gate.close()
+
+
+async def test_deny_listed_attempts_are_each_counted_once() -> None:
+    """A deny-listed client refused by the table at every lookup: each attempt
+    is one refusal in loopwatch_refusals_total and one refused attempt, and it
+    never reaches the backend."""
+    async with demo_backend() as backend, loopwatch(
+        f"ws://127.0.0.1:{backend.port}", **{"policy.deny": ["127.0.0.1/32"]}
+    ) as lw:
+        url = ws_url(lw, "/ws?token=" + issue_token("erin", 60))
+        for _ in range(5):
+            code, reason = await attempt(url)
+            assert (code, reason[:17]) == (1013, "loopwatch: denied")
+        await wait_for(lw.plane.settled)
+        text = await scrape(lw.admin_port)
+        assert backend.upgrades["erin"] == 0
+        assert sample(text, "loopwatch_refusals_total", route="/", reason="deny") == 5.0
+        refusals = (sample(text, "loopwatch_refusals_total", route="/", reason=r) for r in REASONS)
+        assert sum(n or 0 for n in refusals) == 5.0
+        attempts = "loopwatch_connection_attempts_total"
+        assert sample(text, attempts, route="/", outcome="refused") == 5.0
+        assert lw.plane.listener.stats().refused["deny"] == 5  # type: ignore[attr-defined]  # NativePlane
 
 
 async def test_live_counts_last_until_the_brain_judged_the_close() -> None:

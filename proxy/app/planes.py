@@ -26,7 +26,15 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Protocol, cast
 
 from ..brain import EngineGate, NativeDriver, TableSync
-from ..dataplane.boundary import Connection, Gate, HoldCounts, RelayStats, log_rejection
+from ..dataplane.boundary import (
+    NO_SIGNATURE_CHECKS,
+    Connection,
+    Gate,
+    HoldCounts,
+    RelayStats,
+    SignatureChecks,
+    log_rejection,
+)
 from ..dataplane.routing import Router, client_ssl_context
 from ..dataplane.trim import ClockTrimmer
 from ..observe.logs import event
@@ -124,6 +132,8 @@ class DataPlane(Protocol):
         ...
 
     def enforcement_lag(self) -> Mapping[str, int]: ...
+
+    def signature_checks(self) -> SignatureChecks: ...
 
 
 # Settings a reload cannot change on a running process: the listener swaps
@@ -395,6 +405,12 @@ class NativePlane:
         if isinstance(self.gate, EngineGate):
             early += self.gate.engine.table_refusals
         return {"late_refusal": driver.late_refusals, "early_refusal": early}
+
+    def signature_checks(self) -> SignatureChecks:
+        if self.listener is None:
+            return NO_SIGNATURE_CHECKS
+        stats = self.listener.stats()
+        return SignatureChecks(stats.signature_checks_waiting, stats.signature_checks_running)
 
     def settled(self) -> bool:
         # (An event being taken off the queue right now is in neither count: a

@@ -18,7 +18,7 @@ from ..admin.server import AdminServer, build_registry
 from ..admin.status import install as install_status_page
 from ..admin.upstream_health import HealthChecker
 from ..brain import EngineGate
-from ..dataplane.boundary import Connection, Gate, HoldCounts, RelayStats
+from ..dataplane.boundary import Connection, Gate, HoldCounts, RelayStats, SignatureChecks
 from ..observe.logs import event
 from ..observe.metrics import Telemetry
 from ..observe.observers import Observer, Observers
@@ -235,6 +235,9 @@ class ListenerView:
 
     def enforcement_lag(self) -> Mapping[str, int]:
         return self._plane.enforcement_lag()
+
+    def signature_checks(self) -> SignatureChecks:
+        return self._plane.signature_checks()
 
 
 async def start(

@@ -211,6 +211,10 @@ class LiveView(Protocol):
         (ENFORCEMENT_LAG_KINDS; all 0 for python, which asks the engine itself)."""
         ...
 
+    def signature_checks(self) -> SignatureChecks:
+        """The JWT signature checks waiting for their turn and running now."""
+        ...
+
 
 # late_refusal: the table admitted, the engine refused (closed once open);
 # early_refusal: the table refused, the engine would have admitted.
@@ -228,6 +232,16 @@ class HoldCounts(Protocol):
 
     @property
     def skipped(self) -> Mapping[str, int]: ...  # by bound (max_held, max_held_per_key)
+
+
+class SignatureChecks(NamedTuple):
+    """The data plane's asymmetric JWT signature checks now (read at scrape time)."""
+
+    waiting: int  # connections waiting for a turn (within limits.handshake_timeout)
+    running: int  # checks holding a turn (at most one per data-plane thread)
+
+
+NO_SIGNATURE_CHECKS = SignatureChecks(0, 0)
 
 
 class DataplaneBuild(NamedTuple):

@@ -204,6 +204,8 @@ class ListenerStats:
     tls_failed: dict[str, int]  # the listener's failed TLS handshakes: error, timeout, not_tls
     addresses: int  # client addresses counted against the per-address caps now
     events_dropped: int  # events lost to a full queue (EventQueue.dropped)
+    signature_checks_waiting: int  # connections waiting for a turn to check a JWT's signature now
+    signature_checks_running: int  # asymmetric signature checks holding a turn now
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,7 +36,7 @@ from ...detectors.events import INITIATORS
 from ...detectors.findings import SEVERITY_RANK
 from ...detectors.rules import RULE_NAMES
 from ...detectors.settings import BreakerSettings, HoldReason
-from ..dataplane.boundary import ENFORCEMENT_LAG_KINDS, REJECTED_REASONS
+from ..dataplane.boundary import ENFORCEMENT_LAG_KINDS, NO_SIGNATURE_CHECKS, REJECTED_REASONS
 from .eventlog import EventLogObserver
 from .observers import Observer, Observers, trace_context
 from .promstore import CounterStore, HistogramStore
@@ -315,6 +315,9 @@ class StateCollector(Collector):
         lag = self.view.enforcement_lag() if self.view is not None else {}
         for kind in ENFORCEMENT_LAG_KINDS:
             families["enforcement_lag"].add_metric([kind], lag.get(kind, 0))
+        checks = self.view.signature_checks() if self.view is not None else NO_SIGNATURE_CHECKS
+        families["checks_waiting"].add_metric([], checks.waiting)
+        families["checks_running"].add_metric([], checks.running)
         # The listener's own answers, before the engine: plain ints it keeps per reason.
         counts = self.view.rejections() if self.view is not None else {}
         rejected = families["rejected"]
@@ -414,6 +417,14 @@ class StateCollector(Collector):
                 "Attempts the native data plane's table and the engine judged differently, the table a batch "
                 "behind (late_refusal: closed once open) or ahead (early_refusal).",
                 labels=["kind"],
+            ),
+            "checks_waiting": g(
+                "loopwatch_jwt_signature_checks_waiting",
+                "Connections waiting for a turn to check their JWT's asymmetric signature right now.",
+            ),
+            "checks_running": g(
+                "loopwatch_jwt_signature_checks_running",
+                "Asymmetric JWT signature checks running right now (at most one per data-plane thread).",
             ),
         }
 

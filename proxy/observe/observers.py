@@ -36,7 +36,8 @@ class Observer:
         """An attempt, as the engine judged it (the data plane admitted or refused it already)."""
 
     def on_rejected(self, conn: Connection, event: ev.Rejected) -> None:
-        """loopwatch refused the attempt (after on_attempt)."""
+        """loopwatch refused the attempt (after on_attempt, unless the data plane's
+        Attempt event was lost; once per attempt, whoever refused it)."""
 
     def on_handshake_failed(self, conn: Connection, event: ev.HandshakeFailed) -> None:
         pass

@@ -639,8 +639,8 @@ fn admit(
 
 /// A token's asymmetric signature check (RS*/PS*/ES*/EdDSA, not remembered),
 /// off the async worker: on tokio's blocking pool, at most
-/// `Shared::signature_checks` at a time; a connection waits for its turn
-/// (the caller bounds the wait by the head's deadline). A check already
+/// `Shared::signature_checks` at a time; a connection waits for its turn,
+/// counted as waiting (the caller bounds the wait by the head's deadline). A check already
 /// running finishes even when its connection is gone (it is remembered
 /// if it verifies), and holds its turn until then.
 async fn check_signature(
@@ -648,7 +648,7 @@ async fn check_signature(
     identity: &Arc<Identity>,
     check: SignatureCheck,
 ) -> CheckedSignature {
-    let Ok(turn) = Arc::clone(&shared.signature_checks).acquire_owned().await else {
+    let Some(turn) = shared.signature_checks.turn().await else {
         return check.not_done(); // never closed
     };
     let fallback = check.clone();

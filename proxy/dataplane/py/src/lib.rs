@@ -28,6 +28,7 @@ use loopwatch_dataplane_core::head::HeadLimits;
 use loopwatch_dataplane_core::identity::IdentitySpec;
 use loopwatch_dataplane_core::trace::{Sampling, ALL_ROOTS};
 
+mod checks;
 mod conn;
 pub mod control;
 mod http;
@@ -430,6 +431,9 @@ impl Listener {
         out.set_item("tls_failed", c.tls_failures())?;
         out.set_item("addresses", shared.addresses.tracked())?;
         out.set_item("events_dropped", shared.events.drops().total())?;
+        let checks = shared.signature_checks.now();
+        out.set_item("signature_checks_waiting", checks.waiting)?;
+        out.set_item("signature_checks_running", checks.running)?;
         Ok(out)
     }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::runtime::Runtime;
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Notify};
 
 use loopwatch_dataplane_core::events::{
     Event, EventSender, LogLimiter, RefuseReason, RequestRejected, REJECTION_LOG_INTERVAL,
@@ -26,6 +26,7 @@ use loopwatch_dataplane_core::trace::Sampling;
 
 use tokio_rustls::TlsAcceptor;
 
+use crate::checks::SignatureChecks;
 use crate::conn;
 use crate::control::{AddressCaps, Addresses, Holds, Policy, PolicyValues, Relays};
 use crate::pool::{Pool, SWEEP_EVERY};
@@ -295,9 +296,8 @@ pub struct Shared {
     /// Idle upstream connections of plain HTTP (`pool`).
     pub pool: Pool,
     /// Turns for asymmetric JWT signature checks on the blocking pool (as
-    /// many as the data plane's threads: the checks are CPU-bound, more at
-    /// once would only queue for the cores; `conn::check_signature`).
-    pub signature_checks: Arc<Semaphore>,
+    /// many as the data plane's threads; `conn::check_signature`).
+    pub signature_checks: SignatureChecks,
     next_conn_id: AtomicU64,
     drained: Notify,
 }
@@ -484,7 +484,7 @@ impl Server {
             addresses: Arc::new(addresses),
             shutdown,
             pool: Pool::default(),
-            signature_checks: Arc::new(Semaphore::new(threads.max(1))),
+            signature_checks: SignatureChecks::new(threads.max(1)),
             next_conn_id: AtomicU64::new(1),
             drained: Notify::new(),
         });
@@ -604,7 +604,7 @@ mod tests {
             addresses: Arc::new(Addresses::new(AddressCaps::new(None, None, Vec::new()))),
             shutdown,
             pool: Pool::default(),
-            signature_checks: Arc::new(Semaphore::new(checks)),
+            signature_checks: SignatureChecks::new(checks),
             next_conn_id: AtomicU64::new(1),
             drained: Notify::new(),
         })
@@ -695,6 +695,15 @@ mod tests {
              Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
         );
         client.write_all(head.as_bytes()).await.unwrap();
+        // Counted as waiting for its turn (Listener.stats()) while it waits.
+        let counted_waiting = async {
+            while shared.signature_checks.now().waiting != 1 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), counted_waiting)
+            .await
+            .expect("counted as waiting");
         let mut answer = Vec::new();
         tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut answer))
             .await
@@ -708,6 +717,8 @@ mod tests {
             .unwrap();
         let counted = shared.counters.rejected();
         assert!(counted.contains(&("head_timeout", 1)), "{counted:?}");
+        let now = shared.signature_checks.now();
+        assert_eq!((now.waiting, now.running), (0, 0), "the wait given up");
     }
 }
 
