@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--admin-listen", help="HOST:PORT of the admin listener")
     run.add_argument("--log-format", choices=("json", "text"), help="log line format")
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    run.add_argument("--dataplane-threads", metavar="N", help='data plane worker threads, or "auto" (one per core)')
 
     check = sub.add_parser("check-config", help="validate a config file and print the effective config")
     check.add_argument("file")
@@ -135,6 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             "admin.listen": args.admin_listen,
             "logging.format": args.log_format,
             "logging.level": args.log_level,
+            "dataplane_threads": args.dataplane_threads,
         }.items()
         if value is not None
     }

@@ -36,6 +36,7 @@ from ..dataplane.boundary import (
     log_rejection,
 )
 from ..dataplane.routing import Router, client_ssl_context
+from ..dataplane.settings import thread_count
 from ..dataplane.trim import ClockTrimmer
 from ..observe.logs import event
 from .settings import ConfigError, Settings
@@ -83,6 +84,11 @@ class DataPlane(Protocol):
 
     @property
     def port(self) -> int: ...
+
+    @property
+    def threads(self) -> int:
+        """The data plane's worker threads (0 before it started)."""
+        ...
 
     @property
     def closing(self) -> bool: ...
@@ -138,9 +144,10 @@ class DataPlane(Protocol):
 
 # Settings a reload cannot change on a running process: the listener swaps
 # routes, limits, identity and TLS live (for the connections accepted from
-# then on), not its address and threads. `state`: the shared store connects
-# once, at start. `health_check`: its probe is set up at start.
-RESTART_KEYS = ("listen", "admin", "state", "record", "health_check", "dataplane")
+# then on), not its address and threads (`dataplane_threads`: its runtime's
+# workers are built at start). `state`: the shared store connects once, at
+# start. `health_check`: its probe is set up at start.
+RESTART_KEYS = ("listen", "admin", "state", "record", "health_check", "dataplane", "dataplane_threads")
 
 
 class NativePlane:
@@ -193,6 +200,10 @@ class NativePlane:
         return self._port
 
     @property
+    def threads(self) -> int:
+        return self.listener.threads if self.listener is not None else 0
+
+    @property
     def closing(self) -> bool:
         return self._closing
 
@@ -212,6 +223,7 @@ class NativePlane:
             reject_with=policy.reject_with, close_code=policy.close_code,
             max_holds=policy.max_held, max_held_per_key=policy.max_held_per_key,
             identity=s.identity, tls=s.tls, upstream_tls=s.upstream_tls, tracing=self.tracing,
+            threads=thread_count(s.dataplane_threads),
         )  # fmt: skip
         self._port = self.listener.port
         self._loop = asyncio.get_running_loop()

@@ -233,6 +233,9 @@ class ListenerView:
     def events_dropped(self) -> int:
         return self._plane.events_dropped()
 
+    def dataplane_threads(self) -> int:
+        return self._plane.threads
+
     def enforcement_lag(self) -> Mapping[str, int]:
         return self._plane.enforcement_lag()
 
@@ -293,7 +296,8 @@ async def start(
         running.health = start_health_check(settings, plane, gate)
     event(
         log, "listening",
-        proxy=f"{host}:{plane.port}", dataplane=plane.name, admin=f"{admin_host}:{admin.port}",
+        proxy=f"{host}:{plane.port}", dataplane=plane.name, dataplane_threads=plane.threads,
+        admin=f"{admin_host}:{admin.port}",
         routes={r.path_prefix: r.upstream for r in settings.effective_routes()},
     )
     source = sources.path if sources is not None else None

@@ -41,7 +41,14 @@ from pydantic import (
 
 from ...detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
 from ..admin.settings import AdminSettings, HealthCheckSettings
-from ..dataplane.settings import IdentitySettings, Limits, ListenerTLS, Route, UpstreamTLS
+from ..dataplane.settings import (
+    DataplaneThreads,
+    IdentitySettings,
+    Limits,
+    ListenerTLS,
+    Route,
+    UpstreamTLS,
+)
 from ..observe.settings import LogSettings, RecordSettings, TelemetrySettings
 from ..sections import SECRET, FieldError, ListenAddress, Section, UpstreamURL
 from ..state.settings import StateSettings
@@ -92,6 +99,9 @@ class Settings(Section):
     # proxy/dataplane/), the only one since the asyncio plane was removed
     # (issue 16). The key stays so that configs naming it keep loading.
     dataplane: Literal["native"] = "native"
+    # Its worker threads (tokio's): "auto", one per core the process may run
+    # on (CPU affinity and cgroup quota), or a count; read at start only.
+    dataplane_threads: DataplaneThreads = "auto"
 
     @field_validator("dataplane", mode="before")
     @classmethod

@@ -206,6 +206,10 @@ class LiveView(Protocol):
         """Connection events lost to a full queue (dataplane: native; 0 for python)."""
         ...
 
+    def dataplane_threads(self) -> int:
+        """The data plane's worker threads (`dataplane_threads`; 0 before it started)."""
+        ...
+
     def enforcement_lag(self) -> Mapping[str, int]:
         """Attempts where the native table and the engine disagreed, by kind
         (ENFORCEMENT_LAG_KINDS; all 0 for python, which asks the engine itself)."""

@@ -414,6 +414,11 @@ class NativeListener:
         return self.raw.host
 
     @property
+    def threads(self) -> int:
+        """The runtime's worker threads (`threads` at start, or one per core)."""
+        return self.raw.threads
+
+    @property
     def running(self) -> bool:
         return self.raw.running
 

@@ -76,6 +76,35 @@ def _check_address_cap(value: object) -> object:
 AddressCap = Annotated[int | str | None, BeforeValidator(_check_address_cap)]
 
 
+MAX_THREADS = 1024  # the most data-plane threads a config may ask for
+
+
+def _check_threads(value: object) -> object:
+    """The data plane's worker threads: "auto" (one per core the process may
+    run on) or a count from 1 to MAX_THREADS."""
+    expected = f'expected "auto" or an integer from 1 to {MAX_THREADS}, got {value!r}'
+    if isinstance(value, str):
+        text = value.strip()
+        if text == "auto":
+            return "auto"
+        if text.isascii() and text.isdigit():
+            value = int(text)
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_THREADS:
+        return value
+    raise ValueError(expected)
+
+
+# `dataplane_threads`: "auto" or a count (thread_count gives what the listener takes).
+DataplaneThreads = Annotated[int | str, BeforeValidator(_check_threads)]
+
+
+def thread_count(threads: int | str) -> int | None:
+    """The `threads` NativeListener.start takes: None for "auto" (the listener
+    then asks the system: std::thread::available_parallelism, which honours
+    the CPU affinity and a cgroup CPU quota), else the count."""
+    return None if threads == "auto" else int(threads)
+
+
 ADDRESS_CAP_FLOOR = 16  # the least a share-of-max_connections cap comes to
 
 

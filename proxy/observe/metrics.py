@@ -312,6 +312,7 @@ class StateCollector(Collector):
         families["store_errors"].add_metric([], getattr(store, "errors", 0))
         families["spans_dropped"].add_metric([], self.spans.dropped if self.spans is not None else 0)
         families["events_dropped"].add_metric([], self.view.events_dropped() if self.view is not None else 0)
+        families["dataplane_threads"].add_metric([], self.view.dataplane_threads() if self.view is not None else 0)
         lag = self.view.enforcement_lag() if self.view is not None else {}
         for kind in ENFORCEMENT_LAG_KINDS:
             families["enforcement_lag"].add_metric([kind], lag.get(kind, 0))
@@ -411,6 +412,10 @@ class StateCollector(Collector):
             "events_dropped": c(
                 "loopwatch_events_dropped",
                 "Connection events of the native data plane lost to a full queue before the brain saw them.",
+            ),
+            "dataplane_threads": g(
+                "loopwatch_dataplane_threads",
+                "Worker threads of the data plane's runtime (dataplane_threads: a count, or one per core).",
             ),
             "enforcement_lag": c(
                 "loopwatch_enforcement_lag",
