@@ -386,7 +386,10 @@ class NativeListener:
         WebSocket attempt's span context (the client's traceparent continued, or
         a new trace), send its traceparent upstream and report it in the
         Attempt (`Received.trace`); it comes from the OTEL_* environment at
-        start and `reload` keeps it. Certificate and key files are read now. Raises
+        start and `reload` keeps it. `threads`: the runtime's worker threads
+        (None: one per core the process may run on, honouring its CPU affinity
+        and a cgroup CPU quota); `reload` keeps them. Certificate and key files
+        are read now. Raises
         ValueError for a setting it cannot honour (naming the file), OSError
         when the address cannot be bound."""
         if reject_with not in REJECT_WITH:
