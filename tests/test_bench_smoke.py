@@ -188,14 +188,15 @@ def _table_rows(text: str) -> dict[str, list[float]]:
     return rows
 
 
-def test_bench_gate_cycle_reports_every_gate() -> None:
+@pytest.mark.parametrize("scenario", ["cycle", "refusal"])
+def test_bench_gate_cycle_reports_every_gate(scenario: str) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.benchmarks.bench_gate", "cycle", "--cycles", "300"],
+        [sys.executable, "-m", "tests.benchmarks.bench_gate", scenario, "--cycles", "300"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = _table_rows(proc.stdout)
-    assert set(rows) == {"off", "on", "telemetry"}
+    assert set(rows) == {"off", "on", "run", "telemetry"}
     assert all(math.isfinite(v[0]) and v[0] > 0 for v in rows.values()), rows
 
 

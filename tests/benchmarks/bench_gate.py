@@ -3,21 +3,28 @@ both with tiny counts, tests/test_bench_smoke.py).
 
     .venv/bin/python -m tests.benchmarks.bench_gate cycle                # the brain per connection, CPU
     .venv/bin/python -m tests.benchmarks.bench_gate cycle --callgrind    # … and instructions (valgrind)
+    .venv/bin/python -m tests.benchmarks.bench_gate refusal [--callgrind]  # the brain per 429 refusal
     .venv/bin/python -m tests.benchmarks.bench_gate ablation [--rounds 3]
 
 * **cycle**: the brain's share of one connection, in this process, with no
   sockets: the three events the native data plane reports for a proxied
-  connection (Attempt, Opened, Closed with its traffic) handed in batches to
-  `NativeDriver.handle` of a `NativePlane` that is not listening (the driver,
-  `EngineGate.judge` / `opened` / `closed`, the observers, the enforcement
-  table kept in step after each batch), each attempt a new client (the key the
-  listener derives from a JWT `sub`, bound to the address). Modes: `off` (the
-  pass-through gate: the brain only watches), `on` (detection, no telemetry),
-  `telemetry` (detection with the metrics, tracing into the span exporter
-  process with an exporter that drops, and event-log observers; what that
-  process does is not counted here). CPU µs per cycle, best of 3; with
-  `--callgrind` also the instructions per cycle (N = 3 000 minus N = 1 000
-  under callgrind), which do not move with the machine's load.
+  connection (Attempt, Opened, Closed with its traffic), as the Rust queue's
+  records, turned into events as `EventQueue.recv_batch` does and handed in
+  batches to `NativeDriver.handle` of a `NativePlane` that is not listening
+  (the driver, `EngineGate.judge` / `opened` / `closed`, the observers, the
+  enforcement table kept in step after each batch), each attempt a new client
+  (the key the listener derives from a JWT `sub`, bound to the address).
+  Modes: `off` (the pass-through gate: the brain only watches), `on`
+  (detection, no telemetry), `run` (detection with the metrics and event-log
+  observers: `loopwatch run`'s default), `telemetry` (`run` plus tracing into
+  the span exporter process with an exporter that drops; what that process
+  does is not counted here). CPU µs per cycle, best of 3; with `--callgrind`
+  also the instructions per cycle (N = 3 000 minus N = 1 000 under
+  callgrind), which do not move with the machine's load.
+* **refusal**: the same for one refused attempt: the Attempt and the Rejected
+  the table's deny answered with a 429 (`policy.deny` the client's address,
+  `policy.reject_with: http-429`), every attempt from the one looping client
+  (the benchmarks' `refusal-429` scenario).
 * **ablation**: the real proxy (the Rust data plane and the brain) under the
   benchmarks' load generator (churn: connect, upgrade, one echo, close 1000; 20
   workers, then one), one loopwatch process per variant in front of one echo
@@ -55,7 +62,8 @@ from tests.benchmarks.targets import (
     start_backend,
 )
 
-MODES = ("off", "on", "telemetry")
+MODES = ("off", "on", "run", "telemetry")
+SCENARIOS = ("cycle", "refusal")
 NO_RULES = {f"detection.rules.{rule}.enabled": False for rule in (
     "auth_failure_loop", "rapid_reconnect", "short_lived", "duplicate_connections", "no_backoff")}  # fmt: skip
 VARIANTS: dict[str, dict[str, object]] = {
@@ -70,7 +78,7 @@ CHUNK = 64  # cycles per batch the driver handles (3 events each)
 # --- cycle: the brain in a loop ------------------------------------------------------------
 
 
-def _brain(mode: str):  # noqa: ANN202 - (plane, telemetry or None)
+def _brain(mode: str, scenario: str = "cycle"):  # noqa: ANN202 - (plane, telemetry or None)
     from loopwatch.proxy.admin.server import build_registry
     from loopwatch.proxy.app.planes import NativePlane
     from loopwatch.proxy.app.runtime import ListenerView, build_gate
@@ -80,13 +88,14 @@ def _brain(mode: str):  # noqa: ANN202 - (plane, telemetry or None)
     from tests.benchmarks.bench_telemetry import dropping_spans
     from tests.conftest import settings_for
 
-    settings = settings_for("ws://127.0.0.1:9")
+    refusal = {"policy.deny": ["127.0.0.1/32"], "policy.reject_with": "http-429"} if scenario == "refusal" else {}
+    settings = settings_for("ws://127.0.0.1:9", **refusal)
     if mode == "off":
         return NativePlane(settings, Gate()), None
     telemetry = Telemetry(
         settings, build_registry(), spans=dropping_spans() if mode == "telemetry" else None, owns_spans=True
     )
-    observers = Observers(telemetry.observers if mode == "telemetry" else [])
+    observers = Observers(telemetry.observers if mode in ("run", "telemetry") else [])
     gate = build_gate(settings, observers)
     plane = NativePlane(settings, gate)  # not started: its driver, gate and table are what is timed
     gate.plane = plane
@@ -94,41 +103,45 @@ def _brain(mode: str):  # noqa: ANN202 - (plane, telemetry or None)
     return plane, telemetry
 
 
-def _batches(first: int, n: int, t0: float) -> list[list]:
-    """The events of `n` proxied connections as the listener reports them, CHUNK
-    connections per batch; a new client every 0.5 ms."""
-    from loopwatch.detectors import events as ev
-    from loopwatch.proxy.dataplane.boundary import RelayStats
-    from loopwatch.proxy.dataplane.native import Received
-
-    traffic = RelayStats(1, 1, 40, 40)
-    batches: list[list] = []
+def _batches(first: int, n: int, t0: float, scenario: str = "cycle") -> list[list[tuple]]:
+    """The records of `n` proxied connections (or refused attempts) as the Rust
+    queue hands them over (proxy/dataplane/native.py, `_received`), CHUNK per
+    batch; a new attempt every 0.5 ms, each a new client (cycle) or all from
+    the one refused address (refusal)."""
+    batches: list[list[tuple]] = []
     for start in range(first, first + n, CHUNK):
-        batch = []
+        batch: list[tuple] = []
         for cid in range(start, min(start + CHUNK, first + n)):
-            key, t = f"user{cid}@127.0.0.1", t0 + cid * 0.0005
+            t = t0 + cid * 0.0005
+            if scenario == "refusal":
+                key = "127.0.0.1"
+                batch += [("attempt", key, "/", t, "127.0.0.1", cid, None), ("rejected", key, "/", t, "deny", cid)]
+                continue
+            key = f"user{cid}@127.0.0.1"
             batch += [
-                Received(ev.Attempt(key, "/", t, "127.0.0.1"), conn_id=cid),
-                Received(ev.Opened(key, "/", t + 0.0002, cid), conn_id=cid),
-                Received(ev.Closed(key, "/", t + 0.0004, cid, 1000, "", "client", 0.0002), traffic, cid),
+                ("attempt", key, "/", t, "127.0.0.1", cid, None),
+                ("opened", key, "/", t + 0.0002, cid),
+                ("closed", key, "/", t + 0.0004, cid, 1000, "", "client", 0.0002, 1, 1, 40, 40),
             ]
         batches.append(batch)
     return batches
 
 
-async def _cycles(mode: str, n: int, reps: int, build: int = 0) -> float:
+async def _cycles(mode: str, n: int, reps: int, build: int = 0, scenario: str = "cycle") -> float:
     """Best CPU µs per cycle over `reps` runs of `n` cycles. Each run builds the
-    events of max(n, build) cycles first (untimed): under callgrind the runs that
+    records of max(n, build) cycles first (untimed): under callgrind the runs that
     are compared build the same number, so the difference is the cycles alone."""
-    plane, telemetry = _brain(mode)
+    from loopwatch.proxy.dataplane.native import _received
+
+    plane, telemetry = _brain(mode, scenario)
     best = float("inf")
     t0 = time.monotonic()
     for rep in range(reps):
-        batches = _batches(rep * n, max(n, build), t0)[: -(-n // CHUNK)]
+        batches = _batches(rep * n, max(n, build), t0, scenario)[: -(-n // CHUNK)]
         gc.collect()
         c0 = time.process_time()
-        for batch in batches:
-            plane.driver.handle(batch)
+        for records in batches:
+            plane.driver.handle([_received(r) for r in records])  # as EventQueue.recv_batch, then the plane
             # The loop's timers (the span flush) and the span processor's export
             # thread get their turn, as between two batches of the draining thread
             # (CPU time only is counted, the export thread's included).
@@ -139,7 +152,7 @@ async def _cycles(mode: str, n: int, reps: int, build: int = 0) -> float:
     return best
 
 
-def _instructions(mode: str) -> int:
+def _instructions(mode: str, scenario: str = "cycle") -> int:
     """Instructions per brain cycle under callgrind: N=3000 minus N=1000, over 2000."""
     counts = {}
     procs = {}
@@ -147,27 +160,28 @@ def _instructions(mode: str) -> int:
         for n in (1000, 3000):
             out = Path(tmp) / f"cg.{n}"
             cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-m",
-                   "tests.benchmarks.bench_gate", "cycle-once", mode, str(n)]  # fmt: skip
+                   "tests.benchmarks.bench_gate", "cycle-once", mode, str(n), "--scenario", scenario]  # fmt: skip
             procs[n] = (subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), out)
         for n, (proc, out) in procs.items():
             proc.wait()
             total = callgrind_instructions(out)
             if proc.returncode != 0 or total is None:
-                raise RuntimeError(f"callgrind run for {mode} N={n} failed")
+                raise RuntimeError(f"callgrind run for {scenario} {mode} N={n} failed")
             counts[n] = total
     return (counts[3000] - counts[1000]) // 2000
 
 
-def cycle(callgrind: bool, cycles: int = 10_000) -> None:
+def cycle(callgrind: bool, cycles: int = 10_000, scenario: str = "cycle", modes: tuple[str, ...] = MODES) -> None:
     import uvloop
 
-    print(f"| brain | CPU µs per cycle (best of 3 × {cycles:,}) |" + (" instructions per cycle |" if callgrind else ""))
+    what = "cycle" if scenario == "cycle" else "refusal"
+    print(f"| brain | CPU µs per {what} (best of 3 × {cycles:,}) |" + (f" instructions per {what} |" if callgrind else ""))
     print("|---|---:|" + ("---:|" if callgrind else ""))
-    for mode in MODES:
-        cpu = uvloop.run(_cycles(mode, cycles, 3))
+    for mode in modes:
+        cpu = uvloop.run(_cycles(mode, cycles, 3, scenario=scenario))
         row = f"| {mode} | {cpu:.1f} |"
         if callgrind:
-            row += f" {_instructions(mode):,} |"
+            row += f" {_instructions(mode, scenario):,} |"
         print(row, flush=True)
 
 
@@ -230,12 +244,15 @@ def ablation(rounds: int, seconds: float = 2.5) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
-    c = sub.add_parser("cycle")
-    c.add_argument("--callgrind", action="store_true")
-    c.add_argument("--cycles", type=int, default=10_000)
+    for scenario in SCENARIOS:
+        c = sub.add_parser(scenario)
+        c.add_argument("--callgrind", action="store_true")
+        c.add_argument("--cycles", type=int, default=10_000)
+        c.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     once = sub.add_parser("cycle-once")  # one run for callgrind to count
     once.add_argument("mode", choices=MODES)
     once.add_argument("n", type=int)
+    once.add_argument("--scenario", choices=SCENARIOS, default="cycle")
     a = sub.add_parser("ablation")
     a.add_argument("--rounds", type=int, default=3)
     a.add_argument("--seconds", type=float, default=2.5, help="per churn measurement")
@@ -243,12 +260,12 @@ def main() -> None:
     s.add_argument("variant", choices=list(VARIANTS))
     s.add_argument("backend_port", type=int)
     args = parser.parse_args()
-    if args.what == "cycle":
-        cycle(args.callgrind, args.cycles)
+    if args.what in SCENARIOS:
+        cycle(args.callgrind, args.cycles, args.what, tuple(args.modes))
     elif args.what == "cycle-once":
         import uvloop
 
-        uvloop.run(_cycles(args.mode, args.n, 1, build=3000))
+        uvloop.run(_cycles(args.mode, args.n, 1, build=3000, scenario=args.scenario))
     elif args.what == "ablation":
         ablation(args.rounds, args.seconds)
     else:
