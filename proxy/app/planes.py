@@ -334,14 +334,14 @@ class NativePlane:
             # The listener's request_rejected lines (rate-limited there) are
             # written here, as the Python listener writes them; the rest is the
             # engine's.
-            events: list[EngineEvent] = []
+            events: list[Received] = []
             for r in batch:
                 line = r.event
                 if isinstance(line, RequestRejected):
                     log_rejection(line.reason, line.status, line.peer, line.message, line.suppressed)
                 else:
-                    events.append(cast("EngineEvent", r))  # its event is an ev.Event now
-            self.driver.handle(events)
+                    events.append(r)
+            self.driver.handle(cast("list[EngineEvent]", events))  # their events are ev.Events now
             self._check_drops()
         except Exception:  # a bug must not stop the draining
             log.exception("native data plane: handling a batch of %d events failed", len(batch))
