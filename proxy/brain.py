@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from ..detectors import events as ev
 from ..detectors.actions import CloseConnection
-from ..detectors.decisions import Outcome, Reject, RejectReason
+from ..detectors.decisions import EMPTY, Outcome, Reject, RejectReason
 from ..detectors.enforcement import NONE as NO_ENFORCEMENT
 from ..detectors.enforcement import BreakerEnforcement, KeyEnforcement
 from ..detectors.engine import Engine
@@ -128,24 +128,33 @@ class EngineGate(Gate):
         span's end); the engine keeps its judgement."""
         self.observers.call("on_rejected", conn, ev.Rejected(conn.key, conn.route, t, reason))
 
-    def handshake_failed(self, conn: Connection, t: float, status: int | None, error: str | None) -> None:
-        event = ev.HandshakeFailed(conn.key, conn.route, t, status, error)
+    # `event`: the data plane's own record of the step, when the caller has one
+    # (NativeDriver: the queue's, with these very values); else it is made here.
+
+    def handshake_failed(
+        self, conn: Connection, t: float, status: int | None, error: str | None,
+        event: ev.HandshakeFailed | None = None,
+    ) -> None:  # fmt: skip
+        if event is None:
+            event = ev.HandshakeFailed(conn.key, conn.route, t, status, error)
         self.observers.call("on_handshake_failed", conn, event)
         if self.table is not None:
             self.table.touched.add(conn.key)
         self._apply(self.engine.record(event), t, conn)
 
-    def held_answered(self, conn: Connection, t: float) -> None:
+    def held_answered(self, conn: Connection, t: float, event: ev.Answered | None = None) -> None:
         # The engine judges retry intervals from the end of the previous attempt:
         # a held refusal ends when it is answered, or the hold would look like a
         # client's backoff and break the auth_failure_loop streaks.
-        event = ev.Answered(conn.key, conn.route, t)
+        if event is None:
+            event = ev.Answered(conn.key, conn.route, t)
         self.observers.call("on_answered", conn, event)
         self._apply(self.engine.answered(event), t, conn)
 
-    def opened(self, conn: Connection, t: float) -> None:
+    def opened(self, conn: Connection, t: float, event: ev.Opened | None = None) -> None:
         conn.opened_at = t
-        event = ev.Opened(conn.key, conn.route, t, conn.conn_id)
+        if event is None:
+            event = ev.Opened(conn.key, conn.route, t, conn.conn_id)
         self.observers.call("on_opened", conn, event)
         if self.table is not None:
             self.table.touched.add(conn.key)
@@ -163,7 +172,7 @@ class EngineGate(Gate):
     # --- engine output --------------------------------------------------------
 
     def _apply(self, outcome: Outcome, t: float, conn: Connection | None = None) -> None:
-        if outcome:
+        if outcome is not EMPTY and outcome:  # EMPTY, the common answer, without a call to __bool__
             if self.table is not None:
                 self.table.note(outcome)
             for action in outcome.actions:
@@ -366,7 +375,7 @@ class TableSync:
 
     def _write(self, key: str, want: KeyEnforcement, now: float) -> None:
         had = self.written.get(key, NO_ENFORCEMENT)
-        if want == had:
+        if want is had or want == had:  # mostly NONE, the engine's shared "nothing", on both sides
             return
         self._mark()
         table = self.table
@@ -540,7 +549,7 @@ class NativeDriver:
             elif isinstance(e, ev.Answered):
                 held = self.refused.pop(cid, None)
                 if held is not None:
-                    gate.held_answered(held, e.t)
+                    gate.held_answered(held, e.t, e)
             elif isinstance(e, ev.Opened):
                 conn = self._conn(cid, e)
                 late = self.late.get(cid)
@@ -549,12 +558,12 @@ class NativeDriver:
                     code = late.status if late.how == "close-1013" else self.close_code
                     self.plane.close(cid, code, late.message)
                     continue
-                gate.opened(conn, e.t)
+                gate.opened(conn, e.t, e)
             elif isinstance(e, ev.HandshakeFailed):
                 conn = self._conn(cid, e)
                 self.conns.pop(cid, None)
                 if self.late.pop(cid, None) is None:
-                    gate.handshake_failed(conn, e.t, e.status, e.error)
+                    gate.handshake_failed(conn, e.t, e.status, e.error, e)
             elif isinstance(e, ev.Closed):
                 conn = self._conn(cid, e)
                 self.conns.pop(cid, None)

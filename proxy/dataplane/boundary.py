@@ -13,9 +13,12 @@ import logging
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
 from ..observe.logs import event
+
+if TYPE_CHECKING:
+    from ...detectors import events as ev
 
 log = logging.getLogger("loopwatch.server")
 
@@ -160,13 +163,19 @@ class Gate:
     max_held = 0
     max_held_per_key = 0
 
-    def handshake_failed(self, attempt: Connection, t: float, status: int | None, error: str | None) -> None:
+    # `event`: the data plane's own record of the step, when the caller has one
+    # (the same values as the other arguments), so that it is not made twice.
+
+    def handshake_failed(
+        self, attempt: Connection, t: float, status: int | None, error: str | None,
+        event: ev.HandshakeFailed | None = None,
+    ) -> None:  # fmt: skip
         pass
 
-    def held_answered(self, attempt: Connection, t: float) -> None:
+    def held_answered(self, attempt: Connection, t: float, event: ev.Answered | None = None) -> None:
         """A held refusal was answered (or its client left) at `t`: the attempt ended then."""
 
-    def opened(self, attempt: Connection, t: float) -> None:
+    def opened(self, attempt: Connection, t: float, event: ev.Opened | None = None) -> None:
         pass
 
     def closed(
