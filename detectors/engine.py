@@ -101,6 +101,8 @@ class Engine:
     ) -> None:
         self._detection = detection
         self._policy = policy.Policy(policy_)
+        # The deny list's answer is the same for every attempt it refuses: one record.
+        self._deny = Reject("deny", policy_.cooldown.max, detail="on the deny list")
         blocks = {rule.name: rule.settings(detection.rules) for rule in RULES}
         active = [rule for rule in RULES if blocks[rule.name].enabled]
         self._rules = tuple(
@@ -226,9 +228,9 @@ class Engine:
         pol = self._policy
         ps = pol.settings
         key, addr = state.key, attempt.addr
-        if pol.deny and pol.denied(key, addr):
+        if pol.denying and pol.denied(key, addr):
             # An operator's explicit deny holds even in observe mode.
-            return Reject("deny", ps.cooldown.max, detail="on the deny list"), None
+            return self._deny, None
         refusal: Reject | None = None
         enforced = False
         if state.cool_rule is not None:

@@ -115,18 +115,21 @@ def _set(
 class Policy:
     """``PolicySettings`` with its access lists compiled once."""
 
-    __slots__ = ("settings", "allow", "deny")
+    __slots__ = ("settings", "allow", "deny", "allowing", "denying")
 
     def __init__(self, settings: PolicySettings) -> None:
         self.settings = settings
         self.allow = AccessList(settings.allow)
         self.deny = AccessList(settings.deny)
+        # Whether each list has entries, asked at every attempt: known once.
+        self.allowing = bool(self.allow)
+        self.denying = bool(self.deny)
 
     def denied(self, key: str, addr: str) -> bool:
-        return bool(self.deny) and self.deny.matches(key, addr)
+        return self.denying and self.deny.matches(key, addr)
 
     def allowed(self, key: str, addr: str) -> bool:
-        return bool(self.allow) and self.allow.matches(key, addr)
+        return self.allowing and self.allow.matches(key, addr)
 
     def enforcing(self, state: ClientState, mode: Mode, addr: str = "") -> bool:
         """Whether a decision in ``mode`` is enforced for this client (else observed)."""
