@@ -101,11 +101,12 @@ class EngineGate(Gate):
 
     # --- the Gate interface ---------------------------------------------------
 
-    def judge(self, conn: Connection, event: ev.Attempt, refused: RejectReason | None = None) -> Refusal | None:
+    def judge(self, conn: Connection, event: ev.Attempt, refused: ev.Rejected | None = None) -> Refusal | None:
         """An identified attempt: the engine's decision, shown to the observers and
         acted on; how it is refused (None: admitted). `refused`: the native data
-        plane already refused it for that reason (Engine.admit)."""
-        decision = self.engine.admit(event, refused)
+        plane already refused it, as this Rejected says (its reason: Engine.admit's)."""
+        reason = None if refused is None else refused.reason
+        decision = self.engine.admit(event, reason)  # type: ignore[arg-type]  # the table's reasons are RejectReason values
         refusal = None
         if isinstance(decision, Reject):  # how it is refused, on the record the observers see
             refusal = conn.refusal = refusal_for(
@@ -113,7 +114,12 @@ class EngineGate(Gate):
             )
         self.observers.call("on_attempt", conn, event, decision)
         if refusal is not None:
-            self.observers.call("on_rejected", conn, ev.Rejected(event.key, event.route, event.t, refusal.reason))
+            # The data plane's Rejected when it says what the engine does (the
+            # same attempt, so the same key and route); else one is made.
+            rejected = refused
+            if rejected is None or rejected.reason != refusal.reason or rejected.t != event.t:
+                rejected = ev.Rejected(event.key, event.route, event.t, refusal.reason)
+            self.observers.call("on_rejected", conn, rejected)
         if self.table is not None:
             self.table.touched.add(event.key)
         self._apply(decision.outcome, event.t, conn)
@@ -499,7 +505,7 @@ class NativeDriver:
         judge = gate.judge if isinstance(gate, EngineGate) else None  # a plain Gate only watches
         refused_only = gate.table_refused if isinstance(gate, EngineGate) else None
         # The batch's refusals by the table; an Attempt judged with its own takes it out.
-        rejected = {r.conn_id: r.event.reason for r in batch if isinstance(r.event, ev.Rejected)}
+        rejected = {r.conn_id: r.event for r in batch if isinstance(r.event, ev.Rejected)}
         for r in batch:
             e = r.event
             cid = r.conn_id
@@ -510,7 +516,7 @@ class NativeDriver:
                     key=e.key, route=e.route, peer=e.addr, t0=e.t, conn_id=cid, plane_trace=r.trace,
                 )  # fmt: skip
                 refused = rejected.pop(cid, None)
-                refusal = judge(conn, e, refused) if judge is not None else None  # type: ignore[arg-type]  # the table's reasons are RejectReason values
+                refusal = judge(conn, e, refused) if judge is not None else None
                 conn.plane_trace = None  # read at the attempt; not kept for the connection's life (as the head)
                 if refused is not None:
                     self._remember_refused(cid, conn)
