@@ -511,6 +511,7 @@ class NativeDriver:
             cid = r.conn_id
             if cid > self.last_conn_id:
                 self.last_conn_id = cid
+            # The kinds in the order they come most often (a churn cycle: Attempt, Opened, Closed).
             if isinstance(e, ev.Attempt):
                 conn = Connection(
                     key=e.key, route=e.route, peer=e.addr, t0=e.t, conn_id=cid, plane_trace=r.trace,
@@ -524,6 +525,19 @@ class NativeDriver:
                     self.conns[cid] = conn
                     if refusal is not None:
                         self.late[cid] = refusal
+            elif isinstance(e, ev.Opened):
+                conn = self.conns.get(cid) or self._lost(cid, e, keep=True)
+                late = self.late.get(cid)
+                if late is not None:
+                    self.late_refusals += 1
+                    code = late.status if late.how == "close-1013" else self.close_code
+                    self.plane.close(cid, code, late.message)
+                    continue
+                gate.opened(conn, e.t, e)
+            elif isinstance(e, ev.Closed):
+                conn = self.conns.pop(cid, None) or self._lost(cid, e)
+                if self.late.pop(cid, None) is None:  # refused by the engine: it saw no connection
+                    gate.closed(conn, e.t, e.code, e.reason, e.initiator, r.traffic or _NO_TRAFFIC)
             elif isinstance(e, ev.Rejected):
                 # Judged with its Attempt, which comes just before it in the same
                 # batch, unless the drain took the two apart or the listener's
@@ -556,25 +570,10 @@ class NativeDriver:
                 held = self.refused.pop(cid, None)
                 if held is not None:
                     gate.held_answered(held, e.t, e)
-            elif isinstance(e, ev.Opened):
-                conn = self._conn(cid, e)
-                late = self.late.get(cid)
-                if late is not None:
-                    self.late_refusals += 1
-                    code = late.status if late.how == "close-1013" else self.close_code
-                    self.plane.close(cid, code, late.message)
-                    continue
-                gate.opened(conn, e.t, e)
             elif isinstance(e, ev.HandshakeFailed):
-                conn = self._conn(cid, e)
-                self.conns.pop(cid, None)
+                conn = self.conns.pop(cid, None) or self._lost(cid, e)
                 if self.late.pop(cid, None) is None:
                     gate.handshake_failed(conn, e.t, e.status, e.error, e)
-            elif isinstance(e, ev.Closed):
-                conn = self._conn(cid, e)
-                self.conns.pop(cid, None)
-                if self.late.pop(cid, None) is None:  # refused by the engine: it saw no connection
-                    gate.closed(conn, e.t, e.code, e.reason, e.initiator, r.traffic or _NO_TRAFFIC)
         self.batches += 1
         if isinstance(gate, EngineGate) and gate.table is not None:
             gate.table.judged = self.last_conn_id
@@ -591,11 +590,11 @@ class NativeDriver:
             del self.refused[next(iter(self.refused))]
         self.refused[cid] = conn
 
-    def _conn(self, cid: int, e: ev.Opened | ev.HandshakeFailed | ev.Closed) -> Connection:
-        """The attempt's record; a new one when its Attempt was lost (queue full)."""
-        conn = self.conns.get(cid)
-        if conn is None:
-            conn = Connection(key=e.key, route=e.route, peer="", t0=e.t, conn_id=cid)
+    def _lost(self, cid: int, e: ev.Opened | ev.HandshakeFailed | ev.Closed, keep: bool = False) -> Connection:
+        """A record for an attempt whose Attempt was lost (queue full); `keep`:
+        kept until its end (an Opened's)."""
+        conn = Connection(key=e.key, route=e.route, peer="", t0=e.t, conn_id=cid)
+        if keep:
             self.conns[cid] = conn
         return conn
 
