@@ -531,7 +531,8 @@ class NativeDriver:
                     if refusal is not None:
                         self.late[cid] = refusal
             elif isinstance(e, ev.Opened):
-                conn = self.conns.get(cid) or self._lost(cid, e, keep=True)
+                known = self.conns.get(cid)
+                conn = known if known is not None else self._lost(cid, e, keep=True)
                 late = self.late.get(cid)
                 if late is not None:
                     self.late_refusals += 1
@@ -540,7 +541,8 @@ class NativeDriver:
                     continue
                 gate.opened(conn, e.t, e)
             elif isinstance(e, ev.Closed):
-                conn = self.conns.pop(cid, None) or self._lost(cid, e)
+                known = self.conns.pop(cid, None)
+                conn = known if known is not None else self._lost(cid, e)
                 if self.late.pop(cid, None) is None:  # refused by the engine: it saw no connection
                     gate.closed(conn, e.t, e.code, e.reason, e.initiator, r.traffic or _NO_TRAFFIC)
             elif isinstance(e, ev.Rejected):
@@ -576,7 +578,8 @@ class NativeDriver:
                 if held is not None:
                     gate.held_answered(held, e.t, e)
             elif isinstance(e, ev.HandshakeFailed):
-                conn = self.conns.pop(cid, None) or self._lost(cid, e)
+                known = self.conns.pop(cid, None)
+                conn = known if known is not None else self._lost(cid, e)
                 if self.late.pop(cid, None) is None:
                     gate.handshake_failed(conn, e.t, e.status, e.error, e)
         self.batches += 1
