@@ -41,10 +41,12 @@ REASON_TEXT = {
 }
 
 
-# (reason, whole seconds, reject_with, close code) -> (how, status, text): a looping client is
-# refused with the same words tens of times a second. Bounded; starts over when full.
-_WORDING: dict[tuple[str, int, str, int], tuple[str, int, str]] = {}
-_WORDING_SIZE = 1024
+# (reason, whole seconds, reject_with, close code) -> the first refusal made with
+# those words: a looping client is refused with the same words tens of times a
+# second, and a denied one (or one at max_concurrent) with the very same refusal,
+# its retry time the settings'. Bounded; starts over when full.
+_MADE: dict[tuple[str, int, str, int], Refusal] = {}
+_MADE_SIZE = 1024
 
 
 def refusal_for(reject: Reject, reject_with: str, hold: float = 0.0, close_code: int = 1013) -> Refusal:
@@ -55,18 +57,23 @@ def refusal_for(reject: Reject, reject_with: str, hold: float = 0.0, close_code:
     `hold` is the policy's hold for this reason (0: none); never past the retry time.
     `close_code`: 1013, or the application code policy.close_code sets instead."""
     retry = max(1, math.ceil(reject.retry_after))
+    hold = min(hold, reject.retry_after)
     key = (reject.reason, retry, reject_with, close_code)
-    wording = _WORDING.get(key)
-    if wording is None:
-        text = f"loopwatch: {REASON_TEXT.get(reject.reason, reject.reason)}, retry in {retry}s"
-        if reject_with == "http-429":
-            wording = ("http", 503 if reject.reason == "circuit_open" else 429, text)
-        else:
-            wording = ("close-1013", close_code, text)
-        if len(_WORDING) >= _WORDING_SIZE:
-            _WORDING.clear()
-        _WORDING[key] = wording
-    return Refusal(reject.reason, reject.retry_after, *wording, hold=min(hold, reject.retry_after))
+    made = _MADE.get(key)
+    if made is not None:
+        if made.retry_after == reject.retry_after and made.hold == hold:
+            return made  # a frozen record: the same refusal again
+        return Refusal(reject.reason, reject.retry_after, made.how, made.status, made.message, hold)
+    text = f"loopwatch: {REASON_TEXT.get(reject.reason, reject.reason)}, retry in {retry}s"
+    if reject_with == "http-429":
+        how, status = "http", 503 if reject.reason == "circuit_open" else 429
+    else:
+        how, status = "close-1013", close_code
+    refusal = Refusal(reject.reason, reject.retry_after, how, status, text, hold)
+    if len(_MADE) >= _MADE_SIZE:
+        _MADE.clear()
+    _MADE[key] = refusal
+    return refusal
 
 
 class EngineGate(Gate):
