@@ -32,8 +32,12 @@ def _index(options: tuple[str, ...], value: str | None) -> int:
         return len(options) - 1  # "other"
 
 
+# A refusal's packed value by reason, looked up at each refusal rather than searched.
+_REJECTED = {reason: _KIND_OF[Rejected] | i << 3 for i, reason in enumerate(REJECT_REASONS)}
+
+
 def pack_rejected(reason: str) -> int:
-    return _KIND_OF[Rejected] | _index(REJECT_REASONS, reason) << 3
+    return _REJECTED.get(reason, _REJECTED["other"])
 
 
 # The tracker packs each kind of event with its own function (no type dispatch
