@@ -774,8 +774,6 @@ class Engine:
             ):
                 return KeyEnforcement(CooldownEnforcement(state.cool_until, state.cool_rule))
             return NONE
-        if not pol.enforcing(state, ps.mode, addr):
-            return NONE
         not_before = None
         if ps.min_interval is not None and state.admitted_t + ps.min_interval > t:
             not_before = state.admitted_t + ps.min_interval
@@ -784,7 +782,9 @@ class Engine:
             and ps.on_max_concurrent == "reject-new"
             and state.open_count >= ps.max_concurrent
         )
-        if not_before is None and not at_capacity:
+        # The mode, rollout and allow list only for a key something restricts
+        # (asked for every key of every batch; most have nothing).
+        if (not_before is None and not at_capacity) or not pol.enforcing(state, ps.mode, addr):
             return NONE
         return KeyEnforcement(None, not_before, at_capacity)
 
