@@ -175,9 +175,13 @@ class EngineGate(Gate):
         self._apply(self.engine.record(event), t, conn)
 
     def closed(
-        self, conn: Connection, t: float, code: int, reason: str, initiator: str, stats: RelayStats
-    ) -> None:
-        event = ev.Closed(conn.key, conn.route, t, conn.conn_id, code, reason, initiator, t - conn.opened_at)  # type: ignore[arg-type]  # Gate.closed takes initiator as str; the relay passes only ev.Initiator values
+        self, conn: Connection, t: float, code: int, reason: str, initiator: str, stats: RelayStats,
+        event: ev.Closed | None = None,
+    ) -> None:  # fmt: skip
+        # The queue's Closed carries the listener's own duration (from the
+        # moment it forwarded the 101): right even when the Opened was lost.
+        if event is None:
+            event = ev.Closed(conn.key, conn.route, t, conn.conn_id, code, reason, initiator, t - conn.opened_at)  # type: ignore[arg-type]  # Gate.closed takes initiator as str; the relay passes only ev.Initiator values
         self.observers.call("on_closed", conn, event, stats)
         if self.table is not None:
             self.table.touched.add(conn.key)
@@ -551,7 +555,7 @@ class NativeDriver:
                 known = self.conns.pop(cid, None)
                 conn = known if known is not None else self._lost(cid, e)
                 if self.late.pop(cid, None) is None:  # refused by the engine: it saw no connection
-                    gate.closed(conn, e.t, e.code, e.reason, e.initiator, r.traffic or _NO_TRAFFIC)
+                    gate.closed(conn, e.t, e.code, e.reason, e.initiator, r.traffic or _NO_TRAFFIC, e)
             elif isinstance(e, ev.Rejected):
                 # Judged with its Attempt, which comes just before it in the same
                 # batch, unless the drain took the two apart or the listener's

@@ -179,8 +179,9 @@ class Gate:
         pass
 
     def closed(
-        self, attempt: Connection, t: float, code: int, reason: str, initiator: str, stats: RelayStats
-    ) -> None:
+        self, attempt: Connection, t: float, code: int, reason: str, initiator: str, stats: RelayStats,
+        event: ev.Closed | None = None,
+    ) -> None:  # fmt: skip
         pass
 
 
