@@ -23,6 +23,7 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from loopwatch.detectors import events as ev
 from loopwatch.proxy.app.runtime import Running, start
 from loopwatch.proxy.dataplane.boundary import Connection, Gate, RelayStats
 from tests import relay_shapes as shapes
@@ -52,8 +53,9 @@ class RecordingGate(Gate):
         self.closes: list[tuple[int, str, str]] = []
 
     def closed(
-        self, attempt: Connection, t: float, code: int, reason: str, initiator: str, stats: RelayStats
-    ) -> None:
+        self, attempt: Connection, t: float, code: int, reason: str, initiator: str, stats: RelayStats,
+        event: ev.Closed | None = None,
+    ) -> None:  # fmt: skip
         self.closes.append((code, reason, initiator))
 
 
