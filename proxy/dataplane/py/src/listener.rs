@@ -581,7 +581,7 @@ mod tests {
                     body_timeout: Duration::from_secs(1),
                     response_timeout: Duration::from_secs(1),
                     response_idle_timeout: Duration::from_secs(1),
-                    max_connections: 1,
+                    max_connections: 1024,
                     max_connections_per_address: None,
                     max_heads_per_address: None,
                 },
@@ -608,6 +608,159 @@ mod tests {
             next_conn_id: AtomicU64::new(1),
             drained: Notify::new(),
         })
+    }
+
+    /// A WebSocket backend for `churn_through_the_real_code`: it answers each
+    /// upgrade 101, then echoes one small client frame (unmasked) and waits
+    /// for the close.
+    async fn echo_backend(listener: TcpListener) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let key = head
+                    .split(|&b| b == b'\n')
+                    .find_map(|line| line.strip_prefix(b"Sec-WebSocket-Key: "))
+                    .and_then(|key| key.strip_suffix(b"\r"))
+                    .expect("a Sec-WebSocket-Key");
+                let accept = loopwatch_dataplane_core::head::accept_key(key);
+                let answer = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                     Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+                );
+                stream.write_all(answer.as_bytes()).await.unwrap();
+                // A masked two-byte text frame: 2 + 4 + 2 bytes.
+                let mut frame = [0u8; 8];
+                if stream.read_exact(&mut frame).await.is_err() {
+                    return;
+                }
+                let payload = [frame[6] ^ frame[2], frame[7] ^ frame[3]];
+                let _ = stream.write_all(&[0x81, 2, payload[0], payload[1]]).await;
+                let _ = stream.read(&mut chunk).await;
+            });
+        }
+    }
+
+    /// One churn cycle, as the benchmark's: connect, upgrade, one echo, close;
+    /// or, for a deny-listed client, the 429 refusal read to its end.
+    async fn churn_cycle(addr: SocketAddr, denied: bool) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(
+                b"GET /ws HTTP/1.1\r\nHost: example.test\r\nUpgrade: websocket\r\n\
+                  Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                  Sec-WebSocket-Version: 13\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        if denied {
+            let mut answer = Vec::new();
+            client.read_to_end(&mut answer).await.unwrap();
+            assert!(answer.starts_with(b"HTTP/1.1 429 "), "{answer:?}");
+            return;
+        }
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            client.read_exact(&mut byte).await.unwrap();
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head);
+        assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+        assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
+        client
+            .write_all(&[0x81, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2])
+            .await
+            .unwrap();
+        let mut echo = [0u8; 4];
+        client.read_exact(&mut echo).await.unwrap();
+        assert_eq!(echo, [0x81, 2, b'h', b'i']);
+    }
+
+    /// `LOOPWATCH_CHURN` upgrades (default 20), then `LOOPWATCH_CHURN_REFUSED`
+    /// deny-listed 429s (default as many), through the real connection code
+    /// on one thread: the harness for
+    /// instruction and allocation counts (docs/performance.md, "The data
+    /// plane's user space per connection"), e.g. under
+    /// `valgrind --tool=dhat` or `--tool=callgrind`.
+    #[tokio::test]
+    async fn churn_through_the_real_code() {
+        let count_of = |name: &str, default: usize| -> usize {
+            std::env::var(name)
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(default)
+        };
+        let cycles = count_of("LOOPWATCH_CHURN", 20);
+        let refusals = count_of("LOOPWATCH_CHURN_REFUSED", cycles);
+        let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backend_port = backend.local_addr().unwrap().port();
+        tokio::spawn(echo_backend(backend));
+        let (events, rx) =
+            loopwatch_dataplane_core::events::event_queue(8 * (cycles + refusals) + 64);
+        let (_stop, shutdown) = watch::channel(false);
+        let identity =
+            Identity::new(&loopwatch_dataplane_core::identity::IdentitySpec::by_address()).unwrap();
+        let route = crate::wire::Route {
+            prefix: b"/".to_vec(),
+            name: Arc::from("/"),
+            host: "127.0.0.1".to_owned(),
+            port: backend_port,
+            authority: format!("127.0.0.1:{backend_port}").into_bytes(),
+            base_path: Vec::new(),
+            tls: false,
+        };
+        let shared = test_shared(
+            events,
+            shutdown,
+            vec![route],
+            identity,
+            Duration::from_secs(10),
+            1,
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepting = Arc::clone(&shared);
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, peer)) = listener.accept().await else {
+                    return;
+                };
+                let guard = ConnGuard::new(&accepting);
+                tokio::spawn(conn::serve(Arc::clone(&accepting), stream, peer, guard));
+            }
+        });
+        let bounded = async {
+            for _ in 0..cycles {
+                churn_cycle(addr, false).await;
+            }
+            shared.table.update(|snapshot| {
+                snapshot.deny =
+                    loopwatch_dataplane_core::table::AccessList::parse(["127.0.0.1"]).unwrap();
+            });
+            for _ in 0..refusals {
+                churn_cycle(addr, true).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), bounded)
+            .await
+            .expect("the cycles within the test's bound");
+        let events = rx.try_batch(usize::MAX);
+        let count = |name: &str| events.iter().filter(|e| e.type_name() == name).count();
+        assert_eq!(count("attempt"), cycles + refusals);
+        assert_eq!(count("opened"), cycles);
+        assert_eq!(count("rejected"), refusals);
     }
 
     #[tokio::test]
