@@ -35,6 +35,14 @@ use crate::wire::Route;
 
 /// Pending connections the kernel queues for the accept loop.
 const BACKLOG: u32 = 1024;
+/// The blocking pool's threads per worker (tokio's default is 512 in all).
+/// Upstream name lookups (`TcpStream::connect` to a host name resolves it
+/// there; an address literal needs none) and JWT signature checks (at most
+/// one per worker at a time: `SignatureChecks`) run there; a burst of
+/// connects to a slow resolver would otherwise start up to 512 threads, each
+/// with its stack. Tasks beyond the bound wait in tokio's queue (within
+/// their phase's deadline).
+const BLOCKING_PER_WORKER: usize = 4;
 /// After an accept error (out of descriptors, say), wait this long before the
 /// next accept rather than spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
@@ -455,6 +463,7 @@ impl Server {
     ) -> std::io::Result<Server> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
+            .max_blocking_threads(threads.max(1) * BLOCKING_PER_WORKER)
             .thread_name("loopwatch-dataplane")
             .enable_all()
             .build()?;
