@@ -973,8 +973,14 @@ fn tokens(value: &[u8]) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// Whether the headers called `name` list `token` (any case), as
+/// `tokens(name)` would, without joining or lower-casing them.
 fn has_token(headers: &[Header<'_>], name: &[u8], token: &[u8]) -> bool {
-    header_value(headers, name).is_some_and(|v| tokens(&v).iter().any(|t| t == token))
+    headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case(name))
+        .flat_map(|h| h.value.split(|&b| b == b','))
+        .any(|t| strip(t).eq_ignore_ascii_case(token))
 }
 
 // --- loopwatch's checks -------------------------------------------------------

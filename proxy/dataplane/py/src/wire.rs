@@ -220,8 +220,9 @@ pub fn route_for<'r>(routes: &'r [Route], path: &[u8]) -> Option<&'r Route> {
     routes.iter().find(|r| r.matches(path))
 }
 
-fn lower(name: &[u8]) -> Vec<u8> {
-    name.to_ascii_lowercase()
+/// Whether `name` is one of `names` (lower-case), in any case.
+fn one_of(names: &[&[u8]], name: &[u8]) -> bool {
+    names.iter().any(|n| name.eq_ignore_ascii_case(n))
 }
 
 /// What kind of request goes upstream: the part of its head that is not the
@@ -240,17 +241,18 @@ pub enum Forwarded {
     },
 }
 
-/// The lower-cased header names the Connection headers of `headers` list.
+/// The header names the Connection headers of `headers` list, as sent
+/// (compared in any case).
 pub(crate) fn connection_named<'h>(
     headers: impl IntoIterator<Item = (&'h [u8], &'h [u8])>,
-) -> Vec<Vec<u8>> {
+) -> Vec<&'h [u8]> {
     let mut named = Vec::new();
     for (name, value) in headers {
         if name.eq_ignore_ascii_case(b"connection") {
             named.extend(
                 value
                     .split(|&b| b == b',')
-                    .map(|t| lower(trim(t)))
+                    .map(trim)
                     .filter(|t| !t.is_empty()),
             );
         }
@@ -260,9 +262,8 @@ pub(crate) fn connection_named<'h>(
 
 /// Whether a header describes one hop only: the hop-by-hop set, or one the
 /// Connection header names.
-pub(crate) fn hop_by_hop(name: &[u8], named: &[Vec<u8>]) -> bool {
-    let name = lower(name);
-    HOP_BY_HOP.contains(&name.as_slice()) || named.contains(&name)
+pub(crate) fn hop_by_hop(name: &[u8], named: &[&[u8]]) -> bool {
+    one_of(&HOP_BY_HOP, name) || named.iter().any(|n| name.eq_ignore_ascii_case(n))
 }
 
 /// The request head sent upstream: end-to-end headers as the client sent them
@@ -297,7 +298,7 @@ pub fn upstream_request_head(
     );
     for h in &head.headers {
         if hop_by_hop(h.name, &named)
-            || REPLACED.contains(&lower(h.name).as_slice())
+            || one_of(&REPLACED, h.name)
             || (drop_expect && h.name.eq_ignore_ascii_case(b"expect"))
             || (traceparent.is_some() && h.name.eq_ignore_ascii_case(b"traceparent"))
         {
