@@ -68,8 +68,9 @@ const NOT_TLS: &str = "loopwatch: this port speaks TLS: use https:// or wss://";
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// What the client's head asks for, decided at once (no await) while the
-/// head's buffer is borrowed; owned, so the buffer can go.
-enum Plan {
+/// head's buffer is borrowed; owned but for the route (the listener's
+/// configuration's, which the connection keeps), so the buffer can go.
+enum Plan<'c> {
     /// Answer it ourselves and close.
     Answer {
         status: u16,
@@ -87,7 +88,7 @@ enum Plan {
     /// Forward the upgrade upstream.
     Forward {
         key: Box<str>,
-        route: Route,
+        route: &'c Route,
         request: Vec<u8>,
         early: Vec<u8>,
         /// For the recheck before the request goes upstream, and the
@@ -99,7 +100,7 @@ enum Plan {
     },
     /// Forward a plain request (no admission: it is no WebSocket attempt).
     Http {
-        route: Route,
+        route: &'c Route,
         request: http::Request,
     },
 }
@@ -425,7 +426,7 @@ async fn serve_stream<C: Transport + 'static>(
                 forward(shared, config, client, upgrade, guard, address).await
             }
             Plan::Http { route, request } => {
-                if forward_http(shared, config, &mut client, peer_ip, &route, &request).await {
+                if forward_http(shared, config, &mut client, peer_ip, route, &request).await {
                     idle = true;
                     continue;
                 }
@@ -497,7 +498,7 @@ async fn forward_http<C: Transport>(
 /// A complete head, routed.
 enum Routed<'r> {
     /// Its plan is made: no route, or a plain request.
-    Planned(Box<Plan>),
+    Planned(Box<Plan<'r>>),
     /// A WebSocket attempt on this route: its client is identified, then
     /// admitted ([`admit`]).
     Upgrade(&'r Route),
@@ -549,10 +550,7 @@ fn route_head<'r>(
             version: head.version,
             retryable: framing == BodyFraming::None && http::IDEMPOTENT.contains(&head.method),
         };
-        return Routed::Planned(Box::new(Plan::Http {
-            route: route.clone(),
-            request,
-        }));
+        return Routed::Planned(Box::new(Plan::Http { route, request }));
     }
     Routed::Upgrade(route)
 }
@@ -560,16 +558,16 @@ fn route_head<'r>(
 /// Admission of a WebSocket attempt by its identified client
 /// (`begin_upgrade`): its Attempt event, then the enforcement table.
 #[allow(clippy::too_many_arguments)]
-fn admit(
+fn admit<'c>(
     shared: &Shared,
-    route: &Route,
+    route: &'c Route,
     head: &RequestHead<'_>,
     buf: &[u8],
     client: Client,
     peer_text: &str,
     scheme: &str,
     conn_id: u64,
-) -> Plan {
+) -> Plan<'c> {
     let key: Box<str> = client.key.into();
     let now = std::time::Instant::now();
     // Tracing on: the connection span's context, decided here (the upstream
@@ -626,7 +624,7 @@ fn admit(
                 .unwrap_or_default();
             Plan::Forward {
                 key,
-                route: route.clone(),
+                route,
                 request,
                 early: buf[head.head_len..].to_vec(),
                 address: client.address.ip,
@@ -909,9 +907,9 @@ async fn upstream_handshake(
 }
 
 /// An admitted upgrade, to forward upstream.
-struct Upgrade {
+struct Upgrade<'c> {
     key: Box<str>,
-    route: Route,
+    route: &'c Route,
     /// The upgrade request as the upstream gets it.
     request: Vec<u8>,
     /// What the client sent after its head.
@@ -934,7 +932,7 @@ async fn forward<C: Transport + 'static>(
     shared: &Shared,
     config: &Config,
     mut client: C,
-    upgrade: Upgrade,
+    upgrade: Upgrade<'_>,
     guard: ConnGuard,
     address: Option<AddressSlot>,
 ) {
@@ -979,7 +977,7 @@ async fn forward<C: Transport + 'static>(
             )
         };
         let handshake = upstream_handshake(
-            &route,
+            route,
             config.upstream_tls.as_deref(),
             &request,
             recheck,
