@@ -870,18 +870,20 @@ async fn upstream_handshake(
         return closed();
     }
     let mut reader = ResponseReader::new(max_head, max_body);
-    let mut chunk = vec![0u8; HEAD_READ];
+    // Not zeroed: `read_buf` fills the spare capacity.
+    let mut chunk = Vec::with_capacity(HEAD_READ);
     loop {
-        let n = match stream.read(&mut chunk).await {
+        chunk.clear();
+        match stream.read_buf(&mut chunk).await {
             Ok(0) | Err(_) => {
                 return match reader.eof() {
                     Some(refusal) => Upstream::Refused(refusal),
                     None => closed(),
                 }
             }
-            Ok(n) => n,
-        };
-        match reader.feed(&chunk[..n]) {
+            Ok(_) => {}
+        }
+        match reader.feed(&chunk) {
             Ok(Answer::Partial) => continue,
             Ok(Answer::Upgrade {
                 head_len,
