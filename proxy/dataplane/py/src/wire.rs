@@ -55,14 +55,19 @@ pub fn status_phrase(status: u16) -> &'static str {
 
 /// A complete response with a one-line text body, then the connection closes.
 pub fn simple_response(status: u16, message: &str, headers: &[(&str, &str)]) -> Vec<u8> {
+    use std::fmt::Write;
     let phrase = status_phrase(status);
     let body = if message.is_empty() { phrase } else { message };
-    let mut out = format!("HTTP/1.1 {status} {phrase}\r\n");
+    // One allocation: the fixed lines, the headers and the body fit.
+    let headers_len: usize = headers.iter().map(|(n, v)| n.len() + v.len() + 4).sum();
+    let mut out = String::with_capacity(160 + headers_len + body.len());
+    // Writing to a String cannot fail.
+    let _ = write!(out, "HTTP/1.1 {status} {phrase}\r\n");
     for (name, value) in headers {
-        out.push_str(&format!("{name}: {value}\r\n"));
+        let _ = write!(out, "{name}: {value}\r\n");
     }
     out.push_str("Content-Type: text/plain; charset=utf-8\r\n");
-    out.push_str(&format!("Content-Length: {}\r\n", body.len() + 1));
+    let _ = write!(out, "Content-Length: {}\r\n", body.len() + 1);
     out.push_str("Connection: close\r\n\r\n");
     out.push_str(body);
     out.push('\n');
