@@ -8,11 +8,12 @@
 //! `Content-Length`; otherwise everything until the upstream closes. The body
 //! kept is at most `max_body` bytes: the answer is relayed once that much came.
 
+use std::borrow::Cow;
 use std::fmt;
 
 // Headers dropped from a relayed refusal besides Content-Length: the hop-by-hop
 // set; the Connection header's tokens are dropped too.
-use crate::wire::HOP_BY_HOP;
+use crate::wire::hop_by_hop;
 
 /// Headers a response head may have before it is refused (beyond the size cap).
 const FEW_HEADERS: usize = 64;
@@ -117,28 +118,34 @@ fn trim(value: &[u8]) -> &[u8] {
     &value[start..end]
 }
 
-fn tokens(value: &[u8]) -> impl Iterator<Item = Vec<u8>> + '_ {
+/// The trimmed, non-empty comma-separated tokens of a header value, as sent
+/// (compare them in any case).
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> + '_ {
     value
         .split(|&b| b == b',')
-        .map(|t| lower(trim(t)))
+        .map(trim)
         .filter(|t| !t.is_empty())
 }
 
 impl Head {
-    /// Values of a header, joined with ", " as Python's `header()` does.
-    pub(crate) fn header(&self, name: &[u8]) -> Option<Vec<u8>> {
+    /// Values of a header, joined with ", " as Python's `header()` does
+    /// (borrowed when there is one).
+    pub(crate) fn header(&self, name: &[u8]) -> Option<Cow<'_, [u8]>> {
         let mut values = self
             .headers
             .iter()
             .filter(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_slice());
         let first = values.next()?;
-        let mut out = first.to_vec();
+        let Some(second) = values.next() else {
+            return Some(Cow::Borrowed(first));
+        };
+        let mut out = [first, second].join(&b", "[..]);
         for v in values {
             out.extend_from_slice(b", ");
             out.extend_from_slice(v);
         }
-        Some(out)
+        Some(Cow::Owned(out))
     }
 
     pub(crate) fn framing(&self) -> Result<Framing, BadResponse> {
@@ -168,16 +175,18 @@ impl Head {
             ),
             _ => return Err(BadResponse::Invalid("duplicate Content-Length".into())),
         };
-        let chunked = te
-            .as_deref()
-            .is_some_and(|v| tokens(v).last().is_some_and(|t| t == b"chunked"));
+        let chunked = te.as_deref().is_some_and(|v| {
+            tokens(v)
+                .last()
+                .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"))
+        });
         // llhttp: an answer asking for an upgrade without a body is complete.
         let upgrade = self
             .header(b"upgrade")
             .is_some_and(|v| !trim(&v).is_empty())
             && self
                 .header(b"connection")
-                .is_some_and(|v| tokens(&v).any(|t| t == b"upgrade"));
+                .is_some_and(|v| tokens(&v).any(|t| t.eq_ignore_ascii_case(b"upgrade")));
         if upgrade && !chunked && length.unwrap_or(0) == 0 {
             return Ok(Framing::None);
         }
@@ -207,18 +216,17 @@ impl Head {
     /// The refusal as the client gets it: same status, reason and end-to-end
     /// headers, the bounded body, then the connection closes.
     fn refusal(&self, body: &[u8]) -> UpstreamRefusal {
-        let named: Vec<Vec<u8>> = self
+        let named: Vec<&[u8]> = self
             .headers
             .iter()
             .filter(|(n, _)| n.eq_ignore_ascii_case(b"connection"))
-            .flat_map(|(_, v)| tokens(v).collect::<Vec<_>>())
+            .flat_map(|(_, v)| tokens(v))
             .collect();
         let mut out = format!("HTTP/1.1 {} ", self.status).into_bytes();
         out.extend_from_slice(&self.reason);
         out.extend_from_slice(b"\r\n");
         for (name, value) in &self.headers {
-            let l = lower(name);
-            if HOP_BY_HOP.contains(&l.as_slice()) || named.contains(&l) || l == b"content-length" {
+            if hop_by_hop(name, &named) || name.eq_ignore_ascii_case(b"content-length") {
                 continue;
             }
             out.extend_from_slice(name);
@@ -241,9 +249,11 @@ impl Head {
     }
 }
 
-fn parse_head(buf: &[u8], slots: usize) -> Result<Option<(Head, usize)>, httparse::Error> {
-    let mut headers = vec![httparse::EMPTY_HEADER; slots];
-    let mut response = httparse::Response::new(&mut headers);
+fn parse_head<'b>(
+    buf: &'b [u8],
+    slots: &mut [httparse::Header<'b>],
+) -> Result<Option<(Head, usize)>, httparse::Error> {
+    let mut response = httparse::Response::new(slots);
     match response.parse(buf)? {
         httparse::Status::Partial => Ok(None),
         httparse::Status::Complete(len) => {
@@ -268,9 +278,13 @@ pub(crate) fn parse_response_head(
     buf: &[u8],
     max_head: usize,
 ) -> Result<Option<(Head, usize)>, BadResponse> {
-    let parsed = match parse_head(buf, FEW_HEADERS) {
+    // On the stack: a head has few headers, most of the time.
+    let mut few = [httparse::EMPTY_HEADER; FEW_HEADERS];
+    let parsed = match parse_head(buf, &mut few) {
         // Every header line takes at least 4 bytes.
-        Err(httparse::Error::TooManyHeaders) => parse_head(buf, buf.len() / 4 + 1),
+        Err(httparse::Error::TooManyHeaders) => {
+            parse_head(buf, &mut vec![httparse::EMPTY_HEADER; buf.len() / 4 + 1])
+        }
         other => other,
     };
     match parsed {
@@ -310,7 +324,7 @@ impl ResponseReader {
                     // A 101 that switches to anything but websocket answers no
                     // upgrade we sent: 502.
                     let upgrade = head.header(b"upgrade").unwrap_or_default();
-                    if !tokens(&upgrade).any(|t| t == b"websocket") {
+                    if !tokens(&upgrade).any(|t| t.eq_ignore_ascii_case(b"websocket")) {
                         return Err(BadResponse::Invalid(
                             "a 101 without Upgrade: websocket".into(),
                         ));
