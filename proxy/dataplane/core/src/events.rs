@@ -181,7 +181,7 @@ pub struct AttemptTrace {
 pub enum Event {
     /// An upgrade request arrived (before admission); `addr` is the peer.
     Attempt {
-        key: Box<str>,
+        key: Arc<str>,
         route: Arc<str>,
         at: Instant,
         addr: Box<str>,
@@ -191,7 +191,7 @@ pub enum Event {
     },
     /// The enforcement table refused it; it never reached the upstream.
     Rejected {
-        key: Box<str>,
+        key: Arc<str>,
         route: Arc<str>,
         at: Instant,
         reason: RefuseReason,
@@ -201,14 +201,14 @@ pub enum Event {
     /// client left during the hold: the attempt ended now, and the engine
     /// measures retry intervals from here (`Answered` in detectors/events.py).
     Answered {
-        key: Box<str>,
+        key: Arc<str>,
         route: Arc<str>,
         at: Instant,
         conn_id: u64,
     },
     /// The upstream refused the upgrade or could not be reached.
     HandshakeFailed {
-        key: Box<str>,
+        key: Arc<str>,
         route: Arc<str>,
         at: Instant,
         failure: HandshakeFailure,
@@ -216,7 +216,7 @@ pub enum Event {
     },
     /// Both sides are open.
     Opened {
-        key: Box<str>,
+        key: Arc<str>,
         route: Arc<str>,
         at: Instant,
         conn_id: u64,
@@ -224,7 +224,7 @@ pub enum Event {
     /// The connection ended. `code` is 1005 for a close frame without a code,
     /// 1006 for no close frame; `duration` runs from Opened.
     Closed {
-        key: Box<str>,
+        key: Arc<str>,
         route: Arc<str>,
         at: Instant,
         conn_id: u64,

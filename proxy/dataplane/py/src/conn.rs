@@ -81,13 +81,13 @@ enum Plan<'c> {
     Refuse {
         refusal: Refusal,
         ws_key: Vec<u8>,
-        key: Box<str>,
+        key: Arc<str>,
         route: Arc<str>,
         at: std::time::Instant,
     },
     /// Forward the upgrade upstream.
     Forward {
-        key: Box<str>,
+        key: Arc<str>,
         route: &'c Route,
         request: Vec<u8>,
         early: Vec<u8>,
@@ -568,7 +568,7 @@ fn admit<'c>(
     scheme: &str,
     conn_id: u64,
 ) -> Plan<'c> {
-    let key: Box<str> = client.key.into();
+    let key: Arc<str> = client.key.into();
     let now = std::time::Instant::now();
     // Tracing on: the connection span's context, decided here (the upstream
     // request carries its traceparent; the brain makes the span with its ids).
@@ -578,7 +578,7 @@ fn admit<'c>(
         .map(|sampling| Box::new(attempt_trace(sampling, head)));
     let traceparent = trace.as_ref().map(|t| t.context.traceparent());
     shared.events.send(Event::Attempt {
-        key: key.clone(),
+        key: Arc::clone(&key),
         route: Arc::clone(&route.name),
         at: now,
         addr: client.address.to_string().into(),
@@ -589,7 +589,7 @@ fn admit<'c>(
         Admission::Refuse(refusal) => {
             shared.counters.refuse(refusal.reason);
             shared.events.send(Event::Rejected {
-                key: key.clone(),
+                key: Arc::clone(&key),
                 route: Arc::clone(&route.name),
                 at: now,
                 reason: refusal.reason,
@@ -661,7 +661,7 @@ async fn check_signature(
 
 /// The attempt a refusal answers, for its Answered event.
 struct RefusedAttempt {
-    key: Box<str>,
+    key: Arc<str>,
     route: Arc<str>,
     at: std::time::Instant,
     conn_id: u64,
@@ -910,7 +910,7 @@ async fn upstream_handshake(
 
 /// An admitted upgrade, to forward upstream.
 struct Upgrade<'c> {
-    key: Box<str>,
+    key: Arc<str>,
     route: &'c Route,
     /// The upgrade request as the upstream gets it.
     request: Vec<u8>,
@@ -957,7 +957,7 @@ async fn forward<C: Transport + 'static>(
             .handshake_failed
             .fetch_add(1, Ordering::Relaxed);
         shared.events.send(Event::HandshakeFailed {
-            key: key.clone(),
+            key: Arc::clone(&key),
             route: Arc::clone(&route.name),
             at: std::time::Instant::now(),
             failure,
@@ -1049,7 +1049,7 @@ async fn forward<C: Transport + 'static>(
             // it as the late refusal it judged, or as a split refusal.
             shared.counters.refuse(refusal.reason);
             shared.events.send(Event::Rejected {
-                key: key.clone(),
+                key: Arc::clone(&key),
                 route: Arc::clone(&route.name),
                 at,
                 reason: refusal.reason,
@@ -1081,7 +1081,7 @@ async fn forward<C: Transport + 'static>(
     shared.counters.opened.fetch_add(1, Ordering::Relaxed);
     shared.counters.relays.fetch_add(1, Ordering::AcqRel);
     shared.events.send(Event::Opened {
-        key: key.clone(),
+        key: Arc::clone(&key),
         route: Arc::clone(&route.name),
         at: opened_at,
         conn_id,

@@ -921,7 +921,7 @@ mod size_tests {
             },
             RelayIdentity {
                 conn_id: 1,
-                key: Box::from("127.0.0.1"),
+                key: Arc::from("127.0.0.1"),
                 route: Arc::from("/"),
                 opened_at: std::time::Instant::now(),
             },

@@ -231,7 +231,7 @@ pub struct RelayLimits {
 /// Who the connection is, for its Closed event.
 pub struct RelayIdentity {
     pub conn_id: u64,
-    pub key: Box<str>,
+    pub key: Arc<str>,
     pub route: Arc<str>,
     pub opened_at: std::time::Instant,
 }
@@ -1032,7 +1032,7 @@ impl<C: Transport, U: Transport> Relay<C, U> {
         if !self.reported {
             self.reported = true;
             self.events.send(Event::Closed {
-                key: self.id.key.clone(),
+                key: Arc::clone(&self.id.key),
                 route: Arc::clone(&self.id.route),
                 at: std::time::Instant::now(),
                 conn_id: self.id.conn_id,
