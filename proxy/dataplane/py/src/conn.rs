@@ -282,7 +282,6 @@ async fn serve_stream<C: Transport + 'static>(
     let conn_id = shared.conn_id();
     let mut shutdown = shared.shutdown.clone();
     let peer_ip = peer.ip();
-    let peer_text = peer_ip.to_string();
     // Between two plain requests of a keep-alive connection.
     let mut idle = false;
     loop {
@@ -340,7 +339,7 @@ async fn serve_stream<C: Transport + 'static>(
                     return;
                 }
                 HeadStatus::Complete(head) => {
-                    let route = match route_head(config, &head, &buf, &peer_text, scheme) {
+                    let route = match route_head(config, &head, &buf, peer_ip, scheme) {
                         Routed::Planned(plan) => break *plan,
                         Routed::Upgrade(route) => route,
                     };
@@ -369,9 +368,7 @@ async fn serve_stream<C: Transport + 'static>(
                             }
                         },
                     };
-                    break admit(
-                        shared, route, &head, &buf, client, &peer_text, scheme, conn_id,
-                    );
+                    break admit(shared, route, &head, &buf, client, peer_ip, scheme, conn_id);
                 }
             }
         };
@@ -510,7 +507,7 @@ fn route_head<'r>(
     config: &'r Config,
     head: &RequestHead<'_>,
     buf: &[u8],
-    peer_text: &str,
+    peer: IpAddr,
     scheme: &str,
 ) -> Routed<'r> {
     let Some(route) = route_for(&config.routes, head.path) else {
@@ -537,7 +534,7 @@ fn route_head<'r>(
                 head,
                 &target,
                 &route.authority,
-                peer_text,
+                &peer.to_string(),
                 scheme,
                 kind,
                 None,
@@ -564,7 +561,7 @@ fn admit<'c>(
     head: &RequestHead<'_>,
     buf: &[u8],
     client: Client,
-    peer_text: &str,
+    peer: IpAddr,
     scheme: &str,
     conn_id: u64,
 ) -> Plan<'c> {
@@ -577,11 +574,12 @@ fn admit<'c>(
         .as_ref()
         .map(|sampling| Box::new(attempt_trace(sampling, head)));
     let traceparent = trace.as_ref().map(|t| t.context.traceparent());
+    let addr: Box<str> = client.address.to_string().into();
     shared.events.send(Event::Attempt {
         key: Arc::clone(&key),
         route: Arc::clone(&route.name),
         at: now,
-        addr: client.address.to_string().into(),
+        addr: addr.clone(),
         conn_id,
         trace,
     });
@@ -609,11 +607,16 @@ fn admit<'c>(
         }
         Admission::Admit { .. } | Admission::AllowListed { .. } => {
             let target = route.target(head.path, &head.target);
+            // X-Forwarded-For names the peer (formatted here only: a
+            // refusal does not need it), the text just made when it is the
+            // client's address.
+            let same = client.address.ip == peer && client.address.scope.is_none();
+            let peer_text = if same { addr } else { peer.to_string().into() };
             let request = upstream_request_head(
                 head,
                 &target,
                 &route.authority,
-                peer_text,
+                &peer_text,
                 scheme,
                 Forwarded::WebSocket,
                 traceparent.as_ref().map(|t| &t[..]),
