@@ -783,7 +783,9 @@ fn special(name: &[u8]) -> Special {
 }
 
 fn scan_headers<'a>(c: &mut Cursor<'a>) -> Scanned<(Vec<Header<'a>>, Flags)> {
-    let mut headers = Vec::new();
+    // Room for a browser's upgrade request (a dozen headers) at once, rather
+    // than growing 4, 8, 16.
+    let mut headers = Vec::with_capacity(16);
     let mut flags = Flags::default();
     if c.peek()? == b' ' {
         return Err(Stop::Bad("Unexpected space after start line"));
