@@ -660,19 +660,28 @@ mod tests {
         }
     }
 
-    /// One churn cycle, as the benchmark's: connect, upgrade, one echo, close;
-    /// or, for a deny-listed client, the 429 refusal read to its end.
+    /// One churn cycle, as the benchmark's (tests/benchmarks/loadgen.py):
+    /// connect, upgrade with an unverified token naming the client (`jwt:sub`),
+    /// one echo, close; or, for a deny-listed client (no token), the 429
+    /// refusal read to its end.
     async fn churn_cycle(addr: SocketAddr, denied: bool) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // {"alg":"HS256","typ":"JWT"}.{"sub": "churn-1-0-17"}.sig
+        const TOKEN: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.\
+            eyJzdWIiOiAiY2h1cm4tMS0wLTE3In0.c2ln";
+        let target = if denied {
+            "/refuse".to_owned()
+        } else {
+            format!("/echo?token={TOKEN}")
+        };
         let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        client
-            .write_all(
-                b"GET /ws HTTP/1.1\r\nHost: example.test\r\nUpgrade: websocket\r\n\
-                  Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-                  Sec-WebSocket-Version: 13\r\n\r\n",
-            )
-            .await
-            .unwrap();
+        let request = format!(
+            "GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Version: 13\r\n\r\n",
+            addr.port()
+        );
+        client.write_all(request.as_bytes()).await.unwrap();
         if denied {
             let mut answer = Vec::new();
             client.read_to_end(&mut answer).await.unwrap();
@@ -719,8 +728,18 @@ mod tests {
         let (events, rx) =
             loopwatch_dataplane_core::events::event_queue(8 * (cycles + refusals) + 64);
         let (_stop, shutdown) = watch::channel(false);
-        let identity =
-            Identity::new(&loopwatch_dataplane_core::identity::IdentitySpec::by_address()).unwrap();
+        // config/loopwatch.yaml's identity: an unverified JWT's sub, else the address.
+        let identity = Identity::new(&loopwatch_dataplane_core::identity::IdentitySpec {
+            sources: vec!["jwt:sub".to_owned(), "ip".to_owned()],
+            jwt: loopwatch_dataplane_core::identity::jwt::JwtSpec {
+                query_params: vec!["token".to_owned(), "access_token".to_owned()],
+                subprotocol: true,
+                leeway: 30.0,
+                ..Default::default()
+            },
+            ..loopwatch_dataplane_core::identity::IdentitySpec::by_address()
+        })
+        .unwrap();
         let route = crate::wire::Route {
             prefix: b"/".to_vec(),
             name: Arc::from("/"),
@@ -756,7 +775,7 @@ mod tests {
             }
             shared.table.update(|snapshot| {
                 snapshot.deny =
-                    loopwatch_dataplane_core::table::AccessList::parse(["127.0.0.1"]).unwrap();
+                    loopwatch_dataplane_core::table::AccessList::parse(["127.0.0.1/32"]).unwrap();
             });
             for _ in 0..refusals {
                 churn_cycle(addr, true).await;
@@ -770,6 +789,11 @@ mod tests {
         assert_eq!(count("attempt"), cycles + refusals);
         assert_eq!(count("opened"), cycles);
         assert_eq!(count("rejected"), refusals);
+        // The upgrades were identified by their token, bound to the address.
+        let opened = events.iter().filter(|e| e.type_name() == "opened");
+        assert!(opened
+            .clone()
+            .all(|e| e.key() == Some("churn-1-0-17@127.0.0.1")));
     }
 
     #[tokio::test]
