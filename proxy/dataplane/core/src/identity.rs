@@ -165,6 +165,8 @@ pub struct Client {
     pub source: String,
     /// The client address (after trusted X-Forwarded-For).
     pub address: Address,
+    /// `address` as text, made once (the key's, the events').
+    pub address_text: String,
     /// The key is a claim of a JWT whose signature was verified.
     pub verified: bool,
 }
@@ -306,6 +308,7 @@ impl Identity {
     ) -> Result<Client, E> {
         let mut costly = Some(costly);
         let address = self.client_address(head, peer);
+        let address_text = address.to_string();
         let query = latin1(head.query);
         let mut claims: Option<(Arc<Value>, bool)> = None;
         let mut token_read = false;
@@ -340,7 +343,7 @@ impl Identity {
                 self.bind
             };
             let key = if bind {
-                format!("{value}@{address}")
+                [value.as_str(), "@", &address_text].concat()
             } else {
                 value
             };
@@ -348,13 +351,15 @@ impl Identity {
                 key,
                 source: label.clone(),
                 address,
+                address_text,
                 verified: from_verified,
             });
         }
         Ok(Client {
-            key: address.to_string(),
+            key: address_text.clone(),
             source: "ip".into(),
             address,
+            address_text,
             verified: false,
         })
     }
@@ -550,7 +555,11 @@ fn hashed(value: &str) -> String {
 
 /// Bytes as latin-1 text.
 pub fn latin1(bytes: &[u8]) -> String {
-    bytes.iter().map(|&b| char::from(b)).collect()
+    match std::str::from_utf8(bytes) {
+        // ASCII (nearly every header and query) is its own latin-1.
+        Ok(ascii) if ascii.is_ascii() => ascii.to_owned(),
+        _ => bytes.iter().map(|&b| char::from(b)).collect(),
+    }
 }
 
 fn header_text(head: &RequestHead<'_>, name: &str) -> Option<String> {

@@ -574,7 +574,7 @@ fn admit<'c>(
         .as_ref()
         .map(|sampling| Box::new(attempt_trace(sampling, head)));
     let traceparent = trace.as_ref().map(|t| t.context.traceparent());
-    let addr: Box<str> = client.address.to_string().into();
+    let addr: Box<str> = client.address_text.as_str().into();
     shared.events.send(Event::Attempt {
         key: Arc::clone(&key),
         route: Arc::clone(&route.name),

@@ -121,7 +121,7 @@ impl Identity {
         Ok((
             client.key,
             client.source,
-            client.address.to_string(),
+            client.address_text,
             client.verified,
         ))
     }
