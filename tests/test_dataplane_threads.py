@@ -195,9 +195,15 @@ async def loopwatch_run(
 
 async def threads_of(p: Process) -> tuple[int, int, float]:
     """(threads in /proc, the `listening` line's count, the gauge on /metrics)."""
-    counted = dataplane_threads(p.proc.pid)
     listed = p.listening["dataplane_threads"]
     assert isinstance(listed, int)
+    # A thread takes its name once it runs: the runtime's last worker may not
+    # have run yet when the `listening` line is out (seen once in CI: 1 of 2).
+    deadline = asyncio.get_running_loop().time() + 5.0
+    counted = dataplane_threads(p.proc.pid)
+    while counted < listed and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+        counted = dataplane_threads(p.proc.pid)
     return counted, listed, await asyncio.to_thread(scrape_threads, p.admin_port)
 
 
