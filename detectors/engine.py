@@ -38,7 +38,7 @@ from .offenders import HOT_RATE, HotClients
 from .rules import RULE_NAMES, RULES
 from .settings import BreakerSettings, DetectionSettings, Mode, PolicySettings, RuleSettings
 from .shared import SharedCooldown
-from .state import INF, NEVER, ClientState, ClientStore, MemoryStore
+from .state import INF, NEVER, Addresses, ClientState, ClientStore, MemoryStore
 from .views import BreakerView, ClientView, EngineSnapshot
 
 # Which rules a call may enforce (start a cooldown for).
@@ -78,6 +78,7 @@ class Engine:
         self._notable: dict[str, ClientState] = {}
         self._flagged: dict[str, int] = dict.fromkeys(RULE_NAMES, 0)
         self._hot = HotClients()  # top-offender candidates
+        self._addresses = Addresses()  # one copy of a peer address its clients share
         self._next_sweep = NEVER
         # What the current call produced; admin calls leave theirs for the next call.
         self._raised: list[Finding] = []
@@ -166,6 +167,8 @@ class Engine:
         # counts a client once per window for it (and every attempt for the rate).
         distinct = t - state.attempt_t >= self._fleet.settings.window
         tracker.on_attempt(state, attempt, self._detection)
+        if state.addr is attempt.addr and attempt.addr:  # a new address for this client
+            state.addr = self._addresses.share(attempt.addr)
         if state.rate >= HOT_RATE:
             self._hot.note(state, t, self._detection.rate_window)
         self._fleet.attempt(t, distinct)
@@ -675,6 +678,8 @@ class Engine:
         state = self._client(event.key, t)
         kind = tracker.apply(state, event, self._detection)
         if isinstance(event, Attempt):
+            if state.addr is event.addr and event.addr:
+                state.addr = self._addresses.share(event.addr)
             if admitted:
                 state.admitted_t = t
         elif breakers:

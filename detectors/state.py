@@ -124,6 +124,33 @@ class ClientState:
         return bool(self.open) or self.cool_until > t or self.keep_until > t
 
 
+class Addresses:
+    """One copy of each peer address for every client state that holds it.
+
+    Each attempt brings its own string for the peer's address, and a client's
+    state keeps the latest one for as long as the client is tracked (10 min
+    after it leaves by default): ~60 bytes a client, the same bytes again for
+    every client behind one NAT, load balancer or test host. States keep the
+    copy from here instead. Bounded: when ``CAP`` distinct addresses are held
+    it starts over (states keep the copies they have; only sharing restarts).
+    """
+
+    __slots__ = ("_copies",)
+    CAP = 4096
+
+    def __init__(self) -> None:
+        self._copies: dict[str, str] = {}
+
+    def share(self, addr: str) -> str:
+        """The copy of ``addr`` to keep (``addr`` itself the first time)."""
+        copy = self._copies.get(addr)
+        if copy is None:
+            if len(self._copies) >= self.CAP:
+                self._copies.clear()
+            copy = self._copies[addr] = addr
+        return copy
+
+
 class ClientStore(Protocol):
     """Where client states live; the engine needs nothing else from it."""
 

@@ -66,8 +66,9 @@ def on_attempt(state: ClientState, event: Attempt, settings: DetectionSettings) 
             state.intervals = state.interval_times = None
     state.gap = gap
     state.attempt_t = t
-    if event.addr:
-        state.addr = event.addr
+    addr = event.addr
+    if addr and addr != state.addr:  # the same address again keeps the copy held
+        state.addr = addr
     state.last_seen = t
     if settings.history_size:
         _remember_packed(state, t, history.ATTEMPT, settings.history_size)

@@ -417,3 +417,18 @@ def test_a_rule_cannot_match_while_what_it_counts_is_absent() -> None:
             assert any(r.check(state, r.settings(blocks), t) for r in RULES)
             setattr(state, rule.needs, None)
             assert rule.check(state, rule.settings(blocks), t) is None, rule.name
+
+
+def test_clients_behind_one_address_keep_one_copy_of_it() -> None:
+    """Every attempt brings its own address string; the client states keep one
+    copy of an address they share (a NAT, a load balancer), not one each."""
+    e = engine()
+    for i in range(3):
+        addr = "".join(("192.0.2.", "7"))  # a new string each time, as the data plane's events bring
+        e.admit(Attempt(f"client-{i}", "/ws", float(i), addr))
+    states = [e._store.get(f"client-{i}") for i in range(3)]
+    assert all(s is not None and s.addr == "192.0.2.7" for s in states)
+    assert states[0] is not None and all(s is not None and s.addr is states[0].addr for s in states)
+    e.admit(Attempt("client-0", "/ws", 5.0, "198.51.100.1"))  # a client that moves keeps its new address
+    assert states[0].addr == "198.51.100.1"
+    assert e.client("client-0", 5.0) is not None

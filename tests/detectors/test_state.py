@@ -7,7 +7,7 @@ from array import array
 from loopwatch.detectors import ring
 from loopwatch.detectors.events import Attempt, Closed, HandshakeFailed, Rejected
 from loopwatch.detectors.history import pack, unpack
-from loopwatch.detectors.state import ClientState, MemoryStore
+from loopwatch.detectors.state import Addresses, ClientState, MemoryStore
 from loopwatch.detectors.window import SlidingCounter
 
 
@@ -125,3 +125,15 @@ def test_history_packs_what_the_admin_view_shows() -> None:
     ]
     for event, expected in cases:
         assert unpack(event.t, pack(event)).to_dict() == expected
+
+
+def test_addresses_keep_one_copy_of_each_and_stay_bounded() -> None:
+    shared = Addresses()
+    first = "".join(("10.0.", "0.1"))  # built at run time: equal strings, distinct objects
+    again = "".join(("10.0.0", ".1"))
+    assert first == again and first is not again
+    assert shared.share(first) is first
+    assert shared.share(again) is first
+    for i in range(Addresses.CAP):  # full: sharing starts over, copies already given stay valid
+        shared.share(f"10.1.{i >> 8}.{i & 255}")
+    assert shared.share(again) is again
