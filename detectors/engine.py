@@ -629,10 +629,8 @@ class Engine:
                 self._cleared.append(flag.raised)
                 self._flagged[rule] -= 1
             state.flags = None
-        state.streak = state.steady = 0
-        state.steady_gaps = None
-        state.auth_times = state.bad_times = state.short_times = None
-        state.intervals = state.interval_times = None
+        state.failures = None
+        state.bad_times = None
         self._update_notable(state)
         self._mark_pending(t)
         return True

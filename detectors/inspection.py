@@ -51,6 +51,7 @@ def client_view(
 ) -> ClientView:
     cooling = state.cool_rule is not None and state.cool_until > t
     flags = state.flags or {}
+    failures = state.failures
     entries: tuple[HistoryEntry, ...] = ()
     if history and state.history_t is not None and state.history_v is not None:
         entries = tuple(unpack(when, v) for when, v in zip(state.history_t, state.history_v, strict=True))
@@ -62,7 +63,8 @@ def client_view(
         open_connections=state.open_count,
         first_seen=state.first_seen,
         last_seen=state.last_seen,
-        consecutive_auth_failures=max(state.streak, state.steady),  # the fast or the steady streak
+        # The fast or the steady streak.
+        consecutive_auth_failures=max(failures.streak, failures.steady) if failures is not None else 0,
         close_codes=close_codes(state),
         cooldown_remaining=state.cool_until - t if cooling else 0.0,
         cooldown_until=state.cool_until if cooling else None,

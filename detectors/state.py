@@ -26,6 +26,32 @@ INF = math.inf
 NEVER = -math.inf
 
 
+class Failures:
+    """What only a client that fails needs: its auth failure streaks and the rings
+    of failures the rules count. Most clients never fail (and one that only ends
+    short-lived connections fills ``ClientState.bad_times`` alone), so a client
+    state holds one slot for these, None until the first, not seven."""
+
+    __slots__ = (
+        "streak",  # consecutive auth failures retried quickly (auth_failure_loop)
+        "steady",  # consecutive auth failures retried within steady_within (auth_failure_loop) …
+        "steady_gaps",  # ring: … and the retry intervals before them (is it backing off?)
+        "auth_times",  # ring: auth failures
+        "short_times",  # ring: short, abnormal closes (short_lived)
+        "intervals",  # ring: retry intervals after failures (no_backoff) …
+        "interval_times",  # … and when each was measured
+    )
+
+    def __init__(self) -> None:
+        self.streak = 0
+        self.steady = 0
+        self.steady_gaps: array[float] | None = None
+        self.auth_times: array[float] | None = None
+        self.short_times: array[float] | None = None
+        self.intervals: array[float] | None = None
+        self.interval_times: array[float] | None = None
+
+
 class ClientState:
     """Everything the rules and the policy know about one client key."""
 
@@ -43,15 +69,9 @@ class ClientState:
         "end_t",  # latest end: close, refusal or failed handshake
         "end_failed",  # whether that end was a failure (retry intervals are judged after failures)
         "gap",  # retry interval of the latest attempt: attempt_t − previous end_t
-        "streak",  # consecutive auth failures retried quickly (auth_failure_loop)
-        "steady",  # consecutive auth failures retried within steady_within (auth_failure_loop) …
-        "steady_gaps",  # ring: … and the retry intervals before them (is it backing off?)
+        "failures",  # Failures: auth failure streaks, failure rings; None until the first
         "open",  # conn_id → open time
-        "auth_times",  # ring: auth failures
         "bad_times",  # ring: attempts refused, failed or short-lived (rapid_reconnect)
-        "short_times",  # ring: short, abnormal closes (short_lived)
-        "intervals",  # ring: retry intervals after failures (no_backoff) …
-        "interval_times",  # … and when each was measured
         "codes",  # close-code histogram
         "history_t",  # ring: recent event times …
         "history_v",  # … and the events, packed (detectors.history)
@@ -82,15 +102,9 @@ class ClientState:
         self.end_t = NEVER
         self.end_failed = False
         self.gap = INF
-        self.streak = 0
-        self.steady = 0
-        self.steady_gaps: array[float] | None = None
+        self.failures: Failures | None = None
         self.open: dict[ConnId, float] | None = None
-        self.auth_times: array[float] | None = None
         self.bad_times: array[float] | None = None
-        self.short_times: array[float] | None = None
-        self.intervals: array[float] | None = None
-        self.interval_times: array[float] | None = None
         self.codes: dict[int, int] | None = None
         self.history_t: array[float] | None = None
         self.history_v: array[int] | None = None
@@ -105,6 +119,13 @@ class ClientState:
         self.auth_fail_fed = NEVER
         self.auth_ok_fed = NEVER
         self.bucket = -1
+
+    def failing(self) -> Failures:
+        """The client's failure evidence, made at its first use."""
+        failures = self.failures
+        if failures is None:
+            failures = self.failures = Failures()
+        return failures
 
     @property
     def open_count(self) -> int:

@@ -24,7 +24,7 @@ from array import array
 from . import history, ring
 from .events import Answered, Attempt, Closed, Event, HandshakeFailed, Opened, Rejected
 from .settings import DetectionSettings
-from .state import NEVER, ClientState
+from .state import NEVER, ClientState, Failures
 
 # Bit flags describing an outcome.
 FAILED = 1  # the attempt failed: refused, handshake failed, or a short abnormal/auth close
@@ -51,19 +51,22 @@ def on_attempt(state: ClientState, event: Attempt, settings: DetectionSettings) 
         gap = math.inf
     else:
         gap = t - state.end_t
-        afl = rules.auth_failure_loop
-        if gap >= afl.retry_within:
-            state.streak = 0  # the client paused: whatever came before was not one fast loop …
-        if gap >= afl.steady_within:
-            _end_steady(state)  # … nor a steady one
+        failures = state.failures
+        if failures is not None:
+            afl = rules.auth_failure_loop
+            if gap >= afl.retry_within:
+                failures.streak = 0  # the client paused: whatever came before was not one fast loop …
+            if gap >= afl.steady_within:
+                _end_steady(failures)  # … nor a steady one
         if state.end_failed:
             if state.end_t >= state.attempt_t:  # a retry, not a socket opened alongside
+                failures = state.failing()
                 cap = rules.no_backoff.intervals
-                state.intervals = ring.push(state.intervals, gap, cap)
-                state.interval_times = ring.push(state.interval_times, t, cap)
-        elif state.intervals is not None:
+                failures.intervals = ring.push(failures.intervals, gap, cap)
+                failures.interval_times = ring.push(failures.interval_times, t, cap)
+        elif failures is not None and failures.intervals is not None:
             # A retry after a success starts a new backoff sequence.
-            state.intervals = state.interval_times = None
+            failures.intervals = failures.interval_times = None
     state.gap = gap
     state.attempt_t = t
     addr = event.addr
@@ -103,8 +106,7 @@ def on_handshake_failed(
     if status is not None and status in settings.auth_statuses:
         _auth_failure(state, t, settings)
         return FAILED | AUTH_FAILURE | UPSTREAM_SUCCESS
-    state.streak = 0
-    _end_steady(state)
+    _end_streaks(state)
     if status is None or status >= 500:
         return FAILED | UPSTREAM_FAILURE
     return FAILED | UPSTREAM_SUCCESS
@@ -153,18 +155,19 @@ def on_closed(state: ClientState, event: Closed, settings: DetectionSettings) ->
         state.bad_times = ring.push(state.bad_times, t, _rapid_cap(settings))
     if auth:
         if healthy:
-            state.streak = 0  # e.g. a token that expired after an hour: not a loop
-            _end_steady(state)
-            state.auth_times = ring.push(state.auth_times, t, _auth_cap(settings))
+            failures = state.failing()
+            failures.streak = 0  # e.g. a token that expired after an hour: not a loop
+            _end_steady(failures)
+            failures.auth_times = ring.push(failures.auth_times, t, _auth_cap(settings))
             state.end_failed = False
             return AUTH_FAILURE
         _auth_failure(state, t, settings)
         state.end_failed = True
         return FAILED | AUTH_FAILURE
-    state.streak = 0
-    _end_steady(state)
+    _end_streaks(state)
     if duration < rules.short_lived.lived_under and not normal:
-        state.short_times = ring.push(state.short_times, t, _short_cap(settings))
+        failures = state.failing()
+        failures.short_times = ring.push(failures.short_times, t, _short_cap(settings))
     failed = not healthy and not normal
     state.end_failed = failed
     if failed:
@@ -199,23 +202,32 @@ def apply(state: ClientState, event: Event, settings: DetectionSettings) -> int:
 
 
 def _auth_failure(state: ClientState, t: float, settings: DetectionSettings) -> None:
-    state.streak += 1
-    state.auth_times = ring.push(state.auth_times, t, _auth_cap(settings))
+    failures = state.failing()
+    failures.streak += 1
+    failures.auth_times = ring.push(failures.auth_times, t, _auth_cap(settings))
     s = settings.rules.auth_failure_loop
     if s.steady is None:
         return
     # A pause of steady_within before an attempt ended the streak (on_attempt).
     # The retry interval judged is the latest attempt's: this failure's own,
     # unless sockets overlap; one opened after a pause adds none.
-    state.steady += 1
+    failures.steady += 1
     gap = state.gap
-    if state.steady > 1 and gap < s.steady_within:
-        state.steady_gaps = ring.push(state.steady_gaps, gap, s.steady - 1)
+    if failures.steady > 1 and gap < s.steady_within:
+        failures.steady_gaps = ring.push(failures.steady_gaps, gap, s.steady - 1)
 
 
-def _end_steady(state: ClientState) -> None:
-    state.steady = 0
-    state.steady_gaps = None
+def _end_streaks(state: ClientState) -> None:
+    """An end that is not an auth failure ends both streaks (a client that never failed has none)."""
+    failures = state.failures
+    if failures is not None:
+        failures.streak = 0
+        _end_steady(failures)
+
+
+def _end_steady(failures: Failures) -> None:
+    failures.steady = 0
+    failures.steady_gaps = None
 
 
 def _remember_packed(state: ClientState, t: float, packed: int, size: int) -> None:

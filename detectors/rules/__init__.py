@@ -28,8 +28,9 @@ class Rule(NamedTuple):
     settings: Callable[[RulesSettings], RuleSettings]
     # When the verdict may change with no new event (None: only events change it).
     recheck_at: Callable[[ClientState, Any, float], float | None] | None = None
-    # The ClientState field the rule counts: while it is None, ``check`` cannot
-    # match, so the engine skips the call for a client the rule has not flagged.
+    # The ClientState field the rule counts (``failures``: the rings in it): while
+    # it is None, ``check`` cannot match, so the engine skips the call for a
+    # client the rule has not flagged.
     needs: str | None = None
 
     def evaluate(self, state: ClientState, settings: Any, t: float) -> Finding | None:
@@ -45,7 +46,7 @@ RULES: tuple[Rule, ...] = (
         auth_failure_loop.check,
         auth_failure_loop.evidence,
         lambda r: r.auth_failure_loop,
-        needs="auth_times",
+        needs="failures",
     ),
     Rule(
         rapid_reconnect.NAME,
@@ -54,7 +55,7 @@ RULES: tuple[Rule, ...] = (
         lambda r: r.rapid_reconnect,
         needs="bad_times",
     ),
-    Rule(short_lived.NAME, short_lived.check, short_lived.evidence, lambda r: r.short_lived, needs="short_times"),
+    Rule(short_lived.NAME, short_lived.check, short_lived.evidence, lambda r: r.short_lived, needs="failures"),
     Rule(
         duplicate_connections.NAME,
         duplicate_connections.check,
@@ -63,7 +64,7 @@ RULES: tuple[Rule, ...] = (
         duplicate_connections.recheck_at,
         needs="open",
     ),
-    Rule(no_backoff.NAME, no_backoff.check, no_backoff.evidence, lambda r: r.no_backoff, needs="intervals"),
+    Rule(no_backoff.NAME, no_backoff.check, no_backoff.evidence, lambda r: r.no_backoff, needs="failures"),
 )
 RULE_NAMES: tuple[str, ...] = tuple(rule.name for rule in RULES)
 

@@ -31,30 +31,31 @@ from typing import Any
 from .. import ring
 from ..findings import Finding, Severity
 from ..settings import AuthFailureLoopSettings
-from ..state import ClientState
+from ..state import ClientState, Failures
 from .evidence import close_codes, finding, severity, span
 
 NAME = "auth_failure_loop"
 
 
 def check(state: ClientState, settings: AuthFailureLoopSettings, t: float) -> Severity | None:
-    times = state.auth_times
-    if times is None:
+    failures = state.failures
+    times = failures.auth_times if failures is not None else None
+    if failures is None or times is None:
         return None
     idle = t - max(state.attempt_t, state.end_t)
-    if state.streak >= settings.consecutive and idle < settings.retry_within:
+    if failures.streak >= settings.consecutive and idle < settings.retry_within:
         return "critical"
-    if idle < settings.steady_within and steady(state, settings):
+    if idle < settings.steady_within and steady(failures, settings):
         return "critical"
     return severity(ring.count_since(times, t - settings.window), settings.warning, settings.critical)
 
 
-def steady(state: ClientState, settings: AuthFailureLoopSettings) -> bool:
+def steady(failures: Failures, settings: AuthFailureLoopSettings) -> bool:
     """Whether the steady streak is long enough and its retry intervals never grew."""
     needed = settings.steady
-    if needed is None or state.steady < max(needed, settings.consecutive):
+    if needed is None or failures.steady < max(needed, settings.consecutive):
         return False
-    gaps = state.steady_gaps
+    gaps = failures.steady_gaps
     if gaps is None:
         return False
     return not backs_off(gaps, min(len(gaps), needed - 1), settings.steady_growth, settings.retry_within)
@@ -76,13 +77,14 @@ def backs_off(gaps: array[float], n: int, growth: float, floor: float) -> bool:
 
 
 def evidence(state: ClientState, settings: AuthFailureLoopSettings, t: float) -> dict[str, Any]:
-    times = state.auth_times
+    failures = state.failures or Failures()
+    times = failures.auth_times
     count = ring.count_since(times, t - settings.window)
     first, last = span(times, count)
     return {
-        "consecutive": state.streak,
-        "steady": state.steady,
-        "retry_intervals": [round(gap, 3) for gap in state.steady_gaps or ()],
+        "consecutive": failures.streak,
+        "steady": failures.steady,
+        "retry_intervals": [round(gap, 3) for gap in failures.steady_gaps or ()],
         "auth_failures": count,
         "window": settings.window,
         "rate": count / settings.window,

@@ -15,18 +15,19 @@ from typing import Any
 
 from ..findings import Finding, Severity
 from ..settings import NoBackoffSettings
-from ..state import ClientState
+from ..state import ClientState, Failures
 from .evidence import finding
 
 NAME = "no_backoff"
 
 
 def check(state: ClientState, settings: NoBackoffSettings, t: float) -> Severity | None:
-    intervals = state.intervals
+    failures = state.failures
+    intervals = failures.intervals if failures is not None else None
     n = settings.intervals
-    if intervals is None or len(intervals) < n:
+    if failures is None or intervals is None or len(intervals) < n:
         return None
-    when = state.interval_times
+    when = failures.interval_times
     if when is None or when[-n] < t - settings.window:
         return None
     growth = settings.growth
@@ -43,8 +44,9 @@ def check(state: ClientState, settings: NoBackoffSettings, t: float) -> Severity
 
 def evidence(state: ClientState, settings: NoBackoffSettings, t: float) -> dict[str, Any]:
     n = settings.intervals
-    recent = list(state.intervals or ())[-n:]
-    when: Sequence[float] = state.interval_times or ()
+    failures = state.failures or Failures()
+    recent = list(failures.intervals or ())[-n:]
+    when: Sequence[float] = failures.interval_times or ()
     return {
         "intervals": [round(x, 6) for x in recent],
         "average": sum(recent) / len(recent) if recent else None,

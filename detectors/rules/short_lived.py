@@ -20,14 +20,14 @@ NAME = "short_lived"
 
 
 def check(state: ClientState, settings: ShortLivedSettings, t: float) -> Severity | None:
-    times = state.short_times
+    times = state.failures.short_times if state.failures is not None else None
     if times is None or len(times) < lowest(settings.warning, settings.critical):
         return None
     return severity(ring.count_since(times, t - settings.window), settings.warning, settings.critical)
 
 
 def evidence(state: ClientState, settings: ShortLivedSettings, t: float) -> dict[str, Any]:
-    times = state.short_times
+    times = state.failures.short_times if state.failures is not None else None
     count = ring.count_since(times, t - settings.window)
     first, last = span(times, count)
     return {

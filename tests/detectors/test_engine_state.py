@@ -410,10 +410,12 @@ def test_a_rule_cannot_match_while_what_it_counts_is_absent() -> None:
             # 50 sockets held for ages, retries that never back off
             state = ClientState("k", 0.0)
             recent = array("d", [t - 0.001 * i for i in range(50, 0, -1)])
-            state.auth_times, state.bad_times, state.short_times = array("d", recent), array("d", recent), array("d", recent)
-            state.intervals, state.interval_times = array("d", [0.01] * 50), array("d", recent)
+            failures = state.failing()
+            failures.auth_times, state.bad_times = array("d", recent), array("d", recent)
+            failures.short_times = array("d", recent)
+            failures.intervals, failures.interval_times = array("d", [0.01] * 50), array("d", recent)
             state.open = {i: -1000.0 for i in range(50)}
-            state.streak, state.attempt_t, state.end_t = 99, t, t
+            failures.streak, state.attempt_t, state.end_t = 99, t, t
             assert any(r.check(state, r.settings(blocks), t) for r in RULES)
             setattr(state, rule.needs, None)
             assert rule.check(state, rule.settings(blocks), t) is None, rule.name

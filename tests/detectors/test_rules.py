@@ -237,7 +237,8 @@ def test_steady_streak_is_broken_by_any_other_end_or_a_pause(
     middle = breaker(end_of(first) + 2.0)
     rest = steady_loop([2.0] * 3, (end_of(middle) if middle else end_of(first)) + pause)  # four more
     assert run(auth_failure_loop, first + middle + rest) is None
-    assert fold(first + middle + rest).steady == 4
+    failures = fold(first + middle + rest).failures
+    assert failures is not None and failures.steady == 4
     unbroken = first + steady_loop([2.0] * 3, end_of(first) + 2.0)
     assert severity(run(auth_failure_loop, unbroken)) == "critical"
 
@@ -440,7 +441,8 @@ def test_no_backoff_ignores_a_socket_opened_alongside_another() -> None:
         events += sorted(a + b, key=lambda e: e.t)
         t = end_of(b) + (0.05 if round_ < 3 else 0)
     state = fold(events)
-    assert state.intervals is not None and len(state.intervals) == 3
+    assert state.failures is not None and state.failures.intervals is not None
+    assert len(state.failures.intervals) == 3
 
 
 def test_no_backoff_forgets_old_intervals() -> None:
@@ -453,8 +455,8 @@ def test_retry_interval_is_from_the_end_of_one_attempt_to_the_next() -> None:
     events = connection(K, 0.0, lived=2.0, code=1006) + refused(K, 3.0, 503)
     events += [Attempt(K, ROUTE, 3.5), Rejected(K, ROUTE, 3.5, "cooldown"), Attempt(K, ROUTE, 4.25)]
     state = fold(events)
-    assert state.intervals is not None
-    assert list(state.intervals) == pytest.approx([3.0 - 2.005, 3.5 - 3.005, 4.25 - 3.5])
+    assert state.failures is not None and state.failures.intervals is not None
+    assert list(state.failures.intervals) == pytest.approx([3.0 - 2.005, 3.5 - 3.005, 4.25 - 3.5])
 
 
 # --- all rules -------------------------------------------------------------
