@@ -213,3 +213,21 @@ def test_bench_gate_ablation_runs_every_variant_through_the_real_proxy() -> None
     for variant, (user, system, total, p50) in rows.items():
         assert user > 0 and system >= 0 and total == pytest.approx(user + system, abs=1.01), variant
         assert p50 > 0, variant
+
+
+def test_bench_client_memory_reports_every_shape() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.benchmarks.bench_client_memory", "500"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    per_client: dict[str, float] = {}
+    for line in proc.stdout.splitlines():
+        name, _, rest = line.partition("  ")
+        if rest.strip().endswith("B per client"):
+            per_client[name.strip()] = float(rest.split()[0])
+    assert set(per_client) == {"idle", "idle 6s", "gone"}, proc.stdout
+    # A client costs something, and an idle one keeps less than one that has left
+    # (its close-code histogram and short-connection ring come on top).
+    assert all(0 < v < 64 * 1024 for v in per_client.values()), per_client
+    assert per_client["idle 6s"] < per_client["gone"], per_client
