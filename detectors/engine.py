@@ -166,9 +166,7 @@ class Engine:
         # A storm is many clients reconnecting, not one client looping: the fleet
         # counts a client once per window for it (and every attempt for the rate).
         distinct = t - state.attempt_t >= self._fleet.settings.window
-        tracker.on_attempt(state, attempt, self._detection)
-        if state.addr is attempt.addr and attempt.addr:  # a new address for this client
-            state.addr = self._addresses.share(attempt.addr)
+        tracker.on_attempt(state, attempt, self._detection, self._addresses)
         if state.rate >= HOT_RATE:
             self._hot.note(state, t, self._detection.rate_window)
         self._fleet.attempt(t, distinct)
@@ -674,10 +672,8 @@ class Engine:
         if self._credits and self._credits[0][0] <= t:
             self._drain_credits(t)
         state = self._client(event.key, t)
-        kind = tracker.apply(state, event, self._detection)
+        kind = tracker.apply(state, event, self._detection, self._addresses)
         if isinstance(event, Attempt):
-            if state.addr is event.addr and event.addr:
-                state.addr = self._addresses.share(event.addr)
             if admitted:
                 state.admitted_t = t
         elif breakers:

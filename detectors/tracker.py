@@ -24,7 +24,7 @@ from array import array
 from . import history, ring
 from .events import Answered, Attempt, Closed, Event, HandshakeFailed, Opened, Rejected
 from .settings import DetectionSettings
-from .state import NEVER, ClientState, Failures
+from .state import NEVER, Addresses, ClientState, Failures
 
 # Bit flags describing an outcome.
 FAILED = 1  # the attempt failed: refused, handshake failed, or a short abnormal/auth close
@@ -40,7 +40,9 @@ MAX_CODES = 16
 _OTHER_CODE = -1
 
 
-def on_attempt(state: ClientState, event: Attempt, settings: DetectionSettings) -> None:
+def on_attempt(
+    state: ClientState, event: Attempt, settings: DetectionSettings, addresses: Addresses | None = None
+) -> None:
     t = event.t
     state.attempts += 1
     tau = settings.rate_window
@@ -71,7 +73,7 @@ def on_attempt(state: ClientState, event: Attempt, settings: DetectionSettings) 
     state.attempt_t = t
     addr = event.addr
     if addr and addr != state.addr:  # the same address again keeps the copy held
-        state.addr = addr
+        state.addr = addr if addresses is None else addresses.share(addr)
     state.last_seen = t
     if settings.history_size:
         _remember_packed(state, t, history.ATTEMPT, settings.history_size)
@@ -184,10 +186,13 @@ def on_answered(state: ClientState, t: float) -> None:
         state.last_seen = t
 
 
-def apply(state: ClientState, event: Event, settings: DetectionSettings) -> int:
-    """Fold any event into ``state`` (replay and tests); returns its classification."""
+def apply(
+    state: ClientState, event: Event, settings: DetectionSettings, addresses: Addresses | None = None
+) -> int:
+    """Fold any event into ``state`` (replay and tests); returns its classification.
+    ``addresses``: where the engine keeps one copy of each peer address."""
     if isinstance(event, Attempt):
-        on_attempt(state, event, settings)
+        on_attempt(state, event, settings, addresses)
         return 0
     if isinstance(event, Rejected):
         return on_rejected(state, event.t, event.reason, settings)
