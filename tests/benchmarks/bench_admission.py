@@ -32,6 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tests.benchmarks.report import replace_section
 from tests.benchmarks.targets import (
     HOST,
     ROOT,
@@ -159,17 +160,6 @@ def report(out: dict, command: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    doc = DOC.read_text() if DOC.exists() else "# Performance\n"
-    start = doc.find(HEADING)
-    if start < 0:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    else:
-        end = doc.find("\n## ", start + len(HEADING))
-        doc = doc[:start] + text + ("\n" + doc[end + 1 :] if end >= 0 else "")
-    DOC.write_text(doc)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -185,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     text = report(out, command)
     print(text)
     if not args.no_docs:
-        write_section(text)
+        replace_section(DOC, HEADING, text)
     return 0
 
 

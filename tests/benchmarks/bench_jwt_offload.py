@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
+from tests.benchmarks.report import replace_section
 from tests.benchmarks.targets import HOST, ROOT, Proc, _popen, _readline, machine, start_backend
 
 DOC = ROOT / "docs" / "performance.md"
@@ -252,17 +253,6 @@ def report(out: dict, command: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    doc = DOC.read_text()
-    start = doc.find(HEADING)
-    if start < 0:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    else:
-        end = doc.find("\n## ", start + len(HEADING))
-        doc = doc[:start] + text + ("\n" + doc[end + 1 :] if end >= 0 else "")
-    DOC.write_text(doc)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -289,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     text = report(out, command)
     print(text)
     if not args.no_docs:
-        write_section(text)
+        replace_section(DOC, HEADING, text)
     return 0
 
 

@@ -285,6 +285,19 @@ def update_doc(path: Path, md: str) -> None:
     path.write_text(text)
 
 
+def replace_section(path: Path, heading: str, text: str) -> None:
+    """Put `text` in place of the `heading` section (up to the next `## `
+    heading) of `path`, or append it when there is none yet."""
+    doc = path.read_text() if path.exists() else "# Performance\n"
+    start = doc.find(heading)
+    if start < 0:
+        doc = doc.rstrip("\n") + "\n\n" + text
+    else:
+        end = doc.find("\n## ", start + len(heading))
+        doc = doc[:start] + text + ("\n" + doc[end + 1 :] if end >= 0 else "")
+    path.write_text(doc)
+
+
 # --- the native data plane (issue 16) ------------------------------------------------
 
 NATIVE_COLUMNS = ("loopwatch", BARE, "nginx", "haproxy")
