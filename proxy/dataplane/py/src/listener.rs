@@ -740,15 +740,7 @@ mod tests {
             ..loopwatch_dataplane_core::identity::IdentitySpec::by_address()
         })
         .unwrap();
-        let route = crate::wire::Route {
-            prefix: b"/".to_vec(),
-            name: Arc::from("/"),
-            host: "127.0.0.1".to_owned(),
-            port: backend_port,
-            authority: format!("127.0.0.1:{backend_port}").into_bytes(),
-            base_path: Vec::new(),
-            tls: false,
-        };
+        let route = crate::wire::Route::loopback(backend_port, false);
         let shared = test_shared(
             events,
             shutdown,
@@ -848,15 +840,7 @@ mod tests {
         })
         .unwrap();
         // Never connected to: the attempt ends before the upstream.
-        let route = crate::wire::Route {
-            prefix: b"/".to_vec(),
-            name: Arc::from("/"),
-            host: "127.0.0.1".to_owned(),
-            port: 9,
-            authority: b"127.0.0.1:9".to_vec(),
-            base_path: b"/".to_vec(),
-            tls: false,
-        };
+        let route = crate::wire::Route::loopback(9, false);
         let shared = test_shared(
             events,
             shutdown,

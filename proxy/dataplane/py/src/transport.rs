@@ -245,27 +245,14 @@ impl Transport for UpstreamStream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
-
-    fn route(port: u16, tls: bool) -> Route {
-        Route {
-            prefix: b"/".to_vec(),
-            name: Arc::from("/"),
-            host: "127.0.0.1".into(),
-            port,
-            authority: format!("127.0.0.1:{port}").into_bytes(),
-            base_path: Vec::new(),
-            tls,
-        }
-    }
 
     #[tokio::test]
     async fn a_plain_route_connects_over_tcp() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let plain = route(port, false);
+        let plain = Route::loopback(port, false);
         let connect = connect_upstream(&plain, None, Duration::from_secs(5));
         let (stream, accepted) = tokio::join!(connect, listener.accept());
         let mut stream = stream.expect("connected");
@@ -284,7 +271,7 @@ mod tests {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             listener.local_addr().unwrap().port()
         };
-        let failure = connect_upstream(&route(port, false), None, Duration::from_secs(5))
+        let failure = connect_upstream(&Route::loopback(port, false), None, Duration::from_secs(5))
             .await
             .err()
             .expect("refused");
@@ -300,10 +287,14 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let tls = crate::tls::UpstreamTls::new(false, None, None).unwrap();
-        let failure = connect_upstream(&route(port, true), Some(&tls), Duration::from_millis(200))
-            .await
-            .err()
-            .expect("timed out");
+        let failure = connect_upstream(
+            &Route::loopback(port, true),
+            Some(&tls),
+            Duration::from_millis(200),
+        )
+        .await
+        .err()
+        .expect("timed out");
         assert!(matches!(failure, ConnectError::Timeout));
         assert_eq!(failure.status(), 504);
         assert_eq!(failure.handshake_error(), HandshakeError::Timeout);
@@ -318,10 +309,14 @@ mod tests {
             let _ = conn.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
         });
         let tls = crate::tls::UpstreamTls::new(false, None, None).unwrap();
-        let failure = connect_upstream(&route(port, true), Some(&tls), Duration::from_secs(5))
-            .await
-            .err()
-            .expect("not TLS");
+        let failure = connect_upstream(
+            &Route::loopback(port, true),
+            Some(&tls),
+            Duration::from_secs(5),
+        )
+        .await
+        .err()
+        .expect("not TLS");
         assert!(matches!(failure, ConnectError::Tls(_)), "{failure:?}");
         assert_eq!(failure.status(), 502);
         assert_eq!(failure.handshake_error(), HandshakeError::Tls);
@@ -330,7 +325,8 @@ mod tests {
             "loopwatch: upstream TLS handshake failed"
         );
         // A TLS route without TLS settings cannot be reached either.
-        let failure = connect_upstream(&route(port, true), None, Duration::from_secs(5)).await;
+        let failure =
+            connect_upstream(&Route::loopback(port, true), None, Duration::from_secs(5)).await;
         assert!(matches!(failure, Err(ConnectError::Tls(_))));
         peer.await.unwrap();
     }

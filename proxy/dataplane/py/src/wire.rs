@@ -182,6 +182,23 @@ pub struct Route {
     pub tls: bool,
 }
 
+#[cfg(test)]
+impl Route {
+    /// A test's route: every path to a `ws://127.0.0.1:port` upstream (`wss://`
+    /// with `tls`), the client's path kept as it is.
+    pub(crate) fn loopback(port: u16, tls: bool) -> Route {
+        Route {
+            prefix: b"/".to_vec(),
+            name: std::sync::Arc::from("/"),
+            host: "127.0.0.1".into(),
+            port,
+            authority: format!("127.0.0.1:{port}").into_bytes(),
+            base_path: Vec::new(),
+            tls,
+        }
+    }
+}
+
 impl Route {
     /// Whether the route serves `path`: prefixes match whole path segments.
     pub fn matches(&self, path: &[u8]) -> bool {
