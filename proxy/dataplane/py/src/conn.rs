@@ -781,30 +781,22 @@ enum Then {
 }
 
 /// Write an answer, shut the writing half, then as `then` says; at most
-/// `ANSWER_GRACE` in all. The shutdown of the writing half (TLS:
-/// close_notify) comes first where the close does not do it: a plain
-/// stream's close sends its FIN, so it is shut first only when the client
-/// is still sending (its EOF comes after ours).
+/// `ANSWER_GRACE` in all.
+/// `write_all`, then the shutdown of the writing half (TLS: close_notify
+/// first) of a client stream, plain or TLS.
 async fn answer<C: Transport>(client: &mut C, bytes: &[u8], then: Then) {
     let _ = timeout(ANSWER_GRACE, async {
         if client.write_all(bytes).await.is_err() {
             return;
         }
+        let _ = client.shutdown().await;
         let mut sink = [0u8; 512];
         match then {
             Then::AwaitReply => {
-                let _ = client.shutdown().await;
                 let _ = client.read(&mut sink).await;
             }
             Then::Close => {
-                let tls = client.shuts_down_on_close();
-                if tls {
-                    let _ = client.shutdown().await;
-                }
                 if read_now(client, &mut sink).await > 0 {
-                    if !tls {
-                        let _ = client.shutdown().await;
-                    }
                     drain_until_closed(client, &mut sink).await;
                 }
                 // else nothing pending, the client's EOF, or an error: close now
