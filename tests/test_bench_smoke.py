@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.benchmarks.report import COLUMNS, NATIVE_COLUMNS, NATIVE_ROWS
+from tests.benchmarks.report import COLUMNS, FLOOR_ROWS, NATIVE_COLUMNS, NATIVE_ROWS
 from tests.benchmarks.run import (
     BARE,
     BARE_REFUSAL,
     BRAIN_TARGETS,
+    FLOOR,
+    FLOOR_REFUSAL,
     MULTICORE_TARGETS,
     SCENARIOS,
     TARGETS,
@@ -53,7 +55,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
     proc = subprocess.run(
         [sys.executable, "-m", "tests.benchmarks.run", "--smoke", "--silent", "--no-docs",
          "--json", str(json_path), "--markdown", str(md_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=150,
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(json_path.read_text()), md_path.read_text()
@@ -65,15 +67,16 @@ def test_every_scenario_ran_against_every_target(smoke: tuple[dict, str]) -> Non
     for scenario in SCENARIOS:
         assert scenario in summary, scenario
     assert result["meta"]["bare"] is True, result["meta"]["notes"]  # the listener alone started
+    assert result["meta"]["floor"] is True, result["meta"]["notes"]  # the tokio floor built and started
     for scenario in ("latency", "throughput", "large", "churn"):
-        assert set(summary[scenario]) == {*TARGETS, BARE}, scenario
+        assert set(summary[scenario]) == {*TARGETS, BARE, FLOOR}, scenario
     for scenario in ("detect", "storm"):  # the listener alone has no brain writing its table
         assert set(summary[scenario]) == set(TARGETS), scenario
     assert set(summary["memory"]) == {"loopwatch", "nginx", "haproxy", BARE}
     assert set(summary["multicore"]) == set(MULTICORE_TARGETS)
     assert set(summary["brain"]) == set(BRAIN_TARGETS)
     refusal = set(summary["refusal"])
-    assert {"nginx", "haproxy", "direct", *BARE_REFUSAL} <= refusal
+    assert {"nginx", "haproxy", "direct", *BARE_REFUSAL, FLOOR_REFUSAL} <= refusal
     features = result["meta"]["features"]
     for how in ("http-429", "close-1013"):
         # Every refusal target must have started and run: a loopwatch instance that
@@ -142,6 +145,9 @@ def test_native_table(smoke: tuple[dict, str]) -> None:
         assert isinstance(values[column], (int, float)) and math.isfinite(values[column]), (row_id, row)
         if row_id not in derived and not row_id.startswith(("n_detect", "n_storm")):
             assert isinstance(values[BARE], (int, float)) and math.isfinite(values[BARE]), (row_id, row)
+        # The tokio floor has the CPU rows (the rest is the data plane's own work).
+        floor = values[FLOOR]
+        assert (isinstance(floor, (int, float)) and floor >= 0) if row_id in FLOOR_ROWS else floor is None, (row_id, row)
         for c in NATIVE_COLUMNS:
             assert values[c] is None or math.isfinite(values[c]), (row_id, c, values[c])
     # The brain (everything of loopwatch but its tokio threads) costs something per connection.
@@ -156,7 +162,8 @@ def test_native_table(smoke: tuple[dict, str]) -> None:
     assert brain["native-brain-over"]["events_dropped"] > 0
     assert brain["native-brain-over"]["cycles_per_s"] > 0 and brain["native-brain-over"]["errors"] == 0
     assert "#### The native data plane (issue 16)" in md
-    assert "| loopwatch | listener alone | nginx | HAProxy | loopwatch ÷ nginx |" in md
+    assert "| loopwatch | listener alone | tokio floor | nginx | HAProxy | loopwatch ÷ nginx |" in md
+    assert rows["n_churn_cpu"]["floor_ratio_to_nginx"] > 0
     for row in result["native_rows"]:
         assert f"| {row['label']} |" in md
 
@@ -205,7 +212,7 @@ def test_bench_gate_ablation_runs_every_variant_through_the_real_proxy() -> None
 
     proc = subprocess.run(
         [sys.executable, "-m", "tests.benchmarks.bench_gate", "ablation", "--rounds", "1", "--seconds", "0.3"],
-        cwd=ROOT, capture_output=True, text=True, timeout=150,
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = _table_rows(proc.stdout)

@@ -15,6 +15,13 @@ COLUMNS = ("loopwatch", "nginx", "haproxy", "direct")
 # The native listener alone (tests/benchmarks/native_target.py): the data plane's
 # floor without the brain, beside loopwatch in issue 16's table.
 BARE = "native-bare"
+# The tokio floor (proxy/dataplane/floor): the least a tokio proxy does per
+# connection, the floor under the CPU rows of issue 16's table.
+FLOOR = "tokio-floor"
+FLOOR_REFUSAL = f"{FLOOR}-http-429"
+# The rows the floor has (the rest are the data plane's own: n/a).
+FLOOR_ROWS = ("n_churn_cpu", "n_churn_user", "n_churn_sys", "n_refusal_cpu", "n_refusal_user", "n_refusal_sys",
+              "n_throughput_cpu", "n_latency_cpu", "n_latency_user", "n_latency_sys")
 
 CAVEATS = [
     "loopwatch is the compiled (Rust) data plane behind `loopwatch run`, the only one since issue 16; "
@@ -300,7 +307,7 @@ def replace_section(path: Path, heading: str, text: str) -> None:
 
 # --- the native data plane (issue 16) ------------------------------------------------
 
-NATIVE_COLUMNS = ("loopwatch", BARE, "nginx", "haproxy")
+NATIVE_COLUMNS = ("loopwatch", BARE, FLOOR, "nginx", "haproxy")
 
 
 @dataclass
@@ -386,7 +393,7 @@ def _over_ratio(s: dict) -> float | None:
     return over / keep if keep and over else None
 
 
-N429 = {"loopwatch": "loopwatch-http-429", BARE: f"{BARE}-http-429"}
+N429 = {"loopwatch": "loopwatch-http-429", BARE: f"{BARE}-http-429", FLOOR: FLOOR_REFUSAL}
 N1013 = {"loopwatch": "loopwatch-close-1013", BARE: f"{BARE}-close-1013"}  # nginx, HAProxy: their 429
 # The user/kernel rows: loopwatch and the listener alone read their tokio threads'
 # split (metric dp_user_us / dp_sys_us, per-thread ticks), nginx and HAProxy their process's.
@@ -418,10 +425,10 @@ NATIVE_ROWS = [
               source=N429),
     NativeRow("n_refusal_user", "  HTTP 429: user space (loopwatch, alone: the tokio threads)", "µs", "refusal",
               "cpu_user_us", source={"loopwatch": ("loopwatch-http-429", "dp_user_us"),
-                                     BARE: (f"{BARE}-http-429", "dp_user_us")}),
+                                     BARE: (f"{BARE}-http-429", "dp_user_us"), FLOOR: FLOOR_REFUSAL}),
     NativeRow("n_refusal_sys", "  HTTP 429: kernel (loopwatch, alone: the tokio threads)", "µs", "refusal",
               "cpu_sys_us", source={"loopwatch": ("loopwatch-http-429", "dp_sys_us"),
-                                    BARE: (f"{BARE}-http-429", "dp_sys_us")}),
+                                    BARE: (f"{BARE}-http-429", "dp_sys_us"), FLOOR: FLOOR_REFUSAL}),
     NativeRow("n_throughput_cpu", "CPU per relayed message (batched)", "µs", "throughput", "cpu_us_per_msg",
               target="≤ 1.0× nginx and ≤ HAProxy", check=_n_le(1.0, also_haproxy=True)),
     NativeRow("n_latency_cpu", "CPU per unbatched round trip", "µs", "latency", "cpu_us_per_rtt",
@@ -538,11 +545,14 @@ def native_rows(result: dict) -> list[dict]:
                 values[BARE], notes[BARE] = None, "n/a"
             if row.scenario == "detect":
                 notes.update((c, "never") for c in ("nginx", "haproxy") if values[c] is None)
+            if row.id not in FLOOR_ROWS:  # the floor has no brain, table or events
+                values[FLOOR], notes[FLOOR] = None, "n/a"
         lw, ng, ha = values["loopwatch"], values["nginx"], values["haproxy"]
         out.append({
             "id": row.id, "label": row.label, "unit": row.unit, "fmt": row.fmt, "values": values, "notes": notes,
             "ratio_to_nginx": lw / ng if row.ratios and lw is not None and ng else None,
             "ratio_to_haproxy": lw / ha if row.ratios and lw is not None and ha else None,
+            "floor_ratio_to_nginx": values[FLOOR] / ng if row.ratios and values[FLOOR] is not None and ng else None,
             "target": row.target, "met": row.check(values) if row.check else None,
         })  # fmt: skip
     return out
@@ -561,19 +571,23 @@ def native_markdown(result: dict) -> str:
         "events, the default `identity:` and `limits:` settings), the data plane's floor. Same run, same load "
         "generator as the columns beside them, except the multicore and brain rows: the listener alone "
         "(1 or 2 tokio threads; a draining thread feeding the real engine) under the C load generator "
-        "(tests/benchmarks/cload.c).",
+        "(tests/benchmarks/cload.c). tokio floor: the least a tokio proxy does per connection "
+        "(proxy/dataplane/floor: the data plane's runtime with one worker thread; it reads the request head, "
+        "connects, writes the head on and splices with `copy_bidirectional`, or answers a fixed 429; no parsing, "
+        "identity, table, events, frame watching or timeouts), the floor under the CPU rows.",
         "",
-        "| figure | unit | loopwatch | listener alone | nginx | HAProxy | loopwatch ÷ nginx | loopwatch ÷ HAProxy "
-        "| target (issue 16) | met? |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+        "| figure | unit | loopwatch | listener alone | tokio floor | nginx | HAProxy | loopwatch ÷ nginx "
+        "| loopwatch ÷ HAProxy | tokio floor ÷ nginx | target (issue 16) | met? |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     met, unmet, unknown = [], [], []
     for row in rows_:
         vals = [_fmt(row["values"][c], row["fmt"], row["notes"].get(c, "")) for c in NATIVE_COLUMNS]
         rn = f"{row['ratio_to_nginx']:.2f}×" if row["ratio_to_nginx"] is not None else "—"
         rh = f"{row['ratio_to_haproxy']:.2f}×" if row["ratio_to_haproxy"] is not None else "—"
+        rf = f"{row['floor_ratio_to_nginx']:.2f}×" if row.get("floor_ratio_to_nginx") is not None else "—"
         verdict = {True: "**yes**", False: "**no**", None: "—" if not row["target"] else "n/a"}[row["met"]]
-        lines.append(f"| {row['label']} | {row['unit']} | " + " | ".join(vals) + f" | {rn} | {rh} | {row['target']} | {verdict} |")
+        lines.append(f"| {row['label']} | {row['unit']} | " + " | ".join(vals) + f" | {rn} | {rh} | {rf} | {row['target']} | {verdict} |")
         if row["target"]:
             (met if row["met"] else unmet if row["met"] is False else unknown).append(row["id"])
     lines += ["", f"Native targets met: {len(met)} of {len(met) + len(unmet) + len(unknown)}"

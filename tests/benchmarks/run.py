@@ -58,6 +58,7 @@ from tests.benchmarks.targets import (
     LoadGen,
     Proc,
     build_cload,
+    build_floor,
     machine,
     machine_busy_seconds,
     named_thread_seconds,
@@ -66,6 +67,7 @@ from tests.benchmarks.targets import (
     raise_nofile,
     run_cload,
     start_backend,
+    start_floor,
     start_haproxy,
     start_loopwatch,
     start_native,
@@ -135,6 +137,11 @@ SCENARIOS = ("latency", "throughput", "large", "churn", "refusal", "detect", "st
 # floor without the brain, a column of issue 16's table.
 BARE = report.BARE
 BARE_REFUSAL = (f"{BARE}-http-429", f"{BARE}-close-1013")
+# The tokio floor (proxy/dataplane/floor): the least a tokio proxy does per
+# connection (read the head, connect, splice; or a fixed 429), one worker thread:
+# the floor under the data plane's CPU rows, a column of issue 16's table.
+FLOOR = report.FLOOR
+FLOOR_REFUSAL = report.FLOOR_REFUSAL
 # The multicore scenario: refusal churn against the native listener with 1 and 2
 # tokio worker threads (every client denied, HTTP 429: no backend in the cycle).
 MULTICORE_TARGETS = ("native-t1", "native-t2")
@@ -217,6 +224,7 @@ class Bench:
         self.features: dict[str, object] = {}
         self.bare = False  # the native listener alone started (its column)
         self.cload: Path | None = None
+        self.floor: Path | None = None  # the tokio floor's executable, once built and started
         self.loadavg: list[float] = []  # 1-minute load average before each scenario run
         self.tag = 0
 
@@ -245,19 +253,28 @@ class Bench:
             self.notes.append(f"{BARE} did not start: {str(e).strip().splitlines()[-1][-300:]}")
             self.features["bare_start_error"] = str(e)[-1000:]
         try:
+            binary = build_floor()
+            self.procs[FLOOR] = start_floor(self.tmp, binary, self.backend.port, FLOOR)
+            self.floor = binary
+            self.log(f"{FLOOR} on {self.procs[FLOOR].port}")
+        except RuntimeError as e:
+            self.notes.append(f"{FLOOR} did not start: {str(e).strip().splitlines()[-1][-300:]}")
+        try:
             self.cload = build_cload(self.tmp)
         except RuntimeError as e:
             self.notes.append(f"multicore and brain not measured: {e}")
 
     def main_targets(self) -> tuple[str, ...]:
-        """latency, throughput, large, churn, memory: the four of issue 8, and the
-        native listener alone."""
-        return TARGETS + ((BARE,) if self.bare else ())
+        """latency, throughput, large, churn: the four of issue 8, the native listener
+        alone and the tokio floor."""
+        return TARGETS + ((BARE,) if self.bare else ()) + ((FLOOR,) if self.floor else ())
 
     def start_target(self, name: str, config: str | None = None) -> Proc:
         assert self.backend is not None
         if name.startswith("native-"):
             return self.start_native_target(name)
+        if name in (FLOOR, FLOOR_REFUSAL) and self.floor is not None:
+            return start_floor(self.tmp, self.floor, self.backend.port, name, refuse=name == FLOOR_REFUSAL)
         if name == "loopwatch":
             return start_loopwatch(self.tmp, self.backend.port, config=config)
         if name == "nginx":
@@ -501,17 +518,21 @@ class Bench:
                 names.append(f"loopwatch-{how}")
             if self.bare and not self.features.get(f"{BARE}_{how}_start_error"):
                 names.append(f"{BARE}-{how}")
+        if self.floor is not None and not self.features.get(f"{FLOOR_REFUSAL}_start_error"):
+            names.append(FLOOR_REFUSAL)
         return (*names, "nginx", "haproxy", "direct")
 
     def s_refusal(self, rep: int) -> None:
         p = self.profile["refusal"]
         targets = self.refusal_targets()
         for name in targets:
-            if name.startswith(("loopwatch-", f"{BARE}-")) and name not in self.procs:
+            if name.startswith(("loopwatch-", f"{BARE}-", f"{FLOOR}-")) and name not in self.procs:
                 try:
                     self.procs[name] = self.start_target(name)
                 except RuntimeError as e:
-                    if name.startswith(BARE):
+                    if name == FLOOR_REFUSAL:
+                        self.features[f"{FLOOR_REFUSAL}_start_error"] = str(e)[-500:]
+                    elif name.startswith(BARE):
                         self.features[f"{BARE}_{name.removeprefix(BARE + '-')}_start_error"] = str(e)[-500:]
                     else:
                         how = name.split("-", 1)[1]
@@ -806,6 +827,7 @@ class Bench:
                 "loopwatch_python": " ".join(self.loopwatch_python()),
                 "features": self.features,
                 "bare": self.bare,
+                "floor": self.floor is not None,
                 "notes": self.notes,
                 "caveats": report.CAVEATS,
             },

@@ -379,6 +379,39 @@ def build_cload(tmp: Path) -> Path:
     return out
 
 
+def build_floor() -> Path:
+    """Build the tokio floor (proxy/dataplane/floor, `cargo build --release`; it shares
+    the data plane's compiled tokio, so about a second once `make install` ran) and
+    return its executable; raises RuntimeError without cargo or when the build fails."""
+    cargo = shutil.which("cargo")
+    if cargo is None:
+        raise RuntimeError("no cargo for proxy/dataplane/floor")
+    done = subprocess.run([cargo, "build", "--release", "--quiet", "-p", "loopwatch-floor", "--message-format=json",
+                           "--manifest-path", str(ROOT / "proxy" / "dataplane" / "Cargo.toml")],
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"the tokio floor did not build: {done.stderr[-1000:]}")
+    for line in done.stdout.splitlines():
+        message = json.loads(line)
+        if message.get("reason") == "compiler-artifact" and message.get("executable"):
+            return Path(message["executable"])
+    raise RuntimeError("cargo built no loopwatch-floor executable")
+
+
+def start_floor(tmp: Path, binary: Path, backend_port: int, name: str, *, refuse: bool = False) -> Proc:
+    """The tokio floor (proxy/dataplane/floor): one worker thread, as the listener
+    alone; with `refuse`, a fixed HTTP 429 to every request instead of proxying."""
+    log = tmp / f"{name}.log"
+    cmd = [str(binary), "--threads", "1", *(["--refuse"] if refuse else ["--upstream", f"{HOST}:{backend_port}"])]
+    proc = _popen(cmd, log, cwd=ROOT, stdout=subprocess.PIPE)
+    try:
+        info = json.loads(_readline(proc, 30.0))
+    except (RuntimeError, ValueError) as e:
+        proc.kill()
+        raise RuntimeError(f"{name} did not start: {e}: {_tail(log)}") from None
+    return Proc(name, proc, int(str(info["proxy"]).rsplit(":", 1)[1]), log)
+
+
 def run_cload(binary: Path, port: int, mode: str, *, concurrency: int, seconds: float, max_ops: int,
               sources: int = 0, cpu: int = -1) -> dict:
     """One run of the C load generator (see cload.c): its JSON result, plus its
