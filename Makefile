@@ -37,7 +37,8 @@ test: rust-check $(STAMP) system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Proxy benchmarks: loopwatch (the Rust data plane) vs nginx, HAProxy, direct; the native
-# listener alone as its floor; multicore and brain rows (docs/performance.md).
+# listener alone (no brain) and the tokio floor (proxy/dataplane/floor, built with cargo)
+# beside it; multicore and brain rows (docs/performance.md).
 # `make bench BENCH_ARGS=--quick` for the short run.
 bench: $(STAMP) system-deps
 	$(BIN)/python -m tests.benchmarks.run $(BENCH_ARGS)

@@ -76,7 +76,7 @@ def test_every_scenario_ran_against_every_target(smoke: tuple[dict, str]) -> Non
     assert set(summary["multicore"]) == set(MULTICORE_TARGETS)
     assert set(summary["brain"]) == set(BRAIN_TARGETS)
     refusal = set(summary["refusal"])
-    assert {"nginx", "haproxy", "direct", *BARE_REFUSAL, FLOOR_REFUSAL} <= refusal
+    assert {"nginx", "haproxy", "direct", *BARE_REFUSAL, *FLOOR_REFUSAL} <= refusal
     features = result["meta"]["features"]
     for how in ("http-429", "close-1013"):
         # Every refusal target must have started and run: a loopwatch instance that

@@ -18,10 +18,10 @@ BARE = "native-bare"
 # The tokio floor (proxy/dataplane/floor): the least a tokio proxy does per
 # connection, the floor under the CPU rows of issue 16's table.
 FLOOR = "tokio-floor"
-FLOOR_REFUSAL = f"{FLOOR}-http-429"
+FLOOR_REFUSAL = (f"{FLOOR}-http-429", f"{FLOOR}-close-1013")
 # The rows the floor has (the rest are the data plane's own: n/a).
-FLOOR_ROWS = ("n_churn_cpu", "n_churn_user", "n_churn_sys", "n_refusal_cpu", "n_refusal_user", "n_refusal_sys",
-              "n_throughput_cpu", "n_latency_cpu", "n_latency_user", "n_latency_sys")
+FLOOR_ROWS = ("n_churn_cpu", "n_churn_user", "n_churn_sys", "n_refusal_cpu", "n_refusal_1013_cpu", "n_refusal_user",
+              "n_refusal_sys", "n_throughput_cpu", "n_latency_cpu", "n_latency_user", "n_latency_sys")
 
 CAVEATS = [
     "loopwatch is the compiled (Rust) data plane behind `loopwatch run`, the only one since issue 16; "
@@ -393,8 +393,8 @@ def _over_ratio(s: dict) -> float | None:
     return over / keep if keep and over else None
 
 
-N429 = {"loopwatch": "loopwatch-http-429", BARE: f"{BARE}-http-429", FLOOR: FLOOR_REFUSAL}
-N1013 = {"loopwatch": "loopwatch-close-1013", BARE: f"{BARE}-close-1013"}  # nginx, HAProxy: their 429
+N429 = {"loopwatch": "loopwatch-http-429", BARE: f"{BARE}-http-429", FLOOR: f"{FLOOR}-http-429"}
+N1013 = {"loopwatch": "loopwatch-close-1013", BARE: f"{BARE}-close-1013", FLOOR: f"{FLOOR}-close-1013"}  # nginx, HAProxy: their 429
 # The user/kernel rows: loopwatch and the listener alone read their tokio threads'
 # split (metric dp_user_us / dp_sys_us, per-thread ticks), nginx and HAProxy their process's.
 DP_USER = {"loopwatch": ("loopwatch", "dp_user_us"), BARE: (BARE, "dp_user_us")}
@@ -425,10 +425,10 @@ NATIVE_ROWS = [
               source=N429),
     NativeRow("n_refusal_user", "  HTTP 429: user space (loopwatch, alone: the tokio threads)", "µs", "refusal",
               "cpu_user_us", source={"loopwatch": ("loopwatch-http-429", "dp_user_us"),
-                                     BARE: (f"{BARE}-http-429", "dp_user_us"), FLOOR: FLOOR_REFUSAL}),
+                                     BARE: (f"{BARE}-http-429", "dp_user_us"), FLOOR: f"{FLOOR}-http-429"}),
     NativeRow("n_refusal_sys", "  HTTP 429: kernel (loopwatch, alone: the tokio threads)", "µs", "refusal",
               "cpu_sys_us", source={"loopwatch": ("loopwatch-http-429", "dp_sys_us"),
-                                    BARE: (f"{BARE}-http-429", "dp_sys_us"), FLOOR: FLOOR_REFUSAL}),
+                                    BARE: (f"{BARE}-http-429", "dp_sys_us"), FLOOR: f"{FLOOR}-http-429"}),
     NativeRow("n_throughput_cpu", "CPU per relayed message (batched)", "µs", "throughput", "cpu_us_per_msg",
               target="≤ 1.0× nginx and ≤ HAProxy", check=_n_le(1.0, also_haproxy=True)),
     NativeRow("n_latency_cpu", "CPU per unbatched round trip", "µs", "latency", "cpu_us_per_rtt",
@@ -573,7 +573,8 @@ def native_markdown(result: dict) -> str:
         "(1 or 2 tokio threads; a draining thread feeding the real engine) under the C load generator "
         "(tests/benchmarks/cload.c). tokio floor: the least a tokio proxy does per connection "
         "(proxy/dataplane/floor: the data plane's runtime with one worker thread; it reads the request head, "
-        "connects, writes the head on and splices with `copy_bidirectional`, or answers a fixed 429; no parsing, "
+        "connects, writes the head on and splices with `copy_bidirectional`; or answers a fixed 429, or a 101 and "
+        "a close 1013; no parsing, "
         "identity, table, events, frame watching or timeouts), the floor under the CPU rows.",
         "",
         "| figure | unit | loopwatch | listener alone | tokio floor | nginx | HAProxy | loopwatch ÷ nginx "

@@ -273,8 +273,9 @@ class Bench:
         assert self.backend is not None
         if name.startswith("native-"):
             return self.start_native_target(name)
-        if name in (FLOOR, FLOOR_REFUSAL) and self.floor is not None:
-            return start_floor(self.tmp, self.floor, self.backend.port, name, refuse=name == FLOOR_REFUSAL)
+        if (name == FLOOR or name in FLOOR_REFUSAL) and self.floor is not None:
+            how = name.removeprefix(f"{FLOOR}-") if name in FLOOR_REFUSAL else None
+            return start_floor(self.tmp, self.floor, self.backend.port, name, refuse=how)
         if name == "loopwatch":
             return start_loopwatch(self.tmp, self.backend.port, config=config)
         if name == "nginx":
@@ -518,8 +519,8 @@ class Bench:
                 names.append(f"loopwatch-{how}")
             if self.bare and not self.features.get(f"{BARE}_{how}_start_error"):
                 names.append(f"{BARE}-{how}")
-        if self.floor is not None and not self.features.get(f"{FLOOR_REFUSAL}_start_error"):
-            names.append(FLOOR_REFUSAL)
+        if self.floor is not None:
+            names += [n for n in FLOOR_REFUSAL if not self.features.get(f"{n}_start_error")]
         return (*names, "nginx", "haproxy", "direct")
 
     def s_refusal(self, rep: int) -> None:
@@ -530,8 +531,8 @@ class Bench:
                 try:
                     self.procs[name] = self.start_target(name)
                 except RuntimeError as e:
-                    if name == FLOOR_REFUSAL:
-                        self.features[f"{FLOOR_REFUSAL}_start_error"] = str(e)[-500:]
+                    if name in FLOOR_REFUSAL:
+                        self.features[f"{name}_start_error"] = str(e)[-500:]
                     elif name.startswith(BARE):
                         self.features[f"{BARE}_{name.removeprefix(BARE + '-')}_start_error"] = str(e)[-500:]
                     else:

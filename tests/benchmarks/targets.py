@@ -398,11 +398,13 @@ def build_floor() -> Path:
     raise RuntimeError("cargo built no loopwatch-floor executable")
 
 
-def start_floor(tmp: Path, binary: Path, backend_port: int, name: str, *, refuse: bool = False) -> Proc:
+def start_floor(tmp: Path, binary: Path, backend_port: int, name: str, *, refuse: str | None = None) -> Proc:
     """The tokio floor (proxy/dataplane/floor): one worker thread, as the listener
-    alone; with `refuse`, a fixed HTTP 429 to every request instead of proxying."""
+    alone; `refuse` ("http-429" or "close-1013"): every request refused so, instead
+    of proxied."""
     log = tmp / f"{name}.log"
-    cmd = [str(binary), "--threads", "1", *(["--refuse"] if refuse else ["--upstream", f"{HOST}:{backend_port}"])]
+    how = ["--refuse", refuse] if refuse else ["--upstream", f"{HOST}:{backend_port}"]
+    cmd = [str(binary), "--threads", "1", *how]
     proc = _popen(cmd, log, cwd=ROOT, stdout=subprocess.PIPE)
     try:
         info = json.loads(_readline(proc, 30.0))

@@ -12,7 +12,11 @@
 //! * proxies: connects to `--upstream`, writes the head as it came and splices
 //!   both ways with `tokio::io::copy_bidirectional` (no parsing, no rewritten
 //!   headers, no frame watching, no events, no table, no timeouts), or
-//! * refuses (`--refuse`): writes a fixed HTTP 429 and closes.
+//! * refuses (`--refuse http-429`): writes a fixed HTTP 429 and closes, or
+//!   (`--refuse close-1013`) answers 101 with the key's accept and a close frame
+//!   1013, shuts its writing half, reads the client's reply once and closes (the
+//!   data plane's close-1013 refusal, with the core's `accept_key` and
+//!   `build_close_frame`).
 //!
 //! It prints `{"proxy": "127.0.0.1:PORT"}` once listening and runs until killed.
 
@@ -22,16 +26,22 @@ use std::net::SocketAddr;
 use tokio::io::{copy_bidirectional, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
+use loopwatch_dataplane_core::frames::build_close_frame;
+use loopwatch_dataplane_core::head::accept_key;
+
 /// The data plane's listen backlog (py/src/listener.rs).
 const BACKLOG: u32 = 1024;
 /// A head longer than this is dropped (the data plane answers 431 sooner).
 const HEAD_MAX: usize = 16 * 1024;
 const REFUSAL: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+const UPGRADED: &[u8] =
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ";
 
 #[derive(Clone, Copy, Debug)]
 enum Mode {
     Proxy(SocketAddr),
     Refuse,
+    Close1013,
 }
 
 struct Args {
@@ -40,7 +50,7 @@ struct Args {
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
-    let (mut upstream, mut refuse, mut threads) = (None, false, 1);
+    let (mut upstream, mut refuse, mut threads) = (None, None, 1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--upstream" => {
@@ -50,7 +60,13 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
                     .map_err(|e| format!("--upstream {value}: {e}"))?;
                 upstream = Some(addr);
             }
-            "--refuse" => refuse = true,
+            "--refuse" => {
+                refuse = match args.next().as_deref() {
+                    Some("http-429") => Some(Mode::Refuse),
+                    Some("close-1013") => Some(Mode::Close1013),
+                    _ => return Err("--refuse needs http-429 or close-1013".into()),
+                }
+            }
             "--threads" => {
                 let value = args.next().ok_or("--threads needs a number")?;
                 threads = match value.parse() {
@@ -62,9 +78,9 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
         }
     }
     let mode = match (upstream, refuse) {
-        (_, true) => Mode::Refuse,
-        (Some(addr), false) => Mode::Proxy(addr),
-        (None, false) => return Err("--upstream HOST:PORT or --refuse".into()),
+        (_, Some(mode)) => mode,
+        (Some(addr), None) => Mode::Proxy(addr),
+        (None, None) => return Err("--upstream HOST:PORT or --refuse HOW".into()),
     };
     Ok(Args { mode, threads })
 }
@@ -117,6 +133,19 @@ async fn connection(mut client: TcpStream, mode: Mode) {
             let _ = client.write_all(REFUSAL).await;
             let _ = client.shutdown().await;
         }
+        Mode::Close1013 => {
+            let Some(key) = header(&head, b"sec-websocket-key") else {
+                return;
+            };
+            let mut answer = UPGRADED.to_vec();
+            answer.extend_from_slice(accept_key(key).as_bytes());
+            answer.extend_from_slice(b"\r\n\r\n");
+            answer.extend(build_close_frame(1013, "floor", None).expect("a valid close"));
+            if client.write_all(&answer).await.is_ok() && client.shutdown().await.is_ok() {
+                let mut reply = [0u8; 512];
+                let _ = client.read(&mut reply).await; // its close frame, or its EOF
+            }
+        }
         Mode::Proxy(addr) => {
             let Ok(mut upstream) = TcpStream::connect(addr).await else {
                 return;
@@ -128,6 +157,16 @@ async fn connection(mut client: TcpStream, mode: Mode) {
             }
         }
     }
+}
+
+/// The value of the header `name` (lower case) in a head, spaces trimmed.
+fn header<'h>(head: &'h [u8], name: &[u8]) -> Option<&'h [u8]> {
+    head.split(|&b| b == b'\n').find_map(|line| {
+        let colon = line.iter().position(|&b| b == b':')?;
+        line[..colon]
+            .eq_ignore_ascii_case(name)
+            .then(|| line[colon + 1..].trim_ascii())
+    })
 }
 
 /// The request head and whatever came after it in the same reads; None when the
@@ -161,11 +200,20 @@ mod tests {
         let a = args("--upstream 127.0.0.1:9 --threads 2").unwrap();
         assert!(matches!(a.mode, Mode::Proxy(addr) if addr.port() == 9));
         assert_eq!(a.threads, 2);
-        assert!(matches!(args("--refuse").unwrap().mode, Mode::Refuse));
-        assert_eq!(args("--refuse").unwrap().threads, 1);
+        assert!(matches!(
+            args("--refuse http-429").unwrap().mode,
+            Mode::Refuse
+        ));
+        assert!(matches!(
+            args("--refuse close-1013").unwrap().mode,
+            Mode::Close1013
+        ));
+        assert_eq!(args("--refuse http-429").unwrap().threads, 1);
         for bad in [
             "",
-            "--threads 0 --refuse",
+            "--threads 0 --refuse http-429",
+            "--refuse",
+            "--refuse 503",
             "--upstream nowhere",
             "--upstream",
             "--what",
@@ -232,6 +280,25 @@ mod tests {
         let mut got = Vec::new();
         client.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, REFUSAL);
+        served.await.unwrap();
+
+        // RFC 6455's example key and accept; the close frame: 1013, "floor".
+        let (mut client, server) = pair().await;
+        let served = tokio::spawn(connection(server, Mode::Close1013));
+        client
+            .write_all(b"GET / HTTP/1.1\r\nsec-WebSocket-KEY:  dGhlIHNhbXBsZSBub25jZQ== \r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        let expect = [
+            UPGRADED,
+            b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",
+            b"\x88\x07\x03\xf5floor",
+        ]
+        .concat();
+        assert_eq!(got, expect);
+        client.write_all(b"\x88\x80\0\0\0\0").await.unwrap();
         served.await.unwrap();
 
         let (mut client, server) = pair().await;
