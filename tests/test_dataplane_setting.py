@@ -80,6 +80,25 @@ async def test_metrics_name_the_plane_and_count_lost_events() -> None:
         assert 'reason="plain_http"' not in text  # the native plane forwards plain HTTP
 
 
+async def test_the_data_planes_own_refusal_count_is_a_metric() -> None:
+    """loopwatch_dataplane_refusals_total: the table's refusals as the data plane
+    counted them, beside loopwatch_refusals_total (the same refusals, once their
+    events reached the brain); every reason is there from the start."""
+    async with demo_backend() as backend, loopwatch(
+        f"ws://127.0.0.1:{backend.port}", **{"policy.deny": ["127.0.0.1/32"]}
+    ) as lw:
+        url = ws_url(lw, "/ws?token=" + issue_token("denied", 60))
+        for _ in range(3):
+            assert (await attempt(url))[0] == 1013
+        await wait_for(lw.plane.settled)
+        text = await scrape(lw.admin_port)
+    assert sample(text, "loopwatch_dataplane_refusals_total", reason="deny") == 3
+    assert sample(text, "loopwatch_refusals_total", route="/", reason="deny") == 3
+    assert backend.upgrades.get("denied", 0) == 0
+    for reason in REASONS:
+        assert sample(text, "loopwatch_dataplane_refusals_total", reason=reason) is not None, reason
+
+
 async def test_a_healthy_client_is_never_refused() -> None:
     """No false positive: a client that reconnects now and then, each connection
     used and closed normally, is admitted every time and never flagged."""

@@ -634,6 +634,22 @@ async def test_a_client_still_sending_gets_its_whole_answer() -> None:
         assert running.listener.stats().rejected["head_too_large"] == 1
 
 
+async def test_every_table_refusal_is_counted_even_when_its_events_are_lost() -> None:
+    """`stats().refused` (loopwatch_dataplane_refusals_total) is counted where the
+    data plane refuses: with a queue of one event that nobody drains, the events
+    of most refusals are lost (and counted as dropped), their refusals are not."""
+    async with echo_server() as backend, native(backend.url, reject_with="http-429", capacity=1) as running:
+        running.table.set_deny(["127.0.0.1/32"])
+        for _ in range(5):
+            with pytest.raises(InvalidStatus) as refused:
+                async with connect(running.url(), open_timeout=5):
+                    pass
+            assert refused.value.response.status_code == 429
+        stats = running.listener.stats()
+        assert stats.refused["deny"] == 5 and sum(stats.refused.values()) == 5
+        assert running.queue.dropped >= 4  # five refusals' events, room for one
+
+
 def test_the_native_counters_use_the_python_data_planes_labels() -> None:
     """What the brain exports from the native counters needs no translation:
     refusal reasons are the engine's, rejection reasons those of

@@ -131,6 +131,8 @@ class DataPlane(Protocol):
 
     def holds(self) -> HoldCounts | None: ...
 
+    def table_refusals(self) -> Mapping[str, int]: ...
+
     def events_dropped(self) -> int: ...
 
     def settled(self) -> bool:
@@ -407,6 +409,9 @@ class NativePlane:
 
     def holds(self) -> HoldCounts | None:
         return self.listener.holds() if self.listener is not None else None
+
+    def table_refusals(self) -> Mapping[str, int]:
+        return self.listener.stats().refused if self.listener is not None else {}
 
     def events_dropped(self) -> int:
         return self.queue.dropped

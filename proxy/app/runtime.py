@@ -230,6 +230,9 @@ class ListenerView:
     def holds(self) -> HoldCounts | None:
         return self._plane.holds()
 
+    def table_refusals(self) -> Mapping[str, int]:
+        return self._plane.table_refusals()
+
     def events_dropped(self) -> int:
         return self._plane.events_dropped()
 

@@ -212,6 +212,11 @@ class LiveView(Protocol):
         """The listener's held refusals (policy.hold), or None without a listener."""
         ...
 
+    def table_refusals(self) -> Mapping[str, int]:
+        """Attempts the data plane refused from its enforcement table, by reason,
+        counted where it refused them (also those whose events were lost)."""
+        ...
+
     def events_dropped(self) -> int:
         """Connection events lost to a full queue (dataplane: native; 0 for python)."""
         ...

@@ -324,6 +324,10 @@ class StateCollector(Collector):
         rejected = families["rejected"]
         for reason in REJECTED_REASONS:
             rejected.add_metric([reason], counts.get(reason, 0))
+        # The table's refusals as the data plane counted them: never lost with an event.
+        refused = self.view.table_refusals() if self.view is not None else {}
+        for reason in REASONS:
+            families["table_refusals"].add_metric([reason], refused.get(reason, 0))
         # Held refusals (policy.hold): plain ints the listener keeps, read here.
         holds = self.view.holds() if self.view is not None else None
         families["held"].add_metric([], holds.count if holds is not None else 0)
@@ -393,6 +397,12 @@ class StateCollector(Collector):
             "refusals_held": c(
                 "loopwatch_refusals_held",
                 "Refusals answered after a hold (policy.hold), by reason; also in loopwatch_refusals_total.",
+                labels=["reason"],
+            ),
+            "table_refusals": c(
+                "loopwatch_dataplane_refusals",
+                "Attempts the data plane refused from its enforcement table, by reason, counted where refused"
+                " (also when the refusal's event was lost); each is also in loopwatch_refusals_total.",
                 labels=["reason"],
             ),
             "holds_skipped": c(
