@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -175,6 +177,58 @@ def test_markdown_table(smoke: tuple[dict, str]) -> None:
         assert f"| {row['label']} |" in md
     meta = result["meta"]
     assert meta["machine"]["nproc"] and meta["versions"]["nginx"] and meta["versions"]["haproxy"]
+
+
+def _descendants(pid: int) -> set[int]:
+    """The processes `pid` started, and theirs (/proc/PID/task/*/children)."""
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*/children"):
+            try:
+                kids = {int(c) for c in task.read_text().split()}
+            except OSError:
+                continue
+            todo += kids - found
+            found |= kids
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_a_terminated_run_stops_every_process_it_started(tmp_path: Path) -> None:
+    """SIGTERM (`timeout make bench`, a cancelled job) ends a run as Ctrl-C does:
+    nginx, HAProxy, loopwatch, the backend and the load generators go with it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.benchmarks.run", "--quick", "--silent", "--no-docs", "--scenarios", "churn",
+         "--json", str(tmp_path / "run.json")],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        started: set[int] = set()
+        # The tokio floor is the last target to start: then every one is running.
+        while not any("loopwatch-floor" in _cmdline(p) for p in started):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended or hung before its targets ran"
+            time.sleep(0.05)
+            started = _descendants(proc.pid)
+        names = " ".join(_cmdline(p) for p in started)
+        for target in ("nginx", "haproxy", "loopwatch run", "tests.benchmarks.backend", "tests.benchmarks.loadgen"):
+            assert target in names, target
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + 15
+    while (left := {p for p in started if _cmdline(p)}) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, [_cmdline(p) for p in left]
 
 
 # --- tests/benchmarks/bench_gate.py: both tools run, tiny counts ------------------------

@@ -43,6 +43,7 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -904,6 +905,10 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.benchmarks.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -918,6 +923,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-temp", action="store_true", help="keep the temp dir (generated configs, logs)")
     parser.add_argument("--silent", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
+    # A SIGTERM (`timeout make bench`, a CI job cancelled) ends the run as Ctrl-C
+    # does: through Bench.run's cleanup, which stops every process it started.
+    signal.signal(signal.SIGTERM, _terminated)
     bench = Bench(args)
     result = bench.run()
     out = args.json or RESULTS / ("smoke.json" if args.smoke else "latest.json")
