@@ -53,8 +53,9 @@ def client_view(
     flags = state.flags or {}
     failures = state.failures
     entries: tuple[HistoryEntry, ...] = ()
-    if history and state.history_t is not None and state.history_v is not None:
-        entries = tuple(unpack(when, v) for when, v in zip(state.history_t, state.history_v, strict=True))
+    ring = state.history
+    if history and ring is not None:
+        entries = tuple(unpack(ring[i], int(ring[i + 1])) for i in range(0, len(ring), 2))
     return ClientView(
         key=state.key,
         status=status(state, t),

@@ -73,8 +73,7 @@ class ClientState:
         "open",  # conn_id → open time
         "bad_times",  # ring: attempts refused, failed or short-lived (rapid_reconnect)
         "codes",  # close-code histogram
-        "history_t",  # ring: recent event times …
-        "history_v",  # … and the events, packed (detectors.history)
+        "history",  # ring: recent events, time and packed value in turn (detectors.history)
         "flags",  # rule → Flag
         "cool_until",  # cooldown end; 0 when there is no cooldown
         "cool_repeat",
@@ -106,8 +105,7 @@ class ClientState:
         self.open: dict[ConnId, float] | None = None
         self.bad_times: array[float] | None = None
         self.codes: dict[int, int] | None = None
-        self.history_t: array[float] | None = None
-        self.history_v: array[int] | None = None
+        self.history: array[float] | None = None
         self.flags: dict[str, Flag] | None = None
         self.cool_until = 0.0
         self.cool_repeat = 0

@@ -236,16 +236,13 @@ def _end_steady(failures: Failures) -> None:
 
 
 def _remember_packed(state: ClientState, t: float, packed: int, size: int) -> None:
-    times, values = state.history_t, state.history_v
-    if times is None or values is None:
-        times = state.history_t = array("d")
-        values = state.history_v = array("q")
-    times.append(t)
-    values.append(packed)
-    if len(values) > size:
-        extra = len(values) - size
-        del times[:extra]
-        del values[:extra]
+    ring = state.history
+    if ring is None:
+        ring = state.history = array("d")
+    ring.append(t)
+    ring.append(packed)  # exact: packed values fit a double's 53 bits (detectors.history)
+    if len(ring) > 2 * size:
+        del ring[: len(ring) - 2 * size]
 
 
 # Ring capacities: a ring only needs to hold as many entries as the largest

@@ -102,6 +102,28 @@ def test_a_loop_is_visible_in_the_snapshot_and_client_view() -> None:
     assert view.to_dict()["cooldown"]["rule"] == "auth_failure_loop"
 
 
+def test_the_client_history_keeps_the_latest_events_exactly() -> None:
+    """detection.history_size events per client, oldest dropped, each with its
+    time and details as they came (one array of doubles holds both: the packed
+    values fit 53 bits); a connection open for weeks shows 12.4 days at most."""
+    e = engine(detection=DetectionSettings(history_size=4))
+    key, t = "h@10.0.0.1", 1000.123456789
+    e.admit(Attempt(key, "/", t, "10.0.0.1"))
+    e.record(Opened(key, "/", t + 0.1, conn_id=1))
+    e.record(Closed(key, "/", t + 20 * 86400, 1, 4003, "bye", "upstream", 20 * 86400.0))
+    e.admit(Attempt(key, "/", t + 20 * 86400 + 0.7, "10.0.0.1"))
+    e.record(Closed(key, "/", t + 20 * 86400 + 0.9, 2, 1000, "", "client", 0.123))
+    view = e.client(key, t + 20 * 86400 + 1)
+    assert view is not None
+    assert [h.to_dict() for h in view.history] == [  # the first attempt dropped: four kept
+        {"type": "opened", "t": t + 0.1},
+        {"type": "closed", "t": t + 20 * 86400, "code": 4003, "initiator": "upstream",
+         "duration": ((1 << 30) - 1) / 1000},
+        {"type": "attempt", "t": t + 20 * 86400 + 0.7},
+        {"type": "closed", "t": t + 20 * 86400 + 0.9, "code": 1000, "initiator": "client", "duration": 0.123},
+    ]  # fmt: skip
+
+
 # --- what must never be flagged -------------------------------------------------
 
 
