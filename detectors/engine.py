@@ -53,6 +53,10 @@ def _always(state: ClientState) -> bool:
     return True  # a rule with no `needs`: always checked
 
 
+def _opened(conn: tuple[ConnId, float]) -> float:
+    return conn[1]
+
+
 class Engine:
     def __init__(
         self,
@@ -269,14 +273,14 @@ class Engine:
         return (refusal, None) if enforced else (None, refusal)
 
     def _close_oldest(self, state: ClientState, t: float, enforced: bool) -> None:
-        conns = state.open
+        conns = state.open_items()
         assert conns  # open_count >= max_concurrent >= 1
-        oldest = min(conns, key=conns.__getitem__)
+        oldest = min(conns, key=_opened)[0]
         if not enforced:
             self._actions.append(WouldReject(state.key, t, "max_concurrent"))
             return
         # Forget it now: a second attempt before its Closed arrives must pick the next one.
-        del conns[oldest]
+        state.remove_open(oldest)
         limit = self._policy.settings.max_concurrent
         self._actions.append(
             CloseConnection(state.key, oldest, 1008, f"loopwatch: more than {limit} connections")
@@ -299,7 +303,7 @@ class Engine:
                 if due < self._floor and self._auth.state is not CLOSED:
                     self._floor = due  # a probe may be waiting for its credit
         elif isinstance(event, Closed):
-            opened = state.open.get(event.conn_id) if state.open else None
+            opened = state.opened_at(event.conn_id)
             credited = event.duration >= d.healthy_after or (
                 opened is not None and t - opened >= d.healthy_after
             )
@@ -396,7 +400,7 @@ class Engine:
         while credits and credits[0][0] <= t:
             due, key, conn_id = credits.popleft()
             state = self._store.get(key)
-            if state is not None and state.open and conn_id in state.open:
+            if state is not None and state.opened_at(conn_id) is not None:
                 self._auth_outcome(state, due, failed=False)
 
     # --- rules, findings, cooldowns -------------------------------------------
@@ -540,7 +544,7 @@ class Engine:
             quiet = self._quiet
             for flag in state.flags.values():
                 due = min(due, flag.last_match + quiet)
-        if state.open is not None:
+        if state.open_count:
             for recheck_at, block in self._rechecks:
                 when = recheck_at(state, block, t)
                 if when is not None:
@@ -843,7 +847,7 @@ class Engine:
         """The ids of the client's connections the engine counts as open (opened,
         not closed, not picked by close-oldest), oldest first."""
         state = self._store.get(key)
-        return tuple(state.open) if state is not None and state.open else ()
+        return tuple(cid for cid, _ in state.open_items()) if state is not None else ()
 
     def client(self, key: str, t: float) -> ClientView | None:
         state = self._store.get(key)

@@ -24,6 +24,7 @@ from .findings import Flag
 
 INF = math.inf
 NEVER = -math.inf
+_ABSENT = object()
 
 
 class Failures:
@@ -70,7 +71,12 @@ class ClientState:
         "end_failed",  # whether that end was a failure (retry intervals are judged after failures)
         "gap",  # retry interval of the latest attempt: attempt_t − previous end_t
         "failures",  # Failures: auth failure streaks, failure rings; None until the first
-        "open",  # conn_id → open time
+        # Open connections, oldest first: the only one in open_id/open_t (a dict
+        # costs ~220 bytes, and most clients hold one connection at a time), two
+        # or more in `open` (conn_id → open time). Read through the methods below.
+        "open_id",
+        "open_t",
+        "open",
         "bad_times",  # ring: attempts refused, failed or short-lived (rapid_reconnect)
         "codes",  # close-code histogram
         "history",  # ring: recent events, time and packed value in turn (detectors.history)
@@ -102,6 +108,8 @@ class ClientState:
         self.end_failed = False
         self.gap = INF
         self.failures: Failures | None = None
+        self.open_id: ConnId | None = None
+        self.open_t = 0.0
         self.open: dict[ConnId, float] | None = None
         self.bad_times: array[float] | None = None
         self.codes: dict[int, int] | None = None
@@ -127,7 +135,48 @@ class ClientState:
 
     @property
     def open_count(self) -> int:
+        if self.open_id is not None:
+            return 1
         return len(self.open) if self.open else 0
+
+    def opened_at(self, conn_id: ConnId) -> float | None:
+        """When the open connection `conn_id` opened; None when it is not open."""
+        if self.open_id is not None:
+            return self.open_t if self.open_id == conn_id else None
+        return self.open.get(conn_id) if self.open else None
+
+    def open_items(self) -> list[tuple[ConnId, float]]:
+        """The open connections, oldest first: (conn_id, open time)."""
+        if self.open_id is not None:
+            return [(self.open_id, self.open_t)]
+        return list(self.open.items()) if self.open else []
+
+    def add_open(self, conn_id: ConnId, t: float) -> None:
+        conns = self.open
+        if conns is not None:
+            conns[conn_id] = t
+        elif self.open_id is None:
+            self.open_id, self.open_t = conn_id, t
+        else:
+            self.open = {self.open_id: self.open_t, conn_id: t}
+            self.open_id = None
+
+    def remove_open(self, conn_id: ConnId) -> bool:
+        """Forget an open connection; whether it was open."""
+        if self.open_id is not None:
+            if self.open_id != conn_id:
+                return False
+            self.open_id, self.open_t = None, 0.0  # (not keeping the time's float alive)
+            return True
+        conns = self.open
+        if not conns or conns.pop(conn_id, _ABSENT) is _ABSENT:
+            return False
+        if len(conns) == 1:  # back to one: the dict goes
+            ((self.open_id, self.open_t),) = conns.items()
+            self.open = None
+        elif not conns:
+            self.open = None
+        return True
 
     def in_cooldown(self, t: float) -> bool:
         return self.cool_until > t
@@ -140,7 +189,7 @@ class ClientState:
 
     def pinned(self, t: float) -> bool:
         """Whether forgetting this client now would lose something that still matters."""
-        return bool(self.open) or self.cool_until > t or self.keep_until > t
+        return self.open_id is not None or bool(self.open) or self.cool_until > t or self.keep_until > t
 
 
 class Addresses:

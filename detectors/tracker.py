@@ -115,9 +115,7 @@ def on_handshake_failed(
 
 
 def on_opened(state: ClientState, event: Opened, settings: DetectionSettings) -> int:
-    if state.open is None:
-        state.open = {}
-    state.open[event.conn_id] = event.t
+    state.add_open(event.conn_id, event.t)
     state.last_seen = event.t
     if settings.history_size:
         _remember_packed(state, event.t, history.OPENED, settings.history_size)
@@ -126,10 +124,7 @@ def on_opened(state: ClientState, event: Opened, settings: DetectionSettings) ->
 
 def on_closed(state: ClientState, event: Closed, settings: DetectionSettings) -> int:
     t = event.t
-    if state.open is not None:
-        state.open.pop(event.conn_id, None)
-        if not state.open:
-            state.open = None
+    state.remove_open(event.conn_id)
     state.end_t = t
     state.last_seen = t
     code = event.code

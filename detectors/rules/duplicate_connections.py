@@ -24,18 +24,16 @@ _MAX_IDS = 10  # evidence lists a few conn ids, not thousands
 
 
 def _held(state: ClientState, settings: DuplicateConnectionsSettings, t: float) -> list[tuple[float, ConnId]]:
-    conns = state.open or {}
     held_for = settings.held_for
     # ``opened + held_for`` is the same arithmetic recheck_at uses, so a wake at
     # exactly that time matches (t - held_for could round the other way).
-    return [(opened, cid) for cid, opened in conns.items() if opened + held_for <= t]
+    return [(opened, cid) for cid, opened in state.open_items() if opened + held_for <= t]
 
 
 def check(state: ClientState, settings: DuplicateConnectionsSettings, t: float) -> Severity | None:
-    conns = state.open
-    limit = settings.max_connections
-    if conns is None or len(conns) <= limit:
+    if state.open_count <= settings.max_connections:
         return None
+    limit = settings.max_connections
     return "warning" if len(_held(state, settings, t)) > limit else None
 
 
@@ -57,11 +55,10 @@ def evaluate(state: ClientState, settings: DuplicateConnectionsSettings, t: floa
 
 def recheck_at(state: ClientState, settings: DuplicateConnectionsSettings, t: float) -> float | None:
     """When enough connections will have been held long enough to match, if not yet."""
-    conns = state.open
     limit = settings.max_connections
-    if conns is None or len(conns) <= limit:
+    if state.open_count <= limit:
         return None
     # The (limit+1)-th oldest connection decides when "more than limit held" becomes true.
-    opened = sorted(conns.values())[limit]
+    opened = sorted(t for _, t in state.open_items())[limit]
     due = opened + settings.held_for
     return due if due > t else None

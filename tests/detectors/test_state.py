@@ -112,6 +112,25 @@ def test_client_state_is_slotted_and_its_rate_decays() -> None:
     assert abs(s.rate_at(10.0, 10.0) - 10.0 / 2.718281828) < 1e-6
 
 
+def test_open_connections_one_in_slots_more_in_a_dict_oldest_first() -> None:
+    s = ClientState("k", 0.0)
+    assert s.open_count == 0 and s.open_items() == [] and not s.pinned(0.0)
+    s.add_open(1, 1.0)
+    assert (s.open_id, s.open, s.open_count) == (1, None, 1)  # one: no dict
+    assert s.opened_at(1) == 1.0 and s.opened_at(2) is None and s.pinned(0.0)
+    s.add_open(2, 2.0)
+    s.add_open(3, 3.0)
+    assert s.open_id is None and s.open == {1: 1.0, 2: 2.0, 3: 3.0}
+    assert s.open_items() == [(1, 1.0), (2, 2.0), (3, 3.0)] and s.opened_at(2) == 2.0
+    assert s.remove_open(1) and not s.remove_open(1) and not s.remove_open(9)
+    assert s.remove_open(3)  # back to one: the dict goes, the one left kept
+    assert (s.open_id, s.open_t, s.open, s.open_items()) == (2, 2.0, None, [(2, 2.0)])
+    s.add_open(4, 4.0)
+    assert s.open_items() == [(2, 2.0), (4, 4.0)]  # still oldest first
+    assert s.remove_open(2) and s.remove_open(4)
+    assert s.open_count == 0 and (s.open_id, s.open) == (None, None) and not s.pinned(0.0)
+
+
 def test_history_packs_what_the_admin_view_shows() -> None:
     cases = [
         (Attempt("k", "/", 1.0), {"type": "attempt", "t": 1.0}),
