@@ -117,7 +117,11 @@ async fn serve(mode: Mode) -> io::Result<()> {
     loop {
         let (client, _) = match listener.accept().await {
             Ok(accepted) => accepted,
-            Err(_) => continue, // out of descriptors for a moment, as the data plane rides it out
+            Err(_) => {
+                // Out of descriptors for a moment: wait as the data plane does (ACCEPT_BACKOFF).
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
         };
         tokio::spawn(connection(client, mode));
     }
