@@ -575,6 +575,12 @@ fn admit<'c>(
         .map(|sampling| Box::new(attempt_trace(sampling, head)));
     let traceparent = trace.as_ref().map(|t| t.context.traceparent());
     let addr: Box<str> = client.address_text.as_str().into();
+    // The lookup comes before the Attempt is sent: once sent, the brain may
+    // judge it and write what it starts (the next min-interval, a cooldown)
+    // before this thread looks, and the attempt would meet a refusal of its
+    // own making (the recheck after the upstream connect guards the same way,
+    // with the judged mark).
+    let admission = shared.table.lookup(&key, Some(client.address.ip), now);
     shared.events.send(Event::Attempt {
         key: Arc::clone(&key),
         route: Arc::clone(&route.name),
@@ -583,7 +589,7 @@ fn admit<'c>(
         conn_id,
         trace,
     });
-    match shared.table.lookup(&key, Some(client.address.ip), now) {
+    match admission {
         Admission::Refuse(refusal) => {
             shared.counters.refuse(refusal.reason);
             shared.events.send(Event::Rejected {
