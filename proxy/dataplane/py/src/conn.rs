@@ -241,7 +241,7 @@ async fn serve_stream<C: Transport + 'static>(
         .await;
         return;
     }
-    if shared.counters.active.load(Ordering::Acquire) > limits.max_connections {
+    if guard.active_at_accept() > limits.max_connections {
         let retry = [("Retry-After", "1")];
         reject(
             shared,

@@ -364,6 +364,11 @@ impl Shared {
 /// One client connection, counted in `active` from accept to its end.
 pub struct ConnGuard {
     shared: Arc<Shared>,
+    /// `active` with this connection, as its accept made it: `limits.max_connections`
+    /// is judged on this, in accept order. (Read later, in the connection's
+    /// task, `active` may already count connections accepted after it: two
+    /// tasks that ran late would both see the same excess and both refuse.)
+    active_at_accept: usize,
 }
 
 impl ConnGuard {
@@ -371,10 +376,15 @@ impl ConnGuard {
         &self.shared
     }
 
+    pub fn active_at_accept(&self) -> usize {
+        self.active_at_accept
+    }
+
     fn new(shared: &Arc<Shared>) -> ConnGuard {
-        shared.counters.active.fetch_add(1, Ordering::AcqRel);
+        let before = shared.counters.active.fetch_add(1, Ordering::AcqRel);
         ConnGuard {
             shared: Arc::clone(shared),
+            active_at_accept: before + 1,
         }
     }
 }
