@@ -338,6 +338,16 @@ pub struct CloseSeen {
     pub reason: String,
 }
 
+/// A close frame whose payload is split across chunks, until it is whole.
+#[derive(Debug, Clone)]
+struct SplitClose {
+    /// The (masked) payload so far.
+    payload: Vec<u8>,
+    mask: Option<[u8; 4]>,
+    /// Stream offset of the frame.
+    frame_start: u64,
+}
+
 /// Watches one direction of a WebSocket stream; see the module documentation.
 #[derive(Debug, Clone)]
 pub struct FrameWatcher {
@@ -350,8 +360,9 @@ pub struct FrameWatcher {
     pub frames: u64,
     pub pings: u64,
     pub pongs: u64,
-    /// The last valid close frame, once its payload is complete.
-    pub close: Option<CloseSeen>,
+    /// The last valid close frame, once its payload is complete (boxed, as
+    /// `split_close`: rare, and every idle connection holds two watchers).
+    close: Option<Box<CloseSeen>>,
     error: Option<FrameError>,
     in_message: bool,
     /// Payload bytes of the data message in progress.
@@ -363,11 +374,8 @@ pub struct FrameWatcher {
     /// The start of a header cut by the end of a chunk.
     hbuf: [u8; MAX_HEADER_SIZE],
     hlen: usize,
-    /// A (masked) close payload split across chunks.
-    close_buf: Vec<u8>,
-    close_mask: Option<[u8; 4]>,
-    /// Stream offset of the close frame whose payload is pending.
-    frame_start: u64,
+    /// A close frame whose payload is split across chunks.
+    split_close: Option<Box<SplitClose>>,
     /// Stream offset of the next chunk's first byte.
     offset: u64,
     err_boundary: bool,
@@ -395,9 +403,7 @@ impl FrameWatcher {
             pending: Kind::DataWhole,
             hbuf: [0; MAX_HEADER_SIZE],
             hlen: 0,
-            close_buf: Vec::new(),
-            close_mask: None,
-            frame_start: 0,
+            split_close: None,
             offset: 0,
             err_boundary: true,
         }
@@ -405,6 +411,11 @@ impl FrameWatcher {
 
     pub fn config(&self) -> &WatcherConfig {
         &self.config
+    }
+
+    /// The last valid close frame, once its payload is complete.
+    pub fn close(&self) -> Option<&CloseSeen> {
+        self.close.as_deref()
     }
 
     /// The violation found, if any; every later `feed` returns it again.
@@ -526,8 +537,8 @@ impl FrameWatcher {
             let kind = self.pending;
             if kind.is_data() {
                 self.message_bytes += take;
-            } else if kind == Kind::Close {
-                self.close_buf.extend_from_slice(&buf[pos..end]);
+            } else if let Some(split) = self.split_close.as_mut() {
+                split.payload.extend_from_slice(&buf[pos..end]);
             }
             pos = end;
             if self.skip > 0 {
@@ -537,16 +548,20 @@ impl FrameWatcher {
                 if kind.ends_message() {
                     self.messages += 1;
                 }
-            } else if kind == Kind::Close {
-                let mut payload = std::mem::take(&mut self.close_buf);
-                if let Some(key) = self.close_mask {
+            } else if let Some(split) = self.split_close.take() {
+                let SplitClose {
+                    mut payload,
+                    mask,
+                    frame_start,
+                } = *split;
+                if let Some(key) = mask {
                     unmask(&mut payload, key);
                 }
                 match parse_close(&payload) {
-                    Ok((code, reason)) => self.close = Some(CloseSeen { code, reason }),
+                    Ok((code, reason)) => self.close = Some(Box::new(CloseSeen { code, reason })),
                     Err(e) => {
                         self.error = Some(e);
-                        return Some(self.frame_start);
+                        return Some(frame_start);
                     }
                 }
             }
@@ -632,7 +647,7 @@ impl FrameWatcher {
                         Ok((code, reason)) => {
                             self.frames += 1;
                             on_frame(&header);
-                            self.close = Some(CloseSeen { code, reason });
+                            self.close = Some(Box::new(CloseSeen { code, reason }));
                             pos = start + len as usize;
                             continue;
                         }
@@ -644,11 +659,13 @@ impl FrameWatcher {
                 }
                 self.frames += 1;
                 on_frame(&header);
-                self.close_buf = buf[start..n].to_vec();
-                self.close_mask = key;
+                self.split_close = Some(Box::new(SplitClose {
+                    payload: buf[start..n].to_vec(),
+                    mask: key,
+                    frame_start: base + pos as u64,
+                }));
                 self.skip = len - avail;
                 self.pending = kind;
-                self.frame_start = base + pos as u64;
                 pos = n;
                 break;
             }
@@ -775,7 +792,7 @@ mod tests {
             assert_eq!(w.feed(std::slice::from_ref(byte)), Ok(1));
         }
         assert_eq!(
-            w.close,
+            w.close().cloned(),
             Some(CloseSeen {
                 code: Some(4000),
                 reason: "ça va".into()

@@ -310,7 +310,7 @@ fn run(config: WatcherConfig, data: &[u8], cuts: &[usize]) -> Run {
         forwarded,
         error: w.error().cloned(),
         counts: (w.messages, w.message_bytes, w.frames, w.pings, w.pongs),
-        close: w.close.clone().map(|c| (c.code, c.reason)),
+        close: w.close().cloned().map(|c| (c.code, c.reason)),
         in_message: w.in_message(),
         at_boundary: w.at_boundary(),
     }
@@ -413,7 +413,7 @@ proptest! {
         let side = if masked { Side::Client } else { Side::Upstream };
         let mut w = FrameWatcher::new(WatcherConfig { side, max_message_size: None, allowed_rsv: 0 });
         prop_assert_eq!(w.feed(&frame), Ok(frame.len()));
-        let seen = w.close.clone().unwrap();
+        let seen = w.close().cloned().unwrap();
         prop_assert_eq!(seen.code, Some(code));
         prop_assert!(reason.starts_with(&seen.reason));
         prop_assert!(seen.reason.len() <= MAX_CLOSE_REASON);

@@ -257,7 +257,7 @@ fn watch(config: WatcherConfig, stream: &[u8], cuts: &[usize]) -> Value {
         "pings": w.pings,
         "pongs": w.pongs,
         "in_message": w.in_message(),
-        "close": w.close.as_ref().map(|c| serde_json::json!({"code": c.code, "reason": c.reason})),
+        "close": w.close().map(|c| serde_json::json!({"code": c.code, "reason": c.reason})),
         "at_boundary": w.at_boundary(),
         "frame_remaining": w.frame_remaining(),
         "headers": headers,

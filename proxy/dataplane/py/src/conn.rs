@@ -55,7 +55,7 @@ const LINGER_BYTES: usize = 64 * 1024;
 /// Bytes read at a time during the handshake.
 const HEAD_READ: usize = 4096;
 
-const SHUTTING_DOWN: &str = "loopwatch: shutting down";
+pub const SHUTTING_DOWN: &str = "loopwatch: shutting down";
 const OVERLOADED: &str = "loopwatch: too many connections";
 /// The log line's message for a plain response cut mid-body (no answer is
 /// written: the client has its head already).
@@ -1106,7 +1106,6 @@ async fn forward<C: Transport + 'static>(
         route: Arc::clone(&route.name),
         opened_at,
     };
-    let shutdown = shared.shutdown.clone();
     let events = shared.events.clone();
     // The relay is started (the 101 written, the early bytes of both sides
     // handled) before the handshake's buffers (`early`, the upstream's read
@@ -1126,12 +1125,12 @@ async fn forward<C: Transport + 'static>(
         UpstreamStream::Plain(upstream) => {
             let mut relay = Relay::new(client, upstream, relay_limits, id, events, control);
             relay.start(&buffer[..head_len], &buffer[head_len..], &early, client_eof);
-            tokio::spawn(relay.run(shutdown, end));
+            tokio::spawn(relay.run(end));
         }
         UpstreamStream::Tls(upstream) => {
             let mut relay = Relay::new(client, upstream, relay_limits, id, events, control);
             relay.start(&buffer[..head_len], &buffer[head_len..], &early, client_eof);
-            tokio::spawn(relay.run(shutdown, end));
+            tokio::spawn(relay.run(end));
         }
     }
 }

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use arc_swap::ArcSwap;
 use tokio::sync::{oneshot, Notify};
@@ -328,12 +328,18 @@ pub struct LiveConnection {
 /// start and at its end).
 pub struct Relays {
     shards: Vec<Mutex<HashMap<u64, RelayEntry>>>,
+    /// Set by `close_all` (the drain): every relay, the ones registered
+    /// after it included, gets this close. The drain reaches relays here, not
+    /// through a watch of their own: a shutdown future in every idle relay's
+    /// task cost 176 bytes.
+    closing: OnceLock<CloseCommand>,
 }
 
 impl Default for Relays {
     fn default() -> Relays {
         Relays {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            closing: OnceLock::new(),
         }
     }
 }
@@ -366,14 +372,25 @@ impl Relays {
     pub fn register(self: &Arc<Self>, conn_id: u64, route: Arc<str>) -> (Registered, RelayControl) {
         let traffic = Arc::new(LiveTraffic::default());
         let (tx, rx) = oneshot::channel();
-        lock(self.shard(conn_id)).insert(
+        let mut shard = lock(self.shard(conn_id));
+        // Checked under the shard's lock: `close_all` sets `closing` before it
+        // locks any shard, so a relay it does not find there sees it here.
+        let close = match self.closing.get() {
+            Some(command) => {
+                let _ = tx.send(command.clone());
+                None
+            }
+            None => Some(tx),
+        };
+        shard.insert(
             conn_id,
             RelayEntry {
                 route,
                 traffic: Arc::clone(&traffic),
-                close: Some(tx),
+                close,
             },
         );
+        drop(shard);
         (
             Registered {
                 relays: Arc::clone(self),
@@ -399,6 +416,23 @@ impl Relays {
             let _ = tx.send(command); // a relay that just ended drops it: it is going anyway
         }
         true
+    }
+
+    /// Ask every relay, open now or registered from now on, to close with
+    /// `command` (the drain's 1001); a relay asked already keeps its first
+    /// close. Only the first call's command counts.
+    pub fn close_all(&self, command: CloseCommand) {
+        let _ = self.closing.set(command);
+        let Some(command) = self.closing.get() else {
+            return;
+        };
+        for shard in &self.shards {
+            for entry in lock(shard).values_mut() {
+                if let Some(tx) = entry.close.take() {
+                    let _ = tx.send(command.clone());
+                }
+            }
+        }
     }
 
     /// Every open relay with its counts so far, by connection id.
@@ -622,6 +656,35 @@ mod tests {
         drop(registered);
         assert!(relays.live().is_empty());
         assert!(!relays.close(7, command));
+    }
+
+    /// The drain closes every relay open, and every one registered after it
+    /// (a handshake that was ending when the drain began); a relay the brain
+    /// closed first keeps the brain's close.
+    #[test]
+    fn the_drain_closes_every_relay_even_one_registered_after_it() {
+        let relays = Arc::new(Relays::default());
+        let (_open, mut open) = relays.register(1, Arc::from("/"));
+        let (_asked, mut asked) = relays.register(2, Arc::from("/"));
+        let brain = CloseCommand {
+            code: 1008,
+            reason: "policy".into(),
+        };
+        let drain = CloseCommand {
+            code: 1001,
+            reason: "loopwatch: shutting down".into(),
+        };
+        assert!(relays.close(2, brain.clone()));
+        relays.close_all(drain.clone());
+        let (_late, mut late) = relays.register(3, Arc::from("/"));
+        assert_eq!(open.commands.try_recv().unwrap(), drain);
+        assert_eq!(asked.commands.try_recv().unwrap(), brain);
+        assert_eq!(late.commands.try_recv().unwrap(), drain);
+        assert_eq!(
+            relays.live().len(),
+            3,
+            "closing, not gone: each leaves at its end"
+        );
     }
 
     #[test]

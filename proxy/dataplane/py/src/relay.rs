@@ -42,7 +42,6 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::io::ReadBuf;
-use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
 
 use loopwatch_dataplane_core::events::{Event, EventSender, Initiator, Traffic};
@@ -358,24 +357,16 @@ impl<C: Transport, U: Transport> Relay<C, U> {
     /// relay is most of an idle connection's task (`listener::size_tests`:
     /// 2336 bytes as an async fn, 1456 so with two timers, 1280 with one).
     #[allow(clippy::manual_async_fn)]
-    pub fn run<T: FnOnce(CloseInfo)>(
-        mut self,
-        mut shutdown: watch::Receiver<bool>,
-        then: T,
-    ) -> impl std::future::Future<Output = ()> {
+    pub fn run<T: FnOnce(CloseInfo)>(mut self, then: T) -> impl std::future::Future<Output = ()> {
         async move {
-            let mut shutdown_seen = *shutdown.borrow();
-            if shutdown_seen {
-                self.close(1001, "loopwatch: shutting down");
-            }
             // One timer for the connection's life, armed at the earliest of
             // its deadlines and re-armed only when that moves (a timer made
             // per loop turn costs a registration; a second one, 112 bytes
-            // more in every idle connection's task).
+            // more in every idle connection's task). The drain's 1001 comes
+            // as a close command (`Relays::close_all`), as the brain's.
             let far = Instant::now() + Duration::from_secs(86_400 * 365);
             let timer = sleep_until(far);
-            let shutdown_signal = crate::listener::stopping(&mut shutdown);
-            tokio::pin!(timer, shutdown_signal);
+            tokio::pin!(timer);
             let mut armed: Option<Instant> = None;
             // One hand-written poll per wake-up, not a select! of fresh futures:
             // the sockets' readiness is polled in place (its wakers registered
@@ -405,11 +396,6 @@ impl<C: Transport, U: Transport> Relay<C, U> {
                 if due != armed {
                     timer.as_mut().reset(due.unwrap_or(far));
                     armed = due;
-                }
-                if !shutdown_seen && shutdown_signal.as_mut().poll(cx).is_ready() {
-                    shutdown_seen = true;
-                    self.close(1001, "loopwatch: shutting down");
-                    continue;
                 }
                 if let Some(commands) = self.commands.as_mut() {
                     if let Poll::Ready(command) = std::pin::Pin::new(commands).poll(cx) {
@@ -547,7 +533,7 @@ impl<C: Transport, U: Transport> Relay<C, U> {
     }
 
     fn note_close_seen(&mut self, i: usize) {
-        if self.initiator.is_none() && self.legs[i].watcher.close.is_some() {
+        if self.initiator.is_none() && self.legs[i].watcher.close().is_some() {
             self.initiator = Some(initiator(i));
         }
     }
@@ -565,7 +551,7 @@ impl<C: Transport, U: Transport> Relay<C, U> {
     /// passed on.
     fn half_close(&mut self, i: usize) -> bool {
         let leg = &self.legs[i];
-        if self.grace.is_some() || (leg.watcher.close.is_none() && leg.passing.is_none()) {
+        if self.grace.is_some() || (leg.watcher.close().is_none() && leg.passing.is_none()) {
             // Closing: that side is done. No close frame: the side is gone.
             return false;
         }
@@ -736,9 +722,9 @@ impl<C: Transport, U: Transport> Relay<C, U> {
     /// loopwatch closes. If it has, the close handshake is the peers' own.
     fn answer_timeout(&mut self) {
         self.answer_until = None;
-        let answered = [CLIENT, UPSTREAM]
-            .into_iter()
-            .all(|i| self.legs[i].passing.is_none() || self.legs[other(i)].watcher.close.is_some());
+        let answered = [CLIENT, UPSTREAM].into_iter().all(|i| {
+            self.legs[i].passing.is_none() || self.legs[other(i)].watcher.close().is_some()
+        });
         if !answered {
             self.close_for_violation();
         }
@@ -782,7 +768,7 @@ impl<C: Transport, U: Transport> Relay<C, U> {
                 self.close_leg(o);
                 continue;
             }
-            if self.legs[i].watcher.close.is_some() {
+            if self.legs[i].watcher.close().is_some() {
                 // This direction already carried its side's close frame: a
                 // second one is a protocol error to the peer (Chromium fails
                 // the connection: 1006). That close handshake ends the leg.
@@ -902,7 +888,7 @@ impl<C: Transport, U: Transport> Relay<C, U> {
         if self.grace.is_none() || leg.closed || self.legs[other(i)].pending.is_some() {
             return;
         }
-        if leg.watcher.close.is_some() {
+        if leg.watcher.close().is_some() {
             self.close_leg(i);
         } else if leg.watcher.error().is_some() && leg.after_flush == AfterFlush::Nothing {
             // Its stream cannot be read any more, so its close reply would go
@@ -936,7 +922,7 @@ impl<C: Transport, U: Transport> Relay<C, U> {
                 } else {
                     self.settle(o);
                 }
-            } else if self.legs[i].watcher.close.is_some() || self.legs[i].eof {
+            } else if self.legs[i].watcher.close().is_some() || self.legs[i].eof {
                 self.close_leg(o); // an ordinary close handshake: flush, then close
             } else if self.legs[i].passing.is_some() || self.legs[o].passing.is_some() {
                 // A stream passed unparsed: where it stands is unknown, so
@@ -987,7 +973,7 @@ impl<C: Transport, U: Transport> Relay<C, U> {
                 } else {
                     UPSTREAM
                 };
-                match &self.legs[i].watcher.close {
+                match self.legs[i].watcher.close() {
                     None => CloseInfo {
                         code: 1006,
                         reason: String::new(),
