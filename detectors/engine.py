@@ -23,7 +23,7 @@ import itertools
 import math
 import random
 from collections import deque
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 
 from . import findings, policy, tracker
 from .actions import Action, CloseConnection, CooldownEnded, WouldReject
@@ -51,10 +51,6 @@ _SWEEP_BATCH = 10_000
 
 def _always(state: ClientState) -> bool:
     return True  # a rule with no `needs`: always checked
-
-
-def _opened(conn: tuple[ConnId, float]) -> float:
-    return conn[1]
 
 
 class Engine:
@@ -275,7 +271,7 @@ class Engine:
     def _close_oldest(self, state: ClientState, t: float, enforced: bool) -> None:
         conns = state.open_items()
         assert conns  # open_count >= max_concurrent >= 1
-        oldest = min(conns, key=_opened)[0]
+        oldest = min(conns, key=itemgetter(1))[0]  # (conn_id, opened at)
         if not enforced:
             self._actions.append(WouldReject(state.key, t, "max_concurrent"))
             return

@@ -189,7 +189,7 @@ class ClientState:
 
     def pinned(self, t: float) -> bool:
         """Whether forgetting this client now would lose something that still matters."""
-        return self.open_id is not None or bool(self.open) or self.cool_until > t or self.keep_until > t
+        return self.open_count > 0 or self.cool_until > t or self.keep_until > t
 
 
 class Addresses:

@@ -130,7 +130,7 @@ struct Leg {
     passing: Option<Passing>,
     /// The proxy's close frame for the other leg, waiting for this leg's
     /// stream to reach a frame boundary.
-    pending: Option<Vec<u8>>,
+    pending: Option<Box<[u8]>>,
     /// This leg shut its writing half after its close frame, and the other
     /// leg got the EOF.
     eof: bool,
@@ -180,6 +180,30 @@ impl Leg {
 
 /// Both legs' streams, of their own types; `get` lends either as a
 /// `dyn Transport`, so that one code path serves every combination.
+/// The legs whose connection ended, last first: each ends once, so at most
+/// both (a `Vec` here cost 22 bytes more in every relay).
+#[derive(Default)]
+struct EndedLegs {
+    legs: [u8; 2],
+    len: u8,
+}
+
+impl EndedLegs {
+    fn push(&mut self, i: usize) {
+        let n = usize::from(self.len);
+        debug_assert!(n < 2, "a leg ends once");
+        if n < 2 {
+            self.legs[n] = i as u8;
+            self.len += 1;
+        }
+    }
+
+    fn pop(&mut self) -> Option<usize> {
+        self.len = self.len.checked_sub(1)?;
+        Some(usize::from(self.legs[usize::from(self.len)]))
+    }
+}
+
 struct Streams<C, U> {
     client: Option<C>,
     upstream: Option<U>,
@@ -265,7 +289,7 @@ pub struct Relay<C: Transport, U: Transport> {
     pass_budget: u64,
     /// Legs whose connection ended, for `lost` (run at the poll loop's next
     /// turn, not inside the flush or abort that ended them).
-    ended: Vec<usize>,
+    ended: EndedLegs,
     done: bool,
     reported: bool,
     idle_timeout: Option<Duration>,
@@ -312,7 +336,7 @@ impl<C: Transport, U: Transport> Relay<C, U> {
             pass_budget: limits
                 .max_message_size
                 .map_or(PASS_BUDGET, |limit| limit.min(PASS_BUDGET)),
-            ended: Vec::new(),
+            ended: EndedLegs::default(),
             done: false,
             reported: false,
             idle_timeout: limits.idle_timeout,
@@ -364,10 +388,11 @@ impl<C: Transport, U: Transport> Relay<C, U> {
             // per loop turn costs a registration; a second one, 112 bytes
             // more in every idle connection's task). The drain's 1001 comes
             // as a close command (`Relays::close_all`), as the brain's.
-            let far = Instant::now() + Duration::from_secs(86_400 * 365);
-            let timer = sleep_until(far);
+            // Unarmed, the timer waits a year (a deadline far enough never to come).
+            let far = || Instant::now() + Duration::from_secs(86_400 * 365);
+            let timer = sleep_until(far());
             tokio::pin!(timer);
-            let mut armed: Option<Instant> = None;
+            let mut armed = false;
             // One hand-written poll per wake-up, not a select! of fresh futures:
             // the sockets' readiness is polled in place (its wakers registered
             // only where it is pending), and every ready leg is served in turn.
@@ -393,9 +418,16 @@ impl<C: Transport, U: Transport> Relay<C, U> {
                     (Some(d), Some(i)) => Some(d.min(i)),
                     (d, i) => d.or(i),
                 };
-                if due != armed {
-                    timer.as_mut().reset(due.unwrap_or(far));
-                    armed = due;
+                match due {
+                    Some(due) if !armed || timer.deadline() != due => {
+                        timer.as_mut().reset(due);
+                        armed = true;
+                    }
+                    None if armed => {
+                        timer.as_mut().reset(far());
+                        armed = false;
+                    }
+                    _ => {}
                 }
                 if let Some(commands) = self.commands.as_mut() {
                     if let Poll::Ready(command) = std::pin::Pin::new(commands).poll(cx) {
@@ -780,7 +812,7 @@ impl<C: Transport, U: Transport> Relay<C, U> {
             let frame = build_close_frame(code, reason, mask).unwrap_or_else(|_| {
                 build_close_frame(1011, reason, mask).expect("1011 is sendable")
             });
-            self.legs[i].pending = Some(frame);
+            self.legs[i].pending = Some(frame.into_boxed_slice());
             if self.legs[i].watcher.at_boundary() {
                 self.flush_pending(i);
             }
