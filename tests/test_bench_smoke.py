@@ -16,13 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.benchmarks.report import COLUMNS, FLOOR_ROWS, NATIVE_COLUMNS, NATIVE_ROWS
+from tests.benchmarks.report import COLUMNS, FLOOR_ROWS, LOOPWATCH_ONLY, NATIVE_COLUMNS, NATIVE_ROWS
 from tests.benchmarks.run import (
     BARE,
     BARE_REFUSAL,
     BRAIN_TARGETS,
     FLOOR,
     FLOOR_REFUSAL,
+    FORGETFUL,
     MULTICORE_TARGETS,
     SCENARIOS,
     TARGETS,
@@ -74,7 +75,9 @@ def test_every_scenario_ran_against_every_target(smoke: tuple[dict, str]) -> Non
         assert set(summary[scenario]) == {*TARGETS, BARE, FLOOR}, scenario
     for scenario in ("detect", "storm"):  # the listener alone has no brain writing its table
         assert set(summary[scenario]) == set(TARGETS), scenario
-    assert set(summary["memory"]) == {"loopwatch", "nginx", "haproxy", BARE}
+    assert set(summary["memory"]) == {"loopwatch", "nginx", "haproxy", BARE, FORGETFUL}
+    for target in ("loopwatch", FORGETFUL):  # given back, split: glibc's thread arenas and the rest
+        assert {"arenas_returned_pct", "rest_returned_pct"} <= set(summary["memory"][target]), target
     assert set(summary["multicore"]) == set(MULTICORE_TARGETS)
     assert set(summary["brain"]) == set(BRAIN_TARGETS)
     refusal = set(summary["refusal"])
@@ -129,7 +132,8 @@ def test_detection_and_memory_figures(smoke: tuple[dict, str]) -> None:
         assert summary["detect"][target]["attempts"] is None  # they never refuse
     for target, values in summary["memory"].items():
         assert values["held"] > 0, target
-        assert math.isfinite(values["kib_per_conn_50"]), target
+        count = result["meta"]["profile"]["memory"]["counts"][0]
+        assert math.isfinite(values[f"kib_per_conn_{count}"]), target
 
 
 def test_native_table(smoke: tuple[dict, str]) -> None:
@@ -145,7 +149,7 @@ def test_native_table(smoke: tuple[dict, str]) -> None:
         values = row["values"]
         column = BARE if row_id in derived else "loopwatch"
         assert isinstance(values[column], (int, float)) and math.isfinite(values[column]), (row_id, row)
-        if row_id not in derived and not row_id.startswith(("n_detect", "n_storm")):
+        if row_id not in derived | set(LOOPWATCH_ONLY) and not row_id.startswith(("n_detect", "n_storm")):
             assert isinstance(values[BARE], (int, float)) and math.isfinite(values[BARE]), (row_id, row)
         # The tokio floor has the CPU rows (the rest is the data plane's own work).
         floor = values[FLOOR]

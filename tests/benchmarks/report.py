@@ -18,6 +18,11 @@ BARE = "native-bare"
 # The tokio floor (proxy/dataplane/floor): the least a tokio proxy does per
 # connection, the floor under the CPU rows of issue 16's table.
 FLOOR = "tokio-floor"
+# loopwatch forgetting every client as soon as it can (`detection.client_ttl: 1s`): in
+# the memory scenario, what the rest of the process gives back when the engine keeps nothing.
+FORGETFUL = "loopwatch-forgetful"
+# Rows of a loopwatch variant alone (the other columns are the row above's).
+LOOPWATCH_ONLY = ("n_memory_returned_arenas", "n_memory_returned_rest", "n_memory_returned_forgetful")
 FLOOR_REFUSAL = (f"{FLOOR}-http-429", f"{FLOOR}-close-1013")
 # The rows the floor has (the rest are the data plane's own: n/a).
 FLOOR_ROWS = ("n_churn_cpu", "n_churn_user", "n_churn_sys", "n_refusal_cpu", "n_refusal_1013_cpu", "n_refusal_user",
@@ -39,8 +44,9 @@ CAVEATS = [
     "loopwatch's default identity is jwt:sub bound to the address), so a churn of thousands of "
     "connections is a fleet of clients connecting once, not one client looping; the same request "
     "goes to every target.",
-    "Memory: RSS of the target's processes on a freshly started target (after a 20-connection "
-    "warm-up), per connection held idle; 'direct' has no proxy and shows no figure.",
+    "Memory: RSS of the target's processes on a freshly started target (after a warm-up of as many "
+    "connections as the scenario opens at once, 100), per connection held idle; 'direct' has no proxy and "
+    "shows no figure.",
 ]
 
 
@@ -440,6 +446,13 @@ NATIVE_ROWS = [
     # n_memory_N rows, one per connection count of the run, are inserted here by native_rows()
     NativeRow("n_memory_returned", "memory given back after the connections closed", "%", "memory",
               "returned_pct", fmt="{:.0f}", target="≥ 90 %", check=_n_abs(lambda v: v >= 90.0), ratios=False),
+    NativeRow("n_memory_returned_arenas", "  of it, by glibc's thread arenas (the tokio threads', trimmed)", "%",
+              "memory", "arenas_returned_pct", fmt="{:.0f}", ratios=False),
+    NativeRow("n_memory_returned_rest", "  of it, by the rest of the process (CPython's arenas: the brain)", "%",
+              "memory", "rest_returned_pct", fmt="{:.0f}", ratios=False),
+    NativeRow("n_memory_returned_forgetful", "  the same, the engine forgetting every client within 1 s "
+              "(`detection.client_ttl: 1s`)", "%", "memory", "returned_pct", fmt="{:.0f}",
+              source={"loopwatch": FORGETFUL}, ratios=False),
     NativeRow("n_mc_rate_1", "multicore: refusal cycles/s, 1 tokio thread (C load generator)", "/s", "multicore",
               fmt="{:,.0f}", derive=_mc("native-t1", "cycles_per_s"), ratios=False),
     NativeRow("n_mc_rate_2", "multicore: refusal cycles/s, 2 tokio threads", "/s", "multicore",
@@ -540,6 +553,9 @@ def native_rows(result: dict) -> list[dict]:
                 values[column] = _get(summary, row.scenario, name, metric)
             if row.metric in NATIVE_ONLY or row.id == "n_storm_leaks":  # tokio threads / cooldowns
                 for column in ("nginx", "haproxy"):
+                    values[column], notes[column] = None, "n/a"
+            if row.id in LOOPWATCH_ONLY:
+                for column in NATIVE_COLUMNS[1:]:
                     values[column], notes[column] = None, "n/a"
             if row.scenario in ("detect", "storm"):  # the listener alone has no brain
                 values[BARE], notes[BARE] = None, "n/a"

@@ -100,6 +100,30 @@ def rss_bytes(pids: list[int]) -> int:
     return total
 
 
+# glibc puts each thread arena's heaps at multiples of their largest size (64 MiB on 64-bit).
+ARENA_ALIGN = 64 << 20
+
+
+def rss_in_thread_arenas(pid: int) -> int:
+    """The bytes of `pid`'s RSS in glibc's thread arenas (/proc/PID/smaps: anonymous
+    mappings at a 64 MiB boundary): loopwatch's tokio threads' memory, and what its
+    Python threads allocate with malloc; the rest is the main heap, CPython's own
+    arenas, stacks and files."""
+    total, in_arena = 0, False
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                head = line.split(maxsplit=6)
+                if "-" in head[0] and len(head) >= 5:  # a mapping's first line: range perms offset dev inode [path]
+                    start = int(head[0].split("-", 1)[0], 16)
+                    in_arena = len(head) == 5 and start % ARENA_ALIGN == 0
+                elif in_arena and head[0] == "Rss:":
+                    total += int(head[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+    return total
+
+
 def callgrind_instructions(out: Path) -> int | None:
     """Instructions a callgrind run counted: the `totals:` of its output file and
     of any further parts it dumped (`out.1`, …). Not `summary:` as well, which
