@@ -78,7 +78,7 @@ class ClientState:
         "open_t",
         "open",
         "bad_times",  # ring: attempts refused, failed or short-lived (rapid_reconnect)
-        "codes",  # close-code histogram
+        "codes",  # close-code histogram: code and count in turn (tracker)
         "history",  # ring: recent events, time and packed value in turn (detectors.history)
         "flags",  # rule → Flag
         "cool_until",  # cooldown end; 0 when there is no cooldown
@@ -112,7 +112,7 @@ class ClientState:
         self.open_t = 0.0
         self.open: dict[ConnId, float] | None = None
         self.bad_times: array[float] | None = None
-        self.codes: dict[int, int] | None = None
+        self.codes: array[int] | None = None
         self.history: array[float] | None = None
         self.flags: dict[str, Flag] | None = None
         self.cool_until = 0.0

@@ -40,6 +40,22 @@ MAX_CODES = 16
 _OTHER_CODE = -1
 
 
+def _count_code(codes: array[int], code: int) -> None:
+    """One more close with ``code`` in a histogram of codes and counts in turn (an
+    array of two is 80 bytes where the smallest dict is 224, and a client that left
+    keeps its histogram for ``client_ttl``). Beyond MAX_CODES codes, the close
+    counts as _OTHER_CODE."""
+    n = len(codes)
+    for wanted in (code, _OTHER_CODE):
+        for i in range(0, n, 2):
+            if codes[i] == wanted:
+                codes[i + 1] += 1
+                return
+        if n < 2 * MAX_CODES or wanted == _OTHER_CODE:
+            codes.extend((wanted, 1))
+            return
+
+
 def on_attempt(
     state: ClientState, event: Attempt, settings: DetectionSettings, addresses: Addresses | None = None
 ) -> None:
@@ -133,11 +149,9 @@ def on_closed(state: ClientState, event: Closed, settings: DetectionSettings) ->
         _remember_packed(state, t, packed, settings.history_size)
     codes = state.codes
     if codes is None:
-        codes = state.codes = {}
-    if code in codes or len(codes) < MAX_CODES:
-        codes[code] = codes.get(code, 0) + 1
+        state.codes = array("q", (code, 1))
     else:
-        codes[_OTHER_CODE] = codes.get(_OTHER_CODE, 0) + 1
+        _count_code(codes, code)
     if event.initiator == "proxy":
         # loopwatch does not judge a client by closes it caused itself
         # (close-oldest uses 1008, shutdown 1001, size limits 1009).

@@ -36,9 +36,10 @@ def lowest(warning: int | None, critical: int | None) -> int:
 
 def close_codes(state: ClientState) -> dict[str, int]:
     """The client's close-code histogram with string keys (JSON objects need them)."""
-    if not state.codes:
+    codes = state.codes
+    if not codes:
         return {}
-    return {("other" if code < 0 else str(code)): n for code, n in state.codes.items()}
+    return {("other" if code < 0 else str(code)): n for code, n in zip(codes[::2], codes[1::2], strict=True)}
 
 
 def span(times: array[float] | None, count: int) -> tuple[float | None, float | None]:

@@ -156,3 +156,20 @@ def test_addresses_keep_one_copy_of_each_and_stay_bounded() -> None:
     for i in range(Addresses.CAP):  # full: sharing starts over, copies already given stay valid
         shared.share(f"10.1.{i >> 8}.{i & 255}")
     assert shared.share(again) is again
+
+
+def test_the_close_code_histogram_keeps_sixteen_codes_and_counts_the_rest_as_other() -> None:
+    from loopwatch.detectors.rules.evidence import close_codes
+    from loopwatch.detectors.settings import DetectionSettings
+    from loopwatch.detectors.tracker import MAX_CODES, on_closed
+
+    state, settings = ClientState("k", 0.0), DetectionSettings()
+    codes = [1000, 1008, *range(4000, 4000 + MAX_CODES + 3), 1000]  # 16 distinct fit; then 3 more; 1000 again
+    for i, code in enumerate(codes):
+        on_closed(state, Closed("k", "/", float(i), i, code, "", "upstream", 1.0), settings)
+    histogram = close_codes(state)
+    assert histogram["1000"] == 2 and histogram["1008"] == 1
+    kept = [c for c in histogram if c.startswith("40")]
+    assert kept == [str(4000 + n) for n in range(MAX_CODES - 2)]  # in order of arrival
+    assert histogram["other"] == 5  # the codes beyond the sixteen
+    assert len(histogram) == MAX_CODES + 1 and sum(histogram.values()) == len(codes)
