@@ -22,7 +22,8 @@ import heapq
 import itertools
 import math
 import random
-from collections import deque
+from collections import OrderedDict
+from dataclasses import dataclass
 from operator import attrgetter, itemgetter
 
 from . import findings, policy, tracker
@@ -53,6 +54,18 @@ def _always(state: ClientState) -> bool:
     return True  # a rule with no `needs`: always checked
 
 
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs twice as much
+class Credit:
+    """An open connection's auth success, due once it has lived ``healthy_after``."""
+
+    due: float
+    key: str
+
+
+def _first_due(credits: OrderedDict[ConnId, Credit]) -> float:
+    return next(iter(credits.values())).due if credits else INF
+
+
 class Engine:
     def __init__(
         self,
@@ -72,8 +85,10 @@ class Engine:
         # Wake queue: (due, seq, key); stale entries are skipped (state.scheduled says which is live).
         self._queue: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
-        # Opened connections awaiting their auth-success credit: (due, key, conn_id), in time order.
-        self._credits: deque[tuple[float, str, ConnId]] = deque()
+        # Open connections awaiting their auth-success credit, in time order; a close
+        # takes its connection's out (nothing of a connection outlives it).
+        self._credits: OrderedDict[ConnId, Credit] = OrderedDict()
+        self._credit_due = INF  # the oldest credit's due time; INF when there is none
         # Clients with a standing finding or a cooldown: few, so views and counts iterate them.
         self._notable: dict[str, ClientState] = {}
         self._flagged: dict[str, int] = dict.fromkeys(RULE_NAMES, 0)
@@ -160,7 +175,7 @@ class Engine:
         connection closed, a probe budget ran out), taking no probe.
         """
         t = attempt.t
-        if self._credits and self._credits[0][0] <= t:
+        if t >= self._credit_due:
             self._drain_credits(t)
         state = self._client(attempt.key, t)
         # A storm is many clients reconnecting, not one client looping: the fleet
@@ -285,7 +300,7 @@ class Engine:
     def record(self, event: HandshakeFailed | Opened | Closed) -> Outcome:
         """Fold in an outcome of an admitted attempt."""
         t = event.t
-        if self._credits and self._credits[0][0] <= t:
+        if t >= self._credit_due:
             self._drain_credits(t)
         state = self._client(event.key, t)
         d = self._detection
@@ -295,10 +310,14 @@ class Engine:
             self._upstream_outcome(state, t, success=True)
             if self._auth.settings.enabled:
                 due = t + d.healthy_after
-                self._credits.append((due, state.key, event.conn_id))
+                if not self._credits:
+                    self._credit_due = due
+                self._credits[event.conn_id] = Credit(due, state.key)
                 if due < self._floor and self._auth.state is not CLOSED:
                     self._floor = due  # a probe may be waiting for its credit
         elif isinstance(event, Closed):
+            if self._credits.pop(event.conn_id, None) is not None:
+                self._credit_due = _first_due(self._credits)
             opened = state.opened_at(event.conn_id)
             credited = event.duration >= d.healthy_after or (
                 opened is not None and t - opened >= d.healthy_after
@@ -393,11 +412,15 @@ class Engine:
     def _drain_credits(self, t: float) -> None:
         """Connections that lived ``healthy_after`` are auth successes."""
         credits = self._credits
-        while credits and credits[0][0] <= t:
-            due, key, conn_id = credits.popleft()
-            state = self._store.get(key)
+        while credits:
+            conn_id, credit = next(iter(credits.items()))
+            if credit.due > t:
+                break
+            del credits[conn_id]
+            state = self._store.get(credit.key)
             if state is not None and state.opened_at(conn_id) is not None:
-                self._auth_outcome(state, due, failed=False)
+                self._auth_outcome(state, credit.due, failed=False)
+        self._credit_due = _first_due(credits)
 
     # --- rules, findings, cooldowns -------------------------------------------
 
@@ -468,7 +491,7 @@ class Engine:
 
     def wake(self, t: float) -> Outcome:
         """Apply what time alone changes, up to ``t``."""
-        if self._credits and self._credits[0][0] <= t:
+        if t >= self._credit_due:
             self._drain_credits(t)
         for breaker in self._breakers:
             self._actions.extend(breaker.advance(t))
@@ -525,8 +548,8 @@ class Engine:
             when = breaker.next_wake
             if when is not None:
                 due = min(due, when)
-        if self._credits and self._auth.state is not CLOSED:
-            due = min(due, self._credits[0][0])  # a probe may be waiting for its credit
+        if self._auth.state is not CLOSED:
+            due = min(due, self._credit_due)  # a probe may be waiting for its credit
         expiry = self._store.next_expiry()
         if expiry is not None:
             due = min(due, max(expiry, self._next_sweep))
@@ -669,7 +692,7 @@ class Engine:
         connection id that cannot collide with a local one (shared.localize).
         """
         t = event.t
-        if self._credits and self._credits[0][0] <= t:
+        if t >= self._credit_due:
             self._drain_credits(t)
         state = self._client(event.key, t)
         kind = tracker.apply(state, event, self._detection, self._addresses)
