@@ -422,10 +422,7 @@ impl Relays {
     /// `command` (the drain's 1001); a relay asked already keeps its first
     /// close. Only the first call's command counts.
     pub fn close_all(&self, command: CloseCommand) {
-        let _ = self.closing.set(command);
-        let Some(command) = self.closing.get() else {
-            return;
-        };
+        let command = self.closing.get_or_init(|| command);
         for shard in &self.shards {
             for entry in lock(shard).values_mut() {
                 if let Some(tx) = entry.close.take() {
