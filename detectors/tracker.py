@@ -45,15 +45,14 @@ def _count_code(codes: array[int], code: int) -> None:
     array of two is 80 bytes where the smallest dict is 224, and a client that left
     keeps its histogram for ``client_ttl``). Beyond MAX_CODES codes, the close
     counts as _OTHER_CODE."""
-    n = len(codes)
-    for wanted in (code, _OTHER_CODE):
-        for i in range(0, n, 2):
-            if codes[i] == wanted:
-                codes[i + 1] += 1
-                return
-        if n < 2 * MAX_CODES or wanted == _OTHER_CODE:
-            codes.extend((wanted, 1))
+    for i in range(0, len(codes), 2):
+        if codes[i] == code:
+            codes[i + 1] += 1
             return
+    if len(codes) < 2 * MAX_CODES or code == _OTHER_CODE:
+        codes.extend((code, 1))
+    else:
+        _count_code(codes, _OTHER_CODE)
 
 
 def on_attempt(
