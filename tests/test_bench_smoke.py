@@ -130,9 +130,9 @@ def test_detection_and_memory_figures(smoke: tuple[dict, str]) -> None:
         assert summary["storm"]["loopwatch"]["leaks"] == 0
     for target in ("nginx", "haproxy"):
         assert summary["detect"][target]["attempts"] is None  # they never refuse
+    count = result["meta"]["profile"]["memory"]["counts"][0]
     for target, values in summary["memory"].items():
         assert values["held"] > 0, target
-        count = result["meta"]["profile"]["memory"]["counts"][0]
         assert math.isfinite(values[f"kib_per_conn_{count}"]), target
 
 

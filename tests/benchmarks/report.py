@@ -18,15 +18,15 @@ BARE = "native-bare"
 # The tokio floor (proxy/dataplane/floor): the least a tokio proxy does per
 # connection, the floor under the CPU rows of issue 16's table.
 FLOOR = "tokio-floor"
+FLOOR_REFUSAL = (f"{FLOOR}-http-429", f"{FLOOR}-close-1013")
+# The rows the floor has (the rest are the data plane's own: n/a).
+FLOOR_ROWS = ("n_churn_cpu", "n_churn_user", "n_churn_sys", "n_refusal_cpu", "n_refusal_1013_cpu", "n_refusal_user",
+              "n_refusal_sys", "n_throughput_cpu", "n_latency_cpu", "n_latency_user", "n_latency_sys")
 # loopwatch forgetting every client as soon as it can (`detection.client_ttl: 1s`): in
 # the memory scenario, what the rest of the process gives back when the engine keeps nothing.
 FORGETFUL = "loopwatch-forgetful"
 # Rows of a loopwatch variant alone (the other columns are the row above's).
 LOOPWATCH_ONLY = ("n_memory_returned_arenas", "n_memory_returned_rest", "n_memory_returned_forgetful")
-FLOOR_REFUSAL = (f"{FLOOR}-http-429", f"{FLOOR}-close-1013")
-# The rows the floor has (the rest are the data plane's own: n/a).
-FLOOR_ROWS = ("n_churn_cpu", "n_churn_user", "n_churn_sys", "n_refusal_cpu", "n_refusal_1013_cpu", "n_refusal_user",
-              "n_refusal_sys", "n_throughput_cpu", "n_latency_cpu", "n_latency_user", "n_latency_sys")
 
 CAVEATS = [
     "loopwatch is the compiled (Rust) data plane behind `loopwatch run`, the only one since issue 16; "

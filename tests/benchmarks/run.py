@@ -182,13 +182,6 @@ policy:
 # loopwatch's defaults refuse past policy.max_concurrent (1000 per key: the address)
 # and limits.max_connections_per_address. Those caps do not change what a
 # connection costs, so the scenario lifts them to measure it.
-# The memory scenario's loopwatch that keeps no client after it left (FORGETFUL): the
-# engine's sweep drops them within a second, before the scenario reads what was given back.
-FORGETFUL_CONFIG = """\
-detection:
-  client_ttl: 1s
-"""
-
 MEMORY_CONFIG = """\
 # tests/benchmarks: the memory scenario's many sockets from one address
 policy:
@@ -196,6 +189,13 @@ policy:
 limits:
   max_connections_per_address: null
 """
+# The memory scenario's loopwatch targets: loopwatch, and one that keeps no client
+# after it left (FORGETFUL: the engine's sweep drops them within a second, before
+# the scenario reads what was given back).
+MEMORY_CONFIGS = {
+    "loopwatch": MEMORY_CONFIG,
+    FORGETFUL: MEMORY_CONFIG + "detection:\n  client_ttl: 1s\n",
+}
 
 
 def median(values: list[float]) -> float | None:
@@ -295,7 +295,7 @@ class Bench:
         if name == "haproxy":
             return start_haproxy(self.tmp, self.backend.port, self.nofile)
         if name == FORGETFUL:
-            return start_loopwatch(self.tmp, self.backend.port, name, MEMORY_CONFIG + FORGETFUL_CONFIG)
+            return start_loopwatch(self.tmp, self.backend.port, name, config)
         if name in HOLD_TARGETS:
             hold = '"2s"' if name == "loopwatch-hold-on" else "0"
             return start_loopwatch(self.tmp, self.backend.port, name, HOLD_CONFIG.format(hold=hold))
@@ -769,7 +769,7 @@ class Bench:
         assert self.lg is not None
         targets = ("loopwatch", "nginx", "haproxy", FORGETFUL) + ((BARE,) if self.bare else ())
         for target in self.order(rep, targets):
-            self.restart(target, MEMORY_CONFIG if target == "loopwatch" else None)
+            self.restart(target, MEMORY_CONFIGS.get(target))
             proc = self.procs[target]
             # Warm up (first-use allocations are not per-connection cost), then settle.
             # As many connections as the scenario has handshakes in flight (`concurrency`): the memory
@@ -781,7 +781,7 @@ class Bench:
             self.lg.call({"op": "release"}, 60)
             time.sleep(p["settle_s"])
             base = proc.rss()
-            split = target.startswith("loopwatch")  # one process: its RSS in glibc's thread arenas apart
+            split = target in MEMORY_CONFIGS  # loopwatch, one process: its RSS in glibc's thread arenas apart
             arenas = [rss_in_thread_arenas(proc.proc.pid)] if split else []
             metrics: dict[str, float | None] = {}
             raw: dict[str, object] = {"base_rss": base}
