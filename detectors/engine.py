@@ -845,6 +845,11 @@ class Engine:
             top=self._hot.top(t, d.rate_window, d.top_k),
         )
 
+    @property
+    def clients_tracked(self) -> int:
+        """How many clients the engine holds state for."""
+        return len(self._store)
+
     def clients(self, t: float, *, limit: int = 50, offset: int = 0) -> list[ClientView]:
         """Tracked clients, worst first: cooldown > critical > warning > ok, then by rate."""
         need = max(offset + limit, 0)

@@ -359,10 +359,12 @@ async def test_shutdown_answers_an_upgrade_in_progress_with_503():
 
 
 async def test_memory_of_closed_connections_is_trimmed_once_after_a_burst(monkeypatch):
-    """When the live connections fall by TRIM_DROP from their peak, malloc_trim runs
-    once, TRIM_DELAY later; steady traffic below that never trims. On the native
-    plane the brain's trimming thread polls the listener's live count (the trim
-    reaches the runtime threads' arenas)."""
+    """When what the process holds memory for (live connections and the clients
+    the engine tracks) falls by TRIM_DROP from its peak, malloc_trim runs once,
+    TRIM_DELAY later; steady traffic below that never trims. On the native plane
+    the brain's trimming thread polls the listener's live count (the trim
+    reaches the runtime threads' arenas). Every connection here is one client
+    (the address), remembered after its connections closed."""
     from loopwatch.proxy.dataplane import trim
 
     calls: list[int] = []
@@ -374,21 +376,47 @@ async def test_memory_of_closed_connections_is_trimmed_once_after_a_burst(monkey
         trimmer = plane.trimmer  # type: ignore[attr-defined]  # NativePlane
         assert trimmer is not None
         one = await connect(ws_url(running))
-        await wait_for(lambda: trimmer.peak == 1)
+        await wait_for(lambda: trimmer.peak == 2)  # a connection, a client
         await one.close()
         await wait_for(lambda: plane.active_connections() == 0 and plane.settled())
         await asyncio.sleep(0.1)
         assert calls == []  # a drop of 1: no trim
         clients = [await connect(ws_url(running)) for _ in range(4)]
-        await wait_for(lambda: trimmer.peak == 4)
+        await wait_for(lambda: trimmer.peak == 5)
         for ws in clients:
             await ws.close()
         await wait_for(lambda: calls == [0])
         assert plane.active_connections() == 0
-        assert trimmer.peak == 0
+        assert trimmer.peak == 1  # the client, remembered
         assert trimmer.trims == 1
         await asyncio.sleep(0.1)
         assert calls == [0]  # once for the burst
+
+
+async def test_memory_of_forgotten_clients_is_trimmed(monkeypatch):
+    """The engine forgets a client `client_ttl` after it left, and its memory with
+    it: forgetting TRIM_DROP clients trims again, after the trim of their
+    connections' closes."""
+    from loopwatch.proxy.dataplane import trim
+
+    calls: list[int] = []
+    monkeypatch.setattr(trim, "TRIM_DROP", 3)
+    monkeypatch.setattr(trim, "TRIM_DELAY", 0.05)
+    monkeypatch.setattr(trim, "malloc_trim", calls.append)
+    overrides = {"identity.sources": ["query:id", "ip"], "detection.client_ttl": "1s"}
+    async with websockets_backend(echo) as (backend, _), loopwatch(backend, **overrides) as running:
+        plane = running.plane
+        trimmer = plane.trimmer  # type: ignore[attr-defined]  # NativePlane
+        engine = running.gate.engine  # type: ignore[attr-defined]  # EngineGate
+        clients = [await connect(ws_url(running, f"/?id=c{i}")) for i in range(4)]
+        await wait_for(lambda: trimmer.peak == 8)  # four connections, four clients
+        for ws in clients:
+            await ws.close()
+        await wait_for(lambda: calls == [0])  # the closes
+        assert engine.clients_tracked == 4 and trimmer.peak == 4
+        await wait_for(lambda: engine.clients_tracked == 0, timeout=5.0)
+        await wait_for(lambda: calls == [0, 0])  # the clients forgotten
+        assert trimmer.peak == 0 and trimmer.trims == 2
 
 
 async def test_connections_leave_no_reference_cycles():

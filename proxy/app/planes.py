@@ -191,10 +191,10 @@ class NativePlane:
         self._dropped_logged = 0  # events_dropped at the last log line
         self._port = 0
         self._last_live: dict[int, LiveConnection] = {}  # live(): the counts seen last
-        # The memory of closed connections back to the system after a burst of
-        # closes (proxy/dataplane/trim.py): malloc_trim
-        # trims the runtime threads' arenas too. Polled by a thread of its own,
-        # off the loop, which may be busy with the closes' events for seconds.
+        # The memory of closed connections and forgotten clients back to the
+        # system after a burst (proxy/dataplane/trim.py): malloc_trim trims the
+        # runtime threads' arenas too. Polled by a thread of its own, off the
+        # loop, which may be busy with the closes' events for seconds.
         self.trimmer = ClockTrimmer()
 
     @property
@@ -321,13 +321,19 @@ class NativePlane:
         return len(batch)
 
     def _trim(self) -> None:
-        """The trimming thread: every TRIM_POLL, the trimming policy with the
-        listener's live relays (its counters: current even when the loop is
-        behind with the events)."""
+        """The trimming thread: every TRIM_POLL, the trimming policy with what
+        the process holds memory for: the listener's live relays (its counters:
+        current even when the loop is behind with the events) and the clients
+        the engine tracks (forgotten `client_ttl` after they left, and their
+        memory with them; a length read under the GIL, which the loop's
+        changes to the store never leave half done)."""
+        gate = self.gate
+        engine = gate.engine if isinstance(gate, EngineGate) else None
         while not self._stop_trimming.wait(TRIM_POLL):
             listener = self.listener
             if listener is not None and not self._closing:
-                self.trimmer.poll(listener.stats().relays, time.monotonic())
+                clients = engine.clients_tracked if engine is not None else 0
+                self.trimmer.poll(listener.stats().relays + clients, time.monotonic())
 
     def _on_batch(self, batch: list[Received]) -> None:
         from ..dataplane.native import RequestRejected

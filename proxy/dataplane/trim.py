@@ -7,12 +7,14 @@ the event loop's (the brain's per-connection records) and the data plane's
 runtime threads' (its tasks, sockets' state and buffers are malloc'd on those
 threads).
 
-The policy: trim when the number of live connections fell by TRIM_DROP from
-its peak since the last trim, TRIM_DELAY after (so a burst of closes is trimmed
-once), never during steady churn. None off glibc. `ClockTrimmer` is the policy,
-polled with a clock (the data plane's trimming thread: the brain's loop may be
-busy with the closes' events for seconds, while the runtime freed the memory
-at once).
+The policy: trim when what the process holds memory for (its live connections,
+and the clients the engine remembers) fell by TRIM_DROP from its peak since the
+last trim, TRIM_DELAY after (so a burst of closes is trimmed once), never during
+steady churn. The engine forgets a client `client_ttl` after it left, so a
+burst of clients is trimmed twice: at the closes, and when they are forgotten.
+None off glibc. `ClockTrimmer` is the policy, polled with a clock (the data
+plane's trimming thread: the brain's loop may be busy with the closes' events
+for seconds, while the runtime freed the memory at once).
 """
 
 from __future__ import annotations
@@ -33,13 +35,13 @@ except (OSError, AttributeError):  # pragma: no cover - not glibc
 
 class ClockTrimmer:
     """The policy, polled: `poll(live, now)` from any one thread, with the number
-    of live connections and a monotonic clock. It calls malloc_trim itself
+    of live connections plus tracked clients and a monotonic clock. It calls malloc_trim itself
     (ctypes lets the GIL go meanwhile) once TRIM_DELAY passed since the drop was
     seen; the live count then becomes the new peak. Returns when it wants to be
     polled next (a trim is due), else None."""
 
     def __init__(self) -> None:
-        self.peak = 0  # most live connections since the last trim
+        self.peak = 0  # most live connections + tracked clients since the last trim
         self.trims = 0  # trims run
         self._due: float | None = None
 
