@@ -462,6 +462,8 @@ async def test_opened_and_closed_events_carry_the_connection() -> None:
     assert isinstance(attempt, ev.Attempt) and isinstance(opened, ev.Opened)
     assert isinstance(closed, ev.Closed)
     assert attempt.route == opened.route == closed.route == "/chat"
+    # One Python string per route, not one per event (the brain keeps an open connection's).
+    assert attempt.route is opened.route is closed.route
     assert opened.conn_id == closed.conn_id and isinstance(opened.conn_id, int)
     assert attempt.t <= opened.t <= closed.t <= time.monotonic()
     assert abs(closed.duration - (closed.t - opened.t)) < 0.05

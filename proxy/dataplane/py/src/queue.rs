@@ -7,11 +7,13 @@
 //! objects: one plain tuple per event, which `proxy/dataplane/native.py` turns
 //! into the detectors' event dataclasses.
 
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyTuple};
+use pyo3::types::{PyBytes, PyString, PyTuple};
 
 use loopwatch_dataplane_core::events::{
     event_queue, AttemptTrace, Event, EventReceiver, EventSender, HandshakeFailure,
@@ -84,6 +86,39 @@ pub struct EventQueue {
     receiver: EventReceiver,
     capacity: usize,
     clock: Clock,
+    routes: RouteNames,
+}
+
+/// The most route names `RouteNames` keeps; past it, it starts over (routes
+/// change only at a reload).
+const ROUTES_KEPT: usize = 64;
+
+/// The routes' names as Python strings, each made once: every event carries
+/// its route, and the brain keeps an open connection's (a string of its own
+/// per connection before: ~50 bytes of the brain's memory, and a string made
+/// and freed per event).
+struct RouteNames(Mutex<Vec<(Arc<str>, Py<PyString>)>>);
+
+impl RouteNames {
+    fn new() -> RouteNames {
+        RouteNames(Mutex::new(Vec::new()))
+    }
+
+    fn get<'py>(&self, py: Python<'py>, route: &Arc<str>) -> Bound<'py, PyString> {
+        let mut names = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, name)) = names
+            .iter()
+            .find(|(known, _)| Arc::ptr_eq(known, route) || **known == **route)
+        {
+            return name.bind(py).clone();
+        }
+        if names.len() >= ROUTES_KEPT {
+            names.clear();
+        }
+        let name = PyString::new(py, route);
+        names.push((Arc::clone(route), name.clone().unbind()));
+        name
+    }
 }
 
 impl EventQueue {
@@ -115,6 +150,7 @@ impl EventQueue {
             receiver,
             capacity,
             clock: Clock::new(py)?,
+            routes: RouteNames::new(),
         })
     }
 
@@ -154,7 +190,7 @@ impl EventQueue {
         };
         batch
             .into_iter()
-            .map(|event| to_tuple(py, &self.clock, event))
+            .map(|event| to_tuple(py, &self.clock, &self.routes, event))
             .collect()
     }
 
@@ -239,7 +275,12 @@ fn trace_tuple<'py>(py: Python<'py>, trace: &AttemptTrace) -> PyResult<Bound<'py
     )
 }
 
-fn to_tuple<'py>(py: Python<'py>, clock: &Clock, event: Event) -> PyResult<Bound<'py, PyTuple>> {
+fn to_tuple<'py>(
+    py: Python<'py>,
+    clock: &Clock,
+    routes: &RouteNames,
+    event: Event,
+) -> PyResult<Bound<'py, PyTuple>> {
     match event {
         Event::Attempt {
             key,
@@ -250,9 +291,9 @@ fn to_tuple<'py>(py: Python<'py>, clock: &Clock, event: Event) -> PyResult<Bound
             trace,
         } => py_tuple!(
             py,
-            "attempt",
+            intern!(py, "attempt").clone(),
             &*key,
-            &*route,
+            routes.get(py, &route),
             clock.seconds(at),
             &*addr,
             conn_id,
@@ -266,9 +307,9 @@ fn to_tuple<'py>(py: Python<'py>, clock: &Clock, event: Event) -> PyResult<Bound
             conn_id,
         } => py_tuple!(
             py,
-            "rejected",
+            intern!(py, "rejected").clone(),
             &*key,
-            &*route,
+            routes.get(py, &route),
             clock.seconds(at),
             reason.as_str(),
             conn_id,
@@ -278,7 +319,14 @@ fn to_tuple<'py>(py: Python<'py>, clock: &Clock, event: Event) -> PyResult<Bound
             route,
             at,
             conn_id,
-        } => py_tuple!(py, "answered", &*key, &*route, clock.seconds(at), conn_id),
+        } => py_tuple!(
+            py,
+            intern!(py, "answered").clone(),
+            &*key,
+            routes.get(py, &route),
+            clock.seconds(at),
+            conn_id
+        ),
         Event::HandshakeFailed {
             key,
             route,
@@ -292,9 +340,9 @@ fn to_tuple<'py>(py: Python<'py>, clock: &Clock, event: Event) -> PyResult<Bound
             };
             py_tuple!(
                 py,
-                "handshake_failed",
+                intern!(py, "handshake_failed").clone(),
                 &*key,
-                &*route,
+                routes.get(py, &route),
                 clock.seconds(at),
                 status,
                 error,
@@ -306,7 +354,14 @@ fn to_tuple<'py>(py: Python<'py>, clock: &Clock, event: Event) -> PyResult<Bound
             route,
             at,
             conn_id,
-        } => py_tuple!(py, "opened", &*key, &*route, clock.seconds(at), conn_id),
+        } => py_tuple!(
+            py,
+            intern!(py, "opened").clone(),
+            &*key,
+            routes.get(py, &route),
+            clock.seconds(at),
+            conn_id
+        ),
         Event::Closed {
             key,
             route,
@@ -319,9 +374,9 @@ fn to_tuple<'py>(py: Python<'py>, clock: &Clock, event: Event) -> PyResult<Bound
             traffic,
         } => py_tuple!(
             py,
-            "closed",
+            intern!(py, "closed").clone(),
             &*key,
-            &*route,
+            routes.get(py, &route),
             clock.seconds(at),
             conn_id,
             code,
@@ -335,7 +390,7 @@ fn to_tuple<'py>(py: Python<'py>, clock: &Clock, event: Event) -> PyResult<Bound
         ),
         Event::RequestRejected(line) => py_tuple!(
             py,
-            "request_rejected",
+            intern!(py, "request_rejected").clone(),
             line.reason,
             line.status,
             &*line.peer,
