@@ -400,10 +400,10 @@ async def test_memory_of_forgotten_clients_is_trimmed(monkeypatch):
     from loopwatch.proxy.dataplane import trim
 
     calls: list[int] = []
-    monkeypatch.setattr(trim, "TRIM_DROP", 3)
+    monkeypatch.setattr(trim, "TRIM_DROP", 4)  # all four closes, then all four clients
     monkeypatch.setattr(trim, "TRIM_DELAY", 0.05)
     monkeypatch.setattr(trim, "malloc_trim", calls.append)
-    overrides = {"identity.sources": ["query:id", "ip"], "detection.client_ttl": "1s"}
+    overrides = {"identity.sources": ["query:id", "ip"], "detection.client_ttl": "2s"}
     async with websockets_backend(echo) as (backend, _), loopwatch(backend, **overrides) as running:
         plane = running.plane
         trimmer = plane.trimmer  # type: ignore[attr-defined]  # NativePlane
