@@ -27,6 +27,7 @@ from tests.benchmarks.run import (
     MULTICORE_TARGETS,
     SCENARIOS,
     TARGETS,
+    memory_parts,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,15 +143,10 @@ SPLIT_ROWS = {"n_memory_returned_arenas": "arenas", "n_memory_returned_rest": "r
 
 
 def _grew(result: dict, part: str) -> bool:
-    """Whether `part` ("arenas": glibc's thread arenas; "rest": the rest of the
-    process) of loopwatch's RSS grew between the base and the peak in some memory run."""
-    grew = False
-    for run in result["runs"]:
-        if run["scenario"] == "memory" and run["target"] == "loopwatch":
-            raw = run["raw"]
-            a0, a1, _ = raw["thread_arenas"]
-            grew |= a1 > a0 if part == "arenas" else raw["rss_peak"] - a1 > raw["base_rss"] - a0
-    return grew
+    """Whether `part` (a key of `memory_parts`) of loopwatch's RSS grew between the
+    base and the peak in some memory run."""
+    runs = [r for r in result["runs"] if r["scenario"] == "memory" and r["target"] == "loopwatch"]
+    return any(base < peak for base, peak, _ in (memory_parts(r["raw"])[part] for r in runs))
 
 
 def test_native_table(smoke: tuple[dict, str]) -> None:

@@ -198,6 +198,20 @@ MEMORY_CONFIGS = {
 }
 
 
+def returned_pct(base: int, peak: int, after: int) -> float | None:
+    """How much of what grew from `base` to `peak` was given back by `after`, in %;
+    None when nothing grew."""
+    return 100.0 * (peak - after) / (peak - base) if peak > base else None
+
+
+def memory_parts(raw: dict) -> dict[str, tuple[int, int, int]]:
+    """A loopwatch memory run's RSS at the base, the peak and after the close, split
+    between glibc's thread arenas (the tokio threads'; malloc_trim) and the rest of
+    the process (CPython's arenas: the brain's objects)."""
+    a0, a1, a2 = raw["thread_arenas"]
+    return {"arenas": (a0, a1, a2), "rest": (raw["base_rss"] - a0, raw["rss_peak"] - a1, raw["rss_after"] - a2)}
+
+
 def median(values: list[float]) -> float | None:
     values = [v for v in values if v is not None and math.isfinite(v)]
     return statistics.median(values) if values else None
@@ -803,16 +817,11 @@ class Bench:
             after = proc.rss()
             arenas += [rss_in_thread_arenas(proc.proc.pid)] if split else []
             raw.update(release=rel, rss_peak=peak, rss_after=after, thread_arenas=arenas)
-            grown = peak - base
             metrics["kib_retained_per_conn"] = (after - base) / held / 1024 if held else None
-            metrics["returned_pct"] = 100.0 * (peak - after) / grown if grown > 0 else None
+            metrics["returned_pct"] = returned_pct(base, peak, after)
             if split:
-                # Given back by glibc's thread arenas (the tokio threads'; malloc_trim) and by
-                # the rest of the process (CPython's arenas: the brain's objects).
-                a0, a1, a2 = arenas
-                rest0, rest1, rest2 = base - a0, peak - a1, after - a2
-                metrics["arenas_returned_pct"] = 100.0 * (a1 - a2) / (a1 - a0) if a1 > a0 else None
-                metrics["rest_returned_pct"] = 100.0 * (rest1 - rest2) / (rest1 - rest0) if rest1 > rest0 else None
+                for part, rss in memory_parts(raw).items():
+                    metrics[f"{part}_returned_pct"] = returned_pct(*rss)
             metrics["held"] = held
             self.record("memory", target, rep, raw, metrics)
 
