@@ -197,12 +197,6 @@ async def test_the_hold_slows_the_incident_s_loop_in_chromium() -> None:
                 page_off, page_on, page_dup, page_benign = [
                     await open_page(browser, lw) for lw in (off, on, dup, on)
                 ]
-                # The benign client starts in a cooldown an operator set (as after a
-                # loop it has since fixed), on the instance that holds.
-                url = f"http://127.0.0.1:{on.admin_port}/api/clients/{quote('benign-tab@127.0.0.1', safe='')}"
-                async with session.post(f"{url}/cooldown?duration={BENIGN_COOLDOWN}") as response:
-                    assert response.status == 200, await response.text()
-
                 starts = {}
                 for name, page in (("off", page_off), ("on", page_on)):
                     starts[name] = await page.evaluate("now()")
@@ -214,6 +208,15 @@ async def test_the_hold_slows_the_incident_s_loop_in_chromium() -> None:
                     f"t => start(t, {{ delay: {RECONNECT_MS}, renders: {RENDERS}, limit: 1500 }})",
                     issue_token("dup-tab", -60),
                 )
+                # The benign client starts in a cooldown an operator set (as after a
+                # loop it has since fixed), on the instance that holds. Set right before
+                # its first attempt: the assertions below take the hold for the whole
+                # HOLD, which a cooldown with less than HOLD left would cut short (the
+                # hold never outlasts the retry time); starting the looping pages first
+                # took 1.3 s once on a loaded machine.
+                url = f"http://127.0.0.1:{on.admin_port}/api/clients/{quote('benign-tab@127.0.0.1', safe='')}"
+                async with session.post(f"{url}/cooldown?duration={BENIGN_COOLDOWN}") as response:
+                    assert response.status == 200, await response.text()
                 await page_benign.evaluate("t => benign(t)", issue_token("benign-tab", 600))
 
                 # Sampled all along: the held gauge of each holding instance (each
