@@ -50,9 +50,10 @@ CASES = ["1.*", "2.*", "3.*", "4.*", "5.*", "6.*", "7.*", "9.*", "10.*"]
 # cases (9 and 10 are bulk transfers, whose octets past the relay's budget go
 # as they come anyway).
 OCTET_CASES = ["1.*", "2.*", "3.*", "4.*", "5.*", "6.*", "7.*"]
-# A valid message, a frame with a reserved RSV bit or opcode, a ping: paced by
-# frame, PAUSE apart, in front of an echo that answers 2 x PAUSE after a message.
-MESSAGE_THEN_ERROR_CASES = ["3.2", "3.3", "3.4", "4.1.3", "4.1.4", "4.1.5", "4.2.3", "4.2.4", "4.2.5"]
+# A valid message, then a frame with a reserved RSV bit or opcode, a ping, or (5.15)
+# a continuation with nothing to continue: paced by frame, PAUSE apart, in front of
+# an echo that answers 2 x PAUSE after a message.
+MESSAGE_THEN_ERROR_CASES = ["3.2", "3.3", "3.4", "4.1.3", "4.1.4", "4.1.5", "4.2.3", "4.2.4", "4.2.5", "5.15"]
 PAUSE = 0.1
 PORTS = range(19101, 19400)
 PARALLELISM = 4
