@@ -478,3 +478,52 @@ async def test_sighup_is_not_fatal_at_any_point_after_listening() -> None:
         assert p.proc.returncode is None
         p.proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(p.proc.wait(), 30) == 0
+
+
+async def test_forgotten_clients_leave_no_python_objects():
+    """The brain frees every object a burst of clients cost it, telemetry's
+    included, once the engine forgot them: what the process keeps after that
+    is CPython's allocator holding free pools in arenas that a few older blocks
+    pin (docs/performance.md, "given back"), not the brain's records. Driven
+    with the data plane's records as its queue hands them over."""
+    import gc
+
+    from loopwatch.proxy.dataplane.native import _received
+    from tests.benchmarks.bench_gate import _brain
+
+    plane, telemetry = _brain("run")
+    engine = plane.driver.gate.engine
+    n = 2000
+    t0 = time.monotonic()
+
+    def burst(first: int) -> int:
+        """`n` new clients connect, stay, leave; the allocated blocks at the
+        peak, before they are forgotten."""
+        t_close = t0 + first + 3.0
+        opens = [[("attempt", f"user{c}@127.0.0.1", "/", t0 + first + c * 1e-4, "127.0.0.1", c, None),
+                  ("opened", f"user{c}@127.0.0.1", "/", t0 + first + c * 1e-4 + 2e-5, c)]
+                 for c in range(first, first + n)]  # fmt: skip
+        closes = [("closed", f"user{c}@127.0.0.1", "/", t_close + c * 1e-4, c, 1000, "", "client", 3.0, 1, 1, 9, 9)
+                  for c in range(first, first + n)]  # fmt: skip
+        for records in opens:
+            plane.driver.handle([_received(r) for r in records])
+        gc.collect()
+        peak = sys.getallocatedblocks()
+        for start in range(0, n, 64):
+            plane.driver.handle([_received(r) for r in closes[start : start + 64]])
+        engine.wake(t_close + 3600.0)  # past client_ttl (10 minutes): every one forgotten
+        return peak
+
+    try:
+        burst(10_000)  # first-use allocations (caches, the labels' children, the store's table)
+        assert engine.clients_tracked == 0
+        gc.collect()
+        before = sys.getallocatedblocks()
+        peak = burst(20_000)
+        assert engine.clients_tracked == 0
+        gc.collect()
+        after = sys.getallocatedblocks()
+    finally:
+        telemetry.shutdown()
+    assert (peak - before) / n > 5  # the clients' records were counted while they were open
+    assert (after - before) / n < 0.05, f"{(after - before) / n:.2f} blocks left per forgotten client"
