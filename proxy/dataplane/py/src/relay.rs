@@ -24,13 +24,14 @@
 //! A protocol error is the receiving peer's to answer, as it would be without
 //! loopwatch in between (and as nginx and HAProxy, which do not parse frames,
 //! leave it): from the offending frame on, that direction is passed through
-//! unparsed (`Passing`), so the peer reads exactly what it would read directly
-//! and fails the connection itself, after whatever it sent before (Autobahn
-//! cases 3.4, 4.1.5 and 4.2.5 with octet-wise writes: the echo of a valid
-//! message, then 1002). Bounded: at most `PASS_BUDGET` bytes (never more than
-//! the message size limit) and `ANSWER_GRACE`; a peer that has not sent its
-//! close frame by then gets loopwatch's close instead (`close`). A message
-//! over the size limit is loopwatch's own refusal: it never passes (1009).
+//! unparsed (`Direction::Passing`), so the peer reads exactly what it would
+//! read directly and fails the connection itself, after whatever it sent
+//! before (Autobahn cases 3.4, 4.1.5 and 4.2.5 with octet-wise writes: the
+//! echo of a valid message, then 1002). Bounded: at most `PASS_BUDGET` bytes
+//! (never more than the message size limit) and `ANSWER_GRACE`; a peer that
+//! has not sent its close frame by then gets loopwatch's close instead
+//! (`close`). A message over the size limit is loopwatch's own refusal: it
+//! never passes (1009).
 
 use std::collections::hash_map::RandomState;
 use std::future::Future;
@@ -103,12 +104,49 @@ enum AfterFlush {
     Close,
 }
 
-/// A direction passed through unparsed after a protocol error: its watcher
-/// stopped at the offending frame, its bytes go on as they come.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Passing {
-    /// Bytes it may still pass.
-    left: u64,
+/// What becomes of the bytes read from a leg: the state of one direction of
+/// the splice. Its transitions (`Leg::go`, checked against `Direction::may_go`):
+///
+/// | from | to | when |
+/// |---|---|---|
+/// | Forwarding | Passing | the leg broke the protocol on an open connection (`violation`) |
+/// | Forwarding | Finishing | the proxy closes while a frame of this leg is in flight (`close`) |
+/// | Forwarding, Passing, Finishing | Stopped | the proxy's close frame went (or could not), the other leg is gone (`lost`), or a refusal ends the stream (`violation`) |
+#[derive(Debug, PartialEq, Eq)]
+enum Direction {
+    /// Watched by the frame watcher and written on to the other leg.
+    Forwarding,
+    /// Passed on unparsed after a protocol error: the watcher stopped at the
+    /// offending frame, the bytes go on as they come, `left` more at most.
+    Passing { left: u64 },
+    /// The proxy's close frame for the other leg, waiting for the frame in
+    /// flight from this leg to end: forwarded up to that end, then the frame.
+    Finishing { close_frame: Box<[u8]> },
+    /// Ended by the proxy's close or the other leg's end: what comes is only
+    /// watched, for this side's close reply, and dropped.
+    Stopped,
+}
+
+impl Direction {
+    /// The transition table: the moves `Leg::go` may make.
+    fn may_go(&self, to: &Direction) -> bool {
+        use Direction::*;
+        matches!(
+            (self, to),
+            (Forwarding, Passing { .. } | Finishing { .. })
+                | (Forwarding | Passing { .. } | Finishing { .. }, Stopped)
+        )
+    }
+
+    /// Bytes read this way go on to the other leg (so they wait for its
+    /// output: backpressure).
+    fn forwards(&self) -> bool {
+        !matches!(self, Direction::Stopped)
+    }
+
+    fn is_finishing(&self) -> bool {
+        matches!(self, Direction::Finishing { .. })
+    }
 }
 
 /// One side of the splice: reads from its stream (in `Streams`), whose
@@ -123,14 +161,13 @@ struct Leg {
     /// records rustls holds; never for TCP once its flush ran).
     unflushed: bool,
     after_flush: AfterFlush,
-    /// False once the proxy ended this leg's direction with its own close.
-    forward: bool,
-    /// Set once this leg broke the protocol: what it sends is passed on
-    /// unparsed, for the other side to answer.
-    passing: Option<Passing>,
-    /// The proxy's close frame for the other leg, waiting for this leg's
-    /// stream to reach a frame boundary.
-    pending: Option<Box<[u8]>>,
+    /// What becomes of the bytes read from this leg.
+    direction: Direction,
+    /// This leg broke the protocol while the connection was open: its bytes
+    /// were passed on for the other side to answer (`Direction::Passing`,
+    /// until the proxy closes or the other side is gone), and its error is
+    /// the code of loopwatch's close if that side does not answer.
+    broke: bool,
     /// This leg shut its writing half after its close frame, and the other
     /// leg got the EOF.
     eof: bool,
@@ -152,9 +189,8 @@ impl Leg {
             out_pos: 0,
             unflushed: false,
             after_flush: AfterFlush::Nothing,
-            forward: true,
-            passing: None,
-            pending: None,
+            direction: Direction::Forwarding,
+            broke: false,
             eof: false,
             read_done: false,
             closed: false,
@@ -175,6 +211,27 @@ impl Leg {
     fn needs_flush(&self) -> bool {
         self.pending_output()
             || matches!(self.after_flush, AfterFlush::WriteEof | AfterFlush::Close)
+    }
+
+    /// Move this leg's direction to `to` (one of the table's transitions);
+    /// gives the state it left.
+    fn go(&mut self, to: Direction) -> Direction {
+        debug_assert!(
+            self.direction.may_go(&to),
+            "no transition {:?} -> {:?}",
+            self.direction,
+            to
+        );
+        std::mem::replace(&mut self.direction, to)
+    }
+
+    /// Stop this leg's direction (if it is not stopped yet); gives the state
+    /// it left.
+    fn stop(&mut self) -> Direction {
+        if self.direction == Direction::Stopped {
+            return Direction::Stopped;
+        }
+        self.go(Direction::Stopped)
     }
 }
 
@@ -480,7 +537,7 @@ impl<C: Transport, U: Transport> Relay<C, U> {
             return false;
         }
         // Backpressure: a forwarding leg waits until its last bytes are out.
-        !leg.forward || !self.legs[other(i)].pending_output()
+        !leg.direction.forwards() || !self.legs[other(i)].pending_output()
     }
 
     /// Takes writes: open, not closing, its writing half not shut.
@@ -542,12 +599,8 @@ impl<C: Transport, U: Transport> Relay<C, U> {
     fn data(&mut self, i: usize, data: &[u8]) {
         let o = other(i);
         let leg = &mut self.legs[i];
-        if leg.pending.is_none() && leg.forward {
-            if leg.passing.is_some() {
-                self.pass_on(i, data);
-                return;
-            }
-            match leg.watcher.feed(data) {
+        match leg.direction {
+            Direction::Forwarding => match leg.watcher.feed(data) {
                 Ok(_) => {
                     self.write(o, data);
                     self.note_close_seen(i);
@@ -556,11 +609,10 @@ impl<C: Transport, U: Transport> Relay<C, U> {
                     self.write(o, &data[..v.forward]);
                     self.violation(i, &data[v.forward..]);
                 }
-            }
-        } else if leg.forward {
-            self.finish_frame(i, data);
-        } else {
-            self.discard(i, data);
+            },
+            Direction::Passing { .. } => self.pass_on(i, data),
+            Direction::Finishing { .. } => self.finish_frame(i, data),
+            Direction::Stopped => self.discard(i, data),
         }
     }
 
@@ -583,7 +635,7 @@ impl<C: Transport, U: Transport> Relay<C, U> {
     /// passed on.
     fn half_close(&mut self, i: usize) -> bool {
         let leg = &self.legs[i];
-        if self.grace.is_some() || (leg.watcher.close().is_none() && leg.passing.is_none()) {
+        if self.grace.is_some() || (leg.watcher.close().is_none() && !leg.broke) {
             // Closing: that side is done. No close frame: the side is gone.
             return false;
         }
@@ -736,13 +788,11 @@ impl<C: Transport, U: Transport> Relay<C, U> {
     /// Bytes of leg `i`, which broke the protocol: on to the other side
     /// unparsed, within the budget; past it, loopwatch closes.
     fn pass_on(&mut self, i: usize, data: &[u8]) {
-        let Some(passing) = self.legs[i].passing.as_mut() else {
+        let Direction::Passing { left } = &mut self.legs[i].direction else {
             return;
         };
-        let n = usize::try_from(passing.left)
-            .unwrap_or(usize::MAX)
-            .min(data.len());
-        passing.left -= n as u64;
+        let n = usize::try_from(*left).unwrap_or(usize::MAX).min(data.len());
+        *left -= n as u64;
         self.write(other(i), &data[..n]);
         if n < data.len() {
             self.close_for_violation();
@@ -754,9 +804,9 @@ impl<C: Transport, U: Transport> Relay<C, U> {
     /// loopwatch closes. If it has, the close handshake is the peers' own.
     fn answer_timeout(&mut self) {
         self.answer_until = None;
-        let answered = [CLIENT, UPSTREAM].into_iter().all(|i| {
-            self.legs[i].passing.is_none() || self.legs[other(i)].watcher.close().is_some()
-        });
+        let answered = [CLIENT, UPSTREAM]
+            .into_iter()
+            .all(|i| !self.legs[i].broke || self.legs[other(i)].watcher.close().is_some());
         if !answered {
             self.close_for_violation();
         }
@@ -766,7 +816,7 @@ impl<C: Transport, U: Transport> Relay<C, U> {
     fn close_for_violation(&mut self) {
         let error = [CLIENT, UPSTREAM]
             .into_iter()
-            .filter(|&i| self.legs[i].passing.is_some())
+            .filter(|&i| self.legs[i].broke)
             .find_map(|i| self.legs[i].watcher.error().cloned());
         if let Some(error) = error {
             self.close(error.close_code(), &format!("loopwatch: {error}"));
@@ -789,14 +839,15 @@ impl<C: Transport, U: Transport> Relay<C, U> {
         let mut skipped = false;
         for i in [CLIENT, UPSTREAM] {
             let o = other(i);
-            if self.legs[o].closed || self.legs[i].eof || !self.legs[i].forward {
-                self.legs[i].forward = false;
+            if self.legs[o].closed || self.legs[i].eof || !self.legs[i].direction.forwards() {
+                self.legs[i].stop();
                 continue;
             }
-            if self.legs[i].passing.take().is_some() {
+            if matches!(self.legs[i].direction, Direction::Passing { .. }) {
                 // An unparsed stream cannot take a close frame of loopwatch's:
                 // the other side's connection ends after what was passed.
-                self.legs[i].forward = false;
+                self.legs[i].stop();
+                self.legs[i].broke = false;
                 self.close_leg(o);
                 continue;
             }
@@ -812,7 +863,9 @@ impl<C: Transport, U: Transport> Relay<C, U> {
             let frame = build_close_frame(code, reason, mask).unwrap_or_else(|_| {
                 build_close_frame(1011, reason, mask).expect("1011 is sendable")
             });
-            self.legs[i].pending = Some(frame.into_boxed_slice());
+            self.legs[i].go(Direction::Finishing {
+                close_frame: frame.into_boxed_slice(),
+            });
             if self.legs[i].watcher.at_boundary() {
                 self.flush_pending(i);
             }
@@ -826,11 +879,11 @@ impl<C: Transport, U: Transport> Relay<C, U> {
         }
     }
 
+    /// The frame in flight from leg `i` ended: the proxy's close frame for
+    /// the other leg goes, and this direction stops.
     fn flush_pending(&mut self, i: usize) {
-        let frame = self.legs[i].pending.take();
-        self.legs[i].forward = false;
-        if let Some(frame) = frame {
-            self.write(other(i), &frame);
+        if let Direction::Finishing { close_frame } = self.legs[i].stop() {
+            self.write(other(i), &close_frame);
         }
         self.settle(other(i));
     }
@@ -880,9 +933,10 @@ impl<C: Transport, U: Transport> Relay<C, U> {
             .expect("a violation sets the watcher's error");
         let refused = matches!(error, FrameError::MessageTooBig { .. });
         if self.grace.is_none() && !refused {
-            self.legs[i].passing = Some(Passing {
+            self.legs[i].go(Direction::Passing {
                 left: self.pass_budget,
             });
+            self.legs[i].broke = true;
             self.answer_until = Some(Instant::now() + ANSWER_GRACE);
             self.pass_on(i, rest);
             return;
@@ -890,18 +944,17 @@ impl<C: Transport, U: Transport> Relay<C, U> {
         if !self.legs[i].watcher.at_boundary() {
             // The offending frame's first bytes are out: a close frame now
             // would land inside it. End that stream.
-            self.legs[i].forward = false;
-            self.legs[i].pending = None;
+            self.legs[i].stop();
             self.close_leg(other(i));
         }
         if self.grace.is_some() {
-            if self.legs[i].pending.is_some() {
+            if self.legs[i].direction.is_finishing() {
                 self.flush_pending(i);
             }
         } else {
             self.close(error.close_code(), &format!("loopwatch: {error}"));
         }
-        self.legs[i].forward = false;
+        self.legs[i].stop();
         self.settle(i);
     }
 
@@ -917,7 +970,7 @@ impl<C: Transport, U: Transport> Relay<C, U> {
     /// proxy's close frame is queued to it and its own close frame arrived.
     fn settle(&mut self, i: usize) {
         let leg = &self.legs[i];
-        if self.grace.is_none() || leg.closed || self.legs[other(i)].pending.is_some() {
+        if self.grace.is_none() || leg.closed || self.legs[other(i)].direction.is_finishing() {
             return;
         }
         if leg.watcher.close().is_some() {
@@ -944,10 +997,9 @@ impl<C: Transport, U: Transport> Relay<C, U> {
         let o = other(i);
         if !self.legs[o].closed {
             // Nothing reaches the side that is gone any more.
-            self.legs[o].forward = false;
-            self.legs[o].pending = None;
+            self.legs[o].stop();
             if self.grace.is_some() {
-                if self.legs[i].pending.take().is_some() {
+                if self.legs[i].stop().is_finishing() {
                     // The proxy's close frame for the other side was waiting
                     // for the end of a frame this side will never finish.
                     self.abort(o);
@@ -956,7 +1008,7 @@ impl<C: Transport, U: Transport> Relay<C, U> {
                 }
             } else if self.legs[i].watcher.close().is_some() || self.legs[i].eof {
                 self.close_leg(o); // an ordinary close handshake: flush, then close
-            } else if self.legs[i].passing.is_some() || self.legs[o].passing.is_some() {
+            } else if self.legs[i].broke || self.legs[o].broke {
                 // A stream passed unparsed: where it stands is unknown, so
                 // the end is passed on as TCP's (flush, then close).
                 self.close_leg(o);
@@ -969,8 +1021,7 @@ impl<C: Transport, U: Transport> Relay<C, U> {
                     (CODE_CLIENT_LOST, "loopwatch: client connection lost")
                 };
                 self.grace = Some(Instant::now() + CLOSE_GRACE);
-                self.legs[i].forward = false;
-                self.legs[i].pending = None;
+                self.legs[i].stop();
                 let mask = (o == UPSTREAM).then(mask_key);
                 let frame = build_close_frame(code, reason, mask).expect("valid close codes");
                 self.write(o, &frame);
