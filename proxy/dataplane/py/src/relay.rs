@@ -1125,3 +1125,213 @@ impl<C: Transport, U: Transport> Drop for Relay<C, U> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The directions' moves on real sockets, in a debug build: every move is
+    //! checked against `Direction::may_go` (a move the table does not allow
+    //! panics the relay's task, and the test with it).
+    use super::*;
+    use crate::control::Relays;
+    use loopwatch_dataplane_core::frames::unmask;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A connected pair: the peer the test drives, and loopwatch's end.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (ours, _) = listener.accept().await.unwrap();
+        (peer, ours)
+    }
+
+    /// A frame as a client sends it (masked).
+    fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
+        let key = [1, 2, 3, 4];
+        let mut frame = vec![first, 0x80 | payload.len() as u8];
+        frame.extend_from_slice(&key);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        frame
+    }
+
+    /// A frame as a server sends it.
+    fn unmasked(first: u8, payload: &[u8]) -> Vec<u8> {
+        let mut frame = vec![first, payload.len() as u8];
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    async fn read_n(stream: &mut TcpStream, n: usize) -> Vec<u8> {
+        let mut got = vec![0; n];
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut got))
+            .await
+            .expect("the bytes came in time")
+            .unwrap();
+        got
+    }
+
+    /// A close frame read from a stream: its code, and whether it was masked.
+    async fn read_close(stream: &mut TcpStream) -> (u16, bool) {
+        let head = read_n(stream, 2).await;
+        assert_eq!(head[0], 0x88, "a close frame");
+        let masked = head[1] & 0x80 != 0;
+        let key = if masked {
+            read_n(stream, 4).await
+        } else {
+            vec![0; 4]
+        };
+        let mut payload = read_n(stream, usize::from(head[1] & 0x7f)).await;
+        unmask(&mut payload, [key[0], key[1], key[2], key[3]]);
+        (u16::from_be_bytes([payload[0], payload[1]]), masked)
+    }
+
+    struct Spliced {
+        client: TcpStream,
+        upstream: TcpStream,
+        relays: Arc<Relays>,
+        ended: tokio::task::JoinHandle<CloseInfo>,
+    }
+
+    async fn splice() -> Spliced {
+        let (client, client_leg) = pair().await;
+        let (upstream, upstream_leg) = pair().await;
+        let (events, _rx) = loopwatch_dataplane_core::events::event_queue(16);
+        let relays = Arc::new(Relays::default());
+        let (registered, control) = relays.register(1, Arc::from("/"));
+        let mut relay = Relay::new(
+            client_leg,
+            upstream_leg,
+            RelayLimits {
+                max_message_size: None,
+                allowed_rsv: 0,
+                idle_timeout: None,
+            },
+            RelayIdentity {
+                conn_id: 1,
+                key: Arc::from("127.0.0.1"),
+                route: Arc::from("/"),
+                opened_at: std::time::Instant::now(),
+            },
+            events,
+            control,
+        );
+        relay.start(b"", b"", b"", false);
+        let ended = tokio::spawn(async move {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            relay
+                .run(move |info| {
+                    let _ = tx.send(info);
+                })
+                .await;
+            drop(registered);
+            rx.await.unwrap()
+        });
+        Spliced {
+            client,
+            upstream,
+            relays,
+            ended,
+        }
+    }
+
+    async fn ended(s: Spliced) -> CloseInfo {
+        let Spliced {
+            client,
+            upstream,
+            ended,
+            ..
+        } = s;
+        drop((client, upstream));
+        tokio::time::timeout(Duration::from_secs(5), ended)
+            .await
+            .expect("the relay ended")
+            .expect("no move outside the table")
+    }
+
+    /// Forwarding → Passing: a client's bad frame goes on unparsed after its
+    /// valid message, and the upstream answers it (its echo first, then 1002).
+    #[tokio::test]
+    async fn a_protocol_error_is_passed_on_for_the_peer_to_answer() {
+        let mut s = splice().await;
+        let valid = masked(0x81, b"hi");
+        let bad = masked(0x83, b"x"); // a reserved opcode
+        s.client
+            .write_all(&[valid.as_slice(), &bad].concat())
+            .await
+            .unwrap();
+        assert_eq!(
+            read_n(&mut s.upstream, valid.len() + bad.len()).await,
+            [valid, bad].concat()
+        );
+        let answer = [
+            unmasked(0x81, b"hi"),
+            unmasked(0x88, &1002u16.to_be_bytes()),
+        ]
+        .concat();
+        s.upstream.write_all(&answer).await.unwrap();
+        assert_eq!(read_n(&mut s.client, answer.len()).await, answer);
+        let info = ended(s).await;
+        assert_eq!((info.code, info.initiator), (1002, Initiator::Upstream));
+    }
+
+    /// Forwarding → Finishing → Stopped: loopwatch's close waits for the
+    /// client's frame in flight to end, then follows it to the upstream; the
+    /// client gets its close at once (nothing in flight toward it).
+    #[tokio::test]
+    async fn a_close_of_loopwatchs_waits_for_the_frame_in_flight() {
+        let mut s = splice().await;
+        let frame = masked(0x82, b"0123456789");
+        s.client.write_all(&frame[..9]).await.unwrap();
+        assert_eq!(read_n(&mut s.upstream, 9).await, frame[..9]);
+        let command = CloseCommand {
+            code: 1001,
+            reason: "bye".into(),
+        };
+        assert!(s.relays.close(1, command));
+        assert_eq!(read_close(&mut s.client).await, (1001, false));
+        s.client.write_all(&frame[9..]).await.unwrap();
+        assert_eq!(read_n(&mut s.upstream, frame.len() - 9).await, frame[9..]);
+        assert_eq!(read_close(&mut s.upstream).await, (1001, true));
+        s.upstream
+            .write_all(&unmasked(0x88, &1001u16.to_be_bytes()))
+            .await
+            .unwrap();
+        s.client
+            .write_all(&masked(0x88, &1001u16.to_be_bytes()))
+            .await
+            .unwrap();
+        let info = ended(s).await;
+        assert_eq!(
+            (info.code, info.reason.as_str(), info.initiator),
+            (1001, "bye", Initiator::Proxy)
+        );
+    }
+
+    /// Passing → Stopped: loopwatch closes a direction passed unparsed (here:
+    /// past its budget) by ending the other side's connection after what was
+    /// passed, with no close frame inside the unparsed stream.
+    #[tokio::test]
+    async fn a_direction_passed_past_its_budget_is_closed() {
+        let mut s = splice().await;
+        let bad = masked(0x83, b"x");
+        s.client.write_all(&bad).await.unwrap();
+        assert_eq!(read_n(&mut s.upstream, bad.len()).await, bad);
+        let flood = vec![0u8; PASS_BUDGET as usize + 4096];
+        let _ = s.client.write_all(&flood).await;
+        let mut passed = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.upstream.read_to_end(&mut passed))
+            .await
+            .expect("the upstream's connection ended")
+            .unwrap();
+        assert_eq!(passed.len() as u64, PASS_BUDGET - bad.len() as u64);
+        assert!(
+            passed.iter().all(|&b| b == 0),
+            "nothing of loopwatch's inside"
+        );
+        assert_eq!(read_close(&mut s.client).await, (1002, false));
+        let info = ended(s).await;
+        assert_eq!((info.code, info.initiator), (1002, Initiator::Proxy));
+    }
+}
