@@ -420,7 +420,10 @@ async fn serve_stream<C: Transport + 'static>(
                     ws_key,
                     at,
                 };
-                forward(shared, config, client, upgrade, guard, address).await
+                // Boxed: the upstream's connect and handshake are the largest
+                // state of a connection's future (3 KiB), and every connection
+                // would carry it, waiting for its head or held in a refusal.
+                Box::pin(forward(shared, config, client, upgrade, guard, address)).await
             }
             Plan::Http { route, request } => {
                 if forward_http(shared, config, &mut client, peer_ip, route, &request).await {

@@ -807,6 +807,10 @@ mod tests {
             .all(|e| e.key() == Some("churn-1-0-17@127.0.0.1")));
     }
 
+    /// A connection's task before its splice: waiting for its head, held in
+    /// a refusal, or forwarding a plain request. It carries neither the TLS
+    /// variants' state nor the upstream handshake's (both boxed): on rustc
+    /// 1.95, test profile, 3 200 bytes (4 752 with the handshake inline).
     #[tokio::test]
     async fn a_plain_connection_future_carries_no_tls_state() {
         let (events, _rx) = loopwatch_dataplane_core::events::event_queue(16);
@@ -827,7 +831,7 @@ mod tests {
         let serve = conn::serve(Arc::clone(&shared), stream, addr, ConnGuard::new(&shared));
         let size = size_of_future(&serve);
         eprintln!("a connection's future is {size} bytes");
-        assert!(size < 8 * 1024, "a connection's future is {size} bytes");
+        assert!(size <= 3328, "a connection's future is {size} bytes");
     }
     /// A token whose signature check gets no turn (none is free: here there
     /// are none at all) waits within the head's deadline, then is answered
