@@ -42,7 +42,9 @@ use crate::relay::{CloseInfo, Relay, RelayIdentity, RelayLimits};
 use crate::response::{Answer, ResponseReader, UpstreamRefusal};
 use crate::tls::UpstreamTls;
 use crate::tracing::attempt_trace;
-use crate::transport::{connect_upstream, open_upstream, Transport, UpstreamStream};
+use crate::transport::{
+    connect_upstream, open_upstream, read_appending, Transport, UpstreamStream,
+};
 use crate::wire::{
     refusal_bytes, route_for, simple_response, upstream_request_head, Forwarded, RejectWith, Route,
 };
@@ -299,7 +301,6 @@ async fn serve_stream<C: Transport + 'static>(
         // Nothing of a next request yet (empty lines are skipped by the parser).
         let quiet = |buf: &[u8]| idle && buf.iter().all(|&b| b == b'\r' || b == b'\n');
         let plan = loop {
-            buf.reserve(HEAD_READ);
             tokio::select! {
                 biased;
                 _ = &mut stop => {
@@ -319,7 +320,7 @@ async fn serve_stream<C: Transport + 'static>(
                     reject(shared, &mut client, peer_ip, Rejected::HeadTimeout, 408, message, &[]).await;
                     return;
                 }
-                read = client.read_buf(&mut buf) => match read {
+                read = read_appending(&mut client, &mut buf, HEAD_READ) => match read {
                     Ok(0) | Err(_) => return, // gone before its head was complete
                     Ok(_) => {}
                 },
@@ -882,11 +883,10 @@ async fn upstream_handshake(
         return closed();
     }
     let mut reader = ResponseReader::new(max_head, max_body);
-    // Not zeroed: `read_buf` fills the spare capacity.
-    let mut chunk = Vec::with_capacity(HEAD_READ);
+    let mut chunk = Vec::new();
     loop {
         chunk.clear();
-        match stream.read_buf(&mut chunk).await {
+        match read_appending(&mut stream, &mut chunk, HEAD_READ).await {
             Ok(0) | Err(_) => {
                 return match reader.eof() {
                     Some(refusal) => Upstream::Refused(refusal),
@@ -1007,9 +1007,6 @@ async fn forward<C: Transport + 'static>(
         // early is kept (bounded), and a client that leaves is noticed at once.
         loop {
             let room = !client_eof && early.len() < limits.early_data_size;
-            if room {
-                early.reserve(HEAD_READ);
-            }
             tokio::select! {
                 biased;
                 _ = &mut stop => {
@@ -1022,7 +1019,7 @@ async fn forward<C: Transport + 'static>(
                     answer(&mut client, &response, Then::Close).await;
                     return;
                 }
-                read = client.read_buf(&mut early), if room => match read {
+                read = read_appending(&mut client, &mut early, HEAD_READ), if room => match read {
                     Ok(0) => client_eof = true,
                     Ok(_) => {}
                     Err(_) => {

@@ -50,18 +50,13 @@ use loopwatch_dataplane_core::frames::{
     build_close_frame, FrameError, FrameWatcher, Side, WatcherConfig,
 };
 
-use crate::transport::Transport;
+use crate::transport::{with_scratch, Transport};
 
 use crate::control::{CloseCommand, LiveTraffic, RelayControl};
 
 /// Bytes read from a leg at a time.
 const READ_SIZE: usize = 32 * 1024;
 
-thread_local! {
-    /// Each runtime thread's read buffer (`Relay::read`): `READ_SIZE` bytes,
-    /// zeroed once, so that reads need neither `unsafe` nor zeroing.
-    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
 /// How long a proxy-initiated close waits for a frame boundary and for the
 /// peers' replies.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -556,15 +551,12 @@ impl<C: Transport, U: Transport> Relay<C, U> {
         // clears its readiness after a read that did not fill the buffer, so
         // the next turn waits for epoll rather than trying a read that can
         // only say EAGAIN.)
-        let got = SCRATCH.with_borrow_mut(|scratch| {
-            if scratch.len() < READ_SIZE {
-                scratch.resize(READ_SIZE, 0);
-            }
+        let got = with_scratch(READ_SIZE, |scratch| {
             let mut cx = Context::from_waker(&self.waker);
             let Some(stream) = self.streams.get(i) else {
                 return false;
             };
-            let mut buf = ReadBuf::new(&mut scratch[..READ_SIZE]);
+            let mut buf = ReadBuf::new(scratch);
             let polled = Pin::new(stream).poll_read(&mut cx, &mut buf);
             let n = buf.filled().len();
             match polled {

@@ -3,6 +3,7 @@
 //! (`relay`) are one code path for all four combinations; and
 //! [`connect_upstream`], the one way to open an upstream connection.
 
+use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -16,6 +17,51 @@ use loopwatch_dataplane_core::events::HandshakeError;
 
 use crate::tls::UpstreamTls;
 use crate::wire::Route;
+
+thread_local! {
+    /// Each runtime thread's read buffer (`with_scratch`), zeroed once at its
+    /// first use, so that reads need neither `unsafe` nor zeroing, and a
+    /// connection holds only the bytes it got.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Run `f` with this thread's scratch buffer, `len` bytes of it. Never held
+/// across an await (the task may move to another thread): read into it and
+/// keep what came, within one poll.
+pub fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    SCRATCH.with_borrow_mut(|scratch| {
+        if scratch.len() < len {
+            scratch.resize(len, 0);
+        }
+        f(&mut scratch[..len])
+    })
+}
+
+/// One read of up to `max` bytes from `stream`, appended to `buf`; how many
+/// (0: its EOF). Through the thread's scratch buffer, so `buf` grows by what
+/// came and no more: a connection waiting for the rest of its head (a few
+/// hundred bytes) does not hold a read's room of its own (`HEAD_READ`, 4 KiB,
+/// reserved per read before: a third of its memory).
+pub async fn read_appending<S: AsyncRead + Unpin + ?Sized>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        with_scratch(max, |scratch| {
+            let mut room = ReadBuf::new(scratch);
+            match Pin::new(&mut *stream).poll_read(cx, &mut room) {
+                Poll::Ready(Ok(())) => {
+                    buf.extend_from_slice(room.filled());
+                    Poll::Ready(Ok(room.filled().len()))
+                }
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+    })
+    .await
+}
 
 /// A leg's byte stream: a TCP connection, or TLS over one.
 pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
