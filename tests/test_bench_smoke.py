@@ -314,3 +314,20 @@ def test_bench_client_memory_reports_every_shape() -> None:
     # (its close-code histogram and short-connection ring come on top).
     assert all(0 < v < 64 * 1024 for v in per_client.values()), per_client
     assert per_client["idle 6s"] < per_client["gone"], per_client
+
+
+def test_bench_heads_reports_every_target() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.benchmarks.bench_heads", "1000"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {}
+    for line in proc.stdout.splitlines()[2:]:
+        name, value, ratio = (cell.strip() for cell in line.strip("|").split("|"))
+        rows[name] = (float(value.replace(",", "")), float(ratio.rstrip("×")))
+    assert set(rows) == {"loopwatch", "nginx", "haproxy"}, proc.stdout
+    # A connection waiting for its head costs every target something, and none
+    # of them tens of kilobytes (each keeps its task or state and the bytes it got).
+    assert all(0 < value < 64 * 1024 for value, _ in rows.values()), rows
+    assert rows["nginx"][1] == 1.0
