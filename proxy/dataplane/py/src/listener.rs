@@ -918,7 +918,7 @@ mod tests {
 #[cfg(test)]
 mod size_tests {
     use super::*;
-    use crate::relay::{Relay, RelayIdentity, RelayLimits};
+    use crate::relay::Relay;
     use tokio::net::TcpStream;
 
     /// What an idle spliced connection keeps in its task, besides the
@@ -943,26 +943,8 @@ mod size_tests {
         let addr = listener.local_addr().unwrap();
         let client = TcpStream::connect(addr).await.unwrap();
         let (upstream, _) = listener.accept().await.unwrap();
-        let (events, _rx) = loopwatch_dataplane_core::events::event_queue(16);
         let relays = Arc::new(Relays::default());
-        let (_registered, control) = relays.register(1, Arc::from("/"));
-        let mut relay = Relay::new(
-            client,
-            upstream,
-            RelayLimits {
-                max_message_size: None,
-                allowed_rsv: 0,
-                idle_timeout: None,
-            },
-            RelayIdentity {
-                conn_id: 1,
-                key: Arc::from("127.0.0.1"),
-                route: Arc::from("/"),
-                opened_at: std::time::Instant::now(),
-            },
-            events,
-            control,
-        );
+        let (_registered, mut relay) = Relay::for_test(client, upstream, &relays);
         relay.start(b"HTTP/1.1 101 Switching Protocols\r\n\r\n", b"", b"", false);
         let relay_size = std::mem::size_of_val(&relay);
         let run = relay.run(|_| {});

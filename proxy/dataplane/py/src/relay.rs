@@ -1119,6 +1119,34 @@ impl<C: Transport, U: Transport> Drop for Relay<C, U> {
 }
 
 #[cfg(test)]
+impl<C: Transport, U: Transport> Relay<C, U> {
+    /// A relay between two streams as the tests make one: connection 1 of
+    /// 127.0.0.1 on "/", no limits, registered in `relays` while the
+    /// `Registered` lives.
+    pub(crate) fn for_test(
+        client: C,
+        upstream: U,
+        relays: &Arc<crate::control::Relays>,
+    ) -> (crate::control::Registered, Relay<C, U>) {
+        let (events, _rx) = loopwatch_dataplane_core::events::event_queue(16);
+        let (registered, control) = relays.register(1, Arc::from("/"));
+        let limits = RelayLimits {
+            max_message_size: None,
+            allowed_rsv: 0,
+            idle_timeout: None,
+        };
+        let id = RelayIdentity {
+            conn_id: 1,
+            key: Arc::from("127.0.0.1"),
+            route: Arc::from("/"),
+            opened_at: std::time::Instant::now(),
+        };
+        let relay = Relay::new(client, upstream, limits, id, events, control);
+        (registered, relay)
+    }
+}
+
+#[cfg(test)]
 mod tests {
     //! The directions' moves on real sockets, in a debug build: every move is
     //! checked against `Direction::may_go` (a move the table does not allow
@@ -1189,26 +1217,8 @@ mod tests {
     async fn splice() -> Spliced {
         let (client, client_leg) = pair().await;
         let (upstream, upstream_leg) = pair().await;
-        let (events, _rx) = loopwatch_dataplane_core::events::event_queue(16);
         let relays = Arc::new(Relays::default());
-        let (registered, control) = relays.register(1, Arc::from("/"));
-        let mut relay = Relay::new(
-            client_leg,
-            upstream_leg,
-            RelayLimits {
-                max_message_size: None,
-                allowed_rsv: 0,
-                idle_timeout: None,
-            },
-            RelayIdentity {
-                conn_id: 1,
-                key: Arc::from("127.0.0.1"),
-                route: Arc::from("/"),
-                opened_at: std::time::Instant::now(),
-            },
-            events,
-            control,
-        );
+        let (registered, mut relay) = Relay::for_test(client_leg, upstream_leg, &relays);
         relay.start(b"", b"", b"", false);
         let ended = tokio::spawn(async move {
             let (tx, rx) = tokio::sync::oneshot::channel();
