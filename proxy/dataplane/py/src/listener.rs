@@ -926,9 +926,9 @@ mod size_tests {
     /// buffer: reads go to the thread's scratch buffer, `out` is freed once
     /// written) inside the `run` future. The handshake's buffers are gone by
     /// then (`Relay::start`), and the handshake's task has ended (the splice
-    /// is a task of its own). On rustc 1.95, test profile: the relay is 736
-    /// bytes and its `run` future 896 (912 while a leg's direction was three
-    /// fields, not one enum; 2336 while `run` was an `async fn`,
+    /// is a task of its own). On rustc 1.95, test profile: the relay is 728
+    /// bytes and its `run` future 888 (912 while a leg's direction was three
+    /// fields and the connection's phase two deadlines and a flag; 2336 while `run` was an `async fn`,
     /// which keeps the relay twice; 1280 while each relay awaited the drain
     /// itself and its watchers kept a split close frame's state inline).
     /// tokio 1.54 allocates a task aligned to 128 bytes, its header and

@@ -144,6 +144,42 @@ impl Direction {
     }
 }
 
+/// Where the connection as a whole stands. Its transitions (`Relay::enter`,
+/// checked against `Phase::may_enter`):
+///
+/// | from | to | when |
+/// |---|---|---|
+/// | Open, Answering | Answering | a leg's protocol error passed on (`violation`; a second one moves the deadline) |
+/// | Answering | Open | the answer's deadline (`answer_timeout`; loopwatch closes at once if nobody answered) |
+/// | Open, Answering | Closing | loopwatch closes (`close`), or a side vanished between two frames (`lost`) |
+/// | Open, Answering, Closing | Done | both legs are gone (`lost`) |
+#[derive(Debug, PartialEq, Eq)]
+enum Phase {
+    /// The peers talk; only the idle timeout watches.
+    Open,
+    /// A protocol error was passed on: by `until` the peer has sent its close
+    /// frame, or loopwatch closes.
+    Answering { until: Instant },
+    /// loopwatch ends the connection: both legs end by `until`, answered or
+    /// reset.
+    Closing { until: Instant },
+    /// Both legs are gone.
+    Done,
+}
+
+impl Phase {
+    /// The transition table: the moves `Relay::enter` may make.
+    fn may_enter(&self, to: &Phase) -> bool {
+        use Phase::*;
+        matches!(
+            (self, to),
+            (Open | Answering { .. }, Answering { .. } | Closing { .. })
+                | (Answering { .. }, Open)
+                | (Open | Answering { .. } | Closing { .. }, Done)
+        )
+    }
+}
+
 /// One side of the splice: reads from its stream (in `Streams`), whose
 /// bytes go to the other leg's `out`.
 struct Leg {
@@ -332,17 +368,12 @@ pub struct Relay<C: Transport, U: Transport> {
     /// The proxy's own close (code, reason), boxed: rare, and 24 bytes less
     /// in every idle connection.
     proxy_close: Option<Box<(u16, String)>>,
-    /// Set by the proxy's own close: everything ends by then.
-    grace: Option<Instant>,
-    /// Set when a protocol error is passed on: by then the peer has sent its
-    /// close frame, or loopwatch closes.
-    answer_until: Option<Instant>,
+    phase: Phase,
     /// Bytes a direction may pass unparsed after a protocol error.
     pass_budget: u64,
     /// Legs whose connection ended, for `lost` (run at the poll loop's next
     /// turn, not inside the flush or abort that ended them).
     ended: EndedLegs,
-    done: bool,
     reported: bool,
     idle_timeout: Option<Duration>,
     activity: u64,
@@ -383,13 +414,11 @@ impl<C: Transport, U: Transport> Relay<C, U> {
             events,
             initiator: None,
             proxy_close: None,
-            grace: None,
-            answer_until: None,
+            phase: Phase::Open,
             pass_budget: limits
                 .max_message_size
                 .map_or(PASS_BUDGET, |limit| limit.min(PASS_BUDGET)),
             ended: EndedLegs::default(),
-            done: false,
             reported: false,
             idle_timeout: limits.idle_timeout,
             activity: 0,
@@ -455,16 +484,15 @@ impl<C: Transport, U: Transport> Relay<C, U> {
                 while let Some(i) = self.ended.pop() {
                     self.lost(i);
                 }
-                if self.done {
-                    return Poll::Ready(());
-                }
-                // The proxy's close grace or a peer's answer to a protocol
-                // error passed on (never both: `close` ends the latter); the
-                // idle timeout, until the proxy closes.
-                let deadline = self.grace.or(self.answer_until);
-                let idle_at = match self.grace {
-                    None => self.idle_timeout.map(|t| self.idle_since + t),
-                    Some(_) => None,
+                // The phase's deadline (the proxy's close grace, or a peer's
+                // answer to a protocol error passed on); the idle timeout,
+                // until the proxy closes.
+                let idle = || self.idle_timeout.map(|t| self.idle_since + t);
+                let (deadline, idle_at) = match self.phase {
+                    Phase::Done => return Poll::Ready(()),
+                    Phase::Closing { until } => (Some(until), None),
+                    Phase::Answering { until } => (Some(until), idle()),
+                    Phase::Open => (None, idle()),
                 };
                 let due = match (deadline, idle_at) {
                     (Some(d), Some(i)) => Some(d.min(i)),
@@ -494,7 +522,7 @@ impl<C: Transport, U: Transport> Relay<C, U> {
                     // The earliest deadline came: the grace's (or the
                     // answer's) when it is the earlier, else the idle one's.
                     if deadline.is_some() && deadline == due {
-                        if self.grace.is_some() {
+                        if self.closing() {
                             self.abort_all();
                         } else {
                             self.answer_timeout();
@@ -524,6 +552,22 @@ impl<C: Transport, U: Transport> Relay<C, U> {
             .await;
             then(self.report());
         }
+    }
+
+    /// Move the connection to phase `to` (one of the table's transitions).
+    fn enter(&mut self, to: Phase) {
+        debug_assert!(
+            self.phase.may_enter(&to),
+            "no transition {:?} -> {:?}",
+            self.phase,
+            to
+        );
+        self.phase = to;
+    }
+
+    /// loopwatch is ending the connection (its grace runs).
+    fn closing(&self) -> bool {
+        matches!(self.phase, Phase::Closing { .. })
     }
 
     fn can_read(&self, i: usize) -> bool {
@@ -627,7 +671,7 @@ impl<C: Transport, U: Transport> Relay<C, U> {
     /// passed on.
     fn half_close(&mut self, i: usize) -> bool {
         let leg = &self.legs[i];
-        if self.grace.is_some() || (leg.watcher.close().is_none() && !leg.broke) {
+        if self.closing() || (leg.watcher.close().is_none() && !leg.broke) {
             // Closing: that side is done. No close frame: the side is gone.
             return false;
         }
@@ -769,8 +813,9 @@ impl<C: Transport, U: Transport> Relay<C, U> {
         }
     }
 
+    /// The grace is over: both legs reset. (The phase stays `Closing`: their
+    /// ends are handled at the poll loop's next turn, which reaches `Done`.)
     fn abort_all(&mut self) {
-        self.grace = None;
         self.abort(CLIENT);
         self.abort(UPSTREAM);
     }
@@ -795,7 +840,7 @@ impl<C: Transport, U: Transport> Relay<C, U> {
     /// not sent its close frame (it tolerates the error, or does not answer),
     /// loopwatch closes. If it has, the close handshake is the peers' own.
     fn answer_timeout(&mut self) {
-        self.answer_until = None;
+        self.enter(Phase::Open);
         let answered = [CLIENT, UPSTREAM]
             .into_iter()
             .all(|i| !self.legs[i].broke || self.legs[other(i)].watcher.close().is_some());
@@ -821,11 +866,12 @@ impl<C: Transport, U: Transport> Relay<C, U> {
     /// at a frame boundary, then each leg closes once it answered, or at the
     /// grace deadline (`Relay.close`).
     pub fn close(&mut self, code: u16, reason: &str) {
-        if self.grace.is_some() || self.done {
+        if matches!(self.phase, Phase::Closing { .. } | Phase::Done) {
             return;
         }
-        self.grace = Some(Instant::now() + CLOSE_GRACE);
-        self.answer_until = None;
+        self.enter(Phase::Closing {
+            until: Instant::now() + CLOSE_GRACE,
+        });
         self.initiator.get_or_insert(Initiator::Proxy);
         self.proxy_close = Some(Box::new((code, reason.to_owned())));
         let mut skipped = false;
@@ -924,12 +970,14 @@ impl<C: Transport, U: Transport> Relay<C, U> {
             .cloned()
             .expect("a violation sets the watcher's error");
         let refused = matches!(error, FrameError::MessageTooBig { .. });
-        if self.grace.is_none() && !refused {
+        if !self.closing() && !refused {
             self.legs[i].go(Direction::Passing {
                 left: self.pass_budget,
             });
             self.legs[i].broke = true;
-            self.answer_until = Some(Instant::now() + ANSWER_GRACE);
+            self.enter(Phase::Answering {
+                until: Instant::now() + ANSWER_GRACE,
+            });
             self.pass_on(i, rest);
             return;
         }
@@ -939,7 +987,7 @@ impl<C: Transport, U: Transport> Relay<C, U> {
             self.legs[i].stop();
             self.close_leg(other(i));
         }
-        if self.grace.is_some() {
+        if self.closing() {
             if self.legs[i].direction.is_finishing() {
                 self.flush_pending(i);
             }
@@ -962,7 +1010,7 @@ impl<C: Transport, U: Transport> Relay<C, U> {
     /// proxy's close frame is queued to it and its own close frame arrived.
     fn settle(&mut self, i: usize) {
         let leg = &self.legs[i];
-        if self.grace.is_none() || leg.closed || self.legs[other(i)].direction.is_finishing() {
+        if !self.closing() || leg.closed || self.legs[other(i)].direction.is_finishing() {
             return;
         }
         if leg.watcher.close().is_some() {
@@ -990,7 +1038,7 @@ impl<C: Transport, U: Transport> Relay<C, U> {
         if !self.legs[o].closed {
             // Nothing reaches the side that is gone any more.
             self.legs[o].stop();
-            if self.grace.is_some() {
+            if self.closing() {
                 if self.legs[i].stop().is_finishing() {
                     // The proxy's close frame for the other side was waiting
                     // for the end of a frame this side will never finish.
@@ -1012,7 +1060,9 @@ impl<C: Transport, U: Transport> Relay<C, U> {
                 } else {
                     (CODE_CLIENT_LOST, "loopwatch: client connection lost")
                 };
-                self.grace = Some(Instant::now() + CLOSE_GRACE);
+                self.enter(Phase::Closing {
+                    until: Instant::now() + CLOSE_GRACE,
+                });
                 self.legs[i].stop();
                 let mask = (o == UPSTREAM).then(mask_key);
                 let frame = build_close_frame(code, reason, mask).expect("valid close codes");
@@ -1023,7 +1073,7 @@ impl<C: Transport, U: Transport> Relay<C, U> {
             }
             return;
         }
-        self.done = true;
+        self.enter(Phase::Done);
     }
 
     fn check_idle(&mut self) {
@@ -1309,6 +1359,31 @@ mod tests {
             (info.code, info.reason.as_str(), info.initiator),
             (1001, "bye", Initiator::Proxy)
         );
+    }
+
+    /// Answering → Open → Closing: a protocol error nobody answers within
+    /// `ANSWER_GRACE` is loopwatch's to close, with the error's code; the
+    /// direction passed unparsed ends without a frame of loopwatch's in it.
+    #[tokio::test]
+    async fn a_protocol_error_nobody_answers_is_closed_at_its_deadline() {
+        let mut s = splice().await;
+        let bad = masked(0x83, b"x");
+        s.client.write_all(&bad).await.unwrap();
+        assert_eq!(read_n(&mut s.upstream, bad.len()).await, bad);
+        let asked = std::time::Instant::now();
+        assert_eq!(read_close(&mut s.client).await, (1002, false));
+        assert!(asked.elapsed() >= ANSWER_GRACE - Duration::from_millis(100));
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.upstream.read_to_end(&mut rest))
+            .await
+            .expect("the upstream's connection ended")
+            .unwrap();
+        assert!(
+            rest.is_empty(),
+            "nothing of loopwatch's inside the unparsed stream"
+        );
+        let info = ended(s).await;
+        assert_eq!((info.code, info.initiator), (1002, Initiator::Proxy));
     }
 
     /// Passing → Stopped: loopwatch closes a direction passed unparsed (here:
