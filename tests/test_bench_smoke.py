@@ -331,3 +331,18 @@ def test_bench_heads_reports_every_target() -> None:
     # of them tens of kilobytes (each keeps its task or state and the bytes it got).
     assert all(0 < value < 64 * 1024 for value, _ in rows.values()), rows
     assert rows["nginx"][1] == 1.0
+
+
+def test_ab_compares_two_checkouts_beside_nginx() -> None:
+    """The A/B harness, with this checkout as both A and B: one short round."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.benchmarks.ab", "--a", str(ROOT), "--b", str(ROOT),
+         "--rounds", "1", "--seconds", "0.3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ratios = [line for line in proc.stdout.splitlines() if line.strip().startswith("B / A:")]
+    assert len(ratios) == 2, proc.stdout  # churn and refusal
+    for line in ratios:
+        total = float(line.split("total")[1].split(",")[0])
+        assert 0.2 < total < 5.0, line  # the same build: the same cost, within the noise of one short round
