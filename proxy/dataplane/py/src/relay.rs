@@ -105,7 +105,7 @@ enum AfterFlush {
 /// | from | to | when |
 /// |---|---|---|
 /// | Forwarding | Passing | the leg broke the protocol on an open connection (`violation`) |
-/// | Forwarding | Finishing | the proxy closes while a frame of this leg is in flight (`close`) |
+/// | Forwarding | Finishing | the proxy closes (`close`): its close frame waits for the frame in flight from this leg, if any |
 /// | Forwarding, Passing, Finishing | Stopped | the proxy's close frame went (or could not), the other leg is gone (`lost`), or a refusal ends the stream (`violation`) |
 #[derive(Debug, PartialEq, Eq)]
 enum Direction {
