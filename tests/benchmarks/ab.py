@@ -17,10 +17,7 @@ the rounds, nginx's CPU per operation from the same rounds, and B ÷ A.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -29,10 +26,9 @@ from tests.benchmarks.targets import (
     HOST,
     LoadGen,
     Proc,
-    _popen,
-    _tail,
     raise_nofile,
     start_backend,
+    start_loopwatch,
     start_nginx,
     thread_seconds,
 )
@@ -43,29 +39,6 @@ OPERATIONS = {
     "refusal": {"op": "refusal", "expect": "http", "path": "/refuse"},
 }
 FIGURES = ("total", "tokio", "brain", "rate")
-
-
-def start(tmp: Path, name: str, root: Path, backend_port: int, config: str | None, env_extra: dict[str, str]) -> Proc:
-    """`loopwatch run` of the checkout at `root`, with its own virtualenv."""
-    log = tmp / f"{name}.log"
-    cmd = [str(root / ".venv/bin/python"), "-m", "loopwatch", "run", "--upstream", f"ws://{HOST}:{backend_port}",
-           "--listen", f"{HOST}:0", "--admin-listen", f"{HOST}:0"]  # fmt: skip
-    if config:
-        (tmp / f"{name}.yaml").write_text(config)
-        cmd += ["--config", str(tmp / f"{name}.yaml")]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPWATCH_") and k != "PYTHONPATH"}
-    env.update(env_extra)
-    proc = _popen(cmd, log, cwd=root, stdout=subprocess.DEVNULL, env=env)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited: {_tail(log)}")
-        for line in log.read_text(errors="replace").splitlines():
-            if '"listening"' in line:
-                return Proc(name, proc, int(str(json.loads(line)["proxy"]).rsplit(":", 1)[1]), log)
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError(f"{name} did not start: {_tail(log)}")
 
 
 def one_round(lg: LoadGen, target: Proc, scenario: str, seconds: float, tag: int) -> dict[str, float]:
@@ -105,7 +78,7 @@ def main() -> None:
     ap.add_argument("--env-b", action="append", default=[], metavar="NAME=VALUE")
     args = ap.parse_args()
     scenarios = args.scenarios.split(",")
-    env_b = dict(kv.split("=", 1) for kv in args.env_b)
+    env_b: dict[str, str | None] = dict(kv.split("=", 1) for kv in args.env_b)
     procs: dict[str, Proc] = {}
     with tempfile.TemporaryDirectory(prefix="lw-ab-") as tmp_dir:
         tmp = Path(tmp_dir)
@@ -115,9 +88,14 @@ def main() -> None:
             procs["nginx"] = start_nginx(tmp, backend.port, raise_nofile())
             for scenario in scenarios:
                 config = DENY if scenario == "refusal" else None
+                env: dict[str, str | None]
                 for who, root, env in (("A", args.a, {}), ("B", args.b, env_b)):
-                    procs[f"{scenario}-{who}"] = start(tmp, f"{scenario}-{who}", root.resolve(), backend.port,
-                                                       config, env)  # fmt: skip
+                    root = root.resolve()
+                    # Its own virtualenv, from its own tree: nothing of this checkout's on its path.
+                    procs[f"{scenario}-{who}"] = start_loopwatch(
+                        tmp, backend.port, f"{scenario}-{who}", config,
+                        python=[str(root / ".venv/bin/python")], cwd=root, env={"PYTHONPATH": None, **env},
+                    )  # fmt: skip
             results: dict[str, dict[str, list[dict[str, float]]]] = {s: {} for s in scenarios}
             for rnd in range(args.rounds):
                 for scenario in scenarios:

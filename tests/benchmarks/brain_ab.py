@@ -38,9 +38,8 @@ from tests.benchmarks.targets import (
     ROOT,
     LoadGen,
     Proc,
-    _popen,
-    _tail,
     start_backend,
+    start_loopwatch,
 )
 
 PACKAGE_DIRS = ("proxy", "detectors", "dashboards", "loopwatch", "config")
@@ -70,24 +69,12 @@ def export(rev: str, into: Path) -> Path:
 
 
 def start(tmp: Path, name: str, backend_port: int, pythonpath: Path | None) -> Proc:
-    log = tmp / f"{name}.log"
-    cmd = [sys.executable, "-m", "loopwatch", "run", "--upstream", f"ws://{HOST}:{backend_port}",
-           "--listen", f"{HOST}:0", "--admin-listen", f"{HOST}:0"]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPWATCH_")}
-    if pythonpath is not None:
-        env["PYTHONPATH"] = str(pythonpath)
-    proc = _popen(cmd, log, cwd=tmp if pythonpath is not None else ROOT, stdout=subprocess.DEVNULL, env=env)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with {proc.returncode}: {_tail(log)}")
-        for line in log.read_text(errors="replace").splitlines():
-            if '"listening"' in line:
-                info = json.loads(line)
-                return Proc(name, proc, int(str(info["proxy"]).rsplit(":", 1)[1]), log)
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError(f"{name} did not report listening: {_tail(log)}")
+    """`loopwatch run` with this interpreter, importing from `pythonpath` (an
+    exported revision) when one is given, else from this checkout."""
+    if pythonpath is None:
+        return start_loopwatch(tmp, backend_port, name, python=[sys.executable])
+    return start_loopwatch(tmp, backend_port, name, python=[sys.executable], cwd=tmp,
+                           env={"PYTHONPATH": str(pythonpath)})  # fmt: skip
 
 
 def threads(pid: int) -> dict[str, float]:

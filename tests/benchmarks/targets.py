@@ -243,10 +243,15 @@ def _readline(proc: subprocess.Popen, timeout: float) -> str:
     return line.decode() if isinstance(line, bytes) else line
 
 
-def start_loopwatch(tmp: Path, backend_port: int, name: str = "loopwatch", config: str | None = None) -> Proc:
+def start_loopwatch(tmp: Path, backend_port: int, name: str = "loopwatch", config: str | None = None, *,
+                    python: list[str] | None = None, cwd: Path = ROOT, env: dict[str, str | None] | None = None) -> Proc:
+    """`loopwatch run` in front of the backend, started with the command `python`
+    (by default $BENCH_LOOPWATCH_PYTHON, split at spaces, or this interpreter)
+    from `cwd`, in this environment without its LOOPWATCH_ variables and with
+    `env` applied on top (a None value unsets the variable)."""
     log = tmp / f"{name}.log"
     cmd = [
-        *(os.environ.get("BENCH_LOOPWATCH_PYTHON") or sys.executable).split(), "-m", "loopwatch", "run",
+        *(python or (os.environ.get("BENCH_LOOPWATCH_PYTHON") or sys.executable).split()), "-m", "loopwatch", "run",
         "--upstream", f"ws://{HOST}:{backend_port}",
         "--listen", f"{HOST}:0", "--admin-listen", f"{HOST}:0",
     ]
@@ -254,8 +259,13 @@ def start_loopwatch(tmp: Path, backend_port: int, name: str = "loopwatch", confi
         path = tmp / f"{name}.yaml"
         path.write_text(config)
         cmd += ["--config", str(path)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPWATCH_")}
-    proc = _popen(cmd, log, cwd=ROOT, stdout=subprocess.DEVNULL, env=env)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("LOOPWATCH_")}
+    for key, value in (env or {}).items():
+        if value is None:
+            environ.pop(key, None)
+        else:
+            environ[key] = value
+    proc = _popen(cmd, log, cwd=cwd, stdout=subprocess.DEVNULL, env=environ)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
