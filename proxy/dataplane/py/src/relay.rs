@@ -1242,6 +1242,25 @@ mod tests {
         got
     }
 
+    /// Everything a stream sends until its connection ends.
+    async fn read_to_end(stream: &mut TcpStream) -> Vec<u8> {
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut got))
+            .await
+            .expect("the connection ended in time")
+            .unwrap();
+        got
+    }
+
+    /// A frame with a reserved opcode from the client, passed on unparsed:
+    /// what the upstream read.
+    async fn bad_frame_passed(s: &mut Spliced) -> Vec<u8> {
+        let bad = masked(0x83, b"x");
+        s.client.write_all(&bad).await.unwrap();
+        assert_eq!(read_n(&mut s.upstream, bad.len()).await, bad);
+        bad
+    }
+
     /// A close frame read from a stream: its code, and whether it was masked.
     async fn read_close(stream: &mut TcpStream) -> (u16, bool) {
         let head = read_n(stream, 2).await;
@@ -1367,17 +1386,11 @@ mod tests {
     #[tokio::test]
     async fn a_protocol_error_nobody_answers_is_closed_at_its_deadline() {
         let mut s = splice().await;
-        let bad = masked(0x83, b"x");
-        s.client.write_all(&bad).await.unwrap();
-        assert_eq!(read_n(&mut s.upstream, bad.len()).await, bad);
+        bad_frame_passed(&mut s).await;
         let asked = std::time::Instant::now();
         assert_eq!(read_close(&mut s.client).await, (1002, false));
         assert!(asked.elapsed() >= ANSWER_GRACE - Duration::from_millis(100));
-        let mut rest = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), s.upstream.read_to_end(&mut rest))
-            .await
-            .expect("the upstream's connection ended")
-            .unwrap();
+        let rest = read_to_end(&mut s.upstream).await;
         assert!(
             rest.is_empty(),
             "nothing of loopwatch's inside the unparsed stream"
@@ -1392,16 +1405,10 @@ mod tests {
     #[tokio::test]
     async fn a_direction_passed_past_its_budget_is_closed() {
         let mut s = splice().await;
-        let bad = masked(0x83, b"x");
-        s.client.write_all(&bad).await.unwrap();
-        assert_eq!(read_n(&mut s.upstream, bad.len()).await, bad);
+        let bad = bad_frame_passed(&mut s).await;
         let flood = vec![0u8; PASS_BUDGET as usize + 4096];
         let _ = s.client.write_all(&flood).await;
-        let mut passed = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), s.upstream.read_to_end(&mut passed))
-            .await
-            .expect("the upstream's connection ended")
-            .unwrap();
+        let passed = read_to_end(&mut s.upstream).await;
         assert_eq!(passed.len() as u64, PASS_BUDGET - bad.len() as u64);
         assert!(
             passed.iter().all(|&b| b == 0),
