@@ -46,7 +46,7 @@ POSITIVE = {
 }
 # Figures every target must have in a smoke run (the rest may be n/a for some).
 REQUIRED = {
-    "latency_p50", "latency_p99", "latency_cpu", "throughput_rate", "throughput_cpu",
+    "latency_p50", "latency_p99", "latency_cpu", "throughput_rate", "throughput_cpu", "throughput_cpu_with_conn",
     "large_rate", "large_cpu", "churn_rate", "churn_cpu", "refusal_rate", "refusal_cpu",
     "refusal_1013_rate", "refusal_1013_cpu", "storm_quiet_p99", "storm_p99", "storm_errors", "storm_rate",
 }

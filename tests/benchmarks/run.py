@@ -86,7 +86,7 @@ PROFILES: dict[str, dict] = {
     "full": {
         "reps": 3,
         "latency": {"n": 5000, "max_s": 10, "rounds": 4},
-        "throughput": {"conns": 50, "msgs": 2000, "window": 64, "max_s": 20, "rounds": 4},
+        "throughput": {"conns": 50, "msgs": 2000, "msgs_long": 12000, "window": 64, "max_s": 20, "rounds": 4},
         "large": {"n": 200, "size": 1 << 20, "max_s": 4},
         "churn": {"workers": 20, "max_s": 5.0, "max_ops": 200_000},
         "refusal": {"workers": 20, "max_s": 3.0, "max_ops": 500_000},
@@ -104,7 +104,7 @@ PROFILES: dict[str, dict] = {
     "quick": {
         "reps": 1,
         "latency": {"n": 5000, "max_s": 10, "rounds": 2},
-        "throughput": {"conns": 50, "msgs": 2000, "window": 64, "max_s": 20, "rounds": 2},
+        "throughput": {"conns": 50, "msgs": 2000, "msgs_long": 12000, "window": 64, "max_s": 20, "rounds": 2},
         "large": {"n": 100, "size": 1 << 20, "max_s": 2},
         "churn": {"workers": 20, "max_s": 2.0, "max_ops": 100_000},
         "refusal": {"workers": 20, "max_s": 1.5, "max_ops": 200_000},
@@ -120,7 +120,7 @@ PROFILES: dict[str, dict] = {
     "smoke": {
         "reps": 1,
         "latency": {"n": 50, "max_s": 5},
-        "throughput": {"conns": 4, "msgs": 50, "window": 8, "max_s": 5},
+        "throughput": {"conns": 4, "msgs": 50, "msgs_long": 2000, "window": 8, "max_s": 5},
         "large": {"n": 3, "size": 1 << 20, "max_s": 5},
         "churn": {"workers": 4, "max_s": 0.3, "max_ops": 200},
         "refusal": {"workers": 4, "max_s": 0.3, "max_ops": 200},
@@ -134,6 +134,19 @@ PROFILES: dict[str, dict] = {
                   "saturated_interval": 0.05},
     },
 }
+
+# What a pooled result sums over its runs (the rest: medians).
+POOLED_SUMS = ("ops", "mib", "errors", "cpu_s", "sched_s", "cpu_user_s", "cpu_sys_s", "backend_cpu_s",
+               "loadgen_cpu_s", "elapsed_s", "dp_s", "dp_user_s", "dp_sys_s")
+
+
+def marginal(whole: dict, part: dict) -> dict:
+    """What `whole` (a pooled result) did beyond `part`: the difference of every
+    sum; {} when either failed."""
+    if whole.get("failed") or part.get("failed"):
+        return {}
+    return {key: whole[key] - part.get(key, 0) for key in POOLED_SUMS if key in whole}
+
 
 SCENARIOS = ("latency", "throughput", "large", "churn", "refusal", "detect", "storm", "hold", "multicore", "brain",
              "memory")
@@ -474,21 +487,23 @@ class Bench:
         for _ in range(rounds):
             for target in self.order(rep, targets):
                 pooled.setdefault(target, []).append(self.measure(target, command, timeout))
-        out = {}
-        for target, results in pooled.items():
-            ok = [r for r in results if not r.get("failed")]
-            merged: dict = {"rounds": len(results), "failed": next((r["failed"] for r in results if r.get("failed")), None)}
-            for key in ("ops", "mib", "errors", "cpu_s", "sched_s", "cpu_user_s", "cpu_sys_s", "backend_cpu_s",
-                        "loadgen_cpu_s", "elapsed_s", "dp_s", "dp_user_s", "dp_sys_s"):
-                if key.startswith("dp_") and not any(key in r for r in ok):
-                    continue  # only loopwatch and the bare listener have tokio threads
-                merged[key] = sum(r.get(key, 0) or 0 for r in ok) + (len(results) - len(ok) if key == "errors" else 0)
-            for key in ("p50_us", "p90_us", "p99_us", "max_us", "rate"):
-                merged[key] = median([r.get(key) for r in ok])
-            if not merged["failed"]:
-                del merged["failed"]
-            out[target] = merged
-        return out
+        return {target: self.pool(results) for target, results in pooled.items()}
+
+    @staticmethod
+    def pool(results: list[dict]) -> dict:
+        """Runs of one load against one target as one result: operations and CPU
+        summed, rates and percentiles the median of the runs."""
+        ok = [r for r in results if not r.get("failed")]
+        merged: dict = {"rounds": len(results), "failed": next((r["failed"] for r in results if r.get("failed")), None)}
+        for key in POOLED_SUMS:
+            if key.startswith("dp_") and not any(key in r for r in ok):
+                continue  # only loopwatch and the bare listener have tokio threads
+            merged[key] = sum(r.get(key, 0) or 0 for r in ok) + (len(results) - len(ok) if key == "errors" else 0)
+        for key in ("p50_us", "p90_us", "p99_us", "max_us", "rate"):
+            merged[key] = median([r.get(key) for r in ok])
+        if not merged["failed"]:
+            del merged["failed"]
+        return merged
 
     def s_latency(self, rep: int) -> None:
         p = self.profile["latency"]
@@ -503,14 +518,31 @@ class Bench:
             })
 
     def s_throughput(self, rep: int) -> None:
+        """Each round, each target: the load (`msgs` per connection), then the same
+        with `msgs_long`, back to back. CPU per relayed message is the difference of
+        the two over the difference of their messages: the connections' setup and
+        close, the same in both, cancel (at 2 000 messages a connection they are
+        5–20 % of the whole, the churn row's cost counted twice); the whole load's
+        CPU per message stays beside it (`cpu_us_per_msg_with_conn`)."""
         p = dict(self.profile["throughput"])
-        rounds = p.pop("rounds", 1)
-        pooled = self.rounds(rep, {"op": "throughput", **p}, p["max_s"] + 60, rounds, self.main_targets())
+        rounds, msgs_long = p.pop("rounds", 1), p.pop("msgs_long")
+        short, long = {"op": "throughput", **p}, {"op": "throughput", **p, "msgs": msgs_long}
+        runs: dict[str, tuple[list[dict], list[dict]]] = {}
+        for _ in range(rounds):
+            for target in self.order(rep, self.main_targets()):
+                pair = runs.setdefault(target, ([], []))
+                pair[0].append(self.measure(target, short, p["max_s"] + 60))
+                pair[1].append(self.measure(target, long, p["max_s"] + 60))
         for target in self.order(rep, self.main_targets()):
-            r = pooled[target]
+            r, whole = (self.pool(results) for results in runs[target])
+            extra = marginal(whole, r)
+            ops = extra.get("ops", 0)
             self.record("throughput", target, rep, r, {
-                "msgs_per_s": r.get("rate"), "cpu_us_per_msg": self.cpu_per_op(r, r.get("ops", 0)), **self.split_per_op(r, r.get("ops", 0)), **self.dp_per_op(r, r.get("ops", 0)),
-                "errors": r.get("errors", 1 if r.get("failed") else 0),
+                "msgs_per_s": r.get("rate"),
+                "cpu_us_per_msg": extra["sched_s"] / ops * 1e6 if ops > 0 else None,
+                **self.split_per_op(extra, ops), **self.dp_per_op(extra, ops),
+                "cpu_us_per_msg_with_conn": self.cpu_per_op(r, r.get("ops", 0)),
+                "errors": r.get("errors", 1 if r.get("failed") else 0) + whole.get("errors", 1 if whole.get("failed") else 0),
             })
 
     def s_large(self, rep: int) -> None:
