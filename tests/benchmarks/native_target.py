@@ -3,11 +3,13 @@ own: the data plane's floor without the brain (`loopwatch run` is the listener
 with the brain: proxy/app/planes.py), and the multicore and brain scenarios.
 
     python -m tests.benchmarks.native_target --upstream ws://127.0.0.1:PORT \\
-        [--threads 1] [--deny --reject-with http-429|close-1013] \\
+        [--threads 1] [--deny --reject-with http-429|close-1013] [--config FILE] \\
         [--engine] [--queue-capacity N] [--brain-rate EVENTS_PER_S | --brain-interval S]
 
 Starts `NativeListener` on a free loopback port in front of `--upstream`, with
-the default `limits:` and `identity:` settings; with `--deny` every loopback
+the default `limits:` and `identity:` settings (`--config`: the `limits:` of
+that loopwatch configuration file instead, as the memory scenario gives
+`loopwatch run`); with `--deny` every loopback
 client is refused (deny list 127.0.0.0/8: the harness's clients, as its
 DENY_CONFIG for `loopwatch run`). A Python thread, the brain, drains the event queue the whole time (batches turned into
 the detectors' events), so that cost is part of what is measured. With
@@ -42,6 +44,7 @@ from loopwatch.detectors.decisions import Reject
 from loopwatch.detectors.engine import Engine
 from loopwatch.detectors.events import Attempt, Rejected
 from loopwatch.detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
+from loopwatch.proxy.app.settings import load_settings
 from loopwatch.proxy.dataplane.native import (
     DEFAULT_QUEUE_CAPACITY,
     EnforcementTable,
@@ -96,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="tokio worker threads (default 1)")
     parser.add_argument("--deny", action="store_true", help="refuse every loopback client")
     parser.add_argument("--reject-with", default="close-1013", choices=("close-1013", "http-429"))
+    parser.add_argument("--config", help="a loopwatch configuration file: its limits: are the listener's")
     parser.add_argument("--engine", action="store_true", help="feed the events to the real detection engine")
     parser.add_argument("--queue-capacity", type=int, default=DEFAULT_QUEUE_CAPACITY)
     pace = parser.add_mutually_exclusive_group()
@@ -110,9 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     queue, table = EventQueue(args.queue_capacity), EnforcementTable()
     if args.deny:
         table.set_deny(["127.0.0.0/8"])
+    limits = load_settings(args.config, env={}).limits if args.config else None
     listener = NativeListener.start(
-        [("/", args.upstream)], queue=queue, table=table, reject_with=args.reject_with, threads=args.threads
-    )
+        [("/", args.upstream)], queue=queue, table=table, limits=limits, reject_with=args.reject_with,
+        threads=args.threads,
+    )  # fmt: skip
     engine = Engine(DetectionSettings(), PolicySettings(), BreakerSettings()) if args.engine else None
     brain = Brain(queue, engine, args.brain_rate, args.brain_interval)
     brain.thread.start()

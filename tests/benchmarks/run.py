@@ -202,12 +202,13 @@ policy:
 limits:
   max_connections_per_address: null
 """
-# The memory scenario's loopwatch targets: loopwatch, and one that keeps no client
+# The memory scenario's configurations: loopwatch, one that keeps no client
 # after it left (FORGETFUL: the engine's sweep drops them within a second, before
-# the scenario reads what was given back).
+# the scenario reads what was given back), and the listener alone (its `limits:`).
 MEMORY_CONFIGS = {
     "loopwatch": MEMORY_CONFIG,
     FORGETFUL: MEMORY_CONFIG + "detection:\n  client_ttl: 1s\n",
+    BARE: MEMORY_CONFIG,  # its limits: (it has no policy); once 4 000 of its 9 000 were refused
 }
 
 
@@ -311,7 +312,7 @@ class Bench:
     def start_target(self, name: str, config: str | None = None) -> Proc:
         assert self.backend is not None
         if name.startswith("native-"):
-            return self.start_native_target(name)
+            return self.start_native_target(name, config)
         if (name == FLOOR or name in FLOOR_REFUSAL) and self.floor is not None:
             how = name.removeprefix(f"{FLOOR}-") if name in FLOOR_REFUSAL else None
             return start_floor(self.tmp, self.floor, self.backend.port, name, refuse=how)
@@ -331,8 +332,9 @@ class Bench:
             return start_loopwatch(self.tmp, self.backend.port, name, DENY_CONFIG.format(how=how))
         raise ValueError(name)
 
-    def start_native_target(self, name: str) -> Proc:
-        """The native listener alone (tests/benchmarks/native_target.py) as `name`."""
+    def start_native_target(self, name: str, config: str | None = None) -> Proc:
+        """The native listener alone (tests/benchmarks/native_target.py) as `name`;
+        `config`: the `limits:` it serves with (the listener alone's own)."""
         assert self.backend is not None
         port = self.backend.port
         if name in MULTICORE_TARGETS:
@@ -348,7 +350,7 @@ class Bench:
         if name in BARE_REFUSAL:
             return start_native(self.tmp, port, name, deny=name.removeprefix(f"{BARE}-"))
         if name == BARE:
-            return start_native(self.tmp, port, name)
+            return start_native(self.tmp, port, name, config=config)
         raise ValueError(name)
 
     def restart(self, name: str, config: str | None = None) -> None:
@@ -827,7 +829,7 @@ class Bench:
             self.lg.call({"op": "release"}, 60)
             time.sleep(p["settle_s"])
             base = proc.rss()
-            split = target in MEMORY_CONFIGS  # loopwatch, one process: its RSS in glibc's thread arenas apart
+            split = target in ("loopwatch", FORGETFUL)  # its RSS in glibc's thread arenas apart
             arenas = [rss_in_thread_arenas(proc.proc.pid)] if split else []
             metrics: dict[str, float | None] = {}
             raw: dict[str, object] = {"base_rss": base}

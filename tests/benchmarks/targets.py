@@ -285,14 +285,20 @@ def start_loopwatch(tmp: Path, backend_port: int, name: str = "loopwatch", confi
 
 def start_native(tmp: Path, backend_port: int, name: str = "native", *, threads: int = 1,
                  deny: str | None = None, engine: bool = False, queue_capacity: int | None = None,
-                 brain_rate: float | None = None, brain_interval: float | None = None) -> Proc:
+                 brain_rate: float | None = None, brain_interval: float | None = None,
+                 config: str | None = None) -> Proc:
     """The native listener (tests/benchmarks/native_target.py); `deny`: refuse every
     loopback client with "http-429" or "close-1013"; `engine`: its brain thread feeds
-    the real detection engine; `brain_rate`: an overloaded brain (events/s at most).
+    the real detection engine; `brain_rate`: an overloaded brain (events/s at most);
+    `config`: a loopwatch configuration (YAML) whose `limits:` it serves with.
     `native_stats(proc)` asks it for its counters."""
     log = tmp / f"{name}.log"
     cmd = [sys.executable, "-m", "tests.benchmarks.native_target",
            "--upstream", f"ws://{HOST}:{backend_port}", "--threads", str(threads)]
+    if config is not None:
+        path = tmp / f"{name}.yaml"
+        path.write_text(config)
+        cmd += ["--config", str(path)]
     if deny is not None:
         cmd += ["--deny", "--reject-with", deny]
     if engine:
