@@ -516,14 +516,18 @@ def itself() -> list[cogbuilder.Builder[Any]]:
         ),
     ).span(6)
     observer_errors = ts(
-        "Observer errors and lost spans/s",
+        "Observer errors, lost spans and lost events/s",
         "Exceptions raised by an observer (telemetry, logs, recorder …). The relay carries on, "
         "but what that observer records is incomplete — metrics or logs may be missing. Any "
         "non-zero value is a loopwatch bug: the JSON logs have the traceback; report it. "
         "Lost spans: finished spans dropped before an exporter got them, because the span "
         "exporter process was slower than the traffic (its queue was full) or had died (it is "
         "restarted within a second, the log says span_exporter_exited). Traces of those "
-        "connections are missing; the proxy is unaffected.",
+        "connections are missing; the proxy is unaffected. Lost events: connection events the "
+        "data plane could not hand to the brain because the queue between them was full "
+        "(loopwatch_events_dropped_total): traffic is unaffected, but detection did not see "
+        "those attempts. Losses that go on fire LoopwatchEventsDropped: the brain is saturated "
+        "(see CPU used and Event-loop lag); add replicas.",
         *refs(
             (
                 f"sum by (instance, observer) (rate(loopwatch_observer_errors_total{{{SEL}}}[$__rate_interval]))",
@@ -532,6 +536,10 @@ def itself() -> list[cogbuilder.Builder[Any]]:
             (
                 f"sum by (instance) (rate(loopwatch_spans_dropped_total{{{SEL}}}[$__rate_interval]))",
                 "spans lost {{instance}}",
+            ),
+            (
+                f"sum by (instance) (rate(loopwatch_events_dropped_total{{{SEL}}}[$__rate_interval]))",
+                "events lost {{instance}}",
             ),
         ),
     ).span(6)

@@ -24,7 +24,11 @@ scripted session produces what every panel of the dashboard is there to show:
   (`loopwatch_spans_dropped_total`) while the proxy goes on serving;
 * requests refused before detection: request heads with two Content-Length
   headers (a smuggling shape), answered 400 and counted in
-  `loopwatch_requests_rejected_total{reason="bad_request"}`.
+  `loopwatch_requests_rejected_total{reason="bad_request"}`;
+* a stalled brain: its event loop blocked (as by a long pause) while clients
+  keep coming; the data plane answers every one of them, and the queue to the
+  brain (QUEUE_CAPACITY events here instead of 65 536) drops what it cannot
+  hold (`loopwatch_events_dropped_total`).
 
 loopwatch's own health (`process_*`, `loopwatch_event_loop_lag_seconds`) needs
 no scripting: it is there from the first scrape.
@@ -48,9 +52,11 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +71,7 @@ from loopwatch.dashboards import generate, promql
 from loopwatch.proxy.admin.server import build_registry
 from loopwatch.proxy.app.runtime import ConfigSources, Running, start
 from loopwatch.proxy.app.settings import load_settings
+from loopwatch.proxy.dataplane import native
 from loopwatch.proxy.observe import span_export
 from loopwatch.proxy.observe.metrics import Telemetry
 from loopwatch.proxy.observe.observers import Observer
@@ -92,6 +99,18 @@ BAD_REQUESTS = 5
 SMUGGLING = (
     b"POST /ws HTTP/1.1\r\nHost: lw.test\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab"
 )
+# The brain's queue in this test, and the attempts made while the brain is stalled:
+# two events each (the Attempt, then its Rejected or HandshakeFailed), past the queue.
+QUEUE_CAPACITY = 1024
+UNSEEN_ATTEMPTS = 800
+
+
+class SmallQueue(native.EventQueue):
+    """The queue from the data plane to the brain, QUEUE_CAPACITY events deep: one
+    stalled second loses events (the session's ordinary bursts stay far below it)."""
+
+    def __init__(self, capacity: int = QUEUE_CAPACITY) -> None:
+        super().__init__(capacity)
 
 
 # --- Prometheus -----------------------------------------------------------------
@@ -422,6 +441,30 @@ async def bad_requests(port: int) -> None:
         await asyncio.sleep(0.2)  # spread over a second: seen by more than one scrape
 
 
+def unseen_attempts(port: int, n: int) -> int:
+    """`n` upgrade requests on /dead, each from a new client, one after another on
+    blocking sockets (no event loop needed): the data plane answers each at once,
+    refused by the open upstream breaker or 502 from the dead upstream. Returns how
+    many were answered."""
+    answered = 0
+    for i in range(n):
+        head = (
+            f"GET /dead?token={issue_token(f'unseen-{i}', 60)} HTTP/1.1\r\nHost: lw.test\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(head)
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+        answered += answer.startswith(b"HTTP/1.1 ")
+    return answered
+
+
 async def upstream_outage(running: Running, base: str, limit: int = 400) -> int:
     """Distinct clients on the dead route until the upstream breaker opens."""
 
@@ -454,6 +497,7 @@ async def test_loop_alert_and_every_dashboard_query_against_real_prometheus(
     # the session stalls for a while: the lost spans panel has something to show, and
     # the proxy goes on serving while its exporter is stuck.
     monkeypatch.setattr(span_export, "QUEUE_BATCHES", 2)
+    monkeypatch.setattr(native, "EventQueue", SmallQueue)
     spans = dropping_spans()
     assert spans.force_flush(30_000) and spans.child is not None and spans.child.stdin is not None
     fcntl.fcntl(spans.child.stdin.fileno(), fcntl.F_SETPIPE_SZ, 4096)  # the smallest pipe: a page
@@ -563,6 +607,16 @@ async def test_loop_alert_and_every_dashboard_query_against_real_prometheus(
                     await bad_requests(running.proxy_port)
                     outage_attempts = await upstream_outage(running, base)
                     os.kill(exporter_pid, signal.SIGCONT)
+
+                    # --- a stalled brain: this event loop (the brain's) blocked on purpose
+                    # while another thread's clients are answered by the data plane.
+                    with ThreadPoolExecutor(1) as pool:
+                        answered = pool.submit(
+                            unseen_attempts, running.proxy_port, UNSEEN_ATTEMPTS
+                        ).result(timeout=60)
+                    assert answered == UNSEEN_ATTEMPTS
+                    dropped = running.plane.events_dropped()
+                    assert dropped >= 2 * UNSEEN_ATTEMPTS - QUEUE_CAPACITY, dropped
                     assert spans.dropped > 0, "the stalled span exporter cost no spans"
 
                     # --- every dashboard query, while the loop still runs ------------------
