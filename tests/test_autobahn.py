@@ -43,6 +43,7 @@ from pathlib import Path
 import pytest
 
 from loopwatch.proxy.dataplane.native import EnforcementTable, EventQueue, NativeListener
+from tests.wsraw import blocking_exchange
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = ["1.*", "2.*", "3.*", "4.*", "5.*", "6.*", "7.*", "9.*", "10.*"]
@@ -118,13 +119,9 @@ def upgrades(port: int) -> bool:
     ).encode()
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-            s.sendall(request)
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = s.recv(4096)
-                if not chunk:
-                    return False
-                head += chunk
+            head = blocking_exchange(s, request)
+            if b"\r\n\r\n" not in head:
+                return False
             s.sendall(b"\x88\x82abcd" + bytes(a ^ b for a, b in zip(b"\x03\xe8", b"ab", strict=True)))
             return head.startswith(b"HTTP/1.1 101 ") and b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head
     except OSError:

@@ -79,7 +79,8 @@ from loopwatch.proxy.observe.span_export import ProcessSpanSink
 from loopwatch.proxy.tools.demo_backend import issue_token
 from tests.benchmarks.bench_telemetry import dropping_spans
 from tests.clients import attempt, demo_backend
-from tests.conftest import free_port, raw_exchange
+from tests.conftest import free_port, raw_exchange, upgrade_request
+from tests.wsraw import blocking_exchange
 
 pytestmark = pytest.mark.slow
 
@@ -448,20 +449,9 @@ def unseen_attempts(port: int, n: int) -> int:
     many were answered."""
     answered = 0
     for i in range(n):
-        head = (
-            f"GET /dead?token={issue_token(f'unseen-{i}', 60)} HTTP/1.1\r\nHost: lw.test\r\n"
-            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
+        head = upgrade_request(f"/dead?token={issue_token(f'unseen-{i}', 60)}", "lw.test")
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-            sock.sendall(head)
-            answer = b""
-            while b"\r\n\r\n" not in answer:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                answer += chunk
-        answered += answer.startswith(b"HTTP/1.1 ")
+            answered += blocking_exchange(sock, head).startswith(b"HTTP/1.1 ")
     return answered
 
 

@@ -4,7 +4,8 @@ A hand-written frame encoder and decoder (sharing no code with proxy/dataplane/f
 or any WebSocket library), a raw client that performs the upgrade through
 loopwatch and then reads and writes bytes, and a raw backend that answers the
 upgrade with a 101 computed by hand and records every byte it receives.
-Used by tests/test_fidelity.py and tests/test_backpressure.py.
+Used by tests/test_fidelity.py and tests/test_backpressure.py; `blocking_exchange` by tests
+that talk on blocking sockets (tests/test_autobahn.py, tests/test_prometheus_e2e.py).
 """
 
 from __future__ import annotations
@@ -136,6 +137,19 @@ def request_key(head: bytes) -> bytes:
         if name.strip().lower() == b"sec-websocket-key":
             return value.strip()
     raise AssertionError(f"no Sec-WebSocket-Key in {head!r}")
+
+
+def blocking_exchange(sock: socket.socket, request: bytes) -> bytes:
+    """Send `request` on a blocking socket and read the answer's head: up to its
+    blank line (and whatever came with it), or what came before the peer closed."""
+    sock.sendall(request)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    return head
 
 
 def upgrade_head(port: int, path: str = "/", extra: bytes = b"") -> tuple[bytes, bytes]:
