@@ -524,7 +524,7 @@ class Bench:
         with `msgs_long`, back to back. CPU per relayed message is the difference of
         the two over the difference of their messages: the connections' setup and
         close, the same in both, cancel (at 2 000 messages a connection they are
-        5–20 % of the whole, the churn row's cost counted twice); the whole load's
+        13–20 % of the whole, the churn row's cost counted twice); the whole load's
         CPU per message stays beside it (`cpu_us_per_msg_with_conn`)."""
         p = dict(self.profile["throughput"])
         rounds, msgs_long = p.pop("rounds", 1), p.pop("msgs_long")
