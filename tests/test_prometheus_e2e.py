@@ -597,6 +597,7 @@ async def test_loop_alert_and_every_dashboard_query_against_real_prometheus(
                     await bad_requests(running.proxy_port)
                     outage_attempts = await upstream_outage(running, base)
                     os.kill(exporter_pid, signal.SIGCONT)
+                    assert spans.dropped > 0, "the stalled span exporter cost no spans"
 
                     # --- a stalled brain: this event loop (the brain's) blocked on purpose
                     # while another thread's clients are answered by the data plane.
@@ -607,7 +608,6 @@ async def test_loop_alert_and_every_dashboard_query_against_real_prometheus(
                     assert answered == UNSEEN_ATTEMPTS
                     dropped = running.plane.events_dropped()
                     assert dropped >= 2 * UNSEEN_ATTEMPTS - QUEUE_CAPACITY, dropped
-                    assert spans.dropped > 0, "the stalled span exporter cost no spans"
 
                     # --- every dashboard query, while the loop still runs ------------------
                     # A round that began after the session's last step must find a series for

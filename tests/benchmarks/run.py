@@ -541,6 +541,8 @@ class Bench:
             ops = extra.get("ops", 0)
             self.record("throughput", target, rep, r, {
                 "msgs_per_s": r.get("rate"),
+                # schedstat's ns, not the stat ticks: a difference of two sums of ticks
+                # would carry two roundings of 10 ms each
                 "cpu_us_per_msg": extra["sched_s"] / ops * 1e6 if ops > 0 else None,
                 **self.split_per_op(extra, ops), **self.dp_per_op(extra, ops),
                 "cpu_us_per_msg_with_conn": self.cpu_per_op(r, r.get("ops", 0)),

@@ -243,6 +243,16 @@ def _readline(proc: subprocess.Popen, timeout: float) -> str:
     return line.decode() if isinstance(line, bytes) else line
 
 
+def config_args(tmp: Path, name: str, config: str | None) -> list[str]:
+    """`--config FILE` for a target given a configuration (YAML), written to
+    tmp/NAME.yaml; nothing without one."""
+    if config is None:
+        return []
+    path = tmp / f"{name}.yaml"
+    path.write_text(config)
+    return ["--config", str(path)]
+
+
 def start_loopwatch(tmp: Path, backend_port: int, name: str = "loopwatch", config: str | None = None, *,
                     python: list[str] | None = None, cwd: Path = ROOT, env: dict[str, str | None] | None = None) -> Proc:
     """`loopwatch run` in front of the backend, started with the command `python`
@@ -255,10 +265,7 @@ def start_loopwatch(tmp: Path, backend_port: int, name: str = "loopwatch", confi
         "--upstream", f"ws://{HOST}:{backend_port}",
         "--listen", f"{HOST}:0", "--admin-listen", f"{HOST}:0",
     ]
-    if config is not None:
-        path = tmp / f"{name}.yaml"
-        path.write_text(config)
-        cmd += ["--config", str(path)]
+    cmd += config_args(tmp, name, config)
     environ = {k: v for k, v in os.environ.items() if not k.startswith("LOOPWATCH_")}
     for key, value in (env or {}).items():
         if value is None:
@@ -294,11 +301,7 @@ def start_native(tmp: Path, backend_port: int, name: str = "native", *, threads:
     `native_stats(proc)` asks it for its counters."""
     log = tmp / f"{name}.log"
     cmd = [sys.executable, "-m", "tests.benchmarks.native_target",
-           "--upstream", f"ws://{HOST}:{backend_port}", "--threads", str(threads)]
-    if config is not None:
-        path = tmp / f"{name}.yaml"
-        path.write_text(config)
-        cmd += ["--config", str(path)]
+           "--upstream", f"ws://{HOST}:{backend_port}", "--threads", str(threads), *config_args(tmp, name, config)]
     if deny is not None:
         cmd += ["--deny", "--reject-with", deny]
     if engine:
