@@ -585,7 +585,29 @@ def itself() -> list[cogbuilder.Builder[Any]]:
         .height(8)
         .span(6)
     )
-    return [tracked, evictions, observer_errors, build, *health(), early_refusals()]
+    return [tracked, evictions, observer_errors, build, *health(), early_refusals(), state_store()]
+
+
+def state_store() -> timeseries.Panel:
+    return ts(
+        "Replicas cut off from the shared state store",
+        "With state.backend: redis, 1 while a replica cannot reach Redis and decides alone "
+        "(1 - loopwatch_state_store_up; always 0 with state.backend: memory), and its failed "
+        "round trips to Redis per second (connects, publishes, pings and reads that failed or "
+        "took longer than state.redis.timeout). A replica cut off still relays every client and "
+        "refuses the loops it sees itself; a loop spread over the replicas is caught only where "
+        "one replica's share crosses a threshold. It reconnects by itself, so a failover shows "
+        "as a blip. All replicas at once: Redis or its network. One replica: its network path "
+        "or its credentials. Alert LoopwatchStateStoreDown fires after 2 minutes cut off, or cut "
+        "off at least once a minute for 2 minutes (docs/runbooks.md#loopwatchstatestoredown).",
+        *refs(
+            (f"sum by (instance) (1 - loopwatch_state_store_up{{{SEL}}})", "cut off {{instance}}"),
+            (
+                f"sum by (instance) (rate(loopwatch_state_store_errors_total{{{SEL}}}[$__rate_interval]))",
+                "errors/s {{instance}}",
+            ),
+        ),
+    ).span(8)
 
 
 def early_refusals() -> timeseries.Panel:
@@ -617,7 +639,7 @@ def early_refusals() -> timeseries.Panel:
                 common.GraphThresholdsStyleMode.DASHED
             )
         )
-        .span(24)
+        .span(16)
     )
 
 

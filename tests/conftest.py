@@ -10,9 +10,9 @@ import asyncio
 import contextlib
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
@@ -20,6 +20,9 @@ from websockets.asyncio.server import ServerConnection, serve
 from loopwatch.proxy.app.runtime import Running, start
 from loopwatch.proxy.app.settings import Settings, load_settings
 from loopwatch.proxy.dataplane.boundary import Gate
+
+if TYPE_CHECKING:
+    from tests.redisserver import RedisServer
 
 
 def free_port() -> int:
@@ -92,6 +95,19 @@ async def echo_backend() -> AsyncIterator[str]:
 async def proxied(echo_backend: str) -> AsyncIterator[Running]:
     async with loopwatch(echo_backend) as running:
         yield running
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port, stopped after the test."""
+    from tests.redisserver import RedisServer  # it imports free_port from here
+
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def ws_url(running: Running, path: str = "/") -> str:

@@ -28,7 +28,11 @@ scripted session produces what every panel of the dashboard is there to show:
 * a stalled brain: its event loop blocked (as by a long pause) while clients
   keep coming; the data plane answers every one of them, and the queue to the
   brain (QUEUE_CAPACITY events here instead of 65 536) drops what it cannot
-  hold (`loopwatch_events_dropped_total`).
+  hold (`loopwatch_events_dropped_total`);
+* the shared state store lost: loopwatch runs with `state.backend: redis` on a
+  redis-server the test starts, stops for a while (the replica decides alone,
+  `loopwatch_state_store_up` 0, LoopwatchStateStoreDown fires) and starts
+  again (it reconnects by itself).
 
 loopwatch's own health (`process_*`, `loopwatch_event_loop_lag_seconds`) needs
 no scripting: it is there from the first scrape.
@@ -80,11 +84,13 @@ from loopwatch.proxy.tools.demo_backend import issue_token
 from tests.benchmarks.bench_telemetry import dropping_spans
 from tests.clients import attempt, demo_backend
 from tests.conftest import free_port, raw_exchange, upgrade_request
+from tests.redisserver import RedisServer
 from tests.wsraw import blocking_exchange
 
 pytestmark = pytest.mark.slow
 
 ALERT = "LoopwatchConnectionLoopDetected"
+STORE_ALERT = "LoopwatchStateStoreDown"
 JOB = "loopwatch"
 SHORT_FOR = "3s"
 SCRAPE = "1s"
@@ -350,8 +356,9 @@ class FailingObserver(Observer):
         raise RuntimeError("observer bug (on purpose)")
 
 
-def loopwatch_config(path: Path, backend_port: int, dead_port: int) -> Path:
+def loopwatch_config(path: Path, backend_port: int, dead_port: int, redis_url: str) -> Path:
     config = {
+        "state": {"backend": "redis", "redis": {"url": redis_url, "key_prefix": "lw-e2e:"}},
         "listen": "127.0.0.1:0",
         "admin": {"listen": "127.0.0.1:0"},
         "logging": {"level": "error"},
@@ -478,7 +485,7 @@ async def upstream_outage(running: Running, base: str, limit: int = 400) -> int:
 
 @pytest.mark.timeout(150)
 async def test_loop_alert_and_every_dashboard_query_against_real_prometheus(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_server: RedisServer
 ) -> None:
     began = time.monotonic()
     dashboard = json.loads(generate.DASHBOARD_FILE.read_text())
@@ -492,11 +499,11 @@ async def test_loop_alert_and_every_dashboard_query_against_real_prometheus(
     assert spans.force_flush(30_000) and spans.child is not None and spans.child.stdin is not None
     fcntl.fcntl(spans.child.stdin.fileno(), fcntl.F_SETPIPE_SZ, 4096)  # the smallest pipe: a page
     exporter_pid = spans.child.pid
-
     async with (
         demo_backend() as backend,
         running_loopwatch(
-            loopwatch_config(tmp_path / "loopwatch.yaml", backend.port, dead_port), spans
+            loopwatch_config(tmp_path / "loopwatch.yaml", backend.port, dead_port, redis_server.url),
+            spans,
         ) as running,
     ):
         failing = FailingObserver()
@@ -608,6 +615,37 @@ async def test_loop_alert_and_every_dashboard_query_against_real_prometheus(
                     assert answered == UNSEEN_ATTEMPTS
                     dropped = running.plane.events_dropped()
                     assert dropped >= 2 * UNSEEN_ATTEMPTS - QUEUE_CAPACITY, dropped
+
+                    # --- the shared state store lost, then back --------------------------
+                    store = running.gate.state_store
+                    assert store.up
+                    redis_server.stop()
+
+                    async def store_alert_firing() -> bool:
+                        return any(
+                            a["state"] == "firing" and a["labels"]["instance"] == instance
+                            for a in await prom.alerts(STORE_ALERT)
+                        )
+
+                    await poll(
+                        store_alert_firing,
+                        30,
+                        lambda: f"{STORE_ALERT} not firing; store up: {store.up}",
+                    )
+                    [store_alert] = await prom.alerts(STORE_ALERT)
+                    assert store_alert["labels"] == {
+                        "alertname": STORE_ALERT,
+                        "job": JOB,
+                        "instance": instance,
+                        "severity": "warning",
+                    }, store_alert["labels"]
+                    assert not store.up and store.errors > 0
+                    redis_server.start()
+
+                    async def store_back() -> bool:
+                        return bool(store.up)
+
+                    await poll(store_back, 15, lambda: "the store did not reconnect")
 
                     # --- every dashboard query, while the loop still runs ------------------
                     # A round that began after the session's last step must find a series for

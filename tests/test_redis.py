@@ -15,11 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
-import socket
-import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +29,8 @@ from loopwatch.proxy.app.runtime import Running
 from loopwatch.proxy.state.redis import RedisStateStore
 from loopwatch.proxy.tools.demo_backend import DemoBackend, issue_token
 from tests.clients import attempt, demo_backend
-from tests.conftest import client_key, free_port, loopwatch, wait_for
+from tests.conftest import client_key, loopwatch, wait_for
+from tests.redisserver import RedisServer
 
 # `loopwatch run` uses uvloop: the store's connection handling runs on both loops.
 RUN_ON_UVLOOP = True
@@ -46,77 +44,7 @@ RULES = {
 PAUSE = 0.05  # the looping client's pause between attempts (20/s)
 
 
-# --- redis-server -------------------------------------------------------------------
-
-
-class RedisServer:
-    """One redis-server process on a fixed loopback port; restartable on that port."""
-
-    def __init__(self, workdir: Path) -> None:
-        binary = shutil.which("redis-server")
-        assert binary is not None, "redis-server is required (.ci/system-deps installs it)"
-        self.binary = binary
-        self.workdir = workdir
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        assert self.proc is None
-        self.proc = subprocess.Popen(
-            [
-                self.binary,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(self.workdir),
-                "--logfile", str(self.workdir / "redis.log"),
-                "--enable-debug-command", "local",  # DEBUG SLEEP: a slow Redis
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while not self._pong():
-            assert self.proc.poll() is None, (self.workdir / "redis.log").read_text()
-            assert time.monotonic() < deadline, "redis-server did not answer PING"
-            time.sleep(0.02)
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def _pong(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+# --- redis-server: tests/redisserver.py, the `redis_server` fixture in tests/conftest.py --
 
 
 @contextlib.asynccontextmanager
