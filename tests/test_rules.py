@@ -32,6 +32,7 @@ REQUIRED_ALERTS = {
     "LoopwatchRequestsRejected",  # issue 17: refusals before detection
     "LoopwatchEventsDropped",  # issue 16: the brain behind the data plane, detection blind
     "LoopwatchStateStoreDown",  # docs/replicas.md: a replica cut off from the fleet's Redis
+    "LoopwatchConfigReloadFailed",  # a refused reload: the change not in force, the next start broken
 }
 # level:metric:operations, e.g. job_route:loopwatch_connection_attempts:rate5m
 RECORD_NAME = re.compile(r"^[a-z]+(?:_[a-z]+)*:loopwatch_[a-z0-9_]+:[a-z0-9_]+$")

@@ -345,6 +345,7 @@ async def test_scripted_session_metric_by_metric() -> None:
     assert v("loopwatch_spans_dropped_total") == 0  # every span reached the exporter
     assert v("loopwatch_config_reloads_total", result="ok") == 0
     assert v("loopwatch_config_reloads_total", result="error") == 0
+    assert v("loopwatch_config_last_reload_successful") == 1
     assert v("loopwatch_build_info", version="0.1.0", dataplane="native", frame_parser="rust") == 1
 
     # The families exposed are exactly the catalogue's, with the same types.
@@ -559,18 +560,34 @@ async def test_real_proxy_sample_of_distinct_clients() -> None:
 
 
 async def test_config_reloads_are_counted(tmp_path: Path) -> None:
+    async def last_load(lw: Running) -> tuple[float, float]:
+        s = series((await scrape(lw))[0])
+        return (
+            value(s, "loopwatch_config_last_reload_successful"),
+            value(s, "loopwatch_config_last_reload_success_timestamp_seconds"),
+        )
+
     async with demo_backend() as backend:
         config = tmp_path / "loopwatch.yaml"
         config.write_text(f'upstream: "ws://127.0.0.1:{backend.port}"\n')
         overrides = {"listen": "127.0.0.1:0", "admin.listen": "127.0.0.1:0"}
         settings = load_settings(config, env={}, overrides=overrides)
+        before_start = time.time()
         async with telemetered(settings, sources=ConfigSources(str(config), {}, overrides)) as lw:
+            ok, started = await last_load(lw)  # the start's load is the last good one
+            assert ok == 1 and before_start <= started <= time.time()
             lw.reload()
+            ok, reloaded = await last_load(lw)
+            assert ok == 1 and reloaded >= started
             config.write_text("detection: {quiet_period: forever}\n")
             with pytest.raises(Exception, match="quiet_period"):
                 lw.reload()
+            # Refused: 0 until a reload succeeds, and the last good one's time stays.
+            assert await last_load(lw) == (0, reloaded)
             config.write_text(f'upstream: "ws://127.0.0.1:{backend.port}"\ndetection: {{auth_close_codes: [1008, 4403]}}\n')
             lw.reload()
+            ok, fixed = await last_load(lw)
+            assert ok == 1 and fixed >= reloaded
             s = series((await scrape(lw))[0])
     assert value(s, "loopwatch_config_reloads_total", result="ok") == 2
     assert value(s, "loopwatch_config_reloads_total", result="error") == 1

@@ -147,6 +147,12 @@ class MetricsObserver(Observer):
             "loopwatch_cooldowns", "Enforced cooldowns started, by the rule that caused them.", "rule"
         )
         self.reloads = CounterStore("loopwatch_config_reloads", "Configuration reloads, by result.", "result")
+        # The last load's result and the last good one's Unix time (the start's load
+        # counts: a process runs only with a valid configuration), as Prometheus and
+        # Alertmanager expose theirs: a refused reload leaves the file on disk broken
+        # for the next restart, so it stays visible until a reload succeeds.
+        self.last_reload_ok = True
+        self.last_reload_success = time.time()
         self.stores = (
             self.attempts, self.refusals, self.would_reject, self.handshake_errors, self.auth_failures,
             self.closes, self.duration, self.handshake, self.findings, self.cooldowns, self.reloads,
@@ -256,7 +262,11 @@ class MetricsObserver(Observer):
     def on_config(self, settings: Settings, info: dict[str, Any]) -> None:
         self.reconfigure(settings)
         if info.get("reload"):
-            self.reloads.add(("ok" if info.get("result") == "ok" else "error",))
+            ok = info.get("result") == "ok"
+            self.reloads.add(("ok" if ok else "error",))
+            self.last_reload_ok = ok
+            if ok:
+                self.last_reload_success = time.time()
 
 
 class _Families(Collector):
@@ -309,6 +319,8 @@ class StateCollector(Collector):
         self._engine(families)
         store = self.store
         families["store_up"].add_metric([], 1.0 if getattr(store, "up", True) else 0.0)
+        families["reload_ok"].add_metric([], 1.0 if self.metrics.last_reload_ok else 0.0)
+        families["reload_time"].add_metric([], self.metrics.last_reload_success)
         families["store_errors"].add_metric([], getattr(store, "errors", 0))
         families["spans_dropped"].add_metric([], self.spans.dropped if self.spans is not None else 0)
         families["events_dropped"].add_metric([], self.view.events_dropped() if self.view is not None else 0)
@@ -389,6 +401,14 @@ class StateCollector(Collector):
             ),
             "store_errors": c(
                 "loopwatch_state_store_errors", "Failed round trips to the shared state store."
+            ),
+            "reload_ok": g(
+                "loopwatch_config_last_reload_successful",
+                "1 when the last configuration load (the start's or a reload) succeeded, 0 after a refused reload.",
+            ),
+            "reload_time": g(
+                "loopwatch_config_last_reload_success_timestamp_seconds",
+                "Unix time of the last successful configuration load (the start's or a reload).",
             ),
             "held": g(
                 "loopwatch_connections_held",
