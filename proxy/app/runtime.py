@@ -27,6 +27,7 @@ from ..observe.selfmetrics import SelfMetrics
 from ..sections import parse_host_port
 from ..state.local import LocalState
 from ..state.redis import RedisStateStore
+from . import fdlimit
 from .planes import DataPlane, make_plane
 from .settings import ConfigError, Settings, load_settings
 
@@ -341,7 +342,9 @@ async def serve(
             _reload_logged(started[0])
 
     loop.add_signal_handler(signal.SIGHUP, reload_on_hup)
+    fdlimit.fit_logged(settings)  # process-wide, as tune_gc: only here, not in `start`
     running = await start(settings, sources=sources, stop=stop)
+    running.observers.add(fdlimit.FdLimitFitter())
     started.append(running)
     tune_gc()
     if on_started is not None:

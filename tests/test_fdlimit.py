@@ -1,0 +1,206 @@
+"""`loopwatch run` fits its open-file limit to `limits.max_connections`
+(proxy/app/fdlimit.py): the soft limit raised as far as the hard one allows, at
+start and after a reload that needs more, and a warning when the hard limit is
+too low. Each process test starts `loopwatch run` with the limits a login shell
+or a container would give it (set in the child before exec)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import resource
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from loopwatch.proxy.app import fdlimit
+from loopwatch.proxy.app.settings import load_settings
+from tests.conftest import echo, websockets_backend
+
+ROOT = Path(__file__).resolve().parent.parent
+SUBPROCESS = pytest.mark.asyncio(loop_factories=["asyncio"])
+
+
+def reserve_of(upstreams: int) -> int:
+    return fdlimit.POOL_PER_UPSTREAM * upstreams + 100 + fdlimit.BASE  # 100: event_streams.max_streams
+
+
+# --- what the settings need ---------------------------------------------------------------
+
+
+def test_the_reserve_counts_each_upstream_once_and_the_event_streams() -> None:
+    settings = load_settings(overrides={
+        "routes": [
+            {"path_prefix": "/a", "upstream": "ws://10.0.0.1:9000"},
+            {"path_prefix": "/b", "upstream": "ws://10.0.0.2:9000"},
+            {"path_prefix": "/c", "upstream": "ws://10.0.0.1:9000"},  # the same pool as /a
+        ],
+        "admin.event_streams.max_streams": 40,
+        "limits.max_connections": 1000,
+    })  # fmt: skip
+    assert fdlimit.reserve(settings) == 2 * fdlimit.POOL_PER_UPSTREAM + 40 + fdlimit.BASE
+
+
+def test_a_limit_knows_what_it_needs_and_what_it_leaves_room_for() -> None:
+    limit = fdlimit.FdLimit(before=1024, soft=1024, hard=1024, reserve=612, max_connections=10_000)
+    assert limit.needed == 20_612 and not limit.enough
+    assert limit.connections == 206  # (1024 - 612) // 2
+    assert fdlimit.FdLimit(1024, 20_612, 65_536, 612, 10_000).enough
+    assert fdlimit.FdLimit(256, 256, 256, 612, 10).connections == 0
+
+
+# --- as a process -------------------------------------------------------------------------
+
+
+def rlimits(soft: int, hard: int) -> Callable[[], None]:
+    def apply() -> None:  # in the child, before exec
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    return apply
+
+
+def open_files_limit(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no Max open files line")
+
+
+class Run:
+    """A `loopwatch run` process and its JSON log lines, read as they come."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[dict[str, Any]] = []
+
+    async def until(self, event: str, count: int = 1) -> dict[str, Any]:
+        """The `count`-th line of `event`, reading on until it comes."""
+        assert self.proc.stderr is not None
+
+        async def read() -> dict[str, Any]:
+            while True:
+                seen = [line for line in self.lines if line["event"] == event]
+                if len(seen) >= count:
+                    return seen[count - 1]
+                raw = await self.proc.stderr.readline()  # type: ignore[union-attr]
+                if not raw:
+                    raise AssertionError(f"loopwatch exited before {event!r}: {self.lines}")
+                self.lines.append(json.loads(raw))
+
+        return await asyncio.wait_for(read(), 30)
+
+    def events(self, event: str) -> list[dict[str, Any]]:
+        return [line for line in self.lines if line["event"] == event]
+
+
+@contextlib.asynccontextmanager
+async def loopwatch_run(config: Path, soft: int, hard: int) -> AsyncIterator[Run]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "loopwatch", "run", "--config", str(config),
+        cwd=ROOT, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        preexec_fn=rlimits(soft, hard),
+    )  # fmt: skip
+    run = Run(proc)
+    try:
+        yield run
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def write_config(path: Path, upstream: str, max_connections: int) -> Path:
+    path.write_text(
+        f'upstream: "{upstream}"\nlisten: "127.0.0.1:0"\n'
+        f'admin: {{listen: "127.0.0.1:0"}}\n'
+        # Every connection of the test comes from 127.0.0.1: no per-address caps.
+        f"limits: {{max_connections: {max_connections}, max_connections_per_address: null, "
+        f"max_heads_per_address: null}}\n"
+    )
+    return path
+
+
+async def hold(url: str, n: int) -> list[ClientConnection]:
+    """`n` WebSockets through loopwatch, each echoing once, left open."""
+    conns = await asyncio.gather(*(connect(url, open_timeout=10) for _ in range(n)))
+    for i, ws in enumerate(conns):
+        await ws.send(f"hello {i}")
+    assert [await ws.recv() for ws in conns] == [f"hello {i}" for i in range(n)]
+    return conns
+
+
+@SUBPROCESS
+async def test_run_raises_its_soft_limit_at_start_and_after_a_reload(tmp_path: Path) -> None:
+    async with websockets_backend(echo) as (upstream, _):
+        config = write_config(tmp_path / "loopwatch.yaml", upstream, 300)
+        # A login shell's limits, scaled down: a soft limit (256) that 300
+        # connections' 600 descriptors would pass, under a generous hard one.
+        async with loopwatch_run(config, soft=256, hard=4096) as run:
+            raised = await run.until("fd_limit")
+            needed = 2 * 300 + reserve_of(1)
+            assert raised["level"] == "info"
+            assert {k: raised[k] for k in ("soft", "hard", "needed", "raised_from", "max_connections")} == {
+                "soft": needed, "hard": 4096, "needed": needed, "raised_from": 256, "max_connections": 300,
+            }  # fmt: skip
+            assert open_files_limit(run.proc.pid) == (needed, 4096)
+            listening = await run.until("listening")
+
+            # 200 relayed WebSockets hold 400 descriptors: past the 256 it started with.
+            conns = await hold(f"ws://{listening['proxy']}/", 200)
+            try:
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.get(f"http://{listening['admin']}/metrics") as response,
+                ):
+                    text = await response.text()
+                open_fds = next(
+                    float(line.split()[1]) for line in text.splitlines() if line.startswith("process_open_fds ")
+                )
+                assert open_fds > 400
+            finally:
+                await asyncio.gather(*(ws.close() for ws in conns))
+
+            # A reload that allows more connections raises it again; one that needs
+            # no more leaves it (and logs nothing).
+            write_config(config, upstream, 1000)
+            run.proc.send_signal(signal.SIGHUP)
+            again = await run.until("fd_limit", count=2)
+            assert (again["soft"], again["raised_from"], again["max_connections"]) == (
+                2 * 1000 + reserve_of(1), needed, 1000
+            )
+            assert open_files_limit(run.proc.pid) == (2 * 1000 + reserve_of(1), 4096)
+            write_config(config, upstream, 500)
+            run.proc.send_signal(signal.SIGHUP)
+            await run.until("config_loaded", count=3)
+            assert open_files_limit(run.proc.pid)[0] == 2 * 1000 + reserve_of(1)  # never lowered
+    assert len(run.events("fd_limit")) == 2
+
+
+@SUBPROCESS
+async def test_run_warns_when_the_hard_limit_is_too_low(tmp_path: Path) -> None:
+    async with websockets_backend(echo) as (upstream, _):
+        config = write_config(tmp_path / "loopwatch.yaml", upstream, 1000)
+        async with loopwatch_run(config, soft=512, hard=1024) as run:
+            warning = await run.until("fd_limit")
+            needed = 2 * 1000 + reserve_of(1)
+            room = (1024 - reserve_of(1)) // 2
+            assert warning["level"] == "warning"
+            assert {k: warning[k] for k in ("soft", "hard", "needed", "max_connections", "connections")} == {
+                "soft": 1024, "hard": 1024, "needed": needed, "max_connections": 1000, "connections": room,
+            }  # fmt: skip
+            assert f"needs {needed} open files and the hard limit allows 1024" in warning["why"]
+            assert f"past about {room} connections" in warning["why"]
+            assert open_files_limit(run.proc.pid) == (1024, 1024)  # raised as far as it goes
+            listening = await run.until("listening")  # it still serves
+            conns = await hold(f"ws://{listening['proxy']}/", 20)
+            await asyncio.gather(*(ws.close() for ws in conns))
