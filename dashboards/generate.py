@@ -621,11 +621,12 @@ def early_refusals() -> timeseries.Panel:
         "slowloris), upstream_timeout (504) and response_timeout (a stalled plain response), "
         "version (505), upgrade_required (426), upgrade_with_body (400), no_route (404), "
         "overload (503 at limits.max_connections), address_limit (503: one address holding "
-        "too many connections or heads), shutting_down (503 while draining). A few a minute "
+        "too many connections or heads), shutting_down (503 while draining), fd_limit (503: out "
+        "of open files, see Open file descriptors). A few a minute "
         "is internet background. Alert LoopwatchRequestsRejected fires when one instance's "
         f"5-minute rate stays above {REJECTED_RATE_THRESHOLD}/s (dashed) for 10 minutes: pick "
         "that instance to compare (this panel's rate follows the zoom; the alert averages 5 "
-        "minutes). overload and address_limit are refusals honest users feel; the JSON logs "
+        "minutes). overload, address_limit and fd_limit are refusals honest users feel; the JSON logs "
         "(request_rejected) name the addresses (docs/runbooks.md#loopwatchrequestsrejected).",
         query(
             f"sum by (reason) (rate(loopwatch_requests_rejected_total{{{SEL}}}[$__rate_interval]))",

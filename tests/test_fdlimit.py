@@ -202,5 +202,6 @@ async def test_run_warns_when_the_hard_limit_is_too_low(tmp_path: Path) -> None:
             assert f"past about {room} connections" in warning["why"]
             assert open_files_limit(run.proc.pid) == (1024, 1024)  # raised as far as it goes
             listening = await run.until("listening")  # it still serves
+
             conns = await hold(f"ws://{listening['proxy']}/", 20)
             await asyncio.gather(*(ws.close() for ws in conns))

@@ -12,8 +12,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+import os
+import resource
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -253,6 +256,38 @@ async def shutting_down(p: Proxied) -> None:
     writer.close()
 
 
+@contextlib.contextmanager
+def one_descriptor_left() -> Iterator[None]:
+    """This process (the test and the listener in it) with exactly one free
+    descriptor under its open-file limit: the limit set just above the highest
+    in use, every lower free number filled with /dev/null, one given back."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+    fillers: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 2, hard))
+    try:
+        with contextlib.suppress(OSError):  # EMFILE: every number under the limit taken
+            while True:
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+        os.close(fillers.pop())
+        yield
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def fd_limit(p: Proxied) -> None:
+    # The client's socket takes the last descriptor, so the listener's accept
+    # fails (EMFILE): it gives up its reserve descriptor to accept and answer.
+    with one_descriptor_left():
+        reader, writer = await open_from(p.port, ATTACKER)
+        response = await asyncio.wait_for(read_response(reader), 10)
+    assert response.status == 503 and response.header("Retry-After") == "1", response
+    assert response.body == b"loopwatch: out of file descriptors\n"
+    writer.close()
+
+
 H = b"Host: example.test\r\n"
 TRIGGERS: dict[str, tuple[dict[str, Any], Callable[[Proxied], Awaitable[None]]]] = {
     "bad_request": ({}, lambda p: send(p, b"GET /ok HTTP/1.1\r\nBad Name: x\r\n" + H + b"\r\n", 400)),
@@ -288,6 +323,7 @@ TRIGGERS: dict[str, tuple[dict[str, Any], Callable[[Proxied], Awaitable[None]]]]
     ),
     "address_limit": ({"limits.max_heads_per_address": 1}, address_limit),
     "shutting_down": ({}, shutting_down),
+    "fd_limit": ({}, fd_limit),
 }  # fmt: skip
 
 
@@ -304,6 +340,16 @@ async def test_each_early_refusal_raises_its_own_counter(reason: str):
         await trigger(p)
         after = await rejected(p.lw)
     assert after == {**before, reason: 1}
+
+
+async def test_out_of_descriptors_every_connection_is_answered_then_served_again():
+    # The reserve is taken back after each answer: three times out of
+    # descriptors, three 503s; with descriptors again, the next is relayed.
+    async with proxied() as p:
+        for _ in range(3):
+            await fd_limit(p)
+        assert (await rejected(p.lw))["fd_limit"] == 3
+        await send(p, b"GET /ok HTTP/1.1\r\n" + H + b"\r\n", 200)
 
 
 async def test_a_flood_of_refusals_is_one_log_line_per_reason(caplog: pytest.LogCaptureFixture):

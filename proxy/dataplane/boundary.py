@@ -39,11 +39,14 @@ RejectedReason = Literal[
     "overload",  # 503: limits.max_connections reached
     "address_limit",  # 503: limits.max_connections_per_address or max_heads_per_address reached
     "shutting_down",  # 503: loopwatch is draining
+    "fd_limit",  # 503 (closed on a TLS listener): out of open files, accepted with the reserve one
 ]
 REJECTED_REASONS: tuple[str, ...] = typing.get_args(RejectedReason)
 # Refusals that protect loopwatch or point at the upstream are warnings; a
 # client's own bad request is routine on the internet.
-_WARNING_REASONS = frozenset({"overload", "address_limit", "upstream_timeout", "response_timeout"})
+_WARNING_REASONS = frozenset(
+    {"overload", "address_limit", "fd_limit", "upstream_timeout", "response_timeout"}
+)
 REJECTION_LOG_INTERVAL = 10.0  # seconds: at most one log line per reason this often
 
 

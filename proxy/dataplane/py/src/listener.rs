@@ -31,7 +31,7 @@ use crate::conn;
 use crate::control::{AddressCaps, Addresses, CloseCommand, Holds, Policy, PolicyValues, Relays};
 use crate::pool::{Pool, SWEEP_EVERY};
 use crate::tls::UpstreamTls;
-use crate::wire::Route;
+use crate::wire::{simple_response, Route};
 
 /// Pending connections the kernel queues for the accept loop.
 const BACKLOG: u32 = 1024;
@@ -46,6 +46,8 @@ const BLOCKING_PER_WORKER: usize = 4;
 /// After an accept error (out of descriptors, say), wait this long before the
 /// next accept rather than spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+/// The answer to a connection accepted with the reserve descriptor.
+const FD_LIMIT: &str = "loopwatch: out of file descriptors";
 
 /// Why the native listener answered (or cut) a request itself: the `reason`
 /// label of loopwatch_requests_rejected_total (`RejectedReason` in
@@ -66,10 +68,11 @@ pub enum Rejected {
     Overload,
     AddressLimit,
     ShuttingDown,
+    FdLimit,
 }
 
 impl Rejected {
-    pub const ALL: [Rejected; 13] = [
+    pub const ALL: [Rejected; 14] = [
         Rejected::BadRequest,
         Rejected::HeadTooLarge,
         Rejected::HeadTimeout,
@@ -83,6 +86,7 @@ impl Rejected {
         Rejected::Overload,
         Rejected::AddressLimit,
         Rejected::ShuttingDown,
+        Rejected::FdLimit,
     ];
 
     pub fn label(self) -> &'static str {
@@ -100,6 +104,7 @@ impl Rejected {
             Rejected::Overload => "overload",
             Rejected::AddressLimit => "address_limit",
             Rejected::ShuttingDown => "shutting_down",
+            Rejected::FdLimit => "fd_limit",
         }
     }
 
@@ -406,6 +411,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     let mut shutdown = shared.shutdown.clone();
     let stop = stopping(&mut shutdown);
     tokio::pin!(stop);
+    let mut reserve = Reserve::taken();
     loop {
         tokio::select! {
             biased;
@@ -416,14 +422,78 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                     let guard = ConnGuard::new(&shared);
                     tokio::spawn(conn::serve(Arc::clone(&shared), stream, peer, guard));
                 }
-                Err(_) => {
+                Err(e) => {
                     shared.counters.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    if out_of_descriptors(&e) && reserve.answer_one(&listener, &shared) {
+                        continue; // the next one in the backlog, at once
+                    }
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    reserve.take();
                 }
             },
         }
     }
     // The listening socket closes here: new connections are refused by the kernel.
+}
+
+/// EMFILE or ENFILE: the process's or the system's open-file limit.
+fn out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// One descriptor held in reserve for when the process runs out of them
+/// (the remedy libuv and others use). Out of descriptors, the kernel keeps
+/// new connections in the listen backlog, where they wait unanswered until
+/// their client gives up, however many times the accept is retried. With the
+/// reserve given up, one of them is accepted and answered `503` with
+/// `Retry-After` (closed at once on a TLS listener: no handshake for it),
+/// counted as `fd_limit`, and the reserve taken back: the backlog drains with
+/// answers while the limit lasts.
+struct Reserve(Option<std::fs::File>);
+
+impl Reserve {
+    fn taken() -> Reserve {
+        Reserve(std::fs::File::open("/dev/null").ok())
+    }
+
+    /// Hold the descriptor again if it is not held (it may fail while the
+    /// process is out of them: tried again after the next error).
+    fn take(&mut self) {
+        if self.0.is_none() {
+            *self = Reserve::taken();
+        }
+    }
+
+    /// Give the reserve up, accept one connection with it, answer it and
+    /// take the reserve back. False when there was no reserve or nothing was
+    /// accepted (another thread took the descriptor first).
+    fn answer_one(&mut self, listener: &TcpListener, shared: &Shared) -> bool {
+        if self.0.take().is_none() {
+            return false;
+        }
+        let noop = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(noop);
+        let accepted = match listener.poll_accept(&mut cx) {
+            std::task::Poll::Ready(Ok(accepted)) => Some(accepted),
+            _ => None,
+        };
+        if let Some((stream, peer)) = &accepted {
+            let answer = shared.config().tls.is_none();
+            shared.rejected(
+                Rejected::FdLimit,
+                answer.then_some(503),
+                peer.ip(),
+                FD_LIMIT,
+            );
+            if answer {
+                // A few hundred bytes into an empty send buffer: one try, no wait.
+                let _ = stream.try_write(&simple_response(503, FD_LIMIT, &[("Retry-After", "1")]));
+            }
+        }
+        drop(accepted); // closes it, freeing the descriptor for the reserve
+        self.take();
+        true
+    }
 }
 
 /// Close idle upstream connections once they expire, until the listener stops.
