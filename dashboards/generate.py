@@ -150,7 +150,7 @@ def overview() -> list[cogbuilder.Builder[Any]]:
         "Connection attempts/s by outcome",
         "WebSocket upgrade attempts per second, by how they ended: opened (101 relayed), "
         "refused (loopwatch refused it: cooldown, min interval, max concurrent, deny list, "
-        "open breaker), upstream_refused (the backend answered non-101, e.g. 401/403), "
+        "open breaker, or out of open files: see Requests refused before detection), upstream_refused (the backend answered non-101, e.g. 401/403), "
         "upstream_error (backend unreachable or timed out), client_gone. "
         "If it looks wrong: a tall 'refused' band means enforcement is working on someone — "
         "see Loops and GET /api/clients; 'upstream_refused'/'upstream_error' growing means the "

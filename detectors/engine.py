@@ -334,12 +334,17 @@ class Engine:
                 enforce = self._blame(kind)
         elif isinstance(event, HandshakeFailed):
             kind = tracker.on_handshake_failed(state, event, d)
-            self._upstream_outcome(state, t, success=not kind & tracker.UPSTREAM_FAILURE)
-            if kind & tracker.AUTH_FAILURE:
-                self._auth_outcome(state, t, failed=True)
-            else:
+            if kind & tracker.LOCAL:
+                # The proxy's own limit: a probe it carried goes back unused.
+                self._release_probe(state, self._upstream)
                 self._release_probe(state, self._auth)
-            enforce = self._blame(kind)
+            else:
+                self._upstream_outcome(state, t, success=not kind & tracker.UPSTREAM_FAILURE)
+                if kind & tracker.AUTH_FAILURE:
+                    self._auth_outcome(state, t, failed=True)
+                else:
+                    self._release_probe(state, self._auth)
+                enforce = self._blame(kind)
         else:
             raise TypeError(f"record() takes HandshakeFailed, Opened or Closed, not {type(event).__name__}")
         self._evaluate(state, t, enforce)
@@ -706,7 +711,7 @@ class Engine:
         return self._take()
 
     def _observe_breakers(self, state: ClientState, event: Event, kind: int, t: float) -> None:
-        if isinstance(event, Opened | HandshakeFailed):
+        if isinstance(event, Opened | HandshakeFailed) and not kind & tracker.LOCAL:
             success = not kind & tracker.UPSTREAM_FAILURE
             self._moved(self._upstream.record(t, success))
         if isinstance(event, Closed) and event.duration >= self._detection.healthy_after:

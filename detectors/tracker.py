@@ -32,9 +32,13 @@ AUTH_FAILURE = 2
 AUTH_SUCCESS = 4  # closed normally before healthy_after (a longer life is credited separately)
 UPSTREAM_FAILURE = 8  # no answer, or a 5xx, at the handshake
 UPSTREAM_SUCCESS = 16  # any other handshake answer, including 401/403
+LOCAL = 32  # ended by the proxy's own limit (LOCAL_ERRORS): nobody's success or failure
 
 # Refusals the client cannot be blamed for: the breaker is about the upstream.
 NEUTRAL_REJECTIONS = frozenset({"circuit_open"})
+# Handshake errors of the proxy's own making (out of open files for the
+# upstream's socket): they blame neither the client nor the upstream.
+LOCAL_ERRORS = frozenset({"fd_limit"})
 # Close-code histogram bound: codes are ints a backend chooses, keep the top few.
 MAX_CODES = 16
 _OTHER_CODE = -1
@@ -114,10 +118,13 @@ def on_handshake_failed(
 ) -> int:
     t = event.t
     state.end_t = t
-    state.end_failed = True
     state.last_seen = t
     if settings.history_size:
         _remember_packed(state, t, history.pack_failed(event.status, event.error), settings.history_size)
+    if event.error in LOCAL_ERRORS:
+        state.end_failed = False
+        return LOCAL
+    state.end_failed = True
     state.bad_times = ring.push(state.bad_times, t, _rapid_cap(settings))
     status = event.status
     if status is not None and status in settings.auth_statuses:

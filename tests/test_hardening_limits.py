@@ -12,11 +12,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import resource
-from collections.abc import Awaitable, Callable, Iterator
+import socket
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -40,6 +38,7 @@ from tests.hardening import (
     OTHER,
     Healthy,
     Proxied,
+    no_descriptor_left,
     open_from,
     proxied,
     read_all,
@@ -256,36 +255,22 @@ async def shutting_down(p: Proxied) -> None:
     writer.close()
 
 
-@contextlib.contextmanager
-def one_descriptor_left() -> Iterator[None]:
-    """This process (the test and the listener in it) with exactly one free
-    descriptor under its open-file limit: the limit set just above the highest
-    in use, every lower free number filled with /dev/null, one given back."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
-    fillers: list[int] = []
-    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 2, hard))
-    try:
-        with contextlib.suppress(OSError):  # EMFILE: every number under the limit taken
-            while True:
-                fillers.append(os.open(os.devnull, os.O_RDONLY))
-        os.close(fillers.pop())
-        yield
-    finally:
-        for fd in fillers:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-
-async def fd_limit(p: Proxied) -> None:
-    # The client's socket takes the last descriptor, so the listener's accept
-    # fails (EMFILE): it gives up its reserve descriptor to accept and answer.
-    with one_descriptor_left():
-        reader, writer = await open_from(p.port, ATTACKER)
+async def fd_limit(p: Proxied, address: str = ATTACKER) -> None:
+    # The client's socket is made first; then the process has no descriptor
+    # left, so the listener's accept fails (EMFILE): it gives up its reserve
+    # descriptor to accept the connection and answer it.
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    sock.bind((address, 0))
+    with no_descriptor_left():
+        await loop.sock_connect(sock, ("127.0.0.1", p.port))
+        reader, writer = await asyncio.open_connection(sock=sock)
         response = await asyncio.wait_for(read_response(reader), 10)
     assert response.status == 503 and response.header("Retry-After") == "1", response
     assert response.body == b"loopwatch: out of file descriptors\n"
     writer.close()
+    await writer.wait_closed()  # its descriptor is free before the next test's count
 
 
 H = b"Host: example.test\r\n"

@@ -36,6 +36,7 @@ from loopwatch.proxy.dataplane.native import (
 )
 from loopwatch.proxy.dataplane.settings import Limits, ListenerTLS, UpstreamTLS
 from tests.conftest import self_signed_cert, server_context, websockets_backend
+from tests.hardening import no_descriptor_left
 from tests.wsraw import CLOSE, RawClient, close_payload, frame
 
 MiB = 1 << 20
@@ -210,6 +211,24 @@ async def test_a_plain_http_request_to_the_tls_port_is_told_so(local_cert: Cert)
     assert b"this port speaks TLS" in answer
     assert stats.tls_failed == {"error": 0, "timeout": 0, "not_tls": 1}
     assert stats.opened == 0 and backend.forwarded_proto == []
+
+
+async def test_out_of_descriptors_a_tls_connection_is_closed_and_counted(local_cert: Cert) -> None:
+    # The listener's reserve descriptor accepts it (tests/test_hardening_limits.py:
+    # fd_limit), but a 503 would need a TLS handshake: it is closed at once.
+    tls = ListenerTLS(cert_file=local_cert.cert, key_file=local_cert.key)
+    async with echo_backend() as backend, native(backend.url, tls=tls) as running:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        with no_descriptor_left():
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", running.listener.port))
+            reader, writer = await asyncio.open_connection(sock=sock)
+            answer = await asyncio.wait_for(read_until_eof(reader), 10)
+        writer.close()
+        await writer.wait_closed()
+        stats = running.listener.stats()
+    assert answer == b""
+    assert stats.rejected["fd_limit"] == 1 and stats.tls_failed == {"error": 0, "timeout": 0, "not_tls": 0}
 
 
 async def test_a_stalled_tls_handshake_is_cut_at_the_handshake_timeout(local_cert: Cert) -> None:

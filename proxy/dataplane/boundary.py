@@ -50,6 +50,21 @@ _WARNING_REASONS = frozenset(
 REJECTION_LOG_INTERVAL = 10.0  # seconds: at most one log line per reason this often
 
 
+def handshake_outcome(status: int | None, error: str | None) -> str:
+    """A failed upstream handshake as an attempt's `outcome` (the attempts
+    metric, the access log): the upstream answered (`upstream_refused`), the
+    client left first (`client_gone`), loopwatch had no descriptor for the
+    upstream's socket (`refused`: it answered 503 `fd_limit` itself), or the
+    upstream failed (`upstream_error`)."""
+    if status is not None:
+        return "upstream_refused"
+    if error == "client_closed":
+        return "client_gone"
+    if error == "fd_limit":
+        return "refused"
+    return "upstream_error"
+
+
 def log_rejection(reason: str, status: int | None, peer: str, message: str, suppressed: int) -> None:
     """The `request_rejected` line (docs/logs.md): a warning for the refusals that
     protect loopwatch or point at the upstream, info otherwise. Rate-limited by

@@ -15,6 +15,7 @@ import random
 from typing import TYPE_CHECKING, Any
 
 from ...detectors.actions import BreakerTransition, CloseConnection, CooldownEnded, CooldownStarted
+from ..dataplane.boundary import handshake_outcome
 from .logs import event
 from .observers import Observer, trace_context
 
@@ -121,14 +122,8 @@ class EventLogObserver(Observer):
     def on_handshake_failed(self, conn: Connection, event_: ev.HandshakeFailed) -> None:
         if self.access == "off" or not self._sampled():
             return
-        if event_.status is not None:
-            outcome = "upstream_refused"
-        elif event_.error == "client_closed":
-            outcome = "client_gone"
-        else:
-            outcome = "upstream_error"
         self._access(
-            conn, outcome=outcome, status=event_.status, error=event_.error,
+            conn, outcome=handshake_outcome(event_.status, event_.error), status=event_.status, error=event_.error,
             handshake_duration=round(event_.t - conn.t0, 6),
         )
 

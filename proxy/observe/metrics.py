@@ -36,7 +36,12 @@ from ...detectors.events import INITIATORS
 from ...detectors.findings import SEVERITY_RANK
 from ...detectors.rules import RULE_NAMES
 from ...detectors.settings import BreakerSettings, HoldReason
-from ..dataplane.boundary import ENFORCEMENT_LAG_KINDS, NO_SIGNATURE_CHECKS, REJECTED_REASONS
+from ..dataplane.boundary import (
+    ENFORCEMENT_LAG_KINDS,
+    NO_SIGNATURE_CHECKS,
+    REJECTED_REASONS,
+    handshake_outcome,
+)
 from .eventlog import EventLogObserver
 from .observers import Observer, Observers, trace_context
 from .promstore import CounterStore, HistogramStore
@@ -216,17 +221,15 @@ class MetricsObserver(Observer):
 
     def on_handshake_failed(self, conn: Connection, event: ev.HandshakeFailed) -> None:
         route, status = conn.route, event.status
+        outcome = handshake_outcome(status, event.error)
+        self.attempts.values[route, outcome] += 1
         if status is not None:
-            self.attempts.values[route, "upstream_refused"] += 1
             self.handshake.observe(route, event.t - conn.t0)
             if status >= 500:
                 self.handshake_errors.values[route, "status_5xx"] += 1
             if status in self.auth_statuses:
                 self.auth_failures.values[route,] += 1
-        elif event.error == "client_closed":
-            self.attempts.values[route, "client_gone"] += 1
-        else:
-            self.attempts.values[route, "upstream_error"] += 1
+        elif outcome == "upstream_error":
             self.handshake_errors.add((route, handshake_error(event.error)))
 
     def on_opened(self, conn: Connection, event: ev.Opened) -> None:

@@ -28,15 +28,16 @@ def transitions(outcomes: list) -> list[tuple[str, str, str]]:
     ]
 
 
-def upstream_down(e: Engine, clients: int, t: float = 0.0) -> list:
-    """``clients`` different clients each fail once to connect upstream."""
+def upstream_down(e: Engine, clients: int, t: float = 0.0, error: str = "connect") -> list:
+    """``clients`` different clients each fail once to connect upstream (with
+    ``error`` "fd_limit": the proxy had no descriptor for the upstream's socket)."""
     out = []
     for i in range(clients):
         key = f"c{i}"
         d = e.admit(Attempt(key, "/ws", t))
         out.append(d.outcome)
         if d.admitted:
-            out.append(e.record(HandshakeFailed(key, "/ws", t + 0.01, None, "connect")))
+            out.append(e.record(HandshakeFailed(key, "/ws", t + 0.01, None, error)))
         t += 0.01
     return out
 
@@ -99,6 +100,43 @@ def test_a_failed_probe_reopens_with_a_longer_wait() -> None:
     assert e.breakers(5.2)[0].open_wait == 10.0
     refused = e.admit(Attempt("p2", "/ws", 5.3))
     assert isinstance(refused, Reject) and refused.retry_after == pytest.approx(9.9)
+
+
+def test_the_proxys_own_fd_limit_does_not_open_the_upstream_breaker() -> None:
+    # Ten connect failures open it (upstream_down above); thirty of loopwatch's
+    # own do not: the upstream was never tried.
+    e = engine()
+    assert transitions(upstream_down(e, 30, error="fd_limit")) == []
+    assert e.breakers(0.5)[0].state == "closed"
+    assert e.admit(Attempt("newcomer", "/ws", 0.5)).admitted
+
+
+def test_the_proxys_own_fd_limit_is_no_failure_of_the_client() -> None:
+    # One client whose every attempt meets the limit is neither flagged nor
+    # cooled: each failure is loopwatch's, not its own (a 502 would count).
+    e = engine()
+    for i in range(40):
+        t = i * 0.05
+        assert e.admit(Attempt("k", "/ws", t)).admitted
+        out = e.record(HandshakeFailed("k", "/ws", t + 0.01, None, "fd_limit"))
+        assert not any(isinstance(a, CooldownStarted) for a in out.actions)
+    view = e.client("k", 2.1)
+    assert view is not None and view.findings == () and view.status == "ok"
+    assert view.history[-1].error == "fd_limit"
+
+
+def test_a_probe_that_meets_the_proxys_fd_limit_goes_back_unused() -> None:
+    e = engine()
+    upstream_down(e, 10)
+    assert e.admit(Attempt("p1", "/ws", 5.1)).probe
+    assert e.admit(Attempt("p2", "/ws", 5.1)).probe
+    out = e.record(HandshakeFailed("p1", "/ws", 5.2, None, "fd_limit"))
+    assert transitions([out]) == []  # neither reopened nor closed by it
+    again = e.admit(Attempt("p3", "/ws", 5.3))  # its probe is free for another client
+    assert isinstance(again, Admit) and again.probe
+    e.record(Opened("p2", "/ws", 5.4, 2))
+    out = e.record(Opened("p3", "/ws", 5.4, 3))
+    assert transitions([out]) == [("upstream", "half_open", "closed")]
 
 
 def test_a_lost_probe_times_out_and_wake_reopens() -> None:

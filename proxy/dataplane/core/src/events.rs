@@ -99,6 +99,9 @@ pub enum HandshakeError {
     Closed,
     /// The client left before the upstream answered.
     ClientClosed,
+    /// loopwatch itself was out of open files for the upstream's socket
+    /// (EMFILE/ENFILE): neither the upstream's failure nor the client's.
+    FdLimit,
 }
 
 impl HandshakeError {
@@ -110,6 +113,7 @@ impl HandshakeError {
             HandshakeError::BadResponse => "bad_response",
             HandshakeError::Closed => "closed",
             HandshakeError::ClientClosed => "client_closed",
+            HandshakeError::FdLimit => "fd_limit",
         }
     }
 }

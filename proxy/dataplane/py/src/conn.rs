@@ -481,7 +481,17 @@ async fn forward_http<C: Transport>(
             if let Some(label) = counted {
                 shared.rejected(label, Some(status), peer, &message);
             }
-            answer(client, &simple_response(status, &message, &[]), Then::Close).await;
+            let retry: &[(&str, &str)] = if counted == Some(Rejected::FdLimit) {
+                &[("Retry-After", "1")]
+            } else {
+                &[]
+            };
+            answer(
+                client,
+                &simple_response(status, &message, retry),
+                Then::Close,
+            )
+            .await;
         }
         Outcome::Cut(counted) => {
             if let Some(label) = counted {
@@ -1039,9 +1049,16 @@ async fn forward<C: Transport + 'static>(
             error,
         } => {
             failed(HandshakeFailure::Error(error));
+            let retry: &[(&str, &str)] = if error == HandshakeError::FdLimit {
+                // loopwatch's own limit: counted and logged as the accept's is.
+                shared.rejected(Rejected::FdLimit, Some(status), peer, &message);
+                &[("Retry-After", "1")]
+            } else {
+                &[]
+            };
             answer(
                 &mut client,
-                &simple_response(status, &message, &[]),
+                &simple_response(status, &message, retry),
                 Then::Close,
             )
             .await;

@@ -42,6 +42,7 @@ use loopwatch_dataplane_core::head::{BodyFraming, Version};
 
 use crate::listener::{Limits, Rejected};
 use crate::response::{decode_chunks, parse_response_head, BadResponse, Chunk, Framing};
+use crate::transport::{out_of_descriptors, FD_LIMIT};
 use crate::wire::{connection_named, hop_by_hop};
 
 /// Bytes read from one side at a time, written to the other before the next
@@ -284,6 +285,7 @@ where
         biased;
         connected = timeout(limits.connect_timeout, connect()) => match connected {
             Err(_) => Err(answer(504, UPSTREAM_TIMEOUT, Some(Rejected::UpstreamTimeout))),
+            Ok(Err(e)) if out_of_descriptors(&e) => Err(answer(503, FD_LIMIT, Some(Rejected::FdLimit))),
             Ok(Err(_)) => Err(answer(502, UNREACHABLE, None)),
             Ok(Ok(upstream)) => Ok(upstream),
         },

@@ -31,6 +31,7 @@ use crate::conn;
 use crate::control::{AddressCaps, Addresses, CloseCommand, Holds, Policy, PolicyValues, Relays};
 use crate::pool::{Pool, SWEEP_EVERY};
 use crate::tls::UpstreamTls;
+use crate::transport::{out_of_descriptors, FD_LIMIT};
 use crate::wire::{simple_response, Route};
 
 /// Pending connections the kernel queues for the accept loop.
@@ -46,8 +47,6 @@ const BLOCKING_PER_WORKER: usize = 4;
 /// After an accept error (out of descriptors, say), wait this long before the
 /// next accept rather than spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
-/// The answer to a connection accepted with the reserve descriptor.
-const FD_LIMIT: &str = "loopwatch: out of file descriptors";
 
 /// Why the native listener answered (or cut) a request itself: the `reason`
 /// label of loopwatch_requests_rejected_total (`RejectedReason` in
@@ -424,7 +423,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 }
                 Err(e) => {
                     shared.counters.accept_errors.fetch_add(1, Ordering::Relaxed);
-                    if out_of_descriptors(&e) && reserve.answer_one(&listener, &shared) {
+                    if out_of_descriptors(&e) && reserve.answer_one(&listener, &shared).await {
                         continue; // the next one in the backlog, at once
                     }
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
@@ -434,11 +433,6 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         }
     }
     // The listening socket closes here: new connections are refused by the kernel.
-}
-
-/// EMFILE or ENFILE: the process's or the system's open-file limit.
-fn out_of_descriptors(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
 /// One descriptor held in reserve for when the process runs out of them
@@ -464,19 +458,25 @@ impl Reserve {
         }
     }
 
-    /// Give the reserve up, accept one connection with it, answer it and
-    /// take the reserve back. False when there was no reserve or nothing was
-    /// accepted (another thread took the descriptor first).
-    fn answer_one(&mut self, listener: &TcpListener, shared: &Shared) -> bool {
+    /// Give the reserve up, accept one connection with it if one is waiting,
+    /// answer it, and take the reserve back. True when one was answered (the
+    /// next may be waiting too). Out of descriptors, accept fails whether or
+    /// not a connection waits, so this takes only one already there: a
+    /// connection that comes later may find descriptors again.
+    async fn answer_one(&mut self, listener: &TcpListener, shared: &Shared) -> bool {
         if self.0.take().is_none() {
             return false;
         }
-        let noop = std::task::Waker::noop();
-        let mut cx = std::task::Context::from_waker(noop);
-        let accepted = match listener.poll_accept(&mut cx) {
-            std::task::Poll::Ready(Ok(accepted)) => Some(accepted),
-            _ => None,
-        };
+        // One try with the task's own context: Pending (nothing waiting, or
+        // the task's scheduling budget spent) is "none".
+        let accepted = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match listener.poll_accept(cx) {
+                std::task::Poll::Ready(Ok(accepted)) => Some(accepted),
+                _ => None,
+            })
+        })
+        .await;
+        let answered = accepted.is_some();
         if let Some((stream, peer)) = &accepted {
             let answer = shared.config().tls.is_none();
             shared.rejected(
@@ -492,7 +492,7 @@ impl Reserve {
         }
         drop(accepted); // closes it, freeing the descriptor for the reserve
         self.take();
-        true
+        answered
     }
 }
 

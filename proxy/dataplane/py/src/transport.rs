@@ -151,6 +151,16 @@ pub enum ConnectError {
     /// The TLS handshake failed (verification, protocol), or the route's
     /// upstream name cannot be a TLS server name.
     Tls(String),
+    /// No socket for it: the process (or the system) is out of open files.
+    FdLimit(io::Error),
+}
+
+/// The answer's line when loopwatch is out of open files.
+pub const FD_LIMIT: &str = "loopwatch: out of file descriptors";
+
+/// EMFILE or ENFILE: the process's or the system's open-file limit.
+pub fn out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
 impl ConnectError {
@@ -159,6 +169,7 @@ impl ConnectError {
         match self {
             ConnectError::Timeout => 504,
             ConnectError::Unreachable(_) | ConnectError::Tls(_) => 502,
+            ConnectError::FdLimit(_) => 503,
         }
     }
 
@@ -168,6 +179,7 @@ impl ConnectError {
             ConnectError::Timeout => "loopwatch: upstream connect timeout",
             ConnectError::Unreachable(_) => "loopwatch: upstream unreachable",
             ConnectError::Tls(_) => "loopwatch: upstream TLS handshake failed",
+            ConnectError::FdLimit(_) => FD_LIMIT,
         }
     }
 
@@ -177,6 +189,7 @@ impl ConnectError {
             ConnectError::Timeout => HandshakeError::Timeout,
             ConnectError::Unreachable(_) => HandshakeError::Connect,
             ConnectError::Tls(_) => HandshakeError::Tls,
+            ConnectError::FdLimit(_) => HandshakeError::FdLimit,
         }
     }
 }
@@ -208,7 +221,13 @@ pub async fn open_upstream(
     };
     let tcp = TcpStream::connect((route.host.as_str(), route.port))
         .await
-        .map_err(ConnectError::Unreachable)?;
+        .map_err(|e| {
+            if out_of_descriptors(&e) {
+                ConnectError::FdLimit(e)
+            } else {
+                ConnectError::Unreachable(e)
+            }
+        })?;
     let _ = tcp.set_nodelay(true);
     let Some(tls) = tls else {
         return Ok(UpstreamStream::Plain(tcp));
@@ -226,7 +245,7 @@ impl From<ConnectError> for io::Error {
     fn from(failure: ConnectError) -> io::Error {
         match failure {
             ConnectError::Timeout => io::Error::from(io::ErrorKind::TimedOut),
-            ConnectError::Unreachable(e) => e,
+            ConnectError::Unreachable(e) | ConnectError::FdLimit(e) => e,
             ConnectError::Tls(why) => io::Error::other(format!("TLS: {why}")),
         }
     }
@@ -325,6 +344,23 @@ mod tests {
         assert!(matches!(failure, ConnectError::Unreachable(_)));
         assert_eq!(failure.status(), 502);
         assert_eq!(failure.handshake_error(), HandshakeError::Connect);
+    }
+
+    #[test]
+    fn out_of_descriptors_is_the_proxys_own_503_not_the_upstreams_502() {
+        for errno in [libc::EMFILE, libc::ENFILE] {
+            assert!(out_of_descriptors(&io::Error::from_raw_os_error(errno)));
+        }
+        for errno in [libc::ECONNREFUSED, libc::ENETUNREACH, libc::ENOBUFS] {
+            assert!(!out_of_descriptors(&io::Error::from_raw_os_error(errno)));
+        }
+        let failure = ConnectError::FdLimit(io::Error::from_raw_os_error(libc::EMFILE));
+        assert_eq!(failure.status(), 503);
+        assert_eq!(failure.message(), FD_LIMIT);
+        assert_eq!(failure.handshake_error(), HandshakeError::FdLimit);
+        assert_eq!(failure.handshake_error().as_str(), "fd_limit");
+        // The plain HTTP path sees it as an io::Error: still recognisable.
+        assert!(out_of_descriptors(&io::Error::from(failure)));
     }
 
     #[tokio::test]
