@@ -19,7 +19,7 @@ from .events import Attempt, Closed, Event, HandshakeFailed, Initiator, Opened, 
 KINDS = ("attempt", "rejected", "handshake_failed", "opened", "closed")
 # Reasons the engine itself produces, then a catch-all for replayed oddities.
 REJECT_REASONS = ("cooldown", "min_interval", "max_concurrent", "deny", "circuit_open", "other")
-ERRORS = ("connect", "timeout", "tls", "reset", "dns", "protocol", "fd_limit", "other")
+ERRORS = ("connect", "timeout", "tls", "reset", "dns", "protocol", "fd_limit", "shutting_down", "other")
 INITIATORS: tuple[Initiator, ...] = ("client", "upstream", "proxy")
 _KIND_OF: dict[type[Event], int] = {
     Attempt: 0, Rejected: 1, HandshakeFailed: 2, Opened: 3, Closed: 4,

@@ -37,8 +37,9 @@ LOCAL = 32  # ended by the proxy's own limit (LOCAL_ERRORS): nobody's success or
 # Refusals the client cannot be blamed for: the breaker is about the upstream.
 NEUTRAL_REJECTIONS = frozenset({"circuit_open"})
 # Handshake errors of the proxy's own making (out of open files for the
-# upstream's socket): they blame neither the client nor the upstream.
-LOCAL_ERRORS = frozenset({"fd_limit"})
+# upstream's socket, or draining before the upstream answered): they blame
+# neither the client nor the upstream.
+LOCAL_ERRORS = frozenset({"fd_limit", "shutting_down"})
 # Close-code histogram bound: codes are ints a backend chooses, keep the top few.
 MAX_CODES = 16
 _OTHER_CODE = -1

@@ -23,6 +23,7 @@ from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import (
     RawBackend,
+    client_key,
     echo,
     loopwatch,
     read_response,
@@ -354,6 +355,14 @@ async def test_shutdown_answers_an_upgrade_in_progress_with_503():
             finally:
                 writer.close()
             assert lw.active_connections() == 0
+            # The attempt ended for the brain too, blamed on nobody: its last event is
+            # the handshake that the drain cut (so its span ended), not a failure.
+            view = lw.engine.client(client_key(), time.monotonic())
+            assert view is not None and view.findings == () and view.status == "ok"
+            assert [(e.type, e.error) for e in view.history][-2:] == [
+                ("attempt", None),
+                ("handshake_failed", "shutting_down"),
+            ]
         finally:
             await lw_cm.__aexit__(None, None, None)
 

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
+from ...detectors.tracker import LOCAL_ERRORS
 from ..observe.logs import event
 
 if TYPE_CHECKING:
@@ -53,14 +54,14 @@ REJECTION_LOG_INTERVAL = 10.0  # seconds: at most one log line per reason this o
 def handshake_outcome(status: int | None, error: str | None) -> str:
     """A failed upstream handshake as an attempt's `outcome` (the attempts
     metric, the access log): the upstream answered (`upstream_refused`), the
-    client left first (`client_gone`), loopwatch had no descriptor for the
-    upstream's socket (`refused`: it answered 503 `fd_limit` itself), or the
-    upstream failed (`upstream_error`)."""
+    client left first (`client_gone`), loopwatch ended it itself (`refused`:
+    out of descriptors for the upstream's socket, or draining; it answered
+    503), or the upstream failed (`upstream_error`)."""
     if status is not None:
         return "upstream_refused"
     if error == "client_closed":
         return "client_gone"
-    if error == "fd_limit":
+    if error in LOCAL_ERRORS:
         return "refused"
     return "upstream_error"
 

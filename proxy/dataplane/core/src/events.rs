@@ -102,6 +102,9 @@ pub enum HandshakeError {
     /// loopwatch itself was out of open files for the upstream's socket
     /// (EMFILE/ENFILE): neither the upstream's failure nor the client's.
     FdLimit,
+    /// loopwatch began draining before the upstream answered (the client is
+    /// answered 503): neither the upstream's failure nor the client's.
+    ShuttingDown,
 }
 
 impl HandshakeError {
@@ -114,6 +117,7 @@ impl HandshakeError {
             HandshakeError::Closed => "closed",
             HandshakeError::ClientClosed => "client_closed",
             HandshakeError::FdLimit => "fd_limit",
+            HandshakeError::ShuttingDown => "shutting_down",
         }
     }
 }

@@ -1020,6 +1020,8 @@ async fn forward<C: Transport + 'static>(
             tokio::select! {
                 biased;
                 _ = &mut stop => {
+                    // The attempt's end for the brain too: its span ends, a probe goes back.
+                    failed(HandshakeFailure::Error(HandshakeError::ShuttingDown));
                     reject(shared, &mut client, peer, Rejected::ShuttingDown, 503, SHUTTING_DOWN, &[]).await;
                     return;
                 }
