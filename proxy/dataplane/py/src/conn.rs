@@ -238,13 +238,11 @@ async fn serve_stream<C: Transport + 'static>(
             Rejected::ShuttingDown,
             503,
             SHUTTING_DOWN,
-            &[],
         )
         .await;
         return;
     }
     if guard.active_at_accept() > limits.max_connections {
-        let retry = [("Retry-After", "1")];
         reject(
             shared,
             &mut client,
@@ -252,7 +250,6 @@ async fn serve_stream<C: Transport + 'static>(
             Rejected::Overload,
             503,
             OVERLOADED,
-            &retry,
         )
         .await;
         return;
@@ -265,16 +262,13 @@ async fn serve_stream<C: Transport + 'static>(
         AddressAdmission::Counted(slot) => Some(slot),
         AddressAdmission::Exempt => None,
         AddressAdmission::OverCap => {
-            let retry = [("Retry-After", "1")];
-            let label = Rejected::AddressLimit;
             reject(
                 shared,
                 &mut client,
                 peer.ip(),
-                label,
+                Rejected::AddressLimit,
                 503,
                 ADDRESS_LIMIT,
-                &retry,
             )
             .await;
             return;
@@ -307,7 +301,7 @@ async fn serve_stream<C: Transport + 'static>(
                     if quiet(&buf) {
                         return; // idle between requests: just close
                     }
-                    reject(shared, &mut client, peer_ip, Rejected::ShuttingDown, 503, SHUTTING_DOWN, &[]).await;
+                    reject(shared, &mut client, peer_ip, Rejected::ShuttingDown, 503, SHUTTING_DOWN).await;
                     return;
                 }
                 _ = &mut head_timer => {
@@ -317,7 +311,7 @@ async fn serve_stream<C: Transport + 'static>(
                         return;
                     }
                     let message = "loopwatch: request head timeout";
-                    reject(shared, &mut client, peer_ip, Rejected::HeadTimeout, 408, message, &[]).await;
+                    reject(shared, &mut client, peer_ip, Rejected::HeadTimeout, 408, message).await;
                     return;
                 }
                 read = read_appending(&mut client, &mut buf, HEAD_READ) => match read {
@@ -355,12 +349,12 @@ async fn serve_stream<C: Transport + 'static>(
                         Identification::NeedsSignature(check) => tokio::select! {
                             biased;
                             _ = &mut stop => {
-                                reject(shared, &mut client, peer_ip, Rejected::ShuttingDown, 503, SHUTTING_DOWN, &[]).await;
+                                reject(shared, &mut client, peer_ip, Rejected::ShuttingDown, 503, SHUTTING_DOWN).await;
                                 return;
                             }
                             _ = &mut head_timer => {
                                 let message = "loopwatch: request head timeout";
-                                reject(shared, &mut client, peer_ip, Rejected::HeadTimeout, 408, message, &[]).await;
+                                reject(shared, &mut client, peer_ip, Rejected::HeadTimeout, 408, message).await;
                                 return;
                             }
                             // Boxed: a connection's future does not carry it.
@@ -477,22 +471,7 @@ async fn forward_http<C: Transport>(
             status,
             message,
             counted,
-        } => {
-            if let Some(label) = counted {
-                shared.rejected(label, Some(status), peer, &message);
-            }
-            let retry: &[(&str, &str)] = if counted == Some(Rejected::FdLimit) {
-                &[("Retry-After", "1")]
-            } else {
-                &[]
-            };
-            answer(
-                client,
-                &simple_response(status, &message, retry),
-                Then::Close,
-            )
-            .await;
-        }
+        } => answer_status(shared, client, peer, counted, status, &message).await,
         Outcome::Cut(counted) => {
             if let Some(label) = counted {
                 shared.rejected(label, None, peer, RESPONSE_STALLED);
@@ -837,6 +816,7 @@ async fn read_now<C: AsyncRead + Unpin>(client: &mut C, sink: &mut [u8]) -> usiz
     .await
 }
 
+/// Answer a refusal of loopwatch's own (`label`: counted and logged) and close.
 async fn reject<C: Transport>(
     shared: &Shared,
     client: &mut C,
@@ -844,9 +824,25 @@ async fn reject<C: Transport>(
     label: Rejected,
     status: u16,
     message: &str,
-    headers: &[(&str, &str)],
 ) {
-    shared.rejected(label, Some(status), peer, message);
+    answer_status(shared, client, peer, Some(label), status, message).await;
+}
+
+/// Answer `status` with a one-line `message` and close; when loopwatch refused
+/// the request itself (`label`), counted and logged as that refusal, with its
+/// headers (`Rejected::headers`).
+async fn answer_status<C: Transport>(
+    shared: &Shared,
+    client: &mut C,
+    peer: IpAddr,
+    label: Option<Rejected>,
+    status: u16,
+    message: &str,
+) {
+    if let Some(label) = label {
+        shared.rejected(label, Some(status), peer, message);
+    }
+    let headers = label.map_or(&[][..], Rejected::headers);
     answer(
         client,
         &simple_response(status, message, headers),
@@ -1022,7 +1018,7 @@ async fn forward<C: Transport + 'static>(
                 _ = &mut stop => {
                     // The attempt's end for the brain too: its span ends, a probe goes back.
                     failed(HandshakeFailure::Error(HandshakeError::ShuttingDown));
-                    reject(shared, &mut client, peer, Rejected::ShuttingDown, 503, SHUTTING_DOWN, &[]).await;
+                    reject(shared, &mut client, peer, Rejected::ShuttingDown, 503, SHUTTING_DOWN).await;
                     return;
                 }
                 _ = &mut handshake_timer => {
@@ -1051,19 +1047,9 @@ async fn forward<C: Transport + 'static>(
             error,
         } => {
             failed(HandshakeFailure::Error(error));
-            let retry: &[(&str, &str)] = if error == HandshakeError::FdLimit {
-                // loopwatch's own limit: counted and logged as the accept's is.
-                shared.rejected(Rejected::FdLimit, Some(status), peer, &message);
-                &[("Retry-After", "1")]
-            } else {
-                &[]
-            };
-            answer(
-                &mut client,
-                &simple_response(status, &message, retry),
-                Then::Close,
-            )
-            .await;
+            // loopwatch's own limit: counted and logged as the accept's is.
+            let counted = (error == HandshakeError::FdLimit).then_some(Rejected::FdLimit);
+            answer_status(shared, &mut client, peer, counted, status, &message).await;
             return;
         }
         Upstream::Refused(refusal) => {

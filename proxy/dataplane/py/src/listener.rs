@@ -107,6 +107,19 @@ impl Rejected {
         }
     }
 
+    /// The headers its answer carries: `Retry-After: 1` for the refusals of
+    /// a capacity that frees up (connections, an address's share, open
+    /// files), none for the others (a bad request is not better later; a
+    /// draining replica will not come back).
+    pub fn headers(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Rejected::Overload | Rejected::AddressLimit | Rejected::FdLimit => {
+                &[("Retry-After", "1")]
+            }
+            _ => &[],
+        }
+    }
+
     pub fn from_head(reason: loopwatch_dataplane_core::head::RejectReason) -> Rejected {
         use loopwatch_dataplane_core::head::RejectReason as R;
         match reason {
@@ -487,7 +500,8 @@ impl Reserve {
             );
             if answer {
                 // A few hundred bytes into an empty send buffer: one try, no wait.
-                let _ = stream.try_write(&simple_response(503, FD_LIMIT, &[("Retry-After", "1")]));
+                let _ =
+                    stream.try_write(&simple_response(503, FD_LIMIT, Rejected::FdLimit.headers()));
             }
         }
         drop(accepted); // closes it, freeing the descriptor for the reserve
@@ -641,6 +655,19 @@ impl Drop for Server {
 mod tests {
     use super::*;
     use crate::wire::RejectWith;
+
+    #[test]
+    fn only_refusals_of_a_capacity_that_frees_up_say_when_to_retry() {
+        let retrying: Vec<&str> = Rejected::ALL
+            .iter()
+            .filter(|r| r.headers() == [("Retry-After", "1")])
+            .map(|r| r.label())
+            .collect();
+        assert_eq!(retrying, ["overload", "address_limit", "fd_limit"]);
+        assert!(Rejected::ALL
+            .iter()
+            .all(|r| r.headers().is_empty() || retrying.contains(&r.label())));
+    }
 
     fn size_of_future<F: std::future::Future>(_: &F) -> usize {
         std::mem::size_of::<F>()
