@@ -142,11 +142,13 @@ async def attempt(url: str) -> ClientConnection:
 
 async def hold(url: str, n: int) -> list[ClientConnection]:
     """`n` WebSockets through loopwatch, each echoing once, left open."""
-    conns = await asyncio.gather(*(connect(url, open_timeout=10) for _ in range(n)))
-    for i, ws in enumerate(conns):
-        await ws.send(f"hello {i}")
-    assert [await ws.recv() for ws in conns] == [f"hello {i}" for i in range(n)]
-    return conns
+    return list(await asyncio.gather(*(attempt(url) for _ in range(n))))
+
+
+async def metrics_text(admin: str) -> str:
+    """The admin port's /metrics, as text."""
+    async with aiohttp.ClientSession() as http, http.get(f"http://{admin}/metrics") as response:
+        return await response.text()
 
 
 @SUBPROCESS
@@ -168,11 +170,7 @@ async def test_run_raises_its_soft_limit_at_start_and_after_a_reload(tmp_path: P
             # 200 relayed WebSockets hold 400 descriptors: past the 256 it started with.
             conns = await hold(f"ws://{listening['proxy']}/", 200)
             try:
-                async with (
-                    aiohttp.ClientSession() as http,
-                    http.get(f"http://{listening['admin']}/metrics") as response,
-                ):
-                    text = await response.text()
+                text = await metrics_text(listening["admin"])
                 open_fds = next(
                     float(line.split()[1]) for line in text.splitlines() if line.startswith("process_open_fds ")
                 )
@@ -229,11 +227,7 @@ async def test_run_warns_when_the_hard_limit_is_too_low(tmp_path: Path) -> None:
             assert not others, others  # no timeout: nobody waited in the backlog
             assert len(opened) >= room and statuses == {503: attempts - len(opened)}, (len(opened), statuses)
             await asyncio.gather(*(ws.close() for ws in opened))
-            async with (
-                aiohttp.ClientSession() as http,
-                http.get(f"http://{listening['admin']}/metrics") as response,
-            ):
-                text = await response.text()
+            text = await metrics_text(listening["admin"])
             assert f'loopwatch_requests_rejected_total{{reason="fd_limit"}} {statuses[503]}.0' in text
             assert 'loopwatch_circuit_state{breaker="upstream",state="closed"} 1.0' in text
             assert 'loopwatch_upstream_handshake_errors_total{error="connect",route="/"} 0.0' in text
