@@ -12,16 +12,17 @@ import pytest
 import yaml
 from pydantic import BaseModel, SecretStr
 
+from loopwatch.proxy.app.cli import check_config_main
 from loopwatch.proxy.app.settings import (
     ConfigError,
     Settings,
     _strip_optional,
-    check_config_main,
     dump_settings,
     load_settings,
 )
 from loopwatch.proxy.dataplane.settings import Route
 from loopwatch.proxy.sections import HostPort, Section, parse_host_port
+from tests.conftest import self_signed_cert
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "config" / "loopwatch.yaml"
@@ -498,11 +499,32 @@ def test_secret_str_sections_are_redacted_and_round_trip() -> None:
     assert WithVault.model_validate(dump_settings(s, redact=False)) == s
 
 
-def test_check_config_ok(capsys: pytest.CaptureFixture[str]) -> None:
-    assert check_config_main(str(ROOT / "config" / "examples" / "staging.yaml")) == 0
+def test_check_config_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The staging example with its certificate, key and CA bundle where it says."""
+    cert, key = self_signed_cert(tmp_path, ["staging.example.com"])
+    text = (ROOT / "config" / "examples" / "staging.yaml").read_text()
+    for path, real in [("/etc/loopwatch/tls/staging.example.com.crt", cert),
+                       ("/etc/loopwatch/tls/staging.example.com.key", key),
+                       ("/etc/loopwatch/tls/internal-ca.pem", cert)]:  # fmt: skip
+        assert path in text
+        text = text.replace(path, real)
+    assert check_config_main(str(write(tmp_path, text))) == 0
     out, err = capsys.readouterr()
     assert yaml.safe_load(out)["routes"][0]["path_prefix"] == "/ws"
     assert err == ""
+
+
+def test_check_config_reads_the_files_run_reads(capsys: pytest.CaptureFixture[str]) -> None:
+    """A file the data plane could not read fails the check as it would fail
+    `run` and a reload: every one named (the runbooks' "until check-config
+    exits 0")."""
+    assert check_config_main(str(ROOT / "config" / "examples" / "staging.yaml")) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        'tls.cert_file: cannot read "/etc/loopwatch/tls/staging.example.com.crt": No such file or directory (os error 2)',
+        'upstream_tls.ca_file: cannot read "/etc/loopwatch/tls/internal-ca.pem": No such file or directory (os error 2)',
+    ]
 
 
 def test_check_config_defaults_notes_missing_upstream(capsys: pytest.CaptureFixture[str]) -> None:

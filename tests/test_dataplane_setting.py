@@ -16,7 +16,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
-from loopwatch.proxy.app.settings import ConfigError, Settings, check_config_main, load_settings
+from loopwatch.proxy.app.cli import check_config_main
+from loopwatch.proxy.app.settings import ConfigError, Settings, load_settings
 from loopwatch.proxy.observe.metrics import REASONS
 from loopwatch.proxy.tools.demo_backend import issue_token
 from tests.clients import attempt, demo_backend

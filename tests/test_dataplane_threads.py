@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from loopwatch.proxy.app.cli import check_config_main
 from loopwatch.proxy.app.runtime import ConfigSources, start
-from loopwatch.proxy.app.settings import ConfigError, check_config_main, load_settings
+from loopwatch.proxy.app.settings import ConfigError, load_settings
 from tests.test_lifecycle import ROOT, SUBPROCESS, clean_env, run_cli
 
 # The runtime names its threads "loopwatch-dataplane" (listener.rs); the

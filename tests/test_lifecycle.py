@@ -290,6 +290,31 @@ async def test_run_with_a_bad_config_file_exits_2(tmp_path):
 
 
 @SUBPROCESS
+async def test_files_it_cannot_read_exit_2_naming_each_before_it_starts(tmp_path):
+    """The runbooks' promise (LoopwatchDown, LoopwatchConfigReloadFailed): a
+    file the data plane cannot read is a configuration error, the same for
+    check-config and run, every one named; no traceback."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        'upstream: "wss://127.0.0.1:1"\nlisten: "127.0.0.1:0"\nadmin: {listen: "127.0.0.1:0"}\n'
+        f'tls: {{cert_file: "{tmp_path}/c.pem", key_file: "{tmp_path}/k.pem"}}\n'
+        f'upstream_tls: {{ca_file: "{tmp_path}/ca.pem"}}\n'
+        'identity: {sources: ["jwt:sub"], jwt: {verify: true, algorithms: [RS256], '
+        f'public_key_file: "{tmp_path}/jwt.pem"}}}}\n'
+    )
+    named = [f"tls.cert_file: cannot read \"{tmp_path}/c.pem\"",
+             f"identity.jwt.public_key_file: cannot read {tmp_path}/jwt.pem",
+             f"upstream_tls.ca_file: cannot read \"{tmp_path}/ca.pem\""]  # fmt: skip
+    code, out, err = await run_cli("check-config", str(bad))
+    assert (code, out) == (2, "")
+    assert len(err.splitlines()) == 3 and all(n in err for n in named), err
+    code, _, err = await run_cli("run", "--config", str(bad))
+    assert code == 2
+    assert err.startswith("loopwatch: invalid configuration:\n"), err
+    assert all(n in err for n in named) and "Traceback" not in err, err
+
+
+@SUBPROCESS
 async def test_run_on_a_busy_port_exits_nonzero_with_a_message():
     async with websockets_backend(echo) as (url, server):
         busy = server.sockets[0].getsockname()[1]

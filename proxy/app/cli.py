@@ -6,12 +6,14 @@ import argparse
 import os
 import sys
 
+import yaml
+
 from ... import __version__
 from ..admin.client import COMMANDS as OPERATOR_COMMANDS
 from ..admin.client import add_commands as add_operator_commands
 from ..admin.client import run_command as run_operator_command
 from ..observe.logs import setup_logging
-from .settings import ConfigError, check_config_main, ignored_service_links, load_settings
+from .settings import ConfigError, dump_settings, ignored_service_links, load_settings
 
 SERVICE_LINKS_HINT = (
     "Kubernetes service links (a Service named loopwatch or loopwatch-...), not settings; "
@@ -127,6 +129,31 @@ def main(argv: list[str] | None = None) -> int:
     raise AssertionError(args.command)
 
 
+def check_config_main(path: str) -> int:
+    """`loopwatch check-config FILE`: every error to stderr and 2, or the
+    effective config and 0. The files it names (certificates, keys, the CA
+    bundle) are read as `run` reads them."""
+    from .planes import settings_errors
+
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        errors = exc.errors
+    else:
+        errors = settings_errors(settings)
+    if errors:
+        for line in errors:
+            print(line, file=sys.stderr)
+        return 2
+    try:
+        settings.require_upstream()
+    except ConfigError as exc:
+        # Not an error here: `loopwatch run --upstream URL` can still supply it.
+        print(f"note: {exc}", file=sys.stderr)
+    sys.stdout.write(yaml.safe_dump(dump_settings(settings), sort_keys=False, allow_unicode=True))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     overrides = {
         key: value
@@ -140,9 +167,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         }.items()
         if value is not None
     }
+    from .planes import settings_errors
+
     try:
         settings = load_settings(args.config, env=os.environ, overrides=overrides)
         settings.require_upstream()
+        errors = settings_errors(settings)  # every one, as check-config says them
+        if errors:
+            raise ConfigError(errors)
     except ConfigError as e:
         print(f"loopwatch: invalid configuration:\n{e}", file=sys.stderr)
         return 2
@@ -163,7 +195,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         status = run_loop(lambda: serve(settings, sources=sources))
         assert isinstance(status, int)  # serve's exit status
         return status
-    except TracingConfigError as e:  # an OTEL_* variable loopwatch cannot honour
+    except (ConfigError, TracingConfigError) as e:  # a file it cannot read; an OTEL_* variable it cannot honour
         print(f"loopwatch: invalid configuration:\n{e}", file=sys.stderr)
         return 2
     except OSError as e:

@@ -19,7 +19,9 @@ plane it replaced was deleted once every black-box suite passed on this one
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -36,15 +38,14 @@ from ..dataplane.boundary import (
     log_rejection,
 )
 from ..dataplane.routing import Router, client_ssl_context
-from ..dataplane.settings import thread_count
+from ..dataplane.settings import Route, thread_count
 from ..dataplane.trim import ClockTrimmer
 from ..observe.logs import event
 from .settings import ConfigError, Settings
 
 if TYPE_CHECKING:
-    import ssl
-
     from ..brain import Received as EngineEvent
+    from ..dataplane import _dataplane
     from ..dataplane.native import (
         EventQueue,
         LiveConnection,
@@ -144,6 +145,54 @@ class DataPlane(Protocol):
     def signature_checks(self) -> SignatureChecks: ...
 
 
+def listener_settings(settings: Settings, *, only: str | None = None) -> _dataplane.ListenerConfig:
+    """The listener's configuration for `settings` (routes, `limits:`,
+    `identity:`, `tls:`, `upstream_tls:`; `only` one of the last three, the
+    others at their defaults), its files read now (certificates, keys): a
+    ConfigError naming the setting it cannot honour."""
+    from ..dataplane.native import listener_config
+
+    s = settings
+    routes = [(r.path_prefix, r.upstream) for r in s.effective_routes()]
+    parts = {"identity": s.identity, "tls": s.tls, "upstream_tls": s.upstream_tls}
+    try:
+        return listener_config(routes, limits=s.limits, **(parts if only is None else {only: parts[only]}))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def health_check_ssl(settings: Settings) -> ssl.SSLContext:
+    """How the health checks of wss:// and https:// upstreams verify them (the
+    listener has its own verifier, built from the same `upstream_tls:`)."""
+    tls = settings.upstream_tls
+    try:
+        return client_ssl_context(tls.verify, tls.ca_file)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"upstream_tls.ca_file: cannot read {tls.ca_file}: {e.strerror or e}") from None
+
+
+def settings_errors(settings: Settings) -> list[str]:
+    """Every setting the data plane cannot honour, one line each (`loopwatch
+    check-config`): its files read as `run` and a reload read them; one line a
+    section (the CA bundle is read by the listener and the health checks)."""
+    if not settings.effective_routes():  # `run --upstream URL` may add one: the files all the same
+        settings = settings.model_copy(update={"routes": (Route(path_prefix="/", upstream="ws://localhost"),)})
+    sections = [
+        [lambda: listener_settings(settings, only="tls")],
+        [lambda: listener_settings(settings, only="identity")],
+        [lambda: listener_settings(settings, only="upstream_tls"), lambda: health_check_ssl(settings)],
+    ]
+    errors: list[str] = []
+    for checks in sections:
+        for check in checks:
+            try:
+                check()
+            except ConfigError as e:
+                errors += e.errors
+                break
+    return errors
+
+
 # Settings a reload cannot change on a running process: the listener swaps
 # routes, limits, identity and TLS live (for the connections accepted from
 # then on), not its address and threads (`dataplane_threads`: its runtime's
@@ -176,10 +225,7 @@ class NativePlane:
             gate.table.configure(settings.policy, gate.holds, time.monotonic())
             gate.catch_up = self._catch_up
         self.driver = NativeDriver(gate, self)
-        # For the health checks of wss:// upstreams (the listener has its own
-        # verifier, built from the same upstream_tls settings).
-        tls = settings.upstream_tls
-        self._upstream_ssl = client_ssl_context(tls.verify, tls.ca_file)
+        self._upstream_ssl = health_check_ssl(settings)
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._next: asyncio.Handle | None = None  # the next look at the queue (None: parked)
@@ -218,7 +264,7 @@ class NativePlane:
 
         s = self.settings
         policy = s.policy
-        self.listener = await asyncio.to_thread(
+        start = functools.partial(
             NativeListener.start,
             [(r.path_prefix, r.upstream) for r in s.effective_routes()],
             queue=self.queue, table=self.table, host=host, port=port, limits=s.limits,
@@ -227,6 +273,10 @@ class NativePlane:
             identity=s.identity, tls=s.tls, upstream_tls=s.upstream_tls, tracing=self.tracing,
             threads=thread_count(s.dataplane_threads),
         )  # fmt: skip
+        try:
+            self.listener = await asyncio.to_thread(start)
+        except ValueError as e:  # a setting it cannot honour, named (a file it cannot read)
+            raise ConfigError(str(e)) from None
         self._port = self.listener.port
         self._loop = asyncio.get_running_loop()
         self._wake_fd = self.queue.wake_fd()
@@ -258,25 +308,18 @@ class NativePlane:
         refusal policy. The new listener configuration is built first, its
         files read (certificates, keys): one that cannot be is a ConfigError
         and nothing changes."""
-        from ..dataplane.native import listener_config
-
         if self.listener is None:
             return
-        routes = [(r.path_prefix, r.upstream) for r in settings.effective_routes()]
+        config = listener_settings(settings)
+        health_check_ssl(settings)  # its CA file still readable (the health checks keep the start's)
         s = settings
-        try:
-            config = listener_config(
-                routes, limits=s.limits, identity=s.identity, tls=s.tls, upstream_tls=s.upstream_tls
-            )
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
         p = s.policy
         self.listener.reload(config, shutdown_timeout=s.limits.shutdown_timeout)
         self.listener.reconfigure(
             reject_with=p.reject_with, close_code=p.close_code,
             max_holds=p.max_held, max_held_per_key=p.max_held_per_key,
         )  # fmt: skip
-        self.router = Router(routes)
+        self.router = Router([(r.path_prefix, r.upstream) for r in s.effective_routes()])
         self.settings = settings
 
     # --- the event queue ---------------------------------------------------------------------

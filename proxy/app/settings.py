@@ -23,7 +23,6 @@ import difflib
 import ipaddress
 import os
 import re
-import sys
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -539,20 +538,3 @@ def _secrets(model: BaseModel, data: dict[str, Any], redact: bool) -> None:
             for key, item in value.items():
                 if isinstance(item, BaseModel):
                     _secrets(item, data[name][str(key)], redact)
-
-
-def check_config_main(path: str) -> int:
-    """`loopwatch check-config FILE`: errors to stderr and 2, or the effective config and 0."""
-    try:
-        settings = load_settings(path)
-    except ConfigError as exc:
-        for line in exc.errors:
-            print(line, file=sys.stderr)
-        return 2
-    try:
-        settings.require_upstream()
-    except ConfigError as exc:
-        # Not an error here: `loopwatch run --upstream URL` can still supply it.
-        print(f"note: {exc}", file=sys.stderr)
-    sys.stdout.write(yaml.safe_dump(dump_settings(settings), sort_keys=False, allow_unicode=True))
-    return 0
