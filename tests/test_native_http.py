@@ -442,6 +442,48 @@ async def test_response_shapes_over_one_connection() -> None:
             writer.close()
 
 
+SMUGGLED = b"GET /internal/admin HTTP/1.1\r\nHost: internal.example\r\nX-Forwarded-For: 10.0.0.1\r\n\r\n"
+
+
+async def test_a_connection_naming_content_length_smuggles_no_request() -> None:
+    """`Connection: Content-Length` does not take the body's length away
+    upstream (RFC 9110 §7.6.1; nginx and HAProxy keep it too): without it the
+    body went on unframed, and the upstream read it as a request loopwatch
+    never routed, its next answer pooled for another client."""
+    async with ScriptedBackend(lambda path: b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path.encode())) as up, front([("/api", up.url)]) as lw:  # fmt: skip
+        reader, writer = await open_conn(lw.port)
+        try:
+            writer.write(b"POST /api/public HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Content-Length\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(SMUGGLED), SMUGGLED))  # fmt: skip
+            response = await asyncio.wait_for(read_response(reader), 10)
+            assert (response.status, response.body) == (200, b"/api/public")
+            writer.write(b"GET /api/next HTTP/1.1\r\nHost: a\r\n\r\n")
+            response = await asyncio.wait_for(read_response(reader), 10)
+            assert (response.status, response.body) == (200, b"/api/next")
+        finally:
+            writer.close()
+        first, second = up.requests
+        head, _, body = first.partition(b"\r\n\r\n")
+        assert b"\r\nContent-Length: %d" % len(SMUGGLED) in head and body == SMUGGLED
+        assert second.startswith(b"GET /api/next HTTP/1.1\r\n")
+
+
+async def test_a_response_naming_content_length_in_connection_keeps_its_length() -> None:
+    """Its body is framed by it: dropped, the client could not tell where the
+    body ends (it waited for more on a kept-alive connection)."""
+    answer = b"HTTP/1.1 200 OK\r\nConnection: keep-alive, Content-Length, X-Hop\r\nX-Hop: 1\r\nContent-Length: 5\r\n\r\nhello"
+    async with ScriptedBackend(lambda path: answer) as up, front([("/", up.url)]) as lw:
+        reader, writer = await open_conn(lw.port)
+        try:
+            for _ in range(2):  # and the connection carries the next one
+                writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+                response = await asyncio.wait_for(read_response(reader), 10)
+                assert (response.status, response.header("Content-Length"), response.body) == (200, "5", b"hello")
+                assert response.header("X-Hop") is None and response.header("Transfer-Encoding") is None
+        finally:
+            writer.close()
+
+
 async def test_an_upstream_that_answers_before_the_body_ends_closes_the_connection() -> None:
     """A 413 before the body is in: the response goes out whole, with
     `Connection: close` (the rest of the body is never read as a request)."""

@@ -283,9 +283,16 @@ pub(crate) fn connection_named<'h>(
 }
 
 /// Whether a header describes one hop only: the hop-by-hop set, or one the
-/// Connection header names.
+/// Connection header names, except `Content-Length`. The message is framed by
+/// it, so it is never one hop's: a sender must not name it (RFC 9110 §7.6.1),
+/// and obeying a Connection that does would send the body on with no length,
+/// for the next hop to read as the next request (smuggling, and a pooled
+/// upstream connection that answers someone else), or a response the client
+/// cannot find the end of. As nginx and HAProxy, it is kept.
 pub(crate) fn hop_by_hop(name: &[u8], named: &[&[u8]]) -> bool {
-    one_of(&HOP_BY_HOP, name) || named.iter().any(|n| name.eq_ignore_ascii_case(n))
+    one_of(&HOP_BY_HOP, name)
+        || (!name.eq_ignore_ascii_case(b"content-length")
+            && named.iter().any(|n| name.eq_ignore_ascii_case(n)))
 }
 
 /// The request head sent upstream: end-to-end headers as the client sent them
@@ -499,6 +506,27 @@ mod tests {
         assert!(String::from_utf8(out)
             .unwrap()
             .contains("Host: b\r\nExpect: 100-continue\r\nContent-Type"));
+    }
+
+    #[test]
+    fn a_connection_naming_content_length_does_not_take_the_length_away() {
+        // The body would go on without a length: the next request, for the
+        // upstream (smuggling).
+        let raw = b"POST /up HTTP/1.1\r\nHost: front\r\nConnection: keep-alive, Content-Length, X-Hop\r\n\
+            X-Hop: 1\r\nContent-Length: 5\r\n\r\n";
+        let head = parsed(raw);
+        let kind = Forwarded::Http {
+            chunked: false,
+            answers_continue: false,
+        };
+        let out = upstream_request_head(&head, b"/up", b"b", "10.1.2.3", "http", kind, None);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text
+            .starts_with("POST /up HTTP/1.1\r\nHost: b\r\nContent-Length: 5\r\nX-Forwarded-For"));
+        assert!(!text.contains("X-Hop"));
+        let named: [&[u8]; 2] = [b"content-length", b"x-hop"];
+        assert!(!hop_by_hop(b"Content-Length", &named));
+        assert!(hop_by_hop(b"X-HOP", &named));
     }
 
     #[test]
