@@ -300,6 +300,9 @@ TRIGGERS: dict[str, tuple[dict[str, Any], Callable[[Proxied], Awaitable[None]]]]
     "upgrade_with_body": (
         {}, lambda p: send(p, upgrade_request("/echo", extra=b"Content-Length: 2\r\n") + b"hi", 400)
     ),
+    "not_implemented": (
+        {}, lambda p: send(p, b"POST /upload HTTP/1.1\r\n" + H + b"Transfer-Encoding: gzip, chunked\r\n\r\n", 501)
+    ),
     "no_route": ({"plain_prefix": "/api"}, lambda p: send(p, b"GET /nowhere HTTP/1.1\r\n" + H + b"\r\n", 404)),
     "overload": (
         {"limits.max_connections": 2, "limits.max_connections_per_address": "100%",

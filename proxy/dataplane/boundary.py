@@ -36,6 +36,7 @@ RejectedReason = Literal[
     "version",  # 505 (HTTP/2 and later over HTTP/1), 400 (HTTP/0.9)
     "upgrade_required",  # 426: Sec-WebSocket-Version other than 13
     "upgrade_with_body",  # 400: an upgrade request with Content-Length > 0 or Transfer-Encoding
+    "not_implemented",  # 501: a transfer coding other than chunked (gzip …), which loopwatch does not apply
     "no_route",  # 404: no route for the path
     "overload",  # 503: limits.max_connections reached
     "address_limit",  # 503: limits.max_connections_per_address or max_heads_per_address reached

@@ -81,15 +81,20 @@ pub enum RejectReason {
     UpgradeRequired,
     /// 400: an upgrade request that announces a body.
     UpgradeWithBody,
+    /// 501: a transfer coding other than `chunked` (gzip, deflate …), which
+    /// loopwatch does not apply: taking the chunks off would send the data on
+    /// without its coding.
+    NotImplemented,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 5] = [
+    pub const ALL: [RejectReason; 6] = [
         RejectReason::BadRequest,
         RejectReason::HeadTooLarge,
         RejectReason::Version,
         RejectReason::UpgradeRequired,
         RejectReason::UpgradeWithBody,
+        RejectReason::NotImplemented,
     ];
 
     /// The metric label.
@@ -100,6 +105,7 @@ impl RejectReason {
             RejectReason::Version => "version",
             RejectReason::UpgradeRequired => "upgrade_required",
             RejectReason::UpgradeWithBody => "upgrade_with_body",
+            RejectReason::NotImplemented => "not_implemented",
         }
     }
 }
@@ -162,6 +168,7 @@ fn reason_phrase(status: u16) -> &'static str {
         400 => "Bad Request",
         426 => "Upgrade Required",
         431 => "Request Header Fields Too Large",
+        501 => "Not Implemented",
         505 => "HTTP Version Not Supported",
         _ => "Unknown",
     }
@@ -551,6 +558,8 @@ struct Flags {
     content_length: Option<u64>,
     transfer_encoding: bool,
     chunked: bool,
+    /// A coding besides `chunked` (gzip, deflate …).
+    other_coding: bool,
     upgrade_header: bool,
     connection_upgrade: bool,
     connection_close: bool,
@@ -880,6 +889,12 @@ fn apply_special(kind: Special, value: &[u8], flags: &mut Flags) -> Result<(), &
             }
             flags.transfer_encoding = true;
             flags.chunked = final_chunked(value)?;
+            flags.other_coding |= value
+                .split(|&b| b == b',')
+                .map(|piece| trim_start(piece))
+                .any(|piece| {
+                    !piece.is_empty() && !piece.trim_ascii_end().eq_ignore_ascii_case(b"chunked")
+                });
         }
         Special::Connection => {
             for piece in value.split(|&b| b == b',') {
@@ -1092,6 +1107,12 @@ fn finish(raw: RawHead<'_>) -> Result<RequestHead<'_>, Rejection> {
     let kind = if upgrade {
         check_websocket(&raw, version, authority.is_some())?;
         RequestKind::WebSocket
+    } else if flags.chunked && flags.other_coding {
+        return Err(Rejection::new(
+            501,
+            RejectReason::NotImplemented,
+            "transfer coding not implemented: only chunked",
+        ));
     } else if flags.chunked {
         RequestKind::Http(BodyFraming::Chunked)
     } else if flags.transfer_encoding {
@@ -1558,6 +1579,29 @@ Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSoc
             parse_head(&blank, &limits),
             HeadStatus::Rejected(Rejection { status: 431, .. })
         ));
+    }
+
+    #[test]
+    fn a_coding_besides_chunked_is_501() {
+        for head in [
+            &b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: deflate\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: x-custom , CHUNKED\r\n\r\n",
+        ] {
+            let r = rejected(head);
+            assert_eq!((r.status, r.reason.label()), (501, "not_implemented"));
+            assert_eq!(r.message, "transfer coding not implemented: only chunked");
+        }
+        // Empty list elements are no coding (RFC 9110 §5.6.1).
+        let HeadStatus::Complete(head) =
+            parse(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: , chunked\r\n\r\n")
+        else {
+            panic!("not complete")
+        };
+        assert_eq!(head.kind, RequestKind::Http(BodyFraming::Chunked));
+        // No final chunked: the framing is unknown, 400 as before.
+        let r = rejected(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n");
+        assert_eq!((r.status, r.reason.label()), (400, "bad_request"));
     }
 
     #[test]

@@ -63,6 +63,7 @@ pub enum Rejected {
     Version,
     UpgradeRequired,
     UpgradeWithBody,
+    NotImplemented,
     NoRoute,
     Overload,
     AddressLimit,
@@ -71,7 +72,7 @@ pub enum Rejected {
 }
 
 impl Rejected {
-    pub const ALL: [Rejected; 14] = [
+    pub const ALL: [Rejected; 15] = [
         Rejected::BadRequest,
         Rejected::HeadTooLarge,
         Rejected::HeadTimeout,
@@ -81,6 +82,7 @@ impl Rejected {
         Rejected::Version,
         Rejected::UpgradeRequired,
         Rejected::UpgradeWithBody,
+        Rejected::NotImplemented,
         Rejected::NoRoute,
         Rejected::Overload,
         Rejected::AddressLimit,
@@ -99,6 +101,7 @@ impl Rejected {
             Rejected::Version => "version",
             Rejected::UpgradeRequired => "upgrade_required",
             Rejected::UpgradeWithBody => "upgrade_with_body",
+            Rejected::NotImplemented => "not_implemented",
             Rejected::NoRoute => "no_route",
             Rejected::Overload => "overload",
             Rejected::AddressLimit => "address_limit",
@@ -128,6 +131,7 @@ impl Rejected {
             R::Version => Rejected::Version,
             R::UpgradeRequired => Rejected::UpgradeRequired,
             R::UpgradeWithBody => Rejected::UpgradeWithBody,
+            R::NotImplemented => Rejected::NotImplemented,
         }
     }
 
