@@ -889,12 +889,9 @@ fn apply_special(kind: Special, value: &[u8], flags: &mut Flags) -> Result<(), &
             }
             flags.transfer_encoding = true;
             flags.chunked = final_chunked(value)?;
-            flags.other_coding |= value
-                .split(|&b| b == b',')
-                .map(|piece| trim_start(piece))
-                .any(|piece| {
-                    !piece.is_empty() && !piece.trim_ascii_end().eq_ignore_ascii_case(b"chunked")
-                });
+            flags.other_coding |= value.split(|&b| b == b',').map(trim_start).any(|piece| {
+                !piece.is_empty() && !piece.trim_ascii_end().eq_ignore_ascii_case(b"chunked")
+            });
         }
         Special::Connection => {
             for piece in value.split(|&b| b == b',') {
