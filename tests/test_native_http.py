@@ -234,6 +234,26 @@ async def test_routes_and_base_path(backend: Backend) -> None:
         assert (await lw.rejected())["no_route"] == 1
 
 
+async def test_a_dot_dot_segment_cannot_leave_its_route() -> None:
+    """`/public` serves the upstream's `/public-api` only: a `..` however
+    written (percent-encoded, a backslash, Tomcat's `..;`) would take it
+    elsewhere at a backend that resolves it, so it is refused before routing,
+    WebSocket upgrades too; single dots and dots inside a name pass."""
+    async with ScriptedBackend(lambda path: b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path.encode())) as up, front([("/public", up.url + "/public-api")]) as lw:  # fmt: skip
+        refused = [b"/public/../admin/secret", b"/public/%2e%2E/admin", b"/public/.%2e/admin", b"/public/..%2fadmin",
+                   b"/public/..\\admin", b"/public/..;x/admin", b"/public/a/../../admin?q=1"]  # fmt: skip
+        for path in refused:
+            response, _ = await raw_exchange(lw.port, b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % path)
+            assert (response.status, response.body) == (400, b"dot-dot segment in the path\n"), path
+        response, _ = await raw_exchange(lw.port, upgrade_request("/public/../admin"))
+        assert response.status == 400
+        assert up.requests == []
+        assert (await lw.rejected())["bad_request"] == len(refused) + 1
+        for path, upstream in [(b"/public/./a/...", b"/public-api/./a/..."), (b"/public/v1..2/..x", b"/public-api/v1..2/..x")]:
+            response, _ = await raw_exchange(lw.port, b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % path)
+            assert (response.status, response.body) == (200, upstream)
+
+
 async def test_client_leaving_mid_response_frees_the_connection(backend: Backend) -> None:
     async with front([("/", backend.url)]) as lw:
         reader, writer = await open_conn(lw.port)

@@ -46,7 +46,8 @@ use crate::transport::{
     connect_upstream, open_upstream, read_appending, Transport, UpstreamStream,
 };
 use crate::wire::{
-    refusal_bytes, route_for, simple_response, upstream_request_head, Forwarded, RejectWith, Route,
+    has_dot_dot_segment, refusal_bytes, route_for, simple_response, upstream_request_head,
+    Forwarded, RejectWith, Route,
 };
 
 /// Writing an answer loopwatch makes itself, and waiting for the client to
@@ -503,6 +504,15 @@ fn route_head<'r>(
     peer: IpAddr,
     scheme: &str,
 ) -> Routed<'r> {
+    if has_dot_dot_segment(head.path) {
+        // Routed by its path as sent, it could leave its route at a backend
+        // that resolves `..`: refused rather than guessed at (docs/relay.md).
+        return Routed::Planned(Box::new(Plan::Answer {
+            status: 400,
+            message: "dot-dot segment in the path",
+            label: Rejected::BadRequest,
+        }));
+    }
     let Some(route) = route_for(&config.routes, head.path) else {
         return Routed::Planned(Box::new(Plan::Answer {
             status: 404,

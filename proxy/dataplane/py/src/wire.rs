@@ -242,6 +242,49 @@ pub fn route_for<'r>(routes: &'r [Route], path: &[u8]) -> Option<&'r Route> {
     routes.iter().find(|r| r.matches(path))
 }
 
+/// Whether `path` has a `..` segment as a backend that resolves dot segments
+/// may read it: a dot also written `%2e` (any case); `\\`, `%2f` and `%5c` also
+/// taken as separators; a segment's `;` parameters left out (Tomcat reads
+/// `..;x` as `..`). Such a path may leave the route it matched (a route's
+/// base path, or another route's prefix) once the backend resolves it;
+/// clients resolve dot segments before they send (RFC 3986 §5.2.4).
+pub fn has_dot_dot_segment(path: &[u8]) -> bool {
+    let mut dots = 0; // the segment's dots so far; None: something else
+    let mut dots_only = true;
+    let mut params = false; // past the segment's `;`
+    let mut i = 0;
+    loop {
+        let (unit, len) = match path.get(i) {
+            None => (b'/', 0),
+            Some(b'%') if i + 2 < path.len() => match (hex(path[i + 1]), hex(path[i + 2])) {
+                (Some(high), Some(low)) => (high * 16 + low, 3),
+                _ => (b'%', 1),
+            },
+            Some(&b) => (b, 1),
+        };
+        match unit {
+            b'/' | b'\\' => {
+                if dots_only && dots == 2 {
+                    return true;
+                }
+                if len == 0 {
+                    return false;
+                }
+                (dots, dots_only, params) = (0, true, false);
+            }
+            _ if params => {}
+            b';' => params = true,
+            b'.' => dots += 1,
+            _ => dots_only = false,
+        }
+        i += len;
+    }
+}
+
+fn hex(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
 /// Whether `name` is one of `names` (lower-case), in any case.
 fn one_of(names: &[&[u8]], name: &[u8]) -> bool {
     names.iter().any(|n| name.eq_ignore_ascii_case(n))
@@ -506,6 +549,45 @@ mod tests {
         assert!(String::from_utf8(out)
             .unwrap()
             .contains("Host: b\r\nExpect: 100-continue\r\nContent-Type"));
+    }
+
+    #[test]
+    fn dot_dot_segments_are_found_however_written() {
+        for path in [
+            &b"/public/../admin"[..],
+            b"/public/..",
+            b"/public/%2e%2E/admin",
+            b"/public/.%2e/admin",
+            b"/public/..%2fadmin",
+            b"/public/..%5Cadmin",
+            b"/public\\..\\admin",
+            b"/public/..;x=1/admin",
+            b"/..",
+        ] {
+            assert!(
+                has_dot_dot_segment(path),
+                "{}",
+                String::from_utf8_lossy(path)
+            );
+        }
+        for path in [
+            &b"/"[..],
+            b"/public/...",
+            b"/public/..a/b",
+            b"/public/a../b",
+            b"/public/./x",
+            b"/public/%2e",
+            b"/public/%2",
+            b"/public/%",
+            b"/public/%zz..",
+            b"/a;../b",
+        ] {
+            assert!(
+                !has_dot_dot_segment(path),
+                "{}",
+                String::from_utf8_lossy(path)
+            );
+        }
     }
 
     #[test]
