@@ -504,6 +504,30 @@ async def test_a_response_naming_content_length_in_connection_keeps_its_length()
             writer.close()
 
 
+async def test_an_upgrade_announced_on_a_200_does_not_take_its_body_away() -> None:
+    """Apache with mod_http2 announces `Upgrade: h2,h2c` on its answers: only
+    a 101 upgrades, so the body (here delimited by the close) reaches the client."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nUpgrade: h2,h2c\r\nConnection: Upgrade, close\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"<html>the page</html>")
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        async with front([("/", url)]) as lw:
+            response, after = await raw_exchange(lw.port, b"GET /page HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert response.status == 200 and response.header("Upgrade") is None
+            assert (response.body, after) == (b"<html>the page</html>", b"")
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 async def test_an_upstream_that_answers_before_the_body_ends_closes_the_connection() -> None:
     """A 413 before the body is in: the response goes out whole, with
     `Connection: close` (the rest of the body is never read as a request)."""

@@ -180,16 +180,10 @@ impl Head {
                 .last()
                 .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"))
         });
-        // llhttp: an answer asking for an upgrade without a body is complete.
-        let upgrade = self
-            .header(b"upgrade")
-            .is_some_and(|v| !trim(&v).is_empty())
-            && self
-                .header(b"connection")
-                .is_some_and(|v| tokens(&v).any(|t| t.eq_ignore_ascii_case(b"upgrade")));
-        if upgrade && !chunked && length.unwrap_or(0) == 0 {
-            return Ok(Framing::None);
-        }
+        // An `Upgrade` on an answer other than a 101 only announces what the
+        // server supports (Apache's `Upgrade: h2,h2c`): its body is framed
+        // as any other's (llhttp counts the upgrade of a response only with
+        // status 101).
         Ok(match (chunked, te.is_some(), length) {
             (true, _, _) => Framing::Chunked,
             (false, true, _) => Framing::UntilClose,
