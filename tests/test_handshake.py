@@ -467,6 +467,25 @@ async def test_101_head_reaches_client_byte_for_byte():
             writer.close()
 
 
+async def test_interim_answers_before_the_101_pass_through():
+    """103 Early Hints (or 100) before the 101: passed on with it, byte for
+    byte, as nginx does; the WebSocket opens. They were taken for the final
+    answer: the client got a 103 with Content-Length and a close."""
+    interim = b"HTTP/1.1 103 Early Hints\r\nLink: </app.css>; rel=preload\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n"
+
+    async with RawBackend(lambda head: interim + switching_protocols(head)) as backend, loopwatch(backend.url) as lw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", lw.proxy_port)
+        try:
+            writer.write(upgrade_request("/hints"))
+            expected = interim + switching_protocols(upgrade_request("/hints"))
+            assert await asyncio.wait_for(reader.readexactly(len(expected)), 10) == expected
+            frame = masked_frame(b"after the hints")
+            writer.write(frame)
+            await asyncio.wait_for(_until(lambda: bytes(backend.after[0]) == frame), 10)
+        finally:
+            writer.close()
+
+
 async def _until(predicate) -> None:  # noqa: ANN001
     while not predicate():
         await asyncio.sleep(0.01)

@@ -102,6 +102,8 @@ enum State {
 #[derive(Debug)]
 pub struct ResponseReader {
     buf: Vec<u8>,
+    /// The interim answers (100, 103 …) at the start of `buf`, in bytes.
+    interim: usize,
     max_head: usize,
     max_body: usize,
     state: State,
@@ -292,6 +294,7 @@ impl ResponseReader {
     pub fn new(max_head: usize, max_body: usize) -> Self {
         ResponseReader {
             buf: Vec::new(),
+            interim: 0,
             max_head,
             max_body,
             state: State::Head,
@@ -310,9 +313,23 @@ impl ResponseReader {
             State::Done => Ok(Answer::Partial),
             State::Head => {
                 self.buf.extend_from_slice(data);
-                let (head, len) = match parse_response_head(&self.buf, self.max_head)? {
-                    None => return Ok(Answer::Partial),
-                    Some(done) => done,
+                let (head, len) = loop {
+                    let room = self.max_head.saturating_sub(self.interim);
+                    let (head, len) = match parse_response_head(&self.buf[self.interim..], room)? {
+                        None => return Ok(Answer::Partial),
+                        Some(done) => done,
+                    };
+                    if head.status == 101 || !(100..200).contains(&head.status) {
+                        break (head, self.interim + len);
+                    }
+                    // An interim answer (103 Early Hints, 100 Continue): the
+                    // final one follows. Passed on before a 101, as nginx
+                    // does (the client's HTTP handling skips it); a refusal
+                    // is written anew, without it. Counted in the head's bound.
+                    self.interim += len;
+                    if self.interim > self.max_head {
+                        return Err(BadResponse::HeadTooLarge);
+                    }
                 };
                 if head.status == 101 {
                     // A 101 that switches to anything but websocket answers no
@@ -488,6 +505,40 @@ mod tests {
             let mut reader = ResponseReader::new(4096, 4096);
             assert!(matches!(reader.feed(head), Err(BadResponse::Invalid(_))));
         }
+    }
+
+    #[test]
+    fn interim_answers_go_before_the_101_and_not_into_a_refusal() {
+        let hints =
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n";
+        let switch = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+        let mut reader = ResponseReader::new(1024, 100);
+        assert_eq!(reader.feed(&hints[..]), Ok(Answer::Partial));
+        let answer = reader.feed(&[&switch[..], b"\x81\x00"].concat()).unwrap();
+        assert_eq!(
+            answer,
+            Answer::Upgrade {
+                head_len: hints.len() + switch.len(),
+                allowed_rsv: 0
+            }
+        );
+        let mut reader = ResponseReader::new(1024, 100);
+        let refusal = refused(
+            reader.feed(
+                &[
+                    &hints[..],
+                    b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 2\r\n\r\nno",
+                ]
+                .concat(),
+            ),
+        );
+        assert!(text(&refusal).starts_with("HTTP/1.1 401 Unauthorized\r\nContent-Length: 2\r\n"));
+        // Counted in the head's bound: a stream of them ends as a head too large.
+        let mut reader = ResponseReader::new(100, 100);
+        assert_eq!(
+            reader.feed(&hints.repeat(3)),
+            Err(BadResponse::HeadTooLarge)
+        );
     }
 
     #[test]
