@@ -504,6 +504,16 @@ async def test_a_response_naming_content_length_in_connection_keeps_its_length()
             writer.close()
 
 
+async def test_a_101_to_a_plain_request_is_502() -> None:
+    """No upgrade was asked for, so a switch is no valid answer (RFC 9110
+    §15.2.2; HAProxy answers 502 too). It was passed on stripped of its
+    Upgrade and Connection, and the connection went on as HTTP."""
+    switch = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\nsecret"
+    async with ScriptedBackend(lambda path: switch) as up, front([("/", up.url)]) as lw:
+        response, after = await raw_exchange(lw.port, b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (response.status, response.body, after) == (502, b"loopwatch: upstream error\n", b"")
+
+
 async def test_an_upgrade_announced_on_a_200_does_not_take_its_body_away() -> None:
     """Apache with mod_http2 announces `Upgrade: h2,h2c` on its answers: only
     a 101 upgrades, so the body (here delimited by the close) reaches the client."""

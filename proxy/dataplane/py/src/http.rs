@@ -10,7 +10,8 @@
 //!   as the upstream sent them; its body unchanged: as it came with a
 //!   Content-Length, else chunked by loopwatch to an HTTP/1.1 client, else
 //!   until the connection closes. No body for HEAD, 1xx, 204 and 304;
-//!   interim 1xx answers (but 101) are dropped, as aiohttp drops them.
+//!   interim 1xx answers are dropped, as aiohttp drops them; a 101 (no
+//!   upgrade was asked for) is a bad answer, 502.
 //! * Timeouts ([`Phase`]), measured as silence from the latest progress, one
 //!   watchdog per exchange re-armed only when it fires or the phase moves:
 //!   the body `limits.body_timeout` (408, or 504 when it is the upstream
@@ -627,7 +628,10 @@ where
     // 1. The head (interim 1xx answers dropped).
     let (head, len) = loop {
         match parse_response_head(&buf, max_head).map_err(|_| ResponseError::Bad)? {
-            Some((head, len)) if (100..200).contains(&head.status) && head.status != 101 => {
+            // A switch nobody asked for (no upgrade was requested, RFC 9110
+            // §15.2.2): no valid answer, 502 (as HAProxy; nginx tunnels).
+            Some((head, _)) if head.status == 101 => return Err(ResponseError::Bad),
+            Some((head, len)) if (100..200).contains(&head.status) => {
                 buf.drain(..len);
                 continue;
             }
@@ -643,7 +647,6 @@ where
     let closing = closing();
     // The upstream's connection may carry another request after this one.
     let reusable = head.http11
-        && head.status != 101
         && !closing
         && !head.header(b"connection").is_some_and(|v| {
             v.split(|&b| b == b',')
