@@ -259,3 +259,32 @@ async def test_a_reload_that_changes_it_waits_for_a_restart(tmp_path: Path) -> N
         assert lw.plane.threads == 1
     finally:
         await lw.close()
+
+
+async def test_what_waits_for_a_restart_is_named_against_the_start(tmp_path: Path) -> None:
+    """Every reload names what differs from the start and waits for a restart,
+    until a restart or until it is undone; `settings` (`GET /api/config`) keeps
+    the values that run. The admin token and hosts apply at once; its address
+    waits."""
+    config = tmp_path / "loopwatch.yaml"
+    base = f'upstream: "{UPSTREAM}"\nlisten: "127.0.0.1:0"\n'
+    admin = 'admin:\n  listen: "127.0.0.1:0"\n'
+    config.write_text(base + admin)
+    lw = await start(load_settings(config, env={}), sources=ConfigSources(str(config), {}, {}))
+    try:
+        config.write_text(base.replace("127.0.0.1:0", "127.0.0.1:1") + admin)
+        assert lw.reload() == {"reloaded": True, "restart_required": ["listen"]}
+        assert lw.reload() == {"reloaded": True, "restart_required": ["listen"]}  # still
+        assert lw.settings.listen == "127.0.0.1:0"  # what is bound
+        config.write_text(base + admin)
+        assert lw.reload() == {"reloaded": True, "restart_required": []}  # undone
+        config.write_text(base + admin + '  token: "t0123"\n  allowed_hosts: ["loopwatch.internal"]\n')
+        assert lw.reload() == {"reloaded": True, "restart_required": []}
+        assert lw.settings.admin.allowed_hosts == ("loopwatch.internal",)
+        config.write_text(base + 'admin:\n  listen: "127.0.0.1:1"\n  event_streams: {max_streams: 3}\n')
+        restart = lw.reload()["restart_required"]
+        assert restart == ["admin.event_streams", "admin.listen"]
+        assert lw.settings.admin.listen == "127.0.0.1:0"
+        assert lw.settings.admin.event_streams.max_streams != 3
+    finally:
+        await lw.close()

@@ -138,7 +138,7 @@ async def test_a_loop_writes_exactly_the_documented_lines() -> None:
     assert 0 < refused.pop("retry_after") <= 1
     assert refused == {
         "level": "info", "event": "access", "client": key, "route": "/", "outcome": "refused",
-        "reason": "cooldown", "trace_id": trace[3],
+        "status": 101, "code": 1013, "reason": "cooldown", "trace_id": trace[3],
     }  # fmt: skip
     # The engine's timer ends both, in one wake-up or two: either order.
     tail = sorted(strip[7:], key=lambda line: line["event"])
@@ -147,6 +147,27 @@ async def test_a_loop_writes_exactly_the_documented_lines() -> None:
         {"level": "info", "event": "finding_cleared", "client": key, "rule": "auth_failure_loop",
          "severity": "critical"},
     ]  # fmt: skip
+
+
+async def test_access_lines_say_the_status_the_client_got() -> None:
+    """An unreachable upstream's attempt was answered 502 (not `null`); a
+    refusal over HTTP says its 429."""
+    down = settings_with(upstream=f"ws://127.0.0.1:{free_port()}", **{"telemetry.access_log": "all"})
+    with captured() as lines:
+        async with telemetered(down) as lw:
+            assert await attempt(f"ws://127.0.0.1:{lw.proxy_port}/ws") == (502, "")
+            await wait_for(lambda: any(line["event"] == "access" for line in lines.refresh()), timeout=5)
+    [line] = [line for line in lines if line["event"] == "access"]
+    assert (line["outcome"], line["error"], line["status"]) == ("upstream_error", "connect", 502)
+    check_documented(lines)
+    denied = settings_with(upstream=f"ws://127.0.0.1:{free_port()}", **{
+        "telemetry.access_log": "all", "policy.deny": ["127.0.0.1/32"], "policy.reject_with": "http-429"})  # fmt: skip
+    with captured() as lines:
+        async with telemetered(denied) as lw:
+            assert (await attempt(f"ws://127.0.0.1:{lw.proxy_port}/ws"))[0] == 429
+            await wait_for(lambda: any(line["event"] == "access" for line in lines.refresh()), timeout=5)
+    [line] = [line for line in lines if line["event"] == "access"]
+    assert (line["outcome"], line["reason"], line["status"]) == ("refused", "deny", 429) and "code" not in line
 
 
 async def test_breaker_transitions_are_logged() -> None:
@@ -287,3 +308,44 @@ async def test_log_format_text_and_json_from_the_command_line() -> None:
     parsed = [json.loads(x) for x in default]
     assert parsed[-1]["event"] == "config_loaded" and parsed[-1]["logger"] == "loopwatch.events"
     assert {x["event"] for x in parsed} >= {"listening", "config_loaded"}
+
+
+async def test_a_reload_changes_the_log_format_and_level(tmp_path: Path) -> None:
+    """`logging:` applies at a reload, from the line after its config_loaded
+    (it was accepted and reported as applied, and nothing changed)."""
+    config = tmp_path / "loopwatch.yaml"
+    base = 'upstream: "ws://127.0.0.1:9"\nlisten: "127.0.0.1:0"\nadmin: {listen: "127.0.0.1:0"}\n'
+    config.write_text(base)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOOPWATCH_", "OTEL_"))}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "loopwatch", "run", "--config", str(config),
+        stderr=asyncio.subprocess.PIPE, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    stderr = proc.stderr
+
+    async def until(want: str) -> str:
+        while True:
+            line = (await asyncio.wait_for(stderr.readline(), 20)).decode()
+            assert line, "loopwatch exited"
+            if want in line:
+                return line.rstrip("\n")
+
+    try:
+        await until('"config_loaded"')
+        config.write_text(base + "logging: {format: text}\n")
+        proc.send_signal(signal.SIGHUP)
+        assert json.loads(await until("config_loaded"))["reload"] is True  # the old format, its last line
+        proc.send_signal(signal.SIGHUP)
+        assert re.search(r" info +config_loaded reload=True result=ok", await until("config_loaded"))
+        config.write_text(base + "logging: {format: json, level: warning}\n")
+        proc.send_signal(signal.SIGHUP)
+        await until("config_loaded")
+        proc.send_signal(signal.SIGTERM)  # "shutting down" is info: left out now; "stopped" too
+        rest = (await asyncio.wait_for(stderr.read(), 20)).decode()
+        assert "shutting down" not in rest and "stopped" not in rest, rest
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

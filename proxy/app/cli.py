@@ -12,7 +12,7 @@ from ... import __version__
 from ..admin.client import COMMANDS as OPERATOR_COMMANDS
 from ..admin.client import add_commands as add_operator_commands
 from ..admin.client import run_command as run_operator_command
-from ..observe.logs import setup_logging
+from ..observe.logs import LogSetup, setup_logging
 from .settings import ConfigError, dump_settings, ignored_service_links, load_settings
 
 SERVICE_LINKS_HINT = (
@@ -188,11 +188,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         event(logging.getLogger("loopwatch"), "service_links_ignored", logging.WARNING,
               variables=ignored, why=SERVICE_LINKS_HINT)
     from ..observe.tracing import TracingConfigError
-    from .runtime import ConfigSources, run_loop, serve
+    from .runtime import ConfigSources, Running, run_loop, serve
+
+    def follow_logging(running: Running) -> None:
+        """A reload's `logging:` applies at once (from the line after its config_loaded)."""
+        running.observers.add(LogSetup(settings.logging))
 
     sources = ConfigSources(args.config, dict(os.environ), overrides)
     try:
-        status = run_loop(lambda: serve(settings, sources=sources))
+        status = run_loop(lambda: serve(settings, sources=sources, on_started=follow_logging))
         assert isinstance(status, int)  # serve's exit status
         return status
     except (ConfigError, TracingConfigError) as e:  # a file it cannot read; an OTEL_* variable it cannot honour

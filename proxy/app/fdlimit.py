@@ -80,10 +80,13 @@ def fit(settings: Settings) -> FdLimit:
     return FdLimit(soft, now, hard, wanted.reserve, wanted.max_connections)
 
 
-def fit_logged(settings: Settings) -> FdLimit:
+def fit_logged(settings: Settings, previous: FdLimit | None = None) -> FdLimit:
     """`fit`, with its `fd_limit` line: info when the limit was raised, a
-    warning when the hard limit leaves less than `limits.max_connections`."""
+    warning when the hard limit leaves less than `limits.max_connections`;
+    after a reload (`previous`: the fit before it), only when it needs more."""
     limit = fit(settings)
+    if previous is not None and limit.needed <= previous.needed:
+        return limit  # said already: at start, or at the reload that asked for it
     fields: dict[str, Any] = {
         "soft": limit.soft, "hard": limit.hard, "needed": limit.needed,
         "max_connections": limit.max_connections,
@@ -106,6 +109,9 @@ class FdLimitFitter(Observer):
 
     name = "fd_limit"
 
+    def __init__(self, fitted: FdLimit):
+        self.fitted = fitted  # the last fit
+
     def on_config(self, settings: Settings, info: dict[str, Any]) -> None:
         if info.get("reload") and info.get("result") == "ok":
-            fit_logged(settings)
+            self.fitted = fit_logged(settings, self.fitted)

@@ -24,8 +24,8 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Protocol, cast
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from ..brain import EngineGate, NativeDriver, TableSync
 from ..dataplane.boundary import (
@@ -154,7 +154,7 @@ def listener_settings(settings: Settings, *, only: str | None = None) -> _datapl
 
     s = settings
     routes = [(r.path_prefix, r.upstream) for r in s.effective_routes()]
-    parts = {"identity": s.identity, "tls": s.tls, "upstream_tls": s.upstream_tls}
+    parts: dict[str, Any] = {"identity": s.identity, "tls": s.tls, "upstream_tls": s.upstream_tls}
     try:
         return listener_config(routes, limits=s.limits, **(parts if only is None else {only: parts[only]}))
     except ValueError as e:
@@ -177,7 +177,7 @@ def settings_errors(settings: Settings) -> list[str]:
     section (the CA bundle is read by the listener and the health checks)."""
     if not settings.effective_routes():  # `run --upstream URL` may add one: the files all the same
         settings = settings.model_copy(update={"routes": (Route(path_prefix="/", upstream="ws://localhost"),)})
-    sections = [
+    sections: list[list[Callable[[], object]]] = [
         [lambda: listener_settings(settings, only="tls")],
         [lambda: listener_settings(settings, only="identity")],
         [lambda: listener_settings(settings, only="upstream_tls"), lambda: health_check_ssl(settings)],
@@ -193,12 +193,17 @@ def settings_errors(settings: Settings) -> list[str]:
     return errors
 
 
-# Settings a reload cannot change on a running process: the listener swaps
-# routes, limits, identity and TLS live (for the connections accepted from
-# then on), not its address and threads (`dataplane_threads`: its runtime's
-# workers are built at start). `state`: the shared store connects once, at
-# start. `health_check`: its probe is set up at start.
-RESTART_KEYS = ("listen", "admin", "state", "record", "health_check", "dataplane", "dataplane_threads")
+# Settings a reload cannot change on a running process (dotted: one key of a
+# section): the listener swaps routes, limits, identity and TLS live (for the
+# connections accepted from then on), not its address and threads
+# (`dataplane_threads`: its runtime's workers are built at start). The admin
+# port is bound, and its event streams set up, at start (its token, hosts and
+# `insecure` are read per request). `state`: the shared store connects once,
+# at start. `health_check`: its probe is set up at start.
+RESTART_KEYS = (
+    "listen", "admin.listen", "admin.event_streams", "state", "record", "health_check", "dataplane",
+    "dataplane_threads",
+)  # fmt: skip
 
 
 class NativePlane:

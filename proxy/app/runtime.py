@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import signal
@@ -59,6 +60,13 @@ class Running:
     observers: Observers = field(default_factory=Observers)
     health: HealthChecker | None = None  # health_check.enabled: probes the upstream
     self_metrics: SelfMetrics | None = None  # process_* and the event-loop lag on /metrics
+    # The settings of the start: what a reload cannot change (the plane's
+    # `restart_keys`) stays theirs until a restart, whatever the file says.
+    started: Settings | None = None
+
+    def __post_init__(self) -> None:
+        if self.started is None:
+            self.started = self.settings
 
     @property
     def engine(self) -> Engine:
@@ -148,10 +156,14 @@ class Running:
             info = {"reload": True, "result": "error", "source": source, "errors": e.errors}
             self.observers.call("on_config", self.settings, info)
             raise
-        old, self.settings = self.settings, new
+        assert self.started is not None
+        keys = self.plane.restart_keys
+        # Against the start's settings: a change that waits for a restart is
+        # named at every reload until then, and one undone is not.
+        restart = restart_required(self.started, new, keys)
+        self.settings = new = in_force(self.started, new, keys)
         if isinstance(self.gate, EngineGate):
             self.gate.reconfigure(new)
-        restart = restart_required(old, new, self.plane.restart_keys)
         info = {"reload": True, "result": "ok", "source": source, "restart_required": restart}
         self.observers.call("on_config", new, info)
         return {"reloaded": True, "restart_required": restart}
@@ -172,17 +184,37 @@ class Running:
             await asyncio.get_running_loop().run_in_executor(None, self.telemetry.shutdown)
 
 
-def restart_required(old: Settings, new: Settings, restart_keys: tuple[str, ...]) -> list[str]:
-    """The changed settings a reload did not apply (the plane's `restart_keys`).
+def setting(settings: Settings, key: str) -> Any:
+    """The value of a dotted key (`admin.listen`)."""
+    return functools.reduce(getattr, key.split("."), settings)
+
+
+def restart_required(started: Settings, new: Settings, restart_keys: tuple[str, ...]) -> list[str]:
+    """The settings of `new` that differ from those the process `started`
+    with and that a reload cannot apply (the plane's `restart_keys`, dotted).
     The health check probes the route and TLS settings of the start: with it
     on, a change to those needs a restart for the probe, even where the data
     plane took it live."""
-    changed = {key for key in restart_keys if getattr(old, key) != getattr(new, key)}
-    if new.health_check.enabled and (
-        old.effective_routes() != new.effective_routes() or old.upstream_tls != new.upstream_tls
+    changed = {key for key in restart_keys if setting(started, key) != setting(new, key)}
+    if started.health_check.enabled and (
+        started.effective_routes() != new.effective_routes() or started.upstream_tls != new.upstream_tls
     ):
         changed.add("health_check")
     return sorted(changed)
+
+
+def in_force(started: Settings, new: Settings, restart_keys: tuple[str, ...]) -> Settings:
+    """`new` as it runs after a reload: the `restart_keys` still the start's
+    (what `GET /api/config` shows)."""
+    for key in restart_keys:
+        new = _replaced(new, key.split("."), setting(started, key))
+    return new
+
+
+def _replaced(model: Any, path: list[str], value: object) -> Any:
+    """`model` with the setting at `path` set to `value` (a copy)."""
+    head, *rest = path
+    return model.model_copy(update={head: _replaced(getattr(model, head), rest, value) if rest else value})
 
 
 def build_gate(settings: Settings, observers: Observers | None = None) -> EngineGate:
@@ -342,9 +374,9 @@ async def serve(
             _reload_logged(started[0])
 
     loop.add_signal_handler(signal.SIGHUP, reload_on_hup)
-    fdlimit.fit_logged(settings)  # process-wide, as tune_gc: only here, not in `start`
+    fitted = fdlimit.fit_logged(settings)  # process-wide, as tune_gc: only here, not in `start`
     running = await start(settings, sources=sources, stop=stop)
-    running.observers.add(fdlimit.FdLimitFitter())
+    running.observers.add(fdlimit.FdLimitFitter(fitted))
     started.append(running)
     tune_gc()
     if on_started is not None:

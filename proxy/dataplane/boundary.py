@@ -52,6 +52,22 @@ _WARNING_REASONS = frozenset(
 REJECTION_LOG_INTERVAL = 10.0  # seconds: at most one log line per reason this often
 
 
+# The status loopwatch answered an upgrade with when its upstream handshake
+# failed without the upstream's answer (docs/relay.md, "The upstream's
+# answer"; the listener's `ConnectError::status` and handshake errors); a
+# client that left first got none (`client_closed`).
+ERROR_STATUS: dict[str, int] = {
+    "connect": 502, "tls": 502, "bad_response": 502, "closed": 502, "timeout": 504,
+    "fd_limit": 503, "shutting_down": 503,
+}  # fmt: skip
+
+
+def handshake_status(status: int | None, error: str | None) -> int | None:
+    """The HTTP status the client got for a failed upstream handshake: the
+    upstream's, or loopwatch's own; None when the client left first."""
+    return status if status is not None else ERROR_STATUS.get(error or "")
+
+
 def handshake_outcome(status: int | None, error: str | None) -> str:
     """A failed upstream handshake as an attempt's `outcome` (the attempts
     metric, the access log): the upstream answered (`upstream_refused`), the

@@ -15,7 +15,7 @@ import random
 from typing import TYPE_CHECKING, Any
 
 from ...detectors.actions import BreakerTransition, CloseConnection, CooldownEnded, CooldownStarted
-from ..dataplane.boundary import handshake_outcome
+from ..dataplane.boundary import handshake_outcome, handshake_status
 from .logs import event
 from .observers import Observer, trace_context
 
@@ -116,14 +116,20 @@ class EventLogObserver(Observer):
         if self.access == "off" or not self._sampled():
             return
         refusal = conn.refusal
-        retry = round(refusal.retry_after, 3) if refusal is not None else None
-        self._access(conn, outcome="refused", reason=event_.reason, retry_after=retry)
+        if refusal is None:  # refused by the table alone: how it was answered is not on record
+            self._access(conn, outcome="refused", reason=event_.reason)
+            return
+        # What the client got: the refusal's status, or a 101 and the close code.
+        answer = {"status": refusal.status} if refusal.how == "http" else {"status": 101, "code": refusal.status}
+        self._access(conn, outcome="refused", **answer, reason=event_.reason, retry_after=round(refusal.retry_after, 3))
 
     def on_handshake_failed(self, conn: Connection, event_: ev.HandshakeFailed) -> None:
         if self.access == "off" or not self._sampled():
             return
+        status = handshake_status(event_.status, event_.error)
+        fields = {} if status is None else {"status": status}  # none for a client that left first
         self._access(
-            conn, outcome=handshake_outcome(event_.status, event_.error), status=event_.status, error=event_.error,
+            conn, outcome=handshake_outcome(event_.status, event_.error), **fields, error=event_.error,
             handshake_duration=round(event_.t - conn.t0, 6),
         )
 
