@@ -142,6 +142,7 @@ async def test_an_attempt_the_table_admitted_but_the_engine_refuses_is_closed_on
         assert f"{name}@127.0.0.1" in lw.plane.table  # type: ignore[attr-defined]
         code, _ = await attempt(url)
         assert code == 1013 and backend.upgrades[name] == 1 and driver.late_refusals == 1
+        await wait_for(lw.plane.settled)  # that refusal's event reached the brain (seen late under load)
         text = await scrape(lw.admin_port)
         assert 'loopwatch_enforcement_lag_total{kind="late_refusal"} 1.0' in text
         refused = names.index(name) + 2  # every attempt counted once
