@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -12,8 +13,12 @@ from ... import __version__
 from ..admin.client import COMMANDS as OPERATOR_COMMANDS
 from ..admin.client import add_commands as add_operator_commands
 from ..admin.client import run_command as run_operator_command
-from ..observe.logs import LogSetup, setup_logging
-from .settings import ConfigError, dump_settings, ignored_service_links, load_settings
+from ..observe.logs import setup_logging
+from ..observe.observers import Observer
+from .settings import ConfigError, Settings, dump_settings, ignored_service_links, load_settings
+
+if TYPE_CHECKING:
+    from ..observe.settings import LogSettings
 
 SERVICE_LINKS_HINT = (
     "Kubernetes service links (a Service named loopwatch or loopwatch-...), not settings; "
@@ -127,6 +132,21 @@ def main(argv: list[str] | None = None) -> int:
 
         return export_main(args.dir, force=args.force)
     raise AssertionError(args.command)
+
+
+class LogSetup(Observer):
+    """Keeps the process's log lines as `logging:` says (level and format)
+    across reloads: `loopwatch run` sets them up at start and adds this."""
+
+    name = "log_setup"
+
+    def __init__(self, applied: LogSettings):
+        self.applied = applied
+
+    def on_config(self, settings: Settings, info: dict[str, Any]) -> None:
+        if info.get("result") == "ok" and settings.logging != self.applied:
+            self.applied = settings.logging
+            setup_logging(self.applied.level, self.applied.format)
 
 
 def check_config_main(path: str) -> int:

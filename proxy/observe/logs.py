@@ -11,13 +11,6 @@ import json
 import logging
 import sys
 import time
-from typing import TYPE_CHECKING, Any
-
-from .observers import Observer
-
-if TYPE_CHECKING:
-    from ..app.settings import Settings
-    from .settings import LogSettings
 
 
 class JsonFormatter(logging.Formatter):
@@ -55,21 +48,6 @@ def setup_logging(level: str = "info", fmt: str = "json") -> None:
     root.setLevel(level.upper())
     # aiohttp's access log duplicates ours and logs every admin scrape.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-
-
-class LogSetup(Observer):
-    """Keeps the process's log lines as `logging:` says (level and format)
-    across reloads: `loopwatch run` sets them up at start and adds this."""
-
-    name = "log_setup"
-
-    def __init__(self, applied: LogSettings):
-        self.applied = applied
-
-    def on_config(self, settings: Settings, info: dict[str, Any]) -> None:
-        if info.get("result") == "ok" and settings.logging != self.applied:
-            self.applied = settings.logging
-            setup_logging(self.applied.level, self.applied.format)
 
 
 def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields: object) -> None:
