@@ -40,6 +40,7 @@ from .rules import RULE_NAMES, RULES
 from .settings import BreakerSettings, DetectionSettings, Mode, PolicySettings, RuleSettings
 from .shared import SharedCooldown
 from .state import INF, NEVER, Addresses, ClientState, ClientStore, MemoryStore
+from .units import MAX_DURATION
 from .views import BreakerView, ClientView, EngineSnapshot
 
 # Which rules a call may enforce (start a cooldown for).
@@ -735,7 +736,10 @@ class Engine:
         counting it once per replica would multiply it. True if adopted.
         """
         state = self._client(cooldown.key, t)
-        until = t + cooldown.remaining
+        # No longer than this replica would ever set it (an operator's: 366
+        # days; a rule's: policy.cooldown.max): it came off the network.
+        longest = MAX_DURATION if cooldown.rule == "manual" else self._policy.settings.cooldown.max
+        until = t + min(cooldown.remaining, longest)
         memory = self._policy.settings.cooldown.memory
         state.cool_repeat = max(state.cool_repeat, cooldown.repeat)
         state.keep_until = max(state.keep_until, until + memory)

@@ -9,6 +9,7 @@ recording and replay: a flat JSON object with a ``"type"`` field.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, Literal, TypeAlias
@@ -150,7 +151,7 @@ def _check(cls: type[Event], kind: str, kw: dict[str, Any]) -> None:
     expect("key", isinstance(kw["key"], str), "a string")
     expect("route", isinstance(kw["route"], str), "a string")
     t = kw["t"]
-    expect("t", isinstance(t, int | float) and not isinstance(t, bool), "a number of seconds")
+    expect("t", _is_finite(t), "a number of seconds")
     kw["t"] = float(t)
     if cls is Attempt:
         expect("addr", isinstance(kw["addr"], str), "a string")
@@ -158,20 +159,25 @@ def _check(cls: type[Event], kind: str, kw: dict[str, Any]) -> None:
         expect("reason", isinstance(kw["reason"], str), "a string")
     elif cls is HandshakeFailed:
         status = kw["status"]
-        expect("status", status is None or _is_int(status), "an HTTP status or null")
+        expect("status", status is None or (_is_int(status) and 100 <= status <= 999), "an HTTP status or null")
         expect("error", kw["error"] is None or isinstance(kw["error"], str), "a string or null")
     elif cls is Answered:
         pass  # key, route and t only
     else:
         expect("conn_id", _is_int(kw["conn_id"]) or isinstance(kw["conn_id"], str), "an int or string")
         if cls is Closed:
-            expect("code", _is_int(kw["code"]), "a close code")
+            expect("code", _is_int(kw["code"]) and 0 <= kw["code"] <= 0xFFFF, "a close code")
             expect("reason", isinstance(kw["reason"], str), "a string")
             expect("initiator", kw["initiator"] in INITIATORS, f"one of {list(INITIATORS)}")
             d = kw["duration"]
-            expect("duration", isinstance(d, int | float) and not isinstance(d, bool), "seconds")
+            expect("duration", _is_finite(d), "seconds")
             kw["duration"] = float(d)
 
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: object) -> bool:
+    """A number of seconds (not NaN or infinite: JSON from other tools may say so)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

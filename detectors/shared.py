@@ -167,7 +167,7 @@ def decode(payload: bytes, t: float = 0.0) -> tuple[str, list[Message]]:
     try:
         origin = origin_b.decode()
         items = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested beyond reason
         raise ValueError(f"not a JSON batch: {e}") from None
     if not isinstance(items, list):
         raise ValueError("expected a list of messages")
@@ -185,13 +185,13 @@ def _message(item: object, origin: str, t: float) -> Message:
             return RemoteEvent(Rejected(item[1], item[2], t, item[3]))
         if kind == "h" and n == 5 and _strs(item[1:3]):
             status, error = item[3], item[4]
-            if (status is None or _int(status)) and (error is None or isinstance(error, str)):
+            if (status is None or (_int(status) and 100 <= status <= 999)) and (error is None or isinstance(error, str)):
                 return RemoteEvent(HandshakeFailed(item[1], item[2], t, status, error))
         if kind == "o" and n == 4 and _strs(item[1:3]) and _conn(item[3]):
             return RemoteEvent(Opened(item[1], item[2], t, remote_conn_id(origin, item[3])))
         if kind == "c" and n == 8 and _strs(item[1:3]) and _conn(item[3]):
             code, reason, initiator, duration = item[4:]
-            if _int(code) and isinstance(reason, str) and initiator in INITIATORS and _number(duration):
+            if _code(code) and isinstance(reason, str) and initiator in INITIATORS and _number(duration):
                 conn = remote_conn_id(origin, item[3])
                 return RemoteEvent(Closed(item[1], item[2], t, conn, code, reason, initiator, float(duration)))
         if kind == "C" and n == 7:
@@ -209,7 +209,7 @@ def _message(item: object, origin: str, t: float) -> Message:
             return Release(item[1])
         if kind == "K" and n == 6:
             replica, conn_id, key, code, reason = item[1:]
-            if _strs((replica, key, reason)) and _conn(conn_id) and _int(code):
+            if _strs((replica, key, reason)) and _conn(conn_id) and _code(code) and 1000 <= code <= 4999:
                 return CloseRequest(replica, conn_id, key, code, reason)
     except TypeError:
         pass  # e.g. a non-finite check on something that is no number
@@ -228,8 +228,14 @@ def _int(value: object) -> bool:
     return type(value) is int
 
 
+def _code(value: object) -> bool:
+    """A close code as a frame carries it (16 bits)."""
+    return type(value) is int and 0 <= value <= 0xFFFF
+
+
 def _conn(value: object) -> bool:
-    return type(value) is int or type(value) is str
+    """A connection id: the data plane's (64 bits) or a string."""
+    return (type(value) is int and 0 <= value < 1 << 64) or type(value) is str
 
 
 def _number(value: object) -> bool:

@@ -364,3 +364,28 @@ async def test_fail_closed_readiness_follows_redis(tmp_path: Path) -> None:
             assert await ready(a) == 200
     finally:
         server.stop()
+
+
+async def test_hostile_entries_in_the_store_stop_neither_enforcement_nor_sharing(redis_server: RedisServer) -> None:
+    """What another (compromised) replica or anyone with the Redis password can
+    write: a cooldown of 1e12 s on the channel, and a cooldown key whose tail is
+    Infinity. The first used to make every write to the enforcement table fail
+    (looping clients reached the backend on every replica); the second made
+    every resync fail (state_store_down/up ten times a second)."""
+    prefix = "lw-hostile:"
+    async with demo_backend() as backend, redis_client(redis_server) as rc:
+        await rc.set(f"{prefix}cool:evil@10.6.6.6".encode(),
+                     b'{"tail_ms": Infinity, "rule": "x", "repeat": 1, "enforced": true}', px=600_000)  # fmt: skip
+        upstream = f"ws://127.0.0.1:{backend.port}"
+        async with loopwatch(upstream, **overrides(redis_server.url, "a", prefix)) as a:
+            await wait_for(lambda: store(a).up)
+            victim = "victim@10.6.6.7"
+            await rc.publish(f"{prefix}events", b'lw1 evil\n[["C", "%s", 1e12, "auth_failure_loop", 1, true, false]]'
+                             % victim.encode())  # fmt: skip
+            await wait_for(lambda: in_cooldown(a, victim))
+            assert tracked(a, victim).cooldown_remaining <= a.settings.policy.cooldown.max
+            seen = [await attempt(ws(a, "loop")) for _ in range(CRITICAL + 2)]
+            assert codes(seen) == [1008] * CRITICAL + [1013, 1013]
+            assert backend.upgrades["loop"] == CRITICAL
+            assert (await scrape(a))["loopwatch_state_store_up"] == 1.0
+            assert store(a).up

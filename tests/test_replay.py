@@ -296,6 +296,28 @@ def test_corrupt_and_truncated_lines_are_reported_with_their_number_and_skipped(
     assert "1 client(s) would be flagged" in out and "auth_failure_loop" in out and "consecutive=3" in out
 
 
+def test_hostile_lines_are_skipped_not_a_crash(tmp_path: Path) -> None:
+    """Nesting beyond reason, numbers no close code or clock holds: each line
+    reported and skipped (they ended the replay with a traceback)."""
+    attempt = {"type": "attempt", "key": "k", "route": "/", "t": 1.0, "addr": "127.0.0.1"}
+    closed = {"type": "closed", "key": "k", "route": "/", "t": 2.0, "conn_id": 1, "code": 10**26, "reason": "",
+              "initiator": "client", "duration": 0.1}  # fmt: skip
+    path = tmp_path / "hostile.jsonl"
+    path.write_text("\n".join([
+        "[" * 100_000 + "]" * 100_000,
+        json.dumps(closed),
+        json.dumps({**attempt, "t": float("nan")}),
+        json.dumps({**closed, "code": 1000, "duration": float("inf")}),
+        json.dumps({"type": "handshake_failed", "key": "k", "route": "/", "t": 2.0, "status": 10**20, "error": None}),
+        json.dumps(attempt),
+    ]) + "\n")  # fmt: skip
+    report = replay([str(path)], defaults())
+    assert [(c.line, c.error.split(":")[0]) for c in report.corrupt] == [
+        (1, "invalid JSON"), (2, "closed.code"), (3, "attempt.t"), (4, "closed.duration"), (5, "handshake_failed.status"),
+    ]  # fmt: skip
+    assert report.events == 1
+
+
 def test_replay_command_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["replay", str(tmp_path / "missing.jsonl")]) == 2
     assert "no such file" in capsys.readouterr().err

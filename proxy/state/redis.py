@@ -474,5 +474,5 @@ class RedisStateStore(Observer):
             return SharedCooldown(
                 client, (pttl - tail) / 1000, str(data["rule"]), int(data["repeat"]), bool(data["enforced"])
             )
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-            return None
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, ArithmeticError, RecursionError):
+            return None  # not one of ours (Infinity, 1e999, nested beyond reason …): skipped, not fatal

@@ -240,7 +240,7 @@ def _read_lines(
         except UnicodeDecodeError:
             report.corrupt.append(Corrupt(path, number, "not UTF-8 text"))
             continue
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: nested beyond reason
             truncated = not raw.endswith(b"\n")
             what = "truncated line (no newline at the end of the file)" if truncated else "invalid JSON"
             report.corrupt.append(Corrupt(path, number, f"{what}: {e}"))

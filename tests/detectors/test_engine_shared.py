@@ -163,6 +163,20 @@ def test_an_operators_cooldown_replaces_a_longer_one() -> None:
     assert e.admit(Attempt(K, "/ws", 2.5)).admitted
 
 
+def test_an_adopted_cooldown_is_no_longer_than_this_replica_would_set() -> None:
+    """It came off the network: a rule's is capped at policy.cooldown.max, an
+    operator's at 366 days. Years (1e12 s) used to reach the enforcement
+    table, which refused the write, and every write after it failed."""
+    e = engine()
+    assert e.adopt_cooldown(shared.SharedCooldown(K, 1e12, "auth_failure_loop", 1), 0.0)
+    longest = e.policy.cooldown.max
+    assert e.client(K, 0.0).cooldown_until == pytest.approx(longest)  # type: ignore[union-attr]
+    assert e.enforcement(K, 0.0).cooldown.until == pytest.approx(longest)  # type: ignore[union-attr]
+    other = "other@10.0.0.9"
+    assert e.adopt_cooldown(shared.SharedCooldown(other, 1e12, "manual", 1, force=True), 0.0)
+    assert e.client(other, 0.0).cooldown_until == pytest.approx(366 * 86400.0)  # type: ignore[union-attr]
+
+
 def test_an_enforced_cooldown_beats_an_observed_one() -> None:
     e = engine()
     e.adopt_cooldown(shared.SharedCooldown(K, 60.0, "auth_failure_loop", 1, enforced=False), 0.0)
@@ -283,6 +297,15 @@ def test_every_message_survives_the_wire() -> None:
         b'lw1 a\n[["C", "k", NaN, "r", 1, true, false]]',
         b'lw1 a\n[["c", "k", "/", 1, 1008, "", "nobody", 0.1]]',
         b'lw1 a\n[["K", "b", true, "k", 1008, ""]]',
+        # Numbers no frame or connection id holds, and nesting beyond reason:
+        # each a ValueError, not an OverflowError or RecursionError that ended
+        # the replica's session with the store.
+        b'lw1 a\n[["c", "k", "/", 1, 18446744073709551617, "", "client", 0.1]]',
+        b'lw1 a\n[["K", "b", 18446744073709551616, "k", 1008, ""]]',
+        b'lw1 a\n[["K", "b", 1, "k", 70000, ""]]',
+        b'lw1 a\n[["K", "b", -1, "k", 1008, ""]]',
+        b'lw1 a\n[["h", "k", "/", 100000000000000000000, null]]',
+        b"lw1 a\n" + b"[" * 100_000 + b"]" * 100_000,
     ],
 )
 def test_a_bad_batch_is_a_value_error(payload: bytes) -> None:
