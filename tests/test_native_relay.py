@@ -291,6 +291,22 @@ async def test_an_idle_connection_is_closed_with_1001() -> None:
         assert await asyncio.wait_for(backend.closes.get(), 5) == (1001, "loopwatch: idle timeout")
 
 
+async def test_the_idle_timeout_counts_from_the_last_traffic() -> None:
+    """Closed between the timeout and a quarter more after the last message
+    (the check runs in quarters of it); checked once per timeout, traffic
+    just after a check kept the connection up to twice the timeout."""
+    async with echo_server() as backend, native(backend.url, idle_timeout=2.0) as running:
+        async with client(running) as ws:
+            await asyncio.sleep(0.1)
+            await ws.send("once")
+            assert await ws.recv() == "once"
+            last = time.monotonic()
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 10)
+            silence = time.monotonic() - last
+        assert 1.9 <= silence < 3.2, silence  # at most 2.5, with room for a loaded machine
+
+
 async def test_stop_closes_live_websockets_with_1001_on_both_legs() -> None:
     async with echo_server() as backend, native(backend.url) as running:
         sockets = [await client(running) for _ in range(3)]
@@ -353,19 +369,19 @@ async def test_counters_answer_while_a_stop_waits_out_its_grace() -> None:
         stopped = threading.Event()
 
         def stop() -> int:
-            left = running.listener.stop(10.0)
+            left = running.listener.stop(3.0)
             stopped.set()
             return left
 
         stopping = asyncio.create_task(asyncio.to_thread(stop))
-        # Neither peer answers the 1001: the relay waits for them (CLOSE_GRACE),
-        # and the stop with it.
+        # Neither peer answers the 1001: the relay waits for them (the stop's
+        # grace), and the stop with it.
         assert (await raw.read_frame()).close == (1001, "loopwatch: shutting down")
         assert not running.listener.running
         stats, live = running.listener.stats(), running.listener.live()
         assert not stopped.is_set()
         assert stats.relays == 1 and [c.conn_id for c in live] == [1]  # still in its grace
-        assert await asyncio.wait_for(stopping, 15) == 0  # cut at CLOSE_GRACE, before the grace
+        assert await asyncio.wait_for(stopping, 15) == 0  # nobody answered: reset just before the grace's end
         assert running.listener.stats().relays == 0
         raw.abort()
         conn.writer.transport.abort()

@@ -13,6 +13,7 @@ use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::sync::{oneshot, Notify};
@@ -302,11 +303,15 @@ impl LiveTraffic {
     }
 }
 
-/// A close the brain asks of a relay: the code and reason both legs get.
+/// A close the brain (or the drain) asks of a relay: the code and reason
+/// both legs get, and how long the peers then have to answer, and a frame in
+/// flight to end, before their connections are cut (`relay::CLOSE_GRACE`;
+/// the drain's: `limits.shutdown_timeout`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloseCommand {
     pub code: u16,
     pub reason: String,
+    pub grace: Duration,
 }
 
 struct RelayEntry {
@@ -597,6 +602,7 @@ impl Addresses {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::relay::CLOSE_GRACE;
 
     #[test]
     fn holds_are_bounded_in_all_and_per_key_and_released_by_key() {
@@ -639,11 +645,13 @@ mod tests {
         let command = CloseCommand {
             code: 1008,
             reason: "bye".into(),
+            grace: CLOSE_GRACE,
         };
         assert!(relays.close(7, command.clone()));
         let second = CloseCommand {
             code: 1001,
             reason: "later".into(),
+            grace: CLOSE_GRACE,
         };
         assert!(
             relays.close(7, second),
@@ -666,10 +674,12 @@ mod tests {
         let brain = CloseCommand {
             code: 1008,
             reason: "policy".into(),
+            grace: CLOSE_GRACE,
         };
         let drain = CloseCommand {
             code: 1001,
             reason: "loopwatch: shutting down".into(),
+            grace: CLOSE_GRACE,
         };
         assert!(relays.close(2, brain.clone()));
         relays.close_all(drain.clone());

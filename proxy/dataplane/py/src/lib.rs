@@ -453,6 +453,7 @@ impl Listener {
         let command = CloseCommand {
             code,
             reason: reason.to_owned(),
+            grace: relay::CLOSE_GRACE,
         };
         Ok(py.detach(|| self.shared.relays.close(conn_id, command)))
     }

@@ -614,7 +614,12 @@ impl Server {
             return 0;
         };
         let _ = self.stop.send(true);
-        self.shared.relays.close_all(shutdown_close());
+        // The relays' own grace ends just before the drain's: a peer still
+        // silent is reset by its relay, which reports the connection's end
+        // (Closed) before the runtime stops.
+        self.shared
+            .relays
+            .close_all(shutdown_close(grace.saturating_sub(DRAIN_MARGIN)));
         let shared = Arc::clone(&self.shared);
         let left = runtime.block_on(async move {
             shared.pool.clear(); // idle upstream connections end now
@@ -638,11 +643,17 @@ impl Server {
     }
 }
 
-/// The drain's close of every WebSocket, both legs.
-fn shutdown_close() -> CloseCommand {
+/// What the relays leave of the drain's grace for their ends to be reported.
+const DRAIN_MARGIN: Duration = Duration::from_millis(200);
+
+/// The drain's close of every WebSocket, both legs: the peers' answers, and
+/// a frame in flight (an upload), have `grace` (`limits.shutdown_timeout`,
+/// less `DRAIN_MARGIN`).
+fn shutdown_close(grace: Duration) -> CloseCommand {
     CloseCommand {
         code: 1001,
         reason: crate::conn::SHUTTING_DOWN.to_owned(),
+        grace,
     }
 }
 

@@ -60,6 +60,13 @@ const READ_SIZE: usize = 32 * 1024;
 /// How long a proxy-initiated close waits for a frame boundary and for the
 /// peers' replies.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// The idle timeout is watched in this many slices of it: a connection is
+/// closed after that many quiet slices in a row, so between the timeout and a
+/// slice more after its last traffic (one check per slice: a timer re-armed
+/// at every message would cost every message; checked once per timeout, a
+/// connection could stay up to twice the timeout).
+const IDLE_SLICES: u8 = 4;
 /// Bytes a direction passes unparsed after a protocol error, from the
 /// offending frame's first byte (capped by the message size limit): enough
 /// for a peer to read the bad frame and fail the connection.
@@ -377,7 +384,10 @@ pub struct Relay<C: Transport, U: Transport> {
     reported: bool,
     idle_timeout: Option<Duration>,
     activity: u64,
+    /// The start of the idle timeout's current slice.
     idle_since: Instant,
+    /// Slices in a row without traffic (`check_idle`).
+    quiet: u8,
     /// The counts so far, for the brain's `live()`.
     live: Arc<LiveTraffic>,
     /// The brain's close (`Listener.close`), until it came.
@@ -423,6 +433,7 @@ impl<C: Transport, U: Transport> Relay<C, U> {
             idle_timeout: limits.idle_timeout,
             activity: 0,
             idle_since: Instant::now(),
+            quiet: 0,
             live: control.traffic,
             commands: Some(control.commands),
         }
@@ -487,7 +498,10 @@ impl<C: Transport, U: Transport> Relay<C, U> {
                 // The phase's deadline (the proxy's close grace, or a peer's
                 // answer to a protocol error passed on); the idle timeout,
                 // until the proxy closes.
-                let idle = || self.idle_timeout.map(|t| self.idle_since + t);
+                let idle = || {
+                    self.idle_timeout
+                        .map(|t| self.idle_since + t / u32::from(IDLE_SLICES))
+                };
                 let (deadline, idle_at) = match self.phase {
                     Phase::Done => return Poll::Ready(()),
                     Phase::Closing { until } => (Some(until), None),
@@ -512,8 +526,13 @@ impl<C: Transport, U: Transport> Relay<C, U> {
                 if let Some(commands) = self.commands.as_mut() {
                     if let Poll::Ready(command) = std::pin::Pin::new(commands).poll(cx) {
                         self.commands = None;
-                        if let Ok(CloseCommand { code, reason }) = command {
-                            self.close(code, &reason);
+                        if let Ok(CloseCommand {
+                            code,
+                            reason,
+                            grace,
+                        }) = command
+                        {
+                            self.close_within(code, &reason, grace);
                         }
                         continue;
                     }
@@ -677,8 +696,15 @@ impl<C: Transport, U: Transport> Relay<C, U> {
         }
         let o = other(i);
         let half_closes = self.streams.peek(o).is_some_and(|s| s.can_write_eof());
-        if self.legs[o].closed || self.legs[o].eof || !half_closes {
-            // Both halves are shut, or the other stream cannot shut one (TLS).
+        let handshake_done =
+            leg.watcher.close().is_some() && self.legs[o].watcher.close().is_some();
+        if self.legs[o].closed || self.legs[o].eof || !half_closes || handshake_done {
+            // Both halves are shut; or the other stream cannot shut one (TLS);
+            // or both close frames went by, so nothing may follow (RFC 6455
+            // §5.5.1) and a TCP end closes the connection (§7.1.1; nginx and
+            // HAProxy close both): a peer that keeps its socket open would
+            // otherwise hold both, and its address's share, until the idle
+            // timeout.
             self.close_leg(o);
             return false;
         }
@@ -866,11 +892,17 @@ impl<C: Transport, U: Transport> Relay<C, U> {
     /// at a frame boundary, then each leg closes once it answered, or at the
     /// grace deadline (`Relay.close`).
     pub fn close(&mut self, code: u16, reason: &str) {
+        self.close_within(code, reason, CLOSE_GRACE);
+    }
+
+    /// `close`, the peers given `grace` to answer (and a frame in flight
+    /// to end) before their connections are cut.
+    fn close_within(&mut self, code: u16, reason: &str, grace: Duration) {
         if matches!(self.phase, Phase::Closing { .. } | Phase::Done) {
             return;
         }
         self.enter(Phase::Closing {
-            until: Instant::now() + CLOSE_GRACE,
+            until: Instant::now() + grace,
         });
         self.initiator.get_or_insert(Initiator::Proxy);
         self.proxy_close = Some(Box::new((code, reason.to_owned())));
@@ -1076,16 +1108,23 @@ impl<C: Transport, U: Transport> Relay<C, U> {
         self.enter(Phase::Done);
     }
 
+    /// The end of a slice of the idle timeout: closed once `IDLE_SLICES`
+    /// slices in a row saw no traffic.
     fn check_idle(&mut self) {
         let [c, u] = &self.legs;
         let activity =
             c.watcher.frames + u.watcher.frames + c.watcher.message_bytes + u.watcher.message_bytes;
         if activity != self.activity {
             self.activity = activity;
-            self.idle_since = Instant::now();
+            self.quiet = 0;
         } else {
-            self.close(1001, "loopwatch: idle timeout");
+            self.quiet += 1;
+            if self.quiet >= IDLE_SLICES {
+                self.close(1001, "loopwatch: idle timeout");
+                return;
+            }
         }
+        self.idle_since = Instant::now();
     }
 
     /// The first close frame seen, the proxy's own close, or 1006 when a side
@@ -1359,6 +1398,7 @@ mod tests {
         let command = CloseCommand {
             code: 1001,
             reason: "bye".into(),
+            grace: CLOSE_GRACE,
         };
         assert!(s.relays.close(1, command));
         assert_eq!(read_close(&mut s.client).await, (1001, false));
@@ -1378,6 +1418,67 @@ mod tests {
             (info.code, info.reason.as_str(), info.initiator),
             (1001, "bye", Initiator::Proxy)
         );
+    }
+
+    /// Both close frames went by, then the upstream ends its TCP connection
+    /// (RFC 6455 §7.1.1): the client's connection closes too, though the
+    /// client keeps its socket open (it was kept, with the upstream's, until
+    /// the idle timeout).
+    #[tokio::test]
+    async fn a_tcp_end_after_the_close_handshake_ends_both() {
+        let mut s = splice().await;
+        let from_upstream = unmasked(0x88, &1008u16.to_be_bytes());
+        s.upstream.write_all(&from_upstream).await.unwrap();
+        assert_eq!(
+            read_n(&mut s.client, from_upstream.len()).await,
+            from_upstream
+        );
+        let reply = masked(0x88, &1008u16.to_be_bytes());
+        s.client.write_all(&reply).await.unwrap();
+        assert_eq!(read_n(&mut s.upstream, reply.len()).await, reply);
+        s.upstream.shutdown().await.unwrap();
+        assert!(read_to_end(&mut s.client).await.is_empty()); // closed, not half-closed
+        let info = tokio::time::timeout(Duration::from_secs(5), s.ended)
+            .await
+            .expect("ended without the client's own close")
+            .unwrap();
+        assert_eq!((info.code, info.initiator), (1008, Initiator::Upstream));
+    }
+
+    /// A half-close before the handshake is done stays one: the client's
+    /// close frame and FIN go on, and the upstream's reply still comes back.
+    #[tokio::test]
+    async fn a_half_close_before_the_reply_is_passed_on() {
+        let mut s = splice().await;
+        let close = masked(0x88, &1000u16.to_be_bytes());
+        s.client.write_all(&close).await.unwrap();
+        s.client.shutdown().await.unwrap();
+        assert_eq!(read_to_end(&mut s.upstream).await, close); // the frame, then the FIN
+        let reply = unmasked(0x88, &1000u16.to_be_bytes());
+        s.upstream.write_all(&reply).await.unwrap();
+        assert_eq!(read_n(&mut s.client, reply.len()).await, reply);
+        let info = ended(s).await;
+        assert_eq!((info.code, info.initiator), (1000, Initiator::Client));
+    }
+
+    /// The drain's close gives a frame in flight its grace, not `CLOSE_GRACE`.
+    #[tokio::test]
+    async fn a_close_with_a_longer_grace_lets_the_frame_in_flight_end() {
+        let mut s = splice().await;
+        let frame = masked(0x82, b"0123456789");
+        s.client.write_all(&frame[..5]).await.unwrap();
+        assert_eq!(read_n(&mut s.upstream, 5).await, frame[..5]);
+        let command = CloseCommand {
+            code: 1001,
+            reason: "loopwatch: shutting down".into(),
+            grace: CLOSE_GRACE * 2,
+        };
+        assert!(s.relays.close(1, command));
+        assert_eq!(read_close(&mut s.client).await, (1001, false));
+        tokio::time::sleep(CLOSE_GRACE + Duration::from_millis(300)).await;
+        s.client.write_all(&frame[5..]).await.unwrap(); // past CLOSE_GRACE, within its grace
+        assert_eq!(read_n(&mut s.upstream, frame.len() - 5).await, frame[5..]);
+        assert_eq!(read_close(&mut s.upstream).await, (1001, true));
     }
 
     /// Answering → Open → Closing: a protocol error nobody answers within
