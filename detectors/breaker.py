@@ -7,7 +7,14 @@
   probed less and less often), then it goes HALF_OPEN.
 * HALF_OPEN: ``half_open_probes`` attempts are let through. All succeed ⇒
   CLOSED; one fails (or a probe has no outcome within ``probe_timeout``) ⇒
-  OPEN again, with a longer wait.
+  OPEN again, with a longer wait. A client whose probe failed gets no probe
+  again until the breaker closes: the first in at every half-open, one
+  looping client would otherwise fail every probe and keep the breaker open
+  for everyone. The caller names clients (``who``); the breaker keeps up to
+  ``MAX_FAILED_PROBERS`` of them.
+* CLOSED with ``pending``: calls under way that have not failed yet count
+  with the calls (the auth breaker's connections not yet old enough to be
+  successes), so that the failures that come first do not make the ratio.
 * Any state ⇒ CLOSED by an operator's reset.
 
 Every change of state goes through ``_move``, which checks the table, so an
@@ -55,6 +62,7 @@ class IllegalTransition(Exception):
 # What ``permit`` answers.
 ALLOW, PROBE, REFUSE = 0, 1, 2
 _CALLS, _FAILURES = 0, 1
+MAX_FAILED_PROBERS = 1024  # clients kept out of the probes; beyond it, no more are
 _NO_TRANSITIONS: tuple[BreakerTransition, ...] = ()
 
 
@@ -72,6 +80,7 @@ class CircuitBreaker:
         "probes_succeeded",
         "probes_in_flight",
         "probe_deadline",
+        "failed_probers",
         "transitions_total",
     )
 
@@ -88,6 +97,7 @@ class CircuitBreaker:
         self.probes_succeeded = 0
         self.probes_in_flight = 0
         self.probe_deadline = math.inf
+        self.failed_probers: set[str] = set()  # since the breaker last closed
         self.transitions_total: dict[str, int] = {s.value: 0 for s in BreakerState}
 
     # --- configuration -------------------------------------------------------
@@ -124,6 +134,7 @@ class CircuitBreaker:
         else:
             self.closed_at = t
             self._window.clear()
+            self.failed_probers.clear()
         return transition
 
     def transition(self, to: BreakerState, t: float) -> BreakerTransition:
@@ -165,11 +176,16 @@ class CircuitBreaker:
 
     # --- calls ---------------------------------------------------------------
 
-    def permit(self, t: float) -> int:
-        """ALLOW, PROBE or REFUSE for an attempt now (call ``advance`` first)."""
+    def permit(self, t: float, who: str | None = None) -> int:
+        """ALLOW, PROBE or REFUSE for an attempt now by client ``who`` (call
+        ``advance`` first)."""
         if self.state is CLOSED:
             return ALLOW
-        if self.state is HALF_OPEN and self.probes_permitted < self.settings.half_open_probes:
+        if (
+            self.state is HALF_OPEN
+            and self.probes_permitted < self.settings.half_open_probes
+            and who not in self.failed_probers
+        ):
             return PROBE
         return REFUSE
 
@@ -193,8 +209,12 @@ class CircuitBreaker:
             return max(min(self.probe_deadline - t, self.settings.open_wait), 0.0)
         return 0.0
 
-    def record(self, t: float, success: bool, probe: bool = False) -> tuple[BreakerTransition, ...]:
-        """Count one outcome. In HALF_OPEN only probes count; in OPEN nothing does."""
+    def record(
+        self, t: float, success: bool, probe: bool = False, *, who: str | None = None, pending: int = 0
+    ) -> tuple[BreakerTransition, ...]:
+        """Count one outcome, of client ``who``. In HALF_OPEN only probes count;
+        in OPEN nothing does. ``pending``: calls under way that have not failed
+        (CLOSED: counted with the calls for the ratio)."""
         state = self.state
         if state is CLOSED:
             if not self.settings.enabled:
@@ -204,7 +224,7 @@ class CircuitBreaker:
             if success:
                 return _NO_TRANSITIONS
             window.add(t, _FAILURES)
-            calls = window.total(t, _CALLS)
+            calls = window.total(t, _CALLS) + pending
             if calls >= self.settings.min_calls and (
                 window.total(t, _FAILURES) / calls >= self.settings.failure_ratio
             ):
@@ -213,6 +233,8 @@ class CircuitBreaker:
         if state is HALF_OPEN and probe and self.probes_in_flight:
             self.probes_in_flight -= 1
             if not success:
+                if who is not None and len(self.failed_probers) < MAX_FAILED_PROBERS:
+                    self.failed_probers.add(who)
                 return (self._trip(t),)
             self.probes_succeeded += 1
             if self.probes_succeeded >= self.settings.half_open_probes:

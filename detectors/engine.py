@@ -22,7 +22,7 @@ import heapq
 import itertools
 import math
 import random
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from operator import attrgetter, itemgetter
 
@@ -90,6 +90,7 @@ class Engine:
         # takes its connection's out (nothing of a connection outlives it).
         self._credits: OrderedDict[ConnId, Credit] = OrderedDict()
         self._credit_due = INF  # the oldest credit's due time; INF when there is none
+        self._credited: Counter[str] = Counter()  # the clients of those connections
         # Clients with a standing finding or a cooldown: few, so views and counts iterate them.
         self._notable: dict[str, ClientState] = {}
         self._flagged: dict[str, int] = dict.fromkeys(RULE_NAMES, 0)
@@ -194,7 +195,7 @@ class Engine:
                 if breaker.state is CLOSED:
                     continue
                 self._moved(breaker.advance(t))
-                verdict = breaker.permit(t)
+                verdict = breaker.permit(t, state.key)
                 if verdict == REFUSE:
                     refusal = Reject(
                         "circuit_open",
@@ -314,10 +315,13 @@ class Engine:
                 if not self._credits:
                     self._credit_due = due
                 self._credits[event.conn_id] = Credit(due, state.key)
+                self._credited[state.key] += 1
                 if due < self._floor and self._auth.state is not CLOSED:
                     self._floor = due  # a probe may be waiting for its credit
         elif isinstance(event, Closed):
-            if self._credits.pop(event.conn_id, None) is not None:
+            credit = self._credits.pop(event.conn_id, None)
+            if credit is not None:
+                self._uncredit(credit)
                 self._credit_due = _first_due(self._credits)
             opened = state.opened_at(event.conn_id)
             credited = event.duration >= d.healthy_after or (
@@ -388,13 +392,13 @@ class Engine:
 
     def _upstream_outcome(self, state: ClientState, t: float, success: bool) -> None:
         probe = bool(state.probes) and self._take_probe(state, "upstream")
-        self._moved(self._upstream.record(t, success, probe))
+        self._moved(self._upstream.record(t, success, probe, who=state.key))
 
     def _auth_outcome(self, state: ClientState, t: float, failed: bool) -> None:
         self._fleet.auth_outcome(t, failed)
         breaker = self._auth
         if state.probes and self._take_probe(state, "auth"):
-            self._moved(breaker.record(t, not failed, probe=True))
+            self._moved(breaker.record(t, not failed, probe=True, who=state.key))
             return
         self._feed_auth_breaker(state, t, failed)
 
@@ -413,7 +417,11 @@ class Engine:
             if t - state.auth_ok_fed < window:
                 return
             state.auth_ok_fed = t
-        self._moved(breaker.record(t, not failed))
+        # Clients whose connection is open and not yet old enough to be a
+        # success count as not failing: after a deploy every client reconnects,
+        # the failing few fail at once and the rest only succeed healthy_after
+        # later, so without them a few percent failing tripped the breaker.
+        self._moved(breaker.record(t, not failed, pending=len(self._credited)))
 
     def _drain_credits(self, t: float) -> None:
         """Connections that lived ``healthy_after`` are auth successes."""
@@ -423,10 +431,17 @@ class Engine:
             if credit.due > t:
                 break
             del credits[conn_id]
+            self._uncredit(credit)
             state = self._store.get(credit.key)
             if state is not None and state.opened_at(conn_id) is not None:
                 self._auth_outcome(state, credit.due, failed=False)
         self._credit_due = _first_due(credits)
+
+    def _uncredit(self, credit: Credit) -> None:
+        credited = self._credited
+        credited[credit.key] -= 1
+        if not credited[credit.key]:
+            del credited[credit.key]
 
     # --- rules, findings, cooldowns -------------------------------------------
 

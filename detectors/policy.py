@@ -5,7 +5,7 @@ them, so each piece of policy can be tested without events.
 
 Cooldown length for the n-th offence within ``memory`` of the previous one::
 
-    min(base × factor^(n−1), max) × (1 ± jitter), never above max
+    min(base × factor^(n−1), max) × (1 ± jitter), reflected below max
 
 Jitter comes from the engine's seeded ``random.Random``: clients refused
 together are told different retry times, so they do not come back in step, and
@@ -67,7 +67,9 @@ def jittered(settings: CooldownSettings, nominal: float, rng: random.Random) -> 
     if not settings.jitter:
         return nominal
     spread = nominal * (1.0 + settings.jitter * (2.0 * rng.random() - 1.0))
-    return min(spread, settings.max)
+    # Reflected at max, not cut: cut, half of the clients at the cap would be
+    # told exactly max and come back in step; reflected, they spread below it.
+    return spread if spread <= settings.max else 2.0 * settings.max - spread
 
 
 def start_cooldown(

@@ -227,3 +227,56 @@ def test_an_auth_probe_closed_1008_reopens() -> None:
     out = e.record(Closed("p", "/ws", 10.12, 1, 1008, "", "upstream", 0.01))
     assert ("auth", "half_open", "open") in transitions([out])
     assert not any(isinstance(a, CooldownStarted) for a in out.actions)
+
+
+def test_a_client_whose_probe_failed_gets_no_probe_until_the_breaker_closes() -> None:
+    """First in at every half-open, one looping client failed every probe and
+    kept the breaker open for everyone (its failures are not its fault while
+    the breaker is open: no cooldown stopped it)."""
+    e = engine()
+    upstream_down(e, 10)
+    assert e.admit(Attempt("looper", "/ws", 5.1)).admitted
+    e.record(HandshakeFailed("looper", "/ws", 5.15, 500))  # the probe failed: open for 10 s
+    t = 15.2
+    d = e.admit(Attempt("looper", "/ws", t))  # first in again
+    assert isinstance(d, Reject) and (d.reason, d.breaker) == ("circuit_open", "upstream")
+    for i in range(2):  # the probes go to others, who succeed: closed
+        probe = e.admit(Attempt(f"ok{i}", "/ws", t + 0.01))
+        assert probe.probes == ("upstream",)
+        out = e.record(Opened(f"ok{i}", "/ws", t + 0.02, 50 + i))
+    assert ("upstream", "half_open", "closed") in transitions([out])
+    assert e.admit(Attempt("looper", "/ws", t + 0.1)).admitted  # closed: like anyone
+
+
+def test_the_incidents_looper_cannot_hold_the_auth_breaker_open() -> None:
+    """The auth service recovers after an outage; one client keeps looping on a
+    bad token: the breaker closes and the looper is then put in cooldown."""
+    e = engine(auth={"min_calls": 5, "half_open_probes": 2})
+    for i in range(5):
+        e.admit(Attempt(f"u{i}", "/ws", i * 0.01))
+        e.record(HandshakeFailed(f"u{i}", "/ws", i * 0.01 + 0.005, 401))
+    sim = Sim(e, lambda key, n, t: Close(0.01, 1008) if key == "looper" else Stay())
+    sim.add(Client("looper", 1.0, fixed(0.035)))
+    for i in range(20):
+        sim.add(Client(f"user{i}", 9.0 + i * 0.5, fixed(1.0)))  # every second until in
+    log = sim.run(120.0)
+    assert e.breakers(120.0)[1].state == "closed"
+    assert all(e.client(f"user{i}", 120.0).open_connections == 1 for i in range(20))  # type: ignore[union-attr]
+    assert [c.key for c in log.cooldowns()][:1] == ["looper"]
+
+
+def test_a_few_failing_clients_in_a_reconnecting_fleet_do_not_trip_the_auth_breaker() -> None:
+    """After a deploy every client reconnects: the few with an expired token fail
+    at once, the rest only become successes healthy_after later. Connections
+    open and not yet failed count as not failing (3 % of 1 000 tripped it)."""
+    e = engine()
+    for i in range(1000):
+        key = f"user{i}"
+        t = i * 0.002
+        assert e.admit(Attempt(key, "/ws", t)).admitted
+        if i % 33 == 0:  # 3 %
+            e.record(HandshakeFailed(key, "/ws", t + 0.001, 401))
+        else:
+            e.record(Opened(key, "/ws", t + 0.001, i))
+    assert e.breakers(2.0)[1].state == "closed"
+    assert e.breakers(2.0)[1].failures >= 20  # past min_calls: the ratio decided

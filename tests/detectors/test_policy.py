@@ -43,10 +43,14 @@ def test_jitter_spreads_cooldowns_within_bounds_and_never_above_max() -> None:
     assert len(set(firsts)) > 400  # spread, not in step
     capped = ClientState("k", 0.0)
     capped.cool_repeat, capped.cool_until = 20, 0.0
+    at_cap = []
     for _ in range(200):
         d = start_cooldown(capped, C, 1.0, "r", True, rng).duration
         assert 270.0 <= d <= 300.0
+        at_cap.append(d)
         capped.cool_repeat, capped.cool_until = 20, 1.0
+    # Spread below the cap too: cut at it, about half were exactly 300 s.
+    assert at_cap.count(300.0) <= 2 and len(set(at_cap)) > 190
 
 
 def test_same_seed_same_jitter() -> None:
