@@ -595,6 +595,34 @@ async def test_config_reloads_are_counted(tmp_path: Path) -> None:
     assert value(s, "loopwatch_connection_closes_total", route="/", code="4403", initiator="upstream") == 0
 
 
+async def test_a_route_a_reload_adds_is_counted(tmp_path: Path) -> None:
+    """Its series made at the reload, at 0: its attempts failed inside the
+    metrics observer (KeyError), so it stayed invisible to the dashboard and
+    the alerts until a restart."""
+    async with demo_backend() as backend:
+        config = tmp_path / "loopwatch.yaml"
+        upstream = f"ws://127.0.0.1:{backend.port}"
+        config.write_text(f'upstream: "{upstream}"\n')
+        overrides = {"listen": "127.0.0.1:0", "admin.listen": "127.0.0.1:0"}
+        settings = load_settings(config, env={}, overrides=overrides)
+        async with telemetered(settings, sources=ConfigSources(str(config), {}, overrides)) as lw:
+            config.write_text(f'routes:\n  - {{path_prefix: "/new", upstream: "{upstream}/ws"}}\n'
+                              f'  - {{path_prefix: "/", upstream: "{upstream}"}}\n')  # fmt: skip
+            lw.reload()
+            s = series((await scrape(lw))[0])
+            assert value(s, "loopwatch_connection_attempts_total", route="/new", outcome="opened") == 0
+            token = issue_token("fresh", 300)
+            assert await attempt(f"ws://127.0.0.1:{lw.proxy_port}/new?token={token}", ["hi"]) == (1000, "")
+            expired = issue_token("stale", -60)
+            assert (await attempt(f"ws://127.0.0.1:{lw.proxy_port}/new?token={expired}"))[0] == 1008
+            await wait_for(lambda: lw.plane.settled())
+            s = series((await scrape(lw))[0])
+    assert value(s, "loopwatch_connection_attempts_total", route="/new", outcome="opened") == 2
+    assert value(s, "loopwatch_auth_failures_total", route="/new") == 1
+    assert value(s, "loopwatch_upstream_handshake_duration_seconds_count", route="/new") == 2
+    assert value(s, "loopwatch_observer_errors_total", observer="metrics") == 0
+
+
 class Boom(Observer):
     name = "boom"
 

@@ -127,11 +127,13 @@ class EventLogObserver(Observer):
         if self.access == "off" or not self._sampled():
             return
         status = handshake_status(event_.status, event_.error)
-        fields = {} if status is None else {"status": status}  # none for a client that left first
+        # Left out when unknown: no status for a client that left first, no
+        # error for an upstream that answered.
+        fields = {"status": status, "error": event_.error}
         self._access(
-            conn, outcome=handshake_outcome(event_.status, event_.error), **fields, error=event_.error,
-            handshake_duration=round(event_.t - conn.t0, 6),
-        )
+            conn, outcome=handshake_outcome(event_.status, event_.error),
+            **{k: v for k, v in fields.items() if v is not None}, handshake_duration=round(event_.t - conn.t0, 6),
+        )  # fmt: skip
 
     def on_closed(self, conn: Connection, event_: ev.Closed, stats: RelayStats) -> None:
         if self.access == "off" or not self._sampled():

@@ -116,7 +116,9 @@ class MetricsObserver(Observer):
         # The open connections' records, for an exemplar of a step without one
         # (a wake-up's finding): the runtime's LiveView (`bind`).
         self.view = view
-        self.routes = tuple(r.path_prefix for r in settings.effective_routes())
+        # Every route since the start (a reload may add some; a route's series
+        # stay once made, as a counter's must).
+        self.routes: tuple[str, ...] = ()
         self.attempts = CounterStore(
             "loopwatch_connection_attempts", "WebSocket upgrade attempts by outcome.", "route", "outcome"
         )
@@ -164,22 +166,12 @@ class MetricsObserver(Observer):
         )  # fmt: skip
         # Closed connections' messages and bytes, route -> [messages client to
         # upstream, upstream to client, bytes the same]; live ones are added at scrape time.
-        self.closed_totals = {route: [0, 0, 0, 0] for route in self.routes}
+        self.closed_totals: dict[str, list[int]] = {}
         self._precreate()
         self.reconfigure(settings)
         registry.register(_Families(self))
 
     def _precreate(self) -> None:
-        for route in self.routes:
-            for outcome in OUTCOMES:
-                self.attempts.create(route, outcome)
-            for reason in REASONS:
-                self.refusals.create(route, reason)
-            for error in HANDSHAKE_ERRORS:
-                self.handshake_errors.create(route, error)
-            self.auth_failures.create(route)
-        self.duration.create(self.routes)
-        self.handshake.create(self.routes)
         for reason in REASONS:
             self.would_reject.create(reason)
         for rule in RULE_NAMES:
@@ -190,8 +182,26 @@ class MetricsObserver(Observer):
         for result in RELOAD_RESULTS:
             self.reloads.create(result)
 
+    def _add_route(self, route: str) -> None:
+        """A route's series, at 0 (at start, or when a reload adds it)."""
+        for outcome in OUTCOMES:
+            self.attempts.create(route, outcome)
+        for reason in REASONS:
+            self.refusals.create(route, reason)
+        for error in HANDSHAKE_ERRORS:
+            self.handshake_errors.create(route, error)
+        self.auth_failures.create(route)
+        self.duration.create((route,))
+        self.handshake.create((route,))
+        self.closed_totals.setdefault(route, [0, 0, 0, 0])
+        self.routes += (route,)
+
     def reconfigure(self, settings: Settings) -> None:
-        """Settings that may change on reload: the auth codes and statuses."""
+        """Settings that may change on reload: the routes (new ones get their
+        series), the auth codes and statuses."""
+        for route in (r.path_prefix for r in settings.effective_routes()):
+            if route not in self.routes:
+                self._add_route(route)
         d = settings.detection
         self.auth_codes = frozenset(d.auth_close_codes)
         self.auth_statuses = frozenset(d.auth_statuses)
