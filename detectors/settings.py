@@ -16,11 +16,11 @@ from typing import Annotated, Any, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .units import Duration
+from .units import MAX_COUNT, Duration
 
 Mode: TypeAlias = Literal["enforce", "observe"]
 EnforceOn: TypeAlias = Literal["critical", "warning", "never"]
-PositiveInt = Annotated[int, Field(ge=1)]
+PositiveInt = Annotated[int, Field(ge=1, le=MAX_COUNT)]
 CloseCode = Annotated[int, Field(ge=1000, le=4999)]
 HttpStatus = Annotated[int, Field(ge=100, le=599)]
 # Windows and periods: zero would make a rate divide by zero or a rule meaningless.
@@ -279,10 +279,10 @@ class PolicySettings(SettingsModel):
     hold_reasons: tuple[HoldReason, ...] = Field(
         ("cooldown",), description="Refusal reasons held: cooldown, min_interval, max_concurrent, circuit_open."
     )
-    max_held: Annotated[int, Field(ge=0)] = Field(
+    max_held: Annotated[int, Field(ge=0, le=MAX_COUNT)] = Field(
         10_000, description="Most attempts held at once; beyond it refusals are immediate."
     )
-    max_held_per_key: Annotated[int, Field(ge=0)] = Field(
+    max_held_per_key: Annotated[int, Field(ge=0, le=MAX_COUNT)] = Field(
         4, description="Most attempts of one client held at once; beyond it refusals are immediate."
     )
 

@@ -26,6 +26,11 @@ _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]i?b|b)?\s*$", re.IGNORECASE)
 # mistake, and an unbounded one (1e400s is infinite) would overflow the retry
 # time a refusal carries (docs/refusals.md).
 MAX_DURATION = 366 * 86400.0
+# The largest size and count a setting takes: beyond them a value is a mistake,
+# and it would not fit the data plane's fixed-size integers (a traceback, or a
+# reload half applied, instead of an error naming the key).
+MAX_SIZE = 1 << 40  # 1 TiB
+MAX_COUNT = 10_000_000
 
 
 def parse_duration(value: Any) -> float:
@@ -67,15 +72,20 @@ def parse_size(value: Any) -> int:
     """Bytes from "16MiB", "64KiB", "1000", or a plain integer."""
     if isinstance(value, bool):
         raise ValueError(f'expected a size such as "64KiB" or "16MiB", got {value!r}')
+    size: int | None = None
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"expected a non-negative size, got {value!r}")
-        return value
-    if isinstance(value, str):
+        size = value
+    elif isinstance(value, str):
         m = _SIZE_RE.match(value)
         if m:
-            return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]
-    raise ValueError(f'expected a size such as "64KiB" or "16MiB", got {value!r}')
+            size = int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]
+    if size is None:
+        raise ValueError(f'expected a size such as "64KiB" or "16MiB", got {value!r}')
+    if size > MAX_SIZE:
+        raise ValueError(f"expected at most 1024GiB, got {value!r}")
+    return size
 
 
 def format_size(n: int) -> str:

@@ -94,6 +94,15 @@ def _check_upstream_url(value: object) -> str:
         raise ValueError(expected) from None
     if parts.scheme.lower() not in UPSTREAM_SCHEMES or not parts.hostname:
         raise ValueError(expected)
+    # What loopwatch would not send, rather than drop in silence: credentials
+    # (and printed by check-config and GET /api/config), a query or fragment
+    # (a request's own come from the client), port 0.
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"expected no user:password@ in the URL (loopwatch sends none; a header or token does), got {parts.scheme}://…@{parts.hostname}")
+    if parts.query or parts.fragment or value.endswith(("?", "#")):
+        raise ValueError(f"expected no query or fragment (the client's request brings its own), got {value!r}")
+    if parts.port == 0:
+        raise ValueError(f"expected a port from 1 to 65535, got {value!r}")
     return value
 
 

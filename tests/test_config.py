@@ -556,3 +556,72 @@ def test_check_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
 def load_settings_from_text(text: str) -> Settings:
     return Settings.model_validate(yaml.safe_load(text))
+
+
+# --- what an operator's file and environment may not say (a configuration probe) ---------
+
+
+def test_sizes_and_counts_beyond_reason_are_errors_not_tracebacks(tmp_path: Path) -> None:
+    """They overflowed the data plane's integers: a traceback from check-config
+    and run, or a reload half applied and answered 500."""
+    text = (
+        'upstream: "ws://a:1"\nlimits: {max_message_size: "99999999999999999999GiB", '
+        "max_connections: 1000000000000000000000000000000, max_connections_per_address: 100000000000000000000}\n"
+        "policy: {max_held: 100000000000000000000000, max_held_per_key: 100000000000000000000000}\n"
+    )
+    errors = errors_of(text, tmp_path)
+    assert [e.split(":")[0] for e in errors] == [
+        "limits.max_message_size", "limits.max_connections", "limits.max_connections_per_address",
+        "policy.max_held", "policy.max_held_per_key",
+    ]  # fmt: skip
+    assert errors[0] == "limits.max_message_size: expected at most 1024GiB, got '99999999999999999999GiB'"
+
+
+@pytest.mark.parametrize(
+    "url, why",
+    [
+        ("ws://svc:hunter2@backend:9000/chat", "expected no user:password@"),
+        ("ws://backend:9000/chat?tenant=a", "expected no query or fragment"),
+        ("ws://backend:9000/chat#x", "expected no query or fragment"),
+        ("ws://backend:0/chat", "expected a port from 1 to 65535"),
+    ],
+)
+def test_what_an_upstream_url_would_lose_is_an_error(tmp_path: Path, url: str, why: str) -> None:
+    """Credentials, a query and a fragment were accepted and silently not sent
+    (the password printed by check-config); port 0 became 80."""
+    [error] = errors_of(f'upstream: "{url}"\n', tmp_path)
+    assert error.startswith(f"upstream: {why}") and "hunter2" not in error
+
+
+def test_an_admin_token_from_a_secret_file_loses_its_newline() -> None:
+    settings = load_settings(None, env={"LOOPWATCH_ADMIN__TOKEN": "s3cret\n"})
+    assert settings.admin.token is not None and settings.admin.token == "s3cret"
+    assert load_settings_from_text('admin: {token: " t0k3n\\n"}').admin.token == "t0k3n"
+    with pytest.raises(ValueError, match="expected a non-empty token"):
+        load_settings_from_text('admin: {token: "  \\n"}')
+
+
+def test_an_empty_environment_variable_is_an_error() -> None:
+    """As YAML it was null, and null turns protections off in silence."""
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None, env={"LOOPWATCH_POLICY__MAX_CONCURRENT": "", "LOOPWATCH_LIMITS__IDLE_TIMEOUT": " "})
+    assert caught.value.errors == [
+        "LOOPWATCH_LIMITS__IDLE_TIMEOUT: empty; unset it for the default, or write null to mean none",
+        "LOOPWATCH_POLICY__MAX_CONCURRENT: empty; unset it for the default, or write null to mean none",
+    ]
+    assert load_settings(None, env={"LOOPWATCH_LIMITS__IDLE_TIMEOUT": "null"}).limits.idle_timeout is None
+
+
+def test_check_config_refuses_what_run_would(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A health check no route serves, a recording it cannot write: run refused
+    them after check-config passed them."""
+    text = (
+        'routes:\n  - {path_prefix: /ws, upstream: "ws://a:1"}\n'
+        "health_check: {enabled: true, path: /healthz}\n"
+        f'record: {{path: "{tmp_path}/missing/events.jsonl"}}\n'
+    )
+    assert check_config_main(str(write(tmp_path, text))) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "health_check.path: no route matches '/healthz'",
+        f"record.path: no directory '{tmp_path}/missing' to write 'events.jsonl' in",
+    ]

@@ -21,10 +21,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from ..brain import EngineGate, NativeDriver, TableSync
@@ -153,7 +155,7 @@ def listener_settings(settings: Settings, *, only: str | None = None) -> _datapl
     from ..dataplane.native import listener_config
 
     s = settings
-    routes = [(r.path_prefix, r.upstream) for r in s.effective_routes()]
+    routes = routes_of(s)
     parts: dict[str, Any] = {"identity": s.identity, "tls": s.tls, "upstream_tls": s.upstream_tls}
     try:
         return listener_config(routes, limits=s.limits, **(parts if only is None else {only: parts[only]}))
@@ -190,7 +192,31 @@ def settings_errors(settings: Settings) -> list[str]:
             except ConfigError as e:
                 errors += e.errors
                 break
+    probe = settings.health_check
+    if probe.enabled and Router(routes_of(settings)).match(probe.path.partition("?")[0]) is None:
+        errors.append(f"health_check.path: no route matches {probe.path!r}")
+    errors += _record_errors(settings.record.path)
     return errors
+
+
+def routes_of(settings: Settings) -> list[tuple[str, str]]:
+    """(path prefix, upstream URL) of each route, longest prefix first."""
+    return [(r.path_prefix, r.upstream) for r in settings.effective_routes()]
+
+
+def _record_errors(path: str | None) -> list[str]:
+    """Where `record.path` cannot be written, as `run` would find it."""
+    if path is None:
+        return []
+    where = Path(path)
+    if not path.strip() or where.is_dir():
+        return [f"record.path: expected a file name, got {path!r}"]
+    folder = where.parent
+    if not folder.is_dir():
+        return [f"record.path: no directory {str(folder)!r} to write {where.name!r} in"]
+    if not os.access(folder, os.W_OK | os.X_OK) or (where.exists() and not os.access(where, os.W_OK)):
+        return [f"record.path: {path!r} is not writable by this user"]
+    return []
 
 
 # Settings a reload cannot change on a running process (dotted: one key of a
@@ -221,7 +247,7 @@ class NativePlane:
         # Tracing on: the listener decides each span's context (plane_sampling).
         # From the OTEL_* environment, read once: a reload keeps it.
         self.tracing = plane_sampling(spans)
-        self.router = Router([(r.path_prefix, r.upstream) for r in settings.effective_routes()])
+        self.router = Router(routes_of(settings))
         self.queue: EventQueue = EventQueue()
         self.table = EnforcementTable()
         self.listener: NativeListener | None = None
@@ -271,7 +297,7 @@ class NativePlane:
         policy = s.policy
         start = functools.partial(
             NativeListener.start,
-            [(r.path_prefix, r.upstream) for r in s.effective_routes()],
+            routes_of(s),
             queue=self.queue, table=self.table, host=host, port=port, limits=s.limits,
             reject_with=policy.reject_with, close_code=policy.close_code,
             max_holds=policy.max_held, max_held_per_key=policy.max_held_per_key,
@@ -319,12 +345,15 @@ class NativePlane:
         health_check_ssl(settings)  # its CA file still readable (the health checks keep the start's)
         s = settings
         p = s.policy
+        try:  # the step that may still refuse comes before the one that cannot
+            self.listener.reconfigure(
+                reject_with=p.reject_with, close_code=p.close_code,
+                max_holds=p.max_held, max_held_per_key=p.max_held_per_key,
+            )  # fmt: skip
+        except (ValueError, OverflowError) as e:
+            raise ConfigError(f"policy: {e}") from None
         self.listener.reload(config, shutdown_timeout=s.limits.shutdown_timeout)
-        self.listener.reconfigure(
-            reject_with=p.reject_with, close_code=p.close_code,
-            max_holds=p.max_held, max_held_per_key=p.max_held_per_key,
-        )  # fmt: skip
-        self.router = Router([(r.path_prefix, r.upstream) for r in s.effective_routes()])
+        self.router = Router(routes_of(s))
         self.settings = settings
 
     # --- the event queue ---------------------------------------------------------------------

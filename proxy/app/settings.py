@@ -190,6 +190,12 @@ def _env_layer(env: Mapping[str, str], errors: list[str]) -> Layer:
             errors.append(f"{name}: expected LOOPWATCH_<KEY> or LOOPWATCH_<SECTION>__<KEY>")
             continue
         raw = env[name]
+        if not raw.strip():
+            # As YAML an empty value is null, which for many keys means "off" (the
+            # idle timeout, per-client and per-address caps): a template's `VAR=`
+            # with nothing after it would switch protections off in silence.
+            errors.append(f"{name}: empty; unset it for the default, or write null to mean none")
+            continue
         # String settings take the value verbatim: as YAML, a token "123456" would
         # turn into a number and "null" or "~" into no token at all.
         value = raw if _strip_optional(_type_at(parts)) in (str, SecretStr) else _yaml_scalar(raw)

@@ -13,7 +13,7 @@ from typing import Annotated
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from ...detectors.units import ByteSize, Duration
+from ...detectors.units import MAX_COUNT, ByteSize, Duration
 from ..sections import FieldError, KiB, MiB, OptionalSecret, Section, UpstreamURL
 
 
@@ -52,18 +52,18 @@ def _check_address_cap(value: object) -> object:
     """A per-address cap: a count (an integer >= 1), a share of
     limits.max_connections ("50%"), or null for none."""
     expected = (
-        'expected an integer of at least 1, a share of max_connections such as "50%", '
+        f'expected an integer from 1 to {MAX_COUNT}, a share of max_connections such as "50%", '
         f"or null, got {value!r}"
     )
     if value is None:
         return None
     if isinstance(value, int) and not isinstance(value, bool):
-        if value < 1:
+        if not 1 <= value <= MAX_COUNT:
             raise ValueError(expected)
         return value
     if isinstance(value, str):
         text = value.strip()
-        if text.isascii() and text.isdigit() and int(text) >= 1:
+        if text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_COUNT:
             return int(text)
         number = text[:-1].strip()
         if text.endswith("%") and number.replace(".", "", 1).isdigit() and number.isascii():
@@ -119,7 +119,7 @@ class Limits(Section):
     body_timeout: Annotated[Duration, Field(gt=0)] = 30.0
     response_timeout: Annotated[Duration, Field(gt=0)] = 60.0
     response_idle_timeout: Annotated[Duration, Field(gt=0)] = 60.0
-    max_connections: Annotated[int, Field(ge=1)] = 10_000
+    max_connections: Annotated[int, Field(ge=1, le=MAX_COUNT)] = 10_000
     max_connections_per_address: AddressCap = "50%"
     max_heads_per_address: AddressCap = "10%"
     shutdown_timeout: Duration = 10.0
@@ -207,7 +207,7 @@ class IdentitySettings(Section):
     bind_to_address: bool = True  # header/cookie/query/unverified-jwt keys become "value@address"
     bind_verified: bool = False  # also bind keys from a verified JWT (they cannot be forged)
     jwt: JwtSettings = Field(default_factory=JwtSettings)
-    max_key_length: int = Field(default=256, ge=64)  # longer values are hashed
+    max_key_length: int = Field(default=256, ge=64, le=MAX_COUNT)  # longer values are hashed
 
     @field_validator("sources")
     @classmethod

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BeforeValidator, Field
 
-from ...detectors.units import Duration
+from ...detectors.units import MAX_COUNT, Duration
 from ..sections import OptionalSecret, Section
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
@@ -51,8 +51,8 @@ class RedisSettings(Section):
     reconnect_max: PositiveDuration = 5.0
     heartbeat: PositiveDuration = 1.0
     batch_delay: Annotated[Duration, Field(ge=0)] = 0.01
-    max_batch: Annotated[int, Field(ge=1)] = 500
-    max_queue: Annotated[int, Field(ge=1)] = 10_000
+    max_batch: Annotated[int, Field(ge=1, le=MAX_COUNT)] = 500
+    max_queue: Annotated[int, Field(ge=1, le=MAX_COUNT)] = 10_000
 
 
 class StateSettings(Section):
