@@ -552,7 +552,7 @@ fn client_head(
     let framing = if bodiless {
         Framing::None
     } else {
-        head.framing()?
+        head.framing(false)?
     };
     let has_length = head.header(b"content-length").is_some();
     let chunked = !bodiless && !has_length && request.version == Version::Http11;

@@ -150,7 +150,9 @@ impl Head {
         Some(Cow::Owned(out))
     }
 
-    pub(crate) fn framing(&self) -> Result<Framing, BadResponse> {
+    /// How the body of this (non-101) answer is framed. `to_upgrade`: it
+    /// answers an upgrade request (the handshake's refusal).
+    pub(crate) fn framing(&self, to_upgrade: bool) -> Result<Framing, BadResponse> {
         if (100..200).contains(&self.status) || self.status == 204 || self.status == 304 {
             return Ok(Framing::None);
         }
@@ -182,10 +184,22 @@ impl Head {
                 .last()
                 .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"))
         });
-        // An `Upgrade` on an answer other than a 101 only announces what the
-        // server supports (Apache's `Upgrade: h2,h2c`): its body is framed
-        // as any other's (llhttp counts the upgrade of a response only with
-        // status 101).
+        // To an upgrade request, a refusal that asks for an upgrade itself (a
+        // 426 with `Connection: Upgrade`) and says no length is complete, as
+        // the handshake's parser has always read it: the client gives up on a
+        // non-101 at once, whatever follows. To a plain request, an `Upgrade`
+        // only announces what the server supports (Apache's `Upgrade:
+        // h2,h2c`): its body is framed as any other's.
+        let upgrade = to_upgrade
+            && self
+                .header(b"upgrade")
+                .is_some_and(|v| !trim(&v).is_empty())
+            && self
+                .header(b"connection")
+                .is_some_and(|v| tokens(&v).any(|t| t.eq_ignore_ascii_case(b"upgrade")));
+        if upgrade && !chunked && length.unwrap_or(0) == 0 {
+            return Ok(Framing::None);
+        }
         Ok(match (chunked, te.is_some(), length) {
             (true, _, _) => Framing::Chunked,
             (false, true, _) => Framing::UntilClose,
@@ -346,7 +360,7 @@ impl ResponseReader {
                         allowed_rsv: head.allowed_rsv(),
                     });
                 }
-                let framing = head.framing()?;
+                let framing = head.framing(true)?;
                 let rest = self.buf.split_off(len);
                 self.buf.clear();
                 self.state = State::Body {
