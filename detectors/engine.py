@@ -271,32 +271,45 @@ class Engine:
                 detail=f"at most one attempt every {ps.min_interval:g}s",
             )
             enforced = pol.enforcing(state, ps.mode, addr)
-        if refusal is None and ps.max_concurrent is not None and state.open_count >= ps.max_concurrent:
+        if (
+            refusal is None
+            and ps.max_concurrent is not None
+            and ps.on_max_concurrent == "reject-new"
+            and state.open_count >= ps.max_concurrent
+        ):
+            # close-oldest admits: it closes the oldest once the new one is open
+            # (`_over_capacity`), not for an attempt that may still fail.
             enforced = pol.enforcing(state, ps.mode, addr)
-            if ps.on_max_concurrent == "reject-new":
-                refusal = Reject(
-                    "max_concurrent",
-                    ps.cooldown.base,
-                    detail=f"{state.open_count} open, at most {ps.max_concurrent}",
-                )
-            else:
-                self._close_oldest(state, t, enforced)
+            refusal = Reject(
+                "max_concurrent",
+                ps.cooldown.base,
+                detail=f"{state.open_count} open, at most {ps.max_concurrent}",
+            )
         if refusal is None:
             return None, None
         return (refusal, None) if enforced else (None, refusal)
 
-    def _close_oldest(self, state: ClientState, t: float, enforced: bool) -> None:
-        conns = state.open_items()
-        assert conns  # open_count >= max_concurrent >= 1
-        oldest = min(conns, key=itemgetter(1))[0]  # (conn_id, opened at)
-        if not enforced:
+    def _over_capacity(self, state: ClientState, t: float, opened: ConnId) -> None:
+        """A connection of the client just opened: past policy.max_concurrent,
+        close-oldest closes its oldest, reject-new this new one (attempts in
+        their handshake at the same time were all admitted: only opens count).
+        Deciding here, not at the attempt, closes nothing for an attempt that
+        then fails, and holds the bound however many open at once."""
+        ps = self._policy.settings
+        limit = ps.max_concurrent
+        if limit is None or state.open_count <= limit:
+            return
+        if not self._policy.enforcing(state, ps.mode, state.addr):
             self._actions.append(WouldReject(state.key, t, "max_concurrent"))
             return
-        # Forget it now: a second attempt before its Closed arrives must pick the next one.
-        state.remove_open(oldest)
-        limit = self._policy.settings.max_concurrent
+        if ps.on_max_concurrent == "close-oldest":
+            victim = min(state.open_items(), key=itemgetter(1))[0]  # (conn_id, opened at)
+        else:
+            victim = opened
+        # Forget it now: the next open before its Closed arrives must pick the next one.
+        state.remove_open(victim)
         self._actions.append(
-            CloseConnection(state.key, oldest, 1008, f"loopwatch: more than {limit} connections")
+            CloseConnection(state.key, victim, 1008, f"loopwatch: more than {limit} connections")
         )
 
     def record(self, event: HandshakeFailed | Opened | Closed) -> Outcome:
@@ -309,6 +322,7 @@ class Engine:
         enforce = _ENFORCE_NONE
         if isinstance(event, Opened):
             tracker.on_opened(state, event, d)
+            self._over_capacity(state, t, event.conn_id)
             self._upstream_outcome(state, t, success=True)
             if self._auth.settings.enabled:
                 due = t + d.healthy_after

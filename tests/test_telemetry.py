@@ -595,6 +595,27 @@ async def test_config_reloads_are_counted(tmp_path: Path) -> None:
     assert value(s, "loopwatch_connection_closes_total", route="/", code="4403", initiator="upstream") == 0
 
 
+async def test_close_oldest_is_no_auth_failure() -> None:
+    """Its 1008 is loopwatch's own: counted as an auth failure, it fed
+    LoopwatchAuthFailureRatioHigh. (That a failing handshake closes nothing is
+    the engine's: tests/detectors/test_engine_policy.py.)"""
+    async with demo_backend() as backend:
+        settings = settings_with(upstream=f"ws://127.0.0.1:{backend.port}", **{
+            "policy.max_concurrent": 1, "policy.on_max_concurrent": "close-oldest"})  # fmt: skip
+        async with telemetered(settings) as lw:
+            url = f"ws://127.0.0.1:{lw.proxy_port}/ws?token=" + issue_token("tab", 300)
+            async with connect(url, compression=None) as first, connect(url, compression=None) as second:
+                with pytest.raises(ConnectionClosed) as closed:
+                    await asyncio.wait_for(first.recv(), 5)
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+                await second.send("new")
+                assert await second.recv() == "new"
+            await wait_for(lambda: lw.plane.settled())
+            s = series((await scrape(lw))[0])
+    assert value(s, "loopwatch_connection_closes_total", route="/", code="1008", initiator="proxy") == 1
+    assert value(s, "loopwatch_auth_failures_total", route="/") == 0
+
+
 async def test_a_route_a_reload_adds_is_counted(tmp_path: Path) -> None:
     """Its series made at the reload, at 0: its attempts failed inside the
     metrics observer (KeyError), so it stayed invisible to the dashboard and

@@ -298,7 +298,7 @@ class StatusHub(Observer):
 
     def on_closed(self, conn: Connection, event: ev.Closed, stats: RelayStats) -> None:
         self._refresh_codes()
-        if event.code in self._auth_codes:
+        if event.code in self._auth_codes and event.initiator != "proxy":  # loopwatch's own close (close-oldest) is none
             self.counts.add(AUTH_FAILURES, event.t)
 
     def on_outcome(self, outcome: Outcome, t: float, conn: Connection | None = None) -> None:

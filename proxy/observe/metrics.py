@@ -252,7 +252,8 @@ class MetricsObserver(Observer):
         self.closes.add((route, label, event.initiator))
         trace = conn.trace
         self.duration.observe(route, event.duration, trace if trace is not None and trace.sampled else None)
-        if code in self.auth_codes:
+        if code in self.auth_codes and event.initiator != "proxy":
+            # loopwatch's own 1008 (close-oldest) is no auth failure, as the engine has it
             self.auth_failures.values[route,] += 1
         totals = self.closed_totals.get(route)
         if totals is None:

@@ -7,7 +7,7 @@ import pytest
 from loopwatch.detectors.actions import CloseConnection, CooldownStarted, WouldReject
 from loopwatch.detectors.decisions import ADMITTED, Admit, Reject
 from loopwatch.detectors.engine import Engine
-from loopwatch.detectors.events import Attempt, Closed, Opened
+from loopwatch.detectors.events import Attempt, Closed, HandshakeFailed, Opened
 from loopwatch.detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
 from tests.detectors.sim import Client, Close, Sim, Stay, always, fixed, once
 
@@ -194,11 +194,21 @@ def test_max_concurrent_reject_new() -> None:
     assert e.admit(Attempt(K, "/ws", 1.1)).admitted
 
 
+def _actions_opening(e: Engine, n: int, key: str = K) -> list:
+    """Every action of ``n`` attempts each opened at once, the opens' included."""
+    actions = []
+    for i in range(n):
+        d = e.admit(Attempt(key, "/ws", i * 0.1))
+        actions += d.outcome.actions
+        if d.admitted:
+            actions += e.record(Opened(key, "/ws", i * 0.1 + 0.005, i)).actions
+    return actions
+
+
 def test_max_concurrent_close_oldest_names_the_oldest_connection() -> None:
     e = engine(PolicySettings(max_concurrent=2, on_max_concurrent="close-oldest"))
-    decisions = _open_n(e, 4)
-    assert all(d.admitted for d in decisions)
-    closes = [a for d in decisions for a in d.outcome.actions if isinstance(a, CloseConnection)]
+    actions = _actions_opening(e, 4)
+    closes = [a for a in actions if isinstance(a, CloseConnection)]
     assert [(c.conn_id, c.code) for c in closes] == [(0, 1008), (1, 1008)]
     assert "more than 2" in closes[0].reason
     # The ones picked no longer count as open; the rest do, oldest first.
@@ -212,14 +222,39 @@ def test_max_concurrent_close_oldest_names_the_oldest_connection() -> None:
 
 def test_max_concurrent_in_observe_mode_only_records() -> None:
     e = engine(PolicySettings(mode="observe", max_concurrent=2, on_max_concurrent="close-oldest"))
-    decisions = _open_n(e, 3)
-    actions = [a for d in decisions for a in d.outcome.actions]
+    actions = _actions_opening(e, 3)
     assert not any(isinstance(a, CloseConnection) for a in actions)
     assert [a.reason for a in actions if isinstance(a, WouldReject)] == ["max_concurrent"]
     e2 = engine(PolicySettings(mode="observe", max_concurrent=2))
     last = _open_n(e2, 3)[-1]
     assert isinstance(last, Admit) and last.would_reject is not None
     assert last.would_reject.reason == "max_concurrent"
+
+
+def test_close_oldest_closes_nothing_for_an_attempt_that_fails() -> None:
+    """The incident's other tab loops on an expired token: each failing attempt
+    used to close the user's working socket, though nothing replaced it."""
+    e = engine(PolicySettings(max_concurrent=1, on_max_concurrent="close-oldest"))
+    assert e.admit(Attempt(K, "/ws", 0.0)).admitted
+    e.record(Opened(K, "/ws", 0.01, 1))
+    for i in range(3):
+        t = 1.0 + i * 0.1
+        d = e.admit(Attempt(K, "/ws", t))
+        assert d.admitted and not d.outcome.actions
+        out = e.record(HandshakeFailed(K, "/ws", t + 0.01, 403))
+        assert not any(isinstance(a, CloseConnection) for a in out.actions)
+    assert e.open_connections(K) == (1,)
+
+
+@pytest.mark.parametrize("how, closed", [("close-oldest", [0, 1, 2]), ("reject-new", [3, 4, 5])])
+def test_max_concurrent_holds_when_attempts_open_at_once(how: str, closed: list[int]) -> None:
+    """Six tabs' attempts in their handshakes together were all admitted and
+    all stayed open: the bound is kept as they open."""
+    e = engine(PolicySettings(max_concurrent=3, on_max_concurrent=how))
+    assert all(e.admit(Attempt(K, "/ws", 0.0)).admitted for _ in range(6))
+    actions = [a for i in range(6) for a in e.record(Opened(K, "/ws", 0.01 + i * 0.001, i)).actions]
+    assert [a.conn_id for a in actions if isinstance(a, CloseConnection)] == closed
+    assert len(e.open_connections(K)) == 3
 
 
 def test_duplicate_connections_are_flagged_once_held_without_any_new_event() -> None:

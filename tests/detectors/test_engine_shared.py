@@ -229,8 +229,9 @@ def test_remote_connections_count_towards_max_concurrent_and_close_oldest_names_
     e.observe(shared.localize(Opened(K, "/ws", 0.0, 7), "b", 0.0))
     assert e.admit(Attempt(K, "/ws", 1.0)).admitted
     e.record(Opened(K, "/ws", 1.0, 1))
-    decision = e.admit(Attempt(K, "/ws", 2.0))
-    closes = [x for x in decision.outcome.actions if isinstance(x, CloseConnection)]
+    assert e.admit(Attempt(K, "/ws", 2.0)).admitted
+    opened = e.record(Opened(K, "/ws", 2.0, 2))
+    closes = [x for x in opened.actions if isinstance(x, CloseConnection)]
     assert [c.conn_id for c in closes] == ["b/7"]
     assert shared.owner_of(closes[0].conn_id) == ("b", 7)
     assert shared.owner_of(1) is None
