@@ -24,10 +24,20 @@ import pytest
 from loopwatch.detectors.decisions import Outcome
 from loopwatch.detectors.findings import Finding
 from loopwatch.proxy.admin.status import STATUS_HUB, SecondCounts, StatusHub, Tickets
-from loopwatch.proxy.app.runtime import Running, start
+from loopwatch.proxy.app.runtime import ConfigSources, Running, start
+from loopwatch.proxy.app.settings import load_settings
 from loopwatch.proxy.tools.demo_backend import issue_token
 from tests.clients import attempt, demo_backend, loop_until
-from tests.conftest import client_key, free_port, loopwatch, settings_for, wait_for, ws_url
+from tests.conftest import (
+    client_key,
+    free_port,
+    loopwatch,
+    read_response,
+    settings_for,
+    upgrade_request,
+    wait_for,
+    ws_url,
+)
 
 # `loopwatch run` serves the admin port on uvloop: every stream test runs there too.
 RUN_ON_UVLOOP = True
@@ -495,3 +505,63 @@ async def test_shutdown_ends_open_streams_at_once() -> None:
         finally:
             if not closed:
                 await lw.close()
+
+
+async def ended(events: Stream, within: float) -> None:
+    """The stream ends within `within` seconds (its summaries keep coming till then)."""
+
+    async def drain() -> None:
+        with contextlib.suppress(EOFError, aiohttp.ClientPayloadError):
+            while True:
+                await events.next(timeout=within)
+
+    await asyncio.wait_for(drain(), within)
+
+
+async def test_streams_end_when_the_drain_starts_not_when_it_ends() -> None:
+    """A WebSocket that does not answer the drain's 1001 keeps the drain going
+    up to limits.shutdown_timeout; the status page's streams ended only with
+    it (and new ones were accepted meanwhile)."""
+    async with demo_backend() as backend:
+        lw = await start(settings_for(f"ws://127.0.0.1:{backend.port}", **{"limits.shutdown_timeout": "3s"}))
+        reader, writer = await asyncio.open_connection("127.0.0.1", lw.proxy_port)
+        closing = None
+        try:
+            writer.write(upgrade_request("/ws?token=" + issue_token("silent", 300)))
+            assert (await asyncio.wait_for(read_response(reader, head_only=True), 5)).status == 101
+            async with stream(lw, None) as events:
+                await events.next()
+                started = time.monotonic()
+                closing = asyncio.create_task(lw.close())
+                await ended(events, within=1.5)  # not the drain's 3 s
+                assert time.monotonic() - started < 1.5
+            await asyncio.wait_for(closing, 10)
+        finally:
+            writer.close()
+            if closing is None:
+                await lw.close()
+
+
+async def test_a_rotated_token_ends_the_streams_and_tickets_of_the_old_one(tmp_path: Path) -> None:
+    """A leaked token replaced by a reload: its streams went on (client keys
+    included) and its tickets still opened new ones."""
+    async with demo_backend() as backend:
+        config = tmp_path / "loopwatch.yaml"
+        text = f'upstream: "ws://127.0.0.1:{backend.port}"\nlisten: "127.0.0.1:0"\nadmin: {{listen: "127.0.0.1:0", token: "%s"}}\n'
+        config.write_text(text % TOKEN)
+        lw = await start(load_settings(config, env={}), sources=ConfigSources(str(config), {}, {}))
+        try:
+            async with aiohttp.ClientSession(base(lw)) as s:
+                async with s.post("/api/events/ticket", headers=bearer()) as r:
+                    ticket = (await r.json())["ticket"]
+                async with stream(lw) as events:
+                    await events.next()
+                    config.write_text(text % "rotated-token-0123")
+                    lw.reload()
+                    await ended(events, within=2.0)
+                async with s.get(f"/api/events?ticket={ticket}") as r:
+                    assert r.status == 401
+                async with stream(lw, "rotated-token-0123") as events:
+                    assert (await events.next())[0] == "hello"
+        finally:
+            await lw.close()

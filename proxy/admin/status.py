@@ -277,6 +277,7 @@ class StatusHub(Observer):
         self.summary_cost = 0.0  # seconds the last summary took
         self._last_summary: dict[str, Any] | None = None
         self._static: dict[str, bytes] = {}
+        self._token = control.settings.admin.token  # the token the streams were opened under
 
     # --- observer hooks (synchronous, on the event loop) ---------------------------
 
@@ -334,6 +335,21 @@ class StatusHub(Observer):
         kind = body.pop("type")
         body.setdefault("t", t)  # CloseConnection carries no time of its own
         return {"type": "enforcement", "action": kind, **body}
+
+    def on_config(self, settings: Settings, info: dict[str, Any]) -> None:
+        """A reload that rotates the admin token revokes what the old one
+        opened: its tickets, and the streams (the page asks again, with the
+        token it is given)."""
+        token = settings.admin.token
+        if info.get("reload") and info.get("result") == "ok" and token != self._token:
+            self.tickets = Tickets()
+            self._end_streams()
+        self._token = token
+
+    def _end_streams(self) -> None:
+        for sub in list(self.subscribers):
+            sub.closed = True
+            sub.wakeup.set()
 
     def _refresh_codes(self) -> None:
         settings = self.control.settings
@@ -625,9 +641,7 @@ class StatusHub(Observer):
     async def close(self, app: web.Application | None = None) -> None:
         """End every stream (before aiohttp waits for handlers to finish) and stop the ticker."""
         self._closing = True
-        for sub in list(self.subscribers):
-            sub.closed = True
-            sub.wakeup.set()
+        self._end_streams()
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None

@@ -16,6 +16,7 @@ from ...detectors.engine import Engine
 from ...detectors.views import BreakerView, ClientView, EngineSnapshot
 from ..admin.api import AdminApi
 from ..admin.server import AdminServer, build_registry
+from ..admin.status import STATUS_HUB
 from ..admin.status import install as install_status_page
 from ..admin.upstream_health import HealthChecker
 from ..brain import EngineGate
@@ -171,6 +172,9 @@ class Running:
     async def close(self) -> None:
         if self.health is not None:
             await self.health.stop()
+        hub = self.admin.app.get(STATUS_HUB)
+        if hub is not None:  # the status page's streams end at once, not after the drain
+            await hub.close()
         await self.plane.shutdown()
         await self.admin.stop()
         if self.self_metrics is not None:
