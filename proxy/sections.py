@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Annotated, NamedTuple
 from urllib.parse import urlsplit
 
-from pydantic import BeforeValidator, Field
+from pydantic import AfterValidator, BeforeValidator, Field
 
 from ..detectors.settings import SettingsModel
 
@@ -37,9 +37,18 @@ class _SecretMarker:
 # Annotated metadata: dump_settings shows the field as "***" unless redact=False.
 SECRET = _SecretMarker()
 
+def _not_blank(value: str | None) -> str | None:
+    # A blank secret is never meant: "" or a lone newline (a template's empty
+    # variable, an empty secret file) would read as set and match nothing, or
+    # anything. null means none.
+    if value is not None and not value.strip():
+        raise ValueError("expected a non-empty secret (or null for none)")
+    return value
+
+
 # An optional secret string: redacted in dumps, and left out of repr() so it
 # never reaches a log line by accident.
-OptionalSecret = Annotated[str | None, SECRET, Field(repr=False)]
+OptionalSecret = Annotated[str | None, SECRET, Field(repr=False), AfterValidator(_not_blank)]
 
 
 class Section(SettingsModel):

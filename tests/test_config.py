@@ -264,7 +264,7 @@ def test_parse_host_port_rejects(value: object) -> None:
             "admin: {listen: 9900}",
             'admin.listen: expected HOST:PORT such as "0.0.0.0:8080" or "[::1]:8080", got 9900',
         ),
-        ("admin: {token: ''}", "admin.token: expected a non-empty token (or null for no token)"),
+        ("admin: {token: ''}", "admin.token: expected a non-empty secret (or null for none)"),
     ],
 )
 def test_error_messages(tmp_path: Path, text: str, expected: str) -> None:
@@ -597,7 +597,7 @@ def test_an_admin_token_from_a_secret_file_loses_its_newline() -> None:
     settings = load_settings(None, env={"LOOPWATCH_ADMIN__TOKEN": "s3cret\n"})
     assert settings.admin.token is not None and settings.admin.token == "s3cret"
     assert load_settings_from_text('admin: {token: " t0k3n\\n"}').admin.token == "t0k3n"
-    with pytest.raises(ValueError, match="expected a non-empty token"):
+    with pytest.raises(ValueError, match="expected a non-empty secret"):
         load_settings_from_text('admin: {token: "  \\n"}')
 
 
@@ -624,4 +624,17 @@ def test_check_config_refuses_what_run_would(tmp_path: Path, capsys: pytest.Capt
     assert capsys.readouterr().err.splitlines() == [
         "health_check.path: no route matches '/healthz'",
         f"record.path: no directory '{tmp_path}/missing' to write 'events.jsonl' in",
+    ]
+
+
+def test_blank_secrets_and_prefixes_that_never_match_are_errors(tmp_path: Path) -> None:
+    text = (
+        'routes:\n  - {path_prefix: "/a?b", upstream: "ws://x:1"}\n  - {path_prefix: "/ws ", upstream: "ws://x:1"}\n'
+        'health_check: {token: ""}\nstate: {redis: {password: "  "}}\n'
+    )
+    assert sorted(errors_of(text, tmp_path)) == [
+        "health_check.token: expected a non-empty secret (or null for none)",
+        "routes[0].path_prefix: expected a path (no query, fragment or space: it could never match), got '/a?b'",
+        "routes[1].path_prefix: expected a path (no query, fragment or space: it could never match), got '/ws '",
+        "state.redis.password: expected a non-empty secret (or null for none)",
     ]

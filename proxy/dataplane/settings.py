@@ -26,6 +26,8 @@ class Route(Section):
     def _absolute(cls, value: str) -> str:
         if not value.startswith("/"):
             raise ValueError(f'expected a path starting with "/", got {value!r}')
+        if any(c in value for c in "?# \t") or not value.isprintable():
+            raise ValueError(f"expected a path (no query, fragment or space: it could never match), got {value!r}")
         return value
 
 
