@@ -13,10 +13,9 @@
 #   docker run -p 8000:8000 loopwatch demo-backend --listen 0.0.0.0:8000
 
 # Build a wheel and its dependencies' wheels, so the runtime stage needs no compiler
-# and carries no pip cache or build tools. The compiler builds proxy/dataplane/_frames.c, the
-# relay's frame parser: the build fails if loopwatch's wheel came out pure Python.
-# cargo (copied from the official Rust image, the version `make rust-check` uses)
-# builds the compiled data plane, proxy/dataplane/py, with setuptools-rust.
+# and carries no pip cache or build tools. cargo (copied from the official Rust image, the
+# version `make rust-check` uses) builds the compiled data plane, proxy/dataplane/py, with
+# setuptools-rust; the C compiler is for the ring crate (rustls' cryptography).
 FROM python:3.11-slim AS build
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
