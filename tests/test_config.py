@@ -638,3 +638,16 @@ def test_blank_secrets_and_prefixes_that_never_match_are_errors(tmp_path: Path) 
         "routes[1].path_prefix: expected a path (no query, fragment or space: it could never match), got '/ws '",
         "state.redis.password: expected a non-empty secret (or null for none)",
     ]
+
+
+def test_settings_that_contradict_each_other_are_errors(tmp_path: Path) -> None:
+    """Both ports bound at start (it failed with "address already in use",
+    naming neither key); a reconnect backoff whose ceiling is below its floor."""
+    assert errors_of('upstream: "ws://a:1"\nlisten: "0.0.0.0:9900"\n', tmp_path) == [
+        "admin.listen: '127.0.0.1:9900' is the proxy's own address (listen: '0.0.0.0:9900')"
+    ]
+    assert errors_of('state: {redis: {reconnect_min: 10s, reconnect_max: 1s}}\n', tmp_path) == [
+        "state.redis: reconnect_max (1s) must not be below reconnect_min (10s)"
+    ]
+    # Port 0 is any free port: the two never meet.
+    assert load_settings(None, env={}, overrides={"listen": "127.0.0.1:0", "admin.listen": "127.0.0.1:0"})

@@ -49,7 +49,7 @@ from ..dataplane.settings import (
     UpstreamTLS,
 )
 from ..observe.settings import LogSettings, RecordSettings, TelemetrySettings
-from ..sections import SECRET, FieldError, ListenAddress, Section, UpstreamURL
+from ..sections import SECRET, FieldError, ListenAddress, Section, UpstreamURL, parse_host_port
 from ..state.settings import StateSettings
 
 ENV_PREFIX = "LOOPWATCH_"
@@ -125,6 +125,22 @@ class Settings(Section):
                 )
             first[route.path_prefix] = i
         return routes
+
+    @field_validator("admin")
+    @classmethod
+    def _own_port(cls, admin: AdminSettings, info: ValidationInfo) -> AdminSettings:
+        """The admin port and the proxy's cannot be one (both bound at start:
+        "address already in use", naming neither key)."""
+        listen = info.data.get("listen")
+        if listen is None:
+            return admin
+        proxy, own = parse_host_port(listen), parse_host_port(admin.listen)
+        wildcard = ("0.0.0.0", "::")
+        if own.port and own.port == proxy.port and (
+            own.host == proxy.host or own.host in wildcard or proxy.host in wildcard
+        ):
+            raise FieldError(("listen",), f"{admin.listen!r} is the proxy's own address (listen: {listen!r})")
+        return admin
 
     def effective_routes(self) -> tuple[Route, ...]:
         """The routes to match, longest path_prefix first (so the longest prefix wins)."""

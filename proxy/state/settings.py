@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator, Field, model_validator
 
 from ...detectors.units import MAX_COUNT, Duration
 from ..sections import OptionalSecret, Section
@@ -53,6 +53,14 @@ class RedisSettings(Section):
     batch_delay: Annotated[Duration, Field(ge=0)] = 0.01
     max_batch: Annotated[int, Field(ge=1, le=MAX_COUNT)] = 500
     max_queue: Annotated[int, Field(ge=1, le=MAX_COUNT)] = 10_000
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RedisSettings:
+        if self.reconnect_max < self.reconnect_min:
+            raise ValueError(
+                f"reconnect_max ({self.reconnect_max:g}s) must not be below reconnect_min ({self.reconnect_min:g}s)"
+            )
+        return self
 
 
 class StateSettings(Section):
