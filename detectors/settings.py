@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Annotated, Any, Literal, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .units import MAX_COUNT, Duration
 
@@ -232,7 +232,17 @@ class CooldownSettings(SettingsModel):
         return self
 
 
-ListEntry = Annotated[str, Field(min_length=1)]
+def _key_or_cidr(entry: str) -> str:
+    # Checked per entry, so each bad one is reported with its index (allow[2]).
+    if "/" in entry:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ValueError(f"expected a key or a CIDR such as 10.0.0.0/8, got {entry!r}") from None
+    return entry
+
+
+ListEntry = Annotated[str, Field(min_length=1), AfterValidator(_key_or_cidr)]
 
 
 class PolicySettings(SettingsModel):
@@ -285,17 +295,6 @@ class PolicySettings(SettingsModel):
     max_held_per_key: Annotated[int, Field(ge=0, le=MAX_COUNT)] = Field(
         4, description="Most attempts of one client held at once; beyond it refusals are immediate."
     )
-
-    @field_validator("allow", "deny")
-    @classmethod
-    def _cidrs_parse(cls, entries: tuple[str, ...]) -> tuple[str, ...]:
-        for entry in entries:
-            if "/" in entry:
-                try:
-                    ipaddress.ip_network(entry, strict=False)
-                except ValueError:
-                    raise ValueError(f"expected a key or a CIDR such as 10.0.0.0/8, got {entry!r}") from None
-        return entries
 
 
 # --- breakers --------------------------------------------------------------

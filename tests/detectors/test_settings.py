@@ -86,7 +86,7 @@ def test_models_are_frozen() -> None:
          ("rules", "auth_failure_loop", "steady"), "greater than or equal to 3"),
         (DetectionSettings, {"rules": {"auth_failure_loop": {"steady_growth": 1}}},
          ("rules", "auth_failure_loop", "steady_growth"), "greater than 1"),
-        (PolicySettings, {"deny": ["10.0.0.0/33"]}, ("deny",), "expected a key or a CIDR"),
+        (PolicySettings, {"deny": ["ok", "10.0.0.0/33"]}, ("deny", 1), "expected a key or a CIDR"),
         (PolicySettings, {"rollout_percent": 101}, ("rollout_percent",), "less than or equal to 100"),
         (PolicySettings, {"cooldown": {"base": "10m"}}, ("cooldown",), "max (300.0s) must not be below base"),
         (PolicySettings, {"on_max_concurrent": "close-newest"}, ("on_max_concurrent",), "reject-new"),
