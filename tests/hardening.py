@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import resource
 import time
@@ -248,8 +249,14 @@ async def read_all(reader: asyncio.StreamReader, timeout: float = 10.0) -> bytes
 def no_descriptor_left() -> Iterator[None]:
     """This process (the test and the listener in it) with no free descriptor
     under its open-file limit: the limit set just above the highest in use,
-    every lower free number filled with /dev/null."""
+    every lower free number filled with /dev/null. The garbage collector is off
+    meanwhile, after one collection: an earlier test's socket finalized
+    mid-way would free a descriptor, and the listener would accept through it
+    (seen twice on loaded full runs: a TLS handshake waited, or was reset)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    gc.collect()
+    collecting = gc.isenabled()
+    gc.disable()
     highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
     fillers: list[int] = []
     resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1, hard))
@@ -262,3 +269,5 @@ def no_descriptor_left() -> Iterator[None]:
         for fd in fillers:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        if collecting:
+            gc.enable()
