@@ -547,7 +547,7 @@ class NativeDriver:
                 late = self.late.get(cid)
                 if late is not None:
                     self.late_refusals += 1
-                    code = late.status if late.how == "close-1013" else self.close_code
+                    code = late.close_code if late.close_code is not None else self.close_code
                     self.plane.close(cid, code, late.message)
                     continue
                 gate.opened(conn, e.t, e)

@@ -56,7 +56,7 @@ from ...detectors.actions import (
     WouldReject,
 )
 from ...detectors.rules import RULE_NAMES
-from ..observe.observers import Observer
+from ..observe.observers import Observer, reload_applied
 from .api import AdminCounters
 
 if TYPE_CHECKING:
@@ -341,7 +341,7 @@ class StatusHub(Observer):
         opened: its tickets, and the streams (the page asks again, with the
         token it is given)."""
         token = settings.admin.token
-        if info.get("reload") and info.get("result") == "ok" and token != self._token:
+        if reload_applied(info) and token != self._token:
             self.tickets = Tickets()
             self._end_streams()
         self._token = token

@@ -14,7 +14,7 @@ from ..admin.client import COMMANDS as OPERATOR_COMMANDS
 from ..admin.client import add_commands as add_operator_commands
 from ..admin.client import run_command as run_operator_command
 from ..observe.logs import setup_logging
-from ..observe.observers import Observer
+from ..observe.observers import Observer, reload_applied
 from .settings import ConfigError, Settings, dump_settings, ignored_service_links, load_settings
 
 if TYPE_CHECKING:
@@ -144,7 +144,7 @@ class LogSetup(Observer):
         self.applied = applied
 
     def on_config(self, settings: Settings, info: dict[str, Any]) -> None:
-        if info.get("result") == "ok" and settings.logging != self.applied:
+        if reload_applied(info) and settings.logging != self.applied:
             self.applied = settings.logging
             setup_logging(self.applied.level, self.applied.format)
 

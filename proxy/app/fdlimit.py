@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..observe.logs import event
-from ..observe.observers import Observer
+from ..observe.observers import Observer, reload_applied
 from .settings import Settings
 
 log = logging.getLogger("loopwatch")
@@ -113,5 +113,5 @@ class FdLimitFitter(Observer):
         self.fitted = fitted  # the last fit
 
     def on_config(self, settings: Settings, info: dict[str, Any]) -> None:
-        if info.get("reload") and info.get("result") == "ok":
+        if reload_applied(info):
             self.fitted = fit_logged(settings, self.fitted)

@@ -39,6 +39,7 @@ from ..dataplane.boundary import (
     SignatureChecks,
     log_rejection,
 )
+from ..dataplane.routing import Route as RoutedUpstream
 from ..dataplane.routing import Router, client_ssl_context
 from ..dataplane.settings import Route, thread_count
 from ..dataplane.trim import ClockTrimmer
@@ -192,11 +193,22 @@ def settings_errors(settings: Settings) -> list[str]:
             except ConfigError as e:
                 errors += e.errors
                 break
-    probe = settings.health_check
-    if probe.enabled and Router(routes_of(settings)).match(probe.path.partition("?")[0]) is None:
-        errors.append(f"health_check.path: no route matches {probe.path!r}")
+    if settings.health_check.enabled:
+        try:
+            health_check_route(Router(routes_of(settings)), settings)
+        except ConfigError as e:
+            errors += e.errors
     errors += _record_errors(settings.record.path)
     return errors
+
+
+def health_check_route(router: Router, settings: Settings) -> RoutedUpstream:
+    """The route the health check probes: a ConfigError when none serves its path."""
+    path = settings.health_check.path
+    route = router.match(path.partition("?")[0])
+    if route is None:
+        raise ConfigError(f"health_check.path: no route matches {path!r}")
+    return route
 
 
 def routes_of(settings: Settings) -> list[tuple[str, str]]:

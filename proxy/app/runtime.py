@@ -30,7 +30,7 @@ from ..sections import parse_host_port
 from ..state.local import LocalState
 from ..state.redis import RedisStateStore
 from . import fdlimit
-from .planes import DataPlane, make_plane
+from .planes import DataPlane, health_check_route, make_plane
 from .settings import ConfigError, Settings, load_settings
 
 log = logging.getLogger("loopwatch")
@@ -346,12 +346,9 @@ async def start(
 
 
 def start_health_check(settings: Settings, plane: DataPlane, gate: EngineGate) -> HealthChecker:
-    check = settings.health_check
-    route = plane.router.match(check.path.partition("?")[0])
-    if route is None:
-        raise ConfigError(f"health_check.path: no route matches {check.path!r}")
+    route = health_check_route(plane.router, settings)
     checker = HealthChecker(
-        check, route, gate.health_result, ssl=plane.upstream_ssl if route.upstream.tls else None
+        settings.health_check, route, gate.health_result, ssl=plane.upstream_ssl if route.upstream.tls else None
     )
     checker.start()
     return checker

@@ -135,6 +135,17 @@ class Refusal:
     # the gate's max_held / max_held_per_key (docs/refusals.md, "The hold").
     hold: float = 0.0
 
+    @property
+    def close_code(self) -> int | None:
+        """The close code the client gets (close-1013); None for an HTTP refusal."""
+        return self.status if self.how == "close-1013" else None
+
+    @property
+    def answer_status(self) -> int:
+        """The HTTP status the client gets: 101 for a close refusal (accepted,
+        then closed), else the refusal's status."""
+        return 101 if self.how == "close-1013" else self.status
+
 
 class TraceContext(NamedTuple):
     """A connection's trace context, once decided (when tracing is on): what the

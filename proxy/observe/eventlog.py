@@ -120,8 +120,9 @@ class EventLogObserver(Observer):
             self._access(conn, outcome="refused", reason=event_.reason)
             return
         # What the client got: the refusal's status, or a 101 and the close code.
-        answer = {"status": refusal.status} if refusal.how == "http" else {"status": 101, "code": refusal.status}
-        self._access(conn, outcome="refused", **answer, reason=event_.reason, retry_after=round(refusal.retry_after, 3))
+        code = {} if refusal.close_code is None else {"code": refusal.close_code}
+        self._access(conn, outcome="refused", status=refusal.answer_status, **code, reason=event_.reason,
+                     retry_after=round(refusal.retry_after, 3))  # fmt: skip
 
     def on_handshake_failed(self, conn: Connection, event_: ev.HandshakeFailed) -> None:
         if self.access == "off" or not self._sampled():

@@ -63,6 +63,12 @@ class Observer:
         `settings` are the ones still running."""
 
 
+def reload_applied(info: dict[str, Any]) -> bool:
+    """Whether an `on_config` call is a reload that took effect (not the start,
+    not a refused one)."""
+    return bool(info.get("reload")) and info.get("result") == "ok"
+
+
 class Observers:
     """An explicit, ordered list of observers with failure containment.
 

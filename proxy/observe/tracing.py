@@ -407,9 +407,9 @@ class TracingObserver(Observer):
             trace.set({"loopwatch.refusal.reason": decision.reason, "loopwatch.refusal.retry_after": decision.retry_after})
             refusal = conn.refusal  # how the brain answers it, on the record
             if refusal is not None:
-                trace.set({"http.response.status_code": 101 if refusal.how == "close-1013" else refusal.status})
-                if refusal.how == "close-1013":
-                    trace.set({"loopwatch.close.code": 1013, "loopwatch.close.reason": refusal.message})
+                trace.set({"http.response.status_code": refusal.answer_status})
+                if refusal.close_code is not None:
+                    trace.set({"loopwatch.close.code": refusal.close_code, "loopwatch.close.reason": refusal.message})
             return
         if trace is not None and decision.would_reject is not None:
             trace.set({"loopwatch.would_reject": decision.would_reject.reason})
