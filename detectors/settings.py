@@ -12,9 +12,20 @@ forbids unknown keys (a typo is an error, not a silently ignored key).
 from __future__ import annotations
 
 import ipaddress
+import types
+import typing
 from typing import Annotated, Any, Literal, TypeAlias
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .units import MAX_COUNT, Duration
 
@@ -41,6 +52,33 @@ class SettingsModel(BaseModel):
     def _null_is_empty(cls, data: Any) -> Any:
         # A YAML section whose keys are all commented out is null: all defaults.
         return {} if data is None else data
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _true_is_not_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic takes true for 1: `max_connections: true`, meant as "on", would
+        # allow one connection.
+        if isinstance(value, bool) and info.field_name is not None:
+            field = cls.model_fields[info.field_name]
+            if _is_number([field.annotation, *field.metadata]):
+                raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value
+
+
+def _is_number(parts: list[Any]) -> bool:
+    """Whether a field's type (its annotation and metadata) is a plain number: int or
+    float, optional or constrained, without a validator of its own (durations and
+    sizes refuse a bool themselves, with their own message)."""
+    if any(isinstance(part, BeforeValidator) for part in parts):
+        return False
+    tp = parts[0]
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return _is_number(list(typing.get_args(tp)))
+    if origin in (typing.Union, types.UnionType):
+        args = [arg for arg in typing.get_args(tp) if arg is not type(None)]
+        return len(args) == 1 and _is_number([args[0]])
+    return tp in (int, float)
 
 
 def _check_thresholds(warning: int | None, critical: int | None) -> None:

@@ -7,6 +7,7 @@ build on, so none of them imports another part.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated, NamedTuple
 from urllib.parse import urlsplit
 
@@ -82,10 +83,23 @@ def parse_host_port(value: object) -> HostPort:
             raise ValueError(expected)
     if not host or any(c.isspace() for c in host) or not (port.isascii() and port.isdigit()):
         raise ValueError(expected)
+    if not _plausible_host(host, bracketed=value.startswith("[")):
+        raise ValueError(f"expected an IP address or a host name, got {host!r} in {value!r}")
     number = int(port)
     if number > 65535:
         raise ValueError(f"expected a port from 0 to 65535, got {number} in {value!r}")
     return HostPort(host, number)
+
+
+def _plausible_host(host: str, *, bracketed: bool) -> bool:
+    """An address that is not one (999.1.1.1, [::g]) would pass as a host name and
+    fail only at the bind; a name is never all digits and dots (RFC 1123 §2.1)."""
+    if bracketed or all(c.isdigit() or c == "." for c in host):
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return False
+    return True
 
 
 def _check_listen(value: object) -> str:

@@ -651,3 +651,40 @@ def test_settings_that_contradict_each_other_are_errors(tmp_path: Path) -> None:
     ]
     # Port 0 is any free port: the two never meet.
     assert load_settings(None, env={}, overrides={"listen": "127.0.0.1:0", "admin.listen": "127.0.0.1:0"})
+
+
+def test_environment_text_settings_stay_text() -> None:
+    """As YAML an audience "2024" was a number and a key file named "off" was false:
+    a setting that takes text takes the variable as written."""
+    s = load_settings(
+        env={
+            "LOOPWATCH_IDENTITY__JWT__AUDIENCE": "2024",
+            "LOOPWATCH_IDENTITY__JWT__PUBLIC_KEY_FILE": "off",
+        }
+    )
+    assert s.identity.jwt.audience == "2024"
+    assert s.identity.jwt.public_key_file == Path("off")
+    # What else the setting takes still reads as YAML: a list, and none.
+    s = load_settings(env={"LOOPWATCH_IDENTITY__JWT__AUDIENCE": "[web, api]"})
+    assert s.identity.jwt.audience == ("web", "api")
+    assert load_settings(env={"LOOPWATCH_IDENTITY__JWT__AUDIENCE": "null"}).identity.jwt.audience is None
+    # A count or a share: both still read.
+    s = load_settings(env={"LOOPWATCH_LIMITS__MAX_CONNECTIONS_PER_ADDRESS": "7"})
+    assert s.limits.max_connections_per_address == 7
+
+
+def test_true_is_not_a_number(tmp_path: Path) -> None:
+    """pydantic took true for 1: `max_connections: true` allowed one connection."""
+    errors = errors_of("limits: {max_connections: true}\npolicy: {max_concurrent: false}\n", tmp_path)
+    assert errors == [
+        "limits.max_connections: expected a number, got true",
+        "policy.max_concurrent: expected a number, got false",
+    ]
+
+
+@pytest.mark.parametrize("listen", ["999.1.1.1:80", "10.0.0.256:80", "[::g]:80"])
+def test_listen_not_an_address(listen: str) -> None:
+    """It passed as a host name and failed only at the bind, after check-config."""
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env={}, overrides={"listen": listen})
+    assert "expected an IP address or a host name" in caught.value.errors[0]

@@ -120,7 +120,7 @@ def test_check_config_names_a_bad_value(
 def test_a_bad_value_from_the_environment_or_command_line_names_its_source() -> None:
     with pytest.raises(ConfigError) as e:
         load_settings(None, env={"LOOPWATCH_DATAPLANE_THREADS": "0"})
-    assert e.value.errors == [f"dataplane_threads: {EXPECTED}0 (from LOOPWATCH_DATAPLANE_THREADS)"]
+    assert e.value.errors == [f"dataplane_threads: {EXPECTED}'0' (from LOOPWATCH_DATAPLANE_THREADS)"]
     assert load_settings(None, env={"LOOPWATCH_DATAPLANE_THREADS": "3"}).dataplane_threads == 3
     with pytest.raises(ConfigError) as e:
         load_settings(None, env={}, overrides={"dataplane_threads": "none"})

@@ -26,7 +26,7 @@ import re
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Annotated, Any, Literal, NamedTuple
 
 import yaml
@@ -212,11 +212,25 @@ def _env_layer(env: Mapping[str, str], errors: list[str]) -> Layer:
             # with nothing after it would switch protections off in silence.
             errors.append(f"{name}: empty; unset it for the default, or write null to mean none")
             continue
-        # String settings take the value verbatim: as YAML, a token "123456" would
-        # turn into a number and "null" or "~" into no token at all.
-        value = raw if _strip_optional(_type_at(parts)) in (str, SecretStr) else _yaml_scalar(raw)
-        layer.append((parts, value, name))
+        layer.append((parts, _env_value(_type_at(parts), raw), name))
     return layer
+
+
+def _env_value(tp: Any, raw: str) -> Any:
+    """A variable's value for a setting of type `tp`: YAML, except where the
+    setting takes text. As YAML a token "123456" would turn into a number, "null"
+    or "~" into no token at all, an audience "2024" into a number and a key file
+    "off" into false. A setting that takes text or something else (an audience or a
+    list of them; a count or a share) still reads "[a, b]" as a list and "null" as
+    none."""
+    tp = _strip_optional(tp)
+    if tp in (str, SecretStr) or (isinstance(tp, type) and issubclass(tp, PurePath)):
+        return raw
+    value = _yaml_scalar(raw)
+    takes_text = str in typing.get_args(tp)
+    if takes_text and value is not None and not isinstance(value, list | dict):
+        return raw
+    return value
 
 
 def _env_parts(name: str) -> tuple[str, ...]:
