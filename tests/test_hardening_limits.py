@@ -15,6 +15,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,6 +30,7 @@ from tests.conftest import (
     RawBackend,
     raw_exchange,
     read_response,
+    self_signed_cert,
     switching_protocols,
     upgrade_request,
     wait_for,
@@ -273,6 +275,19 @@ async def fd_limit(p: Proxied, address: str = ATTACKER) -> None:
     await writer.wait_closed()  # its descriptor is free before the next test's count
 
 
+async def cut_handshake(p: Proxied, record: bytes) -> None:
+    """A TLS record from the attacker's address, then nothing: the listener cuts
+    the connection without an answer."""
+    reader, writer = await open_from(p.port, ATTACKER)
+    writer.write(record)
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
+
+
+CLIENT_HELLO_START = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"  # 512 bytes announced, 6 sent
+NOT_A_CLIENT_HELLO = b"\x16\x03\x01\x00\x05hello"  # a handshake record that is no handshake message
+TLS_REASONS = ("tls_error", "tls_timeout", "not_tls")  # these run with tls: (a self-signed certificate)
+
 H = b"Host: example.test\r\n"
 TRIGGERS: dict[str, tuple[dict[str, Any], Callable[[Proxied], Awaitable[None]]]] = {
     "bad_request": ({}, lambda p: send(p, b"GET /ok HTTP/1.1\r\nBad Name: x\r\n" + H + b"\r\n", 400)),
@@ -312,6 +327,9 @@ TRIGGERS: dict[str, tuple[dict[str, Any], Callable[[Proxied], Awaitable[None]]]]
     "address_limit": ({"limits.max_heads_per_address": 1}, address_limit),
     "shutting_down": ({}, shutting_down),
     "fd_limit": ({}, fd_limit),
+    "tls_error": ({}, lambda p: cut_handshake(p, NOT_A_CLIENT_HELLO)),
+    "tls_timeout": ({"limits.handshake_timeout": "0.5s"}, lambda p: cut_handshake(p, CLIENT_HELLO_START)),
+    "not_tls": ({}, lambda p: send(p, b"GET /ok HTTP/1.1\r\n" + H + b"\r\n", 400)),
 }  # fmt: skip
 
 
@@ -320,8 +338,11 @@ def test_every_reason_has_a_trigger():
 
 
 @pytest.mark.parametrize("reason", REJECTED_REASONS)
-async def test_each_early_refusal_raises_its_own_counter(reason: str):
+async def test_each_early_refusal_raises_its_own_counter(reason: str, tmp_path: Path):
     overrides, trigger = TRIGGERS[reason]
+    if reason in TLS_REASONS:
+        cert, key = self_signed_cert(tmp_path, ["127.0.0.1"])
+        overrides = {**overrides, "tls.cert_file": cert, "tls.key_file": key}
     async with proxied(**overrides) as p:
         before = await rejected(p.lw)
         assert set(before) == set(REJECTED_REASONS) and set(before.values()) == {0}  # pre-created

@@ -33,6 +33,7 @@ from loopwatch.proxy.dataplane.native import (
     EventQueue,
     ListenerStats,
     NativeListener,
+    RequestRejected,
 )
 from loopwatch.proxy.dataplane.settings import Limits, ListenerTLS, UpstreamTLS
 from tests.conftest import self_signed_cert, server_context, websockets_backend
@@ -109,6 +110,11 @@ async def native(
         yield Native(listener, queue, table)
     finally:
         await asyncio.to_thread(listener.stop, 3.0)
+
+
+def tls_rejections(stats: ListenerStats) -> dict[str, int]:
+    """The listener's failed TLS handshakes (loopwatch_requests_rejected_total)."""
+    return {reason: stats.rejected[reason] for reason in ("tls_error", "tls_timeout", "not_tls")}
 
 
 def of_type(events: list[ev.Event], cls: type) -> list[Any]:
@@ -188,7 +194,7 @@ async def test_a_wss_client_through_to_a_ws_backend(local_cert: Cert) -> None:
             assert closed.value.rcvd is not None
             assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4001, "tls bye")
         events = await running.until(lambda e: len(of_type(e, ev.Closed)) == 1)
-        assert running.listener.stats().tls_failed == {"error": 0, "timeout": 0, "not_tls": 0}
+        assert tls_rejections(running.listener.stats()) == {"tls_error": 0, "tls_timeout": 0, "not_tls": 0}
     assert backend.forwarded_proto == ["https"]
     closed_event = of_type(events, ev.Closed)[0]
     assert (closed_event.code, closed_event.reason, closed_event.initiator) == (4001, "tls bye", "upstream")
@@ -209,7 +215,7 @@ async def test_a_plain_http_request_to_the_tls_port_is_told_so(local_cert: Cert)
         stats = running.listener.stats()
     assert answer.startswith(b"HTTP/1.1 400 ")
     assert b"this port speaks TLS" in answer
-    assert stats.tls_failed == {"error": 0, "timeout": 0, "not_tls": 1}
+    assert tls_rejections(stats) == {"tls_error": 0, "tls_timeout": 0, "not_tls": 1}
     assert stats.opened == 0 and backend.forwarded_proto == []
 
 
@@ -228,7 +234,8 @@ async def test_out_of_descriptors_a_tls_connection_is_closed_and_counted(local_c
         await writer.wait_closed()
         stats = running.listener.stats()
     assert answer == b""
-    assert stats.rejected["fd_limit"] == 1 and stats.tls_failed == {"error": 0, "timeout": 0, "not_tls": 0}
+    assert stats.rejected["fd_limit"] == 1
+    assert tls_rejections(stats) == {"tls_error": 0, "tls_timeout": 0, "not_tls": 0}
 
 
 async def test_a_stalled_tls_handshake_is_cut_at_the_handshake_timeout(local_cert: Cert) -> None:
@@ -244,10 +251,10 @@ async def test_a_stalled_tls_handshake_is_cut_at_the_handshake_timeout(local_cer
             writer.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 5  # counted as its task ends, just after the EOF
-        while running.listener.stats().tls_failed["timeout"] == 0 and loop.time() < deadline:
+        while running.listener.stats().rejected["tls_timeout"] == 0 and loop.time() < deadline:
             await asyncio.sleep(0.02)
         stats = running.listener.stats()
-    assert stats.tls_failed == {"error": 0, "timeout": 1, "not_tls": 0}
+    assert tls_rejections(stats) == {"tls_error": 0, "tls_timeout": 1, "not_tls": 0}
     assert stats.active == 0
 
 
@@ -258,13 +265,57 @@ async def test_a_client_that_refuses_the_certificate_is_counted(local_cert: Cert
         with pytest.raises(ssl.SSLCertVerificationError):
             async with connect(running.url("/", "wss"), ssl=client_context(named_cert.cert)):
                 pass
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 5
-        while running.listener.stats().tls_failed["error"] == 0 and loop.time() < deadline:
-            await asyncio.sleep(0.02)
+        # Counted and logged (the request_rejected line), with rustls' reason.
+        events = await running.until(lambda e: len(of_type(e, RequestRejected)) == 1)
         stats = running.listener.stats()
-    assert stats.tls_failed == {"error": 1, "timeout": 0, "not_tls": 0}
+    assert tls_rejections(stats) == {"tls_error": 1, "tls_timeout": 0, "not_tls": 0}
+    line = of_type(events, RequestRejected)[0]
+    assert (line.reason, line.status, line.peer) == ("tls_error", None, "127.0.0.1")
+    # (OpenSSL's client, refusing the certificate, leaves: "tls handshake eof".)
+    assert re.fullmatch(r"loopwatch: TLS handshake failed: \w.*", line.message), line.message
     assert backend.forwarded_proto == []
+
+
+async def ended_within(reader: asyncio.StreamReader, seconds: float) -> bool:
+    """Whether the peer closed the connection (or reset it: the bytes sent were
+    left unread) within `seconds`, sending nothing."""
+    try:
+        return await asyncio.wait_for(reader.read(), seconds) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+async def test_stalled_tls_handshakes_count_against_their_address_caps(local_cert: Cert) -> None:
+    """The per-address caps were taken after the TLS handshake: one address
+    stalling handshakes filled max_connections, and every other got 503."""
+    tls = ListenerTLS(cert_file=local_cert.cert, key_file=local_cert.key)
+    caps = {"max_connections": 12, "max_connections_per_address": 8, "max_heads_per_address": 4}
+    async with echo_backend() as backend, native(backend.url, tls=tls, **caps) as running:
+        stalled = []
+        try:
+            for _ in range(10):
+                reader, writer = await asyncio.open_connection(
+                    "127.0.0.1", running.listener.port, local_addr=("127.0.0.2", 0)
+                )
+                writer.write(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # a ClientHello's start
+                stalled.append((reader, writer))
+            # Its 4 half-open handshakes are all it gets: the 6 others (whichever
+            # the listener's threads admitted last) are closed at once, with no TLS
+            # yet to answer 503 in, long before the 10 s handshake timeout.
+            ends = await asyncio.gather(*(ended_within(reader, 3.0) for reader, _ in stalled))
+            assert sorted(ends) == [False] * 4 + [True] * 6
+            assert running.listener.stats().rejected["address_limit"] == 6
+            # Another address still gets in.
+            async with connect(running.url("/ok", "wss"), ssl=client_context(local_cert.cert)) as ws:
+                await ws.send("through")
+                assert await asyncio.wait_for(ws.recv(), 10) == "through"
+        finally:
+            for _, writer in stalled:
+                writer.close()
+        stats = await running.idle_stats()
+    assert stats.rejected["address_limit"] == 6 and stats.rejected["overload"] == 0
 
 
 async def test_a_refusal_is_answered_over_tls(local_cert: Cert) -> None:
@@ -485,7 +536,7 @@ async def test_plain_http_over_tls_on_both_legs_reuses_the_upstream_connection(l
         server.close()
         await server.wait_closed()
     assert accepted == 1
-    assert stats.tls_failed == {"error": 0, "timeout": 0, "not_tls": 0}
+    assert tls_rejections(stats) == {"tls_error": 0, "tls_timeout": 0, "not_tls": 0}
 
 
 # --- settings ---------------------------------------------------------------------

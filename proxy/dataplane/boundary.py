@@ -42,6 +42,9 @@ RejectedReason = Literal[
     "address_limit",  # 503: limits.max_connections_per_address or max_heads_per_address reached
     "shutting_down",  # 503: loopwatch is draining
     "fd_limit",  # 503 (closed on a TLS listener): out of open files, accepted with the reserve one
+    "tls_error",  # a TLS listener's handshake failed (the client refused the certificate, no common version): cut
+    "tls_timeout",  # a TLS listener's handshake not complete within limits.handshake_timeout: cut
+    "not_tls",  # 400: plain HTTP to a TLS listener
 ]
 REJECTED_REASONS: tuple[str, ...] = typing.get_args(RejectedReason)
 # Refusals that protect loopwatch or point at the upstream are warnings; a

@@ -207,7 +207,6 @@ class ListenerStats:
     released: int  # holds answered early: the key was released, or the listener stopped
     rejected: dict[str, int]  # answered by loopwatch itself, by reason (docs/relay.md)
     refused: dict[str, int]  # refused by the enforcement table, by reason (docs/refusals.md)
-    tls_failed: dict[str, int]  # the listener's failed TLS handshakes: error, timeout, not_tls
     addresses: int  # client addresses counted against the per-address caps now
     events_dropped: int  # events lost to a full queue (EventQueue.dropped)
     signature_checks_waiting: int  # connections waiting for a turn to check a JWT's signature now
@@ -441,7 +440,7 @@ class NativeListener:
 
     def stats(self) -> ListenerStats:
         raw = self.raw.stats()
-        for name in ("rejected", "refused", "held_answered", "held_skipped", "tls_failed"):
+        for name in ("rejected", "refused", "held_answered", "held_skipped"):
             raw[name] = dict(raw[name])
         return ListenerStats(**raw)
 

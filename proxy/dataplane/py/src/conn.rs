@@ -4,7 +4,7 @@
 //!
 //! Every phase has a deadline: the TLS handshake, the head and the upstream's
 //! answer together `limits.handshake_timeout` from accept (the TLS handshake
-//! cut and counted in `tls_failed`, then 408, then 504), or from the end of
+//! cut and counted as `tls_timeout`, then 408, then 504), or from the end of
 //! the previous response (an idle keep-alive connection is closed quietly),
 //! the connect (TCP and TLS) `limits.connect_timeout` (504), an answer
 //! loopwatch writes itself and the wait for the client's close after it
@@ -37,7 +37,7 @@ use loopwatch_dataplane_core::table::{Admission, Refusal};
 use crate::control::{AddressAdmission, AddressSlot};
 use crate::http::{self, Outcome};
 use crate::identity::wall_clock;
-use crate::listener::{stopping, Config, ConnGuard, Rejected, Shared, TlsFailure};
+use crate::listener::{stopping, Config, ConnGuard, Rejected, Shared};
 use crate::relay::{CloseInfo, Relay, RelayIdentity, RelayLimits};
 use crate::response::{Answer, ResponseReader, UpstreamRefusal};
 use crate::tls::UpstreamTls;
@@ -67,6 +67,7 @@ const RESPONSE_STALLED: &str = "loopwatch: response stalled";
 /// (the 503's body line).
 const ADDRESS_LIMIT: &str = "loopwatch: too many connections from your address";
 const NOT_TLS: &str = "loopwatch: this port speaks TLS: use https:// or wss://";
+const TLS_TIMEOUT: &str = "loopwatch: TLS handshake timeout";
 /// The first byte of a TLS connection: a handshake record.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
@@ -135,14 +136,32 @@ pub async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, gua
     let config = shared.config();
     let deadline = Instant::now() + config.limits.handshake_timeout;
     match &config.tls {
-        None => serve_stream(&shared, &config, client, peer, deadline, "http", guard).await,
+        None => {
+            serve_stream(
+                &shared, &config, client, peer, deadline, "http", guard, None,
+            )
+            .await
+        }
         // Boxed, as the TLS stream: a plain connection's future does not
         // carry the TLS variants' state (a rustls connection is over 1 KiB,
         // and a splice of two of them over 3 KiB).
         Some(acceptor) => {
             Box::pin(async {
+                // The per-address caps before the handshake: a handshake that
+                // never ends is a head that never comes, and one address could
+                // otherwise fill `max_connections` with them. Over its cap there
+                // is no TLS yet to answer in: closed at once (as `fd_limit`).
+                let address = shared.addresses.admit(peer.ip());
+                if let AddressAdmission::OverCap = address {
+                    shared.rejected(Rejected::AddressLimit, None, peer.ip(), ADDRESS_LIMIT);
+                    return;
+                }
                 if let Some(client) = accept_tls(&shared, acceptor, client, peer, deadline).await {
-                    serve_stream(&shared, &config, client, peer, deadline, "https", guard).await;
+                    let admitted = Some(address);
+                    serve_stream(
+                        &shared, &config, client, peer, deadline, "https", guard, admitted,
+                    )
+                    .await;
                 }
             })
             .await
@@ -159,10 +178,11 @@ enum FirstByte {
 }
 
 /// The listener's TLS handshake, by `deadline`. None when it did not
-/// complete: counted (`TlsFailure`), except for a client that left before
-/// sending anything (as a plain client that leaves before its head) and a
-/// stop (`shutting_down`). A client speaking plain HTTP to the TLS port gets
-/// a plain-text 400 saying so (as nginx does).
+/// complete: counted and logged as a rejection (`tls_error`, `tls_timeout`,
+/// `not_tls`), except for a client that left before sending anything (as a
+/// plain client that leaves before its head) and a stop (`shutting_down`). A
+/// client speaking plain HTTP to the TLS port gets a plain-text 400 saying so
+/// (as nginx does).
 async fn accept_tls(
     shared: &Shared,
     acceptor: &TlsAcceptor,
@@ -184,33 +204,37 @@ async fn accept_tls(
             Ok(_) => FirstByte::Byte(first[0]),
         },
     };
-    let counters = &shared.counters;
+    let ip = peer.ip();
     match step {
-        FirstByte::Stop => shared.rejected(Rejected::ShuttingDown, None, peer.ip(), SHUTTING_DOWN),
-        FirstByte::Timeout => counters.tls_failed(TlsFailure::Timeout),
+        FirstByte::Stop => shared.rejected(Rejected::ShuttingDown, None, ip, SHUTTING_DOWN),
+        FirstByte::Timeout => shared.rejected(Rejected::TlsTimeout, None, ip, TLS_TIMEOUT),
         FirstByte::Gone => {}
         FirstByte::Byte(TLS_HANDSHAKE_RECORD) => {
             return tokio::select! {
                 biased;
                 _ = &mut stop => {
-                    shared.rejected(Rejected::ShuttingDown, None, peer.ip(), SHUTTING_DOWN);
+                    shared.rejected(Rejected::ShuttingDown, None, ip, SHUTTING_DOWN);
                     None
                 }
                 _ = &mut timer => {
-                    counters.tls_failed(TlsFailure::Timeout);
+                    shared.rejected(Rejected::TlsTimeout, None, ip, TLS_TIMEOUT);
                     None
                 }
                 accepted = acceptor.accept(client) => match accepted {
                     Ok(stream) => Some(Box::new(stream)),
-                    Err(_) => {
-                        counters.tls_failed(TlsFailure::Error);
+                    Err(e) => {
+                        // rustls' reason, for the operator: "received fatal
+                        // alert: CertificateUnknown" (the client refused the
+                        // certificate), "peer is incompatible: …".
+                        let message = format!("loopwatch: TLS handshake failed: {e}");
+                        shared.rejected(Rejected::TlsError, None, ip, &message);
                         None
                     }
                 },
             };
         }
         FirstByte::Byte(_) => {
-            counters.tls_failed(TlsFailure::NotTls);
+            shared.rejected(Rejected::NotTls, Some(400), ip, NOT_TLS);
             let response = simple_response(400, NOT_TLS, &[]);
             answer(&mut client, &response, Then::Close).await;
         }
@@ -220,7 +244,9 @@ async fn accept_tls(
 
 /// Everything after the TLS handshake, whatever the client's stream: the
 /// first request's head by `deadline` (from accept), the next ones' each
-/// within `limits.handshake_timeout` of the previous response.
+/// within `limits.handshake_timeout` of the previous response. `admitted`:
+/// the address's admission when it was taken before the TLS handshake.
+#[allow(clippy::too_many_arguments)]
 async fn serve_stream<C: Transport + 'static>(
     shared: &Arc<Shared>,
     config: &Config,
@@ -229,6 +255,7 @@ async fn serve_stream<C: Transport + 'static>(
     first_deadline: Instant,
     scheme: &'static str,
     guard: ConnGuard,
+    admitted: Option<AddressAdmission>,
 ) {
     let limits = &config.limits;
     if shared.closing() {
@@ -255,11 +282,12 @@ async fn serve_stream<C: Transport + 'static>(
         .await;
         return;
     }
-    // Per address (the peer's; counted after the TLS handshake): its
-    // connections and its half-open first head
-    // (released when `address` drops, at the end of this connection: the
-    // splice's task's end for a WebSocket).
-    let mut address = match shared.addresses.admit(peer.ip()) {
+    // Per address (the peer's; on a TLS listener counted before the
+    // handshake): its connections and its half-open first head, the TLS
+    // handshake included (released when `address` drops, at the end of this
+    // connection: the splice's task's end for a WebSocket).
+    let admission = admitted.unwrap_or_else(|| shared.addresses.admit(peer.ip()));
+    let mut address = match admission {
         AddressAdmission::Counted(slot) => Some(slot),
         AddressAdmission::Exempt => None,
         AddressAdmission::OverCap => {

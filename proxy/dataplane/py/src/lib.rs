@@ -428,7 +428,6 @@ impl Listener {
         out.set_item("released", holds.released.load(Ordering::Relaxed))?;
         out.set_item("rejected", c.rejected())?;
         out.set_item("refused", c.refused())?;
-        out.set_item("tls_failed", c.tls_failures())?;
         out.set_item("addresses", shared.addresses.tracked())?;
         out.set_item("events_dropped", shared.events.drops().total())?;
         let checks = shared.signature_checks.now();

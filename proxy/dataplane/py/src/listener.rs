@@ -50,8 +50,9 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 
 /// Why the native listener answered (or cut) a request itself: the `reason`
 /// label of loopwatch_requests_rejected_total (`RejectedReason` in
-/// proxy/dataplane/boundary.py). (A failed TLS handshake is no request:
-/// `TlsFailure`.)
+/// proxy/dataplane/boundary.py). A TLS handshake that failed on the listener
+/// is one too: no request came, and an expired certificate or a flood of
+/// stalled handshakes must show where the other early refusals do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejected {
     BadRequest,
@@ -69,10 +70,19 @@ pub enum Rejected {
     AddressLimit,
     ShuttingDown,
     FdLimit,
+    /// The client's TLS handshake failed: no common version or cipher suite,
+    /// a malformed record, the client refused the certificate, or it left
+    /// mid-handshake. Cut.
+    TlsError,
+    /// The TLS handshake not complete within `limits.handshake_timeout`: cut.
+    TlsTimeout,
+    /// The first byte was no TLS handshake record (plain HTTP on the TLS
+    /// port): answered 400 in plain text.
+    NotTls,
 }
 
 impl Rejected {
-    pub const ALL: [Rejected; 15] = [
+    pub const ALL: [Rejected; 18] = [
         Rejected::BadRequest,
         Rejected::HeadTooLarge,
         Rejected::HeadTimeout,
@@ -88,6 +98,9 @@ impl Rejected {
         Rejected::AddressLimit,
         Rejected::ShuttingDown,
         Rejected::FdLimit,
+        Rejected::TlsError,
+        Rejected::TlsTimeout,
+        Rejected::NotTls,
     ];
 
     pub fn label(self) -> &'static str {
@@ -107,6 +120,9 @@ impl Rejected {
             Rejected::AddressLimit => "address_limit",
             Rejected::ShuttingDown => "shutting_down",
             Rejected::FdLimit => "fd_limit",
+            Rejected::TlsError => "tls_error",
+            Rejected::TlsTimeout => "tls_timeout",
+            Rejected::NotTls => "not_tls",
         }
     }
 
@@ -143,36 +159,6 @@ impl Rejected {
     }
 }
 
-/// Why a client's TLS handshake on the listener failed (the `tls_failed`
-/// counters).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TlsFailure {
-    /// A TLS error: no common version or cipher suite, a malformed record,
-    /// the client refused the certificate, or it left mid-handshake.
-    Error,
-    /// Not complete within `limits.handshake_timeout`: cut.
-    Timeout,
-    /// The first byte was no TLS handshake record (plain HTTP on the TLS
-    /// port): answered 400 in plain text.
-    NotTls,
-}
-
-impl TlsFailure {
-    pub const ALL: [TlsFailure; 3] = [TlsFailure::Error, TlsFailure::Timeout, TlsFailure::NotTls];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            TlsFailure::Error => "error",
-            TlsFailure::Timeout => "timeout",
-            TlsFailure::NotTls => "not_tls",
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
-    }
-}
-
 fn refuse_index(reason: RefuseReason) -> usize {
     RefuseReason::ALL
         .iter()
@@ -183,7 +169,7 @@ fn refuse_index(reason: RefuseReason) -> usize {
 /// Which rejections also make a `request_rejected` log line: at most one per
 /// reason per `REJECTION_LOG_INTERVAL`, decided here, on the connection's
 /// task, so that a flood of bad requests costs an atomic each and puts at
-/// most 13 lines per interval in the event queue (the brain writes them:
+/// most one line per reason per interval in the event queue (the brain writes them:
 /// `NativePlane` in proxy/app/planes.py).
 #[derive(Debug)]
 pub struct RejectionLog(LogLimiter<{ Rejected::ALL.len() }>);
@@ -208,29 +194,12 @@ pub struct Counters {
     pub handshake_failed: AtomicU64,
     rejected: [AtomicU64; Rejected::ALL.len()],
     refused: [AtomicU64; RefuseReason::ALL.len()],
-    tls_failed: [AtomicU64; TlsFailure::ALL.len()],
     rejection_log: RejectionLog,
 }
 
 impl Counters {
     pub fn reject(&self, reason: Rejected) {
         self.rejected[reason.index()].fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn tls_failed(&self, failure: TlsFailure) {
-        self.tls_failed[failure.index()].fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn tls_failures(&self) -> Vec<(&'static str, u64)> {
-        TlsFailure::ALL
-            .iter()
-            .map(|f| {
-                (
-                    f.label(),
-                    self.tls_failed[f.index()].load(Ordering::Relaxed),
-                )
-            })
-            .collect()
     }
 
     pub fn refuse(&self, reason: RefuseReason) {
