@@ -66,6 +66,9 @@ class BreakerEnforcement:
     retry_after: float = 0.0
     probes: int = 0
     enforced: bool = True
+    # Clients whose probe failed since the breaker last closed: the table gives
+    # them no probe, as the engine gives them none (CircuitBreaker.failed_probers).
+    no_probe: frozenset[str] = frozenset()
 
 
 __all__ = ["BreakerEnforcement", "CooldownEnforcement", "KeyEnforcement", "NONE"]

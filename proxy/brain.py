@@ -296,7 +296,13 @@ class Table(Protocol):
     def set_deny(self, entries: list[str]) -> None: ...
 
     def set_breaker(
-        self, name: str, state: str, seconds: float = ..., probes: int = ..., enforced: bool = ...
+        self,
+        name: str,
+        state: str,
+        seconds: float = ...,
+        probes: int = ...,
+        enforced: bool = ...,
+        no_probe: list[str] = ...,
     ) -> None: ...
 
     def remove_breaker(self, name: str) -> bool: ...
@@ -443,9 +449,11 @@ class TableSync:
         if want.state == "open":
             if had is not None and had.state == "open":
                 table.remove_breaker(want.name)  # a new trip: a fresh probe budget
-            table.set_breaker(want.name, "open", max(want.until - now, 0.0), want.probes, want.enforced)
+            wait = max(want.until - now, 0.0)
+            table.set_breaker(want.name, "open", wait, want.probes, want.enforced, sorted(want.no_probe))
         elif want.state == "half_open":
-            table.set_breaker(want.name, "half_open", want.retry_after, want.probes, want.enforced)
+            no_probe = sorted(want.no_probe)
+            table.set_breaker(want.name, "half_open", want.retry_after, want.probes, want.enforced, no_probe)
         else:
             table.set_breaker(want.name, "closed", 0.0, 0, want.enforced)
         self.writes += 1

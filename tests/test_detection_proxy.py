@@ -189,6 +189,48 @@ async def test_upstream_breaker_opens_refuses_fast_and_closes_after_probe():
             await backend.stop()
 
 
+async def test_a_client_whose_probe_failed_cannot_spend_the_probes_of_others():
+    """The engine gave a client whose probe failed no probe, but the data plane's
+    table did: first in at each half-open, the looper spent the budget, the
+    engine refused it after the fact, and the breaker stayed shut for everyone
+    after the backend was back."""
+    port = free_port()
+    async with loopwatch(
+        f"ws://127.0.0.1:{port}",
+        **{
+            "breakers.upstream.min_calls": 3,
+            "breakers.upstream.open_wait": "0.5s",
+            "breakers.upstream.half_open_probes": 1,
+        },
+    ) as lw:
+
+        def upstream() -> str:
+            return {b.name: b.state for b in lw.engine.breakers(time.monotonic())}["upstream"]
+
+        for i in range(3):
+            code, _ = await attempt(ws_url(lw, f"/ws?token={issue_token(f'u{i}', 60)}"))
+            assert code == 502
+        await wait_for(lambda: upstream() == "open")
+        looper = ws_url(lw, f"/ws?token={issue_token('looper', 60)}")
+        await wait_for(lambda: upstream() == "half_open", 5)
+        code, _ = await attempt(looper)  # the probe, while the upstream is still down
+        assert code == 502
+        await wait_for(lambda: upstream() == "open")
+        backend = DemoBackend()
+        await backend.start(port=port)
+        try:
+            await wait_for(lambda: upstream() == "half_open", 5)
+            code, reason = await attempt(looper)  # first in again: no probe for it
+            assert code == 1013 and reason.startswith("loopwatch: upstream unavailable"), (code, reason)
+            async with connect(ws_url(lw, f"/ws?token={issue_token('fresh', 60)}")) as ws:
+                await ws.send("ping")
+                assert await ws.recv() == "ping"
+            await wait_for(lambda: upstream() == "closed", 10)
+            assert backend.upgrades.get("looper", 0) == 0  # it never reached the backend
+        finally:
+            await backend.stop()
+
+
 async def test_fleet_wide_auth_storm_opens_auth_breaker_without_cooldowns():
     async with demo_backend() as backend, loopwatch(
         f"ws://127.0.0.1:{backend.port}", **{"breakers.auth.min_calls": 10}

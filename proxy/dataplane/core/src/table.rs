@@ -152,6 +152,11 @@ pub struct BreakerEntry {
     /// Whether a refusal is enforced (policy mode `enforce`); an observed
     /// breaker still takes probes.
     pub enforced: bool,
+    /// Clients whose probe failed since the breaker last closed: they get no
+    /// probe (the engine's `failed_probers`). A looping client is first in at
+    /// every half-open: were it given a probe here that the engine refuses, it
+    /// would spend the budget and keep the breaker shut for everyone.
+    pub no_probe: Arc<HashSet<Arc<str>>>,
 }
 
 /// An IPv4 or IPv6 network, `addr/prefix` (host bits ignored, as Python's
@@ -376,6 +381,10 @@ impl Snapshot {
             let refusal = match breaker.state {
                 BreakerState::Closed => continue,
                 BreakerState::Open { until } if now < until => Some(until - now),
+                BreakerState::Open { .. } if breaker.no_probe.contains(key) => Some(Duration::ZERO),
+                BreakerState::HalfOpen { retry_after } if breaker.no_probe.contains(key) => {
+                    Some(retry_after)
+                }
                 BreakerState::Open { .. } | BreakerState::HalfOpen { .. }
                     if breaker.probes.take() =>
                 {
@@ -710,6 +719,7 @@ mod tests {
                 },
                 probes: Arc::clone(&budget),
                 enforced: true,
+                no_probe: Default::default(),
             }],
             ..Snapshot::default()
         };
@@ -739,6 +749,43 @@ mod tests {
     }
 
     #[test]
+    fn a_client_whose_probe_failed_gets_no_probe() {
+        // First in at every half-open, it would take the budget the engine
+        // refuses it, and the breaker would stay shut for everyone.
+        let now = Instant::now();
+        let budget = ProbeBudget::new(1);
+        let looper: Arc<str> = Arc::from("looper@10.0.0.1");
+        for state in [
+            BreakerState::HalfOpen {
+                retry_after: secs(2),
+            },
+            BreakerState::Open { until: now },
+        ] {
+            let s = Snapshot {
+                breakers: vec![BreakerEntry {
+                    name: Arc::from("upstream"),
+                    state,
+                    probes: Arc::clone(&budget),
+                    enforced: true,
+                    no_probe: Arc::new(HashSet::from([Arc::clone(&looper)])),
+                }],
+                ..Snapshot::default()
+            };
+            let r = refusal(s.admission(&looper, None, now));
+            assert_eq!(r.reason, RefuseReason::CircuitOpen);
+            assert_eq!(budget.remaining(), 1, "no probe taken for it");
+            assert_eq!(
+                s.admission("other@10.0.0.2", None, now),
+                Admission::Admit {
+                    probes: vec![Arc::from("upstream")]
+                }
+            );
+            assert_eq!(budget.remaining(), 0);
+            budget.give_back();
+        }
+    }
+
+    #[test]
     fn a_refusing_breaker_gives_back_the_probes_of_earlier_ones() {
         let now = Instant::now();
         let first = ProbeBudget::new(1);
@@ -751,6 +798,7 @@ mod tests {
                     },
                     probes: Arc::clone(&first),
                     enforced: true,
+                    no_probe: Default::default(),
                 },
                 BreakerEntry {
                     name: Arc::from("auth"),
@@ -759,6 +807,7 @@ mod tests {
                     },
                     probes: ProbeBudget::new(1),
                     enforced: true,
+                    no_probe: Default::default(),
                 },
             ],
             ..Snapshot::default()
@@ -779,6 +828,7 @@ mod tests {
                 },
                 probes: ProbeBudget::new(1),
                 enforced: false,
+                no_probe: Default::default(),
             }],
             ..Snapshot::default()
         };
@@ -843,6 +893,7 @@ mod tests {
                 },
                 probes: Arc::clone(&budget),
                 enforced: true,
+                no_probe: Default::default(),
             }],
             ..Snapshot::default()
         };
@@ -856,6 +907,7 @@ mod tests {
                 },
                 probes: budget,
                 enforced: true,
+                no_probe: Default::default(),
             }],
             ..Snapshot::default()
         };
@@ -902,6 +954,7 @@ mod tests {
                 },
                 probes: ProbeBudget::new(1),
                 enforced: true,
+                no_probe: Default::default(),
             }],
             ..Snapshot::default()
         };

@@ -6,7 +6,7 @@
 //! wait for it. Durations come in as seconds and become deadlines on the
 //! Rust side's clock.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -185,7 +185,10 @@ impl EnforcementTable {
     /// with `seconds` as their retry time. A breaker that stays in its state
     /// keeps the probes already taken; entering a state starts a fresh budget.
     /// `enforced=False` (observe mode): it takes probes but never refuses.
-    #[pyo3(signature = (name, state, seconds=0.0, probes=1, enforced=true))]
+    /// `no_probe`: the keys given no probe (their probe failed since the
+    /// breaker last closed), refused as if none were left.
+    #[pyo3(signature = (name, state, seconds=0.0, probes=1, enforced=true, no_probe=Vec::new()))]
+    #[allow(clippy::too_many_arguments)]
     fn set_breaker(
         &self,
         py: Python<'_>,
@@ -194,7 +197,10 @@ impl EnforcementTable {
         seconds: f64,
         probes: u32,
         enforced: bool,
+        no_probe: Vec<String>,
     ) -> PyResult<()> {
+        let no_probe: Arc<HashSet<Arc<str>>> =
+            Arc::new(no_probe.into_iter().map(Arc::from).collect());
         let kind = StateKind::parse(state)?;
         let wait = duration("seconds", seconds)?;
         let name: Arc<str> = Arc::from(name);
@@ -216,6 +222,7 @@ impl EnforcementTable {
                     state,
                     probes: kept.unwrap_or_else(|| ProbeBudget::new(probes)),
                     enforced,
+                    no_probe: Arc::clone(&no_probe),
                 };
                 match existing {
                     Some(i) => s.breakers[i] = entry,
