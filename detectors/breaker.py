@@ -10,8 +10,8 @@
   OPEN again, with a longer wait. A client whose probe failed gets no probe
   again until the breaker closes: the first in at every half-open, one
   looping client would otherwise fail every probe and keep the breaker open
-  for everyone. The caller names clients (``who``); the breaker keeps up to
-  ``MAX_FAILED_PROBERS`` of them.
+  for everyone. The caller names clients (``who``: their ``party``); the
+  breaker keeps up to ``MAX_FAILED_PROBERS`` of them.
 * CLOSED with ``pending``: calls under way that have not failed yet count
   with the calls (the auth breaker's connections not yet old enough to be
   successes), so that the failures that come first do not make the ratio.
@@ -24,6 +24,7 @@ Time is an argument everywhere; the breaker never reads a clock.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from enum import StrEnum
 
@@ -31,6 +32,27 @@ from .actions import BreakerTransition
 from .settings import CircuitBreakerSettings
 from .views import BreakerView
 from .window import SlidingCounter
+
+
+def party(addr: str, key: str) -> str:
+    """Who a fleet-wide breaker counts as one client: its address, not its key.
+
+    A key from a source the client writes (an unsigned token's ``sub``, a header,
+    a cookie) is free to mint anew at every attempt: counted by key, one client
+    at one address opened the auth breaker for everyone, and took every probe
+    with fresh keys to keep it open. An IPv6 host holds a whole /64, so that
+    counts as one address. The key itself when there is no address."""
+    if not addr:
+        return key
+    if ":" not in addr:
+        return addr  # IPv4: the common case, no parsing
+    try:
+        ip = ipaddress.IPv6Address(addr)
+    except ValueError:
+        return addr
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, 64), strict=False).network_address)
 
 
 class BreakerState(StrEnum):

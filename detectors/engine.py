@@ -28,7 +28,7 @@ from operator import attrgetter, itemgetter
 
 from . import findings, policy, tracker
 from .actions import Action, CloseConnection, CooldownEnded, WouldReject
-from .breaker import CLOSED, HALF_OPEN, PROBE, REFUSE, CircuitBreaker
+from .breaker import CLOSED, HALF_OPEN, PROBE, REFUSE, CircuitBreaker, party
 from .decisions import ADMITTED, EMPTY, Admit, Outcome, Reject, RejectReason
 from .enforcement import NONE, BreakerEnforcement, CooldownEnforcement, KeyEnforcement
 from .events import Answered, Attempt, Closed, ConnId, Event, HandshakeFailed, Opened
@@ -49,6 +49,10 @@ _ENFORCE_NONE, _ENFORCE_ALL, _ENFORCE_TIMED = 0, 1, 2
 # so one wake never holds the proxy's event loop for long (~6 ms).
 _SWEEP_FRACTION = 0.05
 _SWEEP_BATCH = 10_000
+# The parties (addresses) remembered as having fed the auth breaker within its
+# window; beyond it, the ones out of the window are forgotten (all of them, in
+# the flood of that many addresses within one window).
+MAX_AUTH_FED = 65_536
 
 
 def _always(state: ClientState) -> bool:
@@ -91,6 +95,9 @@ class Engine:
         self._credits: OrderedDict[ConnId, Credit] = OrderedDict()
         self._credit_due = INF  # the oldest credit's due time; INF when there is none
         self._credited: Counter[str] = Counter()  # the clients of those connections
+        # When each party (breaker.party) last fed the auth breaker a failure, or a
+        # success: once per window each.
+        self._auth_fed: dict[tuple[str, bool], float] = {}
         # Clients with a standing finding or a cooldown: few, so views and counts iterate them.
         self._notable: dict[str, ClientState] = {}
         self._flagged: dict[str, int] = dict.fromkeys(RULE_NAMES, 0)
@@ -195,7 +202,7 @@ class Engine:
                 if breaker.state is CLOSED:
                     continue
                 self._moved(breaker.advance(t))
-                verdict = breaker.permit(t, state.key)
+                verdict = breaker.permit(t, party(state.addr, state.key))
                 if verdict == REFUSE:
                     refusal = Reject(
                         "circuit_open",
@@ -406,31 +413,33 @@ class Engine:
 
     def _upstream_outcome(self, state: ClientState, t: float, success: bool) -> None:
         probe = bool(state.probes) and self._take_probe(state, "upstream")
-        self._moved(self._upstream.record(t, success, probe, who=state.key))
+        self._moved(self._upstream.record(t, success, probe, who=party(state.addr, state.key)))
 
     def _auth_outcome(self, state: ClientState, t: float, failed: bool) -> None:
         self._fleet.auth_outcome(t, failed)
         breaker = self._auth
         if state.probes and self._take_probe(state, "auth"):
-            self._moved(breaker.record(t, not failed, probe=True, who=state.key))
+            self._moved(breaker.record(t, not failed, probe=True, who=party(state.addr, state.key)))
             return
         self._feed_auth_breaker(state, t, failed)
 
     def _feed_auth_breaker(self, state: ClientState, t: float, failed: bool) -> None:
-        """Count clients, not attempts: one looping client must not trip a
-        fleet-wide breaker (and so refuse everyone) by itself."""
+        """Count clients, not attempts, and a client by its address (``party``):
+        one looping client, whatever keys it makes up, must not trip a fleet-wide
+        breaker (and so refuse everyone) by itself."""
         breaker = self._auth
         if breaker.state is not CLOSED:
             return
         window = breaker.settings.window
-        if failed:
-            if t - state.auth_fail_fed < window:
-                return
-            state.auth_fail_fed = t
-        else:
-            if t - state.auth_ok_fed < window:
-                return
-            state.auth_ok_fed = t
+        fed = self._auth_fed
+        who = (party(state.addr, state.key), failed)
+        if t - fed.get(who, NEVER) < window:
+            return
+        if len(fed) >= MAX_AUTH_FED:  # bounded: forget what no longer counts
+            self._auth_fed = fed = {w: at for w, at in fed.items() if t - at < window}
+            if len(fed) >= MAX_AUTH_FED:
+                fed.clear()
+        fed[who] = t
         # Clients whose connection is open and not yet old enough to be a
         # success count as not failing: after a deploy every client reconnects,
         # the failing few fail at once and the rest only succeed healthy_after

@@ -88,8 +88,6 @@ class ClientState:
         "keep_until",  # the store keeps the client at least until then (cooldown memory)
         "scheduled",  # when the engine's wake queue holds this client; INF when not queued
         "probes",  # breaker names this client's attempt in flight probes for
-        "auth_fail_fed",  # last time this client fed the auth breaker a failure …
-        "auth_ok_fed",  # … and a success (one per window: clients are counted, not attempts)
         "bucket",  # rollout bucket 0..9999, -1 until first needed
     )
 
@@ -122,8 +120,6 @@ class ClientState:
         self.keep_until = NEVER
         self.scheduled = INF
         self.probes: tuple[str, ...] = ()
-        self.auth_fail_fed = NEVER
-        self.auth_ok_fed = NEVER
         self.bucket = -1
 
     def failing(self) -> Failures:

@@ -23,10 +23,12 @@ async def demo_backend() -> AsyncIterator[DemoBackend]:
         await backend.stop()
 
 
-async def attempt(url: str) -> tuple[int | None, str]:
-    """One connection: (close code, reason) as the client saw them."""
+async def attempt(url: str, address: str | None = None) -> tuple[int | None, str]:
+    """One connection (from local `address`, a loopback one, when given): (close
+    code, reason) as the client saw them."""
+    local = {} if address is None else {"local_addr": (address, 0)}
     try:
-        async with connect(url, open_timeout=5, close_timeout=2) as ws:
+        async with connect(url, open_timeout=5, close_timeout=2, **local) as ws:
             await ws.recv()
     except ConnectionClosed as e:
         return (e.rcvd.code, e.rcvd.reason) if e.rcvd else (None, "")

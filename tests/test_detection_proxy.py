@@ -222,7 +222,8 @@ async def test_a_client_whose_probe_failed_cannot_spend_the_probes_of_others():
             await wait_for(lambda: upstream() == "half_open", 5)
             code, reason = await attempt(looper)  # first in again: no probe for it
             assert code == 1013 and reason.startswith("loopwatch: upstream unavailable"), (code, reason)
-            async with connect(ws_url(lw, f"/ws?token={issue_token('fresh', 60)}")) as ws:
+            fresh = ws_url(lw, f"/ws?token={issue_token('fresh', 60)}")
+            async with connect(fresh, local_addr=("127.0.0.2", 0)) as ws:  # another address
                 await ws.send("ping")
                 assert await ws.recv() == "ping"
             await wait_for(lambda: upstream() == "closed", 10)
@@ -231,13 +232,33 @@ async def test_a_client_whose_probe_failed_cannot_spend_the_probes_of_others():
             await backend.stop()
 
 
+async def test_one_client_minting_keys_cannot_open_the_auth_breaker_for_everyone():
+    """The default identity keys a client by its token's sub, unverified: one
+    client at one address sending a new sub at every attempt counted as many
+    failing clients, opened the fleet-wide auth breaker and refused everyone."""
+    async with demo_backend() as backend, loopwatch(
+        f"ws://127.0.0.1:{backend.port}", **{"breakers.auth.min_calls": 10}
+    ) as lw:
+        for i in range(30):
+            code, _ = await attempt(ws_url(lw, f"/ws?token={issue_token(f'made-up{i}', -60)}"))
+            assert code == 1008  # each a new client: none is refused, the backend answers
+        await wait_for(lambda: lw.engine.snapshot(time.monotonic()).clients_tracked >= 30)
+        assert {b.name: b.state for b in lw.engine.breakers(time.monotonic())}["auth"] == "closed"
+        victim = ws_url(lw, f"/ws?token={issue_token('victim', 60)}")
+        async with connect(victim, local_addr=("127.0.0.2", 0)) as ws:
+            await ws.send("ping")
+            assert await ws.recv() == "ping"
+
+
 async def test_fleet_wide_auth_storm_opens_auth_breaker_without_cooldowns():
     async with demo_backend() as backend, loopwatch(
         f"ws://127.0.0.1:{backend.port}", **{"breakers.auth.min_calls": 10}
     ) as lw:
-        # The auth service fails for everybody: many users, each failing once or twice.
+        # The auth service fails for everybody: many users, each failing once or
+        # twice, each from an address of its own (the breaker counts addresses).
         for i in range(14):
-            await attempt(ws_url(lw, f"/ws?token={issue_token(f'user{i}', -60)}"))
+            await attempt(ws_url(lw, f"/ws?token={issue_token(f'user{i}', -60)}"), f"127.0.0.{i + 2}")
+        await wait_for(lambda: {b.name: b.state for b in lw.engine.breakers(time.monotonic())}["auth"] == "open")
         now = time.monotonic()
         states = {b.name: b.state for b in lw.engine.breakers(now)}
         assert states["auth"] == "open"

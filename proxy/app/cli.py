@@ -153,7 +153,7 @@ def check_config_main(path: str) -> int:
     """`loopwatch check-config FILE`: every error to stderr and 2, or the
     effective config and 0. The files it names (certificates, keys, the CA
     bundle) are read as `run` reads them."""
-    from .planes import settings_errors
+    from .planes import settings_errors, settings_warnings
 
     try:
         settings = load_settings(path)
@@ -165,6 +165,8 @@ def check_config_main(path: str) -> int:
         for line in errors:
             print(line, file=sys.stderr)
         return 2
+    for line in settings_warnings(settings):
+        print(f"note: {line}", file=sys.stderr)
     try:
         settings.require_upstream()
     except ConfigError as exc:
@@ -187,7 +189,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         }.items()
         if value is not None
     }
-    from .planes import settings_errors
+    from .planes import settings_errors, settings_warnings
 
     try:
         settings = load_settings(args.config, env=os.environ, overrides=overrides)
@@ -199,14 +201,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"loopwatch: invalid configuration:\n{e}", file=sys.stderr)
         return 2
     setup_logging(settings.logging.level, settings.logging.format)
+    import logging
+
+    from ..observe.logs import event
+
     ignored = ignored_service_links(os.environ)
     if ignored:  # one line for all of them, once per process (a reload reads the same environment)
-        import logging
-
-        from ..observe.logs import event
-
         event(logging.getLogger("loopwatch"), "service_links_ignored", logging.WARNING,
               variables=ignored, why=SERVICE_LINKS_HINT)
+    for warning in settings_warnings(settings):
+        event(logging.getLogger("loopwatch"), "config_warning", logging.WARNING, message=warning)
     from ..observe.tracing import TracingConfigError
     from .runtime import ConfigSources, Running, run_loop, serve
 

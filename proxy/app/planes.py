@@ -202,6 +202,26 @@ def settings_errors(settings: Settings) -> list[str]:
     return errors
 
 
+def settings_warnings(settings: Settings) -> list[str]:
+    """Settings that work but leave a hole an operator should know of, one line
+    each: `note:` lines from check-config, `config_warning` lines at `run`'s start."""
+    warnings: list[str] = []
+    secure_upstreams = [u for u in (r.upstream for r in settings.effective_routes()) if u.startswith(("wss:", "https:"))]
+    if secure_upstreams and not settings.upstream_tls.verify:
+        warnings.append(
+            "upstream_tls.verify: false: the certificates of "
+            + ", ".join(sorted(set(secure_upstreams)))
+            + " are not checked (anyone on the path can answer for them)"
+        )
+    jwt = settings.identity.jwt
+    if jwt.verify and jwt.audience is None:
+        warnings.append(
+            "identity.jwt.audience is not set: a token its issuer signed for another app is "
+            "taken as its user's, so whoever holds one can put that user in a cooldown"
+        )
+    return warnings
+
+
 def health_check_route(router: Router, settings: Settings) -> RoutedUpstream:
     """The route the health check probes: a ConfigError when none serves its path."""
     path = settings.health_check.path

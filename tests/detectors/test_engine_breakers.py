@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from loopwatch.detectors.actions import BreakerTransition, CooldownStarted
+from loopwatch.detectors.breaker import party
 from loopwatch.detectors.decisions import Admit, Reject
 from loopwatch.detectors.engine import Engine
 from loopwatch.detectors.events import Attempt, Closed, HandshakeFailed, Opened
@@ -280,3 +281,55 @@ def test_a_few_failing_clients_in_a_reconnecting_fleet_do_not_trip_the_auth_brea
             e.record(Opened(key, "/ws", t + 0.001, i))
     assert e.breakers(2.0)[1].state == "closed"
     assert e.breakers(2.0)[1].failures >= 20  # past min_calls: the ratio decided
+
+
+def test_keys_made_up_at_one_address_count_once_for_the_auth_breaker() -> None:
+    """An unsigned token's sub (the default identity), a header or a cookie is
+    free to mint: one client at one address sending a new sub at every attempt
+    opened the auth breaker, refusing everyone. A fleet-wide breaker counts a
+    client by its address (an IPv6 host by its /64)."""
+    e = engine(auth={"min_calls": 5})
+    for i in range(40):  # 40 made-up keys from one IPv4 address, 40 from one /64
+        for addr in ("203.0.113.7", f"2001:db8:7:7::{i + 1:x}"):
+            key = f"sub{i}@{addr}"
+            assert e.admit(Attempt(key, "/ws", i * 0.01, addr)).admitted
+            e.record(HandshakeFailed(key, "/ws", i * 0.01 + 0.005, 401))
+    assert e.breakers(1.0)[1].state == "closed"  # two clients failing, not eighty
+    # Three more addresses failing, as in a real auth outage: five, open.
+    for i in range(3):
+        addr = f"198.51.100.{i + 1}"
+        assert e.admit(Attempt(f"u@{addr}", "/ws", 1.0, addr)).admitted
+        e.record(HandshakeFailed(f"u@{addr}", "/ws", 1.01, 401))
+    assert e.breakers(1.1)[1].state == "open"
+
+
+def test_a_failed_probe_denies_its_address_a_probe_whatever_the_key() -> None:
+    """With a new key at every half-open the looper took the probes again."""
+    e = engine()
+    for i in range(10):
+        addr = f"198.51.100.{i + 1}"
+        e.admit(Attempt(f"c{i}@{addr}", "/ws", i * 0.01, addr))
+        e.record(HandshakeFailed(f"c{i}@{addr}", "/ws", i * 0.01 + 0.005, None, "connect"))
+    t = 5.1
+    looper = "203.0.113.7"
+    assert e.admit(Attempt(f"a@{looper}", "/ws", t, looper)).probes == ("upstream",)
+    e.record(HandshakeFailed(f"a@{looper}", "/ws", t + 0.05, 500))  # the probe failed
+    (upstream,) = [b for b in e.breaker_enforcement(t + 0.1) if b.name == "upstream"]
+    assert upstream.no_probe == frozenset({looper})  # what the data plane's table is told
+    t = 15.2
+    d = e.admit(Attempt(f"fresh@{looper}", "/ws", t, looper))
+    assert isinstance(d, Reject) and d.reason == "circuit_open"
+    assert e.admit(Attempt("ok@198.51.100.1", "/ws", t, "198.51.100.1")).probes == ("upstream",)
+
+
+@pytest.mark.parametrize(
+    ("addr", "expected"),
+    [
+        ("203.0.113.7", "203.0.113.7"),
+        ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::"),
+        ("::ffff:203.0.113.7", "203.0.113.7"),
+        ("", "the-key"),
+    ],
+)
+def test_the_party_a_breaker_counts(addr: str, expected: str) -> None:
+    assert party(addr, "the-key") == expected

@@ -156,7 +156,50 @@ pub struct BreakerEntry {
     /// probe (the engine's `failed_probers`). A looping client is first in at
     /// every half-open: were it given a probe here that the engine refuses, it
     /// would spend the budget and keep the breaker shut for everyone.
-    pub no_probe: Arc<HashSet<Arc<str>>>,
+    pub no_probe: Arc<NoProbe>,
+}
+
+/// The clients a breaker gives no probe, as the engine names them
+/// (detectors/breaker.py `party`): by address (an IPv6 address's /64), since
+/// a key may be minted anew at every attempt; by key for a client without one.
+#[derive(Debug, Default)]
+pub struct NoProbe {
+    addresses: HashSet<IpAddr>,
+    keys: HashSet<Arc<str>>,
+}
+
+impl NoProbe {
+    /// From the engine's names: an address (of a /64, for IPv6), or a key.
+    pub fn new<S: AsRef<str>>(parties: &[S]) -> NoProbe {
+        let mut no_probe = NoProbe::default();
+        for party in parties {
+            let party = party.as_ref();
+            match party.parse::<IpAddr>() {
+                Ok(ip) => no_probe.addresses.insert(party_of(ip)),
+                Err(_) => no_probe.keys.insert(Arc::from(party)),
+            };
+        }
+        no_probe
+    }
+
+    pub fn contains(&self, key: &str, peer: Option<IpAddr>) -> bool {
+        peer.is_some_and(|ip| self.addresses.contains(&party_of(ip))) || self.keys.contains(key)
+    }
+}
+
+/// The address a breaker counts a client by: IPv4 (an IPv4-mapped IPv6
+/// address as IPv4), or an IPv6 address's /64, which one host holds.
+fn party_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
 }
 
 /// An IPv4 or IPv6 network, `addr/prefix` (host bits ignored, as Python's
@@ -381,8 +424,10 @@ impl Snapshot {
             let refusal = match breaker.state {
                 BreakerState::Closed => continue,
                 BreakerState::Open { until } if now < until => Some(until - now),
-                BreakerState::Open { .. } if breaker.no_probe.contains(key) => Some(Duration::ZERO),
-                BreakerState::HalfOpen { retry_after } if breaker.no_probe.contains(key) => {
+                BreakerState::Open { .. } if breaker.no_probe.contains(key, peer) => {
+                    Some(Duration::ZERO)
+                }
+                BreakerState::HalfOpen { retry_after } if breaker.no_probe.contains(key, peer) => {
                     Some(retry_after)
                 }
                 BreakerState::Open { .. } | BreakerState::HalfOpen { .. }
@@ -577,6 +622,10 @@ impl EnforcementTable {
 mod tests {
     use super::*;
 
+    fn ip(text: &str) -> IpAddr {
+        text.parse().expect("an address")
+    }
+
     fn secs(s: u64) -> Duration {
         Duration::from_secs(s)
     }
@@ -754,7 +803,8 @@ mod tests {
         // refuses it, and the breaker would stay shut for everyone.
         let now = Instant::now();
         let budget = ProbeBudget::new(1);
-        let looper: Arc<str> = Arc::from("looper@10.0.0.1");
+        let looper = "looper@10.0.0.1";
+        let no_probe = Arc::new(NoProbe::new(&["10.0.0.1", "2001:db8:1:2::", "no-address"]));
         for state in [
             BreakerState::HalfOpen {
                 retry_after: secs(2),
@@ -767,15 +817,28 @@ mod tests {
                     state,
                     probes: Arc::clone(&budget),
                     enforced: true,
-                    no_probe: Arc::new(HashSet::from([Arc::clone(&looper)])),
+                    no_probe: Arc::clone(&no_probe),
                 }],
                 ..Snapshot::default()
             };
-            let r = refusal(s.admission(&looper, None, now));
-            assert_eq!(r.reason, RefuseReason::CircuitOpen);
-            assert_eq!(budget.remaining(), 1, "no probe taken for it");
+            // By its address, whatever key it makes up; an IPv6 host by its /64;
+            // a client without an address by its key.
+            let v4 = Some(ip("10.0.0.1"));
+            let v4_mapped = Some(ip("::ffff:10.0.0.1"));
+            let v6 = Some(ip("2001:db8:1:2:aaaa::1"));
+            for (key, peer) in [
+                (looper, v4),
+                ("fresh-key@10.0.0.1", v4),
+                ("mapped", v4_mapped),
+                ("other-host-same-64", v6),
+                ("no-address", None),
+            ] {
+                let r = refusal(s.admission(key, peer, now));
+                assert_eq!(r.reason, RefuseReason::CircuitOpen, "{key}");
+                assert_eq!(budget.remaining(), 1, "no probe taken for {key}");
+            }
             assert_eq!(
-                s.admission("other@10.0.0.2", None, now),
+                s.admission("other@10.0.0.2", Some(ip("10.0.0.2")), now),
                 Admission::Admit {
                     probes: vec![Arc::from("upstream")]
                 }

@@ -6,7 +6,7 @@
 //! wait for it. Durations come in as seconds and become deadlines on the
 //! Rust side's clock.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,7 +17,7 @@ use pyo3::types::PyTuple;
 
 use loopwatch_dataplane_core::table::{
     AccessList, Admission, BreakerEntry, BreakerState, Cooldown, EnforcementTable as Table,
-    HoldPolicy, KeyEntry, ProbeBudget, RefuseReason,
+    HoldPolicy, KeyEntry, NoProbe, ProbeBudget, RefuseReason,
 };
 
 /// The longest duration a table entry takes (ten years): beyond it a deadline
@@ -199,8 +199,7 @@ impl EnforcementTable {
         enforced: bool,
         no_probe: Vec<String>,
     ) -> PyResult<()> {
-        let no_probe: Arc<HashSet<Arc<str>>> =
-            Arc::new(no_probe.into_iter().map(Arc::from).collect());
+        let no_probe = Arc::new(NoProbe::new(&no_probe));
         let kind = StateKind::parse(state)?;
         let wait = duration("seconds", seconds)?;
         let name: Arc<str> = Arc::from(name);
