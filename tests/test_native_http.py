@@ -504,6 +504,31 @@ async def test_a_response_naming_content_length_in_connection_keeps_its_length()
             writer.close()
 
 
+async def test_an_offer_to_upgrade_to_http2_is_declined_and_served() -> None:
+    """`curl --http2 http://…` and Java's HttpClient offer `Upgrade: h2c` on
+    ordinary requests: they were refused 400 as broken WebSocket upgrades (a
+    POST as an upgrade with a body). Declined (RFC 9110 §7.8), they are served
+    over HTTP/1.1 as nginx and HAProxy serve them, the offer not passed on."""
+    offer = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    async with ScriptedBackend(lambda path: ok) as up, front([("/", up.url)]) as lw:
+        reader, writer = await open_conn(lw.port)
+        try:
+            writer.write(b"GET /x HTTP/1.1\r\nHost: a\r\n" + offer + b"\r\n")
+            response = await asyncio.wait_for(read_response(reader), 10)
+            assert (response.status, response.body) == (200, b"ok")
+            writer.write(b"POST /y HTTP/1.1\r\nHost: a\r\n" + offer + b"Content-Length: 4\r\n\r\nbody")
+            response = await asyncio.wait_for(read_response(reader), 10)  # on the same connection
+            assert (response.status, response.body) == (200, b"ok")
+        finally:
+            writer.close()
+        get, post = up.requests
+        for request in (get, post):
+            head = request.partition(b"\r\n\r\n")[0].lower()
+            assert b"upgrade" not in head and b"http2-settings" not in head, head
+        assert post.endswith(b"\r\n\r\nbody")
+
+
 async def test_a_101_to_a_plain_request_is_502() -> None:
     """No upgrade was asked for, so a switch is no valid answer (RFC 9110
     §15.2.2; HAProxy answers 502 too). It was passed on stripped of its

@@ -1083,11 +1083,23 @@ fn finish(raw: RawHead<'_>) -> Result<RequestHead<'_>, Rejection> {
             return Err(Rejection::bad("invalid Host"));
         }
     }
+    // An offer to upgrade to another protocol (`Upgrade: h2c` from `curl
+    // --http2` or Java's HttpClient, with no WebSocket key) on an ordinary
+    // request: declined, as RFC 9110 §7.8 lets a server, and the request is
+    // served as plain HTTP/1.1 (its Upgrade and the Connection tokens naming
+    // it are hop-by-hop: not forwarded), as nginx and HAProxy serve it. What
+    // carries a WebSocket key is a WebSocket attempt, however broken.
+    let declined = flags.upgrade_header
+        && flags.connection_upgrade
+        && raw.method != "CONNECT"
+        && !has_token(&raw.headers, b"upgrade", b"websocket")
+        && header_value(&raw.headers, b"sec-websocket-key").is_none();
     // A body announced by what asks to be an upgrade (an Upgrade header and a
     // Connection token `upgrade`, whatever llhttp makes of them): the bytes
     // after the head would be frames to one reader and a body to another.
     let has_body = flags.transfer_encoding || flags.content_length.is_some_and(|n| n > 0);
     if has_body
+        && !declined
         && raw
             .headers
             .iter()
@@ -1100,7 +1112,8 @@ fn finish(raw: RawHead<'_>) -> Result<RequestHead<'_>, Rejection> {
             "upgrade request with a body",
         ));
     }
-    let upgrade = (flags.upgrade_header && flags.connection_upgrade) || raw.method == "CONNECT";
+    let upgrade =
+        (flags.upgrade_header && flags.connection_upgrade && !declined) || raw.method == "CONNECT";
     let kind = if upgrade {
         check_websocket(&raw, version, authority.is_some())?;
         RequestKind::WebSocket
