@@ -33,7 +33,8 @@ import { classifyClose, DEFAULT_AUTH_CLOSE_CODES } from "./refusal.js";
  * @property {number} [maxAuthRetries=3]     auth failures retried before the terminal "auth-failed" state
  * @property {readonly number[]} [authCloseCodes=[1008, 4001, 4003]]  close codes that mean an auth failure
  * @property {number} [stableAfter=10000]    ms a socket must stay open before the backoff starts over
- * @property {number} [openTimeout=10000]    ms a socket may take to open
+ * @property {number} [openTimeout=35000]    ms a socket may take to open; above loopwatch's longest
+ *           `policy.hold` (30 s), or a held refusal is cut before its retry time arrives
  * @property {number} [tokenTimeout=10000]   ms the token hook may take
  * @property {number} [retrySpread=1000]     up to this many ms added at random to loopwatch's retry time
  * @property {{min: number, max: number}} [restartDelay={min: 5000, max: 30000}]  after 1012 Service Restart
@@ -72,6 +73,15 @@ const CONNECTING = 0; // WebSocket.CONNECTING
 const NORMAL_CLOSURE = 1000;
 const NO_CLOSE_FRAME = 1006;
 const MAX_REMEMBERED = 64; // ends of released managers remembered per registry (min interval across remounts)
+// loopwatch holds a refused attempt unanswered for `policy.hold` (at most 30 s,
+// docs/refusals.md "The hold") before it closes it 1013 with the retry time. An
+// open timeout shorter than the hold gives up first (a 1006, no retry time) and
+// comes back every openTimeout + backoff instead of once: 30 s + a margin.
+const DEFAULT_OPEN_TIMEOUT = 35000;
+// The longest delay a timer keeps: node and every browser store it in a 32-bit
+// signed integer and fire a longer one at once (node after 1 ms). loopwatch's
+// retry times go up to 366 days, so longer waits are chained (setTimer).
+const TIMER_LIMIT = 2 ** 31 - 1;
 
 /** @param {number} value @param {string} name @param {boolean} [positive] */
 function checkMs(value, name, positive = false) {
@@ -113,7 +123,7 @@ function settle(options) {
     maxAuthRetries,
     authCloseCodes: Object.freeze([...authCloseCodes]),
     stableAfter: checkMs(options.stableAfter ?? 10000, "stableAfter", true),
-    openTimeout: checkMs(options.openTimeout ?? 10000, "openTimeout", true),
+    openTimeout: checkMs(options.openTimeout ?? DEFAULT_OPEN_TIMEOUT, "openTimeout", true),
     tokenTimeout: checkMs(options.tokenTimeout ?? 10000, "tokenTimeout", true),
     retrySpread: checkMs(options.retrySpread ?? 1000, "retrySpread"),
     restartDelay: Object.freeze({ min: restart.min, max: restart.max }),
@@ -483,16 +493,29 @@ export class ConnectionManager {
   }
 
   /**
+   * Run `fn` in `ms` ms. Every timer of the manager is armed here: a wait
+   * longer than TIMER_LIMIT (a 30-day deny's retry time, a long minInterval or
+   * backoff) is chained, armed for TIMER_LIMIT and re-armed with what is left
+   * until it is due, as one timer of that length would be.
    * @param {keyof ConnectionManager["timers"]} name
    * @param {number} ms
    * @param {() => void} fn
    */
   setTimer(name, ms, fn) {
     this.clearTimer(name);
-    this.timers[name] = this.settings.clock.setTimeout(() => {
-      this.timers[name] = null;
-      fn();
-    }, ms);
+    /** @param {number} left */
+    const arm = (left) => {
+      const step = Math.min(left, TIMER_LIMIT);
+      this.timers[name] = this.settings.clock.setTimeout(() => {
+        if (left > step) {
+          arm(left - step);
+          return;
+        }
+        this.timers[name] = null;
+        fn();
+      }, step);
+    };
+    arm(ms);
   }
 
   /** @param {keyof ConnectionManager["timers"]} name */

@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import test from "node:test";
 
 import { pageRegistry, Registry, sharedConnection } from "../src/connection.js";
-import { FakeClock, fakeWebSocket, flush } from "../testing/fakes.js";
+import { FakeClock, fakeWebSocket, flush, TIMER_LIMIT } from "../testing/fakes.js";
 
 const URL_A = "ws://app.test/ws";
 const URL_B = "ws://app.test/other";
@@ -32,6 +32,24 @@ function record(conn) {
 }
 
 const last = (sockets) => sockets[sockets.length - 1];
+
+const DAY = 86_400_000; // ms
+
+/**
+ * Run the clock `ms` forward timer by timer; every socket that starts
+ * connecting is refused at once with `reason` (loopwatch with `hold: 0`).
+ */
+function refuseEveryAttempt(clock, sockets, ms, reason) {
+  const end = clock.now() + ms;
+  for (;;) {
+    const socket = last(sockets);
+    if (socket !== undefined && socket.readyState === 0) socket.serverClose(1013, reason);
+    const next = clock.nextAt();
+    if (next === null || next > end) break;
+    clock.advance(next - clock.now());
+  }
+  clock.advance(end - clock.now());
+}
 
 test("two effects and a StrictMode remount share one socket", () => {
   const { clock, sockets, connect } = setup();
@@ -257,6 +275,150 @@ test("loopwatch's close-oldest 1008 does not count as an auth failure", () => {
   last(sockets).accept();
   last(sockets).serverClose(1008, "token expired");
   assert.equal(conn.state, "auth-failed"); // maxAuthRetries 0: the first real one is final
+});
+
+test("the fake clock fires a delay beyond 2^31-1 ms at once, as node and browsers do", () => {
+  const clock = new FakeClock(0);
+  const fired = [];
+  clock.setTimeout(() => fired.push("limit"), TIMER_LIMIT);
+  clock.setTimeout(() => fired.push("30 days"), 30 * DAY);
+  assert.equal(clock.overflows, 1);
+  clock.advance(1);
+  assert.deepEqual(fired, ["30 days"]); // node: "Timeout duration was set to 1."
+  clock.advance(TIMER_LIMIT - 2);
+  assert.deepEqual(fired, ["30 days"]);
+  clock.advance(1);
+  assert.deepEqual(fired, ["30 days", "limit"]);
+});
+
+test("a 30-day retry time (a deny) is waited in full, not fired at once: no hot loop", () => {
+  const { clock, sockets, connect } = setup({ r: 0.5, retrySpread: 1000 });
+  const conn = connect();
+  const seen = record(conn);
+  clock.advance(0);
+  // Every attempt refused at once with "denied, retry in 2592000s" for 3 s:
+  // before the fix the client made an attempt every ms (874 in 3 s in node).
+  refuseEveryAttempt(clock, sockets, 3_000, "loopwatch: denied, retry in 2592000s");
+  assert.equal(sockets.length, 1);
+  assert.equal(conn.state, "waiting");
+  const refused = seen.filter(([n]) => n === "refused");
+  assert.deepEqual(refused, [["refused", { reason: "deny", phrase: "denied", retryAfter: 2_592_000, code: 1013 }]]);
+  assert.deepEqual(seen.find(([n]) => n === "retry")[1], { attempt: 2, delay: 2_592_000_500, cause: "refused" });
+  clock.advance(2_592_000_500 - 3_000 - 1);
+  assert.equal(sockets.length, 1);
+  clock.advance(1);
+  assert.equal(sockets.length, 2); // 30 days + half the spread, to the ms
+  assert.equal(clock.overflows, 0); // no timer was ever armed beyond the 32-bit limit
+});
+
+test("the longest retry time (31622400 s, 366 days): no second attempt before it", () => {
+  const { clock, sockets, connect } = setup({ r: 0, retrySpread: 1000 });
+  const conn = connect();
+  clock.advance(0);
+  last(sockets).refuse(31_622_400, "cooldown");
+  for (let day = 1; day <= 366; day++) {
+    clock.advance(day === 366 ? DAY - 1 : DAY); // the last step stops 1 ms short
+    assert.equal(sockets.length, 1, `a second attempt ${day} days into a 366-day retry time`);
+    assert.equal(conn.state, "waiting");
+  }
+  clock.advance(1);
+  assert.equal(sockets.length, 2);
+  assert.equal(conn.state, "connecting");
+  assert.equal(clock.overflows, 0);
+});
+
+test("every wait longer than a timer holds is chained: minInterval, backoff, linger; release cancels it", () => {
+  // minInterval of 40 days.
+  let s = setup({ r: 0, minInterval: 40 * DAY });
+  let conn = s.connect();
+  s.clock.advance(0);
+  last(s.sockets).fail();
+  s.clock.advance(40 * DAY - 1);
+  assert.equal(s.sockets.length, 1);
+  s.clock.advance(1);
+  assert.equal(s.sockets.length, 2);
+  // A backoff cap of 50 days.
+  s = setup({ r: 0.5, minInterval: 0, backoff: { initial: 50 * DAY, max: 50 * DAY } });
+  conn = s.connect();
+  s.clock.advance(0);
+  last(s.sockets).fail();
+  s.clock.advance(25 * DAY - 1);
+  assert.equal(s.sockets.length, 1);
+  s.clock.advance(1);
+  assert.equal(s.sockets.length, 2);
+  // Released after the first link of the chain fired: nothing is left armed, no attempt ever comes.
+  last(s.sockets).fail();
+  s.clock.advance(TIMER_LIMIT + 1);
+  assert.equal(conn.state, "waiting");
+  assert.equal(s.clock.pending, 1);
+  conn.release();
+  s.clock.advance(0); // the linger (0) ends it
+  assert.equal(conn.state, "closed");
+  assert.equal(s.clock.pending, 0);
+  s.clock.advance(400 * DAY);
+  assert.equal(s.sockets.length, 2);
+  // A linger of 30 days keeps the socket that long after the last release.
+  s = setup({ linger: 30 * DAY });
+  conn = s.connect();
+  s.clock.advance(0);
+  last(s.sockets).accept();
+  conn.release();
+  s.clock.advance(30 * DAY - 1);
+  assert.equal(s.sockets[0].closedByClient, null);
+  assert.equal(s.registry.managers.size, 1);
+  s.clock.advance(1);
+  assert.deepEqual(s.sockets[0].closedByClient, { code: 1000, reason: undefined });
+  assert.equal(s.registry.managers.size, 0);
+  assert.equal(s.clock.overflows, 0);
+});
+
+test("a refusal held by loopwatch (policy.hold, up to 30 s) is waited for by default, then its retry time", () => {
+  // No openTimeout given: the default must outlast loopwatch's longest hold.
+  const { clock, sockets, connect } = setup({ r: 0.5, retrySpread: 1000 });
+  const conn = connect();
+  const seen = record(conn);
+  clock.advance(0);
+  // hold 15 s, a 10-minute cooldown: answered after 15 s with what is left of it.
+  clock.advance(15_000);
+  assert.equal(conn.state, "connecting"); // before the fix: given up at 10 s (1006), back at ~11 s
+  assert.equal(sockets.length, 1);
+  sockets[0].refuse(585);
+  assert.deepEqual(seen.filter(([n]) => n === "refused").map(([, p]) => p.retryAfter), [585]);
+  clock.advance(585_499);
+  assert.equal(sockets.length, 1); // once in the cooldown, not every ~11 s
+  clock.advance(1);
+  assert.equal(sockets.length, 2);
+  // The longest hold, 30 s, is still waited for.
+  clock.advance(30_000);
+  assert.equal(conn.state, "connecting");
+  sockets[1].refuse(1);
+  assert.equal(seen.filter(([n]) => n === "refused").length, 2);
+  assert.ok(seen.every(([n, p]) => n !== "close" || p.kind === "refused"));
+  // A socket that never answers is still dropped, at 35 s.
+  clock.advance(1_500);
+  assert.equal(sockets.length, 3);
+  clock.advance(34_999);
+  assert.equal(conn.state, "connecting");
+  clock.advance(1);
+  assert.equal(conn.state, "waiting");
+  assert.equal(last(seen.filter(([n]) => n === "close"))[1].kind, "timeout");
+});
+
+test("an open timeout is a failed attempt: it backs off, and never resets the backoff", () => {
+  const { clock, sockets, connect } = setup({ openTimeout: 5000, minInterval: 0, r: 0.999 });
+  const conn = connect();
+  const seen = record(conn);
+  clock.advance(0);
+  last(sockets).fail(); // one failure before: the timeouts continue its backoff
+  for (let i = 0; i < 4; i++) {
+    clock.advance(clock.nextAt() - clock.now()); // the next attempt
+    clock.advance(5000); // it never opens
+  }
+  const retries = seen.filter(([n]) => n === "retry").map(([, p]) => [p.cause, Math.round(p.delay)]);
+  assert.deepEqual(retries, [["abnormal", 999], ["timeout", 1998], ["timeout", 3996], ["timeout", 7992], ["timeout", 15984]]);
+  assert.equal(conn.stats.failures, 5);
+  assert.equal(sockets.length, 5);
+  assert.ok(sockets.every((s) => s.closedByClient !== null || s.readyState === 3));
 });
 
 test("a socket that does not open within openTimeout is dropped and retried", () => {

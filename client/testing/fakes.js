@@ -3,20 +3,35 @@
 // real timers.
 
 /**
- * Timers that fire only when the test advances time.
+ * The longest delay a real timer keeps: node and every browser store it in a
+ * 32-bit signed integer, and fire a longer one at once.
+ */
+export const TIMER_LIMIT = 2 ** 31 - 1;
+
+/**
+ * Timers that fire only when the test advances time. Like real timers, a
+ * delay above TIMER_LIMIT (about 24.8 days) fires at once: node uses 1 ms
+ * (and prints a TimeoutOverflowWarning), browsers wrap it. Each such delay is
+ * counted in `overflows`.
  */
 export class FakeClock {
   /** @param {number} [start=0] ms */
   constructor(start = 0) {
     this.time = start;
     this.sequence = 0;
+    this.overflows = 0;
     /** @type {Map<number, {at: number, fn: () => void}>} */
     this.timers = new Map();
     this.now = () => this.time;
     /** @param {() => void} fn @param {number} ms */
     this.setTimeout = (fn, ms) => {
+      let delay = Math.max(0, Number(ms) || 0);
+      if (delay > TIMER_LIMIT) {
+        this.overflows += 1;
+        delay = 1; // node's TimeoutOverflowWarning: "Timeout duration was set to 1."
+      }
       this.sequence += 1;
-      this.timers.set(this.sequence, { at: this.time + Math.max(0, Number(ms) || 0), fn });
+      this.timers.set(this.sequence, { at: this.time + delay, fn });
       return this.sequence;
     };
     /** @param {unknown} handle */
