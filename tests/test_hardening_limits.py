@@ -330,6 +330,7 @@ TRIGGERS: dict[str, tuple[dict[str, Any], Callable[[Proxied], Awaitable[None]]]]
     "tls_error": ({}, lambda p: cut_handshake(p, NOT_A_CLIENT_HELLO)),
     "tls_timeout": ({"limits.handshake_timeout": "0.5s"}, lambda p: cut_handshake(p, CLIENT_HELLO_START)),
     "not_tls": ({}, lambda p: send(p, b"GET /ok HTTP/1.1\r\n" + H + b"\r\n", 400)),
+    "deny": ({"policy.deny": [f"{ATTACKER}/32"]}, lambda p: send(p, b"GET /ok HTTP/1.1\r\n" + H + b"\r\n", 403)),
 }  # fmt: skip
 
 

@@ -27,6 +27,7 @@ import pytest
 
 from loopwatch.proxy.dataplane.native import EnforcementTable, EventQueue, NativeListener
 from loopwatch.proxy.dataplane.settings import Limits
+from loopwatch.proxy.tools.demo_backend import issue_token
 from tests.conftest import (
     RawBackend,
     free_port,
@@ -529,6 +530,36 @@ async def test_an_offer_to_upgrade_to_http2_is_declined_and_served() -> None:
         assert post.endswith(b"\r\n\r\nbody")
 
 
+async def test_an_operators_deny_holds_for_plain_requests() -> None:
+    """`policy.deny` refused a client's WebSocket attempts while its REST calls
+    (plain requests, no attempts) still reached the backend."""
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    async with ScriptedBackend(lambda path: ok) as up, front([("/", up.url)]) as lw:
+
+        async def status(token: str | None = None) -> int:
+            auth = b"" if token is None else b"Authorization: Bearer %s\r\n" % token.encode()
+            response, _ = await raw_exchange(
+                lw.port,
+                b"POST /api HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
+                + auth
+                + b"Content-Length: 0\r\n\r\n",
+            )
+            return response.status
+
+        lw.table.set_deny(
+            ["alice@127.0.0.1"]
+        )  # a key (the default identity: the token's sub, bound)
+        assert await status(issue_token("alice", 60)) == 403
+        assert await status(issue_token("bob", 60)) == 200
+        assert await status() == 200
+        lw.table.set_deny(["127.0.0.0/8"])  # a network: every client at its addresses
+        assert await status() == 403 and await status(issue_token("bob", 60)) == 403
+        lw.table.set_deny([])
+        assert await status(issue_token("alice", 60)) == 200
+        assert (await lw.rejected())["deny"] == 3
+    assert len(up.requests) == 3  # bob's, the tokenless one, alice's once allowed again
+
+
 async def test_a_101_to_a_plain_request_is_502() -> None:
     """No upgrade was asked for, so a switch is no valid answer (RFC 9110
     §15.2.2; HAProxy answers 502 too). It was passed on stripped of its
@@ -777,9 +808,11 @@ async def test_a_websocket_upgrade_after_a_plain_request_on_one_connection() -> 
 
 async def test_plain_requests_are_not_attempts(backend: Backend) -> None:
     """A plain request never reaches the gate: no event, and the enforcement
-    table is not consulted (a denied address is still served)."""
+    table is consulted for an operator's deny only (an open breaker and a
+    client's cooldown still let it through)."""
     queue, table = EventQueue(), EnforcementTable()
-    table.set_deny(["127.0.0.0/8"])
+    table.set_breaker("upstream", "open", seconds=60.0)
+    table.set_cooldown("127.0.0.1", 60.0, "auth_loop", None, None)
     listener = NativeListener.start([("/", backend.url)], queue=queue, table=table, threads=2)
     try:
         reader, writer = await open_conn(listener.port)

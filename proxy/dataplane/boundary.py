@@ -45,6 +45,7 @@ RejectedReason = Literal[
     "tls_error",  # a TLS listener's handshake failed (the client refused the certificate, no common version): cut
     "tls_timeout",  # a TLS listener's handshake not complete within limits.handshake_timeout: cut
     "not_tls",  # 400: plain HTTP to a TLS listener
+    "deny",  # 403: a plain request from a client policy.deny names (an upgrade's deny is a refusal)
 ]
 REJECTED_REASONS: tuple[str, ...] = typing.get_args(RejectedReason)
 # Refusals that protect loopwatch or point at the upstream are warnings; a

@@ -68,6 +68,7 @@ const RESPONSE_STALLED: &str = "loopwatch: response stalled";
 const ADDRESS_LIMIT: &str = "loopwatch: too many connections from your address";
 const NOT_TLS: &str = "loopwatch: this port speaks TLS: use https:// or wss://";
 const TLS_TIMEOUT: &str = "loopwatch: TLS handshake timeout";
+const DENIED: &str = "loopwatch: denied";
 /// The first byte of a TLS connection: a handshake record.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
@@ -363,7 +364,7 @@ async fn serve_stream<C: Transport + 'static>(
                     return;
                 }
                 HeadStatus::Complete(head) => {
-                    let route = match route_head(config, &head, &buf, peer_ip, scheme) {
+                    let route = match route_head(shared, config, &head, &buf, peer_ip, scheme) {
                         Routed::Planned(plan) => break *plan,
                         Routed::Upgrade(route) => route,
                     };
@@ -526,6 +527,7 @@ enum Routed<'r> {
 /// Routing for a complete head: a 404, a plain request (`begin_http`), or a
 /// WebSocket attempt to identify and admit.
 fn route_head<'r>(
+    shared: &Shared,
     config: &'r Config,
     head: &RequestHead<'_>,
     buf: &[u8],
@@ -549,7 +551,15 @@ fn route_head<'r>(
         }));
     };
     if let RequestKind::Http(framing) = head.kind {
-        // Not a WebSocket attempt: no event, no admission (`begin_http`).
+        // Not a WebSocket attempt: no event, no admission (`begin_http`),
+        // but an operator's deny holds for every request.
+        if denied(shared, config, head, peer) {
+            return Routed::Planned(Box::new(Plan::Answer {
+                status: 403,
+                message: DENIED,
+                label: Rejected::Deny,
+            }));
+        }
         let target = route.target(head.path, &head.target);
         let early = buf[head.head_len..].to_vec();
         let expect_continue = framing != BodyFraming::None
@@ -581,6 +591,26 @@ fn route_head<'r>(
         return Routed::Planned(Box::new(Plan::Http { route, request }));
     }
     Routed::Upgrade(route)
+}
+
+/// Whether `policy.deny` names a plain request's client: its address (after
+/// a trusted proxy's X-Forwarded-For) or, when the list names keys, its key
+/// from what costs little (a token whose signature still needs its check is
+/// matched on the address alone). An operator denies a client during an
+/// incident: its REST calls are refused with its WebSocket attempts.
+fn denied(shared: &Shared, config: &Config, head: &RequestHead<'_>, peer: IpAddr) -> bool {
+    let snapshot = shared.table.snapshot();
+    let deny = &snapshot.deny;
+    if deny.is_empty() {
+        return false;
+    }
+    let identity = &config.identity;
+    match identity.identify_cheaply(head, peer, wall_clock()) {
+        Identification::Known(client) => deny.matches(&client.key, Some(client.address.ip)),
+        Identification::NeedsSignature(_) => {
+            deny.matches("", Some(identity.client_address(head, peer).ip))
+        }
+    }
 }
 
 /// Admission of a WebSocket attempt by its identified client

@@ -74,6 +74,9 @@ pub enum Rejected {
     /// a malformed record, the client refused the certificate, or it left
     /// mid-handshake. Cut.
     TlsError,
+    /// A plain request from a client `policy.deny` names: 403 (a WebSocket
+    /// attempt's deny is the table's refusal, with its retry time).
+    Deny,
     /// The TLS handshake not complete within `limits.handshake_timeout`: cut.
     TlsTimeout,
     /// The first byte was no TLS handshake record (plain HTTP on the TLS
@@ -82,7 +85,7 @@ pub enum Rejected {
 }
 
 impl Rejected {
-    pub const ALL: [Rejected; 18] = [
+    pub const ALL: [Rejected; 19] = [
         Rejected::BadRequest,
         Rejected::HeadTooLarge,
         Rejected::HeadTimeout,
@@ -101,6 +104,7 @@ impl Rejected {
         Rejected::TlsError,
         Rejected::TlsTimeout,
         Rejected::NotTls,
+        Rejected::Deny,
     ];
 
     pub fn label(self) -> &'static str {
@@ -123,6 +127,7 @@ impl Rejected {
             Rejected::TlsError => "tls_error",
             Rejected::TlsTimeout => "tls_timeout",
             Rejected::NotTls => "not_tls",
+            Rejected::Deny => "deny",
         }
     }
 
