@@ -41,6 +41,7 @@ class PlainBackend:
     - `POST /sink`: never reads the body (the upstream that does not take it)
     - `GET /no-head`: never answers
     - `GET /stall-body`: a head announcing 1000 bytes, 10 of them, then nothing
+    - `GET /cut-body`: a head announcing 1000 bytes, 10 of them, then it closes
     - `GET /endless`: a head announcing 1 GiB, then 1 MiB writes as fast as they drain
 
     It counts the connections open now and those that ended (EOF or reset)
@@ -82,9 +83,10 @@ class PlainBackend:
                     return
                 if length:
                     await reader.readexactly(length)
-                if path == "/stall-body":
+                if path in ("/stall-body", "/cut-body"):
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"s" * 10)
-                    await reader.read()
+                    if path == "/stall-body":
+                        await reader.read()
                     return
                 if path == "/endless":
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (1 << 30))

@@ -28,6 +28,7 @@ from loopwatch.proxy.dataplane.boundary import REJECTED_REASONS, REJECTION_LOG_I
 from loopwatch.proxy.dataplane.native import RequestRejected
 from tests.conftest import (
     RawBackend,
+    free_port,
     raw_exchange,
     read_response,
     self_signed_cert,
@@ -331,6 +332,11 @@ TRIGGERS: dict[str, tuple[dict[str, Any], Callable[[Proxied], Awaitable[None]]]]
     "tls_timeout": ({"limits.handshake_timeout": "0.5s"}, lambda p: cut_handshake(p, CLIENT_HELLO_START)),
     "not_tls": ({}, lambda p: send(p, b"GET /ok HTTP/1.1\r\n" + H + b"\r\n", 400)),
     "deny": ({"policy.deny": [f"{ATTACKER}/32"]}, lambda p: send(p, b"GET /ok HTTP/1.1\r\n" + H + b"\r\n", 403)),
+    "upstream_error": (
+        {"extra_routes": {"/down": f"http://127.0.0.1:{free_port()}"}},
+        lambda p: send(p, b"GET /down HTTP/1.1\r\n" + H + b"\r\n", 502),
+    ),
+    "upstream_cut": ({}, lambda p: send(p, b"GET /cut-body HTTP/1.1\r\n" + H + b"\r\n", None)),
 }  # fmt: skip
 
 

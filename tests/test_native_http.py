@@ -25,7 +25,12 @@ from typing import Any
 
 import pytest
 
-from loopwatch.proxy.dataplane.native import EnforcementTable, EventQueue, NativeListener
+from loopwatch.proxy.dataplane.native import (
+    EnforcementTable,
+    EventQueue,
+    NativeListener,
+    RequestRejected,
+)
 from loopwatch.proxy.dataplane.settings import Limits
 from loopwatch.proxy.tools.demo_backend import issue_token
 from tests.conftest import (
@@ -182,8 +187,41 @@ async def test_upstream_down_is_502() -> None:
         response, _ = await raw_exchange(lw.port, request + body)
         assert response.status == 502
         await wait_for(lambda: lw.active() == 0)
-        # An upstream failure, not a refusal of loopwatch's: not among the rejections.
-        assert not any((await lw.rejected()).values())
+        # Counted and logged (it was invisible): the line says why.
+        rejected = await lw.rejected()
+        assert rejected["upstream_error"] == 2 and sum(rejected.values()) == 2
+        assert lw.queue is not None
+        lines = [r.event for r in await asyncio.to_thread(lw.queue.recv_batch, 100, 1.0)]
+        line = next(e for e in lines if isinstance(e, RequestRejected))
+        assert (line.reason, line.status) == ("upstream_error", 502)
+        assert line.message.startswith("loopwatch: upstream unreachable: connect: "), line.message
+
+
+async def test_an_upstream_that_fails_mid_response_or_answers_garbage_is_counted() -> None:
+    """Its 502s and the responses it cut short were in no metric and no log."""
+    garbage = b"HTTP/1.1 000 Zero\r\nContent-Length: 2\r\n\r\nok"
+    async with (
+        ScriptedBackend(lambda path: garbage) as up,
+        PlainBackend() as plain,  # /cut-body: 10 of 1000 bytes, then it closes
+        front([("/garbage", up.url), ("/", plain.url)]) as lw,
+    ):
+        response, _ = await raw_exchange(lw.port, b"GET /garbage HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (response.status, response.body) == (502, b"loopwatch: upstream error\n")
+        reader, writer = await open_conn(lw.port)
+        writer.write(b"GET /cut-body HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = await read_all(reader)
+        writer.close()
+        assert received.startswith(b"HTTP/1.1 200 OK\r\n") and received.endswith(b"s" * 10)
+        await wait_for(lambda: lw.active() == 0)
+        rejected = await lw.rejected()
+        assert (rejected["upstream_error"], rejected["upstream_cut"]) == (1, 1)
+        assert lw.queue is not None
+        lines = [r.event for r in await asyncio.to_thread(lw.queue.recv_batch, 100, 1.0)]
+        messages = {e.reason: e.message for e in lines if isinstance(e, RequestRejected)}
+        assert messages == {
+            "upstream_error": "loopwatch: upstream error: invalid response from upstream: status 000 outside 100-599",
+            "upstream_cut": "loopwatch: the upstream ended its response mid-body",
+        }
 
 
 async def test_upstream_connect_timeout_is_504() -> None:

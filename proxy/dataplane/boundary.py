@@ -46,12 +46,14 @@ RejectedReason = Literal[
     "tls_timeout",  # a TLS listener's handshake not complete within limits.handshake_timeout: cut
     "not_tls",  # 400: plain HTTP to a TLS listener
     "deny",  # 403: a plain request from a client policy.deny names (an upgrade's deny is a refusal)
+    "upstream_error",  # 502: a plain request's upstream unreachable, its TLS failed, or no valid response
+    "upstream_cut",  # a plain request's upstream ended its response mid-body: the client was cut
 ]
 REJECTED_REASONS: tuple[str, ...] = typing.get_args(RejectedReason)
 # Refusals that protect loopwatch or point at the upstream are warnings; a
 # client's own bad request is routine on the internet.
 _WARNING_REASONS = frozenset(
-    {"overload", "address_limit", "fd_limit", "upstream_timeout", "response_timeout"}
+    {"overload", "address_limit", "fd_limit", "upstream_timeout", "response_timeout", "upstream_error", "upstream_cut"}
 )
 REJECTION_LOG_INTERVAL = 10.0  # seconds: at most one log line per reason this often
 

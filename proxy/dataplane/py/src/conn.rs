@@ -63,6 +63,7 @@ const OVERLOADED: &str = "loopwatch: too many connections";
 /// The log line's message for a plain response cut mid-body (no answer is
 /// written: the client has its head already).
 const RESPONSE_STALLED: &str = "loopwatch: response stalled";
+const UPSTREAM_CUT: &str = "loopwatch: the upstream ended its response mid-body";
 /// One address holds its share of the connections or of the half-open heads
 /// (the 503's body line).
 const ADDRESS_LIMIT: &str = "loopwatch: too many connections from your address";
@@ -476,7 +477,9 @@ async fn forward_http<C: Transport>(
     let key = (route.host.clone(), route.port, route.tls);
     let pooled = shared.pool.checkout(&key);
     let tls = config.upstream_tls.as_deref();
-    let exchanged = http::exchange(
+    // Boxed: a connection's future does not carry a plain exchange's state
+    // (the WebSockets' memory per connection; one allocation per request).
+    let exchanged = Box::pin(http::exchange(
         client,
         || async move {
             open_upstream(route, tls)
@@ -487,7 +490,7 @@ async fn forward_http<C: Transport>(
         request,
         &config.limits,
         || shared.closing(),
-    )
+    ))
     .await;
     if let Some(upstream) = exchanged.upstream {
         if !shared.closing() {
@@ -501,10 +504,24 @@ async fn forward_http<C: Transport>(
             status,
             message,
             counted,
-        } => answer_status(shared, client, peer, counted, status, &message).await,
+            why,
+        } => {
+            if let (Some(label), Some(why)) = (counted, &why) {
+                // The line says why the upstream failed; the client gets the
+                // answer's one line (below, uncounted a second time).
+                shared.rejected(label, Some(status), peer, &format!("{message}: {why}"));
+                answer_status(shared, client, peer, None, status, &message).await;
+            } else {
+                answer_status(shared, client, peer, counted, status, &message).await;
+            }
+        }
         Outcome::Cut(counted) => {
             if let Some(label) = counted {
-                shared.rejected(label, None, peer, RESPONSE_STALLED);
+                let message = match label {
+                    Rejected::UpstreamCut => UPSTREAM_CUT,
+                    _ => RESPONSE_STALLED,
+                };
+                shared.rejected(label, None, peer, message);
             }
             // An abortive close (RST): the client must not take the cut
             // response for a complete one.

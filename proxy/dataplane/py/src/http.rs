@@ -43,7 +43,7 @@ use loopwatch_dataplane_core::head::{BodyFraming, Version};
 
 use crate::listener::{Limits, Rejected};
 use crate::response::{decode_chunks, parse_response_head, BadResponse, Chunk, Framing};
-use crate::transport::{out_of_descriptors, FD_LIMIT};
+use crate::transport::{out_of_descriptors, UpstreamTlsError, FD_LIMIT};
 use crate::wire::{connection_named, hop_by_hop};
 
 /// Bytes read from one side at a time, written to the other before the next
@@ -54,6 +54,7 @@ const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 const UPSTREAM_TIMEOUT: &str = "loopwatch: upstream timeout";
 const UNREACHABLE: &str = "loopwatch: upstream unreachable";
 const UPSTREAM_ERROR: &str = "loopwatch: upstream error";
+const UPSTREAM_TLS: &str = "loopwatch: upstream TLS handshake failed";
 
 /// A plain request as the listener decided it (owned: the head's buffer is gone).
 #[derive(Debug, Clone)]
@@ -103,11 +104,14 @@ pub enum Outcome {
     /// The response went out whole with `Connection: close`: close.
     Close,
     /// loopwatch answers (no byte of a response went out yet), then closes;
-    /// `counted`: its reason among the listener's rejections.
+    /// `counted`: its reason among the listener's rejections; `why`: what its
+    /// log line says beyond the answer's message (the upstream's fault, for
+    /// the operator: the TLS error, what was wrong with its response).
     Answer {
         status: u16,
         message: String,
         counted: Option<Rejected>,
+        why: Option<String>,
     },
     /// Cut the connection (a response is under way: nothing honest to add).
     Cut(Option<Rejected>),
@@ -224,6 +228,30 @@ fn answer(status: u16, message: &str, counted: Option<Rejected>) -> Outcome {
         status,
         message: message.into(),
         counted,
+        why: None,
+    }
+}
+
+/// The upstream failed before its response: 502, counted as `upstream_error`,
+/// its log line saying why.
+fn upstream_failed(message: &str, why: String) -> Outcome {
+    Outcome::Answer {
+        status: 502,
+        message: message.into(),
+        counted: Some(Rejected::UpstreamError),
+        why: Some(why),
+    }
+}
+
+/// A connect that failed (not for time or descriptors): its TLS handshake, or
+/// the TCP connection.
+fn connect_failed(e: &std::io::Error) -> Outcome {
+    let tls = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<UpstreamTlsError>());
+    match tls {
+        Some(UpstreamTlsError(why)) => upstream_failed(UPSTREAM_TLS, why.clone()),
+        None => upstream_failed(UNREACHABLE, format!("connect: {e}")),
     }
 }
 
@@ -287,7 +315,7 @@ where
         connected = timeout(limits.connect_timeout, connect()) => match connected {
             Err(_) => Err(answer(504, UPSTREAM_TIMEOUT, Some(Rejected::UpstreamTimeout))),
             Ok(Err(e)) if out_of_descriptors(&e) => Err(answer(503, FD_LIMIT, Some(Rejected::FdLimit))),
-            Ok(Err(_)) => Err(answer(502, UNREACHABLE, None)),
+            Ok(Err(e)) => Err(connect_failed(&e)),
             Ok(Ok(upstream)) => Ok(upstream),
         },
         phase = &mut dog => Err(expired(phase, clock)),
@@ -513,8 +541,8 @@ enum ResponseError {
     Closed {
         stale: bool,
     },
-    /// Its head is not HTTP/1.x, or is too large (502).
-    Bad,
+    /// Its head is not HTTP/1.x, is too large, or is a 101 (502): why.
+    Bad(String),
     /// It closed or broke its framing mid-body: the client is cut.
     Cut,
     ClientGone,
@@ -523,9 +551,16 @@ enum ResponseError {
 impl ResponseError {
     fn outcome(self) -> Outcome {
         match self {
-            ResponseError::Closed { .. } => answer(502, UNREACHABLE, None),
-            ResponseError::Bad => answer(502, UPSTREAM_ERROR, None),
-            ResponseError::Cut => Outcome::Cut(None),
+            ResponseError::Closed { stale } => upstream_failed(
+                UNREACHABLE,
+                if stale {
+                    "closed the connection without answering".into()
+                } else {
+                    "closed the connection within its response head".into()
+                },
+            ),
+            ResponseError::Bad(why) => upstream_failed(UPSTREAM_ERROR, why),
+            ResponseError::Cut => Outcome::Cut(Some(Rejected::UpstreamCut)),
             ResponseError::ClientGone => Outcome::Gone,
         }
     }
@@ -627,10 +662,13 @@ where
     let mut stale = true;
     // 1. The head (interim 1xx answers dropped).
     let (head, len) = loop {
-        match parse_response_head(&buf, max_head).map_err(|_| ResponseError::Bad)? {
+        let parsed = parse_response_head(&buf, max_head);
+        match parsed.map_err(|e| ResponseError::Bad(e.to_string()))? {
             // A switch nobody asked for (no upgrade was requested, RFC 9110
             // §15.2.2): no valid answer, 502 (as HAProxy; nginx tunnels).
-            Some((head, _)) if head.status == 101 => return Err(ResponseError::Bad),
+            Some((head, _)) if head.status == 101 => {
+                return Err(ResponseError::Bad("a 101 to a plain request".into()))
+            }
             Some((head, len)) if (100..200).contains(&head.status) => {
                 buf.drain(..len);
                 continue;
@@ -652,7 +690,8 @@ where
             v.split(|&b| b == b',')
                 .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
         });
-    let relayed = client_head(&head, request, clock, closing).map_err(|_| ResponseError::Bad)?;
+    let relayed = client_head(&head, request, clock, closing)
+        .map_err(|e| ResponseError::Bad(e.to_string()))?;
     buf.drain(..len);
     clock.started.store(true, Ordering::Release);
     clock.enter(Phase::Response);
@@ -863,7 +902,13 @@ mod tests {
             || false,
         )
         .await;
-        assert_eq!(done.outcome, answer(502, UNREACHABLE, None));
+        assert_eq!(
+            done.outcome,
+            upstream_failed(
+                UNREACHABLE,
+                "closed the connection without answering".into()
+            )
+        );
     }
 
     #[tokio::test]

@@ -77,6 +77,13 @@ pub enum Rejected {
     /// A plain request from a client `policy.deny` names: 403 (a WebSocket
     /// attempt's deny is the table's refusal, with its retry time).
     Deny,
+    /// A plain request's upstream failed before its response: unreachable,
+    /// its TLS handshake, closed without answering, or answered something that
+    /// is no HTTP/1.1 response: 502. (An upgrade's is a HandshakeFailed.)
+    UpstreamError,
+    /// A plain request's upstream ended its response mid-body (closed, or
+    /// broke its framing): the client's connection was cut.
+    UpstreamCut,
     /// The TLS handshake not complete within `limits.handshake_timeout`: cut.
     TlsTimeout,
     /// The first byte was no TLS handshake record (plain HTTP on the TLS
@@ -85,7 +92,7 @@ pub enum Rejected {
 }
 
 impl Rejected {
-    pub const ALL: [Rejected; 19] = [
+    pub const ALL: [Rejected; 21] = [
         Rejected::BadRequest,
         Rejected::HeadTooLarge,
         Rejected::HeadTimeout,
@@ -105,6 +112,8 @@ impl Rejected {
         Rejected::TlsTimeout,
         Rejected::NotTls,
         Rejected::Deny,
+        Rejected::UpstreamError,
+        Rejected::UpstreamCut,
     ];
 
     pub fn label(self) -> &'static str {
@@ -128,6 +137,8 @@ impl Rejected {
             Rejected::TlsTimeout => "tls_timeout",
             Rejected::NotTls => "not_tls",
             Rejected::Deny => "deny",
+            Rejected::UpstreamError => "upstream_error",
+            Rejected::UpstreamCut => "upstream_cut",
         }
     }
 

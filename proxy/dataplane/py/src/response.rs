@@ -283,7 +283,10 @@ fn parse_head<'b>(
 }
 
 /// A response head at the start of `buf`, and its length; None while it is
-/// incomplete (and no longer than `max_head`).
+/// incomplete (and no longer than `max_head`). A head longer than `max_head`
+/// is too large however it was read (one read may bring more than the limit),
+/// and a status outside 100-599 (RFC 9110 §15: `000` from a broken backend)
+/// is no valid answer.
 pub(crate) fn parse_response_head(
     buf: &[u8],
     max_head: usize,
@@ -300,6 +303,10 @@ pub(crate) fn parse_response_head(
     match parsed {
         Err(e) => Err(BadResponse::Invalid(e.to_string())),
         Ok(None) if buf.len() > max_head => Err(BadResponse::HeadTooLarge),
+        Ok(Some((_, len))) if len > max_head => Err(BadResponse::HeadTooLarge),
+        Ok(Some((head, _))) if !(100..=599).contains(&head.status) => Err(BadResponse::Invalid(
+            format!("status {:03} outside 100-599", head.status),
+        )),
         Ok(done) => Ok(done),
     }
 }
@@ -553,6 +560,37 @@ mod tests {
             reader.feed(&hints.repeat(3)),
             Err(BadResponse::HeadTooLarge)
         );
+    }
+
+    #[test]
+    fn a_head_longer_than_the_limit_is_too_large_even_in_one_read() {
+        // One read may bring a whole head beyond the limit: it was relayed.
+        let head = format!("HTTP/1.1 200 OK\r\nX-Pad: {}\r\n\r\n", "p".repeat(150));
+        assert!(head.len() > 100);
+        assert_eq!(
+            parse_response_head(head.as_bytes(), 100).map(|h| h.is_some()),
+            Err(BadResponse::HeadTooLarge)
+        );
+        assert!(matches!(
+            parse_response_head(head.as_bytes(), 1024),
+            Ok(Some(_))
+        ));
+    }
+
+    #[test]
+    fn a_status_outside_100_to_599_is_no_answer() {
+        // `HTTP/1.1 0 Zero` went to the client, its body dropped (a status
+        // below 100 was taken for bodiless): the next response came short.
+        for status in ["000", "099", "600", "999"] {
+            let head = format!("HTTP/1.1 {status} X\r\nContent-Length: 2\r\n\r\nok");
+            assert!(
+                matches!(
+                    parse_response_head(head.as_bytes(), 1024),
+                    Err(BadResponse::Invalid(_))
+                ),
+                "{status}"
+            );
+        }
     }
 
     #[test]

@@ -246,10 +246,24 @@ impl From<ConnectError> for io::Error {
         match failure {
             ConnectError::Timeout => io::Error::from(io::ErrorKind::TimedOut),
             ConnectError::Unreachable(e) | ConnectError::FdLimit(e) => e,
-            ConnectError::Tls(why) => io::Error::other(format!("TLS: {why}")),
+            ConnectError::Tls(why) => io::Error::other(UpstreamTlsError(why)),
         }
     }
 }
+
+/// A failed TLS handshake with the upstream, inside the `io::Error` a plain
+/// request's connect returns: told apart from an unreachable upstream
+/// (`http::connect_failed`), with rustls' reason.
+#[derive(Debug)]
+pub struct UpstreamTlsError(pub String);
+
+impl std::fmt::Display for UpstreamTlsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TLS: {}", self.0)
+    }
+}
+
+impl std::error::Error for UpstreamTlsError {}
 
 impl AsyncRead for UpstreamStream {
     fn poll_read(
