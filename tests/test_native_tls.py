@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -547,6 +548,15 @@ def test_bad_tls_settings_name_the_file(local_cert: Cert, named_cert: Cert, tmp_
     not_pem = tmp_path / "not.pem"
     not_pem.write_text("hello\n")
     missing = str(tmp_path / "missing.pem")
+    encrypted = tmp_path / "encrypted-key.pem"  # was "no private key … (PEM expected)"
+    key = serialization.load_pem_private_key(Path(local_cert.key).read_bytes(), None)
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+    )
 
     def start(url: str = "ws://127.0.0.1:9", **kwargs: Any) -> None:
         NativeListener.start([("/", url)], queue=queue, table=table, threads=1, **kwargs).stop(1.0)
@@ -556,6 +566,7 @@ def test_bad_tls_settings_name_the_file(local_cert: Cert, named_cert: Cert, tmp_
         ({"tls": ListenerTLS(cert_file=str(not_pem), key_file=local_cert.key)}, "tls.cert_file: no certificate"),
         ({"tls": ListenerTLS(cert_file=local_cert.cert, key_file=local_cert.cert)}, "tls.key_file: no private key"),
         ({"tls": ListenerTLS(cert_file=local_cert.cert, key_file=named_cert.key)}, "is not the key of"),
+        ({"tls": ListenerTLS(cert_file=local_cert.cert, key_file=str(encrypted))}, "is an encrypted private key"),
         ({"url": "wss://127.0.0.1:9", "upstream_tls": UpstreamTLS(ca_file=missing)}, "upstream_tls.ca_file"),
         ({"url": "wss://127.0.0.1:9", "upstream_tls": UpstreamTLS(server_name="a b")}, "upstream_tls.server_name"),
     ]
@@ -563,7 +574,8 @@ def test_bad_tls_settings_name_the_file(local_cert: Cert, named_cert: Cert, tmp_
         with pytest.raises(ValueError, match=message) as info:
             start(**kwargs)
         names_a_file = missing in str(info.value) or any(
-            path in str(info.value) for path in (str(not_pem), local_cert.cert, local_cert.key, named_cert.key)
+            path in str(info.value)
+            for path in (str(not_pem), str(encrypted), local_cert.cert, local_cert.key, named_cert.key)
         )
         assert names_a_file or "server_name" in message, info.value
     # A ca_file is only read when a route needs it, and a wss:// route is accepted.

@@ -36,6 +36,15 @@ fn pem_error(setting: &str, path: &str, what: &str, error: pem::Error) -> String
     }
 }
 
+/// Whether a PEM file holds an encrypted private key (PKCS #8's `ENCRYPTED
+/// PRIVATE KEY`, or OpenSSL's traditional `Proc-Type: 4,ENCRYPTED`).
+fn encrypted_key(path: &str) -> bool {
+    std::fs::read(path).is_ok_and(|pem| {
+        let has = |needle: &[u8]| pem.windows(needle.len()).any(|w| w == needle);
+        has(b"-----BEGIN ENCRYPTED PRIVATE KEY-----") || has(b"Proc-Type: 4,ENCRYPTED")
+    })
+}
+
 /// Every certificate of a PEM file; at least one.
 fn read_certificates(setting: &str, path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     let what = "certificate (BEGIN CERTIFICATE)";
@@ -53,6 +62,14 @@ fn read_certificates(setting: &str, path: &str) -> Result<Vec<CertificateDer<'st
 pub fn listener_acceptor(cert_file: &str, key_file: &str) -> Result<TlsAcceptor, String> {
     let certs = read_certificates("tls.cert_file", cert_file)?;
     let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| {
+        if matches!(e, pem::Error::NoItemsFound) && encrypted_key(key_file) {
+            // PEM indeed, but nothing loopwatch can use without a passphrase.
+            return format!(
+                "tls.key_file: {key_file:?} is an encrypted private key, which loopwatch \
+                 cannot read: decrypt it (openssl pkey -in KEY -out PLAIN_KEY) and keep the \
+                 plain key's file readable by loopwatch only"
+            );
+        }
         pem_error(
             "tls.key_file",
             key_file,
