@@ -89,7 +89,6 @@ enum Plan<'c> {
         ws_key: Vec<u8>,
         key: Arc<str>,
         route: Arc<str>,
-        at: std::time::Instant,
     },
     /// Forward the upgrade upstream.
     Forward {
@@ -415,12 +414,10 @@ async fn serve_stream<C: Transport + 'static>(
                 ws_key,
                 key,
                 route,
-                at,
             } => {
                 let attempt = RefusedAttempt {
                     key,
                     route,
-                    at,
                     conn_id,
                 };
                 refuse(shared, client, refusal, ws_key, attempt).await
@@ -686,7 +683,6 @@ fn admit<'c>(
                 ws_key,
                 key,
                 route: Arc::clone(&route.name),
-                at: now,
             }
         }
         Admission::Admit { .. } | Admission::AllowListed { .. } => {
@@ -750,7 +746,6 @@ async fn check_signature(
 struct RefusedAttempt {
     key: Arc<str>,
     route: Arc<str>,
-    at: std::time::Instant,
     conn_id: u64,
 }
 
@@ -788,6 +783,10 @@ async fn refuse<C: Transport>(
             policy.max_held_per_key,
         );
         if let Ok(ticket) = taken {
+            // The retry time is the refusal's as it was made, just now (at the
+            // lookup, or at the recheck after the upstream connect): the hold
+            // is what passes before the answer tells it.
+            let held_at = std::time::Instant::now();
             // As long as the table says (policy.hold, at most 30 s, never past
             // the retry time): the handshake timeout no longer runs once the
             // head is in (`policy.hold` bounds the wait).
@@ -814,7 +813,7 @@ async fn refuse<C: Transport>(
                     holds.released.fetch_add(1, Ordering::Relaxed);
                     retry_after = Duration::ZERO;
                 }
-                HoldEnd::Over => retry_after = retry_after.saturating_sub(attempt.at.elapsed()),
+                HoldEnd::Over => retry_after = retry_after.saturating_sub(held_at.elapsed()),
             }
             holds.answered(refusal.reason);
         }
@@ -1157,7 +1156,6 @@ async fn forward<C: Transport + 'static>(
             let attempt = RefusedAttempt {
                 key,
                 route: Arc::clone(&route.name),
-                at,
                 conn_id,
             };
             refuse(shared, client, refusal, ws_key, attempt).await;
