@@ -688,3 +688,17 @@ def test_listen_not_an_address(listen: str) -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings(env={}, overrides={"listen": listen})
     assert "expected an IP address or a host name" in caught.value.errors[0]
+
+
+def test_source_names_no_request_can_carry_are_errors(tmp_path: Path) -> None:
+    """`cookie: sid` passed and never matched: every client fell back to ip in silence."""
+    for source, why in [
+        ("cookie: sid", "is not a valid cookie name"),
+        ("cookie:sid=1", "is not a valid cookie name"),
+        ("query: token", "is not a query parameter name"),
+        ("query:a&b", "is not a query parameter name"),
+    ]:
+        [error] = errors_of(f"identity: {{sources: ['{source}', 'ip']}}\n", tmp_path)
+        assert error.startswith("identity.sources[0]: ") and why in error, error
+    s = load_settings_from_text("identity: {sources: ['cookie:sid', 'query:token', 'ip']}\n")
+    assert s.identity.sources == ("cookie:sid", "query:token", "ip")

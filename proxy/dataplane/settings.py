@@ -241,6 +241,12 @@ class IdentitySettings(Section):
                 if not _TOKEN_RE.match(arg):
                     raise FieldError(i, f"{raw!r}: {arg!r} is not a valid header name")
                 arg = arg.lower()  # the proxy hands over lower-cased header names
+            # A name no request can carry would never yield, and every client
+            # would fall back to the next source in silence ("cookie: sid").
+            if kind == "cookie" and not _TOKEN_RE.match(arg):
+                raise FieldError(i, f"{raw!r}: {arg!r} is not a valid cookie name (RFC 6265: a token)")
+            if kind == "query" and (arg != arg.strip() or any(c in arg for c in "&=#?")):
+                raise FieldError(i, f"{raw!r}: {arg!r} is not a query parameter name (no spaces around it, no & = # ?)")
             out.append(f"{kind}:{arg}")
         return tuple(out)
 
