@@ -277,6 +277,34 @@ async def test_connections_whose_close_event_was_lost_are_closed_for_the_engine(
     gate.close()  # its wake-up timer
 
 
+async def test_a_connection_too_young_when_its_close_was_lost_is_forgotten_later() -> None:
+    """Lost events were looked for once, when reported, among attempts older
+    than two handshake timeouts: one that began just before the burst, its
+    Closed lost, was counted open for ever and max_concurrent refused its
+    client for good (a stress probe: 21 clients after one flood)."""
+    from loopwatch.detectors import events as ev
+
+    async with demo_backend() as backend, loopwatch(
+        f"ws://127.0.0.1:{backend.port}", **{"policy.max_concurrent": 1, "limits.handshake_timeout": "0.5s"}
+    ) as lw:
+        plane = lw.plane
+        handle = plane.driver.handle  # type: ignore[attr-defined]
+        plane.driver.handle = lambda batch: handle([r for r in batch if not isinstance(r.event, ev.Closed)])  # type: ignore[attr-defined]
+        url = ws_url(lw, "/ws?token=" + issue_token("dave", 60))
+        async with connect(url) as ws:
+            await ws.send("hi")
+            assert await ws.recv() == "hi"
+        await wait_for(lambda: not plane.listener.live())  # type: ignore[attr-defined]
+        await asyncio.sleep(0.05)  # its Closed taken off the queue, and lost
+        plane.driver.handle = handle  # type: ignore[attr-defined]
+        plane.events_lost(1)  # type: ignore[attr-defined]  # reported at once: too young to forget yet
+        assert lw.engine.open_connections("dave@127.0.0.1") != ()
+        await wait_for(lambda: lw.engine.open_connections("dave@127.0.0.1") == (), 5)
+        async with connect(url) as ws:  # admitted again
+            await ws.send("back")
+            assert await ws.recv() == "back"
+
+
 async def test_a_reload_reaches_the_native_listener_and_table(tmp_path: Path) -> None:
     """policy.close_code goes to the listener's refusals, policy.deny to the table,
     identity to the listener's keys (live, as on the Python plane)."""

@@ -298,6 +298,7 @@ class NativePlane:
         self._taken = 0  # events taken off the queue …
         self._fed = 0  # … and handled
         self._dropped_logged = 0  # events_dropped at the last log line
+        self._lost_sweep: asyncio.TimerHandle | None = None  # forget_gone again, after the last drop
         self._port = 0
         self._last_live: dict[int, LiveConnection] = {}  # live(): the counts seen last
         # The memory of closed connections and forgotten clients back to the
@@ -350,6 +351,9 @@ class NativePlane:
 
     async def shutdown(self) -> None:
         self._closing = True
+        if self._lost_sweep is not None:
+            self._lost_sweep.cancel()
+            self._lost_sweep = None
         if self.listener is not None:
             dropped = await asyncio.to_thread(self.listener.stop)
             if dropped:
@@ -466,12 +470,29 @@ class NativePlane:
             self._fed += len(batch)
 
     def _check_drops(self) -> None:
-        """One log line per burst of lost events; forget the attempts they ended."""
+        """One log line per burst of lost events; forget the attempts they ended,
+        now and once more when the youngest of them is old enough: an attempt
+        that began just before the burst, whose end the burst lost, is too young
+        to be forgotten now, and no later batch reports it (it was counted open
+        for ever, and `max_concurrent` refused its client for good)."""
         lost = self.queue.take_unreported_drops()
-        if not lost:
-            return
+        if lost:
+            self.events_lost(lost)
+
+    def events_lost(self, lost: int) -> None:
+        """`lost` events never reached the brain (a full queue): said once, and
+        the attempts they ended forgotten (`_check_drops`)."""
         event(log, "events_dropped", logging.WARNING, events=lost, total=self.queue.dropped)
-        if self.listener is not None:
+        self._forget_lost()
+        if self._loop is not None:
+            if self._lost_sweep is not None:
+                self._lost_sweep.cancel()
+            wait = _LOST_AGE * self.settings.limits.handshake_timeout + TICK
+            self._lost_sweep = self._loop.call_later(wait, self._forget_lost)
+
+    def _forget_lost(self) -> None:
+        self._lost_sweep = None
+        if self.listener is not None and not self._closing:
             live = {c.conn_id for c in self.listener.live()}
             now = time.monotonic()
             self.driver.forget_gone(live, now - _LOST_AGE * self.settings.limits.handshake_timeout, now)
