@@ -3,10 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
-import signal
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +10,8 @@ import pytest
 from loopwatch.proxy.app.cli import check_config_main
 from loopwatch.proxy.app.planes import settings_warnings
 from loopwatch.proxy.app.settings import load_settings
-from tests.test_service_links import ROOT, SUBPROCESS, process_env
+from tests.processes import loopwatch_run
+from tests.test_service_links import SUBPROCESS, process_env
 
 UNVERIFIED_UPSTREAM = "upstream_tls.verify: false: the certificates of wss://backend:443 are not checked"
 NO_AUDIENCE = "identity.jwt.audience is not set: a token its issuer signed for another app"
@@ -60,31 +57,10 @@ async def test_run_logs_each_once_at_start(tmp_path: Path) -> None:
         "routes: [{path_prefix: /, upstream: 'wss://127.0.0.1:9'}]\nupstream_tls: {verify: false}\n"
         "identity: {jwt: {verify: true, secret: s3cret-s3cret-s3cret-s3cret}}\n"
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "loopwatch", "run", "--config", str(config),
-        "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
-        cwd=ROOT, env=process_env({}),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert proc.stderr is not None
-    lines: list[dict[str, object]] = []
-    try:
-
-        async def until_listening() -> None:
-            async for raw in proc.stderr:  # type: ignore[union-attr]
-                lines.append(json.loads(raw))
-                if lines[-1]["event"] == "listening":
-                    return
-            raise AssertionError(f"loopwatch exited: {lines}")
-
-        await asyncio.wait_for(until_listening(), 30)
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 20) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    warnings = [line for line in lines if line["event"] == "config_warning"]
+    args = ("--config", str(config), "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0")
+    async with loopwatch_run(*args, env=process_env({})) as run:
+        await run.until("listening")
+    warnings = run.events("config_warning")
     assert [w["level"] for w in warnings] == ["warning", "warning"]
     assert str(warnings[0]["message"]).startswith("upstream_tls.verify: false: the certificates of wss://127.0.0.1:9")
     assert str(warnings[1]["message"]).startswith(NO_AUDIENCE)

@@ -11,6 +11,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from loopwatch.proxy.app.runtime import Running
 from loopwatch.proxy.tools.demo_backend import DemoBackend, issue_token
 from tests.clients import attempt, demo_backend, loop_until
 from tests.conftest import client_key, free_port, loopwatch, wait_for, ws_url
@@ -150,21 +151,32 @@ async def test_duplicate_sockets_are_flagged_over_the_limit():
         assert backend.upgrades["twotabs"] == 2
 
 
+# A breaker that opens after 3 failing clients, half-opens 0.5 s later, one probe.
+QUICK_UPSTREAM_BREAKER = {
+    "breakers.upstream.min_calls": 3,
+    "breakers.upstream.open_wait": "0.5s",
+    "breakers.upstream.half_open_probes": 1,
+}
+
+
+def breaker_state(lw: Running, name: str) -> str:
+    return {b.name: b.state for b in lw.engine.breakers(time.monotonic())}[name]
+
+
+async def open_upstream_breaker(lw: Running) -> None:
+    """Three distinct clients find the upstream down (the upstream is at fault,
+    not them): the breaker opens (the native plane's brain judges a batch after
+    the clients saw their 502s)."""
+    for i in range(3):
+        code, _ = await attempt(ws_url(lw, f"/ws?token={issue_token(f'u{i}', 60)}"))
+        assert code == 502
+    await wait_for(lambda: breaker_state(lw, "upstream") == "open")
+
+
 async def test_upstream_breaker_opens_refuses_fast_and_closes_after_probe():
     port = free_port()
-    async with loopwatch(
-        f"ws://127.0.0.1:{port}",
-        **{
-            "breakers.upstream.min_calls": 3,
-            "breakers.upstream.open_wait": "0.5s",
-            "breakers.upstream.half_open_probes": 1,
-        },
-    ) as lw:
-        for i in range(3):  # distinct clients: the upstream is at fault, not them
-            code, _ = await attempt(ws_url(lw, f"/ws?token={issue_token(f'u{i}', 60)}"))
-            assert code == 502
-        # The native plane's brain judges a batch after the client saw its 502.
-        await wait_for(lambda: {b.name: b.state for b in lw.engine.breakers(time.monotonic())}["upstream"] == "open")
+    async with loopwatch(f"ws://127.0.0.1:{port}", **QUICK_UPSTREAM_BREAKER) as lw:
+        await open_upstream_breaker(lw)
         start = time.monotonic()
         code, reason = await attempt(ws_url(lw, "/ws"))
         assert code == 1013 and reason.startswith("loopwatch: upstream unavailable")
@@ -178,13 +190,7 @@ async def test_upstream_breaker_opens_refuses_fast_and_closes_after_probe():
             async with connect(ws_url(lw, f"/ws?token={token}")) as ws:
                 await ws.send("ping")
                 assert await ws.recv() == "ping"
-
-            def closed() -> bool:
-                return {b.name: b.state for b in lw.engine.breakers(time.monotonic())}[
-                    "upstream"
-                ] == "closed"
-
-            await wait_for(closed, 10)
+            await wait_for(lambda: breaker_state(lw, "upstream") == "closed", 10)
         finally:
             await backend.stop()
 
@@ -195,22 +201,12 @@ async def test_a_client_whose_probe_failed_cannot_spend_the_probes_of_others():
     engine refused it after the fact, and the breaker stayed shut for everyone
     after the backend was back."""
     port = free_port()
-    async with loopwatch(
-        f"ws://127.0.0.1:{port}",
-        **{
-            "breakers.upstream.min_calls": 3,
-            "breakers.upstream.open_wait": "0.5s",
-            "breakers.upstream.half_open_probes": 1,
-        },
-    ) as lw:
+    async with loopwatch(f"ws://127.0.0.1:{port}", **QUICK_UPSTREAM_BREAKER) as lw:
 
         def upstream() -> str:
-            return {b.name: b.state for b in lw.engine.breakers(time.monotonic())}["upstream"]
+            return breaker_state(lw, "upstream")
 
-        for i in range(3):
-            code, _ = await attempt(ws_url(lw, f"/ws?token={issue_token(f'u{i}', 60)}"))
-            assert code == 502
-        await wait_for(lambda: upstream() == "open")
+        await open_upstream_breaker(lw)
         looper = ws_url(lw, f"/ws?token={issue_token('looper', 60)}")
         await wait_for(lambda: upstream() == "half_open", 5)
         code, _ = await attempt(looper)  # the probe, while the upstream is still down

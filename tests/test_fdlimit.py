@@ -7,15 +7,11 @@ or a container would give it (set in the child before exec)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import resource
 import signal
-import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -25,6 +21,7 @@ from websockets.exceptions import InvalidStatus
 from loopwatch.proxy.app import fdlimit
 from loopwatch.proxy.app.settings import load_settings
 from tests.conftest import echo, websockets_backend
+from tests.processes import loopwatch_run
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBPROCESS = pytest.mark.asyncio(loop_factories=["asyncio"])
@@ -76,51 +73,6 @@ def open_files_limit(pid: int) -> tuple[int, int]:
     raise AssertionError("no Max open files line")
 
 
-class Run:
-    """A `loopwatch run` process and its JSON log lines, read as they come."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.lines: list[dict[str, Any]] = []
-
-    async def until(self, event: str, count: int = 1) -> dict[str, Any]:
-        """The `count`-th line of `event`, reading on until it comes."""
-        assert self.proc.stderr is not None
-
-        async def read() -> dict[str, Any]:
-            while True:
-                seen = [line for line in self.lines if line["event"] == event]
-                if len(seen) >= count:
-                    return seen[count - 1]
-                raw = await self.proc.stderr.readline()  # type: ignore[union-attr]
-                if not raw:
-                    raise AssertionError(f"loopwatch exited before {event!r}: {self.lines}")
-                self.lines.append(json.loads(raw))
-
-        return await asyncio.wait_for(read(), 30)
-
-    def events(self, event: str) -> list[dict[str, Any]]:
-        return [line for line in self.lines if line["event"] == event]
-
-
-@contextlib.asynccontextmanager
-async def loopwatch_run(config: Path, soft: int, hard: int) -> AsyncIterator[Run]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "loopwatch", "run", "--config", str(config),
-        cwd=ROOT, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-        preexec_fn=rlimits(soft, hard),
-    )  # fmt: skip
-    run = Run(proc)
-    try:
-        yield run
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 20) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-
-
 def write_config(path: Path, upstream: str, max_connections: int) -> Path:
     path.write_text(
         f'upstream: "{upstream}"\nlisten: "127.0.0.1:0"\n'
@@ -157,7 +109,7 @@ async def test_run_raises_its_soft_limit_at_start_and_after_a_reload(tmp_path: P
         config = write_config(tmp_path / "loopwatch.yaml", upstream, 300)
         # A login shell's limits, scaled down: a soft limit (256) that 300
         # connections' 600 descriptors would pass, under a generous hard one.
-        async with loopwatch_run(config, soft=256, hard=4096) as run:
+        async with loopwatch_run("--config", str(config), preexec_fn=rlimits(256, 4096)) as run:
             raised = await run.until("fd_limit")
             needed = 2 * 300 + reserve_of(1)
             assert raised["level"] == "info"
@@ -198,7 +150,7 @@ async def test_run_raises_its_soft_limit_at_start_and_after_a_reload(tmp_path: P
 async def test_run_warns_when_the_hard_limit_is_too_low(tmp_path: Path) -> None:
     async with websockets_backend(echo) as (upstream, _):
         config = write_config(tmp_path / "loopwatch.yaml", upstream, 1000)
-        async with loopwatch_run(config, soft=512, hard=1024) as run:
+        async with loopwatch_run("--config", str(config), preexec_fn=rlimits(512, 1024)) as run:
             warning = await run.until("fd_limit")
             needed = 2 * 1000 + reserve_of(1)
             room = (1024 - reserve_of(1)) // 2

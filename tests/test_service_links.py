@@ -5,9 +5,7 @@ LOOPWATCH_* variable stays an error, and no real setting can be taken for one.""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import signal
 import sys
 import typing
 from collections.abc import Iterator, Mapping
@@ -28,6 +26,7 @@ from loopwatch.proxy.app.settings import (
     service_link_name,
 )
 from tests.conftest import echo, websockets_backend
+from tests.processes import loopwatch_run
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBPROCESS = pytest.mark.asyncio(loop_factories=["asyncio"])
@@ -181,33 +180,13 @@ async def test_check_config_notes_them_once_and_still_refuses_a_typo(tmp_path: P
 @SUBPROCESS
 async def test_run_starts_cleanly_with_them_and_warns_once() -> None:
     async with websockets_backend(echo) as (url, _):
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "loopwatch", "run", "--upstream", url,
-            "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
-            cwd=ROOT, env=process_env(KUBELET_ENV),
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-        )
-        assert proc.stderr is not None
-        lines: list[dict[str, object]] = []
-        try:
-            async def until_listening() -> None:
-                async for raw in proc.stderr:  # type: ignore[union-attr]
-                    lines.append(json.loads(raw))
-                    if lines[-1]["event"] == "listening":
-                        return
-                raise AssertionError(f"loopwatch exited: {lines}")
-
-            await asyncio.wait_for(until_listening(), 30)
-            admin = str(lines[-1]["admin"])
+        args = ("--upstream", url, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0")
+        async with loopwatch_run(*args, env=process_env(KUBELET_ENV)) as run:
+            listening = await run.until("listening")
+            admin = str(listening["admin"])
             async with aiohttp.ClientSession() as session, session.get(f"http://{admin}/readyz") as resp:
                 assert resp.status == 200  # serving (and past installing its signal handlers)
-            proc.send_signal(signal.SIGTERM)
-            assert await asyncio.wait_for(proc.wait(), 20) == 0
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-    warnings = [line for line in lines if line["event"] == "service_links_ignored"]
+    warnings = run.events("service_links_ignored")
     assert len(warnings) == 1
     assert warnings[0]["level"] == "warning" and warnings[0]["variables"] == sorted(KUBELET_ENV)
     assert "enableServiceLinks: false" in str(warnings[0]["why"])
