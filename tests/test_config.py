@@ -323,6 +323,35 @@ def test_duplicate_key(tmp_path: Path) -> None:
     )
 
 
+def test_only_a_regular_file_of_reasonable_size_is_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """/dev/zero was read until memory ran out (a MemoryError traceback), a FIFO
+    waited for a writer forever, a 60 MB file took 20 s: by check-config, run,
+    and a reload inside the running proxy."""
+    from loopwatch.proxy.app.settings import MAX_CONFIG_BYTES
+
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"#" * MAX_CONFIG_BYTES + b"\n")
+    for path, why in (
+        ("/dev/zero", "not a regular file"),
+        (str(fifo), "not a regular file"),
+        (str(tmp_path), "a directory"),
+        (str(big), "larger than 4 MiB"),
+    ):
+        with pytest.raises(ConfigError) as caught:
+            load_settings(path, env={})
+        assert caught.value.errors == [f"{path}: cannot read the config file: {why}"]
+        assert check_config_main(path) == 2
+        assert capsys.readouterr().err == f"{path}: cannot read the config file: {why}\n"
+    # A link to a regular file (how Kubernetes mounts a ConfigMap) is read, and so is a file at the bound.
+    at_bound = tmp_path / "at-bound.yaml"
+    at_bound.write_bytes(b"listen: '127.0.0.1:1'\n" + b"#" * (MAX_CONFIG_BYTES - 23) + b"\n")
+    link = tmp_path / "link.yaml"
+    link.symlink_to(at_bound)
+    assert load_settings(link, env={}).listen == "127.0.0.1:1"
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read the config file"):
         load_settings(tmp_path / "nope.yaml", env={})
@@ -599,6 +628,31 @@ def test_an_admin_token_from_a_secret_file_loses_its_newline() -> None:
     assert load_settings_from_text('admin: {token: " t0k3n\\n"}').admin.token == "t0k3n"
     with pytest.raises(ValueError, match="expected a non-empty secret"):
         load_settings_from_text('admin: {token: "  \\n"}')
+
+
+def test_an_admin_token_is_printable_ascii_an_http_header_can_carry(tmp_path: Path) -> None:
+    """A non-ASCII token worked from curl (UTF-8) but not from the operator
+    commands (urllib sends Latin-1, or fails with a traceback); one with inner
+    whitespace or a line break cannot be sent at all. The error names the
+    setting and where the first bad character is, never the token."""
+    expected = "expected printable ASCII without spaces"
+    [error] = errors_of('admin: {token: "令牌-admin-token"}\n', tmp_path)
+    assert error.startswith(f"admin.token: {expected}") and "non-ASCII character (U+4EE4) at character 1" in error
+    assert "令牌" not in error
+    [error] = errors_of('admin: {token: "tökén-admin"}\n', tmp_path)
+    assert "non-ASCII character (U+00F6) at character 2" in error and "tök" not in error
+    [error] = errors_of('admin: {token: "two words"}\n', tmp_path)
+    assert error.startswith(f"admin.token: {expected}") and "whitespace at character 4" in error
+    [error] = errors_of("", tmp_path, env={"LOOPWATCH_ADMIN__TOKEN": "line\nbreak\n"})
+    assert "a line break at character 5" in error and error.endswith("(from LOOPWATCH_ADMIN__TOKEN)")
+    [error] = errors_of("", tmp_path, env={"LOOPWATCH_ADMIN__TOKEN": "nul\x00"})
+    assert "a control character at character 4" in error
+    # Longer than an HTTP server takes in a header (aiohttp: 8190 bytes): it could never be sent.
+    [error] = errors_of("", tmp_path, env={"LOOPWATCH_ADMIN__TOKEN": "t" * 5000})
+    assert error == "admin.token: expected at most 4096 characters (it is sent as an HTTP header), got 5000 (from LOOPWATCH_ADMIN__TOKEN)"
+    # Every visible ASCII character is fine, and surrounding whitespace is still dropped.
+    visible = "".join(chr(c) for c in range(0x21, 0x7F))
+    assert load_settings(None, env={"LOOPWATCH_ADMIN__TOKEN": f" {visible}\n"}).admin.token == visible
 
 
 def test_an_empty_environment_variable_is_an_error() -> None:

@@ -35,6 +35,39 @@ def _ipv6(value: str) -> bool:
     return True
 
 
+# HTTP servers cap a header line at 8 KB (aiohttp, the admin port's, at 8190
+# bytes); a longer token could never be sent to loopwatch itself.
+MAX_TOKEN_LENGTH = 4096
+
+
+def token_problem(token: str) -> str | None:
+    """Why `token` cannot be the admin token, or None when it can.
+
+    The token travels in `Authorization: Bearer`: HTTP clients encode header
+    values as Latin-1 (urllib) or refuse what is not ASCII, proxies compare
+    bytes, and RFC 6750 allows visible ASCII only. So a token with anything
+    else would work from one client and be "wrong" from the next. The message
+    says where the first bad character is, never what the token holds."""
+    if len(token) > MAX_TOKEN_LENGTH:
+        return f"expected at most {MAX_TOKEN_LENGTH} characters (it is sent as an HTTP header), got {len(token)}"
+    for i, ch in enumerate(token, 1):
+        if "!" <= ch <= "~":
+            continue
+        if ch in "\r\n":
+            what = "a line break"
+        elif ch.isspace():
+            what = "whitespace"
+        elif ch.isascii():
+            what = "a control character"
+        else:
+            what = f"a non-ASCII character (U+{ord(ch):04X})"
+        return (
+            f"expected printable ASCII without spaces (such as the output of `openssl rand -hex 32`; "
+            f"it is sent as an HTTP header), got {what} at character {i}"
+        )
+    return None
+
+
 class AdminSettings(Section):
     listen: ListenAddress = "127.0.0.1:9900"
     token: OptionalSecret = None
@@ -49,7 +82,13 @@ class AdminSettings(Section):
         # Kubernetes or Docker secret) ends with a newline no client can send
         # back, and every request would be refused. (A blank one is refused
         # as every OptionalSecret is: it would accept "Bearer " from anyone.)
-        return None if value is None else value.strip()
+        if value is None:
+            return None
+        token = value.strip()
+        problem = token_problem(token)
+        if problem is not None:
+            raise ValueError(problem)
+        return token
 
     @field_validator("allowed_hosts")
     @classmethod

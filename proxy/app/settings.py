@@ -377,10 +377,34 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# A config file is a few KB; the reference config with every key is under 30 KB.
+# More is not a config (/dev/zero was read until memory ran out, and a 60 MB
+# file took 20 s to parse, inside the running proxy on a reload).
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+
+
 def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    import stat
+
     name = os.fspath(path)
     try:
-        text = Path(name).read_text(encoding="utf-8")
+        # Only a regular file (or a link to one: Kubernetes mounts ConfigMaps so)
+        # is opened: opening a FIFO waits for a writer, a device never ends.
+        # O_NONBLOCK for one swapped in since; fstat judges what was opened.
+        mode = Path(name).stat().st_mode
+        if not stat.S_ISREG(mode):
+            what = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise ConfigError(f"{name}: cannot read the config file: {what}")
+        with open(os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as fh:
+            opened = os.fstat(fh.fileno())
+            if not stat.S_ISREG(opened.st_mode):
+                raise ConfigError(f"{name}: cannot read the config file: not a regular file")
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"{name}: cannot read the config file: larger than {MAX_CONFIG_BYTES // (1024 * 1024)} MiB"
+            )
+        text = raw.decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"{name}: cannot read the config file: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
