@@ -196,6 +196,85 @@ async def echoes(ws: ClientConnection, message: str) -> bool:
     return await ws.recv() == message
 
 
+async def test_errors_from_aiohttp_itself_are_json_too(tmp_path: Path) -> None:
+    """No such route, a wrong method, a body over the limit: `404: Not Found` and
+    `Maximum request body size … exceeded.` came as text/plain."""
+    text = 'upstream: "ws://127.0.0.1:9"\nlisten: "127.0.0.1:0"\nadmin: {listen: "127.0.0.1:0"}\n'
+    async with reloadable(tmp_path / "loopwatch.yaml", text) as lw, admin_session(lw, None) as s:
+        async with s.get("/api/nope") as r:
+            assert r.status == 404 and r.content_type == "application/json"
+            assert await r.json() == {"error": "not found: /api/nope (docs/admin-api.md lists the routes)"}
+        async with s.get("/static/" + "x" * 300) as r:
+            assert r.status == 404
+            assert (await r.json())["error"] == f"not found: /static/{'x' * 92}… (docs/admin-api.md lists the routes)"
+        async with s.get("/api/reload") as r:
+            assert r.status == 405 and r.headers["Allow"] == "POST"
+            assert await r.json() == {"error": "method not allowed: GET /api/reload takes POST"}
+        body = b'{"duration": "' + b"1" * (2 * 1024 * 1024) + b'"}'
+        async with s.post("/api/clients/k/cooldown", data=body, headers={"Content-Type": "application/json"}) as r:
+            assert r.status == 413 and r.content_type == "application/json"
+            assert (await r.json())["error"].startswith("Maximum request body size 1048576 exceeded")
+        # Errors that were JSON already are left as they are.
+        async with s.get("/api/clients?limit=x") as r:
+            assert r.status == 400 and await r.json() == {"error": "limit: expected an integer, got 'x'"}
+
+
+async def test_a_manual_cooldown_or_release_refuses_keys_identity_never_produces(tmp_path: Path) -> None:
+    """A NUL, a newline, a blank key, a value over identity.max_key_length: each
+    was accepted ("is refused for 10m", 200) and the cooldown matched nobody."""
+    import hashlib
+
+    text = (
+        'upstream: "ws://127.0.0.1:9"\nlisten: "127.0.0.1:0"\nadmin: {listen: "127.0.0.1:0"}\n'
+        "identity: {max_key_length: 64}\n"
+    )
+    long_value = "u" * 65
+    hashed = "sha256:" + hashlib.sha256(long_value.encode()).hexdigest()[:32]
+    cases = {
+        "\x00": "never holds control or invisible format characters",
+        "bob\n@10.0.0.1": "never holds control or invisible format characters",
+        "bob\u200b@10.0.0.1": "never holds control or invisible format characters",
+        " ": "got an empty or blank one",
+        "bob @10.0.0.1": "never starts or ends with whitespace",
+        f"{long_value}@10.0.0.1": (
+            "a client key's value is never longer than identity.max_key_length (64 characters, this one has 65): "
+            f"identity keys such a client as '{hashed}@10.0.0.1', sha256: and the first 32 hex digits of its "
+            "SHA-256 (docs/identity.md); use that key"
+        ),
+        long_value: f"identity keys such a client as '{hashed}', sha256:",
+    }
+    async with reloadable(tmp_path / "loopwatch.yaml", text) as lw, admin_session(lw, None) as s:
+        for key, why in cases.items():
+            for action in ("cooldown?duration=1m", "release"):
+                async with s.post(f"/api/clients/{quote(key, safe='')}/{action}") as r:
+                    assert r.status == 400, (key, action)
+                    assert why in (await r.json())["error"], (key, action)
+        # Keys identity does produce are taken as before: an address, a value with `@` and non-ASCII.
+        for key in ("10.0.0.1", "2001:db8::1", "alice@example.com", "tab 42/ü@127.0.0.1", "u" * 64 + "@10.0.0.1", hashed):
+            async with s.post(f"/api/clients/{quote(key, safe='')}/cooldown?duration=1m") as r:
+                assert r.status == 200 and (await r.json())["key"] == key
+
+
+async def test_a_reload_refuses_a_config_that_is_no_regular_file_or_too_large(tmp_path: Path) -> None:
+    """Read inside the running proxy: /dev/zero or a FIFO in its place must not
+    hang or exhaust it; the running config is kept."""
+    import os
+
+    from loopwatch.proxy.app.settings import MAX_CONFIG_BYTES
+
+    config = tmp_path / "loopwatch.yaml"
+    text = 'upstream: "ws://127.0.0.1:9"\nlisten: "127.0.0.1:0"\nadmin: {listen: "127.0.0.1:0"}\n'
+    async with reloadable(config, text + "policy: {mode: observe}\n") as lw:
+        status, body = await reload_with(lw, config, text + "#" * MAX_CONFIG_BYTES + "\n")
+        assert status == 400 and body["errors"] == [f"{config}: cannot read the config file: larger than 4 MiB"]
+        config.unlink()
+        os.mkfifo(config)
+        async with admin_session(lw, None) as s, s.post("/api/reload") as r:
+            status, body = r.status, await r.json()
+        assert status == 400 and body["errors"] == [f"{config}: cannot read the config file: not a regular file"]
+        assert lw.settings.policy.mode == "observe"  # the running config is kept
+
+
 async def test_a_reload_moves_new_connections_and_open_ones_keep_relaying(tmp_path: Path) -> None:
     """A route's upstream, a limit and an identity source, each changed by a
     reload: new connections follow, the WebSocket opened before every reload

@@ -24,7 +24,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from loopwatch.proxy.admin.client import ExitCode, run_command
+from loopwatch.proxy.admin.client import AdminClient, ExitCode, OperatorError, Target, run_command
 from loopwatch.proxy.app.cli import build_parser
 from loopwatch.proxy.app.runtime import ConfigSources, Running, start
 from loopwatch.proxy.app.settings import load_settings
@@ -352,12 +352,57 @@ async def test_something_that_is_not_the_admin_api_is_named_as_such() -> None:
         (["clients", "--admin", "ftp://127.0.0.1:9900"], "admin URL: expected http://HOST:PORT"),
         (["clients", "--admin", "http://127.0.0.1:9900/?x=1"], "admin URL: expected no query"),
         (["clients", "--admin", "http://127.0.0.1:99999"], "admin URL: expected http://HOST:PORT"),
+        (["clients", "--admin", "http://127.0.0.1:9900/a b"], "admin URL: expected no spaces or control characters"),
         (["clients", "--config", "/nonexistent/loopwatch.yaml"], "cannot read the admin address and token"),
     ],
 )
 async def test_bad_settings_are_usage_errors(argv: list[str], message: str) -> None:
     result = await cli(*argv)
     assert result.code == ExitCode.USAGE and message in result.err
+
+
+async def test_a_user_and_password_in_the_admin_url_are_refused_and_never_shown() -> None:
+    """urllib took `ops:hunter2@127.0.0.1` for the host name: "cannot resolve the
+    host name" (exit 3), with the password in the message."""
+    for url, shown in (
+        ("http://ops:hunter2@127.0.0.1:9900", "http://***@127.0.0.1:9900"),
+        ("http://hunter2@127.0.0.1:9900/", "http://***@127.0.0.1:9900/"),
+        ("ftp://ops:hunter2@127.0.0.1:99999", "ftp://***@127.0.0.1:99999"),
+        ("ops:hunter2@localhost:9900", "***@localhost:9900"),
+    ):
+        for result in (await cli("breakers", "--admin", url), await cli("breakers", env={"LOOPWATCH_ADMIN_URL": url})):
+            assert result.code == ExitCode.USAGE
+            assert result.err == (
+                "loopwatch breakers: admin URL: expected no user name or password in it (pass the admin "
+                f"token with --token-file FILE, or LOOPWATCH_ADMIN__TOKEN), got {shown!r}\n"
+            )
+            assert "hunter2" not in result.err
+
+
+async def test_a_key_longer_than_a_url_can_carry_is_refused_before_sending() -> None:
+    """aiohttp answers a request line over 8190 bytes itself, in plain text: the
+    CLI said "not the admin API's JSON: is it loopwatch's admin port?" and
+    echoed the whole key."""
+    async with live() as (_, lw):
+        for argv in (("cooldown", "k" * 10_240 + "@1.2.3.4", "--for", "30s"), ("client", "ü" * 3000)):
+            result = await op(lw, *argv)
+            assert result.code == ExitCode.USAGE
+            assert "more than the admin API takes in a URL" in result.err and "sha256:" in result.err
+            assert len(result.err) < 500
+        result = await op(lw, "breaker-reset", "b" * 8000)
+        assert result.code == ExitCode.USAGE and result.err.startswith(
+            "loopwatch breaker-reset: the breaker name is 8000 characters"
+        )
+        # What the HTTP server refuses before the admin API sees it is named plainly.
+        url = admin_url(lw) + "/" + "p" * 9000
+        result = await cli("breakers", "--admin", url, env={"LOOPWATCH_ADMIN__TOKEN": TOKEN})
+        assert result.code == ExitCode.FAILED
+        assert result.err.startswith(
+            f"loopwatch breakers: {url[:80]}… refused GET /api/breakers as malformed (400 Bad Request): "
+            "Got more than 8190 bytes"
+        )
+        assert len(result.err) < 500
+        assert "is it loopwatch's admin port?" not in result.err
 
 
 async def test_an_admin_listen_on_port_0_asks_for_the_url(tmp_path: Path) -> None:
@@ -367,6 +412,34 @@ async def test_an_admin_listen_on_port_0_asks_for_the_url(tmp_path: Path) -> Non
     empty.write_text("\n")
     result = await cli("clients", "--admin", "http://127.0.0.1:9900", "--token-file", str(empty))
     assert result.code == ExitCode.USAGE and "the file is empty" in result.err
+
+
+async def test_a_token_file_an_http_header_cannot_carry_is_a_usage_error(tmp_path: Path) -> None:
+    """An inner line break or a non-ASCII character ended in a traceback from
+    http.client, or in a false "wrong token" (Latin-1 on the wire)."""
+    for name, content, why in (
+        ("two-lines.tok", "tok\nen\n", "expected the token alone on one line, got more than one line"),
+        ("unicode.tok", "tökén-admin\n", "non-ASCII character (U+00F6) at character 2"),
+        ("space.tok", "tok en", "whitespace at character 4"),
+        ("huge.tok", "t" * 100_000, "expected at most 4096 characters (it is sent as an HTTP header), got 100000"),
+    ):
+        path = tmp_path / name
+        path.write_text(content)
+        result = await cli("breakers", "--admin", "http://127.0.0.1:9900", "--token-file", str(path))
+        assert result.code == ExitCode.USAGE, result
+        assert result.err.startswith(f"loopwatch breakers: --token-file {path}: ") and why in result.err
+        assert "Traceback" not in result.err and "ök" not in result.err
+
+
+def test_a_header_the_client_cannot_send_is_a_usage_error_without_the_token() -> None:
+    # Settings refuse such a token; whatever else gets here is one line, not a traceback.
+    target = Target("http://127.0.0.1:9", "tök\nen", "a test", 5.0)
+    with pytest.raises(OperatorError) as caught:
+        AdminClient(target).get("/api/breakers")
+    assert caught.value.code == ExitCode.USAGE
+    assert caught.value.message == (
+        "cannot send the token from a test in an HTTP header: expected printable ASCII without spaces"
+    )
 
 
 @pytest.mark.parametrize(

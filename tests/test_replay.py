@@ -318,6 +318,109 @@ def test_hostile_lines_are_skipped_not_a_crash(tmp_path: Path) -> None:
     assert report.events == 1
 
 
+def _attempt_line(i: int) -> str:
+    return json.dumps({"type": "attempt", "key": f"k{i}@10.0.0.1", "route": "/", "t": i * 0.01}) + "\n"
+
+
+def test_a_compressed_file_cut_short_keeps_what_it_holds_and_the_replay_goes_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A .gz rotated by a job that was killed, or copied mid-write: an EOFError
+    traceback lost the whole report."""
+    import gzip
+
+    monkeypatch.delenv("LOOPWATCH_CONFIG", raising=False)
+    whole = gzip.compress("".join(_attempt_line(i) for i in range(5000)).encode())
+    cut = tmp_path / "events.jsonl.1.gz"
+    cut.write_bytes(whole[: len(whole) // 2])
+    newer = tmp_path / "events.jsonl"
+    newer.write_text(_attempt_line(6000) + _attempt_line(6001))
+    report = replay([str(cut), str(newer)], defaults())
+    [corrupt] = report.corrupt
+    assert corrupt.file == str(cut) and corrupt.line is None
+    read = int(corrupt.error.removeprefix("truncated compressed stream after line "))
+    assert 0 < read < 5000
+    assert report.events == read + 2  # every whole line before the cut, then the next file
+
+    assert main(["replay", str(cut), str(newer)]) == 0
+    captured = capsys.readouterr()
+    assert f"{cut}: truncated compressed stream after line {read}" in captured.out
+    assert f"loopwatch replay: {cut}: truncated compressed stream after line {read}\n" in captured.err
+    assert main(["replay", str(cut), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["corrupt"] == [
+        {"file": str(cut), "line": None, "error": f"truncated compressed stream after line {read}"}
+    ]
+
+
+class ReadlineProbe:
+    """A binary file that records the largest line it handed out."""
+
+    def __init__(self, data: bytes):
+        import io
+
+        self.data = io.BytesIO(data)
+        self.largest = 0
+
+    def readline(self, size: int = -1, /) -> bytes:
+        assert size > 0, "a line read without a bound"
+        line = self.data.readline(size)
+        self.largest = max(self.largest, len(line))
+        return line
+
+
+def test_an_over_long_line_is_skipped_without_reading_it_whole(tmp_path: Path) -> None:
+    """A 1.5 GB line in a 6 MB .gz was read whole (MemoryError, or the OOM killer)."""
+    import gzip
+
+    from loopwatch.proxy.tools.replay import MAX_LINE, BoundedLines
+
+    huge = b'{"type": "attempt", "key": "' + b"k" * (8 * MAX_LINE) + b'"}\n'
+    data = _attempt_line(1).encode() + huge + _attempt_line(2).encode() + b"0" * (MAX_LINE + 10)
+    probe = ReadlineProbe(data)
+    assert list(BoundedLines(probe)) == [_attempt_line(1).encode(), None, _attempt_line(2).encode(), None]
+    assert probe.largest <= MAX_LINE + 1
+    # A line just under the bound is still read (and judged as JSON).
+    assert list(BoundedLines(ReadlineProbe(b"x" * (MAX_LINE - 1) + b"\n"))) == [b"x" * (MAX_LINE - 1) + b"\n"]
+
+    for path in (tmp_path / "events.jsonl", tmp_path / "events.jsonl.gz"):
+        with (gzip.open(path, "wb") if path.suffix == ".gz" else path.open("wb")) as fh:
+            fh.write(data)
+        report = replay([str(path)], defaults())
+        assert [(c.line, c.error.split(" (")[0]) for c in report.corrupt] == [(2, "line too long"), (4, "line too long")]
+        assert report.events == 2
+        assert str(report.corrupt[0]) == f"{path}:2: skipped: line too long (over {MAX_LINE} bytes; events are under 1 KB)"
+
+
+def test_the_report_names_the_environment_variables_that_changed_the_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """They applied in silence under a header saying `config (defaults)`: inside
+    loopwatch's container they even override a candidate file."""
+    for name in [n for n in os.environ if n.startswith("LOOPWATCH_")]:
+        monkeypatch.delenv(name)
+    events = tmp_path / "events.jsonl"
+    events.write_text(_attempt_line(1))
+    candidate = tmp_path / "candidate.yaml"
+    candidate.write_text("policy: {mode: observe}\n")
+
+    assert main(["replay", str(events)]) == 0
+    assert ", config (defaults), mode enforce" in capsys.readouterr().out
+    monkeypatch.setenv("LOOPWATCH_POLICY__MODE", "enforce")
+    monkeypatch.setenv("LOOPWATCH_DETECTION__RULES__NO_BACKOFF__ENABLED", "false")
+    monkeypatch.setenv("LOOPWATCH_LISTEN", "127.0.0.1:8080")  # not the engine's: not named
+    assert main(["replay", str(events)]) == 0
+    assert (
+        ", config (defaults + environment: LOOPWATCH_DETECTION__RULES__NO_BACKOFF__ENABLED, "
+        "LOOPWATCH_POLICY__MODE), mode enforce"
+    ) in capsys.readouterr().out
+    assert main(["replay", str(events), "--config", str(candidate), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["config"] == str(candidate) and data["mode"] == "enforce"  # the environment won
+    assert data["environment"] == ["LOOPWATCH_DETECTION__RULES__NO_BACKOFF__ENABLED", "LOOPWATCH_POLICY__MODE"]
+    assert main(["replay", str(events), "--config", str(candidate)]) == 0
+    assert f", config {candidate} + environment: LOOPWATCH_DETECTION" in capsys.readouterr().out
+
+
 def test_replay_command_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["replay", str(tmp_path / "missing.jsonl")]) == 2
     assert "no such file" in capsys.readouterr().err
@@ -375,17 +478,17 @@ async def test_recorder_writes_off_the_event_loop_in_batches(tmp_path: Path) -> 
     path = tmp_path / "events.jsonl"
     rec = Recorder(RecordSettings(path=str(path)), flush_interval=0.05)
     for i in range(100):
-        rec.on_opened(FakeConn(), Opened("client-key", "/ws", float(i), i))  # type: ignore[arg-type]
+        rec.on_opened(FakeConn(), Opened("client-key", "/ws", float(i), i))
     # The hooks only buffer: nothing is written until the writer's next turn.
     assert path.read_bytes() == b""
     await asyncio.sleep(0.3)
     assert len(path.read_text().splitlines()) == 100
-    rec.on_closed(FakeConn(), closed_event(100), None)  # type: ignore[arg-type]
+    rec.on_closed(FakeConn(), closed_event(100), None)
     await rec.aclose()  # what is buffered is written at close
     lines = path.read_text().splitlines()
     assert len(lines) == 101 and json.loads(lines[-1])["type"] == "closed"
     assert rec.stats()["recorded"] == 101
-    rec.on_closed(FakeConn(), closed_event(101), None)  # type: ignore[arg-type]
+    rec.on_closed(FakeConn(), closed_event(101), None)
     assert rec.stats()["recorded"] == 101  # closed: ignored, never an error
 
 
@@ -393,7 +496,7 @@ async def test_recorder_rotates_and_stays_bounded(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     rec = Recorder(RecordSettings(path=str(path), max_bytes=4096, rotate=2), flush_interval=0.01)
     for i in range(400):  # ~150 bytes each: ~60 KB through a 4 KB file
-        rec.on_closed(FakeConn(), closed_event(i), None)  # type: ignore[arg-type]
+        rec.on_closed(FakeConn(), closed_event(i), None)
         if i % 50 == 0:
             await asyncio.sleep(0.02)
     await rec.aclose()
@@ -409,7 +512,7 @@ async def test_recorder_rotates_and_stays_bounded(tmp_path: Path) -> None:
     single.parent.mkdir()
     rec = Recorder(RecordSettings(path=str(single), max_bytes=4096, rotate=0), flush_interval=0.01)
     for i in range(100):
-        rec.on_closed(FakeConn(), closed_event(i), None)  # type: ignore[arg-type]
+        rec.on_closed(FakeConn(), closed_event(i), None)
     await rec.aclose()
     assert os.listdir(single.parent) == ["events.jsonl"] and single.stat().st_size <= 4096
 
@@ -420,7 +523,7 @@ async def test_recorder_drops_beyond_its_buffer_instead_of_growing(
     monkeypatch.setattr(recorder_module, "MAX_PENDING", 10)
     rec = Recorder(RecordSettings(path=str(tmp_path / "e.jsonl")), flush_interval=60)
     for i in range(25):
-        rec.on_closed(FakeConn(), closed_event(i), None)  # type: ignore[arg-type]
+        rec.on_closed(FakeConn(), closed_event(i), None)
     assert rec.stats()["dropped"] == 15 and rec.stats()["pending"] == 10
     await rec.aclose()
     assert len((tmp_path / "e.jsonl").read_text().splitlines()) == 10

@@ -3,8 +3,10 @@ backend, with the outcome the default rules must give it."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,8 +19,10 @@ from loopwatch.proxy.tools.simulate import (
     population,
     refusal_reason,
     simulate,
+    simulate_main,
     start_stack,
 )
+from tests.conftest import free_port
 
 
 async def run(scenario: str, **kwargs: Any) -> tuple[SimulateReport, str]:
@@ -193,6 +197,15 @@ def test_refuses_remote_targets_and_unbounded_runs(capsys: pytest.CaptureFixture
     with pytest.raises(SystemExit):
         main(["simulate", "no-such-scenario"])
 
+    # The admin URL is checked as the operator commands check it, before anything starts.
+    assert main(["simulate", "auth-loop", "--url", "ws://127.0.0.1:1/ws", "--admin", "http://ops:hunter2@127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert "--admin URL: expected no user name or password" in err and "hunter2" not in err
+    assert main(["simulate", "auth-loop", "--url", "ws://127.0.0.1:1/ws", "--admin", "ftp://127.0.0.1:9"]) == 2
+    assert "--admin URL: expected http://HOST:PORT" in capsys.readouterr().err
+    assert main(["simulate", "auth-loop", "--token-file", "/nonexistent"]) == 2
+    assert "--token-file: the admin token goes with --url and --admin" in capsys.readouterr().err
+
     assert check_target("ws://127.0.0.1:8080", False) == "ws://127.0.0.1:8080/ws"
     assert check_target("ws://localhost:8080/chat", False) == "ws://localhost:8080/chat"
     assert check_target("ws://[::1]:8080/ws", False) == "ws://[::1]:8080/ws"
@@ -210,3 +223,67 @@ def test_populations_and_refusal_reasons() -> None:
         "too soon after the last attempt"
     )
     assert refusal_reason("token expired") is None
+
+
+def test_check_fails_when_no_attempt_reached_the_target(capsys: pytest.CaptureFixture[str]) -> None:
+    # Nothing listens there: every attempt fails to connect, and nothing was checked.
+    url = f"ws://127.0.0.1:{free_port()}/ws"
+    assert main(["simulate", "auth-loop", "--url", url, "--duration", "1", "--check"]) == 1
+    err = capsys.readouterr().err
+    assert f"attempts reached {url}: every connection failed" in err
+    assert "no --admin given" in err
+    assert "--check failed: no attempt reached the target; not verified (flags unknown): auth-loop" in err
+    # Without --check the run is only reported, never failed.
+    assert main(["simulate", "auth-loop", "--url", url, "--duration", "1"]) == 0
+    assert "every connection failed" in capsys.readouterr().err
+
+
+async def test_check_fails_when_the_admin_api_cannot_be_asked_and_sends_its_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    token = "simulate-admin-t0ken"
+    stack = await start_stack(overrides={"admin.token": token})
+
+    async def simulate_cli(env: dict[str, str], **kwargs: Any) -> tuple[int, str]:
+        options = SimulateOptions("auth-loop", duration=2.0, url=stack.url, check=True, **kwargs)
+        code = await asyncio.wait_for(asyncio.to_thread(simulate_main, options, env), 30)
+        return code, capsys.readouterr().err
+
+    try:
+        # The admin API answers 401: the flags are unknown, so --check cannot pass.
+        code, err = await simulate_cli({}, admin=stack.admin)
+        assert code == 1
+        assert f"could not ask the admin API at {stack.admin} which clients were flagged: token missing (401)" in err
+        assert "--check failed: not verified (flags unknown): auth-loop" in err
+
+        wrong = tmp_path / "wrong.tok"
+        wrong.write_text("not-the-token\n")
+        code, err = await simulate_cli({}, admin=stack.admin, token_file=str(wrong))
+        assert code == 1 and f"token wrong (401): the token from {wrong} is not the admin.token" in err
+
+        # The token as the operator commands take it: --token-file, the environment, $LOOPWATCH_CONFIG.
+        good = tmp_path / "good.tok"
+        good.write_text(token + "\n")
+        assert await simulate_cli({}, admin=stack.admin, token_file=str(good)) == (0, "")
+        assert await simulate_cli({"LOOPWATCH_ADMIN__TOKEN": token}, admin=stack.admin) == (0, "")
+        config = tmp_path / "lw.yaml"
+        config.write_text(f"admin:\n  token: {token}\n")
+        assert await simulate_cli({"LOOPWATCH_CONFIG": str(config)}, admin=stack.admin) == (0, "")
+
+        # An admin port nobody listens on.
+        code, err = await simulate_cli({}, admin=f"http://127.0.0.1:{free_port()}")
+        assert code == 1 and "connection refused" in err and "--check failed" in err
+    finally:
+        await stack.close()
+
+
+def test_a_bad_config_file_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # It ended in a ConfigError traceback (exit 1); replay said it in one line, exit 2.
+    config = tmp_path / "list.yaml"
+    config.write_text("- a list\n")
+    assert main(["simulate", "auth-loop", "--config", str(config), "--duration", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "loopwatch simulate: invalid configuration:\n"
+        f"{config}:1: expected a mapping of settings (key: value lines) at the top level, got a list\n"
+    )

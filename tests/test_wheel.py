@@ -32,6 +32,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -482,6 +483,56 @@ def test_export_monitoring_refuses_a_target_that_cannot_hold_the_files(tmp_path:
     code, _, err = export(str(tmp_path / "dir"))
     assert code == 2 and "is a directory" in err
     assert not (tmp_path / "dir" / "rules").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs and /dev/zero are POSIX")
+def test_export_monitoring_never_reads_what_is_not_a_regular_file_of_the_right_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A FIFO in a file's place hung the command; a link to /dev/zero was read
+    until the OOM killer came (22 GB). Both are "differs", unread."""
+    from loopwatch.proxy.tools import monitoring
+
+    target = tmp_path / "monitoring"
+    assert export(str(target))[0] == 0
+    os.mkfifo(target / "loopwatch.json.fifo")
+    (target / "loopwatch.json").unlink()
+    (target / "loopwatch.json.fifo").rename(target / "loopwatch.json")
+    (target / "rules" / "alerts.yml").unlink()
+    (target / "rules" / "alerts.yml").symlink_to("/dev/zero")
+    (target / "rules" / "recording.yml").unlink()
+    (target / "rules" / "recording.yml").symlink_to(tmp_path / "nowhere")
+    shipped_json = (ROOT / "dashboards" / "loopwatch.json").read_bytes()
+    (target / "rules" / "tests").joinpath("loop_test.yml").write_bytes(b"x" * 10)  # another size
+
+    opened: list[str] = []
+    real_open = os.open
+
+    def spy(path: Any, flags: int, *args: Any) -> int:
+        opened.append(os.fspath(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(monitoring.os, "open", spy)
+    code, out, err = export(str(target))
+    assert code == 1 and out == ""
+    for name in ("loopwatch.json", "rules/alerts.yml", "rules/recording.yml", "rules/tests/loop_test.yml"):
+        assert f"  {target / name}\n" in err
+    # Only files of the shipped size were opened, none of the odd ones.
+    assert not {str(target / n) for n in ("loopwatch.json", "rules/alerts.yml", "rules/recording.yml")} & set(opened)
+    assert str(target / "rules" / "tests" / "loop_test.yml") not in opened
+
+    code, out, _ = export(str(target), "--force")
+    assert code == 0 and f"replaced  {target / 'loopwatch.json'}" in out
+    assert (target / "loopwatch.json").read_bytes() == shipped_json
+    assert not (target / "rules" / "alerts.yml").is_symlink()  # the link replaced, /dev/zero untouched
+
+
+def test_export_monitoring_refuses_an_empty_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Path("") is the working directory: a script's empty variable wrote the files there.
+    monkeypatch.chdir(tmp_path)
+    code, out, err = export("")
+    assert code == 2 and out == "" and err == "loopwatch export-monitoring: DIR: expected a directory, got ''\n"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_version_in_this_tree(capsys: pytest.CaptureFixture[str]) -> None:

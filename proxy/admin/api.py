@@ -25,9 +25,11 @@ logged at most once a minute per reason.
 from __future__ import annotations
 
 import enum
+import hashlib
 import hmac
 import ipaddress
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -69,6 +71,39 @@ REFUSAL_LOG_INTERVAL = 60.0  # seconds between two log lines for one reason
 
 def error(status: int, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
+
+
+# --- errors are JSON -----------------------------------------------------------------
+
+
+@web.middleware
+async def json_errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own error answers (no such route 404, wrong method 405, a body
+    over the limit 413, …) come as text/plain; the admin API's errors are JSON
+    (docs/admin-api.md), so a script reads every one the same way. The first of
+    the admin port's middlewares, so it sees what the others and the handlers
+    raise. (A request aiohttp cannot parse at all — a request line or header
+    over 8190 bytes — is answered before any middleware, in plain text.)"""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400 or e.content_type == "application/json":
+            raise  # a redirect, or an error that is JSON already
+        headers = {k: v for k, v in e.headers.items() if k.lower() not in ("content-type", "content-length")}
+        return web.json_response({"error": _http_error_message(request, e)}, status=e.status, headers=headers)
+
+
+def _http_error_message(request: web.Request, e: web.HTTPException) -> str:
+    path = request.path if len(request.path) <= 100 else request.path[:100] + "…"
+    if isinstance(e, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(e.allowed_methods))
+        return f"method not allowed: {request.method} {path} takes {allowed}"
+    if isinstance(e, web.HTTPNotFound) and (not e.text or e.text == "404: Not Found"):
+        return f"not found: {path} (docs/admin-api.md lists the routes)"
+    # aiohttp's text, such as "Maximum request body size 1048576 exceeded, …"; its
+    # bare default is "413: Request Entity Too Large".
+    text = (e.text or "").strip()
+    return text if text and text != f"{e.status}: {e.reason}" else e.reason.lower()
 
 
 class Exposure(enum.Enum):
@@ -284,6 +319,48 @@ def listen_host_of(admin: AdminSettings) -> str:
     return parse_host_port(admin.listen).host
 
 
+# What identity removes from every value (docs/identity.md, "Cleaning and
+# bounding values"; is_unsafe in proxy/dataplane/core/src/identity.rs): C0, DEL
+# and C1 controls, zero-width and bidi format characters, and lone surrogates.
+_NEVER_IN_A_KEY = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff\ud800-\udfff]")
+
+
+def manual_key_problem(key: str, max_key_length: int) -> str | None:
+    """Why a key given to a manual cooldown or release is none identity could
+    produce, or None. Such a key would be accepted, reported as done, and match
+    no client ever: a long JWT `sub` pasted whole, a key with a newline in it."""
+    if not key.strip():
+        return "expected a client key such as alice@203.0.113.7, got an empty or blank one"
+    if _NEVER_IN_A_KEY.search(key):
+        return (
+            "a client key never holds control or invisible format characters (identity removes them: "
+            "docs/identity.md); copy the key as `loopwatch clients` shows it"
+        )
+    # `value@address` when bound to the address (identity.bind_to_address), else the value alone.
+    value, at, address = key.rpartition("@")
+    if not at or not _is_address(address):
+        value, address = key, ""
+    if value != value.strip():
+        return "a client key's value never starts or ends with whitespace (identity strips it: docs/identity.md)"
+    if len(value) > max_key_length:
+        hashed = "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        mapped = f"{hashed}@{address}" if address else hashed
+        return (
+            f"a client key's value is never longer than identity.max_key_length ({max_key_length} characters, "
+            f"this one has {len(value)}): identity keys such a client as {mapped!r}, sha256: and the first 32 "
+            "hex digits of its SHA-256 (docs/identity.md); use that key"
+        )
+    return None
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
     raw = request.query.get(name)
     if raw is None:
@@ -340,12 +417,18 @@ class AdminApi:
 
     async def release(self, request: web.Request) -> web.Response:
         key = request.match_info["key"]
+        problem = manual_key_problem(key, self.control.settings.identity.max_key_length)
+        if problem is not None:
+            return error(400, problem)
         if not self.control.release(key, time.monotonic()):
             return error(404, f"no tracked client {key!r}")
         return web.json_response({"key": key, "released": True})
 
     async def cooldown(self, request: web.Request) -> web.Response:
         key = request.match_info["key"]
+        problem = manual_key_problem(key, self.control.settings.identity.max_key_length)
+        if problem is not None:
+            return error(400, problem)
         raw: Any = request.query.get("duration")
         if raw is None and request.can_read_body:
             try:

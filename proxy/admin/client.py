@@ -30,6 +30,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import socket
 import ssl
@@ -84,26 +85,47 @@ class Target(NamedTuple):
 
 def resolve_target(args: argparse.Namespace, env: Mapping[str, str]) -> Target:
     url = args.admin or env.get("LOOPWATCH_ADMIN_URL") or None
-    token: str | None = None
-    token_source: str | None = None
-    if args.token_file is not None:
-        token, token_source = _read_token_file(args.token_file), args.token_file
-    if url is None or token_source is None:
-        configured = _admin_settings(args.config or env.get("LOOPWATCH_CONFIG"), env)
-        if url is None:
-            url = _url_for_listen(configured.listen)
-        if token_source is None and configured.token is not None:
-            token, token_source = configured.token, configured.token_source
-    return Target(_check_url(url), token, token_source, args.timeout)
+    config = args.config or env.get("LOOPWATCH_CONFIG")
+    configured = _admin_settings(config, env) if url is None or args.token_file is None else None
+    if url is None:
+        assert configured is not None
+        url = _url_for_listen(configured.listen)
+    token, token_source = resolve_token(args.token_file, config, env, configured)
+    return Target(check_admin_url(url), token, token_source, args.timeout)
+
+
+def resolve_token(
+    token_file: str | None, config: str | None, env: Mapping[str, str], configured: Configured | None = None
+) -> tuple[str | None, str | None]:
+    """The admin token and where it came from (for the 401 message): the token
+    file, else LOOPWATCH_ADMIN__TOKEN, else admin.token of `config` (`configured`
+    when the caller has read it already); (None, None) when none is set.
+    `loopwatch simulate --admin` resolves it the same way."""
+    if token_file is not None:
+        return _read_token_file(token_file), token_file
+    if configured is None:
+        configured = _admin_settings(config, env)
+    if configured.token is None:
+        return None, None
+    return configured.token, configured.token_source
 
 
 def _read_token_file(path: str) -> str:
+    from .settings import token_problem
+
     try:
         token = Path(path).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as e:
         raise OperatorError(ExitCode.USAGE, f"--token-file {path}: cannot read it: {e}") from None
     if not token:
         raise OperatorError(ExitCode.USAGE, f"--token-file {path}: the file is empty")
+    if "\n" in token or "\r" in token:
+        raise OperatorError(
+            ExitCode.USAGE, f"--token-file {path}: expected the token alone on one line, got more than one line"
+        )
+    problem = token_problem(token)  # what admin.token accepts, so that the server could hold it
+    if problem is not None:
+        raise OperatorError(ExitCode.USAGE, f"--token-file {path}: {problem}")
     return token
 
 
@@ -150,7 +172,19 @@ def _url_for_listen(listen: str) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def _check_url(url: str) -> str:
+def check_admin_url(url: str) -> str:
+    """The admin API's base URL, checked; every message starts "admin URL:"."""
+    authority = re.split(r"[/?#]", url.partition("://")[2] if "://" in url else url, maxsplit=1)[0]
+    userinfo, at, _ = authority.rpartition("@")
+    if at:
+        # urllib would take `user:password@host` for the host name (a DNS failure),
+        # and the message would print the password: refused, and never shown.
+        shown = url.replace(userinfo + "@", "***@", 1)
+        raise OperatorError(
+            ExitCode.USAGE,
+            "admin URL: expected no user name or password in it (pass the admin token with "
+            f"--token-file FILE, or LOOPWATCH_ADMIN__TOKEN), got {shown!r}",
+        )
     try:
         parts = urlsplit(url)
         _ = parts.port
@@ -162,6 +196,8 @@ def _check_url(url: str) -> str:
         )
     if parts.query or parts.fragment:
         raise OperatorError(ExitCode.USAGE, f"admin URL: expected no query or fragment, got {url!r}")
+    if any(ch <= " " or ch == "\x7f" for ch in url):  # http.client would refuse to send it
+        raise OperatorError(ExitCode.USAGE, f"admin URL: expected no spaces or control characters, got {url!r}")
     return url.rstrip("/")
 
 
@@ -213,12 +249,19 @@ class AdminClient:
             raise self._unreachable(e.reason) from None
         except (TimeoutError, OSError) as e:  # a timeout or reset while reading the answer
             raise self._unreachable(e) from None
+        except ValueError:
+            # http.client refuses a header value it cannot send (a line break, a
+            # character outside Latin-1). Its message holds the value: not shown.
+            what = f"the token from {self.target.token_source}" if self.target.token else "a header"
+            raise OperatorError(
+                ExitCode.USAGE, f"cannot send {what} in an HTTP header: expected printable ASCII without spaces"
+            ) from None
         try:
             return json.loads(raw)
         except ValueError:
             raise OperatorError(
                 ExitCode.FAILED,
-                f"{self.target.url} answered {method} {path} with {status} but not JSON: "
+                f"{self.target.url} answered {method} {_short(path)} with {status} but not JSON: "
                 "is it loopwatch's admin port?",
             ) from None
 
@@ -255,10 +298,19 @@ class AdminClient:
             return OperatorError(
                 ExitCode.UNAUTHORIZED, f"the admin API refused the request (403): {message or reason}"
             )
+        if message is None and status in (400, 414, 431):
+            # Refused by the HTTP server before the admin API saw it (a request line
+            # or header over its limit): what it said is the reason.
+            said = raw.decode("utf-8", "replace").strip().splitlines()[:1]
+            return OperatorError(
+                ExitCode.FAILED,
+                f"{_short(self.target.url)} refused {method} {_short(path)} as malformed ({status} {reason})"
+                + (f": {_short(said[0], 200)}" if said else ""),
+            )
         if message is None:
             return OperatorError(
                 ExitCode.FAILED,
-                f"{self.target.url} answered {method} {path} with {status} {reason}, not the admin "
+                f"{self.target.url} answered {method} {_short(path)} with {status} {reason}, not the admin "
                 "API's JSON: is it loopwatch's admin port?",
             )
         if status == 404:
@@ -279,9 +331,29 @@ def _read_bounded(response: Any, deadline: float) -> bytes:
     return bytes(raw)
 
 
-def key_path(key: str) -> str:
-    """A client key as one path segment: `@`, `/`, `%`, spaces, … all quoted."""
-    return quote(key, safe="")
+# aiohttp reads a request line of at most 8190 bytes and answers a longer one
+# itself, in plain text. Room is left for the method, the route and the query.
+MAX_PATH_SEGMENT = 7900
+
+
+def key_path(key: str, what: str = "client key") -> str:
+    """A client key as one path segment: `@`, `/`, `%`, spaces, … all quoted;
+    OperatorError when the admin port could not take it in a URL."""
+    quoted = quote(key, safe="")
+    if len(quoted) > MAX_PATH_SEGMENT:
+        raise OperatorError(
+            ExitCode.USAGE,
+            f"the {what} is {len(key)} characters ({len(quoted)} URL-quoted): more than the admin API takes "
+            f"in a URL (a request line of 8190 bytes at most), and more than any client key holds: identity "
+            "hashes a value over identity.max_key_length (256 by default) to sha256:… (docs/identity.md); "
+            "copy the key as `loopwatch clients` shows it",
+        )
+    return quoted
+
+
+def _short(path: str, limit: int = 80) -> str:
+    """A request path as a message shows it: the start of a long one is enough."""
+    return path if len(path) <= limit else path[:limit] + "…"
 
 
 # --- the commands -------------------------------------------------------------------
@@ -446,7 +518,7 @@ def cmd_breakers(api: AdminClient, args: argparse.Namespace, o: Output) -> ExitC
 
 
 def cmd_breaker_reset(api: AdminClient, args: argparse.Namespace, o: Output) -> ExitCode:
-    data = api.post(f"/api/breakers/{key_path(args.name)}/reset")
+    data = api.post(f"/api/breakers/{key_path(args.name, 'breaker name')}/reset")
     if o.as_json:
         o.json(data)
     else:

@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from ..observe.logs import event
 from ..observe.selfmetrics import build_labels
-from .api import AdminCounters, Exposure, guard_middleware, listen_host_of
+from .api import AdminCounters, Exposure, guard_middleware, json_errors_middleware, listen_host_of
 from .settings import AdminSettings
 
 
@@ -81,7 +81,8 @@ class AdminServer:
         # status page's single-use event-stream tickets); filled in before start.
         self.authenticators: list[Callable[[web.Request], bool]] = []
         guard = guard_middleware(settings, lambda: self.listen_host, self.counters, self.authenticators)
-        self.app = web.Application(middlewares=[guard])
+        # JSON errors outermost: the guard's answers and every handler's are covered.
+        self.app = web.Application(middlewares=[json_errors_middleware, guard])
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/readyz", self.readyz)
         self.app.router.add_get("/metrics", make_aiohttp_handler(registry))

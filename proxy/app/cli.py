@@ -63,12 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--duration", type=float, help="seconds to run (default: per scenario, at most 600)")
     sim.add_argument("--url", help="a running loopwatch, e.g. ws://127.0.0.1:8080/ws (loopback only)")
     sim.add_argument("--admin", help="its admin URL, to ask which clients were flagged")
+    sim.add_argument("--token-file", metavar="FILE", help="file holding the admin token (default: "
+                     "$LOOPWATCH_ADMIN__TOKEN, else admin.token of $LOOPWATCH_CONFIG)")
     sim.add_argument("--config", "-c", help="config of the in-process loopwatch (without --url)")
     sim.add_argument("--allow-remote", action="store_true", help="allow a --url that is not loopback")
     sim.add_argument("--max-attempts", type=int, default=20_000, help="stop after this many attempts")
     sim.add_argument("--seed", type=int, default=0, help="seed of the behaviours' randomness")
     sim.add_argument("--json", action="store_true", help="print the report as JSON")
-    sim.add_argument("--check", action="store_true", help="exit 1 when an outcome is not the expected one")
+    sim.add_argument("--check", action="store_true", help="exit 1 when an outcome is not the expected one, or could not be verified")
 
     rep = sub.add_parser(
         "replay",
@@ -121,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                 args.scenario, clients=args.clients, rate=args.rate, duration=args.duration,
                 url=args.url, admin=args.admin, config=args.config, allow_remote=args.allow_remote,
                 max_attempts=args.max_attempts, seed=args.seed, json=args.json, check=args.check,
-            )
+                token_file=args.token_file,
+            ),
+            env=os.environ,
         )
     if args.command == "replay":
         from ..tools.replay import replay_main

@@ -11,13 +11,16 @@ relative paths hold and the paths in the docs read the same:
     DIR/provisioning/dashboards/loopwatch.yaml, DIR/provisioning/datasources/prometheus.yaml
 
 A file already in DIR with the same content is left alone; with other content
-nothing is written at all unless --force, which replaces it.
+nothing is written at all unless --force, which replaces it. Anything else in
+a file's place (a FIFO, a device, a link to one, a dangling link) counts as
+other content, and is never read.
 """
 
 from __future__ import annotations
 
 import enum
 import os
+import stat
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -90,14 +93,32 @@ def plan(directory: Path, shipped: list[MonitoringFile]) -> list[Planned]:
         target = directory.joinpath(*file.path.parts)
         if target.is_dir():
             raise ExportError(f"{target} is a directory, where {file.path} goes")
-        if not target.exists():
-            change = Change.NEW
-        elif target.read_bytes() == file.content:
-            change = Change.SAME
-        else:
-            change = Change.DIFFERENT
-        planned.append(Planned(file, target, change))
+        planned.append(Planned(file, target, _change(target, file.content)))
     return planned
+
+
+def _change(target: Path, content: bytes) -> Change:
+    """What writing `content` to `target` would be. Only a regular file of the
+    content's very size is read (and no further than that size): reading a FIFO
+    waits for a writer forever, a device such as /dev/zero never ends, and
+    merely opening some devices does something. A symbolic link to a regular
+    file is judged by that file."""
+    try:
+        target.lstat()
+    except FileNotFoundError:
+        return Change.NEW
+    try:
+        found = target.stat()
+    except OSError:  # a dangling link or a loop of links: something is there, not ours
+        return Change.DIFFERENT
+    if not stat.S_ISREG(found.st_mode) or found.st_size != len(content):
+        return Change.DIFFERENT
+    # O_NONBLOCK: should it have become a FIFO since, opening it does not wait.
+    fd = os.open(target, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return Change.DIFFERENT
+        return Change.SAME if fh.read(len(content) + 1) == content else Change.DIFFERENT
 
 
 def _write(target: Path, content: bytes) -> None:
@@ -119,6 +140,10 @@ def export_main(directory: str, force: bool = False, out: TextIO | None = None) 
     """0 when DIR holds the files; 1 when files with other content are in the way
     (nothing written; --force replaces them); 2 when DIR cannot hold them."""
     out = out or sys.stdout
+    if not directory:
+        # Path("") is the working directory: never what an empty variable in a script meant.
+        print("loopwatch export-monitoring: DIR: expected a directory, got ''", file=sys.stderr)
+        return 2
     target = Path(directory)
     try:
         planned = plan(target, shipped_files())

@@ -27,8 +27,9 @@ proxy, and a recording only holds what really happened:
 With the configuration the recording was made with, none of this happens and
 the replay raises the findings the live proxy raised (a test holds it to that).
 
-A line that is not a valid event (corrupt, truncated by a crash, hand-edited)
-is reported with its file and line number and skipped.
+A line that is not a valid event (corrupt, truncated by a crash, hand-edited,
+or longer than any event) is reported with its file and line number and
+skipped; a compressed file cut short is read up to where it ends.
 """
 
 from __future__ import annotations
@@ -39,10 +40,11 @@ import itertools
 import json
 import os
 import sys
+import zlib
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from ...detectors import events as ev
 from ...detectors.actions import BreakerTransition, CloseConnection, CooldownStarted, WouldReject
@@ -55,16 +57,26 @@ CLOCK_SLACK = 1.0
 # Replay wakes the engine at every due time; a wake that schedules itself again
 # at the same instant would spin, so the replay moves on after this many.
 _MAX_WAKES_PER_EVENT = 10_000
+# loopwatch writes events of under 1 KB a line; a longer line is no event of
+# its own, and is skipped without holding it in memory (a 1.5 GB line of a
+# 6 MB .gz was read whole). Over-long lines are skipped in pieces of this size.
+MAX_LINE = 1 << 20
+_SKIP_CHUNK = 1 << 16
 
 
 @dataclass(frozen=True)
 class Corrupt:
     file: str
-    line: int
+    line: int | None  # None: the file as a whole (a compressed stream cut short)
     error: str
 
     def to_dict(self) -> dict[str, Any]:
         return {"file": self.file, "line": self.line, "error": self.error}
+
+    def __str__(self) -> str:
+        if self.line is None:
+            return f"{self.file}: {self.error}"
+        return f"{self.file}:{self.line}: skipped: {self.error}"
 
 
 @dataclass(frozen=True)
@@ -133,6 +145,7 @@ class ReplayReport:
     files: list[str]
     config: str | None
     mode: str  # policy.mode of the replay's configuration
+    environment: list[str] = field(default_factory=list)  # LOOPWATCH_* variables that changed it
     lines: int = 0
     events: int = 0  # fed to the engine (recorded Rejected excluded)
     skipped_rejected: int = 0
@@ -182,10 +195,19 @@ class ReplayReport:
     def finding_dict(self, f: Finding) -> dict[str, Any]:
         return {**f.to_dict(), "at": self.at(f.t), "wall": self.wall(f.t)}
 
+    @property
+    def config_label(self) -> str:
+        """Where the replay's configuration came from, for the report's first line."""
+        if not self.environment:
+            return self.config or "(defaults)"
+        names = ", ".join(self.environment)
+        return f"{self.config} + environment: {names}" if self.config else f"(defaults + environment: {names})"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "files": self.files,
             "config": self.config,
+            "environment": self.environment,
             "mode": self.mode,
             "lines": self.lines,
             "events": self.events,
@@ -220,19 +242,48 @@ def read_events(paths: Sequence[str], report: ReplayReport) -> Iterator[tuple[ev
     """(event, wall) from each file in turn; bad lines go to `report.corrupt`."""
     last = [float("-inf")]
     for path in paths:
-        if path.endswith(".gz"):
-            with gzip.open(path, "rb") as gz:
-                yield from _read_lines(path, gz, report, last)
-        else:
-            with open(path, "rb") as fh:
-                yield from _read_lines(path, fh, report, last)
+        with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as fh:
+            lines = BoundedLines(fh)
+            try:
+                yield from _read_lines(path, lines, report, last)
+            except (EOFError, zlib.error):
+                # Cut short (a rotation compressed by a job that was killed, a copy
+                # taken mid-write): what came before is kept, as zcat keeps it.
+                report.corrupt.append(Corrupt(path, None, f"truncated compressed stream after line {lines.count}"))
+
+
+class Readable(Protocol):
+    def readline(self, size: int = -1, /) -> bytes: ...
+
+
+class BoundedLines:
+    """A binary file's lines, each read with a bound: a line longer than
+    MAX_LINE comes as None, and the rest of it is read past in pieces."""
+
+    def __init__(self, fh: Readable):
+        self.fh = fh
+        self.count = 0  # lines read whole so far (over-long ones included)
+
+    def __iter__(self) -> Iterator[bytes | None]:
+        while raw := self.fh.readline(MAX_LINE + 1):
+            if len(raw) > MAX_LINE and not raw.endswith(b"\n"):
+                while (rest := self.fh.readline(_SKIP_CHUNK)) and not rest.endswith(b"\n"):
+                    pass
+                self.count += 1
+                yield None
+                continue
+            self.count += 1
+            yield raw
 
 
 def _read_lines(
-    path: str, lines: Iterable[bytes], report: ReplayReport, last: list[float]
+    path: str, lines: Iterable[bytes | None], report: ReplayReport, last: list[float]
 ) -> Iterator[tuple[ev.Event, float | None]]:
     for number, raw in enumerate(lines, 1):
         report.lines += 1
+        if raw is None:
+            report.corrupt.append(Corrupt(path, number, f"line too long (over {MAX_LINE} bytes; events are under 1 KB)"))
+            continue
         if not raw.strip():
             continue
         try:
@@ -469,12 +520,16 @@ def replay(
     settings: Any,
     *,
     config: str | None = None,
+    environment: Sequence[str] = (),
     seed: int = 0,
     keep_decisions: bool = False,
 ) -> ReplayReport:
-    """Replay the events in `paths` (oldest first) with `settings` (proxy.config.Settings)."""
+    """Replay the events in `paths` (oldest first) with `settings` (proxy.config.Settings),
+    read from `config` and the `environment` variables named (for the report)."""
     engine = Engine(settings.detection, settings.policy, settings.breakers, seed=seed)
-    report = ReplayReport(list(paths), config, settings.policy.mode, keep_decisions=keep_decisions)
+    report = ReplayReport(
+        list(paths), config, settings.policy.mode, list(environment), keep_decisions=keep_decisions
+    )
     return Replayer(engine, report).run(read_events(paths, report))
 
 
@@ -509,10 +564,10 @@ def print_report(report: ReplayReport, out: IO[str] | None = None) -> None:
         f"replayed {report.events} events ({report.skipped_rejected} recorded refusals skipped) "
         f"from {', '.join(report.files)} — {span:.1f}s of traffic"
         + (f" from {start}" if start else "")
-        + f", {len(report.clients)} clients, config {report.config or '(defaults)'}, mode {report.mode}"
+        + f", {len(report.clients)} clients, config {report.config_label}, mode {report.mode}"
     )
     for c in report.corrupt:
-        say(f"{c.file}:{c.line}: skipped: {c.error}")
+        say(str(c))
     for warning in report.warnings:
         say(f"warning: {warning}")
     if report.dropped_outcomes or report.assumed_outcomes or report.unknown_outcomes:
@@ -551,6 +606,25 @@ def print_report(report: ReplayReport, out: IO[str] | None = None) -> None:
         say(f"breaker {b.name}: {b.from_state} → {b.to_state} at +{report.at(b.t):.2f}s")
 
 
+# The sections the replayed engine reads: a variable for any other changes nothing here.
+ENGINE_SECTIONS = ("detection", "policy", "breakers")
+
+
+def engine_variables(env: Mapping[str, str]) -> list[str]:
+    """The LOOPWATCH_* variables that change the replay's configuration, as
+    load_settings applies them (environment over file): named in the report,
+    since inside loopwatch's container they would otherwise change a candidate
+    config in silence."""
+    from ..app.settings import ENV_PREFIX, ENV_SEPARATOR, ignored_service_links
+
+    links = set(ignored_service_links(env))
+    return sorted(
+        name for name in env
+        if name.startswith(ENV_PREFIX) and name not in links
+        and name[len(ENV_PREFIX):].lower().split(ENV_SEPARATOR)[0] in ENGINE_SECTIONS
+    )
+
+
 def replay_main(paths: Sequence[str], config: str | None, as_json: bool, seed: int = 0) -> int:
     """`loopwatch replay`: 0 (bad lines are reported, not fatal); 2 when a file or the config cannot be read."""
     from ..app.settings import ConfigError, load_settings
@@ -560,12 +634,13 @@ def replay_main(paths: Sequence[str], config: str | None, as_json: bool, seed: i
     except ConfigError as e:
         print(f"loopwatch replay: invalid configuration:\n{e}", file=sys.stderr)
         return 2
+    environment = engine_variables(os.environ)
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         print(f"loopwatch replay: no such file: {', '.join(missing)}", file=sys.stderr)
         return 2
     try:
-        report = replay(paths, settings, config=config, seed=seed)
+        report = replay(paths, settings, config=config, environment=environment, seed=seed)
     except OSError as e:
         print(f"loopwatch replay: cannot read: {e}", file=sys.stderr)
         return 2
@@ -575,5 +650,5 @@ def replay_main(paths: Sequence[str], config: str | None, as_json: bool, seed: i
     else:
         print_report(report)
     for c in report.corrupt:  # on stderr too, so a --json consumer still hears of them
-        print(f"loopwatch replay: {c.file}:{c.line}: skipped: {c.error}", file=sys.stderr)
+        print(f"loopwatch replay: {c}", file=sys.stderr)
     return 0

@@ -1013,6 +1013,12 @@ class SimulateOptions:
     json: bool = False
     check: bool = False
     ready_after: float = 2.5
+    # The admin API's token (None: none sent), and where it came from, for the
+    # 401 message; `loopwatch simulate` resolves it as the operator commands do
+    # (--token-file, LOOPWATCH_ADMIN__TOKEN, admin.token of $LOOPWATCH_CONFIG).
+    admin_token: str | None = None
+    admin_token_source: str | None = None
+    token_file: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)  # in-process loopwatch settings
 
     def validate(self) -> None:
@@ -1030,6 +1036,18 @@ class SimulateOptions:
             check_target(self.url, self.allow_remote)
             if self.config is not None:
                 raise ValueError("--config applies to the loopwatch simulate starts itself; drop it with --url")
+        if self.admin is not None:
+            from ..admin.client import OperatorError, check_admin_url
+
+            try:
+                check_admin_url(self.admin)
+            except OperatorError as e:
+                raise ValueError(f"--{e.message}") from None  # "--admin URL: expected …"
+        if self.token_file is not None and (self.url is None or self.admin is None):
+            raise ValueError(
+                "--token-file: the admin token goes with --url and --admin (a loopwatch simulate "
+                "starts itself needs none)"
+            )
 
     @property
     def effective_duration(self) -> float:
@@ -1045,10 +1063,30 @@ class SimulateReport:
     groups: list[GroupOutcome]
     tallies: list[Tally]
     findings: list[dict[str, Any]]
+    flags_unknown: str | None = None  # why nobody could say which clients were flagged
 
     @property
     def attempts(self) -> int:
         return sum(g.attempts for g in self.groups)
+
+    @property
+    def reached(self) -> int:
+        """Attempts that got any answer from the target: all but failed connections."""
+        return sum(g.attempts - g.failed["connect"] for g in self.groups)
+
+    def check_failures(self) -> list[str]:
+        """Why `--check` fails: outcomes not as expected, and outcomes nobody could
+        verify — a check that could not be made never passes."""
+        failures = []
+        if not self.reached:
+            failures.append("no attempt reached the target")
+        wrong = [g.behaviour for g in self.groups if g.as_expected is False]
+        if wrong:
+            failures.append(f"not as expected: {', '.join(wrong)}")
+        unknown = [g.behaviour for g in self.groups if g.as_expected is None]
+        if unknown:
+            failures.append(f"not verified (flags unknown): {', '.join(unknown)}")
+        return failures
 
     def group(self, behaviour: str) -> GroupOutcome:
         return next(g for g in self.groups if g.behaviour == behaviour)
@@ -1068,6 +1106,7 @@ class SimulateReport:
             "behaviours": [g.to_dict() for g in self.groups],
             "clients": [t.to_dict() for t in self.tallies],
             "findings": self.findings,
+            "flags_unknown": self.flags_unknown,
         }
 
 
@@ -1209,12 +1248,7 @@ async def simulate(options: SimulateOptions, out: Any = None, live: bool | None 
         elapsed = time.monotonic() - run.started
         if run.budget.used >= run.budget.limit:
             say(f"stopped early: the attempt budget ({run.budget.limit}) is spent")
-        final = await _final_flags(stack, options.admin)
-        mode: str | None = None
-        if stack is not None:
-            mode = stack.running.settings.policy.mode
-        elif options.admin:
-            mode = await _admin_mode(options.admin)
+        final, mode, flags_unknown = await _final_flags(stack, options)
         groups = summarize(run, final, stack.backend.upgrades if stack else None, mode != "observe")
         findings = []
         if stack is not None:
@@ -1222,7 +1256,9 @@ async def simulate(options: SimulateOptions, out: Any = None, live: bool | None 
                 {"t": round(t - run.started, 3), "client": f.key, "rule": f.rule, "severity": f.severity}
                 for t, f in stack.log.raised
             ]
-        report = SimulateReport(options.scenario, url, stack is not None, elapsed, groups, run.tallies, findings)
+        report = SimulateReport(
+            options.scenario, url, stack is not None, elapsed, groups, run.tallies, findings, flags_unknown
+        )
     finally:
         if stack is not None:
             await stack.close()
@@ -1233,45 +1269,96 @@ async def simulate(options: SimulateOptions, out: Any = None, live: bool | None 
     return report
 
 
-async def _final_flags(stack: Stack | None, admin: str | None) -> Callable[[str], set[str] | None]:
+async def _final_flags(
+    stack: Stack | None, options: SimulateOptions
+) -> tuple[Callable[[str], set[str] | None], str | None, str | None]:
+    """Which rules flagged each client (None: unknown), loopwatch's policy.mode,
+    and why the flags are unknown when they are."""
     if stack is not None:
-        return stack.log.rules_for
-    standing = await _admin_findings(admin) if admin is not None else None
-    if standing is None:
-        return lambda name: None  # no way to know: the report says so
-    return lambda name: standing.get(name, set())
-
-
-async def _admin_get(admin: str, path: str, params: Mapping[str, str] | None = None) -> Any:
-    """A JSON answer from a running loopwatch's admin API; None when it cannot be had."""
-    import aiohttp
-
+        return stack.log.rules_for, stack.running.settings.policy.mode, None
+    if options.admin is None:
+        return _unknown, None, "no --admin given, so nobody was asked which clients loopwatch flagged"
+    admin = RemoteAdmin(options.admin, options.admin_token, options.admin_token_source)
     try:
-        timeout = aiohttp.ClientTimeout(total=5)
-        url = f"{admin.rstrip('/')}{path}"
-        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url, params=params) as resp:
-            return await resp.json() if resp.status == 200 else None
-    except (aiohttp.ClientError, TimeoutError, ValueError):
-        return None
+        mode = await admin.mode()
+        standing = await admin.findings()
+    except AdminUnavailable as e:
+        return _unknown, None, f"could not ask the admin API at {options.admin} which clients were flagged: {e}"
+    return (lambda name: standing.get(name, set())), mode, None
 
 
-async def _admin_mode(admin: str) -> str | None:
-    config = await _admin_get(admin, "/api/config")
-    policy = config.get("policy") if isinstance(config, dict) else None
-    return policy.get("mode") if isinstance(policy, dict) else None
+def _unknown(name: str) -> set[str] | None:
+    return None
 
 
-async def _admin_findings(admin: str) -> dict[str, set[str]] | None:
-    """Standing findings by client name, from a running loopwatch's admin API."""
-    data = await _admin_get(admin, "/api/clients", {"limit": "500"})
-    clients = data.get("clients") if isinstance(data, dict) else None
-    if not isinstance(clients, list):
-        return None
-    out: dict[str, set[str]] = {}
-    for client in clients:
-        name = key_name(str(client.get("key", "")))
-        out.setdefault(name, set()).update(f.get("rule", "?") for f in client.get("findings", []))
-    return out
+class AdminUnavailable(Exception):
+    """The admin API could not be asked; the message says why."""
+
+
+class RemoteAdmin:
+    """A running loopwatch's admin API, asked once at the end of a run."""
+
+    def __init__(self, url: str, token: str | None = None, token_source: str | None = None):
+        self.url = url.rstrip("/")
+        self.token = token
+        self.token_source = token_source
+
+    async def get(self, path: str, params: Mapping[str, str] | None = None) -> Any:
+        """The JSON answer; AdminUnavailable, saying why, when it cannot be had."""
+        headers = {"Accept": "application/json"}
+        if self.token is not None:
+            headers["Authorization"] = f"Bearer {self.token}"
+        try:
+            timeout = aiohttp.ClientTimeout(total=5)
+            # No proxy from the environment and no redirects: the token goes to this URL only.
+            async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session, session.get(
+                self.url + path, params=params, headers=headers, allow_redirects=False
+            ) as resp:
+                if resp.status == 401:
+                    raise AdminUnavailable(self._unauthorized())
+                if resp.status != 200:
+                    raise AdminUnavailable(f"GET {path} answered {resp.status} {resp.reason or ''}".rstrip())
+                try:
+                    return await resp.json(content_type=None)
+                except ValueError:
+                    raise AdminUnavailable(
+                        f"GET {path} answered 200 but not JSON: is it loopwatch's admin port?"
+                    ) from None
+        except TimeoutError:
+            raise AdminUnavailable("no answer within 5s") from None
+        except aiohttp.ClientConnectorError as e:
+            if isinstance(e.os_error, ConnectionRefusedError):
+                raise AdminUnavailable("connection refused: is this loopwatch's admin.listen address?") from None
+            raise AdminUnavailable(f"cannot connect ({e.os_error.strerror or e.os_error})") from None
+        except aiohttp.ClientError as e:
+            raise AdminUnavailable(f"{type(e).__name__}: {e}") from None
+
+    def _unauthorized(self) -> str:
+        if self.token is None:
+            return "token missing (401): pass --token-file, or set LOOPWATCH_ADMIN__TOKEN"
+        return f"token wrong (401): the token from {self.token_source} is not the admin.token loopwatch runs with"
+
+    async def mode(self) -> str | None:
+        config = await self.get("/api/config")
+        policy = config.get("policy") if isinstance(config, dict) else None
+        mode = policy.get("mode") if isinstance(policy, dict) else None
+        return mode if isinstance(mode, str) else None
+
+    async def findings(self) -> dict[str, set[str]]:
+        """Standing findings by client name."""
+        data = await self.get("/api/clients", {"limit": "500"})
+        clients = data.get("clients") if isinstance(data, dict) else None
+        if not isinstance(clients, list):
+            raise AdminUnavailable("GET /api/clients answered without a list of clients: is it loopwatch's admin port?")
+        out: dict[str, set[str]] = {}
+        for client in clients:
+            if not isinstance(client, dict):
+                raise AdminUnavailable("GET /api/clients answered clients that are not objects: is it loopwatch's?")
+            findings = client.get("findings")
+            rules = out.setdefault(key_name(str(client.get("key", ""))), set())
+            if isinstance(findings, list):
+                rules.update(str(f.get("rule", "?")) for f in findings if isinstance(f, dict))
+        return out
 
 
 def print_summary(report: SimulateReport, out: Any = None) -> None:
@@ -1308,12 +1395,27 @@ def print_summary(report: SimulateReport, out: Any = None) -> None:
         )
 
 
-def simulate_main(options: SimulateOptions) -> int:
-    """`loopwatch simulate`: 0, or 1 with --check when an outcome was unexpected, 2 on bad options."""
+def simulate_main(options: SimulateOptions, env: Mapping[str, str] | None = None) -> int:
+    """`loopwatch simulate`: 0; 1 with --check when an outcome was unexpected or
+    could not be verified, or when no attempt reached the target; 2 on bad
+    options or configuration."""
+    from ..admin.client import OperatorError, resolve_token
+    from ..app.settings import ConfigError
+
+    env = os.environ if env is None else env
     try:
         options.validate()
+        if options.url is not None and options.admin is not None and options.admin_token is None:
+            options.admin_token, options.admin_token_source = resolve_token(
+                options.token_file, env.get("LOOPWATCH_CONFIG"), env
+            )
     except ValueError as e:
         print(f"loopwatch simulate: {e}", file=sys.stderr)
+        return 2
+    except OperatorError as e:  # the token file or the configuration it is read from
+        print(f"loopwatch simulate: {e.message}", file=sys.stderr)
+        for line in e.details:
+            print(f"  {line}", file=sys.stderr)
         return 2
     from ..app.runtime import run_loop
 
@@ -1322,7 +1424,9 @@ def simulate_main(options: SimulateOptions) -> int:
     async def main() -> SimulateReport | None:
         task = asyncio.create_task(simulate(options))
         loop = asyncio.get_running_loop()
-        with contextlib.suppress(NotImplementedError, RuntimeError):
+        # Off the main thread (a test, an embedding) there are no signal handlers:
+        # asyncio says so with RuntimeError, uvloop with ValueError.
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             import signal
 
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -1335,14 +1439,30 @@ def simulate_main(options: SimulateOptions) -> int:
 
     try:
         report = run_loop(main)
+    except ConfigError as e:  # --config: the in-process loopwatch's file
+        print(f"loopwatch simulate: invalid configuration:\n{e}", file=sys.stderr)
+        return 2
     except (OSError, ValueError) as e:
         print(f"loopwatch simulate: {e}", file=sys.stderr)
         return 1
     if report is None:
         return 130
     assert isinstance(report, SimulateReport)
-    if options.check and any(g.as_expected is False for g in report.groups):
-        return 1
+    # Said whether or not --check asks when --admin was given: a run that could
+    # not be judged is worth knowing of.
+    if report.flags_unknown is not None and (options.admin is not None or options.check):
+        print(f"loopwatch simulate: {report.flags_unknown}", file=sys.stderr)
+    if not report.reached:
+        print(
+            f"loopwatch simulate: none of the {report.attempts} attempts reached {report.target}: every "
+            "connection failed (is loopwatch listening there?)",
+            file=sys.stderr,
+        )
+    if options.check:
+        failures = report.check_failures()
+        if failures:
+            print(f"loopwatch simulate: --check failed: {'; '.join(failures)}", file=sys.stderr)
+            return 1
     return 0
 
 
