@@ -226,6 +226,9 @@ async def test_a_release_through_one_replica_is_a_release_on_both(redis_server: 
 
         assert await release(b, key) == 200
         await wait_for(lambda: not in_cooldown(a, key) and not in_cooldown(b, key))
+        # A key this replica never tracked: released everywhere all the same
+        # (another replica may hold its cooldown), so not answered 404.
+        assert await release(b, key_of("seen-by-no-replica")) == 200
         await wait_for(lambda: tracked(a, key).findings == () and tracked(b, key).findings == ())
         assert await rc.exists(f"{prefix}cool:{key}") == 0
         # Both let it through again: the backend answers (1008), not loopwatch (1013).

@@ -41,7 +41,9 @@ class Control(Protocol):
     # --- levers -------------------------------------------------------------------------
 
     def release(self, key: str, now: float) -> bool:
-        """Lift a client's cooldown and flags; False when the client is not tracked."""
+        """Lift a client's cooldown and flags; False when the client is not
+        tracked (with a shared state store, never: the release goes to every
+        replica)."""
         ...
 
     def force_cooldown(self, key: str, duration: float, now: float) -> None: ...

@@ -113,16 +113,19 @@ class Running:
         return holds.count if holds is not None else 0
 
     def release(self, key: str, now: float) -> bool:
+        """Released here, and with a shared store on every replica: true when
+        this replica tracks the client, and always with a shared store, where
+        another replica may hold a cooldown for a client this one never saw (it
+        was answered 404 though the release went out to every replica)."""
         tracked = self.engine.release(key, now)
-        # With a shared store, released on every replica: others may hold a
-        # cooldown for a client this one never saw.
-        self.brain.state_store.release(key)
+        store = self.brain.state_store
+        store.release(key)
         # Its held attempts are answered now (retry in 1 s): the next one is admitted
         # (with the native data plane, once kick() has lifted it in the table).
         if tracked:
             self.brain.kick()  # the outcome reaches observers on the engine's next wake-up
         self.plane.release_held(key)
-        return tracked
+        return tracked or store.backend == "redis"
 
     def force_cooldown(self, key: str, duration: float, now: float) -> None:
         self.engine.force_cooldown(key, duration, now)
