@@ -253,13 +253,16 @@ async def test_check_fails_when_the_admin_api_cannot_be_asked_and_sends_its_toke
         # The admin API answers 401: the flags are unknown, so --check cannot pass.
         code, err = await simulate_cli({}, admin=stack.admin)
         assert code == 1
-        assert f"could not ask the admin API at {stack.admin} which clients were flagged: token missing (401)" in err
+        assert (
+            f"could not ask the admin API at {stack.admin} which clients were flagged: "
+            "token missing or wrong (401): no token was sent" in err
+        )
         assert "--check failed: not verified (flags unknown): auth-loop" in err
 
         wrong = tmp_path / "wrong.tok"
         wrong.write_text("not-the-token\n")
         code, err = await simulate_cli({}, admin=stack.admin, token_file=str(wrong))
-        assert code == 1 and f"token wrong (401): the token from {wrong} is not the admin.token" in err
+        assert code == 1 and f"token missing or wrong (401): the token from {wrong} is not the admin.token" in err
 
         # The token as the operator commands take it: --token-file, the environment, $LOOPWATCH_CONFIG.
         good = tmp_path / "good.tok"

@@ -53,6 +53,7 @@ MAX_DURATION = 600.0
 MAX_CLIENTS = 500
 MAX_RATE = 100.0
 DEFAULT_MAX_ATTEMPTS = 20_000
+ADMIN_TIMEOUT = 5.0  # seconds for each question to the admin API at the end of a run
 
 REFUSAL_PREFIX = "loopwatch:"
 _REFUSAL_RE = re.compile(r"^loopwatch: (?P<reason>.+?)(?:, retry in \d+s)?$")
@@ -1278,10 +1279,8 @@ async def _final_flags(
         return stack.log.rules_for, stack.running.settings.policy.mode, None
     if options.admin is None:
         return _unknown, None, "no --admin given, so nobody was asked which clients loopwatch flagged"
-    admin = RemoteAdmin(options.admin, options.admin_token, options.admin_token_source)
     try:
-        mode = await admin.mode()
-        standing = await admin.findings()
+        mode, standing = await _ask_admin(options.admin, options.admin_token, options.admin_token_source)
     except AdminUnavailable as e:
         return _unknown, None, f"could not ask the admin API at {options.admin} which clients were flagged: {e}"
     return (lambda name: standing.get(name, set())), mode, None
@@ -1295,70 +1294,34 @@ class AdminUnavailable(Exception):
     """The admin API could not be asked; the message says why."""
 
 
-class RemoteAdmin:
-    """A running loopwatch's admin API, asked once at the end of a run."""
+async def _ask_admin(
+    url: str, token: str | None, token_source: str | None
+) -> tuple[str | None, dict[str, set[str]]]:
+    """A running loopwatch's policy.mode and standing findings by client name,
+    asked once at the end of a run with the operator commands' client (its
+    token, no proxy, no redirects, and its messages for what went wrong)."""
+    from ..admin.client import AdminClient, OperatorError, Target, check_admin_url
 
-    def __init__(self, url: str, token: str | None = None, token_source: str | None = None):
-        self.url = url.rstrip("/")
-        self.token = token
-        self.token_source = token_source
-
-    async def get(self, path: str, params: Mapping[str, str] | None = None) -> Any:
-        """The JSON answer; AdminUnavailable, saying why, when it cannot be had."""
-        headers = {"Accept": "application/json"}
-        if self.token is not None:
-            headers["Authorization"] = f"Bearer {self.token}"
-        try:
-            timeout = aiohttp.ClientTimeout(total=5)
-            # No proxy from the environment and no redirects: the token goes to this URL only.
-            async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session, session.get(
-                self.url + path, params=params, headers=headers, allow_redirects=False
-            ) as resp:
-                if resp.status == 401:
-                    raise AdminUnavailable(self._unauthorized())
-                if resp.status != 200:
-                    raise AdminUnavailable(f"GET {path} answered {resp.status} {resp.reason or ''}".rstrip())
-                try:
-                    return await resp.json(content_type=None)
-                except ValueError:
-                    raise AdminUnavailable(
-                        f"GET {path} answered 200 but not JSON: is it loopwatch's admin port?"
-                    ) from None
-        except TimeoutError:
-            raise AdminUnavailable("no answer within 5s") from None
-        except aiohttp.ClientConnectorError as e:
-            if isinstance(e.os_error, ConnectionRefusedError):
-                raise AdminUnavailable("connection refused: is this loopwatch's admin.listen address?") from None
-            raise AdminUnavailable(f"cannot connect ({e.os_error.strerror or e.os_error})") from None
-        except aiohttp.ClientError as e:
-            raise AdminUnavailable(f"{type(e).__name__}: {e}") from None
-
-    def _unauthorized(self) -> str:
-        if self.token is None:
-            return "token missing (401): pass --token-file, or set LOOPWATCH_ADMIN__TOKEN"
-        return f"token wrong (401): the token from {self.token_source} is not the admin.token loopwatch runs with"
-
-    async def mode(self) -> str | None:
-        config = await self.get("/api/config")
-        policy = config.get("policy") if isinstance(config, dict) else None
-        mode = policy.get("mode") if isinstance(policy, dict) else None
-        return mode if isinstance(mode, str) else None
-
-    async def findings(self) -> dict[str, set[str]]:
-        """Standing findings by client name."""
-        data = await self.get("/api/clients", {"limit": "500"})
-        clients = data.get("clients") if isinstance(data, dict) else None
-        if not isinstance(clients, list):
-            raise AdminUnavailable("GET /api/clients answered without a list of clients: is it loopwatch's admin port?")
-        out: dict[str, set[str]] = {}
-        for client in clients:
-            if not isinstance(client, dict):
-                raise AdminUnavailable("GET /api/clients answered clients that are not objects: is it loopwatch's?")
-            findings = client.get("findings")
-            rules = out.setdefault(key_name(str(client.get("key", ""))), set())
-            if isinstance(findings, list):
-                rules.update(str(f.get("rule", "?")) for f in findings if isinstance(f, dict))
-        return out
+    api = AdminClient(Target(check_admin_url(url), token, token_source, ADMIN_TIMEOUT))
+    try:
+        config = await asyncio.to_thread(api.get, "/api/config")
+        data = await asyncio.to_thread(api.get, "/api/clients", {"limit": "500"})
+    except OperatorError as e:
+        raise AdminUnavailable(e.message) from None
+    policy = config.get("policy") if isinstance(config, dict) else None
+    mode = policy.get("mode") if isinstance(policy, dict) else None
+    clients = data.get("clients") if isinstance(data, dict) else None
+    if not isinstance(clients, list):
+        raise AdminUnavailable("GET /api/clients answered without a list of clients: is it loopwatch's admin port?")
+    standing: dict[str, set[str]] = {}
+    for client in clients:
+        if not isinstance(client, dict):
+            raise AdminUnavailable("GET /api/clients answered clients that are not objects: is it loopwatch's?")
+        findings = client.get("findings")
+        rules = standing.setdefault(key_name(str(client.get("key", ""))), set())
+        if isinstance(findings, list):
+            rules.update(str(f.get("rule", "?")) for f in findings if isinstance(f, dict))
+    return (mode if isinstance(mode, str) else None), standing
 
 
 def print_summary(report: SimulateReport, out: Any = None) -> None:
