@@ -553,17 +553,50 @@ async def test_otlp_export_for_real(monkeypatch: pytest.MonkeyPatch) -> None:
     assert span.trace_id.hex() == trace_id and span.span_id.hex() == parent_id
 
 
-def test_run_refuses_an_otel_setting_it_cannot_honour() -> None:
+def test_run_and_check_config_refuse_an_otel_setting_run_cannot_honour(tmp_path: Path) -> None:
+    """check-config passed (exit 0) what run refused, and run said only the
+    first mistake, after its first log line: both now say every one, before
+    anything starts."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOOPWATCH_", "OTEL_"))}
     env["OTEL_TRACES_EXPORTER"] = "otlp"
     env["OTEL_EXPORTER_OTLP_PROTOCOL"] = "grpc"
+    env["OTEL_TRACES_SAMPLER"] = "traceidratio"
+    env["OTEL_TRACES_SAMPLER_ARG"] = "2"
+    expected = [
+        "OTEL_EXPORTER_OTLP_PROTOCOL: loopwatch exports OTLP over http/protobuf only, got 'grpc'",
+        "OTEL_TRACES_SAMPLER_ARG: expected a rate from 0 to 1, got '2'",
+    ]
+    config = tmp_path / "loopwatch.yaml"
+    config.write_text('upstream: "ws://127.0.0.1:9"\nlisten: "127.0.0.1:0"\nadmin: {listen: "127.0.0.1:0"}\n')
     done = subprocess.run(
-        [sys.executable, "-m", "loopwatch", "run", "--upstream", "ws://127.0.0.1:9",
-         "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
+        [sys.executable, "-m", "loopwatch", "run", "--config", str(config)],
         env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 2
-    assert "OTEL_EXPORTER_OTLP_PROTOCOL: loopwatch exports OTLP over http/protobuf only, got 'grpc'" in done.stderr
+    assert done.stdout == ""
+    assert done.stderr.splitlines() == ["loopwatch: invalid configuration:", *expected]
+    checked = subprocess.run(
+        [sys.executable, "-m", "loopwatch", "check-config", str(config)],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert (checked.returncode, checked.stdout, checked.stderr.splitlines()) == (2, "", expected)
+    # An exporter it does not know is said with the sampler's mistake; with
+    # OTEL_SDK_DISABLED nothing is read.
+    env["OTEL_TRACES_EXPORTER"] = "zipkin"
+    checked = subprocess.run(
+        [sys.executable, "-m", "loopwatch", "check-config", str(config)],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert checked.stderr.splitlines() == [
+        "OTEL_TRACES_EXPORTER: expected none, console or otlp (comma-separated), got 'zipkin'",
+        expected[1],
+    ]
+    env["OTEL_SDK_DISABLED"] = "true"
+    checked = subprocess.run(
+        [sys.executable, "-m", "loopwatch", "check-config", str(config)],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stderr
 
 
 class PathSampler(Sampler):

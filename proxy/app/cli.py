@@ -157,6 +157,7 @@ def check_config_main(path: str) -> int:
     """`loopwatch check-config FILE`: every error to stderr and 2, or the
     effective config and 0. The files it names (certificates, keys, the CA
     bundle) are read as `run` reads them."""
+    from ..observe.tracing import tracing_env_errors
     from .planes import settings_errors, settings_warnings
 
     try:
@@ -165,6 +166,7 @@ def check_config_main(path: str) -> int:
         errors = exc.errors
     else:
         errors = settings_errors(settings)
+    errors = [*errors, *tracing_env_errors(os.environ)]
     if errors:
         for line in errors:
             print(line, file=sys.stderr)
@@ -193,16 +195,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         }.items()
         if value is not None
     }
+    from ..observe.tracing import tracing_env_errors
     from .planes import settings_errors, settings_warnings
 
     try:
         settings = load_settings(args.config, env=os.environ, overrides=overrides)
         settings.require_upstream()
-        errors = settings_errors(settings)  # every one, as check-config says them
-        if errors:
-            raise ConfigError(errors)
+        errors = settings_errors(settings)
     except ConfigError as e:
-        print(f"loopwatch: invalid configuration:\n{e}", file=sys.stderr)
+        errors = e.errors
+    errors = [*errors, *tracing_env_errors(os.environ)]  # every one, as check-config says them
+    if errors:
+        print(f"loopwatch: invalid configuration:\n{ConfigError(errors)}", file=sys.stderr)
         return 2
     setup_logging(settings.logging.level, settings.logging.format)
     import logging

@@ -106,6 +106,24 @@ def make_tracing(exporters: list[SpanExporter], *, batch: bool = True) -> SpanSi
     return SpanSink(exporters, readable_span, batch=batch)
 
 
+def tracing_env_errors(env: Mapping[str, str]) -> list[str]:
+    """Every OTEL_* value `tracing_from_env` would refuse, so that check-config
+    reports them and `run` refuses them with the settings' errors, before it starts."""
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return []
+    errors: list[str] = []
+    try:
+        if not exporter_names(env):
+            return []
+    except TracingConfigError as e:
+        errors.append(str(e))
+    try:
+        sampling_from_env(env)
+    except TracingConfigError as e:
+        errors.append(str(e))
+    return errors
+
+
 def tracing_from_env(env: Mapping[str, str] | None = None) -> ProcessSpanSink | None:
     """The pipeline the OTEL_* variables describe (exported from a child process,
     proxy/observe/span_export.py), or None when traces are off."""
@@ -540,6 +558,7 @@ __all__ = [
     "Sink",
     "SpanSink",
     "TracingConfigError",
+    "tracing_env_errors",
     "TracingObserver",
     "client_hash",
     "exporters_from_env",
