@@ -34,6 +34,9 @@ class CooldownStarted:
 class CooldownEnded:
     key: str
     t: float
+    # Forgotten while it still ran: the store was full and every client it
+    # looked at held something (detectors/state.py, MemoryStore.EVICTION_SCAN).
+    evicted: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return _as_dict(self, "cooldown_ended")

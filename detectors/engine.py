@@ -645,7 +645,7 @@ class Engine:
                 self._flagged[rule] -= 1
             state.flags = None
         if state.cool_rule is not None and state.cool_until > t:
-            self._actions.append(CooldownEnded(state.key, t))
+            self._actions.append(CooldownEnded(state.key, t, evicted=True))
         state.cool_rule = None
         for breaker in self._breakers:
             self._release_probe(state, breaker)

@@ -268,10 +268,13 @@ class MemoryStore:
     """An in-process store: an OrderedDict in least-recently-used order."""
 
     # How many of the least recently used clients a full store looks at to find
-    # one that is not pinned before evicting the oldest anyway (approximate LRU,
-    # as Redis does): a flood of new keys should push out idle clients before a
-    # client in cooldown, but memory stays bounded no matter what.
-    EVICTION_SAMPLE = 4
+    # one that is not pinned, per eviction, before evicting the oldest anyway: a
+    # flood of new keys should push out idle clients before a client in
+    # cooldown, but memory and the work per new key stay bounded no matter what.
+    # A pinned client looked at goes to the back, its TTL restarted (as a sweep
+    # does): looking only at the oldest few in place, a handful of cooldowns at
+    # the front were evicted by the flood while idle clients stayed.
+    EVICTION_SCAN = 32
 
     def __init__(self, max_clients: int, ttl: float) -> None:
         self.max_clients = max_clients
@@ -341,12 +344,12 @@ class MemoryStore:
         while len(clients) > size:
             victim = None
             if t is not None:
-                for i, state in enumerate(clients.values()):
-                    if i >= self.EVICTION_SAMPLE:
-                        break
+                for _ in range(min(self.EVICTION_SCAN, len(clients))):
+                    state = next(iter(clients.values()))
                     if not state.pinned(t):
                         victim = state
                         break
+                    self.touch(state, t)  # a second chance, at the back
             if victim is None:
                 victim = next(iter(clients.values()))
             del clients[victim.key]

@@ -78,7 +78,10 @@ class EventLogObserver(Observer):
                 )
                 event(log, "enforcement", WARNING, **fields)
             elif isinstance(a, CooldownEnded):
-                event(log, "enforcement", INFO, client=a.key, action="cooldown_ended")
+                if a.evicted:  # a cooldown lost, not run out: the operator should see it
+                    event(log, "enforcement", WARNING, client=a.key, action="cooldown_ended", evicted=True)
+                else:
+                    event(log, "enforcement", INFO, client=a.key, action="cooldown_ended")
             elif isinstance(a, CloseConnection):
                 target = self.view.connection(a.conn_id) if self.view is not None else None
                 fields = {"client": a.key, "action": "close_connection", "conn_id": a.conn_id,

@@ -214,6 +214,32 @@ def test_a_client_in_cooldown_memory_outlives_the_ttl_so_repeats_still_escalate(
     assert view is not None and view.cooldown_repeat == 1
 
 
+def test_a_full_store_keeps_cooldowns_and_says_when_it_cannot() -> None:
+    """A wave of new keys pushes out idle clients, not the ones in cooldown; a
+    cooldown lost because every client held one is said so (evicted), not
+    passed off as one that ran out."""
+    e = engine(DetectionSettings(max_clients=10))
+    for i in range(3):
+        e.force_cooldown(f"cool{i}", 600.0, 0.0)
+    for i in range(7):
+        e.admit(Attempt(f"idle{i}", "/ws", 1.0))
+    for i in range(20):
+        e.admit(Attempt(f"new{i}", "/ws", 2.0 + i * 0.01))
+    out = e.wake(3.0)
+    assert not any(isinstance(a, CooldownEnded) for a in out.actions)
+    for i in range(3):
+        assert not e.admit(Attempt(f"cool{i}", "/ws", 3.0)).admitted
+    # Every client in cooldown: the next new key costs one of them, said so.
+    e = engine(DetectionSettings(max_clients=10))
+    for i in range(10):
+        e.force_cooldown(f"ban{i}", 600.0, 0.0)
+    assert not any(isinstance(a, CooldownEnded) for a in e.wake(0.0).actions)
+    answer = e.admit(Attempt("one-more", "/ws", 1.0))
+    assert answer.admitted
+    ended = [a for a in answer.outcome.actions if isinstance(a, CooldownEnded)]
+    assert [(a.key, a.evicted) for a in ended] == [("ban0", True)]
+
+
 def test_next_wake_is_none_when_nothing_is_pending() -> None:
     assert engine().next_wake is None
 

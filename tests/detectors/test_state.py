@@ -173,3 +173,40 @@ def test_the_close_code_histogram_keeps_sixteen_codes_and_counts_the_rest_as_oth
     assert kept == [str(4000 + n) for n in range(MAX_CODES - 2)]  # in order of arrival
     assert histogram["other"] == 5  # the codes beyond the sixteen
     assert len(histogram) == MAX_CODES + 1 and sum(histogram.values()) == len(codes)
+
+
+def test_a_flood_of_new_keys_pushes_out_idle_clients_before_cooldowns() -> None:
+    """Six clients in cooldown at the front of a full store, then a wave of new
+    keys: looking at the oldest four in place, the flood evicted cooldowns (and
+    the clients were let in again) while idle clients stayed."""
+    store = MemoryStore(max_clients=50, ttl=600.0)
+    _fill(store, [f"cool{i}" for i in range(6)], 0.0)
+    for i in range(6):
+        store.get(f"cool{i}").cool_until = 600.0  # type: ignore[union-attr]
+    _fill(store, [f"idle{i}" for i in range(44)], 1.0)
+    evicted = _fill(store, [f"new{i}" for i in range(60)], 2.0)
+    assert len(evicted) == 60 and not any(s.key.startswith("cool") for s in evicted)
+    assert all(store.get(f"cool{i}") is not None for i in range(6))
+    assert len(store) == 50
+    # Once their cooldowns are over they are ordinary clients again.
+    evicted = _fill(store, [f"later{i}" for i in range(50)], 700.0)
+    assert sum(s.key.startswith("cool") for s in evicted) == 6
+
+
+def test_the_work_per_eviction_is_bounded_when_every_client_is_pinned() -> None:
+    store = MemoryStore(max_clients=1000, ttl=600.0)
+    _fill(store, [str(i) for i in range(1000)], 0.0)
+    for state in store:
+        state.cool_until = 600.0
+    touched = 0
+    original = store.touch
+
+    def counting(state: ClientState, t: float) -> None:
+        nonlocal touched
+        touched += 1
+        original(state, t)
+
+    store.touch = counting  # type: ignore[method-assign]
+    evicted = _fill(store, ["new"], 1.0)
+    assert len(evicted) == 1 and len(store) == 1000
+    assert touched == MemoryStore.EVICTION_SCAN
