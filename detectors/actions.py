@@ -61,6 +61,12 @@ class BreakerTransition:
     t: float
     from_state: str
     to_state: str
+    # When it opens, what made it (None otherwise): `cause` is failure_ratio (the
+    # window's calls and failures reached the ratio), probe_failed or
+    # probe_timeout (the probes let through, and those that failed or got no outcome).
+    cause: str | None = None
+    calls: int | None = None
+    failures: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return _as_dict(self, "breaker_transition")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+from dataclasses import replace
 from enum import StrEnum
 
 from .actions import BreakerTransition
@@ -53,6 +54,14 @@ def party(addr: str, key: str) -> str:
     if ip.ipv4_mapped is not None:
         return str(ip.ipv4_mapped)
     return str(ipaddress.IPv6Network((ip, 64), strict=False).network_address)
+
+
+class TripCause(StrEnum):
+    """What opened a breaker (``BreakerTransition.cause``)."""
+
+    FAILURE_RATIO = "failure_ratio"  # closed: the window's failures reached the ratio
+    PROBE_FAILED = "probe_failed"  # half-open: a probe failed
+    PROBE_TIMEOUT = "probe_timeout"  # half-open: probes had no outcome in time
 
 
 class BreakerState(StrEnum):
@@ -104,6 +113,7 @@ class CircuitBreaker:
         "probe_deadline",
         "failed_probers",
         "transitions_total",
+        "last_trip",
     )
 
     def __init__(self, name: str, settings: CircuitBreakerSettings) -> None:
@@ -121,6 +131,9 @@ class CircuitBreaker:
         self.probe_deadline = math.inf
         self.failed_probers: set[str] = set()  # since the breaker last closed
         self.transitions_total: dict[str, int] = {s.value: 0 for s in BreakerState}
+        # The last time it opened, with what made it: the window is cleared when
+        # it opens, and an operator looking at an open breaker asks why.
+        self.last_trip: BreakerTransition | None = None
 
     # --- configuration -------------------------------------------------------
 
@@ -185,7 +198,7 @@ class CircuitBreaker:
                 return _NO_TRANSITIONS
             return (self._move(HALF_OPEN, t),)
         if self.probes_in_flight and t >= self.probe_deadline:
-            return (self._trip(t),)
+            return (self._trip(t, TripCause.PROBE_TIMEOUT, self.probes_permitted, self.probes_in_flight),)
         return _NO_TRANSITIONS
 
     @property
@@ -247,30 +260,31 @@ class CircuitBreaker:
                 return _NO_TRANSITIONS
             window.add(t, _FAILURES)
             calls = window.total(t, _CALLS) + pending
-            if calls >= self.settings.min_calls and (
-                window.total(t, _FAILURES) / calls >= self.settings.failure_ratio
-            ):
-                return (self._trip(t),)
+            failures = window.total(t, _FAILURES)
+            if calls >= self.settings.min_calls and failures / calls >= self.settings.failure_ratio:
+                return (self._trip(t, TripCause.FAILURE_RATIO, calls, failures),)
             return _NO_TRANSITIONS
         if state is HALF_OPEN and probe and self.probes_in_flight:
             self.probes_in_flight -= 1
             if not success:
                 if who is not None and len(self.failed_probers) < MAX_FAILED_PROBERS:
                     self.failed_probers.add(who)
-                return (self._trip(t),)
+                return (self._trip(t, TripCause.PROBE_FAILED, self.probes_permitted, 1),)
             self.probes_succeeded += 1
             if self.probes_succeeded >= self.settings.half_open_probes:
                 # trips is kept: tripping again within a window of closing escalates on.
                 return (self._move(CLOSED, t),)
         return _NO_TRANSITIONS
 
-    def _trip(self, t: float) -> BreakerTransition:
+    def _trip(self, t: float, cause: TripCause, calls: int, failures: int) -> BreakerTransition:
         # Re-opening soon after closing is the same trouble continuing: escalate.
         if self.state is HALF_OPEN or t - self.closed_at < self.settings.window:
             self.trips += 1
         else:
             self.trips = 1
-        return self._move(OPEN, t)
+        trip = replace(self._move(OPEN, t), cause=cause.value, calls=calls, failures=failures)
+        self.last_trip = trip
+        return trip
 
     # --- views ---------------------------------------------------------------
 
@@ -292,4 +306,6 @@ class CircuitBreaker:
             probes_permitted=self.probes_permitted,
             probes_succeeded=self.probes_succeeded,
             transitions_total=dict(self.transitions_total),
+            last_trip=self.last_trip,
+            t=t,
         )

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .actions import BreakerTransition
 from .history import HistoryEntry
 
 
@@ -87,8 +88,11 @@ class BreakerView:
     probes_permitted: int
     probes_succeeded: int
     transitions_total: Mapping[str, int]  # by target state
+    last_trip: BreakerTransition | None  # the last time it opened, and why
+    t: float  # when this view was taken (for the trip's age)
 
     def to_dict(self) -> dict[str, Any]:
+        trip = self.last_trip
         return {
             "name": self.name,
             "enabled": self.enabled,
@@ -102,6 +106,9 @@ class BreakerView:
             "probes_permitted": self.probes_permitted,
             "probes_succeeded": self.probes_succeeded,
             "transitions_total": dict(self.transitions_total),
+            "last_trip": None
+            if trip is None
+            else {"cause": trip.cause, "calls": trip.calls, "failures": trip.failures, "ago": self.t - trip.t},
         }
 
 

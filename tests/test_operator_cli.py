@@ -156,13 +156,36 @@ async def test_an_empty_table_says_so() -> None:
         assert (result.code, result.out) == (ExitCode.OK, "no tracked clients\n")
 
 
+async def test_an_open_breaker_says_what_opened_it() -> None:
+    """Its window is cleared as it opens: the table showed an open breaker with
+    0 calls and 0 failures. The last trip's counts are kept and shown."""
+    from tests.test_detection_proxy import QUICK_UPSTREAM_BREAKER, open_upstream_breaker
+
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    with contextlib.closing(port):  # bound, never listening: every upgrade fails upstream
+        async with loopwatch(
+            f"ws://127.0.0.1:{port.getsockname()[1]}",
+            **{**QUICK_UPSTREAM_BREAKER, "breakers.upstream.open_wait": "30s", "admin.token": TOKEN},
+        ) as lw:
+            await open_upstream_breaker(lw)
+            cells = row((await op(lw, "breakers")).out, "upstream")
+            assert cells[1] == "open" and cells[3:5] == ["0", "0"]
+            assert cells[-1].startswith("3/3 failed, ") and cells[-1].endswith(" ago"), cells
+            [upstream] = [b for b in json.loads((await op(lw, "breakers", "--json")).out)["breakers"]
+                          if b["name"] == "upstream"]  # fmt: skip
+            trip = upstream["last_trip"]
+            assert (trip["cause"], trip["calls"], trip["failures"]) == ("failure_ratio", 3, 3)
+            assert 0 <= trip["ago"] < 30
+
+
 async def test_breakers_and_breaker_reset() -> None:
     async with live() as (_, lw):
         result = await op(lw, "breakers")
         assert result.code == ExitCode.OK, result.err
         for name in ("upstream", "auth"):
             cells = row(result.out, name)
-            assert cells[1:3] == ["closed", "yes"] and cells[-1] == "0/0"
+            assert cells[1:3] == ["closed", "yes"] and cells[-2:] == ["0/0", "-"]
         data = json.loads((await op(lw, "breakers", "--json")).out)
         assert sorted(b["name"] for b in data["breakers"]) == ["auth", "upstream"]
         assert all(b["state"] == "closed" for b in data["breakers"])

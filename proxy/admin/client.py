@@ -506,15 +506,25 @@ def cmd_breakers(api: AdminClient, args: argparse.Namespace, o: Output) -> ExitC
         return ExitCode.OK
     table = _table(("breaker", ""), ("state", ""), ("enabled", ""), ("calls", "r"), ("failures", "r"),
                    ("failure ratio", "r"), ("retry in", "r"), ("open wait", "r"), ("trips", "r"),
-                   ("probes ok/allowed", "r"))
+                   ("probes ok/allowed", "r"), ("last opened", ""))
     for b in data.get("breakers", []):
         table.add_row(
             b["name"], b["state"], "yes" if b["enabled"] else "no", str(b["calls"]), str(b["failures"]),
             f"{b['failure_ratio']:.2f}", _duration(b["retry_after"]) if b["retry_after"] else "-",
             _duration(b["open_wait"]), str(b["trips"]), f"{b['probes_succeeded']}/{b['probes_permitted']}",
+            _last_trip(b.get("last_trip")),
         )
     o.table(table)
     return ExitCode.OK
+
+
+def _last_trip(trip: dict[str, Any] | None) -> str:
+    """What opened a breaker last: `5/8 failed, 40s ago`, `probe failed, 3s ago`."""
+    if not trip:
+        return "-"
+    what = {"failure_ratio": f"{trip['failures']}/{trip['calls']} failed", "probe_failed": "probe failed",
+            "probe_timeout": "probe timed out"}.get(trip["cause"], str(trip["cause"]))  # fmt: skip
+    return f"{what}, {_duration(trip['ago'])} ago"
 
 
 def cmd_breaker_reset(api: AdminClient, args: argparse.Namespace, o: Output) -> ExitCode:

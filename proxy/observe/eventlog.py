@@ -91,7 +91,9 @@ class EventLogObserver(Observer):
                 event(log, "enforcement", WARNING, **fields)
             elif isinstance(a, BreakerTransition):
                 level = WARNING if a.to_state == "open" else INFO
-                event(log, "breaker_transition", level, breaker=a.name, **{"from": a.from_state, "to": a.to_state})
+                why = {} if a.cause is None else {"cause": a.cause, "calls": a.calls, "failures": a.failures}
+                event(log, "breaker_transition", level, breaker=a.name,
+                      **{"from": a.from_state, "to": a.to_state}, **why)  # fmt: skip
             # WouldReject is per attempt: counted (loopwatch_would_reject_total) and
             # in the access line, not a line of its own; the observe-mode cooldown
             # behind it is logged once, as an enforcement with enforced=false.

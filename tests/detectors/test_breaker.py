@@ -265,3 +265,33 @@ def test_view_reports_counts_and_state() -> None:
     v = b.view(3.0)
     assert v.state == "open" and v.retry_after == pytest.approx(4.0)
     assert v.to_dict()["transitions_total"] == {"closed": 0, "open": 1, "half_open": 0}
+
+
+def test_an_open_breaker_says_what_opened_it() -> None:
+    """The window is cleared when the breaker opens, so its view showed 0 calls
+    and 0 failures: the trip keeps the counts that made it, and why."""
+    b = breaker()
+    assert b.view(0.0).to_dict()["last_trip"] is None
+    b.record(0.0, success=True)
+    b.record(0.0, success=True)
+    b.record(0.5, success=False)
+    (opened,) = b.record(1.0, success=False)
+    assert (opened.cause, opened.calls, opened.failures) == ("failure_ratio", 4, 2)
+    view = b.view(3.0).to_dict()
+    assert (view["state"], view["calls"], view["failures"]) == ("open", 0, 0)
+    assert view["last_trip"] == {"cause": "failure_ratio", "calls": 4, "failures": 2, "ago": 2.0}
+    t = to_half_open(b)
+    probe(b, t)
+    probe(b, t)
+    (reopened,) = b.record(t + 0.1, success=False, probe=True)
+    assert (reopened.cause, reopened.calls, reopened.failures) == ("probe_failed", 2, 1)
+    t = to_half_open(b)
+    probe(b, t)
+    (timed_out,) = b.advance(t + S.probe_timeout)
+    assert (timed_out.cause, timed_out.calls, timed_out.failures) == ("probe_timeout", 1, 1)
+    # Only an opening says why; the other moves carry nothing.
+    (half_open,) = b.advance(b.open_until)
+    assert half_open.cause is None and half_open.calls is None
+    # A reset keeps the last trip for the record.
+    b.reset(b.open_until + 1)
+    assert b.view(b.open_until + 1).to_dict()["last_trip"]["cause"] == "probe_timeout"
