@@ -617,7 +617,7 @@ def early_refusals() -> timeseries.Panel:
         "Requests refused before detection, by reason",
         "Requests loopwatch answered itself before the detection engine saw them, per second, "
         "stacked by reason: bad_request (400: not valid HTTP/1.1, smuggling shapes), "
-        "head_too_large (431), head_timeout and body_timeout (408: a head or body too slow, "
+        "head_too_large (431, or 414 for a long URL), head_timeout and body_timeout (408: a head or body too slow, "
         "slowloris), upstream_timeout (504) and response_timeout (a stalled plain response), "
         "version (505), upgrade_required (426), upgrade_with_body (400), not_implemented (501: a "
         "transfer coding besides chunked), no_route (404), "

@@ -277,6 +277,22 @@ async def test_head_over_max_head_size_is_431():
         assert s.recorder.connections == 0
 
 
+async def test_request_line_over_max_head_size_is_414():
+    # A URL longer than the limit: 414 URI Too Long, as nginx answers it, and
+    # counted with the other heads over the limit.
+    async with under_attack() as s:
+        target = b"/ws?q=" + b"a" * (16 * 1024)
+        response, after = await raw_exchange(
+            s.lw.proxy_port, b"GET " + target + b" HTTP/1.1\r\n" + BASE + UPGRADE + b"\r\n"
+        )
+        assert response.status == 414
+        assert response.body == b"request line too long\n"
+        one_line(response)
+        assert after == b""
+        assert (await rejected(s.lw)).get("head_too_large") == 1
+        assert s.recorder.connections == 0
+
+
 async def test_head_at_max_head_size_is_accepted():
     async with under_attack() as s:
         reader, writer = await asyncio.open_connection("127.0.0.1", s.lw.proxy_port)

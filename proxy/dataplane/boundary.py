@@ -28,7 +28,7 @@ log = logging.getLogger("loopwatch.server")
 # fixed set (docs/metrics.md, docs/relay.md).
 RejectedReason = Literal[
     "bad_request",  # 400: a malformed or invalid request head
-    "head_too_large",  # 431: beyond limits.max_head_size
+    "head_too_large",  # 431 (414: the request line alone) beyond limits.max_head_size
     "head_timeout",  # 408: the head not complete within limits.handshake_timeout
     "body_timeout",  # 408: a plain request's body stalled for limits.body_timeout
     "upstream_timeout",  # 504: a plain request's upstream did not answer in time

@@ -31,7 +31,8 @@
 //! * empty lines before the request line (any mix of CR and LF, as llhttp
 //!   skips them; RFC 9112 §2.2) are allowed, but the head, those lines
 //!   included, is at most [`HeadLimits::max_head_size`] bytes up to the blank
-//!   line that ends it, looked for after them (431 beyond); that is checked
+//!   line that ends it, looked for after them (431 beyond, 414 when the
+//!   request line alone does not end within it); that is checked
 //!   before anything else, on each read. There
 //!   is no separate header-count limit: the size bounds the count (every
 //!   header line is at least 4 bytes).
@@ -73,7 +74,8 @@ impl Default for HeadLimits {
 pub enum RejectReason {
     /// 400: malformed, ambiguous or not a valid WebSocket upgrade.
     BadRequest,
-    /// 431: the head is larger than `limits.max_head_size`.
+    /// 431: the head is larger than `limits.max_head_size`; 414 when its
+    /// request line alone already is.
     HeadTooLarge,
     /// 505 for an HTTP version above 1.1, 400 for HTTP/0.9.
     Version,
@@ -166,6 +168,7 @@ impl fmt::Display for Rejection {
 fn reason_phrase(status: u16) -> &'static str {
     match status {
         400 => "Bad Request",
+        414 => "URI Too Long",
         426 => "Upgrade Required",
         431 => "Request Header Fields Too Large",
         501 => "Not Implemented",
@@ -317,11 +320,7 @@ pub fn parse_head<'a>(buf: &'a [u8], limits: &HeadLimits) -> HeadStatus<'a> {
     // The size limit comes first: each read is measured before it is parsed
     // (kept from the asyncio data plane, whose answers the vectors hold).
     if head_extent(buf) > limits.max_head_size {
-        return HeadStatus::Rejected(Rejection::new(
-            431,
-            RejectReason::HeadTooLarge,
-            "request header fields too large",
-        ));
+        return HeadStatus::Rejected(too_large(buf, limits));
     }
     let raw = match scan(buf) {
         Ok(raw) => raw,
@@ -342,11 +341,32 @@ pub fn parse_head<'a>(buf: &'a [u8], limits: &HeadLimits) -> HeadStatus<'a> {
 
 /// Bytes of the head as the size limit counts them: up to and including the
 /// first CRLF CRLF after any leading blank lines, else everything received.
-fn head_extent(buf: &[u8]) -> usize {
-    let lead = buf
-        .iter()
+/// The answer to a head over the limit: 414 when its request line does not
+/// end within the limit (a long URL, as nginx answers it), 431 otherwise (the
+/// header fields, or nothing but blank lines). Same reason label for both.
+fn too_large(buf: &[u8], limits: &HeadLimits) -> Rejection {
+    let lead = leading_blank_lines(buf);
+    let end = buf.len().min(limits.max_head_size);
+    let request_line_too_long = lead < end && !buf[lead..end].contains(&b'\n');
+    if request_line_too_long {
+        Rejection::new(414, RejectReason::HeadTooLarge, "request line too long")
+    } else {
+        Rejection::new(
+            431,
+            RejectReason::HeadTooLarge,
+            "request header fields too large",
+        )
+    }
+}
+
+fn leading_blank_lines(buf: &[u8]) -> usize {
+    buf.iter()
         .take_while(|&&b| b == b'\r' || b == b'\n')
-        .count();
+        .count()
+}
+
+fn head_extent(buf: &[u8]) -> usize {
+    let lead = leading_blank_lines(buf);
     match find(&buf[lead..], b"\r\n\r\n") {
         Some(at) => lead + at + 4,
         None => buf.len(),
@@ -1557,6 +1577,37 @@ Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSoc
             parse_head(b"GET /aaaaaaaaaaaaaaaaaaaa", &limits),
             HeadStatus::Rejected(_)
         ));
+    }
+
+    #[test]
+    fn a_request_line_over_the_limit_is_414() {
+        let limits = HeadLimits { max_head_size: 64 };
+        let refused = |buf: &[u8]| match parse_head(buf, &limits) {
+            HeadStatus::Rejected(r) => (r.status, r.reason.label(), r.message.into_owned()),
+            other => panic!("{other:?}"),
+        };
+        let long_url = [&b"GET /"[..], &[b'a'; 80], b" HTTP/1.1\r\nHost: a\r\n\r\n"].concat();
+        assert_eq!(
+            refused(&long_url),
+            (414, "head_too_large", "request line too long".to_owned())
+        );
+        // Incomplete, already over: the same answer without waiting.
+        assert_eq!(refused(&long_url[..70]).0, 414);
+        // After leading blank lines, the request line is what comes next.
+        assert_eq!(refused(&[&b"\r\n\r\n"[..], &long_url].concat()).0, 414);
+        // A short request line with header fields over the limit: 431.
+        let long_fields = [&b"GET / HTTP/1.1\r\nX-Pad: "[..], &[b'p'; 80], b"\r\n\r\n"].concat();
+        assert_eq!(
+            refused(&long_fields),
+            (
+                431,
+                "head_too_large",
+                "request header fields too large".to_owned()
+            )
+        );
+        // Blank lines alone beyond the limit: 431, whatever follows them.
+        let blank_then_line = [&b"\r\n".repeat(40)[..], b"GET / HTTP/1.1\r\n\r\n"].concat();
+        assert_eq!(refused(&blank_then_line).0, 431);
     }
 
     #[test]
