@@ -8,10 +8,13 @@
 * HALF_OPEN: ``half_open_probes`` attempts are let through. All succeed ⇒
   CLOSED; one fails (or a probe has no outcome within ``probe_timeout``) ⇒
   OPEN again, with a longer wait. A client whose probe failed gets no probe
-  again until the breaker closes: the first in at every half-open, one
-  looping client would otherwise fail every probe and keep the breaker open
-  for everyone. The caller names clients (``who``: their ``party``); the
-  breaker keeps up to ``MAX_FAILED_PROBERS`` of them.
+  again until the breaker closes, unless no other client has taken one within
+  ``open_wait`` of the half-open: the first in at every half-open, one looping
+  client would otherwise fail every probe and keep the breaker open for
+  everyone; barred for good, a fleet behind one NAT (one party) kept it
+  half-open for ever once its probe had failed. The caller names clients
+  (``who``: their ``party``); the breaker keeps up to ``MAX_FAILED_PROBERS``
+  of them.
 * CLOSED with ``pending``: calls under way that have not failed yet count
   with the calls (the auth breaker's connections not yet old enough to be
   successes), so that the failures that come first do not make the ratio.
@@ -111,6 +114,7 @@ class CircuitBreaker:
         "probes_succeeded",
         "probes_in_flight",
         "probe_deadline",
+        "half_open_at",
         "failed_probers",
         "transitions_total",
         "last_trip",
@@ -129,6 +133,7 @@ class CircuitBreaker:
         self.probes_succeeded = 0
         self.probes_in_flight = 0
         self.probe_deadline = math.inf
+        self.half_open_at = -math.inf
         self.failed_probers: set[str] = set()  # since the breaker last closed
         self.transitions_total: dict[str, int] = {s.value: 0 for s in BreakerState}
         # The last time it opened, with what made it: the window is cleared when
@@ -166,6 +171,7 @@ class CircuitBreaker:
         elif to is HALF_OPEN:
             self.probes_permitted = self.probes_succeeded = self.probes_in_flight = 0
             self.probe_deadline = math.inf
+            self.half_open_at = t
         else:
             self.closed_at = t
             self._window.clear()
@@ -219,10 +225,17 @@ class CircuitBreaker:
         if (
             self.state is HALF_OPEN
             and self.probes_permitted < self.settings.half_open_probes
-            and who not in self.failed_probers
+            and not (who in self.failed_probers and t < self.no_probe_until)
         ):
             return PROBE
         return REFUSE
+
+    @property
+    def no_probe_until(self) -> float:
+        """Until when a client whose probe failed gets no probe: ``open_wait``
+        into the half-open phase (the coming one, while open)."""
+        start = self.half_open_at if self.state is HALF_OPEN else self.open_until
+        return start + self.settings.open_wait
 
     def take_probe(self, t: float) -> None:
         """The attempt ``permit`` answered PROBE for was admitted."""

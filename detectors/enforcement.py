@@ -67,8 +67,10 @@ class BreakerEnforcement:
     probes: int = 0
     enforced: bool = True
     # Clients whose probe failed since the breaker last closed: the table gives
-    # them no probe, as the engine gives them none (CircuitBreaker.failed_probers).
+    # them no probe before ``no_probe_until``, as the engine gives them none
+    # (CircuitBreaker.failed_probers, CircuitBreaker.bars).
     no_probe: frozenset[str] = frozenset()
+    no_probe_until: float = 0.0
 
 
 __all__ = ["BreakerEnforcement", "CooldownEnforcement", "KeyEnforcement", "NONE"]

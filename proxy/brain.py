@@ -303,6 +303,7 @@ class Table(Protocol):
         probes: int = ...,
         enforced: bool = ...,
         no_probe: list[str] = ...,
+        no_probe_seconds: float | None = ...,
     ) -> None: ...
 
     def remove_breaker(self, name: str) -> bool: ...
@@ -450,10 +451,11 @@ class TableSync:
             if had is not None and had.state == "open":
                 table.remove_breaker(want.name)  # a new trip: a fresh probe budget
             wait = max(want.until - now, 0.0)
-            table.set_breaker(want.name, "open", wait, want.probes, want.enforced, sorted(want.no_probe))
+            barred = max(want.no_probe_until - now, 0.0)
+            table.set_breaker(want.name, "open", wait, want.probes, want.enforced, sorted(want.no_probe), barred)
         elif want.state == "half_open":
-            no_probe = sorted(want.no_probe)
-            table.set_breaker(want.name, "half_open", want.retry_after, want.probes, want.enforced, no_probe)
+            no_probe, barred = sorted(want.no_probe), max(want.no_probe_until - now, 0.0)
+            table.set_breaker(want.name, "half_open", want.retry_after, want.probes, want.enforced, no_probe, barred)
         else:
             table.set_breaker(want.name, "closed", 0.0, 0, want.enforced)
         self.writes += 1

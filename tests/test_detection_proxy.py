@@ -228,6 +228,41 @@ async def test_a_client_whose_probe_failed_cannot_spend_the_probes_of_others():
             await backend.stop()
 
 
+async def test_a_fleet_behind_one_address_gets_back_in_once_the_backend_is_back():
+    """Every client behind one NAT (or one load balancer not in
+    trusted_proxies) is one party to the breakers: once its probe had failed,
+    no one could probe again, and the breaker stayed half-open for ever,
+    refusing every user while the backend worked. A failed prober probes
+    again when no one else has within open_wait (0.5 s) of the half-open."""
+    port = free_port()
+    async with loopwatch(f"ws://127.0.0.1:{port}", **QUICK_UPSTREAM_BREAKER) as lw:
+
+        def upstream() -> str:
+            return breaker_state(lw, "upstream")
+
+        def user(n: int) -> str:
+            return ws_url(lw, f"/ws?token={issue_token(f'user{n}', 60)}")
+
+        await open_upstream_breaker(lw)
+        await wait_for(lambda: upstream() == "half_open", 5)
+        code, _ = await attempt(user(0))  # the probe, while the upstream is still down
+        assert code == 502
+        await wait_for(lambda: upstream() == "open")
+        backend = DemoBackend()
+        await backend.start(port=port)
+        try:
+            await wait_for(lambda: upstream() == "half_open", 5)
+            code, _ = await attempt(user(1))  # others would come first
+            assert code == 1013
+            await asyncio.sleep(0.6)
+            async with connect(user(2)) as ws:  # no one else came: the same address probes
+                await ws.send("ping")
+                assert await ws.recv() == "ping"
+            await wait_for(lambda: upstream() == "closed", 10)
+        finally:
+            await backend.stop()
+
+
 async def test_one_client_minting_keys_cannot_open_the_auth_breaker_for_everyone():
     """The default identity keys a client by its token's sub, unverified: one
     client at one address sending a new sub at every attempt counted as many

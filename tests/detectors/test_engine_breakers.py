@@ -322,6 +322,36 @@ def test_a_failed_probe_denies_its_address_a_probe_whatever_the_key() -> None:
     assert e.admit(Attempt("ok@198.51.100.1", "/ws", t, "198.51.100.1")).probes == ("upstream",)
 
 
+def test_a_fleet_behind_one_address_gets_the_breaker_closed_once_the_backend_is_back() -> None:
+    """Every client behind one NAT (or one unlisted load balancer) is one
+    party: once its probe had failed, no one could probe again and the breaker
+    stayed half-open for ever, refusing everyone while the backend worked. A
+    failed prober gets a probe when no one else has taken one within
+    open_wait of the half-open."""
+    e = engine()
+    nat = "198.51.100.9"
+    for i in range(10):
+        e.admit(Attempt(f"c{i}@{nat}", "/ws", i * 0.01, nat))
+        e.record(HandshakeFailed(f"c{i}@{nat}", "/ws", i * 0.01 + 0.005, None, "connect"))
+    assert e.breakers(1.0)[0].state == "open"
+    t = 10.2  # half-open: the NAT's probe fails (the backend is still down)
+    assert e.admit(Attempt(f"c0@{nat}", "/ws", t, nat)).probes == ("upstream",)
+    out = e.record(HandshakeFailed(f"c0@{nat}", "/ws", t + 0.01, None, "connect"))
+    assert ("upstream", "half_open", "open") in transitions([out])
+    t = 30.3  # the backend is back; the breaker half-opens again (after a 10 s wait)
+    e.wake(t)
+    (upstream,) = [b for b in e.breaker_enforcement(t) if b.name == "upstream"]
+    assert upstream.state == "half_open" and upstream.no_probe == frozenset({nat})
+    grace_end = upstream.no_probe_until
+    assert grace_end == pytest.approx(t + 5.0)  # open_wait (5 s) into the half-open
+    d = e.admit(Attempt(f"c1@{nat}", "/ws", grace_end - 0.1, nat))
+    assert isinstance(d, Reject) and d.reason == "circuit_open"  # others come first
+    for i in (2, 3):  # the half-open's two probes, both from the NAT: closed
+        assert e.admit(Attempt(f"c{i}@{nat}", "/ws", grace_end, nat)).probes == ("upstream",)
+        e.record(Opened(f"c{i}@{nat}", "/ws", grace_end + 0.01, 90 + i))
+    assert e.breakers(grace_end + 0.1)[0].state == "closed"
+
+
 @pytest.mark.parametrize(
     ("addr", "expected"),
     [

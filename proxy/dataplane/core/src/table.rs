@@ -153,19 +153,23 @@ pub struct BreakerEntry {
     /// breaker still takes probes.
     pub enforced: bool,
     /// Clients whose probe failed since the breaker last closed: they get no
-    /// probe (the engine's `failed_probers`). A looping client is first in at
-    /// every half-open: were it given a probe here that the engine refuses, it
-    /// would spend the budget and keep the breaker shut for everyone.
+    /// probe (the engine's `failed_probers`) until a while into the half-open
+    /// phase. A looping client is first in at every half-open: were it given a
+    /// probe here that the engine refuses, it would spend the budget and keep
+    /// the breaker shut for everyone.
     pub no_probe: Arc<NoProbe>,
 }
 
 /// The clients a breaker gives no probe, as the engine names them
 /// (detectors/breaker.py `party`): by address (an IPv6 address's /64), since
 /// a key may be minted anew at every attempt; by key for a client without one.
+/// Barred `until` a time (the engine's grace: after it, with no one else come to
+/// probe, they may; every client behind one NAT is one party), or for good.
 #[derive(Debug, Default)]
 pub struct NoProbe {
     addresses: HashSet<IpAddr>,
     keys: HashSet<Arc<str>>,
+    until: Option<Instant>,
 }
 
 impl NoProbe {
@@ -182,8 +186,17 @@ impl NoProbe {
         no_probe
     }
 
-    pub fn contains(&self, key: &str, peer: Option<IpAddr>) -> bool {
-        peer.is_some_and(|ip| self.addresses.contains(&party_of(ip))) || self.keys.contains(key)
+    /// Barred only before `until`.
+    pub fn until(mut self, until: Instant) -> NoProbe {
+        self.until = Some(until);
+        self
+    }
+
+    /// Whether this client may not take a probe at `now`.
+    pub fn bars(&self, key: &str, peer: Option<IpAddr>, now: Instant) -> bool {
+        self.until.is_none_or(|until| now < until)
+            && (peer.is_some_and(|ip| self.addresses.contains(&party_of(ip)))
+                || self.keys.contains(key))
     }
 }
 
@@ -424,10 +437,10 @@ impl Snapshot {
             let refusal = match breaker.state {
                 BreakerState::Closed => continue,
                 BreakerState::Open { until } if now < until => Some(until - now),
-                BreakerState::Open { .. } if breaker.no_probe.contains(key, peer) => {
+                BreakerState::Open { .. } if breaker.no_probe.bars(key, peer, now) => {
                     Some(Duration::ZERO)
                 }
-                BreakerState::HalfOpen { retry_after } if breaker.no_probe.contains(key, peer) => {
+                BreakerState::HalfOpen { retry_after } if breaker.no_probe.bars(key, peer, now) => {
                     Some(retry_after)
                 }
                 BreakerState::Open { .. } | BreakerState::HalfOpen { .. }
@@ -846,6 +859,38 @@ mod tests {
             assert_eq!(budget.remaining(), 0);
             budget.give_back();
         }
+    }
+
+    #[test]
+    fn a_failed_prober_may_probe_once_its_bar_is_over() {
+        // Every client behind one NAT is one party: barred for good, the
+        // breaker never closed once that party's probe had failed.
+        let now = Instant::now();
+        let budget = ProbeBudget::new(1);
+        let no_probe = Arc::new(NoProbe::new(&["10.0.0.1"]).until(now + secs(5)));
+        let s = Snapshot {
+            breakers: vec![BreakerEntry {
+                name: Arc::from("upstream"),
+                state: BreakerState::HalfOpen {
+                    retry_after: secs(2),
+                },
+                probes: Arc::clone(&budget),
+                enforced: true,
+                no_probe,
+            }],
+            ..Snapshot::default()
+        };
+        let nat = Some(ip("10.0.0.1"));
+        let r = refusal(s.admission("user-a@10.0.0.1", nat, now + secs(4)));
+        assert_eq!(r.reason, RefuseReason::CircuitOpen);
+        assert_eq!(budget.remaining(), 1);
+        assert_eq!(
+            s.admission("user-b@10.0.0.1", nat, now + secs(5)),
+            Admission::Admit {
+                probes: vec![Arc::from("upstream")]
+            }
+        );
+        assert_eq!(budget.remaining(), 0);
     }
 
     #[test]

@@ -185,9 +185,10 @@ impl EnforcementTable {
     /// with `seconds` as their retry time. A breaker that stays in its state
     /// keeps the probes already taken; entering a state starts a fresh budget.
     /// `enforced=False` (observe mode): it takes probes but never refuses.
-    /// `no_probe`: the keys given no probe (their probe failed since the
-    /// breaker last closed), refused as if none were left.
-    #[pyo3(signature = (name, state, seconds=0.0, probes=1, enforced=true, no_probe=Vec::new()))]
+    /// `no_probe`: the clients given no probe (their probe failed since the
+    /// breaker last closed), refused as if none were left, for
+    /// `no_probe_seconds` from now (None: until the next write).
+    #[pyo3(signature = (name, state, seconds=0.0, probes=1, enforced=true, no_probe=Vec::new(), no_probe_seconds=None))]
     #[allow(clippy::too_many_arguments)]
     fn set_breaker(
         &self,
@@ -198,13 +199,21 @@ impl EnforcementTable {
         probes: u32,
         enforced: bool,
         no_probe: Vec<String>,
+        no_probe_seconds: Option<f64>,
     ) -> PyResult<()> {
-        let no_probe = Arc::new(NoProbe::new(&no_probe));
         let kind = StateKind::parse(state)?;
         let wait = duration("seconds", seconds)?;
+        let barred_for = no_probe_seconds
+            .map(|s| duration("no_probe_seconds", s))
+            .transpose()?;
         let name: Arc<str> = Arc::from(name);
         py.detach(|| {
             let now = Instant::now();
+            let no_probe = NoProbe::new(&no_probe);
+            let no_probe = Arc::new(match barred_for {
+                Some(barred_for) => no_probe.until(now + barred_for),
+                None => no_probe,
+            });
             let state = match kind {
                 StateKind::Closed => BreakerState::Closed,
                 StateKind::Open => BreakerState::Open { until: now + wait },
