@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from websockets.asyncio.client import connect
@@ -195,37 +197,47 @@ async def test_upstream_breaker_opens_refuses_fast_and_closes_after_probe():
             await backend.stop()
 
 
+@contextlib.asynccontextmanager
+async def a_probe_failed_then_the_backend_came_back(
+    prober: Callable[[Running], str],
+) -> AsyncIterator[tuple[Running, DemoBackend]]:
+    """The upstream breaker opens; at its half-open `prober` (a URL of the
+    running loopwatch) takes the probe and fails it (the backend still down);
+    the backend comes back; the breaker half-opens again. DemoBackend behind."""
+    port = free_port()
+    async with loopwatch(f"ws://127.0.0.1:{port}", **QUICK_UPSTREAM_BREAKER) as lw:
+        await open_upstream_breaker(lw)
+        await wait_for(lambda: breaker_state(lw, "upstream") == "half_open", 5)
+        code, _ = await attempt(prober(lw))
+        assert code == 502
+        await wait_for(lambda: breaker_state(lw, "upstream") == "open")
+        backend = DemoBackend()
+        await backend.start(port=port)
+        try:
+            await wait_for(lambda: breaker_state(lw, "upstream") == "half_open", 5)
+            yield lw, backend
+        finally:
+            await backend.stop()
+
+
+def token_url(name: str) -> Callable[[Running], str]:
+    return lambda lw: ws_url(lw, f"/ws?token={issue_token(name, 60)}")
+
+
 async def test_a_client_whose_probe_failed_cannot_spend_the_probes_of_others():
     """The engine gave a client whose probe failed no probe, but the data plane's
     table did: first in at each half-open, the looper spent the budget, the
     engine refused it after the fact, and the breaker stayed shut for everyone
     after the backend was back."""
-    port = free_port()
-    async with loopwatch(f"ws://127.0.0.1:{port}", **QUICK_UPSTREAM_BREAKER) as lw:
-
-        def upstream() -> str:
-            return breaker_state(lw, "upstream")
-
-        await open_upstream_breaker(lw)
-        looper = ws_url(lw, f"/ws?token={issue_token('looper', 60)}")
-        await wait_for(lambda: upstream() == "half_open", 5)
-        code, _ = await attempt(looper)  # the probe, while the upstream is still down
-        assert code == 502
-        await wait_for(lambda: upstream() == "open")
-        backend = DemoBackend()
-        await backend.start(port=port)
-        try:
-            await wait_for(lambda: upstream() == "half_open", 5)
-            code, reason = await attempt(looper)  # first in again: no probe for it
-            assert code == 1013 and reason.startswith("loopwatch: upstream unavailable"), (code, reason)
-            fresh = ws_url(lw, f"/ws?token={issue_token('fresh', 60)}")
-            async with connect(fresh, local_addr=("127.0.0.2", 0)) as ws:  # another address
-                await ws.send("ping")
-                assert await ws.recv() == "ping"
-            await wait_for(lambda: upstream() == "closed", 10)
-            assert backend.upgrades.get("looper", 0) == 0  # it never reached the backend
-        finally:
-            await backend.stop()
+    looper = token_url("looper")
+    async with a_probe_failed_then_the_backend_came_back(looper) as (lw, backend):
+        code, reason = await attempt(looper(lw))  # first in again: no probe for it
+        assert code == 1013 and reason.startswith("loopwatch: upstream unavailable"), (code, reason)
+        async with connect(token_url("fresh")(lw), local_addr=("127.0.0.2", 0)) as ws:  # another address
+            await ws.send("ping")
+            assert await ws.recv() == "ping"
+        await wait_for(lambda: breaker_state(lw, "upstream") == "closed", 10)
+        assert backend.upgrades.get("looper", 0) == 0  # it never reached the backend
 
 
 async def test_a_fleet_behind_one_address_gets_back_in_once_the_backend_is_back():
@@ -234,33 +246,14 @@ async def test_a_fleet_behind_one_address_gets_back_in_once_the_backend_is_back(
     no one could probe again, and the breaker stayed half-open for ever,
     refusing every user while the backend worked. A failed prober probes
     again when no one else has within open_wait (0.5 s) of the half-open."""
-    port = free_port()
-    async with loopwatch(f"ws://127.0.0.1:{port}", **QUICK_UPSTREAM_BREAKER) as lw:
-
-        def upstream() -> str:
-            return breaker_state(lw, "upstream")
-
-        def user(n: int) -> str:
-            return ws_url(lw, f"/ws?token={issue_token(f'user{n}', 60)}")
-
-        await open_upstream_breaker(lw)
-        await wait_for(lambda: upstream() == "half_open", 5)
-        code, _ = await attempt(user(0))  # the probe, while the upstream is still down
-        assert code == 502
-        await wait_for(lambda: upstream() == "open")
-        backend = DemoBackend()
-        await backend.start(port=port)
-        try:
-            await wait_for(lambda: upstream() == "half_open", 5)
-            code, _ = await attempt(user(1))  # others would come first
-            assert code == 1013
-            await asyncio.sleep(0.6)
-            async with connect(user(2)) as ws:  # no one else came: the same address probes
-                await ws.send("ping")
-                assert await ws.recv() == "ping"
-            await wait_for(lambda: upstream() == "closed", 10)
-        finally:
-            await backend.stop()
+    async with a_probe_failed_then_the_backend_came_back(token_url("user0")) as (lw, _):
+        code, _ = await attempt(token_url("user1")(lw))  # others would come first
+        assert code == 1013
+        await asyncio.sleep(0.6)
+        async with connect(token_url("user2")(lw)) as ws:  # no one else came: the same address probes
+            await ws.send("ping")
+            assert await ws.recv() == "ping"
+        await wait_for(lambda: breaker_state(lw, "upstream") == "closed", 10)
 
 
 async def test_one_client_minting_keys_cannot_open_the_auth_breaker_for_everyone():
