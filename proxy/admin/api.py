@@ -62,7 +62,9 @@ NOT_STATE_CHANGES = frozenset({"/api/events/ticket"})
 
 # Why the admin port refused a request: the `reason` label of
 # loopwatch_admin_requests_rejected_total.
-REJECT_REASONS = ("host", "cross_site", "unauthorized", "no_token", "streams_full", "shutting_down")
+REJECT_REASONS = (
+    "host", "cross_site", "unauthorized", "no_token", "streams_full", "shutting_down", "connections", "timeout",
+)  # fmt: skip
 # Why an event stream was dropped: the `reason` label of
 # loopwatch_admin_event_streams_dropped_total.
 DROP_REASONS = ("buffer_full", "write_timeout")

@@ -7,6 +7,7 @@ proxy/admin/api.py first (Host allowlist, cross-site check, token, exposure).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterator
 
@@ -18,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from ..observe.logs import event
 from ..observe.selfmetrics import build_labels
 from .api import AdminCounters, Exposure, guard_middleware, json_errors_middleware, listen_host_of
+from .gate import AdminGate
 from .settings import AdminSettings
 
 
@@ -81,13 +83,16 @@ class AdminServer:
         # status page's single-use event-stream tickets); filled in before start.
         self.authenticators: list[Callable[[web.Request], bool]] = []
         guard = guard_middleware(settings, lambda: self.listen_host, self.counters, self.authenticators)
-        # JSON errors outermost: the guard's answers and every handler's are covered.
-        self.app = web.Application(middlewares=[json_errors_middleware, guard])
+        # How many connections, and how long each may hold its socket (gate.py).
+        self.gate = AdminGate(self.counters, lambda: settings().event_streams.max_streams)
+        # The gate outermost (a request is in progress until its answer is
+        # written); then JSON errors, covering the guard's answers and every handler's.
+        self.app = web.Application(middlewares=[self.gate.middleware, json_errors_middleware, guard])
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/readyz", self.readyz)
         self.app.router.add_get("/metrics", make_aiohttp_handler(registry))
         self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._listener: asyncio.Server | None = None
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -102,8 +107,9 @@ class AdminServer:
         # stream) ends the moment its client goes, not at its next write.
         self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, host, port)
-        await self._site.start()
+        self.gate.server = self._runner.server
+        loop = asyncio.get_running_loop()
+        self._listener = await loop.create_server(self.gate, host, port, reuse_address=True)
         self.log_exposure()
 
     @property
@@ -133,9 +139,11 @@ class AdminServer:
 
     @property
     def port(self) -> int:
-        assert self._runner is not None and self._runner.addresses
-        return int(self._runner.addresses[0][1])
+        assert self._listener is not None and self._listener.sockets
+        return int(self._listener.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()  # no new connections; the runner closes the open ones
         if self._runner is not None:
             await self._runner.cleanup()

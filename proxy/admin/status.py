@@ -58,6 +58,7 @@ from ...detectors.actions import (
 from ...detectors.rules import RULE_NAMES
 from ..observe.observers import Observer, reload_applied
 from .api import AdminCounters
+from .gate import long_lived
 
 if TYPE_CHECKING:
     from ...detectors import events as ev
@@ -582,6 +583,7 @@ class StatusHub(Observer):
             and self.tickets.redeem(request.query.get("ticket"), time.monotonic())
         )
 
+    @long_lived  # bounded by write_timeout and max_buffer instead (gate.py)
     async def events(self, request: web.Request) -> web.StreamResponse:
         if self._closing:
             self.counters.reject("shutting_down", request)

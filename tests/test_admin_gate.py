@@ -1,0 +1,98 @@
+"""The admin port's connections are bounded (proxy/admin/gate.py): a silent or
+trickling client, one that never reads its answer, and more connections than
+the cap. Before, each held its socket for ever, and 400 of them used up the
+file descriptors the data plane shares: WebSocket clients got 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import pytest
+
+from loopwatch.proxy.admin import gate
+from tests.test_admin_guard import admin_port, call, rejected
+
+
+def connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setblocking(False)
+    return sock
+
+
+async def closed_by_peer(sock: socket.socket, within: float) -> float:
+    """Seconds until the admin port closes `sock` (reads and drops what comes)."""
+    loop = asyncio.get_running_loop()
+    start = time.monotonic()
+    try:
+        while await asyncio.wait_for(loop.sock_recv(sock, 65536), within):
+            pass
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - start
+
+
+async def test_a_silent_or_trickling_client_is_closed_and_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gate, "FIRST_REQUEST_TIMEOUT", 0.5)
+    async with admin_port() as lw:
+        silent = connect(lw.admin_port)
+        trickling = connect(lw.admin_port)
+        loop = asyncio.get_running_loop()
+
+        async def trickle() -> None:
+            for byte in b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n":
+                await loop.sock_sendall(trickling, bytes([byte]))
+                await asyncio.sleep(0.05)
+
+        task = asyncio.create_task(trickle())
+        try:
+            assert await closed_by_peer(silent, 5) < 2
+            assert await closed_by_peer(trickling, 5) < 2
+        finally:
+            task.cancel()
+            silent.close()
+            trickling.close()
+        assert await rejected(lw, "timeout") == 2
+        # A client that asks in time is answered, and kept alive.
+        status, _ = await call(lw, "GET", "/healthz")
+        assert status == 200
+
+
+async def test_a_client_that_never_reads_its_answer_is_let_go(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gate, "ANSWER_TIMEOUT", 0.5)
+    async with admin_port() as lw:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", lw.admin_port))
+        sock.setblocking(False)
+        # Many /metrics answers, pipelined and never read: far more than the
+        # socket buffers hold, so the writing waits for the client.
+        request = f"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{lw.admin_port}\r\n\r\n".encode()
+        await asyncio.get_running_loop().sock_sendall(sock, request * 200)
+        await asyncio.sleep(2)
+        with pytest.raises((ConnectionResetError, BrokenPipeError)):  # aborted by the admin port
+            for _ in range(10_000):
+                if not sock.recv(65536):
+                    raise ConnectionResetError
+        sock.close()
+        assert await rejected(lw, "timeout") >= 1
+
+
+async def test_connections_past_the_cap_are_closed_at_accept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gate, "MAX_REQUEST_CONNECTIONS", 5)
+    async with admin_port(**{"admin.event_streams.max_streams": 1}) as lw:
+        held = [connect(lw.admin_port) for _ in range(6)]  # the cap: 1 stream + 5
+        try:
+            extra = connect(lw.admin_port)
+            assert await closed_by_peer(extra, 5) < 1
+            extra.close()
+        finally:
+            for sock in held:
+                sock.close()
+        await asyncio.sleep(0.2)
+        assert await rejected(lw, "connections") == 1
+        # A refused answer closes its connection: it keeps no slot.
+        status, _ = await call(lw, "GET", "/api/nothing-here")
+        assert status == 404
