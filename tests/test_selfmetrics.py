@@ -162,7 +162,7 @@ async def test_self_metrics_register_on_start_and_leave_on_stop() -> None:
     try:
         await asyncio.sleep(0.1)
         exposed = families(generate_latest(registry).decode())
-        assert exposed == {**PROCESS_FAMILIES, LAG: "histogram"}
+        assert exposed == {**PROCESS_FAMILIES, LAG: "histogram", "loopwatch_log_lines_dropped": "counter"}
     finally:
         await metrics.stop()
     assert generate_latest(registry) == b""

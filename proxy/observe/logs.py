@@ -7,10 +7,15 @@ and the formatter writes {"ts": …, "level": …, "event": …, "client": …, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import queue
 import sys
+import threading
 import time
+from typing import IO
 
 
 class JsonFormatter(logging.Formatter):
@@ -40,11 +45,97 @@ class TextFormatter(logging.Formatter):
         return f"{base} {extra}".rstrip()
 
 
+MAX_QUEUED_LINES = 10_000  # lines waiting for a slow reader of stderr; beyond, dropped
+
+
+class LogWriter(logging.Handler):
+    """Log lines to a stream from a thread of their own, through a bounded queue.
+
+    Written synchronously, a stderr whose reader stalls (a full pipe nobody
+    reads, a stuck log shipper) blocked the event loop in write(): detection
+    stopped (a loop refused after 3 attempts got 60 through), the admin port
+    and /metrics stopped answering, SIGTERM went unheard. Now a line is
+    formatted where it is logged and queued; a full queue drops it, and the
+    count is in `loopwatch_log_lines_dropped_total` and in a line written
+    once the reader is back. The thread writes with os.write on the stream's
+    descriptor, holding no lock the interpreter needs at exit (a daemon
+    thread stuck in a write is left behind)."""
+
+    def __init__(self, stream: IO[str], max_queued: int = MAX_QUEUED_LINES) -> None:
+        super().__init__()
+        self.stream = stream
+        try:
+            self.fd: int | None = stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            self.fd = None  # a stream without a descriptor (a test's capture): written as it is
+        self.lines: queue.Queue[str] = queue.Queue(max_queued)
+        self.queued = self.written = 0  # lines taken and lines written (or given up on)
+        self.dropped = 0
+        self._reported = 0
+        self._thread = threading.Thread(target=self._write_lines, name="loopwatch-log", daemon=True)
+        self._thread.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+        except Exception:
+            self.handleError(record)
+            return
+        try:
+            self.lines.put_nowait(line)
+        except queue.Full:
+            self.dropped += 1
+        else:
+            self.queued += 1
+
+    def _write_lines(self) -> None:
+        while True:
+            line = self.lines.get()
+            if self.dropped != self._reported:
+                missed, self._reported = self.dropped - self._reported, self.dropped
+                self._write(json.dumps({"ts": _now(), "level": "warning", "event": "log_lines_dropped",
+                                        "logger": "loopwatch", "count": missed}) + "\n")  # fmt: skip
+            self._write(line)
+            self.written += 1
+
+    def _write(self, text: str) -> None:
+        with contextlib.suppress(OSError, ValueError):  # a closed stderr: nothing to tell
+            if self.fd is None:
+                self.stream.write(text)
+                self.stream.flush()
+                return
+            data = text.encode("utf-8", "backslashreplace")
+            while data:
+                data = data[os.write(self.fd, data) :]
+
+    def flush(self, timeout: float = 1.0) -> None:
+        """Wait a little for the queued lines to be written (at exit), not for a
+        reader that is gone."""
+        deadline = time.monotonic() + timeout
+        while self.written < self.queued and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+
+def _now() -> str:
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+
+
+_writer: LogWriter | None = None
+
+
+def log_writer() -> LogWriter | None:
+    """The process's log writer, once `setup_logging` made it (for its drop count)."""
+    return _writer
+
+
 def setup_logging(level: str = "info", fmt: str = "json") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    global _writer
+    if _writer is None or _writer.stream is not sys.stderr:
+        _writer = LogWriter(sys.stderr)
+    _writer.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_writer]
     root.setLevel(level.upper())
     # aiohttp's access log duplicates ours and logs every admin scrape.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -25,13 +25,14 @@ import time
 from collections.abc import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from ... import __version__
 from ..dataplane.boundary import dataplane_build
+from .logs import log_writer
 
 # How often the lag monitor wakes up (seconds).
 LAG_INTERVAL = 0.5
@@ -129,6 +130,22 @@ class LoopLagMonitor(Collector):
         yield self.histogram.family()
 
 
+class LogLinesDropped(Collector):
+    """Log lines dropped because stderr's reader did not keep up (logs.LogWriter)."""
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily("loopwatch_log_lines_dropped", LOG_DROPPED_HELP)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        writer = log_writer()
+        yield CounterMetricFamily(
+            "loopwatch_log_lines_dropped", LOG_DROPPED_HELP, value=writer.dropped if writer is not None else 0
+        )
+
+
+LOG_DROPPED_HELP = "Log lines dropped because the reader of loopwatch's stderr did not keep up."
+
+
 class SelfMetrics:
     """The process collector and the lag monitor on one registry: `start` on the
     running loop registers both, `stop` ends the task and unregisters them (so
@@ -138,12 +155,13 @@ class SelfMetrics:
         self.registry = registry
         self.process = ProcessCollector(registry=None)
         self.lag = LoopLagMonitor(interval)
+        self.log = LogLinesDropped()
         self._registered: list[Collector] = []
 
     def start(self) -> None:
         if self._registered:
             raise RuntimeError("loopwatch's self metrics are already started")
-        for collector in (self.process, self.lag):
+        for collector in (self.process, self.lag, self.log):
             self.registry.register(collector)
             self._registered.append(collector)
         self.lag.start()

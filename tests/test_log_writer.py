@@ -1,0 +1,101 @@
+"""loopwatch never waits for its log (proxy/observe/logs.py, LogWriter).
+
+Written synchronously, a stderr nobody read (a full pipe, a stalled log
+shipper) blocked the event loop in write(): detection stopped, the admin port
+and /metrics stopped answering, SIGTERM went unheard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import time
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from loopwatch.proxy.observe.logs import JsonFormatter, LogWriter
+from tests.clients import attempt
+from tests.conftest import free_port
+from tests.processes import loopwatch_run
+from tests.test_service_links import process_env
+
+
+def test_a_full_queue_drops_lines_counts_them_and_says_so_later() -> None:
+    read_end, write_end = os.pipe()
+    stream = io.TextIOWrapper(os.fdopen(write_end, "wb", buffering=0), write_through=True)
+    writer = LogWriter(stream, max_queued=5)
+    writer.setFormatter(JsonFormatter())
+    logger = logging.getLogger("test.log_writer")
+    logger.propagate = False
+    logger.addHandler(writer)
+    try:
+        line = "x" * 1000
+        start = time.monotonic()
+        for i in range(500):  # ~500 KB: far more than the pipe holds, nobody reading
+            logger.warning("filler", extra={"fields": {"i": i, "pad": line}})
+        assert time.monotonic() - start < 1.0  # the caller never waited for the pipe
+        assert writer.dropped > 0
+        dropped = writer.dropped
+        # The reader comes back: what was queued is written, then the count of what was not.
+        received = b""
+        os.set_blocking(read_end, False)
+        deadline = time.monotonic() + 10
+
+        def read() -> None:
+            nonlocal received
+            try:
+                received += os.read(read_end, 1 << 20)
+            except BlockingIOError:
+                time.sleep(0.01)
+
+        while writer.written < writer.queued and time.monotonic() < deadline:
+            read()
+        logger.warning("after")
+        while b'"event": "after"' not in received and time.monotonic() < deadline:
+            read()
+        lines = [json.loads(x) for x in received.decode().splitlines()]
+        reports = [x for x in lines if x["event"] == "log_lines_dropped"]
+        assert sum(x["count"] for x in reports) == dropped and {x["level"] for x in reports} == {"warning"}
+        assert lines[-1]["event"] == "after"
+        assert len(lines) == 500 - dropped + len(reports) + 1
+    finally:
+        logger.removeHandler(writer)
+        os.close(read_end)
+
+
+async def test_a_stalled_log_reader_stops_nothing() -> None:
+    """`loopwatch run` with access lines on and its stderr never read past the
+    start: the brain goes on judging attempts, the admin port answers, and
+    SIGTERM ends it (loopwatch_run asserts exit 0 within 20 s)."""
+    # Refusals answered at once (no hold): the upstream breaker opens on the way.
+    env = process_env({"LOOPWATCH_TELEMETRY__ACCESS_LOG": "all", "LOOPWATCH_POLICY__HOLD": "0s"})
+    args = ("--upstream", f"ws://127.0.0.1:{free_port()}", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0")
+    async with loopwatch_run(*args, env=env) as run:
+        listening = await run.until("listening")
+        proxy, admin = listening["proxy"], listening["admin"]
+        # From here nobody reads stderr: its pipe (64 KiB) fills after ~200 lines.
+        for i in range(1_500):
+            await attempt(f"ws://{proxy}/ws?i={i}")
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://{admin}/metrics", timeout=aiohttp.ClientTimeout(total=5)) as r,
+        ):
+            text = await r.text()
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+        attempts = sum(v for (name, _), v in samples.items() if name == "loopwatch_connection_attempts_total")
+        assert attempts == 1_500  # every one judged by the brain, none lost
+        assert samples[("loopwatch_log_lines_dropped_total", ())] == 0  # 1 500 lines fit the queue
+        # The reader is back (asyncio also needs the pipe's end to see the exit).
+        rest = asyncio.create_task(run.proc.stderr.read())  # type: ignore[union-attr]
+    # Nothing was lost: every attempt's access line, and the lines of the stop.
+    lines = [json.loads(x) for x in (await asyncio.wait_for(rest, 10)).splitlines()]
+    assert sum(x["event"] == "access" for x in lines) == 1_500
+    assert lines[-1]["event"] == "stopped"
