@@ -24,8 +24,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from loopwatch.proxy.app.runtime import ConfigSources
 from loopwatch.proxy.app.settings import load_settings
 from loopwatch.proxy.observe.logs import JsonFormatter
+from loopwatch.proxy.sections import parse_host_port
 from loopwatch.proxy.tools.demo_backend import issue_token
-from tests.conftest import client_key, free_port, idle, wait_for
+from tests.conftest import client_key, free_port, idle, loopwatch, wait_for
 from tests.test_telemetry import attempt, demo_backend, settings_with, telemetered
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -353,3 +354,13 @@ async def test_a_reload_changes_the_log_format_and_level(tmp_path: Path) -> None
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_the_listening_line_writes_addresses_as_the_config_does(caplog: pytest.LogCaptureFixture) -> None:
+    """An IPv6 address came out as ::1:57499, which parses back as nothing."""
+    caplog.set_level(logging.INFO, logger="loopwatch")
+    async with loopwatch("ws://127.0.0.1:9", listen="[::1]:0", **{"admin.listen": "[::1]:0"}) as lw:
+        [line] = [r for r in caplog.records if r.getMessage() == "listening"]
+        fields = line.fields  # type: ignore[attr-defined]
+        assert fields["proxy"] == f"[::1]:{lw.proxy_port}" and fields["admin"] == f"[::1]:{lw.admin_port}"
+        assert parse_host_port(fields["proxy"]) == ("::1", lw.proxy_port)

@@ -26,7 +26,7 @@ from ..observe.metrics import Telemetry
 from ..observe.observers import Observer, Observers
 from ..observe.recorder import Recorder, close_recorders
 from ..observe.selfmetrics import SelfMetrics
-from ..sections import parse_host_port
+from ..sections import HostPort, parse_host_port
 from ..state.local import LocalState
 from ..state.redis import RedisStateStore
 from . import fdlimit
@@ -339,8 +339,9 @@ async def start(
         running.health = start_health_check(settings, plane, gate)
     event(
         log, "listening",
-        proxy=f"{host}:{plane.port}", dataplane=plane.name, dataplane_threads=plane.threads,
-        admin=f"{admin_host}:{admin.port}",
+        # As HOST:PORT is written in the config ([::1]:9900 for IPv6): pasted back, it parses.
+        proxy=str(HostPort(host, plane.port)), dataplane=plane.name, dataplane_threads=plane.threads,
+        admin=str(HostPort(admin_host, admin.port)),
         routes={r.path_prefix: r.upstream for r in settings.effective_routes()},
     )
     source = sources.path if sources is not None else None

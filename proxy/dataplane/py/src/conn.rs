@@ -133,6 +133,11 @@ enum Upstream {
 /// listener's configuration is read once, here: the connection keeps it for
 /// its life, whatever a reload changes meanwhile.
 pub async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, guard: ConnGuard) {
+    // An IPv4 client of a dual-stack `[::]` listener arrives as ::ffff:a.b.c.d:
+    // taken as the IPv4 address it is, once, for everything after (the caps
+    // and `trusted_proxies`, X-Forwarded-For, the deny list, the logs), as the
+    // client's key already was.
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     let _ = client.set_nodelay(true);
     let config = shared.config();
     let deadline = Instant::now() + config.limits.handshake_timeout;

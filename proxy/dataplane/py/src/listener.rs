@@ -930,6 +930,57 @@ mod tests {
         eprintln!("a connection's future is {size} bytes");
         assert!(size <= 3328, "a connection's future is {size} bytes");
     }
+    /// An IPv4 client of a dual-stack listener (its address IPv4-mapped) is
+    /// told to the upstream, and judged, by its IPv4 address.
+    #[tokio::test]
+    async fn an_ipv4_mapped_peer_is_its_ipv4_address() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let route = crate::wire::Route::loopback(upstream.local_addr().unwrap().port(), false);
+        let (events, _rx) = loopwatch_dataplane_core::events::event_queue(16);
+        let (_stop, shutdown) = watch::channel(false);
+        let identity =
+            Identity::new(&loopwatch_dataplane_core::identity::IdentitySpec::by_address()).unwrap();
+        let shared = test_shared(
+            events,
+            shutdown,
+            vec![route],
+            identity,
+            Duration::from_secs(5),
+            1,
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, peer) = listener.accept().await.unwrap();
+        let mapped = SocketAddr::new("::ffff:127.0.0.1".parse().unwrap(), peer.port());
+        tokio::spawn(conn::serve(
+            Arc::clone(&shared),
+            accepted,
+            mapped,
+            ConnGuard::new(&shared),
+        ));
+        client
+            .write_all(b"GET /x HTTP/1.1\r\nHost: example.test\r\n\r\n")
+            .await
+            .unwrap();
+        let (mut backend, _) = tokio::time::timeout(Duration::from_secs(5), upstream.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        let mut head = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), backend.read(&mut head))
+            .await
+            .unwrap()
+            .unwrap();
+        let head = String::from_utf8_lossy(&head[..n]).into_owned();
+        assert!(
+            head.contains("\r\nX-Forwarded-For: 127.0.0.1\r\n"),
+            "{head}"
+        );
+    }
+
     /// A token whose signature check gets no turn (none is free: here there
     /// are none at all) waits within the head's deadline, then is answered
     /// 408 and counted as `head_timeout`, as a head that took too long.
