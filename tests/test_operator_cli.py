@@ -203,31 +203,34 @@ async def test_breakers_and_breaker_reset() -> None:
 # --- acting: cooldown, release, reload ------------------------------------------------------
 
 
-async def test_a_cooldown_from_the_cli_refuses_the_next_attempt_and_release_lifts_it() -> None:
+# A braced GUID sub (the .NET format): aiohttp's default route pattern refused braces.
+@pytest.mark.parametrize("sub", [LOOPER_SUB, "{3F2504E0-4F89-11D3-9A0C-0305E82C3301}"])
+async def test_a_cooldown_from_the_cli_refuses_the_next_attempt_and_release_lifts_it(sub: str) -> None:
+    looper = f"{sub}@127.0.0.1"
     async with live() as (backend, lw):
-        url = ws_url(lw, "/ws?token=" + issue_token(LOOPER_SUB, 60))
+        url = ws_url(lw, "/ws?token=" + issue_token(sub, 60))
         assert await echo_once(url) == "echoed"
 
-        cooled = await op(lw, "cooldown", LOOPER, "--for", "10m")
+        cooled = await op(lw, "cooldown", looper, "--for", "10m")
         assert cooled.code == ExitCode.OK, cooled.err
-        assert cooled.out == f"{LOOPER} is refused for 10m (`loopwatch release` ends it sooner)\n"
-        upgrades = backend.upgrades[LOOPER_SUB]
+        assert cooled.out == f"{looper} is refused for 10m (`loopwatch release` ends it sooner)\n"
+        upgrades = backend.upgrades[sub]
         assert await echo_once(url) == 1013  # refused by loopwatch …
-        assert backend.upgrades[LOOPER_SUB] == upgrades  # … never reaching the backend
-        view = json.loads((await op(lw, "client", LOOPER, "--json")).out)
+        assert backend.upgrades[sub] == upgrades  # … never reaching the backend
+        view = json.loads((await op(lw, "client", looper, "--json")).out)
         assert view["cooldown"]["rule"] == "manual" and 590 < view["cooldown"]["remaining"] <= 600
-        assert row((await op(lw, "clients")).out, LOOPER)[1] == "cooldown"
+        assert row((await op(lw, "clients")).out, looper)[1] == "cooldown"
 
-        released = await op(lw, "release", LOOPER)
+        released = await op(lw, "release", looper)
         assert released.code == ExitCode.OK, released.err
-        assert released.out.startswith(f"released {LOOPER}:")
+        assert released.out.startswith(f"released {looper}:")
         assert await echo_once(url) == "echoed"
-        assert json.loads((await op(lw, "client", LOOPER, "--json")).out)["cooldown"]["remaining"] == 0
+        assert json.loads((await op(lw, "client", looper, "--json")).out)["cooldown"]["remaining"] == 0
 
         # Seconds as a bare number, and the API's answer with --json.
-        as_json = await op(lw, "cooldown", LOOPER, "--for", "90", "--json")
-        assert json.loads(as_json.out) == {"key": LOOPER, "cooldown_seconds": 90.0}
-        assert json.loads((await op(lw, "release", LOOPER, "--json")).out) == {"key": LOOPER, "released": True}
+        as_json = await op(lw, "cooldown", looper, "--for", "90", "--json")
+        assert json.loads(as_json.out) == {"key": looper, "cooldown_seconds": 90.0}
+        assert json.loads((await op(lw, "release", looper, "--json")).out) == {"key": looper, "released": True}
 
         unknown = await op(lw, "release", "nobody@127.0.0.1")
         assert unknown.code == ExitCode.NOT_FOUND and "no tracked client 'nobody@127.0.0.1'" in unknown.err

@@ -5,6 +5,7 @@ another configuration, what that one would have."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from loopwatch.proxy.observe import recorder as recorder_module
 from loopwatch.proxy.observe.observers import Observer
 from loopwatch.proxy.observe.recorder import Recorder
 from loopwatch.proxy.observe.settings import RecordSettings
-from loopwatch.proxy.tools.replay import replay
+from loopwatch.proxy.tools.replay import print_report, replay
 from loopwatch.proxy.tools.simulate import Knobs, Stack, launch, start_stack
 from tests.conftest import settings_for
 
@@ -546,3 +547,26 @@ def test_record_settings_validate(tmp_path: Path) -> None:
         with_(**{"record.max_bytes": "1KiB"})
     with pytest.raises(ConfigError, match="record.rotate"):
         with_(**{"record.rotate": -1})
+
+
+def test_keys_that_look_like_markup_are_printed_as_they_are(tmp_path: Path) -> None:
+    """Keys are what clients wrote. Read as Rich markup, a key "x[/]y" ended the
+    report with a traceback, and "[link=…]…[/link]" showed another key, linked
+    to the client's URL."""
+    keys = ["x[/]y@10.0.0.1", "[link=https://evil.example/]release-me[/link]@10.0.0.2"]
+    lines = []
+    for key in keys:  # each a 20/s auth loop: flagged and cooled
+        for i in range(8):
+            t = i * 0.05
+            lines.append({"type": "attempt", "key": key, "route": "/", "t": t, "addr": key.rsplit("@", 1)[1]})
+            lines.append({"type": "opened", "key": key, "route": "/", "t": t + 0.001, "conn_id": i})
+            lines.append({"type": "closed", "key": key, "route": "/", "t": t + 0.002, "conn_id": i, "code": 1008,
+                          "reason": "", "initiator": "upstream", "duration": 0.001})  # fmt: skip
+    path = tmp_path / "keys.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = io.StringIO()
+    print_report(replay([str(path)], defaults()), out)
+    text = out.getvalue()
+    for key in keys:
+        assert key in text
+    assert "\x1b]8;" not in text  # no hyperlink

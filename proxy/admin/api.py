@@ -384,9 +384,11 @@ class AdminApi:
     def routes(self) -> list[web.RouteDef]:
         return [
             web.get("/api/clients", self.clients),
-            web.get("/api/clients/{key}", self.client),
-            web.post("/api/clients/{key}/release", self.release),
-            web.post("/api/clients/{key}/cooldown", self.cooldown),
+            # Any character but "/" (aiohttp's default pattern also refuses
+            # braces: a braced GUID sub could not be looked up or released).
+            web.get("/api/clients/{key:[^/]+}", self.client),
+            web.post("/api/clients/{key:[^/]+}/release", self.release),
+            web.post("/api/clients/{key:[^/]+}/cooldown", self.cooldown),
             web.get("/api/breakers", self.breakers),
             web.post("/api/breakers/{name}/reset", self.reset_breaker),
             web.get("/api/config", self.config),

@@ -553,7 +553,9 @@ def print_report(report: ReplayReport, out: IO[str] | None = None) -> None:
     from rich.table import Table
 
     out = out or sys.stdout
-    console = Console(file=out, width=None if out.isatty() else 160)
+    # Keys are what clients wrote: never read as markup (a key "x[/]y" crashed
+    # the report, "[link=…]" showed another key, linked to the client's URL).
+    console = Console(file=out, width=None if out.isatty() else 160, markup=False, highlight=False, emoji=False)
 
     def say(text: str) -> None:
         console.print(text, markup=False, highlight=False, soft_wrap=True)
