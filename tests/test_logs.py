@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from loopwatch.proxy.app.runtime import ConfigSources
 from loopwatch.proxy.app.settings import load_settings
-from loopwatch.proxy.observe.logs import JsonFormatter
+from loopwatch.proxy.observe.logs import JsonFormatter, TextFormatter
 from loopwatch.proxy.sections import parse_host_port
 from loopwatch.proxy.tools.demo_backend import issue_token
 from tests.conftest import client_key, free_port, idle, loopwatch, wait_for
@@ -364,3 +364,29 @@ async def test_the_listening_line_writes_addresses_as_the_config_does(caplog: py
         fields = line.fields  # type: ignore[attr-defined]
         assert fields["proxy"] == f"[::1]:{lw.proxy_port}" and fields["admin"] == f"[::1]:{lw.admin_port}"
         assert parse_host_port(fields["proxy"]) == ("::1", lw.proxy_port)
+
+
+HOSTILE = {
+    "client": "evil rule=manual severity=critical@127.0.0.1",
+    "reason": "x\r\n2026-12-06 18:00:00,000 error   stopped \x1b]0;pwned\x07\x1b[2J\u2028\u202e\u009b",
+    "path": "/api/x\n\"forged\"\\",
+    "evidence": {"note": "a\nb"},
+}
+
+
+@pytest.mark.parametrize("formatter", [TextFormatter(), JsonFormatter()], ids=["text", "json"])
+def test_values_from_clients_cannot_forge_lines_fields_or_terminal_codes(formatter: logging.Formatter) -> None:
+    """A close reason with CR LF forged a second text line; escape sequences
+    cleared the screen of whoever tailed the log; a key with spaces forged
+    fields. Each line is one line of printable ASCII, and parses back."""
+    record = logging.LogRecord("loopwatch.events", logging.WARNING, __file__, 0, "access", None, None)
+    record.fields = HOSTILE
+    line = formatter.format(record)
+    assert "\n" not in line and "\r" not in line
+    assert line.isascii() and line.isprintable()
+    if isinstance(formatter, JsonFormatter):
+        assert {k: json.loads(line)[k] for k in HOSTILE} == HOSTILE
+    else:
+        # The forged "fields" stay inside the quoted client value.
+        assert ' client="evil rule=manual severity=critical@127.0.0.1" reason=' in line
+        assert ' reason="x\\r\\n2026' in line

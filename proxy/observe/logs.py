@@ -32,17 +32,36 @@ class JsonFormatter(logging.Formatter):
             line.update(fields)
         if record.exc_info:
             line["error"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str, ensure_ascii=False)
+        # Every character outside printable ASCII escaped: values come from clients,
+        # and C1 controls, U+2028 or a right-to-left override left raw act on the
+        # terminal or the viewer of whoever reads the line.
+        return json.dumps(line, default=str, ensure_ascii=True)
 
 
 class TextFormatter(logging.Formatter):
+    """`key=value` lines for people, logfmt-style: a value that is not plain
+    printable ASCII without spaces, `=` or quotes is quoted and escaped as in
+    JSON. Values come from clients (keys, close reasons, paths): written raw, a
+    close reason with CR LF forged a log line, and one with escape sequences
+    cleared the screen of whoever tailed the log; a key with spaces forged
+    fields. (nginx escapes such bytes as \\xNN.)"""
+
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", None) or {}
-        extra = " ".join(f"{k}={v}" for k, v in fields.items())
-        base = f"{self.formatTime(record)} {record.levelname.lower():7} {record.getMessage()}"
-        if record.exc_info:
+        extra = " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
+        base = f"{self.formatTime(record)} {record.levelname.lower():7} {_text_value(record.getMessage())}"
+        if record.exc_info:  # loopwatch's own traceback: lines of its own, meant to be read
             extra += "\n" + self.formatException(record.exc_info)
         return f"{base} {extra}".rstrip()
+
+
+def _text_value(value: object) -> str:
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, default=str, ensure_ascii=True, separators=(",", ":"))
+    text = str(value)
+    if text and text.isascii() and text.isprintable() and not any(c in text for c in ' ="\\'):
+        return text
+    return json.dumps(text, ensure_ascii=True)
 
 
 MAX_QUEUED_LINES = 10_000  # lines waiting for a slow reader of stderr; beyond, dropped
