@@ -570,3 +570,54 @@ def test_keys_that_look_like_markup_are_printed_as_they_are(tmp_path: Path) -> N
     for key in keys:
         assert key in text
     assert "\x1b]8;" not in text  # no hyperlink
+
+
+class FullDisk:
+    """The recorder's file on a disk that fills: writes go through until `room`
+    bytes are used, the one that crosses it is cut short, then ENOSPC."""
+
+    def __init__(self, real: Any, room: int) -> None:
+        self.real, self.room = real, room
+
+    def write(self, data: bytes) -> int:
+        if self.room <= 0:
+            raise OSError(28, "No space left on device")
+        n = self.real.write(bytes(data[: self.room]))
+        self.room -= n
+        return n
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+async def test_a_full_disk_tears_no_line_and_counts_and_logs_the_gap(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch half written at ENOSPC left half a record, and the next batch
+    was appended to it (replay lost both); the lost events were in no count
+    and the outage was logged once per process, never its end."""
+    path = tmp_path / "events.jsonl"
+    rec = Recorder(RecordSettings(path=str(path)), flush_interval=0.01)
+    real = rec.file._file
+    for i in range(20):
+        rec.on_closed(FakeConn(), closed_event(i), None)
+    await asyncio.sleep(0.1)  # written
+    good = path.stat().st_size
+    rec.file._file = FullDisk(real, room=200)  # type: ignore[assignment]
+    for round_ in range(2):  # two outages: each logged when it starts and when it ends
+        for i in range(20):
+            rec.on_closed(FakeConn(), closed_event(100 * (round_ + 1) + i), None)
+        await asyncio.sleep(0.1)
+        assert path.stat().st_size == good  # taken back to the last whole line
+        rec.file._file = real  # the disk has room again
+        rec.on_closed(FakeConn(), closed_event(1000 + round_), None)
+        await asyncio.sleep(0.1)
+        good = path.stat().st_size
+        rec.file._file = FullDisk(real, room=0)  # type: ignore[assignment]
+    rec.file._file = real
+    await rec.aclose()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]  # every line whole
+    assert [x["conn_id"] for x in lines] == [*range(20), 1000, 1001]
+    assert rec.lost == 40
+    events = [r.getMessage() for r in caplog.records if r.name == "loopwatch.recorder"]
+    assert events == ["record_write_failed", "record_write_resumed"] * 2

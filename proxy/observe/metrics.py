@@ -45,6 +45,7 @@ from ..dataplane.boundary import (
 from .eventlog import EventLogObserver
 from .observers import Observer, Observers, trace_context
 from .promstore import CounterStore, HistogramStore
+from .recorder import Recorder
 from .tracing import Sink, TracingObserver, client_hash, tracing_from_env
 
 if TYPE_CHECKING:
@@ -337,6 +338,9 @@ class StateCollector(Collector):
         families["reload_time"].add_metric([], self.metrics.last_reload_success)
         families["store_errors"].add_metric([], getattr(store, "errors", 0))
         families["spans_dropped"].add_metric([], self.spans.dropped if self.spans is not None else 0)
+        recorder = next((o for o in self.observers.observers if isinstance(o, Recorder)), None) if self.observers else None
+        families["record_dropped"].add_metric(["buffer_full"], recorder.dropped if recorder is not None else 0)
+        families["record_dropped"].add_metric(["write_error"], recorder.lost if recorder is not None else 0)
         families["events_dropped"].add_metric([], self.view.events_dropped() if self.view is not None else 0)
         families["dataplane_threads"].add_metric([], self.view.dataplane_threads() if self.view is not None else 0)
         lag = self.view.enforcement_lag() if self.view is not None else {}
@@ -447,6 +451,12 @@ class StateCollector(Collector):
             "rejected": c(
                 "loopwatch_requests_rejected",
                 "Requests loopwatch answered (or cut) itself before the engine saw them, by reason.",
+                labels=["reason"],
+            ),
+            "record_dropped": c(
+                "loopwatch_record_events_dropped",
+                "Engine events record: did not write, by reason: buffer_full (the disk was slow), write_error"
+                " (a write failed, a full disk).",
                 labels=["reason"],
             ),
             "spans_dropped": c(

@@ -15,6 +15,12 @@ slows nothing and grows nothing. Files are bounded too: when the next batch
 would take the file past ``record.max_bytes`` it is rotated to ``PATH.1``
 (``PATH.1`` to ``PATH.2`` …, keeping ``record.rotate`` of them); with
 ``rotate: 0`` the full file is simply started over.
+
+A write that fails (a full disk) is taken back to the last whole line, so
+the file never holds half a record and never passes ``max_bytes``; its lines
+are counted as lost (``loopwatch_record_events_dropped_total{reason=
+"write_error"}``), and the outage is logged when it starts
+(``record_write_failed``) and when writing works again (``record_write_resumed``).
 """
 
 from __future__ import annotations
@@ -56,7 +62,8 @@ class EventFile:
         self.rotations = 0
         self._lock = threading.Lock()
         # Opened at start-up, so a bad path fails `loopwatch run` at once, not silently later.
-        self._file = open(path, "ab")  # noqa: SIM115 - held open for the recorder's life
+        # Unbuffered: a failed write leaves nothing behind in a buffer to come out later.
+        self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - held open for the recorder's life
         self.size = self._file.tell()
 
     def write(self, lines: Iterable[bytes]) -> int:
@@ -75,13 +82,23 @@ class EventFile:
                 chunk.append(line)
                 chunk_size += len(line)
             written += self._append(chunk, chunk_size)
-            self._file.flush()
         return written
 
     def _append(self, chunk: list[bytes], size: int) -> int:
-        if chunk:
-            self._file.write(b"".join(chunk))
-            self.size += size
+        if not chunk:
+            return 0
+        data = memoryview(b"".join(chunk))
+        try:
+            while data:
+                data = data[self._file.write(data) or 0 :]
+        except OSError:
+            # Back to the last whole line: the next batch must not start inside
+            # a torn one (replay would lose both), nor the file pass max_bytes.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._file.fileno(), self.size)
+                self._file.seek(self.size)
+            raise
+        self.size += size
         return size
 
     def _rotate(self) -> None:
@@ -92,7 +109,7 @@ class EventFile:
                 if os.path.exists(older):
                     os.replace(older, f"{self.path}.{i + 1}")
             os.replace(self.path, f"{self.path}.1")
-        self._file = open(self.path, "wb")  # noqa: SIM115 - held open for the recorder's life
+        self._file = open(self.path, "wb", buffering=0)  # noqa: SIM115 - held open for the recorder's life
         self.size = 0
         self.rotations += 1
 
@@ -112,7 +129,9 @@ class Recorder(Observer):
         self.flush_interval = flush_interval
         self.recorded = 0
         self.dropped = 0  # buffer full: the disk could not keep up
+        self.lost = 0  # lines of batches whose write failed (a full disk)
         self.write_errors = 0
+        self.failing = False  # the last write failed: an outage under way
         self._pending: list[bytes] = []
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -178,10 +197,16 @@ class Recorder(Observer):
         batch, self._pending = self._pending, []
         try:
             await loop.run_in_executor(None, self.file.write, batch)
-        except OSError:
+        except OSError as e:
             self.write_errors += 1
-            if self.write_errors == 1:  # once: a full disk must not flood the log
-                log.error("record_write_failed", exc_info=True, extra={"fields": {"path": self.file.path}})
+            self.lost += len(batch)  # at most: lines before a rotation in it may have been written
+            if not self.failing:  # once an outage: a full disk must not flood the log
+                self.failing = True
+                log.error("record_write_failed", extra={"fields": {"path": self.file.path, "error": str(e)}})
+            return
+        if self.failing:
+            self.failing = False
+            log.warning("record_write_resumed", extra={"fields": {"path": self.file.path, "lost": self.lost}})
 
     async def aclose(self) -> None:
         """Write what is buffered and close the file."""
