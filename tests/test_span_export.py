@@ -66,6 +66,17 @@ def file_exporters() -> list[SpanExporter]:
     return [FileExporter(os.environ["LW_SPAN_FILE"])]
 
 
+class BrokenExporter(SpanExporter):
+    """An exporter whose every export raises (the SDK logs it)."""
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        raise ConnectionError("collector unreachable")
+
+
+def broken_exporters() -> list[SpanExporter]:
+    return [BrokenExporter()]
+
+
 def summary(span: ReadableSpan) -> dict[str, Any]:
     """What an exporter sees of a span, as plain comparable data."""
     parent = span.parent
@@ -308,3 +319,37 @@ def wait_for_sync(predicate: Any, timeout: float = 10.0) -> None:
             raise AssertionError("condition not reached")
         time.sleep(0.01)
 
+
+
+def test_the_stop_waits_a_bounded_time_for_a_child_that_does_not_finish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a collector that never answers the child cannot finish its last
+    export: the stop waited 30 s for it, past the shipped grace period
+    (terminationGracePeriodSeconds 30 after shutdown_timeout 10)."""
+    monkeypatch.setattr(span_export, "CHILD_EXIT_WAIT", 0.5)
+    s = ProcessSpanSink(env={"LW_SPAN_FILE": str(tmp_path / "spans.jsonl"), **ON_PATH}, exporter_factory=FACTORY)
+    assert s.force_flush(10_000)  # the child is up
+    child = s.child
+    assert child is not None
+    os.kill(child.pid, signal.SIGSTOP)  # as stuck as an export that never returns
+    start = time.monotonic()
+    s.shutdown()
+    assert time.monotonic() - start < 5
+    assert child.poll() is not None  # stopped for good
+
+
+def test_the_childs_own_log_lines_are_json(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """The SDK's warnings in the child (an export failing, a full queue) came out
+    as Python's last-resort plain text on loopwatch's stderr: a JSON log
+    pipeline got lines it could not parse."""
+    s = ProcessSpanSink(env=dict(ON_PATH), exporter_factory="tests.test_span_export:broken_exporters")
+    try:
+        s.submit(records(0, 3))
+        assert s.force_flush(10_000)
+    finally:
+        s.shutdown()
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert lines, "the SDK said nothing of the failed export"
+    for line in lines:
+        assert json.loads(line)["level"] in ("warning", "error"), line

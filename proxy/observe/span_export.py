@@ -161,6 +161,11 @@ def from_wire(t: Sequence[Any]) -> Record:
 Convert = Callable[[Record, "Resource", "InstrumentationScope"], "ReadableSpan"]
 
 
+# Seconds loopwatch waits at its stop for the span exporter process to export
+# what it holds and exit (then it is killed, and those spans are lost).
+CHILD_EXIT_WAIT = 10.0
+
+
 class TracingConfigError(ValueError):
     """An OTEL_* variable loopwatch cannot honour; the message names it."""
 
@@ -472,7 +477,9 @@ class ProcessSpanSink(SdkParts):
             child = self.child
             self._close_child()  # end of input: the child exports what it holds and exits
             try:
-                child.wait(30)
+                # Bounded so that a collector that does not answer cannot hold the
+                # stop past a container's grace period (shutdown_timeout + this).
+                child.wait(CHILD_EXIT_WAIT)
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
@@ -532,6 +539,11 @@ def child_main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     yield_to_the_event_loop()
+    # The SDK's own warnings (a collector down, a full queue) as loopwatch's JSON
+    # lines on the shared stderr, not Python's last-resort plain text.
+    from .logs import setup_logging
+
+    setup_logging("warning", "json")
 
     args = sys.argv[1:] if argv is None else argv
     ack = int(args[0])
