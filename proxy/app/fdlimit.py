@@ -95,8 +95,9 @@ def fit_logged(settings: Settings, previous: FdLimit | None = None) -> FdLimit:
         event(
             log, "fd_limit", logging.WARNING, **fields, connections=limit.connections,
             why=(f"limits.max_connections {limit.max_connections} needs {limit.needed} open files and the "
-                 f"hard limit allows {limit.hard}: past about {limit.connections} connections new ones "
-                 f"cannot be accepted; raise it (ulimit -Hn, LimitNOFILE=, docker run --ulimit nofile=) "
+                 f"hard limit allows {limit.hard}: past about {limit.connections} connections (an estimate: "
+                 f"{limit.reserve} are set aside for the plain-HTTP pool, event streams and the rest) new ones "
+                 f"may not be accepted; raise it (ulimit -Hn, LimitNOFILE=, docker run --ulimit nofile=) "
                  f"or lower limits.max_connections"),
         )  # fmt: skip
     elif limit.soft != limit.before:
