@@ -1030,10 +1030,15 @@ impl<C: Transport, U: Transport> Relay<C, U> {
         self.settle(i);
     }
 
-    /// Bytes after the proxy closed this direction: watch for the side's close reply.
+    /// Bytes after the proxy closed this direction: watch for the side's close
+    /// reply. They go to no one, so they are not counted as relayed (a peer
+    /// flooding through the close grace showed gigabytes that never left).
     fn discard(&mut self, i: usize, data: &[u8]) {
-        if self.legs[i].watcher.error().is_none() {
-            let _ = self.legs[i].watcher.feed(data);
+        let watcher = &mut self.legs[i].watcher;
+        if watcher.error().is_none() {
+            let (messages, bytes) = (watcher.messages, watcher.message_bytes);
+            let _ = watcher.feed(data);
+            (watcher.messages, watcher.message_bytes) = (messages, bytes);
         }
         self.settle(i);
     }
@@ -1443,6 +1448,46 @@ mod tests {
             .expect("ended without the client's own close")
             .unwrap();
         assert_eq!((info.code, info.initiator), (1008, Initiator::Upstream));
+    }
+
+    /// What a side sends after loopwatch's own close, while loopwatch waits
+    /// for its close reply, goes to no one: not counted as relayed.
+    #[tokio::test]
+    async fn bytes_dropped_in_the_close_grace_are_not_counted() {
+        let mut s = splice().await;
+        let before = unmasked(0x82, b"relayed");
+        s.upstream.write_all(&before).await.unwrap();
+        assert_eq!(read_n(&mut s.client, before.len()).await, before);
+        let command = CloseCommand {
+            code: 1001,
+            reason: "bye".into(),
+            grace: CLOSE_GRACE,
+        };
+        assert!(s.relays.close(1, command));
+        assert_eq!(read_close(&mut s.client).await, (1001, false));
+        assert_eq!(read_close(&mut s.upstream).await, (1001, true));
+        for _ in 0..3 {
+            s.upstream
+                .write_all(&unmasked(0x82, &[b'x'; 100]))
+                .await
+                .unwrap();
+        }
+        s.upstream
+            .write_all(&unmasked(0x88, &1001u16.to_be_bytes()))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let live = s.relays.live();
+        assert_eq!(
+            (live[0].traffic.messages_out, live[0].traffic.bytes_out),
+            (1, 7)
+        );
+        s.client
+            .write_all(&masked(0x88, &1001u16.to_be_bytes()))
+            .await
+            .unwrap();
+        let info = ended(s).await;
+        assert_eq!(info.initiator, Initiator::Proxy);
     }
 
     /// A half-close before the handshake is done stays one: the client's
