@@ -7,6 +7,7 @@ file descriptors the data plane shares: WebSocket clients got 503.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 
@@ -96,3 +97,22 @@ async def test_connections_past_the_cap_are_closed_at_accept(monkeypatch: pytest
         # A refused answer closes its connection: it keeps no slot.
         status, _ = await call(lw, "GET", "/api/nothing-here")
         assert status == 404
+
+
+async def test_malformed_requests_are_counted_not_logged_as_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
+    """aiohttp wrote an error line with a traceback for each request it could not
+    parse: 50 bad requests, 50 error lines, from anyone who reached the port."""
+    caplog.set_level(logging.INFO)
+    async with admin_port() as lw:
+        loop = asyncio.get_running_loop()
+        for _ in range(20):
+            sock = connect(lw.admin_port)
+            await loop.sock_sendall(sock, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Bad: a\x01b\r\n\r\n")
+            assert (await asyncio.wait_for(loop.sock_recv(sock, 1024), 5)).startswith(b"HTTP/1.0 400")
+            sock.close()
+        assert await rejected(lw, "bad_request") == 20
+        # And a bad limit is answered in JSON, whatever it holds.
+        status, body = await call(lw, "GET", '/api/clients?limit=x","injected":"yes')
+        assert status == 400 and isinstance(body, dict) and set(body) == {"error"}
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len([r for r in caplog.records if r.getMessage() == "admin_request_rejected"]) == 1

@@ -28,6 +28,7 @@ import enum
 import hashlib
 import hmac
 import ipaddress
+import json
 import logging
 import re
 import time
@@ -64,6 +65,7 @@ NOT_STATE_CHANGES = frozenset({"/api/events/ticket"})
 # loopwatch_admin_requests_rejected_total.
 REJECT_REASONS = (
     "host", "cross_site", "unauthorized", "no_token", "streams_full", "shutting_down", "connections", "timeout",
+    "bad_request",
 )  # fmt: skip
 # Why an event stream was dropped: the `reason` label of
 # loopwatch_admin_event_streams_dropped_total.
@@ -370,8 +372,8 @@ def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) 
     try:
         value = int(raw)
     except ValueError:
-        raise web.HTTPBadRequest(
-            text=f'{{"error": "{name}: expected an integer, got {raw!r}"}}',
+        raise web.HTTPBadRequest(  # built as JSON: the raw value may hold quotes
+            text=json.dumps({"error": f"{name}: expected an integer, got {raw!r}"}),
             content_type="application/json",
         ) from None
     return max(lo, min(hi, value))

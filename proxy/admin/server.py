@@ -19,7 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from ..observe.logs import event
 from ..observe.selfmetrics import build_labels
 from .api import AdminCounters, Exposure, guard_middleware, json_errors_middleware, listen_host_of
-from .gate import AdminGate
+from .gate import AdminGate, MalformedRequests
 from .settings import AdminSettings
 
 
@@ -93,6 +93,7 @@ class AdminServer:
         self.app.router.add_get("/metrics", make_aiohttp_handler(registry))
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
+        self._malformed: MalformedRequests | None = None
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -108,6 +109,8 @@ class AdminServer:
         self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         self.gate.server = self._runner.server
+        self._malformed = MalformedRequests(self.counters)
+        logging.getLogger("aiohttp.server").addFilter(self._malformed)
         loop = asyncio.get_running_loop()
         self._listener = await loop.create_server(self.gate, host, port, reuse_address=True)
         self.log_exposure()
@@ -143,6 +146,8 @@ class AdminServer:
         return int(self._listener.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
+        if self._malformed is not None:
+            logging.getLogger("aiohttp.server").removeFilter(self._malformed)
         if self._listener is not None:
             self._listener.close()  # no new connections; the runner closes the open ones
         if self._runner is not None:
