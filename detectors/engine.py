@@ -360,10 +360,13 @@ class Engine:
                 enforce = self._blame(kind)
         elif isinstance(event, HandshakeFailed):
             kind = tracker.on_handshake_failed(state, event, d)
-            if kind & tracker.LOCAL:
-                # The proxy's own limit: a probe it carried goes back unused.
+            if kind & (tracker.LOCAL | tracker.CLIENT_LEFT):
+                # The proxy's own limit, or a client that left first: no breaker's
+                # outcome; a probe it carried goes back unused.
                 self._release_probe(state, self._upstream)
                 self._release_probe(state, self._auth)
+                if kind & tracker.FAILED:
+                    enforce = self._blame(kind)
             else:
                 self._upstream_outcome(state, t, success=not kind & tracker.UPSTREAM_FAILURE)
                 if kind & tracker.AUTH_FAILURE:
@@ -750,7 +753,7 @@ class Engine:
         return self._take()
 
     def _observe_breakers(self, state: ClientState, event: Event, kind: int, t: float) -> None:
-        if isinstance(event, Opened | HandshakeFailed) and not kind & tracker.LOCAL:
+        if isinstance(event, Opened | HandshakeFailed) and not kind & (tracker.LOCAL | tracker.CLIENT_LEFT):
             success = not kind & tracker.UPSTREAM_FAILURE
             self._moved(self._upstream.record(t, success))
         if isinstance(event, Closed) and event.duration >= self._detection.healthy_after:

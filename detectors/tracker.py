@@ -33,6 +33,7 @@ AUTH_SUCCESS = 4  # closed normally before healthy_after (a longer life is credi
 UPSTREAM_FAILURE = 8  # no answer, or a 5xx, at the handshake
 UPSTREAM_SUCCESS = 16  # any other handshake answer, including 401/403
 LOCAL = 32  # ended by the proxy's own limit (LOCAL_ERRORS): nobody's success or failure
+CLIENT_LEFT = 64  # the client left before the upstream answered: the client's failure, not the upstream's
 
 # Refusals the client cannot be blamed for: the breaker is about the upstream.
 NEUTRAL_REJECTIONS = frozenset({"circuit_open"})
@@ -127,6 +128,11 @@ def on_handshake_failed(
         return LOCAL
     state.end_failed = True
     state.bad_times = ring.push(state.bad_times, t, _rapid_cap(settings))
+    if event.error == "client_closed":
+        # It came to nothing, but no upstream failed: a client that leaves while
+        # a slow backend thinks (a closed tab) must not count toward the breaker.
+        _end_streaks(state)
+        return FAILED | CLIENT_LEFT
     status = event.status
     if status is not None and status in settings.auth_statuses:
         _auth_failure(state, t, settings)

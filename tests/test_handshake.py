@@ -373,6 +373,29 @@ async def test_upstream_never_answers_is_504_after_handshake_timeout():
     assert after == b""
 
 
+async def test_a_client_that_leaves_before_the_101_is_not_an_upstream_failure():
+    """A client that closes while the upstream thinks (a closed tab) was kept
+    until the handshake timeout, then counted as an upstream handshake timeout:
+    closed tabs against a slow backend fed the upstream breaker. Its attempt
+    now ends at once, as the client's (outcome client_gone)."""
+    async with (
+        RawBackend(lambda head: None) as backend,
+        loopwatch(backend.url, **{"limits.handshake_timeout": "5s", "breakers.upstream.min_calls": 3}) as lw,
+    ):
+        for _ in range(5):
+            reader, writer = await asyncio.open_connection("127.0.0.1", lw.proxy_port)
+            writer.write(upgrade_request("/slow"))
+            await writer.drain()
+            await wait_for(lambda: len(backend.heads) > 0)
+            writer.write_eof()  # gone, having sent nothing more
+            assert await asyncio.wait_for(reader.read(), 2) == b""  # closed at once, no 504 later
+            writer.close()
+        await wait_for(lambda: lw.plane.connections() == 0)
+        await wait_for(lw.plane.settled)
+        [upstream] = [b for b in lw.engine.breakers(time.monotonic()) if b.name == "upstream"]
+        assert (upstream.state, upstream.failures) == ("closed", 0)
+
+
 async def test_upstream_connect_timeout_is_504():
     # A listener whose accept queue is full: the kernel drops further SYNs, so a
     # connect neither succeeds nor fails until the connect timeout.

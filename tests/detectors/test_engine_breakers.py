@@ -112,6 +112,20 @@ def test_the_proxys_own_fd_limit_does_not_open_the_upstream_breaker() -> None:
     assert e.admit(Attempt("newcomer", "/ws", 0.5)).admitted
 
 
+def test_clients_that_leave_before_the_upstream_answers_do_not_open_it() -> None:
+    """Closed tabs against a slow backend counted as upstream failures. A client
+    that leaves first still came to nothing, for its own rules."""
+    e = engine()
+    assert transitions(upstream_down(e, 30, error="client_closed")) == []
+    assert e.breakers(0.5)[0].state == "closed"
+    for i in range(12):  # one client doing it 24 times a second: its own rapid_reconnect
+        t = 1.0 + i * 0.04
+        e.admit(Attempt("leaver", "/ws", t))
+        e.record(HandshakeFailed("leaver", "/ws", t + 0.01, None, "client_closed"))
+    view = e.client("leaver", 1.5)
+    assert view is not None and "rapid_reconnect" in {f.rule for f in view.findings}
+
+
 def test_the_proxys_own_fd_limit_is_no_failure_of_the_client() -> None:
     # One client whose every attempt meets the limit is neither flagged nor
     # cooled: each failure is loopwatch's, not its own (a 502 would count).

@@ -1117,6 +1117,15 @@ async fn forward<C: Transport + 'static>(
                     return;
                 }
                 read = read_appending(&mut client, &mut early, HEAD_READ), if room => match read {
+                    // A client that ends its side having sent nothing after its
+                    // head has gone (a closed tab): the attempt ends now, as the
+                    // client's, not an upstream timeout later. One that sent
+                    // frames first (its close among them) has them passed on
+                    // after the 101, and its end with them.
+                    Ok(0) if early.is_empty() => {
+                        failed(HandshakeFailure::Error(HandshakeError::ClientClosed));
+                        return;
+                    }
                     Ok(0) => client_eof = true,
                     Ok(_) => {}
                     Err(_) => {
