@@ -234,6 +234,8 @@ async def test_a_manual_cooldown_or_release_refuses_keys_identity_never_produces
         "\x00": "never holds control or invisible format characters",
         "bob\n@10.0.0.1": "never holds control or invisible format characters",
         "bob\u200b@10.0.0.1": "never holds control or invisible format characters",
+        "bob\u2028@10.0.0.1": "never holds control or invisible format characters",
+        "bob\xad@10.0.0.1": "never holds control or invisible format characters",
         " ": "got an empty or blank one",
         "bob @10.0.0.1": "never starts or ends with whitespace",
         f"{long_value}@10.0.0.1": (

@@ -326,7 +326,11 @@ def listen_host_of(admin: AdminSettings) -> str:
 # What identity removes from every value (docs/identity.md, "Cleaning and
 # bounding values"; is_unsafe in proxy/dataplane/core/src/identity.rs): C0, DEL
 # and C1 controls, zero-width and bidi format characters, and lone surrogates.
-_NEVER_IN_A_KEY = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff\ud800-\udfff]")
+# What identity removes from a key (proxy/dataplane/core/src/identity.rs, is_unsafe), and lone surrogates.
+_NEVER_IN_A_KEY = re.compile(
+    "[\x00-\x1f\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff"
+    "\ud800-\udfff\U000e0000-\U000e007f]"
+)
 
 
 def manual_key_problem(key: str, max_key_length: int) -> str | None:

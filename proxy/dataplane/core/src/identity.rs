@@ -583,16 +583,23 @@ fn cookie_header(head: &RequestHead<'_>) -> Option<String> {
     out
 }
 
-/// C0/C1 controls, invisible format characters (bidi overrides, zero-width);
-/// lone surrogates are never in a Rust string (`identity._UNSAFE_RE`).
+/// C0/C1 controls, invisible format characters (bidi overrides and marks,
+/// zero-width, the soft hyphen, tag characters) and the line and paragraph
+/// separators: a key is shown to operators (tables, logs, the status page),
+/// where these split a row or make one key look like another. Lone
+/// surrogates are never in a Rust string (`identity._UNSAFE_RE`).
 fn is_unsafe(c: char) -> bool {
     matches!(c,
         '\u{00}'..='\u{1f}'
         | '\u{7f}'..='\u{9f}'
+        | '\u{ad}'
+        | '\u{61c}'
+        | '\u{180e}'
         | '\u{200b}'..='\u{200f}'
-        | '\u{202a}'..='\u{202e}'
+        | '\u{2028}'..='\u{202e}'
         | '\u{2060}'..='\u{2069}'
-        | '\u{feff}')
+        | '\u{feff}'
+        | '\u{e0000}'..='\u{e007f}')
 }
 
 /// Python's `str.isspace` (Unicode 14, as Python 3.11's).
