@@ -84,6 +84,7 @@ class GatedConnection(asyncio.Protocol):
         self.transport: asyncio.BaseTransport | None = None
         self.phase = Phase.FIRST
         self.deadline: asyncio.TimerHandle | None = None
+        self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         gate = self.gate
@@ -114,6 +115,7 @@ class GatedConnection(asyncio.Protocol):
             self.inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
         self._disarm()
         if self.transport is not None:
             self.gate.open.pop(self.transport, None)
@@ -128,7 +130,8 @@ class GatedConnection(asyncio.Protocol):
 
     def request_done(self) -> None:
         self.phase = Phase.IDLE
-        self._arm(IDLE_TIMEOUT)
+        if not self.lost:  # a handler ends after its client left (a closed stream): no timer to hold it
+            self._arm(IDLE_TIMEOUT)
 
     def _arm(self, seconds: float) -> None:
         self._disarm()
