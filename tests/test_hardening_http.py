@@ -41,6 +41,22 @@ async def test_silent_request_body_is_cut_at_body_timeout_with_408_and_releases_
         assert (await rejected(p.lw))["body_timeout"] == 1
 
 
+async def test_a_client_that_ends_its_side_mid_body_releases_the_backend_at_once():
+    """It was held until body_timeout (30 s by default), then counted and
+    logged as a slow body (408 to a client that had gone)."""
+    async with proxied(**{"limits.body_timeout": "10s"}) as p:
+        reader, writer = await open_from(p.port, ATTACKER)
+        started = time.monotonic()
+        writer.write(SLOW_BODY)  # 3 bytes of the 100 000 announced, then its end
+        await wait_for(lambda: p.backend.open == 1)  # it went upstream, head and all
+        writer.write_eof()
+        assert await asyncio.wait_for(read_all(reader), 5) == b""  # closed, nothing answered
+        writer.close()
+        await wait_for(lambda: p.backend.open == 0 and p.backend.cut_short == 1)
+        assert time.monotonic() - started < 5
+        assert (await rejected(p.lw))["body_timeout"] == 0
+
+
 async def test_a_body_that_keeps_coming_is_never_cut():
     """The timeout is on silence, as nginx's client_body_timeout: a slow upload that
     makes progress within each timeout is forwarded whole."""

@@ -526,9 +526,11 @@ where
         input.clear();
         input.reserve(BODY_BUFFER);
         match client.read_buf(&mut input).await {
-            // Half-closed before the body's end: nothing more will come, and
-            // the body timeout answers it (the client may still read).
-            Ok(0) => std::future::pending::<()>().await,
+            // Ended before the body's end: nothing more will come, so the
+            // request can never be whole. Gone, as nginx's "client prematurely
+            // closed connection": the upstream's request is cancelled now, not
+            // held until the body timeout and then counted as a slow body.
+            Ok(0) => return Err(RequestError::ClientGone),
             Ok(_) => clock.progress(),
             Err(_) => return Err(RequestError::ClientGone),
         }
