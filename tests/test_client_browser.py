@@ -131,6 +131,9 @@ async def test_the_companion_in_chromium_stops_the_incident_s_loop() -> None:
             try:
                 expired, healthy, calm = [await open_page(browser, lw) for _ in range(3)]
                 await force_cooldown(lw, "calm-tab@127.0.0.1", COOLDOWN)
+                # The API answers before the brain's next step writes the table: a tab
+                # started in between was admitted, then closed 1013 after its open.
+                await wait_for(lambda: lw.plane.table.lookup("calm-tab@127.0.0.1", "127.0.0.1")[0] == "refuse")
                 started = time.monotonic()
                 await expired.evaluate("t => start(t, 2)", issue_token("expired-tab", -60))
                 await healthy.evaluate("t => start(t, 2)", issue_token("healthy-tab", 600))
