@@ -867,15 +867,15 @@ class Engine:
         out = []
         for b in self._breakers:
             probes = b.settings.half_open_probes
+            # Clients whose probe failed, and until when the table bars them.
+            no_probe, barred = frozenset(b.failed_probers), b.no_probe_until if b.failed_probers else 0.0
             if b.state is CLOSED:
                 out.append(BreakerEnforcement(b.name, "closed", enforced=enforced))
             elif b.state is HALF_OPEN:
                 left = max(probes - b.probes_permitted, 0)
-                no_probe, barred = frozenset(b.failed_probers), b.no_probe_until if b.failed_probers else 0.0
                 out.append(BreakerEnforcement(b.name, "half_open", 0.0, b.retry_after(t), left, enforced, no_probe,
                                               barred))  # fmt: skip
             else:
-                no_probe, barred = frozenset(b.failed_probers), b.no_probe_until if b.failed_probers else 0.0
                 out.append(BreakerEnforcement(b.name, "open", b.open_until, 0.0, probes, enforced, no_probe,
                                               barred))  # fmt: skip
         return tuple(out)

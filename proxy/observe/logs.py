@@ -21,8 +21,7 @@ from typing import IO
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": _timestamp(record.created),
             "level": record.levelname.lower(),
             "event": record.getMessage(),
             "logger": record.name,
@@ -112,7 +111,7 @@ class LogWriter(logging.Handler):
             line = self.lines.get()
             if self.dropped != self._reported:
                 missed, self._reported = self.dropped - self._reported, self.dropped
-                self._write(json.dumps({"ts": _now(), "level": "warning", "event": "log_lines_dropped",
+                self._write(json.dumps({"ts": _timestamp(time.time()), "level": "warning", "event": "log_lines_dropped",
                                         "logger": "loopwatch", "count": missed}) + "\n")  # fmt: skip
             self._write(line)
             self.written += 1
@@ -135,8 +134,8 @@ class LogWriter(logging.Handler):
             time.sleep(0.005)
 
 
-def _now() -> str:
-    t = time.time()
+def _timestamp(t: float) -> str:
+    """A log line's `ts`: UTC, ISO 8601 with milliseconds."""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
 
