@@ -17,7 +17,7 @@ import time
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from loopwatch.proxy.observe.logs import JsonFormatter, LogWriter
+from loopwatch.proxy.observe.logs import JsonFormatter, LogWriter, TextFormatter
 from tests.clients import attempt
 from tests.conftest import free_port
 from tests.processes import loopwatch_run
@@ -62,6 +62,39 @@ def test_a_full_queue_drops_lines_counts_them_and_says_so_later() -> None:
         assert sum(x["count"] for x in reports) == dropped and {x["level"] for x in reports} == {"warning"}
         assert lines[-1]["event"] == "after"
         assert len(lines) == 500 - dropped + len(reports) + 1
+    finally:
+        logger.removeHandler(writer)
+        os.close(read_end)
+
+
+def test_the_dropped_count_is_written_in_the_text_format_too() -> None:
+    """With `logging.format: text` the drop report is a text line like the
+    others, not a JSON line among them."""
+    read_end, write_end = os.pipe()
+    stream = io.TextIOWrapper(os.fdopen(write_end, "wb", buffering=0), write_through=True)
+    writer = LogWriter(stream, max_queued=2)
+    writer.setFormatter(TextFormatter())
+    logger = logging.getLogger("test.log_writer.text")
+    logger.propagate = False
+    logger.addHandler(writer)
+    try:
+        for i in range(200):  # 200 KB into a 64 KiB pipe nobody reads: lines dropped
+            logger.warning("filler", extra={"fields": {"i": i, "pad": "x" * 1000}})
+        dropped = writer.dropped
+        assert dropped > 0
+        received = b""
+        deadline = time.monotonic() + 10
+        os.set_blocking(read_end, False)
+        while b"log_lines_dropped" not in received and time.monotonic() < deadline:
+            try:
+                received += os.read(read_end, 1 << 20)
+            except BlockingIOError:
+                time.sleep(0.01)
+                if writer.written == writer.queued:
+                    logger.warning("after")  # the report comes before the next line
+        report = next(x for x in received.decode().splitlines() if "log_lines_dropped" in x)
+        assert not report.startswith("{")
+        assert report.split()[2:] == ["warning", "log_lines_dropped", f"count={dropped}"]
     finally:
         logger.removeHandler(writer)
         os.close(read_end)

@@ -111,10 +111,18 @@ class LogWriter(logging.Handler):
             line = self.lines.get()
             if self.dropped != self._reported:
                 missed, self._reported = self.dropped - self._reported, self.dropped
-                self._write(json.dumps({"ts": _timestamp(time.time()), "level": "warning", "event": "log_lines_dropped",
-                                        "logger": "loopwatch", "count": missed}) + "\n")  # fmt: skip
+                self._write(self._dropped_line(missed))
             self._write(line)
             self.written += 1
+
+    def _dropped_line(self, missed: int) -> str:
+        """The `log_lines_dropped` line, in the format of every other line."""
+        record = logging.LogRecord("loopwatch", logging.WARNING, __file__, 0, "log_lines_dropped", None, None)
+        record.fields = {"count": missed}
+        try:
+            return self.format(record) + "\n"
+        except Exception:  # a formatter that fails: the count still said
+            return f"log_lines_dropped count={missed}\n"
 
     def _write(self, text: str) -> None:
         with contextlib.suppress(OSError, ValueError):  # a closed stderr: nothing to tell

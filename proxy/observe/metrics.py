@@ -455,8 +455,8 @@ class StateCollector(Collector):
             ),
             "record_dropped": c(
                 "loopwatch_record_events_dropped",
-                "Engine events record: did not write, by reason: buffer_full (the disk was slow), write_error"
-                " (a write failed, a full disk).",
+                "Engine events the recorder did not write, by reason: buffer_full (the disk was slow),"
+                " write_error (a write failed, a full disk).",
                 labels=["reason"],
             ),
             "spans_dropped": c(
