@@ -639,6 +639,17 @@ mod tests {
         text.parse().expect("an address")
     }
 
+    /// An enforced breaker's entry, no one barred from its probes.
+    fn enforced(name: &str, state: BreakerState, probes: &Arc<ProbeBudget>) -> BreakerEntry {
+        BreakerEntry {
+            name: Arc::from(name),
+            state,
+            probes: Arc::clone(probes),
+            enforced: true,
+            no_probe: Default::default(),
+        }
+    }
+
     fn secs(s: u64) -> Duration {
         Duration::from_secs(s)
     }
@@ -774,15 +785,13 @@ mod tests {
         let now = Instant::now();
         let budget = ProbeBudget::new(2);
         let s = Snapshot {
-            breakers: vec![BreakerEntry {
-                name: Arc::from("upstream"),
-                state: BreakerState::Open {
+            breakers: vec![enforced(
+                "upstream",
+                BreakerState::Open {
                     until: now + secs(10),
                 },
-                probes: Arc::clone(&budget),
-                enforced: true,
-                no_probe: Default::default(),
-            }],
+                &budget,
+            )],
             ..Snapshot::default()
         };
         let r = refusal(s.admission("k", None, now));
@@ -899,24 +908,20 @@ mod tests {
         let first = ProbeBudget::new(1);
         let s = Snapshot {
             breakers: vec![
-                BreakerEntry {
-                    name: Arc::from("upstream"),
-                    state: BreakerState::HalfOpen {
+                enforced(
+                    "upstream",
+                    BreakerState::HalfOpen {
                         retry_after: secs(2),
                     },
-                    probes: Arc::clone(&first),
-                    enforced: true,
-                    no_probe: Default::default(),
-                },
-                BreakerEntry {
-                    name: Arc::from("auth"),
-                    state: BreakerState::Open {
+                    &first,
+                ),
+                enforced(
+                    "auth",
+                    BreakerState::Open {
                         until: now + secs(3),
                     },
-                    probes: ProbeBudget::new(1),
-                    enforced: true,
-                    no_probe: Default::default(),
-                },
+                    &ProbeBudget::new(1),
+                ),
             ],
             ..Snapshot::default()
         };
@@ -994,29 +999,25 @@ mod tests {
         let now = Instant::now();
         let budget = ProbeBudget::new(1);
         let s = Snapshot {
-            breakers: vec![BreakerEntry {
-                name: Arc::from("auth"),
-                state: BreakerState::HalfOpen {
+            breakers: vec![enforced(
+                "auth",
+                BreakerState::HalfOpen {
                     retry_after: secs(3),
                 },
-                probes: Arc::clone(&budget),
-                enforced: true,
-                no_probe: Default::default(),
-            }],
+                &budget,
+            )],
             ..Snapshot::default()
         };
         assert_eq!(s.recheck(1, "k", None, now), None);
         assert_eq!(budget.remaining(), 1);
         let open = Snapshot {
-            breakers: vec![BreakerEntry {
-                name: Arc::from("auth"),
-                state: BreakerState::Open {
+            breakers: vec![enforced(
+                "auth",
+                BreakerState::Open {
                     until: now + secs(3),
                 },
-                probes: budget,
-                enforced: true,
-                no_probe: Default::default(),
-            }],
+                &budget,
+            )],
             ..Snapshot::default()
         };
         let r = open.recheck(1, "k", None, now).expect("open breaker");
@@ -1055,15 +1056,13 @@ mod tests {
         let mut s = Snapshot {
             holds,
             deny: AccessList::parse(["bad"]).unwrap(),
-            breakers: vec![BreakerEntry {
-                name: Arc::from("upstream"),
-                state: BreakerState::Open {
+            breakers: vec![enforced(
+                "upstream",
+                BreakerState::Open {
                     until: now + secs(10),
                 },
-                probes: ProbeBudget::new(1),
-                enforced: true,
-                no_probe: Default::default(),
-            }],
+                &ProbeBudget::new(1),
+            )],
             ..Snapshot::default()
         };
         s.keys.insert("cool".into(), cooling(now, 60));

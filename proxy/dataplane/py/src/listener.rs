@@ -735,6 +735,19 @@ mod tests {
         })
     }
 
+    /// `test_shared` with clients known by their address alone, one
+    /// signature check at a time.
+    fn by_address_shared(
+        events: EventSender,
+        shutdown: watch::Receiver<bool>,
+        routes: Vec<crate::wire::Route>,
+        handshake_timeout: Duration,
+    ) -> Arc<Shared> {
+        let identity =
+            Identity::new(&loopwatch_dataplane_core::identity::IdentitySpec::by_address()).unwrap();
+        test_shared(events, shutdown, routes, identity, handshake_timeout, 1)
+    }
+
     /// A WebSocket backend for `churn_through_the_real_code`: it answers each
     /// upgrade 101, then echoes one small client frame (unmasked) and waits
     /// for the close.
@@ -912,16 +925,7 @@ mod tests {
     async fn a_plain_connection_future_carries_no_tls_state() {
         let (events, _rx) = loopwatch_dataplane_core::events::event_queue(16);
         let (_stop, shutdown) = watch::channel(false);
-        let identity =
-            Identity::new(&loopwatch_dataplane_core::identity::IdentitySpec::by_address()).unwrap();
-        let shared = test_shared(
-            events,
-            shutdown,
-            Vec::new(),
-            identity,
-            Duration::from_secs(1),
-            1,
-        );
+        let shared = by_address_shared(events, shutdown, Vec::new(), Duration::from_secs(1));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -939,16 +943,7 @@ mod tests {
         let route = crate::wire::Route::loopback(upstream.local_addr().unwrap().port(), false);
         let (events, _rx) = loopwatch_dataplane_core::events::event_queue(16);
         let (_stop, shutdown) = watch::channel(false);
-        let identity =
-            Identity::new(&loopwatch_dataplane_core::identity::IdentitySpec::by_address()).unwrap();
-        let shared = test_shared(
-            events,
-            shutdown,
-            vec![route],
-            identity,
-            Duration::from_secs(5),
-            1,
-        );
+        let shared = by_address_shared(events, shutdown, vec![route], Duration::from_secs(5));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await

@@ -1391,6 +1391,15 @@ mod tests {
         assert_eq!((info.code, info.initiator), (1002, Initiator::Upstream));
     }
 
+    /// loopwatch's own close 1001 "bye", with the usual grace.
+    fn bye() -> CloseCommand {
+        CloseCommand {
+            code: 1001,
+            reason: "bye".into(),
+            grace: CLOSE_GRACE,
+        }
+    }
+
     /// Forwarding → Finishing → Stopped: loopwatch's close waits for the
     /// client's frame in flight to end, then follows it to the upstream; the
     /// client gets its close at once (nothing in flight toward it).
@@ -1400,12 +1409,7 @@ mod tests {
         let frame = masked(0x82, b"0123456789");
         s.client.write_all(&frame[..9]).await.unwrap();
         assert_eq!(read_n(&mut s.upstream, 9).await, frame[..9]);
-        let command = CloseCommand {
-            code: 1001,
-            reason: "bye".into(),
-            grace: CLOSE_GRACE,
-        };
-        assert!(s.relays.close(1, command));
+        assert!(s.relays.close(1, bye()));
         assert_eq!(read_close(&mut s.client).await, (1001, false));
         s.client.write_all(&frame[9..]).await.unwrap();
         assert_eq!(read_n(&mut s.upstream, frame.len() - 9).await, frame[9..]);
@@ -1458,12 +1462,7 @@ mod tests {
         let before = unmasked(0x82, b"relayed");
         s.upstream.write_all(&before).await.unwrap();
         assert_eq!(read_n(&mut s.client, before.len()).await, before);
-        let command = CloseCommand {
-            code: 1001,
-            reason: "bye".into(),
-            grace: CLOSE_GRACE,
-        };
-        assert!(s.relays.close(1, command));
+        assert!(s.relays.close(1, bye()));
         assert_eq!(read_close(&mut s.client).await, (1001, false));
         assert_eq!(read_close(&mut s.upstream).await, (1001, true));
         for _ in 0..3 {
