@@ -15,7 +15,7 @@ import asyncio
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from ..detectors import events as ev
@@ -243,9 +243,21 @@ class EngineGate(Gate):
         if self.table is not None:
             self.table.flush(time.monotonic())
 
-    def kick(self) -> None:
+    def kick(self, keys: Iterable[str] = ()) -> None:
         """Re-arm the wake-up timer after an operator (or another replica) changed
-        the engine's state; with an enforcement table, bring its cooldowns in step."""
+        the engine's state; with an enforcement table, write what changed for
+        `keys` (the clients the change concerns) and the breakers. Only those:
+        asking about every cooldown here cost a replica O(cooldowns) per batch
+        another replica published, and its loop stalled for seconds in the very
+        storm it exists for (9 s at 5 000 clients cooled)."""
+        self._schedule()
+        if self.table is not None:
+            self.table.touched.update(keys)
+            self.table.flush(time.monotonic())
+
+    def reconcile(self) -> None:
+        """Bring every cooldown of the table in step with the engine (after a
+        replica adopted the shared store's cooldowns on (re)connecting)."""
         self._schedule()
         if self.table is not None:
             self.table.reconcile(time.monotonic())

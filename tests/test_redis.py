@@ -314,6 +314,43 @@ async def test_a_slow_redis_never_slows_a_handshake(redis_server: RedisServer) -
         await wait_for(lambda: store(a).up and store(b).up, timeout=10)
 
 
+async def test_another_replicas_batch_writes_only_the_keys_it_concerns(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In the storm, thousands of clients are cooled and the other replicas
+    publish a batch every few ms. Each batch used to make a replica ask the
+    engine about every cooldown again (O(cooldowns) per batch): at 5 000
+    cooled clients its loop stalled for 9 s and a 20/s auth loop went
+    unrefused. Now a batch costs the keys it carries."""
+    cooled = 300
+    async with replicas(redis_server.url, "lw-batch:") as (_, a, b):
+        now = time.monotonic()
+        for i in range(cooled):
+            a.force_cooldown(key_of(f"cooled-{i}"), 300, now)
+        assert a.gate.table is not None  # type: ignore[attr-defined]
+        assert sum(e.cooldown is not None for e in a.gate.table.written.values()) == cooled  # type: ignore[attr-defined]
+        await wait_for(lambda: all(in_cooldown(b, key_of(f"cooled-{i}")) for i in range(cooled)))
+        asked: list[str] = []
+        enforcement = a.engine.enforcement
+
+        def counted(key: str, now: float) -> Any:
+            asked.append(key)
+            return enforcement(key, now)
+
+        monkeypatch.setattr(a.engine, "enforcement", counted)
+        received = store(a).received
+        for i in range(5):
+            assert await healthy(ws(b, f"fine-{i}", expired=False)) == "hello"
+        await wait_for(lambda: store(a).received >= received + 15)  # 5 × Attempt, Opened, Closed
+        # Their keys, each asked about once per batch it came in; none of the cooled.
+        assert set(asked) <= {key_of(f"fine-{i}") for i in range(5)}
+        assert 5 <= len(asked) <= 15
+        # What a batch carries is written as before: a release from b lifts a's cooldown.
+        assert await release(b, key_of("cooled-0")) == 200
+        await wait_for(lambda: key_of("cooled-0") not in a.gate.table.written)  # type: ignore[attr-defined]
+        assert not in_cooldown(a, key_of("cooled-0"))
+
+
 async def test_keys_expire_for_clients_that_went_quiet(redis_server: RedisServer) -> None:
     prefix = "lw-ttl:"
     short = {"policy.cooldown.base": "300ms", "policy.cooldown.max": "1s", "policy.cooldown.memory": "700ms"}

@@ -123,13 +123,13 @@ class Running:
         # Its held attempts are answered now (retry in 1 s): the next one is admitted
         # (with the native data plane, once kick() has lifted it in the table).
         if tracked:
-            self.brain.kick()  # the outcome reaches observers on the engine's next wake-up
+            self.brain.kick((key,))  # the outcome reaches observers on the engine's next wake-up
         self.plane.release_held(key)
         return tracked or store.backend == "redis"
 
     def force_cooldown(self, key: str, duration: float, now: float) -> None:
         self.engine.force_cooldown(key, duration, now)
-        self.brain.kick()
+        self.brain.kick((key,))
 
     def reset_breaker(self, name: str, now: float) -> bool:
         reset = self.engine.reset_breaker(name, now)

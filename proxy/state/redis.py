@@ -39,7 +39,7 @@ import secrets
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from ...detectors.actions import CloseConnection, CooldownStarted
@@ -123,7 +123,9 @@ class Brain(Protocol):
 
     def close_connection(self, conn_id: object, code: int, reason: str) -> bool: ...
 
-    def kick(self) -> None: ...
+    def kick(self, keys: Iterable[str] = ()) -> None: ...
+
+    def reconcile(self) -> None: ...
 
 
 class StoreDown(Exception):
@@ -262,19 +264,23 @@ class RedisStateStore(Observer):
             return
         engine = gate.engine
         breakers = self.shared_breakers
+        keys: set[str] = set()  # the clients the batch concerns: only theirs are written
         for m in messages:
             if isinstance(m, RemoteEvent):
                 outcome = engine.observe(m.event, admitted=m.admitted, breakers=breakers)
                 if outcome:
                     gate.apply(outcome, now)
+                keys.add(m.event.key)
             elif isinstance(m, SharedCooldown):
                 engine.adopt_cooldown(m, now)
+                keys.add(m.key)
             elif isinstance(m, Release):
                 engine.release(m.key, now)
+                keys.add(m.key)
             elif m.replica == self.replica:
                 gate.close_connection(m.conn_id, m.code, m.reason)
         self.received += len(messages)
-        gate.kick()  # one wake-up re-arm for the batch, not one per message
+        gate.kick(keys)  # one wake-up re-arm and table write for the batch, not one per message
 
     # --- the connection ------------------------------------------------------------------------
 
@@ -372,6 +378,9 @@ class RedisStateStore(Observer):
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=self.redis.heartbeat)
             if message is not None and message.get("type") == "message":
                 self.apply(message["data"])
+                # get_message does not suspend while messages are buffered: a
+                # backlog would otherwise be folded in as one block of the loop.
+                await asyncio.sleep(0)
 
     async def _write(self, client: Redis) -> None:
         r = self.redis
@@ -462,7 +471,7 @@ class RedisStateStore(Observer):
                     engine.adopt_cooldown(cooldown, now)
         for cooldown in engine.cooldowns(self._clock()):
             self._send(cooldown)
-        gate.kick()
+        gate.reconcile()
 
     def _parse_key(self, key: bytes, value: bytes | None, pttl: int) -> SharedCooldown | None:
         if value is None or pttl <= 0:
