@@ -906,6 +906,8 @@ class Engine:
 
     def clients(self, t: float, *, limit: int = 50, offset: int = 0) -> list[ClientView]:
         """Tracked clients, worst first: cooldown > critical > warning > ok, then by rate."""
+        if offset >= len(self._store):
+            return []  # past the end: nothing to rank
         need = max(offset + limit, 0)
         tau = self._detection.rate_window
         notable = self._notable

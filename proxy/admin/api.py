@@ -24,6 +24,7 @@ logged at most once a minute per reason.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import hashlib
 import hmac
@@ -386,6 +387,10 @@ def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) 
 class AdminApi:
     def __init__(self, control: Control):
         self.control = control
+        # A page of clients ranks every tracked client (~80 ms at 100 000): one
+        # at a time, so the loop serves probes, scrapes and the event drain
+        # between them. Taken together they held /healthz for 1.35 s.
+        self.ranking = asyncio.Semaphore(1)
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -404,9 +409,13 @@ class AdminApi:
     async def clients(self, request: web.Request) -> web.Response:
         limit = _int_param(request, "limit", 50, 1, MAX_PAGE)
         offset = _int_param(request, "offset", 0, 0, 10**9)
-        now = time.monotonic()
-        views = self.control.clients(now, limit=limit, offset=offset)
-        total = self.control.snapshot(now).clients_tracked
+        async with self.ranking:
+            # Requests read in one turn of the loop run back to back in the next,
+            # each finding the semaphore free: the yield lets the others queue on it.
+            await asyncio.sleep(0)
+            now = time.monotonic()
+            views = self.control.clients(now, limit=limit, offset=offset)
+        total = self.control.clients_tracked()
         return web.json_response(
             {
                 "now": now,

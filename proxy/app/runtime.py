@@ -95,6 +95,9 @@ class Running:
     def client(self, key: str, now: float) -> ClientView | None:
         return self.engine.client(key, now)
 
+    def clients_tracked(self) -> int:
+        return self.engine.clients_tracked
+
     def snapshot(self, now: float) -> EngineSnapshot:
         return self.engine.snapshot(now)
 
