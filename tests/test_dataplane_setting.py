@@ -353,6 +353,12 @@ class FakeTable:
             raise AttributeError(name)
         return lambda *args, **kwargs: self.calls.append((name, *args, *kwargs.values()))
 
+    def begin(self) -> None:
+        """A batch: the real table publishes its writes at the commit."""
+
+    def commit(self) -> None:
+        pass
+
     def names(self) -> list[object]:
         out = [c[0] if c[0] != "set_breaker" else ("set_breaker", c[1], c[2]) for c in self.calls]
         self.calls.clear()

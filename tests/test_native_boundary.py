@@ -733,3 +733,26 @@ async def test_a_reload_routes_new_connections_and_an_open_one_keeps_its_routes(
             assert (response.status, response.body) == (200, b"b")
         finally:
             writer.close()
+
+
+def test_a_batch_of_writes_is_published_once_at_its_commit() -> None:
+    """TableSync.flush writes in a batch: one copy of the table per flush, not
+    one per key (a replica adopting 20 000 shared cooldowns copied the whole
+    table 20 000 times and its brain stalled for 13 s)."""
+    table = EnforcementTable()
+    table.set_cooldown("old", 10.0)
+    start = table.generation
+    table.begin()
+    for i in range(500):
+        table.set_cooldown(f"k{i}", 10.0)
+    table.set_breaker("auth", "open", seconds=5.0)
+    assert "k0" not in table and table.generation == start  # not published yet
+    assert table.clear("old") and table.clear("k1")  # the batch's own copy
+    assert table.remove_breaker("auth")
+    table.commit()
+    assert table.generation == start + 1
+    assert len(table) == 499 and "old" not in table and "k1" not in table
+    assert table.lookup("k0")[:2] == ("refuse", "cooldown")
+    assert table.lookup("x") == ("admit", [])
+    table.commit()  # no batch open: nothing
+    assert table.generation == start + 1

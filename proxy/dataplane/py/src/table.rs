@@ -17,7 +17,7 @@ use pyo3::types::PyTuple;
 
 use loopwatch_dataplane_core::table::{
     AccessList, Admission, BreakerEntry, BreakerState, Cooldown, EnforcementTable as Table,
-    HoldPolicy, KeyEntry, NoProbe, ProbeBudget, RefuseReason,
+    HoldPolicy, KeyEntry, NoProbe, ProbeBudget, RefuseReason, Snapshot,
 };
 
 /// The longest duration a table entry takes (ten years): beyond it a deadline
@@ -120,10 +120,9 @@ impl EnforcementTable {
                 hold,
                 retry_until: retry_after.map(|r| now + r),
             };
-            self.inner.update(|s| {
+            self.inner.update_pruned(now, |s| {
                 let entry = s.keys.entry(key.into()).or_default();
-                entry.cooldown = Some(cooldown.clone());
-                s.prune(now);
+                entry.cooldown = Some(cooldown);
             });
         });
         Ok(())
@@ -134,9 +133,8 @@ impl EnforcementTable {
         let wait = duration("seconds", seconds)?;
         py.detach(|| {
             let now = Instant::now();
-            self.inner.update(|s| {
+            self.inner.update_pruned(now, |s| {
                 s.keys.entry(key.into()).or_default().not_before = Some(now + wait);
-                s.prune(now);
             });
         });
         Ok(())
@@ -146,9 +144,8 @@ impl EnforcementTable {
     fn set_at_capacity(&self, py: Python<'_>, key: &str, at_capacity: bool) {
         py.detach(|| {
             let now = Instant::now();
-            self.inner.update(|s| {
+            self.inner.update_pruned(now, |s| {
                 s.keys.entry(key.into()).or_default().at_capacity = at_capacity;
-                s.prune(now);
             });
         });
     }
@@ -156,11 +153,11 @@ impl EnforcementTable {
     /// Lift every restriction on `key`; whether it had any.
     fn clear(&self, py: Python<'_>, key: &str) -> bool {
         py.detach(|| {
-            let had = self.inner.snapshot().keys.contains_key(key);
-            if had {
-                self.inner.update(|s| {
-                    s.keys.remove(key);
-                });
+            // Looked up where it is written: a batch's copy may hold what the
+            // published snapshot does not yet.
+            let mut had = false;
+            if self.inner.in_batch() || self.inner.snapshot().keys.contains_key(key) {
+                self.inner.update(|s| had = s.keys.remove(key).is_some());
             }
             had
         })
@@ -244,15 +241,13 @@ impl EnforcementTable {
     /// Forget a breaker; whether it existed.
     fn remove_breaker(&self, py: Python<'_>, name: &str) -> bool {
         py.detach(|| {
-            let had = self
-                .inner
-                .snapshot()
-                .breakers
-                .iter()
-                .any(|b| &*b.name == name);
-            if had {
-                self.inner
-                    .update(|s| s.breakers.retain(|b| &*b.name != name));
+            let listed = |s: &Snapshot| s.breakers.iter().any(|b| &*b.name == name);
+            let mut had = false;
+            if self.inner.in_batch() || listed(&self.inner.snapshot()) {
+                self.inner.update(|s| {
+                    had = listed(s);
+                    s.breakers.retain(|b| &*b.name != name);
+                });
             }
             had
         })
@@ -350,6 +345,17 @@ impl EnforcementTable {
     #[getter]
     fn judged(&self) -> u64 {
         self.inner.snapshot().judged
+    }
+
+    /// Start a batch: the writes until `commit` are published together, as
+    /// one snapshot (the brain's writes of one flush).
+    fn begin(&self, py: Python<'_>) {
+        py.detach(|| self.inner.begin());
+    }
+
+    /// Publish the batch's writes and end it.
+    fn commit(&self, py: Python<'_>) {
+        py.detach(|| self.inner.commit());
     }
 
     /// Drop the key entries that no longer restrict anything.
