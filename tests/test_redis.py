@@ -285,6 +285,77 @@ async def test_redis_down_each_replica_goes_on_alone_then_sharing_resumes(
     assert lines.count("state_store_up") == 2
 
 
+async def test_a_release_while_a_replica_was_cut_off_is_not_undone_by_it(redis_server: RedisServer) -> None:
+    """A replica cut off from Redis during an operator's release writes back,
+    when it reconnects, only the cooldowns it started meanwhile: writing back
+    every running one (its copy of the released one among them) refused the
+    released client again on every replica, 200 to the operator
+    notwithstanding."""
+    prefix = "lw-cut:"
+    async with demo_backend() as backend_app, redis_client(redis_server) as rc:
+        await rc.execute_command("ACL", "SETUSER", "cut", "on", ">pw", "~*", "&*", "+@all")
+        cut_url = redis_server.url.replace("redis://", "redis://cut@")
+        upstream = f"ws://127.0.0.1:{backend_app.port}"
+        async with (
+            loopwatch(upstream, **overrides(cut_url, "a", prefix, **{"state.redis.password": "pw"})) as a,
+            loopwatch(upstream, **overrides(redis_server.url, "b", prefix)) as b,
+        ):
+            await wait_for(lambda: store(a).up and store(b).up)
+            released, started = key_of("released"), key_of("started-meanwhile")
+            b.force_cooldown(released, 600, time.monotonic())
+            await wait_for(lambda: in_cooldown(a, released))
+            # a is cut off: its user disabled, its connections killed.
+            await rc.execute_command("ACL", "SETUSER", "cut", "off")
+            await rc.execute_command("CLIENT", "KILL", "USER", "cut")
+            await wait_for(lambda: not store(a).up)
+            assert await release(b, released) == 200
+            await wait_for(lambda: not in_cooldown(b, released))
+            while await rc.exists(f"{prefix}cool:{released}"):  # b's next batch deletes it
+                await asyncio.sleep(0.02)
+            a.force_cooldown(started, 600, time.monotonic())  # started while cut off
+            await wait_for(lambda: in_cooldown(a, started))
+            await rc.execute_command("ACL", "SETUSER", "cut", "on")
+            await wait_for(lambda: store(a).up, timeout=10)
+            # What a started meanwhile is written back and reaches b ...
+            await wait_for(lambda: in_cooldown(b, started))
+            assert await rc.exists(f"{prefix}cool:{started}") == 1
+            # ... the released client stays released (written back with it, it would be here now).
+            assert await rc.exists(f"{prefix}cool:{released}") == 0
+            assert not in_cooldown(b, released)
+
+
+async def test_a_full_redis_fails_the_writes_not_the_sharing(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At maxmemory with noeviction Redis refuses the cooldown keys (OOM) but
+    still delivers PUBLISH. That error used to end the session: the replica
+    reconnected ~20 times a second, logging down and up each time, and no
+    event of its reached the others."""
+    caplog.set_level(logging.INFO, logger="loopwatch.state")
+    prefix = "lw-full:"
+    async with replicas(redis_server.url, prefix) as (_, a, b), redis_client(redis_server) as rc:
+        await rc.config_set("maxmemory-policy", "noeviction")
+        await rc.config_set("maxmemory", "1")  # below what it uses: every write refused
+        try:
+            key = key_of("cooled-on-a-full-redis")
+            a.force_cooldown(key, 600, time.monotonic())
+            await wait_for(lambda: in_cooldown(a, key))
+            await wait_for(lambda: any(r.getMessage() == "state_store_write_failed" for r in caplog.records))
+            # The news still goes out: b learns of the cooldown and of a's traffic.
+            await wait_for(lambda: in_cooldown(b, key))
+            assert await healthy(ws(a, "fine", expired=False)) == "hello"
+            await wait_for(lambda: tracked(b, key_of("fine")) is not None)
+            await asyncio.sleep(0.5)
+            assert store(a).up and store(a).errors >= 1
+            assert await rc.exists(f"{prefix}cool:{key}") == 0
+        finally:
+            await rc.config_set("maxmemory", "0")
+        a.force_cooldown(key_of("after"), 600, time.monotonic())
+        await wait_for(lambda: any(r.getMessage() == "state_store_write_resumed" for r in caplog.records), timeout=5)
+    lines = [r.getMessage() for r in caplog.records if r.name == "loopwatch.state"]
+    assert lines.count("state_store_down") == 0 and lines.count("state_store_write_failed") == 1
+
+
 async def test_a_replica_started_while_redis_is_down_relays_and_joins_later(tmp_path: Path) -> None:
     server = RedisServer(tmp_path)  # not started yet
     try:

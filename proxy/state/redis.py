@@ -170,7 +170,13 @@ class RedisStateStore(Observer):
         self._task: asyncio.Task[None] | None = None
         self._outage_logged = False
         self._bad_logged = False
+        self._write_failing = False  # a key write refused (a full Redis), logged once until one succeeds
         self._closing = False
+        # Cooldowns started while Redis was out of reach: the ones written back
+        # on reconnecting (bounded like the queue). Others may have been released
+        # meanwhile; writing back every running one undid that on every replica.
+        self._unshared: set[str] = set()
+        self._server_run: str | None = None  # Redis's run_id: another one has lost what we wrote
 
     @property
     def ready(self) -> bool:
@@ -200,6 +206,10 @@ class RedisStateStore(Observer):
     def _send(self, message: Message) -> None:
         if not self.up or len(self._queue) >= self.redis.max_queue:
             self.dropped += 1
+            if isinstance(message, SharedCooldown) and len(self._unshared) < self.redis.max_queue:
+                self._unshared.add(message.key)
+            elif isinstance(message, Release):
+                self._unshared.discard(message.key)
             return
         self._queue.append(message)
         if not self._wakeup.is_set():
@@ -306,13 +316,14 @@ class RedisStateStore(Observer):
         while not self._closing:
             client: Redis | None = None
             pubsub: PubSub | None = None
+            up_at: float | None = None
             try:
                 client = self._client()
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
                 async with asyncio.timeout(self.redis.connect_timeout + self.redis.timeout):
                     await pubsub.subscribe(self.channel)
                 self._went_up()
-                delay = self.redis.reconnect_min
+                up_at = time.monotonic()
                 await self._resync(client)
                 await self._session(client, pubsub)
             except asyncio.CancelledError:
@@ -323,6 +334,10 @@ class RedisStateStore(Observer):
                 await self._dispose(client, pubsub)
             # Exponential backoff with jitter, bounded both ways: never a hot
             # loop, never longer than reconnect_max, never a fleet in step.
+            # Started over only after a session that lasted: one that fails
+            # right after connecting backs off like a failed connect.
+            if up_at is not None and time.monotonic() - up_at >= self.redis.reconnect_max:
+                delay = self.redis.reconnect_min
             await asyncio.sleep(delay * (0.5 + 0.5 * self._rng.random()))
             delay = min(delay * 2, self.redis.reconnect_max)
 
@@ -434,8 +449,29 @@ class RedisStateStore(Observer):
         # Keys first, then the news: a replica that hears of a cooldown and
         # reconnects at once finds it in Redis too.
         pipe.publish(self.channel, payload)
-        await pipe.execute()
+        # A command's error reply (a full Redis: OOM under noeviction, READONLY)
+        # fails that write, not the session: raised, it tore the session down
+        # and the write-back at the reconnect failed again, about 20 times a
+        # second, and the other replicas heard nothing though PUBLISH worked.
+        replies = await pipe.execute(raise_on_error=False)
+        refused = [r for r in replies if isinstance(r, Exception)]
+        if isinstance(replies[-1], Exception):
+            raise replies[-1]  # the news itself did not go out: the session is broken
         self.published += len(batch)
+        self._write_refused(refused)
+
+    def _write_refused(self, refused: list[Exception]) -> None:
+        if refused:
+            self.errors += len(refused)
+            if not self._write_failing:
+                self._write_failing = True
+                log_event(
+                    log, "state_store_write_failed", logging.WARNING,
+                    replica=self.replica, error=f"{type(refused[0]).__name__}: {refused[0]}", keys=len(refused),
+                )  # fmt: skip
+        elif self._write_failing:
+            self._write_failing = False
+            log_event(log, "state_store_write_resumed", replica=self.replica)
 
     async def _resync(self, client: Redis) -> None:
         """On (re)connect: adopt the cooldowns Redis holds, then share ours, which
@@ -469,8 +505,19 @@ class RedisStateStore(Observer):
                 cooldown = self._parse_key(key, value, pttl)
                 if cooldown is not None:
                     engine.adopt_cooldown(cooldown, now)
+        async with asyncio.timeout(r.timeout):
+            server = await client.info("server")
+        run = str(server.get("run_id", "")) or None
+        restarted = self._server_run is not None and run != self._server_run
+        self._server_run = run
+        unshared, self._unshared = self._unshared, set()
         for cooldown in engine.cooldowns(self._clock()):
-            self._send(cooldown)
+            # A Redis that restarted (or failed over) has lost what we wrote:
+            # every running cooldown goes back. Otherwise only those started
+            # while it was out of reach: a cooldown released or shortened
+            # meanwhile by an operator stays so on every replica.
+            if restarted or cooldown.key in unshared:
+                self._send(cooldown)
         gate.reconcile()
 
     def _parse_key(self, key: bytes, value: bytes | None, pttl: int) -> SharedCooldown | None:
