@@ -61,7 +61,8 @@ pub struct WatcherConfig {
     /// Largest data message in bytes (`limits.max_message_size`); None: no limit.
     pub max_message_size: Option<u64>,
     /// RSV bits the negotiated extensions may set (3 bits; RSV1 for
-    /// permessage-deflate, 0 without extensions).
+    /// permessage-deflate alone, which also refuses it on continuations; all
+    /// three for an extension loopwatch does not know; 0 without extensions).
     pub allowed_rsv: u8,
 }
 
@@ -217,8 +218,11 @@ fn classify(b0: u8, in_message: bool, allowed_rsv: u8) -> Result<Kind, FrameErro
         if !in_message {
             return Err(FrameError::ContinuationWithoutMessage);
         }
-        if rsv & RSV1 != 0 {
-            // permessage-deflate sets RSV1 on a message's first frame only.
+        if rsv & RSV1 != 0 && allowed_rsv == RSV1 {
+            // permessage-deflate (RSV1 alone allowed) sets RSV1 on a message's
+            // first frame only (RFC 7692 §6.1). An extension loopwatch does not
+            // know (every bit allowed) may set it on each frame: per-frame
+            // deflate (x-webkit-deflate-frame) does, and passes nginx and HAProxy.
             return Err(FrameError::Rsv1OnContinuation);
         }
         return Ok(if fin {
