@@ -621,3 +621,55 @@ async def test_a_full_disk_tears_no_line_and_counts_and_logs_the_gap(
     assert rec.lost == 40
     events = [r.getMessage() for r in caplog.records if r.name == "loopwatch.recorder"]
     assert events == ["record_write_failed", "record_write_resumed"] * 2
+
+
+async def test_a_failed_rotation_keeps_the_recorder_writing_and_retries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The rotation closed the full file before renaming it: when the rename
+    failed (a directory read-only for a while) the recorder wrote nothing
+    ever again, and logged record_write_resumed all the same."""
+    path = tmp_path / "events.jsonl"
+    rec = Recorder(RecordSettings(path=str(path), max_bytes=4096, rotate=2), flush_interval=0.01)
+    real_replace = os.replace
+    failing = True
+
+    def replace(src: str, dst: str) -> None:
+        if failing:
+            raise PermissionError(13, "Permission denied")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(recorder_module.os, "replace", replace)
+    for i in range(60):  # ~9 KB into a 4 KB file: a rotation is due, and fails
+        rec.on_closed(FakeConn(), closed_event(i), None)
+    await asyncio.sleep(0.1)
+    assert rec.write_errors >= 1 and rec.lost > 0
+    failing = False  # writable again: the next batch rotates and goes on
+    for i in range(60, 80):
+        rec.on_closed(FakeConn(), closed_event(i), None)
+    await rec.aclose()
+    assert (tmp_path / "events.jsonl.1").exists()
+    written = [json.loads(line)["conn_id"] for line in path.read_text().splitlines()]
+    assert written[-1] == 79
+    events = [r.getMessage() for r in caplog.records if r.name == "loopwatch.recorder"]
+    assert events == ["record_write_failed", "record_write_resumed"]
+
+
+async def test_a_file_moved_away_is_followed_by_a_new_one_at_a_reload(tmp_path: Path) -> None:
+    """logrotate's default mode moves the file, then sends SIGHUP: the
+    recorder wrote on into the moved file, and its own rotation later found
+    no PATH to rename."""
+    path = tmp_path / "events.jsonl"
+    rec = Recorder(RecordSettings(path=str(path)), flush_interval=0.01)
+    rec.on_closed(FakeConn(), closed_event(1), None)
+    await asyncio.sleep(0.05)
+    moved = tmp_path / "events.jsonl-20261206"
+    os.rename(path, moved)
+    rec.on_config(None, {"reload": True, "result": "ok"})  # type: ignore[arg-type]
+    rec.on_closed(FakeConn(), closed_event(2), None)
+    await asyncio.sleep(0.05)
+    rec.on_config(None, {"reload": True, "result": "ok"})  # type: ignore[arg-type]  # not moved: kept
+    rec.on_closed(FakeConn(), closed_event(3), None)
+    await rec.aclose()
+    assert [json.loads(line)["conn_id"] for line in moved.read_text().splitlines()] == [1]
+    assert [json.loads(line)["conn_id"] for line in path.read_text().splitlines()] == [2, 3]

@@ -33,13 +33,14 @@ import os
 import threading
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ...detectors import events as ev
 from .observers import Observer, Observers
 
 if TYPE_CHECKING:
     from ...detectors.decisions import Admit, Reject
+    from ..app.settings import Settings
     from ..dataplane.boundary import Connection, RelayStats
 
 from .settings import RecordSettings
@@ -102,16 +103,43 @@ class EventFile:
         return size
 
     def _rotate(self) -> None:
-        self._file.close()
+        """The full file becomes PATH.1 and a new one is started. The full one
+        stays open until the new one is: a rotation that fails (a directory
+        made read-only for a while) leaves the recorder writing where it was,
+        and the next batch tries again. It used to close first, and one
+        failure stopped the recorder for good. A PATH already moved away (by
+        logrotate, say) is not an error: the new file takes its name."""
         if self.rotate_count > 0:
             for i in range(self.rotate_count - 1, 0, -1):
                 older = f"{self.path}.{i}"
                 if os.path.exists(older):
                     os.replace(older, f"{self.path}.{i + 1}")
-            os.replace(self.path, f"{self.path}.1")
-        self._file = open(self.path, "wb", buffering=0)  # noqa: SIM115 - held open for the recorder's life
-        self.size = 0
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(self.path, f"{self.path}.1")
+        self._replace(open(self.path, "wb", buffering=0))  # noqa: SIM115 - held open for the recorder's life
         self.rotations += 1
+
+    def _replace(self, new: BinaryIO) -> None:
+        old, self._file = self._file, new
+        self.size = new.tell()
+        old.close()
+
+    def reopen(self) -> bool:
+        """Start a new file at PATH if the open one is no longer there (moved
+        away or deleted: logrotate's default `create` mode, then a SIGHUP), as
+        nginx reopens its logs; whether it did."""
+        with self._lock:
+            if self._file.closed:
+                return False
+            try:
+                on_disk = os.stat(self.path)
+            except FileNotFoundError:
+                on_disk = None
+            held = os.fstat(self._file.fileno())
+            if on_disk is not None and (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino):
+                return False
+            self._replace(open(self.path, "ab", buffering=0))  # noqa: SIM115 - held open for the recorder's life
+            return True
 
     def close(self) -> None:
         with self._lock:
@@ -156,6 +184,16 @@ class Recorder(Observer):
 
     def on_answered(self, conn: Connection, event: ev.Answered) -> None:
         self._add(event)
+
+    def on_config(self, settings: Settings, info: dict[str, object]) -> None:
+        """At a reload (SIGHUP), a file moved away is followed by a new one at
+        `record.path`: logrotate's `create` mode with `postrotate kill -HUP`."""
+        if info.get("reload") and info.get("result") == "ok" and not self._closed:
+            try:
+                if self.file.reopen():
+                    log.info("record_reopened", extra={"fields": {"path": self.file.path}})
+            except OSError as e:
+                log.error("record_write_failed", extra={"fields": {"path": self.file.path, "error": str(e)}})
 
     # --- buffering -------------------------------------------------------------
 
