@@ -29,6 +29,7 @@ from .observe.observers import Observers
 from .state.local import LocalState, StateStore
 
 if TYPE_CHECKING:
+    from ..detectors.policy import Policy
     from ..detectors.settings import PolicySettings
     from .app.settings import Settings
 
@@ -262,9 +263,10 @@ class EngineGate(Gate):
         if self.table is not None:
             self.table.reconcile(time.monotonic())
 
-    def reconfigure(self, settings: Settings) -> None:
-        """Apply reloaded settings; per-client state and breaker states are kept."""
-        self.engine.reconfigure(settings.detection, settings.policy, settings.breakers)
+    def reconfigure(self, settings: Settings, policy: Policy | None = None) -> None:
+        """Apply reloaded settings; per-client state and breaker states are kept.
+        `policy`: the settings' policy already compiled (off the loop)."""
+        self.engine.reconfigure(settings.detection, settings.policy, settings.breakers, policy)
         self.reject_with = settings.policy.reject_with
         self.close_code = settings.policy.close_code
         self.set_holds(settings.policy)

@@ -481,7 +481,7 @@ class AdminApi:
 
     async def reload(self, request: web.Request) -> web.Response:
         try:
-            result = self.control.reload()
+            result = await self.control.reload_off_loop()
         except ConfigError as e:
             return error(400, "invalid configuration; the running one is kept", errors=e.errors)
         return web.json_response(result)

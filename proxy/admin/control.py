@@ -54,9 +54,10 @@ class Control(Protocol):
         """Close a breaker; False for an unknown name."""
         ...
 
-    def reload(self) -> dict[str, object]:
+    async def reload_off_loop(self) -> dict[str, object]:
         """Re-read the configuration and apply what can change live (ConfigError
-        when it is invalid: the running one is kept)."""
+        when it is invalid: the running one is kept); the reading and checking
+        off the event loop."""
         ...
 
     # --- the event stream ---------------------------------------------------------------

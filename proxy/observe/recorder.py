@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 from ...detectors import events as ev
 from .observers import Observer, Observers
@@ -119,7 +120,7 @@ class EventFile:
         self._replace(open(self.path, "wb", buffering=0))  # noqa: SIM115 - held open for the recorder's life
         self.rotations += 1
 
-    def _replace(self, new: BinaryIO) -> None:
+    def _replace(self, new: io.FileIO) -> None:
         old, self._file = self._file, new
         self.size = new.tell()
         old.close()
