@@ -346,6 +346,27 @@ async def test_upstream_refusal_body_truncated(framing):
     assert after == b""
 
 
+async def test_a_refusal_whose_body_never_ends_is_answered_at_the_handshake_timeout():
+    """A 401 without a length on a connection the backend keeps open: its
+    body ends only with the close. loopwatch waited for it and, at
+    handshake_timeout, answered 504 instead: the client never saw its 401,
+    and the engine counted an upstream failure, not an auth failure (the
+    auth-loop rule never fired; the upstream breaker counted it).
+    nginx and HAProxy pass the 401 on."""
+    async with (
+        RawBackend(lambda head: b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer\r\n\r\nnope") as backend,
+        loopwatch(backend.url, **{"limits.handshake_timeout": "1s"}) as lw,
+    ):
+        response, after = await raw_exchange(lw.proxy_port, upgrade_request("/x"))
+        assert backend.connections == 1
+        await wait_for(lambda: lw.plane.settled())
+        view = lw.engine.client("127.0.0.1", time.monotonic())
+    assert (response.status, response.body) == (401, b"nope")
+    assert response.header("WWW-Authenticate") == "Bearer"
+    assert after == b""
+    assert view is not None and view.consecutive_auth_failures == 1
+
+
 # --- the upstream failing -----------------------------------------------------
 
 

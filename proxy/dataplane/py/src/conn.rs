@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::{sleep_until, timeout, Instant};
+use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 use tokio_rustls::TlsAcceptor;
 
 use loopwatch_dataplane_core::events::{Event, HandshakeError, HandshakeFailure};
@@ -37,7 +37,7 @@ use loopwatch_dataplane_core::table::{Admission, Refusal};
 use crate::control::{AddressAdmission, AddressSlot};
 use crate::http::{self, Outcome};
 use crate::identity::wall_clock;
-use crate::listener::{stopping, Config, ConnGuard, Rejected, Shared};
+use crate::listener::{stopping, Config, ConnGuard, Limits, Rejected, Shared};
 use crate::relay::{CloseInfo, Relay, RelayIdentity, RelayLimits};
 use crate::response::{Answer, ResponseReader, UpstreamRefusal};
 use crate::tls::UpstreamTls;
@@ -949,16 +949,15 @@ async fn upstream_handshake(
     tls: Option<&UpstreamTls>,
     request: &[u8],
     recheck: impl FnOnce() -> Option<Refusal>,
-    connect_timeout: Duration,
-    max_head: usize,
-    max_body: usize,
+    limits: &Limits,
+    deadline: Instant,
 ) -> Upstream {
     let closed = || Upstream::Failed {
         status: 502,
         message: "loopwatch: upstream closed during the handshake".into(),
         error: HandshakeError::Closed,
     };
-    let mut stream = match connect_upstream(route, tls, connect_timeout).await {
+    let mut stream = match connect_upstream(route, tls, limits.connect_timeout).await {
         Ok(stream) => stream,
         Err(failure) => {
             return Upstream::Failed {
@@ -977,11 +976,20 @@ async fn upstream_handshake(
     if stream.write_all(request).await.is_err() || stream.flush().await.is_err() {
         return closed();
     }
-    let mut reader = ResponseReader::new(max_head, max_body);
+    let mut reader = ResponseReader::new(limits.head.max_head_size, limits.error_body_size);
     let mut chunk = Vec::new();
     loop {
         chunk.clear();
-        match read_appending(&mut stream, &mut chunk, HEAD_READ).await {
+        let read = read_appending(&mut stream, &mut chunk, HEAD_READ);
+        // A refusal's head in hand, its body ends at the deadline at the latest:
+        // one read until a close that never comes (no length, the connection
+        // kept open) was a 504, the 401 lost and counted as an upstream failure.
+        let read = if reader.has_head() {
+            timeout_at(deadline, read).await.unwrap_or(Ok(0))
+        } else {
+            read.await
+        };
+        match read {
             Ok(0) | Err(_) => {
                 return match reader.eof() {
                     Some(refusal) => Upstream::Refused(refusal),
@@ -1090,9 +1098,8 @@ async fn forward<C: Transport + 'static>(
             config.upstream_tls.as_deref(),
             &request,
             recheck,
-            limits.connect_timeout,
-            limits.head.max_head_size,
-            limits.error_body_size,
+            limits,
+            deadline,
         );
         tokio::pin!(handshake);
         let handshake_timer = sleep_until(deadline);
@@ -1110,6 +1117,9 @@ async fn forward<C: Transport + 'static>(
                     reject(shared, &mut client, peer, Rejected::ShuttingDown, 503, SHUTTING_DOWN).await;
                     return;
                 }
+                // Before the timer: at the deadline a refusal whose head came
+                // ends its body there and is answered, not timed out.
+                outcome = &mut handshake => break outcome,
                 _ = &mut handshake_timer => {
                     failed(HandshakeFailure::Error(HandshakeError::Timeout));
                     let response = simple_response(504, "loopwatch: upstream handshake timeout", &[]);
@@ -1133,7 +1143,6 @@ async fn forward<C: Transport + 'static>(
                         return;
                     }
                 },
-                outcome = &mut handshake => break outcome,
             }
         }
     };

@@ -383,6 +383,11 @@ impl ResponseReader {
         }
     }
 
+    /// Whether a refusal's head has come (its body is being read).
+    pub fn has_head(&self) -> bool {
+        matches!(self.state, State::Body { .. })
+    }
+
     /// The upstream closed: a body read until the close ends here. None when
     /// no complete head came (the client gets a 502).
     pub fn eof(&mut self) -> Option<UpstreamRefusal> {
