@@ -33,6 +33,7 @@ from loopwatch.proxy.admin.api import Exposure
 from loopwatch.proxy.admin.server import AdminServer
 from loopwatch.proxy.app.cli import build_parser
 from loopwatch.proxy.app.settings import Settings, load_settings
+from loopwatch.proxy.observe import span_export
 from loopwatch.proxy.sections import parse_host_port
 from loopwatch.proxy.tools.demo_backend import issue_token
 
@@ -709,3 +710,20 @@ async def test_the_examples_backend_command_runs_without_the_test_extras(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def test_kubernetes_waits_before_sigterm_and_its_grace_covers_the_drain() -> None:
+    """SIGTERM closes the listener at once, while the pod leaves the Service's
+    endpoints seconds later: the sidecar waits in preStop first (and the
+    backend as long, so the drain still finds it), and the grace period
+    covers the wait, the drain and the span exporter's hand-over."""
+    spec = kubernetes_objects()["Deployment"]["spec"]["template"]["spec"]
+    sidecar, backend = containers()["loopwatch"], containers()["backend"]
+    wait = sidecar["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert wait >= 5 and backend["lifecycle"]["preStop"]["sleep"]["seconds"] >= wait
+    _, settings = loopwatch_settings(sidecar["args"], {**image_env(), **container_env(sidecar)})
+    assert settings is not None
+    grace = wait + settings.limits.shutdown_timeout + span_export.CHILD_EXIT_WAIT
+    assert spec["terminationGracePeriodSeconds"] >= grace
+    # The memory request is above what the sidecar holds idle (~77 MiB).
+    assert sidecar["resources"]["requests"]["memory"] == "96Mi"

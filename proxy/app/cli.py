@@ -7,6 +7,10 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
+# isort: split
+from . import early  # noqa: F401  - first: before the imports below take their quarter second
+
+# isort: split
 import yaml
 
 from ... import __version__

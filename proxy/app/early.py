@@ -1,0 +1,32 @@
+"""What the `loopwatch run` process settles before anything else, the quarter
+second of imports and the config included: imported first by the command line
+(proxy/app/cli.py).
+
+* SIGHUP is ignored until the reload handler is installed (runtime.serve). Its
+  default action ends the process: a reload sent during start-up (a config
+  reloader sidecar, `systemctl reload` racing a start) killed it with 129.
+* Standard descriptors closed at exec are reopened on /dev/null, as daemons
+  do: otherwise the first socket takes descriptor 1 or 2, and libuv aborts
+  (`uv__close: Assertion fd > STDERR_FILENO`) before listening, silently when
+  stderr is the one closed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+
+def settle(argv: list[str]) -> None:
+    if argv[1:2] != ["run"]:
+        return  # the other commands keep the defaults a terminal expects
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: this one
+
+
+settle(sys.argv)
