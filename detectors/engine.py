@@ -23,6 +23,7 @@ import itertools
 import math
 import random
 from collections import Counter, OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from operator import attrgetter, itemgetter
 
@@ -39,7 +40,7 @@ from .offenders import HOT_RATE, HotClients
 from .policy import Policy
 from .rules import RULE_NAMES, RULES
 from .settings import BreakerSettings, DetectionSettings, Mode, PolicySettings, RuleSettings
-from .shared import SharedCooldown
+from .shared import SharedCooldown, owner_of, remote_conn_id
 from .state import INF, NEVER, Addresses, ClientState, ClientStore, MemoryStore
 from .units import MAX_DURATION
 from .views import BreakerView, ClientView, EngineSnapshot
@@ -812,6 +813,31 @@ class Engine:
         self._update_notable(state)
         self._reschedule(state, t)
         return adopt
+
+    def local_connections(self) -> list[tuple[str, ConnId]]:
+        """This replica's own open connections (key, id), for the others."""
+        return [(s.key, cid) for s in self._store if s.open_count for cid, _ in s.open_items() if type(cid) is int]
+
+    def replace_connections(self, replica: str, open_: Iterable[tuple[str, ConnId]], t: float) -> set[str]:
+        """Count exactly `open_` (its own ids, by key) as open through replica
+        `replica`, forgetting what was counted of it before; nothing for a
+        replica gone silent. Its Opened and Closed are this engine's only other
+        news of them, and a crash or an outage loses the Closed: the phantoms
+        counted toward max_concurrent and duplicate_connections for as long as
+        this replica ran. The keys whose counts changed (for the table)."""
+        changed: set[str] = set()
+        for state in self._store:
+            if not state.open_count:
+                continue
+            for cid, _ in state.open_items():
+                owner = owner_of(cid)
+                if owner is not None and owner[0] == replica:
+                    state.remove_open(cid)
+                    changed.add(state.key)
+        for key, cid in open_:
+            self._client(key, t).add_open(remote_conn_id(replica, cid), t)
+            changed.add(key)
+        return changed
 
     def cooldowns(self, t: float) -> list[SharedCooldown]:
         """The cooldowns running now, as other replicas would adopt them."""

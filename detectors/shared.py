@@ -88,7 +88,25 @@ class CloseRequest:
     reason: str
 
 
-Message: TypeAlias = RemoteEvent | SharedCooldown | Release | CloseRequest
+@dataclass(frozen=True, slots=True)
+class Connections:
+    """The connections the sending replica has open (its own ids, by client
+    key), sent when it (re)connects and when asked. The others then count
+    exactly these as open through it, whatever Opened or Closed of its they
+    missed (a Redis outage) or will never get (it crashed, or restarted with
+    the same replica id)."""
+
+    open: tuple[tuple[str, ConnId], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AskConnections:
+    """Asks ``replica`` (``"*"``: every one) to send its ``Connections``."""
+
+    replica: str
+
+
+Message: TypeAlias = RemoteEvent | SharedCooldown | Release | CloseRequest | Connections | AskConnections
 
 
 def remote_conn_id(origin: str, conn_id: ConnId) -> str:
@@ -152,6 +170,10 @@ def encode(origin: str, messages: Iterable[Message]) -> bytes:
             out.append(["C", m.key, round(m.remaining, 3), m.rule, m.repeat, m.enforced, m.force])
         elif isinstance(m, Release):
             out.append(["X", m.key])
+        elif isinstance(m, Connections):
+            out.append(["O", [[key, conn_id] for key, conn_id in m.open]])
+        elif isinstance(m, AskConnections):
+            out.append(["W", m.replica])
         else:
             out.append(["K", m.replica, m.conn_id, m.key, m.code, m.reason])
     return header(origin) + json.dumps(out, separators=(",", ":")).encode()
@@ -207,6 +229,12 @@ def _message(item: object, origin: str, t: float) -> Message:
                 return SharedCooldown(key, float(remaining), rule, repeat, enforced, force)
         if kind == "X" and n == 2 and isinstance(item[1], str):
             return Release(item[1])
+        if kind == "O" and n == 2 and isinstance(item[1], list):
+            pairs = item[1]
+            if all(isinstance(p, list) and len(p) == 2 and type(p[0]) is str and _conn(p[1]) for p in pairs):
+                return Connections(tuple((key, conn_id) for key, conn_id in pairs))
+        if kind == "W" and n == 2 and isinstance(item[1], str):
+            return AskConnections(item[1])
         if kind == "K" and n == 6:
             replica, conn_id, key, code, reason = item[1:]
             if _strs((replica, key, reason)) and _conn(conn_id) and _code(code) and 1000 <= code <= 4999:
@@ -243,7 +271,9 @@ def _number(value: object) -> bool:
 
 
 __all__ = [
+    "AskConnections",
     "CloseRequest",
+    "Connections",
     "Message",
     "Release",
     "RemoteEvent",

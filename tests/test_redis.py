@@ -456,6 +456,45 @@ async def test_close_oldest_reaches_a_connection_on_the_other_replica(redis_serv
                 assert await asyncio.wait_for(second.recv(), 5) == "still here"
 
 
+async def test_a_silent_replicas_connections_stop_counting_and_a_restart_says_it_has_none(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another replica's connections ended only with its Closed: after it was
+    killed (or lost Redis while they closed), the survivors counted them for
+    as long as they ran, refusing the client at max_concurrent or flagging
+    duplicate_connections. Now a replica silent for 5 heartbeats is taken for
+    gone, and one that (re)connects says what it has open."""
+    caplog.set_level(logging.INFO, logger="loopwatch.state")
+    prefix = "lw-phantom:"
+    async with (
+        replicas(redis_server.url, prefix, **{"state.redis.heartbeat": "1s"}) as (backend_app, a, b),
+        connect(ws(a, "tabs", expired=False), open_timeout=5) as first,
+        connect(ws(a, "tabs", expired=False), open_timeout=5) as second,
+    ):
+        key = key_of("tabs")
+        await wait_for(lambda: tracked(b, key) is not None and tracked(b, key).open_connections == 2)
+        # a stops sharing without a word (as if killed), its two tabs still open on it.
+        await store(a).close()
+        # A replica under a's id starts (a restart): it has nothing open, and says so.
+        upstream = f"ws://127.0.0.1:{backend_app.port}"
+        settings = overrides(redis_server.url, "a", prefix, **{"state.redis.heartbeat": "1s"})
+        async with loopwatch(upstream, **settings) as restarted:
+            await wait_for(lambda: store(restarted).up)
+            await wait_for(lambda: tracked(b, key).open_connections == 0, timeout=4)
+            # Said, not guessed from silence (5 s here).
+            assert not [r for r in caplog.records if r.getMessage() == "state_store_replica_gone"]
+            # Its own connection counts on b, and stops counting once it is silent.
+            async with connect(ws(restarted, "tabs", expired=False), open_timeout=5):
+                await wait_for(lambda: tracked(b, key).open_connections == 1)
+                await store(restarted).close()
+                await wait_for(lambda: tracked(b, key).open_connections == 0, timeout=10)
+        gone = [r for r in caplog.records if r.getMessage() == "state_store_replica_gone"]
+        assert len(gone) == 1 and gone[0].fields["replica"] == "a"  # type: ignore[attr-defined]
+        await first.send("a's tabs were never touched")
+        assert await asyncio.wait_for(first.recv(), 5) == "a's tabs were never touched"
+        await second.close()
+
+
 async def test_fail_closed_readiness_follows_redis(tmp_path: Path) -> None:
     server = RedisServer(tmp_path)  # not started yet
 

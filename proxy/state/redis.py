@@ -44,7 +44,9 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from ...detectors.actions import CloseConnection, CooldownStarted
 from ...detectors.shared import (
+    AskConnections,
     CloseRequest,
+    Connections,
     Message,
     Release,
     RemoteEvent,
@@ -83,6 +85,9 @@ log = logging.getLogger("loopwatch.state")
 # KEYS[1] the client's cooldown key; ARGV: value, TTL in ms, "1" to replace
 # whatever is there (an operator's cooldown). Otherwise the longer one stays,
 # the same rule the engines merge by, so Redis and the replicas agree.
+# Heartbeats (state.redis.heartbeat) another replica may stay silent before it
+# is taken for gone, and what it had open stops counting here.
+PEER_SILENCE = 5
 SET_COOLDOWN = """
 if ARGV[3] ~= '1' and redis.call('PTTL', KEYS[1]) >= tonumber(ARGV[2]) then
   return 0
@@ -177,6 +182,10 @@ class RedisStateStore(Observer):
         # meanwhile; writing back every running one undid that on every replica.
         self._unshared: set[str] = set()
         self._server_run: str | None = None  # Redis's run_id: another one has lost what we wrote
+        # When each other replica was last heard of (this replica's clock): one
+        # silent for PEER_SILENCE heartbeats is taken for gone, and what it had
+        # open no longer counts here.
+        self._heard: dict[str, float] = {}
 
     @property
     def ready(self) -> bool:
@@ -266,7 +275,7 @@ class RedisStateStore(Observer):
             return  # pub/sub hands our own batches back too: skipped unparsed
         now = self._clock()
         try:
-            _, messages = decode(payload, now)
+            origin, messages = decode(payload, now)
         except ValueError as e:
             if not self._bad_logged:  # a foreign publisher on our channel, or a newer version
                 self._bad_logged = True
@@ -275,6 +284,10 @@ class RedisStateStore(Observer):
         engine = gate.engine
         breakers = self.shared_breakers
         keys: set[str] = set()  # the clients the batch concerns: only theirs are written
+        if origin not in self._heard and not any(isinstance(m, Connections) for m in messages):
+            # New here, or taken for gone since: what it has open, please.
+            self._send(AskConnections(origin))
+        self._heard[origin] = now
         for m in messages:
             if isinstance(m, RemoteEvent):
                 outcome = engine.observe(m.event, admitted=m.admitted, breakers=breakers)
@@ -287,6 +300,11 @@ class RedisStateStore(Observer):
             elif isinstance(m, Release):
                 engine.release(m.key, now)
                 keys.add(m.key)
+            elif isinstance(m, Connections):
+                keys |= engine.replace_connections(origin, m.open, now)
+            elif isinstance(m, AskConnections):
+                if m.replica in (self.replica, "*"):
+                    self._send(Connections(tuple(engine.local_connections())))
             elif m.replica == self.replica:
                 gate.close_connection(m.conn_id, m.code, m.reason)
         self.received += len(messages)
@@ -377,6 +395,7 @@ class RedisStateStore(Observer):
         tasks = {
             loop.create_task(self._read(pubsub), name="state-store-read"),
             loop.create_task(self._write(client), name="state-store-write"),
+            loop.create_task(self._watch_peers(), name="state-store-peers"),
         }
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -397,6 +416,24 @@ class RedisStateStore(Observer):
                 # backlog would otherwise be folded in as one block of the loop.
                 await asyncio.sleep(0)
 
+    async def _watch_peers(self) -> None:
+        """Forget what a replica silent for PEER_SILENCE heartbeats had open (it
+        crashed, or lost Redis): its Closed would never come. If it is heard of
+        again it is asked for its connections."""
+        silence = PEER_SILENCE * self.redis.heartbeat
+        while True:
+            await asyncio.sleep(self.redis.heartbeat)
+            gate = self.gate
+            now = self._clock()
+            for replica, heard in list(self._heard.items()):
+                if now - heard <= silence or gate is None:
+                    continue
+                del self._heard[replica]
+                keys = gate.engine.replace_connections(replica, (), now)
+                gate.kick(keys)
+                log_event(log, "state_store_replica_gone", logging.WARNING,
+                          replica=replica, silent=round(now - heard, 1), clients=len(keys))  # fmt: skip
+
     async def _write(self, client: Redis) -> None:
         r = self.redis
         while True:
@@ -404,10 +441,11 @@ class RedisStateStore(Observer):
                 async with asyncio.timeout(r.heartbeat):
                     await self._wakeup.wait()
             except TimeoutError:
-                # Idle: a ping finds a dead or partitioned server before the
+                # Idle: an empty batch tells the other replicas this one is
+                # alive, and finds a dead or partitioned server before the
                 # next event would.
                 async with asyncio.timeout(r.timeout):
-                    await client.ping()
+                    await client.publish(self.channel, encode(self.replica, ()))
                 continue
             if r.batch_delay:
                 # Linger for the rest of the batch: a round trip per handful of
@@ -505,6 +543,11 @@ class RedisStateStore(Observer):
                 cooldown = self._parse_key(key, value, pttl)
                 if cooldown is not None:
                     engine.adopt_cooldown(cooldown, now)
+        # What this replica has open, for the others to count exactly that (a
+        # restart under the same id leaves none of the old ones), and theirs.
+        self._send(Connections(tuple(engine.local_connections())))
+        self._send(AskConnections("*"))
+        self._heard = dict.fromkeys(self._heard, self._clock())  # heard of again from now
         async with asyncio.timeout(r.timeout):
             server = await client.info("server")
         run = str(server.get("run_id", "")) or None

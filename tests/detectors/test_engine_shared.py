@@ -237,6 +237,29 @@ def test_remote_connections_count_towards_max_concurrent_and_close_oldest_names_
     assert shared.owner_of(1) is None
 
 
+def test_a_replicas_connections_are_replaced_by_what_it_says_it_has_open() -> None:
+    """A replica that crashed, restarted under the same id or lost Redis while
+    its Closed went by leaves connections no Closed will end: its
+    Connections (or its silence: none) replace them, and nothing else."""
+    e = engine(PolicySettings(max_concurrent=2))
+    e.record(Opened(K, "/ws", 0.0, 1))  # this replica's own
+    for cid in (7, 8):
+        e.observe(shared.localize(Opened(K, "/ws", 0.0, cid), "b", 0.0))
+    e.observe(shared.localize(Opened("carol", "/ws", 0.0, 3), "c", 0.0))
+    assert e.client(K, 1.0).open_connections == 3  # type: ignore[union-attr]
+    assert e.enforcement(K, 1.0).at_capacity
+    # b restarted: it has one open now, for another client.
+    assert e.replace_connections("b", [("bob", 1)], 2.0) == {K, "bob"}
+    assert e.client(K, 2.0).open_connections == 1  # type: ignore[union-attr]
+    assert e.client("bob", 2.0).open_connections == 1  # type: ignore[union-attr]
+    assert not e.enforcement(K, 2.0).at_capacity
+    assert e.client("carol", 2.0).open_connections == 1  # type: ignore[union-attr]  # c's untouched
+    # b went silent: none of it counts.
+    assert e.replace_connections("b", (), 3.0) == {"bob"}
+    assert e.client("bob", 3.0).open_connections == 0  # type: ignore[union-attr]
+    assert e.local_connections() == [(K, 1)]
+
+
 def failing_handshakes(e: Engine, n: int, *, breakers: bool) -> None:
     for i in range(n):
         key = f"c{i}"
@@ -266,6 +289,9 @@ def test_every_message_survives_the_wire() -> None:
         shared.SharedCooldown(K, 4.25, "manual", 3, True, True),
         shared.Release(K),
         shared.CloseRequest("b", 12, K, 1008, "loopwatch: more than 2 connections"),
+        shared.Connections(((K, 4), ("bob", 5))),
+        shared.Connections(()),
+        shared.AskConnections("*"),
     ]
     payload = shared.encode("a", messages)
     assert payload.startswith(shared.header("a"))
@@ -306,6 +332,10 @@ def test_every_message_survives_the_wire() -> None:
         b'lw1 a\n[["K", "b", 1, "k", 70000, ""]]',
         b'lw1 a\n[["K", "b", -1, "k", 1008, ""]]',
         b'lw1 a\n[["h", "k", "/", 100000000000000000000, null]]',
+        b'lw1 a\n[["O", [["k"]]]]',
+        b'lw1 a\n[["O", [[1, 2]]]]',
+        b'lw1 a\n[["O", "k"]]',
+        b'lw1 a\n[["W", 1]]',
         b"lw1 a\n" + b"[" * 100_000 + b"]" * 100_000,
     ],
 )
