@@ -20,6 +20,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.conftest import (
     RawBackend,
+    accept_for,
     echo,
     free_port,
     loopwatch,
@@ -474,6 +475,27 @@ async def test_upstream_101_without_upgrade_is_not_passed_as_refusal():
     ):
         response, _ = await raw_exchange(lw.proxy_port, upgrade_request())
     assert response.status == 502
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        lambda head: switching_protocols(head).replace(accept_for(head), b"c29tZXRoaW5nIGVsc2U="),
+        lambda head: switching_protocols(head).replace(b"Sec-WebSocket-Accept: " + accept_for(head) + b"\r\n", b""),
+        lambda head: switching_protocols(head).replace(b"Connection: Upgrade", b"Connection: close"),
+    ],
+    ids=["wrong-accept", "no-accept", "connection-close"],
+)
+async def test_a_101_that_does_not_answer_the_key_is_the_upstreams_failure(broken):
+    """Passed on, the client failed the handshake and dropped the connection:
+    the engine counted an upstream success and a short-lived client, and
+    flagged the client for the backend's fault. HAProxy answers 502."""
+    async with RawBackend(broken) as backend, loopwatch(backend.url) as lw:
+        response, after = await raw_exchange(lw.proxy_port, upgrade_request())
+        await wait_for(lambda: lw.plane.settled())
+        view = lw.engine.client("127.0.0.1", time.monotonic())
+    assert response.status == 502 and after == b""
+    assert view is not None and view.open_connections == 0 and view.close_codes == {}
 
 
 # --- exact bytes --------------------------------------------------------------

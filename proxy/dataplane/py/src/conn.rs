@@ -27,7 +27,7 @@ use tokio_rustls::TlsAcceptor;
 
 use loopwatch_dataplane_core::events::{Event, HandshakeError, HandshakeFailure};
 use loopwatch_dataplane_core::head::{
-    parse_head, BodyFraming, HeadStatus, RequestHead, RequestKind, Version,
+    accept_key, parse_head, BodyFraming, HeadStatus, RequestHead, RequestKind, Version,
 };
 use loopwatch_dataplane_core::identity::{
     CheckedSignature, Client, Identification, Identity, SignatureCheck,
@@ -951,6 +951,7 @@ async fn upstream_handshake(
     recheck: impl FnOnce() -> Option<Refusal>,
     limits: &Limits,
     deadline: Instant,
+    ws_key: &[u8],
 ) -> Upstream {
     let closed = || Upstream::Failed {
         status: 502,
@@ -976,7 +977,8 @@ async fn upstream_handshake(
     if stream.write_all(request).await.is_err() || stream.flush().await.is_err() {
         return closed();
     }
-    let mut reader = ResponseReader::new(limits.head.max_head_size, limits.error_body_size);
+    let mut reader = ResponseReader::new(limits.head.max_head_size, limits.error_body_size)
+        .expecting_accept(accept_key(ws_key));
     let mut chunk = Vec::new();
     loop {
         chunk.clear();
@@ -1100,6 +1102,7 @@ async fn forward<C: Transport + 'static>(
             recheck,
             limits,
             deadline,
+            &ws_key,
         );
         tokio::pin!(handshake);
         let handshake_timer = sleep_until(deadline);

@@ -107,6 +107,8 @@ pub struct ResponseReader {
     max_head: usize,
     max_body: usize,
     state: State,
+    /// The `Sec-WebSocket-Accept` a 101 must carry (`expecting_accept`).
+    accept: Option<Vec<u8>>,
 }
 
 fn lower(name: &[u8]) -> Vec<u8> {
@@ -179,11 +181,26 @@ impl Head {
             ),
             _ => return Err(BadResponse::Invalid("duplicate Content-Length".into())),
         };
-        let chunked = te.as_deref().is_some_and(|v| {
-            tokens(v)
-                .last()
-                .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"))
-        });
+        // Chunked alone: loopwatch takes the chunks off, and the header is
+        // hop-by-hop, so any other coding (gzip, chunked) would go on unnamed,
+        // a corrupted body to the client. Refused as HAProxy refuses it (502),
+        // and as the request side refuses it (501).
+        let chunked = match te.as_deref() {
+            None => false,
+            Some(v) => {
+                let mut codings = tokens(v);
+                let alone = codings
+                    .next()
+                    .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"))
+                    && codings.next().is_none();
+                if !alone {
+                    return Err(BadResponse::Invalid(
+                        "a transfer coding besides chunked".into(),
+                    ));
+                }
+                true
+            }
+        };
         // To an upgrade request, a refusal that asks for an upgrade itself (a
         // 426 with `Connection: Upgrade`) and says no length is complete, as
         // the handshake's parser has always read it: the client gives up on a
@@ -200,12 +217,11 @@ impl Head {
         if upgrade && !chunked && length.unwrap_or(0) == 0 {
             return Ok(Framing::None);
         }
-        Ok(match (chunked, te.is_some(), length) {
-            (true, _, _) => Framing::Chunked,
-            (false, true, _) => Framing::UntilClose,
-            (false, false, Some(0)) => Framing::None,
-            (false, false, Some(n)) => Framing::Length(n),
-            (false, false, None) => Framing::UntilClose,
+        Ok(match (chunked, length) {
+            (true, _) => Framing::Chunked,
+            (false, Some(0)) => Framing::None,
+            (false, Some(n)) => Framing::Length(n),
+            (false, None) => Framing::UntilClose,
         })
     }
 
@@ -319,7 +335,18 @@ impl ResponseReader {
             max_head,
             max_body,
             state: State::Head,
+            accept: None,
         }
+    }
+
+    /// A 101 must answer this `Sec-WebSocket-Accept` (the client's key's) and
+    /// name `upgrade` in `Connection`, or it is a bad response (502): passed
+    /// on, the client failed the handshake and dropped the connection, and
+    /// the engine blamed it (short-lived, reconnecting) for the upstream's
+    /// fault, counted as an upstream success. HAProxy answers 502 too.
+    pub fn expecting_accept(mut self, accept: String) -> Self {
+        self.accept = Some(accept.into_bytes());
+        self
     }
 
     /// The bytes received (after an Upgrade: the 101's head, then the
@@ -360,6 +387,20 @@ impl ResponseReader {
                         return Err(BadResponse::Invalid(
                             "a 101 without Upgrade: websocket".into(),
                         ));
+                    }
+                    if let Some(expected) = &self.accept {
+                        let answered = head.header(b"sec-websocket-accept");
+                        if answered.as_deref().map(trim) != Some(&expected[..]) {
+                            return Err(BadResponse::Invalid(
+                                "a 101 whose Sec-WebSocket-Accept does not answer the key".into(),
+                            ));
+                        }
+                        let connection = head.header(b"connection").unwrap_or_default();
+                        if !tokens(&connection).any(|t| t.eq_ignore_ascii_case(b"upgrade")) {
+                            return Err(BadResponse::Invalid(
+                                "a 101 without Connection: upgrade".into(),
+                            ));
+                        }
                     }
                     self.state = State::Done;
                     return Ok(Answer::Upgrade {
@@ -689,5 +730,57 @@ mod tests {
         let head = format!("HTTP/1.1 403 Forbidden\r\n{many}Content-Length: 0\r\n\r\n");
         let r = refused(ResponseReader::new(1 << 16, 100).feed(head.as_bytes()));
         assert!(text(&r).contains("X-199: v\r\n"));
+    }
+
+    #[test]
+    fn a_101_must_answer_the_key_and_name_the_upgrade() {
+        let key = b"dGhlIHNhbXBsZSBub25jZQ==";
+        let accept = loopwatch_dataplane_core::head::accept_key(key);
+        let reader = || ResponseReader::new(1024, 100).expecting_accept(accept.clone());
+        let ok = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        );
+        assert!(matches!(
+            reader().feed(ok.as_bytes()),
+            Ok(Answer::Upgrade { .. })
+        ));
+        for (bad, why) in [
+            (
+                ok.replace(&accept, "c29tZXRoaW5nIGVsc2U="),
+                "does not answer the key",
+            ),
+            (
+                ok.replace(&format!("Sec-WebSocket-Accept: {accept}\r\n"), ""),
+                "does not answer the key",
+            ),
+            (
+                ok.replace("Connection: Upgrade", "Connection: close"),
+                "without Connection: upgrade",
+            ),
+        ] {
+            let err = reader().feed(bad.as_bytes()).unwrap_err().to_string();
+            assert!(err.ends_with(why), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_transfer_coding_besides_chunked_is_a_bad_response() {
+        // Passed on unchunked and unnamed, a gzip body reached the client as
+        // garbage; HAProxy answers 502.
+        for te in ["gzip, chunked", "gzip", "chunked, chunked", "identity"] {
+            let head = format!("HTTP/1.1 503 Busy\r\nTransfer-Encoding: {te}\r\n\r\n");
+            let err = ResponseReader::new(1024, 100)
+                .feed(head.as_bytes())
+                .unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "invalid response from upstream: a transfer coding besides chunked",
+                "{te}"
+            );
+        }
+        let head = b"HTTP/1.1 503 Busy\r\nTransfer-Encoding: Chunked\r\n\r\n2\r\nno\r\n0\r\n\r\n";
+        let r = refused(ResponseReader::new(1024, 100).feed(head));
+        assert!(text(&r).ends_with("\r\n\r\nno"));
     }
 }
