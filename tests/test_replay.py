@@ -673,3 +673,17 @@ async def test_a_file_moved_away_is_followed_by_a_new_one_at_a_reload(tmp_path: 
     await rec.aclose()
     assert [json.loads(line)["conn_id"] for line in moved.read_text().splitlines()] == [1]
     assert [json.loads(line)["conn_id"] for line in path.read_text().splitlines()] == [2, 3]
+
+
+async def test_a_record_path_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """Opening a FIFO waits for a reader: `loopwatch run` hung at start-up,
+    and SIGTERM did not end it."""
+    from loopwatch.proxy.app.planes import settings_errors
+    from loopwatch.proxy.app.runtime import start
+
+    fifo = tmp_path / "events.fifo"
+    os.mkfifo(fifo)
+    settings = settings_for("ws://127.0.0.1:9", **{"record.path": str(fifo)})
+    assert f"record.path: {str(fifo)!r} is not a regular file" in settings_errors(settings)
+    with pytest.raises(OSError, match="not a regular file"):
+        await asyncio.wait_for(start(settings), 5)

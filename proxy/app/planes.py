@@ -243,6 +243,9 @@ def _record_errors(path: str | None) -> list[str]:
     where = Path(path)
     if not path.strip() or where.is_dir():
         return [f"record.path: expected a file name, got {path!r}"]
+    if where.exists() and not where.is_file():
+        # A FIFO's open waits for a reader: start-up hung, and SIGTERM with it.
+        return [f"record.path: {path!r} is not a regular file"]
     folder = where.parent
     if not folder.is_dir():
         return [f"record.path: no directory {str(folder)!r} to write {where.name!r} in"]

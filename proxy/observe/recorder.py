@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import io
 import json
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterable
@@ -53,6 +55,23 @@ FLUSH_LINES = 5_000  # a burst this large is written without waiting for the int
 MAX_PENDING = 200_000  # lines buffered while the disk is slow; beyond, events are dropped
 
 
+def _open_regular(path: str) -> io.FileIO:
+    """`path` opened to append, if it is a regular file (or new). Without a
+    reader a FIFO's open waits, and start-up hung there, SIGTERM unheard; with
+    one, writes would wait on it. Non-blocking open, then the type checked."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # a FIFO without a reader
+            raise OSError(errno.EINVAL, "not a regular file", path) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", path)
+    os.set_blocking(fd, True)
+    return open(fd, "ab", buffering=0)  # noqa: SIM115 - held open for the recorder's life
+
+
 class EventFile:
     """The file side, used from one writer thread at a time (the lock makes the
     final synchronous flush at shutdown safe against a write still running)."""
@@ -65,7 +84,7 @@ class EventFile:
         self._lock = threading.Lock()
         # Opened at start-up, so a bad path fails `loopwatch run` at once, not silently later.
         # Unbuffered: a failed write leaves nothing behind in a buffer to come out later.
-        self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - held open for the recorder's life
+        self._file = _open_regular(path)
         self.size = self._file.tell()
 
     def write(self, lines: Iterable[bytes]) -> int:
