@@ -708,6 +708,12 @@ impl<C: Transport, U: Transport> Relay<C, U> {
             self.close_leg(o);
             return false;
         }
+        if self.legs[i].watcher.close().is_none() {
+            // A stream passed unparsed ends with no close frame: this side
+            // ended the connection, whoever drops it next (the access line
+            // named the client after an upstream's broken frames and FIN).
+            self.initiator.get_or_insert(initiator(i));
+        }
         self.legs[i].eof = true;
         self.write_eof(o);
         true
@@ -1389,6 +1395,24 @@ mod tests {
         assert_eq!(read_n(&mut s.client, answer.len()).await, answer);
         let info = ended(s).await;
         assert_eq!((info.code, info.initiator), (1002, Initiator::Upstream));
+    }
+
+    /// The upstream breaks the protocol, then ends its side without a close
+    /// frame: it ended the connection, though the client drops it last.
+    #[tokio::test]
+    async fn a_broken_stream_ended_by_the_upstream_is_the_upstreams_end() {
+        let mut s = splice().await;
+        let bad = unmasked(0x83, b"x"); // a reserved opcode
+        s.upstream.write_all(&bad).await.unwrap();
+        assert_eq!(read_n(&mut s.client, bad.len()).await, bad);
+        s.upstream.shutdown().await.unwrap();
+        assert!(read_to_end(&mut s.client).await.is_empty()); // its end, passed on
+        drop(s.client);
+        let info = tokio::time::timeout(Duration::from_secs(5), s.ended)
+            .await
+            .expect("ended")
+            .unwrap();
+        assert_eq!(info.initiator, Initiator::Upstream);
     }
 
     /// loopwatch's own close 1001 "bye", with the usual grace.
