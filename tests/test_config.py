@@ -756,3 +756,22 @@ def test_source_names_no_request_can_carry_are_errors(tmp_path: Path) -> None:
         assert error.startswith("identity.sources[0]: ") and why in error, error
     s = load_settings_from_text("identity: {sources: ['cookie:sid', 'query:token', 'ip']}\n")
     assert s.identity.sources == ("cookie:sid", "query:token", "ip")
+
+
+def test_check_config_without_a_file_checks_the_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The Dockerfile, compose file and Kubernetes example configure loopwatch
+    by flags and LOOPWATCH_* variables only: check-config needed a file (and
+    refused /dev/null) to check that."""
+    from loopwatch.proxy.app.cli import build_parser
+
+    assert build_parser().parse_args(["check-config"]).file is None
+    monkeypatch.setenv("LOOPWATCH_UPSTREAM", "ws://127.0.0.1:8000")
+    monkeypatch.setenv("LOOPWATCH_ADMIN__LISTEN", "0.0.0.0:9900")
+    assert check_config_main(None) == 0
+    out, err = capsys.readouterr()
+    assert yaml.safe_load(out)["admin"]["listen"] == "0.0.0.0:9900"
+    monkeypatch.setenv("LOOPWATCH_LIMITS__MAX_CONNECTIONS", "many")
+    assert check_config_main(None) == 2
+    assert "limits.max_connections" in capsys.readouterr().err

@@ -44,8 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     run.add_argument("--dataplane-threads", metavar="N", help='data plane worker threads, or "auto" (one per core)')
 
-    check = sub.add_parser("check-config", help="validate a config file and print the effective config")
-    check.add_argument("file")
+    check = sub.add_parser(
+        "check-config", help="validate a config file (and LOOPWATCH_* variables) and print the effective config"
+    )
+    check.add_argument("file", nargs="?", help="the config file; without it, the defaults and LOOPWATCH_* variables")
 
     demo = sub.add_parser("demo", help="backend + loopwatch + clients on loopback, live")
     demo.add_argument("--duration", type=float, default=30.0, help="seconds to run (default 30)")
@@ -157,8 +159,8 @@ class LogSetup(Observer):
             setup_logging(self.applied.level, self.applied.format)
 
 
-def check_config_main(path: str) -> int:
-    """`loopwatch check-config FILE`: every error to stderr and 2, or the
+def check_config_main(path: str | None) -> int:
+    """`loopwatch check-config [FILE]`: every error to stderr and 2, or the
     effective config and 0. The files it names (certificates, keys, the CA
     bundle) are read as `run` reads them."""
     from ..observe.tracing import tracing_env_errors
