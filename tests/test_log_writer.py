@@ -8,11 +8,13 @@ and /metrics stopped answering, SIGTERM went unheard.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -24,15 +26,28 @@ from tests.processes import loopwatch_run
 from tests.test_service_links import process_env
 
 
-def test_a_full_queue_drops_lines_counts_them_and_says_so_later() -> None:
+@contextlib.contextmanager
+def piped_logger(
+    name: str, max_queued: int, formatter: logging.Formatter
+) -> Iterator[tuple[logging.Logger, LogWriter, int]]:
+    """A logger writing through a LogWriter into a pipe nobody reads yet: the
+    logger, the writer and the pipe's read end."""
     read_end, write_end = os.pipe()
     stream = io.TextIOWrapper(os.fdopen(write_end, "wb", buffering=0), write_through=True)
-    writer = LogWriter(stream, max_queued=5)
-    writer.setFormatter(JsonFormatter())
-    logger = logging.getLogger("test.log_writer")
+    writer = LogWriter(stream, max_queued=max_queued)
+    writer.setFormatter(formatter)
+    logger = logging.getLogger(name)
     logger.propagate = False
     logger.addHandler(writer)
     try:
+        yield logger, writer, read_end
+    finally:
+        logger.removeHandler(writer)
+        os.close(read_end)
+
+
+def test_a_full_queue_drops_lines_counts_them_and_says_so_later() -> None:
+    with piped_logger("test.log_writer", 5, JsonFormatter()) as (logger, writer, read_end):
         line = "x" * 1000
         start = time.monotonic()
         for i in range(500):  # ~500 KB: far more than the pipe holds, nobody reading
@@ -62,22 +77,12 @@ def test_a_full_queue_drops_lines_counts_them_and_says_so_later() -> None:
         assert sum(x["count"] for x in reports) == dropped and {x["level"] for x in reports} == {"warning"}
         assert lines[-1]["event"] == "after"
         assert len(lines) == 500 - dropped + len(reports) + 1
-    finally:
-        logger.removeHandler(writer)
-        os.close(read_end)
 
 
 def test_the_dropped_count_is_written_in_the_text_format_too() -> None:
     """With `logging.format: text` the drop report is a text line like the
     others, not a JSON line among them."""
-    read_end, write_end = os.pipe()
-    stream = io.TextIOWrapper(os.fdopen(write_end, "wb", buffering=0), write_through=True)
-    writer = LogWriter(stream, max_queued=2)
-    writer.setFormatter(TextFormatter())
-    logger = logging.getLogger("test.log_writer.text")
-    logger.propagate = False
-    logger.addHandler(writer)
-    try:
+    with piped_logger("test.log_writer.text", 2, TextFormatter()) as (logger, writer, read_end):
         for i in range(200):  # 200 KB into a 64 KiB pipe nobody reads: lines dropped
             logger.warning("filler", extra={"fields": {"i": i, "pad": "x" * 1000}})
         dropped = writer.dropped
@@ -95,9 +100,6 @@ def test_the_dropped_count_is_written_in_the_text_format_too() -> None:
         report = next(x for x in received.decode().splitlines() if "log_lines_dropped" in x)
         assert not report.startswith("{")
         assert report.split()[2:] == ["warning", "log_lines_dropped", f"count={dropped}"]
-    finally:
-        logger.removeHandler(writer)
-        os.close(read_end)
 
 
 async def test_a_stalled_log_reader_stops_nothing() -> None:
