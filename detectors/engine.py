@@ -40,7 +40,7 @@ from .offenders import HOT_RATE, HotClients
 from .policy import Policy
 from .rules import RULE_NAMES, RULES
 from .settings import BreakerSettings, DetectionSettings, Mode, PolicySettings, RuleSettings
-from .shared import SharedCooldown, owner_of, remote_conn_id
+from .shared import OpenConnection, SharedCooldown, owner_of, remote_conn_id
 from .state import INF, NEVER, Addresses, ClientState, ClientStore, MemoryStore
 from .units import MAX_DURATION
 from .views import BreakerView, ClientView, EngineSnapshot
@@ -814,11 +814,17 @@ class Engine:
         self._reschedule(state, t)
         return adopt
 
-    def local_connections(self) -> list[tuple[str, ConnId]]:
-        """This replica's own open connections (key, id), for the others."""
-        return [(s.key, cid) for s in self._store if s.open_count for cid, _ in s.open_items() if type(cid) is int]
+    def local_connections(self, t: float) -> list[OpenConnection]:
+        """This replica's own open connections, for the others."""
+        return [
+            OpenConnection(s.key, cid, t - opened)
+            for s in self._store
+            if s.open_count
+            for cid, opened in s.open_items()
+            if type(cid) is int
+        ]
 
-    def replace_connections(self, replica: str, open_: Iterable[tuple[str, ConnId]], t: float) -> set[str]:
+    def replace_connections(self, replica: str, open_: Iterable[OpenConnection], t: float) -> set[str]:
         """Count exactly `open_` (its own ids, by key) as open through replica
         `replica`, forgetting what was counted of it before; nothing for a
         replica gone silent. Its Opened and Closed are this engine's only other
@@ -834,9 +840,9 @@ class Engine:
                 if owner is not None and owner[0] == replica:
                     state.remove_open(cid)
                     changed.add(state.key)
-        for key, cid in open_:
-            self._client(key, t).add_open(remote_conn_id(replica, cid), t)
-            changed.add(key)
+        for c in open_:
+            self._client(c.key, t).add_open(remote_conn_id(replica, c.conn_id), t - c.age)
+            changed.add(c.key)
         return changed
 
     def cooldowns(self, t: float) -> list[SharedCooldown]:

@@ -89,14 +89,23 @@ class CloseRequest:
 
 
 @dataclass(frozen=True, slots=True)
-class Connections:
-    """The connections the sending replica has open (its own ids, by client
-    key), sent when it (re)connects and when asked. The others then count
-    exactly these as open through it, whatever Opened or Closed of its they
-    missed (a Redis outage) or will never get (it crashed, or restarted with
-    the same replica id)."""
+class OpenConnection:
+    key: str
+    conn_id: ConnId  # the sender's own id
+    age: float  # seconds open (close-oldest picks by it)
 
-    open: tuple[tuple[str, ConnId], ...]
+
+@dataclass(frozen=True, slots=True)
+class Connections:
+    """The connections the sending replica has open, sent when it
+    (re)connects and when asked. The others then count exactly these as open
+    through it, whatever Opened or Closed of its they missed (a Redis outage)
+    or will never get (it crashed, or restarted with the same replica id).
+    ``heartbeat``: the sender's ``state.redis.heartbeat``, by which its
+    silence is judged."""
+
+    open: tuple[OpenConnection, ...]
+    heartbeat: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +180,7 @@ def encode(origin: str, messages: Iterable[Message]) -> bytes:
         elif isinstance(m, Release):
             out.append(["X", m.key])
         elif isinstance(m, Connections):
-            out.append(["O", [[key, conn_id] for key, conn_id in m.open]])
+            out.append(["O", [[c.key, c.conn_id, round(c.age, 3)] for c in m.open], m.heartbeat])
         elif isinstance(m, AskConnections):
             out.append(["W", m.replica])
         else:
@@ -229,10 +238,15 @@ def _message(item: object, origin: str, t: float) -> Message:
                 return SharedCooldown(key, float(remaining), rule, repeat, enforced, force)
         if kind == "X" and n == 2 and isinstance(item[1], str):
             return Release(item[1])
-        if kind == "O" and n == 2 and isinstance(item[1], list):
-            pairs = item[1]
-            if all(isinstance(p, list) and len(p) == 2 and type(p[0]) is str and _conn(p[1]) for p in pairs):
-                return Connections(tuple((key, conn_id) for key, conn_id in pairs))
+        if kind == "O" and n == 3 and isinstance(item[1], list) and _number(item[2]) and item[2] > 0:
+            conns = item[1]
+            if all(
+                isinstance(c, list) and len(c) == 3 and type(c[0]) is str and _conn(c[1]) and _number(c[2])
+                for c in conns
+            ):
+                return Connections(
+                    tuple(OpenConnection(key, cid, max(float(age), 0.0)) for key, cid, age in conns), float(item[2])
+                )
         if kind == "W" and n == 2 and isinstance(item[1], str):
             return AskConnections(item[1])
         if kind == "K" and n == 6:
@@ -275,6 +289,7 @@ __all__ = [
     "CloseRequest",
     "Connections",
     "Message",
+    "OpenConnection",
     "Release",
     "RemoteEvent",
     "SharedCooldown",

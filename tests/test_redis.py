@@ -352,6 +352,12 @@ async def test_a_full_redis_fails_the_writes_not_the_sharing(
             await rc.config_set("maxmemory", "0")
         a.force_cooldown(key_of("after"), 600, time.monotonic())
         await wait_for(lambda: any(r.getMessage() == "state_store_write_resumed" for r in caplog.records), timeout=5)
+        # The key Redis refused is written once it takes writes again: a replica
+        # started later learns the cooldown.
+        deadline = time.monotonic() + 5
+        while not await rc.exists(f"{prefix}cool:{key}"):
+            assert time.monotonic() < deadline, "the refused cooldown was never written"
+            await asyncio.sleep(0.05)
     lines = [r.getMessage() for r in caplog.records if r.name == "loopwatch.state"]
     assert lines.count("state_store_down") == 0 and lines.count("state_store_write_failed") == 1
 
@@ -493,6 +499,32 @@ async def test_a_silent_replicas_connections_stop_counting_and_a_restart_says_it
         await first.send("a's tabs were never touched")
         assert await asyncio.wait_for(first.recv(), 5) == "a's tabs were never touched"
         await second.close()
+
+
+async def test_replicas_with_different_heartbeats_judge_each_other_by_the_senders(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A replica judged the others' silence by its own heartbeat: one with a
+    short heartbeat took an idle peer with a longer one for gone every cycle,
+    and its connections stopped counting meanwhile."""
+    caplog.set_level(logging.INFO, logger="loopwatch.state")
+    prefix = "lw-beats:"
+    async with demo_backend() as backend_app:
+        upstream = f"ws://127.0.0.1:{backend_app.port}"
+        async with (
+            loopwatch(upstream, **overrides(redis_server.url, "slow", prefix, **{"state.redis.heartbeat": "1s"})) as a,
+            loopwatch(upstream, **overrides(redis_server.url, "fast", prefix, **{"state.redis.heartbeat": "100ms"})) as b,
+        ):
+            await wait_for(lambda: store(a).up and store(b).up)
+            key = key_of("tab")
+            async with connect(ws(a, "tab", expired=False), open_timeout=5):
+                await wait_for(lambda: tracked(b, key) is not None and tracked(b, key).open_connections == 1)
+                seen = set()
+                for _ in range(30):  # 3 s of an idle a: its empty batch every second
+                    seen.add(tracked(b, key).open_connections)
+                    await asyncio.sleep(0.1)
+                assert seen == {1}
+    assert not [r for r in caplog.records if r.getMessage() == "state_store_replica_gone"]
 
 
 async def test_fail_closed_readiness_follows_redis(tmp_path: Path) -> None:

@@ -85,9 +85,11 @@ log = logging.getLogger("loopwatch.state")
 # KEYS[1] the client's cooldown key; ARGV: value, TTL in ms, "1" to replace
 # whatever is there (an operator's cooldown). Otherwise the longer one stays,
 # the same rule the engines merge by, so Redis and the replicas agree.
-# Heartbeats (state.redis.heartbeat) another replica may stay silent before it
-# is taken for gone, and what it had open stops counting here.
-PEER_SILENCE = 5
+# Heartbeats (its state.redis.heartbeat) another replica may stay silent before
+# it is taken for gone, and what it had open stops counting here: short of the
+# duplicate_connections rule's hold (5 s), so a client whose tabs moved from a
+# crashed replica is not flagged for the ones left behind.
+PEER_SILENCE = 3
 SET_COOLDOWN = """
 if ARGV[3] ~= '1' and redis.call('PTTL', KEYS[1]) >= tonumber(ARGV[2]) then
   return 0
@@ -186,6 +188,7 @@ class RedisStateStore(Observer):
         # silent for PEER_SILENCE heartbeats is taken for gone, and what it had
         # open no longer counts here.
         self._heard: dict[str, float] = {}
+        self._beats: dict[str, float] = {}  # each one's heartbeat, as its Connections said
 
     @property
     def ready(self) -> bool:
@@ -302,9 +305,10 @@ class RedisStateStore(Observer):
                 keys.add(m.key)
             elif isinstance(m, Connections):
                 keys |= engine.replace_connections(origin, m.open, now)
+                self._beats[origin] = m.heartbeat
             elif isinstance(m, AskConnections):
                 if m.replica in (self.replica, "*"):
-                    self._send(Connections(tuple(engine.local_connections())))
+                    self._send(self._connections())
             elif m.replica == self.replica:
                 gate.close_connection(m.conn_id, m.code, m.reason)
         self.received += len(messages)
@@ -416,17 +420,26 @@ class RedisStateStore(Observer):
                 # backlog would otherwise be folded in as one block of the loop.
                 await asyncio.sleep(0)
 
+    def _connections(self) -> Connections:
+        assert self.gate is not None
+        return Connections(tuple(self.gate.engine.local_connections(self._clock())), self.redis.heartbeat)
+
     async def _watch_peers(self) -> None:
-        """Forget what a replica silent for PEER_SILENCE heartbeats had open (it
-        crashed, or lost Redis): its Closed would never come. If it is heard of
-        again it is asked for its connections."""
-        silence = PEER_SILENCE * self.redis.heartbeat
+        """Forget what a replica silent for PEER_SILENCE of its heartbeats had
+        open (it crashed, or lost Redis): its Closed would never come. If it is
+        heard of again it is asked for its connections."""
+        beat = self.redis.heartbeat
         while True:
-            await asyncio.sleep(self.redis.heartbeat)
+            slept = time.monotonic()
+            await asyncio.sleep(beat)
+            if time.monotonic() - slept > 2 * beat:
+                # This loop was held up itself: the peers' news may be waiting
+                # unread. Judged at the next turn, once the reader caught up.
+                continue
             gate = self.gate
             now = self._clock()
             for replica, heard in list(self._heard.items()):
-                if now - heard <= silence or gate is None:
+                if gate is None or now - heard <= PEER_SILENCE * self._beats.get(replica, beat):
                     continue
                 del self._heard[replica]
                 keys = gate.engine.replace_connections(replica, (), now)
@@ -473,6 +486,7 @@ class RedisStateStore(Observer):
             return
         pipe = client.pipeline(transaction=False)
         memory_ms = max(int(self.memory * 1000), 0)
+        cooled: list[str | None] = []  # per command: the key of a cooldown set, None for a delete
         for m in writes:
             if isinstance(m, SharedCooldown):
                 ttl = int(m.remaining * 1000) + memory_ms
@@ -482,8 +496,10 @@ class RedisStateStore(Observer):
                         separators=(",", ":"),
                     )
                     pipe.eval(SET_COOLDOWN, 1, self._cool_prefix + m.key, value, ttl, "1" if m.force else "0")
+                    cooled.append(m.key)
             else:
                 pipe.delete(self._cool_prefix + m.key)
+                cooled.append(None)
         # Keys first, then the news: a replica that hears of a cooldown and
         # reconnects at once finds it in Redis too.
         pipe.publish(self.channel, payload)
@@ -492,24 +508,42 @@ class RedisStateStore(Observer):
         # and the write-back at the reconnect failed again, about 20 times a
         # second, and the other replicas heard nothing though PUBLISH worked.
         replies = await pipe.execute(raise_on_error=False)
-        refused = [r for r in replies if isinstance(r, Exception)]
         if isinstance(replies[-1], Exception):
             raise replies[-1]  # the news itself did not go out: the session is broken
         self.published += len(batch)
+        refused = [(key, r) for key, r in zip(cooled, replies, strict=False) if isinstance(r, Exception)]
         self._write_refused(refused)
 
-    def _write_refused(self, refused: list[Exception]) -> None:
+    def _write_refused(self, refused: list[tuple[str | None, Exception]]) -> None:
         if refused:
             self.errors += len(refused)
+            for key, _ in refused:  # written again once Redis takes writes again
+                if key is not None and len(self._unshared) < self.redis.max_queue:
+                    self._unshared.add(key)
             if not self._write_failing:
                 self._write_failing = True
+                error = refused[0][1]
                 log_event(
                     log, "state_store_write_failed", logging.WARNING,
-                    replica=self.replica, error=f"{type(refused[0]).__name__}: {refused[0]}", keys=len(refused),
+                    replica=self.replica, error=f"{type(error).__name__}: {error}", keys=len(refused),
                 )  # fmt: skip
         elif self._write_failing:
             self._write_failing = False
             log_event(log, "state_store_write_resumed", replica=self.replica)
+            self._write_back(only=self._take_unshared())
+
+    def _take_unshared(self) -> set[str]:
+        unshared, self._unshared = self._unshared, set()
+        return unshared
+
+    def _write_back(self, only: set[str] | None) -> None:
+        """Share again the running cooldowns Redis lacks: those of `only`, or
+        every one (None)."""
+        if self.gate is None:
+            return
+        for cooldown in self.gate.engine.cooldowns(self._clock()):
+            if only is None or cooldown.key in only:
+                self._send(cooldown)
 
     async def _resync(self, client: Redis) -> None:
         """On (re)connect: adopt the cooldowns Redis holds, then share ours, which
@@ -545,7 +579,7 @@ class RedisStateStore(Observer):
                     engine.adopt_cooldown(cooldown, now)
         # What this replica has open, for the others to count exactly that (a
         # restart under the same id leaves none of the old ones), and theirs.
-        self._send(Connections(tuple(engine.local_connections())))
+        self._send(self._connections())
         self._send(AskConnections("*"))
         self._heard = dict.fromkeys(self._heard, self._clock())  # heard of again from now
         async with asyncio.timeout(r.timeout):
@@ -553,14 +587,12 @@ class RedisStateStore(Observer):
         run = str(server.get("run_id", "")) or None
         restarted = self._server_run is not None and run != self._server_run
         self._server_run = run
-        unshared, self._unshared = self._unshared, set()
-        for cooldown in engine.cooldowns(self._clock()):
-            # A Redis that restarted (or failed over) has lost what we wrote:
-            # every running cooldown goes back. Otherwise only those started
-            # while it was out of reach: a cooldown released or shortened
-            # meanwhile by an operator stays so on every replica.
-            if restarted or cooldown.key in unshared:
-                self._send(cooldown)
+        # A Redis that restarted (or failed over) has lost what we wrote: every
+        # running cooldown goes back. Otherwise only those started while it was
+        # out of reach (or refused by it): a cooldown released or shortened
+        # meanwhile by an operator stays so on every replica.
+        unshared = self._take_unshared()
+        self._write_back(None if restarted else unshared)
         gate.reconcile()
 
     def _parse_key(self, key: bytes, value: bytes | None, pttl: int) -> SharedCooldown | None:

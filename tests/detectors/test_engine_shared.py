@@ -249,7 +249,7 @@ def test_a_replicas_connections_are_replaced_by_what_it_says_it_has_open() -> No
     assert e.client(K, 1.0).open_connections == 3  # type: ignore[union-attr]
     assert e.enforcement(K, 1.0).at_capacity
     # b restarted: it has one open now, for another client.
-    assert e.replace_connections("b", [("bob", 1)], 2.0) == {K, "bob"}
+    assert e.replace_connections("b", [shared.OpenConnection("bob", 1, 0.5)], 2.0) == {K, "bob"}
     assert e.client(K, 2.0).open_connections == 1  # type: ignore[union-attr]
     assert e.client("bob", 2.0).open_connections == 1  # type: ignore[union-attr]
     assert not e.enforcement(K, 2.0).at_capacity
@@ -257,7 +257,17 @@ def test_a_replicas_connections_are_replaced_by_what_it_says_it_has_open() -> No
     # b went silent: none of it counts.
     assert e.replace_connections("b", (), 3.0) == {"bob"}
     assert e.client("bob", 3.0).open_connections == 0  # type: ignore[union-attr]
-    assert e.local_connections() == [(K, 1)]
+    assert e.local_connections(3.0) == [shared.OpenConnection(K, 1, 3.0)]
+
+
+def test_close_oldest_picks_by_the_ages_a_replica_reports() -> None:
+    """Counted again from a Connections, remote connections used to look
+    just opened: close-oldest closed a younger local one instead."""
+    e = engine(PolicySettings(max_concurrent=2, on_max_concurrent="close-oldest"))
+    e.replace_connections("b", [shared.OpenConnection(K, 7, 60.0)], 100.0)  # open since t = 40
+    e.record(Opened(K, "/ws", 90.0, 1))
+    opened = e.record(Opened(K, "/ws", 101.0, 2))
+    assert [x.conn_id for x in opened.actions if isinstance(x, CloseConnection)] == ["b/7"]
 
 
 def failing_handshakes(e: Engine, n: int, *, breakers: bool) -> None:
@@ -289,8 +299,8 @@ def test_every_message_survives_the_wire() -> None:
         shared.SharedCooldown(K, 4.25, "manual", 3, True, True),
         shared.Release(K),
         shared.CloseRequest("b", 12, K, 1008, "loopwatch: more than 2 connections"),
-        shared.Connections(((K, 4), ("bob", 5))),
-        shared.Connections(()),
+        shared.Connections((shared.OpenConnection(K, 4, 12.5), shared.OpenConnection("bob", 5, 0.0)), 1.0),
+        shared.Connections((), 8.0),
         shared.AskConnections("*"),
     ]
     payload = shared.encode("a", messages)
@@ -332,9 +342,11 @@ def test_every_message_survives_the_wire() -> None:
         b'lw1 a\n[["K", "b", 1, "k", 70000, ""]]',
         b'lw1 a\n[["K", "b", -1, "k", 1008, ""]]',
         b'lw1 a\n[["h", "k", "/", 100000000000000000000, null]]',
-        b'lw1 a\n[["O", [["k"]]]]',
-        b'lw1 a\n[["O", [[1, 2]]]]',
-        b'lw1 a\n[["O", "k"]]',
+        b'lw1 a\n[["O", [["k", 1]], 1.0]]',
+        b'lw1 a\n[["O", [[1, 2, 0.5]], 1.0]]',
+        b'lw1 a\n[["O", "k", 1.0]]',
+        b'lw1 a\n[["O", [], 0]]',
+        b'lw1 a\n[["O", [["k", 1, "old"]], 1.0]]',
         b'lw1 a\n[["W", 1]]',
         b"lw1 a\n" + b"[" * 100_000 + b"]" * 100_000,
     ],
