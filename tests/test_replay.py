@@ -687,3 +687,25 @@ async def test_a_record_path_that_is_a_fifo_is_refused_not_waited_on(tmp_path: P
     assert f"record.path: {str(fifo)!r} is not a regular file" in settings_errors(settings)
     with pytest.raises(OSError, match="not a regular file"):
         await asyncio.wait_for(start(settings), 5)
+
+
+async def test_logrotate_copytruncate_leaves_no_hole_and_sizes_count_the_disk(tmp_path: Path) -> None:
+    """After loopwatch's own rotation the new file was opened without append
+    mode: a copytruncate then left the next write at the old offset, after a
+    run of zero bytes, and replay lost the first record."""
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"x" * 3000 + b"\n")  # an earlier run's file: counted toward max_bytes
+    rec = Recorder(RecordSettings(path=str(path), max_bytes=4096, rotate=1), flush_interval=0.01)
+    assert rec.file.size == 3001
+    for i in range(40):  # past 4 KiB: rotated by loopwatch itself
+        rec.on_closed(FakeConn(), closed_event(i), None)
+    await asyncio.sleep(0.1)
+    assert rec.file.rotations >= 1
+    copy = tmp_path / "events.jsonl-copy"
+    copy.write_bytes(path.read_bytes())  # logrotate's copytruncate: copy, then empty in place
+    os.truncate(path, 0)
+    rec.on_closed(FakeConn(), closed_event(1000), None)
+    await rec.aclose()
+    data = path.read_bytes()
+    assert b"\0" not in data
+    assert [json.loads(line)["conn_id"] for line in data.splitlines()] == [1000]

@@ -55,12 +55,16 @@ FLUSH_LINES = 5_000  # a burst this large is written without waiting for the int
 MAX_PENDING = 200_000  # lines buffered while the disk is slow; beyond, events are dropped
 
 
-def _open_regular(path: str) -> io.FileIO:
-    """`path` opened to append, if it is a regular file (or new). Without a
-    reader a FIFO's open waits, and start-up hung there, SIGTERM unheard; with
-    one, writes would wait on it. Non-blocking open, then the type checked."""
+def _open_regular(path: str, truncate: bool = False) -> io.FileIO:
+    """`path` opened to append (`truncate`: emptied first), if it is a regular
+    file (or new). Without a reader a FIFO's open waits, and start-up hung
+    there, SIGTERM unheard; with one, writes would wait on it. Non-blocking
+    open, then the type checked. Always O_APPEND: after logrotate's
+    copytruncate empties the file, writes go to its new end, not to where the
+    last one ended (a run of zero bytes before the next line)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_TRUNC if truncate else 0)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, flags, 0o644)
     except OSError as e:
         if e.errno == errno.ENXIO:  # a FIFO without a reader
             raise OSError(errno.EINVAL, "not a regular file", path) from None
@@ -85,7 +89,7 @@ class EventFile:
         # Opened at start-up, so a bad path fails `loopwatch run` at once, not silently later.
         # Unbuffered: a failed write leaves nothing behind in a buffer to come out later.
         self._file = _open_regular(path)
-        self.size = self._file.tell()
+        self.size = os.fstat(self._file.fileno()).st_size
 
     def write(self, lines: Iterable[bytes]) -> int:
         """Append lines (each ending in a newline), rotating as needed; bytes written."""
@@ -93,6 +97,8 @@ class EventFile:
         with self._lock:
             if self._file.closed:
                 return 0
+            # As it is on disk: emptied by logrotate's copytruncate since, say.
+            self.size = os.fstat(self._file.fileno()).st_size
             chunk: list[bytes] = []
             chunk_size = 0
             for line in lines:
@@ -136,12 +142,12 @@ class EventFile:
                     os.replace(older, f"{self.path}.{i + 1}")
             with contextlib.suppress(FileNotFoundError):
                 os.replace(self.path, f"{self.path}.1")
-        self._replace(open(self.path, "wb", buffering=0))  # noqa: SIM115 - held open for the recorder's life
+        self._replace(_open_regular(self.path, truncate=True))
         self.rotations += 1
 
     def _replace(self, new: io.FileIO) -> None:
         old, self._file = self._file, new
-        self.size = new.tell()
+        self.size = os.fstat(new.fileno()).st_size
         old.close()
 
     def reopen(self) -> bool:
@@ -158,7 +164,7 @@ class EventFile:
             held = os.fstat(self._file.fileno())
             if on_disk is not None and (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino):
                 return False
-            self._replace(open(self.path, "ab", buffering=0))  # noqa: SIM115 - held open for the recorder's life
+            self._replace(_open_regular(self.path))
             return True
 
     def close(self) -> None:
