@@ -966,6 +966,23 @@ class Engine:
             for s in candidates[offset : offset + limit]
         ]
 
+    def ranked(self, t: float) -> list[str]:
+        """Every tracked client's key, worst first, as `clients` pages them."""
+        tau = self._detection.rate_window
+        states = list(self._store)
+        states.sort(key=lambda s: (rank(s, t), -s.rate_at(t, tau)))
+        return [s.key for s in states]
+
+    def views(self, keys: Iterable[str], t: float) -> list[ClientView]:
+        """The views (without history) of those of `keys` still tracked."""
+        tau = self._detection.rate_window
+        store = self._store
+        return [
+            client_view(state, t, tau, self._quiet, self._views, history=False)
+            for key in keys
+            if (state := store.get(key)) is not None
+        ]
+
     def open_connections(self, key: str) -> tuple[ConnId, ...]:
         """The ids of the client's connections the engine counts as open (opened,
         not closed, not picked by close-oldest), oldest first."""

@@ -109,6 +109,12 @@ class Running:
     def clients_tracked(self) -> int:
         return self.engine.clients_tracked
 
+    def ranked_clients(self, now: float) -> list[str]:
+        return self.engine.ranked(now)
+
+    def client_views(self, keys: list[str], now: float) -> list[ClientView]:
+        return self.engine.views(keys, now)
+
     def snapshot(self, now: float) -> EngineSnapshot:
         return self.engine.snapshot(now)
 
