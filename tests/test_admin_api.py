@@ -509,3 +509,22 @@ async def test_a_reload_reads_and_compiles_off_the_event_loop(tmp_path: Path) ->
             ticker.cancel()
         assert lw.engine.policy.deny[-1] == "10.117.47.0/24"
         assert lw.settings.policy.deny == lw.engine.policy.deny
+
+
+async def test_reloads_asked_for_while_one_runs_share_the_next(tmp_path: Path) -> None:
+    """Each SIGHUP queued a reload of its own: 20 of a 2.3 MB config took
+    22 s of a core, and an API reload waited 9.9 s behind them."""
+    async with demo_backend() as backend, looped(backend, tmp_path) as lw:
+        loads: list[dict[str, object]] = []
+
+        class Loads:
+            def on_config(self, settings: object, info: dict[str, object]) -> None:
+                loads.append(info)
+
+        lw.watch(Loads())  # type: ignore[arg-type]
+        results = await asyncio.gather(*(lw.reload_off_loop() for _ in range(20)))
+        assert all(r == {"reloaded": True, "restart_required": []} for r in results)
+        assert 1 <= len(loads) <= 2 and all(info["result"] == "ok" for info in loads)
+        # One asked for after they ended runs again: it reads what the file says then.
+        await lw.reload_off_loop()
+        assert len(loads) <= 3
