@@ -845,12 +845,23 @@ class Engine:
             changed.add(c.key)
         return changed
 
-    def cooldowns(self, t: float) -> list[SharedCooldown]:
-        """The cooldowns running now, as other replicas would adopt them."""
-        return [
+    def cooldowns(self, t: float, *, remembered: bool = False) -> list[SharedCooldown]:
+        """The cooldowns running now, as other replicas would adopt them. With
+        `remembered`, also those over but within `policy.cooldown.memory` of
+        their end (remaining ≤ 0: the client's next offence escalates from
+        them), for a shared store that lost them (a Redis restarted empty)."""
+        running = [
             SharedCooldown(s.key, s.cool_until - t, s.cool_rule, s.cool_repeat, s.cool_enforced)
             for s in self._notable.values()
             if s.cool_rule is not None and s.cool_until > t
+        ]
+        if not remembered:
+            return running
+        memory = self._policy.settings.cooldown.memory
+        return running + [
+            SharedCooldown(s.key, s.cool_until - t, "remembered", s.cool_repeat, s.cool_enforced)
+            for s in self._store
+            if s.cool_rule is None and s.cool_until <= t < s.cool_until + memory
         ]
 
     def record_health(self, t: float, ok: bool) -> Outcome:

@@ -541,7 +541,8 @@ class RedisStateStore(Observer):
         every one (None)."""
         if self.gate is None:
             return
-        for cooldown in self.gate.engine.cooldowns(self._clock()):
+        # Every one: those over too, within the repeat memory the key keeps.
+        for cooldown in self.gate.engine.cooldowns(self._clock(), remembered=only is None):
             if only is None or cooldown.key in only:
                 self._send(cooldown)
 

@@ -199,6 +199,27 @@ def test_a_cooldown_that_is_over_still_escalates_the_next_one() -> None:
     assert started and started[0].repeat == 2
 
 
+def test_a_cooldown_over_but_remembered_is_shared_for_a_store_that_lost_it() -> None:
+    """After Redis restarted empty, only running cooldowns were written back:
+    a replica started later escalated a repeat offender from scratch."""
+    e = engine(PolicySettings.model_validate({"cooldown": {"memory": "10m"}}))
+    e.adopt_cooldown(shared.SharedCooldown(K, 3.0, "auth_failure_loop", 1), 0.0)
+    e.wake(3.0)  # over
+    assert e.cooldowns(4.0) == []
+    assert [(c.key, c.remaining, c.repeat) for c in e.cooldowns(4.0, remembered=True)] == [(K, -1.0, 1)]
+    assert e.cooldowns(3.0 + 600.0, remembered=True) == []  # past the memory
+    # A replica that adopts it escalates the next offence.
+    late = engine()
+    (remembered,) = e.cooldowns(4.0, remembered=True)
+    late.adopt_cooldown(shared.decode(shared.encode("a", [remembered]), 4.0)[1][0], 4.0)  # type: ignore[arg-type]
+    t, last = 5.0, Outcome()
+    for i in range(CRITICAL):
+        _, last = one_failure(late, K, t, i)  # type: ignore[assignment]
+        t += 0.1
+    started = [x for x in last.actions if isinstance(x, CooldownStarted)]  # type: ignore[union-attr]
+    assert started and started[0].repeat == 2
+
+
 def test_adopted_cooldowns_end_by_the_wake_queue_and_are_listed() -> None:
     e = engine()
     e.adopt_cooldown(shared.SharedCooldown(K, 3.0, "rapid_reconnect", 1), 0.0)
