@@ -537,11 +537,11 @@ class RedisStateStore(Observer):
         return unshared
 
     def _write_back(self, only: set[str] | None) -> None:
-        """Share again the running cooldowns Redis lacks: those of `only`, or
-        every one (None)."""
+        """Share again the cooldowns Redis lacks: those of `only` still
+        running, or (None: it lost them all) every one, those over but within
+        the repeat memory a key keeps included."""
         if self.gate is None:
             return
-        # Every one: those over too, within the repeat memory the key keeps.
         for cooldown in self.gate.engine.cooldowns(self._clock(), remembered=only is None):
             if only is None or cooldown.key in only:
                 self._send(cooldown)
@@ -589,7 +589,7 @@ class RedisStateStore(Observer):
         restarted = self._server_run is not None and run != self._server_run
         self._server_run = run
         # A Redis that restarted (or failed over) has lost what we wrote: every
-        # running cooldown goes back. Otherwise only those started while it was
+        # cooldown goes back. Otherwise only those started while it was
         # out of reach (or refused by it): a cooldown released or shortened
         # meanwhile by an operator stays so on every replica.
         unshared = self._take_unshared()
