@@ -634,27 +634,44 @@ impl EnforcementTable {
 
     /// Replace the whole table (its generation is set to follow the current
     /// one), ending a batch without its writes.
-    pub fn publish(&self, mut snapshot: Snapshot) {
+    pub fn publish(&self, snapshot: Snapshot) {
         let mut batch = self.writer();
         *batch = Batch::default();
-        snapshot.generation = self.current.load().generation + 1;
-        self.current.store(Arc::new(snapshot));
+        self.store(snapshot, None);
     }
 
     /// Publish `change` applied to a copy of the current snapshot; in a batch,
     /// apply it to the batch's copy, published at the commit.
     pub fn update(&self, change: impl FnOnce(&mut Snapshot)) {
-        self.write(None, change);
+        self.write(&mut self.writer(), None, change);
     }
 
     /// [`EnforcementTable::update`], then drop the entries that no longer
     /// restrict (in a batch, once, at the commit).
     pub fn update_pruned(&self, now: Instant, change: impl FnOnce(&mut Snapshot)) {
-        self.write(Some(now), change);
+        self.write(&mut self.writer(), Some(now), change);
     }
 
-    fn write(&self, prune: Option<Instant>, change: impl FnOnce(&mut Snapshot)) {
+    /// Apply `remove` only if `present` holds of the snapshot it would change
+    /// (the batch's copy in a batch, else the current one): nothing is copied
+    /// for what is not there. Whether it held.
+    pub fn remove_if(
+        &self,
+        present: impl Fn(&Snapshot) -> bool,
+        remove: impl FnOnce(&mut Snapshot),
+    ) -> bool {
         let mut batch = self.writer();
+        let held = match &batch.staged {
+            Some(staged) => present(staged),
+            None => present(&self.current.load()),
+        };
+        if held {
+            self.write(&mut batch, None, remove);
+        }
+        held
+    }
+
+    fn write(&self, batch: &mut Batch, prune: Option<Instant>, change: impl FnOnce(&mut Snapshot)) {
         if batch.open {
             let current = &self.current;
             change(
@@ -667,16 +684,17 @@ impl EnforcementTable {
         }
         let mut next = Snapshot::clone(&self.current.load());
         change(&mut next);
+        self.store(next, prune);
+    }
+
+    /// Publish `next`, pruned as of `prune`, as the generation after the
+    /// current one (writers hold the lock).
+    fn store(&self, mut next: Snapshot, prune: Option<Instant>) {
         if let Some(now) = prune {
             next.prune(now);
         }
-        next.generation += 1;
+        next.generation = self.current.load().generation + 1;
         self.current.store(Arc::new(next));
-    }
-
-    /// Whether a batch is open (its writes not yet published).
-    pub fn in_batch(&self) -> bool {
-        self.writer().open
     }
 
     /// Start a batch: the writes until [`EnforcementTable::commit`] are
@@ -689,12 +707,8 @@ impl EnforcementTable {
     pub fn commit(&self) {
         let mut batch = self.writer();
         let Batch { staged, prune, .. } = std::mem::take(&mut *batch);
-        if let Some(mut next) = staged {
-            if let Some(now) = prune {
-                next.prune(now);
-            }
-            next.generation = self.current.load().generation + 1;
-            self.current.store(Arc::new(next));
+        if let Some(next) = staged {
+            self.store(next, prune);
         }
     }
 }
@@ -1049,7 +1063,6 @@ mod tests {
             s.keys.insert("old".into(), cooling(now, 1));
         });
         table.begin();
-        assert!(table.in_batch());
         table.commit(); // no write: nothing published
         assert_eq!(table.snapshot().generation, 1);
         table.begin();
@@ -1061,12 +1074,13 @@ mod tests {
         table.update(|s| s.judged = 9);
         // Nothing shows before the commit; a removal sees the batch's own writes.
         assert_eq!(table.snapshot().keys.len(), 1);
-        let mut had = false;
-        table.update(|s| had = s.keys.remove("k999").is_some());
-        assert!(had);
+        let present = |s: &Snapshot| s.keys.contains_key("k999");
+        assert!(table.remove_if(present, |s| {
+            s.keys.remove("k999");
+        }));
+        assert!(!table.remove_if(present, |_| unreachable!("nothing to remove")));
         table.commit();
         let after = table.snapshot();
-        assert!(!table.in_batch());
         assert_eq!((after.generation, after.judged), (2, 9), "one publish");
         // Pruned once, at the commit, as of the latest write's time: "old" ended.
         assert_eq!(after.keys.len(), 999);

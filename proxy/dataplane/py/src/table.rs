@@ -17,7 +17,7 @@ use pyo3::types::PyTuple;
 
 use loopwatch_dataplane_core::table::{
     AccessList, Admission, BreakerEntry, BreakerState, Cooldown, EnforcementTable as Table,
-    HoldPolicy, KeyEntry, NoProbe, ProbeBudget, RefuseReason, Snapshot,
+    HoldPolicy, KeyEntry, NoProbe, ProbeBudget, RefuseReason,
 };
 
 /// The longest duration a table entry takes (ten years): beyond it a deadline
@@ -153,13 +153,12 @@ impl EnforcementTable {
     /// Lift every restriction on `key`; whether it had any.
     fn clear(&self, py: Python<'_>, key: &str) -> bool {
         py.detach(|| {
-            // Looked up where it is written: a batch's copy may hold what the
-            // published snapshot does not yet.
-            let mut had = false;
-            if self.inner.in_batch() || self.inner.snapshot().keys.contains_key(key) {
-                self.inner.update(|s| had = s.keys.remove(key).is_some());
-            }
-            had
+            self.inner.remove_if(
+                |s| s.keys.contains_key(key),
+                |s| {
+                    s.keys.remove(key);
+                },
+            )
         })
     }
 
@@ -241,15 +240,10 @@ impl EnforcementTable {
     /// Forget a breaker; whether it existed.
     fn remove_breaker(&self, py: Python<'_>, name: &str) -> bool {
         py.detach(|| {
-            let listed = |s: &Snapshot| s.breakers.iter().any(|b| &*b.name == name);
-            let mut had = false;
-            if self.inner.in_batch() || listed(&self.inner.snapshot()) {
-                self.inner.update(|s| {
-                    had = listed(s);
-                    s.breakers.retain(|b| &*b.name != name);
-                });
-            }
-            had
+            self.inner.remove_if(
+                |s| s.breakers.iter().any(|b| &*b.name == name),
+                |s| s.breakers.retain(|b| &*b.name != name),
+            )
         })
     }
 
