@@ -207,15 +207,17 @@ class Running:
         new.require_upstream()
         return PreparedSettings(new, Policy(new.policy))
 
+    @property
+    def _source(self) -> str | None:
+        return self.sources.path if self.sources is not None else None
+
     def _refused(self, error: ConfigError) -> None:
         # Logged (config_loaded, result error) and counted by the observers.
-        source = self.sources.path if self.sources is not None else None
-        info = {"reload": True, "result": "error", "source": source, "errors": error.errors}
+        info = {"reload": True, "result": "error", "source": self._source, "errors": error.errors}
         self.observers.call("on_config", self.settings, info)
 
     def _apply_config(self, prepared: PreparedSettings) -> dict[str, object]:
         new = prepared.settings
-        source = self.sources.path if self.sources is not None else None
         try:
             # First, as the one step that may still refuse: nothing is applied
             # before the data plane has taken the new settings.
@@ -231,7 +233,7 @@ class Running:
         self.settings = new = in_force(self.started, new, keys)
         if isinstance(self.gate, EngineGate):
             self.gate.reconfigure(new, prepared.policy)
-        info = {"reload": True, "result": "ok", "source": source, "restart_required": restart}
+        info = {"reload": True, "result": "ok", "source": self._source, "restart_required": restart}
         self.observers.call("on_config", new, info)
         return {"reloaded": True, "restart_required": restart}
 

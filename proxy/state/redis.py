@@ -82,14 +82,15 @@ log = logging.getLogger("loopwatch.state")
 
 # --- Redis -----------------------------------------------------------------------------
 
-# KEYS[1] the client's cooldown key; ARGV: value, TTL in ms, "1" to replace
-# whatever is there (an operator's cooldown). Otherwise the longer one stays,
-# the same rule the engines merge by, so Redis and the replicas agree.
 # Heartbeats (its state.redis.heartbeat) another replica may stay silent before
 # it is taken for gone, and what it had open stops counting here: short of the
 # duplicate_connections rule's hold (5 s), so a client whose tabs moved from a
 # crashed replica is not flagged for the ones left behind.
 PEER_SILENCE = 3
+
+# KEYS[1] the client's cooldown key; ARGV: value, TTL in ms, "1" to replace
+# whatever is there (an operator's cooldown). Otherwise the longer one stays,
+# the same rule the engines merge by, so Redis and the replicas agree.
 SET_COOLDOWN = """
 if ARGV[3] ~= '1' and redis.call('PTTL', KEYS[1]) >= tonumber(ARGV[2]) then
   return 0
@@ -179,14 +180,15 @@ class RedisStateStore(Observer):
         self._bad_logged = False
         self._write_failing = False  # a key write refused (a full Redis), logged once until one succeeds
         self._closing = False
-        # Cooldowns started while Redis was out of reach: the ones written back
-        # on reconnecting (bounded like the queue). Others may have been released
-        # meanwhile; writing back every running one undid that on every replica.
+        # Cooldowns started while Redis was out of reach, or whose key it
+        # refused: the ones written back on reconnecting or once it takes writes
+        # (bounded like the queue). Others may have been released meanwhile;
+        # writing back every running one undid that on every replica.
         self._unshared: set[str] = set()
         self._server_run: str | None = None  # Redis's run_id: another one has lost what we wrote
         # When each other replica was last heard of (this replica's clock): one
-        # silent for PEER_SILENCE heartbeats is taken for gone, and what it had
-        # open no longer counts here.
+        # silent for PEER_SILENCE of its heartbeats is taken for gone, and what
+        # it had open no longer counts here.
         self._heard: dict[str, float] = {}
         self._beats: dict[str, float] = {}  # each one's heartbeat, as its Connections said
 
@@ -442,6 +444,7 @@ class RedisStateStore(Observer):
                 if gate is None or now - heard <= PEER_SILENCE * self._beats.get(replica, beat):
                     continue
                 del self._heard[replica]
+                self._beats.pop(replica, None)  # bounded by the replicas heard of, as _heard
                 keys = gate.engine.replace_connections(replica, (), now)
                 gate.kick(keys)
                 log_event(log, "state_store_replica_gone", logging.WARNING,

@@ -185,17 +185,22 @@ def test_an_enforced_cooldown_beats_an_observed_one() -> None:
     assert not e.admit(Attempt(K, "/ws", 2.0)).admitted
 
 
+def offend(e: Engine, t: float) -> list[CooldownStarted]:
+    """CRITICAL quick failures of K on `e` from `t`: the cooldowns the last one started."""
+    last: Outcome | Reject = Outcome()
+    for i in range(CRITICAL):
+        _, last = one_failure(e, K, t + i * 0.1, i)
+    assert isinstance(last, Outcome)
+    return [x for x in last.actions if isinstance(x, CooldownStarted)]
+
+
 def test_a_cooldown_that_is_over_still_escalates_the_next_one() -> None:
     # A replica that starts late learns a cooldown that already ended: nothing
     # to refuse, but the client's next offence is its second.
     e = engine()
     assert e.adopt_cooldown(shared.SharedCooldown(K, -30.0, "auth_failure_loop", 1), 100.0) is False
     assert e.admit(Attempt(K, "/ws", 100.0)).admitted
-    t, last = 100.1, Outcome()
-    for i in range(CRITICAL):
-        _, last = one_failure(e, K, t, i)  # type: ignore[assignment]
-        t += 0.1
-    started = [x for x in last.actions if isinstance(x, CooldownStarted)]  # type: ignore[union-attr]
+    started = offend(e, 100.1)
     assert started and started[0].repeat == 2
 
 
@@ -212,11 +217,7 @@ def test_a_cooldown_over_but_remembered_is_shared_for_a_store_that_lost_it() -> 
     late = engine()
     (remembered,) = e.cooldowns(4.0, remembered=True)
     late.adopt_cooldown(shared.decode(shared.encode("a", [remembered]), 4.0)[1][0], 4.0)  # type: ignore[arg-type]
-    t, last = 5.0, Outcome()
-    for i in range(CRITICAL):
-        _, last = one_failure(late, K, t, i)  # type: ignore[assignment]
-        t += 0.1
-    started = [x for x in last.actions if isinstance(x, CooldownStarted)]  # type: ignore[union-attr]
+    started = offend(late, 5.0)
     assert started and started[0].repeat == 2
 
 
