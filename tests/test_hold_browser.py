@@ -52,6 +52,7 @@ MAX_CONCURRENT = 8  # the duplicate page's instance: small, so the bound is reac
 RENDERS = 4  # the duplicate page: renders, two more sockets each
 BENIGN_COOLDOWN = "3s"
 RETRY_IN = re.compile(r"retry in (\d+)s$")
+LATE = 'loopwatch_enforcement_lag_total{kind="late_refusal"}'
 
 PAGE = """<!doctype html>
 <html lang="en">
@@ -243,6 +244,13 @@ async def test_the_hold_slows_the_incident_s_loop_in_chromium() -> None:
                 benign_events = await page_benign.evaluate("window.events")
                 max_live_dup = await page_dup.evaluate("window.maxLive")
                 skipped = (await scrape(session, dup))['loopwatch_holds_skipped_total{limit="max_held_per_key"}']
+                # Attempts the table admitted before the engine's cooldown reached it
+                # (docs/metrics.md, loopwatch_enforcement_lag_total): closed with 1013
+                # once open, unheld, after the backend saw their upgrade. A loaded
+                # machine makes a few; an idle one, none.
+                late = {
+                    name: (await scrape(session, lw)).get(LATE, 0.0) for name, lw in (("off", off), ("on", on), ("dup", dup))
+                }
                 for page in (page_off, page_on, page_dup, page_benign):
                     await page.close()
             finally:
@@ -267,18 +275,22 @@ async def test_the_hold_slows_the_incident_s_loop_in_chromium() -> None:
         # most window / hold, plus the one under way; each of them held.
         refused = [e for e in attempts_in(logs_seen["on"], starts["on"], WINDOW) if e["code"] == 1013]
         assert len(refused) <= WINDOW / HOLD + 1, len(refused)
-        assert all(e["t1"] - e["t0"] >= HOLD * 1000 - 100 for e in refused), refused[:3]
+        unheld = [e for e in refused if e["t1"] - e["t0"] < HOLD * 1000 - 100]
+        assert len(unheld) <= late["on"], (unheld[:3], late)
         # Held sockets of its key: at least one, never more than its two effects.
         assert 1 <= max(held_on) <= 2, held_on
         # Both instances caught the loop, and the backend saw none of its attempts
-        # while a cooldown was on, held or not; the attempts it did see are few.
+        # while a cooldown was on, held or not, but the late refusals; the attempts
+        # it did see are few.
         for name in ("off", "on"):
             key = f"loop-{name}@127.0.0.1"
             assert [c for c in logs[name].cooldowns if c.key == key], name
             seen = backend.seen[f"loop-{name}"]
-            assert not [t for t in seen if during_a_cooldown(t, logs[name], key)], name
+            leaked = [t for t in seen if during_a_cooldown(t, logs[name], key)]
+            assert len(leaked) <= late[name], (name, leaked, late)
             reached = [e for e in logs_seen[name] if e["code"] == 1008]
-            assert len(reached) == len(seen) <= 12, (name, len(reached), len(seen))
+            # Each late refusal reached the backend but closed 1013, not 1008.
+            assert len(reached) <= len(seen) <= min(len(reached) + late[name], 12), (name, len(reached), len(seen), late)
 
         # --- the duplicate-effects page -----------------------------------------------------
         dup_key = "dup-tab@127.0.0.1"
@@ -296,7 +308,7 @@ async def test_the_hold_slows_the_incident_s_loop_in_chromium() -> None:
         print(f"duplicate page: {len(window)} attempts in {WINDOW:g}s, {len(dup_refused)} refused, "
               f"held at most {max(held_dup_key)}, skipped {skipped:g}")
         assert len(dup_refused) <= WINDOW / HOLD + chains, len(dup_refused)
-        assert not [t for t in backend.seen["dup-tab"] if during_a_cooldown(t, logs["dup"], dup_key)]
+        assert len([t for t in backend.seen["dup-tab"] if during_a_cooldown(t, logs["dup"], dup_key)]) <= late["dup"]
 
         # --- a benign client through a cooldown that ends -------------------------------------
         names = [e["name"] for e in benign_events]
