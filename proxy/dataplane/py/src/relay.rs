@@ -921,10 +921,16 @@ impl<C: Transport, U: Transport> Relay<C, U> {
             }
             if matches!(self.legs[i].direction, Direction::Passing { .. }) {
                 // An unparsed stream cannot take a close frame of loopwatch's:
-                // the other side's connection ends after what was passed.
+                // the other side's connection ends after what was passed. If
+                // that side is mid-frame toward this one, a FIN only: its
+                // frame ends before loopwatch's close frame follows it.
                 self.legs[i].stop();
                 self.legs[i].broke = false;
-                self.close_leg(o);
+                if self.legs[o].direction.forwards() && !self.legs[o].watcher.at_boundary() {
+                    self.write_eof(o);
+                } else {
+                    self.close_leg(o);
+                }
                 continue;
             }
             if self.legs[i].watcher.close().is_some() {
@@ -1564,6 +1570,32 @@ mod tests {
             rest.is_empty(),
             "nothing of loopwatch's inside the unparsed stream"
         );
+        let info = ended(s).await;
+        assert_eq!((info.code, info.initiator), (1002, Initiator::Proxy));
+    }
+
+    /// Answering → Closing while the other direction is mid-frame: the
+    /// upstream's frame in flight ends before loopwatch's 1002 follows it
+    /// (the upstream's connection gets a FIN after what was passed, and is
+    /// still read until that frame is out).
+    #[tokio::test]
+    async fn the_deadline_s_close_waits_for_a_frame_in_flight_the_other_way() {
+        let mut s = splice().await;
+        let frame = unmasked(0x82, &[7u8; 100]);
+        s.upstream.write_all(&frame[..40]).await.unwrap();
+        assert_eq!(read_n(&mut s.client, 40).await, frame[..40]);
+        bad_frame_passed(&mut s).await;
+        tokio::time::sleep(ANSWER_GRACE + Duration::from_millis(300)).await;
+        // Past the deadline: the upstream's connection has its FIN, not a reset.
+        let mut byte = [0u8; 1];
+        let eof = tokio::time::timeout(Duration::from_secs(1), s.upstream.read(&mut byte)).await;
+        assert!(
+            matches!(eof, Ok(Ok(0))),
+            "a FIN after what was passed: {eof:?}"
+        );
+        s.upstream.write_all(&frame[40..]).await.unwrap();
+        assert_eq!(read_n(&mut s.client, frame.len() - 40).await, frame[40..]);
+        assert_eq!(read_close(&mut s.client).await, (1002, false));
         let info = ended(s).await;
         assert_eq!((info.code, info.initiator), (1002, Initiator::Proxy));
     }
