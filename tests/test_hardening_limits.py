@@ -15,6 +15,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +232,8 @@ async def send(p: Proxied, request: bytes, status: int | None) -> None:
     else:
         response = await asyncio.wait_for(read_response(reader), 10)
         assert response.status == status, response.body
+        # Its status line as every HTTP tool expects it (not "403 Unknown").
+        assert response.status_line == f"HTTP/1.1 {status} {HTTPStatus(status).phrase}".encode(), response.status_line
     writer.close()
 
 

@@ -165,13 +165,22 @@ impl fmt::Display for Rejection {
     }
 }
 
-fn reason_phrase(status: u16) -> &'static str {
+/// The status phrases of the answers loopwatch writes itself (the head
+/// parser's refusals, the listener's and the plain-HTTP path's).
+pub fn reason_phrase(status: u16) -> &'static str {
     match status {
         400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        408 => "Request Timeout",
         414 => "URI Too Long",
         426 => "Upgrade Required",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
         505 => "HTTP Version Not Supported",
         _ => "Unknown",
     }

@@ -8,7 +8,7 @@
 
 use loopwatch_dataplane_core::events::RefuseReason;
 use loopwatch_dataplane_core::frames::build_close_frame;
-use loopwatch_dataplane_core::head::{accept_key, RequestHead};
+use loopwatch_dataplane_core::head::{accept_key, reason_phrase, RequestHead};
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus the
 /// historic Proxy-Connection.
@@ -35,28 +35,10 @@ const REPLACED: [&[u8]; 4] = [
 pub const SWITCHING: &[u8] =
     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n";
 
-/// The status phrases of the answers the native listener writes itself.
-pub fn status_phrase(status: u16) -> &'static str {
-    match status {
-        400 => "Bad Request",
-        404 => "Not Found",
-        408 => "Request Timeout",
-        426 => "Upgrade Required",
-        429 => "Too Many Requests",
-        431 => "Request Header Fields Too Large",
-        501 => "Not Implemented",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        504 => "Gateway Timeout",
-        505 => "HTTP Version Not Supported",
-        _ => "Unknown",
-    }
-}
-
 /// A complete response with a one-line text body, then the connection closes.
 pub fn simple_response(status: u16, message: &str, headers: &[(&str, &str)]) -> Vec<u8> {
     use std::fmt::Write;
-    let phrase = status_phrase(status);
+    let phrase = reason_phrase(status);
     let body = if message.is_empty() { phrase } else { message };
     // One allocation: the fixed lines, the headers and the body fit.
     let headers_len: usize = headers.iter().map(|(n, v)| n.len() + v.len() + 4).sum();
