@@ -37,7 +37,7 @@ from tests.conftest import (
     wait_for,
     ws_url,
 )
-from tests.wsraw import CLOSE, RawClient, close_payload, frame
+from tests.wsraw import CLOSE, TEXT, RawClient, close_payload, frame
 
 # answers refusals itself, from its table, and must follow the same grammar.
 
@@ -213,6 +213,28 @@ async def test_an_application_close_code_replaces_1013_and_keeps_the_reason() ->
         check_contract(got, "close-1013", "cooldown", close_code=4429)
         assert 29 <= got.retry_secs <= 30
         assert backend.upgrades["app"] == 0
+
+
+async def test_messages_sent_on_the_refusal_s_101_are_read_before_the_close() -> None:
+    """An app that sends on open (a subscription) writes before it reads the
+    close: loopwatch reads those messages up to the close reply, so the reply
+    is taken and the connection ends with a FIN (it read one chunk and closed:
+    a reset, the close reply lost, and on some stacks the reason with it)."""
+    async with guarded(**{"policy.hold": 0}) as (backend, lw):
+        await force_cooldown(lw, client_key("eager"), "30s")
+        client = await RawClient.connect(lw.proxy_port, token_path("eager"))
+        try:
+            for _ in range(3):  # apart, so that each is a read of its own
+                await client.send(frame(TEXT, b'{"subscribe": "prices"}', mask=os.urandom(4)))
+                await asyncio.sleep(0.05)
+            closing = await client.read_frame(timeout=5)
+            assert closing.opcode == CLOSE and int.from_bytes(closing.payload[:2], "big") == 1013
+            await asyncio.sleep(0.1)  # the app's close handler runs, then the reply goes
+            await client.send(frame(CLOSE, close_payload(1013), mask=os.urandom(4)))
+            assert await client.read_to_eof(timeout=5) == b""  # a FIN, not a reset
+        finally:
+            await client.close()
+        assert backend.upgrades["eager"] == 0
 
 
 @pytest.mark.parametrize("code", [1000, 1008, 1014, 3000, 5000])

@@ -26,6 +26,7 @@ use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 use tokio_rustls::TlsAcceptor;
 
 use loopwatch_dataplane_core::events::{Event, HandshakeError, HandshakeFailure};
+use loopwatch_dataplane_core::frames::{FrameWatcher, Side, WatcherConfig};
 use loopwatch_dataplane_core::head::{
     accept_key, parse_head, BodyFraming, HeadStatus, RequestHead, RequestKind, Version,
 };
@@ -880,9 +881,7 @@ async fn answer<C: Transport>(client: &mut C, bytes: &[u8], then: Then) {
         let _ = client.shutdown().await;
         let mut sink = [0u8; 512];
         match then {
-            Then::AwaitReply => {
-                let _ = client.read(&mut sink).await;
-            }
+            Then::AwaitReply => await_close_reply(client, &mut sink).await,
             Then::Close => {
                 if read_now(client, &mut sink).await > 0 {
                     drain_until_closed(client, &mut sink).await;
@@ -892,6 +891,31 @@ async fn answer<C: Transport>(client: &mut C, bytes: &[u8], then: Then) {
         }
     })
     .await;
+}
+
+/// Read (and drop) the client's frames up to its close frame, its EOF or a
+/// frame that breaks the protocol, at most `LINGER_BYTES`. A client may send
+/// messages on the 101 before it reads the close: closing with them unread
+/// resets the connection (RFC 7230 §6.6), and its close reply, on some stacks
+/// the refusal's reason with it, is lost.
+async fn await_close_reply<C: AsyncRead + Unpin>(client: &mut C, sink: &mut [u8]) {
+    let mut frames = FrameWatcher::new(WatcherConfig {
+        side: Side::Client,
+        max_message_size: None,
+        allowed_rsv: 0, // the refusal's 101 negotiated no extension
+    });
+    let mut total = 0;
+    while total <= LINGER_BYTES {
+        match client.read(sink).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                total += n;
+                if frames.feed(&sink[..n]).is_err() || frames.close().is_some() {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// What the stream has for us at once, without waiting (0: nothing, its
