@@ -608,7 +608,7 @@ async def test_live_counts_last_until_the_brain_judged_the_close() -> None:
     gate.close()
 
 
-def test_restart_required_names_the_health_check_when_its_route_moves() -> None:
+def test_restart_required_leaves_the_health_check_out_when_its_route_moves() -> None:
     from loopwatch.proxy.app.planes import RESTART_KEYS
     from loopwatch.proxy.app.runtime import restart_required
 
@@ -618,8 +618,9 @@ def test_restart_required_names_the_health_check_when_its_route_moves() -> None:
     old = settings()
     moved = settings(**{"upstream": "ws://127.0.0.1:10", "limits.max_connections": 5, "listen": "127.0.0.1:1"})
     assert restart_required(old, moved, RESTART_KEYS) == ["listen"]
-    # The probe keeps the route of the start: with it on, a moved route waits for a restart.
+    # The probe goes through the listener: a moved route is the probe's at once.
     probed = settings(**{"health_check.enabled": True})
     probed_moved = settings(**{"health_check.enabled": True, "upstream": "ws://127.0.0.1:10"})
-    assert restart_required(probed, probed_moved, RESTART_KEYS) == ["health_check"]
-    assert restart_required(probed, probed, RESTART_KEYS) == []
+    assert restart_required(probed, probed_moved, RESTART_KEYS) == []
+    # Its own settings wait for a restart.
+    assert restart_required(probed, settings(**{"health_check.enabled": True, "health_check.interval": "1s"}), RESTART_KEYS) == ["health_check"]

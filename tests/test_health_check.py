@@ -4,12 +4,14 @@ pays for a dead backend, closes it when the backend is back, and drives /readyz.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import aiohttp
 
 from loopwatch.proxy.app.runtime import Running
 from loopwatch.proxy.tools.demo_backend import DemoBackend
 from tests.conftest import free_port, loopwatch, wait_for
+from tests.test_admin_api import reload_with, reloadable
 
 
 def upstream_breaker(lw: Running) -> str:
@@ -58,3 +60,34 @@ async def test_health_check_off_by_default() -> None:
     async with loopwatch(f"ws://127.0.0.1:{free_port()}") as lw:
         assert lw.health is None
         assert await readyz(lw) == 200
+
+
+async def test_the_probe_follows_a_reload_that_re_points_the_route(tmp_path: Path) -> None:
+    """Re-pointed from A to B by a reload, then A retired: the probe goes to B
+    (it went on probing A: /readyz 503 and the upstream breaker open in front
+    of a healthy B, every attempt refused "upstream unavailable")."""
+    a, b = DemoBackend(), DemoBackend()
+    await a.start()
+    await b.start()
+    config = tmp_path / "loopwatch.yaml"
+    text = (
+        'listen: "127.0.0.1:0"\nadmin: {{listen: "127.0.0.1:0"}}\nroutes: [{{path_prefix: "{prefix}", upstream: "ws://127.0.0.1:{port}"}}]\n'
+        'health_check: {{enabled: true, path: "/ws", interval: 0.1s, timeout: 0.5s}}\n'
+        "breakers: {{upstream: {{min_calls: 3, open_wait: 0.3s}}}}\n"
+    )
+    try:
+        async with reloadable(config, text.format(prefix="/", port=a.port)) as lw:
+            await wait_for(lambda: lw.health is not None and lw.health.checks >= 2, 5)
+            status, body = await reload_with(lw, config, text.format(prefix="/", port=b.port))
+            assert (status, body["restart_required"]) == (200, []), body
+            await a.stop()
+            seen = b.upgrades["?"]
+            await wait_for(lambda: b.upgrades["?"] >= seen + 5, 5)  # probing B
+            assert lw.health is not None and lw.health.healthy
+            assert upstream_breaker(lw) == "closed" and await readyz(lw) == 200
+            # A reload that leaves its path no route is refused whole.
+            status, body = await reload_with(lw, config, text.format(prefix="/api", port=b.port))
+            assert status == 400 and "health_check.path" in str(body), body
+            assert lw.health.healthy and await readyz(lw) == 200
+    finally:
+        await b.stop()

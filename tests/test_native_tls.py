@@ -401,6 +401,22 @@ async def test_server_name_is_the_sni_and_the_verified_name(named_cert: Cert) ->
         assert of_type(events, ev.HandshakeFailed)[0].error == "tls"
 
 
+async def test_the_health_probe_verifies_as_the_connections_do(named_cert: Cert) -> None:
+    """The health check's probe goes through the listener's connector: with
+    `server_name` it reaches and verifies an upstream at an IP address as the
+    connections do (a probe of its own, Python's ssl with the URL's host, failed
+    it: /readyz 503 and the upstream breaker open in front of a healthy upstream)."""
+    good = UpstreamTLS(ca_file=named_cert.cert, server_name="backend.internal")
+    async with echo_backend(named_cert) as backend, native(backend.url, upstream_tls=good) as running:
+        answer = await asyncio.to_thread(running.listener.probe, "/probe?x=1", "Bearer t", 5.0)
+        assert (answer.status, answer.error) == (101, "")
+        assert backend.sni == ["backend.internal"]
+    async with echo_backend(named_cert) as backend, native(backend.url, upstream_tls=UpstreamTLS(ca_file=named_cert.cert)) as running:
+        answer = await asyncio.to_thread(running.listener.probe, "/", None, 5.0)
+    # The URL's host (127.0.0.1) is not in the certificate: failed, as a connection would.
+    assert answer.status is None and answer.error.startswith("upstream TLS handshake failed"), answer
+
+
 async def test_an_upstream_silent_after_connect_is_a_504_timeout() -> None:
     """TCP and TLS together within limits.connect_timeout: a backend that
     accepts but never answers the ClientHello is a connect timeout."""

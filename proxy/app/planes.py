@@ -22,7 +22,6 @@ import asyncio
 import functools
 import logging
 import os
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -35,12 +34,13 @@ from ..dataplane.boundary import (
     Connection,
     Gate,
     HoldCounts,
+    ProbeAnswer,
     RelayStats,
     SignatureChecks,
     log_rejection,
 )
 from ..dataplane.routing import Route as RoutedUpstream
-from ..dataplane.routing import Router, client_ssl_context
+from ..dataplane.routing import Router
 from ..dataplane.settings import Route, thread_count
 from ..dataplane.trim import ClockTrimmer
 from ..observe.logs import event
@@ -81,7 +81,7 @@ _LOST_AGE = 2.0
 
 class DataPlane(Protocol):
     name: str  # "native" (loopwatch_build_info, the "listening" log line)
-    router: Router  # the routes (the health check probes one)
+    router: Router  # the routes
     # The settings a reload cannot change on this plane: `loopwatch run` lists
     # those that changed in `restart_required`.
     restart_keys: tuple[str, ...]
@@ -96,9 +96,6 @@ class DataPlane(Protocol):
 
     @property
     def closing(self) -> bool: ...
-
-    @property
-    def upstream_ssl(self) -> ssl.SSLContext | None: ...
 
     async def start(self, host: str, port: int) -> None: ...
 
@@ -122,6 +119,12 @@ class DataPlane(Protocol):
         ...
 
     def release_held(self, key: str) -> int: ...
+
+    def probe_upstream(self, target: str, authorization: str | None, timeout: float) -> ProbeAnswer:
+        """The health check's probe: a WebSocket upgrade of `target` on the
+        upstream of its route now, verified as the connections verify it.
+        Blocks up to `timeout`: call it from a thread."""
+        ...
 
     def close(self, conn_id: int, code: int, reason: str) -> bool: ...
 
@@ -164,26 +167,16 @@ def listener_settings(settings: Settings, *, only: str | None = None) -> _datapl
         raise ConfigError(str(e)) from None
 
 
-def health_check_ssl(settings: Settings) -> ssl.SSLContext:
-    """How the health checks of wss:// and https:// upstreams verify them (the
-    listener has its own verifier, built from the same `upstream_tls:`)."""
-    tls = settings.upstream_tls
-    try:
-        return client_ssl_context(tls.verify, tls.ca_file)
-    except (OSError, ssl.SSLError) as e:
-        raise ConfigError(f"upstream_tls.ca_file: cannot read {tls.ca_file}: {e.strerror or e}") from None
-
-
 def settings_errors(settings: Settings) -> list[str]:
     """Every setting the data plane cannot honour, one line each (`loopwatch
     check-config`): its files read as `run` and a reload read them; one line a
-    section (the CA bundle is read by the listener and the health checks)."""
+    section)."""
     if not settings.effective_routes():  # `run --upstream URL` may add one: the files all the same
         settings = settings.model_copy(update={"routes": (Route(path_prefix="/", upstream="ws://localhost"),)})
     sections: list[list[Callable[[], object]]] = [
         [lambda: listener_settings(settings, only="tls")],
         [lambda: listener_settings(settings, only="identity")],
-        [lambda: listener_settings(settings, only="upstream_tls"), lambda: health_check_ssl(settings)],
+        [lambda: listener_settings(settings, only="upstream_tls")],
     ]
     errors: list[str] = []
     for checks in sections:
@@ -195,7 +188,7 @@ def settings_errors(settings: Settings) -> list[str]:
                 break
     if settings.health_check.enabled:
         try:
-            health_check_route(Router(routes_of(settings)), settings)
+            health_check_route(Router(routes_of(settings)), settings.health_check.path)
         except ConfigError as e:
             errors += e.errors
     errors += _record_errors(settings.record.path)
@@ -222,9 +215,8 @@ def settings_warnings(settings: Settings) -> list[str]:
     return warnings
 
 
-def health_check_route(router: Router, settings: Settings) -> RoutedUpstream:
-    """The route the health check probes: a ConfigError when none serves its path."""
-    path = settings.health_check.path
+def health_check_route(router: Router, path: str) -> RoutedUpstream:
+    """The route the health check's `path` takes: a ConfigError when none serves it."""
     route = router.match(path.partition("?")[0])
     if route is None:
         raise ConfigError(f"health_check.path: no route matches {path!r}")
@@ -260,7 +252,8 @@ def _record_errors(path: str | None) -> list[str]:
 # (`dataplane_threads`: its runtime's workers are built at start). The admin
 # port is bound, and its event streams set up, at start (its token, hosts and
 # `insecure` are read per request). `state`: the shared store connects once,
-# at start. `health_check`: its probe is set up at start.
+# at start. `health_check`: its schedule is set up at start (each probe goes
+# through the listener, to the route and with the TLS settings in force).
 RESTART_KEYS = (
     "listen", "admin.listen", "admin.event_streams", "state", "record", "health_check", "dataplane",
     "dataplane_threads",
@@ -291,7 +284,6 @@ class NativePlane:
             gate.table.configure(settings.policy, gate.holds, time.monotonic())
             gate.catch_up = self._catch_up
         self.driver = NativeDriver(gate, self)
-        self._upstream_ssl = health_check_ssl(settings)
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._next: asyncio.Handle | None = None  # the next look at the queue (None: parked)
@@ -321,10 +313,6 @@ class NativePlane:
     @property
     def closing(self) -> bool:
         return self._closing
-
-    @property
-    def upstream_ssl(self) -> ssl.SSLContext | None:
-        return self._upstream_ssl
 
     async def start(self, host: str, port: int) -> None:
         from ..dataplane.native import NativeListener
@@ -381,7 +369,6 @@ class NativePlane:
         if self.listener is None:
             return
         config = listener_settings(settings)
-        health_check_ssl(settings)  # its CA file still readable (the health checks keep the start's)
         s = settings
         p = s.policy
         try:  # the step that may still refuse comes before the one that cannot
@@ -510,6 +497,11 @@ class NativePlane:
 
     def release_held(self, key: str) -> int:
         return self.listener.release_held(key) if self.listener is not None else 0
+
+    def probe_upstream(self, target: str, authorization: str | None, timeout: float) -> ProbeAnswer:
+        if self.listener is None:
+            return ProbeAnswer(None, "not listening")
+        return self.listener.probe(target, authorization, timeout)
 
     def close(self, conn_id: int, code: int, reason: str) -> bool:
         return self.listener is not None and self.listener.close(conn_id, code, reason)

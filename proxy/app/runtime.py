@@ -22,6 +22,7 @@ from ..admin.status import install as install_status_page
 from ..admin.upstream_health import HealthChecker
 from ..brain import EngineGate
 from ..dataplane.boundary import Connection, Gate, HoldCounts, RelayStats, SignatureChecks
+from ..dataplane.routing import Router
 from ..observe.logs import event
 from ..observe.metrics import Telemetry
 from ..observe.observers import Observer, Observers
@@ -31,7 +32,7 @@ from ..sections import HostPort, parse_host_port
 from ..state.local import LocalState
 from ..state.redis import RedisStateStore
 from . import fdlimit
-from .planes import DataPlane, health_check_route, make_plane
+from .planes import DataPlane, health_check_route, make_plane, routes_of
 from .settings import ConfigError, Settings, load_settings
 
 log = logging.getLogger("loopwatch")
@@ -219,6 +220,9 @@ class Running:
     def _apply_config(self, prepared: PreparedSettings) -> dict[str, object]:
         new = prepared.settings
         try:
+            if self.health is not None:
+                # Its probes follow the new routes: its path must still have one.
+                health_check_route(Router(routes_of(new)), self.health.settings.path)
             # First, as the one step that may still refuse: nothing is applied
             # before the data plane has taken the new settings.
             self.plane.reconfigure(new)
@@ -264,15 +268,9 @@ def setting(settings: Settings, key: str) -> Any:
 def restart_required(started: Settings, new: Settings, restart_keys: tuple[str, ...]) -> list[str]:
     """The settings of `new` that differ from those the process `started`
     with and that a reload cannot apply (the plane's `restart_keys`, dotted).
-    The health check probes the route and TLS settings of the start: with it
-    on, a change to those needs a restart for the probe, even where the data
-    plane took it live."""
-    changed = {key for key in restart_keys if setting(started, key) != setting(new, key)}
-    if started.health_check.enabled and (
-        started.effective_routes() != new.effective_routes() or started.upstream_tls != new.upstream_tls
-    ):
-        changed.add("health_check")
-    return sorted(changed)
+    The health check's probes follow the routes and TLS settings in force (they
+    go through the listener): only its own settings wait for a restart."""
+    return sorted(key for key in restart_keys if setting(started, key) != setting(new, key))
 
 
 def in_force(started: Settings, new: Settings, restart_keys: tuple[str, ...]) -> Settings:
@@ -415,10 +413,8 @@ async def start(
 
 
 def start_health_check(settings: Settings, plane: DataPlane, gate: EngineGate) -> HealthChecker:
-    route = health_check_route(plane.router, settings)
-    checker = HealthChecker(
-        settings.health_check, route, gate.health_result, ssl=plane.upstream_ssl if route.upstream.tls else None
-    )
+    health_check_route(plane.router, settings.health_check.path)  # a ConfigError when no route serves it
+    checker = HealthChecker(settings.health_check, plane.probe_upstream, gate.health_result)
     checker.start()
     return checker
 

@@ -210,6 +210,15 @@ class RelayStats:
     bytes_in: int
     bytes_out: int
 
+@dataclass(frozen=True)
+class ProbeAnswer:
+    """The health check's probe through the data plane (`DataPlane.probe_upstream`):
+    the upstream's final status to a WebSocket upgrade (101: upgraded), or None
+    and why there was none (unreachable, TLS, no answer in time)."""
+
+    status: int | None
+    error: str = ""
+
 
 class Gate:
     # Bounds on held refusals (read by the listener at each hold, so a reload applies).
@@ -327,3 +336,4 @@ def dataplane_build() -> DataplaneBuild:
     # Two labels kept from when there were two data planes (and a C or a pure
     # Python frame parser), so dashboards and queries that read them keep working.
     return DataplaneBuild("native", "rust")
+

@@ -46,7 +46,7 @@ from jwt.exceptions import InvalidKeyError
 
 from ...detectors import events as ev
 from . import _dataplane
-from .boundary import PlaneTrace, RelayStats
+from .boundary import PlaneTrace, ProbeAnswer, RelayStats
 from .routing import parse_upstream
 from .settings import IdentitySettings, Limits, ListenerTLS, UpstreamTLS
 
@@ -461,6 +461,13 @@ class NativeListener:
     def release_held(self, key: str) -> int:
         """Answer the held refusals of `key` now ("retry in 1s"); how many."""
         return self.raw.release_held(key)
+
+    def probe(self, target: str, authorization: str | None, timeout: float) -> ProbeAnswer:
+        """A WebSocket upgrade of `target` on its route's upstream, as the
+        configuration now has them, through the connections' own connector and
+        TLS verification. Blocks up to `timeout`: call it from a thread."""
+        status, error = self.raw.probe(target, authorization, timeout)
+        return ProbeAnswer(status, error)
 
     def live(self) -> list[LiveConnection]:
         """Every open WebSocket and what crossed it so far, by id."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ssl
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -84,12 +83,3 @@ class Router:
             if p == "/" or path == p or path.startswith(p if p.endswith("/") else p + "/"):
                 return route
         return None
-
-
-def client_ssl_context(verify: bool, ca_file: str | None) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=ca_file)
-    if not verify:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-

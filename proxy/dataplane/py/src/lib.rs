@@ -35,6 +35,7 @@ mod http;
 pub mod identity;
 mod listener;
 mod pool;
+pub mod probe;
 pub mod queue;
 pub mod relay;
 pub mod response;
@@ -455,6 +456,57 @@ impl Listener {
             grace: relay::CLOSE_GRACE,
         };
         Ok(py.detach(|| self.shared.relays.close(conn_id, command)))
+    }
+
+    /// The health check's probe (`probe.rs`): a WebSocket upgrade of
+    /// `target` (path and query) on the upstream of the route it takes in
+    /// the configuration now, with `authorization` as that header, within
+    /// `timeout_s`. Returns `(status, "")` for the upstream's final status
+    /// (101: upgraded, then closed), or `(None, why)`. Blocks: call it from
+    /// a thread (the GIL is released meanwhile).
+    #[pyo3(signature = (target, authorization = None, timeout_s = 5.0))]
+    fn probe(
+        &self,
+        py: Python<'_>,
+        target: &str,
+        authorization: Option<&str>,
+        timeout_s: f64,
+    ) -> PyResult<(Option<u16>, String)> {
+        let deadline = positive("timeout_s", timeout_s)?;
+        // try_lock: a stop holds the lock for its whole drain.
+        let handle = match self.server.try_lock() {
+            Ok(server) if !self.stopped.load(Ordering::Acquire) => server.handle(),
+            _ => None,
+        };
+        let Some(handle) = handle else {
+            return Ok((None, "the listener is stopped".to_owned()));
+        };
+        let config = self.shared.config();
+        let target = target.as_bytes().to_vec();
+        let authorization = authorization.map(|a| a.as_bytes().to_vec());
+        let result = py.detach(move || {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            handle.spawn(async move {
+                let tls = config.upstream_tls.as_deref();
+                let found = probe::probe(
+                    &config.routes,
+                    tls,
+                    &target,
+                    authorization.as_deref(),
+                    deadline,
+                )
+                .await;
+                let _ = tx.send(found);
+            });
+            // The probe is bounded by its deadline; a runtime stopped under
+            // it drops the task, and the sender with it.
+            rx.recv()
+                .unwrap_or_else(|_| probe::ProbeResult::Failed("the listener stopped".into()))
+        });
+        Ok(match result {
+            probe::ProbeResult::Answered(status) => (Some(status), String::new()),
+            probe::ProbeResult::Failed(why) => (None, why),
+        })
     }
 
     /// Answer the held refusals of client `key` now, "retry in 1s", so its

@@ -590,6 +590,11 @@ impl Server {
         })
     }
 
+    /// The runtime's handle while it runs (a probe's task goes there).
+    pub fn handle(&self) -> Option<tokio::runtime::Handle> {
+        self.runtime.as_ref().map(|r| r.handle().clone())
+    }
+
     /// Stop accepting, end every connection as fits its state (WebSockets:
     /// close 1001 on both legs), wait up to `grace` for them, then stop the
     /// runtime (what is left is dropped). Blocks: call it without the GIL.
