@@ -485,7 +485,10 @@ impl ResponseReader {
 
 /// Decode chunked framing from `buf` (bytes not consumed yet); the bytes
 /// consumed, and whether the message ended. Body bytes beyond `max_body` are
-/// dropped.
+/// dropped. A line may end in a bare LF (RFC 9112 §2.2: a recipient MAY take
+/// it for CRLF), as nginx and HAProxy take it from an upstream: loopwatch
+/// frames the body anew, so its client never sees the upstream's line ends.
+/// (Requests are held to CRLF: there a lenient parser is a smuggling risk.)
 pub(crate) fn decode_chunks(
     buf: &[u8],
     chunk: &mut Chunk,
@@ -497,11 +500,12 @@ pub(crate) fn decode_chunks(
     loop {
         match *chunk {
             Chunk::Size | Chunk::Trailers => {
-                let Some(end) = buf[pos..].windows(2).position(|w| w == b"\r\n") else {
+                let Some(end) = buf[pos..].iter().position(|&b| b == b'\n') else {
                     return Ok((pos, false));
                 };
                 let line = &buf[pos..pos + end];
-                pos += end + 2;
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                pos += end + 1;
                 if *chunk == Chunk::Trailers {
                     if line.is_empty() {
                         return Ok((pos, true));
@@ -535,13 +539,13 @@ pub(crate) fn decode_chunks(
                 }
             }
             Chunk::DataEnd => {
-                if buf.len() - pos < 2 {
-                    return Ok((pos, false));
-                }
-                if &buf[pos..pos + 2] != b"\r\n" {
-                    return Err(bad("no CRLF after chunk data"));
-                }
-                pos += 2;
+                let end = match buf[pos..] {
+                    [] | [b'\r'] => return Ok((pos, false)),
+                    [b'\n', ..] => 1,
+                    [b'\r', b'\n', ..] => 2,
+                    _ => return Err(bad("no CRLF after chunk data")),
+                };
+                pos += end;
                 *chunk = Chunk::Size;
             }
         }
@@ -690,6 +694,29 @@ mod tests {
         assert!(bad
             .feed(b"HTTP/1.1 500 X\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
             .is_err());
+    }
+
+    /// Chunk lines ended by a bare LF, as nginx and HAProxy take them from an
+    /// upstream, byte by byte (a CR may come alone at the end of a read); a
+    /// CR not followed by LF is still no line end.
+    #[test]
+    fn chunk_lines_may_end_in_a_bare_lf() {
+        let body = b"5\nhello\n6;x=1\r\n world\r\n0\nX-T: 1\n\n";
+        let mut chunk = Chunk::Size;
+        let (mut plain, mut pending, mut done) = (Vec::new(), Vec::new(), false);
+        for &byte in body.iter() {
+            pending.push(byte);
+            let (used, last) = decode_chunks(&pending, &mut chunk, &mut plain, usize::MAX).unwrap();
+            pending.drain(..used);
+            done = last;
+        }
+        assert!(done && pending.is_empty());
+        assert_eq!(plain, b"hello world");
+        for bad in [&b"5\rhello\r\n"[..], b"5\r\nhello\rx", b"5\r\nhellox\n"] {
+            let (mut chunk, mut plain) = (Chunk::Size, Vec::new());
+            let got = decode_chunks(bad, &mut chunk, &mut plain, usize::MAX);
+            assert!(got.is_err(), "{bad:?}: {got:?}");
+        }
     }
 
     #[test]
