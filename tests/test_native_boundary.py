@@ -693,11 +693,13 @@ async def named_http_backend(name: str) -> AsyncIterator[int]:
         await runner.cleanup()
 
 
-async def test_a_reload_routes_new_connections_and_an_open_one_keeps_its_routes(tmp_path: Path) -> None:
-    """`reload(listener_config(...))`: a keep-alive connection accepted before
-    keeps the routes of its accept for its next requests; a new one gets the
-    new routes (the removed prefix 404). A configuration that cannot be built
-    is a ValueError naming the setting and the file, and nothing changes."""
+async def test_a_reload_routes_every_next_request_and_a_removed_route_is_gone(tmp_path: Path) -> None:
+    """`reload(listener_config(...))`: the next request of a keep-alive
+    connection accepted before is served by the new routes, as a new
+    connection's (the removed prefix 404: it stayed reachable for as long as
+    a client kept one connection busy, unlike after nginx's or HAProxy's
+    reload). A configuration that cannot be built is a ValueError naming the
+    setting and the file, and nothing changes."""
     async with (
         named_http_backend("a") as a,
         named_http_backend("b") as b,
@@ -711,9 +713,12 @@ async def test_a_reload_routes_new_connections_and_an_open_one_keeps_its_routes(
         reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
         try:
             assert (await get(reader, writer, "/a/x")).body == b"a"
+            running.listener.reload(listener_config([("/a", f"http://127.0.0.1:{b}")]))
+            assert (await get(reader, writer, "/a/x")).body == b"b"  # re-pointed
             running.listener.reload(listener_config([("/b", f"http://127.0.0.1:{b}")]))
-            # The open connection: its routes of the accept.
-            assert (await get(reader, writer, "/a/y")).body == b"a"
+            # The open connection: the new routes from its next request on.
+            gone = await get(reader, writer, "/a/y")
+            assert (gone.status, gone.body) == (404, b"no route for this path\n")
             new_reader, new_writer = await asyncio.open_connection("127.0.0.1", running.port)
             try:
                 assert (await get(new_reader, new_writer, "/b/x")).body == b"b"

@@ -131,8 +131,9 @@ enum Upstream {
 }
 
 /// Serve one accepted connection: TLS first when the listener has it. The
-/// listener's configuration is read once, here: the connection keeps it for
-/// its life, whatever a reload changes meanwhile.
+/// listener's configuration is read here, and again for each next request of
+/// a keep-alive connection (`serve_stream`); a WebSocket keeps the one it
+/// was upgraded with for its life, whatever a reload changes meanwhile.
 pub async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, guard: ConnGuard) {
     // An IPv4 client of a dual-stack `[::]` listener arrives as ::ffff:a.b.c.d:
     // taken as the IPv4 address it is, once, for everything after (the caps
@@ -145,7 +146,14 @@ pub async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, gua
     match &config.tls {
         None => {
             serve_stream(
-                &shared, &config, client, peer, deadline, "http", guard, None,
+                &shared,
+                Arc::clone(&config),
+                client,
+                peer,
+                deadline,
+                "http",
+                guard,
+                None,
             )
             .await
         }
@@ -166,7 +174,14 @@ pub async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, gua
                 if let Some(client) = accept_tls(&shared, acceptor, client, peer, deadline).await {
                     let admitted = Some(address);
                     serve_stream(
-                        &shared, &config, client, peer, deadline, "https", guard, admitted,
+                        &shared,
+                        Arc::clone(&config),
+                        client,
+                        peer,
+                        deadline,
+                        "https",
+                        guard,
+                        admitted,
                     )
                     .await;
                 }
@@ -253,10 +268,13 @@ async fn accept_tls(
 /// first request's head by `deadline` (from accept), the next ones' each
 /// within `limits.handshake_timeout` of the previous response. `admitted`:
 /// the address's admission when it was taken before the TLS handshake.
+/// Each next request of a keep-alive connection is served by the
+/// configuration in force when it comes: after a reload, a route removed
+/// (or re-pointed) is so for every connection, as after nginx's reload.
 #[allow(clippy::too_many_arguments)]
 async fn serve_stream<C: Transport + 'static>(
     shared: &Arc<Shared>,
-    config: &Config,
+    mut config: Arc<Config>,
     mut client: C,
     peer: SocketAddr,
     first_deadline: Instant,
@@ -264,7 +282,6 @@ async fn serve_stream<C: Transport + 'static>(
     guard: ConnGuard,
     admitted: Option<AddressAdmission>,
 ) {
-    let limits = &config.limits;
     if shared.closing() {
         reject(
             shared,
@@ -277,7 +294,7 @@ async fn serve_stream<C: Transport + 'static>(
         .await;
         return;
     }
-    if guard.active_at_accept() > limits.max_connections {
+    if guard.active_at_accept() > config.limits.max_connections {
         reject(
             shared,
             &mut client,
@@ -317,8 +334,9 @@ async fn serve_stream<C: Transport + 'static>(
     // Between two plain requests of a keep-alive connection.
     let mut idle = false;
     loop {
+        let head_limits = config.limits.head;
         let deadline = if idle {
-            Instant::now() + limits.handshake_timeout
+            Instant::now() + config.limits.handshake_timeout
         } else {
             first_deadline
         };
@@ -355,7 +373,7 @@ async fn serve_stream<C: Transport + 'static>(
                     Ok(_) => {}
                 },
             }
-            let status = parse_head(&buf, &limits.head);
+            let status = parse_head(&buf, &head_limits);
             if !matches!(status, HeadStatus::Partial) {
                 if let Some(slot) = address.as_mut() {
                     slot.head_done();
@@ -370,7 +388,11 @@ async fn serve_stream<C: Transport + 'static>(
                     return;
                 }
                 HeadStatus::Complete(head) => {
-                    let route = match route_head(shared, config, &head, &buf, peer_ip, scheme) {
+                    if idle {
+                        // A next request: served by the configuration now.
+                        config = shared.config();
+                    }
+                    let route = match route_head(shared, &config, &head, &buf, peer_ip, scheme) {
                         Routed::Planned(plan) => break *plan,
                         Routed::Upgrade(route) => route,
                     };
@@ -452,10 +474,10 @@ async fn serve_stream<C: Transport + 'static>(
                 // Boxed: the upstream's connect and handshake are the largest
                 // state of a connection's future (3 KiB), and every connection
                 // would carry it, waiting for its head or held in a refusal.
-                Box::pin(forward(shared, config, client, upgrade, guard, address)).await
+                Box::pin(forward(shared, &config, client, upgrade, guard, address)).await
             }
             Plan::Http { route, request } => {
-                if forward_http(shared, config, &mut client, peer_ip, route, &request).await {
+                if forward_http(shared, &config, &mut client, peer_ip, route, &request).await {
                     idle = true;
                     continue;
                 }

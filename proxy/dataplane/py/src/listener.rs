@@ -290,8 +290,8 @@ pub struct Config {
 
 /// What every connection task shares.
 pub struct Shared {
-    /// The configuration now (a reload swaps it): read it once per
-    /// connection, with `config()`.
+    /// The configuration now (a reload swaps it): read with `config()` at
+    /// accept, and again at each next request of a keep-alive connection.
     config: ArcSwap<Config>,
     pub table: Arc<EnforcementTable>,
     pub events: EventSender,
@@ -321,8 +321,8 @@ impl Shared {
         self.next_conn_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The configuration now: a connection reads it once, at accept, and
-    /// keeps it for its life.
+    /// The configuration now: a connection reads it at accept (a WebSocket
+    /// keeps it for its life), and at each next plain request.
     pub fn config(&self) -> Arc<Config> {
         self.config.load_full()
     }
