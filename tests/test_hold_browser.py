@@ -170,10 +170,16 @@ async def scrape(session: aiohttp.ClientSession, lw: Running) -> dict[str, float
     }
 
 
+ADMITTED_BEFORE = 1.0  # s: an upgrade the backend sees this long after a cooldown began may predate it
+
+
 def during_a_cooldown(t: float, log: FindingLog, key: str) -> bool:
-    """Strictly inside one of `key`'s cooldowns (20 ms of slack at either end: an
-    attempt admitted as a cooldown ends is no leak)."""
-    return any(c.t + 0.02 < t < c.until - 0.02 for c in log.cooldowns if c.key == key)
+    """Inside one of `key`'s cooldowns, by the backend's clock `t` of an upgrade.
+    The slack: an attempt admitted just before a cooldown began reaches the
+    backend after it (its upstream connect and request take their time, more
+    on a loaded machine), and one admitted as a cooldown ends is no
+    leak either (20 ms)."""
+    return any(c.t + ADMITTED_BEFORE < t < c.until - 0.02 for c in log.cooldowns if c.key == key)
 
 
 def attempts_in(entries: list[dict[str, Any]], start: float, seconds: float) -> list[dict[str, Any]]:
