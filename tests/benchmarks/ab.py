@@ -3,7 +3,7 @@ demand, not by pytest): what a change costs or saves per churn cycle and per HTT
 429 refusal, when a whole `make bench` is too coarse to tell.
 
     .venv/bin/python -m tests.benchmarks.ab --a CHECKOUT_A --b CHECKOUT_B \\
-        [--scenarios churn,refusal] [--rounds 5] [--seconds 3] [--env-b NAME=VALUE ...]
+        [--scenarios churn,refusal,refusal-1013] [--rounds 5] [--seconds 3] [--env-b NAME=VALUE ...]
 
 Each checkout runs with its own virtualenv (CHECKOUT/.venv/bin/python -m loopwatch
 run, from CHECKOUT), so A and B may have different compiled data planes; `--env-b`
@@ -33,11 +33,14 @@ from tests.benchmarks.targets import (
     thread_seconds,
 )
 
-DENY = 'policy:\n  deny: ["127.0.0.1/32"]\n  reject_with: http-429\n'
+DENY = 'policy:\n  deny: ["127.0.0.1/32"]\n  reject_with: {how}\n'
 OPERATIONS = {
     "churn": {"op": "churn"},
     "refusal": {"op": "refusal", "expect": "http", "path": "/refuse"},
+    # A 101 and a close 1013: the load generator replies to the close, loopwatch waits for it.
+    "refusal-1013": {"op": "refusal", "expect": "close", "path": "/refuse"},
 }
+CONFIGS = {"refusal": DENY.format(how="http-429"), "refusal-1013": DENY.format(how="close-1013")}
 FIGURES = ("total", "tokio", "brain", "rate")
 
 
@@ -87,7 +90,7 @@ def main() -> None:
         try:
             procs["nginx"] = start_nginx(tmp, backend.port, raise_nofile())
             for scenario in scenarios:
-                config = DENY if scenario == "refusal" else None
+                config = CONFIGS.get(scenario)
                 env: dict[str, str | None]
                 for who, root, env in (("A", args.a, {}), ("B", args.b, env_b)):
                     root = root.resolve()
