@@ -33,7 +33,7 @@ from .breaker import CLOSED, HALF_OPEN, PROBE, REFUSE, CircuitBreaker, party
 from .decisions import ADMITTED, EMPTY, Admit, Outcome, Reject, RejectReason
 from .enforcement import NONE, BreakerEnforcement, CooldownEnforcement, KeyEnforcement
 from .events import Answered, Attempt, Closed, ConnId, Event, HandshakeFailed, Opened
-from .findings import Finding, Flag
+from .findings import SEVERITY_RANK, Finding, Flag
 from .fleet import Fleet
 from .inspection import breaker_states, client_view, rank, snapshot
 from .offenders import HOT_RATE, HotClients
@@ -102,7 +102,8 @@ class Engine:
         self._auth_fed: dict[tuple[str, bool], float] = {}
         # Clients with a standing finding or a cooldown: few, so views and counts iterate them.
         self._notable: dict[str, ClientState] = {}
-        self._flagged: dict[str, int] = dict.fromkeys(RULE_NAMES, 0)
+        # rule → severity → clients whose standing flag of the rule has it.
+        self._flagged: dict[str, dict[str, int]] = {r: dict.fromkeys(SEVERITY_RANK, 0) for r in RULE_NAMES}
         self._hot = HotClients()  # top-offender candidates
         self._addresses = Addresses()  # one copy of a peer address its clients share
         self._next_sweep = NEVER
@@ -172,8 +173,7 @@ class Engine:
         for state in list(self._notable.values()):
             if state.flags:
                 for rule in [r for r in state.flags if r not in enabled]:
-                    self._cleared.append(state.flags.pop(rule).raised)
-                    self._flagged[rule] -= 1
+                    self._unflag(rule, state.flags.pop(rule))
                 if not state.flags:
                     state.flags = None
             self._update_notable(state)
@@ -496,8 +496,7 @@ class Engine:
                     flag = flags.get(name)
                     if flag is not None and findings.expired(flag, t, quiet):
                         del flags[name]
-                        self._cleared.append(flag.raised)
-                        self._flagged[name] -= 1
+                        self._unflag(name, flag)
                 continue
             if flags is None:
                 flags = state.flags = {}
@@ -509,9 +508,10 @@ class Engine:
                 finding = Finding(state.key, name, severity, evidence(state, block, t), t)
                 if flag is None:
                     flags[name] = Flag(finding)
-                    self._flagged[name] += 1
                 else:
+                    self._flagged[name][flag.severity] -= 1  # escalated: counted at its new severity
                     flag.raised = finding
+                self._flagged[name][severity] += 1
                 self._raised.append(finding)
             if enforce and (enforce == _ENFORCE_ALL or timed) and policy.enforces(block, severity):
                 culprits = [*culprits, (name, block)] if culprits else [(name, block)]
@@ -652,12 +652,16 @@ class Engine:
             store.touch(state, t)
         return state
 
+    def _unflag(self, rule: str, flag: Flag) -> None:
+        """A standing flag of `rule` is over (cleared, disabled or forgotten)."""
+        self._cleared.append(flag.raised)
+        self._flagged[rule][flag.severity] -= 1
+
     def _forget(self, state: ClientState, t: float) -> None:
         """A client left the store: settle what it held, so counts and breakers stay true."""
         if state.flags:
             for rule, flag in state.flags.items():
-                self._cleared.append(flag.raised)
-                self._flagged[rule] -= 1
+                self._unflag(rule, flag)
             state.flags = None
         if state.cool_rule is not None and state.cool_until > t:
             self._actions.append(CooldownEnded(state.key, t, evicted=True))
@@ -706,8 +710,7 @@ class Engine:
         state.keep_until = NEVER
         if state.flags:
             for rule, flag in state.flags.items():
-                self._cleared.append(flag.raised)
-                self._flagged[rule] -= 1
+                self._unflag(rule, flag)
             state.flags = None
         state.failures = None
         state.bad_times = None

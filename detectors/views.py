@@ -121,6 +121,9 @@ class EngineSnapshot:
     clients_in_cooldown: int  # enforced cooldowns
     clients_in_observed_cooldown: int  # would-be cooldowns (observe mode, rollout, allow list)
     clients_flagged: Mapping[str, int]  # rule → clients with a standing finding
+    # rule → severity → clients whose standing finding of the rule has that severity
+    # (raised at it, or escalated to it): a loop goes on paging while its flag stands.
+    clients_flagged_by_severity: Mapping[str, Mapping[str, int]]
     breakers: Mapping[str, str]  # name → state
     evictions_total: int
     fleet_attempt_rate: float  # attempts per second, fleet-wide
@@ -136,6 +139,7 @@ class EngineSnapshot:
             "clients_in_cooldown": self.clients_in_cooldown,
             "clients_in_observed_cooldown": self.clients_in_observed_cooldown,
             "clients_flagged": dict(self.clients_flagged),
+            "clients_flagged_by_severity": {r: dict(s) for r, s in self.clients_flagged_by_severity.items()},
             "breakers": dict(self.breakers),
             "evictions_total": self.evictions_total,
             "fleet_attempt_rate": self.fleet_attempt_rate,

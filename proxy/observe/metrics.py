@@ -386,7 +386,9 @@ class StateCollector(Collector):
                 labels=["route", "direction"],
             ),
             "flagged": g(
-                "loopwatch_clients_flagged", "Clients with an active finding of the rule.", labels=["rule"]
+                "loopwatch_clients_flagged",
+                "Clients with an active finding of the rule, by the finding's severity.",
+                labels=["rule", "severity"],
             ),
             "cooldown": g("loopwatch_clients_in_cooldown", "Clients refused right now."),
             "tracked": g("loopwatch_clients_tracked", "Clients the engine holds state for."),
@@ -518,7 +520,9 @@ class StateCollector(Collector):
         t = time.monotonic()
         snap = engine.snapshot(t)
         for rule in RULE_NAMES:
-            families["flagged"].add_metric([rule], snap.clients_flagged.get(rule, 0))
+            by_severity = snap.clients_flagged_by_severity.get(rule, {})
+            for severity in SEVERITY_RANK:
+                families["flagged"].add_metric([rule, severity], by_severity.get(severity, 0))
         families["cooldown"].add_metric([], snap.clients_in_cooldown)
         families["tracked"].add_metric([], snap.clients_tracked)
         families["evicted"].add_metric([], snap.evictions_total)

@@ -102,6 +102,29 @@ def test_a_loop_is_visible_in_the_snapshot_and_client_view() -> None:
     assert view.to_dict()["cooldown"]["rule"] == "auth_failure_loop"
 
 
+def test_a_loop_stays_counted_at_its_severity_for_as_long_as_it_goes_on() -> None:
+    """loopwatch_clients_flagged{rule, severity}, which the loop alert reads: a
+    finding is raised once and then refreshed, so the standing count is what
+    shows a loop that goes on; a flag escalated from warning to critical moves
+    from one severity to the other (each client counted once per rule)."""
+    sim = Sim(engine(), always(Close(0.01, 1008)))
+    sim.add(Client(K, 0.0, fixed(0.05)))
+    seen = []
+    for until in (1.0, 3.0, 30.0, 120.0, 300.0):
+        sim.run(until)
+        snap = sim.engine.snapshot(until)
+        for rule, total in snap.clients_flagged.items():
+            assert sum(snap.clients_flagged_by_severity[rule].values()) == total, (until, rule)
+        seen.append(snap.clients_flagged_by_severity["auth_failure_loop"]["critical"])
+    assert seen == [1, 1, 1, 1, 1]  # raised once, at the third failure
+    assert len([f for f in sim.log.raised() if f.rule == "auth_failure_loop"]) == 1
+    escalated = {f.rule for f in sim.log.raised() if f.severity == "critical"} & {
+        f.rule for f in sim.log.raised() if f.severity == "warning"
+    }
+    for rule in escalated:  # counted at critical only, once escalated
+        assert snap.clients_flagged_by_severity[rule] == {"warning": 0, "critical": 1}, rule
+
+
 def test_the_client_history_keeps_the_latest_events_exactly() -> None:
     """detection.history_size events per client, oldest dropped, each with its
     time and details as they came (one array of doubles holds both: the packed
