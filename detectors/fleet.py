@@ -27,7 +27,7 @@ _BUCKETS = 10
 
 
 class Fleet:
-    __slots__ = ("settings", "_window", "_bucket", "_bucket_count", "baseline")
+    __slots__ = ("settings", "_window", "_bucket", "_bucket_count", "baseline", "storms", "_storming")
 
     def __init__(self, settings: FleetSettings) -> None:
         self.settings = settings
@@ -35,6 +35,11 @@ class Fleet:
         self._bucket = -math.inf  # index of the bucket being filled, for the baseline
         self._bucket_count = 0
         self.baseline = 0.0  # distinct clients attempting, per second
+        # Storms begun, judged at each bucket's end: a storm flag lasts seconds
+        # (a restart's reconnects; the baseline soon takes the new rate in), less
+        # than a scrape interval may show, so its start is counted.
+        self.storms = 0
+        self._storming = False
 
     def configure(self, settings: FleetSettings) -> None:
         if settings.window != self.settings.window:
@@ -74,9 +79,13 @@ class Fleet:
 
     def storm(self, t: float) -> bool:
         """Distinct-client rate at least ``storm_factor`` × baseline and ``storm_min_rate``."""
+        self._roll(t)
+        return self._storm_now(t)
+
+    def _storm_now(self, t: float) -> bool:
         rate = self.client_rate(t)
         s = self.settings
-        return rate >= s.storm_min_rate and rate >= s.storm_factor * self.baseline_at(t)
+        return rate >= s.storm_min_rate and rate >= s.storm_factor * self.baseline
 
     def _roll(self, t: float) -> None:
         width = self._window.width
@@ -90,5 +99,10 @@ class Fleet:
             empty = bucket - self._bucket - 1
             if empty > 0:
                 self.baseline *= math.exp(-empty * width / self.settings.baseline)
+            # The finished bucket ends at the new one's start: a storm then?
+            storming = self._storm_now(bucket * width)
+            if storming and not self._storming:
+                self.storms += 1
+            self._storming = storming
         self._bucket = bucket
         self._bucket_count = 0

@@ -121,5 +121,6 @@ def snapshot(
         fleet_baseline_rate=fleet.baseline_at(t),
         fleet_auth_failure_ratio=fleet.auth_failure_ratio(t),
         storm=fleet.storm(t),
+        storms_total=fleet.storms,
         top_offenders=top,
     )

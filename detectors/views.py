@@ -130,6 +130,7 @@ class EngineSnapshot:
     fleet_baseline_rate: float
     fleet_auth_failure_ratio: float
     storm: bool
+    storms_total: int  # storms begun (judged once a second), since start
     top_offenders: tuple[tuple[str, float], ...]  # (key, attempts per second), worst first
 
     def to_dict(self) -> dict[str, Any]:
@@ -146,5 +147,6 @@ class EngineSnapshot:
             "fleet_baseline_rate": self.fleet_baseline_rate,
             "fleet_auth_failure_ratio": self.fleet_auth_failure_ratio,
             "storm": self.storm,
+            "storms_total": self.storms_total,
             "top_offenders": [{"key": k, "attempts_per_second": r} for k, r in self.top_offenders],
         }

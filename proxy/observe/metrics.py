@@ -402,6 +402,10 @@ class StateCollector(Collector):
                 "loopwatch_fleet_auth_failure_ratio", "Fleet-wide share of attempts ending in an auth failure."
             ),
             "storm": g("loopwatch_reconnect_storm", "1 while the fleet attempt rate is far above its baseline."),
+            "storms": c(
+                "loopwatch_reconnect_storms",
+                "Reconnect storms begun: the fleet's rate of distinct clients far above its baseline.",
+            ),
             "circuit": g(
                 "loopwatch_circuit_state", "1 for the breaker's current state.", labels=["breaker", "state"]
             ),
@@ -529,6 +533,7 @@ class StateCollector(Collector):
         families["fleet_rate"].add_metric([], snap.fleet_attempt_rate)
         families["fleet_auth"].add_metric([], snap.fleet_auth_failure_ratio)
         families["storm"].add_metric([], 1.0 if snap.storm else 0.0)
+        families["storms"].add_metric([], snap.storms_total)
         for breaker in engine.breakers(t):
             for state in BREAKER_STATES:
                 families["circuit"].add_metric([breaker.name, state], 1.0 if breaker.state == state else 0.0)
