@@ -573,6 +573,17 @@ def test_bad_tls_settings_name_the_file(local_cert: Cert, named_cert: Cert, tmp_
             serialization.BestAvailableEncryption(b"passphrase"),
         )
     )
+    # OpenSSL's traditional format, as `openssl genrsa -aes256` writes it (a
+    # `Proc-Type: 4,ENCRYPTED` header): was "is not valid PEM: base64 decode error".
+    traditional = tmp_path / "traditional-encrypted-key.pem"
+    traditional.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+    )
+    assert b"Proc-Type: 4,ENCRYPTED" in traditional.read_bytes()
 
     def start(url: str = "ws://127.0.0.1:9", **kwargs: Any) -> None:
         NativeListener.start([("/", url)], queue=queue, table=table, threads=1, **kwargs).stop(1.0)
@@ -583,6 +594,7 @@ def test_bad_tls_settings_name_the_file(local_cert: Cert, named_cert: Cert, tmp_
         ({"tls": ListenerTLS(cert_file=local_cert.cert, key_file=local_cert.cert)}, "tls.key_file: no private key"),
         ({"tls": ListenerTLS(cert_file=local_cert.cert, key_file=named_cert.key)}, "is not the key of"),
         ({"tls": ListenerTLS(cert_file=local_cert.cert, key_file=str(encrypted))}, "is an encrypted private key"),
+        ({"tls": ListenerTLS(cert_file=local_cert.cert, key_file=str(traditional))}, "is an encrypted private key"),
         ({"url": "wss://127.0.0.1:9", "upstream_tls": UpstreamTLS(ca_file=missing)}, "upstream_tls.ca_file"),
         ({"url": "wss://127.0.0.1:9", "upstream_tls": UpstreamTLS(server_name="a b")}, "upstream_tls.server_name"),
     ]
@@ -591,7 +603,7 @@ def test_bad_tls_settings_name_the_file(local_cert: Cert, named_cert: Cert, tmp_
             start(**kwargs)
         names_a_file = missing in str(info.value) or any(
             path in str(info.value)
-            for path in (str(not_pem), str(encrypted), local_cert.cert, local_cert.key, named_cert.key)
+            for path in (str(not_pem), str(encrypted), str(traditional), local_cert.cert, local_cert.key, named_cert.key)
         )
         assert names_a_file or "server_name" in message, info.value
     # A ca_file is only read when a route needs it, and a wss:// route is accepted.

@@ -62,7 +62,10 @@ fn read_certificates(setting: &str, path: &str) -> Result<Vec<CertificateDer<'st
 pub fn listener_acceptor(cert_file: &str, key_file: &str) -> Result<TlsAcceptor, String> {
     let certs = read_certificates("tls.cert_file", cert_file)?;
     let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| {
-        if matches!(e, pem::Error::NoItemsFound) && encrypted_key(key_file) {
+        // Whatever the PEM error: PKCS #8's encrypted keys are skipped (no
+        // key found), OpenSSL's traditional ones (`Proc-Type: 4,ENCRYPTED`
+        // headers) fail to decode as base64.
+        if encrypted_key(key_file) {
             // PEM indeed, but nothing loopwatch can use without a passphrase.
             return format!(
                 "tls.key_file: {key_file:?} is an encrypted private key, which loopwatch \
