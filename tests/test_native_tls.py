@@ -12,6 +12,7 @@ talks to sockets.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import re
@@ -584,6 +585,14 @@ def test_bad_tls_settings_name_the_file(local_cert: Cert, named_cert: Cert, tmp_
         )
     )
     assert b"Proc-Type: 4,ENCRYPTED" in traditional.read_bytes()
+    # Over 64 KiB of DER (2000 names), more than rustls reads: was "invalid
+    # peer certificate: BadEncoding", blaming a peer.
+    (tmp_path / "big").mkdir()
+    names = [f"host-{i:05d}.a-long-enough-name.loopwatch.test" for i in range(2000)]
+    big = Cert(*self_signed_cert(tmp_path / "big", names))
+    pem_body = "".join(Path(big.cert).read_text().splitlines()[1:-1])
+    assert len(base64.b64decode(pem_body)) > 64 * 1024
+    too_large = r"the first certificate in .*: it is \d+ bytes of DER, too large for loopwatch's TLS library"
 
     def start(url: str = "ws://127.0.0.1:9", **kwargs: Any) -> None:
         NativeListener.start([("/", url)], queue=queue, table=table, threads=1, **kwargs).stop(1.0)
@@ -595,7 +604,12 @@ def test_bad_tls_settings_name_the_file(local_cert: Cert, named_cert: Cert, tmp_
         ({"tls": ListenerTLS(cert_file=local_cert.cert, key_file=named_cert.key)}, "is not the key of"),
         ({"tls": ListenerTLS(cert_file=local_cert.cert, key_file=str(encrypted))}, "is an encrypted private key"),
         ({"tls": ListenerTLS(cert_file=local_cert.cert, key_file=str(traditional))}, "is an encrypted private key"),
+        ({"tls": ListenerTLS(cert_file=big.cert, key_file=big.key)}, "tls.cert_file: " + too_large),
         ({"url": "wss://127.0.0.1:9", "upstream_tls": UpstreamTLS(ca_file=missing)}, "upstream_tls.ca_file"),
+        (
+            {"url": "wss://127.0.0.1:9", "upstream_tls": UpstreamTLS(ca_file=big.cert)},
+            r"upstream_tls.ca_file: a certificate in .* cannot be a trust anchor: it is \d+ bytes of DER, too large",
+        ),
         ({"url": "wss://127.0.0.1:9", "upstream_tls": UpstreamTLS(server_name="a b")}, "upstream_tls.server_name"),
     ]
     for kwargs, message in cases:
@@ -603,7 +617,7 @@ def test_bad_tls_settings_name_the_file(local_cert: Cert, named_cert: Cert, tmp_
             start(**kwargs)
         names_a_file = missing in str(info.value) or any(
             path in str(info.value)
-            for path in (str(not_pem), str(encrypted), str(traditional), local_cert.cert, local_cert.key, named_cert.key)
+            for path in (str(not_pem), str(encrypted), str(traditional), big.cert, local_cert.cert, local_cert.key, named_cert.key)
         )
         assert names_a_file or "server_name" in message, info.value
     # A ca_file is only read when a route needs it, and a wss:// route is accepted.

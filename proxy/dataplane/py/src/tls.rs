@@ -57,6 +57,25 @@ fn read_certificates(setting: &str, path: &str) -> Result<Vec<CertificateDer<'st
     Ok(certs)
 }
 
+/// The largest certificate webpki (rustls' verifier, which also parses the
+/// listener's own certificate) reads: an outer SEQUENCE whose length fits in
+/// two bytes, 64 KiB of DER.
+const MAX_CERTIFICATE_DER: usize = 0xFFFF + 4;
+
+/// Why rustls refused a certificate of ours (not a peer's: rustls' own
+/// wording, "invalid peer certificate", would blame one).
+fn own_certificate_error(cert: &CertificateDer<'_>, error: rustls::Error) -> String {
+    match error {
+        rustls::Error::InvalidCertificate(_) if cert.len() > MAX_CERTIFICATE_DER => format!(
+            "it is {} bytes of DER, too large for loopwatch's TLS library (rustls reads \
+             certificates of 64 KiB of DER at most: fewer names or extensions)",
+            cert.len()
+        ),
+        rustls::Error::InvalidCertificate(e) => format!("it is not a usable certificate ({e:?})"),
+        other => other.to_string(),
+    }
+}
+
 /// The listener's TLS (`tls.cert_file`, `tls.key_file`): the certificate
 /// chain and its key, read now; ALPN `http/1.1`; no client certificates.
 pub fn listener_acceptor(cert_file: &str, key_file: &str) -> Result<TlsAcceptor, String> {
@@ -80,6 +99,7 @@ pub fn listener_acceptor(cert_file: &str, key_file: &str) -> Result<TlsAcceptor,
             e,
         )
     })?;
+    let leaf = certs[0].clone();
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("tls: {e}"))?
@@ -88,6 +108,10 @@ pub fn listener_acceptor(cert_file: &str, key_file: &str) -> Result<TlsAcceptor,
         .map_err(|e| match e {
             rustls::Error::InconsistentKeys(_) => format!(
                 "tls.key_file: the key in {key_file:?} is not the key of the certificate in {cert_file:?}"
+            ),
+            rustls::Error::InvalidCertificate(_) => format!(
+                "tls.cert_file: the first certificate in {cert_file:?}: {}",
+                own_certificate_error(&leaf, e)
             ),
             other => format!("tls: {cert_file:?} with {key_file:?}: {other}"),
         })?;
@@ -135,7 +159,10 @@ impl UpstreamTls {
                     let mut roots = RootCertStore::empty();
                     for cert in &certs {
                         roots.add(cert.clone()).map_err(|e| {
-                            format!("upstream_tls.ca_file: a certificate in {path:?} cannot be a trust anchor: {e}")
+                            format!(
+                                "upstream_tls.ca_file: a certificate in {path:?} cannot be a trust anchor: {}",
+                                own_certificate_error(cert, e)
+                            )
                         })?;
                     }
                     (roots, certs)
