@@ -18,7 +18,8 @@ import os
 import re
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,21 +137,35 @@ class Backend:
     closes: asyncio.Queue[tuple[int | None, str]] = field(default_factory=asyncio.Queue)
     forwarded_proto: list[str] = field(default_factory=list)
     sni: list[str | None] = field(default_factory=list)
+    client_certs: list[Any] = field(default_factory=list)  # each connection's (getpeercert)
+
+
+def mtls_context(cert: Cert, client_ca: str, maximum_version: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+    """A server's context that requires a client certificate issued by (or
+    being) `client_ca`; up to `maximum_version` of TLS."""
+    ctx = server_context(cert.cert, cert.key)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(client_ca)
+    if maximum_version is not None:
+        ctx.maximum_version = maximum_version
+    return ctx
 
 
 @contextlib.asynccontextmanager
-async def echo_backend(cert: Cert | None = None) -> AsyncIterator[Backend]:
-    """A `websockets` echo server, over TLS with `cert`; "close CODE REASON"
-    makes it close. It records each connection's X-Forwarded-Proto, the SNI
-    name it was asked for, and the close it saw."""
+async def echo_backend(cert: Cert | None = None, ctx: ssl.SSLContext | None = None) -> AsyncIterator[Backend]:
+    """A `websockets` echo server, over TLS with `cert` (or `ctx`); "close
+    CODE REASON" makes it close. It records each connection's
+    X-Forwarded-Proto, the SNI name it was asked for, the client certificate
+    it got, and the close it saw."""
     backend = Backend("")
-    ctx = None
-    if cert is not None:
+    if cert is not None and ctx is None:
         ctx = server_context(cert.cert, cert.key)
+    if ctx is not None:
         ctx.sni_callback = lambda _sock, name, _ctx: backend.sni.append(name)
 
     async def handler(ws: ServerConnection) -> None:
         backend.forwarded_proto.append(ws.request.headers.get("X-Forwarded-Proto", ""))
+        backend.client_certs.append(ws.transport.get_extra_info("peercert"))
         try:
             async for message in ws:
                 if isinstance(message, str) and message.startswith("close "):
@@ -163,8 +178,43 @@ async def echo_backend(cert: Cert | None = None) -> AsyncIterator[Backend]:
             backend.closes.put_nowait((ws.close_code, ws.close_reason))
 
     async with websockets_backend(handler, ssl=ctx) as (url, _):
-        backend.url = url.replace("ws://", "wss://") if cert else url
+        backend.url = url.replace("ws://", "wss://") if ctx else url
         yield backend
+
+
+@contextlib.asynccontextmanager
+async def https_backend(ctx: ssl.SSLContext) -> AsyncIterator[str]:
+    """An https:// server answering every request 200 with the common name of
+    the client certificate it got; yields its URL."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            peer = writer.get_extra_info("peercert") or {}
+            body = "".join(v for rdn in peer.get("subject", ()) for k, v in rdn if k == "commonName").encode()
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
+    try:
+        yield f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def http_get(port: int, path: str = "/") -> bytes:
+    """One plain HTTP request to the listener; the whole answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n".encode())
+        return await read_until_eof(reader)
+    finally:
+        writer.close()
 
 
 async def refused(url: str, **kwargs: Any) -> InvalidStatus:
@@ -365,6 +415,70 @@ async def test_an_untrusted_upstream_is_502_and_a_tls_failure(local_cert: Cert, 
         assert (failed.status, failed.error) == (None, "tls")
         assert (stats.handshake_failed, stats.opened, stats.active) == (1, 0, 0)
         assert backend.forwarded_proto == []
+
+
+@contextlib.contextmanager
+def alerting_tls_backend(ctx: ssl.SSLContext) -> Iterator[int]:
+    """A TLS server on a thread, for handshakes that fail: it handshakes with
+    blocking OpenSSL, which sends its alert when it refuses the client
+    (asyncio's server closes without one), reads a request and closes.
+    Yields its port."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.05)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                with contextlib.suppress(ssl.SSLError, OSError), ctx.wrap_socket(conn, server_side=True) as tls:
+                    tls.recv(4096)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2], ids=["tls1.3", "tls1.2"])
+async def test_an_upstream_refusing_loopwatch_without_a_client_certificate_is_a_tls_failure(
+    local_cert: Cert, named_cert: Cert, version: ssl.TLSVersion
+) -> None:
+    """An upstream that requires a client certificate, and gets none. Over
+    TLS 1.2 it refuses within the handshake. Over TLS 1.3 loopwatch's side of
+    the handshake is done before the upstream checks, and its refusal (the
+    alert certificate_required) arrives at the first read, of the upgrade's
+    answer or the response's head: that was error `closed`, "upstream closed
+    during the handshake" (and "upstream unreachable: closed the connection
+    without answering" for https://), sending the operator to the network."""
+    upstream_tls = UpstreamTLS(ca_file=local_cert.cert)
+    alert = "CertificateRequired" if version == ssl.TLSVersion.TLSv1_3 else "HandshakeFailure"
+    with alerting_tls_backend(mtls_context(local_cert, named_cert.cert, maximum_version=version)) as port:
+        async with native(f"wss://127.0.0.1:{port}", upstream_tls=upstream_tls) as running:
+            err = await refused(running.url("/mtls"))
+            events = await running.until(lambda e: bool(of_type(e, ev.HandshakeFailed)))
+            stats = await running.idle_stats()
+        assert err.response.status_code == 502
+        assert err.response.body == b"loopwatch: upstream TLS handshake failed\n"
+        assert of_type(events, ev.HandshakeFailed)[0].error == "tls"
+        assert (stats.handshake_failed, stats.opened) == (1, 0)
+        async with native(f"https://127.0.0.1:{port}", upstream_tls=upstream_tls) as running:
+            answer = await http_get(running.listener.port)
+            events = await running.until(lambda e: bool(of_type(e, RequestRejected)))
+    assert answer.startswith(b"HTTP/1.1 502 "), answer
+    assert answer.endswith(b"\r\n\r\nloopwatch: upstream TLS handshake failed\n"), answer
+    line = of_type(events, RequestRejected)[0]
+    assert (line.reason, line.status) == ("upstream_error", 502)
+    # With rustls' reason: the alert the upstream sent.
+    assert line.message == f"loopwatch: upstream TLS handshake failed: received fatal alert: {alert}", line
 
 
 async def test_verify_false_accepts_any_certificate(named_cert: Cert) -> None:

@@ -44,7 +44,8 @@ use crate::response::{Answer, ResponseReader, UpstreamRefusal};
 use crate::tls::UpstreamTls;
 use crate::tracing::attempt_trace;
 use crate::transport::{
-    connect_upstream, open_upstream, read_appending, Transport, UpstreamStream,
+    connect_upstream, open_upstream, read_appending, tls_failure, ConnectError, Transport,
+    UpstreamStream,
 };
 use crate::wire::{
     has_dot_dot_segment, refusal_bytes, route_for, simple_response, upstream_request_head,
@@ -1004,15 +1005,20 @@ async fn upstream_handshake(
         message: "loopwatch: upstream closed during the handshake".into(),
         error: HandshakeError::Closed,
     };
+    let failed = |failure: ConnectError| Upstream::Failed {
+        status: failure.status(),
+        message: failure.message().into(),
+        error: failure.handshake_error(),
+    };
+    // A TLS error after the connect (a TLS 1.3 upstream's refusal of the
+    // client certificate comes at the first read) is the connect's `tls`.
+    let broken = |e: std::io::Error| match tls_failure(&e) {
+        Some(why) => failed(ConnectError::Tls(why)),
+        None => closed(),
+    };
     let mut stream = match connect_upstream(route, tls, limits.connect_timeout).await {
         Ok(stream) => stream,
-        Err(failure) => {
-            return Upstream::Failed {
-                status: failure.status(),
-                message: failure.message().into(),
-                error: failure.handshake_error(),
-            }
-        }
+        Err(failure) => return failed(failure),
     };
     if let Some(refusal) = recheck() {
         // Dropped unwritten: the upstream sees a connection close, never the
@@ -1020,8 +1026,12 @@ async fn upstream_handshake(
         drop(stream);
         return Upstream::Recheck(refusal);
     }
-    if stream.write_all(request).await.is_err() || stream.flush().await.is_err() {
-        return closed();
+    let written = match stream.write_all(request).await {
+        Ok(()) => stream.flush().await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = written {
+        return broken(e);
     }
     let mut reader = ResponseReader::new(limits.head.max_head_size, limits.error_body_size)
         .expecting_accept(accept_key(ws_key));
@@ -1038,13 +1048,17 @@ async fn upstream_handshake(
             read.await
         };
         match read {
-            Ok(0) | Err(_) => {
-                return match reader.eof() {
-                    Some(refusal) => Upstream::Refused(refusal),
-                    None => closed(),
+            Ok(n) if n > 0 => {}
+            ended => {
+                // A refusal's head in hand: its body ends with the connection.
+                if let Some(refusal) = reader.eof() {
+                    return Upstream::Refused(refusal);
                 }
+                return match ended {
+                    Err(e) => broken(e),
+                    Ok(_) => closed(),
+                };
             }
-            Ok(_) => {}
         }
         match reader.feed(&chunk) {
             Ok(Answer::Partial) => continue,

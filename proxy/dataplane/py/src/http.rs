@@ -43,7 +43,7 @@ use loopwatch_dataplane_core::head::{BodyFraming, Version};
 
 use crate::listener::{Limits, Rejected};
 use crate::response::{decode_chunks, parse_response_head, BadResponse, Chunk, Framing};
-use crate::transport::{out_of_descriptors, UpstreamTlsError, FD_LIMIT};
+use crate::transport::{out_of_descriptors, tls_failure, UpstreamTlsError, FD_LIMIT};
 use crate::wire::{connection_named, hop_by_hop};
 
 /// Bytes read from one side at a time, written to the other before the next
@@ -545,6 +545,10 @@ enum ResponseError {
     },
     /// Its head is not HTTP/1.x, is too large, or is a 101 (502): why.
     Bad(String),
+    /// TLS failed before a whole response head (502): rustls' reason. A TLS
+    /// 1.3 upstream that refuses loopwatch's client certificate (or its
+    /// absence) says so at the first read, after the connect.
+    Tls(String),
     /// It closed or broke its framing mid-body: the client is cut.
     Cut,
     ClientGone,
@@ -562,6 +566,7 @@ impl ResponseError {
                 },
             ),
             ResponseError::Bad(why) => upstream_failed(UPSTREAM_ERROR, why),
+            ResponseError::Tls(why) => upstream_failed(UPSTREAM_TLS, why),
             ResponseError::Cut => Outcome::Cut(Some(Rejected::UpstreamCut)),
             ResponseError::ClientGone => Outcome::Gone,
         }
@@ -680,7 +685,13 @@ where
         }
         buf.reserve(4096);
         match upstream.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => return Err(ResponseError::Closed { stale }),
+            Ok(0) => return Err(ResponseError::Closed { stale }),
+            Err(e) => {
+                return Err(match tls_failure(&e) {
+                    Some(why) => ResponseError::Tls(why),
+                    None => ResponseError::Closed { stale },
+                })
+            }
             Ok(_) => stale = false,
         }
     };

@@ -265,6 +265,23 @@ impl std::fmt::Display for UpstreamTlsError {
 
 impl std::error::Error for UpstreamTlsError {}
 
+/// rustls' reason when an upstream stream's read (or write) failed for TLS:
+/// an alert the upstream sent, a record that does not decrypt. tokio-rustls
+/// returns those as an `io::Error` of kind `InvalidData` holding the
+/// `rustls::Error`; None for anything else (a reset, an EOF).
+///
+/// Over TLS 1.3 the client's side of the handshake is done before the server
+/// has checked it: a server that refuses loopwatch (no client certificate,
+/// or one it does not trust) says so with an alert that arrives at the first
+/// read after the connect, not in the connect.
+pub fn tls_failure(e: &io::Error) -> Option<String> {
+    if e.kind() != io::ErrorKind::InvalidData {
+        return None;
+    }
+    let inner = e.get_ref()?.downcast_ref::<rustls::Error>()?;
+    Some(inner.to_string())
+}
+
 impl AsyncRead for UpstreamStream {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -375,6 +392,23 @@ mod tests {
         assert_eq!(failure.handshake_error().as_str(), "fd_limit");
         // The plain HTTP path sees it as an io::Error: still recognisable.
         assert!(out_of_descriptors(&io::Error::from(failure)));
+    }
+
+    #[test]
+    fn a_tls_error_is_told_from_a_closed_connection() {
+        use rustls::AlertDescription;
+        let alert = rustls::Error::AlertReceived(AlertDescription::CertificateRequired);
+        let read = io::Error::new(io::ErrorKind::InvalidData, alert);
+        assert_eq!(
+            tls_failure(&read).as_deref(),
+            Some("received fatal alert: CertificateRequired")
+        );
+        assert_eq!(tls_failure(&io::ErrorKind::ConnectionReset.into()), None);
+        assert_eq!(tls_failure(&io::ErrorKind::UnexpectedEof.into()), None);
+        assert_eq!(
+            tls_failure(&io::Error::new(io::ErrorKind::InvalidData, "not rustls")),
+            None
+        );
     }
 
     #[tokio::test]
