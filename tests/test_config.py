@@ -257,6 +257,14 @@ def test_parse_host_port_rejects(value: object) -> None:
             "tls.cert_file: required when `key_file` is set (set both or neither)",
         ),
         (
+            "upstream_tls: {cert_file: client.pem}",
+            "upstream_tls.key_file: required when `cert_file` is set (set both or neither)",
+        ),
+        (
+            "upstream_tls: {key_file: client.key}",
+            "upstream_tls.cert_file: required when `key_file` is set (set both or neither)",
+        ),
+        (
             "listen: '0.0.0.0:70000'",
             "listen: expected a port from 0 to 65535, got 70000 in '0.0.0.0:70000'",
         ),
@@ -479,7 +487,7 @@ def _full_settings(tmp_path: Path) -> Settings:
 listen: "[::1]:0"
 routes: [{path_prefix: /ws, upstream: "wss://a:443/x"}, {path_prefix: /, upstream: "http://b"}]
 tls: {cert_file: c.pem, key_file: k.pem}
-upstream_tls: {verify: false, ca_file: ca.pem, server_name: backend.internal}
+upstream_tls: {verify: false, ca_file: ca.pem, server_name: backend.internal, cert_file: cc.pem, key_file: ck.pem}
 limits: {max_message_size: 1MiB, idle_timeout: 250ms, handshake_timeout: 90s, max_connections: 12}
 admin: {token: s3cret}
 logging: {level: DEBUG, format: text}
@@ -554,6 +562,38 @@ def test_check_config_reads_the_files_run_reads(capsys: pytest.CaptureFixture[st
         'tls.cert_file: cannot read "/etc/loopwatch/tls/staging.example.com.crt": No such file or directory (os error 2)',
         'upstream_tls.ca_file: cannot read "/etc/loopwatch/tls/internal-ca.pem": No such file or directory (os error 2)',
     ]
+
+
+def test_check_config_reads_the_client_certificate_for_upstreams(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """upstream_tls.cert_file and key_file are read as `run` and a reload read
+    them, whatever the routes (here a ws:// one), each error naming its file."""
+    cert, key = self_signed_cert(tmp_path, ["client.example"])
+    other = tmp_path / "other"
+    other.mkdir()
+    _, other_key = self_signed_cert(other, ["other.example"])
+    missing = str(tmp_path / "missing.pem")
+
+    def check(cert_file: str, key_file: str) -> tuple[int, str, str]:
+        text = f'upstream: "ws://backend:9000"\nupstream_tls: {{cert_file: "{cert_file}", key_file: "{key_file}"}}\n'
+        code = check_config_main(str(write(tmp_path, text)))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, err = check(missing, key)
+    assert (code, out) == (2, "")
+    assert err.splitlines() == [f'upstream_tls.cert_file: cannot read "{missing}": No such file or directory (os error 2)']
+    code, out, err = check(cert, other_key)
+    assert (code, out) == (2, "")
+    assert err.splitlines() == [
+        f'upstream_tls.key_file: the key in "{other_key}" is not the key of the certificate in "{cert}"'
+    ]
+    code, out, err = check(cert, key)
+    assert (code, err) == (0, "")
+    assert yaml.safe_load(out)["upstream_tls"] == {
+        "verify": True, "ca_file": None, "server_name": None, "cert_file": cert, "key_file": key,
+    }  # fmt: skip
 
 
 def test_check_config_defaults_notes_missing_upstream(capsys: pytest.CaptureFixture[str]) -> None:

@@ -37,6 +37,7 @@ from loopwatch.proxy.dataplane.native import (
     ListenerStats,
     NativeListener,
     RequestRejected,
+    listener_config,
 )
 from loopwatch.proxy.dataplane.settings import Limits, ListenerTLS, UpstreamTLS
 from tests.conftest import self_signed_cert, server_context, websockets_backend
@@ -190,8 +191,7 @@ async def https_backend(ctx: ssl.SSLContext) -> AsyncIterator[str]:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await reader.readuntil(b"\r\n\r\n")
-            peer = writer.get_extra_info("peercert") or {}
-            body = "".join(v for rdn in peer.get("subject", ()) for k, v in rdn if k == "commonName").encode()
+            body = common_name(writer.get_extra_info("peercert")).encode()
             writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
             await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
@@ -481,6 +481,41 @@ async def test_an_upstream_refusing_loopwatch_without_a_client_certificate_is_a_
     assert line.message == f"loopwatch: upstream TLS handshake failed: received fatal alert: {alert}", line
 
 
+def common_name(peercert: Any) -> str:
+    return "".join(v for rdn in (peercert or {}).get("subject", ()) for k, v in rdn if k == "commonName")
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2], ids=["tls1.3", "tls1.2"])
+async def test_a_client_certificate_for_upstreams_that_require_one(
+    local_cert: Cert, named_cert: Cert, version: ssl.TLSVersion
+) -> None:
+    """Mutual TLS: `upstream_tls.cert_file` and `key_file` are presented to
+    every wss:// and https:// upstream (and to the health probe, which
+    connects as they do). Without them such an upstream refuses loopwatch
+    (the test above); a reload that sets them applies to the next
+    connections."""
+    client = UpstreamTLS(ca_file=local_cert.cert, cert_file=named_cert.cert, key_file=named_cert.key)
+    ctx = mtls_context(local_cert, named_cert.cert, maximum_version=version)
+    async with echo_backend(ctx=ctx) as backend:
+        async with native(backend.url, upstream_tls=UpstreamTLS(ca_file=local_cert.cert)) as running:
+            err = await refused(running.url("/mtls"))
+            assert err.response.status_code == 502
+            running.listener.reload(listener_config([("/", backend.url)], upstream_tls=client))
+            async with connect(running.url("/mtls"), max_size=None) as ws:
+                for message in ("with a client certificate", os.urandom(100_000)):
+                    await ws.send(message)
+                    assert await asyncio.wait_for(ws.recv(), 10) == message
+            answer = await asyncio.to_thread(running.listener.probe, "/probe", None, 5.0)
+            assert (answer.status, answer.error) == (101, "")
+            events = await running.until(lambda e: len(of_type(e, ev.Closed)) == 1)
+        assert [common_name(c) for c in backend.client_certs] == ["loopwatch test backend.internal"] * 2
+        assert len(of_type(events, ev.HandshakeFailed)) == 1  # the refusal before the reload
+    async with https_backend(ctx) as url, native(url, upstream_tls=client) as running:
+        answer = await http_get(running.listener.port)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    assert answer.endswith(b"\r\n\r\nloopwatch test backend.internal"), answer
+
+
 async def test_verify_false_accepts_any_certificate(named_cert: Cert) -> None:
     # backend.internal's certificate, trusted by nobody, reached as 127.0.0.1.
     upstream_tls = UpstreamTLS(verify=False)
@@ -725,6 +760,25 @@ def test_bad_tls_settings_name_the_file(local_cert: Cert, named_cert: Cert, tmp_
             r"upstream_tls.ca_file: a certificate in .* cannot be a trust anchor: it is \d+ bytes of DER, too large",
         ),
         ({"url": "wss://127.0.0.1:9", "upstream_tls": UpstreamTLS(server_name="a b")}, "upstream_tls.server_name"),
+        # The client certificate for upstreams: its files read whatever the routes, as tls:'s.
+        ({"upstream_tls": UpstreamTLS(cert_file=missing, key_file=local_cert.key)}, "upstream_tls.cert_file: cannot read"),
+        (
+            {"upstream_tls": UpstreamTLS(cert_file=str(not_pem), key_file=local_cert.key)},
+            "upstream_tls.cert_file: no certificate",
+        ),
+        (
+            {"upstream_tls": UpstreamTLS(cert_file=local_cert.cert, key_file=local_cert.cert)},
+            "upstream_tls.key_file: no private key",
+        ),
+        (
+            {"upstream_tls": UpstreamTLS(cert_file=local_cert.cert, key_file=named_cert.key)},
+            "upstream_tls.key_file: the key in .* is not the key of the certificate in",
+        ),
+        (
+            {"upstream_tls": UpstreamTLS(cert_file=local_cert.cert, key_file=str(traditional))},
+            "upstream_tls.key_file: .* is an encrypted private key",
+        ),
+        ({"upstream_tls": UpstreamTLS(cert_file=big.cert, key_file=big.key)}, "upstream_tls.cert_file: " + too_large),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message) as info:
@@ -737,3 +791,6 @@ def test_bad_tls_settings_name_the_file(local_cert: Cert, named_cert: Cert, tmp_
     # A ca_file is only read when a route needs it, and a wss:// route is accepted.
     start(upstream_tls=UpstreamTLS(ca_file=missing))
     start(url="wss://127.0.0.1:9", upstream_tls=UpstreamTLS(ca_file=local_cert.cert))
+    client = UpstreamTLS(cert_file=named_cert.cert, key_file=named_cert.key)
+    start(upstream_tls=client)
+    start(url="https://127.0.0.1:9", upstream_tls=client)

@@ -144,6 +144,8 @@ class ListenerConfig:
         upstream_verify: bool = True,
         upstream_ca_file: str | None = None,
         upstream_server_name: str | None = None,
+        upstream_cert_file: str | None = None,
+        upstream_key_file: str | None = None,
     ) -> None: ...
 
 class Listener:

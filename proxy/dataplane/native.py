@@ -346,6 +346,8 @@ def listener_config(
         upstream_verify=upstream_tls.verify,
         upstream_ca_file=upstream_tls.ca_file,
         upstream_server_name=upstream_tls.server_name,
+        upstream_cert_file=upstream_tls.cert_file,
+        upstream_key_file=upstream_tls.key_file,
     )
 
 

@@ -31,16 +31,21 @@ class Route(Section):
         return value
 
 
+def _certificate_and_key(cert_file: str | None, key_file: str | None) -> None:
+    """A certificate and its key: both set or neither."""
+    if cert_file is not None and key_file is None:
+        raise FieldError("key_file", "required when `cert_file` is set (set both or neither)")
+    if key_file is not None and cert_file is None:
+        raise FieldError("cert_file", "required when `key_file` is set (set both or neither)")
+
+
 class ListenerTLS(Section):
     cert_file: str | None = None
     key_file: str | None = None
 
     @model_validator(mode="after")
     def _both_or_neither(self) -> ListenerTLS:
-        if self.cert_file is not None and self.key_file is None:
-            raise FieldError("key_file", "required when `cert_file` is set (set both or neither)")
-        if self.key_file is not None and self.cert_file is None:
-            raise FieldError("cert_file", "required when `key_file` is set (set both or neither)")
+        _certificate_and_key(self.cert_file, self.key_file)
         return self
 
 
@@ -48,6 +53,15 @@ class UpstreamTLS(Section):
     verify: bool = True
     ca_file: str | None = None
     server_name: str | None = None
+    # The client certificate (and its key) presented to every wss:// and
+    # https:// upstream: mutual TLS.
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> UpstreamTLS:
+        _certificate_and_key(self.cert_file, self.key_file)
+        return self
 
 
 def _check_address_cap(value: object) -> object:

@@ -152,7 +152,8 @@ impl ListenerConfig {
     /// Connections are routed by `routes`, under these limits, keyed by
     /// `identity` (the peer address when None); with `tls_cert_file` and
     /// `tls_key_file` the listener terminates TLS; `wss://` and `https://`
-    /// routes are verified as `upstream_*` say.
+    /// routes are verified as `upstream_*` say, and with `upstream_cert_file`
+    /// and `upstream_key_file` loopwatch presents that client certificate.
     #[new]
     #[pyo3(signature = (
         routes, *,
@@ -175,6 +176,8 @@ impl ListenerConfig {
         upstream_verify = true,
         upstream_ca_file = None,
         upstream_server_name = None,
+        upstream_cert_file = None,
+        upstream_key_file = None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -199,6 +202,8 @@ impl ListenerConfig {
         upstream_verify: bool,
         upstream_ca_file: Option<String>,
         upstream_server_name: Option<String>,
+        upstream_cert_file: Option<String>,
+        upstream_key_file: Option<String>,
     ) -> PyResult<ListenerConfig> {
         let limits = Limits {
             head: HeadLimits {
@@ -249,6 +254,19 @@ impl ListenerConfig {
                 ))
             }
         };
+        // The client certificate for upstreams is read whenever it is set, as
+        // the listener's is: a file that cannot serve fails now, not once a
+        // wss:// or https:// route is added.
+        let client_certificate = match (upstream_cert_file, upstream_key_file) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(
+                py.detach(|| tls::client_certificate(&cert, &key))
+                    .map_err(PyValueError::new_err)?,
+            ),
+            _ => return Err(PyValueError::new_err(
+                "upstream_tls: expected both upstream_cert_file and upstream_key_file, or neither",
+            )),
+        };
         let upstream_tls = if routes.iter().any(|r| r.tls) {
             let tls = py
                 .detach(|| {
@@ -256,6 +274,7 @@ impl ListenerConfig {
                         upstream_verify,
                         upstream_ca_file.as_deref(),
                         upstream_server_name.as_deref(),
+                        client_certificate,
                     )
                 })
                 .map_err(PyValueError::new_err)?;

@@ -1,6 +1,6 @@
 //! TLS settings for both legs, built once at start: the listener's
-//! certificate (`tls:`) and how `wss://` / `https://` upstreams are verified
-//! (`upstream_tls:`), with the semantics of Python's SSL contexts (as
+//! certificate (`tls:`), how `wss://` / `https://` upstreams are verified and
+//! the client certificate they are shown (`upstream_tls:`), with the semantics of Python's SSL contexts (as
 //! `client_ssl_context` in proxy/dataplane/routing.py builds the health
 //! check's, from the same settings).
 //!
@@ -14,6 +14,7 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
@@ -76,10 +77,17 @@ fn own_certificate_error(cert: &CertificateDer<'_>, error: rustls::Error) -> Str
     }
 }
 
-/// The listener's TLS (`tls.cert_file`, `tls.key_file`): the certificate
-/// chain and its key, read now; ALPN `http/1.1`; no client certificates.
-pub fn listener_acceptor(cert_file: &str, key_file: &str) -> Result<TlsAcceptor, String> {
-    let certs = read_certificates("tls.cert_file", cert_file)?;
+/// A certificate chain and its private key, as `section.cert_file` and
+/// `section.key_file` name them (`tls` for the listener's, `upstream_tls` for
+/// the client certificate sent to upstreams): read now, and checked (the key
+/// is the certificate's, rustls can use both), every error a sentence naming
+/// the setting and the file.
+fn certified_key(
+    section: &str,
+    cert_file: &str,
+    key_file: &str,
+) -> Result<Arc<CertifiedKey>, String> {
+    let certs = read_certificates(&format!("{section}.cert_file"), cert_file)?;
     let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| {
         // Whatever the PEM error: PKCS #8's encrypted keys are skipped (no
         // key found), OpenSSL's traditional ones (`Proc-Type: 4,ENCRYPTED`
@@ -87,36 +95,51 @@ pub fn listener_acceptor(cert_file: &str, key_file: &str) -> Result<TlsAcceptor,
         if encrypted_key(key_file) {
             // PEM indeed, but nothing loopwatch can use without a passphrase.
             return format!(
-                "tls.key_file: {key_file:?} is an encrypted private key, which loopwatch \
+                "{section}.key_file: {key_file:?} is an encrypted private key, which loopwatch \
                  cannot read: decrypt it (openssl pkey -in KEY -out PLAIN_KEY) and keep the \
                  plain key's file readable by loopwatch only"
             );
         }
         pem_error(
-            "tls.key_file",
+            &format!("{section}.key_file"),
             key_file,
             "private key (BEGIN PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY)",
             e,
         )
     })?;
     let leaf = certs[0].clone();
+    CertifiedKey::from_der(certs, key, &provider())
+        .map(Arc::new)
+        .map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => format!(
+                "{section}.key_file: the key in {key_file:?} is not the key of the certificate in {cert_file:?}"
+            ),
+            rustls::Error::InvalidCertificate(_) => format!(
+                "{section}.cert_file: the first certificate in {cert_file:?}: {}",
+                own_certificate_error(&leaf, e)
+            ),
+            other => format!("{section}: {cert_file:?} with {key_file:?}: {other}"),
+        })
+}
+
+/// The listener's TLS (`tls.cert_file`, `tls.key_file`): the certificate
+/// chain and its key, read now; ALPN `http/1.1`; no client certificates.
+pub fn listener_acceptor(cert_file: &str, key_file: &str) -> Result<TlsAcceptor, String> {
+    let key = certified_key("tls", cert_file, key_file)?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("tls: {e}"))?
         .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| match e {
-            rustls::Error::InconsistentKeys(_) => format!(
-                "tls.key_file: the key in {key_file:?} is not the key of the certificate in {cert_file:?}"
-            ),
-            rustls::Error::InvalidCertificate(_) => format!(
-                "tls.cert_file: the first certificate in {cert_file:?}: {}",
-                own_certificate_error(&leaf, e)
-            ),
-            other => format!("tls: {cert_file:?} with {key_file:?}: {other}"),
-        })?;
+        .with_cert_resolver(Arc::new(SingleCertAndKey::from(key)));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The client certificate loopwatch presents to every `wss://` and
+/// `https://` upstream (`upstream_tls.cert_file`, `upstream_tls.key_file`),
+/// read and checked now, for [`UpstreamTls::new`].
+pub fn client_certificate(cert_file: &str, key_file: &str) -> Result<Arc<CertifiedKey>, String> {
+    certified_key("upstream_tls", cert_file, key_file)
 }
 
 /// How `wss://` and `https://` upstreams are reached (`upstream_tls:`).
@@ -132,10 +155,16 @@ impl UpstreamTls {
     /// `ca_file`'s certificates, or the system's CA store without one (as
     /// `ssl.create_default_context(cafile=...)`: a `ca_file` replaces the
     /// system store). `verify: false` checks nothing (see `Checked`).
+    ///
+    /// `client_certificate` ([`client_certificate`]) is sent to every
+    /// upstream, whether it asks for one or not (as OpenSSL and nginx's
+    /// `proxy_ssl_certificate` do); without one an upstream that requires a
+    /// certificate refuses loopwatch.
     pub fn new(
         verify: bool,
         ca_file: Option<&str>,
         server_name: Option<&str>,
+        client_certificate: Option<Arc<CertifiedKey>>,
     ) -> Result<UpstreamTls, String> {
         let server_name = server_name
             .map(|name| {
@@ -180,9 +209,11 @@ impl UpstreamTls {
             verified,
             algorithms,
         });
-        let config = builder
-            .with_custom_certificate_verifier(verifier)
-            .with_no_client_auth();
+        let builder = builder.with_custom_certificate_verifier(verifier);
+        let config = match client_certificate {
+            Some(key) => builder.with_client_cert_resolver(Arc::new(SingleCertAndKey::from(key))),
+            None => builder.with_no_client_auth(),
+        };
         Ok(UpstreamTls {
             connector: TlsConnector::from(Arc::new(config)),
             server_name,
@@ -333,7 +364,7 @@ mod tests {
 
     #[test]
     fn server_name_is_the_setting_or_the_host() {
-        let by_host = UpstreamTls::new(false, None, None).unwrap();
+        let by_host = UpstreamTls::new(false, None, None, None).unwrap();
         assert_eq!(
             by_host.server_name("backend.example").unwrap(),
             ServerName::try_from("backend.example").unwrap()
@@ -343,7 +374,7 @@ mod tests {
             ServerName::IpAddress(_)
         ));
         assert!(by_host.server_name("not a name").is_err());
-        let named = UpstreamTls::new(false, None, Some("backend.internal")).unwrap();
+        let named = UpstreamTls::new(false, None, Some("backend.internal"), None).unwrap();
         assert_eq!(
             named.server_name("127.0.0.1").unwrap(),
             ServerName::try_from("backend.internal").unwrap()
@@ -353,9 +384,14 @@ mod tests {
     #[test]
     fn bad_settings_say_which_and_where() {
         let error = |r: Result<UpstreamTls, String>| r.err().expect("an error");
-        let e = error(UpstreamTls::new(true, None, Some("a b")));
+        let e = error(UpstreamTls::new(true, None, Some("a b"), None));
         assert!(e.starts_with("upstream_tls.server_name:"), "{e}");
-        let e = error(UpstreamTls::new(true, Some("/nonexistent/ca.pem"), None));
+        let e = error(UpstreamTls::new(
+            true,
+            Some("/nonexistent/ca.pem"),
+            None,
+            None,
+        ));
         assert!(
             e.starts_with("upstream_tls.ca_file: cannot read \"/nonexistent/ca.pem\""),
             "{e}"
@@ -367,6 +403,12 @@ mod tests {
             e.starts_with("tls.cert_file: cannot read \"/nonexistent/cert.pem\""),
             "{e}"
         );
+        let e = client_certificate("/nonexistent/cert.pem", "/nonexistent/key.pem")
+            .expect_err("an error");
+        assert!(
+            e.starts_with("upstream_tls.cert_file: cannot read \"/nonexistent/cert.pem\""),
+            "{e}"
+        );
         let dir = std::env::temp_dir().join(format!("loopwatch-tls-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let empty = dir.join("empty.pem");
@@ -374,7 +416,12 @@ mod tests {
         let empty = empty.to_str().unwrap();
         let e = listener_acceptor(empty, empty).err().expect("an error");
         assert!(e.starts_with("tls.cert_file: no certificate"), "{e}");
-        let e = error(UpstreamTls::new(true, Some(empty), None));
+        let e = client_certificate(empty, empty).expect_err("an error");
+        assert!(
+            e.starts_with("upstream_tls.cert_file: no certificate"),
+            "{e}"
+        );
+        let e = error(UpstreamTls::new(true, Some(empty), None, None));
         assert!(e.starts_with("upstream_tls.ca_file: no certificate"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -417,7 +417,7 @@ mod tests {
         // waits, and the one deadline covers both.
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let tls = crate::tls::UpstreamTls::new(false, None, None).unwrap();
+        let tls = crate::tls::UpstreamTls::new(false, None, None, None).unwrap();
         let failure = connect_upstream(
             &Route::loopback(port, true),
             Some(&tls),
@@ -439,7 +439,7 @@ mod tests {
             let (mut conn, _) = listener.accept().await.unwrap();
             let _ = conn.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
         });
-        let tls = crate::tls::UpstreamTls::new(false, None, None).unwrap();
+        let tls = crate::tls::UpstreamTls::new(false, None, None, None).unwrap();
         let failure = connect_upstream(
             &Route::loopback(port, true),
             Some(&tls),
