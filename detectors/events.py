@@ -53,6 +53,9 @@ class HandshakeFailed:
     t: float
     status: int | None
     error: str | None = None
+    # Why, as the data plane saw it (a TLS alert or verification error, the OS
+    # error): for the operator's log line; detection does not read it.
+    detail: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,8 @@ from loopwatch.proxy.app.settings import load_settings
 from loopwatch.proxy.observe.logs import JsonFormatter, TextFormatter
 from loopwatch.proxy.sections import parse_host_port
 from loopwatch.proxy.tools.demo_backend import issue_token
-from tests.conftest import client_key, free_port, idle, loopwatch, wait_for
+from tests.conftest import client_key, free_port, idle, loopwatch, self_signed_cert, wait_for
+from tests.test_native_tls import Cert, echo_backend
 from tests.test_telemetry import attempt, demo_backend, settings_with, telemetered
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +41,7 @@ def documented() -> dict[str, set[str]]:
     out = {}
     for row in re.findall(r"^\| `(\w+)` \|[^|]*\| (.*) \|$", table, re.MULTILINE):
         out[row[0]] = set(re.findall(r"`(\w+)`", row[1]))
-    assert len(out) == 6, out
+    assert len(out) == 7, out
     return out
 
 
@@ -160,6 +161,7 @@ async def test_access_lines_say_the_status_the_client_got() -> None:
             await wait_for(lambda: any(line["event"] == "access" for line in lines.refresh()), timeout=5)
     [line] = [line for line in lines if line["event"] == "access"]
     assert (line["outcome"], line["error"], line["status"]) == ("upstream_error", "connect", 502)
+    assert "refused" in line["detail"].lower()  # the OS error: Connection refused
     check_documented(lines)
     denied = settings_with(upstream=f"ws://127.0.0.1:{free_port()}", **{
         "telemetry.access_log": "all", "policy.deny": ["127.0.0.1/32"], "policy.reject_with": "http-429"})  # fmt: skip
@@ -169,6 +171,26 @@ async def test_access_lines_say_the_status_the_client_got() -> None:
             await wait_for(lambda: any(line["event"] == "access" for line in lines.refresh()), timeout=5)
     [line] = [line for line in lines if line["event"] == "access"]
     assert (line["outcome"], line["reason"], line["status"]) == ("refused", "deny", 429) and "code" not in line
+
+
+async def test_an_upstream_s_tls_failure_is_logged_with_its_reason(tmp_path: Path) -> None:
+    """A wss:// upstream whose certificate loopwatch does not trust: with the
+    default settings (no access lines) the reason was nowhere, only a counter.
+    Now one `upstream_handshake_failed` line says it (rustls' reason), and the
+    next ones within 10 s are counted in the next line's `suppressed`."""
+    cert = Cert(*self_signed_cert(tmp_path, ["127.0.0.1"]))
+    async with echo_backend(cert) as backend:
+        with captured() as lines:
+            async with telemetered(settings_with(upstream=backend.url)) as lw:
+                for _ in range(3):
+                    assert await attempt(f"ws://127.0.0.1:{lw.proxy_port}/ws") == (502, "")
+                await wait_for(lambda: len(lines.refresh()) >= 2, timeout=5)  # config_loaded, then the failure
+                await asyncio.sleep(0.2)  # nothing more comes
+    check_documented(lines)
+    [line] = [line for line in lines.refresh() if line["event"] == "upstream_handshake_failed"]
+    assert (line["level"], line["route"], line["error"], line["status"]) == ("warning", "/", "tls", 502)
+    assert "certificate" in line["detail"].lower() and line["suppressed"] == 0, line
+    assert not [line for line in lines if line["event"] == "access"]  # access_log: off
 
 
 async def test_breaker_transitions_are_logged() -> None:

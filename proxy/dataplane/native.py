@@ -132,8 +132,8 @@ def _received(record: tuple[Any, ...]) -> Received:
         _, key, route, t, conn = record
         return Received(ev.Answered(key, route, t), None, conn)
     if kind == "handshake_failed":
-        _, key, route, t, status, error, conn = record
-        return Received(ev.HandshakeFailed(key, route, t, status, error), None, conn)
+        _, key, route, t, status, error, conn, detail = record
+        return Received(ev.HandshakeFailed(key, route, t, status, error, detail), None, conn)
     if kind == "request_rejected":
         _, reason, status, peer, message, suppressed, t = record
         return Received(RequestRejected(reason, status, peer, message, suppressed, t))

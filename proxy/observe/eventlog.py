@@ -29,7 +29,12 @@ log = logging.getLogger("loopwatch.events")
 
 WARNING, INFO = logging.WARNING, logging.INFO
 # The hooks that write access lines (and nothing else).
-ACCESS_HOOKS = frozenset({"on_rejected", "on_handshake_failed", "on_closed"})
+ACCESS_HOOKS = frozenset({"on_rejected", "on_closed"})
+# Upstream failures get a line of their own whatever `access_log` says (the
+# reason an upstream's certificate was refused was otherwise nowhere), at most
+# one per route and error this often, with how many were left unlogged.
+UPSTREAM_LOG_INTERVAL = 10.0  # seconds, as REJECTION_LOG_INTERVAL
+UPSTREAM_ERRORS = frozenset({"connect", "timeout", "tls", "bad_response", "closed"})
 
 
 class EventLogObserver(Observer):
@@ -45,6 +50,11 @@ class EventLogObserver(Observer):
         self.view = view
 
     def reconfigure(self, settings: Settings) -> None:
+        # Per (route, error): when the next upstream_handshake_failed line may
+        # go, and the failures since the last one. Bounded by the routes
+        # configured; a reload starts them afresh.
+        self._upstream_next: dict[tuple[str, str], float] = {}
+        self._upstream_unlogged: dict[tuple[str, str], int] = {}
         t = settings.telemetry
         self.access = t.access_log
         self.sample_rate = t.access_log_sample_rate
@@ -130,15 +140,33 @@ class EventLogObserver(Observer):
                      retry_after=round(refusal.retry_after, 3))  # fmt: skip
 
     def on_handshake_failed(self, conn: Connection, event_: ev.HandshakeFailed) -> None:
+        if event_.error in UPSTREAM_ERRORS:
+            self._upstream_failed(conn, event_)
         if self.access == "off" or not self._sampled():
             return
         status = handshake_status(event_.status, event_.error)
         # Left out when unknown: no status for a client that left first, no
-        # error for an upstream that answered.
-        fields = {"status": status, "error": event_.error}
+        # error for an upstream that answered, no detail beyond the error.
+        fields = {"status": status, "error": event_.error, "detail": event_.detail}
         self._access(
             conn, outcome=handshake_outcome(event_.status, event_.error),
             **{k: v for k, v in fields.items() if v is not None}, handshake_duration=round(event_.t - conn.t0, 6),
+        )  # fmt: skip
+
+    def _upstream_failed(self, conn: Connection, event_: ev.HandshakeFailed) -> None:
+        """The `upstream_handshake_failed` line: rate-limited per route and error."""
+        assert event_.error is not None
+        slot = (conn.route, event_.error)
+        unlogged = self._upstream_unlogged.get(slot, 0)
+        if event_.t < self._upstream_next.get(slot, float("-inf")):
+            self._upstream_unlogged[slot] = unlogged + 1
+            return
+        self._upstream_next[slot] = event_.t + UPSTREAM_LOG_INTERVAL
+        self._upstream_unlogged[slot] = 0
+        detail = {} if event_.detail is None else {"detail": event_.detail}
+        event(
+            log, "upstream_handshake_failed", WARNING, route=conn.route, error=event_.error,
+            status=handshake_status(None, event_.error), **detail, suppressed=unlogged,
         )  # fmt: skip
 
     def on_closed(self, conn: Connection, event_: ev.Closed, stats: RelayStats) -> None:

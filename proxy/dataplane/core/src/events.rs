@@ -221,6 +221,11 @@ pub enum Event {
         at: Instant,
         failure: HandshakeFailure,
         conn_id: u64,
+        /// Why no answer came, as the data plane saw it (the TLS alert or
+        /// verification error, the OS error, what was wrong with the
+        /// answer), for the operator's log line; None when there is no more
+        /// to say than `failure`.
+        detail: Option<Box<str>>,
     },
     /// Both sides are open.
     Opened {

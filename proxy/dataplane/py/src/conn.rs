@@ -128,6 +128,8 @@ enum Upstream {
         status: u16,
         message: String,
         error: HandshakeError,
+        /// For the operator's log (`HandshakeFailed.detail`).
+        detail: Option<Box<str>>,
     },
 }
 
@@ -1004,11 +1006,13 @@ async fn upstream_handshake(
         status: 502,
         message: "loopwatch: upstream closed during the handshake".into(),
         error: HandshakeError::Closed,
+        detail: None,
     };
     let failed = |failure: ConnectError| Upstream::Failed {
         status: failure.status(),
         message: failure.message().into(),
         error: failure.handshake_error(),
+        detail: failure.detail(),
     };
     // A TLS error after the connect (a TLS 1.3 upstream's refusal of the
     // client certificate comes at the first read) is the connect's `tls`.
@@ -1079,6 +1083,7 @@ async fn upstream_handshake(
                     status: 502,
                     message: format!("loopwatch: {bad}"),
                     error: HandshakeError::BadResponse,
+                    detail: Some(bad.to_string().into()),
                 }
             }
         }
@@ -1128,7 +1133,7 @@ async fn forward<C: Transport + 'static>(
         at,
     } = upgrade;
     let limits = &config.limits;
-    let failed = |failure: HandshakeFailure| {
+    let failed_with = |failure: HandshakeFailure, detail: Option<Box<str>>| {
         shared
             .counters
             .handshake_failed
@@ -1139,8 +1144,10 @@ async fn forward<C: Transport + 'static>(
             at: std::time::Instant::now(),
             failure,
             conn_id,
+            detail,
         });
     };
+    let failed = |failure: HandshakeFailure| failed_with(failure, None);
     let mut client_eof = false;
     // The handshake's future and the upgrade request live in this block
     // only: nothing of them is kept while the connection is spliced.
@@ -1215,8 +1222,9 @@ async fn forward<C: Transport + 'static>(
             status,
             message,
             error,
+            detail,
         } => {
-            failed(HandshakeFailure::Error(error));
+            failed_with(HandshakeFailure::Error(error), detail);
             // loopwatch's own limit: counted and logged as the accept's is.
             let counted = (error == HandshakeError::FdLimit).then_some(Rejected::FdLimit);
             answer_status(shared, &mut client, peer, counted, status, &message).await;

@@ -332,6 +332,7 @@ fn to_tuple<'py>(
             at,
             failure,
             conn_id,
+            detail,
         } => {
             let (status, error) = match failure {
                 HandshakeFailure::Status(status) => (Some(status), None),
@@ -346,6 +347,7 @@ fn to_tuple<'py>(
                 status,
                 error,
                 conn_id,
+                detail.as_deref(),
             )
         }
         Event::Opened {

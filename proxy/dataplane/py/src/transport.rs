@@ -183,6 +183,16 @@ impl ConnectError {
         }
     }
 
+    /// What the operator's log line says beyond the error's kind: rustls'
+    /// reason, the OS error (`HandshakeFailed.detail`).
+    pub fn detail(&self) -> Option<Box<str>> {
+        match self {
+            ConnectError::Timeout => None,
+            ConnectError::Unreachable(e) | ConnectError::FdLimit(e) => Some(e.to_string().into()),
+            ConnectError::Tls(why) => Some(why.as_str().into()),
+        }
+    }
+
     /// The HandshakeFailed event's error.
     pub fn handshake_error(&self) -> HandshakeError {
         match self {
