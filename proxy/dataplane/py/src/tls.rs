@@ -1,8 +1,9 @@
 //! TLS settings for both legs, built once at start: the listener's
 //! certificate (`tls:`), how `wss://` / `https://` upstreams are verified and
-//! the client certificate they are shown (`upstream_tls:`), with the semantics of Python's SSL contexts (as
-//! `client_ssl_context` in proxy/dataplane/routing.py builds the health
-//! check's, from the same settings).
+//! the client certificate they are shown (`upstream_tls:`), with the
+//! semantics of Python's SSL contexts where the settings name them (a CA
+//! file, `verify: false`). The health check's probe goes through the same
+//! connector (`probe.rs`): one verifier for the traffic and the probe.
 //!
 //! rustls with the ring provider. Every error here is a sentence naming the
 //! setting and its file; `lib.rs` raises it as a `ValueError`.
