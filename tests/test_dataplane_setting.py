@@ -6,6 +6,7 @@ test_http, test_status_api, …)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 import urllib.request
@@ -21,7 +22,7 @@ from loopwatch.proxy.app.settings import ConfigError, Settings, load_settings
 from loopwatch.proxy.observe.metrics import REASONS
 from loopwatch.proxy.tools.demo_backend import issue_token
 from tests.clients import attempt, demo_backend
-from tests.conftest import loopwatch, wait_for, ws_url
+from tests.conftest import free_port, loopwatch, wait_for, ws_url
 
 
 def native(**overrides: object) -> dict[str, object]:
@@ -303,6 +304,32 @@ async def test_a_connection_too_young_when_its_close_was_lost_is_forgotten_later
         async with connect(url) as ws:  # admitted again
             await ws.send("back")
             assert await ws.recv() == "back"
+
+
+async def test_events_lost_batch_after_batch_are_logged_once_a_second(caplog: pytest.LogCaptureFixture) -> None:
+    """A saturated queue loses events in every batch: each batch wrote an
+    events_dropped line and walked every live connection (~100 a second under
+    the load LoopwatchEventsDropped is about). Now one line at once, then one a
+    second at most with the sum of what was lost since, and none once it stops."""
+    async with loopwatch(f"ws://127.0.0.1:{free_port()}") as lw:
+        plane = lw.plane
+        swept: list[float] = []
+        forget = plane._forget_lost  # type: ignore[attr-defined]
+        plane._forget_lost = lambda: (swept.append(time.monotonic()), forget())  # type: ignore[attr-defined]
+
+        def lines() -> list[int]:
+            return [r.fields["events"] for r in caplog.records if r.getMessage() == "events_dropped"]  # type: ignore[attr-defined]
+
+        with caplog.at_level(logging.WARNING):
+            for _ in range(50):  # 50 batches, 3 events lost in each, within a few ms
+                plane.events_lost(3)  # type: ignore[attr-defined]
+            assert lines() == [3] and len(swept) == 1
+            await wait_for(lambda: len(lines()) == 2, 3)
+            assert lines() == [3, 147] and len(swept) == 2
+            await asyncio.sleep(1.5)  # nothing lost since: no more lines
+            assert lines() == [3, 147]
+            plane.events_lost(2)  # type: ignore[attr-defined]
+            assert lines() == [3, 147, 2]  # a new loss is said at once
 
 
 async def test_a_reload_reaches_the_native_listener_and_table(tmp_path: Path) -> None:

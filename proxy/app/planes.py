@@ -77,6 +77,7 @@ TRIM_POLL = 0.1  # seconds between the trimming thread's looks at the live relay
 # After lost events, attempts whose end was lost are forgotten once older than
 # this many handshake timeouts (no handshake can still be in progress).
 _LOST_AGE = 2.0
+LOST_LOG_INTERVAL = 1.0  # seconds: at most one events_dropped line (and one sweep) this often
 
 
 class DataPlane(Protocol):
@@ -292,8 +293,9 @@ class NativePlane:
         self._stop_trimming = threading.Event()
         self._taken = 0  # events taken off the queue …
         self._fed = 0  # … and handled
-        self._dropped_logged = 0  # events_dropped at the last log line
         self._lost_sweep: asyncio.TimerHandle | None = None  # forget_gone again, after the last drop
+        self._unlogged_lost = 0  # events lost since the last events_dropped line
+        self._lost_log: asyncio.TimerHandle | None = None  # the next events_dropped line, while losing
         self._port = 0
         self._last_live: dict[int, LiveConnection] = {}  # live(): the counts seen last
         # The memory of closed connections and forgotten clients back to the
@@ -342,9 +344,10 @@ class NativePlane:
 
     async def shutdown(self) -> None:
         self._closing = True
-        if self._lost_sweep is not None:
-            self._lost_sweep.cancel()
-            self._lost_sweep = None
+        for timer in (self._lost_sweep, self._lost_log):
+            if timer is not None:
+                timer.cancel()
+        self._lost_sweep = self._lost_log = None
         if self.listener is not None:
             dropped = await asyncio.to_thread(self.listener.stop)
             if dropped:
@@ -470,18 +473,37 @@ class NativePlane:
             self.events_lost(lost)
 
     def events_lost(self, lost: int) -> None:
-        """`lost` events never reached the brain (a full queue): said once, and
-        the attempts they ended forgotten (`_check_drops`)."""
-        event(log, "events_dropped", logging.WARNING, events=lost, total=self.queue.dropped)
-        self._forget_lost()
+        """`lost` events never reached the brain (a full queue): said once a
+        second at most (a saturated queue loses some in every batch), and the
+        attempts they ended forgotten (`_check_drops`)."""
+        self._unlogged_lost += lost
+        if self._lost_log is None:  # no line due: one now, the next a second later at the soonest
+            self._log_lost()
+        # Again once the youngest attempt a drop may have ended is old enough.
         if self._loop is not None:
             if self._lost_sweep is not None:
                 self._lost_sweep.cancel()
             wait = _LOST_AGE * self.settings.limits.handshake_timeout + TICK
-            self._lost_sweep = self._loop.call_later(wait, self._forget_lost)
+            self._lost_sweep = self._loop.call_later(wait, self._sweep_after_drops)
+
+    def _log_lost(self) -> None:
+        """The events_dropped line for what was lost since the last one, and the
+        sweep it calls for (it walks every live connection): once a second at
+        most, for as long as events are lost."""
+        self._lost_log = None
+        if not self._unlogged_lost:
+            return
+        event(log, "events_dropped", logging.WARNING, events=self._unlogged_lost, total=self.queue.dropped)
+        self._unlogged_lost = 0
+        self._forget_lost()
+        if self._loop is not None:
+            self._lost_log = self._loop.call_later(LOST_LOG_INTERVAL, self._log_lost)
+
+    def _sweep_after_drops(self) -> None:
+        self._lost_sweep = None
+        self._forget_lost()
 
     def _forget_lost(self) -> None:
-        self._lost_sweep = None
         if self.listener is not None and not self._closing:
             live = {c.conn_id for c in self.listener.live()}
             now = time.monotonic()
