@@ -291,6 +291,13 @@ class Closer(Protocol):
     def close(self, conn_id: int, code: int, reason: str) -> bool: ...
 
 
+class Releaser(Protocol):
+    """What the table's lifts need of a data plane: answer a client's held
+    refusals now ("retry in 1s"), as an operator's release does."""
+
+    def release_held(self, key: str) -> int: ...
+
+
 class Table(Protocol):
     """The write side of the native data plane's enforcement table
     (proxy/dataplane/py/src/table.rs); durations in seconds from now."""
@@ -357,11 +364,15 @@ class TableSync:
     follows a rise of it, the table is told (`set_judged`): the listener's
     recheck before the upstream write refuses an attempt only for what was
     written before the brain judged it (a late refusal), never for what the
-    attempt's own admission started (its min-interval, a cooldown it raised)."""
+    attempt's own admission started (its min-interval, a cooldown it raised).
 
-    def __init__(self, engine: Engine, table: Table):
+    `plane`: the data plane whose held refusals a lift answers (`flush`); None
+    when there is none to answer (tests of the writes alone)."""
+
+    def __init__(self, engine: Engine, table: Table, plane: Releaser | None = None):
         self.engine = engine
         self.table = table
+        self.plane = plane
         self.touched: set[str] = set()
         self.written: dict[str, KeyEnforcement] = {}  # restricted keys only
         self.breakers: dict[str, BreakerEnforcement] = {}  # as the table holds them
@@ -408,25 +419,40 @@ class TableSync:
 
     def flush(self, now: float) -> None:
         engine = self.engine
+        freed: list[str] = []
         # One publish for the flush's writes: one copy of the table, not one per
         # key (a replica adopting 20 000 shared cooldowns copied it 20 000 times).
         self.table.begin()
         try:
             for key in self.touched:
-                self._write(key, engine.enforcement(key, now), now)
+                if self._write(key, engine.enforcement(key, now), now):
+                    freed.append(key)
             self.touched.clear()
             for breaker in engine.breaker_enforcement(now):
                 self._write_breaker(breaker, now)
         finally:
             self.table.commit()
+        # A client let go early (a reload's allow list, observe mode or rollout,
+        # another replica's release) gets its held attempts answered now, as an
+        # operator's release answers them: held to the end of their hold, they
+        # were told the retry time of the cooldown lifted meanwhile, and a
+        # client that follows the contract stayed away for it (minutes). After
+        # the commit: the attempt it makes in a second finds the key cleared.
+        # A cooldown that runs out needs nothing: no hold outlasts it.
+        if self.plane is not None:
+            for key in freed:
+                self.plane.release_held(key)
         self._flushes += 1
         if self._flushes % _PRUNE_EVERY == 0:
             self.written = {k: e for k, e in self.written.items() if e.restricts(now)}
 
-    def _write(self, key: str, want: KeyEnforcement, now: float) -> None:
+    def _write(self, key: str, want: KeyEnforcement, now: float) -> bool:
+        """Bring the table's entry for `key` to `want`; True when that let the
+        client go early: a cooldown or min-interval deadline that still refused
+        is lifted and no other takes its place (its held attempts may go)."""
         had = self.written.get(key, NO_ENFORCEMENT)
         if want is had or want == had:  # mostly NONE, the engine's shared "nothing", on both sides
-            return
+            return False
         self._mark()
         table = self.table
         # What the table holds that still refuses and must not: an expired entry
@@ -457,6 +483,11 @@ class TableSync:
             self.written[key] = want
         else:
             self.written.pop(key, None)
+        # (A new cooldown or deadline in place of the lifted one: its held
+        # attempts are refused for that one all the same, and wait.)
+        return lifted and not (cooldown is not None and cooldown.until > now) and not (
+            want.not_before is not None and want.not_before > now
+        )
 
     def _write_breaker(self, want: BreakerEnforcement, now: float) -> None:
         had = self.breakers.get(want.name)

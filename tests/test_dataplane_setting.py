@@ -456,6 +456,59 @@ def test_table_sync_writes_what_changed_and_one_probe_budget_per_trip() -> None:
     assert table.names() == ["remove_breaker", ("set_breaker", "upstream", "open")]
 
 
+class FakePlane(FakeTable):
+    """The table's writes and its commits, and the plane's answers to held
+    refusals, in one record: what came before what."""
+
+    def commit(self) -> None:
+        self.calls.append(("commit",))
+
+    def release_held(self, key: str) -> int:
+        self.calls.append(("release_held", key))
+        return 1
+
+
+def test_a_lift_answers_the_clients_held_refusals_after_the_tables_commit() -> None:
+    """A cooldown lifted early (here by a reload's allow list) is cleared, and
+    the client's held attempts answered once the clear is published; a cooldown
+    replaced by a longer one, or one that ran out, answers nobody early."""
+    from loopwatch.detectors.engine import Engine
+    from loopwatch.proxy.brain import TableSync
+    from tests.detectors.test_engine_policy import fail_three_times
+
+    overrides = {"policy.cooldown.base": "10s", "policy.cooldown.jitter": 0}
+    settings = load_settings(None, env={}, overrides=native(**overrides))
+    engine = Engine(settings.detection, settings.policy, settings.breakers)
+    plane = FakePlane()
+    sync = TableSync(engine, plane, plane)  # type: ignore[arg-type]  # the recording fake
+    t0 = time.monotonic()
+    sync.configure(settings.policy, {}, t0)
+    plane.names()
+    t = t0
+    for key in ("lifted", "longer", "over"):
+        t = fail_three_times(engine, key, t, "10.0.0.1")
+        sync.touched.add(key)
+    sync.flush(t)
+    assert plane.names() == ["set_cooldown"] * 3 + ["commit"]
+
+    engine.force_cooldown("longer", 60.0, t)  # a longer, manual one in its place
+    sync.touched.add("longer")
+    sync.flush(t)
+    assert plane.names() == ["clear", "set_cooldown", "commit"]  # still refused: its held attempts wait
+
+    reloaded = load_settings(None, env={}, overrides=native(**overrides, **{"policy.allow": ["lifted"]}))
+    engine.reconfigure(reloaded.detection, reloaded.policy, reloaded.breakers)
+    sync.configure(reloaded.policy, {}, t)
+    calls = plane.calls[:]
+    assert ("clear", "lifted") in calls
+    assert calls[-2:] == [("commit",), ("release_held", "lifted")]  # after the clear is published
+
+    plane.names()
+    sync.touched.add("over")
+    sync.flush(t + 11.0)  # its cooldown ran out: no hold outlasts it, none to answer
+    assert [c for c in plane.calls if c[0] == "release_held"] == []
+
+
 async def test_a_rejected_drained_apart_from_its_attempt_is_counted() -> None:
     """The table's Attempt and Rejected are sent back to back, but a drain may
     take them apart: the attempt then waits for its held answer as refused."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import aiohttp
+import pytest
 from websockets.asyncio.client import connect
 
 from loopwatch.detectors.engine import Engine
@@ -420,6 +421,57 @@ async def test_a_release_answers_the_held_attempts_at_once_and_the_next_is_admit
             await ws.send("in")
             assert await ws.recv() == "in"
         assert backend.upgrades["freed"] == 1
+
+
+@pytest.mark.parametrize(
+    "lift",
+    ["  allow: [looping@127.0.0.1]\n", "  mode: observe\n", "  rollout_percent: 0\n"],
+    ids=["allow", "observe", "rollout"],
+)
+async def test_a_reload_that_lifts_a_cooldown_answers_its_held_attempts_at_once(
+    tmp_path: Path, lift: str
+) -> None:
+    """As a release does: held to the end of their hold, they were told the
+    lifted cooldown's retry time (minutes) though the client was let in."""
+    async with demo_backend() as backend:
+        config = tmp_path / "loopwatch.yaml"
+        base = (
+            f'upstream: "ws://127.0.0.1:{backend.port}"\nlisten: "127.0.0.1:0"\n'
+            f'admin:\n  listen: "127.0.0.1:0"\n'
+            "policy:\n  hold: 20s\n  cooldown: {base: 5m, jitter: 0}\n"
+        )
+        config.write_text(base)
+        lw = await start(load_settings(config, env={}), sources=ConfigSources(str(config), {}, {}))
+        try:
+            key = client_key("looping")
+            expired = "/ws?token=" + issue_token("looping", -60)
+            for _ in range(3):  # auth_failure_loop: a rule's cooldown (a manual one stays)
+                assert await attempt(ws_url(lw, expired)) == (1008, "token expired")
+
+            def cooling() -> bool:
+                view = lw.engine.client(key, time.monotonic())
+                return view is not None and view.status == "cooldown"
+
+            await wait_for(cooling)
+            await wait_for(lw.plane.settled)
+            reader, writer = await held_upgrade(lw.proxy_port, token_path("looping"))
+            await wait_for(lambda: lw.held_connections() == 1)
+            config.write_text(base + lift)
+            started = time.monotonic()
+            assert lw.reload() == {"reloaded": True, "restart_required": []}
+            head = await head_of(reader, timeout=5)
+            assert time.monotonic() - started < 5  # not the 20 s hold
+            client = RawClient(reader, writer, head)
+            code, reason = await refused_close(client)
+            await client.close()
+            assert (code, retry_secs(reason)) == (1013, 1)  # not "retry in 300s"
+            assert lw.held_connections() == 0
+            async with connect(ws_url(lw, token_path("looping")), open_timeout=5) as ws:
+                await ws.send("in")
+                assert await ws.recv() == "in"
+            assert backend.upgrades["looping"] == 4
+        finally:
+            await lw.close()
 
 
 async def test_shutdown_answers_held_attempts_then_closes() -> None:

@@ -281,7 +281,8 @@ class NativePlane:
         self.table = EnforcementTable()
         self.listener: NativeListener | None = None
         if isinstance(gate, EngineGate):
-            gate.table = TableSync(gate.engine, self.table)
+            # A lift the table writes answers the client's held refusals here.
+            gate.table = TableSync(gate.engine, self.table, self)
             gate.table.configure(settings.policy, gate.holds, time.monotonic())
             gate.catch_up = self._catch_up
         self.driver = NativeDriver(gate, self)

@@ -144,6 +144,9 @@ class Running:
         store.release(key)
         # Its held attempts are answered now (retry in 1 s): the next one is admitted
         # (with the native data plane, once kick() has lifted it in the table).
+        # kick()'s table write answers those of a lifted cooldown itself; this
+        # answers the rest too (a key the engine no longer tracks, a refusal
+        # the release does not lift), as the release promises.
         if tracked:
             self.brain.kick((key,))  # the outcome reaches observers on the engine's next wake-up
         self.plane.release_held(key)
