@@ -156,15 +156,21 @@ class Engine:
         detection: DetectionSettings,
         policy: PolicySettings,
         breakers: BreakerSettings,
+        t: float,
         compiled: Policy | None = None,
-    ) -> None:
-        """New settings; per-client state and breaker state are kept. `compiled`:
-        `Policy(policy)` made beforehand (a reload compiles its access lists off
-        the event loop: 100 000 networks take a second)."""
+    ) -> int:
+        """New settings at ``t`` (now); per-client state and breaker state are
+        kept. `compiled`: `Policy(policy)` made beforehand (a reload compiles its
+        access lists off the event loop: 100 000 networks take a second).
+
+        Returns how many clients a lower ``detection.max_clients`` evicted: as
+        a new client's eviction does, it gives a client in cooldown or with an
+        open connection a second chance (``MemoryStore.EVICTION_SCAN``), so idle
+        clients go first and cooldowns only when there is no room left."""
         self._apply_settings(detection, policy, breakers, compiled)
         self._fleet.configure(detection.fleet)
-        t = max((s.last_seen for s in self._notable.values()), default=0.0)
-        for state in self._store.resize(detection.max_clients, detection.client_ttl):
+        evicted = self._store.resize(detection.max_clients, detection.client_ttl, t)
+        for state in evicted:
             self._forget(state, t)
         for breaker, block in ((self._upstream, breakers.upstream), (self._auth, breakers.auth)):
             self._actions.extend(breaker.configure(block, t))
@@ -178,6 +184,7 @@ class Engine:
                     state.flags = None
             self._update_notable(state)
         self._mark_pending(t)
+        return len(evicted)
 
     @property
     def policy(self) -> PolicySettings:

@@ -247,8 +247,9 @@ class ClientStore(Protocol):
         """
         ...
 
-    def resize(self, max_clients: int, ttl: float) -> list[ClientState]:
-        """Change the bounds; returns clients evicted to fit the new cap."""
+    def resize(self, max_clients: int, ttl: float, t: float) -> list[ClientState]:
+        """Change the bounds at ``t``; returns clients evicted to fit the new
+        cap, pinned ones (``ClientState.pinned``) last, as ``put`` evicts."""
         ...
 
     def next_expiry(self) -> float | None:
@@ -319,10 +320,12 @@ class MemoryStore:
         self._evictions += len(expired)
         return expired
 
-    def resize(self, max_clients: int, ttl: float) -> list[ClientState]:
+    def resize(self, max_clients: int, ttl: float, t: float) -> list[ClientState]:
         self.max_clients = max_clients
         self.ttl = ttl
-        return self._shrink(max_clients, None)
+        # The second chance a new client's eviction gives: a lower cap must not
+        # take the clients in cooldown (an operator's included) before idle ones.
+        return self._shrink(max_clients, t)
 
     def next_expiry(self) -> float | None:
         if not self._clients:
@@ -338,18 +341,17 @@ class MemoryStore:
     def __len__(self) -> int:
         return len(self._clients)
 
-    def _shrink(self, size: int, t: float | None) -> list[ClientState]:
+    def _shrink(self, size: int, t: float) -> list[ClientState]:
         clients = self._clients
         evicted: list[ClientState] = []
         while len(clients) > size:
             victim = None
-            if t is not None:
-                for _ in range(min(self.EVICTION_SCAN, len(clients))):
-                    state = next(iter(clients.values()))
-                    if not state.pinned(t):
-                        victim = state
-                        break
-                    self.touch(state, t)  # a second chance, at the back
+            for _ in range(min(self.EVICTION_SCAN, len(clients))):
+                state = next(iter(clients.values()))
+                if not state.pinned(t):
+                    victim = state
+                    break
+                self.touch(state, t)  # a second chance, at the back
             if victim is None:
                 victim = next(iter(clients.values()))
             del clients[victim.key]

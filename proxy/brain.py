@@ -263,16 +263,19 @@ class EngineGate(Gate):
         if self.table is not None:
             self.table.reconcile(time.monotonic())
 
-    def reconfigure(self, settings: Settings, policy: Policy | None = None) -> None:
+    def reconfigure(self, settings: Settings, policy: Policy | None = None) -> int:
         """Apply reloaded settings; per-client state and breaker states are kept.
-        `policy`: the settings' policy already compiled (off the loop)."""
-        self.engine.reconfigure(settings.detection, settings.policy, settings.breakers, policy)
+        `policy`: the settings' policy already compiled (off the loop). Returns
+        how many clients a lower `detection.max_clients` evicted."""
+        now = time.monotonic()
+        evicted = self.engine.reconfigure(settings.detection, settings.policy, settings.breakers, now, policy)
         self.reject_with = settings.policy.reject_with
         self.close_code = settings.policy.close_code
         self.set_holds(settings.policy)
         if self.table is not None:
-            self.table.configure(settings.policy, self.holds, time.monotonic())
+            self.table.configure(settings.policy, self.holds, now)
         self._schedule()
+        return evicted
 
     def set_holds(self, policy: PolicySettings) -> None:
         """The hold per refusal reason and the bounds the listener holds within."""

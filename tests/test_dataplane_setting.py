@@ -497,7 +497,7 @@ def test_a_lift_answers_the_clients_held_refusals_after_the_tables_commit() -> N
     assert plane.names() == ["clear", "set_cooldown", "commit"]  # still refused: its held attempts wait
 
     reloaded = load_settings(None, env={}, overrides=native(**overrides, **{"policy.allow": ["lifted"]}))
-    engine.reconfigure(reloaded.detection, reloaded.policy, reloaded.breakers)
+    engine.reconfigure(reloaded.detection, reloaded.policy, reloaded.breakers, t)
     sync.configure(reloaded.policy, {}, t)
     calls = plane.calls[:]
     assert ("clear", "lifted") in calls

@@ -239,7 +239,15 @@ class Running:
         restart = restart_required(self.started, new, keys)
         self.settings = new = in_force(self.started, new, keys)
         if isinstance(self.gate, EngineGate):
-            self.gate.reconfigure(new, prepared.policy)
+            evicted = self.gate.reconfigure(new, prepared.policy)
+            if evicted:
+                # The reload applied, but it cost what detection knew of those
+                # clients (a cooldown among them ends): said, not only counted.
+                event(
+                    log, "config_warning", logging.WARNING,
+                    message=f"detection.max_clients: {evicted} clients forgotten to fit the new limit of "
+                    f"{new.detection.max_clients} (idle ones first), their findings and cooldowns with them",
+                )  # fmt: skip
         info = {"reload": True, "result": "ok", "source": self._source, "restart_required": restart}
         self.observers.call("on_config", new, info)
         return {"reloaded": True, "restart_required": restart}

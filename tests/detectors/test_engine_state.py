@@ -324,7 +324,7 @@ def test_reconfigure_keeps_clients_cooldowns_and_breakers() -> None:
     sim = Sim(e, always(Close(0.01, 1008)))
     sim.add(Client(K, 0.0, fixed(0.05)))
     sim.run(1.0)
-    e.reconfigure(DetectionSettings(rules={"no_backoff": {"enabled": False}}), PolicySettings(min_interval="1s"), BreakerSettings())  # type: ignore[arg-type]
+    e.reconfigure(DetectionSettings(rules={"no_backoff": {"enabled": False}}), PolicySettings(min_interval="1s"), BreakerSettings(), 1.0)  # type: ignore[arg-type]
     view = e.client(K, 1.0)
     assert view is not None and view.status == "cooldown"
     assert "no_backoff" not in {f.rule for f in view.findings}
@@ -337,9 +337,24 @@ def test_reconfigure_shrinking_max_clients_evicts_and_counts() -> None:
     e = engine()
     for i in range(50):
         e.admit(Attempt(f"k{i}", "/ws", i * 0.01))
-    e.reconfigure(DetectionSettings(max_clients=10), PolicySettings(), BreakerSettings())
+    assert e.reconfigure(DetectionSettings(max_clients=10), PolicySettings(), BreakerSettings(), 1.0) == 40
     snap = e.snapshot(1.0)
     assert snap.clients_tracked == 10 and snap.evictions_total == 40
+
+
+def test_reconfigure_shrinking_max_clients_keeps_cooldowns_while_idle_clients_can_go() -> None:
+    """The resize's second chance is judged at the reload's time: cooldowns,
+    an operator's included, outlive idle clients, as on a new client's eviction."""
+    e = engine()
+    for i in range(5):
+        e.force_cooldown(f"cooled{i}", 120.0, 0.0)
+    for i in range(30):
+        e.admit(Attempt(f"idle{i}", "/ws", 1.0 + i * 0.01))
+    assert e.reconfigure(DetectionSettings(max_clients=10), PolicySettings(), BreakerSettings(), 60.0) == 25
+    for i in range(5):
+        view = e.client(f"cooled{i}", 60.0)
+        assert view is not None and view.status == "cooldown"
+    assert e.snapshot(60.0).clients_tracked == 10
 
 
 def test_top_offenders_come_from_a_bounded_set_of_hot_clients() -> None:

@@ -97,11 +97,27 @@ def test_ttl_forgets_idle_clients_but_keeps_pinned_ones() -> None:
 def test_resize_evicts_down_to_the_new_cap() -> None:
     store = MemoryStore(max_clients=10, ttl=60.0)
     _fill(store, [str(i) for i in range(10)], 0.0)
-    evicted = store.resize(4, 60.0)
+    evicted = store.resize(4, 60.0, 1.0)
     assert [s.key for s in evicted] == ["0", "1", "2", "3", "4", "5"]
     assert len(store) == 4 and store.evictions == 6
     assert store.evict("9") is not None and store.evict("9") is None
     assert store.evictions == 6  # removing on purpose is not an eviction
+
+
+def test_resize_gives_clients_in_cooldown_the_second_chance_put_gives() -> None:
+    """A lower cap evicts idle clients first, as a new client's eviction does:
+    the oldest here are in cooldown (an operator's included) or connected."""
+    store = MemoryStore(max_clients=10, ttl=60.0)
+    _fill(store, [str(i) for i in range(10)], 0.0)
+    for key in ("0", "1", "2"):
+        store.get(key).cool_until = 120.0  # type: ignore[union-attr]
+    store.get("3").open = {7: 0.0}  # type: ignore[union-attr]
+    evicted = store.resize(5, 60.0, 1.0)
+    assert [s.key for s in evicted] == ["4", "5", "6", "7", "8"]
+    assert sorted(s.key for s in store) == ["0", "1", "2", "3", "9"]
+    # No room left but for pinned clients: the cap still holds, oldest first.
+    evicted = store.resize(2, 60.0, 1.0)
+    assert len(evicted) == 3 and len(store) == 2
 
 
 def test_client_state_is_slotted_and_its_rate_decays() -> None:
