@@ -102,6 +102,10 @@ class Engine:
         self._auth_fed: dict[tuple[str, bool], float] = {}
         # Clients with a standing finding or a cooldown: few, so views and counts iterate them.
         self._notable: dict[str, ClientState] = {}
+        # Clients with an open connection (here or through another replica): a
+        # new max_concurrent concerns only them (connected_keys), and a reload
+        # must not walk every client tracked to find them.
+        self._connected: set[str] = set()
         # rule → severity → clients whose standing flag of the rule has it.
         self._flagged: dict[str, dict[str, int]] = {r: dict.fromkeys(SEVERITY_RANK, 0) for r in RULE_NAMES}
         self._hot = HotClients()  # top-offender candidates
@@ -349,6 +353,7 @@ class Engine:
         if isinstance(event, Opened):
             tracker.on_opened(state, event, d)
             self._over_capacity(state, t, event.conn_id)
+            self._update_connected(state)
             self._upstream_outcome(state, t, success=True)
             if self._auth.settings.enabled:
                 due = t + d.healthy_after
@@ -368,6 +373,7 @@ class Engine:
                 opened is not None and t - opened >= d.healthy_after
             )
             kind = tracker.on_closed(state, event, d)
+            self._update_connected(state)
             if not credited:  # a longer life was already counted as an auth success
                 if kind & tracker.AUTH_FAILURE:
                     self._auth_outcome(state, t, failed=True)
@@ -676,7 +682,14 @@ class Engine:
         for breaker in self._breakers:
             self._release_probe(state, breaker)
         self._notable.pop(state.key, None)
+        self._connected.discard(state.key)
         self._hot.forget(state.key)
+
+    def _update_connected(self, state: ClientState) -> None:
+        if state.open_count:
+            self._connected.add(state.key)
+        else:
+            self._connected.discard(state.key)
 
     def _update_notable(self, state: ClientState) -> None:
         if state.flags or state.cool_rule is not None:
@@ -768,8 +781,11 @@ class Engine:
         if isinstance(event, Attempt):
             if admitted:
                 state.admitted_t = t
-        elif breakers:
-            self._observe_breakers(state, event, kind, t)
+        else:
+            if isinstance(event, Opened | Closed):
+                self._update_connected(state)
+            if breakers:
+                self._observe_breakers(state, event, kind, t)
         self._evaluate(state, t, _ENFORCE_NONE)
         self._reschedule(state, t)
         return self._take()
@@ -850,8 +866,11 @@ class Engine:
                 if owner is not None and owner[0] == replica:
                     state.remove_open(cid)
                     changed.add(state.key)
+            self._update_connected(state)
         for c in open_:
-            self._client(c.key, t).add_open(remote_conn_id(replica, c.conn_id), t - c.age)
+            state = self._client(c.key, t)
+            state.add_open(remote_conn_id(replica, c.conn_id), t - c.age)
+            self._update_connected(state)
             changed.add(c.key)
         return changed
 
@@ -1003,6 +1022,28 @@ class Engine:
             for key in keys
             if (state := store.get(key)) is not None
         ]
+
+    def connected_keys(self) -> list[str]:
+        """The clients with an open connection the engine counts (here or
+        through another replica): those whose `max_concurrent` a new policy
+        may change. As many as there are, not as many clients as are tracked."""
+        return list(self._connected)
+
+    def admitted_since(self, t: float) -> list[str]:
+        """The clients admitted after ``t``: those whose `min_interval` deadline
+        a new policy may change. Read from the most recently seen back to the
+        first seen at or before ``t`` (a client is seen at each admission), so
+        it costs the clients seen since, not every client tracked. (Another
+        replica's event, stamped before the latest seen here, puts a client
+        out of that order and may end the read early: a client missed then
+        meets its new deadline one attempt late, as before this was asked.)"""
+        keys = []
+        for state in self._store.recent():
+            if state.touched <= t:
+                break
+            if state.admitted_t > t:
+                keys.append(state.key)
+        return keys
 
     def open_connections(self, key: str) -> tuple[ConnId, ...]:
         """The ids of the client's connections the engine counts as open (opened,

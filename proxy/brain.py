@@ -382,6 +382,7 @@ class TableSync:
         self.writes = 0  # table writes so far (tests, docs/architecture.md)
         self.judged = 0
         self._marked = 0  # the judged mark the table holds
+        self._policy: PolicySettings | None = None  # as the last configure had it
         self._flushes = 0
 
     def _mark(self) -> None:
@@ -395,7 +396,16 @@ class TableSync:
         the breakers again. `holds`: the hold per refusal reason (EngineGate.holds,
         `policy.hold` for each of `policy.hold_reasons`): one table write, which the
         listener reads at each refusal, capping it at the refusal's retry time as
-        `refusal_for` does, so entries already written need no rewrite."""
+        `refusal_for` does, so entries already written need no rewrite.
+
+        A new policy is asked about every key it may restrict differently (the
+        engine has the new one already), not only those with a cooldown: else
+        a client already at a lowered `max_concurrent` got one attempt through
+        to the backend (a late refusal), and one at a raised limit had its
+        next attempt refused once more. Those are the keys the table restricts
+        now, the clients with an open connection (`max_concurrent` with
+        reject-new) and those admitted within the new `min_interval`: as many
+        as a reload concerns, not every client tracked (this runs on the loop)."""
         self.table.set_allow(list(policy.allow))
         self.table.set_deny(list(policy.deny))
         self.table.set_defaults(
@@ -404,6 +414,13 @@ class TableSync:
             holds={reason: hold for reason, hold in holds.items() if hold > 0},
         )
         self.breakers.clear()
+        if policy != self._policy:
+            self._policy = policy
+            self.touched.update(self.written)
+            if policy.max_concurrent is not None and policy.on_max_concurrent == "reject-new":
+                self.touched.update(self.engine.connected_keys())
+            if policy.min_interval is not None:
+                self.touched.update(self.engine.admitted_since(now - policy.min_interval))
         self.reconcile(now)
 
     def note(self, outcome: Outcome) -> None:

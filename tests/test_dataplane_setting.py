@@ -369,6 +369,51 @@ async def test_a_reload_reaches_the_native_listener_and_table(tmp_path: Path) ->
             await lw.close()
 
 
+async def test_a_reloaded_max_concurrent_reaches_the_table_for_clients_at_the_old_limit(tmp_path: Path) -> None:
+    """Lowered below what a client holds open: its next attempt is refused by
+    the table, before the backend (no late refusal). Raised: its next attempt
+    is admitted (no early refusal, none recorded against it)."""
+    import contextlib
+
+    from loopwatch.proxy.app.runtime import ConfigSources, start
+
+    async with demo_backend() as backend:
+        config = tmp_path / "loopwatch.yaml"
+        base = (
+            f'upstream: "ws://127.0.0.1:{backend.port}"\nlisten: "127.0.0.1:0"\n'
+            'admin:\n  listen: "127.0.0.1:0"\npolicy:\n  hold: 0s\n'
+        )
+        config.write_text(base + "  max_concurrent: 1000\n")
+        lw = await start(load_settings(config, env={}), sources=ConfigSources(str(config), {}, {}))
+        driver = lw.plane.driver  # type: ignore[attr-defined]  # NativePlane
+        try:
+            async with contextlib.AsyncExitStack() as held:
+                url = ws_url(lw, "/ws?token=" + issue_token("many", 60))
+                for i in range(3):
+                    ws = await held.enter_async_context(connect(url))
+                    await ws.send(f"m{i}")
+                    assert await ws.recv() == f"m{i}"
+                await wait_for(lambda: len(lw.engine.open_connections("many@127.0.0.1")) == 3)
+                config.write_text(base + "  max_concurrent: 2\n")
+                assert lw.reload() == {"reloaded": True, "restart_required": []}
+                code, reason = await attempt(url)
+                assert (code, reason[:30]) == (1013, "loopwatch: too many connection")
+                assert backend.upgrades["many"] == 3  # refused before the backend
+                await wait_for(lw.plane.settled)
+                assert driver.late_refusals == 0
+
+                config.write_text(base + "  max_concurrent: 1000\n")
+                assert lw.reload() == {"reloaded": True, "restart_required": []}
+                ws = await held.enter_async_context(connect(url))
+                await ws.send("in")
+                assert await ws.recv() == "in"
+                await wait_for(lw.plane.settled)
+                assert backend.upgrades["many"] == 4
+                assert lw.engine.table_refusals == 0 and driver.split_refusals == 0  # no early refusal
+        finally:
+            await lw.close()
+
+
 class FakeTable:
     """The EnforcementTable's write side, recording each write."""
 
@@ -507,6 +552,56 @@ def test_a_lift_answers_the_clients_held_refusals_after_the_tables_commit() -> N
     sync.touched.add("over")
     sync.flush(t + 11.0)  # its cooldown ran out: no hold outlasts it, none to answer
     assert [c for c in plane.calls if c[0] == "release_held"] == []
+
+
+def test_a_new_policy_is_written_for_the_keys_it_restricts_differently() -> None:
+    """configure asks about the keys a new max_concurrent or min_interval
+    concerns, not only those with a cooldown: a client already at a lowered
+    limit, one at capacity when the limit goes, one admitted within a raised
+    min_interval, one whose deadline a lowered one moves back."""
+    from loopwatch.detectors.engine import Engine
+    from loopwatch.detectors.events import Attempt, Opened
+    from loopwatch.proxy.brain import TableSync
+
+    def policy(**changes: object) -> Settings:
+        return load_settings(None, env={}, overrides=native(**{f"policy.{k}": v for k, v in changes.items()}))
+
+    settings = policy(max_concurrent=1000)
+    engine = Engine(settings.detection, settings.policy, settings.breakers)
+    table = FakeTable()
+    sync = TableSync(engine, table)  # type: ignore[arg-type]  # the recording fake
+    t = time.monotonic()
+    sync.configure(settings.policy, {}, t)
+    for i in range(3):
+        engine.admit(Attempt("many", "/", t, "10.0.0.1"))
+        engine.record(Opened("many", "/", t, i))
+    engine.admit(Attempt("quiet", "/", t - 30.0, "10.0.0.2"))  # admitted long ago
+    engine.admit(Attempt("recent", "/", t, "10.0.0.3"))
+    sync.touched.update(("many", "quiet", "recent"))
+    sync.flush(t)
+    table.names()
+
+    def reload(new: Settings) -> list[tuple[object, ...]]:
+        engine.reconfigure(new.detection, new.policy, new.breakers, t)
+        sync.configure(new.policy, {}, t)
+        return [c for c in table.calls if c[0] in ("set_at_capacity", "set_min_interval", "clear")]
+
+    assert reload(policy(max_concurrent=2)) == [("set_at_capacity", "many", True)]
+    table.calls.clear()
+    assert reload(policy(max_concurrent=None)) == [("set_at_capacity", "many", False)]
+    table.calls.clear()
+    written = reload(policy(max_concurrent=None, min_interval="10s"))  # "quiet" came 30 s ago
+    assert sorted((c[0], c[1]) for c in written) == [("set_min_interval", "many"), ("set_min_interval", "recent")]
+    assert all(9.0 < c[2] <= 10.0 for c in written)  # type: ignore[operator]  # seconds from now
+    table.calls.clear()
+    # Lowered: the deadlines move back (the table's entry starts over).
+    written = reload(policy(max_concurrent=None, min_interval="5s"))
+    assert sorted((c[0], c[1]) for c in written) == [
+        ("clear", "many"), ("clear", "recent"), ("set_min_interval", "many"), ("set_min_interval", "recent"),
+    ]  # fmt: skip
+    table.calls.clear()
+    # The same policy again (a reload of other settings): nothing to write.
+    assert reload(policy(max_concurrent=None, min_interval="5s")) == []
 
 
 async def test_a_rejected_drained_apart_from_its_attempt_is_counted() -> None:

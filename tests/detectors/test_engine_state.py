@@ -357,6 +357,50 @@ def test_reconfigure_shrinking_max_clients_keeps_cooldowns_while_idle_clients_ca
     assert e.snapshot(60.0).clients_tracked == 10
 
 
+def test_connected_keys_are_the_clients_with_an_open_connection_however_it_changed() -> None:
+    """The index a reload's max_concurrent reads (TableSync.configure) stays
+    the store's truth through opens, closes, close-oldest's pick, another
+    replica's events and reports, and evictions."""
+    from loopwatch.detectors import shared
+
+    e = engine(DetectionSettings(max_clients=4), PolicySettings(max_concurrent=1))
+
+    def truth() -> set[str]:
+        return {s.key for s in e._store if s.open_count}
+
+    def check(expected: set[str]) -> None:
+        assert set(e.connected_keys()) == truth() == expected
+
+    e.record(Opened("a", "/ws", 1.0, 1))
+    e.record(Opened("b", "/ws", 1.0, 2))
+    e.record(Opened("b", "/ws", 1.1, 3))  # past max_concurrent: reject-new forgets it at once
+    check({"a", "b"})
+    e.record(Closed("a", "/ws", 2.0, 1, 1000, "", "client", 1.0))
+    check({"b"})
+    e.observe(shared.localize(Opened("c", "/ws", 0.0, 9), "r", 2.0))
+    check({"b", "c"})
+    e.observe(shared.localize(Closed("c", "/ws", 0.0, 9, 1000, "", "client", 1.0), "r", 3.0))
+    check({"b"})
+    e.replace_connections("r", [shared.OpenConnection("d", 7, 1.0)], 3.0)
+    check({"b", "d"})
+    e.replace_connections("r", (), 4.0)
+    check({"b"})
+    for i, key in enumerate(("w", "x", "y", "z")):  # every client connected: the oldest goes anyway
+        e.record(Opened(key, "/ws", 5.0 + i, 10 + i))
+    assert len(e._store) == 4
+    check({"w", "x", "y", "z"})
+
+
+def test_admitted_since_reads_back_only_as_far_as_asked() -> None:
+    e = engine(policy=PolicySettings(min_interval="1s"))
+    for key, t in (("old", 0.0), ("then", 5.0), ("late", 9.0), ("last", 10.0)):
+        e.admit(Attempt(key, "/ws", t))
+    assert isinstance(e.admit(Attempt("late", "/ws", 9.5)), Reject)  # refused: not admitted again
+    e.record(Closed("old", "/ws", 9.8, 1, 1000, "", "client", 9.8))  # seen lately, admitted long ago
+    assert sorted(e.admitted_since(6.0)) == ["last", "late"]
+    assert e.admitted_since(10.0) == []
+
+
 def test_top_offenders_come_from_a_bounded_set_of_hot_clients() -> None:
     from loopwatch.detectors.offenders import CAP, HOT_RATE, HotClients
 
