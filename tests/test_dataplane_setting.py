@@ -414,6 +414,55 @@ async def test_a_reloaded_max_concurrent_reaches_the_table_for_clients_at_the_ol
             await lw.close()
 
 
+async def test_a_reload_reads_the_jwt_public_key_file_again(tmp_path: Path, echo_backend: str) -> None:
+    """Key rotation: the file replaced, then a reload; tokens of the new key are
+    verified from then on, those of the old one (a remembered one too) are not."""
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from loopwatch.proxy.app.runtime import ConfigSources, start
+
+    old, new = ed25519.Ed25519PrivateKey.generate(), ed25519.Ed25519PrivateKey.generate()
+    pem = tmp_path / "jwt.pem"
+
+    def publish(key: ed25519.Ed25519PrivateKey) -> None:
+        public = key.public_key()
+        pem.write_bytes(public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+    def token(sub: str, key: ed25519.Ed25519PrivateKey) -> str:
+        return jwt.encode({"sub": sub, "exp": int(time.time()) + 600}, key, algorithm="EdDSA")
+
+    publish(old)
+    config = tmp_path / "loopwatch.yaml"
+    config.write_text(
+        f'upstream: "{echo_backend}"\nlisten: "127.0.0.1:0"\nadmin:\n  listen: "127.0.0.1:0"\n'
+        "identity:\n  sources: [jwt:sub, ip]\n"
+        f'  jwt: {{verify: true, algorithms: [EdDSA], public_key_file: "{pem}"}}\n'
+    )
+    lw = await start(load_settings(config, env={}), sources=ConfigSources(str(config), {}, {}))
+
+    async def keyed(token: str) -> str:
+        """The key the engine tracks the attempt of this token under."""
+        before = {v.key for v in lw.engine.clients(time.monotonic(), limit=100)}
+        async with connect(ws_url(lw, "/?token=" + token)) as ws:
+            await ws.send("x")
+            assert await ws.recv() == "x"
+        await wait_for(lw.plane.settled)
+        seen = {v.key for v in lw.engine.clients(time.monotonic(), limit=100)} - before
+        return seen.pop() if seen else "(known already)"
+
+    try:
+        remembered = token("old-key", old)
+        assert await keyed(remembered) == "old-key"
+        publish(new)
+        assert lw.reload() == {"reloaded": True, "restart_required": []}
+        assert await keyed(token("new-key", new)) == "new-key"
+        assert await keyed(remembered) == "127.0.0.1"  # not verified: the next source
+    finally:
+        await lw.close()
+
+
 class FakeTable:
     """The EnforcementTable's write side, recording each write."""
 
