@@ -288,10 +288,7 @@ class Engine:
                     state.cool_until - t,
                     detail=f"{state.cool_rule}, repeat {state.cool_repeat}",
                 )
-                enforced = state.cool_enforced and (
-                    state.cool_rule == "manual"
-                    or pol.enforcing(state, self._rule_mode(state.cool_rule), addr)
-                )
+                enforced = self._cooldown_enforced(state, addr)
             else:
                 self._end_cooldown(state, state.cool_until)
         if refusal is None and ps.min_interval is not None and t - state.admitted_t < ps.min_interval:
@@ -665,6 +662,21 @@ class Engine:
             store.touch(state, t)
         return state
 
+    def _cooldown_enforced(self, state: ClientState, addr: str) -> bool:
+        """Whether `state`'s running cooldown refuses now: it was started
+        enforced, and the policy in force still enforces its rule for this
+        client (observe mode, the rollout or the allow list lift it; an
+        operator's cooldown holds whatever the mode). The one test for
+        admit, the table and the views alike."""
+        rule = state.cool_rule
+        return state.cool_enforced and (
+            rule == "manual" or (rule is not None and self._policy.enforcing(state, self._rule_mode(rule), addr))
+        )
+
+    def _enforced_now(self, state: ClientState) -> bool:
+        """`_cooldown_enforced` for a view: by the client's latest address."""
+        return self._cooldown_enforced(state, state.addr)
+
     def _unflag(self, rule: str, flag: Flag) -> None:
         """A standing flag of `rule` is over (cleared, disabled or forgotten)."""
         self._cleared.append(flag.raised)
@@ -924,9 +936,7 @@ class Engine:
         ps = pol.settings
         addr = state.addr
         if state.cool_rule is not None and state.cool_until > t:
-            if state.cool_enforced and (
-                state.cool_rule == "manual" or pol.enforcing(state, self._rule_mode(state.cool_rule), addr)
-            ):
+            if self._cooldown_enforced(state, addr):
                 return KeyEnforcement(CooldownEnforcement(state.cool_until, state.cool_rule))
             return NONE
         not_before = None
@@ -977,6 +987,7 @@ class Engine:
             store=self._store,
             notable=self._notable.values(),
             flagged=self._flagged,
+            enforced=self._enforced_now,
             breakers=breaker_states(self._breakers),
             fleet=self._fleet,
             top=self._hot.top(t, d.rate_window, d.top_k),
@@ -1002,7 +1013,7 @@ class Engine:
         )
         candidates.sort(key=lambda s: (rank(s, t), -s.rate_at(t, tau)))
         return [
-            client_view(s, t, tau, self._quiet, self._views, history=False)
+            client_view(s, t, tau, self._quiet, self._views, history=False, enforced=self._enforced_now)
             for s in candidates[offset : offset + limit]
         ]
 
@@ -1018,7 +1029,7 @@ class Engine:
         tau = self._detection.rate_window
         store = self._store
         return [
-            client_view(state, t, tau, self._quiet, self._views, history=False)
+            client_view(state, t, tau, self._quiet, self._views, history=False, enforced=self._enforced_now)
             for key in keys
             if (state := store.get(key)) is not None
         ]
@@ -1055,7 +1066,9 @@ class Engine:
         state = self._store.get(key)
         if state is None:
             return None
-        return client_view(state, t, self._detection.rate_window, self._quiet, self._views, history=True)
+        return client_view(
+            state, t, self._detection.rate_window, self._quiet, self._views, history=True, enforced=self._enforced_now
+        )
 
     def _advance_breakers(self, t: float) -> None:
         for breaker in self._breakers:

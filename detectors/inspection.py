@@ -47,8 +47,17 @@ def _evidence(state: ClientState, rule: str, raised: Mapping[str, Any], t: float
 
 
 def client_view(
-    state: ClientState, t: float, tau: float, quiet: float, rules: RuleViews, *, history: bool
+    state: ClientState,
+    t: float,
+    tau: float,
+    quiet: float,
+    rules: RuleViews,
+    *,
+    history: bool,
+    enforced: Callable[[ClientState], bool],
 ) -> ClientView:
+    """`enforced`: whether a running cooldown refuses now (the engine's test, the
+    policy in force applied: allow list, observe mode, rollout)."""
     cooling = state.cool_rule is not None and state.cool_until > t
     flags = state.flags or {}
     failures = state.failures
@@ -71,7 +80,7 @@ def client_view(
         cooldown_until=state.cool_until if cooling else None,
         cooldown_rule=state.cool_rule if cooling else None,
         cooldown_repeat=state.cool_repeat,
-        cooldown_enforced=state.cool_enforced if cooling else False,
+        cooldown_enforced=cooling and enforced(state),
         findings=tuple(
             FindingView(
                 rule=rule,
@@ -97,6 +106,7 @@ def snapshot(
     store: ClientStore,
     notable: Iterable[ClientState],
     flagged: Mapping[str, Mapping[str, int]],
+    enforced: Callable[[ClientState], bool],
     breakers: Mapping[str, str],
     fleet: Fleet,
     top: tuple[tuple[str, float], ...],
@@ -104,7 +114,7 @@ def snapshot(
     cooling = observed = 0
     for state in notable:
         if state.cool_rule is not None and state.cool_until > t:
-            if state.cool_enforced:
+            if enforced(state):
                 cooling += 1
             else:
                 observed += 1
