@@ -293,6 +293,32 @@ async def test_one_line_at_start_says_how_exposed_the_admin_port_is(
         await server.stop()
 
 
+async def test_a_reload_that_opens_the_port_to_changes_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    """admin.insecure turned on (or the token removed) by a reload: the start's
+    warning again, as `reconfigured`; nothing for a reload that changes neither."""
+    exposed = load_settings(None, env={}, overrides={"admin.listen": "0.0.0.0:9900", "admin.token": TOKEN}).admin
+    current = [exposed]
+    server = AdminServer(CollectorRegistry(), ready=lambda: True, settings=lambda: current[0])
+    caplog.set_level(logging.DEBUG, logger="loopwatch")
+    await server.start("127.0.0.1", 0)  # configured beyond loopback, bound to loopback
+    try:
+
+        def lines() -> list[str]:
+            return [r.getMessage() for r in caplog.records if r.name == "loopwatch"]
+
+        assert lines() == []  # a token: nothing to say
+        server.reconfigured(current[0])
+        assert lines() == []
+        before, current[0] = current[0], exposed.model_copy(update={"token": None, "insecure": True})
+        server.reconfigured(before)
+        assert lines() == ["admin_insecure"]
+        before, current[0] = current[0], exposed.model_copy(update={"token": None, "insecure": False})
+        server.reconfigured(before)
+        assert lines() == ["admin_insecure", "admin_read_only"]
+    finally:
+        await server.stop()
+
+
 def test_admin_settings_defaults() -> None:
     admin = AdminSettings()
     assert admin.allowed_hosts == () and admin.insecure is False

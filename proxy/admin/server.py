@@ -120,9 +120,10 @@ class AdminServer:
         return Exposure.of(self.listen_host)
 
     def log_exposure(self) -> None:
-        """One warning at start when the admin port listens beyond loopback without
-        a token: that anyone who reaches it may change things (admin.insecure),
-        or read the API while changes are refused."""
+        """One warning, at start and after a reload that changes the token or
+        `insecure`, when the admin port listens beyond loopback without a token:
+        that anyone who reaches it may change things (admin.insecure), or read
+        the API while changes are refused."""
         admin = self.settings()
         if self.exposure is Exposure.LOOPBACK or admin.token:
             return
@@ -139,6 +140,14 @@ class AdminServer:
                 "can reach it reads the API (client keys); changes are refused (403) until "
                 "admin.token is set",
             )
+
+    def reconfigured(self, before: AdminSettings) -> None:
+        """A reload applied: the warning of `log_exposure` again if it changed
+        what the port lets through (admin.insecure turned on by a reload was
+        otherwise never said)."""
+        now = self.settings()
+        if (before.token, before.insecure) != (now.token, now.insecure):
+            self.log_exposure()
 
     @property
     def port(self) -> int:

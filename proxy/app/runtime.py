@@ -237,7 +237,9 @@ class Running:
         # Against the start's settings: a change that waits for a restart is
         # named at every reload until then, and one undone is not.
         restart = restart_required(self.started, new, keys)
+        admin_before = self.settings.admin
         self.settings = new = in_force(self.started, new, keys)
+        self.admin.reconfigured(admin_before)
         if isinstance(self.gate, EngineGate):
             evicted = self.gate.reconfigure(new, prepared.policy)
             if evicted:
