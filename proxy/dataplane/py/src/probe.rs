@@ -133,7 +133,13 @@ async fn read_status<S: tokio::io::AsyncRead + Unpin>(
             parse_response_head(&buf[start..], MAX_HEAD).map_err(|e| e.to_string())?
         {
             if head.status != 101 && (100..200).contains(&head.status) {
+                // Interim answers count toward the head's bound, as a
+                // connection's (`ResponseReader`): an upstream that sends
+                // them for ever is no answer, not memory without end.
                 start += len;
+                if start > MAX_HEAD {
+                    return Err("upstream response head too large".into());
+                }
                 continue;
             }
             if head.status == 101 {
@@ -225,6 +231,15 @@ mod tests {
         })
         .await;
         assert_eq!(probe_at(port, "/").await, ProbeResult::Answered(401));
+    }
+
+    #[tokio::test]
+    async fn interim_answers_without_end_are_no_answer() {
+        let (port, _) = upstream(|_| b"HTTP/1.1 100 Continue\r\n\r\n".repeat(2000)).await;
+        let ProbeResult::Failed(why) = probe_at(port, "/").await else {
+            panic!("endless 1xx passed");
+        };
+        assert!(why.contains("too large"), "{why}");
     }
 
     #[tokio::test]
