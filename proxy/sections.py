@@ -8,6 +8,8 @@ build on, so none of them imports another part.
 from __future__ import annotations
 
 import ipaddress
+import os
+import stat
 from typing import Annotated, NamedTuple
 from urllib.parse import urlsplit
 
@@ -139,3 +141,29 @@ KiB = 1024
 
 
 MiB = 1024 * KiB
+
+
+# The files settings name (the config file, key and certificate files) are a
+# few KB: 4 MiB holds a CA bundle of thousands. More is not such a file (/dev/zero
+# was read until memory ran out).
+MAX_SETTING_FILE_BYTES = 4 * 1024 * 1024
+
+
+def read_setting_file(path: str | os.PathLike[str], limit: int = MAX_SETTING_FILE_BYTES) -> bytes:
+    """The bytes of a file a setting names: a regular file (or a link to one,
+    as Kubernetes mounts Secrets and ConfigMaps) of at most `limit` bytes.
+    Opening a FIFO waits for a writer, and a device never ends: on a reload,
+    either held the brain's event loop for good. OSError with a sentence's
+    reason (`strerror`) otherwise."""
+    name = os.fspath(path)
+    mode = os.stat(name).st_mode
+    if not stat.S_ISREG(mode):
+        raise OSError(0, "a directory" if stat.S_ISDIR(mode) else "not a regular file")
+    # O_NONBLOCK for a FIFO swapped in since the stat; fstat judges what was opened.
+    with open(os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise OSError(0, "not a regular file")
+        raw = fh.read(limit + 1)
+    if len(raw) > limit:
+        raise OSError(0, f"larger than {limit // (1024 * 1024)} MiB")
+    return raw

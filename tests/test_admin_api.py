@@ -265,7 +265,7 @@ async def test_a_reload_refuses_a_config_that_is_no_regular_file_or_too_large(tm
     hang or exhaust it; the running config is kept."""
     import os
 
-    from loopwatch.proxy.app.settings import MAX_CONFIG_BYTES
+    from loopwatch.proxy.sections import MAX_SETTING_FILE_BYTES as MAX_CONFIG_BYTES
 
     config = tmp_path / "loopwatch.yaml"
     text = 'upstream: "ws://127.0.0.1:9"\nlisten: "127.0.0.1:0"\nadmin: {listen: "127.0.0.1:0"}\n'
@@ -277,6 +277,33 @@ async def test_a_reload_refuses_a_config_that_is_no_regular_file_or_too_large(tm
         async with admin_session(lw, None) as s, s.post("/api/reload") as r:
             status, body = r.status, await r.json()
         assert status == 400 and body["errors"] == [f"{config}: cannot read the config file: not a regular file"]
+        assert lw.settings.policy.mode == "observe"  # the running config is kept
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        ("upstream_tls: {{cert_file: {fifo}, key_file: {fifo}}}", "upstream_tls.cert_file: cannot read"),
+        ("identity: {{jwt: {{verify: true, public_key_file: {fifo}}}}}", "identity.jwt.public_key_file: cannot read"),
+        ("upstream_tls: {{cert_file: /dev/zero, key_file: /dev/zero}}", "upstream_tls.cert_file: cannot read"),
+    ],
+)
+async def test_a_reload_refuses_key_files_that_are_no_regular_file(tmp_path: Path, section: str, expected: str) -> None:
+    """A certificate or key file that is a FIFO held the reload (read on the
+    brain's event loop) for good: /healthz timed out and SIGTERM did nothing;
+    /dev/zero grew memory by gigabytes a second. Refused now, as the config
+    file itself is, and the running config kept."""
+    import os
+
+    fifo = tmp_path / "key.pem"
+    os.mkfifo(fifo)
+    config = tmp_path / "loopwatch.yaml"
+    text = 'upstream: "ws://127.0.0.1:9"\nlisten: "127.0.0.1:0"\nadmin: {listen: "127.0.0.1:0"}\n'
+    async with reloadable(config, text + "policy: {mode: observe}\n") as lw:
+        status, body = await asyncio.wait_for(reload_with(lw, config, text + section.format(fifo=fifo) + "\n"), 10)
+        assert status == 400, body
+        [error] = body["errors"]  # type: ignore[misc]
+        assert error.startswith(expected) and error.endswith("not a regular file"), error
         assert lw.settings.policy.mode == "observe"  # the running config is kept
 
 

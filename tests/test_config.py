@@ -335,7 +335,7 @@ def test_only_a_regular_file_of_reasonable_size_is_read(tmp_path: Path, capsys: 
     """/dev/zero was read until memory ran out (a MemoryError traceback), a FIFO
     waited for a writer forever, a 60 MB file took 20 s: by check-config, run,
     and a reload inside the running proxy."""
-    from loopwatch.proxy.app.settings import MAX_CONFIG_BYTES
+    from loopwatch.proxy.sections import MAX_SETTING_FILE_BYTES as MAX_CONFIG_BYTES
 
     fifo = tmp_path / "fifo.yaml"
     os.mkfifo(fifo)

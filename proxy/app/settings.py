@@ -26,7 +26,7 @@ import re
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path, PurePath
+from pathlib import PurePath
 from typing import Annotated, Any, Literal, NamedTuple
 
 import yaml
@@ -49,7 +49,15 @@ from ..dataplane.settings import (
     UpstreamTLS,
 )
 from ..observe.settings import LogSettings, RecordSettings, TelemetrySettings
-from ..sections import SECRET, FieldError, ListenAddress, Section, UpstreamURL, parse_host_port
+from ..sections import (
+    SECRET,
+    FieldError,
+    ListenAddress,
+    Section,
+    UpstreamURL,
+    parse_host_port,
+    read_setting_file,
+)
 from ..state.settings import StateSettings
 
 ENV_PREFIX = "LOOPWATCH_"
@@ -377,33 +385,13 @@ class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[mi
         return super().construct_mapping(node, deep=deep)
 
 
-# A config file is a few KB; the reference config with every key is under 30 KB.
-# More is not a config (/dev/zero was read until memory ran out, and a 60 MB
-# file took 20 s to parse, inside the running proxy on a reload).
-MAX_CONFIG_BYTES = 4 * 1024 * 1024
-
-
 def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    import stat
-
     name = os.fspath(path)
     try:
-        # Only a regular file (or a link to one: Kubernetes mounts ConfigMaps so)
-        # is opened: opening a FIFO waits for a writer, a device never ends.
-        # O_NONBLOCK for one swapped in since; fstat judges what was opened.
-        mode = Path(name).stat().st_mode
-        if not stat.S_ISREG(mode):
-            what = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
-            raise ConfigError(f"{name}: cannot read the config file: {what}")
-        with open(os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as fh:
-            opened = os.fstat(fh.fileno())
-            if not stat.S_ISREG(opened.st_mode):
-                raise ConfigError(f"{name}: cannot read the config file: not a regular file")
-            raw = fh.read(MAX_CONFIG_BYTES + 1)
-        if len(raw) > MAX_CONFIG_BYTES:
-            raise ConfigError(
-                f"{name}: cannot read the config file: larger than {MAX_CONFIG_BYTES // (1024 * 1024)} MiB"
-            )
+        # A config file is a few KB (the reference config with every key is
+        # under 30 KB); more is not a config (a 60 MB file took 20 s to parse,
+        # inside the running proxy on a reload).
+        raw = read_setting_file(name)
         text = raw.decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"{name}: cannot read the config file: {exc.strerror or exc}") from None

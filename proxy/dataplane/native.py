@@ -45,6 +45,7 @@ from jwt.algorithms import HMACAlgorithm
 from jwt.exceptions import InvalidKeyError
 
 from ...detectors import events as ev
+from ..sections import read_setting_file
 from . import _dataplane
 from .boundary import PlaneTrace, ProbeAnswer, RelayStats
 from .routing import parse_upstream
@@ -281,7 +282,7 @@ def identity_spec(settings: IdentitySettings) -> dict[str, Any]:
     pem = None
     if js.verify and js.public_key_file is not None:
         try:
-            pem = js.public_key_file.read_bytes()
+            pem = read_setting_file(js.public_key_file)
         except OSError as exc:
             raise ValueError(
                 f"identity.jwt.public_key_file: cannot read {js.public_key_file}: {exc.strerror}"

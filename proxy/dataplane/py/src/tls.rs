@@ -40,18 +40,54 @@ fn pem_error(setting: &str, path: &str, what: &str, error: pem::Error) -> String
 
 /// Whether a PEM file holds an encrypted private key (PKCS #8's `ENCRYPTED
 /// PRIVATE KEY`, or OpenSSL's traditional `Proc-Type: 4,ENCRYPTED`).
-fn encrypted_key(path: &str) -> bool {
-    std::fs::read(path).is_ok_and(|pem| {
-        let has = |needle: &[u8]| pem.windows(needle.len()).any(|w| w == needle);
-        has(b"-----BEGIN ENCRYPTED PRIVATE KEY-----") || has(b"Proc-Type: 4,ENCRYPTED")
-    })
+fn encrypted_key(pem: &[u8]) -> bool {
+    let has = |needle: &[u8]| pem.windows(needle.len()).any(|w| w == needle);
+    has(b"-----BEGIN ENCRYPTED PRIVATE KEY-----") || has(b"Proc-Type: 4,ENCRYPTED")
+}
+
+/// The largest PEM file read, as proxy/sections.py's `MAX_SETTING_FILE_BYTES`:
+/// a CA bundle of thousands of certificates fits.
+const MAX_PEM_FILE: u64 = 4 * 1024 * 1024;
+
+/// The bytes of a file a TLS setting names: a regular file (or a link to one,
+/// as Kubernetes mounts Secrets) of at most `MAX_PEM_FILE` bytes. A FIFO held
+/// a reload (built on the brain's event loop) for good, SIGTERM included, and
+/// /dev/zero grew memory by gigabytes a second. Opened without blocking: a
+/// FIFO is then seen for what it is.
+fn read_pem_file(setting: &str, path: &str) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let cannot = |why: &dyn std::fmt::Display| format!("{setting}: cannot read {path:?}: {why}");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| cannot(&e))?;
+    let meta = file.metadata().map_err(|e| cannot(&e))?;
+    if !meta.is_file() {
+        let what = if meta.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file"
+        };
+        return Err(cannot(&what));
+    }
+    let mut pem = Vec::new();
+    file.take(MAX_PEM_FILE + 1)
+        .read_to_end(&mut pem)
+        .map_err(|e| cannot(&e))?;
+    if pem.len() as u64 > MAX_PEM_FILE {
+        return Err(cannot(&"larger than 4 MiB"));
+    }
+    Ok(pem)
 }
 
 /// Every certificate of a PEM file; at least one.
 fn read_certificates(setting: &str, path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     let what = "certificate (BEGIN CERTIFICATE)";
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|items| items.collect::<Result<Vec<_>, _>>())
+    let pem = read_pem_file(setting, path)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
         .map_err(|e| pem_error(setting, path, what, e))?;
     if certs.is_empty() {
         return Err(pem_error(setting, path, what, pem::Error::NoItemsFound));
@@ -89,11 +125,12 @@ fn certified_key(
     key_file: &str,
 ) -> Result<Arc<CertifiedKey>, String> {
     let certs = read_certificates(&format!("{section}.cert_file"), cert_file)?;
-    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| {
+    let pem = read_pem_file(&format!("{section}.key_file"), key_file)?;
+    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
         // Whatever the PEM error: PKCS #8's encrypted keys are skipped (no
         // key found), OpenSSL's traditional ones (`Proc-Type: 4,ENCRYPTED`
         // headers) fail to decode as base64.
-        if encrypted_key(key_file) {
+        if encrypted_key(&pem) {
             // PEM indeed, but nothing loopwatch can use without a passphrase.
             return format!(
                 "{section}.key_file: {key_file:?} is an encrypted private key, which loopwatch \
@@ -362,6 +399,35 @@ impl ServerCertVerifier for Checked {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A FIFO, a directory and a device are refused at once, without a read
+    /// that waits for a writer or never ends.
+    #[test]
+    fn only_regular_files_are_read() {
+        let dir = std::env::temp_dir().join(format!("lw-pem-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("cert.pem");
+        let _ = std::fs::remove_file(&fifo);
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let started = std::time::Instant::now();
+        for (path, why) in [
+            (fifo.to_str().unwrap(), "not a regular file"),
+            (dir.to_str().unwrap(), "a directory"),
+            ("/dev/zero", "not a regular file"),
+        ] {
+            let e = read_certificates("tls.cert_file", path).unwrap_err();
+            assert!(
+                e.starts_with("tls.cert_file: cannot read") && e.ends_with(why),
+                "{e}"
+            );
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn server_name_is_the_setting_or_the_host() {
