@@ -14,9 +14,9 @@ use loopwatch_dataplane_core::head::{accept_key, base64};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
 
-use crate::response::parse_response_head;
+use crate::response::{Answer, ResponseReader};
 use crate::tls::UpstreamTls;
-use crate::transport::{connect_upstream, ConnectError};
+use crate::transport::connect_upstream;
 use crate::wire::{route_for, Route};
 
 /// The most of a response head the probe reads.
@@ -68,15 +68,15 @@ async fn upgrade(
             String::from_utf8_lossy(path_only)
         ));
     };
-    let mut stream = connect_upstream(route, tls, deadline)
-        .await
-        .map_err(|e| match e {
-            ConnectError::Tls(why) => format!("upstream TLS handshake failed: {why}"),
-            ConnectError::Unreachable(io) | ConnectError::FdLimit(io) => {
-                format!("upstream unreachable: {io}")
-            }
-            ConnectError::Timeout => "upstream connect timeout".to_owned(),
-        })?;
+    let mut stream = connect_upstream(route, tls, deadline).await.map_err(|e| {
+        // The connections' own words (less their "loopwatch: "), and the reason.
+        let what = e.message();
+        let what = what.strip_prefix("loopwatch: ").unwrap_or(what);
+        match e.detail() {
+            Some(why) => format!("{what}: {why}"),
+            None => what.to_owned(),
+        }
+    })?;
     let mut nonce = [0u8; 16];
     getrandom::getrandom(&mut nonce).map_err(|e| format!("no random key: {e}"))?;
     let key = base64(&nonce);
@@ -111,14 +111,15 @@ async fn upgrade(
     Ok(status)
 }
 
-/// The final status of the upstream's answer (interim 1xx skipped); a 101
-/// must answer `key` (`Sec-WebSocket-Accept`).
+/// The final status of the upstream's answer, as a connection's upgrade reads
+/// it (`ResponseReader`: interim answers skipped within the head's bound; a
+/// 101 must answer `key` and say `Connection: upgrade`; a refusal's framing
+/// must be one loopwatch reads). No body is kept: the head is the answer.
 async fn read_status<S: tokio::io::AsyncRead + Unpin>(
     stream: &mut S,
     key: &str,
 ) -> Result<u16, String> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut start = 0; // past the interim answers (100, 103)
+    let mut reader = ResponseReader::new(MAX_HEAD, 0).expecting_accept(accept_key(key.as_bytes()));
     loop {
         let mut chunk = [0u8; 2048];
         let n = stream
@@ -128,28 +129,10 @@ async fn read_status<S: tokio::io::AsyncRead + Unpin>(
         if n == 0 {
             return Err("the upstream closed before its answer".to_owned());
         }
-        buf.extend_from_slice(&chunk[..n]);
-        while let Some((head, len)) =
-            parse_response_head(&buf[start..], MAX_HEAD).map_err(|e| e.to_string())?
-        {
-            if head.status != 101 && (100..200).contains(&head.status) {
-                // Interim answers count toward the head's bound, as a
-                // connection's (`ResponseReader`): an upstream that sends
-                // them for ever is no answer, not memory without end.
-                start += len;
-                if start > MAX_HEAD {
-                    return Err("upstream response head too large".into());
-                }
-                continue;
-            }
-            if head.status == 101 {
-                let answered = head.header(b"sec-websocket-accept");
-                let expected = accept_key(key.as_bytes());
-                if answered.as_deref().map(<[u8]>::trim_ascii) != Some(expected.as_bytes()) {
-                    return Err("a 101 whose Sec-WebSocket-Accept does not answer the key".into());
-                }
-            }
-            return Ok(head.status);
+        match reader.feed(&chunk[..n]).map_err(|e| e.to_string())? {
+            Answer::Partial => {}
+            Answer::Upgrade { .. } => return Ok(101),
+            Answer::Refused(refusal) => return Ok(refusal.status),
         }
     }
 }
