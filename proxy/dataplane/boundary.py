@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
@@ -101,6 +101,29 @@ def log_rejection(reason: str, status: int | None, peer: str, message: str, supp
     )  # fmt: skip
 
 
+class LogLimiter:
+    """At most one log line per slot every `interval` seconds, each telling how
+    many of that slot's were left out since the previous one (the Python twin
+    of the listener's `LogLimiter`, core/src/events.rs). Bounded by the slots
+    its callers use."""
+
+    __slots__ = ("interval", "_next", "_suppressed")
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self._next: dict[Hashable, float] = {}
+        self._suppressed: dict[Hashable, int] = {}
+
+    def admit(self, slot: Hashable, now: float) -> int | None:
+        """None: leave this line out (counted); else write it, with the number
+        returned (left out since the last line). `now` in monotonic seconds."""
+        if now < self._next.get(slot, float("-inf")):
+            self._suppressed[slot] = self._suppressed.get(slot, 0) + 1
+            return None
+        self._next[slot] = now + self.interval
+        return self._suppressed.pop(slot, 0)
+
+
 class Rejections:
     """Requests loopwatch answered itself before the engine saw them: a count per
     reason (read at scrape time) and a log line per reason at most every
@@ -108,23 +131,18 @@ class Rejections:
     previous one (an attack of thousands a second writes one line per reason per
     interval, not thousands)."""
 
-    __slots__ = ("counts", "_next_log", "_suppressed", "interval")
+    __slots__ = ("counts", "_lines")
 
     def __init__(self, interval: float = REJECTION_LOG_INTERVAL):
-        self.interval = interval
         self.counts: dict[str, int] = dict.fromkeys(REJECTED_REASONS, 0)  # every label from the start
-        self._next_log: dict[str, float] = dict.fromkeys(REJECTED_REASONS, float("-inf"))
-        self._suppressed: dict[str, int] = dict.fromkeys(REJECTED_REASONS, 0)
+        self._lines = LogLimiter(interval)
 
     def add(self, reason: str, status: int | None, peer: str, message: str, now: float) -> None:
         """Count one rejection; `now` is monotonic seconds, `status` None for a cut."""
         self.counts[reason] += 1
-        if now < self._next_log[reason]:
-            self._suppressed[reason] += 1
-            return
-        self._next_log[reason] = now + self.interval
-        suppressed, self._suppressed[reason] = self._suppressed[reason], 0
-        log_rejection(reason, status, peer, message, suppressed)
+        suppressed = self._lines.admit(reason, now)
+        if suppressed is not None:
+            log_rejection(reason, status, peer, message, suppressed)
 
 
 @dataclass(frozen=True, slots=True)

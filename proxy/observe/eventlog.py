@@ -15,7 +15,7 @@ import random
 from typing import TYPE_CHECKING, Any
 
 from ...detectors.actions import BreakerTransition, CloseConnection, CooldownEnded, CooldownStarted
-from ..dataplane.boundary import handshake_outcome, handshake_status
+from ..dataplane.boundary import LogLimiter, handshake_outcome, handshake_status
 from .logs import event
 from .observers import Observer, trace_context
 
@@ -50,11 +50,10 @@ class EventLogObserver(Observer):
         self.view = view
 
     def reconfigure(self, settings: Settings) -> None:
-        # Per (route, error): when the next upstream_handshake_failed line may
-        # go, and the failures since the last one. Bounded by the routes
-        # configured; a reload starts them afresh.
-        self._upstream_next: dict[tuple[str, str], float] = {}
-        self._upstream_unlogged: dict[tuple[str, str], int] = {}
+        # One upstream_handshake_failed line per (route, error) at most every
+        # UPSTREAM_LOG_INTERVAL. Bounded by the routes configured; a reload
+        # starts it afresh.
+        self._upstream_lines = LogLimiter(UPSTREAM_LOG_INTERVAL)
         t = settings.telemetry
         self.access = t.access_log
         self.sample_rate = t.access_log_sample_rate
@@ -156,13 +155,9 @@ class EventLogObserver(Observer):
     def _upstream_failed(self, conn: Connection, event_: ev.HandshakeFailed) -> None:
         """The `upstream_handshake_failed` line: rate-limited per route and error."""
         assert event_.error is not None
-        slot = (conn.route, event_.error)
-        unlogged = self._upstream_unlogged.get(slot, 0)
-        if event_.t < self._upstream_next.get(slot, float("-inf")):
-            self._upstream_unlogged[slot] = unlogged + 1
+        unlogged = self._upstream_lines.admit((conn.route, event_.error), event_.t)
+        if unlogged is None:
             return
-        self._upstream_next[slot] = event_.t + UPSTREAM_LOG_INTERVAL
-        self._upstream_unlogged[slot] = 0
         detail = {} if event_.detail is None else {"detail": event_.detail}
         event(
             log, "upstream_handshake_failed", WARNING, route=conn.route, error=event_.error,
