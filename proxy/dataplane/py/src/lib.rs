@@ -31,6 +31,7 @@ use loopwatch_dataplane_core::trace::{Sampling, ALL_ROOTS};
 mod checks;
 mod conn;
 pub mod control;
+mod dial;
 mod http;
 pub mod identity;
 mod listener;

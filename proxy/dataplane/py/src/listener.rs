@@ -37,7 +37,7 @@ use crate::wire::{simple_response, Route};
 /// Pending connections the kernel queues for the accept loop.
 const BACKLOG: u32 = 1024;
 /// The blocking pool's threads per worker (tokio's default is 512 in all).
-/// Upstream name lookups (`TcpStream::connect` to a host name resolves it
+/// Upstream name lookups (`dial::connect` resolves a host name
 /// there; an address literal needs none) and JWT signature checks (at most
 /// one per worker at a time: `SignatureChecks`) run there; a burst of
 /// connects to a slow resolver would otherwise start up to 512 threads, each

@@ -1,7 +1,8 @@
 //! The byte streams of both legs, plain TCP or TLS, behind one trait
 //! (`Transport`), so that the connection's phases (`conn`) and the splice
 //! (`relay`) are one code path for all four combinations; and
-//! [`connect_upstream`], the one way to open an upstream connection.
+//! [`connect_upstream`], the one way to open an upstream connection (its
+//! addresses raced by `dial`).
 
 use std::cell::RefCell;
 use std::io;
@@ -229,7 +230,7 @@ pub async fn open_upstream(
         (true, Some(tls)) => Some(tls),
         (true, None) => return Err(ConnectError::Tls("no upstream TLS settings".into())),
     };
-    let tcp = TcpStream::connect((route.host.as_str(), route.port))
+    let tcp = crate::dial::connect(&route.host, route.port)
         .await
         .map_err(|e| {
             if out_of_descriptors(&e) {
