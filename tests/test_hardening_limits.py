@@ -25,7 +25,7 @@ from loopwatch.detectors.engine import Engine
 from loopwatch.detectors.events import Attempt, Opened
 from loopwatch.detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
 from loopwatch.proxy.dataplane import _dataplane
-from loopwatch.proxy.dataplane.boundary import REJECTED_REASONS, REJECTION_LOG_INTERVAL, Rejections
+from loopwatch.proxy.dataplane.boundary import REJECTED_REASONS, REJECTION_LOG_INTERVAL, LogLimiter
 from loopwatch.proxy.dataplane.native import RequestRejected
 from tests.conftest import (
     RawBackend,
@@ -421,23 +421,15 @@ async def test_a_native_flood_of_bad_requests_puts_one_line_per_reason_in_the_ev
         assert _dataplane.REJECTION_LOG_INTERVAL == REJECTION_LOG_INTERVAL
 
 
-def test_rejection_log_lines_carry_how_many_were_left_out(caplog: pytest.LogCaptureFixture):
-    caplog.set_level(logging.INFO, logger="loopwatch.server")
-    r = Rejections(interval=10.0)
-    for i in range(5):
-        r.add("overload", 503, "10.0.0.1", "loopwatch: too many connections", now=100.0 + i)
-    r.add("bad_request", 400, "10.0.0.2", "malformed request", now=104.5)
-    r.add("overload", 503, "10.0.0.3", "loopwatch: too many connections", now=110.5)
-    fields = [
-        (rec.fields["reason"], rec.fields["suppressed"], rec.levelname) for rec in caplog.records
-    ]  # type: ignore[attr-defined]
-    assert fields == [
-        ("overload", 0, "WARNING"),
-        ("bad_request", 0, "INFO"),
-        ("overload", 4, "WARNING"),
-    ]
-    assert r.counts["overload"] == 6 and r.counts["bad_request"] == 1
-    assert sum(r.counts.values()) == 7
+def test_the_log_limiter_writes_one_line_per_slot_and_interval_with_the_count_left_out():
+    """The Python twin of the listener's limiter (`upstream_handshake_failed`)."""
+    lines = LogLimiter(interval=10.0)
+    admitted = [lines.admit("overload", 100.0 + i) for i in range(5)]
+    assert admitted == [0, None, None, None, None]  # one line, four left out
+    assert lines.admit("bad_request", 104.5) == 0  # another slot: its own line
+    assert lines.admit("overload", 110.5) == 4  # the next line tells the four
+    assert lines.admit("overload", 111.0) is None
+    assert lines.admit("overload", 120.5) == 1
 
 
 # --- max_concurrent on by default ---------------------------------------------------------

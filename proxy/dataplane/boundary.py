@@ -92,8 +92,7 @@ def handshake_outcome(status: int | None, error: str | None) -> str:
 def log_rejection(reason: str, status: int | None, peer: str, message: str, suppressed: int) -> None:
     """The `request_rejected` line (docs/logs.md): a warning for the refusals that
     protect loopwatch or point at the upstream, info otherwise. Rate-limited by
-    the caller (`Rejections` here; natively, the listener, per reason, before
-    the line crosses the event queue)."""
+    the listener, per reason, before the line crosses the event queue."""
     level = logging.WARNING if reason in _WARNING_REASONS else logging.INFO
     event(
         log, "request_rejected", level,
@@ -122,27 +121,6 @@ class LogLimiter:
             return None
         self._next[slot] = now + self.interval
         return self._suppressed.pop(slot, 0)
-
-
-class Rejections:
-    """Requests loopwatch answered itself before the engine saw them: a count per
-    reason (read at scrape time) and a log line per reason at most every
-    REJECTION_LOG_INTERVAL seconds, carrying how many were left unlogged since the
-    previous one (an attack of thousands a second writes one line per reason per
-    interval, not thousands)."""
-
-    __slots__ = ("counts", "_lines")
-
-    def __init__(self, interval: float = REJECTION_LOG_INTERVAL):
-        self.counts: dict[str, int] = dict.fromkeys(REJECTED_REASONS, 0)  # every label from the start
-        self._lines = LogLimiter(interval)
-
-    def add(self, reason: str, status: int | None, peer: str, message: str, now: float) -> None:
-        """Count one rejection; `now` is monotonic seconds, `status` None for a cut."""
-        self.counts[reason] += 1
-        suppressed = self._lines.admit(reason, now)
-        if suppressed is not None:
-            log_rejection(reason, status, peer, message, suppressed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,7 +263,7 @@ class LiveView(Protocol):
         ...
 
     def rejections(self) -> Mapping[str, int]:
-        """Requests the listener answered itself, by reason (Rejections.counts)."""
+        """Requests the listener answered itself, by reason (every one of REJECTED_REASONS)."""
         ...
 
     def holds(self) -> HoldCounts | None:

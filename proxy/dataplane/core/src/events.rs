@@ -145,7 +145,7 @@ pub struct Traffic {
 pub const REJECTION_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// A request loopwatch answered (or cut) itself before the engine saw it,
-/// as its `request_rejected` log line says (`Rejections.add` in
+/// as its `request_rejected` log line says (`log_rejection` in
 /// proxy/dataplane/boundary.py). Not an attempt's event: no key, no id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestRejected {
@@ -309,8 +309,8 @@ impl Event {
 
 /// At most one log line per slot (a reason) per interval, decided without a
 /// lock by whoever gets there first, and how many were left out since the
-/// previous line (`Rejections` in proxy/dataplane/boundary.py, whose
-/// bookkeeping this is). Every rejection is counted elsewhere; this only
+/// previous line (`LogLimiter` in proxy/dataplane/boundary.py is its
+/// Python twin). Every rejection is counted elsewhere; this only
 /// decides which ones also make a line.
 #[derive(Debug)]
 pub struct LogLimiter<const N: usize> {
