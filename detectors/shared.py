@@ -20,6 +20,7 @@ through plain method calls (``Engine.observe``, ``Engine.adopt_cooldown``,
 * ``Release``: an operator released the client on some replica.
 * ``CloseRequest``: a replica enforcing ``max_concurrent: close-oldest``
   picked a connection that lives on another replica.
+* ``Leaving``: the sender is shutting down (a planned stop, not a crash).
 
 A batch is a header line ``lw1 <origin>`` and a JSON list of messages, each a
 list whose first item names its kind. ``decode`` validates everything, since a
@@ -115,7 +116,19 @@ class AskConnections:
     replica: str
 
 
-Message: TypeAlias = RemoteEvent | SharedCooldown | Release | CloseRequest | Connections | AskConnections
+@dataclass(frozen=True, slots=True)
+class Leaving:
+    """The sending replica is shutting down, sent as its drain begins: what it
+    has open stops counting at once (its clients are about to reconnect
+    elsewhere, and must not be refused for the sockets it is closing), and
+    its silence from then on is a planned stop, not a crash. Sent in a batch
+    of its own: a replica of an older version, which cannot decode it, loses
+    only that batch."""
+
+
+Message: TypeAlias = (
+    RemoteEvent | SharedCooldown | Release | CloseRequest | Connections | AskConnections | Leaving
+)
 
 
 def remote_conn_id(origin: str, conn_id: ConnId) -> str:
@@ -149,7 +162,8 @@ def localize(event: Event, origin: str, t: float) -> Event:
 # Positional lists, not dicts: a fleet publishes a few messages per handshake
 # and decodes every other replica's, so the codec is on every replica's busiest
 # path after admission itself. Kinds: a attempt, r rejected, h handshake_failed,
-# o opened, c closed, C cooldown, X release, K close request.
+# o opened, c closed, C cooldown, X release, K close request, O connections,
+# W ask for connections, L leaving.
 
 
 def header(origin: str) -> bytes:
@@ -183,6 +197,8 @@ def encode(origin: str, messages: Iterable[Message]) -> bytes:
             out.append(["O", [[c.key, c.conn_id, round(c.age, 3)] for c in m.open], m.heartbeat])
         elif isinstance(m, AskConnections):
             out.append(["W", m.replica])
+        elif isinstance(m, Leaving):
+            out.append(["L"])
         else:
             out.append(["K", m.replica, m.conn_id, m.key, m.code, m.reason])
     return header(origin) + json.dumps(out, separators=(",", ":")).encode()
@@ -249,6 +265,8 @@ def _message(item: object, origin: str, t: float) -> Message:
                 )
         if kind == "W" and n == 2 and isinstance(item[1], str):
             return AskConnections(item[1])
+        if kind == "L" and n == 1:
+            return Leaving()
         if kind == "K" and n == 6:
             replica, conn_id, key, code, reason = item[1:]
             if _strs((replica, key, reason)) and _conn(conn_id) and _code(code) and 1000 <= code <= 4999:

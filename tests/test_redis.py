@@ -574,3 +574,77 @@ async def test_hostile_entries_in_the_store_stop_neither_enforcement_nor_sharing
             assert backend.upgrades["loop"] == CRITICAL
             assert (await scrape(a))["loopwatch_state_store_up"] == 1.0
             assert store(a).up
+
+
+async def test_a_replica_that_shuts_down_leaves_and_its_clients_are_welcome_elsewhere(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A graceful stop closed its connections with 1001 but never told the
+    others: they counted those connections until its silence (3 heartbeats),
+    refusing every client that reconnected to them at max_concurrent, and took
+    a planned stop for a crash (`state_store_replica_gone`). Now the stopping
+    replica says it is leaving before its drain closes anything."""
+    caplog.set_level(logging.INFO, logger="loopwatch.state")
+    prefix = "lw-leaving:"
+    settings = {"policy.max_concurrent": 1, "state.redis.heartbeat": "1s"}
+    async with demo_backend() as backend_app:
+        upstream = f"ws://127.0.0.1:{backend_app.port}"
+        async with loopwatch(upstream, **overrides(redis_server.url, "stays", prefix, **settings)) as b:
+            a = await start_replica(upstream, overrides(redis_server.url, "leaves", prefix, **settings))
+            try:
+                await wait_for(lambda: store(a).up and store(b).up)
+                key = key_of("tab")
+                tab = await connect(ws(a, "tab", expired=False), open_timeout=5, close_timeout=2)
+                await wait_for(lambda: tracked(b, key) is not None and tracked(b, key).open_connections == 1)
+                closing = asyncio.create_task(a.close())
+                await asyncio.wait_for(tab.wait_closed(), 5)
+                assert (tab.close_code, tab.close_reason) == (1001, "loopwatch: shutting down")
+                # The tab reconnects to b at once, as a client with no backoff
+                # does: welcome, its old socket no longer counts there.
+                assert await healthy(ws(b, "tab", expired=False)) == "hello"
+                await closing
+            finally:
+                await a.close()
+            assert tracked(b, key).open_connections == 0
+            await asyncio.sleep(3.5)  # past 3 heartbeats of silence
+    messages = [r.getMessage() for r in caplog.records]
+    assert "state_store_replica_left" in messages
+    assert "state_store_replica_gone" not in messages
+
+
+async def start_replica(upstream: str, overrides_: dict[str, Any]) -> Running:
+    from loopwatch.proxy.app.runtime import start
+    from tests.conftest import settings_for
+
+    return await start(settings_for(upstream, **overrides_))
+
+
+async def test_a_starting_replica_adopts_the_shared_cooldowns_before_it_listens(
+    redis_server: RedisServer,
+) -> None:
+    """A replica listened first and read the shared cooldowns ~0.1 s later:
+    meanwhile a client the fleet had cooled down (an operator's 10-minute
+    cooldown among them) was admitted and reached the backend."""
+    prefix = "lw-start:"
+    async with demo_backend() as backend_app:
+        upstream = f"ws://127.0.0.1:{backend_app.port}"
+        async with loopwatch(upstream, **overrides(redis_server.url, "first", prefix)) as a:
+            await wait_for(lambda: store(a).up)
+            key = key_of("looper")
+            url = f"http://127.0.0.1:{a.admin_port}/api/clients/{key}/cooldown"
+            async with aiohttp.ClientSession() as session, session.post(url, json={"duration": "10m"}) as response:
+                assert response.status == 200, await response.text()
+            async with redis_client(redis_server) as client:
+                await wait_for_async(lambda: keys(client, prefix + "cool:"))
+            async with loopwatch(upstream, **overrides(redis_server.url, "second", prefix)) as b:
+                # Its very first attempt: refused, and the backend never saw it.
+                code, reason = await attempt(ws(b, "looper"))
+                assert code == 1013 and reason.startswith("loopwatch: cooldown"), (code, reason)
+                assert backend_app.upgrades["looper"] == 0
+
+
+async def wait_for_async(probe: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await probe():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)

@@ -260,6 +260,10 @@ class Running:
         hub = self.admin.app.get(STATUS_HUB)
         if hub is not None:  # the status page's streams end at once, not after the drain
             await hub.close()
+        if isinstance(self.gate, EngineGate):
+            # Before the drain's 1001s: the other replicas stop counting our
+            # connections, so the clients reconnecting to them are not refused.
+            await self.gate.state_store.leave()
         await self.plane.shutdown()
         await self.admin.stop()
         if self.self_metrics is not None:
@@ -386,10 +390,17 @@ async def start(
     else:
         telemetry.bind(ListenerView(plane, None), None, observers)
     host, port = parse_host_port(settings.listen)
-    await plane.start(host, port)
+    store = gate.state_store if isinstance(gate, EngineGate) else LocalState()
+    # The shared cooldowns first (bounded; fail-open): a replica that listened
+    # before adopting them let the fleet's cooled clients through meanwhile.
+    await store.start()
+    try:
+        await plane.start(host, port)
+    except BaseException:
+        await store.close()
+        raise
     registry = telemetry.registry
     holder: list[Running] = []
-    store = gate.state_store if isinstance(gate, EngineGate) else LocalState()
     admin = AdminServer(
         registry,
         ready=lambda: not plane.closing and store.ready and (
@@ -407,10 +418,10 @@ async def start(
         await admin.start(admin_host, admin_port)
     except BaseException:
         await plane.shutdown()
+        await store.close()
         raise
     running.self_metrics = SelfMetrics(registry)
     running.self_metrics.start()
-    await store.start()  # connects in the background: admission never waits for Redis
     if settings.health_check.enabled and isinstance(gate, EngineGate):
         running.health = start_health_check(settings, plane, gate)
     event(

@@ -32,6 +32,10 @@ class StateStore(Protocol):
 
     async def start(self) -> None: ...
 
+    async def leave(self) -> None:
+        """This replica is about to drain: tell the others (before any close)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -51,6 +55,9 @@ class LocalState:
         return False
 
     async def start(self) -> None:
+        pass
+
+    async def leave(self) -> None:
         pass
 
     async def close(self) -> None:

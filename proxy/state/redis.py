@@ -47,6 +47,7 @@ from ...detectors.shared import (
     AskConnections,
     CloseRequest,
     Connections,
+    Leaving,
     Message,
     Release,
     RemoteEvent,
@@ -87,6 +88,12 @@ log = logging.getLogger("loopwatch.state")
 # duplicate_connections rule's hold (5 s), so a client whose tabs moved from a
 # crashed replica is not flagged for the ones left behind.
 PEER_SILENCE = 3
+# Replicas heard leaving, remembered so that their last batches (the drain's
+# Closed, a heartbeat) do not make them count as back; a replica id is one
+# process's, so a handful is plenty.
+MAX_LEFT = 64
+# How often close() looks whether the queue went out.
+FLUSH_POLL = 0.005
 
 # KEYS[1] the client's cooldown key; ARGV: value, TTL in ms, "1" to replace
 # whatever is there (an operator's cooldown). Otherwise the longer one stays,
@@ -191,6 +198,10 @@ class RedisStateStore(Observer):
         # it had open no longer counts here.
         self._heard: dict[str, float] = {}
         self._beats: dict[str, float] = {}  # each one's heartbeat, as its Connections said
+        self._left: dict[str, None] = {}  # replicas heard leaving (insertion-ordered, MAX_LEFT)
+        self._session_client: Redis | None = None  # while a session runs: leave() publishes with it
+        self._in_flight = 0  # messages taken off the queue, not yet published
+        self._first_sync = asyncio.Event()  # the first session's resync done, or the first connect failed
 
     @property
     def ready(self) -> bool:
@@ -204,14 +215,44 @@ class RedisStateStore(Observer):
     # --- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start sharing in the background; returns at once, Redis up or not."""
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._supervise(), name="state-store")
+        """Start sharing, and return once the shared cooldowns are adopted (the
+        first resync) or Redis turned out unreachable: the caller opens the
+        listener after this, so a starting replica does not admit clients the
+        fleet is refusing. Bounded: after `connect_timeout` + 2 × `timeout` it
+        returns anyway (fail-open), and the session goes on in the background."""
+        if self._task is not None:
+            return
+        self._task = asyncio.get_running_loop().create_task(self._supervise(), name="state-store")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.redis.connect_timeout + 2 * self.redis.timeout):
+                await self._first_sync.wait()
+
+    async def leave(self) -> None:
+        """This replica is shutting down, its drain about to begin: the others
+        stop counting its connections now (docs/replicas.md), rather than
+        refusing its clients' reconnects for what it is closing, and take its
+        silence for a planned stop. Bounded by `timeout`; nothing when Redis is
+        out of reach (they find out by its silence, as after a crash)."""
+        client = self._session_client
+        if client is None or not self.up:
+            return
+        try:
+            async with asyncio.timeout(self.redis.timeout):
+                await client.publish(self.channel, encode(self.replica, [Leaving()]))
+        except Exception:  # fail-open, as every write: counted
+            self.errors += 1
+        else:
+            self.published += 1
 
     async def close(self) -> None:
+        """Stop, once what is queued (the drain's Closed events) went out, for
+        at most `timeout` + `batch_delay`."""
         self._closing = True
         task, self._task = self._task, None
         if task is not None:
+            deadline = time.monotonic() + self.redis.timeout + self.redis.batch_delay
+            while self.up and (self._queue or self._in_flight) and time.monotonic() < deadline:
+                await asyncio.sleep(FLUSH_POLL)
             await _stop({task})
         self.up = False
 
@@ -289,10 +330,11 @@ class RedisStateStore(Observer):
         engine = gate.engine
         breakers = self.shared_breakers
         keys: set[str] = set()  # the clients the batch concerns: only theirs are written
-        if origin not in self._heard and not any(isinstance(m, Connections) for m in messages):
-            # New here, or taken for gone since: what it has open, please.
-            self._send(AskConnections(origin))
-        self._heard[origin] = now
+        if origin not in self._left and not any(isinstance(m, Leaving) for m in messages):
+            if origin not in self._heard and not any(isinstance(m, Connections) for m in messages):
+                # New here, or taken for gone since: what it has open, please.
+                self._send(AskConnections(origin))
+            self._heard[origin] = now
         for m in messages:
             if isinstance(m, RemoteEvent):
                 outcome = engine.observe(m.event, admitted=m.admitted, breakers=breakers)
@@ -306,15 +348,30 @@ class RedisStateStore(Observer):
                 engine.release(m.key, now)
                 keys.add(m.key)
             elif isinstance(m, Connections):
-                keys |= engine.replace_connections(origin, m.open, now)
-                self._beats[origin] = m.heartbeat
+                if origin not in self._left:  # a leaving replica's count is zero from then on
+                    keys |= engine.replace_connections(origin, m.open, now)
+                    self._beats[origin] = m.heartbeat
             elif isinstance(m, AskConnections):
                 if m.replica in (self.replica, "*"):
                     self._send(self._connections())
+            elif isinstance(m, Leaving):
+                keys |= self._forget_leaving(origin, now)
             elif m.replica == self.replica:
                 gate.close_connection(m.conn_id, m.code, m.reason)
         self.received += len(messages)
         gate.kick(keys)  # one wake-up re-arm and table write for the batch, not one per message
+
+    def _forget_leaving(self, replica: str, now: float) -> set[str]:
+        """`replica` said it is shutting down: what it had open stops counting,
+        and it is no longer watched for silence."""
+        self._heard.pop(replica, None)
+        self._beats.pop(replica, None)
+        self._left[replica] = None
+        if len(self._left) > MAX_LEFT:
+            del self._left[next(iter(self._left))]
+        keys = self.gate.engine.replace_connections(replica, (), now) if self.gate is not None else set()
+        log_event(log, "state_store_replica_left", replica=replica, clients=len(keys))
+        return keys
 
     # --- the connection ------------------------------------------------------------------------
 
@@ -349,12 +406,16 @@ class RedisStateStore(Observer):
                 self._went_up()
                 up_at = time.monotonic()
                 await self._resync(client)
+                self._first_sync.set()
+                self._session_client = client
                 await self._session(client, pubsub)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # redis errors, OSError, timeouts: all mean "not now"
                 self._went_down(e)
+                self._first_sync.set()  # start() waits no longer: fail-open
             finally:
+                self._session_client = None
                 await self._dispose(client, pubsub)
             # Exponential backoff with jitter, bounded both ways: never a hot
             # loop, never longer than reconnect_max, never a fleet in step.
@@ -476,8 +537,12 @@ class RedisStateStore(Observer):
                 n = min(pending, r.max_batch)
                 pending -= n
                 batch = [self._queue.popleft() for _ in range(n)]
-                async with asyncio.timeout(r.timeout):
-                    await self._publish(client, batch)
+                self._in_flight = n
+                try:
+                    async with asyncio.timeout(r.timeout):
+                        await self._publish(client, batch)
+                finally:
+                    self._in_flight = 0
 
     async def _publish(self, client: Redis, batch: list[Message]) -> None:
         payload = encode(self.replica, batch)

@@ -324,6 +324,7 @@ def test_every_message_survives_the_wire() -> None:
         shared.Connections((shared.OpenConnection(K, 4, 12.5), shared.OpenConnection("bob", 5, 0.0)), 1.0),
         shared.Connections((), 8.0),
         shared.AskConnections("*"),
+        shared.Leaving(),
     ]
     payload = shared.encode("a", messages)
     assert payload.startswith(shared.header("a"))
@@ -370,6 +371,7 @@ def test_every_message_survives_the_wire() -> None:
         b'lw1 a\n[["O", [], 0]]',
         b'lw1 a\n[["O", [["k", 1, "old"]], 1.0]]',
         b'lw1 a\n[["W", 1]]',
+        b'lw1 a\n[["L", "now"]]',
         b"lw1 a\n" + b"[" * 100_000 + b"]" * 100_000,
     ],
 )
