@@ -86,6 +86,9 @@ class Log:
     def rejects(self, key: str | None = None) -> list[tuple[float, Reject]]:
         return [(t, d) for t, k, d in self.decisions if isinstance(d, Reject) and key in (None, k)]
 
+    def decisions_of(self, key: str) -> list[tuple[float, Admit | Reject]]:
+        return [(t, d) for t, k, d in self.decisions if k == key]
+
     def admits(self, key: str | None = None) -> list[tuple[float, Admit]]:
         return [(t, d) for t, k, d in self.decisions if isinstance(d, Admit) and key in (None, k)]
 

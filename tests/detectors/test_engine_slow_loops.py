@@ -268,3 +268,28 @@ def test_a_herd_after_a_restart_each_failing_once_then_connecting_is_not_a_loop(
         assert log.rejects() == []
         assert admitted == dict.fromkeys(keys, 3)
         assert all(e.client(key, end).open_connections == 1 for key in keys)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("normal", [(1000, 1001), (1001,)], ids=["default", "1000-not-normal"])
+def test_a_loop_of_normal_closes_is_flagged_and_refused_only_when_1000_is_not_normal(
+    normal: tuple[int, ...],
+) -> None:
+    """A server that closes each connection 1000 right after it opens, and a
+    client that reconnects at once, ~3 a second (docs/detection.md, known
+    limits): flagged critical either way; refused only once 1000 is no
+    normal close, from about its 30th attempt."""
+    sim = Sim(
+        Engine(DetectionSettings(normal_close_codes=normal), PolicySettings(), BreakerSettings(), seed=0),
+        always(Close(0.05, 1000, "client")),
+    )
+    sim.add(Client(K, 0.0, lambda result, detail: 0.25))
+    log = sim.run(60.0)
+    assert "critical" in {f.severity for f in log.raised() if f.rule == "rapid_reconnect"}
+    refused = log.rejects(K)
+    if normal == (1000, 1001):
+        assert critical_failures(log) == [] and refused == []
+    else:
+        assert critical_failures(log)
+        first_refused_at = refused[0][0]
+        attempts_before = sum(1 for at, _ in log.decisions_of(K) if at < first_refused_at)
+        assert 20 <= attempts_before + 1 <= 40, attempts_before
