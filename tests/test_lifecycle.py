@@ -515,6 +515,28 @@ async def test_sighup_is_not_fatal_at_any_point_after_listening() -> None:
         assert await asyncio.wait_for(p.proc.wait(), 30) == 0
 
 
+async def test_signals_sent_over_and_over_while_it_stops_leave_a_clean_exit() -> None:
+    """A supervisor and a runtime both signalling (SIGTERM twice, a config
+    reloader's SIGHUP racing the stop): the exit stays 0 and no error line is
+    written. A SIGTERM in the interpreter's last milliseconds, after the event
+    loop gave the signals back their defaults, made it 143; a SIGHUP in the
+    drain made a reload fail on the stopped executor, logged as an error."""
+    async with loopwatch_process("ws://127.0.0.1:9") as p:
+        p.proc.send_signal(signal.SIGUSR1)  # HAProxy's soft stop, nginx's log reopen: ignored, said
+        p.proc.send_signal(signal.SIGUSR2)
+        await wait_for(lambda: p.events().count("signal_ignored") == 2)
+        assert p.proc.returncode is None
+        while p.proc.returncode is None:
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                with contextlib.suppress(ProcessLookupError):
+                    p.proc.send_signal(sig)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(p.proc.wait(), 0.002)
+    assert p.proc.returncode == 0
+    assert "stopped" in p.events()
+    assert [line for line in p.log if line.get("level") in ("error", "critical")] == []
+
+
 async def test_forgotten_clients_leave_no_python_objects():
     """The brain frees every object a burst of clients cost it, telemetry's
     included, once the engine forgot them: what the process keeps after that

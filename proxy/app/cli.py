@@ -226,7 +226,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for warning in settings_warnings(settings):
         event(logging.getLogger("loopwatch"), "config_warning", logging.WARNING, message=warning)
     from ..observe.tracing import TracingConfigError
-    from .runtime import ConfigSources, Running, run_loop, serve
+    from .runtime import ConfigSources, Running, ignore_stop_signals, run_loop, serve
 
     def follow_logging(running: Running) -> None:
         """A reload's `logging:` applies at once (from the line after its config_loaded)."""
@@ -235,6 +235,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     sources = ConfigSources(args.config, dict(os.environ), overrides)
     try:
         status = run_loop(lambda: serve(settings, sources=sources, on_started=follow_logging))
+        ignore_stop_signals()
         assert isinstance(status, int)  # serve's exit status
         return status
     except (ConfigError, TracingConfigError) as e:  # a file it cannot read; an OTEL_* variable it cannot honour

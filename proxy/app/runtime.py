@@ -466,6 +466,8 @@ async def serve(
             task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload_on_hup)
+    for sig in IGNORED_SIGNALS:
+        loop.add_signal_handler(sig, _ignored, sig)
     fitted = fdlimit.fit_logged(settings)  # process-wide, as tune_gc: only here, not in `start`
     running = await start(settings, sources=sources, stop=stop)
     running.observers.add(fdlimit.FdLimitFitter(fitted))
@@ -474,6 +476,13 @@ async def serve(
     if on_started is not None:
         on_started(running)
     await running.stop.wait()
+    # A SIGHUP from now on reloads nothing, and a reload under way is let go:
+    # one that ran into the drain failed on the stopped executor, and its
+    # traceback made an error line of a clean stop.
+    started.clear()
+    for task in list(reloads):
+        task.cancel()
+    await asyncio.gather(*reloads, return_exceptions=True)
     event(log, "shutting down", live_connections=running.plane.active_connections())
     await running.close()
     event(log, "stopped")
@@ -496,6 +505,24 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLD)
+
+
+# Signals other proxies give a meaning (nginx reopens its logs on SIGUSR1,
+# HAProxy soft-stops) whose default would end loopwatch at once, unlogged.
+IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _ignored(sig: signal.Signals) -> None:
+    event(log, "signal_ignored", logging.WARNING, signal=sig.name,
+          hint="SIGHUP reloads the configuration; SIGTERM or SIGINT stops gracefully")  # fmt: skip
+
+
+def ignore_stop_signals() -> None:
+    """After the event loop closed, which gave the signals back their defaults:
+    a second SIGTERM in the interpreter's last milliseconds ended a clean stop
+    with 143."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, *IGNORED_SIGNALS):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 async def _reload_logged(running: Running) -> None:
