@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
+import aiohttp
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
@@ -266,6 +267,22 @@ async def test_reload_reports_restarts_and_refusals(tmp_path: Path) -> None:
             lines = refused.err.splitlines()
             assert lines[0] == "loopwatch reload: invalid configuration; the running one is kept (400)"
             assert lines[1].startswith("  limits.handshake_timeout: expected a duration")
+
+            # With only --config: the admin section is all the command reads of
+            # the file, so a mistake elsewhere reaches the server, which records
+            # the failed reload (the LoopwatchConfigReloadFailed alert reads it).
+            admin_port = (
+                f'upstream: "ws://127.0.0.1:{backend.port}"\nlisten: "127.0.0.1:0"\n'
+                f'admin:\n  listen: "127.0.0.1:{lw.admin_port}"\n  token: "{TOKEN}"\n'
+            )
+            config.write_text(admin_port + "limits:\n  handshake_timeout: soon\n")
+            refused = await cli("reload", "--config", str(config))
+            assert refused.code == ExitCode.FAILED, refused
+            assert refused.err.splitlines()[0].endswith("the running one is kept (400)")
+            async with aiohttp.ClientSession() as session, session.get(
+                f"{admin_url(lw)}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}
+            ) as response:
+                assert "loopwatch_config_last_reload_successful 0.0" in await response.text()
         finally:
             await lw.close()
 

@@ -137,17 +137,20 @@ class Configured(NamedTuple):
 
 def _admin_settings(config: str | None, env: Mapping[str, str]) -> Configured:
     """admin.listen and admin.token as `loopwatch run` would read them here; the
-    environment's other settings are not this command's business."""
+    file's other sections and the environment's other settings are not this
+    command's business: `loopwatch reload` of a file with an error elsewhere
+    reaches the server, which refuses it and says so (its reload metrics and
+    the LoopwatchConfigReloadFailed alert)."""
     from ..app.settings import ConfigError, load_settings
 
     admin_env = {k: v for k, v in env.items() if k == "LOOPWATCH_ADMIN" or k.startswith("LOOPWATCH_ADMIN__")}
     try:
-        settings = load_settings(config, env=admin_env)
+        settings = load_settings(config, env=admin_env, only="admin")
     except ConfigError as e:
         raise OperatorError(
             ExitCode.USAGE,
             "cannot read the admin address and token from the configuration; fix it or pass "
-            "--admin URL (and --token-file)",
+            "--admin URL (and --token-file); the running loopwatch was not told",
             tuple(e.errors),
         ) from None
     if "LOOPWATCH_ADMIN__TOKEN" in admin_env:

@@ -173,13 +173,18 @@ def load_settings(
     *,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    only: str | None = None,
 ) -> Settings:
     """Defaults < YAML file at `path` < `env` (os.environ when None) < `overrides`.
 
     `overrides` maps dotted key paths ("upstream", "limits.max_connections") to
-    values; a None value means "not given" and is skipped.
+    values; a None value means "not given" and is skipped. `only` names the one
+    top-level section of the file to read (the others stay at their defaults):
+    the operator commands need `admin:`, whatever is wrong elsewhere.
     """
     data = {} if path is None else _read_yaml(path)
+    if only is not None:
+        data = {only: data[only]} if only in data else {}
     errors: list[str] = []
     origins: dict[Loc, str] = {}
     env_layer = _env_layer(os.environ if env is None else env, errors)
