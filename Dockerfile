@@ -35,7 +35,7 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels . \
 # installs the same wheel the same way and runs every subcommand).
 FROM python:3.11-slim
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-compile /wheels/*.whl \
+    pip install --no-cache-dir /wheels/*.whl \
     && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin loopwatch
 
 # In a container the admin port (health, metrics, API) must be reachable from
@@ -51,9 +51,11 @@ USER 10001:10001
 EXPOSE 8080 9900
 
 # The slim image has no curl; Python's standard library does the request. A
-# non-2xx answer raises, which fails the check.
+# non-2xx answer raises, which fails the check. The port is LOOPWATCH_ADMIN__LISTEN's:
+# move the admin port with that variable (not --admin-listen or a config file's
+# admin.listen, which this check cannot see), or override HEALTHCHECK.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9900/healthz', timeout=2)"]
+    CMD ["python", "-c", "import os, urllib.request; port = os.environ.get('LOOPWATCH_ADMIN__LISTEN', ':9900').rpartition(':')[2]; urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=2)"]
 
 ENTRYPOINT ["loopwatch"]
 CMD ["run"]

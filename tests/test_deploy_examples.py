@@ -10,14 +10,17 @@ import argparse
 import asyncio
 import contextlib
 import fnmatch
+import http.server
 import importlib.metadata
 import json
+import os
 import re
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -36,6 +39,7 @@ from loopwatch.proxy.app.settings import Settings, load_settings
 from loopwatch.proxy.observe import span_export
 from loopwatch.proxy.sections import parse_host_port
 from loopwatch.proxy.tools.demo_backend import issue_token
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "config" / "examples"
@@ -194,16 +198,41 @@ def test_dockerfile_entrypoint_command_environment_and_ports() -> None:
 
 
 def test_dockerfile_healthcheck_calls_healthz_on_the_admin_port() -> None:
+    """The check, run as the image runs it: it asks /healthz on the port of
+    LOOPWATCH_ADMIN__LISTEN (the image's, or one moved with that variable)."""
     instructions = dict(dockerfile_instructions())
     check = instructions["HEALTHCHECK"]
     assert "CMD" in check
+    command = exec_form(check.split("CMD", 1)[1].strip())
+    assert command[0] == "python"  # in the slim image (no curl or wget there)
     _, settings = loopwatch_settings(["run", "--upstream", "ws://backend:8000"], image_env())
     assert settings is not None
-    urls = re.findall(r"https?://[^'\" ]+", check)
-    assert urls == [f"http://127.0.0.1:{port_of(settings.admin.listen)}/healthz"]
-    # The command's program is in the slim image (no curl or wget there).
-    command = exec_form(check.split("CMD", 1)[1].strip())
-    assert command[0] == "python"
+    asked: list[str] = []
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the standard library's name
+            asked.append(self.path)
+            self.send_response(200 if self.path == "/healthz" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            port = server.server_address[1]
+            for listen in (f"0.0.0.0:{port}", f"[::]:{port}"):
+                env = {**os.environ, **image_env(), "LOOPWATCH_ADMIN__LISTEN": listen}
+                assert subprocess.run([sys.executable, *command[1:]], env=env, timeout=30).returncode == 0
+            moved = {**os.environ, **image_env(), "LOOPWATCH_ADMIN__LISTEN": f"0.0.0.0:{free_port()}"}
+            assert subprocess.run([sys.executable, *command[1:]], env=moved, timeout=30,
+                                  stderr=subprocess.DEVNULL).returncode != 0  # fmt: skip
+        finally:
+            server.shutdown()
+    assert asked == ["/healthz", "/healthz"]
+    # Without the variable set, the image's own admin port.
+    assert image_env()["LOOPWATCH_ADMIN__LISTEN"].rpartition(":")[2] == str(port_of(settings.admin.listen))
 
 
 def test_dockerfile_copies_only_what_exists_and_the_context_keeps() -> None:
@@ -720,9 +749,11 @@ def test_kubernetes_waits_before_sigterm_and_its_grace_covers_the_drain() -> Non
     spec = kubernetes_objects()["Deployment"]["spec"]["template"]["spec"]
     sidecar, backend = containers()["loopwatch"], containers()["backend"]
     wait = sidecar["lifecycle"]["preStop"]["sleep"]["seconds"]
-    assert wait >= 5 and backend["lifecycle"]["preStop"]["sleep"]["seconds"] >= wait
     _, settings = loopwatch_settings(sidecar["args"], {**image_env(), **container_env(sidecar)})
     assert settings is not None
+    # The kubelet runs both hooks at once: the backend outlasts the drain.
+    assert wait >= 5
+    assert backend["lifecycle"]["preStop"]["sleep"]["seconds"] > wait + settings.limits.shutdown_timeout
     grace = wait + settings.limits.shutdown_timeout + span_export.CHILD_EXIT_WAIT
     assert spec["terminationGracePeriodSeconds"] >= grace
     # The memory request is above what the sidecar holds idle (~77 MiB).
