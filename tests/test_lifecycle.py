@@ -170,6 +170,36 @@ async def test_signal_closes_both_legs_with_1001_and_exits_0(sig):
             await asyncio.open_connection("127.0.0.1", p.proxy_port)
 
 
+async def test_accept_grace_keeps_serving_with_readyz_503_then_drains() -> None:
+    """limits.accept_grace: after SIGTERM the listener still takes new
+    connections for that long while /readyz says 503, so a load balancer that
+    checks it stops sending first; then the drain, and exit 0."""
+    recorder = Recorder()
+    async with (
+        websockets_backend(recorder.handler) as (url, _),
+        loopwatch_process(url, LOOPWATCH_LIMITS__ACCEPT_GRACE="1500ms") as p,
+    ):
+        live = await connect(f"ws://127.0.0.1:{p.proxy_port}/before", proxy=None)
+        p.proc.send_signal(signal.SIGTERM)
+        await wait_for(lambda: "shutting down" in p.events())
+        async with aiohttp.ClientSession() as session, session.get(
+            f"http://127.0.0.1:{p.admin_port}/readyz"
+        ) as response:
+            assert response.status == 503
+        # A client the balancer still sends meanwhile: served as usual.
+        async with connect(f"ws://127.0.0.1:{p.proxy_port}/during", proxy=None) as late:
+            await late.send("still here")
+            assert await late.recv() == "still here"
+        await live.send("and me")
+        assert await live.recv() == "and me"
+        (line,) = [line for line in p.log if line.get("event") == "shutting down"]
+        assert line["accept_grace"] == 1.5
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(live.recv(), 10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+        assert await asyncio.wait_for(p.proc.wait(), 15) == 0
+
+
 @SUBPROCESS
 async def test_sigterm_with_an_unresponsive_client_still_exits_in_time():
     recorder = Recorder()

@@ -75,6 +75,9 @@ class Running:
     # The settings of the start: what a reload cannot change (the plane's
     # `restart_keys`) stays theirs until a restart, whatever the file says.
     started: Settings | None = None
+    # SIGTERM came: /readyz answers 503 (during limits.accept_grace, the
+    # listener still accepts).
+    stopping: bool = False
 
     def __post_init__(self) -> None:
         if self.started is None:
@@ -404,7 +407,7 @@ async def start(
     admin = AdminServer(
         registry,
         ready=lambda: not plane.closing and store.ready and (
-            not holder or holder[0].health is None or holder[0].health.healthy
+            not holder or (not holder[0].stopping and (holder[0].health is None or holder[0].health.healthy))
         ),
         settings=lambda: (holder[0].settings if holder else settings).admin,
     )
@@ -483,7 +486,14 @@ async def serve(
     for task in list(reloads):
         task.cancel()
     await asyncio.gather(*reloads, return_exceptions=True)
-    event(log, "shutting down", live_connections=running.plane.active_connections())
+    running.stopping = True
+    grace = running.settings.limits.accept_grace
+    event(log, "shutting down", live_connections=running.plane.active_connections(), accept_grace=grace)
+    if grace:
+        # Traefik's requestAcceptGraceTimeout, HAProxy's `grace`: a load balancer
+        # that health-checks /readyz stops sending here before the listener
+        # closes, instead of meeting a refused connect.
+        await asyncio.sleep(grace)
     await running.close()
     event(log, "stopped")
     return 0

@@ -139,6 +139,8 @@ class Limits(Section):
     max_connections_per_address: AddressCap = "50%"
     max_heads_per_address: AddressCap = "10%"
     shutdown_timeout: Duration = 10.0
+    # After SIGTERM, keep accepting (and /readyz 503) this long before the drain.
+    accept_grace: Annotated[Duration, Field(ge=0)] = 0.0
 
     def address_cap(self, cap: int | str | None) -> int | None:
         """A per-address cap as a number of connections; None for no cap. A share
