@@ -176,8 +176,11 @@ def overview() -> list[cogbuilder.Builder[Any]]:
         "close to it. Any auth_failure_loop or rapid_reconnect client is a connection loop "
         "(alert LoopwatchConnectionLoopDetected): list them with GET /api/clients and read "
         "one with GET /api/clients/{key}. Flags clear after a quiet period, so the line lags "
-        "the fix by about 30 s.",
-        query(f"sum by (rule) (loopwatch_clients_flagged{{{SEL}}})", "{{rule}}"),
+        "the fix by about 30 s. The most any one replica counts: replicas that share state "
+        "each count every client.",
+        query(
+            f"max by (rule) (sum by (job, instance, rule) (loopwatch_clients_flagged{{{SEL}}}))", "{{rule}}"
+        ),
     ).span(8)
     cooldown = (
         stat.Panel()
@@ -188,10 +191,11 @@ def overview() -> list[cogbuilder.Builder[Any]]:
             f"(alert LoopwatchClientsInCooldownHigh, above {COOLDOWN_THRESHOLD}) usually means "
             "a bad frontend release or an auth outage blamed on clients: check the Auth-failure "
             "ratio panel and the auth breaker, and release clients with "
-            "POST /api/clients/{key}/release if they are not at fault."
+            "POST /api/clients/{key}/release if they are not at fault. The most any one "
+            "replica counts: replicas that share state each count every client."
         )
         .datasource(DATASOURCE)
-        .with_target(query(f"sum(loopwatch_clients_in_cooldown{{{SEL}}})", "in cooldown"))
+        .with_target(query(f"max(loopwatch_clients_in_cooldown{{{SEL}}})", "in cooldown"))
         .unit("short")
         .thresholds(thresholds((None, "green"), (1, "orange"), (COOLDOWN_THRESHOLD, "red")))
         .color_mode(common.BigValueColorMode.BACKGROUND)
@@ -304,9 +308,11 @@ def loops() -> list[cogbuilder.Builder[Any]]:
         "fires on; warnings are for eyes. Any bar at all deserves a look: open the Top "
         "offenders table, then GET /api/clients/{key} for a client's history and evidence. "
         "A rule that fires for healthy clients needs its thresholds tuned in the config "
-        "(detection.rules.*), or mode: observe while you tune.",
+        "(detection.rules.*), or mode: observe while you tune. The most any one replica "
+        "raised: replicas that share state each raise every finding.",
         query(
-            f"sum by (rule, severity) (increase(loopwatch_findings_total{{{SEL}}}[$__rate_interval]))",
+            "max by (rule, severity) (sum by (job, instance, rule, severity) "
+            f"(increase(loopwatch_findings_total{{{SEL}}}[$__rate_interval])))",
             "{{rule}} {{severity}}",
         ),
     ).draw_style(common.GraphDrawStyle.BARS)
