@@ -37,7 +37,7 @@ from .findings import SEVERITY_RANK, Finding, Flag
 from .fleet import Fleet
 from .inspection import breaker_states, client_view, rank, snapshot
 from .offenders import HOT_RATE, HotClients
-from .policy import Policy
+from .policy import MAX_REPEAT, Policy
 from .rules import RULE_NAMES, RULES
 from .settings import BreakerSettings, DetectionSettings, Mode, PolicySettings, RuleSettings
 from .shared import OpenConnection, SharedCooldown, owner_of, remote_conn_id
@@ -832,7 +832,7 @@ class Engine:
         longest = MAX_DURATION if cooldown.rule == "manual" else self._policy.settings.cooldown.max
         until = t + min(cooldown.remaining, longest)
         memory = self._policy.settings.cooldown.memory
-        state.cool_repeat = max(state.cool_repeat, cooldown.repeat)
+        state.cool_repeat = max(state.cool_repeat, min(cooldown.repeat, MAX_REPEAT))
         state.keep_until = max(state.keep_until, until + memory)
         active = state.cool_rule is not None and state.cool_until > t
         adopt = cooldown.remaining > 0 and (
@@ -902,7 +902,9 @@ class Engine:
         return running + [
             SharedCooldown(s.key, s.cool_until - t, "remembered", s.cool_repeat, s.cool_enforced)
             for s in self._store
-            if s.cool_rule is None and s.cool_until <= t < s.cool_until + memory
+            # cool_repeat: a client never cooled down has none to remember (its
+            # cool_until, 0.0, was within memory of a host up less than that)
+            if s.cool_rule is None and s.cool_repeat and s.cool_until <= t < s.cool_until + memory
         ]
 
     def record_health(self, t: float, ok: bool) -> Outcome:

@@ -56,10 +56,15 @@ def enforces(rule: RuleSettings, severity: str) -> bool:
     return SEVERITY_RANK[severity] >= _ENFORCE_RANK[rule.enforce_on]
 
 
+# Offences past this one escalate no further: factor^repeat overflows a float
+# long before repeat is large (and a repeat count from another replica came
+# off the network).
+MAX_REPEAT = 65
+
+
 def cooldown_length(settings: CooldownSettings, repeat: int) -> float:
     """Nominal cooldown for the ``repeat``-th offence (1-based), before jitter."""
-    # Cap the exponent too: factor^repeat overflows a float long before repeat is large.
-    nominal = settings.base * settings.factor ** min(repeat - 1, 64)
+    nominal = settings.base * settings.factor ** (min(repeat, MAX_REPEAT) - 1)
     return min(nominal, settings.max)
 
 

@@ -202,11 +202,17 @@ class EngineGate(Gate):
             self.observers.call("on_outcome", outcome, t, conn)
         self._schedule()
 
-    def close_connection(self, conn_id: object, code: int, reason: str) -> bool:
+    def close_connection(self, conn_id: object, code: int, reason: str, key: str | None = None) -> bool:
         """Close one of this replica's connections (close-oldest, or another
-        replica's request); False when it is not here (or already gone)."""
+        replica's request, which names the client: `key`); False when it is not
+        here, already gone, or another client's (ids are small counters: a
+        request for a client's oldest must not close someone else's)."""
         if self.plane is None or not isinstance(conn_id, int):  # ids here are ints
             return False
+        if key is not None:
+            conn = self.plane.connection(conn_id)
+            if conn is None or conn.key != key:
+                return False
         return self.plane.close(conn_id, code, reason)
 
     def apply(self, outcome: Outcome, t: float) -> None:
@@ -289,9 +295,12 @@ class EngineGate(Gate):
 
 
 class Closer(Protocol):
-    """What engine actions need of a data plane: close one of its connections."""
+    """What engine actions need of a data plane: close one of its connections
+    (after checking whose it is)."""
 
     def close(self, conn_id: int, code: int, reason: str) -> bool: ...
+
+    def connection(self, conn_id: object) -> Connection | None: ...
 
 
 class Releaser(Protocol):

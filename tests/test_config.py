@@ -745,6 +745,14 @@ def test_settings_that_contradict_each_other_are_errors(tmp_path: Path) -> None:
     ]
     # Port 0 is any free port: the two never meet.
     assert load_settings(None, env={}, overrides={"listen": "127.0.0.1:0", "admin.listen": "127.0.0.1:0"})
+    # A Redis URL's query: TLS's CA and client certificate, a socket's database;
+    # nothing that would override loopwatch's own timeouts.
+    tls = "rediss://redis:6380/0?ssl_ca_certs=/ca.pem&ssl_certfile=/c.pem&ssl_keyfile=/k.pem"
+    assert load_settings(None, env={}, overrides={"state.redis.url": tls}).state.redis.url == tls
+    assert load_settings(None, env={}, overrides={"state.redis.url": "unix:///run/redis.sock?db=2"})
+    [error] = errors_of('state: {redis: {url: "redis://r:6379/0?socket_timeout=30"}}\n', tmp_path)
+    assert error.startswith("state.redis.url: expected no query parameters besides db, ssl_ca_certs")
+    assert error.endswith("got socket_timeout")
 
 
 def test_environment_text_settings_stay_text() -> None:

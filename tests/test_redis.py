@@ -648,3 +648,80 @@ async def wait_for_async(probe: Any, timeout: float = 5.0) -> None:
     while not await probe():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.02)
+
+
+async def test_a_key_of_another_type_under_the_prefix_is_skipped_not_fatal(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One foreign key of the wrong type under `<prefix>cool:` (a foreign HSET)
+    answered WRONGTYPE in the resync's pipeline, which raised: every replica
+    that (re)connected went down 50 ms later, for ever. Now it is skipped and
+    logged as a bad entry, and the good keys beside it are adopted."""
+    caplog.set_level(logging.INFO, logger="loopwatch.state")
+    prefix = "lw-wrongtype:"
+    async with redis_client(redis_server) as client:
+        await client.hset(prefix + "cool:foreign", "a", "b")
+        await client.pexpire(prefix + "cool:foreign", 600_000)
+        value = '{"rule":"manual","repeat":1,"enforced":true,"tail_ms":0}'
+        await client.set(prefix + "cool:" + key_of("held"), value, px=600_000)
+    async with replicas(redis_server.url, prefix) as (_, a, b):
+        await wait_for(lambda: in_cooldown(a, key_of("held")) and in_cooldown(b, key_of("held")))
+        await asyncio.sleep(1.0)  # several heartbeats: still up, never down
+        assert store(a).up and store(b).up
+    messages = [r.getMessage() for r in caplog.records if r.name == "loopwatch.state"]
+    assert "state_store_down" not in messages
+    assert "state_store_bad_message" in messages
+
+
+async def test_a_restarted_redis_gets_back_every_cooldown_however_many(redis_server: RedisServer) -> None:
+    """A Redis that restarted empty is written back every cooldown a replica
+    holds. That went through the event queue, bounded by max_queue: past it
+    the rest were dropped, silently (10 000 of 20 000 came back)."""
+    prefix = "lw-writeback:"
+    async with replicas(redis_server.url, prefix, **{"state.redis.max_queue": 10}) as (_, a, b):
+        n = 60
+        for i in range(n):
+            a.force_cooldown(f"client{i}", 600.0, time.monotonic())
+        redis_server.stop()
+        await wait_for(lambda: not store(a).up)
+        redis_server.start()  # empty, and a new run_id
+        await wait_for(lambda: store(a).up, timeout=10)
+        async with redis_client(redis_server) as client:
+            await wait_for_async(lambda: _has(client, prefix + "cool:*", n), timeout=10)
+
+
+async def _has(client: aioredis.Redis, pattern: str, n: int) -> bool:
+    return len([k async for k in client.scan_iter(match=pattern)]) >= n
+
+
+async def test_what_another_replica_asks_is_checked_and_said(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whoever can publish on the channel speaks for a replica (docs/replicas.md,
+    "Who can change what"): a close request for one client's connection that
+    names another's id is refused, and an operator's cooldown or release
+    adopted from elsewhere is logged with the replica it came from."""
+    from loopwatch.detectors import shared
+
+    caplog.set_level(logging.INFO, logger="loopwatch.state")
+    prefix = "lw-forged:"
+    async with (
+        replicas(redis_server.url, prefix) as (_, a, b),
+        connect(ws(a, "victim", expired=False), open_timeout=5, close_timeout=2) as victim,
+        redis_client(redis_server) as client,
+    ):
+        driver = a.plane.driver  # type: ignore[attr-defined]  # NativePlane
+        await wait_for(lambda: len(driver.conns) == 1)
+        (conn_id,) = driver.conns
+        forged = [
+            shared.CloseRequest("a", conn_id, "someone-else", 1000, "forged"),
+            shared.SharedCooldown("mallory", 60.0, "manual", 1, True, True),
+            shared.Release("looper"),
+        ]
+        await client.publish(prefix + "events", shared.encode("evil", forged))
+        await wait_for(lambda: in_cooldown(a, "mallory"))
+        await victim.send("still here")
+        assert await asyncio.wait_for(victim.recv(), 5) == "still here"
+    said = [(r.fields["action"], r.fields["client"], r.fields["replica"])  # type: ignore[attr-defined]
+            for r in caplog.records if r.getMessage() == "state_store_remote_action"]  # fmt: skip
+    assert ("cooldown", "mallory", "evil") in said and ("release", "looper", "evil") in said

@@ -57,6 +57,7 @@ from ...detectors.shared import (
     header,
     owner_of,
 )
+from ..dataplane.boundary import LogLimiter
 from ..observe.logs import event as log_event
 from ..observe.observers import Observer
 
@@ -92,6 +93,7 @@ PEER_SILENCE = 3
 # Closed, a heartbeat) do not make them count as back; a replica id is one
 # process's, so a handful is plenty.
 MAX_LEFT = 64
+BAD_LOG_INTERVAL = 60.0  # seconds between two state_store_bad_message lines
 # How often close() looks whether the queue went out.
 FLUSH_POLL = 0.005
 
@@ -136,7 +138,7 @@ class Brain(Protocol):
 
     def apply(self, outcome: Outcome, t: float) -> None: ...
 
-    def close_connection(self, conn_id: object, code: int, reason: str) -> bool: ...
+    def close_connection(self, conn_id: object, code: int, reason: str, key: str | None = None) -> bool: ...
 
     def kick(self, keys: Iterable[str] = ()) -> None: ...
 
@@ -184,7 +186,10 @@ class RedisStateStore(Observer):
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._outage_logged = False
-        self._bad_logged = False
+        self._outage_error: str | None = None  # the kind of error the outage's last line named
+        # Batches and keys that are not loopwatch's: a line a minute at most,
+        # with the count left out, for the life of the process.
+        self._bad_lines = LogLimiter(BAD_LOG_INTERVAL)
         self._write_failing = False  # a key write refused (a full Redis), logged once until one succeeds
         self._closing = False
         # Cooldowns started while Redis was out of reach, or whose key it
@@ -323,9 +328,7 @@ class RedisStateStore(Observer):
         try:
             origin, messages = decode(payload, now)
         except ValueError as e:
-            if not self._bad_logged:  # a foreign publisher on our channel, or a newer version
-                self._bad_logged = True
-                log_event(log, "state_store_bad_message", logging.WARNING, channel=self.channel, error=str(e))
+            self._bad(str(e))  # a foreign publisher on our channel, or a newer version
             return
         engine = gate.engine
         breakers = self.shared_breakers
@@ -344,9 +347,13 @@ class RedisStateStore(Observer):
             elif isinstance(m, SharedCooldown):
                 engine.adopt_cooldown(m, now)
                 keys.add(m.key)
+                if m.force:  # an operator's, on that replica: said here too, with where it came from
+                    log_event(log, "state_store_remote_action", replica=origin, action="cooldown",
+                              client=m.key, seconds=round(m.remaining, 1))  # fmt: skip
             elif isinstance(m, Release):
                 engine.release(m.key, now)
                 keys.add(m.key)
+                log_event(log, "state_store_remote_action", replica=origin, action="release", client=m.key)
             elif isinstance(m, Connections):
                 if origin not in self._left:  # a leaving replica's count is zero from then on
                     keys |= engine.replace_connections(origin, m.open, now)
@@ -357,9 +364,17 @@ class RedisStateStore(Observer):
             elif isinstance(m, Leaving):
                 keys |= self._forget_leaving(origin, now)
             elif m.replica == self.replica:
-                gate.close_connection(m.conn_id, m.code, m.reason)
+                gate.close_connection(m.conn_id, m.code, m.reason, key=m.key)
         self.received += len(messages)
         gate.kick(keys)  # one wake-up re-arm and table write for the batch, not one per message
+
+    def _bad(self, error: str) -> None:
+        """A batch or key that is not loopwatch's: skipped, counted, logged."""
+        self.errors += 1
+        suppressed = self._bad_lines.admit("bad", time.monotonic())
+        if suppressed is not None:
+            log_event(log, "state_store_bad_message", logging.WARNING,
+                      channel=self.channel, error=error, suppressed=suppressed)  # fmt: skip
 
     def _forget_leaving(self, replica: str, now: float) -> set[str]:
         """`replica` said it is shutting down: what it had open stops counting,
@@ -449,8 +464,12 @@ class RedisStateStore(Observer):
         self.up = False
         self.dropped += len(self._queue)
         self._queue.clear()
-        if not self._outage_logged:  # once per outage; later failures are only counted
+        kind = type(error).__name__
+        # Once per outage, and again when its cause changes (Redis back, but
+        # now asking for a password): other failures are only counted.
+        if not self._outage_logged or kind != self._outage_error:
             self._outage_logged = True
+            self._outage_error = kind
             log_event(
                 log, "state_store_down", logging.WARNING,
                 replica=self.replica, error=f"{type(error).__name__}: {error}".rstrip(": "),
@@ -605,14 +624,18 @@ class RedisStateStore(Observer):
         return unshared
 
     def _write_back(self, only: set[str] | None) -> None:
-        """Share again the cooldowns Redis lacks: those of `only` still
-        running, or (None: it lost them all) every one, those over but within
-        the repeat memory a key keeps included."""
+        """Share again, through the queue, the cooldowns Redis lacks (see
+        `_cooldowns_to_write_back`)."""
+        for cooldown in self._cooldowns_to_write_back(only):
+            self._send(cooldown)
+
+    def _cooldowns_to_write_back(self, only: set[str] | None) -> list[SharedCooldown]:
+        """Those of `only` still running, or (None: Redis lost them all) every
+        one, those over but within the repeat memory a key keeps included."""
         if self.gate is None:
-            return
-        for cooldown in self.gate.engine.cooldowns(self._clock(), remembered=only is None):
-            if only is None or cooldown.key in only:
-                self._send(cooldown)
+            return []
+        cooldowns = self.gate.engine.cooldowns(self._clock(), remembered=only is None)
+        return [c for c in cooldowns if only is None or c.key in only]
 
     async def _resync(self, client: Redis) -> None:
         """On (re)connect: adopt the cooldowns Redis holds, then share ours, which
@@ -640,12 +663,17 @@ class RedisStateStore(Observer):
                 pipe.get(key)
                 pipe.pttl(key)
             async with asyncio.timeout(r.timeout):
-                replies = await pipe.execute()
+                # A key of another type under the prefix (a foreign HSET) answers
+                # WRONGTYPE: that key is skipped, as a bad value is. Raised, it
+                # ended every session at its resync, for good.
+                replies = await pipe.execute(raise_on_error=False)
             now = self._clock()
             for key, value, pttl in zip(chunk, replies[::2], replies[1::2], strict=True):
                 cooldown = self._parse_key(key, value, pttl)
                 if cooldown is not None:
                     engine.adopt_cooldown(cooldown, now)
+                elif isinstance(value, Exception) or isinstance(pttl, Exception):
+                    self._bad(f"{key[:80]!r}: {value if isinstance(value, Exception) else pttl}")
         # What this replica has open, for the others to count exactly that (a
         # restart under the same id leaves none of the old ones), and theirs.
         self._send(self._connections())
@@ -661,11 +689,16 @@ class RedisStateStore(Observer):
         # out of reach (or refused by it): a cooldown released or shortened
         # meanwhile by an operator stays so on every replica.
         unshared = self._take_unshared()
-        self._write_back(None if restarted else unshared)
+        # Pipelined from here, max_batch at a time: through the event queue,
+        # bounded by max_queue, a restarted Redis got back 10 000 of 20 000.
+        back = self._cooldowns_to_write_back(None if restarted else unshared)
+        for start in range(0, len(back), r.max_batch):
+            async with asyncio.timeout(r.timeout):
+                await self._publish(client, list(back[start : start + r.max_batch]))
         gate.reconcile()
 
-    def _parse_key(self, key: bytes, value: bytes | None, pttl: int) -> SharedCooldown | None:
-        if value is None or pttl <= 0:
+    def _parse_key(self, key: bytes, value: object, pttl: object) -> SharedCooldown | None:
+        if not isinstance(value, bytes) or not isinstance(pttl, int) or pttl <= 0:
             return None  # expired between SCAN and GET, or no TTL (not ours)
         try:
             data = json.loads(value)

@@ -7,7 +7,7 @@ loads no Redis client.
 from __future__ import annotations
 
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import BeforeValidator, Field, model_validator
 
@@ -15,6 +15,10 @@ from ...detectors.units import MAX_COUNT, Duration
 from ..sections import OptionalSecret, Section
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
+# The URL's query parameters taken (redis-py's names): a unix socket's database,
+# TLS's private CA and client certificate. Any other would reach the client as
+# well, the timeouts loopwatch sets among them.
+REDIS_URL_PARAMETERS = ("db", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 
 
 def _check_redis_url(value: object) -> object:
@@ -31,6 +35,11 @@ def _check_redis_url(value: object) -> object:
     if parts.password:
         # It would be printed by check-config and GET /api/config.
         raise ValueError("put the password in state.redis.password (or LOOPWATCH_STATE__REDIS__PASSWORD), not in the URL")
+    unknown = sorted({name for name, _ in parse_qsl(parts.query, keep_blank_values=True)} - set(REDIS_URL_PARAMETERS))
+    if unknown:
+        raise ValueError(
+            f"expected no query parameters besides {', '.join(REDIS_URL_PARAMETERS)}, got {', '.join(unknown)}"
+        )
     return value
 
 

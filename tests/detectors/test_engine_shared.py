@@ -14,6 +14,7 @@ from loopwatch.detectors.actions import CloseConnection, CooldownStarted
 from loopwatch.detectors.decisions import Outcome, Reject
 from loopwatch.detectors.engine import Engine
 from loopwatch.detectors.events import Attempt, Closed, Event, HandshakeFailed, Opened, Rejected
+from loopwatch.detectors.policy import MAX_REPEAT
 from loopwatch.detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
 
 K = "alice@10.0.0.5"
@@ -219,6 +220,26 @@ def test_a_cooldown_over_but_remembered_is_shared_for_a_store_that_lost_it() -> 
     late.adopt_cooldown(shared.decode(shared.encode("a", [remembered]), 4.0)[1][0], 4.0)  # type: ignore[arg-type]
     started = offend(late, 5.0)
     assert started and started[0].repeat == 2
+
+
+def test_a_client_never_cooled_down_has_no_cooldown_to_remember() -> None:
+    """On a host up for less than policy.cooldown.memory (the engine's clock is
+    the monotonic one), every client's cool_until of 0.0 was "over but within
+    memory": a Redis restart got a key for every tracked client."""
+    e = engine(PolicySettings.model_validate({"cooldown": {"memory": "1h"}}))
+    assert e.admit(Attempt("healthy", "/ws", 100.0)).admitted
+    e.adopt_cooldown(shared.SharedCooldown(K, 3.0, "auth_failure_loop", 1), 100.0)
+    e.wake(103.0)
+    assert [c.key for c in e.cooldowns(110.0, remembered=True)] == [K]
+
+
+def test_a_repeat_count_off_the_network_is_bounded() -> None:
+    """A replica (or whoever can publish on the channel) sent repeat
+    99 999 999 999: kept, it made the next offence's count as large."""
+    e = engine()
+    e.adopt_cooldown(shared.SharedCooldown(K, -1.0, "auth_failure_loop", 99_999_999_999), 100.0)
+    started = offend(e, 100.1)
+    assert started and started[0].repeat == MAX_REPEAT + 1
 
 
 def test_adopted_cooldowns_end_by_the_wake_queue_and_are_listed() -> None:
