@@ -221,7 +221,7 @@ def test_parse_host_port_rejects(value: object) -> None:
         ("lisen: ':1'", "lisen: unknown key; did you mean `listen`?"),
         (
             "admin: {zzz: 1}",
-            "admin.zzz: unknown key; known keys: listen, token, allowed_hosts, insecure, event_streams",
+            "admin.zzz: unknown key; known keys: listen, token, token_file, allowed_hosts, insecure, event_streams",
         ),
         (
             "routes: [{path_prefix: /a, upstream: ws://a}, {path_prefix: /b, upstream: 'ftp://b'}]",

@@ -155,6 +155,8 @@ def _admin_settings(config: str | None, env: Mapping[str, str]) -> Configured:
         ) from None
     if "LOOPWATCH_ADMIN__TOKEN" in admin_env:
         source = "LOOPWATCH_ADMIN__TOKEN"
+    elif settings.admin.token_file is not None:
+        source = f"admin.token_file ({settings.admin.token_file})"
     else:
         source = f"admin.token in {config}" if config else "admin.token"
     return Configured(settings.admin.listen, settings.admin.token, source)

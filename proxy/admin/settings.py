@@ -5,12 +5,20 @@ A leaf: pydantic and loopwatch's shared value types only.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ...detectors.units import ByteSize, Duration
-from ..sections import KiB, ListenAddress, MiB, OptionalSecret, Section
+from ..sections import (
+    FieldError,
+    KiB,
+    ListenAddress,
+    MiB,
+    OptionalSecret,
+    Section,
+    read_setting_file,
+)
 
 
 class EventStreamSettings(Section):
@@ -71,9 +79,33 @@ def token_problem(token: str) -> str | None:
 class AdminSettings(Section):
     listen: ListenAddress = "127.0.0.1:9900"
     token: OptionalSecret = None
+    # A file holding the token (a mounted Secret), read at start and at every
+    # reload: a rotated Secret applies at the next reload, where a token from
+    # the environment needs a restart.
+    token_file: str | None = None
     allowed_hosts: tuple[str, ...] = ()
     insecure: bool = False
     event_streams: EventStreamSettings = EventStreamSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _token_from_file(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("token_file") is None:
+            return data
+        path = data["token_file"]
+        if not isinstance(path, str):
+            return data  # the field's own check says what is wrong
+        if data.get("token") is not None:
+            raise FieldError("token_file", "set admin.token or admin.token_file, not both")
+        try:
+            token = read_setting_file(path).decode("utf-8")
+        except OSError as e:
+            raise FieldError("token_file", f"cannot read {path}: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise FieldError("token_file", f"{path} is not UTF-8 text") from None
+        if not token.strip():
+            raise FieldError("token_file", f"{path} is empty")
+        return {**data, "token": token}
 
     @field_validator("token")
     @classmethod

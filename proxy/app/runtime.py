@@ -34,6 +34,7 @@ from ..state.redis import RedisStateStore
 from . import fdlimit
 from .planes import DataPlane, health_check_route, make_plane, routes_of
 from .settings import ConfigError, Settings, load_settings
+from .watch import FileWatch, watched_files
 
 log = logging.getLogger("loopwatch")
 T = TypeVar("T")
@@ -475,6 +476,13 @@ async def serve(
     running = await start(settings, sources=sources, stop=stop)
     running.observers.add(fdlimit.FdLimitFitter(fitted))
     started.append(running)
+    watch = FileWatch(
+        lambda: running.settings.reload_watch,
+        lambda: watched_files(sources.path if sources is not None else None, running.settings),
+        running.reload_off_loop,
+    )
+    if sources is not None:
+        watch.start()
     tune_gc()
     if on_started is not None:
         on_started(running)
@@ -483,6 +491,7 @@ async def serve(
     # one that ran into the drain failed on the stopped executor, and its
     # traceback made an error line of a clean stop.
     started.clear()
+    await watch.stop()
     for task in list(reloads):
         task.cancel()
     await asyncio.gather(*reloads, return_exceptions=True)

@@ -32,6 +32,7 @@ from typing import Annotated, Any, Literal, NamedTuple
 import yaml
 from pydantic import (
     BaseModel,
+    Field,
     SecretStr,
     ValidationError,
     ValidationInfo,
@@ -39,6 +40,7 @@ from pydantic import (
 )
 
 from ...detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
+from ...detectors.units import Duration
 from ..admin.settings import AdminSettings, HealthCheckSettings
 from ..dataplane.settings import (
     DataplaneThreads,
@@ -109,6 +111,9 @@ class Settings(Section):
     # Its worker threads (tokio's): "auto", one per core the process may run
     # on (CPU affinity and cgroup quota), or a count; read at start only.
     dataplane_threads: DataplaneThreads = "auto"
+    # Look at the config file and the files it names this often, and reload
+    # when one changed (proxy/app/watch.py); None: on SIGHUP and the API only.
+    reload_watch: Annotated[Duration, Field(gt=0)] | None = None
 
     @field_validator("dataplane", mode="before")
     @classmethod
