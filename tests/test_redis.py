@@ -607,9 +607,21 @@ async def test_a_replica_that_shuts_down_leaves_and_its_clients_are_welcome_else
                 await a.close()
             assert tracked(b, key).open_connections == 0
             await asyncio.sleep(3.5)  # past 3 heartbeats of silence
+            # Started again under the same id (a stable replica_id): watched
+            # again, so that when it goes silent its connections stop counting.
+            again = await start_replica(upstream, overrides(redis_server.url, "leaves", prefix, **settings))
+            try:
+                await wait_for(lambda: store(again).up)
+                async with connect(ws(again, "tab2", expired=False), open_timeout=5, close_timeout=2):
+                    await wait_for(lambda: tracked(b, key_of("tab2")) is not None
+                                   and tracked(b, key_of("tab2")).open_connections == 1)  # fmt: skip
+                    await store(again).close()  # silent, as if killed
+                    await wait_for(lambda: tracked(b, key_of("tab2")).open_connections == 0, timeout=8)
+            finally:
+                await again.close()
     messages = [r.getMessage() for r in caplog.records]
-    assert "state_store_replica_left" in messages
-    assert "state_store_replica_gone" not in messages
+    assert messages.count("state_store_replica_left") == 1
+    assert messages.count("state_store_replica_gone") == 1  # the restarted one, killed
 
 
 async def start_replica(upstream: str, overrides_: dict[str, Any]) -> Running:

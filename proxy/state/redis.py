@@ -192,6 +192,7 @@ class RedisStateStore(Observer):
         self._bad_lines = LogLimiter(BAD_LOG_INTERVAL)
         self._write_failing = False  # a key write refused (a full Redis), logged once until one succeeds
         self._closing = False
+        self._leaving = False  # leave() was called: the drain is on
         # Cooldowns started while Redis was out of reach, or whose key it
         # refused: the ones written back on reconnecting or once it takes writes
         # (bounded like the queue). Others may have been released meanwhile;
@@ -238,6 +239,7 @@ class RedisStateStore(Observer):
         refusing its clients' reconnects for what it is closing, and take its
         silence for a planned stop. Bounded by `timeout`; nothing when Redis is
         out of reach (they find out by its silence, as after a crash)."""
+        self._leaving = True  # from now on it answers no AskConnections: what it has open is going
         client = self._session_client
         if client is None or not self.up:
             return
@@ -333,6 +335,10 @@ class RedisStateStore(Observer):
         engine = gate.engine
         breakers = self.shared_breakers
         keys: set[str] = set()  # the clients the batch concerns: only theirs are written
+        if origin in self._left and any(isinstance(m, Connections) for m in messages):
+            # Back: a replica under that id started again (a stable replica_id)
+            # and says what it has open, as every replica does at its start.
+            del self._left[origin]
         if origin not in self._left and not any(isinstance(m, Leaving) for m in messages):
             if origin not in self._heard and not any(isinstance(m, Connections) for m in messages):
                 # New here, or taken for gone since: what it has open, please.
@@ -359,7 +365,7 @@ class RedisStateStore(Observer):
                     keys |= engine.replace_connections(origin, m.open, now)
                     self._beats[origin] = m.heartbeat
             elif isinstance(m, AskConnections):
-                if m.replica in (self.replica, "*"):
+                if m.replica in (self.replica, "*") and not self._leaving:
                     self._send(self._connections())
             elif isinstance(m, Leaving):
                 keys |= self._forget_leaving(origin, now)
