@@ -434,17 +434,20 @@ async def test_keys_expire_for_clients_that_went_quiet(redis_server: RedisServer
     async with replicas(redis_server.url, prefix, **short) as (_, a, b), redis_client(redis_server) as rc:
         await round_robin((a, b), "loop", CRITICAL)
         await wait_for(lambda: in_cooldown(a, key_of("loop")) or in_cooldown(b, key_of("loop")))
-        present = await keys(rc, prefix)
+        present = await keys(rc, prefix + "cool:")
         assert present == [f"{prefix}cool:{key_of('loop')}".encode()]
+        # Besides the cooldowns, only the epoch marker, with its TTL too.
+        assert sorted(await keys(rc, prefix)) == sorted([*present, f"{prefix}epoch".encode()])
+        assert 0 < await rc.pttl(f"{prefix}epoch") <= 3_600_000
         for k in present:
             ttl = await rc.pttl(k)
             assert 0 < ttl <= 1000 + 700  # cooldown (≤ max) + the repeat memory
         # Quiet from now on: after the TTLs Redis holds nothing for it.
         deadline = time.monotonic() + 3
-        while await keys(rc, prefix):
+        while await keys(rc, prefix + "cool:"):
             assert time.monotonic() < deadline, "keys outlived their TTL"
             await asyncio.sleep(0.1)
-        assert await rc.dbsize() == 0  # pub/sub stores nothing either
+        assert await rc.dbsize() == 1  # the marker; pub/sub stores nothing
 
 
 async def test_close_oldest_reaches_a_connection_on_the_other_replica(redis_server: RedisServer) -> None:
@@ -737,3 +740,23 @@ async def test_what_another_replica_asks_is_checked_and_said(
     said = [(r.fields["action"], r.fields["client"], r.fields["replica"])  # type: ignore[attr-defined]
             for r in caplog.records if r.getMessage() == "state_store_remote_action"]  # fmt: skip
     assert ("cooldown", "mallory", "evil") in said and ("release", "looper", "evil") in said
+
+
+async def test_a_flushed_redis_gets_every_cooldown_back(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A FLUSHALL (or an eviction) keeps Redis's run_id: the replicas never
+    noticed, and one started afterwards missed an operator's 10-minute
+    cooldown. Each heartbeat now checks the epoch marker."""
+    caplog.set_level(logging.INFO, logger="loopwatch.state")
+    prefix = "lw-flush:"
+    async with replicas(redis_server.url, prefix) as (backend_app, a, _), redis_client(redis_server) as rc:
+        key = key_of("held")
+        a.force_cooldown(key, 600.0, time.monotonic())
+        await wait_for_async(lambda: rc.exists(f"{prefix}cool:{key}"))
+        await rc.flushall()
+        await wait_for_async(lambda: rc.exists(f"{prefix}cool:{key}"), timeout=5)
+        upstream = f"ws://127.0.0.1:{backend_app.port}"
+        async with loopwatch(upstream, **overrides(redis_server.url, "late", prefix)) as late:
+            assert in_cooldown(late, key)  # adopted before it listened
+    assert "state_store_keys_lost" in [r.getMessage() for r in caplog.records]

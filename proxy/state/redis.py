@@ -96,6 +96,12 @@ MAX_LEFT = 64
 BAD_LOG_INTERVAL = 60.0  # seconds between two state_store_bad_message lines
 # How often close() looks whether the queue went out.
 FLUSH_POLL = 0.005
+# The marker key (<prefix>epoch) every replica refreshes at each heartbeat: a
+# Redis without it has lost loopwatch's keys (restarted empty, FLUSHALL,
+# evicted), which its run_id alone does not tell. Its TTL outlasts any
+# heartbeat by far; a fleet stopped longer only makes the next start write
+# back what it holds, which is nothing.
+EPOCH_TTL_MS = 3_600_000
 
 # KEYS[1] the client's cooldown key; ARGV: value, TTL in ms, "1" to replace
 # whatever is there (an operator's cooldown). Otherwise the longer one stays,
@@ -172,6 +178,7 @@ class RedisStateStore(Observer):
         self.channel = f"{prefix}events"
         self._own = header(self.replica)
         self._cool_prefix = f"{prefix}cool:"
+        self._epoch = f"{prefix}epoch"
         # What telemetry exports; plain attributes, read at scrape time.
         self.up = False
         self.errors = 0
@@ -487,7 +494,7 @@ class RedisStateStore(Observer):
         tasks = {
             loop.create_task(self._read(pubsub), name="state-store-read"),
             loop.create_task(self._write(client), name="state-store-write"),
-            loop.create_task(self._watch_peers(), name="state-store-peers"),
+            loop.create_task(self._watch_peers(client), name="state-store-peers"),
         }
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -512,14 +519,20 @@ class RedisStateStore(Observer):
         assert self.gate is not None
         return Connections(tuple(self.gate.engine.local_connections(self._clock())), self.redis.heartbeat)
 
-    async def _watch_peers(self) -> None:
+    async def _watch_peers(self, client: Redis) -> None:
         """Forget what a replica silent for PEER_SILENCE of its heartbeats had
         open (it crashed, or lost Redis): its Closed would never come. If it is
-        heard of again it is asked for its connections."""
+        heard of again it is asked for its connections. And each heartbeat,
+        whether Redis still holds loopwatch's keys (the epoch marker): after a
+        FLUSHALL or an eviction, every cooldown goes back."""
         beat = self.redis.heartbeat
         while True:
             slept = time.monotonic()
             await asyncio.sleep(beat)
+            if not await self._marked(client):
+                log_event(log, "state_store_keys_lost", logging.WARNING, replica=self.replica,
+                          cooldowns=len(self._cooldowns_to_write_back(None)))  # fmt: skip
+                await self._write_back_now(client, None)
             if time.monotonic() - slept > 2 * beat:
                 # This loop was held up itself: the peers' news may be waiting
                 # unread. Judged at the next turn, once the reader caught up.
@@ -690,18 +703,38 @@ class RedisStateStore(Observer):
         run = str(server.get("run_id", "")) or None
         restarted = self._server_run is not None and run != self._server_run
         self._server_run = run
-        # A Redis that restarted (or failed over) has lost what we wrote: every
-        # cooldown goes back. Otherwise only those started while it was
-        # out of reach (or refused by it): a cooldown released or shortened
-        # meanwhile by an operator stays so on every replica.
-        unshared = self._take_unshared()
-        # Pipelined from here, max_batch at a time: through the event queue,
-        # bounded by max_queue, a restarted Redis got back 10 000 of 20 000.
-        back = self._cooldowns_to_write_back(None if restarted else unshared)
-        for start in range(0, len(back), r.max_batch):
-            async with asyncio.timeout(r.timeout):
-                await self._publish(client, list(back[start : start + r.max_batch]))
+        # A Redis that restarted (or failed over, or was flushed) has lost what
+        # we wrote: every cooldown goes back. Otherwise only those started
+        # while it was out of reach (or refused by it): a cooldown released or
+        # shortened meanwhile by an operator stays so on every replica.
+        kept = await self._marked(client)
+        await self._write_back_now(client, None if restarted or not kept else self._take_unshared())
         gate.reconcile()
+
+    async def _marked(self, client: Redis) -> bool:
+        """Refresh the epoch marker; False when it was gone (and set it again).
+        A Redis that refuses writes (maxmemory under noeviction, a read-only
+        replica) cannot tell: True, as the key writes fail the writes only."""
+        from redis.exceptions import ResponseError
+
+        try:
+            async with asyncio.timeout(self.redis.timeout):
+                kept = await client.set(self._epoch, b"1", px=EPOCH_TTL_MS, xx=True)
+                if not kept:
+                    await client.set(self._epoch, b"1", px=EPOCH_TTL_MS)
+        except ResponseError:
+            return True
+        return bool(kept)
+
+    async def _write_back_now(self, client: Redis, only: set[str] | None) -> None:
+        """`_write_back`, pipelined from here max_batch at a time: through the
+        event queue, bounded by max_queue, a restarted Redis got back 10 000
+        cooldowns of 20 000."""
+        back = self._cooldowns_to_write_back(only)
+        for start in range(0, len(back), self.redis.max_batch):
+            batch: list[Message] = [*back[start : start + self.redis.max_batch]]
+            async with asyncio.timeout(self.redis.timeout):
+                await self._publish(client, batch)
 
     def _parse_key(self, key: bytes, value: object, pttl: object) -> SharedCooldown | None:
         if not isinstance(value, bytes) or not isinstance(pttl, int) or pttl <= 0:
