@@ -262,6 +262,8 @@ async def test_redis_down_each_replica_goes_on_alone_then_sharing_resumes(
         assert codes(seen)[:CRITICAL] == [1008] * CRITICAL
         assert codes(seen)[CRITICAL:] == [1013, 1013]
         assert tracked(b, key) is None  # nothing reached b
+        # What a could not send is counted: the events of the loop, its cooldown.
+        assert (await scrape(a))["loopwatch_state_store_messages_dropped_total"] >= CRITICAL + 2
         # The reconnect loop keeps trying, at a bounded pace (50 ms doubling
         # to 300 ms, jittered): a few attempts a second, not a hot loop.
         errors = store(a).errors

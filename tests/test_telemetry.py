@@ -343,6 +343,7 @@ async def test_scripted_session_metric_by_metric() -> None:
         assert v("loopwatch_observer_errors_total", observer=observer) == 0
     assert v("loopwatch_state_store_up") == 1  # state.backend: memory
     assert v("loopwatch_state_store_errors_total") == 0
+    assert v("loopwatch_state_store_messages_dropped_total") == 0
     assert v("loopwatch_spans_dropped_total") == 0  # every span reached the exporter
     assert v("loopwatch_config_reloads_total", result="ok") == 0
     assert v("loopwatch_config_reloads_total", result="error") == 0

@@ -337,6 +337,7 @@ class StateCollector(Collector):
         families["reload_ok"].add_metric([], 1.0 if self.metrics.last_reload_ok else 0.0)
         families["reload_time"].add_metric([], self.metrics.last_reload_success)
         families["store_errors"].add_metric([], getattr(store, "errors", 0))
+        families["store_dropped"].add_metric([], getattr(store, "dropped", 0))
         families["spans_dropped"].add_metric([], self.spans.dropped if self.spans is not None else 0)
         recorder = next((o for o in self.observers.observers if isinstance(o, Recorder)), None) if self.observers else None
         families["record_dropped"].add_metric(["buffer_full"], recorder.dropped if recorder is not None else 0)
@@ -425,6 +426,10 @@ class StateCollector(Collector):
             ),
             "store_errors": c(
                 "loopwatch_state_store_errors", "Failed round trips to the shared state store."
+            ),
+            "store_dropped": c(
+                "loopwatch_state_store_messages_dropped",
+                "Messages for the other replicas not sent: the store was out of reach, or its queue full.",
             ),
             "reload_ok": g(
                 "loopwatch_config_last_reload_successful",
