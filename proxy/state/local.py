@@ -19,6 +19,7 @@ class StateStore(Protocol):
     backend: str  # "memory" | "redis"
     up: bool  # loopwatch_state_store_up
     errors: int  # loopwatch_state_store_errors_total
+    dropped: int  # loopwatch_state_store_messages_dropped_total
 
     @property
     def ready(self) -> bool: ...  # /readyz
@@ -46,6 +47,7 @@ class LocalState:
     backend = "memory"
     up = True  # loopwatch_state_store_up
     errors = 0  # loopwatch_state_store_errors_total
+    dropped = 0  # loopwatch_state_store_messages_dropped_total
     ready = True
 
     def release(self, key: str) -> None:

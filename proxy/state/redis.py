@@ -342,12 +342,13 @@ class RedisStateStore(Observer):
         engine = gate.engine
         breakers = self.shared_breakers
         keys: set[str] = set()  # the clients the batch concerns: only theirs are written
-        if origin in self._left and any(isinstance(m, Connections) for m in messages):
+        says_open = any(isinstance(m, Connections) for m in messages)
+        if origin in self._left and says_open:
             # Back: a replica under that id started again (a stable replica_id)
             # and says what it has open, as every replica does at its start.
             del self._left[origin]
         if origin not in self._left and not any(isinstance(m, Leaving) for m in messages):
-            if origin not in self._heard and not any(isinstance(m, Connections) for m in messages):
+            if origin not in self._heard and not says_open:
                 # New here, or taken for gone since: what it has open, please.
                 self._send(AskConnections(origin))
             self._heard[origin] = now
@@ -530,9 +531,9 @@ class RedisStateStore(Observer):
             slept = time.monotonic()
             await asyncio.sleep(beat)
             if not await self._marked(client):
-                log_event(log, "state_store_keys_lost", logging.WARNING, replica=self.replica,
-                          cooldowns=len(self._cooldowns_to_write_back(None)))  # fmt: skip
-                await self._write_back_now(client, None)
+                back = self._cooldowns_to_write_back(None)
+                log_event(log, "state_store_keys_lost", logging.WARNING, replica=self.replica, cooldowns=len(back))
+                await self._write_back_now(client, back)
             if time.monotonic() - slept > 2 * beat:
                 # This loop was held up itself: the peers' news may be waiting
                 # unread. Judged at the next turn, once the reader caught up.
@@ -707,8 +708,9 @@ class RedisStateStore(Observer):
         # we wrote: every cooldown goes back. Otherwise only those started
         # while it was out of reach (or refused by it): a cooldown released or
         # shortened meanwhile by an operator stays so on every replica.
+        unshared = self._take_unshared()
         kept = await self._marked(client)
-        await self._write_back_now(client, None if restarted or not kept else self._take_unshared())
+        await self._write_back_now(client, self._cooldowns_to_write_back(None if restarted or not kept else unshared))
         gate.reconcile()
 
     async def _marked(self, client: Redis) -> bool:
@@ -726,11 +728,10 @@ class RedisStateStore(Observer):
             return True
         return bool(kept)
 
-    async def _write_back_now(self, client: Redis, only: set[str] | None) -> None:
-        """`_write_back`, pipelined from here max_batch at a time: through the
-        event queue, bounded by max_queue, a restarted Redis got back 10 000
-        cooldowns of 20 000."""
-        back = self._cooldowns_to_write_back(only)
+    async def _write_back_now(self, client: Redis, back: list[SharedCooldown]) -> None:
+        """Write `back` (`_cooldowns_to_write_back`) pipelined from here,
+        max_batch at a time: through the event queue, bounded by max_queue, a
+        restarted Redis got back 10 000 cooldowns of 20 000."""
         for start in range(0, len(back), self.redis.max_batch):
             batch: list[Message] = [*back[start : start + self.redis.max_batch]]
             async with asyncio.timeout(self.redis.timeout):
