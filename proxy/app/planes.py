@@ -24,7 +24,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -34,8 +34,10 @@ from ..dataplane.boundary import (
     Connection,
     Gate,
     HoldCounts,
+    HttpRequestLine,
     ProbeAnswer,
     RelayStats,
+    RouteRequests,
     SignatureChecks,
     log_rejection,
 )
@@ -43,6 +45,7 @@ from ..dataplane.routing import Route as RoutedUpstream
 from ..dataplane.routing import Router
 from ..dataplane.settings import Route, thread_count
 from ..dataplane.trim import ClockTrimmer
+from ..observe.eventlog import log_http_access
 from ..observe.logs import event
 from .settings import ConfigError, Settings
 
@@ -151,11 +154,14 @@ class DataPlane(Protocol):
 
     def signature_checks(self) -> SignatureChecks: ...
 
+    def http_requests(self) -> Sequence[RouteRequests]: ...
+
 
 def listener_settings(settings: Settings, *, only: str | None = None) -> _dataplane.ListenerConfig:
     """The listener's configuration for `settings` (routes, `limits:`,
     `identity:`, `tls:`, `upstream_tls:`; `only` one of the last three, the
-    others at their defaults), its files read now (certificates, keys): a
+    others at their defaults; which plain requests make an access line,
+    `telemetry.access_log`), its files read now (certificates, keys): a
     ConfigError naming the setting it cannot honour."""
     from ..dataplane.native import listener_config
 
@@ -163,7 +169,10 @@ def listener_settings(settings: Settings, *, only: str | None = None) -> _datapl
     routes = routes_of(s)
     parts: dict[str, Any] = {"identity": s.identity, "tls": s.tls, "upstream_tls": s.upstream_tls}
     try:
-        return listener_config(routes, limits=s.limits, **(parts if only is None else {only: parts[only]}))
+        return listener_config(
+            routes, limits=s.limits, access_log_share=s.telemetry.access_log_share,
+            **(parts if only is None else {only: parts[only]}),
+        )  # fmt: skip
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -329,7 +338,7 @@ class NativePlane:
             reject_with=policy.reject_with, close_code=policy.close_code,
             max_holds=policy.max_held, max_held_per_key=policy.max_held_per_key,
             identity=s.identity, tls=s.tls, upstream_tls=s.upstream_tls, tracing=self.tracing,
-            threads=thread_count(s.dataplane_threads),
+            threads=thread_count(s.dataplane_threads), access_log_share=s.telemetry.access_log_share,
         )  # fmt: skip
         try:
             self.listener = await asyncio.to_thread(start)
@@ -446,14 +455,16 @@ class NativePlane:
         from ..dataplane.native import RequestRejected
 
         try:
-            # The listener's request_rejected lines (rate-limited there) are
-            # written here, as the Python listener writes them; the rest is the
-            # engine's.
+            # The listener's request_rejected lines (rate-limited there) and
+            # plain requests' access lines (sampled there) are written here;
+            # the rest is the engine's.
             events: list[Received] = []
             for r in batch:
                 line = r.event
                 if isinstance(line, RequestRejected):
                     log_rejection(line.reason, line.status, line.peer, line.message, line.suppressed)
+                elif isinstance(line, HttpRequestLine):
+                    log_http_access(line)
                 else:
                     events.append(r)
             self.driver.handle(cast("list[EngineEvent]", events))  # their events are ev.Events now
@@ -582,6 +593,9 @@ class NativePlane:
             return NO_SIGNATURE_CHECKS
         stats = self.listener.stats()
         return SignatureChecks(stats.signature_checks_waiting, stats.signature_checks_running)
+
+    def http_requests(self) -> Sequence[RouteRequests]:
+        return self.listener.requests() if self.listener is not None else ()
 
     def settled(self) -> bool:
         # (An event being taken off the queue right now is in neither count: a

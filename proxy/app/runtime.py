@@ -8,7 +8,7 @@ import functools
 import gc
 import logging
 import signal
-from collections.abc import Callable, Coroutine, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -21,7 +21,14 @@ from ..admin.status import STATUS_HUB
 from ..admin.status import install as install_status_page
 from ..admin.upstream_health import HealthChecker
 from ..brain import EngineGate
-from ..dataplane.boundary import Connection, Gate, HoldCounts, RelayStats, SignatureChecks
+from ..dataplane.boundary import (
+    Connection,
+    Gate,
+    HoldCounts,
+    RelayStats,
+    RouteRequests,
+    SignatureChecks,
+)
 from ..dataplane.routing import Router
 from ..observe.logs import event
 from ..observe.metrics import Telemetry
@@ -368,6 +375,9 @@ class ListenerView:
 
     def signature_checks(self) -> SignatureChecks:
         return self._plane.signature_checks()
+
+    def http_requests(self) -> Sequence[RouteRequests]:
+        return self._plane.http_requests()
 
 
 async def start(

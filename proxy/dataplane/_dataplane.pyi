@@ -25,6 +25,9 @@ REJECTION_LOG_INTERVAL: float
 #   ("request_rejected", reason, status | None, peer, message, suppressed, t):
 #    a request the listener answered (or cut) itself, rate-limited per reason
 #    at the source; the log line, not an attempt's event
+#   ("http_request", route, peer, method, path, status | None, outcome,
+#    duration, bytes_in, bytes_out, conn_id, t): a plain request's access
+#    line, sampled at the source (access_log_share)
 EventRecord = tuple[Any, ...]
 
 class EventQueue:
@@ -146,6 +149,7 @@ class ListenerConfig:
         upstream_server_name: str | None = None,
         upstream_cert_file: str | None = None,
         upstream_key_file: str | None = None,
+        access_log_share: float = 0.0,
     ) -> None: ...
 
 class Listener:
@@ -177,6 +181,8 @@ class Listener:
     # Counters: ints, and (label, count) lists for rejected, refused,
     # held_answered and held_skipped.
     def stats(self) -> dict[str, Any]: ...
+    # Per route: (route, [(code, count)], [(upper bound, cumulative)], sum_s)
+    def requests(self) -> list[tuple[str, list[tuple[str, int]], list[tuple[float, int]], float]]: ...
     def close(self, conn_id: int, code: int, reason: str = "") -> bool: ...
     def release_held(self, key: str) -> int: ...
     # The health check's upgrade through the listener's connector: (final status, "") or (None, why).

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import typing
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
@@ -292,6 +292,10 @@ class LiveView(Protocol):
         """The JWT signature checks waiting for their turn and running now."""
         ...
 
+    def http_requests(self) -> Sequence[RouteRequests]:
+        """The plain requests each route forwarded since the start."""
+        ...
+
 
 # late_refusal: the table admitted, the engine refused (closed once open);
 # early_refusal: the table refused, the engine would have admitted.
@@ -309,6 +313,37 @@ class HoldCounts(Protocol):
 
     @property
     def skipped(self) -> Mapping[str, int]: ...  # by bound (max_held, max_held_per_key)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRequestLine:
+    """A plain request the listener forwarded, for its `access` log line: sent
+    only for the share of requests `telemetry.access_log` asks for (decided at
+    the source). Not an attempt's event: the engine never sees it."""
+
+    route: str
+    peer: str
+    method: str
+    path: str  # without the query
+    status: int | None  # the client's: the upstream's, or loopwatch's own answer; None: none went out
+    outcome: str  # forwarded, answered (by loopwatch), cut, client_gone
+    duration: float  # seconds, from the request's head to the end of its response
+    bytes_in: int  # request body bytes that went upstream
+    bytes_out: int  # response bytes (head and body) that went to the client
+    conn_id: int
+    t: float  # monotonic seconds
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequests:
+    """The plain requests one route forwarded since the start (NativeListener.requests):
+    by the class of the status the client got (`1xx` to `5xx`, `none`: the client
+    left before any), and their durations as a histogram."""
+
+    route: str
+    by_code: Mapping[str, int]
+    buckets: tuple[tuple[float, int], ...]  # (upper bound, cumulative count), inf last
+    sum_seconds: float
 
 
 class SignatureChecks(NamedTuple):

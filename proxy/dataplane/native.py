@@ -47,7 +47,7 @@ from jwt.exceptions import InvalidKeyError
 from ...detectors import events as ev
 from ..sections import read_setting_file
 from . import _dataplane
-from .boundary import PlaneTrace, ProbeAnswer, RelayStats
+from .boundary import HttpRequestLine, PlaneTrace, ProbeAnswer, RelayStats, RouteRequests
 from .routing import parse_upstream
 from .settings import IdentitySettings, Limits, ListenerTLS, UpstreamTLS
 
@@ -101,7 +101,7 @@ class Received:
     (an `object.__setattr__` call per field) costs about three times a plain
     one's (~7 300 instructions against ~2 400, callgrind, CPython 3.11)."""
 
-    event: ev.Event | RequestRejected
+    event: ev.Event | RequestRejected | HttpRequestLine
     traffic: RelayStats | None = None
     conn_id: int = 0
     trace: PlaneTrace | None = None  # an Attempt's, with tracing on
@@ -138,6 +138,13 @@ def _received(record: tuple[Any, ...]) -> Received:
     if kind == "request_rejected":
         _, reason, status, peer, message, suppressed, t = record
         return Received(RequestRejected(reason, status, peer, message, suppressed, t))
+    if kind == "http_request":
+        (_, route, peer, method, path, status, outcome, duration,
+         bytes_in, bytes_out, conn, t) = record  # fmt: skip
+        return Received(HttpRequestLine(
+            route=route, peer=peer, method=method, path=path, status=status, outcome=outcome,
+            duration=duration, bytes_in=bytes_in, bytes_out=bytes_out, conn_id=conn, t=t,
+        ))  # fmt: skip
     raise ValueError(f"unknown event record {kind!r} from the native data plane")
 
 
@@ -316,12 +323,14 @@ def listener_config(
     identity: IdentitySettings | None = None,
     tls: ListenerTLS | None = None,
     upstream_tls: UpstreamTLS | None = None,
+    access_log_share: float = 0.0,
 ) -> _dataplane.ListenerConfig:
     """What `NativeListener.start` serves and `NativeListener.reload` swaps in:
     the routes ((path prefix, URL) pairs), `limits:`, `identity:`, `tls:` and
     `upstream_tls:` (each its defaults when None), checked, with every file
-    read now (certificates, keys). Raises ValueError naming the setting (and
-    the file) it cannot honour."""
+    read now (certificates, keys), and the share of plain requests that make
+    an access line (an HttpRequestLine). Raises ValueError naming the setting
+    (and the file) it cannot honour."""
     limits = limits or Limits()
     keys = Identity(**identity_spec(identity or IdentitySettings()))
     tls = tls or ListenerTLS()
@@ -349,6 +358,7 @@ def listener_config(
         upstream_server_name=upstream_tls.server_name,
         upstream_cert_file=upstream_tls.cert_file,
         upstream_key_file=upstream_tls.key_file,
+        access_log_share=access_log_share,
     )
 
 
@@ -380,6 +390,7 @@ class NativeListener:
         tls: ListenerTLS | None = None,
         upstream_tls: UpstreamTLS | None = None,
         tracing: TraceSampling | None = None,
+        access_log_share: float = 0.0,
     ) -> NativeListener:
         """Bind `host:port` and serve `routes` ((path prefix, ws://, wss://,
         http:// or https:// URL) pairs) under `limits` (the `limits:` settings;
@@ -396,14 +407,18 @@ class NativeListener:
         Attempt (`Received.trace`); it comes from the OTEL_* environment at
         start and `reload` keeps it. `threads`: the runtime's worker threads
         (None: one per core the process may run on, honouring its CPU affinity
-        and a cgroup CPU quota); `reload` keeps them. Certificate and key files
-        are read now. Raises
+        and a cgroup CPU quota); `reload` keeps them. `access_log_share` of the
+        plain requests make an access line (`telemetry.access_log`; `reload`
+        changes it). Certificate and key files are read now. Raises
         ValueError for a setting it cannot honour (naming the file), OSError
         when the address cannot be bound."""
         if reject_with not in REJECT_WITH:
             raise ValueError(f"reject_with: expected one of {REJECT_WITH}, got {reject_with!r}")
         limits = limits or Limits()
-        config = listener_config(routes, limits=limits, identity=identity, tls=tls, upstream_tls=upstream_tls)
+        config = listener_config(
+            routes, limits=limits, identity=identity, tls=tls, upstream_tls=upstream_tls,
+            access_log_share=access_log_share,
+        )  # fmt: skip
         raw = _dataplane.Listener.start(
             host, port, config, queue.raw, table,
             max_holds=max_holds,
@@ -446,6 +461,14 @@ class NativeListener:
         for name in ("rejected", "refused", "held_answered", "held_skipped"):
             raw[name] = dict(raw[name])
         return ListenerStats(**raw)
+
+    def requests(self) -> list[RouteRequests]:
+        """The plain requests each route forwarded since the start (a route a
+        reload removed keeps its last counts)."""
+        return [
+            RouteRequests(route, dict(by_code), tuple(buckets), total)
+            for route, by_code, buckets, total in self.raw.requests()
+        ]
 
     def holds(self) -> HoldCounts:
         """The held refusals now (LiveView.holds)."""

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from ...detectors import events as ev
     from ...detectors.decisions import Outcome
     from ..app.settings import Settings
-    from ..dataplane.boundary import Connection, LiveView, RelayStats
+    from ..dataplane.boundary import Connection, HttpRequestLine, LiveView, RelayStats
 
 log = logging.getLogger("loopwatch.events")
 
@@ -175,4 +175,16 @@ class EventLogObserver(Observer):
         )
 
 
-__all__ = ["EventLogObserver"]
+def log_http_access(line: HttpRequestLine) -> None:
+    """A plain request's `access` line (docs/logs.md), on the connections' logger:
+    the listener sends one for the share of requests `telemetry.access_log` asks
+    for. No client key (plain requests are no attempts) and no trace."""
+    status = {} if line.status is None else {"status": line.status}
+    event(
+        log, "access", INFO, peer=line.peer, route=line.route, method=line.method, path=line.path,
+        outcome=line.outcome, **status, conn_id=line.conn_id, duration=round(line.duration, 6),
+        bytes_in=line.bytes_in, bytes_out=line.bytes_out,
+    )  # fmt: skip
+
+
+__all__ = ["EventLogObserver", "log_http_access"]

@@ -26,8 +26,14 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from ...detectors.actions import CooldownStarted, WouldReject
 from ...detectors.breaker import BreakerState
@@ -368,6 +374,7 @@ class StateCollector(Collector):
         skipped = holds.skipped if holds is not None else {}
         for limit in HOLD_LIMITS:
             families["holds_skipped"].add_metric([limit], skipped.get(limit, 0))
+        self._http_requests(families)
         errors = families["observer_errors"]
         if self.observers is not None:
             counts = self.observers.errors
@@ -375,9 +382,30 @@ class StateCollector(Collector):
                 errors.add_metric([name], counts.get(name, 0))
         yield from families.values()
 
+    def _http_requests(self, families: dict[str, Any]) -> None:
+        """The plain requests each route forwarded: atomics the listener keeps,
+        by status class, and their durations (every configured route from the
+        start, at 0)."""
+        for counts in self.view.http_requests() if self.view is not None else ():
+            for code, n in counts.by_code.items():
+                families["http_requests"].add_metric([counts.route, code], n)
+            buckets = [(floatToGoString(le), n) for le, n in counts.buckets]
+            families["http_duration"].add_metric([counts.route], buckets, counts.sum_seconds)
+
     def _families(self) -> dict[str, Any]:
         g, c = GaugeMetricFamily, CounterMetricFamily
         return {
+            "http_requests": c(
+                "loopwatch_http_requests",
+                "Plain HTTP requests forwarded, by the class of the status the client got"
+                " (none: the client left before any).",
+                labels=["route", "code"],
+            ),
+            "http_duration": HistogramMetricFamily(
+                "loopwatch_http_request_duration_seconds",
+                "Plain HTTP requests, from the request head to the end of the response.",
+                labels=["route"],
+            ),
             "active": g("loopwatch_connections_active", "WebSockets currently relayed.", labels=["route"]),
             "messages": c(
                 "loopwatch_messages", "WebSocket data messages relayed.", labels=["route", "direction"]

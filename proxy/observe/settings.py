@@ -42,6 +42,11 @@ class TelemetrySettings(Section):
     access_log: AccessLog = "off"
     access_log_sample_rate: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
 
+    @property
+    def access_log_share(self) -> float:
+        """The share of connections and plain requests that make an access line."""
+        return {"off": 0.0, "sampled": self.access_log_sample_rate, "all": 1.0}[self.access_log]
+
 
 class RecordSettings(Section):
     path: str | None = None

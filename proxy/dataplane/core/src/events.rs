@@ -22,7 +22,9 @@
 //! [`LogLimiter`]: at most one per reason per [`REJECTION_LOG_INTERVAL`],
 //! so a flood of bad requests (thousands a second, each counted in an
 //! atomic) puts a handful of lines in the queue, never enough to crowd out
-//! the engine's events.
+//! the engine's events. And, when `telemetry.access_log` asks for them, the
+//! `access` lines of plain HTTP requests ([`Event::HttpRequest`]), sampled
+//! where they are made.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
@@ -162,6 +164,58 @@ pub struct RequestRejected {
     pub at: Instant,
 }
 
+/// A plain HTTP request a route forwarded, for its `access` log line
+/// (`telemetry.access_log`; sampled at the source, so that with access lines
+/// off none is made). Not an attempt's event: the engine never sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpAccess {
+    pub route: Arc<str>,
+    /// The client's address (the socket's peer).
+    pub peer: Box<str>,
+    pub method: Box<str>,
+    /// The request's path, without the query (which may carry tokens).
+    pub path: Box<str>,
+    /// The status the client got: the upstream's, or loopwatch's own answer
+    /// (a 502, 504, 408); None when none went out (the client left first).
+    pub status: Option<u16>,
+    /// How it ended ([`HttpOutcome`]).
+    pub outcome: HttpOutcome,
+    /// From the request's head to the end of its response.
+    pub duration: Duration,
+    /// Request body bytes that went to the upstream.
+    pub bytes_in: u64,
+    /// Response bytes (head and body) that went to the client.
+    pub bytes_out: u64,
+    pub conn_id: u64,
+    pub at: Instant,
+}
+
+/// How a forwarded plain request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HttpOutcome {
+    /// The upstream's response went out whole.
+    Forwarded,
+    /// loopwatch answered itself (the upstream failed or was too slow, or
+    /// the request body stalled): `status` is its answer.
+    Answered,
+    /// The response was cut mid-body (the upstream ended it early or
+    /// stalled, or it broke its framing).
+    Cut,
+    /// The client left before the response was through.
+    ClientGone,
+}
+
+impl HttpOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HttpOutcome::Forwarded => "forwarded",
+            HttpOutcome::Answered => "answered",
+            HttpOutcome::Cut => "cut",
+            HttpOutcome::ClientGone => "client_gone",
+        }
+    }
+}
+
 /// What the tracing observer needs of an attempt when tracing is on: the
 /// span's context as this plane decided it (and sent upstream in
 /// `traceparent`), the client's `tracestate` with a parent, and the request's
@@ -250,6 +304,8 @@ pub enum Event {
     /// A `request_rejected` log line (rate-limited at the source; boxed:
     /// rare, and it keeps the attempts' events small).
     RequestRejected(Box<RequestRejected>),
+    /// A plain request's `access` line (sampled at the source; boxed).
+    HttpRequest(Box<HttpAccess>),
 }
 
 impl Event {
@@ -263,11 +319,12 @@ impl Event {
             Event::Opened { .. } => "opened",
             Event::Closed { .. } => "closed",
             Event::RequestRejected(_) => "request_rejected",
+            Event::HttpRequest(_) => "http_request",
         }
     }
 
     /// The client's key; None for a [`Event::RequestRejected`] (refused
-    /// before any key was given).
+    /// before any key was given) and an [`Event::HttpRequest`] (no attempt).
     pub fn key(&self) -> Option<&str> {
         match self {
             Event::Attempt { key, .. }
@@ -276,7 +333,7 @@ impl Event {
             | Event::HandshakeFailed { key, .. }
             | Event::Opened { key, .. }
             | Event::Closed { key, .. } => Some(key),
-            Event::RequestRejected(_) => None,
+            Event::RequestRejected(_) | Event::HttpRequest(_) => None,
         }
     }
 
@@ -289,11 +346,13 @@ impl Event {
             | Event::Opened { at, .. }
             | Event::Closed { at, .. } => *at,
             Event::RequestRejected(line) => line.at,
+            Event::HttpRequest(line) => line.at,
         }
     }
 
     /// The connection's id (the same on every event of one connection);
-    /// None for a [`Event::RequestRejected`] (it may come before any id).
+    /// None for a [`Event::RequestRejected`] (it may come before any id) and
+    /// an [`Event::HttpRequest`] (a log line: no attempt's steps to follow).
     pub fn conn_id(&self) -> Option<u64> {
         match self {
             Event::Attempt { conn_id, .. }
@@ -302,7 +361,7 @@ impl Event {
             | Event::HandshakeFailed { conn_id, .. }
             | Event::Opened { conn_id, .. }
             | Event::Closed { conn_id, .. } => Some(*conn_id),
-            Event::RequestRejected(_) => None,
+            Event::RequestRejected(_) | Event::HttpRequest(_) => None,
         }
     }
 }
@@ -702,6 +761,29 @@ mod tests {
             (line.type_name(), line.key(), line.conn_id(), line.at()),
             ("request_rejected", None, None, at)
         );
+        let access = Event::HttpRequest(Box::new(HttpAccess {
+            route: Arc::from("/api"),
+            peer: "127.0.0.1".into(),
+            method: "GET".into(),
+            path: "/api/items".into(),
+            status: Some(200),
+            outcome: HttpOutcome::Forwarded,
+            duration: Duration::from_millis(2),
+            bytes_in: 0,
+            bytes_out: 120,
+            conn_id: 3,
+            at,
+        }));
+        assert_eq!(
+            (
+                access.type_name(),
+                access.key(),
+                access.conn_id(),
+                access.at()
+            ),
+            ("http_request", None, None, at)
+        );
+        assert_eq!(HttpOutcome::ClientGone.as_str(), "client_gone");
         assert_eq!(Initiator::Upstream.as_str(), "upstream");
         assert_eq!(HandshakeError::ClientClosed.as_str(), "client_closed");
     }

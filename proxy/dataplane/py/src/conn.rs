@@ -25,7 +25,9 @@ use tokio::net::TcpStream;
 use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 use tokio_rustls::TlsAcceptor;
 
-use loopwatch_dataplane_core::events::{Event, HandshakeError, HandshakeFailure};
+use loopwatch_dataplane_core::events::{
+    Event, HandshakeError, HandshakeFailure, HttpAccess, HttpOutcome,
+};
 use loopwatch_dataplane_core::frames::{FrameWatcher, Side, WatcherConfig};
 use loopwatch_dataplane_core::head::{
     accept_key, parse_head, BodyFraming, HeadStatus, RequestHead, RequestKind, Version,
@@ -36,13 +38,13 @@ use loopwatch_dataplane_core::identity::{
 use loopwatch_dataplane_core::table::{Admission, Refusal};
 
 use crate::control::{AddressAdmission, AddressSlot};
-use crate::http::{self, Outcome};
+use crate::http::{self, Exchanged, Outcome};
 use crate::identity::wall_clock;
 use crate::listener::{stopping, Config, ConnGuard, Limits, Rejected, Shared};
 use crate::relay::{CloseInfo, Relay, RelayIdentity, RelayLimits};
 use crate::response::{Answer, ResponseReader, UpstreamRefusal};
 use crate::tls::UpstreamTls;
-use crate::tracing::attempt_trace;
+use crate::tracing::{attempt_trace, latin1, sampled};
 use crate::transport::{
     connect_upstream, open_upstream, read_appending, tls_failure, ConnectError, Transport,
     UpstreamStream,
@@ -480,7 +482,17 @@ async fn serve_stream<C: Transport + 'static>(
                 Box::pin(forward(shared, &config, client, upgrade, guard, address)).await
             }
             Plan::Http { route, request } => {
-                if forward_http(shared, &config, &mut client, peer_ip, route, &request).await {
+                if forward_http(
+                    shared,
+                    &config,
+                    &mut client,
+                    peer_ip,
+                    route,
+                    &request,
+                    conn_id,
+                )
+                .await
+                {
                     idle = true;
                     continue;
                 }
@@ -501,7 +513,9 @@ async fn forward_http<C: Transport>(
     peer: IpAddr,
     route: &Route,
     request: &http::Request,
+    conn_id: u64,
 ) -> bool {
+    let began = Instant::now();
     let key = (route.host.clone(), route.port, route.tls);
     let pooled = shared.pool.checkout(&key);
     let tls = config.upstream_tls.as_deref();
@@ -520,12 +534,42 @@ async fn forward_http<C: Transport>(
         || shared.closing(),
     ))
     .await;
-    if let Some(upstream) = exchanged.upstream {
+    let Exchanged {
+        outcome,
+        upstream,
+        sent,
+    } = exchanged;
+    if let Some(upstream) = upstream {
         if !shared.closing() {
             shared.pool.checkin(&key, upstream);
         }
     }
-    match exchanged.outcome {
+    let (status, ended) = match &outcome {
+        Outcome::KeepAlive | Outcome::Close => (sent.status, HttpOutcome::Forwarded),
+        Outcome::Answer { status, .. } => (Some(*status), HttpOutcome::Answered),
+        Outcome::Cut(_) => (sent.status, HttpOutcome::Cut),
+        Outcome::Gone => (sent.status, HttpOutcome::ClientGone),
+    };
+    let duration = began.elapsed();
+    route.requests.count(status, duration);
+    if let Some(logged) = &request.logged {
+        let line = HttpAccess {
+            route: Arc::clone(&route.name),
+            peer: peer.to_string().into(),
+            method: logged.method.clone(),
+            path: logged.path.clone(),
+            status,
+            outcome: ended,
+            duration,
+            bytes_in: sent.bytes_in,
+            bytes_out: sent.bytes_out,
+            conn_id,
+            at: std::time::Instant::now(),
+        };
+        // A line a full queue loses is counted with the other lost events.
+        shared.events.send(Event::HttpRequest(Box::new(line)));
+    }
+    match outcome {
         Outcome::KeepAlive => return true,
         Outcome::Close => answer(client, &[], Then::Close).await,
         Outcome::Answer {
@@ -632,6 +676,10 @@ fn route_head<'r>(
             head_only: head.method == "HEAD",
             version: head.version,
             retryable: framing == BodyFraming::None && http::IDEMPOTENT.contains(&head.method),
+            logged: sampled(config.access_log_share).then(|| http::Logged {
+                method: head.method.into(),
+                path: latin1(head.path),
+            }),
         };
         return Routed::Planned(Box::new(Plan::Http { route, request }));
     }

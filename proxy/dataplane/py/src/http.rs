@@ -31,7 +31,7 @@
 
 use std::future::Future;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -75,16 +75,27 @@ pub struct Request {
     /// Idempotent and without a body: may be sent again on a new connection
     /// when a reused one turns out closed (aiohttp's rule).
     pub retryable: bool,
+    /// Its method and path (without the query) when it makes an access line
+    /// (`telemetry.access_log`, sampled when the request came).
+    pub logged: Option<Logged>,
+}
+
+/// What a plain request's access line says of it.
+#[derive(Debug, Clone)]
+pub struct Logged {
+    pub method: Box<str>,
+    pub path: Box<str>,
 }
 
 /// Idempotent methods (RFC 9110 §9.2.2), those aiohttp retries.
 pub const IDEMPOTENT: [&str; 6] = ["GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"];
 
-/// How an exchange ended, and its upstream connection if another request
-/// may use it.
+/// How an exchange ended, what went through it, and its upstream connection
+/// if another request may use it.
 pub struct Exchanged<U> {
     pub outcome: Outcome,
     pub upstream: Option<U>,
+    pub sent: Sent,
 }
 
 impl<U> From<Outcome> for Exchanged<U> {
@@ -92,8 +103,21 @@ impl<U> From<Outcome> for Exchanged<U> {
         Exchanged {
             outcome,
             upstream: None,
+            sent: Sent::default(),
         }
     }
+}
+
+/// What an exchange passed on, for its access line and its counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sent {
+    /// The upstream's status that went to the client (its response head
+    /// was written); None when none did.
+    pub status: Option<u16>,
+    /// Request body bytes, as the client framed them, that went upstream.
+    pub bytes_in: u64,
+    /// Response bytes (head and body) that went to the client.
+    pub bytes_out: u64,
 }
 
 /// How an exchange ended: what the listener does with the client connection.
@@ -176,6 +200,10 @@ struct Clock {
     pipelined: AtomicBool,
     /// The response head went to the client: a failure can only cut now.
     started: AtomicBool,
+    /// The status of the response head that went to the client (0: none).
+    status: AtomicU16,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
 }
 
 impl Clock {
@@ -189,7 +217,21 @@ impl Clock {
             request_done: AtomicBool::new(phase != Phase::Body),
             pipelined: AtomicBool::new(false),
             started: AtomicBool::new(false),
+            status: AtomicU16::new(0),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
         }
+    }
+
+    /// `exchanged` with what this exchange passed on.
+    fn ended<U>(&self, mut exchanged: Exchanged<U>) -> Exchanged<U> {
+        let status = self.status.load(Ordering::Acquire);
+        exchanged.sent = Sent {
+            status: (status != 0).then_some(status),
+            bytes_in: self.bytes_in.load(Ordering::Acquire),
+            bytes_out: self.bytes_out.load(Ordering::Acquire),
+        };
+        exchanged
     }
 
     fn phase(&self) -> Phase {
@@ -287,14 +329,16 @@ where
             Some(upstream) => upstream,
             None => match open(&mut connect, &clock, limits).await {
                 Ok(upstream) => upstream,
-                Err(outcome) => return outcome.into(),
+                Err(outcome) => return clock.ended(outcome.into()),
             },
         };
         match attempt(&mut *client, upstream, request, &clock, limits, &closing).await {
-            Attempt::Done(exchanged) => return exchanged,
+            Attempt::Done(exchanged) => return clock.ended(exchanged),
             // The upstream closed an idle connection as it was reused: again.
             Attempt::Stale if reused && request.retryable => continue,
-            Attempt::Stale => return ResponseError::Closed { stale: true }.outcome().into(),
+            Attempt::Stale => {
+                return clock.ended(ResponseError::Closed { stale: true }.outcome().into())
+            }
         }
     }
 }
@@ -397,6 +441,7 @@ where
                     Outcome::Close
                 },
                 upstream: reusable.then(|| upstream_in.unsplit(upstream_out)),
+                sent: Sent::default(), // `exchange` fills it in
             })
         }
         Err(ResponseError::Closed { stale: true }) => Attempt::Stale,
@@ -512,6 +557,7 @@ where
             clock.waiting_upstream.store(false, Ordering::Release);
             written.map_err(|_| RequestError::UpstreamGone)?;
             clock.progress(); // the upstream takes the body
+            clock.bytes_in.fetch_add(consumed as u64, Ordering::Relaxed);
             out.clear();
         }
         if done {
@@ -705,6 +751,7 @@ where
         });
     let relayed = client_head(&head, request, clock, closing)
         .map_err(|e| ResponseError::Bad(e.to_string()))?;
+    let status = head.status;
     buf.drain(..len);
     clock.started.store(true, Ordering::Release);
     clock.enter(Phase::Response);
@@ -713,6 +760,10 @@ where
         .await
         .map_err(|_| ResponseError::ClientGone)?;
     clock.progress();
+    clock.status.store(status, Ordering::Release);
+    clock
+        .bytes_out
+        .fetch_add(relayed.head.len() as u64, Ordering::Relaxed);
 
     // 2. The body.
     let mut left = match relayed.framing {
@@ -762,6 +813,9 @@ where
                 .await
                 .map_err(|_| ResponseError::ClientGone)?;
             clock.progress(); // the client took it
+            clock
+                .bytes_out
+                .fetch_add(out.len() as u64, Ordering::Relaxed);
             out.clear();
         }
         if done {
@@ -821,6 +875,7 @@ mod tests {
             head_only: false,
             version: Version::Http11,
             retryable: true,
+            logged: None,
         }
     }
 
@@ -866,10 +921,20 @@ mod tests {
         .await;
         assert_eq!(done.outcome, Outcome::KeepAlive);
         assert!(done.upstream.is_some());
+        let sent = done.sent;
         drop(done);
         drop(proxy_side);
         let mut out = Vec::new();
         client.read_to_end(&mut out).await.unwrap();
+        // What the access line says went through: the status and every byte.
+        assert_eq!(
+            sent,
+            Sent {
+                status: Some(200),
+                bytes_in: 0,
+                bytes_out: out.len() as u64
+            }
+        );
         assert_eq!(
             out,
             b"HTTP/1.1 200 OK\r\nX-A: 1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"

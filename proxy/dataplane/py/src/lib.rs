@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyList};
 
 use loopwatch_dataplane_core::frames::close_code_valid;
 use loopwatch_dataplane_core::head::HeadLimits;
@@ -39,6 +39,7 @@ mod pool;
 pub mod probe;
 pub mod queue;
 pub mod relay;
+pub mod requests;
 pub mod response;
 pub mod table;
 pub mod tls;
@@ -101,6 +102,7 @@ fn parse_routes(items: Vec<RouteTuple>) -> PyResult<Vec<Route>> {
             authority,
             base_path,
             tls,
+            requests: Default::default(),
         });
     }
     routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
@@ -155,6 +157,8 @@ impl ListenerConfig {
     /// `tls_key_file` the listener terminates TLS; `wss://` and `https://`
     /// routes are verified as `upstream_*` say, and with `upstream_cert_file`
     /// and `upstream_key_file` loopwatch presents that client certificate.
+    /// `access_log_share` of the plain requests make an `access` line (an
+    /// `http_request` event).
     #[new]
     #[pyo3(signature = (
         routes, *,
@@ -179,6 +183,7 @@ impl ListenerConfig {
         upstream_server_name = None,
         upstream_cert_file = None,
         upstream_key_file = None,
+        access_log_share = 0.0,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -205,7 +210,13 @@ impl ListenerConfig {
         upstream_server_name: Option<String>,
         upstream_cert_file: Option<String>,
         upstream_key_file: Option<String>,
+        access_log_share: f64,
     ) -> PyResult<ListenerConfig> {
+        if !(0.0..=1.0).contains(&access_log_share) {
+            return Err(PyValueError::new_err(format!(
+                "access_log_share: expected a share from 0 to 1, got {access_log_share}"
+            )));
+        }
         let limits = Limits {
             head: HeadLimits {
                 max_head_size: at_least_one("max_head_size", max_head_size)?,
@@ -298,6 +309,7 @@ impl ListenerConfig {
                 identity,
                 tls,
                 upstream_tls,
+                access_log_share,
             },
         })
     }
@@ -454,6 +466,17 @@ impl Listener {
         let checks = shared.signature_checks.now();
         out.set_item("signature_checks_waiting", checks.waiting)?;
         out.set_item("signature_checks_running", checks.running)?;
+        Ok(out)
+    }
+
+    /// The plain requests each route forwarded: a list of `(route, [(code,
+    /// count)], [(upper bound, cumulative count)], sum of seconds)`, the last
+    /// bound `inf` (`requests::RouteSnapshot`).
+    fn requests<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        for snap in self.shared.requests.snapshot() {
+            out.append((&*snap.route, snap.by_code, snap.buckets, snap.sum_seconds))?;
+        }
         Ok(out)
     }
 

@@ -30,6 +30,7 @@ use crate::checks::SignatureChecks;
 use crate::conn;
 use crate::control::{AddressCaps, Addresses, CloseCommand, Holds, Policy, PolicyValues, Relays};
 use crate::pool::{Pool, SWEEP_EVERY};
+use crate::requests::RequestCounts;
 use crate::tls::UpstreamTls;
 use crate::transport::{out_of_descriptors, FD_LIMIT};
 use crate::wire::{simple_response, Route};
@@ -286,6 +287,9 @@ pub struct Config {
     /// `upstream_tls:`, for the `wss://` and `https://` routes (None when
     /// there is none).
     pub upstream_tls: Option<Arc<UpstreamTls>>,
+    /// The share of plain requests that make an `access` line (0: none, the
+    /// default; 1: all): `telemetry.access_log` and its sample rate.
+    pub access_log_share: f64,
 }
 
 /// What every connection task shares.
@@ -309,6 +313,9 @@ pub struct Shared {
     pub shutdown: watch::Receiver<bool>,
     /// Idle upstream connections of plain HTTP (`pool`).
     pub pool: Pool,
+    /// The plain requests each route forwarded (by name, for the
+    /// listener's life: a reload keeps them).
+    pub requests: RequestCounts,
     /// Turns for asymmetric JWT signature checks on the blocking pool (as
     /// many as the data plane's threads; `conn::check_signature`).
     pub signature_checks: SignatureChecks,
@@ -332,7 +339,8 @@ impl Shared {
     /// change at once (a connection already counted stays counted), and the
     /// idle upstream connections of plain HTTP are closed (they were opened
     /// under the old routes and `upstream_tls:`).
-    pub fn set_config(&self, config: Config) {
+    pub fn set_config(&self, mut config: Config) {
+        self.requests.attach(&mut config.routes);
         self.addresses.set_caps(address_caps(&config));
         self.config.store(Arc::new(config));
         self.pool.clear();
@@ -564,6 +572,9 @@ impl Server {
         let local_addr = listener.local_addr()?;
         let (stop, shutdown) = watch::channel(false);
         let addresses = Addresses::new(address_caps(&config));
+        let requests = RequestCounts::default();
+        let mut config = config;
+        requests.attach(&mut config.routes);
         let shared = Arc::new(Shared {
             policy: Policy::new(policy),
             tracing,
@@ -576,6 +587,7 @@ impl Server {
             addresses: Arc::new(addresses),
             shutdown,
             pool: Pool::default(),
+            requests,
             signature_checks: SignatureChecks::new(threads.max(1)),
             next_conn_id: AtomicU64::new(1),
             drained: Notify::new(),
@@ -718,6 +730,7 @@ mod tests {
                 identity: Arc::new(identity),
                 tls: None,
                 upstream_tls: None,
+                access_log_share: 0.0,
             }),
             table: Arc::new(EnforcementTable::default()),
             events,
@@ -734,6 +747,7 @@ mod tests {
             addresses: Arc::new(Addresses::new(AddressCaps::new(None, None, Vec::new()))),
             shutdown,
             pool: Pool::default(),
+            requests: RequestCounts::default(),
             signature_checks: SignatureChecks::new(checks),
             next_conn_id: AtomicU64::new(1),
             drained: Notify::new(),

@@ -77,6 +77,10 @@ impl Clock {
 ///   the engine saw it, at most one per reason every 10 s, `suppressed`
 ///   counting the ones left out since the previous (not an attempt's event:
 ///   no key, no id)
+/// * `("http_request", route, peer, method, path, status, outcome, duration,
+///   bytes_in, bytes_out, conn_id, t)`: a plain request's `access` line
+///   (sampled at the source as `telemetry.access_log` says; not an attempt's
+///   event)
 ///
 /// `t` is `time.monotonic()` seconds, `duration` seconds; `conn_id` is the
 /// connection's id, the same on every event of one accepted connection.
@@ -397,6 +401,21 @@ fn to_tuple<'py>(
             &*line.peer,
             &*line.message,
             line.suppressed,
+            clock.seconds(line.at),
+        ),
+        Event::HttpRequest(line) => py_tuple!(
+            py,
+            intern!(py, "http_request").clone(),
+            routes.get(py, &line.route),
+            &*line.peer,
+            &*line.method,
+            &*line.path,
+            line.status,
+            line.outcome.as_str(),
+            line.duration.as_secs_f64(),
+            line.bytes_in,
+            line.bytes_out,
+            line.conn_id,
             clock.seconds(line.at),
         ),
     }

@@ -57,8 +57,24 @@ pub fn attempt_trace(sampling: &Sampling, head: &RequestHead<'_>) -> AttemptTrac
     }
 }
 
+/// Whether this one of many (a plain request's access line) is in a random
+/// `share` of them (0 none, 1 all), drawn from the thread's generator.
+pub fn sampled(share: f64) -> bool {
+    if share >= 1.0 {
+        return true;
+    }
+    if share <= 0.0 {
+        return false;
+    }
+    let draw = IDS.with(|cell| {
+        let mut ids = cell.borrow_mut();
+        ids.get_or_insert_with(|| Ids::from_seed(seed())).span_id()
+    });
+    (draw as f64) < share * (u64::MAX as f64)
+}
+
 /// Bytes as Python's `decode("latin-1")` reads them (one character each).
-fn latin1(bytes: &[u8]) -> Box<str> {
+pub(crate) fn latin1(bytes: &[u8]) -> Box<str> {
     bytes
         .iter()
         .map(|&b| char::from(b))

@@ -147,7 +147,7 @@ fn trim(value: &[u8]) -> &[u8] {
 }
 
 /// A route of the native listener: a path prefix and its upstream.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Route {
     /// The path prefix as configured (latin-1 bytes, like the path it is
     /// compared with); also the route's name in events.
@@ -162,7 +162,35 @@ pub struct Route {
     pub base_path: Vec<u8>,
     /// `wss://` or `https://`: TLS to the upstream.
     pub tls: bool,
+    /// Its plain requests' counts: those of its name once the listener serves
+    /// it (`RequestCounts::attach`).
+    pub requests: std::sync::Arc<crate::requests::RouteRequests>,
 }
+
+/// Routes are equal by what they route (their counts are not part of it).
+impl PartialEq for Route {
+    fn eq(&self, other: &Route) -> bool {
+        (
+            &self.prefix,
+            &self.name,
+            &self.host,
+            self.port,
+            &self.authority,
+            &self.base_path,
+            self.tls,
+        ) == (
+            &other.prefix,
+            &other.name,
+            &other.host,
+            other.port,
+            &other.authority,
+            &other.base_path,
+            other.tls,
+        )
+    }
+}
+
+impl Eq for Route {}
 
 #[cfg(test)]
 impl Route {
@@ -177,6 +205,7 @@ impl Route {
             authority: format!("127.0.0.1:{port}").into_bytes(),
             base_path: Vec::new(),
             tls,
+            requests: Default::default(),
         }
     }
 }
@@ -407,6 +436,7 @@ mod tests {
             authority: b"127.0.0.1:9000".to_vec(),
             base_path: base.into(),
             tls: false,
+            requests: Default::default(),
         }
     }
 
