@@ -498,7 +498,39 @@ def relay() -> list[cogbuilder.Builder[Any]]:
         ),
         unit="Bps",
     )
-    return [messages, size]
+    plain = ts(
+        "Plain HTTP requests/s by status class",
+        "Plain HTTP requests (not WebSocket upgrades) forwarded per second, stacked by the class "
+        "of the status the client got: the backend's, or loopwatch's own 502/504/408 when the "
+        "backend failed or was too slow (those are also in Requests refused before detection); "
+        "none: the client left before any response. A rise of 5xx with a flat total is the "
+        "backend failing; the access lines (telemetry.access_log) name the paths. Clients whose "
+        "polling fallback carries them around WebSocket refusals show here (docs/relay.md).",
+        query(
+            f"sum by (code) (rate(loopwatch_http_requests_total{{{SEL_ROUTE}}}[$__rate_interval]))",
+            "{{code}}",
+        ),
+        unit="reqps",
+    ).stacking(common_builders.StackingConfig().mode(common.StackingMode.NORMAL))
+    plain_bucket = "loopwatch_http_request_duration_seconds_bucket"
+    plain_latency = ts(
+        "Plain HTTP request duration p50 / p99",
+        "Time from a plain request's head to the end of its response, 50th and 99th "
+        "percentile: the backend's answer and the body's transfer. A p99 at "
+        "limits.response_timeout (60 s by default) is requests ending as 504s.",
+        *refs(
+            (
+                f"histogram_quantile(0.5, sum by (le) (rate({plain_bucket}{{{SEL_ROUTE}}}[$__rate_interval])))",
+                "p50",
+            ),
+            (
+                f"histogram_quantile(0.99, sum by (le) (rate({plain_bucket}{{{SEL_ROUTE}}}[$__rate_interval])))",
+                "p99",
+            ),
+        ),
+        unit="s",
+    )
+    return [messages, size, plain, plain_latency]
 
 
 def itself() -> list[cogbuilder.Builder[Any]]:
