@@ -762,3 +762,69 @@ async def test_a_flushed_redis_gets_every_cooldown_back(
         async with loopwatch(upstream, **overrides(redis_server.url, "late", prefix)) as late:
             assert in_cooldown(late, key)  # adopted before it listened
     assert "state_store_keys_lost" in [r.getMessage() for r in caplog.records]
+
+
+SIGNING_KEY = "fleet-secret-for-the-tests-0123"
+
+
+async def test_with_a_signing_key_replicas_share_and_take_nothing_unsealed(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`state.redis.signing_key` (proxy/state/signing.py): the fleet shares the
+    loop and its cooldown as without it, and what anyone with Redis access (but
+    not the key) publishes or stores is refused and said: a forged cooldown, a
+    forged release, a forged cooldown key; a key's TTL stretched in Redis
+    does not stretch the cooldown a starting replica adopts."""
+    from loopwatch.detectors import shared
+
+    caplog.set_level(logging.INFO, logger="loopwatch.state")
+    prefix = "lw-signed:"
+    signed = {"state.redis.signing_key": SIGNING_KEY}
+    async with (
+        replicas(redis_server.url, prefix, **signed) as (backend, a, b),
+        redis_client(redis_server) as rc,
+    ):
+        key = key_of("loop")
+        seen = await round_robin((a, b), "loop", CRITICAL)
+        assert codes(seen) == [1008] * CRITICAL
+        await wait_for(lambda: in_cooldown(a, key) and in_cooldown(b, key))
+        errors = store(a).errors
+        forged = [shared.SharedCooldown("mallory", 60.0, "manual", 1, True, True), shared.Release(key)]
+        await rc.publish(prefix + "events", shared.encode("evil", forged))
+        await rc.set(f"{prefix}cool:eve".encode(), b'{"tail_ms":0,"rule":"manual","repeat":1,"enforced":true}',
+                     px=600_000)  # fmt: skip
+        await wait_for(lambda: store(a).errors > errors and store(b).errors > errors)
+        await asyncio.sleep(0.3)
+        assert not in_cooldown(a, "mallory") and not in_cooldown(b, "mallory")
+        assert in_cooldown(a, key) and in_cooldown(b, key)  # the forged release did nothing
+        # The cooldown's key is sealed; stretched in Redis, it still ends when it said.
+        name = f"{prefix}cool:{key}".encode()
+        left = tracked(a, key).cooldown_remaining
+        assert b'"mac"' in await rc.get(name)
+        await rc.pexpire(name, 36_000_000)  # ten hours: the key outlives a cooldown by policy.cooldown.memory
+        upstream = f"ws://127.0.0.1:{backend.port}"
+        async with loopwatch(upstream, **overrides(redis_server.url, "c", prefix, **signed)) as c:
+            await wait_for(lambda: store(c).up and in_cooldown(c, key))
+            assert tracked(c, key).cooldown_remaining <= left + 0.5
+            assert not in_cooldown(c, "eve")  # the unsealed key was skipped
+            assert codes([await attempt(ws(c, "loop"))]) == [1013]
+    bad = [r.fields["error"] for r in caplog.records if r.getMessage() == "state_store_bad_message"]  # type: ignore[attr-defined]
+    assert any("sealed with state.redis.signing_key" in e for e in bad), bad
+
+
+async def test_replicas_with_and_without_the_key_do_not_share(redis_server: RedisServer) -> None:
+    """A replica given the key during a rollout takes nothing from one without it,
+    and the other way round: each decides alone (as when Redis is down) until
+    every replica has the key; both say so in state_store_bad_message."""
+    prefix = "lw-halfsigned:"
+    async with demo_backend() as backend_app:
+        upstream = f"ws://127.0.0.1:{backend_app.port}"
+        async with (
+            loopwatch(upstream, **overrides(redis_server.url, "a", prefix, **{"state.redis.signing_key": SIGNING_KEY})) as a,
+            loopwatch(upstream, **overrides(redis_server.url, "b", prefix)) as b,
+        ):
+            await wait_for(lambda: store(a).up and store(b).up)
+            await wait_for(lambda: store(a).errors > 0 and store(b).errors > 0)  # each other's heartbeats
+            seen = await round_robin((a, b), "loop", CRITICAL + 2, replicated=False)
+            assert codes(seen) == [1008] * (CRITICAL + 2)
+            assert attempts_seen(a, key_of("loop")) == (CRITICAL + 2) // 2

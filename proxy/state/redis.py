@@ -60,6 +60,7 @@ from ...detectors.shared import (
 from ..dataplane.boundary import LogLimiter
 from ..observe.logs import event as log_event
 from ..observe.observers import Observer
+from .signing import Seal
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -177,6 +178,10 @@ class RedisStateStore(Observer):
         prefix = self.redis.key_prefix
         self.channel = f"{prefix}events"
         self._own = header(self.replica)
+        # With state.redis.signing_key, what is published and stored is sealed,
+        # and nothing unsealed is taken (proxy/state/signing.py).
+        key = self.redis.signing_key
+        self._seal = Seal(key) if key is not None else None
         self._cool_prefix = f"{prefix}cool:"
         self._epoch = f"{prefix}epoch"
         # What telemetry exports; plain attributes, read at scrape time.
@@ -252,7 +257,7 @@ class RedisStateStore(Observer):
             return
         try:
             async with asyncio.timeout(self.redis.timeout):
-                await client.publish(self.channel, encode(self.replica, [Leaving()]))
+                await client.publish(self.channel, self._payload([Leaving()]))
         except Exception:  # fail-open, as every write: counted
             self.errors += 1
         else:
@@ -331,10 +336,13 @@ class RedisStateStore(Observer):
     def apply(self, payload: bytes) -> None:
         """One published batch: fold another replica's messages into this engine."""
         gate = self.gate
-        if gate is None or payload.startswith(self._own):
+        seal = self._seal
+        if gate is None or (payload if seal is None else seal.inner(payload)).startswith(self._own):
             return  # pub/sub hands our own batches back too: skipped unparsed
         now = self._clock()
         try:
+            if seal is not None:
+                payload = seal.open_batch(payload)
             origin, messages = decode(payload, now)
         except ValueError as e:
             self._bad(str(e))  # a foreign publisher on our channel, or a newer version
@@ -561,7 +569,7 @@ class RedisStateStore(Observer):
                 # alive, and finds a dead or partitioned server before the
                 # next event would.
                 async with asyncio.timeout(r.timeout):
-                    await client.publish(self.channel, encode(self.replica, ()))
+                    await client.publish(self.channel, self._payload(()))
                 continue
             if r.batch_delay:
                 # Linger for the rest of the batch: a round trip per handful of
@@ -583,8 +591,13 @@ class RedisStateStore(Observer):
                 finally:
                     self._in_flight = 0
 
-    async def _publish(self, client: Redis, batch: list[Message]) -> None:
+    def _payload(self, batch: Iterable[Message]) -> bytes:
+        """A batch as published: encoded, and sealed with the fleet's key if any."""
         payload = encode(self.replica, batch)
+        return payload if self._seal is None else self._seal.seal_batch(payload)
+
+    async def _publish(self, client: Redis, batch: list[Message]) -> None:
+        payload = self._payload(batch)
         writes = [m for m in batch if isinstance(m, SharedCooldown | Release)]
         if not writes:
             # The common batch, events only: one command, no pipeline machinery.
@@ -598,11 +611,12 @@ class RedisStateStore(Observer):
             if isinstance(m, SharedCooldown):
                 ttl = int(m.remaining * 1000) + memory_ms
                 if ttl > 0:
-                    value = json.dumps(
-                        {"rule": m.rule, "repeat": m.repeat, "enforced": m.enforced, "tail_ms": memory_ms},
-                        separators=(",", ":"),
-                    )
-                    pipe.eval(SET_COOLDOWN, 1, self._cool_prefix + m.key, value, ttl, "1" if m.force else "0")
+                    name = self._cool_prefix + m.key
+                    fields = {"rule": m.rule, "repeat": m.repeat, "enforced": m.enforced, "tail_ms": memory_ms}
+                    if self._seal is not None:
+                        fields = self._seal.seal_value(name, fields, ttl)
+                    value = json.dumps(fields, separators=(",", ":"))
+                    pipe.eval(SET_COOLDOWN, 1, name, value, ttl, "1" if m.force else "0")
                     cooled.append(m.key)
             else:
                 pipe.delete(self._cool_prefix + m.key)
@@ -742,10 +756,17 @@ class RedisStateStore(Observer):
             return None  # expired between SCAN and GET, or no TTL (not ours)
         try:
             data = json.loads(value)
+            name = key.decode()
+            if self._seal is not None:
+                try:
+                    pttl = self._seal.open_value(name, data, pttl)
+                except ValueError as e:
+                    self._bad(f"{key[:80]!r}: {e}")  # forged, or written without the key
+                    return None
             tail = int(data["tail_ms"])
-            client = key.decode()[len(self._cool_prefix) :]
             return SharedCooldown(
-                client, (pttl - tail) / 1000, str(data["rule"]), int(data["repeat"]), bool(data["enforced"])
-            )
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError, ArithmeticError, RecursionError):
+                name[len(self._cool_prefix) :], (pttl - tail) / 1000, str(data["rule"]), int(data["repeat"]),
+                bool(data["enforced"]),
+            )  # fmt: skip
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, ArithmeticError, RecursionError, AttributeError):
             return None  # not one of ours (Infinity, 1e999, nested beyond reason …): skipped, not fatal

@@ -47,6 +47,7 @@ RedisURL = Annotated[str, BeforeValidator(_check_redis_url)]
 
 
 PositiveDuration = Annotated[Duration, Field(gt=0)]
+MIN_SIGNING_KEY = 16  # characters: a shared secret, not a password to remember
 
 
 class RedisSettings(Section):
@@ -62,9 +63,14 @@ class RedisSettings(Section):
     batch_delay: Annotated[Duration, Field(ge=0)] = 0.01
     max_batch: Annotated[int, Field(ge=1, le=MAX_COUNT)] = 500
     max_queue: Annotated[int, Field(ge=1, le=MAX_COUNT)] = 10_000
+    # The fleet's shared key: what replicas publish and store is sealed with
+    # it, and nothing unsealed is taken (proxy/state/signing.py).
+    signing_key: OptionalSecret = None
 
     @model_validator(mode="after")
     def _ordered(self) -> RedisSettings:
+        if self.signing_key is not None and len(self.signing_key) < MIN_SIGNING_KEY:
+            raise ValueError(f"signing_key: expected at least {MIN_SIGNING_KEY} characters (a random secret)")
         if self.reconnect_max < self.reconnect_min:
             raise ValueError(
                 f"reconnect_max ({self.reconnect_max:g}s) must not be below reconnect_min ({self.reconnect_min:g}s)"
