@@ -97,8 +97,11 @@ def start_cooldown(
 def force_cooldown(
     state: ClientState, settings: CooldownSettings, t: float, duration: float
 ) -> CooldownStarted:
-    """An operator's cooldown: exactly ``duration``, always enforced, not a repeat."""
-    return _set(state, settings, t, t + duration, "manual", max(state.cool_repeat, 1), True)
+    """An operator's cooldown: exactly ``duration``, always enforced, not a repeat:
+    the client's repeat count stays what its rules' cooldowns made it (0 for a
+    client never cooled down), so its next cooldown by a rule is no longer for
+    an operator having stepped in."""
+    return _set(state, settings, t, t + duration, "manual", state.cool_repeat, True)
 
 
 def _set(

@@ -22,6 +22,7 @@ from loopwatch.detectors.events import (
     to_dict,
 )
 from loopwatch.detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
+from loopwatch.detectors.shared import SharedCooldown
 from loopwatch.detectors.state import ClientState
 from tests.detectors.sim import Client, Close, Sim, Stay, always, fixed, once
 
@@ -208,7 +209,7 @@ def test_idle_clients_are_forgotten_after_the_ttl() -> None:
 
 def test_a_client_in_cooldown_memory_outlives_the_ttl_so_repeats_still_escalate() -> None:
     e = engine(DetectionSettings(client_ttl="1m"))
-    e.force_cooldown(K, 5.0, 0.0)
+    e.adopt_cooldown(SharedCooldown(K, 5.0, "auth_failure_loop", 1, True), 0.0)
     e.wake(3000.0)
     view = e.client(K, 3000.0)
     assert view is not None and view.cooldown_repeat == 1

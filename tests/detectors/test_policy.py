@@ -78,6 +78,22 @@ def test_forced_cooldown_is_exact_and_enforced() -> None:
     assert state.in_cooldown(51.9) and not state.in_cooldown(52.0)
 
 
+def test_a_forced_cooldown_neither_adds_a_repeat_nor_erases_one() -> None:
+    """An operator stepping in is no offence of the client's: its next cooldown
+    by a rule is the one its own record calls for (was repeat 2, 10 s)."""
+    s = CooldownSettings(jitter=0.0)
+    rng = random.Random(0)
+    fresh = ClientState("k", 0.0)
+    assert force_cooldown(fresh, s, 0.0, 3.0).repeat == 0
+    after = start_cooldown(fresh, s, 13.0, "auth_failure_loop", True, rng)
+    assert (after.repeat, after.duration) == (1, 5.0)
+    seasoned = ClientState("j", 0.0)
+    start_cooldown(seasoned, s, 0.0, "auth_failure_loop", True, rng)
+    assert force_cooldown(seasoned, s, 6.0, 3.0).repeat == 1
+    again = start_cooldown(seasoned, s, 20.0, "auth_failure_loop", True, rng)
+    assert (again.repeat, again.duration) == (2, 10.0)
+
+
 def test_rollout_bucket_is_stable_and_uniform() -> None:
     assert rollout_bucket("alice@10.0.0.5") == rollout_bucket("alice@10.0.0.5")
     # a fixed value: the hash must not change between releases either (replicas agree)
