@@ -385,18 +385,40 @@ async def test_http10_keep_alive(backend, proxy_url):
 
 
 async def test_idle_keep_alive_connection_closed_quietly(backend):
-    async with loopwatch(backend.url, **{"limits.handshake_timeout": "0.5s"}) as lw:
+    """Idle between requests, a connection has `keepalive_timeout`, not the
+    head's `handshake_timeout`: a load balancer pooling connections for 60 s
+    must not reuse one loopwatch is closing (a 502 for its client). Once the
+    next request's first byte came, its head has `handshake_timeout`."""
+    timeouts = {"limits.handshake_timeout": "0.3s", "limits.keepalive_timeout": "1.2s"}
+    async with loopwatch(backend.url, **timeouts) as lw:
         reader, writer = await asyncio.open_connection("127.0.0.1", lw.proxy_port)
         try:
             writer.write(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
             response = await asyncio.wait_for(read_response(reader), 10)
             assert response.status == 200
+            await asyncio.sleep(0.6)  # past handshake_timeout: still open
+            writer.write(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+            response = await asyncio.wait_for(read_response(reader), 10)
+            assert response.status == 200
+            began = asyncio.get_running_loop().time()
             # Nothing more is sent: after the timeout the connection just ends,
             # with no unsolicited 408 that could race a next request.
             assert await asyncio.wait_for(reader.read(), 10) == b""
+            assert asyncio.get_running_loop().time() - began > 1.0
         finally:
             writer.close()
         await wait_for(lambda: lw.plane.connections() == 0)
+        # A next request begun and left half-sent is the head's timeout: 408.
+        reader, writer = await asyncio.open_connection("127.0.0.1", lw.proxy_port)
+        try:
+            writer.write(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await asyncio.wait_for(read_response(reader), 10)).status == 200
+            writer.write(b"GET /echo HT")  # after the response: no pipelining
+            began = asyncio.get_running_loop().time()
+            assert (await asyncio.wait_for(read_response(reader), 10)).status == 408
+            assert asyncio.get_running_loop().time() - began < 1.0
+        finally:
+            writer.close()
 
 
 async def test_pipelined_requests_first_answered_then_closed(backend, proxy_url):

@@ -304,7 +304,7 @@ async def test_client_leaving_mid_response_frees_the_connection(backend: Backend
 
 
 async def test_idle_keep_alive_connection_closed_quietly(backend: Backend) -> None:
-    async with front([("/", backend.url)], handshake_timeout=0.5) as lw:
+    async with front([("/", backend.url)], handshake_timeout=0.5, keepalive_timeout=0.5) as lw:
         reader, writer = await open_conn(lw.port)
         try:
             writer.write(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -133,6 +133,7 @@ class ListenerConfig:
         error_body_size: int = 65536,
         max_message_size: int | None = 67108864,
         handshake_timeout: float = 10.0,
+        keepalive_timeout: float = 75.0,
         connect_timeout: float = 5.0,
         idle_timeout: float | None = 3600.0,
         body_timeout: float = 30.0,

@@ -342,6 +342,7 @@ def listener_config(
         error_body_size=limits.error_body_size,
         max_message_size=limits.max_message_size or None,
         handshake_timeout=limits.handshake_timeout,
+        keepalive_timeout=limits.keepalive_timeout,
         connect_timeout=limits.connect_timeout,
         idle_timeout=limits.idle_timeout,
         body_timeout=limits.body_timeout,

@@ -130,6 +130,10 @@ class Limits(Section):
     early_data_size: ByteSize = 64 * KiB
     error_body_size: ByteSize = 64 * KiB
     handshake_timeout: Annotated[Duration, Field(gt=0)] = 10.0
+    # A keep-alive connection idle between two plain requests; longer than a
+    # pooling load balancer's idle timeout (60 s at ALB and ingress-nginx), or
+    # it reuses a connection loopwatch is closing (nginx's default, 75 s).
+    keepalive_timeout: Annotated[Duration, Field(gt=0)] = 75.0
     connect_timeout: Annotated[Duration, Field(gt=0)] = 5.0
     idle_timeout: Annotated[Duration, Field(gt=0)] | None = 3600.0
     body_timeout: Annotated[Duration, Field(gt=0)] = 30.0

@@ -340,8 +340,10 @@ async fn serve_stream<C: Transport + 'static>(
     let mut idle = false;
     loop {
         let head_limits = config.limits.head;
+        // Idle between two plain requests: `keepalive_timeout` until the next
+        // request's first byte, then `handshake_timeout` for its head.
         let deadline = if idle {
-            Instant::now() + config.limits.handshake_timeout
+            Instant::now() + config.limits.keepalive_timeout
         } else {
             first_deadline
         };
@@ -353,6 +355,8 @@ async fn serve_stream<C: Transport + 'static>(
         tokio::pin!(head_timer, stop);
         // Nothing of a next request yet (empty lines are skipped by the parser).
         let quiet = |buf: &[u8]| idle && buf.iter().all(|&b| b == b'\r' || b == b'\n');
+        // The idle wait ended: a byte of the next request came.
+        let mut waking = false;
         let plan = loop {
             tokio::select! {
                 biased;
@@ -377,6 +381,13 @@ async fn serve_stream<C: Transport + 'static>(
                     Ok(0) | Err(_) => return, // gone before its head was complete
                     Ok(_) => {}
                 },
+            }
+            if idle && !waking && !quiet(&buf) {
+                // The next request began: its head has `handshake_timeout`.
+                waking = true;
+                head_timer
+                    .as_mut()
+                    .reset(Instant::now() + config.limits.handshake_timeout);
             }
             let status = parse_head(&buf, &head_limits);
             if !matches!(status, HeadStatus::Partial) {

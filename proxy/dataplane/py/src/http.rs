@@ -854,6 +854,7 @@ mod tests {
             error_body_size: 1024,
             max_message_size: None,
             handshake_timeout: timeout,
+            keepalive_timeout: timeout,
             connect_timeout: timeout,
             idle_timeout: None,
             body_timeout: timeout,

@@ -167,6 +167,7 @@ impl ListenerConfig {
         error_body_size = 64 * 1024,
         max_message_size = Some(64 * 1024 * 1024),
         handshake_timeout = 10.0,
+        keepalive_timeout = 75.0,
         connect_timeout = 5.0,
         idle_timeout = Some(3600.0),
         body_timeout = 30.0,
@@ -194,6 +195,7 @@ impl ListenerConfig {
         error_body_size: usize,
         max_message_size: Option<u64>,
         handshake_timeout: f64,
+        keepalive_timeout: f64,
         connect_timeout: f64,
         idle_timeout: Option<f64>,
         body_timeout: f64,
@@ -232,6 +234,7 @@ impl ListenerConfig {
                 other => other,
             },
             handshake_timeout: positive("handshake_timeout", handshake_timeout)?,
+            keepalive_timeout: positive("keepalive_timeout", keepalive_timeout)?,
             connect_timeout: positive("connect_timeout", connect_timeout)?,
             idle_timeout: idle_timeout
                 .map(|s| positive("idle_timeout", s))

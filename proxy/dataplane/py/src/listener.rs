@@ -251,6 +251,9 @@ pub struct Limits {
     pub error_body_size: usize,
     pub max_message_size: Option<u64>,
     pub handshake_timeout: Duration,
+    /// A keep-alive connection idle between two plain requests: closed
+    /// quietly after this long without a byte of the next one.
+    pub keepalive_timeout: Duration,
     pub connect_timeout: Duration,
     pub idle_timeout: Option<Duration>,
     /// A plain request's body: silence allowed from the client (408), or
@@ -718,6 +721,7 @@ mod tests {
                     error_body_size: 1,
                     max_message_size: None,
                     handshake_timeout,
+                    keepalive_timeout: handshake_timeout,
                     connect_timeout: Duration::from_secs(1),
                     idle_timeout: None,
                     body_timeout: Duration::from_secs(1),
