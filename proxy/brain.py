@@ -16,6 +16,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from ..detectors import events as ev
@@ -110,10 +111,15 @@ class EngineGate(Gate):
 
     # --- the Gate interface ---------------------------------------------------
 
-    def judge(self, conn: Connection, event: ev.Attempt, refused: ev.Rejected | None = None) -> Refusal | None:
+    def judge(
+        self, conn: Connection, event: ev.Attempt, refused: ev.Rejected | None = None, *, show_refusal: bool = True
+    ) -> Refusal | None:
         """An identified attempt: the engine's decision, shown to the observers and
         acted on; how it is refused (None: admitted). `refused`: the native data
-        plane already refused it, as this Rejected says (its reason: Engine.admit's)."""
+        plane already refused it, as this Rejected says (its reason: Engine.admit's).
+        Without `show_refusal` a refusal is not shown yet: the data plane admitted
+        the attempt, and whether its client meets the refusal or the backend's
+        own answer is known later (NativeDriver, `show_rejected`)."""
         reason = None if refused is None else refused.reason
         decision = self.engine.admit(event, reason)  # type: ignore[arg-type]  # the table's reasons are RejectReason values
         refusal = None
@@ -122,7 +128,7 @@ class EngineGate(Gate):
                 decision, self.reject_with, self.holds.get(decision.reason, 0.0), self.close_code
             )
         self.observers.call("on_attempt", conn, event, decision)
-        if refusal is not None:
+        if refusal is not None and show_refusal:
             # The data plane's Rejected when it says what the engine does (the
             # same attempt, so the same key and route); else one is made.
             rejected = refused
@@ -133,6 +139,26 @@ class EngineGate(Gate):
             self.table.touched.add(event.key)
         self._apply(decision.outcome, event.t, conn)
         return refusal
+
+    def show_rejected(self, conn: Connection, event: ev.Rejected) -> None:
+        """A refusal judged earlier and held back (`judge(show_refusal=False)`):
+        it reached the client, so the observers see it now."""
+        self.observers.call("on_rejected", conn, event)
+
+    def show_unrefused(
+        self, conn: Connection, opened: ev.Opened, closed: ev.Closed, stats: RelayStats
+    ) -> None:  # fmt: skip
+        """A refusal judged too late: the backend's answer reached the client
+        first (its 101 and its close), so the observers see that connection, as it
+        went; the engine keeps its judgement (it saw the attempt refused)."""
+        conn.opened_at = opened.t
+        self.observers.call("on_opened", conn, opened)
+        self.observers.call("on_closed", conn, closed, stats)
+
+    def show_failed_handshake(self, conn: Connection, event: ev.HandshakeFailed) -> None:
+        """A refusal judged too late whose upstream handshake failed first: the
+        client got that answer (the upstream's status, or loopwatch's 502/504)."""
+        self.observers.call("on_handshake_failed", conn, event)
 
     def table_refused(self, conn: Connection, t: float, reason: RejectReason) -> None:
         """The data plane's table refused an attempt the engine had not judged
@@ -563,6 +589,18 @@ class Received(Protocol):
     def trace(self) -> PlaneTrace | None: ...
 
 
+@dataclass(slots=True)
+class Late:
+    """An attempt the table admitted and the engine refused: how it is refused,
+    the refusal the observers see once it has reached the client, and its
+    Opened (the connection is closed with the refusal's code once it opens,
+    unless the backend's close comes first)."""
+
+    refusal: Refusal
+    rejected: ev.Rejected
+    opened: ev.Opened | None = None
+
+
 # Refused attempts remembered until their held answer (Answered): a refusal that
 # was not held never gets one, so the oldest are forgotten beyond this many.
 _REFUSED_KEPT = 4096
@@ -582,7 +620,11 @@ class NativeDriver:
       refuses it there if the table has the refusal by then (a Rejected for
       an attempt in `late`: the refusal caught before the backend); else the
       connection is closed with the refusal's close code and reason once it
-      opens. Both are `late_refusals`;
+      opens. Both are `late_refusals`. Such a refusal is shown to the observers
+      once it reached the client: at the recheck's Rejected, or at a Closed of
+      loopwatch's making; when the backend's answer came first (its close, or
+      its refusal of the upgrade: `late_missed`), they see that instead, as the
+      client did (loopwatch_refusals_total counts only refusals a client met);
     * the table refused an attempt the engine would admit (a slot freed by a
       close it had not seen): recorded as refused all the same (Engine.admit's
       `refused`; the engine's `table_refusals`, and `split_refusals` here:
@@ -602,8 +644,11 @@ class NativeDriver:
         # OrderedDict does that in O(1); a dict's first entry is found past the
         # holes its earlier deletions left (thousands, ~16 µs a refusal).
         self.refused: OrderedDict[int, Connection] = OrderedDict()
-        self.late: dict[int, Refusal] = {}  # admitted by the table, refused by the engine
+        self.late: dict[int, Late] = {}  # admitted by the table, refused by the engine
         self.late_refusals = 0
+        # Of late_refusals, those the backend answered first (its 101 and close,
+        # or its refusal of the upgrade): shown as what the client got.
+        self.late_missed = 0
         self.rechecked = 0  # of late_refusals, those refused before the upstream (the recheck)
         # The highest connection id seen in an event (ids grow in accept order):
         # a connection above it has not reached the brain yet.
@@ -628,29 +673,41 @@ class NativeDriver:
                     key=e.key, route=e.route, peer=e.addr, t0=e.t, conn_id=cid, plane_trace=r.trace,
                 )  # fmt: skip
                 refused = rejected.pop(cid, None)
-                refusal = judge(conn, e, refused) if judge is not None else None
+                # A refusal of an attempt the table admitted is shown once it is
+                # known to have reached the client (`Late`).
+                refusal = judge(conn, e, refused, show_refusal=refused is not None) if judge is not None else None
                 conn.plane_trace = None  # read at the attempt; not kept for the connection's life (as the head)
                 if refused is not None:
                     self._remember_refused(cid, conn)
                 else:
                     self.conns[cid] = conn
                     if refusal is not None:
-                        self.late[cid] = refusal
+                        self.late[cid] = Late(refusal, ev.Rejected(e.key, e.route, e.t, refusal.reason))
             elif isinstance(e, ev.Opened):
                 known = self.conns.get(cid)
                 conn = known if known is not None else self._lost(cid, e, keep=True)
                 late = self.late.get(cid)
                 if late is not None:
                     self.late_refusals += 1
-                    code = late.close_code if late.close_code is not None else self.close_code
-                    self.plane.close(cid, code, late.message)
+                    late.opened = e
+                    refusal = late.refusal
+                    code = refusal.close_code if refusal.close_code is not None else self.close_code
+                    self.plane.close(cid, code, refusal.message)
                     continue
                 gate.opened(conn, e.t, e)
             elif isinstance(e, ev.Closed):
                 known = self.conns.pop(cid, None)
                 conn = known if known is not None else self._lost(cid, e)
-                if self.late.pop(cid, None) is None:  # refused by the engine: it saw no connection
+                late = self.late.pop(cid, None)
+                if late is None:
                     gate.closed(conn, e.t, e.code, e.reason, e.initiator, r.traffic or _NO_TRAFFIC, e)
+                elif isinstance(gate, EngineGate):  # refused by the engine: it saw no connection
+                    if e.initiator == "proxy":  # the refusal's close reached the client
+                        gate.show_rejected(conn, late.rejected)
+                    else:  # the backend's close (its 1008) came first: that is what the client got
+                        self.late_missed += 1
+                        opened = late.opened or ev.Opened(e.key, e.route, e.t - e.duration, cid)
+                        gate.show_unrefused(conn, opened, e, r.traffic or _NO_TRAFFIC)
             elif isinstance(e, ev.Rejected):
                 # Judged with its Attempt, which comes just before it in the same
                 # batch, unless the drain took the two apart or the listener's
@@ -664,12 +721,15 @@ class NativeDriver:
                         lost = Connection(key=e.key, route=e.route, peer="", t0=e.t, conn_id=cid)
                         refused_only(lost, e.t, e.reason)  # type: ignore[arg-type]  # the table's reasons are RejectReason values
                     continue
-                if self.late.pop(cid, None) is not None:
+                late = self.late.pop(cid, None)
+                if late is not None:
                     # The recheck: the engine refused it, the table had admitted
                     # it, and now refused it before its request reached the
                     # upstream. It awaits its held answer as refused.
                     self.late_refusals += 1
                     self.rechecked += 1
+                    if isinstance(gate, EngineGate):
+                        gate.show_rejected(admitted, late.rejected)
                 else:
                     # The engine took it for admitted. Rare (the table's two
                     # sends are adjacent; a recheck refuses only what was written
@@ -686,8 +746,12 @@ class NativeDriver:
             elif isinstance(e, ev.HandshakeFailed):
                 known = self.conns.pop(cid, None)
                 conn = known if known is not None else self._lost(cid, e)
-                if self.late.pop(cid, None) is None:
+                late = self.late.pop(cid, None)
+                if late is None:
                     gate.handshake_failed(conn, e.t, e.status, e.error, e)
+                elif isinstance(gate, EngineGate):  # the client got the handshake's answer, not the refusal
+                    self.late_missed += 1
+                    gate.show_failed_handshake(conn, e)
         self.batches += 1
         if isinstance(gate, EngineGate) and gate.table is not None:
             gate.table.judged = self.last_conn_id
@@ -721,7 +785,11 @@ class NativeDriver:
         gone = [cid for cid, conn in self.conns.items() if cid not in live and conn.t0 < before]
         for cid in gone:
             conn = self.conns.pop(cid)
-            if self.late.pop(cid, None) is None and conn.opened_at:
+            late = self.late.pop(cid, None)
+            if late is not None:
+                if isinstance(self.gate, EngineGate):  # its end is unknown: shown as judged
+                    self.gate.show_rejected(conn, late.rejected)
+            elif conn.opened_at:
                 self.gate.closed(conn, now, 1006, "loopwatch: close event lost", "proxy", _NO_TRAFFIC)
         if gone and isinstance(self.gate, EngineGate) and self.gate.table is not None:
             self.gate.table.flush(now)

@@ -740,13 +740,13 @@ async def test_every_refusal_reaches_the_refusals_metric_once() -> None:
     # Its Attempt lost: the Rejected alone.
     driver.handle([Received(ev.Rejected("10.0.0.3", "/", 3.0, "max_concurrent"), conn_id=3)])
     assert refusals() == {"min_interval": 1.0, "deny": 1.0, "max_concurrent": 1.0}
-    # Late: the engine refuses (counted), the recheck refuses too (not again).
+    # Late: the engine refuses (counted once it reaches the client), the
+    # recheck refuses too: that is when.
     gate.engine.force_cooldown("10.0.0.4", 30.0, 3.5)
     driver.handle([Received(ev.Attempt("10.0.0.4", "/", 4.0, "10.0.0.4"), conn_id=4)])
-    expected = {"min_interval": 1.0, "deny": 1.0, "max_concurrent": 1.0, "cooldown": 1.0}
-    assert refusals() == expected
+    assert refusals() == {"min_interval": 1.0, "deny": 1.0, "max_concurrent": 1.0}
     driver.handle([Received(ev.Rejected("10.0.0.4", "/", 4.0, "cooldown"), conn_id=4)])
-    assert refusals() == expected
+    assert refusals() == {"min_interval": 1.0, "deny": 1.0, "max_concurrent": 1.0, "cooldown": 1.0}
     assert driver.late_refusals == 1 and driver.rechecked == 1 and driver.split_refusals == 1
     # Their held answers end them as refused (the lost one has none to end).
     driver.handle([
@@ -755,6 +755,70 @@ async def test_every_refusal_reaches_the_refusals_metric_once() -> None:
         Received(ev.Answered("10.0.0.4", "/", 5.0), conn_id=4),
     ])  # fmt: skip
     assert not driver.refused
+    gate.close()
+
+
+async def test_a_late_refusal_counts_as_what_its_client_met() -> None:
+    """An attempt the table admitted and the engine refused (a cooldown one batch
+    old) is closed with the refusal once it opens. When that close reaches the
+    client it is one refusal; when the backend's 1008 came first, the client met
+    the backend: an opened attempt, its close and an auth failure, no refusal
+    (the probe's run counted 11 refusals where clients met 8)."""
+    from loopwatch.detectors import events as ev
+    from loopwatch.proxy.app.runtime import build_gate
+    from loopwatch.proxy.brain import NativeDriver
+    from loopwatch.proxy.dataplane.native import Received
+    from loopwatch.proxy.observe.metrics import MetricsObserver
+    from loopwatch.proxy.observe.observers import Observers
+
+    class Plane:
+        def __init__(self) -> None:
+            self.closed: list[int] = []
+
+        def close(self, conn_id: int, code: int, reason: str) -> bool:
+            self.closed.append(conn_id)
+            return True
+
+    settings = load_settings(None, env={}, overrides=native())
+    registry = CollectorRegistry()
+    gate = build_gate(settings, Observers([MetricsObserver(registry, settings)]))
+    plane = Plane()
+    driver = NativeDriver(gate, plane)  # type: ignore[arg-type]  # the recording fake
+
+    def count(name: str, **labels: str) -> float:
+        return sample(generate_latest(registry).decode(), name, route="/", **labels) or 0.0
+
+    key = "10.0.0.7"
+    gate.engine.force_cooldown(key, 30.0, 0.5)  # type: ignore[attr-defined]  # EngineGate
+    # The refusal's close wins.
+    driver.handle([
+        Received(ev.Attempt(key, "/", 1.0, key), conn_id=1),
+        Received(ev.Opened(key, "/", 1.01, 1), conn_id=1),
+    ])  # fmt: skip
+    assert plane.closed == [1] and count("loopwatch_refusals_total", reason="cooldown") == 0
+    driver.handle([Received(ev.Closed(key, "/", 1.02, 1, 1013, "loopwatch: cooldown", "proxy", 0.01), conn_id=1)])
+    assert count("loopwatch_refusals_total", reason="cooldown") == 1
+    assert count("loopwatch_connection_attempts_total", outcome="refused") == 1
+    assert count("loopwatch_connection_attempts_total", outcome="opened") == 0
+    # The backend's 1008 wins.
+    driver.handle([
+        Received(ev.Attempt(key, "/", 2.0, key), conn_id=2),
+        Received(ev.Opened(key, "/", 2.01, 2), conn_id=2),
+        Received(ev.Closed(key, "/", 2.015, 2, 1008, "bye", "upstream", 0.005), conn_id=2),
+    ])  # fmt: skip
+    assert count("loopwatch_refusals_total", reason="cooldown") == 1
+    assert count("loopwatch_connection_attempts_total", outcome="opened") == 1
+    assert count("loopwatch_auth_failures_total") == 1
+    assert count("loopwatch_connection_closes_total", code="1008", initiator="upstream") == 1
+    # The upstream refused the upgrade before the close could: that answer.
+    driver.handle([
+        Received(ev.Attempt(key, "/", 3.0, key), conn_id=3),
+        Received(ev.HandshakeFailed(key, "/", 3.01, 403, None), conn_id=3),
+    ])  # fmt: skip
+    assert count("loopwatch_refusals_total", reason="cooldown") == 1
+    assert count("loopwatch_connection_attempts_total", outcome="upstream_refused") == 1
+    assert driver.late_refusals == 2 and driver.late_missed == 2 and not driver.late and not driver.conns
+    assert gate.engine.client(key, 3.1).cooldown_remaining > 0  # type: ignore[attr-defined, union-attr]
     gate.close()
 
 
