@@ -753,6 +753,13 @@ where
         .map_err(|e| ResponseError::Bad(e.to_string()))?;
     let status = head.status;
     buf.drain(..len);
+    if relayed.framing == Framing::Chunked && !buf.is_empty() {
+        // Chunks that came with the head and are already malformed: a 502
+        // while nothing went out yet (HAProxy's answer), not a 200 cut short.
+        let mut first = Chunk::Size;
+        decode_chunks(&buf, &mut first, &mut Vec::new(), 0)
+            .map_err(|e| ResponseError::Bad(e.to_string()))?;
+    }
     clock.started.store(true, Ordering::Release);
     clock.enter(Phase::Response);
     client
@@ -900,6 +907,35 @@ mod tests {
         stream.write_all(answer).await.unwrap();
         let mut rest = Vec::new();
         let _ = stream.read_to_end(&mut rest).await; // until the proxy drops it
+    }
+
+    #[tokio::test]
+    async fn a_chunked_answer_broken_from_its_first_chunk_is_a_502() {
+        let (mut client, mut proxy_side) = duplex(1 << 16);
+        let (upstream, backend_side) = duplex(1 << 16);
+        let head = b"GET / HTTP/1.1\r\nHost: b\r\n\r\n";
+        let answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n";
+        let serving = tokio::spawn(backend(backend_side, head, answer));
+        let done = exchange(
+            &mut proxy_side,
+            connects(vec![upstream]),
+            None,
+            &get(head),
+            &limits(Duration::from_secs(5)),
+            || false,
+        )
+        .await;
+        match done.outcome {
+            Outcome::Answer { status, .. } => assert_eq!(status, 502),
+            other => panic!("expected a 502, got {other:?}"),
+        }
+        assert_eq!(done.sent.status, None, "no byte of the 200 went out");
+        drop(done);
+        drop(proxy_side);
+        let mut out = Vec::new();
+        client.read_to_end(&mut out).await.unwrap();
+        assert!(out.is_empty(), "{out:?}");
+        serving.await.unwrap();
     }
 
     #[tokio::test]
