@@ -412,3 +412,33 @@ def test_values_from_clients_cannot_forge_lines_fields_or_terminal_codes(formatt
         # The forged "fields" stay inside the quoted client value.
         assert ' client="evil rule=manual severity=critical@127.0.0.1" reason=' in line
         assert ' reason="x\\r\\n2026' in line
+
+
+def test_a_clients_trace_headers_cannot_write_to_the_log() -> None:
+    """The OpenTelemetry API logs every malformed tracestate with the client's
+    text in the line (7 KB a connection, unlimited: the telemetry probe); after
+    setup_logging it writes nothing, and the header is dropped all the same."""
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    from loopwatch.proxy.observe.logs import CLIENT_HEADER_LOGGERS, setup_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, {n: logging.getLogger(n).level for n in CLIENT_HEADER_LOGGERS}
+    stream = io.StringIO()
+    try:
+        setup_logging("info", "json")
+        handler = logging.StreamHandler(stream)
+        root.handlers[:] = [handler]
+        carrier = {
+            "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "tracestate": "k=" + "v" * 7000 + '"evil',
+        }
+        TraceContextTextMapPropagator().extract(carrier)
+        TraceContextTextMapPropagator().extract({**carrier, "tracestate": "k=" + "v" * 9000})
+        logging.getLogger("loopwatch.events").warning("still heard")
+    finally:
+        root.handlers[:], level, levels = saved
+        root.setLevel(level)
+        for name, old in levels.items():
+            logging.getLogger(name).setLevel(old)
+    assert stream.getvalue() == "still heard\n"

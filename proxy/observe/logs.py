@@ -155,6 +155,10 @@ def log_writer() -> LogWriter | None:
     return _writer
 
 
+# Loggers of the OpenTelemetry API that log what clients send (their trace headers).
+CLIENT_HEADER_LOGGERS = ("opentelemetry.trace.span", "opentelemetry.trace.propagation.tracecontext")
+
+
 def setup_logging(level: str = "info", fmt: str = "json") -> None:
     global _writer
     if _writer is None or _writer.stream is not sys.stderr:
@@ -165,6 +169,12 @@ def setup_logging(level: str = "info", fmt: str = "json") -> None:
     root.setLevel(level.upper())
     # aiohttp's access log duplicates ours and logs every admin scrape.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # The OpenTelemetry API warns at every malformed tracestate or traceparent
+    # a client sends, with the client's text in the message (7 KB a line, per
+    # connection, on the event loop): the header is dropped all the same, as
+    # W3C Trace Context asks, and a client must not be able to write our log.
+    for name in CLIENT_HEADER_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields: object) -> None:
