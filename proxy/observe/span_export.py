@@ -35,14 +35,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from ... import __version__
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
-    from opentelemetry.sdk.trace.export import SpanExporter
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
     from opentelemetry.sdk.trace.id_generator import IdGenerator
     from opentelemetry.sdk.trace.sampling import Sampler
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
@@ -53,6 +53,12 @@ EXPORTERS = ("none", "console", "otlp")
 QUEUE_BATCHES = 256  # ≈ 13 s of batches at one per 50 ms; beyond that spans are dropped
 RESPAWN_INTERVAL = 1.0  # seconds between attempts to start a child that died
 FLUSH = "flush"  # the one command frame: export what you hold, then answer on the ack pipe
+BSP_QUEUE_SIZE = 2048  # the SDK's default OTEL_BSP_MAX_QUEUE_SIZE
+# The child's reports on its ack pipe, each a kind and a number: the answer to a
+# FLUSH (1: all exported), and the spans it lost so far (its SDK's side).
+_REPORT = struct.Struct(">cQ")
+_FLUSHED, _LOST = b"F", b"L"
+LOSS_REPORT_EVERY = 1.0  # seconds between the child's reports of its losses, while they grow
 _LENGTH = struct.Struct(">I")
 
 
@@ -310,24 +316,42 @@ def sampling_from_env(env: Mapping[str, str]) -> SamplingPlan:
 
 class SpanSink(SdkParts):
     """Records become `ReadableSpan`s and go to the SDK's span processors here, one
-    per exporter (batching: a caller never waits on an export)."""
+    per exporter (batching: a caller never waits on an export).
 
-    dropped = 0  # nothing stands between the caller and the processors to lose spans
+    Every span lost on the way is counted (`dropped`): one a processor's queue
+    has no room for (`OTEL_BSP_MAX_QUEUE_SIZE`: the collector is down or slower
+    than the traffic), and one in a batch its exporter failed to deliver. The
+    SDK's processor drops what does not fit its queue without a count, so a
+    span is not handed to it while its queue may be full: the spans handed to
+    it and not yet passed to its exporter are at most what it holds."""
 
     def __init__(self, exporters: list[SpanExporter], convert: Convert, *, batch: bool = True):
         super().__init__()
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
         self.convert = convert
+        self.counted = [Counted(e) for e in exporters]
         self.processors: list[SpanProcessor] = [
-            BatchSpanProcessor(e) if batch else SimpleSpanProcessor(e) for e in exporters
+            BatchSpanProcessor(cast("SpanExporter", c)) if batch else SimpleSpanProcessor(cast("SpanExporter", c))
+            for c in self.counted
         ]
+        self.room = bsp_queue_size(os.environ) if batch else None
+        self.refused = 0  # spans no processor's queue had room for, per processor
+
+    @property
+    def dropped(self) -> int:
+        """Spans lost: refused for a full queue, or in a batch an exporter failed."""
+        return self.refused + sum(c.failed for c in self.counted)
 
     def submit(self, records: Sequence[Record]) -> None:
-        resource, scope, convert = self.resource, self.scope, self.convert
+        resource, scope, convert, room = self.resource, self.scope, self.convert, self.room
         for record in records:
             span = convert(record, resource, scope)
-            for processor in self.processors:
+            for processor, counted in zip(self.processors, self.counted, strict=True):
+                if room is not None and counted.handed - counted.reached >= room:
+                    self.refused += 1
+                    continue
+                counted.handed += 1
                 processor.on_end(span)
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
@@ -336,6 +360,48 @@ class SpanSink(SdkParts):
     def shutdown(self) -> None:
         for processor in self.processors:
             processor.shutdown()
+
+
+def bsp_queue_size(env: Mapping[str, str]) -> int:
+    """The batch span processor's queue, as the SDK reads OTEL_BSP_MAX_QUEUE_SIZE."""
+    try:
+        size = int(env.get("OTEL_BSP_MAX_QUEUE_SIZE", BSP_QUEUE_SIZE))
+    except ValueError:
+        return BSP_QUEUE_SIZE
+    return size if size > 0 else BSP_QUEUE_SIZE
+
+
+class Counted:
+    """An exporter, with the spans passed to it (`reached`: they left the
+    processor's queue) and those in batches it failed to deliver (`failed`)
+    counted; `handed` is the sink's count of spans given to its processor.
+    The counts are plain ints each written by one thread (the sink's, the
+    processor's export thread) and read by the other."""
+
+    def __init__(self, exporter: SpanExporter):
+        self.exporter = exporter
+        self.handed = 0
+        self.reached = 0
+        self.failed = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        self.reached += len(spans)
+        try:
+            result = self.exporter.export(spans)
+        except Exception:
+            self.failed += len(spans)
+            raise  # the processor logs it, as it did without the count
+        if result is not SpanExportResult.SUCCESS:
+            self.failed += len(spans)
+        return result
+
+    def shutdown(self) -> None:
+        self.exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return self.exporter.force_flush(timeout_millis)
 
 
 # --- in a child process -------------------------------------------------------------------
@@ -367,6 +433,10 @@ class ProcessSpanSink(SdkParts):
         # the child was gone or a value could not be packed (the writer's).
         self._refused = 0
         self._lost = 0
+        # What the children's SDKs lost (their reports): the child now's, and
+        # those of the children before it (each starts from 0).
+        self._child_lost = 0
+        self._children_lost = 0
         self.child: subprocess.Popen[bytes] | None = None
         self._ack = -1  # read end of the child's answers to FLUSH
         self._spawned_at = -RESPAWN_INTERVAL
@@ -378,8 +448,8 @@ class ProcessSpanSink(SdkParts):
 
     @property
     def dropped(self) -> int:
-        """Spans lost on the way to the exporters."""
-        return self._refused + self._lost
+        """Spans lost on the way to the collector: before the child, and in it."""
+        return self._refused + self._lost + self._children_lost + self._child_lost
 
     def submit(self, records: Sequence[Record]) -> None:
         try:
@@ -447,6 +517,8 @@ class ProcessSpanSink(SdkParts):
             os.close(self._ack)
             self._ack = -1
         self.child = None
+        self._children_lost += self._child_lost
+        self._child_lost = 0
 
     def _send(self, payload: bytes) -> bool:
         child = self.child
@@ -461,7 +533,11 @@ class ProcessSpanSink(SdkParts):
 
     def _run(self) -> None:
         while True:
-            item = self.queue.get()
+            try:
+                item = self.queue.get(timeout=LOSS_REPORT_EVERY)
+            except queue.Empty:
+                self._read_reports(0.0)  # idle: the child's losses still come in
+                continue
             if item is _STOP:
                 break
             if isinstance(item, _Flush):
@@ -473,6 +549,7 @@ class ProcessSpanSink(SdkParts):
             self._lost += unpackable
             if payload is not None and not (self._alive() and self._send(payload)):
                 self._lost += len(records) - unpackable
+            self._read_reports(0.0)
         if self.child is not None:
             child = self.child
             self._close_child()  # end of input: the child exports what it holds and exits
@@ -485,8 +562,42 @@ class ProcessSpanSink(SdkParts):
                 child.wait()
 
     def _answer(self, timeout: float = 30.0) -> bool:
-        ready, _, _ = select.select([self._ack], [], [], timeout)
-        return bool(ready) and os.read(self._ack, 1) == b"\x01"
+        """The child's answer to a FLUSH (its loss reports read on the way)."""
+        return self._read_reports(timeout, until_flushed=True) is True
+
+    def _read_reports(self, timeout: float, *, until_flushed: bool = False) -> bool | None:
+        """Read the child's reports waiting on the ack pipe (waiting up to
+        `timeout` for the first, and with `until_flushed` for a flush's answer):
+        its losses so far, and the flush's answer (None: no answer read)."""
+        deadline = time.monotonic() + timeout
+        while self._ack >= 0:
+            wait = max(deadline - time.monotonic(), 0.0)
+            ready, _, _ = select.select([self._ack], [], [], wait)
+            if not ready:
+                return None
+            report = _read_exactly(self._ack, _REPORT.size)
+            if report is None:
+                return None  # the child is gone; `_alive` finds out
+            kind, value = _REPORT.unpack(report)
+            if kind == _FLUSHED:
+                return bool(value)
+            if kind == _LOST:
+                self._child_lost = value
+            if not until_flushed:
+                deadline = 0.0  # take what is there, wait for nothing more
+        return None
+
+
+def _read_exactly(fd: int, n: int) -> bytes | None:
+    """`n` bytes from a pipe whose writer writes whole reports (a write of under
+    PIPE_BUF bytes is atomic); None at its end."""
+    data = b""
+    while len(data) < n:
+        chunk = os.read(fd, n - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
 
 
 def _pack(records: Sequence[Record]) -> tuple[bytes | None, int]:
@@ -554,6 +665,24 @@ def child_main(argv: list[str] | None = None) -> None:
         exporters = exporters_from_env(os.environ)
     sink = SpanSink(exporters, readable_span)
     source = sys.stdin.buffer
+    done = threading.Event()
+    reported = 0
+
+    def report_losses() -> None:
+        # What the SDK side lost (a full queue, failed exports), as it grows:
+        # a collector's outage shows in loopwatch_spans_dropped_total.
+        nonlocal reported
+        lost = sink.dropped
+        if lost != reported:
+            reported = lost
+            with contextlib.suppress(OSError):
+                os.write(ack, _REPORT.pack(_LOST, lost))
+
+    def reporter() -> None:
+        while not done.wait(LOSS_REPORT_EVERY):
+            report_losses()
+
+    threading.Thread(target=reporter, name="loopwatch-span-losses", daemon=True).start()
     try:
         while True:
             header = source.read(_LENGTH.size)
@@ -565,10 +694,13 @@ def child_main(argv: list[str] | None = None) -> None:
                 break  # loopwatch died in the middle of a batch: export what came whole
             payload = marshal.loads(body)
             if payload == FLUSH:
-                os.write(ack, b"\x01" if sink.force_flush() else b"\x00")
+                flushed = sink.force_flush()
+                report_losses()  # before the answer: the flush's losses are counted when it returns
+                os.write(ack, _REPORT.pack(_FLUSHED, 1 if flushed else 0))
             else:
                 sink.submit([from_wire(t) for t in payload])
     finally:
+        done.set()
         sink.shutdown()
 
 
