@@ -403,7 +403,7 @@ async def test_http_refusal_and_failed_handshake_spans() -> None:
     (failed,) = exporter.get_finished_spans()
     assert failed.name == "WebSocket /down"
     assert failed.attributes is not None and failed.attributes["error.type"] == "connect"
-    assert "http.response.status_code" not in failed.attributes
+    assert failed.attributes["http.response.status_code"] == 502  # what the client got, loopwatch's
     assert failed.status.status_code is StatusCode.ERROR
 
 

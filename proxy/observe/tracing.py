@@ -61,7 +61,7 @@ from opentelemetry.trace.span import TraceState
 
 from ...detectors.actions import BreakerTransition, CloseConnection, CooldownStarted, WouldReject
 from ...detectors.decisions import Reject
-from ..dataplane.boundary import TraceContext
+from ..dataplane.boundary import TraceContext, handshake_status
 from .observers import Observer
 from .span_export import (
     EXPORTERS,
@@ -444,7 +444,11 @@ class TracingObserver(Observer):
             if event.status >= 500:
                 trace.error(f"upstream answered {event.status}")
         else:
-            trace.set({"error.type": event.error or "unknown"})
+            answered = handshake_status(None, event.error)  # loopwatch's own 502, 503, 504
+            fields: dict[str, Any] = {"error.type": event.error or "unknown"}
+            if answered is not None:
+                fields["http.response.status_code"] = answered
+            trace.set(fields)
             if event.error != "client_closed":
                 trace.error(f"upstream handshake: {event.error}")
         self._end(trace)
