@@ -207,21 +207,23 @@ def overview() -> list[cogbuilder.Builder[Any]]:
         statetimeline.Panel()
         .title("Circuit breakers")
         .description(
-            "State of each circuit breaker per instance: closed (green, normal), half_open "
-            "(yellow, probing), open (red: new upgrades are refused with 1013/503). "
-            "'upstream' opens on connect errors, timeouts and 5xx at the handshake; 'auth' "
-            "opens when the fleet-wide auth-failure ratio is high, i.e. the auth service "
-            "itself is failing. If one is red: GET /api/breakers shows why and until when; "
-            "fix the backend or auth service, then POST /api/breakers/{name}/reset if you "
-            "must not wait for the half-open probe (alert LoopwatchCircuitBreakerOpen)."
+            "State of each circuit breaker per route and instance (each route has its own "
+            "pair): closed (green, normal), half_open (yellow, probing), open (red: new "
+            "upgrades on that route are refused with 1013/503; other routes are untouched). "
+            "'upstream' opens on connect errors, timeouts and 5xx at the route's handshakes; "
+            "'auth' opens when the route's auth-failure ratio is high, i.e. the auth service "
+            "behind it is failing. If one is red: GET /api/breakers shows why and until when; "
+            "fix that route's backend or auth service, then POST "
+            "/api/breakers/{name}/reset?route={route} if you must not wait for the half-open "
+            "probe (alert LoopwatchCircuitBreakerOpen)."
         )
         .datasource(DATASOURCE)
         .with_target(
             query(
-                # 0 closed, 1 half_open, 2 open: one row per breaker and instance.
-                f'max by (instance, breaker) (2 * loopwatch_circuit_state{{{SEL}, state="open"}}'
+                # 0 closed, 1 half_open, 2 open: one row per route, breaker and instance.
+                f'max by (instance, route, breaker) (2 * loopwatch_circuit_state{{{SEL}, state="open"}}'
                 f' + ignoring(state) loopwatch_circuit_state{{{SEL}, state="half_open"}})',
-                "{{breaker}} {{instance}}",
+                "{{route}} {{breaker}} {{instance}}",
             )
         )
         .mappings(

@@ -67,6 +67,8 @@ class BreakerTransition:
     cause: str | None = None
     calls: int | None = None
     failures: int | None = None
+    # The route whose breaker it is (its path_prefix): each route has its own.
+    route: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return _as_dict(self, "breaker_transition")

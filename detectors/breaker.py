@@ -39,7 +39,7 @@ from .window import SlidingCounter
 
 
 def party(addr: str, key: str) -> str:
-    """Who a fleet-wide breaker counts as one client: its address, not its key.
+    """Who a route-wide breaker counts as one client: its address, not its key.
 
     A key from a source the client writes (an unsigned token's ``sub``, a header,
     a cookie) is free to mint anew at every attempt: counted by key, one client
@@ -87,8 +87,9 @@ TRANSITIONS: dict[tuple[BreakerState, BreakerState], str] = {
 class IllegalTransition(Exception):
     """A transition that is not in ``TRANSITIONS`` (and is not a reset)."""
 
-    def __init__(self, name: str, from_state: BreakerState, to_state: BreakerState) -> None:
-        super().__init__(f"breaker {name!r}: no transition {from_state} → {to_state}")
+    def __init__(self, name: str, from_state: BreakerState, to_state: BreakerState, route: str = "") -> None:
+        of = f" of route {route!r}" if route else ""
+        super().__init__(f"breaker {name!r}{of}: no transition {from_state} → {to_state}")
         self.from_state = from_state
         self.to_state = to_state
 
@@ -103,6 +104,7 @@ _NO_TRANSITIONS: tuple[BreakerTransition, ...] = ()
 class CircuitBreaker:
     __slots__ = (
         "name",
+        "route",
         "settings",
         "state",
         "_window",
@@ -120,8 +122,9 @@ class CircuitBreaker:
         "last_trip",
     )
 
-    def __init__(self, name: str, settings: CircuitBreakerSettings) -> None:
+    def __init__(self, name: str, settings: CircuitBreakerSettings, route: str = "") -> None:
         self.name = name
+        self.route = route  # the route whose outcomes it counts and whose attempts it judges
         self.settings = settings
         self.state = CLOSED
         self._window = SlidingCounter(settings.window, fields=2)
@@ -156,11 +159,11 @@ class CircuitBreaker:
 
     def _move(self, to: BreakerState, t: float) -> BreakerTransition:
         if (self.state, to) not in TRANSITIONS:
-            raise IllegalTransition(self.name, self.state, to)
+            raise IllegalTransition(self.name, self.state, to, self.route)
         return self._enter(to, t)
 
     def _enter(self, to: BreakerState, t: float) -> BreakerTransition:
-        transition = BreakerTransition(self.name, t, self.state.value, to.value)
+        transition = BreakerTransition(self.name, t, self.state.value, to.value, route=self.route)
         self.state = to
         self.transitions_total[to.value] += 1
         if to is OPEN:
@@ -308,6 +311,7 @@ class CircuitBreaker:
         calls, failures = self.counts(t)
         return BreakerView(
             name=self.name,
+            route=self.route,
             enabled=self.settings.enabled,
             state=self.state.value,
             calls=calls,

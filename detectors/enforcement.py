@@ -5,7 +5,8 @@ in an enforcement table (and the engine judges the attempt after the fact,
 ``Engine.admit`` with what the table did), and the brain keeps that
 table in step with the engine: after each batch of events, wake-up, operator
 lever or reload, it asks ``Engine.enforcement(key, t)`` for the keys it touched
-and ``Engine.breaker_enforcement(t)`` for the breakers, and writes the answers.
+and ``Engine.breaker_enforcement(t)`` for the breakers (each route's), and
+writes the answers.
 
 Only *enforced* restrictions appear here, with the same precedence as
 ``Engine.admit``: what admit would only observe (observe mode, outside the
@@ -71,6 +72,9 @@ class BreakerEnforcement:
     # (CircuitBreaker.failed_probers, CircuitBreaker.bars).
     no_probe: frozenset[str] = frozenset()
     no_probe_until: float = 0.0
+    # The route (its path_prefix) it is the breaker of: the table judges an
+    # attempt by its own route's breakers only.
+    route: str = ""
 
 
 __all__ = ["BreakerEnforcement", "CooldownEnforcement", "KeyEnforcement", "NONE"]

@@ -4,12 +4,18 @@
   never starts a cooldown by itself, so the first attempt after a cooldown
   always reaches the backend: one chance to show the client is fixed.
 * ``record(HandshakeFailed | Opened | Closed)`` folds an outcome in, feeds the
-  breakers, evaluates the rules; a *failed* outcome of an admitted attempt
-  that meets an enforceable finding starts a cooldown.
+  breakers of its route, evaluates the rules; a *failed* outcome of an
+  admitted attempt that meets an enforceable finding starts a cooldown.
 * ``wake(t)`` applies what time alone changes (cooldowns ending, findings
   clearing after the quiet period, breakers half-opening, idle clients
   forgotten). ``next_wake`` says when it is next needed, so the proxy
   schedules one timer instead of polling.
+
+Each route (its ``path_prefix``, the ``route`` of every event) has its own
+``upstream`` and ``auth`` breaker, as Envoy and HAProxy keep theirs per
+backend: a dead backend behind one route must not refuse the clients of the
+others. A route's pair is made at the first event for it (or at the start, for
+the routes the proxy names: ``routes``), up to ``MAX_BREAKER_ROUTES``.
 
 Nothing here reads a clock, logs or awaits; the only randomness is jitter
 from a ``random.Random(seed)`` owned by the engine, so one event sequence
@@ -23,7 +29,7 @@ import itertools
 import math
 import random
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from operator import attrgetter, itemgetter
 
@@ -55,6 +61,13 @@ _SWEEP_BATCH = 10_000
 # window; beyond it, the ones out of the window are forgotten (all of them, in
 # the flood of that many addresses within one window).
 MAX_AUTH_FED = 65_536
+# Routes given breakers at their first event, beyond the configured ones (which
+# always get theirs). The proxy's own events carry a configured route, but
+# another replica's (state.backend: redis) carry whatever string is in Redis:
+# one with write access could invent routes without end. Beyond the bound an
+# attempt on a new route is judged by no breaker and its outcomes feed none.
+MAX_BREAKER_ROUTES = 256
+BREAKER_NAMES = ("upstream", "auth")  # each route's, in the order admit judges them
 
 
 def _always(state: ClientState) -> bool:
@@ -67,6 +80,25 @@ class Credit:
 
     due: float
     key: str
+    route: RouteBreakers | None  # whose auth breaker it feeds (None: a route beyond the bound)
+
+
+class RouteBreakers:
+    """One route's breakers: ``upstream`` and ``auth``, with the same settings
+    as every other route's, and the clients with a connection of the route
+    awaiting its auth-success credit (counted as pending by its auth breaker)."""
+
+    __slots__ = ("route", "upstream", "auth", "pair", "credited")
+
+    def __init__(self, route: str, settings: BreakerSettings) -> None:
+        self.route = route
+        self.upstream = CircuitBreaker("upstream", settings.upstream, route)
+        self.auth = CircuitBreaker("auth", settings.auth, route)
+        self.pair = (self.upstream, self.auth)  # in the order admit judges them
+        self.credited: Counter[str] = Counter()
+
+    def closed(self) -> bool:
+        return self.upstream.state is CLOSED and self.auth.state is CLOSED
 
 
 def _first_due(credits: OrderedDict[ConnId, Credit]) -> float:
@@ -82,24 +114,28 @@ class Engine:
         *,
         seed: int = 0,
         store: ClientStore | None = None,
+        routes: Iterable[str] = (),
     ) -> None:
         self._rng = random.Random(seed)
         self._store: ClientStore = store or MemoryStore(detection.max_clients, detection.client_ttl)
         self._fleet = Fleet(detection.fleet)
-        self._upstream = CircuitBreaker("upstream", breakers.upstream)
-        self._auth = CircuitBreaker("auth", breakers.auth)
-        self._breakers = (self._upstream, self._auth)
+        self._breaker_settings = breakers
+        # route → its breakers; the configured routes' from the start (their
+        # metrics exist at 0), any other's at its first event, within the bound.
+        self._routes: dict[str, RouteBreakers] = {}
+        self._configured: frozenset[str] = frozenset()
+        self._set_routes(routes)
         # Wake queue: (due, seq, key); stale entries are skipped (state.scheduled says which is live).
         self._queue: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
         # Open connections awaiting their auth-success credit, in time order; a close
-        # takes its connection's out (nothing of a connection outlives it).
+        # takes its connection's out (nothing of a connection outlives it). Their
+        # clients are counted by route (RouteBreakers.credited).
         self._credits: OrderedDict[ConnId, Credit] = OrderedDict()
         self._credit_due = INF  # the oldest credit's due time; INF when there is none
-        self._credited: Counter[str] = Counter()  # the clients of those connections
-        # When each party (breaker.party) last fed the auth breaker a failure, or a
-        # success: once per window each.
-        self._auth_fed: dict[tuple[str, bool], float] = {}
+        # When each party (breaker.party) last fed a route's auth breaker a
+        # failure, or a success: once per window each.
+        self._auth_fed: dict[tuple[str, str, bool], float] = {}
         # Clients with a standing finding or a cooldown: few, so views and counts iterate them.
         self._notable: dict[str, ClientState] = {}
         # Clients with an open connection (here or through another replica): a
@@ -162,10 +198,12 @@ class Engine:
         breakers: BreakerSettings,
         t: float,
         compiled: Policy | None = None,
+        routes: Iterable[str] | None = None,
     ) -> int:
         """New settings at ``t`` (now); per-client state and breaker state are
         kept. `compiled`: `Policy(policy)` made beforehand (a reload compiles its
         access lists off the event loop: 100 000 networks take a second).
+        `routes`: the routes configured now (None: as before); see ``_set_routes``.
 
         Returns how many clients a lower ``detection.max_clients`` evicted: as
         a new client's eviction does, it gives a client in cooldown or with an
@@ -176,8 +214,12 @@ class Engine:
         evicted = self._store.resize(detection.max_clients, detection.client_ttl, t)
         for state in evicted:
             self._forget(state, t)
-        for breaker, block in ((self._upstream, breakers.upstream), (self._auth, breakers.auth)):
-            self._actions.extend(breaker.configure(block, t))
+        self._breaker_settings = breakers
+        for rb in self._routes.values():
+            self._actions.extend(rb.upstream.configure(breakers.upstream, t))
+            self._actions.extend(rb.auth.configure(breakers.auth, t))
+        if routes is not None:
+            self._set_routes(routes)
         self._refloor()
         enabled = set(self._views)
         for state in list(self._notable.values()):
@@ -189,6 +231,34 @@ class Engine:
             self._update_notable(state)
         self._mark_pending(t)
         return len(evicted)
+
+    def _set_routes(self, routes: Iterable[str]) -> None:
+        """The configured routes: each gets its breakers now (whatever the
+        bound). A route no longer configured keeps its breakers while one is
+        not closed (its clients' probes and waits run on); closed, they are
+        forgotten, made again at the route's next event if there is one."""
+        configured = frozenset(routes)
+        for route in [r for r, rb in self._routes.items() if r not in configured and rb.closed()]:
+            del self._routes[route]
+        for route in sorted(configured):
+            if route not in self._routes:
+                self._routes[route] = RouteBreakers(route, self._breaker_settings)
+        self._configured = configured
+
+    def _route(self, route: str) -> RouteBreakers | None:
+        """The route's breakers, made at its first event; None beyond the bound."""
+        rb = self._routes.get(route)
+        if rb is None:
+            if len(self._routes) - len(self._configured) >= MAX_BREAKER_ROUTES:
+                return None
+            rb = self._routes[route] = RouteBreakers(route, self._breaker_settings)
+        return rb
+
+    @property
+    def _breakers(self) -> Iterator[CircuitBreaker]:
+        """Every route's breakers."""
+        for rb in self._routes.values():
+            yield from rb.pair
 
     @property
     def policy(self) -> PolicySettings:
@@ -220,8 +290,11 @@ class Engine:
 
         reject, would = self._client_policy(state, attempt, t)
         probes: list[CircuitBreaker] | None = None
-        if reject is None:
-            for breaker in self._breakers:
+        # The breakers of the attempt's route only: another route's backend being
+        # down is no reason to refuse this one's clients.
+        rb = self._routes.get(attempt.route) or self._route(attempt.route)
+        if reject is None and rb is not None:
+            for breaker in rb.pair:
                 if breaker.state is CLOSED:
                     continue
                 self._moved(breaker.advance(t))
@@ -231,7 +304,7 @@ class Engine:
                         "circuit_open",
                         breaker.retry_after(t),
                         breaker=breaker.name,
-                        detail=f"{breaker.name} breaker {breaker.state.value}",
+                        detail=f"{breaker.name} breaker of {breaker.route} {breaker.state.value}",
                     )
                     if self._policy.settings.mode == "enforce":
                         reject = refusal
@@ -259,7 +332,7 @@ class Engine:
                 breaker.take_probe(t)
             self._refloor()  # the probes' deadline
             names = tuple(b.name for b in probes)
-            state.probes = tuple(dict.fromkeys(state.probes + names))
+            state.probes = tuple(dict.fromkeys(state.probes + tuple(probes)))
         if would is not None:
             self._actions.append(WouldReject(state.key, t, would.reason))
         self._evaluate(state, t, _ENFORCE_NONE)
@@ -345,21 +418,24 @@ class Engine:
         if t >= self._credit_due:
             self._drain_credits(t)
         state = self._client(event.key, t)
+        rb = self._routes.get(event.route) or self._route(event.route)
         d = self._detection
         enforce = _ENFORCE_NONE
         if isinstance(event, Opened):
             tracker.on_opened(state, event, d)
             self._over_capacity(state, t, event.conn_id)
             self._update_connected(state)
-            self._upstream_outcome(state, t, success=True)
-            if self._auth.settings.enabled:
+            if rb is not None:
+                self._upstream_outcome(state, rb, t, success=True)
+            if self._breaker_settings.auth.enabled:
                 due = t + d.healthy_after
                 if not self._credits:
                     self._credit_due = due
-                self._credits[event.conn_id] = Credit(due, state.key)
-                self._credited[state.key] += 1
-                if due < self._floor and self._auth.state is not CLOSED:
-                    self._floor = due  # a probe may be waiting for its credit
+                self._credits[event.conn_id] = Credit(due, state.key, rb)
+                if rb is not None:
+                    rb.credited[state.key] += 1
+                    if due < self._floor and rb.auth.state is not CLOSED:
+                        self._floor = due  # a probe may be waiting for its credit
         elif isinstance(event, Closed):
             credit = self._credits.pop(event.conn_id, None)
             if credit is not None:
@@ -373,29 +449,31 @@ class Engine:
             self._update_connected(state)
             if not credited:  # a longer life was already counted as an auth success
                 if kind & tracker.AUTH_FAILURE:
-                    self._auth_outcome(state, t, failed=True)
+                    self._auth_outcome(state, rb, t, failed=True)
                 elif kind & tracker.AUTH_SUCCESS:
-                    self._auth_outcome(state, t, failed=False)
-                else:
-                    self._release_probe(state, self._auth)
+                    self._auth_outcome(state, rb, t, failed=False)
+                elif rb is not None:
+                    self._release_probe(state, rb.auth)
             if kind & tracker.FAILED:
-                enforce = self._blame(kind)
+                enforce = self._blame(kind, rb)
         elif isinstance(event, HandshakeFailed):
             kind = tracker.on_handshake_failed(state, event, d)
             if kind & (tracker.LOCAL | tracker.CLIENT_LEFT):
                 # The proxy's own limit, or a client that left first: no breaker's
                 # outcome; a probe it carried goes back unused.
-                self._release_probe(state, self._upstream)
-                self._release_probe(state, self._auth)
+                if rb is not None:
+                    self._release_probe(state, rb.upstream)
+                    self._release_probe(state, rb.auth)
                 if kind & tracker.FAILED:
-                    enforce = self._blame(kind)
+                    enforce = self._blame(kind, rb)
             else:
-                self._upstream_outcome(state, t, success=not kind & tracker.UPSTREAM_FAILURE)
+                if rb is not None:
+                    self._upstream_outcome(state, rb, t, success=not kind & tracker.UPSTREAM_FAILURE)
                 if kind & tracker.AUTH_FAILURE:
-                    self._auth_outcome(state, t, failed=True)
-                else:
-                    self._release_probe(state, self._auth)
-                enforce = self._blame(kind)
+                    self._auth_outcome(state, rb, t, failed=True)
+                elif rb is not None:
+                    self._release_probe(state, rb.auth)
+                enforce = self._blame(kind, rb)
         else:
             raise TypeError(f"record() takes HandshakeFailed, Opened or Closed, not {type(event).__name__}")
         self._evaluate(state, t, enforce)
@@ -415,49 +493,58 @@ class Engine:
             tracker.on_answered(state, event.t)
         return EMPTY
 
-    def _blame(self, kind: int) -> int:
-        # While a breaker is not closed the failing service is to blame, not the
-        # client: such failures raise findings but start no cooldown.
-        if kind & tracker.AUTH_FAILURE and self._auth.state is not CLOSED:
+    def _blame(self, kind: int, rb: RouteBreakers | None) -> int:
+        # While a breaker of the route is not closed the failing service is to
+        # blame, not the client: such failures raise findings but start no cooldown.
+        if rb is None:
+            return _ENFORCE_ALL
+        if kind & tracker.AUTH_FAILURE and rb.auth.state is not CLOSED:
             return _ENFORCE_NONE
-        if kind & tracker.UPSTREAM_FAILURE and self._upstream.state is not CLOSED:
+        if kind & tracker.UPSTREAM_FAILURE and rb.upstream.state is not CLOSED:
             return _ENFORCE_NONE
         return _ENFORCE_ALL
 
     # --- breakers' inputs ----------------------------------------------------
 
-    def _take_probe(self, state: ClientState, name: str) -> bool:
-        if name not in state.probes:
+    @staticmethod
+    def _take_probe(state: ClientState, breaker: CircuitBreaker) -> bool:
+        """Whether the client's attempt in flight probes for `breaker` (a
+        breaker of one route: the same name on another is another breaker);
+        it does no more."""
+        if breaker not in state.probes:
             return False
-        state.probes = tuple(p for p in state.probes if p != name)
+        state.probes = tuple(p for p in state.probes if p is not breaker)
         return True
 
     def _release_probe(self, state: ClientState, breaker: CircuitBreaker) -> None:
-        if state.probes and self._take_probe(state, breaker.name):
+        if state.probes and self._take_probe(state, breaker):
             breaker.release_probe()
 
-    def _upstream_outcome(self, state: ClientState, t: float, success: bool) -> None:
-        probe = bool(state.probes) and self._take_probe(state, "upstream")
-        self._moved(self._upstream.record(t, success, probe, who=party(state.addr, state.key)))
+    def _upstream_outcome(self, state: ClientState, rb: RouteBreakers, t: float, success: bool) -> None:
+        breaker = rb.upstream
+        probe = bool(state.probes) and self._take_probe(state, breaker)
+        self._moved(breaker.record(t, success, probe, who=party(state.addr, state.key)))
 
-    def _auth_outcome(self, state: ClientState, t: float, failed: bool) -> None:
+    def _auth_outcome(self, state: ClientState, rb: RouteBreakers | None, t: float, failed: bool) -> None:
         self._fleet.auth_outcome(t, failed)
-        breaker = self._auth
-        if state.probes and self._take_probe(state, "auth"):
+        if rb is None:
+            return  # a route beyond MAX_BREAKER_ROUTES: no breaker to feed
+        breaker = rb.auth
+        if state.probes and self._take_probe(state, breaker):
             self._moved(breaker.record(t, not failed, probe=True, who=party(state.addr, state.key)))
             return
-        self._feed_auth_breaker(state, t, failed)
+        self._feed_auth_breaker(state, rb, t, failed)
 
-    def _feed_auth_breaker(self, state: ClientState, t: float, failed: bool) -> None:
+    def _feed_auth_breaker(self, state: ClientState, rb: RouteBreakers, t: float, failed: bool) -> None:
         """Count clients, not attempts, and a client by its address (``party``):
-        one looping client, whatever keys it makes up, must not trip a fleet-wide
-        breaker (and so refuse everyone) by itself."""
-        breaker = self._auth
+        one looping client, whatever keys it makes up, must not trip a
+        route-wide breaker (and so refuse everyone on the route) by itself."""
+        breaker = rb.auth
         if breaker.state is not CLOSED:
             return
         window = breaker.settings.window
         fed = self._auth_fed
-        who = (party(state.addr, state.key), failed)
+        who = (rb.route, party(state.addr, state.key), failed)
         if t - fed.get(who, NEVER) < window:
             return
         if len(fed) >= MAX_AUTH_FED:  # bounded: forget what no longer counts
@@ -469,7 +556,7 @@ class Engine:
         # success count as not failing: after a deploy every client reconnects,
         # the failing few fail at once and the rest only succeed healthy_after
         # later, so without them a few percent failing tripped the breaker.
-        self._moved(breaker.record(t, not failed, pending=len(self._credited)))
+        self._moved(breaker.record(t, not failed, pending=len(rb.credited)))
 
     def _drain_credits(self, t: float) -> None:
         """Connections that lived ``healthy_after`` are auth successes."""
@@ -482,11 +569,14 @@ class Engine:
             self._uncredit(credit)
             state = self._store.get(credit.key)
             if state is not None and state.opened_at(conn_id) is not None:
-                self._auth_outcome(state, credit.due, failed=False)
+                self._auth_outcome(state, credit.route, credit.due, failed=False)
         self._credit_due = _first_due(credits)
 
-    def _uncredit(self, credit: Credit) -> None:
-        credited = self._credited
+    @staticmethod
+    def _uncredit(credit: Credit) -> None:
+        if credit.route is None:
+            return
+        credited = credit.route.credited
         credited[credit.key] -= 1
         if not credited[credit.key]:
             del credited[credit.key]
@@ -613,11 +703,14 @@ class Engine:
             due = self._pending_since
         if self._queue:
             due = min(due, self._queue[0][0])
-        for breaker in self._breakers:
-            when = breaker.next_wake
-            if when is not None:
-                due = min(due, when)
-        if self._auth.state is not CLOSED:
+        auth_open = False
+        for rb in self._routes.values():
+            for breaker in rb.pair:
+                when = breaker.next_wake
+                if when is not None:
+                    due = min(due, when)
+            auth_open = auth_open or rb.auth.state is not CLOSED
+        if auth_open:
             due = min(due, self._credit_due)  # a probe may be waiting for its credit
         expiry = self._store.next_expiry()
         if expiry is not None:
@@ -691,8 +784,9 @@ class Engine:
         if state.cool_rule is not None and state.cool_until > t:
             self._actions.append(CooldownEnded(state.key, t, evicted=True))
         state.cool_rule = None
-        for breaker in self._breakers:
-            self._release_probe(state, breaker)
+        for breaker in state.probes:
+            breaker.release_probe()
+        state.probes = ()
         self._notable.pop(state.key, None)
         self._connected.discard(state.key)
         self._hot.forget(state.key)
@@ -760,15 +854,18 @@ class Engine:
         self._reschedule(state, t)
         self._mark_pending(t)
 
-    def reset_breaker(self, name: str, t: float) -> bool:
-        for breaker in self._breakers:
-            if breaker.name == name:
-                transition = breaker.reset(t)
-                if transition is not None:
-                    self._actions.append(transition)
-                    self._mark_pending(t)
-                return True
-        return False
+    def reset_breaker(self, name: str, t: float, route: str | None = None) -> bool:
+        """Close breaker `name` (upstream or auth) of `route`, or of every route
+        (None). False for an unknown name, or a route that has no breakers."""
+        if name not in BREAKER_NAMES or (route is not None and route not in self._routes):
+            return False
+        for rb in self._routes.values() if route is None else (self._routes[route],):
+            transition = (rb.upstream if name == "upstream" else rb.auth).reset(t)
+            if transition is not None:
+                self._actions.append(transition)
+        self._refloor()
+        self._mark_pending(t)
+        return True
 
     # --- replicas (state.backend: redis) --------------------------------------
 
@@ -780,8 +877,8 @@ class Engine:
         no refusal, and no cooldown (cooldowns travel as such, see
         ``adopt_cooldown``); a finding it completes is raised all the same, and the
         next failure this replica sees itself enforces it. The fleet view stays
-        this replica's own. The breakers hear it only with ``breakers``
-        (state.breakers: shared), and never as a probe: probes are local.
+        this replica's own. The breakers of its route hear it only with
+        ``breakers`` (state.breakers: shared), and never as a probe: probes are local.
         ``event`` must carry this engine's clock and, for Opened/Closed, a
         connection id that cannot collide with a local one (shared.localize).
         """
@@ -803,9 +900,14 @@ class Engine:
         return self._take()
 
     def _observe_breakers(self, state: ClientState, event: Event, kind: int, t: float) -> None:
+        # The event's route's breakers (made at its first event, within
+        # MAX_BREAKER_ROUTES: a route string off the network is anyone's).
+        rb = self._routes.get(event.route) or self._route(event.route)
+        if rb is None:
+            return
         if isinstance(event, Opened | HandshakeFailed) and not kind & (tracker.LOCAL | tracker.CLIENT_LEFT):
             success = not kind & tracker.UPSTREAM_FAILURE
-            self._moved(self._upstream.record(t, success))
+            self._moved(rb.upstream.record(t, success))
         if isinstance(event, Closed) and event.duration >= self._detection.healthy_after:
             failed = False  # lived long enough: the auth service let it in
         elif kind & tracker.AUTH_FAILURE:
@@ -814,7 +916,7 @@ class Engine:
             failed = False
         else:
             return
-        self._feed_auth_breaker(state, t, failed)
+        self._feed_auth_breaker(state, rb, t, failed)
 
     def adopt_cooldown(self, cooldown: SharedCooldown, t: float) -> bool:
         """A cooldown another replica started (or the shared store remembered).
@@ -907,13 +1009,17 @@ class Engine:
             if s.cool_rule is None and s.cool_repeat and s.cool_until <= t < s.cool_until + memory
         ]
 
-    def record_health(self, t: float, ok: bool) -> Outcome:
-        """An active health check's result (proxy/admin/upstream_health.py): it feeds the upstream
-        breaker only, never a client. While the breaker is half-open a check is a
-        probe like any client's attempt, so a recovered upstream closes the breaker
-        without a client having to risk an attempt; while it is open and waiting, a
-        check does not count (the wait is the wait)."""
-        breaker = self._upstream
+    def record_health(self, t: float, ok: bool, route: str) -> Outcome:
+        """An active health check's result (proxy/admin/upstream_health.py): it
+        feeds the upstream breaker of ``route`` (the route its path takes) only,
+        never a client. While the breaker is half-open a check is a probe like
+        any client's attempt, so a recovered upstream closes the breaker without
+        a client having to risk an attempt; while it is open and waiting, a check
+        does not count (the wait is the wait)."""
+        rb = self._routes.get(route) or self._route(route)
+        if rb is None:
+            return self._take()
+        breaker = rb.upstream
         self._actions.extend(breaker.advance(t))
         verdict = breaker.permit(t)
         if verdict == PROBE:
@@ -956,30 +1062,33 @@ class Engine:
         return KeyEnforcement(None, not_before, at_capacity)
 
     def breaker_enforcement(self, t: float) -> tuple[BreakerEnforcement, ...]:
-        """The breakers as a table-admitting data plane must hold them at ``t``
-        (their states as they are: call after the engine's latest step)."""
+        """Every route's breakers as a table-admitting data plane must hold
+        them at ``t`` (their states as they are: call after the engine's
+        latest step), each naming its route."""
         enforced = self._policy.settings.mode == "enforce"
         out = []
         for b in self._breakers:
+            if b.state is CLOSED:
+                out.append(BreakerEnforcement(b.name, "closed", enforced=enforced, route=b.route))
+                continue
             probes = b.settings.half_open_probes
             # Clients whose probe failed, and until when the table bars them.
             no_probe, barred = frozenset(b.failed_probers), b.no_probe_until if b.failed_probers else 0.0
-            if b.state is CLOSED:
-                out.append(BreakerEnforcement(b.name, "closed", enforced=enforced))
-            elif b.state is HALF_OPEN:
+            if b.state is HALF_OPEN:
                 left = max(probes - b.probes_permitted, 0)
                 out.append(BreakerEnforcement(b.name, "half_open", 0.0, b.retry_after(t), left, enforced, no_probe,
-                                              barred))  # fmt: skip
+                                              barred, b.route))  # fmt: skip
             else:
                 out.append(BreakerEnforcement(b.name, "open", b.open_until, 0.0, probes, enforced, no_probe,
-                                              barred))  # fmt: skip
+                                              barred, b.route))  # fmt: skip
         return tuple(out)
 
     # --- views -----------------------------------------------------------------
 
     def breakers(self, t: float) -> list[BreakerView]:
+        """Every route's breakers, by route, upstream before auth."""
         self._advance_breakers(t)
-        return [b.view(t) for b in self._breakers]
+        return [b.view(t) for route in sorted(self._routes) for b in self._routes[route].pair]
 
     def snapshot(self, t: float) -> EngineSnapshot:
         self._advance_breakers(t)

@@ -96,8 +96,12 @@ def client_view(
     )
 
 
-def breaker_states(breakers: Iterable[CircuitBreaker]) -> dict[str, str]:
-    return {b.name: b.state.value for b in breakers}
+def breaker_states(breakers: Iterable[CircuitBreaker]) -> dict[str, dict[str, str]]:
+    """route → breaker name → state."""
+    out: dict[str, dict[str, str]] = {}
+    for b in breakers:
+        out.setdefault(b.route, {})[b.name] = b.state.value
+    return out
 
 
 def snapshot(
@@ -107,7 +111,7 @@ def snapshot(
     notable: Iterable[ClientState],
     flagged: Mapping[str, Mapping[str, int]],
     enforced: Callable[[ClientState], bool],
-    breakers: Mapping[str, str],
+    breakers: Mapping[str, Mapping[str, str]],
     fleet: Fleet,
     top: tuple[tuple[str, float], ...],
 ) -> EngineSnapshot:
@@ -125,7 +129,7 @@ def snapshot(
         clients_in_observed_cooldown=observed,
         clients_flagged={rule: sum(by_severity.values()) for rule, by_severity in flagged.items()},
         clients_flagged_by_severity={rule: dict(by_severity) for rule, by_severity in flagged.items()},
-        breakers=dict(breakers),
+        breakers={route: dict(b) for route, b in breakers.items()},
         evictions_total=store.evictions,
         fleet_attempt_rate=fleet.rate(t),
         fleet_baseline_rate=fleet.baseline_at(t),

@@ -393,7 +393,7 @@ class AuthBreakerSettings(CircuitBreakerSettings):
 
 
 class BreakerSettings(SettingsModel):
-    """The two circuit breakers."""
+    """The two circuit breakers every route has (each route its own pair, all with these settings)."""
 
     upstream: UpstreamBreakerSettings = UpstreamBreakerSettings()
     auth: AuthBreakerSettings = AuthBreakerSettings()

@@ -17,10 +17,13 @@ import math
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .events import ConnId
 from .findings import Flag
+
+if TYPE_CHECKING:
+    from .breaker import CircuitBreaker
 
 INF = math.inf
 NEVER = -math.inf
@@ -87,7 +90,7 @@ class ClientState:
         "cool_enforced",  # False: an observe-mode cooldown (would_reject only)
         "keep_until",  # the store keeps the client at least until then (cooldown memory)
         "scheduled",  # when the engine's wake queue holds this client; INF when not queued
-        "probes",  # breaker names this client's attempt in flight probes for
+        "probes",  # the breakers (of its route) this client's attempt in flight probes for
         "bucket",  # rollout bucket 0..9999, -1 until first needed
     )
 
@@ -119,7 +122,7 @@ class ClientState:
         self.cool_enforced = False
         self.keep_until = NEVER
         self.scheduled = INF
-        self.probes: tuple[str, ...] = ()
+        self.probes: tuple[CircuitBreaker, ...] = ()
         self.bucket = -1
 
     def failing(self) -> Failures:

@@ -76,7 +76,8 @@ class ClientView:
 
 @dataclass(frozen=True, slots=True)
 class BreakerView:
-    name: str
+    name: str  # upstream | auth
+    route: str  # the route (path_prefix) it is the breaker of
     enabled: bool
     state: str  # closed | open | half_open
     calls: int  # in the window (closed state)
@@ -95,6 +96,7 @@ class BreakerView:
         trip = self.last_trip
         return {
             "name": self.name,
+            "route": self.route,
             "enabled": self.enabled,
             "state": self.state,
             "calls": self.calls,
@@ -124,7 +126,7 @@ class EngineSnapshot:
     # rule → severity → clients whose standing finding of the rule has that severity
     # (raised at it, or escalated to it): a loop goes on paging while its flag stands.
     clients_flagged_by_severity: Mapping[str, Mapping[str, int]]
-    breakers: Mapping[str, str]  # name → state
+    breakers: Mapping[str, Mapping[str, str]]  # route → name → state
     evictions_total: int
     fleet_attempt_rate: float  # attempts per second, fleet-wide
     fleet_baseline_rate: float
@@ -141,7 +143,7 @@ class EngineSnapshot:
             "clients_in_observed_cooldown": self.clients_in_observed_cooldown,
             "clients_flagged": dict(self.clients_flagged),
             "clients_flagged_by_severity": {r: dict(s) for r, s in self.clients_flagged_by_severity.items()},
-            "breakers": dict(self.breakers),
+            "breakers": {route: dict(b) for route, b in self.breakers.items()},
             "evictions_total": self.evictions_total,
             "fleet_attempt_rate": self.fleet_attempt_rate,
             "fleet_baseline_rate": self.fleet_baseline_rate,

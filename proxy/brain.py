@@ -270,9 +270,10 @@ class EngineGate(Gate):
         if self.table is not None:
             self.table.flush(now)
 
-    def health_result(self, t: float, ok: bool) -> None:
-        """An active health check's result (proxy/admin/upstream_health.py) for the upstream breaker."""
-        self._apply(self.engine.record_health(t, ok), t)
+    def health_result(self, t: float, ok: bool, route: str) -> None:
+        """An active health check's result (proxy/admin/upstream_health.py) for
+        the upstream breaker of `route`, the route its path takes."""
+        self._apply(self.engine.record_health(t, ok, route), t)
         if self.table is not None:
             self.table.flush(time.monotonic())
 
@@ -300,7 +301,10 @@ class EngineGate(Gate):
         `policy`: the settings' policy already compiled (off the loop). Returns
         how many clients a lower `detection.max_clients` evicted."""
         now = time.monotonic()
-        evicted = self.engine.reconfigure(settings.detection, settings.policy, settings.breakers, now, policy)
+        routes = [r.path_prefix for r in settings.effective_routes()]
+        evicted = self.engine.reconfigure(
+            settings.detection, settings.policy, settings.breakers, now, policy, routes=routes
+        )
         self.reject_with = settings.policy.reject_with
         self.close_code = settings.policy.close_code
         self.set_holds(settings.policy)
@@ -356,6 +360,7 @@ class Table(Protocol):
 
     def set_breaker(
         self,
+        route: str,
         name: str,
         state: str,
         seconds: float = ...,
@@ -365,7 +370,7 @@ class Table(Protocol):
         no_probe_seconds: float | None = ...,
     ) -> None: ...
 
-    def remove_breaker(self, name: str) -> bool: ...
+    def remove_breaker(self, route: str, name: str) -> bool: ...
 
     def set_judged(self, conn_id: int) -> None: ...
 
@@ -413,7 +418,12 @@ class TableSync:
         self.plane = plane
         self.touched: set[str] = set()
         self.written: dict[str, KeyEnforcement] = {}  # restricted keys only
-        self.breakers: dict[str, BreakerEnforcement] = {}  # as the table holds them
+        # (route, name) → the breaker as the table holds it
+        self.breakers: dict[tuple[str, str], BreakerEnforcement] = {}
+        # (route, name) of every breaker entry the table holds (kept through
+        # configure, which forgets `breakers` to write them all again): an
+        # entry of a route the engine no longer has is removed.
+        self._in_table: set[tuple[str, str]] = set()
         self.writes = 0  # table writes so far (tests, docs/architecture.md)
         self.judged = 0
         self._marked = 0  # the judged mark the table holds
@@ -483,8 +493,16 @@ class TableSync:
                 if self._write(key, engine.enforcement(key, now), now):
                     freed.append(key)
             self.touched.clear()
-            for breaker in engine.breaker_enforcement(now):
+            wanted = engine.breaker_enforcement(now)
+            for breaker in wanted:
                 self._write_breaker(breaker, now)
+            if self._in_table:  # an entry of a route the engine forgot (a reload dropped it)
+                for route, name in self._in_table.difference([(b.route, b.name) for b in wanted]):
+                    self._mark()
+                    self.table.remove_breaker(route, name)
+                    self.writes += 1
+                    self._in_table.discard((route, name))
+                    self.breakers.pop((route, name), None)
         finally:
             self.table.commit()
         # A client let go early (a reload's allow list, observe mode or rollout,
@@ -545,8 +563,15 @@ class TableSync:
         )
 
     def _write_breaker(self, want: BreakerEnforcement, now: float) -> None:
-        had = self.breakers.get(want.name)
+        route, name = want.route, want.name
+        had = self.breakers.get((route, name))
         if had == want:
+            return
+        if want.state == "closed" and (route, name) not in self._in_table:
+            # A closed breaker the table never held: its absence is "closed"
+            # (every attempt on the route scans the route's entries: a route's
+            # entry is written once its breaker first opens).
+            self.breakers[route, name] = want
             return
         table = self.table
         if had is not None and had.enforced == want.enforced:
@@ -560,17 +585,18 @@ class TableSync:
         self._mark()
         if want.state == "open":
             if had is not None and had.state == "open":
-                table.remove_breaker(want.name)  # a new trip: a fresh probe budget
+                table.remove_breaker(route, name)  # a new trip: a fresh probe budget
             wait = max(want.until - now, 0.0)
             barred = max(want.no_probe_until - now, 0.0)
-            table.set_breaker(want.name, "open", wait, want.probes, want.enforced, sorted(want.no_probe), barred)
+            table.set_breaker(route, name, "open", wait, want.probes, want.enforced, sorted(want.no_probe), barred)
         elif want.state == "half_open":
             no_probe, barred = sorted(want.no_probe), max(want.no_probe_until - now, 0.0)
-            table.set_breaker(want.name, "half_open", want.retry_after, want.probes, want.enforced, no_probe, barred)
+            table.set_breaker(route, name, "half_open", want.retry_after, want.probes, want.enforced, no_probe, barred)
         else:
-            table.set_breaker(want.name, "closed", 0.0, 0, want.enforced)
+            table.set_breaker(route, name, "closed", 0.0, 0, want.enforced)
         self.writes += 1
-        self.breakers[want.name] = want
+        self.breakers[route, name] = want
+        self._in_table.add((route, name))
 
 
 class Received(Protocol):

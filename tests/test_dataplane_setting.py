@@ -481,7 +481,7 @@ class FakeTable:
         pass
 
     def names(self) -> list[object]:
-        out = [c[0] if c[0] != "set_breaker" else ("set_breaker", c[1], c[2]) for c in self.calls]
+        out = [c[0] if c[0] != "set_breaker" else ("set_breaker", c[1], c[2], c[3]) for c in self.calls]
         self.calls.clear()
         return out
 
@@ -496,17 +496,15 @@ def test_table_sync_writes_what_changed_and_one_probe_budget_per_trip() -> None:
         "policy.cooldown.base": "10s", "policy.cooldown.jitter": 0, "policy.hold": "2s",
         "breakers.upstream.min_calls": 3, "breakers.upstream.open_wait": "1s",
     }))  # fmt: skip
-    engine = Engine(settings.detection, settings.policy, settings.breakers)
+    engine = Engine(settings.detection, settings.policy, settings.breakers, routes=("/",))
     table = FakeTable()
     sync = TableSync(engine, table)  # type: ignore[arg-type]  # the recording fake
     t0 = time.monotonic()
     sync.configure(settings.policy, {"cooldown": 2.0}, t0)
     (defaults,) = [c for c in table.calls if c[0] == "set_defaults"]
     assert defaults == ("set_defaults", 300.0, 10.0, {"cooldown": 2.0})  # the hold per reason
-    assert table.names() == [
-        "set_allow", "set_deny", "set_defaults",
-        ("set_breaker", "upstream", "closed"), ("set_breaker", "auth", "closed"),
-    ]  # fmt: skip
+    # Closed breakers the table never held are not written: absent is closed.
+    assert table.names() == ["set_allow", "set_deny", "set_defaults"]
     sync.flush(t0)
     assert table.names() == []  # nothing changed: nothing written
 
@@ -539,7 +537,7 @@ def test_table_sync_writes_what_changed_and_one_probe_budget_per_trip() -> None:
         engine.admit(Attempt(k, "/", t, k))
         engine.record(HandshakeFailed(k, "/", t + 0.01, None, "connect"))
     sync.flush(t + 0.02)
-    assert table.names() == [("set_breaker", "upstream", "open")]
+    assert table.names() == [("set_breaker", "/", "upstream", "open")]
     t += 1.5
     engine.wake(t)  # half-open
     engine.admit(Attempt("10.2.0.1", "/", t, "10.2.0.1"))  # the probe
@@ -547,7 +545,33 @@ def test_table_sync_writes_what_changed_and_one_probe_budget_per_trip() -> None:
     assert table.names() == []
     engine.record(HandshakeFailed("10.2.0.1", "/", t + 0.01, None, "connect"))  # it fails: open again
     sync.flush(t + 0.02)
-    assert table.names() == ["remove_breaker", ("set_breaker", "upstream", "open")]
+    assert table.names() == ["remove_breaker", ("set_breaker", "/", "upstream", "open")]
+
+
+def test_table_sync_writes_each_routes_breakers_and_drops_a_forgotten_routes() -> None:
+    from loopwatch.detectors.engine import Engine
+    from loopwatch.detectors.events import Attempt, HandshakeFailed
+    from loopwatch.proxy.brain import TableSync
+
+    settings = load_settings(None, env={}, overrides=native(**{"breakers.upstream.min_calls": 3}))
+    engine = Engine(settings.detection, settings.policy, settings.breakers, routes=("/a", "/c"))
+    table = FakeTable()
+    sync = TableSync(engine, table)  # type: ignore[arg-type]  # the recording fake
+    t = time.monotonic()
+    sync.configure(settings.policy, {}, t)
+    assert [n for n in table.names() if isinstance(n, tuple)] == []  # closed: nothing to hold
+    for i in range(3):  # /c's backend is down: only /c's breaker opens
+        k = f"10.1.0.{i}"
+        engine.admit(Attempt(k, "/c", t, k))
+        engine.record(HandshakeFailed(k, "/c", t + 0.01, None, "connect"))
+    sync.flush(t + 0.02)
+    assert table.names() == [("set_breaker", "/c", "upstream", "open")]
+    # A reload drops /c once its breakers are closed: its entry leaves the table.
+    engine.reset_breaker("upstream", t + 0.03, "/c")
+    engine.reconfigure(settings.detection, settings.policy, settings.breakers, t + 0.03, routes=("/a",))
+    sync.configure(settings.policy, {}, t + 0.03)
+    written = [n for n in table.calls if n[0] in ("set_breaker", "remove_breaker")]
+    assert written == [("remove_breaker", "/c", "upstream")]
 
 
 class FakePlane(FakeTable):

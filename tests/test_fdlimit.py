@@ -181,7 +181,7 @@ async def test_run_warns_when_the_hard_limit_is_too_low(tmp_path: Path) -> None:
             await asyncio.gather(*(ws.close() for ws in opened))
             text = await metrics_text(listening["admin"])
             assert f'loopwatch_requests_rejected_total{{reason="fd_limit"}} {statuses[503]}.0' in text
-            assert 'loopwatch_circuit_state{breaker="upstream",state="closed"} 1.0' in text
+            assert 'loopwatch_circuit_state{breaker="upstream",route="/",state="closed"} 1.0' in text
             assert 'loopwatch_upstream_handshake_errors_total{error="connect",route="/"} 0.0' in text
 
             # A reload that needs no more says nothing again (it did at every reload).

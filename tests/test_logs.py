@@ -218,9 +218,9 @@ async def test_breaker_transitions_are_logged() -> None:
     ]
     # The opening says what made it: the window is cleared as it opens.
     assert transitions == [
-        {"level": "warning", "breaker": "upstream", "from": "closed", "to": "open",
+        {"level": "warning", "route": "/down", "breaker": "upstream", "from": "closed", "to": "open",
          "cause": "failure_ratio", "calls": 3, "failures": 3},
-        {"level": "info", "breaker": "upstream", "from": "open", "to": "half_open"},
+        {"level": "info", "route": "/down", "breaker": "upstream", "from": "open", "to": "half_open"},
     ]  # fmt: skip
 
 

@@ -180,16 +180,16 @@ async def test_deny_lists_and_open_breakers_refuse_with_their_own_answers() -> N
         assert (response.status, response.header("Retry-After")) == (429, "300")
         assert response.body == b"loopwatch: denied, retry in 300s\n"
         running.table.set_deny([])
-        running.table.set_breaker("upstream", "open", seconds=8.0, probes=1)
+        running.table.set_breaker("/", "upstream", "open", seconds=8.0, probes=1)
         response, _ = await raw_exchange(running.port, upgrade_request())
         assert response.status == 503
         assert REASON_RE.match(response.body.decode().strip()).groups() == ("upstream unavailable", "8")
         assert backend.connections == 0
         # Half-open: one probe goes through, the next attempt is refused.
-        running.table.set_breaker("upstream", "half_open", seconds=2.0, probes=1)
+        running.table.set_breaker("/", "upstream", "half_open", seconds=2.0, probes=1)
         assert await upgrade_status(running.port) == 101
         assert await upgrade_status(running.port) == 503
-        assert running.table.probes_left("upstream") == 0
+        assert running.table.probes_left("/", "upstream") == 0
         assert backend.connections == 1
         stats = running.listener.stats()
     assert (stats.refused["deny"], stats.refused["circuit_open"]) == (1, 2)
@@ -533,18 +533,19 @@ async def test_max_connections_answers_503() -> None:
 
 def test_the_table_keeps_taken_probes_and_starts_fresh_budgets() -> None:
     table = EnforcementTable()
-    table.set_breaker("auth", "half_open", seconds=3.0, probes=2)
+    table.set_breaker("/", "auth", "half_open", seconds=3.0, probes=2)
     assert table.lookup("k") == ("admit", ["auth"])
-    table.set_breaker("auth", "half_open", seconds=3.0, probes=2)  # same state: budget kept
-    assert table.probes_left("auth") == 1
+    table.set_breaker("/", "auth", "half_open", seconds=3.0, probes=2)  # same state: budget kept
+    assert table.probes_left("/", "auth") == 1
     assert table.lookup("k") == ("admit", ["auth"])
     kind, reason, retry_after, hold, detail = table.lookup("k")
     assert (kind, reason, retry_after, hold, detail) == ("refuse", "circuit_open", 3.0, None, "auth")
-    table.set_breaker("auth", "open", seconds=5.0, probes=2)  # a new state: a fresh budget
-    assert table.probes_left("auth") == 2
-    table.set_breaker("auth", "closed")
+    assert table.lookup("k", route="/other") == ("admit", [])  # another route's attempt: not its breaker
+    table.set_breaker("/", "auth", "open", seconds=5.0, probes=2)  # a new state: a fresh budget
+    assert table.probes_left("/", "auth") == 2
+    table.set_breaker("/", "auth", "closed")
     assert table.lookup("k") == ("admit", [])
-    assert table.remove_breaker("auth") and not table.remove_breaker("auth")
+    assert table.remove_breaker("/", "auth") and not table.remove_breaker("/", "auth")
     table.set_cooldown("k", 10.0, "manual", retry_after=2.0, hold=1.5)
     kind, reason, retry_after, hold, detail = table.lookup("k")
     assert (kind, reason, hold, detail) == ("refuse", "cooldown", 1.5, "manual")
@@ -573,7 +574,7 @@ def test_the_table_holds_each_listed_reason_never_past_its_retry_time_nor_a_deny
     assert table.lookup("cool")[3] == 2.0
     table.set_deny(["bad"])
     assert table.lookup("bad")[1:4] == ("deny", 300.0, None)  # never held
-    table.set_breaker("upstream", "open", seconds=10.0)
+    table.set_breaker("/", "upstream", "open", seconds=10.0)
     kind, reason, retry_after, hold, detail = table.lookup("anyone")
     assert (reason, hold, detail) == ("circuit_open", 2.0, "upstream") and 9.0 < retry_after <= 10.0
     # Only the reasons named: a reload that lists cooldown alone.
@@ -595,7 +596,7 @@ def test_bad_arguments_get_clear_answers() -> None:
     with pytest.raises(ValueError, match="hold"):
         table.set_cooldown("k", 5.0, hold=-1.0)
     with pytest.raises(ValueError, match="state"):
-        table.set_breaker("upstream", "ajar")
+        table.set_breaker("/", "upstream", "ajar")
     with pytest.raises(ValueError, match="a denied client is never held"):
         table.set_defaults(holds={"deny": 2.0})
     with pytest.raises(ValueError, match="expected refusal reasons"):
@@ -750,10 +751,10 @@ def test_a_batch_of_writes_is_published_once_at_its_commit() -> None:
     table.begin()
     for i in range(500):
         table.set_cooldown(f"k{i}", 10.0)
-    table.set_breaker("auth", "open", seconds=5.0)
+    table.set_breaker("/", "auth", "open", seconds=5.0)
     assert "k0" not in table and table.generation == start  # not published yet
     assert table.clear("old") and table.clear("k1")  # the batch's own copy
-    assert table.remove_breaker("auth")
+    assert table.remove_breaker("/", "auth")
     table.commit()
     assert table.generation == start + 1
     assert len(table) == 499 and "old" not in table and "k1" not in table

@@ -849,7 +849,7 @@ async def test_plain_requests_are_not_attempts(backend: Backend) -> None:
     table is consulted for an operator's deny only (an open breaker and a
     client's cooldown still let it through)."""
     queue, table = EventQueue(), EnforcementTable()
-    table.set_breaker("upstream", "open", seconds=60.0)
+    table.set_breaker("/", "upstream", "open", seconds=60.0)
     table.set_cooldown("127.0.0.1", 60.0, "auth_loop", None, None)
     listener = NativeListener.start([("/", backend.url)], queue=queue, table=table, threads=2)
     try:

@@ -74,6 +74,15 @@ def row(out: str, first: str) -> list[str]:
     raise AssertionError(f"no row {first!r} in:\n{out}")
 
 
+def breaker_row(out: str, route: str, name: str) -> list[str]:
+    """The breakers table's row of breaker `name` of `route`, from its name on."""
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().split("  ") if c.strip()]
+        if cells[:2] == [route, name]:
+            return cells[1:]
+    raise AssertionError(f"no breaker {name!r} of {route!r} in:\n{out}")
+
+
 async def echo_once(url: str) -> str | int:
     """"echoed" when the attempt reaches the backend and back; else its close code."""
     try:
@@ -170,7 +179,7 @@ async def test_an_open_breaker_says_what_opened_it() -> None:
             **{**QUICK_UPSTREAM_BREAKER, "breakers.upstream.open_wait": "30s", "admin.token": TOKEN},
         ) as lw:
             await open_upstream_breaker(lw)
-            cells = row((await op(lw, "breakers")).out, "upstream")
+            cells = breaker_row((await op(lw, "breakers")).out, "/", "upstream")
             assert cells[1] == "open" and cells[3:5] == ["0", "0"]
             assert cells[-1].startswith("3/3 failed, ") and cells[-1].endswith(" ago"), cells
             [upstream] = [b for b in json.loads((await op(lw, "breakers", "--json")).out)["breakers"]
@@ -184,21 +193,26 @@ async def test_breakers_and_breaker_reset() -> None:
     async with live() as (_, lw):
         result = await op(lw, "breakers")
         assert result.code == ExitCode.OK, result.err
-        for name in ("upstream", "auth"):
-            cells = row(result.out, name)
-            assert cells[1:3] == ["closed", "yes"] and cells[-2:] == ["0/0", "-"]
+        rows = [line.split() for line in result.out.splitlines() if line.split()[:1] == ["/"]]
+        assert [r[:4] for r in rows] == [["/", "upstream", "closed", "yes"], ["/", "auth", "closed", "yes"]]
+        assert all(r[-2:] == ["0/0", "-"] for r in rows)
         data = json.loads((await op(lw, "breakers", "--json")).out)
-        assert sorted(b["name"] for b in data["breakers"]) == ["auth", "upstream"]
+        assert sorted((b["route"], b["name"]) for b in data["breakers"]) == [("/", "auth"), ("/", "upstream")]
         assert all(b["state"] == "closed" for b in data["breakers"])
 
         reset = await op(lw, "breaker-reset", "auth")
-        assert (reset.code, reset.out) == (ExitCode.OK, "breaker auth closed\n")
+        assert (reset.code, reset.out) == (ExitCode.OK, "breaker auth closed on every route\n")
         assert json.loads((await op(lw, "breaker-reset", "upstream", "--json")).out) == {
-            "breaker": "upstream", "reset": True,
+            "breaker": "upstream", "route": None, "reset": True,
         }
+        one = await op(lw, "breaker-reset", "upstream", "--route", "/")
+        assert (one.code, one.out) == (ExitCode.OK, "breaker upstream of route / closed\n")
         unknown = await op(lw, "breaker-reset", "database")
         assert unknown.code == ExitCode.NOT_FOUND
         assert "no breaker 'database'" in unknown.err
+        nowhere = await op(lw, "breaker-reset", "upstream", "--route", "/nowhere")
+        assert nowhere.code == ExitCode.NOT_FOUND
+        assert "no route '/nowhere'" in nowhere.err
 
 
 # --- acting: cooldown, release, reload ------------------------------------------------------
@@ -329,7 +343,7 @@ async def test_the_token_from_the_environment_a_file_or_the_config(tmp_path: Pat
 async def test_without_a_token_configured_none_is_needed() -> None:
     async with demo_backend() as backend, loopwatch(f"ws://127.0.0.1:{backend.port}") as lw:
         result = await cli("breakers", "--admin", admin_url(lw))
-        assert result.code == ExitCode.OK and row(result.out, "upstream")[1] == "closed"
+        assert result.code == ExitCode.OK and breaker_row(result.out, "/", "upstream")[1] == "closed"
 
 
 # --- failures --------------------------------------------------------------------------

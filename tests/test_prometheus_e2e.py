@@ -466,8 +466,8 @@ async def upstream_outage(running: Running, base: str, limit: int = 400) -> int:
     """Distinct clients on the dead route until the upstream breaker opens."""
 
     def breaker_state() -> str:
-        views = {b.name: b for b in running.engine.breakers(time.monotonic())}
-        return str(views["upstream"].state)
+        views = {(b.route, b.name): b for b in running.engine.breakers(time.monotonic())}
+        return str(views["/dead", "upstream"].state)  # the dead route's own breaker
 
     sent = 0
     while breaker_state() == "closed":

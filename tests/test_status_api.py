@@ -254,7 +254,8 @@ async def test_breaker_transitions_are_events() -> None:
             assert code == 502
         seen = await events.until(lambda k, d: k == "breaker")
         assert seen[-1][1] == {
-            "type": "breaker", "name": "upstream", "from": "closed", "to": "open", "t": seen[-1][1]["t"],
+            "type": "breaker", "name": "upstream", "route": "/", "from": "closed", "to": "open",
+            "t": seen[-1][1]["t"],
         }
         # Open → half-open happens with time alone (0.3 s); the stream still hears of it.
         seen = await events.until(lambda k, d: k == "breaker", timeout=5)

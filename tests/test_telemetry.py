@@ -326,12 +326,16 @@ async def test_scripted_session_metric_by_metric() -> None:
     assert v("loopwatch_fleet_auth_failure_ratio") == pytest.approx(4 / 6)
     assert v("loopwatch_reconnect_storm") == 0
 
-    # The breakers: upstream open (one transition), auth closed.
-    for breaker, current in (("upstream", "open"), ("auth", "closed")):
-        for state in ("closed", "open", "half_open"):
-            assert v("loopwatch_circuit_state", breaker=breaker, state=state) == (1 if state == current else 0)
-            expected = 1 if (breaker, state) == ("upstream", "open") else 0
-            assert v("loopwatch_circuit_transitions_total", breaker=breaker, to=state) == expected
+    # The breakers, every route's: /down's upstream open (one transition), the rest closed.
+    for route in routes:
+        for breaker in ("upstream", "auth"):
+            current = "open" if (route, breaker) == ("/down", "upstream") else "closed"
+            for state in ("closed", "open", "half_open"):
+                assert v("loopwatch_circuit_state", route=route, breaker=breaker, state=state) == (
+                    1 if state == current else 0
+                )
+                expected = 1 if (route, breaker, state) == ("/down", "upstream", "open") else 0
+                assert v("loopwatch_circuit_transitions_total", route=route, breaker=breaker, to=state) == expected
 
     # Top offenders: hashed keys, the engine's top-K.
     top = {dict(k[1])["client"]: n for k, n in s.items() if k[0] == "loopwatch_top_offender_attempts_per_second"}

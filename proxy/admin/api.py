@@ -41,6 +41,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from ...detectors.engine import BREAKER_NAMES
 from ...detectors.units import parse_duration
 from ..app.settings import ConfigError, dump_settings
 from ..observe.logs import event
@@ -478,10 +479,14 @@ class AdminApi:
         return web.json_response({"breakers": [v.to_dict() for v in views]})
 
     async def reset_breaker(self, request: web.Request) -> web.Response:
+        """`?route=PREFIX`: that route's breaker only; without it, every route's."""
         name = request.match_info["name"]
-        if not self.control.reset_breaker(name, time.monotonic()):
-            return error(404, f"no breaker {name!r}; breakers are upstream and auth")
-        return web.json_response({"breaker": name, "reset": True})
+        route = request.query.get("route")
+        if not self.control.reset_breaker(name, time.monotonic(), route):
+            if name not in BREAKER_NAMES:
+                return error(404, f"no breaker {name!r}; breakers are upstream and auth")
+            return error(404, f"no route {route!r} has breakers; GET /api/breakers lists them")
+        return web.json_response({"breaker": name, "route": route, "reset": True})
 
     async def config(self, request: web.Request) -> web.Response:
         return web.json_response(dump_settings(self.control.settings, redact=True))

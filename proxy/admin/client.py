@@ -5,8 +5,8 @@ for fail2ban.
     loopwatch client KEY               one client: cooldown, findings, history
     loopwatch release KEY              end its cooldown, forget its findings
     loopwatch cooldown KEY --for 10m   refuse it for a while, whatever the mode
-    loopwatch breakers                 both circuit breakers
-    loopwatch breaker-reset NAME       close a breaker now
+    loopwatch breakers                 every route's circuit breakers
+    loopwatch breaker-reset NAME       close a breaker now (--route PREFIX: one route's)
     loopwatch reload                   re-read the config file and environment
 
 Readable tables by default; `--json` prints the API's JSON for scripts. The
@@ -509,12 +509,12 @@ def cmd_breakers(api: AdminClient, args: argparse.Namespace, o: Output) -> ExitC
     if o.as_json:
         o.json(data)
         return ExitCode.OK
-    table = _table(("breaker", ""), ("state", ""), ("enabled", ""), ("calls", "r"), ("failures", "r"),
-                   ("failure ratio", "r"), ("retry in", "r"), ("open wait", "r"), ("trips", "r"),
+    table = _table(("route", ""), ("breaker", ""), ("state", ""), ("enabled", ""), ("calls", "r"),
+                   ("failures", "r"), ("failure ratio", "r"), ("retry in", "r"), ("open wait", "r"), ("trips", "r"),
                    ("probes ok/allowed", "r"), ("last opened", ""))
     for b in data.get("breakers", []):
         table.add_row(
-            b["name"], b["state"], "yes" if b["enabled"] else "no", str(b["calls"]), str(b["failures"]),
+            b.get("route", ""), b["name"], b["state"], "yes" if b["enabled"] else "no", str(b["calls"]), str(b["failures"]),
             f"{b['failure_ratio']:.2f}", _duration(b["retry_after"]) if b["retry_after"] else "-",
             _duration(b["open_wait"]), str(b["trips"]), f"{b['probes_succeeded']}/{b['probes_permitted']}",
             _last_trip(b.get("last_trip")),
@@ -533,11 +533,16 @@ def _last_trip(trip: dict[str, Any] | None) -> str:
 
 
 def cmd_breaker_reset(api: AdminClient, args: argparse.Namespace, o: Output) -> ExitCode:
-    data = api.post(f"/api/breakers/{key_path(args.name, 'breaker name')}/reset")
+    path = f"/api/breakers/{key_path(args.name, 'breaker name')}/reset"
+    if args.route is not None:
+        path += "?" + urlencode({"route": args.route})
+    data = api.post(path)
     if o.as_json:
         o.json(data)
+    elif args.route is not None:
+        o.line(f"breaker {args.name} of route {args.route} closed")
     else:
-        o.line(f"breaker {args.name} closed")
+        o.line(f"breaker {args.name} closed on every route")
     return ExitCode.OK
 
 
@@ -677,9 +682,11 @@ def add_commands(sub: Any) -> None:
     cooldown.add_argument("key", type=_key_arg, metavar="KEY")
     cooldown.add_argument("--for", dest="duration", type=_duration_arg, required=True, metavar="DURATION",
                           help='how long: "30s", "10m", "1h", or seconds')
-    add("breakers", "both circuit breakers: state, failures in the window, open wait, trips")
-    add("breaker-reset", "close a circuit breaker now").add_argument(
-        "name", metavar="NAME", help="upstream or auth")
+    add("breakers", "every route's circuit breakers: state, failures in the window, open wait, trips")
+    reset = add("breaker-reset", "close a circuit breaker now, of one route or of every route")
+    reset.add_argument("name", metavar="NAME", help="upstream or auth")
+    reset.add_argument("--route", metavar="PREFIX", help="the route (its path_prefix, as `loopwatch breakers` "
+                       "shows it); every route's breaker NAME when left out")
     add("reload", "re-read the config file and environment, as SIGHUP does")
 
 

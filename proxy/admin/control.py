@@ -58,8 +58,9 @@ class Control(Protocol):
 
     def force_cooldown(self, key: str, duration: float, now: float) -> None: ...
 
-    def reset_breaker(self, name: str, now: float) -> bool:
-        """Close a breaker; False for an unknown name."""
+    def reset_breaker(self, name: str, now: float, route: str | None = None) -> bool:
+        """Close breaker `name` of `route`, or of every route (None); False for
+        an unknown name, or a route that has no breakers."""
         ...
 
     async def reload_off_loop(self) -> dict[str, object]:

@@ -314,6 +314,7 @@ class StatusHub(Observer):
                     {
                         "type": "breaker",
                         "name": action.name,
+                        "route": action.route,
                         "from": action.from_state,
                         "to": action.to_state,
                         "t": action.t,
@@ -457,15 +458,19 @@ class StatusHub(Observer):
         }
 
     def _upstream(self, now: float, breakers: list[dict[str, Any]]) -> dict[str, Any]:
+        """The upstreams' health from every route's upstream breaker: down when
+        every route's is open, recovering when none is closed and one is
+        half-open, degraded when some route's is not closed (the rest serve) or
+        upstream errors were seen; `breaker` is the worst of their states and
+        `routes_down` the routes whose breaker is not closed."""
         settings = self.control.settings
-        breaker = next((b for b in breakers if b["name"] == "upstream"), None)
+        states = {b["route"]: b["state"] for b in breakers if b["name"] == "upstream"}
         errors = self.counts.total(UPSTREAM_ERRORS, now, 30)
-        state = breaker["state"] if breaker is not None else "closed"
-        if state == "open":
-            health = "down"
-        elif state == "half_open":
-            health = "recovering"
-        elif errors:
+        down = sorted(route for route, state in states.items() if state != "closed")
+        state = "open" if "open" in states.values() else "half_open" if down else "closed"
+        if down and len(down) == len(states):
+            health = "down" if all(states[r] == "open" for r in down) else "recovering"
+        elif down or errors:
             health = "degraded"
         else:
             health = "healthy"
@@ -473,6 +478,7 @@ class StatusHub(Observer):
         return {
             "health": health,
             "breaker": state,
+            "routes_down": down,
             "errors_30s": errors,
             "opened_30s": self.counts.total(OPENED, now, 30),
             "urls": sorted(set(routes)),

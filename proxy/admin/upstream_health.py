@@ -2,9 +2,10 @@
 
 Off by default. When on, its result feeds `/readyz` (a sidecar whose backend
 does not answer upgrades should leave the load balancer) and the engine's
-`upstream` circuit breaker (a dead backend opens the breaker before clients
-pay for it, and a recovered one closes it without a client having to risk an
-attempt). A 401/403 answer still means the upstream is up — the probe's
+`upstream` circuit breaker of the route its `path` takes (each route has its
+own breakers: a dead backend opens its route's breaker before clients pay for
+it, and a recovered one closes it without a client having to risk an
+attempt; the other routes' breakers hear nothing of it). A 401/403 answer still means the upstream is up — the probe's
 token is wrong — which is logged, not held against the upstream.
 
 Each probe goes through the data plane (`DataPlane.probe_upstream`): to the
@@ -33,12 +34,20 @@ Probe = Callable[[str, "str | None", float], ProbeAnswer]  # target, Authorizati
 
 
 class HealthChecker:
-    """Probes the upstream every `interval` and reports each result."""
+    """Probes the upstream every `interval` and reports each result, with the
+    route its path takes (`route`: the runtime re-points it at a reload)."""
 
-    def __init__(self, settings: HealthCheckSettings, probe_upstream: Probe, report: Callable[[float, bool], None]):
+    def __init__(
+        self,
+        settings: HealthCheckSettings,
+        probe_upstream: Probe,
+        report: Callable[[float, bool, str], None],
+        route: str = "/",
+    ):
         self.settings = settings
         self.probe_upstream = probe_upstream
         self.report = report
+        self.route = route  # the path_prefix of the route settings.path takes
         self.healthy = True  # until the first probe says otherwise
         self.last_error = ""
         self.checks = 0
@@ -84,6 +93,6 @@ class HealthChecker:
                     detail=why,
                 )
             self.healthy, self.last_error = up, why
-            self.report(time.monotonic(), up)
+            self.report(time.monotonic(), up, self.route)
             # A little jitter so replicas do not probe in lockstep.
             await asyncio.sleep(self.settings.interval * random.uniform(0.9, 1.1))

@@ -167,8 +167,8 @@ class Running:
         self.engine.force_cooldown(key, duration, now)
         self.brain.kick((key,))
 
-    def reset_breaker(self, name: str, now: float) -> bool:
-        reset = self.engine.reset_breaker(name, now)
+    def reset_breaker(self, name: str, now: float, route: str | None = None) -> bool:
+        reset = self.engine.reset_breaker(name, now, route)
         if reset:
             self.brain.kick()
         return reset
@@ -234,9 +234,10 @@ class Running:
     def _apply_config(self, prepared: PreparedSettings) -> dict[str, object]:
         new = prepared.settings
         try:
+            health_route = None
             if self.health is not None:
                 # Its probes follow the new routes: its path must still have one.
-                health_check_route(Router(routes_of(new)), self.health.settings.path)
+                health_route = health_check_route(Router(routes_of(new)), self.health.settings.path).name
             # First, as the one step that may still refuse: nothing is applied
             # before the data plane has taken the new settings.
             self.plane.reconfigure(new)
@@ -251,6 +252,8 @@ class Running:
         admin_before = self.settings.admin
         self.settings = new = in_force(self.started, new, keys)
         self.admin.reconfigured(admin_before)
+        if self.health is not None and health_route is not None:
+            self.health.route = health_route  # its results feed that route's upstream breaker
         if isinstance(self.gate, EngineGate):
             evicted = self.gate.reconfigure(new, prepared.policy)
             if evicted:
@@ -317,7 +320,9 @@ def _replaced(model: Any, path: list[str], value: object) -> Any:
 
 def build_gate(settings: Settings, observers: Observers | None = None) -> EngineGate:
     """The detection engine behind the listener, with the given observers."""
-    engine = Engine(settings.detection, settings.policy, settings.breakers)
+    # Every route's breakers exist from the start (their metrics at 0).
+    routes = [r.path_prefix for r in settings.effective_routes()]
+    engine = Engine(settings.detection, settings.policy, settings.breakers, routes=routes)
     gate = EngineGate(
         engine,
         observers or Observers(),
@@ -451,8 +456,8 @@ async def start(
 
 
 def start_health_check(settings: Settings, plane: DataPlane, gate: EngineGate) -> HealthChecker:
-    health_check_route(plane.router, settings.health_check.path)  # a ConfigError when no route serves it
-    checker = HealthChecker(settings.health_check, plane.probe_upstream, gate.health_result)
+    route = health_check_route(plane.router, settings.health_check.path)  # a ConfigError when no route serves it
+    checker = HealthChecker(settings.health_check, plane.probe_upstream, gate.health_result, route.name)
     checker.start()
     return checker
 

@@ -101,7 +101,7 @@ class EventLogObserver(Observer):
             elif isinstance(a, BreakerTransition):
                 level = WARNING if a.to_state == "open" else INFO
                 why = {} if a.cause is None else {"cause": a.cause, "calls": a.calls, "failures": a.failures}
-                event(log, "breaker_transition", level, breaker=a.name,
+                event(log, "breaker_transition", level, route=a.route, breaker=a.name,
                       **{"from": a.from_state, "to": a.to_state}, **why)  # fmt: skip
             # WouldReject is per attempt: counted (loopwatch_would_reject_total) and
             # in the access line, not a line of its own; the observe-mode cooldown

@@ -436,10 +436,12 @@ class StateCollector(Collector):
                 "Reconnect storms begun: the fleet's rate of distinct clients far above its baseline.",
             ),
             "circuit": g(
-                "loopwatch_circuit_state", "1 for the breaker's current state.", labels=["breaker", "state"]
+                "loopwatch_circuit_state",
+                "1 for the breaker's current state (each route has its own breakers).",
+                labels=["route", "breaker", "state"],
             ),
             "transitions": c(
-                "loopwatch_circuit_transitions", "Circuit breaker state changes.", labels=["breaker", "to"]
+                "loopwatch_circuit_transitions", "Circuit breaker state changes.", labels=["route", "breaker", "to"]
             ),
             "top": g(
                 "loopwatch_top_offender_attempts_per_second",
@@ -567,12 +569,11 @@ class StateCollector(Collector):
         families["fleet_auth"].add_metric([], snap.fleet_auth_failure_ratio)
         families["storm"].add_metric([], 1.0 if snap.storm else 0.0)
         families["storms"].add_metric([], snap.storms_total)
-        for breaker in engine.breakers(t):
+        for breaker in engine.breakers(t):  # every route's (configured routes from the start)
+            route, name = breaker.route, breaker.name
             for state in BREAKER_STATES:
-                families["circuit"].add_metric([breaker.name, state], 1.0 if breaker.state == state else 0.0)
-                families["transitions"].add_metric(
-                    [breaker.name, state], breaker.transitions_total.get(state, 0)
-                )
+                families["circuit"].add_metric([route, name, state], 1.0 if breaker.state == state else 0.0)
+                families["transitions"].add_metric([route, name, state], breaker.transitions_total.get(state, 0))
         expose = self.metrics.expose_client_keys
         # The snapshot holds detection.top_k entries; the slice keeps the bound
         # even if a caller asked the engine for more.

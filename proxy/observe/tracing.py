@@ -505,6 +505,7 @@ class TracingObserver(Observer):
                         "loopwatch.breaker_transition",
                         {
                             "loopwatch.breaker": action.name,
+                            "loopwatch.breaker.route": action.route,
                             "loopwatch.breaker.from": action.from_state,
                             "loopwatch.breaker.to": action.to_state,
                         },

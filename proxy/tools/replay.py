@@ -605,7 +605,7 @@ def print_report(report: ReplayReport, out: IO[str] | None = None) -> None:
             )
         console.print(enforcement)
     for b in report.breakers:
-        say(f"breaker {b.name}: {b.from_state} → {b.to_state} at +{report.at(b.t):.2f}s")
+        say(f"breaker {b.name} of route {b.route}: {b.from_state} → {b.to_state} at +{report.at(b.t):.2f}s")
 
 
 # The sections the replayed engine reads: a variable for any other changes nothing here.

@@ -52,7 +52,7 @@ def test_upstream_breaker_opens_when_the_upstream_is_down_and_admit_refuses_by_i
     assert (d.reason, d.breaker) == ("circuit_open", "upstream")
     assert d.retry_after == pytest.approx(5.0 - 0.1, abs=0.01)
     assert e.breakers(0.2)[0].state == "open"
-    assert e.snapshot(0.2).breakers == {"upstream": "open", "auth": "closed"}
+    assert e.snapshot(0.2).breakers == {"/ws": {"upstream": "open", "auth": "closed"}}
 
 
 def test_refusals_while_open_do_not_count_against_clients() -> None:

@@ -83,8 +83,11 @@ def test_breakers_as_the_table_holds_them() -> None:
     e = Engine(
         DetectionSettings(), PolicySettings(),
         BreakerSettings(upstream={"min_calls": 3, "open_wait": 5.0, "half_open_probes": 2}),  # type: ignore[arg-type]
+        routes=("/ws",),
     )  # fmt: skip
-    assert [b.state for b in e.breaker_enforcement(0.0)] == ["closed", "closed"]
+    assert [(b.route, b.name, b.state) for b in e.breaker_enforcement(0.0)] == [
+        ("/ws", "upstream", "closed"), ("/ws", "auth", "closed"),
+    ]  # fmt: skip
     t = 0.0
     for i in range(3):  # distinct clients: the upstream fails, not them
         key = f"10.0.0.{i}"
@@ -92,14 +95,14 @@ def test_breakers_as_the_table_holds_them() -> None:
         e.record(HandshakeFailed(key, "/ws", t + 0.01, None, "connect"))
         t += 0.1
     upstream = e.breaker_enforcement(t)[0]
-    assert upstream == BreakerEnforcement("upstream", "open", upstream.until, 0.0, 2, True)
+    assert upstream == BreakerEnforcement("upstream", "open", upstream.until, 0.0, 2, True, route="/ws")
     assert upstream.until == t - 0.1 + 0.01 + 5.0
     e.wake(upstream.until)
     half = e.breaker_enforcement(upstream.until)[0]
     assert (half.state, half.probes) == ("half_open", 2)
     e.admit(Attempt("10.0.0.9", "/ws", upstream.until + 0.1, "10.0.0.9"))  # a probe
     assert e.breaker_enforcement(upstream.until + 0.1)[0].probes == 1
-    observed = Engine(DetectionSettings(), PolicySettings(mode="observe"), BreakerSettings())
+    observed = Engine(DetectionSettings(), PolicySettings(mode="observe"), BreakerSettings(), routes=("/ws",))
     assert not any(b.enforced for b in observed.breaker_enforcement(0.0))
 
 

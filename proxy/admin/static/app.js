@@ -339,7 +339,7 @@
   function onBreaker(e) {
     addRecent(e);
     if (summary) {
-      for (const b of summary.breakers || []) if (b.name === e.name) b.state = e.to;
+      for (const b of summary.breakers || []) if (b.name === e.name && b.route === e.route) b.state = e.to;
       renderHeader();
     }
   }
@@ -354,13 +354,17 @@
     const up = d.upstream || {};
     el.upstream.textContent = up.health || "–";
     el.upstream.dataset.state = up.health || "unknown";
-    el.upstreamDetail.textContent = up.errors_30s ? `${up.errors_30s} errors in 30s` : "";
+    const detail = [];
+    if ((up.routes_down || []).length) detail.push(`breaker not closed: ${up.routes_down.join(", ")}`);
+    if (up.errors_30s) detail.push(`${up.errors_30s} errors in 30s`);
+    el.upstreamDetail.textContent = detail.join(" · ");
     el.upstream.title = (up.urls || []).join(", ");
     el.breakers.replaceChildren(
       ...(d.breakers || []).flatMap((b, i) => [
         i ? " " : "",
-        node("span", { class: "badge", "data-state": b.state, "data-breaker": b.name,
-          text: `${b.name}: ${b.state.replace("_", "-")}${b.enabled === false ? " (off)" : ""}` }),
+        node("span", { class: "badge", "data-state": b.state, "data-breaker": b.name, "data-route": b.route,
+          title: `the ${b.name} breaker of route ${b.route}`,
+          text: `${b.route} ${b.name}: ${b.state.replace("_", "-")}${b.enabled === false ? " (off)" : ""}` }),
       ]),
     );
     const m = d.mode || {};
@@ -452,7 +456,7 @@
       return [`finding ${e.change}`, e.key, `${e.rule} · ${e.severity}`];
     }
     if (e.type === "breaker") {
-      return ["breaker", "–", `${e.name}: ${e.from} → ${e.to}`];
+      return ["breaker", "–", `${e.route} ${e.name}: ${e.from} → ${e.to}`];
     }
     const words = {
       cooldown_started: "cooldown started", cooldown_ended: "cooldown ended",

@@ -11,7 +11,8 @@
 //!   max-concurrent limit (`reject-new`);
 //! * allow and deny lists (exact keys, or CIDRs matched against the key's
 //!   address part and the peer address);
-//! * the circuit breakers: closed, open until an instant, or half-open, each
+//! * the circuit breakers, each route's own (`upstream` and `auth` of every
+//!   route, by its name): closed, open until an instant, or half-open, each
 //!   with a probe budget the data plane takes from atomically;
 //! * the hold of each refusal reason ([`HoldPolicy`]: `policy.hold` for each
 //!   of `policy.hold_reasons`; a deny is never held).
@@ -24,8 +25,10 @@
 //! the hold of every reason changes with one write on a reload.//!
 //! The decisions mirror the engine's `admit` (detectors/engine.py): deny first
 //! (it holds even in observe mode); then, unless the key is allow-listed, its
-//! cooldown, min-interval and max-concurrent; then every breaker that is not
-//! closed, in order (an open breaker refuses; after its open wait, or
+//! cooldown, min-interval and max-concurrent; then every breaker of the
+//! attempt's route that is not closed, in order (another route's breakers
+//! never refuse it: a dead backend behind one route must not refuse the
+//! clients of another; an open breaker refuses; after its open wait, or
 //! half-open, it lets through as many probes as its budget holds and refuses
 //! the rest). What is only *observed* (observe mode, outside the rollout)
 //! never enters the table: the brain writes enforced restrictions only, so
@@ -145,6 +148,8 @@ pub enum BreakerState {
 
 #[derive(Debug, Clone)]
 pub struct BreakerEntry {
+    /// The route (its name: the path prefix) whose attempts it judges.
+    pub route: Arc<str>,
     pub name: Arc<str>,
     pub state: BreakerState,
     /// The budget for the half-open phase (the next one, while open).
@@ -415,8 +420,15 @@ impl Default for Snapshot {
 }
 
 impl Snapshot {
-    /// The admission decision for `key` (peer address `peer`) at `now`.
-    pub fn admission(&self, key: &str, peer: Option<IpAddr>, now: Instant) -> Admission {
+    /// The admission decision for `key` (peer address `peer`) at `now`, on
+    /// the route named `route` (only its breakers judge the attempt).
+    pub fn admission(
+        &self,
+        route: &str,
+        key: &str,
+        peer: Option<IpAddr>,
+        now: Instant,
+    ) -> Admission {
         if !self.deny.is_empty() && self.deny.matches(key, peer) {
             return Admission::Refuse(Refusal {
                 reason: RefuseReason::Deny,
@@ -433,7 +445,7 @@ impl Snapshot {
         }
         let mut probes: Vec<Arc<str>> = Vec::new();
         let mut taken: Vec<&ProbeBudget> = Vec::new();
-        for breaker in &self.breakers {
+        for breaker in self.breakers.iter().filter(|b| &*b.route == route) {
             let refusal = match breaker.state {
                 BreakerState::Closed => continue,
                 BreakerState::Open { until } if now < until => Some(until - now),
@@ -483,6 +495,7 @@ impl Snapshot {
     pub fn recheck(
         &self,
         conn_id: u64,
+        route: &str,
         key: &str,
         peer: Option<IpAddr>,
         now: Instant,
@@ -506,6 +519,7 @@ impl Snapshot {
         }
         self.breakers
             .iter()
+            .filter(|b| &*b.route == route)
             .find_map(|breaker| match breaker.state {
                 BreakerState::Open { until } if breaker.enforced && now < until => {
                     let retry_after = until - now;
@@ -606,20 +620,22 @@ impl EnforcementTable {
         }
     }
 
-    /// The admission decision now; lock-free, never waits for the brain.
-    pub fn lookup(&self, key: &str, peer: Option<IpAddr>, now: Instant) -> Admission {
-        self.current.load().admission(key, peer, now)
+    /// The admission decision now for an attempt on `route`; lock-free,
+    /// never waits for the brain.
+    pub fn lookup(&self, route: &str, key: &str, peer: Option<IpAddr>, now: Instant) -> Admission {
+        self.current.load().admission(route, key, peer, now)
     }
 
     /// [`Snapshot::recheck`] on the current snapshot; lock-free.
     pub fn recheck(
         &self,
         conn_id: u64,
+        route: &str,
         key: &str,
         peer: Option<IpAddr>,
         now: Instant,
     ) -> Option<Refusal> {
-        self.current.load().recheck(conn_id, key, peer, now)
+        self.current.load().recheck(conn_id, route, key, peer, now)
     }
 
     /// The current snapshot (an owned reference: fine to keep, unlike a guard).
@@ -717,6 +733,9 @@ impl EnforcementTable {
 mod tests {
     use super::*;
 
+    /// The route of the attempts (and of the breakers) in these tests.
+    const R: &str = "/ws";
+
     fn ip(text: &str) -> IpAddr {
         text.parse().expect("an address")
     }
@@ -724,6 +743,7 @@ mod tests {
     /// An enforced breaker's entry, no one barred from its probes.
     fn enforced(name: &str, state: BreakerState, probes: &Arc<ProbeBudget>) -> BreakerEntry {
         BreakerEntry {
+            route: Arc::from(R),
             name: Arc::from(name),
             state,
             probes: Arc::clone(probes),
@@ -778,17 +798,17 @@ mod tests {
         table.update(|s| {
             s.keys.insert("u@10.0.0.1".into(), cooling(now, 5));
         });
-        let r = refusal(table.lookup("u@10.0.0.1", None, now + secs(1)));
+        let r = refusal(table.lookup(R, "u@10.0.0.1", None, now + secs(1)));
         assert_eq!(r.reason, RefuseReason::Cooldown);
         assert_eq!(r.retry_after, secs(4));
         assert_eq!(r.hold, Some(Duration::from_millis(1500)));
         assert_eq!(r.detail.as_deref(), Some("auth_failure_loop"));
         assert_eq!(
-            table.lookup("u@10.0.0.1", None, now + secs(5)),
+            table.lookup(R, "u@10.0.0.1", None, now + secs(5)),
             Admission::Admit { probes: vec![] }
         );
         assert_eq!(
-            table.lookup("other", None, now),
+            table.lookup(R, "other", None, now),
             Admission::Admit { probes: vec![] }
         );
     }
@@ -802,10 +822,10 @@ mod tests {
         }
         let mut s = Snapshot::default();
         s.keys.insert("k".into(), entry);
-        let r = refusal(s.admission("k", None, now + secs(4)));
+        let r = refusal(s.admission(R, "k", None, now + secs(4)));
         assert_eq!((r.reason, r.retry_after), (RefuseReason::Cooldown, secs(6)));
         // Past the announced time the cooldown still refuses, telling 0 s.
-        let r = refusal(s.admission("k", None, now + secs(30)));
+        let r = refusal(s.admission(R, "k", None, now + secs(30)));
         assert_eq!(r.retry_after, Duration::ZERO);
     }
 
@@ -816,16 +836,16 @@ mod tests {
         s.keys
             .insert("a".into(), waiting(now + Duration::from_millis(700)));
         s.keys.insert("b".into(), at_capacity());
-        let r = refusal(s.admission("a", None, now));
+        let r = refusal(s.admission(R, "a", None, now));
         assert_eq!(
             (r.reason, r.retry_after),
             (RefuseReason::MinInterval, Duration::from_millis(700))
         );
         assert!(matches!(
-            s.admission("a", None, now + secs(1)),
+            s.admission(R, "a", None, now + secs(1)),
             Admission::Admit { .. }
         ));
-        let r = refusal(s.admission("b", None, now));
+        let r = refusal(s.admission(R, "b", None, now));
         assert_eq!(
             (r.reason, r.retry_after),
             (RefuseReason::MaxConcurrent, secs(5))
@@ -842,21 +862,21 @@ mod tests {
         };
         s.keys.insert("vip@10.1.2.3".into(), cooling(now, 60));
         assert_eq!(
-            refusal(s.admission("bad@10.0.0.9", None, now)).reason,
+            refusal(s.admission(R, "bad@10.0.0.9", None, now)).reason,
             RefuseReason::Deny
         );
         // A CIDR matches the key's address part, or the peer address.
         assert_eq!(
-            refusal(s.admission("sub@192.0.2.7", None, now)).reason,
+            refusal(s.admission(R, "sub@192.0.2.7", None, now)).reason,
             RefuseReason::Deny
         );
         let peer = "192.0.2.200".parse().ok();
         assert_eq!(
-            refusal(s.admission("sub", peer, now)).reason,
+            refusal(s.admission(R, "sub", peer, now)).reason,
             RefuseReason::Deny
         );
         assert_eq!(
-            s.admission("vip@10.1.2.3", None, now),
+            s.admission(R, "vip@10.1.2.3", None, now),
             Admission::AllowListed { probes: vec![] }
         );
         assert_eq!(address_of("sub@[2001:db8::1]"), "2001:db8::1");
@@ -876,7 +896,7 @@ mod tests {
             )],
             ..Snapshot::default()
         };
-        let r = refusal(s.admission("k", None, now));
+        let r = refusal(s.admission(R, "k", None, now));
         assert_eq!(
             (r.reason, r.retry_after),
             (RefuseReason::CircuitOpen, secs(10))
@@ -885,20 +905,78 @@ mod tests {
         let later = now + secs(10);
         let names = vec![Arc::<str>::from("upstream")];
         assert_eq!(
-            s.admission("k", None, later),
+            s.admission(R, "k", None, later),
             Admission::Admit {
                 probes: names.clone()
             }
         );
         assert_eq!(
-            s.admission("k", None, later),
+            s.admission(R, "k", None, later),
             Admission::Admit { probes: names }
         );
         assert_eq!(
-            refusal(s.admission("k", None, later)).reason,
+            refusal(s.admission(R, "k", None, later)).reason,
             RefuseReason::CircuitOpen
         );
         assert_eq!(budget.remaining(), 0);
+    }
+
+    #[test]
+    fn a_routes_breakers_judge_only_its_own_attempts() {
+        // A dead backend behind /c opened /c's breaker: the clients of /a, whose
+        // backend is fine, are let through (74 % of them were refused when one
+        // breaker served every route), and /c's are refused and take its probes.
+        let now = Instant::now();
+        let budget = ProbeBudget::new(1);
+        let mut open_c = enforced(
+            "upstream",
+            BreakerState::Open {
+                until: now + secs(10),
+            },
+            &budget,
+        );
+        open_c.route = Arc::from("/c");
+        let auth_budget = ProbeBudget::new(1);
+        let mut auth_c = enforced(
+            "auth",
+            BreakerState::HalfOpen {
+                retry_after: secs(2),
+            },
+            &auth_budget,
+        );
+        auth_c.route = Arc::from("/c");
+        let s = Snapshot {
+            breakers: vec![open_c, auth_c],
+            ..Snapshot::default()
+        };
+        assert_eq!(
+            s.admission("/a", "k", None, now),
+            Admission::Admit { probes: vec![] }
+        );
+        assert_eq!(
+            (budget.remaining(), auth_budget.remaining()),
+            (1, 1),
+            "/a took none of /c's probes"
+        );
+        let r = refusal(s.admission("/c", "k", None, now));
+        assert_eq!(
+            (r.reason, r.retry_after),
+            (RefuseReason::CircuitOpen, secs(10))
+        );
+        assert_eq!(s.recheck(1, "/a", "k", None, now), None);
+        assert!(s.recheck(1, "/c", "k", None, now).is_some());
+        // Past the open wait: /c's attempts probe it, /a's still pass by.
+        let later = now + secs(10);
+        assert_eq!(
+            s.admission("/a", "k", None, later),
+            Admission::Admit { probes: vec![] }
+        );
+        assert_eq!(
+            s.admission("/c", "k", None, later),
+            Admission::Admit {
+                probes: vec![Arc::from("upstream"), Arc::from("auth")]
+            }
+        );
     }
 
     #[test]
@@ -917,6 +995,7 @@ mod tests {
         ] {
             let s = Snapshot {
                 breakers: vec![BreakerEntry {
+                    route: Arc::from(R),
                     name: Arc::from("upstream"),
                     state,
                     probes: Arc::clone(&budget),
@@ -937,12 +1016,12 @@ mod tests {
                 ("other-host-same-64", v6),
                 ("no-address", None),
             ] {
-                let r = refusal(s.admission(key, peer, now));
+                let r = refusal(s.admission(R, key, peer, now));
                 assert_eq!(r.reason, RefuseReason::CircuitOpen, "{key}");
                 assert_eq!(budget.remaining(), 1, "no probe taken for {key}");
             }
             assert_eq!(
-                s.admission("other@10.0.0.2", Some(ip("10.0.0.2")), now),
+                s.admission(R, "other@10.0.0.2", Some(ip("10.0.0.2")), now),
                 Admission::Admit {
                     probes: vec![Arc::from("upstream")]
                 }
@@ -961,6 +1040,7 @@ mod tests {
         let no_probe = Arc::new(NoProbe::new(&["10.0.0.1"]).until(now + secs(5)));
         let s = Snapshot {
             breakers: vec![BreakerEntry {
+                route: Arc::from(R),
                 name: Arc::from("upstream"),
                 state: BreakerState::HalfOpen {
                     retry_after: secs(2),
@@ -972,11 +1052,11 @@ mod tests {
             ..Snapshot::default()
         };
         let nat = Some(ip("10.0.0.1"));
-        let r = refusal(s.admission("user-a@10.0.0.1", nat, now + secs(4)));
+        let r = refusal(s.admission(R, "user-a@10.0.0.1", nat, now + secs(4)));
         assert_eq!(r.reason, RefuseReason::CircuitOpen);
         assert_eq!(budget.remaining(), 1);
         assert_eq!(
-            s.admission("user-b@10.0.0.1", nat, now + secs(5)),
+            s.admission(R, "user-b@10.0.0.1", nat, now + secs(5)),
             Admission::Admit {
                 probes: vec![Arc::from("upstream")]
             }
@@ -1007,7 +1087,7 @@ mod tests {
             ],
             ..Snapshot::default()
         };
-        let r = refusal(s.admission("k", None, now));
+        let r = refusal(s.admission(R, "k", None, now));
         assert_eq!(r.detail.as_deref(), Some("auth"));
         assert_eq!(first.remaining(), 1);
     }
@@ -1017,6 +1097,7 @@ mod tests {
         let now = Instant::now();
         let s = Snapshot {
             breakers: vec![BreakerEntry {
+                route: Arc::from(R),
                 name: Arc::from("auth"),
                 state: BreakerState::HalfOpen {
                     retry_after: secs(1),
@@ -1028,13 +1109,13 @@ mod tests {
             ..Snapshot::default()
         };
         assert_eq!(
-            s.admission("k", None, now),
+            s.admission(R, "k", None, now),
             Admission::Admit {
                 probes: vec![Arc::from("auth")]
             }
         );
         assert_eq!(
-            s.admission("k", None, now),
+            s.admission(R, "k", None, now),
             Admission::Admit { probes: vec![] }
         );
     }
@@ -1094,21 +1175,21 @@ mod tests {
     fn recheck_refuses_only_what_the_brain_wrote_before_judging_the_attempt() {
         let now = Instant::now();
         let table = EnforcementTable::default();
-        assert_eq!(table.recheck(7, "k", None, now), None);
+        assert_eq!(table.recheck(7, R, "k", None, now), None);
         table.update(|s| {
             s.keys.insert("k".into(), cooling(now, 5));
             s.judged = 6;
         });
         let r = table
-            .recheck(7, "k", None, now)
+            .recheck(7, R, "k", None, now)
             .expect("written before attempt 7");
         assert_eq!(r.reason, RefuseReason::Cooldown);
         assert_eq!(r.hold, Some(Duration::from_millis(1500)));
-        assert_eq!(table.recheck(7, "other", None, now), None);
+        assert_eq!(table.recheck(7, R, "other", None, now), None);
         // Written after the brain judged attempt 7: its own admission's doing.
         table.update(|s| s.judged = 7);
-        assert_eq!(table.recheck(7, "k", None, now), None);
-        assert!(table.recheck(8, "k", None, now).is_some());
+        assert_eq!(table.recheck(7, R, "k", None, now), None);
+        assert!(table.recheck(8, R, "k", None, now).is_some());
     }
 
     #[test]
@@ -1125,7 +1206,7 @@ mod tests {
             )],
             ..Snapshot::default()
         };
-        assert_eq!(s.recheck(1, "k", None, now), None);
+        assert_eq!(s.recheck(1, R, "k", None, now), None);
         assert_eq!(budget.remaining(), 1);
         let open = Snapshot {
             breakers: vec![enforced(
@@ -1137,7 +1218,7 @@ mod tests {
             )],
             ..Snapshot::default()
         };
-        let r = open.recheck(1, "k", None, now).expect("open breaker");
+        let r = open.recheck(1, R, "k", None, now).expect("open breaker");
         assert_eq!(r.reason, RefuseReason::CircuitOpen);
         assert_eq!(r.retry_after, secs(3));
     }
@@ -1194,7 +1275,7 @@ mod tests {
             .insert("soon".into(), waiting(now + Duration::from_millis(700)));
         s.keys.insert("full".into(), at_capacity());
         let held = |s: &Snapshot, key: &str| {
-            let r = refusal(s.admission(key, None, now));
+            let r = refusal(s.admission(R, key, None, now));
             (r.reason, r.hold)
         };
         assert_eq!(held(&s, "cool"), (RefuseReason::Cooldown, two));
@@ -1225,7 +1306,8 @@ mod tests {
         if let Some(c) = s.keys.get_mut("short").unwrap().cooldown.as_mut() {
             c.hold = None;
         }
-        let hold = |s: &Snapshot, key: &str, at: Instant| refusal(s.admission(key, None, at)).hold;
+        let hold =
+            |s: &Snapshot, key: &str, at: Instant| refusal(s.admission(R, key, None, at)).hold;
         assert_eq!(hold(&s, "own", now), Some(Duration::from_millis(1500)));
         assert_eq!(hold(&s, "short", now), Some(secs(1)));
         assert_eq!(

@@ -745,7 +745,9 @@ fn admit<'c>(
     // before this thread looks, and the attempt would meet a refusal of its
     // own making (the recheck after the upstream connect guards the same way,
     // with the judged mark).
-    let admission = shared.table.lookup(&key, Some(client.address.ip), now);
+    let admission = shared
+        .table
+        .lookup(&route.name, &key, Some(client.address.ip), now);
     shared.events.send(Event::Attempt {
         key: Arc::clone(&key),
         route: Arc::clone(&route.name),
@@ -1216,6 +1218,7 @@ async fn forward<C: Transport + 'static>(
         let recheck = || {
             table.recheck(
                 conn_id,
+                &route.name,
                 &key,
                 Some(client_address),
                 std::time::Instant::now(),

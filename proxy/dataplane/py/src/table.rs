@@ -176,7 +176,9 @@ impl EnforcementTable {
         Ok(())
     }
 
-    /// Set a breaker's state: "closed"; "open" for `seconds` (then it lets
+    /// Set the state of breaker `name` of route `route` (its name: the path
+    /// prefix; an attempt meets only its own route's breakers): "closed";
+    /// "open" for `seconds` (then it lets
     /// `probes` through); "half_open" with `probes` probes, the rest refused
     /// with `seconds` as their retry time. A breaker that stays in its state
     /// keeps the probes already taken; entering a state starts a fresh budget.
@@ -184,11 +186,12 @@ impl EnforcementTable {
     /// `no_probe`: the clients given no probe (their probe failed since the
     /// breaker last closed), refused as if none were left, for
     /// `no_probe_seconds` from now (None: until the next write).
-    #[pyo3(signature = (name, state, seconds=0.0, probes=1, enforced=true, no_probe=Vec::new(), no_probe_seconds=None))]
+    #[pyo3(signature = (route, name, state, seconds=0.0, probes=1, enforced=true, no_probe=Vec::new(), no_probe_seconds=None))]
     #[allow(clippy::too_many_arguments)]
     fn set_breaker(
         &self,
         py: Python<'_>,
+        route: &str,
         name: &str,
         state: &str,
         seconds: f64,
@@ -202,6 +205,7 @@ impl EnforcementTable {
         let barred_for = no_probe_seconds
             .map(|s| duration("no_probe_seconds", s))
             .transpose()?;
+        let route: Arc<str> = Arc::from(route);
         let name: Arc<str> = Arc::from(name);
         py.detach(|| {
             let now = Instant::now();
@@ -216,12 +220,16 @@ impl EnforcementTable {
                 StateKind::HalfOpen => BreakerState::HalfOpen { retry_after: wait },
             };
             self.inner.update(|s| {
-                let existing = s.breakers.iter().position(|b| b.name == name);
+                let existing = s
+                    .breakers
+                    .iter()
+                    .position(|b| b.route == route && b.name == name);
                 let kept = existing
                     .map(|i| &s.breakers[i])
                     .filter(|b| StateKind::of(&b.state) == kind)
                     .map(|b| Arc::clone(&b.probes));
                 let entry = BreakerEntry {
+                    route: Arc::clone(&route),
                     name: Arc::clone(&name),
                     state,
                     probes: kept.unwrap_or_else(|| ProbeBudget::new(probes)),
@@ -237,20 +245,24 @@ impl EnforcementTable {
         Ok(())
     }
 
-    /// Forget a breaker; whether it existed.
-    fn remove_breaker(&self, py: Python<'_>, name: &str) -> bool {
+    /// Forget breaker `name` of `route`; whether it existed.
+    fn remove_breaker(&self, py: Python<'_>, route: &str, name: &str) -> bool {
+        let this = |b: &BreakerEntry| &*b.route == route && &*b.name == name;
         py.detach(|| {
             self.inner.remove_if(
-                |s| s.breakers.iter().any(|b| &*b.name == name),
-                |s| s.breakers.retain(|b| &*b.name != name),
+                |s| s.breakers.iter().any(this),
+                |s| s.breakers.retain(|b| !this(b)),
             )
         })
     }
 
-    /// Probes a breaker has left; None for an unknown breaker.
-    fn probes_left(&self, name: &str) -> Option<u32> {
+    /// Probes breaker `name` of `route` has left; None for an unknown breaker.
+    fn probes_left(&self, route: &str, name: &str) -> Option<u32> {
         let snapshot = self.inner.snapshot();
-        let found = snapshot.breakers.iter().find(|b| &*b.name == name);
+        let found = snapshot
+            .breakers
+            .iter()
+            .find(|b| &*b.route == route && &*b.name == name);
         found.map(|b| b.probes.remaining())
     }
 
@@ -291,16 +303,18 @@ impl EnforcementTable {
             .collect()
     }
 
-    /// The decision an attempt of `key` from `peer` gets now, as the listener
-    /// makes it (a probe of a half-open breaker is taken, as for an attempt):
-    /// `("admit", [probes])`, `("allow_listed", [probes])` or
+    /// The decision an attempt of `key` from `peer` on `route` (the route's
+    /// name, its path prefix: "/" for a lone `upstream`) gets now, as the
+    /// listener makes it (a probe of a half-open breaker is taken, as for an
+    /// attempt): `("admit", [probes])`, `("allow_listed", [probes])` or
     /// `("refuse", reason, retry_after, hold, detail)`.
-    #[pyo3(signature = (key, peer=None))]
+    #[pyo3(signature = (key, peer=None, route="/"))]
     fn lookup<'py>(
         &self,
         py: Python<'py>,
         key: &str,
         peer: Option<&str>,
+        route: &str,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let peer: Option<IpAddr> = match peer {
             None => None,
@@ -310,7 +324,7 @@ impl EnforcementTable {
         };
         let names =
             |probes: Vec<Arc<str>>| probes.iter().map(|p| p.to_string()).collect::<Vec<_>>();
-        match self.inner.lookup(key, peer, Instant::now()) {
+        match self.inner.lookup(route, key, peer, Instant::now()) {
             Admission::Admit { probes } => ("admit", names(probes)).into_pyobject(py),
             Admission::AllowListed { probes } => ("allow_listed", names(probes)).into_pyobject(py),
             Admission::Refuse(r) => (
