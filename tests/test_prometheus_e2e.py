@@ -364,6 +364,8 @@ def loopwatch_config(path: Path, backend_port: int, dead_port: int, redis_url: s
         "logging": {"level": "error"},
         "routes": [
             {"path_prefix": "/ws", "upstream": f"ws://127.0.0.1:{backend_port}"},
+            # Plain HTTP: the demo backend's /healthz, for the plain request panels.
+            {"path_prefix": "/api", "upstream": f"http://127.0.0.1:{backend_port}/healthz"},
             # Nothing listens there: every upgrade fails to connect.
             {"path_prefix": "/dead", "upstream": f"ws://127.0.0.1:{dead_port}"},
         ],
@@ -439,6 +441,16 @@ async def once_each(urls: list[str], concurrency: int = 20) -> int:
 
     await asyncio.gather(*(one(u) for u in urls))
     return opened
+
+
+async def plain_requests(port: int, stop: asyncio.Event) -> None:
+    """A REST client beside the WebSockets: a plain GET on /api every 100 ms
+    until `stop`, for the plain request panels (their rate and quantiles)."""
+    request = b"GET /api HTTP/1.1\r\nHost: lw.test\r\nConnection: close\r\n\r\n"
+    while not stop.is_set():
+        response, _ = await raw_exchange(port, request)
+        assert response.status == 200, response.status_line
+        await asyncio.sleep(0.1)
 
 
 async def bad_requests(port: int) -> None:
@@ -535,6 +547,7 @@ async def test_loop_alert_and_every_dashboard_query_against_real_prometheus(
                     asyncio.create_task(
                         looping(f"{base}/ws?token={issue_token(ALLOWED, -60)}", stop)
                     ),
+                    asyncio.create_task(plain_requests(running.proxy_port, stop)),
                 ]
                 stop_queries = asyncio.Event()
                 rounds = 0
@@ -699,7 +712,7 @@ async def test_loop_alert_and_every_dashboard_query_against_real_prometheus(
                 for result in results:
                     if isinstance(result, BaseException):
                         raise result
-                exchanged, loops, tolerated = results
+                exchanged, loops, tolerated, _ = results  # the last: the plain requests
                 assert exchanged > 10 and loops > 20 and tolerated > 20, results
 
                 # Every rule evaluated, none in error, the shortened `for:` in place.
