@@ -828,3 +828,37 @@ async def test_replicas_with_and_without_the_key_do_not_share(redis_server: Redi
             seen = await round_robin((a, b), "loop", CRITICAL + 2, replicated=False)
             assert codes(seen) == [1008] * (CRITICAL + 2)
             assert attempts_seen(a, key_of("loop")) == (CRITICAL + 2) // 2
+
+
+async def test_a_sealed_batch_played_back_is_refused(redis_server: RedisServer) -> None:
+    """The probe's replay: an operator releases a client through one replica, then
+    cools it down for ten minutes; someone with Redis access publishes the
+    captured (sealed) release again. Each batch is numbered under the seal and
+    taken once: both replicas keep refusing the client."""
+    prefix = "lw-replay:"
+    signed = {"state.redis.signing_key": SIGNING_KEY}
+    async with (
+        replicas(redis_server.url, prefix, **signed) as (_, a, b),
+        redis_client(redis_server) as rc,
+    ):
+        key = key_of("held")
+        pubsub = rc.pubsub()
+        await pubsub.subscribe(prefix + "events")
+        a.force_cooldown(key, 600.0, time.monotonic())
+        await wait_for(lambda: in_cooldown(b, key))
+        assert await release(b, key) == 200
+        await wait_for(lambda: not in_cooldown(a, key))
+        captured = None
+        async with asyncio.timeout(5):
+            while captured is None:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if message is not None and b'["X",' in message["data"]:
+                    captured = message["data"]
+        await pubsub.aclose()
+        b.force_cooldown(key, 600.0, time.monotonic())
+        await wait_for(lambda: in_cooldown(a, key) and in_cooldown(b, key))
+        errors = store(a).errors
+        await rc.publish(prefix + "events", captured)
+        await wait_for(lambda: store(a).errors > errors)
+        await asyncio.sleep(0.2)
+        assert in_cooldown(a, key) and in_cooldown(b, key)

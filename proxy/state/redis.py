@@ -60,7 +60,7 @@ from ...detectors.shared import (
 from ..dataplane.boundary import LogLimiter
 from ..observe.logs import event as log_event
 from ..observe.observers import Observer
-from .signing import Seal
+from .signing import Replays, Seal
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -182,6 +182,7 @@ class RedisStateStore(Observer):
         # and nothing unsealed is taken (proxy/state/signing.py).
         key = self.redis.signing_key
         self._seal = Seal(key) if key is not None else None
+        self._replays = Replays()  # the sealed batches' numbers each origin used
         self._cool_prefix = f"{prefix}cool:"
         self._epoch = f"{prefix}epoch"
         # What telemetry exports; plain attributes, read at scrape time.
@@ -341,11 +342,13 @@ class RedisStateStore(Observer):
             return  # pub/sub hands our own batches back too: skipped unparsed
         now = self._clock()
         try:
-            if seal is not None:
-                payload = seal.open_batch(payload)
-            origin, messages = decode(payload, now)
+            sealed = None if seal is None else seal.open_batch(payload)
+            origin, messages = decode(payload if sealed is None else sealed.batch, now)
         except ValueError as e:
             self._bad(str(e))  # a foreign publisher on our channel, or a newer version
+            return
+        if sealed is not None and not self._replays.fresh(origin, sealed.run, sealed.seq):
+            self._bad(f"a sealed batch of {origin[:80]!r} seen before (run {sealed.run}, number {sealed.seq}): played back")
             return
         engine = gate.engine
         breakers = self.shared_breakers

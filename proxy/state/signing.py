@@ -6,11 +6,14 @@ client down, release one, or close a connection. With a key, every replica
 seals what it publishes and what it stores with an HMAC-SHA256 under that key,
 and takes nothing that is not sealed so:
 
-* a batch on the channel starts with a line of its own, `lwsig <ms> <mac>`:
-  the sender's wall clock (milliseconds) and the MAC over that time and the
-  batch. A batch older or newer than MAX_SKEW is refused too, so one captured
-  off the channel cannot be played back later (a release replayed after the
-  client was cooled down again);
+* a batch on the channel starts with a line of its own, `lwsig <ms> <run>
+  <seq> <mac>`: the sender's wall clock (milliseconds), its run (when its
+  process started, milliseconds) and the batch's number in that run, and the
+  MAC over them and the batch. A batch older or newer than MAX_SKEW is
+  refused, and so is one whose (run, number) its origin already used
+  (`Replays`): a batch captured off the channel cannot be played back, later
+  or at once (a release replayed after the client was cooled down again, a
+  failure replayed until it makes a loop);
 * a cooldown key's value carries `until_ms` (the wall-clock time its TTL ends
   at when written) and `mac`, over the key's name and the rest of the value: a
   forged or altered value is skipped, and a TTL stretched in Redis (`PEXPIRE`)
@@ -26,21 +29,34 @@ import hashlib
 import hmac
 import json
 import time
+from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 SEAL = b"lwsig"
 MAX_SKEW = 60.0  # seconds a batch may be older (or newer) than this replica's clock
+REPLAY_WINDOW = 64  # batch numbers behind an origin's latest still taken once (reordered publishes)
+MAX_ORIGINS = 1024  # origins whose latest batch numbers are remembered
+
+
+class Sealed(NamedTuple):
+    """An opened batch: its bytes, and the run and number its sender sealed it with."""
+
+    batch: bytes
+    run: int
+    seq: int
 
 
 class Seal:
     """HMAC-SHA256 seals under one key; `wall` is the clock of the seals' times."""
 
-    __slots__ = ("_key", "_wall")
+    __slots__ = ("_key", "_wall", "_run", "_seq")
 
     def __init__(self, key: str, wall: Callable[[], float] = time.time):
         self._key = key.encode()
         self._wall = wall
+        self._run = b"%d" % int(wall() * 1000)  # a restarted replica's run is a later one
+        self._seq = 0
 
     def _mac(self, *parts: bytes) -> str:
         mac = hmac.new(self._key, digestmod=hashlib.sha256)
@@ -53,28 +69,30 @@ class Seal:
     # --- batches on the channel ----------------------------------------------------------
 
     def seal_batch(self, batch: bytes) -> bytes:
-        ms = b"%d" % int(self._wall() * 1000)
-        return b"%s %s %s\n%s" % (SEAL, ms, self._mac(ms, batch).encode(), batch)
+        self._seq += 1
+        ms, run, seq = b"%d" % int(self._wall() * 1000), self._run, b"%d" % self._seq
+        return b"%s %s %s %s %s\n%s" % (SEAL, ms, run, seq, self._mac(ms, run, seq, batch).encode(), batch)
 
     @staticmethod
     def inner(sealed: bytes) -> bytes:
         """The batch a sealed payload carries, unchecked (to recognise one's own)."""
         return sealed.partition(b"\n")[2]
 
-    def open_batch(self, sealed: bytes) -> bytes:
+    def open_batch(self, sealed: bytes) -> Sealed:
         """The batch, if sealed under this key within MAX_SKEW of now; else
-        ValueError saying why (it came off the network)."""
+        ValueError saying why (it came off the network). Whether its run and
+        number were used before is the receiver's to check (`Replays`)."""
         line, sep, batch = sealed.partition(b"\n")
         parts = line.split(b" ")
-        if not sep or len(parts) != 3 or parts[0] != SEAL or not parts[1].isdigit():
+        if not sep or len(parts) != 5 or parts[0] != SEAL or not all(p.isdigit() for p in parts[1:4]):
             raise ValueError(f"expected a batch sealed with state.redis.signing_key, got {sealed[:40]!r}")
-        ms, mac = parts[1], parts[2]
-        if not hmac.compare_digest(mac, self._mac(ms, batch).encode()):
+        ms, run, seq, mac = parts[1:]
+        if not hmac.compare_digest(mac, self._mac(ms, run, seq, batch).encode()):
             raise ValueError("a batch whose seal does not match state.redis.signing_key")
         age = self._wall() - int(ms) / 1000
         if abs(age) > MAX_SKEW:
             raise ValueError(f"a sealed batch {age:.0f} s old: played back, or a clock off by that much")
-        return batch
+        return Sealed(batch, int(run), int(seq))
 
     # --- cooldown keys -------------------------------------------------------------------
 
@@ -97,8 +115,49 @@ class Seal:
         return min(pttl_ms, until - int(self._wall() * 1000))
 
 
+class Replays:
+    """The batch numbers each origin used, so that none is taken twice: per
+    origin its latest run, the highest number seen in it, and which of the
+    REPLAY_WINDOW numbers below that came (a bit each: publishes of one
+    replica may overtake each other on two connections). A number further
+    back, or an earlier run, is refused. At most MAX_ORIGINS origins, the
+    least recently heard forgotten (an origin is only remembered for a batch
+    sealed under the fleet's key)."""
+
+    __slots__ = ("_seen",)
+
+    def __init__(self) -> None:
+        self._seen: OrderedDict[str, tuple[int, int, int]] = OrderedDict()  # origin -> run, highest, bits
+
+    def fresh(self, origin: str, run: int, seq: int) -> bool:
+        """Whether (run, seq) is new from `origin` (and now remembered)."""
+        known = self._seen.get(origin)
+        if known is None or run > known[0]:
+            self._remember(origin, run, seq, 1)
+            return True
+        known_run, highest, bits = known
+        if run < known_run:
+            return False  # a batch of the process before this one
+        if seq > highest:
+            shift = seq - highest
+            bits = ((bits << shift) | 1) & ((1 << REPLAY_WINDOW) - 1) if shift < REPLAY_WINDOW else 1
+            self._remember(origin, run, seq, bits)
+            return True
+        back = highest - seq
+        if back >= REPLAY_WINDOW or bits >> back & 1:
+            return False
+        self._remember(origin, run, highest, bits | 1 << back)
+        return True
+
+    def _remember(self, origin: str, run: int, highest: int, bits: int) -> None:
+        self._seen[origin] = (run, highest, bits)
+        self._seen.move_to_end(origin)
+        if len(self._seen) > MAX_ORIGINS:
+            self._seen.popitem(last=False)
+
+
 def _canonical(value: dict[str, Any]) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
-__all__ = ["MAX_SKEW", "Seal"]
+__all__ = ["MAX_SKEW", "Replays", "Seal", "Sealed"]
