@@ -386,7 +386,7 @@ async def test_blank_lines_then_oversized_head_on_a_kept_alive_connection():
     # An upstream that closes after each answer: every GET is a connection of its own.
     async with (
         RawBackend(answer, close_after=True) as upstream,
-        loopwatch(upstream.url, **{"limits.handshake_timeout": "1s"}) as lw,
+        loopwatch(upstream.url, **{"limits.handshake_timeout": "1s", "limits.keepalive_timeout": "1s"}) as lw,
     ):
         before = await rejected(lw)
         reader, writer = await asyncio.open_connection("127.0.0.1", lw.proxy_port)
@@ -404,7 +404,7 @@ async def test_blank_lines_then_oversized_head_on_a_kept_alive_connection():
             writer.write(get)
             assert (await asyncio.wait_for(read_response(reader), 10)).status == 200
             writer.write(b"\r\n")  # what old clients sent after a request body
-            # handshake_timeout is 1 s: then the connection closes without a word.
+            # keepalive_timeout is 1 s: then the connection closes without a word.
             assert await asyncio.wait_for(reader.read(), 10) == b""
         finally:
             writer.close()

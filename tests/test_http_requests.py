@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loopwatch.proxy.app.runtime import ConfigSources, start
 from loopwatch.proxy.app.settings import load_settings
-from tests.conftest import free_port, loopwatch, raw_exchange, wait_for
+from tests.conftest import free_port, loopwatch, raw_exchange, read_response, wait_for
 from tests.test_http import Backend
 from tests.test_logs import captured, check_documented
 
@@ -123,3 +123,49 @@ async def test_without_access_lines_requests_are_still_counted(tmp_path: Path) -
                 await lw.close()
         assert requests(samples, "/", "2xx") == 2
         assert [x["path"] for x in lines if x["event"] == "access"] == ["/echo"]
+
+
+async def test_a_client_that_leaves_while_its_response_is_awaited_is_gone() -> None:
+    """A client that gives up on a slow backend (it closes its socket) got no
+    answer: counted `none` at the time it left, its line saying so, not the
+    backend's 200 it never read (the probe: 2xx, 1.5 s, 37 bytes out; nginx
+    logs 499 at 0.3 s). A client that sends its next request while the last
+    one's response is awaited still gets both answers, in order."""
+    from aiohttp import web
+
+    async def late(request: web.Request) -> web.Response:
+        await asyncio.sleep(float(request.query.get("s", "1.5")))
+        return web.Response(text=request.query.get("n", "late") + "\n")
+
+    app = web.Application()
+    app.router.add_get("/late", late)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        with captured() as lines:
+            async with loopwatch(f"http://127.0.0.1:{port}", **{"telemetry.access_log": "all"}) as lw:
+                reader, writer = await asyncio.open_connection("127.0.0.1", lw.proxy_port)
+                writer.write(b"GET /late HTTP/1.1\r\nHost: x\r\n\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.3)
+                writer.close()  # its end (FIN): gone
+                await wait_for(lambda: any(x.get("path") == "/late" for x in lines.refresh()))
+                samples = await scrape(lw.admin_port)
+                assert requests(samples, "/", "none") == 1 and requests(samples, "/", "2xx") == 0
+                # Its next request sent while the first is awaited: both answered.
+                reader, writer = await asyncio.open_connection("127.0.0.1", lw.proxy_port)
+                writer.write(b"GET /late?s=0.4&n=one HTTP/1.1\r\nHost: x\r\n\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.1)
+                writer.write(b"GET /late?s=0&n=two HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                first = await asyncio.wait_for(read_response(reader), 10)
+                second = await asyncio.wait_for(read_response(reader), 10)
+                writer.close()
+                assert (first.status, first.body, second.status, second.body) == (200, b"one\n", 200, b"two\n")
+        gone = next(x for x in lines if x.get("path") == "/late" and x["outcome"] == "client_gone")
+        assert "status" not in gone and gone["bytes_out"] == 0 and gone["duration"] < 1.0
+    finally:
+        await runner.cleanup()

@@ -338,6 +338,8 @@ async fn serve_stream<C: Transport + 'static>(
     let peer_ip = peer.ip();
     // Between two plain requests of a keep-alive connection.
     let mut idle = false;
+    // What of the next request came while the last one's response was awaited.
+    let mut carried: Vec<u8> = Vec::new();
     loop {
         let head_limits = config.limits.head;
         // Idle between two plain requests: `keepalive_timeout` until the next
@@ -349,7 +351,9 @@ async fn serve_stream<C: Transport + 'static>(
         };
         // 1. The request head. (One timer per phase, armed once: a timer made
         // per loop turn would be registered and dropped on every read.)
-        let mut buf: Vec<u8> = Vec::new();
+        let mut buf: Vec<u8> = std::mem::take(&mut carried);
+        // Bytes carried over are parsed before anything more is read.
+        let mut read_first = buf.is_empty();
         let head_timer = sleep_until(deadline);
         let stop = stopping(&mut shutdown);
         tokio::pin!(head_timer, stop);
@@ -358,30 +362,33 @@ async fn serve_stream<C: Transport + 'static>(
         // The idle wait ended: a byte of the next request came.
         let mut waking = false;
         let plan = loop {
-            tokio::select! {
-                biased;
-                _ = &mut stop => {
-                    if quiet(&buf) {
-                        return; // idle between requests: just close
-                    }
-                    reject(shared, &mut client, peer_ip, Rejected::ShuttingDown, 503, SHUTTING_DOWN).await;
-                    return;
-                }
-                _ = &mut head_timer => {
-                    if quiet(&buf) {
-                        // RFC 9112 §9.8: an unsolicited 408 could race the
-                        // client's next request on this connection.
+            if read_first {
+                tokio::select! {
+                    biased;
+                    _ = &mut stop => {
+                        if quiet(&buf) {
+                            return; // idle between requests: just close
+                        }
+                        reject(shared, &mut client, peer_ip, Rejected::ShuttingDown, 503, SHUTTING_DOWN).await;
                         return;
                     }
-                    let message = "loopwatch: request head timeout";
-                    reject(shared, &mut client, peer_ip, Rejected::HeadTimeout, 408, message).await;
-                    return;
+                    _ = &mut head_timer => {
+                        if quiet(&buf) {
+                            // RFC 9112 §9.8: an unsolicited 408 could race the
+                            // client's next request on this connection.
+                            return;
+                        }
+                        let message = "loopwatch: request head timeout";
+                        reject(shared, &mut client, peer_ip, Rejected::HeadTimeout, 408, message).await;
+                        return;
+                    }
+                    read = read_appending(&mut client, &mut buf, HEAD_READ) => match read {
+                        Ok(0) | Err(_) => return, // gone before its head was complete
+                        Ok(_) => {}
+                    },
                 }
-                read = read_appending(&mut client, &mut buf, HEAD_READ) => match read {
-                    Ok(0) | Err(_) => return, // gone before its head was complete
-                    Ok(_) => {}
-                },
             }
+            read_first = true;
             if idle && !waking && !quiet(&buf) {
                 // The next request began: its head has `handshake_timeout`.
                 waking = true;
@@ -493,7 +500,7 @@ async fn serve_stream<C: Transport + 'static>(
                 Box::pin(forward(shared, &config, client, upgrade, guard, address)).await
             }
             Plan::Http { route, request } => {
-                if forward_http(
+                let next = forward_http(
                     shared,
                     &config,
                     &mut client,
@@ -501,10 +508,10 @@ async fn serve_stream<C: Transport + 'static>(
                     route,
                     &request,
                     conn_id,
-                )
-                .await
-                {
+                );
+                if let Some(carry) = next.await {
                     idle = true;
+                    carried = carry;
                     continue;
                 }
             }
@@ -513,7 +520,8 @@ async fn serve_stream<C: Transport + 'static>(
     }
 }
 
-/// One plain exchange; true when the connection stays open for the next.
+/// One plain exchange; the start of the next request (what came of it so
+/// far) when the connection stays open for it, None when it closes.
 /// The upstream connection is opened as a WebSocket's is (`open_upstream`:
 /// TLS for an `https://` route), within `limits.connect_timeout`
 /// (`http::exchange` bounds it).
@@ -525,7 +533,7 @@ async fn forward_http<C: Transport>(
     route: &Route,
     request: &http::Request,
     conn_id: u64,
-) -> bool {
+) -> Option<Vec<u8>> {
     let began = Instant::now();
     let key = (route.host.clone(), route.port, route.tls);
     let pooled = shared.pool.checkout(&key);
@@ -549,6 +557,7 @@ async fn forward_http<C: Transport>(
         outcome,
         upstream,
         sent,
+        carry,
     } = exchanged;
     if let Some(upstream) = upstream {
         if !shared.closing() {
@@ -581,7 +590,7 @@ async fn forward_http<C: Transport>(
         shared.events.send(Event::HttpRequest(Box::new(line)));
     }
     match outcome {
-        Outcome::KeepAlive => return true,
+        Outcome::KeepAlive => return Some(carry),
         Outcome::Close => answer(client, &[], Then::Close).await,
         Outcome::Answer {
             status,
@@ -612,7 +621,7 @@ async fn forward_http<C: Transport>(
         }
         Outcome::Gone => {}
     }
-    false
+    None
 }
 
 /// A complete head, routed.

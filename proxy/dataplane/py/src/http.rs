@@ -43,7 +43,9 @@ use loopwatch_dataplane_core::head::{BodyFraming, Version};
 
 use crate::listener::{Limits, Rejected};
 use crate::response::{decode_chunks, parse_response_head, BadResponse, Chunk, Framing};
-use crate::transport::{out_of_descriptors, tls_failure, UpstreamTlsError, FD_LIMIT};
+use crate::transport::{
+    out_of_descriptors, read_appending, tls_failure, UpstreamTlsError, FD_LIMIT,
+};
 use crate::wire::{connection_named, hop_by_hop};
 
 /// Bytes read from one side at a time, written to the other before the next
@@ -51,6 +53,9 @@ use crate::wire::{connection_named, hop_by_hop};
 pub const BODY_BUFFER: usize = 64 * 1024;
 
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+/// At most this much of a client's next request is read while the response
+/// to its last is awaited (the watch for its leaving).
+const WATCH_READ: usize = 4096;
 const UPSTREAM_TIMEOUT: &str = "loopwatch: upstream timeout";
 const UNREACHABLE: &str = "loopwatch: upstream unreachable";
 const UPSTREAM_ERROR: &str = "loopwatch: upstream error";
@@ -96,6 +101,10 @@ pub struct Exchanged<U> {
     pub outcome: Outcome,
     pub upstream: Option<U>,
     pub sent: Sent,
+    /// Bytes the client sent after its request, read while its response was
+    /// awaited (to see whether the client left): the start of its next
+    /// request, for the connection's next head.
+    pub carry: Vec<u8>,
 }
 
 impl<U> From<Outcome> for Exchanged<U> {
@@ -104,6 +113,7 @@ impl<U> From<Outcome> for Exchanged<U> {
             outcome,
             upstream: None,
             sent: Sent::default(),
+            carry: Vec::new(),
         }
     }
 }
@@ -321,6 +331,7 @@ where
         BodyFraming::None => Phase::AwaitHead,
         _ => Phase::Body,
     };
+    let mut carry = Vec::new();
     loop {
         let clock = Clock::new(first);
         clock.progress();
@@ -332,8 +343,20 @@ where
                 Err(outcome) => return clock.ended(outcome.into()),
             },
         };
-        match attempt(&mut *client, upstream, request, &clock, limits, &closing).await {
-            Attempt::Done(exchanged) => return clock.ended(exchanged),
+        let attempted = attempt(
+            &mut *client,
+            upstream,
+            request,
+            &clock,
+            limits,
+            &closing,
+            &mut carry,
+        );
+        match attempted.await {
+            Attempt::Done(mut exchanged) => {
+                exchanged.carry = carry;
+                return clock.ended(exchanged);
+            }
             // The upstream closed an idle connection as it was reused: again.
             Attempt::Stale if reused && request.retryable => continue,
             Attempt::Stale => {
@@ -375,7 +398,12 @@ enum Attempt<U> {
     Stale,
 }
 
-/// The request and its response over `upstream`.
+/// The request and its response over `upstream`. Once the request is sent
+/// whole, the client is watched until the response ends: a client that
+/// leaves (its end, a reset) is gone, and the upstream's request is
+/// cancelled (nginx's 499), rather than its answer counted as delivered;
+/// bytes it sends meanwhile (its next request) go to `carry` and the watch
+/// stops.
 async fn attempt<C, U, G>(
     client: &mut C,
     upstream: U,
@@ -383,6 +411,7 @@ async fn attempt<C, U, G>(
     clock: &Clock,
     limits: &Limits,
     closing: &G,
+    carry: &mut Vec<u8>,
 ) -> Attempt<U>
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -396,7 +425,6 @@ where
     let (mut client_in, mut client_out) = tokio::io::split(client);
     let (mut upstream_in, mut upstream_out) = tokio::io::split(upstream);
     let (relayed, sent) = {
-        let send = send_request(&mut client_in, &mut upstream_out, request, clock, limits);
         let relay = relay_response(
             &mut upstream_in,
             &mut client_out,
@@ -406,16 +434,17 @@ where
             closing,
         );
         let dog = watchdog(clock, limits);
-        tokio::pin!(send, relay, dog);
-        let mut sent = false;
-        loop {
+        tokio::pin!(relay, dog);
+        // 1. The request goes up (a response may begin before it ends).
+        let early = {
+            let send = send_request(&mut client_in, &mut upstream_out, request, clock, limits);
+            tokio::pin!(send);
             tokio::select! {
                 biased;
-                relayed = &mut relay => break (relayed, sent),
-                result = &mut send, if !sent => match result {
-                    Ok(()) => sent = true,
+                relayed = &mut relay => Some(relayed),
+                result = &mut send => match result {
                     // The response (or the upstream's close) tells the rest.
-                    Err(RequestError::UpstreamGone) => sent = true,
+                    Ok(()) | Err(RequestError::UpstreamGone) => None,
                     Err(RequestError::ClientGone) => return done(Outcome::Gone),
                     Err(RequestError::Bad(why)) => {
                         return done(if clock.started.load(Ordering::Acquire) {
@@ -426,6 +455,25 @@ where
                     }
                 },
                 phase = &mut dog => return done(expired(phase, clock)),
+            }
+        };
+        match early {
+            Some(relayed) => (relayed, false),
+            None => {
+                // 2. Sent: the response, the client watched (only when its
+                // request was read whole: else what comes is its body).
+                let mut watching = carry.is_empty() && clock.request_done.load(Ordering::Acquire);
+                loop {
+                    tokio::select! {
+                        biased;
+                        relayed = &mut relay => break (relayed, true),
+                        read = read_appending(&mut client_in, carry, WATCH_READ), if watching => match read {
+                            Ok(0) | Err(_) => return done(Outcome::Gone),
+                            Ok(_) => watching = false, // alive: its next request, kept
+                        },
+                        phase = &mut dog => return done(expired(phase, clock)),
+                    }
+                }
             }
         }
     };
@@ -441,7 +489,8 @@ where
                     Outcome::Close
                 },
                 upstream: reusable.then(|| upstream_in.unsplit(upstream_out)),
-                sent: Sent::default(), // `exchange` fills it in
+                sent: Sent::default(), // `exchange` fills it and `carry` in
+                carry: Vec::new(),
             })
         }
         Err(ResponseError::Closed { stale: true }) => Attempt::Stale,
