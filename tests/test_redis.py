@@ -862,3 +862,11 @@ async def test_a_sealed_batch_played_back_is_refused(redis_server: RedisServer) 
         await wait_for(lambda: store(a).errors > errors)
         await asyncio.sleep(0.2)
         assert in_cooldown(a, key) and in_cooldown(b, key)
+        # Under a replica's own id, a batch it did not seal is no batch of its own:
+        # counted and said, not skipped silently.
+        from loopwatch.detectors import shared
+
+        errors = store(a).errors
+        await rc.publish(prefix + "events", shared.encode("a", [shared.Release(key)]))
+        await wait_for(lambda: store(a).errors > errors)
+        assert in_cooldown(a, key)

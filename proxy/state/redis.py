@@ -338,8 +338,14 @@ class RedisStateStore(Observer):
         """One published batch: fold another replica's messages into this engine."""
         gate = self.gate
         seal = self._seal
-        if gate is None or (payload if seal is None else seal.inner(payload)).startswith(self._own):
-            return  # pub/sub hands our own batches back too: skipped unparsed
+        if gate is None:
+            return
+        if (payload if seal is None else seal.inner(payload)).startswith(self._own):
+            # pub/sub hands our own batches back too: skipped unparsed (with a
+            # key, only those of our own run and numbers: others are forged)
+            if seal is not None and not seal.sealed_here(payload):
+                self._bad("a batch under this replica's own id that it did not seal")
+            return
         now = self._clock()
         try:
             sealed = None if seal is None else seal.open_batch(payload)

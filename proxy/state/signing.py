@@ -78,6 +78,18 @@ class Seal:
         """The batch a sealed payload carries, unchecked (to recognise one's own)."""
         return sealed.partition(b"\n")[2]
 
+    def sealed_here(self, sealed: bytes) -> bool:
+        """Whether a payload names a run and number this Seal gave out: one's own
+        batch, handed back by pub/sub, told without the MAC's cost; anything
+        else under one's own id is someone else's."""
+        parts = sealed.partition(b"\n")[0].split(b" ")
+        return (
+            len(parts) == 5
+            and parts[2] == self._run
+            and parts[3].isdigit()
+            and 0 < int(parts[3]) <= self._seq
+        )
+
     def open_batch(self, sealed: bytes) -> Sealed:
         """The batch, if sealed under this key within MAX_SKEW of now; else
         ValueError saying why (it came off the network). Whether its run and
