@@ -99,6 +99,18 @@ def slow_exporters() -> list[SpanExporter]:
     return [SlowExporter(os.environ["LW_SPAN_FILE"])]
 
 
+class StuckExporter(SpanExporter):
+    """A collector that never answers (until the child is killed)."""
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:  # type: ignore[override]
+        time.sleep(60)
+        return SpanExportResult.SUCCESS
+
+
+def stuck_exporters() -> list[SpanExporter]:
+    return [StuckExporter()]
+
+
 def summary(span: ReadableSpan) -> dict[str, Any]:
     """What an exporter sees of a span, as plain comparable data."""
     parent = span.parent
@@ -394,5 +406,28 @@ def test_every_span_the_child_loses_is_counted(tmp_path: Path) -> None:
         delivered = len(out.read_text().splitlines()) if out.exists() else 0
         assert 0 < delivered < 300
         assert s.dropped == 300 - delivered
+    finally:
+        s.shutdown()
+
+
+def test_the_spans_a_killed_child_held_are_counted(tmp_path: Path) -> None:
+    """The child killed mid-export (`kill -9`, the OOM killer) took the spans it
+    held with it: 105 of 123 lost with the metric at 0 (the probe). What it was
+    handed and never reported delivered or lost is counted when it is found
+    dead; a child that ends normally leaves nothing unsettled (the test above)."""
+    env = {"OTEL_BSP_SCHEDULE_DELAY": "10", **ON_PATH}
+    s = ProcessSpanSink(env=env, exporter_factory="tests.test_span_export:stuck_exporters")
+    try:
+        s.submit(records(0, 40))
+        deadline = time.monotonic() + 10
+        while s.queue.qsize() and time.monotonic() < deadline:  # handed to the child
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert s.child is not None and s.dropped == 0
+        os.kill(s.child.pid, signal.SIGKILL)
+        s.child.wait()
+        time.sleep(1.1)  # past RESPAWN_INTERVAL: the flush finds it dead and starts another
+        s.force_flush(5_000)
+        assert s.dropped == 40
     finally:
         s.shutdown()

@@ -55,9 +55,10 @@ RESPAWN_INTERVAL = 1.0  # seconds between attempts to start a child that died
 FLUSH = "flush"  # the one command frame: export what you hold, then answer on the ack pipe
 BSP_QUEUE_SIZE = 2048  # the SDK's default OTEL_BSP_MAX_QUEUE_SIZE
 # The child's reports on its ack pipe, each a kind and a number: the answer to a
-# FLUSH (1: all exported), and the spans it lost so far (its SDK's side).
+# FLUSH (1: all exported), the spans it lost so far (its SDK's side), and those
+# whose fate it knows (lost or delivered): the rest die with it if it dies.
 _REPORT = struct.Struct(">cQ")
-_FLUSHED, _LOST = b"F", b"L"
+_FLUSHED, _LOST, _SETTLED = b"F", b"L", b"S"
 LOSS_REPORT_EVERY = 1.0  # seconds between the child's reports of its losses, while they grow
 _LENGTH = struct.Struct(">I")
 
@@ -336,12 +337,17 @@ class SpanSink(SdkParts):
             for c in self.counted
         ]
         self.room = bsp_queue_size(os.environ) if batch else None
-        self.refused = 0  # spans no processor's queue had room for, per processor
 
     @property
     def dropped(self) -> int:
         """Spans lost: refused for a full queue, or in a batch an exporter failed."""
-        return self.refused + sum(c.failed for c in self.counted)
+        return sum(c.refused + c.failed for c in self.counted)
+
+    @property
+    def settled(self) -> int:
+        """Spans whose fate every exporter knows (the least of theirs): the rest
+        are still queued or being exported, and lost if the process dies."""
+        return min((c.settled for c in self.counted), default=0)
 
     def submit(self, records: Sequence[Record]) -> None:
         resource, scope, convert, room = self.resource, self.scope, self.convert, self.room
@@ -349,7 +355,7 @@ class SpanSink(SdkParts):
             span = convert(record, resource, scope)
             for processor, counted in zip(self.processors, self.counted, strict=True):
                 if room is not None and counted.handed - counted.reached >= room:
-                    self.refused += 1
+                    counted.refused += 1
                     continue
                 counted.handed += 1
                 processor.on_end(span)
@@ -381,8 +387,15 @@ class Counted:
     def __init__(self, exporter: SpanExporter):
         self.exporter = exporter
         self.handed = 0
+        self.refused = 0  # the sink's: no room in the processor's queue
         self.reached = 0
         self.failed = 0
+        self.delivered = 0
+
+    @property
+    def settled(self) -> int:
+        """Spans whose fate is known: refused, failed or delivered."""
+        return self.refused + self.failed + self.delivered
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         from opentelemetry.sdk.trace.export import SpanExportResult
@@ -393,7 +406,9 @@ class Counted:
         except Exception:
             self.failed += len(spans)
             raise  # the processor logs it, as it did without the count
-        if result is not SpanExportResult.SUCCESS:
+        if result is SpanExportResult.SUCCESS:
+            self.delivered += len(spans)
+        else:
             self.failed += len(spans)
         return result
 
@@ -437,6 +452,8 @@ class ProcessSpanSink(SdkParts):
         # those of the children before it (each starts from 0).
         self._child_lost = 0
         self._children_lost = 0
+        self._child_sent = 0  # spans the child now was handed …
+        self._child_settled = 0  # … and of those, the ones whose fate it reported
         self.child: subprocess.Popen[bytes] | None = None
         self._ack = -1  # read end of the child's answers to FLUSH
         self._spawned_at = -RESPAWN_INTERVAL
@@ -510,15 +527,20 @@ class ProcessSpanSink(SdkParts):
         return self.child is not None
 
     def _close_child(self) -> None:
+        """Done with the child (it exited, or was stopped): what it reported last
+        is read, and what it was handed without reporting its fate is lost with
+        it (a child killed mid-export), counted."""
         if self.child is not None and self.child.stdin is not None:
             with contextlib.suppress(OSError):
                 self.child.stdin.close()
+        self._read_reports(0.0)
         if self._ack >= 0:
             os.close(self._ack)
             self._ack = -1
         self.child = None
-        self._children_lost += self._child_lost
-        self._child_lost = 0
+        unsettled = max(self._child_sent - self._child_settled, 0)
+        self._children_lost += self._child_lost + unsettled
+        self._child_lost = self._child_sent = self._child_settled = 0
 
     def _send(self, payload: bytes) -> bool:
         child = self.child
@@ -547,12 +569,17 @@ class ProcessSpanSink(SdkParts):
             records: Sequence[Record] = item  # type: ignore[assignment]  # the queue's other items (_STOP, _Flush) are handled above
             payload, unpackable = _pack(records)
             self._lost += unpackable
-            if payload is not None and not (self._alive() and self._send(payload)):
-                self._lost += len(records) - unpackable
+            if payload is not None:
+                if self._alive() and self._send(payload):
+                    self._child_sent += len(records) - unpackable
+                else:
+                    self._lost += len(records) - unpackable
             self._read_reports(0.0)
         if self.child is not None:
             child = self.child
-            self._close_child()  # end of input: the child exports what it holds and exits
+            if child.stdin is not None:
+                with contextlib.suppress(OSError):
+                    child.stdin.close()  # end of input: the child exports what it holds and exits
             try:
                 # Bounded so that a collector that does not answer cannot hold the
                 # stop past a container's grace period (shutdown_timeout + this).
@@ -560,6 +587,7 @@ class ProcessSpanSink(SdkParts):
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
+            self._close_child()  # its last reports, and what it could not export
 
     def _answer(self, timeout: float = 30.0) -> bool:
         """The child's answer to a FLUSH (its loss reports read on the way)."""
@@ -583,6 +611,8 @@ class ProcessSpanSink(SdkParts):
                 return bool(value)
             if kind == _LOST:
                 self._child_lost = value
+            elif kind == _SETTLED:
+                self._child_settled = value
             if not until_flushed:
                 deadline = 0.0  # take what is there, wait for nothing more
         return None
@@ -666,17 +696,18 @@ def child_main(argv: list[str] | None = None) -> None:
     sink = SpanSink(exporters, readable_span)
     source = sys.stdin.buffer
     done = threading.Event()
-    reported = 0
+    reported = [0, 0]  # lost, settled: as last said
 
     def report_losses() -> None:
         # What the SDK side lost (a full queue, failed exports), as it grows:
-        # a collector's outage shows in loopwatch_spans_dropped_total.
-        nonlocal reported
-        lost = sink.dropped
-        if lost != reported:
-            reported = lost
-            with contextlib.suppress(OSError):
-                os.write(ack, _REPORT.pack(_LOST, lost))
+        # a collector's outage shows in loopwatch_spans_dropped_total. And how
+        # many spans' fate is known, so that those it still holds are counted
+        # lost if it dies.
+        for i, (kind, now) in enumerate(((_LOST, sink.dropped), (_SETTLED, sink.settled))):
+            if now != reported[i]:
+                reported[i] = now
+                with contextlib.suppress(OSError):
+                    os.write(ack, _REPORT.pack(kind, now))
 
     def reporter() -> None:
         while not done.wait(LOSS_REPORT_EVERY):
@@ -702,6 +733,7 @@ def child_main(argv: list[str] | None = None) -> None:
     finally:
         done.set()
         sink.shutdown()
+        report_losses()  # the last word: what the shutdown exported or lost
 
 
 __all__ = [
