@@ -126,6 +126,15 @@ def refs(*queries: tuple[str, str]) -> list[PrometheusQuery]:
     return [query(expr, legend, ref=chr(ord("A") + i)) for i, (expr, legend) in enumerate(queries)]
 
 
+def p50_p99(bucket: str) -> list[PrometheusQuery]:
+    """The 50th and 99th percentile of a route-labelled histogram's `_bucket`
+    series, over the routes the dashboard selects."""
+    return refs(*(
+        (f"histogram_quantile({q}, sum by (le) (rate({bucket}{{{SEL_ROUTE}}}[$__rate_interval])))", f"p{label}")
+        for q, label in (("0.5", "50"), ("0.99", "99"))
+    ))  # fmt: skip
+
+
 def color_override(names: list[str], color: str) -> db.DashboardFieldConfigSourceOverrides:
     """A fixed color for the series named `names`.
 
@@ -402,16 +411,7 @@ def latency() -> list[cogbuilder.Builder[Any]]:
         "with a flat p50 is a slow tail (overloaded backend replica, slow auth lookup); both "
         "rising means the backend is saturated — a loop hammering it looks like this until "
         "cooldowns kick in. Values near limits.handshake_timeout end as 504s.",
-        *refs(
-            (
-                f"histogram_quantile(0.5, sum by (le) (rate({bucket}{{{SEL_ROUTE}}}[$__rate_interval])))",
-                "p50",
-            ),
-            (
-                f"histogram_quantile(0.99, sum by (le) (rate({bucket}{{{SEL_ROUTE}}}[$__rate_interval])))",
-                "p99",
-            ),
-        ),
+        *p50_p99(bucket),
         unit="s",
     ).span(8)
     errors = ts(
@@ -520,16 +520,7 @@ def relay() -> list[cogbuilder.Builder[Any]]:
         "Time from a plain request's head to the end of its response, 50th and 99th "
         "percentile: the backend's answer and the body's transfer. A p99 at "
         "limits.response_timeout (60 s by default) is requests ending as 504s.",
-        *refs(
-            (
-                f"histogram_quantile(0.5, sum by (le) (rate({plain_bucket}{{{SEL_ROUTE}}}[$__rate_interval])))",
-                "p50",
-            ),
-            (
-                f"histogram_quantile(0.99, sum by (le) (rate({plain_bucket}{{{SEL_ROUTE}}}[$__rate_interval])))",
-                "p99",
-            ),
-        ),
+        *p50_p99(plain_bucket),
         unit="s",
     )
     return [messages, size, plain, plain_latency]

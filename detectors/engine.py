@@ -292,7 +292,7 @@ class Engine:
         probes: list[CircuitBreaker] | None = None
         # The breakers of the attempt's route only: another route's backend being
         # down is no reason to refuse this one's clients.
-        rb = self._routes.get(attempt.route) or self._route(attempt.route)
+        rb = self._route(attempt.route)
         if reject is None and rb is not None:
             for breaker in rb.pair:
                 if breaker.state is CLOSED:
@@ -418,7 +418,7 @@ class Engine:
         if t >= self._credit_due:
             self._drain_credits(t)
         state = self._client(event.key, t)
-        rb = self._routes.get(event.route) or self._route(event.route)
+        rb = self._route(event.route)
         d = self._detection
         enforce = _ENFORCE_NONE
         if isinstance(event, Opened):
@@ -902,7 +902,7 @@ class Engine:
     def _observe_breakers(self, state: ClientState, event: Event, kind: int, t: float) -> None:
         # The event's route's breakers (made at its first event, within
         # MAX_BREAKER_ROUTES: a route string off the network is anyone's).
-        rb = self._routes.get(event.route) or self._route(event.route)
+        rb = self._route(event.route)
         if rb is None:
             return
         if isinstance(event, Opened | HandshakeFailed) and not kind & (tracker.LOCAL | tracker.CLIENT_LEFT):
@@ -1016,7 +1016,7 @@ class Engine:
         any client's attempt, so a recovered upstream closes the breaker without
         a client having to risk an attempt; while it is open and waiting, a check
         does not count (the wait is the wait)."""
-        rb = self._routes.get(route) or self._route(route)
+        rb = self._route(route)
         if rb is None:
             return self._take()
         breaker = rb.upstream

@@ -167,7 +167,7 @@ class EngineGate(Gate):
         it (its Attempt lost to a full queue). A refusal all the same, shown
         to the observers as one (loopwatch_refusals_total, the access log, the
         span's end); the engine keeps its judgement."""
-        self.observers.call("on_rejected", conn, ev.Rejected(conn.key, conn.route, t, reason))
+        self.show_rejected(conn, ev.Rejected(conn.key, conn.route, t, reason))
 
     # `event`: the data plane's own record of the step, when the caller has one
     # (NativeDriver: the queue's, with these very values); else it is made here.

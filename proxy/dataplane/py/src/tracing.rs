@@ -39,11 +39,7 @@ fn seed() -> [u8; 32] {
 pub fn attempt_trace(sampling: &Sampling, head: &RequestHead<'_>) -> AttemptTrace {
     let traceparent = head.header("traceparent");
     let parent = traceparent.as_deref().and_then(TraceParent::parse);
-    let context = IDS.with(|cell| {
-        let mut ids = cell.borrow_mut();
-        let ids = ids.get_or_insert_with(|| Ids::from_seed(seed()));
-        SpanContext::new(sampling, parent, ids)
-    });
+    let context = with_ids(|ids| SpanContext::new(sampling, parent, ids));
     let tracestate = match parent {
         Some(_) => head.header("tracestate").map(|v| latin1(&v)),
         None => None,
@@ -66,11 +62,17 @@ pub fn sampled(share: f64) -> bool {
     if share <= 0.0 {
         return false;
     }
-    let draw = IDS.with(|cell| {
-        let mut ids = cell.borrow_mut();
-        ids.get_or_insert_with(|| Ids::from_seed(seed())).span_id()
-    });
+    let draw = with_ids(Ids::span_id);
     (draw as f64) < share * (u64::MAX as f64)
+}
+
+/// `f` with this runtime thread's generator (seeded at its first use).
+fn with_ids<R>(f: impl FnOnce(&mut Ids) -> R) -> R {
+    IDS.with(|cell| {
+        f(cell
+            .borrow_mut()
+            .get_or_insert_with(|| Ids::from_seed(seed())))
+    })
 }
 
 /// Bytes as Python's `decode("latin-1")` reads them (one character each).
