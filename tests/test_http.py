@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from loopwatch.proxy.app.runtime import Running
 from tests.conftest import (
     free_port,
     loopwatch,
@@ -46,6 +47,7 @@ class Backend:
         app.router.add_route("*", "/echo{tail:.*}", self.echo)
         app.router.add_post("/upload", self.upload)
         app.router.add_get("/slow", self.slow)
+        app.router.add_get("/late", self.late)
         app.router.add_get("/created", self.created)
         app.router.add_get("/etag", self.etag)
         app.router.add_get("/resource", self.resource)
@@ -100,6 +102,11 @@ class Backend:
                 "content_length": request.headers.get("Content-Length"),
             }
         )
+
+    async def late(self, request: web.Request) -> web.Response:
+        """Its answer (`n`, a line) after `s` seconds (1.5 by default)."""
+        await asyncio.sleep(float(request.query.get("s", "1.5")))
+        return web.Response(text=request.query.get("n", "late") + "\n")
 
     async def slow(self, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/plain"})
@@ -473,14 +480,20 @@ async def test_routes_and_base_path_for_http(backend):
         assert response.body.count(b"\n") == 1
 
 
+async def leave_mid_response(backend: Backend, lw: Running) -> None:
+    """A client that resets its connection once the first chunk of /slow came;
+    returns when loopwatch has let go of both connections."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", lw.proxy_port)
+    writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.wait_for(reader.readuntil(b"first chunk\n"), 10)
+    writer.transport.abort()
+    backend.first_chunk_read.set()
+    await wait_for(lambda: lw.plane.connections() == 0)
+
+
 async def test_client_leaving_mid_response_frees_the_connection(backend):
     async with loopwatch(backend.url) as lw:
-        reader, writer = await asyncio.open_connection("127.0.0.1", lw.proxy_port)
-        writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
-        await asyncio.wait_for(reader.readuntil(b"first chunk\n"), 10)
-        writer.transport.abort()
-        backend.first_chunk_read.set()
-        await wait_for(lambda: lw.plane.connections() == 0)
+        await leave_mid_response(backend, lw)
 
 
 async def test_expect_100_continue(backend, proxy_url):

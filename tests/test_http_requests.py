@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from loopwatch.proxy.app.runtime import ConfigSources, start
 from loopwatch.proxy.app.settings import load_settings
 from tests.conftest import free_port, loopwatch, raw_exchange, read_response, wait_for
-from tests.test_http import Backend
+from tests.test_http import Backend, leave_mid_response
 from tests.test_logs import captured, check_documented
 
 RUN_ON_UVLOOP = True
@@ -69,12 +69,7 @@ async def test_plain_requests_are_counted_by_route_and_status_class_and_logged()
                 await exchange_all(lw.proxy_port)
                 # A client that leaves once the response head came: its status is
                 # counted, and its line says it left.
-                reader, writer = await asyncio.open_connection("127.0.0.1", lw.proxy_port)
-                writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
-                await asyncio.wait_for(reader.readuntil(b"first chunk\n"), 10)
-                writer.transport.abort()
-                backend.first_chunk_read.set()
-                await wait_for(lambda: lw.plane.connections() == 0)
+                await leave_mid_response(backend, lw)
                 await wait_for(lambda: len([x for x in lines.refresh() if x.get("method")]) == 5)
                 after = await scrape(lw.admin_port)
         assert requests(after, "/", "2xx") == 3
@@ -131,22 +126,9 @@ async def test_a_client_that_leaves_while_its_response_is_awaited_is_gone() -> N
     backend's 200 it never read (the probe: 2xx, 1.5 s, 37 bytes out; nginx
     logs 499 at 0.3 s). A client that sends its next request while the last
     one's response is awaited still gets both answers, in order."""
-    from aiohttp import web
-
-    async def late(request: web.Request) -> web.Response:
-        await asyncio.sleep(float(request.query.get("s", "1.5")))
-        return web.Response(text=request.query.get("n", "late") + "\n")
-
-    app = web.Application()
-    app.router.add_get("/late", late)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with Backend() as backend:
         with captured() as lines:
-            async with loopwatch(f"http://127.0.0.1:{port}", **{"telemetry.access_log": "all"}) as lw:
+            async with loopwatch(backend.url, **{"telemetry.access_log": "all"}) as lw:
                 reader, writer = await asyncio.open_connection("127.0.0.1", lw.proxy_port)
                 writer.write(b"GET /late HTTP/1.1\r\nHost: x\r\n\r\n")
                 await writer.drain()
@@ -167,5 +149,3 @@ async def test_a_client_that_leaves_while_its_response_is_awaited_is_gone() -> N
                 assert (first.status, first.body, second.status, second.body) == (200, b"one\n", 200, b"two\n")
         gone = next(x for x in lines if x.get("path") == "/late" and x["outcome"] == "client_gone")
         assert "status" not in gone and gone["bytes_out"] == 0 and gone["duration"] < 1.0
-    finally:
-        await runner.cleanup()

@@ -765,6 +765,7 @@ async def test_a_flushed_redis_gets_every_cooldown_back(
 
 
 SIGNING_KEY = "fleet-secret-for-the-tests-0123"
+SIGNED = {"state.redis.signing_key": SIGNING_KEY}  # the overrides of a keyed replica
 
 
 async def test_with_a_signing_key_replicas_share_and_take_nothing_unsealed(
@@ -779,9 +780,8 @@ async def test_with_a_signing_key_replicas_share_and_take_nothing_unsealed(
 
     caplog.set_level(logging.INFO, logger="loopwatch.state")
     prefix = "lw-signed:"
-    signed = {"state.redis.signing_key": SIGNING_KEY}
     async with (
-        replicas(redis_server.url, prefix, **signed) as (backend, a, b),
+        replicas(redis_server.url, prefix, **SIGNED) as (backend, a, b),
         redis_client(redis_server) as rc,
     ):
         key = key_of("loop")
@@ -803,7 +803,7 @@ async def test_with_a_signing_key_replicas_share_and_take_nothing_unsealed(
         assert b'"mac"' in await rc.get(name)
         await rc.pexpire(name, 36_000_000)  # ten hours: the key outlives a cooldown by policy.cooldown.memory
         upstream = f"ws://127.0.0.1:{backend.port}"
-        async with loopwatch(upstream, **overrides(redis_server.url, "c", prefix, **signed)) as c:
+        async with loopwatch(upstream, **overrides(redis_server.url, "c", prefix, **SIGNED)) as c:
             await wait_for(lambda: store(c).up and in_cooldown(c, key))
             assert tracked(c, key).cooldown_remaining <= left + 0.5
             assert not in_cooldown(c, "eve")  # the unsealed key was skipped
@@ -820,7 +820,7 @@ async def test_replicas_with_and_without_the_key_do_not_share(redis_server: Redi
     async with demo_backend() as backend_app:
         upstream = f"ws://127.0.0.1:{backend_app.port}"
         async with (
-            loopwatch(upstream, **overrides(redis_server.url, "a", prefix, **{"state.redis.signing_key": SIGNING_KEY})) as a,
+            loopwatch(upstream, **overrides(redis_server.url, "a", prefix, **SIGNED)) as a,
             loopwatch(upstream, **overrides(redis_server.url, "b", prefix)) as b,
         ):
             await wait_for(lambda: store(a).up and store(b).up)
@@ -836,9 +836,8 @@ async def test_a_sealed_batch_played_back_is_refused(redis_server: RedisServer) 
     captured (sealed) release again. Each batch is numbered under the seal and
     taken once: both replicas keep refusing the client."""
     prefix = "lw-replay:"
-    signed = {"state.redis.signing_key": SIGNING_KEY}
     async with (
-        replicas(redis_server.url, prefix, **signed) as (_, a, b),
+        replicas(redis_server.url, prefix, **SIGNED) as (_, a, b),
         redis_client(redis_server) as rc,
     ):
         key = key_of("held")
