@@ -326,6 +326,38 @@ async def test_a_release_while_a_replica_was_cut_off_is_not_undone_by_it(redis_s
             assert not in_cooldown(b, released)
 
 
+async def test_a_cooldown_adopted_on_reconnect_is_enforced_at_once(redis_server: RedisServer) -> None:
+    """The cooldowns a replica reads from Redis when it reconnects are written
+    to its enforcement table as they are adopted, not after the writes that
+    follow (the epoch marker, the write-back): for those round trips the
+    engine said "cooling down" and the table let the client through. Redis
+    holding writes (CLIENT PAUSE WRITE) keeps the replica in that window."""
+    prefix = "lw-adopt:"
+    async with demo_backend() as backend_app, redis_client(redis_server) as rc:
+        await rc.execute_command("ACL", "SETUSER", "cut", "on", ">pw", "~*", "&*", "+@all")
+        cut_url = redis_server.url.replace("redis://", "redis://cut@")
+        upstream = f"ws://127.0.0.1:{backend_app.port}"
+        async with (
+            loopwatch(upstream, **overrides(redis_server.url, "a", prefix)) as a,
+            loopwatch(upstream, **overrides(cut_url, "b", prefix, **{"state.redis.password": "pw"})) as b,
+        ):
+            await wait_for(lambda: store(a).up and store(b).up)
+            await rc.execute_command("ACL", "SETUSER", "cut", "off")
+            await rc.execute_command("CLIENT", "KILL", "USER", "cut")
+            await wait_for(lambda: not store(b).up)
+            key = key_of("cooled-while-b-was-away")
+            a.force_cooldown(key, 600, time.monotonic())  # b hears of it only from the key
+            while not await rc.exists(f"{prefix}cool:{key}"):
+                await asyncio.sleep(0.02)
+            await rc.execute_command("CLIENT", "PAUSE", "3000", "WRITE")
+            try:
+                await rc.execute_command("ACL", "SETUSER", "cut", "on")
+                await wait_for(lambda: in_cooldown(b, key), timeout=2)
+                assert codes([await attempt(ws(b, "cooled-while-b-was-away"))]) == [1013]
+            finally:
+                await rc.execute_command("CLIENT", "UNPAUSE")
+
+
 async def test_a_full_redis_fails_the_writes_not_the_sharing(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:

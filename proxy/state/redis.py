@@ -711,12 +711,18 @@ class RedisStateStore(Observer):
                 # ended every session at its resync, for good.
                 replies = await pipe.execute(raise_on_error=False)
             now = self._clock()
+            adopted: list[str] = []
             for key, value, pttl in zip(chunk, replies[::2], replies[1::2], strict=True):
                 cooldown = self._parse_key(key, value, pttl)
                 if cooldown is not None:
                     engine.adopt_cooldown(cooldown, now)
+                    adopted.append(cooldown.key)
                 elif isinstance(value, Exception) or isinstance(pttl, Exception):
                     self._bad(f"{key[:80]!r}: {value if isinstance(value, Exception) else pttl}")
+            # Into the table now, not after the round trips that follow: until
+            # then the engine said "cooling down" and the table let them through.
+            gate.kick(adopted)
+        gate.reconcile()
         # What this replica has open, for the others to count exactly that (a
         # restart under the same id leaves none of the old ones), and theirs.
         self._send(self._connections())
@@ -734,7 +740,6 @@ class RedisStateStore(Observer):
         unshared = self._take_unshared()
         kept = await self._marked(client)
         await self._write_back_now(client, self._cooldowns_to_write_back(None if restarted or not kept else unshared))
-        gate.reconcile()
 
     async def _marked(self, client: Redis) -> bool:
         """Refresh the epoch marker; False when it was gone (and set it again).
