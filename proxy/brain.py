@@ -270,10 +270,12 @@ class EngineGate(Gate):
         if self.table is not None:
             self.table.flush(now)
 
-    def health_result(self, t: float, ok: bool, route: str) -> None:
+    def health_result(self, t: float, ok: bool, routes: tuple[str, ...]) -> None:
         """An active health check's result (proxy/admin/upstream_health.py) for
-        the upstream breaker of `route`, the route its path takes."""
-        self._apply(self.engine.record_health(t, ok, route), t)
+        the upstream breakers of `routes`: the route its path takes and the
+        others to the same backend."""
+        for route in routes:
+            self._apply(self.engine.record_health(t, ok, route), t)
         if self.table is not None:
             self.table.flush(time.monotonic())
 

@@ -2,11 +2,12 @@
 
 Off by default. When on, its result feeds `/readyz` (a sidecar whose backend
 does not answer upgrades should leave the load balancer) and the engine's
-`upstream` circuit breaker of the route its `path` takes (each route has its
-own breakers: a dead backend opens its route's breaker before clients pay for
-it, and a recovered one closes it without a client having to risk an
-attempt; the other routes' breakers hear nothing of it). A 401/403 answer still means the upstream is up — the probe's
-token is wrong — which is logged, not held against the upstream.
+`upstream` circuit breaker of the route its `path` takes and of every other
+route to the same backend (each route has its own breakers: a dead backend
+opens them before clients pay for it, and a recovered one closes them without
+a client having to risk an attempt; the routes to other backends hear nothing
+of it). A 401/403 answer still means the upstream is up — the probe's token is
+wrong — which is logged, not held against the upstream.
 
 Each probe goes through the data plane (`DataPlane.probe_upstream`): to the
 upstream of the route its path takes in the configuration in force (a reload
@@ -35,19 +36,19 @@ Probe = Callable[[str, "str | None", float], ProbeAnswer]  # target, Authorizati
 
 class HealthChecker:
     """Probes the upstream every `interval` and reports each result, with the
-    route its path takes (`route`: the runtime re-points it at a reload)."""
+    routes it judges (`routes`: the runtime re-points them at a reload)."""
 
     def __init__(
         self,
         settings: HealthCheckSettings,
         probe_upstream: Probe,
-        report: Callable[[float, bool, str], None],
-        route: str = "/",
+        report: Callable[[float, bool, tuple[str, ...]], None],
+        routes: tuple[str, ...] = ("/",),
     ):
         self.settings = settings
         self.probe_upstream = probe_upstream
         self.report = report
-        self.route = route  # the path_prefix of the route settings.path takes
+        self.routes = routes  # the route settings.path takes, then the others to its backend
         self.healthy = True  # until the first probe says otherwise
         self.last_error = ""
         self.checks = 0
@@ -93,6 +94,6 @@ class HealthChecker:
                     detail=why,
                 )
             self.healthy, self.last_error = up, why
-            self.report(time.monotonic(), up, self.route)
+            self.report(time.monotonic(), up, self.routes)
             # A little jitter so replicas do not probe in lockstep.
             await asyncio.sleep(self.settings.interval * random.uniform(0.9, 1.1))

@@ -198,7 +198,7 @@ def settings_errors(settings: Settings) -> list[str]:
                 break
     if settings.health_check.enabled:
         try:
-            health_check_route(Router(routes_of(settings)), settings.health_check.path)
+            health_check_routes(Router(routes_of(settings)), settings.health_check.path)
         except ConfigError as e:
             errors += e.errors
     errors += _record_errors(settings.record.path)
@@ -225,12 +225,21 @@ def settings_warnings(settings: Settings) -> list[str]:
     return warnings
 
 
-def health_check_route(router: Router, path: str) -> RoutedUpstream:
-    """The route the health check's `path` takes: a ConfigError when none serves it."""
+def health_check_routes(router: Router, path: str) -> tuple[str, ...]:
+    """The routes whose upstream breaker the health check's results feed: the
+    route its `path` takes, and every other route to the same backend (host,
+    port and scheme; the base path aside), which the probe judges as well. A
+    ConfigError when no route serves the path."""
     route = router.match(path.partition("?")[0])
     if route is None:
         raise ConfigError(f"health_check.path: no route matches {path!r}")
-    return route
+    backend = _backend(route)
+    return (route.name, *(r.name for r in router.routes if r is not route and _backend(r) == backend))
+
+
+def _backend(route: RoutedUpstream) -> tuple[str | None, int, bool]:
+    u = route.upstream
+    return (u.host, u.port, u.tls)
 
 
 def routes_of(settings: Settings) -> list[tuple[str, str]]:

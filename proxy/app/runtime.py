@@ -39,7 +39,7 @@ from ..sections import HostPort, parse_host_port
 from ..state.local import LocalState
 from ..state.redis import RedisStateStore
 from . import fdlimit
-from .planes import DataPlane, health_check_route, make_plane, routes_of
+from .planes import DataPlane, health_check_routes, make_plane, routes_of
 from .settings import ConfigError, Settings, load_settings
 from .watch import FileWatch, watched_files
 
@@ -234,10 +234,10 @@ class Running:
     def _apply_config(self, prepared: PreparedSettings) -> dict[str, object]:
         new = prepared.settings
         try:
-            health_route = None
+            health_routes = None
             if self.health is not None:
                 # Its probes follow the new routes: its path must still have one.
-                health_route = health_check_route(Router(routes_of(new)), self.health.settings.path).name
+                health_routes = health_check_routes(Router(routes_of(new)), self.health.settings.path)
             # First, as the one step that may still refuse: nothing is applied
             # before the data plane has taken the new settings.
             self.plane.reconfigure(new)
@@ -252,8 +252,8 @@ class Running:
         admin_before = self.settings.admin
         self.settings = new = in_force(self.started, new, keys)
         self.admin.reconfigured(admin_before)
-        if self.health is not None and health_route is not None:
-            self.health.route = health_route  # its results feed that route's upstream breaker
+        if self.health is not None and health_routes is not None:
+            self.health.routes = health_routes  # its results feed those routes' upstream breakers
         if isinstance(self.gate, EngineGate):
             evicted = self.gate.reconfigure(new, prepared.policy)
             if evicted:
@@ -456,8 +456,8 @@ async def start(
 
 
 def start_health_check(settings: Settings, plane: DataPlane, gate: EngineGate) -> HealthChecker:
-    route = health_check_route(plane.router, settings.health_check.path)  # a ConfigError when no route serves it
-    checker = HealthChecker(settings.health_check, plane.probe_upstream, gate.health_result, route.name)
+    routes = health_check_routes(plane.router, settings.health_check.path)  # a ConfigError when no route serves it
+    checker = HealthChecker(settings.health_check, plane.probe_upstream, gate.health_result, routes)
     checker.start()
     return checker
 
