@@ -180,6 +180,7 @@ BAD_REQUESTS = {
     "http-1.1-duplicate-host": (b"GET /api HTTP/1.1\r\n" + BASE + b"Host: other\r\n\r\n", 400),
     "http-0.9": (b"GET /api\r\n\r\n", 400),
     "http-2.0-over-http1": (b"GET /api HTTP/2.0\r\n" + BASE + b"\r\n", 505),
+    "http-3.1-over-http1": (b"GET /api HTTP/3.1\r\n" + BASE + b"\r\n", 505),
     "asterisk-form": (b"OPTIONS * HTTP/1.1\r\n" + BASE + b"\r\n", 400),
     "connect": (b"CONNECT example.test:443 HTTP/1.1\r\n" + BASE + b"\r\n", 400),
     "garbage": (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40, 400),

@@ -348,6 +348,14 @@ async def test_response_without_length_is_chunked_to_http11_and_closed_for_http1
     assert response.body == b"".join(b"part %d\n" % i for i in range(5))  # ends with the connection
 
 
+async def test_a_later_http_1_minor_version_is_served_as_http_1_1(backend, proxy_url):
+    """RFC 9112 §2.3, as nginx and HAProxy: HTTP/1.2 is read as HTTP/1.1 (it
+    was refused 400), and goes upstream as HTTP/1.1."""
+    response, _ = await raw_exchange(port_of(proxy_url), b"GET /echo HTTP/1.2\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert response.status == 200
+    assert json.loads(response.body)["version"] == "1.1"
+
+
 async def test_keep_alive_two_requests_on_one_connection(backend, proxy_url):
     reader, writer = await asyncio.open_connection("127.0.0.1", port_of(proxy_url))
     try:

@@ -9,7 +9,8 @@
 //!
 //! * the request line and header lines follow llhttp's strict grammar (the
 //!   methods it knows, one or more spaces after the method, the URL characters
-//!   it allows, `HTTP/0.9` `1.0` `1.1` `2.0` only, CRLF everywhere: a bare LF or
+//!   it allows, an `HTTP/` version of one digit, a dot and one digit (a
+//!   higher 1.x is 1.1, RFC 9112 §2.3), CRLF everywhere: a bare LF or
 //!   CR is refused, obsolete line folding is refused, no whitespace before a
 //!   colon, header names are tokens, values are `HTAB / SP / VCHAR / obs-text`
 //!   with leading whitespace dropped and trailing whitespace kept);
@@ -77,7 +78,7 @@ pub enum RejectReason {
     /// 431: the head is larger than `limits.max_head_size`; 414 when its
     /// request line alone already is.
     HeadTooLarge,
-    /// 505 for an HTTP version above 1.1, 400 for HTTP/0.9.
+    /// 505 for an HTTP major version above 1, 400 for HTTP/0.x.
     Version,
     /// 426: a WebSocket version other than 13.
     UpgradeRequired,
@@ -783,9 +784,6 @@ fn scan_version(c: &mut Cursor<'_>, method: &str) -> Scanned<(Protocol, u8, u8)>
         return Err(Stop::Bad("Invalid minor version"));
     }
     let (major, minor) = (major - b'0', minor - b'0');
-    if !matches!((major, minor), (0, 9) | (1, 0) | (1, 1) | (2, 0)) {
-        return Err(Stop::Bad("Invalid HTTP version"));
-    }
     if method == "PRI" {
         // The HTTP/2 connection preface: llhttp pauses on it, an error here.
         c.literal(b"\r\n\r\nSM\r\n\r\n", "Expected HTTP/2 Connection Preface")?;
@@ -1033,7 +1031,10 @@ fn has_token(headers: &[Header<'_>], name: &[u8], token: &[u8]) -> bool {
 fn finish(raw: RawHead<'_>) -> Result<RequestHead<'_>, Rejection> {
     let version = match (raw.major, raw.minor) {
         (1, 0) => Version::Http10,
-        (1, 1) => Version::Http11,
+        // A higher minor version is read as the highest this end speaks
+        // (RFC 9112 §2.3), as nginx and HAProxy do: HTTP/1.2 is HTTP/1.1, and
+        // goes upstream as that.
+        (1, _) => Version::Http11,
         (major, _) if major >= 2 => {
             return Err(Rejection::new(
                 505,
@@ -1724,8 +1725,31 @@ Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSoc
             .replace("\r\n\r\n", "\r\nContent-Length: 3\r\n\r\n");
         let r = rejected(with_body.as_bytes());
         assert_eq!((r.status, r.reason.label()), (400, "upgrade_with_body"));
-        let r = rejected(b"GET / HTTP/2.0\r\nHost: a\r\n\r\n");
-        assert_eq!((r.status, r.reason.label()), (505, "version"));
+        for later in [
+            &b"GET / HTTP/2.0\r\nHost: a\r\n\r\n"[..],
+            b"GET / HTTP/3.1\r\nHost: a\r\n\r\n",
+        ] {
+            let r = rejected(later);
+            assert_eq!((r.status, r.reason.label()), (505, "version"));
+        }
+        let r = rejected(b"GET / HTTP/0.8\r\nHost: a\r\n\r\n");
+        assert_eq!((r.status, r.reason.label()), (400, "version"));
+    }
+
+    #[test]
+    fn a_later_minor_version_is_http_1_1() {
+        let later = String::from_utf8(UPGRADE.to_vec())
+            .unwrap()
+            .replacen("HTTP/1.1", "HTTP/1.2", 1);
+        let HeadStatus::Complete(head) = parse(later.as_bytes()) else {
+            panic!("not complete")
+        };
+        assert_eq!(head.version, Version::Http11);
+        assert_eq!(head.kind, RequestKind::WebSocket);
+        let HeadStatus::Complete(head) = parse(b"GET /x HTTP/1.9\r\nHost: a\r\n\r\n") else {
+            panic!("not complete")
+        };
+        assert_eq!(head.version, Version::Http11);
     }
 
     #[test]
