@@ -217,6 +217,8 @@ async def test_errors_from_aiohttp_itself_are_json_too(tmp_path: Path) -> None:
         async with s.post("/api/clients/k/cooldown", data=body, headers={"Content-Type": "application/json"}) as r:
             assert r.status == 413 and r.content_type == "application/json"
             assert (await r.json())["error"].startswith("Maximum request body size 1048576 exceeded")
+        # A refusal of the admin port's, counted (it was not).
+        assert lw.admin.counters.rejected["too_large"] == 1
         # Errors that were JSON already are left as they are.
         async with s.get("/api/clients?limit=x") as r:
             assert r.status == 400 and await r.json() == {"error": "limit: expected an integer, got 'x'"}

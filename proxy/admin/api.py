@@ -68,7 +68,7 @@ NOT_STATE_CHANGES = frozenset({"/api/events/ticket"})
 # loopwatch_admin_requests_rejected_total.
 REJECT_REASONS = (
     "host", "cross_site", "unauthorized", "no_token", "streams_full", "shutting_down", "connections", "timeout",
-    "bad_request",
+    "bad_request", "too_large",
 )  # fmt: skip
 # Why an event stream was dropped: the `reason` label of
 # loopwatch_admin_event_streams_dropped_total.
@@ -83,21 +83,28 @@ def error(status: int, message: str, **extra: Any) -> web.Response:
 # --- errors are JSON -----------------------------------------------------------------
 
 
-@web.middleware
-async def json_errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+def json_errors_middleware(counters: AdminCounters) -> Middleware:
     """aiohttp's own error answers (no such route 404, wrong method 405, a body
     over the limit 413, …) come as text/plain; the admin API's errors are JSON
     (docs/admin-api.md), so a script reads every one the same way. The first of
     the admin port's middlewares, so it sees what the others and the handlers
     raise. (A request aiohttp cannot parse at all — a request line or header
-    over 8190 bytes — is answered before any middleware, in plain text.)"""
-    try:
-        return await handler(request)
-    except web.HTTPException as e:
-        if e.status < 400 or e.content_type == "application/json":
-            raise  # a redirect, or an error that is JSON already
-        headers = {k: v for k, v in e.headers.items() if k.lower() not in ("content-type", "content-length")}
-        return web.json_response({"error": _http_error_message(request, e)}, status=e.status, headers=headers)
+    over 8190 bytes — is answered before any middleware, in plain text.) A body
+    over the limit is a refusal of the port's, counted as `too_large`."""
+
+    @web.middleware
+    async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as e:
+            if e.status == web.HTTPRequestEntityTooLarge.status_code:
+                counters.reject("too_large", request)
+            if e.status < 400 or e.content_type == "application/json":
+                raise  # a redirect, or an error that is JSON already
+            headers = {k: v for k, v in e.headers.items() if k.lower() not in ("content-type", "content-length")}
+            return web.json_response({"error": _http_error_message(request, e)}, status=e.status, headers=headers)
+
+    return json_errors
 
 
 def _http_error_message(request: web.Request, e: web.HTTPException) -> str:

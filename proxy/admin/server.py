@@ -87,7 +87,7 @@ class AdminServer:
         self.gate = AdminGate(self.counters, lambda: settings().event_streams.max_streams)
         # The gate outermost (a request is in progress until its answer is
         # written); then JSON errors, covering the guard's answers and every handler's.
-        self.app = web.Application(middlewares=[self.gate.middleware, json_errors_middleware, guard])
+        self.app = web.Application(middlewares=[self.gate.middleware, json_errors_middleware(self.counters), guard])
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/readyz", self.readyz)
         self.app.router.add_get("/metrics", make_aiohttp_handler(registry))
