@@ -505,7 +505,7 @@ async def test_loop_alert_and_every_dashboard_query_against_real_prometheus(
     # Traces go to a span exporter process (dropping them) with a short queue, which
     # the session stalls for a while: the lost spans panel has something to show, and
     # the proxy goes on serving while its exporter is stuck.
-    monkeypatch.setattr(span_export, "QUEUE_BATCHES", 2)
+    monkeypatch.setattr(span_export, "QUEUE_SPANS", 10)
     monkeypatch.setattr(native, "EventQueue", SmallQueue)
     spans = dropping_spans()
     assert spans.force_flush(30_000) and spans.child is not None and spans.child.stdin is not None

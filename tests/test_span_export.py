@@ -283,7 +283,7 @@ def test_a_stalled_child_costs_spans_not_the_event_loop(tmp_path: Path) -> None:
     try:
         batch = records(0, 10)
         slowest, submitted = 0.0, 0
-        for _ in range(span_export.QUEUE_BATCHES + 200):  # far more than the pipe and the queue hold
+        for _ in range(span_export.QUEUE_SPANS // len(batch) + 200):  # far more than the pipe and the queue hold
             t0 = time.perf_counter()
             s.submit(batch)
             slowest = max(slowest, time.perf_counter() - t0)
@@ -295,6 +295,33 @@ def test_a_stalled_child_costs_spans_not_the_event_loop(tmp_path: Path) -> None:
     try:
         assert s.force_flush(30_000)
         assert len(exported(out)) + s.dropped == submitted
+    finally:
+        s.shutdown()
+
+
+def test_the_queue_is_bounded_in_spans_however_large_the_batches(tmp_path: Path) -> None:
+    """A batch is every span that ended in 50 ms, as many as the traffic makes:
+    bounded in batches (256), a stalled child let 43 000 spans (800 MB of the
+    proxy's memory) wait at 3 400 connections a second."""
+    out = tmp_path / "spans.jsonl"
+    env = {"LW_SPAN_FILE": str(out), "OTEL_BSP_MAX_QUEUE_SIZE": "100000", **ON_PATH}
+    s = ProcessSpanSink(env=env, exporter_factory=FACTORY)
+    assert s.force_flush(10_000)
+    child = s.child
+    assert child is not None
+    os.kill(child.pid, signal.SIGSTOP)
+    try:
+        batch = records(0, 500)
+        for _ in range(60):  # 30 000 spans, 60 batches
+            s.submit(batch)
+            assert s.queued <= span_export.QUEUE_SPANS
+        # What the pipe and the writer's batch in hand took aside, the rest was refused.
+        wait_for_sync(lambda: s.dropped >= 30_000 - span_export.QUEUE_SPANS - 10 * len(batch))
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+    try:
+        assert s.force_flush(30_000)
+        assert len(exported(out)) + s.dropped == 30_000
     finally:
         s.shutdown()
 

@@ -12,8 +12,9 @@ record) and a writer thread hands batches of them over a pipe (`marshal`, a
 length prefix per batch). Sampling and ids stay in this process: the sampled
 flag goes into the `traceparent` sent upstream before any span exists.
 
-Bounded like the SDK's own queue: batches wait in a queue of `QUEUE_BATCHES`;
-when it is full (the child is slower than the traffic) or the child is gone,
+Bounded like the SDK's own queue, in spans: at most `QUEUE_SPANS` wait for the
+writer (in batches of any size: a batch is what ended in 50 ms); when a batch
+would not fit (the child is slower than the traffic) or the child is gone,
 spans are dropped and counted (`dropped`, `loopwatch_spans_dropped_total`),
 and a child that died is started again, at most once per `RESPAWN_INTERVAL`.
 The child reads until end of input, so it also ends when loopwatch is killed,
@@ -50,7 +51,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("loopwatch.tracing")
 
 EXPORTERS = ("none", "console", "otlp")
-QUEUE_BATCHES = 256  # ≈ 13 s of batches at one per 50 ms; beyond that spans are dropped
+# Spans waiting for the writer thread; beyond, a batch is dropped. Counted in
+# spans, not batches: a batch is every span that ended in 50 ms, as many as the
+# traffic makes, and 256 batches held 800 MB at 3 400 connections a second.
+QUEUE_SPANS = 8192
 RESPAWN_INTERVAL = 1.0  # seconds between attempts to start a child that died
 FLUSH = "flush"  # the one command frame: export what you hold, then answer on the ack pipe
 BSP_QUEUE_SIZE = 2048  # the SDK's default OTEL_BSP_MAX_QUEUE_SIZE
@@ -442,7 +446,12 @@ class ProcessSpanSink(SdkParts):
         self.env = None if env is None or env is os.environ else {**os.environ, **env}
         super().__init__(self.env)
         self.exporter_factory = exporter_factory
-        self.queue: queue.Queue[object] = queue.Queue(QUEUE_BATCHES)
+        # Bounded in spans by `submit` (the FLUSH and STOP commands are not spans).
+        self.queue: queue.Queue[object] = queue.Queue()
+        # Spans put in the queue (by the event loop) and taken out (by the
+        # writer): each written by one thread only, their difference is the backlog.
+        self._put = 0
+        self._taken = 0
         # Spans lost, counted by the thread that lost them (a `+=` shared by two
         # threads can lose an update): the queue was full (the event loop's), or
         # the child was gone or a value could not be packed (the writer's).
@@ -468,19 +477,22 @@ class ProcessSpanSink(SdkParts):
         """Spans lost on the way to the collector: before the child, and in it."""
         return self._refused + self._lost + self._children_lost + self._child_lost
 
+    @property
+    def queued(self) -> int:
+        """Spans waiting for the writer thread (at most QUEUE_SPANS)."""
+        return self._put - self._taken
+
     def submit(self, records: Sequence[Record]) -> None:
-        try:
-            self.queue.put_nowait(records)
-        except queue.Full:
+        if self.queued + len(records) > QUEUE_SPANS:
             self._refused += len(records)
+            return
+        self._put += len(records)
+        self.queue.put_nowait(records)
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         """Every span submitted so far exported (or dropped); blocks up to the timeout."""
         request = _Flush()
-        try:
-            self.queue.put(request, timeout=timeout_millis / 1000)
-        except queue.Full:
-            return False
+        self.queue.put_nowait(request)
         return request.done.wait(timeout_millis / 1000) and request.ok
 
     def shutdown(self, timeout: float = 30.0) -> None:
@@ -567,6 +579,7 @@ class ProcessSpanSink(SdkParts):
                 item.done.set()
                 continue
             records: Sequence[Record] = item  # type: ignore[assignment]  # the queue's other items (_STOP, _Flush) are handled above
+            self._taken += len(records)
             payload, unpackable = _pack(records)
             self._lost += unpackable
             if payload is not None:

@@ -34,6 +34,14 @@ fn seed() -> [u8; 32] {
     seed
 }
 
+/// The most bytes of a client's value (path, Host, User-Agent) a span keeps.
+/// Spans wait in queues bounded in spans (the event queue, the exporter's), so
+/// each must be bounded in bytes too: a head may carry 16 KiB in one header.
+pub const MAX_ATTRIBUTE: usize = 1024;
+/// W3C Trace Context: a vendor need not keep a `tracestate` over 512
+/// characters; a longer one is dropped (the span keeps its parent).
+pub const MAX_TRACESTATE: usize = 512;
+
 /// The span of this attempt and the values of its request, and the
 /// `traceparent` to send upstream.
 pub fn attempt_trace(sampling: &Sampling, head: &RequestHead<'_>) -> AttemptTrace {
@@ -41,16 +49,27 @@ pub fn attempt_trace(sampling: &Sampling, head: &RequestHead<'_>) -> AttemptTrac
     let parent = traceparent.as_deref().and_then(TraceParent::parse);
     let context = with_ids(|ids| SpanContext::new(sampling, parent, ids));
     let tracestate = match parent {
-        Some(_) => head.header("tracestate").map(|v| latin1(&v)),
+        Some(_) => head
+            .header("tracestate")
+            .filter(|v| v.len() <= MAX_TRACESTATE)
+            .map(|v| latin1(&v)),
         None => None,
     };
     AttemptTrace {
         context,
         tracestate,
-        path: latin1(head.path),
-        authority: head.authority.as_deref().map(Box::from),
-        user_agent: head.header("user-agent").as_deref().map(Box::from),
+        path: latin1(bounded(head.path)),
+        authority: head.authority.as_deref().map(|v| Box::from(bounded(v))),
+        user_agent: head
+            .header("user-agent")
+            .as_deref()
+            .map(|v| Box::from(bounded(v))),
     }
+}
+
+/// At most MAX_ATTRIBUTE bytes of `value`, its start.
+fn bounded(value: &[u8]) -> &[u8] {
+    &value[..value.len().min(MAX_ATTRIBUTE)]
 }
 
 /// Whether this one of many (a plain request's access line) is in a random
@@ -140,5 +159,34 @@ mod tests {
         assert_ne!(a.context.trace_id, b.context.trace_id);
         assert_ne!(a.context.span_id, b.context.span_id);
         assert_eq!(a.user_agent, None);
+    }
+
+    #[test]
+    fn the_clients_values_are_bounded_in_bytes() {
+        let long = "x".repeat(5000); // three of them: within the 16 KiB head
+        let state = format!("a={}", "s".repeat(MAX_TRACESTATE));
+        let raw = format!(
+            "GET /{long} HTTP/1.1\r\nHost: {long}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             User-Agent: {long}\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\
+             tracestate: {state}\r\n\r\n"
+        );
+        let t = attempt_trace(&ON, &head(raw.as_bytes()));
+        assert_eq!(t.path.len(), MAX_ATTRIBUTE);
+        assert!(t.path.starts_with("/xxx"));
+        assert_eq!(t.authority.as_deref().map(<[u8]>::len), Some(MAX_ATTRIBUTE));
+        assert_eq!(
+            t.user_agent.as_deref().map(<[u8]>::len),
+            Some(MAX_ATTRIBUTE)
+        );
+        assert_eq!(t.tracestate, None, "over 512 characters: dropped");
+        assert!(t.context.parent.is_some(), "the parent is kept");
+        let short = raw.replace(&state, "a=1");
+        assert_eq!(
+            attempt_trace(&ON, &head(short.as_bytes()))
+                .tracestate
+                .as_deref(),
+            Some("a=1")
+        );
     }
 }
