@@ -307,6 +307,38 @@ async def test_the_idle_timeout_counts_from_the_last_traffic() -> None:
         assert 1.9 <= silence < 3.2, silence  # at most 2.5, with room for a loaded machine
 
 
+async def test_a_side_that_reads_nothing_is_idle_whatever_it_sends() -> None:
+    """A client that stopped reading but still pings: the backend's writes wait
+    on it, and its pings were traffic, so nothing ended the connection (the
+    slow-peers probe: 20 open after 3.75 idle timeouts; HAProxy closes them).
+    Output that does not move for the idle timeout is no traffic."""
+    async with raw_backend() as backend, native(backend.url, idle_timeout=0.4) as running:
+        raw = await RawClient.connect(running.port, rcvbuf=4096)
+        conn = await backend.accept()
+
+        async def stream() -> None:  # until its writes block: the client reads nothing
+            with contextlib.suppress(ConnectionError):
+                while True:
+                    await conn.send(frame(BINARY, b"x" * 65536))
+
+        streaming = asyncio.create_task(stream())
+        began = time.monotonic()
+        try:
+            while not conn.eof.is_set() and time.monotonic() - began < 10:
+                await raw.send(frame(PING, b"", mask=b"abcd"))
+                await asyncio.sleep(0.1)
+        finally:
+            streaming.cancel()
+            raw.abort()
+        # The idle timeout (0.4 s, checked in quarters), then the close's 2 s grace.
+        assert conn.eof.is_set() and time.monotonic() - began < 5
+        frames, _ = parse_frames(conn.received)
+        assert (1001, "loopwatch: idle timeout") in [f.close for f in frames if f.opcode == CLOSE]
+        events = await running.events(closed_count(1))
+    closed = of_type(events, ev.Closed)[0]
+    assert (closed.code, closed.initiator) == (1001, "proxy")
+
+
 async def test_stop_closes_live_websockets_with_1001_on_both_legs() -> None:
     async with echo_server() as backend, native(backend.url) as running:
         sockets = [await client(running) for _ in range(3)]

@@ -213,6 +213,9 @@ struct Leg {
     read_done: bool,
     /// The connection is gone (closed or aborted) and `lost` ran for it.
     closed: bool,
+    /// Bytes were written to this leg in the idle timeout's current slice
+    /// (`check_idle`: output that does not move is no traffic).
+    wrote: bool,
 }
 
 impl Leg {
@@ -232,6 +235,7 @@ impl Leg {
             eof: false,
             read_done: false,
             closed: false,
+            wrote: false,
         }
     }
 
@@ -388,6 +392,8 @@ pub struct Relay<C: Transport, U: Transport> {
     idle_since: Instant,
     /// Slices in a row without traffic (`check_idle`).
     quiet: u8,
+    /// Slices in a row in which output waiting for a leg did not move.
+    stalled: u8,
     /// The counts so far, for the brain's `live()`.
     live: Arc<LiveTraffic>,
     /// The brain's close (`Listener.close`), until it came.
@@ -434,6 +440,7 @@ impl<C: Transport, U: Transport> Relay<C, U> {
             activity: 0,
             idle_since: Instant::now(),
             quiet: 0,
+            stalled: 0,
             live: control.traffic,
             commands: Some(control.commands),
         }
@@ -732,7 +739,10 @@ impl<C: Transport, U: Transport> Relay<C, U> {
             let stream = self.streams.get(i).expect("writable legs are open");
             while !data.is_empty() {
                 match Pin::new(&mut *stream).poll_write(&mut cx, data) {
-                    Poll::Ready(Ok(n)) if n > 0 => data = &data[n..],
+                    Poll::Ready(Ok(n)) if n > 0 => {
+                        data = &data[n..];
+                        self.legs[i].wrote = true;
+                    }
                     Poll::Pending => break,
                     Poll::Ready(_) => {
                         self.abort(i);
@@ -764,6 +774,7 @@ impl<C: Transport, U: Transport> Relay<C, U> {
                 Poll::Ready(Ok(n)) if n > 0 => {
                     leg.out_pos += n;
                     leg.unflushed = true;
+                    leg.wrote = true;
                     moved = true;
                 }
                 Poll::Pending => return moved,
@@ -1126,7 +1137,10 @@ impl<C: Transport, U: Transport> Relay<C, U> {
     }
 
     /// The end of a slice of the idle timeout: closed once `IDLE_SLICES`
-    /// slices in a row saw no traffic.
+    /// slices in a row saw no traffic, or saw output waiting for a leg that
+    /// did not move. A side that reads nothing is idle whatever it sends: its
+    /// own pings kept a connection whose other side waited on it open for
+    /// good (HAProxy's `timeout tunnel` ends it; nginx does not).
     fn check_idle(&mut self) {
         let [c, u] = &self.legs;
         let activity =
@@ -1136,10 +1150,16 @@ impl<C: Transport, U: Transport> Relay<C, U> {
             self.quiet = 0;
         } else {
             self.quiet += 1;
-            if self.quiet >= IDLE_SLICES {
-                self.close(1001, "loopwatch: idle timeout");
-                return;
-            }
+        }
+        let mut stuck = false;
+        for leg in &mut self.legs {
+            stuck |= leg.pending_output() && !leg.wrote;
+            leg.wrote = false;
+        }
+        self.stalled = if stuck { self.stalled + 1 } else { 0 };
+        if self.quiet >= IDLE_SLICES || self.stalled >= IDLE_SLICES {
+            self.close(1001, "loopwatch: idle timeout");
+            return;
         }
         self.idle_since = Instant::now();
     }
