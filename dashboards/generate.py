@@ -632,12 +632,21 @@ def state_store() -> timeseries.Panel:
         "one replica's share crosses a threshold. It reconnects by itself, so a failover shows "
         "as a blip. All replicas at once: Redis or its network. One replica: its network path "
         "or its credentials. Alert LoopwatchStateStoreDown fires after 2 minutes cut off, or cut "
-        "off at least once a minute for 2 minutes (docs/runbooks.md#loopwatchstatestoredown).",
+        "off at least once a minute for 2 minutes (docs/runbooks.md#loopwatchstatestoredown). "
+        "Also what a connected replica refuses of what it reads there, per second and reason "
+        "(a signing key that differs, a clock off, two replicas under one replica_id): it takes "
+        "nothing from the replicas it refuses, as if cut off; alert LoopwatchStateStoreRefusing "
+        "(docs/runbooks.md#loopwatchstatestorerefusing).",
         *refs(
             (f"sum by (instance) (1 - loopwatch_state_store_up{{{SEL}}})", "cut off {{instance}}"),
             (
                 f"sum by (instance) (rate(loopwatch_state_store_errors_total{{{SEL}}}[$__rate_interval]))",
                 "errors/s {{instance}}",
+            ),
+            (
+                f"sum by (instance, reason) "
+                f"(rate(loopwatch_state_store_messages_refused_total{{{SEL}}}[$__rate_interval]))",
+                "refused/s {{instance}} {{reason}}",
             ),
         ),
     ).span(8)

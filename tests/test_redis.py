@@ -110,6 +110,11 @@ def tracked(running: Running, key: str) -> Any:
     return running.engine.client(key, time.monotonic())
 
 
+def refused(running: Running) -> int:
+    """Batches and keys the replica did not take (forged, unsealed, played back …)."""
+    return sum(store(running).refused.values())
+
+
 def in_cooldown(running: Running, key: str) -> bool:
     view = tracked(running, key)
     return view is not None and view.cooldown_remaining > 0
@@ -820,12 +825,12 @@ async def test_with_a_signing_key_replicas_share_and_take_nothing_unsealed(
         seen = await round_robin((a, b), "loop", CRITICAL)
         assert codes(seen) == [1008] * CRITICAL
         await wait_for(lambda: in_cooldown(a, key) and in_cooldown(b, key))
-        errors = store(a).errors
+        errors = refused(a), refused(b)
         forged = [shared.SharedCooldown("mallory", 60.0, "manual", 1, True, True), shared.Release(key)]
         await rc.publish(prefix + "events", shared.encode("evil", forged))
         await rc.set(f"{prefix}cool:eve".encode(), b'{"tail_ms":0,"rule":"manual","repeat":1,"enforced":true}',
                      px=600_000)  # fmt: skip
-        await wait_for(lambda: store(a).errors > errors and store(b).errors > errors)
+        await wait_for(lambda: refused(a) > errors[0] and refused(b) > errors[1])
         await asyncio.sleep(0.3)
         assert not in_cooldown(a, "mallory") and not in_cooldown(b, "mallory")
         assert in_cooldown(a, key) and in_cooldown(b, key)  # the forged release did nothing
@@ -856,10 +861,41 @@ async def test_replicas_with_and_without_the_key_do_not_share(redis_server: Redi
             loopwatch(upstream, **overrides(redis_server.url, "b", prefix)) as b,
         ):
             await wait_for(lambda: store(a).up and store(b).up)
-            await wait_for(lambda: store(a).errors > 0 and store(b).errors > 0)  # each other's heartbeats
+            await wait_for(lambda: store(a).refused["unsealed"] > 0 and store(b).refused["malformed"] > 0)  # heartbeats
             seen = await round_robin((a, b), "loop", CRITICAL + 2, replicated=False)
             assert codes(seen) == [1008] * (CRITICAL + 2)
             assert attempts_seen(a, key_of("loop")) == (CRITICAL + 2) // 2
+
+
+async def test_two_replicas_under_one_replica_id_say_so(redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    """The fleet probe: `state.replica_id` in a file every replica mounts. Each
+    took the other's batches for its own echo and skipped them: a loop spread
+    over the two was never refused, and up, errors and dropped said all was
+    well. Now each tells its own batches (those it published) from the
+    other's, counts the rest and says why."""
+    caplog.set_level(logging.INFO, logger="loopwatch.state")
+    prefix = "lw-dup:"
+    async with demo_backend() as backend_app:
+        upstream = f"ws://127.0.0.1:{backend_app.port}"
+        async with (
+            loopwatch(upstream, **overrides(redis_server.url, "dup", prefix)) as a,
+            loopwatch(upstream, **overrides(redis_server.url, "dup", prefix)) as b,
+        ):
+            await wait_for(lambda: store(a).up and store(b).up)
+            await wait_for(lambda: store(a).refused["own_id"] > 0 and store(b).refused["own_id"] > 0)
+            url = f"http://127.0.0.1:{a.admin_port}/metrics"
+            async with aiohttp.ClientSession() as session, session.get(url) as response:
+                text = await response.text()
+            [line] = [x for x in text.splitlines() if x.startswith('loopwatch_state_store_messages_refused_total{reason="own_id"}')]
+            assert float(line.split()[-1]) > 0
+            # Its own batches are not among them: alone, a replica refuses none.
+        async with loopwatch(upstream, **overrides(redis_server.url, "alone", prefix)) as c:
+            await wait_for(lambda: store(c).up)
+            await asyncio.sleep(1.0)  # heartbeats, and their echoes
+            assert store(c).published > 0 and store(c).refused["own_id"] == 0
+    lines = [r for r in caplog.records if r.getMessage() == "state_store_bad_message"]
+    assert lines and all(r.fields["reason"] == "own_id" for r in lines)  # type: ignore[attr-defined]
+    assert "same state.replica_id" in lines[0].fields["error"]  # type: ignore[attr-defined]
 
 
 async def test_a_sealed_batch_played_back_is_refused(redis_server: RedisServer) -> None:
@@ -888,16 +924,15 @@ async def test_a_sealed_batch_played_back_is_refused(redis_server: RedisServer) 
         await pubsub.aclose()
         b.force_cooldown(key, 600.0, time.monotonic())
         await wait_for(lambda: in_cooldown(a, key) and in_cooldown(b, key))
-        errors = store(a).errors
         await rc.publish(prefix + "events", captured)
-        await wait_for(lambda: store(a).errors > errors)
+        await wait_for(lambda: store(a).refused["replayed"] == 1)
         await asyncio.sleep(0.2)
         assert in_cooldown(a, key) and in_cooldown(b, key)
         # Under a replica's own id, a batch it did not seal is no batch of its own:
         # counted and said, not skipped silently.
         from loopwatch.detectors import shared
 
-        errors = store(a).errors
+        unsealed = store(a).refused["unsealed"]
         await rc.publish(prefix + "events", shared.encode("a", [shared.Release(key)]))
-        await wait_for(lambda: store(a).errors > errors)
+        await wait_for(lambda: store(a).refused["unsealed"] > unsealed)
         assert in_cooldown(a, key)

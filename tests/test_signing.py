@@ -90,18 +90,3 @@ def test_each_batch_is_numbered_and_a_number_is_taken_once() -> None:
     assert restarted.run > first.run and restarted.seq == 1
     assert replays.fresh("a", restarted.run, 1)
     assert not replays.fresh("a", first.run, 3 + REPLAY_WINDOW)  # the run before the restart
-
-
-def test_ones_own_batches_are_told_from_batches_under_ones_id() -> None:
-    """pub/sub hands a replica its own batches back, skipped without the MAC's
-    cost: those of its own run and numbers. A batch under its id that it did
-    not seal (forged, or of its run before a restart) is not taken for its own."""
-    wall = Wall()
-    seal = Seal(KEY, wall)
-    own = seal.seal_batch(b"lw1 a\n[]")
-    assert seal.sealed_here(own)
-    assert not seal.sealed_here(b"lw1 a\n[]")  # unsealed
-    wall.t += 1
-    other = Seal(KEY, wall)  # another run (the process before, or a forger with the key)
-    assert not seal.sealed_here(other.seal_batch(b"lw1 a\n[]"))
-    assert not seal.sealed_here(own.replace(b" 1 ", b" 9 ", 1))  # a number not given out yet

@@ -344,6 +344,8 @@ class StateCollector(Collector):
         families["reload_time"].add_metric([], self.metrics.last_reload_success)
         families["store_errors"].add_metric([], getattr(store, "errors", 0))
         families["store_dropped"].add_metric([], getattr(store, "dropped", 0))
+        for reason, count in (getattr(store, "refused", None) or {}).items():
+            families["store_refused"].add_metric([reason], count)
         families["spans_dropped"].add_metric([], self.spans.dropped if self.spans is not None else 0)
         recorder = next((o for o in self.observers.observers if isinstance(o, Recorder)), None) if self.observers else None
         families["record_dropped"].add_metric(["buffer_full"], recorder.dropped if recorder is not None else 0)
@@ -460,6 +462,11 @@ class StateCollector(Collector):
             "store_dropped": c(
                 "loopwatch_state_store_messages_dropped",
                 "Messages for the other replicas not sent: the store was out of reach, or its queue full.",
+            ),
+            "store_refused": c(
+                "loopwatch_state_store_messages_refused",
+                "Batches and cooldown keys read from the store and not taken, by reason.",
+                labels=["reason"],
             ),
             "reload_ok": g(
                 "loopwatch_config_last_reload_successful",

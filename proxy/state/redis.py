@@ -38,7 +38,8 @@ import re
 import secrets
 import socket
 import time
-from collections import deque
+import zlib
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -60,7 +61,7 @@ from ...detectors.shared import (
 from ..dataplane.boundary import LogLimiter
 from ..observe.logs import event as log_event
 from ..observe.observers import Observer
-from .signing import Replays, Seal
+from .signing import Refused, Replays, Seal
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -95,6 +96,12 @@ PEER_SILENCE = 3
 # process's, so a handful is plenty.
 MAX_LEFT = 64
 BAD_LOG_INTERVAL = 60.0  # seconds between two state_store_bad_message lines
+# Why a batch or key off Redis was not taken: the `reason` label of
+# loopwatch_state_store_messages_refused_total (docs/metrics.md).
+REFUSE_REASONS = ("malformed", "unsealed", "bad_seal", "clock", "replayed", "own_id")
+# Batches this replica published whose echo (pub/sub hands them back) has not
+# come yet: any other batch under its id is another process's.
+SENT_REMEMBERED = 1024
 # How often close() looks whether the queue went out.
 FLUSH_POLL = 0.005
 # The marker key (<prefix>epoch) every replica refreshes at each heartbeat: a
@@ -188,6 +195,7 @@ class RedisStateStore(Observer):
         # What telemetry exports; plain attributes, read at scrape time.
         self.up = False
         self.errors = 0
+        self.refused = dict.fromkeys(REFUSE_REASONS, 0)  # batches and keys not taken, by why
         # For the admin view and tests.
         self.published = 0  # messages sent
         self.received = 0  # messages applied from other replicas
@@ -203,6 +211,9 @@ class RedisStateStore(Observer):
         # Batches and keys that are not loopwatch's: a line a minute at most,
         # with the count left out, for the life of the process.
         self._bad_lines = LogLimiter(BAD_LOG_INTERVAL)
+        # Digests of the batches published and not yet handed back, with how many
+        # of each (two heartbeats may be the same bytes): see `_ours`.
+        self._sent: OrderedDict[int, int] = OrderedDict()
         self._write_failing = False  # a key write refused (a full Redis), logged once until one succeeds
         self._closing = False
         self._leaving = False  # leave() was called: the drain is on
@@ -341,20 +352,27 @@ class RedisStateStore(Observer):
         if gate is None:
             return
         if (payload if seal is None else seal.inner(payload)).startswith(self._own):
-            # pub/sub hands our own batches back too: skipped unparsed (with a
-            # key, only those of our own run and numbers: others are forged)
-            if seal is not None and not seal.sealed_here(payload):
-                self._bad("a batch under this replica's own id that it did not seal")
+            # pub/sub hands our own batches back too: skipped unparsed. Any
+            # other under our id is another process's: a second replica given
+            # the same state.replica_id (it and we would share nothing, silently),
+            # or someone publishing as us.
+            if not self._ours(payload):
+                self._refuse("own_id", f"a batch under this replica's id ({self.replica[:80]!r}) that it did not "
+                             "send: another replica runs under the same state.replica_id, or someone publishes as it")  # fmt: skip
             return
         now = self._clock()
         try:
             sealed = None if seal is None else seal.open_batch(payload)
             origin, messages = decode(payload if sealed is None else sealed.batch, now)
+        except Refused as e:
+            self._refuse(e.reason, str(e))
+            return
         except ValueError as e:
-            self._bad(str(e))  # a foreign publisher on our channel, or a newer version
+            self._refuse("malformed", str(e))  # a foreign publisher on our channel, or a newer version
             return
         if sealed is not None and not self._replays.fresh(origin, sealed.run, sealed.seq):
-            self._bad(f"a sealed batch of {origin[:80]!r} seen before (run {sealed.run}, number {sealed.seq}): played back")
+            self._refuse("replayed", f"a sealed batch of {origin[:80]!r} seen before (run {sealed.run}, "
+                         f"number {sealed.seq}): played back")  # fmt: skip
             return
         engine = gate.engine
         breakers = self.shared_breakers
@@ -399,13 +417,27 @@ class RedisStateStore(Observer):
         self.received += len(messages)
         gate.kick(keys)  # one wake-up re-arm and table write for the batch, not one per message
 
-    def _bad(self, error: str) -> None:
-        """A batch or key that is not loopwatch's: skipped, counted, logged."""
-        self.errors += 1
+    def _refuse(self, reason: str, error: str) -> None:
+        """A batch or key not taken (`reason`: one of REFUSE_REASONS): skipped,
+        counted, logged (a line a minute at most)."""
+        self.refused[reason] += 1
         suppressed = self._bad_lines.admit("bad", time.monotonic())
         if suppressed is not None:
             log_event(log, "state_store_bad_message", logging.WARNING,
-                      channel=self.channel, error=error, suppressed=suppressed)  # fmt: skip
+                      channel=self.channel, reason=reason, error=error, suppressed=suppressed)  # fmt: skip
+
+    def _ours(self, payload: bytes) -> bool:
+        """Whether `payload` is a batch this process published (and its echo
+        not seen yet), that echo now taken."""
+        digest = zlib.crc32(payload)
+        left = self._sent.get(digest, 0)
+        if not left:
+            return False
+        if left == 1:
+            del self._sent[digest]
+        else:
+            self._sent[digest] = left - 1
+        return True
 
     def _forget_leaving(self, replica: str, now: float) -> set[str]:
         """`replica` said it is shutting down: what it had open stops counting,
@@ -603,7 +635,14 @@ class RedisStateStore(Observer):
     def _payload(self, batch: Iterable[Message]) -> bytes:
         """A batch as published: encoded, and sealed with the fleet's key if any."""
         payload = encode(self.replica, batch)
-        return payload if self._seal is None else self._seal.seal_batch(payload)
+        if self._seal is not None:
+            payload = self._seal.seal_batch(payload)
+        digest = zlib.crc32(payload)
+        self._sent[digest] = self._sent.get(digest, 0) + 1
+        self._sent.move_to_end(digest)
+        if len(self._sent) > SENT_REMEMBERED:  # echoes lost (a reconnect): the oldest forgotten
+            self._sent.popitem(last=False)
+        return payload
 
     async def _publish(self, client: Redis, batch: list[Message]) -> None:
         payload = self._payload(batch)
@@ -718,7 +757,7 @@ class RedisStateStore(Observer):
                     engine.adopt_cooldown(cooldown, now)
                     adopted.append(cooldown.key)
                 elif isinstance(value, Exception) or isinstance(pttl, Exception):
-                    self._bad(f"{key[:80]!r}: {value if isinstance(value, Exception) else pttl}")
+                    self._refuse("malformed", f"{key[:80]!r}: {value if isinstance(value, Exception) else pttl}")
             # Into the table now, not after the round trips that follow: until
             # then the engine said "cooling down" and the table let them through.
             gate.kick(adopted)
@@ -774,8 +813,8 @@ class RedisStateStore(Observer):
             if self._seal is not None:
                 try:
                     pttl = self._seal.open_value(name, data, pttl)
-                except ValueError as e:
-                    self._bad(f"{key[:80]!r}: {e}")  # forged, or written without the key
+                except Refused as e:
+                    self._refuse(e.reason, f"{key[:80]!r}: {e}")  # forged, or written without the key
                     return None
             tail = int(data["tail_ms"])
             return SharedCooldown(

@@ -39,6 +39,15 @@ REPLAY_WINDOW = 64  # batch numbers behind an origin's latest still taken once (
 MAX_ORIGINS = 1024  # origins whose latest batch numbers are remembered
 
 
+class Refused(ValueError):
+    """A batch or key off the network that is not taken, and why: `reason` is
+    the label of loopwatch_state_store_messages_refused_total."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 class Sealed(NamedTuple):
     """An opened batch: its bytes, and the run and number its sender sealed it with."""
 
@@ -78,18 +87,6 @@ class Seal:
         """The batch a sealed payload carries, unchecked (to recognise one's own)."""
         return sealed.partition(b"\n")[2]
 
-    def sealed_here(self, sealed: bytes) -> bool:
-        """Whether a payload names a run and number this Seal gave out: one's own
-        batch, handed back by pub/sub, told without the MAC's cost; anything
-        else under one's own id is someone else's."""
-        parts = sealed.partition(b"\n")[0].split(b" ")
-        return (
-            len(parts) == 5
-            and parts[2] == self._run
-            and parts[3].isdigit()
-            and 0 < int(parts[3]) <= self._seq
-        )
-
     def open_batch(self, sealed: bytes) -> Sealed:
         """The batch, if sealed under this key within MAX_SKEW of now; else
         ValueError saying why (it came off the network). Whether its run and
@@ -97,13 +94,13 @@ class Seal:
         line, sep, batch = sealed.partition(b"\n")
         parts = line.split(b" ")
         if not sep or len(parts) != 5 or parts[0] != SEAL or not all(p.isdigit() for p in parts[1:4]):
-            raise ValueError(f"expected a batch sealed with state.redis.signing_key, got {sealed[:40]!r}")
+            raise Refused("unsealed", f"expected a batch sealed with state.redis.signing_key, got {sealed[:40]!r}")
         ms, run, seq, mac = parts[1:]
         if not hmac.compare_digest(mac, self._mac(ms, run, seq, batch).encode()):
-            raise ValueError("a batch whose seal does not match state.redis.signing_key")
+            raise Refused("bad_seal", "a batch whose seal does not match state.redis.signing_key")
         age = self._wall() - int(ms) / 1000
         if abs(age) > MAX_SKEW:
-            raise ValueError(f"a sealed batch {age:.0f} s old: played back, or a clock off by that much")
+            raise Refused("clock", f"a sealed batch {age:.0f} s old: played back, or a clock off by that much")
         return Sealed(batch, int(run), int(seq))
 
     # --- cooldown keys -------------------------------------------------------------------
@@ -121,9 +118,9 @@ class Seal:
         mac = rest.pop("mac", None)
         until = rest.get("until_ms")
         if not isinstance(mac, str) or type(until) is not int:
-            raise ValueError("a cooldown key not sealed with state.redis.signing_key")
+            raise Refused("unsealed", "a cooldown key not sealed with state.redis.signing_key")
         if not hmac.compare_digest(mac.encode(), self._mac(name.encode(), _canonical(rest)).encode()):
-            raise ValueError("a cooldown key whose seal does not match state.redis.signing_key")
+            raise Refused("bad_seal", "a cooldown key whose seal does not match state.redis.signing_key")
         return min(pttl_ms, until - int(self._wall() * 1000))
 
 
@@ -172,4 +169,4 @@ def _canonical(value: dict[str, Any]) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
-__all__ = ["MAX_SKEW", "Replays", "Seal", "Sealed"]
+__all__ = ["MAX_SKEW", "Refused", "Replays", "Seal", "Sealed"]
