@@ -59,8 +59,13 @@ def test_a_sealed_cooldown_value_bounds_its_time_whatever_the_ttl_says() -> None
     value = seal.seal_value(name, {"rule": "manual", "repeat": 1, "enforced": True, "tail_ms": 0}, 60_000)
     assert seal.open_value(name, value, 60_000) == 60_000
     wall.t += 10
-    # Someone stretched the key's TTL in Redis (PEXPIRE): the seal's end holds.
-    assert seal.open_value(name, value, 3_600_000) == 50_000
+    # Someone stretched the key's TTL in Redis (PEXPIRE): the seal's end holds,
+    # give or take the clocks' tolerance.
+    assert seal.open_value(name, value, 3_600_000) == 50_000 + MAX_SKEW * 1000
+    # A reader whose clock runs 10 s ahead of the writer's keeps Redis's TTL: held
+    # to the sealed end exactly, it lost every cooldown under 10 s (the fleet probe).
+    ahead = Seal(KEY, Wall(wall.t + 10))
+    assert ahead.open_value(name, value, 5_000) == 5_000
     with pytest.raises(ValueError, match="does not match"):
         seal.open_value("loopwatch:cool:someone-else", value, 60_000)  # moved to another client
     with pytest.raises(ValueError, match="does not match"):
@@ -89,4 +94,35 @@ def test_each_batch_is_numbered_and_a_number_is_taken_once() -> None:
     restarted = Seal(KEY, wall).open_batch(Seal(KEY, wall).seal_batch(b"lw1 a\n[]"))
     assert restarted.run > first.run and restarted.seq == 1
     assert replays.fresh("a", restarted.run, 1)
-    assert not replays.fresh("a", first.run, 3 + REPLAY_WINDOW)  # the run before the restart
+    assert not replays.fresh("a", first.run, 2 + REPLAY_WINDOW)  # the run before it: its numbers stay taken
+
+
+def test_a_replica_restarted_with_its_clock_behind_is_heard() -> None:
+    """The run is the process's start on its clock: a restart on a host whose
+    clock is behind makes an earlier run. Only the latest run was remembered,
+    so every batch of the new process was refused as played back, until the
+    other replicas restarted (the fleet probe). Two processes under one id are
+    two runs as well: each is checked against its own numbers."""
+    replays = Replays()
+    assert replays.fresh("a", 2_000, 1) and replays.fresh("a", 2_000, 2)
+    assert replays.fresh("a", 1_000, 1) and replays.fresh("a", 1_000, 2)  # the restart, clock behind
+    assert not replays.fresh("a", 1_000, 2) and not replays.fresh("a", 2_000, 2)
+    assert replays.fresh("a", 2_000, 3)  # both heard on
+    for run in (3_000, 4_000, 5_000):  # more runs than remembered: the oldest go
+        assert replays.fresh("a", run, 1)
+    assert not replays.fresh("a", 500, 1)  # older than every run remembered
+
+
+def test_a_batch_sent_before_a_replica_heard_its_sender_is_refused() -> None:
+    """A sealed batch captured off the channel, played back to a replica that
+    started (or reconnected) after it went by: that replica had no record of
+    its number and took it (the fleet probe undid an operator's release on a
+    late-joining replica). Numbers well below the first heard since
+    subscribing are refused."""
+    replays = Replays()
+    assert replays.fresh("a", 7, 20)  # the first heard of a's run: its heartbeat
+    assert replays.fresh("a", 7, 19)  # one that overtook it
+    assert not replays.fresh("a", 7, 4)  # captured before this replica listened
+    replays.subscribed()  # a reconnect: what went by meanwhile was not heard
+    assert replays.fresh("a", 7, 40)
+    assert not replays.fresh("a", 7, 30)  # sent while it was away

@@ -481,6 +481,7 @@ class RedisStateStore(Observer):
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
                 async with asyncio.timeout(self.redis.connect_timeout + self.redis.timeout):
                     await pubsub.subscribe(self.channel)
+                self._replays.subscribed()  # what went by meanwhile was not heard (signing.Replays)
                 self._went_up()
                 up_at = time.monotonic()
                 await self._resync(client)

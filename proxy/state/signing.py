@@ -17,7 +17,8 @@ and takes nothing that is not sealed so:
 * a cooldown key's value carries `until_ms` (the wall-clock time its TTL ends
   at when written) and `mac`, over the key's name and the rest of the value: a
   forged or altered value is skipped, and a TTL stretched in Redis (`PEXPIRE`)
-  does not stretch the cooldown.
+  stretches the cooldown by MAX_SKEW at most (the clocks of writer and reader
+  may differ by that much).
 
 Redis cannot be kept from deleting keys or dropping messages: that is
 fail-open's case already (each replica goes on deciding alone).
@@ -31,12 +32,17 @@ import json
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 SEAL = b"lwsig"
 MAX_SKEW = 60.0  # seconds a batch may be older (or newer) than this replica's clock
 REPLAY_WINDOW = 64  # batch numbers behind an origin's latest still taken once (reordered publishes)
 MAX_ORIGINS = 1024  # origins whose latest batch numbers are remembered
+RUNS_PER_ORIGIN = 4  # runs of one origin remembered (restarts within MAX_SKEW, duplicate ids)
+# How far below the first number heard of a run (since subscribing) a number is
+# still taken: two publishes that overtook each other just then.
+REORDER_SLACK = 4
 
 
 class Refused(ValueError):
@@ -111,9 +117,12 @@ class Seal:
         return {**sealed, "mac": self._mac(name.encode(), _canonical(sealed))}
 
     def open_value(self, name: str, value: dict[str, Any], pttl_ms: int) -> int:
-        """The milliseconds left of the key `name` holding `value` (the least of
-        Redis's TTL and the sealed end); ValueError if the seal is missing or
-        wrong."""
+        """The milliseconds left of the key `name` holding `value`: Redis's TTL,
+        but no later than the sealed end allows, give or take MAX_SKEW (the
+        writer's clock is not this one: held to the sealed end exactly, a
+        reader whose clock ran 10 s ahead lost every 5 s cooldown it read); a
+        TTL stretched in Redis stretches a cooldown by MAX_SKEW at most.
+        Refused if the seal is missing or wrong."""
         rest = dict(value)
         mac = rest.pop("mac", None)
         until = rest.get("until_ms")
@@ -121,48 +130,80 @@ class Seal:
             raise Refused("unsealed", "a cooldown key not sealed with state.redis.signing_key")
         if not hmac.compare_digest(mac.encode(), self._mac(name.encode(), _canonical(rest)).encode()):
             raise Refused("bad_seal", "a cooldown key whose seal does not match state.redis.signing_key")
-        return min(pttl_ms, until - int(self._wall() * 1000))
+        return min(pttl_ms, until - int(self._wall() * 1000) + int(MAX_SKEW * 1000))
+
+
+@dataclass(slots=True)
+class RunNumbers:
+    """The batch numbers heard of one run of one origin."""
+
+    highest: int
+    bits: int  # bit k: number `highest - k` came
+    # Numbers below it are refused: sent before this replica heard the run (or
+    # since it last subscribed), so it cannot know whether they were taken. None:
+    # subscribed again; the next number heard sets it.
+    floor: int | None
 
 
 class Replays:
-    """The batch numbers each origin used, so that none is taken twice: per
-    origin its latest run, the highest number seen in it, and which of the
-    REPLAY_WINDOW numbers below that came (a bit each: publishes of one
-    replica may overtake each other on two connections). A number further
-    back, or an earlier run, is refused. At most MAX_ORIGINS origins, the
-    least recently heard forgotten (an origin is only remembered for a batch
-    sealed under the fleet's key)."""
+    """The batch numbers each origin used, so that none is taken twice.
+
+    Per origin, its latest RUNS_PER_ORIGIN runs (a restart is a new run; two
+    processes under one replica id are two runs, each checked on its own, not
+    each other's replays), and per run the highest number seen and which of
+    the REPLAY_WINDOW numbers below it came (a bit each: publishes of one
+    replica may overtake each other). Refused: a number taken before, one
+    further back than the window, and one below the run's floor — sent before
+    this replica first heard the run, or before it last subscribed: a batch
+    captured off the channel could otherwise be played back to a replica that
+    started or reconnected after it went by. A run older than every one
+    remembered is refused too. At most MAX_ORIGINS origins, the least recently
+    heard forgotten (an origin is only remembered for a batch sealed under the
+    fleet's key)."""
 
     __slots__ = ("_seen",)
 
     def __init__(self) -> None:
-        self._seen: OrderedDict[str, tuple[int, int, int]] = OrderedDict()  # origin -> run, highest, bits
+        self._seen: OrderedDict[str, dict[int, RunNumbers]] = OrderedDict()
 
     def fresh(self, origin: str, run: int, seq: int) -> bool:
         """Whether (run, seq) is new from `origin` (and now remembered)."""
-        known = self._seen.get(origin)
-        if known is None or run > known[0]:
-            self._remember(origin, run, seq, 1)
+        runs = self._seen.get(origin)
+        if runs is None:
+            runs = self._seen[origin] = {}
+            if len(self._seen) > MAX_ORIGINS:
+                self._seen.popitem(last=False)
+        self._seen.move_to_end(origin)
+        numbers = runs.get(run)
+        if numbers is None:
+            if len(runs) >= RUNS_PER_ORIGIN:
+                oldest = min(runs)
+                if run < oldest:
+                    return False
+                del runs[oldest]
+            runs[run] = RunNumbers(seq, 1, seq - REORDER_SLACK)
             return True
-        known_run, highest, bits = known
-        if run < known_run:
-            return False  # a batch of the process before this one
-        if seq > highest:
-            shift = seq - highest
-            bits = ((bits << shift) | 1) & ((1 << REPLAY_WINDOW) - 1) if shift < REPLAY_WINDOW else 1
-            self._remember(origin, run, seq, bits)
-            return True
-        back = highest - seq
-        if back >= REPLAY_WINDOW or bits >> back & 1:
+        if numbers.floor is None:
+            numbers.floor = seq - REORDER_SLACK
+        if seq < numbers.floor:
             return False
-        self._remember(origin, run, highest, bits | 1 << back)
+        if seq > numbers.highest:
+            shift = seq - numbers.highest
+            numbers.bits = ((numbers.bits << shift) | 1) & ((1 << REPLAY_WINDOW) - 1) if shift < REPLAY_WINDOW else 1
+            numbers.highest = seq
+            return True
+        back = numbers.highest - seq
+        if back >= REPLAY_WINDOW or numbers.bits >> back & 1:
+            return False
+        numbers.bits |= 1 << back
         return True
 
-    def _remember(self, origin: str, run: int, highest: int, bits: int) -> None:
-        self._seen[origin] = (run, highest, bits)
-        self._seen.move_to_end(origin)
-        if len(self._seen) > MAX_ORIGINS:
-            self._seen.popitem(last=False)
+    def subscribed(self) -> None:
+        """This replica (re)subscribed: what went by meanwhile was not heard, so
+        each run's next number heard is its floor."""
+        for runs in self._seen.values():
+            for numbers in runs.values():
+                numbers.floor = None
 
 
 def _canonical(value: dict[str, Any]) -> bytes:
