@@ -364,6 +364,31 @@ async def test_a_cooldown_adopted_on_reconnect_is_enforced_at_once(redis_server:
                 await rc.execute_command("CLIENT", "UNPAUSE")
 
 
+async def test_a_redis_user_without_dangerous_commands_shares(redis_server: RedisServer) -> None:
+    """The usual ACL (`+@all -@dangerous`, keys and channel under the prefix)
+    denies INFO, which the resync called: every session ended right after
+    connecting, forever, two log lines per retry, and nothing was shared."""
+    prefix = "lw-acl:"
+    async with demo_backend() as backend_app, redis_client(redis_server) as rc:
+        await rc.execute_command(
+            "ACL", "SETUSER", "lw", "on", ">pw", f"~{prefix}*", f"&{prefix}*", "+@all", "-@dangerous"
+        )
+        url = redis_server.url.replace("redis://", "redis://lw@")
+        upstream = f"ws://127.0.0.1:{backend_app.port}"
+        extra = {"state.redis.password": "pw"}
+        async with (
+            loopwatch(upstream, **overrides(url, "a", prefix, **extra)) as a,
+            loopwatch(upstream, **overrides(url, "b", prefix, **extra)) as b,
+        ):
+            await wait_for(lambda: store(a).up and store(b).up)
+            errors = store(a).errors
+            seen = await round_robin((a, b), "acl", CRITICAL)
+            assert codes(seen) == [1008] * CRITICAL
+            await wait_for(lambda: in_cooldown(a, key_of("acl")) and in_cooldown(b, key_of("acl")))
+            assert await rc.exists(f"{prefix}cool:{key_of('acl')}") == 1
+            assert store(a).up and store(a).errors == errors
+
+
 async def test_a_full_redis_fails_the_writes_not_the_sharing(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:

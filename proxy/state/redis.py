@@ -768,9 +768,7 @@ class RedisStateStore(Observer):
         self._send(self._connections())
         self._send(AskConnections("*"))
         self._heard = dict.fromkeys(self._heard, self._clock())  # heard of again from now
-        async with asyncio.timeout(r.timeout):
-            server = await client.info("server")
-        run = str(server.get("run_id", "")) or None
+        run = await self._server_run_id(client)
         restarted = self._server_run is not None and run != self._server_run
         self._server_run = run
         # A Redis that restarted (or failed over, or was flushed) has lost what
@@ -780,6 +778,20 @@ class RedisStateStore(Observer):
         unshared = self._take_unshared()
         kept = await self._marked(client)
         await self._write_back_now(client, self._cooldowns_to_write_back(None if restarted or not kept else unshared))
+
+    async def _server_run_id(self, client: Redis) -> str | None:
+        """Redis's run id (it changes when Redis restarts), or None when INFO is
+        denied: a user without @dangerous (the usual ACL) may not call it, and
+        that failure ended every session right after connecting. Then the
+        epoch marker alone tells a Redis that lost our keys."""
+        from redis.exceptions import NoPermissionError
+
+        try:
+            async with asyncio.timeout(self.redis.timeout):
+                server = await client.info("server")
+        except NoPermissionError:
+            return None
+        return str(server.get("run_id", "")) or None
 
     async def _marked(self, client: Redis) -> bool:
         """Refresh the epoch marker; False when it was gone (and set it again).
