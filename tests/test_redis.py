@@ -876,6 +876,42 @@ async def test_with_a_signing_key_replicas_share_and_take_nothing_unsealed(
     assert any("sealed with state.redis.signing_key" in e for e in bad), bad
 
 
+async def test_a_key_rotation_keeps_the_cooldowns(redis_server: RedisServer) -> None:
+    """The fleet probe rotated the key: the replica restarted with the new one
+    skipped every cooldown key sealed with the old (an operator's 10 minutes
+    among them) and admitted the client the others refused. With the old key as
+    `accepted_signing_key` a replica takes both and seals the keys anew, so one
+    with the new key alone (the rotation's end) still has them."""
+    prefix = "lw-rotate:"
+    new_key = "the-new-fleet-secret-0123456789"
+    async with demo_backend() as backend_app, redis_client(redis_server) as rc:
+        upstream = f"ws://127.0.0.1:{backend_app.port}"
+        async with loopwatch(upstream, **overrides(redis_server.url, "a", prefix, **SIGNED)) as a:
+            await wait_for(lambda: store(a).up)
+            victim = key_of("victim")
+            a.force_cooldown(victim, 600.0, time.monotonic())
+            name = f"{prefix}cool:{victim}"
+            while not await rc.exists(name):
+                await asyncio.sleep(0.02)
+            written, ttl = await rc.get(name), await rc.pttl(name)
+            rotating = {"state.redis.signing_key": new_key, "state.redis.accepted_signing_key": SIGNING_KEY}
+            async with loopwatch(upstream, **overrides(redis_server.url, "b", prefix, **rotating)) as b:
+                await wait_for(lambda: store(b).up and in_cooldown(b, victim))
+                # The old key's batches are taken as well.
+                other = key_of("cooled-later")
+                a.force_cooldown(other, 600.0, time.monotonic())
+                await wait_for(lambda: in_cooldown(b, other))
+                # The key, sealed anew with the new key, its TTL kept.
+                async def resealed() -> bool:
+                    return bool(await rc.get(name) != written)
+
+                await wait_for_async(resealed)
+                assert ttl - 10_000 < await rc.pttl(name) <= ttl
+            new_only = {"state.redis.signing_key": new_key}
+            async with loopwatch(upstream, **overrides(redis_server.url, "c", prefix, **new_only)) as c:
+                await wait_for(lambda: store(c).up and in_cooldown(c, victim))
+
+
 async def test_replicas_with_and_without_the_key_do_not_share(redis_server: RedisServer) -> None:
     """A replica given the key during a rollout takes nothing from one without it,
     and the other way round: each decides alone (as when Redis is down) until

@@ -57,15 +57,15 @@ def test_a_sealed_cooldown_value_bounds_its_time_whatever_the_ttl_says() -> None
     seal = Seal(KEY, wall)
     name = "loopwatch:cool:jwt:tab@10.0.0.1"
     value = seal.seal_value(name, {"rule": "manual", "repeat": 1, "enforced": True, "tail_ms": 0}, 60_000)
-    assert seal.open_value(name, value, 60_000) == 60_000
+    assert seal.open_value(name, value, 60_000).left_ms == 60_000
     wall.t += 10
     # Someone stretched the key's TTL in Redis (PEXPIRE): the seal's end holds,
     # give or take the clocks' tolerance.
-    assert seal.open_value(name, value, 3_600_000) == 50_000 + MAX_SKEW * 1000
+    assert seal.open_value(name, value, 3_600_000).left_ms == 50_000 + MAX_SKEW * 1000
     # A reader whose clock runs 10 s ahead of the writer's keeps Redis's TTL: held
     # to the sealed end exactly, it lost every cooldown under 10 s (the fleet probe).
     ahead = Seal(KEY, Wall(wall.t + 10))
-    assert ahead.open_value(name, value, 5_000) == 5_000
+    assert ahead.open_value(name, value, 5_000).left_ms == 5_000
     with pytest.raises(ValueError, match="does not match"):
         seal.open_value("loopwatch:cool:someone-else", value, 60_000)  # moved to another client
     with pytest.raises(ValueError, match="does not match"):
@@ -126,3 +126,22 @@ def test_a_batch_sent_before_a_replica_heard_its_sender_is_refused() -> None:
     replays.subscribed()  # a reconnect: what went by meanwhile was not heard
     assert replays.fresh("a", 7, 40)
     assert not replays.fresh("a", 7, 30)  # sent while it was away
+
+
+def test_a_rotations_second_key_opens_and_never_seals() -> None:
+    """Rotating the key: a replica given `accepted_signing_key` takes what the
+    other key sealed, seals with its own, and says which keys it should seal
+    anew (a cooldown key skipped after the rotation was a cooldown lost)."""
+    wall = Wall()
+    old, new = "the-old-fleet-secret-0123", "the-new-fleet-secret-4567"
+    rotating = Seal(new, wall, accepted=old)
+    sealed_old = Seal(old, wall).seal_batch(b"lw1 a\n[]")
+    assert rotating.open_batch(sealed_old).batch == b"lw1 a\n[]"
+    with pytest.raises(ValueError, match="does not match"):
+        Seal(old, wall).open_batch(rotating.seal_batch(b"lw1 b\n[]"))  # sealed with the new key only
+    with pytest.raises(ValueError, match="does not match"):
+        rotating.open_batch(Seal("a-third-secret-not-ours-89", wall).seal_batch(b"lw1 c\n[]"))
+    name = "loopwatch:cool:jwt:tab@10.0.0.1"
+    fields = {"rule": "manual", "repeat": 1, "enforced": True, "tail_ms": 0}
+    assert rotating.open_value(name, Seal(old, wall).seal_value(name, fields, 60_000), 60_000) == (60_000, True)
+    assert rotating.open_value(name, rotating.seal_value(name, fields, 60_000), 60_000) == (60_000, False)

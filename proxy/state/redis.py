@@ -41,7 +41,7 @@ import time
 import zlib
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, cast
 
 from ...detectors.actions import CloseConnection, CooldownStarted
 from ...detectors.shared import (
@@ -114,6 +114,16 @@ EPOCH_TTL_MS = 3_600_000
 # KEYS[1] the client's cooldown key; ARGV: value, TTL in ms, "1" to replace
 # whatever is there (an operator's cooldown). Otherwise the longer one stays,
 # the same rule the engines merge by, so Redis and the replicas agree.
+# A key sealed with a rotation's other key, sealed anew with this replica's:
+# KEYS[1] the key, ARGV: its value as read, the new value, its TTL in ms. Only
+# if no one wrote it meanwhile (a longer cooldown stays).
+RESEAL = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
 SET_COOLDOWN = """
 if ARGV[3] ~= '1' and redis.call('PTTL', KEYS[1]) >= tonumber(ARGV[2]) then
   return 0
@@ -122,6 +132,14 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
 _GLOB = re.compile(r"([*?\[\]\\])")
+
+
+class ParsedKey(NamedTuple):
+    """A cooldown key read at the resync: its cooldown, and its value sealed anew
+    when it was sealed with the rotation's other key (None: as it is)."""
+
+    cooldown: SharedCooldown
+    resealed: str | None
 
 
 def default_replica_id() -> str:
@@ -188,7 +206,7 @@ class RedisStateStore(Observer):
         # With state.redis.signing_key, what is published and stored is sealed,
         # and nothing unsealed is taken (proxy/state/signing.py).
         key = self.redis.signing_key
-        self._seal = Seal(key) if key is not None else None
+        self._seal = Seal(key, accepted=self.redis.accepted_signing_key) if key is not None else None
         self._replays = Replays()  # the sealed batches' numbers each origin used
         self._cool_prefix = f"{prefix}cool:"
         self._epoch = f"{prefix}epoch"
@@ -752,16 +770,22 @@ class RedisStateStore(Observer):
                 replies = await pipe.execute(raise_on_error=False)
             now = self._clock()
             adopted: list[str] = []
+            resealed = client.pipeline(transaction=False)
             for key, value, pttl in zip(chunk, replies[::2], replies[1::2], strict=True):
-                cooldown = self._parse_key(key, value, pttl)
-                if cooldown is not None:
-                    engine.adopt_cooldown(cooldown, now)
-                    adopted.append(cooldown.key)
+                parsed = self._parse_key(key, value, pttl)
+                if parsed is not None:
+                    engine.adopt_cooldown(parsed.cooldown, now)
+                    adopted.append(parsed.cooldown.key)
+                    if parsed.resealed is not None:
+                        resealed.eval(RESEAL, 1, key, value, parsed.resealed, pttl)
                 elif isinstance(value, Exception) or isinstance(pttl, Exception):
                     self._refuse("malformed", f"{key[:80]!r}: {value if isinstance(value, Exception) else pttl}")
             # Into the table now, not after the round trips that follow: until
             # then the engine said "cooling down" and the table let them through.
             gate.kick(adopted)
+            if len(resealed):
+                async with asyncio.timeout(r.timeout):
+                    await resealed.execute(raise_on_error=False)
         gate.reconcile()
         # What this replica has open, for the others to count exactly that (a
         # restart under the same id leaves none of the old ones), and theirs.
@@ -817,22 +841,28 @@ class RedisStateStore(Observer):
             async with asyncio.timeout(self.redis.timeout):
                 await self._publish(client, batch)
 
-    def _parse_key(self, key: bytes, value: object, pttl: object) -> SharedCooldown | None:
+    def _parse_key(self, key: bytes, value: object, pttl: object) -> ParsedKey | None:
         if not isinstance(value, bytes) or not isinstance(pttl, int) or pttl <= 0:
             return None  # expired between SCAN and GET, or no TTL (not ours)
         try:
             data = json.loads(value)
             name = key.decode()
+            left, resealed = pttl, None
             if self._seal is not None:
                 try:
-                    pttl = self._seal.open_value(name, data, pttl)
+                    opened = self._seal.open_value(name, data, pttl)
                 except Refused as e:
                     self._refuse(e.reason, f"{key[:80]!r}: {e}")  # forged, or written without the key
                     return None
+                left = opened.left_ms
+                if opened.reseal:  # sealed with the rotation's other key: sealed anew, its TTL kept
+                    fields = {k: v for k, v in data.items() if k not in ("mac", "until_ms")}
+                    resealed = json.dumps(self._seal.seal_value(name, fields, pttl), separators=(",", ":"))
             tail = int(data["tail_ms"])
-            return SharedCooldown(
-                name[len(self._cool_prefix) :], (pttl - tail) / 1000, str(data["rule"]), int(data["repeat"]),
+            cooldown = SharedCooldown(
+                name[len(self._cool_prefix) :], (left - tail) / 1000, str(data["rule"]), int(data["repeat"]),
                 bool(data["enforced"]),
             )  # fmt: skip
+            return ParsedKey(cooldown, resealed)
         except (ValueError, KeyError, TypeError, UnicodeDecodeError, ArithmeticError, RecursionError, AttributeError):
             return None  # not one of ours (Infinity, 1e999, nested beyond reason …): skipped, not fatal

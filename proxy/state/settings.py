@@ -66,11 +66,18 @@ class RedisSettings(Section):
     # The fleet's shared key: what replicas publish and store is sealed with
     # it, and nothing unsealed is taken (proxy/state/signing.py).
     signing_key: OptionalSecret = None
+    # A second key whose seals are taken too, never sealed with: a rotation's
+    # (docs/replicas.md, "Rotating the key").
+    accepted_signing_key: OptionalSecret = None
 
     @model_validator(mode="after")
     def _ordered(self) -> RedisSettings:
-        if self.signing_key is not None and len(self.signing_key) < MIN_SIGNING_KEY:
-            raise ValueError(f"signing_key: expected at least {MIN_SIGNING_KEY} characters (a random secret)")
+        for name in ("signing_key", "accepted_signing_key"):
+            key = getattr(self, name)
+            if key is not None and len(key) < MIN_SIGNING_KEY:
+                raise ValueError(f"{name}: expected at least {MIN_SIGNING_KEY} characters (a random secret)")
+        if self.accepted_signing_key is not None and self.signing_key is None:
+            raise ValueError("accepted_signing_key: only with a signing_key (it is a rotation's second key)")
         if self.reconnect_max < self.reconnect_min:
             raise ValueError(
                 f"reconnect_max ({self.reconnect_max:g}s) must not be below reconnect_min ({self.reconnect_min:g}s)"

@@ -62,24 +62,45 @@ class Sealed(NamedTuple):
     seq: int
 
 
+class OpenedValue(NamedTuple):
+    """A cooldown key's value, opened: its milliseconds left, and whether it was
+    sealed with the accepted key rather than this replica's (to seal anew)."""
+
+    left_ms: int
+    reseal: bool
+
+
 class Seal:
-    """HMAC-SHA256 seals under one key; `wall` is the clock of the seals' times."""
+    """HMAC-SHA256 seals under one key, and also opened under `accepted` (a
+    rotation's other key); `wall` is the clock of the seals' times."""
 
-    __slots__ = ("_key", "_wall", "_run", "_seq")
+    __slots__ = ("_key", "_keys", "_wall", "_run", "_seq")
 
-    def __init__(self, key: str, wall: Callable[[], float] = time.time):
+    def __init__(self, key: str, wall: Callable[[], float] = time.time, *, accepted: str | None = None):
         self._key = key.encode()
+        self._keys = (self._key,) if accepted is None else (self._key, accepted.encode())
         self._wall = wall
         self._run = b"%d" % int(wall() * 1000)  # a restarted replica's run is a later one
         self._seq = 0
 
-    def _mac(self, *parts: bytes) -> str:
-        mac = hmac.new(self._key, digestmod=hashlib.sha256)
+    def _mac(self, *parts: bytes, key: bytes | None = None) -> str:
+        mac = hmac.new(self._key if key is None else key, digestmod=hashlib.sha256)
         for part in parts:
             # Each part with its length: no two splits of the same bytes agree.
             mac.update(b"%d:" % len(part))
             mac.update(part)
         return mac.hexdigest()
+
+    def _opens(self, mac: bytes, *parts: bytes) -> bytes | None:
+        """The key of ours `mac` was made with over `parts`, if any."""
+        for key in self._keys:
+            if hmac.compare_digest(mac, self._mac(*parts, key=key).encode()):
+                return key
+        return None
+
+    def ours(self, key: bytes) -> bool:
+        """Whether `key` (from `_opens`) is the one this Seal seals with."""
+        return key == self._key
 
     # --- batches on the channel ----------------------------------------------------------
 
@@ -102,7 +123,7 @@ class Seal:
         if not sep or len(parts) != 5 or parts[0] != SEAL or not all(p.isdigit() for p in parts[1:4]):
             raise Refused("unsealed", f"expected a batch sealed with state.redis.signing_key, got {sealed[:40]!r}")
         ms, run, seq, mac = parts[1:]
-        if not hmac.compare_digest(mac, self._mac(ms, run, seq, batch).encode()):
+        if self._opens(mac, ms, run, seq, batch) is None:
             raise Refused("bad_seal", "a batch whose seal does not match state.redis.signing_key")
         age = self._wall() - int(ms) / 1000
         if abs(age) > MAX_SKEW:
@@ -116,21 +137,24 @@ class Seal:
         sealed = {**value, "until_ms": int(self._wall() * 1000) + ttl_ms}
         return {**sealed, "mac": self._mac(name.encode(), _canonical(sealed))}
 
-    def open_value(self, name: str, value: dict[str, Any], pttl_ms: int) -> int:
+    def open_value(self, name: str, value: dict[str, Any], pttl_ms: int) -> OpenedValue:
         """The milliseconds left of the key `name` holding `value`: Redis's TTL,
         but no later than the sealed end allows, give or take MAX_SKEW (the
         writer's clock is not this one: held to the sealed end exactly, a
         reader whose clock ran 10 s ahead lost every 5 s cooldown it read); a
         TTL stretched in Redis stretches a cooldown by MAX_SKEW at most.
-        Refused if the seal is missing or wrong."""
+        Refused if the seal is missing or wrong; `resealed` if it was made
+        with the accepted key (a rotation's), for the key to be sealed anew."""
         rest = dict(value)
         mac = rest.pop("mac", None)
         until = rest.get("until_ms")
         if not isinstance(mac, str) or type(until) is not int:
             raise Refused("unsealed", "a cooldown key not sealed with state.redis.signing_key")
-        if not hmac.compare_digest(mac.encode(), self._mac(name.encode(), _canonical(rest)).encode()):
+        key = self._opens(mac.encode(), name.encode(), _canonical(rest))
+        if key is None:
             raise Refused("bad_seal", "a cooldown key whose seal does not match state.redis.signing_key")
-        return min(pttl_ms, until - int(self._wall() * 1000) + int(MAX_SKEW * 1000))
+        left = min(pttl_ms, until - int(self._wall() * 1000) + int(MAX_SKEW * 1000))
+        return OpenedValue(left, reseal=not self.ours(key))
 
 
 @dataclass(slots=True)
