@@ -41,7 +41,7 @@ def documented() -> dict[str, set[str]]:
     out = {}
     for row in re.findall(r"^\| `(\w+)` \|[^|]*\| (.*) \|$", table, re.MULTILINE):
         out[row[0]] = set(re.findall(r"`(\w+)`", row[1]))
-    assert len(out) == 7, out
+    assert len(out) == 8, out
     return out
 
 

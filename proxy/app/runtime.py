@@ -287,6 +287,8 @@ class Running:
             await close_recorders(self.gate.observers)  # what is buffered reaches the file
             await self.gate.state_store.close()
         if self.telemetry is not None:
+            # On the event loop, where the report timers of client lines left out run.
+            self.telemetry.events.flush()
             # Flushing spans may wait on the network: not on the event loop.
             await asyncio.get_running_loop().run_in_executor(None, self.telemetry.shutdown)
 

@@ -6,6 +6,11 @@ load, on the `loopwatch.events` logger; per-connection access lines when
 `telemetry.access_log` asks for them. Field names are stable and listed in
 docs/logs.md; a line about a connection carries its trace id, so an operator
 can go from the line to the trace.
+
+The lines about clients (findings, enforcement) are budgeted per name
+(`logging.client_lines_per_second`): one address minting identities made 2 700
+a second, and the log queue, full, dropped the breaker and config lines with
+them. The metrics count every event all the same.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...detectors.actions import BreakerTransition, CloseConnection, CooldownEnded, CooldownStarted
 from ..dataplane.boundary import LogLimiter, handshake_outcome, handshake_status
-from .logs import event
+from .logs import LineBudget, event
 from .observers import Observer, trace_context
 
 if TYPE_CHECKING:
@@ -44,6 +49,8 @@ class EventLogObserver(Observer):
         # The open connections' records, for lines about a step without one
         # (a wake-up's finding, a close-oldest): the runtime's LiveView (`bind`).
         self.view = view
+        # Kept across reloads: a reload changes the limit, not what is owed.
+        self.client_lines = LineBudget(log)
         self.reconfigure(settings)
 
     def bind(self, view: LiveView | None) -> None:
@@ -54,6 +61,7 @@ class EventLogObserver(Observer):
         # UPSTREAM_LOG_INTERVAL. Bounded by the routes configured; a reload
         # starts it afresh.
         self._upstream_lines = LogLimiter(UPSTREAM_LOG_INTERVAL)
+        self.client_lines.configure(settings.logging.client_lines_per_second)
         t = settings.telemetry
         self.access = t.access_log
         self.sample_rate = t.access_log_sample_rate
@@ -73,25 +81,38 @@ class EventLogObserver(Observer):
 
     # --- findings, enforcement, breakers -------------------------------------------
 
+    def _client_line(self, name: str, level: int, t: float) -> bool:
+        """Whether to write this client line: one the log level drops takes
+        nothing from the budget (and is no line left out)."""
+        return log.isEnabledFor(level) and self.client_lines.admit(name, t)
+
     def on_outcome(self, outcome: Outcome, t: float, conn: Connection | None = None) -> None:
+        # The budget is asked before a line's fields are made: under a flood,
+        # what is left out costs no trace lookup.
         for f in outcome.raised:
-            fields = self._fields(conn, f.key, rule=f.rule, severity=f.severity, evidence=dict(f.evidence))
-            event(log, "finding_raised", WARNING, **fields)
+            if self._client_line("finding_raised", WARNING, t):
+                fields = self._fields(conn, f.key, rule=f.rule, severity=f.severity, evidence=dict(f.evidence))
+                event(log, "finding_raised", WARNING, **fields)
         for f in outcome.cleared:
-            event(log, "finding_cleared", INFO, client=f.key, rule=f.rule, severity=f.severity)
+            if self._client_line("finding_cleared", INFO, t):
+                event(log, "finding_cleared", INFO, client=f.key, rule=f.rule, severity=f.severity)
         for a in outcome.actions:
             if isinstance(a, CooldownStarted):
-                fields = self._fields(
-                    conn, a.key, action="cooldown", rule=a.rule, retry_after=round(a.duration, 3),
-                    repeat=a.repeat, enforced=a.enforced,
-                )
-                event(log, "enforcement", WARNING, **fields)
+                if self._client_line("enforcement", WARNING, t):
+                    fields = self._fields(
+                        conn, a.key, action="cooldown", rule=a.rule, retry_after=round(a.duration, 3),
+                        repeat=a.repeat, enforced=a.enforced,
+                    )
+                    event(log, "enforcement", WARNING, **fields)
             elif isinstance(a, CooldownEnded):
                 if a.evicted:  # a cooldown lost, not run out: the operator should see it
-                    event(log, "enforcement", WARNING, client=a.key, action="cooldown_ended", evicted=True)
-                else:
+                    if self._client_line("enforcement", WARNING, t):
+                        event(log, "enforcement", WARNING, client=a.key, action="cooldown_ended", evicted=True)
+                elif self._client_line("enforcement", INFO, t):
                     event(log, "enforcement", INFO, client=a.key, action="cooldown_ended")
             elif isinstance(a, CloseConnection):
+                if not self._client_line("enforcement", WARNING, t):
+                    continue
                 target = self.view.connection(a.conn_id) if self.view is not None else None
                 fields = {"client": a.key, "action": "close_connection", "conn_id": a.conn_id,
                           "code": a.code, "reason": a.reason}  # fmt: skip
@@ -111,6 +132,11 @@ class EventLogObserver(Observer):
         self.reconfigure(settings)
         level = INFO if info.get("result", "ok") == "ok" else logging.ERROR
         event(log, "config_loaded", level, **info)
+
+    def flush(self) -> None:
+        """Write the counts of client lines left out and not yet reported (at
+        exit, on the event loop: its timers would never fire)."""
+        self.client_lines.flush()
 
     # --- access lines ------------------------------------------------------------
 

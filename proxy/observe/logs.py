@@ -3,18 +3,25 @@
 Call sites log an `event` name plus fields:
     log.info("finding", extra={"fields": {"client": key, "rule": rule}})
 and the formatter writes {"ts": …, "level": …, "event": …, "client": …, …}.
+
+How many lines get written is bounded twice: `LineBudget` caps the lines a
+kind of event may write a second (lines clients cause, so clients cannot flood
+the log), `LogWriter` the lines waiting for a slow reader.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import queue
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import IO
 
 
@@ -140,6 +147,152 @@ class LogWriter(logging.Handler):
         deadline = time.monotonic() + timeout
         while self.written < self.queued and time.monotonic() < deadline:
             time.sleep(0.005)
+
+
+# --- a budget for lines clients cause ---------------------------------------------
+
+# A budget holds this many seconds' worth of lines: an incident's burst (50
+# looping tabs raising findings together) is written whole, a flood is not.
+BURST_SECONDS = 10.0
+# At most one `log_lines_suppressed` line per name this often; a spell of lines
+# left out is reported at most this long after its first one.
+REPORT_INTERVAL = 5.0
+
+
+class TokenBucket:
+    """`rate` tokens a second, at most `burst` held; starts full. Time is the
+    caller's `now` (seconds: the engine's time of the event), not a clock read
+    per line."""
+
+    __slots__ = ("rate", "burst", "tokens", "last")
+
+    def __init__(self, rate: float, burst: float):
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.last: float | None = None
+
+    def take(self, now: float) -> bool:
+        """Take one token if there is one."""
+        if self.last is None:
+            self.last = now
+        elif now > self.last:  # a clock that steps back refills nothing
+            self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+            self.last = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+    def retune(self, rate: float, burst: float) -> None:
+        """A new rate and burst, keeping what is held (up to the new burst): a
+        reload is no way to refill."""
+        self.rate, self.burst = rate, burst
+        self.tokens = min(self.tokens, burst)
+
+
+def burst_of(per_second: float) -> float:
+    return max(1.0, per_second * BURST_SECONDS)
+
+
+@dataclass(slots=True)
+class Suppressed:
+    """One line name's lines left out and not yet reported."""
+
+    count: int = 0
+    # When its last `log_lines_suppressed` line was written: on the event loop's
+    # clock when one runs (the spacing is for a reader, in real time, and the
+    # timers run on it), else on the callers' (offline, there is no other).
+    reported_at: float = -math.inf
+    timer: asyncio.TimerHandle | None = None  # the report due while lines are left out
+
+
+class LineBudget:
+    """At most `per_second` lines a second per line name on average, bursts of
+    BURST_SECONDS' worth (None: no limit). The lines left out are counted per
+    name and reported in a `log_lines_suppressed` line (`line`, `count`,
+    `per_second`) on `logger`: before the next line of that name the budget
+    admits, and, on an event loop, REPORT_INTERVAL after the first one left out
+    without waiting for that; never two for one name within REPORT_INTERVAL.
+    Bounded by the names its callers use."""
+
+    def __init__(self, logger: logging.Logger, per_second: float | None = None):
+        self.logger = logger
+        self.per_second = per_second
+        self._buckets: dict[str, TokenBucket] = {}
+        self._suppressed: dict[str, Suppressed] = {}
+
+    def configure(self, per_second: float | None) -> None:
+        """A new limit (a reload): the counts not yet reported stay."""
+        self.per_second = per_second
+        if per_second is None:
+            self._buckets.clear()
+            return
+        for bucket in self._buckets.values():
+            bucket.retune(per_second, burst_of(per_second))
+
+    def admit(self, name: str, now: float) -> bool:
+        """Whether to write this line of `name`; `now` in the caller's seconds."""
+        if self.per_second is None:
+            admitted = True
+        else:
+            bucket = self._buckets.get(name)
+            if bucket is None:
+                bucket = self._buckets[name] = TokenBucket(self.per_second, burst_of(self.per_second))
+            admitted = bucket.take(now)
+        spell = self._suppressed.get(name)
+        if admitted:
+            if spell is not None and spell.count:
+                loop = _running_loop()
+                at = loop.time() if loop is not None else now
+                if at - spell.reported_at >= REPORT_INTERVAL:
+                    self._report(name, spell, at)
+            return True
+        if spell is None:
+            spell = self._suppressed[name] = Suppressed()
+        spell.count += 1
+        if spell.timer is None:
+            # Lines that stop being written for good are reported all the same.
+            loop = _running_loop()
+            if loop is not None:
+                spell.timer = loop.call_later(REPORT_INTERVAL, self._report_due, name)
+        return False
+
+    def pending(self, name: str) -> int:
+        """Lines of `name` left out and not yet reported."""
+        spell = self._suppressed.get(name)
+        return 0 if spell is None else spell.count
+
+    def flush(self) -> None:
+        """Report every count now (at exit: a count is never lost)."""
+        loop = _running_loop()
+        for name, spell in self._suppressed.items():
+            if spell.count:
+                # Offline there is no clock to read, and no line after this one.
+                self._report(name, spell, loop.time() if loop is not None else spell.reported_at)
+
+    def _report_due(self, name: str) -> None:
+        spell = self._suppressed[name]
+        spell.timer = None
+        if spell.count:
+            self._report(name, spell, asyncio.get_running_loop().time())
+
+    def _report(self, name: str, spell: Suppressed, at: float) -> None:
+        if spell.timer is not None:
+            spell.timer.cancel()
+            spell.timer = None
+        count, spell.count, spell.reported_at = spell.count, 0, at
+        event(self.logger, "log_lines_suppressed", logging.WARNING, line=name, count=count,
+              per_second=self.per_second)  # fmt: skip
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    """This thread's running event loop; None where observers are called
+    without one (offline tools, such as replay and simulate)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _timestamp(t: float) -> str:

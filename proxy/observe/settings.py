@@ -27,6 +27,9 @@ LogFormat = Literal["json", "text"]
 class LogSettings(Section):
     level: Annotated[LogLevel, BeforeValidator(_lower)] = "info"
     format: LogFormat = "json"
+    # Lines a second, on average, of each kind clients cause (finding_raised,
+    # finding_cleared, enforcement), bursts of 10 s' worth; None: no limit.
+    client_lines_per_second: Annotated[float, Field(gt=0)] | None = 20.0
 
 
 def _off_is_a_string(value: object) -> object:
