@@ -339,6 +339,40 @@ async def test_a_side_that_reads_nothing_is_idle_whatever_it_sends() -> None:
     assert (closed.code, closed.initiator) == (1001, "proxy")
 
 
+async def test_a_client_gone_without_a_close_frame_is_passed_on_though_bytes_wait_for_it() -> None:
+    """A client that stopped reading, then sent its FIN without a close frame:
+    its leg waited for the bytes queued for it to be written, which never
+    happened, so the upstream heard nothing until the idle timeout (an hour by
+    default; the slow-peers probe). nginx and HAProxy end it at the FIN. Now
+    the upstream is told at once; the bytes get the close's grace."""
+    async with raw_backend() as backend, native(backend.url) as running:
+        raw = await RawClient.connect(running.port, rcvbuf=4096)
+        conn = await backend.accept()
+
+        async def stream() -> None:  # until its writes block: the client reads nothing
+            with contextlib.suppress(ConnectionError):
+                while True:
+                    await conn.send(frame(BINARY, b"x" * 65536))
+
+        streaming = asyncio.create_task(stream())
+        try:
+            await asyncio.sleep(0.5)  # bytes for the client pile up in loopwatch
+            raw.writer.write_eof()  # gone, without a close frame
+            lost = (1001, "loopwatch: client connection lost")
+
+            def told() -> bool:
+                frames, _ = parse_frames(conn.received)
+                return lost in [f.close for f in frames if f.opcode == CLOSE]
+
+            await wait_for(told, timeout=1.5)
+            events = await running.events(closed_count(1), timeout=5)
+        finally:
+            streaming.cancel()
+            raw.abort()
+    closed = of_type(events, ev.Closed)[0]
+    assert (closed.code, closed.initiator) == (1006, "client")
+
+
 async def test_stop_closes_live_websockets_with_1001_on_both_legs() -> None:
     async with echo_server() as backend, native(backend.url) as running:
         sockets = [await client(running) for _ in range(3)]

@@ -32,7 +32,8 @@ scripted session produces what every panel of the dashboard is there to show:
 * the shared state store lost: loopwatch runs with `state.backend: redis` on a
   redis-server the test starts, stops for a while (the replica decides alone,
   `loopwatch_state_store_up` 0, LoopwatchStateStoreDown fires) and starts
-  again (it reconnects by itself).
+  again (it reconnects by itself), then refuses a few foreign batches on its
+  channel (`loopwatch_state_store_messages_refused_total`).
 
 loopwatch's own health (`process_*`, `loopwatch_event_loop_lag_seconds`) needs
 no scripting: it is there from the first scrape.
@@ -67,6 +68,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 import yaml
 from websockets.asyncio.client import connect
 from websockets.exceptions import WebSocketException
@@ -659,6 +661,17 @@ async def test_loop_alert_and_every_dashboard_query_against_real_prometheus(
                         return bool(store.up)
 
                     await poll(store_back, 15, lambda: "the store did not reconnect")
+                    # Batches it refuses (another program on its channel): the panel's
+                    # refused series, a few seconds of it.
+                    refused = sum(store.refused.values())
+                    foreign = aioredis.Redis.from_url(redis_server.url)
+                    try:
+                        for _ in range(6):
+                            await foreign.publish(store.channel, b"not a loopwatch batch")
+                            await asyncio.sleep(0.5)
+                    finally:
+                        await foreign.aclose()
+                    assert store.refused["malformed"] >= refused + 6
 
                     # --- every dashboard query, while the loop still runs ------------------
                     # A round that began after the session's last step must find a series for

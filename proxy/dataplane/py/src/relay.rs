@@ -687,9 +687,28 @@ impl<C: Transport, U: Transport> Relay<C, U> {
     /// Leg `i` sent its EOF (`Relay.half_close`).
     fn eof(&mut self, i: usize) {
         self.legs[i].read_done = true;
-        if !self.half_close(i) {
-            self.close_leg(i);
+        if self.half_close(i) {
+            return;
         }
+        let (leg, o) = (&self.legs[i], other(i));
+        if leg.pending_output()
+            && !self.closing()
+            && !leg.broke
+            && !self.legs[o].broke
+            && leg.watcher.close().is_none()
+            && leg.watcher.at_boundary()
+            && leg.watcher.error().is_none()
+        {
+            // Gone without a close frame while bytes wait for it: the other
+            // side is told now, not once they are written, which a side that
+            // reads nothing never lets happen (its upstream waited for the
+            // idle timeout, an hour by default; nginx and HAProxy end it at
+            // the FIN). The bytes get the close's grace.
+            self.initiator.get_or_insert(initiator(i));
+            self.legs[o].stop();
+            self.tell_lost(i);
+        }
+        self.close_leg(i);
     }
 
     /// Whether leg `i` stays open after its EOF: it sent its close frame (or
@@ -1113,27 +1132,32 @@ impl<C: Transport, U: Transport> Relay<C, U> {
                 // the end is passed on as TCP's (flush, then close).
                 self.close_leg(o);
             } else if self.legs[i].watcher.at_boundary() && self.legs[i].watcher.error().is_none() {
-                // Vanished without a close frame: tell the other side why,
-                // then wait (up to the grace) for its close reply.
-                let (code, reason) = if i == UPSTREAM {
-                    (CODE_UPSTREAM_LOST, "loopwatch: upstream connection lost")
-                } else {
-                    (CODE_CLIENT_LOST, "loopwatch: client connection lost")
-                };
-                self.enter(Phase::Closing {
-                    until: Instant::now() + CLOSE_GRACE,
-                });
-                self.legs[i].stop();
-                let mask = (o == UPSTREAM).then(mask_key);
-                let frame = build_close_frame(code, reason, mask).expect("valid close codes");
-                self.write(o, &frame);
-                self.settle(o);
+                self.tell_lost(i);
             } else {
                 self.abort(o); // mid-frame: a close frame now would corrupt the stream
             }
             return;
         }
         self.enter(Phase::Done);
+    }
+
+    /// Leg `i` vanished without a close frame, at a frame boundary: tell the
+    /// other side why, then wait (up to the grace) for its close reply.
+    fn tell_lost(&mut self, i: usize) {
+        let o = other(i);
+        let (code, reason) = if i == UPSTREAM {
+            (CODE_UPSTREAM_LOST, "loopwatch: upstream connection lost")
+        } else {
+            (CODE_CLIENT_LOST, "loopwatch: client connection lost")
+        };
+        self.enter(Phase::Closing {
+            until: Instant::now() + CLOSE_GRACE,
+        });
+        self.legs[i].stop();
+        let mask = (o == UPSTREAM).then(mask_key);
+        let frame = build_close_frame(code, reason, mask).expect("valid close codes");
+        self.write(o, &frame);
+        self.settle(o);
     }
 
     /// The end of a slice of the idle timeout: closed once `IDLE_SLICES`
