@@ -387,6 +387,7 @@ async def test_a_redis_user_without_dangerous_commands_shares(redis_server: Redi
             await wait_for(lambda: in_cooldown(a, key_of("acl")) and in_cooldown(b, key_of("acl")))
             assert await rc.exists(f"{prefix}cool:{key_of('acl')}") == 1
             assert store(a).up and store(a).errors == errors
+            assert a.state_store()["replicas_heard"] == ["b"] and b.state_store()["replicas_heard"] == ["a"]
 
 
 async def test_a_full_redis_fails_the_writes_not_the_sharing(
@@ -946,6 +947,10 @@ async def test_two_replicas_under_one_replica_id_say_so(redis_server: RedisServe
         ):
             await wait_for(lambda: store(a).up and store(b).up)
             await wait_for(lambda: store(a).refused["own_id"] > 0 and store(b).refused["own_id"] > 0)
+            # The status page's summary says so too (up alone said all was well).
+            summary = a.state_store()
+            assert (summary["up"], summary["replica"], summary["replicas_heard"]) == (True, "dup", [])
+            assert summary["refused"]["own_id"] > 0  # type: ignore[index]
             url = f"http://127.0.0.1:{a.admin_port}/metrics"
             async with aiohttp.ClientSession() as session, session.get(url) as response:
                 text = await response.text()

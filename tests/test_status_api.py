@@ -177,6 +177,7 @@ async def test_events_hello_finding_enforcement_summary_and_release() -> None:
             assert hello["version"] and hello["uptime"] >= 0 and hello["now"] > 0
             assert hello["mode"] == {"policy": "enforce", "rollout_percent": 100.0, "rules": {}}
             assert hello["upstream"]["health"] == "healthy"
+            assert hello["state_store"] == {"backend": "memory", "up": True}
             assert {b["name"]: b["state"] for b in hello["breakers"]} == {
                 "upstream": "closed",
                 "auth": "closed",

@@ -23,7 +23,9 @@ from loopwatch.proxy.app.runtime import Running
 from loopwatch.proxy.tools.demo_backend import issue_token
 from tests.clients import demo_backend, loop_until
 from tests.conftest import loopwatch, ws_url
+from tests.redisserver import RedisServer
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
+from tests.test_redis import overrides
 
 TOKEN = "page-admin-token"
 LOOPER = "tab-42@127.0.0.1"
@@ -95,6 +97,7 @@ async def test_loop_shows_flagged_then_cooldown_and_release_from_the_page(tmp_pa
         await expect(page.locator("#version")).to_have_text("v0.1.0")
         await expect(page.locator("#mode")).to_have_text("enforce")
         await expect(page.locator("#upstream")).to_have_text("healthy")
+        await expect(page.locator("#store-row")).to_be_hidden()  # state.backend: memory
         await page.evaluate(RECORD_STATES, LOOPER)
 
         async def healthy_client() -> None:
@@ -289,3 +292,25 @@ async def test_stopping_loopwatch_shows_disconnected_and_retries_with_backoff() 
         await expect(conn).to_have_attribute("data-state", "disconnected")
         assert float(await conn.get_attribute("data-retry-in") or 0) > 0
         assert page.errors == []  # type: ignore[attr-defined]
+
+
+async def test_the_page_says_a_replica_shares_with_whom_or_refuses(redis_server: RedisServer) -> None:
+    """The fleet probe: a replica connected to Redis but refusing the others'
+    batches (two replicas under one replica id here) shares nothing, and its
+    page said nothing of the store at all."""
+    async with demo_backend() as backend:
+        upstream = f"ws://127.0.0.1:{backend.port}"
+        async with (
+            loopwatch(upstream, **overrides(redis_server.url, "a", "lw-page:")) as a,
+            loopwatch(upstream, **overrides(redis_server.url, "b", "lw-page:")) as b,
+            loopwatch(upstream, **overrides(redis_server.url, "b", "lw-page:")),
+            chromium() as browser,
+        ):
+            page = await open_page(browser, a)
+            await expect(page.locator("#store")).to_have_text("sharing", timeout=5000)
+            await expect(page.locator("#store-detail")).to_have_text("a, hearing b", timeout=5000)
+            other = await open_page(browser, b)
+            await expect(other.locator("#store")).to_have_text("refusing", timeout=5000)
+            await expect(other.locator("#store")).to_have_attribute("data-state", "degraded")
+            await expect(other.locator("#store-detail")).to_contain_text("refused: own_id")
+            assert page.errors == [] and other.errors == []  # type: ignore[attr-defined]

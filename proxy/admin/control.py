@@ -48,6 +48,10 @@ class Control(Protocol):
         """Refused attempts held before their answer right now (policy.hold)."""
         ...
 
+    def state_store(self) -> dict[str, object]:
+        """The shared state store's summary: backend, up, the replicas heard."""
+        ...
+
     # --- levers -------------------------------------------------------------------------
 
     def release(self, key: str, now: float) -> bool:

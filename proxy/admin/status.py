@@ -437,6 +437,7 @@ class StatusHub(Observer):
                 "rules": overrides,
             },
             "upstream": self._upstream(now, breakers),
+            "state_store": control.state_store(),
             "breakers": breakers,
             "counters": {
                 "attempts_per_second": counts.total(ATTEMPTS, now, 5) / 5,

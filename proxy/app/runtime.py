@@ -145,6 +145,9 @@ class Running:
         holds = self.plane.holds()
         return holds.count if holds is not None else 0
 
+    def state_store(self) -> dict[str, object]:
+        return self.brain.state_store.summary()
+
     def release(self, key: str, now: float) -> bool:
         """Released here, and with a shared store on every replica: true when
         this replica tracks the client, and always with a shared store, where

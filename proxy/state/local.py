@@ -24,6 +24,10 @@ class StateStore(Protocol):
     @property
     def ready(self) -> bool: ...  # /readyz
 
+    def summary(self) -> dict[str, object]:
+        """What the status page and `GET /api/status` say of the store."""
+        ...
+
     def release(self, key: str) -> None: ...
 
     def forward_close(self, action: CloseConnection) -> bool:
@@ -49,6 +53,9 @@ class LocalState:
     errors = 0  # loopwatch_state_store_errors_total
     dropped = 0  # loopwatch_state_store_messages_dropped_total
     ready = True
+
+    def summary(self) -> dict[str, object]:
+        return {"backend": self.backend, "up": self.up}
 
     def release(self, key: str) -> None:
         pass

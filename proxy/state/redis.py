@@ -348,6 +348,18 @@ class RedisStateStore(Observer):
     def on_config(self, settings: Settings, info: dict[str, object]) -> None:
         self.memory = settings.policy.cooldown.memory
 
+    def summary(self) -> dict[str, object]:
+        """Whether this replica shares, with whom, and what it refused: a
+        replica connected but refusing the others' batches (a key that
+        differs, a duplicate replica id) shares nothing, though `up`."""
+        return {
+            "backend": self.backend,
+            "up": self.up,
+            "replica": self.replica,
+            "replicas_heard": sorted(self._heard),
+            "refused": {reason: n for reason, n in self.refused.items() if n},
+        }
+
     def release(self, key: str) -> None:
         """An operator released `key` here: release it everywhere. During an
         outage only this replica hears it (docs/replicas.md)."""

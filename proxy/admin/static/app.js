@@ -24,6 +24,7 @@
   const el = {
     conn: $("conn"), connText: $("conn-text"), version: $("version"), uptime: $("uptime"),
     upstream: $("upstream"), upstreamDetail: $("upstream-detail"), breakers: $("breakers"),
+    storeRow: $("store-row"), store: $("store"), storeDetail: $("store-detail"),
     mode: $("mode"), auth: $("auth"), authText: $("auth-text"), authForm: $("auth-form"),
     tokenInput: $("token-input"), forget: $("forget-token"), main: $("main"),
     cAttempts: $("c-attempts"), cActive: $("c-active"), cHeld: $("c-held"), cTracked: $("c-tracked"),
@@ -346,6 +347,22 @@
 
   // --- rendering ------------------------------------------------------------------------
 
+  // The shared state store (state.backend: redis): cut off, or connected but
+  // refusing the others' batches (a key that differs, a duplicate replica id),
+  // this replica shares nothing; the replicas it hears say with whom it does.
+  function renderStore(s) {
+    el.storeRow.hidden = s.backend !== "redis";
+    if (el.storeRow.hidden) return;
+    const refused = Object.entries(s.refused || {});
+    const state = !s.up ? "down" : refused.length ? "degraded" : "healthy";
+    el.store.textContent = !s.up ? "cut off" : refused.length ? "refusing" : "sharing";
+    el.store.dataset.state = state;
+    const heard = s.replicas_heard || [];
+    const detail = [`${s.replica}, hearing ${heard.length ? heard.join(", ") : "no other replica"}`];
+    if (refused.length) detail.push("refused: " + refused.map(([r, n]) => `${r} ${n}`).join(", "));
+    el.storeDetail.textContent = detail.join(" · ");
+  }
+
   function renderHeader() {
     const d = summary;
     if (!d) return;
@@ -359,6 +376,7 @@
     if (up.errors_30s) detail.push(`${up.errors_30s} errors in 30s`);
     el.upstreamDetail.textContent = detail.join(" · ");
     el.upstream.title = (up.urls || []).join(", ");
+    renderStore(d.state_store || {});
     el.breakers.replaceChildren(
       ...(d.breakers || []).flatMap((b, i) => [
         i ? " " : "",
