@@ -390,6 +390,26 @@ async def test_a_redis_user_without_dangerous_commands_shares(redis_server: Redi
             assert a.state_store()["replicas_heard"] == ["b"] and b.state_store()["replicas_heard"] == ["a"]
 
 
+async def test_a_resync_that_fails_each_time_is_one_outage_in_the_log(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A session that fails in its resync (here SCAN denied by the ACL) logged
+    state_store_up, then state_store_down, at every retry, for ever: "up" was
+    said before the resync went through. One outage, one line."""
+    caplog.set_level(logging.INFO, logger="loopwatch.state")
+    prefix = "lw-noscan:"
+    async with demo_backend() as backend_app, redis_client(redis_server) as rc:
+        await rc.execute_command("ACL", "SETUSER", "noscan", "on", ">pw", "~*", "&*", "+@all", "-scan")
+        url = redis_server.url.replace("redis://", "redis://noscan@")
+        upstream = f"ws://127.0.0.1:{backend_app.port}"
+        async with loopwatch(upstream, **overrides(url, "a", prefix, **{"state.redis.password": "pw"})) as a:
+            errors = store(a).errors
+            await wait_for(lambda: store(a).errors >= errors + 5, timeout=10)  # retried, and failed, again and again
+    lines = [r.getMessage() for r in caplog.records if r.name == "loopwatch.state"]
+    assert lines.count("state_store_down") == 1, lines
+    assert "state_store_up" not in lines and "state_store_connected" not in lines, lines
+
+
 async def test_a_full_redis_fails_the_writes_not_the_sharing(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -512,9 +512,13 @@ class RedisStateStore(Observer):
                 async with asyncio.timeout(self.redis.connect_timeout + self.redis.timeout):
                     await pubsub.subscribe(self.channel)
                 self._replays.subscribed()  # what went by meanwhile was not heard (signing.Replays)
-                self._went_up()
+                self.up = True  # the resync sends through the queue
                 up_at = time.monotonic()
                 await self._resync(client)
+                # Said once the resync went through: a session that fails in it
+                # (a command the ACL denies) is no outage's end, and said so, a
+                # line pair per retry, for ever (the fleet probe).
+                self._went_up()
                 self._first_sync.set()
                 self._session_client = client
                 await self._session(client, pubsub)
