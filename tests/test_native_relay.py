@@ -39,6 +39,7 @@ from tests.wsraw import (
     CLOSE,
     PING,
     TEXT,
+    RawBackendConnection,
     RawClient,
     close_payload,
     frame,
@@ -307,6 +308,23 @@ async def test_the_idle_timeout_counts_from_the_last_traffic() -> None:
         assert 1.9 <= silence < 3.2, silence  # at most 2.5, with room for a loaded machine
 
 
+@contextlib.asynccontextmanager
+async def flooding(conn: RawBackendConnection) -> AsyncIterator[None]:
+    """The backend sends frames to `conn` until its writes block (its client
+    reads nothing), and on while the block lasts."""
+
+    async def stream() -> None:
+        with contextlib.suppress(ConnectionError):
+            while True:
+                await conn.send(frame(BINARY, b"x" * 65536))
+
+    task = asyncio.create_task(stream())
+    try:
+        yield
+    finally:
+        task.cancel()
+
+
 async def test_a_side_that_reads_nothing_is_idle_whatever_it_sends() -> None:
     """A client that stopped reading but still pings: the backend's writes wait
     on it, and its pings were traffic, so nothing ended the connection (the
@@ -315,20 +333,13 @@ async def test_a_side_that_reads_nothing_is_idle_whatever_it_sends() -> None:
     async with raw_backend() as backend, native(backend.url, idle_timeout=0.4) as running:
         raw = await RawClient.connect(running.port, rcvbuf=4096)
         conn = await backend.accept()
-
-        async def stream() -> None:  # until its writes block: the client reads nothing
-            with contextlib.suppress(ConnectionError):
-                while True:
-                    await conn.send(frame(BINARY, b"x" * 65536))
-
-        streaming = asyncio.create_task(stream())
         began = time.monotonic()
         try:
-            while not conn.eof.is_set() and time.monotonic() - began < 10:
-                await raw.send(frame(PING, b"", mask=b"abcd"))
-                await asyncio.sleep(0.1)
+            async with flooding(conn):
+                while not conn.eof.is_set() and time.monotonic() - began < 10:
+                    await raw.send(frame(PING, b"", mask=b"abcd"))
+                    await asyncio.sleep(0.1)
         finally:
-            streaming.cancel()
             raw.abort()
         # The idle timeout (0.4 s, checked in quarters), then the close's 2 s grace.
         assert conn.eof.is_set() and time.monotonic() - began < 5
@@ -348,26 +359,19 @@ async def test_a_client_gone_without_a_close_frame_is_passed_on_though_bytes_wai
     async with raw_backend() as backend, native(backend.url) as running:
         raw = await RawClient.connect(running.port, rcvbuf=4096)
         conn = await backend.accept()
+        lost = (1001, "loopwatch: client connection lost")
 
-        async def stream() -> None:  # until its writes block: the client reads nothing
-            with contextlib.suppress(ConnectionError):
-                while True:
-                    await conn.send(frame(BINARY, b"x" * 65536))
+        def told() -> bool:
+            frames, _ = parse_frames(conn.received)
+            return lost in [f.close for f in frames if f.opcode == CLOSE]
 
-        streaming = asyncio.create_task(stream())
         try:
-            await asyncio.sleep(0.5)  # bytes for the client pile up in loopwatch
-            raw.writer.write_eof()  # gone, without a close frame
-            lost = (1001, "loopwatch: client connection lost")
-
-            def told() -> bool:
-                frames, _ = parse_frames(conn.received)
-                return lost in [f.close for f in frames if f.opcode == CLOSE]
-
-            await wait_for(told, timeout=1.5)
-            events = await running.events(closed_count(1), timeout=5)
+            async with flooding(conn):
+                await asyncio.sleep(0.5)  # bytes for the client pile up in loopwatch
+                raw.writer.write_eof()  # gone, without a close frame
+                await wait_for(told, timeout=1.5)
+                events = await running.events(closed_count(1), timeout=5)
         finally:
-            streaming.cancel()
             raw.abort()
     closed = of_type(events, ev.Closed)[0]
     assert (closed.code, closed.initiator) == (1006, "client")

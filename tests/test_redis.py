@@ -57,6 +57,16 @@ async def redis_client(server: RedisServer) -> AsyncIterator[aioredis.Redis]:
         await client.aclose()
 
 
+async def acl_user(rc: aioredis.Redis, server: RedisServer, name: str, *rules: str) -> str:
+    """A Redis user `name` (password "pw", USER_PASSWORD) with ACL `rules`; the
+    URL that logs in as it."""
+    await rc.execute_command("ACL", "SETUSER", name, "on", ">pw", *rules)
+    return server.url.replace("redis://", f"redis://{name}@")
+
+
+USER_PASSWORD = {"state.redis.password": "pw"}
+
+
 # --- replicas ------------------------------------------------------------------------
 
 
@@ -301,11 +311,10 @@ async def test_a_release_while_a_replica_was_cut_off_is_not_undone_by_it(redis_s
     notwithstanding."""
     prefix = "lw-cut:"
     async with demo_backend() as backend_app, redis_client(redis_server) as rc:
-        await rc.execute_command("ACL", "SETUSER", "cut", "on", ">pw", "~*", "&*", "+@all")
-        cut_url = redis_server.url.replace("redis://", "redis://cut@")
+        cut_url = await acl_user(rc, redis_server, "cut", "~*", "&*", "+@all")
         upstream = f"ws://127.0.0.1:{backend_app.port}"
         async with (
-            loopwatch(upstream, **overrides(cut_url, "a", prefix, **{"state.redis.password": "pw"})) as a,
+            loopwatch(upstream, **overrides(cut_url, "a", prefix, **USER_PASSWORD)) as a,
             loopwatch(upstream, **overrides(redis_server.url, "b", prefix)) as b,
         ):
             await wait_for(lambda: store(a).up and store(b).up)
@@ -340,12 +349,11 @@ async def test_a_cooldown_adopted_on_reconnect_is_enforced_at_once(redis_server:
     holding writes (CLIENT PAUSE WRITE) keeps the replica in that window."""
     prefix = "lw-adopt:"
     async with demo_backend() as backend_app, redis_client(redis_server) as rc:
-        await rc.execute_command("ACL", "SETUSER", "cut", "on", ">pw", "~*", "&*", "+@all")
-        cut_url = redis_server.url.replace("redis://", "redis://cut@")
+        cut_url = await acl_user(rc, redis_server, "cut", "~*", "&*", "+@all")
         upstream = f"ws://127.0.0.1:{backend_app.port}"
         async with (
             loopwatch(upstream, **overrides(redis_server.url, "a", prefix)) as a,
-            loopwatch(upstream, **overrides(cut_url, "b", prefix, **{"state.redis.password": "pw"})) as b,
+            loopwatch(upstream, **overrides(cut_url, "b", prefix, **USER_PASSWORD)) as b,
         ):
             await wait_for(lambda: store(a).up and store(b).up)
             await rc.execute_command("ACL", "SETUSER", "cut", "off")
@@ -370,12 +378,9 @@ async def test_a_redis_user_without_dangerous_commands_shares(redis_server: Redi
     connecting, forever, two log lines per retry, and nothing was shared."""
     prefix = "lw-acl:"
     async with demo_backend() as backend_app, redis_client(redis_server) as rc:
-        await rc.execute_command(
-            "ACL", "SETUSER", "lw", "on", ">pw", f"~{prefix}*", f"&{prefix}*", "+@all", "-@dangerous"
-        )
-        url = redis_server.url.replace("redis://", "redis://lw@")
+        url = await acl_user(rc, redis_server, "lw", f"~{prefix}*", f"&{prefix}*", "+@all", "-@dangerous")
         upstream = f"ws://127.0.0.1:{backend_app.port}"
-        extra = {"state.redis.password": "pw"}
+        extra = USER_PASSWORD
         async with (
             loopwatch(upstream, **overrides(url, "a", prefix, **extra)) as a,
             loopwatch(upstream, **overrides(url, "b", prefix, **extra)) as b,
@@ -399,10 +404,9 @@ async def test_a_resync_that_fails_each_time_is_one_outage_in_the_log(
     caplog.set_level(logging.INFO, logger="loopwatch.state")
     prefix = "lw-noscan:"
     async with demo_backend() as backend_app, redis_client(redis_server) as rc:
-        await rc.execute_command("ACL", "SETUSER", "noscan", "on", ">pw", "~*", "&*", "+@all", "-scan")
-        url = redis_server.url.replace("redis://", "redis://noscan@")
+        url = await acl_user(rc, redis_server, "noscan", "~*", "&*", "+@all", "-scan")
         upstream = f"ws://127.0.0.1:{backend_app.port}"
-        async with loopwatch(upstream, **overrides(url, "a", prefix, **{"state.redis.password": "pw"})) as a:
+        async with loopwatch(upstream, **overrides(url, "a", prefix, **USER_PASSWORD)) as a:
             errors = store(a).errors
             await wait_for(lambda: store(a).errors >= errors + 5, timeout=10)  # retried, and failed, again and again
     lines = [r.getMessage() for r in caplog.records if r.name == "loopwatch.state"]
