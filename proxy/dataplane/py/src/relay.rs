@@ -67,6 +67,13 @@ pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// at every message would cost every message; checked once per timeout, a
 /// connection could stay up to twice the timeout).
 const IDLE_SLICES: u8 = 4;
+/// The unsent bytes the kernel may hold for a leg beyond what its peer's
+/// window lets out (TCP_NOTSENT_LOWAT). Its writability then follows the
+/// peer's reading: a slow but steady reader lets output move every window
+/// update (by default a third of a 2 MB send buffer had to drain first, 45 s
+/// at 16 KiB/s, and the idle timeout cut the reader, output and reads still),
+/// and a stalled one holds this much unsent kernel memory, not megabytes.
+const NOTSENT_LOWAT: u32 = 128 * 1024;
 /// Bytes a direction passes unparsed after a protocol error, from the
 /// offending frame's first byte (capped by the message size limit): enough
 /// for a peer to read the bad frame and fail the connection.
@@ -458,6 +465,12 @@ impl<C: Transport, U: Transport> Relay<C, U> {
         client_early: &[u8],
         client_eof: bool,
     ) {
+        for i in [CLIENT, UPSTREAM] {
+            if let Some(stream) = self.streams.peek(i) {
+                // Best effort: a kernel without it keeps its default.
+                let _ = socket2::SockRef::from(stream.tcp()).set_tcp_notsent_lowat(NOTSENT_LOWAT);
+            }
+        }
         self.write(CLIENT, to_client);
         self.flush(CLIENT);
         if !upstream_early.is_empty() {
@@ -1419,6 +1432,24 @@ mod tests {
             .await
             .expect("the relay ended")
             .expect("no move outside the table")
+    }
+
+    /// Both legs hold at most NOTSENT_LOWAT unsent bytes in the kernel, so that
+    /// a slow reader's reading lets output move (the idle timeout cut a 16 KiB/s
+    /// reader of a 20 s timeout at 28 s: a third of a 2 MB buffer had to drain
+    /// before a write could succeed).
+    #[tokio::test]
+    async fn the_legs_hold_little_unsent_in_the_kernel() {
+        let (_client, client_leg) = pair().await;
+        let (_upstream, upstream_leg) = pair().await;
+        let relays = Arc::new(Relays::default());
+        let (_registered, mut relay) = Relay::for_test(client_leg, upstream_leg, &relays);
+        relay.start(b"", b"", b"", false);
+        for i in [CLIENT, UPSTREAM] {
+            let stream = relay.streams.peek(i).expect("open");
+            let lowat = socket2::SockRef::from(stream.tcp()).tcp_notsent_lowat();
+            assert_eq!(lowat.unwrap(), NOTSENT_LOWAT);
+        }
     }
 
     /// Forwarding → Passing: a client's bad frame goes on unparsed after its
