@@ -91,17 +91,20 @@ async def test_a_dead_routes_open_breaker_does_not_refuse_a_healthy_route() -> N
 
 
 async def test_the_health_check_judges_every_route_to_its_backend() -> None:
-    """Two routes to one backend (/c and /d: the same host and port, other base
-    paths), a third to another: the health check's probe of /c's path opens /d's
-    breaker too, before any client of /d pays for the dead backend; it fed /c's
-    alone, and /d's clients each met a 502 until /d had its own min_calls."""
+    """Two routes to one upstream (/c and /d), a third to another backend and a
+    fourth to the same host and port under another base path (behind a gateway,
+    another service): the health check's probe of /c's path opens /d's breaker
+    too, before any client of /d pays for the dead backend (it fed /c's alone,
+    and /d's clients each met a 502 until /d had its own min_calls), and not
+    /e's."""
     dead = free_port()
     async with websockets_backend(echo) as (healthy, _):
         settings = load_settings(None, env={}, overrides={
             "routes": [
                 {"path_prefix": "/a", "upstream": healthy},
-                {"path_prefix": "/c", "upstream": f"ws://127.0.0.1:{dead}/c"},
-                {"path_prefix": "/d", "upstream": f"ws://127.0.0.1:{dead}/d"},
+                {"path_prefix": "/c", "upstream": f"ws://127.0.0.1:{dead}/svc"},
+                {"path_prefix": "/d", "upstream": f"ws://127.0.0.1:{dead}/svc"},
+                {"path_prefix": "/e", "upstream": f"ws://127.0.0.1:{dead}/other"},
             ],
             "listen": "127.0.0.1:0", "admin.listen": "127.0.0.1:0",
             "health_check.enabled": True, "health_check.path": "/c/probe",
@@ -112,7 +115,7 @@ async def test_the_health_check_judges_every_route_to_its_backend() -> None:
         try:
             await wait_for(lambda: states(lw)[("/c", "upstream")] == "open", 5)
             assert states(lw)[("/d", "upstream")] == "open"
-            assert states(lw)[("/a", "upstream")] == "closed"
+            assert states(lw)[("/a", "upstream")] == "closed" and states(lw)[("/e", "upstream")] == "closed"
             code, reason = await attempt(ws_url(lw, f"/d?token={issue_token('d', 60)}"), "127.0.0.5")
             assert code == 1013 and reason.startswith("loopwatch: upstream unavailable"), (code, reason)
         finally:

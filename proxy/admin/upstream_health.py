@@ -3,7 +3,7 @@
 Off by default. When on, its result feeds `/readyz` (a sidecar whose backend
 does not answer upgrades should leave the load balancer) and the engine's
 `upstream` circuit breaker of the route its `path` takes and of every other
-route to the same backend (each route has its own breakers: a dead backend
+route to the same upstream URL (each route has its own breakers: a dead backend
 opens them before clients pay for it, and a recovered one closes them without
 a client having to risk an attempt; the routes to other backends hear nothing
 of it). A 401/403 answer still means the upstream is up — the probe's token is

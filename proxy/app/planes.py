@@ -41,7 +41,6 @@ from ..dataplane.boundary import (
     SignatureChecks,
     log_rejection,
 )
-from ..dataplane.routing import Route as RoutedUpstream
 from ..dataplane.routing import Router
 from ..dataplane.settings import Route, thread_count
 from ..dataplane.trim import ClockTrimmer
@@ -227,19 +226,15 @@ def settings_warnings(settings: Settings) -> list[str]:
 
 def health_check_routes(router: Router, path: str) -> tuple[str, ...]:
     """The routes whose upstream breaker the health check's results feed: the
-    route its `path` takes, and every other route to the same backend (host,
-    port and scheme; the base path aside), which the probe judges as well. A
-    ConfigError when no route serves the path."""
+    route its `path` takes, and every other route to the same upstream URL,
+    which the probe judges as well. Not routes to another base path on the same
+    host and port: behind a gateway they are other services, and one's failing
+    probe refused the other's clients (the new-features probe). A ConfigError
+    when no route serves the path."""
     route = router.match(path.partition("?")[0])
     if route is None:
         raise ConfigError(f"health_check.path: no route matches {path!r}")
-    backend = _backend(route)
-    return (route.name, *(r.name for r in router.routes if r is not route and _backend(r) == backend))
-
-
-def _backend(route: RoutedUpstream) -> tuple[str | None, int, bool]:
-    u = route.upstream
-    return (u.host, u.port, u.tls)
+    return (route.name, *(r.name for r in router.routes if r is not route and r.upstream == route.upstream))
 
 
 def routes_of(settings: Settings) -> list[tuple[str, str]]:
