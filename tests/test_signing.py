@@ -143,5 +143,10 @@ def test_a_rotations_second_key_opens_and_never_seals() -> None:
         rotating.open_batch(Seal("a-third-secret-not-ours-89", wall).seal_batch(b"lw1 c\n[]"))
     name = "loopwatch:cool:jwt:tab@10.0.0.1"
     fields = {"rule": "manual", "repeat": 1, "enforced": True, "tail_ms": 0}
-    assert rotating.open_value(name, Seal(old, wall).seal_value(name, fields, 60_000), 60_000) == (60_000, True)
-    assert rotating.open_value(name, rotating.seal_value(name, fields, 60_000), 60_000) == (60_000, False)
+    opened = rotating.open_value(name, Seal(old, wall).seal_value(name, fields, 60_000), 60_000)
+    assert (opened.left_ms, opened.reseal, opened.reseal_ttl_ms) == (60_000, True, 60_000)
+    assert not rotating.open_value(name, rotating.seal_value(name, fields, 60_000), 60_000).reseal
+    # A TTL stretched in Redis is not sealed in anew: the new seal ends where the
+    # old one did (it made a 5-minute cooldown 10 days: the new-features probe).
+    stretched = rotating.open_value(name, Seal(old, wall).seal_value(name, fields, 60_000), 36_000_000)
+    assert stretched.reseal_ttl_ms == 60_000

@@ -102,6 +102,9 @@ REFUSE_REASONS = ("malformed", "unsealed", "bad_seal", "clock", "replayed", "own
 # Batches this replica published whose echo (pub/sub hands them back) has not
 # come yet: any other batch under its id is another process's.
 SENT_REMEMBERED = 1024
+# A replica "refusing" on its status page: one that refused a batch or key this
+# recently (its counts run since start: a stray forged batch is not a split).
+REFUSING_WINDOW = 60.0
 # How often close() looks whether the queue went out.
 FLUSH_POLL = 0.005
 # The marker key (<prefix>epoch) every replica refreshes at each heartbeat: a
@@ -134,12 +137,19 @@ return 1
 _GLOB = re.compile(r"([*?\[\]\\])")
 
 
+class Resealed(NamedTuple):
+    """A cooldown key's value sealed anew with this replica's key, and its TTL."""
+
+    value: str
+    ttl_ms: int
+
+
 class ParsedKey(NamedTuple):
     """A cooldown key read at the resync: its cooldown, and its value sealed anew
     when it was sealed with the rotation's other key (None: as it is)."""
 
     cooldown: SharedCooldown
-    resealed: str | None
+    resealed: Resealed | None
 
 
 def default_replica_id() -> str:
@@ -214,6 +224,7 @@ class RedisStateStore(Observer):
         self.up = False
         self.errors = 0
         self.refused = dict.fromkeys(REFUSE_REASONS, 0)  # batches and keys not taken, by why
+        self._refused_at = -REFUSING_WINDOW  # monotonic time of the last one
         # For the admin view and tests.
         self.published = 0  # messages sent
         self.received = 0  # messages applied from other replicas
@@ -357,6 +368,7 @@ class RedisStateStore(Observer):
             "up": self.up,
             "replica": self.replica,
             "replicas_heard": sorted(self._heard),
+            "refusing": time.monotonic() - self._refused_at < REFUSING_WINDOW,
             "refused": {reason: n for reason, n in self.refused.items() if n},
         }
 
@@ -451,7 +463,8 @@ class RedisStateStore(Observer):
         """A batch or key not taken (`reason`: one of REFUSE_REASONS): skipped,
         counted, logged (a line a minute at most)."""
         self.refused[reason] += 1
-        suppressed = self._bad_lines.admit("bad", time.monotonic())
+        self._refused_at = now = time.monotonic()
+        suppressed = self._bad_lines.admit("bad", now)
         if suppressed is not None:
             log_event(log, "state_store_bad_message", logging.WARNING,
                       channel=self.channel, reason=reason, error=error, suppressed=suppressed)  # fmt: skip
@@ -793,7 +806,7 @@ class RedisStateStore(Observer):
                     engine.adopt_cooldown(parsed.cooldown, now)
                     adopted.append(parsed.cooldown.key)
                     if parsed.resealed is not None:
-                        resealed.eval(RESEAL, 1, key, value, parsed.resealed, pttl)
+                        resealed.eval(RESEAL, 1, key, value, parsed.resealed.value, parsed.resealed.ttl_ms)
                 elif isinstance(value, Exception) or isinstance(pttl, Exception):
                     self._refuse("malformed", f"{key[:80]!r}: {value if isinstance(value, Exception) else pttl}")
             # Into the table now, not after the round trips that follow: until
@@ -871,9 +884,11 @@ class RedisStateStore(Observer):
                     self._refuse(e.reason, f"{key[:80]!r}: {e}")  # forged, or written without the key
                     return None
                 left = opened.left_ms
-                if opened.reseal:  # sealed with the rotation's other key: sealed anew, its TTL kept
+                if opened.reseal and opened.reseal_ttl_ms > 0:
+                    # Sealed with the rotation's other key: sealed anew, to its sealed end.
                     fields = {k: v for k, v in data.items() if k not in ("mac", "until_ms")}
-                    resealed = json.dumps(self._seal.seal_value(name, fields, pttl), separators=(",", ":"))
+                    ttl = opened.reseal_ttl_ms
+                    resealed = Resealed(json.dumps(self._seal.seal_value(name, fields, ttl), separators=(",", ":")), ttl)
             tail = int(data["tail_ms"])
             cooldown = SharedCooldown(
                 name[len(self._cool_prefix) :], (left - tail) / 1000, str(data["rule"]), int(data["repeat"]),

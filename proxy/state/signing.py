@@ -68,6 +68,9 @@ class OpenedValue(NamedTuple):
 
     left_ms: int
     reseal: bool
+    # Its TTL to seal it anew with: to the sealed end exactly (a TTL stretched
+    # in Redis was otherwise sealed in for good, 5 minutes made 10 days).
+    reseal_ttl_ms: int
 
 
 class Seal:
@@ -153,8 +156,9 @@ class Seal:
         key = self._opens(mac.encode(), name.encode(), _canonical(rest))
         if key is None:
             raise Refused("bad_seal", "a cooldown key whose seal does not match state.redis.signing_key")
-        left = min(pttl_ms, until - int(self._wall() * 1000) + int(MAX_SKEW * 1000))
-        return OpenedValue(left, reseal=not self.ours(key))
+        to_end = until - int(self._wall() * 1000)
+        left = min(pttl_ms, to_end + int(MAX_SKEW * 1000))
+        return OpenedValue(left, reseal=not self.ours(key), reseal_ttl_ms=min(pttl_ms, to_end))
 
 
 @dataclass(slots=True)
