@@ -148,6 +148,27 @@ def test_lines_not_about_clients_are_not_budgeted() -> None:
     assert named(lines, "log_lines_suppressed") == []
 
 
+def test_an_operators_cooldown_and_the_warnings_are_not_spent_by_a_flood() -> None:
+    """The new-features probe: a flood used up the `enforcement` budget, and the
+    operator's manual cooldown (the only record of their action) went unwritten;
+    the flood's info-level cooldown ends then kept using up the warnings'."""
+    observer = EventLogObserver(settings(1))  # bursts of 10
+    manual = Outcome(actions=(CooldownStarted("victim@10.0.0.9", 0.0, 600.0, 600.0, "manual", 1),))
+    ended = Outcome(actions=(CooldownEnded("minted@10.0.0.1", 0.0),))
+    with captured() as lines:
+        for i in range(40):
+            observer.on_outcome(flood_outcome(i, 0.0), 0.0)  # the warnings' budget spent
+        observer.on_outcome(manual, 0.0)
+        for _ in range(40):
+            observer.on_outcome(ended, 0.0)  # the ends' own budget
+        observer.on_outcome(flood_outcome(99, 5.0), 5.0)  # 5 s on: a warning again
+    written = named(lines, "enforcement")
+    assert [x["client"] for x in written if x.get("rule") == "manual"] == ["victim@10.0.0.9"]
+    assert len([x for x in written if x["action"] == "cooldown_ended"]) == 10
+    assert any(x["client"] == "minted-99@10.0.0.1" for x in written)
+    assert observer.client_lines.pending("cooldown_ended") == 30
+
+
 def test_a_line_the_log_level_drops_takes_nothing_from_the_budget() -> None:
     observer = EventLogObserver(settings(1))  # bursts of 10
     cleared = Outcome(

@@ -974,7 +974,7 @@ async def test_two_replicas_under_one_replica_id_say_so(redis_server: RedisServe
             # The status page's summary says so too (up alone said all was well).
             summary = a.state_store()
             assert (summary["up"], summary["replica"], summary["replicas_heard"]) == (True, "dup", [])
-            assert summary["refused"]["own_id"] > 0  # type: ignore[index]
+            assert summary["refusing"] and summary["refused"]["own_id"] > 0  # type: ignore[index]
             url = f"http://127.0.0.1:{a.admin_port}/metrics"
             async with aiohttp.ClientSession() as session, session.get(url) as response:
                 text = await response.text()

@@ -312,5 +312,5 @@ async def test_the_page_says_a_replica_shares_with_whom_or_refuses(redis_server:
             other = await open_page(browser, b)
             await expect(other.locator("#store")).to_have_text("refusing", timeout=5000)
             await expect(other.locator("#store")).to_have_attribute("data-state", "degraded")
-            await expect(other.locator("#store-detail")).to_contain_text("refused: own_id")
+            await expect(other.locator("#store-detail")).to_contain_text("refused since start: own_id")
             assert page.errors == [] and other.errors == []  # type: ignore[attr-defined]

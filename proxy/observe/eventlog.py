@@ -39,6 +39,7 @@ ACCESS_HOOKS = frozenset({"on_rejected", "on_closed"})
 # reason an upstream's certificate was refused was otherwise nowhere), at most
 # one per route and error this often, with how many were left unlogged.
 UPSTREAM_LOG_INTERVAL = 10.0  # seconds, as REJECTION_LOG_INTERVAL
+MANUAL = "manual"  # the rule of an operator's cooldown (detectors/actions.py)
 UPSTREAM_ERRORS = frozenset({"connect", "timeout", "tls", "bad_response", "closed"})
 
 
@@ -98,7 +99,9 @@ class EventLogObserver(Observer):
                 event(log, "finding_cleared", INFO, client=f.key, rule=f.rule, severity=f.severity)
         for a in outcome.actions:
             if isinstance(a, CooldownStarted):
-                if self._client_line("enforcement", WARNING, t):
+                # An operator's cooldown is the only record of their action,
+                # and as many as operators make: never left out.
+                if a.rule == MANUAL or self._client_line("enforcement", WARNING, t):
                     fields = self._fields(
                         conn, a.key, action="cooldown", rule=a.rule, retry_after=round(a.duration, 3),
                         repeat=a.repeat, enforced=a.enforced,
@@ -108,7 +111,9 @@ class EventLogObserver(Observer):
                 if a.evicted:  # a cooldown lost, not run out: the operator should see it
                     if self._client_line("enforcement", WARNING, t):
                         event(log, "enforcement", WARNING, client=a.key, action="cooldown_ended", evicted=True)
-                elif self._client_line("enforcement", INFO, t):
+                elif self._client_line("cooldown_ended", INFO, t):
+                    # A budget of their own: a flood's ends (info) must not use up
+                    # the warnings' (the new-features probe).
                     event(log, "enforcement", INFO, client=a.key, action="cooldown_ended")
             elif isinstance(a, CloseConnection):
                 if not self._client_line("enforcement", WARNING, t):

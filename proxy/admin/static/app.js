@@ -354,12 +354,12 @@
     el.storeRow.hidden = s.backend !== "redis";
     if (el.storeRow.hidden) return;
     const refused = Object.entries(s.refused || {});
-    const state = !s.up ? "down" : refused.length ? "degraded" : "healthy";
-    el.store.textContent = !s.up ? "cut off" : refused.length ? "refusing" : "sharing";
+    const state = !s.up ? "down" : s.refusing ? "degraded" : "healthy";
+    el.store.textContent = !s.up ? "cut off" : s.refusing ? "refusing" : "sharing";
     el.store.dataset.state = state;
     const heard = s.replicas_heard || [];
     const detail = [`${s.replica}, hearing ${heard.length ? heard.join(", ") : "no other replica"}`];
-    if (refused.length) detail.push("refused: " + refused.map(([r, n]) => `${r} ${n}`).join(", "));
+    if (refused.length) detail.push("refused since start: " + refused.map(([r, n]) => `${r} ${n}`).join(", "));
     el.storeDetail.textContent = detail.join(" · ");
   }
 
