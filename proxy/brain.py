@@ -273,7 +273,7 @@ class EngineGate(Gate):
     def health_result(self, t: float, ok: bool, routes: tuple[str, ...]) -> None:
         """An active health check's result (proxy/admin/upstream_health.py) for
         the upstream breakers of `routes`: the route its path takes and the
-        others to the same backend."""
+        others to the same upstream URL."""
         for route in routes:
             self._apply(self.engine.record_health(t, ok, route), t)
         if self.table is not None:

@@ -48,7 +48,7 @@ class HealthChecker:
         self.settings = settings
         self.probe_upstream = probe_upstream
         self.report = report
-        self.routes = routes  # the route settings.path takes, then the others to its backend
+        self.routes = routes  # the route settings.path takes, then the others to its upstream URL
         self.healthy = True  # until the first probe says otherwise
         self.last_error = ""
         self.checks = 0

@@ -117,6 +117,13 @@ EPOCH_TTL_MS = 3_600_000
 # KEYS[1] the client's cooldown key; ARGV: value, TTL in ms, "1" to replace
 # whatever is there (an operator's cooldown). Otherwise the longer one stays,
 # the same rule the engines merge by, so Redis and the replicas agree.
+SET_COOLDOWN = """
+if ARGV[3] ~= '1' and redis.call('PTTL', KEYS[1]) >= tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
 # A key sealed with a rotation's other key, sealed anew with this replica's:
 # KEYS[1] the key, ARGV: its value as read, the new value, its TTL in ms. Only
 # if no one wrote it meanwhile (a longer cooldown stays).
@@ -125,13 +132,6 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-return 1
-"""
-SET_COOLDOWN = """
-if ARGV[3] ~= '1' and redis.call('PTTL', KEYS[1]) >= tonumber(ARGV[2]) then
-  return 0
-end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
 _GLOB = re.compile(r"([*?\[\]\\])")

@@ -101,10 +101,6 @@ class Seal:
                 return key
         return None
 
-    def ours(self, key: bytes) -> bool:
-        """Whether `key` (from `_opens`) is the one this Seal seals with."""
-        return key == self._key
-
     # --- batches on the channel ----------------------------------------------------------
 
     def seal_batch(self, batch: bytes) -> bytes:
@@ -146,8 +142,8 @@ class Seal:
         writer's clock is not this one: held to the sealed end exactly, a
         reader whose clock ran 10 s ahead lost every 5 s cooldown it read); a
         TTL stretched in Redis stretches a cooldown by MAX_SKEW at most.
-        Refused if the seal is missing or wrong; `resealed` if it was made
-        with the accepted key (a rotation's), for the key to be sealed anew."""
+        Refused if the seal is missing or wrong; `reseal` if it was made with
+        the accepted key (a rotation's), for the key to be sealed anew."""
         rest = dict(value)
         mac = rest.pop("mac", None)
         until = rest.get("until_ms")
@@ -158,7 +154,7 @@ class Seal:
             raise Refused("bad_seal", "a cooldown key whose seal does not match state.redis.signing_key")
         to_end = until - int(self._wall() * 1000)
         left = min(pttl_ms, to_end + int(MAX_SKEW * 1000))
-        return OpenedValue(left, reseal=not self.ours(key), reseal_ttl_ms=min(pttl_ms, to_end))
+        return OpenedValue(left, reseal=key != self._key, reseal_ttl_ms=min(pttl_ms, to_end))
 
 
 @dataclass(slots=True)
