@@ -62,4 +62,15 @@ async def loopwatch_run(
     finally:
         if proc.returncode is None:
             proc.kill()
-            await proc.wait()
+            # asyncio sees the exit only once stderr is at its end: a block that
+            # failed while it left stderr unread (a full pipe) would wait for good.
+            drained = asyncio.ensure_future(drain(proc))
+            await asyncio.wait_for(proc.wait(), 20)
+            drained.cancel()
+
+
+async def drain(proc: asyncio.subprocess.Process) -> None:
+    """Read `proc`'s stderr to its end, unless a reader is already at it."""
+    assert proc.stderr is not None
+    with contextlib.suppress(RuntimeError):  # "another coroutine is already waiting"
+        await proc.stderr.read()
