@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, SecretStr
 
 from loopwatch.proxy.app.cli import check_config_main
+from loopwatch.proxy.app.cli import main as cli_main
 from loopwatch.proxy.app.settings import (
     ConfigError,
     Settings,
@@ -562,6 +563,29 @@ def test_check_config_reads_the_files_run_reads(capsys: pytest.CaptureFixture[st
         'tls.cert_file: cannot read "/etc/loopwatch/tls/staging.example.com.crt": No such file or directory (os error 2)',
         'upstream_tls.ca_file: cannot read "/etc/loopwatch/tls/internal-ca.pem": No such file or directory (os error 2)',
     ]
+
+
+def test_check_config_reads_the_ca_bundle_whatever_the_routes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """upstream_tls.ca_file is read with only ws:// routes too: a bundle that
+    was wrong all along fails the check now, not the reload that adds the first
+    wss:// route. Without a file argument, check-config reads $LOOPWATCH_CONFIG,
+    as `run` does (it printed the defaults, exit 0, while `run` refused)."""
+    config = str(write(tmp_path, f'upstream: "ws://127.0.0.1:1"\nupstream_tls: {{ca_file: "{tmp_path}/ca.pem"}}\n'))
+    error = f'upstream_tls.ca_file: cannot read "{tmp_path}/ca.pem": No such file or directory (os error 2)'
+    assert check_config_main(config) == 2
+    assert capsys.readouterr().err.splitlines() == [error]
+    (tmp_path / "ca.pem").write_text("not PEM\n")
+    assert check_config_main(config) == 2
+    assert "upstream_tls.ca_file" in capsys.readouterr().err
+    monkeypatch.setenv("LOOPWATCH_CONFIG", config)
+    assert cli_main(["check-config"]) == 2
+    assert "upstream_tls.ca_file" in capsys.readouterr().err
+    cert, _ = self_signed_cert(tmp_path, ["backend.internal"])
+    (tmp_path / "ca.pem").write_text(Path(cert).read_text())
+    assert cli_main(["check-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["upstream_tls"]["ca_file"] == f"{tmp_path}/ca.pem"
 
 
 def test_check_config_reads_the_client_certificate_for_upstreams(

@@ -788,8 +788,13 @@ def test_bad_tls_settings_name_the_file(local_cert: Cert, named_cert: Cert, tmp_
             for path in (str(not_pem), str(encrypted), str(traditional), big.cert, local_cert.cert, local_cert.key, named_cert.key)
         )
         assert names_a_file or "server_name" in message, info.value
-    # A ca_file is only read when a route needs it, and a wss:// route is accepted.
-    start(upstream_tls=UpstreamTLS(ca_file=missing))
+    # A ca_file is read whatever the routes (a wrong one fails now, not at the
+    # reload that adds the first wss:// route); not with verification off,
+    # which reads no CA.
+    with pytest.raises(ValueError, match="upstream_tls.ca_file: cannot read"):
+        start(upstream_tls=UpstreamTLS(ca_file=missing))
+    start(upstream_tls=UpstreamTLS(ca_file=missing, verify=False))
+    start(upstream_tls=UpstreamTLS(ca_file=local_cert.cert))
     start(url="wss://127.0.0.1:9", upstream_tls=UpstreamTLS(ca_file=local_cert.cert))
     client = UpstreamTLS(cert_file=named_cert.cert, key_file=named_cert.key)
     start(upstream_tls=client)

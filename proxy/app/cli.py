@@ -47,7 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser(
         "check-config", help="validate a config file (and LOOPWATCH_* variables) and print the effective config"
     )
-    check.add_argument("file", nargs="?", help="the config file; without it, the defaults and LOOPWATCH_* variables")
+    check.add_argument(
+        "file", nargs="?", default=os.environ.get("LOOPWATCH_CONFIG"),
+        help="the config file (default: $LOOPWATCH_CONFIG, as for run); without either, the defaults and "
+        "LOOPWATCH_* variables",
+    )  # fmt: skip
 
     demo = sub.add_parser("demo", help="backend + loopwatch + clients on loopback, live")
     demo.add_argument("--duration", type=float, default=30.0, help="seconds to run (default 30)")

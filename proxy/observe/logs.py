@@ -62,7 +62,7 @@ class TextFormatter(logging.Formatter):
 
 
 def _text_value(value: object) -> str:
-    if isinstance(value, (dict, list, tuple)):
+    if isinstance(value, (dict, list, tuple, bool)) or value is None:  # true/null as the JSON lines say
         return json.dumps(value, default=str, ensure_ascii=True, separators=(",", ":"))
     text = str(value)
     if text and text.isascii() and text.isprintable() and not any(c in text for c in ' ="\\'):

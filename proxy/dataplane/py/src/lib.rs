@@ -282,7 +282,9 @@ impl ListenerConfig {
                 "upstream_tls: expected both upstream_cert_file and upstream_key_file, or neither",
             )),
         };
-        let upstream_tls = if routes.iter().any(|r| r.tls) {
+        // So is a CA bundle: a wrong one fails now, not at the reload that
+        // adds the first wss:// or https:// route.
+        let upstream_tls = if routes.iter().any(|r| r.tls) || upstream_ca_file.is_some() {
             let tls = py
                 .detach(|| {
                     tls::UpstreamTls::new(

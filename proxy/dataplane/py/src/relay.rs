@@ -703,15 +703,8 @@ impl<C: Transport, U: Transport> Relay<C, U> {
         if self.half_close(i) {
             return;
         }
-        let (leg, o) = (&self.legs[i], other(i));
-        if leg.pending_output()
-            && !self.closing()
-            && !leg.broke
-            && !self.legs[o].broke
-            && leg.watcher.close().is_none()
-            && leg.watcher.at_boundary()
-            && leg.watcher.error().is_none()
-        {
+        let o = other(i);
+        if self.legs[i].pending_output() && !self.closing() && self.can_tell_lost(i) {
             // Gone without a close frame while bytes wait for it: the other
             // side is told now, not once they are written, which a side that
             // reads nothing never lets happen (its upstream waited for the
@@ -1140,18 +1133,30 @@ impl<C: Transport, U: Transport> Relay<C, U> {
                 }
             } else if self.legs[i].watcher.close().is_some() || self.legs[i].eof {
                 self.close_leg(o); // an ordinary close handshake: flush, then close
+            } else if self.can_tell_lost(i) {
+                self.tell_lost(i);
             } else if self.legs[i].broke || self.legs[o].broke {
                 // A stream passed unparsed: where it stands is unknown, so
                 // the end is passed on as TCP's (flush, then close).
                 self.close_leg(o);
-            } else if self.legs[i].watcher.at_boundary() && self.legs[i].watcher.error().is_none() {
-                self.tell_lost(i);
             } else {
                 self.abort(o); // mid-frame: a close frame now would corrupt the stream
             }
             return;
         }
         self.enter(Phase::Done);
+    }
+
+    /// Whether leg `i`, ended without a close frame, can be told to the other
+    /// side with one of loopwatch's: it stopped at a frame boundary, and
+    /// neither direction is passed on unparsed.
+    fn can_tell_lost(&self, i: usize) -> bool {
+        let (leg, o) = (&self.legs[i], &self.legs[other(i)]);
+        leg.watcher.close().is_none()
+            && !leg.broke
+            && !o.broke
+            && leg.watcher.at_boundary()
+            && leg.watcher.error().is_none()
     }
 
     /// Leg `i` vanished without a close frame, at a frame boundary: tell the
