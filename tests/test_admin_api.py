@@ -127,6 +127,11 @@ async def test_clients_client_release_and_cooldown(tmp_path: Path) -> None:
             for bad in ("?duration=soon", "?duration=0s", ""):
                 async with s.post(f"/api/clients/{key}/cooldown{bad}") as r:
                     assert r.status == 400 and "duration" in (await r.json())["error"]
+            # Not JSON, or nested past the parser's depth (200 KB: was a 500 in
+            # plain text and a traceback in the log for each).
+            for body in (b"{duration", b'{"duration": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"):
+                async with s.post(f"/api/clients/{key}/cooldown", data=body) as r:
+                    assert r.status == 400 and "expected a JSON body" in (await r.json())["error"]
 
             async with s.get("/api/clients?limit=many") as r:
                 assert r.status == 400

@@ -197,6 +197,48 @@ async def test_a_trusted_proxy_address_is_never_capped():
             close_all(again)
 
 
+async def test_behind_a_trusted_proxy_the_client_it_names_has_its_address_share():
+    """The proxy is exempt at accept (it carries many clients), and the client
+    its X-Forwarded-For names is capped as a direct one: one client behind a
+    load balancer took every slot of limits.max_connections (the probe: 16 of
+    16, then 503 `overload` for everybody else)."""
+    limits = {
+        "limits.max_connections_per_address": 2,
+        "identity.trusted_proxies": [f"{ATTACKER}/32"],
+    }
+
+    def through_proxy(client: str) -> bytes:
+        return upgrade_request("/echo", extra=f"X-Forwarded-For: {client}\r\n".encode())
+
+    async with proxied(**limits) as p:
+        held = []
+        try:
+            for _ in range(2):
+                status, conn = await status_of(p.port, ATTACKER, through_proxy("198.51.100.5"))
+                assert status == 101
+                held.append(conn)
+            reader, writer = await open_from(p.port, ATTACKER)
+            writer.write(through_proxy("198.51.100.5"))
+            response = await asyncio.wait_for(read_response(reader), 10)
+            writer.close()
+            assert response.status == 503
+            assert response.body == b"loopwatch: too many connections from your address\n"
+            assert (await rejected(p.lw))["address_limit"] == 1
+            # Another client behind the same proxy, and the proxy's own
+            # connections beyond the cap, are not held back by it.
+            for client in ("198.51.100.6", "198.51.100.6"):
+                status, conn = await status_of(p.port, ATTACKER, through_proxy(client))
+                assert status == 101
+                held.append(conn)
+        finally:
+            close_all(held)
+        # Its upgrades gone, the client has its share back.
+        await wait_for(lambda: p.lw.plane.connections() == 0)
+        status, conn = await status_of(p.port, ATTACKER, through_proxy("198.51.100.5"))
+        assert status == 101
+        close_all([conn])
+
+
 def test_address_caps_follow_max_connections():
     from loopwatch.proxy.app.settings import load_settings
 

@@ -467,7 +467,7 @@ class AdminApi:
         if raw is None and request.can_read_body:
             try:
                 body = await request.json()
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
                 return error(400, "expected a JSON body such as {\"duration\": \"30s\"}")
             raw = body.get("duration") if isinstance(body, dict) else None
         if raw is None:

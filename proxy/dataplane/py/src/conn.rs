@@ -425,7 +425,7 @@ async fn serve_stream<C: Transport + 'static>(
                     // asymmetric signature check (not remembered) runs off
                     // this worker, within the head's deadline.
                     let identity = &config.identity;
-                    let client = match identity.identify_cheaply(&head, peer_ip, wall_clock()) {
+                    let identified = match identity.identify_cheaply(&head, peer_ip, wall_clock()) {
                         Identification::Known(client) => client,
                         Identification::NeedsSignature(check) => tokio::select! {
                             biased;
@@ -444,7 +444,30 @@ async fn serve_stream<C: Transport + 'static>(
                             }
                         },
                     };
-                    break admit(shared, route, &head, &buf, client, peer_ip, scheme, conn_id);
+                    // Behind a trusted proxy (exempt at accept), the client
+                    // it names has its address's share, as a direct one.
+                    let forwarded = identified.address.ip;
+                    if address.is_none() && forwarded != peer_ip {
+                        match shared.addresses.admit_forwarded(forwarded) {
+                            AddressAdmission::Counted(slot) => address = Some(slot),
+                            AddressAdmission::Exempt => {}
+                            AddressAdmission::OverCap => {
+                                reject(
+                                    shared,
+                                    &mut client,
+                                    forwarded,
+                                    Rejected::AddressLimit,
+                                    503,
+                                    ADDRESS_LIMIT,
+                                )
+                                .await;
+                                return;
+                            }
+                        }
+                    }
+                    break admit(
+                        shared, route, &head, &buf, identified, peer_ip, scheme, conn_id,
+                    );
                 }
             }
         };

@@ -572,19 +572,39 @@ impl Addresses {
         if !caps.capped() || caps.exempt.iter().any(|net| net.contains(ip)) {
             return AddressAdmission::Exempt;
         }
+        self.take(ip, &caps, true)
+    }
+
+    /// A WebSocket upgrade that a trusted proxy carries for `ip` (the client
+    /// its X-Forwarded-For names), counted against
+    /// `max_connections_per_address` as a connection of `ip`'s own until it
+    /// ends. The proxy is exempt at accept (it carries many clients), so
+    /// without this one client behind it took every slot of
+    /// `limits.max_connections`; nginx (realip and `limit_conn`) and HAProxy
+    /// (stick tables on the header) cap the real client likewise. Its head is
+    /// complete: it takes no place among the half-open heads.
+    pub fn admit_forwarded(self: &Arc<Self>, ip: IpAddr) -> AddressAdmission {
+        let caps = self.caps.load();
+        if caps.max_connections == usize::MAX || caps.exempt.iter().any(|net| net.contains(ip)) {
+            return AddressAdmission::Exempt;
+        }
+        self.take(ip, &caps, false)
+    }
+
+    fn take(self: &Arc<Self>, ip: IpAddr, caps: &AddressCaps, head: bool) -> AddressAdmission {
         let mut shard = lock(self.shard(ip));
         let load = shard.entry(ip).or_default();
         if load.connections > 0
-            && (load.connections >= caps.max_connections || load.heads >= caps.max_heads)
+            && (load.connections >= caps.max_connections || (head && load.heads >= caps.max_heads))
         {
             return AddressAdmission::OverCap;
         }
         load.connections += 1;
-        load.heads += 1;
+        load.heads += usize::from(head);
         AddressAdmission::Counted(AddressSlot {
             addresses: Arc::clone(self),
             ip,
-            head_pending: true,
+            head_pending: head,
         })
     }
 
@@ -753,5 +773,58 @@ mod tests {
         assert_eq!(addresses.load(ip).map(|l| l.connections), Some(3));
         drop((first, second, third));
         assert_eq!(addresses.tracked(), 0);
+    }
+
+    #[test]
+    fn a_forwarded_client_shares_its_address_cap_and_takes_no_head() {
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let trusted: IpAddr = "10.9.0.1".parse().unwrap();
+        let net = IpNet::parse("10.9.0.0/16").unwrap();
+        let addresses = Arc::new(Addresses::new(AddressCaps::new(
+            Some(3),
+            Some(1),
+            vec![net],
+        )));
+        let counted = |a: AddressAdmission| match a {
+            AddressAdmission::Counted(slot) => slot,
+            _ => panic!("expected a counted connection"),
+        };
+        // Two upgrades through the proxy and one direct head: three connections,
+        // one head (the forwarded ones' heads were complete).
+        let through = [
+            counted(addresses.admit_forwarded(ip)),
+            counted(addresses.admit_forwarded(ip)),
+        ];
+        let direct = counted(addresses.admit(ip));
+        assert_eq!(
+            addresses.load(ip),
+            Some(AddressLoad {
+                connections: 3,
+                heads: 1
+            })
+        );
+        assert!(matches!(
+            addresses.admit_forwarded(ip),
+            AddressAdmission::OverCap
+        ));
+        // A proxy named as the client (every hop trusted) stays exempt.
+        assert!(matches!(
+            addresses.admit_forwarded(trusted),
+            AddressAdmission::Exempt
+        ));
+        drop(through);
+        assert!(matches!(
+            addresses.admit_forwarded(ip),
+            AddressAdmission::Counted(_)
+        ));
+        drop(direct);
+        assert_eq!(addresses.tracked(), 0);
+        // Without a connection cap nothing is counted (the head cap alone
+        // cannot apply to a complete head).
+        let heads_only = Arc::new(Addresses::new(AddressCaps::new(None, Some(1), Vec::new())));
+        assert!(matches!(
+            heads_only.admit_forwarded(ip),
+            AddressAdmission::Exempt
+        ));
     }
 }
