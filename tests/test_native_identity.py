@@ -159,6 +159,40 @@ async def test_a_cooldown_on_a_verified_subject_refuses_it_from_every_address() 
     assert stats.refused["cooldown"] == 4
 
 
+async def test_a_verified_subject_shaped_as_another_key_frames_nobody() -> None:
+    """Keys of every source share one namespace: a user whose verified `sub`
+    was 127.0.0.9 was that address's `ip` key, and its cooldown refused every
+    anonymous client at 127.0.0.9 (the tlsid probe). Such a subject is now
+    keyed by its hash, and the address's clients are their own."""
+    identity = IdentitySettings.model_validate(
+        {"sources": ["jwt:sub", "ip"], "jwt": {"verify": True, "algorithms": ["HS256"], "secret": SECRET}}
+    )
+    exp = int(time.time()) + 600
+
+    def bearer(sub: str) -> bytes:
+        return f"Authorization: Bearer {hs256({'sub': sub, 'exp': exp})}\r\n".encode()
+
+    def digest(sub: str) -> str:
+        return "sha256:" + hashlib.sha256(sub.encode()).hexdigest()[:32]
+
+    async with RawBackend(switching_protocols) as backend, native_with(identity, backend.url) as running:
+        for sub in ("127.0.0.9", "x@127.0.0.2", "sha256:" + "0" * 32):
+            assert await status(running.port, bearer(sub), source="127.0.0.3") == 101
+            running.table.set_cooldown(digest(sub), 30.0, "auth_failure_loop")
+        assert await status(running.port, source="127.0.0.9") == 101  # anonymous: its own address
+        assert await status(running.port, bearer("x"), source="127.0.0.2") == 101
+        assert await status(running.port, bearer("127.0.0.9"), source="127.0.0.4") == 429  # the user, anywhere
+        events = await running.events(lambda es: len(of_type(es, ev.Attempt)) == 6)
+    assert attempts(events) == [
+        (digest("127.0.0.9"), "127.0.0.3"),
+        (digest("x@127.0.0.2"), "127.0.0.3"),
+        (digest("sha256:" + "0" * 32), "127.0.0.3"),
+        ("127.0.0.9", "127.0.0.9"),
+        ("x", "127.0.0.2"),
+        (digest("127.0.0.9"), "127.0.0.4"),
+    ]
+
+
 async def test_unverified_subjects_are_bound_so_a_forger_frames_only_itself() -> None:
     # jwt.verify false (the default): the claim is read, not trusted, so bound.
     identity = IdentitySettings()

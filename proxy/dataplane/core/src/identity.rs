@@ -16,6 +16,7 @@
 pub mod json;
 pub mod jwt;
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
@@ -334,7 +335,10 @@ impl Identity {
                 }
                 Source::Query(name) => query_get(&query, name).map(Raw::Text),
             };
-            let Some(value) = raw.and_then(|r| self.clean(r)) else {
+            let Some(raw) = raw else {
+                continue;
+            };
+            let Some((value, as_sent)) = self.clean(&raw) else {
                 continue;
             };
             let bind = if from_verified {
@@ -344,8 +348,14 @@ impl Identity {
             };
             let key = if bind {
                 [value.as_str(), "@", &address_text].concat()
-            } else {
+            } else if as_sent && !like_another_key(&value) {
                 value
+            } else {
+                // Unbound, a value must not equal another client's key: a
+                // verified `sub` of "203.0.113.7" was that address's `ip` key
+                // (a user put everybody there in a cooldown), "x@203.0.113.7"
+                // a bound key, "alice\u{200b}" cleaned was "alice".
+                hashed_bytes(&raw.sent())
             };
             return Ok(Client {
                 key,
@@ -397,22 +407,32 @@ impl Identity {
     }
 
     /// `Identifier._clean`: unsafe characters out, whitespace trimmed, empty
-    /// is nothing, too long is hashed.
-    fn clean(&self, raw: Raw) -> Option<String> {
-        let text: String = match raw {
-            Raw::Text(t) => t.chars().filter(|&c| !is_unsafe(c)).collect(),
+    /// is nothing, too long is hashed; and whether the value is as sent, no
+    /// character left out (surrounding whitespace is the HTTP field's, or a
+    /// cookie's around its `=`: trimming it changes nobody's value).
+    fn clean(&self, raw: &Raw) -> Option<(String, bool)> {
+        let (text, as_sent): (String, bool) = match raw {
+            Raw::Text(t) => {
+                let text: String = t.chars().filter(|&c| !is_unsafe(c)).collect();
+                let same = text.len() == t.len();
+                (text, same)
+            }
             // Lone surrogates are unsafe characters: leaving them out is the cleaning.
-            Raw::Claim(s) => s.text.chars().filter(|&c| !is_unsafe(c)).collect(),
-            Raw::Int(i) => i,
+            Raw::Claim(s) => {
+                let text: String = s.text.chars().filter(|&c| !is_unsafe(c)).collect();
+                let same = s.surrogates.is_empty() && text.len() == s.text.len();
+                (text, same)
+            }
+            Raw::Int(i) => (i.clone(), true),
         };
         let value = py_strip(&text);
         if value.is_empty() {
             return None;
         }
         if value.chars().count() > self.max_key_length {
-            return Some(hashed(value));
+            return Some((hashed(value), as_sent));
         }
-        Some(value.to_owned())
+        Some((value.to_owned(), as_sent))
     }
 
     /// The JWT's claims, and whether its signature was verified; `costly`
@@ -540,11 +560,50 @@ impl Raw {
             _ => None,
         }
     }
+
+    /// The value as sent, in UTF-8 (a lone surrogate as Python's
+    /// `surrogatepass` writes it): what a key hashed "as sent" hashes.
+    fn sent(&self) -> Cow<'_, [u8]> {
+        match self {
+            Raw::Text(t) | Raw::Int(t) => Cow::Borrowed(t.as_bytes()),
+            Raw::Claim(s) if s.surrogates.is_empty() => Cow::Borrowed(s.text.as_bytes()),
+            Raw::Claim(s) => {
+                let mut out = Vec::with_capacity(s.text.len() + 3 * s.surrogates.len());
+                let mut from = 0;
+                for &(at, unit) in &s.surrogates {
+                    out.extend_from_slice(&s.text.as_bytes()[from..at]);
+                    let unit = u32::from(unit);
+                    out.extend_from_slice(&[
+                        0xE0 | (unit >> 12) as u8,
+                        0x80 | ((unit >> 6) & 0x3F) as u8,
+                        0x80 | (unit & 0x3F) as u8,
+                    ]);
+                    from = at;
+                }
+                out.extend_from_slice(&s.text.as_bytes()[from..]);
+                Cow::Owned(out)
+            }
+        }
+    }
+}
+
+/// Whether an unbound value could be another client's key: an address (an
+/// `ip` key), `value@address` (a bound key), or `sha256:…` (a hashed one).
+fn like_another_key(value: &str) -> bool {
+    value.starts_with("sha256:")
+        || parse_address(value).is_some()
+        || value
+            .rsplit_once('@')
+            .is_some_and(|(_, address)| parse_address(address).is_some())
 }
 
 /// `sha256:` and the first 32 hex digits of the value's SHA-256.
 fn hashed(value: &str) -> String {
-    let digest = Sha256::digest(value.as_bytes());
+    hashed_bytes(value.as_bytes())
+}
+
+fn hashed_bytes(value: &[u8]) -> String {
+    let digest = Sha256::digest(value);
     let mut out = String::with_capacity(7 + 32);
     out.push_str("sha256:");
     for byte in &digest[..16] {
@@ -894,6 +953,44 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         assert_eq!(client.address.to_string(), "192.0.2.1");
         assert!(!client.verified);
         assert!(!identity.verifies());
+    }
+
+    #[test]
+    fn an_unbound_value_never_equals_another_clients_key() {
+        // A trusted gateway's header, unbound (as a verified claim is).
+        let identity = Identity::new(&IdentitySpec {
+            sources: vec!["header:x-user".to_owned(), "ip".to_owned()],
+            bind_to_address: false,
+            ..IdentitySpec::by_address()
+        })
+        .expect("valid settings");
+        let key = |value: &str| {
+            let request = format!(
+                "GET /ws HTTP/1.1\r\nHost: x\r\nX-User: {value}\r\nUpgrade: websocket\r\n\
+Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            );
+            let crate::head::HeadStatus::Complete(head) =
+                crate::head::parse_head(request.as_bytes(), &crate::head::HeadLimits::default())
+            else {
+                panic!("a valid head");
+            };
+            identity
+                .identify(&head, "192.0.2.1".parse().unwrap(), 0.0)
+                .key
+        };
+        // Values that are nobody else's key are the key, as sent.
+        assert_eq!(key("alice"), "alice");
+        assert_eq!(key("alice@example.com"), "alice@example.com");
+        // The field's whitespace is not part of the value.
+        assert_eq!(key(" alice "), "alice");
+        // An address (another client's `ip` key), `value@address` (a bound
+        // key), `sha256:…` (a hashed key), or a value the cleaning changed:
+        // the SHA-256 of the value as sent.
+        for value in ["203.0.113.7", "2001:db8::1", "x@203.0.113.7", "sha256:0123"] {
+            assert_eq!(key(value), hashed(value), "{value}");
+        }
+        // (A header is read as latin-1: U+200B's UTF-8 is "â" and two C1 controls.)
+        assert_eq!(key("ali\u{200b}ce"), hashed("ali\u{e2}\u{80}\u{8b}ce"));
     }
 
     #[test]
