@@ -294,8 +294,18 @@ def guard_middleware(
         if state_change and cross_site(request):
             # A page on another origin could POST to a loopback admin port; a
             # browser always says where it came from.
+            # Behind a reverse proxy that rewrites Host (nginx's default), the
+            # page's own requests meet this too: the answer says what to fix.
+            origin = request.headers.get("Origin")
+            seen = (
+                f"Origin {origin[:100]!r}" if origin is not None
+                else f"Sec-Fetch-Site {request.headers.get('Sec-Fetch-Site', '')[:100]!r}"
+            )
             return refuse("cross_site", request, error(
-                403, "cross-site request refused: the admin API takes same-origin requests only"
+                403,
+                f"cross-site request refused: the admin API takes same-origin requests only ({seen}, Host "
+                f"{request.host[:100]!r}); behind a reverse proxy, pass the browser's Host header on unchanged "
+                "(docs/admin-api.md)",
             ))
 
         needs_token = admin.token and request.path.startswith("/api/") and not bearer_ok
