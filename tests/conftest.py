@@ -306,9 +306,13 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
 # --- TLS ----------------------------------------------------------------------
 
 
-def self_signed_cert(directory: Path, names: list[str]) -> tuple[str, str]:
+def self_signed_cert(
+    directory: Path, names: list[str], valid_days: tuple[float, float] = (-1, 90)
+) -> tuple[str, str]:
     """A self-signed (CA) certificate for DNS names and IP addresses `names`, valid
-    now; written as PEM into `directory`. Returns (cert file, key file)."""
+    from and until `valid_days` from now (by default from yesterday, for 90 days:
+    no warning that it ends soon); written as PEM into `directory`. Returns
+    (cert file, key file)."""
     import datetime
     import ipaddress
 
@@ -332,8 +336,8 @@ def self_signed_cert(directory: Path, names: list[str]) -> tuple[str, str]:
         .issuer_name(subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
+        .not_valid_before(now + datetime.timedelta(days=valid_days[0]))
+        .not_valid_after(now + datetime.timedelta(days=valid_days[1]))
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())

@@ -19,6 +19,7 @@ plane it replaced was deleted once every black-box suite passed on this one
 from __future__ import annotations
 
 import asyncio
+import datetime
 import functools
 import logging
 import os
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from ..brain import EngineGate, NativeDriver, TableSync
+from ..dataplane import certificates
 from ..dataplane.boundary import (
     NO_SIGNATURE_CHECKS,
     Connection,
@@ -206,7 +208,8 @@ def settings_errors(settings: Settings) -> list[str]:
 
 def settings_warnings(settings: Settings) -> list[str]:
     """Settings that work but leave a hole an operator should know of, one line
-    each: `note:` lines from check-config, `config_warning` lines at `run`'s start."""
+    each: `note:` lines from check-config, `config_warning` lines at `run`'s start
+    and after each reload that applied."""
     warnings: list[str] = []
     secure_upstreams = [u for u in (r.upstream for r in settings.effective_routes()) if u.startswith(("wss:", "https:"))]
     if secure_upstreams and not settings.upstream_tls.verify:
@@ -221,6 +224,8 @@ def settings_warnings(settings: Settings) -> list[str]:
             "identity.jwt.audience is not set: a token its issuer signed for another app is "
             "taken as its user's, so whoever holds one can put that user in a cooldown"
         )
+    now = datetime.datetime.now(datetime.UTC)
+    warnings += certificates.warnings(certificates.validities(settings.tls, settings.upstream_tls), now)
     return warnings
 
 

@@ -39,7 +39,7 @@ from ..sections import HostPort, parse_host_port
 from ..state.local import LocalState
 from ..state.redis import RedisStateStore
 from . import fdlimit
-from .planes import DataPlane, health_check_routes, make_plane, routes_of
+from .planes import DataPlane, health_check_routes, make_plane, routes_of, settings_warnings
 from .settings import ConfigError, Settings, load_settings
 from .watch import FileWatch, watched_files
 
@@ -269,6 +269,10 @@ class Running:
                 )  # fmt: skip
         info = {"reload": True, "result": "ok", "source": self._source, "restart_required": restart}
         self.observers.call("on_config", new, info)
+        # As at the start: a certificate swapped for an expired one is taken
+        # (it parses and matches its key), and said.
+        for warning in settings_warnings(new):
+            event(log, "config_warning", logging.WARNING, message=warning)
         return {"reloaded": True, "restart_required": restart}
 
     async def close(self) -> None:

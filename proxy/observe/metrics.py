@@ -48,6 +48,7 @@ from ..dataplane.boundary import (
     REJECTED_REASONS,
     handshake_outcome,
 )
+from ..dataplane.certificates import Validity, validities
 from .eventlog import EventLogObserver
 from .observers import Observer, Observers, trace_context
 from .promstore import CounterStore, HistogramStore
@@ -167,6 +168,7 @@ class MetricsObserver(Observer):
         # for the next restart, so it stays visible until a reload succeeds.
         self.last_reload_ok = True
         self.last_reload_success = time.time()
+        self.certificates: list[Validity] = []  # the dates of the certificates in force (on_config)
         self.stores = (
             self.attempts, self.refusals, self.would_reject, self.handshake_errors, self.auth_failures,
             self.closes, self.duration, self.handshake, self.findings, self.cooldowns, self.reloads,
@@ -282,6 +284,8 @@ class MetricsObserver(Observer):
 
     def on_config(self, settings: Settings, info: dict[str, Any]) -> None:
         self.reconfigure(settings)
+        if info.get("result") == "ok":  # the files as the data plane just took them
+            self.certificates = validities(settings.tls, settings.upstream_tls)
         if info.get("reload"):
             ok = info.get("result") == "ok"
             self.reloads.add(("ok" if ok else "error",))
@@ -342,6 +346,8 @@ class StateCollector(Collector):
         families["store_up"].add_metric([], 1.0 if getattr(store, "up", True) else 0.0)
         families["reload_ok"].add_metric([], 1.0 if self.metrics.last_reload_ok else 0.0)
         families["reload_time"].add_metric([], self.metrics.last_reload_success)
+        for validity in self.metrics.certificates:
+            families["certificate_expiry"].add_metric([validity.setting], validity.not_after.timestamp())
         families["store_errors"].add_metric([], getattr(store, "errors", 0))
         families["store_dropped"].add_metric([], getattr(store, "dropped", 0))
         for reason, count in (getattr(store, "refused", None) or {}).items():
@@ -475,6 +481,12 @@ class StateCollector(Collector):
             "reload_time": g(
                 "loopwatch_config_last_reload_success_timestamp_seconds",
                 "Unix time of the last successful configuration load (the start's or a reload).",
+            ),
+            "certificate_expiry": g(
+                "loopwatch_certificate_expiry_timestamp_seconds",
+                "Unix time at which a certificate loopwatch presents ends (notAfter), by setting:"
+                " tls.cert_file (the listener's), upstream_tls.cert_file (to upstreams).",
+                labels=["setting"],
             ),
             "held": g(
                 "loopwatch_connections_held",
