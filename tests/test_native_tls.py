@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -413,6 +414,9 @@ async def test_an_untrusted_upstream_is_502_and_a_tls_failure(local_cert: Cert, 
         assert b"TLS" in err.response.body
         failed = of_type(events, ev.HandshakeFailed)[0]
         assert (failed.status, failed.error) == (None, "tls")
+        # The backend's certificate is self-signed, marked a CA: its issuer is
+        # untrusted (webpki's CaUsedAsEndEntity sent operators elsewhere).
+        assert failed.detail == "invalid peer certificate: UnknownIssuer", failed.detail
         assert (stats.handshake_failed, stats.opened, stats.active) == (1, 0, 0)
         assert backend.forwarded_proto == []
 
@@ -746,7 +750,29 @@ def test_bad_tls_settings_name_the_file(local_cert: Cert, named_cert: Cert, tmp_
     def start(url: str = "ws://127.0.0.1:9", **kwargs: Any) -> None:
         NativeListener.start([("/", url)], queue=queue, table=table, threads=1, **kwargs).stop(1.0)
 
+    # Valid keys of kinds rustls does not take: was "failed to parse private
+    # key as RSA, ECDSA, or EdDSA", as if the file were corrupt.
+    untaken = {
+        "rsa-1024": rsa.generate_private_key(public_exponent=65537, key_size=1024),
+        "p-521": ec.generate_private_key(ec.SECP521R1()),
+    }
+    for name, other_key in untaken.items():
+        (tmp_path / f"{name}.pem").write_bytes(
+            other_key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    kind = "is of a kind or size loopwatch's TLS library does not take: it takes RSA keys of 2048 to 4096 bits"
+
     cases: list[tuple[dict[str, Any], str]] = [
+        *(
+            ({"tls": ListenerTLS(cert_file=local_cert.cert, key_file=str(tmp_path / f"{name}.pem"))}, "tls.key_file: .* " + kind)
+            for name in untaken
+        ),
+        (
+            {"upstream_tls": UpstreamTLS(cert_file=local_cert.cert, key_file=str(tmp_path / "p-521.pem"))},
+            "upstream_tls.key_file: .* " + kind,
+        ),
         ({"tls": ListenerTLS(cert_file=missing, key_file=local_cert.key)}, "tls.cert_file: cannot read"),
         ({"tls": ListenerTLS(cert_file=str(not_pem), key_file=local_cert.key)}, "tls.cert_file: no certificate"),
         ({"tls": ListenerTLS(cert_file=local_cert.cert, key_file=local_cert.cert)}, "tls.key_file: no private key"),
@@ -785,7 +811,7 @@ def test_bad_tls_settings_name_the_file(local_cert: Cert, named_cert: Cert, tmp_
             start(**kwargs)
         names_a_file = missing in str(info.value) or any(
             path in str(info.value)
-            for path in (str(not_pem), str(encrypted), str(traditional), big.cert, local_cert.cert, local_cert.key, named_cert.key)
+            for path in (str(not_pem), str(encrypted), str(traditional), big.cert, local_cert.cert, local_cert.key, named_cert.key, str(tmp_path))
         )
         assert names_a_file or "server_name" in message, info.value
     # A ca_file is read whatever the routes (a wrong one fails now, not at the

@@ -146,9 +146,25 @@ fn certified_key(
         )
     })?;
     let leaf = certs[0].clone();
-    CertifiedKey::from_der(certs, key, &provider())
-        .map(Arc::new)
-        .map_err(|e| match e {
+    // CertifiedKey::from_der's two steps, so that a key of a kind rustls does
+    // not take is said as such: its own words ("failed to parse private key
+    // as RSA, ECDSA, or EdDSA") sent operators looking for a corrupt file.
+    let signing = provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|_| {
+            format!(
+                "{section}.key_file: the key in {key_file:?} is of a kind or size loopwatch's TLS \
+                 library does not take: it takes RSA keys of 2048 to 4096 bits, ECDSA P-256 or P-384, \
+                 and Ed25519 (not RSA 1024 or 8192, P-521 or Ed448)"
+            )
+        })?;
+    let certified = CertifiedKey::new(certs, signing);
+    match certified.keys_match() {
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {
+            Ok(Arc::new(certified))
+        }
+        Err(e) => Err(match e {
             rustls::Error::InconsistentKeys(_) => format!(
                 "{section}.key_file: the key in {key_file:?} is not the key of the certificate in {cert_file:?}"
             ),
@@ -157,7 +173,8 @@ fn certified_key(
                 own_certificate_error(&leaf, e)
             ),
             other => format!("{section}: {cert_file:?} with {key_file:?}: {other}"),
-        })
+        }),
+    }
 }
 
 /// The listener's TLS (`tls.cert_file`, `tls.key_file`): the certificate
@@ -334,6 +351,14 @@ impl Verified {
     }
 }
 
+fn ca_as_end_entity(error: &rustls::Error) -> bool {
+    matches!(
+        error,
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))
+            if other.0.downcast_ref::<webpki::Error>() == Some(&webpki::Error::CaUsedAsEndEntity)
+    )
+}
+
 /// The upstream verifier rustls calls: the certificate by `verified`; the
 /// handshake's own signature always against the certificate's key, as
 /// OpenSSL does.
@@ -369,6 +394,16 @@ impl ServerCertVerifier for Checked {
                 .trusted_as_itself(&self.algorithms, end_entity, server_name, now)
                 .map(|()| ServerCertVerified::assertion())
                 .map_err(|_| error),
+            Err(error) if ca_as_end_entity(&error) => {
+                // A CA certificate presented as the server's own, not one of
+                // ours: a self-signed one (`openssl req -x509` marks it a
+                // CA), whose issuer nobody here trusts. webpki says
+                // `CaUsedAsEndEntity` first, which sent operators looking at
+                // the certificate's extensions instead of `ca_file`.
+                Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::UnknownIssuer,
+                ))
+            }
             verdict => verdict,
         }
     }
