@@ -254,6 +254,9 @@ async def test_a_manual_cooldown_or_release_refuses_keys_identity_never_produces
             "SHA-256 (docs/identity.md); use that key"
         ),
         long_value: f"identity keys such a client as '{hashed}', sha256:",
+        # An unbound value starting so is hashed itself (docs/identity.md).
+        "sha256:0123": "a hashed client key is sha256: and 32 lowercase hex digits",
+        "sha256:zz@10.0.0.1": "a hashed client key is sha256: and 32 lowercase hex digits",
     }
     async with reloadable(tmp_path / "loopwatch.yaml", text) as lw, admin_session(lw, None) as s:
         for key, why in cases.items():
@@ -262,7 +265,8 @@ async def test_a_manual_cooldown_or_release_refuses_keys_identity_never_produces
                     assert r.status == 400, (key, action)
                     assert why in (await r.json())["error"], (key, action)
         # Keys identity does produce are taken as before: an address, a value with `@` and non-ASCII.
-        for key in ("10.0.0.1", "2001:db8::1", "alice@example.com", "tab 42/ü@127.0.0.1", "u" * 64 + "@10.0.0.1", hashed):
+        for key in ("10.0.0.1", "2001:db8::1", "alice@example.com", "tab 42/ü@127.0.0.1", "u" * 64 + "@10.0.0.1", hashed,
+                    f"{hashed}@10.0.0.1"):  # fmt: skip
             async with s.post(f"/api/clients/{quote(key, safe='')}/cooldown?duration=1m") as r:
                 assert r.status == 200 and (await r.json())["key"] == key
 

@@ -434,6 +434,16 @@ def test_values_from_clients_cannot_forge_lines_fields_or_terminal_codes(formatt
         assert ' reason="x\\r\\n2026' in line
 
 
+def test_the_text_format_tells_a_string_from_a_literal() -> None:
+    """true, false and null are written bare as the JSON lines write them; a
+    string that reads as one is quoted (a client key "null" was `client=null`,
+    which reads as no client at all)."""
+    record = logging.LogRecord("loopwatch.events", logging.INFO, __file__, 0, "access", None, None)
+    record.fields = {"a": None, "b": "null", "c": True, "d": "true", "e": [], "f": "[]", "g": "alice"}
+    line = TextFormatter().format(record)
+    assert line.endswith(' a=null b="null" c=true d="true" e=[] f="[]" g=alice'), line
+
+
 def test_a_clients_trace_headers_cannot_write_to_the_log() -> None:
     """The OpenTelemetry API logs every malformed tracestate with the client's
     text in the line (7 KB a connection, unlimited: the telemetry probe); after

@@ -353,6 +353,9 @@ _NEVER_IN_A_KEY = re.compile(
 )
 
 
+_HASHED = re.compile("sha256:[0-9a-f]{32}")
+
+
 def manual_key_problem(key: str, max_key_length: int) -> str | None:
     """Why a key given to a manual cooldown or release is none identity could
     produce, or None. Such a key would be accepted, reported as done, and match
@@ -370,6 +373,13 @@ def manual_key_problem(key: str, max_key_length: int) -> str | None:
         value, address = key, ""
     if value != value.strip():
         return "a client key's value never starts or ends with whitespace (identity strips it: docs/identity.md)"
+    if value.startswith("sha256:") and not _HASHED.fullmatch(value):
+        # A value identity did not hash that starts so is hashed itself: no
+        # client ever has this key.
+        return (
+            "a hashed client key is sha256: and 32 lowercase hex digits (docs/identity.md); "
+            "copy the key as `loopwatch clients` shows it"
+        )
     if len(value) > max_key_length:
         hashed = "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:32]
         mapped = f"{hashed}@{address}" if address else hashed

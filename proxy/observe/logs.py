@@ -61,11 +61,19 @@ class TextFormatter(logging.Formatter):
         return f"{base} {extra}".rstrip()
 
 
+_LITERALS = frozenset({"null", "true", "false"})
+
+
 def _text_value(value: object) -> str:
     if isinstance(value, (dict, list, tuple, bool)) or value is None:  # true/null as the JSON lines say
         return json.dumps(value, default=str, ensure_ascii=True, separators=(",", ":"))
     text = str(value)
-    if text and text.isascii() and text.isprintable() and not any(c in text for c in ' ="\\'):
+    # Bare only what cannot read as another value: a client key "null" was
+    # `client=null`, no client at all.
+    if (
+        text and text.isascii() and text.isprintable() and not any(c in text for c in ' ="\\')
+        and text not in _LITERALS and text[0] not in "[{"
+    ):
         return text
     return json.dumps(text, ensure_ascii=True)
 

@@ -328,10 +328,10 @@ impl Identity {
                     })
                 }
                 // Cookie headers are joined with "; " even as a header source.
-                Source::Header(name) if name == "cookie" => cookie_header(head).map(Raw::Text),
-                Source::Header(name) => header_text(head, name).map(Raw::Text),
+                Source::Header(name) if name == "cookie" => cookie_header(head).map(Raw::Field),
+                Source::Header(name) => header_text(head, name).map(Raw::Field),
                 Source::Cookie(name) => {
-                    cookie_get(cookie_header(head).as_deref(), name).map(Raw::Text)
+                    cookie_get(cookie_header(head).as_deref(), name).map(Raw::Field)
                 }
                 Source::Query(name) => query_get(&query, name).map(Raw::Text),
             };
@@ -407,22 +407,21 @@ impl Identity {
     }
 
     /// `Identifier._clean`: unsafe characters out, whitespace trimmed, empty
-    /// is nothing, too long is hashed; and whether the value is as sent, no
-    /// character left out (surrounding whitespace is the HTTP field's, or a
-    /// cookie's around its `=`: trimming it changes nobody's value).
+    /// is nothing, too long is hashed; and whether the value is as sent: no
+    /// character within it left out (surrounding whitespace, a tab or a line
+    /// separator included, is trimmed whatever it is: it changes nobody's
+    /// value).
     fn clean(&self, raw: &Raw) -> Option<(String, bool)> {
+        let whole = |t: &str| !py_strip(t).chars().any(is_unsafe);
         let (text, as_sent): (String, bool) = match raw {
-            Raw::Text(t) => {
-                let text: String = t.chars().filter(|&c| !is_unsafe(c)).collect();
-                let same = text.len() == t.len();
-                (text, same)
+            Raw::Field(t) | Raw::Text(t) => {
+                (t.chars().filter(|&c| !is_unsafe(c)).collect(), whole(t))
             }
             // Lone surrogates are unsafe characters: leaving them out is the cleaning.
-            Raw::Claim(s) => {
-                let text: String = s.text.chars().filter(|&c| !is_unsafe(c)).collect();
-                let same = s.surrogates.is_empty() && text.len() == s.text.len();
-                (text, same)
-            }
+            Raw::Claim(s) => (
+                s.text.chars().filter(|&c| !is_unsafe(c)).collect(),
+                s.surrogates.is_empty() && whole(&s.text),
+            ),
             Raw::Int(i) => (i.clone(), true),
         };
         let value = py_strip(&text);
@@ -545,6 +544,9 @@ impl CheckedSignature {
 
 /// What a source found, before cleaning.
 enum Raw {
+    /// A header's or a cookie's value, read as latin-1: a character per byte.
+    Field(String),
+    /// A query parameter's, percent-decoded.
     Text(String),
     Claim(PyStr),
     /// An integer claim, as `str(int)`.
@@ -561,40 +563,64 @@ impl Raw {
         }
     }
 
-    /// The value as sent, in UTF-8 (a lone surrogate as Python's
-    /// `surrogatepass` writes it): what a key hashed "as sent" hashes.
+    /// The value as sent, surrounding whitespace trimmed: what a key hashed
+    /// "as sent" hashes. A header's or a cookie's bytes as they came (UTF-8
+    /// when the client sent UTF-8); a query parameter's or a claim's text in
+    /// UTF-8 (a lone surrogate as Python's `surrogatepass` writes it).
     fn sent(&self) -> Cow<'_, [u8]> {
         match self {
-            Raw::Text(t) | Raw::Int(t) => Cow::Borrowed(t.as_bytes()),
-            Raw::Claim(s) if s.surrogates.is_empty() => Cow::Borrowed(s.text.as_bytes()),
+            // Latin-1: each character is the byte it was read from.
+            Raw::Field(t) => Cow::Owned(py_strip(t).chars().map(|c| c as u8).collect()),
+            Raw::Text(t) | Raw::Int(t) => Cow::Borrowed(py_strip(t).as_bytes()),
+            Raw::Claim(s) if s.surrogates.is_empty() => Cow::Borrowed(py_strip(&s.text).as_bytes()),
             Raw::Claim(s) => {
-                let mut out = Vec::with_capacity(s.text.len() + 3 * s.surrogates.len());
-                let mut from = 0;
-                for &(at, unit) in &s.surrogates {
-                    out.extend_from_slice(&s.text.as_bytes()[from..at]);
-                    let unit = u32::from(unit);
-                    out.extend_from_slice(&[
-                        0xE0 | (unit >> 12) as u8,
-                        0x80 | ((unit >> 6) & 0x3F) as u8,
-                        0x80 | (unit & 0x3F) as u8,
-                    ]);
-                    from = at;
+                // The text and its surrogates in order, then trimmed: a
+                // surrogate is no whitespace, so it stops the trimming.
+                let mut units: Vec<Result<char, u16>> = Vec::with_capacity(s.text.len());
+                let mut pending = s.surrogates.iter().peekable();
+                for (at, c) in s.text.char_indices() {
+                    while let Some(&(_, unit)) = pending.next_if(|&&(o, _)| o <= at) {
+                        units.push(Err(unit));
+                    }
+                    units.push(Ok(c));
                 }
-                out.extend_from_slice(&s.text.as_bytes()[from..]);
+                units.extend(pending.map(|&(_, unit)| Err(unit)));
+                let space = |u: &Result<char, u16>| matches!(u, Ok(c) if is_py_space(*c));
+                let start = units.iter().position(|u| !space(u)).unwrap_or(units.len());
+                let end = units
+                    .iter()
+                    .rposition(|u| !space(u))
+                    .map_or(start, |i| i + 1);
+                let mut out = Vec::with_capacity(s.text.len() + 3 * s.surrogates.len());
+                for unit in &units[start..end] {
+                    match *unit {
+                        Ok(c) => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+                        Err(unit) => {
+                            let unit = u32::from(unit);
+                            out.extend_from_slice(&[
+                                0xE0 | (unit >> 12) as u8,
+                                0x80 | ((unit >> 6) & 0x3F) as u8,
+                                0x80 | (unit & 0x3F) as u8,
+                            ]);
+                        }
+                    }
+                }
                 Cow::Owned(out)
             }
         }
     }
 }
 
-/// Whether an unbound value could be another client's key: an address (an
-/// `ip` key), `value@address` (a bound key), or `sha256:…` (a hashed one).
+/// Whether an unbound value could be another client's key: an address as an
+/// `ip` key writes it, `value@address` (a bound key), or `sha256:…` (a
+/// hashed one). `1.2.3.4:80`, `[::1]` or `user@[192.0.2.1]` are nobody's.
 fn like_another_key(value: &str) -> bool {
+    let address_key = |text: &str| parse_address(text).is_some_and(|a| a.to_string() == text);
     value.starts_with("sha256:")
-        || parse_address(value).is_some()
+        || address_key(value)
         || value
             .rsplit_once('@')
-            .is_some_and(|(_, address)| parse_address(address).is_some())
+            .is_some_and(|(_, address)| address_key(address))
 }
 
 /// `sha256:` and the first 32 hex digits of the value's SHA-256.
@@ -989,8 +1015,61 @@ Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSoc
         for value in ["203.0.113.7", "2001:db8::1", "x@203.0.113.7", "sha256:0123"] {
             assert_eq!(key(value), hashed(value), "{value}");
         }
-        // (A header is read as latin-1: U+200B's UTF-8 is "â" and two C1 controls.)
-        assert_eq!(key("ali\u{200b}ce"), hashed("ali\u{e2}\u{80}\u{8b}ce"));
+        // A value the cleaning changed: the hash of its bytes as sent (here
+        // UTF-8; loopwatch reads the header as latin-1, a character a byte).
+        assert_eq!(key("ali\u{200b}ce"), hashed("ali\u{200b}ce"));
+        assert_eq!(key("\u{141}ukasz"), hashed("\u{141}ukasz")); // Ł: C5 81, a C1 byte
+                                                                 // Forms no `ip` or bound key takes are nobody's: kept as sent.
+        for value in [
+            "1.2.3.4:80",
+            "[::1]",
+            "user@[192.0.2.1]",
+            "x@10.0.0.1:443",
+            "127.1",
+        ] {
+            assert_eq!(key(value), value);
+        }
+    }
+
+    #[test]
+    fn a_claims_surrounding_whitespace_is_trimmed_whatever_it_is() {
+        let identity = Identity::new(&IdentitySpec::by_address()).expect("valid settings");
+        let claim = |text: &str, surrogates: Vec<(usize, u16)>| {
+            Raw::Claim(PyStr {
+                text: text.to_owned(),
+                surrogates,
+            })
+        };
+        for text in [
+            "alice",
+            "alice ",
+            "alice\t",
+            "alice\n",
+            "alice\u{2028}",
+            "\u{85}alice",
+        ] {
+            let raw = claim(text, Vec::new());
+            assert_eq!(
+                identity.clean(&raw),
+                Some(("alice".to_owned(), true)),
+                "{text:?}"
+            );
+            assert_eq!(&*raw.sent(), b"alice");
+        }
+        // Inside, a character left out is a value not as sent.
+        assert_eq!(
+            identity.clean(&claim("ali\tce", Vec::new())),
+            Some(("alice".to_owned(), false))
+        );
+        // A lone surrogate (left out) stops the trimming: its bytes as
+        // `surrogatepass` writes them, the whitespace before it kept.
+        let raw = claim(" al", vec![(0, 0xD800)]);
+        assert_eq!(identity.clean(&raw), Some(("al".to_owned(), false)));
+        assert_eq!(&*raw.sent(), b"\xed\xa0\x80 al");
+        let raw = claim("al ", vec![(3, 0xDC00)]);
+        assert_eq!(&*raw.sent(), b"al \xed\xb0\x80");
+        // An address with whitespace around it hashes as the address does.
+        assert_eq!(&*claim(" 203.0.113.7\t", Vec::new()).sent(), b"203.0.113.7");
     }
 
     #[test]
