@@ -1,4 +1,4 @@
-"""The dates of the certificates loopwatch presents (proxy/dataplane/certificates.py).
+"""The dates of the certificates loopwatch presents (proxy/observe/certificates.py).
 
 rustls serves an expired listener certificate (it parses and matches its key),
 and every client refuses it; a reload that swapped one in was a success
@@ -20,8 +20,7 @@ from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
 from loopwatch.proxy.app.cli import check_config_main
-from loopwatch.proxy.dataplane.certificates import validities, warnings
-from loopwatch.proxy.dataplane.settings import ListenerTLS, UpstreamTLS
+from loopwatch.proxy.observe.certificates import validities, warnings
 from tests.conftest import free_port, self_signed_cert
 from tests.processes import loopwatch_run
 from tests.test_service_links import process_env
@@ -35,10 +34,6 @@ def cert_in(tmp_path: Path, name: str, valid_days: tuple[float, float]) -> tuple
     return self_signed_cert(folder, ["localhost"], valid_days)
 
 
-def listener(cert: tuple[str, str]) -> ListenerTLS:
-    return ListenerTLS(cert_file=cert[0], key_file=cert[1])
-
-
 def not_after(cert: str) -> datetime.datetime:
     return x509.load_pem_x509_certificate(Path(cert).read_bytes()).not_valid_after_utc
 
@@ -48,16 +43,16 @@ def test_each_certificate_peers_refuse_now_or_soon_is_named(tmp_path: Path) -> N
     future = cert_in(tmp_path, "future", (2, 90))
     soon = cert_in(tmp_path, "soon", (-1, 5))
     fine = cert_in(tmp_path, "fine", (-1, 90))
-    lines = warnings(validities(listener(expired), UpstreamTLS(cert_file=future[0], key_file=future[1])), NOW)
+    lines = warnings(validities({"tls.cert_file": expired[0], "upstream_tls.cert_file": future[0]}), NOW)
     assert len(lines) == 2
     assert lines[0].startswith(f"tls.cert_file: the certificate in {expired[0]!r} expired on ")
     assert lines[0].endswith(": clients refuse it")
     assert lines[1].startswith(f"upstream_tls.cert_file: the certificate in {future[0]!r} is not valid until ")
-    (line,) = warnings(validities(listener(soon), UpstreamTLS()), NOW)
+    (line,) = warnings(validities({"tls.cert_file": soon[0], "upstream_tls.cert_file": None}), NOW)
     assert line.startswith("tls.cert_file: ") and line.endswith(", in 5.0 days")
-    assert warnings(validities(listener(fine), UpstreamTLS()), NOW) == []
+    assert warnings(validities({"tls.cert_file": fine[0]}), NOW) == []
     # A file it cannot read is the data plane's to name: nothing here.
-    assert validities(listener((str(tmp_path / "missing.pem"), fine[1])), UpstreamTLS()) == []
+    assert validities({"tls.cert_file": str(tmp_path / "missing.pem")}) == []
 
 
 def test_check_config_notes_an_expired_certificate(

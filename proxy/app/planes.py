@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from ..brain import EngineGate, NativeDriver, TableSync
-from ..dataplane import certificates
 from ..dataplane.boundary import (
     NO_SIGNATURE_CHECKS,
     Connection,
@@ -46,6 +45,7 @@ from ..dataplane.boundary import (
 from ..dataplane.routing import Router
 from ..dataplane.settings import Route, thread_count
 from ..dataplane.trim import ClockTrimmer
+from ..observe import certificates
 from ..observe.eventlog import log_http_access
 from ..observe.logs import event
 from .settings import ConfigError, Settings
@@ -225,7 +225,7 @@ def settings_warnings(settings: Settings) -> list[str]:
             "taken as its user's, so whoever holds one can put that user in a cooldown"
         )
     now = datetime.datetime.now(datetime.UTC)
-    warnings += certificates.warnings(certificates.validities(settings.tls, settings.upstream_tls), now)
+    warnings += certificates.warnings(certificates.validities(certificates.presented(settings)), now)
     return warnings
 
 

@@ -48,7 +48,7 @@ from ..dataplane.boundary import (
     REJECTED_REASONS,
     handshake_outcome,
 )
-from ..dataplane.certificates import Validity, validities
+from .certificates import Validity, presented, validities
 from .eventlog import EventLogObserver
 from .observers import Observer, Observers, trace_context
 from .promstore import CounterStore, HistogramStore
@@ -285,7 +285,7 @@ class MetricsObserver(Observer):
     def on_config(self, settings: Settings, info: dict[str, Any]) -> None:
         self.reconfigure(settings)
         if info.get("result") == "ok":  # the files as the data plane just took them
-            self.certificates = validities(settings.tls, settings.upstream_tls)
+            self.certificates = validities(presented(settings))
         if info.get("reload"):
             ok = info.get("result") == "ok"
             self.reloads.add(("ok" if ok else "error",))

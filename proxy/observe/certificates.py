@@ -14,11 +14,14 @@ expired, not valid yet or ends within `SOON`, and the end as a gauge
 from __future__ import annotations
 
 import datetime
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 
-from .settings import ListenerTLS, UpstreamTLS
+if TYPE_CHECKING:
+    from ..app.settings import Settings
 
 # How long before its end a certificate is worth a warning line (the alert,
 # LoopwatchCertificateExpiringSoon, fires a week before).
@@ -36,12 +39,18 @@ class Validity:
     not_after: datetime.datetime
 
 
-def validities(tls: ListenerTLS, upstream_tls: UpstreamTLS) -> list[Validity]:
-    """The dates of the certificates the settings name. A file that cannot be
-    read here is left out: the data plane's own check names what is wrong
-    with it, and a reload refused for it keeps the certificate in force."""
+def presented(settings: Settings) -> dict[str, str | None]:
+    """The certificate files a configuration names, by setting."""
+    return {"tls.cert_file": settings.tls.cert_file, "upstream_tls.cert_file": settings.upstream_tls.cert_file}
+
+
+def validities(files: Mapping[str, str | None]) -> list[Validity]:
+    """The dates of the certificates in `files` (setting: path or None). A
+    file that cannot be read here is left out: the data plane's own check
+    names what is wrong with it, and a reload refused for it keeps the
+    certificate in force."""
     found = []
-    for setting, path in (("tls.cert_file", tls.cert_file), ("upstream_tls.cert_file", upstream_tls.cert_file)):
+    for setting, path in files.items():
         if path is None:
             continue
         try:
