@@ -21,6 +21,7 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO
 
@@ -342,3 +343,17 @@ def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields
     """Log one structured event line."""
     if logger.isEnabledFor(level):
         logger.log(level, name, extra={"fields": fields})
+
+
+@contextlib.contextmanager
+def quieted(name: str = "loopwatch", level: int = logging.ERROR) -> Iterator[None]:
+    """Logger `name` at `level` for the block, as before after it: `demo` and
+    `simulate` keep loopwatch's lines off their tables, and run in-process in
+    tests and embeddings, where a level left behind silenced the next one."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)

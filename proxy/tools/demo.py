@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import signal
 import sys
 import time
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...detectors.views import ClientView
+from ..observe.logs import quieted
 from .demo_backend import backend_main
 from .simulate import Knobs, Run, Stack, Tally, format_counts, launch, start_stack
 
@@ -367,8 +367,6 @@ def demo_main(duration: float = 30.0, keep_running: bool = False) -> int:
     if not 0 < duration <= MAX_DURATION:
         print(f"loopwatch demo: --duration: expected more than 0 and at most {MAX_DURATION:g}s", file=sys.stderr)
         return 2
-    # loopwatch's own log lines would scroll the table away; findings are shown in it.
-    logging.getLogger("loopwatch").setLevel(logging.ERROR)
     from ..app.runtime import run_loop
 
     async def main() -> DemoResult:
@@ -383,7 +381,9 @@ def demo_main(duration: float = 30.0, keep_running: bool = False) -> int:
                 loop.remove_signal_handler(sig)
 
     try:
-        result = run_loop(main)
+        # loopwatch's own log lines would scroll the table away; findings are shown in it.
+        with quieted():
+            result = run_loop(main)
     except OSError as e:
         print(f"loopwatch demo: cannot start: {e}", file=sys.stderr)
         return 1

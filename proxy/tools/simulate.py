@@ -42,6 +42,7 @@ import aiohttp
 
 from ...detectors.actions import CooldownStarted
 from ...detectors.decisions import Outcome
+from ..observe.logs import quieted
 from ..observe.observers import Observer
 from .demo_backend import DEMO_SECRET, DemoBackend, issue_token
 
@@ -1382,8 +1383,6 @@ def simulate_main(options: SimulateOptions, env: Mapping[str, str] | None = None
         return 2
     from ..app.runtime import run_loop
 
-    logging.getLogger("loopwatch").setLevel(logging.ERROR)
-
     async def main() -> SimulateReport | None:
         task = asyncio.create_task(simulate(options))
         loop = asyncio.get_running_loop()
@@ -1401,7 +1400,8 @@ def simulate_main(options: SimulateOptions, env: Mapping[str, str] | None = None
             return None
 
     try:
-        report = run_loop(main)
+        with quieted():
+            report = run_loop(main)
     except ConfigError as e:  # --config: the in-process loopwatch's file
         print(f"loopwatch simulate: invalid configuration:\n{e}", file=sys.stderr)
         return 2
