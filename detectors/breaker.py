@@ -15,6 +15,15 @@
   half-open for ever once its probe had failed. The caller names clients
   (``who``: their ``party``); the breaker keeps up to ``MAX_FAILED_PROBERS``
   of them.
+* ``second_chance`` (the auth breaker): in a half-open phase a client's first
+  failed probe is not yet a failure; its probe goes back, and its next
+  attempt may probe again. A credential that went stale while the breaker
+  was open (a deploy that invalidated every token) fails once and is renewed
+  on that answer: judged at once, each half-open re-opened on one such
+  client, whose peers, refused meanwhile, never learned theirs had gone
+  stale, and a healthy fleet stayed locked out for minutes. A second failure
+  of the same client (its renewed credential refused: the auth service is
+  down) re-opens as before.
 * CLOSED with ``pending``: calls under way that have not failed yet count
   with the calls (the auth breaker's connections not yet old enough to be
   successes), so that the failures that come first do not make the ratio.
@@ -118,11 +127,15 @@ class CircuitBreaker:
         "probe_deadline",
         "half_open_at",
         "failed_probers",
+        "second_chance",
+        "second_chances",
         "transitions_total",
         "last_trip",
     )
 
-    def __init__(self, name: str, settings: CircuitBreakerSettings, route: str = "") -> None:
+    def __init__(
+        self, name: str, settings: CircuitBreakerSettings, route: str = "", *, second_chance: bool = False
+    ) -> None:
         self.name = name
         self.route = route  # the route whose outcomes it counts and whose attempts it judges
         self.settings = settings
@@ -138,6 +151,8 @@ class CircuitBreaker:
         self.probe_deadline = math.inf
         self.half_open_at = -math.inf
         self.failed_probers: set[str] = set()  # since the breaker last closed
+        self.second_chance = second_chance
+        self.second_chances: set[str] = set()  # clients forgiven a failed probe, this half-open
         self.transitions_total: dict[str, int] = {s.value: 0 for s in BreakerState}
         # The last time it opened, with what made it: the window is cleared when
         # it opens, and an operator looking at an open breaker asks why.
@@ -175,6 +190,7 @@ class CircuitBreaker:
             self.probes_permitted = self.probes_succeeded = self.probes_in_flight = 0
             self.probe_deadline = math.inf
             self.half_open_at = t
+            self.second_chances.clear()
         else:
             self.closed_at = t
             self._window.clear()
@@ -283,6 +299,15 @@ class CircuitBreaker:
         if state is HALF_OPEN and probe and self.probes_in_flight:
             self.probes_in_flight -= 1
             if not success:
+                if (
+                    self.second_chance
+                    and who is not None
+                    and who not in self.second_chances
+                    and len(self.second_chances) < MAX_FAILED_PROBERS
+                ):
+                    self.second_chances.add(who)
+                    self.probes_permitted -= 1  # its probe back: for its next attempt, or another's
+                    return _NO_TRANSITIONS
                 if who is not None and len(self.failed_probers) < MAX_FAILED_PROBERS:
                     self.failed_probers.add(who)
                 return (self._trip(t, TripCause.PROBE_FAILED, self.probes_permitted, 1),)

@@ -86,16 +86,29 @@ class Credit:
 class RouteBreakers:
     """One route's breakers: ``upstream`` and ``auth``, with the same settings
     as every other route's, and the clients with a connection of the route
-    awaiting its auth-success credit (counted as pending by its auth breaker)."""
+    open (counted as not failing by its auth breaker)."""
 
-    __slots__ = ("route", "upstream", "auth", "pair", "credited")
+    __slots__ = ("route", "upstream", "auth", "pair", "live", "live_conns")
 
     def __init__(self, route: str, settings: BreakerSettings) -> None:
         self.route = route
         self.upstream = CircuitBreaker("upstream", settings.upstream, route)
-        self.auth = CircuitBreaker("auth", settings.auth, route)
+        # A stale credential fails once and is renewed: its second chance (breaker.py).
+        self.auth = CircuitBreaker("auth", settings.auth, route, second_chance=True)
         self.pair = (self.upstream, self.auth)  # in the order admit judges them
-        self.credited: Counter[str] = Counter()
+        self.live: Counter[str] = Counter()  # open connections of the route, by client key
+        self.live_conns: dict[ConnId, str] = {}  # … and which key each counted one is under
+
+    def opened(self, conn_id: ConnId, key: str) -> None:
+        self.live_conns[conn_id] = key
+        self.live[key] += 1
+
+    def closed_conn(self, conn_id: ConnId) -> None:
+        key = self.live_conns.pop(conn_id, None)
+        if key is not None:
+            self.live[key] -= 1
+            if not self.live[key]:
+                del self.live[key]
 
     def closed(self) -> bool:
         return self.upstream.state is CLOSED and self.auth.state is CLOSED
@@ -130,12 +143,15 @@ class Engine:
         self._seq = itertools.count()
         # Open connections awaiting their auth-success credit, in time order; a close
         # takes its connection's out (nothing of a connection outlives it). Their
-        # clients are counted by route (RouteBreakers.credited).
+        # clients are counted by route (RouteBreakers.live).
         self._credits: OrderedDict[ConnId, Credit] = OrderedDict()
         self._credit_due = INF  # the oldest credit's due time; INF when there is none
         # When each party (breaker.party) last fed a route's auth breaker a
         # failure, or a success: once per window each.
         self._auth_fed: dict[tuple[str, str, bool], float] = {}
+        # When each party last failed a route's auth once, uncounted: its
+        # second failure in a row within the window is the first that counts.
+        self._auth_strikes: dict[tuple[str, str], float] = {}
         # Clients with a standing finding or a cooldown: few, so views and counts iterate them.
         self._notable: dict[str, ClientState] = {}
         # Clients with an open connection (here or through another replica): a
@@ -427,19 +443,19 @@ class Engine:
             self._update_connected(state)
             if rb is not None:
                 self._upstream_outcome(state, rb, t, success=True)
+                rb.opened(event.conn_id, state.key)
             if self._breaker_settings.auth.enabled:
                 due = t + d.healthy_after
                 if not self._credits:
                     self._credit_due = due
                 self._credits[event.conn_id] = Credit(due, state.key, rb)
                 if rb is not None:
-                    rb.credited[state.key] += 1
                     if due < self._floor and rb.auth.state is not CLOSED:
                         self._floor = due  # a probe may be waiting for its credit
         elif isinstance(event, Closed):
-            credit = self._credits.pop(event.conn_id, None)
-            if credit is not None:
-                self._uncredit(credit)
+            if rb is not None:
+                rb.closed_conn(event.conn_id)
+            if self._credits.pop(event.conn_id, None) is not None:
                 self._credit_due = _first_due(self._credits)
             opened = state.opened_at(event.conn_id)
             credited = event.duration >= d.healthy_after or (
@@ -454,6 +470,12 @@ class Engine:
                     self._auth_outcome(state, rb, t, failed=False)
                 elif rb is not None:
                     self._release_probe(state, rb.auth)
+            elif rb is not None:
+                # Counted as a success once, maybe long ago: said again as it
+                # ends (once a window per client), so that the window holds
+                # the fleet a deploy closes when its stale credentials fail
+                # (they tripped the breaker before the closes were counted).
+                self._feed_auth_breaker(state, rb, t, failed=False)
             if kind & tracker.FAILED:
                 enforce = self._blame(kind, rb)
         elif isinstance(event, HandshakeFailed):
@@ -538,13 +560,19 @@ class Engine:
     def _feed_auth_breaker(self, state: ClientState, rb: RouteBreakers, t: float, failed: bool) -> None:
         """Count clients, not attempts, and a client by its address (``party``):
         one looping client, whatever keys it makes up, must not trip a
-        route-wide breaker (and so refuse everyone on the route) by itself."""
+        route-wide breaker (and so refuse everyone on the route) by itself.
+        And a client's failure only once it fails again: a token refresh is a
+        failure, then in. A deploy that invalidated every token failed every
+        client once, and those failures opened the breaker for everyone."""
         breaker = rb.auth
         if breaker.state is not CLOSED:
             return
         window = breaker.settings.window
+        who_at = party(state.addr, state.key)
+        if not self._second_strike(rb.route, who_at, t, failed, window):
+            return
         fed = self._auth_fed
-        who = (rb.route, party(state.addr, state.key), failed)
+        who = (rb.route, who_at, failed)
         if t - fed.get(who, NEVER) < window:
             return
         if len(fed) >= MAX_AUTH_FED:  # bounded: forget what no longer counts
@@ -552,11 +580,31 @@ class Engine:
             if len(fed) >= MAX_AUTH_FED:
                 fed.clear()
         fed[who] = t
-        # Clients whose connection is open and not yet old enough to be a
-        # success count as not failing: after a deploy every client reconnects,
-        # the failing few fail at once and the rest only succeed healthy_after
-        # later, so without them a few percent failing tripped the breaker.
-        self._moved(breaker.record(t, not failed, pending=len(rb.credited)))
+        # Clients with a connection open count as not failing: after a deploy
+        # every client reconnects, the failing few fail at once and the rest
+        # only succeed healthy_after later, so without them a few percent
+        # failing tripped the breaker; and a fleet connected for long, its
+        # successes out of the window, was nothing against the first 20
+        # stale tokens a deploy's reconnects failed with.
+        self._moved(breaker.record(t, not failed, pending=len(rb.live)))
+
+    def _second_strike(self, route: str, who: str, t: float, failed: bool, window: float) -> bool:
+        """Whether a party's outcome counts: a success always (and it clears
+        the party's strike); a failure when the party already failed within
+        the window with no success since."""
+        strikes = self._auth_strikes
+        if not failed:
+            strikes.pop((route, who), None)
+            return True
+        first = strikes.get((route, who))
+        if first is not None and t - first < window:
+            return True
+        if len(strikes) >= MAX_AUTH_FED:  # bounded as the fed parties are
+            self._auth_strikes = strikes = {w: at for w, at in strikes.items() if t - at < window}
+            if len(strikes) >= MAX_AUTH_FED:
+                strikes.clear()
+        strikes[(route, who)] = t
+        return False
 
     def _drain_credits(self, t: float) -> None:
         """Connections that lived ``healthy_after`` are auth successes."""
@@ -566,20 +614,10 @@ class Engine:
             if credit.due > t:
                 break
             del credits[conn_id]
-            self._uncredit(credit)
             state = self._store.get(credit.key)
             if state is not None and state.opened_at(conn_id) is not None:
                 self._auth_outcome(state, credit.route, credit.due, failed=False)
         self._credit_due = _first_due(credits)
-
-    @staticmethod
-    def _uncredit(credit: Credit) -> None:
-        if credit.route is None:
-            return
-        credited = credit.route.credited
-        credited[credit.key] -= 1
-        if not credited[credit.key]:
-            del credited[credit.key]
 
     # --- rules, findings, cooldowns -------------------------------------------
 

@@ -278,10 +278,12 @@ async def test_fleet_wide_auth_storm_opens_auth_breaker_without_cooldowns():
     async with demo_backend() as backend, loopwatch(
         f"ws://127.0.0.1:{backend.port}", **{"breakers.auth.min_calls": 10}
     ) as lw:
-        # The auth service fails for everybody: many users, each failing once or
-        # twice, each from an address of its own (the breaker counts addresses).
+        # The auth service fails for everybody: many users, each retrying once,
+        # each from an address of its own (the breaker counts addresses, and
+        # a client's second failure in a row: a stale token fails only once).
         for i in range(14):
-            await attempt(ws_url(lw, f"/ws?token={issue_token(f'user{i}', -60)}"), f"127.0.0.{i + 2}")
+            for _ in range(2):
+                await attempt(ws_url(lw, f"/ws?token={issue_token(f'user{i}', -60)}"), f"127.0.0.{i + 2}")
         await wait_for(lambda: {b.name: b.state for b in lw.engine.breakers(time.monotonic())}["auth"] == "open")
         now = time.monotonic()
         states = {b.name: b.state for b in lw.engine.breakers(now)}

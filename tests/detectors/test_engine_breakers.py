@@ -20,6 +20,14 @@ def engine(policy: PolicySettings | None = None, **breakers: object) -> Engine:
     return Engine(DetectionSettings(), policy or PolicySettings(), b)
 
 
+def auth_fails(e: Engine, key: str, t: float, addr: str = "", status: int = 401) -> None:
+    """Client `key` fails auth twice in a row, 10 ms apart: the second is the
+    first failure its route's auth breaker counts (a stale token fails once)."""
+    for i in range(2):
+        if e.admit(Attempt(key, "/ws", t + i * 0.01, addr)).admitted:
+            e.record(HandshakeFailed(key, "/ws", t + i * 0.01 + 0.005, status))
+
+
 def transitions(outcomes: list) -> list[tuple[str, str, str]]:
     return [
         (a.name, a.from_state, a.to_state)
@@ -216,9 +224,7 @@ def test_one_looping_client_does_not_trip_the_fleet_wide_auth_breaker() -> None:
 def test_the_auth_breaker_closes_after_probes_live_long_enough() -> None:
     e = engine(auth={"min_calls": 5, "half_open_probes": 2})
     for i in range(5):
-        key = f"u{i}"
-        e.admit(Attempt(key, "/ws", i * 0.01))
-        e.record(HandshakeFailed(key, "/ws", i * 0.01 + 0.005, 401))
+        auth_fails(e, f"u{i}", i * 0.02)
     assert e.breakers(0.1)[1].state == "open"
     t = 10.1  # past the auth open wait
     for i in range(2):
@@ -231,17 +237,72 @@ def test_the_auth_breaker_closes_after_probes_live_long_enough() -> None:
     assert ("auth", "half_open", "closed") in transitions([out])
 
 
-def test_an_auth_probe_closed_1008_reopens() -> None:
+def test_an_auth_probe_closed_1008_twice_reopens() -> None:
+    """A client's first failed auth probe is its second chance (a stale token
+    it renews on that answer); its second failure re-opens."""
     e = engine(auth={"min_calls": 5})
     for i in range(5):
-        e.admit(Attempt(f"u{i}", "/ws", 0.0))
-        e.record(HandshakeFailed(f"u{i}", "/ws", 0.01, 403))
+        auth_fails(e, f"u{i}", 0.0, status=403)
     d = e.admit(Attempt("p", "/ws", 10.1))
     assert d.probes == ("auth",)
     e.record(Opened("p", "/ws", 10.11, 1))
     out = e.record(Closed("p", "/ws", 10.12, 1, 1008, "", "upstream", 0.01))
+    assert transitions([out]) == [] and e.breakers(10.2)[1].state == "half_open"
+    assert e.admit(Attempt("p", "/ws", 10.3)).probes == ("auth",)  # its next attempt probes again
+    e.record(Opened("p", "/ws", 10.31, 2))
+    out = e.record(Closed("p", "/ws", 10.32, 2, 1008, "", "upstream", 0.01))
     assert ("auth", "half_open", "open") in transitions([out])
     assert not any(isinstance(a, CooldownStarted) for a in out.actions)
+
+
+def test_a_deploy_that_invalidates_every_token_locks_nobody_out() -> None:
+    """The herd probe: 200 clients connected for minutes; a deploy closes them
+    all (1012) and rejects their tokens; each reconnects, gets 1008 once,
+    renews its token and is back. The first 20 stale tokens (before the
+    closes were counted) opened the auth breaker; at each half-open a client
+    refused meanwhile, still stale, failed its probe and re-opened it with a
+    doubled wait: 0 of 200 back after 5 minutes. Now: never opened."""
+    e = engine()
+    n = 200
+    for i in range(n):
+        e.admit(Attempt(f"u{i}", "/ws", 0.0, f"10.0.{i // 250}.{i % 250}"))
+        e.record(Opened(f"u{i}", "/ws", 0.01, i))
+    e.wake(300.0)  # connected for 5 minutes: their successes long out of the window
+    t = 300.0
+    # The stale reconnects can be judged before the closes reach the engine.
+    for i in range(n):
+        addr = f"10.0.{i // 250}.{i % 250}"
+        assert e.admit(Attempt(f"u{i}", "/ws", t + i * 0.001, addr)).admitted
+        e.record(HandshakeFailed(f"u{i}", "/ws", t + i * 0.001 + 0.0005, 403))
+    for i in range(n):
+        e.record(Closed(f"u{i}", "/ws", t + 0.3, i, 1012, "", "upstream", 300.29))
+    for i in range(n):  # renewed tokens
+        addr = f"10.0.{i // 250}.{i % 250}"
+        assert e.admit(Attempt(f"u{i}", "/ws", t + 0.5 + i * 0.001, addr)).admitted
+        e.record(Opened(f"u{i}", "/ws", t + 0.5 + i * 0.001 + 0.0005, 1000 + i))
+    auth = e.breakers(t + 10)[1]
+    assert auth.state == "closed" and auth.trips == 0, auth
+
+
+def test_at_half_open_stale_clients_renew_and_close_the_auth_breaker() -> None:
+    """Were the breaker open anyway (an auth hiccup), the clients refused
+    meanwhile hold stale tokens: each fails its probe once, renews, and its
+    next attempt succeeds; the breaker closes at the first half-open."""
+    e = engine(auth={"min_calls": 5, "half_open_probes": 3})
+    for i in range(5):
+        auth_fails(e, f"u{i}", 0.0, f"10.0.0.{i}", 403)
+    assert e.breakers(0.1)[1].state == "open"
+    t = 10.1
+    for i in range(3):  # the probes: stale, 1008, then renewed and in
+        key, addr = f"s{i}", f"10.0.1.{i}"
+        assert e.admit(Attempt(key, "/ws", t, addr)).probes == ("auth",)
+        e.record(HandshakeFailed(key, "/ws", t + 0.01, 403))
+        assert e.breakers(t + 0.02)[1].state == "half_open"
+        assert e.admit(Attempt(key, "/ws", t + 0.5, addr)).probes == ("auth",)
+        e.record(Opened(key, "/ws", t + 0.51, 100 + i))
+        t += 0.1
+    out = e.wake(t + 0.6 + 5.0)  # healthy_after: the probes' credit
+    assert ("auth", "half_open", "closed") in transitions([out])
 
 
 def test_a_client_whose_probe_failed_gets_no_probe_until_the_breaker_closes() -> None:
@@ -268,8 +329,7 @@ def test_the_incidents_looper_cannot_hold_the_auth_breaker_open() -> None:
     bad token: the breaker closes and the looper is then put in cooldown."""
     e = engine(auth={"min_calls": 5, "half_open_probes": 2})
     for i in range(5):
-        e.admit(Attempt(f"u{i}", "/ws", i * 0.01))
-        e.record(HandshakeFailed(f"u{i}", "/ws", i * 0.01 + 0.005, 401))
+        auth_fails(e, f"u{i}", i * 0.02)
     sim = Sim(e, lambda key, n, t: Close(0.01, 1008) if key == "looper" else Stay())
     sim.add(Client("looper", 1.0, fixed(0.035)))
     for i in range(20):
@@ -289,8 +349,10 @@ def test_a_few_failing_clients_in_a_reconnecting_fleet_do_not_trip_the_auth_brea
         key = f"user{i}"
         t = i * 0.002
         assert e.admit(Attempt(key, "/ws", t)).admitted
-        if i % 33 == 0:  # 3 %
+        if i % 33 == 0:  # 3 %, each retrying once before it refreshes
             e.record(HandshakeFailed(key, "/ws", t + 0.001, 401))
+            assert e.admit(Attempt(key, "/ws", t + 0.0012)).admitted
+            e.record(HandshakeFailed(key, "/ws", t + 0.0015, 401))
         else:
             e.record(Opened(key, "/ws", t + 0.001, i))
     assert e.breakers(2.0)[1].state == "closed"
@@ -312,8 +374,7 @@ def test_keys_made_up_at_one_address_count_once_for_the_auth_breaker() -> None:
     # Three more addresses failing, as in a real auth outage: five, open.
     for i in range(3):
         addr = f"198.51.100.{i + 1}"
-        assert e.admit(Attempt(f"u@{addr}", "/ws", 1.0, addr)).admitted
-        e.record(HandshakeFailed(f"u@{addr}", "/ws", 1.01, 401))
+        auth_fails(e, f"u@{addr}", 1.0, addr)
     assert e.breakers(1.1)[1].state == "open"
 
 

@@ -46,11 +46,14 @@ def upstream_down(e: Engine, route: str, clients: int, t: float = 0.0) -> list:
 
 
 def auth_down(e: Engine, route: str, clients: int, t: float = 0.0) -> None:
+    """`clients` addresses fail auth twice each (the auth breaker counts a
+    client's second failure in a row: a stale token fails once)."""
     for i in range(clients):
         key = f"u{i}@10.1.0.{i}"
-        e.admit(Attempt(key, route, t, f"10.1.0.{i}"))
-        e.record(HandshakeFailed(key, route, t + 0.005, 401))
-        t += 0.01
+        for _ in range(2):
+            if e.admit(Attempt(key, route, t, f"10.1.0.{i}")).admitted:
+                e.record(HandshakeFailed(key, route, t + 0.005, 401))
+            t += 0.01
 
 
 def test_configured_routes_have_their_breakers_from_the_start() -> None:
