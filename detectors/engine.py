@@ -449,9 +449,8 @@ class Engine:
                 if not self._credits:
                     self._credit_due = due
                 self._credits[event.conn_id] = Credit(due, state.key, rb)
-                if rb is not None:
-                    if due < self._floor and rb.auth.state is not CLOSED:
-                        self._floor = due  # a probe may be waiting for its credit
+                if rb is not None and due < self._floor and rb.auth.state is not CLOSED:
+                    self._floor = due  # a probe may be waiting for its credit
         elif isinstance(event, Closed):
             if rb is not None:
                 rb.closed_conn(event.conn_id)
