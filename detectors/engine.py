@@ -29,9 +29,10 @@ import itertools
 import math
 import random
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from operator import attrgetter, itemgetter
+from typing import TypeVar
 
 from . import findings, policy, tracker
 from .actions import Action, CloseConnection, CooldownEnded, WouldReject
@@ -112,6 +113,19 @@ class RouteBreakers:
 
     def closed(self) -> bool:
         return self.upstream.state is CLOSED and self.auth.state is CLOSED
+
+
+_Party = TypeVar("_Party", bound=Hashable)
+
+
+def _with_room(entries: dict[_Party, float], t: float, window: float) -> dict[_Party, float]:
+    """`entries` (when each party last did something) with room for one more:
+    when full, those out of the window forgotten (all of them, in the flood
+    of that many parties within one window)."""
+    if len(entries) < MAX_AUTH_FED:
+        return entries
+    kept = {w: at for w, at in entries.items() if t - at < window}
+    return kept if len(kept) < MAX_AUTH_FED else {}
 
 
 def _first_due(credits: OrderedDict[ConnId, Credit]) -> float:
@@ -574,10 +588,7 @@ class Engine:
         who = (rb.route, who_at, failed)
         if t - fed.get(who, NEVER) < window:
             return
-        if len(fed) >= MAX_AUTH_FED:  # bounded: forget what no longer counts
-            self._auth_fed = fed = {w: at for w, at in fed.items() if t - at < window}
-            if len(fed) >= MAX_AUTH_FED:
-                fed.clear()
+        self._auth_fed = fed = _with_room(fed, t, window)
         fed[who] = t
         # Clients with a connection open count as not failing: after a deploy
         # every client reconnects, the failing few fail at once and the rest
@@ -598,10 +609,7 @@ class Engine:
         first = strikes.get((route, who))
         if first is not None and t - first < window:
             return True
-        if len(strikes) >= MAX_AUTH_FED:  # bounded as the fed parties are
-            self._auth_strikes = strikes = {w: at for w, at in strikes.items() if t - at < window}
-            if len(strikes) >= MAX_AUTH_FED:
-                strikes.clear()
+        self._auth_strikes = strikes = _with_room(strikes, t, window)
         strikes[(route, who)] = t
         return False
 

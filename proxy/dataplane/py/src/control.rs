@@ -488,6 +488,10 @@ impl AddressCaps {
     fn capped(&self) -> bool {
         self.max_connections != usize::MAX || self.max_heads != usize::MAX
     }
+
+    fn exempts(&self, ip: IpAddr) -> bool {
+        self.exempt.iter().any(|net| net.contains(ip))
+    }
 }
 
 /// What each client address holds, against `limits.max_connections_per_address`
@@ -569,7 +573,7 @@ impl Addresses {
     /// shut the address out).
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> AddressAdmission {
         let caps = self.caps.load();
-        if !caps.capped() || caps.exempt.iter().any(|net| net.contains(ip)) {
+        if !caps.capped() || caps.exempts(ip) {
             return AddressAdmission::Exempt;
         }
         self.take(ip, &caps, true)
@@ -585,7 +589,7 @@ impl Addresses {
     /// complete: it takes no place among the half-open heads.
     pub fn admit_forwarded(self: &Arc<Self>, ip: IpAddr) -> AddressAdmission {
         let caps = self.caps.load();
-        if caps.max_connections == usize::MAX || caps.exempt.iter().any(|net| net.contains(ip)) {
+        if caps.max_connections == usize::MAX || caps.exempts(ip) {
             return AddressAdmission::Exempt;
         }
         self.take(ip, &caps, false)
