@@ -490,6 +490,32 @@ async def test_a_full_queue_drops_and_counts_without_stopping_traffic() -> None:
         assert running.listener.stats().refused["cooldown"] == 5
 
 
+async def test_the_queue_is_bounded_in_the_bytes_its_events_carry() -> None:
+    """Beside its count, the queue bounds what its events carry (a key, an
+    address; with tracing a path, Host and User-Agent): past it, events are
+    dropped and counted as for a full queue, and traffic goes on."""
+    async with RawBackend(switching_protocols) as backend, native(
+        backend.url, reject_with="http-429", capacity=1000, max_bytes=40
+    ) as running:
+        assert (running.queue.max_bytes, running.queue.queued_bytes) == (40, 0)
+        running.table.set_cooldown("127.0.0.1", 30.0)
+        for _ in range(5):  # each refusal queues an Attempt and a Rejected
+            response, _ = await raw_exchange(running.port, upgrade_request())
+            assert response.status == 429
+        # The Attempt carries key and address (9 + 9 bytes), the Rejected its key:
+        # 18, 27, then each that would pass 40 is dropped, and the Rejected of the
+        # second refusal fits (36).
+        assert (len(running.queue), running.queue.queued_bytes) == (3, 36)
+        assert running.queue.dropped == 7
+        batch = await asyncio.to_thread(running.queue.recv_batch, 100, 0.1)
+        assert [type(r.event) for r in batch] == [ev.Attempt, ev.Rejected, ev.Rejected]
+        assert running.queue.queued_bytes == 0
+        response, _ = await raw_exchange(running.port, upgrade_request())
+        assert response.status == 429
+        assert (len(running.queue), running.queue.queued_bytes) == (2, 27), "room again"
+        assert running.listener.stats().refused["cooldown"] == 6
+
+
 async def test_a_parked_queue_wakes_its_loop_at_the_next_event() -> None:
     """The brain's loop parks the empty queue and sleeps in its own poll: the
     next event makes the wake-up descriptor readable, once per park, and a

@@ -99,10 +99,11 @@ async def native(
     max_held_per_key: int = 4,
     identity: IdentitySettings | None = None,
     capacity: int = 4096,
+    max_bytes: int = 1 << 20,
     threads: int = 2,
     **limits: Any,
 ) -> AsyncIterator[Native]:
-    queue = EventQueue(capacity)
+    queue = EventQueue(capacity, max_bytes)
     table = EnforcementTable()
     listener = NativeListener.start(
         routes or [("/", upstream)],

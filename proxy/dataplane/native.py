@@ -55,6 +55,7 @@ EnforcementTable = _dataplane.EnforcementTable
 Identity = _dataplane.Identity
 
 DEFAULT_QUEUE_CAPACITY = 65_536  # events; beyond it they are dropped and counted
+DEFAULT_QUEUE_BYTES = 32 << 20  # of what the queued events carry; likewise
 DEFAULT_BATCH = 1024
 REJECT_WITH = ("close-1013", "http-429")
 ALL_ROOTS = 1 << 64  # a root bound every trace id passes (always_on)
@@ -151,14 +152,18 @@ def _received(record: tuple[Any, ...]) -> Received:
 class EventQueue:
     """The bounded queue the native listener's connections put their events in.
 
-    Producers never wait: an event that finds the queue full is dropped and
-    counted (`dropped`, and `take_unreported_drops` for one log line per burst).
+    It holds at most `capacity` events and `max_bytes` of what they carry
+    (the client's key and address, with tracing on the path, Host and
+    User-Agent: bounded by the count alone, a queue of the largest would hold
+    some 250 MB). Producers never wait: an event that finds the queue full
+    either way is dropped and counted (`dropped`, and `take_unreported_drops`
+    for one log line per burst).
     """
 
     __slots__ = ("raw",)
 
-    def __init__(self, capacity: int = DEFAULT_QUEUE_CAPACITY):
-        self.raw = _dataplane.EventQueue(capacity)
+    def __init__(self, capacity: int = DEFAULT_QUEUE_CAPACITY, max_bytes: int = DEFAULT_QUEUE_BYTES):
+        self.raw = _dataplane.EventQueue(capacity, max_bytes)
 
     def recv_batch(self, max_events: int = DEFAULT_BATCH, timeout: float = 0.1) -> list[Received]:
         """Up to `max_events` events: waits at most `timeout` seconds for the first
@@ -192,6 +197,15 @@ class EventQueue:
     @property
     def capacity(self) -> int:
         return self.raw.capacity
+
+    @property
+    def max_bytes(self) -> int:
+        return self.raw.max_bytes
+
+    @property
+    def queued_bytes(self) -> int:
+        """What the events queued now carry, in bytes."""
+        return self.raw.queued_bytes
 
     def __len__(self) -> int:
         return len(self.raw)

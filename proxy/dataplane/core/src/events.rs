@@ -29,7 +29,7 @@
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -364,6 +364,43 @@ impl Event {
             Event::RequestRejected(_) | Event::HttpRequest(_) => None,
         }
     }
+
+    /// The bytes it holds beyond its own slot in the queue (which the queue
+    /// allocates up front): what it carries from the client and the upstream.
+    /// A key shared with the connection's other events is counted in each.
+    pub fn heap_bytes(&self) -> usize {
+        match self {
+            Event::Attempt {
+                key, addr, trace, ..
+            } => key.len() + addr.len() + trace.as_deref().map_or(0, AttemptTrace::heap_bytes),
+            Event::Rejected { key, .. }
+            | Event::Answered { key, .. }
+            | Event::Opened { key, .. } => key.len(),
+            Event::HandshakeFailed { key, detail, .. } => {
+                key.len() + detail.as_deref().map_or(0, str::len)
+            }
+            Event::Closed { key, reason, .. } => key.len() + reason.len(),
+            Event::RequestRejected(line) => {
+                std::mem::size_of::<RequestRejected>() + line.peer.len() + line.message.len()
+            }
+            Event::HttpRequest(line) => {
+                std::mem::size_of::<HttpAccess>()
+                    + line.peer.len()
+                    + line.method.len()
+                    + line.path.len()
+            }
+        }
+    }
+}
+
+impl AttemptTrace {
+    fn heap_bytes(&self) -> usize {
+        std::mem::size_of::<AttemptTrace>()
+            + self.tracestate.as_deref().map_or(0, str::len)
+            + self.path.len()
+            + self.authority.as_deref().map_or(0, <[u8]>::len)
+            + self.user_agent.as_deref().map_or(0, <[u8]>::len)
+    }
 }
 
 /// At most one log line per slot (a reason) per interval, decided without a
@@ -482,18 +519,56 @@ impl Wake {
     }
 }
 
+/// The bytes the queued events carry ([`Event::heap_bytes`]) and their bound:
+/// the count of events alone would let a queue of the largest ones (traced
+/// attempts with a long path, Host and User-Agent) hold some 250 MB.
+#[derive(Debug)]
+struct ByteBudget {
+    held: AtomicUsize,
+    max: usize,
+}
+
+impl ByteBudget {
+    /// Room for `bytes` more: always for an event that finds the queue
+    /// holding none (so that no event is too large to ever pass).
+    fn take(&self, bytes: usize) -> bool {
+        let before = self.held.fetch_add(bytes, Ordering::AcqRel);
+        if before > 0 && before.saturating_add(bytes) > self.max {
+            self.held.fetch_sub(bytes, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    fn give(&self, bytes: usize) {
+        self.held.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
+/// What a queue holds at most of what its events carry, beside its count:
+/// 32 MiB, some 500 bytes an event at the default 65 536 (an untraced
+/// attempt carries its key and address, a traced one of ordinary requests a
+/// few hundred bytes more).
+pub const DEFAULT_MAX_BYTES: usize = 32 << 20;
+
 /// The producer side: cheap to clone, one per data-plane task.
 #[derive(Debug, Clone)]
 pub struct EventSender {
     tx: Sender<Event>,
+    bytes: Arc<ByteBudget>,
     drops: Arc<Drops>,
     wake: Arc<OnceLock<Wake>>,
 }
 
 impl EventSender {
     /// Queue an event without ever waiting; false (and counted) when the
-    /// queue is full or the brain is gone.
+    /// queue is full (in events or in bytes) or the brain is gone.
     pub fn send(&self, event: Event) -> bool {
+        let bytes = event.heap_bytes();
+        if !self.bytes.take(bytes) {
+            self.drops.total.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
         match self.tx.try_send(event) {
             Ok(()) => {
                 if let Some(wake) = self.wake.get() {
@@ -502,6 +577,7 @@ impl EventSender {
                 true
             }
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.bytes.give(bytes);
                 self.drops.total.fetch_add(1, Ordering::Relaxed);
                 false
             }
@@ -517,6 +593,7 @@ impl EventSender {
 #[derive(Debug)]
 pub struct EventReceiver {
     rx: Receiver<Event>,
+    bytes: Arc<ByteBudget>,
     drops: Arc<Drops>,
     wake: Arc<OnceLock<Wake>>,
 }
@@ -536,13 +613,19 @@ impl EventReceiver {
         let mut batch = Vec::with_capacity(max.min(self.rx.len() + 1));
         batch.push(first);
         batch.extend(self.rx.try_iter().take(max - 1));
+        self.taken(batch)
+    }
+
+    /// A batch off the queue: its bytes are the queue's no more.
+    fn taken(&self, batch: Vec<Event>) -> Vec<Event> {
+        self.bytes.give(batch.iter().map(Event::heap_bytes).sum());
         batch
     }
 
     /// Up to `max` events already queued, without waiting (and without the
     /// spinning a blocking receive does first): for a consumer that polls.
     pub fn try_batch(&self, max: usize) -> Vec<Event> {
-        self.rx.try_iter().take(max).collect()
+        self.taken(self.rx.try_iter().take(max).collect())
     }
 
     /// The descriptor to watch for readability while parked (the read end of
@@ -584,6 +667,12 @@ impl EventReceiver {
         self.rx.len()
     }
 
+    /// What the events waiting now carry ([`Event::heap_bytes`]), and what
+    /// they may at most.
+    pub fn bytes(&self) -> (usize, usize) {
+        (self.bytes.held.load(Ordering::Acquire), self.bytes.max)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.rx.is_empty()
     }
@@ -593,18 +682,36 @@ impl EventReceiver {
     }
 }
 
-/// A queue holding at most `capacity` events (at least 1).
+/// A queue holding at most `capacity` events (at least 1) and at most
+/// [`DEFAULT_MAX_BYTES`] of what they carry.
 pub fn event_queue(capacity: usize) -> (EventSender, EventReceiver) {
+    bounded_event_queue(capacity, DEFAULT_MAX_BYTES)
+}
+
+/// A queue holding at most `capacity` events (at least 1) and at most
+/// `max_bytes` of what they carry ([`Event::heap_bytes`]; an event that
+/// finds the queue empty always has room).
+pub fn bounded_event_queue(capacity: usize, max_bytes: usize) -> (EventSender, EventReceiver) {
     let (tx, rx) = crossbeam_channel::bounded(capacity.max(1));
+    let bytes = Arc::new(ByteBudget {
+        held: AtomicUsize::new(0),
+        max: max_bytes,
+    });
     let drops = Arc::new(Drops::default());
     let wake = Arc::new(OnceLock::new());
     (
         EventSender {
             tx,
+            bytes: Arc::clone(&bytes),
             drops: Arc::clone(&drops),
             wake: Arc::clone(&wake),
         },
-        EventReceiver { rx, drops, wake },
+        EventReceiver {
+            rx,
+            bytes,
+            drops,
+            wake,
+        },
     )
 }
 
@@ -644,6 +751,74 @@ mod tests {
             ]
         );
         assert!(tx.send(attempt(99)), "room again after the drain");
+    }
+
+    fn traced_attempt(i: usize, user_agent_bytes: usize) -> Event {
+        let Event::Attempt {
+            key,
+            route,
+            at,
+            addr,
+            conn_id,
+            ..
+        } = attempt(i)
+        else {
+            unreachable!()
+        };
+        Event::Attempt {
+            key,
+            route,
+            at,
+            addr,
+            conn_id,
+            trace: Some(Box::new(AttemptTrace {
+                context: SpanContext {
+                    trace_id: 1,
+                    span_id: 1,
+                    flags: 1,
+                    parent: None,
+                },
+                tracestate: None,
+                path: "/ws".into(),
+                authority: Some(b"example.test".as_slice().into()),
+                user_agent: Some(vec![b'u'; user_agent_bytes].into()),
+            })),
+        }
+    }
+
+    #[test]
+    fn the_bytes_events_carry_are_bounded_too() {
+        let big = traced_attempt(0, 1000).heap_bytes();
+        assert!(big > 1000 && big < 1200, "{big}");
+        let (tx, rx) = bounded_event_queue(1000, 3 * big);
+        let sent = (0..10)
+            .filter(|&i| tx.send(traced_attempt(i, 1000)))
+            .count();
+        assert_eq!(sent, 3, "three fit in the bytes, far below the count");
+        assert_eq!(tx.drops().total(), 7);
+        assert_eq!(rx.bytes(), (3 * big, 3 * big));
+        assert!(!tx.send(attempt(1)), "nor a small one past the bytes");
+        assert_eq!(tx.drops().total(), 8);
+        assert_eq!(rx.try_batch(2).len(), 2);
+        assert!(
+            tx.send(traced_attempt(20, 1000)),
+            "room again after the drain"
+        );
+        let rest = rx.recv_batch(100, Duration::from_millis(10));
+        assert!(!rest.is_empty());
+        assert_eq!(rx.bytes().0, 0, "every taken event gave its bytes back");
+
+        // An event larger than the whole bound passes when the queue is empty.
+        let (tx, rx) = bounded_event_queue(10, 100);
+        assert!(tx.send(traced_attempt(0, 5000)));
+        assert!(!tx.send(attempt(1)), "nothing beside it");
+        assert_eq!(rx.try_batch(10).len(), 1);
+        assert!(tx.send(attempt(1)));
+        assert_eq!(rx.bytes().0, attempt(1).heap_bytes());
+
+        // The count still bounds small events first.
+        let (tx, _rx) = bounded_event_queue(4, DEFAULT_MAX_BYTES);
+        assert_eq!((0..10).filter(|&i| tx.send(attempt(i))).count(), 4);
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! `EventQueue`: the connection events of the native data plane, drained by
 //! the brain in batches with the GIL released.
 //!
-//! Tokio tasks only `try_send` into the core's bounded queue (a full queue
-//! drops the event and counts it); `recv_batch` waits for the first event
+//! Tokio tasks only `try_send` into the core's bounded queue (a queue full
+//! in events or in the bytes they carry drops the event and counts it); `recv_batch` waits for the first event
 //! inside `py.detach`, takes what else is queued, and only then builds Python
 //! objects: one plain tuple per event, which `proxy/dataplane/native.py` turns
 //! into the detectors' event dataclasses.
@@ -16,7 +16,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString, PyTuple};
 
 use loopwatch_dataplane_core::events::{
-    event_queue, AttemptTrace, Event, EventReceiver, EventSender, HandshakeFailure,
+    bounded_event_queue, AttemptTrace, Event, EventReceiver, EventSender, HandshakeFailure,
+    DEFAULT_MAX_BYTES,
 };
 
 /// How `recv_batch` waits: it polls the queue, sleeping between looks (the
@@ -59,7 +60,9 @@ impl Clock {
 
 /// A bounded queue of connection events (Rust producers, one Python consumer).
 ///
-/// `EventQueue(capacity)`; `recv_batch(max, timeout_s)` returns a list of
+/// `EventQueue(capacity, max_bytes=32 MiB)`: at most `capacity` events and
+/// `max_bytes` of what they carry (the client's key, address, path...; an
+/// event that finds the queue empty always has room); `recv_batch(max, timeout_s)` returns a list of
 /// tuples (an event waits in the queue at most `MAX_TICK` once the consumer
 /// is waiting), by type:
 ///
@@ -143,11 +146,12 @@ fn check_timeout(timeout_s: f64) -> PyResult<Duration> {
 #[pymethods]
 impl EventQueue {
     #[new]
-    fn new(py: Python<'_>, capacity: usize) -> PyResult<Self> {
+    #[pyo3(signature = (capacity, max_bytes = DEFAULT_MAX_BYTES))]
+    fn new(py: Python<'_>, capacity: usize, max_bytes: usize) -> PyResult<Self> {
         if capacity == 0 {
             return Err(PyValueError::new_err("capacity: expected at least 1 event"));
         }
-        let (sender, receiver) = event_queue(capacity);
+        let (sender, receiver) = bounded_event_queue(capacity, max_bytes);
         Ok(EventQueue {
             sender,
             receiver,
@@ -235,13 +239,26 @@ impl EventQueue {
         self.capacity
     }
 
+    /// What the queued events may carry at most, in bytes.
+    #[getter]
+    fn max_bytes(&self) -> usize {
+        self.receiver.bytes().1
+    }
+
+    /// What the events queued now carry, in bytes.
+    #[getter]
+    fn queued_bytes(&self) -> usize {
+        self.receiver.bytes().0
+    }
+
     fn __len__(&self) -> usize {
         self.receiver.len()
     }
 
     fn __repr__(&self) -> String {
+        let (held, max) = self.receiver.bytes();
         format!(
-            "EventQueue(capacity={}, queued={}, dropped={})",
+            "EventQueue(capacity={}, max_bytes={max}, queued={}, queued_bytes={held}, dropped={})",
             self.capacity,
             self.receiver.len(),
             self.receiver.drops().total()
