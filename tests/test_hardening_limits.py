@@ -239,6 +239,54 @@ async def test_behind_a_trusted_proxy_the_client_it_names_has_its_address_share(
         close_all([conn])
 
 
+async def test_behind_a_trusted_proxy_a_plain_request_counts_for_the_client_it_names():
+    """A plain request a trusted proxy carries counts against the share of the
+    client its X-Forwarded-For names while it runs (nginx: realip and
+    limit_conn): one client's slow requests behind a load balancer otherwise
+    held as many of the proxy's connections, and of limits.max_connections,
+    as it liked."""
+    limits = {
+        "limits.max_connections_per_address": 2,
+        "identity.trusted_proxies": [f"{ATTACKER}/32"],
+    }
+
+    def get(path: str, client: str) -> bytes:
+        return f"GET {path} HTTP/1.1\r\nHost: example.test\r\nX-Forwarded-For: {client}\r\n\r\n".encode()
+
+    async with proxied(**limits) as p:
+        slow = []
+        try:
+            for _ in range(2):  # two requests the backend never answers
+                reader, writer = await open_from(p.port, ATTACKER)
+                writer.write(get("/no-head", "198.51.100.5"))
+                slow.append((reader, writer))
+            await wait_for(lambda: p.backend.paths.count("/no-head") == 2)
+            status, conn = await status_of(p.port, ATTACKER, get("/ok", "198.51.100.5"))
+            close_all([conn])
+            assert status == 503
+            assert (await rejected(p.lw))["address_limit"] == 1
+            # Another client behind the proxy is not held back by it.
+            status, conn = await status_of(p.port, ATTACKER, get("/ok", "198.51.100.6"))
+            close_all([conn])
+            assert status == 200
+            # The share is the client's requests running, not the proxy's
+            # connections: one slow request, and one kept-alive connection
+            # whose requests follow each other, each in its turn.
+            close_all(slow[1:])
+            await wait_for(lambda: p.backend.cut_short == 1)
+            reader, writer = await open_from(p.port, ATTACKER)
+            try:
+                for _ in range(3):
+                    writer.write(get("/ok", "198.51.100.5"))
+                    response = await asyncio.wait_for(read_response(reader), 10)
+                    assert (response.status, response.body) == (200, b"ok\n")
+            finally:
+                writer.close()
+            assert (await rejected(p.lw))["address_limit"] == 1
+        finally:
+            close_all(slow)
+
+
 def test_address_caps_follow_max_connections():
     from loopwatch.proxy.app.settings import load_settings
 

@@ -111,6 +111,9 @@ enum Plan<'c> {
     Http {
         route: &'c Route,
         request: http::Request,
+        /// The client a trusted proxy's X-Forwarded-For names (the peer
+        /// otherwise): its address's share caps the request while it runs.
+        client: IpAddr,
     },
 }
 
@@ -522,7 +525,33 @@ async fn serve_stream<C: Transport + 'static>(
                 // would carry it, waiting for its head or held in a refusal.
                 Box::pin(forward(shared, &config, client, upgrade, guard, address)).await
             }
-            Plan::Http { route, request } => {
+            Plan::Http {
+                route,
+                request,
+                client: forwarded,
+            } => {
+                // Behind a trusted proxy (exempt at accept), the client it
+                // names has its address's share while its request runs, as a
+                // direct client's connection has (nginx: realip, limit_conn).
+                let mut slot = None;
+                if address.is_none() && forwarded != peer_ip {
+                    match shared.addresses.admit_forwarded(forwarded) {
+                        AddressAdmission::Counted(counted) => slot = Some(counted),
+                        AddressAdmission::Exempt => {}
+                        AddressAdmission::OverCap => {
+                            reject(
+                                shared,
+                                &mut client,
+                                forwarded,
+                                Rejected::AddressLimit,
+                                503,
+                                ADDRESS_LIMIT,
+                            )
+                            .await;
+                            return;
+                        }
+                    }
+                }
                 let next = forward_http(
                     shared,
                     &config,
@@ -532,7 +561,9 @@ async fn serve_stream<C: Transport + 'static>(
                     &request,
                     conn_id,
                 );
-                if let Some(carry) = next.await {
+                let next = next.await;
+                drop(slot);
+                if let Some(carry) = next {
                     idle = true;
                     carried = carry;
                     continue;
@@ -724,7 +755,12 @@ fn route_head<'r>(
                 path: latin1(head.path),
             }),
         };
-        return Routed::Planned(Box::new(Plan::Http { route, request }));
+        let client = config.identity.client_address(head, peer).ip;
+        return Routed::Planned(Box::new(Plan::Http {
+            route,
+            request,
+            client,
+        }));
     }
     Routed::Upgrade(route)
 }
