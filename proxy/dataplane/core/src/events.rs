@@ -721,13 +721,17 @@ mod tests {
     use std::thread;
 
     fn attempt(i: usize) -> Event {
+        attempt_with(i, None)
+    }
+
+    fn attempt_with(i: usize, trace: Option<Box<AttemptTrace>>) -> Event {
         Event::Attempt {
             key: format!("client-{i}").into(),
             route: Arc::from("default"),
             at: Instant::now(),
             addr: "127.0.0.1".into(),
             conn_id: i as u64,
-            trace: None,
+            trace,
         }
     }
 
@@ -754,24 +758,9 @@ mod tests {
     }
 
     fn traced_attempt(i: usize, user_agent_bytes: usize) -> Event {
-        let Event::Attempt {
-            key,
-            route,
-            at,
-            addr,
-            conn_id,
-            ..
-        } = attempt(i)
-        else {
-            unreachable!()
-        };
-        Event::Attempt {
-            key,
-            route,
-            at,
-            addr,
-            conn_id,
-            trace: Some(Box::new(AttemptTrace {
+        attempt_with(
+            i,
+            Some(Box::new(AttemptTrace {
                 context: SpanContext {
                     trace_id: 1,
                     span_id: 1,
@@ -783,7 +772,7 @@ mod tests {
                 authority: Some(b"example.test".as_slice().into()),
                 user_agent: Some(vec![b'u'; user_agent_bytes].into()),
             })),
-        }
+        )
     }
 
     #[test]

@@ -447,25 +447,13 @@ async fn serve_stream<C: Transport + 'static>(
                             }
                         },
                     };
-                    // Behind a trusted proxy (exempt at accept), the client
-                    // it names has its address's share, as a direct one.
-                    let forwarded = identified.address.ip;
-                    if address.is_none() && forwarded != peer_ip {
-                        match shared.addresses.admit_forwarded(forwarded) {
-                            AddressAdmission::Counted(slot) => address = Some(slot),
-                            AddressAdmission::Exempt => {}
-                            AddressAdmission::OverCap => {
-                                reject(
-                                    shared,
-                                    &mut client,
-                                    forwarded,
-                                    Rejected::AddressLimit,
-                                    503,
-                                    ADDRESS_LIMIT,
-                                )
-                                .await;
-                                return;
-                            }
+                    // Behind a trusted proxy, the client it names has its
+                    // address's share until the connection ends.
+                    if address.is_none() {
+                        let forwarded = identified.address.ip;
+                        match forwarded_share(shared, &mut client, peer_ip, forwarded).await {
+                            Ok(slot) => address = slot,
+                            Err(Refused) => return,
                         }
                     }
                     break admit(
@@ -530,26 +518,14 @@ async fn serve_stream<C: Transport + 'static>(
                 request,
                 client: forwarded,
             } => {
-                // Behind a trusted proxy (exempt at accept), the client it
-                // names has its address's share while its request runs, as a
-                // direct client's connection has (nginx: realip, limit_conn).
+                // Behind a trusted proxy, the client it names has its
+                // address's share while its request runs (a proxy's
+                // kept-alive connection carries many clients' requests).
                 let mut slot = None;
-                if address.is_none() && forwarded != peer_ip {
-                    match shared.addresses.admit_forwarded(forwarded) {
-                        AddressAdmission::Counted(counted) => slot = Some(counted),
-                        AddressAdmission::Exempt => {}
-                        AddressAdmission::OverCap => {
-                            reject(
-                                shared,
-                                &mut client,
-                                forwarded,
-                                Rejected::AddressLimit,
-                                503,
-                                ADDRESS_LIMIT,
-                            )
-                            .await;
-                            return;
-                        }
+                if address.is_none() {
+                    match forwarded_share(shared, &mut client, peer_ip, forwarded).await {
+                        Ok(counted) => slot = counted,
+                        Err(Refused) => return,
                     }
                 }
                 let next = forward_http(
@@ -571,6 +547,36 @@ async fn serve_stream<C: Transport + 'static>(
             }
         }
         return;
+    }
+}
+
+/// The client was answered (and the connection is to close).
+struct Refused;
+
+/// The share of `forwarded`, the client a trusted proxy at `peer` names, for
+/// a connection not counted at accept (the proxy is exempt: it carries many
+/// clients): its slot (None when nothing counts it: no proxy, no cap, an
+/// exempt network), or `Refused` once answered 503 `address_limit` for a
+/// client over `max_connections_per_address`. nginx (realip and
+/// `limit_conn`) and HAProxy (stick tables on the header) cap the real
+/// client likewise.
+async fn forwarded_share<C: Transport>(
+    shared: &Shared,
+    client: &mut C,
+    peer: IpAddr,
+    forwarded: IpAddr,
+) -> Result<Option<AddressSlot>, Refused> {
+    if forwarded == peer {
+        return Ok(None);
+    }
+    match shared.addresses.admit_forwarded(forwarded) {
+        AddressAdmission::Counted(slot) => Ok(Some(slot)),
+        AddressAdmission::Exempt => Ok(None),
+        AddressAdmission::OverCap => {
+            let (label, message) = (Rejected::AddressLimit, ADDRESS_LIMIT);
+            reject(shared, client, forwarded, label, 503, message).await;
+            Err(Refused)
+        }
     }
 }
 
