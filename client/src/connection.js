@@ -376,14 +376,13 @@ export class ConnectionManager {
    */
   open(token, attempt) {
     const { tokenParam, protocols, WebSocket: WebSocketClass, openTimeout } = this.settings;
-    const url = new URL(this.url.href);
-    if (token !== null && tokenParam !== null) url.searchParams.set(tokenParam, token);
+    const href = token !== null && tokenParam !== null ? withParam(this.url.href, tokenParam, token) : this.url.href;
     const wanted = typeof protocols === "function" ? protocols(token) : protocols;
-    this.emit("attempt", { attempt, url: redact(url, tokenParam) });
+    this.emit("attempt", { attempt, url: redact(href, tokenParam) });
     /** @type {WebSocket} */
     let socket;
     try {
-      socket = wanted === undefined ? new WebSocketClass(url.href) : new WebSocketClass(url.href, wanted);
+      socket = wanted === undefined ? new WebSocketClass(href) : new WebSocketClass(href, wanted);
     } catch (error) {
       this.emit("error", { error, during: "socket" });
       this.ended(classifyWithKind(NO_CLOSE_FRAME, "", false, "abnormal"), attempt);
@@ -538,12 +537,58 @@ function classifyWithKind(code, reason, wasClean, kind) {
   return { code, reason, wasClean, kind, refusal: null };
 }
 
-/** The URL for events and logs, without the token's value. */
-function redact(url, tokenParam) {
-  if (tokenParam === null || !url.searchParams.has(tokenParam)) return url.href;
-  const copy = new URL(url.href);
-  copy.searchParams.set(tokenParam, "…");
-  return copy.href;
+// The query is edited as text, never through URLSearchParams: that re-serialises
+// every pair (`%20` becomes `+`, `flag` becomes `flag=`, `/` becomes `%2F`), and
+// a backend that verifies a signed query, or tells `flag` from `flag=`, would
+// then refuse every attempt. Only pairs named `name` are touched.
+
+/**
+ * The part before the query, and the query's pairs as written (none for an empty query).
+ * @param {string} href  without a fragment
+ */
+function splitQuery(href) {
+  const at = href.indexOf("?"); // the first "?" starts the query: the URL parser escapes any before it
+  if (at < 0) return { base: href, pairs: [] };
+  const query = href.slice(at + 1);
+  return { base: href.slice(0, at), pairs: query === "" ? [] : query.split("&") };
+}
+
+/**
+ * A pair's name as a server reads it (`+` is a space, percent-decoded).
+ * @param {string} pair
+ */
+function pairName(pair) {
+  const raw = pair.split("=", 1)[0].replace(/\+/g, " ");
+  try {
+    return decodeURIComponent(raw);
+  } catch {
+    return raw; // a malformed escape is read as written
+  }
+}
+
+/**
+ * `href` with `name=value` as the last pair of its query, every other pair of that name removed.
+ * @param {string} href
+ * @param {string} name
+ * @param {string} value
+ */
+function withParam(href, name, value) {
+  const { base, pairs } = splitQuery(href);
+  const kept = pairs.filter((pair) => pairName(pair) !== name);
+  return `${base}?${[...kept, `${encodeURIComponent(name)}=${encodeURIComponent(value)}`].join("&")}`;
+}
+
+/**
+ * The URL for events and logs: every value of `tokenParam` replaced by "…", in place.
+ * @param {string} href
+ * @param {string | null} tokenParam
+ */
+function redact(href, tokenParam) {
+  if (tokenParam === null) return href;
+  const { base, pairs } = splitQuery(href);
+  if (!pairs.some((pair) => pairName(pair) === tokenParam)) return href;
+  const hidden = `${encodeURIComponent(tokenParam)}=${encodeURIComponent("…")}`;
+  return `${base}?${pairs.map((pair) => (pairName(pair) === tokenParam ? hidden : pair)).join("&")}`;
 }
 
 /**

@@ -491,6 +491,32 @@ test("the token hook: async, in the URL, failing, timing out, or outlived by a r
   assert.equal(s.clock.pending, 0);
 });
 
+test("the token is appended to the query as written: the rest of it byte for byte", async () => {
+  // URLSearchParams would send ?room=a+b&flag=&path=%2Fa%2Fb&token=T: a signed URL breaks.
+  let s = setup({ getToken: () => "T" });
+  let seen = record(s.connect("ws://h/ws?room=a%20b&flag&path=/a/b"));
+  s.clock.advance(0);
+  await flush();
+  assert.equal(s.sockets[0].url, "ws://h/ws?room=a%20b&flag&path=/a/b&token=T");
+  assert.equal(seen.find(([n]) => n === "attempt")[1].url, "ws://h/ws?room=a%20b&flag&path=/a/b&token=%E2%80%A6");
+  // A token pair already in the URL (any spelling of its name) is replaced, not doubled;
+  // the token is escaped as a component; an empty query gets just the token.
+  s = setup({ getToken: () => "a b/c+d" });
+  s.connect("ws://h/ws?token=old&sig=x%2By&tok%65n=older&&z");
+  s.connect("ws://h/empty?");
+  s.clock.advance(0);
+  await flush();
+  assert.equal(s.sockets[0].url, "ws://h/ws?sig=x%2By&&z&token=a%20b%2Fc%2Bd");
+  assert.equal(s.sockets[1].url, "ws://h/empty?token=a%20b%2Fc%2Bd");
+  // No token: the URL as given, a token pair of the app's own hidden in the events, in place.
+  s = setup({ getToken: () => null });
+  seen = record(s.connect("ws://h/ws?a=1&token=mine&b=%20"));
+  s.clock.advance(0);
+  await flush();
+  assert.equal(s.sockets[0].url, "ws://h/ws?a=1&token=mine&b=%20");
+  assert.equal(seen.find(([n]) => n === "attempt")[1].url, "ws://h/ws?a=1&token=%E2%80%A6&b=%20");
+});
+
 test("state events follow the table, and a throwing listener breaks nothing", () => {
   const { clock, sockets, connect } = setup();
   const conn = connect();
