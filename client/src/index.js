@@ -3,5 +3,14 @@
 
 export { sharedConnection, pageRegistry, Registry, Connection, ConnectionManager } from "./connection.js";
 export { State, Input, TRANSITIONS, transition } from "./machine.js";
-export { parseRefusal, classifyClose, REFUSAL_PATTERN, PHRASES, PROXY_PREFIX, DEFAULT_AUTH_CLOSE_CODES } from "./refusal.js";
+export {
+  parseRefusal,
+  classifyClose,
+  isRefusalCode,
+  REFUSAL_PATTERN,
+  PHRASES,
+  PROXY_PREFIX,
+  MAX_RETRY_AFTER,
+  DEFAULT_AUTH_CLOSE_CODES,
+} from "./refusal.js";
 export { fullJitter, backoffCap, DEFAULT_BACKOFF } from "./backoff.js";

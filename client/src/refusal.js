@@ -18,14 +18,16 @@
 
 /**
  * What a close means for reconnecting.
- * - "refused":    a loopwatch refusal with a retry time (close 1013 today)
+ * - "refused":    a loopwatch refusal with a retry time (close 1013, or the
+ *                 4000-4999 code `policy.close_code` puts in its place)
  * - "auth":       an auth failure (a code in `authCloseCodes`, from the backend)
  * - "restart":    1012 Service Restart
  * - "overload":   1013 Try Again Later without loopwatch's retry time
  * - "gateway":    1014 Bad Gateway: the upstream was lost
  * - "going-away": 1001 Going Away (a server shutting down, loopwatch draining)
  * - "normal":     1000 Normal Closure
- * - "proxy":      another close loopwatch made itself (e.g. close-oldest's 1008)
+ * - "proxy":      another close with loopwatch's prefix (e.g. close-oldest's 1008);
+ *                 never an auth failure, though a backend could write the prefix too
  * - "timeout":    the socket did not open within `openTimeout`
  * - "token":      the token hook failed or timed out (no socket was opened)
  * - "abnormal":   anything else, 1006 included (what a browser reports for a
@@ -42,8 +44,19 @@
  * @property {Refusal | null} refusal  set when kind is "refused"
  */
 
-/** Every close reason loopwatch writes itself starts with this. */
+/**
+ * Every close reason loopwatch writes itself starts with this. loopwatch relays
+ * the backend's closes unchanged, though, so a backend can write one too.
+ */
 export const PROXY_PREFIX = "loopwatch: ";
+
+/**
+ * The longest retry time loopwatch sends, in seconds: every duration it takes
+ * is at most 366 days (docs/refusals.md, "retry-secs"). The grammar allows ten
+ * digits (317 years); a longer time is not loopwatch's, and waiting it is never
+ * useful.
+ */
+export const MAX_RETRY_AFTER = 366 * 86400;
 
 /** docs/refusals.md, "The reason grammar": the regular expression, verbatim. */
 export const REFUSAL_PATTERN = /^loopwatch: ([\x20-\x2B\x2D-\x7E]{1,64}), retry in ([1-9][0-9]{0,9})s$/;
@@ -57,13 +70,23 @@ export const PHRASES = Object.freeze({
   "upstream unavailable": "circuit_open",
 });
 
+/**
+ * The close codes a refusal comes with: 1013, or the application code (4000 to
+ * 4999) `policy.close_code` may put in its place.
+ * @param {number} code
+ */
+export function isRefusalCode(code) {
+  return code === 1013 || (code >= 4000 && code <= 4999);
+}
+
 /** The auth close codes the incident's backend and common apps use. */
 export const DEFAULT_AUTH_CLOSE_CODES = Object.freeze([1008, 4001, 4003]);
 
 /**
  * The refusal in a close reason, or null when the reason is not one.
  * An unknown phrase is still a refusal (reason "unknown"): the contract lets
- * loopwatch add phrases, never change the shape.
+ * loopwatch add phrases, never change the shape. The retry time is capped at
+ * MAX_RETRY_AFTER.
  * @param {string} closeReason
  * @returns {Refusal | null}
  */
@@ -73,7 +96,7 @@ export function parseRefusal(closeReason) {
   if (match === null) return null;
   const phrase = match[1];
   const reason = Object.hasOwn(PHRASES, phrase) ? /** @type {RefusalReason} */ (PHRASES[phrase]) : "unknown";
-  return { reason, phrase, retryAfter: Number(match[2]) };
+  return { reason, phrase, retryAfter: Math.min(Number(match[2]), MAX_RETRY_AFTER) };
 }
 
 /**
@@ -85,7 +108,9 @@ export function parseRefusal(closeReason) {
  * @returns {CloseInfo}
  */
 export function classifyClose(code, reason, wasClean, authCloseCodes = DEFAULT_AUTH_CLOSE_CODES) {
-  const refusal = parseRefusal(reason);
+  // A refusal comes only with the codes loopwatch refuses with: the reason alone
+  // could be the backend's (a 1000 "loopwatch: …, retry in 9999999999s" relayed as is).
+  const refusal = isRefusalCode(code) ? parseRefusal(reason) : null;
   /** @type {CloseKind} */
   let kind;
   if (refusal !== null) {

@@ -327,6 +327,29 @@ test("the longest retry time (31622400 s, 366 days): no second attempt before it
   assert.equal(clock.overflows, 0);
 });
 
+test("a backend's close that looks like a refusal is no retry time; a real one is capped at 366 days", () => {
+  const { clock, sockets, connect } = setup({ r: 0.5, retrySpread: 1000, minInterval: 1000 });
+  const conn = connect();
+  const seen = record(conn);
+  clock.advance(0);
+  // The backend closes 1000 with loopwatch's words (relayed as is): backoff, not 317 years.
+  last(sockets).accept();
+  last(sockets).serverClose(1000, "loopwatch: cooldown, retry in 9999999999s");
+  assert.deepEqual(seen.filter(([n]) => n === "refused"), []);
+  assert.equal(last(seen.filter(([n]) => n === "close"))[1].kind, "proxy");
+  assert.ok(last(seen.filter(([n]) => n === "retry"))[1].delay < 60_000);
+  clock.advance(clock.nextAt() - clock.now());
+  assert.equal(sockets.length, 2);
+  // With a refusal's code the same reason is a refusal, waited at most 366 days (+ the spread).
+  last(sockets).accept();
+  last(sockets).serverClose(4429, "loopwatch: cooldown, retry in 9999999999s");
+  assert.equal(last(seen.filter(([n]) => n === "refused"))[1].retryAfter, 31_622_400);
+  assert.equal(last(seen.filter(([n]) => n === "retry"))[1].delay, 31_622_400_500);
+  clock.advance(31_622_400_500);
+  assert.equal(sockets.length, 3);
+  assert.equal(conn.state, "connecting");
+});
+
 test("every wait longer than a timer holds is chained: minInterval, backoff, linger; release cancels it", () => {
   // minInterval of 40 days.
   let s = setup({ r: 0, minInterval: 40 * DAY });

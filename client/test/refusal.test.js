@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import test from "node:test";
 
-import { classifyClose, parseRefusal, PHRASES, REFUSAL_PATTERN } from "../src/refusal.js";
+import { classifyClose, MAX_RETRY_AFTER, parseRefusal, PHRASES, REFUSAL_PATTERN } from "../src/refusal.js";
 
 const DOC = new URL("../../docs/refusals.md", import.meta.url);
 
@@ -18,7 +18,11 @@ test("every known phrase is read with its reason and retry time", () => {
   for (const [phrase, reason] of Object.entries(PHRASES)) {
     assert.deepEqual(parseRefusal(`loopwatch: ${phrase}, retry in 17s`), { reason, phrase, retryAfter: 17 });
   }
-  assert.equal(parseRefusal("loopwatch: cooldown, retry in 9999999999s").retryAfter, 9999999999);
+  // The grammar allows 317 years; loopwatch never says more than 366 days, so neither does the client.
+  assert.equal(MAX_RETRY_AFTER, 31_622_400);
+  assert.equal(parseRefusal("loopwatch: cooldown, retry in 31622400s").retryAfter, 31_622_400);
+  assert.equal(parseRefusal("loopwatch: cooldown, retry in 31622401s").retryAfter, 31_622_400);
+  assert.equal(parseRefusal("loopwatch: cooldown, retry in 9999999999s").retryAfter, 31_622_400);
 });
 
 test("an unknown phrase is still a refusal with its retry time", () => {
@@ -54,7 +58,18 @@ test("what the grammar excludes is no refusal", () => {
 test("closes are classified by what they mean for reconnecting", () => {
   const kind = (code, reason = "", codes) => classifyClose(code, reason, true, codes).kind;
   assert.equal(kind(1013, "loopwatch: cooldown, retry in 5s"), "refused");
-  assert.equal(kind(4429, "loopwatch: cooldown, retry in 5s"), "refused"); // any code: the reason decides
+  assert.equal(kind(4429, "loopwatch: cooldown, retry in 5s"), "refused"); // policy.close_code: 4000-4999
+  assert.equal(kind(4000, "loopwatch: cooldown, retry in 5s"), "refused");
+  assert.equal(kind(4999, "loopwatch: cooldown, retry in 5s"), "refused");
+  // The same reason with another code is the backend's, relayed as is: no refusal, no retry time.
+  const lookalike = "loopwatch: denied, retry in 9999999999s";
+  assert.equal(classifyClose(1000, lookalike, true).refusal, null);
+  assert.equal(kind(1000, lookalike), "proxy");
+  assert.equal(kind(1008, lookalike), "proxy");
+  assert.equal(kind(1011, lookalike), "proxy");
+  assert.equal(kind(3999, lookalike), "proxy");
+  assert.equal(kind(5000, lookalike), "proxy");
+  assert.equal(kind(1006, lookalike), "proxy");
   assert.equal(kind(1013, "overloaded"), "overload");
   assert.equal(kind(1013), "overload");
   assert.equal(kind(1012), "restart");
