@@ -1,6 +1,10 @@
 // Exponential backoff with full jitter (Marc Brooker, "Exponential Backoff And
 // Jitter", AWS Architecture Blog, 2015): the delay is drawn uniformly between
 // 0 and the exponential cap, so clients that failed together spread out.
+// The connection adds the draw to a floor (minInterval, or overloadDelay after
+// a 1013): clamping it to the floor instead, max(draw, floor), would put every
+// draw below the floor on the floor itself, and with the defaults (initial =
+// minInterval) every first retry of a fleet at the same millisecond.
 
 /**
  * @typedef {object} BackoffOptions

@@ -28,8 +28,9 @@ import { classifyClose, DEFAULT_AUTH_CLOSE_CODES } from "./refusal.js";
 
 /**
  * @typedef {object} Options
- * @property {number} [minInterval=1000]     ms, least time from the end of one attempt to the next attempt
- * @property {Partial<BackoffOptions>} [backoff]  {initial: 1000, max: 30000, factor: 2}: full jitter
+ * @property {number} [minInterval=1000]     ms, least time from the end of one attempt to the next attempt:
+ *           the floor the backoff's draw is added to
+ * @property {Partial<BackoffOptions>} [backoff]  {initial: 1000, max: 30000, factor: 2}: full jitter above the floor
  * @property {number} [maxAuthRetries=3]     auth failures retried before the terminal "auth-failed" state
  * @property {readonly number[]} [authCloseCodes=[1008, 4001, 4003]]  close codes that mean an auth failure
  * @property {number} [stableAfter=10000]    ms a socket must stay open before the backoff starts over
@@ -38,7 +39,7 @@ import { classifyClose, DEFAULT_AUTH_CLOSE_CODES } from "./refusal.js";
  * @property {number} [tokenTimeout=10000]   ms the token hook may take
  * @property {number} [retrySpread=1000]     up to this many ms added at random to loopwatch's retry time
  * @property {{min: number, max: number}} [restartDelay={min: 5000, max: 30000}]  after 1012 Service Restart
- * @property {number} [overloadDelay=5000]   least wait after a 1013 that carries no retry time
+ * @property {number} [overloadDelay=5000]   the floor after a 1013 that carries no retry time
  * @property {number} [linger=0]             ms the socket is kept after the last release (a remount takes it over)
  * @property {(request: TokenRequest) => (string | null | undefined | Promise<string | null | undefined>)} [getToken]
  *           called before every attempt; `refresh` is true after an auth failure
@@ -445,6 +446,10 @@ export class ConnectionManager {
     this.failures += 1;
     this.emit("close", { ...info, attempt, openFor });
 
+    // Every wait is a floor plus a random part. Clamping a draw onto the floor
+    // instead (max(U·cap, minInterval), with cap = initial = minInterval) put
+    // every first retry at exactly minInterval: a fleet that lost its sockets
+    // together (a drain) came back together, in the same millisecond.
     let delay;
     switch (info.kind) {
       case "refused": {
@@ -460,18 +465,18 @@ export class ConnectionManager {
           this.emit("authfailed", { authFailures: this.authFailures, code: info.code, reason: info.reason });
           return;
         }
-        delay = fullJitter(this.failures, backoff, random);
+        delay = minInterval + fullJitter(this.failures, backoff, random);
         break;
       case "restart": {
         const { min, max } = this.settings.restartDelay;
         delay = min + random() * (max - min);
         break;
       }
-      case "overload":
-        delay = Math.max(this.settings.overloadDelay, fullJitter(this.failures, backoff, random));
+      case "overload": // 1013 without a retry time: "back off long"
+        delay = Math.max(this.settings.overloadDelay, minInterval) + fullJitter(this.failures, backoff, random);
         break;
       default:
-        delay = fullJitter(this.failures, backoff, random);
+        delay = minInterval + fullJitter(this.failures, backoff, random);
     }
     this.schedule(Input.FAILED, Math.max(delay, minInterval), info.kind);
   }

@@ -143,9 +143,9 @@ test("an expired token: 4 attempts (3 auth retries), then auth-failed and silenc
   clock.advance(600_000);
   await flush();
   assert.equal(sockets.length, 4);
-  // The waits between attempts backed off (r ≈ 1: the caps) and never went under min interval.
+  // The waits between attempts backed off: the min interval plus the draw (r ≈ 1: the caps).
   const retries = seen.filter(([name]) => name === "retry").map(([, p]) => Math.round(p.delay));
-  assert.deepEqual(retries, [1000, 1998, 3996]);
+  assert.deepEqual(retries, [1999, 2998, 4996]);
   // The app can start over (a new login); the min interval still holds.
   assert.equal(conn.retry(), true);
   assert.equal(conn.retry(), false);
@@ -154,7 +154,7 @@ test("an expired token: 4 attempts (3 auth retries), then auth-failed and silenc
   assert.equal(sockets.length, 5);
 });
 
-test("waits never go under the min interval, whatever the jitter draws", () => {
+test("a wait is the min interval plus the jitter draw, never under the min interval", () => {
   const { clock, sockets, connect } = setup({ r: 0, minInterval: 1500 });
   const conn = connect();
   const seen = record(conn);
@@ -168,6 +168,40 @@ test("waits never go under the min interval, whatever the jitter draws", () => {
     assert.equal(sockets.length, before + 1);
   }
   assert.ok(seen.filter(([n]) => n === "retry").every(([, p]) => p.delay === 1500));
+  // The draw is added, not clamped: half the first cap (1 s) lands half a second above the floor.
+  const half = setup({ r: 0.5, minInterval: 1500 });
+  const other = record(half.connect());
+  half.clock.advance(0);
+  for (let i = 0; i < 3; i++) {
+    last(half.sockets).fail();
+    half.clock.advance(half.clock.nextAt() - half.clock.now());
+  }
+  assert.deepEqual(other.filter(([n]) => n === "retry").map(([, p]) => p.delay), [2000, 2500, 3500]);
+});
+
+test("clients dropped together come back spread out, from the first retry (a drain)", () => {
+  let seed = 42; // a seeded Park-Miller generator, shared by the fleet as Math.random would be
+  const random = () => ((seed = (seed * 16807) % 2147483647) - 1) / 2147483646;
+  const clock = new FakeClock(0);
+  const { WebSocket, sockets } = fakeWebSocket();
+  const first = [];
+  for (let i = 0; i < 1000; i++) {
+    const conn = new Registry().connect(URL_A, { WebSocket, clock, random }); // 1000 pages
+    conn.on("retry", ({ attempt, delay }) => attempt === 2 && first.push(delay));
+  }
+  clock.advance(0);
+  for (const socket of sockets) socket.accept();
+  clock.advance(60_000); // stable
+  for (const socket of sockets.splice(0)) socket.serverClose(1001, "loopwatch: shutting down");
+  assert.equal(first.length, 1000);
+  assert.ok(first.every((d) => d >= 1000 && d < 2000), "minInterval + U·initial");
+  // Before: max(U·1000, 1000) = 1000 ms for every one of them.
+  assert.ok(new Set(first).size > 900, `${new Set(first).size} distinct delays`);
+  assert.ok(Math.max(...first) - Math.min(...first) >= 900, `spread ${Math.max(...first) - Math.min(...first)} ms`);
+  // At most a tenth of the fleet in any 100 ms of that second (uniform: about 100 each).
+  const buckets = new Array(10).fill(0);
+  for (const d of first) buckets[Math.floor((d - 1000) / 100)] += 1;
+  assert.ok(Math.max(...buckets) < 150, `${buckets}`);
 });
 
 test("failures back off exponentially with full jitter, up to the max", () => {
