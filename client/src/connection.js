@@ -34,8 +34,8 @@ import { classifyClose, DEFAULT_AUTH_CLOSE_CODES } from "./refusal.js";
  * @property {number} [maxAuthRetries=3]     auth failures retried before the terminal "auth-failed" state
  * @property {readonly number[]} [authCloseCodes=[1008, 4001, 4003]]  close codes that mean an auth failure
  * @property {number} [stableAfter=10000]    ms a socket must stay open before the backoff starts over
- * @property {number} [openTimeout=35000]    ms a socket may take to open; above loopwatch's longest
- *           `policy.hold` (30 s), or a held refusal is cut before its retry time arrives
+ * @property {number} [openTimeout=35000]    ms a socket may take to open; above `policy.hold` × the
+ *           sockets the page may open at once to that host, or a held refusal is cut before its retry time
  * @property {number} [tokenTimeout=10000]   ms the token hook may take
  * @property {number} [retrySpread=1000]     up to this many ms added at random to loopwatch's retry time
  * @property {{min: number, max: number}} [restartDelay={min: 5000, max: 30000}]  after 1012 Service Restart
@@ -76,8 +76,12 @@ const NO_CLOSE_FRAME = 1006;
 const MAX_REMEMBERED = 64; // ends of released managers remembered per registry (min interval across remounts)
 // loopwatch holds a refused attempt unanswered for `policy.hold` (at most 30 s,
 // docs/refusals.md "The hold") before it closes it 1013 with the retry time. An
-// open timeout shorter than the hold gives up first (a 1006, no retry time) and
-// comes back every openTimeout + backoff instead of once: 30 s + a margin.
+// open timeout shorter than the wait gives up first (a 1006, no retry time) and
+// comes back every openTimeout + backoff instead of once. The wait can be longer
+// than one hold: Chromium lets one WebSocket per host be connecting at a time,
+// and the timer starts at `new WebSocket`, so a page's second socket to the host
+// waits out the first's hold before its own begins (hold × sockets). 35 s covers
+// one socket at the longest hold, or up to 17 at the default 2 s hold.
 const DEFAULT_OPEN_TIMEOUT = 35000;
 // The longest delay a timer keeps: node and every browser store it in a 32-bit
 // signed integer and fire a longer one at once (node after 1 ms). loopwatch's
