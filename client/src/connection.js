@@ -73,7 +73,7 @@ const OPEN = 1; // WebSocket.OPEN
 const CONNECTING = 0; // WebSocket.CONNECTING
 const NORMAL_CLOSURE = 1000;
 const NO_CLOSE_FRAME = 1006;
-const MAX_REMEMBERED = 64; // ends of released managers remembered per registry (min interval across remounts)
+const MAX_REMEMBERED = 64; // released managers remembered per registry (min interval, auth state across remounts)
 // loopwatch holds a refused attempt unanswered for `policy.hold` (at most 30 s,
 // docs/refusals.md "The hold") before it closes it 1013 with the retry time. An
 // open timeout shorter than the wait gives up first (a 1006, no retry time) and
@@ -146,6 +146,17 @@ function settle(options) {
 /** @typedef {ReturnType<typeof settle>} Settings */
 
 /**
+ * What a registry keeps of a released manager, so that the next manager for
+ * its key (a remount) starts where it left off: the min interval still counts
+ * from its last attempt, and its auth failures still count (an unmount and a
+ * mount must not buy 1 + maxAuthRetries more attempts with a dead token).
+ * @typedef {object} Remembered
+ * @property {number} end            when its last attempt ended (ms)
+ * @property {number} authFailures   its auth failures since its last stable connection
+ * @property {boolean} authFailed    it ended in "auth-failed"
+ */
+
+/**
  * An absolute ws:/wss: URL (http: and https: map over; relative resolves against the page).
  * @param {string | URL} url
  */
@@ -177,9 +188,9 @@ export class ConnectionManager {
    * @param {URL} url
    * @param {Settings} settings
    * @param {Registry} registry
-   * @param {number | null} previousEnd  when a previous manager for the key ended its last attempt
+   * @param {Remembered | null} previous  what the registry kept of the key's last manager
    */
-  constructor(key, url, settings, registry, previousEnd) {
+  constructor(key, url, settings, registry, previous) {
     this.key = key;
     this.url = url;
     this.settings = settings;
@@ -194,9 +205,10 @@ export class ConnectionManager {
     this.socket = null;
     this.attempts = 0; // attempts made, in total
     this.failures = 0; // attempts that ended without a stable connection, since the last stable one
-    this.authFailures = 0; // auth failures since the last stable connection
+    this.authFailures = previous === null ? 0 : previous.authFailures; // since the last stable connection
+    this.startInAuthFailed = previous !== null && previous.authFailed; // start in "auth-failed", as the last one ended
     /** @type {number | null} */
-    this.lastEnd = previousEnd; // when the last attempt ended (ms)
+    this.lastEnd = previous === null ? null : previous.end; // when the last attempt ended (ms)
     /** @type {number | null} */
     this.openedAt = null;
     /** @type {CloseInfo | null} */
@@ -213,7 +225,9 @@ export class ConnectionManager {
     const user = new Connection(this);
     this.users.add(user);
     this.clearTimer("linger");
-    if (this.state === State.IDLE) {
+    if (this.state === State.IDLE && this.startInAuthFailed) {
+      this.move(Input.GIVE_UP); // terminal as before the remount: retry() starts over
+    } else if (this.state === State.IDLE) {
       this.schedule(Input.START, this.minIntervalLeft(), null);
     }
     return user;
@@ -242,7 +256,7 @@ export class ConnectionManager {
     }
     for (const name of /** @type {const} */ (["wait", "open", "stable", "token", "linger"])) this.clearTimer(name);
     this.move(Input.RELEASE, from);
-    this.registry.forget(this);
+    this.registry.forget(this, from === State.AUTH_FAILED);
     this.listeners.clear();
   }
 
@@ -668,8 +682,8 @@ export class Registry {
   constructor() {
     /** @type {Map<string, ConnectionManager>} */
     this.managers = new Map();
-    /** @type {Map<string, number>} when the last attempt of a released manager ended, by key */
-    this.ends = new Map();
+    /** @type {Map<string, Remembered>} released managers, by key, the most recent last */
+    this.remembered = new Map();
   }
 
   /**
@@ -684,19 +698,23 @@ export class Registry {
     const key = options.key ?? absolute.href;
     let manager = this.managers.get(key);
     if (manager === undefined || manager.state === State.CLOSED) {
-      manager = new ConnectionManager(key, absolute, settle(options), this, this.ends.get(key) ?? null);
+      manager = new ConnectionManager(key, absolute, settle(options), this, this.remembered.get(key) ?? null);
       this.managers.set(key, manager);
     }
     return manager.acquire();
   }
 
-  /** @param {ConnectionManager} manager */
-  forget(manager) {
+  /**
+   * @param {ConnectionManager} manager
+   * @param {boolean} authFailed  it was in "auth-failed" when released
+   */
+  forget(manager, authFailed) {
     if (this.managers.get(manager.key) === manager) this.managers.delete(manager.key);
     if (manager.lastEnd !== null) {
-      this.ends.delete(manager.key);
-      this.ends.set(manager.key, manager.lastEnd);
-      while (this.ends.size > MAX_REMEMBERED) this.ends.delete(this.ends.keys().next().value);
+      const { key, lastEnd, authFailures } = manager;
+      this.remembered.delete(key);
+      this.remembered.set(key, { end: lastEnd, authFailures, authFailed });
+      while (this.remembered.size > MAX_REMEMBERED) this.remembered.delete(this.remembered.keys().next().value);
     }
   }
 }

@@ -22,14 +22,14 @@ export const Input = Object.freeze({
   DUE: "due", // the waiting timer fired
   OPENED: "opened", // the socket opened
   FAILED: "failed", // the attempt or the socket ended; another attempt is scheduled
-  GIVE_UP: "give-up", // an auth failure beyond maxAuthRetries
+  GIVE_UP: "give-up", // an auth failure beyond maxAuthRetries, or (from idle) the key's last manager ended so
   RETRY: "retry", // the app asks to try again after auth-failed (e.g. after a new login)
   RELEASE: "release", // the last user released the connection
 });
 
 /** @type {Readonly<Record<State, Readonly<Partial<Record<Input, State>>>>>} */
 export const TRANSITIONS = Object.freeze({
-  "idle": Object.freeze({ "start": "waiting", "release": "closed" }),
+  "idle": Object.freeze({ "start": "waiting", "give-up": "auth-failed", "release": "closed" }),
   "waiting": Object.freeze({ "due": "connecting", "release": "closed" }),
   "connecting": Object.freeze({ "opened": "open", "failed": "waiting", "give-up": "auth-failed", "release": "closed" }),
   "open": Object.freeze({ "failed": "waiting", "give-up": "auth-failed", "release": "closed" }),

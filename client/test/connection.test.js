@@ -659,6 +659,77 @@ test("the registry remembers a bounded number of ended connections", () => {
     conn.release();
     clock.advance(0);
   }
-  assert.equal(registry.ends.size, 64);
+  assert.equal(registry.remembered.size, 64);
   assert.equal(registry.managers.size, 0);
+});
+
+test("a remount keeps the auth state: auth-failed stays, auth failures still count", async () => {
+  const tokens = [];
+  const { clock, sockets, connect, registry } = setup({
+    getToken: ({ refresh }) => {
+      tokens.push(refresh);
+      return "expired-token";
+    },
+  });
+  /** Answer every attempt with the backend's auth close until the share gives up, or `max` attempts. */
+  const rejectAll = async (conn, max = 10) => {
+    for (let i = 0; i < max && conn.state !== "auth-failed"; i++) {
+      clock.advance(clock.nextAt() === null ? 0 : clock.nextAt() - clock.now());
+      await flush();
+      const socket = last(sockets);
+      if (socket !== undefined && socket.readyState === 0) {
+        socket.accept();
+        socket.serverClose(1008, "token expired");
+      }
+    }
+  };
+  let conn = connect();
+  await rejectAll(conn);
+  assert.equal(conn.state, "auth-failed");
+  assert.equal(sockets.length, 4);
+  // Unmount and mount again (a route change, a `key` on a parent): still auth-failed, no attempt.
+  conn.release();
+  clock.advance(0);
+  assert.equal(registry.managers.size, 0);
+  conn = connect();
+  const seen = record(conn);
+  assert.equal(conn.state, "auth-failed");
+  assert.equal(conn.stats.authFailures, 4);
+  clock.advance(600_000);
+  await flush();
+  assert.equal(sockets.length, 4); // before: 4 more attempts per remount
+  assert.equal(clock.pending, 0);
+  // retry() starts over, as it always did.
+  assert.equal(conn.retry(), true);
+  assert.deepEqual(seen.find(([n]) => n === "state")[1], { from: "auth-failed", to: "waiting", input: "retry" });
+  await rejectAll(conn, 2); // two auth failures, then the user leaves the page
+  assert.equal(conn.state, "waiting");
+  assert.equal(conn.stats.authFailures, 2);
+  conn.release();
+  clock.advance(0);
+  // A remount in the middle of the retries: the count goes on, 2 more attempts and it gives up.
+  conn = connect();
+  assert.equal(conn.stats.authFailures, 2);
+  const before = sockets.length;
+  await rejectAll(conn);
+  assert.equal(conn.state, "auth-failed");
+  assert.equal(sockets.length - before, 2);
+  assert.equal(tokens.length, sockets.length);
+  // A stable connection clears it, as retry() does: the next remount starts from nothing.
+  assert.equal(conn.retry(), true);
+  assert.equal(conn.stats.authFailures, 0);
+  await rejectAll(conn, 1);
+  assert.equal(conn.stats.authFailures, 1);
+  clock.advance(clock.nextAt() - clock.now());
+  await flush();
+  last(sockets).accept(); // a fresh token at last
+  clock.advance(10_000);
+  assert.equal(conn.stats.authFailures, 0);
+  conn.release();
+  clock.advance(0);
+  conn = connect();
+  assert.equal(conn.state, "waiting");
+  assert.equal(conn.stats.authFailures, 0);
+  // Another key, or the same key once the registry has forgotten it, starts afresh.
+  assert.equal(connect(URL_B).state, "waiting");
 });

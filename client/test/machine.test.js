@@ -48,3 +48,10 @@ test("inputs the table does not allow throw", () => {
   assert.throws(() => transition(State.IDLE, Input.DUE));
   assert.throws(() => transition(/** @type {any} */ ("nowhere"), Input.START));
 });
+
+test("auth-failed is entered only on give-up: after an auth failure, or at start when the key's last manager ended there", () => {
+  const into = STATES.filter((s) => Object.values(TRANSITIONS[s]).includes(State.AUTH_FAILED));
+  assert.deepEqual(into.sort(), [State.CONNECTING, State.IDLE, State.OPEN].sort());
+  for (const from of into) assert.equal(transition(from, Input.GIVE_UP), State.AUTH_FAILED);
+  assert.throws(() => transition(State.WAITING, Input.GIVE_UP));
+});
