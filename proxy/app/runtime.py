@@ -20,7 +20,7 @@ from ..admin.server import AdminServer, build_registry
 from ..admin.status import STATUS_HUB
 from ..admin.status import install as install_status_page
 from ..admin.upstream_health import HealthChecker
-from ..brain import EngineGate
+from ..brain import EngineGate, engine_routes
 from ..dataplane.boundary import (
     Connection,
     Gate,
@@ -330,8 +330,7 @@ def _replaced(model: Any, path: list[str], value: object) -> Any:
 def build_gate(settings: Settings, observers: Observers | None = None) -> EngineGate:
     """The detection engine behind the listener, with the given observers."""
     # Every route's breakers exist from the start (their metrics at 0).
-    routes = [r.path_prefix for r in settings.effective_routes()]
-    engine = Engine(settings.detection, settings.policy, settings.breakers, routes=routes)
+    engine = Engine(settings.detection, settings.policy, settings.breakers, routes=engine_routes(settings))
     gate = EngineGate(
         engine,
         observers or Observers(),
