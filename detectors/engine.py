@@ -29,7 +29,7 @@ import itertools
 import math
 import random
 from collections import Counter, OrderedDict
-from collections.abc import Hashable, Iterable, Iterator
+from collections.abc import Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from operator import attrgetter, itemgetter
 from typing import TypeVar
@@ -141,7 +141,7 @@ class Engine:
         *,
         seed: int = 0,
         store: ClientStore | None = None,
-        routes: Iterable[str] = (),
+        routes: Mapping[str, str] | Iterable[str] = (),
     ) -> None:
         self._rng = random.Random(seed)
         self._store: ClientStore = store or MemoryStore(detection.max_clients, detection.client_ttl)
@@ -151,7 +151,8 @@ class Engine:
         # metrics exist at 0), any other's at its first event, within the bound.
         self._routes: dict[str, RouteBreakers] = {}
         self._configured: frozenset[str] = frozenset()
-        self._set_routes(routes)
+        self._targets: dict[str, str] = {}  # configured route → its upstream ("" when not told)
+        self._set_routes(routes, 0.0)
         # Wake queue: (due, seq, key); stale entries are skipped (state.scheduled says which is live).
         self._queue: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
@@ -228,12 +229,13 @@ class Engine:
         breakers: BreakerSettings,
         t: float,
         compiled: Policy | None = None,
-        routes: Iterable[str] | None = None,
+        routes: Mapping[str, str] | Iterable[str] | None = None,
     ) -> int:
         """New settings at ``t`` (now); per-client state and breaker state are
         kept. `compiled`: `Policy(policy)` made beforehand (a reload compiles its
         access lists off the event loop: 100 000 networks take a second).
-        `routes`: the routes configured now (None: as before); see ``_set_routes``.
+        `routes`: the routes configured now, each with its upstream (or their
+        names alone); None: as before. See ``_set_routes``.
 
         Returns how many clients a lower ``detection.max_clients`` evicted: as
         a new client's eviction does, it gives a client in cooldown or with an
@@ -249,7 +251,7 @@ class Engine:
             self._actions.extend(rb.upstream.configure(breakers.upstream, t))
             self._actions.extend(rb.auth.configure(breakers.auth, t))
         if routes is not None:
-            self._set_routes(routes)
+            self._set_routes(routes, t)
         self._refloor()
         enabled = set(self._views)
         for state in list(self._notable.values()):
@@ -262,18 +264,35 @@ class Engine:
         self._mark_pending(t)
         return len(evicted)
 
-    def _set_routes(self, routes: Iterable[str]) -> None:
-        """The configured routes: each gets its breakers now (whatever the
-        bound). A route no longer configured keeps its breakers while one is
-        not closed (its clients' probes and waits run on); closed, they are
-        forgotten, made again at the route's next event if there is one."""
-        configured = frozenset(routes)
-        for route in [r for r, rb in self._routes.items() if r not in configured and rb.closed()]:
-            del self._routes[route]
-        for route in sorted(configured):
-            if route not in self._routes:
+    def _set_routes(self, routes: Mapping[str, str] | Iterable[str], t: float) -> None:
+        """The configured routes, by name with their upstreams (or names alone:
+        upstreams unknown, never changed): each gets its breakers now
+        (whatever the bound). A route no longer configured has its breakers
+        closed and forgotten: no attempt reaches it any more (its path has no
+        route), so an open one would wait for probes that never come, half-open
+        for good, and a route added back would inherit it; made again at the
+        route's next event if there is one (a close of a connection it still
+        relays). A route whose upstream changed has them closed: they judged
+        another service, whose failures say nothing of the new one."""
+        told = dict(routes) if isinstance(routes, Mapping) else dict.fromkeys(routes, "")
+        targets = {route: told[route] or self._targets.get(route, "") for route in told}
+        for route in [r for r in self._routes if r not in targets]:
+            self._close_breakers(self._routes.pop(route), t)
+        for route in sorted(targets):
+            rb = self._routes.get(route)
+            if rb is None:
                 self._routes[route] = RouteBreakers(route, self._breaker_settings)
-        self._configured = configured
+            elif self._targets.get(route) not in ("", None, targets[route]):
+                self._close_breakers(rb, t)
+        self._targets = targets
+        self._configured = frozenset(targets)
+
+    def _close_breakers(self, rb: RouteBreakers, t: float) -> None:
+        """A route's breakers closed (as an operator's reset), their transitions told."""
+        for breaker in rb.pair:
+            transition = breaker.reset(t)
+            if transition is not None:
+                self._actions.append(transition)
 
     def _route(self, route: str) -> RouteBreakers | None:
         """The route's breakers, made at its first event; None beyond the bound."""
@@ -686,9 +705,16 @@ class Engine:
         self._actions.append(CooldownEnded(state.key, t))
 
     def _rule_mode(self, rule: str) -> Mode:
+        """The mode a running cooldown of `rule` is enforced in. A rule an
+        operator turned off (`enabled: false`) or that enforces nothing any more
+        (`enforce_on: never`) lifts its cooldowns, as its `mode: observe` does:
+        the stronger switch does no less. A rule this engine does not know (a
+        cooldown adopted from a newer replica) follows the policy's mode."""
         view = self._views.get(rule)
         if view is None:
-            return self._policy.settings.mode
+            return "observe" if rule in RULE_NAMES else self._policy.settings.mode
+        if view[2].enforce_on == "never":
+            return "observe"
         return policy.rule_mode(view[2], self._policy.settings)
 
     # --- time ----------------------------------------------------------------

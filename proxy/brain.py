@@ -51,6 +51,12 @@ _MADE: dict[tuple[str, int, str, int], Refusal] = {}
 _MADE_SIZE = 1024
 
 
+def engine_routes(settings: Settings) -> dict[str, str]:
+    """The routes the engine keeps breakers for, each with its upstream (a
+    reload that re-points a route closes its breakers: Engine._set_routes)."""
+    return {r.path_prefix: r.upstream for r in settings.effective_routes()}
+
+
 def refusal_for(reject: Reject, reject_with: str, hold: float = 0.0, close_code: int = 1013) -> Refusal:
     """How a rejection reaches the client. A browser reports every refused
     handshake as 1006, so close-1013 (accept, then close with a reason it can
@@ -303,7 +309,7 @@ class EngineGate(Gate):
         `policy`: the settings' policy already compiled (off the loop). Returns
         how many clients a lower `detection.max_clients` evicted."""
         now = time.monotonic()
-        routes = [r.path_prefix for r in settings.effective_routes()]
+        routes = engine_routes(settings)
         evicted = self.engine.reconfigure(
             settings.detection, settings.policy, settings.breakers, now, policy, routes=routes
         )

@@ -136,20 +136,41 @@ def test_allow_listed_clients_are_flagged_but_never_refused(allow: list[str], ke
     assert log.would_rejects()
 
 
-@pytest.mark.parametrize("lift", [{"allow": ["10.0.0.0/24"]}, {"mode": "observe"}, {"rollout_percent": 0}])
-def test_a_cooldown_a_reload_lifts_is_shown_as_not_enforced(lift: dict[str, object]) -> None:
+RULE_OFF = {"rules": {"auth_failure_loop": {"enabled": False}}}
+RULE_NEVER = {"rules": {"auth_failure_loop": {"enforce_on": "never"}}}
+RULE_OBSERVED = {"rules": {"auth_failure_loop": {"mode": "observe"}}}
+
+
+@pytest.mark.parametrize(
+    ("lift", "detection"),
+    [
+        ({"allow": ["10.0.0.0/24"]}, {}),
+        ({"mode": "observe"}, {}),
+        ({"rollout_percent": 0}, {}),
+        ({}, RULE_OBSERVED),
+        # Turning the rule off does no less than observing it (the reload
+        # probe: the cooldown ran on for up to 5 minutes after the rule was off).
+        ({}, RULE_OFF),
+        ({}, RULE_NEVER),
+    ],
+)
+def test_a_cooldown_a_reload_lifts_is_shown_as_not_enforced(
+    lift: dict[str, object], detection: dict[str, object]
+) -> None:
     """The runbook's remedies (allow-list the client, observe mode, a rollout
-    that leaves it out) let its next attempt in; the API and
-    loopwatch_clients_in_cooldown said "enforced" until the old cooldown ran out
-    (5 minutes at most), so LoopwatchClientsInCooldownHigh kept firing and the
-    operator was told the change had not applied. One test now decides both."""
+    that leaves it out, the rule observed or off) let its next attempt in; the
+    API and loopwatch_clients_in_cooldown said "enforced" until the old
+    cooldown ran out (5 minutes at most), so LoopwatchClientsInCooldownHigh kept
+    firing and the operator was told the change had not applied. One test now
+    decides both."""
     e = engine()
     t = fail_three_times(e, "alice", addr="10.0.0.5")
     assert not e.admit(Attempt("alice", "/ws", t, "10.0.0.5")).admitted
     view = e.client("alice", t)
     assert view is not None and view.cooldown_enforced
     assert e.snapshot(t).clients_in_cooldown == 1
-    e.reconfigure(DetectionSettings(), PolicySettings(**lift), BreakerSettings(), t)  # type: ignore[arg-type]
+    reloaded = DetectionSettings.model_validate(detection)
+    e.reconfigure(reloaded, PolicySettings(**lift), BreakerSettings(), t)  # type: ignore[arg-type]
     view = e.client("alice", t + 0.1)
     assert view is not None and view.status == "cooldown" and not view.cooldown_enforced
     snap = e.snapshot(t + 0.1)

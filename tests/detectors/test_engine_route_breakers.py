@@ -159,6 +159,37 @@ def test_reconfigure_applies_to_every_routes_breakers_and_routes() -> None:
     assert all(v.state == "closed" for v in views)
 
 
+def test_a_reload_closes_the_breakers_of_a_route_it_repoints_or_removes() -> None:
+    """Breakers judge a route's upstream: re-pointed to a healthy backend, a
+    route kept the dead one's open breaker (attempts refused "upstream
+    unavailable" for up to open_wait_max); removed, it stayed half-open for
+    good (its path has no route: its probes never come), and a route added
+    back inherited it (the reload probe)."""
+    b = BreakerSettings.model_validate({"upstream": UPSTREAM})
+    routes = {"/a": "ws://one", "/c": "ws://dead"}
+    e = Engine(DetectionSettings(), PolicySettings(), b, routes=routes)
+    upstream_down(e, "/c", 10)
+    assert states(e, 0.2)[("/c", "upstream")] == "open"
+    # The same upstream, or the routes by name alone: kept.
+    e.reconfigure(DetectionSettings(), PolicySettings(), b, 0.3, routes=routes)
+    e.reconfigure(DetectionSettings(), PolicySettings(), b, 0.3, routes=("/a", "/c"))
+    assert states(e, 0.3)[("/c", "upstream")] == "open"
+    assert not e.admit(Attempt("k@10.9.0.1", "/c", 0.3, "10.9.0.1")).admitted
+    # Re-pointed: closed at once, and told.
+    e.reconfigure(DetectionSettings(), PolicySettings(), b, 0.4, routes={**routes, "/c": "ws://healthy"})
+    assert states(e, 0.4) == {(r, n): "closed" for r in ("/a", "/c") for n in ("upstream", "auth")}
+    assert transitions([e.wake(0.4)]) == [("/c", "upstream", "open", "closed")]
+    assert e.admit(Attempt("k@10.9.0.1", "/c", 0.5, "10.9.0.1")).admitted
+    # Removed while open: closed and forgotten; added back, closed.
+    upstream_down(e, "/c", 10, 1.0)
+    assert states(e, 1.2)[("/c", "upstream")] == "open"
+    e.reconfigure(DetectionSettings(), PolicySettings(), b, 1.3, routes={"/a": "ws://one"})
+    assert ("/c", "upstream") not in states(e, 1.3)
+    assert transitions([e.wake(1.3)]) == [("/c", "upstream", "open", "closed")]
+    e.reconfigure(DetectionSettings(), PolicySettings(), b, 60.0, routes={"/a": "ws://one", "/c": "ws://x"})
+    assert states(e, 60.0)[("/c", "upstream")] == "closed"
+
+
 def test_routes_beyond_the_bound_get_no_breakers() -> None:
     """Remote events carry any route string: the breakers made for them are bounded."""
     e = engine(routes=("/a",))
