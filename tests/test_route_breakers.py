@@ -8,11 +8,12 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 from websockets.asyncio.client import connect
 
-from loopwatch.proxy.app.runtime import Running, start
+from loopwatch.proxy.app.runtime import ConfigSources, Running, start
 from loopwatch.proxy.app.settings import load_settings
 from loopwatch.proxy.tools.demo_backend import issue_token
 from tests.clients import attempt
@@ -118,5 +119,54 @@ async def test_the_health_check_judges_every_route_to_its_backend() -> None:
             assert states(lw)[("/a", "upstream")] == "closed" and states(lw)[("/e", "upstream")] == "closed"
             code, reason = await attempt(ws_url(lw, f"/d?token={issue_token('d', 60)}"), "127.0.0.5")
             assert code == 1013 and reason.startswith("loopwatch: upstream unavailable"), (code, reason)
+        finally:
+            await lw.close()
+
+
+async def test_a_reload_that_repoints_a_dead_route_lets_its_clients_in_at_once(tmp_path: Path) -> None:
+    """The operator's fix for a dead backend, re-pointing its route, applies at
+    once: the route's open breaker judged the old backend (it refused every
+    attempt "upstream unavailable" until open_wait ran out, up to
+    open_wait_max); a route the reload removes leaves no breaker behind."""
+    dead = f"ws://127.0.0.1:{free_port()}"
+    async with websockets_backend(echo) as (healthy, _):
+        config = tmp_path / "loopwatch.yaml"
+
+        def write(routes: dict[str, str]) -> None:
+            lines = "".join(f'  - {{path_prefix: "{p}", upstream: "{u}"}}\n' for p, u in routes.items())
+            config.write_text(
+                f'routes:\n{lines}listen: "127.0.0.1:0"\nadmin:\n  listen: "127.0.0.1:0"\n'
+                "policy:\n  hold: 0s\nbreakers:\n  upstream:\n    min_calls: 3\n    open_wait: 30s\n"
+            )
+
+        write({"/a": healthy, "/c": dead})
+        lw = await start(load_settings(config, env={}), sources=ConfigSources(str(config), {}, {}))
+        try:
+            for i in range(3):
+                code, _ = await attempt(ws_url(lw, f"/c?token={issue_token(f'c{i}', 60)}"), f"127.0.0.{i + 2}")
+                assert code == 502
+            await wait_for(lambda: states(lw)[("/c", "upstream")] == "open")
+            code, reason = await attempt(ws_url(lw, f"/c?token={issue_token('d', 60)}"), "127.0.0.8")
+            assert code == 1013 and reason.startswith("loopwatch: upstream unavailable"), (code, reason)
+            write({"/a": healthy, "/c": healthy})
+            assert lw.reload() == {"reloaded": True, "restart_required": []}
+            assert states(lw)[("/c", "upstream")] == "closed"
+            async with connect(ws_url(lw, f"/c?token={issue_token('e', 60)}"), open_timeout=5) as ws:
+                await ws.send("back")
+                assert await ws.recv() == "back"
+            # Dead again, then removed: no breaker of /c is left open, nor listed.
+            write({"/a": healthy, "/c": dead})
+            lw.reload()
+            for i in range(3):
+                await attempt(ws_url(lw, f"/c?token={issue_token(f'f{i}', 60)}"), f"127.0.1.{i + 2}")
+            await wait_for(lambda: states(lw)[("/c", "upstream")] == "open")
+            write({"/a": healthy})
+            lw.reload()
+            assert sorted(states(lw)) == [("/a", "auth"), ("/a", "upstream")]
+            async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{lw.admin_port}/metrics") as r:
+                text = await r.text()
+            # (An event of /c after the reload makes its pair again, closed.)
+            for state in ("open", "half_open"):
+                assert f'route="/c",state="{state}"}} 1.0' not in text
         finally:
             await lw.close()
