@@ -11,12 +11,18 @@ own page registry:
   the backend and loopwatch each see once;
 * a client put in cooldown: it waits the retry time loopwatch gave it and is
   let in within that time + 1 s.
+
+And a backend that refuses the upgrade itself (401 for a revoked token, the
+incident's other shape), which a browser reports as a 1006 before open: with
+`checkAuth` (a session check) the page refreshes its token and reaches
+auth-failed after 4 attempts; without it, it backs off as for an outage.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -26,7 +32,7 @@ from aiohttp import web
 from playwright.async_api import Page, async_playwright
 
 from loopwatch.proxy.app.runtime import Running
-from loopwatch.proxy.tools.demo_backend import DemoBackend, issue_token
+from loopwatch.proxy.tools.demo_backend import DemoBackend, issue_token, token_from
 from tests.conftest import loopwatch, wait_for
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
 
@@ -34,9 +40,11 @@ CLIENT_SRC = Path(__file__).resolve().parent.parent / "client" / "src"
 WINDOW = 30.0  # seconds the expired-token page is watched
 COOLDOWN = "3s"
 
-# The app: `start(token, effects, options)` asks for the shared connection once
-# per effect (the second effect mounted, unmounted and mounted again at once,
-# as StrictMode does) and records every event the first effect hears.
+# The app: `start(token, effects, options, path)` asks for the shared connection
+# once per effect (the second effect mounted, unmounted and mounted again at
+# once, as StrictMode does) and records every event the first effect hears and
+# every token asked for. `checkSession: true` adds a checkAuth that asks the
+# backend's /session whether the token still holds: only a 401/403 says no.
 PAGE = """<!doctype html>
 <html lang="en">
 <meta charset="utf-8">
@@ -47,11 +55,20 @@ import { sharedConnection } from "/client/index.js";
 
 window.events = [];
 window.messages = [[], []];
+window.tokens = [];
 window.ready = true;
 const NAMES = ["state", "attempt", "open", "close", "refused", "retry", "authfailed", "stable", "error"];
 
-window.start = (token, effects, options = {}) => {
-  const ask = () => sharedConnection("/ws", { ...options, getToken: () => token });
+window.start = (token, effects, options = {}, path = "/ws") => {
+  const { checkSession, ...rest } = options;
+  const settings = { ...rest, getToken: ({ refresh }) => (window.tokens.push(refresh), token) };
+  if (checkSession) {
+    settings.checkAuth = async () => {
+      const { status } = await fetch("/session?token=" + encodeURIComponent(token));
+      return status !== 401 && status !== 403;
+    };
+  }
+  const ask = () => sharedConnection(path, settings);
   const conns = [];
   for (let i = 0; i < effects; i++) {
     if (i === 1) ask().release();  // StrictMode: mount, unmount, mount again
@@ -76,12 +93,30 @@ window.send = (i, text) => window.conns[i].send(text);
 
 
 class CompanionBackend(DemoBackend):
-    """The demo backend, plus the page and the companion's module files."""
+    """The demo backend, plus the page and the companion's module files, a
+    WebSocket that refuses a bad token at the upgrade (401, before any 101) and
+    a session check."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.refused_upgrades: Counter[str] = Counter()  # 401s at /ws-strict, per subject
+        self.session_checks: Counter[str] = Counter()
         self.app.router.add_get("/", self.page)
         self.app.router.add_get("/client/{name}", self.module)
+        self.app.router.add_get("/ws-strict", self.strict)
+        self.app.router.add_get("/session", self.session)
+
+    async def strict(self, request: web.Request) -> web.StreamResponse:
+        sub, problem = self.subject(token_from(request)[0])
+        if problem is not None:
+            self.refused_upgrades[sub] += 1
+            return web.Response(status=401, text=problem)
+        return await self.websocket(request)
+
+    async def session(self, request: web.Request) -> web.Response:
+        sub, problem = self.subject(request.query.get("token"))
+        self.session_checks[sub] += 1
+        return web.json_response({"sub": sub}) if problem is None else web.Response(status=401, text=problem)
 
     async def page(self, request: web.Request) -> web.Response:
         return web.Response(text=PAGE, content_type="text/html", charset="utf-8")
@@ -186,5 +221,49 @@ async def test_the_companion_in_chromium_stops_the_incident_s_loop() -> None:
             finally:
                 await browser.close()
             await wait_for(lambda: lw.plane.connections() == 0, 10)
+    finally:
+        await backend.stop()
+
+
+async def test_a_401_at_the_upgrade_reaches_auth_failed_with_a_session_check() -> None:
+    """A browser reports the backend's 401 at the upgrade as a 1006 before open,
+    as it would a network failure: the companion cannot tell by itself. With
+    checkAuth it refreshes the token and gives up after 1 + 3 attempts; without
+    it, it keeps backing off with the same token (the README says so)."""
+    backend = CompanionBackend()
+    await backend.start()
+    try:
+        async with loopwatch(f"ws://127.0.0.1:{backend.port}") as lw, async_playwright() as pw:
+            browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            try:
+                checked, unchecked = [await open_page(browser, lw) for _ in range(2)]
+                revoked = issue_token("revoked-tab", -60)
+                await checked.evaluate("t => start(t, 1, { checkSession: true }, '/ws-strict')", revoked)
+                await unchecked.evaluate("t => start(t, 1, {}, '/ws-strict')", issue_token("outage-tab", -60))
+
+                await poll(checked, "window.state() === 'auth-failed'", 20)
+                await asyncio.sleep(3)  # and nothing after it
+                attempts = await events(checked, "attempt")
+                closes = await events(checked, "close")
+                assert len(attempts) == 4, await events(checked)
+                assert [(c["code"], c["reason"], c["kind"]) for c in closes] == [(1006, "", "auth")] * 4
+                assert await checked.evaluate("window.tokens") == [False, True, True, True]
+                failed = await events(checked, "authfailed")
+                assert len(failed) == 1 and failed[0]["authFailures"] == 4
+                assert await events(checked, "error") == []
+                assert backend.refused_upgrades["revoked-tab"] == 4  # each one reached the backend: 401
+                assert backend.session_checks["revoked-tab"] == 4
+                assert backend.upgrades["revoked-tab"] == 0  # never a 101
+
+                # Without checkAuth, over the same time: an outage, never auth-failed, never a refresh.
+                assert await unchecked.evaluate("window.state()") in ("waiting", "connecting")
+                closes = await events(unchecked, "close")
+                assert len(closes) >= 3 and {(c["code"], c["kind"]) for c in closes} == {(1006, "abnormal")}
+                assert set(await unchecked.evaluate("window.tokens")) == {False}
+                assert backend.refused_upgrades["outage-tab"] == len(await events(unchecked, "attempt"))
+                for page in (checked, unchecked):
+                    await page.close()
+            finally:
+                await browser.close()
     finally:
         await backend.stop()

@@ -20,6 +20,13 @@ import { classifyClose, DEFAULT_AUTH_CLOSE_CODES } from "./refusal.js";
  */
 
 /**
+ * What the auth check is told: the attempt that failed before its socket opened.
+ * @typedef {object} AuthCheckRequest
+ * @property {number} attempt       the attempt that just failed, from 1
+ * @property {CloseInfo} lastClose  how it ended (kind "abnormal" or "timeout")
+ */
+
+/**
  * @typedef {object} Clock
  * @property {() => number} now                                   ms
  * @property {(fn: () => void, ms: number) => unknown} setTimeout
@@ -36,13 +43,17 @@ import { classifyClose, DEFAULT_AUTH_CLOSE_CODES } from "./refusal.js";
  * @property {number} [stableAfter=10000]    ms a socket must stay open before the backoff starts over
  * @property {number} [openTimeout=35000]    ms a socket may take to open; above `policy.hold` × the
  *           sockets the page may open at once to that host, or a held refusal is cut before its retry time
- * @property {number} [tokenTimeout=10000]   ms the token hook may take
+ * @property {number} [tokenTimeout=10000]   ms the token hook (and the auth check) may take
  * @property {number} [retrySpread=1000]     up to this many ms added at random to loopwatch's retry time
  * @property {{min: number, max: number}} [restartDelay={min: 5000, max: 30000}]  after 1012 Service Restart
  * @property {number} [overloadDelay=5000]   the floor after a 1013 that carries no retry time
  * @property {number} [linger=0]             ms the socket is kept after the last release (a remount takes it over)
  * @property {(request: TokenRequest) => (string | null | undefined | Promise<string | null | undefined>)} [getToken]
  *           called before every attempt; `refresh` is true after an auth failure
+ * @property {(request: AuthCheckRequest) => (boolean | Promise<boolean>)} [checkAuth]
+ *           asked after an attempt that failed before its socket opened (a browser reports a 401 at the
+ *           upgrade as a 1006, like an outage); false: the session is gone, the failure counts as an auth
+ *           failure. A throw, a rejection or no answer within tokenTimeout counts as "don't know" (true)
  * @property {string | null} [tokenParam="token"]  query parameter the token goes in; null: the URL is left alone
  * @property {string | string[] | ((token: string | null) => string | string[] | undefined)} [protocols]
  *           subprotocols, or a function of the token (for the `bearer, <token>` subprotocol pattern)
@@ -64,7 +75,7 @@ import { classifyClose, DEFAULT_AUTH_CLOSE_CODES } from "./refusal.js";
  * @property {{attempt: number, delay: number, cause: CloseKind}} retry
  * @property {{openFor: number}} stable
  * @property {{authFailures: number, code: number, reason: string}} authfailed
- * @property {{error: unknown, during: "token" | "socket"}} error
+ * @property {{error: unknown, during: "token" | "socket" | "checkAuth"}} error
  */
 
 /** @typedef {keyof EventMap} EventName */
@@ -119,8 +130,10 @@ function settle(options) {
   if (!Array.isArray(authCloseCodes) || !authCloseCodes.every((c) => Number.isInteger(c) && c >= 1000 && c <= 4999)) {
     throw new TypeError(`authCloseCodes: expected close codes 1000-4999, got ${authCloseCodes}`);
   }
-  if (options.getToken !== undefined && typeof options.getToken !== "function") {
-    throw new TypeError("getToken: expected a function");
+  for (const hook of /** @type {const} */ (["getToken", "checkAuth"])) {
+    if (options[hook] !== undefined && typeof options[hook] !== "function") {
+      throw new TypeError(`${hook}: expected a function`);
+    }
   }
   return Object.freeze({
     minInterval: checkMs(options.minInterval ?? 1000, "minInterval"),
@@ -135,6 +148,7 @@ function settle(options) {
     overloadDelay: checkMs(options.overloadDelay ?? 5000, "overloadDelay"),
     linger: checkMs(options.linger ?? 0, "linger"),
     getToken: options.getToken,
+    checkAuth: options.checkAuth,
     tokenParam: options.tokenParam === undefined ? "token" : options.tokenParam,
     protocols: options.protocols,
     WebSocket: WebSocketClass,
@@ -214,8 +228,8 @@ export class ConnectionManager {
     /** @type {CloseInfo | null} */
     this.lastClose = null;
     this.generation = 0; // bumped whenever an attempt is abandoned, so late callbacks are ignored
-    /** @type {{wait: unknown, open: unknown, stable: unknown, token: unknown, linger: unknown}} */
-    this.timers = { wait: null, open: null, stable: null, token: null, linger: null };
+    /** @type {{wait: unknown, open: unknown, stable: unknown, token: unknown, auth: unknown, linger: unknown}} */
+    this.timers = { wait: null, open: null, stable: null, token: null, auth: null, linger: null };
   }
 
   // --- users ---------------------------------------------------------------
@@ -254,7 +268,9 @@ export class ConnectionManager {
       this.lastEnd = this.settings.clock.now();
       if (socket.readyState === OPEN || socket.readyState === CONNECTING) socket.close(NORMAL_CLOSURE);
     }
-    for (const name of /** @type {const} */ (["wait", "open", "stable", "token", "linger"])) this.clearTimer(name);
+    for (const name of /** @type {(keyof ConnectionManager["timers"])[]} */ (Object.keys(this.timers))) {
+      this.clearTimer(name);
+    }
     this.move(Input.RELEASE, from);
     this.registry.forget(this, from === State.AUTH_FAILED);
     this.listeners.clear();
@@ -453,13 +469,63 @@ export class ConnectionManager {
    * @param {number} attempt
    */
   ended(info, attempt) {
-    const { clock, minInterval, backoff, random, maxAuthRetries } = this.settings;
-    const now = clock.now();
+    const now = this.settings.clock.now();
     const openFor = this.openedAt === null ? null : now - this.openedAt;
     this.openedAt = null;
     this.clearTimer("open");
     this.clearTimer("stable");
     this.lastEnd = now;
+    // A refused upgrade (401, 403) reaches a page as a 1006 before open, like an
+    // outage: only the app can tell, so it is asked before the close is judged.
+    const unopened = openFor === null && (info.kind === "abnormal" || info.kind === "timeout");
+    if (unopened && this.settings.checkAuth !== undefined) this.askAuth(info, attempt);
+    else this.judge(info, attempt, openFor);
+  }
+
+  /**
+   * Ask the app's checkAuth whether the session still holds, then judge the
+   * close: false makes it an auth failure. Meanwhile the state stays
+   * "connecting" (no attempt runs); a release drops the answer (generation).
+   * @param {CloseInfo} info
+   * @param {number} attempt
+   */
+  askAuth(info, attempt) {
+    const { checkAuth, tokenTimeout } = this.settings;
+    const generation = this.generation;
+    /** @param {unknown} valid */
+    const answered = (valid) => {
+      this.clearTimer("auth");
+      this.judge(valid === false ? { ...info, kind: "auth" } : info, attempt, null);
+    };
+    /** @param {unknown} error */
+    const unknown = (error) => {
+      this.emit("error", { error, during: "checkAuth" });
+      answered(true); // "don't know": the failure stays what it looked like
+    };
+    this.setTimer("auth", tokenTimeout, () => {
+      this.generation += 1; // a late answer is dropped
+      unknown(new Error(`checkAuth: no answer within ${tokenTimeout} ms`));
+    });
+    Promise.resolve()
+      .then(() => /** @type {NonNullable<Settings["checkAuth"]>} */ (checkAuth)({ attempt, lastClose: info }))
+      .then(
+        (valid) => {
+          if (generation === this.generation) answered(valid);
+        },
+        (error) => {
+          if (generation === this.generation) unknown(error);
+        },
+      );
+  }
+
+  /**
+   * What comes after the close `info`, now that its kind is final: a wait, or auth-failed.
+   * @param {CloseInfo} info
+   * @param {number} attempt
+   * @param {number | null} openFor
+   */
+  judge(info, attempt, openFor) {
+    const { minInterval, backoff, random, maxAuthRetries } = this.settings;
     this.lastClose = info;
     this.failures += 1;
     this.emit("close", { ...info, attempt, openFor });

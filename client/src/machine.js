@@ -10,7 +10,7 @@
 export const State = Object.freeze({
   IDLE: "idle", // made, nothing asked yet
   WAITING: "waiting", // a timer runs until the next attempt (min interval, backoff, retry time)
-  CONNECTING: "connecting", // getting a token, then the socket is opening
+  CONNECTING: "connecting", // getting a token, then the socket is opening (then, if it failed to, checkAuth)
   OPEN: "open", // the socket is open
   AUTH_FAILED: "auth-failed", // terminal: auth retries used up; the app decides (retry() or release())
   CLOSED: "closed", // terminal: every user released it

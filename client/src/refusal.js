@@ -20,7 +20,8 @@
  * What a close means for reconnecting.
  * - "refused":    a loopwatch refusal with a retry time (close 1013, or the
  *                 4000-4999 code `policy.close_code` puts in its place)
- * - "auth":       an auth failure (a code in `authCloseCodes`, from the backend)
+ * - "auth":       an auth failure (a code in `authCloseCodes`, from the backend;
+ *                 or a failure before open that the app's `checkAuth` said was one)
  * - "restart":    1012 Service Restart
  * - "overload":   1013 Try Again Later without loopwatch's retry time
  * - "gateway":    1014 Bad Gateway: the upstream was lost
@@ -31,7 +32,8 @@
  * - "timeout":    the socket did not open within `openTimeout`
  * - "token":      the token hook failed or timed out (no socket was opened)
  * - "abnormal":   anything else, 1006 included (what a browser reports for a
- *                 refused handshake: 401, 429, 503, 502 all look alike)
+ *                 refused handshake: 401, 429, 503, 502 all look alike, so the
+ *                 code alone never makes a 401 at the upgrade an auth failure)
  * @typedef {"refused" | "auth" | "restart" | "overload" | "gateway" | "going-away" | "normal" | "proxy" | "timeout" | "token" | "abnormal"} CloseKind
  */
 

@@ -574,6 +574,157 @@ test("the token is appended to the query as written: the rest of it byte for byt
   assert.equal(seen.find(([n]) => n === "attempt")[1].url, "ws://h/ws?a=1&token=%E2%80%A6&b=%20");
 });
 
+/**
+ * Make attempts until the share gives up or `max` attempts were made; each one
+ * `answer`s its socket (the browser's view of a 401 at the upgrade: a 1006 before open).
+ */
+async function attemptUntilAuthFailed(clock, sockets, conn, max, answer = (socket) => socket.fail()) {
+  for (let i = 0; i < max && conn.state !== "auth-failed"; i++) {
+    clock.advance(clock.nextAt() === null ? 0 : clock.nextAt() - clock.now());
+    await flush();
+    const socket = last(sockets);
+    if (socket !== undefined && socket.readyState === 0) answer(socket);
+    await flush();
+  }
+}
+
+test("a 401 at the upgrade: without checkAuth an outage for ever, with it auth-failed after 4", async () => {
+  // Without checkAuth: a refused upgrade is a 1006, so the client backs off and never gives up.
+  const tokens = [];
+  let s = setup({ r: 0.5, getToken: ({ refresh }) => (tokens.push(refresh), "revoked") });
+  let conn = s.connect();
+  let seen = record(conn);
+  await attemptUntilAuthFailed(s.clock, s.sockets, conn, 12);
+  assert.equal(s.sockets.length, 12);
+  assert.equal(conn.state, "waiting");
+  assert.ok(seen.filter(([n]) => n === "close").every(([, p]) => p.kind === "abnormal"));
+  assert.ok(tokens.every((refresh) => refresh === false));
+  // With checkAuth saying the session is gone: an auth failure each, a refreshed token, then auth-failed.
+  tokens.length = 0;
+  const checks = [];
+  s = setup({
+    r: 0.5,
+    getToken: ({ refresh }) => (tokens.push(refresh), "revoked"),
+    checkAuth: async (request) => (checks.push(request), false),
+  });
+  conn = s.connect();
+  seen = record(conn);
+  await attemptUntilAuthFailed(s.clock, s.sockets, conn, 12);
+  assert.equal(s.sockets.length, 4);
+  assert.equal(conn.state, "auth-failed");
+  assert.deepEqual(tokens, [false, true, true, true]);
+  assert.deepEqual(checks.map((c) => [c.attempt, c.lastClose.code, c.lastClose.kind]), [
+    [1, 1006, "abnormal"],
+    [2, 1006, "abnormal"],
+    [3, 1006, "abnormal"],
+    [4, 1006, "abnormal"],
+  ]);
+  // One close event per attempt, with its final kind; the terminal event once.
+  const closes = seen.filter(([n]) => n === "close").map(([, p]) => [p.attempt, p.code, p.kind]);
+  assert.deepEqual(closes, [1, 2, 3, 4].map((a) => [a, 1006, "auth"]));
+  assert.deepEqual(seen.filter(([n]) => n === "authfailed"), [["authfailed", { authFailures: 4, code: 1006, reason: "" }]]);
+  // The table was followed: the check happened in connecting, the give-up came from there.
+  const states = seen.filter(([n]) => n === "state").map(([, p]) => `${p.from} -${p.input}-> ${p.to}`);
+  assert.equal(states.at(-1), "connecting -give-up-> auth-failed");
+  assert.equal(s.clock.pending, 0);
+  s.clock.advance(600_000);
+  await flush();
+  assert.equal(s.sockets.length, 4);
+});
+
+test("checkAuth: true, a throw, a rejection or no answer is don't know; asked only before open", async () => {
+  const outcomes = {
+    true: () => true,
+    throws: () => {
+      throw new Error("check broke");
+    },
+    rejects: () => Promise.reject(new Error("session API down")),
+    undefined: () => undefined,
+  };
+  for (const [name, checkAuth] of Object.entries(outcomes)) {
+    const s = setup({ r: 0, checkAuth });
+    const conn = s.connect();
+    const seen = record(conn);
+    await attemptUntilAuthFailed(s.clock, s.sockets, conn, 6);
+    assert.equal(conn.state, "waiting", name);
+    assert.equal(conn.stats.authFailures, 0, name);
+    assert.ok(seen.filter(([n]) => n === "close").every(([, p]) => p.kind === "abnormal"), name);
+    const errors = seen.filter(([n]) => n === "error").map(([, p]) => p.during);
+    assert.deepEqual(errors, name === "throws" || name === "rejects" ? Array(6).fill("checkAuth") : [], name);
+  }
+  // No answer: the attempt stays connecting until tokenTimeout, then it is an abnormal failure;
+  // the late answer is dropped.
+  let resolve;
+  let s = setup({ r: 0, tokenTimeout: 3000, checkAuth: () => new Promise((r) => (resolve = r)) });
+  let conn = s.connect();
+  let seen = record(conn);
+  s.clock.advance(0);
+  s.sockets[0].fail();
+  await flush();
+  assert.equal(conn.state, "connecting");
+  assert.deepEqual(seen.filter(([n]) => n === "close"), []); // the close is judged once, when its kind is known
+  s.clock.advance(2999);
+  await flush();
+  assert.equal(conn.state, "connecting");
+  assert.equal(s.sockets.length, 1);
+  s.clock.advance(1);
+  assert.equal(conn.state, "waiting");
+  assert.equal(seen.find(([n]) => n === "close")[1].kind, "abnormal");
+  assert.match(String(seen.find(([n]) => n === "error")[1].error), /checkAuth: no answer within 3000 ms/);
+  resolve(false);
+  await flush();
+  assert.equal(conn.stats.authFailures, 0);
+  assert.equal(seen.filter(([n]) => n === "close").length, 1);
+  // Released while the check is out: no timer left, the answer changes nothing.
+  s = setup({ checkAuth: () => new Promise((r) => (resolve = r)) });
+  conn = s.connect();
+  seen = record(conn);
+  s.clock.advance(0);
+  s.sockets[0].fail();
+  await flush();
+  assert.equal(s.clock.pending, 1); // the check's own timer
+  conn.release();
+  s.clock.advance(0);
+  assert.equal(conn.state, "closed");
+  assert.equal(s.clock.pending, 0);
+  assert.equal(s.registry.managers.size, 0);
+  resolve(false);
+  await flush();
+  assert.deepEqual(seen.filter(([n]) => n === "close" || n === "authfailed"), []);
+  // Asked after an open timeout (no socket opened), never after a close after open, a refusal,
+  // a token failure.
+  const asked = [];
+  let failToken = false;
+  s = setup({
+    r: 0,
+    minInterval: 0,
+    openTimeout: 5000,
+    getToken: () => (failToken ? Promise.reject(new Error("no token")) : "t"),
+    checkAuth: ({ lastClose }) => (asked.push(lastClose.kind), true),
+  });
+  conn = s.connect();
+  const answers = [
+    () => s.clock.advance(5000), // timeout
+    (socket) => socket.refuse(1), // refused
+    (socket) => (socket.accept(), socket.serverClose(1008, "token expired")), // auth after open
+    (socket) => (socket.accept(), socket.fail()), // 1006 after open: the network
+    (socket) => (socket.accept(), socket.serverClose(1011)),
+  ];
+  for (const answer of answers) {
+    s.clock.advance(s.clock.nextAt() - s.clock.now());
+    await flush();
+    answer(last(s.sockets));
+    await flush();
+  }
+  failToken = true;
+  s.clock.advance(s.clock.nextAt() - s.clock.now());
+  await flush();
+  assert.equal(s.sockets.length, answers.length);
+  assert.equal(conn.stats.attempts, answers.length + 1);
+  assert.deepEqual(asked, ["timeout"]);
+  assert.throws(() => s.connect(URL_B, { checkAuth: true }), /checkAuth: expected a function/);
+});
+
 test("state events follow the table, and a throwing listener breaks nothing", () => {
   const { clock, sockets, connect } = setup();
   const conn = connect();
