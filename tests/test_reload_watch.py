@@ -4,6 +4,7 @@ changes (Kubernetes swaps a `..data` link) applies without a signal."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import aiohttp
 import pytest
 
 from loopwatch.proxy.app.settings import ConfigError, load_settings
-from loopwatch.proxy.app.watch import FileWatch, watched_files
+from loopwatch.proxy.app.watch import FileWatch, snapshot, watched_files
 from tests.conftest import wait_for
 from tests.processes import loopwatch_run
 
@@ -60,6 +61,62 @@ async def test_a_swapped_mount_reloads_and_a_refused_file_is_tried_at_its_next_c
         await wait_for(lambda: len(reloads) == 3)
     finally:
         await watch.stop()
+
+
+async def test_a_file_written_in_place_in_chunks_is_reloaded_once_whole(tmp_path: Path) -> None:
+    """`cat new.yaml > loopwatch.yaml`, `cp`, an editor that keeps the inode: the
+    file is truncated and written in chunks, and a look during the write saw
+    it cut short. YAML has no end marker, so the half parsed and was applied,
+    the sections not yet written at their defaults (the reload probe, M1: a
+    deny list gone for 3 s). The writer here puts a chunk in at every look
+    (`files` is asked once a look), so no two looks find the file the same
+    until it is whole."""
+    config = tmp_path / "loopwatch.yaml"
+    config.write_text("policy: {mode: enforce}\n")
+    whole = 'upstream: "ws://127.0.0.1:9"\npolicy:\n  deny: ["10.0.0.0/8"]\nadmin:\n  token: "s3cret-token"\n'
+    cuts = [0, whole.index("policy:"), whole.index("admin:"), len(whole)]
+    chunks = [whole[a:b] for a, b in itertools.pairwise(cuts)]  # the first ends before `policy:`
+    writing = False
+    reloads: list[str] = []
+
+    def files() -> list[str]:
+        if writing and chunks:
+            with config.open("w" if len(chunks) == 3 else "a") as f:  # truncated first, as `>` does
+                f.write(chunks.pop(0))
+        return [str(config)]
+
+    async def reload() -> None:
+        reloads.append(config.read_text())
+
+    watch = FileWatch(lambda: 0.05, files, reload)
+    watch.start()
+    try:
+        writing = True
+        await wait_for(lambda: len(reloads) == 1)
+        await asyncio.sleep(0.3)  # and no other: the whole file was taken once
+        assert reloads == [whole]
+    finally:
+        await watch.stop()
+
+
+def test_a_link_led_elsewhere_is_a_change_even_to_the_same_inode(tmp_path: Path) -> None:
+    """A ConfigMap's files are reached through the `..data` link; the kubelet
+    deletes the old version's files, so the new version's may get the inode
+    numbers they freed. Where the links lead is part of a file's state: here
+    two names of one inode (hard links), the link swapped from one to the other."""
+    (tmp_path / "..1").mkdir()
+    (tmp_path / "..2").mkdir()
+    (tmp_path / "..1" / "loopwatch.yaml").write_text("policy: {mode: enforce}\n")
+    os.link(tmp_path / "..1" / "loopwatch.yaml", tmp_path / "..2" / "loopwatch.yaml")
+    (tmp_path / "..data").symlink_to("..1")
+    config = tmp_path / "loopwatch.yaml"
+    config.symlink_to("..data/loopwatch.yaml")
+    before = snapshot([str(config)])[str(config)]
+    (tmp_path / "..data_tmp").symlink_to("..2")
+    (tmp_path / "..data_tmp").rename(tmp_path / "..data")
+    after = snapshot([str(config)])[str(config)]
+    assert before is not None and after is not None and before.inode == after.inode
+    assert before != after
 
 
 def test_the_files_watched_are_the_config_and_those_it_names(tmp_path: Path) -> None:

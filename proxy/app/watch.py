@@ -4,10 +4,22 @@ Kubernetes updates a mounted ConfigMap or Secret by swapping a `..data`
 symlink, and containers in a pod cannot signal each other: without a watch, a
 rotated certificate or admin token waited for a SIGHUP nobody sent. Every
 `reload_watch` seconds the config file and every file a setting names are
-looked at (`os.stat`, which follows the links: a swap changes the inode); when
-one changed, appeared or went away, the configuration is reloaded as SIGHUP
-reloads it, with the same checks (a file that does not load is refused whole,
-the running configuration kept, and tried again at its next change).
+looked at (`os.stat`, which follows the links: a swap changes the inode, and
+the path the links lead to is part of what is compared); when one changed,
+appeared or went away, and the next look finds it as this one did, the
+configuration is reloaded as SIGHUP reloads it, with the same checks (a file
+that does not load is refused whole, the running configuration kept, and tried
+again at its next change).
+
+Two looks, not one: a file written in place (`cat new > loopwatch.yaml`, `cp`,
+an editor that keeps the inode, a slow copy over NFS) is seen half-written by
+a look that falls within the write, and YAML has no end marker: a file cut at
+a line boundary parses, its missing sections taken at their defaults (the
+reload probe: a deny list, the admin token, TLS gone for the seconds until the
+rest landed). A file whose state (inode, size, mtime, link target) has held
+for a whole interval is taken as written. A write with pauses longer than the
+interval can still be caught between two of them: only a write to another
+name, renamed over the file (as Kubernetes' `..data` swap is), is atomic.
 
 Polling, not inotify: a swap of a `..data` link two directories up is no event
 on the file itself, and a stat of a handful of files every few seconds costs
@@ -18,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -31,12 +44,24 @@ log = logging.getLogger("loopwatch")
 
 class FileState(NamedTuple):
     """What tells a file's versions apart: a new inode (a swapped link, a file
-    written anew and renamed over), or the same one written in place."""
+    written anew and renamed over), or the same one written in place; and
+    where its links lead (a ConfigMap's `..data/loopwatch.yaml` resolves to
+    `..2024_05_01_…/loopwatch.yaml`): a swap to a file whose inode number was
+    freed and given again (the kubelet deletes the old version's files) is a
+    change all the same."""
 
     device: int
     inode: int
     size: int
     mtime_ns: int
+    target: str
+
+
+class Phase(enum.Enum):
+    """Where the watch is between two looks."""
+
+    IDLE = "idle"  # the files are as the last reload (or the start) took them
+    SETTLING = "settling"  # the last look found a change: acted on once a look finds it again
 
 
 def watched_files(config: str | None, settings: Settings) -> list[str]:
@@ -60,15 +85,22 @@ def snapshot(paths: list[str]) -> dict[str, FileState | None]:
     for path in paths:
         try:
             st = os.stat(path)
+            target = os.path.realpath(path)
         except OSError:
             states[path] = None
         else:
-            states[path] = FileState(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            states[path] = FileState(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, target)
     return states
 
 
+def changed(now: dict[str, FileState | None], seen: dict[str, FileState | None]) -> list[str]:
+    """The paths whose state `now` differs from `seen` (one not in `seen`: appeared)."""
+    return [path for path, state in now.items() if state != seen.get(path)]
+
+
 class FileWatch:
-    """Polls the watched files and reloads when one changed."""
+    """Polls the watched files and reloads when one changed and then held
+    still for a look."""
 
     def __init__(
         self,
@@ -96,16 +128,26 @@ class FileWatch:
                 await task
 
     async def _run(self, seen: dict[str, FileState | None]) -> None:
+        phase = Phase.IDLE
+        pending: dict[str, FileState | None] | None = None  # what the last look found, while SETTLING
         while True:
             interval = self._interval()
             await asyncio.sleep(interval if interval else IDLE_LOOK)
             if not interval:
+                phase, pending = Phase.IDLE, None
                 continue  # switched off by a reload: look again whether it is back on
             now = await asyncio.to_thread(snapshot, self._files())
-            changed = [path for path, state in now.items() if state != seen.get(path)]
-            if not changed:
+            differ = changed(now, seen)
+            if not differ:
+                phase, pending = Phase.IDLE, None  # never changed, or changed back (an editor's undo)
                 continue
-            event(log, "config_changed", files=changed)
+            if phase is Phase.IDLE or now != pending:
+                # New since the last look: a write may still be under way
+                # (in place, in chunks). Taken once a look finds it as this one.
+                phase, pending = Phase.SETTLING, now
+                continue
+            phase, pending = Phase.IDLE, None
+            event(log, "config_changed", files=differ)
             try:
                 await self._reload()
             except ConfigError:
