@@ -405,6 +405,12 @@ def test_unknown_env_var_names_the_variable() -> None:
         + ", ".join(Settings.model_fields)
         + " (from LOOPWATCH_NOPE)",
     ]
+    # A misspelt section is an error about the section: still named (the tools probe).
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env={"LOOPWATCH_DETECTON__MAX_CLIENTS": "5"})
+    assert caught.value.errors == [
+        "detecton: unknown key; did you mean `detection`? (from LOOPWATCH_DETECTON__MAX_CLIENTS)"
+    ]
 
 
 def test_malformed_env_var_name() -> None:
@@ -743,6 +749,29 @@ def test_check_config_refuses_what_run_would(tmp_path: Path, capsys: pytest.Capt
         "health_check.path: no route matches '/healthz'",
         f"record.path: no directory '{tmp_path}/missing' to write 'events.jsonl' in",
     ]
+
+
+def test_check_config_refuses_a_recording_or_a_listen_host_run_cannot_use(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The tools probe: a record.path in /proc passed every test (a regular,
+    writable file) and `run` failed with "[Errno 22] Invalid argument",
+    naming neither key nor path; a listen host that does not resolve passed
+    check-config and failed `run` (nginx -t refuses it)."""
+    text = (
+        'upstream: "ws://a:1"\nlisten: "nosuchhost.invalid:8080"\n'
+        'record: {path: "/proc/version"}\n'
+    )
+    assert check_config_main(str(write(tmp_path, text))) == 2
+    record, listen = capsys.readouterr().err.splitlines()
+    assert record == "record.path: '/proc/version' cannot be appended to: Invalid argument"
+    assert listen.startswith("listen: cannot resolve the host name 'nosuchhost.invalid' (")
+    # An existing file the recorder can append to, an address and localhost pass.
+    events = tmp_path / "events.jsonl"
+    events.write_text("")
+    ok = f'upstream: "ws://a:1"\nlisten: "localhost:0"\nadmin: {{listen: "[::1]:0"}}\nrecord: {{path: "{events}"}}\n'
+    assert check_config_main(str(write(tmp_path, ok))) == 0
+    assert events.read_text() == ""
 
 
 def test_blank_secrets_and_prefixes_that_never_match_are_errors(tmp_path: Path) -> None:

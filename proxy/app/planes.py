@@ -21,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import datetime
 import functools
+import ipaddress
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -48,6 +50,7 @@ from ..dataplane.trim import ClockTrimmer
 from ..observe import certificates
 from ..observe.eventlog import log_http_access
 from ..observe.logs import event
+from ..sections import parse_host_port
 from .settings import ConfigError, Settings
 
 if TYPE_CHECKING:
@@ -203,6 +206,7 @@ def settings_errors(settings: Settings) -> list[str]:
         except ConfigError as e:
             errors += e.errors
     errors += _record_errors(settings.record.path)
+    errors += _listen_errors(settings)
     return errors
 
 
@@ -262,7 +266,38 @@ def _record_errors(path: str | None) -> list[str]:
         return [f"record.path: no directory {str(folder)!r} to write {where.name!r} in"]
     if not os.access(folder, os.W_OK | os.X_OK) or (where.exists() and not os.access(where, os.W_OK)):
         return [f"record.path: {path!r} is not writable by this user"]
+    if where.exists():
+        # Opened and sought to its end as the recorder does (no creation:
+        # nothing is changed): /proc's files pass every test above and refuse
+        # the seek (EINVAL).
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                os.lseek(fd, 0, os.SEEK_END)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            return [f"record.path: {path!r} cannot be appended to: {e.strerror}"]
     return []
+
+
+def _listen_errors(settings: Settings) -> list[str]:
+    """A `listen` or `admin.listen` host name that does not resolve: `run`
+    cannot bind it (an IP address needs no lookup)."""
+    errors: list[str] = []
+    for key, value in (("listen", settings.listen), ("admin.listen", settings.admin.listen)):
+        host = parse_host_port(value).host
+        try:
+            ipaddress.ip_address(host.partition("%")[0])
+            continue
+        except ValueError:
+            pass
+        try:
+            socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except (OSError, UnicodeError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            errors.append(f"{key}: cannot resolve the host name {host!r} ({why})")
+    return errors
 
 
 # Settings a reload cannot change on a running process (dotted: one key of a

@@ -474,7 +474,7 @@ def _format_errors(exc: ValidationError, origins: Mapping[Loc, str]) -> list[str
             expected = _EXPECTED.get(kind, "").format(**ctx) or _fallback(error["msg"])
             message = f"{expected}, got {_show(error['input'])}"
         line = f"{_dotted(loc)}: {message}" if loc else message
-        source = _origin(loc, origins)
+        source = _origin(loc, origins, unknown=kind == "extra_forbidden")
         if source:
             line += f" (from {source})"
         if line not in lines:
@@ -508,12 +508,19 @@ def _dotted(loc: Loc) -> str:
     return out
 
 
-def _origin(loc: Loc, origins: Mapping[Loc, str]) -> str | None:
+def _origin(loc: Loc, origins: Mapping[Loc, str], unknown: bool = False) -> str | None:
+    """Where the setting at `loc` came from: the variable that set it or a
+    section above it. An `unknown` key may have been made by variables that set
+    something below it: a misspelt section (`LOOPWATCH_DETECTON__X`) is an
+    error about `detecton` itself."""
     best: Loc | None = None
     for key in origins:
         if loc[: len(key)] == key and (best is None or len(key) > len(best)):
             best = key
-    return None if best is None else origins[best]
+    if best is not None:
+        return origins[best]
+    below = sorted({source for key, source in origins.items() if key[: len(loc)] == loc}) if unknown else []
+    return ", ".join(below) or None
 
 
 def _hint(loc: Loc) -> str:
