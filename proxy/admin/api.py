@@ -46,6 +46,7 @@ from ...detectors.units import parse_duration
 from ..app.settings import ConfigError, dump_settings
 from ..observe.logs import event
 from ..sections import parse_host_port
+from .control import ShuttingDown
 from .settings import AdminSettings
 
 if TYPE_CHECKING:
@@ -414,8 +415,9 @@ def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) 
 
 
 class AdminApi:
-    def __init__(self, control: Control):
+    def __init__(self, control: Control, counters: AdminCounters | None = None):
         self.control = control
+        self.counters = counters if counters is not None else AdminCounters()  # the admin port's refusals
         # Ranking every tracked client costs ~0.2 s at 100 000: one ranking
         # serves every page for RANKING_TTL, and rankings are made one at a
         # time, so the loop serves probes, scrapes and the event drain
@@ -523,4 +525,9 @@ class AdminApi:
             result = await self.control.reload_off_loop()
         except ConfigError as e:
             return error(400, "invalid configuration; the running one is kept", errors=e.errors)
+        except ShuttingDown as e:
+            # As a SIGHUP then (signal_ignored): applied, it changed the
+            # upstream of the connections accepted during accept_grace.
+            self.counters.reject("shutting_down", request)
+            return error(503, str(e))
         return web.json_response(result)

@@ -18,6 +18,13 @@ if TYPE_CHECKING:
     from ..observe.observers import Observer
 
 
+class ShuttingDown(Exception):
+    """A reload asked for once shutdown began (SIGTERM: during
+    `limits.accept_grace` and the drain). Refused, whichever way it came, as
+    nginx refuses a reload once it is exiting: the configuration that runs
+    stays until the process ends."""
+
+
 class Control(Protocol):
     @property
     def settings(self) -> Settings: ...
@@ -69,8 +76,8 @@ class Control(Protocol):
 
     async def reload_off_loop(self) -> dict[str, object]:
         """Re-read the configuration and apply what can change live (ConfigError
-        when it is invalid: the running one is kept); the reading and checking
-        off the event loop."""
+        when it is invalid: the running one is kept; ShuttingDown once shutdown
+        began); the reading and checking off the event loop."""
         ...
 
     # --- the event stream ---------------------------------------------------------------

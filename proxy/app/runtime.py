@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import functools
 import gc
 import logging
@@ -16,6 +17,7 @@ from ...detectors.engine import Engine
 from ...detectors.policy import Policy
 from ...detectors.views import BreakerView, ClientView, EngineSnapshot
 from ..admin.api import AdminApi
+from ..admin.control import ShuttingDown
 from ..admin.server import AdminServer, build_registry
 from ..admin.status import STATUS_HUB
 from ..admin.status import install as install_status_page
@@ -84,7 +86,7 @@ class Running:
     # `restart_keys`) stays theirs until a restart, whatever the file says.
     started: Settings | None = None
     # SIGTERM came: /readyz answers 503 (during limits.accept_grace, the
-    # listener still accepts).
+    # listener still accepts), and a reload is refused (ShuttingDown).
     stopping: bool = False
 
     def __post_init__(self) -> None:
@@ -184,7 +186,9 @@ class Running:
         policy, breakers, identity, the admin token; also the routes, limits
         and TLS, for new connections). Raises ConfigError and
         keeps the running settings, all of them, when the new ones are invalid
-        or the data plane cannot take them (a certificate it cannot read)."""
+        or the data plane cannot take them (a certificate it cannot read);
+        ShuttingDown once shutdown began."""
+        self._refuse_when_stopping()
         try:
             new = self._read_config()
         except ConfigError as e:
@@ -199,6 +203,7 @@ class Running:
         /healthz and SIGTERM waited. Reloads run one at a time; requests
         made while one runs share the next (a burst of SIGHUPs queued a
         reload each: 20 took 22 s of a core, an API reload waiting behind)."""
+        self._refuse_when_stopping()
         if self._next_reload is None:
             self._next_reload = asyncio.ensure_future(self._reload_in_turn())
             # Its error is logged as config_loaded: retrieved here too, for when
@@ -209,12 +214,22 @@ class Running:
     async def _reload_in_turn(self) -> dict[str, object]:
         async with self._reloading:
             self._next_reload = None  # from now on a request waits for the next one
+            self._refuse_when_stopping()  # the SIGTERM came while it waited for its turn
             try:
                 new = await asyncio.to_thread(self._read_config)
             except ConfigError as e:
                 self._refused(e)
                 raise
+            self._refuse_when_stopping()  # … or while the file was read
             return self._apply_config(new)
+
+    def _refuse_when_stopping(self) -> None:
+        """Once shutdown began, no reload applies, however it was asked for: a
+        POST /api/reload during accept_grace was applied (the connections
+        accepted then went to the new upstream) while a SIGHUP was dropped
+        unsaid (the reload probe, L4)."""
+        if self.stopping:
+            raise ShuttingDown("loopwatch is shutting down: the reload is refused, the running configuration stays")
 
     def _read_config(self) -> PreparedSettings:
         """The new settings from the same sources, and the policy's access
@@ -438,7 +453,7 @@ async def start(
     running = Running(settings, plane, admin, stop or asyncio.Event(), gate, sources, telemetry, observers)
     holder.append(running)
     if isinstance(gate, EngineGate):
-        admin.app.router.add_routes(AdminApi(running).routes())
+        admin.app.router.add_routes(AdminApi(running, admin.counters).routes())
         install_status_page(running, admin)  # GET / and the /api/events stream
     admin_host, admin_port = parse_host_port(settings.admin.listen)
     try:
@@ -483,14 +498,17 @@ async def serve(
     # the start is over has nothing to reload yet (its default would kill us).
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    started: list[Running] = []
+    phase = Lifecycle.STARTING
+    running: Running | None = None
     reloads: set[asyncio.Task[None]] = set()  # held until done (the loop keeps weak references)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     def reload_on_hup() -> None:
-        if started:
-            reloads.add(task := loop.create_task(_reload_logged(started[0]), name="reload"))
+        if phase is Lifecycle.RUNNING and running is not None:
+            reloads.add(task := loop.create_task(_reload_logged(running), name="reload"))
             task.add_done_callback(reloads.discard)
+        else:  # said, as nginx does: a reloader's signal that did nothing is no mystery
+            event(log, "signal_ignored", logging.WARNING, signal="SIGHUP", hint=HUP_IGNORED[phase])
 
     loop.add_signal_handler(signal.SIGHUP, reload_on_hup)
     for sig in IGNORED_SIGNALS:
@@ -498,7 +516,7 @@ async def serve(
     fitted = fdlimit.fit_logged(settings)  # process-wide, as tune_gc: only here, not in `start`
     running = await start(settings, sources=sources, stop=stop)
     running.observers.add(fdlimit.FdLimitFitter(fitted))
-    started.append(running)
+    phase = Lifecycle.RUNNING
     watch = FileWatch(
         lambda: running.settings.reload_watch,
         lambda: watched_files(sources.path if sources is not None else None, running.settings),
@@ -510,15 +528,15 @@ async def serve(
     if on_started is not None:
         on_started(running)
     await running.stop.wait()
-    # A SIGHUP from now on reloads nothing, and a reload under way is let go:
-    # one that ran into the drain failed on the stopped executor, and its
-    # traceback made an error line of a clean stop.
-    started.clear()
+    # No reload from now on, by SIGHUP, the watch or the API (ShuttingDown),
+    # and a reload under way is let go: one that ran into the drain failed on
+    # the stopped executor, and its traceback made an error line of a clean stop.
+    phase = Lifecycle.STOPPING
+    running.stopping = True
     await watch.stop()
     for task in list(reloads):
         task.cancel()
     await asyncio.gather(*reloads, return_exceptions=True)
-    running.stopping = True
     grace = running.settings.limits.accept_grace
     event(log, "shutting down", live_connections=running.plane.active_connections(), accept_grace=grace)
     if grace:
@@ -549,6 +567,22 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLD)
 
 
+class Lifecycle(enum.Enum):
+    """Where `loopwatch run` is, as a SIGHUP finds it."""
+
+    STARTING = "starting"  # the handlers are in, `listening` not logged yet
+    RUNNING = "running"  # a SIGHUP reloads
+    STOPPING = "stopping"  # SIGTERM or SIGINT came: accept_grace, then the drain
+
+
+# Why a SIGHUP reloaded nothing (the `hint` of its signal_ignored line).
+HUP_IGNORED = {
+    Lifecycle.STARTING: "loopwatch is starting, with the configuration file as it read it; SIGHUP reloads once "
+    "it logged listening",
+    Lifecycle.STOPPING: "loopwatch is shutting down: no reload from now on (POST /api/reload answers 503)",
+}
+
+
 # Signals other proxies give a meaning (nginx reopens its logs on SIGUSR1,
 # HAProxy soft-stops) whose default would end loopwatch at once, unlogged.
 IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
@@ -568,7 +602,9 @@ def ignore_stop_signals() -> None:
 
 
 async def _reload_logged(running: Running) -> None:
-    with contextlib.suppress(ConfigError):  # logged as config_loaded (result error)
+    # ConfigError: logged as config_loaded (result error). ShuttingDown: the
+    # stop came while it waited, and cancels it.
+    with contextlib.suppress(ConfigError, ShuttingDown):
         await running.reload_off_loop()
 
 

@@ -36,6 +36,7 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
+from ..admin.control import ShuttingDown
 from ..observe.logs import event
 from .settings import ConfigError, Settings
 
@@ -152,6 +153,8 @@ class FileWatch:
                 await self._reload()
             except ConfigError:
                 pass  # refused: logged as config_loaded (result error), the running one kept
+            except ShuttingDown:
+                return  # no reload from now on: the watch is over
             except Exception as e:  # the watch goes on; what broke this reload is said
                 event(log, "config_watch_failed", logging.ERROR, error=f"{type(e).__name__}: {e}")
             # As they were before the reload read them (a change during it is
