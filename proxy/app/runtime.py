@@ -284,6 +284,15 @@ class Running:
                 )  # fmt: skip
         info = {"reload": True, "result": "ok", "source": self._source, "restart_required": restart}
         self.observers.call("on_config", new, info)
+        if restart:
+            # config_loaded says it at info, and with SIGHUP or reload_watch nobody
+            # reads the answer: a fleet believed it shared state through Redis
+            # while it did not (the reload probe, L6). Also a gauge (metrics.py).
+            event(
+                log, "config_warning", logging.WARNING,
+                message=f"restart required: {', '.join(restart)} changed in the configuration and keep their "
+                "running values until a restart (GET /api/config shows them; loopwatch_config_restart_pending)",
+            )  # fmt: skip
         # As at the start: a certificate swapped for an expired one is taken
         # (it parses and matches its key), and said.
         for warning in settings_warnings(new):

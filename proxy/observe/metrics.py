@@ -169,6 +169,10 @@ class MetricsObserver(Observer):
         self.last_reload_ok = True
         self.last_reload_success = time.time()
         self.certificates: list[Validity] = []  # the dates of the certificates in force (on_config)
+        # The restart-only settings (the plane's restart_keys) whose value in the
+        # last file that loaded differs from the running one: with SIGHUP or
+        # reload_watch nobody reads the reload's answer that names them.
+        self.restart_pending: tuple[str, ...] = ()
         self.stores = (
             self.attempts, self.refusals, self.would_reject, self.handshake_errors, self.auth_failures,
             self.closes, self.duration, self.handshake, self.findings, self.cooldowns, self.reloads,
@@ -292,6 +296,8 @@ class MetricsObserver(Observer):
             self.last_reload_ok = ok
             if ok:
                 self.last_reload_success = time.time()
+                # Against the start's settings: a file brought back to them clears it.
+                self.restart_pending = tuple(info.get("restart_required") or ())
 
 
 class _Families(Collector):
@@ -346,6 +352,8 @@ class StateCollector(Collector):
         families["store_up"].add_metric([], 1.0 if getattr(store, "up", True) else 0.0)
         families["reload_ok"].add_metric([], 1.0 if self.metrics.last_reload_ok else 0.0)
         families["reload_time"].add_metric([], self.metrics.last_reload_success)
+        for setting in self.metrics.restart_pending:
+            families["restart_pending"].add_metric([setting], 1.0)
         for validity in self.metrics.certificates:
             families["certificate_expiry"].add_metric([validity.setting], validity.not_after.timestamp())
         families["store_errors"].add_metric([], getattr(store, "errors", 0))
@@ -481,6 +489,12 @@ class StateCollector(Collector):
             "reload_time": g(
                 "loopwatch_config_last_reload_success_timestamp_seconds",
                 "Unix time of the last successful configuration load (the start's or a reload).",
+            ),
+            "restart_pending": g(
+                "loopwatch_config_restart_pending",
+                "1 for each restart-only setting whose value in the last loaded configuration differs from the"
+                " one that runs: the change waits for a restart.",
+                labels=["setting"],
             ),
             "certificate_expiry": g(
                 "loopwatch_certificate_expiry_timestamp_seconds",
