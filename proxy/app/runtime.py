@@ -255,7 +255,7 @@ class Running:
             health_routes = None
             if self.health is not None:
                 # Its probes follow the new routes: its path must still have one.
-                health_routes = health_check_routes(Router(routes_of(new)), self.health.settings.path)
+                health_routes = self._health_routes(new)
             # First, as the one step that may still refuse: nothing is applied
             # before the data plane has taken the new settings.
             self.plane.reconfigure(new)
@@ -298,6 +298,26 @@ class Running:
         for warning in settings_warnings(new):
             event(log, "config_warning", logging.WARNING, message=warning)
         return {"reloaded": True, "restart_required": restart}
+
+    def _health_routes(self, new: Settings) -> tuple[str, ...]:
+        """The routes the running health check judges under `new`'s routes; a
+        ConfigError when none serves its path. The running one's path, not the
+        file's: `health_check` changes with a restart only, and until then its
+        probes go on. When the file changes `health_check`, the error says the
+        running check needs the route, not the file: check-config accepts
+        that file and a restart starts with it (the reload probe, L3)."""
+        assert self.health is not None
+        running = self.health.settings
+        try:
+            return health_check_routes(Router(routes_of(new)), running.path)
+        except ConfigError:
+            if new.health_check == running:
+                raise  # the file's own error: a restart would meet it too
+            raise ConfigError(
+                f"health_check.path: no route matches {running.path!r}, the path of the running health check, "
+                "whose change in the file waits for a restart: restart to apply it, or keep a route for "
+                f"{running.path!r} until then"
+            ) from None
 
     async def close(self) -> None:
         if self.health is not None:
