@@ -9,6 +9,7 @@ import functools
 import gc
 import logging
 import signal
+import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -267,6 +268,7 @@ class Running:
         # Against the start's settings: a change that waits for a restart is
         # named at every reload until then, and one undone is not.
         restart = restart_required(self.started, new, keys)
+        rekeying = self._rekeying(new)
         admin_before = self.settings.admin
         self.settings = new = in_force(self.started, new, keys)
         self.admin.reconfigured(admin_before)
@@ -284,6 +286,8 @@ class Running:
                 )  # fmt: skip
         info = {"reload": True, "result": "ok", "source": self._source, "restart_required": restart}
         self.observers.call("on_config", new, info)
+        if rekeying is not None:
+            event(log, "config_warning", logging.WARNING, message=rekeying)
         if restart:
             # config_loaded says it at info, and with SIGHUP or reload_watch nobody
             # reads the answer: a fleet believed it shared state through Redis
@@ -319,6 +323,28 @@ class Running:
                 f"{running.path!r} until then"
             ) from None
 
+    def _rekeying(self, new: Settings) -> str | None:
+        """What a reload that changes how client keys are made costs, said
+        (None when it changes none of that): the engine's state is per key, so
+        the clients it re-keys start afresh, silently (the reload probe, L5: a
+        looper 59 s into its fifth cooldown was let in, then given a first
+        one). Counted from the engine's own state, before it takes the new
+        settings (which may forget clients)."""
+        old = self.settings.identity
+        changed = [f"identity.{key}" for key in REKEYING if getattr(old, key) != getattr(new.identity, key)]
+        if not changed or not isinstance(self.gate, EngineGate):
+            return None
+        now = time.monotonic()
+        cooling = sum(1 for c in self.engine.cooldowns(now) if c.enforced)
+        connected = len(self.engine.connected_keys())
+        return (
+            f"{', '.join(changed)} changed: a client whose key this changes is a new client from its next "
+            f"attempt. The cooldowns running ({cooling}) and the repeat counts that escalate them stay with "
+            "the old keys and no longer apply (a looping client starts again at its first cooldown), and the "
+            f"open connections of the clients connected now ({connected}), counted under the old keys, do "
+            "not count towards the new keys' policy.max_concurrent or duplicate_connections"
+        )
+
     async def close(self) -> None:
         if self.health is not None:
             await self.health.stop()
@@ -342,6 +368,11 @@ class Running:
             self.telemetry.events.flush()
             # Flushing spans may wait on the network: not on the event loop.
             await asyncio.get_running_loop().run_in_executor(None, self.telemetry.shutdown)
+
+
+# The identity settings a client's key is made of (docs/identity.md): a
+# change of one re-keys the clients it concerns.
+REKEYING = ("sources", "bind_to_address", "bind_verified", "trusted_proxies")
 
 
 def setting(settings: Settings, key: str) -> Any:
