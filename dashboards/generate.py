@@ -583,8 +583,8 @@ def itself() -> list[cogbuilder.Builder[Any]]:
             "queries that read them), plus its configuration reloads "
             "in the dashboard's time range. During a rollout two versions show; afterwards one should. "
             "Reloads with result 'error' mean a config change was rejected and the old "
-            "config is still in force: run loopwatch check-config on the new file. Until a "
-            "reload succeeds the next restart fails too; after 5 minutes alert "
+            "config is still in force: run loopwatch check-config on the new file (errors it "
+            "prints would stop the next restart too). After 5 minutes alert "
             "LoopwatchConfigReloadFailed fires (docs/runbooks.md#loopwatchconfigreloadfailed)."
         )
         .datasource(DATASOURCE)
