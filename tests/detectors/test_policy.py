@@ -203,6 +203,60 @@ def test_a_restart_spike_is_a_storm_and_steady_traffic_is_not() -> None:
     assert f.storms == 1
 
 
+def poisson_clients(f: Fleet, rate: float, start: float, end: float, seed: int) -> None:
+    """Distinct clients attempting at `rate` a second from `start` to `end`."""
+    rng = random.Random(seed)
+    t = start + rng.expovariate(rate)
+    while t < end:
+        f.attempt(t)
+        f.storm(t)  # looked at as a scrape or the status page would
+        t += rng.expovariate(rate)
+
+
+@pytest.mark.parametrize("rate", [8.0, 11.0, 30.0])
+def test_a_fresh_process_with_steady_traffic_counts_no_storm(rate: float) -> None:
+    """The soak probe: from a baseline of 0, ordinary traffic of 8-11 new
+    clients a second was a storm until the average caught up, and flapped at
+    the threshold: 4-6 storms counted at every start, LoopwatchReconnectStorm
+    firing at every restart and rollout."""
+    for seed in range(3):
+        f = Fleet(FleetSettings())
+        poisson_clients(f, rate, 1000.0, 1600.0, seed)
+        assert f.storms == 0, (rate, seed)
+        assert f.baseline == pytest.approx(rate, rel=0.2)
+
+
+def test_a_start_burst_is_no_storm_and_a_later_restart_is() -> None:
+    """A rollout: every client connects within 2 s of the start, then the
+    usual few a second; half an hour later the backend restarts."""
+    f = Fleet(FleetSettings())
+    for i in range(500):
+        f.attempt(i * 0.004)
+    poisson_clients(f, 2.0, 2.0, 1800.0, seed=7)
+    assert f.storms == 0
+    for i in range(500):
+        f.attempt(1800.0 + i * 0.004)
+    assert f.storm(1802.0) and f.storms == 1
+
+
+def test_a_rate_hovering_at_the_threshold_is_one_storm() -> None:
+    """Once begun, a storm lasts until the rate falls below half the rate
+    that began it: a rate crossing the threshold back and forth is one."""
+    f = Fleet(FleetSettings())
+    poisson_clients(f, 1.0, 0.0, 600.0, seed=3)  # a baseline of about one a second
+    threshold = max(FleetSettings().storm_min_rate, FleetSettings().storm_factor * f.baseline)
+    t = 600.0
+    for second in range(120):  # alternately just above and just below the threshold
+        per_second = round(threshold * (1.3 if second % 20 < 10 else 0.8))
+        for i in range(per_second):
+            f.attempt(t + i / per_second)
+        f.storm(t)
+        t += 1.0
+    assert f.storms == 1
+    poisson_clients(f, 1.0, t, t + 60.0, seed=4)  # back to normal: it ends
+    assert not f.storm(t + 60.0)
+
+
 def test_bucket_memory_is_constant() -> None:
     f = Fleet(FleetSettings())
     for i in range(100_000):
