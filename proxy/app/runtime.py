@@ -35,7 +35,7 @@ from ..dataplane.boundary import (
 from ..dataplane.routing import Router
 from ..observe.logs import event
 from ..observe.metrics import Telemetry
-from ..observe.observers import Observer, Observers
+from ..observe.observers import Lever, Observer, Observers
 from ..observe.recorder import Recorder, close_recorders
 from ..observe.selfmetrics import SelfMetrics
 from ..sections import HostPort, parse_host_port
@@ -157,6 +157,7 @@ class Running:
         another replica may hold a cooldown for a client this one never saw (it
         was answered 404 though the release went out to every replica)."""
         tracked = self.engine.release(key, now)
+        self.observers.call("on_lever", Lever("release", now, key))  # the recorder writes it: replay applies it
         store = self.brain.state_store
         store.release(key)
         # Its held attempts are answered now (retry in 1 s): the next one is admitted
@@ -171,11 +172,13 @@ class Running:
 
     def force_cooldown(self, key: str, duration: float, now: float) -> None:
         self.engine.force_cooldown(key, duration, now)
+        self.observers.call("on_lever", Lever("cooldown", now, key, duration=duration))
         self.brain.kick((key,))
 
     def reset_breaker(self, name: str, now: float, route: str | None = None) -> bool:
         reset = self.engine.reset_breaker(name, now, route)
         if reset:
+            self.observers.call("on_lever", Lever("breaker_reset", now, breaker=name, route=route))
             self.brain.kick()
         return reset
 

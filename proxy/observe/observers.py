@@ -11,15 +11,35 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from ...detectors import events as ev
     from ...detectors.engine import Admit, Outcome, Reject
+    from ...detectors.shared import SharedCooldown
     from ..app.settings import Settings
     from ..dataplane.boundary import Connection, LiveView, RelayStats, TraceContext
 
 log = logging.getLogger("loopwatch.observers")
+
+
+@dataclass(frozen=True, slots=True)
+class Lever:
+    """A change made to the engine at `t` (its clock) that is no traffic: an
+    operator's cooldown, release or breaker reset (the admin port), or another
+    replica's cooldown or release (state.backend: redis). Told to observers
+    right after the engine took it, so the recorder writes it where the engine
+    saw it and a replay applies it there (they decide later attempts)."""
+
+    kind: Literal["cooldown", "release", "breaker_reset", "adopt"]
+    t: float
+    key: str = ""  # cooldown, release, adopt
+    duration: float = 0.0  # cooldown: the operator's seconds
+    breaker: str = ""  # breaker_reset: upstream or auth
+    route: str | None = None  # breaker_reset: None for every route
+    origin: str = ""  # "": this replica's admin port; else the replica (or "redis") it came from
+    cooldown: SharedCooldown | None = None  # adopt: as received
 
 
 class Observer:
@@ -56,6 +76,10 @@ class Observer:
 
         `conn` is the attempt whose step produced the outcome (its span gets the
         finding, its trace id the exemplar); None for wake-ups and operator calls."""
+
+    def on_lever(self, lever: Lever) -> None:
+        """The engine took a change that is no traffic (`Lever`); its outcome, if
+        any, comes with the engine's next call, as for every operator call."""
 
     def on_config(self, settings: Settings, info: dict[str, object]) -> None:
         """Settings were loaded at start or by a reload (`info`: reload, result

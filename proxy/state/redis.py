@@ -60,7 +60,7 @@ from ...detectors.shared import (
 )
 from ..dataplane.boundary import LogLimiter
 from ..observe.logs import event as log_event
-from ..observe.observers import Observer
+from ..observe.observers import Lever, Observer, Observers
 from .signing import Refused, Replays, Seal
 
 if TYPE_CHECKING:
@@ -177,6 +177,7 @@ class Brain(Protocol):
     close a connection another replica asked for; the wake-up re-arm."""
 
     engine: Engine
+    observers: Observers  # told of each cooldown and release adopted (on_lever: the recorder)
 
     def apply(self, outcome: Outcome, t: float) -> None: ...
 
@@ -437,12 +438,14 @@ class RedisStateStore(Observer):
                 keys.add(m.event.key)
             elif isinstance(m, SharedCooldown):
                 engine.adopt_cooldown(m, now)
+                gate.observers.call("on_lever", Lever("adopt", now, m.key, origin=origin, cooldown=m))
                 keys.add(m.key)
                 if m.force:  # an operator's, on that replica: said here too, with where it came from
                     log_event(log, "state_store_remote_action", replica=origin, action="cooldown",
                               client=m.key, seconds=round(m.remaining, 1))  # fmt: skip
             elif isinstance(m, Release):
                 engine.release(m.key, now)
+                gate.observers.call("on_lever", Lever("release", now, m.key, origin=origin))
                 keys.add(m.key)
                 log_event(log, "state_store_remote_action", replica=origin, action="release", client=m.key)
             elif isinstance(m, Connections):
@@ -804,6 +807,9 @@ class RedisStateStore(Observer):
                 parsed = self._parse_key(key, value, pttl)
                 if parsed is not None:
                     engine.adopt_cooldown(parsed.cooldown, now)
+                    gate.observers.call(
+                        "on_lever", Lever("adopt", now, parsed.cooldown.key, origin="redis", cooldown=parsed.cooldown)
+                    )
                     adopted.append(parsed.cooldown.key)
                     if parsed.resealed is not None:
                         resealed.eval(RESEAL, 1, key, value, parsed.resealed.value, parsed.resealed.ttl_ms)
