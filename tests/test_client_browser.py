@@ -21,15 +21,17 @@ auth-failed after 4 attempts; without it, it backs off as for an outage.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
-from playwright.async_api import Page, async_playwright
+from playwright.async_api import Browser, Page, async_playwright
 
 from loopwatch.proxy.app.runtime import Running
 from loopwatch.proxy.tools.demo_backend import DemoBackend, issue_token, token_from
@@ -157,72 +159,79 @@ async def force_cooldown(lw: Running, key: str, duration: str) -> None:
         assert response.status == 200, await response.text()
 
 
-async def test_the_companion_in_chromium_stops_the_incident_s_loop() -> None:
+@contextlib.asynccontextmanager
+async def companion_in_chromium() -> AsyncIterator[tuple[CompanionBackend, Running, Browser]]:
+    """The companion's backend, loopwatch in front of it, and a headless Chromium."""
     backend = CompanionBackend()
     await backend.start()
     try:
         async with loopwatch(f"ws://127.0.0.1:{backend.port}") as lw, async_playwright() as pw:
             browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
             try:
-                expired, healthy, calm = [await open_page(browser, lw) for _ in range(3)]
-                await force_cooldown(lw, "calm-tab@127.0.0.1", COOLDOWN)
-                # The API answers before the brain's next step writes the table: a tab
-                # started in between was admitted, then closed 1013 after its open.
-                await wait_for(lambda: lw.plane.table.lookup("calm-tab@127.0.0.1", "127.0.0.1")[0] == "refuse")
-                started = time.monotonic()
-                await expired.evaluate("t => start(t, 2)", issue_token("expired-tab", -60))
-                await healthy.evaluate("t => start(t, 2)", issue_token("healthy-tab", 600))
-                await calm.evaluate("t => start(t, 1, { retrySpread: 500 })", issue_token("calm-tab", 600))
-
-                # A healthy token, two effects asking (one remounted): one socket, shared.
-                await poll(healthy, "window.state() === 'open'", 10)
-                assert await healthy.evaluate("send(1, 'from effect b')") is True
-                await poll(healthy, "window.messages[0].length > 0 && window.messages[1].length > 0", 5)
-                assert await healthy.evaluate("window.messages") == [["from effect b"]] * 2
-
-                # Put in cooldown first: refused with a retry time, then let in within it + 1 s.
-                await poll(calm, "window.state() === 'open'", 10)
-                refused = await events(calm, "refused")
-                assert len(refused) == 1 and refused[0]["reason"] == "cooldown", await events(calm)
-                assert refused[0]["code"] == 1013 and 1 <= refused[0]["retryAfter"] <= 3
-                opened = (await events(calm, "open"))[-1]
-                waited = opened["t"] - refused[0]["t"]
-                assert refused[0]["retryAfter"] * 1000 <= waited <= refused[0]["retryAfter"] * 1000 + 1000, waited
-                assert [e["attempt"] for e in await events(calm, "attempt")] == [1, 2]
-
-                # An expired token: the terminal state within the window, and nothing after it.
-                await poll(expired, "window.state() === 'auth-failed'", WINDOW)
-                await asyncio.sleep(max(0.0, WINDOW - (time.monotonic() - started)))
-                assert await expired.evaluate("window.state()") == "auth-failed"
-                attempts = await events(expired, "attempt")
-                closes = await events(expired, "close")
-                assert len(attempts) <= 4, attempts
-                assert [(c["code"], c["reason"], c["kind"]) for c in closes] == [
-                    (1008, "token expired", "auth")
-                ] * len(attempts)
-                failed = await events(expired, "authfailed")
-                assert len(failed) == 1 and failed[0]["authFailures"] == len(attempts) == 4
-                # At least the minimum interval (1 s) from each close to the next attempt.
-                for close, following in zip(closes, attempts[1:], strict=False):
-                    assert following["t"] - close["t"] >= 990, (close, following)
-
-                # What the other side saw: the backend, and loopwatch's own count.
-                now = time.monotonic()
-                assert backend.upgrades["expired-tab"] == len(attempts)
-                assert backend.upgrades["healthy-tab"] == 1
-                assert backend.upgrades["calm-tab"] == 1  # the refused attempt never reached it
-                view = lw.engine.client("healthy-tab@127.0.0.1", now)
-                assert view is not None and view.attempts_total == 1 and view.open_connections == 1
-                view = lw.engine.client("expired-tab@127.0.0.1", now)
-                assert view is not None and view.attempts_total == len(attempts)
-                assert len(await events(healthy, "attempt")) == 1
-                for page in (expired, healthy, calm):
-                    await page.close()
+                yield backend, lw, browser
             finally:
                 await browser.close()
-            await wait_for(lambda: lw.plane.connections() == 0, 10)
     finally:
         await backend.stop()
+
+
+async def test_the_companion_in_chromium_stops_the_incident_s_loop() -> None:
+    async with companion_in_chromium() as (backend, lw, browser):
+        expired, healthy, calm = [await open_page(browser, lw) for _ in range(3)]
+        await force_cooldown(lw, "calm-tab@127.0.0.1", COOLDOWN)
+        # The API answers before the brain's next step writes the table: a tab
+        # started in between was admitted, then closed 1013 after its open.
+        await wait_for(lambda: lw.plane.table.lookup("calm-tab@127.0.0.1", "127.0.0.1")[0] == "refuse")
+        started = time.monotonic()
+        await expired.evaluate("t => start(t, 2)", issue_token("expired-tab", -60))
+        await healthy.evaluate("t => start(t, 2)", issue_token("healthy-tab", 600))
+        await calm.evaluate("t => start(t, 1, { retrySpread: 500 })", issue_token("calm-tab", 600))
+
+        # A healthy token, two effects asking (one remounted): one socket, shared.
+        await poll(healthy, "window.state() === 'open'", 10)
+        assert await healthy.evaluate("send(1, 'from effect b')") is True
+        await poll(healthy, "window.messages[0].length > 0 && window.messages[1].length > 0", 5)
+        assert await healthy.evaluate("window.messages") == [["from effect b"]] * 2
+
+        # Put in cooldown first: refused with a retry time, then let in within it + 1 s.
+        await poll(calm, "window.state() === 'open'", 10)
+        refused = await events(calm, "refused")
+        assert len(refused) == 1 and refused[0]["reason"] == "cooldown", await events(calm)
+        assert refused[0]["code"] == 1013 and 1 <= refused[0]["retryAfter"] <= 3
+        opened = (await events(calm, "open"))[-1]
+        waited = opened["t"] - refused[0]["t"]
+        assert refused[0]["retryAfter"] * 1000 <= waited <= refused[0]["retryAfter"] * 1000 + 1000, waited
+        assert [e["attempt"] for e in await events(calm, "attempt")] == [1, 2]
+
+        # An expired token: the terminal state within the window, and nothing after it.
+        await poll(expired, "window.state() === 'auth-failed'", WINDOW)
+        await asyncio.sleep(max(0.0, WINDOW - (time.monotonic() - started)))
+        assert await expired.evaluate("window.state()") == "auth-failed"
+        attempts = await events(expired, "attempt")
+        closes = await events(expired, "close")
+        assert len(attempts) <= 4, attempts
+        assert [(c["code"], c["reason"], c["kind"]) for c in closes] == [
+            (1008, "token expired", "auth")
+        ] * len(attempts)
+        failed = await events(expired, "authfailed")
+        assert len(failed) == 1 and failed[0]["authFailures"] == len(attempts) == 4
+        # At least the minimum interval (1 s) from each close to the next attempt.
+        for close, following in zip(closes, attempts[1:], strict=False):
+            assert following["t"] - close["t"] >= 990, (close, following)
+
+        # What the other side saw: the backend, and loopwatch's own count.
+        now = time.monotonic()
+        assert backend.upgrades["expired-tab"] == len(attempts)
+        assert backend.upgrades["healthy-tab"] == 1
+        assert backend.upgrades["calm-tab"] == 1  # the refused attempt never reached it
+        view = lw.engine.client("healthy-tab@127.0.0.1", now)
+        assert view is not None and view.attempts_total == 1 and view.open_connections == 1
+        view = lw.engine.client("expired-tab@127.0.0.1", now)
+        assert view is not None and view.attempts_total == len(attempts)
+        assert len(await events(healthy, "attempt")) == 1
+        for page in (expired, healthy, calm):
+            await page.close()
+        await wait_for(lambda: lw.plane.connections() == 0, 10)
 
 
 async def test_a_401_at_the_upgrade_reaches_auth_failed_with_a_session_check() -> None:
@@ -230,40 +239,31 @@ async def test_a_401_at_the_upgrade_reaches_auth_failed_with_a_session_check() -
     as it would a network failure: the companion cannot tell by itself. With
     checkAuth it refreshes the token and gives up after 1 + 3 attempts; without
     it, it keeps backing off with the same token (the README says so)."""
-    backend = CompanionBackend()
-    await backend.start()
-    try:
-        async with loopwatch(f"ws://127.0.0.1:{backend.port}") as lw, async_playwright() as pw:
-            browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-            try:
-                checked, unchecked = [await open_page(browser, lw) for _ in range(2)]
-                revoked = issue_token("revoked-tab", -60)
-                await checked.evaluate("t => start(t, 1, { checkSession: true }, '/ws-strict')", revoked)
-                await unchecked.evaluate("t => start(t, 1, {}, '/ws-strict')", issue_token("outage-tab", -60))
+    async with companion_in_chromium() as (backend, lw, browser):
+        checked, unchecked = [await open_page(browser, lw) for _ in range(2)]
+        revoked = issue_token("revoked-tab", -60)
+        await checked.evaluate("t => start(t, 1, { checkSession: true }, '/ws-strict')", revoked)
+        await unchecked.evaluate("t => start(t, 1, {}, '/ws-strict')", issue_token("outage-tab", -60))
 
-                await poll(checked, "window.state() === 'auth-failed'", 20)
-                await asyncio.sleep(3)  # and nothing after it
-                attempts = await events(checked, "attempt")
-                closes = await events(checked, "close")
-                assert len(attempts) == 4, await events(checked)
-                assert [(c["code"], c["reason"], c["kind"]) for c in closes] == [(1006, "", "auth")] * 4
-                assert await checked.evaluate("window.tokens") == [False, True, True, True]
-                failed = await events(checked, "authfailed")
-                assert len(failed) == 1 and failed[0]["authFailures"] == 4
-                assert await events(checked, "error") == []
-                assert backend.refused_upgrades["revoked-tab"] == 4  # each one reached the backend: 401
-                assert backend.session_checks["revoked-tab"] == 4
-                assert backend.upgrades["revoked-tab"] == 0  # never a 101
+        await poll(checked, "window.state() === 'auth-failed'", 20)
+        await asyncio.sleep(3)  # and nothing after it
+        attempts = await events(checked, "attempt")
+        closes = await events(checked, "close")
+        assert len(attempts) == 4, await events(checked)
+        assert [(c["code"], c["reason"], c["kind"]) for c in closes] == [(1006, "", "auth")] * 4
+        assert await checked.evaluate("window.tokens") == [False, True, True, True]
+        failed = await events(checked, "authfailed")
+        assert len(failed) == 1 and failed[0]["authFailures"] == 4
+        assert await events(checked, "error") == []
+        assert backend.refused_upgrades["revoked-tab"] == 4  # each one reached the backend: 401
+        assert backend.session_checks["revoked-tab"] == 4
+        assert backend.upgrades["revoked-tab"] == 0  # never a 101
 
-                # Without checkAuth, over the same time: an outage, never auth-failed, never a refresh.
-                assert await unchecked.evaluate("window.state()") in ("waiting", "connecting")
-                closes = await events(unchecked, "close")
-                assert len(closes) >= 3 and {(c["code"], c["kind"]) for c in closes} == {(1006, "abnormal")}
-                assert set(await unchecked.evaluate("window.tokens")) == {False}
-                assert backend.refused_upgrades["outage-tab"] == len(await events(unchecked, "attempt"))
-                for page in (checked, unchecked):
-                    await page.close()
-            finally:
-                await browser.close()
-    finally:
-        await backend.stop()
+        # Without checkAuth, over the same time: an outage, never auth-failed, never a refresh.
+        assert await unchecked.evaluate("window.state()") in ("waiting", "connecting")
+        closes = await events(unchecked, "close")
+        assert len(closes) >= 3 and {(c["code"], c["kind"]) for c in closes} == {(1006, "abnormal")}
+        assert set(await unchecked.evaluate("window.tokens")) == {False}
+        assert backend.refused_upgrades["outage-tab"] == len(await events(unchecked, "attempt"))
+        for page in (checked, unchecked):
+            await page.close()
