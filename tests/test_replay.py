@@ -15,7 +15,15 @@ from typing import Any
 import pytest
 
 from loopwatch.detectors.decisions import Admit, Reject
-from loopwatch.detectors.events import Answered, Attempt, Closed, Opened, Rejected, from_dict
+from loopwatch.detectors.events import (
+    EVENT_TYPES,
+    Answered,
+    Attempt,
+    Closed,
+    Opened,
+    Rejected,
+    from_dict,
+)
 from loopwatch.proxy.app.cli import main
 from loopwatch.proxy.app.settings import load_settings
 from loopwatch.proxy.observe import recorder as recorder_module
@@ -55,6 +63,10 @@ class Recording:
 
     def lines(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.path.read_text().splitlines()]
+
+    def events(self) -> list[Any]:
+        """The event lines (not the start, config, lever and gap lines around them)."""
+        return [from_dict(line) for line in self.lines() if line["type"] in EVENT_TYPES]
 
 
 # The population every recording here holds: the incident's loop, its fixed
@@ -108,8 +120,11 @@ def finding_tuple(f: Any) -> tuple[Any, ...]:
 
 def test_the_recording_holds_every_engine_event_in_engine_order(enforce_recording: Recording) -> None:
     lines = enforce_recording.lines()
-    events = [from_dict(line) for line in lines]
+    events = enforce_recording.events()
     assert all(isinstance(line["wall"], float) for line in lines)
+    # The process's start and the configuration it started with come first.
+    assert [line["type"] for line in lines[:1]] == ["start"]
+    assert [line["reload"] for line in lines if line["type"] == "config"] == [False]
     kinds = {type(e).__name__ for e in events}
     assert kinds == {"Attempt", "Rejected", "Opened", "Closed"}
     # Every refusal follows its attempt directly, at the same instant.
@@ -128,7 +143,7 @@ def test_held_refusals_are_recorded_when_answered_and_replayed_alike(held_record
     """A held refusal ends when it is answered (the engine measures retry intervals
     from an attempt's end): the recording carries that as an `answered` event, and a
     replay with the same config feeds it back and decides exactly as the live engine."""
-    events = [from_dict(line) for line in held_recording.lines()]
+    events = held_recording.events()
     answered = [e for e in events if isinstance(e, Answered)]
     refused = [e for e in events if isinstance(e, Rejected)]
     assert answered and all(e.key == "bug@127.0.0.1" for e in answered)
@@ -171,7 +186,7 @@ def test_replay_with_the_same_config_raises_the_same_findings_and_decisions(enfo
     bug = report.clients["bug@127.0.0.1"]
     assert bug.refused["cooldown"] == bug.live_refused["cooldown"] > 20
     assert [c.duration for c in bug.cooldowns][:2] == pytest.approx([5.0, 10.0], rel=0.11)
-    assert not report.clients["alice@127.0.0.1"].flagged and not report.clients["fixed@127.0.0.1"].flagged
+    assert not report.find("alice@127.0.0.1").flagged and not report.find("fixed@127.0.0.1").flagged
 
 
 def test_a_looser_config_flags_later_assuming_refused_attempts_would_have_failed_alike(enforce_recording: Recording) -> None:
@@ -216,17 +231,17 @@ def test_a_stricter_config_flags_sooner_and_more_clients(enforce_recording: Reco
     # recorded outcome is left out.
     assert report.dropped_outcomes >= 1
     assert bug.admitted < enforce_recording.upgrades["bug"]
-    fixed = report.clients["fixed@127.0.0.1"]
+    fixed = report.find("fixed@127.0.0.1")
     assert [f.rule for f in fixed.findings] == ["auth_failure_loop"]
     dup = report.clients["twotabs@127.0.0.1"]
     assert dup.findings[0].rule == "duplicate_connections" and dup.findings[0].evidence["max_connections"] == 1
-    assert not report.clients["alice@127.0.0.1"].flagged
+    assert not report.find("alice@127.0.0.1").flagged
 
 
 async def test_an_observe_mode_recording_replayed_in_enforce_mode(tmp_path: Path) -> None:
     rec = await record(tmp_path, 4.0, str(OBSERVE_ONLY))
     # Observe mode refused nothing: every attempt reached the backend.
-    assert not any(isinstance(from_dict(line), Rejected) for line in rec.lines())
+    assert not any(isinstance(e, Rejected) for e in rec.events())
     attempts = sum(1 for a, _ in rec.live.decisions if a.key == "bug@127.0.0.1")
     assert rec.upgrades["bug"] == attempts > 40
 
@@ -242,8 +257,8 @@ async def test_an_observe_mode_recording_replayed_in_enforce_mode(tmp_path: Path
     bug = enforced.clients["bug@127.0.0.1"]
     assert bug.refused["cooldown"] > 30 and bug.admitted <= 4
     assert enforced.dropped_outcomes == bug.refused["cooldown"]  # their outcomes never happen
-    assert not enforced.clients["alice@127.0.0.1"].flagged
-    assert not enforced.clients["fixed@127.0.0.1"].flagged
+    assert not enforced.find("alice@127.0.0.1").flagged
+    assert not enforced.find("fixed@127.0.0.1").flagged
 
 
 # --- bad input ---------------------------------------------------------------------
@@ -468,7 +483,16 @@ def test_rotated_files_replay_in_order_and_gzip_is_read(tmp_path: Path) -> None:
 
 
 class FakeConn:
-    pass
+    conn_id = 7
+
+
+def records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def conn_ids(path: Path) -> list[Any]:
+    """The connection ids of the event lines (the start, config and gap lines have none)."""
+    return [r["conn_id"] for r in records(path) if r["type"] in EVENT_TYPES]
 
 
 def closed_event(i: int) -> Closed:
@@ -483,11 +507,12 @@ async def test_recorder_writes_off_the_event_loop_in_batches(tmp_path: Path) -> 
     # The hooks only buffer: nothing is written until the writer's next turn.
     assert path.read_bytes() == b""
     await asyncio.sleep(0.3)
-    assert len(path.read_text().splitlines()) == 100
+    assert conn_ids(path) == list(range(100))
+    assert records(path)[0]["type"] == "start"  # the process's first line
     rec.on_closed(FakeConn(), closed_event(100), None)
     await rec.aclose()  # what is buffered is written at close
     lines = path.read_text().splitlines()
-    assert len(lines) == 101 and json.loads(lines[-1])["type"] == "closed"
+    assert len(lines) == 102 and json.loads(lines[-1])["type"] == "closed"
     assert rec.stats()["recorded"] == 101
     rec.on_closed(FakeConn(), closed_event(101), None)
     assert rec.stats()["recorded"] == 101  # closed: ignored, never an error
@@ -506,7 +531,7 @@ async def test_recorder_rotates_and_stays_bounded(tmp_path: Path) -> None:
     assert all((tmp_path / f).stat().st_size <= 4096 for f in files)
     assert rec.file.rotations > 10
     # The kept files are the newest events, contiguous and in order, oldest file first.
-    kept = [json.loads(line)["conn_id"] for f in reversed(files) for line in (tmp_path / f).read_text().splitlines()]
+    kept = [i for f in reversed(files) for i in conn_ids(tmp_path / f)]
     assert kept == list(range(kept[0], 400))
 
     single = tmp_path / "single" / "events.jsonl"
@@ -525,9 +550,10 @@ async def test_recorder_drops_beyond_its_buffer_instead_of_growing(
     rec = Recorder(RecordSettings(path=str(tmp_path / "e.jsonl")), flush_interval=60)
     for i in range(25):
         rec.on_closed(FakeConn(), closed_event(i), None)
-    assert rec.stats()["dropped"] == 15 and rec.stats()["pending"] == 10
+    assert rec.stats()["dropped"] == 16 and rec.stats()["pending"] == 10  # the start line took one place
     await rec.aclose()
-    assert len((tmp_path / "e.jsonl").read_text().splitlines()) == 10
+    # The start line, then the 9 events that fitted beside it.
+    assert conn_ids(tmp_path / "e.jsonl") == list(range(9))
 
 
 async def test_a_record_path_that_cannot_be_opened_stops_start_up(tmp_path: Path) -> None:
@@ -617,7 +643,9 @@ async def test_a_full_disk_tears_no_line_and_counts_and_logs_the_gap(
     rec.file._file = real
     await rec.aclose()
     lines = [json.loads(line) for line in path.read_text().splitlines()]  # every line whole
-    assert [x["conn_id"] for x in lines] == [*range(20), 1000, 1001]
+    assert [x["conn_id"] for x in lines if x["type"] == "closed"] == [*range(20), 1000, 1001]
+    # Where the lost lines were, for replay to say so.
+    assert [x["lost"] for x in lines if x["type"] == "gap"] == [20, 20]
     assert rec.lost == 40
     events = [r.getMessage() for r in caplog.records if r.name == "loopwatch.recorder"]
     assert events == ["record_write_failed", "record_write_resumed"] * 2
@@ -649,7 +677,7 @@ async def test_a_failed_rotation_keeps_the_recorder_writing_and_retries(
         rec.on_closed(FakeConn(), closed_event(i), None)
     await rec.aclose()
     assert (tmp_path / "events.jsonl.1").exists()
-    written = [json.loads(line)["conn_id"] for line in path.read_text().splitlines()]
+    written = conn_ids(path)
     assert written[-1] == 79
     events = [r.getMessage() for r in caplog.records if r.name == "loopwatch.recorder"]
     assert events == ["record_write_failed", "record_write_resumed"]
@@ -671,8 +699,8 @@ async def test_a_file_moved_away_is_followed_by_a_new_one_at_a_reload(tmp_path: 
     rec.on_config(None, {"reload": True, "result": "ok"})  # type: ignore[arg-type]  # not moved: kept
     rec.on_closed(FakeConn(), closed_event(3), None)
     await rec.aclose()
-    assert [json.loads(line)["conn_id"] for line in moved.read_text().splitlines()] == [1]
-    assert [json.loads(line)["conn_id"] for line in path.read_text().splitlines()] == [2, 3]
+    assert conn_ids(moved) == [1]
+    assert conn_ids(path) == [2, 3]
 
 
 async def test_a_record_path_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
@@ -708,4 +736,4 @@ async def test_logrotate_copytruncate_leaves_no_hole_and_sizes_count_the_disk(tm
     await rec.aclose()
     data = path.read_bytes()
     assert b"\0" not in data
-    assert [json.loads(line)["conn_id"] for line in data.splitlines()] == [1000]
+    assert conn_ids(path) == [1000]

@@ -21,6 +21,28 @@ the file never holds half a record and never passes ``max_bytes``; its lines
 are counted as lost (``loopwatch_record_events_dropped_total{reason=
 "write_error"}``), and the outage is logged when it starts
 (``record_write_failed``) and when writing works again (``record_write_resumed``).
+
+Beside the events, what a replay needs to decide as the live engine did
+(docs/tuning.md, "What is recorded"):
+
+* each ``attempt`` carries its connection id (``conn_id``, also on
+  ``rejected``, ``handshake_failed`` and ``answered``: one attempt's lines pair
+  by it) and what the engine judged it (``judged``: ``admit`` or the refusal's
+  reason). The data plane admits from its table, a batch behind the engine, so
+  an attempt the engine judged refused may have reached the backend all the
+  same (its ``opened``/``closed`` follow, and no ``rejected``): the engine kept
+  its judgement, and a replay must too;
+* a ``start`` line when the process opens the recorder (wall time, a random
+  run id): a new process starts with an empty engine, and its connection ids
+  start again at 1;
+* a ``config`` line with a digest of each section the engine decides by
+  (detection, policy, breakers), at start and at every reload that applied
+  (``reload``, ``changed``): a replay can tell whether its configuration is
+  the one that ran, and when it was not;
+* a ``lever`` line for each change that is no traffic (an operator's cooldown,
+  release or breaker reset; a cooldown or release another replica sent),
+  written where the engine took it, so a replay applies it there;
+* a ``gap`` line where events were lost (the buffer was full, a write failed).
 """
 
 from __future__ import annotations
@@ -28,10 +50,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import io
 import json
 import logging
 import os
+import secrets
 import stat
 import threading
 import time
@@ -39,10 +63,11 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from ...detectors import events as ev
-from .observers import Observer, Observers
+from ...detectors.decisions import Reject
+from .observers import Lever, Observer, Observers, reload_applied
 
 if TYPE_CHECKING:
-    from ...detectors.decisions import Admit, Reject
+    from ...detectors.decisions import Admit
     from ..app.settings import Settings
     from ..dataplane.boundary import Connection, RelayStats
 
@@ -53,6 +78,19 @@ log = logging.getLogger("loopwatch.recorder")
 FLUSH_INTERVAL = 0.5  # seconds between writes; a crash loses at most this much
 FLUSH_LINES = 5_000  # a burst this large is written without waiting for the interval
 MAX_PENDING = 200_000  # lines buffered while the disk is slow; beyond, events are dropped
+# The sections the engine decides by: a `config` line carries a digest of each.
+ENGINE_SECTIONS = ("detection", "policy", "breakers")
+
+
+def section_digests(settings: Settings) -> dict[str, str]:
+    """A short digest of each of ENGINE_SECTIONS as loaded (defaults filled in,
+    durations normalised): equal digests, the same engine configuration, however
+    the files spelled it. Replay computes its own configuration's the same way."""
+    out = {}
+    for name in ENGINE_SECTIONS:
+        text = json.dumps(getattr(settings, name).model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        out[name] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return out
 
 
 def _open_regular(path: str, truncate: bool = False) -> io.FileIO:
@@ -189,18 +227,29 @@ class Recorder(Observer):
         self._pending: list[bytes] = []
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        self._writing: asyncio.Task[None] | None = None  # the last batch handed to the writing thread
         self._closed = False
+        self._unmarked = 0  # events lost since the last `gap` line (dropped or lost in a write)
+        self._digests: dict[str, str] | None = None  # of the configuration last written
+        # Made once per process (build_gate, before the data plane starts): every
+        # event after this line is this process's, judged by an engine that started
+        # empty. The run id tells two processes apart whatever their clocks say.
+        self.run = secrets.token_hex(8)
+        self._line({"type": "start", "run": self.run, "pid": os.getpid(), "t": time.monotonic()})
 
     # --- observer hooks: the engine's inputs, in its order --------------------
 
     def on_attempt(self, conn: Connection, event: ev.Attempt, decision: Admit | Reject) -> None:
-        self._add(event)
+        # What the engine judged, whatever the data plane did: it admitted from
+        # its table, which may not hold this judgement yet (a late refusal).
+        judged = decision.reason if isinstance(decision, Reject) else "admit"
+        self._add(event, conn.conn_id, judged)
 
     def on_rejected(self, conn: Connection, event: ev.Rejected) -> None:
-        self._add(event)
+        self._add(event, conn.conn_id)
 
     def on_handshake_failed(self, conn: Connection, event: ev.HandshakeFailed) -> None:
-        self._add(event)
+        self._add(event, conn.conn_id)
 
     def on_opened(self, conn: Connection, event: ev.Opened) -> None:
         self._add(event)
@@ -209,36 +258,83 @@ class Recorder(Observer):
         self._add(event)
 
     def on_answered(self, conn: Connection, event: ev.Answered) -> None:
-        self._add(event)
+        self._add(event, conn.conn_id)
+
+    def on_lever(self, lever: Lever) -> None:
+        record: dict[str, Any] = {"type": "lever", "kind": lever.kind, "t": lever.t}
+        if lever.key:
+            record["key"] = lever.key
+        if lever.kind == "cooldown":
+            record["duration"] = lever.duration
+        elif lever.kind == "breaker_reset":
+            record["breaker"], record["route"] = lever.breaker, lever.route
+        elif lever.kind == "adopt" and lever.cooldown is not None:
+            c = lever.cooldown
+            record.update(remaining=c.remaining, rule=c.rule, repeat=c.repeat, enforced=c.enforced, force=c.force)
+        record["origin"] = lever.origin or "admin"
+        if self._room():
+            self._line(record)
 
     def on_config(self, settings: Settings, info: dict[str, object]) -> None:
-        """At a reload (SIGHUP), a file moved away is followed by a new one at
-        `record.path`: logrotate's `create` mode with `postrotate kill -HUP`."""
-        if info.get("reload") and info.get("result") == "ok" and not self._closed:
+        """At the start and at each reload that applied: a `config` line (what
+        the engine decides by from here). At a reload (SIGHUP), a file moved
+        away is followed by a new one at `record.path` first: logrotate's
+        `create` mode with `postrotate kill -HUP`."""
+        reload = reload_applied(info)
+        if self._closed or not (reload or (not info.get("reload") and info.get("result") == "ok")):
+            return
+        if reload:
             try:
                 if self.file.reopen():
                     log.info("record_reopened", extra={"fields": {"path": self.file.path}})
             except OSError as e:
                 log.error("record_write_failed", extra={"fields": {"path": self.file.path, "error": str(e)}})
+        if settings is None:
+            return  # a caller with nothing to describe (a test of the reopening alone)
+        digests = section_digests(settings)
+        before, self._digests = self._digests, digests
+        changed = [] if before is None else [name for name in ENGINE_SECTIONS if before.get(name) != digests[name]]
+        self._line({
+            "type": "config", "t": time.monotonic(), "reload": reload, "sections": digests, "changed": changed,
+            # Inputs of the engine the recording does not hold: replay says so.
+            "shared": settings.state.backend, "health_check": settings.health_check.enabled,
+        })  # fmt: skip
 
     # --- buffering -------------------------------------------------------------
 
-    def _add(self, event: ev.Event) -> None:
+    def _room(self) -> bool:
+        """Whether a line may be buffered; if not, it is counted as dropped."""
         if self._closed:
-            return
+            return False
         if len(self._pending) >= MAX_PENDING:
             self.dropped += 1
+            self._unmarked += 1
+            return False
+        return True
+
+    def _add(self, event: ev.Event, conn_id: ev.ConnId | None = None, judged: str | None = None) -> None:
+        if not self._room():
             return
         record: dict[str, Any] = ev.to_dict(event)
-        record["wall"] = round(time.time(), 6)
-        self._pending.append(
-            (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
-        )
+        if conn_id is not None:  # the attempt's id from accept: it pairs the attempt's lines
+            record["conn_id"] = conn_id
+        if judged is not None:
+            record["judged"] = judged
+        self._line(record)
         self.recorded += 1
         if self._task is None:
             self._start()
         elif len(self._pending) >= FLUSH_LINES and self._wakeup is not None:
             self._wakeup.set()
+
+    def _line(self, record: dict[str, Any]) -> None:
+        if self._unmarked:
+            # Where events went missing, so a replay can say its decisions after
+            # this point may differ for want of them.
+            lost, self._unmarked = self._unmarked, 0
+            self._pending.append(_encode({"type": "gap", "lost": lost, "wall": round(time.time(), 6)}))
+        record["wall"] = round(time.time(), 6)
+        self._pending.append(_encode(record))
 
     def _start(self) -> None:
         # Started by the first event, so the recorder needs no start-up hook and
@@ -259,11 +355,21 @@ class Recorder(Observer):
         if not self._pending:
             return
         batch, self._pending = self._pending, []
+        # Shielded: shutdown cancels the writer, and a batch it was writing (in
+        # its thread) must reach the file before the file is closed. Cancelled,
+        # it went on in the thread, the final flush closed the file first, and
+        # the thread found it closed: the batch lost, counted nowhere (the last
+        # half-second of a process, seen in replay tests as 9 attempts missing).
+        self._writing = loop.create_task(self._write(loop, batch))
+        await asyncio.shield(self._writing)
+
+    async def _write(self, loop: asyncio.AbstractEventLoop, batch: list[bytes]) -> None:
         try:
             await loop.run_in_executor(None, self.file.write, batch)
         except OSError as e:
             self.write_errors += 1
             self.lost += len(batch)  # at most: lines before a rotation in it may have been written
+            self._unmarked += len(batch)
             if not self.failing:  # once an outage: a full disk must not flood the log
                 self.failing = True
                 log.error("record_write_failed", extra={"fields": {"path": self.file.path, "error": str(e)}})
@@ -281,6 +387,8 @@ class Recorder(Observer):
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._writing is not None:
+            await self._writing  # the batch the writer was writing when cancelled
         await self._flush(asyncio.get_running_loop())
         self.file.close()
 
@@ -292,6 +400,10 @@ class Recorder(Observer):
             "rotations": self.file.rotations,
             "pending": len(self._pending),
         }
+
+
+def _encode(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
 
 
 async def close_recorders(observers: Observers) -> None:
