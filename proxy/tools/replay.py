@@ -292,7 +292,11 @@ class ReplayReport:
     cleared: list[Finding] = field(default_factory=list)
     decisions: list[tuple[ev.Attempt, Admit | Reject]] = field(default_factory=list)
     breakers: list[BreakerTransition] = field(default_factory=list)
+    # Full reports only of the clients the report speaks of (flagged, refused,
+    # decided otherwise …); the others' attempts are counted and nothing more:
+    # a ClientReport each cost ~1 KB, 300 MB for a day of 300 000 IP keys.
     clients: dict[str, ClientReport] = field(default_factory=dict)
+    quiet: dict[str, int] = field(default_factory=dict)  # key -> attempts, all admitted
     stretches: list[Stretch] = field(default_factory=list)
     process_starts: list[float] = field(default_factory=list)  # event time of each (start line or restart seen)
     restarts_guessed: int = 0  # of them, seen from connection ids (recordings without start lines)
@@ -307,18 +311,24 @@ class ReplayReport:
     keep_decisions: bool = False
 
     def client(self, key: str) -> ClientReport:
+        """The full report of `key`, made (with its attempts so far) when it first matters."""
         report = self.clients.get(key)
         if report is None:
-            report = self.clients[key] = ClientReport(key)
+            seen = self.quiet.pop(key, 0)
+            report = self.clients[key] = ClientReport(key, attempts=seen, admitted=seen)
         return report
 
     def find(self, key: str) -> ClientReport | None:
-        """What the report knows of `key`; None if never seen."""
-        return self.clients.get(key)
+        """What the report knows of `key` (a quiet client's attempts only); None if never seen."""
+        report = self.clients.get(key)
+        if report is None and key in self.quiet:
+            seen = self.quiet[key]
+            return ClientReport(key, attempts=seen, admitted=seen)
+        return report
 
     @property
     def client_count(self) -> int:
-        return len(self.clients)
+        return len(self.clients) + len(self.quiet)
 
     @property
     def findings(self) -> list[Finding]:
@@ -803,7 +813,10 @@ class Replayer:
         self.engine = self._engine()
         self._proc = _Process(marked=False)
         self._stretch = self._new_stretch(None)
-        self._templates: dict[str, _Template] = {}
+        # Bounded like the engine's own store: a template per client ever seen
+        # grew without end (L2 of the tools probe).
+        self._templates: OrderedDict[str, _Template] = OrderedDict()
+        self._max_templates = settings.detection.max_clients
         self._seq = itertools.count()
         self._synthetic = itertools.count(1)
 
@@ -973,6 +986,12 @@ class Replayer:
                 break  # no progress at this instant: let the event's own time move it on
         self._collect(engine.wake(t), "wake")
 
+    def _seen(self, key: str) -> None:
+        """A client counted, with no report of its own until it matters."""
+        report = self.report
+        if key not in report.clients and key not in report.quiet:
+            report.quiet[key] = 0
+
     def _feed(self, rec: Recorded, table: str | None) -> None:
         report, engine, event = self.report, self.engine, rec.event
         self._wake_until(event.t)
@@ -994,7 +1013,7 @@ class Replayer:
         if isinstance(event, ev.Attempt):
             self._attempt(rec, event, table)
             return
-        report.client(key)
+        self._seen(key)
         if self._keep(rec):
             self._collect(engine.record(event), "record")
 
@@ -1022,7 +1041,12 @@ class Replayer:
         otherwise = rec.judged is not None and rec.judged != judged
         if otherwise:
             self._stretch.diffs.judged += 1
+        refused = isinstance(decision, Reject)
         would = decision.would_reject if isinstance(decision, Admit) else None
+        if not (refused or would or live_refused or otherwise or key in report.clients):
+            report.quiet[key] = report.quiet.get(key, 0) + 1  # the common case: nothing to report of it
+            self._proc.pending.add(key, rec.conn_id, _Pending(event, "feed", rec.judged))
+            return
         client = report.client(key)
         client.attempts += 1
         client.judged_otherwise += otherwise
@@ -1104,7 +1128,15 @@ class Replayer:
         return fed
 
     def _template(self, key: str) -> _Template:
-        return self._templates.setdefault(key, _Template())
+        templates = self._templates
+        template = templates.get(key)
+        if template is None:
+            template = templates[key] = _Template()
+            if len(templates) > self._max_templates:
+                templates.popitem(last=False)
+        else:
+            templates.move_to_end(key)
+        return template
 
     def _assume_outcome(self, attempt: ev.Attempt, not_before: float | None = None) -> None:
         template = self._templates.get(attempt.key)
