@@ -1,5 +1,6 @@
-"""What `loopwatch replay` reads: a day of many distinct clients costs
-counters, not a report each (L2 of the tools probe)."""
+"""What `loopwatch replay` reads: times no clock says are skipped lines, not
+a traceback (L1 of the tools probe); and a day of many distinct clients
+costs counters, not a report each (L2)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from loopwatch.proxy.app.cli import main
 from loopwatch.proxy.app.settings import load_settings
 from loopwatch.proxy.tools.replay import replay
 
@@ -27,6 +31,55 @@ def loop_lines(key: str = "k@10.0.0.1", t0: float = 10.0, n: int = 4) -> list[di
 def write(path: Path, lines: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
+
+
+# --- L1: times no clock says ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [
+        ({"wall": 1e20}, "attempt.wall: expected a Unix time (0 to 9999-12-31), got 1e+20"),
+        ({"wall": -1e12}, "attempt.wall: expected a Unix time (0 to 9999-12-31), got -1000000000000.0"),
+        ({"t": 1e12}, "attempt.t: expected seconds of a monotonic clock (0 to 1e10), got 1000000000000.0"),
+        ({"t": 1e300}, "attempt.t: expected seconds of a monotonic clock (0 to 1e10), got 1e+300"),
+        ({"t": -5.0}, "attempt.t: expected seconds of a monotonic clock (0 to 1e10), got -5.0"),
+    ],
+)
+def test_a_time_no_clock_says_is_a_skipped_line_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], bad: dict[str, Any], error: str
+) -> None:
+    """A 1e20 `wall` ended the replay in an OverflowError, -1e12 in a
+    ValueError, each with no report; a 1e300 `t` printed a 300-digit span."""
+    lines = loop_lines()
+    lines.insert(0, {**lines[0], **bad})
+    path = write(tmp_path / "e.jsonl", lines)
+    for as_json in (False, True):
+        assert main(["replay", str(path), *(["--json"] if as_json else [])]) == 0
+        captured = capsys.readouterr()
+        assert f"loopwatch replay: {path}:1: skipped: {error}\n" in captured.err
+        assert "Traceback" not in captured.err
+    report = replay([str(path)], load_settings(None, env={}))
+    assert [(c.line, c.error) for c in report.corrupt] == [(1, error)]
+    assert [f.rule for f in report.findings] == ["auth_failure_loop"]
+    assert report.last_t is not None and report.first_t is not None and report.last_t - report.first_t < 1.0
+
+
+def test_a_negative_duration_is_a_skipped_line(tmp_path: Path) -> None:
+    lines = loop_lines()
+    lines[2]["duration"] = -3.0
+    report = replay([str(write(tmp_path / "e.jsonl", lines))], load_settings(None, env={}))
+    assert [(c.line, c.error) for c in report.corrupt] == [(3, "closed.duration: expected seconds, 0 or more, got -3.0")]
+
+
+def test_times_each_in_bounds_whose_sum_no_date_shows_print_no_date(tmp_path: Path) -> None:
+    lines = loop_lines()
+    lines[0]["wall"] = 253402300000.0  # late in 9999: the finding a second later is past the last date
+    lines[0]["t"] = 0.0
+    report = replay([str(write(tmp_path / "e.jsonl", lines))], load_settings(None, env={}))
+    (finding,) = report.findings
+    assert report.wall(finding.t + 1e9) is None
+    json.dumps(report.to_dict(), default=str)
 
 
 # --- L2: memory by distinct client --------------------------------------------------------

@@ -45,8 +45,9 @@ With the configuration the recording was made with, none of this happens and
 the replay judges every attempt as the live engine did (tests hold it to that).
 
 A line that is not a valid event (corrupt, truncated by a crash, hand-edited,
-or longer than any event) is reported with its file and line number and
-skipped; a compressed file cut short is read up to where it ends.
+longer than any event, or with a time no clock says) is reported with its
+file and line number and skipped; a compressed file cut short is read up to
+where it ends.
 """
 
 from __future__ import annotations
@@ -83,9 +84,13 @@ _MAX_WAKES_PER_EVENT = 10_000
 # 6 MB .gz was read whole). Over-long lines are skipped in pieces of this size.
 MAX_LINE = 1 << 20
 _SKIP_CHUNK = 1 << 16
-# What a marker line's time may say: a monotonic clock, seconds since boot,
-# never negative; 1e10 is some 300 years of uptime.
+# What a line's times may say. `t` is a monotonic clock, seconds since boot:
+# never negative, and 1e10 is some 300 years of uptime. `wall` is Unix time
+# up to the last second a datetime shows (9999-12-31). Beyond them a line was
+# no proxy's (a 1e20 `wall` ended the replay with an OverflowError, a 1e300
+# `t` printed a 300-digit span).
 MAX_T = 1e10
+MAX_WALL = 253402300799.0
 # Attempts waiting for their outcome or answer, and connections open: an
 # outcome lost (the recorder's buffer full) would keep its attempt for good,
 # so at most this many are kept, the oldest forgotten first (an attempt waits
@@ -393,7 +398,10 @@ class ReplayReport:
         """Wall-clock time of event time `t`, when the recording says when it started."""
         if self.first_wall is None or self.first_t is None:
             return None
-        when = dt.datetime.fromtimestamp(self.first_wall + (t - self.first_t), dt.UTC)
+        try:
+            when = dt.datetime.fromtimestamp(self.first_wall + (t - self.first_t), dt.UTC)
+        except (OverflowError, ValueError, OSError):
+            return None  # each within bounds, their sum beyond what a date shows
         return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
     def finding_dict(self, f: Finding) -> dict[str, Any]:
@@ -615,8 +623,13 @@ def parse_line(data: Mapping[str, Any], path: str, number: int) -> Item:
             raise ValueError(f"gap.lost: expected a count, got {lost!r}")
         return Gap(lost, path, number)
     event = ev.from_dict(data)  # raises ValueError, naming the field, for anything else amiss
+    _seconds(data, kind, "t")
+    if isinstance(event, ev.Closed):
+        _seconds(data, kind, "duration", what="seconds, 0 or more")
     wall = data.get("wall")
-    wall = float(wall) if _is_number(wall) else None
+    if wall is not None:
+        _number_in(data, kind, "wall", 0.0, MAX_WALL, "a Unix time (0 to 9999-12-31)")
+        wall = float(wall)
     conn_id = None
     if not isinstance(event, ev.Opened | ev.Closed):
         conn_id = data.get("conn_id")
