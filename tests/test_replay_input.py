@@ -1,10 +1,16 @@
 """What `loopwatch replay` reads: times no clock says are skipped lines, not
-a traceback (L1 of the tools probe); and a day of many distinct clients
-costs counters, not a report each (L2)."""
+a traceback (L1 of the tools probe); standard input, a FIFO and `<(zcat …)`
+are read, a directory is said to be one (L4); and a day of many distinct
+clients costs counters, not a report each (L2)."""
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
+import subprocess
+import sys
+import threading
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -80,6 +86,67 @@ def test_times_each_in_bounds_whose_sum_no_date_shows_print_no_date(tmp_path: Pa
     (finding,) = report.findings
     assert report.wall(finding.t + 1e9) is None
     json.dumps(report.to_dict(), default=str)
+
+
+# --- L4: what can be read ---------------------------------------------------------------
+
+
+def run_cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPWATCH_")}
+    return subprocess.run([sys.executable, "-m", "loopwatch", "replay", *args], input=stdin, capture_output=True,
+                          timeout=120, env=env)  # fmt: skip
+
+
+def test_standard_input_is_read_plain_or_gzipped(tmp_path: Path) -> None:
+    """`kubectl exec … cat events.jsonl | loopwatch replay -` said "no such file: -"."""
+    data = write(tmp_path / "e.jsonl", loop_lines()).read_bytes()
+    for stdin in (data, gzip.compress(data)):
+        done = run_cli("-", "--json", stdin=stdin)
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout)
+        assert report["events"] == 12 and [f["rule"] for f in report["findings"]] == ["auth_failure_loop"]
+        assert report["corrupt"] == []
+    done = run_cli("-", "-", stdin=b"")
+    assert done.returncode == 2 and b"standard input (-) given more than once" in done.stderr
+
+
+def test_a_fifo_is_read_as_bash_process_substitution_makes_one(tmp_path: Path) -> None:
+    """`loopwatch replay <(zcat a.gz b.gz)` said "no such file: /dev/fd/63"."""
+    fifo = tmp_path / "events.fifo"
+    os.mkfifo(fifo)
+    data = gzip.compress(write(tmp_path / "e.jsonl", loop_lines()).read_bytes())
+
+    def feed() -> None:
+        with open(fifo, "wb") as fh:
+            fh.write(data)
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    try:
+        report = replay([str(fifo)], load_settings(None, env={}))
+    finally:
+        writer.join(10)
+    assert report.events == 12 and [f.rule for f in report.findings] == ["auth_failure_loop"]
+
+    done = subprocess.run(["bash", "-c", f'{sys.executable} -m loopwatch replay <(cat "$1") --json', "-",
+                           str(tmp_path / "e.jsonl")], capture_output=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["events"] == 12
+
+
+def test_a_directory_is_not_a_regular_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["replay", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"loopwatch replay: not a regular file: {tmp_path} (a directory)\n"
+    assert main(["replay", str(tmp_path / "missing.jsonl")]) == 2
+    assert capsys.readouterr().err == f"loopwatch replay: no such file: {tmp_path / 'missing.jsonl'}\n"
+
+
+def test_gzip_is_told_by_its_bytes_not_its_name(tmp_path: Path) -> None:
+    data = write(tmp_path / "e.jsonl", loop_lines()).read_bytes()
+    (tmp_path / "rotated.1").write_bytes(gzip.compress(data))  # compressed by a job that named it so
+    (tmp_path / "plain.gz").write_bytes(data)
+    report = replay([str(tmp_path / "rotated.1"), str(tmp_path / "plain.gz")], load_settings(None, env={}))
+    assert report.corrupt == [] and report.events == 24
 
 
 # --- L2: memory by distinct client --------------------------------------------------------

@@ -52,19 +52,22 @@ where it ends.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import gzip
 import heapq
+import io
 import itertools
 import json
 import math
 import os
+import stat
 import sys
 import zlib
 from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any, Generic, Literal, Protocol, TypeAlias, TypeGuard, TypeVar
+from typing import IO, Any, Generic, Literal, Protocol, TypeAlias, TypeGuard, TypeVar, cast
 
 from ...detectors import events as ev
 from ...detectors.actions import BreakerTransition, CloseConnection, CooldownStarted, WouldReject
@@ -97,6 +100,10 @@ MAX_WALL = 253402300799.0
 # a handshake's time; a connection may stay open for hours).
 MAX_WAITING = 1 << 16
 MAX_OPEN = 1 << 18
+
+STDIN = "-"
+_STDIN_NAME = "<stdin>"
+_GZIP_MAGIC = b"\x1f\x8b"
 
 # What became of an attempt here, for its recorded outcome:
 # feed: admitted here: its outcome is fed to the engine;
@@ -530,21 +537,63 @@ Item: TypeAlias = Recorded | Start | ConfigLine | LeverLine | Gap
 
 
 def read_events(paths: Sequence[str], report: ReplayReport) -> Iterator[Item]:
-    """Each file's lines in turn, as records; bad lines go to `report.corrupt`."""
+    """Each file's lines in turn, as records; bad lines go to `report.corrupt`.
+    `-` is standard input; a file, a FIFO or a /dev/fd path is read as a
+    stream, once; gzip is told by its first bytes, not by the name."""
     last = [float("-inf")]
     for path in paths:
-        with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as fh:
+        name = _STDIN_NAME if path == STDIN else path
+        with _open_input(path) as fh:
             lines = BoundedLines(fh)
             try:
-                yield from _read_lines(path, lines, report, last)
+                yield from _read_lines(name, lines, report, last)
             except (EOFError, zlib.error):
                 # Cut short (a rotation compressed by a job that was killed, a copy
                 # taken mid-write): what came before is kept, as zcat keeps it.
-                report.corrupt.append(Corrupt(path, None, f"truncated compressed stream after line {lines.count}"))
+                report.corrupt.append(Corrupt(name, None, f"truncated compressed stream after line {lines.count}"))
 
 
 class Readable(Protocol):
     def readline(self, size: int = -1, /) -> bytes: ...
+
+
+class _Prefixed(io.RawIOBase):
+    """The bytes read already to tell gzip from text, then the rest of a stream
+    that cannot seek back to them (standard input, a FIFO)."""
+
+    def __init__(self, head: bytes, rest: io.BufferedReader):
+        self._head = head
+        self._rest = rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._head:
+            n = min(len(buffer), len(self._head))
+            buffer[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        data = self._rest.read1(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+@contextlib.contextmanager
+def _open_input(path: str) -> Iterator[Readable]:
+    with contextlib.ExitStack() as stack:
+        # Standard input's buffer is a BufferedReader, as an opened file is.
+        fh = cast(io.BufferedReader, sys.stdin.buffer) if path == STDIN else stack.enter_context(open(path, "rb"))
+        head = fh.read(len(_GZIP_MAGIC))
+        stream = fh
+        if fh.seekable():
+            fh.seek(0)
+        else:
+            stream = io.BufferedReader(_Prefixed(head, fh), 1 << 16)
+        if head == _GZIP_MAGIC:
+            yield stack.enter_context(gzip.GzipFile(fileobj=stream, mode="rb"))
+        else:
+            yield stream
 
 
 class BoundedLines:
@@ -1202,9 +1251,9 @@ def replay(
     seed: int = 0,
     keep_decisions: bool = False,
 ) -> ReplayReport:
-    """Replay the events in `paths` (oldest first) with `settings`
-    (proxy.config.Settings), read from `config` and the `environment` variables
-    named (for the report)."""
+    """Replay the events in `paths` (oldest first; `-` is standard input) with
+    `settings` (proxy.config.Settings), read from `config` and the `environment`
+    variables named (for the report)."""
     report = ReplayReport(
         list(paths), config, settings.policy.mode, list(environment), digests=section_digests(settings),
         keep_decisions=keep_decisions,
@@ -1243,7 +1292,7 @@ def summary(report: ReplayReport) -> list[str]:
     start = report.wall(report.first_t) if report.first_t is not None else None
     lines = [
         f"replayed {report.events} events ({report.skipped_rejected} recorded refusals skipped) "
-        f"from {', '.join(report.files)} — {span:.1f}s of traffic"
+        f"from {', '.join(_STDIN_NAME if f == STDIN else f for f in report.files)} — {span:.1f}s of traffic"
         + (f" from {start}" if start else "")
         + f", {report.client_count} clients, config {report.config_label}, mode {report.mode}"
     ]
@@ -1374,6 +1423,26 @@ def engine_variables(env: Mapping[str, str]) -> list[str]:
     )
 
 
+def unreadable(paths: Sequence[str]) -> str | None:
+    """Why `paths` cannot be replayed, or None. Standard input (`-`, once), a
+    file, a FIFO or a /dev/fd path (`<(zcat …)`) are read; a directory is not
+    (it was "no such file", as were the FIFO and stdin)."""
+    if paths.count(STDIN) > 1:
+        return "standard input (-) given more than once"
+    for path in paths:
+        if path == STDIN:
+            continue
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            return f"no such file: {path}"
+        except OSError as e:
+            return f"cannot read: {path}: {e.strerror}"
+        if stat.S_ISDIR(mode):
+            return f"not a regular file: {path} (a directory)"
+    return None
+
+
 def replay_main(paths: Sequence[str], config: str | None, as_json: bool, seed: int = 0) -> int:
     """`loopwatch replay`: 0 (bad lines are reported, not fatal); 2 when a file or the config cannot be read."""
     from ..app.settings import ConfigError, load_settings
@@ -1384,9 +1453,9 @@ def replay_main(paths: Sequence[str], config: str | None, as_json: bool, seed: i
         print(f"loopwatch replay: invalid configuration:\n{e}", file=sys.stderr)
         return 2
     environment = engine_variables(os.environ)
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        print(f"loopwatch replay: no such file: {', '.join(missing)}", file=sys.stderr)
+    problem = unreadable(paths)
+    if problem is not None:
+        print(f"loopwatch replay: {problem}", file=sys.stderr)
         return 2
     try:
         report = replay(paths, settings, config=config, environment=environment, seed=seed)
