@@ -1321,9 +1321,9 @@ def summary(report: ReplayReport) -> list[str]:
         )
     if report.table_refused:
         lines.append(
-            f"{report.table_refused} attempt(s) refused live by the data plane's table, a batch ahead of the "
-            "engine (a cooldown released, a connection closed), that the engine would have let through: refused "
-            "here too, as live (not a difference)"
+            f"{report.table_refused} attempt(s) refused live by the data plane's table that this engine would have "
+            "let through: taken as refused, as the live engine takes the table's refusals (the table a batch "
+            "ahead of it: a cooldown released, a connection closed)"
         )
     if blame["live_config"]:
         lines.append(
