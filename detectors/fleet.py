@@ -121,8 +121,8 @@ class Fleet:
             pass  # the window was made anew (configure): no bucket to fold in
         elif self._seed is not None:
             # Still the first window: its buckets' counts, empty ones too.
-            empty = int(min(bucket - self._bucket - 1, _BUCKETS))
-            self._seed += [self._bucket_count] + [0] * empty
+            gap = int(min(bucket - self._bucket - 1, _BUCKETS))
+            self._seed += [self._bucket_count] + [0] * gap
             if len(self._seed) >= _BUCKETS:
                 counts = sorted(self._seed[:_BUCKETS])
                 self.baseline = (counts[(_BUCKETS - 1) // 2] + counts[_BUCKETS // 2]) / 2 / width
