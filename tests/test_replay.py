@@ -30,7 +30,8 @@ from loopwatch.proxy.observe import recorder as recorder_module
 from loopwatch.proxy.observe.observers import Observer
 from loopwatch.proxy.observe.recorder import Recorder
 from loopwatch.proxy.observe.settings import RecordSettings
-from loopwatch.proxy.tools.replay import print_report, replay
+from loopwatch.proxy.tools.replay import replay
+from loopwatch.proxy.tools.replay_report import print_report
 from loopwatch.proxy.tools.simulate import Knobs, Stack, launch, start_stack
 from tests.conftest import settings_for
 
@@ -388,7 +389,7 @@ def test_an_over_long_line_is_skipped_without_reading_it_whole(tmp_path: Path) -
     """A 1.5 GB line in a 6 MB .gz was read whole (MemoryError, or the OOM killer)."""
     import gzip
 
-    from loopwatch.proxy.tools.replay import MAX_LINE, BoundedLines
+    from loopwatch.proxy.tools.recording import MAX_LINE, BoundedLines
 
     huge = b'{"type": "attempt", "key": "' + b"k" * (8 * MAX_LINE) + b'"}\n'
     data = _attempt_line(1).encode() + huge + _attempt_line(2).encode() + b"0" * (MAX_LINE + 10)

@@ -24,7 +24,8 @@ from loopwatch.detectors.engine import Engine
 from loopwatch.detectors.shared import SharedCooldown
 from loopwatch.proxy.app.settings import load_settings
 from loopwatch.proxy.observe.recorder import section_digests
-from loopwatch.proxy.tools.replay import ReplayReport, print_report, replay, summary
+from loopwatch.proxy.tools.replay import replay
+from loopwatch.proxy.tools.replay_report import ReplayReport, print_report, summary
 
 ROUTE = "/ws"
 

@@ -24,7 +24,8 @@ from loopwatch.proxy.app.runtime import ConfigSources, Running, start
 from loopwatch.proxy.app.settings import load_settings
 from loopwatch.proxy.observe.observers import Observer
 from loopwatch.proxy.tools.demo_backend import issue_token
-from loopwatch.proxy.tools.replay import ReplayReport, replay, summary
+from loopwatch.proxy.tools.replay import replay
+from loopwatch.proxy.tools.replay_report import ReplayReport, summary
 from tests.clients import attempt, demo_backend
 from tests.conftest import client_key, loopwatch, settings_for, wait_for, ws_url
 from tests.processes import loopwatch_run
