@@ -419,7 +419,33 @@ async fn serve_stream<C: Transport + 'static>(
                         config = shared.config();
                     }
                     let route = match route_head(shared, &config, &head, &buf, peer_ip, scheme) {
-                        Routed::Planned(plan) => break *plan,
+                        Routed::Planned(plan) => {
+                            // Behind a trusted proxy, the client it names has
+                            // its address's share while its request runs (a
+                            // proxy's kept-alive connection carries many
+                            // clients' requests): held in `address`, free for
+                            // it (the proxy was not counted), until the
+                            // response is through. Taken here, not where the
+                            // request is forwarded: a refusal awaited there,
+                            // with the request's state live, grew every
+                            // connection's future by 104 bytes.
+                            if let (
+                                Plan::Http {
+                                    client: forwarded, ..
+                                },
+                                None,
+                            ) = (&*plan, &address)
+                            {
+                                match forwarded_share(shared, peer_ip, *forwarded) {
+                                    Ok(slot) => address = slot,
+                                    Err(OverShare) => {
+                                        over_share(shared, &mut client, *forwarded).await;
+                                        return;
+                                    }
+                                }
+                            }
+                            break *plan;
+                        }
                         Routed::Upgrade(route) => route,
                     };
                     // Identity: the key the engine tracks and the client
@@ -451,9 +477,12 @@ async fn serve_stream<C: Transport + 'static>(
                     // address's share until the connection ends.
                     if address.is_none() {
                         let forwarded = identified.address.ip;
-                        match forwarded_share(shared, &mut client, peer_ip, forwarded).await {
+                        match forwarded_share(shared, peer_ip, forwarded) {
                             Ok(slot) => address = slot,
-                            Err(Refused) => return,
+                            Err(OverShare) => {
+                                over_share(shared, &mut client, forwarded).await;
+                                return;
+                            }
                         }
                     }
                     break admit(
@@ -513,21 +542,7 @@ async fn serve_stream<C: Transport + 'static>(
                 // would carry it, waiting for its head or held in a refusal.
                 Box::pin(forward(shared, &config, client, upgrade, guard, address)).await
             }
-            Plan::Http {
-                route,
-                request,
-                client: forwarded,
-            } => {
-                // Behind a trusted proxy, the client it names has its
-                // address's share while its request runs (a proxy's
-                // kept-alive connection carries many clients' requests).
-                let mut slot = None;
-                if address.is_none() {
-                    match forwarded_share(shared, &mut client, peer_ip, forwarded).await {
-                        Ok(counted) => slot = counted,
-                        Err(Refused) => return,
-                    }
-                }
+            Plan::Http { route, request, .. } => {
                 let next = forward_http(
                     shared,
                     &config,
@@ -538,7 +553,9 @@ async fn serve_stream<C: Transport + 'static>(
                     conn_id,
                 );
                 let next = next.await;
-                drop(slot);
+                if address.as_ref().is_some_and(|slot| slot.ip() != peer_ip) {
+                    address = None; // through: the forwarded client's share back
+                }
                 if let Some(carry) = next {
                     idle = true;
                     carried = carry;
@@ -550,34 +567,40 @@ async fn serve_stream<C: Transport + 'static>(
     }
 }
 
-/// The client was answered (and the connection is to close).
-struct Refused;
+/// The client is over its address's share.
+struct OverShare;
 
 /// The share of `forwarded`, the client a trusted proxy at `peer` names, for
 /// a connection not counted at accept (the proxy is exempt: it carries many
 /// clients): its slot (None when nothing counts it: no proxy, no cap, an
-/// exempt network), or `Refused` once answered 503 `address_limit` for a
-/// client over `max_connections_per_address`. nginx (realip and
-/// `limit_conn`) and HAProxy (stick tables on the header) cap the real
-/// client likewise.
-async fn forwarded_share<C: Transport>(
+/// exempt network), or `OverShare` for a client over
+/// `max_connections_per_address`. nginx (realip and `limit_conn`) and HAProxy
+/// (stick tables on the header) cap the real client likewise.
+fn forwarded_share(
     shared: &Shared,
-    client: &mut C,
     peer: IpAddr,
     forwarded: IpAddr,
-) -> Result<Option<AddressSlot>, Refused> {
+) -> Result<Option<AddressSlot>, OverShare> {
     if forwarded == peer {
         return Ok(None);
     }
     match shared.addresses.admit_forwarded(forwarded) {
         AddressAdmission::Counted(slot) => Ok(Some(slot)),
         AddressAdmission::Exempt => Ok(None),
-        AddressAdmission::OverCap => {
-            let (label, message) = (Rejected::AddressLimit, ADDRESS_LIMIT);
-            reject(shared, client, forwarded, label, 503, message).await;
-            Err(Refused)
-        }
+        AddressAdmission::OverCap => Err(OverShare),
     }
+}
+
+/// 503 `address_limit` to a client over its share behind a trusted proxy,
+/// as a boxed future: a rare refusal, whose state every connection's future
+/// would carry inline.
+fn over_share<'a, C: Transport>(
+    shared: &'a Shared,
+    client: &'a mut C,
+    forwarded: IpAddr,
+) -> Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+    let (label, message) = (Rejected::AddressLimit, ADDRESS_LIMIT);
+    Box::pin(reject(shared, client, forwarded, label, 503, message))
 }
 
 /// One plain exchange; the start of the next request (what came of it so

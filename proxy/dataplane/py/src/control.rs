@@ -514,6 +514,11 @@ pub struct AddressSlot {
 }
 
 impl AddressSlot {
+    /// The address it counts a connection (or a request) of.
+    pub fn ip(&self) -> IpAddr {
+        self.ip
+    }
+
     /// The first request head is complete: one half-open head fewer.
     pub fn head_done(&mut self) {
         if std::mem::take(&mut self.head_pending) {
