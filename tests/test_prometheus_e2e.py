@@ -539,6 +539,7 @@ async def test_loop_alert_and_every_dashboard_query_against_real_prometheus(
                 assert not await prom.alerts(ALERT), "the loop alert is active before any traffic"
 
                 stop = asyncio.Event()
+                traffic_began = time.monotonic()
                 clients = [
                     asyncio.create_task(
                         healthy(f"{base}/ws?token={issue_token('healthy', 600)}", stop)
@@ -608,6 +609,10 @@ async def test_loop_alert_and_every_dashboard_query_against_real_prometheus(
                     ):
                         assert response.status == 200, await response.text()
                     assert running.observers.errors[failing.name] == 1
+                    # A fresh process judges no storm in its first two fleet windows
+                    # (every client connects to it: detectors/fleet.py): past them.
+                    warm_up = 2 * running.settings.detection.fleet.window + 1.0
+                    await asyncio.sleep(max(0.0, traffic_began + warm_up - time.monotonic()))
                     storm = [
                         f"{base}/ws?token={issue_token(f'storm-{i}', 60)}"
                         for i in range(STORM_CLIENTS)
