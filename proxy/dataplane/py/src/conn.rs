@@ -436,12 +436,11 @@ async fn serve_stream<C: Transport + 'static>(
                                 None,
                             ) = (&*plan, &address)
                             {
-                                match forwarded_share(shared, peer_ip, *forwarded) {
+                                match forwarded_share(shared, &mut client, peer_ip, *forwarded)
+                                    .await
+                                {
                                     Ok(slot) => address = slot,
-                                    Err(OverShare) => {
-                                        over_share(shared, &mut client, *forwarded).await;
-                                        return;
-                                    }
+                                    Err(Refused) => return,
                                 }
                             }
                             break *plan;
@@ -477,12 +476,9 @@ async fn serve_stream<C: Transport + 'static>(
                     // address's share until the connection ends.
                     if address.is_none() {
                         let forwarded = identified.address.ip;
-                        match forwarded_share(shared, peer_ip, forwarded) {
+                        match forwarded_share(shared, &mut client, peer_ip, forwarded).await {
                             Ok(slot) => address = slot,
-                            Err(OverShare) => {
-                                over_share(shared, &mut client, forwarded).await;
-                                return;
-                            }
+                            Err(Refused) => return,
                         }
                     }
                     break admit(
@@ -567,40 +563,34 @@ async fn serve_stream<C: Transport + 'static>(
     }
 }
 
-/// The client is over its address's share.
-struct OverShare;
+/// The client was answered (and the connection is to close).
+struct Refused;
 
 /// The share of `forwarded`, the client a trusted proxy at `peer` names, for
 /// a connection not counted at accept (the proxy is exempt: it carries many
 /// clients): its slot (None when nothing counts it: no proxy, no cap, an
-/// exempt network), or `OverShare` for a client over
-/// `max_connections_per_address`. nginx (realip and `limit_conn`) and HAProxy
-/// (stick tables on the header) cap the real client likewise.
-fn forwarded_share(
+/// exempt network), or `Refused` once answered 503 `address_limit` for a
+/// client over `max_connections_per_address`. nginx (realip and
+/// `limit_conn`) and HAProxy (stick tables on the header) cap the real
+/// client likewise.
+async fn forwarded_share<C: Transport>(
     shared: &Shared,
+    client: &mut C,
     peer: IpAddr,
     forwarded: IpAddr,
-) -> Result<Option<AddressSlot>, OverShare> {
+) -> Result<Option<AddressSlot>, Refused> {
     if forwarded == peer {
         return Ok(None);
     }
     match shared.addresses.admit_forwarded(forwarded) {
         AddressAdmission::Counted(slot) => Ok(Some(slot)),
         AddressAdmission::Exempt => Ok(None),
-        AddressAdmission::OverCap => Err(OverShare),
+        AddressAdmission::OverCap => {
+            let (label, message) = (Rejected::AddressLimit, ADDRESS_LIMIT);
+            reject(shared, client, forwarded, label, 503, message).await;
+            Err(Refused)
+        }
     }
-}
-
-/// 503 `address_limit` to a client over its share behind a trusted proxy,
-/// as a boxed future: a rare refusal, whose state every connection's future
-/// would carry inline.
-fn over_share<'a, C: Transport>(
-    shared: &'a Shared,
-    client: &'a mut C,
-    forwarded: IpAddr,
-) -> Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
-    let (label, message) = (Rejected::AddressLimit, ADDRESS_LIMIT);
-    Box::pin(reject(shared, client, forwarded, label, 503, message))
 }
 
 /// One plain exchange; the start of the next request (what came of it so
