@@ -13,9 +13,11 @@ from typing import Any
 import pytest
 
 from loopwatch.detectors.actions import BreakerTransition, CooldownEnded, CooldownStarted
+from loopwatch.detectors.breaker import party
 from loopwatch.detectors.decisions import Outcome
 from loopwatch.detectors.findings import Finding
 from loopwatch.proxy.app.settings import ConfigError, Settings, load_settings
+from loopwatch.proxy.dataplane.boundary import Connection
 from loopwatch.proxy.observe import logs
 from loopwatch.proxy.observe.eventlog import EventLogObserver
 from loopwatch.proxy.observe.logs import LineBudget, TokenBucket
@@ -135,6 +137,41 @@ def test_a_flood_writes_the_budget_and_counts_every_line_left_out() -> None:
     # The line that said what was left out comes before the next of its name.
     last = max(i for i, line in enumerate(lines) if line["event"] == "finding_raised")
     assert lines[last - 1]["event"] == "log_lines_suppressed" and lines[last - 1]["line"] == "finding_raised"
+
+
+def attempt_of(key: str, peer: str) -> Connection:
+    return Connection(key=key, route="/ws", peer=peer, t0=0.0)
+
+
+def test_one_address_flooding_leaves_half_the_budget_to_everybody_else() -> None:
+    """The new-features probe (2026-12-06): one address minting identities used
+    up each name's budget, and every other client's lines went unwritten with
+    the flood's. Its lines now come from a share of half the budget; another
+    address's lines are written meanwhile, and every line is counted."""
+    observer = EventLogObserver(settings(2))  # bursts of 20; an address's share: 10, at 1 a second
+    with captured() as lines:
+        for i in range(1_000):
+            outcome = flood_outcome(i, 0.0)
+            observer.on_outcome(outcome, 0.0, attempt_of(outcome.raised[0].key, "10.0.0.1"))
+        for i in range(5):  # the same address's /64 is one party; another's is not
+            key = f"other-{i}@10.0.0.2"
+            finding = Finding(key, "auth_failure_loop", "critical", {}, 0.0)
+            observer.on_outcome(Outcome(raised=(finding,)), 0.0, attempt_of(key, "10.0.0.2"))
+    observer.client_lines.flush()
+    raised = named(lines, "finding_raised")
+    assert [x["client"] for x in raised if x["client"].startswith("other-")] == [f"other-{i}@10.0.0.2" for i in range(5)]
+    assert len([x for x in raised if x["client"].startswith("minted-")]) == 10
+    assert len(raised) + observer.client_lines.pending("finding_raised") + sum(suppressed(lines, "finding_raised")) == 1_005
+
+
+def test_an_ipv6_client_is_one_party_for_its_64_and_the_parties_held_are_bounded() -> None:
+    budget = LineBudget(log, per_second=1.0)  # a party's share: bursts of 5
+    admitted = [budget.admit("finding_raised", 0.0, party(f"2001:db8::{i:x}", "k")) for i in range(8)]
+    assert admitted == [True] * 5 + [False] * 3
+    assert budget.admit("finding_raised", 0.0, party("2001:db8:0:1::1", "k"))
+    for i in range(logs.MAX_PARTIES + 10):
+        budget.admit("enforcement", float(i), f"10.1.{i // 256}.{i % 256}")
+    assert len(budget._shares) <= logs.MAX_PARTIES
 
 
 def test_lines_not_about_clients_are_not_budgeted() -> None:

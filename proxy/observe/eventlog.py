@@ -20,6 +20,7 @@ import random
 from typing import TYPE_CHECKING, Any
 
 from ...detectors.actions import BreakerTransition, CloseConnection, CooldownEnded, CooldownStarted
+from ...detectors.breaker import party
 from ..dataplane.boundary import LogLimiter, handshake_outcome, handshake_status
 from .logs import LineBudget, event
 from .observers import Observer, trace_context
@@ -82,26 +83,30 @@ class EventLogObserver(Observer):
 
     # --- findings, enforcement, breakers -------------------------------------------
 
-    def _client_line(self, name: str, level: int, t: float) -> bool:
+    def _client_line(self, name: str, level: int, t: float, conn: Connection | None = None, key: str = "") -> bool:
         """Whether to write this client line: one the log level drops takes
-        nothing from the budget (and is no line left out)."""
-        return log.isEnabledFor(level) and self.client_lines.admit(name, t)
+        nothing from the budget (and is no line left out). A line about the
+        connection's own client takes from its address's share."""
+        if not log.isEnabledFor(level):
+            return False
+        who = party(conn.peer, key) if conn is not None and conn.key == key else None
+        return self.client_lines.admit(name, t, who)
 
     def on_outcome(self, outcome: Outcome, t: float, conn: Connection | None = None) -> None:
         # The budget is asked before a line's fields are made: under a flood,
         # what is left out costs no trace lookup.
         for f in outcome.raised:
-            if self._client_line("finding_raised", WARNING, t):
+            if self._client_line("finding_raised", WARNING, t, conn, f.key):
                 fields = self._fields(conn, f.key, rule=f.rule, severity=f.severity, evidence=dict(f.evidence))
                 event(log, "finding_raised", WARNING, **fields)
         for f in outcome.cleared:
-            if self._client_line("finding_cleared", INFO, t):
+            if self._client_line("finding_cleared", INFO, t, conn, f.key):
                 event(log, "finding_cleared", INFO, client=f.key, rule=f.rule, severity=f.severity)
         for a in outcome.actions:
             if isinstance(a, CooldownStarted):
                 # An operator's cooldown is the only record of their action,
                 # and as many as operators make: never left out.
-                if a.rule == MANUAL or self._client_line("enforcement", WARNING, t):
+                if a.rule == MANUAL or self._client_line("enforcement", WARNING, t, conn, a.key):
                     fields = self._fields(
                         conn, a.key, action="cooldown", rule=a.rule, retry_after=round(a.duration, 3),
                         repeat=a.repeat, enforced=a.enforced,
@@ -109,14 +114,14 @@ class EventLogObserver(Observer):
                     event(log, "enforcement", WARNING, **fields)
             elif isinstance(a, CooldownEnded):
                 if a.evicted:  # a cooldown lost, not run out: the operator should see it
-                    if self._client_line("enforcement", WARNING, t):
+                    if self._client_line("enforcement", WARNING, t, conn, a.key):
                         event(log, "enforcement", WARNING, client=a.key, action="cooldown_ended", evicted=True)
-                elif self._client_line("cooldown_ended", INFO, t):
+                elif self._client_line("cooldown_ended", INFO, t, conn, a.key):
                     # A budget of their own: a flood's ends (info) must not use up
                     # the warnings' (the new-features probe).
                     event(log, "enforcement", INFO, client=a.key, action="cooldown_ended")
             elif isinstance(a, CloseConnection):
-                if not self._client_line("enforcement", WARNING, t):
+                if not self._client_line("enforcement", WARNING, t, conn, a.key):
                     continue
                 target = self.view.connection(a.conn_id) if self.view is not None else None
                 fields = {"client": a.key, "action": "close_connection", "conn_id": a.conn_id,

@@ -21,6 +21,7 @@ import queue
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO
@@ -166,6 +167,13 @@ BURST_SECONDS = 10.0
 # At most one `log_lines_suppressed` line per name this often; a spell of lines
 # left out is reported at most this long after its first one.
 REPORT_INTERVAL = 5.0
+# What of a name's budget one party may use: one address's flood (minting
+# identities) leaves half to everybody else, and its share (100 lines at the
+# default 20 a second) still holds a looping office NAT's 50 tabs.
+PARTY_SHARE = 0.5
+# Parties whose shares are held: an address that comes back after this many
+# others starts with a full share again.
+MAX_PARTIES = 4096
 
 
 class TokenBucket:
@@ -218,17 +226,23 @@ class Suppressed:
 
 class LineBudget:
     """At most `per_second` lines a second per line name on average, bursts of
-    BURST_SECONDS' worth (None: no limit). The lines left out are counted per
+    BURST_SECONDS' worth (None: no limit), and of those at most a
+    PARTY_SHARE to one party (a client's address, which the caller names):
+    one address minting identities, or looping with many, leaves the rest of
+    the budget to everybody else (nginx's limit_req per address beside its
+    global zone). The lines left out are counted per
     name and reported in a `log_lines_suppressed` line (`line`, `count`,
     `per_second`) on `logger`: before the next line of that name the budget
     admits, and, on an event loop, REPORT_INTERVAL after the first one left out
     without waiting for that; never two for one name within REPORT_INTERVAL.
-    Bounded by the names its callers use."""
+    Bounded by the names its callers use and MAX_PARTIES parties (the least
+    recently seen forgotten: it starts afresh with a full share)."""
 
     def __init__(self, logger: logging.Logger, per_second: float | None = None):
         self.logger = logger
         self.per_second = per_second
         self._buckets: dict[str, TokenBucket] = {}
+        self._shares: OrderedDict[tuple[str, str], TokenBucket] = OrderedDict()
         self._suppressed: dict[str, Suppressed] = {}
 
     def configure(self, per_second: float | None) -> None:
@@ -236,19 +250,25 @@ class LineBudget:
         self.per_second = per_second
         if per_second is None:
             self._buckets.clear()
+            self._shares.clear()
             return
         for bucket in self._buckets.values():
             bucket.retune(per_second, burst_of(per_second))
+        share = per_second * PARTY_SHARE
+        for bucket in self._shares.values():
+            bucket.retune(share, burst_of(share))
 
-    def admit(self, name: str, now: float) -> bool:
-        """Whether to write this line of `name`; `now` in the caller's seconds."""
+    def admit(self, name: str, now: float, party: str | None = None) -> bool:
+        """Whether to write this line of `name`; `now` in the caller's seconds;
+        `party`: whose line it is (None: nobody's share, only the name's)."""
         if self.per_second is None:
             admitted = True
         else:
             bucket = self._buckets.get(name)
             if bucket is None:
                 bucket = self._buckets[name] = TokenBucket(self.per_second, burst_of(self.per_second))
-            admitted = bucket.take(now)
+            # The party's share first: a line over it takes nothing from the others'.
+            admitted = (party is None or self._share(name, party).take(now)) and bucket.take(now)
         spell = self._suppressed.get(name)
         if admitted:
             if spell is not None and spell.count:
@@ -266,6 +286,19 @@ class LineBudget:
             if loop is not None:
                 spell.timer = loop.call_later(REPORT_INTERVAL, self._report_due, name)
         return False
+
+    def _share(self, name: str, party: str) -> TokenBucket:
+        assert self.per_second is not None
+        shares = self._shares
+        bucket = shares.get((name, party))
+        if bucket is None:
+            if len(shares) >= MAX_PARTIES:
+                shares.popitem(last=False)
+            share = self.per_second * PARTY_SHARE
+            bucket = shares[(name, party)] = TokenBucket(share, burst_of(share))
+        else:
+            shares.move_to_end((name, party))
+        return bucket
 
     def pending(self, name: str) -> int:
         """Lines of `name` left out and not yet reported."""
