@@ -43,6 +43,7 @@ from enum import StrEnum
 
 from .actions import BreakerTransition
 from .settings import CircuitBreakerSettings
+from .units import escalated
 from .views import BreakerView
 from .window import SlidingCounter
 
@@ -183,7 +184,7 @@ class CircuitBreaker:
         self.transitions_total[to.value] += 1
         if to is OPEN:
             s = self.settings
-            self.open_wait = min(s.open_wait * 2 ** (self.trips - 1), s.open_wait_max)
+            self.open_wait = escalated(s.open_wait, 2.0, self.trips - 1, s.open_wait_max)
             self.open_until = t + self.open_wait
             self._window.clear()
         elif to is HALF_OPEN:

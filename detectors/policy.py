@@ -22,6 +22,7 @@ from .actions import CooldownStarted
 from .findings import SEVERITY_RANK
 from .settings import CooldownSettings, Mode, PolicySettings, RuleSettings
 from .state import ClientState
+from .units import escalated
 
 ROLLOUT_BUCKETS = 10_000
 _ENFORCE_RANK = {"warning": SEVERITY_RANK["warning"], "critical": SEVERITY_RANK["critical"], "never": 99}
@@ -56,16 +57,15 @@ def enforces(rule: RuleSettings, severity: str) -> bool:
     return SEVERITY_RANK[severity] >= _ENFORCE_RANK[rule.enforce_on]
 
 
-# Offences past this one escalate no further: factor^repeat overflows a float
-# long before repeat is large (and a repeat count from another replica came
-# off the network).
+# The repeat count kept for a client: offences past it escalate no further
+# (the cooldown is at its max long before), and a repeat count from another
+# replica came off the network.
 MAX_REPEAT = 65
 
 
 def cooldown_length(settings: CooldownSettings, repeat: int) -> float:
     """Nominal cooldown for the ``repeat``-th offence (1-based), before jitter."""
-    nominal = settings.base * settings.factor ** (min(repeat, MAX_REPEAT) - 1)
-    return min(nominal, settings.max)
+    return escalated(settings.base, settings.factor, min(repeat, MAX_REPEAT) - 1, settings.max)
 
 
 def jittered(settings: CooldownSettings, nominal: float, rng: random.Random) -> float:

@@ -7,6 +7,7 @@ message on a bad value.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any
 
@@ -37,21 +38,40 @@ def parse_duration(value: Any) -> float:
     """Seconds from "250ms", "10s", "5m", "1h", "1d", or a plain number of seconds
     (at most MAX_DURATION)."""
     if isinstance(value, bool):
-        raise ValueError(f'expected a duration such as "10s" or "500ms", got {value!r}')
+        raise ValueError(f'expected a duration such as "10s" or "500ms", got {_shown(value)}')
     seconds: float | None = None
     if isinstance(value, int | float):
         if not value >= 0:  # also NaN
-            raise ValueError(f"expected a non-negative duration, got {value!r}")
+            raise ValueError(f"expected a non-negative duration, got {_shown(value)}")
+        if value > MAX_DURATION:  # before float(): an int too large for one raises OverflowError
+            raise ValueError(f"expected at most 366d, got {_shown(value)}")
         seconds = float(value)
     elif isinstance(value, str):
         m = _DURATION_RE.match(value)
         if m:
             seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
     if seconds is None:
-        raise ValueError(f'expected a duration such as "10s" or "500ms", got {value!r}')
+        raise ValueError(f'expected a duration such as "10s" or "500ms", got {_shown(value)}')
     if seconds > MAX_DURATION:
-        raise ValueError(f"expected at most 366d, got {value!r}")
+        raise ValueError(f"expected at most 366d, got {_shown(value)}")
     return seconds
+
+
+def escalated(base: float, factor: float, steps: int, cap: float) -> float:
+    """``base × factor^steps``, at most ``cap``, for any number of steps: a
+    backend down for a weekend trips its breaker past a thousand times, and
+    2^1024 is no float (OverflowError, the breaker stuck half-open)."""
+    if steps <= 0 or factor <= 1.0 or base <= 0.0:
+        return min(base, cap)
+    if base >= cap or steps >= math.log(cap / base) / math.log(factor):
+        return cap
+    return min(base * factor**steps, cap)
+
+
+def _shown(value: Any) -> str:
+    """A value in an error message, cut to a readable length."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}…({len(text)} characters)"
 
 
 def format_duration(seconds: float) -> str:
@@ -71,20 +91,21 @@ def format_duration(seconds: float) -> str:
 def parse_size(value: Any) -> int:
     """Bytes from "16MiB", "64KiB", "1000", or a plain integer."""
     if isinstance(value, bool):
-        raise ValueError(f'expected a size such as "64KiB" or "16MiB", got {value!r}')
+        raise ValueError(f'expected a size such as "64KiB" or "16MiB", got {_shown(value)}')
     size: int | None = None
     if isinstance(value, int):
         if value < 0:
-            raise ValueError(f"expected a non-negative size, got {value!r}")
+            raise ValueError(f"expected a non-negative size, got {_shown(value)}")
         size = value
     elif isinstance(value, str):
         m = _SIZE_RE.match(value)
         if m:
-            size = int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]
+            # A digit string past Python's int limit (4 300) raises its own ValueError.
+            size = MAX_SIZE + 1 if len(m.group(1).lstrip("0")) > 20 else int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]
     if size is None:
-        raise ValueError(f'expected a size such as "64KiB" or "16MiB", got {value!r}')
+        raise ValueError(f'expected a size such as "64KiB" or "16MiB", got {_shown(value)}')
     if size > MAX_SIZE:
-        raise ValueError(f"expected at most 1024GiB, got {value!r}")
+        raise ValueError(f"expected at most 1024GiB, got {_shown(value)}")
     return size
 
 

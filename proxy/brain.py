@@ -12,6 +12,7 @@ without waiting; the engine judges each attempt after the fact (`judge`), and
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import OrderedDict
@@ -25,7 +26,7 @@ from ..detectors.decisions import EMPTY, Outcome, Reject, RejectReason
 from ..detectors.enforcement import NONE as NO_ENFORCEMENT
 from ..detectors.enforcement import BreakerEnforcement, KeyEnforcement
 from ..detectors.engine import Engine
-from .dataplane.boundary import Connection, Gate, PlaneTrace, Refusal, RelayStats
+from .dataplane.boundary import Connection, Gate, LogLimiter, PlaneTrace, Refusal, RelayStats
 from .observe.observers import Observers
 from .state.local import LocalState, StateStore
 
@@ -33,6 +34,10 @@ if TYPE_CHECKING:
     from ..detectors.policy import Policy
     from ..detectors.settings import PolicySettings
     from .app.settings import Settings
+
+log = logging.getLogger("loopwatch")
+# At most one traceback per kind of event this often when handling events fails.
+FAILURE_LOG_INTERVAL = 10.0
 
 REASON_TEXT = {
     "cooldown": "cooldown",
@@ -689,6 +694,10 @@ class NativeDriver:
         self.last_conn_id = 0
         self.split_refusals = 0  # a Rejected in the batch after its Attempt's
         self.batches = 0
+        # Events whose handling raised (a bug): each is left, the rest of its
+        # batch handled; one traceback per kind every FAILURE_LOG_INTERVAL.
+        self.failed_events = 0
+        self._failure_lines = LogLimiter(FAILURE_LOG_INTERVAL)
 
     def handle(self, batch: Sequence[Received]) -> None:
         gate = self.gate
@@ -699,93 +708,100 @@ class NativeDriver:
         for r in batch:
             e = r.event
             cid = r.conn_id
-            if cid > self.last_conn_id:
-                self.last_conn_id = cid
-            # The kinds in the order they come most often (a churn cycle: Attempt, Opened, Closed).
-            if isinstance(e, ev.Attempt):
-                conn = Connection(
-                    key=e.key, route=e.route, peer=e.addr, t0=e.t, conn_id=cid, plane_trace=r.trace,
-                )  # fmt: skip
-                refused = rejected.pop(cid, None)
-                # A refusal of an attempt the table admitted is shown once it is
-                # known to have reached the client (`Late`).
-                refusal = judge(conn, e, refused, show_refusal=refused is not None) if judge is not None else None
-                conn.plane_trace = None  # read at the attempt; not kept for the connection's life (as the head)
-                if refused is not None:
-                    self._remember_refused(cid, conn)
-                else:
-                    self.conns[cid] = conn
-                    if refusal is not None:
-                        self.late[cid] = Late(refusal, ev.Rejected(e.key, e.route, e.t, refusal.reason))
-            elif isinstance(e, ev.Opened):
-                known = self.conns.get(cid)
-                conn = known if known is not None else self._lost(cid, e, keep=True)
-                late = self.late.get(cid)
-                if late is not None:
-                    self.late_refusals += 1
-                    late.opened = e
-                    refusal = late.refusal
-                    code = refusal.close_code if refusal.close_code is not None else self.close_code
-                    self.plane.close(cid, code, refusal.message)
-                    continue
-                gate.opened(conn, e.t, e)
-            elif isinstance(e, ev.Closed):
-                known = self.conns.pop(cid, None)
-                conn = known if known is not None else self._lost(cid, e)
-                late = self.late.pop(cid, None)
-                if late is None:
-                    gate.closed(conn, e.t, e.code, e.reason, e.initiator, r.traffic or _NO_TRAFFIC, e)
-                elif isinstance(gate, EngineGate):  # refused by the engine: it saw no connection
-                    if e.initiator == "proxy":  # the refusal's close reached the client
-                        gate.show_rejected(conn, late.rejected)
-                    else:  # the backend's close (its 1008) came first: that is what the client got
+            try:
+                if cid > self.last_conn_id:
+                    self.last_conn_id = cid
+                # The kinds in the order they come most often (a churn cycle: Attempt, Opened, Closed).
+                if isinstance(e, ev.Attempt):
+                    conn = Connection(
+                        key=e.key, route=e.route, peer=e.addr, t0=e.t, conn_id=cid, plane_trace=r.trace,
+                    )  # fmt: skip
+                    refused = rejected.pop(cid, None)
+                    # A refusal of an attempt the table admitted is shown once it is
+                    # known to have reached the client (`Late`).
+                    refusal = judge(conn, e, refused, show_refusal=refused is not None) if judge is not None else None
+                    conn.plane_trace = None  # read at the attempt; not kept for the connection's life (as the head)
+                    if refused is not None:
+                        self._remember_refused(cid, conn)
+                    else:
+                        self.conns[cid] = conn
+                        if refusal is not None:
+                            self.late[cid] = Late(refusal, ev.Rejected(e.key, e.route, e.t, refusal.reason))
+                elif isinstance(e, ev.Opened):
+                    known = self.conns.get(cid)
+                    conn = known if known is not None else self._lost(cid, e, keep=True)
+                    late = self.late.get(cid)
+                    if late is not None:
+                        self.late_refusals += 1
+                        late.opened = e
+                        refusal = late.refusal
+                        code = refusal.close_code if refusal.close_code is not None else self.close_code
+                        self.plane.close(cid, code, refusal.message)
+                        continue
+                    gate.opened(conn, e.t, e)
+                elif isinstance(e, ev.Closed):
+                    known = self.conns.pop(cid, None)
+                    conn = known if known is not None else self._lost(cid, e)
+                    late = self.late.pop(cid, None)
+                    if late is None:
+                        gate.closed(conn, e.t, e.code, e.reason, e.initiator, r.traffic or _NO_TRAFFIC, e)
+                    elif isinstance(gate, EngineGate):  # refused by the engine: it saw no connection
+                        if e.initiator == "proxy":  # the refusal's close reached the client
+                            gate.show_rejected(conn, late.rejected)
+                        else:  # the backend's close (its 1008) came first: that is what the client got
+                            self.late_missed += 1
+                            opened = late.opened or ev.Opened(e.key, e.route, e.t - e.duration, cid)
+                            gate.show_unrefused(conn, opened, e, r.traffic or _NO_TRAFFIC)
+                elif isinstance(e, ev.Rejected):
+                    # Judged with its Attempt, which comes just before it in the same
+                    # batch, unless the drain took the two apart or the listener's
+                    # recheck refused it after its connect.
+                    if cid not in rejected:
+                        continue  # judged (and shown) with its Attempt
+                    admitted = self.conns.pop(cid, None)
+                    if admitted is None:
+                        # Its Attempt was lost (a full queue): counted all the same.
+                        if refused_only is not None:
+                            lost = Connection(key=e.key, route=e.route, peer="", t0=e.t, conn_id=cid)
+                            refused_only(lost, e.t, e.reason)  # type: ignore[arg-type]  # the table's reasons are RejectReason values
+                        continue
+                    late = self.late.pop(cid, None)
+                    if late is not None:
+                        # The recheck: the engine refused it, the table had admitted
+                        # it, and now refused it before its request reached the
+                        # upstream. It awaits its held answer as refused.
+                        self.late_refusals += 1
+                        self.rechecked += 1
+                        if isinstance(gate, EngineGate):
+                            gate.show_rejected(admitted, late.rejected)
+                    else:
+                        # The engine took it for admitted. Rare (the table's two
+                        # sends are adjacent; a recheck refuses only what was written
+                        # before the brain judged the attempt): counted, and the
+                        # attempt awaits its held answer as refused.
+                        self.split_refusals += 1
+                        if refused_only is not None:
+                            refused_only(admitted, e.t, e.reason)  # type: ignore[arg-type]  # as above
+                    self._remember_refused(cid, admitted)
+                elif isinstance(e, ev.Answered):
+                    held = self.refused.pop(cid, None)
+                    if held is not None:
+                        gate.held_answered(held, e.t, e)
+                elif isinstance(e, ev.HandshakeFailed):
+                    known = self.conns.pop(cid, None)
+                    conn = known if known is not None else self._lost(cid, e)
+                    late = self.late.pop(cid, None)
+                    if late is None:
+                        gate.handshake_failed(conn, e.t, e.status, e.error, e)
+                    elif isinstance(gate, EngineGate):  # the client got the handshake's answer, not the refusal
                         self.late_missed += 1
-                        opened = late.opened or ev.Opened(e.key, e.route, e.t - e.duration, cid)
-                        gate.show_unrefused(conn, opened, e, r.traffic or _NO_TRAFFIC)
-            elif isinstance(e, ev.Rejected):
-                # Judged with its Attempt, which comes just before it in the same
-                # batch, unless the drain took the two apart or the listener's
-                # recheck refused it after its connect.
-                if cid not in rejected:
-                    continue  # judged (and shown) with its Attempt
-                admitted = self.conns.pop(cid, None)
-                if admitted is None:
-                    # Its Attempt was lost (a full queue): counted all the same.
-                    if refused_only is not None:
-                        lost = Connection(key=e.key, route=e.route, peer="", t0=e.t, conn_id=cid)
-                        refused_only(lost, e.t, e.reason)  # type: ignore[arg-type]  # the table's reasons are RejectReason values
-                    continue
-                late = self.late.pop(cid, None)
-                if late is not None:
-                    # The recheck: the engine refused it, the table had admitted
-                    # it, and now refused it before its request reached the
-                    # upstream. It awaits its held answer as refused.
-                    self.late_refusals += 1
-                    self.rechecked += 1
-                    if isinstance(gate, EngineGate):
-                        gate.show_rejected(admitted, late.rejected)
-                else:
-                    # The engine took it for admitted. Rare (the table's two
-                    # sends are adjacent; a recheck refuses only what was written
-                    # before the brain judged the attempt): counted, and the
-                    # attempt awaits its held answer as refused.
-                    self.split_refusals += 1
-                    if refused_only is not None:
-                        refused_only(admitted, e.t, e.reason)  # type: ignore[arg-type]  # as above
-                self._remember_refused(cid, admitted)
-            elif isinstance(e, ev.Answered):
-                held = self.refused.pop(cid, None)
-                if held is not None:
-                    gate.held_answered(held, e.t, e)
-            elif isinstance(e, ev.HandshakeFailed):
-                known = self.conns.pop(cid, None)
-                conn = known if known is not None else self._lost(cid, e)
-                late = self.late.pop(cid, None)
-                if late is None:
-                    gate.handshake_failed(conn, e.t, e.status, e.error, e)
-                elif isinstance(gate, EngineGate):  # the client got the handshake's answer, not the refusal
-                    self.late_missed += 1
-                    gate.show_failed_handshake(conn, e)
+                        gate.show_failed_handshake(conn, e)
+            except Exception:  # a bug with one event must not take the batch's others with it
+                self.failed_events += 1
+                left_out = self._failure_lines.admit(type(e).__name__, time.monotonic())
+                if left_out is not None:
+                    log.exception("handling a %s event failed (%d more since the last such line)",
+                                  type(e).__name__, left_out)  # fmt: skip
         self.batches += 1
         if isinstance(gate, EngineGate) and gate.table is not None:
             gate.table.judged = self.last_conn_id

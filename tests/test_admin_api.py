@@ -132,6 +132,9 @@ async def test_clients_client_release_and_cooldown(tmp_path: Path) -> None:
             for body in (b"{duration", b'{"duration": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"):
                 async with s.post(f"/api/clients/{key}/cooldown", data=body) as r:
                     assert r.status == 400 and "expected a JSON body" in (await r.json())["error"]
+            # An integer too large for a float (the extremes probe: a 500 and a traceback).
+            async with s.post(f"/api/clients/{key}/cooldown", data=b'{"duration": 1' + b"0" * 400 + b"}") as r:
+                assert r.status == 400 and "expected at most 366d" in (await r.json())["error"]
 
             async with s.get("/api/clients?limit=many") as r:
                 assert r.status == 400

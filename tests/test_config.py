@@ -12,6 +12,7 @@ import pytest
 import yaml
 from pydantic import BaseModel, SecretStr
 
+from loopwatch.detectors.units import parse_duration, parse_size
 from loopwatch.proxy.app.cli import check_config_main
 from loopwatch.proxy.app.cli import main as cli_main
 from loopwatch.proxy.app.settings import (
@@ -674,6 +675,48 @@ def test_sizes_and_counts_beyond_reason_are_errors_not_tracebacks(tmp_path: Path
         "policy.max_held", "policy.max_held_per_key",
     ]  # fmt: skip
     assert errors[0] == "limits.max_message_size: expected at most 1024GiB, got '99999999999999999999GiB'"
+
+
+def test_integers_too_large_for_a_float_or_for_python_are_errors_not_tracebacks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The extremes probe: a duration of 400 digits raised OverflowError in
+    float(), one of 5 000 a ValueError in the YAML loader: check-config and
+    run printed a traceback (exit 1), a reload answered 500 and was neither
+    counted nor alerted on."""
+    big, huge = "9" * 99, "9" * 5000
+    path = write(tmp_path, f'upstream: "ws://a:1"\nlimits:\n  handshake_timeout: {huge}\n')
+    assert check_config_main(str(path)) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"{path}:3:22: invalid YAML: an integer of 5000 digits: no setting takes one that large"
+    )
+    env = {"LOOPWATCH_LIMITS__HANDSHAKE_TIMEOUT": big, "LOOPWATCH_LIMITS__MAX_MESSAGE_SIZE": huge}
+    errors = errors_of('upstream: "ws://a:1"\n', tmp_path, env=env)
+    assert sorted(errors) == [
+        f"limits.handshake_timeout: expected at most 366d, got {big[:20]}…(99 characters)"
+        " (from LOOPWATCH_LIMITS__HANDSHAKE_TIMEOUT)",
+        f"limits.max_message_size: expected at most 1024GiB, got '{huge[:19]}…(5002 characters)"
+        " (from LOOPWATCH_LIMITS__MAX_MESSAGE_SIZE)",
+    ]
+    with pytest.raises(ValueError, match="expected at most 366d"):
+        parse_duration(10**400)
+    with pytest.raises(ValueError, match="expected at most 1024GiB"):
+        parse_size(huge + "KiB")
+
+
+def test_a_timeout_under_a_nanosecond_is_the_least_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The extremes probe: the settings took 1e-10 s, and the data plane refused
+    it as zero, three times and without its section's name."""
+    path = write(tmp_path, 'upstream: "ws://a:1"\nlimits: {handshake_timeout: 0.0000000001}\n')
+    assert check_config_main(str(path)) == 0, capsys.readouterr().err
+
+
+def test_a_reload_watch_under_100ms_is_an_error(tmp_path: Path) -> None:
+    """The extremes probe: `reload_watch: 1ms` (meant as 1m) kept a sixth of a core stat-ing files."""
+    assert errors_of('upstream: "ws://a:1"\nreload_watch: 1ms\n', tmp_path) == [
+        "reload_watch: expected a value of at least 0.1, got '1ms'"
+    ]
+    assert load_settings(write(tmp_path, 'upstream: "ws://a:1"\nreload_watch: 100ms\n'), env={}).reload_watch == 0.1
 
 
 @pytest.mark.parametrize(

@@ -697,6 +697,43 @@ async def test_a_rejected_drained_apart_from_its_attempt_is_counted() -> None:
     gate.close()
 
 
+async def test_an_event_whose_handling_fails_leaves_the_rest_of_its_batch_handled(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The extremes probe: a bug with one event (a breaker's OverflowError)
+    dropped the rest of its batch, other clients' Opened and Closed with it (a
+    lost Closed counts a connection open for ever). Each event now fails
+    alone, with one traceback per kind of event every 10 s."""
+    from loopwatch.detectors import events as ev
+    from loopwatch.proxy.app.runtime import build_gate
+    from loopwatch.proxy.brain import NativeDriver
+    from loopwatch.proxy.dataplane.native import Received
+
+    gate = build_gate(load_settings(None, env={}, overrides=native()))
+    driver = NativeDriver(gate, None)  # type: ignore[arg-type]  # nothing is closed here
+    engine = gate.engine  # type: ignore[attr-defined]  # EngineGate
+    record = engine.record
+
+    def broken(event: ev.Event) -> object:
+        if isinstance(event, ev.Opened) and event.key == "bad":
+            raise OverflowError("int too large to convert to float")
+        return record(event)
+
+    engine.record = broken
+    batch = [Received(ev.Attempt(k, "/", 1.0, k), conn_id=i) for i, k in ((1, "bad"), (2, "good"))]
+    batch += [Received(ev.Opened(k, "/", 1.0, i), conn_id=i) for i, k in ((1, "bad"), (2, "good"))] * 2
+    with caplog.at_level(logging.ERROR, logger="loopwatch"):
+        driver.handle(batch)
+        assert len(engine.open_connections("good")) == 1  # its Opened came after the failed one
+        driver.handle([Received(ev.Closed("good", "/", 2.0, 2, 1000, "", "client", 1.0), conn_id=2)])
+    assert driver.failed_events == 2
+    assert [r.getMessage() for r in caplog.records] == ["handling a Opened event failed (0 more since the last such line)"]
+    assert caplog.records[0].exc_info is not None
+    assert engine.open_connections("bad") == ()  # its Opened failed
+    assert 2 not in driver.conns and engine.open_connections("good") == ()  # opened, then closed
+    gate.close()
+
+
 async def test_a_late_refusal_caught_by_the_recheck_is_a_late_refusal() -> None:
     """The engine refused an attempt the table admitted (late); the listener's
     recheck then refused it before the upstream (its Rejected): one late

@@ -113,7 +113,9 @@ class Settings(Section):
     dataplane_threads: DataplaneThreads = "auto"
     # Look at the config file and the files it names this often, and reload
     # when one changed (proxy/app/watch.py); None: on SIGHUP and the API only.
-    reload_watch: Annotated[Duration, Field(gt=0)] | None = None
+    # At least 100 ms: each look stats every watched file, and a look a microsecond
+    # (or `1ms`, meant as `1m`) kept most of a core busy (the extremes probe).
+    reload_watch: Annotated[Duration, Field(ge=0.1)] | None = None
 
     @field_validator("dataplane", mode="before")
     @classmethod
@@ -338,7 +340,7 @@ def ignored_service_links(env: Mapping[str, str]) -> list[str]:
 
 def _yaml_scalar(raw: str) -> Any:
     try:
-        return yaml.safe_load(raw)
+        return yaml.load(raw, Loader=_Loader)  # noqa: S506  - a SafeLoader, with the file's checks
     except yaml.YAMLError:
         return raw
 
@@ -393,6 +395,24 @@ class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[mi
                     )
                 seen[key_node.value] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        # Python refuses to read an integer of more than 4 300 digits with a
+        # ValueError no YAML error handler expects (a traceback, a reload
+        # answered 500 and not counted): no setting takes one of 100.
+        digits = sum(c.isdigit() for c in node.value)
+        if digits > MAX_INT_DIGITS:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"an integer of {digits} digits: no setting takes one that large", node.start_mark
+            )
+        value: int = super().construct_yaml_int(node)
+        return value
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+# The most digits an integer in a config file may have (MAX_SIZE, 1 TiB, has 13;
+# a mistake of a few more is told apart by its setting's own bound).
+MAX_INT_DIGITS = 99
 
 
 def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -170,6 +170,21 @@ def test_open_wait_doubles_on_repeated_trips_up_to_the_max() -> None:
     assert waits == [5.0, 10.0, 20.0, 20.0, 20.0]
 
 
+def test_a_backend_down_for_days_keeps_the_breaker_open_for_the_max_wait() -> None:
+    """The extremes probe: 2^1024 is no float, and trip 1 025 (17 hours of a
+    down backend at the defaults) raised OverflowError: the breaker stuck
+    half-open with its wait in the past, and its batch's other events lost."""
+    b = breaker()
+    trip(b, 0.0)
+    for _ in range(1_100):
+        t = to_half_open(b)
+        probe(b, t)
+        b.record(t + 0.1, success=False, probe=True)
+        assert b.state is OPEN
+    assert b.trips > 1_025
+    assert b.open_wait == 20.0 and b.open_until == t + 0.1 + 20.0
+
+
 def test_tripping_again_soon_after_closing_escalates_but_later_does_not() -> None:
     b = breaker()
     trip(b, 0.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -25,6 +26,7 @@ from loopwatch.detectors.settings import (
     RapidReconnectSettings,
 )
 from loopwatch.detectors.state import ClientState
+from loopwatch.detectors.units import escalated
 
 C = CooldownSettings()
 
@@ -34,6 +36,25 @@ C = CooldownSettings()
 )
 def test_cooldown_doubles_per_repeat_capped_at_max(repeat: int, expected: float) -> None:
     assert cooldown_length(C, repeat) == expected
+
+
+@pytest.mark.parametrize("factor", [1e300, 1e5, math.inf])
+def test_any_factor_reaches_the_max_and_never_overflows(factor: float) -> None:
+    """The extremes probe: `factor: 1e300` passed check-config, and a client's
+    third cooldown raised OverflowError in the engine (the client escaped)."""
+    settings = CooldownSettings(base="1s", factor=factor, max="1h")
+    assert [cooldown_length(settings, repeat) for repeat in (1, 2, 3, 65, 10**6)] == [1.0] + [3600.0] * 4
+
+
+@pytest.mark.parametrize(
+    ("base", "factor", "steps", "cap", "expected"),
+    [(5.0, 2.0, 0, 60.0, 5.0), (5.0, 2.0, 3, 60.0, 40.0), (5.0, 2.0, 4, 60.0, 60.0), (5.0, 2.0, 10**400, 60.0, 60.0),
+     (5.0, 1.0, 10**9, 60.0, 5.0), (90.0, 2.0, 0, 60.0, 60.0), (0.0, 2.0, 9, 60.0, 0.0)],
+)  # fmt: skip
+def test_escalated_is_base_times_factor_to_the_steps_within_the_cap(
+    base: float, factor: float, steps: int, cap: float, expected: float
+) -> None:
+    assert escalated(base, factor, steps, cap) == expected
 
 
 def test_jitter_spreads_cooldowns_within_bounds_and_never_above_max() -> None:

@@ -60,12 +60,14 @@ type RouteTuple = (Vec<u8>, String, String, u16, Vec<u8>, Vec<u8>, bool);
 
 fn positive(name: &str, seconds: f64) -> PyResult<Duration> {
     let d = duration(name, seconds)?;
-    if d.is_zero() {
+    if seconds <= 0.0 {
         return Err(PyValueError::new_err(format!(
             "{name}: expected more than 0 seconds, got {seconds}"
         )));
     }
-    Ok(d)
+    // Under a nanosecond is no Duration: the least one, as the settings
+    // (which take any positive number) meant (check-config passed it).
+    Ok(d.max(Duration::from_nanos(1)))
 }
 
 fn at_least_one(name: &str, value: usize) -> PyResult<usize> {
@@ -657,4 +659,19 @@ fn _dataplane(m: &Bound<'_, PyModule>) -> PyResult<()> {
         loopwatch_dataplane_core::events::REJECTION_LOG_INTERVAL.as_secs_f64(),
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_positive_duration_under_a_nanosecond_is_the_least_one() {
+        // The settings take any positive number; check-config passed 1e-10 s,
+        // and the data plane refused it as zero (the extremes probe).
+        assert_eq!(positive("t", 1e-10).unwrap(), Duration::from_nanos(1));
+        assert_eq!(positive("t", 2.5).unwrap(), Duration::from_millis(2500));
+        assert!(positive("t", 0.0).is_err());
+        assert!(positive("t", -1.0).is_err());
+    }
 }
