@@ -1,8 +1,8 @@
 """Allow and deny lists: exact client keys, or CIDRs matched against an address.
 
 A key is "sub@1.2.3.4" (identity bound to the address) or "1.2.3.4" (keyed by
-address); a CIDR entry matches the address part of the key, or the attempt's
-peer address. Parsing addresses costs a microsecond or two, so a list without
+address); a CIDR entry matches the address part of the key, written as identity
+writes addresses, or the attempt's peer address. Parsing addresses costs a microsecond or two, so a list without
 CIDRs never parses anything, and a list with CIDRs remembers its answer per
 address text (a bounded table: a looping client asks about the same address
 tens of times a second).
@@ -18,20 +18,22 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def address_of(key: str) -> str:
-    """The address part of a key: after the last "@", without IPv6 brackets."""
-    address = key.rpartition("@")[2]
-    if address.startswith("[") and address.endswith("]"):
-        address = address[1:-1]
-    return address
+    """The address part of a key: after the last "@" (the whole of an ``ip``
+    key). An address only in the one spelling identity writes (``_parse``)."""
+    return key.rpartition("@")[2]
 
 
 def _parse(text: str) -> Address | None:
+    """The address ``text`` is when identity wrote it: any other spelling
+    (``[10.9.9.9]``, ``2001:DB8::1``) is a value the client wrote itself, an
+    unbound key's, and put the client on an allow list (the injection probe)."""
     if not text:
         return None
     try:
-        return ipaddress.ip_address(text)
+        ip = ipaddress.ip_address(text)
     except ValueError:
         return None
+    return ip if str(ip) == text else None
 
 
 # Address texts whose CIDR answer is remembered; the table starts over when full,

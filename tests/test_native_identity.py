@@ -324,3 +324,34 @@ def test_identity_settings_the_native_plane_cannot_honour_are_refused(tmp_path: 
         Identity(sources=["ip"], verify=True, algorithms=["none"], secret=b"x" * 32)
     with pytest.raises(ValueError, match="no key matches"):
         Identity(sources=["ip"], verify=True, algorithms=["RS256"], secret=b"x" * 32)
+
+
+def test_the_admin_api_refuses_exactly_the_characters_identity_removes() -> None:
+    """The admin API's check of an operator's key (`manual_key_problem`) and
+    identity's cleaning name the same characters: every code point of planes
+    0, 1 and 14 inside a query value (unbound, so a value that lost one is
+    hashed). The injection probe found invisible ones identity kept
+    (U+034F, the variation selectors, the Hangul fillers): four rows that read
+    `alice`."""
+    from urllib.parse import quote
+
+    from loopwatch.proxy.admin.api import manual_key_problem
+
+    identity = Identity(**identity_spec(IdentitySettings.model_validate(
+        {"sources": ["query:user", "ip"], "bind_to_address": False}
+    )))  # fmt: skip
+    differ = []
+    for cp in [*range(0x20000), *range(0xE0000, 0xE1000)]:
+        c = chr(cp)
+        if 0xD800 <= cp <= 0xDFFF or c.isspace():
+            continue  # no UTF-8 for a surrogate; whitespace is trimmed, not removed, at the ends
+        value = f"a{c}b"
+        head = f"GET /ws?user={quote(value)} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        removed = identity.identify(head, "192.0.2.1", 0.0)[0] != value
+        refused = manual_key_problem(value, 256) is not None
+        if removed != refused:
+            differ.append(f"U+{cp:04X} identity removes it: {removed}, the admin API refuses it: {refused}")
+    assert differ == []
+    for invisible in ("\u034f", "\ufe0f", "\u3164", "\U000e0100"):
+        head = f"GET /ws?user={quote('alice' + invisible)} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        assert identity.identify(head, "192.0.2.1", 0.0)[0].startswith("sha256:")

@@ -346,11 +346,12 @@ def listen_host_of(admin: AdminSettings) -> str:
 
 # What identity removes from every value (docs/identity.md, "Cleaning and
 # bounding values"; is_unsafe in proxy/dataplane/core/src/identity.rs): C0, DEL
-# and C1 controls, zero-width and bidi format characters, and lone surrogates.
-# What identity removes from a key (proxy/dataplane/core/src/identity.rs, is_unsafe), and lone surrogates.
+# and C1 controls, the line and paragraph separators, Unicode's
+# Default_Ignorable_Code_Point set, and lone surrogates.
 _NEVER_IN_A_KEY = re.compile(
-    "[\x00-\x1f\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff"
-    "\ud800-\udfff\U000e0000-\U000e007f]"
+    "[\x00-\x1f\x7f-\x9f\xad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f"
+    "\u2028-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8\ud800-\udfff"
+    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff]"
 )
 
 
@@ -363,6 +364,8 @@ def manual_key_problem(key: str, max_key_length: int) -> str | None:
     no client ever: a long JWT `sub` pasted whole, a key with a newline in it."""
     if not key.strip():
         return "expected a client key such as alice@203.0.113.7, got an empty or blank one"
+    if key in (".", ".."):
+        return "identity keys a client whose value is . or .. by its hash (docs/identity.md); copy the key as `loopwatch clients` shows it"
     if _NEVER_IN_A_KEY.search(key):
         return (
             "a client key never holds control or invisible format characters (identity removes them: "

@@ -136,7 +136,7 @@ def test_rollout_grows_monotonically() -> None:
 
 @pytest.mark.parametrize(
     ("key", "address"),
-    [("sub@1.2.3.4", "1.2.3.4"), ("1.2.3.4", "1.2.3.4"), ("sub@[2001:db8::1]", "2001:db8::1"), ("a@b@::1", "::1")],
+    [("sub@1.2.3.4", "1.2.3.4"), ("1.2.3.4", "1.2.3.4"), ("sub@2001:db8::1", "2001:db8::1"), ("a@b@::1", "::1")],
 )
 def test_address_of_a_key(key: str, address: str) -> None:
     assert address_of(key) == address
@@ -152,7 +152,13 @@ def test_address_of_a_key(key: str, address: str) -> None:
         (["10.0.0.0/8"], "alice", "10.9.9.9", True),  # unbound key: the peer address decides
         (["10.0.0.0/8"], "alice", "192.168.1.1", False),
         (["10.0.0.0/8"], "alice@example.org", "", False),
-        (["2001:db8::/32"], "bob@[2001:db8::7]", "", True),
+        (["2001:db8::/32"], "bob@2001:db8::7", "", True),
+        # The injection probe: an unbound value is the client's own writing, not
+        # an address identity wrote (brackets, another spelling): its peer decides.
+        (["10.0.0.0/8"], "loop@[10.9.9.9]", "127.0.0.1", False),
+        (["10.0.0.0/8"], "[10.9.9.9]", "127.0.0.1", False),
+        (["2001:db8::/32"], "2001:DB8::7", "127.0.0.1", False),
+        (["2001:db8::/32"], "x@2001:db8:0::7", "127.0.0.1", False),
         ([], "anyone", "1.2.3.4", False),
     ],
 )

@@ -338,7 +338,7 @@ impl Identity {
             let Some(raw) = raw else {
                 continue;
             };
-            let Some((value, as_sent)) = self.clean(&raw) else {
+            let Some((value, hashed)) = self.clean(&raw) else {
                 continue;
             };
             let bind = if from_verified {
@@ -348,14 +348,14 @@ impl Identity {
             };
             let key = if bind {
                 [value.as_str(), "@", &address_text].concat()
-            } else if as_sent && !like_another_key(&value) {
-                value
-            } else {
+            } else if !hashed && like_another_key(&value) {
                 // Unbound, a value must not equal another client's key: a
                 // verified `sub` of "203.0.113.7" was that address's `ip` key
                 // (a user put everybody there in a cooldown), "x@203.0.113.7"
-                // a bound key, "alice\u{200b}" cleaned was "alice".
+                // a bound key.
                 hashed_bytes(&raw.sent())
+            } else {
+                value
             };
             return Ok(Client {
                 key,
@@ -406,11 +406,15 @@ impl Identity {
         self.trusted.iter().any(|net| net.contains(ip))
     }
 
-    /// `Identifier._clean`: unsafe characters out, whitespace trimmed, empty
-    /// is nothing, too long is hashed; and whether the value is as sent: no
-    /// character within it left out (surrounding whitespace, a tab or a line
-    /// separator included, is trimmed whatever it is: it changes nobody's
-    /// value).
+    /// Unsafe characters out, whitespace trimmed, empty is nothing; and
+    /// whether the value is the hash of what was sent (trimmed): when it is
+    /// too long, or lost a character within it to the cleaning ("alice\u{200b}"
+    /// cleaned was "alice", and a header's UTF-8 "王" and "瑋", their bytes
+    /// read as latin-1 and C1 bytes left out, were both "ç", bound or not: the
+    /// injection probe). Surrounding whitespace, a tab or a line separator
+    /// included, is trimmed whatever it is: it changes nobody's value. The
+    /// hash is what an operator computes from the name (`printf %s NAME |
+    /// sha256sum`, the admin API's hint).
     fn clean(&self, raw: &Raw) -> Option<(String, bool)> {
         let whole = |t: &str| !py_strip(t).chars().any(is_unsafe);
         let (text, as_sent): (String, bool) = match raw {
@@ -428,10 +432,10 @@ impl Identity {
         if value.is_empty() {
             return None;
         }
-        if value.chars().count() > self.max_key_length {
-            return Some((hashed(value), as_sent));
+        if !as_sent || value.chars().count() > self.max_key_length {
+            return Some((hashed_bytes(&raw.sent()), true));
         }
-        Some((value.to_owned(), as_sent))
+        Some((value.to_owned(), false))
     }
 
     /// The JWT's claims, and whether its signature was verified; `costly`
@@ -613,10 +617,14 @@ impl Raw {
 
 /// Whether an unbound value could be another client's key: an address as an
 /// `ip` key writes it, `value@address` (a bound key), or `sha256:…` (a
-/// hashed one). `1.2.3.4:80`, `[::1]` or `user@[192.0.2.1]` are nobody's.
+/// hashed one); or is no key the admin API's paths can carry (`.`, `..`).
+/// `1.2.3.4:80`, `[::1]` or `user@[192.0.2.1]` are nobody's.
 fn like_another_key(value: &str) -> bool {
     let address_key = |text: &str| parse_address(text).is_some_and(|a| a.to_string() == text);
-    value.starts_with("sha256:")
+    // "." and "..": as a path segment (/api/clients/{key}) a browser resolves
+    // them, even escaped, and the status page could not act on such a client.
+    matches!(value, "." | "..")
+        || value.starts_with("sha256:")
         || address_key(value)
         || value
             .rsplit_once('@')
@@ -624,6 +632,7 @@ fn like_another_key(value: &str) -> bool {
 }
 
 /// `sha256:` and the first 32 hex digits of the value's SHA-256.
+#[cfg(test)]
 fn hashed(value: &str) -> String {
     hashed_bytes(value.as_bytes())
 }
@@ -674,17 +683,30 @@ fn cookie_header(head: &RequestHead<'_>) -> Option<String> {
 /// where these split a row or make one key look like another. Lone
 /// surrogates are never in a Rust string (`identity._UNSAFE_RE`).
 fn is_unsafe(c: char) -> bool {
+    // Controls, the line and paragraph separators, and Unicode's
+    // Default_Ignorable_Code_Point set (characters shown as nothing: format
+    // characters, variation selectors, the Hangul fillers, tags), whose
+    // "alice\u{34f}" and "alice\u{fe0f}" were rows that read "alice".
     matches!(c,
         '\u{00}'..='\u{1f}'
         | '\u{7f}'..='\u{9f}'
         | '\u{ad}'
+        | '\u{34f}'
         | '\u{61c}'
-        | '\u{180e}'
+        | '\u{115f}'..='\u{1160}'
+        | '\u{17b4}'..='\u{17b5}'
+        | '\u{180b}'..='\u{180f}'
         | '\u{200b}'..='\u{200f}'
         | '\u{2028}'..='\u{202e}'
-        | '\u{2060}'..='\u{2069}'
+        | '\u{2060}'..='\u{206f}'
+        | '\u{3164}'
+        | '\u{fe00}'..='\u{fe0f}'
         | '\u{feff}'
-        | '\u{e0000}'..='\u{e007f}')
+        | '\u{ffa0}'
+        | '\u{fff0}'..='\u{fff8}'
+        | '\u{1bca0}'..='\u{1bca3}'
+        | '\u{1d173}'..='\u{1d17a}'
+        | '\u{e0000}'..='\u{e0fff}')
 }
 
 /// Python's `str.isspace` (Unicode 14, as Python 3.11's).
@@ -1012,7 +1034,14 @@ Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSoc
         // An address (another client's `ip` key), `value@address` (a bound
         // key), `sha256:…` (a hashed key), or a value the cleaning changed:
         // the SHA-256 of the value as sent.
-        for value in ["203.0.113.7", "2001:db8::1", "x@203.0.113.7", "sha256:0123"] {
+        for value in [
+            "203.0.113.7",
+            "2001:db8::1",
+            "x@203.0.113.7",
+            "sha256:0123",
+            ".",
+            "..",
+        ] {
             assert_eq!(key(value), hashed(value), "{value}");
         }
         // A value the cleaning changed: the hash of its bytes as sent (here
@@ -1029,6 +1058,48 @@ Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSoc
         ] {
             assert_eq!(key(value), value);
         }
+    }
+
+    #[test]
+    fn a_bound_value_the_cleaning_changed_is_its_hash_at_the_address() {
+        // The default: a header bound to the address. Its bytes are read as
+        // latin-1, so a UTF-8 name loses its C1 bytes: "王" (E7 8E 8B), "瑋"
+        // (E7 91 8B) and "珍" (E7 8F 8D) were all "ç@address", one client
+        // (the injection probe).
+        let identity = Identity::new(&IdentitySpec {
+            sources: vec!["header:x-user".to_owned(), "ip".to_owned()],
+            ..IdentitySpec::by_address()
+        })
+        .expect("valid settings");
+        let key = |value: &str| {
+            let request = format!(
+                "GET /ws HTTP/1.1\r\nHost: x\r\nX-User: {value}\r\nUpgrade: websocket\r\n\
+Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            );
+            let crate::head::HeadStatus::Complete(head) =
+                crate::head::parse_head(request.as_bytes(), &crate::head::HeadLimits::default())
+            else {
+                panic!("a valid head");
+            };
+            identity
+                .identify(&head, "192.0.2.1".parse().unwrap(), 0.0)
+                .key
+        };
+        for name in [
+            "王",
+            "瑋",
+            "珍",
+            "\u{141}ukasz",
+            "alice\u{34f}",
+            "alice\u{fe0f}",
+        ] {
+            assert_eq!(key(name), format!("{}@192.0.2.1", hashed(name)), "{name}");
+        }
+        assert_eq!(key("M\u{fc}ller"), "M\u{c3}\u{bc}ller@192.0.2.1"); // no C1 byte: its latin-1 reading
+        assert_eq!(key("alice"), "alice@192.0.2.1");
+        // Too long: the hash of the bytes as sent, as the admin API's hint computes it.
+        let long = "\u{fc}".repeat(300);
+        assert_eq!(key(&long), format!("{}@192.0.2.1", hashed(&long)));
     }
 
     #[test]
@@ -1051,20 +1122,23 @@ Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSoc
             let raw = claim(text, Vec::new());
             assert_eq!(
                 identity.clean(&raw),
-                Some(("alice".to_owned(), true)),
+                Some(("alice".to_owned(), false)),
                 "{text:?}"
             );
             assert_eq!(&*raw.sent(), b"alice");
         }
-        // Inside, a character left out is a value not as sent.
+        // Inside, a character left out is a value not as sent: its hash.
         assert_eq!(
             identity.clean(&claim("ali\tce", Vec::new())),
-            Some(("alice".to_owned(), false))
+            Some((hashed("ali\tce"), true))
         );
         // A lone surrogate (left out) stops the trimming: its bytes as
         // `surrogatepass` writes them, the whitespace before it kept.
         let raw = claim(" al", vec![(0, 0xD800)]);
-        assert_eq!(identity.clean(&raw), Some(("al".to_owned(), false)));
+        assert_eq!(
+            identity.clean(&raw),
+            Some((hashed_bytes(b"\xed\xa0\x80 al"), true))
+        );
         assert_eq!(&*raw.sent(), b"\xed\xa0\x80 al");
         let raw = claim("al ", vec![(3, 0xDC00)]);
         assert_eq!(&*raw.sent(), b"al \xed\xb0\x80");

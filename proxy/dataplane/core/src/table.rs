@@ -287,7 +287,7 @@ impl AccessList {
         self.keys.is_empty() && self.networks.is_empty()
     }
 
-    /// The key itself, or a network containing the key's address part or the
+    /// The key itself, or a network containing the key's address or the
     /// peer address.
     pub fn matches(&self, key: &str, peer: Option<IpAddr>) -> bool {
         if self.keys.contains(key) {
@@ -297,17 +297,19 @@ impl AccessList {
             return false;
         }
         let inside = |ip: IpAddr| self.networks.iter().any(|n| n.contains(ip));
-        address_of(key).parse().is_ok_and(inside) || peer.is_some_and(inside)
+        address_of(key).is_some_and(inside) || peer.is_some_and(inside)
     }
 }
 
-/// The address part of a key: after the last "@", without IPv6 brackets.
-pub fn address_of(key: &str) -> &str {
-    let address = key.rsplit('@').next().unwrap_or(key);
-    address
-        .strip_prefix('[')
-        .and_then(|a| a.strip_suffix(']'))
-        .unwrap_or(address)
+/// The address of a key as identity writes one: an `ip` key, or the part of
+/// a bound key after its last "@", in the one spelling identity writes. No
+/// other text is an address: an unbound value such as `loop@[10.9.9.9]` or
+/// `2001:DB8::1` is the client's own writing, and matched an allow list's
+/// network (the injection probe).
+pub fn address_of(key: &str) -> Option<IpAddr> {
+    let text = key.rsplit('@').next().unwrap_or(key);
+    let ip: IpAddr = text.parse().ok()?;
+    (ip.to_string() == text).then_some(ip)
 }
 
 /// How long a refusal is held before it is answered, by its reason
@@ -879,7 +881,17 @@ mod tests {
             s.admission(R, "vip@10.1.2.3", None, now),
             Admission::AllowListed { probes: vec![] }
         );
-        assert_eq!(address_of("sub@[2001:db8::1]"), "2001:db8::1");
+        assert_eq!(address_of("sub@2001:db8::1"), "2001:db8::1".parse().ok());
+        assert_eq!(address_of("10.1.2.3"), "10.1.2.3".parse().ok());
+        // Nobody's address but the client's own writing: brackets, another spelling.
+        for forged in [
+            "sub@[10.1.2.3]",
+            "[10.1.2.3]",
+            "2001:DB8::1",
+            "x@2001:db8:0::1",
+        ] {
+            assert_eq!(address_of(forged), None, "{forged}");
+        }
     }
 
     #[test]
