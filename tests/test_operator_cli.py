@@ -160,6 +160,21 @@ async def test_clients_and_client_show_a_loop_as_a_table_and_as_json() -> None:
         assert unknown.err == "loopwatch client: no tracked client 'nobody@127.0.0.1'\n"
 
 
+def test_a_row_of_wide_characters_stays_one_line_when_piped() -> None:
+    """The injection probe: a key of 256 CJK characters (512 columns) wrapped
+    onto a second line at the fixed width of 400; admin-api.md promises one row
+    per line when piped."""
+    from loopwatch.proxy.admin.client import Output, _table
+
+    table = _table(("client", "l"), ("status", "l"))
+    table.add_row("王" * 256 + "@127.0.0.1", "cooldown")
+    table.add_row("alice@127.0.0.1", "ok")
+    out = io.StringIO()
+    Output(out, io.StringIO(), as_json=False).table(table)
+    rows = [line for line in out.getvalue().splitlines() if "@127.0.0.1" in line]
+    assert len(rows) == 2 and rows[0].strip().startswith("王" * 256) and rows[0].rstrip().endswith("cooldown")
+
+
 async def test_an_empty_table_says_so() -> None:
     async with live() as (_, lw):
         result = await op(lw, "clients")

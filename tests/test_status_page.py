@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -187,6 +188,14 @@ async def test_loop_shows_flagged_then_cooldown_and_release_from_the_page(tmp_pa
         await page.locator("#release").click()
         await expect(page.locator("#action-msg")).to_have_text(f"{LOOPER} released")
         assert page.errors == []  # type: ignore[attr-defined]
+
+        # A page opened now sees the events so far, each with its time (the
+        # injection probe: they came before the page's clock, and showed "–").
+        later = await open_page(browser, lw)
+        await expect(later.locator("#conn")).to_have_attribute("data-state", "live", timeout=5000)
+        earlier = later.locator("#recent tbody tr").filter(has_text="cooldown started")
+        await expect(earlier.first.locator("td.when")).to_have_text(re.compile(r"^\d\d:\d\d:\d\d$"))
+        assert later.errors == []  # type: ignore[attr-defined]
 
 
 async def test_with_a_token_the_page_shows_401_until_it_is_entered() -> None:

@@ -380,10 +380,15 @@ class Output:
         if self.out.isatty():
             console(file=self.out).print(table)
             return
-        # Not a terminal: plain lines, wide enough that a row stays one line for
-        # grep and awk, without the padding a screen needs.
+        # Not a terminal: plain lines, as wide as the widest row (a key of 256
+        # wide characters is 512 columns), so a row stays one line for grep
+        # and awk, without the padding a screen needs.
+        from rich.measure import Measurement
+
+        unbounded = console(file=io.StringIO(), width=1 << 20)
+        width = Measurement.get(unbounded, unbounded.options, table).maximum
         buffer = io.StringIO()
-        console(file=buffer, width=400).print(table)
+        console(file=buffer, width=max(width, 80)).print(table)
         lines = [line.rstrip() for line in buffer.getvalue().splitlines()]
         while lines and not lines[0]:
             lines.pop(0)

@@ -266,9 +266,11 @@
     el.forget.hidden = !token;
     setConn("live", "live");
     delete el.conn.dataset.retryIn;
+    // The summary first: it sets the clock the recent events' times are read on
+    // (added before it, every one showed "–").
+    onSummary(d);
     el.recent.replaceChildren();
     for (const e of d.recent || []) addRecent(e);
-    onSummary(d);
   }
 
   function onSummary(d) {
