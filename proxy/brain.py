@@ -27,7 +27,7 @@ from ..detectors.enforcement import NONE as NO_ENFORCEMENT
 from ..detectors.enforcement import BreakerEnforcement, KeyEnforcement
 from ..detectors.engine import Engine
 from .dataplane.boundary import Connection, Gate, LogLimiter, PlaneTrace, Refusal, RelayStats
-from .observe.observers import Observers
+from .observe.observers import Lever, Observers
 from .state.local import LocalState, StateStore
 
 if TYPE_CHECKING:
@@ -287,6 +287,7 @@ class EngineGate(Gate):
         others to the same upstream URL."""
         for route in routes:
             self._apply(self.engine.record_health(t, ok, route), t)
+            self.observers.call("on_lever", Lever("health", t, route=route, healthy=ok))  # the recorder: replay applies it
         if self.table is not None:
             self.table.flush(time.monotonic())
 

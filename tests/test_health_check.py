@@ -3,6 +3,7 @@ pays for a dead backend, closes it when the backend is back, and drives /readyz.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -23,11 +24,13 @@ async def readyz(lw: Running) -> int:
         return r.status
 
 
-async def test_health_check_opens_and_closes_the_breaker_and_drives_readyz() -> None:
+async def test_health_check_opens_and_closes_the_breaker_and_drives_readyz(tmp_path: Path) -> None:
     port = free_port()
+    recording = tmp_path / "events.jsonl"
     async with loopwatch(
         f"ws://127.0.0.1:{port}",
         **{
+            "record.path": str(recording),
             "health_check.enabled": True,
             "health_check.path": "/ws?probe=1",
             "health_check.interval": "0.1s",
@@ -54,6 +57,12 @@ async def test_health_check_opens_and_closes_the_breaker_and_drives_readyz() -> 
             assert backend.upgrades["?"] >= 1
         finally:
             await backend.stop()
+    # The results that moved the breaker are in the recording, for replay to
+    # apply (the tools probe: replay knew only that health checks ran).
+    lines = [json.loads(line) for line in recording.read_text().splitlines()]
+    results = [(x["route"], x["ok"]) for x in lines if x["type"] == "lever" and x["kind"] == "health"]
+    assert ("/", False) in results and ("/", True) in results
+    assert [x.get("health_results") for x in lines if x["type"] == "config"] == [True]
 
 
 async def test_health_check_off_by_default() -> None:

@@ -147,6 +147,8 @@ class Live:
             engine.release(fields["key"], t)
         elif kind == "breaker_reset":
             engine.reset_breaker(fields["breaker"], t, fields.get("route"))
+        elif kind == "health":
+            engine.record_health(t, fields["ok"], fields["route"])
         else:
             engine.adopt_cooldown(SharedCooldown(fields["key"], fields["remaining"], fields["rule"],
                                                  fields["repeat"], True, False), t)  # fmt: skip
@@ -349,6 +351,27 @@ def test_operators_and_other_replicas_levers_are_applied_where_the_live_engine_t
     out = text(report)
     assert "applied where the live engine took them (not traffic): " in out
     assert "nice@10.0.0.2" in out and "30s by an operator" in out
+
+
+def test_health_check_results_are_applied_where_the_live_engine_took_them(tmp_path: Path) -> None:
+    """The tools probe: health check results fed the live upstream breaker and
+    were not recorded, so replay admitted what the open breaker refused."""
+    live = Live(settings())
+    live.start(0.0)
+    for i in range(20):  # breakers.upstream.min_calls, all failed
+        live.lever("health", 1.0 + i, route=ROUTE, ok=False)
+    live.attempt("nice@10.0.0.2", 21.5, code=1000, lives=1.0)
+    assert live.judged == ["circuit_open"]
+    live.lines[1]["health_check"] = live.lines[1]["health_results"] = True
+
+    report = replay([str(live.write(tmp_path / "e.jsonl"))], live.config, keep_decisions=True)
+    assert_as_live(report, live)
+    assert report.levers == {"health check failed": 20}
+    assert "health_check" not in report.unrecorded
+    # A recording from before the results were recorded says they are missing.
+    del live.lines[1]["health_results"]
+    old = replay([str(live.write(tmp_path / "old.jsonl"))], live.config)
+    assert "health_check" in old.unrecorded
 
 
 def test_a_refusal_of_the_table_a_batch_ahead_of_the_engine_is_an_input_as_live(tmp_path: Path) -> None:

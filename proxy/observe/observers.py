@@ -27,17 +27,19 @@ log = logging.getLogger("loopwatch.observers")
 @dataclass(frozen=True, slots=True)
 class Lever:
     """A change made to the engine at `t` (its clock) that is no traffic: an
-    operator's cooldown, release or breaker reset (the admin port), or another
-    replica's cooldown or release (state.backend: redis). Told to observers
-    right after the engine took it, so the recorder writes it where the engine
-    saw it and a replay applies it there (they decide later attempts)."""
+    operator's cooldown, release or breaker reset (the admin port), another
+    replica's cooldown or release (state.backend: redis), or a health check's
+    result for a route's upstream breaker. Told to observers right after the
+    engine took it, so the recorder writes it where the engine saw it and a
+    replay applies it there (they decide later attempts)."""
 
-    kind: Literal["cooldown", "release", "breaker_reset", "adopt"]
+    kind: Literal["cooldown", "release", "breaker_reset", "adopt", "health"]
     t: float
     key: str = ""  # cooldown, release, adopt
     duration: float = 0.0  # cooldown: the operator's seconds
     breaker: str = ""  # breaker_reset: upstream or auth
-    route: str | None = None  # breaker_reset: None for every route
+    route: str | None = None  # breaker_reset: None for every route; health: its route
+    healthy: bool = True  # health: the check's result
     origin: str = ""  # "": this replica's admin port; else the replica (or "redis") it came from
     cooldown: SharedCooldown | None = None  # adopt: as received
 

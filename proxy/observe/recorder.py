@@ -268,6 +268,8 @@ class Recorder(Observer):
             record["duration"] = lever.duration
         elif lever.kind == "breaker_reset":
             record["breaker"], record["route"] = lever.breaker, lever.route
+        elif lever.kind == "health":
+            record["route"], record["ok"] = lever.route, lever.healthy
         elif lever.kind == "adopt" and lever.cooldown is not None:
             c = lever.cooldown
             record.update(remaining=c.remaining, rule=c.rule, repeat=c.repeat, enforced=c.enforced, force=c.force)
@@ -297,7 +299,9 @@ class Recorder(Observer):
         self._line({
             "type": "config", "t": time.monotonic(), "reload": reload, "sections": digests, "changed": changed,
             # Inputs of the engine the recording does not hold: replay says so.
-            "shared": settings.state.backend, "health_check": settings.health_check.enabled,
+            # (Health check results are lever lines; older recordings had none:
+            # `health_results` tells them apart.)
+            "shared": settings.state.backend, "health_check": settings.health_check.enabled, "health_results": True,
         })  # fmt: skip
 
     # --- buffering -------------------------------------------------------------

@@ -106,6 +106,7 @@ class ConfigLine:
     changed: tuple[str, ...]
     shared: str | None  # state.backend
     health_check: bool
+    health_results: bool  # the results are lever lines (recordings since they are)
     file: str
     line: int
 
@@ -114,7 +115,7 @@ class ConfigLine:
 class LeverLine:
     """A change the engine took that is no traffic (observers.Lever, as recorded)."""
 
-    kind: Literal["cooldown", "release", "breaker_reset", "adopt"]
+    kind: Literal["cooldown", "release", "breaker_reset", "adopt", "health"]
     t: float
     key: str
     duration: float
@@ -124,6 +125,7 @@ class LeverLine:
     origin: str  # "admin": this replica's operator; a replica's id; "redis"
     file: str
     line: int
+    healthy: bool = True  # health: the check's result
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,11 +307,13 @@ def _config_line(data: Mapping[str, Any], path: str, number: int) -> ConfigLine:
     shared = data.get("shared")
     return ConfigLine(
         _seconds(data, "config", "t", required=False), reload, dict(sections), tuple(changed),
-        shared if isinstance(shared, str) else None, data.get("health_check") is True, path, number,
+        shared if isinstance(shared, str) else None, data.get("health_check") is True,
+        data.get("health_results") is True, path, number,
     )  # fmt: skip
 
 
-_LEVERS = ("cooldown", "release", "breaker_reset", "adopt")
+_LEVERS = ("cooldown", "release", "breaker_reset", "adopt", "health")
+_KEYLESS_LEVERS = ("breaker_reset", "health")
 
 
 def _lever_line(data: Mapping[str, Any], path: str, number: int) -> LeverLine:
@@ -319,7 +323,7 @@ def _lever_line(data: Mapping[str, Any], path: str, number: int) -> LeverLine:
     t = _seconds(data, "lever", "t")
     assert t is not None
     key = _text(data, "lever", "key", "")
-    if kind != "breaker_reset" and not key:
+    if kind not in _KEYLESS_LEVERS and not key:
         raise ValueError(f"lever.key: a {kind} without the client's key")
     duration = 0.0
     cooldown = None
@@ -339,10 +343,16 @@ def _lever_line(data: Mapping[str, Any], path: str, number: int) -> LeverLine:
     route = data.get("route")
     if route is not None and not isinstance(route, str):
         raise ValueError(f"lever.route: expected a route or null, got {route!r}")
+    if kind == "health" and route is None:
+        raise ValueError("lever.route: a health check result without its route")
+    healthy = data.get("ok", True)
+    if not isinstance(healthy, bool):
+        raise ValueError(f"lever.ok: expected true or false, got {healthy!r}")
     breaker = _text(data, "lever", "breaker", "")
     return LeverLine(
-        kind, t, key, duration, breaker, route, cooldown, _text(data, "lever", "origin", "admin"), path, number
-    )
+        kind, t, key, duration, breaker, route, cooldown, _text(data, "lever", "origin", "admin"), path, number,
+        healthy,
+    )  # fmt: skip
 
 
 def _is_int(value: object) -> TypeGuard[int]:

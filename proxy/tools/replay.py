@@ -260,7 +260,7 @@ class Replayer:
         report = self.report
         if line.shared == "redis":
             report.unrecorded.add("shared")
-        if line.health_check:
+        if line.health_check and not line.health_results:
             report.unrecorded.add("health_check")
         stretch = self._stretch
         if not line.reload:
@@ -292,6 +292,10 @@ class Replayer:
         elif lever.kind == "breaker_reset":
             engine.reset_breaker(lever.breaker, t, lever.route)
             what = "operator breaker reset"
+        elif lever.kind == "health":
+            assert lever.route is not None
+            engine.record_health(t, lever.healthy, lever.route)
+            what = "health check passed" if lever.healthy else "health check failed"
         else:
             assert lever.cooldown is not None
             engine.adopt_cooldown(lever.cooldown, t)
