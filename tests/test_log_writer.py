@@ -14,9 +14,10 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loopwatch.proxy.observe.logs import JsonFormatter, LogWriter, TextFormatter
@@ -99,7 +100,54 @@ def test_the_dropped_count_is_written_in_the_text_format_too() -> None:
                     logger.warning("after")  # the report comes before the next line
         report = next(x for x in received.decode().splitlines() if "log_lines_dropped" in x)
         assert not report.startswith("{")
-        assert report.split()[2:] == ["warning", "log_lines_dropped", f"count={dropped}"]
+        assert report.split()[2:] == ["warning", "log_lines_dropped", f"count={dropped}", "reason=queue_full"]
+
+
+def test_lines_a_full_disk_loses_are_counted_and_the_next_begins_on_a_line_of_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sinks probe: stderr to a file on a disk that filled up. The lines
+    that failed were counted as written (loopwatch_log_lines_dropped_total
+    stayed 0, 217 lines gone), and the first line after the disk had room
+    again was glued to the half-line the full disk had torn: one line no JSON
+    reader takes."""
+    real_write = os.write
+    state = {"full": False, "torn": False}
+
+    def write(fd: int, data: bytes) -> int:
+        if state["torn"]:  # the disk fills in the middle of this line
+            state["torn"], state["full"] = False, True
+            return real_write(fd, bytes(data[:10]))
+        if state["full"]:
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    with piped_logger("test.log_writer.full", 100, JsonFormatter()) as (logger, writer, read_end):
+        logger.warning("before")
+        wait(lambda: writer.written == writer.queued)
+        monkeypatch.setattr(os, "write", write)
+        state["torn"] = True
+        for i in range(5):
+            logger.warning("lost", extra={"fields": {"i": i}})
+        wait(lambda: writer.written == writer.queued)
+        state["full"] = False  # room again
+        logger.warning("after")
+        wait(lambda: writer.written == writer.queued)
+        monkeypatch.setattr(os, "write", real_write)
+        received = os.read(read_end, 1 << 20).decode()
+    assert writer.failed == 5 and writer.dropped == 0
+    whole = [json.loads(line) for line in received.splitlines()[:1] + received.splitlines()[2:]]
+    assert received.splitlines()[1].startswith('{"ts"')  # the torn half-line, alone on its line
+    assert [(x["event"], x.get("count"), x.get("reason")) for x in whole] == [
+        ("before", None, None), ("log_lines_dropped", 5, "write_error"), ("after", None, None),
+    ]  # fmt: skip
+
+
+def wait(done: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 5
+    while not done():
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
 
 
 ATTEMPTS = ("loopwatch_connection_attempts_total", ())  # summed over its labels by scrape()
@@ -142,7 +190,8 @@ async def test_a_stalled_log_reader_stops_nothing() -> None:
             assert asyncio.get_running_loop().time() < deadline, samples[ATTEMPTS]
             await asyncio.sleep(0.05)
         assert samples[ATTEMPTS] == 1_500
-        assert samples[("loopwatch_log_lines_dropped_total", ())] == 0  # 1 500 lines fit the queue
+        assert samples[("loopwatch_log_lines_dropped_total", (("reason", "queue_full"),))] == 0  # 1 500 fit the queue
+        assert samples[("loopwatch_log_lines_dropped_total", (("reason", "write_error"),))] == 0
         # The reader is back (asyncio also needs the pipe's end to see the exit).
         rest = asyncio.create_task(run.proc.stderr.read())  # type: ignore[union-attr]
     # Nothing was lost: every attempt's access line, and the lines of the stop.

@@ -8,6 +8,7 @@ import asyncio
 import io
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -702,6 +703,90 @@ async def test_a_file_moved_away_is_followed_by_a_new_one_at_a_reload(tmp_path: 
     await rec.aclose()
     assert conn_ids(moved) == [1]
     assert conn_ids(path) == [2, 3]
+
+
+class StalledDisk:
+    """The recorder's writes stall (NFS, a frozen volume) until `thaw`."""
+
+    def __init__(self, rec: Recorder) -> None:
+        self.real = rec.file.write
+        self.stalled, self.thawed = threading.Event(), threading.Event()
+        rec.file.write = self.write  # type: ignore[method-assign]
+
+    def write(self, lines: Any) -> int:
+        self.stalled.set()
+        self.thawed.wait(20)
+        return self.real(lines)
+
+
+async def test_a_sighup_during_a_stalled_write_reopens_without_waiting_even_if_the_reload_failed(
+    tmp_path: Path,
+) -> None:
+    """The sinks probe: logrotate's SIGHUP while the disk stalled froze the
+    brain until the disk came back (the reopen, on the event loop, waited for
+    the writing thread's lock: /metrics and detection stopped for 33 s); and a
+    reload refused (a config half-edited at 3 a.m.) did not reopen at all, so
+    the events went on into the rotated file."""
+    path = tmp_path / "events.jsonl"
+    rec = Recorder(RecordSettings(path=str(path)), flush_interval=0.01)
+    disk = StalledDisk(rec)
+    rec.on_closed(FakeConn(), closed_event(1), None)
+    assert await asyncio.to_thread(disk.stalled.wait, 5)
+    moved = tmp_path / "events.jsonl-20261207"
+    os.rename(path, moved)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    rec.on_config(None, {"reload": True, "result": "error"})  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    assert loop.time() - began < 0.5  # the loop was not held
+    rec.on_closed(FakeConn(), closed_event(2), None)
+    disk.thawed.set()
+    await rec.aclose()
+    assert conn_ids(moved) == [1]
+    assert conn_ids(path) == [2]
+
+
+async def test_a_gap_line_counts_every_event_an_outage_lost(tmp_path: Path) -> None:
+    """The sinks probe: the gap line said 6 events where the metric said 993.
+    Its count was reset as the line was queued, and the line was lost with
+    the next batch that failed; only the last batch's events were said."""
+    path = tmp_path / "events.jsonl"
+    rec = Recorder(RecordSettings(path=str(path)), flush_interval=0.01)
+    rec.on_closed(FakeConn(), closed_event(0), None)
+    await asyncio.sleep(0.1)  # the start line and one event written
+    real = rec.file._file
+    rec.file._file = FullDisk(real, room=0)  # type: ignore[assignment]
+    for batch in range(3):
+        for i in range(20):
+            rec.on_closed(FakeConn(), closed_event(100 * batch + i), None)
+        await asyncio.sleep(0.1)
+    rec.file._file = real
+    rec.on_closed(FakeConn(), closed_event(1000), None)
+    await rec.aclose()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [x["lost"] for x in lines if x["type"] == "gap"] == [60]
+    assert rec.lost == 60
+
+
+async def test_a_disk_that_never_answers_holds_the_stop_no_longer_than_the_close_timeout(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The sinks probe: SIGTERM during a stall waited for the disk (30 s and
+    more, past limits.shutdown_timeout): the stop is bounded, and says what it
+    left unwritten."""
+    path = tmp_path / "events.jsonl"
+    rec = Recorder(RecordSettings(path=str(path)), flush_interval=0.01)
+    disk = StalledDisk(rec)
+    rec.on_closed(FakeConn(), closed_event(1), None)
+    assert await asyncio.to_thread(disk.stalled.wait, 5)
+    rec.on_closed(FakeConn(), closed_event(2), None)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await rec.aclose(timeout=0.3)
+    assert loop.time() - began < 2
+    disk.thawed.set()
+    closing = [r for r in caplog.records if r.getMessage() == "record_close_timed_out"]
+    assert len(closing) == 1 and closing[0].fields["seconds"] == 0.3  # type: ignore[attr-defined]
 
 
 async def test_a_record_path_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:

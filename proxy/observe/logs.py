@@ -105,8 +105,11 @@ class LogWriter(logging.Handler):
             self.fd = None  # a stream without a descriptor (a test's capture): written as it is
         self.lines: queue.Queue[str] = queue.Queue(max_queued)
         self.queued = self.written = 0  # lines taken and lines written (or given up on)
-        self.dropped = 0
+        self.dropped = 0  # the queue was full (by emit, on the logging threads)
+        self.failed = 0  # their write failed (by the writing thread): a full disk
         self._reported = 0
+        self._failed_reported = 0
+        self._torn = False  # the last write stopped inside a line
         self._thread = threading.Thread(target=self._write_lines, name="loopwatch-log", daemon=True)
         self._thread.start()
 
@@ -128,28 +131,53 @@ class LogWriter(logging.Handler):
             line = self.lines.get()
             if self.dropped != self._reported:
                 missed, self._reported = self.dropped - self._reported, self.dropped
-                self._write(self._dropped_line(missed))
-            self._write(line)
+                self._report(missed, "queue_full")
+            if self.failed != self._failed_reported:
+                missed, self._failed_reported = self.failed - self._failed_reported, self.failed
+                self._report(missed, "write_error")
+            if not self._write(line):
+                self.failed += 1
             self.written += 1
 
-    def _dropped_line(self, missed: int) -> str:
-        """The `log_lines_dropped` line, in the format of every other line."""
+    def _report(self, missed: int, reason: str) -> None:
+        """A `log_lines_dropped` line, in the format of every other line; if it
+        cannot be written either, its lines stay owed."""
         record = logging.LogRecord("loopwatch", logging.WARNING, __file__, 0, "log_lines_dropped", None, None)
-        record.fields = {"count": missed}
+        record.fields = {"count": missed, "reason": reason}
         try:
-            return self.format(record) + "\n"
+            text = self.format(record) + "\n"
         except Exception:  # a formatter that fails: the count still said
-            return f"log_lines_dropped count={missed}\n"
+            text = f"log_lines_dropped count={missed} reason={reason}\n"
+        if not self._write(text):
+            if reason == "queue_full":
+                self._reported -= missed
+            else:
+                self._failed_reported -= missed
 
-    def _write(self, text: str) -> None:
-        with contextlib.suppress(OSError, ValueError):  # a closed stderr: nothing to tell
-            if self.fd is None:
+    def _write(self, text: str) -> bool:
+        """Whether the line was written. A stream that fails (a full disk) is
+        counted by the caller; after a line torn by it, the next begins on a
+        line of its own (glued to the torn one, both were lost to a reader of
+        JSON lines)."""
+        if self.fd is None:
+            try:
                 self.stream.write(text)
                 self.stream.flush()
-                return
-            data = text.encode("utf-8", "backslashreplace")
+            except (OSError, ValueError):  # ValueError: a closed stream
+                return False
+            return True
+        data = text.encode("utf-8", "backslashreplace")
+        if self._torn:
+            data = b"\n" + data
+        whole = len(data)
+        try:
             while data:
                 data = data[os.write(self.fd, data) :]
+        except OSError:
+            self._torn = self._torn or len(data) != whole
+            return False
+        self._torn = False
+        return True
 
     def flush(self, timeout: float = 1.0) -> None:
         """Wait a little for the queued lines to be written (at exit), not for a

@@ -55,12 +55,13 @@ import io
 import json
 import logging
 import os
+import queue
 import secrets
 import stat
 import threading
 import time
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ...detectors import events as ev
 from ...detectors.decisions import Reject
@@ -74,8 +75,12 @@ if TYPE_CHECKING:
 from .settings import RecordSettings
 
 log = logging.getLogger("loopwatch.recorder")
+T = TypeVar("T")
 
 FLUSH_INTERVAL = 0.5  # seconds between writes; a crash loses at most this much
+# At shutdown, how long the last batches may take to reach a disk: one that
+# stalls (NFS, a frozen volume) must not hold the stop past the drain.
+CLOSE_TIMEOUT = 5.0
 FLUSH_LINES = 5_000  # a burst this large is written without waiting for the interval
 MAX_PENDING = 200_000  # lines buffered while the disk is slow; beyond, events are dropped
 # The sections the engine decides by: a `config` line carries a digest of each.
@@ -210,6 +215,47 @@ class EventFile:
             self._file.close()
 
 
+class FileWorker:
+    """One daemon thread that runs the recorder's file calls in order. Not the
+    loop's default executor: its threads are joined at exit, and a write stuck
+    on a stalled disk held the process's exit for as long as the stall."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], Callable[[], Any]]] = (
+            queue.SimpleQueue()
+        )
+        self._thread: threading.Thread | None = None
+
+    def run(self, call: Callable[[], T]) -> asyncio.Future[T]:
+        """`call()` in the thread, after the calls before it; its result or error."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="loopwatch-recorder-file", daemon=True)
+            self._thread.start()
+        self._jobs.put((loop, done, call))
+        return done
+
+    def _work(self) -> None:
+        while True:
+            loop, done, call = self._jobs.get()
+            try:
+                result = call()
+            except Exception as e:
+                loop.call_soon_threadsafe(_settle, done, None, e)
+            else:
+                loop.call_soon_threadsafe(_settle, done, result, None)
+
+
+def _settle(done: asyncio.Future[Any], result: Any, error: Exception | None) -> None:
+    if done.cancelled():
+        return
+    if error is not None:
+        done.set_exception(error)
+    else:
+        done.set_result(result)
+
+
 class Recorder(Observer):
     """Appends every engine event to ``record.path`` as one JSON line."""
 
@@ -230,6 +276,11 @@ class Recorder(Observer):
         self._writing: asyncio.Task[None] | None = None  # the last batch handed to the writing thread
         self._closed = False
         self._unmarked = 0  # events lost since the last `gap` line (dropped or lost in a write)
+        self._pending_gaps: list[int] = []  # the counts of the `gap` lines in _pending
+        # A reload came (a SIGHUP: logrotate's postrotate): the writing thread
+        # looks whether the file was moved away before its next batch.
+        self._reopen_due = False
+        self._worker = FileWorker()
         self._digests: dict[str, str] | None = None  # of the configuration last written
         # Made once per process (build_gate, before the data plane starts): every
         # event after this line is this process's, judged by an engine that started
@@ -279,18 +330,24 @@ class Recorder(Observer):
 
     def on_config(self, settings: Settings, info: dict[str, object]) -> None:
         """At the start and at each reload that applied: a `config` line (what
-        the engine decides by from here). At a reload (SIGHUP), a file moved
-        away is followed by a new one at `record.path` first: logrotate's
-        `create` mode with `postrotate kill -HUP`."""
-        reload = reload_applied(info)
-        if self._closed or not (reload or (not info.get("reload") and info.get("result") == "ok")):
+        the engine decides by from here). At every reload (SIGHUP), applied or
+        not, a file moved away is followed by a new one at `record.path`:
+        logrotate's `create` mode with `postrotate kill -HUP`, which must get
+        its new file even when the configuration on disk is half-edited (nginx
+        reopens its logs whatever its configuration says). The writing thread
+        does it, before its next batch: done here, on the event loop, it waited
+        for a write stalled on the disk, and the brain froze with it."""
+        if self._closed:
             return
-        if reload:
-            try:
-                if self.file.reopen():
-                    log.info("record_reopened", extra={"fields": {"path": self.file.path}})
-            except OSError as e:
-                log.error("record_write_failed", extra={"fields": {"path": self.file.path, "error": str(e)}})
+        if info.get("reload"):
+            self._reopen_due = True
+            if self._task is None:
+                self._start()
+            elif self._wakeup is not None:
+                self._wakeup.set()
+        reload = reload_applied(info)
+        if not (reload or (not info.get("reload") and info.get("result") == "ok")):
+            return
         if settings is None:
             return  # a caller with nothing to describe (a test of the reopening alone)
         digests = section_digests(settings)
@@ -337,6 +394,7 @@ class Recorder(Observer):
             # this point may differ for want of them.
             lost, self._unmarked = self._unmarked, 0
             self._pending.append(_encode({"type": "gap", "lost": lost, "wall": round(time.time(), 6)}))
+            self._pending_gaps.append(lost)
         record["wall"] = round(time.time(), 6)
         self._pending.append(_encode(record))
 
@@ -356,24 +414,38 @@ class Recorder(Observer):
             await self._flush(loop)
 
     async def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        if not self._pending:
+        reopen, self._reopen_due = self._reopen_due, False
+        if not self._pending and not reopen:
             return
         batch, self._pending = self._pending, []
+        gaps, self._pending_gaps = self._pending_gaps, []
         # Shielded: shutdown cancels the writer, and a batch it was writing (in
         # its thread) must reach the file before the file is closed. Cancelled,
         # it went on in the thread, the final flush closed the file first, and
         # the thread found it closed: the batch lost, counted nowhere (the last
         # half-second of a process, seen in replay tests as 9 attempts missing).
-        self._writing = loop.create_task(self._write(loop, batch))
+        self._writing = loop.create_task(self._write(batch, gaps, reopen))
         await asyncio.shield(self._writing)
 
-    async def _write(self, loop: asyncio.AbstractEventLoop, batch: list[bytes]) -> None:
+    async def _write(self, batch: list[bytes], gaps: list[int], reopen: bool) -> None:
+        if reopen:
+            try:
+                if await self._worker.run(self.file.reopen):
+                    log.info("record_reopened", extra={"fields": {"path": self.file.path}})
+            except OSError as e:
+                log.error("record_write_failed", extra={"fields": {"path": self.file.path, "error": str(e)}})
+        if not batch:
+            return
         try:
-            await loop.run_in_executor(None, self.file.write, batch)
+            await self._worker.run(lambda: self.file.write(batch))
         except OSError as e:
             self.write_errors += 1
-            self.lost += len(batch)  # at most: lines before a rotation in it may have been written
-            self._unmarked += len(batch)
+            # At most: lines before a rotation in it may have been written. Its
+            # `gap` lines are lost too, and what they counted with them: owed
+            # to the next one (a full disk's gap line said 6 events of 993).
+            events = len(batch) - len(gaps)
+            self.lost += events
+            self._unmarked += events + sum(gaps)
             if not self.failing:  # once an outage: a full disk must not flood the log
                 self.failing = True
                 log.error("record_write_failed", extra={"fields": {"path": self.file.path, "error": str(e)}})
@@ -382,8 +454,11 @@ class Recorder(Observer):
             self.failing = False
             log.warning("record_write_resumed", extra={"fields": {"path": self.file.path, "lost": self.lost}})
 
-    async def aclose(self) -> None:
-        """Write what is buffered and close the file."""
+    async def aclose(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Write what is buffered and close the file, within `timeout`: a disk
+        that does not answer leaves the last batches unwritten (said in a
+        `record_close_timed_out` line), not the stop waiting (the sinks probe:
+        30 s and more, past limits.shutdown_timeout)."""
         if self._closed:
             return
         self._closed = True
@@ -391,10 +466,18 @@ class Recorder(Observer):
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        try:
+            await asyncio.wait_for(self._finish(), timeout)
+        except TimeoutError:
+            log.error("record_close_timed_out", extra={"fields": {
+                "path": self.file.path, "seconds": timeout, "unwritten": len(self._pending),
+            }})  # fmt: skip
+
+    async def _finish(self) -> None:
         if self._writing is not None:
-            await self._writing  # the batch the writer was writing when cancelled
+            await asyncio.shield(self._writing)  # the batch the writer was writing when cancelled
         await self._flush(asyncio.get_running_loop())
-        self.file.close()
+        await self._worker.run(self.file.close)
 
     def stats(self) -> dict[str, int]:
         return {

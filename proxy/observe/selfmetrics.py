@@ -131,19 +131,24 @@ class LoopLagMonitor(Collector):
 
 
 class LogLinesDropped(Collector):
-    """Log lines dropped because stderr's reader did not keep up (logs.LogWriter)."""
+    """Log lines lost (logs.LogWriter): stderr's reader did not keep up, or
+    writing to it failed (a full disk)."""
 
     def describe(self) -> Iterator[CounterMetricFamily]:
-        yield CounterMetricFamily("loopwatch_log_lines_dropped", LOG_DROPPED_HELP)
+        yield CounterMetricFamily("loopwatch_log_lines_dropped", LOG_DROPPED_HELP, labels=["reason"])
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         writer = log_writer()
-        yield CounterMetricFamily(
-            "loopwatch_log_lines_dropped", LOG_DROPPED_HELP, value=writer.dropped if writer is not None else 0
-        )
+        family = CounterMetricFamily("loopwatch_log_lines_dropped", LOG_DROPPED_HELP, labels=["reason"])
+        family.add_metric(["queue_full"], writer.dropped if writer is not None else 0)
+        family.add_metric(["write_error"], writer.failed if writer is not None else 0)
+        yield family
 
 
-LOG_DROPPED_HELP = "Log lines dropped because the reader of loopwatch's stderr did not keep up."
+LOG_DROPPED_HELP = (
+    "Log lines lost: the reader of loopwatch's stderr did not keep up (queue_full), "
+    "or writing to stderr failed (write_error: a full disk)."
+)
 
 
 class SelfMetrics:
