@@ -6,6 +6,7 @@ outlives loopwatch."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import marshal
@@ -269,6 +270,42 @@ def test_a_dead_child_is_replaced_and_the_lost_spans_counted(
     assert s.child is not None and s.child.pid != first.pid
     assert [e["context"][1] for e in exported(out)] == [r.span_id for r in records(2, 2)]
     assert s.dropped == 2
+
+
+def exporters_that_cannot_be_made() -> list[SpanExporter]:
+    raise ValueError("max_export_batch_size must be less than or equal to max_queue_size.")
+
+
+def test_a_child_that_dies_at_its_start_is_tried_less_and_less_often_and_says_why_in_json(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The sinks probe: an exporter the child could not make (the SDK refused
+    its batch settings) killed it at every start, once a second for ever: a
+    plain-text traceback each time in the JSON log, and a third of a core."""
+    monkeypatch.setattr(span_export, "RESPAWN_INTERVAL", 0.25)
+    starts: list[float] = []
+    spawn = ProcessSpanSink._spawn
+
+    def counted(self: ProcessSpanSink) -> None:
+        starts.append(time.monotonic())
+        spawn(self)
+
+    monkeypatch.setattr(ProcessSpanSink, "_spawn", counted)
+    s = ProcessSpanSink(env=dict(ON_PATH), exporter_factory="tests.test_span_export:exporters_that_cannot_be_made")
+    try:
+        deadline = time.monotonic() + 30
+        while len(starts) < 4:
+            assert time.monotonic() < deadline
+            s.submit(records(0, 1))
+            time.sleep(0.02)
+    finally:
+        s.shutdown()
+    # 0.25 s, then 0.5, then 1: each wait twice the one before (at least).
+    gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
+    assert all(gap >= 0.25 * 2**i for i, gap in enumerate(gaps)), gaps
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert lines and all(json.loads(line)["event"] in ("span_exporter_start_failed", "span_exporter_exited")
+                         for line in lines), lines[:3]  # fmt: skip
 
 
 def test_a_stalled_child_costs_spans_not_the_event_loop(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from loopwatch.proxy.observe.tracing import (
     TracingConfigError,
     exporters_from_env,
     make_tracing,
+    tracing_env_errors,
     tracing_from_env,
 )
 from loopwatch.proxy.tools.demo_backend import issue_token
@@ -708,3 +709,26 @@ async def test_a_sampler_of_ones_own_sees_and_adds_attributes() -> None:
     # parentbased_always_on would, and the sampler decides what is recorded
     # (docs/tracing.md, "The native data plane").
     assert flags == [1, 1]
+
+
+@pytest.mark.parametrize(
+    ("variables", "error"),
+    [
+        ({"OTEL_BSP_MAX_QUEUE_SIZE": "100"},
+         "OTEL_BSP_MAX_EXPORT_BATCH_SIZE: a batch (512) must fit the queue (OTEL_BSP_MAX_QUEUE_SIZE, 100); "
+         "set it to 100 or less"),
+        ({"OTEL_BSP_MAX_QUEUE_SIZE": "0"}, "OTEL_BSP_MAX_QUEUE_SIZE: expected a whole number from 1 to 1000000, got '0'"),
+        ({"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "lots"},
+         "OTEL_BSP_MAX_EXPORT_BATCH_SIZE: expected a whole number from 1 to 1000000, got 'lots'"),
+        ({"OTEL_BSP_SCHEDULE_DELAY": "-5"}, "OTEL_BSP_SCHEDULE_DELAY: expected a whole number from 1 to 3600000, got '-5'"),
+        ({"OTEL_BSP_MAX_QUEUE_SIZE": "100", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "100"}, None),
+    ],
+)  # fmt: skip
+def test_the_batch_processors_variables_are_refused_where_the_sdk_would_fail(
+    variables: dict[str, str], error: str | None
+) -> None:
+    """The sinks probe: OTEL_BSP_MAX_QUEUE_SIZE below the SDK's batch of 512
+    passed check-config, and the span exporter died at its first span, again
+    every second, every span lost and a third of a core spent."""
+    env = {"OTEL_TRACES_EXPORTER": "otlp", **variables}
+    assert tracing_env_errors(env) == ([] if error is None else [error])

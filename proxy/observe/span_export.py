@@ -36,9 +36,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from ... import __version__
+from ...detectors.units import escalated
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.resources import Resource
@@ -55,9 +57,19 @@ EXPORTERS = ("none", "console", "otlp")
 # spans, not batches: a batch is every span that ended in 50 ms, as many as the
 # traffic makes, and 256 batches held 800 MB at 3 400 connections a second.
 QUEUE_SPANS = 8192
-RESPAWN_INTERVAL = 1.0  # seconds between attempts to start a child that died
+RESPAWN_INTERVAL = 1.0  # seconds between attempts to start a child that died …
+RESPAWN_MAX = 60.0  # … doubled, up to this, while each dies within STABLE_CHILD of its start
+STABLE_CHILD = 10.0
 FLUSH = "flush"  # the one command frame: export what you hold, then answer on the ack pipe
+# The batch span processor's variables, their SDK defaults, and the most
+# loopwatch takes (a queue of spans is memory: ~1 KB a span).
 BSP_QUEUE_SIZE = 2048  # the SDK's default OTEL_BSP_MAX_QUEUE_SIZE
+BSP_VARIABLES = {
+    "OTEL_BSP_MAX_QUEUE_SIZE": (BSP_QUEUE_SIZE, 1_000_000),
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": (512, 1_000_000),
+    "OTEL_BSP_SCHEDULE_DELAY": (5_000, 3_600_000),  # milliseconds
+    "OTEL_BSP_EXPORT_TIMEOUT": (30_000, 3_600_000),  # milliseconds
+}
 # The child's reports on its ack pipe, each a kind and a number: the answer to a
 # FLUSH (1: all exported), the spans it lost so far (its SDK's side), and those
 # whose fate it knows (lost or delivered): the rest die with it if it dies.
@@ -195,6 +207,7 @@ def exporter_names(env: Mapping[str, str]) -> list[str]:
         )
     if "none" in names:
         return []
+    batch_settings(env)  # refused here, with the exporter, as the rest
     if "otlp" in names:
         for var in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
             protocol = env.get(var)
@@ -205,6 +218,45 @@ def exporter_names(env: Mapping[str, str]) -> list[str]:
                     )
                 break
     return [n for n in EXPORTERS if n in names]
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """The batch span processor's settings (OTEL_BSP_*), checked."""
+
+    max_queue_size: int
+    max_export_batch_size: int
+    schedule_delay_millis: int
+    export_timeout_millis: int
+
+
+def batch_settings(env: Mapping[str, str]) -> BatchSettings:
+    """OTEL_BSP_* as the SDK reads them, refused where it would fail or ignore
+    them: a queue smaller than the batch (the SDK's default batch is 512) made
+    the span exporter die at its first span, again every second, every span
+    lost and a third of a core spent (the sinks probe), and check-config
+    passed it. A value that is no whole number the SDK ignores with a
+    traceback."""
+    values = {}
+    for var, (default, most) in BSP_VARIABLES.items():
+        raw = env.get(var)
+        if raw is None or not raw.strip():
+            values[var] = default
+            continue
+        try:
+            value = int(raw)
+        except ValueError:
+            raise TracingConfigError(f"{var}: expected a whole number from 1 to {most}, got {raw!r}") from None
+        if not 1 <= value <= most:
+            raise TracingConfigError(f"{var}: expected a whole number from 1 to {most}, got {raw!r}")
+        values[var] = value
+    queue, batch = values["OTEL_BSP_MAX_QUEUE_SIZE"], values["OTEL_BSP_MAX_EXPORT_BATCH_SIZE"]
+    if batch > queue:
+        raise TracingConfigError(
+            f"OTEL_BSP_MAX_EXPORT_BATCH_SIZE: a batch ({batch}) must fit the queue (OTEL_BSP_MAX_QUEUE_SIZE, "
+            f"{queue}); set it to {queue} or less"
+        )
+    return BatchSettings(queue, batch, values["OTEL_BSP_SCHEDULE_DELAY"], values["OTEL_BSP_EXPORT_TIMEOUT"])
 
 
 def exporters_from_env(env: Mapping[str, str]) -> list[SpanExporter]:
@@ -336,11 +388,19 @@ class SpanSink(SdkParts):
 
         self.convert = convert
         self.counted = [Counted(e) for e in exporters]
+        settings = batch_settings(os.environ)
         self.processors: list[SpanProcessor] = [
-            BatchSpanProcessor(cast("SpanExporter", c)) if batch else SimpleSpanProcessor(cast("SpanExporter", c))
+            BatchSpanProcessor(
+                cast("SpanExporter", c), max_queue_size=settings.max_queue_size,
+                schedule_delay_millis=settings.schedule_delay_millis,
+                max_export_batch_size=settings.max_export_batch_size,
+                export_timeout_millis=settings.export_timeout_millis,
+            )  # fmt: skip
+            if batch
+            else SimpleSpanProcessor(cast("SpanExporter", c))
             for c in self.counted
         ]
-        self.room = bsp_queue_size(os.environ) if batch else None
+        self.room = settings.max_queue_size if batch else None
 
     @property
     def dropped(self) -> int:
@@ -370,15 +430,6 @@ class SpanSink(SdkParts):
     def shutdown(self) -> None:
         for processor in self.processors:
             processor.shutdown()
-
-
-def bsp_queue_size(env: Mapping[str, str]) -> int:
-    """The batch span processor's queue, as the SDK reads OTEL_BSP_MAX_QUEUE_SIZE."""
-    try:
-        size = int(env.get("OTEL_BSP_MAX_QUEUE_SIZE", BSP_QUEUE_SIZE))
-    except ValueError:
-        return BSP_QUEUE_SIZE
-    return size if size > 0 else BSP_QUEUE_SIZE
 
 
 class Counted:
@@ -466,6 +517,7 @@ class ProcessSpanSink(SdkParts):
         self.child: subprocess.Popen[bytes] | None = None
         self._ack = -1  # read end of the child's answers to FLUSH
         self._spawned_at = -RESPAWN_INTERVAL
+        self._quick_deaths = 0  # children in a row that died within STABLE_CHILD of their start
         self._spawn()
         self._writer = threading.Thread(target=self._run, name="loopwatch-spans", daemon=True)
         self._writer.start()
@@ -528,15 +580,26 @@ class ProcessSpanSink(SdkParts):
     def _alive(self) -> bool:
         if self.child is not None and self.child.poll() is None:
             return True
+        now = time.monotonic()
         if self.child is not None:
+            # One that dies at its start (an exporter it cannot make) is tried
+            # less and less often: once a second for ever, it spent a third of
+            # a core and a log line each time (the sinks probe).
+            self._quick_deaths = 0 if now - self._spawned_at >= STABLE_CHILD else self._quick_deaths + 1
             log.error(
                 "span_exporter_exited",
-                extra={"fields": {"returncode": self.child.returncode, "spans_dropped_so_far": self.dropped}},
-            )
+                extra={"fields": {
+                    "returncode": self.child.returncode, "spans_dropped_so_far": self.dropped,
+                    "next_start_in": round(max(0.0, self._spawned_at + self._respawn_wait() - now), 3),
+                }},
+            )  # fmt: skip
             self._close_child()
-        if time.monotonic() - self._spawned_at >= RESPAWN_INTERVAL:
+        if now - self._spawned_at >= self._respawn_wait():
             self._spawn()
         return self.child is not None
+
+    def _respawn_wait(self) -> float:
+        return escalated(RESPAWN_INTERVAL, 2.0, self._quick_deaths - 1, RESPAWN_MAX)
 
     def _close_child(self) -> None:
         """Done with the child (it exited, or was stopped): what it reported last
@@ -701,12 +764,16 @@ def child_main(argv: list[str] | None = None) -> None:
 
     args = sys.argv[1:] if argv is None else argv
     ack = int(args[0])
-    if len(args) > 1:
-        module, _, name = args[1].partition(":")
-        exporters = getattr(importlib.import_module(module), name)()
-    else:
-        exporters = exporters_from_env(os.environ)
-    sink = SpanSink(exporters, readable_span)
+    try:
+        if len(args) > 1:
+            module, _, name = args[1].partition(":")
+            exporters = getattr(importlib.import_module(module), name)()
+        else:
+            exporters = exporters_from_env(os.environ)
+        sink = SpanSink(exporters, readable_span)
+    except Exception:  # one JSON line, not Python's traceback in plain text on the shared stderr
+        log.exception("span_exporter_start_failed")
+        raise SystemExit(3) from None
     source = sys.stdin.buffer
     done = threading.Event()
     reported = [0, 0]  # lost, settled: as last said
