@@ -803,6 +803,24 @@ async def test_a_record_path_that_is_a_fifo_is_refused_not_waited_on(tmp_path: P
         await asyncio.wait_for(start(settings), 5)
 
 
+def test_a_record_path_on_a_read_only_mount_is_said_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sinks probe: root was told "not writable by this user" of a file
+    system mounted read-only (os.access says the same of both)."""
+    from loopwatch.proxy.app.planes import settings_errors
+
+    path = tmp_path / "events.jsonl"
+    settings = settings_for("ws://127.0.0.1:9", **{"record.path": str(path)})
+    monkeypatch.setattr(os, "access", lambda *_args, **_kw: False)
+    assert f"record.path: {str(path)!r} is not writable by this user" in settings_errors(settings)
+    real = os.statvfs(tmp_path)
+
+    class ReadOnly:
+        f_flag = real.f_flag | os.ST_RDONLY
+
+    monkeypatch.setattr(os, "statvfs", lambda _path: ReadOnly())
+    assert f"record.path: {str(path)!r} is on a read-only file system" in settings_errors(settings)
+
+
 async def test_logrotate_copytruncate_leaves_no_hole_and_sizes_count_the_disk(tmp_path: Path) -> None:
     """After loopwatch's own rotation the new file was opened without append
     mode: a copytruncate then left the next write at the old offset, after a

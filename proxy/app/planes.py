@@ -265,6 +265,10 @@ def _record_errors(path: str | None) -> list[str]:
     if not folder.is_dir():
         return [f"record.path: no directory {str(folder)!r} to write {where.name!r} in"]
     if not os.access(folder, os.W_OK | os.X_OK) or (where.exists() and not os.access(where, os.W_OK)):
+        # os.access says EROFS as it says EACCES: root was told "not writable by
+        # this user" of a read-only mount (the sinks probe).
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return [f"record.path: {path!r} is on a read-only file system"]
         return [f"record.path: {path!r} is not writable by this user"]
     if where.exists():
         # Opened and sought to its end as the recorder does (no creation:
