@@ -543,6 +543,28 @@ async def test_a_response_naming_content_length_in_connection_keeps_its_length()
             writer.close()
 
 
+async def test_a_content_length_repeated_with_one_value_is_delivered_once() -> None:
+    """The upstream probe: a backend stack that repeats the header (some
+    middleware chains) got a 502 where nginx and HAProxy deliver; values that
+    differ stay a bad response."""
+    answers = {
+        "/same": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: 1\r\nContent-Length: 2\r\n\r\nok",
+        "/differ": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok!",
+    }
+    async with ScriptedBackend(lambda path: answers[path]) as up, front([("/", up.url)]) as lw:
+        reader, writer = await open_conn(lw.port)
+        try:
+            writer.write(b"GET /same HTTP/1.1\r\nHost: a\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.lower().count(b"\r\ncontent-length: 2") == 1 and b"X-A: 1" in head
+            assert await asyncio.wait_for(reader.readexactly(2), 10) == b"ok"
+            writer.write(b"GET /differ HTTP/1.1\r\nHost: a\r\n\r\n")
+            response = await asyncio.wait_for(read_response(reader), 10)
+            assert response.status == 502
+        finally:
+            writer.close()
+
+
 async def test_an_offer_to_upgrade_to_http2_is_declined_and_served() -> None:
     """`curl --http2 http://…` and Java's HttpClient offer `Upgrade: h2c` on
     ordinary requests: they were refused 400 as broken WebSocket upgrades (a

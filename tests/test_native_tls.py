@@ -710,6 +710,40 @@ async def test_plain_http_over_tls_on_both_legs_reuses_the_upstream_connection(l
     assert tls_rejections(stats) == {"tls_error": 0, "tls_timeout": 0, "not_tls": 0}
 
 
+async def test_a_body_framed_by_an_upstream_close_without_close_notify_is_whole(local_cert: Cert) -> None:
+    """The upstream probe: an https:// upstream answering with a body framed by
+    its close, and closing TCP without a TLS close_notify (as many servers do):
+    the client got the body and then an RST with no last chunk (curl exit 56),
+    counted as the upstream's cut. nginx, HAProxy and the relay take that end
+    as an end."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nall of it, until the close")
+        await writer.drain()
+        await asyncio.sleep(0.2)  # out of the TLS layer's buffers
+        writer.transport.abort()  # no close_notify
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_context(local_cert.cert, local_cert.key))
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with native(f"https://127.0.0.1:{port}", upstream_tls=UpstreamTLS(ca_file=local_cert.cert)) as running:
+            reader, writer = await asyncio.open_connection("127.0.0.1", running.listener.port)
+            try:
+                writer.write(b"GET /x HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n")
+                answer = await asyncio.wait_for(reader.read(), 10)  # to the end: a FIN, not an RST
+            finally:
+                writer.close()
+            stats = running.listener.stats()
+    finally:
+        server.close()
+        await server.wait_closed()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"chunked" in head.lower()
+    assert body.endswith(b"\r\n0\r\n\r\n") and b"all of it, until the close" in body
+    assert stats.rejected["upstream_cut"] == 0
+
+
 # --- settings ---------------------------------------------------------------------
 
 

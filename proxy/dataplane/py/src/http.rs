@@ -710,9 +710,16 @@ fn client_head(
     out.extend_from_slice(&head.reason);
     out.extend_from_slice(b"\r\n");
     let named = connection_named(head.headers.iter().map(|(n, v)| (&n[..], &v[..])));
+    let mut length_given = false;
     for (name, value) in &head.headers {
         if hop_by_hop(name, &named) {
             continue;
+        }
+        if name.eq_ignore_ascii_case(b"content-length") {
+            if length_given {
+                continue; // the same value repeated (framing checked it): once
+            }
+            length_given = true;
         }
         out.extend_from_slice(name);
         out.extend_from_slice(b": ");
@@ -891,6 +898,11 @@ where
         buf.reserve(BODY_BUFFER.saturating_sub(buf.len()).max(4096));
         match upstream.read_buf(&mut buf).await {
             Ok(0) => eof = true,
+            // A TLS upstream that closed its TCP connection without close_notify:
+            // an end, as for TCP (as the relay takes it, and nginx and HAProxy
+            // do). A body it ends early is still cut (its framing is not done);
+            // one framed by the close was cut with an RST (the upstream probe).
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => eof = true,
             Ok(_) => clock.progress(),
             Err(_) => return Err(ResponseError::Cut),
         }

@@ -170,16 +170,24 @@ impl Head {
                 "Content-Length together with Transfer-Encoding".into(),
             ));
         }
+        // The same value repeated is one length (RFC 9110, 8.6; nginx and
+        // HAProxy deliver it, and a middleware chain that repeats the header
+        // is no reason for a 502: the upstream probe); values that differ
+        // are a bad response. Requests stay strict (smuggling).
         let length = match lengths.as_slice() {
             [] => None,
-            [one] => Some(
+            [one, rest @ ..] if rest.iter().all(|other| other == one) => Some(
                 std::str::from_utf8(one)
                     .ok()
                     .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
                     .and_then(|s| s.parse::<u64>().ok())
                     .ok_or_else(|| BadResponse::Invalid("invalid Content-Length".into()))?,
             ),
-            _ => return Err(BadResponse::Invalid("duplicate Content-Length".into())),
+            _ => {
+                return Err(BadResponse::Invalid(
+                    "Content-Length values that differ".into(),
+                ))
+            }
         };
         // Chunked alone: loopwatch takes the chunks off, and the header is
         // hop-by-hop, so any other coding (gzip, chunked) would go on unnamed,
@@ -389,6 +397,18 @@ impl ResponseReader {
                         ));
                     }
                     if let Some(expected) = &self.accept {
+                        let accepts = head
+                            .headers
+                            .iter()
+                            .filter(|(n, _)| n.eq_ignore_ascii_case(b"sec-websocket-accept"))
+                            .count();
+                        if accepts > 1 {
+                            // Joined, a right value repeated read as a wrong one: said
+                            // as it is (browsers fail such a handshake too).
+                            return Err(BadResponse::Invalid(
+                                "a 101 with Sec-WebSocket-Accept repeated".into(),
+                            ));
+                        }
                         let answered = head.header(b"sec-websocket-accept");
                         if answered.as_deref().map(trim) != Some(&expected[..]) {
                             return Err(BadResponse::Invalid(
@@ -785,10 +805,34 @@ mod tests {
                 ok.replace("Connection: Upgrade", "Connection: close"),
                 "without Connection: upgrade",
             ),
+            (
+                ok.replace(
+                    &format!("Sec-WebSocket-Accept: {accept}\r\n"),
+                    &format!(
+                        "Sec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Accept: {accept}\r\n"
+                    ),
+                ),
+                "Sec-WebSocket-Accept repeated",
+            ),
         ] {
             let err = reader().feed(bad.as_bytes()).unwrap_err().to_string();
             assert!(err.ends_with(why), "{err}");
         }
+    }
+
+    #[test]
+    fn a_content_length_repeated_is_one_and_lengths_that_differ_are_a_bad_response() {
+        // The upstream probe: the same value twice was a 502, where nginx and
+        // HAProxy deliver it (RFC 9110, 8.6 lets a recipient take it as one).
+        let repeated = b"HTTP/1.1 503 Busy\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nno";
+        let r = refused(ResponseReader::new(1024, 100).feed(repeated));
+        assert!(text(&r).ends_with("\r\n\r\nno"));
+        let differ = b"HTTP/1.1 503 Busy\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nno";
+        let err = ResponseReader::new(1024, 100).feed(differ).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid response from upstream: Content-Length values that differ"
+        );
     }
 
     #[test]
