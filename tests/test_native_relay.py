@@ -204,6 +204,15 @@ PASS_BUDGET = 64 * 1024
 BAD_OPCODE = frame(0x3, b"?", mask=b"efgh")  # a reserved opcode
 
 
+async def protocol_errors(running: Native, expected: dict[str, int]) -> None:
+    """The listener's count of broken connections by side reaches `expected`
+    (it is taken as the relay ends, just after its Closed event)."""
+    deadline = asyncio.get_running_loop().time() + 5
+    while (counts := running.listener.stats().protocol_errors) != expected:
+        assert asyncio.get_running_loop().time() < deadline, counts
+        await asyncio.sleep(0.01)
+
+
 async def test_a_client_protocol_error_is_passed_on_for_the_backend_to_answer() -> None:
     async with raw_backend() as backend, native(backend.url) as running:
         raw = await RawClient.connect(running.port)
@@ -222,6 +231,9 @@ async def test_a_client_protocol_error_is_passed_on_for_the_backend_to_answer() 
         assert await raw.read_to_eof() == answer
         await raw.close()
         events = await running.events(closed_count(1))
+        # Counted for the side that broke it, whoever closed (the upstream probe:
+        # only the close code said, under the closing side).
+        await protocol_errors(running, {"client": 1, "upstream": 0})
     closed = of_type(events, ev.Closed)[0]
     assert (closed.code, closed.reason, closed.initiator) == (1002, "reserved opcode", "upstream")
     traffic = next(r.traffic for r in running.received if r.traffic is not None)
@@ -277,6 +289,7 @@ async def test_an_upstream_protocol_error_is_passed_on_for_the_client_to_answer(
         assert await raw.read_to_eof() == b""
         await raw.close()
         events = await running.events(closed_count(1))
+        await protocol_errors(running, {"client": 0, "upstream": 1})
     closed = of_type(events, ev.Closed)[0]
     assert (closed.code, closed.reason, closed.initiator) == (1002, "masked server frame", "client")
 

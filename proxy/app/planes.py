@@ -158,6 +158,8 @@ class DataPlane(Protocol):
 
     def signature_checks(self) -> SignatureChecks: ...
 
+    def protocol_errors(self) -> Mapping[str, int]: ...
+
     def http_requests(self) -> Sequence[RouteRequests]: ...
 
 
@@ -641,6 +643,11 @@ class NativePlane:
             return NO_SIGNATURE_CHECKS
         stats = self.listener.stats()
         return SignatureChecks(stats.signature_checks_waiting, stats.signature_checks_running)
+
+    def protocol_errors(self) -> Mapping[str, int]:
+        if self.listener is None:
+            return {}
+        return self.listener.stats().protocol_errors
 
     def http_requests(self) -> Sequence[RouteRequests]:
         return self.listener.requests() if self.listener is not None else ()

@@ -467,6 +467,9 @@ class ListenerView:
     def signature_checks(self) -> SignatureChecks:
         return self._plane.signature_checks()
 
+    def protocol_errors(self) -> Mapping[str, int]:
+        return self._plane.protocol_errors()
+
     def http_requests(self) -> Sequence[RouteRequests]:
         return self._plane.http_requests()
 

@@ -292,6 +292,11 @@ class LiveView(Protocol):
         """The JWT signature checks waiting for their turn and running now."""
         ...
 
+    def protocol_errors(self) -> Mapping[str, int]:
+        """Relayed connections a side broke the WebSocket protocol on, by side
+        (client, upstream), since the start."""
+        ...
+
     def http_requests(self) -> Sequence[RouteRequests]:
         """The plain requests each route forwarded since the start."""
         ...
@@ -300,6 +305,8 @@ class LiveView(Protocol):
 # late_refusal: the table admitted, the engine refused (closed once open);
 # early_refusal: the table refused, the engine would have admitted.
 ENFORCEMENT_LAG_KINDS = ("late_refusal", "early_refusal")
+# Who broke the WebSocket protocol on a relayed connection (LiveView.protocol_errors).
+PROTOCOL_ERROR_SIDES = ("client", "upstream")
 
 
 class HoldCounts(Protocol):

@@ -229,6 +229,7 @@ class ListenerStats:
     released: int  # holds answered early: the key was released, or the listener stopped
     rejected: dict[str, int]  # answered by loopwatch itself, by reason (docs/relay.md)
     refused: dict[str, int]  # refused by the enforcement table, by reason (docs/refusals.md)
+    protocol_errors: dict[str, int]  # relayed connections a side broke the WebSocket protocol on: client, upstream
     addresses: int  # client addresses counted against the per-address caps now
     events_dropped: int  # events lost to a full queue (EventQueue.dropped)
     signature_checks_waiting: int  # connections waiting for a turn to check a JWT's signature now
@@ -473,7 +474,7 @@ class NativeListener:
 
     def stats(self) -> ListenerStats:
         raw = self.raw.stats()
-        for name in ("rejected", "refused", "held_answered", "held_skipped"):
+        for name in ("rejected", "refused", "held_answered", "held_skipped", "protocol_errors"):
             raw[name] = dict(raw[name])
         return ListenerStats(**raw)
 

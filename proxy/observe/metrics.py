@@ -45,6 +45,7 @@ from ...detectors.settings import BreakerSettings, HoldReason
 from ..dataplane.boundary import (
     ENFORCEMENT_LAG_KINDS,
     NO_SIGNATURE_CHECKS,
+    PROTOCOL_ERROR_SIDES,
     REJECTED_REASONS,
     handshake_outcome,
 )
@@ -370,6 +371,9 @@ class StateCollector(Collector):
         for kind in ENFORCEMENT_LAG_KINDS:
             families["enforcement_lag"].add_metric([kind], lag.get(kind, 0))
         checks = self.view.signature_checks() if self.view is not None else NO_SIGNATURE_CHECKS
+        errors = self.view.protocol_errors() if self.view is not None else {}
+        for side in PROTOCOL_ERROR_SIDES:
+            families["protocol_errors"].add_metric([side], errors.get(side, 0))
         families["checks_waiting"].add_metric([], checks.waiting)
         families["checks_running"].add_metric([], checks.running)
         # The listener's own answers, before the engine: plain ints it keeps per reason.
@@ -550,6 +554,12 @@ class StateCollector(Collector):
                 "Attempts the native data plane's table and the engine judged differently, the table a batch "
                 "behind (late_refusal: closed once open) or ahead (early_refusal).",
                 labels=["kind"],
+            ),
+            "protocol_errors": c(
+                "loopwatch_protocol_errors",
+                "Relayed WebSockets a side broke the protocol on (a frame it sent passed on for the other side to "
+                "answer), by side: client or upstream.",
+                labels=["side"],
             ),
             "checks_waiting": g(
                 "loopwatch_jwt_signature_checks_waiting",

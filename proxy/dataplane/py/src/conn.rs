@@ -1445,9 +1445,12 @@ async fn forward<C: Transport + 'static>(
     // a task of its own, sized to the relay: this handshake task (its future
     // sized to the largest handshake state, 5 KiB) ends here. The connection
     // stays counted (`guard`, its address's share) until the splice ends.
-    let end = move |_: CloseInfo| {
+    let end = move |info: CloseInfo| {
         drop(registered);
         let counters = &guard.shared().counters;
+        if let Some(side) = info.broken_by {
+            counters.protocol_error(side);
+        }
         counters.relays.fetch_sub(1, Ordering::AcqRel);
         counters.closed.fetch_add(1, Ordering::Relaxed);
         drop(address);

@@ -468,6 +468,7 @@ impl Listener {
         out.set_item("released", holds.released.load(Ordering::Relaxed))?;
         out.set_item("rejected", c.rejected())?;
         out.set_item("refused", c.refused())?;
+        out.set_item("protocol_errors", c.protocol_errors())?;
         out.set_item("addresses", shared.addresses.tracked())?;
         out.set_item("events_dropped", shared.events.drops().total())?;
         let checks = shared.signature_checks.now();

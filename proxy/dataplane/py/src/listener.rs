@@ -19,6 +19,7 @@ use tokio::sync::{watch, Notify};
 use loopwatch_dataplane_core::events::{
     Event, EventSender, LogLimiter, RefuseReason, RequestRejected, REJECTION_LOG_INTERVAL,
 };
+use loopwatch_dataplane_core::frames::Side;
 use loopwatch_dataplane_core::head::HeadLimits;
 use loopwatch_dataplane_core::identity::Identity;
 use loopwatch_dataplane_core::table::EnforcementTable;
@@ -211,10 +212,29 @@ pub struct Counters {
     pub handshake_failed: AtomicU64,
     rejected: [AtomicU64; Rejected::ALL.len()],
     refused: [AtomicU64; RefuseReason::ALL.len()],
+    /// Relayed connections a side broke the protocol on (a frame passed on
+    /// unparsed for the other side to answer): client, upstream.
+    protocol_errors: [AtomicU64; 2],
     rejection_log: RejectionLog,
 }
 
 impl Counters {
+    pub fn protocol_error(&self, side: Side) {
+        let i = match side {
+            Side::Client => 0,
+            Side::Upstream => 1,
+        };
+        self.protocol_errors[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn protocol_errors(&self) -> Vec<(&'static str, u64)> {
+        let [client, upstream] = &self.protocol_errors;
+        vec![
+            ("client", client.load(Ordering::Relaxed)),
+            ("upstream", upstream.load(Ordering::Relaxed)),
+        ]
+    }
+
     pub fn reject(&self, reason: Rejected) {
         self.rejected[reason.index()].fetch_add(1, Ordering::Relaxed);
     }

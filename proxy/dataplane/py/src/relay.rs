@@ -371,6 +371,8 @@ pub struct CloseInfo {
     pub code: u16,
     pub reason: String,
     pub initiator: Initiator,
+    /// The first side that broke the protocol, if one did.
+    pub broken_by: Option<Side>,
 }
 
 pub struct Relay<C: Transport, U: Transport> {
@@ -401,6 +403,9 @@ pub struct Relay<C: Transport, U: Transport> {
     quiet: u8,
     /// Slices in a row in which output waiting for a leg did not move.
     stalled: u8,
+    /// The first side that broke the protocol (a frame it had to pass on
+    /// unparsed), for the listener's count of them by side.
+    broken_by: Option<Side>,
     /// The counts so far, for the brain's `live()`.
     live: Arc<LiveTraffic>,
     /// The brain's close (`Listener.close`), until it came.
@@ -437,6 +442,7 @@ impl<C: Transport, U: Transport> Relay<C, U> {
             events,
             initiator: None,
             proxy_close: None,
+            broken_by: None,
             phase: Phase::Open,
             pass_budget: limits
                 .max_message_size
@@ -1050,6 +1056,13 @@ impl<C: Transport, U: Transport> Relay<C, U> {
             .cloned()
             .expect("a violation sets the watcher's error");
         let refused = matches!(error, FrameError::MessageTooBig { .. });
+        if !refused {
+            self.broken_by.get_or_insert(if i == CLIENT {
+                Side::Client
+            } else {
+                Side::Upstream
+            });
+        }
         if !self.closing() && !refused {
             self.legs[i].go(Direction::Passing {
                 left: self.pass_budget,
@@ -1221,11 +1234,13 @@ impl<C: Transport, U: Transport> Relay<C, U> {
                         code: 1006,
                         reason: String::new(),
                         initiator: who,
+                        broken_by: self.broken_by,
                     },
                     Some(seen) => CloseInfo {
                         code: seen.code.unwrap_or(1005),
                         reason: seen.reason.clone(),
                         initiator: who,
+                        broken_by: self.broken_by,
                     },
                 }
             }
@@ -1235,12 +1250,14 @@ impl<C: Transport, U: Transport> Relay<C, U> {
                     code,
                     reason,
                     initiator: Initiator::Proxy,
+                    broken_by: self.broken_by,
                 }
             }
             other => CloseInfo {
                 code: 1006,
                 reason: String::new(),
                 initiator: other.unwrap_or(Initiator::Client),
+                broken_by: self.broken_by,
             },
         }
     }
