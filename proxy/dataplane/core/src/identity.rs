@@ -1003,6 +1003,22 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         assert!(!identity.verifies());
     }
 
+    /// The key `identity` gives an upgrade from 192.0.2.1 with `X-User: value`.
+    fn x_user_key(identity: &Identity, value: &str) -> String {
+        let request = format!(
+            "GET /ws HTTP/1.1\r\nHost: x\r\nX-User: {value}\r\nUpgrade: websocket\r\n\
+Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        let crate::head::HeadStatus::Complete(head) =
+            crate::head::parse_head(request.as_bytes(), &crate::head::HeadLimits::default())
+        else {
+            panic!("a valid head");
+        };
+        identity
+            .identify(&head, "192.0.2.1".parse().unwrap(), 0.0)
+            .key
+    }
+
     #[test]
     fn an_unbound_value_never_equals_another_clients_key() {
         // A trusted gateway's header, unbound (as a verified claim is).
@@ -1012,20 +1028,7 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
             ..IdentitySpec::by_address()
         })
         .expect("valid settings");
-        let key = |value: &str| {
-            let request = format!(
-                "GET /ws HTTP/1.1\r\nHost: x\r\nX-User: {value}\r\nUpgrade: websocket\r\n\
-Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            );
-            let crate::head::HeadStatus::Complete(head) =
-                crate::head::parse_head(request.as_bytes(), &crate::head::HeadLimits::default())
-            else {
-                panic!("a valid head");
-            };
-            identity
-                .identify(&head, "192.0.2.1".parse().unwrap(), 0.0)
-                .key
-        };
+        let key = |value: &str| x_user_key(&identity, value);
         // Values that are nobody else's key are the key, as sent.
         assert_eq!(key("alice"), "alice");
         assert_eq!(key("alice@example.com"), "alice@example.com");
@@ -1071,20 +1074,7 @@ Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSoc
             ..IdentitySpec::by_address()
         })
         .expect("valid settings");
-        let key = |value: &str| {
-            let request = format!(
-                "GET /ws HTTP/1.1\r\nHost: x\r\nX-User: {value}\r\nUpgrade: websocket\r\n\
-Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            );
-            let crate::head::HeadStatus::Complete(head) =
-                crate::head::parse_head(request.as_bytes(), &crate::head::HeadLimits::default())
-            else {
-                panic!("a valid head");
-            };
-            identity
-                .identify(&head, "192.0.2.1".parse().unwrap(), 0.0)
-                .key
-        };
+        let key = |value: &str| x_user_key(&identity, value);
         for name in [
             "王",
             "瑋",
