@@ -23,6 +23,14 @@ def address_of(key: str) -> str:
     return key.rpartition("@")[2]
 
 
+def key_address(key: str) -> str | None:
+    """The client address a key was made with (an ``ip`` key, or the part of a
+    bound key after its last "@", as identity writes it); None for an unbound
+    key, whose text says nothing of where its client is."""
+    text = address_of(key)
+    return text if _parse(text) is not None else None
+
+
 def _parse(text: str) -> Address | None:
     """The address ``text`` is when identity wrote it: any other spelling
     (``[10.9.9.9]``, ``2001:DB8::1``) is a value the client wrote itself, an

@@ -43,8 +43,10 @@ def settings(per_second: float | None) -> Settings:
 
 
 def flood_outcome(i: int, t: float) -> Outcome:
-    """A fresh identity's finding and cooldown, as one address minting `sub`s makes them."""
-    key = f"minted-{i}@10.0.0.1"
+    """A fresh identity's finding and cooldown, as a fleet minting verified
+    `sub`s makes them: unbound keys, so the name's budget alone decides (an
+    address's share is tested apart)."""
+    key = f"minted-{i}"
     finding = Finding(key, "auth_failure_loop", "critical", {"consecutive": 3}, t)
     return Outcome(raised=(finding,), actions=(CooldownStarted(key, t, t + 1.0, 1.0, "auth_failure_loop", 1),))
 
@@ -133,7 +135,7 @@ def test_a_flood_writes_the_budget_and_counts_every_line_left_out() -> None:
     assert (summary["event"], summary["level"], summary["line"], summary["per_second"]) == (
         "log_lines_suppressed", "warning", "enforcement", 5.0,
     )  # fmt: skip
-    assert (line["event"], line["client"]) == ("enforcement", "minted--1@10.0.0.1")
+    assert (line["event"], line["client"]) == ("enforcement", "minted--1")
     # The line that said what was left out comes before the next of its name.
     last = max(i for i, line in enumerate(lines) if line["event"] == "finding_raised")
     assert lines[last - 1]["event"] == "log_lines_suppressed" and lines[last - 1]["line"] == "finding_raised"
@@ -164,6 +166,27 @@ def test_one_address_flooding_leaves_half_the_budget_to_everybody_else() -> None
     assert len(raised) + observer.client_lines.pending("finding_raised") + sum(suppressed(lines, "finding_raised")) == 1_005
 
 
+def test_lines_about_other_keys_of_a_flooding_address_take_from_its_share() -> None:
+    """The new-changes probe: a line about another key than the connection's
+    (a client evicted from a full store by the flood's attempts) or without a
+    connection (a wake-up's) took from nobody's share, and the flood hid every
+    other client's lines again. The share is the address the key was made
+    with; a line the name's budget refuses takes nothing from it."""
+    observer = EventLogObserver(settings(2))  # bursts of 20; an address's share: 10
+    with captured() as lines:
+        for i in range(1_000):
+            key, evicted = f"m-{i}@10.0.0.66", f"m-{i - 500}@10.0.0.66"
+            outcome = Outcome(actions=(CooldownEnded(evicted, 0.0, evicted=True),))
+            observer.on_outcome(outcome, 0.0, attempt_of(key, "10.0.0.66"))
+            observer.on_outcome(Outcome(actions=(CooldownEnded(evicted, 0.0, evicted=True),)), 0.0)  # a wake-up's
+        for i in range(5):
+            key = f"victim-{i}@10.0.0.{i + 1}"
+            observer.on_outcome(Outcome(actions=(CooldownStarted(key, 0.0, 9.0, 9.0, "no_backoff", 1),)), 0.0)
+    written = [x["client"] for x in named(lines, "enforcement")]
+    assert [k for k in written if k.startswith("victim-")] == [f"victim-{i}@10.0.0.{i + 1}" for i in range(5)]
+    assert len([k for k in written if k.startswith("m-")]) == 10
+
+
 def test_an_ipv6_client_is_one_party_for_its_64_and_the_parties_held_are_bounded() -> None:
     budget = LineBudget(log, per_second=1.0)  # a party's share: bursts of 5
     admitted = [budget.admit("finding_raised", 0.0, party(f"2001:db8::{i:x}", "k")) for i in range(8)]
@@ -191,7 +214,7 @@ def test_an_operators_cooldown_and_the_warnings_are_not_spent_by_a_flood() -> No
     the flood's info-level cooldown ends then kept using up the warnings'."""
     observer = EventLogObserver(settings(1))  # bursts of 10
     manual = Outcome(actions=(CooldownStarted("victim@10.0.0.9", 0.0, 600.0, 600.0, "manual", 1),))
-    ended = Outcome(actions=(CooldownEnded("minted@10.0.0.1", 0.0),))
+    ended = Outcome(actions=(CooldownEnded("minted", 0.0),))
     with captured() as lines:
         for i in range(40):
             observer.on_outcome(flood_outcome(i, 0.0), 0.0)  # the warnings' budget spent
@@ -202,15 +225,15 @@ def test_an_operators_cooldown_and_the_warnings_are_not_spent_by_a_flood() -> No
     written = named(lines, "enforcement")
     assert [x["client"] for x in written if x.get("rule") == "manual"] == ["victim@10.0.0.9"]
     assert len([x for x in written if x["action"] == "cooldown_ended"]) == 10
-    assert any(x["client"] == "minted-99@10.0.0.1" for x in written)
+    assert any(x["client"] == "minted-99" for x in written)
     assert observer.client_lines.pending("cooldown_ended") == 30
 
 
 def test_a_line_the_log_level_drops_takes_nothing_from_the_budget() -> None:
     observer = EventLogObserver(settings(1))  # bursts of 10
     cleared = Outcome(
-        cleared=(Finding("a@10.0.0.1", "auth_failure_loop", "critical", {}, 0.0),),
-        actions=(CooldownEnded("a@10.0.0.1", 0.0),),  # info
+        cleared=(Finding("a", "auth_failure_loop", "critical", {}, 0.0),),
+        actions=(CooldownEnded("a", 0.0),),  # info
     )
     logger = logging.getLogger("loopwatch.events")
     with captured() as lines:

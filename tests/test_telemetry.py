@@ -683,6 +683,37 @@ async def test_a_raising_observer_is_counted_and_relaying_goes_on(caplog: pytest
     assert len(errors) == 1 and errors[0].fields == {"observer": "boom", "hook": "on_attempt"}  # type: ignore[attr-defined]
 
 
+async def test_an_event_whose_handling_raises_is_counted_and_the_next_are_handled(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The new-changes probe: an event the brain failed to handle was logged
+    (a traceback per kind every 10 s) and counted nowhere an alert could see."""
+    async with demo_backend() as backend:
+        settings = settings_with(upstream=f"ws://127.0.0.1:{backend.port}")
+        with caplog.at_level("ERROR", logger="loopwatch"):
+            async with telemetered(settings) as lw:
+                record = lw.engine.record
+                failed = {"left": 2}
+
+                def flaky(event: Any) -> Any:
+                    if type(event).__name__ == "Opened" and failed["left"]:
+                        failed["left"] -= 1
+                        raise OverflowError("a bug")
+                    return record(event)
+
+                lw.engine.record = flaky  # type: ignore[method-assign]
+                url = f"ws://127.0.0.1:{lw.proxy_port}/ws?token={issue_token('alice', 60)}"
+                for _ in range(3):
+                    assert await attempt(url, ["ping"]) == (1000, "")
+                await wait_for(lambda: idle(lw))
+                s = series((await scrape(lw))[0])
+    assert value(s, "loopwatch_events_failed_total") == 2
+    assert value(s, "loopwatch_connection_closes_total", route="/", code="1000", initiator="client") == 3
+    assert [r.getMessage() for r in caplog.records if "event failed" in r.getMessage()] == [
+        "handling a Opened event failed (0 more since the last such line)"
+    ]
+
+
 async def test_detection_off_counts_never_go_backwards() -> None:
     """With `Gate()` (detection off) no observer sees a close, so live message
     counts are not added: a counter must never drop when a connection ends."""

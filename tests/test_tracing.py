@@ -722,6 +722,7 @@ async def test_a_sampler_of_ones_own_sees_and_adds_attributes() -> None:
          "OTEL_BSP_MAX_EXPORT_BATCH_SIZE: expected a whole number from 1 to 1000000, got 'lots'"),
         ({"OTEL_BSP_SCHEDULE_DELAY": "-5"}, "OTEL_BSP_SCHEDULE_DELAY: expected a whole number from 1 to 3600000, got '-5'"),
         ({"OTEL_BSP_MAX_QUEUE_SIZE": "100", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "100"}, None),
+        ({"OTEL_BSP_EXPORT_TIMEOUT": "0"}, None),  # the SDK takes it
     ],
 )  # fmt: skip
 def test_the_batch_processors_variables_are_refused_where_the_sdk_would_fail(

@@ -160,6 +160,8 @@ class DataPlane(Protocol):
 
     def protocol_errors(self) -> Mapping[str, int]: ...
 
+    def events_failed(self) -> int: ...
+
     def http_requests(self) -> Sequence[RouteRequests]: ...
 
 
@@ -648,6 +650,9 @@ class NativePlane:
         if self.listener is None:
             return {}
         return self.listener.stats().protocol_errors
+
+    def events_failed(self) -> int:
+        return self.driver.failed_events
 
     def http_requests(self) -> Sequence[RouteRequests]:
         return self.listener.requests() if self.listener is not None else ()

@@ -470,6 +470,9 @@ class ListenerView:
     def protocol_errors(self) -> Mapping[str, int]:
         return self._plane.protocol_errors()
 
+    def events_failed(self) -> int:
+        return self._plane.events_failed()
+
     def http_requests(self) -> Sequence[RouteRequests]:
         return self._plane.http_requests()
 

@@ -32,7 +32,6 @@ from typing import Annotated, Any, Literal, NamedTuple
 import yaml
 from pydantic import (
     BaseModel,
-    Field,
     SecretStr,
     ValidationError,
     ValidationInfo,
@@ -40,7 +39,7 @@ from pydantic import (
 )
 
 from ...detectors.settings import BreakerSettings, DetectionSettings, PolicySettings
-from ...detectors.units import Duration
+from ...detectors.units import Duration, format_duration
 from ..admin.settings import AdminSettings, HealthCheckSettings
 from ..dataplane.settings import (
     DataplaneThreads,
@@ -115,7 +114,16 @@ class Settings(Section):
     # when one changed (proxy/app/watch.py); None: on SIGHUP and the API only.
     # At least 100 ms: each look stats every watched file, and a look a microsecond
     # (or `1ms`, meant as `1m`) kept most of a core busy (the extremes probe).
-    reload_watch: Annotated[Duration, Field(ge=0.1)] | None = None
+    reload_watch: Duration | None = None
+
+    @field_validator("reload_watch")
+    @classmethod
+    def _watch_not_too_often(cls, value: float | None) -> float | None:
+        if value is not None and value < 0.1:
+            raise ValueError(
+                f"expected 100ms or more (each look reads every watched file's status), got {format_duration(value)}"
+            )
+        return value
 
     @field_validator("dataplane", mode="before")
     @classmethod
@@ -232,7 +240,10 @@ def _env_layer(env: Mapping[str, str], errors: list[str]) -> Layer:
             # with nothing after it would switch protections off in silence.
             errors.append(f"{name}: empty; unset it for the default, or write null to mean none")
             continue
-        layer.append((parts, _env_value(_type_at(parts), raw), name))
+        try:
+            layer.append((parts, _env_value(_type_at(parts), raw), name))
+        except ValueError as exc:  # a duplicate key, an integer no setting takes
+            errors.append(f"{name}: {exc}")
     return layer
 
 
@@ -339,8 +350,13 @@ def ignored_service_links(env: Mapping[str, str]) -> list[str]:
 
 
 def _yaml_scalar(raw: str) -> Any:
+    """A variable's text as YAML, read as a file is (duplicate keys and
+    integers no setting takes refused, ValueError saying which); text that is
+    not YAML is the text."""
     try:
         return yaml.load(raw, Loader=_Loader)  # noqa: S506  - a SafeLoader, with the file's checks
+    except yaml.constructor.ConstructorError as exc:
+        raise ValueError(exc.problem) from None
     except yaml.YAMLError:
         return raw
 

@@ -297,6 +297,10 @@ class LiveView(Protocol):
         (client, upstream), since the start."""
         ...
 
+    def events_failed(self) -> int:
+        """Events whose handling in the brain raised (a bug), since the start."""
+        ...
+
     def http_requests(self) -> Sequence[RouteRequests]:
         """The plain requests each route forwarded since the start."""
         ...

@@ -19,6 +19,7 @@ import logging
 import random
 from typing import TYPE_CHECKING, Any
 
+from ...detectors.access import key_address
 from ...detectors.actions import BreakerTransition, CloseConnection, CooldownEnded, CooldownStarted
 from ...detectors.breaker import party
 from ..dataplane.boundary import LogLimiter, handshake_outcome, handshake_status
@@ -85,12 +86,17 @@ class EventLogObserver(Observer):
 
     def _client_line(self, name: str, level: int, t: float, conn: Connection | None = None, key: str = "") -> bool:
         """Whether to write this client line: one the log level drops takes
-        nothing from the budget (and is no line left out). A line about the
-        connection's own client takes from its address's share."""
+        nothing from the budget (and is no line left out). A line about a
+        client takes from its address's share: the address its key was made
+        with (a line about an evicted client, or a wake-up's, has no
+        connection of its own: the new-changes probe), else the connection's
+        when the line is about its client."""
         if not log.isEnabledFor(level):
             return False
-        who = party(conn.peer, key) if conn is not None and conn.key == key else None
-        return self.client_lines.admit(name, t, who)
+        address = key_address(key)
+        if address is None and conn is not None and conn.key == key:
+            address = conn.peer
+        return self.client_lines.admit(name, t, party(address, key) if address else None)
 
     def on_outcome(self, outcome: Outcome, t: float, conn: Connection | None = None) -> None:
         # The budget is asked before a line's fields are made: under a flood,

@@ -219,15 +219,19 @@ class TokenBucket:
 
     def take(self, now: float) -> bool:
         """Take one token if there is one."""
+        if self.ready(now):
+            self.tokens -= 1.0
+            return True
+        return False
+
+    def ready(self, now: float) -> bool:
+        """Whether there is a token to take (refilled to `now`, none taken)."""
         if self.last is None:
             self.last = now
         elif now > self.last:  # a clock that steps back refills nothing
             self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
             self.last = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
+        return self.tokens >= 1.0
 
     def retune(self, rate: float, burst: float) -> None:
         """A new rate and burst, keeping what is held (up to the new burst): a
@@ -295,8 +299,12 @@ class LineBudget:
             bucket = self._buckets.get(name)
             if bucket is None:
                 bucket = self._buckets[name] = TokenBucket(self.per_second, burst_of(self.per_second))
-            # The party's share first: a line over it takes nothing from the others'.
-            admitted = (party is None or self._share(name, party).take(now)) and bucket.take(now)
+            # The party's share first: a line over it takes nothing from the
+            # others'; and a line the name's budget refuses takes nothing from it.
+            share = None if party is None else self._share(name, party)
+            admitted = (share is None or share.ready(now)) and bucket.take(now)
+            if admitted and share is not None:
+                share.take(now)
         spell = self._suppressed.get(name)
         if admitted:
             if spell is not None and spell.count:

@@ -371,6 +371,7 @@ class StateCollector(Collector):
         for kind in ENFORCEMENT_LAG_KINDS:
             families["enforcement_lag"].add_metric([kind], lag.get(kind, 0))
         checks = self.view.signature_checks() if self.view is not None else NO_SIGNATURE_CHECKS
+        families["events_failed"].add_metric([], self.view.events_failed() if self.view is not None else 0)
         errors = self.view.protocol_errors() if self.view is not None else {}
         for side in PROTOCOL_ERROR_SIDES:
             families["protocol_errors"].add_metric([side], errors.get(side, 0))
@@ -554,6 +555,11 @@ class StateCollector(Collector):
                 "Attempts the native data plane's table and the engine judged differently, the table a batch "
                 "behind (late_refusal: closed once open) or ahead (early_refusal).",
                 labels=["kind"],
+            ),
+            "events_failed": c(
+                "loopwatch_events_failed",
+                "Connection events whose handling in the brain raised (a bug: each is logged, at most one "
+                "traceback per kind every 10 s); the rest of their batch was handled.",
             ),
             "protocol_errors": c(
                 "loopwatch_protocol_errors",

@@ -64,11 +64,11 @@ FLUSH = "flush"  # the one command frame: export what you hold, then answer on t
 # The batch span processor's variables, their SDK defaults, and the most
 # loopwatch takes (a queue of spans is memory: ~1 KB a span).
 BSP_QUEUE_SIZE = 2048  # the SDK's default OTEL_BSP_MAX_QUEUE_SIZE
-BSP_VARIABLES = {
-    "OTEL_BSP_MAX_QUEUE_SIZE": (BSP_QUEUE_SIZE, 1_000_000),
-    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": (512, 1_000_000),
-    "OTEL_BSP_SCHEDULE_DELAY": (5_000, 3_600_000),  # milliseconds
-    "OTEL_BSP_EXPORT_TIMEOUT": (30_000, 3_600_000),  # milliseconds
+BSP_VARIABLES = {  # default, least, most
+    "OTEL_BSP_MAX_QUEUE_SIZE": (BSP_QUEUE_SIZE, 1, 1_000_000),
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": (512, 1, 1_000_000),
+    "OTEL_BSP_SCHEDULE_DELAY": (5_000, 1, 3_600_000),  # milliseconds
+    "OTEL_BSP_EXPORT_TIMEOUT": (30_000, 0, 3_600_000),  # milliseconds; the SDK takes 0 too
 }
 # The child's reports on its ack pipe, each a kind and a number: the answer to a
 # FLUSH (1: all exported), the spans it lost so far (its SDK's side), and those
@@ -238,7 +238,7 @@ def batch_settings(env: Mapping[str, str]) -> BatchSettings:
     passed it. A value that is no whole number the SDK ignores with a
     traceback."""
     values = {}
-    for var, (default, most) in BSP_VARIABLES.items():
+    for var, (default, least, most) in BSP_VARIABLES.items():
         raw = env.get(var)
         if raw is None or not raw.strip():
             values[var] = default
@@ -246,9 +246,9 @@ def batch_settings(env: Mapping[str, str]) -> BatchSettings:
         try:
             value = int(raw)
         except ValueError:
-            raise TracingConfigError(f"{var}: expected a whole number from 1 to {most}, got {raw!r}") from None
-        if not 1 <= value <= most:
-            raise TracingConfigError(f"{var}: expected a whole number from 1 to {most}, got {raw!r}")
+            raise TracingConfigError(f"{var}: expected a whole number from {least} to {most}, got {raw!r}") from None
+        if not least <= value <= most:
+            raise TracingConfigError(f"{var}: expected a whole number from {least} to {most}, got {raw!r}")
         values[var] = value
     queue, batch = values["OTEL_BSP_MAX_QUEUE_SIZE"], values["OTEL_BSP_MAX_EXPORT_BATCH_SIZE"]
     if batch > queue:
