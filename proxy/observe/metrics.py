@@ -362,6 +362,7 @@ class StateCollector(Collector):
         for reason, count in (getattr(store, "refused", None) or {}).items():
             families["store_refused"].add_metric([reason], count)
         families["spans_dropped"].add_metric([], self.spans.dropped if self.spans is not None else 0)
+        families["spans_exported"].add_metric([], self.spans.exported if self.spans is not None else 0)
         recorder = next((o for o in self.observers.observers if isinstance(o, Recorder)), None) if self.observers else None
         families["record_dropped"].add_metric(["buffer_full"], recorder.dropped if recorder is not None else 0)
         families["record_dropped"].add_metric(["write_error"], recorder.lost if recorder is not None else 0)
@@ -541,6 +542,10 @@ class StateCollector(Collector):
             "spans_dropped": c(
                 "loopwatch_spans_dropped",
                 "Finished spans lost before an exporter got them (queue full, exporter process gone).",
+            ),
+            "spans_exported": c(
+                "loopwatch_spans_exported",
+                "Finished spans an exporter delivered (each exporter counts its own).",
             ),
             "events_dropped": c(
                 "loopwatch_events_dropped",

@@ -74,7 +74,7 @@ BSP_VARIABLES = {  # default, least, most
 # FLUSH (1: all exported), the spans it lost so far (its SDK's side), and those
 # whose fate it knows (lost or delivered): the rest die with it if it dies.
 _REPORT = struct.Struct(">cQ")
-_FLUSHED, _LOST, _SETTLED = b"F", b"L", b"S"
+_FLUSHED, _LOST, _SETTLED, _EXPORTED = b"F", b"L", b"S", b"E"
 LOSS_REPORT_EVERY = 1.0  # seconds between the child's reports of its losses, while they grow
 _LENGTH = struct.Struct(">I")
 
@@ -413,6 +413,11 @@ class SpanSink(SdkParts):
         are still queued or being exported, and lost if the process dies."""
         return min((c.settled for c in self.counted), default=0)
 
+    @property
+    def exported(self) -> int:
+        """Spans delivered, each exporter's counted."""
+        return sum(c.delivered for c in self.counted)
+
     def submit(self, records: Sequence[Record]) -> None:
         resource, scope, convert, room = self.resource, self.scope, self.convert, self.room
         for record in records:
@@ -514,6 +519,8 @@ class ProcessSpanSink(SdkParts):
         self._children_lost = 0
         self._child_sent = 0  # spans the child now was handed …
         self._child_settled = 0  # … and of those, the ones whose fate it reported
+        self._child_exported = 0  # … and the ones it delivered (its report)
+        self._children_exported = 0
         self.child: subprocess.Popen[bytes] | None = None
         self._ack = -1  # read end of the child's answers to FLUSH
         self._spawned_at = -RESPAWN_INTERVAL
@@ -528,6 +535,13 @@ class ProcessSpanSink(SdkParts):
     def dropped(self) -> int:
         """Spans lost on the way to the collector: before the child, and in it."""
         return self._refused + self._lost + self._children_lost + self._child_lost
+
+    @property
+    def exported(self) -> int:
+        """Spans delivered to the collector (each exporter's counted): with
+        `dropped`, what became of them; a collector that takes requests and
+        never answers shows as neither rising."""
+        return self._children_exported + self._child_exported
 
     @property
     def queued(self) -> int:
@@ -615,7 +629,8 @@ class ProcessSpanSink(SdkParts):
         self.child = None
         unsettled = max(self._child_sent - self._child_settled, 0)
         self._children_lost += self._child_lost + unsettled
-        self._child_lost = self._child_sent = self._child_settled = 0
+        self._children_exported += self._child_exported
+        self._child_lost = self._child_sent = self._child_settled = self._child_exported = 0
 
     def _send(self, payload: bytes) -> bool:
         child = self.child
@@ -689,6 +704,8 @@ class ProcessSpanSink(SdkParts):
                 self._child_lost = value
             elif kind == _SETTLED:
                 self._child_settled = value
+            elif kind == _EXPORTED:
+                self._child_exported = value
             if not until_flushed:
                 deadline = 0.0  # take what is there, wait for nothing more
         return None
@@ -776,14 +793,15 @@ def child_main(argv: list[str] | None = None) -> None:
         raise SystemExit(3) from None
     source = sys.stdin.buffer
     done = threading.Event()
-    reported = [0, 0]  # lost, settled: as last said
+    reported = [0, 0, 0]  # lost, settled, exported: as last said
 
     def report_losses() -> None:
         # What the SDK side lost (a full queue, failed exports), as it grows:
         # a collector's outage shows in loopwatch_spans_dropped_total. And how
         # many spans' fate is known, so that those it still holds are counted
         # lost if it dies.
-        for i, (kind, now) in enumerate(((_LOST, sink.dropped), (_SETTLED, sink.settled))):
+        counts = ((_LOST, sink.dropped), (_SETTLED, sink.settled), (_EXPORTED, sink.exported))
+        for i, (kind, now) in enumerate(counts):
             if now != reported[i]:
                 reported[i] = now
                 with contextlib.suppress(OSError):
