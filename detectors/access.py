@@ -26,9 +26,15 @@ def address_of(key: str) -> str:
 def key_address(key: str) -> str | None:
     """The client address a key was made with (an ``ip`` key, or the part of a
     bound key after its last "@", as identity writes it); None for an unbound
-    key, whose text says nothing of where its client is."""
+    key, whose text says nothing of where its client is. Never an IPv4-mapped
+    address or one with a zone: identity writes the first as IPv4, and keeps
+    the text of an unbound value that looks like either as it came (the
+    new-changes probe: `a1@::ffff:7f00:2` charged its lines to 127.0.0.2)."""
     text = address_of(key)
-    return text if _parse(text) is not None else None
+    ip = _parse(text)
+    if ip is None or (isinstance(ip, ipaddress.IPv6Address) and (ip.ipv4_mapped is not None or ip.scope_id)):
+        return None
+    return text
 
 
 def _parse(text: str) -> Address | None:

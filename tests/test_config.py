@@ -720,6 +720,18 @@ def test_an_environment_value_is_read_as_a_file_is(tmp_path: Path) -> None:
     ]
 
 
+def test_an_environment_text_that_is_no_yaml_stays_text_and_a_broken_list_says_why(tmp_path: Path) -> None:
+    """The probe of the latest changes: an audience `!urn:example:api` (a YAML
+    tag) or `2024-13-45` (a date that is none) was refused once variables were
+    read as files are; a list that is no YAML said only "expected a list"."""
+    env = {"LOOPWATCH_IDENTITY__JWT__AUDIENCE": "!urn:example:api"}
+    assert load_settings(write(tmp_path, 'upstream: "ws://a:1"\n'), env=env).identity.jwt.audience == "!urn:example:api"
+    env = {"LOOPWATCH_IDENTITY__JWT__AUDIENCE": "2024-13-45"}
+    assert load_settings(write(tmp_path, 'upstream: "ws://a:1"\n'), env=env).identity.jwt.audience == "2024-13-45"
+    errors = errors_of('upstream: "ws://a:1"\n', tmp_path, env={"LOOPWATCH_IDENTITY__SOURCES": "[ip, header:x"})
+    assert len(errors) == 1 and errors[0].startswith("LOOPWATCH_IDENTITY__SOURCES: invalid YAML: "), errors
+
+
 def test_a_reload_watch_under_100ms_is_an_error(tmp_path: Path) -> None:
     """The extremes probe: `reload_watch: 1ms` (meant as 1m) kept a sixth of a core stat-ing files."""
     assert errors_of('upstream: "ws://a:1"\nreload_watch: 1ms\n', tmp_path) == [

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from loopwatch.detectors.access import key_address
 from loopwatch.detectors.actions import BreakerTransition, CooldownEnded, CooldownStarted
 from loopwatch.detectors.breaker import party
 from loopwatch.detectors.decisions import Outcome
@@ -185,6 +186,25 @@ def test_lines_about_other_keys_of_a_flooding_address_take_from_its_share() -> N
     written = [x["client"] for x in named(lines, "enforcement")]
     assert [k for k in written if k.startswith("victim-")] == [f"victim-{i}@10.0.0.{i + 1}" for i in range(5)]
     assert len([k for k in written if k.startswith("m-")]) == 10
+
+
+def test_an_unbound_key_that_looks_like_another_address_is_charged_to_its_connection() -> None:
+    """The probe of the latest changes: with binding off, `a1@::ffff:7f00:2`
+    (an unbound value identity keeps as it came) charged its lines to
+    127.0.0.2's share, and a fresh fake address per key a fresh share. An
+    IPv4-mapped address or one with a zone is no address identity writes."""
+    assert key_address("a1@::ffff:7f00:2") is None and key_address("a@fe80::1%eth0") is None
+    assert key_address("a@2001:db8::1") == "2001:db8::1" and key_address("10.0.0.1") == "10.0.0.1"
+    observer = EventLogObserver(settings(2))  # bursts of 20; an address's share: 10
+    with captured() as lines:
+        for i in range(30):
+            key = f"a{i}@::ffff:7f00:{i + 2:x}"
+            finding = Finding(key, "auth_failure_loop", "critical", {}, 0.0)
+            observer.on_outcome(Outcome(raised=(finding,)), 0.0, attempt_of(key, "127.0.0.1"))
+        victim = Finding("victim@127.0.0.2", "auth_failure_loop", "critical", {}, 0.0)
+        observer.on_outcome(Outcome(raised=(victim,)), 0.0, attempt_of("victim@127.0.0.2", "127.0.0.2"))
+    written = [x["client"] for x in named(lines, "finding_raised")]
+    assert len([k for k in written if k.startswith("a")]) == 10 and "victim@127.0.0.2" in written
 
 
 def test_an_ipv6_client_is_one_party_for_its_64_and_the_parties_held_are_bounded() -> None:

@@ -522,6 +522,7 @@ class NativePlane:
             self.driver.handle(cast("list[EngineEvent]", events))  # their events are ev.Events now
             self._check_drops()
         except Exception:  # a bug must not stop the draining
+            self.driver.failed_events += 1  # the batch's bookkeeping (each event's own failures are counted there)
             log.exception("native data plane: handling a batch of %d events failed", len(batch))
         finally:
             self._fed += len(batch)

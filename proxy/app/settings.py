@@ -350,14 +350,19 @@ def ignored_service_links(env: Mapping[str, str]) -> list[str]:
 
 
 def _yaml_scalar(raw: str) -> Any:
-    """A variable's text as YAML, read as a file is (duplicate keys and
-    integers no setting takes refused, ValueError saying which); text that is
-    not YAML is the text."""
+    """A variable's text as YAML, read as a file is: duplicate keys and
+    integers no setting takes refused, a list or mapping that is no YAML said
+    so (ValueError saying why); other text that is not YAML (a tag-like
+    `!urn:…`, a date that is none) is the text."""
     try:
         return yaml.load(raw, Loader=_Loader)  # noqa: S506  - a SafeLoader, with the file's checks
-    except yaml.constructor.ConstructorError as exc:
+    except RefusedValue as exc:
         raise ValueError(exc.problem) from None
-    except yaml.YAMLError:
+    except yaml.MarkedYAMLError as exc:
+        if raw.lstrip().startswith(("[", "{")):
+            raise ValueError(f"invalid YAML: {', '.join(p for p in (exc.context, exc.problem) if p)}") from None
+        return raw
+    except (yaml.YAMLError, ValueError):
         return raw
 
 
@@ -395,6 +400,11 @@ def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> None:
             base[key] = value
 
 
+class RefusedValue(yaml.constructor.ConstructorError):
+    """YAML that reads, refused as a setting's value: a duplicate key, an
+    integer no setting takes."""
+
+
 class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
     """SafeLoader that refuses duplicate keys, which PyYAML would silently collapse."""
 
@@ -403,7 +413,7 @@ class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[mi
         for key_node, _ in node.value:
             if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
                 if key_node.value in seen:
-                    raise yaml.constructor.ConstructorError(
+                    raise RefusedValue(
                         None,
                         None,
                         f"duplicate key {key_node.value!r} (first on line {seen[key_node.value]})",
@@ -418,9 +428,7 @@ class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[mi
         # answered 500 and not counted): no setting takes one of 100.
         digits = sum(c.isdigit() for c in node.value)
         if digits > MAX_INT_DIGITS:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"an integer of {digits} digits: no setting takes one that large", node.start_mark
-            )
+            raise RefusedValue(None, None, f"an integer of {digits} digits: no setting takes one that large", node.start_mark)
         value: int = super().construct_yaml_int(node)
         return value
 

@@ -563,8 +563,8 @@ class StateCollector(Collector):
             ),
             "events_failed": c(
                 "loopwatch_events_failed",
-                "Connection events whose handling in the brain raised (a bug: each is logged, at most one "
-                "traceback per kind every 10 s); the rest of their batch was handled.",
+                "Connection events (or a batch's bookkeeping) whose handling in the brain raised: a bug, logged "
+                "with its traceback; the rest of the batch was handled.",
             ),
             "protocol_errors": c(
                 "loopwatch_protocol_errors",
