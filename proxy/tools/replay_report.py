@@ -318,6 +318,7 @@ class ReplayReport:
 
     def to_dict(self) -> dict[str, Any]:
         blame = self.differences()
+        total = self._total()  # summed over the stretches once, for its four counts
         return {
             "files": self.files,
             "config": self.config,
@@ -348,10 +349,10 @@ class ReplayReport:
             "breakers": [{**b.to_dict(), "at": self.at(b.t)} for b in self.breakers],
             "late_admitted": self.late_admitted,
             "table_refused": self.table_refused,
-            "judged_otherwise": self.judged_otherwise,
-            "dropped_outcomes": self.dropped_outcomes,
-            "assumed_outcomes": self.assumed_outcomes,
-            "unknown_outcomes": self.unknown_outcomes,
+            "judged_otherwise": total.judged,
+            "dropped_outcomes": total.dropped,
+            "assumed_outcomes": total.assumed,
+            "unknown_outcomes": total.unknown,
             "differences": {kind: d.to_dict() for kind, d in blame.items()},
         }
 
