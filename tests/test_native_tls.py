@@ -19,7 +19,7 @@ import re
 import socket
 import ssl
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,12 +184,16 @@ async def echo_backend(cert: Cert | None = None, ctx: ssl.SSLContext | None = No
         yield backend
 
 
-@contextlib.asynccontextmanager
-async def https_backend(ctx: ssl.SSLContext) -> AsyncIterator[str]:
-    """An https:// server answering every request 200 with the common name of
-    the client certificate it got; yields its URL."""
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+
+@contextlib.asynccontextmanager
+async def https_backend(ctx: ssl.SSLContext, handle: Handler | None = None) -> AsyncIterator[str]:
+    """An https:// server running `handle` for each connection (by default:
+    answering every request 200 with the common name of the client
+    certificate it got); yields its URL."""
+
+    async def common_name_of(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await reader.readuntil(b"\r\n\r\n")
             body = common_name(writer.get_extra_info("peercert")).encode()
@@ -200,7 +204,7 @@ async def https_backend(ctx: ssl.SSLContext) -> AsyncIterator[str]:
         finally:
             writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
+    server = await asyncio.start_server(handle or common_name_of, "127.0.0.1", 0, ssl=ctx)
     try:
         yield f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     finally:
@@ -682,30 +686,27 @@ async def test_plain_http_over_tls_on_both_legs_reuses_the_upstream_connection(l
         finally:
             writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_context(local_cert.cert, local_cert.key))
-    port = server.sockets[0].getsockname()[1]
     tls = ListenerTLS(cert_file=local_cert.cert, key_file=local_cert.key)
     upstream_tls = UpstreamTLS(ca_file=local_cert.cert)
-    try:
-        async with native(f"https://127.0.0.1:{port}", tls=tls, upstream_tls=upstream_tls) as running:
-            for _ in range(2):  # two clients, one after the other, two requests each
-                reader, writer = await asyncio.open_connection(
-                    "127.0.0.1", running.listener.port, ssl=client_context(local_cert.cert)
-                )
-                try:
-                    for _ in range(2):
-                        writer.write(b"GET /x HTTP/1.1\r\nHost: example.test\r\n\r\n")
-                        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-                        assert head.startswith(b"HTTP/1.1 200 "), head
-                        length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
-                        assert length is not None
-                        assert await reader.readexactly(int(length.group(1))) == b"ok https"
-                finally:
-                    writer.close()
-            stats = running.listener.stats()
-    finally:
-        server.close()
-        await server.wait_closed()
+    async with (
+        https_backend(server_context(local_cert.cert, local_cert.key), handle) as url,
+        native(url, tls=tls, upstream_tls=upstream_tls) as running,
+    ):
+        for _ in range(2):  # two clients, one after the other, two requests each
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", running.listener.port, ssl=client_context(local_cert.cert)
+            )
+            try:
+                for _ in range(2):
+                    writer.write(b"GET /x HTTP/1.1\r\nHost: example.test\r\n\r\n")
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                    assert head.startswith(b"HTTP/1.1 200 "), head
+                    length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+                    assert length is not None
+                    assert await reader.readexactly(int(length.group(1))) == b"ok https"
+            finally:
+                writer.close()
+        stats = running.listener.stats()
     assert accepted == 1
     assert tls_rejections(stats) == {"tls_error": 0, "tls_timeout": 0, "not_tls": 0}
 
@@ -724,20 +725,17 @@ async def test_a_body_framed_by_an_upstream_close_without_close_notify_is_whole(
         await asyncio.sleep(0.2)  # out of the TLS layer's buffers
         writer.transport.abort()  # no close_notify
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_context(local_cert.cert, local_cert.key))
-    port = server.sockets[0].getsockname()[1]
-    try:
-        async with native(f"https://127.0.0.1:{port}", upstream_tls=UpstreamTLS(ca_file=local_cert.cert)) as running:
-            reader, writer = await asyncio.open_connection("127.0.0.1", running.listener.port)
-            try:
-                writer.write(b"GET /x HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n")
-                answer = await asyncio.wait_for(reader.read(), 10)  # to the end: a FIN, not an RST
-            finally:
-                writer.close()
-            stats = running.listener.stats()
-    finally:
-        server.close()
-        await server.wait_closed()
+    async with (
+        https_backend(server_context(local_cert.cert, local_cert.key), handle) as url,
+        native(url, upstream_tls=UpstreamTLS(ca_file=local_cert.cert)) as running,
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.listener.port)
+        try:
+            writer.write(b"GET /x HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 10)  # to the end: a FIN, not an RST
+        finally:
+            writer.close()
+        stats = running.listener.stats()
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ") and b"chunked" in head.lower()
     assert body.endswith(b"\r\n0\r\n\r\n") and b"all of it, until the close" in body
