@@ -107,8 +107,7 @@ class LogWriter(logging.Handler):
         self.queued = self.written = 0  # lines taken and lines written (or given up on)
         self.dropped = 0  # the queue was full (by emit, on the logging threads)
         self.failed = 0  # their write failed (by the writing thread): a full disk
-        self._reported = 0
-        self._failed_reported = 0
+        self._said = {"queue_full": 0, "write_error": 0}  # of each, the lines a log_lines_dropped line said
         self._torn = False  # the last write stopped inside a line
         self._thread = threading.Thread(target=self._write_lines, name="loopwatch-log", daemon=True)
         self._thread.start()
@@ -129,30 +128,23 @@ class LogWriter(logging.Handler):
     def _write_lines(self) -> None:
         while True:
             line = self.lines.get()
-            if self.dropped != self._reported:
-                missed, self._reported = self.dropped - self._reported, self.dropped
-                self._report(missed, "queue_full")
-            if self.failed != self._failed_reported:
-                missed, self._failed_reported = self.failed - self._failed_reported, self.failed
-                self._report(missed, "write_error")
+            for reason, lost in (("queue_full", self.dropped), ("write_error", self.failed)):
+                if lost != self._said[reason] and self._report(lost - self._said[reason], reason):
+                    self._said[reason] = lost
             if not self._write(line):
                 self.failed += 1
             self.written += 1
 
-    def _report(self, missed: int, reason: str) -> None:
-        """A `log_lines_dropped` line, in the format of every other line; if it
-        cannot be written either, its lines stay owed."""
+    def _report(self, missed: int, reason: str) -> bool:
+        """A `log_lines_dropped` line, in the format of every other line;
+        whether it was written (if not, its lines stay owed)."""
         record = logging.LogRecord("loopwatch", logging.WARNING, __file__, 0, "log_lines_dropped", None, None)
         record.fields = {"count": missed, "reason": reason}
         try:
             text = self.format(record) + "\n"
         except Exception:  # a formatter that fails: the count still said
             text = f"log_lines_dropped count={missed} reason={reason}\n"
-        if not self._write(text):
-            if reason == "queue_full":
-                self._reported -= missed
-            else:
-                self._failed_reported -= missed
+        return self._write(text)
 
     def _write(self, text: str) -> bool:
         """Whether the line was written. A stream that fails (a full disk) is
