@@ -388,19 +388,21 @@ class SpanSink(SdkParts):
 
         self.convert = convert
         self.counted = [Counted(e) for e in exporters]
-        settings = batch_settings(os.environ)
+        # Batched (the exporter child): the OTEL_BSP_* values checked at start,
+        # given to the SDK. Unbatched (in-process tests) reads none of them.
+        settings = batch_settings(os.environ) if batch else None
         self.processors: list[SpanProcessor] = [
-            BatchSpanProcessor(
+            SimpleSpanProcessor(cast("SpanExporter", c))
+            if settings is None
+            else BatchSpanProcessor(
                 cast("SpanExporter", c), max_queue_size=settings.max_queue_size,
                 schedule_delay_millis=settings.schedule_delay_millis,
                 max_export_batch_size=settings.max_export_batch_size,
                 export_timeout_millis=settings.export_timeout_millis,
             )  # fmt: skip
-            if batch
-            else SimpleSpanProcessor(cast("SpanExporter", c))
             for c in self.counted
         ]
-        self.room = settings.max_queue_size if batch else None
+        self.room = None if settings is None else settings.max_queue_size
 
     @property
     def dropped(self) -> int:
