@@ -705,6 +705,32 @@ async def test_a_file_moved_away_is_followed_by_a_new_one_at_a_reload(tmp_path: 
     assert conn_ids(path) == [2, 3]
 
 
+async def test_a_stop_in_the_same_turn_as_a_wake_up_ends_the_writer(tmp_path: Path) -> None:
+    """A CI hang: a reload's wake-up, then the stop before the writer ran.
+    Python 3.11's wait_for swallowed the cancellation (its wait had just
+    ended), the writer flushed on, and the stop awaited it for ever. The
+    writing thread ends with the recorder too (one was left per recorder)."""
+    def writing_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name == "loopwatch-recorder-file"}
+
+    others = writing_threads()  # other tests' recorders
+    path = tmp_path / "events.jsonl"
+    rec = Recorder(RecordSettings(path=str(path)), flush_interval=30)
+    rec.on_closed(FakeConn(), closed_event(1), None)
+    for _ in range(3):
+        await asyncio.sleep(0)  # the writer waits for its wake-up
+    rec.on_config(None, {"reload": True, "result": "ok"})  # type: ignore[arg-type]
+    rec.on_closed(FakeConn(), closed_event(2), None)
+    async with asyncio.timeout(5):
+        await rec.aclose()
+    assert conn_ids(path) == [1, 2]
+    for _ in range(100):
+        if writing_threads() <= others:
+            break
+        await asyncio.sleep(0.01)
+    assert writing_threads() <= others
+
+
 class StalledDisk:
     """The recorder's writes stall (NFS, a frozen volume) until `thaw`."""
 

@@ -221,7 +221,7 @@ class FileWorker:
     on a stalled disk held the process's exit for as long as the stall."""
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], Callable[[], Any]]] = (
+        self._jobs: queue.SimpleQueue[tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], Callable[[], Any]] | None] = (
             queue.SimpleQueue()
         )
         self._thread: threading.Thread | None = None
@@ -236,9 +236,16 @@ class FileWorker:
         self._jobs.put((loop, done, call))
         return done
 
+    def stop(self) -> None:
+        """The thread ends after the calls already given (one per recorder:
+        they piled up, one per reload of the recorder in tests)."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread = None
+
     def _work(self) -> None:
-        while True:
-            loop, done, call = self._jobs.get()
+        while (job := self._jobs.get()) is not None:
+            loop, done, call = job
             try:
                 result = call()
             except Exception as e:
@@ -407,9 +414,14 @@ class Recorder(Observer):
     async def _writer(self) -> None:
         assert self._wakeup is not None
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._closed:
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a
+            # cancellation that comes as the wait ends (a wake-up, then the
+            # stop in the same turn of the loop), and the writer went on
+            # flushing for ever while the stop awaited it (a CI hang).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), self.flush_interval)
+                async with asyncio.timeout(self.flush_interval):
+                    await self._wakeup.wait()
             self._wakeup.clear()
             await self._flush(loop)
 
@@ -467,11 +479,14 @@ class Recorder(Observer):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         try:
-            await asyncio.wait_for(self._finish(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._finish()
         except TimeoutError:
             log.error("record_close_timed_out", extra={"fields": {
                 "path": self.file.path, "seconds": timeout, "unwritten": len(self._pending),
             }})  # fmt: skip
+        finally:
+            self._worker.stop()
 
     async def _finish(self) -> None:
         if self._writing is not None:

@@ -269,7 +269,8 @@ async def _watch(
             if done and not keep_running:
                 break
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.25)
+                async with asyncio.timeout(0.25):  # not wait_for: see Recorder._writer
+                    await stop.wait()
         if live is None:
             console.print(view.lines(time.monotonic() - run.started), markup=False, highlight=False, soft_wrap=True)
 

@@ -393,7 +393,8 @@ class Ctx:
         """Wait, or less when the run stops; False when it stopped."""
         if seconds > 0:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), seconds)
+                async with asyncio.timeout(seconds):  # not wait_for: see Recorder._writer
+                    await self.stop.wait()
         return not self.stopped
 
     def backoff(self, failures: int) -> float:
