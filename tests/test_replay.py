@@ -545,6 +545,42 @@ async def test_recorder_rotates_and_stays_bounded(tmp_path: Path) -> None:
     assert os.listdir(single.parent) == ["events.jsonl"] and single.stat().st_size <= 4096
 
 
+async def test_every_new_file_starts_with_the_configuration_in_force(tmp_path: Path) -> None:
+    """A file read alone (PATH after a rotation, or the new one logrotate's
+    SIGHUP started, even at a refused reload) had no config line: replay
+    could not say its configuration was the one that ran, nor that Redis fed
+    the engine events the recording lacks."""
+    path = tmp_path / "events.jsonl"
+    settings = settings_for("ws://127.0.0.1:9", **{"record.path": str(path), "state.backend": "redis"})
+    rec = Recorder(RecordSettings(path=str(path), max_bytes=4096, rotate=9), flush_interval=0.01)
+    rec.on_config(settings, {"result": "ok"})
+    for i in range(60):  # ~9 KB through a 4 KB file
+        rec.on_closed(FakeConn(), closed_event(i), None)
+    await asyncio.sleep(0.05)
+    assert rec.file.rotations >= 1
+    os.rename(path, tmp_path / "moved.jsonl")
+    rec.on_config(None, {"reload": True, "result": "error"})  # type: ignore[arg-type]
+    rec.on_closed(FakeConn(), closed_event(60), None)
+    await rec.aclose()
+
+    rotated = [tmp_path / f"events.jsonl.{n}" for n in range(rec.file.rotations, 0, -1)]  # oldest first
+    original = records(rotated[0])[1]
+    assert original["type"] == "config" and "continued" not in original
+    for later in [*rotated[1:], tmp_path / "moved.jsonl", path]:
+        head = records(later)[0]
+        assert head["type"] == "config" and head["continued"] and not head["reload"]
+        assert head["sections"] == original["sections"] and head["shared"] == "redis"
+    assert conn_ids(path) == [60]
+
+    report = replay([str(path)], settings)
+    assert [s.matches for s in report.stretches] == [True]
+    assert "shared" in report.unrecorded
+    # Read together, the head lines change nothing: one stretch, one configuration.
+    every = replay([str(f) for f in [*rotated, tmp_path / "moved.jsonl", path]], settings)
+    assert [s.matches for s in every.stretches] == [True] and not every.reloads
+    assert every.events == 61
+
+
 async def test_recorder_drops_beyond_its_buffer_instead_of_growing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -38,7 +38,9 @@ Beside the events, what a replay needs to decide as the live engine did
 * a ``config`` line with a digest of each section the engine decides by
   (detection, policy, breakers), at start and at every reload that applied
   (``reload``, ``changed``): a replay can tell whether its configuration is
-  the one that ran, and when it was not;
+  the one that ran, and when it was not; and the one in force at the head of
+  every new file (``continued``: a rotation, or a file moved away), so a file
+  read alone says it too;
 * a ``lever`` line for each change that is no traffic (an operator's cooldown,
   release or breaker reset; a cooldown or release another replica sent),
   written where the engine took it, so a replay applies it there;
@@ -83,6 +85,7 @@ FLUSH_INTERVAL = 0.5  # seconds between writes; a crash loses at most this much
 CLOSE_TIMEOUT = 5.0
 FLUSH_LINES = 5_000  # a burst this large is written without waiting for the interval
 MAX_PENDING = 200_000  # lines buffered while the disk is slow; beyond, events are dropped
+CONFIG_PREFIX = b'{"type":"config",'  # how Recorder.on_config's lines begin
 # The sections the engine decides by: a `config` line carries a digest of each.
 ENGINE_SECTIONS = ("detection", "policy", "breakers")
 
@@ -133,6 +136,11 @@ class EventFile:
         # Unbuffered: a failed write leaves nothing behind in a buffer to come out later.
         self._file = _open_regular(path)
         self.size = os.fstat(self._file.fileno()).st_size
+        # The last config line written: each new file starts with it, marked
+        # `continued`, so a file read alone (PATH after a rotation, or a new
+        # one after logrotate moved the last) says which configuration ran and
+        # that Redis or health checks fed the engine.
+        self._config: bytes | None = None
 
     def write(self, lines: Iterable[bytes]) -> int:
         """Append lines (each ending in a newline), rotating as needed; bytes written."""
@@ -151,6 +159,8 @@ class EventFile:
                     self._rotate()
                 chunk.append(line)
                 chunk_size += len(line)
+                if line.startswith(CONFIG_PREFIX):
+                    self._config = line
             written += self._append(chunk, chunk_size)
         return written
 
@@ -192,6 +202,9 @@ class EventFile:
         old, self._file = self._file, new
         self.size = os.fstat(new.fileno()).st_size
         old.close()
+        if self._config is not None:
+            line = _encode({**json.loads(self._config), "reload": False, "changed": [], "continued": True})
+            self._append([line], len(line))
 
     def reopen(self) -> bool:
         """Start a new file at PATH if the open one is no longer there (moved
