@@ -547,7 +547,7 @@ def itself() -> list[cogbuilder.Builder[Any]]:
         ),
     ).span(6)
     observer_errors = ts(
-        "Observer errors, lost spans and lost events/s",
+        "Observer errors, lost spans, lost and failed events/s",
         "Exceptions raised by an observer (telemetry, logs, recorder …). The relay carries on, "
         "but what that observer records is incomplete — metrics or logs may be missing. Any "
         "non-zero value is a loopwatch bug: the JSON logs have the traceback; report it. "
@@ -558,7 +558,9 @@ def itself() -> list[cogbuilder.Builder[Any]]:
         "data plane could not hand to the brain because the queue between them was full "
         "(loopwatch_events_dropped_total): traffic is unaffected, but detection did not see "
         "those attempts. Losses that go on fire LoopwatchEventsDropped: the brain is saturated "
-        "(see CPU used and Event-loop lag); add replicas.",
+        "(see CPU used and Event-loop lag); add replicas. Failed events: the brain raised while "
+        "handling them (loopwatch_events_failed_total), a bug: any fires "
+        "LoopwatchEventHandlingFailed; the log has the traceback.",
         *refs(
             (
                 f"sum by (instance, observer) (rate(loopwatch_observer_errors_total{{{SEL}}}[$__rate_interval]))",
@@ -571,6 +573,10 @@ def itself() -> list[cogbuilder.Builder[Any]]:
             (
                 f"sum by (instance) (rate(loopwatch_events_dropped_total{{{SEL}}}[$__rate_interval]))",
                 "events lost {{instance}}",
+            ),
+            (
+                f"sum by (instance) (rate(loopwatch_events_failed_total{{{SEL}}}[$__rate_interval]))",
+                "events failed {{instance}}",
             ),
         ),
     ).span(6)

@@ -31,6 +31,7 @@ REQUIRED_ALERTS = {
     "LoopwatchDown",
     "LoopwatchRequestsRejected",  # issue 17: refusals before detection
     "LoopwatchEventsDropped",  # issue 16: the brain behind the data plane, detection blind
+    "LoopwatchEventHandlingFailed",  # the brain raised on an event: a bug, detection off for its client
     "LoopwatchStateStoreDown",  # docs/replicas.md: a replica cut off from the fleet's Redis
     "LoopwatchConfigReloadFailed",  # a refused reload: the change not in force, the next start broken
 }
