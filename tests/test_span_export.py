@@ -12,11 +12,13 @@ import logging
 import marshal
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -500,3 +502,99 @@ def test_the_spans_a_killed_child_held_are_counted(tmp_path: Path) -> None:
         assert s.dropped == 40
     finally:
         s.shutdown()
+
+
+class Collector:
+    """A fake OTLP/HTTP collector on loopback: each request is answered by
+    `answer(connection)`; what it could send before the exporter let go is kept."""
+
+    def __init__(self, answer: Callable[[socket.socket], None]) -> None:
+        self.answer = answer
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.connections = 0
+        self.cut = threading.Event()  # the exporter closed while an answer was being sent
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                while conn.recv(1 << 20):  # a request (small: one span), then the answer
+                    self.answer(conn)
+            except OSError:
+                self.cut.set()
+
+    def exporter(self, monkeypatch: pytest.MonkeyPatch) -> SpanExporter:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"http://127.0.0.1:{self.port}/v1/traces")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")
+        (exporter,) = span_export.exporters_from_env({"OTEL_TRACES_EXPORTER": "otlp"})
+        return exporter
+
+
+def export_in_time(exporter: SpanExporter) -> SpanExportResult:
+    """One span exported; the export must end (a hung one fails the test, not the run)."""
+    results: list[SpanExportResult] = []
+    spans = [readable_span(r, PARTS.resource, PARTS.scope) for r in records(0, 1)]
+    worker = threading.Thread(target=lambda: results.append(exporter.export(spans)), daemon=True)
+    worker.start()
+    worker.join(30)
+    assert results, "the export did not end"
+    return results[0]
+
+
+def endless_answer(conn: socket.socket) -> None:
+    conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    while True:
+        conn.sendall(b"10000\r\n" + b"x" * 0x10000 + b"\r\n")
+
+
+def trickled_answer(conn: socket.socket) -> None:
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+    while True:
+        conn.sendall(b"x")
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("answer", [endless_answer, trickled_answer], ids=["endless", "trickled"])
+def test_a_collectors_answer_is_read_bounded_in_bytes_and_time(
+    answer: Callable[[socket.socket], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sinks probe: the SDK read a collector's answer whole (200 MiB took
+    137 MB into the child), and with its timeout per read a collector that
+    trickled its answer held the export for good. The status is what counts:
+    at most MAX_ANSWER bytes, within the export's timeout, then the
+    connection is let go."""
+    collector = Collector(answer)
+    exporter = collector.exporter(monkeypatch)
+    assert export_in_time(exporter) is SpanExportResult.SUCCESS  # its status was 200
+    assert collector.cut.wait(10)  # the exporter closed the connection mid-answer
+    assert export_in_time(exporter) is SpanExportResult.SUCCESS
+    assert collector.connections == 2  # a connection let go is not reused
+    exporter.shutdown()
+
+
+def test_a_whole_answer_keeps_its_connection_for_the_next_export(monkeypatch: pytest.MonkeyPatch) -> None:
+    collector = Collector(lambda conn: conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+    exporter = collector.exporter(monkeypatch)
+    for _ in range(3):
+        assert export_in_time(exporter) is SpanExportResult.SUCCESS
+    assert collector.connections == 1 and not collector.cut.is_set()
+    exporter.shutdown()
+
+
+def test_a_credential_providers_session_is_the_sdks_to_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session from OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER (an
+    entry point) is not replaced by the bounded one: the SDK loads it."""
+    monkeypatch.setenv("OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER", "no-such-provider")
+    env = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER": "no-such-provider"}
+    with pytest.raises(RuntimeError, match="no-such-provider"):
+        span_export.exporters_from_env(env)

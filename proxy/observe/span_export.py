@@ -265,12 +265,54 @@ def exporters_from_env(env: Mapping[str, str]) -> list[SpanExporter]:
     if "otlp" in names:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        out.append(OTLPSpanExporter())  # endpoint, headers, timeout: OTEL_EXPORTER_OTLP_*
+        # endpoint, headers, timeout: OTEL_EXPORTER_OTLP_*. A credential
+        # provider's session (OTEL_PYTHON_EXPORTER_OTLP_HTTP_*CREDENTIAL_PROVIDER)
+        # is the SDK's to load, and reads answers unbounded.
+        providers = [var for var in env if var.startswith("OTEL_PYTHON_EXPORTER_OTLP_HTTP_") and "CREDENTIAL" in var]
+        out.append(OTLPSpanExporter(session=None if providers else bounded_session()))
     if "console" in names:
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
         out.append(ConsoleSpanExporter())
     return out
+
+
+# What of a collector's answer is read: an OTLP answer is a few bytes (a
+# partial success names its rejected spans); the status says the rest.
+MAX_ANSWER = 64 * 1024
+ANSWER_CHUNK = 16 * 1024
+
+
+def bounded_session() -> Any:
+    """A requests session that reads at most MAX_ANSWER bytes of an answer's
+    body, and for no longer than the request's timeout, then lets the
+    connection go. The SDK's session read the whole body, with its timeout per
+    read: a collector (or a middlebox) answering 200 MiB took 137 MB into the
+    child, and one that trickled its answer a byte at a time held the export
+    for good (the sinks probe)."""
+    import requests
+
+    session = requests.Session()
+    session.hooks["response"].append(_read_bounded)
+    return session
+
+
+def _read_bounded(response: Any, *args: Any, timeout: Any = None, **kwargs: Any) -> None:
+    """A response hook: it runs before requests reads the body, and reads it
+    itself; what requests then reads is what is left (nothing)."""
+    import urllib3
+    seconds = timeout if isinstance(timeout, int | float) else 10.0
+    deadline = time.monotonic() + seconds
+    read = 0
+    try:
+        while read <= MAX_ANSWER and time.monotonic() < deadline:
+            chunk = response.raw.read1(ANSWER_CHUNK)  # what has come, up to a chunk
+            if not chunk:
+                return  # the whole answer: the connection goes back to the pool
+            read += len(chunk)
+    except (OSError, urllib3.exceptions.HTTPError):
+        pass  # a connection cut mid-answer: its status was read, the rest does not matter
+    response.close()  # more than that, or too slow: this connection is not reused
 
 
 class SdkParts:
