@@ -17,6 +17,7 @@ import yaml
 from loopwatch.dashboards import generate, promql
 
 ROOT = Path(__file__).resolve().parent.parent
+RUNBOOKS = ROOT / "docs" / "runbooks.md"
 SCHEMA_DIR = ROOT / "dashboards" / "schema"
 ROWS = ["Overview", "Close codes", "Loops", "Latency and lifetime", "Relay", "loopwatch itself"]
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
@@ -275,6 +276,19 @@ def test_docs_explain_every_row_and_panel(dashboard: dict[str, Any]) -> None:
         assert f"\n### {row}\n" in doc, row
     for panel in panels(dashboard):
         assert f"**{panel['title']}**" in doc, panel["title"]
+
+
+# Bold words of the runbooks that name no panel: their section headings.
+RUNBOOK_HEADINGS = {"Severity:", "What it means.", "Confirm.", "What to do.", "for:", "not"}
+
+
+def test_the_panels_the_runbooks_name_exist(dashboard: dict[str, Any]) -> None:
+    """An operator in an incident looks for the panel a runbook names: two
+    runbooks named one by a title it had lost (the new3 and docs probes)."""
+    titles = {panel["title"] for panel in panels(dashboard)}
+    prose = re.sub(r"^```.*?^```", "", RUNBOOKS.read_text(), flags=re.MULTILINE | re.DOTALL)  # no code blocks
+    named = {" ".join(bold.split()) for bold in re.findall(r"\*\*([^*]+?)\*\*", prose)}
+    assert named - RUNBOOK_HEADINGS - titles == set()
 
 
 # Grafana's values for the variables, as the e2e test substitutes them.

@@ -581,6 +581,64 @@ async def test_every_new_file_starts_with_the_configuration_in_force(tmp_path: P
     assert every.events == 61
 
 
+async def test_a_file_copytruncate_emptied_starts_with_the_configuration_in_force(tmp_path: Path) -> None:
+    """The new3 probe: after logrotate's copytruncate the emptied file had no
+    head, and its postrotate SIGHUP's reload line (nothing changed) was taken
+    for a reload by replay."""
+    path = tmp_path / "events.jsonl"
+    settings = settings_for("ws://127.0.0.1:9", **{"record.path": str(path)})
+    rec = Recorder(RecordSettings(path=str(path)), flush_interval=0.01)
+    rec.on_config(settings, {"result": "ok"})
+    rec.on_closed(FakeConn(), closed_event(1), None)
+    await asyncio.sleep(0.05)
+    (tmp_path / "events.jsonl.1").write_bytes(path.read_bytes())  # copy, then empty in place
+    os.truncate(path, 0)
+    rec.on_config(settings, {"reload": True, "result": "ok"})  # postrotate: kill -HUP
+    rec.on_closed(FakeConn(), closed_event(2), None)
+    await rec.aclose()
+    head, reload = records(path)[:2]
+    assert head["type"] == "config" and head["continued"] and head["sections"] == reload["sections"]
+    assert reload["reload"] and reload["changed"] == []
+    assert conn_ids(path) == [2]
+    report = replay([str(path)], settings)
+    assert not report.reloads and [s.matches for s in report.stretches] == [True]
+
+
+async def test_a_head_that_failed_to_be_written_is_written_with_the_next_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new3 probe: the head was written as the rotation opened the new
+    file; a full disk then left that file without one for good."""
+    path = tmp_path / "events.jsonl"
+    settings = settings_for("ws://127.0.0.1:9", **{"record.path": str(path)})
+    rec = Recorder(RecordSettings(path=str(path), max_bytes=4096, rotate=2), flush_interval=0.01)
+    rec.on_config(settings, {"result": "ok"})
+    await asyncio.sleep(0.05)
+    full = True
+
+    class FullDisk(io.FileIO):
+        def write(self, data: Any) -> int:
+            if full:
+                raise OSError(28, "No space left on device")
+            return super().write(data)
+
+    def opened(name: str, truncate: bool = False) -> io.FileIO:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | (os.O_TRUNC if truncate else 0)
+        return FullDisk(os.open(name, flags, 0o644), "ab")
+
+    monkeypatch.setattr(recorder_module, "_open_regular", opened)
+    for i in range(60):  # ~9 KB into a 4 KB file: rotated, and the new file is full at once
+        rec.on_closed(FakeConn(), closed_event(i), None)
+    await asyncio.sleep(0.1)
+    assert rec.file.rotations >= 1 and rec.write_errors >= 1
+    full = False
+    rec.on_closed(FakeConn(), closed_event(60), None)
+    await rec.aclose()
+    head = records(path)[0]
+    assert head["type"] == "config" and head["continued"]
+    assert conn_ids(path)[-1] == 60
+
+
 async def test_recorder_drops_beyond_its_buffer_instead_of_growing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -760,6 +818,25 @@ async def test_a_stop_in_the_same_turn_as_a_wake_up_ends_the_writer(tmp_path: Pa
     async with asyncio.timeout(5):
         await rec.aclose()
     assert conn_ids(path) == [1, 2]
+    for _ in range(100):
+        if writing_threads() <= others:
+            break
+        await asyncio.sleep(0.01)
+    assert writing_threads() <= others
+
+
+async def test_a_write_after_the_close_gave_up_fails_and_starts_no_thread(tmp_path: Path) -> None:
+    """The new3 probe: a reopen stalled on the disk past the close's timeout,
+    then its batch's write started a new writing thread that never ended."""
+    def writing_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name == "loopwatch-recorder-file"}
+
+    others = writing_threads()  # other tests' recorders
+    worker = recorder_module.FileWorker()
+    assert await worker.run(lambda: 1) == 1
+    worker.stop()
+    with pytest.raises(OSError, match="closed"):
+        await worker.run(lambda: 2)
     for _ in range(100):
         if writing_threads() <= others:
             break

@@ -436,6 +436,50 @@ def test_a_reload_is_reported_not_blamed_on_the_configuration_given(tmp_path: Pa
     assert any(line.startswith("this configuration decided differently") for line in summary(candidate))
 
 
+def test_a_files_head_that_says_another_configuration_is_a_reload_whose_line_is_missing(tmp_path: Path) -> None:
+    """The new3 probe: a reload's config line lost (a failed write, or its
+    file left out of the replay) and the next file's head saying the new
+    configuration: replay kept the old one, and blamed the differences on an
+    input the recording lacks, "where the live proxy ran this very
+    configuration"."""
+    live = reloaded(tmp_path)
+    whole = replay([str(live.write(tmp_path / "whole.jsonl"))], settings())
+    (reload_line,) = (i for i, line in enumerate(live.lines) if line.get("reload"))
+    head = {**live.lines[reload_line], "reload": False, "changed": [], "continued": True}
+    live.lines[reload_line] = head  # the reload line lost; the next file's head in its place
+    path = str(live.write(tmp_path / "e.jsonl"))
+
+    running = replay([path], settings(), keep_decisions=True)
+    assert [r.changed for r in running.reloads] == [("policy",)]
+    assert running.differences() == whole.differences()  # as with its reload line
+    assert running.differences()["other_config"].judged > 10
+    assert any("the configuration changed before this line (policy) with no reload line" in w for w in running.warnings)
+
+    # A head that agrees changes nothing, and warns of nothing.
+    live = reloaded(tmp_path)
+    live.lines.insert(5, {**live.lines[1], "continued": True})
+    again = replay([str(live.write(tmp_path / "same.jsonl"))], settings(**{"policy.mode": "observe"}))
+    assert [r.changed for r in again.reloads] == [("policy",)] and not again.warnings
+
+
+def test_a_reload_that_changed_nothing_in_a_file_without_a_head_is_no_reload(tmp_path: Path) -> None:
+    """The new3 probe: a file copytruncate emptied (or one from before
+    heads), then logrotate's SIGHUP: a reload line that changed nothing was
+    reported as a reload, and the decisions before it as another
+    configuration's."""
+    live = Live(settings())
+    live.start(0.0)
+    loop(live, "bug@10.0.0.1", 10.0, 10)
+    live.reload(12.0, settings())  # the SIGHUP: nothing changed
+    loop(live, "bug@10.0.0.1", 12.5, 10)
+    lines = [line for line in live.lines if line["type"] not in ("start",) and not (
+        line["type"] == "config" and not line["reload"])]  # fmt: skip
+    live.lines[:] = lines
+    report = replay([str(live.write(tmp_path / "e.jsonl"))], settings())
+    assert not report.reloads
+    assert [s.matches for s in report.stretches] == [True]
+
+
 def test_the_same_configuration_spelled_otherwise_is_the_same(tmp_path: Path) -> None:
     live = reloaded(tmp_path)
     path = str(live.write(tmp_path / "e.jsonl"))

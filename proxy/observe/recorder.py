@@ -137,10 +137,12 @@ class EventFile:
         self._file = _open_regular(path)
         self.size = os.fstat(self._file.fileno()).st_size
         # The last config line written: each new file starts with it, marked
-        # `continued`, so a file read alone (PATH after a rotation, or a new
-        # one after logrotate moved the last) says which configuration ran and
-        # that Redis or health checks fed the engine.
+        # `continued`, so a file read alone (PATH after a rotation, a new one
+        # after logrotate moved the last, or one copytruncate emptied) says
+        # which configuration ran and that Redis or health checks fed the
+        # engine. Owed from the new file's start until a write there succeeds.
         self._config: bytes | None = None
+        self._head_owed = False
 
     def write(self, lines: Iterable[bytes]) -> int:
         """Append lines (each ending in a newline), rotating as needed; bytes written."""
@@ -149,20 +151,33 @@ class EventFile:
             if self._file.closed:
                 return 0
             # As it is on disk: emptied by logrotate's copytruncate since, say.
-            self.size = os.fstat(self._file.fileno()).st_size
-            chunk: list[bytes] = []
-            chunk_size = 0
+            on_disk = os.fstat(self._file.fileno()).st_size
+            if on_disk < self.size:
+                self._head_owed = True
+            self.size = on_disk
+            chunk = self._head()
+            chunk_size = head_size = sum(map(len, chunk))
             for line in lines:
-                if self.size + chunk_size + len(line) > self.max_bytes and self.size + chunk_size > 0:
+                # Full, and not only with the head it owes: a line too long for
+                # an empty file goes in it all the same.
+                if self.size + chunk_size + len(line) > self.max_bytes and self.size + chunk_size > head_size:
                     written += self._append(chunk, chunk_size)
-                    chunk, chunk_size = [], 0
                     self._rotate()
+                    chunk = self._head()
+                    chunk_size = head_size = sum(map(len, chunk))
                 chunk.append(line)
                 chunk_size += len(line)
                 if line.startswith(CONFIG_PREFIX):
                     self._config = line
             written += self._append(chunk, chunk_size)
         return written
+
+    def _head(self) -> list[bytes]:
+        """The lines a new chunk starts with: the configuration in force, if
+        this file still owes it."""
+        if not self._head_owed or self._config is None:
+            return []
+        return [_encode({**json.loads(self._config), "reload": False, "changed": [], "continued": True})]
 
     def _append(self, chunk: list[bytes], size: int) -> int:
         if not chunk:
@@ -179,6 +194,7 @@ class EventFile:
                 self._file.seek(self.size)
             raise
         self.size += size
+        self._head_owed = False  # the file has its head, or lines before any config line
         return size
 
     def _rotate(self) -> None:
@@ -202,9 +218,7 @@ class EventFile:
         old, self._file = self._file, new
         self.size = os.fstat(new.fileno()).st_size
         old.close()
-        if self._config is not None:
-            line = _encode({**json.loads(self._config), "reload": False, "changed": [], "continued": True})
-            self._append([line], len(line))
+        self._head_owed = True
 
     def reopen(self) -> bool:
         """Start a new file at PATH if the open one is no longer there (moved
@@ -238,11 +252,17 @@ class FileWorker:
             queue.SimpleQueue()
         )
         self._thread: threading.Thread | None = None
+        self._stopped = False
 
     def run(self, call: Callable[[], T]) -> asyncio.Future[T]:
-        """`call()` in the thread, after the calls before it; its result or error."""
+        """`call()` in the thread, after the calls before it; its result or
+        error (OSError once stopped: a batch still on its way when the close
+        gave up on a stalled disk is lost, and counted so)."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[T] = loop.create_future()
+        if self._stopped:
+            done.set_exception(OSError(errno.ECANCELED, "the recorder closed before this write"))
+            return done
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, name="loopwatch-recorder-file", daemon=True)
             self._thread.start()
@@ -252,6 +272,7 @@ class FileWorker:
     def stop(self) -> None:
         """The thread ends after the calls already given (one per recorder:
         they piled up, one per reload of the recorder in tests)."""
+        self._stopped = True
         if self._thread is not None:
             self._jobs.put(None)
             self._thread = None

@@ -263,13 +263,26 @@ class Replayer:
         if line.health_check and not line.health_results:
             report.unrecorded.add("health_check")
         stretch = self._stretch
-        if not line.reload:
-            if stretch.digests is None:  # the process's own, from its start
-                stretch.digests = line.digests
-                stretch.matches = line.digests == report.digests
+        if stretch.digests is None and not (line.reload and line.changed):
+            # The configuration in force, first said: the process's own from its
+            # start, a file's head (`continued`), or a reload that changed nothing.
+            stretch.digests = line.digests
+            stretch.matches = line.digests == report.digests
             return
         if stretch.digests == line.digests:
             return  # nothing the engine decides by changed
+        if not line.reload:
+            # A file's head that says another configuration ran: a reload whose
+            # line is missing (a failed write lost it, or its file was not given).
+            changed = tuple(s for s in ENGINE_SECTIONS if stretch.digests and stretch.digests.get(s) != line.digests.get(s))
+            at = report.last_t if report.last_t is not None else line.t or 0.0
+            report.warnings.append(
+                f"{line.file}:{line.line}: the configuration changed before this line ({', '.join(changed)}) with no "
+                "reload line for it (lost in a failed write, or in a file not given): replayed from here as changed"
+            )
+            report.reloads.append(Reload(at, changed))
+            self._stretch = self._new_stretch(line.digests)
+            return
         # As the recorder saw it, against the configuration before (which this
         # stretch may not know: its process started before the recording).
         changed = tuple(s for s in ENGINE_SECTIONS if s in line.changed) or tuple(
