@@ -1193,7 +1193,7 @@ class Engine:
             (s for s in self._store if s.key not in notable),
             key=lambda s: s.rate_at(t, tau),
         )
-        candidates.sort(key=lambda s: (rank(s, t), -s.rate_at(t, tau)))
+        candidates.sort(key=lambda s: (rank(s, t, self._enforced_now), -s.rate_at(t, tau)))
         return [
             client_view(s, t, tau, self._quiet, self._views, history=False, enforced=self._enforced_now)
             for s in candidates[offset : offset + limit]
@@ -1203,7 +1203,7 @@ class Engine:
         """Every tracked client's key, worst first, as `clients` pages them."""
         tau = self._detection.rate_window
         states = list(self._store)
-        states.sort(key=lambda s: (rank(s, t), -s.rate_at(t, tau)))
+        states.sort(key=lambda s: (rank(s, t, self._enforced_now), -s.rate_at(t, tau)))
         return [s.key for s in states]
 
     def views(self, keys: Iterable[str], t: float) -> list[ClientView]:

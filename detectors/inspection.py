@@ -20,17 +20,23 @@ from .views import ClientView, EngineSnapshot, FindingView
 _STATUS_RANK = {"cooldown": 0, "critical": 1, "warning": 2, "ok": 3}
 
 
-def status(state: ClientState, t: float) -> str:
-    if state.cool_rule is not None and state.cool_until > t:
+def status(state: ClientState, t: float, enforced: Callable[[ClientState], bool]) -> str:
+    """`cooldown` only while loopwatch refuses the client: a cooldown the
+    policy observes (observe mode, the allow list, outside the rollout) lets
+    every attempt through, and said `cooldown` in the API and the CLI while
+    the backend took them all (the docs probe). It shows as flagged: its
+    findings' worst severity, `warning` without one."""
+    cooling = state.cool_rule is not None and state.cool_until > t
+    if cooling and enforced(state):
         return "cooldown"
     if state.flags:
         worst = max(SEVERITY_RANK[f.severity] for f in state.flags.values())
         return "critical" if worst == SEVERITY_RANK["critical"] else "warning"
-    return "ok"
+    return "warning" if cooling else "ok"
 
 
-def rank(state: ClientState, t: float) -> int:
-    return _STATUS_RANK[status(state, t)]
+def rank(state: ClientState, t: float, enforced: Callable[[ClientState], bool]) -> int:
+    return _STATUS_RANK[status(state, t, enforced)]
 
 
 # rule name → (check, evidence, settings block), for evidence as of the view's time
@@ -67,7 +73,7 @@ def client_view(
         entries = tuple(unpack(ring[i], int(ring[i + 1])) for i in range(0, len(ring), 2))
     return ClientView(
         key=state.key,
-        status=status(state, t),
+        status=status(state, t, enforced),
         attempts_total=state.attempts,
         attempts_per_second=state.rate_at(t, tau),
         open_connections=state.open_count,

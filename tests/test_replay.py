@@ -9,6 +9,7 @@ import io
 import json
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -926,6 +927,31 @@ async def test_a_disk_that_never_answers_holds_the_stop_no_longer_than_the_close
     disk.thawed.set()
     closing = [r for r in caplog.records if r.getMessage() == "record_close_timed_out"]
     assert len(closing) == 1 and closing[0].fields["seconds"] == 0.3  # type: ignore[attr-defined]
+
+
+def test_a_write_that_outlasts_the_event_loop_ends_quietly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stalled write the close gave up on, then the process's loop closed:
+    when the disk came back, the writing thread raised "Event loop is closed"
+    and a plain-text traceback went to stderr at exit (CI's one warning)."""
+    errors: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
+    others = {t for t in threading.enumerate() if t.name == "loopwatch-recorder-file"}
+
+    async def stop_during_a_stall() -> StalledDisk:
+        rec = Recorder(RecordSettings(path=str(tmp_path / "events.jsonl")), flush_interval=0.01)
+        disk = StalledDisk(rec)
+        rec.on_closed(FakeConn(), closed_event(1), None)
+        assert await asyncio.to_thread(disk.stalled.wait, 5)
+        await rec.aclose(timeout=0.1)
+        return disk
+
+    disk = asyncio.run(stop_during_a_stall())
+    disk.thawed.set()
+    deadline = time.monotonic() + 10
+    while {t for t in threading.enumerate() if t.name == "loopwatch-recorder-file"} - others:
+        assert time.monotonic() < deadline, "the writing thread did not end"
+        time.sleep(0.01)
+    assert errors == []
 
 
 async def test_a_record_path_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:

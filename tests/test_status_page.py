@@ -88,6 +88,28 @@ RECORD_STATES = """key => {
 }"""
 
 
+async def test_an_observed_cooldown_shows_flagged_live_and_after_a_reload() -> None:
+    """Observe mode: the looping client is let in, so the page (live, from the
+    event stream, and loaded afresh from the API) says flagged, not refused."""
+    async with demo_backend() as backend, loopwatch(
+        f"ws://127.0.0.1:{backend.port}", **{"policy.mode": "observe", "policy.cooldown.base": "60s"}
+    ) as lw, chromium() as browser:
+        page = await open_page(browser, lw)
+        await expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=5000)
+        looper = asyncio.create_task(loop_until(ws_url(lw, "/ws?token=" + issue_token("tab-42", -60)), 60))
+        try:
+            for fresh in (False, True):
+                if fresh:
+                    await page.reload()
+                tab = row(page, LOOPER)
+                await expect(tab.locator("td").nth(1)).to_contain_text("observe: not refused", timeout=5000)
+                await expect(tab.locator("td").nth(0)).to_have_text("flagged")
+            view = await api_client(lw, LOOPER)
+            assert view["status"] == "critical" and view["cooldown"]["enforced"] is False
+        finally:
+            looper.cancel()
+
+
 async def test_loop_shows_flagged_then_cooldown_and_release_from_the_page(tmp_path: Path) -> None:
     async with demo_backend() as backend, loopwatch(
         f"ws://127.0.0.1:{backend.port}",

@@ -281,11 +281,14 @@ class FileWorker:
         while (job := self._jobs.get()) is not None:
             loop, done, call = job
             try:
-                result = call()
+                result, error = call(), None
             except Exception as e:
-                loop.call_soon_threadsafe(_settle, done, None, e)
-            else:
-                loop.call_soon_threadsafe(_settle, done, result, None)
+                result, error = None, e
+            # A write that outlasted the loop (the close gave up on a stalled
+            # disk, then the process stopped): nobody waits for its result,
+            # and raising here printed a plain-text traceback at exit.
+            with contextlib.suppress(RuntimeError):  # the event loop is closed
+                loop.call_soon_threadsafe(_settle, done, result, error)
 
 
 def _settle(done: asyncio.Future[Any], result: Any, error: Exception | None) -> None:

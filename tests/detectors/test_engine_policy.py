@@ -58,6 +58,26 @@ def test_observe_mode_snapshot_counts_would_be_cooldowns_apart() -> None:
     assert (snap.clients_in_cooldown, snap.clients_in_observed_cooldown) == (0, 1)
 
 
+def test_an_observed_cooldown_is_no_cooldown_status() -> None:
+    """The docs probe: in observe mode the API and the CLI said `cooldown` for
+    a client every attempt of which reached the backend (and admin-api.md's
+    "who is refused" recipe listed it). `cooldown` is for a client refused;
+    an observed cooldown ranks and reads as its worst finding."""
+    e = engine(PolicySettings(mode="observe"))
+    loop(e, until=1.0)
+    loop(e, key="bob@10.0.0.6", until=1.0)
+    e.force_cooldown("carol@10.0.0.7", 60.0, 1.0)  # an operator's: refused in any mode
+    (view,) = e.views([K], 1.0)
+    assert view.cooldown_rule == "auth_failure_loop" and not view.cooldown_enforced
+    assert view.status == "critical"
+    ranked = [(c.key, c.status) for c in e.clients(1.0)]
+    assert ranked[0] == ("carol@10.0.0.7", "cooldown")
+    assert {k: st for k, st in ranked[1:]} == {K: "critical", "bob@10.0.0.6": "critical"}
+    enforced = engine()
+    loop(enforced, until=1.0)
+    assert enforced.views([K], 1.0)[0].status == "cooldown"
+
+
 def test_a_rule_can_be_observed_while_the_rest_is_enforced() -> None:
     detection = DetectionSettings(rules={"auth_failure_loop": {"mode": "observe"}})  # type: ignore[arg-type]
     log = loop(engine(detection=detection), until=2.0).log
@@ -172,7 +192,8 @@ def test_a_cooldown_a_reload_lifts_is_shown_as_not_enforced(
     reloaded = DetectionSettings.model_validate(detection)
     e.reconfigure(reloaded, PolicySettings(**lift), BreakerSettings(), t)  # type: ignore[arg-type]
     view = e.client("alice", t + 0.1)
-    assert view is not None and view.status == "cooldown" and not view.cooldown_enforced
+    # Flagged, not `cooldown`: the client is let in (the docs probe).
+    assert view is not None and view.status in ("critical", "warning") and not view.cooldown_enforced
     snap = e.snapshot(t + 0.1)
     assert (snap.clients_in_cooldown, snap.clients_in_observed_cooldown) == (0, 1)
     assert e.admit(Attempt("alice", "/ws", t + 0.1, "10.0.0.5")).admitted  # as the views say

@@ -118,10 +118,21 @@
 
   // --- client state words -------------------------------------------------------
 
-  // ok / flagged / cooldown: the word is always shown beside the colour.
+  // ok / flagged / cooldown: the word is always shown beside the colour. The
+  // API's status is `cooldown` only while loopwatch refuses the client; an
+  // observed cooldown (observe mode, allow list, rollout) is its worst finding.
   function stateOf(c) {
-    if (c.status === "cooldown" && (!c.cooldown || c.cooldown.enforced !== false)) return "cooldown";
-    if (c.status === "cooldown" || c.status === "critical" || c.status === "warning") return "flagged";
+    if (c.status === "cooldown") return "cooldown";
+    if (c.status === "critical" || c.status === "warning") return "flagged";
+    return "ok";
+  }
+
+  // The status the API gives a client not refused: its worst finding, else
+  // `warning` while an observed cooldown runs, else ok.
+  function flaggedStatus(c) {
+    const findings = c.findings || [];
+    if (findings.some((f) => f.severity === "critical")) return "critical";
+    if (findings.length || (c.cooldown && c.cooldown.rule)) return "warning";
     return "ok";
   }
 
@@ -131,7 +142,9 @@
       .sort((a, b) => (a.severity === b.severity ? 0 : a.severity === "critical" ? -1 : 1))
       .map((f) => `${f.rule} · ${f.severity}`);
     if (c.cooldown && c.cooldown.rule === "manual") parts.push("manual cooldown");
-    if (c.status === "cooldown" && c.cooldown && c.cooldown.enforced === false) parts.push("observe: not refused");
+    if (c.status !== "cooldown" && c.cooldown && c.cooldown.rule && c.cooldown.enforced === false) {
+      parts.push("observe: not refused");
+    }
     return parts.join(", ") || "–";
   }
 
@@ -312,12 +325,12 @@
       patch(e.key, (c) => {
         c.findings = (c.findings || []).filter((f) => f.rule !== e.rule);
         c.findings.push({ rule: e.rule, severity: e.severity, evidence: e.evidence, raised_at: e.t });
-        if (c.status !== "cooldown") c.status = e.severity;
+        if (c.status !== "cooldown") c.status = flaggedStatus(c);
       });
     } else if (clients.has(e.key)) {
       patch(e.key, (c) => {
         c.findings = (c.findings || []).filter((f) => f.rule !== e.rule);
-        if (c.status !== "cooldown") c.status = c.findings.length ? c.findings[0].severity : "ok";
+        if (c.status !== "cooldown") c.status = flaggedStatus(c);
       });
     }
     if (e.key === selected) loadDetail();
@@ -327,13 +340,13 @@
     addRecent(e);
     if (e.action === "cooldown_started") {
       patch(e.key, (c) => {
-        c.status = "cooldown";
         c.cooldown = { until: e.until, rule: e.rule, repeat: e.repeat, enforced: e.enforced, remaining: e.duration };
+        c.status = e.enforced === false ? flaggedStatus(c) : "cooldown";
       });
     } else if (e.action === "cooldown_ended" && clients.has(e.key)) {
       patch(e.key, (c) => {
         c.cooldown = {};
-        c.status = (c.findings || []).length ? c.findings[0].severity : "ok";
+        c.status = flaggedStatus(c);
       });
     }
     if (e.key === selected) loadDetail();
