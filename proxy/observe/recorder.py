@@ -39,8 +39,8 @@ Beside the events, what a replay needs to decide as the live engine did
   (detection, policy, breakers), at start and at every reload that applied
   (``reload``, ``changed``): a replay can tell whether its configuration is
   the one that ran, and when it was not; and the one in force at the head of
-  every new file (``continued``: a rotation, or a file moved away), so a file
-  read alone says it too;
+  every new file (``continued``: a rotation, a file moved away, one
+  copytruncate emptied), so a file read alone says it too;
 * a ``lever`` line for each change that is no traffic (an operator's cooldown,
   release or breaker reset; a cooldown or release another replica sent),
   written where the engine took it, so a replay applies it there;
@@ -270,8 +270,8 @@ class FileWorker:
         return done
 
     def stop(self) -> None:
-        """The thread ends after the calls already given (one per recorder:
-        they piled up, one per reload of the recorder in tests)."""
+        """The thread ends after the calls already given, and later calls
+        fail (it was left waiting for ever, one per recorder made)."""
         self._stopped = True
         if self._thread is not None:
             self._jobs.put(None)

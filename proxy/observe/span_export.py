@@ -301,6 +301,7 @@ def _read_bounded(response: Any, *args: Any, timeout: Any = None, **kwargs: Any)
     """A response hook: it runs before requests reads the body, and reads it
     itself; what requests then reads is what is left (nothing)."""
     import urllib3
+
     seconds = timeout if isinstance(timeout, int | float) else 10.0
     deadline = time.monotonic() + seconds
     read = 0
