@@ -450,7 +450,7 @@ def test_a_files_head_that_says_another_configuration_is_a_reload_whose_line_is_
     path = str(live.write(tmp_path / "e.jsonl"))
 
     running = replay([path], settings(), keep_decisions=True)
-    assert [r.changed for r in running.reloads] == [("policy",)]
+    assert [(r.t, r.changed) for r in running.reloads] == [(12.0, ("policy",))]  # when it was reloaded
     assert running.differences() == whole.differences()  # as with its reload line
     assert running.differences()["other_config"].judged > 10
     assert any("the configuration changed before this line (policy) with no reload line" in w for w in running.warnings)

@@ -526,12 +526,27 @@ class Collector:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        with conn:
+        with conn, conn.makefile("rb") as requests:
             try:
-                while conn.recv(1 << 20):  # a request (small: one span), then the answer
+                while self._request(requests):
                     self.answer(conn)
             except OSError:
                 self.cut.set()
+
+    @staticmethod
+    def _request(requests: Any) -> bool:
+        """Read one whole request (its head, then Content-Length bytes of
+        body); False at the end of the connection."""
+        length = None
+        while (line := requests.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        if not line:
+            return False
+        assert length is not None, "the exporter sends a Content-Length"
+        requests.read(length)
+        return True
 
     def exporter(self, monkeypatch: pytest.MonkeyPatch) -> SpanExporter:
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"http://127.0.0.1:{self.port}/v1/traces")
@@ -564,7 +579,26 @@ def trickled_answer(conn: socket.socket) -> None:
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("answer", [endless_answer, trickled_answer], ids=["endless", "trickled"])
+def trickled_chunk_size(conn: socket.socket) -> None:
+    """One read of the body is one chunk-size line: a byte at a time, for ever."""
+    conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1;")
+    while True:
+        conn.sendall(b"a")
+        time.sleep(0.1)
+
+
+def trickled_trailers(conn: socket.socket) -> None:
+    conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n")
+    while True:
+        conn.sendall(b"X-More: y\r\n")
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [endless_answer, trickled_answer, trickled_chunk_size, trickled_trailers],
+    ids=["endless", "trickled", "chunk-size", "trailers"],
+)
 def test_a_collectors_answer_is_read_bounded_in_bytes_and_time(
     answer: Callable[[socket.socket], None], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -598,3 +632,18 @@ def test_a_credential_providers_session_is_the_sdks_to_load(monkeypatch: pytest.
     env = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER": "no-such-provider"}
     with pytest.raises(RuntimeError, match="no-such-provider"):
         span_export.exporters_from_env(env)
+
+
+def test_the_otlp_certificate_wins_over_the_requests_ca_bundle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new4 probe: with REQUESTS_CA_BUNDLE set (many images set it),
+    requests verified the collector with that bundle, not the one
+    OTEL_EXPORTER_OTLP_CERTIFICATE names: every export to a collector with a
+    private CA failed."""
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+    session = span_export.bounded_session()
+    session.verify = "/etc/loopwatch/collector-ca.pem"  # as the exporter sets it
+    merged = session.merge_environment_settings("https://collector:4318/v1/traces", {}, False, None, None)
+    assert merged["verify"] == "/etc/loopwatch/collector-ca.pem"
+    session.verify = True  # no certificate named: the environment's bundle, as requests does
+    merged = session.merge_environment_settings("https://collector:4318/v1/traces", {}, False, None, None)
+    assert merged["verify"] == "/etc/ssl/certs/ca-certificates.crt"

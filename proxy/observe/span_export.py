@@ -30,6 +30,7 @@ import os
 import queue
 import random
 import select
+import socket
 import struct
 import subprocess
 import sys
@@ -289,31 +290,61 @@ def bounded_session() -> Any:
     connection go. The SDK's session read the whole body, with its timeout per
     read: a collector (or a middlebox) answering 200 MiB took 137 MB into the
     child, and one that trickled its answer a byte at a time held the export
-    for good (the sinks probe)."""
+    for good (the sinks probe). An answer's head is read before any of this
+    (a collector that trickles its headers still holds its export)."""
     import requests
 
-    session = requests.Session()
+    class BoundedSession(requests.Session):
+        def merge_environment_settings(self, *args: Any, **kwargs: Any) -> Any:
+            settings = super().merge_environment_settings(*args, **kwargs)
+            if isinstance(self.verify, str):
+                # OTEL_EXPORTER_OTLP_CERTIFICATE, set by the exporter: requests
+                # let REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE win over it, and every
+                # export to a collector with a private CA failed (the new4 probe).
+                settings["verify"] = self.verify
+            return settings
+
+    session = BoundedSession()
     session.hooks["response"].append(_read_bounded)
     return session
 
 
 def _read_bounded(response: Any, *args: Any, timeout: Any = None, **kwargs: Any) -> None:
     """A response hook: it runs before requests reads the body, and reads it
-    itself; what requests then reads is what is left (nothing)."""
+    itself; what requests then reads is what is left (nothing). The time is
+    kept by a timer that cuts the socket: one read may take for ever (a chunk
+    size line or trailers trickled a byte at a time, each byte within the
+    timeout of a read)."""
     import urllib3
 
     seconds = timeout if isinstance(timeout, int | float) else 10.0
-    deadline = time.monotonic() + seconds
+    sock: socket.socket | None = getattr(response.raw.connection, "sock", None)
+    late = threading.Event()
+
+    def cut() -> None:
+        late.set()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(seconds, cut)
+    timer.daemon = True
+    if sock is not None:
+        timer.start()
     read = 0
     try:
-        while read <= MAX_ANSWER and time.monotonic() < deadline:
+        while read <= MAX_ANSWER:
             chunk = response.raw.read1(ANSWER_CHUNK)  # what has come, up to a chunk
             if not chunk:
-                return  # the whole answer: the connection goes back to the pool
+                if not late.is_set():
+                    return  # the whole answer: the connection goes back to the pool
+                break
             read += len(chunk)
-    except (OSError, urllib3.exceptions.HTTPError):
-        pass  # a connection cut mid-answer: its status was read, the rest does not matter
-    response.close()  # more than that, or too slow: this connection is not reused
+    except (OSError, ValueError, urllib3.exceptions.HTTPError):
+        pass  # a connection cut mid-answer (by the timer too): its status was read, the rest does not matter
+    finally:
+        timer.cancel()
+    response.close()  # more than that, too slow, or cut: this connection is not reused
 
 
 class SdkParts:

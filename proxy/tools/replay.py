@@ -275,7 +275,8 @@ class Replayer:
             # A file's head that says another configuration ran: a reload whose
             # line is missing (a failed write lost it, or its file was not given).
             changed = tuple(s for s in ENGINE_SECTIONS if stretch.digests and stretch.digests.get(s) != line.digests.get(s))
-            at = report.last_t if report.last_t is not None else line.t or 0.0
+            # The head is a copy of the lost reload's line: its time is the reload's.
+            at = line.t if line.t is not None else report.last_t or 0.0
             report.warnings.append(
                 f"{line.file}:{line.line}: the configuration changed before this line ({', '.join(changed)}) with no "
                 "reload line for it (lost in a failed write, or in a file not given): replayed from here as changed"
