@@ -181,14 +181,17 @@ def overview() -> list[cogbuilder.Builder[Any]]:
     )
     flagged = ts(
         "Clients flagged, by rule",
-        "Clients with an active finding now, by the rule that flagged them. It should be 0 or "
-        "close to it. Any auth_failure_loop or rapid_reconnect client is a connection loop "
-        "(alert LoopwatchConnectionLoopDetected): list them with GET /api/clients and read "
+        "Clients with an active finding now, by the rule that flagged them and its severity. It "
+        "should be 0 or close to it. A critical line is a connection loop (alert "
+        "LoopwatchConnectionLoopDetected, which names its rule); a looping client is often "
+        "flagged by other rules too, at warning: list them with GET /api/clients and read "
         "one with GET /api/clients/{key}. Flags clear after a quiet period, so the line lags "
         "the fix by about 30 s. The most any one replica counts: replicas that share state "
         "each count every client.",
         query(
-            f"max by (rule) (sum by (job, instance, rule) (loopwatch_clients_flagged{{{SEL}}}))", "{{rule}}"
+            "max by (rule, severity) "
+            f"(sum by (job, instance, rule, severity) (loopwatch_clients_flagged{{{SEL}}}))",
+            "{{rule}} {{severity}}",
         ),
     ).span(8)
     cooldown = (
