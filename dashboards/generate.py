@@ -352,8 +352,9 @@ def loops() -> list[cogbuilder.Builder[Any]]:
     )
     fleet = ts(
         "Loop or storm? Fleet attempt rate",
-        "The engine's fleet-wide attempt rate, and the same rate drawn again in orange while "
-        "the engine flags a reconnect storm (the rate far above its baseline). A storm — "
+        "The engine's fleet-wide attempt rate, and the same rate drawn again in orange where "
+        "the engine flagged a reconnect storm (the rate far above its baseline) within the "
+        "interval: the flag itself lasts seconds, often less than a scrape. A storm — "
         "every client reconnecting once after a backend restart or deploy — raises the rate "
         "without flagging clients and is not a loop; it should settle within a minute or "
         "two (alert LoopwatchReconnectStorm if it does not: look for a backend that keeps "
@@ -362,7 +363,8 @@ def loops() -> list[cogbuilder.Builder[Any]]:
         *refs(
             (f"sum(loopwatch_fleet_attempts_per_second{{{SEL}}})", "attempts/s"),
             (
-                f"max(loopwatch_reconnect_storm{{{SEL}}}) * sum(loopwatch_fleet_attempts_per_second{{{SEL}}})",
+                f"sum(loopwatch_fleet_attempts_per_second{{{SEL}}}) and on () "
+                f"(max(increase(loopwatch_reconnect_storms_total{{{SEL}}}[$__rate_interval])) > 0)",
                 "during a storm",
             ),
         ),
@@ -425,7 +427,10 @@ def latency() -> list[cogbuilder.Builder[Any]]:
         f"LoopwatchUpstreamHandshakeErrors compares with {HANDSHAKE_ERROR_RATIO_THRESHOLD:.0%} "
         "(dashed). connect/timeout: the backend is down or unreachable from loopwatch — check "
         "it and the upstream URL in the config; status_5xx: it is up but failing. The upstream "
-        "breaker opens on these (GET /api/breakers).",
+        "breaker opens on these (GET /api/breakers), and from then on refuses the attempts "
+        "before they reach for the backend (circuit_open, panel Refusals/s by reason): only "
+        "its probes count here, so a backend down for good reads as a low ratio; the "
+        "Circuit breakers panel and alert LoopwatchCircuitBreakerOpen say it.",
         query(
             f"sum by (error) ({HANDSHAKE_ERRORS_5M}{{{SEL_ROUTE}}})"
             f' / ignoring(error) group_left sum({ATTEMPTS_5M}{{{SEL_ROUTE}, outcome!="refused"}})',
