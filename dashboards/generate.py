@@ -354,7 +354,7 @@ def loops() -> list[cogbuilder.Builder[Any]]:
         "Loop or storm? Fleet attempt rate",
         "The engine's fleet-wide attempt rate, and the same rate drawn again in orange where "
         "the engine flagged a reconnect storm (the rate far above its baseline) within the "
-        "interval: the flag itself lasts seconds, often less than a scrape. A storm — "
+        "interval (0 elsewhere): the flag itself lasts seconds, often less than a scrape. A storm — "
         "every client reconnecting once after a backend restart or deploy — raises the rate "
         "without flagging clients and is not a loop; it should settle within a minute or "
         "two (alert LoopwatchReconnectStorm if it does not: look for a backend that keeps "
@@ -363,8 +363,8 @@ def loops() -> list[cogbuilder.Builder[Any]]:
         *refs(
             (f"sum(loopwatch_fleet_attempts_per_second{{{SEL}}})", "attempts/s"),
             (
-                f"sum(loopwatch_fleet_attempts_per_second{{{SEL}}}) and on () "
-                f"(max(increase(loopwatch_reconnect_storms_total{{{SEL}}}[$__rate_interval])) > 0)",
+                f"sum(loopwatch_fleet_attempts_per_second{{{SEL}}}) * on () "
+                f"(max(increase(loopwatch_reconnect_storms_total{{{SEL}}}[$__rate_interval])) > bool 0)",
                 "during a storm",
             ),
         ),

@@ -358,6 +358,23 @@ class FailingObserver(Observer):
         raise RuntimeError("observer bug (on purpose)")
 
 
+def fail_one_opened(running: Running) -> None:
+    """A bug in the brain: the healthy client's first Opened event raises.
+    loopwatch handles the rest of its batch, counts it
+    (loopwatch_events_failed_total) and carries on."""
+    engine = running.engine
+    record = engine.record
+    left = [1]
+
+    def flaky(event: Any) -> Any:
+        if left[0] and type(event).__name__ == "Opened" and event.key.startswith("healthy"):
+            left[0] = 0
+            raise RuntimeError("brain bug (on purpose)")
+        return record(event)
+
+    engine.record = flaky  # type: ignore[method-assign]
+
+
 def loopwatch_config(path: Path, backend_port: int, dead_port: int, redis_url: str) -> Path:
     config = {
         "state": {"backend": "redis", "redis": {"url": redis_url, "key_prefix": "lw-e2e:"}},
@@ -522,6 +539,7 @@ async def test_loop_alert_and_every_dashboard_query_against_real_prometheus(
     ):
         failing = FailingObserver()
         running.observers.add(failing)
+        fail_one_opened(running)
         instance = f"127.0.0.1:{running.admin_port}"
         base = f"ws://127.0.0.1:{running.proxy_port}"
         routes = [r.path_prefix for r in running.settings.effective_routes()]

@@ -647,3 +647,20 @@ def test_the_otlp_certificate_wins_over_the_requests_ca_bundle(monkeypatch: pyte
     session.verify = True  # no certificate named: the environment's bundle, as requests does
     merged = session.merge_environment_settings("https://collector:4318/v1/traces", {}, False, None, None)
     assert merged["verify"] == "/etc/ssl/certs/ca-certificates.crt"
+
+
+def test_the_timer_cuts_a_socket_behind_an_https_proxy_too() -> None:
+    """The new5 probe: through an HTTPS proxy the connection's socket is
+    urllib3's SSLTransport, which has no shutdown(): the timer raised
+    AttributeError (a traceback in the log) and a trickled answer held the
+    export for good. The socket it wraps is cut."""
+
+    class Wrapped:  # as SSLTransport: the real socket in `.socket`, no shutdown()
+        def __init__(self, sock: socket.socket) -> None:
+            self.socket = sock
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        span_export._shut(Wrapped(ours))
+        assert theirs.recv(1) == b""  # cut: the peer sees the end
+        span_export._shut(object())  # nothing to cut: nothing raised

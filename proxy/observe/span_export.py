@@ -314,37 +314,55 @@ def _read_bounded(response: Any, *args: Any, timeout: Any = None, **kwargs: Any)
     itself; what requests then reads is what is left (nothing). The time is
     kept by a timer that cuts the socket: one read may take for ever (a chunk
     size line or trailers trickled a byte at a time, each byte within the
-    timeout of a read)."""
+    timeout of a read); and between reads, for a socket the timer cannot cut."""
     import urllib3
 
     seconds = timeout if isinstance(timeout, int | float) else 10.0
-    sock: socket.socket | None = getattr(response.raw.connection, "sock", None)
+    deadline = time.monotonic() + seconds
+    sock = getattr(response.raw.connection, "sock", None)
     late = threading.Event()
+    settled = threading.Lock()  # the timer cuts only while the hook is still reading
+    reading = True
 
     def cut() -> None:
-        late.set()
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        with settled:
+            if not reading:
+                return  # the answer was read in time: the connection may serve the next export
+            late.set()
+            _shut(sock)
 
     timer = threading.Timer(seconds, cut)
     timer.daemon = True
     if sock is not None:
         timer.start()
-    read = 0
+    read, whole = 0, False
     try:
-        while read <= MAX_ANSWER:
+        while read <= MAX_ANSWER and time.monotonic() < deadline:
             chunk = response.raw.read1(ANSWER_CHUNK)  # what has come, up to a chunk
             if not chunk:
-                if not late.is_set():
-                    return  # the whole answer: the connection goes back to the pool
+                whole = True
                 break
             read += len(chunk)
     except (OSError, ValueError, urllib3.exceptions.HTTPError):
         pass  # a connection cut mid-answer (by the timer too): its status was read, the rest does not matter
     finally:
+        with settled:
+            reading = False
         timer.cancel()
+    if whole and not late.is_set():
+        return  # the whole answer, in time: the connection goes back to the pool
     response.close()  # more than that, too slow, or cut: this connection is not reused
+
+
+def _shut(sock: Any) -> None:
+    """Shut a connection's socket down from another thread; through an HTTPS
+    proxy it is urllib3's SSLTransport, which wraps the socket to cut."""
+    for candidate in (sock, getattr(sock, "socket", None)):
+        shutdown = getattr(candidate, "shutdown", None)
+        if shutdown is not None:
+            with contextlib.suppress(OSError):
+                shutdown(socket.SHUT_RDWR)
+            return
 
 
 class SdkParts:
