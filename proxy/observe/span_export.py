@@ -329,12 +329,11 @@ def _read_bounded(response: Any, *args: Any, timeout: Any = None, **kwargs: Any)
             if not reading:
                 return  # the answer was read in time: the connection may serve the next export
             late.set()
-            _shut(sock)
+            _shut(response.raw, sock)
 
     timer = threading.Timer(seconds, cut)
     timer.daemon = True
-    if sock is not None:
-        timer.start()
+    timer.start()
     read, whole = 0, False
     try:
         while read <= MAX_ANSWER and time.monotonic() < deadline:
@@ -354,15 +353,23 @@ def _read_bounded(response: Any, *args: Any, timeout: Any = None, **kwargs: Any)
     response.close()  # more than that, too slow, or cut: this connection is not reused
 
 
-def _shut(sock: Any) -> None:
-    """Shut a connection's socket down from another thread; through an HTTPS
-    proxy it is urllib3's SSLTransport, which wraps the socket to cut."""
+def _shut(raw: Any, sock: Any) -> None:
+    """Shut an answer's socket down from another thread, both ways (the
+    collector sees the end): the connection's socket, or through an HTTPS
+    proxy the one urllib3's SSLTransport wraps (it has no shutdown of its
+    own). For an answer that says it will close, http.client took the socket
+    from the connection (the new6 probe's hang): urllib3's `shutdown()`, which
+    kept the socket's own, ends the reading. An answer through an HTTPS proxy
+    that says it will close has none of them: the deadline between reads is
+    all that bounds it."""
     for candidate in (sock, getattr(sock, "socket", None)):
         shutdown = getattr(candidate, "shutdown", None)
         if shutdown is not None:
             with contextlib.suppress(OSError):
                 shutdown(socket.SHUT_RDWR)
             return
+    with contextlib.suppress(AttributeError, ValueError, RuntimeError, OSError):
+        raw.shutdown()
 
 
 class SdkParts:
