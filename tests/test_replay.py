@@ -498,6 +498,20 @@ def conn_ids(path: Path) -> list[Any]:
     return [r["conn_id"] for r in records(path) if r["type"] in EVENT_TYPES]
 
 
+def writing_threads() -> set[threading.Thread]:
+    """The recorders' file-writing threads alive now."""
+    return {t for t in threading.enumerate() if t.name == "loopwatch-recorder-file"}
+
+
+async def no_writing_thread_but(others: set[threading.Thread]) -> bool:
+    """Whether, within a second, no writing thread is left but `others`."""
+    for _ in range(100):
+        if writing_threads() <= others:
+            return True
+        await asyncio.sleep(0.01)
+    return writing_threads() <= others
+
+
 def closed_event(i: int) -> Closed:
     return Closed("client-key", "/ws", float(i), i, 1000, "x" * 40, "client", 1.0)
 
@@ -805,9 +819,6 @@ async def test_a_stop_in_the_same_turn_as_a_wake_up_ends_the_writer(tmp_path: Pa
     Python 3.11's wait_for swallowed the cancellation (its wait had just
     ended), the writer flushed on, and the stop awaited it for ever. The
     writing thread ends with the recorder too (one was left per recorder)."""
-    def writing_threads() -> set[threading.Thread]:
-        return {t for t in threading.enumerate() if t.name == "loopwatch-recorder-file"}
-
     others = writing_threads()  # other tests' recorders
     path = tmp_path / "events.jsonl"
     rec = Recorder(RecordSettings(path=str(path)), flush_interval=30)
@@ -819,30 +830,19 @@ async def test_a_stop_in_the_same_turn_as_a_wake_up_ends_the_writer(tmp_path: Pa
     async with asyncio.timeout(5):
         await rec.aclose()
     assert conn_ids(path) == [1, 2]
-    for _ in range(100):
-        if writing_threads() <= others:
-            break
-        await asyncio.sleep(0.01)
-    assert writing_threads() <= others
+    assert await no_writing_thread_but(others)
 
 
 async def test_a_write_after_the_close_gave_up_fails_and_starts_no_thread(tmp_path: Path) -> None:
     """The new3 probe: a reopen stalled on the disk past the close's timeout,
     then its batch's write started a new writing thread that never ended."""
-    def writing_threads() -> set[threading.Thread]:
-        return {t for t in threading.enumerate() if t.name == "loopwatch-recorder-file"}
-
     others = writing_threads()  # other tests' recorders
     worker = recorder_module.FileWorker()
     assert await worker.run(lambda: 1) == 1
     worker.stop()
     with pytest.raises(OSError, match="closed"):
         await worker.run(lambda: 2)
-    for _ in range(100):
-        if writing_threads() <= others:
-            break
-        await asyncio.sleep(0.01)
-    assert writing_threads() <= others
+    assert await no_writing_thread_but(others)
 
 
 class StalledDisk:
@@ -935,7 +935,7 @@ def test_a_write_that_outlasts_the_event_loop_ends_quietly(tmp_path: Path, monke
     and a plain-text traceback went to stderr at exit (CI's one warning)."""
     errors: list[BaseException | None] = []
     monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
-    others = {t for t in threading.enumerate() if t.name == "loopwatch-recorder-file"}
+    others = writing_threads()
 
     async def stop_during_a_stall() -> StalledDisk:
         rec = Recorder(RecordSettings(path=str(tmp_path / "events.jsonl")), flush_interval=0.01)
@@ -948,7 +948,7 @@ def test_a_write_that_outlasts_the_event_loop_ends_quietly(tmp_path: Path, monke
     disk = asyncio.run(stop_during_a_stall())
     disk.thawed.set()
     deadline = time.monotonic() + 10
-    while {t for t in threading.enumerate() if t.name == "loopwatch-recorder-file"} - others:
+    while writing_threads() - others:
         assert time.monotonic() < deadline, "the writing thread did not end"
         time.sleep(0.01)
     assert errors == []

@@ -566,41 +566,36 @@ def export_in_time(exporter: SpanExporter) -> SpanExportResult:
     return results[0]
 
 
+CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
 def endless_answer(conn: socket.socket) -> None:
-    conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    conn.sendall(CHUNKED)
     while True:
         conn.sendall(b"10000\r\n" + b"x" * 0x10000 + b"\r\n")
 
 
-def trickled_answer(conn: socket.socket) -> None:
-    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
-    while True:
-        conn.sendall(b"x")
-        time.sleep(0.1)
+def trickled(head: bytes, unit: bytes) -> Callable[[socket.socket], None]:
+    """An answer that sends `head`, then `unit` every 0.1 s for ever."""
+
+    def answer(conn: socket.socket) -> None:
+        conn.sendall(head)
+        while True:
+            conn.sendall(unit)
+            time.sleep(0.1)
+
+    return answer
 
 
-def trickled_chunk_size(conn: socket.socket) -> None:
-    """One read of the body is one chunk-size line: a byte at a time, for ever."""
-    conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1;")
-    while True:
-        conn.sendall(b"a")
-        time.sleep(0.1)
-
-
-def trickled_chunk_size_closing(conn: socket.socket) -> None:
-    """The same, on an answer that says it will close: http.client takes the
-    socket from the connection (the new6 probe: the export hung for good)."""
-    conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n1;")
-    while True:
-        conn.sendall(b"a")
-        time.sleep(0.1)
-
-
-def trickled_trailers(conn: socket.socket) -> None:
-    conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n")
-    while True:
-        conn.sendall(b"X-More: y\r\n")
-        time.sleep(0.1)
+trickled_answer = trickled(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n", b"x")
+# One read of the body is one chunk-size line: a byte at a time, for ever.
+trickled_chunk_size = trickled(CHUNKED + b"1;", b"a")
+# The same, on an answer that says it will close: http.client takes the socket
+# from the connection (the new6 probe: the export hung for good).
+trickled_chunk_size_closing = trickled(
+    b"HTTP/1.1 200 OK\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n1;", b"a"
+)
+trickled_trailers = trickled(CHUNKED + b"2\r\nok\r\n0\r\n", b"X-More: y\r\n")
 
 
 @pytest.mark.parametrize(
