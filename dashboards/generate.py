@@ -280,14 +280,15 @@ def close_codes() -> list[cogbuilder.Builder[Any]]:
     ).overrides([highlight_1008])
     ratio = ts(
         "Auth-failure ratio",
-        "Share of attempts that reached the backend (not refused by loopwatch) and ended as an "
-        "auth failure: a close with an auth code (1008 by default) or a 401/403 to the upgrade. "
-        "Two views: the 5-minute PromQL ratio the alert LoopwatchAuthFailureRatioHigh uses "
-        f"(threshold {AUTH_FAILURE_RATIO_THRESHOLD:.0%}, dashed), and each instance's own "
-        "engine view over detection.fleet.window, which drives the auth breaker. A ratio that "
-        "is high for everyone means the auth service or token issuer is failing (not the "
-        "clients): check the auth breaker and the auth service. A high ratio from a few "
-        "clients shows as flagged clients in the Loops row instead.",
+        "Auth failures (a close with an auth code, 1008 by default, or a 401/403 to the upgrade) "
+        "as a share of what reached the backend. Two views: the 5-minute PromQL ratio the alert "
+        "LoopwatchAuthFailureRatioHigh uses, per attempt not refused by loopwatch (threshold "
+        f"{AUTH_FAILURE_RATIO_THRESHOLD:.0%}, dashed), and each instance's engine line over "
+        "detection.fleet.window, per auth outcome (a normal close, or a connection that lived "
+        "detection.healthy_after, is a success). Both count attempts, not clients: a few looping "
+        "clients can carry them, and then show as flagged clients in the Loops row. The auth "
+        "breaker counts clients (by address): GET /api/breakers. High while few clients are "
+        "flagged points at the auth service or token issuer.",
         *refs(
             (
                 f"sum({AUTH_FAILURES_5M}{{{SEL_ROUTE}}})"

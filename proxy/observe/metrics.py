@@ -450,7 +450,8 @@ class StateCollector(Collector):
                 "loopwatch_fleet_attempts_per_second", "Fleet-wide attempt rate over detection.fleet.window."
             ),
             "fleet_auth": g(
-                "loopwatch_fleet_auth_failure_ratio", "Fleet-wide share of attempts ending in an auth failure."
+                "loopwatch_fleet_auth_failure_ratio",
+                "Fleet-wide auth failures / auth outcomes over detection.fleet.window (0 without outcomes).",
             ),
             "storm": g("loopwatch_reconnect_storm", "1 while the fleet attempt rate is far above its baseline."),
             "storms": c(
