@@ -375,6 +375,55 @@ async def test_stalled_tls_handshakes_count_against_their_address_caps(local_cer
     assert stats.rejected["address_limit"] == 6 and stats.rejected["overload"] == 0
 
 
+async def test_tls_handshakes_over_max_connections_are_bounded(local_cert: Cert) -> None:
+    """max_connections was checked after the TLS handshake: with the address
+    caps beside it (a fleet of addresses, an IPv6 /64), stalled handshakes held
+    a descriptor each until the process had none (the tls probe: 1 000 from
+    100 addresses over a cap of 100, the admin port and every client failing,
+    0 counted `overload`). A tenth over the cap is answered 503 after its
+    handshake; beyond it a connection is closed before the handshake."""
+    tls = ListenerTLS(cert_file=local_cert.cert, key_file=local_cert.key)
+    caps = {"max_connections": 10, "max_connections_per_address": None, "max_heads_per_address": None}
+    async with echo_backend() as backend, native(backend.url, tls=tls, **caps) as running:
+        stalled = []
+        try:
+            for _ in range(10):
+                reader, writer = await asyncio.open_connection("127.0.0.1", running.listener.port)
+                writer.write(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # a ClientHello's start
+                stalled.append((reader, writer))
+            ends = await asyncio.gather(*(ended_within(reader, 1.0) for reader, _ in stalled))
+            assert ends == [False] * 10
+            # The 11th is over the cap by no more than a tenth: its handshake
+            # done, it is told why.
+            with pytest.raises(InvalidStatus) as refused_503:
+                async with connect(running.url("/", "wss"), ssl=client_context(local_cert.cert)):
+                    pass
+            assert refused_503.value.response.status_code == 503
+            assert running.listener.stats().rejected["overload"] == 1
+            # The 11th held, the next ones are closed at once, long before the
+            # handshake timeout (10 s).
+            for _ in range(6):
+                reader, writer = await asyncio.open_connection("127.0.0.1", running.listener.port)
+                writer.write(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+                stalled.append((reader, writer))
+            ends = await asyncio.gather(*(ended_within(reader, 3.0) for reader, _ in stalled[10:]))
+            assert sorted(ends) == [False] + [True] * 5
+            assert running.listener.stats().rejected["overload"] == 6
+        finally:
+            for _, writer in stalled:
+                writer.close()
+        # Under the cap again (once the listener has seen the stalled ones
+        # go): in.
+        async with asyncio.timeout(10):
+            while running.listener.stats().active:
+                await asyncio.sleep(0.02)
+        async with connect(running.url("/ok", "wss"), ssl=client_context(local_cert.cert)) as ws:
+            await ws.send("through")
+            assert await asyncio.wait_for(ws.recv(), 10) == "through"
+        stats = await running.idle_stats()
+    assert stats.rejected["overload"] == 6 and stats.rejected["address_limit"] == 0
+
+
 async def test_a_refusal_is_answered_over_tls(local_cert: Cert) -> None:
     tls = ListenerTLS(cert_file=local_cert.cert, key_file=local_cert.key)
     async with echo_backend() as backend, native(backend.url, tls=tls, reject_with="http-429") as running:

@@ -77,6 +77,13 @@ const DENIED: &str = "loopwatch: denied";
 /// The first byte of a TLS connection: a handshake record.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
+/// The most connections a TLS listener holds, handshakes included: over
+/// `max_connections` by a tenth (at least one), each answered a 503 once its
+/// handshake is done; the rest are closed before it.
+fn handshakes_bound(max_connections: usize) -> usize {
+    max_connections.saturating_add((max_connections / 10).max(1))
+}
+
 /// What the client's head asks for, decided at once (no await) while the
 /// head's buffer is borrowed; owned but for the route (the listener's
 /// configuration's, which the connection keeps), so the buffer can go.
@@ -174,6 +181,14 @@ pub async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, gua
                 // never ends is a head that never comes, and one address could
                 // otherwise fill `max_connections` with them. Over its cap there
                 // is no TLS yet to answer in: closed at once (as `fd_limit`).
+                // And the whole listener's: over `max_connections` a handshake
+                // costs a signature to answer a 503, which a tenth over the cap
+                // still get; beyond it closed at once, so that handshakes under
+                // way are bounded as a plain listener's connections are.
+                if guard.active_at_accept() > handshakes_bound(config.limits.max_connections) {
+                    shared.rejected(Rejected::Overload, None, peer.ip(), OVERLOADED);
+                    return;
+                }
                 let address = shared.addresses.admit(peer.ip());
                 if let AddressAdmission::OverCap = address {
                     shared.rejected(Rejected::AddressLimit, None, peer.ip(), ADDRESS_LIMIT);
