@@ -57,6 +57,7 @@ AUTH_FAILURE_RATIO_THRESHOLD = 0.2
 HANDSHAKE_ERROR_RATIO_THRESHOLD = 0.05
 COOLDOWN_THRESHOLD = 10
 REJECTED_RATE_THRESHOLD = 1  # requests/s refused before detection, per instance
+CONNECTIONS_LIMIT_THRESHOLD = 0.9  # client connections / limits.max_connections
 
 
 def query(
@@ -730,7 +731,7 @@ def health() -> list[cogbuilder.Builder[Any]]:
             "{{instance}}",
         ),
         unit="percentunit",
-    ).span(6)
+    ).span(8)
     memory = ts(
         "Resident memory",
         "Resident memory (RSS) of the loopwatch process. It grows with open connections "
@@ -744,7 +745,7 @@ def health() -> list[cogbuilder.Builder[Any]]:
             "{{instance}}",
         ),
         unit="bytes",
-    ).span(6)
+    ).span(8)
     fds = ts(
         "Open file descriptors",
         "Descriptors the loopwatch process holds: two per relayed WebSocket (client and "
@@ -758,7 +759,7 @@ def health() -> list[cogbuilder.Builder[Any]]:
             f"sum by (instance) (process_open_fds{{{SEL}}} {LOOPWATCH_ONLY})",
             "{{instance}}",
         ),
-    ).span(6)
+    ).span(12)
     lag = ts(
         "Event-loop lag p50 / p99",
         "How late the brain's event loop wakes a task that sleeps half a second "
@@ -785,8 +786,34 @@ def health() -> list[cogbuilder.Builder[Any]]:
             ),
         ),
         unit="s",
-    ).span(6)
-    return [cpu, memory, fds, lag]
+    ).span(8)
+    connections = ts(
+        "Client connections, share of the limit",
+        "Client connections open on each instance (loopwatch_client_connections: TLS handshakes, "
+        "request heads, held refusals, relayed WebSockets, plain requests, idle keep-alives) "
+        "over its limits.max_connections (loopwatch_client_connections_max). At 100 % every new "
+        "connection is refused (503, overload in Requests refused before detection); alert "
+        f"LoopwatchClientConnectionsNearLimit fires above {CONNECTIONS_LIMIT_THRESHOLD:.0%} "
+        "(dashed) for 5 minutes. Well above what Active connections holds: connections that are "
+        "not (yet) WebSockets, handshakes or heads left hanging (a slow-connection attack), or "
+        "plain HTTP.",
+        query(
+            f"max by (instance) (loopwatch_client_connections{{{SEL}}}"
+            f" / loopwatch_client_connections_max{{{SEL}}})",
+            "{{instance}}",
+        ),
+        unit="percentunit",
+    )
+    connections = (
+        connections.thresholds(thresholds((None, "green"), (CONNECTIONS_LIMIT_THRESHOLD, "red")))
+        .thresholds_style(
+            common_builders.GraphThresholdsStyleConfig().mode(
+                common.GraphThresholdsStyleMode.DASHED
+            )
+        )
+        .span(12)
+    )
+    return [cpu, memory, lag, fds, connections]
 
 
 ROWS: list[tuple[str, Any]] = [

@@ -268,6 +268,7 @@ def test_thresholds_drawn_match_the_alerts() -> None:
     )
     assert alerts["LoopwatchClientsInCooldownHigh"].endswith(f"> {generate.COOLDOWN_THRESHOLD}")
     assert alerts["LoopwatchRequestsRejected"].endswith(f"> {generate.REJECTED_RATE_THRESHOLD}")
+    assert alerts["LoopwatchClientConnectionsNearLimit"].endswith(f"> {generate.CONNECTIONS_LIMIT_THRESHOLD}")
 
 
 def test_docs_explain_every_row_and_panel(dashboard: dict[str, Any]) -> None:

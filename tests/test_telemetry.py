@@ -227,7 +227,15 @@ async def test_scripted_session_metric_by_metric() -> None:
             # An upgrade answered 403: an auth failure at the handshake.
             assert await attempt(f"{base}/auth") == (403, "")
 
+            # Every client connection, whatever its state: the open WebSocket
+            # and one stalled in its request head.
+            stalled_head = await asyncio.open_connection("127.0.0.1", lw.proxy_port)
+            stalled_head[1].write(b"GET /ws HTTP/1.1\r\n")
+            await wait_for(lambda: lw.plane.connections() == 2)
             first = series((await scrape(lw))[0])
+            stalled_head[1].close()
+            assert value(first, "loopwatch_client_connections") == 2
+            assert value(first, "loopwatch_client_connections_max") == settings.limits.max_connections
             # Live connections are in the counters while they last …
             assert value(first, "loopwatch_connections_active", route="/ws") == 1
             assert value(first, "loopwatch_messages_total", route="/ws", direction="client_to_upstream") == 5
@@ -237,8 +245,10 @@ async def test_scripted_session_metric_by_metric() -> None:
             await open_ws.close()
             await wait_for(lambda: idle(lw))
             # … and folded into them exactly once when they close.
+            await wait_for(lambda: lw.plane.connections() == 0)
             second = series((await scrape(lw))[0])
             assert value(second, "loopwatch_connections_active", route="/ws") == 0
+            assert value(second, "loopwatch_client_connections") == 0
             for name, n in (("loopwatch_messages_total", 5), ("loopwatch_message_bytes_total", 15)):
                 for direction in ("client_to_upstream", "upstream_to_client"):
                     assert value(second, name, route="/ws", direction=direction) == n

@@ -458,6 +458,9 @@ class ListenerView:
     def events_dropped(self) -> int:
         return self._plane.events_dropped()
 
+    def connections(self) -> int:
+        return self._plane.connections()
+
     def dataplane_threads(self) -> int:
         return self._plane.threads
 

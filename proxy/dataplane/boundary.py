@@ -279,6 +279,10 @@ class LiveView(Protocol):
         """Connection events lost to a full queue (dataplane: native; 0 for python)."""
         ...
 
+    def connections(self) -> int:
+        """Client connections open now, in any state (what `limits.max_connections` caps)."""
+        ...
+
     def dataplane_threads(self) -> int:
         """The data plane's worker threads (`dataplane_threads`; 0 before it started)."""
         ...

@@ -221,6 +221,7 @@ class MetricsObserver(Observer):
         self.auth_statuses = frozenset(d.auth_statuses)
         self.expose_client_keys = settings.telemetry.expose_client_keys
         self.top_k = d.top_k
+        self.max_connections = settings.limits.max_connections
         codes = code_labels(self.auth_codes)
         # The exact codes' labels, made once (str(code) per close was a new string to hash).
         self.exact_code_labels = {int(c): c for c in codes if c.isdigit()}
@@ -368,6 +369,8 @@ class StateCollector(Collector):
         families["record_dropped"].add_metric(["write_error"], recorder.lost if recorder is not None else 0)
         families["events_dropped"].add_metric([], self.view.events_dropped() if self.view is not None else 0)
         families["dataplane_threads"].add_metric([], self.view.dataplane_threads() if self.view is not None else 0)
+        families["client_connections"].add_metric([], self.view.connections() if self.view is not None else 0)
+        families["client_connections_max"].add_metric([], self.metrics.max_connections)
         lag = self.view.enforcement_lag() if self.view is not None else {}
         for kind in ENFORCEMENT_LAG_KINDS:
             families["enforcement_lag"].add_metric([kind], lag.get(kind, 0))
@@ -551,6 +554,14 @@ class StateCollector(Collector):
             "events_dropped": c(
                 "loopwatch_events_dropped",
                 "Connection events of the native data plane lost to a full queue before the brain saw them.",
+            ),
+            "client_connections": g(
+                "loopwatch_client_connections",
+                "Client connections open now, in any state (TLS handshake, request head, held, relayed, "
+                "plain HTTP): what limits.max_connections caps.",
+            ),
+            "client_connections_max": g(
+                "loopwatch_client_connections_max", "limits.max_connections in force."
             ),
             "dataplane_threads": g(
                 "loopwatch_dataplane_threads",
