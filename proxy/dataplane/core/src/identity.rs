@@ -333,7 +333,7 @@ impl Identity {
                 Source::Cookie(name) => {
                     cookie_get(cookie_header(head).as_deref(), name).map(Raw::Field)
                 }
-                Source::Query(name) => query_get(&query, name).map(Raw::Text),
+                Source::Query(name) => query_value(&query, name).map(query_raw),
             };
             let Some(raw) = raw else {
                 continue;
@@ -416,7 +416,8 @@ impl Identity {
     /// hash is what an operator computes from the name (`printf %s NAME |
     /// sha256sum`, the admin API's hint).
     fn clean(&self, raw: &Raw) -> Option<(String, bool)> {
-        let whole = |t: &str| !py_strip(t).chars().any(is_unsafe);
+        let strip = raw.strip();
+        let whole = |t: &str| !strip(t).chars().any(is_unsafe);
         let (text, as_sent): (String, bool) = match raw {
             Raw::Field(t) | Raw::Text(t) => {
                 (t.chars().filter(|&c| !is_unsafe(c)).collect(), whole(t))
@@ -428,7 +429,7 @@ impl Identity {
             ),
             Raw::Int(i) => (i.clone(), true),
         };
-        let value = py_strip(&text);
+        let value = strip(&text);
         if value.is_empty() {
             return None;
         }
@@ -548,7 +549,8 @@ impl CheckedSignature {
 
 /// What a source found, before cleaning.
 enum Raw {
-    /// A header's or a cookie's value, read as latin-1: a character per byte.
+    /// A header's or a cookie's value, read as latin-1: a character per byte
+    /// (and a query parameter's whose escapes are no UTF-8, decoded).
     Field(String),
     /// A query parameter's, percent-decoded.
     Text(String),
@@ -567,6 +569,19 @@ impl Raw {
         }
     }
 
+    /// How its surrounding whitespace is trimmed. A header's or a cookie's
+    /// bytes, read as latin-1, lose ASCII whitespace only: their 0x85 and
+    /// 0xA0 (Python's spaces U+0085 and U+00A0) are, in UTF-8, the last byte
+    /// of a character such as "Å" or "à", and trimmed they made "JÅ" and "Jà"
+    /// one client (the identity probe: one user's loop put the other in
+    /// cooldown behind a gateway's unbound header).
+    fn strip(&self) -> fn(&str) -> &str {
+        match self {
+            Raw::Field(_) => field_strip,
+            _ => py_strip,
+        }
+    }
+
     /// The value as sent, surrounding whitespace trimmed: what a key hashed
     /// "as sent" hashes. A header's or a cookie's bytes as they came (UTF-8
     /// when the client sent UTF-8); a query parameter's or a claim's text in
@@ -574,7 +589,7 @@ impl Raw {
     fn sent(&self) -> Cow<'_, [u8]> {
         match self {
             // Latin-1: each character is the byte it was read from.
-            Raw::Field(t) => Cow::Owned(py_strip(t).chars().map(|c| c as u8).collect()),
+            Raw::Field(t) => Cow::Owned(field_strip(t).chars().map(|c| c as u8).collect()),
             Raw::Text(t) | Raw::Int(t) => Cow::Borrowed(py_strip(t).as_bytes()),
             Raw::Claim(s) if s.surrogates.is_empty() => Cow::Borrowed(py_strip(&s.text).as_bytes()),
             Raw::Claim(s) => {
@@ -724,6 +739,12 @@ pub fn py_strip(text: &str) -> &str {
     text.trim_matches(is_py_space)
 }
 
+/// A header's or a cookie's bytes, read as latin-1, trimmed of the ASCII
+/// characters `str.strip()` trims (what a byte-string's strip trims).
+pub fn field_strip(text: &str) -> &str {
+    text.trim_matches(|c: char| c.is_ascii() && is_py_space(c))
+}
+
 fn jwt_shaped(text: &str) -> bool {
     // Bytes, not characters: a token is ASCII, and text that is not fails below.
     if text.len() > MAX_TOKEN {
@@ -792,27 +813,62 @@ fn unquote_to_bytes(bytes: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The first value of `name` in a raw query string (`identity._query_get`).
+/// The first value of `name` in a raw query string, decoded (`identity._query_get`).
 pub fn query_get(query: &str, name: &str) -> Option<String> {
+    query_value(query, name).map(|value| {
+        if value.contains(['%', '+']) {
+            unquote_plus(value)
+        } else {
+            value.to_owned()
+        }
+    })
+}
+
+/// The first value of `name` in a raw query string, as it is there.
+fn query_value<'q>(query: &'q str, name: &str) -> Option<&'q str> {
     if !query.contains(name) && !query.contains('%') {
         return None;
     }
     for pair in query.split('&') {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let key = if key.contains('%') || key.contains('+') {
-            unquote_plus(key)
+        let key = if key.contains(['%', '+']) {
+            Cow::Owned(unquote_plus(key))
         } else {
-            key.to_owned()
+            Cow::Borrowed(key)
         };
         if key == name {
-            return Some(if value.contains('%') || value.contains('+') {
-                unquote_plus(value)
-            } else {
-                value.to_owned()
-            });
+            return Some(value);
         }
     }
     None
+}
+
+/// A query parameter's value as `unquote_plus` decodes it; or, when its
+/// escapes are no UTF-8, its decoded bytes, read as a header's are. Decoded
+/// as text they were U+FFFD each: `x%FF` and `x%FE` were one client (the
+/// identity probe).
+fn query_raw(value: &str) -> Raw {
+    if !value.contains(['%', '+']) {
+        return Raw::Text(value.to_owned());
+    }
+    let mut bytes = Vec::with_capacity(value.len());
+    let mut run: Vec<u8> = Vec::new();
+    for c in value.chars() {
+        match c {
+            '+' => run.push(b' '),
+            c if c.is_ascii() => run.push(c as u8),
+            c => {
+                bytes.append(&mut unquote_to_bytes(&run));
+                run.clear();
+                bytes.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
+            }
+        }
+    }
+    bytes.append(&mut unquote_to_bytes(&run));
+    match String::from_utf8(bytes) {
+        Ok(text) => Raw::Text(text),
+        Err(not_utf8) => Raw::Field(latin1(not_utf8.as_bytes())),
+    }
 }
 
 /// The cookie `name` (surrounding double quotes removed).
@@ -822,8 +878,8 @@ pub fn cookie_get(header: Option<&str>, name: &str) -> Option<String> {
         let Some((key, value)) = part.split_once('=') else {
             continue;
         };
-        if py_strip(key) == name {
-            let value = py_strip(value);
+        if field_strip(key) == name {
+            let value = field_strip(value);
             let mut chars = value.chars();
             let unquoted = match (chars.next(), chars.next_back()) {
                 (Some('"'), Some('"')) => chars.as_str(),
@@ -1064,6 +1120,40 @@ Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSoc
     }
 
     #[test]
+    fn query_escapes_that_are_no_utf8_keep_their_bytes() {
+        // Decoded as text, every invalid escape was U+FFFD: `x%FF` and `x%FE`
+        // were one client (the identity probe). Their bytes, read as a
+        // header's are, keep them apart; a C1 byte among them is hashed.
+        let identity = Identity::new(&IdentitySpec {
+            sources: vec!["query:user".to_owned(), "ip".to_owned()],
+            ..IdentitySpec::by_address()
+        })
+        .expect("valid settings");
+        let key = |query: &str| {
+            let request = format!(
+                "GET /ws?{query} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            );
+            let crate::head::HeadStatus::Complete(head) =
+                crate::head::parse_head(request.as_bytes(), &crate::head::HeadLimits::default())
+            else {
+                panic!("a valid head");
+            };
+            identity
+                .identify(&head, "192.0.2.1".parse().unwrap(), 0.0)
+                .key
+        };
+        assert_eq!(key("user=x%FF"), "x\u{ff}@192.0.2.1");
+        assert_eq!(key("user=x%FE"), "x\u{fe}@192.0.2.1");
+        assert_eq!(
+            key("user=x%9F"),
+            format!("{}@192.0.2.1", hashed_bytes(b"x\x9f"))
+        );
+        // Valid UTF-8 escapes are text, as before.
+        assert_eq!(key("user=J%C3%A0+b"), "J\u{e0} b@192.0.2.1");
+    }
+
+    #[test]
     fn a_bound_value_the_cleaning_changed_is_its_hash_at_the_address() {
         // The default: a header bound to the address. Its bytes are read as
         // latin-1, so a UTF-8 name loses its C1 bytes: "王" (E7 8E 8B), "瑋"
@@ -1087,6 +1177,12 @@ Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSoc
         }
         assert_eq!(key("M\u{fc}ller"), "M\u{c3}\u{bc}ller@192.0.2.1"); // no C1 byte: its latin-1 reading
         assert_eq!(key("alice"), "alice@192.0.2.1");
+        // A name's last byte 0x85 or 0xA0 is no whitespace to trim: "JÅ" (4A
+        // C3 85) and "Jà" (4A C3 A0) were both "JÃ" (the identity probe). The
+        // first has a C1 byte (hashed), the second keeps its latin-1 reading.
+        assert_eq!(key("J\u{c5}"), format!("{}@192.0.2.1", hashed("J\u{c5}")));
+        assert_eq!(key("J\u{e0}"), "J\u{c3}\u{a0}@192.0.2.1");
+        assert_eq!(key("\tJ\u{e0} "), "J\u{c3}\u{a0}@192.0.2.1");
         // Too long: the hash of the bytes as sent, as the admin API's hint computes it.
         let long = "\u{fc}".repeat(300);
         assert_eq!(key(&long), format!("{}@192.0.2.1", hashed(&long)));
