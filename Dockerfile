@@ -50,12 +50,13 @@ ENV LOOPWATCH_LISTEN=0.0.0.0:8080 \
 USER 10001:10001
 EXPOSE 8080 9900
 
-# The slim image has no curl; Python's standard library does the request. A
+# The slim image has no curl; Python's standard library does the request (past
+# any http_proxy in the environment: the port is the container's own). A
 # non-2xx answer raises, which fails the check. The port is LOOPWATCH_ADMIN__LISTEN's:
 # move the admin port with that variable (not --admin-listen or a config file's
 # admin.listen, which this check cannot see), or override HEALTHCHECK.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; port = os.environ.get('LOOPWATCH_ADMIN__LISTEN', ':9900').rpartition(':')[2]; urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=2)"]
+    CMD ["python", "-c", "import os, urllib.request; port = os.environ.get('LOOPWATCH_ADMIN__LISTEN', ':9900').rpartition(':')[2]; urllib.request.build_opener(urllib.request.ProxyHandler({})).open(f'http://127.0.0.1:{port}/healthz', timeout=2)"]
 
 ENTRYPOINT ["loopwatch"]
 CMD ["run"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,7 +24,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from loopwatch.proxy.admin.api import Exposure, host_name
-from loopwatch.proxy.admin.server import AdminServer
+from loopwatch.proxy.admin.server import AdminServer, dual_stack_socket
 from loopwatch.proxy.admin.settings import AdminSettings
 from loopwatch.proxy.app.runtime import ConfigSources, Running, start
 from loopwatch.proxy.app.settings import load_settings
@@ -316,6 +317,31 @@ async def test_a_reload_that_opens_the_port_to_changes_says_so(caplog: pytest.Lo
         server.reconfigured(before)
         assert lines() == ["admin_insecure", "admin_read_only"]
     finally:
+        await server.stop()
+
+
+def test_the_admin_port_on_any_ipv6_address_takes_ipv4_too() -> None:
+    """`admin.listen: "[::]:PORT"` was IPv6-only (asyncio's socket), where the
+    proxy's `[::]` takes IPv4 too: the image's HEALTHCHECK on 127.0.0.1, IPv4
+    probes and scrapes were refused (the deploy probe). The socket is checked
+    bound, not listening: tests listen on loopback only."""
+    sock = dual_stack_socket("::", 0)
+    assert sock is not None
+    with sock:
+        assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+        assert sock.getsockname()[0] == "::"
+    for host in ("127.0.0.1", "0.0.0.0", "::1", "localhost", ""):
+        assert dual_stack_socket(host, 0) is None
+
+
+async def test_an_admin_port_in_use_is_said_naming_the_setting() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = AdminServer(CollectorRegistry(), ready=lambda: True, settings=lambda: AdminSettings())
+        with pytest.raises(OSError, match=rf"^admin.listen: cannot listen on 127.0.0.1:{port}: Address already in use$"):
+            await server.start("127.0.0.1", port)
         await server.stop()
 
 

@@ -222,8 +222,12 @@ def test_dockerfile_healthcheck_calls_healthz_on_the_admin_port() -> None:
         threading.Thread(target=server.serve_forever, daemon=True).start()
         try:
             port = server.server_address[1]
+            # A proxy in the container's environment (Docker's client `proxies`
+            # set it) is not asked: the check was unhealthy behind one (the
+            # deploy probe). It points nowhere here.
+            proxied = {"http_proxy": f"http://127.0.0.1:{free_port()}", "HTTP_PROXY": f"http://127.0.0.1:{free_port()}"}
             for listen in (f"0.0.0.0:{port}", f"[::]:{port}"):
-                env = {**os.environ, **image_env(), "LOOPWATCH_ADMIN__LISTEN": listen}
+                env = {**os.environ, **image_env(), **proxied, "LOOPWATCH_ADMIN__LISTEN": listen}
                 assert subprocess.run([sys.executable, *command[1:]], env=env, timeout=30).returncode == 0
             moved = {**os.environ, **image_env(), "LOOPWATCH_ADMIN__LISTEN": f"0.0.0.0:{free_port()}"}
             assert subprocess.run([sys.executable, *command[1:]], env=moved, timeout=30,

@@ -8,7 +8,10 @@ proxy/admin/api.py first (Host allowlist, cross-site check, token, exposure).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import os
+import socket
 from collections.abc import Callable, Iterator
 
 from aiohttp import web
@@ -32,6 +35,29 @@ def build_registry() -> CollectorRegistry:
 
 log = logging.getLogger("loopwatch")
 
+
+
+def dual_stack_socket(host: str, port: int) -> socket.socket | None:
+    """`[::]` takes IPv4 clients too, as the proxy's own port does; asyncio's
+    socket for it is IPv6-only, so an IPv4 health check or scrape of the admin
+    port (the image's HEALTHCHECK on 127.0.0.1) was refused (the deploy
+    probe). Bound, not listening: None for any other host, or where the
+    system has no dual stack."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if ip.version != 6 or not ip.is_unspecified or not socket.has_dualstack_ipv6():
+        return None
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))  # bound, not listening: the server listens on it
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 class AdminCollector:
     """The admin port's refusals and event streams, read at scrape time."""
@@ -112,7 +138,15 @@ class AdminServer:
         self._malformed = MalformedRequests(self.counters)
         logging.getLogger("aiohttp.server").addFilter(self._malformed)
         loop = asyncio.get_running_loop()
-        self._listener = await loop.create_server(self.gate, host, port, reuse_address=True)
+        try:
+            sock = dual_stack_socket(host, port)
+            if sock is not None:
+                self._listener = await loop.create_server(self.gate, sock=sock)
+            else:
+                self._listener = await loop.create_server(self.gate, host, port, reuse_address=True)
+        except OSError as e:  # said as the proxy's own port says it, naming the setting
+            why = os.strerror(e.errno) if e.errno else str(e)
+            raise OSError(f"admin.listen: cannot listen on {host}:{port}: {why}") from e
         self.log_exposure()
 
     @property
