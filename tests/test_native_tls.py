@@ -844,6 +844,14 @@ def test_bad_tls_settings_name_the_file(local_cert: Cert, named_cert: Cert, tmp_
             )
         )
     kind = "is of a kind or size loopwatch's TLS library does not take: it takes RSA keys of 2048 to 4096 bits"
+    # A file cut short and one with a line that is no base64: were said in
+    # Rust's debug form ("missing section end marker: [67, 69, 82, …]",
+    # "InvalidCharacter(33)": the tls probe).
+    lines = Path(local_cert.cert).read_text().splitlines(keepends=True)
+    cut_short = tmp_path / "cut-short.pem"
+    cut_short.write_text("".join(lines[:-1]))
+    not_base64 = tmp_path / "not-base64.pem"
+    not_base64.write_text("".join([lines[0], "!!!!" + lines[1][4:], *lines[2:]]))
 
     cases: list[tuple[dict[str, Any], str]] = [
         *(
@@ -856,6 +864,14 @@ def test_bad_tls_settings_name_the_file(local_cert: Cert, named_cert: Cert, tmp_
         ),
         ({"tls": ListenerTLS(cert_file=missing, key_file=local_cert.key)}, "tls.cert_file: cannot read"),
         ({"tls": ListenerTLS(cert_file=str(not_pem), key_file=local_cert.key)}, "tls.cert_file: no certificate"),
+        (
+            {"tls": ListenerTLS(cert_file=str(cut_short), key_file=local_cert.key)},
+            r'tls.cert_file: ".*" is not valid PEM: no "-----END CERTIFICATE-----" line \(the file is cut short\?\)$',
+        ),
+        (
+            {"tls": ListenerTLS(cert_file=str(not_base64), key_file=local_cert.key)},
+            r'tls.cert_file: ".*" is not valid PEM: a line between BEGIN and END is not base64$',
+        ),
         ({"tls": ListenerTLS(cert_file=local_cert.cert, key_file=local_cert.cert)}, "tls.key_file: no private key"),
         ({"tls": ListenerTLS(cert_file=local_cert.cert, key_file=named_cert.key)}, "is not the key of"),
         ({"tls": ListenerTLS(cert_file=local_cert.cert, key_file=str(encrypted))}, "is an encrypted private key"),

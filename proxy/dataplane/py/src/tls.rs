@@ -34,6 +34,19 @@ fn pem_error(setting: &str, path: &str, what: &str, error: pem::Error) -> String
     match error {
         pem::Error::Io(e) => format!("{setting}: cannot read {path:?}: {e}"),
         pem::Error::NoItemsFound => format!("{setting}: no {what} in {path:?} (PEM expected)"),
+        // rustls-pki-types' Display writes these markers as lists of byte
+        // values ("[67, 69, …]" for CERTIFICATE, the tls probe): as text.
+        pem::Error::MissingSectionEnd { end_marker } => format!(
+            "{setting}: {path:?} is not valid PEM: no \"-----END {}-----\" line (the file is cut short?)",
+            String::from_utf8_lossy(&end_marker)
+        ),
+        pem::Error::IllegalSectionStart { line } => format!(
+            "{setting}: {path:?} is not valid PEM: a malformed BEGIN line: {:?}",
+            String::from_utf8_lossy(&line)
+        ),
+        pem::Error::Base64Decode(_) => {
+            format!("{setting}: {path:?} is not valid PEM: a line between BEGIN and END is not base64")
+        }
         other => format!("{setting}: {path:?} is not valid PEM: {other}"),
     }
 }
