@@ -333,6 +333,26 @@ async def test_a_client_that_refuses_the_certificate_is_counted(local_cert: Cert
     assert backend.forwarded_proto == []
 
 
+async def test_a_client_offering_only_h2_is_told_why(local_cert: Cert) -> None:
+    """An h2-only client is refused (no_application_protocol, as nginx without
+    http2); the log said "peer doesn't support any known protocol", which
+    reads as TLS versions (the tls probe)."""
+    tls = ListenerTLS(cert_file=local_cert.cert, key_file=local_cert.key)
+    async with echo_backend() as backend, native(backend.url, tls=tls) as running:
+        h2_only = ssl.create_default_context(cafile=local_cert.cert)
+        h2_only.set_alpn_protocols(["h2"])
+        with pytest.raises(ssl.SSLError, match="no application protocol"):
+            await asyncio.open_connection("127.0.0.1", running.listener.port, ssl=h2_only, server_hostname="127.0.0.1")
+        events = await running.until(lambda e: len(of_type(e, RequestRejected)) == 1)
+        stats = running.listener.stats()
+    assert tls_rejections(stats) == {"tls_error": 1, "tls_timeout": 0, "not_tls": 0}
+    line = of_type(events, RequestRejected)[0]
+    assert line.message == (
+        "loopwatch: TLS handshake failed: the client offered no ALPN protocol loopwatch speaks "
+        "(it offers http/1.1 only; h2 is not served)"
+    )
+
+
 async def ended_within(reader: asyncio.StreamReader, seconds: float) -> bool:
     """Whether the peer closed the connection (or reset it: the bytes sent were
     left unread) within `seconds`, sending nothing."""

@@ -77,6 +77,23 @@ const DENIED: &str = "loopwatch: denied";
 /// The first byte of a TLS connection: a handshake record.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
+/// A failed TLS handshake, for the operator: rustls' reason ("received
+/// fatal alert: CertificateUnknown": the client refused the certificate;
+/// "peer is incompatible: …"), but for a client offering only protocols the
+/// listener does not speak, which rustls words as if TLS versions differed
+/// (the tls probe: an `h2`-only client).
+fn client_tls_failure(e: &std::io::Error) -> String {
+    let rustls_error = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    if let Some(rustls::Error::NoApplicationProtocol) = rustls_error {
+        return "loopwatch: TLS handshake failed: the client offered no ALPN protocol loopwatch speaks \
+(it offers http/1.1 only; h2 is not served)"
+            .to_owned();
+    }
+    format!("loopwatch: TLS handshake failed: {e}")
+}
+
 /// The most connections a TLS listener holds, handshakes included: over
 /// `max_connections` by a tenth (at least one), each answered a 503 once its
 /// handshake is done; the rest are closed before it.
@@ -268,10 +285,7 @@ async fn accept_tls(
                 accepted = acceptor.accept(client) => match accepted {
                     Ok(stream) => Some(Box::new(stream)),
                     Err(e) => {
-                        // rustls' reason, for the operator: "received fatal
-                        // alert: CertificateUnknown" (the client refused the
-                        // certificate), "peer is incompatible: …".
-                        let message = format!("loopwatch: TLS handshake failed: {e}");
+                        let message = client_tls_failure(&e);
                         shared.rejected(Rejected::TlsError, None, ip, &message);
                         None
                     }
