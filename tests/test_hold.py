@@ -403,6 +403,25 @@ async def test_a_client_that_leaves_during_its_hold_is_let_go() -> None:
 # --- early release ------------------------------------------------------------------
 
 
+async def test_an_operators_cooldown_of_an_allow_listed_key_is_refused_at_the_edge() -> None:
+    """The engine holds an operator's cooldown whatever the policy, the allow
+    list included; the data plane skipped it for an allow-listed key: the
+    attempt reached the backend, got its 101 and was closed 1013 after, never
+    held, not in loopwatch_dataplane_refusals_total (the hold probe)."""
+    async with guarded(**{"policy.hold": "300ms", "policy.allow": [client_key("vip")]}) as (backend, lw):
+        await cool(lw, client_key("vip"), "10s")
+        reader, writer = await held_upgrade(lw.proxy_port, token_path("vip"))
+        await wait_for(lambda: lw.held_connections() == 1)
+        client = RawClient(reader, writer, await head_of(reader))
+        code, reason = await refused_close(client)
+        await client.close()
+        assert code == 1013 and reason.startswith("loopwatch: cooldown, retry in ")
+        samples = await scrape(lw)
+        assert samples['loopwatch_dataplane_refusals_total{reason="cooldown"}'] == 1
+        assert samples['loopwatch_refusals_held_total{reason="cooldown"}'] == 1
+        assert backend.upgrades["vip"] == 0
+
+
 async def test_a_release_answers_the_held_attempts_at_once_and_the_next_is_admitted() -> None:
     async with guarded(**{"policy.hold": "20s"}) as (backend, lw):
         await cool(lw, client_key("freed"), "60s")

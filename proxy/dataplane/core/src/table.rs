@@ -65,6 +65,9 @@ use arc_swap::ArcSwap;
 
 pub use crate::events::RefuseReason;
 
+/// The rule of an operator's cooldown (`POST /api/clients/{key}/cooldown`).
+pub const MANUAL: &str = "manual";
+
 /// A client in cooldown: refused until `until`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cooldown {
@@ -440,8 +443,22 @@ impl Snapshot {
             });
         }
         let allowed = !self.allow.is_empty() && self.allow.matches(key, peer);
-        if !allowed {
-            if let Some(refusal) = self.keys.get(key).and_then(|e| self.per_key(e, now)) {
+        if let Some(entry) = self.keys.get(key) {
+            // The allow list lifts every per-client refusal but an operator's
+            // cooldown of the key, which the engine holds whatever the policy
+            // (`_cooldown_enforced`): skipped here, the attempt reached the
+            // backend and the engine closed it 1013 after its 101 (the hold
+            // probe).
+            let refusal = if allowed {
+                entry
+                    .cooldown
+                    .as_ref()
+                    .filter(|c| &*c.rule == MANUAL && c.until > now)
+                    .and_then(|_| self.per_key(entry, now))
+            } else {
+                self.per_key(entry, now)
+            };
+            if let Some(refusal) = refusal {
                 return Admission::Refuse(refusal);
             }
         }
@@ -855,7 +872,7 @@ mod tests {
     }
 
     #[test]
-    fn deny_beats_allow_and_allow_skips_per_key_restrictions() {
+    fn deny_beats_allow_and_allow_skips_per_key_restrictions_but_a_manual_cooldown() {
         let now = Instant::now();
         let mut s = Snapshot {
             deny: AccessList::parse(["bad@10.0.0.9", "192.0.2.0/24"]).unwrap(),
@@ -877,6 +894,27 @@ mod tests {
             refusal(s.admission(R, "sub", peer, now)).reason,
             RefuseReason::Deny
         );
+        assert_eq!(
+            s.admission(R, "vip@10.1.2.3", None, now),
+            Admission::AllowListed { probes: vec![] }
+        );
+        // But an operator's cooldown of the key holds, as the engine judges it.
+        let mut manual = cooling(now, 60);
+        if let Some(c) = manual.cooldown.as_mut() {
+            c.rule = Arc::from(MANUAL);
+        }
+        s.keys.insert("vip@10.1.2.3".into(), manual.clone());
+        let r = refusal(s.admission(R, "vip@10.1.2.3", None, now));
+        assert_eq!(
+            (r.reason, r.detail.as_deref()),
+            (RefuseReason::Cooldown, Some(MANUAL))
+        );
+        // … only while it lasts: its min-interval is lifted as ever.
+        manual.not_before = Some(now + secs(120));
+        if let Some(c) = manual.cooldown.as_mut() {
+            c.until = now;
+        }
+        s.keys.insert("vip@10.1.2.3".into(), manual);
         assert_eq!(
             s.admission(R, "vip@10.1.2.3", None, now),
             Admission::AllowListed { probes: vec![] }
