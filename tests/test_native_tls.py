@@ -872,6 +872,14 @@ def test_bad_tls_settings_name_the_file(local_cert: Cert, named_cert: Cert, tmp_
     cut_short.write_text("".join(lines[:-1]))
     not_base64 = tmp_path / "not-base64.pem"
     not_base64.write_text("".join([lines[0], "!!!!" + lines[1][4:], *lines[2:]]))
+    # A key whose line breaks were lost (pasted into a Secret as one line):
+    # its error said the whole key (the new7 probe), whole or cut short.
+    key_lines = Path(local_cert.key).read_text().split()
+    one_line_key = tmp_path / "one-line-key.pem"
+    one_line_key.write_text(" ".join(key_lines) + "\n")
+    one_line_cut = tmp_path / "one-line-key-cut.pem"
+    one_line_cut.write_text(" ".join(key_lines)[:200] + "\n")
+    key_body = "".join(line for line in key_lines if not line.startswith("-") and line not in ("PRIVATE", "KEY-----"))
 
     cases: list[tuple[dict[str, Any], str]] = [
         *(
@@ -886,7 +894,16 @@ def test_bad_tls_settings_name_the_file(local_cert: Cert, named_cert: Cert, tmp_
         ({"tls": ListenerTLS(cert_file=str(not_pem), key_file=local_cert.key)}, "tls.cert_file: no certificate"),
         (
             {"tls": ListenerTLS(cert_file=str(cut_short), key_file=local_cert.key)},
-            r'tls.cert_file: ".*" is not valid PEM: no "-----END CERTIFICATE-----" line \(the file is cut short\?\)$',
+            r'tls.cert_file: ".*" is not valid PEM: a BEGIN line without its END line \(the file cut short, or its '
+            r"line breaks lost\?\)$",
+        ),
+        (
+            {"tls": ListenerTLS(cert_file=local_cert.cert, key_file=str(one_line_key))},
+            r'^tls.key_file: "[^"]*" is not valid PEM: a (BEGIN line without its END line|malformed BEGIN line)\b[^=]*$',
+        ),
+        (
+            {"tls": ListenerTLS(cert_file=local_cert.cert, key_file=str(one_line_cut))},
+            r'^tls.key_file: "[^"]*" is not valid PEM: a (BEGIN line without its END line|malformed BEGIN line)\b[^=]*$',
         ),
         (
             {"tls": ListenerTLS(cert_file=str(not_base64), key_file=local_cert.key)},
@@ -931,6 +948,7 @@ def test_bad_tls_settings_name_the_file(local_cert: Cert, named_cert: Cert, tmp_
             for path in (str(not_pem), str(encrypted), str(traditional), big.cert, local_cert.cert, local_cert.key, named_cert.key, str(tmp_path))
         )
         assert names_a_file or "server_name" in message, info.value
+        assert key_body[:40] not in str(info.value) and key_body[-40:] not in str(info.value), info.value
     # A ca_file is read whatever the routes (a wrong one fails now, not at the
     # reload that adds the first wss:// route); not with verification off,
     # which reads no CA.

@@ -34,18 +34,21 @@ fn pem_error(setting: &str, path: &str, what: &str, error: pem::Error) -> String
     match error {
         pem::Error::Io(e) => format!("{setting}: cannot read {path:?}: {e}"),
         pem::Error::NoItemsFound => format!("{setting}: no {what} in {path:?} (PEM expected)"),
-        // rustls-pki-types' Display writes these markers as lists of byte
-        // values ("[67, 69, …]" for CERTIFICATE, the tls probe): as text.
-        pem::Error::MissingSectionEnd { end_marker } => format!(
-            "{setting}: {path:?} is not valid PEM: no \"-----END {}-----\" line (the file is cut short?)",
-            String::from_utf8_lossy(&end_marker)
+        // Said without the marker or the line: rustls-pki-types' Display
+        // writes them as byte values ("[67, 69, …]", the tls probe), and in a
+        // key whose line breaks were lost (a Secret pasted as one line) they
+        // hold the whole key (the new7 probe).
+        pem::Error::MissingSectionEnd { .. } => format!(
+            "{setting}: {path:?} is not valid PEM: a BEGIN line without its END line \
+(the file cut short, or its line breaks lost?)"
         ),
-        pem::Error::IllegalSectionStart { line } => format!(
-            "{setting}: {path:?} is not valid PEM: a malformed BEGIN line: {:?}",
-            String::from_utf8_lossy(&line)
-        ),
+        pem::Error::IllegalSectionStart { .. } => {
+            format!("{setting}: {path:?} is not valid PEM: a malformed BEGIN line")
+        }
         pem::Error::Base64Decode(_) => {
-            format!("{setting}: {path:?} is not valid PEM: a line between BEGIN and END is not base64")
+            format!(
+                "{setting}: {path:?} is not valid PEM: a line between BEGIN and END is not base64"
+            )
         }
         other => format!("{setting}: {path:?} is not valid PEM: {other}"),
     }
