@@ -375,7 +375,9 @@ def manual_key_problem(key: str, max_key_length: int) -> str | None:
     value, at, address = key.rpartition("@")
     if not at or not _is_address(address):
         value, address = key, ""
-    if value != value.strip():
+    # A header's or cookie's byte 0xA0 (U+00A0 in its latin-1 reading) is
+    # kept at either end: it ends UTF-8 characters such as à (C3 A0).
+    if any(edge.isspace() and edge != "\xa0" for edge in (value[:1], value[-1:])):
         return "a client key's value never starts or ends with whitespace (identity strips it: docs/identity.md)"
     if value.startswith("sha256:") and not _HASHED.fullmatch(value):
         # A value identity did not hash that starts so is hashed itself: no
