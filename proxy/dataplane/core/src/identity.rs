@@ -416,6 +416,10 @@ impl Identity {
     /// hash is what an operator computes from the name (`printf %s NAME |
     /// sha256sum`, the admin API's hint).
     fn clean(&self, raw: &Raw) -> Option<(String, bool)> {
+        if let Raw::Bytes(_) = raw {
+            let sent = raw.sent();
+            return (!sent.is_empty()).then(|| (hashed_bytes(&sent), true));
+        }
         let strip = raw.strip();
         let whole = |t: &str| !strip(t).chars().any(is_unsafe);
         let (text, as_sent): (String, bool) = match raw {
@@ -428,6 +432,7 @@ impl Identity {
                 s.surrogates.is_empty() && whole(&s.text),
             ),
             Raw::Int(i) => (i.clone(), true),
+            Raw::Bytes(_) => return None, // keyed by their hash, above
         };
         let value = strip(&text);
         if value.is_empty() {
@@ -549,9 +554,11 @@ impl CheckedSignature {
 
 /// What a source found, before cleaning.
 enum Raw {
-    /// A header's or a cookie's value, read as latin-1: a character per byte
-    /// (and a query parameter's whose escapes are no UTF-8, decoded).
+    /// A header's or a cookie's value, read as latin-1: a character per byte.
     Field(String),
+    /// A query parameter's whose escapes are no UTF-8, decoded: no text, so
+    /// always its hash.
+    Bytes(Vec<u8>),
     /// A query parameter's, percent-decoded.
     Text(String),
     Claim(PyStr),
@@ -590,6 +597,7 @@ impl Raw {
         match self {
             // Latin-1: each character is the byte it was read from.
             Raw::Field(t) => Cow::Owned(field_strip(t).chars().map(|c| c as u8).collect()),
+            Raw::Bytes(b) => Cow::Borrowed(bytes_strip(b)),
             Raw::Text(t) | Raw::Int(t) => Cow::Borrowed(py_strip(t).as_bytes()),
             Raw::Claim(s) if s.surrogates.is_empty() => Cow::Borrowed(py_strip(&s.text).as_bytes()),
             Raw::Claim(s) => {
@@ -739,6 +747,17 @@ pub fn py_strip(text: &str) -> &str {
     text.trim_matches(is_py_space)
 }
 
+/// Bytes trimmed of the ASCII characters `str.strip()` trims.
+fn bytes_strip(bytes: &[u8]) -> &[u8] {
+    let space = |b: &u8| b.is_ascii() && is_py_space(char::from(*b));
+    let start = bytes.iter().position(|b| !space(b)).unwrap_or(bytes.len());
+    let end = bytes
+        .iter()
+        .rposition(|b| !space(b))
+        .map_or(start, |i| i + 1);
+    &bytes[start..end]
+}
+
 /// A header's or a cookie's bytes, read as latin-1, trimmed of the ASCII
 /// characters `str.strip()` trims (what a byte-string's strip trims).
 pub fn field_strip(text: &str) -> &str {
@@ -844,9 +863,9 @@ fn query_value<'q>(query: &'q str, name: &str) -> Option<&'q str> {
 }
 
 /// A query parameter's value as `unquote_plus` decodes it; or, when its
-/// escapes are no UTF-8, its decoded bytes, read as a header's are. Decoded
-/// as text they were U+FFFD each: `x%FF` and `x%FE` were one client (the
-/// identity probe).
+/// escapes are no UTF-8, its decoded bytes, keyed by their hash. Decoded as
+/// text they were U+FFFD each: `x%FF` and `x%FE` were one client (the
+/// identity probe); read as latin-1, `x%FF` was `x%C3%BF`'s "xÿ" (new7).
 fn query_raw(value: &str) -> Raw {
     if !value.contains(['%', '+']) {
         return Raw::Text(value.to_owned());
@@ -867,7 +886,7 @@ fn query_raw(value: &str) -> Raw {
     bytes.append(&mut unquote_to_bytes(&run));
     match String::from_utf8(bytes) {
         Ok(text) => Raw::Text(text),
-        Err(not_utf8) => Raw::Field(latin1(not_utf8.as_bytes())),
+        Err(not_utf8) => Raw::Bytes(not_utf8.into_bytes()),
     }
 }
 
@@ -1122,8 +1141,8 @@ Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSoc
     #[test]
     fn query_escapes_that_are_no_utf8_keep_their_bytes() {
         // Decoded as text, every invalid escape was U+FFFD: `x%FF` and `x%FE`
-        // were one client (the identity probe). Their bytes, read as a
-        // header's are, keep them apart; a C1 byte among them is hashed.
+        // were one client (the identity probe). Their bytes' hash keeps them
+        // apart.
         let identity = Identity::new(&IdentitySpec {
             sources: vec!["query:user".to_owned(), "ip".to_owned()],
             ..IdentitySpec::by_address()
@@ -1143,11 +1162,23 @@ Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSoc
                 .identify(&head, "192.0.2.1".parse().unwrap(), 0.0)
                 .key
         };
-        assert_eq!(key("user=x%FF"), "x\u{ff}@192.0.2.1");
-        assert_eq!(key("user=x%FE"), "x\u{fe}@192.0.2.1");
         assert_eq!(
-            key("user=x%9F"),
-            format!("{}@192.0.2.1", hashed_bytes(b"x\x9f"))
+            key("user=x%FF"),
+            format!("{}@192.0.2.1", hashed_bytes(b"x\xff"))
+        );
+        assert_eq!(
+            key("user=x%FE"),
+            format!("{}@192.0.2.1", hashed_bytes(b"x\xfe"))
+        );
+        assert_eq!(
+            key("user=+x%FE%20"),
+            format!("{}@192.0.2.1", hashed_bytes(b"x\xfe"))
+        );
+        // Not "xÿ", which `x%C3%BF` is (new7).
+        assert_eq!(key("user=x%C3%BF"), "x\u{ff}@192.0.2.1");
+        assert_eq!(
+            key("user=%20%FF%20"),
+            format!("{}@192.0.2.1", hashed_bytes(b"\xff"))
         );
         // Valid UTF-8 escapes are text, as before.
         assert_eq!(key("user=J%C3%A0+b"), "J\u{e0} b@192.0.2.1");
