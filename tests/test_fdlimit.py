@@ -47,6 +47,16 @@ def test_the_reserve_counts_each_upstream_once_and_the_event_streams() -> None:
     assert fdlimit.reserve(settings) == 2 * fdlimit.POOL_PER_UPSTREAM + 40 + fdlimit.BASE
 
 
+def test_a_tls_listener_reserves_its_handshakes_over_the_cap(tmp_path: Path) -> None:
+    """A TLS listener answers 503 after the handshake to a tenth over
+    max_connections (the rest are closed before it): a descriptor each the
+    fit left out (the new7 probe)."""
+    plain = {"upstream": "ws://10.0.0.1:9000", "limits.max_connections": 1000}
+    tls = {**plain, "tls.cert_file": str(tmp_path / "c.pem"), "tls.key_file": str(tmp_path / "k.pem")}
+    assert fdlimit.reserve(load_settings(overrides=tls)) == fdlimit.reserve(load_settings(overrides=plain)) + 100
+    assert fdlimit.tls_overflow(load_settings(overrides={**tls, "limits.max_connections": 5})) == 1
+
+
 def test_a_limit_knows_what_it_needs_and_what_it_leaves_room_for() -> None:
     limit = fdlimit.FdLimit(before=1024, soft=1024, hard=1024, reserve=612, max_connections=10_000)
     assert limit.needed == 20_612 and not limit.enough

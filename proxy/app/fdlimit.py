@@ -61,11 +61,26 @@ class FdLimit:
         return max(0, (self.soft - self.reserve) // DESCRIPTORS_PER_CONNECTION)
 
 
+def tls_overflow(settings: Settings) -> int:
+    """TLS handshakes a listener with `tls:` holds beyond `limits.max_connections`
+    (a tenth, at least one; proxy/dataplane/py/src/conn.rs, `handshakes_bound`),
+    each answered 503 once done: a descriptor each."""
+    if settings.tls.cert_file is None:
+        return 0
+    return max(settings.limits.max_connections // 10, 1)
+
+
 def reserve(settings: Settings) -> int:
     """Descriptors besides the connections': the plain-HTTP pool of every
-    upstream, the status page's event streams, and the rest of the process."""
+    upstream, the status page's event streams, a TLS listener's handshakes
+    over the cap, and the rest of the process."""
     upstreams = {str(route.upstream) for route in settings.effective_routes()}
-    return POOL_PER_UPSTREAM * len(upstreams) + settings.admin.event_streams.max_streams + BASE
+    return (
+        POOL_PER_UPSTREAM * len(upstreams)
+        + settings.admin.event_streams.max_streams
+        + tls_overflow(settings)
+        + BASE
+    )
 
 
 def fit(settings: Settings) -> FdLimit:
