@@ -578,7 +578,9 @@ def test_the_table_keeps_taken_probes_and_starts_fresh_budgets() -> None:
     assert 1.9 < retry_after <= 2.0
     assert "k" in table and len(table) == 1
     table.set_allow(["k"])
-    assert table.lookup("k") == ("allow_listed", [])
+    assert table.lookup("k")[:2] == ("refuse", "cooldown")  # an operator's cooldown holds, allowed or not
+    table.set_cooldown("k", 10.0, "auth_failure_loop")
+    assert table.lookup("k") == ("allow_listed", [])  # a rule's does not
     table.set_defaults(deny_retry_after=60.0)
     table.set_deny(["10.0.0.0/8"])
     assert table.lookup("user@10.1.2.3")[:3] == ("refuse", "deny", 60.0)
