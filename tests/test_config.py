@@ -857,6 +857,10 @@ def test_settings_that_contradict_each_other_are_errors(tmp_path: Path) -> None:
     assert errors_of('upstream: "ws://a:1"\nlisten: "0.0.0.0:9900"\n', tmp_path) == [
         "admin.listen: '127.0.0.1:9900' is the proxy's own address (listen: '0.0.0.0:9900')"
     ]
+    # Another spelling of the wildcard (the new7 probe: accepted, then clashed at start).
+    assert errors_of('upstream: "ws://a:1"\nlisten: "127.0.0.1:9900"\nadmin: {listen: "[::0]:9900"}\n', tmp_path) == [
+        "admin.listen: '[::0]:9900' is the proxy's own address (listen: '127.0.0.1:9900')"
+    ]
     assert errors_of('state: {redis: {reconnect_min: 10s, reconnect_max: 1s}}\n', tmp_path) == [
         "state.redis: reconnect_max (1s) must not be below reconnect_min (10s)"
     ]

@@ -146,7 +146,8 @@ class AdminServer:
                 self._listener = await loop.create_server(self.gate, host, port, reuse_address=True)
         except OSError as e:  # said as the proxy's own port says it, naming the setting
             why = os.strerror(e.errno) if e.errno else str(e)
-            raise OSError(f"admin.listen: cannot listen on {host}:{port}: {why}") from e
+            shown = f"[{host}]" if ":" in host else host  # as the setting writes an IPv6 address
+            raise OSError(f"admin.listen: cannot listen on {shown}:{port}: {why}") from e
         self.log_exposure()
 
     @property

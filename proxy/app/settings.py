@@ -158,9 +158,17 @@ class Settings(Section):
         if listen is None:
             return admin
         proxy, own = parse_host_port(listen), parse_host_port(admin.listen)
+
+        def host(text: str) -> str:  # one spelling of an address: "::0" and "0:0::" are "::"
+            try:
+                return str(ipaddress.ip_address(text))
+            except ValueError:
+                return text
+
         wildcard = ("0.0.0.0", "::")
+        own_host, proxy_host = host(own.host), host(proxy.host)
         if own.port and own.port == proxy.port and (
-            own.host == proxy.host or own.host in wildcard or proxy.host in wildcard
+            own_host == proxy_host or own_host in wildcard or proxy_host in wildcard
         ):
             raise FieldError(("listen",), f"{admin.listen!r} is the proxy's own address (listen: {listen!r})")
         return admin

@@ -393,7 +393,7 @@ impl Listener {
                 .next()
                 .ok_or_else(|| format!("{host:?} has no address"))?;
             Server::start(addr, threads, config, policy, tracing, table, events)
-                .map_err(|e| format!("cannot listen on {addr}: {e}"))
+                .map_err(|e| format!("listen: cannot listen on {addr}: {e}"))
         });
         let server = server.map_err(PyOSError::new_err)?;
         Ok(Listener {
