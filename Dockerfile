@@ -28,6 +28,7 @@ COPY proxy ./proxy
 COPY detectors ./detectors
 COPY dashboards ./dashboards
 COPY loopwatch ./loopwatch
+COPY config/__init__.py config/loopwatch.yaml ./config/
 RUN pip wheel --no-cache-dir --wheel-dir /wheels . \
     && ls /wheels/loopwatch-*-cp3*-linux_*.whl
 

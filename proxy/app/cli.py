@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from importlib.resources import files
 from typing import TYPE_CHECKING, Any
 
 # isort: split
@@ -52,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the config file (default: $LOOPWATCH_CONFIG, as for run); without either, the defaults and "
         "LOOPWATCH_* variables",
     )  # fmt: skip
+
+    sub.add_parser(
+        "example-config",
+        help="print the reference config: every key with its default and a comment",
+        description="Prints config/loopwatch.yaml as this version ships it (a pip install or the image "
+        "has no source tree): `loopwatch example-config > loopwatch.yaml`, then edit.",
+    )
 
     demo = sub.add_parser("demo", help="backend + loopwatch + clients on loopback, live")
     demo.add_argument("--duration", type=float, default=30.0, help="seconds to run (default 30)")
@@ -115,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         if ignored:
             print(f"note: ignoring {', '.join(ignored)}: {SERVICE_LINKS_HINT}", file=sys.stderr)
         return check_config_main(args.file)
+    if args.command == "example-config":
+        sys.stdout.write(files("loopwatch.config").joinpath("loopwatch.yaml").read_text(encoding="utf-8"))
+        return 0
     if args.command == "run":
         return cmd_run(args)
     if args.command == "demo":
