@@ -358,11 +358,17 @@ _NEVER_IN_A_KEY = re.compile(
 _HASHED = re.compile("sha256:[0-9a-f]{32}")
 
 
-def manual_key_problem(key: str, max_key_length: int) -> str | None:
+def manual_key_problem(key: str, max_key_length: int, *, header_bytes: bool = False) -> str | None:
     """Why a key given to a manual cooldown or release is none identity could
     produce, or None. Such a key would be accepted, reported as done, and match
-    no client ever: a long JWT `sub` pasted whole, a key with a newline in it."""
-    if not key.strip():
+    no client ever: a long JWT `sub` pasted whole, a key with a newline in it.
+    `header_bytes`: identity reads a header or a cookie, whose byte 0xA0 (U+00A0
+    in its latin-1 reading, the end of à in UTF-8) it keeps at either end."""
+
+    def spacing(c: str) -> bool:  # what identity trims from a value's ends
+        return c.isspace() and not (header_bytes and c == "\xa0")
+
+    if all(spacing(c) for c in key):
         return "expected a client key such as alice@203.0.113.7, got an empty or blank one"
     if key in (".", ".."):
         return "identity keys a client whose value is . or .. by its hash (docs/identity.md); copy the key as `loopwatch clients` shows it"
@@ -375,9 +381,7 @@ def manual_key_problem(key: str, max_key_length: int) -> str | None:
     value, at, address = key.rpartition("@")
     if not at or not _is_address(address):
         value, address = key, ""
-    # A header's or cookie's byte 0xA0 (U+00A0 in its latin-1 reading) is
-    # kept at either end: it ends UTF-8 characters such as à (C3 A0).
-    if any(edge.isspace() and edge != "\xa0" for edge in (value[:1], value[-1:])):
+    if any(spacing(edge) for edge in (value[:1], value[-1:])):
         return "a client key's value never starts or ends with whitespace (identity strips it: docs/identity.md)"
     if value.startswith("sha256:") and not _HASHED.fullmatch(value):
         # A value identity did not hash that starts so is hashed itself: no
@@ -476,9 +480,14 @@ class AdminApi:
             return error(404, f"no tracked client {key!r}")
         return web.json_response({"now": now, **view.to_dict()})
 
+    def _key_problem(self, key: str) -> str | None:
+        identity = self.control.settings.identity
+        header_bytes = any(source.startswith(("header:", "cookie:")) for source in identity.sources)
+        return manual_key_problem(key, identity.max_key_length, header_bytes=header_bytes)
+
     async def release(self, request: web.Request) -> web.Response:
         key = request.match_info["key"]
-        problem = manual_key_problem(key, self.control.settings.identity.max_key_length)
+        problem = self._key_problem(key)
         if problem is not None:
             return error(400, problem)
         if not self.control.release(key, time.monotonic()):
@@ -487,7 +496,7 @@ class AdminApi:
 
     async def cooldown(self, request: web.Request) -> web.Response:
         key = request.match_info["key"]
-        problem = manual_key_problem(key, self.control.settings.identity.max_key_length)
+        problem = self._key_problem(key)
         if problem is not None:
             return error(400, problem)
         raw: Any = request.query.get("duration")
