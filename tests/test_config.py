@@ -857,10 +857,21 @@ def test_settings_that_contradict_each_other_are_errors(tmp_path: Path) -> None:
     assert errors_of('upstream: "ws://a:1"\nlisten: "0.0.0.0:9900"\n', tmp_path) == [
         "admin.listen: '127.0.0.1:9900' is the proxy's own address (listen: '0.0.0.0:9900')"
     ]
-    # Another spelling of the wildcard (the new7 probe: accepted, then clashed at start).
-    assert errors_of('upstream: "ws://a:1"\nlisten: "127.0.0.1:9900"\nadmin: {listen: "[::0]:9900"}\n', tmp_path) == [
-        "admin.listen: '[::0]:9900' is the proxy's own address (listen: '127.0.0.1:9900')"
-    ]
+    # Other spellings of one address, or of the wildcard (new7, new8: accepted,
+    # then "address already in use" at start); IPv4's wildcard beside an IPv6
+    # address binds.
+    for listen, admin in (
+        ("127.0.0.1:9900", "[::0]:9900"),
+        ("127.0.0.1:9900", "[::ffff:127.0.0.1]:9900"),
+        ("[0:0::0]:9900", "10.0.0.1:9900"),
+        ("0.0.0.0:9900", "localhost:9900"),
+    ):
+        config = f'upstream: "ws://a:1"\nlisten: "{listen}"\nadmin: {{listen: "{admin}"}}\n'
+        assert errors_of(config, tmp_path) == [
+            f"admin.listen: {admin!r} is the proxy's own address (listen: {listen!r})"
+        ], (listen, admin)
+    for listen, admin in (("0.0.0.0:9900", "[::1]:9900"), ("127.0.0.1:9900", "127.0.0.2:9900")):
+        assert load_settings(None, env={}, overrides={"listen": listen, "admin.listen": admin, "upstream": "ws://a:1"})
     assert errors_of('state: {redis: {reconnect_min: 10s, reconnect_max: 1s}}\n', tmp_path) == [
         "state.redis: reconnect_max (1s) must not be below reconnect_min (10s)"
     ]

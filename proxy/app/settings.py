@@ -86,6 +86,29 @@ class ConfigError(Exception):
 # --- models ----------------------------------------------------------------
 
 
+def _binds_overlap(a: str, b: str) -> bool:
+    """Whether two listening sockets on these hosts (one port) clash: the same
+    address in any spelling (`[::0]`, `[::ffff:127.0.0.1]`), or one of them all
+    addresses: `::` both families (loopwatch binds it dual stack), `0.0.0.0`
+    IPv4's (and a name, which may be one). `0.0.0.0` and `::1` do not."""
+
+    def address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | str:
+        try:
+            ip = ipaddress.ip_address(text)
+        except ValueError:
+            return text
+        mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+        return mapped or ip
+
+    x, y = address(a), address(b)
+    if x == y or ipaddress.IPv6Address("::") in (x, y):
+        return True
+    for wildcard, other in ((x, y), (y, x)):
+        if wildcard == ipaddress.IPv4Address("0.0.0.0"):
+            return not isinstance(other, ipaddress.IPv6Address)
+    return False
+
+
 class Settings(Section):
     listen: ListenAddress = "0.0.0.0:8080"
     upstream: UpstreamURL | None = None
@@ -158,18 +181,7 @@ class Settings(Section):
         if listen is None:
             return admin
         proxy, own = parse_host_port(listen), parse_host_port(admin.listen)
-
-        def host(text: str) -> str:  # one spelling of an address: "::0" and "0:0::" are "::"
-            try:
-                return str(ipaddress.ip_address(text))
-            except ValueError:
-                return text
-
-        wildcard = ("0.0.0.0", "::")
-        own_host, proxy_host = host(own.host), host(proxy.host)
-        if own.port and own.port == proxy.port and (
-            own_host == proxy_host or own_host in wildcard or proxy_host in wildcard
-        ):
+        if own.port and own.port == proxy.port and _binds_overlap(own.host, proxy.host):
             raise FieldError(("listen",), f"{admin.listen!r} is the proxy's own address (listen: {listen!r})")
         return admin
 
