@@ -1080,8 +1080,13 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
 
     /// The key `identity` gives an upgrade from 192.0.2.1 with `X-User: value`.
     fn x_user_key(identity: &Identity, value: &str) -> String {
+        request_key(identity, "/ws", &format!("X-User: {value}\r\n"))
+    }
+
+    /// The key of an upgrade of `target` with `headers` (each ending CRLF) from 192.0.2.1.
+    fn request_key(identity: &Identity, target: &str, headers: &str) -> String {
         let request = format!(
-            "GET /ws HTTP/1.1\r\nHost: x\r\nX-User: {value}\r\nUpgrade: websocket\r\n\
+            "GET {target} HTTP/1.1\r\nHost: x\r\n{headers}Upgrade: websocket\r\n\
 Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
         );
         let crate::head::HeadStatus::Complete(head) =
@@ -1148,20 +1153,7 @@ Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSoc
             ..IdentitySpec::by_address()
         })
         .expect("valid settings");
-        let key = |query: &str| {
-            let request = format!(
-                "GET /ws?{query} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
-Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            );
-            let crate::head::HeadStatus::Complete(head) =
-                crate::head::parse_head(request.as_bytes(), &crate::head::HeadLimits::default())
-            else {
-                panic!("a valid head");
-            };
-            identity
-                .identify(&head, "192.0.2.1".parse().unwrap(), 0.0)
-                .key
-        };
+        let key = |query: &str| request_key(&identity, &format!("/ws?{query}"), "");
         assert_eq!(
             key("user=x%FF"),
             format!("{}@192.0.2.1", hashed_bytes(b"x\xff"))
