@@ -36,7 +36,6 @@ def build_registry() -> CollectorRegistry:
 log = logging.getLogger("loopwatch")
 
 
-
 def dual_stack_socket(host: str, port: int) -> socket.socket | None:
     """`[::]` takes IPv4 clients too, as the proxy's own port does; asyncio's
     socket for it is IPv6-only, so an IPv4 health check or scrape of the admin
@@ -58,6 +57,7 @@ def dual_stack_socket(host: str, port: int) -> socket.socket | None:
         sock.close()
         raise
     return sock
+
 
 class AdminCollector:
     """The admin port's refusals and event streams, read at scrape time."""
