@@ -257,6 +257,20 @@ async def test_a_wss_client_through_to_a_ws_backend(local_cert: Cert) -> None:
     assert (closed_event.code, closed_event.reason, closed_event.initiator) == (4001, "tls bye", "upstream")
 
 
+async def test_pem_files_saved_with_a_byte_order_mark_are_read(local_cert: Cert, tmp_path: Path) -> None:
+    """An editor's UTF-8 BOM before the BEGIN line: the file read as holding
+    no certificate (new8), as OpenSSL's "no start line"."""
+    bom = b"\xef\xbb\xbf"
+    cert, key = tmp_path / "bom.crt", tmp_path / "bom.key"
+    cert.write_bytes(bom + Path(local_cert.cert).read_bytes())
+    key.write_bytes(bom + Path(local_cert.key).read_bytes())
+    tls = ListenerTLS(cert_file=str(cert), key_file=str(key))
+    async with echo_backend() as backend, native(backend.url, tls=tls) as running:
+        async with connect(running.url("/", "wss"), ssl=client_context(local_cert.cert)) as ws:
+            await ws.send("bom")
+            assert await asyncio.wait_for(ws.recv(), 10) == "bom"
+
+
 async def test_a_plain_http_request_to_the_tls_port_is_told_so(local_cert: Cert) -> None:
     tls = ListenerTLS(cert_file=local_cert.cert, key_file=local_cert.key)
     async with echo_backend() as backend, native(backend.url, tls=tls) as running:

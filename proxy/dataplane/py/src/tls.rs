@@ -95,6 +95,11 @@ fn read_pem_file(setting: &str, path: &str) -> Result<Vec<u8>, String> {
     if pem.len() as u64 > MAX_PEM_FILE {
         return Err(cannot(&"larger than 4 MiB"));
     }
+    // An editor's UTF-8 byte-order mark: the BEGIN line it starts was taken
+    // for text around the PEM, and the file read as holding none (new8).
+    if pem.starts_with(b"\xef\xbb\xbf") {
+        pem.drain(..3);
+    }
     Ok(pem)
 }
 
