@@ -265,10 +265,13 @@ async def test_pem_files_saved_with_a_byte_order_mark_are_read(local_cert: Cert,
     cert.write_bytes(bom + Path(local_cert.cert).read_bytes())
     key.write_bytes(bom + Path(local_cert.key).read_bytes())
     tls = ListenerTLS(cert_file=str(cert), key_file=str(key))
-    async with echo_backend() as backend, native(backend.url, tls=tls) as running:
-        async with connect(running.url("/", "wss"), ssl=client_context(local_cert.cert)) as ws:
-            await ws.send("bom")
-            assert await asyncio.wait_for(ws.recv(), 10) == "bom"
+    async with (
+        echo_backend() as backend,
+        native(backend.url, tls=tls) as running,
+        connect(running.url("/", "wss"), ssl=client_context(local_cert.cert)) as ws,
+    ):
+        await ws.send("bom")
+        assert await asyncio.wait_for(ws.recv(), 10) == "bom"
 
 
 async def test_a_plain_http_request_to_the_tls_port_is_told_so(local_cert: Cert) -> None:

@@ -440,7 +440,9 @@ async def test_a_full_redis_fails_the_writes_not_the_sharing(
             assert await rc.exists(f"{prefix}cool:{key}") == 0
         finally:
             await rc.config_set("maxmemory", "0")
-        a.force_cooldown(key_of("after"), 600, time.monotonic())
+        # No other cooldown needed: the next heartbeat's marker finds Redis
+        # taking writes (it waited for one, which may never come: the replicas
+        # probe).
         await wait_for(lambda: any(r.getMessage() == "state_store_write_resumed" for r in caplog.records), timeout=5)
         # The key Redis refused is written once it takes writes again: a replica
         # started later learns the cooldown.
@@ -450,6 +452,34 @@ async def test_a_full_redis_fails_the_writes_not_the_sharing(
             await asyncio.sleep(0.05)
     lines = [r.getMessage() for r in caplog.records if r.name == "loopwatch.state"]
     assert lines.count("state_store_down") == 0 and lines.count("state_store_write_failed") == 1
+
+
+async def test_a_cooldown_over_before_redis_answers_again_is_written_back_remembered(
+    redis_server: RedisServer,
+) -> None:
+    """Redis unreachable (not restarted) while a loop's cooldown began and
+    ended: only running cooldowns were written back, and a replica started
+    later did not escalate that client's next cooldown (the replicas probe)."""
+    prefix = "lw-paused:"
+    short = {"policy.cooldown.base": "500ms", "policy.cooldown.jitter": 0}
+    async with replicas(redis_server.url, prefix, **short) as (_, a, b), redis_client(redis_server) as rc:
+        sleeper = asyncio.ensure_future(rc.execute_command("DEBUG", "SLEEP", "3.0"))
+        await wait_for(lambda: not store(a).up)
+        key = key_of("brief")
+        seen: list[tuple[int | None, str]] = []
+        while len(seen) < 3 * CRITICAL and (not seen or seen[-1][0] != 1013):  # a loop: a rule's cooldown, 0.5 s
+            seen.append(await attempt(ws(a, "brief")))
+            await asyncio.sleep(PAUSE)
+        assert seen[-1][0] == 1013, seen
+        await wait_for(lambda: not in_cooldown(a, key))  # over while Redis sleeps
+        assert not sleeper.done()
+        await sleeper
+        await wait_for(lambda: store(a).up, timeout=10)
+        deadline = time.monotonic() + 5
+        while not await rc.exists(f"{prefix}cool:{key}"):
+            assert time.monotonic() < deadline, "the cooldown's repeat memory was never written back"
+            await asyncio.sleep(0.05)
+        assert b'"remembered"' in await rc.get(f"{prefix}cool:{key}")
 
 
 async def test_a_replica_started_while_redis_is_down_relays_and_joins_later(tmp_path: Path) -> None:
@@ -937,10 +967,15 @@ async def test_a_key_rotation_keeps_the_cooldowns(redis_server: RedisServer) -> 
                 await wait_for(lambda: store(c).up and in_cooldown(c, victim))
 
 
-async def test_replicas_with_and_without_the_key_do_not_share(redis_server: RedisServer) -> None:
+async def test_replicas_with_and_without_the_key_do_not_share(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
     """A replica given the key during a rollout takes nothing from one without it,
     and the other way round: each decides alone (as when Redis is down) until
-    every replica has the key; both say so in state_store_bad_message."""
+    every replica has the key; both say so in state_store_bad_message (the one
+    without the key that the batch is sealed, not a parse error: the replicas
+    probe)."""
+    caplog.set_level(logging.INFO, logger="loopwatch.state")
     prefix = "lw-halfsigned:"
     async with demo_backend() as backend_app:
         upstream = f"ws://127.0.0.1:{backend_app.port}"
@@ -953,6 +988,8 @@ async def test_replicas_with_and_without_the_key_do_not_share(redis_server: Redi
             seen = await round_robin((a, b), "loop", CRITICAL + 2, replicated=False)
             assert codes(seen) == [1008] * (CRITICAL + 2)
             assert attempts_seen(a, key_of("loop")) == (CRITICAL + 2) // 2
+    errors = [r.fields["error"] for r in caplog.records if r.getMessage() == "state_store_bad_message"]  # type: ignore[attr-defined]
+    assert "a sealed batch: its replica has state.redis.signing_key and this one has none" in errors, errors
 
 
 async def test_two_replicas_under_one_replica_id_say_so(redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:

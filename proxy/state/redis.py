@@ -61,7 +61,7 @@ from ...detectors.shared import (
 from ..dataplane.boundary import LogLimiter
 from ..observe.logs import event as log_event
 from ..observe.observers import Lever, Observer, Observers
-from .signing import Refused, Replays, Seal
+from .signing import SEAL, Refused, Replays, Seal
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -411,7 +411,11 @@ class RedisStateStore(Observer):
             self._refuse(e.reason, str(e))
             return
         except ValueError as e:
-            self._refuse("malformed", str(e))  # a foreign publisher on our channel, or a newer version
+            why = str(e)  # a foreign publisher on our channel, or a newer version
+            if seal is None and payload.startswith(SEAL + b" "):
+                # A partial rollout of the key: said as such, not as a parse error (the replicas probe).
+                why = "a sealed batch: its replica has state.redis.signing_key and this one has none"
+            self._refuse("malformed", why)
             return
         if sealed is not None and not self._replays.fresh(origin, sealed.run, sealed.seq):
             self._refuse("replayed", f"a sealed batch of {origin[:80]!r} seen before (run {sealed.run}, "
@@ -763,11 +767,14 @@ class RedisStateStore(Observer):
             self._send(cooldown)
 
     def _cooldowns_to_write_back(self, only: set[str] | None) -> list[SharedCooldown]:
-        """Those of `only` still running, or (None: Redis lost them all) every
-        one, those over but within the repeat memory a key keeps included."""
+        """Those of `only`, or (None: Redis lost them all) every one; those over
+        but within the repeat memory a key keeps included: a cooldown that began
+        and ended while Redis was paused was not written back, and a replica
+        started later did not escalate that client's next one (the replicas
+        probe)."""
         if self.gate is None:
             return []
-        cooldowns = self.gate.engine.cooldowns(self._clock(), remembered=only is None)
+        cooldowns = self.gate.engine.cooldowns(self._clock(), remembered=True)
         return [c for c in cooldowns if only is None or c.key in only]
 
     async def _resync(self, client: Redis) -> None:
@@ -855,7 +862,11 @@ class RedisStateStore(Observer):
     async def _marked(self, client: Redis) -> bool:
         """Refresh the epoch marker; False when it was gone (and set it again).
         A Redis that refuses writes (maxmemory under noeviction, a read-only
-        replica) cannot tell: True, as the key writes fail the writes only."""
+        replica) cannot tell: True, as the key writes fail the writes only.
+        A marker written while cooldown writes were failing says Redis takes
+        writes again: the cooldowns it refused are written now, not at the next
+        cooldown this replica starts, which may never come (the replicas
+        probe: a restarted replica admitted a client the fleet refused)."""
         from redis.exceptions import ResponseError
 
         try:
@@ -865,6 +876,8 @@ class RedisStateStore(Observer):
                     await client.set(self._epoch, b"1", px=EPOCH_TTL_MS)
         except ResponseError:
             return True
+        if self._write_failing:
+            self._write_refused([])
         return bool(kept)
 
     async def _write_back_now(self, client: Redis, back: list[SharedCooldown]) -> None:
