@@ -325,6 +325,77 @@ async def test_stopping_loopwatch_shows_disconnected_and_retries_with_backoff() 
         assert page.errors == []  # type: ignore[attr-defined]
 
 
+async def test_a_long_client_id_does_not_push_the_states_off_screen() -> None:
+    """A 250-character `sub` (under max_key_length, so shown whole) made the key
+    column ~2 000 px wide for every row: at 1280 px the State and Cooldown
+    columns began off screen (the page probe). The id is cut, whole in its title."""
+    long_sub = "u" * 250
+    async with demo_backend() as backend, chromium() as browser, loopwatch(f"ws://127.0.0.1:{backend.port}") as lw:
+        async with connect(ws_url(lw, "/ws?token=" + issue_token(long_sub, 600))) as ws:
+            await ws.send("hi")
+            await ws.recv()
+        page = await open_page(browser, lw)
+        key = f"{long_sub}@127.0.0.1"
+        await expect(row(page, key)).to_have_count(1, timeout=5000)
+        state = await row(page, key).locator("td").first.bounding_box()
+        assert state is not None and state["x"] + state["width"] <= 1280, state
+        assert await row(page, key).locator("button.key").get_attribute("title") == key
+        await page.close()
+
+
+@contextlib.asynccontextmanager
+async def freezable_relay(port: int) -> AsyncIterator[tuple[int, asyncio.Event]]:
+    """A TCP relay to 127.0.0.1:`port` that stops passing bytes, sockets left
+    open, once its event is set: loopwatch frozen (SIGSTOP, a blocked loop) or
+    a hung `kubectl port-forward`, as the page sees it."""
+    frozen = asyncio.Event()
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                if frozen.is_set():
+                    await asyncio.Event().wait()  # held, never passed on
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+        for task in (asyncio.ensure_future(pipe(reader, up_writer)), asyncio.ensure_future(pipe(up_reader, writer))):
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], frozen
+    finally:
+        server.close()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_a_frozen_stream_shows_stale_data_within_seconds() -> None:
+    """A frozen loopwatch looked live for 45 s (three heartbeats), its cooldown
+    countdowns running on (the page probe): three summaries missed and the page
+    says its data is old, dimmed, with its time."""
+    async with demo_backend() as backend, chromium() as browser, loopwatch(f"ws://127.0.0.1:{backend.port}") as lw:
+        async with freezable_relay(lw.admin_port) as (port, frozen):
+            page = await browser.new_page(viewport={"width": 1280, "height": 800})
+            await page.goto(f"http://127.0.0.1:{port}/")
+            conn = page.locator("#conn")
+            await expect(conn).to_have_attribute("data-state", "live", timeout=5000)
+            assert await page.evaluate("document.body.dataset.stale") is None
+            frozen.set()
+            started = time.monotonic()
+            await expect(conn).to_have_attribute("data-state", "stale", timeout=8000)
+            assert time.monotonic() - started < 8  # not the 45 s of three heartbeats
+            await expect(conn).to_contain_text("data as of")
+            assert await page.evaluate("document.body.dataset.stale") == "true"
+            await page.close()
+
+
 async def test_the_page_says_a_replica_shares_with_whom_or_refuses(redis_server: RedisServer) -> None:
     """The fleet probe: a replica connected to Redis but refusing the others'
     batches (two replicas under one replica id here) shares nothing, and its

@@ -47,6 +47,10 @@
   let attempts = 0; // every connect, shown in data-attempts
   let connectedAt = 0;
   let heartbeatInterval = 15;
+  let summaryInterval = 1; // the server's, from hello
+  let summaryGap = 1; // seconds between the last two summaries (the server spaces them out when they cost)
+  let lastSummaryAt = 0;
+  let staleTimer = null;
   let clockOffset = null; // browser seconds − server (monotonic) seconds
   let summary = null;
   const clients = new Map(); // key → client object (summary rows, patched by events)
@@ -180,6 +184,25 @@
   function setConn(state, text) {
     el.conn.dataset.state = state;
     el.connText.textContent = text;
+    // What is on screen is no longer current: dimmed, its time said.
+    const stale = state === "stale" || (state === "disconnected" && lastSummaryAt > 0);
+    if (stale) document.body.dataset.stale = "true";
+    else delete document.body.dataset.stale;
+    if (stale && lastSummaryAt) {
+      el.connText.textContent += ` — data as of ${new Date(lastSummaryAt).toLocaleTimeString([], { hour12: false })}`;
+    }
+  }
+
+  function armStale() {
+    // Summaries come every summary_interval (spaced out further when they cost):
+    // none for three of them and the page says its data is old, long before the
+    // watchdog's three heartbeats (45 s of a frozen loopwatch looked live).
+    clearTimeout(staleTimer);
+    const wait = 3 * Math.max(summaryInterval, summaryGap);
+    staleTimer = setTimeout(() => {
+      if (el.conn.dataset.state !== "live") return;
+      setConn("stale", `no update for ${Math.round(wait)}s`);
+    }, wait * 1000);
   }
 
   function showUnauthorized() {
@@ -275,6 +298,7 @@
   function onHello(d) {
     connectedAt = Date.now();
     heartbeatInterval = d.heartbeat_interval || heartbeatInterval;
+    summaryInterval = d.summary_interval || summaryInterval;
     el.auth.hidden = true;
     el.forget.hidden = !token;
     setConn("live", "live");
@@ -287,6 +311,11 @@
   }
 
   function onSummary(d) {
+    const at = Date.now();
+    if (lastSummaryAt) summaryGap = Math.max(summaryInterval, (at - lastSummaryAt) / 1000);
+    lastSummaryAt = at;
+    if (el.conn.dataset.state === "stale") setConn("live", "live");
+    armStale();
     summary = d;
     clockOffset = Date.now() / 1000 - d.now;
     clients.clear();
@@ -440,7 +469,7 @@
   function rowFor(key) {
     let tr = rows.get(key);
     if (tr) return tr;
-    const button = node("button", { type: "button", class: "key", text: key, "aria-pressed": "false" });
+    const button = node("button", { type: "button", class: "key", text: key, title: key, "aria-pressed": "false" });
     button.addEventListener("click", () => select(key));
     tr = node("tr", { dataset: { key } },
       node("th", { scope: "row" }, button),
