@@ -104,6 +104,8 @@ async def test_an_observed_cooldown_shows_flagged_live_and_after_a_reload() -> N
                 tab = row(page, LOOPER)
                 await expect(tab.locator("td").nth(1)).to_contain_text("observe: not refused", timeout=5000)
                 await expect(tab.locator("td").nth(0)).to_have_text("flagged")
+                # Its countdown read as "refused for 59 s" (the page probe).
+                await expect(tab.locator("td").nth(4)).to_contain_text("observed: ")
             view = await api_client(lw, LOOPER)
             assert view["status"] == "critical" and view["cooldown"]["enforced"] is False
         finally:

@@ -166,7 +166,10 @@
     const left = cooldownLeft(c);
     if (!left) return "–";
     const rule = (c.cooldown || {}).rule;
-    return rule ? `${fmtDuration(left)} · ${rule}` : fmtDuration(left);
+    const text = rule ? `${fmtDuration(left)} · ${rule}` : fmtDuration(left);
+    // An observed cooldown refuses nobody: its countdown read as "refused for
+    // 29 s" beside "observe: not refused" (the page probe).
+    return c.status !== "cooldown" && c.cooldown.enforced === false ? `observed: ${text}` : text;
   }
 
   // Evidence values: engine times as clock times, long floats shortened.
