@@ -382,20 +382,24 @@ async def test_a_frozen_stream_shows_stale_data_within_seconds() -> None:
     """A frozen loopwatch looked live for 45 s (three heartbeats), its cooldown
     countdowns running on (the page probe): three summaries missed and the page
     says its data is old, dimmed, with its time."""
-    async with demo_backend() as backend, chromium() as browser, loopwatch(f"ws://127.0.0.1:{backend.port}") as lw:
-        async with freezable_relay(lw.admin_port) as (port, frozen):
-            page = await browser.new_page(viewport={"width": 1280, "height": 800})
-            await page.goto(f"http://127.0.0.1:{port}/")
-            conn = page.locator("#conn")
-            await expect(conn).to_have_attribute("data-state", "live", timeout=5000)
-            assert await page.evaluate("document.body.dataset.stale") is None
-            frozen.set()
-            started = time.monotonic()
-            await expect(conn).to_have_attribute("data-state", "stale", timeout=8000)
-            assert time.monotonic() - started < 8  # not the 45 s of three heartbeats
-            await expect(conn).to_contain_text("data as of")
-            assert await page.evaluate("document.body.dataset.stale") == "true"
-            await page.close()
+    async with (
+        demo_backend() as backend,
+        chromium() as browser,
+        loopwatch(f"ws://127.0.0.1:{backend.port}") as lw,
+        freezable_relay(lw.admin_port) as (port, frozen),
+    ):
+        page = await browser.new_page(viewport={"width": 1280, "height": 800})
+        await page.goto(f"http://127.0.0.1:{port}/")
+        conn = page.locator("#conn")
+        await expect(conn).to_have_attribute("data-state", "live", timeout=5000)
+        assert await page.evaluate("document.body.dataset.stale") is None
+        frozen.set()
+        started = time.monotonic()
+        await expect(conn).to_have_attribute("data-state", "stale", timeout=8000)
+        assert time.monotonic() - started < 8  # not the 45 s of three heartbeats
+        await expect(conn).to_contain_text("data as of")
+        assert await page.evaluate("document.body.dataset.stale") == "true"
+        await page.close()
 
 
 async def test_the_page_says_a_replica_shares_with_whom_or_refuses(redis_server: RedisServer) -> None:
