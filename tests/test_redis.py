@@ -454,6 +454,29 @@ async def test_a_full_redis_fails_the_writes_not_the_sharing(
     assert lines.count("state_store_down") == 0 and lines.count("state_store_write_failed") == 1
 
 
+async def test_a_redis_that_takes_the_marker_but_not_the_cooldowns_is_retried_quietly(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A user without @scripting: SET (the epoch marker) goes, the cooldown
+    script does not. Taking the marker for recovery logged "resumed" then
+    "failed" twice a second, and sent every refused cooldown again at each
+    heartbeat (new9): retried, backing off, one line until a write succeeds."""
+    caplog.set_level(logging.INFO, logger="loopwatch.state")
+    prefix = "lw-noscript:"
+    async with demo_backend() as backend_app, redis_client(redis_server) as rc:
+        url = await acl_user(rc, redis_server, "noscript", "~*", "&*", "+@all", "-@scripting")
+        upstream = f"ws://127.0.0.1:{backend_app.port}"
+        async with loopwatch(upstream, **overrides(url, "a", prefix, **USER_PASSWORD)) as a:
+            await wait_for(lambda: store(a).up)
+            a.force_cooldown(key_of("unwritable"), 600, time.monotonic())
+            await wait_for(lambda: any(r.getMessage() == "state_store_write_failed" for r in caplog.records))
+            await asyncio.sleep(3)  # 15 heartbeats of 200 ms
+            lines = [r.getMessage() for r in caplog.records if r.name == "loopwatch.state"]
+            assert lines.count("state_store_write_failed") == 1 and "state_store_write_resumed" not in lines, lines
+            assert 1 < store(a).errors <= 5  # retried: after 0.5, 1, 2 s… not at every heartbeat
+            assert store(a).up
+
+
 async def test_a_cooldown_over_before_redis_answers_again_is_written_back_remembered(
     redis_server: RedisServer,
 ) -> None:

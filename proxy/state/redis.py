@@ -113,6 +113,11 @@ FLUSH_POLL = 0.005
 # heartbeat by far; a fleet stopped longer only makes the next start write
 # back what it holds, which is nothing.
 EPOCH_TTL_MS = 3_600_000
+# Refused cooldown writes are tried again once the marker is written, at most
+# this often, doubling while they fail: the first a heartbeat after Redis
+# takes writes again, then up to a minute apart.
+RETRY_REFUSED_MIN = 0.5
+RETRY_REFUSED_MAX = 60.0
 
 # KEYS[1] the client's cooldown key; ARGV: value, TTL in ms, "1" to replace
 # whatever is there (an operator's cooldown). Otherwise the longer one stays,
@@ -245,6 +250,8 @@ class RedisStateStore(Observer):
         # of each (two heartbeats may be the same bytes): see `_ours`.
         self._sent: OrderedDict[int, int] = OrderedDict()
         self._write_failing = False  # a key write refused (a full Redis), logged once until one succeeds
+        self._retry_refused_after = RETRY_REFUSED_MIN  # doubles per retry that fails again
+        self._retry_refused_at = 0.0  # monotonic: no retry of the refused writes before
         self._closing = False
         self._leaving = False  # leave() was called: the drain is on
         # Cooldowns started while Redis was out of reach, or whose key it
@@ -753,6 +760,7 @@ class RedisStateStore(Observer):
                 )  # fmt: skip
         elif self._write_failing:
             self._write_failing = False
+            self._retry_refused_after = RETRY_REFUSED_MIN
             log_event(log, "state_store_write_resumed", replica=self.replica)
             self._write_back(only=self._take_unshared())
 
@@ -876,8 +884,15 @@ class RedisStateStore(Observer):
                     await client.set(self._epoch, b"1", px=EPOCH_TTL_MS)
         except ResponseError:
             return True
-        if self._write_failing:
-            self._write_refused([])
+        if self._write_failing and time.monotonic() >= self._retry_refused_at:
+            # Retried, not yet "resumed": a Redis that takes SET but refuses
+            # the cooldown script (EVAL renamed, an ACL without @scripting)
+            # made "resumed", "failed" twice a second and every refused
+            # cooldown sent again each heartbeat (new9). The cooldown writes'
+            # own replies say whether they went; retries back off to a minute.
+            self._retry_refused_after = min(2 * self._retry_refused_after, RETRY_REFUSED_MAX)
+            self._retry_refused_at = time.monotonic() + self._retry_refused_after
+            self._write_back(only=self._take_unshared())
         return bool(kept)
 
     async def _write_back_now(self, client: Redis, back: list[SharedCooldown]) -> None:
