@@ -257,17 +257,23 @@ async def test_a_wss_client_through_to_a_ws_backend(local_cert: Cert) -> None:
     assert (closed_event.code, closed_event.reason, closed_event.initiator) == (4001, "tls bye", "upstream")
 
 
-async def test_pem_files_saved_with_a_byte_order_mark_are_read(local_cert: Cert, tmp_path: Path) -> None:
+async def test_pem_files_saved_with_a_byte_order_mark_are_read(
+    local_cert: Cert, named_cert: Cert, tmp_path: Path
+) -> None:
     """An editor's UTF-8 BOM before the BEGIN line: the file read as holding
-    no certificate (new8), as OpenSSL's "no start line"."""
+    no certificate (new8), as OpenSSL's "no start line"; in a bundle `cat`
+    made of such files, that file's certificate was dropped without a word:
+    a CA lost, its upstream 502 UnknownIssuer (new9)."""
     bom = b"\xef\xbb\xbf"
     cert, key = tmp_path / "bom.crt", tmp_path / "bom.key"
     cert.write_bytes(bom + Path(local_cert.cert).read_bytes())
-    key.write_bytes(bom + Path(local_cert.key).read_bytes())
+    key.write_bytes(bom + bom + Path(local_cert.key).read_bytes())
+    bundle = tmp_path / "bundle.pem"  # another CA first, then the upstream's, with its mark
+    bundle.write_bytes(Path(named_cert.cert).read_bytes() + bom + Path(local_cert.cert).read_bytes())
     tls = ListenerTLS(cert_file=str(cert), key_file=str(key))
     async with (
-        echo_backend() as backend,
-        native(backend.url, tls=tls) as running,
+        echo_backend(local_cert) as backend,
+        native(backend.url, tls=tls, upstream_tls=UpstreamTLS(ca_file=str(bundle))) as running,
         connect(running.url("/", "wss"), ssl=client_context(local_cert.cert)) as ws,
     ):
         await ws.send("bom")

@@ -96,9 +96,19 @@ fn read_pem_file(setting: &str, path: &str) -> Result<Vec<u8>, String> {
         return Err(cannot(&"larger than 4 MiB"));
     }
     // An editor's UTF-8 byte-order mark: the BEGIN line it starts was taken
-    // for text around the PEM, and the file read as holding none (new8).
-    if pem.starts_with(b"\xef\xbb\xbf") {
-        pem.drain(..3);
+    // for text around the PEM, and the file read as holding none (new8), or,
+    // in a chain or bundle `cat` made of such files, lost that certificate
+    // without a word (new9). PEM is ASCII: every mark goes.
+    const BOM: &[u8] = b"\xef\xbb\xbf";
+    if pem.windows(BOM.len()).any(|w| w == BOM) {
+        let mut kept = Vec::with_capacity(pem.len());
+        let mut rest = pem.as_slice();
+        while let Some(at) = rest.windows(BOM.len()).position(|w| w == BOM) {
+            kept.extend_from_slice(&rest[..at]);
+            rest = &rest[at + BOM.len()..];
+        }
+        kept.extend_from_slice(rest);
+        pem = kept;
     }
     Ok(pem)
 }
