@@ -26,6 +26,20 @@ class RedisServer:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        # The port (port 0's, from the ephemeral range) may be held for a moment
+        # when the server starts: by an outgoing connection's own end, a replica
+        # reconnecting to the server not started yet connected to itself (TCP's
+        # self-connect), or a busy machine's socket; redis-server then exits
+        # (a CI run). Such a holder lets go within a reconnect: tried again.
+        for _ in range(20):
+            self._start()
+            if self._answered():
+                return
+            self.proc = None
+            time.sleep(0.25)
+        raise AssertionError("redis-server did not start: " + (self.workdir / "redis.log").read_text())
+
+    def _start(self) -> None:
         assert self.proc is None
         self.proc = subprocess.Popen(
             [
@@ -42,11 +56,17 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+
+    def _answered(self) -> bool:
+        """PONG within 10 s: True; the process ended (its port taken): False."""
+        assert self.proc is not None
         deadline = time.monotonic() + 10
         while not self._pong():
-            assert self.proc.poll() is None, (self.workdir / "redis.log").read_text()
+            if self.proc.poll() is not None:
+                return False
             assert time.monotonic() < deadline, "redis-server did not answer PING"
             time.sleep(0.02)
+        return self.proc.poll() is None  # not another server's PONG on the port
 
     @property
     def pid(self) -> int:

@@ -673,6 +673,27 @@ async def test_replicas_with_different_heartbeats_judge_each_other_by_the_sender
     assert not [r for r in caplog.records if r.getMessage() == "state_store_replica_gone"]
 
 
+def test_a_redis_port_held_for_a_moment_is_waited_for(tmp_path: Path) -> None:
+    """The server's port, chosen before it starts, taken meanwhile (a replica's
+    reconnect connected to itself): redis-server exited and the test failed (a
+    CI run of test_fail_closed_readiness_follows_redis). Started again once the
+    holder lets go."""
+    import socket
+    import threading
+
+    server = RedisServer(tmp_path)
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", server.port))
+    holder.listen()
+    threading.Timer(0.6, holder.close).start()
+    try:
+        server.start()
+        assert server.proc is not None and server.proc.poll() is None
+    finally:
+        server.stop()
+        holder.close()
+
+
 async def test_fail_closed_readiness_follows_redis(tmp_path: Path) -> None:
     server = RedisServer(tmp_path)  # not started yet
 
