@@ -416,10 +416,6 @@ impl Identity {
     /// hash is what an operator computes from the name (`printf %s NAME |
     /// sha256sum`, the admin API's hint).
     fn clean(&self, raw: &Raw) -> Option<(String, bool)> {
-        if let Raw::Bytes(_) = raw {
-            let sent = raw.sent();
-            return (!sent.is_empty()).then(|| (hashed_bytes(&sent), true));
-        }
         let strip = raw.strip();
         let whole = |t: &str| !strip(t).chars().any(is_unsafe);
         let (text, as_sent): (String, bool) = match raw {
@@ -432,7 +428,11 @@ impl Identity {
                 s.surrogates.is_empty() && whole(&s.text),
             ),
             Raw::Int(i) => (i.clone(), true),
-            Raw::Bytes(_) => return None, // keyed by their hash, above
+            Raw::Bytes(_) => {
+                // No text: always their hash (`sent` trims the ASCII whitespace).
+                let sent = raw.sent();
+                return (!sent.is_empty()).then(|| (hashed_bytes(&sent), true));
+            }
         };
         let value = strip(&text);
         if value.is_empty() {
@@ -747,9 +747,14 @@ pub fn py_strip(text: &str) -> &str {
     text.trim_matches(is_py_space)
 }
 
-/// Bytes trimmed of the ASCII characters `str.strip()` trims.
+/// The ASCII characters `str.strip()` trims (what a byte-string's strip trims).
+fn is_ascii_py_space(c: char) -> bool {
+    c.is_ascii() && is_py_space(c)
+}
+
+/// Bytes trimmed of them.
 fn bytes_strip(bytes: &[u8]) -> &[u8] {
-    let space = |b: &u8| b.is_ascii() && is_py_space(char::from(*b));
+    let space = |b: &u8| is_ascii_py_space(char::from(*b));
     let start = bytes.iter().position(|b| !space(b)).unwrap_or(bytes.len());
     let end = bytes
         .iter()
@@ -758,10 +763,9 @@ fn bytes_strip(bytes: &[u8]) -> &[u8] {
     &bytes[start..end]
 }
 
-/// A header's or a cookie's bytes, read as latin-1, trimmed of the ASCII
-/// characters `str.strip()` trims (what a byte-string's strip trims).
+/// A header's or a cookie's bytes, read as latin-1, trimmed of them.
 pub fn field_strip(text: &str) -> &str {
-    text.trim_matches(|c: char| c.is_ascii() && is_py_space(c))
+    text.trim_matches(is_ascii_py_space)
 }
 
 fn jwt_shaped(text: &str) -> bool {
