@@ -113,10 +113,10 @@ FLUSH_POLL = 0.005
 # heartbeat by far; a fleet stopped longer only makes the next start write
 # back what it holds, which is nothing.
 EPOCH_TTL_MS = 3_600_000
-# Refused cooldown writes are tried again once the marker is written, at most
-# this often, doubling while they fail: the first a heartbeat after Redis
-# takes writes again, then up to a minute apart.
-RETRY_REFUSED_MIN = 0.5
+# Refused cooldown writes are tried again at a heartbeat whose marker is
+# written: the first at once, the next this long after, doubling while they
+# fail, up to a minute apart.
+RETRY_REFUSED_MIN = 1.0
 RETRY_REFUSED_MAX = 60.0
 
 # KEYS[1] the client's cooldown key; ARGV: value, TTL in ms, "1" to replace
@@ -250,7 +250,7 @@ class RedisStateStore(Observer):
         # of each (two heartbeats may be the same bytes): see `_ours`.
         self._sent: OrderedDict[int, int] = OrderedDict()
         self._write_failing = False  # a key write refused (a full Redis), logged once until one succeeds
-        self._retry_refused_after = RETRY_REFUSED_MIN  # doubles per retry that fails again
+        self._retry_refused_after = RETRY_REFUSED_MIN  # the wait after the next retry; doubles per retry
         self._retry_refused_at = 0.0  # monotonic: no retry of the refused writes before
         self._closing = False
         self._leaving = False  # leave() was called: the drain is on
@@ -890,8 +890,8 @@ class RedisStateStore(Observer):
             # made "resumed", "failed" twice a second and every refused
             # cooldown sent again each heartbeat (new9). The cooldown writes'
             # own replies say whether they went; retries back off to a minute.
-            self._retry_refused_after = min(2 * self._retry_refused_after, RETRY_REFUSED_MAX)
             self._retry_refused_at = time.monotonic() + self._retry_refused_after
+            self._retry_refused_after = min(2 * self._retry_refused_after, RETRY_REFUSED_MAX)
             self._write_back(only=self._take_unshared())
         return bool(kept)
 
