@@ -198,8 +198,15 @@ class AdminGate:
                     response = refused_close(await handler(request))
                     # Written here, within the timeout: aiohttp would write it after
                     # the middlewares, waiting for a client that never reads.
-                    await response.prepare(request)
-                    await response.write_eof()
+                    try:
+                        await response.prepare(request)
+                        await response.write_eof()
+                    except ConnectionResetError:
+                        # The client left before its answer (a health checker's
+                        # timeout, a reset): aiohttp logged each as an error with
+                        # its traceback, a flood anyone reaching the port could
+                        # cause. Nobody is left to answer, as after a timeout.
+                        raise asyncio.CancelledError from None
                 return response
             except TimeoutError:
                 self.counters.reject("timeout", request)
