@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -304,6 +305,20 @@ async def test_check_config_good_and_bad(tmp_path):
 
     code, _, err = await run_cli("check-config", str(tmp_path / "missing.yaml"))
     assert code == 2 and "missing.yaml" in err
+
+
+@pytest.mark.parametrize("args", [["example-config"], ["check-config"]], ids=["example-config", "check-config"])
+def test_output_into_a_full_disk_is_one_line_not_a_traceback(args: list[str]) -> None:
+    """`loopwatch example-config > file` on a full disk (here /dev/full) ended
+    in a traceback and the interpreter's own complaint at exit."""
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "loopwatch", *args], cwd=ROOT, env=clean_env(),
+            stdout=full, stderr=subprocess.PIPE, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert done.returncode == 1
+    assert f"loopwatch {args[0]}: No space left on device" in done.stderr.splitlines()
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
 
 
 @SUBPROCESS

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from importlib.resources import files
@@ -116,6 +117,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "run":  # its own errors said in its own words; stdout unused
+        return cmd_run(args)
+    try:
+        code = dispatch(args)
+        sys.stdout.flush()
+    except OSError as exc:
+        # Output into a full disk or a closed pipe (`> /dev/full`, a reader
+        # gone): one line, not a traceback; the interpreter's last flush of
+        # what is left goes nowhere.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"loopwatch {args.command}: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+    return code
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Every command but `run`."""
     if args.command in OPERATOR_COMMANDS:
         return run_operator_command(args, env=os.environ)
     if args.command == "check-config":
@@ -126,8 +146,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "example-config":
         sys.stdout.write(files("loopwatch.config").joinpath("loopwatch.yaml").read_text(encoding="utf-8"))
         return 0
-    if args.command == "run":
-        return cmd_run(args)
     if args.command == "demo":
         from ..tools.demo import demo_main
 
