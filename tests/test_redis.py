@@ -1106,3 +1106,25 @@ async def test_a_sealed_batch_played_back_is_refused(redis_server: RedisServer) 
         await rc.publish(prefix + "events", shared.encode("a", [shared.Release(key)]))
         await wait_for(lambda: store(a).refused["unsealed"] > unsealed)
         assert in_cooldown(a, key)
+
+
+async def test_a_marker_that_lapsed_unrefreshed_is_no_loss_of_keys(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The epoch marker expires when nobody refreshed it for its TTL (a Redis
+    full for an hour refused every refresh): when it takes writes again, every
+    replica reported `state_store_keys_lost`, though nothing was lost. Here the
+    TTL is shorter than a heartbeat, so the marker lapses between any two."""
+    from loopwatch.proxy.state import redis as redis_state
+
+    monkeypatch.setattr(redis_state, "EPOCH_TTL_MS", 50)
+    caplog.set_level(logging.INFO, logger="loopwatch.state")
+    prefix = "lw-lapse:"
+    async with replicas(redis_server.url, prefix) as (_, a, _b), redis_client(redis_server) as rc:
+        key = key_of("held")
+        a.force_cooldown(key, 600.0, time.monotonic())
+        await wait_for_async(lambda: rc.exists(f"{prefix}cool:{key}"))
+        await wait_for(lambda: "state_store_marker_lapsed" in [r.getMessage() for r in caplog.records])
+        await rc.delete(f"{prefix}cool:{key}")  # what an eviction would do: the write-back restores it
+        await wait_for_async(lambda: rc.exists(f"{prefix}cool:{key}"))
+    assert "state_store_keys_lost" not in [r.getMessage() for r in caplog.records]

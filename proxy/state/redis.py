@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import json
 import logging
 import os
@@ -113,6 +114,19 @@ FLUSH_POLL = 0.005
 # heartbeat by far; a fleet stopped longer only makes the next start write
 # back what it holds, which is nothing.
 EPOCH_TTL_MS = 3_600_000
+
+
+class Marker(enum.Enum):
+    """What a heartbeat found of the epoch marker."""
+
+    HELD = "held"  # refreshed (or Redis refuses writes and cannot tell)
+    GONE = "gone"  # Redis lost it while it was being refreshed: keys lost
+    # Not refreshed by this replica for longer than its TTL (Redis full or out
+    # of reach for an hour): its expiry says nothing of the keys. A Redis full
+    # that long made every replica report keys lost (new9).
+    LAPSED = "lapsed"
+
+
 # Refused cooldown writes are tried again at a heartbeat whose marker is
 # written: the first at once, the next this long after, doubling while they
 # fail, up to a minute apart.
@@ -252,6 +266,7 @@ class RedisStateStore(Observer):
         self._write_failing = False  # a key write refused (a full Redis), logged once until one succeeds
         self._retry_refused_after = RETRY_REFUSED_MIN  # the wait after the next retry; doubles per retry
         self._retry_refused_at = 0.0  # monotonic: no retry of the refused writes before
+        self._marked_at: float | None = None  # monotonic: the epoch marker last written
         self._closing = False
         self._leaving = False  # leave() was called: the drain is on
         # Cooldowns started while Redis was out of reach, or whose key it
@@ -641,9 +656,15 @@ class RedisStateStore(Observer):
         while True:
             slept = time.monotonic()
             await asyncio.sleep(beat)
-            if not await self._marked(client):
+            marker = await self._marked(client)
+            if marker is not Marker.HELD:
                 back = self._cooldowns_to_write_back(None)
-                log_event(log, "state_store_keys_lost", logging.WARNING, replica=self.replica, cooldowns=len(back))
+                if marker is Marker.GONE:
+                    log_event(log, "state_store_keys_lost", logging.WARNING,
+                              replica=self.replica, cooldowns=len(back))  # fmt: skip
+                else:
+                    log_event(log, "state_store_marker_lapsed", logging.INFO,
+                              replica=self.replica, cooldowns=len(back))  # fmt: skip
                 await self._write_back_now(client, back)
             if time.monotonic() - slept > 2 * beat:
                 # This loop was held up itself: the peers' news may be waiting
@@ -850,8 +871,9 @@ class RedisStateStore(Observer):
         # while it was out of reach (or refused by it): a cooldown released or
         # shortened meanwhile by an operator stays so on every replica.
         unshared = self._take_unshared()
-        kept = await self._marked(client)
-        await self._write_back_now(client, self._cooldowns_to_write_back(None if restarted or not kept else unshared))
+        marker = await self._marked(client)  # set whatever the run id says
+        lost = restarted or marker is not Marker.HELD
+        await self._write_back_now(client, self._cooldowns_to_write_back(None if lost else unshared))
 
     async def _server_run_id(self, client: Redis) -> str | None:
         """Redis's run id (it changes when Redis restarts), or None when INFO is
@@ -867,10 +889,10 @@ class RedisStateStore(Observer):
             return None
         return str(server.get("run_id", "")) or None
 
-    async def _marked(self, client: Redis) -> bool:
-        """Refresh the epoch marker; False when it was gone (and set it again).
-        A Redis that refuses writes (maxmemory under noeviction, a read-only
-        replica) cannot tell: True, as the key writes fail the writes only.
+    async def _marked(self, client: Redis) -> Marker:
+        """Refresh the epoch marker, and set it again when it was gone. A Redis
+        that refuses writes (maxmemory under noeviction, a read-only replica)
+        cannot tell: HELD, as the key writes fail the writes only.
         A marker written while cooldown writes were failing says Redis takes
         writes again: the cooldowns it refused are written now, not at the next
         cooldown this replica starts, which may never come (the replicas
@@ -883,7 +905,8 @@ class RedisStateStore(Observer):
                 if not kept:
                     await client.set(self._epoch, b"1", px=EPOCH_TTL_MS)
         except ResponseError:
-            return True
+            return Marker.HELD
+        refreshed, self._marked_at = self._marked_at, time.monotonic()
         if self._write_failing and time.monotonic() >= self._retry_refused_at:
             # Retried, not yet "resumed": a Redis that takes SET but refuses
             # the cooldown script (EVAL renamed, an ACL without @scripting)
@@ -893,7 +916,11 @@ class RedisStateStore(Observer):
             self._retry_refused_at = time.monotonic() + self._retry_refused_after
             self._retry_refused_after = min(2 * self._retry_refused_after, RETRY_REFUSED_MAX)
             self._write_back(only=self._take_unshared())
-        return bool(kept)
+        if kept:
+            return Marker.HELD
+        if refreshed is not None and self._marked_at - refreshed >= EPOCH_TTL_MS / 1000:
+            return Marker.LAPSED
+        return Marker.GONE
 
     async def _write_back_now(self, client: Redis, back: list[SharedCooldown]) -> None:
         """Write `back` (`_cooldowns_to_write_back`) pipelined from here,
