@@ -114,6 +114,13 @@ async def test_a_body_that_keeps_coming_is_never_cut() -> None:
         assert (await lw.rejected())["body_timeout"] == 0
 
 
+async def rejected_message(lw: Any) -> str:
+    """The message of the data plane's first `request_rejected` line."""
+    assert lw.queue is not None
+    lines = [r.event for r in await asyncio.to_thread(lw.queue.recv_batch, 100, 1.0)]
+    return next(e for e in lines if isinstance(e, RequestRejected)).message
+
+
 async def test_upstream_that_never_answers_is_504_at_response_timeout() -> None:
     async with PlainBackend() as backend, front([("/", backend.url)], response_timeout=1.0) as lw:
         reader, writer = await open_conn(lw.port)
@@ -123,6 +130,11 @@ async def test_upstream_that_never_answers_is_504_at_response_timeout() -> None:
         assert (response.status, response.body) == (504, b"loopwatch: upstream timeout\n")
         await wait_for(lambda: backend.cut_short == 1)
         assert (await lw.rejected())["upstream_timeout"] == 1
+        # The line names the phase: every timeout read the same ("backend down"
+        # and "backend slow" could not be told apart).
+        assert await rejected_message(lw) == (
+            "loopwatch: upstream timeout: response head: none within limits.response_timeout"
+        )
 
 
 async def test_response_body_that_stalls_is_cut_at_response_idle_timeout() -> None:
@@ -174,6 +186,9 @@ async def test_upstream_that_takes_no_body_is_blamed_with_504_not_the_client() -
         assert (response.status, response.body) == (504, b"loopwatch: upstream timeout\n")
         counts = await lw.rejected()
         assert (counts["upstream_timeout"], counts["body_timeout"]) == (1, 0)
+        assert await rejected_message(lw) == (
+            "loopwatch: upstream timeout: request body: the upstream took none of it for limits.body_timeout"
+        )
 
 
 async def test_upstream_down_is_502() -> None:
@@ -243,6 +258,9 @@ async def test_upstream_connect_timeout_is_504() -> None:
             response, _ = await raw_exchange(lw.port, b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
             assert (response.status, response.body) == (504, b"loopwatch: upstream timeout\n")
             assert (await lw.rejected())["upstream_timeout"] == 1
+            assert await rejected_message(lw) == (
+                "loopwatch: upstream timeout: connect: not connected within limits.connect_timeout"
+            )
     finally:
         for s in fillers:
             s.close()
@@ -737,7 +755,7 @@ def closes_on_its_second_request() -> Callable[[asyncio.StreamReader, asyncio.St
         # Not idempotent: the upstream's failure is the answer.
         (
             b"POST /once HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 2\r\n\r\nhi",
-            (502, b"loopwatch: upstream unreachable\n"),
+            (502, b"loopwatch: upstream closed the connection\n"),
         ),
     ],
     ids=["get-retried", "post-not-retried"],

@@ -1087,6 +1087,12 @@ fn finish(raw: RawHead<'_>) -> Result<RequestHead<'_>, Rejection> {
         let Some(host) = host.filter(|_| known) else {
             return Err(Rejection::bad("invalid request target"));
         };
+        if url.userinfo {
+            // RFC 9110 §4.2.4: a recipient should treat userinfo as an error
+            // (it obscures the authority); nginx refuses it, as loopwatch
+            // refuses it in Host. It was dropped and the request forwarded.
+            return Err(Rejection::bad("userinfo in the request target"));
+        }
         // Absolute-form (RFC 9112 §3.2.2): the target's authority replaces
         // Host, and the upstream gets the origin-form.
         let mut a = Vec::with_capacity(host.len() + 8);
@@ -1314,6 +1320,8 @@ struct Url<'a> {
     schema: Option<&'a [u8]>,
     host: Option<&'a [u8]>,
     port: Option<u16>,
+    /// The authority had `userinfo@`.
+    userinfo: bool,
     path: Option<&'a [u8]>,
     query: Option<&'a [u8]>,
 }
@@ -1413,6 +1421,7 @@ fn parse_url(target: &[u8]) -> Option<Url<'_>> {
         schema: part(UrlField::Schema),
         host: None,
         port: None,
+        userinfo: found_at,
         path: part(UrlField::Path),
         query: part(UrlField::Query),
     };

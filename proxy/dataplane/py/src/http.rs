@@ -58,6 +58,10 @@ const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 const WATCH_READ: usize = 4096;
 const UPSTREAM_TIMEOUT: &str = "loopwatch: upstream timeout";
 const UNREACHABLE: &str = "loopwatch: upstream unreachable";
+/// An upstream reached that closed before a whole response head: not
+/// "unreachable" (it may have taken the body), nginx's "upstream prematurely
+/// closed connection".
+const UPSTREAM_CLOSED: &str = "loopwatch: upstream closed the connection";
 const UPSTREAM_ERROR: &str = "loopwatch: upstream error";
 const UPSTREAM_TLS: &str = "loopwatch: upstream TLS handshake failed";
 
@@ -295,6 +299,24 @@ fn upstream_failed(message: &str, why: String) -> Outcome {
     }
 }
 
+/// The upstream made no progress for a phase's timeout: 504, counted as
+/// `upstream_timeout`, its log line naming the phase and the limit, as nginx's
+/// "upstream timed out ... while connecting to upstream" and HAProxy's
+/// termination flags do (every phase read the same before: "backend down" and
+/// "backend slow" could not be told apart).
+fn upstream_timed_out(why: &str) -> Outcome {
+    Outcome::Answer {
+        status: 504,
+        message: UPSTREAM_TIMEOUT.into(),
+        counted: Some(Rejected::UpstreamTimeout),
+        why: Some(why.into()),
+    }
+}
+
+const CONNECT_TIMED_OUT: &str = "connect: not connected within limits.connect_timeout";
+const BODY_NOT_TAKEN: &str = "request body: the upstream took none of it for limits.body_timeout";
+const NO_RESPONSE_HEAD: &str = "response head: none within limits.response_timeout";
+
 /// A connect that failed (not for time or descriptors): its TLS handshake, or
 /// the TCP connection.
 fn connect_failed(e: &std::io::Error) -> Outcome {
@@ -380,12 +402,17 @@ where
     let upstream = tokio::select! {
         biased;
         connected = timeout(limits.connect_timeout, connect()) => match connected {
-            Err(_) => Err(answer(504, UPSTREAM_TIMEOUT, Some(Rejected::UpstreamTimeout))),
+            Err(_) => Err(upstream_timed_out(CONNECT_TIMED_OUT)),
             Ok(Err(e)) if out_of_descriptors(&e) => Err(answer(503, FD_LIMIT, Some(Rejected::FdLimit))),
             Ok(Err(e)) => Err(connect_failed(&e)),
             Ok(Ok(upstream)) => Ok(upstream),
         },
-        phase = &mut dog => Err(expired(phase, clock)),
+        // Still connecting: the client waited past its phase's limit for
+        // the upstream, whichever limit that was.
+        phase = &mut dog => Err(match expired(phase, clock) {
+            Outcome::Answer { status: 504, .. } => upstream_timed_out(CONNECT_TIMED_OUT),
+            other => other,
+        }),
     };
     clock.waiting_upstream.store(false, Ordering::Release);
     upstream
@@ -508,7 +535,8 @@ fn expired(phase: Phase, clock: &Clock) -> Outcome {
             "loopwatch: request body timeout",
             Some(Rejected::BodyTimeout),
         ),
-        _ => answer(504, UPSTREAM_TIMEOUT, Some(Rejected::UpstreamTimeout)),
+        Phase::Body => upstream_timed_out(BODY_NOT_TAKEN),
+        Phase::AwaitHead | Phase::Done => upstream_timed_out(NO_RESPONSE_HEAD),
     }
 }
 
@@ -653,11 +681,11 @@ impl ResponseError {
     fn outcome(self) -> Outcome {
         match self {
             ResponseError::Closed { stale } => upstream_failed(
-                UNREACHABLE,
+                UPSTREAM_CLOSED,
                 if stale {
-                    "closed the connection without answering".into()
+                    "before answering".into()
                 } else {
-                    "closed the connection within its response head".into()
+                    "within its response head".into()
                 },
             ),
             ResponseError::Bad(why) => upstream_failed(UPSTREAM_ERROR, why),
@@ -1080,10 +1108,7 @@ mod tests {
         .await;
         assert_eq!(
             done.outcome,
-            upstream_failed(
-                UNREACHABLE,
-                "closed the connection without answering".into()
-            )
+            upstream_failed(UPSTREAM_CLOSED, "before answering".into())
         );
     }
 
@@ -1121,10 +1146,7 @@ mod tests {
             || false,
         )
         .await;
-        assert_eq!(
-            done.outcome,
-            answer(504, UPSTREAM_TIMEOUT, Some(Rejected::UpstreamTimeout))
-        );
+        assert_eq!(done.outcome, upstream_timed_out(NO_RESPONSE_HEAD));
     }
 
     #[test]
