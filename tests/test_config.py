@@ -703,6 +703,16 @@ def test_integers_too_large_for_a_float_or_for_python_are_errors_not_tracebacks(
         parse_size(huge + "KiB")
 
 
+@pytest.mark.parametrize("text", ["\u0661s", "\uff11s", "1\u0660ms"])
+def test_digits_of_other_scripts_are_no_durations_or_sizes(text: str) -> None:
+    """Python's \\d takes every script's digits: "١s" (Arabic-Indic) was one second."""
+    with pytest.raises(ValueError, match="expected a duration"):
+        parse_duration(text)
+    with pytest.raises(ValueError):
+        parse_size(text.rstrip("ms"))
+    assert parse_duration("10s") == 10.0 and parse_size("16KiB") == 16384
+
+
 def test_a_timeout_under_a_nanosecond_is_the_least_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The extremes probe: the settings took 1e-10 s, and the data plane refused
     it as zero, three times and without its section's name."""

@@ -88,8 +88,9 @@ class NonReader:
     sock: socket.socket
 
     @classmethod
-    async def open(cls, port: int) -> NonReader:
+    async def open(cls, port: int, source: str = "127.0.0.1") -> NonReader:
         sock = socket.socket()
+        sock.bind((source, 0))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CLIENT_RCVBUF)
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
@@ -179,8 +180,9 @@ async def test_a_thousand_non_reading_streams_stay_within_the_bound(overrides: d
         async with healthy_reader(lw) as reader:
             clients: list[NonReader] = []
             try:
-                for _ in range(10):  # in waves, within the listen backlog
-                    clients += await asyncio.gather(*(NonReader.open(lw.admin_port) for _ in range(100)))
+                for wave in range(10):  # in waves, within the listen backlog; an address each (gate.PEER_SHARE)
+                    source = f"127.0.0.{wave + 10}"
+                    clients += await asyncio.gather(*(NonReader.open(lw.admin_port, source) for _ in range(100)))
                     await asyncio.sleep(0.05)
                 await wait_for(lambda: len(hub.subscribers) == admitted + 1, 20)
                 await wait_for(lambda: sum(c.refused() for c in clients) == 1_000 - admitted, 20)

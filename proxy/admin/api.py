@@ -68,8 +68,8 @@ NOT_STATE_CHANGES = frozenset({"/api/events/ticket"})
 # Why the admin port refused a request: the `reason` label of
 # loopwatch_admin_requests_rejected_total.
 REJECT_REASONS = (
-    "host", "cross_site", "unauthorized", "no_token", "streams_full", "shutting_down", "connections", "timeout",
-    "bad_request", "too_large",
+    "host", "cross_site", "unauthorized", "no_token", "streams_full", "shutting_down", "connections",
+    "address_limit", "timeout", "bad_request", "too_large",
 )  # fmt: skip
 # Why an event stream was dropped: the `reason` label of
 # loopwatch_admin_event_streams_dropped_total.
@@ -100,9 +100,14 @@ def json_errors_middleware(counters: AdminCounters) -> Middleware:
         except web.HTTPException as e:
             if e.status == web.HTTPRequestEntityTooLarge.status_code:
                 counters.reject("too_large", request)
-            if e.status < 400 or e.content_type == "application/json":
-                raise  # a redirect, or an error that is JSON already
+            if e.status < 400:
+                raise  # a redirect
             headers = {k: v for k, v in e.headers.items() if k.lower() not in ("content-type", "content-length")}
+            if e.content_type == "application/json":
+                # An error that is JSON already, returned rather than raised: the
+                # gate closes the connection of an answer of 400 or more only
+                # when it sees the answer (`?limit=x` kept its connection).
+                return web.Response(text=e.text, status=e.status, content_type="application/json", headers=headers)
             return web.json_response({"error": _http_error_message(request, e)}, status=e.status, headers=headers)
 
     return json_errors
@@ -414,6 +419,8 @@ def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) 
     if raw is None:
         return default
     try:
+        if not raw.isascii():  # int() takes every script's digits ("١" was 1)
+            raise ValueError(raw)
         value = int(raw)
     except ValueError:
         raise web.HTTPBadRequest(  # built as JSON: the raw value may hold quotes
@@ -501,9 +508,14 @@ class AdminApi:
             return error(400, problem)
         raw: Any = request.query.get("duration")
         if raw is None and request.can_read_body:
+            if request.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity"):
+                # The port does not decode bodies (server.py: auto_decompress).
+                return error(415, "request bodies are taken uncompressed: no Content-Encoding")
             try:
                 body = await request.json()
-            except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
+            except (ValueError, RecursionError, LookupError):
+                # RecursionError: nested deeper than the parser goes; LookupError:
+                # a charset= Python does not know (was a 500 with a traceback).
                 return error(400, "expected a JSON body such as {\"duration\": \"30s\"}")
             raw = body.get("duration") if isinstance(body, dict) else None
         if raw is None:

@@ -10,7 +10,8 @@ clients were answered 503. The data plane's listener bounds all of this
 (`limits.*`); the gate does it for the admin port:
 
 * at most ``event_streams.max_streams`` + ``MAX_REQUEST_CONNECTIONS``
-  connections at once; one more is closed at accept;
+  connections at once, one address at most ``PEER_SHARE`` of them; one more
+  is closed at accept;
 * a connection's first request head within ``FIRST_REQUEST_TIMEOUT``; a
   kept-alive connection with no request in progress is closed after
   ``IDLE_TIMEOUT``;
@@ -21,7 +22,7 @@ clients were answered 503. The data plane's listener bounds all of this
   stream, bounded by its own ``write_timeout`` and buffer).
 
 Refusals are counted as `loopwatch_admin_requests_rejected_total` reasons
-``connections`` and ``timeout`` (a kept-alive connection closed when idle is
+``connections``, ``address_limit`` and ``timeout`` (a kept-alive connection closed when idle is
 not a refusal). The gate wraps aiohttp's low-level ``web.Server``, a protocol
 factory, through the public asyncio protocol interface.
 """
@@ -43,6 +44,11 @@ MAX_REQUEST_CONNECTIONS = 128  # besides the event streams
 FIRST_REQUEST_TIMEOUT = 10.0  # seconds from accept to a complete request head
 IDLE_TIMEOUT = 60.0  # seconds a kept-alive connection may wait for its next request
 ANSWER_TIMEOUT = 30.0  # seconds for a handler and the writing of its answer
+# What of the connections one address may hold: a peer reopening idle sockets
+# took all 228 and failed 43 of 49 health probes (a pod restarted by its
+# liveness probe); now the others keep half, as the data plane's per-address
+# bound. On a loopback-only port every client is one address: half still.
+PEER_SHARE = 0.5
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 H = TypeVar("H", bound=Callable[..., Any])
@@ -66,6 +72,12 @@ def refused_close(response: web.StreamResponse) -> web.StreamResponse:
     return response
 
 
+def peer_address(transport: asyncio.BaseTransport) -> str:
+    """The client's address ("" for a socket without one, as a Unix socket)."""
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) and peer else ""
+
+
 class Phase(enum.Enum):
     """Where a connection is: its deadline and what its expiry means."""
 
@@ -85,16 +97,25 @@ class GatedConnection(asyncio.Protocol):
         self.phase = Phase.FIRST
         self.deadline: asyncio.TimerHandle | None = None
         self.lost = False
+        self.peer = ""  # its address, once it counts in the gate's `by_peer`
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         gate = self.gate
-        if len(gate.open) >= gate.max_connections():
+        cap = gate.max_connections()
+        if len(gate.open) >= cap:
             gate.counters.reject("connections")
+            abort(transport)
+            return
+        peer = peer_address(transport)
+        if gate.by_peer.get(peer, 0) >= max(1, int(cap * PEER_SHARE)):
+            gate.counters.reject("address_limit")
             abort(transport)
             return
         assert gate.server is not None
         self.transport = transport
+        self.peer = peer
         gate.open[transport] = self
+        gate.by_peer[peer] = gate.by_peer.get(peer, 0) + 1
         self.inner = gate.server()
         self.inner.connection_made(transport)
         self._arm(FIRST_REQUEST_TIMEOUT)
@@ -117,8 +138,10 @@ class GatedConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self._disarm()
-        if self.transport is not None:
-            self.gate.open.pop(self.transport, None)
+        if self.transport is not None and self.gate.open.pop(self.transport, None) is not None:
+            left = self.gate.by_peer.pop(self.peer) - 1
+            if left:
+                self.gate.by_peer[self.peer] = left
         if self.inner is not None:
             self.inner.connection_lost(exc)
 
@@ -176,6 +199,7 @@ class AdminGate:
         self.counters = counters
         self.max_streams = max_streams
         self.open: dict[asyncio.BaseTransport, GatedConnection] = {}
+        self.by_peer: dict[str, int] = {}  # open connections per address (none kept at 0)
 
     def __call__(self) -> GatedConnection:
         return GatedConnection(self)

@@ -88,6 +88,16 @@ class AdminCollector:
         yield dropped
 
 
+async def common_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer: no cache keeps client keys or a token-guarded answer, no
+    browser guesses a type (the 404 and 421 bodies repeat the path or Host),
+    and no `Server: Python/3.11 aiohttp/…` tells versions (Envoy's admin
+    sends the first two, nginx hides the third with server_tokens off)."""
+    response.headers.setdefault("Cache-Control", "no-store")
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers["Server"] = "loopwatch"
+
+
 class AdminServer:
     def __init__(
         self,
@@ -114,6 +124,7 @@ class AdminServer:
         # The gate outermost (a request is in progress until its answer is
         # written); then JSON errors, covering the guard's answers and every handler's.
         self.app = web.Application(middlewares=[self.gate.middleware, json_errors_middleware(self.counters), guard])
+        self.app.on_response_prepare.append(common_headers)
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/readyz", self.readyz)
         self.app.router.add_get("/metrics", make_aiohttp_handler(registry))
@@ -132,7 +143,11 @@ class AdminServer:
     async def start(self, host: str, port: int) -> None:
         # handler_cancellation: a long-lived handler (the status page's event
         # stream) ends the moment its client goes, not at its next write.
-        self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
+        # auto_decompress off: aiohttp decoded a body's Content-Encoding on the
+        # loop detection shares, before any check (a 510 KB gzip bomb of 500 MB
+        # held /healthz 1.3 s, with a Host refused 421), and logged an error
+        # traceback for each body that did not decode. No endpoint takes one.
+        self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True, auto_decompress=False)
         await self._runner.setup()
         self.gate.server = self._runner.server
         self._malformed = MalformedRequests(self.counters)

@@ -548,7 +548,8 @@ class StatusHub(Observer):
             web.get("/", self.page),
             web.get("/static/{name}", self.static),
             web.get("/api/status", self.status),
-            web.get("/api/events", self.events),
+            # No HEAD: its answer would be the stream's body, holding a stream slot.
+            web.get("/api/events", self.events, allow_head=False),
             web.post("/api/events/ticket", self.ticket),
         ]
 
